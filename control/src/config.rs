@@ -1,0 +1,269 @@
+//! The validated configuration model, and the two-stage parse that builds it.
+//!
+//! Stage one ([`raw`]) mirrors the TOML file and rejects unknown keys. Stage
+//! two ([`validate`]) checks meaning and collects *every* problem with its
+//! line and column, so `veer check` can print them all at once.
+
+pub mod raw;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use validate::{Diagnostic, Diagnostics};
+
+/// The whole validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Data-plane listeners and limits.
+    pub proxy: ProxySettings,
+    /// The admin listener.
+    pub admin: AdminSettings,
+    /// Where decisions that must outlive a restart are kept.
+    pub state: StateSettings,
+    /// Routes, in file order; names are unique.
+    pub routes: Vec<Route>,
+}
+
+/// Data-plane listeners and connection limits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProxySettings {
+    /// Plain listeners (HTTP/1.1 and h2c).
+    pub listen: Vec<SocketAddr>,
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+    /// HTTPS listeners, if any.
+    pub tls: Option<TlsSettings>,
+    /// Connections accepted at once, over all listeners; more wait in the backlog.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers) accepted; larger gets 431.
+    pub max_header_bytes: usize,
+    /// A client connection that has not sent a complete request head within
+    /// this long is closed: it bounds both idle keep-alive time and slow heads.
+    pub idle_timeout: Duration,
+    /// A request or response body that makes no progress for this long is aborted.
+    pub body_timeout: Duration,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    pub shutdown_grace: Duration,
+}
+
+/// HTTPS listeners with one certificate chain and key, reloaded when the files change.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsSettings {
+    /// Addresses to listen on.
+    pub listen: Vec<SocketAddr>,
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// The admin listener.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminSettings {
+    /// Address of `/metrics`, `/status`, `/healthz`, `/readyz` and actions.
+    pub listen: SocketAddr,
+    /// File holding the bearer token for actions.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Persisted state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateSettings {
+    /// Directory for decisions that must outlive a restart.
+    pub dir: PathBuf,
+}
+
+/// One route: which requests it takes and how it splits them between versions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Route {
+    /// Unique name, `[a-z0-9_-]+`.
+    pub name: String,
+    /// Lower-cased host names (no port); empty means the default route.
+    pub hosts: Vec<String>,
+    /// Path prefix, starting with `/`.
+    pub path_prefix: String,
+    /// Sticky key sources, first present wins.
+    pub sticky: Vec<StickySource>,
+    /// How the two versions share traffic.
+    pub strategy: Strategy,
+    /// Whole request to the upstream, until the response head arrives.
+    pub timeout: Duration,
+    /// One connect attempt.
+    pub connect_timeout: Duration,
+    /// Whether upstream 4xx responses count as errors against a version.
+    pub count_4xx_as_errors: bool,
+    /// The stable version.
+    pub stable: Version,
+    /// The canary version, if one is deployed.
+    pub canary: Option<Version>,
+    /// Configured canary share in basis points (0..=10 000; 1 = 0.01 %).
+    pub canary_weight_bp: u16,
+    /// Judge settings.
+    pub judge: JudgeSettings,
+    /// Progressive promotion, if configured.
+    pub rollout: Option<Rollout>,
+}
+
+/// A sticky-key source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StickySource {
+    /// A request header, by lower-cased name.
+    Header(String),
+    /// A cookie, by name.
+    Cookie(String),
+    /// The client's IP address.
+    ClientIp,
+}
+
+/// How the two versions share traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// A weighted share of keys goes to the canary.
+    Canary,
+    /// All traffic on one colour: weight 0 (stable) or 100 (canary).
+    BlueGreen,
+}
+
+impl Strategy {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Canary => "canary",
+            Strategy::BlueGreen => "blue-green",
+        }
+    }
+}
+
+/// One version of the service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Version {
+    /// Version name, e.g. `v42`; used as the `version` metric label.
+    pub name: String,
+    /// Endpoints, each at least weight 1.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One upstream endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// `host:port`; a host name is resolved when the config is applied.
+    pub addr: String,
+    /// Relative weight inside its version.
+    pub weight: u32,
+}
+
+/// What the judge does with a breach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JudgeMode {
+    /// Revert the canary.
+    Enforce,
+    /// Only report.
+    Observe,
+}
+
+/// A latency quantile the judge can guard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Quantile {
+    /// Median.
+    P50,
+    /// 90th percentile.
+    P90,
+    /// 95th percentile.
+    P95,
+    /// 99th percentile.
+    P99,
+    /// 99.9th percentile.
+    P999,
+}
+
+impl Quantile {
+    /// The quantile as a fraction.
+    pub fn fraction(self) -> f64 {
+        match self {
+            Quantile::P50 => 0.5,
+            Quantile::P90 => 0.9,
+            Quantile::P95 => 0.95,
+            Quantile::P99 => 0.99,
+            Quantile::P999 => 0.999,
+        }
+    }
+
+    /// The key used in the config file.
+    pub fn key(self) -> &'static str {
+        match self {
+            Quantile::P50 => "p50",
+            Quantile::P90 => "p90",
+            Quantile::P95 => "p95",
+            Quantile::P99 => "p99",
+            Quantile::P999 => "p999",
+        }
+    }
+
+    /// Parses a config key.
+    pub fn from_key(key: &str) -> Option<Quantile> {
+        [
+            Quantile::P50,
+            Quantile::P90,
+            Quantile::P95,
+            Quantile::P99,
+            Quantile::P999,
+        ]
+        .into_iter()
+        .find(|q| q.key() == key)
+    }
+}
+
+/// Judge settings of one route.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JudgeSettings {
+    /// Enforce or observe.
+    pub mode: JudgeMode,
+    /// How often a verdict is computed.
+    pub interval: Duration,
+    /// Sliding window of per-version statistics.
+    pub window: Duration,
+    /// Requests per version in the window before a relative verdict.
+    pub min_requests: u64,
+    /// Absolute guard on the canary's error rate.
+    pub max_error_rate: Option<f64>,
+    /// Guard on canary error rate / stable error rate.
+    pub max_error_rate_ratio: Option<f64>,
+    /// Absolute guards on canary latency quantiles, in milliseconds.
+    pub max_latency_ms: Vec<(Quantile, f64)>,
+    /// Guards on canary quantile / stable quantile.
+    pub max_latency_ratio: Vec<(Quantile, f64)>,
+    /// Bound on reverting a canary that is as good as stable, over a whole rollout.
+    pub false_revert_rate: f64,
+}
+
+/// Progressive promotion.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rollout {
+    /// Canary weight at each step, in basis points, strictly increasing.
+    pub steps_bp: Vec<u16>,
+    /// Healthy time required before the next step.
+    pub hold: Duration,
+}
+
+impl Config {
+    /// Parses and validates a config file's text. `base` is the directory
+    /// relative paths in the file are taken from (the file's own directory).
+    pub fn parse(text: &str, base: &Path) -> Result<Config, Diagnostics> {
+        let raw = raw::RawConfig::parse(text)?;
+        validate::validate(raw, text, base)
+    }
+
+    /// Finds a route by name.
+    pub fn route(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+}
+
+impl Route {
+    /// The configured canary weight in percent.
+    pub fn canary_weight_percent(&self) -> f64 {
+        f64::from(self.canary_weight_bp) / 100.0
+    }
+}

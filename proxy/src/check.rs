@@ -1,0 +1,110 @@
+//! `veer check`: validate a config file and summarise it.
+
+use std::fmt::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use veer_control::config::{Config, JudgeMode, Version};
+
+use crate::reload::base_dir;
+
+/// Validates `path`; prints every problem as `PATH:LINE:COL: message` on
+/// stderr (exit 1) or a summary on stdout (exit 0).
+pub fn check(path: &Path) -> ExitCode {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = match Config::parse(&text, &base_dir(path)) {
+        Ok(c) => c,
+        Err(d) => {
+            eprint!("{}", d.render(path));
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(tls) = &config.proxy.tls {
+        if let Err(e) = crate::tls::load(&tls.cert, &tls.key) {
+            eprintln!("{}: [proxy.tls]: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    print!("{}", summary(path, &config));
+    ExitCode::SUCCESS
+}
+
+fn endpoints(v: &Version) -> String {
+    let n = v.endpoints.len();
+    format!("{} ({n} endpoint{})", v.name, if n == 1 { "" } else { "s" })
+}
+
+/// A short human summary of a valid config.
+pub fn summary(path: &Path, c: &Config) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: OK, {} route(s)", path.display(), c.routes.len());
+    let listen: Vec<String> = c.proxy.listen.iter().map(ToString::to_string).collect();
+    let _ = writeln!(
+        out,
+        "  listen {}  admin {}",
+        listen.join(", "),
+        c.admin.listen
+    );
+    if let Some(t) = &c.proxy.tls {
+        let l: Vec<String> = t.listen.iter().map(ToString::to_string).collect();
+        let _ = writeln!(out, "  tls    {}", l.join(", "));
+    }
+    for r in &c.routes {
+        let hosts = if r.hosts.is_empty() {
+            "*".to_string()
+        } else {
+            r.hosts.join(",")
+        };
+        let _ = writeln!(
+            out,
+            "  route {}  hosts {}  prefix {}  {}",
+            r.name,
+            hosts,
+            r.path_prefix,
+            r.strategy.as_str()
+        );
+        let _ = writeln!(out, "    stable {}", endpoints(&r.stable));
+        match &r.canary {
+            Some(cv) => {
+                let _ = writeln!(
+                    out,
+                    "    canary {}  weight {}%",
+                    endpoints(cv),
+                    r.canary_weight_percent()
+                );
+            }
+            None => {
+                let _ = writeln!(out, "    canary none");
+            }
+        }
+        let mode = match r.judge.mode {
+            JudgeMode::Enforce => "enforce",
+            JudgeMode::Observe => "observe",
+        };
+        let _ = writeln!(
+            out,
+            "    judge {mode}, every {:?} over {:?}",
+            r.judge.interval, r.judge.window
+        );
+        if let Some(ro) = &r.rollout {
+            let steps: Vec<String> = ro
+                .steps_bp
+                .iter()
+                .map(|s| format!("{}", f64::from(*s) / 100.0))
+                .collect();
+            let _ = writeln!(
+                out,
+                "    rollout steps [{}] hold {:?}",
+                steps.join(", "),
+                ro.hold
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,105 @@
+//! Whose fault a failed request is, and what the client is told.
+//!
+//! As in pingora's `ErrorSource`, every failure is either the upstream's
+//! (it counts against the version), the downstream client's, or veer's own.
+//! Each kind maps to exactly one client status and one `kind` label.
+
+use http::StatusCode;
+
+/// A failure on the request path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    /// Could not connect to any endpoint of the version (refused, unreachable, connect timeout).
+    #[error("could not connect to the upstream")]
+    UpstreamConnect,
+    /// The upstream did not answer within the route's `timeout`.
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+    /// The upstream closed or reset the connection before a complete answer.
+    #[error("the upstream closed the connection")]
+    UpstreamReset,
+    /// The upstream's answer was not valid HTTP.
+    #[error("the upstream sent an invalid response")]
+    UpstreamProtocol,
+    /// No route matches the request's host and path.
+    #[error("no route")]
+    NoRoute,
+    /// The request cannot be forwarded as it is.
+    #[error("bad request")]
+    BadRequest,
+}
+
+impl ProxyError {
+    /// The status the client sees.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProxyError::UpstreamConnect
+            | ProxyError::UpstreamReset
+            | ProxyError::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The `kind` label value.
+    pub fn kind(self) -> &'static str {
+        match self {
+            ProxyError::UpstreamConnect => "connect",
+            ProxyError::UpstreamTimeout => "timeout",
+            ProxyError::UpstreamReset => "reset",
+            ProxyError::UpstreamProtocol => "protocol",
+            ProxyError::NoRoute => "no_route",
+            ProxyError::BadRequest => "bad_request",
+        }
+    }
+
+    /// Whether the failure counts against the version that was asked.
+    pub fn is_upstream(self) -> bool {
+        matches!(
+            self,
+            ProxyError::UpstreamConnect
+                | ProxyError::UpstreamTimeout
+                | ProxyError::UpstreamReset
+                | ProxyError::UpstreamProtocol
+        )
+    }
+
+    /// Index into per-kind counter arrays (upstream kinds only).
+    pub(crate) fn upstream_index(self) -> Option<usize> {
+        match self {
+            ProxyError::UpstreamConnect => Some(0),
+            ProxyError::UpstreamTimeout => Some(1),
+            ProxyError::UpstreamReset => Some(2),
+            ProxyError::UpstreamProtocol => Some(3),
+            _ => None,
+        }
+    }
+
+    /// The short body sent to the client; it names no internals.
+    pub fn body(self) -> &'static str {
+        match self {
+            ProxyError::UpstreamConnect
+            | ProxyError::UpstreamReset
+            | ProxyError::UpstreamProtocol => "bad gateway\n",
+            ProxyError::UpstreamTimeout => "gateway timeout\n",
+            ProxyError::NoRoute => "not found\n",
+            ProxyError::BadRequest => "bad request\n",
+        }
+    }
+
+    /// Classifies an error from an upstream HTTP/1 connection after the
+    /// request was handed to it.
+    pub fn from_hyper(e: &hyper::Error) -> ProxyError {
+        if e.is_parse() || e.is_parse_status() || e.is_user() {
+            return ProxyError::UpstreamProtocol;
+        }
+        if e.is_timeout() {
+            return ProxyError::UpstreamTimeout;
+        }
+        ProxyError::UpstreamReset
+    }
+}
+
+/// The upstream error kinds, in `upstream_index` order.
+pub const UPSTREAM_KINDS: [&str; 4] = ["connect", "timeout", "reset", "protocol"];

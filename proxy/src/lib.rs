@@ -1,0 +1,28 @@
+//! veer's data plane: listeners, routing, upstream pools, recording, and the
+//! admin endpoint. The `veer` binary (`main.rs`) wires these together.
+//!
+//! Request flow: [`server`] accepts → [`service`] loads the [`snapshot`],
+//! matches a route ([`router`]), picks a version ([`split`]) and an endpoint
+//! ([`balance`]), forwards over a pooled connection ([`upstream`]) and records
+//! the outcome ([`metrics`]). [`reload`] builds new snapshots from config files.
+
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod check;
+pub mod client;
+pub mod demo;
+pub mod error;
+pub mod headers;
+pub mod metrics;
+pub mod reload;
+pub mod router;
+pub mod run;
+pub mod server;
+pub mod service;
+pub mod shared;
+pub mod snapshot;
+pub mod split;
+pub mod status;
+pub mod tls;
+pub mod upstream;

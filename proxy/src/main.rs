@@ -1,0 +1,137 @@
+//! The `veer` binary: command line, logging, runtime, signals.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use veer_proxy::{check, demo, run, status};
+
+#[derive(Parser)]
+#[command(name = "veer", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("VEER_BUILD"), ")"), about = "A canary proxy that reverts bad versions by itself")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// Config file.
+        #[arg(long, env = "VEER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file without starting anything.
+    Check {
+        /// Config file.
+        #[arg(long, env = "VEER_CONFIG")]
+        config: PathBuf,
+    },
+    /// A self-contained demonstration on loopback.
+    Demo {
+        /// How long the demo runs.
+        #[arg(long, default_value = "30s", value_parser = humantime_duration)]
+        duration: Duration,
+        /// Only serve the demo's stable and canary upstreams (for config.example.toml).
+        #[arg(long)]
+        upstreams_only: bool,
+    },
+    /// Print a running proxy's routes, weights and health.
+    Status {
+        /// The admin address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+    },
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all()
+        .thread_name("veer-worker")
+        .build()
+        .context("starting the runtime")
+}
+
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::error!("cannot listen for SIGTERM/SIGINT; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    let result = match cli.command {
+        Command::Run { config } => run_proxy(config),
+        Command::Check { config } => return check::check(&config),
+        Command::Demo {
+            duration,
+            upstreams_only,
+        } => runtime(0).and_then(|rt| {
+            rt.block_on(demo::demo(duration, upstreams_only))
+                .map_err(Into::into)
+        }),
+        Command::Status { admin } => {
+            runtime(1).and_then(|rt| rt.block_on(status::print(&admin)).map_err(Into::into))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("veer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_proxy(path: PathBuf) -> anyhow::Result<()> {
+    let loaded = run::load(&path)?;
+    let rt = runtime(loaded.config.proxy.workers)?;
+    rt.block_on(run::run(loaded, terminated(), None))?;
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}

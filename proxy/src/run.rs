@@ -1,0 +1,219 @@
+//! `veer run`: load the config, bind, serve, reload, and shut down gracefully.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, watch, Semaphore};
+use veer_control::config::{Config, Diagnostics};
+
+use crate::metrics::Metrics;
+use crate::reload::{base_dir, Reload};
+use crate::server::{bind_all, serve, Limits};
+use crate::shared::Shared;
+use crate::snapshot::{self, BuildError, Snapshot};
+use crate::tls::{CertStore, TlsError};
+use crate::upstream::Upstreams;
+
+/// Why veer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The config file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is invalid.
+    #[error("{}", .diagnostics.render(.path).trim_end())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem.
+        diagnostics: Diagnostics,
+    },
+    /// Endpoints did not resolve.
+    #[error("{0}")]
+    Build(#[from] BuildError),
+    /// The TLS certificate or key could not be loaded.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    /// The TLS configuration was refused.
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// An address could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A blocking task failed.
+    #[error("internal: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// A config file read and validated.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The file.
+    pub path: PathBuf,
+    /// Its text.
+    pub text: String,
+    /// Its meaning.
+    pub config: Config,
+}
+
+/// Reads and validates a config file. Blocking.
+pub fn load(path: &Path) -> Result<Loaded, RunError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RunError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let config =
+        Config::parse(&text, &base_dir(path)).map_err(|diagnostics| RunError::Invalid {
+            path: path.to_path_buf(),
+            diagnostics,
+        })?;
+    Ok(Loaded {
+        path: path.to_path_buf(),
+        text,
+        config,
+    })
+}
+
+/// The addresses veer ended up listening on (useful with port 0).
+#[derive(Clone, Debug)]
+pub struct Bound {
+    /// Plain listeners.
+    pub proxy: Vec<SocketAddr>,
+    /// TLS listeners.
+    pub tls: Vec<SocketAddr>,
+    /// The admin listener.
+    pub admin: SocketAddr,
+}
+
+/// Runs the proxy until `stop` completes, then shuts down gracefully.
+/// `on_ready` receives the bound addresses once traffic is being served.
+pub async fn run(
+    loaded: Loaded,
+    stop: impl Future<Output = ()>,
+    on_ready: Option<oneshot::Sender<Bound>>,
+) -> Result<(), RunError> {
+    let Loaded { path, text, config } = loaded;
+    let metrics = Arc::new(Metrics::new()?);
+    let upstreams = Upstreams::new();
+    let for_dns = config.clone();
+    let addrs = tokio::task::spawn_blocking(move || snapshot::resolve(&for_dns)).await??;
+    let snap = Snapshot::build(&config, 1, &addrs, &upstreams, &metrics);
+    snap.publish(None, &metrics);
+    metrics.reloads.with_label_values(&["success"]).inc();
+    let shared = Arc::new(Shared::new(snap, metrics, upstreams, path.clone()));
+
+    let certs = match &config.proxy.tls {
+        Some(t) => {
+            let (cert, key) = (t.cert.clone(), t.key.clone());
+            Some(Arc::new(
+                tokio::task::spawn_blocking(move || CertStore::open(&cert, &key)).await??,
+            ))
+        }
+        None => None,
+    };
+    let plain =
+        bind_all(&config.proxy.listen).map_err(|(addr, source)| RunError::Bind { addr, source })?;
+    let secure = match &config.proxy.tls {
+        Some(t) => bind_all(&t.listen).map_err(|(addr, source)| RunError::Bind { addr, source })?,
+        None => Vec::new(),
+    };
+    let admin = bind_all(&[config.admin.listen])
+        .map_err(|(addr, source)| RunError::Bind { addr, source })?
+        .pop();
+    let bound = Bound {
+        proxy: plain.iter().filter_map(|l| l.local_addr().ok()).collect(),
+        tls: secure.iter().filter_map(|l| l.local_addr().ok()).collect(),
+        admin: admin
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .unwrap_or(config.admin.listen),
+    };
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let permits = Arc::new(Semaphore::new(config.proxy.max_connections));
+    let limits = Limits::from_settings(&config.proxy);
+    let mut tasks = Vec::new();
+    if let Some(admin) = admin {
+        tasks.push(tokio::spawn(crate::admin::serve(
+            admin,
+            shared.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
+    for l in plain {
+        tasks.push(tokio::spawn(serve(
+            l,
+            shared.clone(),
+            None,
+            limits.clone(),
+            permits.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
+    if let Some(certs) = &certs {
+        let acceptor = certs.acceptor()?;
+        for l in secure {
+            tasks.push(tokio::spawn(serve(
+                l,
+                shared.clone(),
+                Some(acceptor.clone()),
+                limits.clone(),
+                permits.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
+    }
+    let reload = Reload::new(shared.clone(), path.clone(), &text, config.clone(), certs);
+    tasks.push(tokio::spawn(reload.watch(shutdown_rx.clone())));
+
+    for a in &bound.proxy {
+        tracing::info!(kind = "proxy", addr = %a, "listening");
+    }
+    for a in &bound.tls {
+        tracing::info!(kind = "tls", addr = %a, "listening");
+    }
+    tracing::info!(kind = "admin", addr = %bound.admin, "listening");
+    shared.ready.store(true, Ordering::Release);
+    tracing::info!(
+        config = %path.display(),
+        routes = config.routes.len(),
+        "veer ready"
+    );
+    if let Some(tx) = on_ready {
+        let _ = tx.send(bound);
+    }
+
+    stop.await;
+    shared.ready.store(false, Ordering::Release);
+    let grace = config.proxy.shutdown_grace;
+    tracing::info!(grace = ?grace, "shutting down: no new connections; finishing in-flight requests");
+    let _ = shutdown_tx.send(true);
+    let all = u32::try_from(config.proxy.max_connections).unwrap_or(u32::MAX);
+    match tokio::time::timeout(grace, permits.acquire_many(all)).await {
+        Ok(_) => tracing::info!("all connections closed"),
+        Err(_) => tracing::warn!(
+            open = shared.metrics.open_connections.get(),
+            "grace period over; closing the remaining connections"
+        ),
+    }
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}

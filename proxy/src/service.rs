@@ -1,0 +1,250 @@
+//! The request path: route, split, choose an endpoint, forward, record.
+//!
+//! Per request: one snapshot load, one hash of the sticky key, one ring walk,
+//! and atomic metric increments on handles resolved when the snapshot was
+//! built. Nothing here locks, and nothing panics.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{header, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::balance::Candidates;
+use crate::body::{IdleTimeout, ProxyBody, RequestBody, UpstreamBody};
+use crate::error::ProxyError;
+use crate::headers::{is_upgrade, prepare_request, strip_hop_by_hop, Scheme};
+use crate::shared::Shared;
+use crate::snapshot::{RouteTarget, VersionTarget};
+use crate::split::{bucket, is_canary, random_bucket, sticky_key, KeyBuf};
+use crate::upstream::{Sender, Upstream};
+
+/// Which version a request was sent to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The stable version.
+    Stable,
+    /// The canary version.
+    Canary,
+}
+
+/// Handles one client request. Never fails: errors become responses.
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    scheme: Scheme,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let start = Instant::now();
+    let (route, body_timeout) = {
+        let snap = shared.snapshot.load();
+        let host = req.uri().host().or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        });
+        match snap
+            .router
+            .find(host, req.uri().path())
+            .and_then(|i| snap.routes.get(i))
+        {
+            Some(r) => (r.clone(), snap.body_timeout),
+            None => {
+                snap.proxy_errors.no_route.inc();
+                return Ok(error_response(ProxyError::NoRoute));
+            }
+        }
+    };
+
+    let mut key_buf = KeyBuf::default();
+    let key = sticky_key(&route.sticky, req.headers(), &peer, &mut key_buf);
+    let (role, candidates) = {
+        let random_key;
+        let (b, key) = match key {
+            Some(k) => (bucket(k), k),
+            None => {
+                random_key = fastrand::u64(..).to_le_bytes();
+                (random_bucket(), &random_key[..])
+            }
+        };
+        match &route.canary {
+            Some(c) if is_canary(b, route.weight_bp) => (Role::Canary, c.balancer.candidates(key)),
+            _ => (Role::Stable, route.stable.balancer.candidates(key)),
+        }
+    };
+    let version = match (role, &route.canary) {
+        (Role::Canary, Some(c)) => c,
+        _ => &route.stable,
+    };
+
+    let result = forward(
+        &route,
+        version,
+        &candidates,
+        req,
+        peer,
+        scheme,
+        body_timeout,
+    )
+    .await;
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(match result {
+        Ok(resp) => {
+            version.metrics.record(resp.status().as_u16(), elapsed);
+            resp
+        }
+        Err(e) => {
+            if let Some(kind) = e.upstream_index() {
+                version.metrics.upstream_error(kind);
+                version.metrics.record(e.status().as_u16(), elapsed);
+            } else {
+                route_less_error(&shared, e);
+            }
+            error_response(e)
+        }
+    })
+}
+
+fn route_less_error(shared: &Shared, e: ProxyError) {
+    if e == ProxyError::BadRequest {
+        shared.snapshot.load().proxy_errors.bad_request.inc();
+    }
+}
+
+/// A response veer writes itself.
+pub fn error_response(e: ProxyError) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::full(e.body()));
+    *r.status_mut() = e.status();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn forward(
+    route: &RouteTarget,
+    version: &VersionTarget,
+    candidates: &Candidates,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    scheme: Scheme,
+    body_timeout: std::time::Duration,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let upgrade = is_upgrade(req.version(), req.headers());
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    prepare_request(
+        &parts.method,
+        &mut parts.uri,
+        &mut parts.version,
+        &mut parts.headers,
+        peer,
+        scheme,
+        upgrade,
+    )?;
+    let req = Request::from_parts(parts, IdleTimeout::new(body, body_timeout));
+
+    let exchange = exchange(route, version, candidates, req, upgrade);
+    let (mut resp, sender, upstream) = match tokio::time::timeout(route.timeout, exchange).await {
+        Ok(r) => r?,
+        Err(_) => return Err(ProxyError::UpstreamTimeout),
+    };
+    upstream.mark_ok();
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(down) = downstream_upgrade {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(tunnel(down, up, upstream.addr()));
+        }
+        let (parts, _) = resp.into_parts();
+        return Ok(Response::from_parts(parts, ProxyBody::empty()));
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    let pooled = (!upgrade).then_some(sender).map(|s| (s, upstream));
+    let body = UpstreamBody::new(body, body_timeout, pooled);
+    Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+}
+
+/// Gets a connection (retrying a failed connect once on the next endpoint)
+/// and sends the request on it.
+async fn exchange(
+    route: &RouteTarget,
+    version: &VersionTarget,
+    candidates: &Candidates,
+    req: Request<RequestBody>,
+    upgrade: bool,
+) -> Result<(Response<Incoming>, Sender, Arc<Upstream>), ProxyError> {
+    let Some(first) = candidates.first() else {
+        return Err(ProxyError::UpstreamConnect);
+    };
+    let (mut sender, upstream) = match acquire(first, route, upgrade).await {
+        Ok(s) => (s, first),
+        Err(e) => {
+            first.mark_failed();
+            version.metrics.upstream_error(0);
+            let Some(second) = candidates.second() else {
+                return Err(e);
+            };
+            match acquire(second, route, upgrade).await {
+                Ok(s) => (s, second),
+                Err(e) => {
+                    second.mark_failed();
+                    return Err(e);
+                }
+            }
+        }
+    };
+    match sender.try_send_request(req).await {
+        Ok(resp) => Ok((resp, sender, upstream.clone())),
+        Err(mut e) => {
+            // A pooled connection that closed before the request was written
+            // gives the request back: it is safe to send on a fresh one.
+            let Some(req) = e.take_message() else {
+                let kind = ProxyError::from_hyper(e.error());
+                if kind == ProxyError::UpstreamReset {
+                    upstream.mark_failed();
+                }
+                return Err(kind);
+            };
+            let mut fresh = upstream
+                .connect(route.connect_timeout)
+                .await
+                .inspect_err(|_| upstream.mark_failed())?;
+            match fresh.send_request(req).await {
+                Ok(resp) => Ok((resp, fresh, upstream.clone())),
+                Err(e) => Err(ProxyError::from_hyper(&e)),
+            }
+        }
+    }
+}
+
+async fn acquire(
+    upstream: &Upstream,
+    route: &RouteTarget,
+    upgrade: bool,
+) -> Result<Sender, ProxyError> {
+    if !upgrade {
+        if let Some(s) = upstream.checkout() {
+            return Ok(s);
+        }
+    }
+    upstream.connect(route.connect_timeout).await
+}
+
+async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, addr: SocketAddr) {
+    match tokio::try_join!(down, up) {
+        Ok((down, up)) => {
+            let mut down = TokioIo::new(down);
+            let mut up = TokioIo::new(up);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                tracing::debug!(upstream = %addr, error = %e, "tunnel ended");
+            }
+        }
+        Err(e) => tracing::debug!(upstream = %addr, error = %e, "upgrade failed"),
+    }
+}

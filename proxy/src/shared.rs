@@ -1,0 +1,73 @@
+//! State shared by listeners, the admin endpoint and the reloader.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshot;
+use crate::upstream::Upstreams;
+
+/// The outcome of the last config load, for `/status`.
+#[derive(Clone, Debug)]
+pub struct ReloadStatus {
+    /// The config file.
+    pub path: PathBuf,
+    /// `"success"` or `"failure"`.
+    pub last_result: &'static str,
+    /// Why the last load failed, if it did.
+    pub last_error: Option<String>,
+    /// When the last load was attempted.
+    pub last_at: SystemTime,
+    /// Settings changed in the file that only a restart applies.
+    pub restart_required: Vec<String>,
+}
+
+/// State shared by every part of a running proxy.
+pub struct Shared {
+    /// The routing snapshot; requests load it once.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Upstream endpoints and their pools, shared across snapshots.
+    pub upstreams: Upstreams,
+    /// Last reload outcome.
+    reload: Mutex<ReloadStatus>,
+    /// Set once listeners are bound and a valid config is loaded.
+    pub ready: AtomicBool,
+}
+
+impl Shared {
+    /// Shared state around a first snapshot.
+    pub fn new(
+        snapshot: Snapshot,
+        metrics: Arc<Metrics>,
+        upstreams: Upstreams,
+        path: PathBuf,
+    ) -> Shared {
+        Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            upstreams,
+            reload: Mutex::new(ReloadStatus {
+                path,
+                last_result: "success",
+                last_error: None,
+                last_at: SystemTime::now(),
+                restart_required: Vec::new(),
+            }),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// The reload status (never locked on the request path).
+    pub fn reload_status(&self) -> MutexGuard<'_, ReloadStatus> {
+        match self.reload.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The routing snapshot: everything a request needs, immutable, swapped whole.
+//!
+//! A validated [`Config`] becomes one [`Snapshot`]: the router, every route's
+//! sticky sources, weights, endpoint rings and metric handles. Requests load
+//! it once (one `ArcSwap` load) and never see a mix of two configs.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use veer_control::config::{Config, Route, Version};
+
+use crate::balance::Balancer;
+use crate::metrics::{Metrics, ProxyErrorMetrics, VersionMetrics};
+use crate::router::Router;
+use crate::split::StickyKey;
+use crate::upstream::Upstreams;
+
+/// One version of a route, ready for requests.
+pub struct VersionTarget {
+    /// The version name (metric label).
+    pub name: Arc<str>,
+    /// Its endpoints.
+    pub balancer: Balancer,
+    /// Its metric handles.
+    pub metrics: VersionMetrics,
+}
+
+/// One route, ready for requests.
+pub struct RouteTarget {
+    /// Route name.
+    pub name: Arc<str>,
+    /// Sticky-key sources, first present wins.
+    pub sticky: Box<[StickyKey]>,
+    /// Until the response head arrives.
+    pub timeout: Duration,
+    /// One connect attempt.
+    pub connect_timeout: Duration,
+    /// Whether upstream 4xx count as errors.
+    pub count_4xx_as_errors: bool,
+    /// Stable version.
+    pub stable: VersionTarget,
+    /// Canary version, if deployed.
+    pub canary: Option<VersionTarget>,
+    /// Canary share in effect, in basis points.
+    pub weight_bp: u16,
+    /// The route as configured (for status).
+    pub config: Route,
+}
+
+/// The whole routing state of one config generation.
+pub struct Snapshot {
+    /// Increments with every applied config.
+    pub generation: u64,
+    /// Host and path matching.
+    pub router: Router,
+    /// Routes by index.
+    pub routes: Vec<Arc<RouteTarget>>,
+    /// Idle time allowed between body frames.
+    pub body_timeout: Duration,
+    /// Counters for requests that reach no version.
+    pub proxy_errors: ProxyErrorMetrics,
+}
+
+/// Why a config could not become a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Endpoint host names that did not resolve.
+    #[error("{}", .0.join("; "))]
+    Resolve(Vec<String>),
+}
+
+/// Resolves every endpoint address of a config. Blocking (DNS): call it off
+/// the reactor.
+pub fn resolve(config: &Config) -> Result<HashMap<String, SocketAddr>, BuildError> {
+    let mut out = HashMap::new();
+    let mut errors = Vec::new();
+    let versions = config
+        .routes
+        .iter()
+        .flat_map(|r| std::iter::once(&r.stable).chain(r.canary.as_ref()));
+    for v in versions {
+        for e in &v.endpoints {
+            if out.contains_key(&e.addr) {
+                continue;
+            }
+            if let Ok(a) = e.addr.parse::<SocketAddr>() {
+                out.insert(e.addr.clone(), a);
+                continue;
+            }
+            match e.addr.to_socket_addrs().map(|mut it| it.next()) {
+                Ok(Some(a)) => {
+                    out.insert(e.addr.clone(), a);
+                }
+                Ok(None) => errors.push(format!("endpoint {}: no address found", e.addr)),
+                Err(err) => errors.push(format!("endpoint {}: {err}", e.addr)),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(BuildError::Resolve(errors))
+    }
+}
+
+impl Snapshot {
+    /// Builds the snapshot of `config`. `addrs` comes from [`resolve`].
+    pub fn build(
+        config: &Config,
+        generation: u64,
+        addrs: &HashMap<String, SocketAddr>,
+        upstreams: &Upstreams,
+        metrics: &Metrics,
+    ) -> Snapshot {
+        let mut router = Router::default();
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for (i, r) in config.routes.iter().enumerate() {
+            router.add(&r.hosts, &r.path_prefix, i);
+            let version = |v: &Version| VersionTarget {
+                name: v.name.as_str().into(),
+                balancer: Balancer::new(
+                    v.endpoints
+                        .iter()
+                        .filter_map(|e| {
+                            addrs
+                                .get(&e.addr)
+                                .map(|a| (upstreams.get(*a), e.weight, e.addr.clone()))
+                        })
+                        .collect(),
+                ),
+                metrics: metrics.version(&r.name, &v.name),
+            };
+            let canary = r.canary.as_ref().map(version);
+            let weight_bp = if canary.is_some() {
+                r.canary_weight_bp
+            } else {
+                0
+            };
+            routes.push(Arc::new(RouteTarget {
+                name: r.name.as_str().into(),
+                sticky: r.sticky.iter().filter_map(StickyKey::from_config).collect(),
+                timeout: r.timeout,
+                connect_timeout: r.connect_timeout,
+                count_4xx_as_errors: r.count_4xx_as_errors,
+                stable: version(&r.stable),
+                canary,
+                weight_bp,
+                config: r.clone(),
+            }));
+        }
+        Snapshot {
+            generation,
+            router,
+            routes,
+            body_timeout: config.proxy.body_timeout,
+            proxy_errors: metrics.proxy_errors(),
+        }
+    }
+
+    /// Publishes the snapshot's gauges and forgets series of versions that
+    /// `previous` had and this one does not.
+    pub fn publish(&self, previous: Option<&Snapshot>, metrics: &Metrics) {
+        let labels = |s: &Snapshot| {
+            let mut v = Vec::new();
+            for r in &s.routes {
+                v.push((r.name.clone(), "stable", r.stable.name.clone()));
+                if let Some(c) = &r.canary {
+                    v.push((r.name.clone(), "canary", c.name.clone()));
+                }
+            }
+            v
+        };
+        let now = labels(self);
+        if let Some(prev) = previous {
+            for (route, role, version) in labels(prev) {
+                if !now.iter().any(|(r, _, v)| *r == route && *v == version) {
+                    metrics.forget_version(&route, role, &version);
+                } else if !now
+                    .iter()
+                    .any(|(r, ro, v)| *r == route && *ro == role && *v == version)
+                {
+                    let _ = metrics
+                        .version_info
+                        .remove_label_values(&[&route, role, &version]);
+                }
+            }
+            for r in &prev.routes {
+                if !self.routes.iter().any(|n| n.name == r.name) {
+                    metrics.forget_route(&r.name);
+                }
+            }
+        }
+        for (route, role, version) in &now {
+            metrics
+                .version_info
+                .with_label_values(&[&**route, role, &**version])
+                .set(1);
+        }
+        for r in &self.routes {
+            metrics
+                .canary_weight
+                .with_label_values(&[&*r.name, "configured"])
+                .set(r.config.canary_weight_percent());
+            metrics
+                .canary_weight
+                .with_label_values(&[&*r.name, "effective"])
+                .set(f64::from(r.weight_bp) / 100.0);
+        }
+        metrics.generation.set(self.generation as i64);
+    }
+}

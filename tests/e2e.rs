@@ -1,1 +1,18 @@
-//! End-to-end tests (placeholder while bootstrapping).
+//! End-to-end tests: the real `veer` binary against real loopback upstreams.
+//!
+//! Every test starts its own upstreams on `127.0.0.1:0` and its own veer
+//! process on port 0, reads the bound addresses from veer's JSON log, and
+//! waits on `/readyz` rather than sleeping. Processes are killed on drop.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
+
+mod e2e {
+    pub mod support;
+
+    mod cli;
+    mod failures;
+    mod protocols;
+    mod reload;
+    mod shutdown;
+    mod split;
+}

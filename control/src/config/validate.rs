@@ -224,7 +224,8 @@ impl Validator<'_> {
         let mut out = Vec::new();
         for a in list.get_ref() {
             if let Some(addr) = self.addr(a) {
-                if out.contains(&addr) {
+                // Port 0 asks the kernel for a free port, so it may repeat.
+                if addr.port() != 0 && out.contains(&addr) {
                     self.err(a.span(), format!("{addr} is listed twice"));
                 } else {
                     out.push(addr);
@@ -281,7 +282,7 @@ impl Validator<'_> {
         });
         if let Some(tls) = &tls {
             for a in &tls.listen {
-                if listen.contains(a) {
+                if a.port() != 0 && listen.contains(a) {
                     let span = p.tls.as_ref().map_or(0..0, |t| t.span());
                     self.err(span, format!("{a} is both a plain and a TLS listener"));
                 }

@@ -1,0 +1,241 @@
+//! Protocol handling: malformed input, limits, headers, streaming bodies,
+//! WebSocket, HTTPS with HTTP/2 by ALPN, and h2c.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::Request;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::support::{get, route_config, Client, Upstream, Veer};
+
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_request_gets_400_and_the_proxy_keeps_serving() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let answer = raw(veer.addr, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = raw(veer.addr, b"\x16\x03\x01garbage\r\n\r\n").await;
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(get(veer.addr, "/", &[]).await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_431() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let big = "a".repeat(40_000);
+    let req = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
+    let answer = raw(veer.addr, req.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{}", &answer[..answer.len().min(80)]);
+    assert_eq!(get(veer.addr, "/", &[]).await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_set_and_hop_by_hop_removed() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    let r = c
+        .get(
+            "/",
+            &[
+                ("host", "shop.test"),
+                ("x-forwarded-for", "203.0.113.1"),
+                ("connection", "x-private"),
+                ("x-private", "secret"),
+                ("keep-alive", "timeout=5"),
+                ("x-kept", "1"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let h = s.last_headers.lock().unwrap().clone();
+    assert_eq!(h["x-forwarded-for"], "203.0.113.1, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "shop.test");
+    assert_eq!(h["host"], "shop.test");
+    assert_eq!(h["x-kept"], "1");
+    assert!(!h.contains_key("x-private") && !h.contains_key("keep-alive"), "{h:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let stream = TcpStream::connect(veer.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    // 8 MiB sent as a stream of 64 KiB chunks; the upstream echoes it back.
+    let chunks = (0..128u8).map(|i| Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from(vec![i; 64 * 1024]))));
+    let body = StreamBody::new(futures_util::stream::iter(chunks));
+    let req = Request::post("/echo").header("host", "x").body(body).unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let echoed = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(echoed.len(), 128 * 64 * 1024);
+    assert!(echoed.chunks(64 * 1024).enumerate().all(|(i, c)| c.iter().all(|&b| b == i as u8)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_through_the_proxy() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let stream = TcpStream::connect(veer.addr).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{}/ws", veer.addr), stream)
+        .await
+        .expect("websocket handshake through veer");
+    assert_eq!(resp.status(), 101);
+    for i in 0..5 {
+        let msg = format!("hello {i}");
+        ws.send(msg.clone().into()).await.unwrap();
+        let back = ws.next().await.unwrap().unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), msg);
+    }
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_with_prior_knowledge() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let stream = TcpStream::connect(veer.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = Request::get(format!("http://{}/h2c", veer.addr)).body(Full::new(Bytes::new())).unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"stable");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_negotiates_h2_by_alpn_and_reloads_its_certificate() {
+    let s = Upstream::start("stable").await;
+    let dir = tempfile::tempdir().unwrap();
+    let write_cert = |name: &str| {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), name.into()]).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.key"), cert.key_pair.serialize_pem()).unwrap();
+        cert.cert.der().clone()
+    };
+    let first = write_cert("first.test");
+    let config = route_config(&[s.addr], &[], 0.0, "").replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"10s\"\n[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"tls.crt\"\nkey = \"tls.key\"",
+    );
+    let path = dir.path().join("veer.toml");
+    std::fs::write(&path, config.replace("@STATE@", &dir.path().join("state").display().to_string())).unwrap();
+    // The fixture owns `dir` from here on.
+    let dir_path = dir.path().to_path_buf();
+    let veer = Veer::start_in(dir, path).await;
+    let tls_addr = veer.tls_addr.expect("tls listener");
+
+    let (version, body, served) = h2_get(tls_addr, &first).await;
+    assert_eq!(version, http::Version::HTTP_2);
+    assert_eq!(&body[..], b"stable");
+    assert_eq!(served, first);
+
+    // Rotate the certificate: new handshakes get the new one.
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "second.test".into()]).unwrap();
+    std::fs::write(dir_path.join("tls.crt.new"), cert.cert.pem()).unwrap();
+    std::fs::write(dir_path.join("tls.key.new"), cert.key_pair.serialize_pem()).unwrap();
+    std::fs::rename(dir_path.join("tls.key.new"), dir_path.join("tls.key")).unwrap();
+    std::fs::rename(dir_path.join("tls.crt.new"), dir_path.join("tls.crt")).unwrap();
+    let second = cert.cert.der().clone();
+    let start = std::time::Instant::now();
+    loop {
+        let (_, _, served) = h2_get(tls_addr, &second).await;
+        if served == second {
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "certificate never reloaded");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// GET over TLS with ALPN h2 and http/1.1 offered; trusts any of `root`.
+/// Returns the HTTP version, the body and the certificate the server showed.
+async fn h2_get(
+    addr: std::net::SocketAddr,
+    root: &rustls::pki_types::CertificateDer<'static>,
+) -> (http::Version, Bytes, rustls::pki_types::CertificateDer<'static>) {
+    let mut roots = rustls::RootCertStore::empty();
+    let _ = roots.add(root.clone());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let served = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("https://localhost:{}/tls", addr.port())).body(Full::new(Bytes::new())).unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let version = resp.version();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (version, body, served)
+}
+
+/// The test inspects which certificate was served rather than trusting one.
+#[derive(Debug)]
+struct AcceptAny;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+    }
+}

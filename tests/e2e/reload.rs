@@ -1,0 +1,169 @@
+//! Live reload: applied quickly and atomically, bad files rejected whole,
+//! no failed request while reloading, warm pools kept.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::support::{get, metric, route_config, Client, Upstream, Veer};
+
+async fn served_by(veer: &Veer, key: &str) -> String {
+    let r = get(veer.addr, "/", &[("x-user-id", key)]).await.unwrap();
+    r.headers()["x-upstream"].to_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_change_is_applied_within_one_second() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 0.0, "")).await;
+    assert_eq!(served_by(&veer, "k").await, "stable");
+    let written = Instant::now();
+    veer.write_config(&route_config(&[s.addr], &[c.addr], 100.0, ""));
+    loop {
+        if served_by(&veer, "k").await == "canary" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(written.elapsed() < Duration::from_secs(5), "never applied");
+    }
+    let took = written.elapsed();
+    assert!(took < Duration::from_secs(1), "contract: applied within 1 s, took {took:?}");
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, "veer_config_generation"), Some(2.0));
+    assert_eq!(metric(&m, r#"veer_config_reloads_total{result="success"}"#), Some(2.0));
+    assert_eq!(metric(&m, r#"veer_canary_weight_percent{route="web",source="configured"}"#), Some(100.0));
+    assert_eq!(veer.logs_with("reload accepted").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_file_is_rejected_and_the_running_config_stays() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 100.0, "")).await;
+    // Valid TOML, invalid meaning (two problems) plus a weight change that must not apply.
+    let bad = route_config(&[s.addr], &[c.addr], 0.0, "timeout = \"soon\"")
+        .replace("version = \"v2\"", "version = \"v1\"");
+    veer.write_config(&bad);
+    let start = Instant::now();
+    loop {
+        let st = veer.status().await;
+        if st["config"]["last_reload"]["result"] == "failure" {
+            let err = st["config"]["last_reload"]["error"].as_str().unwrap().to_string();
+            assert!(err.contains("invalid duration") && err.contains("same as the stable"), "{err}");
+            assert!(err.contains("veer.toml:"), "errors carry PATH:LINE:COL: {err}");
+            assert_eq!(st["config"]["generation"], 1);
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "rejection never shown");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(served_by(&veer, "k").await, "canary", "old config still serves");
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, r#"veer_config_reloads_total{result="failure"}"#), Some(1.0));
+    assert_eq!(veer.logs_with("reload rejected; the running config stays").len(), 1);
+
+    // Fixing the file applies it.
+    veer.write_config(&route_config(&[s.addr], &[c.addr], 0.0, ""));
+    veer.wait_generation(2).await;
+    assert_eq!(served_by(&veer, "k").await, "stable");
+    assert_eq!(veer.status().await["config"]["last_reload"]["result"], "success");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_failed_requests_across_20_reloads_under_load() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 10.0, "")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for w in 0..4 {
+        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), veer.addr);
+        load.push(tokio::spawn(async move {
+            let mut c = Client::connect(addr).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                i += 1;
+                match c.get("/", &[("x-user-id", &format!("w{w}-{i}"))]).await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for g in 0..20u64 {
+        let weight = [10.0, 50.0, 1.0, 90.0][(g % 4) as usize] + 0.01 * (g + 1) as f64;
+        veer.write_config(&route_config(&[s.addr], &[c.addr], weight, ""));
+        veer.wait_generation(g + 2).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert!(ok.load(Ordering::Relaxed) > 200, "too little load: {}", ok.load(Ordering::Relaxed));
+    assert_eq!(veer.status().await["config"]["generation"], 21);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_upstream_connections_survive_a_reload() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 0.0, "")).await;
+    let mut client = Client::connect(veer.addr).await.unwrap();
+    for i in 0..20 {
+        client.get("/", &[("x-user-id", &format!("{i}"))]).await.unwrap();
+    }
+    let before = s.connections.load(Ordering::SeqCst);
+    veer.write_config(&route_config(&[s.addr], &[c.addr], 0.0, "timeout = \"20s\""));
+    veer.wait_generation(2).await;
+    for i in 0..20 {
+        client.get("/", &[("x-user-id", &format!("{i}"))]).await.unwrap();
+    }
+    assert_eq!(s.connections.load(Ordering::SeqCst), before, "the reload reconnected to an unchanged endpoint");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_and_configmap_symlink_swaps_reload() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    // Kubernetes layout: veer.toml -> ..data/veer.toml, ..data -> ..v1
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let write_version = |name: &str, weight: f64| {
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let text = route_config(&[s.addr], &[c.addr], weight, "").replace("@STATE@", &root.join("state").display().to_string());
+        std::fs::write(d.join("veer.toml"), text).unwrap();
+    };
+    write_version("..v1", 0.0);
+    std::os::unix::fs::symlink("..v1", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/veer.toml", root.join("veer.toml")).unwrap();
+    let path = root.join("veer.toml");
+    let veer = Veer::start_in(dir, path).await;
+    assert_eq!(served_by(&veer, "k").await, "stable");
+
+    // Atomic swap of ..data, as the kubelet does.
+    write_version("..v2", 100.0);
+    std::os::unix::fs::symlink("..v2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    veer.wait_generation(2).await;
+    assert_eq!(served_by(&veer, "k").await, "canary");
+
+    // SIGHUP re-reads too (identical content: no new generation).
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &veer.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let start = Instant::now();
+    while veer.logs_with("SIGHUP: reloading").is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(5), "SIGHUP not handled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(veer.status().await["config"]["generation"], 2, "identical content causes no swap");
+}

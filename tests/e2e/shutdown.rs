@@ -1,0 +1,46 @@
+//! Graceful shutdown: in-flight requests finish, new connections are refused,
+//! and the process exits 0.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::support::{get, route_config, Upstream, Veer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_in_flight_slow_request_then_exits_0() {
+    let slow = Upstream::start("slow").await;
+    slow.delay_ms.store(1_500, Ordering::SeqCst);
+    let mut veer = Veer::start(&route_config(&[slow.addr], &[], 0.0, "")).await;
+    let addr = veer.addr;
+    let in_flight = tokio::spawn(async move { get(addr, "/slow", &[]).await });
+    let start = Instant::now();
+    while slow.requests.load(Ordering::SeqCst) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "request never reached the upstream");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    veer.terminate();
+    let r = in_flight.await.unwrap().expect("in-flight request completes");
+    assert_eq!(r.status(), 200);
+    assert_eq!(&r.body()[..], b"slow");
+    let status = veer.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status {status}");
+    assert!(get(addr, "/", &[]).await.is_err(), "no new connections after shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_grace_bounds_the_wait() {
+    let slow = Upstream::start("slow").await;
+    slow.delay_ms.store(30_000, Ordering::SeqCst);
+    let config = route_config(&[slow.addr], &[], 0.0, "timeout = \"60s\"")
+        .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"500ms\"");
+    let mut veer = Veer::start(&config).await;
+    let addr = veer.addr;
+    let _in_flight = tokio::spawn(async move { get(addr, "/slow", &[]).await });
+    while slow.requests.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    veer.terminate();
+    let status = veer.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success());
+    assert_eq!(veer.logs_with("grace period over; closing the remaining connections").len(), 1);
+}

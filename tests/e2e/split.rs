@@ -1,0 +1,99 @@
+//! The version split and endpoint choice, measured through the proxy.
+
+use std::collections::HashMap;
+
+use super::support::{route_config, upstream_of_keys, Upstream, Veer};
+
+fn keys(n: usize, prefix: &str) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weight_10_over_20000_keys_is_within_half_a_point() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 10.0, "")).await;
+    let ks = keys(20_000, "acc");
+    let seen = upstream_of_keys(veer.addr, &ks, 8).await;
+    let canary = seen.values().filter(|u| *u == "canary").count();
+    let share = canary as f64 * 100.0 / ks.len() as f64;
+    assert!((share - 10.0).abs() <= 0.5, "canary share {share}%");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_stick_to_their_version_and_endpoint() {
+    let stable: Vec<_> = futures_util::future::join_all(["s1", "s2", "s3"].map(Upstream::start)).await;
+    let canary: Vec<_> = futures_util::future::join_all(["c1", "c2"].map(Upstream::start)).await;
+    let sa: Vec<_> = stable.iter().map(|u| u.addr).collect();
+    let ca: Vec<_> = canary.iter().map(|u| u.addr).collect();
+    let veer = Veer::start(&route_config(&sa, &ca, 30.0, "")).await;
+    let ks = keys(2_000, "sticky");
+    let first = upstream_of_keys(veer.addr, &ks, 4).await;
+    let again = upstream_of_keys(veer.addr, &ks, 4).await;
+    assert_eq!(first, again, "a key changed upstream between two passes");
+    let used: std::collections::HashSet<_> = first.values().collect();
+    assert_eq!(used.len(), 5, "every endpoint gets keys: {used:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_the_weight_only_moves_keys_from_stable_to_canary() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 10.0, "")).await;
+    let ks = keys(5_000, "mono");
+    let at10 = upstream_of_keys(veer.addr, &ks, 4).await;
+    veer.write_config(&route_config(&[s.addr], &[c.addr], 30.0, ""));
+    veer.wait_generation(2).await;
+    let at30 = upstream_of_keys(veer.addr, &ks, 4).await;
+    for k in &ks {
+        if at10[k] == "canary" {
+            assert_eq!(at30[k], "canary", "{k} left the canary when the weight rose");
+        }
+    }
+    let n10 = at10.values().filter(|u| *u == "canary").count();
+    let n30 = at30.values().filter(|u| *u == "canary").count();
+    assert!(n30 > n10 * 2, "canary keys {n10} -> {n30}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_weights_are_honoured() {
+    let light = Upstream::start("light").await;
+    let heavy = Upstream::start("heavy").await;
+    let config = route_config(&[light.addr], &[], 0.0, "").replace(
+        &format!("endpoints = [\"{}\"]", light.addr),
+        &format!("endpoints = [\"{}\", {{ addr = \"{}\", weight = 3 }}]", light.addr, heavy.addr),
+    );
+    let veer = Veer::start(&config).await;
+    let seen = upstream_of_keys(veer.addr, &keys(8_000, "w"), 4).await;
+    let share = seen.values().filter(|u| *u == "heavy").count() as f64 / seen.len() as f64;
+    assert!((share - 0.75).abs() < 0.04, "weight-3 endpoint got {share}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_one_of_three_endpoints_moves_only_its_keys() {
+    let ups: Vec<_> = futures_util::future::join_all(["e1", "e2", "e3"].map(Upstream::start)).await;
+    let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
+    let veer = Veer::start(&route_config(&addrs, &[], 0.0, "")).await;
+    let ks = keys(6_000, "rm");
+    let before = upstream_of_keys(veer.addr, &ks, 4).await;
+    veer.write_config(&route_config(&addrs[..2], &[], 0.0, ""));
+    veer.wait_generation(2).await;
+    let after = upstream_of_keys(veer.addr, &ks, 4).await;
+    let mut moved = 0;
+    let mut by_removed = 0;
+    for k in &ks {
+        if before[k] == "e3" {
+            by_removed += 1;
+        } else if before[k] != after[k] {
+            moved += 1;
+        }
+    }
+    assert!(by_removed > 1_000, "e3 had {by_removed} keys");
+    let frac = moved as f64 / ks.len() as f64;
+    assert!(frac < 0.02, "{moved} keys of the surviving endpoints moved");
+    let counts: HashMap<&String, usize> = after.values().fold(HashMap::new(), |mut m, u| {
+        *m.entry(u).or_default() += 1;
+        m
+    });
+    assert_eq!(counts.len(), 2);
+}

@@ -1,0 +1,387 @@
+//! Test fixtures: programmable upstreams, a veer process, and small clients.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+/// What an upstream does with each request.
+pub struct Upstream {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    /// Status to answer with.
+    pub status: AtomicU16,
+    /// Delay before answering, in milliseconds.
+    pub delay_ms: AtomicU64,
+    /// Requests received.
+    pub requests: AtomicU64,
+    /// TCP connections accepted.
+    pub connections: AtomicU64,
+    /// Headers of the last request.
+    pub last_headers: Mutex<HeaderMap>,
+}
+
+impl Upstream {
+    /// Starts an upstream answering 200 with its name as body and in `x-upstream`.
+    pub async fn start(name: &'static str) -> Arc<Upstream> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let u = Arc::new(Upstream {
+            name,
+            addr: listener.local_addr().expect("addr"),
+            status: AtomicU16::new(200),
+            delay_ms: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            last_headers: Mutex::new(HeaderMap::new()),
+        });
+        let me = u.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                me.connections.fetch_add(1, Ordering::SeqCst);
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let me = me.clone();
+                        async move { Ok::<_, Infallible>(me.answer(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        u
+    }
+
+    async fn answer(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        *self.last_headers.lock().unwrap() = req.headers().clone();
+        if req.headers().contains_key(http::header::UPGRADE) {
+            return websocket_echo(&mut req);
+        }
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let text = if body.is_empty() { Bytes::from(self.name) } else { body };
+        Response::builder()
+            .status(self.status.load(Ordering::SeqCst))
+            .header("x-upstream", self.name)
+            .body(Full::new(text))
+            .unwrap()
+    }
+}
+
+fn websocket_echo(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let key = req.headers().get("sec-websocket-key").map(|k| k.as_bytes().to_vec()).unwrap_or_default();
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        use futures_util::{SinkExt, StreamExt};
+        let Ok(upgraded) = on.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_text() || msg.is_binary() {
+                if ws.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("sec-websocket-accept", derive_accept_key(&key))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// An address nothing listens on.
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a = l.local_addr().expect("addr");
+    drop(l);
+    a
+}
+
+/// A running veer process.
+pub struct Veer {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    logs: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Veer {
+    /// Writes `config` (with `@STATE@` replaced by a temp dir) and starts veer on it.
+    pub async fn start(config: &str) -> Veer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("veer.toml");
+        std::fs::write(&path, fill(config, dir.path())).expect("write config");
+        Veer::start_in(dir, path).await
+    }
+
+    /// Starts veer on an existing config file in `dir`.
+    pub async fn start_in(dir: tempfile::TempDir, path: PathBuf) -> Veer {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn veer");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let v = serde_json::from_str(&line).unwrap_or(serde_json::Value::String(line));
+                sink.lock().unwrap().push(v);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (mut addr, mut tls_addr, mut admin) = (None, None, None);
+        while admin.is_none() || addr.is_none() {
+            assert!(Instant::now() < deadline, "veer did not start: {:?}", logs.lock().unwrap());
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("veer exited with {status}: {:?}", logs.lock().unwrap());
+            }
+            for l in logs.lock().unwrap().iter() {
+                if l["message"] == "listening" {
+                    let a: SocketAddr = l["addr"].as_str().unwrap_or_default().parse().expect("addr");
+                    match l["kind"].as_str() {
+                        Some("proxy") => addr = addr.or(Some(a)),
+                        Some("tls") => tls_addr = tls_addr.or(Some(a)),
+                        Some("admin") => admin = Some(a),
+                        _ => {}
+                    }
+                }
+                if l["message"] == "veer ready" && addr.is_none() {
+                    // TLS-only config: no plain listener.
+                    addr = tls_addr;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let v = Veer {
+            child,
+            dir,
+            config: path,
+            addr: addr.expect("addr"),
+            tls_addr,
+            admin: admin.expect("admin"),
+            logs,
+        };
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(r) = get(v.admin, "/readyz", &[]).await {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            assert!(Instant::now() < until, "never ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        v
+    }
+
+    /// Replaces the config file the way editors do (write elsewhere, rename).
+    pub fn write_config(&self, config: &str) {
+        let tmp = self.dir.path().join(".veer.toml.tmp");
+        std::fs::write(&tmp, fill(config, self.dir.path())).expect("write");
+        std::fs::rename(&tmp, &self.config).expect("rename");
+    }
+
+    /// `/status` as JSON.
+    pub async fn status(&self) -> serde_json::Value {
+        let r = get(self.admin, "/status", &[]).await.expect("status");
+        serde_json::from_slice(r.body()).expect("json")
+    }
+
+    /// Waits until the config generation reaches `g` (panics after 5 s).
+    pub async fn wait_generation(&self, g: u64) -> Duration {
+        let start = Instant::now();
+        loop {
+            if self.status().await["config"]["generation"].as_u64() >= Some(g) {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "generation {g} never reached");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let r = get(self.admin, "/metrics", &[]).await.expect("metrics");
+        String::from_utf8(r.body().to_vec()).expect("utf8")
+    }
+
+    /// Log lines whose message is `msg`.
+    pub fn logs_with(&self, msg: &str) -> Vec<serde_json::Value> {
+        self.logs.lock().unwrap().iter().filter(|l| l["message"] == msg).cloned().collect()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit (at most `limit`).
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(start.elapsed() < limit, "veer did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Veer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fill(config: &str, dir: &Path) -> String {
+    config.replace("@STATE@", &dir.join("state").display().to_string())
+}
+
+/// A config with one default route; `stable`/`canary` are endpoint lists.
+pub fn route_config(stable: &[SocketAddr], canary: &[SocketAddr], weight: f64, extra_route: &str) -> String {
+    let list = |a: &[SocketAddr]| a.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+    let canary = if canary.is_empty() {
+        String::new()
+    } else {
+        format!("[route.canary]\nversion = \"v2\"\nendpoints = [{}]\nweight = {weight}\n", list(canary))
+    };
+    format!(
+        r#"[proxy]
+listen = ["127.0.0.1:0"]
+shutdown_grace = "10s"
+[admin]
+listen = "127.0.0.1:0"
+[state]
+dir = "@STATE@"
+
+[[route]]
+name = "web"
+sticky = ["header:x-user-id", "client-ip"]
+{extra_route}
+[route.stable]
+version = "v1"
+endpoints = [{stable}]
+{canary}"#,
+        stable = list(stable)
+    )
+}
+
+/// A keep-alive HTTP/1.1 client connection.
+pub struct Client {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Client { sender, addr })
+    }
+
+    /// GET `path` with extra headers; the whole body is read.
+    pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Response<Bytes>, hyper::Error> {
+        let mut req = Request::get(path);
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req = req.header("host", self.addr.to_string());
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(req.body(Full::new(Bytes::new())).unwrap()).await?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// One GET on a fresh connection.
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Response<Bytes>, Box<dyn std::error::Error + Send + Sync>> {
+    let mut c = Client::connect(addr).await?;
+    Ok(c.get(path, headers).await?)
+}
+
+/// Which upstream answered each user key, over `conns` parallel connections.
+pub async fn upstream_of_keys(addr: SocketAddr, keys: &[String], conns: usize) -> HashMap<String, String> {
+    let chunks: Vec<Vec<String>> = keys.chunks(keys.len().div_ceil(conns)).map(<[String]>::to_vec).collect();
+    let mut tasks = Vec::new();
+    for chunk in chunks {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(addr).await.expect("connect");
+            let mut out = Vec::with_capacity(chunk.len());
+            for k in chunk {
+                let r = c.get("/", &[("x-user-id", &k)]).await.expect("request");
+                assert_eq!(r.status(), 200, "key {k}");
+                let up = r.headers()["x-upstream"].to_str().unwrap().to_string();
+                out.push((k, up));
+            }
+            out
+        }));
+    }
+    let mut map = HashMap::new();
+    for t in tasks {
+        map.extend(t.await.expect("task"));
+    }
+    map
+}
+
+/// Value of a metric sample line `name{labels} value` (labels as written by veer).
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

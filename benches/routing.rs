@@ -53,7 +53,7 @@ fn routing(c: &mut Criterion) {
             } else {
                 &stable
             };
-            black_box(version.candidates(key))
+            black_box(version.pick(key))
         })
     });
     c.bench_function("route decision (client-ip key)", |b| {
@@ -65,7 +65,7 @@ fn routing(c: &mut Criterion) {
             } else {
                 &stable
             };
-            black_box(version.candidates(key))
+            black_box(version.pick(key))
         })
     });
     c.bench_function("bucket hash only", |b| {

@@ -28,23 +28,18 @@ pub struct Balancer {
     names: Vec<(Box<str>, u32)>,
 }
 
-/// At most two endpoints to try for one request: the first choice and the
-/// one a failed connect is retried on.
-#[derive(Clone, Debug, Default)]
-pub struct Candidates {
-    first: Option<Arc<Upstream>>,
-    second: Option<Arc<Upstream>>,
+/// The endpoint chosen for a request, and where on the ring its key fell,
+/// so that a fallback can be found later without the key.
+#[derive(Clone, Copy, Debug)]
+pub struct Pick {
+    ring_idx: usize,
+    first: usize,
 }
 
-impl Candidates {
-    /// The first choice.
-    pub fn first(&self) -> Option<&Arc<Upstream>> {
-        self.first.as_ref()
-    }
-
-    /// The fallback for a failed connect.
-    pub fn second(&self) -> Option<&Arc<Upstream>> {
-        self.second.as_ref()
+impl Pick {
+    /// Index of the chosen endpoint in [`Balancer::endpoints`].
+    pub fn first(&self) -> usize {
+        self.first
     }
 }
 
@@ -80,61 +75,65 @@ impl Balancer {
             .map(|((n, w), u)| (&**n, *w, u))
     }
 
-    fn lookup(&self, addr: &SocketAddr) -> Option<&Arc<Upstream>> {
-        self.endpoints
-            .binary_search_by(|u| u.addr().cmp(addr))
-            .ok()
-            .and_then(|i| self.endpoints.get(i))
-    }
-
     /// The key's first endpoint on the ring, ignoring health.
     pub fn first_choice(&self, key: &[u8]) -> Option<SocketAddr> {
         self.ring.node(key)
     }
 
-    /// The endpoints to try for `key`: the first two distinct healthy ones in
-    /// ring order. If none is healthy the key's first choice is tried anyway,
-    /// since an endpoint in back-off may have recovered.
-    pub fn candidates(&self, key: &[u8]) -> Candidates {
-        let mut c = Candidates::default();
+    /// The endpoint for `key`: the first healthy one in ring order from the
+    /// key's point. If none is healthy, the key's own first choice is tried
+    /// anyway, since an endpoint in back-off may have recovered.
+    pub fn pick(&self, key: &[u8]) -> Option<Pick> {
         if self.endpoints.len() == 1 {
-            c.first = self.endpoints.first().cloned();
-            return c;
+            return Some(Pick {
+                ring_idx: 0,
+                first: 0,
+            });
         }
-        let mut seen: u64 = 0; // one bit per endpoint index
+        let ring_idx = self.ring.node_idx(key);
+        let mut first_choice = None;
+        let found = self.walk(ring_idx, |i, u| {
+            first_choice.get_or_insert(i);
+            u.is_healthy()
+        });
+        found.or(first_choice).map(|first| Pick { ring_idx, first })
+    }
+
+    /// The endpoint to retry a failed connect on: the next healthy one after
+    /// the pick's, in ring order, within the same version.
+    pub fn fallback(&self, pick: &Pick) -> Option<usize> {
+        if self.endpoints.len() == 1 {
+            return None;
+        }
+        self.walk(pick.ring_idx, |i, u| i != pick.first && u.is_healthy())
+    }
+
+    /// Walks the ring from `ring_idx`, visiting each distinct endpoint once,
+    /// until `want` accepts one.
+    fn walk(
+        &self,
+        mut ring_idx: usize,
+        mut want: impl FnMut(usize, &Upstream) -> bool,
+    ) -> Option<usize> {
+        // Config validation caps a version at 64 endpoints: one bit each.
+        let mut seen: u64 = 0;
         let mut distinct = 0;
-        let mut fallback = None;
-        for addr in self.ring.node_iter(key) {
+        while distinct < self.endpoints.len() {
+            let addr = self.ring.get_addr(&mut ring_idx)?;
             let Ok(i) = self.endpoints.binary_search_by(|u| u.addr().cmp(addr)) else {
                 continue;
             };
-            // Config validation caps a version at 64 endpoints, so the bit is exact.
             let bit = 1u64 << (i % 64);
             if seen & bit != 0 {
                 continue;
             }
             seen |= bit;
             distinct += 1;
-            let Some(u) = self.lookup(addr) else { continue };
-            if fallback.is_none() {
-                fallback = Some(u.clone());
-            }
-            if u.is_healthy() {
-                if c.first.is_none() {
-                    c.first = Some(u.clone());
-                } else {
-                    c.second = Some(u.clone());
-                    break;
-                }
-            }
-            if distinct >= self.endpoints.len() {
-                break;
+            if self.endpoints.get(i).is_some_and(|u| want(i, u)) {
+                return Some(i);
             }
         }
-        if c.first.is_none() {
-            c.first = fallback;
-        }
-        c
+        None
     }
 }
 
@@ -196,19 +195,19 @@ mod tests {
             &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1), ("127.0.0.1:3", 1)],
         );
         let key = b"some-user";
-        let c = b.candidates(key);
-        let first = c.first().expect("first").clone();
-        let second = c.second().expect("second").clone();
+        let pick = b.pick(key).expect("pick");
+        let first = b.endpoints()[pick.first()].clone();
+        let second = b.endpoints()[b.fallback(&pick).expect("fallback")].clone();
         assert_ne!(first.addr(), second.addr());
+        assert_eq!(b.first_choice(key), Some(first.addr()));
         first.mark_failed();
-        let c2 = b.candidates(key);
-        assert_eq!(c2.first().expect("first").addr(), second.addr());
+        let again = b.pick(key).expect("pick");
+        assert_eq!(b.endpoints()[again.first()].addr(), second.addr());
         for u in b.endpoints() {
             u.mark_failed();
         }
-        assert_eq!(
-            b.candidates(key).first().expect("fallback").addr(),
-            first.addr()
-        );
+        let last = b.pick(key).expect("pick");
+        assert_eq!(b.endpoints()[last.first()].addr(), first.addr());
+        assert_eq!(b.fallback(&last), None);
     }
 }

@@ -13,7 +13,7 @@ use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::balance::Candidates;
+use crate::balance::Pick;
 use crate::body::{IdleTimeout, ProxyBody, RequestBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::headers::{is_upgrade, prepare_request, strip_hop_by_hop, Scheme};
@@ -21,15 +21,6 @@ use crate::shared::Shared;
 use crate::snapshot::{RouteTarget, VersionTarget};
 use crate::split::{bucket, is_canary, random_bucket, sticky_key, KeyBuf};
 use crate::upstream::{Sender, Upstream};
-
-/// Which version a request was sent to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// The stable version.
-    Stable,
-    /// The canary version.
-    Canary,
-}
 
 /// Handles one client request. Never fails: errors become responses.
 pub async fn handle(
@@ -61,7 +52,7 @@ pub async fn handle(
 
     let mut key_buf = KeyBuf::default();
     let key = sticky_key(&route.sticky, req.headers(), &peer, &mut key_buf);
-    let (role, candidates) = {
+    let (version, pick) = {
         let random_key;
         let (b, key) = match key {
             Some(k) => (bucket(k), k),
@@ -70,26 +61,18 @@ pub async fn handle(
                 (random_bucket(), &random_key[..])
             }
         };
-        match &route.canary {
-            Some(c) if is_canary(b, route.weight_bp) => (Role::Canary, c.balancer.candidates(key)),
-            _ => (Role::Stable, route.stable.balancer.candidates(key)),
-        }
+        let version = match &route.canary {
+            Some(c) if is_canary(b, route.weight_bp) => c,
+            _ => &route.stable,
+        };
+        (version, version.balancer.pick(key))
     };
-    let version = match (role, &route.canary) {
-        (Role::Canary, Some(c)) => c,
-        _ => &route.stable,
+    let Some(pick) = pick else {
+        // A version always has an endpoint; kept total rather than panicking.
+        return Ok(error_response(ProxyError::UpstreamConnect));
     };
 
-    let result = forward(
-        &route,
-        version,
-        &candidates,
-        req,
-        peer,
-        scheme,
-        body_timeout,
-    )
-    .await;
+    let result = forward(&route, version, pick, req, peer, scheme, body_timeout).await;
     let elapsed = start.elapsed().as_secs_f64();
     Ok(match result {
         Ok(resp) => {
@@ -128,7 +111,7 @@ pub fn error_response(e: ProxyError) -> Response<ProxyBody> {
 async fn forward(
     route: &RouteTarget,
     version: &VersionTarget,
-    candidates: &Candidates,
+    pick: Pick,
     mut req: Request<Incoming>,
     peer: SocketAddr,
     scheme: Scheme,
@@ -148,7 +131,7 @@ async fn forward(
     )?;
     let req = Request::from_parts(parts, IdleTimeout::new(body, body_timeout));
 
-    let exchange = exchange(route, version, candidates, req, upgrade);
+    let exchange = exchange(route, version, pick, req, upgrade);
     let (mut resp, sender, upstream) = match tokio::time::timeout(route.timeout, exchange).await {
         Ok(r) => r?,
         Err(_) => return Err(ProxyError::UpstreamTimeout),
@@ -175,11 +158,12 @@ async fn forward(
 async fn exchange(
     route: &RouteTarget,
     version: &VersionTarget,
-    candidates: &Candidates,
+    pick: Pick,
     req: Request<RequestBody>,
     upgrade: bool,
 ) -> Result<(Response<Incoming>, Sender, Arc<Upstream>), ProxyError> {
-    let Some(first) = candidates.first() else {
+    let endpoints = version.balancer.endpoints();
+    let Some(first) = endpoints.get(pick.first()) else {
         return Err(ProxyError::UpstreamConnect);
     };
     let (mut sender, upstream) = match acquire(first, route, upgrade).await {
@@ -187,7 +171,11 @@ async fn exchange(
         Err(e) => {
             first.mark_failed();
             version.metrics.upstream_error(0);
-            let Some(second) = candidates.second() else {
+            let Some(second) = version
+                .balancer
+                .fallback(&pick)
+                .and_then(|i| endpoints.get(i))
+            else {
                 return Err(e);
             };
             match acquire(second, route, upgrade).await {

@@ -5,16 +5,26 @@ use std::process::Command;
 use super::support::{get, metric, route_config, Upstream, Veer};
 
 fn veer(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_veer")).args(args).output().expect("run veer")
+    Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(args)
+        .output()
+        .expect("run veer")
 }
 
 #[test]
 fn check_accepts_the_reference_config() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../config.example.toml");
     let out = veer(&["check", "--config", example]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary = String::from_utf8_lossy(&out.stdout);
-    assert!(summary.contains("OK, 1 route(s)") && summary.contains("route checkout"), "{summary}");
+    assert!(
+        summary.contains("OK, 1 route(s)") && summary.contains("route checkout"),
+        "{summary}"
+    );
 }
 
 #[test]
@@ -32,16 +42,26 @@ fn check_prints_every_error_with_its_location() {
     let p = path.display().to_string();
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 3, "{err}");
-    assert!(lines[0].starts_with(&format!("{p}:2:8: route name")), "{err}");
-    assert!(lines[1].starts_with(&format!("{p}:3:11: invalid duration")), "{err}");
-    assert!(lines[2].starts_with(&format!("{p}:6:14: endpoint \"nohost\"")), "{err}");
+    assert!(
+        lines[0].starts_with(&format!("{p}:2:8: route name")),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{p}:3:11: invalid duration")),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with(&format!("{p}:6:14: endpoint \"nohost\"")),
+        "{err}"
+    );
 }
 
 #[test]
 fn version_prints_the_version() {
     let out = veer(&["--version"]);
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with(concat!("veer ", env!("CARGO_PKG_VERSION"))));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .starts_with(concat!("veer ", env!("CARGO_PKG_VERSION"))));
 }
 
 #[test]
@@ -59,9 +79,21 @@ async fn admin_endpoints_and_status_command() {
     let s = Upstream::start("stable").await;
     let c = Upstream::start("canary").await;
     let veer_proc = Veer::start(&route_config(&[s.addr], &[c.addr], 12.5, "")).await;
-    assert_eq!(get(veer_proc.admin, "/healthz", &[]).await.unwrap().status(), 200);
-    assert_eq!(get(veer_proc.admin, "/readyz", &[]).await.unwrap().status(), 200);
-    assert_eq!(get(veer_proc.admin, "/nope", &[]).await.unwrap().status(), 404);
+    assert_eq!(
+        get(veer_proc.admin, "/healthz", &[])
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        get(veer_proc.admin, "/readyz", &[]).await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        get(veer_proc.admin, "/nope", &[]).await.unwrap().status(),
+        404
+    );
     get(veer_proc.addr, "/", &[]).await.unwrap();
 
     let m = veer_proc.metrics().await;
@@ -76,7 +108,13 @@ async fn admin_endpoints_and_status_command() {
     ] {
         assert!(m.contains(&format!("\n{name}")), "missing {name}");
     }
-    assert_eq!(metric(&m, r#"veer_canary_weight_percent{route="web",source="effective"}"#), Some(12.5));
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_canary_weight_percent{route="web",source="effective"}"#
+        ),
+        Some(12.5)
+    );
 
     let st = veer_proc.status().await;
     assert_eq!(st["routes"][0]["name"], "web");
@@ -84,8 +122,17 @@ async fn admin_endpoints_and_status_command() {
     assert_eq!(st["routes"][0]["canary"]["version"], "v2");
 
     let admin = veer_proc.admin.to_string();
-    let out = tokio::task::spawn_blocking(move || veer(&["status", "--admin", &admin])).await.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tokio::task::spawn_blocking(move || veer(&["status", "--admin", &admin]))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("web") && table.contains("v2") && table.contains("12.5% / 12.5%"), "{table}");
+    assert!(
+        table.contains("web") && table.contains("v2") && table.contains("12.5% / 12.5%"),
+        "{table}"
+    );
 }

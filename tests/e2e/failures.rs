@@ -14,20 +14,39 @@ async fn a_dead_endpoint_is_skipped_without_client_errors() {
     let mut c = Client::connect(veer.addr).await.unwrap();
     let mut failures = 0;
     for i in 0..600 {
-        let r = c.get("/", &[("x-user-id", &format!("u{i}"))]).await.unwrap();
+        let r = c
+            .get("/", &[("x-user-id", &format!("u{i}"))])
+            .await
+            .unwrap();
         if r.status() != 200 {
             failures += 1;
         }
     }
-    assert_eq!(failures, 0, "the connect retry on the next endpoint must hide the dead one");
+    assert_eq!(
+        failures, 0,
+        "the connect retry on the next endpoint must hide the dead one"
+    );
     let m = veer.metrics().await;
-    let connect_errors = metric(&m, r#"veer_upstream_errors_total{kind="connect",route="web",version="v1"}"#).unwrap();
-    assert!(connect_errors >= 1.0, "the dead endpoint was tried and counted");
+    let connect_errors = metric(
+        &m,
+        r#"veer_upstream_errors_total{kind="connect",route="web",version="v1"}"#,
+    )
+    .unwrap();
+    assert!(
+        connect_errors >= 1.0,
+        "the dead endpoint was tried and counted"
+    );
     // After the first failure the endpoint is in back-off: far fewer than
     // its ~200 keys' worth of connect attempts.
-    assert!(connect_errors < 20.0, "dead endpoint retried {connect_errors} times");
+    assert!(
+        connect_errors < 20.0,
+        "dead endpoint retried {connect_errors} times"
+    );
     let status = veer.status().await;
-    let eps = status["routes"][0]["stable"]["endpoints"].as_array().unwrap().clone();
+    let eps = status["routes"][0]["stable"]["endpoints"]
+        .as_array()
+        .unwrap()
+        .clone();
     let dead_state = eps.iter().find(|e| e["addr"] == dead.to_string()).unwrap();
     assert_eq!(dead_state["healthy"], false);
 }
@@ -40,22 +59,45 @@ async fn refused_upstream_gives_502_and_counts_connect() {
     assert_eq!(r.status(), 502);
     assert_eq!(&r.body()[..], b"bad gateway\n");
     let m = veer.metrics().await;
-    assert_eq!(metric(&m, r#"veer_requests_total{code="5xx",route="web",version="v1"}"#), Some(1.0));
-    assert!(metric(&m, r#"veer_upstream_errors_total{kind="connect",route="web",version="v1"}"#) >= Some(1.0));
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_requests_total{code="5xx",route="web",version="v1"}"#
+        ),
+        Some(1.0)
+    );
+    assert!(
+        metric(
+            &m,
+            r#"veer_upstream_errors_total{kind="connect",route="web",version="v1"}"#
+        ) >= Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_gives_504_and_fast_requests_still_pass() {
     let slow = Upstream::start("slow").await;
     slow.delay_ms.store(3_000, Ordering::SeqCst);
-    let veer = Veer::start(&route_config(&[slow.addr], &[], 0.0, "timeout = \"300ms\"\nconnect_timeout = \"100ms\"")).await;
+    let veer = Veer::start(&route_config(
+        &[slow.addr],
+        &[],
+        0.0,
+        "timeout = \"300ms\"\nconnect_timeout = \"100ms\"",
+    ))
+    .await;
     let r = get(veer.addr, "/", &[]).await.unwrap();
     assert_eq!(r.status(), 504);
     slow.delay_ms.store(0, Ordering::SeqCst);
     let r = get(veer.addr, "/", &[]).await.unwrap();
     assert_eq!(r.status(), 200);
     let m = veer.metrics().await;
-    assert_eq!(metric(&m, r#"veer_upstream_errors_total{kind="timeout",route="web",version="v1"}"#), Some(1.0));
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_upstream_errors_total{kind="timeout",route="web",version="v1"}"#
+        ),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,14 +110,32 @@ async fn upstream_5xx_passes_through_and_is_counted_per_version() {
     assert_eq!(r.status(), 503);
     assert_eq!(&r.body()[..], b"canary");
     let m = veer.metrics().await;
-    assert_eq!(metric(&m, r#"veer_requests_total{code="5xx",route="web",version="v2"}"#), Some(1.0));
-    assert_eq!(metric(&m, r#"veer_requests_total{code="2xx",route="web",version="v1"}"#), Some(0.0));
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_requests_total{code="5xx",route="web",version="v2"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_requests_total{code="2xx",route="web",version="v1"}"#
+        ),
+        Some(0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_route_gives_404_naming_no_internals() {
     let s = Upstream::start("stable").await;
-    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "hosts = [\"shop.test\"]")).await;
+    let veer = Veer::start(&route_config(
+        &[s.addr],
+        &[],
+        0.0,
+        "hosts = [\"shop.test\"]",
+    ))
+    .await;
     let r = get(veer.addr, "/", &[]).await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(&r.body()[..], b"not found\n");
@@ -83,5 +143,8 @@ async fn no_route_gives_404_naming_no_internals() {
     let r = c.get("/", &[("host", "SHOP.test:8080")]).await.unwrap();
     assert_eq!(r.status(), 200, "host match ignores case and port");
     let m = veer.metrics().await;
-    assert_eq!(metric(&m, r#"veer_proxy_errors_total{kind="no_route"}"#), Some(1.0));
+    assert_eq!(
+        metric(&m, r#"veer_proxy_errors_total{kind="no_route"}"#),
+        Some(1.0)
+    );
 }

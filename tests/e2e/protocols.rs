@@ -25,10 +25,17 @@ async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
 async fn malformed_request_gets_400_and_the_proxy_keeps_serving() {
     let s = Upstream::start("stable").await;
     let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
-    let answer = raw(veer.addr, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n").await;
+    let answer = raw(
+        veer.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let answer = raw(veer.addr, b"\x16\x03\x01garbage\r\n\r\n").await;
-    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
     assert_eq!(get(veer.addr, "/", &[]).await.unwrap().status(), 200);
 }
 
@@ -39,7 +46,11 @@ async fn oversized_headers_get_431() {
     let big = "a".repeat(40_000);
     let req = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
     let answer = raw(veer.addr, req.as_bytes()).await;
-    assert!(answer.starts_with("HTTP/1.1 431"), "{}", &answer[..answer.len().min(80)]);
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "{}",
+        &answer[..answer.len().min(80)]
+    );
     assert_eq!(get(veer.addr, "/", &[]).await.unwrap().status(), 200);
 }
 
@@ -69,7 +80,10 @@ async fn forwarding_headers_are_set_and_hop_by_hop_removed() {
     assert_eq!(h["x-forwarded-host"], "shop.test");
     assert_eq!(h["host"], "shop.test");
     assert_eq!(h["x-kept"], "1");
-    assert!(!h.contains_key("x-private") && !h.contains_key("keep-alive"), "{h:?}");
+    assert!(
+        !h.contains_key("x-private") && !h.contains_key("keep-alive"),
+        "{h:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,17 +91,27 @@ async fn large_bodies_stream_both_ways() {
     let s = Upstream::start("stable").await;
     let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
     let stream = TcpStream::connect(veer.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     // 8 MiB sent as a stream of 64 KiB chunks; the upstream echoes it back.
-    let chunks = (0..128u8).map(|i| Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from(vec![i; 64 * 1024]))));
+    let chunks = (0..128u8).map(|i| {
+        Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from(vec![i; 64 * 1024])))
+    });
     let body = StreamBody::new(futures_util::stream::iter(chunks));
-    let req = Request::post("/echo").header("host", "x").body(body).unwrap();
+    let req = Request::post("/echo")
+        .header("host", "x")
+        .body(body)
+        .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     let echoed = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(echoed.len(), 128 * 64 * 1024);
-    assert!(echoed.chunks(64 * 1024).enumerate().all(|(i, c)| c.iter().all(|&b| b == i as u8)));
+    assert!(echoed
+        .chunks(64 * 1024)
+        .enumerate()
+        .all(|(i, c)| c.iter().all(|&b| b == i as u8)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,16 +137,22 @@ async fn h2c_with_prior_knowledge() {
     let s = Upstream::start("stable").await;
     let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
     let stream = TcpStream::connect(veer.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     for _ in 0..3 {
-        let req = Request::get(format!("http://{}/h2c", veer.addr)).body(Full::new(Bytes::new())).unwrap();
+        let req = Request::get(format!("http://{}/h2c", veer.addr))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
         let resp = sender.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.version(), http::Version::HTTP_2);
-        assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"stable");
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"stable"
+        );
     }
 }
 
@@ -131,7 +161,8 @@ async fn https_negotiates_h2_by_alpn_and_reloads_its_certificate() {
     let s = Upstream::start("stable").await;
     let dir = tempfile::tempdir().unwrap();
     let write_cert = |name: &str| {
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), name.into()]).unwrap();
+        let cert =
+            rcgen::generate_simple_self_signed(vec!["localhost".into(), name.into()]).unwrap();
         std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).unwrap();
         std::fs::write(dir.path().join("tls.key"), cert.key_pair.serialize_pem()).unwrap();
         cert.cert.der().clone()
@@ -142,7 +173,11 @@ async fn https_negotiates_h2_by_alpn_and_reloads_its_certificate() {
         "shutdown_grace = \"10s\"\n[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"tls.crt\"\nkey = \"tls.key\"",
     );
     let path = dir.path().join("veer.toml");
-    std::fs::write(&path, config.replace("@STATE@", &dir.path().join("state").display().to_string())).unwrap();
+    std::fs::write(
+        &path,
+        config.replace("@STATE@", &dir.path().join("state").display().to_string()),
+    )
+    .unwrap();
     // The fixture owns `dir` from here on.
     let dir_path = dir.path().to_path_buf();
     let veer = Veer::start_in(dir, path).await;
@@ -154,7 +189,8 @@ async fn https_negotiates_h2_by_alpn_and_reloads_its_certificate() {
     assert_eq!(served, first);
 
     // Rotate the certificate: new handshakes get the new one.
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "second.test".into()]).unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "second.test".into()]).unwrap();
     std::fs::write(dir_path.join("tls.crt.new"), cert.cert.pem()).unwrap();
     std::fs::write(dir_path.join("tls.key.new"), cert.key_pair.serialize_pem()).unwrap();
     std::fs::rename(dir_path.join("tls.key.new"), dir_path.join("tls.key")).unwrap();
@@ -166,7 +202,10 @@ async fn https_negotiates_h2_by_alpn_and_reloads_its_certificate() {
         if served == second {
             break;
         }
-        assert!(start.elapsed() < std::time::Duration::from_secs(10), "certificate never reloaded");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "certificate never reloaded"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
@@ -176,7 +215,11 @@ async fn https_negotiates_h2_by_alpn_and_reloads_its_certificate() {
 async fn h2_get(
     addr: std::net::SocketAddr,
     root: &rustls::pki_types::CertificateDer<'static>,
-) -> (http::Version, Bytes, rustls::pki_types::CertificateDer<'static>) {
+) -> (
+    http::Version,
+    Bytes,
+    rustls::pki_types::CertificateDer<'static>,
+) {
     let mut roots = rustls::RootCertStore::empty();
     let _ = roots.add(root.clone());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -193,11 +236,14 @@ async fn h2_get(
     let tls = connector.connect(name, tcp).await.unwrap();
     let served = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-        .await
-        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
     tokio::spawn(conn);
-    let req = Request::get(format!("https://localhost:{}/tls", addr.port())).body(Full::new(Bytes::new())).unwrap();
+    let req = Request::get(format!("https://localhost:{}/tls", addr.port()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     let version = resp.version();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -236,6 +282,8 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
         Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

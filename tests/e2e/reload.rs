@@ -28,11 +28,23 @@ async fn a_config_change_is_applied_within_one_second() {
         assert!(written.elapsed() < Duration::from_secs(5), "never applied");
     }
     let took = written.elapsed();
-    assert!(took < Duration::from_secs(1), "contract: applied within 1 s, took {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "contract: applied within 1 s, took {took:?}"
+    );
     let m = veer.metrics().await;
     assert_eq!(metric(&m, "veer_config_generation"), Some(2.0));
-    assert_eq!(metric(&m, r#"veer_config_reloads_total{result="success"}"#), Some(2.0));
-    assert_eq!(metric(&m, r#"veer_canary_weight_percent{route="web",source="configured"}"#), Some(100.0));
+    assert_eq!(
+        metric(&m, r#"veer_config_reloads_total{result="success"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_canary_weight_percent{route="web",source="configured"}"#
+        ),
+        Some(100.0)
+    );
     assert_eq!(veer.logs_with("reload accepted").len(), 1);
 }
 
@@ -49,25 +61,51 @@ async fn an_invalid_file_is_rejected_and_the_running_config_stays() {
     loop {
         let st = veer.status().await;
         if st["config"]["last_reload"]["result"] == "failure" {
-            let err = st["config"]["last_reload"]["error"].as_str().unwrap().to_string();
-            assert!(err.contains("invalid duration") && err.contains("same as the stable"), "{err}");
-            assert!(err.contains("veer.toml:"), "errors carry PATH:LINE:COL: {err}");
+            let err = st["config"]["last_reload"]["error"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert!(
+                err.contains("invalid duration") && err.contains("same as the stable"),
+                "{err}"
+            );
+            assert!(
+                err.contains("veer.toml:"),
+                "errors carry PATH:LINE:COL: {err}"
+            );
             assert_eq!(st["config"]["generation"], 1);
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "rejection never shown");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "rejection never shown"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(served_by(&veer, "k").await, "canary", "old config still serves");
+    assert_eq!(
+        served_by(&veer, "k").await,
+        "canary",
+        "old config still serves"
+    );
     let m = veer.metrics().await;
-    assert_eq!(metric(&m, r#"veer_config_reloads_total{result="failure"}"#), Some(1.0));
-    assert_eq!(veer.logs_with("reload rejected; the running config stays").len(), 1);
+    assert_eq!(
+        metric(&m, r#"veer_config_reloads_total{result="failure"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        veer.logs_with("reload rejected; the running config stays")
+            .len(),
+        1
+    );
 
     // Fixing the file applies it.
     veer.write_config(&route_config(&[s.addr], &[c.addr], 0.0, ""));
     veer.wait_generation(2).await;
     assert_eq!(served_by(&veer, "k").await, "stable");
-    assert_eq!(veer.status().await["config"]["last_reload"]["result"], "success");
+    assert_eq!(
+        veer.status().await["config"]["last_reload"]["result"],
+        "success"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +142,11 @@ async fn zero_failed_requests_across_20_reloads_under_load() {
         t.await.unwrap();
     }
     assert_eq!(failed.load(Ordering::Relaxed), 0);
-    assert!(ok.load(Ordering::Relaxed) > 200, "too little load: {}", ok.load(Ordering::Relaxed));
+    assert!(
+        ok.load(Ordering::Relaxed) > 200,
+        "too little load: {}",
+        ok.load(Ordering::Relaxed)
+    );
     assert_eq!(veer.status().await["config"]["generation"], 21);
 }
 
@@ -115,15 +157,30 @@ async fn warm_upstream_connections_survive_a_reload() {
     let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 0.0, "")).await;
     let mut client = Client::connect(veer.addr).await.unwrap();
     for i in 0..20 {
-        client.get("/", &[("x-user-id", &format!("{i}"))]).await.unwrap();
+        client
+            .get("/", &[("x-user-id", &format!("{i}"))])
+            .await
+            .unwrap();
     }
     let before = s.connections.load(Ordering::SeqCst);
-    veer.write_config(&route_config(&[s.addr], &[c.addr], 0.0, "timeout = \"20s\""));
+    veer.write_config(&route_config(
+        &[s.addr],
+        &[c.addr],
+        0.0,
+        "timeout = \"20s\"",
+    ));
     veer.wait_generation(2).await;
     for i in 0..20 {
-        client.get("/", &[("x-user-id", &format!("{i}"))]).await.unwrap();
+        client
+            .get("/", &[("x-user-id", &format!("{i}"))])
+            .await
+            .unwrap();
     }
-    assert_eq!(s.connections.load(Ordering::SeqCst), before, "the reload reconnected to an unchanged endpoint");
+    assert_eq!(
+        s.connections.load(Ordering::SeqCst),
+        before,
+        "the reload reconnected to an unchanged endpoint"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,7 +193,8 @@ async fn sighup_and_configmap_symlink_swaps_reload() {
     let write_version = |name: &str, weight: f64| {
         let d = root.join(name);
         std::fs::create_dir_all(&d).unwrap();
-        let text = route_config(&[s.addr], &[c.addr], weight, "").replace("@STATE@", &root.join("state").display().to_string());
+        let text = route_config(&[s.addr], &[c.addr], weight, "")
+            .replace("@STATE@", &root.join("state").display().to_string());
         std::fs::write(d.join("veer.toml"), text).unwrap();
     };
     write_version("..v1", 0.0);
@@ -162,8 +220,15 @@ async fn sighup_and_configmap_symlink_swaps_reload() {
     assert!(ok);
     let start = Instant::now();
     while veer.logs_with("SIGHUP: reloading").is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(5), "SIGHUP not handled");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "SIGHUP not handled"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(veer.status().await["config"]["generation"], 2, "identical content causes no swap");
+    assert_eq!(
+        veer.status().await["config"]["generation"],
+        2,
+        "identical content causes no swap"
+    );
 }

@@ -15,16 +15,25 @@ async fn sigterm_finishes_the_in_flight_slow_request_then_exits_0() {
     let in_flight = tokio::spawn(async move { get(addr, "/slow", &[]).await });
     let start = Instant::now();
     while slow.requests.load(Ordering::SeqCst) == 0 {
-        assert!(start.elapsed() < Duration::from_secs(5), "request never reached the upstream");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "request never reached the upstream"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     veer.terminate();
-    let r = in_flight.await.unwrap().expect("in-flight request completes");
+    let r = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request completes");
     assert_eq!(r.status(), 200);
     assert_eq!(&r.body()[..], b"slow");
     let status = veer.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success(), "exit status {status}");
-    assert!(get(addr, "/", &[]).await.is_err(), "no new connections after shutdown");
+    assert!(
+        get(addr, "/", &[]).await.is_err(),
+        "no new connections after shutdown"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,5 +51,9 @@ async fn shutdown_grace_bounds_the_wait() {
     veer.terminate();
     let status = veer.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success());
-    assert_eq!(veer.logs_with("grace period over; closing the remaining connections").len(), 1);
+    assert_eq!(
+        veer.logs_with("grace period over; closing the remaining connections")
+            .len(),
+        1
+    );
 }

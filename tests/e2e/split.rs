@@ -22,7 +22,8 @@ async fn weight_10_over_20000_keys_is_within_half_a_point() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_stick_to_their_version_and_endpoint() {
-    let stable: Vec<_> = futures_util::future::join_all(["s1", "s2", "s3"].map(Upstream::start)).await;
+    let stable: Vec<_> =
+        futures_util::future::join_all(["s1", "s2", "s3"].map(Upstream::start)).await;
     let canary: Vec<_> = futures_util::future::join_all(["c1", "c2"].map(Upstream::start)).await;
     let sa: Vec<_> = stable.iter().map(|u| u.addr).collect();
     let ca: Vec<_> = canary.iter().map(|u| u.addr).collect();
@@ -47,7 +48,10 @@ async fn raising_the_weight_only_moves_keys_from_stable_to_canary() {
     let at30 = upstream_of_keys(veer.addr, &ks, 4).await;
     for k in &ks {
         if at10[k] == "canary" {
-            assert_eq!(at30[k], "canary", "{k} left the canary when the weight rose");
+            assert_eq!(
+                at30[k], "canary",
+                "{k} left the canary when the weight rose"
+            );
         }
     }
     let n10 = at10.values().filter(|u| *u == "canary").count();
@@ -61,7 +65,10 @@ async fn endpoint_weights_are_honoured() {
     let heavy = Upstream::start("heavy").await;
     let config = route_config(&[light.addr], &[], 0.0, "").replace(
         &format!("endpoints = [\"{}\"]", light.addr),
-        &format!("endpoints = [\"{}\", {{ addr = \"{}\", weight = 3 }}]", light.addr, heavy.addr),
+        &format!(
+            "endpoints = [\"{}\", {{ addr = \"{}\", weight = 3 }}]",
+            light.addr, heavy.addr
+        ),
     );
     let veer = Veer::start(&config).await;
     let seen = upstream_of_keys(veer.addr, &keys(8_000, "w"), 4).await;

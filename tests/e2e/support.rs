@@ -37,7 +37,9 @@ pub struct Upstream {
 impl Upstream {
     /// Starts an upstream answering 200 with its name as body and in `x-upstream`.
     pub async fn start(name: &'static str) -> Arc<Upstream> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let u = Arc::new(Upstream {
             name,
             addr: listener.local_addr().expect("addr"),
@@ -50,7 +52,9 @@ impl Upstream {
         let me = u.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 me.connections.fetch_add(1, Ordering::SeqCst);
                 let me = me.clone();
                 tokio::spawn(async move {
@@ -78,8 +82,17 @@ impl Upstream {
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
-        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        let text = if body.is_empty() { Bytes::from(self.name) } else { body };
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let text = if body.is_empty() {
+            Bytes::from(self.name)
+        } else {
+            body
+        };
         Response::builder()
             .status(self.status.load(Ordering::SeqCst))
             .header("x-upstream", self.name)
@@ -91,17 +104,24 @@ impl Upstream {
 fn websocket_echo(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
     use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
     use tokio_tungstenite::tungstenite::protocol::Role;
-    let key = req.headers().get("sec-websocket-key").map(|k| k.as_bytes().to_vec()).unwrap_or_default();
+    let key = req
+        .headers()
+        .get("sec-websocket-key")
+        .map(|k| k.as_bytes().to_vec())
+        .unwrap_or_default();
     let on = hyper::upgrade::on(req);
     tokio::spawn(async move {
         use futures_util::{SinkExt, StreamExt};
         let Ok(upgraded) = on.await else { return };
-        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
         while let Some(Ok(msg)) = ws.next().await {
-            if msg.is_text() || msg.is_binary() {
-                if ws.send(msg).await.is_err() {
-                    return;
-                }
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                return;
             }
         }
     });
@@ -165,13 +185,21 @@ impl Veer {
         let deadline = Instant::now() + Duration::from_secs(20);
         let (mut addr, mut tls_addr, mut admin) = (None, None, None);
         while admin.is_none() || addr.is_none() {
-            assert!(Instant::now() < deadline, "veer did not start: {:?}", logs.lock().unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "veer did not start: {:?}",
+                logs.lock().unwrap()
+            );
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("veer exited with {status}: {:?}", logs.lock().unwrap());
             }
             for l in logs.lock().unwrap().iter() {
                 if l["message"] == "listening" {
-                    let a: SocketAddr = l["addr"].as_str().unwrap_or_default().parse().expect("addr");
+                    let a: SocketAddr = l["addr"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .parse()
+                        .expect("addr");
                     match l["kind"].as_str() {
                         Some("proxy") => addr = addr.or(Some(a)),
                         Some("tls") => tls_addr = tls_addr.or(Some(a)),
@@ -228,7 +256,10 @@ impl Veer {
             if self.status().await["config"]["generation"].as_u64() >= Some(g) {
                 return start.elapsed();
             }
-            assert!(start.elapsed() < Duration::from_secs(5), "generation {g} never reached");
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "generation {g} never reached"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -241,7 +272,13 @@ impl Veer {
 
     /// Log lines whose message is `msg`.
     pub fn logs_with(&self, msg: &str) -> Vec<serde_json::Value> {
-        self.logs.lock().unwrap().iter().filter(|l| l["message"] == msg).cloned().collect()
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l["message"] == msg)
+            .cloned()
+            .collect()
     }
 
     /// The process id.
@@ -284,12 +321,25 @@ fn fill(config: &str, dir: &Path) -> String {
 }
 
 /// A config with one default route; `stable`/`canary` are endpoint lists.
-pub fn route_config(stable: &[SocketAddr], canary: &[SocketAddr], weight: f64, extra_route: &str) -> String {
-    let list = |a: &[SocketAddr]| a.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+pub fn route_config(
+    stable: &[SocketAddr],
+    canary: &[SocketAddr],
+    weight: f64,
+    extra_route: &str,
+) -> String {
+    let list = |a: &[SocketAddr]| {
+        a.iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let canary = if canary.is_empty() {
         String::new()
     } else {
-        format!("[route.canary]\nversion = \"v2\"\nendpoints = [{}]\nweight = {weight}\n", list(canary))
+        format!(
+            "[route.canary]\nversion = \"v2\"\nendpoints = [{}]\nweight = {weight}\n",
+            list(canary)
+        )
     };
     format!(
         r#"[proxy]
@@ -332,7 +382,11 @@ impl Client {
     }
 
     /// GET `path` with extra headers; the whole body is read.
-    pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Response<Bytes>, hyper::Error> {
+    pub async fn get(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Response<Bytes>, hyper::Error> {
         let mut req = Request::get(path);
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
             req = req.header("host", self.addr.to_string());
@@ -341,7 +395,10 @@ impl Client {
             req = req.header(*k, *v);
         }
         self.sender.ready().await?;
-        let resp = self.sender.send_request(req.body(Full::new(Bytes::new())).unwrap()).await?;
+        let resp = self
+            .sender
+            .send_request(req.body(Full::new(Bytes::new())).unwrap())
+            .await?;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await?.to_bytes();
         Ok(Response::from_parts(parts, body))
@@ -349,14 +406,25 @@ impl Client {
 }
 
 /// One GET on a fresh connection.
-pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Response<Bytes>, Box<dyn std::error::Error + Send + Sync>> {
+pub async fn get(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Response<Bytes>, Box<dyn std::error::Error + Send + Sync>> {
     let mut c = Client::connect(addr).await?;
     Ok(c.get(path, headers).await?)
 }
 
 /// Which upstream answered each user key, over `conns` parallel connections.
-pub async fn upstream_of_keys(addr: SocketAddr, keys: &[String], conns: usize) -> HashMap<String, String> {
-    let chunks: Vec<Vec<String>> = keys.chunks(keys.len().div_ceil(conns)).map(<[String]>::to_vec).collect();
+pub async fn upstream_of_keys(
+    addr: SocketAddr,
+    keys: &[String],
+    conns: usize,
+) -> HashMap<String, String> {
+    let chunks: Vec<Vec<String>> = keys
+        .chunks(keys.len().div_ceil(conns))
+        .map(<[String]>::to_vec)
+        .collect();
     let mut tasks = Vec::new();
     for chunk in chunks {
         tasks.push(tokio::spawn(async move {

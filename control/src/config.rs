@@ -236,6 +236,9 @@ pub struct JudgeSettings {
     pub max_latency_ratio: Vec<(Quantile, f64)>,
     /// Bound on reverting a canary that is as good as stable, over a whole rollout.
     pub false_revert_rate: f64,
+    /// Relative risk tolerated before the sequential tests count against the
+    /// canary (r₀ ≥ 1; 1 = none).
+    pub margin: f64,
 }
 
 /// Progressive promotion.

@@ -1,8 +1,15 @@
 //! veer's control plane: everything that decides, with no networking.
 //!
 //! A config file becomes a validated [`config::Config`] here; the proxy turns
-//! that into its routing snapshot. Reload decisions (is this new content? is
-//! it valid?) live in [`reload`].
+//! that into its routing snapshot. Reload decisions live in [`reload`]; the
+//! judge ([`judge`], built on [`eprocess`], [`keyfilter`] and [`window`])
+//! turns per-version measurements into verdicts; [`state`] persists the
+//! decisions that must survive a restart.
 
 pub mod config;
+pub mod eprocess;
+pub mod judge;
+pub mod keyfilter;
 pub mod reload;
+pub mod state;
+pub mod window;

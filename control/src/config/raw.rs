@@ -141,6 +141,7 @@ pub struct RawJudge {
     pub max_latency_ms: Option<Spanned<BTreeMap<String, Spanned<f64>>>>,
     pub max_latency_ratio: Option<Spanned<BTreeMap<String, Spanned<f64>>>>,
     pub false_revert_rate: Option<Spanned<f64>>,
+    pub margin: Option<Spanned<f64>>,
 }
 
 /// `[route.rollout]`.

@@ -724,6 +724,17 @@ impl Validator<'_> {
             false_revert_rate: self
                 .fraction(j.false_revert_rate.as_ref(), 0.0, 0.5, "false_revert_rate")
                 .unwrap_or(defaults::FALSE_REVERT_RATE),
+            margin: match &j.margin {
+                Some(m) if !(1.0..=10.0).contains(m.get_ref()) => {
+                    self.err(
+                        m.span(),
+                        format!("margin must be between 1 and 10, got {}", m.get_ref()),
+                    );
+                    1.0
+                }
+                Some(m) => *m.get_ref(),
+                None => 1.0,
+            },
         }
     }
 

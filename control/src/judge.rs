@@ -1,0 +1,570 @@
+//! The judge: one verdict per route and tick, with the reason and numbers.
+//!
+//! Three layers, checked in order each tick:
+//!
+//! 1. **Hard guards**, no statistics: the canary is unreachable; at least
+//!    half of at least 20 canary requests failed in the last 10 s; the
+//!    configured absolute limits (`max_error_rate`, `max_latency_ms`) once
+//!    the canary has `min_requests` in the window; the relative limits
+//!    (`max_error_rate_ratio`, `max_latency_ratio`) once both versions have
+//!    `min_requests` (the error ratio also needs 5 canary errors, so that one
+//!    unlucky request is not a ratio).
+//! 2. **Error rate**, sequential: the event-attribution e-process
+//!    ([`crate::eprocess`]) on errors counted by distinct sticky key
+//!    ([`crate::keyfilter`]); breach when `E ≥ 2/α` with at least 3 canary
+//!    error events.
+//! 3. **Latency**, the same test on "slow" events: a request is slow when it
+//!    takes longer than `T_q`, the stable version's `q` quantile over the
+//!    window *before* the tick being judged (never from the data judged),
+//!    applied to both versions alike; one e-process per quantile, combined by
+//!    their mean; breach when the mean reaches `2/α` with at least 3 canary
+//!    slow events.
+//!
+//! `α = false_revert_rate` is split evenly between layers 2 and 3, so the
+//! probability of reverting a canary as good as stable, over a whole
+//! rollout, is at most `false_revert_rate` (the guards of layer 1 are the
+//! operator's explicit limits). Too little data never reverts: it gives
+//! `insufficient_data`.
+
+use std::time::Duration;
+
+use crate::config::{JudgeSettings, Quantile};
+use crate::eprocess::EProcess;
+use crate::window::{Slice, Stats, Window};
+
+/// Canary requests over the burst guard's 10 s before it may act.
+const BURST_MIN_REQUESTS: u64 = 20;
+/// Failure share that trips the burst guard.
+const BURST_FAILURE_SHARE: f64 = 0.5;
+/// Span of the burst guard.
+const BURST_SPAN: Duration = Duration::from_secs(10);
+/// Canary errors the error-ratio guard needs.
+const RATIO_MIN_ERRORS: u64 = 5;
+/// Canary bad events a sequential test needs before it may revert.
+const MIN_CANARY_EVENTS: u64 = 3;
+
+/// What one version did during one tick, as the proxy recorded it.
+#[derive(Clone, Debug, Default)]
+pub struct VersionTick {
+    /// Requests, errors and latency.
+    pub slice: Slice,
+    /// Errors from keys that had no error before (see [`crate::keyfilter`]).
+    pub error_events: u64,
+    /// Slow requests from keys not slow before, per threshold (same order
+    /// as [`Judge::quantiles`]).
+    pub slow_events: Vec<u64>,
+    /// Every endpoint of the version is failing connects.
+    pub unreachable: bool,
+}
+
+/// One tick's input.
+#[derive(Clone, Debug, Default)]
+pub struct TickInput {
+    /// Canary routing share during the tick, 0..=1.
+    pub w: f64,
+    /// The share changed during the tick: its events are not attributable to
+    /// one `w`, so the sequential tests skip them (dropping data keeps them
+    /// valid).
+    pub weight_changed: bool,
+    /// Stable.
+    pub stable: VersionTick,
+    /// Canary.
+    pub canary: VersionTick,
+}
+
+/// The verdict kinds of the contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Enough data, no breach.
+    Healthy,
+    /// Not enough data for a relative verdict; never reverts.
+    InsufficientData,
+    /// A guard or test says the canary is worse.
+    Breach,
+}
+
+impl Status {
+    /// The `verdict` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Healthy => "healthy",
+            Status::InsufficientData => "insufficient_data",
+            Status::Breach => "breach",
+        }
+    }
+}
+
+/// A verdict with its reason.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verdict {
+    /// The kind.
+    pub status: Status,
+    /// Short machine label of the breached guard or test (`reason` label of
+    /// `veer_reverts_total`); empty unless breached.
+    pub guard: &'static str,
+    /// A sentence with the numbers behind the verdict.
+    pub reason: String,
+}
+
+/// Evidence behind the sequential tests, for `/status` and metrics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evidence {
+    /// E-value of the error test.
+    pub e_errors: f64,
+    /// Mean e-value of the latency tests.
+    pub e_latency: f64,
+    /// Threshold the e-values are compared with (`2/α`).
+    pub threshold: f64,
+    /// Distinct-key error events (canary, stable) since the test began.
+    pub error_events: (u64, u64),
+    /// Distinct-key slow events (canary, stable) since the test began, summed over thresholds.
+    pub slow_events: (u64, u64),
+    /// Current slow thresholds, in ms, per quantile.
+    pub thresholds_ms: Vec<(Quantile, Option<f64>)>,
+}
+
+/// The judge of one route.
+#[derive(Clone, Debug)]
+pub struct Judge {
+    settings: JudgeSettings,
+    quantiles: Vec<Quantile>,
+    stable: Window,
+    canary: Window,
+    burst_slices: usize,
+    errors: EProcess,
+    latency: Vec<EProcess>,
+    thresholds_us: Vec<Option<u64>>,
+    margin: f64,
+}
+
+impl Judge {
+    /// A judge with fresh windows and tests.
+    pub fn new(settings: &JudgeSettings) -> Judge {
+        let mut quantiles: Vec<Quantile> = settings
+            .max_latency_ms
+            .iter()
+            .chain(&settings.max_latency_ratio)
+            .map(|(q, _)| *q)
+            .collect();
+        if quantiles.is_empty() {
+            quantiles = vec![Quantile::P50, Quantile::P99];
+        }
+        quantiles.sort();
+        quantiles.dedup();
+        let interval = settings.interval.max(Duration::from_millis(1));
+        let slices = (settings.window.as_secs_f64() / interval.as_secs_f64()).ceil() as usize;
+        let burst_slices = (BURST_SPAN.as_secs_f64() / interval.as_secs_f64()).ceil() as usize;
+        let margin = settings.margin;
+        Judge {
+            settings: settings.clone(),
+            latency: quantiles.iter().map(|_| EProcess::new(margin)).collect(),
+            thresholds_us: vec![None; quantiles.len()],
+            quantiles,
+            stable: Window::new(slices),
+            canary: Window::new(slices),
+            burst_slices: burst_slices.max(1),
+            errors: EProcess::new(margin),
+            margin,
+        }
+    }
+
+    /// The quantiles whose slow thresholds the proxy should apply.
+    pub fn quantiles(&self) -> &[Quantile] {
+        &self.quantiles
+    }
+
+    /// Slow thresholds (µs) for the next tick's requests, per quantile;
+    /// `None` until stable has `min_requests` in its window.
+    pub fn thresholds_us(&self) -> &[Option<u64>] {
+        &self.thresholds_us
+    }
+
+    /// Restarts the sequential tests (for a new canary, or an operator reset).
+    pub fn reset_tests(&mut self) {
+        self.errors = EProcess::new(self.margin);
+        self.latency = self
+            .quantiles
+            .iter()
+            .map(|_| EProcess::new(self.margin))
+            .collect();
+        self.canary.clear();
+    }
+
+    /// Window totals of stable.
+    pub fn stable_stats(&self) -> Stats {
+        self.stable.stats()
+    }
+
+    /// Window totals of the canary.
+    pub fn canary_stats(&self) -> Stats {
+        self.canary.stats()
+    }
+
+    fn alpha_each(&self) -> f64 {
+        self.settings.false_revert_rate / 2.0
+    }
+
+    /// The evidence so far.
+    pub fn evidence(&self) -> Evidence {
+        let e_latency = if self.latency.is_empty() {
+            0.0
+        } else {
+            self.latency.iter().map(EProcess::e_value).sum::<f64>() / self.latency.len() as f64
+        };
+        Evidence {
+            e_errors: self.errors.e_value(),
+            e_latency,
+            threshold: 1.0 / self.alpha_each(),
+            error_events: (self.errors.canary_events(), self.errors.stable_events()),
+            slow_events: self.latency.iter().fold((0, 0), |(c, s), e| {
+                (c + e.canary_events(), s + e.stable_events())
+            }),
+            thresholds_ms: self
+                .quantiles
+                .iter()
+                .zip(&self.thresholds_us)
+                .map(|(q, t)| (*q, t.map(|us| us as f64 / 1000.0)))
+                .collect(),
+        }
+    }
+
+    /// Judges one tick.
+    pub fn tick(&mut self, input: TickInput) -> Verdict {
+        let TickInput {
+            w,
+            weight_changed,
+            stable,
+            canary,
+        } = input;
+        if !weight_changed {
+            self.errors
+                .update(w, canary.error_events, stable.error_events);
+            for (i, e) in self.latency.iter_mut().enumerate() {
+                if self.thresholds_us.get(i).copied().flatten().is_some() {
+                    let c = canary.slow_events.get(i).copied().unwrap_or(0);
+                    let s = stable.slow_events.get(i).copied().unwrap_or(0);
+                    e.update(w, c, s);
+                }
+            }
+        }
+        self.stable.push(stable.slice);
+        self.canary.push(canary.slice);
+        let st = self.stable.stats();
+        let ca = self.canary.stats();
+        let min = self.settings.min_requests;
+        self.thresholds_us = self
+            .quantiles
+            .iter()
+            .map(|q| {
+                (st.requests >= min && !st.latency.is_empty())
+                    .then(|| st.latency.value_at_quantile(q.fraction()))
+            })
+            .collect();
+
+        if let Some(v) = self.guards(canary.unreachable, &st, &ca) {
+            return v;
+        }
+        if let Some(v) = self.tests() {
+            return v;
+        }
+        if ca.requests < min || st.requests < min {
+            return Verdict {
+                status: Status::InsufficientData,
+                guard: "",
+                reason: format!(
+                    "window has {} canary and {} stable requests; {min} each are needed",
+                    ca.requests, st.requests
+                ),
+            };
+        }
+        let ev = self.evidence();
+        Verdict {
+            status: Status::Healthy,
+            guard: "",
+            reason: format!(
+                "canary {} req, {:.2}% errors, p99 {:.1} ms; stable {} req, {:.2}% errors, p99 {:.1} ms; E(errors) {:.2}, E(latency) {:.2} of {:.0}",
+                ca.requests,
+                ca.error_rate() * 100.0,
+                ca.quantile_ms(0.99),
+                st.requests,
+                st.error_rate() * 100.0,
+                st.quantile_ms(0.99),
+                ev.e_errors,
+                ev.e_latency,
+                ev.threshold
+            ),
+        }
+    }
+
+    fn guards(&self, unreachable: bool, st: &Stats, ca: &Stats) -> Option<Verdict> {
+        let breach = |guard: &'static str, reason: String| {
+            Some(Verdict {
+                status: Status::Breach,
+                guard,
+                reason,
+            })
+        };
+        if unreachable {
+            return breach(
+                "unreachable",
+                "canary unreachable: every endpoint is failing connects".into(),
+            );
+        }
+        let burst = self.canary.recent(self.burst_slices);
+        if burst.requests >= BURST_MIN_REQUESTS && burst.error_rate() >= BURST_FAILURE_SHARE {
+            return breach(
+                "failure_burst",
+                format!(
+                    "{} of the last {} canary requests failed ({:.0}%) within 10 s",
+                    burst.errors,
+                    burst.requests,
+                    burst.error_rate() * 100.0
+                ),
+            );
+        }
+        let s = &self.settings;
+        let min = s.min_requests;
+        if ca.requests >= min {
+            if let Some(max) = s.max_error_rate {
+                if ca.error_rate() > max {
+                    return breach(
+                        "max_error_rate",
+                        format!(
+                            "canary error rate {:.2}% over {} requests exceeds max_error_rate {:.2}%",
+                            ca.error_rate() * 100.0,
+                            ca.requests,
+                            max * 100.0
+                        ),
+                    );
+                }
+            }
+            for (q, limit) in &s.max_latency_ms {
+                let v = ca.quantile_ms(q.fraction());
+                if v > *limit {
+                    return breach(
+                        "max_latency",
+                        format!(
+                            "canary {} {v:.1} ms exceeds max_latency_ms.{} = {limit} ms",
+                            q.key(),
+                            q.key()
+                        ),
+                    );
+                }
+            }
+        }
+        if ca.requests >= min && st.requests >= min {
+            if let Some(ratio) = s.max_error_rate_ratio {
+                let (cr, sr) = (ca.error_rate(), st.error_rate());
+                if ca.errors >= RATIO_MIN_ERRORS && cr > ratio * sr {
+                    return breach(
+                        "error_rate_ratio",
+                        format!(
+                            "canary error rate {:.2}% is more than {ratio}× stable's {:.2}%",
+                            cr * 100.0,
+                            sr * 100.0
+                        ),
+                    );
+                }
+            }
+            for (q, ratio) in &s.max_latency_ratio {
+                let (cv, sv) = (ca.quantile_ms(q.fraction()), st.quantile_ms(q.fraction()));
+                if sv > 0.0 && cv > ratio * sv {
+                    return breach(
+                        "latency_ratio",
+                        format!(
+                            "canary {} {cv:.1} ms is more than {ratio}× stable's {sv:.1} ms",
+                            q.key()
+                        ),
+                    );
+                }
+            }
+        }
+        None
+    }
+
+    fn tests(&self) -> Option<Verdict> {
+        let ev = self.evidence();
+        if ev.e_errors >= ev.threshold && ev.error_events.0 >= MIN_CANARY_EVENTS {
+            return Some(Verdict {
+                status: Status::Breach,
+                guard: "error_rate_test",
+                reason: format!(
+                    "errors: E = {:.1} ≥ {:.0} after {} canary and {} stable error events (distinct keys)",
+                    ev.e_errors, ev.threshold, ev.error_events.0, ev.error_events.1
+                ),
+            });
+        }
+        if ev.e_latency >= ev.threshold && ev.slow_events.0 >= MIN_CANARY_EVENTS {
+            let t: Vec<String> = ev
+                .thresholds_ms
+                .iter()
+                .map(|(q, t)| {
+                    format!(
+                        "{} {}",
+                        q.key(),
+                        t.map_or("-".into(), |t| format!("{t:.1} ms"))
+                    )
+                })
+                .collect();
+            return Some(Verdict {
+                status: Status::Breach,
+                guard: "latency_test",
+                reason: format!(
+                    "latency: E = {:.1} ≥ {:.0} after {} canary and {} stable slow events (thresholds {})",
+                    ev.e_latency,
+                    ev.threshold,
+                    ev.slow_events.0,
+                    ev.slow_events.1,
+                    t.join(", ")
+                ),
+            });
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{JudgeMode, JudgeSettings};
+
+    fn settings() -> JudgeSettings {
+        JudgeSettings {
+            mode: JudgeMode::Enforce,
+            interval: Duration::from_secs(1),
+            window: Duration::from_secs(60),
+            min_requests: 50,
+            max_error_rate: None,
+            max_error_rate_ratio: None,
+            max_latency_ms: vec![],
+            max_latency_ratio: vec![],
+            false_revert_rate: 0.01,
+            margin: 1.0,
+        }
+    }
+
+    fn tick(requests: u64, errors: u64, latency_us: u64) -> VersionTick {
+        let mut slice = Slice {
+            requests,
+            errors,
+            ..Slice::default()
+        };
+        let _ = slice.latency.record_n(latency_us, requests);
+        VersionTick {
+            slice,
+            error_events: errors,
+            slow_events: vec![0, 0],
+            unreachable: false,
+        }
+    }
+
+    #[test]
+    fn too_little_data_is_insufficient_never_a_revert() {
+        let mut j = Judge::new(&settings());
+        let v = j.tick(TickInput {
+            w: 0.05,
+            weight_changed: false,
+            stable: tick(10, 0, 1000),
+            canary: tick(2, 1, 1000),
+        });
+        assert_eq!(v.status, Status::InsufficientData);
+    }
+
+    #[test]
+    fn equal_versions_are_healthy() {
+        let mut j = Judge::new(&settings());
+        let mut last = None;
+        for _ in 0..30 {
+            last = Some(j.tick(TickInput {
+                w: 0.1,
+                weight_changed: false,
+                stable: tick(900, 1, 2000),
+                canary: tick(100, 0, 2000),
+            }));
+        }
+        assert_eq!(last.map(|v| v.status), Some(Status::Healthy));
+    }
+
+    #[test]
+    fn a_failure_burst_trips_within_one_tick() {
+        let mut j = Judge::new(&settings());
+        let v = j.tick(TickInput {
+            w: 0.05,
+            weight_changed: false,
+            stable: tick(950, 0, 1000),
+            canary: tick(50, 30, 1000),
+        });
+        assert_eq!((v.status, v.guard), (Status::Breach, "failure_burst"));
+        assert!(v.reason.contains("30 of the last 50"), "{}", v.reason);
+    }
+
+    #[test]
+    fn more_canary_errors_than_its_share_trip_the_sequential_test() {
+        let mut j = Judge::new(&settings());
+        // w = 5 %: stable 1 error/s, canary 2 errors/s (r ≈ 38).
+        let mut tripped = None;
+        for t in 0..30 {
+            let v = j.tick(TickInput {
+                w: 0.05,
+                weight_changed: false,
+                stable: tick(950, 1, 1000),
+                canary: tick(50, 2, 1000),
+            });
+            if v.status == Status::Breach {
+                tripped = Some((t, v));
+                break;
+            }
+        }
+        let (t, v) = tripped.expect("breach");
+        assert_eq!(v.guard, "error_rate_test");
+        assert!(t <= 3, "took {t} ticks");
+    }
+
+    #[test]
+    fn weight_changes_are_not_attributed() {
+        let mut j = Judge::new(&settings());
+        j.tick(TickInput {
+            w: 0.05,
+            weight_changed: true,
+            stable: tick(950, 0, 1000),
+            canary: tick(50, 2, 1000),
+        });
+        assert_eq!(j.evidence().error_events, (0, 0));
+    }
+
+    #[test]
+    fn slow_thresholds_come_from_stable_only() {
+        let mut j = Judge::new(&settings());
+        j.tick(TickInput {
+            w: 0.05,
+            weight_changed: false,
+            stable: tick(100, 0, 2_000),
+            canary: tick(100, 0, 90_000),
+        });
+        let t = j.thresholds_us();
+        assert_eq!(t.len(), 2);
+        let p50 = t[0].expect("threshold");
+        assert!((1_990..=2_010).contains(&p50), "{p50}");
+    }
+
+    #[test]
+    fn absolute_limits_need_min_requests() {
+        let mut s = settings();
+        s.max_error_rate = Some(0.05);
+        let mut j = Judge::new(&s);
+        let v = j.tick(TickInput {
+            w: 0.05,
+            weight_changed: false,
+            stable: tick(950, 0, 1000),
+            canary: tick(10, 1, 1000),
+        });
+        assert_eq!(v.status, Status::InsufficientData);
+        let v = j.tick(TickInput {
+            w: 0.05,
+            weight_changed: false,
+            stable: tick(950, 0, 1000),
+            canary: tick(50, 3, 1000),
+        });
+        assert_eq!((v.status, v.guard), (Status::Breach, "max_error_rate"));
+    }
+}

@@ -1,0 +1,96 @@
+//! Counting bad events by distinct sticky key, so that one user cannot
+//! outweigh the rest.
+//!
+//! With sticky routing a user's requests all land on one version, so one
+//! heavy user who always fails would look like a stream of independent
+//! canary failures if the canary happened to get that user. Counting each
+//! key's *first* bad event only restores the coin: keys are assigned to the
+//! canary by their hash alone, so under no regression each new failing key
+//! is on the canary with probability `w`, however often it fails.
+//!
+//! The set of keys seen is a one-hash Bloom filter of 2²⁰ bits shared by both
+//! versions of a route, so a false positive (a new key taken for a seen one)
+//! is equally likely for either version and biases neither; it only costs a
+//! little power as the filter fills. Lock-free: one `fetch_or` per bad event.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const BITS: u64 = 1 << 20;
+
+/// The set of keys that already had a bad event.
+pub struct KeyFilter {
+    words: Box<[AtomicU64]>,
+}
+
+impl Default for KeyFilter {
+    fn default() -> KeyFilter {
+        KeyFilter::new()
+    }
+}
+
+impl std::fmt::Debug for KeyFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyFilter")
+            .field("fill", &self.fill())
+            .finish()
+    }
+}
+
+impl KeyFilter {
+    /// An empty filter.
+    pub fn new() -> KeyFilter {
+        KeyFilter {
+            words: (0..BITS / 64).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Marks a key (by its 64-bit hash); true if it was not marked before.
+    #[inline]
+    pub fn first_time(&self, key_hash: u64) -> bool {
+        // The low bits pick the version bucket; use the high bits here.
+        let bit = (key_hash >> 32).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 44;
+        let word = (bit / 64) as usize;
+        let mask = 1u64 << (bit % 64);
+        match self.words.get(word) {
+            Some(w) => w.fetch_or(mask, Ordering::Relaxed) & mask == 0,
+            None => true,
+        }
+    }
+
+    /// Share of bits set.
+    pub fn fill(&self) -> f64 {
+        let set: u64 = self
+            .words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum();
+        set as f64 / BITS as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_counts_once() {
+        let f = KeyFilter::new();
+        assert!(f.first_time(0xDEAD_BEEF_0000_0001));
+        assert!(!f.first_time(0xDEAD_BEEF_0000_0001));
+        assert!(f.first_time(0x1234_5678_0000_0001));
+    }
+
+    #[test]
+    fn distinct_keys_rarely_collide() {
+        let f = KeyFilter::new();
+        let mut s = 1u64;
+        let mut new = 0;
+        for _ in 0..10_000 {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            new += u32::from(f.first_time(s));
+        }
+        assert!(new > 9_900, "{new}");
+    }
+}

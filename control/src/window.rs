@@ -1,0 +1,160 @@
+//! Sliding windows of per-version statistics, made of fixed slices.
+//!
+//! The judge closes one slice per tick (its `interval`), so "the last 60 s"
+//! is exactly the last `window / interval` slices and old data falls out
+//! whole. Latency is kept in HDR histograms (microseconds, 3 significant
+//! digits).
+
+use std::collections::VecDeque;
+
+use hdrhistogram::Histogram;
+
+/// Highest latency tracked: 1 hour in microseconds.
+pub const MAX_LATENCY_US: u64 = 3_600_000_000;
+
+/// A new, empty latency histogram.
+#[allow(clippy::expect_used)] // constant bounds, inside hdrhistogram's accepted range
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("constant histogram bounds")
+}
+
+/// One slice: what a version did during one judge tick.
+#[derive(Clone, Debug)]
+pub struct Slice {
+    /// Requests answered.
+    pub requests: u64,
+    /// Requests that count as errors.
+    pub errors: u64,
+    /// Latency of every request, in microseconds.
+    pub latency: Histogram<u64>,
+}
+
+impl Default for Slice {
+    fn default() -> Slice {
+        Slice {
+            requests: 0,
+            errors: 0,
+            latency: histogram(),
+        }
+    }
+}
+
+/// Totals over some slices.
+#[derive(Clone, Debug)]
+pub struct Stats {
+    /// Requests.
+    pub requests: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Merged latency.
+    pub latency: Histogram<u64>,
+}
+
+impl Stats {
+    /// Errors / requests (0 without requests).
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
+    }
+
+    /// A latency quantile in milliseconds (0 without data).
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        if self.latency.is_empty() {
+            0.0
+        } else {
+            self.latency.value_at_quantile(q) as f64 / 1000.0
+        }
+    }
+}
+
+/// The last `capacity` slices of one version.
+#[derive(Clone, Debug)]
+pub struct Window {
+    slices: VecDeque<Slice>,
+    capacity: usize,
+}
+
+impl Window {
+    /// A window of `capacity` slices (at least 1).
+    pub fn new(capacity: usize) -> Window {
+        Window {
+            slices: VecDeque::with_capacity(capacity.max(1)),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Adds the newest slice, dropping the oldest when full.
+    pub fn push(&mut self, slice: Slice) {
+        if self.slices.len() == self.capacity {
+            self.slices.pop_front();
+        }
+        self.slices.push_back(slice);
+    }
+
+    /// Totals over the whole window.
+    pub fn stats(&self) -> Stats {
+        self.recent(self.capacity)
+    }
+
+    /// Totals over the newest `n` slices.
+    pub fn recent(&self, n: usize) -> Stats {
+        let mut s = Stats {
+            requests: 0,
+            errors: 0,
+            latency: histogram(),
+        };
+        for slice in self.slices.iter().rev().take(n) {
+            s.requests += slice.requests;
+            s.errors += slice.errors;
+            let _ = s.latency.add(&slice.latency);
+        }
+        s
+    }
+
+    /// Forgets everything.
+    pub fn clear(&mut self) {
+        self.slices.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(requests: u64, errors: u64, latency_us: u64) -> Slice {
+        let mut s = Slice {
+            requests,
+            errors,
+            ..Slice::default()
+        };
+        for _ in 0..requests {
+            let _ = s.latency.record(latency_us);
+        }
+        s
+    }
+
+    #[test]
+    fn old_slices_fall_out_whole() {
+        let mut w = Window::new(3);
+        w.push(slice(10, 10, 5_000));
+        for _ in 0..3 {
+            w.push(slice(10, 0, 1_000));
+        }
+        let s = w.stats();
+        assert_eq!((s.requests, s.errors), (30, 0));
+        assert!((s.quantile_ms(0.99) - 1.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn recent_counts_only_the_newest() {
+        let mut w = Window::new(10);
+        w.push(slice(5, 5, 100));
+        w.push(slice(7, 1, 100));
+        let r = w.recent(1);
+        assert_eq!((r.requests, r.errors), (7, 1));
+        assert!((w.stats().error_rate() - 0.5).abs() < 1e-9);
+    }
+}

@@ -1,7 +1,10 @@
-//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`.
+//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`, and the
+//! operator actions `POST /routes/{name}/{revert|reset|pause|resume|promote}`.
 //!
 //! It runs on its own address (loopback by default) so that operators and
-//! Prometheus never share a port, or a limit, with client traffic.
+//! Prometheus never share a port, or a limit, with client traffic. Actions
+//! need `Authorization: Bearer <token>` when `[admin] token_file` is set; the
+//! token is compared in constant time.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -14,16 +17,28 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::controller::{Action, ActionError, Command};
 
 use crate::body::ProxyBody;
 use crate::shared::Shared;
 use crate::snapshot::{RouteTarget, VersionTarget};
 
+/// What the admin endpoint needs besides the shared state.
+#[derive(Clone)]
+pub struct Admin {
+    /// Where operator actions go.
+    pub actions: mpsc::Sender<Command>,
+    /// The bearer token actions need, if one is configured.
+    pub token: Option<Arc<str>>,
+}
+
 /// Serves admin requests until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
+    admin: Admin,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -39,10 +54,12 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let shared = shared.clone();
+        let admin = admin.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(answer(&shared, &req)) }
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(answer(&shared, &admin, &req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -53,8 +70,11 @@ pub async fn serve(
     }
 }
 
-fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<ProxyBody> {
+async fn answer(shared: &Shared, admin: &Admin, req: &Request<Incoming>) -> Response<ProxyBody> {
     let path = req.uri().path();
+    if let Some(rest) = path.strip_prefix("/routes/") {
+        return action(admin, req, rest).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
@@ -80,6 +100,73 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<ProxyBody> {
     }
 }
 
+async fn action(admin: &Admin, req: &Request<Incoming>, rest: &str) -> Response<ProxyBody> {
+    let Some((route, action)) = rest.split_once('/') else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let Some(action) = Action::parse(action) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            "unknown action: use revert, reset, pause, resume or promote",
+        );
+    };
+    if req.method() != Method::POST {
+        return json_error(StatusCode::METHOD_NOT_ALLOWED, "actions are POST requests");
+    }
+    if let Some(token) = &admin.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            tracing::warn!(route, "admin action refused: missing or wrong token");
+            let mut r = json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    let (reply, answer) = oneshot::channel();
+    let cmd = Command {
+        route: route.to_string(),
+        action,
+        reply,
+    };
+    if admin.actions.send(cmd).await.is_err() {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    match answer.await {
+        Ok(Ok(v)) => with_type(
+            StatusCode::OK,
+            serde_json::to_vec_pretty(&v).unwrap_or_default(),
+            "application/json",
+        ),
+        Ok(Err(e @ ActionError::NoRoute(_))) => json_error(StatusCode::NOT_FOUND, &e.to_string()),
+        Ok(Err(e @ (ActionError::NoCanary(_) | ActionError::Conflict(_)))) => {
+            json_error(StatusCode::CONFLICT, &e.to_string())
+        }
+        Ok(Err(e @ ActionError::State(_))) => {
+            json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
+        }
+        Err(_) => json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+    }
+}
+
+/// Compares without returning early, so timing reveals only the length.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::to_vec(&json!({ "error": message })).unwrap_or_default();
+    with_type(status, body, "application/json")
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     with_type(
         status,
@@ -100,6 +187,11 @@ fn with_type(status: StatusCode, body: Vec<u8>, ctype: &'static str) -> Response
 pub fn status(shared: &Shared) -> Value {
     let snap = shared.snapshot.load();
     let reload = shared.reload_status().clone();
+    let views = shared
+        .views
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let at = reload
         .last_at
         .duration_since(UNIX_EPOCH)
@@ -116,13 +208,15 @@ pub fn status(shared: &Shared) -> Value {
             },
             "restart_required": reload.restart_required,
         },
-        "routes": snap.routes.iter().map(|r| route_status(r)).collect::<Vec<_>>(),
+        "state_error": *shared.state_error.lock().unwrap_or_else(|p| p.into_inner()),
+        "routes": snap.routes.iter().map(|r| route_status(r, views.get(&*r.name))).collect::<Vec<_>>(),
     })
 }
 
-fn route_status(r: &RouteTarget) -> Value {
+/// One route's status: config, weights, endpoints, and the judge's view.
+pub fn route_status(r: &RouteTarget, judge: Option<&Value>) -> Value {
     let c = &r.config;
-    json!({
+    let mut v = json!({
         "name": &*r.name,
         "hosts": c.hosts,
         "path_prefix": c.path_prefix,
@@ -133,7 +227,13 @@ fn route_status(r: &RouteTarget) -> Value {
         },
         "stable": version_status(&r.stable),
         "canary": r.canary.as_ref().map_or(Value::Null, version_status),
-    })
+    });
+    if let (Some(obj), Some(Value::Object(j))) = (v.as_object_mut(), judge) {
+        for (k, val) in j {
+            obj.insert(k.clone(), val.clone());
+        }
+    }
+    v
 }
 
 fn version_status(v: &VersionTarget) -> Value {

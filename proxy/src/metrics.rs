@@ -7,6 +7,19 @@ use prometheus::{
 };
 
 use crate::error::UPSTREAM_KINDS;
+use crate::window_metrics::WindowSummary;
+
+/// Registers a shared collector (the registry wants ownership).
+struct SharedCollector(std::sync::Arc<WindowSummary>);
+
+impl prometheus::core::Collector for SharedCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.0.collect()
+    }
+}
 
 /// Status classes, in [`VersionMetrics::responses`] order.
 pub const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -34,7 +47,30 @@ pub struct Metrics {
     pub version_info: IntGaugeVec,
     /// `veer_open_connections`: client connections being served.
     pub open_connections: IntGauge,
+    /// `veer_verdict{route,verdict}`: 1 for the current verdict.
+    pub verdict: IntGaugeVec,
+    /// `veer_reverts_total{route,reason}`.
+    pub reverts: IntCounterVec,
+    /// `veer_window_requests{route,version}`.
+    pub window_requests: IntGaugeVec,
+    /// `veer_window_error_ratio{route,version}`.
+    pub window_error_ratio: GaugeVec,
+    /// `veer_judge_e_value{route,test}`: evidence of the sequential tests.
+    pub e_value: GaugeVec,
+    /// `veer_rollout_step{route}`: index of the current rollout step.
+    pub rollout_step: IntGaugeVec,
+    /// `veer_window_latency_seconds{route,version,quantile}`.
+    pub window_latency: std::sync::Arc<WindowSummary>,
 }
+
+/// The verdict label values, in the contract's order.
+pub const VERDICTS: [&str; 5] = [
+    "healthy",
+    "insufficient_data",
+    "breach",
+    "reverted",
+    "observe_breach",
+];
 
 /// Handles for one (route, version), resolved once per snapshot.
 #[derive(Clone)]
@@ -140,6 +176,40 @@ impl Metrics {
         )?;
         let open_connections =
             IntGauge::new("veer_open_connections", "Client connections being served.")?;
+        let verdict = IntGaugeVec::new(
+            Opts::new(
+                "veer_verdict",
+                "1 for the route's current judge verdict, 0 for the others.",
+            ),
+            &["route", "verdict"],
+        )?;
+        let reverts = IntCounterVec::new(
+            Opts::new("veer_reverts_total", "Canaries taken out of traffic, by the guard or test that tripped (operator: an admin action)."),
+            &["route", "reason"],
+        )?;
+        let window_requests = IntGaugeVec::new(
+            Opts::new("veer_window_requests", "Requests in the judge window."),
+            &["route", "version"],
+        )?;
+        let window_error_ratio = GaugeVec::new(
+            Opts::new(
+                "veer_window_error_ratio",
+                "Errors / requests in the judge window.",
+            ),
+            &["route", "version"],
+        )?;
+        let e_value = GaugeVec::new(
+            Opts::new("veer_judge_e_value", "E-value of the judge's sequential test (errors, latency); a revert needs 2/false_revert_rate."),
+            &["route", "test"],
+        )?;
+        let rollout_step = IntGaugeVec::new(
+            Opts::new(
+                "veer_rollout_step",
+                "Index of the current rollout step (0-based).",
+            ),
+            &["route"],
+        )?;
+        let window_latency = std::sync::Arc::new(WindowSummary::new()?);
         for c in [
             requests.clone(),
             upstream_errors.clone(),
@@ -154,6 +224,13 @@ impl Metrics {
         registry.register(Box::new(canary_weight.clone()))?;
         registry.register(Box::new(version_info.clone()))?;
         registry.register(Box::new(open_connections.clone()))?;
+        registry.register(Box::new(verdict.clone()))?;
+        registry.register(Box::new(reverts.clone()))?;
+        registry.register(Box::new(window_requests.clone()))?;
+        registry.register(Box::new(window_error_ratio.clone()))?;
+        registry.register(Box::new(e_value.clone()))?;
+        registry.register(Box::new(rollout_step.clone()))?;
+        registry.register(Box::new(SharedCollector(window_latency.clone())))?;
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -171,6 +248,13 @@ impl Metrics {
             canary_weight,
             version_info,
             open_connections,
+            verdict,
+            reverts,
+            window_requests,
+            window_error_ratio,
+            e_value,
+            rollout_step,
+            window_latency,
         })
     }
 
@@ -198,12 +282,32 @@ impl Metrics {
                 .remove_label_values(&[route, version, k]);
         }
         let _ = self.duration.remove_label_values(&[route, version]);
+        let _ = self.window_requests.remove_label_values(&[route, version]);
+        let _ = self
+            .window_error_ratio
+            .remove_label_values(&[route, version]);
     }
 
     /// Forgets a route's weight series.
     pub fn forget_route(&self, route: &str) {
         for source in ["configured", "effective"] {
             let _ = self.canary_weight.remove_label_values(&[route, source]);
+        }
+        for v in VERDICTS {
+            let _ = self.verdict.remove_label_values(&[route, v]);
+        }
+        for t in ["errors", "latency"] {
+            let _ = self.e_value.remove_label_values(&[route, t]);
+        }
+        let _ = self.rollout_step.remove_label_values(&[route]);
+    }
+
+    /// Sets the route's verdict gauge to `current`.
+    pub fn set_verdict(&self, route: &str, current: &str) {
+        for v in VERDICTS {
+            self.verdict
+                .with_label_values(&[route, v])
+                .set(i64::from(v == current));
         }
     }
 

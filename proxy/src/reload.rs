@@ -1,5 +1,5 @@
-//! Live reload: watch the config (and certificate) files, and swap the whole
-//! routing snapshot when the config changes and is valid.
+//! Live reload: watch the config (and certificate) files, and hand a new,
+//! valid config to the controller, which swaps the whole routing snapshot.
 //!
 //! The watch is on the files' directories, not the files: editors save by
 //! rename and Kubernetes ConfigMaps swap a `..data` symlink, both of which a
@@ -7,17 +7,19 @@
 //! slow periodic check trigger the same path, which compares content, so a
 //! spurious trigger costs one file read and changes nothing.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use notify::{RecursiveMode, Watcher};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use veer_control::config::Config;
 use veer_control::reload::{Outcome, Reloader};
 
 use crate::shared::Shared;
-use crate::snapshot::{self, Snapshot};
+use crate::snapshot;
 use crate::tls::CertStore;
 
 /// Quiet time after a file event before the reload runs.
@@ -55,9 +57,10 @@ impl Reload {
         }
     }
 
-    /// Re-reads the config file and applies it if it changed and is valid.
-    /// Also refreshes the TLS certificate.
-    pub async fn check(&mut self) {
+    /// Re-reads the config file (and the TLS certificate). Returns a new,
+    /// valid config with its endpoints resolved; a rejected file is logged,
+    /// counted and shown in `/status` here, and the running config stays.
+    pub async fn check(&mut self) -> Option<Applied> {
         if let Some(certs) = self.certs.clone() {
             match tokio::task::spawn_blocking(move || certs.refresh()).await {
                 Ok(Ok(true)) => tracing::info!("TLS certificate reloaded"),
@@ -71,61 +74,81 @@ impl Reload {
         let path = self.path.clone();
         let text = match tokio::task::spawn_blocking(move || std::fs::read_to_string(path)).await {
             Ok(Ok(t)) => t,
-            Ok(Err(e)) => return self.reject(format!("reading {}: {e}", self.path.display())),
-            Err(e) => return self.reject(format!("reading config: {e}")),
+            Ok(Err(e)) => {
+                self.reject(format!("reading {}: {e}", self.path.display()));
+                return None;
+            }
+            Err(e) => {
+                self.reject(format!("reading config: {e}"));
+                return None;
+            }
         };
         let base = base_dir(&self.path);
         match self.reloader.consider(&text, &base) {
-            Outcome::Unchanged => {}
+            Outcome::Unchanged => None,
             Outcome::Rejected(d) => {
                 let rendered = d.render(&self.path);
                 self.reject(rendered.trim_end().to_string());
+                None
             }
             Outcome::Apply(config) => {
                 let config = *config;
                 let for_dns = config.clone();
-                let addrs =
-                    match tokio::task::spawn_blocking(move || snapshot::resolve(&for_dns)).await {
-                        Ok(Ok(a)) => a,
-                        Ok(Err(e)) => return self.reject(e.to_string()),
-                        Err(e) => return self.reject(e.to_string()),
-                    };
-                let previous = self.shared.snapshot.load_full();
-                let generation = previous.generation + 1;
-                let snap = Snapshot::build(
-                    &config,
-                    generation,
-                    &addrs,
-                    &self.shared.upstreams,
-                    &self.shared.metrics,
-                );
-                snap.publish(Some(&previous), &self.shared.metrics);
-                self.shared.snapshot.store(Arc::new(snap));
-                self.reloader.applied(&text);
-                let restart = restart_required(&self.started, &config);
-                if !restart.is_empty() {
-                    tracing::warn!(settings = ?restart, "changed settings take effect only after a restart");
+                match tokio::task::spawn_blocking(move || snapshot::resolve(&for_dns)).await {
+                    Ok(Ok(addrs)) => Some(Applied {
+                        config,
+                        addrs,
+                        text,
+                    }),
+                    Ok(Err(e)) => {
+                        self.reject(e.to_string());
+                        None
+                    }
+                    Err(e) => {
+                        self.reject(e.to_string());
+                        None
+                    }
                 }
-                self.shared
-                    .metrics
-                    .reloads
-                    .with_label_values(&["success"])
-                    .inc();
-                {
-                    let mut st = self.shared.reload_status();
-                    st.last_result = "success";
-                    st.last_error = None;
-                    st.last_at = SystemTime::now();
-                    st.restart_required = restart;
-                }
-                tracing::info!(
-                    generation,
-                    routes = config.routes.len(),
-                    path = %self.path.display(),
-                    "reload accepted"
-                );
             }
         }
+    }
+
+    /// Records that `applied` is now running as `generation`.
+    pub fn accepted(&mut self, applied: &Applied, generation: u64) {
+        self.reloader.applied(&applied.text);
+        let restart = restart_required(&self.started, &applied.config);
+        if !restart.is_empty() {
+            tracing::warn!(settings = ?restart, "changed settings take effect only after a restart");
+        }
+        self.shared
+            .metrics
+            .reloads
+            .with_label_values(&["success"])
+            .inc();
+        {
+            let mut st = self.shared.reload_status();
+            st.last_result = "success";
+            st.last_error = None;
+            st.last_at = SystemTime::now();
+            st.restart_required = restart;
+        }
+        tracing::info!(
+            generation,
+            routes = applied.config.routes.len(),
+            path = %self.path.display(),
+            "reload accepted"
+        );
+    }
+
+    /// The files whose directories are watched.
+    pub fn watched(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = vec![base_dir(&self.path)];
+        if let Some(c) = &self.certs {
+            dirs.extend(c.paths().iter().map(|p| base_dir(p)));
+        }
+        dirs.sort();
+        dirs.dedup();
+        dirs
     }
 
     fn reject(&mut self, error: String) {
@@ -140,24 +163,40 @@ impl Reload {
         st.last_error = Some(error);
         st.last_at = SystemTime::now();
     }
+}
 
-    /// Watches the files until `shutdown` turns true.
-    pub async fn watch(mut self, mut shutdown: watch::Receiver<bool>) {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+/// A new config, validated and resolved, not yet applied.
+pub struct Applied {
+    /// The config.
+    pub config: Config,
+    /// Resolved endpoint addresses.
+    pub addrs: HashMap<String, SocketAddr>,
+    /// The file's text.
+    pub text: String,
+}
+
+/// What makes veer look at its files again: a change in a watched
+/// directory (debounced), SIGHUP, or the slow periodic check.
+pub struct Triggers {
+    rx: mpsc::UnboundedReceiver<()>,
+    hup: Option<tokio::signal::unix::Signal>,
+    poll: tokio::time::Interval,
+    pending: Option<tokio::time::Instant>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Triggers {
+    /// Watches `dirs` (non-recursively).
+    pub fn new(dirs: &[PathBuf]) -> Triggers {
+        let (tx, rx) = mpsc::unbounded_channel();
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             if ev.is_ok() {
                 let _ = tx.send(());
             }
         });
-        let _watcher = match watcher {
+        let watcher = match watcher {
             Ok(mut w) => {
-                let mut dirs: Vec<PathBuf> = vec![base_dir(&self.path)];
-                if let Some(c) = &self.certs {
-                    dirs.extend(c.paths().iter().map(|p| base_dir(p)));
-                }
-                dirs.sort();
-                dirs.dedup();
-                for d in &dirs {
+                for d in dirs {
                     if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
                         tracing::warn!(dir = %d.display(), error = %e, "cannot watch; relying on SIGHUP and a 5 s poll");
                     }
@@ -169,7 +208,7 @@ impl Reload {
                 None
             }
         };
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for SIGHUP");
@@ -178,19 +217,38 @@ impl Reload {
         };
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll.reset();
+        Triggers {
+            rx,
+            hup,
+            poll,
+            pending: None,
+            _watcher: watcher,
+        }
+    }
+
+    /// Waits for the next reason to re-read the files. Cancel-safe: the
+    /// controller polls it in a `select!` with other work, so a pending
+    /// debounce survives being dropped half-way.
+    pub async fn next(&mut self) {
         loop {
+            if let Some(deadline) = self.pending {
+                tokio::time::sleep_until(deadline).await;
+                while self.rx.try_recv().is_ok() {}
+                self.pending = None;
+                return;
+            }
+            let hup = &mut self.hup;
             tokio::select! {
-                Some(()) = rx.recv() => {
-                    tokio::time::sleep(DEBOUNCE).await;
-                    while rx.try_recv().is_ok() {}
+                Some(()) = self.rx.recv() => {
+                    self.pending = Some(tokio::time::Instant::now() + DEBOUNCE);
                 }
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     tracing::info!("SIGHUP: reloading");
+                    return;
                 }
-                _ = poll.tick() => {}
-                _ = shutdown.changed() => return,
+                _ = self.poll.tick() => return,
             }
-            self.check().await;
         }
     }
 }

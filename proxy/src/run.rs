@@ -6,14 +6,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use veer_control::config::{Config, Diagnostics};
+use veer_control::state::StateError;
 
+use crate::admin::Admin;
+use crate::controller::Controller;
 use crate::metrics::Metrics;
-use crate::reload::{base_dir, Reload};
+use crate::reload::{base_dir, Applied};
 use crate::server::{bind_all, serve, Limits};
-use crate::shared::Shared;
-use crate::snapshot::{self, BuildError, Snapshot};
+use crate::snapshot::{self, BuildError};
 use crate::tls::{CertStore, TlsError};
 use crate::upstream::Upstreams;
 
@@ -59,6 +61,32 @@ pub enum RunError {
     /// A blocking task failed.
     #[error("internal: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// Persisted decisions could not be read; starting without them could
+    /// re-expose a reverted canary.
+    #[error("state: {0} (fix or remove the file; veer will not guess past decisions)")]
+    State(#[from] StateError),
+    /// The admin token could not be read.
+    #[error("admin token_file {path}: {why}")]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        why: String,
+    },
+}
+
+/// Reads the admin token (trimmed; must not be empty). Blocking.
+fn read_token(path: &Path) -> Result<Arc<str>, RunError> {
+    let err = |why: String| RunError::Token {
+        path: path.to_path_buf(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(err("the file is empty".into()));
+    }
+    Ok(token.into())
 }
 
 /// A config file read and validated.
@@ -113,11 +141,10 @@ pub async fn run(
     let upstreams = Upstreams::new();
     let for_dns = config.clone();
     let addrs = tokio::task::spawn_blocking(move || snapshot::resolve(&for_dns)).await??;
-    let snap = Snapshot::build(&config, 1, &addrs, &upstreams, &metrics);
-    snap.publish(None, &metrics);
-    metrics.reloads.with_label_values(&["success"]).inc();
-    let shared = Arc::new(Shared::new(snap, metrics, upstreams, path.clone()));
-
+    let token = match config.admin.token_file.clone() {
+        Some(p) => Some(tokio::task::spawn_blocking(move || read_token(&p)).await??),
+        None => None,
+    };
     let certs = match &config.proxy.tls {
         Some(t) => {
             let (cert, key) = (t.cert.clone(), t.key.clone());
@@ -127,6 +154,14 @@ pub async fn run(
         }
         None => None,
     };
+    let applied = Applied {
+        config: config.clone(),
+        addrs,
+        text,
+    };
+    let (controller, shared) =
+        Controller::start(applied, path.clone(), certs.clone(), metrics, upstreams).await?;
+    shared.metrics.reloads.with_label_values(&["success"]).inc();
     let plain =
         bind_all(&config.proxy.listen).map_err(|(addr, source)| RunError::Bind { addr, source })?;
     let secure = match &config.proxy.tls {
@@ -149,10 +184,16 @@ pub async fn run(
     let permits = Arc::new(Semaphore::new(config.proxy.max_connections));
     let limits = Limits::from_settings(&config.proxy);
     let mut tasks = Vec::new();
+    let (actions_tx, actions_rx) = mpsc::channel(16);
     if let Some(admin) = admin {
+        let handle = Admin {
+            actions: actions_tx,
+            token,
+        };
         tasks.push(tokio::spawn(crate::admin::serve(
             admin,
             shared.clone(),
+            handle,
             shutdown_rx.clone(),
         )));
     }
@@ -179,8 +220,9 @@ pub async fn run(
             )));
         }
     }
-    let reload = Reload::new(shared.clone(), path.clone(), &text, config.clone(), certs);
-    tasks.push(tokio::spawn(reload.watch(shutdown_rx.clone())));
+    tasks.push(tokio::spawn(
+        controller.run(actions_rx, shutdown_rx.clone()),
+    ));
 
     for a in &bound.proxy {
         tracing::info!(kind = "proxy", addr = %a, "listening");

@@ -17,9 +17,10 @@ use crate::balance::Pick;
 use crate::body::{IdleTimeout, ProxyBody, RequestBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::headers::{is_upgrade, prepare_request, strip_hop_by_hop, Scheme};
+use crate::record::Outcome;
 use crate::shared::Shared;
 use crate::snapshot::{RouteTarget, VersionTarget};
-use crate::split::{bucket, is_canary, random_bucket, sticky_key, KeyBuf};
+use crate::split::{bucket_of_hash, is_canary, key_hash, random_bucket, sticky_key, KeyBuf};
 use crate::upstream::{Sender, Upstream};
 
 /// Handles one client request. Never fails: errors become responses.
@@ -52,11 +53,12 @@ pub async fn handle(
 
     let mut key_buf = KeyBuf::default();
     let key = sticky_key(&route.sticky, req.headers(), &peer, &mut key_buf);
+    let key_hash = key.map(key_hash);
     let (version, pick) = {
         let random_key;
-        let (b, key) = match key {
-            Some(k) => (bucket(k), k),
-            None => {
+        let (b, key) = match (key, key_hash) {
+            (Some(k), Some(h)) => (bucket_of_hash(h), k),
+            _ => {
                 random_key = fastrand::u64(..).to_le_bytes();
                 (random_bucket(), &random_key[..])
             }
@@ -73,16 +75,29 @@ pub async fn handle(
     };
 
     let result = forward(&route, version, pick, req, peer, scheme, body_timeout).await;
-    let elapsed = start.elapsed().as_secs_f64();
+    let elapsed = start.elapsed();
+    let micros = elapsed.as_micros() as u64;
+    let seconds = elapsed.as_secs_f64();
     Ok(match result {
         Ok(resp) => {
-            version.metrics.record(resp.status().as_u16(), elapsed);
+            let status = resp.status().as_u16();
+            version.metrics.record(status, seconds);
+            let error =
+                status >= 500 || (route.count_4xx_as_errors && (400..500).contains(&status));
+            let outcome = if error { Outcome::Error } else { Outcome::Ok };
+            version.recorder.record(micros, outcome, key_hash);
             resp
         }
         Err(e) => {
             if let Some(kind) = e.upstream_index() {
                 version.metrics.upstream_error(kind);
-                version.metrics.record(e.status().as_u16(), elapsed);
+                version.metrics.record(e.status().as_u16(), seconds);
+                let outcome = match e {
+                    ProxyError::UpstreamConnect => Outcome::ConnectError,
+                    ProxyError::UpstreamTimeout => Outcome::Timeout,
+                    _ => Outcome::Error,
+                };
+                version.recorder.record(micros, outcome, key_hash);
             } else {
                 route_less_error(&shared, e);
             }

@@ -1,5 +1,6 @@
 //! State shared by listeners, the admin endpoint and the reloader.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -38,6 +39,10 @@ pub struct Shared {
     reload: Mutex<ReloadStatus>,
     /// Set once listeners are bound and a valid config is loaded.
     pub ready: AtomicBool,
+    /// Per-route judge view for `/status`, written by the controller.
+    pub views: Mutex<HashMap<String, serde_json::Value>>,
+    /// Why the last write of persisted state failed, if it did.
+    pub state_error: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -60,6 +65,8 @@ impl Shared {
                 restart_required: Vec::new(),
             }),
             ready: AtomicBool::new(false),
+            views: Mutex::new(HashMap::new()),
+            state_error: Mutex::new(None),
         }
     }
 

@@ -13,6 +13,7 @@ use veer_control::config::{Config, Route, Version};
 
 use crate::balance::Balancer;
 use crate::metrics::{Metrics, ProxyErrorMetrics, VersionMetrics};
+use crate::record::{Recorder, RouteKeys};
 use crate::router::Router;
 use crate::split::StickyKey;
 use crate::upstream::Upstreams;
@@ -25,6 +26,18 @@ pub struct VersionTarget {
     pub balancer: Balancer,
     /// Its metric handles.
     pub metrics: VersionMetrics,
+    /// Its inline recorder for the judge.
+    pub recorder: Arc<Recorder>,
+}
+
+/// What the controller decides for a route when a snapshot is built.
+pub struct RouteInputs {
+    /// Canary share in effect, in basis points.
+    pub weight_bp: u16,
+    /// Stable's recorder (kept across snapshots while the route's identity stays).
+    pub stable: Option<Arc<Recorder>>,
+    /// The canary's recorder.
+    pub canary: Option<Arc<Recorder>>,
 }
 
 /// One route, ready for requests.
@@ -106,19 +119,22 @@ pub fn resolve(config: &Config) -> Result<HashMap<String, SocketAddr>, BuildErro
 }
 
 impl Snapshot {
-    /// Builds the snapshot of `config`. `addrs` comes from [`resolve`].
+    /// Builds the snapshot of `config`. `addrs` comes from [`resolve`];
+    /// `inputs` gives each route's effective weight and recorders.
     pub fn build(
         config: &Config,
         generation: u64,
         addrs: &HashMap<String, SocketAddr>,
         upstreams: &Upstreams,
         metrics: &Metrics,
+        mut inputs: impl FnMut(&Route) -> RouteInputs,
     ) -> Snapshot {
         let mut router = Router::default();
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, r) in config.routes.iter().enumerate() {
             router.add(&r.hosts, &r.path_prefix, i);
-            let version = |v: &Version| VersionTarget {
+            let input = inputs(r);
+            let version = |v: &Version, recorder: Option<Arc<Recorder>>| VersionTarget {
                 name: v.name.as_str().into(),
                 balancer: Balancer::new(
                     v.endpoints
@@ -131,20 +147,18 @@ impl Snapshot {
                         .collect(),
                 ),
                 metrics: metrics.version(&r.name, &v.name),
+                recorder: recorder
+                    .unwrap_or_else(|| Arc::new(Recorder::new(Arc::new(RouteKeys::new(0))))),
             };
-            let canary = r.canary.as_ref().map(version);
-            let weight_bp = if canary.is_some() {
-                r.canary_weight_bp
-            } else {
-                0
-            };
+            let canary = r.canary.as_ref().map(|c| version(c, input.canary.clone()));
+            let weight_bp = if canary.is_some() { input.weight_bp } else { 0 };
             routes.push(Arc::new(RouteTarget {
                 name: r.name.as_str().into(),
                 sticky: r.sticky.iter().filter_map(StickyKey::from_config).collect(),
                 timeout: r.timeout,
                 connect_timeout: r.connect_timeout,
                 count_4xx_as_errors: r.count_4xx_as_errors,
-                stable: version(&r.stable),
+                stable: version(&r.stable, input.stable.clone()),
                 canary,
                 weight_bp,
                 config: r.clone(),

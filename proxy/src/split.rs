@@ -138,7 +138,19 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
 /// The bucket of a key, `0..BUCKETS`.
 #[inline]
 pub fn bucket(key: &[u8]) -> u16 {
-    (xxh3_64(key) % u64::from(BUCKETS)) as u16
+    bucket_of_hash(key_hash(key))
+}
+
+/// The key's 64-bit hash (XXH3, seed 0); its bucket is `hash % 10 000`.
+#[inline]
+pub fn key_hash(key: &[u8]) -> u64 {
+    xxh3_64(key)
+}
+
+/// The bucket of a key hash.
+#[inline]
+pub fn bucket_of_hash(hash: u64) -> u16 {
+    (hash % u64::from(BUCKETS)) as u16
 }
 
 /// Whether a bucket goes to the canary at a weight in basis points.

@@ -1,0 +1,703 @@
+//! The controller: the one task that changes what requests see.
+//!
+//! It owns the running config, the judge of every route, and the persisted
+//! decisions, and it is the only writer of the routing snapshot. Three things
+//! wake it: a file change (reload), an operator action (admin endpoint), and
+//! the judge tick. Because they are handled one at a time, a reload can never
+//! race a revert, and every snapshot agrees with the decisions on disk.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+use veer_control::config::{Config, JudgeMode, JudgeSettings, Route};
+use veer_control::judge::{Judge, Status, TickInput, Verdict, VersionTick};
+use veer_control::state::{canary_identity, Revert, RouteDecision, State, StateError};
+use veer_control::window::Stats;
+
+use crate::record::{threshold_count, Recorder, RouteKeys};
+use crate::reload::{Applied, Reload, Triggers};
+use crate::shared::Shared;
+use crate::snapshot::{RouteInputs, Snapshot};
+use crate::window_metrics::{WindowLatency, QUANTILES};
+
+/// How often the controller checks which routes are due for a verdict.
+const TICK: Duration = Duration::from_millis(100);
+
+/// An operator action on a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Take the canary out of traffic now.
+    Revert,
+    /// Forget the revert/promotion, restart the tests and the rollout.
+    Reset,
+    /// Keep judging and reporting, but do not act or advance the rollout.
+    Pause,
+    /// Undo `pause`.
+    Resume,
+    /// Send all traffic to the canary.
+    Promote,
+}
+
+impl Action {
+    /// Parses the action of `POST /routes/{name}/{action}`.
+    pub fn parse(s: &str) -> Option<Action> {
+        Some(match s {
+            "revert" => Action::Revert,
+            "reset" => Action::Reset,
+            "pause" => Action::Pause,
+            "resume" => Action::Resume,
+            "promote" => Action::Promote,
+            _ => return None,
+        })
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Revert => "revert",
+            Action::Reset => "reset",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Promote => "promote",
+        }
+    }
+}
+
+/// Why an action was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    /// No such route.
+    #[error("no route named {0:?}")]
+    NoRoute(String),
+    /// The route has no canary to act on.
+    #[error("route {0:?} has no canary")]
+    NoCanary(String),
+    /// The action does not apply in the route's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The decision could not be persisted; nothing changed.
+    #[error("could not persist the decision: {0}")]
+    State(String),
+}
+
+/// An action sent by the admin endpoint, with where to send the answer.
+pub struct Command {
+    /// Route name.
+    pub route: String,
+    /// What to do.
+    pub action: Action,
+    /// The route's new status, or why not.
+    pub reply: oneshot::Sender<Result<Value, ActionError>>,
+}
+
+/// Live judging state of one route.
+struct RouteRuntime {
+    identity: u64,
+    stable_version: String,
+    judge_settings: JudgeSettings,
+    judge: Judge,
+    thresholds: usize,
+    stable: Arc<Recorder>,
+    canary: Option<Arc<Recorder>>,
+    last_tick: Instant,
+    last_w_bp: Option<u16>,
+    verdict: &'static str,
+    last: Option<Verdict>,
+    healthy_since: Option<Instant>,
+    step_since: Instant,
+}
+
+impl RouteRuntime {
+    fn new(route: &Route) -> RouteRuntime {
+        let judge = Judge::new(&route.judge);
+        let thresholds = threshold_count(judge.quantiles());
+        let keys = Arc::new(RouteKeys::new(thresholds));
+        RouteRuntime {
+            identity: canary_identity(route),
+            stable_version: route.stable.name.clone(),
+            judge_settings: route.judge.clone(),
+            judge,
+            thresholds,
+            stable: Arc::new(Recorder::new(keys.clone())),
+            canary: route.canary.as_ref().map(|_| Arc::new(Recorder::new(keys))),
+            last_tick: Instant::now(),
+            last_w_bp: None,
+            verdict: "insufficient_data",
+            last: None,
+            healthy_since: None,
+            step_since: Instant::now(),
+        }
+    }
+
+    fn same_as(&self, route: &Route) -> bool {
+        self.identity == canary_identity(route)
+            && self.stable_version == route.stable.name
+            && self.judge_settings == route.judge
+    }
+}
+
+/// The controller.
+pub struct Controller {
+    shared: Arc<Shared>,
+    reload: Reload,
+    config: Config,
+    addrs: HashMap<String, SocketAddr>,
+    generation: u64,
+    routes: HashMap<String, RouteRuntime>,
+    state: State,
+    state_dir: PathBuf,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The canary share a route's decision puts in effect, in basis points.
+pub fn effective_bp(route: &Route, d: Option<&RouteDecision>) -> u16 {
+    if route.canary.is_none() {
+        return 0;
+    }
+    let Some(d) = d else {
+        return route.canary_weight_bp;
+    };
+    if d.reverted.is_some() {
+        return 0;
+    }
+    if d.promoted {
+        return 10_000;
+    }
+    match &route.rollout {
+        Some(r) => r
+            .steps_bp
+            .get(d.rollout_step)
+            .or(r.steps_bp.last())
+            .copied()
+            .unwrap_or(route.canary_weight_bp),
+        None => route.canary_weight_bp,
+    }
+}
+
+/// Drops decisions that belong to a canary the config no longer names.
+fn reconcile_state(config: &Config, state: &mut State) -> bool {
+    let mut changed = false;
+    for r in &config.routes {
+        let id = canary_identity(r);
+        let fresh = RouteDecision {
+            canary_identity: id,
+            ..RouteDecision::default()
+        };
+        match state.routes.get(&r.name) {
+            Some(d) if d.canary_identity == id => {}
+            Some(_) => {
+                tracing::info!(route = %r.name, "new canary identity: earlier decisions no longer apply");
+                state.routes.insert(r.name.clone(), fresh);
+                changed = true;
+            }
+            None => {
+                state.routes.insert(r.name.clone(), fresh);
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
+fn build_snapshot(
+    config: &Config,
+    generation: u64,
+    addrs: &HashMap<String, SocketAddr>,
+    routes: &HashMap<String, RouteRuntime>,
+    state: &State,
+    metrics: &crate::metrics::Metrics,
+    upstreams: &crate::upstream::Upstreams,
+) -> Snapshot {
+    Snapshot::build(config, generation, addrs, upstreams, metrics, |r| {
+        let rt = routes.get(&r.name);
+        RouteInputs {
+            weight_bp: effective_bp(r, state.routes.get(&r.name)),
+            stable: rt.map(|rt| rt.stable.clone()),
+            canary: rt.and_then(|rt| rt.canary.clone()),
+        }
+    })
+}
+
+impl Controller {
+    /// Loads persisted decisions and builds the first snapshot. The
+    /// returned controller is started with [`Controller::run`].
+    pub async fn start(
+        applied: Applied,
+        path: PathBuf,
+        certs: Option<Arc<crate::tls::CertStore>>,
+        metrics: Arc<crate::metrics::Metrics>,
+        upstreams: crate::upstream::Upstreams,
+    ) -> Result<(Controller, Arc<Shared>), StateError> {
+        let Applied {
+            config,
+            addrs,
+            text,
+        } = applied;
+        let dir = config.state.dir.clone();
+        let mut state = match tokio::task::spawn_blocking(move || State::load(&dir)).await {
+            Ok(r) => r?,
+            Err(e) => {
+                return Err(StateError::Io {
+                    path: config.state.dir.clone(),
+                    source: std::io::Error::other(e),
+                })
+            }
+        };
+        let changed = reconcile_state(&config, &mut state);
+        for r in &config.routes {
+            if let Some(rev) = state.routes.get(&r.name).and_then(|d| d.reverted.as_ref()) {
+                tracing::warn!(route = %r.name, guard = %rev.guard, reason = %rev.reason, "canary stays reverted (persisted decision)");
+            }
+        }
+        let routes: HashMap<String, RouteRuntime> = config
+            .routes
+            .iter()
+            .map(|r| (r.name.clone(), RouteRuntime::new(r)))
+            .collect();
+        let snap = build_snapshot(&config, 1, &addrs, &routes, &state, &metrics, &upstreams);
+        snap.publish(None, &metrics);
+        let shared = Arc::new(Shared::new(snap, metrics, upstreams, path.clone()));
+        let reload = Reload::new(shared.clone(), path, &text, config.clone(), certs);
+        let mut c = Controller {
+            shared: shared.clone(),
+            reload,
+            state_dir: config.state.dir.clone(),
+            config,
+            addrs,
+            generation: 1,
+            routes,
+            state,
+        };
+        if changed {
+            c.persist().await;
+        }
+        c.publish_all();
+        Ok((c, shared))
+    }
+
+    fn rebuild(&self) {
+        let snap = build_snapshot(
+            &self.config,
+            self.generation,
+            &self.addrs,
+            &self.routes,
+            &self.state,
+            &self.shared.metrics,
+            &self.shared.upstreams,
+        );
+        let previous = self.shared.snapshot.load_full();
+        snap.publish(Some(&previous), &self.shared.metrics);
+        self.shared.snapshot.store(Arc::new(snap));
+    }
+
+    async fn persist(&self) -> bool {
+        let state = self.state.clone();
+        let dir = self.state_dir.clone();
+        let result = tokio::task::spawn_blocking(move || state.save(&dir)).await;
+        let error = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = &error {
+            tracing::error!(error = %e, "could not persist decisions; they hold until restart only");
+        }
+        *self
+            .shared
+            .state_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = error.clone();
+        error.is_none()
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(
+        mut self,
+        mut actions: mpsc::Receiver<Command>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut triggers = Triggers::new(&self.reload.watched());
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = triggers.next() => {
+                    if let Some(applied) = self.reload.check().await {
+                        self.apply(applied).await;
+                    }
+                }
+                Some(cmd) = actions.recv() => {
+                    let result = self.act(&cmd.route, cmd.action).await;
+                    let _ = cmd.reply.send(result);
+                }
+                _ = tick.tick() => self.judge_due().await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn apply(&mut self, applied: Applied) {
+        self.generation += 1;
+        let mut routes = HashMap::new();
+        for r in &applied.config.routes {
+            let rt = match self.routes.remove(&r.name) {
+                Some(rt) if rt.same_as(r) => rt,
+                _ => RouteRuntime::new(r),
+            };
+            routes.insert(r.name.clone(), rt);
+        }
+        self.routes = routes;
+        self.config = applied.config.clone();
+        self.addrs = applied.addrs.clone();
+        let changed = reconcile_state(&self.config, &mut self.state);
+        self.rebuild();
+        self.reload.accepted(&applied, self.generation);
+        if changed {
+            self.persist().await;
+        }
+        let names: Vec<&str> = self.config.routes.iter().map(|r| r.name.as_str()).collect();
+        self.shared.metrics.window_latency.retain_routes(&names);
+        self.shared
+            .views
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| names.contains(&k.as_str()));
+        self.publish_all();
+    }
+
+    async fn act(&mut self, name: &str, action: Action) -> Result<Value, ActionError> {
+        let route = self
+            .config
+            .route(name)
+            .cloned()
+            .ok_or_else(|| ActionError::NoRoute(name.into()))?;
+        if route.canary.is_none() {
+            return Err(ActionError::NoCanary(name.into()));
+        }
+        let before = self.state.routes.get(name).cloned().unwrap_or_default();
+        let mut d = before.clone();
+        d.canary_identity = canary_identity(&route);
+        match action {
+            Action::Revert => {
+                if d.reverted.is_none() {
+                    d.reverted = Some(Revert {
+                        guard: "operator".into(),
+                        reason: "revert requested by an operator".into(),
+                        at_unix: now_unix(),
+                    });
+                }
+            }
+            Action::Reset => {
+                d = RouteDecision {
+                    canary_identity: d.canary_identity,
+                    ..RouteDecision::default()
+                };
+            }
+            Action::Pause => d.paused = true,
+            Action::Resume => d.paused = false,
+            Action::Promote => {
+                if d.reverted.is_some() {
+                    return Err(ActionError::Conflict(format!(
+                        "route {name:?}: the canary is reverted; reset it before promoting"
+                    )));
+                }
+                d.promoted = true;
+            }
+        }
+        self.state.routes.insert(name.to_string(), d.clone());
+        if !self.persist().await {
+            self.state.routes.insert(name.to_string(), before);
+            let e = self
+                .shared
+                .state_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            return Err(ActionError::State(e.unwrap_or_default()));
+        }
+        if let Some(rt) = self.routes.get_mut(name) {
+            if action == Action::Reset {
+                rt.judge.reset_tests();
+                rt.healthy_since = None;
+                rt.step_since = Instant::now();
+                rt.last = None;
+            }
+            if action == Action::Revert && before.reverted.is_none() {
+                self.shared
+                    .metrics
+                    .reverts
+                    .with_label_values(&[name, "operator"])
+                    .inc();
+            }
+        }
+        tracing::warn!(route = %name, action = action.as_str(), weight = f64::from(effective_bp(&route, Some(&d))) / 100.0, "operator action");
+        self.rebuild();
+        self.update_verdict(name);
+        self.publish(name);
+        Ok(self.route_json(name))
+    }
+
+    async fn judge_due(&mut self) {
+        let now = Instant::now();
+        let names: Vec<String> = self.config.routes.iter().map(|r| r.name.clone()).collect();
+        let mut changed = false;
+        for name in names {
+            let Some(route) = self.config.route(&name).cloned() else {
+                continue;
+            };
+            let due = self
+                .routes
+                .get(&name)
+                .is_some_and(|rt| now.duration_since(rt.last_tick) >= route.judge.interval);
+            if !due {
+                continue;
+            }
+            changed |= self.judge_route(&route, now);
+            self.publish(&name);
+        }
+        if changed {
+            self.persist().await;
+            self.rebuild();
+        }
+    }
+
+    /// One verdict for one route; returns whether a decision changed.
+    fn judge_route(&mut self, route: &Route, now: Instant) -> bool {
+        let name = route.name.as_str();
+        let w_bp = effective_bp(route, self.state.routes.get(name));
+        let snap = self.shared.snapshot.load();
+        let canary_down = snap
+            .routes
+            .iter()
+            .find(|r| &*r.name == name)
+            .and_then(|r| r.canary.as_ref())
+            .is_some_and(|c| c.balancer.endpoints().iter().all(|u| !u.is_healthy()));
+        drop(snap);
+        let Some(rt) = self.routes.get_mut(name) else {
+            return false;
+        };
+        rt.last_tick = now;
+        let (stable, _) = rt.stable.drain(rt.thresholds);
+        let (mut canary, canary_connect) = match &rt.canary {
+            Some(c) => c.drain(rt.thresholds),
+            None => (
+                VersionTick {
+                    slow_events: vec![0; rt.thresholds],
+                    ..VersionTick::default()
+                },
+                0,
+            ),
+        };
+        canary.unreachable = w_bp > 0 && canary_connect > 0 && canary_down;
+        let weight_changed = rt.last_w_bp != Some(w_bp);
+        rt.last_w_bp = Some(w_bp);
+        let verdict = rt.judge.tick(TickInput {
+            w: f64::from(w_bp) / 10_000.0,
+            weight_changed,
+            stable,
+            canary,
+        });
+        rt.stable.set_thresholds(rt.judge.thresholds_us());
+        if let Some(c) = &rt.canary {
+            c.set_thresholds(rt.judge.thresholds_us());
+        }
+        rt.last = Some(verdict.clone());
+
+        let d = self.state.routes.entry(name.to_string()).or_default();
+        let mut changed = false;
+        if route.canary.is_some()
+            && d.reverted.is_none()
+            && verdict.status == Status::Breach
+            && route.judge.mode == JudgeMode::Enforce
+            && !d.paused
+            && w_bp > 0
+        {
+            d.reverted = Some(Revert {
+                guard: verdict.guard.to_string(),
+                reason: verdict.reason.clone(),
+                at_unix: now_unix(),
+            });
+            self.shared
+                .metrics
+                .reverts
+                .with_label_values(&[name, verdict.guard])
+                .inc();
+            tracing::warn!(route = %name, guard = verdict.guard, reason = %verdict.reason, weight_before = f64::from(w_bp) / 100.0, "canary reverted");
+            changed = true;
+        }
+        if let Some(ro) = &route.rollout {
+            if d.reverted.is_none() && !d.promoted && !d.paused && verdict.status == Status::Healthy
+            {
+                let since = *rt.healthy_since.get_or_insert(now);
+                let held = now.duration_since(since.max(rt.step_since));
+                if held >= ro.hold && d.rollout_step + 1 < ro.steps_bp.len() {
+                    d.rollout_step += 1;
+                    rt.step_since = now;
+                    let to = ro.steps_bp.get(d.rollout_step).copied().unwrap_or(0);
+                    tracing::info!(route = %name, step = d.rollout_step, weight = f64::from(to) / 100.0, held = ?held, "rollout advanced");
+                    changed = true;
+                }
+            } else if verdict.status != Status::Healthy {
+                rt.healthy_since = None;
+            }
+        }
+        self.update_verdict(name);
+        changed
+    }
+
+    fn update_verdict(&mut self, name: &str) {
+        let has_canary = self.config.route(name).is_some_and(|r| r.canary.is_some());
+        let d = self.state.routes.get(name).cloned().unwrap_or_default();
+        let Some(rt) = self.routes.get_mut(name) else {
+            return;
+        };
+        let label = if d.reverted.is_some() {
+            "reverted"
+        } else if !has_canary {
+            "insufficient_data"
+        } else {
+            match rt.last.as_ref().map(|v| v.status) {
+                Some(Status::Breach) => "observe_breach",
+                Some(Status::Healthy) => "healthy",
+                _ => "insufficient_data",
+            }
+        };
+        if label != rt.verdict {
+            let reason = rt.last.as_ref().map_or(String::new(), |v| v.reason.clone());
+            tracing::info!(route = %name, from = rt.verdict, to = label, reason = %reason, "verdict changed");
+            rt.verdict = label;
+        }
+    }
+
+    fn publish_all(&mut self) {
+        let names: Vec<String> = self.config.routes.iter().map(|r| r.name.clone()).collect();
+        for n in names {
+            self.update_verdict(&n);
+            self.publish(&n);
+        }
+    }
+
+    /// Updates the route's metrics and `/status` view.
+    fn publish(&self, name: &str) {
+        let Some(rt) = self.routes.get(name) else {
+            return;
+        };
+        let Some(route) = self.config.route(name) else {
+            return;
+        };
+        let m = &self.shared.metrics;
+        m.set_verdict(name, rt.verdict);
+        let ev = rt.judge.evidence();
+        m.e_value
+            .with_label_values(&[name, "errors"])
+            .set(ev.e_errors);
+        m.e_value
+            .with_label_values(&[name, "latency"])
+            .set(ev.e_latency);
+        let d = self.state.routes.get(name).cloned().unwrap_or_default();
+        m.rollout_step
+            .with_label_values(&[name])
+            .set(d.rollout_step as i64);
+        let mut lat = Vec::new();
+        let mut versions = vec![(
+            route.stable.name.clone(),
+            rt.judge.stable_stats(),
+            &rt.stable,
+        )];
+        if let (Some(c), Some(rec)) = (&route.canary, &rt.canary) {
+            versions.push((c.name.clone(), rt.judge.canary_stats(), rec));
+        }
+        for (v, stats, rec) in &versions {
+            m.window_requests
+                .with_label_values(&[name, v])
+                .set(stats.requests as i64);
+            m.window_error_ratio
+                .with_label_values(&[name, v])
+                .set(stats.error_rate());
+            let (count, sum) = rec.totals();
+            lat.push((
+                v.clone(),
+                WindowLatency {
+                    quantiles: QUANTILES.map(|q| stats.quantile_ms(q) / 1000.0),
+                    count,
+                    sum,
+                },
+            ));
+        }
+        m.window_latency.publish(name, lat);
+        let view = self.view(route, rt, &d);
+        self.shared
+            .views
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), view);
+    }
+
+    fn view(&self, route: &Route, rt: &RouteRuntime, d: &RouteDecision) -> Value {
+        let stats = |s: &Stats| {
+            json!({
+                "requests": s.requests,
+                "errors": s.errors,
+                "error_rate": s.error_rate(),
+                "p50_ms": s.quantile_ms(0.5),
+                "p95_ms": s.quantile_ms(0.95),
+                "p99_ms": s.quantile_ms(0.99),
+                "p999_ms": s.quantile_ms(0.999),
+            })
+        };
+        let ev = rt.judge.evidence();
+        let mode = match route.judge.mode {
+            JudgeMode::Enforce => "enforce",
+            JudgeMode::Observe => "observe",
+        };
+        json!({
+            "verdict": rt.verdict,
+            "reason": match (&d.reverted, &rt.last) {
+                (Some(r), _) => r.reason.clone(),
+                (None, Some(v)) => v.reason.clone(),
+                (None, None) => "no verdict yet".to_string(),
+            },
+            "mode": mode,
+            "paused": d.paused,
+            "promoted": d.promoted,
+            "reverted": d.reverted,
+            "rollout": route.rollout.as_ref().map(|ro| json!({
+                "step": d.rollout_step,
+                "steps": ro.steps_bp.iter().map(|s| f64::from(*s) / 100.0).collect::<Vec<_>>(),
+                "hold_s": ro.hold.as_secs_f64(),
+            })),
+            "evidence": {
+                "e_errors": ev.e_errors,
+                "e_latency": ev.e_latency,
+                "threshold": ev.threshold,
+                "error_events": { "canary": ev.error_events.0, "stable": ev.error_events.1 },
+                "slow_events": { "canary": ev.slow_events.0, "stable": ev.slow_events.1 },
+                "slow_thresholds_ms": ev.thresholds_ms.iter().map(|(q, t)| (q.key().to_string(), json!(t))).collect::<serde_json::Map<_, _>>(),
+            },
+            "window": {
+                "stable": stats(&rt.judge.stable_stats()),
+                "canary": route.canary.as_ref().map(|_| stats(&rt.judge.canary_stats())),
+            },
+        })
+    }
+
+    fn route_json(&self, name: &str) -> Value {
+        let snap = self.shared.snapshot.load();
+        let views = self.shared.views.lock().unwrap_or_else(|p| p.into_inner());
+        snap.routes
+            .iter()
+            .find(|r| &*r.name == name)
+            .map_or(Value::Null, |r| {
+                crate::admin::route_status(r, views.get(name))
+            })
+    }
+}

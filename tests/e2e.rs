@@ -11,6 +11,7 @@ mod e2e {
 
     mod cli;
     mod failures;
+    mod judge;
     mod protocols;
     mod reload;
     mod shutdown;

@@ -1,15 +1,18 @@
-//! `veer demo`: the whole proxy on loopback with built-in upstreams and load,
-//! and a live view of the split.
+//! `veer demo`: the whole story on loopback. Traffic splits, the canary turns
+//! bad part-way, the judge's evidence grows, the canary is reverted, and
+//! traffic is back on stable.
 //!
 //! Everything runs in this process: two upstream servers ("stable" v1 and
 //! "canary" v2) on 127.0.0.1, the real proxy (`run::run`, the same code as
 //! `veer run`) configured by a generated file, and a load generator with
-//! thousands of user keys. Only loopback addresses are used; the load is
-//! paced and ends with the demo.
+//! thousands of user keys. A third of the way in, v2 starts failing 10 % of
+//! its requests and answering four times slower. Only loopback addresses are
+//! used; the load is paced and ends with the demo.
 
 use std::convert::Infallible;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,9 +59,17 @@ pub enum DemoError {
 }
 
 /// How an upstream of the demo behaves.
-struct Behaviour {
+pub struct Behaviour {
     version: &'static str,
     base_latency: Duration,
+    bad: AtomicBool,
+}
+
+impl Behaviour {
+    /// Makes the upstream fail 10 % of requests and answer 4× slower.
+    pub fn turn_bad(&self) {
+        self.bad.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Starts one upstream server; it runs until the process ends.
@@ -66,13 +77,15 @@ pub async fn upstream(
     addr: &str,
     version: &'static str,
     base_latency: Duration,
-) -> std::io::Result<SocketAddr> {
+) -> std::io::Result<(SocketAddr, Arc<Behaviour>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let b = Arc::new(Behaviour {
         version,
         base_latency,
+        bad: AtomicBool::new(false),
     });
+    let handle = b.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -84,12 +97,20 @@ pub async fn upstream(
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let b = b.clone();
                     async move {
-                        let jitter = Duration::from_micros(fastrand::u64(
-                            0..b.base_latency.as_micros() as u64 + 1,
-                        ));
-                        tokio::time::sleep(b.base_latency + jitter).await;
+                        let bad = b.bad.load(Ordering::Relaxed);
+                        let base = if bad {
+                            b.base_latency * 4
+                        } else {
+                            b.base_latency
+                        };
+                        let jitter =
+                            Duration::from_micros(fastrand::u64(0..base.as_micros() as u64 + 1));
+                        tokio::time::sleep(base + jitter).await;
                         let body = format!("hello from {} ({})\n", b.version, req.uri().path());
                         let mut resp = Response::new(Full::new(Bytes::from(body)));
+                        if bad && fastrand::u8(0..10) == 0 {
+                            *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                        }
                         resp.headers_mut()
                             .insert("x-demo-version", http::HeaderValue::from_static(b.version));
                         Ok::<_, Infallible>(resp)
@@ -101,7 +122,7 @@ pub async fn upstream(
             });
         }
     });
-    Ok(local)
+    Ok((local, handle))
 }
 
 #[derive(Default)]
@@ -140,14 +161,15 @@ type Tallies = Arc<Mutex<[Tally; 2]>>;
 /// upstreams on their fixed addresses until interrupted.
 pub async fn demo(duration: Duration, upstreams_only: bool) -> Result<(), DemoError> {
     if upstreams_only {
-        let s = upstream(STABLE_ADDR, "v1", Duration::from_millis(2)).await?;
-        let c = upstream(CANARY_ADDR, "v2", Duration::from_millis(2)).await?;
+        let (s, _) = upstream(STABLE_ADDR, "v1", Duration::from_millis(2)).await?;
+        let (c, _) = upstream(CANARY_ADDR, "v2", Duration::from_millis(2)).await?;
         println!("demo upstreams: stable v1 on {s}, canary v2 on {c}; Ctrl-C to stop");
         let _ = tokio::signal::ctrl_c().await;
         return Ok(());
     }
-    let stable = upstream("127.0.0.1:0", "v1", Duration::from_millis(2)).await?;
-    let canary = upstream("127.0.0.1:0", "v2", Duration::from_millis(2)).await?;
+    let (stable, _) = upstream("127.0.0.1:0", "v1", Duration::from_millis(2)).await?;
+    let (canary, canary_behaviour) =
+        upstream("127.0.0.1:0", "v2", Duration::from_millis(2)).await?;
     let dir = std::env::temp_dir().join(format!("veer-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("veer.toml");
@@ -191,21 +213,33 @@ pub async fn demo(duration: Duration, upstreams_only: bool) -> Result<(), DemoEr
 
     let tty = std::io::stdout().is_terminal();
     let start = Instant::now();
+    let bad_at = duration / 3;
+    let mut went_bad: Option<Instant> = None;
+    let mut reverted: Option<Duration> = None;
     let mut totals = [0u64; 2];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     while Instant::now() < deadline {
         tick.tick().await;
+        if went_bad.is_none() && start.elapsed() >= bad_at {
+            canary_behaviour.turn_bad();
+            went_bad = Some(Instant::now());
+        }
         let snapshot = {
             let mut t = tallies.lock().unwrap_or_else(|p| p.into_inner());
             std::mem::take(&mut *t)
         };
         totals[0] += snapshot[0].ok + snapshot[0].errors;
         totals[1] += snapshot[1].ok + snapshot[1].errors;
+        let judge = judge_view(bound.admin).await;
+        if reverted.is_none() && judge.verdict == "reverted" {
+            reverted = went_bad.map(|t| t.elapsed());
+        }
         print!(
             "{}",
             view(&snapshot, start.elapsed(), duration, bound.admin, tty)
         );
+        print!("{}", judge.render(went_bad.is_some(), tty, start.elapsed()));
     }
     let _ = done_tx.send(true);
     for c in clients {
@@ -219,6 +253,15 @@ pub async fn demo(duration: Duration, upstreams_only: bool) -> Result<(), DemoEr
         all,
         totals[1] as f64 * 100.0 / all as f64
     );
+    match (went_bad, reverted) {
+        (Some(_), Some(d)) => println!(
+            "v2 turned bad at {:.0}s; veer reverted it by itself {:.1}s later (seen at 1 s resolution); traffic is back on v1",
+            bad_at.as_secs_f64(),
+            d.as_secs_f64()
+        ),
+        (Some(_), None) => println!("v2 turned bad at {:.0}s and was not reverted before the demo ended", bad_at.as_secs_f64()),
+        _ => println!("the demo ended before v2 turned bad (use a longer --duration)"),
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -243,6 +286,12 @@ endpoints = ["{stable}"]
 version = "v2"
 endpoints = ["{canary}"]
 weight = {CANARY_WEIGHT}
+[route.judge]
+mode = "enforce"
+interval = "1s"
+window = "30s"
+min_requests = 50
+false_revert_rate = 0.01
 "#,
         state = dir.join("state").display()
     )
@@ -322,4 +371,65 @@ fn view(
         }
     }
     s
+}
+
+/// What the demo shows of the judge, read from the admin `/status`.
+#[derive(Default)]
+struct JudgeView {
+    verdict: String,
+    reason: String,
+    effective: f64,
+    e_errors: f64,
+    e_latency: f64,
+    threshold: f64,
+}
+
+async fn judge_view(admin: SocketAddr) -> JudgeView {
+    let Ok(resp) = crate::client::get(&admin.to_string(), "/status").await else {
+        return JudgeView::default();
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(resp.body()) else {
+        return JudgeView::default();
+    };
+    let r = &v["routes"][0];
+    JudgeView {
+        verdict: r["verdict"].as_str().unwrap_or("?").to_string(),
+        reason: r["reason"].as_str().unwrap_or("").to_string(),
+        effective: r["weight"]["effective"].as_f64().unwrap_or(0.0),
+        e_errors: r["evidence"]["e_errors"].as_f64().unwrap_or(0.0),
+        e_latency: r["evidence"]["e_latency"].as_f64().unwrap_or(0.0),
+        threshold: r["evidence"]["threshold"].as_f64().unwrap_or(0.0),
+    }
+}
+
+impl JudgeView {
+    fn render(&self, bad: bool, tty: bool, elapsed: Duration) -> String {
+        let state = if bad {
+            "v2 is BAD (10 % errors, 4x latency)"
+        } else {
+            "v2 is healthy"
+        };
+        let line = format!(
+            "judge: {:<17} canary weight {:>5.1}%   evidence E(errors) {:>9}  E(latency) {:>9}  (revert at {:.0})   {state}",
+            self.verdict,
+            self.effective,
+            e_fmt(self.e_errors),
+            e_fmt(self.e_latency),
+            self.threshold
+        );
+        if tty {
+            format!("\n{line}\n  {}\n", self.reason)
+        } else {
+            format!("[{:>3.0}s] {line}\n", elapsed.as_secs_f64())
+        }
+    }
+}
+
+/// An e-value for people: fixed point while small, scientific once large.
+fn e_fmt(e: f64) -> String {
+    if e >= 1e4 {
+        format!("{e:.1e}")
+    } else {
+        format!("{e:.2}")
+    }
 }

@@ -1,0 +1,354 @@
+//! The judge through the real binary: reverts that stick, no revert of a
+//! good canary, observe mode, too little data, and operator actions.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::support::{get, metric, route_config, Client, Upstream, Veer};
+
+const JUDGE: &str = "[route.judge]\ninterval = \"200ms\"\nwindow = \"10s\"\nmin_requests = 20\n";
+
+/// Keeps sending keyed requests until dropped (bounded to 120 s).
+struct Load {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, conns: usize, pause: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let tasks = (0..conns)
+            .map(|w| {
+                let (stop, sent) = (stop.clone(), sent.clone());
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    let mut c = Client::connect(addr).await.unwrap();
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        i += 1;
+                        let key = format!("user-{w}-{}", i % 500);
+                        if c.get("/", &[("x-user-id", &key)]).await.is_err() {
+                            c = Client::connect(addr).await.unwrap();
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, sent, tasks }
+    }
+
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+async fn wait_verdict(veer: &Veer, want: &str, limit: Duration) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let st = veer.status().await;
+        if st["routes"][0]["verdict"] == want {
+            return st["routes"][0].clone();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "verdict never became {want}: {}",
+            st["routes"][0]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn all_on(veer: &Veer, name: &str, keys: usize) {
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    for i in 0..keys {
+        let r = c
+            .get("/", &[("x-user-id", &format!("check-{i}"))])
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-upstream"], name, "key check-{i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_500s_are_reverted_and_traffic_returns_to_stable_and_stays_after_restart() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.status.store(500, Ordering::SeqCst);
+    let config = route_config(&[s.addr], &[c.addr], 20.0, "") + JUDGE;
+    let mut veer = Veer::start(&config).await;
+    let load = Load::start(veer.addr, 4, Duration::ZERO);
+    let route = wait_verdict(&veer, "reverted", Duration::from_secs(10)).await;
+    load.stop().await;
+    assert_eq!(route["weight"]["effective"], 0.0);
+    assert_eq!(route["weight"]["configured"], 20.0);
+    assert!(
+        route["reason"].as_str().unwrap().contains("canary"),
+        "{route}"
+    );
+    all_on(&veer, "stable", 300).await;
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, r#"veer_verdict{route="web",verdict="reverted"}"#),
+        Some(1.0)
+    );
+    let reverts: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("veer_reverts_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(reverts, 1.0);
+    assert_eq!(veer.logs_with("canary reverted").len(), 1);
+
+    // An unrelated reload does not re-expose the canary.
+    veer.write_config(&config.replace("sticky = [", "timeout = \"20s\"\nsticky = ["));
+    veer.wait_generation(2).await;
+    all_on(&veer, "stable", 100).await;
+
+    // Neither does a restart.
+    veer.terminate();
+    assert!(veer.wait_exit(Duration::from_secs(10)).await.success());
+    let dir = std::mem::replace(&mut veer.dir, tempfile::tempdir().unwrap());
+    let restarted = Veer::start_in(dir, veer.config.clone()).await;
+    assert_eq!(restarted.status().await["routes"][0]["verdict"], "reverted");
+    all_on(&restarted, "stable", 300).await;
+    assert_eq!(
+        restarted
+            .logs_with("canary stays reverted (persisted decision)")
+            .len(),
+        1
+    );
+
+    // A new canary version brings canary traffic back.
+    c.status.store(200, Ordering::SeqCst);
+    let fixed = restarted.dir.path().join("veer.toml");
+    let text = std::fs::read_to_string(&fixed)
+        .unwrap()
+        .replace("version = \"v2\"", "version = \"v3\"");
+    let tmp = restarted.dir.path().join("new.toml");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &fixed).unwrap();
+    restarted.wait_generation(2).await;
+    let st = restarted.status().await;
+    assert_eq!(
+        st["routes"][0]["weight"]["effective"], 20.0,
+        "{}",
+        st["routes"][0]
+    );
+    let mut client = Client::connect(restarted.addr).await.unwrap();
+    let mut canary = 0;
+    for i in 0..500 {
+        let r = client
+            .get("/", &[("x-user-id", &format!("n{i}"))])
+            .await
+            .unwrap();
+        canary += usize::from(r.headers()["x-upstream"] == "canary");
+    }
+    assert!(canary > 50, "canary got {canary} of 500");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latency_regression_is_reverted() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    s.delay_ms.store(2, Ordering::SeqCst);
+    c.delay_ms.store(40, Ordering::SeqCst);
+    let veer = Veer::start(&(route_config(&[s.addr], &[c.addr], 20.0, "") + JUDGE)).await;
+    let load = Load::start(veer.addr, 6, Duration::ZERO);
+    let route = wait_verdict(&veer, "reverted", Duration::from_secs(20)).await;
+    load.stop().await;
+    assert!(
+        route["reverted"]["guard"] == "latency_test"
+            || route["reverted"]["guard"] == "latency_ratio",
+        "{route}"
+    );
+    all_on(&veer, "stable", 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_versions_under_load_for_a_minute_are_not_reverted() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let veer = Veer::start(&(route_config(&[s.addr], &[c.addr], 20.0, "") + JUDGE)).await;
+    let load = Load::start(veer.addr, 3, Duration::from_millis(2));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let sent = load.stop().await;
+    let route = veer.status().await["routes"][0].clone();
+    assert_eq!(route["verdict"], "healthy", "{route}");
+    assert_eq!(route["weight"]["effective"], 20.0);
+    assert!(sent > 5_000, "too little load: {sent}");
+    assert!(veer.logs_with("canary reverted").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_mode_reports_but_never_reverts() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.status.store(503, Ordering::SeqCst);
+    let config = route_config(&[s.addr], &[c.addr], 20.0, "")
+        + &JUDGE.replace("[route.judge]\n", "[route.judge]\nmode = \"observe\"\n");
+    let veer = Veer::start(&config).await;
+    let load = Load::start(veer.addr, 4, Duration::ZERO);
+    let route = wait_verdict(&veer, "observe_breach", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.stop().await;
+    assert_eq!(route["weight"]["effective"], 20.0);
+    assert_eq!(
+        veer.status().await["routes"][0]["weight"]["effective"],
+        20.0
+    );
+    assert!(veer.logs_with("canary reverted").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn little_traffic_is_insufficient_data_never_a_revert() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.status.store(500, Ordering::SeqCst);
+    let config = route_config(&[s.addr], &[c.addr], 20.0, "")
+        + &JUDGE.replace("min_requests = 20", "min_requests = 500");
+    let veer = Veer::start(&config).await;
+    // One canary user, two failing requests: not a burst, not a test result.
+    let mut client = Client::connect(veer.addr).await.unwrap();
+    let mut sent = 0;
+    for i in 0..200 {
+        let key = format!("few-{i}");
+        let r = client.get("/", &[("x-user-id", &key)]).await.unwrap();
+        if r.headers()["x-upstream"] == "canary" {
+            sent += 1;
+            if sent == 2 {
+                break;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let route = veer.status().await["routes"][0].clone();
+    assert_eq!(route["verdict"], "insufficient_data", "{route}");
+    assert_eq!(route["weight"]["effective"], 20.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_actions_need_the_token_and_persist() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let config = route_config(&[s.addr], &[c.addr], 30.0, "")
+        .replace("[admin]\n", "[admin]\ntoken_file = \"admin.token\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin.token"), "s3cret\n").unwrap();
+    let path = dir.path().join("veer.toml");
+    std::fs::write(
+        &path,
+        config.replace("@STATE@", &dir.path().join("state").display().to_string()),
+    )
+    .unwrap();
+    let veer = Veer::start_in(dir, path).await;
+
+    let post = |path: &'static str, token: Option<&'static str>| {
+        let admin = veer.admin;
+        async move {
+            let stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let mut req = http::Request::post(path).header("host", "admin");
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            let resp = sender
+                .send_request(
+                    req.body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let status = resp.status();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            (
+                status,
+                serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default(),
+            )
+        }
+    };
+    assert_eq!(post("/routes/web/revert", None).await.0, 401);
+    assert_eq!(post("/routes/web/revert", Some("wrong")).await.0, 401);
+    assert_eq!(
+        veer.status().await["routes"][0]["weight"]["effective"],
+        30.0
+    );
+    assert_eq!(post("/routes/nope/revert", Some("s3cret")).await.0, 404);
+    assert_eq!(post("/routes/web/explode", Some("s3cret")).await.0, 404);
+
+    let (status, body) = post("/routes/web/revert", Some("s3cret")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["verdict"], "reverted");
+    assert_eq!(body["weight"]["effective"], 0.0);
+    all_on(&veer, "stable", 100).await;
+    let saved = std::fs::read_to_string(veer.dir.path().join("state/state.json")).unwrap();
+    assert!(saved.contains("\"operator\""), "{saved}");
+    assert_eq!(
+        post("/routes/web/promote", Some("s3cret")).await.0,
+        409,
+        "a reverted canary must be reset before promotion"
+    );
+
+    let (status, body) = post("/routes/web/reset", Some("s3cret")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["weight"]["effective"], 30.0);
+    let (_, body) = post("/routes/web/pause", Some("s3cret")).await;
+    assert_eq!(body["paused"], true);
+    let (_, body) = post("/routes/web/resume", Some("s3cret")).await;
+    assert_eq!(body["paused"], false);
+    let (status, body) = post("/routes/web/promote", Some("s3cret")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["weight"]["effective"], 100.0);
+    all_on(&veer, "canary", 100).await;
+    assert_eq!(veer.logs_with("operator action").len(), 5);
+    assert_eq!(
+        get(veer.admin, "/routes/web/revert", &[])
+            .await
+            .unwrap()
+            .status(),
+        405
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_walks_its_steps_while_healthy() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let config = route_config(&[s.addr], &[c.addr], 1.0, "")
+        + JUDGE
+        + "[route.rollout]\nsteps = [10, 50, 100]\nhold = \"1s\"\n";
+    let veer = Veer::start(&config).await;
+    let load = Load::start(veer.addr, 3, Duration::from_millis(1));
+    let start = Instant::now();
+    loop {
+        let route = veer.status().await["routes"][0].clone();
+        if route["weight"]["effective"] == 100.0 {
+            assert_eq!(route["rollout"]["step"], 2);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "rollout stuck: {route}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load.stop().await;
+    assert_eq!(veer.logs_with("rollout advanced").len(), 2);
+}

@@ -3,7 +3,9 @@
 //! Three layers, checked in order each tick:
 //!
 //! 1. **Hard guards**, no statistics: the canary is unreachable; at least
-//!    half of at least 20 canary requests failed in the last 10 s; the
+//!    half of at least 20 canary requests failed in the last 10 s, coming
+//!    from at least 5 distinct keys (so one heavy user who always fails
+//!    cannot trip it); the
 //!    configured absolute limits (`max_error_rate`, `max_latency_ms`) once
 //!    the canary has `min_requests` in the window; the relative limits
 //!    (`max_error_rate_ratio`, `max_latency_ratio`) once both versions have
@@ -38,6 +40,8 @@ const BURST_MIN_REQUESTS: u64 = 20;
 const BURST_FAILURE_SHARE: f64 = 0.5;
 /// Span of the burst guard.
 const BURST_SPAN: Duration = Duration::from_secs(10);
+/// Distinct failing canary keys the burst guard needs.
+const BURST_MIN_KEYS: u64 = 5;
 /// Canary errors the error-ratio guard needs.
 const RATIO_MIN_ERRORS: u64 = 5;
 /// Canary bad events a sequential test needs before it may revert.
@@ -53,6 +57,9 @@ pub struct VersionTick {
     /// Slow requests from keys not slow before, per threshold (same order
     /// as [`Judge::quantiles`]).
     pub slow_events: Vec<u64>,
+    /// Failing keys not seen failing before in the current burst span
+    /// (the proxy clears that filter when [`Judge::tick`] says so).
+    pub burst_keys: u64,
     /// Every endpoint of the version is failing connects.
     pub unreachable: bool,
 }
@@ -135,6 +142,9 @@ pub struct Judge {
     latency: Vec<EProcess>,
     thresholds_us: Vec<Option<u64>>,
     margin: f64,
+    /// Distinct failing canary keys in the previous and the current burst span.
+    burst_keys: [u64; 2],
+    ticks_in_span: usize,
 }
 
 impl Judge {
@@ -165,7 +175,15 @@ impl Judge {
             burst_slices: burst_slices.max(1),
             errors: EProcess::new(margin),
             margin,
+            burst_keys: [0, 0],
+            ticks_in_span: 0,
         }
+    }
+
+    /// Whether the burst-key filter should be cleared now: true once per
+    /// burst span (10 s), right after the tick that closed it.
+    pub fn burst_span_ended(&self) -> bool {
+        self.ticks_in_span == 0
     }
 
     /// The quantiles whose slow thresholds the proxy should apply.
@@ -191,12 +209,12 @@ impl Judge {
     }
 
     /// Window totals of stable.
-    pub fn stable_stats(&self) -> Stats {
+    pub fn stable_stats(&self) -> &Stats {
         self.stable.stats()
     }
 
     /// Window totals of the canary.
-    pub fn canary_stats(&self) -> Stats {
+    pub fn canary_stats(&self) -> &Stats {
         self.canary.stats()
     }
 
@@ -247,6 +265,13 @@ impl Judge {
                 }
             }
         }
+        self.burst_keys[1] += canary.burst_keys;
+        let burst_keys = self.burst_keys[0] + self.burst_keys[1];
+        self.ticks_in_span += 1;
+        if self.ticks_in_span >= self.burst_slices {
+            self.burst_keys = [self.burst_keys[1], 0];
+            self.ticks_in_span = 0;
+        }
         self.stable.push(stable.slice);
         self.canary.push(canary.slice);
         let st = self.stable.stats();
@@ -261,7 +286,7 @@ impl Judge {
             })
             .collect();
 
-        if let Some(v) = self.guards(canary.unreachable, &st, &ca) {
+        if let Some(v) = self.guards(canary.unreachable, burst_keys, st, ca) {
             return v;
         }
         if let Some(v) = self.tests() {
@@ -296,7 +321,13 @@ impl Judge {
         }
     }
 
-    fn guards(&self, unreachable: bool, st: &Stats, ca: &Stats) -> Option<Verdict> {
+    fn guards(
+        &self,
+        unreachable: bool,
+        burst_keys: u64,
+        st: &Stats,
+        ca: &Stats,
+    ) -> Option<Verdict> {
         let breach = |guard: &'static str, reason: String| {
             Some(Verdict {
                 status: Status::Breach,
@@ -310,15 +341,16 @@ impl Judge {
                 "canary unreachable: every endpoint is failing connects".into(),
             );
         }
-        let burst = self.canary.recent(self.burst_slices);
-        if burst.requests >= BURST_MIN_REQUESTS && burst.error_rate() >= BURST_FAILURE_SHARE {
+        let (requests, errors) = self.canary.recent(self.burst_slices);
+        if requests >= BURST_MIN_REQUESTS
+            && errors as f64 >= BURST_FAILURE_SHARE * requests as f64
+            && burst_keys >= BURST_MIN_KEYS
+        {
             return breach(
                 "failure_burst",
                 format!(
-                    "{} of the last {} canary requests failed ({:.0}%) within 10 s",
-                    burst.errors,
-                    burst.requests,
-                    burst.error_rate() * 100.0
+                    "{errors} of the last {requests} canary requests failed ({:.0}%) within 10 s, from {burst_keys} distinct keys",
+                    errors as f64 * 100.0 / requests as f64
                 ),
             );
         }
@@ -454,6 +486,7 @@ mod tests {
             slice,
             error_events: errors,
             slow_events: vec![0, 0],
+            burst_keys: errors,
             unreachable: false,
         }
     }
@@ -496,6 +529,23 @@ mod tests {
         });
         assert_eq!((v.status, v.guard), (Status::Breach, "failure_burst"));
         assert!(v.reason.contains("30 of the last 50"), "{}", v.reason);
+    }
+
+    #[test]
+    fn one_heavy_failing_user_does_not_trip_the_burst_guard() {
+        let mut j = Judge::new(&settings());
+        for _ in 0..10 {
+            let mut canary = tick(50, 40, 1000);
+            canary.error_events = 0;
+            canary.burst_keys = 0;
+            let v = j.tick(TickInput {
+                w: 0.05,
+                weight_changed: false,
+                stable: tick(950, 0, 1000),
+                canary,
+            });
+            assert_ne!(v.guard, "failure_burst");
+        }
     }
 
     #[test]

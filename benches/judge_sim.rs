@@ -37,7 +37,6 @@ use veer_control::keyfilter::KeyFilter;
 use veer_control::window::Slice;
 
 const USERS: usize = 200_000;
-const RATE: f64 = 1000.0;
 const HOUR: u32 = 3600;
 const BASE_ERRORS: f64 = 0.001;
 const SAMPLES: u64 = 64;
@@ -232,7 +231,13 @@ fn settings() -> JudgeSettings {
 }
 
 /// One rollout; returns the tick of the first breach and its guard.
-fn rollout(pop: &Population, sc: Scenario, seed: u64, ticks: u32) -> Option<(u32, &'static str)> {
+fn rollout(
+    pop: &Population,
+    sc: Scenario,
+    seed: u64,
+    ticks: u32,
+    rate: f64,
+) -> Option<(u32, &'static str)> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let key_seed = rng.u64(..);
     let mut judge = Judge::new(&settings());
@@ -282,7 +287,7 @@ fn rollout(pop: &Population, sc: Scenario, seed: u64, ticks: u32) -> Option<(u32
         last_w = Some(w_bp);
         let w = f64::from(w_bp) / 10_000.0;
         let share = traffic_share[weights.iter().position(|x| *x == w_bp).unwrap_or(0)];
-        let n = poisson(&mut rng, RATE);
+        let n = poisson(&mut rng, rate);
         let n_c = ((n as f64) * share
             + ((n as f64) * share * (1.0 - share)).sqrt() * normal(&mut rng))
         .round()
@@ -449,40 +454,44 @@ fn arg(name: &str, default: u64) -> u64 {
 fn main() {
     let runs = arg("--runs", 2000);
     let detect_runs = arg("--detect-runs", 200);
+    // Requests per second seen by this judge (a replica of a fleet sees its share).
+    let rate = arg("--rate", 1000) as f64;
     let zipf = Population::new(true);
     let uniform = Population::new(false);
     let started = Instant::now();
 
-    let aa = Scenario {
-        name: "A/A",
-        canary_errors: BASE_ERRORS,
-        canary_latency: Latency::Base,
-        aa: true,
-    };
-    let results = parallel(runs, |i| rollout(&zipf, aa, 0x5EED_0000 + i, HOUR));
-    let reverted: Vec<&(u32, &str)> = results.iter().flatten().collect();
-    let k = reverted.len() as u64;
-    println!("(a) A/A false reverts: {runs} one-hour rollouts at 1000 req/s, weight 1 % -> 5 % -> 10 %, heavy-tailed latency,");
-    println!("    2 error bursts/h (5 % on both versions, 30 s), Zipf users with 3 always-failing heavy users; false_revert_rate 0.01");
-    println!();
-    println!("| rollouts | false reverts | rate | 95 % Clopper-Pearson upper | bound | layers that tripped |");
-    println!("|---|---|---|---|---|---|");
-    let mut layers: Vec<&str> = reverted.iter().map(|(_, g)| *g).collect();
-    layers.sort_unstable();
-    layers.dedup();
-    let upper = clopper_pearson_upper(k, runs);
-    println!(
-        "| {runs} | {k} | {:.4} | {:.4} | 0.01 {} | {} |",
-        k as f64 / runs as f64,
-        upper,
-        if upper <= 0.01 { "(met)" } else { "(NOT met)" },
-        if layers.is_empty() {
-            "-".to_string()
-        } else {
-            layers.join(", ")
-        }
-    );
-    println!();
+    if runs > 0 {
+        let aa = Scenario {
+            name: "A/A",
+            canary_errors: BASE_ERRORS,
+            canary_latency: Latency::Base,
+            aa: true,
+        };
+        let results = parallel(runs, |i| rollout(&zipf, aa, 0x5EED_0000 + i, HOUR, rate));
+        let reverted: Vec<&(u32, &str)> = results.iter().flatten().collect();
+        let k = reverted.len() as u64;
+        println!("(a) A/A false reverts: {runs} one-hour rollouts at {rate} req/s, weight 1 % -> 5 % -> 10 %, heavy-tailed latency,");
+        println!("    2 error bursts/h (5 % on both versions, 30 s), Zipf users with 3 always-failing heavy users; false_revert_rate 0.01");
+        println!();
+        println!("| rollouts | false reverts | rate | 95 % Clopper-Pearson upper | bound | layers that tripped |");
+        println!("|---|---|---|---|---|---|");
+        let mut layers: Vec<&str> = reverted.iter().map(|(_, g)| *g).collect();
+        layers.sort_unstable();
+        layers.dedup();
+        let upper = clopper_pearson_upper(k, runs);
+        println!(
+            "| {runs} | {k} | {:.4} | {:.4} | 0.01 {} | {} |",
+            k as f64 / runs as f64,
+            upper,
+            if upper <= 0.01 { "(met)" } else { "(NOT met)" },
+            if layers.is_empty() {
+                "-".to_string()
+            } else {
+                layers.join(", ")
+            }
+        );
+        println!();
+    }
 
     let scenarios = [
         Scenario {
@@ -541,14 +550,20 @@ fn main() {
         },
     ];
     let limit = 1800;
-    println!("(b) detection delay: weight 5 %, 1000 req/s, stable 0.1 % errors, 200 000 users of equal activity,");
+    println!("(b) detection delay: weight 5 %, {rate} req/s, stable 0.1 % errors, 200 000 users of equal activity,");
     println!("    {detect_runs} runs each, judge interval 1 s, give up after {limit} s");
     println!();
     println!("| canary regression | detected | median s | p95 s | max s | layer (most runs) |");
     println!("|---|---|---|---|---|---|");
     for (n, sc) in scenarios.iter().enumerate() {
         let res = parallel(detect_runs, |i| {
-            rollout(&uniform, *sc, 0xD37E_C700 + (n as u64) * 100_000 + i, limit)
+            rollout(
+                &uniform,
+                *sc,
+                0xD37E_C700 + (n as u64) * 100_000 + i,
+                limit,
+                rate,
+            )
         });
         let mut delays: Vec<f64> = res
             .iter()

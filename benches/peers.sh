@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Loopback load benchmark: veer side by side with nginx and HAProxy, using the
 # shared peer script (../shared/bench/peers.sh). Builds veer in release mode,
-# writes a veer config matching the peers' split (x-user-id, fallback client
-# IP; canary share -p), and passes veer as the extra target.
+# writes veer configs matching the peers' split (x-user-id, fallback client
+# IP; canary share -p), and passes two veer targets: "veer" with the judge on
+# (mode enforce, the default) and "veer-off" with [route.judge] mode = "off",
+# so the cost of recording and judging is measured in the same run.
 #
 # usage: benches/peers.sh [peers.sh options]     e.g. benches/peers.sh -r 3 -d 10
 # Only 127.0.0.1 is targeted; every run is bounded by wrk's duration.
@@ -20,17 +22,17 @@ done
 WORKERS=1; [ "$MODE" = unpinned ] && WORKERS=2
 
 export BASE_PORT=${BASE_PORT:-18080}
-VEER_PORT=$((BASE_PORT + 13)) ADMIN_PORT=$((BASE_PORT + 14))
 (cd "$ROOT" && cargo build --release --locked -p veer-proxy --bin veer)
 CFG_DIR=$(mktemp -d /tmp/veer-bench.XXXXXX)
-cat > "$CFG_DIR/veer.toml" <<TOML
+config() { # name port admin_port judge_mode
+cat > "$CFG_DIR/$1.toml" <<TOML
 [proxy]
-listen = ["127.0.0.1:$VEER_PORT"]
+listen = ["127.0.0.1:$2"]
 workers = $WORKERS
 [admin]
-listen = "127.0.0.1:$ADMIN_PORT"
+listen = "127.0.0.1:$3"
 [state]
-dir = "$CFG_DIR/state"
+dir = "$CFG_DIR/state-$1"
 
 [[route]]
 name = "bench"
@@ -42,7 +44,13 @@ endpoints = ["127.0.0.1:$((BASE_PORT + 1))"]
 version = "canary"
 endpoints = ["127.0.0.1:$((BASE_PORT + 2))"]
 weight = $PCT
+[route.judge]
+mode = "$4"
 TOML
-echo "veer config: $CFG_DIR/veer.toml"
+}
+config veer $((BASE_PORT + 13)) $((BASE_PORT + 14)) enforce
+config veer-off $((BASE_PORT + 15)) $((BASE_PORT + 16)) off
+echo "veer configs: $CFG_DIR"
 RUST_LOG=warn bash "$PEERS" "${args[@]}" \
-  "veer=127.0.0.1:$VEER_PORT=$ROOT/target/release/veer run --config $CFG_DIR/veer.toml"
+  "veer=127.0.0.1:$((BASE_PORT + 13))=$ROOT/target/release/veer run --config $CFG_DIR/veer.toml" \
+  "veer-off=127.0.0.1:$((BASE_PORT + 15))=$ROOT/target/release/veer run --config $CFG_DIR/veer-off.toml"

@@ -1,7 +1,9 @@
-//! Micro benchmark of the per-request routing decision: sticky-key
-//! extraction, bucket hash, version choice and endpoint choice on the ring.
+//! Micro benchmarks of the per-request hot path: the routing decision
+//! (sticky-key extraction, bucket hash, version choice, endpoint choice on
+//! the ring) and the judge's inline recording.
 //!
-//! Run: `cargo bench -p veer-benches --bench routing`. Goal: ≤ 100 ns.
+//! Run: `cargo bench -p veer-benches --bench routing`. Goals: routing
+//! decision ≤ 100 ns, recording ≤ 50 ns.
 
 // criterion_group! generates an undocumented pub function.
 #![allow(missing_docs)]
@@ -12,6 +14,7 @@ use std::net::SocketAddr;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use veer_proxy::balance::Balancer;
+use veer_proxy::record::{Outcome, Recorder, RouteKeys};
 use veer_proxy::split::{bucket, is_canary, sticky_key, KeyBuf, StickyKey};
 use veer_proxy::upstream::Upstreams;
 
@@ -70,6 +73,26 @@ fn routing(c: &mut Criterion) {
     });
     c.bench_function("bucket hash only", |b| {
         b.iter(|| bucket(black_box(b"user-123456")))
+    });
+
+    // Inline recording of one request's outcome and latency for the judge.
+    let keys = std::sync::Arc::new(RouteKeys::new(2));
+    let rec = Recorder::new(keys);
+    rec.set_thresholds(&[Some(20_000), Some(150_000)]);
+    let mut i = 0u64;
+    c.bench_function("record (success)", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(7919);
+            let hash = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            rec.record(black_box(1_000 + i % 30_000), Outcome::Ok, Some(hash))
+        })
+    });
+    c.bench_function("record (error)", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(7919);
+            let hash = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            rec.record(black_box(1_000 + i % 30_000), Outcome::Error, Some(hash))
+        })
     });
 }
 

@@ -161,6 +161,19 @@ pub enum JudgeMode {
     Enforce,
     /// Only report.
     Observe,
+    /// Neither record nor judge this route (the canary still gets its weight).
+    Off,
+}
+
+impl JudgeMode {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JudgeMode::Enforce => "enforce",
+            JudgeMode::Observe => "observe",
+            JudgeMode::Off => "off",
+        }
+    }
 }
 
 /// A latency quantile the judge can guard.

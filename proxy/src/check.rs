@@ -4,7 +4,7 @@ use std::fmt::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use veer_control::config::{Config, JudgeMode, Version};
+use veer_control::config::{Config, Version};
 
 use crate::reload::base_dir;
 
@@ -83,10 +83,7 @@ pub fn summary(path: &Path, c: &Config) -> String {
                 let _ = writeln!(out, "    canary none");
             }
         }
-        let mode = match r.judge.mode {
-            JudgeMode::Enforce => "enforce",
-            JudgeMode::Observe => "observe",
-        };
+        let mode = r.judge.mode.as_str();
         let _ = writeln!(
             out,
             "    judge {mode}, every {:?} over {:?}",

@@ -454,6 +454,9 @@ impl Controller {
             let Some(route) = self.config.route(&name).cloned() else {
                 continue;
             };
+            if route.judge.mode == JudgeMode::Off {
+                continue;
+            }
             let due = self
                 .routes
                 .get(&name)
@@ -658,15 +661,13 @@ impl Controller {
             })
         };
         let ev = rt.judge.evidence();
-        let mode = match route.judge.mode {
-            JudgeMode::Enforce => "enforce",
-            JudgeMode::Observe => "observe",
-        };
+        let mode = route.judge.mode.as_str();
         json!({
             "verdict": rt.verdict,
             "reason": match (&d.reverted, &rt.last) {
                 (Some(r), _) => r.reason.clone(),
                 (None, Some(v)) => v.reason.clone(),
+                (None, None) if route.judge.mode == JudgeMode::Off => "the judge is off for this route".to_string(),
                 (None, None) => "no verdict yet".to_string(),
             },
             "mode": mode,

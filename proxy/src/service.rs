@@ -85,7 +85,9 @@ pub async fn handle(
             let error =
                 status >= 500 || (route.count_4xx_as_errors && (400..500).contains(&status));
             let outcome = if error { Outcome::Error } else { Outcome::Ok };
-            version.recorder.record(micros, outcome, key_hash);
+            if route.record {
+                version.recorder.record(micros, outcome, key_hash);
+            }
             resp
         }
         Err(e) => {
@@ -97,7 +99,9 @@ pub async fn handle(
                     ProxyError::UpstreamTimeout => Outcome::Timeout,
                     _ => Outcome::Error,
                 };
-                version.recorder.record(micros, outcome, key_hash);
+                if route.record {
+                    version.recorder.record(micros, outcome, key_hash);
+                }
             } else {
                 route_less_error(&shared, e);
             }

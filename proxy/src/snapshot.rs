@@ -52,6 +52,8 @@ pub struct RouteTarget {
     pub connect_timeout: Duration,
     /// Whether upstream 4xx count as errors.
     pub count_4xx_as_errors: bool,
+    /// Whether requests are recorded for the judge (`mode` is not `off`).
+    pub record: bool,
     /// Stable version.
     pub stable: VersionTarget,
     /// Canary version, if deployed.
@@ -158,6 +160,7 @@ impl Snapshot {
                 timeout: r.timeout,
                 connect_timeout: r.connect_timeout,
                 count_4xx_as_errors: r.count_4xx_as_errors,
+                record: r.judge.mode != veer_control::config::JudgeMode::Off,
                 stable: version(&r.stable, input.stable.clone()),
                 canary,
                 weight_bp,

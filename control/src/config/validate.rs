@@ -679,10 +679,11 @@ impl Validator<'_> {
         let mode = match j.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
             None | Some(("enforce", _)) => JudgeMode::Enforce,
             Some(("observe", _)) => JudgeMode::Observe,
+            Some(("off", _)) => JudgeMode::Off,
             Some((other, span)) => {
                 self.err(
                     span,
-                    format!("judge mode {other:?} is not one of \"enforce\", \"observe\""),
+                    format!("judge mode {other:?} is not one of \"enforce\", \"observe\", \"off\""),
                 );
                 JudgeMode::Enforce
             }

@@ -227,6 +227,7 @@ fn settings() -> JudgeSettings {
         max_latency_ratio: vec![],
         false_revert_rate: 0.01,
         margin: 1.0,
+        watch: Duration::from_secs(1800),
     }
 }
 

@@ -252,6 +252,9 @@ pub struct JudgeSettings {
     /// Relative risk tolerated before the sequential tests count against the
     /// canary (r₀ ≥ 1; 1 = none).
     pub margin: f64,
+    /// blue-green: how long after a flip the new colour is tested against
+    /// the old colour's statistics from before the flip.
+    pub watch: Duration,
 }
 
 /// Progressive promotion.

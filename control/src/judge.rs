@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use crate::config::{JudgeSettings, Quantile};
 use crate::eprocess::EProcess;
+use crate::onesample::OneSample;
 use crate::window::{Slice, Stats, Window};
 
 /// Canary requests over the burst guard's 10 s before it may act.
@@ -145,6 +146,27 @@ pub struct Judge {
     /// Distinct failing canary keys in the previous and the current burst span.
     burst_keys: [u64; 2],
     ticks_in_span: usize,
+    /// blue-green: the one-sample tests after a flip.
+    watch: Option<Watch>,
+}
+
+/// Ticks after a blue-green flip that are not tested: the new colour's
+/// connection pools and caches are cold for its first requests.
+const WATCH_WARMUP_TICKS: usize = 2;
+
+/// blue-green after a flip: the new colour against the old one's baseline.
+#[derive(Clone, Debug)]
+struct Watch {
+    warmup: usize,
+    ticks_left: usize,
+    errors: OneSample,
+    /// (threshold µs, test) per quantile.
+    slow: Vec<(u64, OneSample)>,
+}
+
+/// Requests of `h` slower than `t` µs.
+fn count_above(h: &hdrhistogram::Histogram<u64>, t: u64) -> u64 {
+    h.len().saturating_sub(h.count_between(0, t))
 }
 
 impl Judge {
@@ -177,7 +199,45 @@ impl Judge {
             margin,
             burst_keys: [0, 0],
             ticks_in_span: 0,
+            watch: None,
         }
+    }
+
+    /// blue-green: the canary colour just took all traffic. Starts testing it
+    /// against stable's window from before the flip, for the `watch` period.
+    /// Returns false (and tests nothing) when that window has fewer than
+    /// `min_requests`: there is no baseline to compare with.
+    pub fn start_watch(&mut self) -> bool {
+        let st = self.stable.stats();
+        if st.requests < self.settings.min_requests {
+            self.watch = None;
+            return false;
+        }
+        let slow = self
+            .quantiles
+            .iter()
+            .map(|q| {
+                let t = st.latency.value_at_quantile(q.fraction());
+                (
+                    t,
+                    OneSample::new(count_above(&st.latency, t), st.requests, self.margin),
+                )
+            })
+            .collect();
+        let interval = self.settings.interval.max(Duration::from_millis(1));
+        self.watch = Some(Watch {
+            warmup: WATCH_WARMUP_TICKS,
+            ticks_left: (self.settings.watch.as_secs_f64() / interval.as_secs_f64()).ceil()
+                as usize,
+            errors: OneSample::new(st.errors, st.requests, self.margin),
+            slow,
+        });
+        true
+    }
+
+    /// Whether a blue-green watch is running.
+    pub fn watching(&self) -> bool {
+        self.watch.as_ref().is_some_and(|w| w.ticks_left > 0)
     }
 
     /// Whether the burst-key filter should be cleared now: true once per
@@ -229,8 +289,19 @@ impl Judge {
         } else {
             self.latency.iter().map(EProcess::e_value).sum::<f64>() / self.latency.len() as f64
         };
+        let (e_errors, e_latency) = match &self.watch {
+            Some(w) => (
+                w.errors.e_value(),
+                if w.slow.is_empty() {
+                    0.0
+                } else {
+                    w.slow.iter().map(|(_, t)| t.e_value()).sum::<f64>() / w.slow.len() as f64
+                },
+            ),
+            None => (self.errors.e_value(), e_latency),
+        };
         Evidence {
-            e_errors: self.errors.e_value(),
+            e_errors,
             e_latency,
             threshold: 1.0 / self.alpha_each(),
             error_events: (self.errors.canary_events(), self.errors.stable_events()),
@@ -265,6 +336,18 @@ impl Judge {
                 }
             }
         }
+        if let Some(w) = &mut self.watch {
+            if w.warmup > 0 {
+                w.warmup -= 1;
+            } else if w.ticks_left > 0 {
+                w.ticks_left -= 1;
+                let n = canary.slice.requests;
+                w.errors.update(canary.slice.errors, n);
+                for (t, test) in &mut w.slow {
+                    test.update(count_above(&canary.slice.latency, *t), n);
+                }
+            }
+        }
         self.burst_keys[1] += canary.burst_keys;
         let burst_keys = self.burst_keys[0] + self.burst_keys[1];
         self.ticks_in_span += 1;
@@ -292,7 +375,7 @@ impl Judge {
         if let Some(v) = self.tests() {
             return v;
         }
-        if ca.requests < min || st.requests < min {
+        if ca.requests < min || (st.requests < min && !self.watching()) {
             return Verdict {
                 status: Status::InsufficientData,
                 guard: "",
@@ -319,6 +402,53 @@ impl Judge {
                 ev.threshold
             ),
         }
+    }
+
+    fn watch_test(&self) -> Option<Verdict> {
+        let w = self.watch.as_ref()?;
+        let threshold = 1.0 / self.alpha_each();
+        if w.errors.e_value() >= threshold && w.errors.bad() >= MIN_CANARY_EVENTS {
+            return Some(Verdict {
+                status: Status::Breach,
+                guard: "bluegreen_error_test",
+                reason: format!(
+                    "after the flip: {} errors in {} requests against {:.3}% before it; E = {:.1} ≥ {threshold:.0}",
+                    w.errors.bad(),
+                    w.errors.requests(),
+                    w.errors.null_rate() * 100.0,
+                    w.errors.e_value()
+                ),
+            });
+        }
+        if w.slow.is_empty() {
+            return None;
+        }
+        let e = w.slow.iter().map(|(_, t)| t.e_value()).sum::<f64>() / w.slow.len() as f64;
+        let bad: u64 = w.slow.iter().map(|(_, t)| t.bad()).sum();
+        if e >= threshold && bad >= MIN_CANARY_EVENTS {
+            let detail: Vec<String> = w
+                .slow
+                .iter()
+                .map(|(t, s)| {
+                    format!(
+                        "{} of {} over {:.1} ms (was {:.2}%)",
+                        s.bad(),
+                        s.requests(),
+                        *t as f64 / 1000.0,
+                        s.null_rate() * 100.0
+                    )
+                })
+                .collect();
+            return Some(Verdict {
+                status: Status::Breach,
+                guard: "bluegreen_latency_test",
+                reason: format!(
+                    "after the flip: {}; E = {e:.1} ≥ {threshold:.0}",
+                    detail.join(", ")
+                ),
+            });
+        }
+        None
     }
 
     fn guards(
@@ -415,6 +545,9 @@ impl Judge {
     }
 
     fn tests(&self) -> Option<Verdict> {
+        if let Some(v) = self.watch_test() {
+            return Some(v);
+        }
         let ev = self.evidence();
         if ev.e_errors >= ev.threshold && ev.error_events.0 >= MIN_CANARY_EVENTS {
             return Some(Verdict {
@@ -472,6 +605,7 @@ mod tests {
             max_latency_ratio: vec![],
             false_revert_rate: 0.01,
             margin: 1.0,
+            watch: Duration::from_secs(1800),
         }
     }
 
@@ -595,6 +729,47 @@ mod tests {
         assert_eq!(t.len(), 2);
         let p50 = t[0].expect("threshold");
         assert!((1_990..=2_010).contains(&p50), "{p50}");
+    }
+
+    #[test]
+    fn blue_green_flip_is_judged_against_the_old_colour() {
+        let mut j = Judge::new(&settings());
+        for _ in 0..20 {
+            j.tick(TickInput {
+                w: 0.0,
+                weight_changed: false,
+                stable: tick(1000, 1, 2_000),
+                canary: tick(0, 0, 1),
+            });
+        }
+        assert!(j.start_watch());
+        // Same error rate after the flip: no breach.
+        for _ in 0..30 {
+            let v = j.tick(TickInput {
+                w: 1.0,
+                weight_changed: false,
+                stable: tick(0, 0, 1),
+                canary: tick(1000, 1, 2_000),
+            });
+            assert_ne!(v.status, Status::Breach, "{}", v.reason);
+        }
+        // Ten times the errors: breach.
+        let mut breached = None;
+        for t in 0..30 {
+            let v = j.tick(TickInput {
+                w: 1.0,
+                weight_changed: false,
+                stable: tick(0, 0, 1),
+                canary: tick(1000, 10, 2_000),
+            });
+            if v.status == Status::Breach {
+                breached = Some((t, v));
+                break;
+            }
+        }
+        let (t, v) = breached.expect("breach");
+        assert_eq!(v.guard, "bluegreen_error_test");
+        assert!(t < 10, "took {t} ticks");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod eprocess;
 pub mod judge;
 pub mod keyfilter;
+pub mod onesample;
 pub mod reload;
 pub mod state;
 pub mod window;

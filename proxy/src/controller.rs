@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
-use veer_control::config::{Config, JudgeMode, JudgeSettings, Route};
+use veer_control::config::{Config, JudgeMode, JudgeSettings, Route, Strategy};
 use veer_control::judge::{Judge, Status, TickInput, Verdict, VersionTick};
 use veer_control::state::{canary_identity, Revert, RouteDecision, State, StateError};
 use veer_control::window::Stats;
@@ -501,6 +501,18 @@ impl Controller {
             ),
         };
         canary.unreachable = w_bp > 0 && canary_connect > 0 && canary_down;
+        let flipped = route.strategy == Strategy::BlueGreen
+            && w_bp == 10_000
+            && rt.last_w_bp.is_some_and(|before| before != 10_000);
+        if flipped {
+            let stats = rt.judge.stable_stats();
+            let (requests, rate) = (stats.requests, stats.error_rate());
+            if rt.judge.start_watch() {
+                tracing::info!(route = %name, baseline_requests = requests, baseline_error_rate = rate, watch = ?route.judge.watch, "blue-green flip: judging the new colour against the old one's last window");
+            } else {
+                tracing::warn!(route = %name, baseline_requests = requests, "blue-green flip without enough traffic before it: only the absolute guards apply");
+            }
+        }
         let weight_changed = rt.last_w_bp != Some(w_bp);
         rt.last_w_bp = Some(w_bp);
         let verdict = rt.judge.tick(TickInput {

@@ -352,3 +352,55 @@ async fn rollout_walks_its_steps_while_healthy() {
     load.stop().await;
     assert_eq!(veer.logs_with("rollout advanced").len(), 2);
 }
+
+fn blue_green(stable: std::net::SocketAddr, canary: std::net::SocketAddr, weight: f64) -> String {
+    route_config(&[stable], &[canary], weight, "strategy = \"blue-green\"") + JUDGE
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_flip_to_a_worse_colour_flips_back_by_itself() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.fail_one_in.store(10, Ordering::SeqCst);
+    let veer = Veer::start(&blue_green(s.addr, c.addr, 0.0)).await;
+    let load = Load::start(veer.addr, 3, Duration::from_millis(1));
+    // Let the judge see the old colour for a few seconds, then flip.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    veer.write_config(&blue_green(s.addr, c.addr, 100.0));
+    veer.wait_generation(2).await;
+    let route = wait_verdict(&veer, "reverted", Duration::from_secs(15)).await;
+    load.stop().await;
+    assert_eq!(
+        route["reverted"]["guard"], "bluegreen_error_test",
+        "{route}"
+    );
+    assert_eq!(route["weight"]["effective"], 0.0);
+    all_on(&veer, "stable", 100).await;
+    assert_eq!(
+        veer.logs_with("blue-green flip: judging the new colour against the old one's last window")
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_flip_to_a_good_colour_holds_and_flips_back_on_request() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    // Identical colours, with a service time that dwarfs loopback noise.
+    s.delay_ms.store(3, Ordering::SeqCst);
+    c.delay_ms.store(3, Ordering::SeqCst);
+    let veer = Veer::start(&blue_green(s.addr, c.addr, 0.0)).await;
+    let load = Load::start(veer.addr, 6, Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    veer.write_config(&blue_green(s.addr, c.addr, 100.0));
+    veer.wait_generation(2).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let route = veer.status().await["routes"][0].clone();
+    assert_eq!(route["verdict"], "healthy", "{route}");
+    all_on(&veer, "canary", 100).await;
+    veer.write_config(&blue_green(s.addr, c.addr, 0.0));
+    veer.wait_generation(3).await;
+    load.stop().await;
+    all_on(&veer, "stable", 100).await;
+}

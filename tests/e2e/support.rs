@@ -28,6 +28,8 @@ pub struct Upstream {
     pub delay_ms: AtomicU64,
     /// Requests received.
     pub requests: AtomicU64,
+    /// When non-zero, every n-th request gets a 500.
+    pub fail_one_in: AtomicU64,
     /// TCP connections accepted.
     pub connections: AtomicU64,
     /// Headers of the last request.
@@ -46,6 +48,7 @@ impl Upstream {
             status: AtomicU16::new(200),
             delay_ms: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            fail_one_in: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             last_headers: Mutex::new(HeaderMap::new()),
         });
@@ -73,7 +76,8 @@ impl Upstream {
     }
 
     async fn answer(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
-        self.requests.fetch_add(1, Ordering::SeqCst);
+        let n = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        let one_in = self.fail_one_in.load(Ordering::SeqCst);
         *self.last_headers.lock().unwrap() = req.headers().clone();
         if req.headers().contains_key(http::header::UPGRADE) {
             return websocket_echo(&mut req);
@@ -93,8 +97,13 @@ impl Upstream {
         } else {
             body
         };
+        let status = if one_in > 0 && n % one_in == 0 {
+            500
+        } else {
+            self.status.load(Ordering::SeqCst)
+        };
         Response::builder()
-            .status(self.status.load(Ordering::SeqCst))
+            .status(status)
             .header("x-upstream", self.name)
             .body(Full::new(text))
             .unwrap()

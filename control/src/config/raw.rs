@@ -142,6 +142,7 @@ pub struct RawJudge {
     pub max_latency_ratio: Option<Spanned<BTreeMap<String, Spanned<f64>>>>,
     pub false_revert_rate: Option<Spanned<f64>>,
     pub margin: Option<Spanned<f64>>,
+    pub watch: Option<Spanned<String>>,
 }
 
 /// `[route.rollout]`.

@@ -110,6 +110,8 @@ pub mod defaults {
     pub const JUDGE_WINDOW: Duration = Duration::from_secs(60);
     /// `[route.judge] min_requests`.
     pub const MIN_REQUESTS: u64 = 50;
+    /// `[route.judge] watch`.
+    pub const WATCH: Duration = Duration::from_secs(30 * 60);
     /// `[route.judge] false_revert_rate`.
     pub const FALSE_REVERT_RATE: f64 = 0.01;
 }
@@ -736,6 +738,7 @@ impl Validator<'_> {
                 Some(m) => *m.get_ref(),
                 None => 1.0,
             },
+            watch: self.duration(j.watch.as_ref(), defaults::WATCH),
         }
     }
 

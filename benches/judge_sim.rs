@@ -40,6 +40,8 @@ const USERS: usize = 200_000;
 const HOUR: u32 = 3600;
 const BASE_ERRORS: f64 = 0.001;
 const SAMPLES: u64 = 64;
+/// Healthy ticks before a detection run's regression starts.
+const WARMUP: u32 = 60;
 
 /// Latency model, in microseconds.
 #[derive(Clone, Copy, Debug)]
@@ -245,6 +247,7 @@ fn rollout(
     let nq = judge.quantiles().len();
     let error_keys = KeyFilter::new();
     let burst_filter = KeyFilter::new();
+    let burst_users = KeyFilter::new();
     let slow_keys: Vec<KeyFilter> = (0..nq).map(|_| KeyFilter::new()).collect();
     // A/A extras: three heavy users who fail every request, two bursts.
     let failing: Vec<usize> = if sc.aa {
@@ -296,7 +299,9 @@ fn rollout(
         let n_s = n - n_c;
         let burst = bursts.iter().any(|&b| t >= b && t < b + 30);
         let base_p = if burst { 0.05 } else { BASE_ERRORS };
-        let canary_p = if sc.aa { base_p } else { sc.canary_errors };
+        // Detection runs warm up healthy; the regression starts at WARMUP.
+        let regressed = !sc.aa && t >= WARMUP;
+        let canary_p = if regressed { sc.canary_errors } else { base_p };
         let thresholds: Vec<Option<u64>> = judge.thresholds_us().to_vec();
 
         let version = |canary: bool, count: u64, p: f64, lat: Latency, rng: &mut fastrand::Rng| {
@@ -334,11 +339,21 @@ fn rollout(
                     }
                 }
             }
+            // Distinct requesting users (the burst guard only looks at the canary's).
+            let mut users = 0;
+            if canary {
+                for _ in 0..count {
+                    if let Some(h) = draw_user(pop, rng, key_seed, w_bp, canary) {
+                        users += u64::from(burst_users.first_time(h));
+                    }
+                }
+            }
             VersionTick {
                 slice,
                 error_events,
                 slow_events,
                 burst_keys,
+                burst_users: users,
                 unreachable: false,
             }
         };
@@ -347,10 +362,10 @@ fn rollout(
             true,
             n_c,
             canary_p,
-            if sc.aa {
-                Latency::Base
-            } else {
+            if regressed {
                 sc.canary_latency
+            } else {
+                Latency::Base
             },
             &mut rng,
         );
@@ -369,6 +384,7 @@ fn rollout(
             side.slice.requests += k;
             side.error_events += u64::from(error_keys.first_time(h));
             side.burst_keys += u64::from(burst_filter.first_time(h));
+            side.burst_users += u64::from(burst_users.first_time(h));
         }
         let v = judge.tick(TickInput {
             w,
@@ -378,6 +394,7 @@ fn rollout(
         });
         if judge.burst_span_ended() {
             burst_filter.clear();
+            burst_users.clear();
         }
         if v.status == Status::Breach {
             return Some((t, v.guard));
@@ -459,6 +476,12 @@ fn main() {
     let rate = arg("--rate", 1000) as f64;
     let zipf = Population::new(true);
     let uniform = Population::new(false);
+    // `--aa-uniform`: the A/A table with users of equal activity instead of Zipf.
+    let aa_population = if std::env::args().any(|a| a == "--aa-uniform") {
+        &uniform
+    } else {
+        &zipf
+    };
     let started = Instant::now();
 
     if runs > 0 {
@@ -468,7 +491,9 @@ fn main() {
             canary_latency: Latency::Base,
             aa: true,
         };
-        let results = parallel(runs, |i| rollout(&zipf, aa, 0x5EED_0000 + i, HOUR, rate));
+        let results = parallel(runs, |i| {
+            rollout(aa_population, aa, 0x5EED_0000 + i, HOUR, rate)
+        });
         let reverted: Vec<&(u32, &str)> = results.iter().flatten().collect();
         let k = reverted.len() as u64;
         println!("(a) A/A false reverts: {runs} one-hour rollouts at {rate} req/s, weight 1 % -> 5 % -> 10 %, heavy-tailed latency,");
@@ -476,9 +501,12 @@ fn main() {
         println!();
         println!("| rollouts | false reverts | rate | 95 % Clopper-Pearson upper | bound | layers that tripped |");
         println!("|---|---|---|---|---|---|");
-        let mut layers: Vec<&str> = reverted.iter().map(|(_, g)| *g).collect();
-        layers.sort_unstable();
-        layers.dedup();
+        let mut all: Vec<&str> = reverted.iter().map(|(_, g)| *g).collect();
+        all.sort_unstable();
+        let layers: Vec<String> = all
+            .chunk_by(|a, b| a == b)
+            .filter_map(|c| c.first().map(|g| format!("{g} x{}", c.len())))
+            .collect();
         let upper = clopper_pearson_upper(k, runs);
         println!(
             "| {runs} | {k} | {:.4} | {:.4} | 0.01 {} | {} |",
@@ -552,7 +580,7 @@ fn main() {
     ];
     let limit = 1800;
     println!("(b) detection delay: weight 5 %, {rate} req/s, stable 0.1 % errors, 200 000 users of equal activity,");
-    println!("    {detect_runs} runs each, judge interval 1 s, give up after {limit} s");
+    println!("    {detect_runs} runs each, judge interval 1 s; {WARMUP} s healthy, then the regression; give up {limit} s after it");
     println!();
     println!("| canary regression | detected | median s | p95 s | max s | layer (most runs) |");
     println!("|---|---|---|---|---|---|");
@@ -562,10 +590,18 @@ fn main() {
                 &uniform,
                 *sc,
                 0xD37E_C700 + (n as u64) * 100_000 + i,
-                limit,
+                limit + WARMUP,
                 rate,
             )
         });
+        let early = res.iter().flatten().filter(|(t, _)| *t < WARMUP).count();
+        let res: Vec<Option<(u32, &str)>> = res
+            .into_iter()
+            .map(|r| {
+                r.filter(|(t, _)| *t >= WARMUP)
+                    .map(|(t, g)| (t - WARMUP, g))
+            })
+            .collect();
         let mut delays: Vec<f64> = res
             .iter()
             .flatten()
@@ -581,10 +617,15 @@ fn main() {
             .copied()
             .unwrap_or("-");
         println!(
-            "| {} | {}/{} | {:.0} | {:.0} | {:.0} | {} |",
+            "| {} | {}/{}{} | {:.0} | {:.0} | {:.0} | {} |",
             sc.name,
             delays.len(),
             detect_runs,
+            if early > 0 {
+                format!(" ({early} reverted during warm-up)")
+            } else {
+                String::new()
+            },
             percentile(&delays, 0.5),
             percentile(&delays, 0.95),
             delays.last().copied().unwrap_or(f64::NAN),

@@ -3,9 +3,10 @@
 //! Three layers, checked in order each tick:
 //!
 //! 1. **Hard guards**, no statistics: the canary is unreachable; at least
-//!    half of at least 20 canary requests failed in the last 10 s, coming
-//!    from at least 5 distinct keys (so one heavy user who always fails
-//!    cannot trip it); the
+//!    half of at least 20 canary requests failed in the last 10 s, and at
+//!    least half of at least 20 distinct canary keys (users) saw a failure
+//!    in that time (so a heavy user who always fails cannot trip it, even
+//!    during an outage shared by both versions); the
 //!    configured absolute limits (`max_error_rate`, `max_latency_ms`) once
 //!    the canary has `min_requests` in the window; the relative limits
 //!    (`max_error_rate_ratio`, `max_latency_ratio`) once both versions have
@@ -31,7 +32,7 @@
 use std::time::Duration;
 
 use crate::config::{JudgeSettings, Quantile};
-use crate::eprocess::EProcess;
+use crate::eprocess::Detector;
 use crate::onesample::OneSample;
 use crate::window::{Slice, Stats, Window};
 
@@ -41,8 +42,6 @@ const BURST_MIN_REQUESTS: u64 = 20;
 const BURST_FAILURE_SHARE: f64 = 0.5;
 /// Span of the burst guard.
 const BURST_SPAN: Duration = Duration::from_secs(10);
-/// Distinct failing canary keys the burst guard needs.
-const BURST_MIN_KEYS: u64 = 5;
 /// Canary errors the error-ratio guard needs.
 const RATIO_MIN_ERRORS: u64 = 5;
 /// Canary bad events a sequential test needs before it may revert.
@@ -59,8 +58,10 @@ pub struct VersionTick {
     /// as [`Judge::quantiles`]).
     pub slow_events: Vec<u64>,
     /// Failing keys not seen failing before in the current burst span
-    /// (the proxy clears that filter when [`Judge::tick`] says so).
+    /// (the proxy clears that filter when [`Judge::burst_span_ended`]).
     pub burst_keys: u64,
+    /// Requesting keys not seen before in the current burst span.
+    pub burst_users: u64,
     /// Every endpoint of the version is failing connects.
     pub unreachable: bool,
 }
@@ -139,12 +140,14 @@ pub struct Judge {
     stable: Window,
     canary: Window,
     burst_slices: usize,
-    errors: EProcess,
-    latency: Vec<EProcess>,
+    errors: Detector,
+    latency: Vec<Detector>,
+    restart_every: u64,
     thresholds_us: Vec<Option<u64>>,
     margin: f64,
-    /// Distinct failing canary keys in the previous and the current burst span.
-    burst_keys: [u64; 2],
+    /// Distinct (failing, requesting) canary keys in the previous and the
+    /// current burst span.
+    burst_keys: [(u64, u64); 2],
     ticks_in_span: usize,
     /// blue-green: the one-sample tests after a flip.
     watch: Option<Watch>,
@@ -187,17 +190,23 @@ impl Judge {
         let slices = (settings.window.as_secs_f64() / interval.as_secs_f64()).ceil() as usize;
         let burst_slices = (BURST_SPAN.as_secs_f64() / interval.as_secs_f64()).ceil() as usize;
         let margin = settings.margin;
+        // A fresh start of the sequential tests every minute (see Detector).
+        let restart_every = (60.0 / interval.as_secs_f64()).ceil().max(1.0) as u64;
         Judge {
             settings: settings.clone(),
-            latency: quantiles.iter().map(|_| EProcess::new(margin)).collect(),
+            latency: quantiles
+                .iter()
+                .map(|_| Detector::new(margin, restart_every))
+                .collect(),
+            restart_every,
             thresholds_us: vec![None; quantiles.len()],
             quantiles,
             stable: Window::new(slices),
             canary: Window::new(slices),
             burst_slices: burst_slices.max(1),
-            errors: EProcess::new(margin),
+            errors: Detector::new(margin, restart_every),
             margin,
-            burst_keys: [0, 0],
+            burst_keys: [(0, 0); 2],
             ticks_in_span: 0,
             watch: None,
         }
@@ -259,11 +268,11 @@ impl Judge {
 
     /// Restarts the sequential tests (for a new canary, or an operator reset).
     pub fn reset_tests(&mut self) {
-        self.errors = EProcess::new(self.margin);
+        self.errors = Detector::new(self.margin, self.restart_every);
         self.latency = self
             .quantiles
             .iter()
-            .map(|_| EProcess::new(self.margin))
+            .map(|_| Detector::new(self.margin, self.restart_every))
             .collect();
         self.canary.clear();
     }
@@ -287,7 +296,7 @@ impl Judge {
         let e_latency = if self.latency.is_empty() {
             0.0
         } else {
-            self.latency.iter().map(EProcess::e_value).sum::<f64>() / self.latency.len() as f64
+            self.latency.iter().map(Detector::e_value).sum::<f64>() / self.latency.len() as f64
         };
         let (e_errors, e_latency) = match &self.watch {
             Some(w) => (
@@ -348,11 +357,15 @@ impl Judge {
                 }
             }
         }
-        self.burst_keys[1] += canary.burst_keys;
-        let burst_keys = self.burst_keys[0] + self.burst_keys[1];
+        self.burst_keys[1].0 += canary.burst_keys;
+        self.burst_keys[1].1 += canary.burst_users;
+        let burst_keys = (
+            self.burst_keys[0].0 + self.burst_keys[1].0,
+            self.burst_keys[0].1 + self.burst_keys[1].1,
+        );
         self.ticks_in_span += 1;
         if self.ticks_in_span >= self.burst_slices {
-            self.burst_keys = [self.burst_keys[1], 0];
+            self.burst_keys = [self.burst_keys[1], (0, 0)];
             self.ticks_in_span = 0;
         }
         self.stable.push(stable.slice);
@@ -454,7 +467,7 @@ impl Judge {
     fn guards(
         &self,
         unreachable: bool,
-        burst_keys: u64,
+        burst_keys: (u64, u64),
         st: &Stats,
         ca: &Stats,
     ) -> Option<Verdict> {
@@ -472,14 +485,16 @@ impl Judge {
             );
         }
         let (requests, errors) = self.canary.recent(self.burst_slices);
+        let (failing_keys, keys) = burst_keys;
         if requests >= BURST_MIN_REQUESTS
             && errors as f64 >= BURST_FAILURE_SHARE * requests as f64
-            && burst_keys >= BURST_MIN_KEYS
+            && keys >= BURST_MIN_REQUESTS
+            && failing_keys as f64 >= BURST_FAILURE_SHARE * keys as f64
         {
             return breach(
                 "failure_burst",
                 format!(
-                    "{errors} of the last {requests} canary requests failed ({:.0}%) within 10 s, from {burst_keys} distinct keys",
+                    "{errors} of the last {requests} canary requests failed ({:.0}%) within 10 s, for {failing_keys} of {keys} users",
                     errors as f64 * 100.0 / requests as f64
                 ),
             );
@@ -621,6 +636,7 @@ mod tests {
             error_events: errors,
             slow_events: vec![0, 0],
             burst_keys: errors,
+            burst_users: requests,
             unreachable: false,
         }
     }
@@ -671,7 +687,7 @@ mod tests {
         for _ in 0..10 {
             let mut canary = tick(50, 40, 1000);
             canary.error_events = 0;
-            canary.burst_keys = 0;
+            canary.burst_keys = 1;
             let v = j.tick(TickInput {
                 w: 0.05,
                 weight_changed: false,

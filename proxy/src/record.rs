@@ -56,6 +56,7 @@ pub struct RouteKeys {
     errors: KeyFilter,
     slow: Vec<KeyFilter>,
     burst: KeyFilter,
+    burst_users: KeyFilter,
 }
 
 impl RouteKeys {
@@ -67,12 +68,14 @@ impl RouteKeys {
                 .map(|_| KeyFilter::new())
                 .collect(),
             burst: KeyFilter::new(),
+            burst_users: KeyFilter::new(),
         }
     }
 
     /// Starts a new burst span: failing keys count afresh.
     pub fn clear_burst(&self) {
         self.burst.clear();
+        self.burst_users.clear();
     }
 }
 
@@ -83,6 +86,7 @@ pub struct Recorder {
     connect_errors: AtomicU64,
     error_events: AtomicU64,
     burst_keys: AtomicU64,
+    burst_users: AtomicU64,
     slow_events: [AtomicU64; MAX_THRESHOLDS],
     thresholds_us: [AtomicU64; MAX_THRESHOLDS],
     latency: Box<[AtomicU64]>,
@@ -121,6 +125,7 @@ impl Recorder {
             connect_errors: AtomicU64::new(0),
             error_events: AtomicU64::new(0),
             burst_keys: AtomicU64::new(0),
+            burst_users: AtomicU64::new(0),
             slow_events: std::array::from_fn(|_| AtomicU64::new(0)),
             thresholds_us: std::array::from_fn(|_| AtomicU64::new(OFF)),
             latency: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
@@ -141,6 +146,9 @@ impl Recorder {
         }
         self.total_count.fetch_add(1, Ordering::Relaxed);
         self.total_sum_us.fetch_add(latency_us, Ordering::Relaxed);
+        if first(&self.keys.burst_users) {
+            self.burst_users.fetch_add(1, Ordering::Relaxed);
+        }
         if outcome != Outcome::Ok {
             self.errors.fetch_add(1, Ordering::Relaxed);
             if outcome == Outcome::ConnectError {
@@ -192,6 +200,7 @@ impl Recorder {
                 .map(|c| c.swap(0, Ordering::Relaxed))
                 .collect(),
             burst_keys: self.burst_keys.swap(0, Ordering::Relaxed),
+            burst_users: self.burst_users.swap(0, Ordering::Relaxed),
             unreachable: false,
         };
         (tick, self.connect_errors.swap(0, Ordering::Relaxed))

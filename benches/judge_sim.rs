@@ -230,6 +230,7 @@ fn settings() -> JudgeSettings {
         false_revert_rate: 0.01,
         margin: 1.0,
         watch: Duration::from_secs(1800),
+        webhook: None,
     }
 }
 

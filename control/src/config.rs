@@ -255,6 +255,47 @@ pub struct JudgeSettings {
     /// blue-green: how long after a flip the new colour is tested against
     /// the old colour's statistics from before the flip.
     pub watch: Duration,
+    /// Where to POST a JSON event for every verdict change, revert,
+    /// promotion and operator action (plain `http://` URL).
+    pub webhook: Option<Webhook>,
+}
+
+/// A plain-HTTP webhook target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Webhook {
+    /// The URL as written.
+    pub url: String,
+    /// `host:port` to connect to.
+    pub authority: String,
+    /// Path and query to POST to.
+    pub path: String,
+}
+
+impl Webhook {
+    /// Parses `http://host[:port][/path]`.
+    pub fn parse(url: &str) -> Option<Webhook> {
+        let rest = url.strip_prefix("http://")?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() || authority.contains('@') || path.contains(' ') {
+            return None;
+        }
+        let authority = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        Some(Webhook {
+            url: url.to_string(),
+            authority,
+            path: path.to_string(),
+        })
+    }
 }
 
 /// Progressive promotion.

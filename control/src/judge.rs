@@ -621,6 +621,7 @@ mod tests {
             false_revert_rate: 0.01,
             margin: 1.0,
             watch: Duration::from_secs(1800),
+            webhook: None,
         }
     }
 

@@ -19,6 +19,7 @@ use veer_control::judge::{Judge, Status, TickInput, Verdict, VersionTick};
 use veer_control::state::{canary_identity, Revert, RouteDecision, State, StateError};
 use veer_control::window::Stats;
 
+use crate::notify::Notifier;
 use crate::record::{threshold_count, Recorder, RouteKeys};
 use crate::reload::{Applied, Reload, Triggers};
 use crate::shared::Shared;
@@ -150,6 +151,7 @@ pub struct Controller {
     routes: HashMap<String, RouteRuntime>,
     state: State,
     state_dir: PathBuf,
+    notifier: Notifier,
 }
 
 fn now_unix() -> u64 {
@@ -267,7 +269,9 @@ impl Controller {
         snap.publish(None, &metrics);
         let shared = Arc::new(Shared::new(snap, metrics, upstreams, path.clone()));
         let reload = Reload::new(shared.clone(), path, &text, config.clone(), certs);
+        let notifier = Notifier::start(shared.metrics.webhook_events.clone());
         let mut c = Controller {
+            notifier,
             shared: shared.clone(),
             reload,
             state_dir: config.state.dir.clone(),
@@ -440,6 +444,11 @@ impl Controller {
             }
         }
         tracing::warn!(route = %name, action = action.as_str(), weight = f64::from(effective_bp(&route, Some(&d))) / 100.0, "operator action");
+        self.notify(
+            name,
+            "operator_action",
+            json!({ "action": action.as_str() }),
+        );
         self.rebuild();
         self.update_verdict(name);
         self.publish(name);
@@ -532,6 +541,7 @@ impl Controller {
 
         let d = self.state.routes.entry(name.to_string()).or_default();
         let mut changed = false;
+        let mut events: Vec<(&str, Value)> = Vec::new();
         if route.canary.is_some()
             && d.reverted.is_none()
             && verdict.status == Status::Breach
@@ -550,6 +560,7 @@ impl Controller {
                 .with_label_values(&[name, verdict.guard])
                 .inc();
             tracing::warn!(route = %name, guard = verdict.guard, reason = %verdict.reason, weight_before = f64::from(w_bp) / 100.0, "canary reverted");
+            events.push(("reverted", json!({ "guard": verdict.guard, "reason": verdict.reason, "weight_before": f64::from(w_bp) / 100.0 })));
             changed = true;
         }
         if let Some(ro) = &route.rollout {
@@ -562,14 +573,42 @@ impl Controller {
                     rt.step_since = now;
                     let to = ro.steps_bp.get(d.rollout_step).copied().unwrap_or(0);
                     tracing::info!(route = %name, step = d.rollout_step, weight = f64::from(to) / 100.0, held = ?held, "rollout advanced");
+                    events.push((
+                        "rollout_advanced",
+                        json!({ "step": d.rollout_step, "weight": f64::from(to) / 100.0 }),
+                    ));
                     changed = true;
                 }
             } else if verdict.status != Status::Healthy {
                 rt.healthy_since = None;
             }
         }
+        for (event, details) in events {
+            self.notify(name, event, details);
+        }
         self.update_verdict(name);
         changed
+    }
+
+    /// Sends a webhook event for `route`, if it has a webhook.
+    fn notify(&self, route: &str, event: &str, mut details: Value) {
+        let Some(r) = self.config.route(route) else {
+            return;
+        };
+        let Some(hook) = &r.judge.webhook else { return };
+        let weight = effective_bp(r, self.state.routes.get(route));
+        if let Some(obj) = details.as_object_mut() {
+            obj.insert("event".into(), json!(event));
+            obj.insert("route".into(), json!(route));
+            obj.insert("stable".into(), json!(r.stable.name));
+            obj.insert(
+                "canary".into(),
+                json!(r.canary.as_ref().map(|c| c.name.clone())),
+            );
+            obj.insert("effective_weight".into(), json!(f64::from(weight) / 100.0));
+            obj.insert("at_unix".into(), json!(now_unix()));
+        }
+        self.notifier.send(hook, details);
     }
 
     fn update_verdict(&mut self, name: &str) {
@@ -590,9 +629,19 @@ impl Controller {
             }
         };
         if label != rt.verdict {
-            let reason = rt.last.as_ref().map_or(String::new(), |v| v.reason.clone());
-            tracing::info!(route = %name, from = rt.verdict, to = label, reason = %reason, "verdict changed");
+            let reason = match (&d.reverted, &rt.last) {
+                (Some(r), _) => r.reason.clone(),
+                (None, Some(v)) => v.reason.clone(),
+                (None, None) => String::new(),
+            };
+            let from = rt.verdict;
+            tracing::info!(route = %name, from, to = label, reason = %reason, "verdict changed");
             rt.verdict = label;
+            self.notify(
+                name,
+                "verdict_changed",
+                json!({ "from": from, "to": label, "reason": reason }),
+            );
         }
     }
 

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod error;
 pub mod headers;
 pub mod metrics;
+pub mod notify;
 pub mod record;
 pub mod reload;
 pub mod router;

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub rollout_step: IntGaugeVec,
     /// `veer_window_latency_seconds{route,version,quantile}`.
     pub window_latency: std::sync::Arc<WindowSummary>,
+    /// `veer_webhook_events_total{result}`: ok, failed, dropped.
+    pub webhook_events: IntCounterVec,
 }
 
 /// The verdict label values, in the contract's order.
@@ -210,6 +212,13 @@ impl Metrics {
             &["route"],
         )?;
         let window_latency = std::sync::Arc::new(WindowSummary::new()?);
+        let webhook_events = IntCounterVec::new(
+            Opts::new(
+                "veer_webhook_events_total",
+                "Webhook events by outcome: ok, failed (after retries), dropped (queue full).",
+            ),
+            &["result"],
+        )?;
         for c in [
             requests.clone(),
             upstream_errors.clone(),
@@ -231,6 +240,7 @@ impl Metrics {
         registry.register(Box::new(e_value.clone()))?;
         registry.register(Box::new(rollout_step.clone()))?;
         registry.register(Box::new(SharedCollector(window_latency.clone())))?;
+        registry.register(Box::new(webhook_events.clone()))?;
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -255,6 +265,7 @@ impl Metrics {
             e_value,
             rollout_step,
             window_latency,
+            webhook_events,
         })
     }
 

@@ -404,3 +404,83 @@ async fn blue_green_flip_to_a_good_colour_holds_and_flips_back_on_request() {
     load.stop().await;
     all_on(&veer, "stable", 100).await;
 }
+
+/// Collects the JSON bodies POSTed to it.
+async fn webhook_receiver() -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let events: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let sink = events.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let sink = sink.clone();
+                        async move {
+                            let body = http_body_util::BodyExt::collect(req.into_body())
+                                .await
+                                .unwrap()
+                                .to_bytes();
+                            sink.lock()
+                                .unwrap()
+                                .push(serde_json::from_slice(&body).unwrap_or_default());
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::new()),
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_is_announced_on_the_webhook() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.status.store(500, Ordering::SeqCst);
+    let (hook, events) = webhook_receiver().await;
+    let config = route_config(&[s.addr], &[c.addr], 20.0, "")
+        + JUDGE
+        + &format!("webhook = \"http://{hook}/veer-events\"\n");
+    let veer = Veer::start(&config).await;
+    let load = Load::start(veer.addr, 4, Duration::ZERO);
+    wait_verdict(&veer, "reverted", Duration::from_secs(10)).await;
+    load.stop().await;
+    let start = Instant::now();
+    loop {
+        let got = events.lock().unwrap().clone();
+        let reverted = got.iter().find(|e| e["event"] == "reverted");
+        let verdict = got
+            .iter()
+            .find(|e| e["event"] == "verdict_changed" && e["to"] == "reverted");
+        if let (Some(r), Some(v)) = (reverted, verdict) {
+            assert_eq!(r["route"], "web");
+            assert_eq!(r["canary"], "v2");
+            assert_eq!(r["effective_weight"], 0.0);
+            assert!(r["reason"].as_str().unwrap().contains("canary"), "{r}");
+            assert_ne!(v["from"], "reverted");
+            assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()), "{v}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "events: {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = veer.metrics().await;
+    assert!(
+        metric(&m, r#"veer_webhook_events_total{result="ok"}"#) >= Some(2.0),
+        "{m}"
+    );
+}

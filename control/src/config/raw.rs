@@ -143,6 +143,7 @@ pub struct RawJudge {
     pub false_revert_rate: Option<Spanned<f64>>,
     pub margin: Option<Spanned<f64>>,
     pub watch: Option<Spanned<String>>,
+    pub webhook: Option<Spanned<String>>,
 }
 
 /// `[route.rollout]`.

@@ -15,7 +15,7 @@ use toml::Spanned;
 use super::raw::{RawCanary, RawConfig, RawEndpoint, RawJudge, RawRoute, RawVersion};
 use super::{
     AdminSettings, Config, Endpoint, JudgeMode, JudgeSettings, ProxySettings, Quantile, Rollout,
-    Route, StateSettings, StickySource, Strategy, TlsSettings, Version,
+    Route, StateSettings, StickySource, Strategy, TlsSettings, Version, Webhook,
 };
 
 /// One problem in a config file, at a 1-based line and column.
@@ -739,6 +739,13 @@ impl Validator<'_> {
                 None => 1.0,
             },
             watch: self.duration(j.watch.as_ref(), defaults::WATCH),
+            webhook: j.webhook.as_ref().and_then(|w| match Webhook::parse(w.get_ref()) {
+                Some(hook) => Some(hook),
+                None => {
+                    self.err(w.span(), format!("webhook {:?} is not an http://host[:port][/path] URL (https is not supported; put a local relay in front)", w.get_ref()));
+                    None
+                }
+            }),
         }
     }
 

@@ -136,3 +136,22 @@ async fn admin_endpoints_and_status_command() {
         "{table}"
     );
 }
+
+#[test]
+fn a_corrupt_state_file_stops_the_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("state.json"), "{ not json").unwrap();
+    let path = dir.path().join("veer.toml");
+    let config = super::support::route_config(&["127.0.0.1:9".parse().unwrap()], &[], 0.0, "")
+        .replace("@STATE@", &state.display().to_string());
+    std::fs::write(&path, config).unwrap();
+    let out = veer(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("state.json") && err.contains("not a veer state file"),
+        "{err}"
+    );
+}

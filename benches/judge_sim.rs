@@ -31,7 +31,7 @@
 
 use std::time::{Duration, Instant};
 
-use veer_control::config::{JudgeMode, JudgeSettings};
+use veer_control::config::JudgeSettings;
 use veer_control::judge::{Judge, Status, TickInput, VersionTick};
 use veer_control::keyfilter::KeyFilter;
 use veer_control::window::Slice;
@@ -217,21 +217,10 @@ struct Scenario {
     aa: bool,
 }
 
+/// The judge as configured by default: interval 1 s, window 60 s,
+/// min_requests 50, false_revert_rate 0.01, no absolute limits.
 fn settings() -> JudgeSettings {
-    JudgeSettings {
-        mode: JudgeMode::Enforce,
-        interval: Duration::from_secs(1),
-        window: Duration::from_secs(60),
-        min_requests: 50,
-        max_error_rate: None,
-        max_error_rate_ratio: None,
-        max_latency_ms: vec![],
-        max_latency_ratio: vec![],
-        false_revert_rate: 0.01,
-        margin: 1.0,
-        watch: Duration::from_secs(1800),
-        webhook: None,
-    }
+    JudgeSettings::default()
 }
 
 /// One rollout; returns the tick of the first breach and its guard.

@@ -260,6 +260,27 @@ pub struct JudgeSettings {
     pub webhook: Option<Webhook>,
 }
 
+impl Default for JudgeSettings {
+    /// The documented defaults of `[route.judge]`.
+    fn default() -> JudgeSettings {
+        use validate::defaults;
+        JudgeSettings {
+            mode: JudgeMode::Enforce,
+            interval: defaults::JUDGE_INTERVAL,
+            window: defaults::JUDGE_WINDOW,
+            min_requests: defaults::MIN_REQUESTS,
+            max_error_rate: None,
+            max_error_rate_ratio: None,
+            max_latency_ms: Vec::new(),
+            max_latency_ratio: Vec::new(),
+            false_revert_rate: defaults::FALSE_REVERT_RATE,
+            margin: 1.0,
+            watch: defaults::WATCH,
+            webhook: None,
+        }
+    }
+}
+
 /// A plain-HTTP webhook target.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Webhook {

@@ -105,6 +105,14 @@ impl EProcess {
     }
 }
 
+/// `ln(mean(exp(x)))`, without overflow: the log of a uniform mixture of
+/// likelihood ratios given their logs.
+pub fn log_mean_exp(logs: impl Iterator<Item = f64> + Clone) -> f64 {
+    let max = logs.clone().fold(f64::NEG_INFINITY, f64::max);
+    let (sum, n) = logs.fold((0.0, 0usize), |(s, n), l| (s + (l - max).exp(), n + 1));
+    max + (sum / n.max(1) as f64).ln()
+}
+
 /// Expected number of bad events for the test to reach `1/alpha` against
 /// relative risk `r` at share `w` (the reference's detection formula).
 pub fn expected_events(w: f64, r: f64, alpha: f64) -> f64 {

@@ -606,23 +606,10 @@ impl Judge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{JudgeMode, JudgeSettings};
+    use crate::config::JudgeSettings;
 
     fn settings() -> JudgeSettings {
-        JudgeSettings {
-            mode: JudgeMode::Enforce,
-            interval: Duration::from_secs(1),
-            window: Duration::from_secs(60),
-            min_requests: 50,
-            max_error_rate: None,
-            max_error_rate_ratio: None,
-            max_latency_ms: vec![],
-            max_latency_ratio: vec![],
-            false_revert_rate: 0.01,
-            margin: 1.0,
-            watch: Duration::from_secs(1800),
-            webhook: None,
-        }
+        JudgeSettings::default()
     }
 
     fn tick(requests: u64, errors: u64, latency_us: u64) -> VersionTick {

@@ -20,7 +20,7 @@
 //! heavy user who always fails was part of the baseline too, so the test is
 //! unbiased, but its variance is larger than assumed.
 
-use crate::eprocess::GRID;
+use crate::eprocess::{log_mean_exp, GRID};
 
 /// One running one-sample test.
 #[derive(Clone, Debug)]
@@ -74,13 +74,7 @@ impl OneSample {
         if self.log_l.is_empty() {
             return 1.0;
         }
-        let max = self
-            .log_l
-            .iter()
-            .map(|(_, l)| *l)
-            .fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = self.log_l.iter().map(|(_, l)| (l - max).exp()).sum();
-        (max + (sum / self.log_l.len() as f64).ln()).exp()
+        log_mean_exp(self.log_l.iter().map(|(_, l)| *l)).exp()
     }
 
     /// Bad requests seen since the flip.

@@ -29,7 +29,7 @@
 //! limits are configured), so table (a) measures exactly what the
 //! `false_revert_rate` bound promises.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use veer_control::config::JudgeSettings;
 use veer_control::judge::{Judge, Status, TickInput, VersionTick};

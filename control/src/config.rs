@@ -258,6 +258,9 @@ pub struct JudgeSettings {
     /// Where to POST a JSON event for every verdict change, revert,
     /// promotion and operator action (plain `http://` URL).
     pub webhook: Option<Webhook>,
+    /// The route's availability objective (e.g. 0.999), for the canary
+    /// burn-rate guard.
+    pub slo: Option<f64>,
 }
 
 impl Default for JudgeSettings {
@@ -277,6 +280,7 @@ impl Default for JudgeSettings {
             margin: 1.0,
             watch: defaults::WATCH,
             webhook: None,
+            slo: None,
         }
     }
 }

@@ -11,7 +11,10 @@
 //!    the canary has `min_requests` in the window; the relative limits
 //!    (`max_error_rate_ratio`, `max_latency_ratio`) once both versions have
 //!    `min_requests` (the error ratio also needs 5 canary errors, so that one
-//!    unlucky request is not a ratio).
+//!    unlucky request is not a ratio). Where the route declares an `slo`, a
+//!    burn-rate guard in the style of the SRE workbook's multi-window alert,
+//!    on short windows: the canary's error rate exceeds 14.4× the error
+//!    budget both over the last 10 s and over the whole window.
 //! 2. **Error rate**, sequential: the event-attribution e-process
 //!    ([`crate::eprocess`]) on errors counted by distinct sticky key
 //!    ([`crate::keyfilter`]); breach when `E ≥ 2/α` with at least 3 canary
@@ -42,6 +45,8 @@ const BURST_MIN_REQUESTS: u64 = 20;
 const BURST_FAILURE_SHARE: f64 = 0.5;
 /// Span of the burst guard.
 const BURST_SPAN: Duration = Duration::from_secs(10);
+/// Burn rate that trips the SLO guard (the workbook's fast-burn factor).
+const BURN_RATE: f64 = 14.4;
 /// Canary errors the error-ratio guard needs.
 const RATIO_MIN_ERRORS: u64 = 5;
 /// Canary bad events a sequential test needs before it may revert.
@@ -529,6 +534,25 @@ impl Judge {
                 }
             }
         }
+        if let Some(slo) = s.slo {
+            let budget = 1.0 - slo;
+            let (short_requests, short_errors) = (requests, errors);
+            let short = short_errors as f64 / short_requests.max(1) as f64;
+            if ca.requests >= min
+                && short_requests >= BURST_MIN_REQUESTS
+                && short > BURN_RATE * budget
+                && ca.error_rate() > BURN_RATE * budget
+            {
+                return breach(
+                    "slo_burn_rate",
+                    format!(
+                        "canary burns its error budget {:.0}x (last 10 s) and {:.0}x (window) against slo {slo}; the limit is {BURN_RATE}x",
+                        short / budget,
+                        ca.error_rate() / budget
+                    ),
+                );
+            }
+        }
         if ca.requests >= min && st.requests >= min {
             if let Some(ratio) = s.max_error_rate_ratio {
                 let (cr, sr) = (ca.error_rate(), st.error_rate());
@@ -774,6 +798,41 @@ mod tests {
         let (t, v) = breached.expect("breach");
         assert_eq!(v.guard, "bluegreen_error_test");
         assert!(t < 10, "took {t} ticks");
+    }
+
+    #[test]
+    fn a_declared_slo_adds_a_burn_rate_guard() {
+        let mut s = settings();
+        s.slo = Some(0.999);
+        let mut j = Judge::new(&s);
+        // 2 % errors = 20x the 0.1 % budget, on both windows.
+        let mut last = None;
+        for _ in 0..2 {
+            last = Some(j.tick(TickInput {
+                w: 0.05,
+                weight_changed: true,
+                stable: tick(950, 0, 1000),
+                canary: tick(50, 1, 1000),
+            }));
+        }
+        let v = last.expect("verdict");
+        assert_eq!(
+            (v.status, v.guard),
+            (Status::Breach, "slo_burn_rate"),
+            "{}",
+            v.reason
+        );
+        // Without the slo the same data is no guard breach.
+        let mut j = Judge::new(&settings());
+        for _ in 0..2 {
+            let v = j.tick(TickInput {
+                w: 0.05,
+                weight_changed: true,
+                stable: tick(950, 0, 1000),
+                canary: tick(50, 1, 1000),
+            });
+            assert_ne!(v.guard, "slo_burn_rate");
+        }
     }
 
     #[test]

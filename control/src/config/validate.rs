@@ -746,6 +746,14 @@ impl Validator<'_> {
                     None
                 }
             }),
+            slo: match &j.slo {
+                Some(v) if !(0.5..1.0).contains(v.get_ref()) => {
+                    self.err(v.span(), format!("slo must be an availability objective between 0.5 and 1 (exclusive), like 0.999; got {}", v.get_ref()));
+                    None
+                }
+                Some(v) => Some(*v.get_ref()),
+                None => None,
+            },
         }
     }
 

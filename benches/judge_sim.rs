@@ -574,7 +574,15 @@ fn main() {
     println!();
     println!("| canary regression | detected | median s | p95 s | max s | layer (most runs) |");
     println!("|---|---|---|---|---|---|");
+    // `--scenario N`: only the N-th row of table (b) (0-based).
+    let only = std::env::args()
+        .position(|a| a == "--scenario")
+        .and_then(|i| std::env::args().nth(i + 1))
+        .and_then(|v| v.parse::<usize>().ok());
     for (n, sc) in scenarios.iter().enumerate() {
+        if only.is_some_and(|o| o != n) {
+            continue;
+        }
         let res = parallel(detect_runs, |i| {
             rollout(
                 &uniform,

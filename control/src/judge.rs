@@ -161,6 +161,14 @@ pub struct Judge {
 /// Ticks after a blue-green flip that are not tested: the new colour's
 /// connection pools and caches are cold for its first requests.
 const WATCH_WARMUP_TICKS: usize = 2;
+/// blue-green latency: a request is slow when it exceeds the old colour's
+/// quantile by this factor, and the test's margin is at least
+/// [`WATCH_LATENCY_MARGIN`]. A baseline from the past cannot tell a small
+/// slowdown from drift in load over time, so only large shifts are tested.
+const WATCH_LATENCY_TOLERANCE: f64 = 1.2;
+/// blue-green latency: the slow-request rate must be this many times the old
+/// colour's before it counts as a regression.
+const WATCH_LATENCY_MARGIN: f64 = 2.0;
 
 /// blue-green after a flip: the new colour against the old one's baseline.
 #[derive(Clone, Debug)]
@@ -231,10 +239,15 @@ impl Judge {
             .quantiles
             .iter()
             .map(|q| {
-                let t = st.latency.value_at_quantile(q.fraction());
+                let q = st.latency.value_at_quantile(q.fraction()) as f64;
+                let t = (q * WATCH_LATENCY_TOLERANCE) as u64;
                 (
                     t,
-                    OneSample::new(count_above(&st.latency, t), st.requests, self.margin),
+                    OneSample::new(
+                        count_above(&st.latency, t),
+                        st.requests,
+                        self.margin.max(WATCH_LATENCY_MARGIN),
+                    ),
                 )
             })
             .collect();

@@ -473,12 +473,16 @@ impl Controller {
             if !due {
                 continue;
             }
-            changed |= self.judge_route(&route, now);
+            if self.judge_route(&route, now) {
+                // Act first: the new weight is in effect before the decision
+                // is written down (a revert must not wait for a disk).
+                self.rebuild();
+                changed = true;
+            }
             self.publish(&name);
         }
         if changed {
             self.persist().await;
-            self.rebuild();
         }
     }
 

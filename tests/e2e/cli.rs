@@ -131,8 +131,13 @@ async fn admin_endpoints_and_status_command() {
         String::from_utf8_lossy(&out.stderr)
     );
     let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("route web (canary, enforce)"), "{table}");
     assert!(
-        table.contains("web") && table.contains("v2") && table.contains("12.5% / 12.5%"),
+        table.contains("weight 12.5% configured / 12.5% in effect"),
+        "{table}"
+    );
+    assert!(
+        table.contains("verdict insufficient_data") && table.contains("v2"),
         "{table}"
     );
 }

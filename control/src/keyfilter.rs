@@ -15,11 +15,16 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Bits of a filter that lives as long as a canary (2²⁰ = 128 KiB).
 const BITS: u64 = 1 << 20;
+/// Bits of a short-lived filter, cleared every few seconds (2¹⁸ = 32 KiB,
+/// small enough to stay in cache on the request path).
+pub const SHORT_BITS: u64 = 1 << 18;
 
 /// The set of keys that already had a bad event.
 pub struct KeyFilter {
     words: Box<[AtomicU64]>,
+    shift: u32,
 }
 
 impl Default for KeyFilter {
@@ -37,10 +42,17 @@ impl std::fmt::Debug for KeyFilter {
 }
 
 impl KeyFilter {
-    /// An empty filter.
+    /// An empty filter of 2²⁰ bits.
     pub fn new() -> KeyFilter {
+        KeyFilter::with_bits(BITS)
+    }
+
+    /// An empty filter of `bits` bits (a power of two, at least 64).
+    pub fn with_bits(bits: u64) -> KeyFilter {
+        let bits = bits.max(64).next_power_of_two();
         KeyFilter {
-            words: (0..BITS / 64).map(|_| AtomicU64::new(0)).collect(),
+            words: (0..bits / 64).map(|_| AtomicU64::new(0)).collect(),
+            shift: 64 - bits.trailing_zeros(),
         }
     }
 
@@ -48,7 +60,7 @@ impl KeyFilter {
     #[inline]
     pub fn first_time(&self, key_hash: u64) -> bool {
         // The low bits pick the version bucket; use the high bits here.
-        let bit = (key_hash >> 32).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 44;
+        let bit = (key_hash >> 32).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift;
         let word = (bit / 64) as usize;
         let mask = 1u64 << (bit % 64);
         match self.words.get(word) {
@@ -71,7 +83,7 @@ impl KeyFilter {
             .iter()
             .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
             .sum();
-        set as f64 / BITS as f64
+        set as f64 / (self.words.len() as f64 * 64.0)
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use veer_control::config::Quantile;
 use veer_control::judge::VersionTick;
-use veer_control::keyfilter::KeyFilter;
+use veer_control::keyfilter::{KeyFilter, SHORT_BITS};
 use veer_control::window::{Slice, MAX_LATENCY_US};
 
 const SUB_BITS: u32 = 7;
@@ -67,8 +67,8 @@ impl RouteKeys {
             slow: (0..thresholds.min(MAX_THRESHOLDS))
                 .map(|_| KeyFilter::new())
                 .collect(),
-            burst: KeyFilter::new(),
-            burst_users: KeyFilter::new(),
+            burst: KeyFilter::with_bits(SHORT_BITS),
+            burst_users: KeyFilter::with_bits(SHORT_BITS),
         }
     }
 
@@ -144,7 +144,6 @@ impl Recorder {
         if let Some(b) = self.latency.get(bucket_of(latency_us)) {
             b.fetch_add(1, Ordering::Relaxed);
         }
-        self.total_count.fetch_add(1, Ordering::Relaxed);
         self.total_sum_us.fetch_add(latency_us, Ordering::Relaxed);
         if first(&self.keys.burst_users) {
             self.burst_users.fetch_add(1, Ordering::Relaxed);
@@ -181,8 +180,10 @@ impl Recorder {
 
     /// Takes everything recorded since the last drain.
     pub fn drain(&self, thresholds: usize) -> (VersionTick, u64) {
+        let requests = self.requests.swap(0, Ordering::Relaxed);
+        self.total_count.fetch_add(requests, Ordering::Relaxed);
         let mut slice = Slice {
-            requests: self.requests.swap(0, Ordering::Relaxed),
+            requests,
             errors: self.errors.swap(0, Ordering::Relaxed),
             ..Slice::default()
         };
@@ -211,7 +212,8 @@ impl Recorder {
         &self.keys
     }
 
-    /// Requests and latency sum (seconds) since start, for the summary metric.
+    /// Requests (as of the last drain) and latency sum (seconds) since
+    /// start, for the summary metric.
     pub fn totals(&self) -> (u64, f64) {
         (
             self.total_count.load(Ordering::Relaxed),

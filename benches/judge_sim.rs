@@ -29,7 +29,7 @@
 //! limits are configured), so table (a) measures exactly what the
 //! `false_revert_rate` bound promises.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use veer_control::config::JudgeSettings;
 use veer_control::judge::{Judge, Status, TickInput, VersionTick};
@@ -219,8 +219,17 @@ struct Scenario {
 
 /// The judge as configured by default: interval 1 s, window 60 s,
 /// min_requests 50, false_revert_rate 0.01, no absolute limits.
+/// `--interval-ms N` shortens the interval (and the simulated tick).
 fn settings() -> JudgeSettings {
-    JudgeSettings::default()
+    JudgeSettings {
+        interval: Duration::from_millis(arg("--interval-ms", 1000)),
+        ..JudgeSettings::default()
+    }
+}
+
+/// Ticks per second of simulated time.
+fn ticks_per_second() -> u32 {
+    (1000 / arg("--interval-ms", 1000).clamp(1, 1000)) as u32
 }
 
 /// One rollout; returns the tick of the first breach and its guard.
@@ -233,6 +242,7 @@ fn rollout(
 ) -> Option<(u32, &'static str)> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let key_seed = rng.u64(..);
+    let tps = ticks_per_second();
     let mut judge = Judge::new(&settings());
     let nq = judge.quantiles().len();
     let error_keys = KeyFilter::new();
@@ -270,9 +280,9 @@ fn rollout(
     for t in 0..ticks {
         let w_bp: u16 = if !sc.aa {
             500
-        } else if t < 300 {
+        } else if t / tps < 300 {
             100
-        } else if t < 2400 {
+        } else if t / tps < 2400 {
             500
         } else {
             1000
@@ -281,16 +291,16 @@ fn rollout(
         last_w = Some(w_bp);
         let w = f64::from(w_bp) / 10_000.0;
         let share = traffic_share[weights.iter().position(|x| *x == w_bp).unwrap_or(0)];
-        let n = poisson(&mut rng, rate);
+        let n = poisson(&mut rng, rate / f64::from(tps));
         let n_c = ((n as f64) * share
             + ((n as f64) * share * (1.0 - share)).sqrt() * normal(&mut rng))
         .round()
         .clamp(0.0, n as f64) as u64;
         let n_s = n - n_c;
-        let burst = bursts.iter().any(|&b| t >= b && t < b + 30);
+        let burst = bursts.iter().any(|&b| t >= b && t < b + 30 * tps);
         let base_p = if burst { 0.05 } else { BASE_ERRORS };
         // Detection runs warm up healthy; the regression starts at WARMUP.
-        let regressed = !sc.aa && t >= WARMUP;
+        let regressed = !sc.aa && t >= WARMUP * tps;
         let canary_p = if regressed { sc.canary_errors } else { base_p };
         let thresholds: Vec<Option<u64>> = judge.thresholds_us().to_vec();
 
@@ -482,7 +492,13 @@ fn main() {
             aa: true,
         };
         let results = parallel(runs, |i| {
-            rollout(aa_population, aa, 0x5EED_0000 + i, HOUR, rate)
+            rollout(
+                aa_population,
+                aa,
+                0x5EED_0000 + i,
+                HOUR * ticks_per_second(),
+                rate,
+            )
         });
         let reverted: Vec<&(u32, &str)> = results.iter().flatten().collect();
         let k = reverted.len() as u64;
@@ -588,22 +604,27 @@ fn main() {
                 &uniform,
                 *sc,
                 0xD37E_C700 + (n as u64) * 100_000 + i,
-                limit + WARMUP,
+                (limit + WARMUP) * ticks_per_second(),
                 rate,
             )
         });
-        let early = res.iter().flatten().filter(|(t, _)| *t < WARMUP).count();
+        let tps = ticks_per_second();
+        let early = res
+            .iter()
+            .flatten()
+            .filter(|(t, _)| *t < WARMUP * tps)
+            .count();
         let res: Vec<Option<(u32, &str)>> = res
             .into_iter()
             .map(|r| {
-                r.filter(|(t, _)| *t >= WARMUP)
-                    .map(|(t, g)| (t - WARMUP, g))
+                r.filter(|(t, _)| *t >= WARMUP * tps)
+                    .map(|(t, g)| (t - WARMUP * tps, g))
             })
             .collect();
         let mut delays: Vec<f64> = res
             .iter()
             .flatten()
-            .map(|(t, _)| f64::from(*t + 1))
+            .map(|(t, _)| f64::from(*t + 1) / f64::from(tps))
             .collect();
         delays.sort_by(f64::total_cmp);
         let mut guards: Vec<&str> = res.iter().flatten().map(|(_, g)| *g).collect();
@@ -615,7 +636,7 @@ fn main() {
             .copied()
             .unwrap_or("-");
         println!(
-            "| {} | {}/{}{} | {:.0} | {:.0} | {:.0} | {} |",
+            "| {} | {}/{}{} | {:.1} | {:.1} | {:.1} | {} |",
             sc.name,
             delays.len(),
             detect_runs,
@@ -631,5 +652,9 @@ fn main() {
         );
     }
     println!();
-    println!("delays are in judge ticks (1 s): a breach at the end of tick t counts t + 1 s. Took {:.0} s.", started.elapsed().as_secs_f64());
+    println!(
+        "delays are in seconds, counted in judge ticks ({} ms): a breach at the end of tick t counts t + 1 ticks. Took {:.0} s.",
+        arg("--interval-ms", 1000),
+        started.elapsed().as_secs_f64()
+    );
 }

@@ -160,3 +160,17 @@ fn a_corrupt_state_file_stops_the_start_with_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn the_demo_reverts_the_canary_that_turns_bad_and_ends_by_itself() {
+    let out = veer(&["demo", "--duration", "15s"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("demo done:"), "{text}");
+    assert!(text.contains("veer reverted it by itself"), "{text}");
+    assert!(text.contains("judge: reverted"), "{text}");
+}

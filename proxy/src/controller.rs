@@ -28,6 +28,8 @@ use crate::window_metrics::{WindowLatency, QUANTILES};
 
 /// How often the controller checks which routes are due for a verdict.
 const TICK: Duration = Duration::from_millis(100);
+/// How often endpoint host names are resolved again.
+const RESOLVE: Duration = Duration::from_secs(30);
 
 /// An operator action on a route.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -332,8 +334,12 @@ impl Controller {
         let mut triggers = Triggers::new(&self.reload.watched());
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut resolve = tokio::time::interval(RESOLVE);
+        resolve.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resolve.reset();
         loop {
             tokio::select! {
+                _ = resolve.tick() => self.re_resolve().await,
                 _ = triggers.next() => {
                     if let Some(applied) = self.reload.check().await {
                         self.apply(applied).await;
@@ -345,6 +351,43 @@ impl Controller {
                 }
                 _ = tick.tick() => self.judge_due().await,
                 _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Resolves endpoint host names again; a changed address is applied as a
+    /// new snapshot (the same config generation). Failures keep the old
+    /// addresses. Configs with only IP endpoints skip this.
+    async fn re_resolve(&mut self) {
+        let named = self
+            .config
+            .routes
+            .iter()
+            .flat_map(|r| std::iter::once(&r.stable).chain(r.canary.as_ref()));
+        if named
+            .flat_map(|v| &v.endpoints)
+            .all(|e| e.addr.parse::<SocketAddr>().is_ok())
+        {
+            return;
+        }
+        let config = self.config.clone();
+        match tokio::task::spawn_blocking(move || crate::snapshot::resolve(&config)).await {
+            Ok(Ok(addrs)) if addrs != self.addrs => {
+                let changed: Vec<String> = addrs
+                    .iter()
+                    .filter(|(name, a)| self.addrs.get(*name) != Some(*a))
+                    .map(|(name, a)| format!("{name} -> {a}"))
+                    .collect();
+                tracing::info!(endpoints = ?changed, "endpoint addresses changed");
+                self.addrs = addrs;
+                self.rebuild();
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "re-resolving endpoints failed; the previous addresses stay")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "re-resolving endpoints failed; the previous addresses stay")
             }
         }
     }

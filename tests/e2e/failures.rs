@@ -148,3 +148,17 @@ async fn no_route_gives_404_naming_no_internals() {
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_may_be_host_names() {
+    let s = Upstream::start("stable").await;
+    let named = format!("localhost:{}", s.addr.port());
+    let config = route_config(&[s.addr], &[], 0.0, "").replace(&s.addr.to_string(), &named);
+    let veer = Veer::start(&config).await;
+    let r = get(veer.addr, "/", &[]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        veer.status().await["routes"][0]["stable"]["endpoints"][0]["addr"],
+        named
+    );
+}

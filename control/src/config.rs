@@ -336,8 +336,19 @@ impl Config {
     /// Parses and validates a config file's text. `base` is the directory
     /// relative paths in the file are taken from (the file's own directory).
     pub fn parse(text: &str, base: &Path) -> Result<Config, Diagnostics> {
-        let raw = raw::RawConfig::parse(text)?;
-        validate::validate(raw, text, base)
+        let (raw, mut found) = raw::RawConfig::parse(text);
+        let Some(raw) = raw else {
+            return Err(Diagnostics(found));
+        };
+        match validate::validate(raw, text, base) {
+            Ok(c) if found.is_empty() => Ok(c),
+            Ok(_) => Err(Diagnostics(found)),
+            Err(Diagnostics(more)) => {
+                found.extend(more);
+                found.sort_by_key(|d| (d.line, d.col));
+                Err(Diagnostics(found))
+            }
+        }
     }
 
     /// Finds a route by name.

@@ -12,7 +12,10 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::validate::{Diagnostic, Diagnostics};
+use super::validate::Diagnostic;
+
+/// Unknown keys reported before the parse gives up.
+const MAX_UNKNOWN_KEYS: usize = 50;
 
 /// The file as written.
 #[derive(Debug, Default, Deserialize)]
@@ -156,13 +159,39 @@ pub struct RawRollout {
 }
 
 impl RawConfig {
-    /// Parses TOML text. Syntax, type and unknown-key errors stop the parse,
-    /// so this stage reports one problem; stage two reports all of its own.
-    pub fn parse(text: &str) -> Result<RawConfig, Diagnostics> {
-        toml::from_str(text).map_err(|e| {
-            let offset = e.span().map(|s| s.start).unwrap_or(0);
+    /// Parses TOML text. Returns the config if it could be read, and the
+    /// problems found on the way.
+    ///
+    /// The toml parser stops at the first problem. An unknown key on a line
+    /// of its own is recorded, commented out (its first character becomes
+    /// `#`, so every offset stays the same), and the parse tried again; so
+    /// every such typo is reported at once, and stage two still runs.
+    /// Syntax and type errors stop the parse: after them nothing reliable
+    /// can be said about the rest of the file.
+    pub fn parse(text: &str) -> (Option<RawConfig>, Vec<Diagnostic>) {
+        let mut work = text.to_string();
+        let mut found = Vec::new();
+        for _ in 0..MAX_UNKNOWN_KEYS {
+            let e = match toml::from_str::<RawConfig>(&work) {
+                Ok(raw) => return (Some(raw), found),
+                Err(e) => e,
+            };
+            let offset = e.span().map_or(0, |s| s.start);
             let message = e.message().trim().replace('\n', " ");
-            Diagnostics(vec![Diagnostic::at(text, offset, message)])
-        })
+            found.push(Diagnostic::at(text, offset, message.clone()));
+            let line_start = work
+                .get(..offset)
+                .and_then(|b| b.rfind('\n'))
+                .map_or(0, |i| i + 1);
+            let key_alone = work
+                .get(line_start..offset)
+                .is_some_and(|p| p.trim().is_empty());
+            let ascii = work.as_bytes().get(offset).is_some_and(u8::is_ascii);
+            if !(message.starts_with("unknown field") && key_alone && ascii && e.span().is_some()) {
+                return (None, found);
+            }
+            work.replace_range(offset..offset + 1, "#");
+        }
+        (None, found)
     }
 }

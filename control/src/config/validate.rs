@@ -847,9 +847,28 @@ endpoints = ["127.0.0.1:9000"]
     fn unknown_key_is_an_error_with_its_location() {
         let text = "[proxy]\nlisten = [\"127.0.0.1:1\"]\nlisen = 3\n";
         let e = parse(text).expect_err("unknown key");
-        assert_eq!(e.0.len(), 1);
-        assert_eq!((e.0[0].line, e.0[0].col), (3, 1));
-        assert!(e.0[0].message.contains("lisen"), "{}", e.0[0].message);
+        let d =
+            e.0.iter()
+                .find(|d| d.message.contains("lisen"))
+                .expect("reported");
+        assert_eq!((d.line, d.col), (3, 1));
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_with_the_semantic_errors() {
+        let text = "[proxy]\nlisen = 1\nworkers = 2\nmax_conections = 5\n[[route]]\nname = \"Bad\"\ntimout = \"1s\"\n[route.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n";
+        let e = parse(text).expect_err("invalid");
+        let at: Vec<(usize, usize)> = e.0.iter().map(|d| (d.line, d.col)).collect();
+        assert_eq!(at, vec![(2, 1), (4, 1), (6, 8), (7, 1)], "{e}");
+        assert!(
+            e.0[0].message.contains("lisen") && e.0[1].message.contains("max_conections"),
+            "{e}"
+        );
+        assert!(e.0[3].message.contains("timout"), "{e}");
+        // A syntax error still stops the parse: nothing after it is reliable.
+        let e = parse("[proxy]\nlisen = 1\nworkers = = 2\n").expect_err("invalid");
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert!(e.0[0].message.contains("extra"), "{e}");
     }
 
     #[test]

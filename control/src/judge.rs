@@ -649,6 +649,16 @@ mod tests {
         JudgeSettings::default()
     }
 
+    /// A tick at share `w` with no weight change.
+    fn input(w: f64, stable: VersionTick, canary: VersionTick) -> TickInput {
+        TickInput {
+            w,
+            weight_changed: false,
+            stable,
+            canary,
+        }
+    }
+
     fn tick(requests: u64, errors: u64, latency_us: u64) -> VersionTick {
         let mut slice = Slice {
             requests,
@@ -669,12 +679,7 @@ mod tests {
     #[test]
     fn too_little_data_is_insufficient_never_a_revert() {
         let mut j = Judge::new(&settings());
-        let v = j.tick(TickInput {
-            w: 0.05,
-            weight_changed: false,
-            stable: tick(10, 0, 1000),
-            canary: tick(2, 1, 1000),
-        });
+        let v = j.tick(input(0.05, tick(10, 0, 1000), tick(2, 1, 1000)));
         assert_eq!(v.status, Status::InsufficientData);
     }
 
@@ -683,12 +688,7 @@ mod tests {
         let mut j = Judge::new(&settings());
         let mut last = None;
         for _ in 0..30 {
-            last = Some(j.tick(TickInput {
-                w: 0.1,
-                weight_changed: false,
-                stable: tick(900, 1, 2000),
-                canary: tick(100, 0, 2000),
-            }));
+            last = Some(j.tick(input(0.1, tick(900, 1, 2000), tick(100, 0, 2000))));
         }
         assert_eq!(last.map(|v| v.status), Some(Status::Healthy));
     }
@@ -696,12 +696,7 @@ mod tests {
     #[test]
     fn a_failure_burst_trips_within_one_tick() {
         let mut j = Judge::new(&settings());
-        let v = j.tick(TickInput {
-            w: 0.05,
-            weight_changed: false,
-            stable: tick(950, 0, 1000),
-            canary: tick(50, 30, 1000),
-        });
+        let v = j.tick(input(0.05, tick(950, 0, 1000), tick(50, 30, 1000)));
         assert_eq!((v.status, v.guard), (Status::Breach, "failure_burst"));
         assert!(v.reason.contains("30 of the last 50"), "{}", v.reason);
     }
@@ -729,12 +724,7 @@ mod tests {
         // w = 5 %: stable 1 error/s, canary 2 errors/s (r ≈ 38).
         let mut tripped = None;
         for t in 0..30 {
-            let v = j.tick(TickInput {
-                w: 0.05,
-                weight_changed: false,
-                stable: tick(950, 1, 1000),
-                canary: tick(50, 2, 1000),
-            });
+            let v = j.tick(input(0.05, tick(950, 1, 1000), tick(50, 2, 1000)));
             if v.status == Status::Breach {
                 tripped = Some((t, v));
                 break;
@@ -760,12 +750,7 @@ mod tests {
     #[test]
     fn slow_thresholds_come_from_stable_only() {
         let mut j = Judge::new(&settings());
-        j.tick(TickInput {
-            w: 0.05,
-            weight_changed: false,
-            stable: tick(100, 0, 2_000),
-            canary: tick(100, 0, 90_000),
-        });
+        j.tick(input(0.05, tick(100, 0, 2_000), tick(100, 0, 90_000)));
         let t = j.thresholds_us();
         assert_eq!(t.len(), 2);
         let p50 = t[0].expect("threshold");
@@ -776,33 +761,18 @@ mod tests {
     fn blue_green_flip_is_judged_against_the_old_colour() {
         let mut j = Judge::new(&settings());
         for _ in 0..20 {
-            j.tick(TickInput {
-                w: 0.0,
-                weight_changed: false,
-                stable: tick(1000, 1, 2_000),
-                canary: tick(0, 0, 1),
-            });
+            j.tick(input(0.0, tick(1000, 1, 2_000), tick(0, 0, 1)));
         }
         assert!(j.start_watch());
         // Same error rate after the flip: no breach.
         for _ in 0..30 {
-            let v = j.tick(TickInput {
-                w: 1.0,
-                weight_changed: false,
-                stable: tick(0, 0, 1),
-                canary: tick(1000, 1, 2_000),
-            });
+            let v = j.tick(input(1.0, tick(0, 0, 1), tick(1000, 1, 2_000)));
             assert_ne!(v.status, Status::Breach, "{}", v.reason);
         }
         // Ten times the errors: breach.
         let mut breached = None;
         for t in 0..30 {
-            let v = j.tick(TickInput {
-                w: 1.0,
-                weight_changed: false,
-                stable: tick(0, 0, 1),
-                canary: tick(1000, 10, 2_000),
-            });
+            let v = j.tick(input(1.0, tick(0, 0, 1), tick(1000, 10, 2_000)));
             if v.status == Status::Breach {
                 breached = Some((t, v));
                 break;
@@ -853,19 +823,9 @@ mod tests {
         let mut s = settings();
         s.max_error_rate = Some(0.05);
         let mut j = Judge::new(&s);
-        let v = j.tick(TickInput {
-            w: 0.05,
-            weight_changed: false,
-            stable: tick(950, 0, 1000),
-            canary: tick(10, 1, 1000),
-        });
+        let v = j.tick(input(0.05, tick(950, 0, 1000), tick(10, 1, 1000)));
         assert_eq!(v.status, Status::InsufficientData);
-        let v = j.tick(TickInput {
-            w: 0.05,
-            weight_changed: false,
-            stable: tick(950, 0, 1000),
-            canary: tick(50, 3, 1000),
-        });
+        let v = j.tick(input(0.05, tick(950, 0, 1000), tick(50, 3, 1000)));
         assert_eq!((v.status, v.guard), (Status::Breach, "max_error_rate"));
     }
 }

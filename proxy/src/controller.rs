@@ -115,7 +115,10 @@ struct RouteRuntime {
 }
 
 impl RouteRuntime {
-    fn new(route: &Route) -> RouteRuntime {
+    /// A fresh runtime for `route`, whose recorders start counting under
+    /// canary share `w_bp` (the share its first snapshot routes with, so
+    /// the first tick's events are attributable).
+    fn new(route: &Route, w_bp: u16) -> RouteRuntime {
         let judge = Judge::new(&route.judge);
         let thresholds = threshold_count(judge.quantiles());
         let keys = Arc::new(RouteKeys::new(thresholds));
@@ -128,7 +131,7 @@ impl RouteRuntime {
             stable: Arc::new(Recorder::new(keys.clone())),
             canary: route.canary.as_ref().map(|_| Arc::new(Recorder::new(keys))),
             last_tick: Instant::now(),
-            last_w_bp: None,
+            last_w_bp: Some(w_bp),
             verdict: "insufficient_data",
             last: None,
             healthy_since: None,
@@ -265,7 +268,10 @@ impl Controller {
         let routes: HashMap<String, RouteRuntime> = config
             .routes
             .iter()
-            .map(|r| (r.name.clone(), RouteRuntime::new(r)))
+            .map(|r| {
+                let w_bp = effective_bp(r, state.routes.get(&r.name));
+                (r.name.clone(), RouteRuntime::new(r, w_bp))
+            })
             .collect();
         let snap = build_snapshot(&config, 1, &addrs, &routes, &state, &metrics, &upstreams);
         snap.publish(None, &metrics);
@@ -394,18 +400,18 @@ impl Controller {
 
     async fn apply(&mut self, applied: Applied) {
         self.generation += 1;
+        self.config = applied.config.clone();
+        self.addrs = applied.addrs.clone();
+        let changed = reconcile_state(&self.config, &mut self.state);
         let mut routes = HashMap::new();
         for r in &applied.config.routes {
             let rt = match self.routes.remove(&r.name) {
                 Some(rt) if rt.same_as(r) => rt,
-                _ => RouteRuntime::new(r),
+                _ => RouteRuntime::new(r, effective_bp(r, self.state.routes.get(&r.name))),
             };
             routes.insert(r.name.clone(), rt);
         }
         self.routes = routes;
-        self.config = applied.config.clone();
-        self.addrs = applied.addrs.clone();
-        let changed = reconcile_state(&self.config, &mut self.state);
         self.rebuild();
         self.reload.accepted(&applied, self.generation);
         if changed {

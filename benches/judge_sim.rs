@@ -709,6 +709,7 @@ fn main() {
         .and_then(|i| std::env::args().nth(i + 1))
         .and_then(|v| v.parse::<usize>().ok());
     let onsets: Vec<u32> = match std::env::args().position(|a| a == "--onset") {
+        _ if detect_runs == 0 => Vec::new(),
         Some(_) => vec![arg("--onset", 0) as u32],
         None => ONSETS.to_vec(),
     };

@@ -11,7 +11,8 @@
 //! The set of keys seen is a one-hash Bloom filter of 2²⁰ bits shared by both
 //! versions of a route, so a false positive (a new key taken for a seen one)
 //! is equally likely for either version and biases neither; it only costs a
-//! little power as the filter fills. Lock-free: one `fetch_or` per bad event.
+//! little power as the filter fills. Lock-free: a load, and one `fetch_or`
+//! the first time a key is seen.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -64,6 +65,8 @@ impl KeyFilter {
         let word = (bit / 64) as usize;
         let mask = 1u64 << (bit % 64);
         match self.words.get(word) {
+            // A key seen before only reads, so its cache line stays shared.
+            Some(w) if w.load(Ordering::Relaxed) & mask != 0 => false,
             Some(w) => w.fetch_or(mask, Ordering::Relaxed) & mask == 0,
             None => true,
         }

@@ -2,10 +2,11 @@
 //!
 //! The judge closes one slice per tick (its `interval`), so "the last 60 s"
 //! is exactly the last `window / interval` slices and old data falls out
-//! whole. Latency is kept in HDR histograms (microseconds, 2 significant
-//! digits: the proxy's recorder keeps 1.6 %, so more would be false
-//! precision). The window keeps running totals, adding the newest slice and
-//! subtracting the one that falls out, so reading it costs nothing.
+//! whole. Latency is kept in HDR histograms (microseconds, 3 significant
+//! digits). The window keeps running totals, adding the newest slice and
+//! subtracting the one that falls out, so reading it costs nothing. A dense
+//! histogram at 3 digits is 184 KiB, so a slice is kept only as its
+//! recorded buckets (a few hundred pairs at most) once it is in the total.
 
 use std::collections::VecDeque;
 
@@ -14,10 +15,23 @@ use hdrhistogram::Histogram;
 /// Highest latency tracked: 1 hour in microseconds.
 pub const MAX_LATENCY_US: u64 = 3_600_000_000;
 
+/// Significant decimal digits of every latency histogram.
+pub const SIGNIFICANT_DIGITS: u8 = 3;
+
 /// A new, empty latency histogram.
 #[allow(clippy::expect_used)] // constant bounds, inside hdrhistogram's accepted range
 pub fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_LATENCY_US, 2).expect("constant histogram bounds")
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)
+        .expect("constant histogram bounds")
+}
+
+/// A slice once it is in a window's totals: counts and the latency
+/// histogram's non-empty buckets as `(value, count)`.
+#[derive(Clone, Debug)]
+struct Kept {
+    requests: u64,
+    errors: u64,
+    latency: Vec<(u64, u64)>,
 }
 
 /// One slice: what a version did during one judge tick.
@@ -75,9 +89,11 @@ impl Stats {
 /// The last `capacity` slices of one version, with running totals.
 #[derive(Clone, Debug)]
 pub struct Window {
-    slices: VecDeque<Slice>,
+    slices: VecDeque<Kept>,
     capacity: usize,
     total: Stats,
+    /// Rebuilds a slice that falls out, to subtract it.
+    scratch: Histogram<u64>,
 }
 
 impl Window {
@@ -91,6 +107,7 @@ impl Window {
                 errors: 0,
                 latency: histogram(),
             },
+            scratch: histogram(),
         }
     }
 
@@ -100,14 +117,34 @@ impl Window {
             if let Some(old) = self.slices.pop_front() {
                 self.total.requests -= old.requests;
                 self.total.errors -= old.errors;
-                // Cannot fail: the total contains every count of `old`.
-                let _ = self.total.latency.subtract(&old.latency);
+                if !old.latency.is_empty() {
+                    self.scratch.reset();
+                    for (v, n) in &old.latency {
+                        // Cannot fail: `v` came out of a histogram of the same bounds.
+                        let _ = self.scratch.record_n(*v, *n);
+                    }
+                    // Cannot fail: the total contains every count of `old`.
+                    let _ = self.total.latency.subtract(&self.scratch);
+                }
             }
         }
         self.total.requests += slice.requests;
         self.total.errors += slice.errors;
-        let _ = self.total.latency.add(&slice.latency);
-        self.slices.push_back(slice);
+        let latency = if slice.latency.is_empty() {
+            Vec::new()
+        } else {
+            let _ = self.total.latency.add(&slice.latency);
+            slice
+                .latency
+                .iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect()
+        };
+        self.slices.push_back(Kept {
+            requests: slice.requests,
+            errors: slice.errors,
+            latency,
+        });
     }
 
     /// Totals over the whole window.
@@ -183,5 +220,19 @@ mod tests {
             w.stats().latency.value_at_quantile(0.5),
             merged.value_at_quantile(0.5)
         );
+        let buckets = |h: &Histogram<u64>| -> Vec<(u64, u64)> {
+            h.iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect()
+        };
+        assert_eq!(buckets(&w.stats().latency), buckets(&merged));
+    }
+
+    #[test]
+    fn latency_keeps_three_significant_digits() {
+        let mut w = Window::new(2);
+        w.push(slice(1, 0, 123_456));
+        let v = w.stats().latency.value_at_quantile(1.0);
+        assert!(v.abs_diff(123_456) <= 123, "{v}");
     }
 }

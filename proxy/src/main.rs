@@ -95,6 +95,11 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     if workers > 1 {
         b.worker_threads(workers);
     }
+    if workers > 0 {
+        // One recording shard per worker (the default is one per core, as
+        // for the runtime's workers).
+        veer_proxy::record::set_shards(workers);
+    }
     b.enable_all()
         .thread_name("veer-worker")
         .build()

@@ -1,5 +1,7 @@
-//! Streaming bodies: idle timeouts, and handing a connection back to its
-//! pool once its response has been read to the end.
+//! Streaming bodies: idle timeouts, handing a connection back to its pool
+//! once its response has been read to the end, and the judge's record of a
+//! request, written when its response body ends (a canary that sends a
+//! good head and then breaks off the body has failed that request).
 //!
 //! Nothing here buffers a whole message: frames pass through as they come.
 
@@ -14,6 +16,9 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::error::ProxyError;
+use crate::record::Outcome;
+use crate::snapshot::RouteTarget;
 use crate::upstream::{Sender, Upstream};
 
 /// The error type of proxied bodies.
@@ -97,11 +102,67 @@ where
 /// A request body on its way to the upstream.
 pub type RequestBody = IdleTimeout<Incoming>;
 
+/// The judge's record of a request whose response body is still streaming.
+///
+/// Latency is the time to the response head (a body's length and the
+/// client's speed are not the version's doing); the outcome is the status's,
+/// unless the upstream fails the body (reset, truncation, stall), which makes
+/// it an error. A client that goes away early does not fail the request.
+pub struct Pending {
+    /// Holds the route (and so the recorder) until the body ends.
+    pub route: Arc<RouteTarget>,
+    /// The request went to the canary.
+    pub canary: bool,
+    /// Time to the response head.
+    pub micros: u64,
+    /// Outcome by status.
+    pub outcome: Outcome,
+    /// The sticky key's hash.
+    pub key_hash: Option<u64>,
+}
+
+impl Pending {
+    /// Records the request; `failed`: how the upstream broke off the body.
+    fn finish(self, failed: Option<ProxyError>) {
+        let version = match (&self.route.canary, self.canary) {
+            (Some(c), true) => c,
+            _ => &self.route.stable,
+        };
+        let outcome = match failed {
+            None => self.outcome,
+            Some(e) => {
+                if let Some(kind) = e.upstream_index() {
+                    version.metrics.upstream_error(kind);
+                }
+                if e == ProxyError::UpstreamTimeout {
+                    Outcome::Timeout
+                } else {
+                    Outcome::Error
+                }
+            }
+        };
+        version.recorder.record(self.micros, outcome, self.key_hash);
+    }
+}
+
+/// Whose fault a body error is: a stall is a timeout, anything else the
+/// upstream breaking the message off.
+fn body_failure(e: &BoxError) -> ProxyError {
+    if e.is::<BodyTimeout>() {
+        return ProxyError::UpstreamTimeout;
+    }
+    match e.downcast_ref::<hyper::Error>() {
+        Some(h) => ProxyError::from_hyper(h),
+        None => ProxyError::UpstreamReset,
+    }
+}
+
 /// An upstream response body; the connection goes back to its endpoint's
 /// pool when the body ends, and is closed if the body is dropped early.
 pub struct UpstreamBody {
     inner: IdleTimeout<Incoming>,
     conn: Option<(Sender, Arc<Upstream>)>,
+    pending: Option<Pending>,
 }
 
 impl UpstreamBody {
@@ -114,6 +175,7 @@ impl UpstreamBody {
         let mut b = UpstreamBody {
             inner: IdleTimeout::new(inner, idle),
             conn,
+            pending: None,
         };
         if b.inner.is_end_stream() {
             b.release();
@@ -121,9 +183,30 @@ impl UpstreamBody {
         b
     }
 
+    /// Records `p` when the body ends (at once if it already has).
+    pub fn record_at_end(&mut self, p: Pending) {
+        if self.inner.is_end_stream() {
+            p.finish(None);
+        } else {
+            self.pending = Some(p);
+        }
+    }
+
     fn release(&mut self) {
         if let Some((sender, upstream)) = self.conn.take() {
             upstream.checkin(sender);
+        }
+        if let Some(p) = self.pending.take() {
+            p.finish(None);
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // The client went away before the end: not the upstream's failure.
+        if let Some(p) = self.pending.take() {
+            p.finish(None);
         }
     }
 }
@@ -140,7 +223,12 @@ impl Body for UpstreamBody {
         match &r {
             Poll::Ready(None) => self.release(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.conn = None,
+            Poll::Ready(Some(Err(e))) => {
+                self.conn = None;
+                if let Some(p) = self.pending.take() {
+                    p.finish(Some(body_failure(e)));
+                }
+            }
             _ => {}
         }
         r

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::balance::Pick;
-use crate::body::{IdleTimeout, ProxyBody, RequestBody, UpstreamBody};
+use crate::body::{IdleTimeout, Pending, ProxyBody, RequestBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::headers::{is_upgrade, prepare_request, strip_hop_by_hop, Scheme};
 use crate::record::Outcome;
@@ -74,19 +74,30 @@ pub async fn handle(
         return Ok(error_response(ProxyError::UpstreamConnect));
     };
 
+    let canary = !std::ptr::eq(version, &route.stable);
     let result = forward(&route, version, pick, req, peer, scheme, body_timeout).await;
     let elapsed = start.elapsed();
     let micros = elapsed.as_micros() as u64;
     let seconds = elapsed.as_secs_f64();
     Ok(match result {
-        Ok(resp) => {
+        Ok(mut resp) => {
             let status = resp.status().as_u16();
             version.metrics.record(status, seconds);
             let error =
                 status >= 500 || (route.count_4xx_as_errors && (400..500).contains(&status));
             let outcome = if error { Outcome::Error } else { Outcome::Ok };
             if route.record {
-                version.recorder.record(micros, outcome, key_hash);
+                match resp.body_mut() {
+                    // Recorded when the body ends: it may still fail.
+                    ProxyBody::Upstream(body) => body.record_at_end(Pending {
+                        route,
+                        canary,
+                        micros,
+                        outcome,
+                        key_hash,
+                    }),
+                    ProxyBody::Full(_) => version.recorder.record(micros, outcome, key_hash),
+                }
             }
             resp
         }

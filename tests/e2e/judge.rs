@@ -175,6 +175,58 @@ async fn a_latency_regression_is_reverted() {
     all_on(&veer, "stable", 200).await;
 }
 
+/// An upstream that sends a good head, part of the body, and hangs up.
+async fn truncating_upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nx-upstream: canary\r\ncontent-length: 1000\r\n\r\npartial")
+                    .await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_breaks_off_its_bodies_is_reverted() {
+    let s = Upstream::start("stable").await;
+    let c = truncating_upstream().await;
+    let veer = Veer::start(&(route_config(&[s.addr], &[c], 20.0, "") + JUDGE)).await;
+    let load = Load::start(veer.addr, 4, Duration::ZERO);
+    let route = wait_verdict(&veer, "reverted", Duration::from_secs(10)).await;
+    load.stop().await;
+    // Judged as failures (not merely as slow: without a pooled connection
+    // to reuse, the canary is slower too).
+    let guard = route["reverted"]["guard"].as_str().unwrap_or_default();
+    assert!(
+        ["failure_burst", "error_rate_test", "unreachable"].contains(&guard),
+        "{route}"
+    );
+    all_on(&veer, "stable", 200).await;
+    // The heads were 200s; the broken bodies count as upstream failures.
+    let m = veer.metrics().await;
+    let reset = metric(
+        &m,
+        r#"veer_upstream_errors_total{kind="reset",route="web",version="v2"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(reset >= 1.0, "{m}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_versions_under_load_for_a_minute_are_not_reverted() {
     let s = Upstream::start("stable").await;

@@ -29,7 +29,7 @@
 pub const GRID: [f64; 9] = [1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0];
 
 /// One running test.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EProcess {
     margin: f64,
     /// `(r_j, ln L_j)` for grid points above the margin.
@@ -256,7 +256,7 @@ const MAX_COMPONENTS: usize = 128;
 /// value is negligible are dropped to bound memory. The price is
 /// `ln(1/π_k)` nats of evidence for a regression that starts at the `k`-th
 /// start: 0.7 at the first, 8.2 an hour in with one start a minute.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Detector {
     margin: f64,
     restart_every: u64,

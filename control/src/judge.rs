@@ -137,6 +137,23 @@ pub struct Evidence {
     pub thresholds_ms: Vec<(Quantile, Option<f64>)>,
 }
 
+/// The sequential tests' state, saved in the state dir so that a restart
+/// continues them: the evidence is kept, and a restart does not start a
+/// fresh test (which would spend the false-revert budget again).
+///
+/// Resuming from a saved value drops whatever arrived between the save and
+/// the restart; a test martingale evaluated on a subsequence of its data,
+/// chosen without looking at the data, is still one, so the bound holds.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedTests {
+    /// What the tests' meaning depends on (margin, quantiles, restart
+    /// cadence); a saved state with another fingerprint is not resumed.
+    fingerprint: u64,
+    errors: Detector,
+    latency: Vec<Detector>,
+    watch: Option<Watch>,
+}
+
 /// The judge of one route.
 #[derive(Clone, Debug)]
 pub struct Judge {
@@ -171,7 +188,7 @@ const WATCH_LATENCY_TOLERANCE: f64 = 1.2;
 const WATCH_LATENCY_MARGIN: f64 = 2.0;
 
 /// blue-green after a flip: the new colour against the old one's baseline.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Watch {
     warmup: usize,
     ticks_left: usize,
@@ -298,6 +315,35 @@ impl Judge {
     /// Window totals of stable.
     pub fn stable_stats(&self) -> &Stats {
         self.stable.stats()
+    }
+
+    fn fingerprint(&self) -> u64 {
+        let q: Vec<&str> = self.quantiles.iter().map(|q| q.key()).collect();
+        xxhash_rust::xxh3::xxh3_64(
+            format!("{:?}|{}|{}", self.margin, q.join(","), self.restart_every).as_bytes(),
+        )
+    }
+
+    /// The sequential tests' state, to save.
+    pub fn save_tests(&self) -> SavedTests {
+        SavedTests {
+            fingerprint: self.fingerprint(),
+            errors: self.errors.clone(),
+            latency: self.latency.clone(),
+            watch: self.watch.clone(),
+        }
+    }
+
+    /// Resumes saved tests; false (and nothing changes) when they were
+    /// saved under settings that give them another meaning.
+    pub fn restore_tests(&mut self, saved: SavedTests) -> bool {
+        if saved.fingerprint != self.fingerprint() || saved.latency.len() != self.latency.len() {
+            return false;
+        }
+        self.errors = saved.errors;
+        self.latency = saved.latency;
+        self.watch = saved.watch;
+        true
     }
 
     /// Window totals of the canary.
@@ -674,6 +720,32 @@ mod tests {
             burst_users: requests,
             unreachable: false,
         }
+    }
+
+    #[test]
+    fn saved_tests_resume_after_a_round_trip_and_only_under_the_same_settings() {
+        let mut j = Judge::new(&settings());
+        for _ in 0..3 {
+            let _ = j.tick(input(0.05, tick(1_900, 1, 1_000), tick(100, 1, 1_000)));
+        }
+        let before = j.evidence();
+        assert!(before.e_errors > 1.0, "{before:?}");
+        let text = serde_json::to_string(&j.save_tests()).unwrap();
+        let saved: SavedTests = serde_json::from_str(&text).unwrap();
+
+        let mut resumed = Judge::new(&settings());
+        assert!(resumed.restore_tests(saved.clone()));
+        assert_eq!(resumed.evidence().e_errors, before.e_errors);
+        assert_eq!(resumed.evidence().error_events, before.error_events);
+
+        let mut other = settings();
+        other.margin = 1.5;
+        let mut different = Judge::new(&other);
+        assert!(!different.restore_tests(saved));
+        assert_eq!(
+            different.evidence().e_errors,
+            Judge::new(&other).evidence().e_errors
+        );
     }
 
     #[test]

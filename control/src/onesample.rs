@@ -23,7 +23,7 @@
 use crate::eprocess::{log_mean_exp, GRID};
 
 /// One running one-sample test.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OneSample {
     null: f64,
     log_l: Vec<(f64, f64)>,

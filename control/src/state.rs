@@ -67,6 +67,12 @@ pub struct RouteDecision {
     /// Index of the current rollout step.
     #[serde(default)]
     pub rollout_step: usize,
+    /// The judge's sequential tests, saved every few seconds and at
+    /// shutdown ([`crate::judge::SavedTests`]). Kept as raw JSON so that a
+    /// part that no longer parses costs only the evidence, never the
+    /// decisions above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<serde_json::Value>,
 }
 
 /// Every route's decision.

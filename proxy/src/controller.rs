@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use veer_control::config::{Config, JudgeMode, JudgeSettings, Route, Strategy};
-use veer_control::judge::{Judge, Status, TickInput, Verdict, VersionTick};
+use veer_control::judge::{Judge, SavedTests, Status, TickInput, Verdict, VersionTick};
 use veer_control::state::{canary_identity, Revert, RouteDecision, State, StateError};
 use veer_control::window::Stats;
 
@@ -30,6 +30,9 @@ use crate::window_metrics::{WindowLatency, QUANTILES};
 const TICK: Duration = Duration::from_millis(100);
 /// How often endpoint host names are resolved again.
 const RESOLVE: Duration = Duration::from_secs(30);
+/// How often the judges' evidence is written to the state dir (and once
+/// more at shutdown).
+const SAVE_EVIDENCE: Duration = Duration::from_secs(10);
 
 /// An operator action on a route.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +142,17 @@ impl RouteRuntime {
         }
     }
 
+    /// Continues the sequential tests from `saved` (from the state dir, or
+    /// from the runtime this one replaces) when they belong to this canary.
+    fn resume(&mut self, route: &str, saved: Option<SavedTests>) {
+        let Some(saved) = saved else { return };
+        if self.judge.restore_tests(saved) {
+            tracing::info!(route, "judge resumes its evidence about this canary");
+        } else {
+            tracing::info!(route, "judge settings changed: its tests start afresh");
+        }
+    }
+
     fn same_as(&self, route: &Route) -> bool {
         self.identity == canary_identity(route)
             && self.stable_version == route.stable.name
@@ -157,6 +171,16 @@ pub struct Controller {
     state: State,
     state_dir: PathBuf,
     notifier: Notifier,
+}
+
+/// The evidence a decision holds, if it still parses.
+fn saved_evidence(route: &str, d: Option<&RouteDecision>) -> Option<SavedTests> {
+    let v = d?.evidence.clone()?;
+    serde_json::from_value(v)
+        .inspect_err(|e| {
+            tracing::warn!(route, error = %e, "saved evidence unreadable: the judge's tests start afresh")
+        })
+        .ok()
 }
 
 fn now_unix() -> u64 {
@@ -269,8 +293,10 @@ impl Controller {
             .routes
             .iter()
             .map(|r| {
-                let w_bp = effective_bp(r, state.routes.get(&r.name));
-                (r.name.clone(), RouteRuntime::new(r, w_bp))
+                let d = state.routes.get(&r.name);
+                let mut rt = RouteRuntime::new(r, effective_bp(r, d));
+                rt.resume(&r.name, saved_evidence(&r.name, d));
+                (r.name.clone(), rt)
             })
             .collect();
         let snap = build_snapshot(&config, 1, &addrs, &routes, &state, &metrics, &upstreams);
@@ -320,14 +346,17 @@ impl Controller {
             Ok(Err(e)) => Some(e.to_string()),
             Err(e) => Some(e.to_string()),
         };
-        if let Some(e) = &error {
-            tracing::error!(error = %e, "could not persist decisions; they hold until restart only");
-        }
-        *self
+        let mut current = self
             .shared
             .state_error
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = error.clone();
+            .unwrap_or_else(|p| p.into_inner());
+        // Logged once per distinct failure: evidence is saved every few
+        // seconds, and a read-only state dir should not flood the log.
+        if let Some(e) = error.as_ref().filter(|e| current.as_ref() != Some(*e)) {
+            tracing::error!(error = %e, "could not persist decisions; they hold until restart only");
+        }
+        *current = error.clone();
         error.is_none()
     }
 
@@ -343,6 +372,9 @@ impl Controller {
         let mut resolve = tokio::time::interval(RESOLVE);
         resolve.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resolve.reset();
+        let mut save = tokio::time::interval(SAVE_EVIDENCE);
+        save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        save.reset();
         loop {
             tokio::select! {
                 _ = resolve.tick() => self.re_resolve().await,
@@ -356,8 +388,34 @@ impl Controller {
                     let _ = cmd.reply.send(result);
                 }
                 _ = tick.tick() => self.judge_due().await,
-                _ = shutdown.changed() => return,
+                _ = save.tick() => self.save_evidence().await,
+                _ = shutdown.changed() => {
+                    self.save_evidence().await;
+                    return;
+                }
             }
+        }
+    }
+
+    /// Writes every judge's tests to the state dir, so that a restart
+    /// continues them.
+    async fn save_evidence(&mut self) {
+        let mut changed = false;
+        for (name, rt) in &self.routes {
+            let Some(d) = self.state.routes.get_mut(name) else {
+                continue;
+            };
+            if d.canary_identity != rt.identity {
+                continue;
+            }
+            let v = serde_json::to_value(rt.judge.save_tests()).ok();
+            if d.evidence != v {
+                d.evidence = v;
+                changed = true;
+            }
+        }
+        if changed {
+            self.persist().await;
         }
     }
 
@@ -405,9 +463,20 @@ impl Controller {
         let changed = reconcile_state(&self.config, &mut self.state);
         let mut routes = HashMap::new();
         for r in &applied.config.routes {
+            let d = self.state.routes.get(&r.name);
             let rt = match self.routes.remove(&r.name) {
                 Some(rt) if rt.same_as(r) => rt,
-                _ => RouteRuntime::new(r, effective_bp(r, self.state.routes.get(&r.name))),
+                old => {
+                    let mut rt = RouteRuntime::new(r, effective_bp(r, d));
+                    let saved = match old {
+                        // Same canary, other settings: carry the live tests over.
+                        Some(old) if old.identity == rt.identity => Some(old.judge.save_tests()),
+                        Some(_) => None,
+                        None => saved_evidence(&r.name, d),
+                    };
+                    rt.resume(&r.name, saved);
+                    rt
+                }
             };
             routes.insert(r.name.clone(), rt);
         }
@@ -479,6 +548,7 @@ impl Controller {
         }
         if let Some(rt) = self.routes.get_mut(name) {
             if action == Action::Reset {
+                // (The decision written above no longer holds evidence.)
                 rt.judge.reset_tests();
                 rt.healthy_since = None;
                 rt.step_since = Instant::now();

@@ -263,6 +263,47 @@ async fn observe_mode_reports_but_never_reverts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_evidence_survives_a_restart() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.fail_one_in.store(5, Ordering::SeqCst);
+    let config = route_config(&[s.addr], &[c.addr], 20.0, "")
+        + &JUDGE.replace("[route.judge]\n", "[route.judge]\nmode = \"observe\"\n");
+    let mut veer = Veer::start(&config).await;
+    let mut client = Client::connect(veer.addr).await.unwrap();
+    for i in 0..300 {
+        let _ = client
+            .get("/", &[("x-user-id", &format!("u{i}"))])
+            .await
+            .unwrap();
+    }
+    // Two judge ticks: every event is in the tests.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = veer.status().await["routes"][0]["evidence"]["e_errors"]
+        .as_f64()
+        .unwrap();
+    assert!(before > 100.0, "{before}");
+
+    veer.terminate();
+    assert!(veer.wait_exit(Duration::from_secs(10)).await.success());
+    let dir = std::mem::replace(&mut veer.dir, tempfile::tempdir().unwrap());
+    let restarted = Veer::start_in(dir, veer.config.clone()).await;
+    let after = restarted.status().await["routes"][0]["evidence"]["e_errors"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (after - before).abs() <= before * 0.01,
+        "{before} -> {after}"
+    );
+    assert_eq!(
+        restarted
+            .logs_with("judge resumes its evidence about this canary")
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn little_traffic_is_insufficient_data_never_a_revert() {
     let s = Upstream::start("stable").await;
     let c = Upstream::start("canary").await;

@@ -285,21 +285,31 @@ impl Default for JudgeSettings {
     }
 }
 
-/// A plain-HTTP webhook target.
+/// A webhook target: `http://` or `https://`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Webhook {
     /// The URL as written.
     pub url: String,
     /// `host:port` to connect to.
     pub authority: String,
+    /// The host alone (TLS server name; brackets removed from IPv6).
+    pub host: String,
     /// Path and query to POST to.
     pub path: String,
+    /// `https://`: TLS, the certificate verified against the Mozilla roots
+    /// built into veer, or against `ca_file` when set.
+    pub tls: bool,
+    /// PEM bundle of the CAs an https webhook must chain to (`webhook_ca_file`).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Webhook {
-    /// Parses `http://host[:port][/path]`.
+    /// Parses `http[s]://host[:port][/path]` (no CA file).
     pub fn parse(url: &str) -> Option<Webhook> {
-        let rest = url.strip_prefix("http://")?;
+        let (rest, tls, port) = match url.strip_prefix("https://") {
+            Some(rest) => (rest, true, 443),
+            None => (url.strip_prefix("http://")?, false, 80),
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -307,18 +317,23 @@ impl Webhook {
         if authority.is_empty() || authority.contains('@') || path.contains(' ') {
             return None;
         }
-        let authority = if authority
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
+        let (host, authority) = match authority.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')) => {
+                (h, authority.to_string())
+            }
+            _ => (authority, format!("{authority}:{port}")),
         };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return None;
+        }
         Some(Webhook {
             url: url.to_string(),
             authority,
+            host: host.to_string(),
             path: path.to_string(),
+            tls,
+            ca_file: None,
         })
     }
 }

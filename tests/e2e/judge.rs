@@ -503,6 +503,16 @@ async fn webhook_receiver() -> (
     std::net::SocketAddr,
     Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
 ) {
+    webhook_receiver_with(None).await
+}
+
+/// Collects the JSON events POSTed to it, over TLS when `tls` is given.
+async fn webhook_receiver_with(
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let events: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
@@ -513,6 +523,7 @@ async fn webhook_receiver() -> (
                 return;
             };
             let sink = sink.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let svc =
                     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -530,13 +541,87 @@ async fn webhook_receiver() -> (
                             ))
                         }
                     });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    Some(acceptor) => {
+                        let Ok(stream) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        let _ = http
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                            .await;
+                    }
+                    None => {
+                        let _ = http
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                            .await;
+                    }
+                }
             });
         }
     });
     (addr, events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_webhook_gets_events_only_from_a_verified_server() {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.key_pair.serialize_der()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let (hook, events) = webhook_receiver_with(Some(acceptor)).await;
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca = ca_dir.path().join("ca.pem");
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    // Another CA: the same server must then be refused.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let wrong = ca_dir.path().join("wrong.pem");
+    std::fs::write(&wrong, other.cert.pem()).unwrap();
+
+    for (ca_file, trusted) in [(&wrong, false), (&ca, true)] {
+        let s = Upstream::start("stable").await;
+        let c = Upstream::start("canary").await;
+        c.status.store(500, Ordering::SeqCst);
+        let before = events.lock().unwrap().len();
+        let config = route_config(&[s.addr], &[c.addr], 20.0, "")
+            + JUDGE
+            + &format!(
+                "webhook = \"https://{hook}/veer-events\"\nwebhook_ca_file = \"{}\"\n",
+                ca_file.display()
+            );
+        let veer = Veer::start(&config).await;
+        let load = Load::start(veer.addr, 4, Duration::ZERO);
+        wait_verdict(&veer, "reverted", Duration::from_secs(10)).await;
+        load.stop().await;
+        let result = if trusted { "ok" } else { "failed" };
+        let start = Instant::now();
+        let m = loop {
+            let m = veer.metrics().await;
+            if metric(
+                &m,
+                &format!("veer_webhook_events_total{{result=\"{result}\"}}"),
+            ) >= Some(1.0)
+            {
+                break m;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "{m}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let got = events.lock().unwrap().len() - before;
+        if trusted {
+            assert!(got >= 1, "{m}");
+        } else {
+            assert_eq!(got, 0, "an unverified server got events");
+            assert!(!veer.logs_with("webhook delivery failed").is_empty());
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -147,6 +147,7 @@ pub struct RawJudge {
     pub margin: Option<Spanned<f64>>,
     pub watch: Option<Spanned<String>>,
     pub webhook: Option<Spanned<String>>,
+    pub webhook_ca_file: Option<Spanned<String>>,
     pub slo: Option<Spanned<f64>>,
 }
 

@@ -185,6 +185,50 @@ impl Validator<'_> {
         }
     }
 
+    fn webhook(&mut self, j: &RawJudge) -> Option<Webhook> {
+        let ca_file = j.webhook_ca_file.as_ref().map(|f| (f.span(), self.path(f)));
+        let Some(w) = &j.webhook else {
+            if let Some((span, _)) = ca_file {
+                self.err(span, "webhook_ca_file is set but there is no webhook");
+            }
+            return None;
+        };
+        let Some(mut hook) = Webhook::parse(w.get_ref()) else {
+            self.err(
+                w.span(),
+                format!(
+                    "webhook {:?} is not an http[s]://host[:port][/path] URL",
+                    w.get_ref()
+                ),
+            );
+            return None;
+        };
+        if let Some((span, path)) = ca_file {
+            if !hook.tls {
+                self.err(span, "webhook_ca_file applies only to an https:// webhook");
+                return None;
+            }
+            match std::fs::read_to_string(&path) {
+                Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => hook.ca_file = Some(path),
+                Ok(_) => {
+                    self.err(
+                        span,
+                        format!(
+                            "webhook_ca_file {}: no PEM certificate in it",
+                            path.display()
+                        ),
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    self.err(span, format!("webhook_ca_file {}: {e}", path.display()));
+                    return None;
+                }
+            }
+        }
+        Some(hook)
+    }
+
     fn duration(&mut self, s: Option<&Spanned<String>>, default: Duration) -> Duration {
         let Some(s) = s else { return default };
         match humantime::parse_duration(s.get_ref()) {
@@ -739,13 +783,7 @@ impl Validator<'_> {
                 None => 1.0,
             },
             watch: self.duration(j.watch.as_ref(), defaults::WATCH),
-            webhook: j.webhook.as_ref().and_then(|w| match Webhook::parse(w.get_ref()) {
-                Some(hook) => Some(hook),
-                None => {
-                    self.err(w.span(), format!("webhook {:?} is not an http://host[:port][/path] URL (https is not supported; put a local relay in front)", w.get_ref()));
-                    None
-                }
-            }),
+            webhook: self.webhook(j),
             slo: match &j.slo {
                 Some(v) if !(0.5..1.0).contains(v.get_ref()) => {
                     self.err(v.span(), format!("slo must be an availability objective between 0.5 and 1 (exclusive), like 0.999; got {}", v.get_ref()));
@@ -825,6 +863,72 @@ name = "web"
 version = "v1"
 endpoints = ["127.0.0.1:9000"]
 "#;
+
+    #[test]
+    fn webhooks_take_http_and_https_urls() {
+        let h = Webhook::parse("https://hooks.example.com/services/T0").expect("https");
+        assert_eq!(
+            (
+                h.authority.as_str(),
+                h.host.as_str(),
+                h.path.as_str(),
+                h.tls
+            ),
+            (
+                "hooks.example.com:443",
+                "hooks.example.com",
+                "/services/T0",
+                true
+            )
+        );
+        let h = Webhook::parse("http://127.0.0.1:8080").expect("http");
+        assert_eq!(
+            (h.authority.as_str(), h.path.as_str(), h.tls),
+            ("127.0.0.1:8080", "/", false)
+        );
+        let h = Webhook::parse("https://[::1]:8443/x").expect("ipv6");
+        assert_eq!(
+            (h.authority.as_str(), h.host.as_str()),
+            ("[::1]:8443", "::1")
+        );
+        let h = Webhook::parse("https://[::1]/x").expect("ipv6 without port");
+        assert_eq!(
+            (h.authority.as_str(), h.host.as_str()),
+            ("[::1]:443", "::1")
+        );
+        for bad in ["ftp://x", "https://", "http://user@host/", "https:///path"] {
+            assert!(Webhook::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn webhook_ca_file_must_hold_certificates_and_go_with_https() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let judge = |hook: &str, ca_file: &str| {
+            format!(
+                "{MINIMAL}[route.judge]\nwebhook = \"{hook}\"\nwebhook_ca_file = \"{ca_file}\"\n"
+            )
+        };
+        let c =
+            Config::parse(&judge("https://127.0.0.1:9/e", "ca.pem"), dir.path()).expect("valid");
+        let hook = c.routes[0].judge.webhook.clone().expect("hook");
+        assert_eq!(hook.ca_file.as_deref(), Some(ca.as_path()));
+
+        let e = Config::parse(&judge("http://127.0.0.1:9/e", "ca.pem"), dir.path()).unwrap_err();
+        assert!(e.0[0].message.contains("only to an https"), "{e}");
+        let e =
+            Config::parse(&judge("https://127.0.0.1:9/e", "missing.pem"), dir.path()).unwrap_err();
+        assert!(e.0[0].message.contains("missing.pem"), "{e}");
+        std::fs::write(&ca, "not a certificate").expect("write");
+        let e = Config::parse(&judge("https://127.0.0.1:9/e", "ca.pem"), dir.path()).unwrap_err();
+        assert!(e.0[0].message.contains("no PEM certificate"), "{e}");
+    }
 
     #[test]
     fn minimal_config_gets_documented_defaults() {

@@ -59,8 +59,10 @@ enum Latency {
     Scaled(f64),
     /// `share` of requests take `extra_us` longer.
     Extra { share: f64, extra_us: f64 },
-    /// `share` of requests take `factor` times longer.
-    SlowShare { share: f64, factor: f64 },
+    /// Requests slower than `above_us` take `factor` times longer: with
+    /// `above_us` the base p98, every quantile above p98 (p99 among them)
+    /// is `factor` times higher.
+    TailScaled { above_us: f64, factor: f64 },
 }
 
 const MEDIAN_US: f64 = 20_000.0;
@@ -99,6 +101,20 @@ fn base_survival(t: f64) -> f64 {
     (1.0 - TAIL) * ln + TAIL * tail
 }
 
+/// The base model's `p` quantile, by bisection on its survival function.
+fn base_quantile(p: f64) -> f64 {
+    let (mut lo, mut hi) = (1.0f64, 3.0e9f64);
+    for _ in 0..200 {
+        let mid = (lo * hi).sqrt();
+        if base_survival(mid) > 1.0 - p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    hi
+}
+
 impl Latency {
     fn survival(self, t: f64) -> f64 {
         match self {
@@ -107,8 +123,9 @@ impl Latency {
             Latency::Extra { share, extra_us } => {
                 (1.0 - share) * base_survival(t) + share * base_survival(t - extra_us)
             }
-            Latency::SlowShare { share, factor } => {
-                (1.0 - share) * base_survival(t) + share * base_survival(t / factor)
+            Latency::TailScaled { above_us, factor } => {
+                (base_survival(t) - base_survival(above_us)).max(0.0)
+                    + base_survival(above_us.max(t / factor))
             }
         }
     }
@@ -125,8 +142,8 @@ impl Latency {
             Latency::Extra { share, extra_us } => {
                 base + if rng.f64() < share { extra_us } else { 0.0 }
             }
-            Latency::SlowShare { share, factor } => {
-                base * if rng.f64() < share { factor } else { 1.0 }
+            Latency::TailScaled { above_us, factor } => {
+                base * if base > above_us { factor } else { 1.0 }
             }
         };
         v.clamp(1.0, 3.0e9)
@@ -692,10 +709,10 @@ fn main() {
             aa: false,
         },
         Scenario {
-            name: "latency x3 on 2 % of requests (p99 ~x3)",
+            name: "latency x3 on the slowest 2 % (p99 x3)",
             canary_errors: BASE_ERRORS,
-            canary_latency: Latency::SlowShare {
-                share: 0.02,
+            canary_latency: Latency::TailScaled {
+                above_us: base_quantile(0.98),
                 factor: 3.0,
             },
             aa: false,

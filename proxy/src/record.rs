@@ -1,26 +1,25 @@
 //! Inline recording of every request's outcome and latency, per version.
 //!
 //! Each version's recorder is split into shards, one per worker thread: a
-//! request records into the shard of the thread it runs on, into an HDR
-//! histogram (microseconds, 3 significant digits) and plain counters. A
-//! shard's lock is only ever taken by its own worker and, once per judge
-//! tick, by the judge swapping the shard's contents out, so two requests
-//! never wait on each other and no cache line bounces between workers. The
-//! judge merges the shards into one slice of its window. (With more threads
-//! than shards, threads share a shard: still correct, merely contended.)
+//! request records into the shard of the thread it runs on, with relaxed
+//! atomic increments only (no lock, no allocation) on cache lines that no
+//! other worker writes. Latency is counted in hdrhistogram's own bucket
+//! layout for 3 significant digits (microseconds), so the judge's tick turns
+//! each shard's counts into `hdrhistogram::Histogram` values exactly and
+//! merges the shards into one slice of its window. (With more threads than
+//! shards, threads share a shard: still exact, merely contended.)
 //!
 //! The only state shared across workers is the route's distinct-key filters
-//! ([`KeyFilter`]), which must be shared by both versions to stay unbiased:
+//! ([`KeyFilter`]), which both versions must share to stay unbiased:
 //! lock-free, and written only the first time a key is seen.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
-use hdrhistogram::Histogram;
 use veer_control::config::Quantile;
 use veer_control::judge::VersionTick;
 use veer_control::keyfilter::{KeyFilter, SHORT_BITS};
-use veer_control::window::{histogram, MAX_LATENCY_US};
+use veer_control::window::{MAX_LATENCY_US, SIGNIFICANT_DIGITS};
 
 /// Slow thresholds the proxy can apply at once (one per quantile).
 pub const MAX_THRESHOLDS: usize = 5;
@@ -78,46 +77,79 @@ impl RouteKeys {
     }
 }
 
-/// What one worker recorded since the last drain.
-#[derive(Debug)]
-struct Local {
-    requests: u64,
-    errors: u64,
-    connect_errors: u64,
-    error_events: u64,
-    burst_keys: u64,
-    burst_users: u64,
-    slow_events: [u64; MAX_THRESHOLDS],
-    sum_us: u64,
-    latency: Histogram<u64>,
+// hdrhistogram's layout for a lowest value of 1 and 3 significant digits:
+// 2 048 sub-buckets (2·10³ rounded up to a power of two), so each power of
+// two above 2 048 µs is split into 1 024 equal steps (≤ 0.1 %).
+const HALF_MAGNITUDE: u32 = 10;
+const HALF: u64 = 1 << HALF_MAGNITUDE;
+const LOW_MASK: u64 = 2 * HALF - 1;
+const _: () = assert!(SIGNIFICANT_DIGITS == 3, "the layout below is for 3 digits");
+
+/// hdrhistogram's bucket index of `us`.
+#[inline]
+fn index_of(us: u64) -> usize {
+    let v = us.clamp(1, MAX_LATENCY_US);
+    // Powers of two by which `v` exceeds the exact range [0, 2 048).
+    let bucket = 64 - (HALF_MAGNITUDE + 1) - (v | LOW_MASK).leading_zeros();
+    let sub = v >> bucket;
+    ((u64::from(bucket + 1) << HALF_MAGNITUDE) + sub - HALF) as usize
 }
 
-impl Local {
-    fn new() -> Local {
-        Local {
-            requests: 0,
-            errors: 0,
-            connect_errors: 0,
-            error_events: 0,
-            burst_keys: 0,
-            burst_users: 0,
-            slow_events: [0; MAX_THRESHOLDS],
-            sum_us: 0,
-            latency: histogram(),
+/// A value in bucket `index`, which hdrhistogram records back into it.
+fn value_of(index: usize) -> u64 {
+    let i = index as u64;
+    let (bucket, sub) = match (i >> HALF_MAGNITUDE).checked_sub(1) {
+        Some(b) => (b, (i & (HALF - 1)) + HALF),
+        None => (0, i & (HALF - 1)),
+    };
+    sub << bucket
+}
+
+/// Buckets per shard histogram.
+fn buckets() -> usize {
+    index_of(MAX_LATENCY_US) + 1
+}
+
+/// One worker's shard, alone on its cache lines.
+#[repr(align(128))]
+struct Shard {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    connect_errors: AtomicU64,
+    error_events: AtomicU64,
+    burst_keys: AtomicU64,
+    burst_users: AtomicU64,
+    slow_events: [AtomicU64; MAX_THRESHOLDS],
+    sum_us: AtomicU64,
+    /// Counts per hdrhistogram bucket since the last drain (a tick cannot
+    /// hold 2³² requests of one shard).
+    latency: Box<[AtomicU32]>,
+}
+
+impl Shard {
+    fn new() -> Shard {
+        Shard {
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            connect_errors: AtomicU64::new(0),
+            error_events: AtomicU64::new(0),
+            burst_keys: AtomicU64::new(0),
+            burst_users: AtomicU64::new(0),
+            slow_events: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_us: AtomicU64::new(0),
+            latency: (0..buckets()).map(|_| AtomicU32::new(0)).collect(),
         }
     }
 }
 
-/// One worker's shard, alone on its cache lines.
-#[derive(Debug)]
-#[repr(align(128))]
-struct Shard(Mutex<Local>);
-
-impl Shard {
-    fn lock(&self) -> MutexGuard<'_, Local> {
-        // A panic while recording leaves plain counters behind: still usable.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+fn add(counter: &AtomicU64, n: u64) {
+    if n > 0 {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
+}
+
+fn take(counter: &AtomicU64) -> u64 {
+    counter.swap(0, Ordering::Relaxed)
 }
 
 /// The recorder of one version of one route.
@@ -155,9 +187,7 @@ impl Recorder {
     /// A recorder sharing `keys` with the other version of the route.
     pub fn new(keys: Arc<RouteKeys>) -> Recorder {
         Recorder {
-            shards: (0..shard_count())
-                .map(|_| Shard(Mutex::new(Local::new())))
-                .collect(),
+            shards: (0..shard_count()).map(|_| Shard::new()).collect(),
             thresholds_us: std::array::from_fn(|_| AtomicU64::new(OFF)),
             total_count: AtomicU64::new(0),
             total_sum_us: AtomicU64::new(0),
@@ -190,20 +220,23 @@ impl Recorder {
         let Some(shard) = self.shards.get(shard) else {
             return;
         };
-        let mut l = shard.lock();
-        l.requests += 1;
-        l.sum_us += latency_us;
-        // Cannot fail: clamped into the histogram's range.
-        let _ = l.latency.record(latency_us.clamp(1, MAX_LATENCY_US));
-        l.burst_users += u64::from(new_user);
-        if bad {
-            l.errors += 1;
-            l.connect_errors += u64::from(outcome == Outcome::ConnectError);
-            l.error_events += u64::from(error_event);
-            l.burst_keys += u64::from(burst_key);
+        add(&shard.requests, 1);
+        add(&shard.sum_us, latency_us);
+        if let Some(b) = shard.latency.get(index_of(latency_us)) {
+            b.fetch_add(1, Ordering::Relaxed);
         }
-        for (n, flag) in l.slow_events.iter_mut().zip(slow) {
-            *n += u64::from(flag);
+        add(&shard.burst_users, u64::from(new_user));
+        if bad {
+            add(&shard.errors, 1);
+            add(
+                &shard.connect_errors,
+                u64::from(outcome == Outcome::ConnectError),
+            );
+            add(&shard.error_events, u64::from(error_event));
+            add(&shard.burst_keys, u64::from(burst_key));
+        }
+        for (n, flag) in shard.slow_events.iter().zip(slow) {
+            add(n, u64::from(flag));
         }
     }
 
@@ -228,22 +261,23 @@ impl Recorder {
         let mut connect = 0;
         let mut sum_us = 0;
         for shard in self.shards.iter() {
-            // Allocated before the lock: the worker waits only for a swap.
-            let mut taken = Local::new();
-            std::mem::swap(&mut *shard.lock(), &mut taken);
-            tick.slice.requests += taken.requests;
-            tick.slice.errors += taken.errors;
-            tick.error_events += taken.error_events;
-            tick.burst_keys += taken.burst_keys;
-            tick.burst_users += taken.burst_users;
-            for (n, m) in tick.slow_events.iter_mut().zip(taken.slow_events) {
-                *n += m;
+            tick.slice.requests += take(&shard.requests);
+            tick.slice.errors += take(&shard.errors);
+            tick.error_events += take(&shard.error_events);
+            tick.burst_keys += take(&shard.burst_keys);
+            tick.burst_users += take(&shard.burst_users);
+            for (n, m) in tick.slow_events.iter_mut().zip(&shard.slow_events) {
+                *n += take(m);
             }
-            connect += taken.connect_errors;
-            sum_us += taken.sum_us;
-            if taken.requests > 0 {
-                // Cannot fail: same bounds.
-                let _ = tick.slice.latency.add(&taken.latency);
+            connect += take(&shard.connect_errors);
+            sum_us += take(&shard.sum_us);
+            for (i, b) in shard.latency.iter().enumerate() {
+                // Most buckets are empty: read before taking.
+                if b.load(Ordering::Relaxed) != 0 {
+                    let n = b.swap(0, Ordering::Relaxed);
+                    // Cannot fail: `value_of` stays inside the histogram's range.
+                    let _ = tick.slice.latency.record_n(value_of(i), u64::from(n));
+                }
             }
         }
         self.total_count
@@ -276,6 +310,37 @@ pub fn threshold_count(quantiles: &[Quantile]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use veer_control::window::histogram;
+
+    #[test]
+    fn buckets_are_hdrhistograms_own() {
+        let h = histogram();
+        let mut values = vec![1, 2, 1_023, 1_024, 2_047, 2_048, 2_049, 4_095, 4_096, 4_097];
+        values.extend([
+            12_345,
+            1_000_000,
+            123_456_789,
+            MAX_LATENCY_US - 1,
+            MAX_LATENCY_US,
+        ]);
+        let mut v = 1u64;
+        while v < MAX_LATENCY_US {
+            values.push(v);
+            v = v * 17 / 16 + 1;
+        }
+        for v in values {
+            let back = value_of(index_of(v));
+            assert!(
+                h.equivalent(v, back),
+                "{v} -> bucket {} -> {back}",
+                index_of(v)
+            );
+            assert_eq!(index_of(back), index_of(v), "{v}");
+        }
+        // Neighbouring buckets hold different values.
+        assert!(!h.equivalent(value_of(5_000), value_of(5_001)));
+        assert!(buckets() <= h.distinct_values());
+    }
 
     #[test]
     fn record_then_drain() {

@@ -312,6 +312,35 @@ impl Judge {
         self.canary.clear();
     }
 
+    /// Takes over `earlier`'s window of stable (a judge of the same route
+    /// before its canary changed), so that stable's statistics and the slow
+    /// thresholds carry on instead of starting empty. Only when both windows
+    /// have the same slices; returns whether it did.
+    pub fn keep_stable_window(&mut self, earlier: &Judge) -> bool {
+        if earlier.settings.interval != self.settings.interval
+            || earlier.settings.window != self.settings.window
+        {
+            return false;
+        }
+        self.stable = earlier.stable.clone();
+        self.update_thresholds();
+        true
+    }
+
+    /// Slow thresholds from stable's window (none before `min_requests`).
+    fn update_thresholds(&mut self) {
+        let st = self.stable.stats();
+        let min = self.settings.min_requests;
+        self.thresholds_us = self
+            .quantiles
+            .iter()
+            .map(|q| {
+                (st.requests >= min && !st.latency.is_empty())
+                    .then(|| st.latency.value_at_quantile(q.fraction()))
+            })
+            .collect();
+    }
+
     /// Window totals of stable.
     pub fn stable_stats(&self) -> &Stats {
         self.stable.stats()
@@ -434,17 +463,10 @@ impl Judge {
         }
         self.stable.push(stable.slice);
         self.canary.push(canary.slice);
+        self.update_thresholds();
         let st = self.stable.stats();
         let ca = self.canary.stats();
         let min = self.settings.min_requests;
-        self.thresholds_us = self
-            .quantiles
-            .iter()
-            .map(|q| {
-                (st.requests >= min && !st.latency.is_empty())
-                    .then(|| st.latency.value_at_quantile(q.fraction()))
-            })
-            .collect();
 
         if let Some(v) = self.guards(canary.unreachable, burst_keys, st, ca) {
             return v;
@@ -746,6 +768,24 @@ mod tests {
             different.evidence().e_errors,
             Judge::new(&other).evidence().e_errors
         );
+    }
+
+    #[test]
+    fn a_new_canary_keeps_stables_window_only_with_the_same_slices() {
+        let mut old = Judge::new(&settings());
+        for _ in 0..3 {
+            let _ = old.tick(input(0.05, tick(1_000, 1, 2_000), tick(50, 0, 2_000)));
+        }
+        let mut new = Judge::new(&settings());
+        assert!(new.keep_stable_window(&old));
+        assert_eq!(new.stable_stats().requests, 3_000);
+        assert!(new.thresholds_us().iter().all(Option::is_some));
+        assert_eq!(new.canary_stats().requests, 0);
+        let mut other = settings();
+        other.window = Duration::from_secs(30);
+        let mut different = Judge::new(&other);
+        assert!(!different.keep_stable_window(&old));
+        assert_eq!(different.stable_stats().requests, 0);
     }
 
     #[test]

@@ -153,6 +153,19 @@ impl RouteRuntime {
         }
     }
 
+    /// Keeps the window of the same stable version from the runtime this
+    /// one replaces (a new canary, or new judge settings), with its slow
+    /// thresholds in force at once.
+    fn keep_stable_window(&mut self, earlier: &RouteRuntime) {
+        if self.judge.keep_stable_window(&earlier.judge) {
+            let t = self.judge.thresholds_us();
+            self.stable.set_thresholds(t);
+            if let Some(c) = &self.canary {
+                c.set_thresholds(t);
+            }
+        }
+    }
+
     fn same_as(&self, route: &Route) -> bool {
         self.identity == canary_identity(route)
             && self.stable_version == route.stable.name
@@ -468,13 +481,16 @@ impl Controller {
                 Some(rt) if rt.same_as(r) => rt,
                 old => {
                     let mut rt = RouteRuntime::new(r, effective_bp(r, d));
-                    let saved = match old {
+                    let saved = match &old {
                         // Same canary, other settings: carry the live tests over.
                         Some(old) if old.identity == rt.identity => Some(old.judge.save_tests()),
                         Some(_) => None,
                         None => saved_evidence(&r.name, d),
                     };
                     rt.resume(&r.name, saved);
+                    if let Some(old) = old.filter(|o| o.stable_version == rt.stable_version) {
+                        rt.keep_stable_window(&old);
+                    }
                     rt
                 }
             };

@@ -263,6 +263,42 @@ async fn observe_mode_reports_but_never_reverts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_canary_version_keeps_stables_window() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let config = route_config(&[s.addr], &[c.addr], 20.0, "") + JUDGE;
+    let veer = Veer::start(&config).await;
+    let mut client = Client::connect(veer.addr).await.unwrap();
+    for i in 0..200 {
+        let _ = client
+            .get("/", &[("x-user-id", &format!("u{i}"))])
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stable = |st: &serde_json::Value| st["routes"][0]["window"]["stable"]["requests"].as_u64();
+    let before = stable(&veer.status().await).unwrap();
+    assert!(before > 100, "{before}");
+    veer.write_config(&config.replace("version = \"v2\"", "version = \"v3\""));
+    veer.wait_generation(2).await;
+    let start = Instant::now();
+    let st = loop {
+        let st = veer.status().await;
+        if st["routes"][0]["canary"]["version"] == "v3" {
+            break st;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{st}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(stable(&st), Some(before), "{st}");
+    assert_eq!(
+        st["routes"][0]["window"]["canary"]["requests"].as_u64(),
+        Some(0),
+        "{st}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_evidence_survives_a_restart() {
     let s = Upstream::start("stable").await;
     let c = Upstream::start("canary").await;

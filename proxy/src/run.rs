@@ -19,6 +19,9 @@ use crate::snapshot::{self, BuildError};
 use crate::tls::{CertStore, TlsError};
 use crate::upstream::Upstreams;
 
+/// How long shutdown waits for the controller to write its state down.
+const STATE_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why veer could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -220,9 +223,7 @@ pub async fn run(
             )));
         }
     }
-    tasks.push(tokio::spawn(
-        controller.run(actions_rx, shutdown_rx.clone()),
-    ));
+    let controller = tokio::spawn(controller.run(actions_rx, shutdown_rx.clone()));
 
     for a in &bound.proxy {
         tracing::info!(kind = "proxy", addr = %a, "listening");
@@ -256,6 +257,10 @@ pub async fn run(
     }
     for t in tasks {
         t.abort();
+    }
+    // The controller writes the judges' evidence down before it returns.
+    if tokio::time::timeout(STATE_FLUSH, controller).await.is_err() {
+        tracing::warn!(limit = ?STATE_FLUSH, "state not written in time at shutdown; the evidence of the last seconds is lost");
     }
     Ok(())
 }

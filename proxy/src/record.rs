@@ -314,7 +314,9 @@ mod tests {
 
     #[test]
     fn buckets_are_hdrhistograms_own() {
-        let h = histogram();
+        let h =
+            hdrhistogram::Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)
+                .unwrap();
         let mut values = vec![1, 2, 1_023, 1_024, 2_047, 2_048, 2_049, 4_095, 4_096, 4_097];
         values.extend([
             12_345,

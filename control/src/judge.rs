@@ -772,6 +772,19 @@ mod tests {
         other.margin = 1.5;
         let mut different = Judge::new(&other);
         assert!(!different.restore_tests(saved));
+
+        // A blue-green watch resumes too.
+        let mut bg = Judge::new(&settings());
+        for _ in 0..20 {
+            bg.tick(input(0.0, tick(1000, 1, 2_000), tick(0, 0, 1)));
+        }
+        assert!(bg.start_watch());
+        let saved: SavedTests =
+            serde_json::from_str(&serde_json::to_string(&bg.save_tests()).unwrap()).unwrap();
+        let mut resumed = Judge::new(&settings());
+        assert!(!resumed.watching());
+        assert!(resumed.restore_tests(saved));
+        assert!(resumed.watching());
         assert_eq!(
             different.evidence().e_errors,
             Judge::new(&other).evidence().e_errors

@@ -1,10 +1,11 @@
 //! Judge simulator: the real judge (`veer_control::judge`, with the real
 //! distinct-key filter) on synthetic per-tick request streams.
 //!
-//! Run: `cargo run --release -p veer-benches --bin judge-sim` (about 15
+//! Run: `cargo run --release -p veer-benches --bin judge-sim` (about 40
 //! minutes on two cores; `--runs N` and `--detect-runs N` change the sizes,
 //! `--scenario N` and `--onset S` pick one row of table (b),
-//! `--interval-ms N` shortens the judge interval).
+//! `--interval-ms N` shortens the judge interval, `--iid-null N` runs the
+//! e-detector alone on i.i.d. events as the reference for table (a)).
 //!
 //! It prints two tables:
 //!
@@ -36,6 +37,7 @@
 use std::time::{Duration, Instant};
 
 use veer_control::config::JudgeSettings;
+use veer_control::eprocess::Detector;
 use veer_control::judge::{Judge, Status, TickInput, VersionTick};
 use veer_control::keyfilter::KeyFilter;
 use veer_control::window::Slice;
@@ -615,6 +617,40 @@ fn main() {
         &zipf
     };
     let started = Instant::now();
+
+    // `--iid-null N`: the reference for table (a). The real e-detector alone
+    // on exactly i.i.d. events (Poisson(1) bad events a second, each on the
+    // canary with probability w), one hour, restarts every 60 s, crossing
+    // 2/α with at least 3 canary events: its false-alarm rate must stay
+    // below α/2 = 0.005. Compare with the A/A table's per-test rates.
+    if let Some(n) = std::env::args()
+        .position(|a| a == "--iid-null")
+        .and_then(|i| std::env::args().nth(i + 1))
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        for w in [0.01, 0.05, 0.10] {
+            let hits = parallel(n, |i| {
+                let mut rng = fastrand::Rng::with_seed(0x11D0_0000 + i);
+                let mut d = Detector::new(1.0, 60);
+                for _ in 0..HOUR {
+                    let events = poisson(&mut rng, 1.0);
+                    let canary = (0..events).filter(|_| rng.f64() < w).count() as u64;
+                    d.update(w, canary, events - canary);
+                    if d.e_value() >= 2.0 / 0.01 && d.canary_events() >= 3 {
+                        return 1u64;
+                    }
+                }
+                0
+            });
+            let k: u64 = hits.iter().sum();
+            println!(
+                "i.i.d. null, w {w}: {k} of {n} one-hour runs crossed ({:.4}, 95 % Clopper-Pearson upper {:.4}; bound 0.005)",
+                k as f64 / n as f64,
+                clopper_pearson_upper(k, n)
+            );
+        }
+        return;
+    }
 
     if runs > 0 {
         let aa = Scenario {

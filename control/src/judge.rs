@@ -735,6 +735,17 @@ mod tests {
         }
     }
 
+    /// The first breach within `ticks` ticks of `next()`, with its tick.
+    fn first_breach(
+        j: &mut Judge,
+        ticks: usize,
+        next: impl Fn() -> TickInput,
+    ) -> Option<(usize, Verdict)> {
+        (0..ticks)
+            .map(|t| (t, j.tick(next())))
+            .find(|(_, v)| v.status == Status::Breach)
+    }
+
     fn tick(requests: u64, errors: u64, latency_us: u64) -> VersionTick {
         let mut slice = Slice {
             requests,
@@ -855,15 +866,10 @@ mod tests {
     fn more_canary_errors_than_its_share_trip_the_sequential_test() {
         let mut j = Judge::new(&settings());
         // w = 5 %: stable 1 error/s, canary 2 errors/s (r ≈ 38).
-        let mut tripped = None;
-        for t in 0..30 {
-            let v = j.tick(input(0.05, tick(950, 1, 1000), tick(50, 2, 1000)));
-            if v.status == Status::Breach {
-                tripped = Some((t, v));
-                break;
-            }
-        }
-        let (t, v) = tripped.expect("breach");
+        let (t, v) = first_breach(&mut j, 30, || {
+            input(0.05, tick(950, 1, 1000), tick(50, 2, 1000))
+        })
+        .expect("breach");
         assert_eq!(v.guard, "error_rate_test");
         assert!(t <= 3, "took {t} ticks");
     }
@@ -903,15 +909,10 @@ mod tests {
             assert_ne!(v.status, Status::Breach, "{}", v.reason);
         }
         // Ten times the errors: breach.
-        let mut breached = None;
-        for t in 0..30 {
-            let v = j.tick(input(1.0, tick(0, 0, 1), tick(1000, 10, 2_000)));
-            if v.status == Status::Breach {
-                breached = Some((t, v));
-                break;
-            }
-        }
-        let (t, v) = breached.expect("breach");
+        let (t, v) = first_breach(&mut j, 30, || {
+            input(1.0, tick(0, 0, 1), tick(1000, 10, 2_000))
+        })
+        .expect("breach");
         assert_eq!(v.guard, "bluegreen_error_test");
         assert!(t < 10, "took {t} ticks");
     }
@@ -937,9 +938,7 @@ mod tests {
                 j.tick(input(0.0, tick_of(&old), tick(0, 0, 1)));
             }
             assert!(j.start_watch());
-            (0..60)
-                .map(|_| j.tick(input(1.0, tick(0, 0, 1), tick_of(after))))
-                .find(|v| v.status == Status::Breach)
+            first_breach(&mut j, 60, || input(1.0, tick(0, 0, 1), tick_of(after))).map(|(_, v)| v)
         };
         // 2.8 times the old share above 1.5x the old p99 (as seen on a busier
         // machine): drift, not a regression.

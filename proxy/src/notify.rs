@@ -129,6 +129,18 @@ fn host_header(hook: &Webhook) -> &str {
     rest.split('/').next().unwrap_or(rest)
 }
 
+/// An HTTP/1.1 client connection over `io`, driven by its own task.
+async fn handshake<T>(io: T) -> Result<http1::SendRequest<Full<Bytes>>, BoxError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
 async fn post(
     hook: &Webhook,
     tls: Option<Arc<ClientConfig>>,
@@ -138,20 +150,9 @@ async fn post(
     let mut sender = match tls {
         Some(config) => {
             let name = ServerName::try_from(hook.host.clone())?;
-            let stream = TlsConnector::from(config).connect(name, stream).await?;
-            let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            sender
+            handshake(TlsConnector::from(config).connect(name, stream).await?).await?
         }
-        None => {
-            let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            sender
-        }
+        None => handshake(stream).await?,
     };
     let req = Request::post(&hook.path)
         .header(header::HOST, host_header(hook))

@@ -78,6 +78,20 @@ impl EProcess {
         self.stable_events += stable;
     }
 
+    /// `ln E` as it would be after [`EProcess::update`] with this batch,
+    /// without changing anything.
+    pub fn log_e_after(&self, w: f64, canary: u64, stable: u64) -> f64 {
+        if !(w > 0.0 && w < 1.0) || canary + stable == 0 {
+            return self.log_e();
+        }
+        let null = w * self.margin / (w * self.margin + 1.0 - w);
+        let (c, s) = (canary as f64, stable as f64);
+        log_mean_exp(self.log_l.iter().map(|(r, log_l)| {
+            let theta = w * *r / (w * *r + 1.0 - w);
+            log_l + c * (theta / null).ln() + s * ((1.0 - theta) / (1.0 - null)).ln()
+        }))
+    }
+
     /// `ln E`, computed stably (log-sum-exp).
     pub fn log_e(&self) -> f64 {
         let max = self
@@ -311,6 +325,21 @@ impl Detector {
         }
     }
 
+    /// The e-value as it would be after [`Detector::update`] with this
+    /// batch, without changing anything (a look between batches).
+    pub fn e_value_after(&self, w: f64, canary: u64, stable: u64) -> f64 {
+        let mut e: f64 = self
+            .components
+            .iter()
+            .map(|(pi, c)| pi * c.log_e_after(w, canary, stable).exp())
+            .sum();
+        if self.batches > 0 && self.batches % self.restart_every == 0 {
+            let fresh = EProcess::new(self.margin);
+            e += start_weight(self.started) * fresh.log_e_after(w, canary, stable).exp();
+        }
+        e
+    }
+
     /// The e-value: the weighted sum of the components.
     pub fn e_value(&self) -> f64 {
         self.components.iter().map(|(pi, e)| pi * e.e_value()).sum()
@@ -391,5 +420,31 @@ mod detector_tests {
             f64::from(crossed) / f64::from(runs) <= alpha,
             "{crossed} of {runs}"
         );
+    }
+
+    proptest::proptest! {
+        /// A look between batches sees exactly what the batch would make
+        /// of the detector, at and between fresh starts, and changes nothing (up to the components the update drops as
+        /// negligible).
+        #[test]
+        fn a_look_is_the_update_it_announces(
+            w in 0.005f64..0.5,
+            margin in 1.0f64..2.0,
+            batches in proptest::collection::vec((0u64..6, 0u64..30), 1..40),
+            look in (0u64..6, 0u64..30),
+        ) {
+            let mut d = Detector::new(margin, 4);
+            for (c, s) in batches {
+                d.update(w, c, s);
+            }
+            let before = d.clone();
+            let seen = d.e_value_after(w, look.0, look.1);
+            proptest::prop_assert_eq!(&d, &before);
+            d.update(w, look.0, look.1);
+            let after = d.e_value();
+            // The update drops components worth under NEGLIGIBLE each.
+            let dropped = NEGLIGIBLE * MAX_COMPONENTS as f64;
+            proptest::prop_assert!((seen - after).abs() <= 1e-9 * after + dropped, "{} vs {}", seen, after);
+        }
     }
 }

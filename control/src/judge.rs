@@ -49,6 +49,9 @@ const BURST_SPAN: Duration = Duration::from_secs(10);
 const BURN_RATE: f64 = 14.4;
 /// Canary errors the error-ratio guard needs.
 const RATIO_MIN_ERRORS: u64 = 5;
+/// Shares of `false_revert_rate` spent by the error and the latency test.
+const ERROR_TEST_SHARE: f64 = 0.5;
+const LATENCY_TEST_SHARE: f64 = 0.5;
 /// Canary bad events a sequential test needs before it may revert.
 const MIN_CANARY_EVENTS: u64 = 3;
 
@@ -84,6 +87,16 @@ pub struct TickInput {
     pub stable: VersionTick,
     /// Canary.
     pub canary: VersionTick,
+}
+
+/// Bad events of one version counted since the last tick and not yet in
+/// the tests (see [`Judge::crossed`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// Distinct-key error events, as [`VersionTick::error_events`].
+    pub error_events: u64,
+    /// Distinct-key slow events per threshold, as [`VersionTick::slow_events`].
+    pub slow_events: Vec<u64>,
 }
 
 /// The verdict kinds of the contract.
@@ -127,8 +140,10 @@ pub struct Evidence {
     pub e_errors: f64,
     /// Mean e-value of the latency tests.
     pub e_latency: f64,
-    /// Threshold the e-values are compared with (`2/α`).
+    /// What the error test's e-value must reach (`1/α_errors`).
     pub threshold: f64,
+    /// What the latency tests' mean e-value must reach (`1/α_latency`).
+    pub threshold_latency: f64,
     /// Distinct-key error events (canary, stable) since the test began.
     pub error_events: (u64, u64),
     /// Distinct-key slow events (canary, stable) since the test began, summed over thresholds.
@@ -388,17 +403,19 @@ impl Judge {
         self.canary.stats()
     }
 
-    fn alpha_each(&self) -> f64 {
-        self.settings.false_revert_rate / 2.0
+    /// What the error test's e-value must reach: `1/α_errors`.
+    fn threshold_errors(&self) -> f64 {
+        1.0 / (self.settings.false_revert_rate * ERROR_TEST_SHARE)
+    }
+
+    /// What the latency tests' mean e-value must reach: `1/α_latency`.
+    fn threshold_latency(&self) -> f64 {
+        1.0 / (self.settings.false_revert_rate * LATENCY_TEST_SHARE)
     }
 
     /// The evidence so far.
     pub fn evidence(&self) -> Evidence {
-        let e_latency = if self.latency.is_empty() {
-            0.0
-        } else {
-            self.latency.iter().map(Detector::e_value).sum::<f64>() / self.latency.len() as f64
-        };
+        let e_latency = mean_e(&self.latency);
         let (e_errors, e_latency) = match &self.watch {
             Some(w) => (
                 w.errors.e_value(),
@@ -413,11 +430,10 @@ impl Judge {
         Evidence {
             e_errors,
             e_latency,
-            threshold: 1.0 / self.alpha_each(),
+            threshold: self.threshold_errors(),
+            threshold_latency: self.threshold_latency(),
             error_events: (self.errors.canary_events(), self.errors.stable_events()),
-            slow_events: self.latency.iter().fold((0, 0), |(c, s), e| {
-                (c + e.canary_events(), s + e.stable_events())
-            }),
+            slow_events: slow_events(&self.latency, None, None),
             thresholds_ms: self
                 .quantiles
                 .iter()
@@ -438,13 +454,7 @@ impl Judge {
         if !weight_changed {
             self.errors
                 .update(w, canary.error_events, stable.error_events);
-            for (i, e) in self.latency.iter_mut().enumerate() {
-                if self.thresholds_us.get(i).copied().flatten().is_some() {
-                    let c = canary.slow_events.get(i).copied().unwrap_or(0);
-                    let s = stable.slow_events.get(i).copied().unwrap_or(0);
-                    e.update(w, c, s);
-                }
-            }
+            self.update_latency(w, &stable.slow_events, &canary.slow_events);
         }
         if let Some(w) = &mut self.watch {
             if w.warmup > 0 {
@@ -513,7 +523,7 @@ impl Judge {
 
     fn watch_test(&self) -> Option<Verdict> {
         let w = self.watch.as_ref()?;
-        let threshold = 1.0 / self.alpha_each();
+        let threshold = self.threshold_errors();
         if w.errors.e_value() >= threshold && w.errors.bad() >= MIN_CANARY_EVENTS {
             return Some(Verdict {
                 status: Status::Breach,
@@ -532,6 +542,7 @@ impl Judge {
         }
         let e = w.slow.iter().map(|(_, t)| t.e_value()).sum::<f64>() / w.slow.len() as f64;
         let bad: u64 = w.slow.iter().map(|(_, t)| t.bad()).sum();
+        let threshold = self.threshold_latency();
         if e >= threshold && bad >= MIN_CANARY_EVENTS {
             let detail: Vec<String> = w
                 .slow
@@ -676,43 +687,126 @@ impl Judge {
         if let Some(v) = self.watch_test() {
             return Some(v);
         }
-        let ev = self.evidence();
-        if ev.e_errors >= ev.threshold && ev.error_events.0 >= MIN_CANARY_EVENTS {
-            return Some(Verdict {
-                status: Status::Breach,
-                guard: "error_rate_test",
-                reason: format!(
-                    "errors: E = {:.1} ≥ {:.0} after {} canary and {} stable error events (distinct keys)",
-                    ev.e_errors, ev.threshold, ev.error_events.0, ev.error_events.1
-                ),
-            });
+        let (c, s) = (self.errors.canary_events(), self.errors.stable_events());
+        self.error_test(self.errors.e_value(), c, s).or_else(|| {
+            let (c, s) = slow_events(&self.latency, None, None);
+            self.latency_test(mean_e(&self.latency), c, s)
+        })
+    }
+
+    /// Whether the sequential tests have already crossed with the bad
+    /// events counted since the last tick (`stable`, `canary`, routed at
+    /// canary share `w` with no weight change since that tick) added. The
+    /// proxy looks between ticks and ticks at once when they have, so a
+    /// revert does not wait for the end of the interval. The tests are
+    /// anytime-valid: looking more often does not weaken their bound.
+    /// Nothing changes here; the tick that follows applies the events.
+    pub fn crossed(&self, w: f64, stable: &Pending, canary: &Pending) -> bool {
+        if self.watch.is_some() || !(w > 0.0 && w < 1.0) {
+            return false;
         }
-        if ev.e_latency >= ev.threshold && ev.slow_events.0 >= MIN_CANARY_EVENTS {
-            let t: Vec<String> = ev
-                .thresholds_ms
-                .iter()
-                .map(|(q, t)| {
-                    format!(
-                        "{} {}",
-                        q.key(),
-                        t.map_or("-".into(), |t| format!("{t:.1} ms"))
-                    )
-                })
-                .collect();
-            return Some(Verdict {
-                status: Status::Breach,
-                guard: "latency_test",
-                reason: format!(
-                    "latency: E = {:.1} ≥ {:.0} after {} canary and {} stable slow events (thresholds {})",
-                    ev.e_latency,
-                    ev.threshold,
-                    ev.slow_events.0,
-                    ev.slow_events.1,
-                    t.join(", ")
-                ),
-            });
+        // Only canary events can raise the evidence.
+        if canary.error_events > 0 {
+            let e = self
+                .errors
+                .e_value_after(w, canary.error_events, stable.error_events);
+            let c = self.errors.canary_events() + canary.error_events;
+            let s = self.errors.stable_events() + stable.error_events;
+            if self.error_test(e, c, s).is_some() {
+                return true;
+            }
         }
-        None
+        if self.latency.is_empty() || canary.slow_events.iter().all(|&n| n == 0) {
+            return false;
+        }
+        let mut sum = 0.0;
+        for (i, d) in self.latency.iter().enumerate() {
+            sum += if self.thresholds_us.get(i).copied().flatten().is_some() {
+                let c = canary.slow_events.get(i).copied().unwrap_or(0);
+                let s = stable.slow_events.get(i).copied().unwrap_or(0);
+                d.e_value_after(w, c, s)
+            } else {
+                d.e_value()
+            };
+        }
+        let e = sum / self.latency.len() as f64;
+        let (c, s) = slow_events(&self.latency, Some(stable), Some(canary));
+        self.latency_test(e, c, s).is_some()
+    }
+
+    /// Adds slow events to the latency tests whose threshold is set.
+    fn update_latency(&mut self, w: f64, stable: &[u64], canary: &[u64]) {
+        for (i, e) in self.latency.iter_mut().enumerate() {
+            if self.thresholds_us.get(i).copied().flatten().is_some() {
+                let c = canary.get(i).copied().unwrap_or(0);
+                let s = stable.get(i).copied().unwrap_or(0);
+                e.update(w, c, s);
+            }
+        }
+    }
+
+    /// The error test at e-value `e` after `c` canary and `s` stable events.
+    fn error_test(&self, e: f64, c: u64, s: u64) -> Option<Verdict> {
+        let threshold = self.threshold_errors();
+        (e >= threshold && c >= MIN_CANARY_EVENTS).then(|| Verdict {
+            status: Status::Breach,
+            guard: "error_rate_test",
+            reason: format!(
+                "errors: E = {e:.1} ≥ {threshold:.0} after {c} canary and {s} stable error events (distinct keys)"
+            ),
+        })
+    }
+
+    /// The latency tests at mean e-value `e` after `c` canary and `s`
+    /// stable slow events.
+    fn latency_test(&self, e: f64, c: u64, s: u64) -> Option<Verdict> {
+        let threshold = self.threshold_latency();
+        if e < threshold || c < MIN_CANARY_EVENTS {
+            return None;
+        }
+        let t: Vec<String> = self
+            .quantiles
+            .iter()
+            .zip(&self.thresholds_us)
+            .map(|(q, t)| {
+                format!(
+                    "{} {}",
+                    q.key(),
+                    t.map_or("-".into(), |t| format!("{:.1} ms", t as f64 / 1000.0))
+                )
+            })
+            .collect();
+        Some(Verdict {
+            status: Status::Breach,
+            guard: "latency_test",
+            reason: format!(
+                "latency: E = {e:.1} ≥ {threshold:.0} after {c} canary and {s} stable slow events (thresholds {})",
+                t.join(", ")
+            ),
+        })
+    }
+}
+
+/// Slow events (canary, stable) of the latency tests, plus pending ones.
+fn slow_events(
+    latency: &[Detector],
+    stable: Option<&Pending>,
+    canary: Option<&Pending>,
+) -> (u64, u64) {
+    let sum = |p: Option<&Pending>| p.map_or(0, |p| p.slow_events.iter().sum::<u64>());
+    let (c, s) = latency.iter().fold((0, 0), |(c, s), d| {
+        (c + d.canary_events(), s + d.stable_events())
+    });
+    (c + sum(canary), s + sum(stable))
+}
+
+/// The latency tests' combined e-value: the mean of the detectors' (0 with
+/// none).
+fn mean_e(latency: &[Detector]) -> f64 {
+    if latency.is_empty() {
+        0.0
+    } else {
+        latency.iter().map(Detector::e_value).sum::<f64>() / latency.len() as f64
     }
 }
 
@@ -872,6 +966,47 @@ mod tests {
         .expect("breach");
         assert_eq!(v.guard, "error_rate_test");
         assert!(t <= 3, "took {t} ticks");
+    }
+
+    #[test]
+    fn a_look_between_ticks_sees_the_breach_the_tick_will_find() {
+        let mut j = Judge::new(&settings());
+        let pending = |errors| Pending {
+            error_events: errors,
+            slow_events: vec![0, 0],
+        };
+        // Stable-only events, or too few canary ones, cannot cross.
+        assert!(!j.crossed(0.05, &pending(5), &pending(0)));
+        assert!(!j.crossed(0.05, &pending(0), &pending(2)));
+        // Four canary error events out of four at w = 5 % are far more than
+        // its share.
+        assert!(j.crossed(0.05, &pending(0), &pending(4)));
+        // Nothing at a share that carries no information.
+        assert!(!j.crossed(0.0, &pending(0), &pending(4)));
+        assert!(!j.crossed(1.0, &pending(0), &pending(4)));
+        // The look changed nothing: the tick with those events breaches.
+        assert!((j.evidence().e_errors - 0.5).abs() < 1e-12);
+        let v = j.tick(input(0.05, tick(950, 0, 1000), tick(50, 4, 1000)));
+        assert_eq!(v.status, Status::Breach);
+        assert_eq!(v.guard, "error_rate_test");
+    }
+
+    #[test]
+    fn a_look_sees_slow_events_only_under_a_threshold() {
+        let mut j = Judge::new(&settings());
+        let slow = |n| Pending {
+            error_events: 0,
+            slow_events: vec![n, n],
+        };
+        // No thresholds yet (stable has no window): slow events are not
+        // tested, by a look or by a tick.
+        assert!(!j.crossed(0.05, &slow(0), &slow(20)));
+        for _ in 0..5 {
+            j.tick(input(0.05, tick(950, 0, 1000), tick(50, 0, 1000)));
+        }
+        assert!(j.thresholds_us().iter().all(Option::is_some));
+        assert!(j.crossed(0.05, &slow(0), &slow(20)));
+        assert!(!j.crossed(0.05, &slow(20), &slow(1)));
     }
 
     #[test]

@@ -605,7 +605,7 @@ impl Controller {
                 .routes
                 .get(&name)
                 .is_some_and(|rt| now.duration_since(rt.last_tick) >= route.judge.interval);
-            if !due {
+            if !due && !self.crossed_early(&route) {
                 continue;
             }
             if self.judge_route(&route, now) {
@@ -619,6 +619,33 @@ impl Controller {
         if changed {
             self.persist().await;
         }
+    }
+
+    /// Between two ticks: whether the route's sequential tests have already
+    /// crossed with the bad events recorded since the last one (then the
+    /// route is judged at once, not at the end of its interval).
+    fn crossed_early(&self, route: &Route) -> bool {
+        let Some(rt) = self.routes.get(&route.name) else {
+            return false;
+        };
+        let Some(canary) = &rt.canary else {
+            return false;
+        };
+        let w_bp = effective_bp(route, self.state.routes.get(&route.name));
+        if rt.last_w_bp != Some(w_bp) {
+            // The share changed since the last tick: those events are
+            // not attributable to one share (the tick skips them too).
+            return false;
+        }
+        let crossed = rt.judge.crossed(
+            f64::from(w_bp) / 10_000.0,
+            &rt.stable.pending(rt.thresholds),
+            &canary.pending(rt.thresholds),
+        );
+        if crossed {
+            tracing::debug!(route = %route.name, "sequential test crossed between ticks; judging now");
+        }
+        crossed
     }
 
     /// One verdict for one route; returns whether a decision changed.

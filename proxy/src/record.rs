@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use veer_control::config::Quantile;
-use veer_control::judge::VersionTick;
+use veer_control::judge::{Pending, VersionTick};
 use veer_control::keyfilter::{KeyFilter, SHORT_BITS};
 use veer_control::window::{MAX_LATENCY_US, SIGNIFICANT_DIGITS};
 
@@ -284,6 +284,22 @@ impl Recorder {
             .fetch_add(tick.slice.requests, Ordering::Relaxed);
         self.total_sum_us.fetch_add(sum_us, Ordering::Relaxed);
         (tick, connect)
+    }
+
+    /// The bad events recorded since the last drain, without taking them:
+    /// what the judge's look between ticks adds to its tests.
+    pub fn pending(&self, thresholds: usize) -> Pending {
+        let mut p = Pending {
+            error_events: 0,
+            slow_events: vec![0; thresholds.min(MAX_THRESHOLDS)],
+        };
+        for shard in self.shards.iter() {
+            p.error_events += shard.error_events.load(Ordering::Relaxed);
+            for (n, m) in p.slow_events.iter_mut().zip(&shard.slow_events) {
+                *n += m.load(Ordering::Relaxed);
+            }
+        }
+        p
     }
 
     /// The route's key filters.

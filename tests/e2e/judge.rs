@@ -168,6 +168,24 @@ async fn canary_500s_are_reverted_and_traffic_returns_to_stable_and_stays_after_
     assert!(canary > 50, "canary got {canary} of 500");
 }
 
+/// The sequential tests are looked at between ticks: with an interval of
+/// ten minutes no tick comes during this test, and the canary is reverted
+/// anyway, as soon as its errors are evidence enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breach_does_not_wait_for_the_end_of_the_interval() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.status.store(500, Ordering::SeqCst);
+    let judge = "[route.judge]\ninterval = \"10m\"\nwindow = \"1h\"\n";
+    let veer = Veer::start(&(route_config(&[s.addr], &[c.addr], 20.0, "") + judge)).await;
+    let load = Load::start(veer.addr, 2, Duration::from_millis(5));
+    let route = wait_verdict(&veer, "reverted", Duration::from_secs(20)).await;
+    load.stop().await;
+    assert_eq!(route["reverted"]["guard"], "error_rate_test", "{route}");
+    assert_eq!(route["weight"]["effective"], 0.0);
+    all_on(&veer, "stable", 100).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_latency_regression_is_reverted() {
     let s = Upstream::start("stable").await;

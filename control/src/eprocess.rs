@@ -62,34 +62,63 @@ impl EProcess {
         }
     }
 
-    /// Adds a batch of bad events routed at canary share `w` (0 < w < 1).
-    /// Batches at `w` outside (0, 1) carry no information and are ignored.
-    pub fn update(&mut self, w: f64, canary: u64, stable: u64) {
-        if !(w > 0.0 && w < 1.0) || canary + stable == 0 {
-            return;
+    /// What one canary and one stable event add to each `ln L_j` at canary
+    /// share `w` (None outside (0, 1), where events carry no information).
+    /// The same for every test of one margin, so a [`Detector`] computes
+    /// it once for all its components.
+    fn steps(&self, w: f64) -> Option<Vec<(f64, f64)>> {
+        if !(w > 0.0 && w < 1.0) {
+            return None;
         }
         let null = w * self.margin / (w * self.margin + 1.0 - w);
+        Some(
+            self.log_l
+                .iter()
+                .map(|(r, _)| {
+                    let theta = w * *r / (w * *r + 1.0 - w);
+                    ((theta / null).ln(), ((1.0 - theta) / (1.0 - null)).ln())
+                })
+                .collect(),
+        )
+    }
+
+    fn update_with(&mut self, steps: &[(f64, f64)], canary: u64, stable: u64) {
         let (c, s) = (canary as f64, stable as f64);
-        for (r, log_l) in &mut self.log_l {
-            let theta = w * *r / (w * *r + 1.0 - w);
-            *log_l += c * (theta / null).ln() + s * ((1.0 - theta) / (1.0 - null)).ln();
+        for ((_, log_l), (up, down)) in self.log_l.iter_mut().zip(steps) {
+            *log_l += c * up + s * down;
         }
         self.canary_events += canary;
         self.stable_events += stable;
     }
 
+    fn log_e_with(&self, steps: &[(f64, f64)], canary: u64, stable: u64) -> f64 {
+        let (c, s) = (canary as f64, stable as f64);
+        log_mean_exp(
+            self.log_l
+                .iter()
+                .zip(steps)
+                .map(|((_, log_l), (up, down))| log_l + c * up + s * down),
+        )
+    }
+
+    /// Adds a batch of bad events routed at canary share `w` (0 < w < 1).
+    /// Batches at `w` outside (0, 1) carry no information and are ignored.
+    pub fn update(&mut self, w: f64, canary: u64, stable: u64) {
+        if canary + stable == 0 {
+            return;
+        }
+        if let Some(steps) = self.steps(w) {
+            self.update_with(&steps, canary, stable);
+        }
+    }
+
     /// `ln E` as it would be after [`EProcess::update`] with this batch,
     /// without changing anything.
     pub fn log_e_after(&self, w: f64, canary: u64, stable: u64) -> f64 {
-        if !(w > 0.0 && w < 1.0) || canary + stable == 0 {
-            return self.log_e();
+        match self.steps(w) {
+            Some(steps) if canary + stable > 0 => self.log_e_with(&steps, canary, stable),
+            _ => self.log_e(),
         }
-        let null = w * self.margin / (w * self.margin + 1.0 - w);
-        let (c, s) = (canary as f64, stable as f64);
-        log_mean_exp(self.log_l.iter().map(|(r, log_l)| {
-            let theta = w * *r / (w * *r + 1.0 - w);
-            log_l + c * (theta / null).ln() + s * ((1.0 - theta) / (1.0 - null)).ln()
-        }))
     }
 
     /// `ln E`, computed stably (log-sum-exp).
@@ -303,8 +332,11 @@ impl Detector {
             self.started += 1;
         }
         self.batches += 1;
-        for (_, e) in &mut self.components {
-            e.update(w, canary, stable);
+        let steps = self.components.first().and_then(|(_, e)| e.steps(w));
+        if let Some(steps) = steps.filter(|_| canary + stable > 0) {
+            for (_, e) in &mut self.components {
+                e.update_with(&steps, canary, stable);
+            }
         }
         if w > 0.0 && w < 1.0 {
             self.canary_events += canary;
@@ -328,14 +360,17 @@ impl Detector {
     /// The e-value as it would be after [`Detector::update`] with this
     /// batch, without changing anything (a look between batches).
     pub fn e_value_after(&self, w: f64, canary: u64, stable: u64) -> f64 {
+        let fresh = EProcess::new(self.margin);
+        let Some(steps) = fresh.steps(w).filter(|_| canary + stable > 0) else {
+            return self.e_value();
+        };
         let mut e: f64 = self
             .components
             .iter()
-            .map(|(pi, c)| pi * c.log_e_after(w, canary, stable).exp())
+            .map(|(pi, c)| pi * c.log_e_with(&steps, canary, stable).exp())
             .sum();
         if self.batches > 0 && self.batches % self.restart_every == 0 {
-            let fresh = EProcess::new(self.margin);
-            e += start_weight(self.started) * fresh.log_e_after(w, canary, stable).exp();
+            e += start_weight(self.started) * fresh.log_e_with(&steps, canary, stable).exp();
         }
         e
     }

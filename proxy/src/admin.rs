@@ -185,13 +185,13 @@ fn with_type(status: StatusCode, body: Vec<u8>, ctype: &'static str) -> Response
 
 /// The `/status` document.
 pub fn status(shared: &Shared) -> Value {
-    let snap = shared.snapshot.load();
+    // The views' lock first, then the snapshot: the controller swaps the
+    // snapshot and publishes the views under that lock, so the two match.
+    let (snap, views) = {
+        let views = shared.views.lock().unwrap_or_else(|p| p.into_inner());
+        (shared.snapshot.load_full(), views.clone())
+    };
     let reload = shared.reload_status().clone();
-    let views = shared
-        .views
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
     let at = reload
         .last_at
         .duration_since(UNIX_EPOCH)

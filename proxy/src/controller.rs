@@ -497,19 +497,31 @@ impl Controller {
             routes.insert(r.name.clone(), rt);
         }
         self.routes = routes;
-        self.rebuild();
+        let names: Vec<String> = self.config.routes.iter().map(|r| r.name.clone()).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.shared.metrics.window_latency.retain_routes(&refs);
+        self.swap(&names, true);
         self.reload.accepted(&applied, self.generation);
         if changed {
             self.persist().await;
         }
-        let names: Vec<&str> = self.config.routes.iter().map(|r| r.name.as_str()).collect();
-        self.shared.metrics.window_latency.retain_routes(&names);
-        self.shared
-            .views
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|k, _| names.contains(&k.as_str()));
-        self.publish_all();
+    }
+
+    /// Puts a new routing snapshot in effect and publishes the `/status`
+    /// views of `names` with it, under the views' lock, so `/status` (which
+    /// takes that lock before it reads the snapshot) never shows one
+    /// without the other. `only` drops the views of every other route.
+    fn swap(&mut self, names: &[String], only: bool) {
+        let shared = self.shared.clone();
+        let mut views = shared.views.lock().unwrap_or_else(|p| p.into_inner());
+        if only {
+            views.retain(|k, _| names.contains(k));
+        }
+        self.rebuild();
+        for n in names {
+            self.update_verdict(n);
+            self.publish_into(n, &mut views);
+        }
     }
 
     async fn act(&mut self, name: &str, action: Action) -> Result<Value, ActionError> {
@@ -584,9 +596,7 @@ impl Controller {
             "operator_action",
             json!({ "action": action.as_str() }),
         );
-        self.rebuild();
-        self.update_verdict(name);
-        self.publish(name);
+        self.swap(&[name.to_string()], false);
         Ok(self.route_json(name))
     }
 
@@ -611,10 +621,11 @@ impl Controller {
             if self.judge_route(&route, now) {
                 // Act first: the new weight is in effect before the decision
                 // is written down (a revert must not wait for a disk).
-                self.rebuild();
+                self.swap(std::slice::from_ref(&name), false);
                 changed = true;
+            } else {
+                self.publish(&name);
             }
-            self.publish(&name);
         }
         if changed {
             self.persist().await;
@@ -821,6 +832,12 @@ impl Controller {
 
     /// Updates the route's metrics and `/status` view.
     fn publish(&self, name: &str) {
+        let mut views = self.shared.views.lock().unwrap_or_else(|p| p.into_inner());
+        self.publish_into(name, &mut views);
+    }
+
+    /// Updates the route's metrics, and its view in `views`.
+    fn publish_into(&self, name: &str, views: &mut HashMap<String, Value>) {
         let Some(rt) = self.routes.get(name) else {
             return;
         };
@@ -867,12 +884,7 @@ impl Controller {
             ));
         }
         m.window_latency.publish(name, lat);
-        let view = self.view(route, rt, &d);
-        self.shared
-            .views
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), view);
+        views.insert(name.to_string(), self.view(route, rt, &d));
     }
 
     fn view(&self, route: &Route, rt: &RouteRuntime, d: &RouteDecision) -> Value {
@@ -922,8 +934,9 @@ impl Controller {
     }
 
     fn route_json(&self, name: &str) -> Value {
-        let snap = self.shared.snapshot.load();
+        // The views' lock first: a swap holds it while it publishes both.
         let views = self.shared.views.lock().unwrap_or_else(|p| p.into_inner());
+        let snap = self.shared.snapshot.load();
         snap.routes
             .iter()
             .find(|r| &*r.name == name)

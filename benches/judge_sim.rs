@@ -1,7 +1,7 @@
 //! Judge simulator: the real judge (`veer_control::judge`, with the real
 //! distinct-key filter) on synthetic per-tick request streams.
 //!
-//! Run: `cargo run --release -p veer-benches --bin judge-sim` (about 40
+//! Run: `cargo run --release -p veer-benches --bin judge-sim` (about 30
 //! minutes on two cores; `--runs N` and `--detect-runs N` change the sizes,
 //! `--scenario N` and `--onset S` pick one row of table (b),
 //! `--interval-ms N` shortens the judge interval, `--look-ms N` sets the

@@ -110,6 +110,8 @@ struct RouteRuntime {
     stable: Arc<Recorder>,
     canary: Option<Arc<Recorder>>,
     last_tick: Instant,
+    /// The last tick came early, at a look: no other until the next due one.
+    early: bool,
     last_w_bp: Option<u16>,
     verdict: &'static str,
     last: Option<Verdict>,
@@ -134,6 +136,7 @@ impl RouteRuntime {
             stable: Arc::new(Recorder::new(keys.clone())),
             canary: route.canary.as_ref().map(|_| Arc::new(Recorder::new(keys))),
             last_tick: Instant::now(),
+            early: false,
             last_w_bp: Some(w_bp),
             verdict: "insufficient_data",
             last: None,
@@ -618,6 +621,9 @@ impl Controller {
             if !due && !self.crossed_early(&route) {
                 continue;
             }
+            if let Some(rt) = self.routes.get_mut(&name) {
+                rt.early = !due;
+            }
             if self.judge_route(&route, now) {
                 // Act first: the new weight is in effect before the decision
                 // is written down (a revert must not wait for a disk).
@@ -642,6 +648,12 @@ impl Controller {
         let Some(canary) = &rt.canary else {
             return false;
         };
+        if rt.early || rt.last.as_ref().is_some_and(|v| v.status == Status::Breach) {
+            // At most one early tick an interval, and none after a breach
+            // that changed nothing (observe mode, paused): looking again
+            // would only shorten the window's slices.
+            return false;
+        }
         let w_bp = effective_bp(route, self.state.routes.get(&route.name));
         if rt.last_w_bp != Some(w_bp) {
             // The share changed since the last tick: those events are

@@ -186,6 +186,27 @@ async fn a_breach_does_not_wait_for_the_end_of_the_interval() {
     all_on(&veer, "stable", 100).await;
 }
 
+/// A breach that changes nothing (observe mode) is judged early once, not
+/// at every look after it: the window keeps its slices of one interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observed_breach_does_not_make_every_look_a_tick() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.status.store(500, Ordering::SeqCst);
+    let judge = "[route.judge]\nmode = \"observe\"\ninterval = \"10m\"\nwindow = \"1h\"\n";
+    let veer = Veer::start(&(route_config(&[s.addr], &[c.addr], 20.0, "") + judge)).await;
+    let load = Load::start(veer.addr, 2, Duration::from_millis(5));
+    let route = wait_verdict(&veer, "observe_breach", Duration::from_secs(20)).await;
+    let judged = route["window"]["stable"]["requests"].clone();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = load.stop().await;
+    let later = veer.status().await["routes"][0].clone();
+    assert_eq!(later["verdict"], "observe_breach", "{later}");
+    // No tick since the early one: the window still holds what it judged.
+    assert_eq!(later["window"]["stable"]["requests"], judged, "{later}");
+    assert!(sent > 100, "the load kept going: {sent}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_latency_regression_is_reverted() {
     let s = Upstream::start("stable").await;

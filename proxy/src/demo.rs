@@ -217,13 +217,24 @@ pub async fn demo(duration: Duration, upstreams_only: bool) -> Result<(), DemoEr
     let mut went_bad: Option<Instant> = None;
     let mut reverted: Option<Duration> = None;
     let mut totals = [0u64; 2];
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Look every 100 ms (to time the revert), show every second.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.tick().await;
+    let mut looks = 0u64;
     while Instant::now() < deadline {
         tick.tick().await;
+        looks += 1;
         if went_bad.is_none() && start.elapsed() >= bad_at {
             canary_behaviour.turn_bad();
             went_bad = Some(Instant::now());
+        }
+        if let (Some(t), None) = (went_bad, reverted) {
+            if judge_view(bound.admin).await.verdict == "reverted" {
+                reverted = Some(t.elapsed());
+            }
+        }
+        if looks % 10 != 0 {
+            continue;
         }
         let snapshot = {
             let mut t = tallies.lock().unwrap_or_else(|p| p.into_inner());
@@ -232,9 +243,6 @@ pub async fn demo(duration: Duration, upstreams_only: bool) -> Result<(), DemoEr
         totals[0] += snapshot[0].ok + snapshot[0].errors;
         totals[1] += snapshot[1].ok + snapshot[1].errors;
         let judge = judge_view(bound.admin).await;
-        if reverted.is_none() && judge.verdict == "reverted" {
-            reverted = went_bad.map(|t| t.elapsed());
-        }
         print!(
             "{}",
             view(&snapshot, start.elapsed(), duration, bound.admin, tty)
@@ -255,7 +263,7 @@ pub async fn demo(duration: Duration, upstreams_only: bool) -> Result<(), DemoEr
     );
     match (went_bad, reverted) {
         (Some(_), Some(d)) => println!(
-            "v2 turned bad at {:.0}s; veer reverted it by itself {:.1}s later (seen at 1 s resolution); traffic is back on v1",
+            "v2 turned bad at {:.0}s; veer reverted it by itself {:.1}s later (timed to 0.1 s); traffic is back on v1",
             bad_at.as_secs_f64(),
             d.as_secs_f64()
         ),

@@ -49,9 +49,12 @@ const BURST_SPAN: Duration = Duration::from_secs(10);
 const BURN_RATE: f64 = 14.4;
 /// Canary errors the error-ratio guard needs.
 const RATIO_MIN_ERRORS: u64 = 5;
-/// Shares of `false_revert_rate` spent by the error and the latency test.
+/// Shares of `false_revert_rate` spent by the error and the latency test
+/// (equal: [`Evidence::threshold`] reports one threshold for both).
 const ERROR_TEST_SHARE: f64 = 0.5;
 const LATENCY_TEST_SHARE: f64 = 0.5;
+const _: () =
+    assert!(ERROR_TEST_SHARE == LATENCY_TEST_SHARE && ERROR_TEST_SHARE + LATENCY_TEST_SHARE <= 1.0);
 /// Canary bad events a sequential test needs before it may revert.
 const MIN_CANARY_EVENTS: u64 = 3;
 
@@ -140,10 +143,9 @@ pub struct Evidence {
     pub e_errors: f64,
     /// Mean e-value of the latency tests.
     pub e_latency: f64,
-    /// What the error test's e-value must reach (`1/α_errors`).
+    /// What each test's e-value must reach (`1/α` of the test; the error
+    /// and latency tests get equal shares, so one number serves both).
     pub threshold: f64,
-    /// What the latency tests' mean e-value must reach (`1/α_latency`).
-    pub threshold_latency: f64,
     /// Distinct-key error events (canary, stable) since the test began.
     pub error_events: (u64, u64),
     /// Distinct-key slow events (canary, stable) since the test began, summed over thresholds.
@@ -431,7 +433,6 @@ impl Judge {
             e_errors,
             e_latency,
             threshold: self.threshold_errors(),
-            threshold_latency: self.threshold_latency(),
             error_events: (self.errors.canary_events(), self.errors.stable_events()),
             slow_events: slow_events(&self.latency, None, None),
             thresholds_ms: self

@@ -368,21 +368,20 @@ impl Detector {
             Some(steps) => e.log_e_with(steps, canary, stable).exp(),
             None => e.e_value(),
         };
-        let mut started = self.started;
-        let mut weighted: Vec<f64> = self
+        let restart = self.batches > 0 && self.batches % self.restart_every == 0;
+        let fresh_start = restart.then(|| start_weight(self.started) * value(&fresh));
+        let (sum, kept) = self
             .components
             .iter()
             .map(|(pi, e)| pi * value(e))
-            .collect();
-        if self.batches > 0 && self.batches % self.restart_every == 0 {
-            weighted.push(start_weight(started) * value(&fresh));
-            started += 1;
-        }
-        let kept: Vec<f64> = weighted.into_iter().filter(|v| *v >= NEGLIGIBLE).collect();
-        if kept.is_empty() {
-            start_weight(started)
+            .chain(fresh_start)
+            .filter(|v| *v >= NEGLIGIBLE)
+            .fold((0.0, false), |(sum, _), v| (sum + v, true));
+        if kept {
+            sum
         } else {
-            kept.iter().sum()
+            // Everything decayed: the update keeps a fresh start instead.
+            start_weight(self.started + u64::from(restart))
         }
     }
 

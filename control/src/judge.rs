@@ -720,27 +720,37 @@ impl Judge {
         if self.latency.is_empty() || canary.slow_events.iter().all(|&n| n == 0) {
             return false;
         }
-        let mut sum = 0.0;
-        for (i, d) in self.latency.iter().enumerate() {
-            sum += if self.thresholds_us.get(i).copied().flatten().is_some() {
-                let c = canary.slow_events.get(i).copied().unwrap_or(0);
-                let s = stable.slow_events.get(i).copied().unwrap_or(0);
-                d.e_value_after(w, c, s)
-            } else {
-                d.e_value()
-            };
-        }
+        let sum: f64 = self
+            .latency
+            .iter()
+            .enumerate()
+            .map(
+                |(i, d)| match self.slow_batch(i, &stable.slow_events, &canary.slow_events) {
+                    Some((c, s)) => d.e_value_after(w, c, s),
+                    None => d.e_value(),
+                },
+            )
+            .sum();
         let e = sum / self.latency.len() as f64;
         let (c, s) = slow_events(&self.latency, Some(stable), Some(canary));
         self.latency_test(e, c, s).is_some()
     }
 
+    /// The (canary, stable) slow events of latency test `i`; None while its
+    /// threshold is unset, when its events are not tested.
+    fn slow_batch(&self, i: usize, stable: &[u64], canary: &[u64]) -> Option<(u64, u64)> {
+        self.thresholds_us.get(i).copied().flatten()?;
+        let at = |v: &[u64]| v.get(i).copied().unwrap_or(0);
+        Some((at(canary), at(stable)))
+    }
+
     /// Adds slow events to the latency tests whose threshold is set.
     fn update_latency(&mut self, w: f64, stable: &[u64], canary: &[u64]) {
-        for (i, e) in self.latency.iter_mut().enumerate() {
-            if self.thresholds_us.get(i).copied().flatten().is_some() {
-                let c = canary.get(i).copied().unwrap_or(0);
-                let s = stable.get(i).copied().unwrap_or(0);
+        let batches: Vec<Option<(u64, u64)>> = (0..self.latency.len())
+            .map(|i| self.slow_batch(i, stable, canary))
+            .collect();
+        for (e, batch) in self.latency.iter_mut().zip(batches) {
+            if let Some((c, s)) = batch {
                 e.update(w, c, s);
             }
         }

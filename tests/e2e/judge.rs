@@ -168,17 +168,25 @@ async fn canary_500s_are_reverted_and_traffic_returns_to_stable_and_stays_after_
     assert!(canary > 50, "canary got {canary} of 500");
 }
 
-/// The sequential tests are looked at between ticks: with an interval of
-/// ten minutes no tick comes during this test, and the canary is reverted
-/// anyway, as soon as its errors are evidence enough.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_breach_does_not_wait_for_the_end_of_the_interval() {
+/// A canary answering 500 under load, judged every ten minutes (so no
+/// tick comes during a test: only the looks between ticks act), in `mode`.
+/// The upstreams are returned to keep them serving.
+async fn failing_canary_judged_every_ten_minutes(mode: &str) -> (Veer, Load, [Arc<Upstream>; 2]) {
     let s = Upstream::start("stable").await;
     let c = Upstream::start("canary").await;
     c.status.store(500, Ordering::SeqCst);
-    let judge = "[route.judge]\ninterval = \"10m\"\nwindow = \"1h\"\n";
-    let veer = Veer::start(&(route_config(&[s.addr], &[c.addr], 20.0, "") + judge)).await;
+    let judge = format!("[route.judge]\nmode = \"{mode}\"\ninterval = \"10m\"\nwindow = \"1h\"\n");
+    let veer = Veer::start(&(route_config(&[s.addr], &[c.addr], 20.0, "") + &judge)).await;
     let load = Load::start(veer.addr, 2, Duration::from_millis(5));
+    (veer, load, [s, c])
+}
+
+/// The sequential tests are looked at between ticks: the canary is
+/// reverted long before the first tick, as soon as its errors are evidence
+/// enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breach_does_not_wait_for_the_end_of_the_interval() {
+    let (veer, load, _upstreams) = failing_canary_judged_every_ten_minutes("enforce").await;
     let route = wait_verdict(&veer, "reverted", Duration::from_secs(20)).await;
     load.stop().await;
     assert_eq!(route["reverted"]["guard"], "error_rate_test", "{route}");
@@ -190,12 +198,7 @@ async fn a_breach_does_not_wait_for_the_end_of_the_interval() {
 /// at every look after it: the window keeps its slices of one interval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_observed_breach_does_not_make_every_look_a_tick() {
-    let s = Upstream::start("stable").await;
-    let c = Upstream::start("canary").await;
-    c.status.store(500, Ordering::SeqCst);
-    let judge = "[route.judge]\nmode = \"observe\"\ninterval = \"10m\"\nwindow = \"1h\"\n";
-    let veer = Veer::start(&(route_config(&[s.addr], &[c.addr], 20.0, "") + judge)).await;
-    let load = Load::start(veer.addr, 2, Duration::from_millis(5));
+    let (veer, load, _upstreams) = failing_canary_judged_every_ten_minutes("observe").await;
     let route = wait_verdict(&veer, "observe_breach", Duration::from_secs(20)).await;
     let judged = route["window"]["stable"]["requests"].clone();
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -10,6 +10,7 @@ mod e2e {
     pub mod support;
 
     mod cli;
+    mod client_faults;
     mod failures;
     mod judge;
     mod protocols;

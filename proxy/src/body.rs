@@ -27,7 +27,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A body that made no progress for its idle timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("body made no progress for {0:?}")]
-pub struct BodyTimeout(Duration);
+pub struct BodyTimeout(pub(crate) Duration);
 
 /// Wraps a body so that it fails if no frame arrives for `idle`. The timer is
 /// only created the first time the body has to wait.
@@ -100,7 +100,7 @@ where
 }
 
 /// A request body on its way to the upstream.
-pub type RequestBody = IdleTimeout<Incoming>;
+pub type RequestBody = crate::upload::ClientBody;
 
 /// The judge's record of a request whose response body is still streaming.
 ///
@@ -119,6 +119,9 @@ pub struct Pending {
     pub outcome: Outcome,
     /// The sticky key's hash.
     pub key_hash: Option<u64>,
+    /// The request body's record: a body the client broke is not the
+    /// version's failure, even when the upstream then breaks off too.
+    pub upload: Arc<crate::upload::Upload>,
 }
 
 impl Pending {
@@ -130,6 +133,7 @@ impl Pending {
         };
         let outcome = match failed {
             None => self.outcome,
+            Some(_) if self.upload.fault().is_some() => return,
             Some(e) => {
                 if let Some(kind) = e.upstream_index() {
                     version.metrics.upstream_error(kind);

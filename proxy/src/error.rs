@@ -27,6 +27,15 @@ pub enum ProxyError {
     /// The request cannot be forwarded as it is.
     #[error("bad request")]
     BadRequest,
+    /// The client stopped sending its request body for `body_timeout`.
+    #[error("the client's request body stalled")]
+    ClientTimeout,
+    /// The client went away before sending its whole request body.
+    #[error("the client aborted its request body")]
+    ClientAborted,
+    /// The client's request body was malformed (e.g. bad chunked framing).
+    #[error("the client's request body was malformed")]
+    ClientBadBody,
 }
 
 impl ProxyError {
@@ -38,7 +47,10 @@ impl ProxyError {
             | ProxyError::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest | ProxyError::ClientAborted | ProxyError::ClientBadBody => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -51,18 +63,10 @@ impl ProxyError {
             ProxyError::UpstreamProtocol => "protocol",
             ProxyError::NoRoute => "no_route",
             ProxyError::BadRequest => "bad_request",
+            ProxyError::ClientTimeout => "client_timeout",
+            ProxyError::ClientAborted => "client_aborted",
+            ProxyError::ClientBadBody => "client_bad_body",
         }
-    }
-
-    /// Whether the failure counts against the version that was asked.
-    pub fn is_upstream(self) -> bool {
-        matches!(
-            self,
-            ProxyError::UpstreamConnect
-                | ProxyError::UpstreamTimeout
-                | ProxyError::UpstreamReset
-                | ProxyError::UpstreamProtocol
-        )
     }
 
     /// Index into per-kind counter arrays (upstream kinds only).
@@ -84,7 +88,10 @@ impl ProxyError {
             | ProxyError::UpstreamProtocol => "bad gateway\n",
             ProxyError::UpstreamTimeout => "gateway timeout\n",
             ProxyError::NoRoute => "not found\n",
-            ProxyError::BadRequest => "bad request\n",
+            ProxyError::BadRequest | ProxyError::ClientAborted | ProxyError::ClientBadBody => {
+                "bad request\n"
+            }
+            ProxyError::ClientTimeout => "request timeout\n",
         }
     }
 
@@ -100,6 +107,16 @@ impl ProxyError {
         ProxyError::UpstreamReset
     }
 }
+
+/// The kinds of failure veer answers without a version, in the order of
+/// [`crate::metrics::ProxyErrorMetrics::by_kind`].
+pub const PROXY_KINDS: [ProxyError; 5] = [
+    ProxyError::NoRoute,
+    ProxyError::BadRequest,
+    ProxyError::ClientTimeout,
+    ProxyError::ClientAborted,
+    ProxyError::ClientBadBody,
+];
 
 /// The upstream error kinds, in `upstream_index` order.
 pub const UPSTREAM_KINDS: [&str; 4] = ["connect", "timeout", "reset", "protocol"];

@@ -28,5 +28,6 @@ pub mod snapshot;
 pub mod split;
 pub mod status;
 pub mod tls;
+pub mod upload;
 pub mod upstream;
 pub mod window_metrics;

@@ -105,10 +105,19 @@ impl VersionMetrics {
 /// Handles for failures that belong to no version.
 #[derive(Clone)]
 pub struct ProxyErrorMetrics {
-    /// Requests no route matched.
-    pub no_route: IntCounter,
-    /// Requests veer could not forward as they were.
-    pub bad_request: IntCounter,
+    /// One counter per kind of [`crate::error::PROXY_KINDS`], created at 0.
+    pub by_kind: [IntCounter; 5],
+}
+
+impl ProxyErrorMetrics {
+    /// Counts one request of kind `e` (upstream kinds are counted per version, not here).
+    pub fn inc(&self, e: crate::error::ProxyError) {
+        if let Some(i) = crate::error::PROXY_KINDS.iter().position(|k| *k == e) {
+            if let Some(c) = self.by_kind.get(i) {
+                c.inc();
+            }
+        }
+    }
 }
 
 impl Metrics {
@@ -140,7 +149,7 @@ impl Metrics {
         let proxy_errors = IntCounterVec::new(
             Opts::new(
                 "veer_proxy_errors_total",
-                "Requests veer answered itself without asking a version, by kind.",
+                "Requests that failed through no version's fault (no route, the client's own), by kind.",
             ),
             &["kind"],
         )?;
@@ -325,8 +334,8 @@ impl Metrics {
     /// Handles for failures outside any version.
     pub fn proxy_errors(&self) -> ProxyErrorMetrics {
         ProxyErrorMetrics {
-            no_route: self.proxy_errors.with_label_values(&["no_route"]),
-            bad_request: self.proxy_errors.with_label_values(&["bad_request"]),
+            by_kind: crate::error::PROXY_KINDS
+                .map(|k| self.proxy_errors.with_label_values(&[k.kind()])),
         }
     }
 

@@ -14,13 +14,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::balance::Pick;
-use crate::body::{IdleTimeout, Pending, ProxyBody, RequestBody, UpstreamBody};
+use crate::body::{Pending, ProxyBody, RequestBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::headers::{is_upgrade, prepare_request, strip_hop_by_hop, Scheme};
 use crate::record::Outcome;
 use crate::shared::Shared;
 use crate::snapshot::{RouteTarget, VersionTarget};
 use crate::split::{bucket_of_hash, is_canary, key_hash, random_bucket, sticky_key, KeyBuf};
+use crate::upload::{ClientBody, Upload};
 use crate::upstream::{Sender, Upstream};
 
 /// Handles one client request. Never fails: errors become responses.
@@ -45,7 +46,7 @@ pub async fn handle(
         {
             Some(r) => (r.clone(), snap.body_timeout),
             None => {
-                snap.proxy_errors.no_route.inc();
+                snap.proxy_errors.inc(ProxyError::NoRoute);
                 return Ok(error_response(ProxyError::NoRoute));
             }
         }
@@ -75,7 +76,18 @@ pub async fn handle(
     };
 
     let canary = !std::ptr::eq(version, &route.stable);
-    let result = forward(&route, version, pick, req, peer, scheme, body_timeout).await;
+    let upload = Upload::new();
+    let result = forward(
+        &route,
+        version,
+        pick,
+        req,
+        peer,
+        scheme,
+        body_timeout,
+        &upload,
+    )
+    .await;
     let elapsed = start.elapsed();
     let micros = elapsed.as_micros() as u64;
     let seconds = elapsed.as_secs_f64();
@@ -95,6 +107,7 @@ pub async fn handle(
                         micros,
                         outcome,
                         key_hash,
+                        upload,
                     }),
                     ProxyBody::Full(_) => version.recorder.record(micros, outcome, key_hash),
                 }
@@ -121,10 +134,10 @@ pub async fn handle(
     })
 }
 
+/// Counts a failure that is no version's (the client's, or a request veer
+/// cannot forward).
 fn route_less_error(shared: &Shared, e: ProxyError) {
-    if e == ProxyError::BadRequest {
-        shared.snapshot.load().proxy_errors.bad_request.inc();
-    }
+    shared.snapshot.load().proxy_errors.inc(e);
 }
 
 /// A response veer writes itself.
@@ -138,6 +151,7 @@ pub fn error_response(e: ProxyError) -> Response<ProxyBody> {
     r
 }
 
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn forward(
     route: &RouteTarget,
     version: &VersionTarget,
@@ -146,6 +160,7 @@ async fn forward(
     peer: SocketAddr,
     scheme: Scheme,
     body_timeout: std::time::Duration,
+    upload: &Arc<Upload>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let upgrade = is_upgrade(req.version(), req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -159,13 +174,15 @@ async fn forward(
         scheme,
         upgrade,
     )?;
-    let req = Request::from_parts(parts, IdleTimeout::new(body, body_timeout));
+    let req = Request::from_parts(parts, ClientBody::new(body, body_timeout, upload.clone()));
 
     let exchange = exchange(route, version, pick, req, upgrade);
-    let (mut resp, sender, upstream) = match tokio::time::timeout(route.timeout, exchange).await {
-        Ok(r) => r?,
-        Err(_) => return Err(ProxyError::UpstreamTimeout),
-    };
+    let (mut resp, sender, upstream) =
+        match upstream_deadline(route.timeout, upload, exchange).await {
+            // A body the client broke fails the exchange: the client's fault.
+            Err(e) => return Err(upload.fault().unwrap_or(e)),
+            Ok(r) => r,
+        };
     upstream.mark_ok();
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -181,6 +198,33 @@ async fn forward(
     let pooled = (!upgrade).then_some(sender).map(|s| (s, upstream));
     let body = UpstreamBody::new(body, body_timeout, pooled);
     Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+}
+
+/// Runs `exchange` under the route's `timeout`, counting only the
+/// upstream's time: the deadline moves out by however long the request body
+/// waited for the client (see [`crate::upload`]).
+async fn upstream_deadline<T>(
+    timeout: std::time::Duration,
+    upload: &Upload,
+    exchange: impl std::future::Future<Output = Result<T, ProxyError>>,
+) -> Result<T, ProxyError> {
+    let start = tokio::time::Instant::now();
+    let sleep = tokio::time::sleep_until(start + timeout);
+    tokio::pin!(exchange, sleep);
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut exchange => return r,
+            () = &mut sleep => {
+                let now = tokio::time::Instant::now();
+                let deadline = start + timeout + upload.client_time(now);
+                if deadline <= now {
+                    return Err(ProxyError::UpstreamTimeout);
+                }
+                sleep.as_mut().reset(deadline);
+            }
+        }
+    }
 }
 
 /// Gets a connection (retrying a failed connect once on the next endpoint)

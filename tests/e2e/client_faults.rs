@@ -1,0 +1,186 @@
+//! A client's fault is never a version's: stalled, aborted and malformed
+//! uploads get the client's own status, count as proxy errors, and never
+//! move the judge; the route timeout counts the upstream's time only.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::support::{metric, Upstream, Veer};
+
+fn config(stable: std::net::SocketAddr, canary: std::net::SocketAddr, timeout: &str) -> String {
+    format!(
+        r#"[proxy]
+listen = ["127.0.0.1:0"]
+body_timeout = "1s"
+[admin]
+listen = "127.0.0.1:0"
+[state]
+dir = "@STATE@"
+
+[[route]]
+name = "web"
+sticky = ["header:x-user-id"]
+timeout = "{timeout}"
+connect_timeout = "{timeout}"
+[route.stable]
+version = "v1"
+endpoints = ["{stable}"]
+[route.canary]
+version = "v2"
+endpoints = ["{canary}"]
+weight = 100
+[route.judge]
+interval = "100ms"
+"#
+    )
+}
+
+/// Sends `head` and `body` on a fresh connection, then (`close`) shuts the
+/// write side or waits; returns the status line's code, if any came.
+async fn raw(addr: std::net::SocketAddr, head: &str, body: &[u8], close: bool) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(head.as_bytes()).await.ok()?;
+    s.write_all(body).await.ok()?;
+    if close {
+        // The client leaves mid-body.
+        drop(s);
+        return None;
+    }
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let line = String::from_utf8_lossy(&buf[..n]).to_string();
+    line.split(' ').nth(1)?.parse().ok()
+}
+
+fn post_head(user: &str, framing: &str) -> String {
+    format!("POST /upload HTTP/1.1\r\nhost: app\r\nx-user-id: {user}\r\n{framing}\r\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_aborted_and_malformed_uploads_never_count_against_a_version() {
+    let stable = Upstream::start("stable").await;
+    let canary = Upstream::start("canary").await;
+    // A route timeout shorter than body_timeout: a stall that the route
+    // clock counted would be the canary's 504.
+    let veer = Veer::start(&config(stable.addr, canary.addr, "300ms")).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let addr = veer.addr;
+        tasks.push(tokio::spawn(async move {
+            let stalled = raw(
+                addr,
+                &post_head(&format!("stall{i}"), "content-length: 100\r\n"),
+                b"0123456789",
+                false,
+            )
+            .await;
+            let malformed = raw(
+                addr,
+                &post_head(&format!("bad{i}"), "transfer-encoding: chunked\r\n"),
+                b"zz\r\nnot a chunk\r\n",
+                false,
+            )
+            .await;
+            raw(
+                addr,
+                &post_head(&format!("abort{i}"), "content-length: 100\r\n"),
+                b"0123456789",
+                true,
+            )
+            .await;
+            (stalled, malformed)
+        }));
+    }
+    for t in tasks {
+        let (stalled, malformed) = t.await.unwrap();
+        assert_eq!(stalled, Some(408), "a stalled upload is the client's 408");
+        assert_eq!(malformed, Some(400), "a malformed body is the client's 400");
+    }
+    // Every aborted upload has reached the upstream and been given up on.
+    let m = {
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let m = veer.metrics().await;
+            if metric(&m, r#"veer_proxy_errors_total{kind="client_aborted"}"#) >= Some(20.0) {
+                break m;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "aborted uploads not all counted:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(
+        metric(&m, r#"veer_proxy_errors_total{kind="client_timeout"}"#),
+        Some(20.0)
+    );
+    assert_eq!(
+        metric(&m, r#"veer_proxy_errors_total{kind="client_bad_body"}"#),
+        Some(20.0)
+    );
+    for kind in ["connect", "timeout", "reset", "protocol"] {
+        let v = metric(
+            &m,
+            &format!(r#"veer_upstream_errors_total{{kind="{kind}",route="web",version="v2"}}"#),
+        );
+        assert!(
+            v.unwrap_or(0.0) == 0.0,
+            "{kind} counted for the canary: {v:?}"
+        );
+    }
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_requests_total{code="5xx",route="web",version="v2"}"#
+        )
+        .unwrap_or(0.0),
+        0.0
+    );
+    // Give the judge a few ticks over all of it: nothing to act on.
+    let until = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < until {
+        let s = veer.status().await;
+        let r = &s["routes"][0];
+        assert_ne!(r["verdict"], "reverted", "{r}");
+        assert_eq!(r["weight"]["effective"], 100.0, "{r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(veer.logs_with("canary reverted").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_to_a_fast_upstream_is_not_timed_out() {
+    let stable = Upstream::start("stable").await;
+    let canary = Upstream::start("canary").await;
+    let veer = Veer::start(&config(stable.addr, canary.addr, "1s")).await;
+    let mut s = TcpStream::connect(veer.addr).await.unwrap();
+    s.write_all(post_head("slow-uploader", "content-length: 40\r\n").as_bytes())
+        .await
+        .unwrap();
+    // 2.5 s of upload, a frame every 500 ms (well inside body_timeout):
+    // longer than the route's 1 s timeout, which counts the upstream only.
+    for _ in 0..5 {
+        s.write_all(b"01234567").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&buf).contains("0123456701234567") {
+        assert!(std::time::Instant::now() < until, "no full answer: {buf:?}");
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}

@@ -11,6 +11,7 @@ mod e2e {
 
     mod cli;
     mod client_faults;
+    mod decisions;
     mod failures;
     mod judge;
     mod protocols;

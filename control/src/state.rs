@@ -73,6 +73,76 @@ pub struct RouteDecision {
     /// decisions above.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence: Option<serde_json::Value>,
+    /// Earlier canary identities of this route that were reverted, newest
+    /// last, at most [`MAX_TOMBSTONES`]: a config that names one of them
+    /// again (after a torn write, or a ConfigMap briefly without the
+    /// canary) finds it still reverted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tombstones: Vec<Tombstone>,
+}
+
+/// A reverted canary identity that is no longer the route's current one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tombstone {
+    /// The identity ([`canary_identity`]).
+    pub identity: u64,
+    /// Its revert.
+    pub revert: Revert,
+}
+
+/// Reverted identities remembered per route. A route that cycles through
+/// more distinct canaries than this forgets the oldest revert; sixteen
+/// covers any torn-write or rollback sequence seen in practice, and keeps
+/// the state file small.
+pub const MAX_TOMBSTONES: usize = 16;
+
+impl RouteDecision {
+    /// The decision for canary identity `id`, given this one (the route's
+    /// current decision). The same identity keeps everything. Another one
+    /// starts afresh, except that a reverted identity stays reverted: the
+    /// current one, if reverted, is remembered in a tombstone, and `id` is
+    /// reverted again if a tombstone names it. Only `reset` (see
+    /// [`RouteDecision::reset`]) clears a revert.
+    pub fn for_identity(&self, id: u64) -> RouteDecision {
+        if self.canary_identity == id {
+            return self.clone();
+        }
+        let mut tombstones = self.tombstones.clone();
+        if let Some(r) = &self.reverted {
+            if self.canary_identity != 0 {
+                tombstones.retain(|t| t.identity != self.canary_identity);
+                tombstones.push(Tombstone {
+                    identity: self.canary_identity,
+                    revert: r.clone(),
+                });
+            }
+        }
+        if tombstones.len() > MAX_TOMBSTONES {
+            tombstones.drain(..tombstones.len() - MAX_TOMBSTONES);
+        }
+        let reverted = tombstones
+            .iter()
+            .find(|t| t.identity == id)
+            .map(|t| t.revert.clone());
+        RouteDecision {
+            canary_identity: id,
+            reverted,
+            tombstones,
+            ..RouteDecision::default()
+        }
+    }
+
+    /// The operator's `reset`: a fresh decision for the current identity,
+    /// its own tombstone cleared; the others stay.
+    pub fn reset(&self) -> RouteDecision {
+        let mut tombstones = self.tombstones.clone();
+        tombstones.retain(|t| t.identity != self.canary_identity);
+        RouteDecision {
+            canary_identity: self.canary_identity,
+            tombstones,
+            ..RouteDecision::default()
+        }
+    }
 }
 
 /// Every route's decision.
@@ -137,6 +207,72 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn revert(at: u64) -> Revert {
+        Revert {
+            guard: "error_rate_test".into(),
+            reason: "E = 300".into(),
+            at_unix: at,
+        }
+    }
+
+    #[test]
+    fn a_torn_write_without_the_canary_does_not_re_expose_it() {
+        let reverted = RouteDecision {
+            canary_identity: 7,
+            reverted: Some(revert(1)),
+            ..RouteDecision::default()
+        };
+        // The file briefly names no canary (identity 0), then the full file again.
+        let without = reverted.for_identity(0);
+        assert_eq!(without.reverted, None);
+        let back = without.for_identity(7);
+        assert_eq!(back.reverted, Some(revert(1)));
+        // Another canary is judged afresh, and the first stays remembered.
+        let other = back.for_identity(8);
+        assert_eq!(other.reverted, None);
+        assert_eq!(other.for_identity(7).reverted, Some(revert(1)));
+    }
+
+    #[test]
+    fn reset_clears_only_the_current_identitys_revert() {
+        let mut d = RouteDecision {
+            canary_identity: 1,
+            reverted: Some(revert(1)),
+            ..RouteDecision::default()
+        }
+        .for_identity(2);
+        d.reverted = Some(revert(2));
+        let d = d.reset();
+        assert_eq!(d.reverted, None);
+        assert_eq!(d.for_identity(1).reverted, Some(revert(1)));
+        assert_eq!(d.for_identity(1).for_identity(2).reverted, None);
+    }
+
+    proptest! {
+        /// Whatever sequence of config identities comes, a reverted identity
+        /// is reverted whenever it is current again, until a reset (among
+        /// the most recent MAX_TOMBSTONES reverted ones).
+        #[test]
+        fn no_sequence_of_configs_re_exposes_a_reverted_identity(
+            ids in proptest::collection::vec(0u64..6, 1..60),
+            revert_at in proptest::collection::vec(any::<bool>(), 60),
+        ) {
+            let mut d = RouteDecision::default();
+            let mut reverted = std::collections::HashSet::new();
+            for (i, id) in ids.iter().enumerate() {
+                d = d.for_identity(*id);
+                if reverted.contains(id) {
+                    prop_assert!(d.reverted.is_some(), "identity {} re-exposed at step {}", id, i);
+                }
+                if *id != 0 && revert_at.get(i).copied().unwrap_or(false) && d.reverted.is_none() {
+                    d.reverted = Some(revert(i as u64));
+                    reverted.insert(*id);
+                }
+            }
+        }
+    }
 
     #[test]
     fn save_then_load_round_trips_and_missing_is_empty() {

@@ -230,27 +230,24 @@ pub fn effective_bp(route: &Route, d: Option<&RouteDecision>) -> u16 {
     }
 }
 
-/// Drops decisions that belong to a canary the config no longer names.
+/// Moves each route's decision to the canary identity the config names (see
+/// [`RouteDecision::for_identity`]: a reverted identity stays reverted).
 fn reconcile_state(config: &Config, state: &mut State) -> bool {
     let mut changed = false;
     for r in &config.routes {
         let id = canary_identity(r);
-        let fresh = RouteDecision {
-            canary_identity: id,
-            ..RouteDecision::default()
-        };
-        match state.routes.get(&r.name) {
-            Some(d) if d.canary_identity == id => {}
-            Some(_) => {
-                tracing::info!(route = %r.name, "new canary identity: earlier decisions no longer apply");
-                state.routes.insert(r.name.clone(), fresh);
-                changed = true;
-            }
-            None => {
-                state.routes.insert(r.name.clone(), fresh);
-                changed = true;
-            }
+        let current = state.routes.get(&r.name).cloned().unwrap_or_default();
+        if state.routes.contains_key(&r.name) && current.canary_identity == id {
+            continue;
         }
+        let next = current.for_identity(id);
+        if next.reverted.is_some() {
+            tracing::warn!(route = %r.name, "this canary was reverted before: it stays out of traffic until `reset`");
+        } else if current.canary_identity != 0 && id != 0 {
+            tracing::info!(route = %r.name, "new canary identity: earlier decisions no longer apply");
+        }
+        state.routes.insert(r.name.clone(), next);
+        changed = true;
     }
     changed
 }
@@ -549,12 +546,7 @@ impl Controller {
                     });
                 }
             }
-            Action::Reset => {
-                d = RouteDecision {
-                    canary_identity: d.canary_identity,
-                    ..RouteDecision::default()
-                };
-            }
+            Action::Reset => d = d.reset(),
             Action::Pause => d.paused = true,
             Action::Resume => d.paused = false,
             Action::Promote => {
@@ -802,6 +794,10 @@ impl Controller {
 
     fn update_verdict(&mut self, name: &str) {
         let has_canary = self.config.route(name).is_some_and(|r| r.canary.is_some());
+        let observe = self
+            .config
+            .route(name)
+            .is_some_and(|r| r.judge.mode == JudgeMode::Observe);
         let d = self.state.routes.get(name).cloned().unwrap_or_default();
         let Some(rt) = self.routes.get_mut(name) else {
             return;
@@ -812,7 +808,9 @@ impl Controller {
             "insufficient_data"
         } else {
             match rt.last.as_ref().map(|v| v.status) {
-                Some(Status::Breach) => "observe_breach",
+                // enforce: a breach that did not revert (paused, weight 0).
+                Some(Status::Breach) if observe => "observe_breach",
+                Some(Status::Breach) => "breach",
                 Some(Status::Healthy) => "healthy",
                 _ => "insufficient_data",
             }

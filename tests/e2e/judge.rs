@@ -1,95 +1,15 @@
 //! The judge through the real binary: reverts that stick, no revert of a
 //! good canary, observe mode, too little data, and operator actions.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::support::{get, metric, route_config, Client, Upstream, Veer};
+use super::support::{
+    all_on, get, metric, route_config, send_keyed, wait_verdict, Client, Load, Upstream, Veer,
+};
 
 const JUDGE: &str = "[route.judge]\ninterval = \"200ms\"\nwindow = \"10s\"\nmin_requests = 20\n";
-
-/// Keeps sending keyed requests until dropped (bounded to 120 s).
-struct Load {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: std::net::SocketAddr, conns: usize, pause: Duration) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let tasks = (0..conns)
-            .map(|w| {
-                let (stop, sent) = (stop.clone(), sent.clone());
-                tokio::spawn(async move {
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    let mut c = Client::connect(addr).await.unwrap();
-                    let mut i = 0u64;
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        i += 1;
-                        let key = format!("user-{w}-{}", i % 500);
-                        if c.get("/", &[("x-user-id", &key)]).await.is_err() {
-                            c = Client::connect(addr).await.unwrap();
-                        }
-                        sent.fetch_add(1, Ordering::Relaxed);
-                        if !pause.is_zero() {
-                            tokio::time::sleep(pause).await;
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load { stop, sent, tasks }
-    }
-
-    async fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        self.sent.load(Ordering::Relaxed)
-    }
-}
-
-async fn wait_verdict(veer: &Veer, want: &str, limit: Duration) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let st = veer.status().await;
-        if st["routes"][0]["verdict"] == want {
-            return st["routes"][0].clone();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "verdict never became {want}: {}",
-            st["routes"][0]
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Sends `n` requests, one per user key, one after another.
-async fn send_keyed(addr: std::net::SocketAddr, n: usize) {
-    let mut client = Client::connect(addr).await.unwrap();
-    for i in 0..n {
-        client
-            .get("/", &[("x-user-id", &format!("u{i}"))])
-            .await
-            .unwrap();
-    }
-}
-
-async fn all_on(veer: &Veer, name: &str, keys: usize) {
-    let mut c = Client::connect(veer.addr).await.unwrap();
-    for i in 0..keys {
-        let r = c
-            .get("/", &[("x-user-id", &format!("check-{i}"))])
-            .await
-            .unwrap();
-        assert_eq!(r.headers()["x-upstream"], name, "key check-{i}");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_500s_are_reverted_and_traffic_returns_to_stable_and_stays_after_restart() {

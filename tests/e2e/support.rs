@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -461,4 +461,105 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Keeps sending keyed requests until dropped (bounded to 120 s).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(addr: std::net::SocketAddr, conns: usize, pause: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let tasks = (0..conns)
+            .map(|w| {
+                let (stop, sent) = (stop.clone(), sent.clone());
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    let mut c = Client::connect(addr).await.unwrap();
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        i += 1;
+                        let key = format!("user-{w}-{}", i % 500);
+                        if c.get("/", &[("x-user-id", &key)]).await.is_err() {
+                            c = Client::connect(addr).await.unwrap();
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, sent, tasks }
+    }
+
+    pub async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+pub async fn wait_verdict(veer: &Veer, want: &str, limit: Duration) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let st = veer.status().await;
+        if st["routes"][0]["verdict"] == want {
+            return st["routes"][0].clone();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "verdict never became {want}: {}",
+            st["routes"][0]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends `n` requests, one per user key, one after another.
+pub async fn send_keyed(addr: std::net::SocketAddr, n: usize) {
+    let mut client = Client::connect(addr).await.unwrap();
+    for i in 0..n {
+        client
+            .get("/", &[("x-user-id", &format!("u{i}"))])
+            .await
+            .unwrap();
+    }
+}
+
+pub async fn all_on(veer: &Veer, name: &str, keys: usize) {
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    for i in 0..keys {
+        let r = c
+            .get("/", &[("x-user-id", &format!("check-{i}"))])
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-upstream"], name, "key check-{i}");
+    }
+}
+
+/// POSTs an admin action without a token; returns the status code.
+pub async fn admin_post(admin: SocketAddr, path: &str) -> u16 {
+    let stream = TcpStream::connect(admin).await.expect("connect admin");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::post(path)
+        .header("host", "admin")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    sender
+        .send_request(req)
+        .await
+        .expect("admin answer")
+        .status()
+        .as_u16()
 }

@@ -1,0 +1,57 @@
+//! Decisions that stay: a revert belongs to a canary identity and survives
+//! a config that briefly lacks the canary; a breach that cannot act is
+//! reported as `breach`.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::support::{admin_post, all_on, route_config, wait_verdict, Load, Upstream, Veer};
+
+const JUDGE: &str = "[route.judge]\ninterval = \"200ms\"\nwindow = \"10s\"\nmin_requests = 20\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_write_without_the_canary_does_not_re_expose_a_reverted_canary() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.status.store(500, Ordering::SeqCst);
+    let full = route_config(&[s.addr], &[c.addr], 20.0, "") + JUDGE;
+    let veer = Veer::start(&full).await;
+    let load = Load::start(veer.addr, 4, Duration::ZERO);
+    wait_verdict(&veer, "reverted", Duration::from_secs(10)).await;
+    load.stop().await;
+
+    // A valid file without [route.canary] (a torn write, a ConfigMap being
+    // replaced), then the full file again.
+    veer.write_config(&(route_config(&[s.addr], &[], 0.0, "") + JUDGE));
+    veer.wait_generation(2).await;
+    veer.write_config(&full);
+    veer.wait_generation(3).await;
+    let route = veer.status().await["routes"][0].clone();
+    assert_eq!(route["verdict"], "reverted", "{route}");
+    assert_eq!(route["weight"]["effective"], 0.0, "{route}");
+    let before = c.requests.load(Ordering::SeqCst);
+    all_on(&veer, "stable", 400).await;
+    assert_eq!(c.requests.load(Ordering::SeqCst), before);
+    // The decision is on disk: the state file names the reverted identity.
+    let state = std::fs::read_to_string(veer.dir.path().join("state/state.json")).unwrap();
+    assert!(state.contains("\"reverted\""), "{state}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breach_while_paused_is_reported_as_breach_and_changes_nothing() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.status.store(500, Ordering::SeqCst);
+    let veer = Veer::start(&(route_config(&[s.addr], &[c.addr], 20.0, "") + JUDGE)).await;
+    assert_eq!(admin_post(veer.admin, "/routes/web/pause").await, 200);
+    let load = Load::start(veer.addr, 4, Duration::ZERO);
+    let route = wait_verdict(&veer, "breach", Duration::from_secs(10)).await;
+    load.stop().await;
+    assert_eq!(route["weight"]["effective"], 20.0, "{route}");
+    assert!(veer.logs_with("canary reverted").is_empty());
+    let m = veer.metrics().await;
+    assert!(
+        m.contains(r#"veer_verdict{route="web",verdict="breach"} 1"#),
+        "{m}"
+    );
+}

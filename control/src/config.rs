@@ -255,6 +255,13 @@ pub struct JudgeSettings {
     /// blue-green: how long after a flip the new colour is tested against
     /// the old colour's statistics from before the flip.
     pub watch: Duration,
+    /// How long after a new canary identity's first request its latency is
+    /// kept out of the latency tests (a cold canary is often slower for its
+    /// first seconds); the error tests and the gross-failure guards apply
+    /// from the first request.
+    pub warmup: Duration,
+    /// The route is blue-green (its judge budgets α for the watch tests).
+    pub blue_green: bool,
     /// Where to POST a JSON event for every verdict change, revert,
     /// promotion and operator action (plain `http://` URL).
     pub webhook: Option<Webhook>,
@@ -279,6 +286,8 @@ impl Default for JudgeSettings {
             false_revert_rate: defaults::FALSE_REVERT_RATE,
             margin: 1.0,
             watch: defaults::WATCH,
+            warmup: defaults::WARMUP,
+            blue_green: false,
             webhook: None,
             slo: None,
         }

@@ -267,8 +267,8 @@ mod tests {
     }
 }
 
-/// Weight of the `k`-th start time in a [`Detector`]: `1 / ((k+1)(k+2))`,
-/// which sums to 1 over all `k`.
+/// Weight of the `k`-th start time: `1 / ((k+1)(k+2))`, which sums to 1
+/// over all `k`.
 fn start_weight(k: u64) -> f64 {
     1.0 / ((k as f64 + 1.0) * (k as f64 + 2.0))
 }
@@ -278,67 +278,111 @@ const NEGLIGIBLE: f64 = 1e-12;
 /// At most this many components are kept (the least valuable are dropped).
 const MAX_COMPONENTS: usize = 128;
 
+/// A test martingale fed in batches of two counts, that a [`Detector`]
+/// can start afresh: the event-attribution [`EProcess`] (canary and stable
+/// bad events at share `w`) and the one-sample
+/// [`crate::onesample::OneSample`] (bad and good canary requests).
+pub trait Component: Clone {
+    /// What one batch adds, computed once per batch for every component
+    /// of a detector (None: the batch carries no information).
+    type Steps;
+    /// The steps of a batch routed at canary share `w`.
+    fn steps(&self, w: f64) -> Option<Self::Steps>;
+    /// Adds a batch of `a` and `b` counts.
+    fn update_with(&mut self, steps: &Self::Steps, a: u64, b: u64);
+    /// `ln E` after such a batch, without changing anything.
+    fn log_e_with(&self, steps: &Self::Steps, a: u64, b: u64) -> f64;
+    /// The e-value now.
+    fn e_value(&self) -> f64;
+}
+
+impl Component for EProcess {
+    type Steps = Vec<(f64, f64)>;
+    fn steps(&self, w: f64) -> Option<Vec<(f64, f64)>> {
+        EProcess::steps(self, w)
+    }
+    fn update_with(&mut self, steps: &Vec<(f64, f64)>, a: u64, b: u64) {
+        EProcess::update_with(self, steps, a, b);
+    }
+    fn log_e_with(&self, steps: &Vec<(f64, f64)>, a: u64, b: u64) -> f64 {
+        EProcess::log_e_with(self, steps, a, b)
+    }
+    fn e_value(&self) -> f64 {
+        EProcess::e_value(self)
+    }
+}
+
 /// An e-process that stays quick to detect a regression that starts late.
 ///
 /// # Why
 ///
-/// A single [`EProcess`] started with the canary sinks while the canary is
-/// as good as stable (its log-evidence drifts down by the null's KL rate),
+/// A single test started with the canary sinks while the canary is as good
+/// as the null allows (its log-evidence drifts down by the null's KL rate),
 /// so a regression that begins an hour in must first climb out of that hole.
 ///
 /// # Method
 ///
 /// A mixture over start times (an e-detector in the sense of Shin, Ramdas
 /// & Rinaldo, "E-detectors", 2023, with prior weights rather than a
-/// horizon): every `restart_every` batches a fresh [`EProcess`] starts, the
-/// `k`-th with weight `1/((k+1)(k+2))`. Each component is a test martingale
-/// (1 before its start), the weights sum to at most 1, so the weighted sum is
-/// a test martingale and Ville's inequality still bounds the probability of
-/// ever reaching `1/α` by α, over the whole rollout, with no horizon.
-/// Dropping a component only lowers the sum, so components whose weighted
-/// value is negligible are dropped to bound memory. The price is
-/// `ln(1/π_k)` nats of evidence for a regression that starts at the `k`-th
-/// start: 0.7 at the first, 8.2 an hour in with one start a minute.
+/// horizon): every `restart_every` batches a fresh component (a copy of
+/// the template) starts, the `k`-th with weight `1/((k+1)(k+2))`. Each
+/// component is a test martingale (1 before its start), the weights sum to
+/// at most 1, so the weighted sum is a test martingale and Ville's
+/// inequality still bounds the probability of ever reaching `1/α` by α,
+/// over the whole rollout, with no horizon. Dropping a component only
+/// lowers the sum, so components whose weighted value is negligible are
+/// dropped to bound memory. The price is `ln(1/π_k)` nats of evidence for a
+/// regression that starts at the `k`-th start: 0.7 at the first, 8.2 an
+/// hour in with one start a minute.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Detector {
-    margin: f64,
+pub struct Detector<C = EProcess> {
+    template: C,
     restart_every: u64,
     batches: u64,
     started: u64,
-    components: Vec<(f64, EProcess)>,
+    components: Vec<(f64, C)>,
     canary_events: u64,
     stable_events: u64,
 }
 
-impl Detector {
-    /// A detector starting a component every `restart_every` batches.
+impl Detector<EProcess> {
+    /// An attribution detector with margin `r₀`, starting a component every
+    /// `restart_every` batches.
     pub fn new(margin: f64, restart_every: u64) -> Detector {
+        Detector::with(EProcess::new(margin), restart_every)
+    }
+}
+
+impl<C: Component> Detector<C> {
+    /// A detector of fresh copies of `template` (which must be at E = 1).
+    pub fn with(template: C, restart_every: u64) -> Detector<C> {
         Detector {
-            margin,
+            components: vec![(start_weight(0), template.clone())],
+            template,
             restart_every: restart_every.max(1),
             batches: 0,
             started: 1,
-            components: vec![(start_weight(0), EProcess::new(margin))],
             canary_events: 0,
             stable_events: 0,
         }
     }
 
-    /// Adds a batch (see [`EProcess::update`]).
+    /// Adds a batch (see [`EProcess::update`]; for a one-sample component,
+    /// `canary` bad and `stable` good requests).
     pub fn update(&mut self, w: f64, canary: u64, stable: u64) {
         if self.batches > 0 && self.batches % self.restart_every == 0 {
             self.components
-                .push((start_weight(self.started), EProcess::new(self.margin)));
+                .push((start_weight(self.started), self.template.clone()));
             self.started += 1;
         }
         self.batches += 1;
-        let steps = self.components.first().and_then(|(_, e)| e.steps(w));
-        if let Some(steps) = steps.filter(|_| canary + stable > 0) {
-            for (_, e) in &mut self.components {
-                e.update_with(&steps, canary, stable);
+        let steps = self.template.steps(w);
+        if let Some(steps) = &steps {
+            if canary + stable > 0 {
+                for (_, e) in &mut self.components {
+                    e.update_with(steps, canary, stable);
+                }
             }
-        }
-        if w > 0.0 && w < 1.0 {
             self.canary_events += canary;
             self.stable_events += stable;
         }
@@ -352,7 +396,7 @@ impl Detector {
         if self.components.is_empty() {
             // Everything decayed: keep a fresh component at the next weight.
             self.components
-                .push((start_weight(self.started), EProcess::new(self.margin)));
+                .push((start_weight(self.started), self.template.clone()));
             self.started += 1;
         }
     }
@@ -362,14 +406,13 @@ impl Detector {
     /// fresh start, the same negligible components dropped. (It does not
     /// apply the cap on components, which only ever lowers the value.)
     pub fn e_value_after(&self, w: f64, canary: u64, stable: u64) -> f64 {
-        let fresh = EProcess::new(self.margin);
-        let steps = fresh.steps(w).filter(|_| canary + stable > 0);
-        let value = |e: &EProcess| match &steps {
+        let steps = self.template.steps(w).filter(|_| canary + stable > 0);
+        let value = |e: &C| match &steps {
             Some(steps) => e.log_e_with(steps, canary, stable).exp(),
             None => e.e_value(),
         };
         let restart = self.batches > 0 && self.batches % self.restart_every == 0;
-        let fresh_start = restart.then(|| start_weight(self.started) * value(&fresh));
+        let fresh_start = restart.then(|| start_weight(self.started) * value(&self.template));
         let (sum, kept) = self
             .components
             .iter()
@@ -390,12 +433,14 @@ impl Detector {
         self.components.iter().map(|(pi, e)| pi * e.e_value()).sum()
     }
 
-    /// Bad events attributed to the canary since the detector began.
+    /// Bad events attributed to the canary since the detector began (for a
+    /// one-sample component: bad canary requests).
     pub fn canary_events(&self) -> u64 {
         self.canary_events
     }
 
-    /// Bad events attributed to stable since the detector began.
+    /// Bad events attributed to stable since the detector began (for a
+    /// one-sample component: good canary requests).
     pub fn stable_events(&self) -> u64 {
         self.stable_events
     }

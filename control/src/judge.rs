@@ -1,41 +1,34 @@
 //! The judge: one verdict per route and tick, with the reason and numbers.
 //!
-//! Three layers, checked in order each tick:
+//! Two layers, checked in order each tick:
 //!
-//! 1. **Hard guards**, no statistics: the canary is unreachable; at least
-//!    half of at least 20 canary requests failed in the last 10 s, and at
-//!    least half of at least 20 distinct canary keys (users) saw a failure
-//!    in that time (so a heavy user who always fails cannot trip it, even
-//!    during an outage shared by both versions); the
-//!    configured absolute limits (`max_error_rate`, `max_latency_ms`) once
-//!    the canary has `min_requests` in the window; the relative limits
-//!    (`max_error_rate_ratio`, `max_latency_ratio`) once both versions have
-//!    `min_requests` (the error ratio also needs 5 canary errors, so that one
-//!    unlucky request is not a ratio). Where the route declares an `slo`, a
-//!    burn-rate guard in the style of the SRE workbook's multi-window alert,
-//!    on short windows: the canary's error rate exceeds 14.4× the error
-//!    budget both over the last 10 s and over the whole window.
-//! 2. **Error rate**, sequential: the event-attribution e-process
-//!    ([`crate::eprocess`]) on errors counted by distinct sticky key
-//!    ([`crate::keyfilter`]); breach when `E ≥ 2/α` with at least 3 canary
-//!    error events.
-//! 3. **Latency**, the same test on "slow" events: a request is slow when it
-//!    takes longer than `T_q`, the stable version's `q` quantile over the
-//!    window *before* the tick being judged (never from the data judged),
-//!    applied to both versions alike; one e-process per quantile, combined by
-//!    their mean; breach when the mean reaches `2/α` with at least 3 canary
-//!    slow events.
+//! 1. **Gross failures**, no statistics, each with a floor: the canary is
+//!    unreachable (every endpoint failing connects); a failure burst: at
+//!    least half of at least 20 canary requests failed in the last 10 s, and
+//!    at least half of at least 20 distinct canary keys (users) saw a
+//!    failure in that time (so a heavy user who always fails cannot trip
+//!    it, even during an outage shared by both versions). Nothing else
+//!    reverts on a point estimate.
+//! 2. **The limit tests** ([`crate::limits`]): one anytime-valid sequential
+//!    test per configured limit (`max_error_rate_ratio`, `max_error_rate`
+//!    and `slo`, `max_latency_ratio`, `max_latency_ms`; with no limit for
+//!    errors or latency, "no worse than stable beyond `margin`"), each at
+//!    `false_revert_rate / k` for `k` tests, so a canary within every limit
+//!    is reverted over a whole rollout with probability at most
+//!    `false_revert_rate`. A test breaches when its e-value reaches `k/α`
+//!    with at least 3 distinct-key canary events.
 //!
-//! `α = false_revert_rate` is split evenly between layers 2 and 3, so the
-//! probability of reverting a canary as good as stable, over a whole
-//! rollout, is at most `false_revert_rate` (the guards of layer 1 are the
-//! operator's explicit limits). Too little data never reverts: it gives
-//! `insufficient_data`.
+//! The latency tests leave out a new canary's first `warmup` (its first
+//! requests are often slow while caches fill); the error tests and the gross
+//! guards apply from its first request. After a blue-green flip the new
+//! colour is tested against the old colour's window from before the flip
+//! (the watch), each watch test with its own `α/k` share.
+//! Too little data never reverts: it gives `insufficient_data`.
 
 use std::time::Duration;
 
 use crate::config::{JudgeSettings, Quantile};
-use crate::eprocess::Detector;
+use crate::limits::{self, Batch, Limit, LimitTest, Spec, MIN_CANARY_EVENTS};
 use crate::onesample::OneSample;
 use crate::window::{Slice, Stats, Window};
 
@@ -45,18 +38,6 @@ const BURST_MIN_REQUESTS: u64 = 20;
 const BURST_FAILURE_SHARE: f64 = 0.5;
 /// Span of the burst guard.
 const BURST_SPAN: Duration = Duration::from_secs(10);
-/// Burn rate that trips the SLO guard (the workbook's fast-burn factor).
-const BURN_RATE: f64 = 14.4;
-/// Canary errors the error-ratio guard needs.
-const RATIO_MIN_ERRORS: u64 = 5;
-/// Shares of `false_revert_rate` spent by the error and the latency test
-/// (equal: [`Evidence::threshold`] reports one threshold for both).
-const ERROR_TEST_SHARE: f64 = 0.5;
-const LATENCY_TEST_SHARE: f64 = 0.5;
-const _: () =
-    assert!(ERROR_TEST_SHARE == LATENCY_TEST_SHARE && ERROR_TEST_SHARE + LATENCY_TEST_SHARE <= 1.0);
-/// Canary bad events a sequential test needs before it may revert.
-const MIN_CANARY_EVENTS: u64 = 3;
 
 /// What one version did during one tick, as the proxy recorded it.
 #[derive(Clone, Debug, Default)]
@@ -65,8 +46,8 @@ pub struct VersionTick {
     pub slice: Slice,
     /// Errors from keys that had no error before (see [`crate::keyfilter`]).
     pub error_events: u64,
-    /// Slow requests from keys not slow before, per threshold (same order
-    /// as [`Judge::quantiles`]).
+    /// Slow requests from keys not slow before, per threshold slot (see
+    /// [`Judge::stable_thresholds_us`] and [`Judge::canary_thresholds_us`]).
     pub slow_events: Vec<u64>,
     /// Failing keys not seen failing before in the current burst span
     /// (the proxy clears that filter when [`Judge::burst_span_ended`]).
@@ -86,6 +67,8 @@ pub struct TickInput {
     /// one `w`, so the sequential tests skip them (dropping data keeps them
     /// valid).
     pub weight_changed: bool,
+    /// How long the tick covers (for the warm-up clock).
+    pub elapsed: Duration,
     /// Stable.
     pub stable: VersionTick,
     /// Canary.
@@ -98,7 +81,7 @@ pub struct TickInput {
 pub struct Pending {
     /// Distinct-key error events, as [`VersionTick::error_events`].
     pub error_events: u64,
-    /// Distinct-key slow events per threshold, as [`VersionTick::slow_events`].
+    /// Distinct-key slow events per slot, as [`VersionTick::slow_events`].
     pub slow_events: Vec<u64>,
 }
 
@@ -113,17 +96,6 @@ pub enum Status {
     Breach,
 }
 
-impl Status {
-    /// The `verdict` label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Healthy => "healthy",
-            Status::InsufficientData => "insufficient_data",
-            Status::Breach => "breach",
-        }
-    }
-}
-
 /// A verdict with its reason.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Verdict {
@@ -136,22 +108,38 @@ pub struct Verdict {
     pub reason: String,
 }
 
+/// One limit test's state, for `/status`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TestEvidence {
+    /// Its `reason` label.
+    pub guard: &'static str,
+    /// The limit it tests, as configured.
+    pub limit: String,
+    /// Its e-value.
+    pub e: f64,
+    /// Distinct-key bad events (canary, stable) it has counted.
+    pub events: (u64, u64),
+    /// In its warm-up (latency tests of a new canary).
+    pub warming_up: bool,
+}
+
 /// Evidence behind the sequential tests, for `/status` and metrics.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Evidence {
-    /// E-value of the error test.
+    /// Largest e-value of the error tests.
     pub e_errors: f64,
-    /// Mean e-value of the latency tests.
+    /// Largest e-value of the latency tests.
     pub e_latency: f64,
-    /// What each test's e-value must reach (`1/α` of the test; the error
-    /// and latency tests get equal shares, so one number serves both).
+    /// What each test's e-value must reach: `k/α` (equal shares).
     pub threshold: f64,
-    /// Distinct-key error events (canary, stable) since the test began.
+    /// Distinct-key error events (canary, stable) of the first error test.
     pub error_events: (u64, u64),
-    /// Distinct-key slow events (canary, stable) since the test began, summed over thresholds.
+    /// Distinct-key slow events (canary, stable), summed over the latency tests.
     pub slow_events: (u64, u64),
-    /// Current slow thresholds, in ms, per quantile.
+    /// Stable's slow threshold per slot, in ms, with its quantile.
     pub thresholds_ms: Vec<(Quantile, Option<f64>)>,
+    /// Every test.
+    pub tests: Vec<TestEvidence>,
 }
 
 /// The sequential tests' state, saved in the state dir so that a restart
@@ -163,11 +151,11 @@ pub struct Evidence {
 /// chosen without looking at the data, is still one, so the bound holds.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SavedTests {
-    /// What the tests' meaning depends on (margin, quantiles, restart
-    /// cadence); a saved state with another fingerprint is not resumed.
+    /// What the tests' meaning depends on (the family of limits, margin,
+    /// restart cadence); a saved state with another fingerprint is not
+    /// resumed.
     fingerprint: u64,
-    errors: Detector,
-    latency: Vec<Detector>,
+    tests: Vec<LimitTest>,
     watch: Option<Watch>,
 }
 
@@ -175,19 +163,24 @@ pub struct SavedTests {
 #[derive(Clone, Debug)]
 pub struct Judge {
     settings: JudgeSettings,
-    quantiles: Vec<Quantile>,
+    specs: Vec<Spec>,
+    tests: Vec<LimitTest>,
     stable: Window,
     canary: Window,
     burst_slices: usize,
-    errors: Detector,
-    latency: Vec<Detector>,
     restart_every: u64,
-    thresholds_us: Vec<Option<u64>>,
-    margin: f64,
+    /// Per slot, the threshold (µs) stable's and the canary's requests are
+    /// counted against.
+    stable_thresholds: Vec<Option<u64>>,
+    canary_thresholds: Vec<Option<u64>>,
     /// Distinct (failing, requesting) canary keys in the previous and the
     /// current burst span.
     burst_keys: [(u64, u64); 2],
     ticks_in_span: usize,
+    /// Time since the canary's first request (None before it).
+    canary_age: Option<Duration>,
+    /// The canary share of the last tick.
+    w: f64,
     /// blue-green: the one-sample tests after a flip.
     watch: Option<Watch>,
 }
@@ -230,41 +223,36 @@ fn count_above(h: &hdrhistogram::Histogram<u64>, t: u64) -> u64 {
 impl Judge {
     /// A judge with fresh windows and tests.
     pub fn new(settings: &JudgeSettings) -> Judge {
-        let mut quantiles: Vec<Quantile> = settings
-            .max_latency_ms
-            .iter()
-            .chain(&settings.max_latency_ratio)
-            .map(|(q, _)| *q)
-            .collect();
-        if quantiles.is_empty() {
-            quantiles = vec![Quantile::P50, Quantile::P99];
-        }
-        quantiles.sort();
-        quantiles.dedup();
+        let specs = limits::family(settings);
         let interval = settings.interval.max(Duration::from_millis(1));
         let slices = (settings.window.as_secs_f64() / interval.as_secs_f64()).ceil() as usize;
         let burst_slices = (BURST_SPAN.as_secs_f64() / interval.as_secs_f64()).ceil() as usize;
-        let margin = settings.margin;
-        // A fresh start of the sequential tests every minute (see Detector).
-        let restart_every = (60.0 / interval.as_secs_f64()).ceil().max(1.0) as u64;
-        Judge {
+        // A fresh start of the sequential tests every 30 s (see Detector): a
+        // regression that starts late waits at most 30 s for a clean start;
+        // one a minute made 0.1 -> 5 % errors 90 s in take 3.9x the oracle's
+        // median (judge-sim), every 10 s paid too much for the later starts'
+        // smaller weights.
+        let restart_every = (30.0 / interval.as_secs_f64()).ceil().max(1.0) as u64;
+        let slots = specs.iter().filter_map(|s| s.limit.slot()).count();
+        let mut j = Judge {
             settings: settings.clone(),
-            latency: quantiles
-                .iter()
-                .map(|_| Detector::new(margin, restart_every))
-                .collect(),
+            tests: Vec::new(),
+            specs,
             restart_every,
-            thresholds_us: vec![None; quantiles.len()],
-            quantiles,
+            stable_thresholds: vec![None; slots],
+            canary_thresholds: vec![None; slots],
             stable: Window::new(slices),
             canary: Window::new(slices),
             burst_slices: burst_slices.max(1),
-            errors: Detector::new(margin, restart_every),
-            margin,
             burst_keys: [(0, 0); 2],
             ticks_in_span: 0,
+            canary_age: None,
+            w: 0.0,
             watch: None,
-        }
+        };
+        j.reset_tests();
+        j.update_thresholds();
+        j
     }
 
     /// blue-green: the canary colour just took all traffic. Starts testing it
@@ -278,7 +266,7 @@ impl Judge {
             return false;
         }
         let slow = self
-            .quantiles
+            .latency_quantiles()
             .iter()
             .map(|q| {
                 let (tolerance, margin) = watch_latency_limits(*q);
@@ -288,7 +276,7 @@ impl Judge {
                     OneSample::new(
                         count_above(&st.latency, t),
                         st.requests,
-                        self.margin.max(margin),
+                        self.settings.margin.max(margin),
                     ),
                 )
             })
@@ -298,7 +286,7 @@ impl Judge {
             warmup: WATCH_WARMUP_TICKS,
             ticks_left: (self.settings.watch.as_secs_f64() / interval.as_secs_f64()).ceil()
                 as usize,
-            errors: OneSample::new(st.errors, st.requests, self.margin),
+            errors: OneSample::new(st.errors, st.requests, self.settings.margin),
             slow,
         });
         true
@@ -315,26 +303,52 @@ impl Judge {
         self.ticks_in_span == 0
     }
 
-    /// The quantiles whose slow thresholds the proxy should apply.
-    pub fn quantiles(&self) -> &[Quantile] {
-        &self.quantiles
+    /// The tests this judge runs.
+    pub fn specs(&self) -> &[Spec] {
+        &self.specs
     }
 
-    /// Slow thresholds (µs) for the next tick's requests, per quantile;
-    /// `None` until stable has `min_requests` in its window.
-    pub fn thresholds_us(&self) -> &[Option<u64>] {
-        &self.thresholds_us
+    /// The number of slow-threshold slots the proxy must record.
+    pub fn slots(&self) -> usize {
+        self.stable_thresholds.len()
     }
 
-    /// Restarts the sequential tests (for a new canary, or an operator reset).
-    pub fn reset_tests(&mut self) {
-        self.errors = Detector::new(self.margin, self.restart_every);
-        self.latency = self
-            .quantiles
+    /// The quantiles of the latency tests (for the blue-green watch).
+    fn latency_quantiles(&self) -> Vec<Quantile> {
+        let mut q: Vec<Quantile> = self
+            .specs
             .iter()
-            .map(|_| Detector::new(self.margin, self.restart_every))
+            .filter_map(|s| match s.limit {
+                Limit::LatencyRatio { q, .. } | Limit::LatencyAbove { q, .. } => Some(q),
+                _ => None,
+            })
+            .collect();
+        q.sort();
+        q.dedup();
+        q
+    }
+
+    /// Slow thresholds (µs) for stable's next requests, per slot; `None`
+    /// while a ratio test's stable window has fewer than `min_requests`.
+    pub fn stable_thresholds_us(&self) -> &[Option<u64>] {
+        &self.stable_thresholds
+    }
+
+    /// Slow thresholds (µs) for the canary's next requests, per slot.
+    pub fn canary_thresholds_us(&self) -> &[Option<u64>] {
+        &self.canary_thresholds
+    }
+
+    /// Restarts the sequential tests and the warm-up (for a new canary, or
+    /// an operator reset).
+    pub fn reset_tests(&mut self) {
+        self.tests = self
+            .specs
+            .iter()
+            .map(|s| LimitTest::new(s.limit, self.restart_every))
             .collect();
         self.canary.clear();
+        self.canary_age = None;
     }
 
     /// Takes over `earlier`'s window of stable (a judge of the same route
@@ -352,18 +366,38 @@ impl Judge {
         true
     }
 
-    /// Slow thresholds from stable's window (none before `min_requests`).
+    /// Slow thresholds: a ratio test's from stable's window (none before
+    /// `min_requests`), scaled by the ratio for the canary; an absolute
+    /// limit's, the limit for both.
     fn update_thresholds(&mut self) {
         let st = self.stable.stats();
-        let min = self.settings.min_requests;
-        self.thresholds_us = self
-            .quantiles
-            .iter()
-            .map(|q| {
-                (st.requests >= min && !st.latency.is_empty())
-                    .then(|| st.latency.value_at_quantile(q.fraction()))
-            })
-            .collect();
+        let enough = st.requests >= self.settings.min_requests && !st.latency.is_empty();
+        for spec in &self.specs {
+            let (slot, stable, canary) = match spec.limit {
+                Limit::LatencyRatio { q, ratio, slot, .. } => {
+                    let t = enough.then(|| st.latency.value_at_quantile(q.fraction()));
+                    (slot, t, t.map(|t| (t as f64 * ratio).round() as u64))
+                }
+                Limit::LatencyAbove {
+                    limit_us,
+                    ratio,
+                    slot,
+                    ..
+                } => (
+                    slot,
+                    Some((limit_us as f64 / ratio).round() as u64),
+                    Some(limit_us),
+                ),
+                _ => continue,
+            };
+            if let (Some(s), Some(c)) = (
+                self.stable_thresholds.get_mut(slot),
+                self.canary_thresholds.get_mut(slot),
+            ) {
+                *s = stable;
+                *c = canary;
+            }
+        }
     }
 
     /// Window totals of stable.
@@ -371,10 +405,25 @@ impl Judge {
         self.stable.stats()
     }
 
+    /// Window totals of the canary.
+    pub fn canary_stats(&self) -> &Stats {
+        self.canary.stats()
+    }
+
     fn fingerprint(&self) -> u64 {
-        let q: Vec<&str> = self.quantiles.iter().map(|q| q.key()).collect();
+        let specs: Vec<String> = self
+            .specs
+            .iter()
+            .map(|s| format!("{:?}", s.limit))
+            .collect();
         xxhash_rust::xxh3::xxh3_64(
-            format!("{:?}|{}|{}", self.margin, q.join(","), self.restart_every).as_bytes(),
+            format!(
+                "limits-v1|{:?}|{}|{}",
+                self.settings.margin,
+                specs.join(","),
+                self.restart_every
+            )
+            .as_bytes(),
         )
     }
 
@@ -382,8 +431,7 @@ impl Judge {
     pub fn save_tests(&self) -> SavedTests {
         SavedTests {
             fingerprint: self.fingerprint(),
-            errors: self.errors.clone(),
-            latency: self.latency.clone(),
+            tests: self.tests.clone(),
             watch: self.watch.clone(),
         }
     }
@@ -391,56 +439,88 @@ impl Judge {
     /// Resumes saved tests; false (and nothing changes) when they were
     /// saved under settings that give them another meaning.
     pub fn restore_tests(&mut self, saved: SavedTests) -> bool {
-        if saved.fingerprint != self.fingerprint() || saved.latency.len() != self.latency.len() {
+        if saved.fingerprint != self.fingerprint() || saved.tests.len() != self.tests.len() {
             return false;
         }
-        self.errors = saved.errors;
-        self.latency = saved.latency;
+        self.tests = saved.tests;
         self.watch = saved.watch;
         true
     }
 
-    /// Window totals of the canary.
-    pub fn canary_stats(&self) -> &Stats {
-        self.canary.stats()
+    /// What each test's e-value must reach: `k/α` for `k` tests (the
+    /// blue-green watch's two tests counted on blue-green routes).
+    pub fn threshold(&self) -> f64 {
+        let k = self.specs.len() + if self.settings.blue_green { 2 } else { 0 };
+        k.max(1) as f64 / self.settings.false_revert_rate
     }
 
-    /// What the error test's e-value must reach: `1/α_errors`.
-    fn threshold_errors(&self) -> f64 {
-        1.0 / (self.settings.false_revert_rate * ERROR_TEST_SHARE)
-    }
-
-    /// What the latency tests' mean e-value must reach: `1/α_latency`.
-    fn threshold_latency(&self) -> f64 {
-        1.0 / (self.settings.false_revert_rate * LATENCY_TEST_SHARE)
+    /// Whether the latency tests are still in the canary's warm-up.
+    fn warming_up(&self) -> bool {
+        !self.settings.warmup.is_zero()
+            && self.canary_age.is_none_or(|age| age < self.settings.warmup)
     }
 
     /// The evidence so far.
     pub fn evidence(&self) -> Evidence {
-        let e_latency = mean_e(&self.latency);
-        let (e_errors, e_latency) = match &self.watch {
-            Some(w) => (
-                w.errors.e_value(),
-                if w.slow.is_empty() {
-                    0.0
-                } else {
-                    w.slow.iter().map(|(_, t)| t.e_value()).sum::<f64>() / w.slow.len() as f64
-                },
-            ),
-            None => (self.errors.e_value(), e_latency),
+        let warm = self.warming_up();
+        let tests: Vec<TestEvidence> = self
+            .specs
+            .iter()
+            .zip(&self.tests)
+            .map(|(s, t)| TestEvidence {
+                guard: s.guard,
+                limit: describe(s.limit),
+                e: t.e_value(self.w),
+                events: t.events(),
+                warming_up: warm && s.limit.is_latency(),
+            })
+            .collect();
+        let max_e = |latency: bool| {
+            self.specs
+                .iter()
+                .zip(&tests)
+                .filter(|(s, _)| s.limit.is_latency() == latency)
+                .map(|(_, t)| t.e)
+                .fold(0.0, f64::max)
         };
+        let (mut e_errors, mut e_latency) = (max_e(false), max_e(true));
+        if let Some(w) = &self.watch {
+            e_errors = w.errors.e_value();
+            e_latency = if w.slow.is_empty() {
+                0.0
+            } else {
+                w.slow.iter().map(|(_, t)| t.e_value()).sum::<f64>() / w.slow.len() as f64
+            };
+        }
+        let slow_events = self
+            .specs
+            .iter()
+            .zip(&tests)
+            .filter(|(s, _)| s.limit.is_latency())
+            .fold((0, 0), |(c, s), (_, t)| (c + t.events.0, s + t.events.1));
         Evidence {
             e_errors,
             e_latency,
-            threshold: self.threshold_errors(),
-            error_events: (self.errors.canary_events(), self.errors.stable_events()),
-            slow_events: slow_events(&self.latency, None, None),
-            thresholds_ms: self
-                .quantiles
+            threshold: self.threshold(),
+            error_events: self
+                .specs
                 .iter()
-                .zip(&self.thresholds_us)
-                .map(|(q, t)| (*q, t.map(|us| us as f64 / 1000.0)))
+                .zip(&tests)
+                .find(|(s, _)| !s.limit.is_latency())
+                .map_or((0, 0), |(_, t)| t.events),
+            slow_events,
+            thresholds_ms: self
+                .specs
+                .iter()
+                .filter_map(|s| match s.limit {
+                    Limit::LatencyRatio { q, slot, .. } | Limit::LatencyAbove { q, slot, .. } => {
+                        let t = self.stable_thresholds.get(slot).copied().flatten();
+                        Some((q, t.map(|us| us as f64 / 1000.0)))
+                    }
+                    _ => None,
+                })
                 .collect(),
+            tests,
         }
     }
 
@@ -449,13 +529,32 @@ impl Judge {
         let TickInput {
             w,
             weight_changed,
+            elapsed,
             stable,
             canary,
         } = input;
+        self.w = w;
+        if let Some(age) = &mut self.canary_age {
+            *age += elapsed;
+        } else if canary.slice.requests > 0 {
+            self.canary_age = Some(Duration::ZERO);
+        }
         if !weight_changed {
-            self.errors
-                .update(w, canary.error_events, stable.error_events);
-            self.update_latency(w, &stable.slow_events, &canary.slow_events);
+            let warm = self.warming_up();
+            for i in 0..self.specs.len() {
+                let Some(spec) = self.specs.get(i) else {
+                    continue;
+                };
+                if warm && spec.limit.is_latency() {
+                    continue;
+                }
+                let Some(batch) = self.batch(spec.limit, w, &stable, &canary) else {
+                    continue;
+                };
+                if let Some(t) = self.tests.get_mut(i) {
+                    t.update(&batch);
+                }
+            }
         }
         if let Some(w) = &mut self.watch {
             if w.warmup > 0 {
@@ -487,13 +586,13 @@ impl Judge {
         let ca = self.canary.stats();
         let min = self.settings.min_requests;
 
-        if let Some(v) = self.guards(canary.unreachable, burst_keys, st, ca) {
+        if let Some(v) = self.guards(canary.unreachable, burst_keys) {
             return v;
         }
         if let Some(v) = self.tests() {
             return v;
         }
-        if ca.requests < min || (st.requests < min && !self.watching()) {
+        if ca.requests < min || (st.requests < min && !self.watching() && w < 1.0) {
             return Verdict {
                 status: Status::InsufficientData,
                 guard: "",
@@ -508,7 +607,7 @@ impl Judge {
             status: Status::Healthy,
             guard: "",
             reason: format!(
-                "canary {} req, {:.2}% errors, p99 {:.1} ms; stable {} req, {:.2}% errors, p99 {:.1} ms; E(errors) {:.2}, E(latency) {:.2} of {:.0}",
+                "canary {} req, {:.2}% errors, p99 {:.1} ms; stable {} req, {:.2}% errors, p99 {:.1} ms; E(errors) {:.2}, E(latency) {:.2} of {:.0}{}",
                 ca.requests,
                 ca.error_rate() * 100.0,
                 ca.quantile_ms(0.99),
@@ -517,14 +616,57 @@ impl Judge {
                 st.quantile_ms(0.99),
                 ev.e_errors,
                 ev.e_latency,
-                ev.threshold
+                ev.threshold,
+                if self.warming_up() && ca.requests > 0 {
+                    "; latency in warm-up"
+                } else {
+                    ""
+                }
             ),
         }
     }
 
+    /// What one tick gives the test of `limit`; None when its slow
+    /// threshold was not set for the tick's requests (not tested).
+    fn batch(
+        &self,
+        limit: Limit,
+        w: f64,
+        stable: &VersionTick,
+        canary: &VersionTick,
+    ) -> Option<Batch> {
+        let requests = canary.slice.requests;
+        let at = |v: &VersionTick, slot: usize| v.slow_events.get(slot).copied().unwrap_or(0);
+        Some(match limit {
+            Limit::ErrorRatio { .. } | Limit::ErrorRate { .. } => Batch {
+                w,
+                canary_events: canary.error_events,
+                stable_events: stable.error_events,
+                canary_requests: requests,
+                canary_bad: canary.slice.errors,
+            },
+            Limit::LatencyRatio { slot, .. } => {
+                self.stable_thresholds.get(slot).copied().flatten()?;
+                Batch {
+                    w,
+                    canary_events: at(canary, slot),
+                    stable_events: at(stable, slot),
+                    ..Batch::default()
+                }
+            }
+            Limit::LatencyAbove { limit_us, slot, .. } => Batch {
+                w,
+                canary_events: at(canary, slot),
+                stable_events: at(stable, slot),
+                canary_requests: requests,
+                canary_bad: count_above(&canary.slice.latency, limit_us),
+            },
+        })
+    }
+
     fn watch_test(&self) -> Option<Verdict> {
         let w = self.watch.as_ref()?;
-        let threshold = self.threshold_errors();
+        let threshold = self.threshold();
         if w.errors.e_value() >= threshold && w.errors.bad() >= MIN_CANARY_EVENTS {
             return Some(Verdict {
                 status: Status::Breach,
@@ -543,7 +685,7 @@ impl Judge {
         }
         let e = w.slow.iter().map(|(_, t)| t.e_value()).sum::<f64>() / w.slow.len() as f64;
         let bad: u64 = w.slow.iter().map(|(_, t)| t.bad()).sum();
-        let threshold = self.threshold_latency();
+        let threshold = self.threshold();
         if e >= threshold && bad >= MIN_CANARY_EVENTS {
             let detail: Vec<String> = w
                 .slow
@@ -570,13 +712,7 @@ impl Judge {
         None
     }
 
-    fn guards(
-        &self,
-        unreachable: bool,
-        burst_keys: (u64, u64),
-        st: &Stats,
-        ca: &Stats,
-    ) -> Option<Verdict> {
+    fn guards(&self, unreachable: bool, burst_keys: (u64, u64)) -> Option<Verdict> {
         let breach = |guard: &'static str, reason: String| {
             Some(Verdict {
                 status: Status::Breach,
@@ -605,82 +741,6 @@ impl Judge {
                 ),
             );
         }
-        let s = &self.settings;
-        let min = s.min_requests;
-        if ca.requests >= min {
-            if let Some(max) = s.max_error_rate {
-                if ca.error_rate() > max {
-                    return breach(
-                        "max_error_rate",
-                        format!(
-                            "canary error rate {:.2}% over {} requests exceeds max_error_rate {:.2}%",
-                            ca.error_rate() * 100.0,
-                            ca.requests,
-                            max * 100.0
-                        ),
-                    );
-                }
-            }
-            for (q, limit) in &s.max_latency_ms {
-                let v = ca.quantile_ms(q.fraction());
-                if v > *limit {
-                    return breach(
-                        "max_latency",
-                        format!(
-                            "canary {} {v:.1} ms exceeds max_latency_ms.{} = {limit} ms",
-                            q.key(),
-                            q.key()
-                        ),
-                    );
-                }
-            }
-        }
-        if let Some(slo) = s.slo {
-            let budget = 1.0 - slo;
-            let (short_requests, short_errors) = (requests, errors);
-            let short = short_errors as f64 / short_requests.max(1) as f64;
-            if ca.requests >= min
-                && short_requests >= BURST_MIN_REQUESTS
-                && short > BURN_RATE * budget
-                && ca.error_rate() > BURN_RATE * budget
-            {
-                return breach(
-                    "slo_burn_rate",
-                    format!(
-                        "canary burns its error budget {:.0}x (last 10 s) and {:.0}x (window) against slo {slo}; the limit is {BURN_RATE}x",
-                        short / budget,
-                        ca.error_rate() / budget
-                    ),
-                );
-            }
-        }
-        if ca.requests >= min && st.requests >= min {
-            if let Some(ratio) = s.max_error_rate_ratio {
-                let (cr, sr) = (ca.error_rate(), st.error_rate());
-                if ca.errors >= RATIO_MIN_ERRORS && cr > ratio * sr {
-                    return breach(
-                        "error_rate_ratio",
-                        format!(
-                            "canary error rate {:.2}% is more than {ratio}× stable's {:.2}%",
-                            cr * 100.0,
-                            sr * 100.0
-                        ),
-                    );
-                }
-            }
-            for (q, ratio) in &s.max_latency_ratio {
-                let (cv, sv) = (ca.quantile_ms(q.fraction()), st.quantile_ms(q.fraction()));
-                if sv > 0.0 && cv > ratio * sv {
-                    return breach(
-                        "latency_ratio",
-                        format!(
-                            "canary {} {cv:.1} ms is more than {ratio}× stable's {sv:.1} ms",
-                            q.key()
-                        ),
-                    );
-                }
-            }
-        }
         None
     }
 
@@ -688,136 +748,120 @@ impl Judge {
         if let Some(v) = self.watch_test() {
             return Some(v);
         }
-        let (c, s) = (self.errors.canary_events(), self.errors.stable_events());
-        self.error_test(self.errors.e_value(), c, s).or_else(|| {
-            let (c, s) = slow_events(&self.latency, None, None);
-            self.latency_test(mean_e(&self.latency), c, s)
+        let threshold = self.threshold();
+        self.specs.iter().zip(&self.tests).find_map(|(spec, t)| {
+            let e = t.e_value(self.w);
+            t.crossed(e, threshold, t.events().0, self.w)
+                .then(|| self.breach(spec, t, e, (0, 0)))
         })
     }
 
-    /// Whether the sequential tests have already crossed with the bad
-    /// events counted since the last tick (`stable`, `canary`, routed at
-    /// canary share `w` with no weight change since that tick) added. The
-    /// proxy looks between ticks and ticks at once when they have, so a
-    /// revert does not wait for the end of the interval. The tests are
-    /// anytime-valid: looking more often does not weaken their bound.
-    /// Nothing changes here; the tick that follows applies the events.
+    /// The breach verdict of `test` at e-value `e`, with `pending`
+    /// (canary, stable) events of a look added to its counts.
+    fn breach(&self, spec: &Spec, test: &LimitTest, e: f64, pending: (u64, u64)) -> Verdict {
+        let threshold = self.threshold();
+        let (c, s) = test.events();
+        let (c, s) = (c + pending.0, s + pending.1);
+        let w = self.w * 100.0;
+        let requests = test.requests().map_or(String::new(), |(bad, n)| {
+            format!(
+                "{bad} of {n} canary requests ({:.2}%); ",
+                bad as f64 * 100.0 / n.max(1) as f64
+            )
+        });
+        let ms = |slot: usize, t: &[Option<u64>]| {
+            t.get(slot)
+                .copied()
+                .flatten()
+                .map_or("-".to_string(), |us| {
+                    format!("{:.1} ms", us as f64 / 1000.0)
+                })
+        };
+        let what = match spec.limit {
+            Limit::ErrorRatio { r0 } => format!(
+                "errors: the canary has {c} of {} distinct-key error events at a {w:.2}% share, more than a canary with at most {r0}× stable's error rate would have",
+                c + s
+            ),
+            Limit::ErrorRate { limit, r0 } => format!(
+                "errors: {requests}over {} = {:.2}%, and worse than {r0}× stable's ({c} canary against {s} stable distinct-key error events at a {w:.2}% share)",
+                spec.guard,
+                limit * 100.0
+            ),
+            Limit::LatencyRatio { q, ratio, slot, .. } => format!(
+                "latency: {c} canary requests over {ratio}× stable's {} ({}) against {s} stable requests over {} (distinct keys, canary share {w:.2}%), more than a canary within {ratio}× of stable would have",
+                q.key(),
+                ms(slot, &self.canary_thresholds),
+                ms(slot, &self.stable_thresholds)
+            ),
+            Limit::LatencyAbove {
+                q,
+                limit_us,
+                ratio,
+                slot,
+                ..
+            } => format!(
+                "latency: {requests}over max_latency_ms.{} = {:.1} ms where at most {:.1}% may be, and worse than {ratio}× stable ({c} canary requests over it against {s} stable over {}, distinct keys)",
+                q.key(),
+                limit_us as f64 / 1000.0,
+                (1.0 - q.fraction()) * 100.0,
+                ms(slot, &self.stable_thresholds)
+            ),
+        };
+        Verdict {
+            status: Status::Breach,
+            guard: spec.guard,
+            reason: format!("{what}; E = {e:.1} ≥ {threshold:.0}"),
+        }
+    }
+
+    /// Whether a limit test has already crossed with the bad events counted
+    /// since the last tick (`stable`, `canary`, routed at canary share `w`
+    /// with no weight change since that tick) added. The proxy looks between
+    /// ticks and ticks at once when one has, so a revert does not wait for
+    /// the end of the interval. The tests are anytime-valid: looking more
+    /// often does not weaken their bound. Nothing changes here; the tick
+    /// that follows applies the events.
     pub fn crossed(&self, w: f64, stable: &Pending, canary: &Pending) -> bool {
         if self.watch.is_some() || !(w > 0.0 && w < 1.0) {
             return false;
         }
-        // Only canary events can raise the evidence.
-        if canary.error_events > 0 {
-            let e = self
-                .errors
-                .e_value_after(w, canary.error_events, stable.error_events);
-            let c = self.errors.canary_events() + canary.error_events;
-            let s = self.errors.stable_events() + stable.error_events;
-            if self.error_test(e, c, s).is_some() {
-                return true;
-            }
-        }
-        if self.latency.is_empty() || canary.slow_events.iter().all(|&n| n == 0) {
-            return false;
-        }
-        let sum: f64 = self
-            .latency
-            .iter()
-            .enumerate()
-            .map(
-                |(i, d)| match self.slow_batch(i, &stable.slow_events, &canary.slow_events) {
-                    Some((c, s)) => d.e_value_after(w, c, s),
-                    None => d.e_value(),
-                },
-            )
-            .sum();
-        let e = sum / self.latency.len() as f64;
-        let (c, s) = slow_events(&self.latency, Some(stable), Some(canary));
-        self.latency_test(e, c, s).is_some()
-    }
-
-    /// The (canary, stable) slow events of latency test `i`; None while its
-    /// threshold is unset, when its events are not tested.
-    fn slow_batch(&self, i: usize, stable: &[u64], canary: &[u64]) -> Option<(u64, u64)> {
-        self.thresholds_us.get(i).copied().flatten()?;
-        let at = |v: &[u64]| v.get(i).copied().unwrap_or(0);
-        Some((at(canary), at(stable)))
-    }
-
-    /// Adds slow events to the latency tests whose threshold is set.
-    fn update_latency(&mut self, w: f64, stable: &[u64], canary: &[u64]) {
-        let batches: Vec<Option<(u64, u64)>> = (0..self.latency.len())
-            .map(|i| self.slow_batch(i, stable, canary))
-            .collect();
-        for (e, batch) in self.latency.iter_mut().zip(batches) {
-            if let Some((c, s)) = batch {
-                e.update(w, c, s);
-            }
-        }
-    }
-
-    /// The error test at e-value `e` after `c` canary and `s` stable events.
-    fn error_test(&self, e: f64, c: u64, s: u64) -> Option<Verdict> {
-        let threshold = self.threshold_errors();
-        (e >= threshold && c >= MIN_CANARY_EVENTS).then(|| Verdict {
-            status: Status::Breach,
-            guard: "error_rate_test",
-            reason: format!(
-                "errors: E = {e:.1} ≥ {threshold:.0} after {c} canary and {s} stable error events (distinct keys)"
-            ),
-        })
-    }
-
-    /// The latency tests at mean e-value `e` after `c` canary and `s`
-    /// stable slow events.
-    fn latency_test(&self, e: f64, c: u64, s: u64) -> Option<Verdict> {
-        let threshold = self.threshold_latency();
-        if e < threshold || c < MIN_CANARY_EVENTS {
-            return None;
-        }
-        let t: Vec<String> = self
-            .quantiles
-            .iter()
-            .zip(&self.thresholds_us)
-            .map(|(q, t)| {
-                format!(
-                    "{} {}",
-                    q.key(),
-                    t.map_or("-".into(), |t| format!("{:.1} ms", t as f64 / 1000.0))
-                )
-            })
-            .collect();
-        Some(Verdict {
-            status: Status::Breach,
-            guard: "latency_test",
-            reason: format!(
-                "latency: E = {e:.1} ≥ {threshold:.0} after {c} canary and {s} stable slow events (thresholds {})",
-                t.join(", ")
-            ),
+        let threshold = self.threshold();
+        let warm = self.warming_up();
+        self.specs.iter().zip(&self.tests).any(|(spec, t)| {
+            let (c, s) = match spec.limit {
+                _ if warm && spec.limit.is_latency() => return false,
+                Limit::ErrorRatio { .. } | Limit::ErrorRate { .. } => {
+                    (canary.error_events, stable.error_events)
+                }
+                Limit::LatencyRatio { slot, .. } | Limit::LatencyAbove { slot, .. } => {
+                    if self
+                        .stable_thresholds
+                        .get(slot)
+                        .copied()
+                        .flatten()
+                        .is_none()
+                    {
+                        return false;
+                    }
+                    let at = |p: &Pending| p.slow_events.get(slot).copied().unwrap_or(0);
+                    (at(canary), at(stable))
+                }
+            };
+            // Only canary events can raise the evidence.
+            c > 0 && t.crossed(t.e_value_after(w, c, s), threshold, t.events().0 + c, w)
         })
     }
 }
 
-/// Slow events (canary, stable) of the latency tests, plus pending ones.
-fn slow_events(
-    latency: &[Detector],
-    stable: Option<&Pending>,
-    canary: Option<&Pending>,
-) -> (u64, u64) {
-    let sum = |p: Option<&Pending>| p.map_or(0, |p| p.slow_events.iter().sum::<u64>());
-    let (c, s) = latency.iter().fold((0, 0), |(c, s), d| {
-        (c + d.canary_events(), s + d.stable_events())
-    });
-    (c + sum(canary), s + sum(stable))
-}
-
-/// The latency tests' combined e-value: the mean of the detectors' (0 with
-/// none).
-fn mean_e(latency: &[Detector]) -> f64 {
-    if latency.is_empty() {
-        0.0
-    } else {
-        latency.iter().map(Detector::e_value).sum::<f64>() / latency.len() as f64
+/// A limit as the operator wrote it.
+fn describe(limit: Limit) -> String {
+    match limit {
+        Limit::ErrorRatio { r0 } => format!("error rate ≤ {r0}× stable's"),
+        Limit::ErrorRate { limit, .. } => format!("error rate ≤ {}%", limit * 100.0),
+        Limit::LatencyRatio { q, ratio, .. } => format!("{} ≤ {ratio}× stable's", q.key()),
+        Limit::LatencyAbove { q, limit_us, .. } => {
+            format!("{} ≤ {} ms", q.key(), limit_us as f64 / 1000.0)
+        }
     }
 }
 
@@ -835,6 +879,7 @@ mod tests {
         TickInput {
             w,
             weight_changed: false,
+            elapsed: Duration::from_secs(1),
             stable,
             canary,
         }
@@ -916,7 +961,7 @@ mod tests {
         let mut new = Judge::new(&settings());
         assert!(new.keep_stable_window(&old));
         assert_eq!(new.stable_stats().requests, 3_000);
-        assert!(new.thresholds_us().iter().all(Option::is_some));
+        assert!(new.stable_thresholds_us().iter().all(Option::is_some));
         assert_eq!(new.canary_stats().requests, 0);
         let mut other = settings();
         other.window = Duration::from_secs(30);
@@ -957,12 +1002,7 @@ mod tests {
             let mut canary = tick(50, 40, 1000);
             canary.error_events = 0;
             canary.burst_keys = 1;
-            let v = j.tick(TickInput {
-                w: 0.05,
-                weight_changed: false,
-                stable: tick(950, 0, 1000),
-                canary,
-            });
+            let v = j.tick(input(0.05, tick(950, 0, 1000), canary));
             assert_ne!(v.guard, "failure_burst");
         }
     }
@@ -1015,7 +1055,7 @@ mod tests {
         for _ in 0..5 {
             j.tick(input(0.05, tick(950, 0, 1000), tick(50, 0, 1000)));
         }
-        assert!(j.thresholds_us().iter().all(Option::is_some));
+        assert!(j.stable_thresholds_us().iter().all(Option::is_some));
         assert!(j.crossed(0.05, &slow(0), &slow(20)));
         assert!(!j.crossed(0.05, &slow(20), &slow(1)));
     }
@@ -1024,10 +1064,8 @@ mod tests {
     fn weight_changes_are_not_attributed() {
         let mut j = Judge::new(&settings());
         j.tick(TickInput {
-            w: 0.05,
             weight_changed: true,
-            stable: tick(950, 0, 1000),
-            canary: tick(50, 2, 1000),
+            ..input(0.05, tick(950, 0, 1000), tick(50, 2, 1000))
         });
         assert_eq!(j.evidence().error_events, (0, 0));
     }
@@ -1036,7 +1074,7 @@ mod tests {
     fn slow_thresholds_come_from_stable_only() {
         let mut j = Judge::new(&settings());
         j.tick(input(0.05, tick(100, 0, 2_000), tick(100, 0, 90_000)));
-        let t = j.thresholds_us();
+        let t = j.stable_thresholds_us();
         assert_eq!(t.len(), 2);
         let p50 = t[0].expect("threshold");
         assert!((1_990..=2_010).contains(&p50), "{p50}");
@@ -1094,49 +1132,164 @@ mod tests {
         assert_eq!(v.guard, "bluegreen_latency_test", "{}", v.reason);
     }
 
-    #[test]
-    fn a_declared_slo_adds_a_burn_rate_guard() {
-        let mut s = settings();
-        s.slo = Some(0.999);
-        let mut j = Judge::new(&s);
-        // 2 % errors = 20x the 0.1 % budget, on both windows.
-        let mut last = None;
-        for _ in 0..2 {
-            last = Some(j.tick(TickInput {
-                w: 0.05,
-                weight_changed: true,
-                stable: tick(950, 0, 1000),
-                canary: tick(50, 1, 1000),
-            }));
-        }
-        let v = last.expect("verdict");
-        assert_eq!(
-            (v.status, v.guard),
-            (Status::Breach, "slo_burn_rate"),
-            "{}",
-            v.reason
-        );
-        // Without the slo the same data is no guard breach.
-        let mut j = Judge::new(&settings());
-        for _ in 0..2 {
-            let v = j.tick(TickInput {
-                w: 0.05,
-                weight_changed: true,
-                stable: tick(950, 0, 1000),
-                canary: tick(50, 1, 1000),
-            });
-            assert_ne!(v.guard, "slo_burn_rate");
+    /// The settings of `config.example.toml`'s judge section.
+    fn reference() -> JudgeSettings {
+        JudgeSettings {
+            max_error_rate: Some(0.05),
+            max_error_rate_ratio: Some(2.0),
+            max_latency_ms: vec![(Quantile::P99, 800.0)],
+            max_latency_ratio: vec![(Quantile::P99, 1.3)],
+            ..settings()
         }
     }
 
     #[test]
-    fn absolute_limits_need_min_requests() {
+    fn every_test_shares_one_alpha() {
+        // Four tests at α = 1 %: each reverts at E ≥ 400.
+        assert_eq!(Judge::new(&reference()).threshold(), 400.0);
+        // Error test and two latency tests by default.
+        assert_eq!(Judge::new(&settings()).threshold(), 300.0);
+        let bg = JudgeSettings {
+            blue_green: true,
+            ..settings()
+        };
+        assert_eq!(Judge::new(&bg).threshold(), 500.0);
+    }
+
+    #[test]
+    fn a_declared_slo_is_an_absolute_error_limit_tested_sequentially() {
         let mut s = settings();
-        s.max_error_rate = Some(0.05);
+        s.slo = Some(0.999);
         let mut j = Judge::new(&s);
-        let v = j.tick(input(0.05, tick(950, 0, 1000), tick(10, 1, 1000)));
-        assert_eq!(v.status, Status::InsufficientData);
-        let v = j.tick(input(0.05, tick(950, 0, 1000), tick(50, 3, 1000)));
-        assert_eq!((v.status, v.guard), (Status::Breach, "max_error_rate"));
+        // One tick of 2 % errors is 20x the 0.1 % budget, but it is one tick:
+        // no revert on a point estimate.
+        let v = j.tick(input(0.05, tick(950, 0, 1000), tick(50, 1, 1000)));
+        assert_ne!(v.status, Status::Breach, "{}", v.reason);
+        // 10 % canary errors from fresh keys, stable 0.1 %: the burn rate
+        // test reverts within seconds.
+        let (t, v) = first_breach(&mut j, 30, || {
+            input(0.05, tick(950, 1, 1000), tick(50, 5, 1000))
+        })
+        .expect("breach");
+        assert_eq!(v.guard, "slo_burn_rate", "{}", v.reason);
+        assert!(t <= 5, "{t} ticks");
+    }
+
+    #[test]
+    fn an_absolute_error_limit_is_a_test_not_a_point_estimate() {
+        let mut j = Judge::new(&reference());
+        // 3 errors in 50 canary requests (6 %, over 5 %) in one tick: not
+        // evidence enough.
+        let v = j.tick(input(0.05, tick(950, 1, 1000), tick(50, 3, 1000)));
+        assert_ne!(v.status, Status::Breach, "{}", v.reason);
+        // A canary at 1.5x stable's error rate is within every limit.
+        for i in 0..3_600 {
+            let v = j.tick(input(
+                0.05,
+                tick(950, u64::from(i % 10 == 0), 1000),
+                tick(50, u64::from(i % 133 == 0), 1000),
+            ));
+            assert_ne!(v.status, Status::Breach, "tick {i}: {}", v.reason);
+        }
+    }
+
+    #[test]
+    fn a_canary_ten_percent_slower_is_within_a_ratio_of_1_3_and_three_times_slower_is_not() {
+        let mut s = reference();
+        s.max_latency_ms.clear();
+        let run = |canary_slow_per_20_ticks: u64| {
+            let mut j = Judge::new(&s);
+            // Stable: 10 of its requests a tick over its p99 (distinct keys).
+            // A 10 % slower canary at w = 5 % has fewer requests over 1.3x
+            // that than its share (0.5 a tick): 0.25. Three times slower: 4.
+            first_breach(&mut j, 3_600, || {
+                let mut st = tick(950, 0, 1000);
+                st.slow_events = vec![10, 0];
+                let mut ca = tick(50, 0, 1000);
+                ca.slow_events = vec![canary_slow_per_20_ticks / 20, 0];
+                input(0.05, st, ca)
+            })
+        };
+        assert_eq!(run(5), None);
+        let (t, v) = run(80).expect("three times slower is reverted");
+        assert_eq!(v.guard, "latency_ratio", "{}", v.reason);
+        assert!(t <= 5, "{t} ticks");
+        assert!(v.reason.contains("1.3× stable's p99"), "{}", v.reason);
+    }
+
+    #[test]
+    fn the_canarys_latency_threshold_is_the_ratio_times_stables() {
+        let mut j = Judge::new(&reference());
+        j.tick(input(0.05, tick(1_000, 0, 10_000), tick(50, 0, 10_000)));
+        let (st, ca) = (j.stable_thresholds_us(), j.canary_thresholds_us());
+        let t = st[0].expect("ratio slot");
+        assert!((9_990..=10_010).contains(&t), "{t}");
+        assert_eq!(ca[0], Some((t as f64 * 1.3).round() as u64));
+        // The absolute limit's slot: 800 ms for the canary, and for stable
+        // 800 ms / 1.3 (the canary is compared within the p99 ratio).
+        assert_eq!((st[1], ca[1]), (Some(615_385), Some(800_000)));
+    }
+
+    #[test]
+    fn a_warm_up_keeps_a_slow_start_out_of_the_latency_tests_but_not_errors() {
+        let mut s = reference();
+        s.warmup = Duration::from_secs(20);
+        let slow_canary = || {
+            let mut st = tick(950, 0, 1000);
+            st.slow_events = vec![10, 0];
+            let mut ca = tick(50, 0, 1000);
+            ca.slow_events = vec![5, 0];
+            input(0.05, st, ca)
+        };
+        let mut j = Judge::new(&s);
+        for i in 0..20 {
+            let v = j.tick(slow_canary());
+            assert_ne!(v.status, Status::Breach, "tick {i}: {}", v.reason);
+        }
+        let (t, v) = first_breach(&mut j, 10, slow_canary).expect("after the warm-up");
+        assert_eq!(v.guard, "latency_ratio");
+        assert!(t <= 3, "{t}");
+        // Errors are tested from the first request.
+        let mut j = Judge::new(&s);
+        let (t, v) = first_breach(&mut j, 10, || {
+            input(0.05, tick(950, 1, 1000), tick(50, 5, 1000))
+        })
+        .expect("errors during the warm-up");
+        assert_eq!(v.guard, "error_rate_ratio");
+        assert!(t <= 3, "{t}");
+    }
+
+    #[test]
+    fn an_absolute_latency_limit_needs_the_canary_over_it_and_worse_than_stable() {
+        let mut s = reference();
+        s.max_latency_ratio.clear();
+        s.max_error_rate_ratio = None;
+        s.max_error_rate = None;
+        // Both versions equally slow (a shared overload): 10 % over 800 ms.
+        let both = || {
+            let mut st = tick_of(&[(100_000, 855), (900_000, 95)]);
+            st.slow_events = vec![95];
+            let mut ca = tick_of(&[(100_000, 45), (900_000, 5)]);
+            ca.slow_events = vec![5];
+            input(0.05, st, ca)
+        };
+        let mut j = Judge::new(&s);
+        assert_eq!(first_breach(&mut j, 600, both), None);
+        // Only the canary: reverted on the limit.
+        let mut j = Judge::new(&s);
+        let (_, v) = first_breach(&mut j, 30, || {
+            let mut st = tick_of(&[(100_000, 950)]);
+            st.slow_events = vec![0];
+            let mut ca = tick_of(&[(100_000, 45), (900_000, 5)]);
+            ca.slow_events = vec![5];
+            input(0.05, st, ca)
+        })
+        .expect("breach");
+        assert_eq!(v.guard, "max_latency", "{}", v.reason);
+        assert!(
+            v.reason.contains("max_latency_ms.p99 = 800.0 ms"),
+            "{}",
+            v.reason
+        );
     }
 }

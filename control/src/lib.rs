@@ -2,7 +2,8 @@
 //!
 //! A config file becomes a validated [`config::Config`] here; the proxy turns
 //! that into its routing snapshot. Reload decisions live in [`reload`]; the
-//! judge ([`judge`], built on [`eprocess`], [`keyfilter`] and [`window`])
+//! judge ([`judge`], whose tests per limit are in [`limits`], built on
+//! [`eprocess`], [`onesample`], [`keyfilter`] and [`window`])
 //! turns per-version measurements into verdicts; [`state`] persists the
 //! decisions that must survive a restart.
 
@@ -10,6 +11,7 @@ pub mod config;
 pub mod eprocess;
 pub mod judge;
 pub mod keyfilter;
+pub mod limits;
 pub mod onesample;
 pub mod reload;
 pub mod state;

@@ -49,6 +49,23 @@ impl OneSample {
         }
     }
 
+    /// A test of "the rate of bad requests is at most `null`" (an absolute
+    /// limit: `max_error_rate`, or `1 − q` for a latency limit on the `q`
+    /// quantile), alternatives `null·r_j` on the grid.
+    pub fn at(null: f64) -> OneSample {
+        let null = null.clamp(1e-9, 0.999);
+        OneSample {
+            null,
+            log_l: GRID
+                .iter()
+                .filter(|&&r| null * r < 1.0)
+                .map(|&r| (r, 0.0))
+                .collect(),
+            bad: 0,
+            requests: 0,
+        }
+    }
+
     /// The null rate being tested against.
     pub fn null_rate(&self) -> f64 {
         self.null
@@ -69,6 +86,16 @@ impl OneSample {
         self.requests += requests;
     }
 
+    /// `ln L_j` after `bad` of `requests`, per grid point.
+    fn log_l_after(&self, bad: u64, requests: u64) -> impl Iterator<Item = f64> + Clone + '_ {
+        let bad = bad.min(requests);
+        let (k, good) = (bad as f64, (requests - bad) as f64);
+        self.log_l.iter().map(move |(r, log_l)| {
+            let alt = self.null * *r;
+            log_l + k * r.ln() + good * ((1.0 - alt) / (1.0 - self.null)).ln()
+        })
+    }
+
     /// The e-value.
     pub fn e_value(&self) -> f64 {
         if self.log_l.is_empty() {
@@ -85,6 +112,27 @@ impl OneSample {
     /// Requests seen since the flip.
     pub fn requests(&self) -> u64 {
         self.requests
+    }
+}
+
+/// As a [`crate::eprocess::Detector`] component: batches of `(bad, good)`
+/// canary requests, informative whenever the canary gets traffic.
+impl crate::eprocess::Component for OneSample {
+    type Steps = ();
+    fn steps(&self, w: f64) -> Option<()> {
+        (w > 0.0).then_some(())
+    }
+    fn update_with(&mut self, _: &(), bad: u64, good: u64) {
+        self.update(bad, bad + good);
+    }
+    fn log_e_with(&self, _: &(), bad: u64, good: u64) -> f64 {
+        if self.log_l.is_empty() {
+            return 0.0;
+        }
+        log_mean_exp(self.log_l_after(bad, bad + good))
+    }
+    fn e_value(&self) -> f64 {
+        OneSample::e_value(self)
     }
 }
 

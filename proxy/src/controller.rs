@@ -125,9 +125,9 @@ impl RouteRuntime {
     /// the first tick's events are attributable).
     fn new(route: &Route, w_bp: u16) -> RouteRuntime {
         let judge = Judge::new(&route.judge);
-        let thresholds = threshold_count(judge.quantiles());
+        let thresholds = threshold_count(judge.slots());
         let keys = Arc::new(RouteKeys::new(thresholds));
-        RouteRuntime {
+        let rt = RouteRuntime {
             identity: canary_identity(route),
             stable_version: route.stable.name.clone(),
             judge_settings: route.judge.clone(),
@@ -142,6 +142,17 @@ impl RouteRuntime {
             last: None,
             healthy_since: None,
             step_since: Instant::now(),
+        };
+        rt.set_thresholds();
+        rt
+    }
+
+    /// Puts the judge's slow thresholds in force on both recorders.
+    fn set_thresholds(&self) {
+        self.stable
+            .set_thresholds(self.judge.stable_thresholds_us());
+        if let Some(c) = &self.canary {
+            c.set_thresholds(self.judge.canary_thresholds_us());
         }
     }
 
@@ -161,11 +172,7 @@ impl RouteRuntime {
     /// thresholds in force at once.
     fn keep_stable_window(&mut self, earlier: &RouteRuntime) {
         if self.judge.keep_stable_window(&earlier.judge) {
-            let t = self.judge.thresholds_us();
-            self.stable.set_thresholds(t);
-            if let Some(c) = &self.canary {
-                c.set_thresholds(t);
-            }
+            self.set_thresholds();
         }
     }
 
@@ -678,6 +685,7 @@ impl Controller {
         let Some(rt) = self.routes.get_mut(name) else {
             return false;
         };
+        let elapsed = now.duration_since(rt.last_tick);
         rt.last_tick = now;
         let (stable, _) = rt.stable.drain(rt.thresholds);
         let (mut canary, canary_connect) = match &rt.canary {
@@ -708,16 +716,14 @@ impl Controller {
         let verdict = rt.judge.tick(TickInput {
             w: f64::from(w_bp) / 10_000.0,
             weight_changed,
+            elapsed,
             stable,
             canary,
         });
         if rt.judge.burst_span_ended() {
             rt.stable.keys().clear_burst();
         }
-        rt.stable.set_thresholds(rt.judge.thresholds_us());
-        if let Some(c) = &rt.canary {
-            c.set_thresholds(rt.judge.thresholds_us());
-        }
+        rt.set_thresholds();
         rt.last = Some(verdict.clone());
 
         let d = self.state.routes.entry(name.to_string()).or_default();
@@ -935,6 +941,7 @@ impl Controller {
                 "error_events": { "canary": ev.error_events.0, "stable": ev.error_events.1 },
                 "slow_events": { "canary": ev.slow_events.0, "stable": ev.slow_events.1 },
                 "slow_thresholds_ms": ev.thresholds_ms.iter().map(|(q, t)| (q.key().to_string(), json!(t))).collect::<serde_json::Map<_, _>>(),
+                "tests": ev.tests,
             },
             "window": {
                 "stable": stats(rt.judge.stable_stats()),

@@ -16,13 +16,13 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use veer_control::config::Quantile;
 use veer_control::judge::{Pending, VersionTick};
 use veer_control::keyfilter::{KeyFilter, SHORT_BITS};
 use veer_control::window::{MAX_LATENCY_US, SIGNIFICANT_DIGITS};
 
-/// Slow thresholds the proxy can apply at once (one per quantile).
-pub const MAX_THRESHOLDS: usize = 5;
+/// Slow thresholds the proxy can apply at once: one per latency test, so
+/// a ratio and an absolute limit on each of the five quantiles.
+pub const MAX_THRESHOLDS: usize = 10;
 const OFF: u64 = u64::MAX;
 
 /// Shards per recorder; 0 until [`set_shards`] (then the core count).
@@ -317,10 +317,10 @@ impl Recorder {
     }
 }
 
-/// The quantiles a judge applies thresholds for, capped to what the
-/// recorder holds.
-pub fn threshold_count(quantiles: &[Quantile]) -> usize {
-    quantiles.len().min(MAX_THRESHOLDS)
+/// The threshold slots of a judge, capped to what the recorder holds
+/// (validation allows no more).
+pub fn threshold_count(slots: usize) -> usize {
+    slots.min(MAX_THRESHOLDS)
 }
 
 #[cfg(test)]

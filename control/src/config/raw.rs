@@ -146,6 +146,7 @@ pub struct RawJudge {
     pub false_revert_rate: Option<Spanned<f64>>,
     pub margin: Option<Spanned<f64>>,
     pub watch: Option<Spanned<String>>,
+    pub warmup: Option<Spanned<String>>,
     pub webhook: Option<Spanned<String>>,
     pub webhook_ca_file: Option<Spanned<String>>,
     pub slo: Option<Spanned<f64>>,

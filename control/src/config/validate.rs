@@ -112,6 +112,8 @@ pub mod defaults {
     pub const MIN_REQUESTS: u64 = 50;
     /// `[route.judge] watch`.
     pub const WATCH: Duration = Duration::from_secs(30 * 60);
+    /// `[route.judge] warmup`: none unless configured.
+    pub const WARMUP: Duration = Duration::ZERO;
     /// `[route.judge] false_revert_rate`.
     pub const FALSE_REVERT_RATE: f64 = 0.01;
 }
@@ -246,6 +248,30 @@ impl Validator<'_> {
                     ),
                 );
                 default
+            }
+        }
+    }
+
+    /// `[route.judge] warmup`: a duration that may be zero, at most 10 minutes.
+    fn warmup(&mut self, s: Option<&Spanned<String>>) -> Duration {
+        let Some(s) = s else {
+            return defaults::WARMUP;
+        };
+        match humantime::parse_duration(s.get_ref()) {
+            Ok(d) if d > Duration::from_secs(600) => {
+                self.err(s.span(), "warmup must be at most 10m: a longer one leaves a slow canary untested for too long");
+                defaults::WARMUP
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(
+                    s.span(),
+                    format!(
+                        "invalid duration {:?}: {e} (write a number with a unit, like \"0s\" or \"30s\")",
+                        s.get_ref()
+                    ),
+                );
+                defaults::WARMUP
             }
         }
     }
@@ -482,7 +508,8 @@ impl Validator<'_> {
                 self.err(wspan, "blue-green sends all traffic to one colour: canary weight must be 0 (stable live) or 100 (canary live)");
             }
         }
-        let judge = self.judge(r.judge.as_ref());
+        let mut judge = self.judge(r.judge.as_ref());
+        judge.blue_green = strategy == Strategy::BlueGreen;
         let rollout = r.rollout.as_ref().map(|ro| {
             let rr = ro.get_ref();
             let mut steps_bp: Vec<u16> = Vec::new();
@@ -783,6 +810,8 @@ impl Validator<'_> {
                 None => 1.0,
             },
             watch: self.duration(j.watch.as_ref(), defaults::WATCH),
+            warmup: self.warmup(j.warmup.as_ref()),
+            blue_green: false,
             webhook: self.webhook(j),
             slo: match &j.slo {
                 Some(v) if !(0.5..1.0).contains(v.get_ref()) => {

@@ -14,6 +14,7 @@ mod e2e {
     mod decisions;
     mod failures;
     mod judge;
+    mod limits;
     mod protocols;
     mod reload;
     mod shutdown;

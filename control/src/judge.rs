@@ -121,6 +121,9 @@ pub struct TestEvidence {
     pub events: (u64, u64),
     /// In its warm-up (latency tests of a new canary).
     pub warming_up: bool,
+    /// Latency tests: the thresholds (ms) stable's and the canary's
+    /// requests are counted against now.
+    pub thresholds_ms: Option<(Option<f64>, Option<f64>)>,
 }
 
 /// Evidence behind the sequential tests, for `/status` and metrics.
@@ -136,7 +139,8 @@ pub struct Evidence {
     pub error_events: (u64, u64),
     /// Distinct-key slow events (canary, stable), summed over the latency tests.
     pub slow_events: (u64, u64),
-    /// Stable's slow threshold per slot, in ms, with its quantile.
+    /// Stable's slow threshold (ms) of each latency ratio test, with its
+    /// quantile (the others are in [`Evidence::tests`]).
     pub thresholds_ms: Vec<(Quantile, Option<f64>)>,
     /// Every test.
     pub tests: Vec<TestEvidence>,
@@ -368,10 +372,16 @@ impl Judge {
 
     /// Slow thresholds: a ratio test's from stable's window (none before
     /// `min_requests`), scaled by the ratio for the canary; an absolute
-    /// limit's, the limit for both.
+    /// limit's, the limit for the canary and the limit over the ratio for
+    /// stable. None at all during the canary's warm-up: slow events are
+    /// counted once per key, and a key counted while its events are not
+    /// tested would be lost to the tests for good (a canary slow from its
+    /// first request would have no keys left once its warm-up ended). Off
+    /// for both versions alike, so neither keeps fresher keys.
     fn update_thresholds(&mut self) {
         let st = self.stable.stats();
-        let enough = st.requests >= self.settings.min_requests && !st.latency.is_empty();
+        let warm = self.warming_up();
+        let enough = !warm && st.requests >= self.settings.min_requests && !st.latency.is_empty();
         for spec in &self.specs {
             let (slot, stable, canary) = match spec.limit {
                 Limit::LatencyRatio { q, ratio, slot, .. } => {
@@ -385,8 +395,8 @@ impl Judge {
                     ..
                 } => (
                     slot,
-                    Some((limit_us as f64 / ratio).round() as u64),
-                    Some(limit_us),
+                    (!warm).then(|| (limit_us as f64 / ratio).round() as u64),
+                    (!warm).then_some(limit_us),
                 ),
                 _ => continue,
             };
@@ -473,6 +483,12 @@ impl Judge {
                 e: t.e_value(self.w),
                 events: t.events(),
                 warming_up: warm && s.limit.is_latency(),
+                thresholds_ms: s.limit.slot().map(|slot| {
+                    let ms = |t: &[Option<u64>]| {
+                        t.get(slot).copied().flatten().map(|us| us as f64 / 1000.0)
+                    };
+                    (ms(&self.stable_thresholds), ms(&self.canary_thresholds))
+                }),
             })
             .collect();
         let max_e = |latency: bool| {
@@ -513,7 +529,7 @@ impl Judge {
                 .specs
                 .iter()
                 .filter_map(|s| match s.limit {
-                    Limit::LatencyRatio { q, slot, .. } | Limit::LatencyAbove { q, slot, .. } => {
+                    Limit::LatencyRatio { q, slot, .. } => {
                         let t = self.stable_thresholds.get(slot).copied().flatten();
                         Some((q, t.map(|us| us as f64 / 1000.0)))
                     }
@@ -654,13 +670,16 @@ impl Judge {
                     ..Batch::default()
                 }
             }
-            Limit::LatencyAbove { limit_us, slot, .. } => Batch {
-                w,
-                canary_events: at(canary, slot),
-                stable_events: at(stable, slot),
-                canary_requests: requests,
-                canary_bad: count_above(&canary.slice.latency, limit_us),
-            },
+            Limit::LatencyAbove { limit_us, slot, .. } => {
+                self.stable_thresholds.get(slot).copied().flatten()?;
+                Batch {
+                    w,
+                    canary_events: at(canary, slot),
+                    stable_events: at(stable, slot),
+                    canary_requests: requests,
+                    canary_bad: count_above(&canary.slice.latency, limit_us),
+                }
+            }
         })
     }
 

@@ -563,3 +563,18 @@ pub async fn admin_post(admin: SocketAddr, path: &str) -> u16 {
         .status()
         .as_u16()
 }
+
+/// The `[route.judge]` section of `config.example.toml`, as users run it
+/// (read from the file, so the tests cannot drift from it).
+pub fn reference_judge() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.example.toml");
+    let text = std::fs::read_to_string(&path).expect("config.example.toml");
+    let start = text.find("[route.judge]").expect("a [route.judge] section");
+    let section: Vec<&str> = text[start..]
+        .lines()
+        .enumerate()
+        .take_while(|(i, l)| *i == 0 || !(l.starts_with('[') || l.starts_with("# [")))
+        .map(|(_, l)| l)
+        .collect();
+    section.join("\n") + "\n"
+}

@@ -1,0 +1,74 @@
+//! The judge as users run it: the `[route.judge]` section of
+//! `config.example.toml`, unchanged, against real upstreams under load.
+//! Identical or within-limit canaries are never reverted; canaries that
+//! break a limit are.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::support::{reference_judge, route_config, wait_verdict, Load, Upstream, Veer};
+
+/// Runs load for `secs` against a canary at 20 % and asserts that nothing
+/// was reverted.
+async fn never_reverted(stable: &Upstream, canary: &Upstream, secs: u64) {
+    let config = route_config(&[stable.addr], &[canary.addr], 20.0, "") + &reference_judge();
+    let veer = Veer::start(&config).await;
+    let load = Load::start(veer.addr, 3, Duration::from_millis(2));
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let sent = load.stop().await;
+    let route = veer.status().await["routes"][0].clone();
+    assert!(veer.logs_with("canary reverted").is_empty(), "{route}");
+    assert_eq!(route["weight"]["effective"], 20.0, "{route}");
+    assert_ne!(route["verdict"], "reverted", "{route}");
+    assert!(sent > 1_000, "too little load: {sent}");
+    let canary_requests = route["window"]["canary"]["requests"].as_u64().unwrap_or(0);
+    assert!(canary_requests >= 50, "the canary was judged: {route}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_versions_under_the_reference_limits_for_a_minute_are_not_reverted() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    never_reverted(&s, &c, 60).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_ten_percent_slower_is_within_the_reference_ratio_and_not_reverted() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    s.delay_ms.store(20, Ordering::SeqCst);
+    c.delay_ms.store(22, Ordering::SeqCst);
+    never_reverted(&s, &c, 60).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_three_times_slower_is_reverted_on_the_latency_ratio_after_its_warm_up() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    s.delay_ms.store(10, Ordering::SeqCst);
+    c.delay_ms.store(30, Ordering::SeqCst);
+    let config = route_config(&[s.addr], &[c.addr], 20.0, "") + &reference_judge();
+    let veer = Veer::start(&config).await;
+    let load = Load::start(veer.addr, 4, Duration::ZERO);
+    // warmup = "30s": the latency tests start after it.
+    let route = wait_verdict(&veer, "reverted", Duration::from_secs(75)).await;
+    load.stop().await;
+    assert_eq!(route["reverted"]["guard"], "latency_ratio", "{route}");
+    assert_eq!(route["weight"]["effective"], 0.0);
+    let reason = route["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("1.3× stable's p99"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_with_five_percent_errors_is_reverted_on_the_error_ratio() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.fail_one_in.store(20, Ordering::SeqCst);
+    let config = route_config(&[s.addr], &[c.addr], 20.0, "") + &reference_judge();
+    let veer = Veer::start(&config).await;
+    let load = Load::start(veer.addr, 4, Duration::ZERO);
+    let route = wait_verdict(&veer, "reverted", Duration::from_secs(30)).await;
+    load.stop().await;
+    assert_eq!(route["reverted"]["guard"], "error_rate_ratio", "{route}");
+    assert_eq!(route["weight"]["effective"], 0.0);
+}

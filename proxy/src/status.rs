@@ -106,6 +106,22 @@ pub fn render(v: &Value) -> String {
                 ev["slow_events"]["canary"],
                 ev["slow_events"]["stable"],
             );
+            for t in ev["tests"].as_array().map_or(&[][..], |a| a.as_slice()) {
+                let _ = writeln!(
+                    out,
+                    "    test {:<17} {:<24} E {:>10.3}  events canary/stable {}/{}{}",
+                    t["guard"].as_str().unwrap_or("?"),
+                    t["limit"].as_str().unwrap_or(""),
+                    t["e"].as_f64().unwrap_or(0.0),
+                    t["events"][0],
+                    t["events"][1],
+                    if t["warming_up"].as_bool() == Some(true) {
+                        "  (warming up)"
+                    } else {
+                        ""
+                    }
+                );
+            }
         }
         let _ = writeln!(
             out,

@@ -8,6 +8,9 @@
 //!
 //! Only 127.0.0.1 is targeted; every run is bounded by `--seconds`.
 
+// A benchmark driver: a failure to set up should abort it loudly.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

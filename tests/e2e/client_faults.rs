@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::support::{metric, Upstream, Veer};
+use super::support::{metric, reference_judge, Upstream, Veer};
 
 fn config(stable: std::net::SocketAddr, canary: std::net::SocketAddr, timeout: &str) -> String {
     format!(
@@ -31,10 +31,8 @@ endpoints = ["{stable}"]
 version = "v2"
 endpoints = ["{canary}"]
 weight = 100
-[route.judge]
-interval = "100ms"
 "#
-    )
+    ) + &reference_judge()
 }
 
 /// Sends `head` and `body` on a fresh connection, then (`close`) shuts the
@@ -143,7 +141,7 @@ async fn stalled_aborted_and_malformed_uploads_never_count_against_a_version() {
         0.0
     );
     // Give the judge a few ticks over all of it: nothing to act on.
-    let until = std::time::Instant::now() + Duration::from_millis(1500);
+    let until = std::time::Instant::now() + Duration::from_millis(2500);
     while std::time::Instant::now() < until {
         let s = veer.status().await;
         let r = &s["routes"][0];

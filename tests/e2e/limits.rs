@@ -8,17 +8,19 @@ use std::time::Duration;
 
 use super::support::{reference_judge, route_config, wait_verdict, Load, Upstream, Veer};
 
-/// Runs load for `secs` against a canary at 20 % and asserts that nothing
-/// was reverted.
+/// Runs about 200 req/s for `secs` against a canary at 10 % (as the
+/// first report of point-estimate reverts did: the canary's p99 over its
+/// first 50 requests is their maximum) and asserts that nothing was
+/// reverted.
 async fn never_reverted(stable: &Upstream, canary: &Upstream, secs: u64) {
-    let config = route_config(&[stable.addr], &[canary.addr], 20.0, "") + &reference_judge();
+    let config = route_config(&[stable.addr], &[canary.addr], 10.0, "") + &reference_judge();
     let veer = Veer::start(&config).await;
-    let load = Load::start(veer.addr, 3, Duration::from_millis(2));
+    let load = Load::start(veer.addr, 2, Duration::from_millis(10));
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let sent = load.stop().await;
     let route = veer.status().await["routes"][0].clone();
     assert!(veer.logs_with("canary reverted").is_empty(), "{route}");
-    assert_eq!(route["weight"]["effective"], 20.0, "{route}");
+    assert_eq!(route["weight"]["effective"], 10.0, "{route}");
     assert_ne!(route["verdict"], "reverted", "{route}");
     assert!(sent > 1_000, "too little load: {sent}");
     let canary_requests = route["window"]["canary"]["requests"].as_u64().unwrap_or(0);

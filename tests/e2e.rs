@@ -12,6 +12,7 @@ mod e2e {
     mod cli;
     mod client_faults;
     mod decisions;
+    mod edge;
     mod failures;
     mod judge;
     mod limits;

@@ -40,8 +40,20 @@ pub struct ProxySettings {
     /// Largest request head (request line and headers) accepted; larger gets 431.
     pub max_header_bytes: usize,
     /// A client connection that has not sent a complete request head within
-    /// this long is closed: it bounds both idle keep-alive time and slow heads.
+    /// this long of being accepted (TLS handshake and HTTP/2 preface
+    /// included), or of starting a later head, is closed.
+    pub header_timeout: Duration,
+    /// A client connection with no request in flight (HTTP/1.1 keep-alive,
+    /// or HTTP/2 with no open stream) for this long is closed.
     pub idle_timeout: Duration,
+    /// Client connections at once from one IP address; more are closed
+    /// on accept.
+    pub max_connections_per_ip: usize,
+    /// Proxies in front of veer whose `X-Forwarded-For` entries are
+    /// trusted: the client address (for `client-ip` stickiness) is the
+    /// `trusted_hops`-th address from the right of the merged
+    /// `X-Forwarded-For` list with the peer appended (0: the peer).
+    pub trusted_hops: usize,
     /// A request or response body that makes no progress for this long is aborted.
     pub body_timeout: Duration,
     /// On SIGTERM, in-flight requests get this long to finish.

@@ -36,6 +36,9 @@ pub enum ProxyError {
     /// The client's request body was malformed (e.g. bad chunked framing).
     #[error("the client's request body was malformed")]
     ClientBadBody,
+    /// A connection over `max_connections_per_ip`, closed on accept.
+    #[error("too many connections from the client's address")]
+    TooManyConnections,
 }
 
 impl ProxyError {
@@ -51,6 +54,7 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST
             }
             ProxyError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -66,6 +70,7 @@ impl ProxyError {
             ProxyError::ClientTimeout => "client_timeout",
             ProxyError::ClientAborted => "client_aborted",
             ProxyError::ClientBadBody => "client_bad_body",
+            ProxyError::TooManyConnections => "too_many_connections",
         }
     }
 
@@ -92,6 +97,7 @@ impl ProxyError {
                 "bad request\n"
             }
             ProxyError::ClientTimeout => "request timeout\n",
+            ProxyError::TooManyConnections => "service unavailable\n",
         }
     }
 
@@ -110,12 +116,13 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 5] = [
+pub const PROXY_KINDS: [ProxyError; 6] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
     ProxyError::ClientAborted,
     ProxyError::ClientBadBody,
+    ProxyError::TooManyConnections,
 ];
 
 /// The upstream error kinds, in `upstream_index` order.

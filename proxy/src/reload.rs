@@ -282,6 +282,11 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
         "proxy.max_header_bytes",
     );
     diff(o.idle_timeout != n.idle_timeout, "proxy.idle_timeout");
+    diff(o.header_timeout != n.header_timeout, "proxy.header_timeout");
+    diff(
+        o.max_connections_per_ip != n.max_connections_per_ip,
+        "proxy.max_connections_per_ip",
+    );
     diff(o.shutdown_grace != n.shutdown_grace, "proxy.shutdown_grace");
     diff(old.admin != new.admin, "admin");
     diff(old.state != new.state, "state");

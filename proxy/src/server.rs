@@ -3,12 +3,19 @@
 //!
 //! Every connection holds a permit of one semaphore sized `max_connections`;
 //! when none is free, veer stops accepting (new clients wait in the kernel
-//! backlog) instead of failing. On shutdown the accept loops stop, every
-//! connection is asked to finish its in-flight requests and close, and the
-//! caller waits for all permits to come back, at most the grace period.
+//! backlog) instead of failing. One IP address holds at most
+//! `max_connections_per_ip` of them; a connection over that is closed as it
+//! is accepted. A connection must send a complete request head within
+//! `header_timeout` of being accepted (its TLS handshake and HTTP/2 preface
+//! included), and is closed after `idle_timeout` with nothing in flight
+//! ([`crate::conn`]); hyper's own header timeout covers the heads of later
+//! requests. On shutdown the accept loops stop, every connection is asked
+//! to finish its in-flight requests and close, and the caller waits for all
+//! permits to come back, at most the grace period.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -19,6 +26,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use veer_control::config::ProxySettings;
 
+use crate::conn::{Activity, Tracked};
 use crate::headers::Scheme;
 use crate::service::handle;
 use crate::shared::Shared;
@@ -28,8 +36,14 @@ use crate::shared::Shared;
 pub struct Limits {
     /// See [`ProxySettings::max_header_bytes`].
     pub max_header_bytes: usize,
+    /// See [`ProxySettings::header_timeout`].
+    pub header_timeout: Duration,
     /// See [`ProxySettings::idle_timeout`].
     pub idle_timeout: Duration,
+    /// See [`ProxySettings::max_connections_per_ip`].
+    pub max_per_ip: usize,
+    /// Open connections per client IP, shared by every listener.
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
 impl Limits {
@@ -37,7 +51,44 @@ impl Limits {
     pub fn from_settings(p: &ProxySettings) -> Limits {
         Limits {
             max_header_bytes: p.max_header_bytes,
+            header_timeout: p.header_timeout,
             idle_timeout: p.idle_timeout,
+            max_per_ip: p.max_connections_per_ip,
+            per_ip: Arc::default(),
+        }
+    }
+
+    /// Counts a connection from `ip`; None (and nothing counted) when the
+    /// address already has `max_per_ip`.
+    fn admit(&self, ip: IpAddr) -> Option<PerIp> {
+        let ip = ip.to_canonical();
+        let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(PerIp {
+            ip,
+            map: self.per_ip.clone(),
+        })
+    }
+}
+
+/// One connection's place in its IP address's count.
+struct PerIp {
+    ip: IpAddr,
+    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for PerIp {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
         }
     }
 }
@@ -55,7 +106,7 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.idle_timeout)
+        .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     builder
@@ -90,52 +141,143 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return,
         };
+        let accepted = tokio::time::Instant::now();
+        let Some(per_ip) = limits.admit(peer.ip()) else {
+            tracing::debug!(%peer, limit = limits.max_per_ip, "connection refused: too many from this address");
+            shared
+                .metrics
+                .proxy_errors()
+                .inc(crate::error::ProxyError::TooManyConnections);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let tls = tls.clone();
         let builder = builder.clone();
         let shutdown = shutdown.clone();
-        let idle = limits.idle_timeout;
+        let limits = limits.clone();
         tokio::spawn(async move {
             shared.metrics.open_connections.inc();
-            match tls {
-                None => connection(stream, peer, shared.clone(), &builder, scheme, shutdown).await,
-                Some(acceptor) => match tokio::time::timeout(idle, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => {
-                        connection(s, peer, shared.clone(), &builder, scheme, shutdown).await
+            let activity = Activity::new(accepted);
+            let handshake = tokio::time::timeout_at(accepted + limits.header_timeout, async {
+                match tls {
+                    None => Ok(Stream::Plain(stream)),
+                    Some(acceptor) => acceptor
+                        .accept(stream)
+                        .await
+                        .map(|s| Stream::Tls(Box::new(s))),
+                }
+            });
+            match handshake.await {
+                Ok(Ok(s)) => {
+                    let c = Conn {
+                        peer,
+                        shared: shared.clone(),
+                        scheme,
+                        activity,
+                        limits: &limits,
+                    };
+                    match s {
+                        Stream::Plain(s) => c.serve(s, &builder, shutdown).await,
+                        Stream::Tls(s) => c.serve(*s, &builder, shutdown).await,
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                },
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake not done within header_timeout"),
             }
             shared.metrics.open_connections.dec();
+            drop(per_ip);
             drop(permit);
         });
     }
 }
 
-async fn connection<S>(
-    stream: S,
+/// An accepted stream, before or after TLS.
+enum Stream {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+/// One client connection being served.
+struct Conn<'a> {
     peer: SocketAddr,
     shared: Arc<Shared>,
-    builder: &auto::Builder<TokioExecutor>,
     scheme: Scheme,
-    mut shutdown: watch::Receiver<bool>,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let svc = service_fn(move |req| handle(shared.clone(), req, peer, scheme));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    activity: Arc<Activity>,
+    limits: &'a Limits,
+}
+
+impl Conn<'_> {
+    async fn serve<S>(
+        self,
+        stream: S,
+        builder: &auto::Builder<TokioExecutor>,
+        mut shutdown: watch::Receiver<bool>,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            peer,
+            shared,
+            scheme,
+            activity,
+            limits,
+        } = self;
+        let tracked = activity.clone();
+        let svc = service_fn(move |req| {
+            let inflight = tracked.begin();
+            let shared = shared.clone();
+            async move {
+                let resp = handle(shared, req, peer, scheme).await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, inflight)))
             }
-        }
-        _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        tokio::pin!(conn);
+        let (ht, it) = (limits.header_timeout, limits.idle_timeout);
+        // While requests are in flight, look again this often.
+        let busy_recheck = ht.min(it);
+        let next = |a: &Activity| {
+            a.deadline(ht, it)
+                .unwrap_or_else(|| tokio::time::Instant::now() + busy_recheck)
+        };
+        let sleep = tokio::time::sleep_until(next(&activity));
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                    }
+                    return;
+                }
+                _ = shutdown.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                    return;
+                }
+                () = &mut sleep => {
+                    let now = tokio::time::Instant::now();
+                    match activity.deadline(ht, it) {
+                        Some(due) if due <= now => {
+                            let why = if activity.requests() == 0 {
+                                "no complete request head within header_timeout"
+                            } else {
+                                "idle for idle_timeout"
+                            };
+                            tracing::debug!(%peer, why, "closing client connection");
+                            // Closes an idle HTTP/1.1 connection at once and
+                            // sends GOAWAY on HTTP/2; a half-read head does
+                            // not get more than a second.
+                            conn.as_mut().graceful_shutdown();
+                            let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                            return;
+                        }
+                        _ => sleep.as_mut().reset(next(&activity)),
+                    }
+                }
+            }
         }
     }
 }

@@ -44,7 +44,10 @@ pub struct RawProxy {
     pub tls: Option<Spanned<RawTls>>,
     pub max_connections: Option<Spanned<i64>>,
     pub max_header_bytes: Option<Spanned<i64>>,
+    pub header_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
+    pub max_connections_per_ip: Option<Spanned<i64>>,
+    pub trusted_hops: Option<Spanned<i64>>,
     pub body_timeout: Option<Spanned<String>>,
     pub shutdown_grace: Option<Spanned<String>>,
 }

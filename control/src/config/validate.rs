@@ -90,6 +90,10 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: usize = 10_000;
     /// `[proxy] max_header_bytes`.
     pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+    /// `[proxy] header_timeout`.
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `[proxy] max_connections_per_ip`.
+    pub const MAX_CONNECTIONS_PER_IP: usize = 256;
     /// `[proxy] idle_timeout`.
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
     /// `[proxy] body_timeout`.
@@ -384,7 +388,15 @@ impl Validator<'_> {
                 defaults::MAX_HEADER_BYTES as i64,
                 "max_header_bytes",
             ) as usize,
+            header_timeout: self.duration(p.header_timeout.as_ref(), defaults::HEADER_TIMEOUT),
             idle_timeout: self.duration(p.idle_timeout.as_ref(), defaults::IDLE_TIMEOUT),
+            max_connections_per_ip: self.int_in(
+                p.max_connections_per_ip.as_ref(),
+                1..=1_000_000,
+                defaults::MAX_CONNECTIONS_PER_IP as i64,
+                "max_connections_per_ip",
+            ) as usize,
+            trusted_hops: self.int_in(p.trusted_hops.as_ref(), 0..=16, 0, "trusted_hops") as usize,
             body_timeout: self.duration(p.body_timeout.as_ref(), defaults::BODY_TIMEOUT),
             shutdown_grace: self.duration(p.shutdown_grace.as_ref(), defaults::SHUTDOWN_GRACE),
         }

@@ -1,0 +1,197 @@
+//! The edge against hostile clients: connections that send nothing, half a
+//! preface or half a head, or sit idle, are closed and give their slot
+//! back; one address cannot take every slot.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::support::{get, metric, route_config, Upstream, Veer};
+
+/// `route_config` with `[proxy]` settings added.
+fn with_proxy(base: String, proxy: &str) -> String {
+    base.replace(
+        "shutdown_grace = \"10s\"",
+        &format!("shutdown_grace = \"10s\"\n{proxy}"),
+    )
+}
+
+/// Waits (at most 20 s) for the peer to close `s`; true if it did.
+async fn closed_by_veer(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    let until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < until {
+        match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // a response or a GOAWAY frame; keep reading
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_half_preface_and_half_head_connections_are_closed_after_header_timeout() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&with_proxy(
+        route_config(&[s.addr], &[], 0.0, ""),
+        "header_timeout = \"1s\"\nidle_timeout = \"60s\"",
+    ))
+    .await;
+    let sends: [&[u8]; 3] = [
+        b"",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n",
+        b"GET / HTTP/1.1\r\nhost: a\r\nx-slow: ",
+    ];
+    for bytes in sends {
+        let mut c = TcpStream::connect(veer.addr).await.unwrap();
+        c.write_all(bytes).await.unwrap();
+        assert!(
+            closed_by_veer(&mut c).await,
+            "a connection that sent {:?} stayed open",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_that_never_handshakes_is_closed() {
+    let s = Upstream::start("stable").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), cert.key_pair.serialize_pem()).unwrap();
+    let config = with_proxy(
+        route_config(&[s.addr], &[], 0.0, ""),
+        "header_timeout = \"1s\"\n[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"tls.crt\"\nkey = \"tls.key\"",
+    );
+    let path = dir.path().join("veer.toml");
+    std::fs::write(
+        &path,
+        config.replace("@STATE@", &dir.path().join("state").display().to_string()),
+    )
+    .unwrap();
+    let veer = Veer::start_in(dir, path).await;
+    let mut c = TcpStream::connect(veer.tls_addr.unwrap()).await.unwrap();
+    // Half a ClientHello record header, then nothing.
+    c.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    assert!(closed_by_veer(&mut c).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&with_proxy(
+        route_config(&[s.addr], &[], 0.0, ""),
+        "idle_timeout = \"1s\"",
+    ))
+    .await;
+    let mut c = TcpStream::connect(veer.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = c.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    assert!(closed_by_veer(&mut c).await, "idle keep-alive stayed open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_give_their_slot_back() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&with_proxy(
+        route_config(&[s.addr], &[], 0.0, ""),
+        "max_connections = 4\nheader_timeout = \"1s\"",
+    ))
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(TcpStream::connect(veer.addr).await.unwrap());
+    }
+    // Every slot is held by a silent client; a real request gets one once
+    // they are closed.
+    let r = tokio::time::timeout(Duration::from_secs(20), get(veer.addr, "/", &[]))
+        .await
+        .expect("served within 20 s")
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_gets_at_most_max_connections_per_ip() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&with_proxy(
+        route_config(&[s.addr], &[], 0.0, ""),
+        "max_connections_per_ip = 2",
+    ))
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(veer.addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        held.push(c);
+    }
+    let mut third = TcpStream::connect(veer.addr).await.unwrap();
+    let _ = third.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert!(
+        closed_by_veer(&mut third).await,
+        "a third connection was served"
+    );
+    let m = veer.metrics().await;
+    assert!(
+        metric(
+            &m,
+            r#"veer_proxy_errors_total{kind="too_many_connections"}"#
+        ) >= Some(1.0),
+        "{m}"
+    );
+    // Its place comes back when one closes.
+    drop(held.pop());
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut c = TcpStream::connect(veer.addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = c.read(&mut buf).await.unwrap_or(0);
+        if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(Instant::now() < until, "the freed place never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2_connection_is_closed_after_idle_timeout() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&with_proxy(
+        route_config(&[s.addr], &[], 0.0, ""),
+        "idle_timeout = \"1s\"",
+    ))
+    .await;
+    let stream = TcpStream::connect(veer.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/", veer.addr))
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await;
+    // No open stream from here on: veer sends GOAWAY and closes.
+    let ended = tokio::time::timeout(Duration::from_secs(20), conn).await;
+    assert!(ended.is_ok(), "the idle h2 connection stayed open");
+}

@@ -3,9 +3,19 @@
 //! Hop-by-hop headers (RFC 9110 §7.6.1: `Connection` and every header it
 //! names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
 //! `Transfer-Encoding`, `Upgrade`) are removed both ways, except the
-//! `Connection: upgrade` / `Upgrade` pair of a protocol upgrade. Requests get
-//! `X-Forwarded-For` (the client IP appended), `X-Forwarded-Proto` and
-//! `X-Forwarded-Host` (both replaced).
+//! `Connection: upgrade` / `Upgrade` pair of a protocol upgrade, and except
+//! the headers a client must not be able to make veer drop by naming them
+//! in `Connection` ([`PROTECTED`]: `Host`, the framing headers,
+//! `Authorization` and the forwarding headers).
+//!
+//! A request has one `Host`, and it agrees with the absolute-form URI or
+//! HTTP/2 `:authority` when there is one (else 400): the host that routing
+//! used is the one the upstream receives. Requests get `X-Forwarded-For`
+//! (every incoming line merged in order, the peer appended),
+//! `X-Forwarded-Proto`, `X-Forwarded-Host` and `X-Real-IP` (replaced), and a
+//! `Forwarded` element (RFC 7239) for this hop: with `trusted_hops = 0` the
+//! client's own `Forwarded` is dropped, behind trusted proxies it is kept
+//! and this hop's element appended.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -21,6 +31,76 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// Headers that naming them in `Connection` does not remove.
+pub const PROTECTED: [&str; 9] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "authorization",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+    "forwarded",
+];
+
+/// The host a request is routed by: its absolute-form URI's or HTTP/2
+/// `:authority`'s, or else its one `Host` header's. Two `Host` headers, a
+/// `Host` that is not text, or one that differs from the URI's authority,
+/// are a bad request.
+pub fn routing_host<'a>(
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+) -> Result<Option<&'a str>, ProxyError> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest);
+    }
+    let host = match host {
+        Some(h) => Some(h.to_str().map_err(|_| ProxyError::BadRequest)?),
+        None => None,
+    };
+    match (uri.authority(), host) {
+        (Some(a), Some(h)) if !a.as_str().eq_ignore_ascii_case(h) => Err(ProxyError::BadRequest),
+        (Some(_), _) => Ok(uri.host()),
+        (None, h) => Ok(h),
+    }
+}
+
+/// The client's address for `client-ip` stickiness: the peer with
+/// `trusted_hops` = 0, else the `trusted_hops`-th address from the right of
+/// every `X-Forwarded-For` line merged, the peer appended (the peer when the
+/// list is shorter, or that entry is not an address).
+pub fn client_addr(headers: &HeaderMap, peer: SocketAddr, trusted_hops: usize) -> SocketAddr {
+    if trusted_hops == 0 {
+        return peer;
+    }
+    let mut entries: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let n = entries.len();
+    // The peer is entry `n`; the trusted_hops-th from the right of n + 1
+    // entries is index n - trusted_hops.
+    let Some(i) = n.checked_sub(trusted_hops) else {
+        return peer;
+    };
+    let Some(e) = entries.drain(..).nth(i) else {
+        return peer;
+    };
+    e.parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 0))
+        .or_else(|_| e.parse::<SocketAddr>())
+        .unwrap_or(peer)
+}
 
 /// The scheme the client used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +144,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .flat_map(|s| s.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
             .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .filter(|n| !PROTECTED.contains(&n.as_str()))
             .collect();
         for n in named {
             headers.remove(n);
@@ -85,12 +166,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Turns a client's request head into the upstream's: origin-form URI,
 /// HTTP/1.1, a `Host`, no hop-by-hop headers, forwarding headers set.
+/// `client` is the client's address as [`client_addr`] found it.
+#[allow(clippy::too_many_arguments)] // the head's parts, as hyper hands them over
 pub fn prepare_request(
     method: &Method,
     uri: &mut Uri,
     version: &mut Version,
     headers: &mut HeaderMap,
     peer: SocketAddr,
+    client: SocketAddr,
+    trusted_hops: usize,
     scheme: Scheme,
     upgrade: bool,
 ) -> Result<(), ProxyError> {
@@ -111,17 +196,49 @@ pub fn prepare_request(
     strip_hop_by_hop(headers, upgrade);
 
     let mut xff = BytesMut::with_capacity(64);
-    if let Some(prev) = headers.get(&X_FORWARDED_FOR) {
+    for prev in headers.get_all(&X_FORWARDED_FOR) {
         xff.extend_from_slice(prev.as_bytes());
         xff.extend_from_slice(b", ");
     }
-    let _ = write!(WriteBytes(&mut xff), "{}", peer.ip().to_canonical());
+    let peer_ip = peer.ip().to_canonical();
+    let _ = write!(WriteBytes(&mut xff), "{peer_ip}");
     let xff = HeaderValue::from_maybe_shared(xff.freeze()).map_err(|_| ProxyError::BadRequest)?;
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(X_FORWARDED_PROTO.clone(), scheme.value());
-    if let Some(h) = headers.get(header::HOST).cloned() {
-        headers.insert(X_FORWARDED_HOST.clone(), h);
+    let host = headers.get(header::HOST).cloned();
+    if let Some(h) = &host {
+        headers.insert(X_FORWARDED_HOST.clone(), h.clone());
     }
+    let real = HeaderValue::from_str(&client.ip().to_canonical().to_string())
+        .map_err(|_| ProxyError::BadRequest)?;
+    headers.insert(X_REAL_IP.clone(), real);
+    // This hop's Forwarded element: for= the peer, proto, host (quoted).
+    let mut fwd = BytesMut::with_capacity(96);
+    if trusted_hops > 0 {
+        for prev in headers.get_all(&FORWARDED) {
+            fwd.extend_from_slice(prev.as_bytes());
+            fwd.extend_from_slice(b", ");
+        }
+    }
+    let for_ = match peer_ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let _ = write!(
+        WriteBytes(&mut fwd),
+        "for={for_};proto={}",
+        match scheme {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    );
+    if let Some(h) = host.as_ref().and_then(|h| h.to_str().ok()) {
+        if !h.contains('"') && !h.contains('\\') {
+            let _ = write!(WriteBytes(&mut fwd), ";host=\"{h}\"");
+        }
+    }
+    let fwd = HeaderValue::from_maybe_shared(fwd.freeze()).map_err(|_| ProxyError::BadRequest)?;
+    headers.insert(FORWARDED.clone(), fwd);
     Ok(())
 }
 
@@ -162,6 +279,8 @@ mod tests {
             &mut v,
             &mut h,
             peer,
+            peer,
+            0,
             Scheme::Https,
             false,
         )
@@ -174,6 +293,76 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "shop.test");
+        assert_eq!(h["x-real-ip"], "10.1.2.3");
+        assert_eq!(
+            h["forwarded"],
+            "for=10.1.2.3;proto=https;host=\"shop.test\""
+        );
+    }
+
+    #[test]
+    fn connection_cannot_remove_protected_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("host, authorization, x-forwarded-for, x-drop"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        h.insert("x-drop", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h[header::HOST], "a");
+        assert_eq!(h[header::AUTHORIZATION], "Bearer t");
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4");
+        assert!(!h.contains_key("x-drop"));
+    }
+
+    #[test]
+    fn one_host_that_agrees_with_the_authority() {
+        let uri: Uri = "/x".parse().expect("uri");
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("A.test"));
+        assert_eq!(routing_host(&uri, &h), Ok(Some("A.test")));
+        h.append(header::HOST, HeaderValue::from_static("b.test"));
+        assert_eq!(routing_host(&uri, &h), Err(ProxyError::BadRequest));
+        let abs: Uri = "http://a.test/x".parse().expect("uri");
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("other.test"));
+        assert_eq!(routing_host(&abs, &h), Err(ProxyError::BadRequest));
+        h.insert(header::HOST, HeaderValue::from_static("A.TEST"));
+        assert_eq!(routing_host(&abs, &h), Ok(Some("a.test")));
+        assert_eq!(routing_host(&abs, &HeaderMap::new()), Ok(Some("a.test")));
+    }
+
+    #[test]
+    fn xff_lines_merge_and_trusted_hops_pick_the_client() {
+        let peer: SocketAddr = "10.0.0.9:5000".parse().expect("addr");
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 1.1.1.1"),
+        );
+        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
+        assert_eq!(client_addr(&h, peer, 0), peer);
+        assert_eq!(client_addr(&h, peer, 1).ip().to_string(), "2.2.2.2");
+        assert_eq!(client_addr(&h, peer, 2).ip().to_string(), "1.1.1.1");
+        assert_eq!(client_addr(&h, peer, 9), peer, "shorter list: the peer");
+        let mut uri: Uri = "/".parse().expect("uri");
+        let mut v = Version::HTTP_11;
+        prepare_request(
+            &Method::GET,
+            &mut uri,
+            &mut v,
+            &mut h,
+            peer,
+            peer,
+            0,
+            Scheme::Http,
+            false,
+        )
+        .expect("ok");
+        assert_eq!(h["x-forwarded-for"], "6.6.6.6, 1.1.1.1, 2.2.2.2, 10.0.0.9");
     }
 
     #[test]

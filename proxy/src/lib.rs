@@ -18,6 +18,7 @@ pub mod error;
 pub mod headers;
 pub mod metrics;
 pub mod notify;
+pub mod path;
 pub mod record;
 pub mod reload;
 pub mod router;

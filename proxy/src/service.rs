@@ -16,7 +16,9 @@ use hyper_util::rt::TokioIo;
 use crate::balance::Pick;
 use crate::body::{Pending, ProxyBody, RequestBody, UpstreamBody};
 use crate::error::ProxyError;
-use crate::headers::{is_upgrade, prepare_request, strip_hop_by_hop, Scheme};
+use crate::headers::{
+    client_addr, is_upgrade, prepare_request, routing_host, strip_hop_by_hop, Scheme,
+};
 use crate::record::Outcome;
 use crate::shared::Shared;
 use crate::snapshot::{RouteTarget, VersionTarget};
@@ -27,33 +29,47 @@ use crate::upstream::{Sender, Upstream};
 /// Handles one client request. Never fails: errors become responses.
 pub async fn handle(
     shared: Arc<Shared>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     peer: SocketAddr,
     scheme: Scheme,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
-    let (route, body_timeout) = {
-        let snap = shared.snapshot.load();
-        let host = req.uri().host().or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        });
-        match snap
-            .router
-            .find(host, req.uri().path())
-            .and_then(|i| snap.routes.get(i))
-        {
-            Some(r) => (r.clone(), snap.body_timeout),
-            None => {
-                snap.proxy_errors.inc(ProxyError::NoRoute);
-                return Ok(error_response(ProxyError::NoRoute));
+    let snap = shared.snapshot.load();
+    // Routing sees the path as the upstream will: normalised.
+    match crate::path::normalize(req.uri().path()) {
+        Ok(std::borrow::Cow::Borrowed(_)) => {}
+        Ok(std::borrow::Cow::Owned(p)) => {
+            if set_path(req.uri_mut(), &p).is_err() {
+                snap.proxy_errors.inc(ProxyError::BadRequest);
+                return Ok(error_response(ProxyError::BadRequest));
             }
         }
+        Err(_) => {
+            snap.proxy_errors.inc(ProxyError::BadRequest);
+            return Ok(error_response(ProxyError::BadRequest));
+        }
+    }
+    let found = routing_host(req.uri(), req.headers()).map(|host| {
+        snap.router
+            .find(host, req.uri().path())
+            .and_then(|i| snap.routes.get(i))
+    });
+    let (route, body_timeout, trusted_hops) = match found {
+        Ok(Some(r)) => (r.clone(), snap.body_timeout, snap.trusted_hops),
+        Ok(None) => {
+            snap.proxy_errors.inc(ProxyError::NoRoute);
+            return Ok(error_response(ProxyError::NoRoute));
+        }
+        Err(e) => {
+            snap.proxy_errors.inc(e);
+            return Ok(error_response(e));
+        }
     };
+    drop(snap);
 
+    let client = client_addr(req.headers(), peer, trusted_hops);
     let mut key_buf = KeyBuf::default();
-    let key = sticky_key(&route.sticky, req.headers(), &peer, &mut key_buf);
+    let key = sticky_key(&route.sticky, req.headers(), &client, &mut key_buf);
     let key_hash = key.map(key_hash);
     let (version, pick) = {
         let random_key;
@@ -82,8 +98,12 @@ pub async fn handle(
         version,
         pick,
         req,
-        peer,
-        scheme,
+        Hop {
+            peer,
+            client,
+            trusted_hops,
+            scheme,
+        },
         body_timeout,
         &upload,
     )
@@ -151,14 +171,32 @@ pub fn error_response(e: ProxyError) -> Response<ProxyBody> {
     r
 }
 
-#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
+/// Sets a URI's path, keeping its query.
+fn set_path(uri: &mut http::Uri, path: &str) -> Result<(), http::Error> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(pq)?);
+    *uri = http::Uri::from_parts(parts)?;
+    Ok(())
+}
+
+/// Who sent a request, and how.
+struct Hop {
+    peer: SocketAddr,
+    client: SocketAddr,
+    trusted_hops: usize,
+    scheme: Scheme,
+}
+
 async fn forward(
     route: &RouteTarget,
     version: &VersionTarget,
     pick: Pick,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
-    scheme: Scheme,
+    hop: Hop,
     body_timeout: std::time::Duration,
     upload: &Arc<Upload>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -170,8 +208,10 @@ async fn forward(
         &mut parts.uri,
         &mut parts.version,
         &mut parts.headers,
-        peer,
-        scheme,
+        hop.peer,
+        hop.client,
+        hop.trusted_hops,
+        hop.scheme,
         upgrade,
     )?;
     let req = Request::from_parts(parts, ClientBody::new(body, body_timeout, upload.clone()));

@@ -74,6 +74,8 @@ pub struct Snapshot {
     pub routes: Vec<Arc<RouteTarget>>,
     /// Idle time allowed between body frames.
     pub body_timeout: Duration,
+    /// `[proxy] trusted_hops`.
+    pub trusted_hops: usize,
     /// Counters for requests that reach no version.
     pub proxy_errors: ProxyErrorMetrics,
 }
@@ -172,6 +174,7 @@ impl Snapshot {
             router,
             routes,
             body_timeout: config.proxy.body_timeout,
+            trusted_hops: config.proxy.trusted_hops,
             proxy_errors: metrics.proxy_errors(),
         }
     }

@@ -195,3 +195,158 @@ async fn an_idle_h2_connection_is_closed_after_idle_timeout() {
     let ended = tokio::time::timeout(Duration::from_secs(20), conn).await;
     assert!(ended.is_ok(), "the idle h2 connection stayed open");
 }
+
+/// Sends raw bytes on a fresh connection; returns the response's status code.
+async fn status_of(addr: std::net::SocketAddr, bytes: &[u8]) -> u16 {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(bytes).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_routes_and_the_upstream_gets_that_host() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let two = b"GET / HTTP/1.1\r\nhost: a.test\r\nhost: b.test\r\n\r\n";
+    assert_eq!(status_of(veer.addr, two).await, 400);
+    let mismatch = b"GET http://a.test/ HTTP/1.1\r\nhost: b.test\r\n\r\n";
+    assert_eq!(status_of(veer.addr, mismatch).await, 400);
+    let before = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let absolute = b"GET http://a.test/x HTTP/1.1\r\nhost: A.test\r\n\r\n";
+    assert_eq!(status_of(veer.addr, absolute).await, 200);
+    assert_eq!(s.last_headers.lock().unwrap()["host"], "A.test");
+    assert_eq!(
+        s.requests.load(std::sync::atomic::Ordering::SeqCst),
+        before + 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cannot_make_veer_drop_authorization_or_forwarding_headers() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let req = b"GET / HTTP/1.1\r\nhost: a\r\nconnection: host, authorization, x-forwarded-for, x-gone\r\nauthorization: Bearer t\r\nx-forwarded-for: 6.6.6.6\r\nx-forwarded-for: 7.7.7.7\r\nx-gone: 1\r\nx-real-ip: 9.9.9.9\r\nforwarded: for=9.9.9.9\r\n\r\n";
+    assert_eq!(status_of(veer.addr, req).await, 200);
+    let h = s.last_headers.lock().unwrap().clone();
+    assert_eq!(h["authorization"], "Bearer t");
+    assert_eq!(h["host"], "a");
+    assert_eq!(h["x-forwarded-for"], "6.6.6.6, 7.7.7.7, 127.0.0.1");
+    assert!(!h.contains_key("x-gone"));
+    // A client's own X-Real-IP and Forwarded do not pass (no trusted hops).
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
+    assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http;host=\"a\"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_client_ip_stickiness_uses_the_forwarded_address() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let config = with_proxy(
+        route_config(&[s.addr], &[c.addr], 50.0, ""),
+        "trusted_hops = 1",
+    )
+    .replace(
+        "sticky = [\"header:x-user-id\", \"client-ip\"]",
+        "sticky = [\"client-ip\"]",
+    );
+    let veer = Veer::start(&config).await;
+    // Every request comes from 127.0.0.1 (the "proxy"); the client address
+    // it vouches for decides the version, and always the same one.
+    let mut seen = std::collections::HashMap::new();
+    for i in 0..200u32 {
+        let ip = format!("198.51.{}.{}", i / 250, i % 250 + 1);
+        for _ in 0..2 {
+            let req = format!(
+                "GET / HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 6.6.6.6, {ip}\r\nconnection: close\r\n\r\n"
+            );
+            let mut conn = TcpStream::connect(veer.addr).await.unwrap();
+            conn.write_all(req.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            let _ = conn.read_to_end(&mut out).await;
+            let text = String::from_utf8_lossy(&out).to_lowercase();
+            let up = if text.contains("x-upstream: canary") {
+                "canary"
+            } else {
+                "stable"
+            };
+            let first = seen.entry(ip.clone()).or_insert(up);
+            assert_eq!(*first, up, "{ip} moved between versions");
+        }
+    }
+    let canary = seen.values().filter(|v| **v == "canary").count();
+    assert!(
+        (50..=150).contains(&canary),
+        "{canary} of 200 addresses on the canary"
+    );
+    assert_eq!(
+        s.last_headers.lock().unwrap().get("x-real-ip").is_some(),
+        true
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_normalised_before_prefix_routing() {
+    let admin = Upstream::start("admin").await;
+    let web = Upstream::start("web").await;
+    let config = format!(
+        r#"[proxy]
+listen = ["127.0.0.1:0"]
+[admin]
+listen = "127.0.0.1:0"
+[state]
+dir = "@STATE@"
+
+[[route]]
+name = "web"
+path_prefix = "/"
+[route.stable]
+version = "w1"
+endpoints = ["{}"]
+
+[[route]]
+name = "internal"
+path_prefix = "/admin"
+[route.stable]
+version = "a1"
+endpoints = ["{}"]
+"#,
+        web.addr, admin.addr
+    );
+    let veer = Veer::start(&config).await;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n");
+    assert_eq!(
+        status_of(veer.addr, get("/t/%2e%2e/admin/x?q=1").as_bytes()).await,
+        200
+    );
+    assert_eq!(*admin.last_uri.lock().unwrap(), "/admin/x?q=1");
+    assert_eq!(
+        status_of(veer.addr, get("/t/../admin").as_bytes()).await,
+        200
+    );
+    assert_eq!(*admin.last_uri.lock().unwrap(), "/admin");
+    let before = (
+        admin.requests.load(std::sync::atomic::Ordering::SeqCst),
+        web.requests.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    assert_eq!(
+        status_of(veer.addr, get("/t/../../admin/%2e%2e/x").as_bytes()).await,
+        400
+    );
+    assert_eq!(
+        (
+            admin.requests.load(std::sync::atomic::Ordering::SeqCst),
+            web.requests.load(std::sync::atomic::Ordering::SeqCst),
+        ),
+        before,
+        "an escaping path reached an upstream"
+    );
+}

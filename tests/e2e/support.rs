@@ -34,6 +34,8 @@ pub struct Upstream {
     pub connections: AtomicU64,
     /// Headers of the last request.
     pub last_headers: Mutex<HeaderMap>,
+    /// Request target of the last request.
+    pub last_uri: Mutex<String>,
 }
 
 impl Upstream {
@@ -51,6 +53,7 @@ impl Upstream {
             fail_one_in: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             last_headers: Mutex::new(HeaderMap::new()),
+            last_uri: Mutex::new(String::new()),
         });
         let me = u.clone();
         tokio::spawn(async move {
@@ -79,6 +82,7 @@ impl Upstream {
         let n = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
         let one_in = self.fail_one_in.load(Ordering::SeqCst);
         *self.last_headers.lock().unwrap() = req.headers().clone();
+        *self.last_uri.lock().unwrap() = req.uri().to_string();
         if req.headers().contains_key(http::header::UPGRADE) {
             return websocket_echo(&mut req);
         }

@@ -287,10 +287,7 @@ async fn behind_a_trusted_proxy_client_ip_stickiness_uses_the_forwarded_address(
         (50..=150).contains(&canary),
         "{canary} of 200 addresses on the canary"
     );
-    assert_eq!(
-        s.last_headers.lock().unwrap().get("x-real-ip").is_some(),
-        true
-    );
+    assert!(s.last_headers.lock().unwrap().get("x-real-ip").is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

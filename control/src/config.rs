@@ -76,8 +76,11 @@ pub struct TlsSettings {
 pub struct AdminSettings {
     /// Address of `/metrics`, `/status`, `/healthz`, `/readyz` and actions.
     pub listen: SocketAddr,
-    /// File holding the bearer token for actions.
+    /// File holding the bearer token for actions (without one, veer makes
+    /// `[state] dir`/admin.token).
     pub token_file: Option<PathBuf>,
+    /// `/status` and `/metrics` need the token too.
+    pub read_token: bool,
 }
 
 /// Persisted state.
@@ -324,7 +327,32 @@ pub struct Webhook {
     pub ca_file: Option<PathBuf>,
 }
 
+/// A URL fit for logs and `/status`: scheme and host kept, credentials
+/// (userinfo), path and query replaced by `…`. Chat webhooks carry their
+/// secret in the path, some services in the query or userinfo.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (s, r),
+        None => return "…".to_string(),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let user = if authority.contains('@') { "…@" } else { "" };
+    let tail = if end < rest.len() && &rest[end..] != "/" {
+        "/…"
+    } else {
+        ""
+    };
+    format!("{scheme}://{user}{host}{tail}")
+}
+
 impl Webhook {
+    /// The URL as logs may show it ([`redact_url`]).
+    pub fn redacted(&self) -> String {
+        redact_url(&self.url)
+    }
+
     /// Parses `http[s]://host[:port][/path]` (no CA file).
     pub fn parse(url: &str) -> Option<Webhook> {
         let (rest, tls, port) = match url.strip_prefix("https://") {
@@ -397,5 +425,25 @@ impl Route {
     /// The configured canary weight in percent.
     pub fn canary_weight_percent(&self) -> f64 {
         f64::from(self.canary_weight_bp) / 100.0
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn secrets_in_urls_are_never_shown() {
+        assert_eq!(
+            redact_url("https://hooks.slack.com/services/T0/B0/SECRET"),
+            "https://hooks.slack.com/…"
+        );
+        assert_eq!(
+            redact_url("http://user:pw@h:8080/x?token=1"),
+            "http://…@h:8080/…"
+        );
+        assert_eq!(redact_url("https://h.test/"), "https://h.test");
+        assert_eq!(redact_url("https://h.test?k=SECRET"), "https://h.test/…");
+        assert_eq!(redact_url("not a url SECRET"), "…");
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! It runs on its own address (loopback by default) so that operators and
 //! Prometheus never share a port, or a limit, with client traffic. Actions
-//! need `Authorization: Bearer <token>` when `[admin] token_file` is set; the
-//! token is compared in constant time.
+//! always need `Authorization: Bearer <token>` (see [`crate::token`]);
+//! with `[admin] read_token = true`, so do `/status` and `/metrics`.
+//! `/healthz` and `/readyz` never do: probes carry no secrets.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -30,8 +31,10 @@ use crate::snapshot::{RouteTarget, VersionTarget};
 pub struct Admin {
     /// Where operator actions go.
     pub actions: mpsc::Sender<Command>,
-    /// The bearer token actions need, if one is configured.
-    pub token: Option<Arc<str>>,
+    /// The bearer token every action needs.
+    pub token: Arc<str>,
+    /// `/status` and `/metrics` need the token too.
+    pub read_token: bool,
 }
 
 /// Serves admin requests until `shutdown` turns true.
@@ -70,6 +73,21 @@ pub async fn serve(
     }
 }
 
+/// The 401 for a request without the right bearer token, if it has not.
+fn refuse_without_token(admin: &Admin, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if crate::token::bearer_matches(given, &admin.token) {
+        return None;
+    }
+    let mut r = json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(r)
+}
+
 async fn answer(shared: &Shared, admin: &Admin, req: &Request<Incoming>) -> Response<ProxyBody> {
     let path = req.uri().path();
     if let Some(rest) = path.strip_prefix("/routes/") {
@@ -77,6 +95,11 @@ async fn answer(shared: &Shared, admin: &Admin, req: &Request<Incoming>) -> Resp
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    if admin.read_token && matches!(path, "/status" | "/metrics") {
+        if let Some(refused) = refuse_without_token(admin, req) {
+            return refused;
+        }
     }
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n"),
@@ -113,20 +136,9 @@ async fn action(admin: &Admin, req: &Request<Incoming>, rest: &str) -> Response<
     if req.method() != Method::POST {
         return json_error(StatusCode::METHOD_NOT_ALLOWED, "actions are POST requests");
     }
-    if let Some(token) = &admin.token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            tracing::warn!(route, "admin action refused: missing or wrong token");
-            let mut r = json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return r;
-        }
+    if let Some(refused) = refuse_without_token(admin, req) {
+        tracing::warn!(route, "admin action refused: missing or wrong token");
+        return refused;
     }
     let (reply, answer) = oneshot::channel();
     let cmd = Command {
@@ -152,14 +164,6 @@ async fn action(admin: &Admin, req: &Request<Incoming>, rest: &str) -> Response<
         }
         Err(_) => json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
     }
-}
-
-/// Compares without returning early, so timing reveals only the length.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response<ProxyBody> {

@@ -30,6 +30,7 @@ pub mod snapshot;
 pub mod split;
 pub mod status;
 pub mod tls;
+pub mod token;
 pub mod upload;
 pub mod upstream;
 pub mod window_metrics;

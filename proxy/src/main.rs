@@ -63,6 +63,10 @@ enum Command {
         /// The admin address.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: String,
+        /// The admin token's file, for a proxy with `[admin] read_token`
+        /// (its `token_file`, or `[state] dir`/admin.token).
+        #[arg(long, env = "VEER_ADMIN_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -141,9 +145,7 @@ fn main() -> ExitCode {
         Command::Health { admin } => {
             runtime(1).and_then(|rt| rt.block_on(status::health(&admin)).map_err(Into::into))
         }
-        Command::Status { admin } => {
-            runtime(1).and_then(|rt| rt.block_on(status::print(&admin)).map_err(Into::into))
-        }
+        Command::Status { admin, token_file } => print_status(&admin, token_file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -152,6 +154,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn print_status(admin: &str, token_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let token = match token_file {
+        Some(p) => Some(veer_proxy::token::read(&p)?),
+        None => None,
+    };
+    let rt = runtime(1)?;
+    rt.block_on(status::print(admin, token.as_deref()))?;
+    Ok(())
 }
 
 fn run_proxy(path: PathBuf) -> anyhow::Result<()> {

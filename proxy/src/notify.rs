@@ -57,7 +57,7 @@ impl Notifier {
     pub fn send(&self, hook: &Webhook, event: Value) {
         if self.tx.try_send((hook.clone(), event)).is_err() {
             self.results.with_label_values(&["dropped"]).inc();
-            tracing::warn!(webhook = %hook.url, "webhook queue full; event dropped");
+            tracing::warn!(webhook = %hook.redacted(), "webhook queue full; event dropped");
         }
     }
 }
@@ -68,7 +68,7 @@ async fn deliver_all(mut rx: mpsc::Receiver<(Webhook, Value)>, results: IntCount
         let tls = match hook.tls.then(|| tls_config(&hook)).transpose() {
             Ok(tls) => tls,
             Err(e) => {
-                tracing::warn!(webhook = %hook.url, error = %e, "webhook TLS set-up failed; event not delivered");
+                tracing::warn!(webhook = %hook.redacted(), error = %e, "webhook TLS set-up failed; event not delivered");
                 results.with_label_values(&["failed"]).inc();
                 continue;
             }
@@ -82,13 +82,13 @@ async fn deliver_all(mut rx: mpsc::Receiver<(Webhook, Value)>, results: IntCount
                     break;
                 }
                 Ok(Ok(status)) => {
-                    tracing::warn!(webhook = %hook.url, %status, attempt, "webhook refused the event")
+                    tracing::warn!(webhook = %hook.redacted(), %status, attempt, "webhook refused the event")
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(webhook = %hook.url, error = %e, attempt, "webhook delivery failed")
+                    tracing::warn!(webhook = %hook.redacted(), error = %e, attempt, "webhook delivery failed")
                 }
                 Err(_) => {
-                    tracing::warn!(webhook = %hook.url, attempt, "webhook delivery timed out")
+                    tracing::warn!(webhook = %hook.redacted(), attempt, "webhook delivery timed out")
                 }
             }
             tokio::time::sleep(Duration::from_millis(250 << attempt)).await;

@@ -68,28 +68,9 @@ pub enum RunError {
     /// re-expose a reverted canary.
     #[error("state: {0} (fix or remove the file; veer will not guess past decisions)")]
     State(#[from] StateError),
-    /// The admin token could not be read.
-    #[error("admin token_file {path}: {why}")]
-    Token {
-        /// The file.
-        path: PathBuf,
-        /// What went wrong.
-        why: String,
-    },
-}
-
-/// Reads the admin token (trimmed; must not be empty). Blocking.
-fn read_token(path: &Path) -> Result<Arc<str>, RunError> {
-    let err = |why: String| RunError::Token {
-        path: path.to_path_buf(),
-        why,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(err("the file is empty".into()));
-    }
-    Ok(token.into())
+    /// The admin token could not be read or made.
+    #[error("{0}")]
+    Token(#[from] crate::token::TokenError),
 }
 
 /// A config file read and validated.
@@ -144,10 +125,18 @@ pub async fn run(
     let upstreams = Upstreams::new();
     let for_dns = config.clone();
     let addrs = tokio::task::spawn_blocking(move || snapshot::resolve(&for_dns)).await??;
-    let token = match config.admin.token_file.clone() {
-        Some(p) => Some(tokio::task::spawn_blocking(move || read_token(&p)).await??),
-        None => None,
-    };
+    let (token_file, state_dir) = (config.admin.token_file.clone(), config.state.dir.clone());
+    let (token, source) =
+        tokio::task::spawn_blocking(move || crate::token::load(token_file.as_deref(), &state_dir))
+            .await??;
+    match &source {
+        crate::token::Source::Generated(p) => {
+            tracing::info!(path = %p.display(), "admin token generated: actions need it as a bearer token")
+        }
+        crate::token::Source::Kept(p) | crate::token::Source::Configured(p) => {
+            tracing::info!(path = %p.display(), "admin token read")
+        }
+    }
     let certs = match &config.proxy.tls {
         Some(t) => {
             let (cert, key) = (t.cert.clone(), t.key.clone());
@@ -192,6 +181,7 @@ pub async fn run(
         let handle = Admin {
             actions: actions_tx,
             token,
+            read_token: config.admin.read_token,
         };
         tasks.push(tokio::spawn(crate::admin::serve(
             admin,

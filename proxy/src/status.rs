@@ -17,9 +17,24 @@ pub enum StatusError {
     Format(String),
 }
 
-/// Fetches `/status` from `admin` and prints it as a table.
-pub async fn print(admin: &str) -> Result<(), StatusError> {
-    let resp = client::get(admin, "/status").await?;
+/// Fetches `/status` from `admin` and prints it as a table; `token` is
+/// sent as a bearer token (needed with `[admin] read_token = true`).
+pub async fn print(admin: &str, token: Option<&str>) -> Result<(), StatusError> {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&'static str, &str)> = auth
+        .as_deref()
+        .map(|a| ("authorization", a))
+        .into_iter()
+        .collect();
+    let resp = client::Conn::open(admin)
+        .await?
+        .get(admin, "/status", &headers)
+        .await?;
+    if resp.status() == http::StatusCode::UNAUTHORIZED {
+        return Err(StatusError::Format(
+            "HTTP 401: this proxy needs its admin token for /status (read_token); pass --token-file (the token_file, or [state] dir/admin.token)".into(),
+        ));
+    }
     if !resp.status().is_success() {
         return Err(StatusError::Format(format!("HTTP {}", resp.status())));
     }

@@ -43,7 +43,7 @@ async fn a_breach_while_paused_is_reported_as_breach_and_changes_nothing() {
     let c = Upstream::start("canary").await;
     c.status.store(500, Ordering::SeqCst);
     let veer = Veer::start(&(route_config(&[s.addr], &[c.addr], 20.0, "") + JUDGE)).await;
-    assert_eq!(admin_post(veer.admin, "/routes/web/pause").await, 200);
+    assert_eq!(admin_post(&veer, "/routes/web/pause").await, 200);
     let load = Load::start(veer.addr, 4, Duration::ZERO);
     let route = wait_verdict(&veer, "breach", Duration::from_secs(10)).await;
     load.stop().await;

@@ -347,3 +347,129 @@ endpoints = ["{}"]
         "an escaping path reached an upstream"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_actions_always_need_a_token_generated_when_none_is_configured() {
+    use super::support::{admin_post, admin_request};
+    use std::os::unix::fs::PermissionsExt;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 10.0, "")).await;
+    assert_eq!(
+        admin_request(veer.admin, "POST", "/routes/web/promote", None).await,
+        401,
+        "no token_file must not mean no token"
+    );
+    let path = veer.dir.path().join("state/admin.token");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let token = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        admin_request(veer.admin, "POST", "/routes/web/pause", Some(token.trim())).await,
+        200
+    );
+    // The scheme is case-insensitive.
+    let lower = format!("bearer {}", token.trim());
+    let status = {
+        let stream = TcpStream::connect(veer.admin).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::post("/routes/web/resume")
+            .header("host", "admin")
+            .header("authorization", lower)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        tx.send_request(req).await.unwrap().status()
+    };
+    assert_eq!(status, 200);
+    assert_eq!(admin_post(&veer, "/routes/web/revert").await, 200);
+    // Probes and reads need none by default.
+    assert_eq!(admin_request(veer.admin, "GET", "/status", None).await, 200);
+    assert_eq!(
+        admin_request(veer.admin, "GET", "/healthz", None).await,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_token_guards_status_and_metrics_but_not_probes() {
+    use super::support::admin_request;
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(
+        &route_config(&[s.addr], &[], 0.0, "").replace("[admin]\n", "[admin]\nread_token = true\n"),
+    )
+    .await;
+    let token = std::fs::read_to_string(veer.dir.path().join("state/admin.token")).unwrap();
+    for path in ["/status", "/metrics"] {
+        assert_eq!(
+            admin_request(veer.admin, "GET", path, None).await,
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            admin_request(veer.admin, "GET", path, Some(token.trim())).await,
+            200,
+            "{path}"
+        );
+    }
+    assert_eq!(admin_request(veer.admin, "GET", "/readyz", None).await, 200);
+}
+
+#[test]
+fn a_token_file_others_can_read_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "s3cret\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.path().join("token"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+    }
+    let config = route_config(&["127.0.0.1:9".parse().unwrap()], &[], 0.0, "")
+        .replace("[admin]\n", "[admin]\ntoken_file = \"token\"\n")
+        .replace("@STATE@", &dir.path().join("state").display().to_string());
+    let path = dir.path().join("veer.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chmod 600"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_webhook_url_never_shows_its_secret() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let good = route_config(&[s.addr], &[c.addr], 10.0, "");
+    let veer = Veer::start(&good).await;
+    veer.write_config(
+        &(good.clone()
+            + "[route.judge]\nwebhook = \"https://user:SECRET1@hooks.test/services/SECRET2 x\"\n"),
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let st = veer.status().await;
+        if st["config"]["last_reload"]["result"] == "failure" {
+            break st;
+        }
+        assert!(Instant::now() < until, "the bad file was never rejected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let text = status.to_string();
+    assert!(text.contains("webhook"), "{text}");
+    assert!(!text.contains("SECRET"), "{text}");
+    let logs = format!(
+        "{:?}",
+        veer.logs_with("reload rejected; the running config stays")
+    );
+    assert!(!logs.contains("SECRET"), "{logs}");
+}

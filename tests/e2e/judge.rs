@@ -317,6 +317,14 @@ async fn admin_actions_need_the_token_and_persist() {
         .replace("[admin]\n", "[admin]\ntoken_file = \"admin.token\"\n");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("admin.token"), "s3cret\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.path().join("admin.token"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+    }
     let path = dir.path().join("veer.toml");
     std::fs::write(
         &path,

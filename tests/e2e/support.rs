@@ -549,17 +549,34 @@ pub async fn all_on(veer: &Veer, name: &str, keys: usize) {
     }
 }
 
-/// POSTs an admin action without a token; returns the status code.
-pub async fn admin_post(admin: SocketAddr, path: &str) -> u16 {
+/// POSTs an admin action with the token veer generated in its state dir;
+/// returns the status code.
+pub async fn admin_post(veer: &Veer, path: &str) -> u16 {
+    let token = std::fs::read_to_string(veer.dir.path().join("state/admin.token"))
+        .expect("generated admin token");
+    admin_request(veer.admin, "POST", path, Some(token.trim())).await
+}
+
+/// An admin request with an optional bearer token; returns the status code.
+pub async fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> u16 {
     let stream = TcpStream::connect(admin).await.expect("connect admin");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .expect("handshake");
     tokio::spawn(conn);
-    let req = Request::post(path)
-        .header("host", "admin")
-        .body(Full::new(Bytes::new()))
-        .expect("request");
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = req.body(Full::new(Bytes::new())).expect("request");
     sender
         .send_request(req)
         .await

@@ -67,6 +67,7 @@ pub struct RawTls {
 pub struct RawAdmin {
     pub listen: Option<Spanned<String>>,
     pub token_file: Option<Spanned<String>>,
+    pub read_token: Option<Spanned<bool>>,
 }
 
 /// `[state]`.

@@ -203,8 +203,8 @@ impl Validator<'_> {
             self.err(
                 w.span(),
                 format!(
-                    "webhook {:?} is not an http[s]://host[:port][/path] URL",
-                    w.get_ref()
+                    "webhook {:?} is not an http[s]://host[:port][/path] URL without credentials",
+                    super::redact_url(w.get_ref())
                 ),
             );
             return None;
@@ -417,7 +417,11 @@ impl Validator<'_> {
                 format!("admin listen {listen} is not loopback: set [admin] token_file so that only holders of the token can act"),
             );
         }
-        AdminSettings { listen, token_file }
+        AdminSettings {
+            listen,
+            token_file,
+            read_token: a.read_token.as_ref().is_some_and(|b| *b.get_ref()),
+        }
     }
 
     fn route(&mut self, r: &Spanned<RawRoute>) -> Option<Route> {

@@ -31,6 +31,9 @@ use crate::headers::Scheme;
 use crate::service::handle;
 use crate::shared::Shared;
 
+/// Streams one HTTP/2 client connection may have open at once.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+
 /// Connection-level settings fixed at start.
 #[derive(Clone)]
 pub struct Limits {
@@ -114,6 +117,9 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(limits.idle_timeout / 2))
         .keep_alive_timeout(Duration::from_secs(20))
+        // As nginx's http2_max_concurrent_streams: one connection cannot
+        // start an unbounded number of requests at once.
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
         .max_header_list_size(limits.max_header_bytes as u32);
     let builder = Arc::new(builder);
     let scheme = if tls.is_some() {

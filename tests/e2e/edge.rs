@@ -473,3 +473,75 @@ async fn a_rejected_webhook_url_never_shows_its_secret() {
     );
     assert!(!logs.contains("SECRET"), "{logs}");
 }
+
+/// HTTP/1.1 framing attacks: each case on a fresh connection. Whatever veer
+/// answers, the upstream never receives the smuggled second request, and
+/// veer keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_smuggling_framings_never_reach_the_upstream_as_a_second_request() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nhost: a\r\n\r\n";
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "CL and TE",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "TE and CL",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\ncontent-length: 40\r\n\r\n0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "two different Content-Length",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\ncontent-length: 40\r\n\r\n{smuggled}"),
+        ),
+        (
+            "a signed Content-Length",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ncontent-length: +40\r\n\r\n{smuggled}"),
+        ),
+        (
+            "a Content-Length list",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 40, 0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "obs-fold",
+            format!("POST / HTTP/1.1\r\nhost: a\r\nx-a: b\r\n content-length: 40\r\n\r\n{smuggled}"),
+        ),
+        (
+            "space before the colon",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ncontent-length : 40\r\n\r\n{smuggled}"),
+        ),
+        (
+            "chunked not last",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "bare LF",
+            format!("POST / HTTP/1.1\nhost: a\ncontent-length: 40\n\n{smuggled}"),
+        ),
+    ];
+    for (name, bytes) in cases {
+        let before = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+        let mut c = TcpStream::connect(veer.addr).await.unwrap();
+        let _ = c.write_all(bytes.as_bytes()).await;
+        // Read whatever veer answers until it closes or goes quiet.
+        let mut buf = vec![0u8; 8192];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(500), c.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+        }
+        drop(c);
+        let after = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            after - before <= 1,
+            "{name}: the upstream got {} requests",
+            after - before
+        );
+        assert_ne!(*s.last_uri.lock().unwrap(), "/smuggled", "{name}: smuggled");
+        let r = get(veer.addr, "/after", &[]).await.unwrap();
+        assert_eq!(r.status(), 200, "{name}: veer stopped serving");
+    }
+}

@@ -109,6 +109,10 @@ pub struct Route {
     pub connect_timeout: Duration,
     /// Whether upstream 4xx responses count as errors against a version.
     pub count_4xx_as_errors: bool,
+    /// Connections veer opens at once to one endpoint of this route; more
+    /// requests wait (a bounded queue, at most `connect_timeout`), then get
+    /// 503.
+    pub max_upstream_connections: usize,
     /// The stable version.
     pub stable: Version,
     /// The canary version, if one is deployed.

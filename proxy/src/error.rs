@@ -36,6 +36,10 @@ pub enum ProxyError {
     /// The client's request body was malformed (e.g. bad chunked framing).
     #[error("the client's request body was malformed")]
     ClientBadBody,
+    /// Every connection to the endpoint is busy and the wait for one is
+    /// full or over (`max_upstream_connections`).
+    #[error("the upstream has no free connection")]
+    Overloaded,
     /// A connection over `max_connections_per_ip`, closed on accept.
     #[error("too many connections from the client's address")]
     TooManyConnections,
@@ -54,7 +58,9 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST
             }
             ProxyError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::TooManyConnections | ProxyError::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -71,6 +77,7 @@ impl ProxyError {
             ProxyError::ClientAborted => "client_aborted",
             ProxyError::ClientBadBody => "client_bad_body",
             ProxyError::TooManyConnections => "too_many_connections",
+            ProxyError::Overloaded => "overloaded",
         }
     }
 
@@ -97,7 +104,7 @@ impl ProxyError {
                 "bad request\n"
             }
             ProxyError::ClientTimeout => "request timeout\n",
-            ProxyError::TooManyConnections => "service unavailable\n",
+            ProxyError::TooManyConnections | ProxyError::Overloaded => "service unavailable\n",
         }
     }
 
@@ -116,13 +123,14 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 6] = [
+pub const PROXY_KINDS: [ProxyError; 7] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
     ProxyError::ClientAborted,
     ProxyError::ClientBadBody,
     ProxyError::TooManyConnections,
+    ProxyError::Overloaded,
 ];
 
 /// The upstream error kinds, in `upstream_index` order.

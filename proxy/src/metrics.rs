@@ -106,7 +106,7 @@ impl VersionMetrics {
 #[derive(Clone)]
 pub struct ProxyErrorMetrics {
     /// One counter per kind of [`crate::error::PROXY_KINDS`], created at 0.
-    pub by_kind: [IntCounter; 6],
+    pub by_kind: [IntCounter; 7],
 }
 
 impl ProxyErrorMetrics {

@@ -280,8 +280,10 @@ async fn exchange(
     let Some(first) = endpoints.get(pick.first()) else {
         return Err(ProxyError::UpstreamConnect);
     };
-    let (mut sender, upstream) = match acquire(first, route, upgrade).await {
+    let (mut sender, upstream) = match first.get(route.connect_timeout, upgrade).await {
         Ok(s) => (s, first),
+        // The cap is not the endpoint failing: no back-off, no retry elsewhere.
+        Err(ProxyError::Overloaded) => return Err(ProxyError::Overloaded),
         Err(e) => {
             first.mark_failed();
             version.metrics.upstream_error(0);
@@ -292,8 +294,9 @@ async fn exchange(
             else {
                 return Err(e);
             };
-            match acquire(second, route, upgrade).await {
+            match second.get(route.connect_timeout, upgrade).await {
                 Ok(s) => (s, second),
+                Err(ProxyError::Overloaded) => return Err(ProxyError::Overloaded),
                 Err(e) => {
                     second.mark_failed();
                     return Err(e);
@@ -313,29 +316,22 @@ async fn exchange(
                 }
                 return Err(kind);
             };
+            // Its permit goes back before a fresh connection asks for one.
+            drop(sender);
             let mut fresh = upstream
                 .connect(route.connect_timeout)
                 .await
-                .inspect_err(|_| upstream.mark_failed())?;
+                .inspect_err(|e| {
+                    if *e != ProxyError::Overloaded {
+                        upstream.mark_failed()
+                    }
+                })?;
             match fresh.send_request(req).await {
                 Ok(resp) => Ok((resp, fresh, upstream.clone())),
                 Err(e) => Err(ProxyError::from_hyper(&e)),
             }
         }
     }
-}
-
-async fn acquire(
-    upstream: &Upstream,
-    route: &RouteTarget,
-    upgrade: bool,
-) -> Result<Sender, ProxyError> {
-    if !upgrade {
-        if let Some(s) = upstream.checkout() {
-            return Ok(s);
-        }
-    }
-    upstream.connect(route.connect_timeout).await
 }
 
 async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, addr: SocketAddr) {

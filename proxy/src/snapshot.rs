@@ -135,6 +135,20 @@ impl Snapshot {
     ) -> Snapshot {
         let mut router = Router::default();
         let mut routes = Vec::with_capacity(config.routes.len());
+        // An endpoint named by several routes gets the largest of their caps.
+        let mut caps: std::collections::HashMap<std::net::SocketAddr, usize> =
+            std::collections::HashMap::new();
+        for r in &config.routes {
+            for v in std::iter::once(&r.stable).chain(r.canary.as_ref()) {
+                for e in &v.endpoints {
+                    if let Some(a) = addrs.get(&e.addr) {
+                        let c = caps.entry(*a).or_insert(0);
+                        *c = (*c).max(r.max_upstream_connections);
+                    }
+                }
+            }
+        }
+        let cap_of = |a: &std::net::SocketAddr| caps.get(a).copied().unwrap_or(1024);
         for (i, r) in config.routes.iter().enumerate() {
             router.add(&r.hosts, &r.path_prefix, i);
             let input = inputs(r);
@@ -146,7 +160,7 @@ impl Snapshot {
                         .filter_map(|e| {
                             addrs
                                 .get(&e.addr)
-                                .map(|a| (upstreams.get(*a), e.weight, e.addr.clone()))
+                                .map(|a| (upstreams.get(*a, cap_of(a)), e.weight, e.addr.clone()))
                         })
                         .collect(),
                 ),

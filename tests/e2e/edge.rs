@@ -545,3 +545,43 @@ async fn request_smuggling_framings_never_reach_the_upstream_as_a_second_request
         assert_eq!(r.status(), 200, "{name}: veer stopped serving");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_capped_and_the_excess_gets_503_overloaded() {
+    let s = Upstream::start("stable").await;
+    s.delay_ms.store(400, std::sync::atomic::Ordering::SeqCst);
+    let veer = Veer::start(&route_config(
+        &[s.addr],
+        &[],
+        0.0,
+        "max_upstream_connections = 2\nconnect_timeout = \"500ms\"",
+    ))
+    .await;
+    let tasks: Vec<_> = (0..24)
+        .map(|_| {
+            let addr = veer.addr;
+            tokio::spawn(async move { get(addr, "/", &[]).await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap().unwrap());
+    }
+    let ok = codes.iter().filter(|c| **c == 200).count();
+    let overloaded = codes.iter().filter(|c| **c == 503).count();
+    assert_eq!(ok + overloaded, 24, "{codes:?}");
+    assert!(ok >= 2, "{codes:?}");
+    assert!(overloaded >= 1, "{codes:?}");
+    assert!(
+        s.connections.load(std::sync::atomic::Ordering::SeqCst) <= 2,
+        "{} upstream connections",
+        s.connections.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, r#"veer_proxy_errors_total{kind="overloaded"}"#),
+        Some(overloaded as f64)
+    );
+    // Not the version's failure.
+    assert!(!m.contains(r#"veer_upstream_errors_total{kind="connect",route="web",version="v1"} 1"#));
+}

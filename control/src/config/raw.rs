@@ -89,6 +89,7 @@ pub struct RawRoute {
     pub timeout: Option<Spanned<String>>,
     pub connect_timeout: Option<Spanned<String>>,
     pub count_4xx_as_errors: Option<bool>,
+    pub max_upstream_connections: Option<Spanned<i64>>,
     pub stable: Spanned<RawVersion>,
     pub canary: Option<Spanned<RawCanary>>,
     pub judge: Option<RawJudge>,

@@ -90,6 +90,8 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: usize = 10_000;
     /// `[proxy] max_header_bytes`.
     pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+    /// `[[route]] max_upstream_connections`.
+    pub const MAX_UPSTREAM_CONNECTIONS: usize = 1024;
     /// `[proxy] header_timeout`.
     pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
     /// `[proxy] max_connections_per_ip`.
@@ -565,6 +567,12 @@ impl Validator<'_> {
             timeout,
             connect_timeout,
             count_4xx_as_errors: r.count_4xx_as_errors.unwrap_or(false),
+            max_upstream_connections: self.int_in(
+                r.max_upstream_connections.as_ref(),
+                1..=65_536,
+                defaults::MAX_UPSTREAM_CONNECTIONS as i64,
+                "max_upstream_connections",
+            ) as usize,
             stable,
             canary: canary.map(|c| c.0),
             canary_weight_bp,

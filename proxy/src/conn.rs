@@ -22,6 +22,89 @@ use tokio::time::Instant;
 
 use crate::body::{BoxError, ProxyBody};
 
+/// A client connection's place: its `max_connections` permit, its count in
+/// its address's `max_connections_per_ip`, and its `veer_open_connections`
+/// count. Shared by the connection and any tunnel upgraded from it, so an
+/// upgraded WebSocket keeps holding the slot until the tunnel ends.
+pub struct Slot {
+    _parts: Box<dyn Send + Sync>,
+    gauge: prometheus::IntGauge,
+}
+
+impl Slot {
+    /// Takes the place (the gauge counts it until the last holder drops).
+    pub fn new(parts: Box<dyn Send + Sync>, gauge: prometheus::IntGauge) -> Arc<Slot> {
+        gauge.inc();
+        Arc::new(Slot {
+            _parts: parts,
+            gauge,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// An upgraded stream that notes when bytes last moved, for the tunnel's
+/// idle timeout.
+pub struct Watched<T> {
+    inner: T,
+    last: Arc<AtomicU64>,
+    base: Instant,
+}
+
+impl<T> Watched<T> {
+    /// Wraps `inner`; moves are noted in `last` (ms after `base`).
+    pub fn new(inner: T, last: Arc<AtomicU64>, base: Instant) -> Watched<T> {
+        Watched { inner, last, base }
+    }
+
+    fn moved(&self) {
+        self.last
+            .fetch_max(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.moved();
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// The request activity of one client connection.
 #[derive(Debug)]
 pub struct Activity {

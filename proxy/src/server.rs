@@ -26,7 +26,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use veer_control::config::ProxySettings;
 
-use crate::conn::{Activity, Tracked};
+use crate::conn::{Activity, Slot, Tracked};
 use crate::headers::Scheme;
 use crate::service::handle;
 use crate::shared::Shared;
@@ -164,7 +164,10 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         let limits = limits.clone();
         tokio::spawn(async move {
-            shared.metrics.open_connections.inc();
+            let slot = Slot::new(
+                Box::new((permit, per_ip)),
+                shared.metrics.open_connections.clone(),
+            );
             let activity = Activity::new(accepted);
             let handshake = tokio::time::timeout_at(accepted + limits.header_timeout, async {
                 match tls {
@@ -183,6 +186,7 @@ pub async fn serve(
                         scheme,
                         activity,
                         limits: &limits,
+                        slot,
                     };
                     match s {
                         Stream::Plain(s) => c.serve(s, &builder, shutdown).await,
@@ -192,9 +196,6 @@ pub async fn serve(
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake not done within header_timeout"),
             }
-            shared.metrics.open_connections.dec();
-            drop(per_ip);
-            drop(permit);
         });
     }
 }
@@ -212,6 +213,7 @@ struct Conn<'a> {
     scheme: Scheme,
     activity: Arc<Activity>,
     limits: &'a Limits,
+    slot: Arc<Slot>,
 }
 
 impl Conn<'_> {
@@ -229,13 +231,15 @@ impl Conn<'_> {
             scheme,
             activity,
             limits,
+            slot,
         } = self;
         let tracked = activity.clone();
         let svc = service_fn(move |req| {
             let inflight = tracked.begin();
             let shared = shared.clone();
+            let slot = slot.clone();
             async move {
-                let resp = handle(shared, req, peer, scheme).await?;
+                let resp = handle(shared, req, peer, scheme, Some(slot)).await?;
                 Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, inflight)))
             }
         });

@@ -32,6 +32,7 @@ pub async fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     scheme: Scheme,
+    slot: Option<Arc<crate::conn::Slot>>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
     let snap = shared.snapshot.load();
@@ -54,8 +55,13 @@ pub async fn handle(
             .find(host, req.uri().path())
             .and_then(|i| snap.routes.get(i))
     });
-    let (route, body_timeout, trusted_hops) = match found {
-        Ok(Some(r)) => (r.clone(), snap.body_timeout, snap.trusted_hops),
+    let (route, body_timeout, trusted_hops, idle_timeout) = match found {
+        Ok(Some(r)) => (
+            r.clone(),
+            snap.body_timeout,
+            snap.trusted_hops,
+            snap.idle_timeout,
+        ),
         Ok(None) => {
             snap.proxy_errors.inc(ProxyError::NoRoute);
             return Ok(error_response(ProxyError::NoRoute));
@@ -103,6 +109,8 @@ pub async fn handle(
             client,
             trusted_hops,
             scheme,
+            slot,
+            idle_timeout,
         },
         body_timeout,
         &upload,
@@ -189,6 +197,10 @@ struct Hop {
     client: SocketAddr,
     trusted_hops: usize,
     scheme: Scheme,
+    /// The client connection's slot, held by a tunnel upgraded from it.
+    slot: Option<Arc<crate::conn::Slot>>,
+    /// How long a tunnel may move no byte either way.
+    idle_timeout: std::time::Duration,
 }
 
 async fn forward(
@@ -228,7 +240,13 @@ async fn forward(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(down) = downstream_upgrade {
             let up = hyper::upgrade::on(&mut resp);
-            tokio::spawn(tunnel(down, up, upstream.addr()));
+            tokio::spawn(tunnel(
+                down,
+                up,
+                upstream.addr(),
+                hop.slot.clone(),
+                hop.idle_timeout,
+            ));
         }
         let (parts, _) = resp.into_parts();
         return Ok(Response::from_parts(parts, ProxyBody::empty()));
@@ -334,13 +352,45 @@ async fn exchange(
     }
 }
 
-async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, addr: SocketAddr) {
+/// Copies both ways between an upgraded client and upstream until either
+/// side closes or no byte moves for `idle`; holds the client connection's
+/// `slot` meanwhile.
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    addr: SocketAddr,
+    slot: Option<Arc<crate::conn::Slot>>,
+    idle: std::time::Duration,
+) {
+    let _slot = slot;
     match tokio::try_join!(down, up) {
         Ok((down, up)) => {
-            let mut down = TokioIo::new(down);
+            let base = tokio::time::Instant::now();
+            let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let mut down = crate::conn::Watched::new(TokioIo::new(down), last.clone(), base);
             let mut up = TokioIo::new(up);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                tracing::debug!(upstream = %addr, error = %e, "tunnel ended");
+            let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+            tokio::pin!(copy);
+            let sleep = tokio::time::sleep(idle);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    r = &mut copy => {
+                        if let Err(e) = r {
+                            tracing::debug!(upstream = %addr, error = %e, "tunnel ended");
+                        }
+                        return;
+                    }
+                    () = &mut sleep => {
+                        let last_ms = last.load(std::sync::atomic::Ordering::Relaxed);
+                        let due = base + std::time::Duration::from_millis(last_ms) + idle;
+                        if due <= tokio::time::Instant::now() {
+                            tracing::debug!(upstream = %addr, "tunnel idle for idle_timeout: closed");
+                            return;
+                        }
+                        sleep.as_mut().reset(due);
+                    }
+                }
             }
         }
         Err(e) => tracing::debug!(upstream = %addr, error = %e, "upgrade failed"),

@@ -76,6 +76,8 @@ pub struct Snapshot {
     pub body_timeout: Duration,
     /// `[proxy] trusted_hops`.
     pub trusted_hops: usize,
+    /// `[proxy] idle_timeout` (for tunnels).
+    pub idle_timeout: Duration,
     /// Counters for requests that reach no version.
     pub proxy_errors: ProxyErrorMetrics,
 }
@@ -189,6 +191,7 @@ impl Snapshot {
             routes,
             body_timeout: config.proxy.body_timeout,
             trusted_hops: config.proxy.trusted_hops,
+            idle_timeout: config.proxy.idle_timeout,
             proxy_errors: metrics.proxy_errors(),
         }
     }

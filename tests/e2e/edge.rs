@@ -585,3 +585,56 @@ async fn upstream_connections_are_capped_and_the_excess_gets_503_overloaded() {
     // Not the version's failure.
     assert!(!m.contains(r#"veer_upstream_errors_total{kind="connect",route="web",version="v1"} 1"#));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_tunnels_hold_their_slot_are_counted_and_close_when_idle() {
+    use futures_util::{SinkExt, StreamExt};
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&with_proxy(
+        route_config(&[s.addr], &[], 0.0, ""),
+        "max_connections = 2\nidle_timeout = \"2s\"",
+    ))
+    .await;
+    let mut tunnels = Vec::new();
+    for _ in 0..2 {
+        let stream = TcpStream::connect(veer.addr).await.unwrap();
+        let (mut ws, resp) =
+            tokio_tungstenite::client_async(format!("ws://{}/ws", veer.addr), stream)
+                .await
+                .expect("websocket through veer");
+        assert_eq!(resp.status(), 101);
+        ws.send("hi".into()).await.unwrap();
+        assert_eq!(
+            ws.next()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_text()
+                .unwrap()
+                .as_str(),
+            "hi"
+        );
+        tunnels.push(ws);
+    }
+    // Both slots are the tunnels': they are counted as open connections.
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, "veer_open_connections"), Some(2.0), "{m}");
+    // Idle tunnels are closed by veer, and their slots come back.
+    for mut ws in tunnels {
+        let end = tokio::time::timeout(Duration::from_secs(20), ws.next()).await;
+        assert!(
+            matches!(
+                end,
+                Ok(None)
+                    | Ok(Some(Err(_)))
+                    | Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))))
+            ),
+            "the idle tunnel stayed open: {end:?}"
+        );
+    }
+    let r = tokio::time::timeout(Duration::from_secs(20), get(veer.addr, "/", &[]))
+        .await
+        .expect("served once the tunnels closed")
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -183,6 +183,22 @@ impl RouteRuntime {
     }
 }
 
+/// What a re-resolution gives: endpoint name to address, or why not.
+type ResolveResult = Result<HashMap<String, SocketAddr>, String>;
+/// A re-resolution under way.
+type Resolving = tokio::task::JoinHandle<ResolveResult>;
+/// Longest wait for a re-resolution's DNS answers.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The result of the re-resolution under way, if any (never ready when
+/// there is none).
+async fn wait_resolved(resolving: &mut Option<(u64, Resolving)>) -> ResolveResult {
+    match resolving {
+        Some((_, h)) => h.await.unwrap_or_else(|e| Err(e.to_string())),
+        None => std::future::pending().await,
+    }
+}
+
 /// The controller.
 pub struct Controller {
     shared: Arc<Shared>,
@@ -395,9 +411,19 @@ impl Controller {
         let mut save = tokio::time::interval(SAVE_EVIDENCE);
         save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         save.reset();
+        // Re-resolution runs beside the loop (DNS can take seconds), so the
+        // judge keeps ticking meanwhile; its result is applied when it comes,
+        // if the config it was made for is still the one in force.
+        let mut resolving: Option<(u64, Resolving)> = None;
         loop {
             tokio::select! {
-                _ = resolve.tick() => self.re_resolve().await,
+                _ = resolve.tick(), if resolving.is_none() => {
+                    resolving = self.start_resolve().map(|h| (self.generation, h));
+                }
+                r = wait_resolved(&mut resolving) => {
+                    let generation = resolving.take().map_or(0, |(g, _)| g);
+                    self.finish_resolve(generation, r);
+                }
                 _ = triggers.next() => {
                     if let Some(applied) = self.reload.check().await {
                         self.apply(applied).await;
@@ -442,7 +468,9 @@ impl Controller {
     /// Resolves endpoint host names again; a changed address is applied as a
     /// new snapshot (the same config generation). Failures keep the old
     /// addresses. Configs with only IP endpoints skip this.
-    async fn re_resolve(&mut self) {
+    /// Starts re-resolving the config's host-name endpoints off the loop,
+    /// bounded by [`RESOLVE_TIMEOUT`]; None when every endpoint is an address.
+    fn start_resolve(&self) -> Option<Resolving> {
         let named = self
             .config
             .routes
@@ -452,11 +480,26 @@ impl Controller {
             .flat_map(|v| &v.endpoints)
             .all(|e| e.addr.parse::<SocketAddr>().is_ok())
         {
-            return;
+            return None;
         }
         let config = self.config.clone();
-        match tokio::task::spawn_blocking(move || crate::snapshot::resolve(&config)).await {
-            Ok(Ok(addrs)) if addrs != self.addrs => {
+        Some(tokio::spawn(async move {
+            let lookup = tokio::task::spawn_blocking(move || crate::snapshot::resolve(&config));
+            match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
+                Ok(Ok(r)) => r.map_err(|e| e.to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {RESOLVE_TIMEOUT:?}")),
+            }
+        }))
+    }
+
+    /// Applies a re-resolution made for config `generation`.
+    fn finish_resolve(&mut self, generation: u64, r: ResolveResult) {
+        if generation != self.generation {
+            return; // made for a config no longer in force
+        }
+        match r {
+            Ok(addrs) if addrs != self.addrs => {
                 let changed: Vec<String> = addrs
                     .iter()
                     .filter(|(name, a)| self.addrs.get(*name) != Some(*a))
@@ -466,10 +509,7 @@ impl Controller {
                 self.addrs = addrs;
                 self.rebuild();
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "re-resolving endpoints failed; the previous addresses stay")
-            }
+            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "re-resolving endpoints failed; the previous addresses stay")
             }

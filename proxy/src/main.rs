@@ -70,7 +70,11 @@ enum Command {
     },
 }
 
+/// A duration with a unit ("45s", "2m"), or a bare number of seconds.
 fn humantime_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.trim().parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 

@@ -21,7 +21,7 @@ impl prometheus::core::Collector for SharedCollector {
     }
 }
 
-/// Status classes, in [`VersionMetrics::responses`] order.
+/// Status classes, in the order of a version's response counters.
 pub const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Latency buckets of `veer_request_duration_seconds`, 0.5 ms to 30 s.

@@ -488,7 +488,15 @@ impl Validator<'_> {
             }
         };
         let timeout = self.duration(r.timeout.as_ref(), defaults::TIMEOUT);
-        let connect_timeout = self.duration(r.connect_timeout.as_ref(), defaults::CONNECT_TIMEOUT);
+        // The default connect_timeout (1 s) shrinks to a shorter `timeout`;
+        // only one set explicitly above `timeout` is a mistake.
+        let connect_timeout = self
+            .duration(r.connect_timeout.as_ref(), defaults::CONNECT_TIMEOUT)
+            .min(if r.connect_timeout.is_none() {
+                timeout
+            } else {
+                Duration::MAX
+            });
         if connect_timeout > timeout {
             let span = r
                 .connect_timeout
@@ -1100,5 +1108,21 @@ weight = 5.001
     fn line_and_column_count_characters() {
         let d = Diagnostic::at("ab\ncdé f", 8, "x");
         assert_eq!((d.line, d.col), (2, 5));
+    }
+
+    #[test]
+    fn a_short_timeout_alone_shrinks_the_default_connect_timeout() {
+        let c = parse(&MINIMAL.replace("name = \"web\"", "name = \"web\"\ntimeout = \"300ms\""))
+            .expect("a 300ms timeout alone is valid");
+        let r = &c.routes[0];
+        assert_eq!(r.connect_timeout, Duration::from_millis(300));
+        let explicit = MINIMAL.replace(
+            "name = \"web\"",
+            "name = \"web\"\ntimeout = \"300ms\"\nconnect_timeout = \"1s\"",
+        );
+        assert!(
+            parse(&explicit).is_err(),
+            "an explicit one above timeout is a mistake"
+        );
     }
 }

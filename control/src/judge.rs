@@ -1151,16 +1151,7 @@ mod tests {
         assert_eq!(v.guard, "bluegreen_latency_test", "{}", v.reason);
     }
 
-    /// The settings of `config.example.toml`'s judge section.
-    fn reference() -> JudgeSettings {
-        JudgeSettings {
-            max_error_rate: Some(0.05),
-            max_error_rate_ratio: Some(2.0),
-            max_latency_ms: vec![(Quantile::P99, 800.0)],
-            max_latency_ratio: vec![(Quantile::P99, 1.3)],
-            ..settings()
-        }
-    }
+    use crate::limits::reference;
 
     #[test]
     fn every_test_shares_one_alpha() {

@@ -319,20 +319,22 @@ fn combine(rel: f64, abs: Option<f64>, w: f64) -> f64 {
     }
 }
 
+/// The judge section of `config.example.toml`, for tests.
+#[cfg(test)]
+pub(crate) fn reference() -> JudgeSettings {
+    JudgeSettings {
+        max_error_rate: Some(0.05),
+        max_error_rate_ratio: Some(2.0),
+        max_latency_ms: vec![(Quantile::P99, 800.0)],
+        max_latency_ratio: vec![(Quantile::P99, 1.3)],
+        ..JudgeSettings::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::JudgeSettings;
-
-    fn reference() -> JudgeSettings {
-        JudgeSettings {
-            max_error_rate: Some(0.05),
-            max_error_rate_ratio: Some(2.0),
-            max_latency_ms: vec![(Quantile::P99, 800.0)],
-            max_latency_ratio: vec![(Quantile::P99, 1.3)],
-            ..JudgeSettings::default()
-        }
-    }
 
     #[test]
     fn the_reference_limits_make_four_tests_and_no_limits_make_the_default_three() {

@@ -549,7 +549,9 @@ async fn request_smuggling_framings_never_reach_the_upstream_as_a_second_request
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_capped_and_the_excess_gets_503_overloaded() {
     let s = Upstream::start("stable").await;
-    s.delay_ms.store(400, std::sync::atomic::Ordering::SeqCst);
+    // Long enough that, however slowly a busy machine starts the 24
+    // clients, at most a few can be served before the others' wait ends.
+    s.delay_ms.store(2_000, std::sync::atomic::Ordering::SeqCst);
     let veer = Veer::start(&route_config(
         &[s.addr],
         &[],

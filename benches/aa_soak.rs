@@ -11,6 +11,10 @@
 // A benchmark driver: a failure to set up should abort it loudly.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+#[path = "args.rs"]
+mod args;
+use args::arg;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -21,15 +25,6 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// An upstream answering 200 after 2 ms plus up to 3 ms of jitter (both
 /// versions alike).

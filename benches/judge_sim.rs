@@ -41,6 +41,10 @@
 //! limits are configured), so table (a) measures exactly what the
 //! `false_revert_rate` bound promises.
 
+#[path = "args.rs"]
+mod args;
+use args::{arg, str_arg};
+
 use std::time::{Duration, Instant};
 
 use veer_control::config::JudgeSettings;
@@ -367,12 +371,6 @@ fn settings() -> JudgeSettings {
             s
         })
         .clone()
-}
-
-fn str_arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    let i = args.iter().position(|a| a == name)?;
-    args.get(i + 1).cloned()
 }
 
 /// The judge interval in ms.
@@ -786,15 +784,6 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
         return f64::NAN;
     }
     sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
-}
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// One row of table (b).

@@ -200,8 +200,16 @@ pub fn prepare_request(
         xff.extend_from_slice(prev.as_bytes());
         xff.extend_from_slice(b", ");
     }
+    // The peer's address, formatted once for XFF, X-Real-IP and Forwarded.
     let peer_ip = peer.ip().to_canonical();
-    let _ = write!(WriteBytes(&mut xff), "{peer_ip}");
+    let mut peer_text = [0u8; 48];
+    let peer_len = {
+        let mut w = &mut peer_text[..];
+        let _ = write!(w, "{peer_ip}");
+        48 - w.len()
+    };
+    let peer_text = &peer_text[..peer_len];
+    xff.extend_from_slice(peer_text);
     let xff = HeaderValue::from_maybe_shared(xff.freeze()).map_err(|_| ProxyError::BadRequest)?;
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(X_FORWARDED_PROTO.clone(), scheme.value());
@@ -209,8 +217,12 @@ pub fn prepare_request(
     if let Some(h) = &host {
         headers.insert(X_FORWARDED_HOST.clone(), h.clone());
     }
-    let real = HeaderValue::from_str(&client.ip().to_canonical().to_string())
-        .map_err(|_| ProxyError::BadRequest)?;
+    let real = if client.ip().to_canonical() == peer_ip {
+        HeaderValue::from_bytes(peer_text)
+    } else {
+        HeaderValue::from_str(&client.ip().to_canonical().to_string())
+    }
+    .map_err(|_| ProxyError::BadRequest)?;
     headers.insert(X_REAL_IP.clone(), real);
     // This hop's Forwarded element: for= the peer, proto, host (quoted).
     let mut fwd = BytesMut::with_capacity(96);
@@ -220,18 +232,18 @@ pub fn prepare_request(
             fwd.extend_from_slice(b", ");
         }
     }
-    let for_ = match peer_ip {
-        std::net::IpAddr::V4(v4) => v4.to_string(),
-        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let _ = write!(
-        WriteBytes(&mut fwd),
-        "for={for_};proto={}",
-        match scheme {
-            Scheme::Http => "http",
-            Scheme::Https => "https",
-        }
-    );
+    fwd.extend_from_slice(b"for=");
+    if peer_ip.is_ipv6() {
+        fwd.extend_from_slice(b"\"[");
+        fwd.extend_from_slice(peer_text);
+        fwd.extend_from_slice(b"]\"");
+    } else {
+        fwd.extend_from_slice(peer_text);
+    }
+    fwd.extend_from_slice(match scheme {
+        Scheme::Http => b";proto=http",
+        Scheme::Https => b";proto=https",
+    });
     if let Some(h) = host.as_ref().and_then(|h| h.to_str().ok()) {
         if !h.contains('"') && !h.contains('\\') {
             let _ = write!(WriteBytes(&mut fwd), ";host=\"{h}\"");
@@ -363,6 +375,23 @@ mod tests {
         )
         .expect("ok");
         assert_eq!(h["x-forwarded-for"], "6.6.6.6, 1.1.1.1, 2.2.2.2, 10.0.0.9");
+        // An IPv6 peer is quoted and bracketed in Forwarded (RFC 7239).
+        let v6: SocketAddr = "[2001:db8::1]:443".parse().expect("addr");
+        let mut h = HeaderMap::new();
+        prepare_request(
+            &Method::GET,
+            &mut uri,
+            &mut v,
+            &mut h,
+            v6,
+            v6,
+            0,
+            Scheme::Https,
+            false,
+        )
+        .expect("ok");
+        assert_eq!(h["x-real-ip"], "2001:db8::1");
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=https");
     }
 
     #[test]

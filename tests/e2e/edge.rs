@@ -9,6 +9,9 @@ use tokio::net::TcpStream;
 
 use super::support::{get, metric, route_config, Upstream, Veer};
 
+/// A plain keep-alive GET.
+const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+
 /// `route_config` with `[proxy]` settings added.
 fn with_proxy(base: String, proxy: &str) -> String {
     base.replace(
@@ -87,13 +90,8 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
         "idle_timeout = \"1s\"",
     ))
     .await;
-    let mut c = TcpStream::connect(veer.addr).await.unwrap();
-    c.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = c.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let (mut c, code) = send(veer.addr, GET).await;
+    assert_eq!(code, 200);
     assert!(closed_by_veer(&mut c).await, "idle keep-alive stayed open");
 }
 
@@ -128,17 +126,12 @@ async fn one_address_gets_at_most_max_connections_per_ip() {
     .await;
     let mut held = Vec::new();
     for _ in 0..2 {
-        let mut c = TcpStream::connect(veer.addr).await.unwrap();
-        c.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = vec![0u8; 4096];
-        let n = c.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let (c, code) = send(veer.addr, GET).await;
+        assert_eq!(code, 200);
         held.push(c);
     }
     let mut third = TcpStream::connect(veer.addr).await.unwrap();
-    let _ = third.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    let _ = third.write_all(GET).await;
     assert!(
         closed_by_veer(&mut third).await,
         "a third connection was served"
@@ -155,13 +148,7 @@ async fn one_address_gets_at_most_max_connections_per_ip() {
     drop(held.pop());
     let until = Instant::now() + Duration::from_secs(20);
     loop {
-        let mut c = TcpStream::connect(veer.addr).await.unwrap();
-        c.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = vec![0u8; 4096];
-        let n = c.read(&mut buf).await.unwrap_or(0);
-        if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200") {
+        if send(veer.addr, GET).await.1 == 200 {
             break;
         }
         assert!(Instant::now() < until, "the freed place never came back");
@@ -196,20 +183,28 @@ async fn an_idle_h2_connection_is_closed_after_idle_timeout() {
     assert!(ended.is_ok(), "the idle h2 connection stayed open");
 }
 
-/// Sends raw bytes on a fresh connection; returns the response's status code.
-async fn status_of(addr: std::net::SocketAddr, bytes: &[u8]) -> u16 {
+/// Sends raw bytes on a fresh connection; returns the connection, still
+/// open, and the response's status code (0 if none came).
+async fn send(addr: std::net::SocketAddr, bytes: &[u8]) -> (TcpStream, u16) {
     let mut c = TcpStream::connect(addr).await.unwrap();
-    c.write_all(bytes).await.unwrap();
+    let _ = c.write_all(bytes).await;
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    let n = match tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf)).await {
+        Ok(Ok(n)) => n,
+        _ => 0,
+    };
     let text = String::from_utf8_lossy(&buf[..n]).to_string();
-    text.split(' ')
+    let code = text
+        .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0);
+    (c, code)
+}
+
+/// Sends raw bytes on a fresh connection; returns the response's status code.
+async fn status_of(addr: std::net::SocketAddr, bytes: &[u8]) -> u16 {
+    send(addr, bytes).await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,15 +416,7 @@ async fn read_token_guards_status_and_metrics_but_not_probes() {
 #[test]
 fn a_token_file_others_can_read_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("token"), "s3cret\n").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            dir.path().join("token"),
-            std::fs::Permissions::from_mode(0o644),
-        )
-        .unwrap();
-    }
+    super::support::write_with_mode(&dir.path().join("token"), "s3cret\n", 0o644);
     let config = route_config(&["127.0.0.1:9".parse().unwrap()], &[], 0.0, "")
         .replace("[admin]\n", "[admin]\ntoken_file = \"token\"\n")
         .replace("@STATE@", &dir.path().join("state").display().to_string());

@@ -316,15 +316,7 @@ async fn admin_actions_need_the_token_and_persist() {
     let config = route_config(&[s.addr], &[c.addr], 30.0, "")
         .replace("[admin]\n", "[admin]\ntoken_file = \"admin.token\"\n");
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("admin.token"), "s3cret\n").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            dir.path().join("admin.token"),
-            std::fs::Permissions::from_mode(0o600),
-        )
-        .unwrap();
-    }
+    super::support::write_with_mode(&dir.path().join("admin.token"), "s3cret\n", 0o600);
     let path = dir.path().join("veer.toml");
     std::fs::write(
         &path,

@@ -599,3 +599,10 @@ pub fn reference_judge() -> String {
         .collect();
     section.join("\n") + "\n"
 }
+
+/// Writes `text` to `path` with Unix permissions `mode` (token files).
+pub fn write_with_mode(path: &Path, text: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}

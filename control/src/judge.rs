@@ -22,14 +22,17 @@
 //! requests are often slow while caches fill); the error tests and the gross
 //! guards apply from its first request. After a blue-green flip the new
 //! colour is tested against the old colour's window from before the flip
-//! (the watch), each watch test with its own `α/k` share.
+//! (the watch): its error rate against an upper bound on the old one's, and
+//! each tested quantile against an upper bound on the old one's times a
+//! tolerance (1.2, or 1.5 for p99 and above), each bound and each test with
+//! its own `α/k` share.
 //! Too little data never reverts: it gives `insufficient_data`.
 
 use std::time::Duration;
 
 use crate::config::{JudgeSettings, Quantile};
 use crate::limits::{self, Batch, Limit, LimitTest, Spec, MIN_CANARY_EVENTS};
-use crate::onesample::OneSample;
+use crate::onesample::{quantile_upper_bound, rate_upper_bound, OneSample};
 use crate::window::{Slice, Stats, Window};
 
 /// Canary requests over the burst guard's 10 s before it may act.
@@ -192,20 +195,17 @@ pub struct Judge {
 /// Ticks after a blue-green flip that are not tested: the new colour's
 /// connection pools and caches are cold for its first requests.
 const WATCH_WARMUP_TICKS: usize = 2;
-/// blue-green latency: `(tolerance, margin)` for a quantile. A request is
-/// slow when it exceeds the old colour's quantile by `tolerance`, and the
-/// slow-request rate must exceed the old colour's by `margin` (at least) to
-/// count as a regression. A baseline from the past cannot tell a small
-/// slowdown from drift in load since, so only large shifts are tested, and
-/// tails (p99 and above), which drift most with load and CPU contention,
-/// need larger ones: a loopback service's p99 that rose from 0.35 % to 1 %
-/// of requests over 1.2x the old p99 under a busier machine was reverted
-/// with 1.2x / 2x for every quantile.
-fn watch_latency_limits(q: Quantile) -> (f64, f64) {
+/// blue-green latency: how much slower than the old colour's quantile the
+/// new colour's may be. A baseline from the past cannot tell a small
+/// slowdown from drift in load since the flip, so only large shifts are
+/// tested, and tails (p99 and above), which drift most with load and CPU
+/// contention, need larger ones (in CI a 20 ms service's p99 moved 1.14x
+/// with nothing changed but the machine's load).
+fn watch_tolerance(q: Quantile) -> f64 {
     if q.fraction() >= 0.99 {
-        (1.5, 3.0)
+        1.5
     } else {
-        (1.2, 2.0)
+        1.2
     }
 }
 
@@ -269,28 +269,27 @@ impl Judge {
             self.watch = None;
             return false;
         }
-        let slow = self
-            .latency_quantiles()
+        // Each watch test spends one α/k share on its baseline's bound and
+        // one on its sequential test (see `threshold`); the latency bounds
+        // split theirs between the quantiles.
+        let delta = 1.0 / self.threshold();
+        let quantiles = self.latency_quantiles();
+        let per_quantile = delta / quantiles.len().max(1) as f64;
+        let slow = quantiles
             .iter()
-            .map(|q| {
-                let (tolerance, margin) = watch_latency_limits(*q);
-                let t = (st.latency.value_at_quantile(q.fraction()) as f64 * tolerance) as u64;
-                (
-                    t,
-                    OneSample::new(
-                        count_above(&st.latency, t),
-                        st.requests,
-                        self.settings.margin.max(margin),
-                    ),
-                )
+            .filter_map(|q| {
+                let bound = quantile_upper_bound(&st.latency, q.fraction(), per_quantile)?;
+                let t = (bound as f64 * watch_tolerance(*q).max(self.settings.margin)) as u64;
+                Some((t, OneSample::at(1.0 - q.fraction())))
             })
             .collect();
+        let null = rate_upper_bound(st.errors, st.requests, delta) * self.settings.margin.max(1.0);
         let interval = self.settings.interval.max(Duration::from_millis(1));
         self.watch = Some(Watch {
             warmup: WATCH_WARMUP_TICKS,
             ticks_left: (self.settings.watch.as_secs_f64() / interval.as_secs_f64()).ceil()
                 as usize,
-            errors: OneSample::new(st.errors, st.requests, self.settings.margin),
+            errors: OneSample::at(null),
             slow,
         });
         true
@@ -457,10 +456,12 @@ impl Judge {
         true
     }
 
-    /// What each test's e-value must reach: `k/α` for `k` tests (the
-    /// blue-green watch's two tests counted on blue-green routes).
+    /// What each test's e-value must reach: `k/α` for `k` shares of α.
+    /// Each limit test takes one; on blue-green routes each of the watch's
+    /// two tests (errors, latency) takes two: one for the bound on the old
+    /// colour's baseline, one for the sequential test against it.
     pub fn threshold(&self) -> f64 {
-        let k = self.specs.len() + if self.settings.blue_green { 2 } else { 0 };
+        let k = self.specs.len() + if self.settings.blue_green { 4 } else { 0 };
         k.max(1) as f64 / self.settings.false_revert_rate
     }
 
@@ -691,7 +692,7 @@ impl Judge {
                 status: Status::Breach,
                 guard: "bluegreen_error_test",
                 reason: format!(
-                    "after the flip: {} errors in {} requests against {:.3}% before it; E = {:.1} ≥ {threshold:.0}",
+                    "after the flip: {} errors in {} requests, over {:.3}% (the old colour's rate at most, with the margin); E = {:.1} ≥ {threshold:.0}",
                     w.errors.bad(),
                     w.errors.requests(),
                     w.errors.null_rate() * 100.0,
@@ -711,7 +712,7 @@ impl Judge {
                 .iter()
                 .map(|(t, s)| {
                     format!(
-                        "{} of {} over {:.1} ms (was {:.2}%)",
+                        "{} of {} over {:.1} ms ({:.1}% allowed)",
                         s.bad(),
                         s.requests(),
                         *t as f64 / 1000.0,
@@ -1143,9 +1144,32 @@ mod tests {
             assert!(j.start_watch());
             first_breach(&mut j, 60, || input(1.0, tick(0, 0, 1), tick_of(after))).map(|(_, v)| v)
         };
-        // 2.8 times the old share above 1.5x the old p99 (as seen on a busier
-        // machine): drift, not a regression.
-        assert_eq!(watched(&[(2_000, 976), (5_000, 10), (10_000, 14)]), None);
+        // Twice the old share above the old p99, p50 5 % slower (as seen on
+        // a busier machine): drift, not a regression.
+        assert_eq!(watched(&[(2_100, 980), (5_000, 10), (10_000, 10)]), None);
+        // A tight 22 ms service whose share over 1.2x its p50 went from
+        // 0.4 % to 1.9 % under CI's load (the p99 1.14x): no revert either.
+        let tight = |watched_after: &[(u64, u64)]| {
+            let mut j = Judge::new(&JudgeSettings {
+                blue_green: true,
+                ..settings()
+            });
+            for _ in 0..20 {
+                j.tick(input(
+                    0.0,
+                    tick_of(&[(22_000, 985), (24_500, 11), (27_000, 4)]),
+                    tick(0, 0, 1),
+                ));
+            }
+            assert!(j.start_watch());
+            first_breach(&mut j, 60, || {
+                input(1.0, tick(0, 0, 1), tick_of(watched_after))
+            })
+            .map(|(_, v)| v)
+        };
+        assert_eq!(tight(&[(22_200, 970), (28_000, 11), (30_800, 8)]), None);
+        let v = tight(&[(30_000, 1000)]).expect("a 36 % slower p50 is reverted");
+        assert_eq!(v.guard, "bluegreen_latency_test", "{}", v.reason);
         // Everything twice as slow: reverted on latency.
         let v = watched(&[(4_000, 985), (10_000, 10), (20_000, 5)]).expect("breach");
         assert_eq!(v.guard, "bluegreen_latency_test", "{}", v.reason);
@@ -1163,7 +1187,7 @@ mod tests {
             blue_green: true,
             ..settings()
         };
-        assert_eq!(Judge::new(&bg).threshold(), 500.0);
+        assert_eq!(Judge::new(&bg).threshold(), 700.0);
     }
 
     #[test]

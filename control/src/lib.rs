@@ -4,7 +4,9 @@
 //! that into its routing snapshot. Reload decisions live in [`reload`]; the
 //! judge ([`judge`], whose tests per limit are in [`limits`], built on
 //! [`eprocess`], [`onesample`], [`keyfilter`] and [`window`])
-//! turns per-version measurements into verdicts; [`state`] persists the
+//! turns per-version measurements into verdicts; [`rollout`] is the state
+//! machine that turns verdicts, operator actions and config changes into
+//! decisions (revert, rollout step, promotion), and [`state`] persists the
 //! decisions that must survive a restart.
 
 pub mod config;
@@ -14,5 +16,6 @@ pub mod keyfilter;
 pub mod limits;
 pub mod onesample;
 pub mod reload;
+pub mod rollout;
 pub mod state;
 pub mod window;

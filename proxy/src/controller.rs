@@ -10,13 +10,16 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use veer_control::config::{Config, JudgeMode, JudgeSettings, Route, Strategy};
-use veer_control::judge::{Judge, SavedTests, Status, TickInput, Verdict, VersionTick};
-use veer_control::state::{canary_identity, Revert, RouteDecision, State, StateError};
+use veer_control::judge::{Judge, SavedTests, Status, TickInput, VersionTick};
+pub use veer_control::rollout::Action;
+use veer_control::rollout::{Event, Now, Output, Refused, RouteControl};
+use veer_control::state::{canary_identity, RouteDecision, State, StateError};
 use veer_control::window::Stats;
 
 use crate::notify::Notifier;
@@ -34,57 +37,15 @@ const RESOLVE: Duration = Duration::from_secs(30);
 /// more at shutdown).
 const SAVE_EVIDENCE: Duration = Duration::from_secs(10);
 
-/// An operator action on a route.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Take the canary out of traffic now.
-    Revert,
-    /// Forget the revert/promotion, restart the tests and the rollout.
-    Reset,
-    /// Keep judging and reporting, but do not act or advance the rollout.
-    Pause,
-    /// Undo `pause`.
-    Resume,
-    /// Send all traffic to the canary.
-    Promote,
-}
-
-impl Action {
-    /// Parses the action of `POST /routes/{name}/{action}`.
-    pub fn parse(s: &str) -> Option<Action> {
-        Some(match s {
-            "revert" => Action::Revert,
-            "reset" => Action::Reset,
-            "pause" => Action::Pause,
-            "resume" => Action::Resume,
-            "promote" => Action::Promote,
-            _ => return None,
-        })
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Action::Revert => "revert",
-            Action::Reset => "reset",
-            Action::Pause => "pause",
-            Action::Resume => "resume",
-            Action::Promote => "promote",
-        }
-    }
-}
-
 /// Why an action was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
     /// No such route.
     #[error("no route named {0:?}")]
     NoRoute(String),
-    /// The route has no canary to act on.
-    #[error("route {0:?} has no canary")]
-    NoCanary(String),
-    /// The action does not apply in the route's state.
-    #[error("{0}")]
-    Conflict(String),
+    /// The action does not apply to the route or its state.
+    #[error(transparent)]
+    Refused(#[from] Refused),
     /// The decision could not be persisted; nothing changed.
     #[error("could not persist the decision: {0}")]
     State(String),
@@ -113,10 +74,6 @@ struct RouteRuntime {
     /// The last tick came early, at a look: no other until the next due one.
     early: bool,
     last_w_bp: Option<u16>,
-    verdict: &'static str,
-    last: Option<Verdict>,
-    healthy_since: Option<Instant>,
-    step_since: Instant,
 }
 
 impl RouteRuntime {
@@ -138,10 +95,6 @@ impl RouteRuntime {
             last_tick: Instant::now(),
             early: false,
             last_w_bp: Some(w_bp),
-            verdict: "insufficient_data",
-            last: None,
-            healthy_since: None,
-            step_since: Instant::now(),
         };
         rt.set_thresholds();
         rt
@@ -207,9 +160,14 @@ pub struct Controller {
     addrs: HashMap<String, SocketAddr>,
     generation: u64,
     routes: HashMap<String, RouteRuntime>,
+    /// The decisions of the configured routes.
+    controls: HashMap<String, RouteControl>,
+    /// The decisions as loaded, for routes no longer configured.
     state: State,
     state_dir: PathBuf,
     notifier: Notifier,
+    /// The controls' monotonic time is measured from here.
+    origin: Instant,
 }
 
 /// The evidence a decision holds, if it still parses.
@@ -222,72 +180,21 @@ fn saved_evidence(route: &str, d: Option<&RouteDecision>) -> Option<SavedTests> 
         .ok()
 }
 
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// The canary share a route's decision puts in effect, in basis points.
-pub fn effective_bp(route: &Route, d: Option<&RouteDecision>) -> u16 {
-    if route.canary.is_none() {
-        return 0;
-    }
-    let Some(d) = d else {
-        return route.canary_weight_bp;
-    };
-    if d.reverted.is_some() {
-        return 0;
-    }
-    if d.promoted {
-        return 10_000;
-    }
-    match &route.rollout {
-        Some(r) => r
-            .steps_bp
-            .get(d.rollout_step)
-            .or(r.steps_bp.last())
-            .copied()
-            .unwrap_or(route.canary_weight_bp),
-        None => route.canary_weight_bp,
-    }
-}
-
-/// Moves each route's decision to the canary identity the config names (see
-/// [`RouteDecision::for_identity`]: a reverted identity stays reverted).
-fn reconcile_state(config: &Config, state: &mut State) -> bool {
-    let mut changed = false;
-    for r in &config.routes {
-        let id = canary_identity(r);
-        let current = state.routes.get(&r.name).cloned().unwrap_or_default();
-        if state.routes.contains_key(&r.name) && current.canary_identity == id {
-            continue;
-        }
-        let next = current.for_identity(id);
-        if next.reverted.is_some() {
-            tracing::warn!(route = %r.name, "this canary was reverted before: it stays out of traffic until `reset`");
-        } else if current.canary_identity != 0 && id != 0 {
-            tracing::info!(route = %r.name, "new canary identity: earlier decisions no longer apply");
-        }
-        state.routes.insert(r.name.clone(), next);
-        changed = true;
-    }
-    changed
-}
-
 fn build_snapshot(
     config: &Config,
     generation: u64,
     addrs: &HashMap<String, SocketAddr>,
     routes: &HashMap<String, RouteRuntime>,
-    state: &State,
+    controls: &HashMap<String, RouteControl>,
     metrics: &crate::metrics::Metrics,
     upstreams: &crate::upstream::Upstreams,
 ) -> Snapshot {
     Snapshot::build(config, generation, addrs, upstreams, metrics, |r| {
         let rt = routes.get(&r.name);
         RouteInputs {
-            weight_bp: effective_bp(r, state.routes.get(&r.name)),
+            // Every configured route has a control; were one missing, the
+            // route would fail toward stable.
+            weight_bp: controls.get(&r.name).map_or(0, |c| c.effective_bp(r)),
             stable: rt.map(|rt| rt.stable.clone()),
             canary: rt.and_then(|rt| rt.canary.clone()),
         }
@@ -310,7 +217,7 @@ impl Controller {
             text,
         } = applied;
         let dir = config.state.dir.clone();
-        let mut state = match tokio::task::spawn_blocking(move || State::load(&dir)).await {
+        let state = match tokio::task::spawn_blocking(move || State::load(&dir)).await {
             Ok(r) => r?,
             Err(e) => {
                 return Err(StateError::Io {
@@ -319,28 +226,34 @@ impl Controller {
                 })
             }
         };
-        let changed = reconcile_state(&config, &mut state);
+        let origin = Instant::now();
+        let now = Now {
+            mono: Duration::ZERO,
+            unix: crate::clock::unix_now(),
+        };
+        let mut controls = HashMap::new();
+        let mut outputs = Vec::new();
+        let mut routes = HashMap::new();
         for r in &config.routes {
-            if let Some(rev) = state.routes.get(&r.name).and_then(|d| d.reverted.as_ref()) {
-                tracing::warn!(route = %r.name, guard = %rev.guard, reason = %rev.reason, "canary stays reverted (persisted decision)");
+            let d = state.routes.get(&r.name);
+            if let Some(rev) = d.and_then(|d| d.reverted.as_ref()) {
+                if d.is_some_and(|d| d.canary_identity == canary_identity(r)) {
+                    tracing::warn!(route = %r.name, guard = %rev.guard, reason = %rev.reason, "canary stays reverted (persisted decision)");
+                }
             }
+            let (control, out) = RouteControl::new(r, d.cloned(), now);
+            let mut rt = RouteRuntime::new(r, control.effective_bp(r));
+            rt.resume(&r.name, saved_evidence(&r.name, Some(control.decision())));
+            routes.insert(r.name.clone(), rt);
+            controls.insert(r.name.clone(), control);
+            outputs.push((r.name.clone(), out));
         }
-        let routes: HashMap<String, RouteRuntime> = config
-            .routes
-            .iter()
-            .map(|r| {
-                let d = state.routes.get(&r.name);
-                let mut rt = RouteRuntime::new(r, effective_bp(r, d));
-                rt.resume(&r.name, saved_evidence(&r.name, d));
-                (r.name.clone(), rt)
-            })
-            .collect();
-        let snap = build_snapshot(&config, 1, &addrs, &routes, &state, &metrics, &upstreams);
+        let snap = build_snapshot(&config, 1, &addrs, &routes, &controls, &metrics, &upstreams);
         snap.publish(None, &metrics);
         let shared = Arc::new(Shared::new(snap, metrics, upstreams, path.clone()));
         let reload = Reload::new(shared.clone(), path, &text, config.clone(), certs);
         let notifier = Notifier::start(shared.metrics.webhook_events.clone());
-        let mut c = Controller {
+        let c = Controller {
             notifier,
             shared: shared.clone(),
             reload,
@@ -349,13 +262,28 @@ impl Controller {
             addrs,
             generation: 1,
             routes,
+            controls,
             state,
+            origin,
         };
+        let mut changed = false;
+        for (name, out) in &outputs {
+            changed |= out.changed;
+            c.announce(name, out);
+        }
         if changed {
             c.persist().await;
         }
         c.publish_all();
         Ok((c, shared))
+    }
+
+    /// The time, for the route controls.
+    fn now(&self) -> Now {
+        Now {
+            mono: self.origin.elapsed(),
+            unix: crate::clock::unix_now(),
+        }
     }
 
     fn rebuild(&self) {
@@ -364,7 +292,7 @@ impl Controller {
             self.generation,
             &self.addrs,
             &self.routes,
-            &self.state,
+            &self.controls,
             &self.shared.metrics,
             &self.shared.upstreams,
         );
@@ -373,8 +301,19 @@ impl Controller {
         self.shared.snapshot.store(Arc::new(snap));
     }
 
+    /// Every decision: the configured routes' from their controls, and
+    /// those of routes no longer configured as loaded (a route that comes
+    /// back finds its decision).
+    fn decisions(&self) -> State {
+        let mut state = self.state.clone();
+        for (name, c) in &self.controls {
+            state.routes.insert(name.clone(), c.decision().clone());
+        }
+        state
+    }
+
     async fn persist(&self) -> bool {
-        let state = self.state.clone();
+        let state = self.decisions();
         let dir = self.state_dir.clone();
         let result = tokio::task::spawn_blocking(move || state.save(&dir)).await;
         let error = match result {
@@ -448,17 +387,13 @@ impl Controller {
     async fn save_evidence(&mut self) {
         let mut changed = false;
         for (name, rt) in &self.routes {
-            let Some(d) = self.state.routes.get_mut(name) else {
+            let Some(c) = self.controls.get_mut(name) else {
                 continue;
             };
-            if d.canary_identity != rt.identity {
+            if c.decision().canary_identity != rt.identity {
                 continue;
             }
-            let v = serde_json::to_value(rt.judge.save_tests()).ok();
-            if d.evidence != v {
-                d.evidence = v;
-                changed = true;
-            }
+            changed |= c.set_evidence(serde_json::to_value(rt.judge.save_tests()).ok());
         }
         if changed {
             self.persist().await;
@@ -520,14 +455,34 @@ impl Controller {
         self.generation += 1;
         self.config = applied.config.clone();
         self.addrs = applied.addrs.clone();
-        let changed = reconcile_state(&self.config, &mut self.state);
+        let now = self.now();
+        let mut controls = HashMap::new();
+        let mut outputs = Vec::new();
+        for r in &self.config.routes {
+            let (control, out) = match self.controls.remove(&r.name) {
+                Some(mut c) => {
+                    let out = c.on_config(r, now);
+                    (c, out)
+                }
+                None => RouteControl::new(r, self.state.routes.remove(&r.name), now),
+            };
+            controls.insert(r.name.clone(), control);
+            outputs.push((r.name.clone(), out));
+        }
+        for (name, c) in self.controls.drain() {
+            // A route no longer configured keeps its decision on disk, and
+            // finds it again if it comes back.
+            self.state.routes.insert(name, c.decision().clone());
+        }
+        self.controls = controls;
         let mut routes = HashMap::new();
         for r in &applied.config.routes {
-            let d = self.state.routes.get(&r.name);
+            let d = self.controls.get(&r.name).map(RouteControl::decision);
+            let w_bp = self.controls.get(&r.name).map_or(0, |c| c.effective_bp(r));
             let rt = match self.routes.remove(&r.name) {
                 Some(rt) if rt.same_as(r) => rt,
                 old => {
-                    let mut rt = RouteRuntime::new(r, effective_bp(r, d));
+                    let mut rt = RouteRuntime::new(r, w_bp);
                     let saved = match &old {
                         // Same canary, other settings: carry the live tests over.
                         Some(old) if old.identity == rt.identity => Some(old.judge.save_tests()),
@@ -544,6 +499,11 @@ impl Controller {
             routes.insert(r.name.clone(), rt);
         }
         self.routes = routes;
+        let mut changed = false;
+        for (name, out) in &outputs {
+            changed |= out.changed;
+            self.announce(name, out);
+        }
         let names: Vec<String> = self.config.routes.iter().map(|r| r.name.clone()).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         self.shared.metrics.window_latency.retain_routes(&refs);
@@ -566,7 +526,6 @@ impl Controller {
         }
         self.rebuild();
         for n in names {
-            self.update_verdict(n);
             self.publish_into(n, &mut views);
         }
     }
@@ -577,37 +536,15 @@ impl Controller {
             .route(name)
             .cloned()
             .ok_or_else(|| ActionError::NoRoute(name.into()))?;
-        if route.canary.is_none() {
-            return Err(ActionError::NoCanary(name.into()));
-        }
-        let before = self.state.routes.get(name).cloned().unwrap_or_default();
-        let mut d = before.clone();
-        d.canary_identity = canary_identity(&route);
-        match action {
-            Action::Revert => {
-                if d.reverted.is_none() {
-                    d.reverted = Some(Revert {
-                        guard: "operator".into(),
-                        reason: "revert requested by an operator".into(),
-                        at_unix: now_unix(),
-                    });
-                }
-            }
-            Action::Reset => d = d.reset(),
-            Action::Pause => d.paused = true,
-            Action::Resume => d.paused = false,
-            Action::Promote => {
-                if d.reverted.is_some() {
-                    return Err(ActionError::Conflict(format!(
-                        "route {name:?}: the canary is reverted; reset it before promoting"
-                    )));
-                }
-                d.promoted = true;
-            }
-        }
-        self.state.routes.insert(name.to_string(), d.clone());
+        let now = self.now();
+        let control = self
+            .controls
+            .get_mut(name)
+            .ok_or_else(|| ActionError::NoRoute(name.into()))?;
+        let before = control.clone();
+        let out = control.on_action(&route, action, now)?;
         if !self.persist().await {
-            self.state.routes.insert(name.to_string(), before);
+            self.controls.insert(name.to_string(), before);
             let e = self
                 .shared
                 .state_error
@@ -616,30 +553,90 @@ impl Controller {
                 .clone();
             return Err(ActionError::State(e.unwrap_or_default()));
         }
-        if let Some(rt) = self.routes.get_mut(name) {
-            if action == Action::Reset {
+        if action == Action::Reset {
+            if let Some(rt) = self.routes.get_mut(name) {
                 // (The decision written above no longer holds evidence.)
                 rt.judge.reset_tests();
-                rt.healthy_since = None;
-                rt.step_since = Instant::now();
-                rt.last = None;
-            }
-            if action == Action::Revert && before.reverted.is_none() {
-                self.shared
-                    .metrics
-                    .reverts
-                    .with_label_values(&[name, "operator"])
-                    .inc();
             }
         }
-        tracing::warn!(route = %name, action = action.as_str(), weight = f64::from(effective_bp(&route, Some(&d))) / 100.0, "operator action");
-        self.notify(
-            name,
-            "operator_action",
-            json!({ "action": action.as_str() }),
-        );
+        self.announce(name, &out);
         self.swap(&[name.to_string()], false);
         Ok(self.route_json(name))
+    }
+
+    /// Logs, counts and sends (webhook) what a control's input emitted.
+    fn announce(&self, name: &str, out: &Output) {
+        let Some(route) = self.config.route(name) else {
+            return;
+        };
+        let weight = |bp: u16| f64::from(bp) / 100.0;
+        for e in &out.events {
+            match e {
+                Event::Reverted {
+                    guard,
+                    reason,
+                    weight_before_bp,
+                } => {
+                    self.shared
+                        .metrics
+                        .reverts
+                        .with_label_values(&[name, guard])
+                        .inc();
+                    tracing::warn!(route = %name, guard = %guard, reason = %reason, weight_before = weight(*weight_before_bp), "canary reverted");
+                    self.notify(
+                        route,
+                        "reverted",
+                        json!({ "guard": guard, "reason": reason, "weight_before": weight(*weight_before_bp) }),
+                    );
+                }
+                Event::RolloutAdvanced {
+                    step,
+                    weight_bp,
+                    held,
+                } => {
+                    tracing::info!(route = %name, step, weight = weight(*weight_bp), held = ?held, "rollout advanced");
+                    self.notify(
+                        route,
+                        "rollout_advanced",
+                        json!({ "step": step, "weight": weight(*weight_bp) }),
+                    );
+                }
+                Event::OperatorAction { action, effective } => {
+                    if *action == Action::Revert && *effective {
+                        self.shared
+                            .metrics
+                            .reverts
+                            .with_label_values(&[name, "operator"])
+                            .inc();
+                    }
+                    let w = self.controls.get(name).map_or(0, |c| c.effective_bp(route));
+                    tracing::warn!(route = %name, action = action.as_str(), weight = weight(w), "operator action");
+                    self.notify(
+                        route,
+                        "operator_action",
+                        json!({ "action": action.as_str() }),
+                    );
+                }
+                Event::VerdictChanged { from, to, reason } => {
+                    tracing::info!(route = %name, from = from.as_str(), to = to.as_str(), reason = %reason, "verdict changed");
+                    self.notify(
+                        route,
+                        "verdict_changed",
+                        json!({ "from": from.as_str(), "to": to.as_str(), "reason": reason }),
+                    );
+                }
+                Event::NewIdentity {
+                    reverted_before,
+                    replaced,
+                } => {
+                    if *reverted_before {
+                        tracing::warn!(route = %name, "this canary was reverted before: it stays out of traffic until `reset`");
+                    } else if *replaced {
+                        tracing::info!(route = %name, "new canary identity: earlier decisions no longer apply");
+                    }
+                }
+            }
+        }
     }
 
     async fn judge_due(&mut self) {
@@ -687,13 +684,16 @@ impl Controller {
         let Some(canary) = &rt.canary else {
             return false;
         };
-        if rt.early || rt.last.as_ref().is_some_and(|v| v.status == Status::Breach) {
+        let Some(control) = self.controls.get(&route.name) else {
+            return false;
+        };
+        if rt.early || control.last().is_some_and(|v| v.status == Status::Breach) {
             // At most one early tick an interval, and none after a breach
             // that changed nothing (observe mode, paused): looking again
             // would only shorten the window's slices.
             return false;
         }
-        let w_bp = effective_bp(route, self.state.routes.get(&route.name));
+        let w_bp = control.effective_bp(route);
         if rt.last_w_bp != Some(w_bp) {
             // The share changed since the last tick: those events are
             // not attributable to one share (the tick skips them too).
@@ -713,7 +713,9 @@ impl Controller {
     /// One verdict for one route; returns whether a decision changed.
     fn judge_route(&mut self, route: &Route, now: Instant) -> bool {
         let name = route.name.as_str();
-        let w_bp = effective_bp(route, self.state.routes.get(name));
+        let Some(w_bp) = self.controls.get(name).map(|c| c.effective_bp(route)) else {
+            return false;
+        };
         let snap = self.shared.snapshot.load();
         let canary_down = snap
             .routes
@@ -764,125 +766,44 @@ impl Controller {
             rt.stable.keys().clear_burst();
         }
         rt.set_thresholds();
-        rt.last = Some(verdict.clone());
-
-        let d = self.state.routes.entry(name.to_string()).or_default();
-        let mut changed = false;
-        let mut events: Vec<(&str, Value)> = Vec::new();
-        if route.canary.is_some()
-            && d.reverted.is_none()
-            && verdict.status == Status::Breach
-            && route.judge.mode == JudgeMode::Enforce
-            && !d.paused
-            && w_bp > 0
-        {
-            d.reverted = Some(Revert {
-                guard: verdict.guard.to_string(),
-                reason: verdict.reason.clone(),
-                at_unix: now_unix(),
-            });
-            self.shared
-                .metrics
-                .reverts
-                .with_label_values(&[name, verdict.guard])
-                .inc();
-            tracing::warn!(route = %name, guard = verdict.guard, reason = %verdict.reason, weight_before = f64::from(w_bp) / 100.0, "canary reverted");
-            events.push(("reverted", json!({ "guard": verdict.guard, "reason": verdict.reason, "weight_before": f64::from(w_bp) / 100.0 })));
-            changed = true;
-        }
-        if let Some(ro) = &route.rollout {
-            if d.reverted.is_none() && !d.promoted && !d.paused && verdict.status == Status::Healthy
-            {
-                let since = *rt.healthy_since.get_or_insert(now);
-                let held = now.duration_since(since.max(rt.step_since));
-                if held >= ro.hold && d.rollout_step + 1 < ro.steps_bp.len() {
-                    d.rollout_step += 1;
-                    rt.step_since = now;
-                    let to = ro.steps_bp.get(d.rollout_step).copied().unwrap_or(0);
-                    tracing::info!(route = %name, step = d.rollout_step, weight = f64::from(to) / 100.0, held = ?held, "rollout advanced");
-                    events.push((
-                        "rollout_advanced",
-                        json!({ "step": d.rollout_step, "weight": f64::from(to) / 100.0 }),
-                    ));
-                    changed = true;
-                }
-            } else if verdict.status != Status::Healthy {
-                rt.healthy_since = None;
-            }
-        }
-        for (event, details) in events {
-            self.notify(name, event, details);
-        }
-        self.update_verdict(name);
-        changed
+        let at = Now {
+            mono: now.duration_since(self.origin),
+            unix: crate::clock::unix_now(),
+        };
+        let Some(control) = self.controls.get_mut(name) else {
+            return false;
+        };
+        let out = control.on_verdict(route, verdict, w_bp, at);
+        self.announce(name, &out);
+        out.changed
     }
 
     /// Sends a webhook event for `route`, if it has a webhook.
-    fn notify(&self, route: &str, event: &str, mut details: Value) {
-        let Some(r) = self.config.route(route) else {
+    fn notify(&self, route: &Route, event: &str, mut details: Value) {
+        let Some(hook) = &route.judge.webhook else {
             return;
         };
-        let Some(hook) = &r.judge.webhook else { return };
-        let weight = effective_bp(r, self.state.routes.get(route));
+        let weight = self
+            .controls
+            .get(&route.name)
+            .map_or(0, |c| c.effective_bp(route));
         if let Some(obj) = details.as_object_mut() {
             obj.insert("event".into(), json!(event));
-            obj.insert("route".into(), json!(route));
-            obj.insert("stable".into(), json!(r.stable.name));
+            obj.insert("route".into(), json!(route.name));
+            obj.insert("stable".into(), json!(route.stable.name));
             obj.insert(
                 "canary".into(),
-                json!(r.canary.as_ref().map(|c| c.name.clone())),
+                json!(route.canary.as_ref().map(|c| c.name.clone())),
             );
             obj.insert("effective_weight".into(), json!(f64::from(weight) / 100.0));
-            obj.insert("at_unix".into(), json!(now_unix()));
+            obj.insert("at_unix".into(), json!(crate::clock::unix_now()));
         }
         self.notifier.send(hook, details);
     }
 
-    fn update_verdict(&mut self, name: &str) {
-        let has_canary = self.config.route(name).is_some_and(|r| r.canary.is_some());
-        let observe = self
-            .config
-            .route(name)
-            .is_some_and(|r| r.judge.mode == JudgeMode::Observe);
-        let d = self.state.routes.get(name).cloned().unwrap_or_default();
-        let Some(rt) = self.routes.get_mut(name) else {
-            return;
-        };
-        let label = if d.reverted.is_some() {
-            "reverted"
-        } else if !has_canary {
-            "insufficient_data"
-        } else {
-            match rt.last.as_ref().map(|v| v.status) {
-                // enforce: a breach that did not revert (paused, weight 0).
-                Some(Status::Breach) if observe => "observe_breach",
-                Some(Status::Breach) => "breach",
-                Some(Status::Healthy) => "healthy",
-                _ => "insufficient_data",
-            }
-        };
-        if label != rt.verdict {
-            let reason = match (&d.reverted, &rt.last) {
-                (Some(r), _) => r.reason.clone(),
-                (None, Some(v)) => v.reason.clone(),
-                (None, None) => String::new(),
-            };
-            let from = rt.verdict;
-            tracing::info!(route = %name, from, to = label, reason = %reason, "verdict changed");
-            rt.verdict = label;
-            self.notify(
-                name,
-                "verdict_changed",
-                json!({ "from": from, "to": label, "reason": reason }),
-            );
-        }
-    }
-
-    fn publish_all(&mut self) {
-        let names: Vec<String> = self.config.routes.iter().map(|r| r.name.clone()).collect();
-        for n in names {
-            self.update_verdict(&n);
-            self.publish(&n);
+    fn publish_all(&self) {
+        for r in &self.config.routes {
+            self.publish(&r.name);
         }
     }
 
@@ -900,8 +821,11 @@ impl Controller {
         let Some(route) = self.config.route(name) else {
             return;
         };
+        let Some(control) = self.controls.get(name) else {
+            return;
+        };
         let m = &self.shared.metrics;
-        m.set_verdict(name, rt.verdict);
+        m.set_verdict(name, control.label().as_str());
         let ev = rt.judge.evidence();
         m.e_value
             .with_label_values(&[name, "errors"])
@@ -909,10 +833,9 @@ impl Controller {
         m.e_value
             .with_label_values(&[name, "latency"])
             .set(ev.e_latency);
-        let d = self.state.routes.get(name).cloned().unwrap_or_default();
         m.rollout_step
             .with_label_values(&[name])
-            .set(d.rollout_step as i64);
+            .set(control.decision().rollout_step as i64);
         let mut lat = Vec::new();
         let mut versions = vec![(
             route.stable.name.clone(),
@@ -940,10 +863,11 @@ impl Controller {
             ));
         }
         m.window_latency.publish(name, lat);
-        views.insert(name.to_string(), self.view(route, rt, &d));
+        views.insert(name.to_string(), self.view(route, rt, control));
     }
 
-    fn view(&self, route: &Route, rt: &RouteRuntime, d: &RouteDecision) -> Value {
+    fn view(&self, route: &Route, rt: &RouteRuntime, control: &RouteControl) -> Value {
+        let d = control.decision();
         let stats = |s: &Stats| {
             json!({
                 "requests": s.requests,
@@ -958,12 +882,11 @@ impl Controller {
         let ev = rt.judge.evidence();
         let mode = route.judge.mode.as_str();
         json!({
-            "verdict": rt.verdict,
-            "reason": match (&d.reverted, &rt.last) {
-                (Some(r), _) => r.reason.clone(),
-                (None, Some(v)) => v.reason.clone(),
-                (None, None) if route.judge.mode == JudgeMode::Off => "the judge is off for this route".to_string(),
-                (None, None) => "no verdict yet".to_string(),
+            "verdict": control.label().as_str(),
+            "reason": match control.reason() {
+                Some(r) => r.to_string(),
+                None if route.judge.mode == JudgeMode::Off => "the judge is off for this route".to_string(),
+                None => "no verdict yet".to_string(),
             },
             "mode": mode,
             "paused": d.paused,

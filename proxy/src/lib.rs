@@ -11,6 +11,7 @@ pub mod balance;
 pub mod body;
 pub mod check;
 pub mod client;
+pub mod clock;
 pub mod conn;
 pub mod controller;
 pub mod demo;

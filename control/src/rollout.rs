@@ -1,0 +1,431 @@
+//! The decisions of one route as a pure state machine: what a verdict, an
+//! operator action or a config change does to the route's persisted
+//! decision ([`RouteDecision`]), its rollout clock and its verdict label,
+//! and which events that emits.
+//!
+//! No I/O, no clock: the caller passes the time in ([`Now`]), persists
+//! [`RouteControl::decision`] when [`Output::changed`] says so, and turns
+//! the events into logs, metrics and webhooks. The rules, in one place:
+//!
+//! - A breach reverts only in `enforce` mode, not paused, with the canary
+//!   in traffic, and only a canary not reverted already.
+//! - A revert holds for the canary identity it was made for; only `reset`
+//!   (or a new identity) lifts it, and a reverted identity named again
+//!   later is found reverted ([`RouteDecision::for_identity`]).
+//! - The rollout advances one step after `hold` of uninterrupted healthy
+//!   verdicts since the later of the last step and the start of the healthy
+//!   run; any other verdict restarts the run. Reverted, promoted or paused
+//!   routes do not advance.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{JudgeMode, Route};
+use crate::judge::{Status, Verdict};
+use crate::state::{canary_identity, Revert, RouteDecision};
+
+/// The time of an input: monotonic (for holds) and wall clock (for records).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Now {
+    /// Since a fixed point of the caller's choosing (e.g. its start).
+    pub mono: Duration,
+    /// Unix seconds.
+    pub unix: u64,
+}
+
+/// An operator action on a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Take the canary out of traffic now.
+    Revert,
+    /// Forget the revert/promotion, restart the tests and the rollout.
+    Reset,
+    /// Keep judging and reporting, but do not act or advance the rollout.
+    Pause,
+    /// Undo `pause`.
+    Resume,
+    /// Send all traffic to the canary.
+    Promote,
+}
+
+impl Action {
+    /// Every action.
+    pub const ALL: [Action; 5] = [
+        Action::Revert,
+        Action::Reset,
+        Action::Pause,
+        Action::Resume,
+        Action::Promote,
+    ];
+
+    /// Parses the action of `POST /routes/{name}/{action}`.
+    pub fn parse(s: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    /// Its name in the admin API, logs and webhooks.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Revert => "revert",
+            Action::Reset => "reset",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Promote => "promote",
+        }
+    }
+}
+
+/// A route's verdict as shown in `/status`, `veer_verdict` and webhooks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Label {
+    /// Enough data, no breach.
+    Healthy,
+    /// Too little data, no canary, or no verdict yet.
+    InsufficientData,
+    /// A breach in `observe` mode: reported, not acted on.
+    ObserveBreach,
+    /// A breach in `enforce` mode that could not act (paused, or the
+    /// canary at weight 0).
+    Breach,
+    /// The canary is out of traffic.
+    Reverted,
+}
+
+impl Label {
+    /// Every label (the values of `veer_verdict`'s `verdict` label).
+    pub const ALL: [Label; 5] = [
+        Label::Healthy,
+        Label::InsufficientData,
+        Label::ObserveBreach,
+        Label::Breach,
+        Label::Reverted,
+    ];
+
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Label::Healthy => "healthy",
+            Label::InsufficientData => "insufficient_data",
+            Label::ObserveBreach => "observe_breach",
+            Label::Breach => "breach",
+            Label::Reverted => "reverted",
+        }
+    }
+}
+
+/// What the caller must announce.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The judge took the canary out of traffic.
+    Reverted {
+        /// The guard or test.
+        guard: String,
+        /// Why, with numbers.
+        reason: String,
+        /// The canary's share before, in basis points.
+        weight_before_bp: u16,
+    },
+    /// The rollout moved to its next step.
+    RolloutAdvanced {
+        /// The new step's index.
+        step: usize,
+        /// Its weight, in basis points.
+        weight_bp: u16,
+        /// How long the route was healthy on the step before.
+        held: Duration,
+    },
+    /// An operator acted.
+    OperatorAction {
+        /// What they did.
+        action: Action,
+        /// Whether it changed anything (a second `revert` does not).
+        effective: bool,
+    },
+    /// The route's label changed.
+    VerdictChanged {
+        /// Before.
+        from: Label,
+        /// After.
+        to: Label,
+        /// The verdict's or the revert's reason.
+        reason: String,
+    },
+    /// The config names another canary than the decision's.
+    NewIdentity {
+        /// The new identity was reverted before (a tombstone names it).
+        reverted_before: bool,
+        /// The decision was about another canary (not a first config).
+        replaced: bool,
+    },
+}
+
+/// What one input did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Output {
+    /// The decision changed: persist it.
+    pub changed: bool,
+    /// To announce, in order.
+    pub events: Vec<Event>,
+}
+
+/// Why an action was refused; nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The route has no canary to act on.
+    #[error("route {0:?} has no canary")]
+    NoCanary(String),
+    /// A reverted canary cannot be promoted.
+    #[error("route {0:?}: the canary is reverted; reset it before promoting")]
+    PromoteReverted(String),
+}
+
+/// The decisions of one route, with the volatile state around them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteControl {
+    decision: RouteDecision,
+    /// What the verdicts are judged against: stable's version and the
+    /// judge's settings. Another basis restarts the rollout's hold.
+    basis: (String, crate::config::JudgeSettings),
+    healthy_since: Option<Duration>,
+    step_since: Duration,
+    label: Label,
+    last: Option<Verdict>,
+}
+
+impl RouteControl {
+    /// The machine for `route`, from its persisted decision (if any), at
+    /// `now`. A decision about another canary identity is moved to the
+    /// route's ([`RouteDecision::for_identity`]).
+    pub fn new(route: &Route, decision: Option<RouteDecision>, now: Now) -> (RouteControl, Output) {
+        let mut c = RouteControl {
+            decision: RouteDecision::default(),
+            basis: (route.stable.name.clone(), route.judge.clone()),
+            healthy_since: None,
+            step_since: now.mono,
+            label: Label::InsufficientData,
+            last: None,
+        };
+        let known = decision.is_some();
+        c.decision = decision.unwrap_or_default();
+        let mut out = c.on_config(route, now);
+        if !known {
+            out.changed = true;
+        }
+        c.relabel(route, &mut out);
+        (c, out)
+    }
+
+    /// The persisted decision.
+    pub fn decision(&self) -> &RouteDecision {
+        &self.decision
+    }
+
+    /// Replaces the decision's saved evidence (not a decision: the caller
+    /// persists it on its own schedule). Returns whether it changed.
+    pub fn set_evidence(&mut self, evidence: Option<serde_json::Value>) -> bool {
+        let changed = self.decision.evidence != evidence;
+        self.decision.evidence = evidence;
+        changed
+    }
+
+    /// The route's label.
+    pub fn label(&self) -> Label {
+        self.label
+    }
+
+    /// The last verdict, if any since the start or the last `reset`.
+    pub fn last(&self) -> Option<&Verdict> {
+        self.last.as_ref()
+    }
+
+    /// The reason behind the label: the revert's, else the last verdict's.
+    pub fn reason(&self) -> Option<&str> {
+        match (&self.decision.reverted, &self.last) {
+            (Some(r), _) => Some(&r.reason),
+            (None, Some(v)) => Some(&v.reason),
+            (None, None) => None,
+        }
+    }
+
+    /// The canary share in effect, in basis points.
+    pub fn effective_bp(&self, route: &Route) -> u16 {
+        effective_bp(route, &self.decision)
+    }
+
+    /// The config now in force for the route (reload, or start). A new
+    /// canary identity gets its own decision; a new stable version or new
+    /// judge settings keep the decision but restart the rollout's hold
+    /// (verdicts from before judged something else).
+    pub fn on_config(&mut self, route: &Route, now: Now) -> Output {
+        let mut out = Output::default();
+        let id = canary_identity(route);
+        let basis = (route.stable.name.clone(), route.judge.clone());
+        if self.basis != basis {
+            self.basis = basis;
+            self.healthy_since = None;
+            self.step_since = now.mono;
+            self.last = None;
+        }
+        if self.decision.canary_identity != id {
+            let replaced = self.decision.canary_identity != 0 && id != 0;
+            self.decision = self.decision.for_identity(id);
+            self.healthy_since = None;
+            self.step_since = now.mono;
+            self.last = None;
+            out.changed = true;
+            out.events.push(Event::NewIdentity {
+                reverted_before: self.decision.reverted.is_some(),
+                replaced,
+            });
+        }
+        self.relabel(route, &mut out);
+        out
+    }
+
+    /// The judge's verdict of one tick, made with the canary at `w_bp`.
+    pub fn on_verdict(&mut self, route: &Route, verdict: Verdict, w_bp: u16, now: Now) -> Output {
+        let mut out = Output::default();
+        let d = &mut self.decision;
+        if route.canary.is_some()
+            && d.reverted.is_none()
+            && verdict.status == Status::Breach
+            && route.judge.mode == JudgeMode::Enforce
+            && !d.paused
+            && w_bp > 0
+        {
+            d.reverted = Some(Revert {
+                guard: verdict.guard.to_string(),
+                reason: verdict.reason.clone(),
+                at_unix: now.unix,
+            });
+            out.changed = true;
+            out.events.push(Event::Reverted {
+                guard: verdict.guard.to_string(),
+                reason: verdict.reason.clone(),
+                weight_before_bp: w_bp,
+            });
+        }
+        if let Some(ro) = &route.rollout {
+            if d.reverted.is_none() && !d.promoted && !d.paused && verdict.status == Status::Healthy
+            {
+                let since = *self.healthy_since.get_or_insert(now.mono);
+                let held = now.mono.saturating_sub(since.max(self.step_since));
+                if held >= ro.hold && d.rollout_step + 1 < ro.steps_bp.len() {
+                    d.rollout_step += 1;
+                    self.step_since = now.mono;
+                    out.changed = true;
+                    out.events.push(Event::RolloutAdvanced {
+                        step: d.rollout_step,
+                        weight_bp: ro.steps_bp.get(d.rollout_step).copied().unwrap_or(0),
+                        held,
+                    });
+                }
+            } else if verdict.status != Status::Healthy {
+                self.healthy_since = None;
+            }
+        }
+        self.last = Some(verdict);
+        self.relabel(route, &mut out);
+        out
+    }
+
+    /// An operator's action.
+    pub fn on_action(
+        &mut self,
+        route: &Route,
+        action: Action,
+        now: Now,
+    ) -> Result<Output, Refused> {
+        if route.canary.is_none() {
+            return Err(Refused::NoCanary(route.name.clone()));
+        }
+        let mut out = Output::default();
+        let before = self.decision.clone();
+        let d = &mut self.decision;
+        match action {
+            Action::Revert => {
+                if d.reverted.is_none() {
+                    d.reverted = Some(Revert {
+                        guard: "operator".into(),
+                        reason: "revert requested by an operator".into(),
+                        at_unix: now.unix,
+                    });
+                }
+            }
+            Action::Reset => {
+                *d = d.reset();
+                self.healthy_since = None;
+                self.step_since = now.mono;
+                self.last = None;
+            }
+            Action::Pause => d.paused = true,
+            Action::Resume => d.paused = false,
+            Action::Promote => {
+                if d.reverted.is_some() {
+                    return Err(Refused::PromoteReverted(route.name.clone()));
+                }
+                d.promoted = true;
+            }
+        }
+        // Every action is written down, even one that changed nothing: the
+        // operator's answer then says the decision is on disk.
+        out.changed = true;
+        out.events.push(Event::OperatorAction {
+            action,
+            effective: action == Action::Reset || self.decision != before,
+        });
+        self.relabel(route, &mut out);
+        Ok(out)
+    }
+
+    /// Recomputes the label; a change is an event.
+    fn relabel(&mut self, route: &Route, out: &mut Output) {
+        let label = if self.decision.reverted.is_some() {
+            Label::Reverted
+        } else if route.canary.is_none() {
+            Label::InsufficientData
+        } else {
+            match self.last.as_ref().map(|v| v.status) {
+                Some(Status::Breach) if route.judge.mode == JudgeMode::Observe => {
+                    Label::ObserveBreach
+                }
+                Some(Status::Breach) => Label::Breach,
+                Some(Status::Healthy) => Label::Healthy,
+                _ => Label::InsufficientData,
+            }
+        };
+        if label != self.label {
+            out.events.push(Event::VerdictChanged {
+                from: self.label,
+                to: label,
+                reason: self.reason().unwrap_or_default().to_string(),
+            });
+            self.label = label;
+        }
+    }
+}
+
+/// The canary share `d` puts in effect on `route`, in basis points.
+pub fn effective_bp(route: &Route, d: &RouteDecision) -> u16 {
+    if route.canary.is_none() || d.reverted.is_some() {
+        return 0;
+    }
+    if d.promoted {
+        return 10_000;
+    }
+    match &route.rollout {
+        Some(r) => r
+            .steps_bp
+            .get(d.rollout_step)
+            .or(r.steps_bp.last())
+            .copied()
+            .unwrap_or(route.canary_weight_bp),
+        None => route.canary_weight_bp,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,21 @@
+//! The wall clock, read in one place.
+//!
+//! Durations and deadlines use `tokio::time::Instant`, which tests can
+//! pause and advance; `clippy.toml` bans `std::time::Instant::now` and
+//! `SystemTime::now` elsewhere. Wall-clock time is only ever recorded
+//! (revert times, webhook events), never used to measure or wait.
+
+use std::time::UNIX_EPOCH;
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    wall_now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The wall clock now, to be recorded (never to measure or wait with).
+#[allow(clippy::disallowed_methods)] // the one reading of the wall clock
+pub fn wall_now() -> std::time::SystemTime {
+    std::time::SystemTime::now()
+}

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
@@ -139,7 +139,7 @@ impl Reload {
             let mut st = self.shared.reload_status();
             st.last_result = "success";
             st.last_error = None;
-            st.last_at = SystemTime::now();
+            st.last_at = crate::clock::wall_now();
             st.restart_required = restart;
         }
         tracing::info!(
@@ -171,7 +171,7 @@ impl Reload {
         let mut st = self.shared.reload_status();
         st.last_result = "failure";
         st.last_error = Some(error);
-        st.last_at = SystemTime::now();
+        st.last_at = crate::clock::wall_now();
     }
 }
 

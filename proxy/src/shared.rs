@@ -61,7 +61,7 @@ impl Shared {
                 path,
                 last_result: "success",
                 last_error: None,
-                last_at: SystemTime::now(),
+                last_at: crate::clock::wall_now(),
                 restart_required: Vec::new(),
             }),
             ready: AtomicBool::new(false),

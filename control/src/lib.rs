@@ -18,4 +18,5 @@ pub mod onesample;
 pub mod reload;
 pub mod rollout;
 pub mod state;
+pub mod status;
 pub mod window;

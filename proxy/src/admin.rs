@@ -10,21 +10,18 @@
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::controller::{Action, ActionError, Command};
-
 use crate::body::ProxyBody;
+use crate::controller::{Action, ActionError, Command};
 use crate::shared::Shared;
-use crate::snapshot::{RouteTarget, VersionTarget};
 
 /// What the admin endpoint needs besides the shared state.
 #[derive(Clone)]
@@ -111,7 +108,7 @@ async fn answer(shared: &Shared, admin: &Admin, req: &Request<Incoming>) -> Resp
             }
         }
         "/status" => {
-            let body = serde_json::to_vec_pretty(&status(shared)).unwrap_or_default();
+            let body = serde_json::to_vec_pretty(&**shared.status.load()).unwrap_or_default();
             with_type(StatusCode::OK, body, "application/json")
         }
         "/metrics" => with_type(
@@ -183,69 +180,4 @@ fn with_type(status: StatusCode, body: Vec<u8>, ctype: &'static str) -> Response
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
     r
-}
-
-/// The `/status` document.
-pub fn status(shared: &Shared) -> Value {
-    // The views' lock first, then the snapshot: the controller swaps the
-    // snapshot and publishes the views under that lock, so the two match.
-    let (snap, views) = {
-        let views = shared.views.lock().unwrap_or_else(|p| p.into_inner());
-        (shared.snapshot.load_full(), views.clone())
-    };
-    let reload = shared.reload_status().clone();
-    let at = reload
-        .last_at
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    json!({
-        "veer_version": env!("CARGO_PKG_VERSION"),
-        "config": {
-            "path": reload.path.display().to_string(),
-            "generation": snap.generation,
-            "last_reload": {
-                "result": reload.last_result,
-                "error": reload.last_error,
-                "at_unix": at,
-            },
-            "restart_required": reload.restart_required,
-        },
-        "state_error": *shared.state_error.lock().unwrap_or_else(|p| p.into_inner()),
-        "routes": snap.routes.iter().map(|r| route_status(r, views.get(&*r.name))).collect::<Vec<_>>(),
-    })
-}
-
-/// One route's status: config, weights, endpoints, and the judge's view.
-pub fn route_status(r: &RouteTarget, judge: Option<&Value>) -> Value {
-    let c = &r.config;
-    let mut v = json!({
-        "name": &*r.name,
-        "hosts": c.hosts,
-        "path_prefix": c.path_prefix,
-        "strategy": c.strategy.as_str(),
-        "weight": {
-            "configured": c.canary_weight_percent(),
-            "effective": f64::from(r.weight_bp) / 100.0,
-        },
-        "stable": version_status(&r.stable),
-        "canary": r.canary.as_ref().map_or(Value::Null, version_status),
-    });
-    if let (Some(obj), Some(Value::Object(j))) = (v.as_object_mut(), judge) {
-        for (k, val) in j {
-            obj.insert(k.clone(), val.clone());
-        }
-    }
-    v
-}
-
-fn version_status(v: &VersionTarget) -> Value {
-    json!({
-        "version": &*v.name,
-        "endpoints": v.balancer.members().map(|(name, weight, u)| json!({
-            "addr": name,
-            "resolved": u.addr().to_string(),
-            "weight": weight,
-            "healthy": u.is_healthy(),
-        })).collect::<Vec<_>>(),
-    })
 }

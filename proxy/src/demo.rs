@@ -398,17 +398,19 @@ async fn judge_view(admin: SocketAddr) -> JudgeView {
     let Ok(resp) = crate::client::get(&admin.to_string(), "/status").await else {
         return JudgeView::default();
     };
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(resp.body()) else {
+    let Ok(v) = serde_json::from_slice::<veer_control::status::StatusDoc>(resp.body()) else {
         return JudgeView::default();
     };
-    let r = &v["routes"][0];
+    let Some(r) = v.routes.first() else {
+        return JudgeView::default();
+    };
     JudgeView {
-        verdict: r["verdict"].as_str().unwrap_or("?").to_string(),
-        reason: r["reason"].as_str().unwrap_or("").to_string(),
-        effective: r["weight"]["effective"].as_f64().unwrap_or(0.0),
-        e_errors: r["evidence"]["e_errors"].as_f64().unwrap_or(0.0),
-        e_latency: r["evidence"]["e_latency"].as_f64().unwrap_or(0.0),
-        threshold: r["evidence"]["threshold"].as_f64().unwrap_or(0.0),
+        verdict: r.verdict.as_str().to_string(),
+        reason: r.reason.clone(),
+        effective: r.weight.effective,
+        e_errors: r.evidence.e_errors,
+        e_latency: r.evidence.e_latency,
+        threshold: r.evidence.threshold,
     }
 }
 

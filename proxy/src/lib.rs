@@ -7,6 +7,7 @@
 //! the outcome ([`metrics`]). [`reload`] builds new snapshots from config files.
 
 pub mod admin;
+pub mod announce;
 pub mod balance;
 pub mod body;
 pub mod check;
@@ -20,10 +21,13 @@ pub mod headers;
 pub mod metrics;
 pub mod notify;
 pub mod path;
+pub mod publish;
 pub mod record;
 pub mod reload;
+pub mod reresolve;
 pub mod router;
 pub mod run;
+pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod shared;

@@ -1,12 +1,12 @@
 //! State shared by listeners, the admin endpoint and the reloader.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use veer_control::status::StatusDoc;
 
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
@@ -39,8 +39,8 @@ pub struct Shared {
     reload: Mutex<ReloadStatus>,
     /// Set once listeners are bound and a valid config is loaded.
     pub ready: AtomicBool,
-    /// Per-route judge view for `/status`, written by the controller.
-    pub views: Mutex<HashMap<String, serde_json::Value>>,
+    /// The `/status` document, written by the controller only.
+    pub status: ArcSwap<StatusDoc>,
     /// Why the last write of persisted state failed, if it did.
     pub state_error: Mutex<Option<String>>,
 }
@@ -65,7 +65,7 @@ impl Shared {
                 restart_required: Vec::new(),
             }),
             ready: AtomicBool::new(false),
-            views: Mutex::new(HashMap::new()),
+            status: ArcSwap::from_pointee(StatusDoc::default()),
             state_error: Mutex::new(None),
         }
     }

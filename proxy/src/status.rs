@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use serde_json::Value;
+use veer_control::status::StatusDoc;
 
 use crate::client::{self, ClientError};
 
@@ -38,7 +38,7 @@ pub async fn print(admin: &str, token: Option<&str>) -> Result<(), StatusError> 
     if !resp.status().is_success() {
         return Err(StatusError::Format(format!("HTTP {}", resp.status())));
     }
-    let v: Value =
+    let v: StatusDoc =
         serde_json::from_slice(resp.body()).map_err(|e| StatusError::Format(e.to_string()))?;
     print!("{}", render(&v));
     Ok(())
@@ -58,115 +58,107 @@ pub async fn health(admin: &str) -> Result<(), StatusError> {
 }
 
 /// Renders a `/status` document.
-pub fn render(v: &Value) -> String {
+pub fn render(v: &StatusDoc) -> String {
     let mut out = String::new();
-    let cfg = &v["config"];
+    let cfg = &v.config;
     let _ = writeln!(
         out,
         "veer {}  config {} generation {}  last reload: {}{}",
-        v["veer_version"].as_str().unwrap_or("?"),
-        cfg["path"].as_str().unwrap_or("?"),
-        cfg["generation"],
-        cfg["last_reload"]["result"].as_str().unwrap_or("?"),
-        cfg["last_reload"]["error"]
-            .as_str()
+        v.veer_version,
+        cfg.path,
+        cfg.generation,
+        cfg.last_reload.result,
+        cfg.last_reload
+            .error
+            .as_deref()
             .map(|e| format!(" ({})", e.lines().next().unwrap_or("")))
             .unwrap_or_default(),
     );
-    if let Some(list) = cfg["restart_required"].as_array().filter(|l| !l.is_empty()) {
-        let names: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
-        let _ = writeln!(out, "restart required for: {}", names.join(", "));
-    }
-    for r in v["routes"].as_array().into_iter().flatten() {
-        let name = r["name"].as_str().unwrap_or("?");
+    if !cfg.restart_required.is_empty() {
         let _ = writeln!(
             out,
-            "\nroute {name} ({}, {})  weight {}% configured / {}% in effect",
-            r["strategy"].as_str().unwrap_or("?"),
-            r["mode"].as_str().unwrap_or("?"),
-            r["weight"]["configured"],
-            r["weight"]["effective"],
+            "restart required for: {}",
+            cfg.restart_required.join(", ")
+        );
+    }
+    if let Some(e) = &v.state_error {
+        let _ = writeln!(out, "decisions NOT persisted: {e}");
+    }
+    for r in &v.routes {
+        let _ = writeln!(
+            out,
+            "\nroute {} ({}, {})  weight {}% configured / {}% in effect",
+            r.name, r.strategy, r.mode, r.weight.configured, r.weight.effective,
         );
         let mut flags = Vec::new();
-        if r["paused"] == true {
+        if r.paused {
             flags.push("paused");
         }
-        if r["promoted"] == true {
+        if r.promoted {
             flags.push("promoted");
         }
         let _ = writeln!(
             out,
             "  verdict {}{}: {}",
-            r["verdict"].as_str().unwrap_or("?"),
+            r.verdict.as_str(),
             if flags.is_empty() {
                 String::new()
             } else {
                 format!(" ({})", flags.join(", "))
             },
-            r["reason"].as_str().unwrap_or("")
+            r.reason
         );
-        if let Some(ro) = r["rollout"].as_object() {
-            let _ = writeln!(out, "  rollout step {} of {}", ro["step"], ro["steps"]);
+        if let Some(ro) = &r.rollout {
+            let _ = writeln!(out, "  rollout step {} of {:?}", ro.step, ro.steps);
         }
-        let ev = &r["evidence"];
-        if ev.is_object() {
+        let ev = &r.evidence;
+        let _ = writeln!(
+            out,
+            "  evidence E(errors) {:.3} E(latency) {:.3}, revert at {:.0}; error events canary/stable {}/{}, slow events {}/{}",
+            ev.e_errors,
+            ev.e_latency,
+            ev.threshold,
+            ev.error_events.canary,
+            ev.error_events.stable,
+            ev.slow_events.canary,
+            ev.slow_events.stable,
+        );
+        for t in &ev.tests {
             let _ = writeln!(
                 out,
-                "  evidence E(errors) {:.3} E(latency) {:.3}, revert at {:.0}; error events canary/stable {}/{}, slow events {}/{}",
-                ev["e_errors"].as_f64().unwrap_or(0.0),
-                ev["e_latency"].as_f64().unwrap_or(0.0),
-                ev["threshold"].as_f64().unwrap_or(0.0),
-                ev["error_events"]["canary"],
-                ev["error_events"]["stable"],
-                ev["slow_events"]["canary"],
-                ev["slow_events"]["stable"],
+                "    test {:<17} {:<24} E {:>10.3}  events canary/stable {}/{}{}",
+                t.guard,
+                t.limit,
+                t.e,
+                t.events.0,
+                t.events.1,
+                if t.warming_up { "  (warming up)" } else { "" }
             );
-            for t in ev["tests"].as_array().map_or(&[][..], |a| a.as_slice()) {
-                let _ = writeln!(
-                    out,
-                    "    test {:<17} {:<24} E {:>10.3}  events canary/stable {}/{}{}",
-                    t["guard"].as_str().unwrap_or("?"),
-                    t["limit"].as_str().unwrap_or(""),
-                    t["e"].as_f64().unwrap_or(0.0),
-                    t["events"][0],
-                    t["events"][1],
-                    if t["warming_up"].as_bool() == Some(true) {
-                        "  (warming up)"
-                    } else {
-                        ""
-                    }
-                );
-            }
         }
         let _ = writeln!(
             out,
             "  {:<8} {:<16} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9}",
             "ROLE", "VERSION", "ENDPOINTS", "REQUESTS", "ERRORS", "P50 ms", "P99 ms", "P999 ms"
         );
-        for role in ["stable", "canary"] {
-            let ver = &r[role];
-            if ver.is_null() {
-                continue;
-            }
-            let eps = ver["endpoints"]
-                .as_array()
-                .map_or(&[][..], |a| a.as_slice());
-            let healthy = eps
-                .iter()
-                .filter(|e| e["healthy"].as_bool() == Some(true))
-                .count();
-            let w = &r["window"][role];
+        let roles = [
+            ("stable", Some(&r.stable), Some(&r.window.stable)),
+            ("canary", r.canary.as_ref(), r.window.canary.as_ref()),
+        ];
+        for (role, ver, w) in roles {
+            let Some(ver) = ver else { continue };
+            let w = w.copied().unwrap_or_default();
+            let healthy = ver.endpoints.iter().filter(|e| e.healthy).count();
             let _ = writeln!(
                 out,
                 "  {:<8} {:<16} {:>9} {:>9} {:>7.2}% {:>9.1} {:>9.1} {:>9.1}",
                 role,
-                ver["version"].as_str().unwrap_or("?"),
-                format!("{healthy}/{}", eps.len()),
-                w["requests"].as_u64().unwrap_or(0),
-                w["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
-                w["p50_ms"].as_f64().unwrap_or(0.0),
-                w["p99_ms"].as_f64().unwrap_or(0.0),
-                w["p999_ms"].as_f64().unwrap_or(0.0),
+                ver.version,
+                format!("{healthy}/{}", ver.endpoints.len()),
+                w.requests,
+                w.error_rate * 100.0,
+                w.p50_ms,
+                w.p99_ms,
+                w.p999_ms,
             );
         }
     }

@@ -308,6 +308,18 @@ impl Upstreams {
         map.insert(addr, Arc::downgrade(&u));
         u
     }
+
+    /// Whether the live upstream at `addr` is healthy (not failing
+    /// connects); None when no snapshot holds one.
+    pub fn healthy(&self, addr: SocketAddr) -> Option<bool> {
+        let map = match self.by_addr.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.get(&addr)
+            .and_then(Weak::upgrade)
+            .map(|u| u.is_healthy())
+    }
 }
 
 #[cfg(test)]

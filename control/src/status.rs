@@ -1,0 +1,312 @@
+//! The `/status` document: one typed value, written by the proxy's
+//! controller and read back through the same type by `veer status`, the
+//! demo and the tests.
+//!
+//! Numbers that the judge may drive to infinity (e-values) are published
+//! finite ([`finite`]): JSON has no infinity, and a document that does not
+//! parse back would blind `veer status` exactly when evidence is largest.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::judge::{Evidence, TestEvidence};
+use crate::rollout::Label;
+use crate::state::Revert;
+use crate::window::Stats;
+
+/// The whole document.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusDoc {
+    /// The proxy's version.
+    pub veer_version: String,
+    /// The config in force and the last reload.
+    pub config: ConfigStatus,
+    /// Why the last write of persisted decisions failed, if it did.
+    pub state_error: Option<String>,
+    /// Every route, in config order.
+    pub routes: Vec<Arc<RouteStatus>>,
+}
+
+/// The config in force.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConfigStatus {
+    /// The config file.
+    pub path: String,
+    /// Increments with every applied config.
+    pub generation: u64,
+    /// The last load.
+    pub last_reload: LastReload,
+    /// Settings changed in the file that only a restart applies.
+    pub restart_required: Vec<String>,
+}
+
+/// The outcome of the last config load.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LastReload {
+    /// `success` or `failure`.
+    pub result: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// When it was attempted, Unix seconds.
+    pub at_unix: u64,
+}
+
+/// One route.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouteStatus {
+    /// Its name.
+    pub name: String,
+    /// Host patterns (empty: the default route).
+    pub hosts: Vec<String>,
+    /// Path prefix.
+    pub path_prefix: String,
+    /// `canary` or `blue-green`.
+    pub strategy: String,
+    /// The canary's share.
+    pub weight: WeightStatus,
+    /// The stable version.
+    pub stable: VersionStatus,
+    /// The canary, if deployed.
+    pub canary: Option<VersionStatus>,
+    /// The judge's label.
+    pub verdict: Label,
+    /// Why, with numbers.
+    pub reason: String,
+    /// `enforce`, `observe` or `off`.
+    pub mode: String,
+    /// Paused by an operator.
+    pub paused: bool,
+    /// Promoted by an operator.
+    pub promoted: bool,
+    /// The revert in force, if any.
+    pub reverted: Option<Revert>,
+    /// The rollout, if configured.
+    pub rollout: Option<RolloutStatus>,
+    /// The sequential tests.
+    pub evidence: EvidenceStatus,
+    /// Per-version statistics over the judge's window.
+    pub window: WindowStatus,
+}
+
+/// The canary's share, in percent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WeightStatus {
+    /// As configured.
+    pub configured: f64,
+    /// In effect (0 once reverted, 100 once promoted, the step's in a rollout).
+    pub effective: f64,
+}
+
+/// One version's endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VersionStatus {
+    /// The version's name.
+    pub version: String,
+    /// Its endpoints.
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// One endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    /// As configured.
+    pub addr: String,
+    /// The address it resolved to.
+    pub resolved: String,
+    /// Its weight within the version.
+    pub weight: u32,
+    /// Not failing connects.
+    pub healthy: bool,
+}
+
+/// A rollout's progress.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// The current step's index.
+    pub step: usize,
+    /// Every step's weight, in percent.
+    pub steps: Vec<f64>,
+    /// Healthy time needed per step, seconds.
+    pub hold_s: f64,
+}
+
+/// Distinct-key bad events per version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Events {
+    /// The canary's.
+    pub canary: u64,
+    /// Stable's.
+    pub stable: u64,
+}
+
+/// The judge's evidence.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvidenceStatus {
+    /// Largest e-value of the error tests.
+    pub e_errors: f64,
+    /// Largest e-value of the latency tests.
+    pub e_latency: f64,
+    /// What each test's e-value must reach.
+    pub threshold: f64,
+    /// Error events of the first error test.
+    pub error_events: Events,
+    /// Slow events, summed over the latency tests.
+    pub slow_events: Events,
+    /// Stable's slow threshold (ms) of each latency ratio test, by quantile.
+    pub slow_thresholds_ms: BTreeMap<String, Option<f64>>,
+    /// Every test.
+    pub tests: Vec<TestStatus>,
+}
+
+/// One test.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TestStatus {
+    /// Its `reason` label.
+    pub guard: String,
+    /// The limit it tests.
+    pub limit: String,
+    /// Its e-value.
+    pub e: f64,
+    /// Distinct-key bad events (canary, stable).
+    pub events: (u64, u64),
+    /// In its warm-up.
+    pub warming_up: bool,
+    /// Latency tests: the thresholds (ms) for stable's and the canary's requests.
+    pub thresholds_ms: Option<(Option<f64>, Option<f64>)>,
+}
+
+/// Window statistics of both versions.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WindowStatus {
+    /// Stable's.
+    pub stable: WindowStats,
+    /// The canary's, if deployed.
+    pub canary: Option<WindowStats>,
+}
+
+/// One version's window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WindowStats {
+    /// Requests.
+    pub requests: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Errors over requests.
+    pub error_rate: f64,
+    /// Median latency, ms.
+    pub p50_ms: f64,
+    /// 95th percentile, ms.
+    pub p95_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// 99.9th percentile, ms.
+    pub p999_ms: f64,
+}
+
+/// `x` as a finite number: infinity as the largest finite, NaN as 0.
+pub fn finite(x: f64) -> f64 {
+    if x.is_nan() {
+        0.0
+    } else {
+        x.clamp(f64::MIN, f64::MAX)
+    }
+}
+
+impl From<&Stats> for WindowStats {
+    fn from(s: &Stats) -> WindowStats {
+        WindowStats {
+            requests: s.requests,
+            errors: s.errors,
+            error_rate: finite(s.error_rate()),
+            p50_ms: s.quantile_ms(0.5),
+            p95_ms: s.quantile_ms(0.95),
+            p99_ms: s.quantile_ms(0.99),
+            p999_ms: s.quantile_ms(0.999),
+        }
+    }
+}
+
+impl From<&TestEvidence> for TestStatus {
+    fn from(t: &TestEvidence) -> TestStatus {
+        TestStatus {
+            guard: t.guard.to_string(),
+            limit: t.limit.clone(),
+            e: finite(t.e),
+            events: t.events,
+            warming_up: t.warming_up,
+            thresholds_ms: t.thresholds_ms,
+        }
+    }
+}
+
+impl From<&Evidence> for EvidenceStatus {
+    fn from(ev: &Evidence) -> EvidenceStatus {
+        EvidenceStatus {
+            e_errors: finite(ev.e_errors),
+            e_latency: finite(ev.e_latency),
+            threshold: finite(ev.threshold),
+            error_events: Events {
+                canary: ev.error_events.0,
+                stable: ev.error_events.1,
+            },
+            slow_events: Events {
+                canary: ev.slow_events.0,
+                stable: ev.slow_events.1,
+            },
+            slow_thresholds_ms: ev
+                .thresholds_ms
+                .iter()
+                .map(|(q, t)| (q.key().to_string(), *t))
+                .collect(),
+            tests: ev.tests.iter().map(TestStatus::from).collect(),
+        }
+    }
+}
+
+impl StatusDoc {
+    /// The route named `name`.
+    pub fn route(&self, name: &str) -> Option<&RouteStatus> {
+        self.routes.iter().map(|r| &**r).find(|r| r.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_infinite_e_value_survives_a_round_trip() {
+        let doc = StatusDoc {
+            routes: vec![Arc::new(RouteStatus {
+                name: "web".into(),
+                hosts: vec![],
+                path_prefix: "/".into(),
+                strategy: "canary".into(),
+                weight: WeightStatus::default(),
+                stable: VersionStatus::default(),
+                canary: None,
+                verdict: Label::Reverted,
+                reason: String::new(),
+                mode: "enforce".into(),
+                paused: false,
+                promoted: false,
+                reverted: None,
+                rollout: None,
+                evidence: EvidenceStatus {
+                    e_errors: finite(f64::INFINITY),
+                    e_latency: finite(f64::NAN),
+                    ..EvidenceStatus::default()
+                },
+                window: WindowStatus::default(),
+            })],
+            ..StatusDoc::default()
+        };
+        let text = serde_json::to_string(&doc).expect("serialize");
+        let back: StatusDoc = serde_json::from_str(&text).expect("parse back");
+        assert_eq!(back, doc);
+        assert_eq!(back.route("web").map(|r| r.verdict), Some(Label::Reverted));
+        assert!(text.contains("\"verdict\":\"reverted\""));
+    }
+}

@@ -1,0 +1,113 @@
+//! What the controller says about its decisions: a log line, the revert
+//! counter and a webhook event for each event of a route's control.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use veer_control::config::Route;
+use veer_control::rollout::{Action, Event, Output};
+
+use crate::metrics::Metrics;
+use crate::notify::Notifier;
+
+/// Logs, counts and sends the events of route controls.
+pub struct Announcer {
+    notifier: Notifier,
+    metrics: Arc<Metrics>,
+}
+
+fn percent(bp: u16) -> f64 {
+    f64::from(bp) / 100.0
+}
+
+impl Announcer {
+    /// An announcer sending webhooks through a new notifier.
+    pub fn new(metrics: Arc<Metrics>) -> Announcer {
+        Announcer {
+            notifier: Notifier::start(metrics.webhook_events.clone()),
+            metrics,
+        }
+    }
+
+    /// Announces `out`, the output of one input of `route`'s control, whose
+    /// canary share is now `weight_bp`.
+    pub fn announce(&self, route: &Route, weight_bp: u16, out: &Output) {
+        let name = route.name.as_str();
+        let send = |event: &str, details: Value| self.notify(route, weight_bp, event, details);
+        for e in &out.events {
+            match e {
+                Event::Reverted {
+                    guard,
+                    reason,
+                    weight_before_bp,
+                } => {
+                    self.metrics.reverts.with_label_values(&[name, guard]).inc();
+                    let before = percent(*weight_before_bp);
+                    tracing::warn!(route = %name, guard = %guard, reason = %reason, weight_before = before, "canary reverted");
+                    send(
+                        "reverted",
+                        json!({ "guard": guard, "reason": reason, "weight_before": before }),
+                    );
+                }
+                Event::RolloutAdvanced {
+                    step,
+                    weight_bp,
+                    held,
+                } => {
+                    let weight = percent(*weight_bp);
+                    tracing::info!(route = %name, step, weight, held = ?held, "rollout advanced");
+                    send(
+                        "rollout_advanced",
+                        json!({ "step": step, "weight": weight }),
+                    );
+                }
+                Event::OperatorAction { action, effective } => {
+                    if *action == Action::Revert && *effective {
+                        self.metrics
+                            .reverts
+                            .with_label_values(&[name, "operator"])
+                            .inc();
+                    }
+                    tracing::warn!(route = %name, action = action.as_str(), weight = percent(weight_bp), "operator action");
+                    send("operator_action", json!({ "action": action.as_str() }));
+                }
+                Event::VerdictChanged { from, to, reason } => {
+                    tracing::info!(route = %name, from = from.as_str(), to = to.as_str(), reason = %reason, "verdict changed");
+                    send(
+                        "verdict_changed",
+                        json!({ "from": from.as_str(), "to": to.as_str(), "reason": reason }),
+                    );
+                }
+                Event::NewIdentity {
+                    reverted_before,
+                    replaced,
+                } => {
+                    if *reverted_before {
+                        tracing::warn!(route = %name, "this canary was reverted before: it stays out of traffic until `reset`");
+                    } else if *replaced {
+                        tracing::info!(route = %name, "new canary identity: earlier decisions no longer apply");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a webhook event for `route`, if it has a webhook.
+    fn notify(&self, route: &Route, weight_bp: u16, event: &str, mut details: Value) {
+        let Some(hook) = &route.judge.webhook else {
+            return;
+        };
+        if let Some(obj) = details.as_object_mut() {
+            obj.insert("event".into(), json!(event));
+            obj.insert("route".into(), json!(route.name));
+            obj.insert("stable".into(), json!(route.stable.name));
+            obj.insert(
+                "canary".into(),
+                json!(route.canary.as_ref().map(|c| c.name.clone())),
+            );
+            obj.insert("effective_weight".into(), json!(percent(weight_bp)));
+            obj.insert("at_unix".into(), json!(crate::clock::unix_now()));
+        }
+        self.notifier.send(hook, details);
+    }
+}

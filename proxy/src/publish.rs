@@ -1,0 +1,165 @@
+//! What the controller shows: each route's `/status` entry and gauges,
+//! built from the snapshot it put in effect, the judge and the decisions.
+
+use std::sync::Arc;
+
+use veer_control::config::JudgeMode;
+use veer_control::rollout::RouteControl;
+use veer_control::status::{
+    ConfigStatus, EndpointStatus, EvidenceStatus, LastReload, RolloutStatus, RouteStatus,
+    StatusDoc, VersionStatus, WeightStatus, WindowStats, WindowStatus,
+};
+
+use crate::metrics::Metrics;
+use crate::runtime::RouteRuntime;
+use crate::shared::Shared;
+use crate::snapshot::{RouteTarget, VersionTarget};
+use crate::window_metrics::{WindowLatency, QUANTILES};
+
+/// The `/status` entry of the route `target` routes, judged by `rt`.
+pub fn route_status(
+    target: &RouteTarget,
+    rt: &RouteRuntime,
+    control: &RouteControl,
+) -> RouteStatus {
+    let c = &target.config;
+    let d = control.decision();
+    RouteStatus {
+        name: target.name.to_string(),
+        hosts: c.hosts.clone(),
+        path_prefix: c.path_prefix.clone(),
+        strategy: c.strategy.as_str().to_string(),
+        weight: WeightStatus {
+            configured: c.canary_weight_percent(),
+            effective: f64::from(target.weight_bp) / 100.0,
+        },
+        stable: version_status(&target.stable),
+        canary: target.canary.as_ref().map(version_status),
+        verdict: control.label(),
+        reason: match control.reason() {
+            Some(r) => r.to_string(),
+            None if c.judge.mode == JudgeMode::Off => "the judge is off for this route".into(),
+            None => "no verdict yet".into(),
+        },
+        mode: c.judge.mode.as_str().to_string(),
+        paused: d.paused,
+        promoted: d.promoted,
+        reverted: d.reverted.clone(),
+        rollout: c.rollout.as_ref().map(|ro| RolloutStatus {
+            step: d.rollout_step,
+            steps: ro.steps_bp.iter().map(|s| f64::from(*s) / 100.0).collect(),
+            hold_s: ro.hold.as_secs_f64(),
+        }),
+        evidence: EvidenceStatus::from(&rt.judge.evidence()),
+        window: WindowStatus {
+            stable: WindowStats::from(rt.judge.stable_stats()),
+            canary: c
+                .canary
+                .as_ref()
+                .map(|_| WindowStats::from(rt.judge.canary_stats())),
+        },
+    }
+}
+
+fn version_status(v: &VersionTarget) -> VersionStatus {
+    VersionStatus {
+        version: v.name.to_string(),
+        endpoints: v
+            .balancer
+            .members()
+            .map(|(name, weight, u)| EndpointStatus {
+                addr: name.to_string(),
+                resolved: u.addr().to_string(),
+                weight,
+                healthy: u.is_healthy(),
+            })
+            .collect(),
+    }
+}
+
+/// Whether an endpoint's health in `target` differs from `shown`.
+pub fn health_changed(shown: &RouteStatus, target: &RouteTarget) -> bool {
+    let differs = |shown: &VersionStatus, v: &VersionTarget| {
+        shown.endpoints.len() != v.balancer.endpoints().len()
+            || shown
+                .endpoints
+                .iter()
+                .zip(v.balancer.endpoints())
+                .any(|(s, u)| s.healthy != u.is_healthy())
+    };
+    differs(&shown.stable, &target.stable)
+        || match (&shown.canary, &target.canary) {
+            (Some(s), Some(v)) => differs(s, v),
+            (None, None) => false,
+            _ => true,
+        }
+}
+
+/// Sets the route's gauges.
+pub fn gauges(m: &Metrics, target: &RouteTarget, rt: &RouteRuntime, control: &RouteControl) {
+    let name = &*target.name;
+    let route = &target.config;
+    m.set_verdict(name, control.label().as_str());
+    let ev = rt.judge.evidence();
+    m.e_value
+        .with_label_values(&[name, "errors"])
+        .set(ev.e_errors);
+    m.e_value
+        .with_label_values(&[name, "latency"])
+        .set(ev.e_latency);
+    m.rollout_step
+        .with_label_values(&[name])
+        .set(control.decision().rollout_step as i64);
+    let mut versions = vec![(&route.stable.name, rt.judge.stable_stats(), &rt.stable)];
+    if let (Some(c), Some(rec)) = (&route.canary, &rt.canary) {
+        versions.push((&c.name, rt.judge.canary_stats(), rec));
+    }
+    let mut lat = Vec::new();
+    for (v, stats, rec) in versions {
+        m.window_requests
+            .with_label_values(&[name, v])
+            .set(stats.requests as i64);
+        m.window_error_ratio
+            .with_label_values(&[name, v])
+            .set(stats.error_rate());
+        let (count, sum) = rec.totals();
+        lat.push((
+            v.clone(),
+            WindowLatency {
+                quantiles: QUANTILES.map(|q| stats.quantile_ms(q) / 1000.0),
+                count,
+                sum,
+            },
+        ));
+    }
+    m.window_latency.publish(name, lat);
+}
+
+/// Puts a new `/status` document in effect: the config and reload parts
+/// from `shared`, `routes` in config order.
+pub fn document(shared: &Shared, generation: u64, routes: Vec<Arc<RouteStatus>>) {
+    let reload = shared.reload_status().clone();
+    let doc = StatusDoc {
+        veer_version: env!("CARGO_PKG_VERSION").to_string(),
+        config: ConfigStatus {
+            path: reload.path.display().to_string(),
+            generation,
+            last_reload: LastReload {
+                result: reload.last_result.to_string(),
+                error: reload.last_error,
+                at_unix: reload
+                    .last_at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            },
+            restart_required: reload.restart_required,
+        },
+        state_error: shared
+            .state_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
+        routes,
+    };
+    shared.status.store(Arc::new(doc));
+}

@@ -16,19 +16,18 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use veer_control::config::{Config, JudgeMode, Route, Strategy};
-use veer_control::judge::{Status, TickInput, VersionTick};
+use veer_control::config::{Config, JudgeMode, Route};
+use veer_control::judge::Status;
 pub use veer_control::rollout::Action;
 use veer_control::rollout::{Now, Output, Refused, RouteControl};
-use veer_control::state::{canary_identity, State, StateError};
+use veer_control::state::{State, StateError};
 use veer_control::status::RouteStatus;
 
 use crate::announce::Announcer;
 use crate::reload::{Applied, Reload, Triggers};
 use crate::reresolve::{self, Resolving};
-use crate::runtime::{saved_evidence, RouteRuntime};
+use crate::runtime::{build_snapshot, reconcile, Reconciled, RouteRuntime};
 use crate::shared::Shared;
-use crate::snapshot::{RouteInputs, Snapshot};
 
 /// How often the controller checks which routes are due for a verdict.
 const TICK: Duration = Duration::from_millis(100);
@@ -110,22 +109,12 @@ impl Controller {
             mono: Duration::ZERO,
             unix: crate::clock::unix_now(),
         };
-        let (mut controls, mut routes, mut outputs) = (HashMap::new(), HashMap::new(), Vec::new());
-        for r in &config.routes {
-            let d = state.routes.get(&r.name);
-            if let Some(rev) = d
-                .filter(|d| d.canary_identity == canary_identity(r))
-                .and_then(|d| d.reverted.as_ref())
-            {
-                tracing::warn!(route = %r.name, guard = %rev.guard, reason = %rev.reason, "canary stays reverted (persisted decision)");
-            }
-            let (control, out) = RouteControl::new(r, d.cloned(), now);
-            let mut rt = RouteRuntime::new(r, control.effective_bp(r));
-            rt.resume(&r.name, saved_evidence(&r.name, Some(control.decision())));
-            routes.insert(r.name.clone(), rt);
-            controls.insert(r.name.clone(), control);
-            outputs.push((r.name.clone(), out));
-        }
+        let mut state = state;
+        let Reconciled {
+            routes,
+            controls,
+            outputs,
+        } = reconcile(&config, HashMap::new(), HashMap::new(), &mut state, now);
         let snap = build_snapshot(&config, 1, &addrs, &routes, &controls, &metrics, &upstreams);
         snap.publish(None, &metrics);
         let shared = Arc::new(Shared::new(snap, metrics, upstreams, path.clone()));
@@ -293,28 +282,14 @@ impl Controller {
         state
     }
 
-    /// Writes the decisions to the state dir (off the reactor); false if
-    /// that failed (then `/status` says why, and the log once).
+    /// Writes the decisions to the state dir (see [`crate::persist`]).
     async fn persist(&self) -> bool {
-        let state = self.decisions();
-        let dir = self.config.state.dir.clone();
-        let error = match tokio::task::spawn_blocking(move || state.save(&dir)).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(e.to_string()),
-        };
-        let mut current = self
-            .shared
-            .state_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        // Logged once per distinct failure: evidence is saved every few
-        // seconds, and a read-only state dir should not flood the log.
-        if let Some(e) = error.as_ref().filter(|e| current.as_ref() != Some(*e)) {
-            tracing::error!(error = %e, "could not persist decisions; they hold until restart only");
-        }
-        *current = error.clone();
-        error.is_none()
+        crate::persist::save(
+            &self.shared,
+            self.decisions(),
+            self.config.state.dir.clone(),
+        )
+        .await
     }
 
     /// Writes every judge's tests to the state dir, so that a restart
@@ -366,41 +341,17 @@ impl Controller {
         self.config = applied.config.clone();
         self.addrs = applied.addrs.clone();
         let now = self.now();
-        let (mut controls, mut routes, mut outputs) = (HashMap::new(), HashMap::new(), Vec::new());
-        for r in &self.config.routes {
-            let (control, out) = match self.controls.remove(&r.name) {
-                Some(mut c) => {
-                    let out = c.on_config(r, now);
-                    (c, out)
-                }
-                None => RouteControl::new(r, self.state.routes.remove(&r.name), now),
-            };
-            let rt = match self.routes.remove(&r.name) {
-                Some(rt) if rt.same_as(r) => rt,
-                old => {
-                    let mut rt = RouteRuntime::new(r, control.effective_bp(r));
-                    let saved = match &old {
-                        // Same canary, other settings: carry the live tests over.
-                        Some(old) if old.identity == rt.identity => Some(old.judge.save_tests()),
-                        Some(_) => None,
-                        None => saved_evidence(&r.name, Some(control.decision())),
-                    };
-                    rt.resume(&r.name, saved);
-                    if let Some(old) = old.filter(|o| o.stable_version == rt.stable_version) {
-                        rt.keep_stable_window(&old);
-                    }
-                    rt
-                }
-            };
-            routes.insert(r.name.clone(), rt);
-            controls.insert(r.name.clone(), control);
-            outputs.push((r.name.clone(), out));
-        }
-        for (name, c) in self.controls.drain() {
-            // A route no longer configured keeps its decision on disk, and
-            // finds it again if it comes back.
-            self.state.routes.insert(name, c.decision().clone());
-        }
+        let Reconciled {
+            routes,
+            controls,
+            outputs,
+        } = reconcile(
+            &self.config,
+            std::mem::take(&mut self.routes),
+            std::mem::take(&mut self.controls),
+            &mut self.state,
+            now,
+        );
         self.controls = controls;
         self.routes = routes;
         let changed = self.announce_all(&outputs);
@@ -454,7 +405,10 @@ impl Controller {
         let now = Instant::now();
         let mut judged = Vec::new();
         let mut changed = false;
-        for route in self.config.routes.clone() {
+        for i in 0..self.config.routes.len() {
+            let Some(route) = self.config.routes.get(i) else {
+                continue;
+            };
             if route.judge.mode == JudgeMode::Off {
                 continue;
             }
@@ -462,9 +416,11 @@ impl Controller {
                 continue;
             };
             let due = now.duration_since(rt.last_tick) >= route.judge.interval;
-            if !due && !self.crossed_early(&route) {
+            if !due && !self.crossed_early(route) {
                 continue;
             }
+            // Cloned only when judged: most routes are not due on a tick.
+            let route = route.clone();
             if let Some(rt) = self.routes.get_mut(&route.name) {
                 rt.early = !due;
             }
@@ -478,12 +434,9 @@ impl Controller {
         }
         // Endpoint health changes between verdicts show in `/status` too.
         let snap = self.shared.snapshot.load_full();
-        for target in snap.routes.iter() {
-            let shown = self.statuses.get(&*target.name);
-            if shown.is_some_and(|s| crate::publish::health_changed(s, target))
-                && !judged.iter().any(|n| *n == *target.name)
-            {
-                judged.push(target.name.to_string());
+        for name in crate::publish::health_changed(&snap, &self.statuses) {
+            if !judged.contains(&name) {
+                judged.push(name);
             }
         }
         if !judged.is_empty() {
@@ -495,35 +448,16 @@ impl Controller {
         }
     }
 
-    /// Between two ticks: whether the route's sequential tests have already
-    /// crossed with the bad events recorded since the last one (then the
-    /// route is judged at once, not at the end of its interval).
+    /// Between two ticks: whether the route's tests have already crossed
+    /// (see [`RouteRuntime::crossed_early`]).
     fn crossed_early(&self, route: &Route) -> bool {
         let (Some(rt), Some(control)) =
             (self.routes.get(&route.name), self.controls.get(&route.name))
         else {
             return false;
         };
-        let Some(canary) = &rt.canary else {
-            return false;
-        };
-        if rt.early || control.last().is_some_and(|v| v.status == Status::Breach) {
-            // At most one early tick an interval, and none after a breach
-            // that changed nothing (observe mode, paused): looking again
-            // would only shorten the window's slices.
-            return false;
-        }
-        let w_bp = control.effective_bp(route);
-        if rt.last_w_bp != Some(w_bp) {
-            // The share changed since the last tick: those events are
-            // not attributable to one share (the tick skips them too).
-            return false;
-        }
-        let crossed = rt.judge.crossed(
-            f64::from(w_bp) / 10_000.0,
-            &rt.stable.pending(rt.thresholds),
-            &canary.pending(rt.thresholds),
-        );
+        let breached = control.last().is_some_and(|v| v.status == Status::Breach);
+        let crossed = rt.crossed_early(control.effective_bp(route), breached);
         if crossed {
             tracing::debug!(route = %route.name, "sequential test crossed between ticks; judging now");
         }
@@ -555,45 +489,7 @@ impl Controller {
         let Some(rt) = self.routes.get_mut(name) else {
             return false;
         };
-        let elapsed = now.duration_since(rt.last_tick);
-        rt.last_tick = now;
-        let (stable, _) = rt.stable.drain(rt.thresholds);
-        let (mut canary, canary_connect) = match &rt.canary {
-            Some(c) => c.drain(rt.thresholds),
-            None => (
-                VersionTick {
-                    slow_events: vec![0; rt.thresholds],
-                    ..VersionTick::default()
-                },
-                0,
-            ),
-        };
-        canary.unreachable = w_bp > 0 && canary_connect > 0 && canary_down;
-        let flipped = route.strategy == Strategy::BlueGreen
-            && w_bp == 10_000
-            && rt.last_w_bp.is_some_and(|before| before != 10_000);
-        if flipped {
-            let stats = rt.judge.stable_stats();
-            let (requests, rate) = (stats.requests, stats.error_rate());
-            if rt.judge.start_watch() {
-                tracing::info!(route = %name, baseline_requests = requests, baseline_error_rate = rate, watch = ?route.judge.watch, "blue-green flip: judging the new colour against the old one's last window");
-            } else {
-                tracing::warn!(route = %name, baseline_requests = requests, "blue-green flip without enough traffic before it: only the absolute guards apply");
-            }
-        }
-        let weight_changed = rt.last_w_bp != Some(w_bp);
-        rt.last_w_bp = Some(w_bp);
-        let verdict = rt.judge.tick(TickInput {
-            w: f64::from(w_bp) / 10_000.0,
-            weight_changed,
-            elapsed,
-            stable,
-            canary,
-        });
-        if rt.judge.burst_span_ended() {
-            rt.stable.keys().clear_burst();
-        }
-        rt.set_thresholds();
+        let verdict = rt.tick(route, w_bp, canary_down, now);
         let Some(control) = self.controls.get_mut(name) else {
             return false;
         };
@@ -601,25 +497,4 @@ impl Controller {
         self.announce(name, &out);
         out.changed
     }
-}
-
-fn build_snapshot(
-    config: &Config,
-    generation: u64,
-    addrs: &HashMap<String, SocketAddr>,
-    routes: &HashMap<String, RouteRuntime>,
-    controls: &HashMap<String, RouteControl>,
-    metrics: &crate::metrics::Metrics,
-    upstreams: &crate::upstream::Upstreams,
-) -> Snapshot {
-    Snapshot::build(config, generation, addrs, upstreams, metrics, |r| {
-        let rt = routes.get(&r.name);
-        RouteInputs {
-            // Every configured route has a control; were one missing, the
-            // route would fail toward stable.
-            weight_bp: controls.get(&r.name).map_or(0, |c| c.effective_bp(r)),
-            stable: rt.map(|rt| rt.stable.clone()),
-            canary: rt.and_then(|rt| rt.canary.clone()),
-        }
-    })
 }

@@ -21,6 +21,7 @@ pub mod headers;
 pub mod metrics;
 pub mod notify;
 pub mod path;
+pub mod persist;
 pub mod publish;
 pub mod record;
 pub mod reload;

@@ -1,6 +1,7 @@
 //! What the controller shows: each route's `/status` entry and gauges,
 //! built from the snapshot it put in effect, the judge and the decisions.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use veer_control::config::JudgeMode;
@@ -13,7 +14,7 @@ use veer_control::status::{
 use crate::metrics::Metrics;
 use crate::runtime::RouteRuntime;
 use crate::shared::Shared;
-use crate::snapshot::{RouteTarget, VersionTarget};
+use crate::snapshot::{RouteTarget, Snapshot, VersionTarget};
 use crate::window_metrics::{WindowLatency, QUANTILES};
 
 /// The `/status` entry of the route `target` routes, judged by `rt`.
@@ -77,8 +78,9 @@ fn version_status(v: &VersionTarget) -> VersionStatus {
     }
 }
 
-/// Whether an endpoint's health in `target` differs from `shown`.
-pub fn health_changed(shown: &RouteStatus, target: &RouteTarget) -> bool {
+/// The routes of `snap` whose endpoint health differs from what their
+/// published entry in `shown` says.
+pub fn health_changed(snap: &Snapshot, shown: &HashMap<String, Arc<RouteStatus>>) -> Vec<String> {
     let differs = |shown: &VersionStatus, v: &VersionTarget| {
         shown.endpoints.len() != v.balancer.endpoints().len()
             || shown
@@ -87,12 +89,20 @@ pub fn health_changed(shown: &RouteStatus, target: &RouteTarget) -> bool {
                 .zip(v.balancer.endpoints())
                 .any(|(s, u)| s.healthy != u.is_healthy())
     };
-    differs(&shown.stable, &target.stable)
-        || match (&shown.canary, &target.canary) {
-            (Some(s), Some(v)) => differs(s, v),
-            (None, None) => false,
-            _ => true,
-        }
+    snap.routes
+        .iter()
+        .filter(|t| {
+            shown.get(&*t.name).is_some_and(|s| {
+                differs(&s.stable, &t.stable)
+                    || match (&s.canary, &t.canary) {
+                        (Some(s), Some(v)) => differs(s, v),
+                        (None, None) => false,
+                        _ => true,
+                    }
+            })
+        })
+        .map(|t| t.name.to_string())
+        .collect()
 }
 
 /// Sets the route's gauges.

@@ -1,14 +1,19 @@
 //! What the controller keeps per route besides its decisions: the judge,
-//! the recorders the data plane writes into, and the tick clock.
+//! the recorders the data plane writes into, and the tick clock; and how
+//! runtimes and decisions carry over a new config.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::time::Instant;
-use veer_control::config::{JudgeSettings, Route};
-use veer_control::judge::{Judge, SavedTests};
-use veer_control::state::{canary_identity, RouteDecision};
+use veer_control::config::{Config, JudgeSettings, Route, Strategy};
+use veer_control::judge::{Judge, SavedTests, TickInput, Verdict, VersionTick};
+use veer_control::rollout::{Now, Output, RouteControl};
+use veer_control::state::{canary_identity, RouteDecision, State};
 
 use crate::record::{threshold_count, Recorder, RouteKeys};
+use crate::snapshot::{RouteInputs, Snapshot};
 
 /// Live judging state of one route.
 pub struct RouteRuntime {
@@ -87,6 +92,77 @@ impl RouteRuntime {
         }
     }
 
+    /// Between two ticks: whether the route's sequential tests have already
+    /// crossed with the bad events recorded since the last one, the canary
+    /// at `w_bp` (then the route is judged at once, not at the end of its
+    /// interval). Never twice an interval, nor after a breach (`breached`)
+    /// that changed nothing (observe mode, paused): looking again would
+    /// only shorten the window's slices.
+    pub fn crossed_early(&self, w_bp: u16, breached: bool) -> bool {
+        let Some(canary) = &self.canary else {
+            return false;
+        };
+        if self.early || breached {
+            return false;
+        }
+        if self.last_w_bp != Some(w_bp) {
+            // The share changed since the last tick: those events are
+            // not attributable to one share (the tick skips them too).
+            return false;
+        }
+        self.judge.crossed(
+            f64::from(w_bp) / 10_000.0,
+            &self.stable.pending(self.thresholds),
+            &canary.pending(self.thresholds),
+        )
+    }
+
+    /// One tick of the judge at `now`, the canary at `w_bp`: drains both
+    /// recorders, starts a blue-green watch on a flip, and returns the verdict.
+    pub fn tick(&mut self, route: &Route, w_bp: u16, canary_down: bool, now: Instant) -> Verdict {
+        let name = route.name.as_str();
+        let elapsed = now.duration_since(self.last_tick);
+        self.last_tick = now;
+        let (stable, _) = self.stable.drain(self.thresholds);
+        let (mut canary, canary_connect) = match &self.canary {
+            Some(c) => c.drain(self.thresholds),
+            None => (
+                VersionTick {
+                    slow_events: vec![0; self.thresholds],
+                    ..VersionTick::default()
+                },
+                0,
+            ),
+        };
+        canary.unreachable = w_bp > 0 && canary_connect > 0 && canary_down;
+        let flipped = route.strategy == Strategy::BlueGreen
+            && w_bp == 10_000
+            && self.last_w_bp.is_some_and(|before| before != 10_000);
+        if flipped {
+            let stats = self.judge.stable_stats();
+            let (requests, rate) = (stats.requests, stats.error_rate());
+            if self.judge.start_watch() {
+                tracing::info!(route = %name, baseline_requests = requests, baseline_error_rate = rate, watch = ?route.judge.watch, "blue-green flip: judging the new colour against the old one's last window");
+            } else {
+                tracing::warn!(route = %name, baseline_requests = requests, "blue-green flip without enough traffic before it: only the absolute guards apply");
+            }
+        }
+        let weight_changed = self.last_w_bp != Some(w_bp);
+        self.last_w_bp = Some(w_bp);
+        let verdict = self.judge.tick(TickInput {
+            w: f64::from(w_bp) / 10_000.0,
+            weight_changed,
+            elapsed,
+            stable,
+            canary,
+        });
+        if self.judge.burst_span_ended() {
+            self.stable.keys().clear_burst();
+        }
+        self.set_thresholds();
+        verdict
+    }
+
     /// Whether `route` is judged as this runtime judges (same canary,
     /// stable version and judge settings).
     pub fn same_as(&self, route: &Route) -> bool {
@@ -104,4 +180,102 @@ pub fn saved_evidence(route: &str, d: Option<&RouteDecision>) -> Option<SavedTes
             tracing::warn!(route, error = %e, "saved evidence unreadable: the judge's tests start afresh")
         })
         .ok()
+}
+
+/// Every configured route's runtime and control, and what each control
+/// said about the config.
+pub struct Reconciled {
+    /// Runtimes by route name.
+    pub routes: HashMap<String, RouteRuntime>,
+    /// Controls by route name.
+    pub controls: HashMap<String, RouteControl>,
+    /// Each control's output, to announce.
+    pub outputs: Vec<(String, Output)>,
+}
+
+/// Each configured route's runtime and control for `config`: the ones in
+/// `routes` and `controls` carried over (a runtime only if it judges the
+/// same way), the others built from their decision in `state`, if any. The
+/// decisions of routes no longer configured go back into `state`.
+pub fn reconcile(
+    config: &Config,
+    mut routes: HashMap<String, RouteRuntime>,
+    mut controls: HashMap<String, RouteControl>,
+    state: &mut State,
+    now: Now,
+) -> Reconciled {
+    let (mut new_routes, mut new_controls, mut outputs) =
+        (HashMap::new(), HashMap::new(), Vec::new());
+    for r in &config.routes {
+        let (control, out) = match controls.remove(&r.name) {
+            Some(mut c) => {
+                let out = c.on_config(r, now);
+                (c, out)
+            }
+            None => {
+                let d = state.routes.remove(&r.name);
+                if let Some(rev) = d
+                    .as_ref()
+                    .filter(|d| d.canary_identity == canary_identity(r))
+                    .and_then(|d| d.reverted.as_ref())
+                {
+                    tracing::warn!(route = %r.name, guard = %rev.guard, reason = %rev.reason, "canary stays reverted (persisted decision)");
+                }
+                RouteControl::new(r, d, now)
+            }
+        };
+        let rt = match routes.remove(&r.name) {
+            Some(rt) if rt.same_as(r) => rt,
+            old => {
+                let mut rt = RouteRuntime::new(r, control.effective_bp(r));
+                let saved = match &old {
+                    // Same canary, other settings: carry the live tests over.
+                    Some(old) if old.identity == rt.identity => Some(old.judge.save_tests()),
+                    Some(_) => None,
+                    None => saved_evidence(&r.name, Some(control.decision())),
+                };
+                rt.resume(&r.name, saved);
+                if let Some(old) = old.filter(|o| o.stable_version == rt.stable_version) {
+                    rt.keep_stable_window(&old);
+                }
+                rt
+            }
+        };
+        new_routes.insert(r.name.clone(), rt);
+        new_controls.insert(r.name.clone(), control);
+        outputs.push((r.name.clone(), out));
+    }
+    for (name, c) in controls {
+        // A route no longer configured keeps its decision on disk, and
+        // finds it again if it comes back.
+        state.routes.insert(name, c.decision().clone());
+    }
+    Reconciled {
+        routes: new_routes,
+        controls: new_controls,
+        outputs,
+    }
+}
+
+/// The routing snapshot of `config` with each route's recorders and the
+/// canary share its decision puts in effect.
+pub fn build_snapshot(
+    config: &Config,
+    generation: u64,
+    addrs: &HashMap<String, SocketAddr>,
+    routes: &HashMap<String, RouteRuntime>,
+    controls: &HashMap<String, RouteControl>,
+    metrics: &crate::metrics::Metrics,
+    upstreams: &crate::upstream::Upstreams,
+) -> Snapshot {
+    Snapshot::build(config, generation, addrs, upstreams, metrics, |r| {
+        let rt = routes.get(&r.name);
+        RouteInputs {
+            // Every configured route has a control; were one missing, the
+            // route would fail toward stable.
+            weight_bp: controls.get(&r.name).map_or(0, |c| c.effective_bp(r)),
+            stable: rt.map(|rt| rt.stable.clone()),
+            canary: rt.and_then(|rt| rt.canary.clone()),
+        }
+    })
 }

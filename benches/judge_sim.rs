@@ -723,7 +723,7 @@ fn rollout(pop: &Population, sc: Scenario, seed: u64, ticks: u32, rate: f64, ons
                         v.reason
                     );
                 }
-                run.breach = Some((now_ms, v.guard));
+                run.breach = Some((now_ms, v.guard.map_or("", |g| g.as_str())));
             }
         }
         if run.breach.is_some() && (run.oracle.is_some() || sc.aa || oracle_r <= oracle_r0) {

@@ -24,6 +24,8 @@ pub struct Config {
     pub state: StateSettings,
     /// Routes, in file order; names are unique.
     pub routes: Vec<Route>,
+    /// Valid settings that are often mistakes, in file order.
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// Data-plane listeners and connection limits.

@@ -112,15 +112,6 @@ impl EProcess {
         }
     }
 
-    /// `ln E` as it would be after [`EProcess::update`] with this batch,
-    /// without changing anything.
-    pub fn log_e_after(&self, w: f64, canary: u64, stable: u64) -> f64 {
-        match self.steps(w) {
-            Some(steps) if canary + stable > 0 => self.log_e_with(&steps, canary, stable),
-            _ => self.log_e(),
-        }
-    }
-
     /// `ln E`, computed stably (log-sum-exp).
     pub fn log_e(&self) -> f64 {
         let max = self

@@ -31,6 +31,7 @@
 use std::time::Duration;
 
 use crate::config::{JudgeSettings, Quantile};
+use crate::guard::Guard;
 use crate::limits::{self, Batch, Limit, LimitTest, Spec, MIN_CANARY_EVENTS};
 use crate::onesample::{quantile_upper_bound, rate_upper_bound, OneSample};
 use crate::window::{Slice, Stats, Window};
@@ -104,9 +105,9 @@ pub enum Status {
 pub struct Verdict {
     /// The kind.
     pub status: Status,
-    /// Short machine label of the breached guard or test (`reason` label of
-    /// `veer_reverts_total`); empty unless breached.
-    pub guard: &'static str,
+    /// The breached guard or test (`reason` label of `veer_reverts_total`);
+    /// None unless breached.
+    pub guard: Option<Guard>,
     /// A sentence with the numbers behind the verdict.
     pub reason: String,
 }
@@ -115,7 +116,7 @@ pub struct Verdict {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct TestEvidence {
     /// Its `reason` label.
-    pub guard: &'static str,
+    pub guard: Guard,
     /// The limit it tests, as configured.
     pub limit: String,
     /// Its e-value.
@@ -612,7 +613,7 @@ impl Judge {
         if ca.requests < min || (st.requests < min && !self.watching() && w < 1.0) {
             return Verdict {
                 status: Status::InsufficientData,
-                guard: "",
+                guard: None,
                 reason: format!(
                     "window has {} canary and {} stable requests; {min} each are needed",
                     ca.requests, st.requests
@@ -622,7 +623,7 @@ impl Judge {
         let ev = self.evidence();
         Verdict {
             status: Status::Healthy,
-            guard: "",
+            guard: None,
             reason: format!(
                 "canary {} req, {:.2}% errors, p99 {:.1} ms; stable {} req, {:.2}% errors, p99 {:.1} ms; E(errors) {:.2}, E(latency) {:.2} of {:.0}{}",
                 ca.requests,
@@ -690,7 +691,7 @@ impl Judge {
         if w.errors.e_value() >= threshold && w.errors.bad() >= MIN_CANARY_EVENTS {
             return Some(Verdict {
                 status: Status::Breach,
-                guard: "bluegreen_error_test",
+                guard: Some(Guard::BluegreenErrorTest),
                 reason: format!(
                     "after the flip: {} errors in {} requests, over {:.3}% (the old colour's rate at most, with the margin); E = {:.1} ≥ {threshold:.0}",
                     w.errors.bad(),
@@ -722,7 +723,7 @@ impl Judge {
                 .collect();
             return Some(Verdict {
                 status: Status::Breach,
-                guard: "bluegreen_latency_test",
+                guard: Some(Guard::BluegreenLatencyTest),
                 reason: format!(
                     "after the flip: {}; E = {e:.1} ≥ {threshold:.0}",
                     detail.join(", ")
@@ -733,16 +734,16 @@ impl Judge {
     }
 
     fn guards(&self, unreachable: bool, burst_keys: (u64, u64)) -> Option<Verdict> {
-        let breach = |guard: &'static str, reason: String| {
+        let breach = |guard: Guard, reason: String| {
             Some(Verdict {
                 status: Status::Breach,
-                guard,
+                guard: Some(guard),
                 reason,
             })
         };
         if unreachable {
             return breach(
-                "unreachable",
+                Guard::Unreachable,
                 "canary unreachable: every endpoint is failing connects".into(),
             );
         }
@@ -754,7 +755,7 @@ impl Judge {
             && failing_keys as f64 >= BURST_FAILURE_SHARE * keys as f64
         {
             return breach(
-                "failure_burst",
+                Guard::FailureBurst,
                 format!(
                     "{errors} of the last {requests} canary requests failed ({:.0}%) within 10 s, for {failing_keys} of {keys} users",
                     errors as f64 * 100.0 / requests as f64
@@ -829,7 +830,7 @@ impl Judge {
         };
         Verdict {
             status: Status::Breach,
-            guard: spec.guard,
+            guard: Some(spec.guard),
             reason: format!("{what}; E = {e:.1} ≥ {threshold:.0}"),
         }
     }
@@ -1011,7 +1012,10 @@ mod tests {
     fn a_failure_burst_trips_within_one_tick() {
         let mut j = Judge::new(&settings());
         let v = j.tick(input(0.05, tick(950, 0, 1000), tick(50, 30, 1000)));
-        assert_eq!((v.status, v.guard), (Status::Breach, "failure_burst"));
+        assert_eq!(
+            (v.status, v.guard),
+            (Status::Breach, Some(Guard::FailureBurst))
+        );
         assert!(v.reason.contains("30 of the last 50"), "{}", v.reason);
     }
 
@@ -1023,7 +1027,7 @@ mod tests {
             canary.error_events = 0;
             canary.burst_keys = 1;
             let v = j.tick(input(0.05, tick(950, 0, 1000), canary));
-            assert_ne!(v.guard, "failure_burst");
+            assert_ne!(v.guard, Some(Guard::FailureBurst));
         }
     }
 
@@ -1035,7 +1039,7 @@ mod tests {
             input(0.05, tick(950, 1, 1000), tick(50, 2, 1000))
         })
         .expect("breach");
-        assert_eq!(v.guard, "error_rate_test");
+        assert_eq!(v.guard, Some(Guard::ErrorRateTest));
         assert!(t <= 3, "took {t} ticks");
     }
 
@@ -1059,7 +1063,7 @@ mod tests {
         assert!((j.evidence().e_errors - 0.5).abs() < 1e-12);
         let v = j.tick(input(0.05, tick(950, 0, 1000), tick(50, 4, 1000)));
         assert_eq!(v.status, Status::Breach);
-        assert_eq!(v.guard, "error_rate_test");
+        assert_eq!(v.guard, Some(Guard::ErrorRateTest));
     }
 
     #[test]
@@ -1117,7 +1121,7 @@ mod tests {
             input(1.0, tick(0, 0, 1), tick(1000, 10, 2_000))
         })
         .expect("breach");
-        assert_eq!(v.guard, "bluegreen_error_test");
+        assert_eq!(v.guard, Some(Guard::BluegreenErrorTest));
         assert!(t < 10, "took {t} ticks");
     }
 
@@ -1169,10 +1173,10 @@ mod tests {
         };
         assert_eq!(tight(&[(22_200, 970), (28_000, 11), (30_800, 8)]), None);
         let v = tight(&[(30_000, 1000)]).expect("a 36 % slower p50 is reverted");
-        assert_eq!(v.guard, "bluegreen_latency_test", "{}", v.reason);
+        assert_eq!(v.guard, Some(Guard::BluegreenLatencyTest), "{}", v.reason);
         // Everything twice as slow: reverted on latency.
         let v = watched(&[(4_000, 985), (10_000, 10), (20_000, 5)]).expect("breach");
-        assert_eq!(v.guard, "bluegreen_latency_test", "{}", v.reason);
+        assert_eq!(v.guard, Some(Guard::BluegreenLatencyTest), "{}", v.reason);
     }
 
     use crate::limits::reference;
@@ -1205,7 +1209,7 @@ mod tests {
             input(0.05, tick(950, 1, 1000), tick(50, 5, 1000))
         })
         .expect("breach");
-        assert_eq!(v.guard, "slo_burn_rate", "{}", v.reason);
+        assert_eq!(v.guard, Some(Guard::SloBurnRate), "{}", v.reason);
         assert!(t <= 5, "{t} ticks");
     }
 
@@ -1246,7 +1250,7 @@ mod tests {
         };
         assert_eq!(run(5), None);
         let (t, v) = run(80).expect("three times slower is reverted");
-        assert_eq!(v.guard, "latency_ratio", "{}", v.reason);
+        assert_eq!(v.guard, Some(Guard::LatencyRatio), "{}", v.reason);
         assert!(t <= 5, "{t} ticks");
         assert!(v.reason.contains("1.3× stable's p99"), "{}", v.reason);
     }
@@ -1281,7 +1285,7 @@ mod tests {
             assert_ne!(v.status, Status::Breach, "tick {i}: {}", v.reason);
         }
         let (t, v) = first_breach(&mut j, 10, slow_canary).expect("after the warm-up");
-        assert_eq!(v.guard, "latency_ratio");
+        assert_eq!(v.guard, Some(Guard::LatencyRatio));
         assert!(t <= 3, "{t}");
         // Errors are tested from the first request.
         let mut j = Judge::new(&s);
@@ -1289,7 +1293,7 @@ mod tests {
             input(0.05, tick(950, 1, 1000), tick(50, 5, 1000))
         })
         .expect("errors during the warm-up");
-        assert_eq!(v.guard, "error_rate_ratio");
+        assert_eq!(v.guard, Some(Guard::ErrorRateRatio));
         assert!(t <= 3, "{t}");
     }
 
@@ -1319,7 +1323,7 @@ mod tests {
             input(0.05, st, ca)
         })
         .expect("breach");
-        assert_eq!(v.guard, "max_latency", "{}", v.reason);
+        assert_eq!(v.guard, Some(Guard::MaxLatency), "{}", v.reason);
         assert!(
             v.reason.contains("max_latency_ms.p99 = 800.0 ms"),
             "{}",

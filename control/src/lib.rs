@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod eprocess;
+pub mod guard;
 pub mod judge;
 pub mod keyfilter;
 pub mod limits;

@@ -62,6 +62,7 @@
 
 use crate::config::{JudgeSettings, Quantile};
 use crate::eprocess::Detector;
+use crate::guard::Guard;
 use crate::onesample::OneSample;
 
 /// Burn rate that the `slo` key turns into an absolute error limit (the SRE
@@ -149,7 +150,7 @@ pub struct Spec {
     /// The limit.
     pub limit: Limit,
     /// Label of `veer_reverts_total{reason}` and the state file.
-    pub guard: &'static str,
+    pub guard: Guard,
 }
 
 /// The tests a route's judge settings call for, in a fixed order.
@@ -160,15 +161,15 @@ pub fn family(s: &JudgeSettings) -> Vec<Spec> {
     if let Some(r) = s.max_error_rate_ratio {
         specs.push(Spec {
             limit: Limit::ErrorRatio { r0: r.max(1.0) },
-            guard: "error_rate_ratio",
+            guard: Guard::ErrorRateRatio,
         });
     }
     // `slo` and `max_error_rate` are both absolute error limits: the
     // stricter one implies the other, so it alone is tested.
     let absolute = match (s.max_error_rate, burn_limit) {
-        (Some(m), Some(b)) if b < m => Some((b, "slo_burn_rate")),
-        (Some(m), _) => Some((m, "max_error_rate")),
-        (None, Some(b)) => Some((b, "slo_burn_rate")),
+        (Some(m), Some(b)) if b < m => Some((b, Guard::SloBurnRate)),
+        (Some(m), _) => Some((m, Guard::MaxErrorRate)),
+        (None, Some(b)) => Some((b, Guard::SloBurnRate)),
         (None, None) => None,
     };
     if let Some((limit, guard)) = absolute {
@@ -183,20 +184,20 @@ pub fn family(s: &JudgeSettings) -> Vec<Spec> {
     if specs.is_empty() {
         specs.push(Spec {
             limit: Limit::ErrorRatio { r0: margin },
-            guard: "error_rate_test",
+            guard: Guard::ErrorRateTest,
         });
     }
     let mut slot = 0;
     let latency_limits = !s.max_latency_ratio.is_empty() || !s.max_latency_ms.is_empty();
-    let mut ratios: Vec<(Quantile, f64, f64, &'static str)> = s
+    let mut ratios: Vec<(Quantile, f64, f64, Guard)> = s
         .max_latency_ratio
         .iter()
-        .map(|(q, r)| (*q, r.max(1.0), 1.0, "latency_ratio"))
+        .map(|(q, r)| (*q, r.max(1.0), 1.0, Guard::LatencyRatio))
         .collect();
     if !latency_limits {
         ratios = vec![
-            (Quantile::P50, 1.0, margin, "latency_test"),
-            (Quantile::P99, 1.0, margin, "latency_test"),
+            (Quantile::P50, 1.0, margin, Guard::LatencyTest),
+            (Quantile::P99, 1.0, margin, Guard::LatencyTest),
         ];
     }
     for (q, ratio, r0, guard) in ratios {
@@ -220,7 +221,7 @@ pub fn family(s: &JudgeSettings) -> Vec<Spec> {
                 r0: if ratio.is_some() { 1.0 } else { margin },
                 slot,
             },
-            guard: "max_latency",
+            guard: Guard::MaxLatency,
         });
         slot += 1;
     }
@@ -339,7 +340,7 @@ mod tests {
     #[test]
     fn the_reference_limits_make_four_tests_and_no_limits_make_the_default_three() {
         let f = family(&reference());
-        let guards: Vec<&str> = f.iter().map(|s| s.guard).collect();
+        let guards: Vec<&str> = f.iter().map(|s| s.guard.as_str()).collect();
         assert_eq!(
             guards,
             [
@@ -351,14 +352,14 @@ mod tests {
         );
         assert_eq!(f[3].limit.slot(), Some(1));
         let d = family(&JudgeSettings::default());
-        let guards: Vec<&str> = d.iter().map(|s| s.guard).collect();
+        let guards: Vec<&str> = d.iter().map(|s| s.guard.as_str()).collect();
         assert_eq!(guards, ["error_rate_test", "latency_test", "latency_test"]);
         // An slo stricter than max_error_rate replaces it.
         let slo = JudgeSettings {
             slo: Some(0.999),
             ..reference()
         };
-        assert!(family(&slo).iter().any(|s| s.guard == "slo_burn_rate"
+        assert!(family(&slo).iter().any(|s| s.guard == Guard::SloBurnRate
             && matches!(s.limit, Limit::ErrorRate { limit, .. } if (limit - 0.0144).abs() < 1e-12)));
     }
 

@@ -22,6 +22,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{JudgeMode, Route};
+use crate::guard::Guard;
 use crate::judge::{Status, Verdict};
 use crate::state::{canary_identity, Revert, RouteDecision};
 
@@ -122,7 +123,7 @@ pub enum Event {
     /// The judge took the canary out of traffic.
     Reverted {
         /// The guard or test.
-        guard: String,
+        guard: Guard,
         /// Why, with numbers.
         reason: String,
         /// The canary's share before, in basis points.
@@ -296,14 +297,17 @@ impl RouteControl {
             && !d.paused
             && w_bp > 0
         {
+            // A breach always names its guard; were one missing, the
+            // revert would still happen (toward stable), as `unknown`.
+            let guard = verdict.guard.unwrap_or(Guard::Unknown);
             d.reverted = Some(Revert {
-                guard: verdict.guard.to_string(),
+                guard,
                 reason: verdict.reason.clone(),
                 at_unix: now.unix,
             });
             out.changed = true;
             out.events.push(Event::Reverted {
-                guard: verdict.guard.to_string(),
+                guard,
                 reason: verdict.reason.clone(),
                 weight_before_bp: w_bp,
             });
@@ -349,7 +353,7 @@ impl RouteControl {
             Action::Revert => {
                 if d.reverted.is_none() {
                     d.reverted = Some(Revert {
-                        guard: "operator".into(),
+                        guard: Guard::Operator,
                         reason: "revert requested by an operator".into(),
                         at_unix: now.unix,
                     });

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::Route;
+use crate::guard::Guard;
 
 /// File name inside the state dir.
 pub const FILE: &str = "state.json";
@@ -43,7 +44,7 @@ pub enum StateError {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Revert {
     /// The guard or test that tripped, or `operator`.
-    pub guard: String,
+    pub guard: Guard,
     /// The reason with its numbers.
     pub reason: String,
     /// Unix seconds.
@@ -211,7 +212,7 @@ mod tests {
 
     fn revert(at: u64) -> Revert {
         Revert {
-            guard: "error_rate_test".into(),
+            guard: Guard::ErrorRateTest,
             reason: "E = 300".into(),
             at_unix: at,
         }
@@ -285,7 +286,7 @@ mod tests {
             RouteDecision {
                 canary_identity: 42,
                 reverted: Some(Revert {
-                    guard: "error_rate_test".into(),
+                    guard: Guard::ErrorRateTest,
                     reason: "E = 300".into(),
                     at_unix: 1,
                 }),

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::guard::Guard;
 use crate::judge::{Evidence, TestEvidence};
 use crate::rollout::Label;
 use crate::state::Revert;
@@ -40,6 +41,9 @@ pub struct ConfigStatus {
     pub last_reload: LastReload,
     /// Settings changed in the file that only a restart applies.
     pub restart_required: Vec<String>,
+    /// Valid settings that are often mistakes (`LINE:COL: message`).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// The outcome of the last config load.
@@ -161,10 +165,10 @@ pub struct EvidenceStatus {
 }
 
 /// One test.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TestStatus {
     /// Its `reason` label.
-    pub guard: String,
+    pub guard: Guard,
     /// The limit it tests.
     pub limit: String,
     /// Its e-value.
@@ -231,7 +235,7 @@ impl From<&Stats> for WindowStats {
 impl From<&TestEvidence> for TestStatus {
     fn from(t: &TestEvidence) -> TestStatus {
         TestStatus {
-            guard: t.guard.to_string(),
+            guard: t.guard,
             limit: t.limit.clone(),
             e: finite(t.e),
             events: t.events,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use veer_control::config::Route;
+use veer_control::guard::Guard;
 use veer_control::rollout::{Action, Event, Output};
 
 use crate::metrics::Metrics;
@@ -41,7 +42,10 @@ impl Announcer {
                     reason,
                     weight_before_bp,
                 } => {
-                    self.metrics.reverts.with_label_values(&[name, guard]).inc();
+                    self.metrics
+                        .reverts
+                        .with_label_values(&[name, guard.as_str()])
+                        .inc();
                     let before = percent(*weight_before_bp);
                     tracing::warn!(route = %name, guard = %guard, reason = %reason, weight_before = before, "canary reverted");
                     send(
@@ -65,7 +69,7 @@ impl Announcer {
                     if *action == Action::Revert && *effective {
                         self.metrics
                             .reverts
-                            .with_label_values(&[name, "operator"])
+                            .with_label_values(&[name, Guard::Operator.as_str()])
                             .inc();
                     }
                     tracing::warn!(route = %name, action = action.as_str(), weight = percent(weight_bp), "operator action");

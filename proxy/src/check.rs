@@ -31,6 +31,15 @@ pub fn check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    for w in &config.warnings {
+        eprintln!(
+            "{}:{}:{}: warning: {}",
+            path.display(),
+            w.line,
+            w.col,
+            w.message
+        );
+    }
     print!("{}", summary(path, &config));
     ExitCode::SUCCESS
 }

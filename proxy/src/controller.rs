@@ -268,7 +268,7 @@ impl Controller {
             .iter()
             .filter_map(|r| self.statuses.get(&r.name).cloned())
             .collect();
-        crate::publish::document(&self.shared, self.generation, routes);
+        crate::publish::document(&self.shared, &self.config, self.generation, routes);
     }
 
     /// Every decision: the configured routes' from their controls, and

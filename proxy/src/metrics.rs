@@ -5,6 +5,7 @@ use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use veer_control::rollout::Label;
 
 use crate::error::UPSTREAM_KINDS;
 use crate::window_metrics::WindowSummary;
@@ -64,15 +65,6 @@ pub struct Metrics {
     /// `veer_webhook_events_total{result}`: ok, failed, dropped.
     pub webhook_events: IntCounterVec,
 }
-
-/// The verdict label values, in the contract's order.
-pub const VERDICTS: [&str; 5] = [
-    "healthy",
-    "insufficient_data",
-    "breach",
-    "reverted",
-    "observe_breach",
-];
 
 /// Handles for one (route, version), resolved once per snapshot.
 #[derive(Clone)]
@@ -313,8 +305,8 @@ impl Metrics {
         for source in ["configured", "effective"] {
             let _ = self.canary_weight.remove_label_values(&[route, source]);
         }
-        for v in VERDICTS {
-            let _ = self.verdict.remove_label_values(&[route, v]);
+        for v in Label::ALL {
+            let _ = self.verdict.remove_label_values(&[route, v.as_str()]);
         }
         for t in ["errors", "latency"] {
             let _ = self.e_value.remove_label_values(&[route, t]);
@@ -323,10 +315,10 @@ impl Metrics {
     }
 
     /// Sets the route's verdict gauge to `current`.
-    pub fn set_verdict(&self, route: &str, current: &str) {
-        for v in VERDICTS {
+    pub fn set_verdict(&self, route: &str, current: Label) {
+        for v in Label::ALL {
             self.verdict
-                .with_label_values(&[route, v])
+                .with_label_values(&[route, v.as_str()])
                 .set(i64::from(v == current));
         }
     }
@@ -337,11 +329,6 @@ impl Metrics {
             by_kind: crate::error::PROXY_KINDS
                 .map(|k| self.proxy_errors.with_label_values(&[k.kind()])),
         }
-    }
-
-    /// The registry, for components that add their own metrics.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
     }
 
     /// The text exposition of every metric.

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use veer_control::config::JudgeMode;
+use veer_control::config::{Config, JudgeMode};
 use veer_control::rollout::RouteControl;
 use veer_control::status::{
     ConfigStatus, EndpointStatus, EvidenceStatus, LastReload, RolloutStatus, RouteStatus,
@@ -109,7 +109,7 @@ pub fn health_changed(snap: &Snapshot, shown: &HashMap<String, Arc<RouteStatus>>
 pub fn gauges(m: &Metrics, target: &RouteTarget, rt: &RouteRuntime, control: &RouteControl) {
     let name = &*target.name;
     let route = &target.config;
-    m.set_verdict(name, control.label().as_str());
+    m.set_verdict(name, control.label());
     let ev = rt.judge.evidence();
     m.e_value
         .with_label_values(&[name, "errors"])
@@ -147,7 +147,7 @@ pub fn gauges(m: &Metrics, target: &RouteTarget, rt: &RouteRuntime, control: &Ro
 
 /// Puts a new `/status` document in effect: the config and reload parts
 /// from `shared`, `routes` in config order.
-pub fn document(shared: &Shared, generation: u64, routes: Vec<Arc<RouteStatus>>) {
+pub fn document(shared: &Shared, config: &Config, generation: u64, routes: Vec<Arc<RouteStatus>>) {
     let reload = shared.reload_status().clone();
     let doc = StatusDoc {
         veer_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -163,6 +163,11 @@ pub fn document(shared: &Shared, generation: u64, routes: Vec<Arc<RouteStatus>>)
                     .map_or(0, |d| d.as_secs()),
             },
             restart_required: reload.restart_required,
+            warnings: config
+                .warnings
+                .iter()
+                .map(|w| format!("{}:{}: {}", w.line, w.col, w.message))
+                .collect(),
         },
         state_error: shared
             .state_error

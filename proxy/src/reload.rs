@@ -142,6 +142,7 @@ impl Reload {
             st.last_at = crate::clock::wall_now();
             st.restart_required = restart;
         }
+        log_warnings(&self.path, &applied.config);
         tracing::info!(
             generation,
             routes = applied.config.routes.len(),
@@ -304,4 +305,11 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
     diff(old.admin != new.admin, "admin");
     diff(old.state != new.state, "state");
     out
+}
+
+/// Logs the config's warnings (valid settings that are often mistakes).
+pub fn log_warnings(path: &std::path::Path, config: &veer_control::config::Config) {
+    for w in &config.warnings {
+        tracing::warn!(path = %path.display(), line = w.line, col = w.col, "config warning: {}", w.message);
+    }
 }

@@ -223,6 +223,7 @@ pub async fn run(
     }
     tracing::info!(kind = "admin", addr = %bound.admin, "listening");
     shared.ready.store(true, Ordering::Release);
+    crate::reload::log_warnings(&path, &config);
     tracing::info!(
         config = %path.display(),
         routes = config.routes.len(),

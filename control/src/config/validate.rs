@@ -103,7 +103,9 @@ pub mod defaults {
     /// `[proxy] shutdown_grace`.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
     /// `[admin] listen`.
-    pub const ADMIN_LISTEN: &str = "127.0.0.1:9901";
+    pub const ADMIN_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
+        std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9901),
+    );
     /// `[state] dir`.
     pub const STATE_DIR: &str = "/var/lib/veer";
     /// `[[route]] timeout`.
@@ -134,6 +136,7 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
         text,
         base,
         errors: Vec::new(),
+        warnings: Vec::new(),
     };
     let proxy = v.proxy(&raw);
     let admin = v.admin(&raw);
@@ -156,11 +159,14 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
         v.err(0..0, "no [[route]]: at least one route is required");
     }
     if v.errors.is_empty() {
+        v.warnings.sort_by_key(|d| (d.line, d.col));
+        v.warnings.dedup();
         Ok(Config {
             proxy,
             admin,
             state,
             routes,
+            warnings: v.warnings,
         })
     } else {
         v.errors.sort_by_key(|d| (d.line, d.col));
@@ -173,11 +179,19 @@ struct Validator<'a> {
     text: &'a str,
     base: &'a Path,
     errors: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
 }
 
 impl Validator<'_> {
     fn err(&mut self, span: Range<usize>, message: impl Into<String>) {
         self.errors
+            .push(Diagnostic::at(self.text, span.start, message));
+    }
+
+    /// Something valid that is often a mistake: the config is applied, and
+    /// the warning logged, printed by `veer check` and shown in `/status`.
+    fn warn(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.warnings
             .push(Diagnostic::at(self.text, span.start, message));
     }
 
@@ -410,7 +424,7 @@ impl Validator<'_> {
             .listen
             .as_ref()
             .and_then(|l| self.addr(l))
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901)));
+            .unwrap_or(defaults::ADMIN_LISTEN);
         let token_file = a.token_file.as_ref().map(|t| self.path(t));
         if !listen.ip().is_loopback() && token_file.is_none() {
             let span = a.listen.as_ref().map_or(0..0, |l| l.span());
@@ -520,9 +534,11 @@ impl Validator<'_> {
             }
             for e in &canary.0.endpoints {
                 if stable.endpoints.iter().any(|s| s.addr == e.addr) {
-                    self.err(
+                    // An A/A rehearsal: veer records each request under the
+                    // version it routed it to, so the judge still works.
+                    self.warn(
                         c.get_ref().endpoints.span(),
-                        format!("endpoint {} is in both stable and canary; the versions could not be told apart", e.addr),
+                        format!("endpoint {} is in both stable and canary: both versions are the same server (an A/A rehearsal?); they share its health and connections", e.addr),
                     );
                 }
             }
@@ -998,7 +1014,7 @@ endpoints = ["127.0.0.1:9000"]
             c.proxy.listen,
             vec![defaults::LISTEN.parse::<SocketAddr>().expect("addr")]
         );
-        assert_eq!(c.admin.listen.to_string(), defaults::ADMIN_LISTEN);
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
         let r = &c.routes[0];
         assert_eq!(r.path_prefix, "/");
         assert_eq!(r.sticky, vec![StickySource::ClientIp]);
@@ -1124,5 +1140,15 @@ weight = 5.001
             parse(&explicit).is_err(),
             "an explicit one above timeout is a mistake"
         );
+    }
+
+    #[test]
+    fn the_same_endpoint_in_both_versions_is_a_warning_not_an_error() {
+        let text = "[[route]]\nname = \"web\"\n[route.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:9\"]\n[route.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:9\"]\nweight = 50\n";
+        let c = parse(text).expect("an A/A rehearsal is valid");
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert_eq!(c.warnings[0].line, 8);
+        assert!(c.warnings[0].message.contains("127.0.0.1:9 is in both"));
+        assert!(parse(MINIMAL).expect("valid").warnings.is_empty());
     }
 }

@@ -34,11 +34,7 @@ fn at(secs: u64) -> Now {
 fn verdict(status: Status) -> Verdict {
     Verdict {
         status,
-        guard: if status == Status::Breach {
-            "error_ratio_test"
-        } else {
-            ""
-        },
+        guard: (status == Status::Breach).then_some(Guard::ErrorRateRatio),
         reason: format!("{status:?}"),
     }
 }
@@ -90,7 +86,7 @@ fn a_revert_records_its_guard_reason_and_time_once() {
         out.events,
         vec![
             Event::Reverted {
-                guard: "error_ratio_test".into(),
+                guard: Guard::ErrorRateRatio,
                 reason: "Breach".into(),
                 weight_before_bp: 1000,
             },
@@ -103,8 +99,8 @@ fn a_revert_records_its_guard_reason_and_time_once() {
     );
     let rev = c.decision().reverted.clone().expect("reverted");
     assert_eq!(
-        (rev.guard.as_str(), rev.at_unix),
-        ("error_ratio_test", at(5).unix)
+        (rev.guard, rev.at_unix),
+        (Guard::ErrorRateRatio, at(5).unix)
     );
     // A second breach, or healthy verdicts, change nothing.
     let again = c.on_verdict(&r, verdict(Status::Breach), 0, at(6));
@@ -168,8 +164,8 @@ fn actions_and_their_refusals() {
     c.on_action(&r, Action::Revert, at(2)).expect("revert");
     assert_eq!(c.effective_bp(&r), 0);
     assert_eq!(
-        c.decision().reverted.as_ref().map(|r| r.guard.as_str()),
-        Some("operator")
+        c.decision().reverted.as_ref().map(|r| r.guard),
+        Some(Guard::Operator)
     );
     let before = c.clone();
     assert_eq!(

@@ -1,0 +1,153 @@
+//! What the judge says: its evidence for `/status`, and the reason of a
+//! breach, with the numbers behind it.
+
+use super::{Evidence, Judge, Status, TestEvidence, Verdict};
+use crate::limits::{Limit, LimitTest, Spec};
+
+impl Judge {
+    /// The evidence so far.
+    pub fn evidence(&self) -> Evidence {
+        let warm = self.warming_up();
+        let tests: Vec<TestEvidence> = self
+            .specs
+            .iter()
+            .zip(&self.tests)
+            .map(|(s, t)| TestEvidence {
+                guard: s.guard,
+                limit: describe(s.limit),
+                e: t.e_value(self.w),
+                events: t.events(),
+                warming_up: warm && s.limit.is_latency(),
+                thresholds_ms: s.limit.slot().map(|slot| {
+                    let ms = |t: &[Option<u64>]| {
+                        t.get(slot).copied().flatten().map(|us| us as f64 / 1000.0)
+                    };
+                    (ms(&self.stable_thresholds), ms(&self.canary_thresholds))
+                }),
+            })
+            .collect();
+        let max_e = |latency: bool| {
+            self.specs
+                .iter()
+                .zip(&tests)
+                .filter(|(s, _)| s.limit.is_latency() == latency)
+                .map(|(_, t)| t.e)
+                .fold(0.0, f64::max)
+        };
+        let (mut e_errors, mut e_latency) = (max_e(false), max_e(true));
+        if let Some(w) = &self.watch {
+            e_errors = w.errors.e_value();
+            e_latency = if w.slow.is_empty() {
+                0.0
+            } else {
+                w.slow.iter().map(|(_, t)| t.e_value()).sum::<f64>() / w.slow.len() as f64
+            };
+        }
+        let slow_events = self
+            .specs
+            .iter()
+            .zip(&tests)
+            .filter(|(s, _)| s.limit.is_latency())
+            .fold((0, 0), |(c, s), (_, t)| (c + t.events.0, s + t.events.1));
+        Evidence {
+            e_errors,
+            e_latency,
+            threshold: self.threshold(),
+            error_events: self
+                .specs
+                .iter()
+                .zip(&tests)
+                .find(|(s, _)| !s.limit.is_latency())
+                .map_or((0, 0), |(_, t)| t.events),
+            slow_events,
+            thresholds_ms: self
+                .specs
+                .iter()
+                .filter_map(|s| match s.limit {
+                    Limit::LatencyRatio { q, slot, .. } => {
+                        let t = self.stable_thresholds.get(slot).copied().flatten();
+                        Some((q, t.map(|us| us as f64 / 1000.0)))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            tests,
+        }
+    }
+
+    /// The breach verdict of `test` at e-value `e`, with `pending`
+    /// (canary, stable) events of a look added to its counts.
+    pub(super) fn breach(
+        &self,
+        spec: &Spec,
+        test: &LimitTest,
+        e: f64,
+        pending: (u64, u64),
+    ) -> Verdict {
+        let threshold = self.threshold();
+        let (c, s) = test.events();
+        let (c, s) = (c + pending.0, s + pending.1);
+        let w = self.w * 100.0;
+        let requests = test.requests().map_or(String::new(), |(bad, n)| {
+            format!(
+                "{bad} of {n} canary requests ({:.2}%); ",
+                bad as f64 * 100.0 / n.max(1) as f64
+            )
+        });
+        let ms = |slot: usize, t: &[Option<u64>]| {
+            t.get(slot)
+                .copied()
+                .flatten()
+                .map_or("-".to_string(), |us| {
+                    format!("{:.1} ms", us as f64 / 1000.0)
+                })
+        };
+        let what = match spec.limit {
+            Limit::ErrorRatio { r0 } => format!(
+                "errors: the canary has {c} of {} distinct-key error events at a {w:.2}% share, more than a canary with at most {r0}× stable's error rate would have",
+                c + s
+            ),
+            Limit::ErrorRate { limit, r0 } => format!(
+                "errors: {requests}over {} = {:.2}%, and worse than {r0}× stable's ({c} canary against {s} stable distinct-key error events at a {w:.2}% share)",
+                spec.guard,
+                limit * 100.0
+            ),
+            Limit::LatencyRatio { q, ratio, slot, .. } => format!(
+                "latency: {c} canary requests over {ratio}× stable's {} ({}) against {s} stable requests over {} (distinct keys, canary share {w:.2}%), more than a canary within {ratio}× of stable would have",
+                q.key(),
+                ms(slot, &self.canary_thresholds),
+                ms(slot, &self.stable_thresholds)
+            ),
+            Limit::LatencyAbove {
+                q,
+                limit_us,
+                ratio,
+                slot,
+                ..
+            } => format!(
+                "latency: {requests}over max_latency_ms.{} = {:.1} ms where at most {:.1}% may be, and worse than {ratio}× stable ({c} canary requests over it against {s} stable over {}, distinct keys)",
+                q.key(),
+                limit_us as f64 / 1000.0,
+                (1.0 - q.fraction()) * 100.0,
+                ms(slot, &self.stable_thresholds)
+            ),
+        };
+        Verdict {
+            status: Status::Breach,
+            guard: Some(spec.guard),
+            reason: format!("{what}; E = {e:.1} ≥ {threshold:.0}"),
+        }
+    }
+}
+
+/// A limit as the operator wrote it.
+fn describe(limit: Limit) -> String {
+    match limit {
+        Limit::ErrorRatio { r0 } => format!("error rate ≤ {r0}× stable's"),
+        Limit::ErrorRate { limit, .. } => format!("error rate ≤ {}%", limit * 100.0),
+        Limit::LatencyRatio { q, ratio, .. } => format!("{} ≤ {ratio}× stable's", q.key()),
+        Limit::LatencyAbove { q, limit_us, .. } => {
+            format!("{} ≤ {} ms", q.key(), limit_us as f64 / 1000.0)
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! two ([`validate`]) checks meaning and collects *every* problem with its
 //! line and column, so `veer check` can print them all at once.
 
+pub mod diagnostics;
 pub mod raw;
 pub mod validate;
 

@@ -1,0 +1,346 @@
+//! `[[route]]`: matching, stickiness, versions, endpoints and weights, and
+//! the checks across routes.
+
+use super::*;
+
+impl Validator<'_> {
+    pub(super) fn route(&mut self, r: &Spanned<RawRoute>) -> Option<Route> {
+        let span = r.span();
+        let r = r.get_ref();
+        let name = r.name.get_ref().clone();
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            self.err(
+                r.name.span(),
+                format!("route name {name:?} must be non-empty and use only a-z, 0-9, '-' and '_'"),
+            );
+        }
+        let mut hosts = Vec::new();
+        for h in r.hosts.iter().flatten() {
+            if let Some(host) = self.host(h) {
+                if hosts.contains(&host) {
+                    self.err(h.span(), format!("host {host:?} is listed twice"));
+                } else {
+                    hosts.push(host);
+                }
+            }
+        }
+        let path_prefix = match &r.path_prefix {
+            Some(p) if !p.get_ref().starts_with('/') => {
+                self.err(
+                    p.span(),
+                    format!("path_prefix {:?} must start with '/'", p.get_ref()),
+                );
+                "/".to_string()
+            }
+            Some(p) if p.get_ref().contains(['?', '#', ' ']) => {
+                self.err(
+                    p.span(),
+                    "path_prefix must be a plain path, without '?', '#' or spaces",
+                );
+                "/".to_string()
+            }
+            Some(p) => p.get_ref().clone(),
+            None => "/".to_string(),
+        };
+        let sticky = match &r.sticky {
+            Some(list) => list.iter().filter_map(|s| self.sticky(s)).collect(),
+            None => vec![StickySource::ClientIp],
+        };
+        let strategy = match r
+            .strategy
+            .as_ref()
+            .map(|s| (s.get_ref().as_str(), s.span()))
+        {
+            None | Some(("canary", _)) => Strategy::Canary,
+            Some(("blue-green", _)) => Strategy::BlueGreen,
+            Some((other, span)) => {
+                self.err(
+                    span,
+                    format!("strategy {other:?} is not one of \"canary\", \"blue-green\""),
+                );
+                Strategy::Canary
+            }
+        };
+        let timeout = self.duration(r.timeout.as_ref(), defaults::TIMEOUT);
+        // The default connect_timeout (1 s) shrinks to a shorter `timeout`;
+        // only one set explicitly above `timeout` is a mistake.
+        let connect_timeout = self
+            .duration(r.connect_timeout.as_ref(), defaults::CONNECT_TIMEOUT)
+            .min(if r.connect_timeout.is_none() {
+                timeout
+            } else {
+                Duration::MAX
+            });
+        if connect_timeout > timeout {
+            let span = r
+                .connect_timeout
+                .as_ref()
+                .map_or(span.clone(), |s| s.span());
+            self.err(span, "connect_timeout must not exceed timeout");
+        }
+        let stable = self.version(&r.stable);
+        let canary = r.canary.as_ref().map(|c| self.canary(c));
+        let mut canary_weight_bp = 0;
+        if let (Some(c), Some(canary)) = (&r.canary, &canary) {
+            canary_weight_bp = canary.1;
+            if c.get_ref().version.get_ref() == stable.name.as_str() {
+                self.err(
+                    c.get_ref().version.span(),
+                    format!(
+                        "canary version {:?} is the same as the stable version",
+                        stable.name
+                    ),
+                );
+            }
+            for e in &canary.0.endpoints {
+                if stable.endpoints.iter().any(|s| s.addr == e.addr) {
+                    // An A/A rehearsal: veer records each request under the
+                    // version it routed it to, so the judge still works.
+                    self.warn(
+                        c.get_ref().endpoints.span(),
+                        format!("endpoint {} is in both stable and canary: both versions are the same server (an A/A rehearsal?); they share its health and connections", e.addr),
+                    );
+                }
+            }
+            if strategy == Strategy::BlueGreen
+                && canary_weight_bp != 0
+                && canary_weight_bp != 10_000
+            {
+                let wspan = c.get_ref().weight.as_ref().map_or(c.span(), |w| w.span());
+                self.err(wspan, "blue-green sends all traffic to one colour: canary weight must be 0 (stable live) or 100 (canary live)");
+            }
+        }
+        let mut judge = self.judge(r.judge.as_ref());
+        judge.blue_green = strategy == Strategy::BlueGreen;
+        let rollout = r.rollout.as_ref().map(|ro| {
+            let rr = ro.get_ref();
+            let mut steps_bp: Vec<u16> = Vec::new();
+            for s in rr.steps.get_ref() {
+                if let Some(bp) = self.weight_bp(s) {
+                    if bp == 0 {
+                        self.err(s.span(), "a rollout step must be greater than 0");
+                    } else if steps_bp.last().is_some_and(|&last| bp <= last) {
+                        self.err(s.span(), "rollout steps must be strictly increasing");
+                    }
+                    steps_bp.push(bp);
+                }
+            }
+            if steps_bp.is_empty() {
+                self.err(rr.steps.span(), "rollout needs at least one step");
+            }
+            if strategy == Strategy::BlueGreen {
+                self.err(
+                    ro.span(),
+                    "[route.rollout] is for strategy \"canary\"; blue-green switches all at once",
+                );
+            }
+            if r.canary.is_none() {
+                self.err(ro.span(), "[route.rollout] needs a [route.canary]");
+            }
+            Rollout {
+                steps_bp,
+                hold: self.duration(Some(&rr.hold), Duration::from_secs(300)),
+            }
+        });
+        Some(Route {
+            name,
+            hosts,
+            path_prefix,
+            sticky,
+            strategy,
+            timeout,
+            connect_timeout,
+            count_4xx_as_errors: r.count_4xx_as_errors.unwrap_or(false),
+            max_upstream_connections: self.int_in(
+                r.max_upstream_connections.as_ref(),
+                1..=65_536,
+                defaults::MAX_UPSTREAM_CONNECTIONS as i64,
+                "max_upstream_connections",
+            ) as usize,
+            stable,
+            canary: canary.map(|c| c.0),
+            canary_weight_bp,
+            judge,
+            rollout,
+        })
+    }
+
+    fn host(&mut self, h: &Spanned<String>) -> Option<String> {
+        let host = h.get_ref().trim_end_matches('.').to_ascii_lowercase();
+        let body = host.strip_prefix("*.").unwrap_or(&host);
+        let ok = !body.is_empty()
+            && body.split('.').all(|l| {
+                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if ok {
+            Some(host)
+        } else {
+            self.err(
+                h.span(),
+                format!("host {:?} is not a host name (letters, digits, '-' and '.', optionally starting with \"*.\"; no port)", h.get_ref()),
+            );
+            None
+        }
+    }
+
+    fn sticky(&mut self, s: &Spanned<String>) -> Option<StickySource> {
+        let text = s.get_ref().as_str();
+        let token = |n: &str| {
+            !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        if text == "client-ip" {
+            return Some(StickySource::ClientIp);
+        }
+        if let Some(name) = text.strip_prefix("header:") {
+            if token(name) {
+                return Some(StickySource::Header(name.to_ascii_lowercase()));
+            }
+        } else if let Some(name) = text.strip_prefix("cookie:") {
+            if token(name) {
+                return Some(StickySource::Cookie(name.to_string()));
+            }
+        }
+        self.err(
+            s.span(),
+            format!(
+                "sticky source {text:?} is not \"header:NAME\", \"cookie:NAME\" or \"client-ip\""
+            ),
+        );
+        None
+    }
+
+    fn endpoints(&mut self, list: &Spanned<Vec<Spanned<RawEndpoint>>>) -> Vec<Endpoint> {
+        let mut out: Vec<Endpoint> = Vec::new();
+        if list.get_ref().is_empty() {
+            self.err(list.span(), "a version needs at least one endpoint");
+        }
+        if list.get_ref().len() > MAX_ENDPOINTS {
+            self.err(list.span(), format!("a version has at most {MAX_ENDPOINTS} endpoints; put a larger fleet behind a Service or load balancer"));
+        }
+        for e in list.get_ref() {
+            let (addr, weight) = match e.get_ref() {
+                RawEndpoint::Addr(a) => (a.clone(), 1),
+                RawEndpoint::Weighted(w) => (w.addr.clone(), w.weight),
+            };
+            if !(1..=1000).contains(&weight) {
+                self.err(
+                    e.span(),
+                    format!("endpoint weight must be between 1 and 1000, got {weight}"),
+                );
+                continue;
+            }
+            if !valid_host_port(&addr) {
+                self.err(e.span(), format!("endpoint {addr:?} is not HOST:PORT (like \"10.0.0.1:8000\" or \"stable.svc:8000\")"));
+                continue;
+            }
+            if out.iter().any(|o| o.addr == addr) {
+                self.err(e.span(), format!("endpoint {addr} is listed twice"));
+                continue;
+            }
+            out.push(Endpoint {
+                addr,
+                weight: weight as u32,
+            });
+        }
+        out
+    }
+
+    fn version_name(&mut self, s: &Spanned<String>) -> String {
+        let v = s.get_ref();
+        if v.is_empty()
+            || v.len() > 64
+            || !v
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
+        {
+            self.err(s.span(), format!("version {v:?} must be 1-64 characters of letters, digits, '.', '_', '-' or '+'"));
+        }
+        v.clone()
+    }
+
+    fn version(&mut self, v: &Spanned<RawVersion>) -> Version {
+        let v = v.get_ref();
+        Version {
+            name: self.version_name(&v.version),
+            endpoints: self.endpoints(&v.endpoints),
+        }
+    }
+
+    fn canary(&mut self, c: &Spanned<RawCanary>) -> (Version, u16) {
+        let c = c.get_ref();
+        let version = Version {
+            name: self.version_name(&c.version),
+            endpoints: self.endpoints(&c.endpoints),
+        };
+        let weight = c
+            .weight
+            .as_ref()
+            .and_then(|w| self.weight_bp(w))
+            .unwrap_or(0);
+        (version, weight)
+    }
+
+    /// A percentage `0..=100` with at most two decimals, in basis points.
+    fn weight_bp(&mut self, w: &Spanned<f64>) -> Option<u16> {
+        let pct = *w.get_ref();
+        let bp = pct * 100.0;
+        if !(0.0..=100.0).contains(&pct) || pct.is_nan() {
+            self.err(
+                w.span(),
+                format!("weight must be a percentage between 0 and 100, got {pct}"),
+            );
+            None
+        } else if (bp - bp.round()).abs() > 1e-6 {
+            self.err(
+                w.span(),
+                format!("weight {pct} has more than two decimals (the step is 0.01)"),
+            );
+            None
+        } else {
+            Some(bp.round() as u16)
+        }
+    }
+
+    /// Checks that span routes: unique names, and no two routes claiming the
+    /// same (host, path prefix).
+    pub(super) fn cross_route(&mut self, routes: &[Spanned<RawRoute>]) {
+        let mut names = HashSet::new();
+        let mut keys: HashSet<(String, String)> = HashSet::new();
+        for r in routes {
+            let rr = r.get_ref();
+            if !names.insert(rr.name.get_ref().clone()) {
+                self.err(
+                    rr.name.span(),
+                    format!("route name {:?} is used twice", rr.name.get_ref()),
+                );
+            }
+            let prefix = rr
+                .path_prefix
+                .as_ref()
+                .map_or("/".to_string(), |p| p.get_ref().clone());
+            let hosts: Vec<String> = match &rr.hosts {
+                Some(h) if !h.is_empty() => h
+                    .iter()
+                    .map(|h| h.get_ref().trim_end_matches('.').to_ascii_lowercase())
+                    .collect(),
+                _ => vec![String::new()],
+            };
+            for h in hosts {
+                if !keys.insert((h.clone(), prefix.clone())) {
+                    let what = if h.is_empty() {
+                        "the default route (no hosts)".to_string()
+                    } else {
+                        format!("host {h:?}")
+                    };
+                    self.err(r.span(), format!("route {:?}: {what} with path_prefix {prefix:?} is already claimed by an earlier route", rr.name.get_ref()));
+                }
+            }
+        }
+    }
+}

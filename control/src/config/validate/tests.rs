@@ -1,0 +1,223 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, Diagnostics> {
+    Config::parse(text, Path::new("/etc/veer"))
+}
+
+const MINIMAL: &str = r#"
+[[route]]
+name = "web"
+[route.stable]
+version = "v1"
+endpoints = ["127.0.0.1:9000"]
+"#;
+
+#[test]
+fn webhooks_take_http_and_https_urls() {
+    let h = Webhook::parse("https://hooks.example.com/services/T0").expect("https");
+    assert_eq!(
+        (
+            h.authority.as_str(),
+            h.host.as_str(),
+            h.path.as_str(),
+            h.tls
+        ),
+        (
+            "hooks.example.com:443",
+            "hooks.example.com",
+            "/services/T0",
+            true
+        )
+    );
+    let h = Webhook::parse("http://127.0.0.1:8080").expect("http");
+    assert_eq!(
+        (h.authority.as_str(), h.path.as_str(), h.tls),
+        ("127.0.0.1:8080", "/", false)
+    );
+    let h = Webhook::parse("https://[::1]:8443/x").expect("ipv6");
+    assert_eq!(
+        (h.authority.as_str(), h.host.as_str()),
+        ("[::1]:8443", "::1")
+    );
+    let h = Webhook::parse("https://[::1]/x").expect("ipv6 without port");
+    assert_eq!(
+        (h.authority.as_str(), h.host.as_str()),
+        ("[::1]:443", "::1")
+    );
+    for bad in ["ftp://x", "https://", "http://user@host/", "https:///path"] {
+        assert!(Webhook::parse(bad).is_none(), "{bad}");
+    }
+}
+
+#[test]
+fn webhook_ca_file_must_hold_certificates_and_go_with_https() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let judge = |hook: &str, ca_file: &str| {
+        format!("{MINIMAL}[route.judge]\nwebhook = \"{hook}\"\nwebhook_ca_file = \"{ca_file}\"\n")
+    };
+    let c = Config::parse(&judge("https://127.0.0.1:9/e", "ca.pem"), dir.path()).expect("valid");
+    let hook = c.routes[0].judge.webhook.clone().expect("hook");
+    assert_eq!(hook.ca_file.as_deref(), Some(ca.as_path()));
+
+    let e = Config::parse(&judge("http://127.0.0.1:9/e", "ca.pem"), dir.path()).unwrap_err();
+    assert!(e.0[0].message.contains("only to an https"), "{e}");
+    let e = Config::parse(&judge("https://127.0.0.1:9/e", "missing.pem"), dir.path()).unwrap_err();
+    assert!(e.0[0].message.contains("missing.pem"), "{e}");
+    std::fs::write(&ca, "not a certificate").expect("write");
+    let e = Config::parse(&judge("https://127.0.0.1:9/e", "ca.pem"), dir.path()).unwrap_err();
+    assert!(e.0[0].message.contains("no PEM certificate"), "{e}");
+}
+
+#[test]
+fn minimal_config_gets_documented_defaults() {
+    let c = parse(MINIMAL).expect("valid");
+    assert_eq!(
+        c.proxy.listen,
+        vec![defaults::LISTEN.parse::<SocketAddr>().expect("addr")]
+    );
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
+    let r = &c.routes[0];
+    assert_eq!(r.path_prefix, "/");
+    assert_eq!(r.sticky, vec![StickySource::ClientIp]);
+    assert_eq!(r.timeout, defaults::TIMEOUT);
+    assert_eq!(r.canary, None);
+    assert_eq!(r.canary_weight_bp, 0);
+    assert_eq!(r.judge.false_revert_rate, defaults::FALSE_REVERT_RATE);
+}
+
+#[test]
+fn unknown_key_is_an_error_with_its_location() {
+    let text = "[proxy]\nlisten = [\"127.0.0.1:1\"]\nlisen = 3\n";
+    let e = parse(text).expect_err("unknown key");
+    let d =
+        e.0.iter()
+            .find(|d| d.message.contains("lisen"))
+            .expect("reported");
+    assert_eq!((d.line, d.col), (3, 1));
+}
+
+#[test]
+fn every_unknown_key_is_reported_with_the_semantic_errors() {
+    let text = "[proxy]\nlisen = 1\nworkers = 2\nmax_conections = 5\n[[route]]\nname = \"Bad\"\ntimout = \"1s\"\n[route.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n";
+    let e = parse(text).expect_err("invalid");
+    let at: Vec<(usize, usize)> = e.0.iter().map(|d| (d.line, d.col)).collect();
+    assert_eq!(at, vec![(2, 1), (4, 1), (6, 8), (7, 1)], "{e}");
+    assert!(
+        e.0[0].message.contains("lisen") && e.0[1].message.contains("max_conections"),
+        "{e}"
+    );
+    assert!(e.0[3].message.contains("timout"), "{e}");
+    // A syntax error still stops the parse: nothing after it is reliable.
+    let e = parse("[proxy]\nlisen = 1\nworkers = = 2\n").expect_err("invalid");
+    assert_eq!(e.0.len(), 1, "{e}");
+    assert!(e.0[0].message.contains("extra"), "{e}");
+}
+
+#[test]
+fn every_semantic_error_is_reported_not_just_the_first() {
+    let text = r#"
+[[route]]
+name = "Bad Name"
+timeout = "15"
+sticky = ["header:", "client-ip"]
+[route.stable]
+version = "v1"
+endpoints = ["nope", "127.0.0.1:1"]
+[route.canary]
+version = "v1"
+endpoints = ["127.0.0.1:1"]
+weight = 5.001
+"#;
+    let e = parse(text).expect_err("invalid");
+    let lines: Vec<usize> = e.0.iter().map(|d| d.line).collect();
+    // name, timeout, sticky, endpoint, version clash, weight (the
+    // endpoint in both versions, line 11, is a warning only)
+    for want in [3, 4, 5, 8, 10, 12] {
+        assert!(lines.contains(&want), "no error on line {want}: {e}");
+    }
+    assert!(!lines.contains(&11), "{e}");
+}
+
+#[test]
+fn weight_has_a_step_of_one_hundredth() {
+    let ok = MINIMAL.to_string()
+        + "[route.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:9001\"]\nweight = 12.34\n";
+    assert_eq!(parse(&ok).expect("valid").routes[0].canary_weight_bp, 1234);
+    let whole = ok.replace("12.34", "5");
+    assert_eq!(
+        parse(&whole).expect("valid").routes[0].canary_weight_bp,
+        500
+    );
+    for bad in ["100.5", "-1", "0.001"] {
+        assert!(parse(&ok.replace("12.34", bad)).is_err(), "{bad} accepted");
+    }
+}
+
+#[test]
+fn non_loopback_admin_needs_a_token() {
+    let text = MINIMAL.to_string() + "[admin]\nlisten = \"0.0.0.0:9901\"\n";
+    let e = parse(&text).expect_err("needs token");
+    assert!(e.0[0].message.contains("token_file"));
+    let ok = text.replace("[admin]\n", "[admin]\ntoken_file = \"t\"\n");
+    let c = parse(&ok).expect("valid with token");
+    assert_eq!(
+        c.admin.token_file.as_deref(),
+        Some(Path::new("/etc/veer/t"))
+    );
+}
+
+#[test]
+fn two_routes_claiming_the_same_requests_are_rejected() {
+    let text = MINIMAL.to_string() + &MINIMAL.replace("\"web\"", "\"web2\"");
+    let e = parse(&text).expect_err("duplicate default route");
+    assert!(e.to_string().contains("already claimed"), "{e}");
+}
+
+#[test]
+fn blue_green_weight_is_all_or_nothing() {
+    let base = MINIMAL.replace(
+        "name = \"web\"",
+        "name = \"web\"\nstrategy = \"blue-green\"",
+    )
+        + "[route.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:9001\"]\nweight = 50\n";
+    assert!(parse(&base).is_err());
+    assert!(parse(&base.replace("weight = 50", "weight = 100")).is_ok());
+}
+
+#[test]
+fn line_and_column_count_characters() {
+    let d = Diagnostic::at("ab\ncdé f", 8, "x");
+    assert_eq!((d.line, d.col), (2, 5));
+}
+
+#[test]
+fn a_short_timeout_alone_shrinks_the_default_connect_timeout() {
+    let c = parse(&MINIMAL.replace("name = \"web\"", "name = \"web\"\ntimeout = \"300ms\""))
+        .expect("a 300ms timeout alone is valid");
+    let r = &c.routes[0];
+    assert_eq!(r.connect_timeout, Duration::from_millis(300));
+    let explicit = MINIMAL.replace(
+        "name = \"web\"",
+        "name = \"web\"\ntimeout = \"300ms\"\nconnect_timeout = \"1s\"",
+    );
+    assert!(
+        parse(&explicit).is_err(),
+        "an explicit one above timeout is a mistake"
+    );
+}
+
+#[test]
+fn the_same_endpoint_in_both_versions_is_a_warning_not_an_error() {
+    let text = "[[route]]\nname = \"web\"\n[route.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:9\"]\n[route.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:9\"]\nweight = 50\n";
+    let c = parse(text).expect("an A/A rehearsal is valid");
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert_eq!(c.warnings[0].line, 8);
+    assert!(c.warnings[0].message.contains("127.0.0.1:9 is in both"));
+    assert!(parse(MINIMAL).expect("valid").warnings.is_empty());
+}

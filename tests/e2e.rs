@@ -12,6 +12,7 @@
 mod e2e {
     pub mod support;
 
+    mod bluegreen;
     mod cli;
     mod client_faults;
     mod decisions;
@@ -19,8 +20,10 @@ mod e2e {
     mod failures;
     mod judge;
     mod limits;
+    mod operator;
     mod protocols;
     mod reload;
     mod shutdown;
     mod split;
+    mod webhooks;
 }

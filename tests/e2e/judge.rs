@@ -1,15 +1,14 @@
 //! The judge through the real binary: reverts that stick, no revert of a
-//! good canary, observe mode, too little data, and operator actions.
+//! good canary, observe mode, too little data, evidence across restarts.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::support::{
-    all_on, get, metric, route_config, send_keyed, wait_verdict, Client, Load, Upstream, Veer,
+    all_on, metric, route_config, send_keyed, wait_route, wait_verdict, Client, Load, Upstream,
+    Veer, FAST_JUDGE as JUDGE,
 };
-
-const JUDGE: &str = "[route.judge]\ninterval = \"200ms\"\nwindow = \"10s\"\nmin_requests = 20\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_500s_are_reverted_and_traffic_returns_to_stable_and_stays_after_restart() {
@@ -121,6 +120,7 @@ async fn an_observed_breach_does_not_make_every_look_a_tick() {
     let (veer, load, _upstreams) = failing_canary_judged_every_ten_minutes("observe").await;
     let route = wait_verdict(&veer, "observe_breach", Duration::from_secs(20)).await;
     let judged = route["window"]["stable"]["requests"].clone();
+    // Nothing may happen for a while: only waiting can show that.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let sent = load.stop().await;
     let later = veer.status().await["routes"][0].clone();
@@ -210,6 +210,7 @@ async fn observe_mode_reports_but_never_reverts() {
     let veer = Veer::start(&config).await;
     let load = Load::start(veer.addr, 4, Duration::ZERO);
     let route = wait_verdict(&veer, "observe_breach", Duration::from_secs(10)).await;
+    // Nothing may happen for a while: only waiting can show that.
     tokio::time::sleep(Duration::from_secs(2)).await;
     load.stop().await;
     assert_eq!(route["weight"]["effective"], 20.0);
@@ -227,9 +228,16 @@ async fn a_new_canary_version_keeps_stables_window() {
     let config = route_config(&[s.addr], &[c.addr], 20.0, "") + JUDGE;
     let veer = Veer::start(&config).await;
     send_keyed(veer.addr, 200).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let stable = |st: &serde_json::Value| st["routes"][0]["window"]["stable"]["requests"].as_u64();
-    let before = stable(&veer.status().await).unwrap();
+    // Every request judged: stable's and the canary's windows hold all 200.
+    let judged = wait_route(&veer, "200 requests judged", Duration::from_secs(5), |r| {
+        let w = &r["window"];
+        w["stable"]["requests"].as_u64().unwrap_or(0)
+            + w["canary"]["requests"].as_u64().unwrap_or(0)
+            == 200
+    })
+    .await;
+    let before = judged["window"]["stable"]["requests"].as_u64().unwrap();
     assert!(before > 100, "{before}");
     veer.write_config(&config.replace("version = \"v2\"", "version = \"v3\""));
     veer.wait_generation(2).await;
@@ -256,11 +264,15 @@ async fn the_evidence_survives_a_restart() {
         + &JUDGE.replace("[route.judge]\n", "[route.judge]\nmode = \"observe\"\n");
     let mut veer = Veer::start(&config).await;
     send_keyed(veer.addr, 300).await;
-    // Two judge ticks: every event is in the tests.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let before = veer.status().await["routes"][0]["evidence"]["e_errors"]
-        .as_f64()
-        .unwrap();
+    // Every request judged: every event is in the tests.
+    let judged = wait_route(&veer, "300 requests judged", Duration::from_secs(5), |r| {
+        let w = &r["window"];
+        w["stable"]["requests"].as_u64().unwrap_or(0)
+            + w["canary"]["requests"].as_u64().unwrap_or(0)
+            == 300
+    })
+    .await;
+    let before = judged["evidence"]["e_errors"].as_f64().unwrap();
     assert!(before > 100.0, "{before}");
 
     veer.terminate();
@@ -303,344 +315,19 @@ async fn little_traffic_is_insufficient_data_never_a_revert() {
             }
         }
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let route = veer.status().await["routes"][0].clone();
+    // A verdict made with those two failures in the window (before the
+    // judge's first tick, `insufficient_data` is only the starting label).
+    let route = wait_route(&veer, "the failures judged", Duration::from_secs(5), |r| {
+        r["window"]["canary"]["errors"] == 2
+    })
+    .await;
     assert_eq!(route["verdict"], "insufficient_data", "{route}");
-    assert_eq!(route["weight"]["effective"], 20.0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_actions_need_the_token_and_persist() {
-    let s = Upstream::start("stable").await;
-    let c = Upstream::start("canary").await;
-    let config = route_config(&[s.addr], &[c.addr], 30.0, "")
-        .replace("[admin]\n", "[admin]\ntoken_file = \"admin.token\"\n");
-    let dir = tempfile::tempdir().unwrap();
-    super::support::write_with_mode(&dir.path().join("admin.token"), "s3cret\n", 0o600);
-    let path = dir.path().join("veer.toml");
-    std::fs::write(
-        &path,
-        config.replace("@STATE@", &dir.path().join("state").display().to_string()),
-    )
-    .unwrap();
-    let veer = Veer::start_in(dir, path).await;
-
-    let post = |path: &'static str, token: Option<&'static str>| {
-        let admin = veer.admin;
-        async move {
-            let stream = tokio::net::TcpStream::connect(admin).await.unwrap();
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
-            let mut req = http::Request::post(path).header("host", "admin");
-            if let Some(t) = token {
-                req = req.header("authorization", format!("Bearer {t}"));
-            }
-            let resp = sender
-                .send_request(
-                    req.body(http_body_util::Empty::<bytes::Bytes>::new())
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
-            let status = resp.status();
-            let body = http_body_util::BodyExt::collect(resp.into_body())
-                .await
-                .unwrap()
-                .to_bytes();
-            (
-                status,
-                serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default(),
-            )
-        }
-    };
-    assert_eq!(post("/routes/web/revert", None).await.0, 401);
-    assert_eq!(post("/routes/web/revert", Some("wrong")).await.0, 401);
-    assert_eq!(
-        veer.status().await["routes"][0]["weight"]["effective"],
-        30.0
-    );
-    assert_eq!(post("/routes/nope/revert", Some("s3cret")).await.0, 404);
-    assert_eq!(post("/routes/web/explode", Some("s3cret")).await.0, 404);
-
-    let (status, body) = post("/routes/web/revert", Some("s3cret")).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["verdict"], "reverted");
-    assert_eq!(body["weight"]["effective"], 0.0);
-    all_on(&veer, "stable", 100).await;
-    let saved = std::fs::read_to_string(veer.dir.path().join("state/state.json")).unwrap();
-    assert!(saved.contains("\"operator\""), "{saved}");
-    assert_eq!(
-        post("/routes/web/promote", Some("s3cret")).await.0,
-        409,
-        "a reverted canary must be reset before promotion"
-    );
-
-    let (status, body) = post("/routes/web/reset", Some("s3cret")).await;
-    assert_eq!(status, 200);
-    assert_eq!(body["weight"]["effective"], 30.0);
-    let (_, body) = post("/routes/web/pause", Some("s3cret")).await;
-    assert_eq!(body["paused"], true);
-    let (_, body) = post("/routes/web/resume", Some("s3cret")).await;
-    assert_eq!(body["paused"], false);
-    let (status, body) = post("/routes/web/promote", Some("s3cret")).await;
-    assert_eq!(status, 200);
-    assert_eq!(body["weight"]["effective"], 100.0);
-    all_on(&veer, "canary", 100).await;
-    assert_eq!(veer.logs_with("operator action").len(), 5);
-    assert_eq!(
-        get(veer.admin, "/routes/web/revert", &[])
-            .await
-            .unwrap()
-            .status(),
-        405
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rollout_walks_its_steps_while_healthy() {
-    let s = Upstream::start("stable").await;
-    let c = Upstream::start("canary").await;
-    let config = route_config(&[s.addr], &[c.addr], 1.0, "")
-        + JUDGE
-        + "[route.rollout]\nsteps = [10, 50, 100]\nhold = \"1s\"\n";
-    let veer = Veer::start(&config).await;
-    let load = Load::start(veer.addr, 3, Duration::from_millis(1));
-    let start = Instant::now();
-    loop {
-        let route = veer.status().await["routes"][0].clone();
-        if route["weight"]["effective"] == 100.0 {
-            assert_eq!(route["rollout"]["step"], 2);
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "rollout stuck: {route}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    load.stop().await;
-    assert_eq!(veer.logs_with("rollout advanced").len(), 2);
-}
-
-fn blue_green(stable: std::net::SocketAddr, canary: std::net::SocketAddr, weight: f64) -> String {
-    route_config(&[stable], &[canary], weight, "strategy = \"blue-green\"") + JUDGE
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blue_green_flip_to_a_worse_colour_flips_back_by_itself() {
-    let s = Upstream::start("stable").await;
-    let c = Upstream::start("canary").await;
-    c.fail_one_in.store(10, Ordering::SeqCst);
-    let veer = Veer::start(&blue_green(s.addr, c.addr, 0.0)).await;
-    let load = Load::start(veer.addr, 3, Duration::from_millis(1));
-    // Let the judge see the old colour for a few seconds, then flip.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    veer.write_config(&blue_green(s.addr, c.addr, 100.0));
-    veer.wait_generation(2).await;
-    let route = wait_verdict(&veer, "reverted", Duration::from_secs(15)).await;
-    load.stop().await;
-    assert_eq!(
-        route["reverted"]["guard"], "bluegreen_error_test",
+    assert!(
+        route["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("2 canary") && r.contains("500 each are needed")),
         "{route}"
     );
-    assert_eq!(route["weight"]["effective"], 0.0);
-    all_on(&veer, "stable", 100).await;
-    assert_eq!(
-        veer.logs_with("blue-green flip: judging the new colour against the old one's last window")
-            .len(),
-        1
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blue_green_flip_to_a_good_colour_holds_and_flips_back_on_request() {
-    let s = Upstream::start("stable").await;
-    let c = Upstream::start("canary").await;
-    // Identical colours, with a service time that dwarfs loopback noise on
-    // a busy machine (with 3 ms, a CPU hog alone moved the new colour's
-    // share over 1.5x the old p99 from 0.14 % to 1.1 %: the watch compares
-    // with the past, and cannot tell that drift from a regression).
-    s.delay_ms.store(20, Ordering::SeqCst);
-    c.delay_ms.store(20, Ordering::SeqCst);
-    let veer = Veer::start(&blue_green(s.addr, c.addr, 0.0)).await;
-    let load = Load::start(veer.addr, 6, Duration::ZERO);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    veer.write_config(&blue_green(s.addr, c.addr, 100.0));
-    veer.wait_generation(2).await;
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    let route = veer.status().await["routes"][0].clone();
-    assert_eq!(route["verdict"], "healthy", "{route}");
-    all_on(&veer, "canary", 100).await;
-    veer.write_config(&blue_green(s.addr, c.addr, 0.0));
-    veer.wait_generation(3).await;
-    load.stop().await;
-    all_on(&veer, "stable", 100).await;
-}
-
-/// Collects the JSON bodies POSTed to it.
-async fn webhook_receiver() -> (
-    std::net::SocketAddr,
-    Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
-) {
-    webhook_receiver_with(None).await
-}
-
-/// Collects the JSON events POSTed to it, over TLS when `tls` is given.
-async fn webhook_receiver_with(
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) -> (
-    std::net::SocketAddr,
-    Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let events: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
-    let sink = events.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let sink = sink.clone();
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let sink = sink.clone();
-                        async move {
-                            let body = http_body_util::BodyExt::collect(req.into_body())
-                                .await
-                                .unwrap()
-                                .to_bytes();
-                            sink.lock()
-                                .unwrap()
-                                .push(serde_json::from_slice(&body).unwrap_or_default());
-                            Ok::<_, std::convert::Infallible>(http::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::new()),
-                            ))
-                        }
-                    });
-                let http = hyper::server::conn::http1::Builder::new();
-                match tls {
-                    Some(acceptor) => {
-                        let Ok(stream) = acceptor.accept(stream).await else {
-                            return;
-                        };
-                        let _ = http
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                            .await;
-                    }
-                    None => {
-                        let _ = http
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                            .await;
-                    }
-                }
-            });
-        }
-    });
-    (addr, events)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_https_webhook_gets_events_only_from_a_verified_server() {
-    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.key_pair.serialize_der()).unwrap();
-    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert.cert.der().clone()], key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-    let (hook, events) = webhook_receiver_with(Some(acceptor)).await;
-    let ca_dir = tempfile::tempdir().unwrap();
-    let ca = ca_dir.path().join("ca.pem");
-    std::fs::write(&ca, cert.cert.pem()).unwrap();
-    // Another CA: the same server must then be refused.
-    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
-    let wrong = ca_dir.path().join("wrong.pem");
-    std::fs::write(&wrong, other.cert.pem()).unwrap();
-
-    for (ca_file, trusted) in [(&wrong, false), (&ca, true)] {
-        let s = Upstream::start("stable").await;
-        let c = Upstream::start("canary").await;
-        c.status.store(500, Ordering::SeqCst);
-        let before = events.lock().unwrap().len();
-        let config = route_config(&[s.addr], &[c.addr], 20.0, "")
-            + JUDGE
-            + &format!(
-                "webhook = \"https://{hook}/veer-events\"\nwebhook_ca_file = \"{}\"\n",
-                ca_file.display()
-            );
-        let veer = Veer::start(&config).await;
-        let load = Load::start(veer.addr, 4, Duration::ZERO);
-        wait_verdict(&veer, "reverted", Duration::from_secs(10)).await;
-        load.stop().await;
-        let result = if trusted { "ok" } else { "failed" };
-        let start = Instant::now();
-        let m = loop {
-            let m = veer.metrics().await;
-            if metric(
-                &m,
-                &format!("veer_webhook_events_total{{result=\"{result}\"}}"),
-            ) >= Some(1.0)
-            {
-                break m;
-            }
-            assert!(start.elapsed() < Duration::from_secs(20), "{m}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let got = events.lock().unwrap().len() - before;
-        if trusted {
-            assert!(got >= 1, "{m}");
-        } else {
-            assert_eq!(got, 0, "an unverified server got events");
-            assert!(!veer.logs_with("webhook delivery failed").is_empty());
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revert_is_announced_on_the_webhook() {
-    let s = Upstream::start("stable").await;
-    let c = Upstream::start("canary").await;
-    c.status.store(500, Ordering::SeqCst);
-    let (hook, events) = webhook_receiver().await;
-    let config = route_config(&[s.addr], &[c.addr], 20.0, "")
-        + JUDGE
-        + &format!("webhook = \"http://{hook}/veer-events\"\n");
-    let veer = Veer::start(&config).await;
-    let load = Load::start(veer.addr, 4, Duration::ZERO);
-    wait_verdict(&veer, "reverted", Duration::from_secs(10)).await;
-    load.stop().await;
-    let start = Instant::now();
-    loop {
-        let got = events.lock().unwrap().clone();
-        let reverted = got.iter().find(|e| e["event"] == "reverted");
-        let verdict = got
-            .iter()
-            .find(|e| e["event"] == "verdict_changed" && e["to"] == "reverted");
-        if let (Some(r), Some(v)) = (reverted, verdict) {
-            assert_eq!(r["route"], "web");
-            assert_eq!(r["canary"], "v2");
-            assert_eq!(r["effective_weight"], 0.0);
-            assert!(r["reason"].as_str().unwrap().contains("canary"), "{r}");
-            assert_ne!(v["from"], "reverted");
-            assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()), "{v}");
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "events: {got:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let m = veer.metrics().await;
-    assert!(
-        metric(&m, r#"veer_webhook_events_total{result="ok"}"#) >= Some(2.0),
-        "{m}"
-    );
+    assert_eq!(route["weight"]["effective"], 20.0);
+    assert!(route["reverted"].is_null(), "{route}");
 }

@@ -519,20 +519,35 @@ impl Load {
 }
 
 pub async fn wait_verdict(veer: &Veer, want: &str, limit: Duration) -> serde_json::Value {
+    wait_route(veer, &format!("verdict {want}"), limit, |r| {
+        r["verdict"] == want
+    })
+    .await
+}
+
+/// Polls the first route's `/status` entry until `ready` holds of it, and
+/// returns it (panics, naming `what`, after `limit`).
+pub async fn wait_route(
+    veer: &Veer,
+    what: &str,
+    limit: Duration,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let start = Instant::now();
     loop {
-        let st = veer.status().await;
-        if st["routes"][0]["verdict"] == want {
-            return st["routes"][0].clone();
+        let route = veer.status().await["routes"][0].clone();
+        if ready(&route) {
+            return route;
         }
-        assert!(
-            start.elapsed() < limit,
-            "verdict never became {want}: {}",
-            st["routes"][0]
-        );
+        assert!(start.elapsed() < limit, "never {what}: {route}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Judge settings for the e2e tests: a short interval and window, so that
+/// verdicts come in well under a second.
+pub const FAST_JUDGE: &str =
+    "[route.judge]\ninterval = \"200ms\"\nwindow = \"10s\"\nmin_requests = 20\n";
 
 /// Sends `n` requests, one per user key, one after another.
 pub async fn send_keyed(addr: std::net::SocketAddr, n: usize) {

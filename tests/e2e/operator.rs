@@ -1,0 +1,121 @@
+//! Operator actions and the rollout through the real binary.
+
+use std::time::{Duration, Instant};
+
+use super::support::{all_on, get, route_config, Load, Upstream, Veer, FAST_JUDGE as JUDGE};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_actions_need_the_token_and_persist() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let config = route_config(&[s.addr], &[c.addr], 30.0, "")
+        .replace("[admin]\n", "[admin]\ntoken_file = \"admin.token\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    super::support::write_with_mode(&dir.path().join("admin.token"), "s3cret\n", 0o600);
+    let path = dir.path().join("veer.toml");
+    std::fs::write(
+        &path,
+        config.replace("@STATE@", &dir.path().join("state").display().to_string()),
+    )
+    .unwrap();
+    let veer = Veer::start_in(dir, path).await;
+
+    let post = |path: &'static str, token: Option<&'static str>| {
+        let admin = veer.admin;
+        async move {
+            let stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let mut req = http::Request::post(path).header("host", "admin");
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            let resp = sender
+                .send_request(
+                    req.body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let status = resp.status();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            (
+                status,
+                serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default(),
+            )
+        }
+    };
+    assert_eq!(post("/routes/web/revert", None).await.0, 401);
+    assert_eq!(post("/routes/web/revert", Some("wrong")).await.0, 401);
+    assert_eq!(
+        veer.status().await["routes"][0]["weight"]["effective"],
+        30.0
+    );
+    assert_eq!(post("/routes/nope/revert", Some("s3cret")).await.0, 404);
+    assert_eq!(post("/routes/web/explode", Some("s3cret")).await.0, 404);
+
+    let (status, body) = post("/routes/web/revert", Some("s3cret")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["verdict"], "reverted");
+    assert_eq!(body["weight"]["effective"], 0.0);
+    all_on(&veer, "stable", 100).await;
+    let saved = std::fs::read_to_string(veer.dir.path().join("state/state.json")).unwrap();
+    assert!(saved.contains("\"operator\""), "{saved}");
+    assert_eq!(
+        post("/routes/web/promote", Some("s3cret")).await.0,
+        409,
+        "a reverted canary must be reset before promotion"
+    );
+
+    let (status, body) = post("/routes/web/reset", Some("s3cret")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["weight"]["effective"], 30.0);
+    let (_, body) = post("/routes/web/pause", Some("s3cret")).await;
+    assert_eq!(body["paused"], true);
+    let (_, body) = post("/routes/web/resume", Some("s3cret")).await;
+    assert_eq!(body["paused"], false);
+    let (status, body) = post("/routes/web/promote", Some("s3cret")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["weight"]["effective"], 100.0);
+    all_on(&veer, "canary", 100).await;
+    assert_eq!(veer.logs_with("operator action").len(), 5);
+    assert_eq!(
+        get(veer.admin, "/routes/web/revert", &[])
+            .await
+            .unwrap()
+            .status(),
+        405
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_walks_its_steps_while_healthy() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let config = route_config(&[s.addr], &[c.addr], 1.0, "")
+        + JUDGE
+        + "[route.rollout]\nsteps = [10, 50, 100]\nhold = \"1s\"\n";
+    let veer = Veer::start(&config).await;
+    let load = Load::start(veer.addr, 3, Duration::from_millis(1));
+    let start = Instant::now();
+    loop {
+        let route = veer.status().await["routes"][0].clone();
+        if route["weight"]["effective"] == 100.0 {
+            assert_eq!(route["rollout"]["step"], 2);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "rollout stuck: {route}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load.stop().await;
+    assert_eq!(veer.logs_with("rollout advanced").len(), 2);
+}

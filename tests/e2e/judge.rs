@@ -230,13 +230,7 @@ async fn a_new_canary_version_keeps_stables_window() {
     send_keyed(veer.addr, 200).await;
     let stable = |st: &serde_json::Value| st["routes"][0]["window"]["stable"]["requests"].as_u64();
     // Every request judged: stable's and the canary's windows hold all 200.
-    let judged = wait_route(&veer, "200 requests judged", Duration::from_secs(5), |r| {
-        let w = &r["window"];
-        w["stable"]["requests"].as_u64().unwrap_or(0)
-            + w["canary"]["requests"].as_u64().unwrap_or(0)
-            == 200
-    })
-    .await;
+    let judged = all_judged(&veer, 200).await;
     let before = judged["window"]["stable"]["requests"].as_u64().unwrap();
     assert!(before > 100, "{before}");
     veer.write_config(&config.replace("version = \"v2\"", "version = \"v3\""));
@@ -265,13 +259,7 @@ async fn the_evidence_survives_a_restart() {
     let mut veer = Veer::start(&config).await;
     send_keyed(veer.addr, 300).await;
     // Every request judged: every event is in the tests.
-    let judged = wait_route(&veer, "300 requests judged", Duration::from_secs(5), |r| {
-        let w = &r["window"];
-        w["stable"]["requests"].as_u64().unwrap_or(0)
-            + w["canary"]["requests"].as_u64().unwrap_or(0)
-            == 300
-    })
-    .await;
+    let judged = all_judged(&veer, 300).await;
     let before = judged["evidence"]["e_errors"].as_f64().unwrap();
     assert!(before > 100.0, "{before}");
 
@@ -330,4 +318,21 @@ async fn little_traffic_is_insufficient_data_never_a_revert() {
     );
     assert_eq!(route["weight"]["effective"], 20.0);
     assert!(route["reverted"].is_null(), "{route}");
+}
+
+/// Waits until the judge's windows hold all `n` requests sent, and returns
+/// the route's status then.
+async fn all_judged(veer: &Veer, n: u64) -> serde_json::Value {
+    wait_route(
+        veer,
+        &format!("{n} requests judged"),
+        Duration::from_secs(5),
+        |r| {
+            let w = &r["window"];
+            w["stable"]["requests"].as_u64().unwrap_or(0)
+                + w["canary"]["requests"].as_u64().unwrap_or(0)
+                == n
+        },
+    )
+    .await
 }

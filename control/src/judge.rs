@@ -390,6 +390,35 @@ impl Judge {
         k.max(1) as f64 / self.settings.false_revert_rate
     }
 
+    /// Whether a tick of `stable` and `canary` would be idle: no request in
+    /// it and none in either window, no blue-green watch running, and the
+    /// canary not in its warm-up (whose clock runs on ticks). The proxy
+    /// skips such ticks, so an idle route costs no judging. Skipping one
+    /// changes no test's value (a batch without requests leaves every
+    /// test as it is), no window, threshold or verdict; it only leaves the
+    /// tests' restart schedule, counted in batches, where it was: idle time
+    /// spends no fresh starts, so traffic that comes after it is tested
+    /// with the weights it would have had without the idle time.
+    pub fn quiet(&self, stable: &VersionTick, canary: &VersionTick) -> bool {
+        let idle = |t: &VersionTick| {
+            t.slice.requests == 0
+                && t.slice.latency.is_empty()
+                && t.error_events == 0
+                && t.slow_events.iter().all(|n| *n == 0)
+                && t.burst_keys == 0
+                && t.burst_users == 0
+                && !t.unreachable
+        };
+        idle(stable)
+            && idle(canary)
+            && self.stable.stats().requests == 0
+            && self.canary.stats().requests == 0
+            && self.stable.stats().latency.is_empty()
+            && self.canary.stats().latency.is_empty()
+            && self.watch.is_none()
+            && !(self.canary_age.is_some() && self.warming_up())
+    }
+
     /// Whether the latency tests are still in the canary's warm-up.
     fn warming_up(&self) -> bool {
         !self.settings.warmup.is_zero()

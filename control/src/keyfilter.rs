@@ -14,7 +14,8 @@
 //! little power as the filter fills. Lock-free: a load, and one `fetch_or`
 //! the first time a key is seen.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// Bits of a filter that lives as long as a canary (2²⁰ = 128 KiB).
 const BITS: u64 = 1 << 20;
@@ -23,9 +24,16 @@ const BITS: u64 = 1 << 20;
 pub const SHORT_BITS: u64 = 1 << 18;
 
 /// The set of keys that already had a bad event.
+///
+/// Its bits are allocated at the first key marked: most routes of a large
+/// config see no bad event for long stretches, or no traffic at all, and
+/// should not pay 128 KiB per filter for it.
 pub struct KeyFilter {
-    words: Box<[AtomicU64]>,
+    words: OnceLock<Box<[AtomicU64]>>,
+    bits: u64,
     shift: u32,
+    /// A key was marked since the last `clear`.
+    dirty: AtomicBool,
 }
 
 impl Default for KeyFilter {
@@ -52,9 +60,16 @@ impl KeyFilter {
     pub fn with_bits(bits: u64) -> KeyFilter {
         let bits = bits.max(64).next_power_of_two();
         KeyFilter {
-            words: (0..bits / 64).map(|_| AtomicU64::new(0)).collect(),
+            words: OnceLock::new(),
+            bits,
             shift: 64 - bits.trailing_zeros(),
+            dirty: AtomicBool::new(false),
         }
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        self.words
+            .get_or_init(|| (0..self.bits / 64).map(|_| AtomicU64::new(0)).collect())
     }
 
     /// Marks a key (by its 64-bit hash); true if it was not marked before.
@@ -64,29 +79,43 @@ impl KeyFilter {
         let bit = (key_hash >> 32).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift;
         let word = (bit / 64) as usize;
         let mask = 1u64 << (bit % 64);
-        match self.words.get(word) {
+        match self.words().get(word) {
             // A key seen before only reads, so its cache line stays shared.
             Some(w) if w.load(Ordering::Relaxed) & mask != 0 => false,
-            Some(w) => w.fetch_or(mask, Ordering::Relaxed) & mask == 0,
+            Some(w) => {
+                let first = w.fetch_or(mask, Ordering::Relaxed) & mask == 0;
+                if first && !self.dirty.load(Ordering::Relaxed) {
+                    self.dirty.store(true, Ordering::Relaxed);
+                }
+                first
+            }
             None => true,
         }
     }
 
-    /// Forgets every key.
+    /// Forgets every key (nothing to do when none was marked since the
+    /// last time).
     pub fn clear(&self) {
-        for w in self.words.iter() {
-            w.store(0, Ordering::Relaxed);
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        if let Some(words) = self.words.get() {
+            for w in words.iter() {
+                w.store(0, Ordering::Relaxed);
+            }
         }
     }
 
     /// Share of bits set.
     pub fn fill(&self) -> f64 {
-        let set: u64 = self
-            .words
+        let Some(words) = self.words.get() else {
+            return 0.0;
+        };
+        let set: u64 = words
             .iter()
             .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
             .sum();
-        set as f64 / (self.words.len() as f64 * 64.0)
+        set as f64 / (words.len() as f64 * 64.0)
     }
 }
 
@@ -100,6 +129,20 @@ mod tests {
         assert!(f.first_time(0xDEAD_BEEF_0000_0001));
         assert!(!f.first_time(0xDEAD_BEEF_0000_0001));
         assert!(f.first_time(0x1234_5678_0000_0001));
+    }
+
+    #[test]
+    fn a_filter_allocates_at_its_first_key_and_clears_only_when_marked() {
+        let f = KeyFilter::with_bits(1 << 10);
+        assert!(f.words.get().is_none());
+        f.clear();
+        assert_eq!(f.fill(), 0.0);
+        assert!(f.first_time(0xABCD_0000_0000_0001));
+        assert!(f.words.get().is_some());
+        assert!(f.fill() > 0.0);
+        f.clear();
+        assert_eq!(f.fill(), 0.0);
+        assert!(f.first_time(0xABCD_0000_0000_0001), "cleared: counts again");
     }
 
     #[test]

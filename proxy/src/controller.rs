@@ -31,6 +31,9 @@ use crate::shared::Shared;
 
 /// How often the controller checks which routes are due for a verdict.
 const TICK: Duration = Duration::from_millis(100);
+/// How often, at least, `/status` is brought up to date with endpoint
+/// health (at once after a failure or recovery).
+const HEALTH_SHOWN: Duration = Duration::from_secs(1);
 /// How often endpoint host names are resolved again.
 const RESOLVE: Duration = Duration::from_secs(30);
 /// How often the judges' evidence is written to the state dir (and once
@@ -78,6 +81,10 @@ pub struct Controller {
     announcer: Announcer,
     /// The controls' monotonic time is measured from here.
     origin: Instant,
+    /// When endpoint health was last compared with `/status`, and the
+    /// upstreams' health change count then.
+    health_shown: Instant,
+    health_changes: u64,
 }
 
 impl Controller {
@@ -131,6 +138,8 @@ impl Controller {
             state,
             statuses: HashMap::new(),
             origin: Instant::now(),
+            health_shown: Instant::now(),
+            health_changes: 0,
         };
         let changed = c.announce_all(&outputs);
         if changed {
@@ -217,6 +226,9 @@ impl Controller {
     }
 
     fn announce(&self, name: &str, out: &Output) {
+        if out.events.is_empty() {
+            return;
+        }
         if let (Some(route), Some(c)) = (self.config.route(name), self.controls.get(name)) {
             self.announcer.announce(route, c.effective_bp(route), out);
         }
@@ -243,14 +255,11 @@ impl Controller {
     /// every route, and entries of others are dropped).
     fn publish(&mut self, names: &[String], all: bool) {
         let snap = self.shared.snapshot.load();
+        let wanted: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
         if all {
-            self.statuses.retain(|k, _| names.contains(k));
+            self.statuses.retain(|k, _| wanted.contains(k.as_str()));
         }
-        for target in snap
-            .routes
-            .iter()
-            .filter(|t| names.iter().any(|n| *n == *t.name))
-        {
+        for target in snap.routes.iter().filter(|t| wanted.contains(&*t.name)) {
             let (Some(rt), Some(c)) = (
                 self.routes.get(&*target.name),
                 self.controls.get(&*target.name),
@@ -296,12 +305,15 @@ impl Controller {
     /// continues them.
     async fn save_evidence(&mut self) {
         let mut changed = false;
-        for (name, rt) in &self.routes {
+        // Only judges that saw traffic since their last save: an idle
+        // route's tests did not move.
+        for (name, rt) in self.routes.iter_mut().filter(|(_, rt)| rt.unsaved) {
             let Some(c) = self.controls.get_mut(name) else {
                 continue;
             };
             if c.decision().canary_identity == rt.identity {
                 changed |= c.set_evidence(serde_json::to_value(rt.judge.save_tests()).ok());
+                rt.unsaved = false;
             }
         }
         if changed {
@@ -412,11 +424,13 @@ impl Controller {
             if route.judge.mode == JudgeMode::Off {
                 continue;
             }
-            let Some(rt) = self.routes.get(&route.name) else {
+            let (Some(rt), Some(control)) =
+                (self.routes.get(&route.name), self.controls.get(&route.name))
+            else {
                 continue;
             };
             let due = now.duration_since(rt.last_tick) >= route.judge.interval;
-            if !due && !self.crossed_early(route) {
+            if !due && !early_look(route, rt, control) {
                 continue;
             }
             // Cloned only when judged: most routes are not due on a tick.
@@ -424,19 +438,31 @@ impl Controller {
             if let Some(rt) = self.routes.get_mut(&route.name) {
                 rt.early = !due;
             }
-            if self.judge_route(&route, now) {
-                // Act first: the new weight is in effect before the decision
-                // is written down (a revert must not wait for a disk).
-                self.rebuild();
-                changed = true;
+            match self.judge_route(&route, now) {
+                Some(true) => {
+                    // Act first: the new weight is in effect before the
+                    // decision is written down (a revert must not wait for
+                    // a disk).
+                    self.rebuild();
+                    changed = true;
+                    judged.push(route.name.clone());
+                }
+                Some(false) => judged.push(route.name.clone()),
+                None => {} // idle: nothing to judge, nothing new to show
             }
-            judged.push(route.name.clone());
         }
-        // Endpoint health changes between verdicts show in `/status` too.
-        let snap = self.shared.snapshot.load_full();
-        for name in crate::publish::health_changed(&snap, &self.statuses) {
-            if !judged.contains(&name) {
-                judged.push(name);
+        // Endpoint health changes between verdicts show in `/status` too: at
+        // the next tick after a failure or recovery, and within a second
+        // when a back-off runs out.
+        let changes = self.shared.upstreams.health_changes();
+        if changes != self.health_changes || now.duration_since(self.health_shown) >= HEALTH_SHOWN {
+            self.health_shown = now;
+            self.health_changes = changes;
+            let snap = self.shared.snapshot.load_full();
+            for name in crate::publish::health_changed(&snap, &self.statuses) {
+                if !judged.contains(&name) {
+                    judged.push(name);
+                }
             }
         }
         if !judged.is_empty() {
@@ -446,22 +472,6 @@ impl Controller {
             self.persist().await;
             self.publish(&[], false);
         }
-    }
-
-    /// Between two ticks: whether the route's tests have already crossed
-    /// (see [`RouteRuntime::crossed_early`]).
-    fn crossed_early(&self, route: &Route) -> bool {
-        let (Some(rt), Some(control)) =
-            (self.routes.get(&route.name), self.controls.get(&route.name))
-        else {
-            return false;
-        };
-        let breached = control.last().is_some_and(|v| v.status == Status::Breach);
-        let crossed = rt.crossed_early(control.effective_bp(route), breached);
-        if crossed {
-            tracing::debug!(route = %route.name, "sequential test crossed between ticks; judging now");
-        }
-        crossed
     }
 
     /// Whether every endpoint of the route's canary is failing connects,
@@ -478,23 +488,31 @@ impl Controller {
         })
     }
 
-    /// One verdict for one route; returns whether a decision changed.
-    fn judge_route(&mut self, route: &Route, now: Instant) -> bool {
+    /// One verdict for one route: whether a decision changed, or None when
+    /// the route was idle and its tick skipped.
+    fn judge_route(&mut self, route: &Route, now: Instant) -> Option<bool> {
         let name = route.name.as_str();
-        let Some(w_bp) = self.controls.get(name).map(|c| c.effective_bp(route)) else {
-            return false;
-        };
+        let w_bp = self.controls.get(name).map(|c| c.effective_bp(route))?;
         let canary_down = self.canary_down(route);
         let at = self.at(now);
-        let Some(rt) = self.routes.get_mut(name) else {
-            return false;
-        };
-        let verdict = rt.tick(route, w_bp, canary_down, now);
-        let Some(control) = self.controls.get_mut(name) else {
-            return false;
-        };
+        let verdict = self
+            .routes
+            .get_mut(name)?
+            .tick(route, w_bp, canary_down, now)?;
+        let control = self.controls.get_mut(name)?;
         let out = control.on_verdict(route, verdict, w_bp, at);
         self.announce(name, &out);
-        out.changed
+        Some(out.changed)
     }
+}
+
+/// Between two ticks: whether the route's tests have already crossed (see
+/// [`RouteRuntime::crossed_early`]).
+fn early_look(route: &Route, rt: &RouteRuntime, control: &RouteControl) -> bool {
+    let breached = control.last().is_some_and(|v| v.status == Status::Breach);
+    let crossed = rt.crossed_early(control.effective_bp(route), breached);
+    if crossed {
+        tracing::debug!(route = %route.name, "sequential test crossed between ticks; judging now");
+    }
+    crossed
 }

@@ -13,12 +13,12 @@
 //! ([`KeyFilter`]), which both versions must share to stay unbiased:
 //! lock-free, and written only the first time a key is seen.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use veer_control::judge::{Pending, VersionTick};
 use veer_control::keyfilter::{KeyFilter, SHORT_BITS};
-use veer_control::window::{MAX_LATENCY_US, SIGNIFICANT_DIGITS};
+use veer_control::window::{Slice, MAX_LATENCY_US, SIGNIFICANT_DIGITS};
 
 /// Slow thresholds the proxy can apply at once: one per latency test, so
 /// a ratio and an absolute limit on each of the five quantiles.
@@ -122,8 +122,13 @@ struct Shard {
     slow_events: [AtomicU64; MAX_THRESHOLDS],
     sum_us: AtomicU64,
     /// Counts per hdrhistogram bucket since the last drain (a tick cannot
-    /// hold 2³² requests of one shard).
-    latency: Box<[AtomicU32]>,
+    /// hold 2³² requests of one shard), allocated at the shard's first
+    /// request: a route without traffic costs no buckets.
+    latency: OnceLock<Box<[AtomicU32]>>,
+    /// The last drain took requests from this shard, so its buckets may
+    /// still hold a straggler (recorded after that drain's scan): the next
+    /// drain scans them even if it takes no request.
+    scan_next: AtomicBool,
 }
 
 impl Shard {
@@ -137,7 +142,8 @@ impl Shard {
             burst_users: AtomicU64::new(0),
             slow_events: std::array::from_fn(|_| AtomicU64::new(0)),
             sum_us: AtomicU64::new(0),
-            latency: (0..buckets()).map(|_| AtomicU32::new(0)).collect(),
+            latency: OnceLock::new(),
+            scan_next: AtomicBool::new(false),
         }
     }
 }
@@ -222,7 +228,10 @@ impl Recorder {
         };
         add(&shard.requests, 1);
         add(&shard.sum_us, latency_us);
-        if let Some(b) = shard.latency.get(index_of(latency_us)) {
+        let buckets = shard
+            .latency
+            .get_or_init(|| (0..buckets()).map(|_| AtomicU32::new(0)).collect());
+        if let Some(b) = buckets.get(index_of(latency_us)) {
             b.fetch_add(1, Ordering::Relaxed);
         }
         add(&shard.burst_users, u64::from(new_user));
@@ -254,14 +263,24 @@ impl Recorder {
     /// shards; also returns the connect failures among the errors.
     pub fn drain(&self, thresholds: usize) -> (VersionTick, u64) {
         let thresholds = thresholds.min(MAX_THRESHOLDS);
+        // Every field spelled out: `..VersionTick::default()` would build
+        // (and drop) a default slice's histogram on every tick.
         let mut tick = VersionTick {
+            slice: Slice::empty(),
+            error_events: 0,
             slow_events: vec![0; thresholds],
-            ..VersionTick::default()
+            burst_keys: 0,
+            burst_users: 0,
+            unreachable: false,
         };
         let mut connect = 0;
         let mut sum_us = 0;
+        let mut sized = false;
         for shard in self.shards.iter() {
-            tick.slice.requests += take(&shard.requests);
+            let requests = take(&shard.requests);
+            tick.slice.requests += requests;
+            let scan = requests > 0 || shard.scan_next.load(Ordering::Relaxed);
+            shard.scan_next.store(requests > 0, Ordering::Relaxed);
             tick.slice.errors += take(&shard.errors);
             tick.error_events += take(&shard.error_events);
             tick.burst_keys += take(&shard.burst_keys);
@@ -271,7 +290,16 @@ impl Recorder {
             }
             connect += take(&shard.connect_errors);
             sum_us += take(&shard.sum_us);
-            for (i, b) in shard.latency.iter().enumerate() {
+            let Some(buckets) = shard.latency.get().filter(|_| scan) else {
+                continue;
+            };
+            if !sized {
+                // Sized for service latencies at once (an empty tick's
+                // histogram stays the small one it started as).
+                tick.slice.latency = veer_control::window::histogram();
+                sized = true;
+            }
+            for (i, b) in buckets.iter().enumerate() {
                 // Most buckets are empty: read before taking.
                 if b.load(Ordering::Relaxed) != 0 {
                     let n = b.swap(0, Ordering::Relaxed);
@@ -284,6 +312,15 @@ impl Recorder {
             .fetch_add(tick.slice.requests, Ordering::Relaxed);
         self.total_sum_us.fetch_add(sum_us, Ordering::Relaxed);
         (tick, connect)
+    }
+
+    /// Whether any bad event was recorded since the last drain (what
+    /// [`Recorder::pending`] would count, without counting it).
+    pub fn has_pending(&self) -> bool {
+        self.shards.iter().any(|s| {
+            s.error_events.load(Ordering::Relaxed) > 0
+                || s.slow_events.iter().any(|n| n.load(Ordering::Relaxed) > 0)
+        })
     }
 
     /// The bad events recorded since the last drain, without taking them:
@@ -379,6 +416,28 @@ mod tests {
         assert_eq!(t.slice.latency.len(), 4);
         assert_eq!(r.drain(1).0.slice.requests, 0);
         assert_eq!(r.totals().0, 4);
+    }
+
+    #[test]
+    fn an_idle_recorder_holds_no_buckets_and_a_late_bucket_is_drained_next_tick() {
+        let r = Recorder::new(Arc::new(RouteKeys::new(1)));
+        let (t, _) = r.drain(1);
+        assert_eq!(t.slice.requests, 0);
+        assert!(r.shards.iter().all(|s| s.latency.get().is_none()));
+        r.record(2_000, Outcome::Ok, Some(1 << 40));
+        assert_eq!(r.drain(1).0.slice.latency.len(), 1);
+        // A bucket counted after the drain took its request (a worker
+        // between its two increments) is taken by the next drain.
+        let shard = r
+            .shards
+            .iter()
+            .find(|s| s.latency.get().is_some())
+            .expect("the shard that recorded");
+        let late = shard.latency.get().and_then(|b| b.get(index_of(3_000)));
+        late.expect("bucket").fetch_add(1, Ordering::Relaxed);
+        assert_eq!(r.drain(1).0.slice.latency.len(), 1);
+        // After a drain with nothing, an idle shard is not scanned again.
+        assert!(!shard.scan_next.load(Ordering::Relaxed));
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct RouteRuntime {
     pub early: bool,
     /// The canary share of the last tick, basis points.
     pub last_w_bp: Option<u16>,
+    /// A tick with traffic since the evidence was last saved.
+    pub unsaved: bool,
 }
 
 impl RouteRuntime {
@@ -58,6 +60,7 @@ impl RouteRuntime {
             last_tick: Instant::now(),
             early: false,
             last_w_bp: Some(w_bp),
+            unsaved: false,
         };
         rt.set_thresholds();
         rt
@@ -110,16 +113,29 @@ impl RouteRuntime {
             // not attributable to one share (the tick skips them too).
             return false;
         }
+        if !canary.has_pending() {
+            // Only canary events can raise the evidence (most looks, and
+            // every look at an idle route, end here).
+            return false;
+        }
+        let canary = canary.pending(self.thresholds);
         self.judge.crossed(
             f64::from(w_bp) / 10_000.0,
             &self.stable.pending(self.thresholds),
-            &canary.pending(self.thresholds),
+            &canary,
         )
     }
 
     /// One tick of the judge at `now`, the canary at `w_bp`: drains both
-    /// recorders, starts a blue-green watch on a flip, and returns the verdict.
-    pub fn tick(&mut self, route: &Route, w_bp: u16, canary_down: bool, now: Instant) -> Verdict {
+    /// recorders, starts a blue-green watch on a flip, and returns the
+    /// verdict; None when the tick was idle ([`Judge::quiet`]) and skipped.
+    pub fn tick(
+        &mut self,
+        route: &Route,
+        w_bp: u16,
+        canary_down: bool,
+        now: Instant,
+    ) -> Option<Verdict> {
         let name = route.name.as_str();
         let elapsed = now.duration_since(self.last_tick);
         self.last_tick = now;
@@ -147,6 +163,13 @@ impl RouteRuntime {
                 tracing::warn!(route = %name, baseline_requests = requests, "blue-green flip without enough traffic before it: only the absolute guards apply");
             }
         }
+        if !flipped && self.judge.quiet(&stable, &canary) {
+            // (A share changed while idle is not a share change for the
+            // requests to come: all of them are routed with the new one.)
+            self.last_w_bp = Some(w_bp);
+            return None;
+        }
+        self.unsaved |= stable.slice.requests > 0 || canary.slice.requests > 0 || flipped;
         let weight_changed = self.last_w_bp != Some(w_bp);
         self.last_w_bp = Some(w_bp);
         let verdict = self.judge.tick(TickInput {
@@ -160,7 +183,7 @@ impl RouteRuntime {
             self.stable.keys().clear_burst();
         }
         self.set_thresholds();
-        verdict
+        Some(verdict)
     }
 
     /// Whether `route` is judged as this runtime judges (same canary,

@@ -97,6 +97,8 @@ pub struct Upstream {
     down_until_ms: AtomicU64,
     failures: AtomicU32,
     epoch: Instant,
+    /// Counts health changes of every upstream of the registry.
+    changes: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -108,7 +110,7 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    fn new(addr: SocketAddr, epoch: Instant, cap: usize) -> Upstream {
+    fn new(addr: SocketAddr, epoch: Instant, cap: usize, changes: Arc<AtomicU64>) -> Upstream {
         Upstream {
             addr,
             idle: ArrayQueue::new(MAX_IDLE),
@@ -119,6 +121,7 @@ impl Upstream {
             down_until_ms: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             epoch,
+            changes,
         }
     }
 
@@ -144,6 +147,7 @@ impl Upstream {
         let backoff = (BACKOFF_BASE_MS << n).min(BACKOFF_MAX_MS);
         self.down_until_ms
             .store(self.now_ms() + backoff, Ordering::Relaxed);
+        self.changes.fetch_add(1, Ordering::Relaxed);
         // Idle connections to a failing endpoint are likely dead too.
         while self.idle.pop().is_some() {}
     }
@@ -153,6 +157,7 @@ impl Upstream {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
             self.down_until_ms.store(0, Ordering::Relaxed);
+            self.changes.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -273,6 +278,7 @@ impl Upstream {
 pub struct Upstreams {
     by_addr: Mutex<HashMap<SocketAddr, Weak<Upstream>>>,
     epoch: Instant,
+    changes: Arc<AtomicU64>,
 }
 
 impl Default for Upstreams {
@@ -287,7 +293,14 @@ impl Upstreams {
         Upstreams {
             by_addr: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
+            changes: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// A count that moves whenever an upstream fails or recovers (a
+    /// back-off that merely runs out does not move it).
+    pub fn health_changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
     }
 
     /// The upstream for an address: the live one if any snapshot still holds
@@ -304,7 +317,7 @@ impl Upstreams {
             u.set_cap(cap);
             return u;
         }
-        let u = Arc::new(Upstream::new(addr, epoch, cap));
+        let u = Arc::new(Upstream::new(addr, epoch, cap, self.changes.clone()));
         map.insert(addr, Arc::downgrade(&u));
         u
     }
@@ -340,7 +353,12 @@ mod tests {
 
     #[test]
     fn failures_back_off_and_success_restores() {
-        let u = Upstream::new("127.0.0.1:1".parse().expect("addr"), Instant::now(), 8);
+        let u = Upstream::new(
+            "127.0.0.1:1".parse().expect("addr"),
+            Instant::now(),
+            8,
+            Arc::default(),
+        );
         assert!(u.is_healthy());
         u.mark_failed();
         assert!(!u.is_healthy());

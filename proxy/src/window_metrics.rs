@@ -51,7 +51,17 @@ impl WindowSummary {
     /// Replaces the samples of `route` with `versions`.
     pub fn publish(&self, route: &str, versions: Vec<(String, WindowLatency)>) {
         let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        s.retain(|(r, _), _| r != route);
+        // The route's entries are adjacent in the map: remove just those
+        // (a retain over every route's would make publishing all routes
+        // quadratic in their number).
+        let stale: Vec<(String, String)> = s
+            .range((route.to_string(), String::new())..)
+            .take_while(|((r, _), _)| r == route)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            s.remove(&k);
+        }
         for (v, w) in versions {
             s.insert((route.to_string(), v), w);
         }

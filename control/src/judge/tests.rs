@@ -440,3 +440,14 @@ fn an_absolute_latency_limit_needs_the_canary_over_it_and_worse_than_stable() {
         v.reason
     );
 }
+
+#[test]
+fn an_idle_tick_is_quiet_and_one_with_traffic_or_a_full_window_is_not() {
+    let mut j = Judge::new(&settings());
+    let idle = || tick(0, 0, 1);
+    assert!(j.quiet(&idle(), &idle()));
+    assert!(!j.quiet(&tick(10, 0, 1_000), &idle()));
+    j.tick(input(0.1, tick(100, 0, 1_000), tick(10, 0, 1_000)));
+    // The window still holds those requests: not quiet until they fall out.
+    assert!(!j.quiet(&idle(), &idle()));
+}

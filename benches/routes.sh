@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# What idle routes cost: the release binary with N routes (each with a
+# canary, the judge on, no traffic at all), 2 workers. Prints, per N, the
+# resident memory after start, the CPU the process used over 10 idle
+# seconds, and how long a reload that changes one route takes to apply.
+#
+# usage: [VEER=binary] benches/routes.sh [N ...]   (default: 1 100 500 1000)
+# Only 127.0.0.1 is targeted; every run is bounded in time.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+# VEER=path/to/veer measures another build (e.g. an older commit's).
+if [ -z "${VEER:-}" ]; then
+  cargo build --release --locked -q -p veer-proxy --bin veer
+  VEER="${CARGO_TARGET_DIR:-$ROOT/target}/release/veer"
+fi
+counts=("$@")
+[ ${#counts[@]} -eq 0 ] && counts=(1 100 500 1000)
+work="$(mktemp -d)"
+pid=""
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+tck=$(getconf CLK_TCK)
+
+config() { # N WEIGHT_OF_ROUTE_0
+  local n=$1 w0=$2
+  printf '[proxy]\nlisten = ["127.0.0.1:0"]\nworkers = 2\n[admin]\nlisten = "127.0.0.1:%s"\n[state]\ndir = "%s/state"\n' "$admin_port" "$work"
+  for ((i = 0; i < n; i++)); do
+    local w=5
+    [ "$i" -eq 0 ] && w=$w0
+    printf '[[route]]\nname = "r%d"\nhosts = ["r%d.example"]\n[route.stable]\nversion = "v1"\nendpoints = ["127.0.0.1:1"]\n[route.canary]\nversion = "v2"\nendpoints = ["127.0.0.1:2"]\nweight = %s\n[route.judge]\nwindow = "60s"\n' "$i" "$i" "$w"
+  done
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+generation() { curl -s "http://127.0.0.1:$admin_port/status" | grep -o '"generation": *[0-9]*' | grep -o '[0-9]*$'; }
+
+printf '| routes | RSS after start | CPU while idle (10 s) | reload of one route |\n|---|---|---|---|\n'
+for n in "${counts[@]}"; do
+  admin_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  rm -rf "$work/state"
+  config "$n" 5 > "$work/veer.toml"
+  timeout 120 "$VEER" run --config "$work/veer.toml" > "$work/log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 600); do
+    curl -sf "http://127.0.0.1:$admin_port/readyz" > /dev/null 2>&1 && break
+    sleep 0.1
+  done
+  sleep 5
+  veer_pid=$(pgrep -P "$pid" -x veer)   # `timeout` is the parent
+  rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$veer_pid/status")
+  t0=$(cpu_ticks "$veer_pid")
+  sleep 10
+  t1=$(cpu_ticks "$veer_pid")
+  cpu=$(awk -v d=$((t1 - t0)) -v hz="$tck" 'BEGIN { printf "%.1f %%", d / hz / 10 * 100 }')
+  g0=$(generation)
+  start=$(date +%s.%N)
+  config "$n" 6 > "$work/veer.toml.new" && mv "$work/veer.toml.new" "$work/veer.toml"
+  for _ in $(seq 1 1000); do
+    [ "$(generation)" -gt "$g0" ] && break
+    sleep 0.01
+  done
+  took=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f s", b - a }')
+  printf '| %d | %d MiB | %s | %s |\n' "$n" $((rss_kb / 1024)) "$cpu" "$took"
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+done

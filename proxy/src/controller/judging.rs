@@ -1,0 +1,115 @@
+//! The judge's side of the controller loop: which routes are due (or have
+//! crossed between ticks), one tick of each, and what its verdict decides.
+
+use tokio::time::Instant;
+use veer_control::config::{JudgeMode, Route};
+use veer_control::judge::Status;
+use veer_control::rollout::RouteControl;
+
+use super::{Controller, HEALTH_SHOWN};
+use crate::runtime::RouteRuntime;
+
+impl Controller {
+    pub(super) async fn judge_due(&mut self) {
+        let now = Instant::now();
+        let mut judged = Vec::new();
+        let mut changed = false;
+        for i in 0..self.config.routes.len() {
+            let Some(route) = self.config.routes.get(i) else {
+                continue;
+            };
+            if route.judge.mode == JudgeMode::Off {
+                continue;
+            }
+            let (Some(rt), Some(control)) =
+                (self.routes.get(&route.name), self.controls.get(&route.name))
+            else {
+                continue;
+            };
+            let due = now.duration_since(rt.last_tick) >= route.judge.interval;
+            if !due && !early_look(route, rt, control) {
+                continue;
+            }
+            // Cloned only when judged: most routes are not due on a tick.
+            let route = route.clone();
+            if let Some(rt) = self.routes.get_mut(&route.name) {
+                rt.early = !due;
+            }
+            match self.judge_route(&route, now) {
+                Some(true) => {
+                    // Act first: the new weight is in effect before the
+                    // decision is written down (a revert must not wait for
+                    // a disk).
+                    self.rebuild();
+                    changed = true;
+                    judged.push(route.name.clone());
+                }
+                Some(false) => judged.push(route.name.clone()),
+                None => {} // idle: nothing to judge, nothing new to show
+            }
+        }
+        // Endpoint health changes between verdicts show in `/status` too: at
+        // the next tick after a failure or recovery, and within a second
+        // when a back-off runs out.
+        let changes = self.shared.upstreams.health_changes();
+        if changes != self.health_changes || now.duration_since(self.health_shown) >= HEALTH_SHOWN {
+            self.health_shown = now;
+            self.health_changes = changes;
+            let snap = self.shared.snapshot.load_full();
+            for name in crate::publish::health_changed(&snap, &self.statuses) {
+                if !judged.contains(&name) {
+                    judged.push(name);
+                }
+            }
+        }
+        if !judged.is_empty() {
+            self.publish(&judged, false);
+        }
+        if changed {
+            self.persist().await;
+            self.publish(&[], false);
+        }
+    }
+
+    /// Whether every endpoint of the route's canary is failing connects,
+    /// read from the upstreams (the data plane's own health marks).
+    fn canary_down(&self, route: &Route) -> bool {
+        let Some(c) = &route.canary else {
+            return false;
+        };
+        c.endpoints.iter().all(|e| {
+            self.addrs
+                .get(&e.addr)
+                .and_then(|a| self.shared.upstreams.healthy(*a))
+                .is_none_or(|healthy| !healthy)
+        })
+    }
+
+    /// One verdict for one route: whether a decision changed, or None when
+    /// the route was idle and its tick skipped.
+    fn judge_route(&mut self, route: &Route, now: Instant) -> Option<bool> {
+        let name = route.name.as_str();
+        let w_bp = self.controls.get(name).map(|c| c.effective_bp(route))?;
+        let canary_down = self.canary_down(route);
+        let at = self.at(now);
+        let verdict = self
+            .routes
+            .get_mut(name)?
+            .tick(route, w_bp, canary_down, now)?;
+        let control = self.controls.get_mut(name)?;
+        let out = control.on_verdict(route, verdict, w_bp, at);
+        self.announce(name, &out);
+        Some(out.changed)
+    }
+}
+
+/// Between two ticks: whether the route's tests have already crossed (see
+/// [`RouteRuntime::crossed_early`]).
+fn early_look(route: &Route, rt: &RouteRuntime, control: &RouteControl) -> bool {
+    let breached = control.last().is_some_and(|v| v.status == Status::Breach);
+    let crossed = rt.crossed_early(control.effective_bp(route), breached);
+    if crossed {
+        tracing::debug!(route = %route.name, "sequential test crossed between ticks; judging now");
+    }
+    crossed
+}

@@ -1,0 +1,161 @@
+//! The controller loop in paused time: hold, interval and early-look
+//! rules through the real loop, judge and recorders, in milliseconds of
+//! real time instead of minutes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use veer_control::config::Config;
+
+use super::Controller;
+use crate::metrics::Metrics;
+use crate::record::Outcome;
+use crate::reload::Applied;
+use crate::shared::Shared;
+use crate::upstream::Upstreams;
+
+/// A controller for `text` (state in a temp dir), running.
+async fn running(text: &str) -> (Arc<Shared>, watch::Sender<bool>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = format!("[state]\ndir = \"{}\"\n{text}", dir.path().display());
+    let path = dir.path().join("veer.toml");
+    std::fs::write(&path, &text).expect("config");
+    let config = Config::parse(&text, dir.path()).expect("valid config");
+    let addrs = crate::snapshot::resolve(&config).expect("addresses");
+    let applied = Applied {
+        config,
+        addrs,
+        text,
+    };
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let (c, shared) = Controller::start(applied, path, None, metrics, Upstreams::new())
+        .await
+        .expect("controller");
+    let (_actions, rx) = mpsc::channel(1);
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        let _actions = _actions; // kept open: the loop also waits on actions
+        c.run(rx, shutdown).await;
+    });
+    (shared, stop, dir)
+}
+
+/// One second of identical traffic on both versions (10 % canary), with
+/// user keys from `*next`; then the second passes.
+async fn second_of_traffic(shared: &Shared, next: &mut u64) {
+    let snap = shared.snapshot.load_full();
+    let route = &snap.routes[0];
+    for _ in 0..200 {
+        *next += 1;
+        let key = Some(*next << 32);
+        let target = if *next % 10 == 0 {
+            route.canary.as_ref().expect("canary")
+        } else {
+            &route.stable
+        };
+        target.recorder.record(2_000, Outcome::Ok, key);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+fn step(shared: &Shared) -> usize {
+    let doc = shared.status.load();
+    doc.route("web")
+        .and_then(|r| r.rollout.as_ref())
+        .map_or(usize::MAX, |r| r.step)
+}
+
+const ROLLOUT: &str = r#"
+[[route]]
+name = "web"
+[route.stable]
+version = "v1"
+endpoints = ["127.0.0.1:1"]
+[route.canary]
+version = "v2"
+endpoints = ["127.0.0.1:2"]
+[route.judge]
+interval = "1s"
+window = "10s"
+min_requests = 20
+[route.rollout]
+steps = [10, 50, 100]
+hold = "60s"
+"#;
+
+#[tokio::test(start_paused = true)]
+async fn a_rollout_step_waits_for_a_full_hold_and_a_gap_in_traffic_restarts_it() {
+    let (shared, stop, _dir) = running(ROLLOUT).await;
+    let mut next = 0;
+    // 30 s of healthy traffic, then 20 s of none: the window empties, the
+    // verdict is insufficient data and the hold starts over.
+    for _ in 0..30 {
+        second_of_traffic(&shared, &mut next).await;
+    }
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(step(&shared), 0);
+    // Healthy again from about 50 s: 60 s of it are needed, not 10.
+    for _ in 0..55 {
+        second_of_traffic(&shared, &mut next).await;
+    }
+    assert_eq!(step(&shared), 0, "stepped before a whole hold of health");
+    for _ in 0..10 {
+        second_of_traffic(&shared, &mut next).await;
+    }
+    assert_eq!(step(&shared), 1, "no step after a whole hold of health");
+    let _ = stop.send(true);
+}
+
+#[tokio::test(start_paused = true)]
+async fn canary_errors_are_reverted_between_ticks_not_at_the_interval() {
+    let text = ROLLOUT
+        .replace("interval = \"1s\"", "interval = \"10m\"")
+        .replace("window = \"10s\"", "window = \"20m\"")
+        .replace(
+            "[route.rollout]\nsteps = [10, 50, 100]\nhold = \"60s\"\n",
+            "",
+        )
+        .replace(
+            "endpoints = [\"127.0.0.1:2\"]",
+            "endpoints = [\"127.0.0.1:2\"]\nweight = 10",
+        );
+    let (shared, stop, _dir) = running(&text).await;
+    let snap = shared.snapshot.load_full();
+    let route = &snap.routes[0];
+    let canary = route.canary.as_ref().expect("canary");
+    let mut next = 0u64;
+    let start = tokio::time::Instant::now();
+    // Every canary request of a distinct user fails; stable is fine.
+    while shared
+        .status
+        .load()
+        .route("web")
+        .map(|r| r.weight.effective)
+        != Some(0.0)
+    {
+        for _ in 0..20 {
+            next += 1;
+            route
+                .stable
+                .recorder
+                .record(2_000, Outcome::Ok, Some(next << 32));
+        }
+        next += 1;
+        canary
+            .recorder
+            .record(2_000, Outcome::Error, Some(next << 32));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(start.elapsed() < Duration::from_secs(120), "never reverted");
+    }
+    // Judged at a look between ticks, long before the 10 min interval.
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        start.elapsed()
+    );
+    let doc = shared.status.load();
+    let reverted = doc.route("web").and_then(|r| r.reverted.clone());
+    assert!(reverted.is_some(), "{doc:?}");
+    let _ = stop.send(true);
+}

@@ -18,6 +18,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
+mod judging;
+pub use judging::*;
+
 /// What an upstream does with each request.
 pub struct Upstream {
     pub name: &'static str,
@@ -474,103 +477,6 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Keeps sending keyed requests until dropped (bounded to 120 s).
-pub struct Load {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    pub fn start(addr: std::net::SocketAddr, conns: usize, pause: Duration) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let tasks = (0..conns)
-            .map(|w| {
-                let (stop, sent) = (stop.clone(), sent.clone());
-                tokio::spawn(async move {
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    let mut c = Client::connect(addr).await.unwrap();
-                    let mut i = 0u64;
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        i += 1;
-                        let key = format!("user-{w}-{}", i % 500);
-                        if c.get("/", &[("x-user-id", &key)]).await.is_err() {
-                            c = Client::connect(addr).await.unwrap();
-                        }
-                        sent.fetch_add(1, Ordering::Relaxed);
-                        if !pause.is_zero() {
-                            tokio::time::sleep(pause).await;
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load { stop, sent, tasks }
-    }
-
-    pub async fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        self.sent.load(Ordering::Relaxed)
-    }
-}
-
-pub async fn wait_verdict(veer: &Veer, want: &str, limit: Duration) -> serde_json::Value {
-    wait_route(veer, &format!("verdict {want}"), limit, |r| {
-        r["verdict"] == want
-    })
-    .await
-}
-
-/// Polls the first route's `/status` entry until `ready` holds of it, and
-/// returns it (panics, naming `what`, after `limit`).
-pub async fn wait_route(
-    veer: &Veer,
-    what: &str,
-    limit: Duration,
-    ready: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let route = veer.status().await["routes"][0].clone();
-        if ready(&route) {
-            return route;
-        }
-        assert!(start.elapsed() < limit, "never {what}: {route}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Judge settings for the e2e tests: a short interval and window, so that
-/// verdicts come in well under a second.
-pub const FAST_JUDGE: &str =
-    "[route.judge]\ninterval = \"200ms\"\nwindow = \"10s\"\nmin_requests = 20\n";
-
-/// Sends `n` requests, one per user key, one after another.
-pub async fn send_keyed(addr: std::net::SocketAddr, n: usize) {
-    let mut client = Client::connect(addr).await.unwrap();
-    for i in 0..n {
-        client
-            .get("/", &[("x-user-id", &format!("u{i}"))])
-            .await
-            .unwrap();
-    }
-}
-
-pub async fn all_on(veer: &Veer, name: &str, keys: usize) {
-    let mut c = Client::connect(veer.addr).await.unwrap();
-    for i in 0..keys {
-        let r = c
-            .get("/", &[("x-user-id", &format!("check-{i}"))])
-            .await
-            .unwrap();
-        assert_eq!(r.headers()["x-upstream"], name, "key check-{i}");
-    }
-}
-
 /// POSTs an admin action with the token veer generated in its state dir;
 /// returns the status code.
 pub async fn admin_post(veer: &Veer, path: &str) -> u16 {
@@ -605,21 +511,6 @@ pub async fn admin_request(
         .expect("admin answer")
         .status()
         .as_u16()
-}
-
-/// The `[route.judge]` section of `config.example.toml`, as users run it
-/// (read from the file, so the tests cannot drift from it).
-pub fn reference_judge() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.example.toml");
-    let text = std::fs::read_to_string(&path).expect("config.example.toml");
-    let start = text.find("[route.judge]").expect("a [route.judge] section");
-    let section: Vec<&str> = text[start..]
-        .lines()
-        .enumerate()
-        .take_while(|(i, l)| *i == 0 || !(l.starts_with('[') || l.starts_with("# [")))
-        .map(|(_, l)| l)
-        .collect();
-    section.join("\n") + "\n"
 }
 
 /// Writes `text` to `path` with Unix permissions `mode` (token files).

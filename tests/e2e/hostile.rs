@@ -1,0 +1,361 @@
+//! Hostile requests at the edge: one Host, protected headers, forwarded
+//! addresses, path normalisation, admin tokens, secrets in URLs, and
+//! request smuggling framings.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::edge::with_proxy;
+use super::support::{get, route_config, Upstream, Veer};
+
+/// Sends raw bytes on a fresh connection; returns the connection, still
+/// open, and the response's status code (0 if none came).
+pub(super) async fn send(addr: std::net::SocketAddr, bytes: &[u8]) -> (TcpStream, u16) {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let _ = c.write_all(bytes).await;
+    let mut buf = vec![0u8; 4096];
+    let n = match tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf)).await {
+        Ok(Ok(n)) => n,
+        _ => 0,
+    };
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (c, code)
+}
+
+/// Sends raw bytes on a fresh connection; returns the response's status code.
+pub(super) async fn status_of(addr: std::net::SocketAddr, bytes: &[u8]) -> u16 {
+    send(addr, bytes).await.1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_routes_and_the_upstream_gets_that_host() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let two = b"GET / HTTP/1.1\r\nhost: a.test\r\nhost: b.test\r\n\r\n";
+    assert_eq!(status_of(veer.addr, two).await, 400);
+    let mismatch = b"GET http://a.test/ HTTP/1.1\r\nhost: b.test\r\n\r\n";
+    assert_eq!(status_of(veer.addr, mismatch).await, 400);
+    let before = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let absolute = b"GET http://a.test/x HTTP/1.1\r\nhost: A.test\r\n\r\n";
+    assert_eq!(status_of(veer.addr, absolute).await, 200);
+    assert_eq!(s.last_headers.lock().unwrap()["host"], "A.test");
+    assert_eq!(
+        s.requests.load(std::sync::atomic::Ordering::SeqCst),
+        before + 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cannot_make_veer_drop_authorization_or_forwarding_headers() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let req = b"GET / HTTP/1.1\r\nhost: a\r\nconnection: host, authorization, x-forwarded-for, x-gone\r\nauthorization: Bearer t\r\nx-forwarded-for: 6.6.6.6\r\nx-forwarded-for: 7.7.7.7\r\nx-gone: 1\r\nx-real-ip: 9.9.9.9\r\nforwarded: for=9.9.9.9\r\n\r\n";
+    assert_eq!(status_of(veer.addr, req).await, 200);
+    let h = s.last_headers.lock().unwrap().clone();
+    assert_eq!(h["authorization"], "Bearer t");
+    assert_eq!(h["host"], "a");
+    assert_eq!(h["x-forwarded-for"], "6.6.6.6, 7.7.7.7, 127.0.0.1");
+    assert!(!h.contains_key("x-gone"));
+    // A client's own X-Real-IP and Forwarded do not pass (no trusted hops).
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
+    assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http;host=\"a\"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_client_ip_stickiness_uses_the_forwarded_address() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let config = with_proxy(
+        route_config(&[s.addr], &[c.addr], 50.0, ""),
+        "trusted_hops = 1",
+    )
+    .replace(
+        "sticky = [\"header:x-user-id\", \"client-ip\"]",
+        "sticky = [\"client-ip\"]",
+    );
+    let veer = Veer::start(&config).await;
+    // Every request comes from 127.0.0.1 (the "proxy"); the client address
+    // it vouches for decides the version, and always the same one.
+    let mut seen = std::collections::HashMap::new();
+    for i in 0..200u32 {
+        let ip = format!("198.51.{}.{}", i / 250, i % 250 + 1);
+        for _ in 0..2 {
+            let req = format!(
+                "GET / HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 6.6.6.6, {ip}\r\nconnection: close\r\n\r\n"
+            );
+            let mut conn = TcpStream::connect(veer.addr).await.unwrap();
+            conn.write_all(req.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            let _ = conn.read_to_end(&mut out).await;
+            let text = String::from_utf8_lossy(&out).to_lowercase();
+            let up = if text.contains("x-upstream: canary") {
+                "canary"
+            } else {
+                "stable"
+            };
+            let first = seen.entry(ip.clone()).or_insert(up);
+            assert_eq!(*first, up, "{ip} moved between versions");
+        }
+    }
+    let canary = seen.values().filter(|v| **v == "canary").count();
+    assert!(
+        (50..=150).contains(&canary),
+        "{canary} of 200 addresses on the canary"
+    );
+    assert!(s.last_headers.lock().unwrap().get("x-real-ip").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_normalised_before_prefix_routing() {
+    let admin = Upstream::start("admin").await;
+    let web = Upstream::start("web").await;
+    let config = format!(
+        r#"[proxy]
+listen = ["127.0.0.1:0"]
+[admin]
+listen = "127.0.0.1:0"
+[state]
+dir = "@STATE@"
+
+[[route]]
+name = "web"
+path_prefix = "/"
+[route.stable]
+version = "w1"
+endpoints = ["{}"]
+
+[[route]]
+name = "internal"
+path_prefix = "/admin"
+[route.stable]
+version = "a1"
+endpoints = ["{}"]
+"#,
+        web.addr, admin.addr
+    );
+    let veer = Veer::start(&config).await;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n");
+    assert_eq!(
+        status_of(veer.addr, get("/t/%2e%2e/admin/x?q=1").as_bytes()).await,
+        200
+    );
+    assert_eq!(*admin.last_uri.lock().unwrap(), "/admin/x?q=1");
+    assert_eq!(
+        status_of(veer.addr, get("/t/../admin").as_bytes()).await,
+        200
+    );
+    assert_eq!(*admin.last_uri.lock().unwrap(), "/admin");
+    let before = (
+        admin.requests.load(std::sync::atomic::Ordering::SeqCst),
+        web.requests.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    assert_eq!(
+        status_of(veer.addr, get("/t/../../admin/%2e%2e/x").as_bytes()).await,
+        400
+    );
+    assert_eq!(
+        (
+            admin.requests.load(std::sync::atomic::Ordering::SeqCst),
+            web.requests.load(std::sync::atomic::Ordering::SeqCst),
+        ),
+        before,
+        "an escaping path reached an upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_actions_always_need_a_token_generated_when_none_is_configured() {
+    use super::support::{admin_post, admin_request};
+    use std::os::unix::fs::PermissionsExt;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 10.0, "")).await;
+    assert_eq!(
+        admin_request(veer.admin, "POST", "/routes/web/promote", None).await,
+        401,
+        "no token_file must not mean no token"
+    );
+    let path = veer.dir.path().join("state/admin.token");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let token = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        admin_request(veer.admin, "POST", "/routes/web/pause", Some(token.trim())).await,
+        200
+    );
+    // The scheme is case-insensitive.
+    let lower = format!("bearer {}", token.trim());
+    let status = {
+        let stream = TcpStream::connect(veer.admin).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::post("/routes/web/resume")
+            .header("host", "admin")
+            .header("authorization", lower)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        tx.send_request(req).await.unwrap().status()
+    };
+    assert_eq!(status, 200);
+    assert_eq!(admin_post(&veer, "/routes/web/revert").await, 200);
+    // Probes and reads need none by default.
+    assert_eq!(admin_request(veer.admin, "GET", "/status", None).await, 200);
+    assert_eq!(
+        admin_request(veer.admin, "GET", "/healthz", None).await,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_token_guards_status_and_metrics_but_not_probes() {
+    use super::support::admin_request;
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(
+        &route_config(&[s.addr], &[], 0.0, "").replace("[admin]\n", "[admin]\nread_token = true\n"),
+    )
+    .await;
+    let token = std::fs::read_to_string(veer.dir.path().join("state/admin.token")).unwrap();
+    for path in ["/status", "/metrics"] {
+        assert_eq!(
+            admin_request(veer.admin, "GET", path, None).await,
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            admin_request(veer.admin, "GET", path, Some(token.trim())).await,
+            200,
+            "{path}"
+        );
+    }
+    assert_eq!(admin_request(veer.admin, "GET", "/readyz", None).await, 200);
+}
+
+#[test]
+fn a_token_file_others_can_read_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    super::support::write_with_mode(&dir.path().join("token"), "s3cret\n", 0o644);
+    let config = route_config(&["127.0.0.1:9".parse().unwrap()], &[], 0.0, "")
+        .replace("[admin]\n", "[admin]\ntoken_file = \"token\"\n")
+        .replace("@STATE@", &dir.path().join("state").display().to_string());
+    let path = dir.path().join("veer.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chmod 600"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_webhook_url_never_shows_its_secret() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let good = route_config(&[s.addr], &[c.addr], 10.0, "");
+    let veer = Veer::start(&good).await;
+    veer.write_config(
+        &(good.clone()
+            + "[route.judge]\nwebhook = \"https://user:SECRET1@hooks.test/services/SECRET2 x\"\n"),
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let st = veer.status().await;
+        if st["config"]["last_reload"]["result"] == "failure" {
+            break st;
+        }
+        assert!(Instant::now() < until, "the bad file was never rejected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let text = status.to_string();
+    assert!(text.contains("webhook"), "{text}");
+    assert!(!text.contains("SECRET"), "{text}");
+    let logs = format!(
+        "{:?}",
+        veer.logs_with("reload rejected; the running config stays")
+    );
+    assert!(!logs.contains("SECRET"), "{logs}");
+}
+
+/// HTTP/1.1 framing attacks: each case on a fresh connection. Whatever veer
+/// answers, the upstream never receives the smuggled second request, and
+/// veer keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_smuggling_framings_never_reach_the_upstream_as_a_second_request() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nhost: a\r\n\r\n";
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "CL and TE",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "TE and CL",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\ncontent-length: 40\r\n\r\n0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "two different Content-Length",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\ncontent-length: 40\r\n\r\n{smuggled}"),
+        ),
+        (
+            "a signed Content-Length",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ncontent-length: +40\r\n\r\n{smuggled}"),
+        ),
+        (
+            "a Content-Length list",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 40, 0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "obs-fold",
+            format!("POST / HTTP/1.1\r\nhost: a\r\nx-a: b\r\n content-length: 40\r\n\r\n{smuggled}"),
+        ),
+        (
+            "space before the colon",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ncontent-length : 40\r\n\r\n{smuggled}"),
+        ),
+        (
+            "chunked not last",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "bare LF",
+            format!("POST / HTTP/1.1\nhost: a\ncontent-length: 40\n\n{smuggled}"),
+        ),
+    ];
+    for (name, bytes) in cases {
+        let before = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+        let mut c = TcpStream::connect(veer.addr).await.unwrap();
+        let _ = c.write_all(bytes.as_bytes()).await;
+        // Read whatever veer answers until it closes or goes quiet.
+        let mut buf = vec![0u8; 8192];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(500), c.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+        }
+        drop(c);
+        let after = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            after - before <= 1,
+            "{name}: the upstream got {} requests",
+            after - before
+        );
+        assert_ne!(*s.last_uri.lock().unwrap(), "/smuggled", "{name}: smuggled");
+        let r = get(veer.addr, "/after", &[]).await.unwrap();
+        assert_eq!(r.status(), 200, "{name}: veer stopped serving");
+    }
+}

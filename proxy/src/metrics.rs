@@ -5,6 +5,7 @@ use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use veer_control::guard::Guard;
 use veer_control::rollout::Label;
 
 use crate::error::UPSTREAM_KINDS;
@@ -245,8 +246,14 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Every series whose labels are known is exported from the start,
+        // at 0: an alert on `increase(...)` needs the 0 before the first
+        // event (a series that appears at 1 shows no increase).
         for result in ["success", "failure"] {
             reloads.with_label_values(&[result]);
+        }
+        for result in ["ok", "failed", "dropped"] {
+            webhook_events.with_label_values(&[result]);
         }
         Ok(Metrics {
             registry,
@@ -300,8 +307,19 @@ impl Metrics {
             .remove_label_values(&[route, version]);
     }
 
-    /// Forgets a route's weight series.
+    /// Exports a new route's revert counters at 0, one per guard (see
+    /// `Metrics::new` on why).
+    pub fn add_route(&self, route: &str) {
+        for g in Guard::ALL {
+            self.reverts.with_label_values(&[route, g.as_str()]);
+        }
+    }
+
+    /// Forgets a route's series.
     pub fn forget_route(&self, route: &str) {
+        for g in Guard::ALL {
+            let _ = self.reverts.remove_label_values(&[route, g.as_str()]);
+        }
         for source in ["configured", "effective"] {
             let _ = self.canary_weight.remove_label_values(&[route, source]);
         }

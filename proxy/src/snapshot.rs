@@ -4,7 +4,7 @@
 //! sticky sources, weights, endpoint rings and metric handles. Requests load
 //! it once (one `ArcSwap` load) and never see a mix of two configs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
@@ -210,23 +210,34 @@ impl Snapshot {
             v
         };
         let now = labels(self);
+        // Sets, not scans: a rebuild of a 1000-route snapshot compares
+        // each label once.
+        let now_versions: HashSet<(&str, &str)> =
+            now.iter().map(|(r, _, v)| (&**r, &**v)).collect();
+        let now_roles: HashSet<(&str, &str, &str)> =
+            now.iter().map(|(r, ro, v)| (&**r, *ro, &**v)).collect();
+        let now_routes: HashSet<&str> = self.routes.iter().map(|r| &*r.name).collect();
+        let mut prev_routes = HashSet::new();
         if let Some(prev) = previous {
             for (route, role, version) in labels(prev) {
-                if !now.iter().any(|(r, _, v)| *r == route && *v == version) {
+                if !now_versions.contains(&(&*route, &*version)) {
                     metrics.forget_version(&route, role, &version);
-                } else if !now
-                    .iter()
-                    .any(|(r, ro, v)| *r == route && *ro == role && *v == version)
-                {
+                } else if !now_roles.contains(&(&*route, role, &*version)) {
                     let _ = metrics
                         .version_info
                         .remove_label_values(&[&route, role, &version]);
                 }
             }
             for r in &prev.routes {
-                if !self.routes.iter().any(|n| n.name == r.name) {
+                prev_routes.insert(&*r.name);
+                if !now_routes.contains(&*r.name) {
                     metrics.forget_route(&r.name);
                 }
+            }
+        }
+        for r in &self.routes {
+            if !prev_routes.contains(&*r.name) {
+                metrics.add_route(&r.name);
             }
         }
         for (route, role, version) in &now {

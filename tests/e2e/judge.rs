@@ -336,3 +336,32 @@ async fn all_judged(veer: &Veer, n: u64) -> serde_json::Value {
     )
     .await
 }
+
+/// Alerts on `increase(veer_reverts_total[...])` need the 0 before the
+/// first revert: every route exports its revert counters from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_counters_exist_at_zero_before_any_revert() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let veer = Veer::start(&(route_config(&[s.addr], &[c.addr], 20.0, "") + JUDGE)).await;
+    let m = veer.metrics().await;
+    for reason in [
+        "error_rate_test",
+        "latency_test",
+        "failure_burst",
+        "operator",
+    ] {
+        assert_eq!(
+            metric(
+                &m,
+                &format!(r#"veer_reverts_total{{reason="{reason}",route="web"}}"#)
+            ),
+            Some(0.0),
+            "{reason}: {m}"
+        );
+    }
+    assert_eq!(
+        metric(&m, r#"veer_webhook_events_total{result="ok"}"#),
+        Some(0.0)
+    );
+}

@@ -84,6 +84,9 @@ pub struct AdminSettings {
     pub token_file: Option<PathBuf>,
     /// `/status` and `/metrics` need the token too.
     pub read_token: bool,
+    /// Where people reach this admin endpoint (behind a port-forward or an
+    /// internal proxy), for links in chat notifications.
+    pub public_url: Option<String>,
 }
 
 /// Persisted state.
@@ -332,6 +335,34 @@ pub struct Webhook {
     pub tls: bool,
     /// PEM bundle of the CAs an https webhook must chain to (`webhook_ca_file`).
     pub ca_file: Option<PathBuf>,
+    /// What is POSTed (`webhook_format`).
+    pub format: WebhookFormat,
+    /// Link to the proxy's `/status` in chat messages (`[admin] public_url`).
+    pub status_url: Option<String>,
+}
+
+/// The body of a webhook POST.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WebhookFormat {
+    /// The event as a JSON object (for programs).
+    #[default]
+    Json,
+    /// A Slack incoming-webhook message (for people).
+    Slack,
+    /// A Microsoft Teams (Workflows) message with an Adaptive Card (for people).
+    Teams,
+}
+
+impl WebhookFormat {
+    /// From its name in the config file.
+    pub fn parse(s: &str) -> Option<WebhookFormat> {
+        Some(match s {
+            "json" => WebhookFormat::Json,
+            "slack" => WebhookFormat::Slack,
+            "teams" => WebhookFormat::Teams,
+            _ => return None,
+        })
+    }
 }
 
 /// A URL fit for logs and `/status`: scheme and host kept, credentials
@@ -390,6 +421,8 @@ impl Webhook {
             path: path.to_string(),
             tls,
             ca_file: None,
+            format: WebhookFormat::Json,
+            status_url: None,
         })
     }
 }

@@ -6,6 +6,11 @@
 //! and one background task delivers them in order, each with a 2 s timeout
 //! and up to 3 attempts with back-off.
 //!
+//! `webhook_format = "slack"` or `"teams"` turns each event into one short
+//! message for people (what happened to which route, the evidence in one
+//! line, a link to `/status` when `[admin] public_url` is set) in the chat
+//! tool's incoming-webhook format; `"json"` (the default) posts the event.
+//!
 //! `https://` webhooks are verified against the Mozilla roots built into
 //! veer (`webpki-roots`, so a distroless image needs no CA store), or
 //! against the route's `webhook_ca_file` instead.
@@ -26,7 +31,7 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
-use veer_control::config::Webhook;
+use veer_control::config::{Webhook, WebhookFormat};
 
 /// Any delivery failure.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -62,9 +67,71 @@ impl Notifier {
     }
 }
 
+/// The body POSTed for `event` to `hook`.
+fn render(hook: &Webhook, event: &Value) -> Value {
+    let text = || message(event, hook.status_url.as_deref());
+    match hook.format {
+        WebhookFormat::Json => event.clone(),
+        // Slack's incoming webhooks take `text` (mrkdwn).
+        WebhookFormat::Slack => serde_json::json!({ "text": text() }),
+        // Teams Workflows ("post to a channel when a webhook request is
+        // received") take a message with an Adaptive Card attachment.
+        WebhookFormat::Teams => serde_json::json!({
+            "type": "message",
+            "attachments": [{
+                "contentType": "application/vnd.microsoft.card.adaptive",
+                "content": {
+                    "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+                    "type": "AdaptiveCard",
+                    "version": "1.4",
+                    "body": [{ "type": "TextBlock", "text": text(), "wrap": true }],
+                },
+            }],
+        }),
+    }
+}
+
+/// One event as a sentence or two for people.
+fn message(event: &Value, status_url: Option<&str>) -> String {
+    let s = |k: &str| event.get(k).and_then(Value::as_str).unwrap_or("?");
+    let n = |k: &str| event.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let route = s("route");
+    let canary = s("canary");
+    let what = match s("event") {
+        "reverted" => format!(
+            "veer reverted canary {canary} of route {route} (it had {}% of traffic): {}: {}",
+            n("weight_before"),
+            s("guard"),
+            s("reason")
+        ),
+        "rollout_advanced" => format!(
+            "veer advanced the rollout of route {route}: canary {canary} now gets {}% (step {})",
+            n("weight"),
+            n("step")
+        ),
+        "operator_action" => format!(
+            "An operator ran {} on route {route}: canary {canary} now gets {}%",
+            s("action"),
+            n("effective_weight")
+        ),
+        "verdict_changed" => format!(
+            "Route {route}: verdict {} -> {} (canary {canary} at {}%): {}",
+            s("from"),
+            s("to"),
+            n("effective_weight"),
+            s("reason")
+        ),
+        other => format!("veer event {other} on route {route}"),
+    };
+    match status_url {
+        Some(url) => format!("{what}\nStatus: {url}"),
+        None => what,
+    }
+}
+
 async fn deliver_all(mut rx: mpsc::Receiver<(Webhook, Value)>, results: IntCounterVec) {
     while let Some((hook, event)) = rx.recv().await {
-        let body = Bytes::from(serde_json::to_vec(&event).unwrap_or_default());
+        let body = Bytes::from(serde_json::to_vec(&render(&hook, &event)).unwrap_or_default());
         let tls = match hook.tls.then(|| tls_config(&hook)).transpose() {
             Ok(tls) => tls,
             Err(e) => {
@@ -164,4 +231,55 @@ async fn post(
         .body(Full::new(body))?;
     let resp = sender.send_request(req).await?;
     Ok(resp.status())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook(format: WebhookFormat, status_url: Option<&str>) -> Webhook {
+        let mut h = Webhook::parse("http://127.0.0.1:9/hook").expect("url");
+        h.format = format;
+        h.status_url = status_url.map(str::to_string);
+        h
+    }
+
+    fn revert() -> Value {
+        serde_json::json!({
+            "event": "reverted", "route": "checkout", "stable": "v1", "canary": "v2",
+            "effective_weight": 0.0, "at_unix": 1, "guard": "error_rate_ratio",
+            "reason": "errors: 12 canary against 3 stable events; E = 412.0 ≥ 400",
+            "weight_before": 5.0,
+        })
+    }
+
+    #[test]
+    fn json_posts_the_event_and_chat_formats_post_one_message() {
+        let e = revert();
+        assert_eq!(render(&hook(WebhookFormat::Json, None), &e), e);
+        let slack = render(
+            &hook(WebhookFormat::Slack, Some("https://veer.example/status")),
+            &e,
+        );
+        let text = slack["text"].as_str().expect("slack text");
+        assert!(text.starts_with("veer reverted canary v2 of route checkout (it had 5% of traffic): error_rate_ratio: errors: 12"), "{text}");
+        assert!(
+            text.ends_with("\nStatus: https://veer.example/status"),
+            "{text}"
+        );
+        let teams = render(&hook(WebhookFormat::Teams, None), &e);
+        let card = &teams["attachments"][0];
+        assert_eq!(
+            card["contentType"],
+            "application/vnd.microsoft.card.adaptive"
+        );
+        assert_eq!(card["content"]["type"], "AdaptiveCard");
+        let block = card["content"]["body"][0]["text"]
+            .as_str()
+            .expect("text block");
+        assert!(
+            block.contains("route checkout") && !block.contains("Status:"),
+            "{block}"
+        );
+    }
 }

@@ -302,7 +302,12 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
         "proxy.max_connections_per_ip",
     );
     diff(o.shutdown_grace != n.shutdown_grace, "proxy.shutdown_grace");
-    diff(old.admin != new.admin, "admin");
+    // (`public_url` only shapes webhook messages: it applies live.)
+    let (oa, na) = (&old.admin, &new.admin);
+    diff(
+        oa.listen != na.listen || oa.token_file != na.token_file || oa.read_token != na.read_token,
+        "admin",
+    );
     diff(old.state != new.state, "state");
     out
 }

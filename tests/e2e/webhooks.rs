@@ -136,17 +136,7 @@ async fn an_https_webhook_gets_events_only_from_a_verified_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revert_is_announced_on_the_webhook() {
-    let s = Upstream::start("stable").await;
-    let c = Upstream::start("canary").await;
-    c.status.store(500, Ordering::SeqCst);
-    let (hook, events) = webhook_receiver().await;
-    let config = route_config(&[s.addr], &[c.addr], 20.0, "")
-        + JUDGE
-        + &format!("webhook = \"http://{hook}/veer-events\"\n");
-    let veer = Veer::start(&config).await;
-    let load = Load::start(veer.addr, 4, Duration::ZERO);
-    wait_verdict(&veer, "reverted", Duration::from_secs(10)).await;
-    load.stop().await;
+    let (veer, events, _upstreams) = reverted_with_hook("", "").await;
     let start = Instant::now();
     loop {
         let got = events.lock().unwrap().clone();
@@ -172,3 +162,59 @@ async fn a_revert_is_announced_on_the_webhook() {
         "{m}"
     );
 }
+
+/// `webhook_format = "slack"`: each event is one message for people, with
+/// a link to `/status` when `[admin] public_url` is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_webhook_gets_a_message_people_read() {
+    let (_veer, events, _upstreams) = reverted_with_hook(
+        "public_url = \"https://veer.example.com/\"\n",
+        "webhook_format = \"slack\"\n",
+    )
+    .await;
+    let start = Instant::now();
+    loop {
+        let got = events.lock().unwrap().clone();
+        let revert = got
+            .iter()
+            .filter_map(|e| e["text"].as_str())
+            .find(|t| t.starts_with("veer reverted"));
+        if let Some(text) = revert {
+            assert!(text.contains("canary v2 of route web"), "{text}");
+            assert!(
+                text.ends_with("Status: https://veer.example.com/status"),
+                "{text}"
+            );
+            // Nothing but the message: Slack rejects unknown shapes.
+            assert!(
+                got.iter()
+                    .all(|e| e.as_object().is_some_and(|o| o.len() == 1)),
+                "{got:?}"
+            );
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "events: {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A veer whose failing canary has just been reverted, with a webhook
+/// receiver; `admin` and `judge` are extra lines for those sections.
+async fn reverted_with_hook(admin: &str, judge: &str) -> (Veer, Events, [Arc<Upstream>; 2]) {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.status.store(500, Ordering::SeqCst);
+    let (hook, events) = webhook_receiver().await;
+    let config = route_config(&[s.addr], &[c.addr], 20.0, "")
+        .replace("[admin]\n", &format!("[admin]\n{admin}"))
+        + JUDGE
+        + &format!("webhook = \"http://{hook}/veer-events\"\n{judge}");
+    let veer = Veer::start(&config).await;
+    let load = Load::start(veer.addr, 4, Duration::ZERO);
+    wait_verdict(&veer, "reverted", Duration::from_secs(10)).await;
+    load.stop().await;
+    (veer, events, [s, c])
+}
+
+/// What a webhook receiver got.
+type Events = Arc<std::sync::Mutex<Vec<serde_json::Value>>>;

@@ -68,6 +68,7 @@ pub struct RawAdmin {
     pub listen: Option<Spanned<String>>,
     pub token_file: Option<Spanned<String>>,
     pub read_token: Option<Spanned<bool>>,
+    pub public_url: Option<Spanned<String>>,
 }
 
 /// `[state]`.
@@ -154,6 +155,7 @@ pub struct RawJudge {
     pub warmup: Option<Spanned<String>>,
     pub webhook: Option<Spanned<String>>,
     pub webhook_ca_file: Option<Spanned<String>>,
+    pub webhook_format: Option<Spanned<String>>,
     pub slo: Option<Spanned<f64>>,
 }
 

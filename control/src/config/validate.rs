@@ -15,7 +15,7 @@ pub use super::diagnostics::{Diagnostic, Diagnostics};
 use super::raw::{RawCanary, RawConfig, RawEndpoint, RawJudge, RawRoute, RawVersion};
 use super::{
     AdminSettings, Config, Endpoint, JudgeMode, JudgeSettings, ProxySettings, Quantile, Rollout,
-    Route, StateSettings, StickySource, Strategy, TlsSettings, Version, Webhook,
+    Route, StateSettings, StickySource, Strategy, TlsSettings, Version, Webhook, WebhookFormat,
 };
 
 /// Defaults, named so that the docs and the code agree.
@@ -93,6 +93,12 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
         }
     }
     v.cross_route(&raw.route);
+    // Chat messages link to `/status` where people can reach it.
+    if let Some(base) = &admin.public_url {
+        for hook in routes.iter_mut().filter_map(|r| r.judge.webhook.as_mut()) {
+            hook.status_url = Some(format!("{base}/status"));
+        }
+    }
     if raw.route.is_empty() {
         v.err(0..0, "no [[route]]: at least one route is required");
     }
@@ -303,10 +309,23 @@ impl Validator<'_> {
                 format!("admin listen {listen} is not loopback: set [admin] token_file so that only holders of the token can act"),
             );
         }
+        let public_url = a.public_url.as_ref().and_then(|u| {
+            let url = u.get_ref().trim_end_matches('/');
+            let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                && Webhook::parse(url).is_some();
+            if !ok {
+                self.err(
+                    u.span(),
+                    format!("public_url {:?} is not an http[s]://host[:port][/path] URL without credentials", crate::config::redact_url(u.get_ref())),
+                );
+            }
+            ok.then(|| url.to_string())
+        });
         AdminSettings {
             listen,
             token_file,
             read_token: a.read_token.as_ref().is_some_and(|b| *b.get_ref()),
+            public_url,
         }
     }
 }

@@ -5,9 +5,25 @@ use super::*;
 impl Validator<'_> {
     fn webhook(&mut self, j: &RawJudge) -> Option<Webhook> {
         let ca_file = j.webhook_ca_file.as_ref().map(|f| (f.span(), self.path(f)));
+        let format = j.webhook_format.as_ref().map(|f| {
+            let parsed = WebhookFormat::parse(f.get_ref());
+            if parsed.is_none() {
+                self.err(
+                    f.span(),
+                    format!(
+                        "webhook_format {:?} is not \"json\", \"slack\" or \"teams\"",
+                        f.get_ref()
+                    ),
+                );
+            }
+            (f.span(), parsed.unwrap_or_default())
+        });
         let Some(w) = &j.webhook else {
             if let Some((span, _)) = ca_file {
                 self.err(span, "webhook_ca_file is set but there is no webhook");
+            }
+            if let Some((span, _)) = format {
+                self.err(span, "webhook_format is set but there is no webhook");
             }
             return None;
         };
@@ -44,6 +60,7 @@ impl Validator<'_> {
                 }
             }
         }
+        hook.format = format.map(|(_, f)| f).unwrap_or_default();
         Some(hook)
     }
 

@@ -221,3 +221,33 @@ fn the_same_endpoint_in_both_versions_is_a_warning_not_an_error() {
     assert!(c.warnings[0].message.contains("127.0.0.1:9 is in both"));
     assert!(parse(MINIMAL).expect("valid").warnings.is_empty());
 }
+
+#[test]
+fn webhook_format_and_public_url_are_checked_and_reach_the_webhook() {
+    let hook = "[route.judge]\nwebhook = \"http://127.0.0.1:9/h\"\n";
+    let ok = format!(
+        "[admin]\npublic_url = \"https://veer.example.com/\"\n{MINIMAL}{hook}webhook_format = \"teams\"\n"
+    );
+    let c = parse(&ok).expect("valid");
+    let w = c.routes[0].judge.webhook.clone().expect("webhook");
+    assert_eq!(w.format, WebhookFormat::Teams);
+    assert_eq!(
+        w.status_url.as_deref(),
+        Some("https://veer.example.com/status")
+    );
+    let bad = format!("{MINIMAL}{hook}webhook_format = \"xml\"\n");
+    assert!(parse(&bad)
+        .expect_err("invalid")
+        .to_string()
+        .contains("\"json\", \"slack\" or \"teams\""));
+    let orphan = format!("{MINIMAL}[route.judge]\nwebhook_format = \"slack\"\n");
+    assert!(parse(&orphan)
+        .expect_err("invalid")
+        .to_string()
+        .contains("no webhook"));
+    let url = format!("[admin]\npublic_url = \"ftp://x\"\n{MINIMAL}");
+    assert!(parse(&url)
+        .expect_err("invalid")
+        .to_string()
+        .contains("public_url"));
+}

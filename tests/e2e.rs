@@ -18,6 +18,7 @@ mod e2e {
     mod decisions;
     mod edge;
     mod failures;
+    mod force;
     mod hostile;
     mod judge;
     mod limits;

@@ -129,6 +129,22 @@ pub struct Route {
     pub judge: JudgeSettings,
     /// Progressive promotion, if configured.
     pub rollout: Option<Rollout>,
+    /// `[route.force]`: requests that name a version go there.
+    pub force: Option<Force>,
+}
+
+/// Forcing a version, feature-flag style: a request whose `header` (or,
+/// without it, `cookie`) names a version (or `stable` / `canary`) goes to
+/// that version whatever the weight. Forced requests are kept out of the
+/// judge's window and tests (their share is not the weight).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Force {
+    /// Request header naming the version (lower case).
+    pub header: Option<String>,
+    /// Cookie naming the version.
+    pub cookie: Option<String>,
+    /// A reverted canary still gets forced requests.
+    pub allow_when_reverted: bool,
 }
 
 /// A sticky-key source.

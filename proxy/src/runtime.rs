@@ -293,10 +293,12 @@ pub fn build_snapshot(
 ) -> Snapshot {
     Snapshot::build(config, generation, addrs, upstreams, metrics, |r| {
         let rt = routes.get(&r.name);
+        let control = controls.get(&r.name);
         RouteInputs {
             // Every configured route has a control; were one missing, the
             // route would fail toward stable.
-            weight_bp: controls.get(&r.name).map_or(0, |c| c.effective_bp(r)),
+            weight_bp: control.map_or(0, |c| c.effective_bp(r)),
+            canary_reverted: control.is_none_or(|c| c.decision().reverted.is_some()),
             stable: rt.map(|rt| rt.stable.clone()),
             canary: rt.and_then(|rt| rt.canary.clone()),
         }

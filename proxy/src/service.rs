@@ -21,7 +21,7 @@ use crate::headers::{
 };
 use crate::record::Outcome;
 use crate::shared::Shared;
-use crate::snapshot::{RouteTarget, VersionTarget};
+use crate::snapshot::{Forced, RouteTarget, VersionTarget};
 use crate::split::{bucket_of_hash, is_canary, key_hash, random_bucket, sticky_key, KeyBuf};
 use crate::upload::{ClientBody, Upload};
 use crate::upstream::{Sender, Upstream};
@@ -77,6 +77,7 @@ pub async fn handle(
     let mut key_buf = KeyBuf::default();
     let key = sticky_key(&route.sticky, req.headers(), &client, &mut key_buf);
     let key_hash = key.map(key_hash);
+    let forced = route.forced(req.headers());
     let (version, pick) = {
         let random_key;
         let (b, key) = match (key, key_hash) {
@@ -86,12 +87,17 @@ pub async fn handle(
                 (random_bucket(), &random_key[..])
             }
         };
-        let version = match &route.canary {
-            Some(c) if is_canary(b, route.weight_bp) => c,
+        let version = match (&route.canary, forced) {
+            (Some(c), Some(Forced::Canary)) => c,
+            (_, Some(Forced::Stable)) => &route.stable,
+            (Some(c), None) if is_canary(b, route.weight_bp) => c,
             _ => &route.stable,
         };
         (version, version.balancer.pick(key))
     };
+    // A forced request's version is not the weighted split's choice: it is
+    // kept out of the judge (its window and tests), not out of the metrics.
+    let record = route.record && forced.is_none();
     let Some(pick) = pick else {
         // A version always has an endpoint; kept total rather than panicking.
         return Ok(error_response(ProxyError::UpstreamConnect));
@@ -126,7 +132,7 @@ pub async fn handle(
             let error =
                 status >= 500 || (route.count_4xx_as_errors && (400..500).contains(&status));
             let outcome = if error { Outcome::Error } else { Outcome::Ok };
-            if route.record {
+            if record {
                 match resp.body_mut() {
                     // Recorded when the body ends: it may still fail.
                     ProxyBody::Upstream(body) => body.record_at_end(Pending {
@@ -151,7 +157,7 @@ pub async fn handle(
                     ProxyError::UpstreamTimeout => Outcome::Timeout,
                     _ => Outcome::Error,
                 };
-                if route.record {
+                if record {
                     version.recorder.record(micros, outcome, key_hash);
                 }
             } else {

@@ -9,6 +9,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderName;
+
 use veer_control::config::{Config, Route, Version};
 
 use crate::balance::Balancer;
@@ -38,6 +40,8 @@ pub struct RouteInputs {
     pub stable: Option<Arc<Recorder>>,
     /// The canary's recorder.
     pub canary: Option<Arc<Recorder>>,
+    /// The canary is reverted (forced requests skip it unless allowed).
+    pub canary_reverted: bool,
 }
 
 /// One route, ready for requests.
@@ -60,8 +64,59 @@ pub struct RouteTarget {
     pub canary: Option<VersionTarget>,
     /// Canary share in effect, in basis points.
     pub weight_bp: u16,
+    /// `[route.force]`, if set.
+    pub force: Option<ForceTarget>,
     /// The route as configured (for status).
     pub config: Route,
+}
+
+/// `[route.force]`, ready for requests.
+pub struct ForceTarget {
+    header: Option<HeaderName>,
+    cookie: Option<Box<str>>,
+    /// Forced requests may reach the canary (not reverted, or allowed).
+    canary_open: bool,
+}
+
+/// Which version a forced request goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forced {
+    /// Stable.
+    Stable,
+    /// The canary.
+    Canary,
+}
+
+impl RouteTarget {
+    /// The version the request names through `[route.force]`: the header if
+    /// it names one, else the cookie if it does; None (the weighted split)
+    /// otherwise, or when it names a canary that may not take forced
+    /// requests (reverted).
+    pub fn forced(&self, headers: &http::HeaderMap) -> Option<Forced> {
+        let f = self.force.as_ref()?;
+        let names = |v: &[u8]| -> Option<Forced> {
+            if v == b"stable" || v == self.stable.name.as_bytes() {
+                return Some(Forced::Stable);
+            }
+            let c = self.canary.as_ref()?;
+            (v == b"canary" || v == c.name.as_bytes()).then_some(Forced::Canary)
+        };
+        let from_header = f
+            .header
+            .as_ref()
+            .and_then(|h| headers.get(h))
+            .and_then(|v| names(v.as_bytes()));
+        let from_cookie = || {
+            f.cookie
+                .as_deref()
+                .and_then(|c| crate::split::cookie(headers, c))
+                .and_then(names)
+        };
+        match from_header.or_else(from_cookie)? {
+            Forced::Canary if !f.canary_open => None,
+            v => Some(v),
+        }
+    }
 }
 
 /// The whole routing state of one config generation.
@@ -182,6 +237,14 @@ impl Snapshot {
                 stable: version(&r.stable, input.stable.clone()),
                 canary,
                 weight_bp,
+                force: r.force.as_ref().map(|f| ForceTarget {
+                    header: f
+                        .header
+                        .as_deref()
+                        .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+                    cookie: f.cookie.as_deref().map(Into::into),
+                    canary_open: !input.canary_reverted || f.allow_when_reverted,
+                }),
                 config: r.clone(),
             }));
         }

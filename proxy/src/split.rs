@@ -114,7 +114,8 @@ pub fn sticky_key<'a>(
 }
 
 /// A cookie's value from the `Cookie` headers, without allocating.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+/// The value of cookie `name`, if the request has it (non-empty).
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
     for h in headers.get_all(COOKIE) {
         for pair in h.as_bytes().split(|&b| b == b';') {
             let pair = pair.trim_ascii();

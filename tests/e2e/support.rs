@@ -31,7 +31,8 @@ pub struct Upstream {
     pub delay_ms: AtomicU64,
     /// Requests received.
     pub requests: AtomicU64,
-    /// When non-zero, every n-th request gets a 500.
+    /// When non-zero, every n-th request gets a 500 (as does every request
+    /// for a path under `/fail`).
     pub fail_one_in: AtomicU64,
     /// TCP connections accepted.
     pub connections: AtomicU64,
@@ -86,6 +87,8 @@ impl Upstream {
         let one_in = self.fail_one_in.load(Ordering::SeqCst);
         *self.last_headers.lock().unwrap() = req.headers().clone();
         *self.last_uri.lock().unwrap() = req.uri().to_string();
+        // Any path under /fail gets a 500, whatever the other settings.
+        let failing_path = req.uri().path().starts_with("/fail");
         if req.headers().contains_key(http::header::UPGRADE) {
             return websocket_echo(&mut req);
         }
@@ -104,7 +107,7 @@ impl Upstream {
         } else {
             body
         };
-        let status = if one_in > 0 && n % one_in == 0 {
+        let status = if (one_in > 0 && n % one_in == 0) || failing_path {
             500
         } else {
             self.status.load(Ordering::SeqCst)

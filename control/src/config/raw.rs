@@ -95,6 +95,16 @@ pub struct RawRoute {
     pub canary: Option<Spanned<RawCanary>>,
     pub judge: Option<RawJudge>,
     pub rollout: Option<Spanned<RawRollout>>,
+    pub force: Option<Spanned<RawForce>>,
+}
+
+/// `[route.force]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawForce {
+    pub header: Option<Spanned<String>>,
+    pub cookie: Option<Spanned<String>>,
+    pub allow_when_reverted: Option<bool>,
 }
 
 /// `[route.stable]`.

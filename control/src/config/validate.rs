@@ -12,10 +12,11 @@ use std::time::Duration;
 use toml::Spanned;
 
 pub use super::diagnostics::{Diagnostic, Diagnostics};
-use super::raw::{RawCanary, RawConfig, RawEndpoint, RawJudge, RawRoute, RawVersion};
+use super::raw::{RawCanary, RawConfig, RawEndpoint, RawForce, RawJudge, RawRoute, RawVersion};
 use super::{
-    AdminSettings, Config, Endpoint, JudgeMode, JudgeSettings, ProxySettings, Quantile, Rollout,
-    Route, StateSettings, StickySource, Strategy, TlsSettings, Version, Webhook, WebhookFormat,
+    AdminSettings, Config, Endpoint, Force, JudgeMode, JudgeSettings, ProxySettings, Quantile,
+    Rollout, Route, StateSettings, StickySource, Strategy, TlsSettings, Version, Webhook,
+    WebhookFormat,
 };
 
 /// Defaults, named so that the docs and the code agree.

@@ -166,6 +166,7 @@ impl Validator<'_> {
             canary_weight_bp,
             judge,
             rollout,
+            force: r.force.as_ref().and_then(|f| self.force(f)),
         })
     }
 
@@ -343,4 +344,51 @@ impl Validator<'_> {
             }
         }
     }
+
+    /// `[route.force]`: a valid header name or cookie name, at least one.
+    fn force(&mut self, f: &Spanned<RawForce>) -> Option<Force> {
+        let raw = f.get_ref();
+        let header = raw.header.as_ref().and_then(|h| {
+            let name = h.get_ref().to_ascii_lowercase();
+            if http_token(&name) {
+                Some(name)
+            } else {
+                self.err(
+                    h.span(),
+                    format!("force header {:?} is not a header name", h.get_ref()),
+                );
+                None
+            }
+        });
+        let cookie = raw.cookie.as_ref().and_then(|c| {
+            if http_token(c.get_ref()) {
+                Some(c.get_ref().clone())
+            } else {
+                self.err(
+                    c.span(),
+                    format!("force cookie {:?} is not a cookie name", c.get_ref()),
+                );
+                None
+            }
+        });
+        if raw.header.is_none() && raw.cookie.is_none() {
+            self.err(
+                f.span(),
+                "[route.force] needs a header or a cookie (or both)",
+            );
+            return None;
+        }
+        Some(Force {
+            header,
+            cookie,
+            allow_when_reverted: raw.allow_when_reverted.unwrap_or(false),
+        })
+    }
+}
+
+/// An RFC 9110 token (header and cookie names): visible ASCII, no separators.
+fn http_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }

@@ -251,3 +251,25 @@ fn webhook_format_and_public_url_are_checked_and_reach_the_webhook() {
         .to_string()
         .contains("public_url"));
 }
+
+#[test]
+fn force_needs_a_valid_header_or_cookie() {
+    let ok = format!("{MINIMAL}[route.force]\nheader = \"X-Veer-Version\"\n");
+    let f = parse(&ok).expect("valid").routes[0]
+        .force
+        .clone()
+        .expect("force");
+    assert_eq!(f.header.as_deref(), Some("x-veer-version"));
+    assert!(!f.allow_when_reverted);
+    let empty = format!("{MINIMAL}[route.force]\nallow_when_reverted = true\n");
+    assert!(parse(&empty)
+        .expect_err("invalid")
+        .to_string()
+        .contains("needs a header or a cookie"));
+    let bad = format!("{MINIMAL}[route.force]\nheader = \"x veer\"\ncookie = \"a;b\"\n");
+    let e = parse(&bad).expect_err("invalid").to_string();
+    assert!(
+        e.contains("not a header name") && e.contains("not a cookie name"),
+        "{e}"
+    );
+}

@@ -117,6 +117,37 @@ impl Label {
     }
 }
 
+/// How a deployment (one canary identity, or one run of it after a
+/// `reset`) ended: the DORA outcomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentResult {
+    /// Promoted by an operator to all traffic.
+    Promoted,
+    /// Taken out of traffic (by the judge or an operator): a change failure.
+    Reverted,
+    /// Replaced by another canary before either.
+    Replaced,
+}
+
+impl DeploymentResult {
+    /// Every result.
+    pub const ALL: [DeploymentResult; 3] = [
+        DeploymentResult::Promoted,
+        DeploymentResult::Reverted,
+        DeploymentResult::Replaced,
+    ];
+
+    /// Its name (the `result` label of `veer_deployments_total`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentResult::Promoted => "promoted",
+            DeploymentResult::Reverted => "reverted",
+            DeploymentResult::Replaced => "replaced",
+        }
+    }
+}
+
 /// What the caller must announce.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
@@ -153,6 +184,12 @@ pub enum Event {
         to: Label,
         /// The verdict's or the revert's reason.
         reason: String,
+    },
+    /// A deployment ended (the first of revert, promotion or replacement
+    /// of a canary; a `reset` starts a new one).
+    DeploymentEnded {
+        /// How.
+        result: DeploymentResult,
     },
     /// The config names another canary than the decision's.
     NewIdentity {
@@ -272,6 +309,11 @@ impl RouteControl {
         }
         if self.decision.canary_identity != id {
             let replaced = self.decision.canary_identity != 0 && id != 0;
+            if self.decision.canary_identity != 0 && !self.ended() {
+                out.events.push(Event::DeploymentEnded {
+                    result: DeploymentResult::Replaced,
+                });
+            }
             self.decision = self.decision.for_identity(id);
             self.healthy_since = None;
             self.step_since = now.mono;
@@ -306,6 +348,11 @@ impl RouteControl {
                 at_unix: now.unix,
             });
             out.changed = true;
+            if !d.promoted {
+                out.events.push(Event::DeploymentEnded {
+                    result: DeploymentResult::Reverted,
+                });
+            }
             out.events.push(Event::Reverted {
                 guard,
                 reason: verdict.reason.clone(),
@@ -374,6 +421,16 @@ impl RouteControl {
                 d.promoted = true;
             }
         }
+        let ended = match action {
+            Action::Revert if before.reverted.is_none() && !before.promoted => {
+                Some(DeploymentResult::Reverted)
+            }
+            Action::Promote if !before.promoted => Some(DeploymentResult::Promoted),
+            _ => None,
+        };
+        if let Some(result) = ended {
+            out.events.push(Event::DeploymentEnded { result });
+        }
         // Every action is written down, even one that changed nothing: the
         // operator's answer then says the decision is on disk.
         out.changed = true;
@@ -383,6 +440,11 @@ impl RouteControl {
         });
         self.relabel(route, &mut out);
         Ok(out)
+    }
+
+    /// Whether the current deployment has ended (reverted or promoted).
+    fn ended(&self) -> bool {
+        self.decision.reverted.is_some() || self.decision.promoted
     }
 
     /// Recomputes the label; a change is an event.

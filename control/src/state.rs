@@ -15,6 +15,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::Route;
 use crate::guard::Guard;
+use crate::rollout::DeploymentResult;
 
 /// File name inside the state dir.
 pub const FILE: &str = "state.json";
@@ -151,6 +152,46 @@ impl RouteDecision {
 pub struct State {
     /// By route name.
     pub routes: BTreeMap<String, RouteDecision>,
+    /// Deployments that ended in the last [`HISTORY_SECS`], oldest first
+    /// (the DORA figures: change failure ratio, deployments by result).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<Ended>,
+}
+
+/// How long ended deployments are remembered: 30 days.
+pub const HISTORY_SECS: u64 = 30 * 86_400;
+/// Most ended deployments remembered (about one every 4 minutes for 30
+/// days, over all routes); older ones are forgotten first.
+pub const MAX_HISTORY: usize = 10_000;
+
+/// One ended deployment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ended {
+    /// The route.
+    pub route: String,
+    /// How it ended.
+    pub result: DeploymentResult,
+    /// When, Unix seconds.
+    pub at_unix: u64,
+}
+
+/// A route's deployments that ended in the last 30 days.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Deployments {
+    /// Promoted to all traffic.
+    pub promoted: u64,
+    /// Reverted: change failures.
+    pub reverted: u64,
+    /// Replaced by another canary first.
+    pub replaced: u64,
+}
+
+impl Deployments {
+    /// Reverted over all ended; None before any ended.
+    pub fn change_failure_ratio(&self) -> Option<f64> {
+        let n = self.promoted + self.reverted + self.replaced;
+        (n > 0).then(|| self.reverted as f64 / n as f64)
+    }
 }
 
 /// A fingerprint of a route's canary: version name and endpoints (with
@@ -167,6 +208,45 @@ pub fn canary_identity(route: &Route) -> u64 {
 }
 
 impl State {
+    /// Remembers that a deployment of `route` ended at `at_unix`, and
+    /// forgets those older than 30 days (and the oldest beyond
+    /// [`MAX_HISTORY`]).
+    pub fn record_end(&mut self, route: &str, result: DeploymentResult, at_unix: u64) {
+        self.history.push(Ended {
+            route: route.to_string(),
+            result,
+            at_unix,
+        });
+        let cutoff = at_unix.saturating_sub(HISTORY_SECS);
+        self.history.retain(|e| e.at_unix >= cutoff);
+        if self.history.len() > MAX_HISTORY {
+            self.history.drain(..self.history.len() - MAX_HISTORY);
+        }
+    }
+
+    /// `route`'s deployments that ended in the 30 days before `now_unix`.
+    pub fn deployments(&self, route: &str, now_unix: u64) -> Deployments {
+        self.deployments_by_route(now_unix)
+            .remove(route)
+            .unwrap_or_default()
+    }
+
+    /// Every route's deployments that ended in the 30 days before
+    /// `now_unix` (one pass over the history).
+    pub fn deployments_by_route(&self, now_unix: u64) -> BTreeMap<String, Deployments> {
+        let cutoff = now_unix.saturating_sub(HISTORY_SECS);
+        let mut by_route: BTreeMap<String, Deployments> = BTreeMap::new();
+        for e in self.history.iter().filter(|e| e.at_unix >= cutoff) {
+            let d = by_route.entry(e.route.clone()).or_default();
+            match e.result {
+                DeploymentResult::Promoted => d.promoted += 1,
+                DeploymentResult::Reverted => d.reverted += 1,
+                DeploymentResult::Replaced => d.replaced += 1,
+            }
+        }
+        by_route
+    }
+
     /// Reads `dir/state.json`; a missing file is an empty state. Blocking.
     pub fn load(dir: &Path) -> Result<State, StateError> {
         let path = dir.join(FILE);
@@ -298,5 +378,31 @@ mod tests {
         std::fs::write(dir.join(FILE), b"{nope").expect("write");
         assert!(matches!(State::load(&dir), Err(StateError::Format { .. })));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn ended_deployments_are_kept_thirty_days_and_give_the_change_failure_ratio() {
+        let mut st = State::default();
+        let day = 86_400;
+        st.record_end("web", DeploymentResult::Reverted, day);
+        st.record_end("web", DeploymentResult::Promoted, 10 * day);
+        st.record_end("web", DeploymentResult::Promoted, 20 * day);
+        st.record_end("api", DeploymentResult::Replaced, 20 * day);
+        let d = st.deployments("web", 25 * day);
+        assert_eq!((d.promoted, d.reverted, d.replaced), (2, 1, 0));
+        assert_eq!(d.change_failure_ratio(), Some(1.0 / 3.0));
+        // 32 days on, the revert is forgotten.
+        st.record_end("web", DeploymentResult::Promoted, 32 * day);
+        let d = st.deployments("web", 32 * day);
+        assert_eq!((d.promoted, d.reverted), (3, 0));
+        assert_eq!(
+            st.deployments("none", 32 * day).change_failure_ratio(),
+            None
+        );
+        // The history survives a round trip, and old files without it load.
+        let back: State = serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
+        assert_eq!(back, st);
+        let old: State = serde_json::from_str(r#"{"routes":{}}"#).unwrap();
+        assert!(old.history.is_empty());
     }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::guard::Guard;
 use crate::judge::{Evidence, TestEvidence};
 use crate::rollout::Label;
-use crate::state::Revert;
+use crate::state::{Deployments, Revert};
 use crate::window::Stats;
 
 /// The whole document.
@@ -92,6 +92,33 @@ pub struct RouteStatus {
     pub evidence: EvidenceStatus,
     /// Per-version statistics over the judge's window.
     pub window: WindowStatus,
+    /// Deployments that ended in the last 30 days (DORA).
+    #[serde(default)]
+    pub deployments: DeploymentStatus,
+}
+
+/// A route's deployments that ended in the last 30 days.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentStatus {
+    /// Promoted to all traffic.
+    pub promoted: u64,
+    /// Reverted (change failures).
+    pub reverted: u64,
+    /// Replaced by another canary first.
+    pub replaced: u64,
+    /// Reverted over all ended; None before any ended.
+    pub change_failure_ratio: Option<f64>,
+}
+
+impl From<Deployments> for DeploymentStatus {
+    fn from(d: Deployments) -> DeploymentStatus {
+        DeploymentStatus {
+            promoted: d.promoted,
+            reverted: d.reverted,
+            replaced: d.replaced,
+            change_failure_ratio: d.change_failure_ratio(),
+        }
+    }
 }
 
 /// The canary's share, in percent.
@@ -304,6 +331,7 @@ mod tests {
                     ..EvidenceStatus::default()
                 },
                 window: WindowStatus::default(),
+                deployments: DeploymentStatus::default(),
             })],
             ..StatusDoc::default()
         };

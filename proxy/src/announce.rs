@@ -82,6 +82,9 @@ impl Announcer {
                         json!({ "from": from.as_str(), "to": to.as_str(), "reason": reason }),
                     );
                 }
+                Event::DeploymentEnded { result } => {
+                    tracing::info!(route = %name, result = result.as_str(), "deployment ended");
+                }
                 Event::NewIdentity {
                     reverted_before,
                     replaced,

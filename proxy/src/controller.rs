@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use veer_control::config::Config;
 pub use veer_control::rollout::Action;
-use veer_control::rollout::{Now, Output, Refused, RouteControl};
+use veer_control::rollout::{DeploymentResult, Event, Now, Output, Refused, RouteControl};
 use veer_control::state::{State, StateError};
 use veer_control::status::RouteStatus;
 
@@ -218,14 +218,47 @@ impl Controller {
         }
     }
 
-    /// Announces each route's output; returns whether any decision changed.
-    fn announce_all(&self, outputs: &[(String, Output)]) -> bool {
+    /// Records and announces each route's output; returns whether any
+    /// decision changed.
+    fn announce_all(&mut self, outputs: &[(String, Output)]) -> bool {
         let mut changed = false;
         for (name, out) in outputs {
             changed |= out.changed;
+            self.record_deployments(name, out);
             self.announce(name, out);
         }
         changed
+    }
+
+    /// Remembers the deployments that `out` ended (history in the state
+    /// dir, `veer_deployments_total`, time to revert); returns how many.
+    fn record_deployments(&mut self, name: &str, out: &Output) -> usize {
+        let now = crate::clock::unix_now();
+        let mut n = 0;
+        for e in &out.events {
+            let Event::DeploymentEnded { result } = e else {
+                continue;
+            };
+            n += 1;
+            self.state.record_end(name, *result, now);
+            let m = &self.shared.metrics;
+            m.deployments
+                .with_label_values(&[name, result.as_str()])
+                .inc();
+            if *result == DeploymentResult::Reverted {
+                let first = self
+                    .routes
+                    .get(name)
+                    .and_then(|rt| rt.canary.as_ref())
+                    .and_then(|c| c.first_request());
+                if let Some(first) = first {
+                    m.time_to_revert
+                        .with_label_values(&[name])
+                        .observe(first.elapsed().as_secs_f64());
+                }
+            }
+        }
+        n
     }
 
     fn announce(&self, name: &str, out: &Output) {
@@ -259,6 +292,7 @@ impl Controller {
     fn publish(&mut self, names: &[String], all: bool) {
         let snap = self.shared.snapshot.load();
         let wanted: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        let deployments = self.state.deployments_by_route(crate::clock::unix_now());
         if all {
             self.statuses.retain(|k, _| wanted.contains(k.as_str()));
         }
@@ -269,8 +303,9 @@ impl Controller {
             ) else {
                 continue;
             };
-            crate::publish::gauges(&self.shared.metrics, target, rt, c);
-            let status = crate::publish::route_status(target, rt, c);
+            let d = deployments.get(&*target.name).copied().unwrap_or_default();
+            crate::publish::gauges(&self.shared.metrics, target, rt, c, d);
+            let status = crate::publish::route_status(target, rt, c, d);
             self.statuses
                 .insert(target.name.to_string(), Arc::new(status));
         }
@@ -390,8 +425,11 @@ impl Controller {
         };
         let before = control.clone();
         let out = control.on_action(route, action, now)?;
+        let history = self.state.history.clone();
+        self.record_deployments(name, &out);
         if !self.persist().await {
             self.controls.insert(name.to_string(), before);
+            self.state.history = history;
             self.publish(&[], false);
             let e = self
                 .shared
@@ -405,6 +443,10 @@ impl Controller {
             if let Some(rt) = self.routes.get_mut(name) {
                 // (The decision written above no longer holds evidence.)
                 rt.judge.reset_tests();
+                // A new run of the canary: its time to revert counts anew.
+                if let Some(c) = &rt.canary {
+                    c.restart_first();
+                }
             }
         }
         self.announce(name, &out);

@@ -6,7 +6,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use veer_control::guard::Guard;
-use veer_control::rollout::Label;
+use veer_control::rollout::{DeploymentResult, Label};
 
 use crate::error::UPSTREAM_KINDS;
 use crate::window_metrics::WindowSummary;
@@ -53,6 +53,12 @@ pub struct Metrics {
     pub verdict: IntGaugeVec,
     /// `veer_reverts_total{route,reason}`.
     pub reverts: IntCounterVec,
+    /// `veer_deployments_total{route,result}`: ended deployments (DORA).
+    pub deployments: IntCounterVec,
+    /// `veer_change_failure_ratio{route}`: reverted over ended, 30 days.
+    pub change_failure_ratio: GaugeVec,
+    /// `veer_time_to_revert_seconds{route}`: canary's first request to revert.
+    pub time_to_revert: HistogramVec,
     /// `veer_window_requests{route,version}`.
     pub window_requests: IntGaugeVec,
     /// `veer_window_error_ratio{route,version}`.
@@ -191,6 +197,30 @@ impl Metrics {
             Opts::new("veer_reverts_total", "Canaries taken out of traffic, by the guard or test that tripped (operator: an admin action)."),
             &["route", "reason"],
         )?;
+        let deployments = IntCounterVec::new(
+            Opts::new(
+                "veer_deployments_total",
+                "Deployments (canary identities, or runs of one after a reset) that ended: promoted, reverted or replaced.",
+            ),
+            &["route", "result"],
+        )?;
+        let change_failure_ratio = GaugeVec::new(
+            Opts::new(
+                "veer_change_failure_ratio",
+                "Reverted deployments over ended ones in the last 30 days (kept in the state dir).",
+            ),
+            &["route"],
+        )?;
+        let time_to_revert = HistogramVec::new(
+            HistogramOpts::new(
+                "veer_time_to_revert_seconds",
+                "From a canary's first request to its revert.",
+            )
+            .buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0,
+            ]),
+            &["route"],
+        )?;
         let window_requests = IntGaugeVec::new(
             Opts::new("veer_window_requests", "Requests in the judge window."),
             &["route", "version"],
@@ -243,6 +273,9 @@ impl Metrics {
         registry.register(Box::new(rollout_step.clone()))?;
         registry.register(Box::new(SharedCollector(window_latency.clone())))?;
         registry.register(Box::new(webhook_events.clone()))?;
+        registry.register(Box::new(deployments.clone()))?;
+        registry.register(Box::new(change_failure_ratio.clone()))?;
+        registry.register(Box::new(time_to_revert.clone()))?;
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -268,6 +301,9 @@ impl Metrics {
             open_connections,
             verdict,
             reverts,
+            deployments,
+            change_failure_ratio,
+            time_to_revert,
             window_requests,
             window_error_ratio,
             e_value,
@@ -313,6 +349,9 @@ impl Metrics {
         for g in Guard::ALL {
             self.reverts.with_label_values(&[route, g.as_str()]);
         }
+        for r in DeploymentResult::ALL {
+            self.deployments.with_label_values(&[route, r.as_str()]);
+        }
     }
 
     /// Forgets a route's series.
@@ -320,6 +359,11 @@ impl Metrics {
         for g in Guard::ALL {
             let _ = self.reverts.remove_label_values(&[route, g.as_str()]);
         }
+        for r in DeploymentResult::ALL {
+            let _ = self.deployments.remove_label_values(&[route, r.as_str()]);
+        }
+        let _ = self.change_failure_ratio.remove_label_values(&[route]);
+        let _ = self.time_to_revert.remove_label_values(&[route]);
         for source in ["configured", "effective"] {
             let _ = self.canary_weight.remove_label_values(&[route, source]);
         }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use veer_control::config::{Config, JudgeMode};
 use veer_control::rollout::RouteControl;
+use veer_control::state::Deployments;
 use veer_control::status::{
     ConfigStatus, EndpointStatus, EvidenceStatus, LastReload, RolloutStatus, RouteStatus,
     StatusDoc, VersionStatus, WeightStatus, WindowStats, WindowStatus,
@@ -17,11 +18,13 @@ use crate::shared::Shared;
 use crate::snapshot::{RouteTarget, Snapshot, VersionTarget};
 use crate::window_metrics::{WindowLatency, QUANTILES};
 
-/// The `/status` entry of the route `target` routes, judged by `rt`.
+/// The `/status` entry of the route `target` routes, judged by `rt`, with
+/// its `deployments` of the last 30 days.
 pub fn route_status(
     target: &RouteTarget,
     rt: &RouteRuntime,
     control: &RouteControl,
+    deployments: Deployments,
 ) -> RouteStatus {
     let c = &target.config;
     let d = control.decision();
@@ -59,6 +62,7 @@ pub fn route_status(
                 .as_ref()
                 .map(|_| WindowStats::from(rt.judge.canary_stats())),
         },
+        deployments: deployments.into(),
     }
 }
 
@@ -106,8 +110,17 @@ pub fn health_changed(snap: &Snapshot, shown: &HashMap<String, Arc<RouteStatus>>
 }
 
 /// Sets the route's gauges.
-pub fn gauges(m: &Metrics, target: &RouteTarget, rt: &RouteRuntime, control: &RouteControl) {
+pub fn gauges(
+    m: &Metrics,
+    target: &RouteTarget,
+    rt: &RouteRuntime,
+    control: &RouteControl,
+    deployments: Deployments,
+) {
     let name = &*target.name;
+    if let Some(r) = deployments.change_failure_ratio() {
+        m.change_failure_ratio.with_label_values(&[name]).set(r);
+    }
     let route = &target.config;
     m.set_verdict(name, control.label());
     let ev = rt.judge.evidence();

@@ -165,6 +165,10 @@ pub struct Recorder {
     total_count: AtomicU64,
     total_sum_us: AtomicU64,
     keys: Arc<RouteKeys>,
+    /// When the first request (since start or `restart_first`) ended, in
+    /// milliseconds since `created` plus one; 0 before it.
+    first_ms: AtomicU64,
+    created: tokio::time::Instant,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -198,13 +202,36 @@ impl Recorder {
             total_count: AtomicU64::new(0),
             total_sum_us: AtomicU64::new(0),
             keys,
+            first_ms: AtomicU64::new(0),
+            created: tokio::time::Instant::now(),
         }
+    }
+
+    /// When the first request recorded (since start or the last
+    /// [`Recorder::restart_first`]) ended; None before one.
+    pub fn first_request(&self) -> Option<tokio::time::Instant> {
+        match self.first_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.created + std::time::Duration::from_millis(ms - 1)),
+        }
+    }
+
+    /// Forgets the first request (a `reset` starts a new deployment).
+    pub fn restart_first(&self) {
+        self.first_ms.store(0, Ordering::Relaxed);
     }
 
     /// Records one request. `key_hash` is the sticky key's hash (None: the
     /// request had no key, so it counts as its own key).
     #[inline]
     pub fn record(&self, latency_us: u64, outcome: Outcome, key_hash: Option<u64>) {
+        if self.first_ms.load(Ordering::Relaxed) == 0 {
+            // Once per deployment: the clock is read only here.
+            let ms = self.created.elapsed().as_millis() as u64 + 1;
+            let _ = self
+                .first_ms
+                .compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed);
+        }
         let first = |f: &KeyFilter| key_hash.is_none_or(|h| f.first_time(h));
         let bad = outcome != Outcome::Ok;
         let new_user = first(&self.keys.burst_users);

@@ -111,6 +111,17 @@ pub fn render(v: &StatusDoc) -> String {
         if let Some(ro) = &r.rollout {
             let _ = writeln!(out, "  rollout step {} of {:?}", ro.step, ro.steps);
         }
+        let dep = &r.deployments;
+        if dep.promoted + dep.reverted + dep.replaced > 0 {
+            let _ = writeln!(
+                out,
+                "  deployments (30 days): {} promoted, {} reverted, {} replaced; change failure ratio {:.0}%",
+                dep.promoted,
+                dep.reverted,
+                dep.replaced,
+                dep.change_failure_ratio.unwrap_or(0.0) * 100.0
+            );
+        }
         let ev = &r.evidence;
         let _ = writeln!(
             out,

@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::support::{all_on, get, route_config, Load, Upstream, Veer, FAST_JUDGE as JUDGE};
+use super::support::{
+    all_on, get, metric, route_config, send_keyed, Load, Upstream, Veer, FAST_JUDGE as JUDGE,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_actions_need_the_token_and_persist() {
@@ -118,4 +120,76 @@ async fn rollout_walks_its_steps_while_healthy() {
     }
     load.stop().await;
     assert_eq!(veer.logs_with("rollout advanced").len(), 2);
+}
+
+/// DORA figures: each canary identity is a deployment that ends promoted,
+/// reverted or replaced; the 30-day history survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_are_counted_by_how_they_ended_and_survive_a_restart() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let config = route_config(&[s.addr], &[c.addr], 10.0, "");
+    let mut veer = Veer::start(&config).await;
+    let doc = |v: serde_json::Value| v["routes"][0]["deployments"].clone();
+    // v2: sent some traffic, then reverted by an operator.
+    send_keyed(veer.addr, 100).await;
+    assert_eq!(
+        super::support::admin_post(&veer, "/routes/web/revert").await,
+        200
+    );
+    // v3 replaces it, then is promoted; v4 replaces v3 (already ended).
+    for (version, generation) in [("v3", 2), ("v4", 3)] {
+        veer.write_config(&config.replace("version = \"v2\"", &format!("version = \"{version}\"")));
+        veer.wait_generation(generation).await;
+        if version == "v3" {
+            assert_eq!(
+                super::support::admin_post(&veer, "/routes/web/promote").await,
+                200
+            );
+        }
+    }
+    // v5 replaces v4, which had not ended.
+    veer.write_config(&config.replace("version = \"v2\"", "version = \"v5\""));
+    veer.wait_generation(4).await;
+    let d = doc(veer.status().await);
+    assert_eq!(
+        (
+            d["promoted"].as_u64(),
+            d["reverted"].as_u64(),
+            d["replaced"].as_u64()
+        ),
+        (Some(1), Some(1), Some(1)),
+        "{d}"
+    );
+    assert!(
+        (d["change_failure_ratio"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9,
+        "{d}"
+    );
+    let m = veer.metrics().await;
+    for (result, n) in [("promoted", 1.0), ("reverted", 1.0), ("replaced", 1.0)] {
+        assert_eq!(
+            metric(
+                &m,
+                &format!(r#"veer_deployments_total{{result="{result}",route="web"}}"#)
+            ),
+            Some(n),
+            "{m}"
+        );
+    }
+    assert_eq!(
+        metric(&m, r#"veer_time_to_revert_seconds_count{route="web"}"#),
+        Some(1.0),
+        "{m}"
+    );
+    // The history is in the state dir: a restart keeps the figures.
+    veer.terminate();
+    assert!(veer.wait_exit(Duration::from_secs(10)).await.success());
+    let dir = std::mem::replace(&mut veer.dir, tempfile::tempdir().unwrap());
+    let restarted = Veer::start_in(dir, veer.config.clone()).await;
+    assert_eq!(doc(restarted.status().await), d);
+    let m = restarted.metrics().await;
+    assert!(
+        (metric(&m, r#"veer_change_failure_ratio{route="web"}"#).unwrap() - 1.0 / 3.0).abs() < 1e-9,
+        "{m}"
+    );
 }

@@ -85,6 +85,9 @@ fn a_revert_records_its_guard_reason_and_time_once() {
     assert_eq!(
         out.events,
         vec![
+            Event::DeploymentEnded {
+                result: DeploymentResult::Reverted,
+            },
             Event::Reverted {
                 guard: Guard::ErrorRateRatio,
                 reason: "Breach".into(),
@@ -237,6 +240,48 @@ fn a_persisted_decision_is_resumed() {
             ..
         }
     )));
+}
+
+#[test]
+fn each_deployment_ends_once_promoted_reverted_or_replaced() {
+    let ended = |out: &Output| -> Vec<DeploymentResult> {
+        out.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::DeploymentEnded { result } => Some(*result),
+                _ => None,
+            })
+            .collect()
+    };
+    let v2 = route("enforce", false, Some("v2"));
+    let v3 = route("enforce", false, Some("v3"));
+    let v4 = route("enforce", false, Some("v4"));
+    let mut c = fresh(&v2);
+    // v2 promoted; a revert after that is not a second end.
+    assert_eq!(
+        ended(&c.on_action(&v2, Action::Promote, at(1)).expect("promote")),
+        [DeploymentResult::Promoted]
+    );
+    assert!(ended(&c.on_action(&v2, Action::Revert, at(2)).expect("revert")).is_empty());
+    // v3 replaces it: v2 had ended, nothing to report.
+    assert!(ended(&c.on_config(&v3, at(3))).is_empty());
+    // v4 replaces v3, which had not ended.
+    assert_eq!(
+        ended(&c.on_config(&v4, at(4))),
+        [DeploymentResult::Replaced]
+    );
+    // v4 reverted by the judge, once.
+    assert_eq!(
+        ended(&c.on_verdict(&v4, verdict(Status::Breach), 1000, at(5))),
+        [DeploymentResult::Reverted]
+    );
+    assert!(ended(&c.on_action(&v4, Action::Revert, at(6)).expect("revert")).is_empty());
+    // A reset runs it again: a new deployment.
+    c.on_action(&v4, Action::Reset, at(7)).expect("reset");
+    assert_eq!(
+        ended(&c.on_action(&v4, Action::Revert, at(8)).expect("revert")),
+        [DeploymentResult::Reverted]
+    );
 }
 
 /// One input of the property tests.

@@ -98,6 +98,7 @@ impl Controller {
             .tick(route, w_bp, canary_down, now)?;
         let control = self.controls.get_mut(name)?;
         let out = control.on_verdict(route, verdict, w_bp, at);
+        self.record_deployments(name, &out);
         self.announce(name, &out);
         Some(out.changed)
     }

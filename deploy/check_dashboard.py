@@ -31,7 +31,8 @@ def contract_names():
         return FALLBACK
     text = open(CONTRACT).read()
     section = text.split("## 6.", 1)[-1]
-    return set(re.findall(r"`(veer_[a-z0-9_]+)`", section)) or FALLBACK
+    # A name alone (`veer_x`) or with its labels (`veer_x{route,result}`).
+    return set(re.findall(r"`(veer_[a-z0-9_]+)(?:\{[^`]*\})?`", section)) or FALLBACK
 
 
 def queries(dashboard):

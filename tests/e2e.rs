@@ -12,6 +12,7 @@
 mod e2e {
     pub mod support;
 
+    mod alerts;
     mod bluegreen;
     mod cli;
     mod client_faults;

@@ -1,0 +1,161 @@
+//! The alert rules fire on what the binary exports: a real Prometheus
+//! (Debian's `prometheus`, which `.ci/run` installs) scrapes a real veer
+//! every second with `deploy/prometheus/veer-alerts.yaml` through a revert
+//! and a rejected reload, and both alerts fire.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::support::{get, route_config, wait_verdict, Load, Upstream, Veer, FAST_JUDGE as JUDGE};
+
+/// A Prometheus server, killed on drop.
+struct Prometheus {
+    child: Child,
+    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    /// Starts one scraping `target` every second with veer's alert rules.
+    async fn start(target: std::net::SocketAddr) -> Prometheus {
+        let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/prometheus/veer-alerts.yaml")
+            .canonicalize()
+            .expect("deploy/prometheus/veer-alerts.yaml");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: veer\n    static_configs:\n      - targets: ['{target}']\n",
+                rules.display()
+            ),
+        )
+        .expect("prometheus.yml");
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            l.local_addr().expect("addr")
+        };
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian's prometheus package; .ci/run installs it)");
+        let p = Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        };
+        p.wait_for("ready", |p| async move {
+            get(p, "/-/ready", &[])
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        p
+    }
+
+    /// The `data` of an API answer (`/api/v1/...`).
+    async fn api(&self, path_and_query: &str) -> serde_json::Value {
+        match get(self.addr, path_and_query, &[]).await {
+            Ok(r) => serde_json::from_slice::<serde_json::Value>(r.body())
+                .map(|v| v["data"].clone())
+                .unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        }
+    }
+
+    /// Polls `check` every 200 ms for 60 s.
+    async fn wait_for<F, Fut>(&self, what: &str, check: F)
+    where
+        F: Fn(std::net::SocketAddr) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let start = Instant::now();
+        while !check(self.addr).await {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "prometheus never {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The names of the alerts firing now.
+    async fn firing(&self) -> Vec<String> {
+        let data = self.api("/api/v1/alerts").await;
+        data["alerts"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|x| x["state"] == "firing")
+                    .filter_map(|x| x["labels"]["alertname"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alerts_fire_on_real_scrapes_of_a_revert_and_a_rejected_reload() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.status.store(500, Ordering::SeqCst);
+    let config = route_config(&[s.addr], &[c.addr], 20.0, "") + JUDGE;
+    let veer = Veer::start(&config).await;
+    let prom = Prometheus::start(veer.admin).await;
+    // Scraped at least twice before anything happens: the counters' zeros
+    // are what `increase()` needs.
+    let scrapes = "/api/v1/query?query=count_over_time(veer_reverts_total%7Breason%3D%22failure_burst%22%7D%5B1m%5D)";
+    let start = Instant::now();
+    loop {
+        let data = prom.api(scrapes).await;
+        let n = data["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if n >= 2.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "never scraped twice: {data}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(prom.firing().await.is_empty(), "{:?}", prom.firing().await);
+
+    let load = Load::start(veer.addr, 4, Duration::ZERO);
+    wait_verdict(&veer, "reverted", Duration::from_secs(20)).await;
+    load.stop().await;
+    veer.write_config("this is not [toml");
+    let start = Instant::now();
+    loop {
+        let firing = prom.firing().await;
+        if firing.iter().any(|a| a == "VeerCanaryReverted")
+            && firing.iter().any(|a| a == "VeerConfigReloadFailing")
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "firing: {firing:?}; alerts: {}",
+            prom.api("/api/v1/alerts").await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -104,8 +104,9 @@ pub struct Verdict {
     pub reason: String,
 }
 
-/// One limit test's state, for `/status`.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+/// One limit test's state, for `/status` (where it is
+/// [`crate::status::TestStatus`]).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TestEvidence {
     /// Its `reason` label.
     pub guard: Guard,

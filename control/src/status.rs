@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::guard::Guard;
 use crate::judge::{Evidence, TestEvidence};
 use crate::rollout::Label;
 use crate::state::{Deployments, Revert};
@@ -191,22 +190,8 @@ pub struct EvidenceStatus {
     pub tests: Vec<TestStatus>,
 }
 
-/// One test.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TestStatus {
-    /// Its `reason` label.
-    pub guard: Guard,
-    /// The limit it tests.
-    pub limit: String,
-    /// Its e-value.
-    pub e: f64,
-    /// Distinct-key bad events (canary, stable).
-    pub events: (u64, u64),
-    /// In its warm-up.
-    pub warming_up: bool,
-    /// Latency tests: the thresholds (ms) for stable's and the canary's requests.
-    pub thresholds_ms: Option<(Option<f64>, Option<f64>)>,
-}
+/// One test, as the judge reports it.
+pub type TestStatus = TestEvidence;
 
 /// Window statistics of both versions.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -259,19 +244,6 @@ impl From<&Stats> for WindowStats {
     }
 }
 
-impl From<&TestEvidence> for TestStatus {
-    fn from(t: &TestEvidence) -> TestStatus {
-        TestStatus {
-            guard: t.guard,
-            limit: t.limit.clone(),
-            e: finite(t.e),
-            events: t.events,
-            warming_up: t.warming_up,
-            thresholds_ms: t.thresholds_ms,
-        }
-    }
-}
-
 impl From<&Evidence> for EvidenceStatus {
     fn from(ev: &Evidence) -> EvidenceStatus {
         EvidenceStatus {
@@ -291,7 +263,14 @@ impl From<&Evidence> for EvidenceStatus {
                 .iter()
                 .map(|(q, t)| (q.key().to_string(), *t))
                 .collect(),
-            tests: ev.tests.iter().map(TestStatus::from).collect(),
+            tests: ev
+                .tests
+                .iter()
+                .map(|t| TestStatus {
+                    e: finite(t.e),
+                    ..t.clone()
+                })
+                .collect(),
         }
     }
 }

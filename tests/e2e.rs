@@ -19,6 +19,7 @@ mod e2e {
     mod decisions;
     mod edge;
     mod failures;
+    mod fleet;
     mod force;
     mod hostile;
     mod judge;

@@ -23,6 +23,8 @@ pub struct Config {
     pub admin: AdminSettings,
     /// Where decisions that must outlive a restart are kept.
     pub state: StateSettings,
+    /// The fleet this replica shares decisions with, if any.
+    pub fleet: Option<FleetSettings>,
     /// Routes, in file order; names are unique.
     pub routes: Vec<Route>,
     /// Valid settings that are often mistakes, in file order.
@@ -87,6 +89,30 @@ pub struct AdminSettings {
     /// Where people reach this admin endpoint (behind a port-forward or an
     /// internal proxy), for links in chat notifications.
     pub public_url: Option<String>,
+}
+
+/// `[fleet]`: replicas that share decisions through a store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetSettings {
+    /// The store's client URLs (etcd v3), all `http://` or all `https://`.
+    pub endpoints: Vec<String>,
+    /// The fleet's name: replicas with the same name share decisions.
+    pub name: String,
+    /// This replica's name, unique in the fleet; `None`: `$POD_NAME`, then
+    /// the host name (resolved at start).
+    pub replica: Option<String>,
+    /// CA certificates the store's server certificate is verified against
+    /// (`https://` only; without it, the built-in Mozilla roots).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for mTLS to the store.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl FleetSettings {
+    /// Whether the store is reached over TLS.
+    pub fn tls(&self) -> bool {
+        self.endpoints.iter().any(|e| e.starts_with("https://"))
+    }
 }
 
 /// Persisted state.

@@ -6,11 +6,13 @@
 //! [`eprocess`], [`onesample`], [`keyfilter`] and [`window`])
 //! turns per-version measurements into verdicts; [`rollout`] is the state
 //! machine that turns verdicts, operator actions and config changes into
-//! decisions (revert, rollout step, promotion), and [`state`] persists the
-//! decisions that must survive a restart.
+//! decisions (revert, rollout step, promotion), [`state`] persists the
+//! decisions that must survive a restart, and [`fleet`] merges them with
+//! the decisions a fleet of replicas shares through a store.
 
 pub mod config;
 pub mod eprocess;
+pub mod fleet;
 pub mod guard;
 pub mod judge;
 pub mod keyfilter;

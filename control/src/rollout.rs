@@ -22,6 +22,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{JudgeMode, Route};
+use crate::fleet::{self, Change, FleetRecord, Merged};
 use crate::guard::Guard;
 use crate::judge::{Status, Verdict};
 use crate::state::{canary_identity, Revert, RouteDecision};
@@ -33,6 +34,33 @@ pub struct Now {
     pub mono: Duration,
     /// Unix seconds.
     pub unix: u64,
+    /// Unix milliseconds (the fleet's records and step clocks).
+    pub unix_ms: u64,
+}
+
+impl Now {
+    /// The time `mono` after the caller's origin and `unix_ms` on the wall.
+    pub fn new(mono: Duration, unix_ms: u64) -> Now {
+        Now {
+            mono,
+            unix: unix_ms / 1000,
+            unix_ms,
+        }
+    }
+}
+
+/// Whether a route's decisions are shared with a fleet ([`crate::fleet`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Sharing {
+    /// No `[fleet]`: the replica decides alone.
+    #[default]
+    Alone,
+    /// In a fleet whose decisions this replica has not read yet: the
+    /// canary gets no traffic (a replica starts safe).
+    Waiting,
+    /// In a fleet, its decisions read: steps and operator actions other
+    /// than `revert` are proposed to the store, not taken here.
+    Synced,
 }
 
 /// An operator action on a route.
@@ -191,6 +219,25 @@ pub enum Event {
         /// How.
         result: DeploymentResult,
     },
+    /// The rollout's hold was met (fleet only): propose the next step to
+    /// the store; it is taken when committed.
+    StepDue {
+        /// The decision's epoch.
+        epoch: u64,
+        /// The step held.
+        from: usize,
+    },
+    /// A decision made by another replica was applied here.
+    FleetApplied {
+        /// What it did.
+        change: Change,
+        /// The replica that made it.
+        by: String,
+        /// When it made it (unix ms).
+        at_ms: u64,
+        /// It was a reset (a newer epoch): the judge's tests start over.
+        reset: bool,
+    },
     /// The config names another canary than the decision's.
     NewIdentity {
         /// The new identity was reverted before (a tombstone names it).
@@ -229,8 +276,12 @@ pub struct RouteControl {
     basis: (String, crate::config::JudgeSettings),
     healthy_since: Option<Duration>,
     step_since: Duration,
+    /// When the step began on the wall clock (unix ms): a fleet's shared
+    /// step clock.
+    step_started_ms: u64,
     label: Label,
     last: Option<Verdict>,
+    sharing: Sharing,
 }
 
 impl RouteControl {
@@ -243,8 +294,10 @@ impl RouteControl {
             basis: (route.stable.name.clone(), route.judge.clone()),
             healthy_since: None,
             step_since: now.mono,
+            step_started_ms: now.unix_ms,
             label: Label::InsufficientData,
             last: None,
+            sharing: Sharing::Alone,
         };
         let known = decision.is_some();
         c.decision = decision.unwrap_or_default();
@@ -288,9 +341,112 @@ impl RouteControl {
         }
     }
 
-    /// The canary share in effect, in basis points.
+    /// The canary share in effect, in basis points (none while waiting
+    /// for a fleet's decisions).
     pub fn effective_bp(&self, route: &Route) -> u16 {
+        if self.sharing == Sharing::Waiting {
+            return 0;
+        }
         effective_bp(route, &self.decision)
+    }
+
+    /// Whether the canary is closed to forced requests too: reverted, or
+    /// the fleet's decisions not read yet.
+    pub fn canary_closed(&self) -> bool {
+        self.decision.reverted.is_some() || self.sharing == Sharing::Waiting
+    }
+
+    /// Whether (and how) the decisions are shared with a fleet.
+    pub fn sharing(&self) -> Sharing {
+        self.sharing
+    }
+
+    /// Joins a fleet (`Waiting` until its decisions are read), or marks
+    /// them read (`Synced`).
+    pub fn set_sharing(&mut self, sharing: Sharing) {
+        self.sharing = sharing;
+    }
+
+    /// The decision as the fleet stores it, written by `by`.
+    pub fn record(&self, by: &str, last: Change, now: Now) -> FleetRecord {
+        FleetRecord::of(&self.decision, self.step_started_ms, by, last, now.unix_ms)
+    }
+
+    /// The fleet's record for the route's identity, as read from the store
+    /// (`local`: this replica's own committed proposal). See
+    /// [`crate::fleet::merge`] for the rules.
+    pub fn on_fleet(&mut self, route: &Route, r: &FleetRecord, local: bool, now: Now) -> Output {
+        let mut out = Output::default();
+        let before = self.decision.clone();
+        let merged = fleet::merge(&mut self.decision, r);
+        if merged == Merged::Ignored {
+            return out;
+        }
+        let held = now
+            .mono
+            .saturating_sub(self.healthy_since.unwrap_or(now.mono).max(self.step_since));
+        if merged == Merged::Replaced {
+            self.healthy_since = None;
+            self.last = None;
+        }
+        // The step clock is the fleet's when the record speaks of the step
+        // in force.
+        if r.epoch == self.decision.epoch
+            && r.rollout_step == self.decision.rollout_step
+            && r.step_started_ms != 0
+            && r.step_started_ms != self.step_started_ms
+        {
+            self.step_started_ms = r.step_started_ms;
+            let age = Duration::from_millis(now.unix_ms.saturating_sub(r.step_started_ms));
+            self.step_since = now.mono.saturating_sub(age);
+        }
+        let d = &self.decision;
+        out.changed = *d != before;
+        if !out.changed {
+            // Seen already (the same write, by the watch and the commit).
+            return out;
+        }
+        if !before.promoted && d.promoted && d.reverted.is_none() && local {
+            out.events.push(Event::DeploymentEnded {
+                result: DeploymentResult::Promoted,
+            });
+        }
+        if local {
+            let action = match r.last {
+                Change::Reset => Some(Action::Reset),
+                Change::Pause => Some(Action::Pause),
+                Change::Resume => Some(Action::Resume),
+                Change::Promote => Some(Action::Promote),
+                _ => None,
+            };
+            if let Some(action) = action {
+                out.events.push(Event::OperatorAction {
+                    action,
+                    effective: true,
+                });
+            }
+            if r.last == Change::Step && d.rollout_step > before.rollout_step {
+                let weight_bp = route
+                    .rollout
+                    .as_ref()
+                    .and_then(|ro| ro.steps_bp.get(d.rollout_step).copied())
+                    .unwrap_or(0);
+                out.events.push(Event::RolloutAdvanced {
+                    step: d.rollout_step,
+                    weight_bp,
+                    held,
+                });
+            }
+        } else {
+            out.events.push(Event::FleetApplied {
+                change: r.last,
+                by: r.by.clone(),
+                at_ms: r.at_ms,
+                reset: merged == Merged::Replaced,
+            });
+        }
+        self.relabel(route, &mut out);
+        out
     }
 
     /// The config now in force for the route (reload, or start). A new
@@ -317,6 +473,7 @@ impl RouteControl {
             self.decision = self.decision.for_identity(id);
             self.healthy_since = None;
             self.step_since = now.mono;
+            self.step_started_ms = now.unix_ms;
             self.last = None;
             out.changed = true;
             out.events.push(Event::NewIdentity {
@@ -365,14 +522,23 @@ impl RouteControl {
                 let since = *self.healthy_since.get_or_insert(now.mono);
                 let held = now.mono.saturating_sub(since.max(self.step_since));
                 if held >= ro.hold && d.rollout_step + 1 < ro.steps_bp.len() {
-                    d.rollout_step += 1;
-                    self.step_since = now.mono;
-                    out.changed = true;
-                    out.events.push(Event::RolloutAdvanced {
-                        step: d.rollout_step,
-                        weight_bp: ro.steps_bp.get(d.rollout_step).copied().unwrap_or(0),
-                        held,
-                    });
+                    if self.sharing == Sharing::Alone {
+                        d.rollout_step += 1;
+                        self.step_since = now.mono;
+                        self.step_started_ms = now.unix_ms;
+                        out.changed = true;
+                        out.events.push(Event::RolloutAdvanced {
+                            step: d.rollout_step,
+                            weight_bp: ro.steps_bp.get(d.rollout_step).copied().unwrap_or(0),
+                            held,
+                        });
+                    } else {
+                        // A fleet steps together: the store decides.
+                        out.events.push(Event::StepDue {
+                            epoch: d.epoch,
+                            from: d.rollout_step,
+                        });
+                    }
                 }
             } else if verdict.status != Status::Healthy {
                 self.healthy_since = None;
@@ -410,6 +576,7 @@ impl RouteControl {
                 *d = d.reset();
                 self.healthy_since = None;
                 self.step_since = now.mono;
+                self.step_started_ms = now.unix_ms;
                 self.last = None;
             }
             Action::Pause => d.paused = true,

@@ -69,6 +69,10 @@ pub struct RouteDecision {
     /// Index of the current rollout step.
     #[serde(default)]
     pub rollout_step: usize,
+    /// How many times this identity was `reset` (a fleet's records with a
+    /// higher epoch win over older reverts of the same identity).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
     /// The judge's sequential tests, saved every few seconds and at
     /// shutdown ([`crate::judge::SavedTests`]). Kept as raw JSON so that a
     /// part that no longer parses costs only the evidence, never the
@@ -142,9 +146,14 @@ impl RouteDecision {
         RouteDecision {
             canary_identity: self.canary_identity,
             tombstones,
+            epoch: self.epoch + 1,
             ..RouteDecision::default()
         }
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Every route's decision.

@@ -25,8 +25,50 @@ pub struct StatusDoc {
     pub config: ConfigStatus,
     /// Why the last write of persisted decisions failed, if it did.
     pub state_error: Option<String>,
+    /// The fleet this replica shares decisions with (`[fleet]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetStatus>,
     /// Every route, in config order.
     pub routes: Vec<Arc<RouteStatus>>,
+}
+
+/// The fleet, as one replica sees it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// `etcd`.
+    pub store: String,
+    /// The fleet's name.
+    pub name: String,
+    /// This replica's name.
+    pub replica: String,
+    /// Connected to the store, with a watch running.
+    pub connected: bool,
+    /// The fleet's decisions were read at least once (until then the
+    /// canaries get no traffic here).
+    pub synced: bool,
+    /// Replicas with a live member key.
+    pub members: Vec<String>,
+    /// The store's revision last seen.
+    pub revision: i64,
+    /// The last error talking to the store.
+    pub last_error: Option<String>,
+}
+
+/// Where a route's decision came from (fleet only).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouteFleetStatus {
+    /// `waiting` (the fleet's decisions not read yet: stable only),
+    /// `local` (taken here), `fleet` (applied from another replica).
+    pub source: String,
+    /// The replica that made it.
+    pub by: Option<String>,
+    /// What it did (`revert`, `reset`, `step`, ...).
+    pub change: Option<String>,
+    /// The identity's epoch (resets so far).
+    pub epoch: u64,
+    /// A decision taken here is not in the store yet (a revert waiting
+    /// for the store to come back).
+    pub unpublished: bool,
 }
 
 /// The config in force.
@@ -94,6 +136,9 @@ pub struct RouteStatus {
     /// Deployments that ended in the last 30 days (DORA).
     #[serde(default)]
     pub deployments: DeploymentStatus,
+    /// Where the decision came from, in a fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<RouteFleetStatus>,
 }
 
 /// A route's deployments that ended in the last 30 days.
@@ -311,6 +356,7 @@ mod tests {
                 },
                 window: WindowStatus::default(),
                 deployments: DeploymentStatus::default(),
+                fleet: None,
             })],
             ..StatusDoc::default()
         };

@@ -153,7 +153,12 @@ async fn action(admin: &Admin, req: &Request<Incoming>, rest: &str) -> Response<
             "application/json",
         ),
         Ok(Err(e @ ActionError::NoRoute(_))) => json_error(StatusCode::NOT_FOUND, &e.to_string()),
-        Ok(Err(e @ ActionError::Refused(_))) => json_error(StatusCode::CONFLICT, &e.to_string()),
+        Ok(Err(e @ (ActionError::Refused(_) | ActionError::Conflict(_)))) => {
+            json_error(StatusCode::CONFLICT, &e.to_string())
+        }
+        Ok(Err(e @ ActionError::Fleet(_))) => {
+            json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+        }
         Ok(Err(e @ ActionError::State(_))) => {
             json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
         }

@@ -15,6 +15,7 @@ use crate::notify::Notifier;
 pub struct Announcer {
     notifier: Notifier,
     metrics: Arc<Metrics>,
+    fleet: Option<crate::fleet::FleetMetrics>,
 }
 
 fn percent(bp: u16) -> f64 {
@@ -27,6 +28,22 @@ impl Announcer {
         Announcer {
             notifier: Notifier::start(metrics.webhook_events.clone()),
             metrics,
+            fleet: None,
+        }
+    }
+
+    /// Counts fleet decisions too (`[fleet]` configured).
+    pub fn with_fleet(mut self, fleet: crate::fleet::FleetMetrics) -> Announcer {
+        self.fleet = Some(fleet);
+        self
+    }
+
+    /// Counts a decision in `veer_fleet_decisions_total` (fleet only).
+    fn fleet_decision(&self, route: &str, action: &str, source: &str) {
+        if let Some(f) = &self.fleet {
+            f.decisions
+                .with_label_values(&[route, action, source])
+                .inc();
         }
     }
 
@@ -46,6 +63,7 @@ impl Announcer {
                         .reverts
                         .with_label_values(&[name, guard.as_str()])
                         .inc();
+                    self.fleet_decision(name, "revert", "local");
                     let before = percent(*weight_before_bp);
                     tracing::warn!(route = %name, guard = %guard, reason = %reason, weight_before = before, "canary reverted");
                     send(
@@ -58,6 +76,7 @@ impl Announcer {
                     weight_bp,
                     held,
                 } => {
+                    self.fleet_decision(name, "step", "local");
                     let weight = percent(*weight_bp);
                     tracing::info!(route = %name, step, weight, held = ?held, "rollout advanced");
                     send(
@@ -66,6 +85,7 @@ impl Announcer {
                     );
                 }
                 Event::OperatorAction { action, effective } => {
+                    self.fleet_decision(name, action.as_str(), "local");
                     if *action == Action::Revert && *effective {
                         self.metrics
                             .reverts
@@ -81,6 +101,22 @@ impl Announcer {
                         "verdict_changed",
                         json!({ "from": from.as_str(), "to": to.as_str(), "reason": reason }),
                     );
+                }
+                Event::StepDue { epoch, from } => {
+                    tracing::debug!(route = %name, epoch, from, "rollout step due: proposed to the fleet");
+                }
+                Event::FleetApplied {
+                    change,
+                    by,
+                    at_ms,
+                    reset,
+                } => {
+                    self.fleet_decision(name, change.as_str(), "fleet");
+                    let lag_ms = crate::clock::unix_ms().saturating_sub(*at_ms);
+                    if let Some(f) = &self.fleet {
+                        f.propagation.observe(lag_ms as f64 / 1000.0);
+                    }
+                    tracing::warn!(route = %name, change = change.as_str(), by = %by, lag_ms, reset, weight = percent(weight_bp), "fleet decision applied");
                 }
                 Event::DeploymentEnded { result } => {
                     tracing::info!(route = %name, result = result.as_str(), "deployment ended");

@@ -19,3 +19,12 @@ pub fn unix_now() -> u64 {
 pub fn wall_now() -> std::time::SystemTime {
     std::time::SystemTime::now()
 }
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it): a
+/// fleet's records and shared step clocks, and the propagation time of a
+/// decision between replicas.
+pub fn unix_ms() -> u64 {
+    wall_now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

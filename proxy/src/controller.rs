@@ -22,6 +22,7 @@ use veer_control::rollout::{DeploymentResult, Event, Now, Output, Refused, Route
 use veer_control::state::{State, StateError};
 use veer_control::status::RouteStatus;
 
+mod fleet;
 mod judging;
 #[cfg(test)]
 mod tests;
@@ -55,6 +56,12 @@ pub enum ActionError {
     /// The decision could not be persisted; nothing changed.
     #[error("could not persist the decision: {0}")]
     State(String),
+    /// The fleet's store could not commit it; nothing changed.
+    #[error("{0}")]
+    Fleet(String),
+    /// The fleet's decision moved on meanwhile; nothing changed.
+    #[error("{0}; look at /status and try again")]
+    Conflict(String),
 }
 
 /// An action sent by the admin endpoint, with where to send the answer.
@@ -88,6 +95,8 @@ pub struct Controller {
     /// upstreams' health change count then.
     health_shown: Instant,
     health_changes: u64,
+    /// The fleet (`[fleet]`), if any.
+    fleet: Option<fleet::FleetLink>,
 }
 
 impl Controller {
@@ -115,22 +124,44 @@ impl Controller {
                 })
             }
         };
-        let now = Now {
-            mono: Duration::ZERO,
-            unix: crate::clock::unix_now(),
-        };
+        let now = Now::new(Duration::ZERO, crate::clock::unix_ms());
         let mut state = state;
         let Reconciled {
             routes,
-            controls,
+            mut controls,
             outputs,
         } = reconcile(&config, HashMap::new(), HashMap::new(), &mut state, now);
+        // In a fleet, canaries get no traffic until the fleet's decisions
+        // are read (a replica starts safe).
+        let fleet = match &config.fleet {
+            Some(f) => match crate::fleet::Fleet::start(f, &metrics) {
+                Ok((fleet, news)) => {
+                    tracing::info!(fleet = %f.name, replica = %fleet.replica, endpoints = ?f.endpoints, "joining the fleet; canaries get no traffic here until its decisions are read");
+                    for c in controls.values_mut() {
+                        c.set_sharing(veer_control::rollout::Sharing::Waiting);
+                    }
+                    Some(fleet::FleetLink::new(fleet, news))
+                }
+                Err(e) => {
+                    return Err(StateError::Io {
+                        path: config.state.dir.clone(),
+                        source: std::io::Error::other(format!("fleet metrics: {e}")),
+                    })
+                }
+            },
+            None => None,
+        };
         let snap = build_snapshot(&config, 1, &addrs, &routes, &controls, &metrics, &upstreams);
         snap.publish(None, &metrics);
         let shared = Arc::new(Shared::new(snap, metrics, upstreams, path.clone()));
         let reload = Reload::new(shared.clone(), path, &text, config.clone(), certs);
+        let mut announcer = Announcer::new(shared.metrics.clone());
+        if let Some(l) = &fleet {
+            announcer = announcer.with_fleet(l.metrics());
+        }
         let mut c = Controller {
-            announcer: Announcer::new(shared.metrics.clone()),
+            announcer,
+            fleet,
             shared: shared.clone(),
             reload,
             config,
@@ -169,6 +200,9 @@ impl Controller {
         resolve.reset();
         let mut save = every(SAVE_EVIDENCE);
         save.reset();
+        // In a fleet: decisions taken here that the store lacks are
+        // published again (the agent also retries on its own).
+        let mut sweep = every(Duration::from_secs(5));
         // A re-resolution's result is applied when it comes, if the config
         // it was made for is still the one in force.
         let mut resolving: Option<Resolving> = None;
@@ -189,9 +223,18 @@ impl Controller {
                     }
                 }
                 Some(cmd) = actions.recv() => {
-                    let result = self.act(&cmd.route, cmd.action).await;
-                    let _ = cmd.reply.send(result);
+                    // In a fleet, actions other than revert wait for the
+                    // store (their answer comes when it commits).
+                    if let Some(reply) = self.fleet_command(&cmd.route, cmd.action, cmd.reply) {
+                        let result = self.act(&cmd.route, cmd.action).await;
+                        if result.is_ok() && cmd.action == Action::Revert {
+                            self.fleet_sweep();
+                        }
+                        let _ = reply.send(result);
+                    }
                 }
+                Some(news) = fleet::next(&mut self.fleet) => self.on_fleet_news(news).await,
+                _ = sweep.tick(), if self.fleet.is_some() => self.fleet_sweep(),
                 _ = tick.tick() => self.judge_due().await,
                 _ = save.tick() => self.save_evidence().await,
                 _ = shutdown.changed() => {
@@ -212,10 +255,7 @@ impl Controller {
     }
 
     fn at(&self, t: Instant) -> Now {
-        Now {
-            mono: t.duration_since(self.origin),
-            unix: crate::clock::unix_now(),
-        }
+        Now::new(t.duration_since(self.origin), crate::clock::unix_ms())
     }
 
     /// Records and announces each route's output; returns whether any
@@ -305,7 +345,8 @@ impl Controller {
             };
             let d = deployments.get(&*target.name).copied().unwrap_or_default();
             crate::publish::gauges(&self.shared.metrics, target, rt, c, d);
-            let status = crate::publish::route_status(target, rt, c, d);
+            let mut status = crate::publish::route_status(target, rt, c, d);
+            status.fleet = self.route_fleet_status(&target.name);
             self.statuses
                 .insert(target.name.to_string(), Arc::new(status));
         }
@@ -315,7 +356,8 @@ impl Controller {
             .iter()
             .filter_map(|r| self.statuses.get(&r.name).cloned())
             .collect();
-        crate::publish::document(&self.shared, &self.config, self.generation, routes);
+        let fleet = self.fleet.as_ref().map(|l| l.status());
+        crate::publish::document(&self.shared, &self.config, self.generation, fleet, routes);
     }
 
     /// Every decision: the configured routes' from their controls, and
@@ -404,6 +446,7 @@ impl Controller {
         );
         self.controls = controls;
         self.routes = routes;
+        self.fleet_join();
         let changed = self.announce_all(&outputs);
         let names = self.route_names();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();

@@ -17,6 +17,7 @@ pub mod conn;
 pub mod controller;
 pub mod demo;
 pub mod error;
+pub mod fleet;
 pub mod headers;
 pub mod metrics;
 pub mod notify;

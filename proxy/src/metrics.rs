@@ -313,6 +313,14 @@ impl Metrics {
         })
     }
 
+    /// Registers a collector made elsewhere (the fleet's, when configured).
+    pub fn register(
+        &self,
+        c: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(c)
+    }
+
     /// Resolves the handles of one (route, version).
     pub fn version(&self, route: &str, version: &str) -> VersionMetrics {
         VersionMetrics {

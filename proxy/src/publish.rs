@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use veer_control::config::{Config, JudgeMode};
-use veer_control::rollout::RouteControl;
+use veer_control::rollout::{RouteControl, Sharing};
 use veer_control::state::Deployments;
 use veer_control::status::{
     ConfigStatus, EndpointStatus, EvidenceStatus, LastReload, RolloutStatus, RouteStatus,
@@ -41,6 +41,9 @@ pub fn route_status(
         canary: target.canary.as_ref().map(version_status),
         verdict: control.label(),
         reason: match control.reason() {
+            _ if control.sharing() == Sharing::Waiting => {
+                "waiting for the fleet's decisions: the canary gets no traffic here until they are read".into()
+            }
             Some(r) => r.to_string(),
             None if c.judge.mode == JudgeMode::Off => "the judge is off for this route".into(),
             None => "no verdict yet".into(),
@@ -63,6 +66,7 @@ pub fn route_status(
                 .map(|_| WindowStats::from(rt.judge.canary_stats())),
         },
         deployments: deployments.into(),
+        fleet: None,
     }
 }
 
@@ -160,7 +164,13 @@ pub fn gauges(
 
 /// Puts a new `/status` document in effect: the config and reload parts
 /// from `shared`, `routes` in config order.
-pub fn document(shared: &Shared, config: &Config, generation: u64, routes: Vec<Arc<RouteStatus>>) {
+pub fn document(
+    shared: &Shared,
+    config: &Config,
+    generation: u64,
+    fleet: Option<veer_control::status::FleetStatus>,
+    routes: Vec<Arc<RouteStatus>>,
+) {
     let reload = shared.reload_status().clone();
     let doc = StatusDoc {
         veer_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -187,6 +197,7 @@ pub fn document(shared: &Shared, config: &Config, generation: u64, routes: Vec<A
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone(),
+        fleet,
         routes,
     };
     shared.status.store(Arc::new(doc));

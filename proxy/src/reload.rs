@@ -309,6 +309,7 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
         "admin",
     );
     diff(old.state != new.state, "state");
+    diff(old.fleet != new.fleet, "fleet");
     out
 }
 

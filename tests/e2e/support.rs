@@ -18,6 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod etcd;
 mod judging;
 pub use judging::*;
 
@@ -305,6 +306,17 @@ impl Veer {
             .filter(|l| l["message"] == msg)
             .cloned()
             .collect()
+    }
+
+    /// Every log line so far, one per line (for failure messages).
+    pub fn all_logs(&self) -> String {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The process id.

@@ -30,6 +30,8 @@ pub struct RawConfig {
     /// `[state]`.
     #[serde(default)]
     pub state: RawState,
+    /// `[fleet]`.
+    pub fleet: Option<Spanned<RawFleet>>,
     /// `[[route]]`.
     #[serde(default)]
     pub route: Vec<Spanned<RawRoute>>,
@@ -76,6 +78,19 @@ pub struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub struct RawState {
     pub dir: Option<Spanned<String>>,
+}
+
+/// `[fleet]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    pub store: Option<Spanned<String>>,
+    pub endpoints: Option<Spanned<Vec<Spanned<String>>>>,
+    pub name: Option<Spanned<String>>,
+    pub replica: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<String>>,
+    pub cert_file: Option<Spanned<String>>,
+    pub key_file: Option<Spanned<String>>,
 }
 
 /// `[[route]]`.

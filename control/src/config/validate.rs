@@ -87,6 +87,7 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
             .map(|d| v.path(d))
             .unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR)),
     };
+    let fleet = raw.fleet.as_ref().and_then(|f| v.fleet(f));
     let mut routes = Vec::with_capacity(raw.route.len());
     for r in &raw.route {
         if let Some(route) = v.route(r) {
@@ -110,6 +111,7 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
             proxy,
             admin,
             state,
+            fleet,
             routes,
             warnings: v.warnings,
         })
@@ -331,6 +333,13 @@ impl Validator<'_> {
     }
 }
 
+/// A fleet or replica name: it is part of the store's keys.
+fn valid_fleet_name(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+}
+
 /// `host:port` with a non-empty host (name, IPv4 or bracketed IPv6) and a port.
 fn valid_host_port(s: &str) -> bool {
     if s.parse::<SocketAddr>().is_ok() {
@@ -346,6 +355,7 @@ fn valid_host_port(s: &str) -> bool {
             .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
 }
 
+mod fleet;
 mod judge;
 mod route;
 

@@ -25,10 +25,7 @@ fn route(mode: &str, rollout: bool, version: Option<&str>) -> Route {
 }
 
 fn at(secs: u64) -> Now {
-    Now {
-        mono: Duration::from_secs(secs),
-        unix: 1_700_000_000 + secs,
-    }
+    Now::new(Duration::from_secs(secs), (1_700_000_000 + secs) * 1000)
 }
 
 fn verdict(status: Status) -> Verdict {

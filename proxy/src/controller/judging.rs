@@ -100,6 +100,7 @@ impl Controller {
         let out = control.on_verdict(route, verdict, w_bp, at);
         self.record_deployments(name, &out);
         self.announce(name, &out);
+        self.fleet_after_verdict(route, &out);
         Some(out.changed)
     }
 }

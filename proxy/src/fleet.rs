@@ -1,0 +1,688 @@
+//! A fleet's shared decisions, through etcd v3.
+//!
+//! One task (the agent) owns the etcd client. The controller hands it
+//! decisions to publish (a revert: taken here first, written when the store
+//! can be reached) and proposals to commit (everything that moves traffic
+//! toward the canary: written first, taken when committed), and hears back
+//! every record of the fleet, in the store's order, from one watch.
+//!
+//! Keys, under `/veer/v1/<fleet>/`:
+//!
+//! - `decision/<route>/<identity>`: a [`FleetRecord`] (JSON), changed only by
+//!   a transaction on its `mod_revision` (read, merge, compare-and-put);
+//! - `members/<replica>`: the replica's name and start, under a 10 s lease.
+//!
+//! The rules that merge records are pure and live in
+//! `control/src/fleet.rs`; this is the I/O around them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
+use tokio::sync::{mpsc, oneshot};
+use veer_control::config::FleetSettings;
+use veer_control::fleet::{merge_publish, propose, FleetRecord, Proposal, Rejected};
+use veer_control::status::FleetStatus;
+
+/// Lease of a member's key: a replica gone this long leaves the list.
+const MEMBER_TTL: i64 = 10;
+/// How often the lease is renewed.
+const KEEP_ALIVE: Duration = Duration::from_secs(3);
+/// Deadline of one call to the store; a slower store is unreachable.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Back-off between reconnections, doubling up to the second.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
+/// Compare-and-put attempts before a write is retried later.
+const CAS_ATTEMPTS: usize = 8;
+
+/// A route's record: which route, which canary identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RecordKey {
+    /// The route.
+    pub route: String,
+    /// The canary identity.
+    pub identity: u64,
+}
+
+/// Why a proposal was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// The store could not be reached: nothing was written.
+    #[error("the fleet store (etcd) cannot be reached: {0}; actions that move traffic toward the canary need it (a revert does not)")]
+    Unreachable(String),
+    /// The store's record refused it.
+    #[error(transparent)]
+    Rejected(#[from] Rejected),
+}
+
+/// What the agent tells the controller.
+#[derive(Debug)]
+pub enum FromAgent {
+    /// A record, as read or watched, in the store's order, with the
+    /// store's revision of the write.
+    Record(RecordKey, FleetRecord, i64),
+    /// Every record of the fleet has been read once (after the first read,
+    /// and after each re-read of a compacted history).
+    Synced,
+    /// Connection or membership changed (for `/status`).
+    Status,
+}
+
+enum ToAgent {
+    Publish(RecordKey, FleetRecord),
+    Propose {
+        key: RecordKey,
+        local: FleetRecord,
+        proposal: Proposal,
+        reply: oneshot::Sender<Result<(FleetRecord, i64), ProposeError>>,
+    },
+}
+
+/// The fleet's metrics (registered only when `[fleet]` is configured).
+#[derive(Clone)]
+pub struct FleetMetrics {
+    /// `veer_fleet_connected`.
+    pub connected: IntGauge,
+    /// `veer_fleet_members`.
+    pub members: IntGauge,
+    /// `veer_fleet_decisions_total{route,action,source}`.
+    pub decisions: IntCounterVec,
+    /// `veer_fleet_propagation_seconds`.
+    pub propagation: Histogram,
+}
+
+impl FleetMetrics {
+    /// Creates and registers them.
+    pub fn new(m: &crate::metrics::Metrics) -> Result<FleetMetrics, prometheus::Error> {
+        let connected = IntGauge::new(
+            "veer_fleet_connected",
+            "1 while connected to the fleet's store (etcd) with a watch running.",
+        )?;
+        let members = IntGauge::new(
+            "veer_fleet_members",
+            "Replicas of the fleet with a live member key.",
+        )?;
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "veer_fleet_decisions_total",
+                "Fleet decisions taken here (source=local) or applied from another replica (source=fleet).",
+            ),
+            &["route", "action", "source"],
+        )?;
+        let propagation = Histogram::with_opts(
+            HistogramOpts::new(
+                "veer_fleet_propagation_seconds",
+                "From a decision on one replica to its application here.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )?;
+        m.register(Box::new(connected.clone()))?;
+        m.register(Box::new(members.clone()))?;
+        m.register(Box::new(decisions.clone()))?;
+        m.register(Box::new(propagation.clone()))?;
+        Ok(FleetMetrics {
+            connected,
+            members,
+            decisions,
+            propagation,
+        })
+    }
+}
+
+/// The controller's side of the agent.
+pub struct Fleet {
+    /// This replica's name.
+    pub replica: String,
+    /// The fleet's metrics.
+    pub metrics: FleetMetrics,
+    status: Arc<Mutex<FleetStatus>>,
+    to_agent: mpsc::UnboundedSender<ToAgent>,
+}
+
+impl Fleet {
+    /// Starts the agent. Its news arrive on the returned receiver.
+    pub fn start(
+        settings: &FleetSettings,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<(Fleet, mpsc::UnboundedReceiver<FromAgent>), prometheus::Error> {
+        let replica = replica_name(settings);
+        let fm = FleetMetrics::new(metrics)?;
+        let status = Arc::new(Mutex::new(FleetStatus {
+            store: "etcd".into(),
+            name: settings.name.clone(),
+            replica: replica.clone(),
+            ..FleetStatus::default()
+        }));
+        let (to_agent, requests) = mpsc::unbounded_channel();
+        let (news, from_agent) = mpsc::unbounded_channel();
+        let agent = Agent {
+            settings: settings.clone(),
+            prefix: format!("/veer/v1/{}/", settings.name),
+            replica: replica.clone(),
+            status: status.clone(),
+            metrics: fm.clone(),
+            news,
+            pending: HashMap::new(),
+            revision: 0,
+            members: BTreeSet::new(),
+            // Replicas start on different members.
+            endpoint: xxhash_rust::xxh3::xxh3_64(replica.as_bytes()) as usize,
+        };
+        tokio::spawn(agent.run(requests));
+        Ok((
+            Fleet {
+                replica,
+                metrics: fm,
+                status,
+                to_agent,
+            },
+            from_agent,
+        ))
+    }
+
+    /// Publishes a decision taken here (a revert): written when the store
+    /// can be reached, merged with what it holds then.
+    pub fn publish(&self, key: RecordKey, local: FleetRecord) {
+        let _ = self.to_agent.send(ToAgent::Publish(key, local));
+    }
+
+    /// Proposes a change away from stable; the answer comes once it is
+    /// committed (or refused).
+    pub fn propose(
+        &self,
+        key: RecordKey,
+        local: FleetRecord,
+        proposal: Proposal,
+    ) -> oneshot::Receiver<Result<(FleetRecord, i64), ProposeError>> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.to_agent.send(ToAgent::Propose {
+            key,
+            local,
+            proposal,
+            reply,
+        });
+        rx
+    }
+
+    /// The fleet as `/status` shows it.
+    pub fn status(&self) -> FleetStatus {
+        lock(&self.status).clone()
+    }
+}
+
+fn lock(m: &Mutex<FleetStatus>) -> std::sync::MutexGuard<'_, FleetStatus> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// This replica's name: configured, else `$POD_NAME`, else the host name.
+pub fn replica_name(settings: &FleetSettings) -> String {
+    if let Some(r) = &settings.replica {
+        return r.clone();
+    }
+    let clean = |s: &str| {
+        let s: String = s
+            .trim()
+            .to_ascii_lowercase()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(63)
+            .collect();
+        (!s.is_empty()).then_some(s)
+    };
+    std::env::var("POD_NAME")
+        .ok()
+        .and_then(|p| clean(&p))
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .and_then(|h| clean(&h))
+        })
+        .unwrap_or_else(|| format!("veer-{}", std::process::id()))
+}
+
+struct Agent {
+    settings: FleetSettings,
+    prefix: String,
+    replica: String,
+    status: Arc<Mutex<FleetStatus>>,
+    metrics: FleetMetrics,
+    news: mpsc::UnboundedSender<FromAgent>,
+    /// Decisions to publish, by key: the latest of each.
+    pending: HashMap<RecordKey, FleetRecord>,
+    /// The store's revision last seen: a watch resumes after it (0: read
+    /// everything first).
+    revision: i64,
+    members: BTreeSet<String>,
+    /// The endpoint to connect to next: one at a time, the next one after
+    /// a failure (a dead member, or one without a leader, is left at once
+    /// instead of being picked again by a balancer).
+    endpoint: usize,
+}
+
+/// Why a session with the store ended.
+enum Ended {
+    /// The controller is gone: stop.
+    Closed,
+    /// An error: reconnect.
+    Error(String),
+    /// The watch's history was compacted: read everything again.
+    Compacted,
+}
+
+impl Agent {
+    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<ToAgent>) {
+        let mut backoff = BACKOFF.0;
+        loop {
+            let ended = match self.connect().await {
+                Ok(client) => self.session(client, &mut requests, &mut backoff).await,
+                Err(e) => Ended::Error(e),
+            };
+            self.set_connected(false, None);
+            self.endpoint = self.endpoint.wrapping_add(1);
+            match ended {
+                Ended::Closed => return,
+                Ended::Compacted => {
+                    tracing::warn!(fleet = %self.settings.name, "the fleet's watch history was compacted: reading every decision again");
+                    self.revision = 0;
+                    continue;
+                }
+                Ended::Error(e) => {
+                    tracing::warn!(fleet = %self.settings.name, error = %e, retry_in = ?backoff, "fleet store unreachable; reverts are taken here and published later, other actions are refused");
+                    lock(&self.status).last_error = Some(e);
+                }
+            }
+            // Requests that come while waiting: publishes are kept,
+            // proposals refused at once.
+            let wait = tokio::time::sleep(backoff);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    _ = &mut wait => break,
+                    r = requests.recv() => match r {
+                        None => return,
+                        Some(r) => self.refuse_or_keep(r),
+                    },
+                }
+            }
+            // A full round of the endpoints failed before the back-off grows.
+            if self.endpoint % self.settings.endpoints.len().max(1) == 0 {
+                backoff = (backoff * 2).min(BACKOFF.1);
+            }
+        }
+    }
+
+    fn refuse_or_keep(&mut self, r: ToAgent) {
+        match r {
+            ToAgent::Publish(key, local) => {
+                self.pending.insert(key, local);
+            }
+            ToAgent::Propose { reply, .. } => {
+                let e = lock(&self.status)
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "not connected".into());
+                let _ = reply.send(Err(ProposeError::Unreachable(e)));
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Client, String> {
+        let mut opts = ConnectOptions::new()
+            .with_timeout(CALL_TIMEOUT)
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        if self.settings.tls() {
+            opts = opts.with_tls(self.tls().await?);
+        }
+        let n = self.settings.endpoints.len().max(1);
+        let endpoint = self
+            .settings
+            .endpoints
+            .get(self.endpoint % n)
+            .cloned()
+            .unwrap_or_default();
+        Client::connect([endpoint.as_str()], Some(opts))
+            .await
+            .map_err(|e| format!("connecting to {endpoint}: {e}"))
+    }
+
+    /// TLS to the store, read from the files at each connection (a rotated
+    /// certificate is used from the next one).
+    async fn tls(&self) -> Result<TlsOptions, String> {
+        let read = |p: std::path::PathBuf| async move {
+            tokio::fs::read(&p)
+                .await
+                .map_err(|e| format!("reading {}: {e}", p.display()))
+        };
+        let mut tls = TlsOptions::new();
+        tls = match &self.settings.ca_file {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(read(ca.clone()).await?)),
+            None => tls.with_webpki_roots(),
+        };
+        if let Some((cert, key)) = &self.settings.client_cert {
+            let cert = read(cert.clone()).await?;
+            let key = read(key.clone()).await?;
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        Ok(tls)
+    }
+
+    async fn session(
+        &mut self,
+        mut client: Client,
+        requests: &mut mpsc::UnboundedReceiver<ToAgent>,
+        backoff: &mut Duration,
+    ) -> Ended {
+        let e = |what: &str, e: etcd_client::Error| Ended::Error(format!("{what}: {e}"));
+        // Read every decision and member if the watch cannot resume.
+        if self.revision == 0 {
+            let got = match client
+                .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
+                .await
+            {
+                Ok(g) => g,
+                Err(x) => return e("reading the fleet's decisions", x),
+            };
+            self.members.clear();
+            for kv in got.kvs() {
+                self.on_put(kv.key(), kv.value(), kv.mod_revision());
+            }
+            self.revision = got.header().map_or(0, |h| h.revision());
+            let _ = self.news.send(FromAgent::Synced);
+            lock(&self.status).synced = true;
+            tracing::info!(fleet = %self.settings.name, revision = self.revision, "read the fleet's decisions");
+        }
+        // One watch for the fleet's keys, from the revision after the last
+        // one seen (nothing is missed across a disconnect).
+        let mut watch = match client
+            .watch(
+                self.prefix.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(self.revision + 1),
+                ),
+            )
+            .await
+        {
+            Ok(w) => w,
+            Err(x) => return e("watching the fleet's decisions", x),
+        };
+        self.members.insert(self.replica.clone());
+        self.set_connected(true, None);
+        *backoff = BACKOFF.0;
+        tracing::info!(fleet = %self.settings.name, replica = %self.replica, revision = self.revision, "connected to the fleet store");
+        // Decisions first (a revert waiting for the store), then membership.
+        if let Err(x) = self.flush(&mut client).await {
+            return Ended::Error(x);
+        }
+        // Membership, under a lease.
+        let lease = match client.lease_grant(MEMBER_TTL, None).await {
+            Ok(l) => l.id(),
+            Err(x) => return e("granting the member lease", x),
+        };
+        let member_key = format!("{}members/{}", self.prefix, self.replica);
+        let member =
+            serde_json::json!({ "replica": self.replica, "version": env!("CARGO_PKG_VERSION") });
+        if let Err(x) = client
+            .put(
+                member_key.as_str(),
+                member.to_string(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+        {
+            return e("writing the member key", x);
+        }
+        let (mut keeper, mut kept) = match client.lease_keep_alive(lease).await {
+            Ok(k) => k,
+            Err(x) => return e("keeping the member lease", x),
+        };
+        let mut renew = tokio::time::interval(KEEP_ALIVE);
+        let mut retry = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                m = watch.message() => match m {
+                    Ok(Some(resp)) => {
+                        if resp.compact_revision() > 0 {
+                            return Ended::Compacted;
+                        }
+                        if resp.canceled() {
+                            return Ended::Error(format!("the watch was canceled: {}", resp.cancel_reason()));
+                        }
+                        for ev in resp.events() {
+                            let Some(kv) = ev.kv() else { continue };
+                            self.revision = self.revision.max(kv.mod_revision());
+                            match ev.event_type() {
+                                EventType::Put => self.on_put(kv.key(), kv.value(), kv.mod_revision()),
+                                EventType::Delete => self.on_delete(kv.key()),
+                            }
+                        }
+                        lock(&self.status).revision = self.revision;
+                    }
+                    Ok(None) => return Ended::Error("the watch stream ended".into()),
+                    Err(x) => return e("watching", x),
+                },
+                r = requests.recv() => match r {
+                    None => return Ended::Closed,
+                    Some(ToAgent::Publish(key, local)) => {
+                        self.pending.insert(key, local);
+                        if let Err(x) = self.flush(&mut client).await {
+                            return Ended::Error(x);
+                        }
+                    }
+                    Some(ToAgent::Propose { key, local, proposal, reply }) => {
+                        let r = self.propose(&mut client, &key, &local, proposal).await;
+                        let failed = matches!(r, Err(ProposeError::Unreachable(_)));
+                        let _ = reply.send(r);
+                        if failed {
+                            return Ended::Error("a proposal's write failed".into());
+                        }
+                    }
+                },
+                _ = renew.tick() => {
+                    if let Err(x) = keeper.keep_alive().await {
+                        return e("renewing the member lease", x);
+                    }
+                }
+                k = kept.message() => match k {
+                    Ok(Some(r)) if r.ttl() <= 0 => return Ended::Error("the member lease expired".into()),
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Ended::Error("the lease stream ended".into()),
+                    Err(x) => return e("renewing the member lease", x),
+                },
+                _ = retry.tick(), if !self.pending.is_empty() => {
+                    if let Err(x) = self.flush(&mut client).await {
+                        return Ended::Error(x);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the pending publishes; what fails stays pending (and the
+    /// error ends the session: the next endpoint is tried).
+    async fn flush(&mut self, client: &mut Client) -> Result<(), String> {
+        let mut failed = None;
+        let pending: Vec<(RecordKey, FleetRecord)> = self.pending.drain().collect();
+        for (key, local) in pending {
+            let k = self.key(&key);
+            let r = cas(client, &k, |current| Ok(merge_publish(current, &local))).await;
+            match r {
+                Ok(Some((w, revision))) => {
+                    tracing::info!(route = %key.route, change = w.last.as_str(), epoch = w.epoch, revision, "published a decision to the fleet");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(route = %key.route, error = %e, "publishing a decision to the fleet failed; it is retried");
+                    lock(&self.status).last_error = Some(e.clone());
+                    // Keep the newer one if the controller sent another meanwhile.
+                    self.pending.entry(key).or_insert(local);
+                    failed = Some(e);
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    async fn propose(
+        &mut self,
+        client: &mut Client,
+        key: &RecordKey,
+        local: &FleetRecord,
+        proposal: Proposal,
+    ) -> Result<(FleetRecord, i64), ProposeError> {
+        let k = self.key(key);
+        let replica = self.replica.clone();
+        let mut rejected = None;
+        let r = cas(client, &k, |current| {
+            match propose(current, local, proposal, &replica, crate::clock::unix_ms()) {
+                Ok(w) => Ok(Some(w)),
+                Err(e) => {
+                    rejected = Some(e);
+                    Ok(None)
+                }
+            }
+        })
+        .await;
+        match (r, rejected) {
+            (Ok(Some(w)), _) => Ok(w),
+            (Ok(None), Some(e)) => Err(ProposeError::Rejected(e)),
+            (Ok(None), None) => Err(ProposeError::Rejected(Rejected::Stale)),
+            (Err(e), _) => {
+                lock(&self.status).last_error = Some(e.clone());
+                Err(ProposeError::Unreachable(e))
+            }
+        }
+    }
+
+    fn key(&self, k: &RecordKey) -> String {
+        format!("{}decision/{}/{:016x}", self.prefix, k.route, k.identity)
+    }
+
+    fn on_put(&mut self, key: &[u8], value: &[u8], revision: i64) {
+        let Some(rest) = std::str::from_utf8(key)
+            .ok()
+            .and_then(|k| k.strip_prefix(self.prefix.as_str()))
+        else {
+            return;
+        };
+        if let Some(name) = rest.strip_prefix("members/") {
+            if self.members.insert(name.to_string()) {
+                tracing::info!(replica = %name, "a replica joined the fleet");
+                self.members_changed();
+            }
+            return;
+        }
+        let Some((route, id)) = rest
+            .strip_prefix("decision/")
+            .and_then(|r| r.rsplit_once('/'))
+        else {
+            return;
+        };
+        let (Ok(identity), Ok(record)) = (
+            u64::from_str_radix(id, 16),
+            serde_json::from_slice::<FleetRecord>(value),
+        ) else {
+            tracing::warn!(key = %String::from_utf8_lossy(key), "ignoring a fleet record that does not parse");
+            return;
+        };
+        let key = RecordKey {
+            route: route.to_string(),
+            identity,
+        };
+        let _ = self.news.send(FromAgent::Record(key, record, revision));
+    }
+
+    fn on_delete(&mut self, key: &[u8]) {
+        let name = std::str::from_utf8(key)
+            .ok()
+            .and_then(|k| k.strip_prefix(self.prefix.as_str()))
+            .and_then(|k| k.strip_prefix("members/"));
+        if let Some(name) = name {
+            if self.members.remove(name) {
+                tracing::info!(replica = %name, "a replica left the fleet");
+                self.members_changed();
+            }
+        }
+    }
+
+    fn members_changed(&self) {
+        self.metrics.members.set(self.members.len() as i64);
+        lock(&self.status).members = self.members.iter().cloned().collect();
+        let _ = self.news.send(FromAgent::Status);
+    }
+
+    fn set_connected(&self, connected: bool, error: Option<String>) {
+        self.metrics.connected.set(i64::from(connected));
+        {
+            let mut s = lock(&self.status);
+            if s.connected == connected && error.is_none() {
+                return;
+            }
+            s.connected = connected;
+            if connected {
+                s.last_error = None;
+            }
+            s.revision = self.revision;
+        }
+        self.members_changed();
+    }
+}
+
+/// Read-modify-write of one key: `f` gets the record in the store (if any)
+/// and says what to write (`None`: nothing); the write is a transaction on
+/// the read's `mod_revision`, retried when another replica wrote between.
+/// Returns what was written, and the store's revision of the write.
+async fn cas(
+    client: &mut Client,
+    key: &str,
+    mut f: impl FnMut(Option<&FleetRecord>) -> Result<Option<FleetRecord>, String>,
+) -> Result<Option<(FleetRecord, i64)>, String> {
+    for _ in 0..CAS_ATTEMPTS {
+        let got = client
+            .get(key, None)
+            .await
+            .map_err(|e| format!("reading {key}: {e}"))?;
+        let (current, revision) = match got.kvs().first() {
+            Some(kv) => (
+                serde_json::from_slice::<FleetRecord>(kv.value()).ok(),
+                kv.mod_revision(),
+            ),
+            None => (None, 0),
+        };
+        let Some(write) = f(current.as_ref())? else {
+            return Ok(None);
+        };
+        let value = serde_json::to_vec(&write).map_err(|e| e.to_string())?;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, revision)])
+            .and_then([TxnOp::put(key, value, None)]);
+        let done = client
+            .txn(txn)
+            .await
+            .map_err(|e| format!("writing {key}: {e}"))?;
+        if done.succeeded() {
+            let revision = done.header().map_or(0, |h| h.revision());
+            return Ok(Some((write, revision)));
+        }
+    }
+    Err(format!(
+        "writing {key}: {CAS_ATTEMPTS} attempts lost to concurrent writes"
+    ))
+}

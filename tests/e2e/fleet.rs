@@ -1,0 +1,360 @@
+//! Fleets that agree: three real `veer` processes sharing decisions through
+//! a real etcd (Debian's `etcd-server`, started here on free loopback
+//! ports).
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::support::etcd::{etcd_tls, Etcd};
+use super::support::{admin_post, all_on, metric, route_config, Load, Upstream, Veer, FAST_JUDGE};
+
+/// A replica's config: one route with a canary at `weight`, the fast
+/// judge, and `[fleet]` on `endpoints`.
+fn replica_config(
+    stable: &Upstream,
+    canary: &Upstream,
+    weight: f64,
+    endpoints: &str,
+    replica: &str,
+    extra_fleet: &str,
+) -> String {
+    route_config(&[stable.addr], &[canary.addr], weight, "")
+        + FAST_JUDGE
+        + &format!(
+            "[fleet]\nstore = \"etcd\"\nendpoints = [{endpoints}]\nname = \"checkout\"\nreplica = \"{replica}\"\n{extra_fleet}"
+        )
+}
+
+/// The first route's `/status` entry and the fleet object, polled until
+/// `ready` holds (panics after `limit`, naming `what`).
+async fn wait_for(
+    v: &Veer,
+    what: &str,
+    limit: Duration,
+    ready: impl Fn(&serde_json::Value, &serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let s = v.status().await;
+        let route = s["routes"][0].clone();
+        if ready(&route, &s["fleet"]) {
+            return route;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "never {what}: {s}\nlogs:\n{}",
+            v.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_synced(v: &Veer) {
+    wait_for(v, "synced", Duration::from_secs(10), |_, f| {
+        f["synced"] == true && f["connected"] == true
+    })
+    .await;
+}
+
+fn reverted(r: &serde_json::Value) -> bool {
+    r["verdict"] == "reverted" && r["weight"]["effective"] == 0.0
+}
+
+/// Every observation of `veer_fleet_propagation_seconds` on `v` was at
+/// most a second.
+async fn propagated_within_a_second(v: &Veer) -> f64 {
+    let m = v.metrics().await;
+    let count = metric(&m, "veer_fleet_propagation_seconds_count").unwrap_or(0.0);
+    let within = metric(&m, "veer_fleet_propagation_seconds_bucket{le=\"1\"}").unwrap_or(0.0);
+    assert!(count >= 1.0, "no fleet decision applied: {m}");
+    assert_eq!(within, count, "a decision took over 1 s to arrive");
+    metric(&m, "veer_fleet_propagation_seconds_sum").unwrap_or(0.0) / count
+}
+
+/// Two synced replicas r1 and r2 of one fleet, with their upstreams.
+struct Pair {
+    s: std::sync::Arc<Upstream>,
+    c: std::sync::Arc<Upstream>,
+    r1: Veer,
+    r2: Veer,
+}
+
+impl Pair {
+    async fn start(etcd: &Etcd) -> Pair {
+        let s = Upstream::start("stable").await;
+        let c = Upstream::start("canary").await;
+        let ep = etcd.endpoints();
+        let r1 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r1", "")).await;
+        let r2 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r2", "")).await;
+        wait_synced(&r1).await;
+        wait_synced(&r2).await;
+        Pair { s, c, r1, r2 }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_judges_revert_reaches_every_replica_and_a_reset_elsewhere_brings_the_canary_back() {
+    let etcd = Etcd::single().await;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let ep = etcd.endpoints();
+    let r1 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r1", "")).await;
+    let r2 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r2", "")).await;
+    let r3 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r3", "")).await;
+    for r in [&r1, &r2, &r3] {
+        wait_synced(r).await;
+    }
+    wait_for(&r1, "three members", Duration::from_secs(10), |_, f| {
+        f["members"].as_array().is_some_and(|m| m.len() == 3)
+    })
+    .await;
+
+    // The canary fails; traffic goes through r1 only.
+    c.status.store(500, Ordering::SeqCst);
+    let load = Load::start(r1.addr, 4, Duration::ZERO);
+    wait_for(
+        &r1,
+        "reverted by r1's judge",
+        Duration::from_secs(15),
+        |r, _| reverted(r),
+    )
+    .await;
+    load.stop().await;
+    for r in [&r2, &r3] {
+        let route = wait_for(
+            r,
+            "reverted by the fleet",
+            Duration::from_secs(5),
+            |r, _| reverted(r),
+        )
+        .await;
+        assert_eq!(route["fleet"]["source"], "fleet", "{route}");
+        assert_eq!(route["fleet"]["by"], "r1", "{route}");
+        let lag = propagated_within_a_second(r).await;
+        eprintln!("revert propagated in {:.1} ms on average", lag * 1e3);
+    }
+    // From then on r2 and r3 never route to the canary.
+    let before = c.requests.load(Ordering::SeqCst);
+    all_on(&r2, "stable", 200).await;
+    all_on(&r3, "stable", 200).await;
+    assert_eq!(c.requests.load(Ordering::SeqCst), before);
+    let m = r2.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "veer_fleet_decisions_total{action=\"revert\",route=\"web\",source=\"fleet\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+
+    // Fixed; an operator resets on r2: every replica takes the canary back.
+    c.status.store(200, Ordering::SeqCst);
+    assert_eq!(admin_post(&r2, "/routes/web/reset").await, 200);
+    for r in [&r1, &r2, &r3] {
+        let route = wait_for(r, "reset everywhere", Duration::from_secs(5), |r, _| {
+            r["reverted"].is_null() && r["weight"]["effective"] == 20.0
+        })
+        .await;
+        assert_eq!(route["fleet"]["epoch"], 1, "{route}");
+    }
+    let r1_route = r1.status().await["routes"][0].clone();
+    assert_eq!(r1_route["fleet"]["by"], "r2", "{r1_route}");
+    assert_eq!(r1_route["fleet"]["change"], "reset", "{r1_route}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_after_a_revert_never_routes_to_the_canary() {
+    let etcd = Etcd::single().await;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let ep = etcd.endpoints();
+    let r1 = Veer::start(&replica_config(&s, &c, 50.0, &ep, "r1", "")).await;
+    wait_synced(&r1).await;
+    assert_eq!(admin_post(&r1, "/routes/web/revert").await, 200);
+    wait_for(
+        &r1,
+        "the revert published",
+        Duration::from_secs(5),
+        |r, _| reverted(r) && r["fleet"]["unpublished"] == false,
+    )
+    .await;
+
+    // A new replica with an empty state dir (a rescheduled pod's
+    // emptyDir): traffic from its first ready moment.
+    let before = c.requests.load(Ordering::SeqCst);
+    let r2 = Veer::start(&replica_config(&s, &c, 50.0, &ep, "r2", "")).await;
+    let load = Load::start(r2.addr, 4, Duration::ZERO);
+    wait_for(
+        &r2,
+        "reverted from the fleet",
+        Duration::from_secs(5),
+        |r, _| reverted(r),
+    )
+    .await;
+    all_on(&r2, "stable", 300).await;
+    let sent = load.stop().await;
+    assert!(sent > 0);
+    assert_eq!(
+        c.requests.load(Ordering::SeqCst),
+        before,
+        "a new replica routed to a canary the fleet had reverted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_down_a_replica_still_reverts_refuses_reset_and_publishes_when_it_is_back() {
+    let mut etcd = Etcd::single().await;
+    let Pair { s: _s, c, r1, r2 } = Pair::start(&etcd).await;
+
+    etcd.members[0].kill();
+    wait_for(&r1, "disconnected", Duration::from_secs(10), |_, f| {
+        f["connected"] == false
+    })
+    .await;
+    let m = r1.metrics().await;
+    assert_eq!(metric(&m, "veer_fleet_connected"), Some(0.0), "{m}");
+
+    // Toward stable is never blocked: r1's judge reverts on its own.
+    c.status.store(500, Ordering::SeqCst);
+    let load = Load::start(r1.addr, 4, Duration::ZERO);
+    let route = wait_for(&r1, "reverted locally", Duration::from_secs(15), |r, _| {
+        reverted(r)
+    })
+    .await;
+    load.stop().await;
+    assert_eq!(route["fleet"]["unpublished"], true, "{route}");
+    // Away from stable needs the store: refused, nothing changed.
+    assert_eq!(admin_post(&r1, "/routes/web/reset").await, 503);
+    assert_eq!(admin_post(&r2, "/routes/web/promote").await, 503);
+    assert!(reverted(&r1.status().await["routes"][0]));
+    assert_eq!(r2.status().await["routes"][0]["promoted"], false);
+
+    // etcd is back: the revert reaches r2.
+    etcd.members[0].restart().await;
+    let route = wait_for(
+        &r2,
+        "reverted after etcd came back",
+        Duration::from_secs(15),
+        |r, _| reverted(r),
+    )
+    .await;
+    assert_eq!(route["fleet"]["by"], "r1", "{route}");
+    wait_for(&r1, "published", Duration::from_secs(10), |r, _| {
+        r["fleet"]["unpublished"] == false
+    })
+    .await;
+    c.status.store(200, Ordering::SeqCst);
+    assert_eq!(admin_post(&r1, "/routes/web/reset").await, 200);
+    wait_for(&r2, "reset from r1", Duration::from_secs(5), |r, _| {
+        r["reverted"].is_null()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_reach_the_store_serves_stable_only_and_says_so() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let dead = super::support::dead_addr().await;
+    let config = replica_config(&s, &c, 50.0, &format!("\"http://{dead}\""), "lonely", "")
+        .replacen(
+            "[route.stable]",
+            "[route.force]\nheader = \"x-veer-version\"\n[route.stable]",
+            1,
+        );
+    let v = Veer::start(&config).await;
+    let route = v.status().await["routes"][0].clone();
+    assert_eq!(route["weight"]["effective"], 0.0, "{route}");
+    assert_eq!(route["fleet"]["source"], "waiting", "{route}");
+    assert!(
+        route["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("waiting for the fleet"),
+        "{route}"
+    );
+    all_on(&v, "stable", 200).await;
+    assert_eq!(c.requests.load(Ordering::SeqCst), 0);
+    // Forced requests do not reach the canary either.
+    let r = super::support::get(v.addr, "/", &[("x-veer-version", "canary")])
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-upstream"], "stable");
+    assert_eq!(admin_post(&v, "/routes/web/reset").await, 503);
+    // A revert is never refused.
+    assert_eq!(admin_post(&v, "/routes/web/revert").await, 200);
+    let s = v.status().await;
+    assert_eq!(s["fleet"]["synced"], false, "{s}");
+    assert!(s["fleet"]["last_error"].is_string(), "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_member_etcd_with_its_leader_killed_keeps_the_fleet_deciding() {
+    let mut etcd = Etcd::cluster().await;
+    let Pair { r1, r2, .. } = Pair::start(&etcd).await;
+
+    let leader = etcd.leader().await;
+    etcd.members[leader].kill();
+    let t = Instant::now();
+    assert_eq!(admin_post(&r1, "/routes/web/revert").await, 200);
+    wait_for(
+        &r2,
+        "reverted through a new leader",
+        Duration::from_secs(10),
+        |r, _| reverted(r),
+    )
+    .await;
+    eprintln!(
+        "revert reached r2 {:?} after the leader was killed",
+        t.elapsed()
+    );
+    // Actions that need a commit work again once a new leader is elected.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match admin_post(&r2, "/routes/web/reset").await {
+            200 => break,
+            503 if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            code => panic!("reset answered {code}"),
+        }
+    }
+    wait_for(&r1, "reset from r2", Duration::from_secs(5), |r, _| {
+        r["reverted"].is_null() && r["weight"]["effective"] == 20.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_decisions_over_mutual_tls_and_a_replica_without_a_client_certificate_stays_safe(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = etcd_tls(dir.path());
+    let etcd = Etcd::with_tls(&tls).await;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let ep = etcd.endpoints();
+    let files = format!(
+        "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        tls.ca.display(),
+        tls.client_cert.display(),
+        tls.client_key.display()
+    );
+    let r1 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r1", &files)).await;
+    let r2 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r2", &files)).await;
+    let no_cert = format!("ca_file = \"{}\"\n", tls.ca.display());
+    let r3 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r3", &no_cert)).await;
+    wait_synced(&r1).await;
+    wait_synced(&r2).await;
+    assert_eq!(admin_post(&r1, "/routes/web/revert").await, 200);
+    wait_for(&r2, "reverted over TLS", Duration::from_secs(5), |r, _| {
+        reverted(r)
+    })
+    .await;
+    // etcd refuses r3 (no client certificate): it never reads the
+    // fleet's decisions, so its canary gets nothing.
+    let s3 = r3.status().await;
+    assert_eq!(s3["fleet"]["synced"], false, "{s3}");
+    assert_eq!(s3["routes"][0]["weight"]["effective"], 0.0, "{s3}");
+}

@@ -358,3 +358,56 @@ async fn replicas_share_decisions_over_mutual_tls_and_a_replica_without_a_client
     assert_eq!(s3["fleet"]["synced"], false, "{s3}");
     assert_eq!(s3["routes"][0]["weight"]["effective"], 0.0, "{s3}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_steps_its_rollout_once_and_together() {
+    let etcd = Etcd::single().await;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let ep = etcd.endpoints();
+    let rollout = "[route.rollout]\nsteps = [10, 50, 100]\nhold = \"2s\"\n";
+    let r1 = Veer::start(&(replica_config(&s, &c, 10.0, &ep, "r1", "") + rollout)).await;
+    let r2 = Veer::start(&(replica_config(&s, &c, 10.0, &ep, "r2", "") + rollout)).await;
+    wait_synced(&r1).await;
+    wait_synced(&r2).await;
+    let l1 = Load::start(r1.addr, 2, Duration::from_millis(2));
+    let l2 = Load::start(r2.addr, 2, Duration::from_millis(2));
+    for r in [&r1, &r2] {
+        wait_for(r, "stepped to 50 %", Duration::from_secs(30), |r, _| {
+            r["weight"]["effective"].as_f64() >= Some(50.0)
+        })
+        .await;
+    }
+    l1.stop().await;
+    l2.stop().await;
+    // Without traffic no step is due: both replicas settle on one step.
+    let step = wait_for(&r1, "one step", Duration::from_secs(5), |r, _| {
+        r["rollout"]["step"].as_u64().is_some()
+    })
+    .await["rollout"]["step"]
+        .as_u64()
+        .unwrap();
+    wait_for(&r2, "the same step", Duration::from_secs(5), |r, _| {
+        r["rollout"]["step"].as_u64() == Some(step)
+    })
+    .await;
+    // Each step was taken once in the fleet (by whichever replica's
+    // proposal committed first) and applied by the other.
+    let count = |m: &str, source: &str| {
+        metric(
+            m,
+            &format!(
+                "veer_fleet_decisions_total{{action=\"step\",route=\"web\",source=\"{source}\"}}"
+            ),
+        )
+        .unwrap_or(0.0) as u64
+    };
+    let (m1, m2) = (r1.metrics().await, r2.metrics().await);
+    assert_eq!(
+        count(&m1, "local") + count(&m2, "local"),
+        step,
+        "{m1}\n{m2}"
+    );
+    assert_eq!(count(&m1, "local") + count(&m1, "fleet"), step, "{m1}");
+    assert_eq!(count(&m2, "local") + count(&m2, "fleet"), step, "{m2}");
+}

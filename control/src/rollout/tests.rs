@@ -281,6 +281,116 @@ fn each_deployment_ends_once_promoted_reverted_or_replaced() {
     );
 }
 
+#[test]
+fn a_replica_waiting_for_its_fleet_sends_nothing_to_the_canary() {
+    let r = route("enforce", false, Some("v2"));
+    let mut c = fresh(&r);
+    c.set_sharing(Sharing::Waiting);
+    assert_eq!(c.effective_bp(&r), 0);
+    assert!(c.canary_closed());
+    c.set_sharing(Sharing::Synced);
+    assert_eq!(c.effective_bp(&r), 1000);
+    assert!(!c.canary_closed());
+}
+
+#[test]
+fn in_a_fleet_a_held_step_is_proposed_and_taken_from_the_committed_record() {
+    let r = route("enforce", true, Some("v2"));
+    let mut c = fresh(&r);
+    c.set_sharing(Sharing::Synced);
+    c.on_verdict(&r, verdict(Status::Healthy), 100, at(0));
+    let out = c.on_verdict(&r, verdict(Status::Healthy), 100, at(61));
+    assert!(!out.changed, "a fleet replica does not step on its own");
+    assert!(out.events.contains(&Event::StepDue { epoch: 0, from: 0 }));
+    assert_eq!(c.decision().rollout_step, 0);
+
+    // The committed step, as this replica wrote it: taken, announced.
+    let mut rec = c.record("r1", Change::Step, at(61));
+    rec.rollout_step = 1;
+    rec.step_started_ms = at(61).unix_ms;
+    let out = c.on_fleet(&r, &rec, true, at(61));
+    assert!(out.changed);
+    assert!(matches!(
+        out.events.first(),
+        Some(Event::RolloutAdvanced {
+            step: 1,
+            weight_bp: 500,
+            ..
+        })
+    ));
+    assert_eq!(c.effective_bp(&r), 500);
+    // The same record again (the watch after the commit): nothing.
+    assert_eq!(c.on_fleet(&r, &rec, true, at(62)), Output::default());
+
+    // The fleet's step clock: a step another replica took 50 s ago needs
+    // only 10 s more of health here (healthy here since 0).
+    let mut rec2 = rec.clone();
+    rec2.rollout_step = 2;
+    rec2.step_started_ms = at(70).unix_ms;
+    rec2.by = "r2".into();
+    let out = c.on_fleet(&r, &rec2, false, at(120));
+    assert!(matches!(
+        out.events.first(),
+        Some(Event::FleetApplied {
+            change: Change::Step,
+            ..
+        })
+    ));
+    let due = |out: &Output| {
+        out.events
+            .iter()
+            .any(|e| matches!(e, Event::StepDue { .. }))
+    };
+    assert!(!due(&c.on_verdict(
+        &r,
+        verdict(Status::Healthy),
+        2500,
+        at(121)
+    )));
+    assert!(!due(&c.on_verdict(
+        &r,
+        verdict(Status::Healthy),
+        2500,
+        at(129)
+    )));
+    let out = c.on_verdict(&r, verdict(Status::Healthy), 2500, at(130));
+    assert!(out.events.contains(&Event::StepDue { epoch: 0, from: 2 }));
+}
+
+#[test]
+fn a_fleet_reset_replaces_a_local_revert_and_a_fleet_revert_takes_the_canary_out() {
+    let r = route("enforce", false, Some("v2"));
+    let mut c = fresh(&r);
+    c.set_sharing(Sharing::Synced);
+    // Another replica's revert.
+    let mut rec = c.record("r2", Change::Revert, at(1));
+    rec.reverted = Some(crate::state::Revert {
+        guard: Guard::ErrorRateTest,
+        reason: "bad".into(),
+        at_unix: 1,
+    });
+    let out = c.on_fleet(&r, &rec, false, at(2));
+    assert!(out.changed);
+    assert_eq!(c.effective_bp(&r), 0);
+    assert_eq!(c.label(), Label::Reverted);
+    // A reset from the fleet (a newer epoch): the canary is back, the
+    // verdicts start over.
+    let mut reset = rec.clone();
+    reset.epoch = 1;
+    reset.reverted = None;
+    reset.last = Change::Reset;
+    let out = c.on_fleet(&r, &reset, false, at(3));
+    assert!(out
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::FleetApplied { reset: true, .. })));
+    assert_eq!(c.effective_bp(&r), 1000);
+    assert!(c.last().is_none());
+    // A record of the old epoch arriving late changes nothing.
+    assert_eq!(c.on_fleet(&r, &rec, false, at(4)), Output::default());
+    assert_eq!(c.effective_bp(&r), 1000);
+}
+
 /// One input of the property tests.
 #[derive(Clone, Debug)]
 enum Input {

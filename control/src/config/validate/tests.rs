@@ -273,3 +273,66 @@ fn force_needs_a_valid_header_or_cookie() {
         "{e}"
     );
 }
+
+#[test]
+fn a_fleet_needs_etcd_endpoints_of_one_scheme_and_a_name() {
+    let ok = format!(
+        "[fleet]\nstore = \"etcd\"\nendpoints = [\"https://etcd-0.etcd:2379\", \"https://10.0.0.6:2379/\"]\nname = \"checkout\"\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n{MINIMAL}"
+    );
+    let f = parse(&ok).expect("valid").fleet.expect("fleet");
+    assert_eq!(
+        f.endpoints,
+        ["https://etcd-0.etcd:2379", "https://10.0.0.6:2379"]
+    );
+    assert!(f.tls());
+    assert_eq!(f.replica, None);
+    assert_eq!(f.ca_file, Some(PathBuf::from("/etc/veer/ca.pem")));
+    assert!(parse(MINIMAL).expect("valid").fleet.is_none());
+
+    for (fleet, want) in [
+        (
+            "store = \"consul\"\nendpoints = [\"http://a:1\"]\nname = \"x\"",
+            "the only store is \"etcd\"",
+        ),
+        ("store = \"etcd\"\nname = \"x\"", "needs endpoints"),
+        (
+            "store = \"etcd\"\nendpoints = []\nname = \"x\"",
+            "endpoints is empty",
+        ),
+        (
+            "store = \"etcd\"\nendpoints = [\"http://a:1\", \"https://b:2\"]\nname = \"x\"",
+            "mix http:// and https://",
+        ),
+        (
+            "store = \"etcd\"\nendpoints = [\"a:1\"]\nname = \"x\"",
+            "is not http://host:port",
+        ),
+        (
+            "store = \"etcd\"\nendpoints = [\"http://a:1\"]",
+            "needs a name",
+        ),
+        (
+            "store = \"etcd\"\nendpoints = [\"http://a:1\"]\nname = \"Check/out\"",
+            "must be 1-63 of",
+        ),
+        (
+            "store = \"etcd\"\nendpoints = [\"http://a:1\"]\nname = \"x\"\nreplica = \"a b\"",
+            "replica",
+        ),
+        (
+            "store = \"etcd\"\nendpoints = [\"http://a:1\"]\nname = \"x\"\nca_file = \"ca.pem\"",
+            "endpoints are http://",
+        ),
+        (
+            "store = \"etcd\"\nendpoints = [\"https://a:1\"]\nname = \"x\"\ncert_file = \"c.pem\"",
+            "needs key_file",
+        ),
+        (
+            "store = \"etcd\"\nendpoints = [\"http://a:1\"]\nname = \"x\"\nlease = 3",
+            "unknown field",
+        ),
+    ] {
+        let e = parse(&format!("[fleet]\n{fleet}\n{MINIMAL}")).expect_err(fleet);
+        assert!(e.to_string().contains(want), "{fleet}: {e}");
+    }
+}

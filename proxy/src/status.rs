@@ -84,6 +84,30 @@ pub fn render(v: &StatusDoc) -> String {
     if let Some(e) = &v.state_error {
         let _ = writeln!(out, "decisions NOT persisted: {e}");
     }
+    if let Some(f) = &v.fleet {
+        let _ = writeln!(
+            out,
+            "fleet {} ({}) as {}: {}, {}, revision {}; members: {}",
+            f.name,
+            f.store,
+            f.replica,
+            if f.connected {
+                "connected"
+            } else {
+                "NOT connected"
+            },
+            if f.synced {
+                "decisions read"
+            } else {
+                "decisions NOT read yet (canaries get no traffic here)"
+            },
+            f.revision,
+            f.members.join(", "),
+        );
+        if let Some(e) = &f.last_error {
+            let _ = writeln!(out, "  last store error: {e}");
+        }
+    }
     for r in &v.routes {
         let _ = writeln!(
             out,
@@ -110,6 +134,26 @@ pub fn render(v: &StatusDoc) -> String {
         );
         if let Some(ro) = &r.rollout {
             let _ = writeln!(out, "  rollout step {} of {:?}", ro.step, ro.steps);
+        }
+        if let Some(f) = &r.fleet {
+            let _ = writeln!(
+                out,
+                "  decision: {}{}{}, epoch {}{}",
+                f.source,
+                f.change
+                    .as_deref()
+                    .map(|c| format!(" {c}"))
+                    .unwrap_or_default(),
+                f.by.as_deref()
+                    .map(|b| format!(" by {b}"))
+                    .unwrap_or_default(),
+                f.epoch,
+                if f.unpublished {
+                    " (a revert taken here, NOT in the store yet)"
+                } else {
+                    ""
+                },
+            );
         }
         let dep = &r.deployments;
         if dep.promoted + dep.reverted + dep.replaced > 0 {

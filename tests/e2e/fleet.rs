@@ -133,6 +133,27 @@ async fn a_judges_revert_reaches_every_replica_and_a_reset_elsewhere_brings_the_
         let lag = propagated_within_a_second(r).await;
         eprintln!("revert propagated in {:.1} ms on average", lag * 1e3);
     }
+    // `veer status` says where the decision came from.
+    let admin = r2.admin.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args(["status", "--admin", &admin])
+            .output()
+            .expect("veer status")
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("fleet checkout (etcd) as r2: connected, decisions read"),
+        "{table}"
+    );
+    assert!(table.contains("members: r1, r2, r3"), "{table}");
+    assert!(
+        table.contains("decision: fleet revert by r1, epoch 0"),
+        "{table}"
+    );
+
     // From then on r2 and r3 never route to the canary.
     let before = c.requests.load(Ordering::SeqCst);
     all_on(&r2, "stable", 200).await;

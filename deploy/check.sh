@@ -55,7 +55,7 @@ hadolint "$HERE/container/Dockerfile"
 
 # ------------------------------------------------------------------ kubernetes
 step "kubernetes-validate (schemas for Kubernetes 1.30, offline)"
-for f in "$HERE"/kubernetes/sidecar/*.yaml "$HERE"/kubernetes/ingress/*.yaml; do
+for f in "$HERE"/kubernetes/sidecar/*.yaml "$HERE"/kubernetes/ingress/*.yaml "$HERE"/kubernetes/etcd/*.yaml; do
   case $(basename "$f") in kustomization.yaml) continue ;; esac
   kubernetes-validate --quiet --strict -k 1.30.0 "$f"
 done

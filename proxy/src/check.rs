@@ -64,6 +64,20 @@ pub fn summary(path: &Path, c: &Config) -> String {
         let l: Vec<String> = t.listen.iter().map(ToString::to_string).collect();
         let _ = writeln!(out, "  tls    {}", l.join(", "));
     }
+    if let Some(f) = &c.fleet {
+        let _ = writeln!(
+            out,
+            "  fleet  {} as {} via etcd {}{}",
+            f.name,
+            f.replica.as_deref().unwrap_or("$POD_NAME or the host name"),
+            f.endpoints.join(", "),
+            match (f.tls(), &f.client_cert) {
+                (true, Some(_)) => " (mTLS)",
+                (true, None) => " (TLS)",
+                _ => "",
+            }
+        );
+    }
     for r in &c.routes {
         let hosts = if r.hosts.is_empty() {
             "*".to_string()

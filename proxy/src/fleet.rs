@@ -69,6 +69,10 @@ pub enum FromAgent {
     /// Every record of the fleet has been read once (after the first read,
     /// and after each re-read of a compacted history).
     Synced,
+    /// The store is not the one read before (another cluster, or restored
+    /// from an older backup): forget the revisions of records seen so far;
+    /// every record follows again.
+    StoreReplaced,
     /// Connection or membership changed (for `/status`).
     Status,
 }
@@ -171,6 +175,7 @@ impl Fleet {
             news,
             pending: HashMap::new(),
             revision: 0,
+            cluster: 0,
             members: BTreeSet::new(),
             // Replicas start on different members.
             endpoint: xxhash_rust::xxh3::xxh3_64(replica.as_bytes()) as usize,
@@ -266,6 +271,8 @@ struct Agent {
     /// everything first).
     revision: i64,
     members: BTreeSet<String>,
+    /// The cluster id of the store read so far (0: none yet).
+    cluster: u64,
     /// The endpoint to connect to next: one at a time, the next one after
     /// a failure (a dead member, or one without a leader, is left at once
     /// instead of being picked again by a balancer).
@@ -389,6 +396,30 @@ impl Agent {
         backoff: &mut Duration,
     ) -> Ended {
         let e = |what: &str, e: etcd_client::Error| Ended::Error(format!("{what}: {e}"));
+        // A watch resumes from the last revision seen only on the same
+        // store: a store rebuilt or restored from an older backup has
+        // another cluster id, or a revision behind ours (a watch from a
+        // future revision would wait silently for it).
+        if self.revision != 0 {
+            let head = match client
+                .get(
+                    self.prefix.as_str(),
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await
+            {
+                Ok(g) => g,
+                Err(x) => return e("reading the store's revision", x),
+            };
+            let (cluster, revision) = head
+                .header()
+                .map_or((0, 0), |h| (h.cluster_id(), h.revision()));
+            if cluster != self.cluster || revision < self.revision {
+                tracing::warn!(fleet = %self.settings.name, cluster, revision, known_revision = self.revision, "the fleet store is not the one read before (rebuilt or restored): reading every decision again");
+                self.revision = 0;
+                let _ = self.news.send(FromAgent::StoreReplaced);
+            }
+        }
         // Read every decision and member if the watch cannot resume.
         if self.revision == 0 {
             let got = match client
@@ -403,6 +434,7 @@ impl Agent {
                 self.on_put(kv.key(), kv.value(), kv.mod_revision());
             }
             self.revision = got.header().map_or(0, |h| h.revision());
+            self.cluster = got.header().map_or(0, |h| h.cluster_id());
             let _ = self.news.send(FromAgent::Synced);
             lock(&self.status).synced = true;
             tracing::info!(fleet = %self.settings.name, revision = self.revision, "read the fleet's decisions");
@@ -479,7 +511,12 @@ impl Agent {
                     Err(x) => return e("watching", x),
                 },
                 r = requests.recv() => match r {
-                    None => return Ended::Closed,
+                    None => {
+                        // Shutting down: leave the member list now rather
+                        // than when the lease runs out.
+                        let _ = tokio::time::timeout(Duration::from_millis(500), client.lease_revoke(lease)).await;
+                        return Ended::Closed;
+                    }
                     Some(ToAgent::Publish(key, local)) => {
                         self.pending.insert(key, local);
                         if let Err(x) = self.flush(&mut client).await {

@@ -432,3 +432,54 @@ async fn a_fleet_steps_its_rollout_once_and_together() {
     assert_eq!(count(&m1, "local") + count(&m1, "fleet"), step, "{m1}");
     assert_eq!(count(&m2, "local") + count(&m2, "fleet"), step, "{m2}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_watch_history_was_compacted_reads_every_decision_again() {
+    let mut etcd = Etcd::single().await;
+    let Pair { r1, r2, .. } = Pair::start(&etcd).await;
+    // r2 stops (a long GC pause, a frozen node); its connection to the
+    // store breaks; r1 reverts and the store compacts its history before
+    // r2 runs again.
+    let signal = |sig: &str, pid: u32| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP", r2.pid());
+    etcd.members[0].kill();
+    etcd.members[0].restart().await;
+    // Several writes, so that the compaction passes the revision r2 would
+    // resume from.
+    for action in ["revert", "reset", "revert"] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while admin_post(&r1, &format!("/routes/web/{action}")).await != 200 {
+            assert!(Instant::now() < deadline, "{action} never committed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    wait_for(
+        &r1,
+        "the revert published",
+        Duration::from_secs(10),
+        |r, _| reverted(r) && r["fleet"]["unpublished"] == false && r["fleet"]["epoch"] == 1,
+    )
+    .await;
+    etcd.compact().await;
+    signal("-CONT", r2.pid());
+    let route = wait_for(
+        &r2,
+        "reverted after a re-read",
+        Duration::from_secs(15),
+        |r, _| reverted(r),
+    )
+    .await;
+    assert_eq!(route["fleet"]["by"], "r1", "{route}");
+    assert_eq!(route["fleet"]["epoch"], 1, "{route}");
+    assert!(
+        r2.all_logs().contains("compacted"),
+        "the watch did not report the compaction:\n{}",
+        r2.all_logs()
+    );
+}

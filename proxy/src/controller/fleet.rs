@@ -133,6 +133,11 @@ impl Controller {
                 }
             }
             News::Agent(FromAgent::Synced) => self.fleet_synced().await,
+            News::Agent(FromAgent::StoreReplaced) => {
+                if let Some(l) = self.fleet.as_mut() {
+                    l.records.clear();
+                }
+            }
             News::Agent(FromAgent::Status) => self.publish(&[], false),
             News::Committed(c) => self.committed(c).await,
         }

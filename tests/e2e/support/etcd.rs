@@ -145,7 +145,7 @@ impl Etcd {
                 if m.child.is_none() {
                     continue;
                 }
-                if let Some(v) = post_json(m.client, "/v3/maintenance/status").await {
+                if let Some(v) = post_json(m.client, "/v3/maintenance/status", "{}").await {
                     let me = v["header"]["member_id"].as_str().map(str::to_string);
                     if me.is_some() && v["leader"].as_str().map(str::to_string) == me {
                         return i;
@@ -155,6 +155,30 @@ impl Etcd {
             assert!(Instant::now() < deadline, "no etcd leader");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+impl Etcd {
+    /// Compacts the history up to the current revision (a watch resuming
+    /// from before it is told its revision was compacted).
+    pub async fn compact(&self) {
+        let m = &self.members[0];
+        let st = post_json(m.client, "/v3/maintenance/status", "{}")
+            .await
+            .expect("etcd status");
+        let rev = st["header"]["revision"]
+            .as_str()
+            .expect("revision")
+            .to_string();
+        let body = format!("{{\"revision\": \"{rev}\", \"physical\": true}}");
+        let answer = post_json(m.client, "/v3/kv/compaction", &body)
+            .await
+            .expect("compaction");
+        assert!(
+            answer.get("error").is_none(),
+            "compaction at {rev}: {answer}"
+        );
+        eprintln!("etcd compacted at revision {rev}");
     }
 }
 
@@ -227,15 +251,16 @@ impl Drop for EtcdMember {
     }
 }
 
-/// POSTs `{}` to etcd's JSON gateway; the answer, if any.
-async fn post_json(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
+/// POSTs `body` to etcd's JSON gateway; the answer, if any.
+pub async fn post_json(addr: SocketAddr, path: &str, body: &str) -> Option<serde_json::Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr))
         .await
         .ok()?
         .ok()?;
     let req = format!(
-        "POST {path} HTTP/1.1\r\nhost: etcd\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+        "POST {path} HTTP/1.1\r\nhost: etcd\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     );
     s.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::new();

@@ -19,6 +19,7 @@ pub mod demo;
 pub mod error;
 pub mod fleet;
 pub mod headers;
+pub mod import;
 pub mod metrics;
 pub mod notify;
 pub mod path;

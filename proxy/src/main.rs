@@ -68,6 +68,22 @@ enum Command {
         #[arg(long, env = "VEER_ADMIN_TOKEN_FILE")]
         token_file: Option<PathBuf>,
     },
+    /// Write a veer config from another tool's configuration (stdout);
+    /// what cannot be expressed is listed on stderr and as comments.
+    #[command(subcommand)]
+    Import(Import),
+}
+
+/// What `veer import` reads.
+#[derive(Subcommand)]
+enum Import {
+    /// Kubernetes Ingress manifests with ingress-nginx canary annotations
+    /// (YAML, several documents per file; `-` reads stdin).
+    IngressNginx {
+        /// Manifest files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// A duration with a unit ("45s", "2m"), or a bare number of seconds.
@@ -150,11 +166,48 @@ fn main() -> ExitCode {
             runtime(1).and_then(|rt| rt.block_on(status::health(&admin)).map_err(Into::into))
         }
         Command::Status { admin, token_file } => print_status(&admin, token_file),
+        Command::Import(Import::IngressNginx { files }) => return import_ingress_nginx(&files),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("veer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn import_ingress_nginx(files: &[PathBuf]) -> ExitCode {
+    let mut inputs = Vec::new();
+    for f in files {
+        let read = if f.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())
+        } else {
+            std::fs::read_to_string(f)
+        };
+        match read {
+            Ok(text) => inputs.push((f.display().to_string(), text)),
+            Err(e) => {
+                eprintln!("veer: {}: {e}", f.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match veer_proxy::import::ingress_nginx(&inputs) {
+        Ok(imported) => {
+            print!("{}", imported.config);
+            for n in &imported.notes {
+                eprintln!("veer import: {n}");
+            }
+            eprintln!(
+                "veer import: {} route(s) written; {} note(s) above need a look (also comments in the output)",
+                imported.routes,
+                imported.notes.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("veer import: {e}");
             ExitCode::FAILURE
         }
     }

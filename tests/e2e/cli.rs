@@ -174,3 +174,67 @@ fn the_demo_reverts_the_canary_that_turns_bad_and_ends_by_itself() {
     assert!(text.contains("veer reverted it by itself"), "{text}");
     assert!(text.contains("judge: reverted"), "{text}");
 }
+
+#[test]
+fn ingress_nginx_manifests_import_to_configs_that_veer_check_accepts() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/ingress-nginx");
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 6, "the corpus: {files:?}");
+    let out_dir = tempfile::tempdir().unwrap();
+    // Each file alone, then all together.
+    let mut runs: Vec<Vec<std::path::PathBuf>> = files.iter().map(|f| vec![f.clone()]).collect();
+    runs.push(files.clone());
+    for (n, run) in runs.iter().enumerate() {
+        let mut args = vec!["import".to_string(), "ingress-nginx".to_string()];
+        args.extend(run.iter().map(|p| p.display().to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = veer(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{run:?}: {stderr}");
+        assert!(stderr.contains("route(s) written"), "{stderr}");
+        let path = out_dir.path().join(format!("imported-{n}.toml"));
+        std::fs::write(&path, &out.stdout).unwrap();
+        let check = veer(&["check", "--config", path.to_str().unwrap()]);
+        assert!(
+            check.status.success(),
+            "{run:?}: veer check refused the import:\n{}\n{}",
+            String::from_utf8_lossy(&check.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // Every note on stderr is also a comment in the config.
+        let config = String::from_utf8_lossy(&out.stdout);
+        for line in stderr
+            .lines()
+            .filter(|l| l.starts_with("veer import: ") && !l.contains("route(s) written"))
+        {
+            let note = line.trim_start_matches("veer import: ");
+            let tail = note.rsplit(": ").next().unwrap_or(note);
+            assert!(config.contains(tail), "{note:?} is not in the output");
+        }
+    }
+    // A canary without its main Ingress imports nothing: an error that says why.
+    let orphan = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: c\n  annotations:\n    nginx.ingress.kubernetes.io/canary: \"true\"\nspec:\n  rules:\n    - host: a.example\n      http:\n        paths:\n          - path: /\n            backend:\n              service: { name: a, port: { number: 80 } }\n";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(["import", "ingress-nginx", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(orphan.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no main Ingress"));
+    assert!(out.stdout.is_empty());
+}

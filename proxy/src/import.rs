@@ -1,0 +1,622 @@
+//! `veer import ingress-nginx`: Ingress manifests with ingress-nginx canary
+//! annotations become a veer config.
+//!
+//! ingress-nginx does a canary with two Ingresses for the same host and
+//! path: the main one (the stable backend) and one annotated
+//! `nginx.ingress.kubernetes.io/canary: "true"` (the canary backend, and how
+//! much traffic it gets). Each such host and path becomes one route. What
+//! veer cannot express (other annotations, TLS secrets, named ports,
+//! header patterns, exact paths, ...) is reported, on stderr and as a
+//! comment in the output, never dropped silently.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+const PREFIX: &str = "nginx.ingress.kubernetes.io/";
+
+/// What an import produced.
+#[derive(Debug, Default)]
+pub struct Imported {
+    /// The config (TOML), with the notes as comments.
+    pub config: String,
+    /// What could not be expressed, one line each (also in `config`).
+    pub notes: Vec<String>,
+    /// Routes written.
+    pub routes: usize,
+}
+
+/// Why nothing could be imported.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// A file is not YAML.
+    #[error("{0}: not YAML: {1}")]
+    Yaml(String, String),
+    /// No canary Ingress with a main Ingress was found.
+    #[error("no route to import: {0}")]
+    Nothing(String),
+}
+
+/// One backend: a Service and its port.
+#[derive(Clone, Debug, PartialEq)]
+struct Backend {
+    service: String,
+    namespace: String,
+    port: Port,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Port {
+    Number(u16),
+    Name(String),
+    Missing,
+}
+
+/// One host and path of one Ingress.
+#[derive(Clone, Debug)]
+struct Rule {
+    host: String,
+    path: String,
+    path_type: String,
+    backend: Backend,
+}
+
+#[derive(Debug)]
+struct Ingress {
+    /// `file: namespace/name`, for notes.
+    origin: String,
+    namespace: String,
+    annotations: BTreeMap<String, String>,
+    rules: Vec<Rule>,
+    tls: Vec<(Vec<String>, String)>,
+    default_backend: Option<Backend>,
+}
+
+impl Ingress {
+    fn canary(&self) -> bool {
+        self.annotation("canary")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    }
+
+    fn annotation(&self, name: &str) -> Option<&str> {
+        self.annotations
+            .get(&format!("{PREFIX}{name}"))
+            .map(String::as_str)
+    }
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: Value,
+    #[serde(default)]
+    spec: Value,
+}
+
+/// Imports the manifests `files` (name, text).
+pub fn ingress_nginx(files: &[(String, String)]) -> Result<Imported, ImportError> {
+    let mut notes = Vec::new();
+    let mut ingresses = Vec::new();
+    for (name, text) in files {
+        for doc in serde_yaml_ng::Deserializer::from_str(text) {
+            let value = Value::deserialize(doc)
+                .map_err(|e| ImportError::Yaml(name.clone(), e.to_string()))?;
+            if value.is_null() {
+                continue;
+            }
+            let Ok(m) = serde_yaml_ng::from_value::<Manifest>(value) else {
+                notes.push(format!(
+                    "{name}: a document that is not a Kubernetes object was skipped"
+                ));
+                continue;
+            };
+            if m.kind == "List" {
+                notes.push(format!(
+                    "{name}: kind List is not read: give the Ingresses as documents"
+                ));
+                continue;
+            }
+            if m.kind != "Ingress" {
+                notes.push(format!(
+                    "{name}: {} skipped (only Ingress objects are imported)",
+                    if m.kind.is_empty() {
+                        "an object without kind"
+                    } else {
+                        &m.kind
+                    }
+                ));
+                continue;
+            }
+            ingresses.push(ingress(name, &m, &mut notes));
+        }
+    }
+    if ingresses.is_empty() {
+        return Err(ImportError::Nothing("no Ingress in the input".into()));
+    }
+    build(&ingresses, notes)
+}
+
+fn str_of(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn backend(v: &Value, namespace: &str) -> Option<Backend> {
+    // networking.k8s.io/v1: service.name, service.port.number | .name
+    if let Some(svc) = v.get("service") {
+        let service = svc.get("name").and_then(str_of)?;
+        let port = match svc.get("port") {
+            Some(p) => match (
+                p.get("number").and_then(Value::as_u64),
+                p.get("name").and_then(str_of),
+            ) {
+                (Some(n), _) => u16::try_from(n).map_or(Port::Missing, Port::Number),
+                (None, Some(name)) => Port::Name(name),
+                _ => Port::Missing,
+            },
+            None => Port::Missing,
+        };
+        return Some(Backend {
+            service,
+            namespace: namespace.to_string(),
+            port,
+        });
+    }
+    // extensions/v1beta1: serviceName, servicePort (number or name)
+    let service = v.get("serviceName").and_then(str_of)?;
+    let port = match v.get("servicePort") {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u16::try_from(n).ok())
+            .map_or(Port::Missing, Port::Number),
+        Some(Value::String(s)) => s.parse().map_or(Port::Name(s.clone()), Port::Number),
+        _ => Port::Missing,
+    };
+    Some(Backend {
+        service,
+        namespace: namespace.to_string(),
+        port,
+    })
+}
+
+fn ingress(file: &str, m: &Manifest, notes: &mut Vec<String>) -> Ingress {
+    let namespace = m
+        .metadata
+        .get("namespace")
+        .and_then(str_of)
+        .unwrap_or_else(|| "default".into());
+    let name = m
+        .metadata
+        .get("name")
+        .and_then(str_of)
+        .unwrap_or_else(|| "(unnamed)".into());
+    let origin = format!("{file}: Ingress {namespace}/{name}");
+    let mut annotations = BTreeMap::new();
+    if let Some(Value::Mapping(map)) = m.metadata.get("annotations") {
+        for (k, v) in map {
+            if let (Some(k), Some(v)) = (str_of(k), str_of(v)) {
+                annotations.insert(k, v);
+            }
+        }
+    }
+    let mut rules = Vec::new();
+    if let Some(Value::Sequence(rs)) = m.spec.get("rules") {
+        for r in rs {
+            let host = r
+                .get("host")
+                .and_then(str_of)
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            let Some(Value::Sequence(paths)) = r.get("http").and_then(|h| h.get("paths")) else {
+                notes.push(format!(
+                    "{origin}: a rule for host {host:?} without http paths was skipped"
+                ));
+                continue;
+            };
+            for p in paths {
+                let path = p.get("path").and_then(str_of).unwrap_or_else(|| "/".into());
+                let path_type = p
+                    .get("pathType")
+                    .and_then(str_of)
+                    .unwrap_or_else(|| "ImplementationSpecific".into());
+                match p.get("backend").and_then(|b| backend(b, &namespace)) {
+                    Some(backend) => rules.push(Rule {
+                        host: host.clone(),
+                        path,
+                        path_type,
+                        backend,
+                    }),
+                    None => notes.push(format!(
+                        "{origin}: host {host:?} path {path:?}: the backend is not a Service (resource backends cannot be imported)"
+                    )),
+                }
+            }
+        }
+    }
+    let default_backend = m
+        .spec
+        .get("defaultBackend")
+        .or_else(|| m.spec.get("backend"))
+        .and_then(|b| backend(b, &namespace));
+    let mut tls = Vec::new();
+    if let Some(Value::Sequence(ts)) = m.spec.get("tls") {
+        for t in ts {
+            let hosts = match t.get("hosts") {
+                Some(Value::Sequence(h)) => h.iter().filter_map(str_of).collect(),
+                _ => Vec::new(),
+            };
+            let secret = t.get("secretName").and_then(str_of).unwrap_or_default();
+            tls.push((hosts, secret));
+        }
+    }
+    Ingress {
+        origin,
+        namespace,
+        annotations,
+        rules,
+        tls,
+        default_backend,
+    }
+}
+
+/// A route to write.
+struct Route {
+    name: String,
+    host: String,
+    path: String,
+    stable: Backend,
+    canary: Option<Backend>,
+    weight: f64,
+    header: Option<String>,
+    cookie: Option<String>,
+    notes: Vec<String>,
+}
+
+/// The canary annotations veer expresses (the rest is reported).
+const CANARY_KEYS: [&str; 6] = [
+    "canary",
+    "canary-weight",
+    "canary-weight-total",
+    "canary-by-header",
+    "canary-by-cookie",
+    "canary-by-header-value",
+];
+
+fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, ImportError> {
+    let (canaries, mains): (Vec<&Ingress>, Vec<&Ingress>) =
+        ingresses.iter().partition(|i| i.canary());
+    let mut routes: Vec<Route> = Vec::new();
+    let mut used = std::collections::HashSet::new();
+    let mut matched = std::collections::HashSet::new();
+    let mut claimed = std::collections::HashSet::new();
+    for c in &canaries {
+        let mut route_notes = Vec::new();
+        let total = match c.annotation("canary-weight-total") {
+            Some(t) => match t.trim().parse::<f64>() {
+                Ok(t) if t > 0.0 => t,
+                _ => {
+                    route_notes.push(format!(
+                        "canary-weight-total {t:?} is not a positive number: 100 assumed"
+                    ));
+                    100.0
+                }
+            },
+            None => 100.0,
+        };
+        let weight = match c.annotation("canary-weight") {
+            Some(w) => match w.trim().parse::<f64>() {
+                Ok(w) if w >= 0.0 => (w / total * 100.0).clamp(0.0, 100.0),
+                _ => {
+                    route_notes.push(format!(
+                        "canary-weight {w:?} is not a number: weight 0 written"
+                    ));
+                    0.0
+                }
+            },
+            None => 0.0,
+        };
+        let header = c.annotation("canary-by-header").map(str::to_string);
+        let cookie = c.annotation("canary-by-cookie").map(str::to_string);
+        if let Some(h) = &header {
+            match c.annotation("canary-by-header-value") {
+                Some(v) => route_notes.push(format!(
+                    "canary-by-header-value {v:?} is not honoured: veer sends a request whose {h} names \"canary\" (or the canary's version) to the canary, \"stable\" to stable; tell clients to send \"canary\" instead of {v:?}"
+                )),
+                None => route_notes.push(format!(
+                    "canary-by-header {h}: ingress-nginx takes \"always\" / \"never\"; veer takes \"canary\" / \"stable\" (or a version name): clients must send \"canary\" instead of \"always\""
+                )),
+            }
+        } else if let Some(v) = c.annotation("canary-by-header-value") {
+            route_notes.push(format!("canary-by-header-value {v:?} without canary-by-header does nothing (ingress-nginx ignores it too)"));
+        }
+        if let Some(p) = c.annotation("canary-by-header-pattern") {
+            route_notes.push(format!("canary-by-header-pattern {p:?} is not supported: veer forces by exact values (\"canary\", \"stable\", a version name)"));
+        }
+        if let Some(k) = &cookie {
+            route_notes.push(format!(
+                "canary-by-cookie {k}: ingress-nginx takes \"always\" / \"never\"; veer takes \"canary\" / \"stable\" (or a version name)"
+            ));
+        }
+        for (k, v) in &c.annotations {
+            let Some(short) = k.strip_prefix(PREFIX) else {
+                continue;
+            };
+            if !CANARY_KEYS.contains(&short) && short != "canary-by-header-pattern" {
+                route_notes.push(format!(
+                    "canary Ingress annotation {k}: {v:?} is not expressible in veer"
+                ));
+            }
+        }
+        if c.rules.is_empty() {
+            notes.push(format!(
+                "{}: a canary Ingress without host/path rules was skipped",
+                c.origin
+            ));
+        }
+        for rule in &c.rules {
+            let main = mains.iter().find_map(|m| {
+                m.rules
+                    .iter()
+                    .find(|r| {
+                        r.host == rule.host && r.path == rule.path && m.namespace == c.namespace
+                    })
+                    .map(|r| (*m, r))
+            });
+            let Some((main, stable_rule)) = main else {
+                notes.push(format!(
+                    "{}: host {:?} path {:?} has no main Ingress with the same host and path: skipped (ingress-nginx ignores such a canary too)",
+                    c.origin, rule.host, rule.path
+                ));
+                continue;
+            };
+            matched.insert((main.origin.clone(), rule.host.clone(), rule.path.clone()));
+            let mut rn = route_notes.clone();
+            for (k, v) in &main.annotations {
+                if k.starts_with(PREFIX) {
+                    rn.push(format!(
+                        "main Ingress annotation {k}: {v:?} is not expressible in veer"
+                    ));
+                }
+            }
+            if rule.path_type == "Exact" {
+                rn.push(format!("pathType Exact for {:?}: veer matches path prefixes, so longer paths match too", rule.path));
+            }
+            for (hosts, secret) in main.tls.iter().chain(&c.tls) {
+                if hosts.iter().any(|h| h.eq_ignore_ascii_case(&rule.host)) || hosts.is_empty() {
+                    rn.push(format!("TLS from Secret {secret:?}: mount its tls.crt/tls.key and set [proxy.tls] cert and key (veer serves one certificate per listener set)"));
+                }
+            }
+            if !rule.path.starts_with('/') || rule.path.contains(['?', '#', ' ']) {
+                notes.push(format!(
+                    "{}: host {:?} path {:?} is not a plain path prefix (a regex?): skipped",
+                    c.origin, rule.host, rule.path
+                ));
+                continue;
+            }
+            if !claimed.insert((rule.host.clone(), rule.path.clone())) {
+                notes.push(format!(
+                    "{}: host {:?} path {:?} already has a canary from another Ingress: skipped (ingress-nginx allows one canary per host and path)",
+                    c.origin, rule.host, rule.path
+                ));
+                continue;
+            }
+            let mut seen = std::collections::HashSet::new();
+            rn.retain(|n| seen.insert(n.clone()));
+            let name = unique(route_name(&rule.host, &rule.path), &mut used);
+            routes.push(Route {
+                name,
+                host: rule.host.clone(),
+                path: rule.path.clone(),
+                stable: stable_rule.backend.clone(),
+                canary: Some(rule.backend.clone()),
+                weight,
+                header: header.clone(),
+                cookie: cookie.clone(),
+                notes: rn,
+            });
+        }
+    }
+    // Paths without a canary on a host that has one are imported too, as
+    // routes without a canary: otherwise a shorter prefix of that host
+    // would take their traffic to another Service.
+    let canary_hosts: std::collections::HashSet<String> =
+        routes.iter().map(|r| r.host.clone()).collect();
+    for m in &mains {
+        for r in &m.rules {
+            if matched.contains(&(m.origin.clone(), r.host.clone(), r.path.clone())) {
+                continue;
+            }
+            let plain = r.path.starts_with('/') && !r.path.contains(['?', '#', ' ']);
+            if canary_hosts.contains(&r.host)
+                && plain
+                && claimed.insert((r.host.clone(), r.path.clone()))
+            {
+                let mut rn = vec![format!(
+                    "{} has no canary for this path: imported without one, so that the host's other routes do not take its traffic",
+                    m.origin
+                )];
+                if r.path_type == "Exact" {
+                    rn.push(format!("pathType Exact for {:?}: veer matches path prefixes, so longer paths match too", r.path));
+                }
+                routes.push(Route {
+                    name: unique(route_name(&r.host, &r.path), &mut used),
+                    host: r.host.clone(),
+                    path: r.path.clone(),
+                    stable: r.backend.clone(),
+                    canary: None,
+                    weight: 0.0,
+                    header: None,
+                    cookie: None,
+                    notes: rn,
+                });
+            } else {
+                notes.push(format!(
+                    "{}: host {:?} path {:?} has no canary: not imported (veer routes only what it rolls out here; add a [[route]] without [route.canary] to serve it)",
+                    m.origin, r.host, r.path
+                ));
+            }
+        }
+        if m.default_backend.is_some() {
+            notes.push(format!("{}: defaultBackend is not imported", m.origin));
+        }
+    }
+    if routes.iter().all(|r| r.canary.is_none()) {
+        let why = notes.join("; ");
+        return Err(ImportError::Nothing(if why.is_empty() {
+            "no canary Ingress (nginx.ingress.kubernetes.io/canary: \"true\") in the input".into()
+        } else {
+            why
+        }));
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Imported by `veer import ingress-nginx` from ingress-nginx canary Ingresses."
+    );
+    let _ = writeln!(
+        out,
+        "# Review the NOTE lines: what veer could not express is listed, not dropped."
+    );
+    let _ = writeln!(
+        out,
+        "# ingress-nginx splits each request at random; veer splits by user key (sticky),"
+    );
+    let _ = writeln!(
+        out,
+        "# and its judge reverts a canary that does worse than stable ([route.judge])."
+    );
+    for n in &notes {
+        let _ = writeln!(out, "# NOTE: {n}");
+    }
+    let _ = writeln!(
+        out,
+        "\n[proxy]\nlisten = [\"0.0.0.0:8080\"]\n\n[admin]\nlisten = \"127.0.0.1:9901\""
+    );
+    let mut all_notes = notes;
+    for r in &routes {
+        let _ = writeln!(out, "\n[[route]]\nname = \"{}\"", r.name);
+        if !r.host.is_empty() {
+            let _ = writeln!(out, "hosts = [{}]", toml_str(&r.host));
+        }
+        let _ = writeln!(out, "path_prefix = {}", toml_str(&r.path));
+        for n in &r.notes {
+            let _ = writeln!(out, "# NOTE: {n}");
+            all_notes.push(format!("route {}: {n}", r.name));
+        }
+        for (role, b) in [("stable", Some(&r.stable)), ("canary", r.canary.as_ref())] {
+            let Some(b) = b else { continue };
+            let (endpoint, note) = endpoint(b);
+            let _ = writeln!(
+                out,
+                "[route.{role}]\nversion = {}",
+                toml_str(&version_name(&b.service))
+            );
+            if let Some(n) = note {
+                let _ = writeln!(out, "# NOTE: {n}");
+                all_notes.push(format!("route {}: {n}", r.name));
+            }
+            let _ = writeln!(out, "endpoints = [{}]", toml_str(&endpoint));
+            if role == "canary" {
+                let _ = writeln!(out, "weight = {}", fmt_weight(r.weight));
+            }
+        }
+        if r.header.is_some() || r.cookie.is_some() {
+            let _ = writeln!(out, "[route.force]");
+            if let Some(h) = &r.header {
+                let _ = writeln!(out, "header = {}", toml_str(&h.to_ascii_lowercase()));
+            }
+            if let Some(c) = &r.cookie {
+                let _ = writeln!(out, "cookie = {}", toml_str(c));
+            }
+        }
+    }
+    Ok(Imported {
+        config: out,
+        notes: all_notes,
+        routes: routes.len(),
+    })
+}
+
+fn endpoint(b: &Backend) -> (String, Option<String>) {
+    let host = format!("{}.{}.svc", b.service, b.namespace);
+    match &b.port {
+        Port::Number(p) => (format!("{host}:{p}"), None),
+        Port::Name(n) => (
+            format!("{host}:80"),
+            Some(format!(
+                "Service {} names its port {n:?}: veer needs the number; 80 written, correct it",
+                b.service
+            )),
+        ),
+        Port::Missing => (
+            format!("{host}:80"),
+            Some(format!(
+                "Service {} has no port in the Ingress: 80 written, correct it",
+                b.service
+            )),
+        ),
+    }
+}
+
+/// A route name (`[a-z0-9_-]+`) from a host and path.
+fn route_name(host: &str, path: &str) -> String {
+    let raw = format!(
+        "{} {}",
+        if host.is_empty() { "default" } else { host },
+        path
+    );
+    let mut name = String::new();
+    for c in raw.chars() {
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_alphanumeric() || c == '_' {
+            name.push(c);
+        } else if !name.ends_with('-') {
+            name.push('-');
+        }
+    }
+    let name = name.trim_matches('-').to_string();
+    if name.is_empty() {
+        "route".into()
+    } else {
+        name
+    }
+}
+
+fn unique(name: String, used: &mut std::collections::HashSet<String>) -> String {
+    let mut candidate = name.clone();
+    let mut n = 2;
+    while !used.insert(candidate.clone()) {
+        candidate = format!("{name}-{n}");
+        n += 1;
+    }
+    candidate
+}
+
+/// A version label from a Service name.
+fn version_name(service: &str) -> String {
+    service.to_string()
+}
+
+fn fmt_weight(w: f64) -> String {
+    let rounded = (w * 100.0).round() / 100.0;
+    if rounded.fract() == 0.0 {
+        format!("{rounded:.0}")
+    } else {
+        format!("{rounded}")
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,155 @@
+use std::path::Path;
+
+use veer_control::config::Config;
+
+use super::*;
+
+fn corpus(name: &str) -> (String, String) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/data/ingress-nginx")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+    (name.to_string(), text)
+}
+
+fn import(names: &[&str]) -> Imported {
+    let files: Vec<(String, String)> = names.iter().map(|n| corpus(n)).collect();
+    ingress_nginx(&files).unwrap_or_else(|e| panic!("{names:?}: {e}"))
+}
+
+fn parsed(i: &Imported) -> Config {
+    Config::parse(&i.config, Path::new("/etc/veer"))
+        .unwrap_or_else(|e| panic!("veer check fails:\n{e}\n{}", i.config))
+}
+
+#[test]
+fn a_weighted_canary_becomes_a_route_with_service_endpoints() {
+    let i = import(&["weight.yaml"]);
+    let c = parsed(&i);
+    assert_eq!(c.routes.len(), 1);
+    let r = &c.routes[0];
+    assert_eq!(r.name, "checkout-example-com");
+    assert_eq!(r.hosts, ["checkout.example.com"]);
+    assert_eq!(r.path_prefix, "/");
+    assert_eq!(r.stable.name, "checkout-v41");
+    assert_eq!(r.stable.endpoints[0].addr, "checkout-v41.shop.svc:8000");
+    let canary = r.canary.as_ref().expect("canary");
+    assert_eq!(canary.endpoints[0].addr, "checkout-v42.shop.svc:8000");
+    assert_eq!(r.canary_weight_bp, 2000);
+    assert!(i.notes.is_empty(), "{:?}", i.notes);
+}
+
+#[test]
+fn header_and_cookie_become_forcing_and_their_differences_are_reported() {
+    let i = import(&["header.yaml", "header-value.yaml", "cookie.yaml"]);
+    let c = parsed(&i);
+    let by_name = |n: &str| {
+        c.routes
+            .iter()
+            .find(|r| r.name == n)
+            .unwrap_or_else(|| panic!("no route {n}: {}", i.config))
+    };
+    let search = by_name("search-example-com-api");
+    assert_eq!(search.canary_weight_bp, 0);
+    let force = search.force.as_ref().expect("force");
+    assert_eq!(force.header.as_deref(), Some("x-canary"));
+    let cart = by_name("cart-example-com");
+    assert_eq!(cart.canary_weight_bp, 500);
+    let profile = by_name("profile-example-com");
+    assert_eq!(profile.canary_weight_bp, 500, "50 of a total of 1000");
+    assert_eq!(
+        profile.force.as_ref().and_then(|f| f.cookie.as_deref()),
+        Some("canary_user")
+    );
+    let text = i.notes.join("\n");
+    for want in [
+        "\"always\"",
+        "canary-by-header-value \"on\" is not honoured",
+        "canary-by-header-pattern \"^(on|yes)$\" is not supported",
+        "canary-by-cookie canary_user",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        assert!(
+            i.config.contains(want),
+            "not a comment in the output: {want:?}"
+        );
+    }
+}
+
+#[test]
+fn what_veer_cannot_express_is_reported_never_dropped() {
+    let i = import(&["multi.yaml", "orphan.yaml"]);
+    let c = parsed(&i);
+    let names: Vec<&str> = c.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "www-example-com",
+            "api-example-com-v1-orders",
+            "legacy-example-com",
+            "www-example-com-static"
+        ]
+    );
+    assert_eq!(c.routes[0].canary_weight_bp, 1250);
+    assert_eq!(
+        c.routes[2].stable.endpoints[0].addr,
+        "legacy-v1.old.svc:8080"
+    );
+    assert_eq!(c.routes[2].canary_weight_bp, 3000);
+    // /static has no canary but shares a host with one: imported without a
+    // canary, so that "/" does not take its traffic to another Service.
+    assert!(c.routes[3].canary.is_none());
+    assert_eq!(c.routes[3].stable.endpoints[0].addr, "static.web.svc:80");
+    assert_eq!(
+        i.notes
+            .iter()
+            .filter(|n| n.contains("TLS from Secret"))
+            .count(),
+        2,
+        "one TLS note per route: {:?}",
+        i.notes
+    );
+    let text = i.notes.join("\n");
+    for want in [
+        "ssl-redirect: \"true\" is not expressible",
+        "proxy-body-size: \"8m\" is not expressible",
+        "affinity: \"cookie\" is not expressible",
+        "TLS from Secret \"web-tls\"",
+        "names its port \"http\"",
+        "pathType Exact",
+        "has no canary for this path: imported without one",
+        "lonely.example.com\" path \"/\" has no main Ingress",
+        "Service skipped",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    // Non-ingress-nginx annotations are not ingress-nginx's to report.
+    assert!(!text.contains("example.com/owner"), "{text}");
+    for line in text.lines() {
+        let first = line.split(": ").last().unwrap_or(line);
+        assert!(i.config.contains(first), "note not in the output: {line}");
+    }
+}
+
+#[test]
+fn nothing_to_import_is_an_error_that_says_why() {
+    let only_orphan = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: c\n  annotations:\n    nginx.ingress.kubernetes.io/canary: \"true\"\nspec:\n  rules:\n    - host: a.example\n      http:\n        paths:\n          - path: /\n            backend:\n              service: { name: a, port: { number: 80 } }\n";
+    let e = ingress_nginx(&[("c.yaml".into(), only_orphan.into())]).expect_err("nothing");
+    assert!(e.to_string().contains("has no main Ingress"), "{e}");
+    let e = ingress_nginx(&[("x.yaml".into(), "kind: Service\n".into())]).expect_err("none");
+    assert!(e.to_string().contains("no Ingress"), "{e}");
+    let e = ingress_nginx(&[("bad.yaml".into(), "a: [\n".into())]).expect_err("yaml");
+    assert!(e.to_string().starts_with("bad.yaml: not YAML"), "{e}");
+}
+
+#[test]
+fn route_names_are_valid_and_unique() {
+    assert_eq!(route_name("", "/"), "default");
+    assert_eq!(
+        route_name("A.Example.com", "/v1/Orders/"),
+        "a-example-com-v1-orders"
+    );
+    let mut used = std::collections::HashSet::new();
+    assert_eq!(unique("x".into(), &mut used), "x");
+    assert_eq!(unique("x".into(), &mut used), "x-2");
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks every file in deploy/ with the tool that will consume it:
-#   systemd-analyze verify, hadolint, kubernetes-validate, promtool (check and
+#   systemd-analyze verify, hadolint, podman (build the image offline and run
+#   it: deploy/container/build.sh), kubernetes-validate, promtool (check and
 #   unit-test the alert rules; parse every Grafana query), and a check that
 #   the dashboard and rules use only metric names veer exports.
 # Installs what is missing: Debian's prometheus (promtool) and systemd,
@@ -52,6 +53,8 @@ out=$(SYSTEMD_LOG_LEVEL=warning systemd-analyze verify "$work/veer.service" 2>&1
 # ------------------------------------------------------------------ container
 step "hadolint"
 hadolint "$HERE/container/Dockerfile"
+step "container image: build offline with podman and run it"
+"$HERE/container/build.sh"
 
 # ------------------------------------------------------------------ kubernetes
 step "kubernetes-validate (schemas for Kubernetes 1.30, offline)"

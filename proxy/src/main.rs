@@ -55,7 +55,7 @@ enum Command {
     /// Exit 0 if a running proxy answers `/healthz` (for container health checks).
     Health {
         /// The admin address.
-        #[arg(long, default_value = "127.0.0.1:9901")]
+        #[arg(long, env = "VEER_ADMIN", default_value = "127.0.0.1:9901")]
         admin: String,
     },
     /// Print a running proxy's routes, weights, verdicts and window statistics.

@@ -21,6 +21,7 @@ mod e2e {
     mod failures;
     mod fleet;
     mod force;
+    mod gates;
     mod hostile;
     mod judge;
     mod limits;

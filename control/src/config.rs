@@ -476,6 +476,9 @@ pub struct Rollout {
     pub steps_bp: Vec<u16>,
     /// Healthy time required before the next step.
     pub hold: Duration,
+    /// A confirmation gate: asked (POST) before each step, which is taken
+    /// only on a 2xx answer.
+    pub confirm: Option<Webhook>,
 }
 
 impl Config {

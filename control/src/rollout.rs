@@ -219,8 +219,9 @@ pub enum Event {
         /// How.
         result: DeploymentResult,
     },
-    /// The rollout's hold was met (fleet only): propose the next step to
-    /// the store; it is taken when committed.
+    /// The rollout's hold was met, in a fleet (propose the next step to the
+    /// store; it is taken when committed) or with a confirmation gate (ask
+    /// it; the step is taken on a yes).
     StepDue {
         /// The decision's epoch.
         epoch: u64,
@@ -370,6 +371,40 @@ impl RouteControl {
     /// The decision as the fleet stores it, written by `by`.
     pub fn record(&self, by: &str, last: Change, now: Now) -> FleetRecord {
         FleetRecord::of(&self.decision, self.step_started_ms, by, last, now.unix_ms)
+    }
+
+    /// Takes the step a [`Event::StepDue`] asked for, once its gate said
+    /// yes (a replica deciding alone): only if the route is still on that
+    /// step of that epoch, not reverted, promoted or paused.
+    pub fn take_step(&mut self, route: &Route, epoch: u64, from: usize, now: Now) -> Output {
+        let mut out = Output::default();
+        let Some(ro) = &route.rollout else {
+            return out;
+        };
+        let d = &mut self.decision;
+        if d.epoch != epoch
+            || d.rollout_step != from
+            || d.reverted.is_some()
+            || d.promoted
+            || d.paused
+            || from + 1 >= ro.steps_bp.len()
+        {
+            return out;
+        }
+        let held = now
+            .mono
+            .saturating_sub(self.healthy_since.unwrap_or(now.mono).max(self.step_since));
+        d.rollout_step += 1;
+        self.step_since = now.mono;
+        self.step_started_ms = now.unix_ms;
+        out.changed = true;
+        out.events.push(Event::RolloutAdvanced {
+            step: d.rollout_step,
+            weight_bp: ro.steps_bp.get(d.rollout_step).copied().unwrap_or(0),
+            held,
+        });
+        self.relabel(route, &mut out);
+        out
     }
 
     /// The fleet's record for the route's identity, as read from the store
@@ -522,7 +557,7 @@ impl RouteControl {
                 let since = *self.healthy_since.get_or_insert(now.mono);
                 let held = now.mono.saturating_sub(since.max(self.step_since));
                 if held >= ro.hold && d.rollout_step + 1 < ro.steps_bp.len() {
-                    if self.sharing == Sharing::Alone {
+                    if self.sharing == Sharing::Alone && ro.confirm.is_none() {
                         d.rollout_step += 1;
                         self.step_since = now.mono;
                         self.step_started_ms = now.unix_ms;
@@ -533,7 +568,8 @@ impl RouteControl {
                             held,
                         });
                     } else {
-                        // A fleet steps together: the store decides.
+                        // A fleet steps together: the store decides; a
+                        // gate decides whether to step at all.
                         out.events.push(Event::StepDue {
                             epoch: d.epoch,
                             from: d.rollout_step,

@@ -205,6 +205,13 @@ pub struct RolloutStatus {
     pub steps: Vec<f64>,
     /// Healthy time needed per step, seconds.
     pub hold_s: f64,
+    /// The step's hold is met and the confirmation gate has not said yes
+    /// (yet): the rollout waits.
+    #[serde(default)]
+    pub waiting_confirmation: bool,
+    /// The gate's last answer (`HTTP 403`, an error), if asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmation: Option<String>,
 }
 
 /// Distinct-key bad events per version.

@@ -23,6 +23,7 @@ use veer_control::state::{State, StateError};
 use veer_control::status::RouteStatus;
 
 mod fleet;
+mod gates;
 mod judging;
 #[cfg(test)]
 mod tests;
@@ -97,6 +98,8 @@ pub struct Controller {
     health_changes: u64,
     /// The fleet (`[fleet]`), if any.
     fleet: Option<fleet::FleetLink>,
+    /// Confirmation gates of rollout steps.
+    gates: gates::Gates,
 }
 
 impl Controller {
@@ -162,6 +165,7 @@ impl Controller {
         let mut c = Controller {
             announcer,
             fleet,
+            gates: gates::Gates::new(),
             shared: shared.clone(),
             reload,
             config,
@@ -234,6 +238,7 @@ impl Controller {
                     }
                 }
                 Some(news) = fleet::next(&mut self.fleet) => self.on_fleet_news(news).await,
+                Some(answer) = self.gates.next() => self.gate_answered(answer).await,
                 _ = sweep.tick(), if self.fleet.is_some() => self.fleet_sweep(),
                 _ = tick.tick() => self.judge_due().await,
                 _ = save.tick() => self.save_evidence().await,
@@ -347,6 +352,12 @@ impl Controller {
             crate::publish::gauges(&self.shared.metrics, target, rt, c, d);
             let mut status = crate::publish::route_status(target, rt, c, d);
             status.fleet = self.route_fleet_status(&target.name);
+            if let Some(ro) = status.rollout.as_mut() {
+                let dec = c.decision();
+                (ro.waiting_confirmation, ro.confirmation) =
+                    self.gates
+                        .waiting(&target.name, dec.epoch, dec.rollout_step);
+            }
             self.statuses
                 .insert(target.name.to_string(), Arc::new(status));
         }

@@ -208,6 +208,26 @@ where
     Ok(sender)
 }
 
+/// POSTs `body` (JSON) to `hook` once and returns the answer's status
+/// (confirmation gates: the answer matters, so no queue and no retries).
+pub async fn ask(
+    hook: &Webhook,
+    body: &Value,
+    limit: Duration,
+) -> Result<http::StatusCode, String> {
+    let tls = hook
+        .tls
+        .then(|| tls_config(hook))
+        .transpose()
+        .map_err(|e| format!("TLS set-up: {e}"))?;
+    let body = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+    match tokio::time::timeout(limit, post(hook, tls, body)).await {
+        Ok(Ok(status)) => Ok(status),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {limit:?}")),
+    }
+}
+
 async fn post(
     hook: &Webhook,
     tls: Option<Arc<ClientConfig>>,

@@ -56,6 +56,8 @@ pub fn route_status(
             step: d.rollout_step,
             steps: ro.steps_bp.iter().map(|s| f64::from(*s) / 100.0).collect(),
             hold_s: ro.hold.as_secs_f64(),
+            waiting_confirmation: false,
+            confirmation: None,
         }),
         evidence: EvidenceStatus::from(&rt.judge.evidence()),
         window: WindowStatus {

@@ -133,7 +133,20 @@ pub fn render(v: &StatusDoc) -> String {
             r.reason
         );
         if let Some(ro) = &r.rollout {
-            let _ = writeln!(out, "  rollout step {} of {:?}", ro.step, ro.steps);
+            let _ = writeln!(
+                out,
+                "  rollout step {} of {:?}{}",
+                ro.step,
+                ro.steps,
+                if ro.waiting_confirmation {
+                    format!(
+                        "; waiting for confirmation (last answer: {})",
+                        ro.confirmation.as_deref().unwrap_or("none yet")
+                    )
+                } else {
+                    String::new()
+                }
+            );
         }
         if let Some(f) = &r.fleet {
             let _ = writeln!(

@@ -190,6 +190,8 @@ pub struct RawJudge {
 pub struct RawRollout {
     pub steps: Spanned<Vec<Spanned<f64>>>,
     pub hold: Spanned<String>,
+    pub confirm: Option<Spanned<String>>,
+    pub confirm_ca_file: Option<Spanned<String>>,
 }
 
 impl RawConfig {

@@ -282,6 +282,36 @@ fn each_deployment_ends_once_promoted_reverted_or_replaced() {
 }
 
 #[test]
+fn with_a_confirmation_gate_a_held_step_waits_for_a_yes() {
+    let text = "[[route]]\nname = \"web\"\n[route.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n[route.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:2\"]\nweight = 1\n[route.rollout]\nsteps = [1, 5, 100]\nhold = \"60s\"\nconfirm = \"http://127.0.0.1:9/gate\"\n";
+    let r = Config::parse(text, Path::new("."))
+        .expect("valid")
+        .routes
+        .remove(0);
+    let mut c = fresh(&r);
+    c.on_verdict(&r, verdict(Status::Healthy), 100, at(0));
+    let out = c.on_verdict(&r, verdict(Status::Healthy), 100, at(60));
+    assert!(out.events.contains(&Event::StepDue { epoch: 0, from: 0 }));
+    assert_eq!(c.decision().rollout_step, 0, "not without the gate's yes");
+    // A yes for another step, or after a revert, takes nothing.
+    assert_eq!(c.take_step(&r, 0, 1, at(61)), Output::default());
+    assert_eq!(c.take_step(&r, 1, 0, at(61)), Output::default());
+    let out = c.take_step(&r, 0, 0, at(61));
+    assert!(out.changed);
+    assert!(matches!(
+        out.events.first(),
+        Some(Event::RolloutAdvanced {
+            step: 1,
+            weight_bp: 500,
+            ..
+        })
+    ));
+    assert_eq!(c.take_step(&r, 0, 0, at(62)), Output::default(), "once");
+    c.on_action(&r, Action::Revert, at(63)).expect("revert");
+    assert_eq!(c.take_step(&r, 0, 1, at(64)), Output::default());
+}
+
+#[test]
 fn a_replica_waiting_for_its_fleet_sends_nothing_to_the_canary() {
     let r = route("enforce", false, Some("v2"));
     let mut c = fresh(&r);

@@ -289,42 +289,47 @@ impl Controller {
         }
     }
 
-    /// After a verdict: a revert is published, a due step proposed.
+    /// After a verdict: a revert is published (a due step goes through
+    /// [`Controller::step_due`]).
     pub(super) fn fleet_after_verdict(&mut self, route: &Route, out: &Output) {
         let now = self.now();
         let Some(l) = self.fleet.as_mut() else {
             return;
         };
-        for e in &out.events {
-            match e {
-                Event::Reverted { .. } => {
-                    if let Some(c) = self.controls.get(&route.name) {
-                        let id = c.decision().canary_identity;
-                        let local = c.record(&l.fleet.replica, Change::Revert, now);
-                        l.fleet.publish(key(&route.name, id), local);
-                    }
-                }
-                Event::StepDue { epoch, from } => {
-                    if !l.synced || !l.stepping.insert(route.name.clone()) {
-                        continue;
-                    }
-                    let steps = route.rollout.as_ref().map_or(0, |r| r.steps_bp.len());
-                    let Some(c) = self.controls.get(&route.name) else {
-                        continue;
-                    };
-                    let id = c.decision().canary_identity;
-                    let local = c.record(&l.fleet.replica, Change::Sync, now);
-                    let proposal = Proposal::Step {
-                        epoch: *epoch,
-                        from: *from,
-                        steps,
-                    };
-                    let rx = l.fleet.propose(key(&route.name, id), local, proposal);
-                    spawn_wait(l.committed_tx.clone(), route.name.clone(), rx, None);
-                }
-                _ => {}
-            }
+        if !out
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Reverted { .. }))
+        {
+            return;
         }
+        if let Some(c) = self.controls.get(&route.name) {
+            let id = c.decision().canary_identity;
+            let local = c.record(&l.fleet.replica, Change::Revert, now);
+            l.fleet.publish(key(&route.name, id), local);
+        }
+    }
+
+    /// Proposes the step after `from` (of `epoch`) to the fleet's store
+    /// (one proposal in flight per route); taken when committed.
+    pub(super) fn propose_step(&mut self, route: &Route, epoch: u64, from: usize) {
+        let now = self.now();
+        let Some(l) = self.fleet.as_mut() else {
+            return;
+        };
+        if !l.synced || !l.stepping.insert(route.name.clone()) {
+            return;
+        }
+        let steps = route.rollout.as_ref().map_or(0, |r| r.steps_bp.len());
+        let Some(c) = self.controls.get(&route.name) else {
+            l.stepping.remove(&route.name);
+            return;
+        };
+        let id = c.decision().canary_identity;
+        let local = c.record(&l.fleet.replica, Change::Sync, now);
+        let proposal = Proposal::Step { epoch, from, steps };
+        let rx = l.fleet.propose(key(&route.name, id), local, proposal);
+        spawn_wait(l.committed_tx.clone(), route.name.clone(), rx, None);
     }
 
     /// An operator's action in a fleet: `revert` is taken here and

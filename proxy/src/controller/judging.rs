@@ -101,6 +101,11 @@ impl Controller {
         self.record_deployments(name, &out);
         self.announce(name, &out);
         self.fleet_after_verdict(route, &out);
+        for e in &out.events {
+            if let veer_control::rollout::Event::StepDue { epoch, from } = e {
+                self.step_due(route, *epoch, *from);
+            }
+        }
         Some(out.changed)
     }
 }

@@ -27,11 +27,25 @@ impl Validator<'_> {
             }
             return None;
         };
+        let mut hook = self.http_target(w, ca_file, "webhook")?;
+        hook.format = format.map(|(_, f)| f).unwrap_or_default();
+        Some(hook)
+    }
+
+    /// An http[s] URL veer sends requests to (`key`: its config key, for
+    /// messages), with the CA file its https certificate is verified
+    /// against (`{key}_ca_file`).
+    pub(super) fn http_target(
+        &mut self,
+        w: &Spanned<String>,
+        ca_file: Option<(std::ops::Range<usize>, PathBuf)>,
+        key: &str,
+    ) -> Option<Webhook> {
         let Some(mut hook) = Webhook::parse(w.get_ref()) else {
             self.err(
                 w.span(),
                 format!(
-                    "webhook {:?} is not an http[s]://host[:port][/path] URL without credentials",
+                    "{key} {:?} is not an http[s]://host[:port][/path] URL without credentials",
                     crate::config::redact_url(w.get_ref())
                 ),
             );
@@ -39,7 +53,10 @@ impl Validator<'_> {
         };
         if let Some((span, path)) = ca_file {
             if !hook.tls {
-                self.err(span, "webhook_ca_file applies only to an https:// webhook");
+                self.err(
+                    span,
+                    format!("{key}_ca_file applies only to an https:// {key} URL"),
+                );
                 return None;
             }
             match std::fs::read_to_string(&path) {
@@ -47,20 +64,16 @@ impl Validator<'_> {
                 Ok(_) => {
                     self.err(
                         span,
-                        format!(
-                            "webhook_ca_file {}: no PEM certificate in it",
-                            path.display()
-                        ),
+                        format!("{key}_ca_file {}: no PEM certificate in it", path.display()),
                     );
                     return None;
                 }
                 Err(e) => {
-                    self.err(span, format!("webhook_ca_file {}: {e}", path.display()));
+                    self.err(span, format!("{key}_ca_file {}: {e}", path.display()));
                     return None;
                 }
             }
         }
-        hook.format = format.map(|(_, f)| f).unwrap_or_default();
         Some(hook)
     }
 

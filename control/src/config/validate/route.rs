@@ -141,9 +141,27 @@ impl Validator<'_> {
             if r.canary.is_none() {
                 self.err(ro.span(), "[route.rollout] needs a [route.canary]");
             }
+            let confirm = rr.confirm.as_ref().and_then(|url| {
+                let ca = rr
+                    .confirm_ca_file
+                    .as_ref()
+                    .map(|f| (f.span(), self.path(f)));
+                self.http_target(url, ca, "confirm")
+            });
+            if confirm.is_none() {
+                if let Some(ca) = &rr.confirm_ca_file {
+                    if rr.confirm.is_none() {
+                        self.err(
+                            ca.span(),
+                            "confirm_ca_file is set but there is no confirm URL",
+                        );
+                    }
+                }
+            }
             Rollout {
                 steps_bp,
                 hold: self.duration(Some(&rr.hold), Duration::from_secs(300)),
+                confirm,
             }
         });
         Some(Route {

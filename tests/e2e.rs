@@ -29,6 +29,7 @@ mod e2e {
     mod protocols;
     mod reload;
     mod shutdown;
+    mod smoke;
     mod split;
     mod webhooks;
 }

@@ -157,6 +157,26 @@ pub struct Route {
     pub rollout: Option<Rollout>,
     /// `[route.force]`: requests that name a version go there.
     pub force: Option<Force>,
+    /// Requests every endpoint of a new canary (or the target colour of a
+    /// blue-green flip) must answer as expected before it gets traffic.
+    pub smoke: Vec<SmokeCheck>,
+}
+
+/// One `[[route.smoke]]` check.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SmokeCheck {
+    /// Request path (with query, if any), starting with `/`.
+    pub path: String,
+    /// Request method.
+    pub method: String,
+    /// Extra request headers.
+    pub headers: Vec<(String, String)>,
+    /// The status the endpoint must answer.
+    pub expect_status: u16,
+    /// Text the response body must contain.
+    pub expect_body: Option<String>,
+    /// Deadline for the whole exchange.
+    pub timeout: Duration,
 }
 
 /// Forcing a version, feature-flag style: a request whose `header` (or,

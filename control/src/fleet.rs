@@ -286,6 +286,8 @@ pub fn merge(d: &mut RouteDecision, r: &FleetRecord) -> Merged {
         d.paused = r.paused;
         d.rollout_step = r.rollout_step;
         d.evidence = None;
+        // A reset runs the smoke checks again, here too.
+        d.smoke = None;
         return Merged::Replaced;
     }
     if d.reverted.is_none() {

@@ -121,16 +121,19 @@ pub enum Label {
     Breach,
     /// The canary is out of traffic.
     Reverted,
+    /// The new canary failed its smoke checks: it gets no traffic.
+    SmokeFailed,
 }
 
 impl Label {
     /// Every label (the values of `veer_verdict`'s `verdict` label).
-    pub const ALL: [Label; 5] = [
+    pub const ALL: [Label; 6] = [
         Label::Healthy,
         Label::InsufficientData,
         Label::ObserveBreach,
         Label::Breach,
         Label::Reverted,
+        Label::SmokeFailed,
     ];
 
     /// Its name.
@@ -141,6 +144,7 @@ impl Label {
             Label::ObserveBreach => "observe_breach",
             Label::Breach => "breach",
             Label::Reverted => "reverted",
+            Label::SmokeFailed => "smoke_failed",
         }
     }
 }
@@ -239,6 +243,13 @@ pub enum Event {
         /// It was a reset (a newer epoch): the judge's tests start over.
         reset: bool,
     },
+    /// The route's smoke checks ran.
+    SmokeChecked {
+        /// All passed.
+        passed: bool,
+        /// The first failure, or a summary.
+        reason: String,
+    },
     /// The config names another canary than the decision's.
     NewIdentity {
         /// The new identity was reverted before (a tombstone names it).
@@ -333,17 +344,54 @@ impl RouteControl {
         self.last.as_ref()
     }
 
-    /// The reason behind the label: the revert's, else the last verdict's.
+    /// The reason behind the label: the revert's, else a failed smoke
+    /// run's, else the last verdict's.
     pub fn reason(&self) -> Option<&str> {
-        match (&self.decision.reverted, &self.last) {
-            (Some(r), _) => Some(&r.reason),
-            (None, Some(v)) => Some(&v.reason),
-            (None, None) => None,
+        let smoke = self.decision.smoke.as_ref().filter(|s| !s.passed);
+        match (&self.decision.reverted, smoke, &self.last) {
+            (Some(r), _, _) => Some(&r.reason),
+            (None, Some(s), _) => Some(&s.reason),
+            (None, None, Some(v)) => Some(&v.reason),
+            (None, None, None) => None,
         }
     }
 
+    /// Where the route's smoke checks stand.
+    pub fn smoke(&self, route: &Route) -> Smoke {
+        smoke_state(route, &self.decision)
+    }
+
+    /// A run of the smoke checks named by `key` ended. A run for checks no
+    /// longer configured (the config changed meanwhile) changes nothing.
+    pub fn on_smoke(
+        &mut self,
+        route: &Route,
+        key: u64,
+        passed: bool,
+        reason: String,
+        now: Now,
+    ) -> Output {
+        let mut out = Output::default();
+        if key == 0
+            || key != smoke_key(route)
+            || self.decision.canary_identity != canary_identity(route)
+        {
+            return out;
+        }
+        self.decision.smoke = Some(crate::state::SmokeResult {
+            key,
+            passed,
+            reason: reason.clone(),
+            at_unix: now.unix,
+        });
+        out.changed = true;
+        out.events.push(Event::SmokeChecked { passed, reason });
+        self.relabel(route, &mut out);
+        out
+    }
+
     /// The canary share in effect, in basis points (none while waiting
-    /// for a fleet's decisions).
+    /// for a fleet's decisions, or for smoke checks to pass).
     pub fn effective_bp(&self, route: &Route) -> u16 {
         if self.sharing == Sharing::Waiting {
             return 0;
@@ -351,10 +399,12 @@ impl RouteControl {
         effective_bp(route, &self.decision)
     }
 
-    /// Whether the canary is closed to forced requests too: reverted, or
-    /// the fleet's decisions not read yet.
-    pub fn canary_closed(&self) -> bool {
-        self.decision.reverted.is_some() || self.sharing == Sharing::Waiting
+    /// Whether the canary is closed to forced requests too: reverted, the
+    /// fleet's decisions not read yet, or its smoke checks not passed.
+    pub fn canary_closed(&self, route: &Route) -> bool {
+        self.decision.reverted.is_some()
+            || self.sharing == Sharing::Waiting
+            || matches!(self.smoke(route), Smoke::Pending | Smoke::Failed)
     }
 
     /// Whether (and how) the decisions are shared with a fleet.
@@ -654,6 +704,8 @@ impl RouteControl {
     fn relabel(&mut self, route: &Route, out: &mut Output) {
         let label = if self.decision.reverted.is_some() {
             Label::Reverted
+        } else if matches!(smoke_state(route, &self.decision), Smoke::Failed) {
+            Label::SmokeFailed
         } else if route.canary.is_none() {
             Label::InsufficientData
         } else {
@@ -677,9 +729,50 @@ impl RouteControl {
     }
 }
 
+/// Where a route's smoke checks stand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Smoke {
+    /// No `[[route.smoke]]`, or nothing to check.
+    None,
+    /// Not run yet for the current canary and checks: no traffic yet.
+    Pending,
+    /// Passed: traffic as configured.
+    Passed,
+    /// Failed: no traffic until the config changes or `reset`.
+    Failed,
+}
+
+/// What a run of `route`'s smoke checks is for: the canary identity, the
+/// checks, and for blue-green whether the canary colour is live (a flip to
+/// it is checked again). 0: no checks.
+pub fn smoke_key(route: &Route) -> u64 {
+    if route.smoke.is_empty() || route.canary.is_none() {
+        return 0;
+    }
+    let flip = route.strategy == crate::config::Strategy::BlueGreen && route.canary_weight_bp > 0;
+    let text = format!("{}\n{:?}\n{flip}", canary_identity(route), route.smoke);
+    xxhash_rust::xxh3::xxh3_64(text.as_bytes()).max(1)
+}
+
+/// Where `route`'s smoke checks stand for decision `d`.
+pub fn smoke_state(route: &Route, d: &RouteDecision) -> Smoke {
+    let key = smoke_key(route);
+    if key == 0 {
+        return Smoke::None;
+    }
+    match &d.smoke {
+        Some(s) if s.key == key && s.passed => Smoke::Passed,
+        Some(s) if s.key == key => Smoke::Failed,
+        _ => Smoke::Pending,
+    }
+}
+
 /// The canary share `d` puts in effect on `route`, in basis points.
 pub fn effective_bp(route: &Route, d: &RouteDecision) -> u16 {
     if route.canary.is_none() || d.reverted.is_some() {
+        return 0;
+    }
+    if matches!(smoke_state(route, d), Smoke::Pending | Smoke::Failed) {
         return 0;
     }
     if d.promoted {

@@ -73,6 +73,10 @@ pub struct RouteDecision {
     /// higher epoch win over older reverts of the same identity).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub epoch: u64,
+    /// The last smoke run of this canary ([`crate::rollout::smoke_key`]
+    /// names which checks, and which flip, it was for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smoke: Option<SmokeResult>,
     /// The judge's sequential tests, saved every few seconds and at
     /// shutdown ([`crate::judge::SavedTests`]). Kept as raw JSON so that a
     /// part that no longer parses costs only the evidence, never the
@@ -85,6 +89,19 @@ pub struct RouteDecision {
     /// canary) finds it still reverted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tombstones: Vec<Tombstone>,
+}
+
+/// The outcome of one run of a route's smoke checks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SmokeResult {
+    /// What was checked ([`crate::rollout::smoke_key`]).
+    pub key: u64,
+    /// Every check passed on every endpoint.
+    pub passed: bool,
+    /// The first failure (check and endpoint), or a summary.
+    pub reason: String,
+    /// When, unix seconds.
+    pub at_unix: u64,
 }
 
 /// A reverted canary identity that is no longer the route's current one.

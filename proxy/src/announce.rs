@@ -102,6 +102,22 @@ impl Announcer {
                         json!({ "from": from.as_str(), "to": to.as_str(), "reason": reason }),
                     );
                 }
+                Event::SmokeChecked { passed, reason } => {
+                    let result = if *passed { "passed" } else { "failed" };
+                    self.metrics
+                        .smoke_checks
+                        .with_label_values(&[name, result])
+                        .inc();
+                    if *passed {
+                        tracing::info!(route = %name, reason = %reason, "smoke checks passed: the canary gets traffic as configured");
+                    } else {
+                        tracing::warn!(route = %name, reason = %reason, "smoke checks failed: the canary gets no traffic (a config change or reset runs them again)");
+                    }
+                    send(
+                        "smoke_checked",
+                        json!({ "passed": passed, "reason": reason }),
+                    );
+                }
                 Event::StepDue { epoch, from } => {
                     tracing::debug!(route = %name, epoch, from, "rollout step due: proposed to the fleet");
                 }

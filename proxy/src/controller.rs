@@ -25,6 +25,7 @@ use veer_control::status::RouteStatus;
 mod fleet;
 mod gates;
 mod judging;
+mod smoke;
 #[cfg(test)]
 mod tests;
 
@@ -100,6 +101,8 @@ pub struct Controller {
     fleet: Option<fleet::FleetLink>,
     /// Confirmation gates of rollout steps.
     gates: gates::Gates,
+    /// Smoke checks running.
+    smokes: smoke::Smokes,
 }
 
 impl Controller {
@@ -166,6 +169,7 @@ impl Controller {
             announcer,
             fleet,
             gates: gates::Gates::new(),
+            smokes: smoke::Smokes::new(),
             shared: shared.clone(),
             reload,
             config,
@@ -239,8 +243,14 @@ impl Controller {
                 }
                 Some(news) = fleet::next(&mut self.fleet) => self.on_fleet_news(news).await,
                 Some(answer) = self.gates.next() => self.gate_answered(answer).await,
+                Some(run) = self.smokes.next() => self.smoke_done(run).await,
                 _ = sweep.tick(), if self.fleet.is_some() => self.fleet_sweep(),
-                _ = tick.tick() => self.judge_due().await,
+                _ = tick.tick() => {
+                    // A new canary's smoke checks start within a tick of
+                    // its config (or of a reset).
+                    self.smoke_due();
+                    self.judge_due().await
+                }
                 _ = save.tick() => self.save_evidence().await,
                 _ = shutdown.changed() => {
                     self.save_evidence().await;

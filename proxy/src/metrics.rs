@@ -71,6 +71,9 @@ pub struct Metrics {
     pub window_latency: std::sync::Arc<WindowSummary>,
     /// `veer_webhook_events_total{result}`: ok, failed, dropped.
     pub webhook_events: IntCounterVec,
+    /// `veer_smoke_checks_total{route,result}`: runs of a route's smoke
+    /// checks, passed or failed.
+    pub smoke_checks: IntCounterVec,
 }
 
 /// Handles for one (route, version), resolved once per snapshot.
@@ -251,8 +254,16 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let smoke_checks = IntCounterVec::new(
+            Opts::new(
+                "veer_smoke_checks_total",
+                "Runs of a route's smoke checks against a new canary (every check on every endpoint), by result: passed, failed.",
+            ),
+            &["route", "result"],
+        )?;
         for c in [
             requests.clone(),
+            smoke_checks.clone(),
             upstream_errors.clone(),
             proxy_errors.clone(),
             reloads.clone(),
@@ -310,6 +321,7 @@ impl Metrics {
             rollout_step,
             window_latency,
             webhook_events,
+            smoke_checks,
         })
     }
 
@@ -360,6 +372,9 @@ impl Metrics {
         for r in DeploymentResult::ALL {
             self.deployments.with_label_values(&[route, r.as_str()]);
         }
+        for r in ["passed", "failed"] {
+            self.smoke_checks.with_label_values(&[route, r]);
+        }
     }
 
     /// Forgets a route's series.
@@ -369,6 +384,9 @@ impl Metrics {
         }
         for r in DeploymentResult::ALL {
             let _ = self.deployments.remove_label_values(&[route, r.as_str()]);
+        }
+        for r in ["passed", "failed"] {
+            let _ = self.smoke_checks.remove_label_values(&[route, r]);
         }
         let _ = self.change_failure_ratio.remove_label_values(&[route]);
         let _ = self.time_to_revert.remove_label_values(&[route]);

@@ -121,6 +121,13 @@ fn message(event: &Value, status_url: Option<&str>) -> String {
             n("effective_weight"),
             s("reason")
         ),
+        "smoke_checked" if event.get("passed").and_then(Value::as_bool) == Some(true) => format!(
+            "Smoke checks passed for canary {canary} of route {route}: it gets traffic as configured"
+        ),
+        "smoke_checked" => format!(
+            "Smoke checks FAILED for canary {canary} of route {route}: it gets no traffic. {}",
+            s("reason")
+        ),
         other => format!("veer event {other} on route {route}"),
     };
     match status_url {

@@ -44,6 +44,9 @@ pub fn route_status(
             _ if control.sharing() == Sharing::Waiting => {
                 "waiting for the fleet's decisions: the canary gets no traffic here until they are read".into()
             }
+            None if control.smoke(c) == veer_control::rollout::Smoke::Pending => {
+                "smoke checks running against the new canary: it gets no traffic until they pass".into()
+            }
             Some(r) => r.to_string(),
             None if c.judge.mode == JudgeMode::Off => "the judge is off for this route".into(),
             None => "no verdict yet".into(),

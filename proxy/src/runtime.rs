@@ -298,7 +298,7 @@ pub fn build_snapshot(
             // Every configured route has a control; were one missing, the
             // route would fail toward stable.
             weight_bp: control.map_or(0, |c| c.effective_bp(r)),
-            canary_reverted: control.is_none_or(|c| c.canary_closed()),
+            canary_reverted: control.is_none_or(|c| c.canary_closed(r)),
             stable: rt.map(|rt| rt.stable.clone()),
             canary: rt.and_then(|rt| rt.canary.clone()),
         }

@@ -111,6 +111,19 @@ pub struct RawRoute {
     pub judge: Option<RawJudge>,
     pub rollout: Option<Spanned<RawRollout>>,
     pub force: Option<Spanned<RawForce>>,
+    pub smoke: Option<Vec<Spanned<RawSmoke>>>,
+}
+
+/// `[[route.smoke]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSmoke {
+    pub path: Spanned<String>,
+    pub method: Option<Spanned<String>>,
+    pub headers: Option<Spanned<BTreeMap<String, String>>>,
+    pub expect_status: Option<Spanned<i64>>,
+    pub expect_body: Option<String>,
+    pub timeout: Option<Spanned<String>>,
 }
 
 /// `[route.force]`.

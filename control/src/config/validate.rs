@@ -15,8 +15,8 @@ pub use super::diagnostics::{Diagnostic, Diagnostics};
 use super::raw::{RawCanary, RawConfig, RawEndpoint, RawForce, RawJudge, RawRoute, RawVersion};
 use super::{
     AdminSettings, Config, Endpoint, Force, JudgeMode, JudgeSettings, ProxySettings, Quantile,
-    Rollout, Route, StateSettings, StickySource, Strategy, TlsSettings, Version, Webhook,
-    WebhookFormat,
+    Rollout, Route, SmokeCheck, StateSettings, StickySource, Strategy, TlsSettings, Version,
+    Webhook, WebhookFormat,
 };
 
 /// Defaults, named so that the docs and the code agree.

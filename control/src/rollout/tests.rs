@@ -317,10 +317,10 @@ fn a_replica_waiting_for_its_fleet_sends_nothing_to_the_canary() {
     let mut c = fresh(&r);
     c.set_sharing(Sharing::Waiting);
     assert_eq!(c.effective_bp(&r), 0);
-    assert!(c.canary_closed());
+    assert!(c.canary_closed(&r));
     c.set_sharing(Sharing::Synced);
     assert_eq!(c.effective_bp(&r), 1000);
-    assert!(!c.canary_closed());
+    assert!(!c.canary_closed(&r));
 }
 
 #[test]

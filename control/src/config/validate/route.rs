@@ -185,6 +185,7 @@ impl Validator<'_> {
             judge,
             rollout,
             force: r.force.as_ref().and_then(|f| self.force(f)),
+            smoke: self.smoke(r),
         })
     }
 
@@ -410,3 +411,74 @@ fn http_token(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
+
+impl Validator<'_> {
+    fn smoke(&mut self, r: &RawRoute) -> Vec<SmokeCheck> {
+        let Some(checks) = &r.smoke else {
+            return Vec::new();
+        };
+        if r.canary.is_none() {
+            if let Some(first) = checks.first() {
+                self.err(first.span(), "[[route.smoke]] checks a new canary before it gets traffic: the route needs a [route.canary]");
+            }
+        }
+        if checks.len() > MAX_SMOKE_CHECKS {
+            if let Some(c) = checks.get(MAX_SMOKE_CHECKS) {
+                self.err(
+                    c.span(),
+                    format!("at most {MAX_SMOKE_CHECKS} smoke checks per route"),
+                );
+            }
+        }
+        let mut out = Vec::new();
+        for c in checks {
+            let raw = c.get_ref();
+            let path = raw.path.get_ref().clone();
+            if !path.starts_with('/') || path.contains(['#', ' ']) {
+                self.err(raw.path.span(), format!("smoke path {path:?} must start with '/' (a query is allowed, no '#' or spaces)"));
+            }
+            let method = raw
+                .method
+                .as_ref()
+                .map_or_else(|| "GET".to_string(), |m| m.get_ref().to_ascii_uppercase());
+            if !["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]
+                .contains(&method.as_str())
+            {
+                let span = raw.method.as_ref().map_or(c.span(), |m| m.span());
+                self.err(span, format!("smoke method {method:?} is not GET, HEAD, POST, PUT, DELETE, OPTIONS or PATCH"));
+            }
+            let mut headers = Vec::new();
+            if let Some(h) = &raw.headers {
+                for (k, v) in h.get_ref() {
+                    let name = k.to_ascii_lowercase();
+                    if !http_token(&name) || v.bytes().any(|b| b == b'\r' || b == b'\n') {
+                        self.err(
+                            h.span(),
+                            format!("smoke header {k:?} is not a valid header"),
+                        );
+                    }
+                    headers.push((name, v.clone()));
+                }
+            }
+            let expect_status =
+                self.int_in(raw.expect_status.as_ref(), 100..=599, 200, "expect_status") as u16;
+            let timeout = self.duration(raw.timeout.as_ref(), Duration::from_secs(5));
+            if timeout > Duration::from_secs(60) {
+                let span = raw.timeout.as_ref().map_or(c.span(), |t| t.span());
+                self.err(span, "a smoke check's timeout must be at most 60s");
+            }
+            out.push(SmokeCheck {
+                path,
+                method,
+                headers,
+                expect_status,
+                expect_body: raw.expect_body.clone(),
+                timeout,
+            });
+        }
+        out
+    }
+}
+
+/// Smoke checks per route.
+const MAX_SMOKE_CHECKS: usize = 16;

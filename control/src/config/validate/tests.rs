@@ -336,3 +336,53 @@ fn a_fleet_needs_etcd_endpoints_of_one_scheme_and_a_name() {
         assert!(e.to_string().contains(want), "{fleet}: {e}");
     }
 }
+
+#[test]
+fn smoke_checks_need_a_canary_and_valid_requests() {
+    let with = |smoke: &str| {
+        format!("{MINIMAL}[route.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:9001\"]\nweight = 5\n{smoke}")
+    };
+    let c = parse(&with(
+        "[[route.smoke]]\npath = \"/healthz?deep=1\"\nmethod = \"head\"\nheaders = { \"X-Token\" = \"t\" }\nexpect_status = 204\nexpect_body = \"ok\"\ntimeout = \"2s\"\n[[route.smoke]]\npath = \"/\"\n",
+    ))
+    .expect("valid");
+    let s = &c.routes[0].smoke;
+    assert_eq!(s.len(), 2);
+    assert_eq!(
+        (s[0].method.as_str(), s[0].expect_status, s[0].timeout),
+        ("HEAD", 204, Duration::from_secs(2))
+    );
+    assert_eq!(s[0].headers, [("x-token".to_string(), "t".to_string())]);
+    assert_eq!((s[1].method.as_str(), s[1].expect_status), ("GET", 200));
+    for (smoke, want) in [
+        (
+            "[[route.smoke]]\npath = \"healthz\"\n",
+            "must start with '/'",
+        ),
+        (
+            "[[route.smoke]]\npath = \"/\"\nmethod = \"BREW\"\n",
+            "is not GET",
+        ),
+        (
+            "[[route.smoke]]\npath = \"/\"\nexpect_status = 700\n",
+            "expect_status",
+        ),
+        (
+            "[[route.smoke]]\npath = \"/\"\ntimeout = \"5m\"\n",
+            "at most 60s",
+        ),
+        (
+            "[[route.smoke]]\npath = \"/\"\nheaders = { \"a b\" = \"x\" }\n",
+            "not a valid header",
+        ),
+        (
+            "[[route.smoke]]\npath = \"/\"\nbody = \"x\"\n",
+            "unknown field",
+        ),
+    ] {
+        let e = parse(&with(smoke)).expect_err(smoke);
+        assert!(e.to_string().contains(want), "{smoke}: {e}");
+    }
+    let e = parse(&format!("{MINIMAL}[[route.smoke]]\npath = \"/\"\n")).expect_err("no canary");
+    assert!(e.to_string().contains("needs a [route.canary]"), "{e}");
+}

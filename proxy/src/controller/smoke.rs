@@ -1,0 +1,198 @@
+//! Smoke checks before traffic (`[[route.smoke]]`): every check is sent to
+//! every endpoint of a new canary (or of the colour a blue-green flip goes
+//! to) before it gets any traffic; the canary's share stays 0 until all
+//! pass (`control/src/rollout.rs`: `smoke_state`). A failed run holds until
+//! the config changes or an operator resets the route.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use veer_control::config::SmokeCheck;
+use veer_control::rollout::{smoke_key, Smoke};
+
+use super::Controller;
+
+/// Most of a response body read to look for `expect_body`.
+const MAX_BODY: usize = 64 * 1024;
+
+/// A finished run, back in the controller loop.
+pub(super) struct SmokeRun {
+    route: String,
+    key: u64,
+    result: Result<String, String>,
+}
+
+/// Runs in flight, by route (the key they check).
+pub(super) struct Smokes {
+    running: HashMap<String, u64>,
+    tx: mpsc::UnboundedSender<SmokeRun>,
+    rx: mpsc::UnboundedReceiver<SmokeRun>,
+}
+
+impl Smokes {
+    pub(super) fn new() -> Smokes {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Smokes {
+            running: HashMap::new(),
+            tx,
+            rx,
+        }
+    }
+
+    pub(super) async fn next(&mut self) -> Option<SmokeRun> {
+        self.rx.recv().await
+    }
+}
+
+impl Controller {
+    /// Starts a run for every route whose checks are pending and not
+    /// running already (cheap: only routes with checks are looked at).
+    pub(super) fn smoke_due(&mut self) {
+        for route in self.config.routes.iter().filter(|r| !r.smoke.is_empty()) {
+            let Some(control) = self.controls.get(&route.name) else {
+                continue;
+            };
+            if control.smoke(route) != Smoke::Pending {
+                continue;
+            }
+            let key = smoke_key(route);
+            if self.smokes.running.get(&route.name) == Some(&key) {
+                continue;
+            }
+            self.smokes.running.insert(route.name.clone(), key);
+            let Some(canary) = &route.canary else {
+                continue;
+            };
+            let endpoints: Vec<(String, Option<SocketAddr>)> = canary
+                .endpoints
+                .iter()
+                .map(|e| (e.addr.clone(), self.addrs.get(&e.addr).copied()))
+                .collect();
+            let checks = route.smoke.clone();
+            let tx = self.smokes.tx.clone();
+            let name = route.name.clone();
+            tracing::info!(route = %name, version = %canary.name, checks = checks.len(), endpoints = endpoints.len(), "running smoke checks before the canary gets traffic");
+            tokio::spawn(async move {
+                let result = run(&checks, &endpoints).await;
+                let _ = tx.send(SmokeRun {
+                    route: name,
+                    key,
+                    result,
+                });
+            });
+        }
+    }
+
+    /// A run ended: its result goes to the route's control.
+    pub(super) async fn smoke_done(&mut self, r: SmokeRun) {
+        if self.smokes.running.get(&r.route) == Some(&r.key) {
+            self.smokes.running.remove(&r.route);
+        }
+        let Some(route) = self.config.route(&r.route).cloned() else {
+            return;
+        };
+        let now = self.now();
+        let Some(control) = self.controls.get_mut(&r.route) else {
+            return;
+        };
+        let (passed, reason) = match r.result {
+            Ok(summary) => (true, summary),
+            Err(why) => (false, why),
+        };
+        let out = control.on_smoke(&route, r.key, passed, reason, now);
+        if !out.changed {
+            return; // made for checks or a canary no longer configured
+        }
+        self.announce(&r.route, &out);
+        self.rebuild();
+        self.persist().await;
+        self.publish(std::slice::from_ref(&r.route), false);
+    }
+}
+
+/// Every check against every endpoint, in order; the first failure ends
+/// the run and names the check and the endpoint.
+async fn run(
+    checks: &[SmokeCheck],
+    endpoints: &[(String, Option<SocketAddr>)],
+) -> Result<String, String> {
+    for (name, addr) in endpoints {
+        let Some(addr) = addr else {
+            return Err(format!("endpoint {name}: its address is not resolved"));
+        };
+        for (i, c) in checks.iter().enumerate() {
+            let what = format!("smoke check {} ({} {}) on {name}", i + 1, c.method, c.path);
+            match tokio::time::timeout(c.timeout, exchange(c, name, *addr)).await {
+                Err(_) => return Err(format!("{what}: no answer within {:?}", c.timeout)),
+                Ok(Err(e)) => return Err(format!("{what}: {e}")),
+                Ok(Ok((status, body))) => {
+                    if status != c.expect_status {
+                        return Err(format!(
+                            "{what}: got {status}, expected {}",
+                            c.expect_status
+                        ));
+                    }
+                    if let Some(want) = &c.expect_body {
+                        if !String::from_utf8_lossy(&body).contains(want.as_str()) {
+                            return Err(format!("{what}: the body does not contain {want:?}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(format!(
+        "{} check(s) passed on {} endpoint(s)",
+        checks.len(),
+        endpoints.len()
+    ))
+}
+
+/// One request over a fresh HTTP/1.1 connection: the status and up to
+/// [`MAX_BODY`] of the body.
+async fn exchange(c: &SmokeCheck, host: &str, addr: SocketAddr) -> Result<(u16, Bytes), String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(c.method.as_str())
+        .uri(c.path.as_str())
+        .header(http::header::HOST, host)
+        .header(
+            http::header::USER_AGENT,
+            concat!("veer-smoke/", env!("CARGO_PKG_VERSION")),
+        )
+        .header("x-veer-smoke", "1");
+    for (k, v) in &c.headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let req = req
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while got.len() < MAX_BODY {
+        match body.frame().await {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    got.extend_from_slice(d);
+                }
+            }
+            Some(Err(e)) => return Err(format!("reading the body: {e}")),
+            None => break,
+        }
+    }
+    got.truncate(MAX_BODY);
+    Ok((status, Bytes::from(got)))
+}

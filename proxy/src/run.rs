@@ -190,29 +190,18 @@ pub async fn run(
             shutdown_rx.clone(),
         )));
     }
-    for l in plain {
-        tasks.push(tokio::spawn(serve(
-            l,
-            shared.clone(),
-            None,
-            limits.clone(),
-            permits.clone(),
-            shutdown_rx.clone(),
-        )));
-    }
+    let mut listeners: Vec<_> = plain.into_iter().map(|l| (l, None)).collect();
     if let Some(certs) = &certs {
         let acceptor = certs.acceptor()?;
-        for l in secure {
-            tasks.push(tokio::spawn(serve(
-                l,
-                shared.clone(),
-                Some(acceptor.clone()),
-                limits.clone(),
-                permits.clone(),
-                shutdown_rx.clone(),
-            )));
-        }
+        listeners.extend(secure.into_iter().map(|l| (l, Some(acceptor.clone()))));
     }
+    tasks.push(tokio::spawn(serve(
+        listeners,
+        shared.clone(),
+        limits,
+        permits.clone(),
+        shutdown_rx.clone(),
+    )));
     let controller = tokio::spawn(controller.run(actions_rx, shutdown_rx.clone()));
 
     for a in &bound.proxy {

@@ -96,15 +96,23 @@ impl Drop for PerIp {
     }
 }
 
-/// Accepts connections on `listener` until `shutdown` turns true.
+/// Accepts connections on every listener (each with its TLS acceptor, if
+/// any) until `shutdown` turns true.
+///
+/// One loop for all listeners: it takes a connection slot, then accepts
+/// from whichever listener has a connection waiting. A loop per listener
+/// would each hold a slot while waiting, so with N listeners N - 1 slots
+/// of `max_connections` would sit reserved and unusable.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Vec<(TcpListener, Option<TlsAcceptor>)>,
     shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
     limits: Limits,
     permits: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    if listeners.is_empty() {
+        return;
+    }
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -122,11 +130,7 @@ pub async fn serve(
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
         .max_header_list_size(limits.max_header_bytes as u32);
     let builder = Arc::new(builder);
-    let scheme = if tls.is_some() {
-        Scheme::Https
-    } else {
-        Scheme::Http
-    };
+    let mut next = 0usize;
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
@@ -135,9 +139,23 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return,
         };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
+        // Whichever listener has a connection, starting after the last one
+        // served (no listener starves the others).
+        let any = std::future::poll_fn(|cx| {
+            let n = listeners.len();
+            for k in 0..n {
+                let i = (next + k) % n;
+                if let Some((l, _)) = listeners.get(i) {
+                    if let std::task::Poll::Ready(r) = l.poll_accept(cx) {
+                        return std::task::Poll::Ready((i, r));
+                    }
+                }
+            }
+            std::task::Poll::Pending
+        });
+        let (i, (stream, peer)) = tokio::select! {
+            (i, r) = any => match r {
+                Ok(x) => (i, x),
                 Err(e) => {
                     // Typically EMFILE: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -157,9 +175,15 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        next = i + 1;
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        let tls = tls.clone();
+        let tls = listeners.get(i).and_then(|(_, t)| t.clone());
+        let scheme = if tls.is_some() {
+            Scheme::Https
+        } else {
+            Scheme::Http
+        };
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         let limits = limits.clone();

@@ -278,3 +278,40 @@ async fn websocket_tunnels_hold_their_slot_are_counted_and_close_when_idle() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_slot_is_usable_whatever_the_number_of_listeners() {
+    let s = Upstream::start("stable").await;
+    let config = with_proxy(route_config(&[s.addr], &[], 0.0, ""), "max_connections = 2").replace(
+        "listen = [\"127.0.0.1:0\"]",
+        "listen = [\"127.0.0.1:0\", \"127.0.0.1:0\"]",
+    );
+    let veer = Veer::start(&config).await;
+    let proxies: Vec<String> = veer
+        .logs_with("listening")
+        .iter()
+        .filter(|l| l["kind"] == "proxy")
+        .map(|l| l["addr"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(proxies.len(), 2, "two listeners: {proxies:?}");
+    // Both slots on the first listener, kept open: the second listener must
+    // not hold one of them while it waits for a connection of its own.
+    let mut held = Vec::new();
+    for n in 0..2 {
+        let mut c = TcpStream::connect(&proxies[0]).await.unwrap();
+        c.write_all(GET).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let got = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("connection {n} was never served: a slot is held by an idle listener")
+            })
+            .unwrap();
+        assert!(
+            buf[..got].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..got])
+        );
+        held.push(c);
+    }
+}

@@ -359,3 +359,151 @@ async fn request_smuggling_framings_never_reach_the_upstream_as_a_second_request
         assert_eq!(r.status(), 200, "{name}: veer stopped serving");
     }
 }
+
+/// An HPACK header block of literal fields without indexing (no Huffman).
+fn hpack(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in fields {
+        assert!(name.len() < 127 && value.len() < 127);
+        out.push(0x00);
+        out.push(name.len() as u8);
+        out.extend_from_slice(name.as_bytes());
+        out.push(value.len() as u8);
+        out.extend_from_slice(value.as_bytes());
+    }
+    out
+}
+
+/// One HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_framings_that_must_be_refused_never_reach_the_upstream() {
+    const HEADERS: u8 = 1;
+    const DATA: u8 = 0;
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let base = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/"),
+        (":authority", "a"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut f: Vec<(&str, &str)> = base.to_vec();
+        f.extend_from_slice(extra);
+        hpack(&f)
+    };
+    let smuggled = b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: a\r\n\r\n";
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        (
+            // A body shorter than its content-length: the request must not
+            // reach the upstream whole, and its bytes never as a request.
+            "h2 content-length longer than the body",
+            [
+                frame(HEADERS, END_HEADERS, 1, &with(&[("content-length", "100")])),
+                frame(DATA, END_STREAM, 1, smuggled),
+            ]
+            .concat(),
+            false,
+        ),
+        (
+            "h2 content-length shorter than the body",
+            [
+                frame(HEADERS, END_HEADERS, 1, &with(&[("content-length", "1")])),
+                frame(DATA, END_STREAM, 1, smuggled),
+            ]
+            .concat(),
+            false,
+        ),
+        (
+            "h2 te: gzip",
+            frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                1,
+                &with(&[("te", "gzip")]),
+            ),
+            true,
+        ),
+        (
+            "h2 transfer-encoding: chunked",
+            [
+                frame(
+                    HEADERS,
+                    END_HEADERS,
+                    1,
+                    &with(&[("transfer-encoding", "chunked")]),
+                ),
+                frame(DATA, END_STREAM, 1, smuggled),
+            ]
+            .concat(),
+            true,
+        ),
+        (
+            "h2 connection header",
+            frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                1,
+                &with(&[("connection", "keep-alive")]),
+            ),
+            true,
+        ),
+    ];
+    // The control: the same hand-made frames, valid, do reach the upstream
+    // (so the refusals below are veer's, not a broken test client's).
+    let valid: Vec<(&str, Vec<u8>, bool)> = vec![(
+        "a valid h2 POST",
+        [
+            frame(HEADERS, END_HEADERS, 1, &with(&[("content-length", "2")])),
+            frame(DATA, END_STREAM, 1, b"ok"),
+        ]
+        .concat(),
+        false,
+    )];
+    for (i, (name, frames, never_upstream)) in valid.into_iter().chain(cases).enumerate() {
+        let before = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+        let mut c = TcpStream::connect(veer.addr).await.unwrap();
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(frame(4, 0, 0, &[])); // SETTINGS
+        bytes.extend(frames);
+        let _ = c.write_all(&bytes).await;
+        let mut buf = vec![0u8; 8192];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(500), c.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+        }
+        drop(c);
+        let after = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+        if i == 0 {
+            assert_eq!(
+                after - before,
+                1,
+                "{name}: the control request did not arrive"
+            );
+        } else if never_upstream {
+            assert_eq!(after, before, "{name}: the upstream got a request");
+        } else {
+            assert!(
+                after - before <= 1,
+                "{name}: the upstream got {} requests",
+                after - before
+            );
+        }
+        assert_ne!(*s.last_uri.lock().unwrap(), "/smuggled", "{name}: smuggled");
+        let r = get(veer.addr, "/after", &[]).await.unwrap();
+        assert_eq!(r.status(), 200, "{name}: veer stopped serving");
+    }
+}

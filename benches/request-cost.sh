@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by valgrind's callgrind (the
+# same for the same binary and inputs whatever else the machine is doing):
+# the release binary (or each binary given) serves N and then 2N keep-alive
+# GETs from 4 connections through one route with a canary at 10 % and the
+# judge on, to the demo's upstreams; the difference divided by N is the
+# cost of one request (start-up and shutdown cancel out).
+#
+# usage: benches/request-cost.sh [N] [BINARY...]   (default 5000, target/release/veer)
+# Only 127.0.0.1 is targeted; every run is bounded in count and time.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+n="${1:-5000}"
+shift || true
+bins=("$@")
+if [ ${#bins[@]} -eq 0 ]; then
+  (cd "$ROOT" && cargo build --release --locked -q -p veer-proxy --bin veer)
+  bins=("$ROOT/target/release/veer")
+fi
+command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
+work="$(mktemp -d)"
+ups=""
+cleanup() { [ -n "$ups" ] && kill "$ups" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+# KEEP=dir keeps each run's callgrind output there (for callgrind_annotate).
+"${bins[0]}" demo --upstreams-only > /dev/null 2>&1 &
+ups=$!
+for _ in $(seq 1 100); do
+  curl -sf http://127.0.0.1:18001/ > /dev/null 2>&1 && break
+  sleep 0.1
+done
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Total instructions of one run serving $2 requests with binary $1.
+run() {
+  local bin=$1 count=$2 port admin
+  port=$(free_port); admin=$(free_port)
+  rm -rf "$work/state"
+  cat > "$work/veer.toml" <<TOML
+[proxy]
+listen = ["127.0.0.1:$port"]
+workers = 1
+[admin]
+listen = "127.0.0.1:$admin"
+[state]
+dir = "$work/state"
+[[route]]
+name = "web"
+sticky = ["header:x-user-id"]
+[route.stable]
+version = "v1"
+endpoints = ["127.0.0.1:18001"]
+[route.canary]
+version = "v2"
+endpoints = ["127.0.0.1:18002"]
+weight = 10
+TOML
+  timeout 600 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
+    "$bin" run --config "$work/veer.toml" > "$work/log" 2>&1 &
+  local vg=$!
+  for _ in $(seq 1 600); do
+    curl -sf "http://127.0.0.1:$admin/readyz" > /dev/null 2>&1 && break
+    sleep 0.1
+  done
+  python3 - "$port" "$count" <<'PY'
+import http.client, sys, threading
+port, count = int(sys.argv[1]), int(sys.argv[2])
+conns = 4
+def worker(w):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for i in range(w, count, conns):
+        c.request("GET", "/", headers={"x-user-id": f"user-{i % 1000}"})
+        r = c.getresponse(); r.read()
+        if r.status != 200:
+            sys.exit(f"HTTP {r.status}")
+    c.close()
+ts = [threading.Thread(target=worker, args=(w,)) for w in range(conns)]
+[t.start() for t in ts]; [t.join() for t in ts]
+PY
+  kill -TERM "$vg"
+  wait "$vg" || true
+  if [ -n "${KEEP:-}" ]; then
+    mkdir -p "$KEEP"
+    cp "$work/cg.out" "$KEEP/$(basename "$bin")-$(echo "$bin" | md5sum | cut -c1-6)-$count.out"
+  fi
+  grep -E '^(summary|totals):' "$work/cg.out" | head -1 | awk '{print $2}'
+}
+
+printf '| binary | Ir for %s requests | Ir for %s | instructions per request |\n|---|---|---|---|\n' "$n" "$((2 * n))"
+for bin in "${bins[@]}"; do
+  a=$(run "$bin" "$n")
+  b=$(run "$bin" "$((2 * n))")
+  printf '| %s | %s | %s | %s |\n' "$bin" "$a" "$b" "$(( (b - a) / n ))"
+done

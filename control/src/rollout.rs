@@ -444,6 +444,15 @@ impl RouteControl {
         let held = now
             .mono
             .saturating_sub(self.healthy_since.unwrap_or(now.mono).max(self.step_since));
+        self.advance(ro, held, now, &mut out);
+        self.relabel(route, &mut out);
+        out
+    }
+
+    /// Moves the rollout one step on (its conditions checked by the
+    /// caller), after `held` of health on the step before.
+    fn advance(&mut self, ro: &crate::config::Rollout, held: Duration, now: Now, out: &mut Output) {
+        let d = &mut self.decision;
         d.rollout_step += 1;
         self.step_since = now.mono;
         self.step_started_ms = now.unix_ms;
@@ -453,8 +462,6 @@ impl RouteControl {
             weight_bp: ro.steps_bp.get(d.rollout_step).copied().unwrap_or(0),
             held,
         });
-        self.relabel(route, &mut out);
-        out
     }
 
     /// The fleet's record for the route's identity, as read from the store
@@ -601,6 +608,7 @@ impl RouteControl {
                 weight_before_bp: w_bp,
             });
         }
+        let mut step_now = None;
         if let Some(ro) = &route.rollout {
             if d.reverted.is_none() && !d.promoted && !d.paused && verdict.status == Status::Healthy
             {
@@ -608,15 +616,7 @@ impl RouteControl {
                 let held = now.mono.saturating_sub(since.max(self.step_since));
                 if held >= ro.hold && d.rollout_step + 1 < ro.steps_bp.len() {
                     if self.sharing == Sharing::Alone && ro.confirm.is_none() {
-                        d.rollout_step += 1;
-                        self.step_since = now.mono;
-                        self.step_started_ms = now.unix_ms;
-                        out.changed = true;
-                        out.events.push(Event::RolloutAdvanced {
-                            step: d.rollout_step,
-                            weight_bp: ro.steps_bp.get(d.rollout_step).copied().unwrap_or(0),
-                            held,
-                        });
+                        step_now = Some(held);
                     } else {
                         // A fleet steps together: the store decides; a
                         // gate decides whether to step at all.
@@ -629,6 +629,9 @@ impl RouteControl {
             } else if verdict.status != Status::Healthy {
                 self.healthy_since = None;
             }
+        }
+        if let (Some(held), Some(ro)) = (step_now, &route.rollout) {
+            self.advance(ro, held, now, &mut out);
         }
         self.last = Some(verdict);
         self.relabel(route, &mut out);

@@ -335,20 +335,7 @@ async fn request_smuggling_framings_never_reach_the_upstream_as_a_second_request
         ),
     ];
     for (name, bytes) in cases {
-        let before = s.requests.load(std::sync::atomic::Ordering::SeqCst);
-        let mut c = TcpStream::connect(veer.addr).await.unwrap();
-        let _ = c.write_all(bytes.as_bytes()).await;
-        // Read whatever veer answers until it closes or goes quiet.
-        let mut buf = vec![0u8; 8192];
-        while let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(500), c.read(&mut buf)).await
-        {
-            if n == 0 {
-                break;
-            }
-        }
-        drop(c);
-        let after = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+        let (before, after) = upstream_requests_around(&s, &veer, bytes.as_bytes()).await;
         assert!(
             after - before <= 1,
             "{name}: the upstream got {} requests",
@@ -358,6 +345,23 @@ async fn request_smuggling_framings_never_reach_the_upstream_as_a_second_request
         let r = get(veer.addr, "/after", &[]).await.unwrap();
         assert_eq!(r.status(), 200, "{name}: veer stopped serving");
     }
+}
+
+/// Sends `bytes` on a new connection, reads whatever veer answers until it
+/// closes or goes quiet, and returns the upstream's request count before
+/// and after.
+async fn upstream_requests_around(s: &Upstream, veer: &Veer, bytes: &[u8]) -> (u64, u64) {
+    let before = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let mut c = TcpStream::connect(veer.addr).await.unwrap();
+    let _ = c.write_all(bytes).await;
+    let mut buf = vec![0u8; 8192];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), c.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+    }
+    drop(c);
+    (before, s.requests.load(std::sync::atomic::Ordering::SeqCst))
 }
 
 /// An HPACK header block of literal fields without indexing (no Huffman).
@@ -471,22 +475,10 @@ async fn h2_framings_that_must_be_refused_never_reach_the_upstream() {
         false,
     )];
     for (i, (name, frames, never_upstream)) in valid.into_iter().chain(cases).enumerate() {
-        let before = s.requests.load(std::sync::atomic::Ordering::SeqCst);
-        let mut c = TcpStream::connect(veer.addr).await.unwrap();
         let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         bytes.extend(frame(4, 0, 0, &[])); // SETTINGS
         bytes.extend(frames);
-        let _ = c.write_all(&bytes).await;
-        let mut buf = vec![0u8; 8192];
-        while let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(500), c.read(&mut buf)).await
-        {
-            if n == 0 {
-                break;
-            }
-        }
-        drop(c);
-        let after = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+        let (before, after) = upstream_requests_around(&s, &veer, &bytes).await;
         if i == 0 {
             assert_eq!(
                 after - before,

@@ -42,13 +42,34 @@ async fn a_dead_endpoint_is_skipped_without_client_errors() {
         connect_errors < 20.0,
         "dead endpoint retried {connect_errors} times"
     );
-    let status = veer.status().await;
-    let eps = status["routes"][0]["stable"]["endpoints"]
-        .as_array()
-        .unwrap()
-        .clone();
-    let dead_state = eps.iter().find(|e| e["addr"] == dead.to_string()).unwrap();
-    assert_eq!(dead_state["healthy"], false);
+    // `/status` shows it unhealthy. Its back-off is time-bound (it may have
+    // run out on a slow machine since the loop above), so keep sending keys
+    // — one of them lands on it and fails again — while polling.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut i = 0;
+    loop {
+        let status = veer.status().await;
+        let eps = status["routes"][0]["stable"]["endpoints"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let dead_state = eps.iter().find(|e| e["addr"] == dead.to_string()).unwrap();
+        if dead_state["healthy"] == false {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead endpoint never showed unhealthy: {dead_state}"
+        );
+        for _ in 0..20 {
+            i += 1;
+            let r = c
+                .get("/", &[("x-user-id", &format!("again{i}"))])
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,7 +23,11 @@ fn balancer(reg: &Upstreams, base: u16, n: u16) -> Balancer {
         (0..n)
             .map(|i| {
                 let a = SocketAddr::from(([127, 0, 0, 1], base + i));
-                (reg.get(a, 1024), 1, a.to_string())
+                (
+                    reg.get(a, veer_proxy::upstream::Connector::H1, 1024),
+                    1,
+                    a.to_string(),
+                )
             })
             .collect(),
     )

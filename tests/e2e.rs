@@ -31,5 +31,6 @@ mod e2e {
     mod shutdown;
     mod smoke;
     mod split;
+    mod upstreams;
     mod webhooks;
 }

@@ -160,7 +160,13 @@ pub struct Route {
     /// Requests every endpoint of a new canary (or the target colour of a
     /// blue-green flip) must answer as expected before it gets traffic.
     pub smoke: Vec<SmokeCheck>,
+    /// gRPC status codes (0-16) that count as errors for the judge.
+    pub grpc_error_codes: Vec<u8>,
 }
+
+/// The default `grpc_error_codes`: UNKNOWN, DEADLINE_EXCEEDED, INTERNAL,
+/// UNAVAILABLE, DATA_LOSS.
+pub const DEFAULT_GRPC_ERROR_CODES: [u8; 5] = [2, 4, 13, 14, 15];
 
 /// One `[[route.smoke]]` check.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -230,6 +236,46 @@ pub struct Version {
     pub name: String,
     /// Endpoints, each at least weight 1.
     pub endpoints: Vec<Endpoint>,
+    /// How veer speaks to the endpoints (one scheme per version).
+    pub protocol: UpstreamProtocol,
+    /// `[route.<version>.tls]`: verification and client certificate for
+    /// `https://` endpoints (None: the Mozilla roots, SNI from the host).
+    pub tls: Option<UpstreamTls>,
+}
+
+/// The protocol of a version's endpoints, from their scheme.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UpstreamProtocol {
+    /// `host:port` or `http://`: HTTP/1.1 over TCP.
+    Http1,
+    /// `h2c://`: HTTP/2 over TCP, prior knowledge.
+    H2c,
+    /// `https://`: TLS, ALPN `h2` then `http/1.1`.
+    Https,
+}
+
+impl UpstreamProtocol {
+    /// The scheme as written in the config.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http",
+            UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::Https => "https",
+        }
+    }
+}
+
+/// TLS to a version's `https://` endpoints. Verification cannot be turned off.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UpstreamTls {
+    /// PEM CA certificates the endpoints' certificates are verified
+    /// against, instead of the built-in Mozilla roots.
+    pub ca_file: Option<PathBuf>,
+    /// Name sent as SNI and verified in the certificate (default: the
+    /// endpoint's host; an IP address is verified as an IP).
+    pub server_name: Option<String>,
+    /// Client certificate chain and key (mTLS), re-read when they change.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// One upstream endpoint.

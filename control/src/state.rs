@@ -230,7 +230,12 @@ pub fn canary_identity(route: &Route) -> u64 {
         .map(|e| format!("{}*{}", e.addr, e.weight))
         .collect();
     eps.sort();
-    xxh3_64(format!("{}\n{}", c.name, eps.join(",")).as_bytes())
+    // HTTP/1.1 adds nothing, so identities from before schemes existed hold.
+    let proto = match c.protocol {
+        crate::config::UpstreamProtocol::Http1 => String::new(),
+        p => format!("\n{}", p.scheme()),
+    };
+    xxh3_64(format!("{}\n{}{proto}", c.name, eps.join(",")).as_bytes())
 }
 
 impl State {

@@ -145,7 +145,13 @@ mod tests {
     fn balancer(reg: &Upstreams, eps: &[(&str, u32)]) -> Balancer {
         Balancer::new(
             eps.iter()
-                .map(|(a, w)| (reg.get(a.parse().expect("addr"), 8), *w, a.to_string()))
+                .map(|(a, w)| {
+                    (
+                        reg.get(a.parse().expect("addr"), crate::upstream::Connector::H1, 8),
+                        *w,
+                        a.to_string(),
+                    )
+                })
                 .collect(),
         )
     }

@@ -149,6 +149,29 @@ impl Pending {
     }
 }
 
+/// A gRPC call whose status comes in the trailers: counted
+/// (`veer_grpc_responses_total`) and made the judge's outcome when they come.
+pub struct GrpcCall {
+    /// The route (its gRPC error codes and the version's metrics).
+    pub route: Arc<RouteTarget>,
+    /// The call went to the canary.
+    pub canary: bool,
+    /// The caller's deadline was shorter than the route's timeout.
+    pub client_bound: bool,
+}
+
+impl GrpcCall {
+    /// The call ended with `code`: counts it and returns the judge's outcome.
+    fn ended(&self, code: u8) -> Outcome {
+        let version = match (&self.route.canary, self.canary) {
+            (Some(c), true) => c,
+            _ => &self.route.stable,
+        };
+        version.metrics.grpc(code);
+        crate::grpc::outcome(code, self.route.grpc_errors, self.client_bound)
+    }
+}
+
 /// Whose fault a body error is: a stall is a timeout, anything else the
 /// upstream breaking the message off.
 fn body_failure(e: &BoxError) -> ProxyError {
@@ -167,6 +190,7 @@ pub struct UpstreamBody {
     inner: IdleTimeout<Incoming>,
     conn: Option<(Sender, Arc<Upstream>)>,
     pending: Option<Pending>,
+    grpc: Option<GrpcCall>,
 }
 
 impl UpstreamBody {
@@ -180,6 +204,7 @@ impl UpstreamBody {
             inner: IdleTimeout::new(inner, idle),
             conn,
             pending: None,
+            grpc: None,
         };
         if b.inner.is_end_stream() {
             b.release();
@@ -187,16 +212,38 @@ impl UpstreamBody {
         b
     }
 
-    /// Records `p` when the body ends (at once if it already has).
-    pub fn record_at_end(&mut self, p: Pending) {
+    /// The trailers (or the end without them) of a watched gRPC call.
+    fn grpc_ended(&mut self, trailers: Option<&http::HeaderMap>) {
+        let Some(call) = self.grpc.take() else {
+            return;
+        };
+        let code = trailers
+            .and_then(crate::grpc::status)
+            .unwrap_or(crate::grpc::UNKNOWN);
+        let outcome = call.ended(code);
+        if let Some(p) = &mut self.pending {
+            if p.outcome == Outcome::Ok {
+                p.outcome = outcome;
+            }
+        }
+    }
+
+    /// Records `pending` when the body ends (at once if it already has);
+    /// for a gRPC `call`, reads its `grpc-status` from the trailers when
+    /// they come (a body that ends without one ends the call as UNKNOWN).
+    pub fn record_at_end(&mut self, pending: Option<Pending>, call: Option<GrpcCall>) {
+        self.pending = pending;
+        self.grpc = call;
         if self.inner.is_end_stream() {
-            p.finish(None);
-        } else {
-            self.pending = Some(p);
+            self.grpc_ended(None);
+            if let Some(p) = self.pending.take() {
+                p.finish(None);
+            }
         }
     }
 
     fn release(&mut self) {
+        self.grpc_ended(None);
         if let Some((sender, upstream)) = self.conn.take() {
             upstream.checkin(sender);
         }
@@ -224,6 +271,11 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(t) = f.trailers_ref() {
+                self.grpc_ended(Some(t));
+            }
+        }
         match &r {
             Poll::Ready(None) => self.release(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),

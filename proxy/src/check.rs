@@ -31,6 +31,13 @@ pub fn check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let tls_errors = crate::upstream_tls::check(&config);
+    if !tls_errors.is_empty() {
+        for e in tls_errors {
+            eprintln!("{}: {e}", path.display());
+        }
+        return ExitCode::FAILURE;
+    }
     for w in &config.warnings {
         eprintln!(
             "{}:{}:{}: warning: {}",
@@ -45,8 +52,33 @@ pub fn check(path: &Path) -> ExitCode {
 }
 
 fn endpoints(v: &Version) -> String {
+    use veer_control::config::UpstreamProtocol as P;
     let n = v.endpoints.len();
-    format!("{} ({n} endpoint{})", v.name, if n == 1 { "" } else { "s" })
+    let proto = match v.protocol {
+        P::Http1 => String::new(),
+        P::H2c => ", h2c".to_string(),
+        P::Https => match &v.tls {
+            Some(t) => format!(
+                ", https: {}{}",
+                if t.ca_file.is_some() {
+                    "ca_file"
+                } else {
+                    "Mozilla roots"
+                },
+                if t.client_cert.is_some() {
+                    ", client certificate"
+                } else {
+                    ""
+                }
+            ),
+            None => ", https: Mozilla roots".to_string(),
+        },
+    };
+    format!(
+        "{} ({n} endpoint{}{proto})",
+        v.name,
+        if n == 1 { "" } else { "s" }
+    )
 }
 
 /// A short human summary of a valid config.

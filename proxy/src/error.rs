@@ -43,6 +43,15 @@ pub enum ProxyError {
     /// A connection over `max_connections_per_ip`, closed on accept.
     #[error("too many connections from the client's address")]
     TooManyConnections,
+    /// An upgrade (WebSocket) to a version whose endpoints speak h2c://,
+    /// which has no HTTP/1.1 upgrade.
+    #[error("upgrades are not supported to this upstream")]
+    UpgradeUnsupported,
+    /// A gRPC call's own deadline (`grpc-timeout`, shorter than the route's
+    /// timeout) passed before the upstream answered: the caller asked for
+    /// less time than the route allows, so it is not the version's failure.
+    #[error("the call's deadline passed")]
+    ClientDeadline,
 }
 
 impl ProxyError {
@@ -61,6 +70,8 @@ impl ProxyError {
             ProxyError::TooManyConnections | ProxyError::Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::ClientDeadline => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -78,6 +89,8 @@ impl ProxyError {
             ProxyError::ClientBadBody => "client_bad_body",
             ProxyError::TooManyConnections => "too_many_connections",
             ProxyError::Overloaded => "overloaded",
+            ProxyError::UpgradeUnsupported => "upgrade_unsupported",
+            ProxyError::ClientDeadline => "client_deadline",
         }
     }
 
@@ -105,6 +118,8 @@ impl ProxyError {
             }
             ProxyError::ClientTimeout => "request timeout\n",
             ProxyError::TooManyConnections | ProxyError::Overloaded => "service unavailable\n",
+            ProxyError::UpgradeUnsupported => "not implemented\n",
+            ProxyError::ClientDeadline => "deadline exceeded\n",
         }
     }
 
@@ -123,7 +138,7 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 7] = [
+pub const PROXY_KINDS: [ProxyError; 9] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
@@ -131,6 +146,8 @@ pub const PROXY_KINDS: [ProxyError; 7] = [
     ProxyError::ClientBadBody,
     ProxyError::TooManyConnections,
     ProxyError::Overloaded,
+    ProxyError::UpgradeUnsupported,
+    ProxyError::ClientDeadline,
 ];
 
 /// The upstream error kinds, in `upstream_index` order.

@@ -193,7 +193,17 @@ pub fn prepare_request(
         *uri = Uri::try_from(pq).map_err(|_| ProxyError::BadRequest)?;
     }
     *version = Version::HTTP_11;
+    // `TE: trailers` says the client takes trailers (gRPC needs it); any
+    // other TE is this hop's business.
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+    });
     strip_hop_by_hop(headers, upgrade);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
 
     let mut xff = BytesMut::with_capacity(64);
     for prev in headers.get_all(&X_FORWARDED_FOR) {

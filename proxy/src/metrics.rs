@@ -74,7 +74,30 @@ pub struct Metrics {
     /// `veer_smoke_checks_total{route,result}`: runs of a route's smoke
     /// checks, passed or failed.
     pub smoke_checks: IntCounterVec,
+    /// `veer_grpc_responses_total`.
+    pub grpc: IntCounterVec,
 }
+
+/// gRPC status code names, by code.
+pub const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
 
 /// Handles for one (route, version), resolved once per snapshot.
 #[derive(Clone)]
@@ -82,6 +105,10 @@ pub struct VersionMetrics {
     responses: [IntCounter; 5],
     upstream_errors: [IntCounter; 4],
     duration: Histogram,
+    /// gRPC calls by status code, made on the first call that ends with
+    /// each code (a route that never sees gRPC exports none).
+    grpc: IntCounterVec,
+    names: std::sync::Arc<[std::sync::Arc<str>; 2]>,
 }
 
 impl VersionMetrics {
@@ -93,6 +120,17 @@ impl VersionMetrics {
             c.inc();
         }
         self.duration.observe(seconds);
+    }
+
+    /// Counts a gRPC call that ended with status `code` (0-16).
+    pub fn grpc(&self, code: u8) {
+        let name = GRPC_CODES
+            .get(usize::from(code))
+            .copied()
+            .unwrap_or("UNKNOWN");
+        self.grpc
+            .with_label_values(&[&*self.names[0], &*self.names[1], name])
+            .inc();
     }
 
     /// Counts an upstream failure of kind index `kind` (see [`UPSTREAM_KINDS`]).
@@ -108,7 +146,7 @@ impl VersionMetrics {
 #[derive(Clone)]
 pub struct ProxyErrorMetrics {
     /// One counter per kind of [`crate::error::PROXY_KINDS`], created at 0.
-    pub by_kind: [IntCounter; 7],
+    pub by_kind: [IntCounter; 9],
 }
 
 impl ProxyErrorMetrics {
@@ -261,8 +299,16 @@ impl Metrics {
             ),
             &["route", "result"],
         )?;
+        let grpc = IntCounterVec::new(
+            Opts::new(
+                "veer_grpc_responses_total",
+                "gRPC calls by the grpc-status they ended with (trailers, or a trailers-only answer).",
+            ),
+            &["route", "version", "grpc_code"],
+        )?;
         for c in [
             requests.clone(),
+            grpc.clone(),
             smoke_checks.clone(),
             upstream_errors.clone(),
             proxy_errors.clone(),
@@ -322,6 +368,7 @@ impl Metrics {
             window_latency,
             webhook_events,
             smoke_checks,
+            grpc,
         })
     }
 
@@ -340,6 +387,8 @@ impl Metrics {
             upstream_errors: UPSTREAM_KINDS
                 .map(|k| self.upstream_errors.with_label_values(&[route, version, k])),
             duration: self.duration.with_label_values(&[route, version]),
+            grpc: self.grpc.clone(),
+            names: std::sync::Arc::new([route.into(), version.into()]),
         }
     }
 
@@ -357,6 +406,9 @@ impl Metrics {
                 .remove_label_values(&[route, version, k]);
         }
         let _ = self.duration.remove_label_values(&[route, version]);
+        for c in GRPC_CODES {
+            let _ = self.grpc.remove_label_values(&[route, version, c]);
+        }
         let _ = self.window_requests.remove_label_values(&[route, version]);
         let _ = self
             .window_error_ratio

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::balance::Pick;
-use crate::body::{Pending, ProxyBody, RequestBody, UpstreamBody};
+use crate::body::{GrpcCall, Pending, ProxyBody, RequestBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::headers::{
     client_addr, is_upgrade, prepare_request, routing_host, strip_hop_by_hop, Scheme,
@@ -35,6 +35,14 @@ pub async fn handle(
     slot: Option<Arc<crate::conn::Slot>>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
+    let grpc = crate::grpc::is_grpc(req.headers());
+    let reply = |e: ProxyError| {
+        if grpc {
+            crate::grpc::error_response(e)
+        } else {
+            error_response(e)
+        }
+    };
     let snap = shared.snapshot.load();
     // Routing sees the path as the upstream will: normalised.
     match crate::path::normalize(req.uri().path()) {
@@ -42,12 +50,12 @@ pub async fn handle(
         Ok(std::borrow::Cow::Owned(p)) => {
             if set_path(req.uri_mut(), &p).is_err() {
                 snap.proxy_errors.inc(ProxyError::BadRequest);
-                return Ok(error_response(ProxyError::BadRequest));
+                return Ok(reply(ProxyError::BadRequest));
             }
         }
         Err(_) => {
             snap.proxy_errors.inc(ProxyError::BadRequest);
-            return Ok(error_response(ProxyError::BadRequest));
+            return Ok(reply(ProxyError::BadRequest));
         }
     }
     let found = routing_host(req.uri(), req.headers()).map(|host| {
@@ -64,14 +72,26 @@ pub async fn handle(
         ),
         Ok(None) => {
             snap.proxy_errors.inc(ProxyError::NoRoute);
-            return Ok(error_response(ProxyError::NoRoute));
+            return Ok(reply(ProxyError::NoRoute));
         }
         Err(e) => {
             snap.proxy_errors.inc(e);
-            return Ok(error_response(e));
+            return Ok(reply(e));
         }
     };
     drop(snap);
+    // A gRPC call's own deadline, when shorter, wins over the route's; the
+    // upstream is told the deadline in force.
+    let (timeout, client_bound) = match grpc.then(|| crate::grpc::timeout(req.headers())) {
+        Some(Some(d)) if d < route.timeout => (d, true),
+        _ => (route.timeout, false),
+    };
+    if grpc {
+        req.headers_mut().insert(
+            crate::grpc::GRPC_TIMEOUT,
+            crate::grpc::encode_timeout(timeout),
+        );
+    }
 
     let client = client_addr(req.headers(), peer, trusted_hops);
     let mut key_buf = KeyBuf::default();
@@ -100,7 +120,7 @@ pub async fn handle(
     let record = route.record && forced.is_none();
     let Some(pick) = pick else {
         // A version always has an endpoint; kept total rather than panicking.
-        return Ok(error_response(ProxyError::UpstreamConnect));
+        return Ok(reply(ProxyError::UpstreamConnect));
     };
 
     let canary = !std::ptr::eq(version, &route.stable);
@@ -118,7 +138,10 @@ pub async fn handle(
             slot,
             idle_timeout,
         },
-        body_timeout,
+        Deadlines {
+            body: body_timeout,
+            upstream: timeout,
+        },
         &upload,
     )
     .await;
@@ -131,11 +154,29 @@ pub async fn handle(
             version.metrics.record(status, seconds);
             let error =
                 status >= 500 || (route.count_4xx_as_errors && (400..500).contains(&status));
-            let outcome = if error { Outcome::Error } else { Outcome::Ok };
-            if record {
-                match resp.body_mut() {
-                    // Recorded when the body ends: it may still fail.
-                    ProxyBody::Upstream(body) => body.record_at_end(Pending {
+            let mut outcome = if error { Outcome::Error } else { Outcome::Ok };
+            // A gRPC call's outcome is its grpc-status: in a trailers-only
+            // head, or in the trailers at the end of the body.
+            let mut call = None;
+            if grpc && status == 200 {
+                match crate::grpc::status(resp.headers()) {
+                    Some(code) => {
+                        version.metrics.grpc(code);
+                        outcome = crate::grpc::outcome(code, route.grpc_errors, client_bound);
+                    }
+                    None => {
+                        call = Some(GrpcCall {
+                            route: route.clone(),
+                            canary,
+                            client_bound,
+                        })
+                    }
+                }
+            }
+            match resp.body_mut() {
+                // Recorded when the body ends: it may still fail.
+                ProxyBody::Upstream(body) => body.record_at_end(
+                    record.then_some(Pending {
                         route,
                         canary,
                         micros,
@@ -143,12 +184,19 @@ pub async fn handle(
                         key_hash,
                         upload,
                     }),
-                    ProxyBody::Full(_) => version.recorder.record(micros, outcome, key_hash),
-                }
+                    call,
+                ),
+                ProxyBody::Full(_) if record => version.recorder.record(micros, outcome, key_hash),
+                ProxyBody::Full(_) => {}
             }
             resp
         }
         Err(e) => {
+            // The call's own, shorter deadline passed: the caller's choice.
+            let e = match e {
+                ProxyError::UpstreamTimeout if client_bound => ProxyError::ClientDeadline,
+                e => e,
+            };
             if let Some(kind) = e.upstream_index() {
                 version.metrics.upstream_error(kind);
                 version.metrics.record(e.status().as_u16(), seconds);
@@ -163,7 +211,7 @@ pub async fn handle(
             } else {
                 route_less_error(&shared, e);
             }
-            error_response(e)
+            reply(e)
         }
     })
 }
@@ -209,15 +257,25 @@ struct Hop {
     idle_timeout: std::time::Duration,
 }
 
+/// How long a request may take.
+struct Deadlines {
+    /// A body that makes no progress for this long fails.
+    body: std::time::Duration,
+    /// The upstream's answer (the route's timeout, or a gRPC call's own
+    /// shorter deadline).
+    upstream: std::time::Duration,
+}
+
 async fn forward(
     route: &RouteTarget,
     version: &VersionTarget,
     pick: Pick,
     mut req: Request<Incoming>,
     hop: Hop,
-    body_timeout: std::time::Duration,
+    deadlines: Deadlines,
     upload: &Arc<Upload>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let body_timeout = deadlines.body;
     let upgrade = is_upgrade(req.version(), req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -236,7 +294,7 @@ async fn forward(
 
     let exchange = exchange(route, version, pick, req, upgrade);
     let (mut resp, sender, upstream) =
-        match upstream_deadline(route.timeout, upload, exchange).await {
+        match upstream_deadline(deadlines.upstream, upload, exchange).await {
             // A body the client broke fails the exchange: the client's fault.
             Err(e) => return Err(upload.fault().unwrap_or(e)),
             Ok(r) => r,
@@ -307,7 +365,7 @@ async fn exchange(
     let (mut sender, upstream) = match first.get(route.connect_timeout, upgrade).await {
         Ok(s) => (s, first),
         // The cap is not the endpoint failing: no back-off, no retry elsewhere.
-        Err(ProxyError::Overloaded) => return Err(ProxyError::Overloaded),
+        Err(e @ (ProxyError::Overloaded | ProxyError::UpgradeUnsupported)) => return Err(e),
         Err(e) => {
             first.mark_failed();
             version.metrics.upstream_error(0);
@@ -320,7 +378,9 @@ async fn exchange(
             };
             match second.get(route.connect_timeout, upgrade).await {
                 Ok(s) => (s, second),
-                Err(ProxyError::Overloaded) => return Err(ProxyError::Overloaded),
+                Err(e @ (ProxyError::Overloaded | ProxyError::UpgradeUnsupported)) => {
+                    return Err(e)
+                }
                 Err(e) => {
                     second.mark_failed();
                     return Err(e);

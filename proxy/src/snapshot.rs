@@ -11,14 +11,14 @@ use std::time::Duration;
 
 use http::HeaderName;
 
-use veer_control::config::{Config, Route, Version};
+use veer_control::config::{Config, Route, UpstreamProtocol, Version};
 
 use crate::balance::Balancer;
 use crate::metrics::{Metrics, ProxyErrorMetrics, VersionMetrics};
 use crate::record::{Recorder, RouteKeys};
 use crate::router::Router;
 use crate::split::StickyKey;
-use crate::upstream::Upstreams;
+use crate::upstream::{Connector, Upstreams};
 
 /// One version of a route, ready for requests.
 pub struct VersionTarget {
@@ -56,6 +56,8 @@ pub struct RouteTarget {
     pub connect_timeout: Duration,
     /// Whether upstream 4xx count as errors.
     pub count_4xx_as_errors: bool,
+    /// gRPC status codes that count as errors, one bit per code.
+    pub grpc_errors: u32,
     /// Whether requests are recorded for the judge (`mode` is not `off`).
     pub record: bool,
     /// Stable version.
@@ -137,6 +139,12 @@ pub struct Snapshot {
     pub proxy_errors: ProxyErrorMetrics,
 }
 
+/// The host of an endpoint's `host:port` (an IPv6 address without brackets).
+fn endpoint_host(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// Why a config could not become a snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -172,6 +180,7 @@ pub fn resolve(config: &Config) -> Result<HashMap<String, SocketAddr>, BuildErro
             }
         }
     }
+    errors.extend(crate::upstream_tls::check(config));
     if errors.is_empty() {
         Ok(out)
     } else {
@@ -211,16 +220,29 @@ impl Snapshot {
             let input = inputs(r);
             let version = |v: &Version, recorder: Option<Arc<Recorder>>| VersionTarget {
                 name: v.name.as_str().into(),
-                balancer: Balancer::new(
+                balancer: Balancer::new({
+                    let tls = (v.protocol == UpstreamProtocol::Https)
+                        .then(|| upstreams.tls.get(&v.tls.clone().unwrap_or_default()));
+                    let server_name = v.tls.as_ref().and_then(|t| t.server_name.as_deref());
                     v.endpoints
                         .iter()
                         .filter_map(|e| {
-                            addrs
-                                .get(&e.addr)
-                                .map(|a| (upstreams.get(*a, cap_of(a)), e.weight, e.addr.clone()))
+                            let connector = Connector::new(
+                                v.protocol,
+                                tls.clone().unwrap_or_else(|| Err(String::new())),
+                                server_name,
+                                endpoint_host(&e.addr),
+                            );
+                            addrs.get(&e.addr).map(|a| {
+                                (
+                                    upstreams.get(*a, connector, cap_of(a)),
+                                    e.weight,
+                                    e.addr.clone(),
+                                )
+                            })
                         })
-                        .collect(),
-                ),
+                        .collect()
+                }),
                 metrics: metrics.version(&r.name, &v.name),
                 recorder: recorder
                     .unwrap_or_else(|| Arc::new(Recorder::new(Arc::new(RouteKeys::new(0))))),
@@ -233,6 +255,10 @@ impl Snapshot {
                 timeout: r.timeout,
                 connect_timeout: r.connect_timeout,
                 count_4xx_as_errors: r.count_4xx_as_errors,
+                grpc_errors: r
+                    .grpc_error_codes
+                    .iter()
+                    .fold(0, |m, c| m | (1u32 << (c & 31))),
                 record: r.judge.mode != veer_control::config::JudgeMode::Off,
                 stable: version(&r.stable, input.stable.clone()),
                 canary,

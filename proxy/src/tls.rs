@@ -110,6 +110,11 @@ impl CertStore {
         })
     }
 
+    /// The certificate in use.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+
     /// The files watched.
     pub fn paths(&self) -> [&Path; 2] {
         [&self.cert, &self.key]

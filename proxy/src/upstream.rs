@@ -14,20 +14,24 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crossbeam_queue::ArrayQueue;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use http::{header, HeaderValue, Uri, Version};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::body::RequestBody;
+use crate::body::{BoxError, RequestBody};
 use crate::error::ProxyError;
+use crate::upstream_tls::ClientTls;
 
 /// Idle connections kept per endpoint.
 const MAX_IDLE: usize = 256;
@@ -37,42 +41,338 @@ const IDLE_TTL: Duration = Duration::from_secs(50);
 const BACKOFF_BASE_MS: u64 = 1_000;
 /// Longest back-off.
 const BACKOFF_MAX_MS: u64 = 30_000;
+/// Streams veer runs at once on one HTTP/2 connection before it opens
+/// another (under the endpoint's connection cap). The server's own
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` still applies below it.
+pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 
-/// A connection to an upstream, ready for one request at a time, holding
-/// its endpoint's connection permit while it is open.
+/// How connections to an endpoint are made, from its scheme.
+#[derive(Clone, Debug)]
+pub enum Connector {
+    /// `http://` or no scheme: HTTP/1.1 over TCP.
+    H1,
+    /// `h2c://`: HTTP/2 over TCP, prior knowledge.
+    H2c,
+    /// `https://`: TLS, then whatever ALPN chose.
+    Tls {
+        /// The client set-ups.
+        tls: ClientTls,
+        /// SNI and the name verified.
+        name: ServerName<'static>,
+    },
+    /// The version's TLS material could not be loaded when the snapshot
+    /// was built: every connect fails (a 502, counted for the version).
+    Broken(Arc<str>),
+}
+
+impl Connector {
+    /// The connector for a version's protocol; `host` is the endpoint's
+    /// host (the default `server_name`).
+    pub fn new(
+        protocol: veer_control::config::UpstreamProtocol,
+        tls: Result<ClientTls, String>,
+        server_name: Option<&str>,
+        host: &str,
+    ) -> Connector {
+        use veer_control::config::UpstreamProtocol as P;
+        match protocol {
+            P::Http1 => Connector::H1,
+            P::H2c => Connector::H2c,
+            P::Https => {
+                let tls = match tls {
+                    Ok(t) => t,
+                    Err(e) => return Connector::Broken(e.into()),
+                };
+                let name = server_name.unwrap_or(host);
+                let name = name.trim_start_matches('[').trim_end_matches(']');
+                match ServerName::try_from(name.to_string()) {
+                    Ok(name) => Connector::Tls { tls, name },
+                    Err(e) => Connector::Broken(format!("server name {name:?}: {e}").into()),
+                }
+            }
+        }
+    }
+
+    /// What keys an [`Upstream`] in the registry besides its address.
+    fn key(&self) -> ProtoKey {
+        match self {
+            Connector::H1 => ProtoKey::H1,
+            Connector::H2c => ProtoKey::H2c,
+            Connector::Tls { tls, name } => ProtoKey::Tls(tls.id, name.to_str().into_owned()),
+            Connector::Broken(why) => ProtoKey::Broken(why.to_string()),
+        }
+    }
+
+    /// The scheme of absolute request URIs on HTTP/2.
+    pub fn scheme(&self) -> http::uri::Scheme {
+        match self {
+            Connector::Tls { .. } => http::uri::Scheme::HTTPS,
+            _ => http::uri::Scheme::HTTP,
+        }
+    }
+
+    /// Opens a connection to `addr` within `timeout` (TCP, TLS and the
+    /// HTTP handshake). `h1_only`: offer only HTTP/1.1 (an upgrade).
+    /// `permit` goes with the connection: an HTTP/2 connection's driver
+    /// holds it until the connection ends, an HTTP/1.1 one is handed back
+    /// for the sender to hold.
+    pub async fn connect<B>(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+        h1_only: bool,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<(Conn<B>, Option<OwnedSemaphorePermit>), ProxyError>
+    where
+        B: http_body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let opened = tokio::time::timeout(timeout, async {
+            let stream = TcpStream::connect(addr).await.map_err(|e| {
+                tracing::debug!(upstream = %addr, error = %e, "connect failed");
+                ProxyError::UpstreamConnect
+            })?;
+            let _ = stream.set_nodelay(true);
+            match self {
+                Connector::H1 => handshake(stream, addr, false, permit).await,
+                Connector::H2c => {
+                    if h1_only {
+                        return Err(ProxyError::UpgradeUnsupported);
+                    }
+                    handshake(stream, addr, true, permit).await
+                }
+                Connector::Tls { tls, name } => {
+                    let config = if h1_only { &tls.h1 } else { &tls.h2 };
+                    let tls_stream = tokio_rustls::TlsConnector::from(config.clone())
+                        .connect(name.clone(), stream)
+                        .await
+                        .map_err(|e| {
+                            tracing::warn!(upstream = %addr, server_name = ?name, error = %e, "TLS handshake with the upstream failed");
+                            ProxyError::UpstreamConnect
+                        })?;
+                    let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    handshake(tls_stream, addr, h2, permit).await
+                }
+                Connector::Broken(why) => {
+                    tracing::warn!(upstream = %addr, error = %why, "the upstream's TLS set-up did not load");
+                    Err(ProxyError::UpstreamConnect)
+                }
+            }
+        })
+        .await;
+        match opened {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::debug!(upstream = %addr, "connect timed out");
+                Err(ProxyError::UpstreamConnect)
+            }
+        }
+    }
+}
+
+/// Registry key besides the address: two routes naming one address with
+/// different protocols or TLS set-ups get different pools.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum ProtoKey {
+    H1,
+    H2c,
+    Tls(u64, String),
+    Broken(String),
+}
+
+/// A freshly opened connection's sender.
+pub enum Conn<B> {
+    /// HTTP/1.1: one request at a time.
+    H1(http1::SendRequest<B>),
+    /// HTTP/2: multiplexed.
+    H2(http2::SendRequest<B>),
+}
+
+async fn handshake<IO, B>(
+    io: IO,
+    addr: SocketAddr,
+    h2: bool,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Result<(Conn<B>, Option<OwnedSemaphorePermit>), ProxyError>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    if h2 {
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| {
+                tracing::debug!(upstream = %addr, error = %e, "HTTP/2 handshake failed");
+                ProxyError::UpstreamConnect
+            })?;
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
+            }
+        });
+        Ok((Conn::H2(sender), None))
+    } else {
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|_| ProxyError::UpstreamConnect)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
+            }
+        });
+        Ok((Conn::H1(sender), permit))
+    }
+}
+
+/// Rewrites a request head for the connection it goes out on: HTTP/1.1
+/// takes an origin-form URI and `Host`; HTTP/2 an absolute URI (its
+/// `:scheme` and `:authority`) and no `Host`.
+pub fn fit_request<B>(req: &mut http::Request<B>, h2: bool, scheme: http::uri::Scheme) {
+    if h2 {
+        *req.version_mut() = Version::HTTP_2;
+        if req.uri().scheme().is_some() {
+            return;
+        }
+        let Some(host) = req.headers_mut().remove(header::HOST) else {
+            return;
+        };
+        let authority = match http::uri::Authority::try_from(host.as_bytes()) {
+            Ok(a) => a,
+            Err(_) => {
+                req.headers_mut().insert(header::HOST, host);
+                return;
+            }
+        };
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(scheme);
+        parts.authority = Some(authority);
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        if let Ok(u) = Uri::from_parts(parts) {
+            *req.uri_mut() = u;
+        }
+    } else {
+        *req.version_mut() = Version::HTTP_11;
+        if req.uri().scheme().is_none() {
+            return;
+        }
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(a) = req.uri().authority() {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+            }
+        }
+        let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        if let Ok(u) = Uri::try_from(pq) {
+            *req.uri_mut() = u;
+        }
+    }
+}
+
+/// One HTTP/2 connection of an endpoint and its streams in flight.
+struct H2Conn {
+    sender: http2::SendRequest<RequestBody>,
+    streams: Arc<AtomicUsize>,
+}
+
+/// A stream's place on an HTTP/2 connection, given back when its response
+/// ends (or is dropped).
+struct StreamSlot {
+    streams: Arc<AtomicUsize>,
+    returned: Arc<Notify>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.streams.fetch_sub(1, Ordering::Relaxed);
+        self.returned.notify_one();
+    }
+}
+
+enum Inner {
+    H1(http1::SendRequest<RequestBody>),
+    H2(
+        http2::SendRequest<RequestBody>,
+        #[allow(dead_code)] StreamSlot,
+    ),
+}
+
+/// A connection to an upstream, ready for one request (an HTTP/1.1
+/// connection, holding its endpoint's connection permit while it is open;
+/// or one stream of an HTTP/2 connection).
 pub struct Sender {
-    inner: http1::SendRequest<RequestBody>,
-    _permit: OwnedSemaphorePermit,
+    inner: Inner,
+    scheme: http::uri::Scheme,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Sender {
     /// Whether it can take a request now.
     pub fn is_ready(&self) -> bool {
-        self.inner.is_ready()
+        match &self.inner {
+            Inner::H1(s) => s.is_ready(),
+            Inner::H2(s, _) => s.is_ready(),
+        }
     }
 
     /// Whether the connection has closed.
     pub fn is_closed(&self) -> bool {
-        self.inner.is_closed()
+        match &self.inner {
+            Inner::H1(s) => s.is_closed(),
+            Inner::H2(s, _) => s.is_closed(),
+        }
+    }
+
+    /// Whether it is a stream of an HTTP/2 connection.
+    pub fn is_h2(&self) -> bool {
+        matches!(self.inner, Inner::H2(..))
     }
 
     /// Sends a request; a connection that closed first gives it back.
     pub async fn try_send_request(
         &mut self,
-        req: http::Request<RequestBody>,
+        mut req: http::Request<RequestBody>,
     ) -> Result<
         http::Response<hyper::body::Incoming>,
         hyper::client::conn::TrySendError<http::Request<RequestBody>>,
     > {
-        self.inner.try_send_request(req).await
+        let scheme = self.scheme.clone();
+        match &mut self.inner {
+            Inner::H1(s) => {
+                fit_request(&mut req, false, scheme);
+                s.try_send_request(req).await
+            }
+            Inner::H2(s, _) => {
+                fit_request(&mut req, true, scheme);
+                s.try_send_request(req).await
+            }
+        }
     }
 
     /// Sends a request.
     pub async fn send_request(
         &mut self,
-        req: http::Request<RequestBody>,
+        mut req: http::Request<RequestBody>,
     ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
-        self.inner.send_request(req).await
+        let scheme = self.scheme.clone();
+        match &mut self.inner {
+            Inner::H1(s) => {
+                fit_request(&mut req, false, scheme);
+                s.send_request(req).await
+            }
+            Inner::H2(s, _) => {
+                fit_request(&mut req, true, scheme);
+                s.send_request(req).await
+            }
+        }
     }
 }
 
@@ -84,15 +384,24 @@ struct Idle {
 /// One upstream endpoint.
 pub struct Upstream {
     addr: SocketAddr,
+    connector: Connector,
     idle: ArrayQueue<Idle>,
+    /// Open HTTP/2 connections (h2c, or TLS where ALPN chose h2).
+    h2: Mutex<Vec<H2Conn>>,
+    /// The endpoint speaks h2 (h2c; or the last TLS handshake chose h2, as
+    /// is first assumed): requests look for a stream first.
+    speaks_h2: AtomicBool,
+    /// Held while an HTTP/2 connection is being opened: requests that find
+    /// no stream wait for it rather than each opening their own.
+    h2_opening: tokio::sync::Mutex<()>,
     /// One permit per connection that may be open.
     permits: Arc<Semaphore>,
     /// The cap the permits were sized for.
     cap: AtomicUsize,
     /// Requests waiting for a connection.
     waiting: AtomicUsize,
-    /// Signalled when a connection comes back idle.
-    returned: Notify,
+    /// Signalled when a connection comes back idle or a stream ends.
+    returned: Arc<Notify>,
     /// Milliseconds since `epoch` before which the endpoint is skipped.
     down_until_ms: AtomicU64,
     failures: AtomicU32,
@@ -110,14 +419,25 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    fn new(addr: SocketAddr, epoch: Instant, cap: usize, changes: Arc<AtomicU64>) -> Upstream {
+    fn new(
+        addr: SocketAddr,
+        connector: Connector,
+        epoch: Instant,
+        cap: usize,
+        changes: Arc<AtomicU64>,
+    ) -> Upstream {
+        let speaks_h2 = matches!(connector, Connector::H2c | Connector::Tls { .. });
         Upstream {
             addr,
+            connector,
             idle: ArrayQueue::new(MAX_IDLE),
+            h2: Mutex::new(Vec::new()),
+            speaks_h2: AtomicBool::new(speaks_h2),
+            h2_opening: tokio::sync::Mutex::new(()),
             permits: Arc::new(Semaphore::new(cap)),
             cap: AtomicUsize::new(cap),
             waiting: AtomicUsize::new(0),
-            returned: Notify::new(),
+            returned: Arc::new(Notify::new()),
             down_until_ms: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             epoch,
@@ -128,6 +448,11 @@ impl Upstream {
     /// The endpoint's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// How connections to it are made.
+    pub fn connector(&self) -> &Connector {
+        &self.connector
     }
 
     fn now_ms(&self) -> u64 {
@@ -161,8 +486,14 @@ impl Upstream {
         }
     }
 
-    /// Takes an idle connection that is still open, if there is one.
+    /// Takes an idle connection that is still open, if there is one (for
+    /// an HTTP/2 endpoint: a stream on a connection with room).
     pub fn checkout(&self) -> Option<Sender> {
+        if self.speaks_h2.load(Ordering::Relaxed) {
+            if let Some(s) = self.h2_stream() {
+                return Some(s);
+            }
+        }
         while let Some(idle) = self.idle.pop() {
             if idle.sender.is_ready() && idle.since.elapsed() < IDLE_TTL {
                 return Some(idle.sender);
@@ -171,9 +502,36 @@ impl Upstream {
         None
     }
 
-    /// Returns a connection whose last response was read to the end.
+    /// A stream on an open HTTP/2 connection with fewer than
+    /// [`H2_STREAMS_PER_CONNECTION`] in flight.
+    fn h2_stream(&self) -> Option<Sender> {
+        let mut conns = match self.h2.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        conns.retain(|c| !c.sender.is_closed());
+        let c = conns
+            .iter()
+            .filter(|c| c.sender.is_ready())
+            .find(|c| c.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONNECTION)?;
+        c.streams.fetch_add(1, Ordering::Relaxed);
+        Some(Sender {
+            inner: Inner::H2(
+                c.sender.clone(),
+                StreamSlot {
+                    streams: c.streams.clone(),
+                    returned: self.returned.clone(),
+                },
+            ),
+            scheme: self.connector.scheme(),
+            _permit: None,
+        })
+    }
+
+    /// Returns a connection whose last response was read to the end (an
+    /// HTTP/2 stream just gives its place back).
     pub fn checkin(&self, sender: Sender) {
-        if sender.is_closed() {
+        if sender.is_closed() || sender.is_h2() {
             return;
         }
         let _ = self.idle.push(Idle {
@@ -198,13 +556,36 @@ impl Upstream {
     /// upgrade), else a new one under the cap, waiting at most `timeout`
     /// in the bounded queue for either. Overloaded past that.
     pub async fn get(&self, timeout: Duration, fresh: bool) -> Result<Sender, ProxyError> {
+        if fresh && matches!(self.connector, Connector::H2c) {
+            return Err(ProxyError::UpgradeUnsupported);
+        }
         if !fresh {
             if let Some(s) = self.checkout() {
                 return Ok(s);
             }
         }
+        // HTTP/2: one request opens a connection, the others wait for it
+        // and share it.
+        let mut timeout = timeout;
+        let _opening = if !fresh && self.speaks_h2.load(Ordering::Relaxed) {
+            let start = Instant::now();
+            // Waiting out another request's connect that never finished is
+            // this endpoint failing to connect.
+            let Ok(guard) = tokio::time::timeout(timeout, self.h2_opening.lock()).await else {
+                return Err(ProxyError::UpstreamConnect);
+            };
+            if let Some(s) = self.checkout() {
+                return Ok(s);
+            }
+            timeout = timeout
+                .saturating_sub(start.elapsed())
+                .max(Duration::from_millis(1));
+            Some(guard)
+        } else {
+            None
+        };
         if let Ok(p) = self.permits.clone().try_acquire_owned() {
-            return self.open(p, timeout).await;
+            return self.open(p, timeout, fresh).await;
         }
         let cap = self.cap.load(Ordering::Relaxed);
         if self.waiting.fetch_add(1, Ordering::Relaxed) >= cap {
@@ -227,7 +608,8 @@ impl Upstream {
         match got? {
             Ok(permit) => {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                self.open(permit, left.max(Duration::from_millis(1))).await
+                self.open(permit, left.max(Duration::from_millis(1)), fresh)
+                    .await
             }
             Err(idle) => Ok(idle),
         }
@@ -239,44 +621,67 @@ impl Upstream {
         self.get(timeout, true).await
     }
 
-    /// Opens a new connection holding `permit`.
+    /// Opens a new connection holding `permit`. An HTTP/2 connection joins
+    /// the endpoint's shared ones and the request gets a stream on it.
     async fn open(
         &self,
         permit: OwnedSemaphorePermit,
         timeout: Duration,
+        h1_only: bool,
     ) -> Result<Sender, ProxyError> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(upstream = %self.addr, error = %e, "connect failed");
-                return Err(ProxyError::UpstreamConnect);
+        let (conn, permit) = self
+            .connector
+            .connect::<RequestBody>(self.addr, timeout, h1_only, Some(permit))
+            .await?;
+        let scheme = self.connector.scheme();
+        match conn {
+            Conn::H1(sender) => {
+                if !h1_only && matches!(self.connector, Connector::Tls { .. }) {
+                    self.speaks_h2.store(false, Ordering::Relaxed);
+                }
+                Ok(Sender {
+                    inner: Inner::H1(sender),
+                    scheme,
+                    _permit: permit,
+                })
             }
-            Err(_) => {
-                tracing::debug!(upstream = %self.addr, "connect timed out");
-                return Err(ProxyError::UpstreamConnect);
+            Conn::H2(sender) => {
+                self.speaks_h2.store(true, Ordering::Relaxed);
+                let streams = Arc::new(AtomicUsize::new(1));
+                {
+                    let mut conns = match self.h2.lock() {
+                        Ok(c) => c,
+                        Err(p) => p.into_inner(),
+                    };
+                    conns.retain(|c| !c.sender.is_closed());
+                    conns.push(H2Conn {
+                        sender: sender.clone(),
+                        streams: streams.clone(),
+                    });
+                }
+                // Others waiting for this endpoint may share the new connection.
+                self.returned.notify_waiters();
+                Ok(Sender {
+                    inner: Inner::H2(
+                        sender,
+                        StreamSlot {
+                            streams,
+                            returned: self.returned.clone(),
+                        },
+                    ),
+                    scheme,
+                    _permit: None,
+                })
             }
-        };
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|_| ProxyError::UpstreamConnect)?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
-            }
-        });
-        Ok(Sender {
-            inner: sender,
-            _permit: permit,
-        })
+        }
     }
 }
 
 /// Every live [`Upstream`], by address, so that snapshots share them.
 pub struct Upstreams {
-    by_addr: Mutex<HashMap<SocketAddr, Weak<Upstream>>>,
+    by_addr: Mutex<HashMap<(SocketAddr, ProtoKey), Weak<Upstream>>>,
+    /// Client TLS set-ups, shared by the endpoints that name the same files.
+    pub tls: crate::upstream_tls::TlsCache,
     epoch: Instant,
     changes: Arc<AtomicU64>,
 }
@@ -292,6 +697,7 @@ impl Upstreams {
     pub fn new() -> Upstreams {
         Upstreams {
             by_addr: Mutex::new(HashMap::new()),
+            tls: Default::default(),
             epoch: Instant::now(),
             changes: Arc::new(AtomicU64::new(0)),
         }
@@ -305,20 +711,28 @@ impl Upstreams {
 
     /// The upstream for an address: the live one if any snapshot still holds
     /// it, else a new one; its connection cap becomes `cap`. Called when a
-    /// snapshot is built, never per request.
-    pub fn get(&self, addr: SocketAddr, cap: usize) -> Arc<Upstream> {
+    /// snapshot is built, never per request. `connector` says how to reach
+    /// it: the same address spoken to another way is another upstream.
+    pub fn get(&self, addr: SocketAddr, connector: Connector, cap: usize) -> Arc<Upstream> {
         let epoch = self.epoch;
+        let key = (addr, connector.key());
         let mut map = match self.by_addr.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
         map.retain(|_, w| w.strong_count() > 0);
-        if let Some(u) = map.get(&addr).and_then(Weak::upgrade) {
+        if let Some(u) = map.get(&key).and_then(Weak::upgrade) {
             u.set_cap(cap);
             return u;
         }
-        let u = Arc::new(Upstream::new(addr, epoch, cap, self.changes.clone()));
-        map.insert(addr, Arc::downgrade(&u));
+        let u = Arc::new(Upstream::new(
+            addr,
+            connector,
+            epoch,
+            cap,
+            self.changes.clone(),
+        ));
+        map.insert(key, Arc::downgrade(&u));
         u
     }
 
@@ -329,9 +743,16 @@ impl Upstreams {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        map.get(&addr)
-            .and_then(Weak::upgrade)
-            .map(|u| u.is_healthy())
+        let mut found = None;
+        for ((a, _), w) in map.iter() {
+            if *a == addr {
+                if let Some(u) = w.upgrade() {
+                    // Any way of reaching it that is healthy.
+                    found = Some(found.unwrap_or(false) || u.is_healthy());
+                }
+            }
+        }
+        found
     }
 }
 
@@ -343,11 +764,11 @@ mod tests {
     fn registry_shares_live_upstreams_and_forgets_dropped_ones() {
         let reg = Upstreams::new();
         let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
-        let a = reg.get(addr, 8);
-        let b = reg.get(addr, 8);
+        let a = reg.get(addr, Connector::H1, 8);
+        let b = reg.get(addr, Connector::H1, 8);
         assert!(Arc::ptr_eq(&a, &b));
         drop((a, b));
-        let c = reg.get(addr, 8);
+        let c = reg.get(addr, Connector::H1, 8);
         assert_eq!(Arc::strong_count(&c), 1);
     }
 
@@ -355,6 +776,7 @@ mod tests {
     fn failures_back_off_and_success_restores() {
         let u = Upstream::new(
             "127.0.0.1:1".parse().expect("addr"),
+            Connector::H1,
             Instant::now(),
             8,
             Arc::default(),

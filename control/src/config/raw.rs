@@ -112,6 +112,7 @@ pub struct RawRoute {
     pub rollout: Option<Spanned<RawRollout>>,
     pub force: Option<Spanned<RawForce>>,
     pub smoke: Option<Vec<Spanned<RawSmoke>>>,
+    pub grpc_error_codes: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
 /// `[[route.smoke]]`.
@@ -141,6 +142,17 @@ pub struct RawForce {
 pub struct RawVersion {
     pub version: Spanned<String>,
     pub endpoints: Spanned<Vec<Spanned<RawEndpoint>>>,
+    pub tls: Option<Spanned<RawUpstreamTls>>,
+}
+
+/// `[route.stable.tls]` / `[route.canary.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub ca_file: Option<Spanned<String>>,
+    pub server_name: Option<Spanned<String>>,
+    pub cert_file: Option<Spanned<String>>,
+    pub key_file: Option<Spanned<String>>,
 }
 
 /// `[route.canary]`: a version plus its weight.
@@ -150,6 +162,7 @@ pub struct RawCanary {
     pub version: Spanned<String>,
     pub endpoints: Spanned<Vec<Spanned<RawEndpoint>>>,
     pub weight: Option<Spanned<f64>>,
+    pub tls: Option<Spanned<RawUpstreamTls>>,
 }
 
 /// An endpoint: `"host:port"` or `{ addr = "host:port", weight = 2 }`.

@@ -12,11 +12,13 @@ use std::time::Duration;
 use toml::Spanned;
 
 pub use super::diagnostics::{Diagnostic, Diagnostics};
-use super::raw::{RawCanary, RawConfig, RawEndpoint, RawForce, RawJudge, RawRoute, RawVersion};
+use super::raw::{
+    RawCanary, RawConfig, RawEndpoint, RawForce, RawJudge, RawRoute, RawUpstreamTls, RawVersion,
+};
 use super::{
     AdminSettings, Config, Endpoint, Force, JudgeMode, JudgeSettings, ProxySettings, Quantile,
-    Rollout, Route, SmokeCheck, StateSettings, StickySource, Strategy, TlsSettings, Version,
-    Webhook, WebhookFormat,
+    Rollout, Route, SmokeCheck, StateSettings, StickySource, Strategy, TlsSettings,
+    UpstreamProtocol, UpstreamTls, Version, Webhook, WebhookFormat, DEFAULT_GRPC_ERROR_CODES,
 };
 
 /// Defaults, named so that the docs and the code agree.
@@ -151,6 +153,32 @@ impl Validator<'_> {
             p.to_path_buf()
         } else {
             self.base.join(p)
+        }
+    }
+
+    /// A client certificate: `cert_file` and `key_file` go together.
+    fn client_cert(
+        &mut self,
+        cert: Option<&Spanned<String>>,
+        key: Option<&Spanned<String>>,
+    ) -> Option<(PathBuf, PathBuf)> {
+        match (cert, key) {
+            (Some(c), Some(k)) => Some((self.path(c), self.path(k))),
+            (Some(c), None) => {
+                self.err(
+                    c.span(),
+                    "cert_file needs key_file (the client certificate's key)",
+                );
+                None
+            }
+            (None, Some(k)) => {
+                self.err(
+                    k.span(),
+                    "key_file needs cert_file (the client certificate)",
+                );
+                None
+            }
+            (None, None) => None,
         }
     }
 

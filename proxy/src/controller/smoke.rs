@@ -9,13 +9,12 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use veer_control::config::SmokeCheck;
 use veer_control::rollout::{smoke_key, Smoke};
 
 use super::Controller;
+use crate::upstream::{fit_request, Conn, Connector};
 
 /// Most of a response body read to look for `expect_body`.
 const MAX_BODY: usize = 64 * 1024;
@@ -68,11 +67,27 @@ impl Controller {
             let Some(canary) = &route.canary else {
                 continue;
             };
-            let endpoints: Vec<(String, Option<SocketAddr>)> = canary
+            // The snapshot's endpoints know how to reach them (scheme, TLS).
+            let snap = self.shared.snapshot.load();
+            let target = snap
+                .routes
+                .iter()
+                .find(|t| *t.name == *route.name)
+                .and_then(|t| t.canary.as_ref());
+            let endpoints: Vec<(String, Option<(SocketAddr, Connector)>)> = canary
                 .endpoints
                 .iter()
-                .map(|e| (e.addr.clone(), self.addrs.get(&e.addr).copied()))
+                .map(|e| {
+                    let up = target.and_then(|t| {
+                        t.balancer
+                            .members()
+                            .find(|(n, _, _)| *n == e.addr)
+                            .map(|(_, _, u)| (u.addr(), u.connector().clone()))
+                    });
+                    (e.addr.clone(), up)
+                })
                 .collect();
+            drop(snap);
             let checks = route.smoke.clone();
             let tx = self.smokes.tx.clone();
             let name = route.name.clone();
@@ -119,15 +134,15 @@ impl Controller {
 /// the run and names the check and the endpoint.
 async fn run(
     checks: &[SmokeCheck],
-    endpoints: &[(String, Option<SocketAddr>)],
+    endpoints: &[(String, Option<(SocketAddr, Connector)>)],
 ) -> Result<String, String> {
-    for (name, addr) in endpoints {
-        let Some(addr) = addr else {
+    for (name, up) in endpoints {
+        let Some((addr, connector)) = up else {
             return Err(format!("endpoint {name}: its address is not resolved"));
         };
         for (i, c) in checks.iter().enumerate() {
             let what = format!("smoke check {} ({} {}) on {name}", i + 1, c.method, c.path);
-            match tokio::time::timeout(c.timeout, exchange(c, name, *addr)).await {
+            match tokio::time::timeout(c.timeout, exchange(c, name, *addr, connector)).await {
                 Err(_) => return Err(format!("{what}: no answer within {:?}", c.timeout)),
                 Ok(Err(e)) => return Err(format!("{what}: {e}")),
                 Ok(Ok((status, body))) => {
@@ -153,16 +168,19 @@ async fn run(
     ))
 }
 
-/// One request over a fresh HTTP/1.1 connection: the status and up to
-/// [`MAX_BODY`] of the body.
-async fn exchange(c: &SmokeCheck, host: &str, addr: SocketAddr) -> Result<(u16, Bytes), String> {
-    let stream = TcpStream::connect(addr)
+/// One request over a fresh connection, spoken the way the endpoint is
+/// (HTTP/1.1, h2c, TLS): the status and up to [`MAX_BODY`] of the body.
+async fn exchange(
+    c: &SmokeCheck,
+    host: &str,
+    addr: SocketAddr,
+    connector: &Connector,
+) -> Result<(u16, Bytes), String> {
+    let (conn, _) = connector
+        .connect::<Full<Bytes>>(addr, c.timeout, false, None)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
+    let host = host.strip_suffix(":443").unwrap_or(host);
     let mut req = http::Request::builder()
         .method(c.method.as_str())
         .uri(c.path.as_str())
@@ -175,10 +193,20 @@ async fn exchange(c: &SmokeCheck, host: &str, addr: SocketAddr) -> Result<(u16, 
     for (k, v) in &c.headers {
         req = req.header(k.as_str(), v.as_str());
     }
-    let req = req
+    let mut req = req
         .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let resp = match conn {
+        Conn::H1(mut s) => {
+            fit_request(&mut req, false, connector.scheme());
+            s.send_request(req).await
+        }
+        Conn::H2(mut s) => {
+            fit_request(&mut req, true, connector.scheme());
+            s.send_request(req).await
+        }
+    }
+    .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     let mut body = resp.into_body();
     let mut got = Vec::new();

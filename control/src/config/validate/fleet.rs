@@ -99,32 +99,13 @@ impl Validator<'_> {
             }
             self.path(c)
         });
-        let client_cert = match (&f.cert_file, &f.key_file) {
-            (Some(c), Some(k)) => {
-                if !tls {
-                    self.err(
-                        c.span(),
-                        "cert_file is set but the fleet endpoints are http://",
-                    );
-                }
-                Some((self.path(c), self.path(k)))
-            }
-            (Some(c), None) => {
-                self.err(
-                    c.span(),
-                    "cert_file needs key_file (the client certificate's key)",
-                );
-                None
-            }
-            (None, Some(k)) => {
-                self.err(
-                    k.span(),
-                    "key_file needs cert_file (the client certificate)",
-                );
-                None
-            }
-            (None, None) => None,
-        };
+        if let (Some(c), false) = (&f.cert_file, tls) {
+            self.err(
+                c.span(),
+                "cert_file is set but the fleet endpoints are http://",
+            );
+        }
+        let client_cert = self.client_cert(f.cert_file.as_ref(), f.key_file.as_ref());
         (self.errors.len() == before).then_some(FleetSettings {
             endpoints,
             name,

@@ -186,6 +186,7 @@ impl Validator<'_> {
             rollout,
             force: r.force.as_ref().and_then(|f| self.force(f)),
             smoke: self.smoke(r),
+            grpc_error_codes: self.grpc_error_codes(r),
         })
     }
 
@@ -235,8 +236,12 @@ impl Validator<'_> {
         None
     }
 
-    fn endpoints(&mut self, list: &Spanned<Vec<Spanned<RawEndpoint>>>) -> Vec<Endpoint> {
+    fn endpoints(
+        &mut self,
+        list: &Spanned<Vec<Spanned<RawEndpoint>>>,
+    ) -> (Vec<Endpoint>, UpstreamProtocol) {
         let mut out: Vec<Endpoint> = Vec::new();
+        let mut protocol: Option<(UpstreamProtocol, String)> = None;
         if list.get_ref().is_empty() {
             self.err(list.span(), "a version needs at least one endpoint");
         }
@@ -255,9 +260,23 @@ impl Validator<'_> {
                 );
                 continue;
             }
-            if !valid_host_port(&addr) {
-                self.err(e.span(), format!("endpoint {addr:?} is not HOST:PORT (like \"10.0.0.1:8000\" or \"stable.svc:8000\")"));
+            let Some((proto, addr)) = self.endpoint_scheme(e.span(), &addr) else {
                 continue;
+            };
+            match &protocol {
+                None => protocol = Some((proto, addr.clone())),
+                Some((p, first)) if *p != proto => {
+                    self.err(
+                        e.span(),
+                        format!(
+                            "endpoint {addr} is {}:// but {first} is {}://: one version's endpoints share one scheme (make a second route, or put them behind one Service)",
+                            proto.scheme(),
+                            p.scheme()
+                        ),
+                    );
+                    continue;
+                }
+                Some(_) => {}
             }
             if out.iter().any(|o| o.addr == addr) {
                 self.err(e.span(), format!("endpoint {addr} is listed twice"));
@@ -268,6 +287,120 @@ impl Validator<'_> {
                 weight: weight as u32,
             });
         }
+        (out, protocol.map_or(UpstreamProtocol::Http1, |p| p.0))
+    }
+
+    /// Splits an endpoint into its protocol and `host:port` (an `https://`
+    /// endpoint without a port gets 443).
+    fn endpoint_scheme(
+        &mut self,
+        span: std::ops::Range<usize>,
+        text: &str,
+    ) -> Option<(UpstreamProtocol, String)> {
+        let (proto, rest) = if let Some(r) = text.strip_prefix("http://") {
+            (UpstreamProtocol::Http1, r)
+        } else if let Some(r) = text.strip_prefix("h2c://") {
+            (UpstreamProtocol::H2c, r)
+        } else if let Some(r) = text.strip_prefix("https://") {
+            (UpstreamProtocol::Https, r)
+        } else if let Some((scheme, _)) = text.split_once("://") {
+            self.err(
+                span,
+                format!("endpoint {text:?} has scheme {scheme:?}; veer speaks http:// (HTTP/1.1, the default), h2c:// (HTTP/2 without TLS) and https:// (TLS)"),
+            );
+            return None;
+        } else {
+            (UpstreamProtocol::Http1, text)
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let addr = if proto == UpstreamProtocol::Https && !valid_host_port(rest) {
+            format!("{rest}:443")
+        } else {
+            rest.to_string()
+        };
+        if !valid_host_port(&addr) {
+            self.err(span, format!("endpoint {text:?} is not [SCHEME://]HOST:PORT (like \"10.0.0.1:8000\", \"h2c://grpc.svc:50051\" or \"https://api.internal:8443\"; no path)"));
+            return None;
+        }
+        Some((proto, addr))
+    }
+
+    /// `[route.<version>.tls]`: only for `https://` endpoints.
+    fn upstream_tls(
+        &mut self,
+        tls: Option<&Spanned<RawUpstreamTls>>,
+        protocol: UpstreamProtocol,
+    ) -> Option<UpstreamTls> {
+        let t = tls?;
+        if protocol != UpstreamProtocol::Https {
+            self.err(
+                t.span(),
+                format!(
+                    "tls is set but the version's endpoints are {}://; use https:// endpoints",
+                    protocol.scheme()
+                ),
+            );
+            return None;
+        }
+        let r = t.get_ref();
+        let ca_file = r.ca_file.as_ref().map(|c| {
+            let path = self.path(c);
+            match std::fs::read_to_string(&path) {
+                Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => {}
+                Ok(_) => self.err(
+                    c.span(),
+                    format!("ca_file {} holds no PEM CERTIFICATE", path.display()),
+                ),
+                Err(e) => self.err(c.span(), format!("ca_file {}: {e}", path.display())),
+            }
+            path
+        });
+        let server_name = r.server_name.as_ref().and_then(|n| {
+            let name = n.get_ref().trim_end_matches('.').to_ascii_lowercase();
+            let ok = name.parse::<std::net::IpAddr>().is_ok()
+                || (!name.is_empty()
+                    && name.split('.').all(|l| {
+                        !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    }));
+            if !ok {
+                self.err(
+                    n.span(),
+                    format!(
+                        "server_name {:?} is not a DNS name or an IP address",
+                        n.get_ref()
+                    ),
+                );
+            }
+            ok.then_some(name)
+        });
+        let client_cert = self.client_cert(r.cert_file.as_ref(), r.key_file.as_ref());
+        Some(UpstreamTls {
+            ca_file,
+            server_name,
+            client_cert,
+        })
+    }
+
+    /// `grpc_error_codes`: gRPC status codes 1-16, each once.
+    fn grpc_error_codes(&mut self, r: &RawRoute) -> Vec<u8> {
+        let Some(list) = &r.grpc_error_codes else {
+            return DEFAULT_GRPC_ERROR_CODES.to_vec();
+        };
+        let mut out = Vec::new();
+        for c in list.get_ref() {
+            let v = *c.get_ref();
+            if !(1..=16).contains(&v) {
+                self.err(
+                    c.span(),
+                    format!("grpc_error_codes: {v} is not a gRPC status code from 1 (CANCELLED) to 16 (UNAUTHENTICATED); 0 is OK"),
+                );
+            } else if out.contains(&(v as u8)) {
+                self.err(c.span(), format!("grpc_error_codes: {v} is listed twice"));
+            } else {
+                out.push(v as u8);
+            }
+        }
+        out.sort_unstable();
         out
     }
 
@@ -286,17 +419,23 @@ impl Validator<'_> {
 
     fn version(&mut self, v: &Spanned<RawVersion>) -> Version {
         let v = v.get_ref();
+        let (endpoints, protocol) = self.endpoints(&v.endpoints);
         Version {
             name: self.version_name(&v.version),
-            endpoints: self.endpoints(&v.endpoints),
+            endpoints,
+            protocol,
+            tls: self.upstream_tls(v.tls.as_ref(), protocol),
         }
     }
 
     fn canary(&mut self, c: &Spanned<RawCanary>) -> (Version, u16) {
         let c = c.get_ref();
+        let (endpoints, protocol) = self.endpoints(&c.endpoints);
         let version = Version {
             name: self.version_name(&c.version),
-            endpoints: self.endpoints(&c.endpoints),
+            endpoints,
+            protocol,
+            tls: self.upstream_tls(c.tls.as_ref(), protocol),
         };
         let weight = c
             .weight

@@ -386,3 +386,114 @@ fn smoke_checks_need_a_canary_and_valid_requests() {
     let e = parse(&format!("{MINIMAL}[[route.smoke]]\npath = \"/\"\n")).expect_err("no canary");
     assert!(e.to_string().contains("needs a [route.canary]"), "{e}");
 }
+
+#[test]
+fn endpoint_schemes_choose_the_protocol_and_one_version_shares_one() {
+    let with = |eps: &str, extra: &str| {
+        MINIMAL.replace(
+            "endpoints = [\"127.0.0.1:9000\"]",
+            &format!("endpoints = [{eps}]\n{extra}"),
+        )
+    };
+    let c = parse(&with(
+        "\"h2c://10.0.0.1:50051\", \"h2c://10.0.0.2:50051\"",
+        "",
+    ))
+    .expect("h2c");
+    assert_eq!(c.routes[0].stable.protocol, UpstreamProtocol::H2c);
+    assert_eq!(c.routes[0].stable.endpoints[0].addr, "10.0.0.1:50051");
+    let c = parse(&with("\"https://api.internal\", \"https://[::1]\"", "")).expect("https");
+    assert_eq!(c.routes[0].stable.protocol, UpstreamProtocol::Https);
+    assert_eq!(c.routes[0].stable.endpoints[0].addr, "api.internal:443");
+    assert_eq!(c.routes[0].stable.endpoints[1].addr, "[::1]:443");
+    let c = parse(&with("\"http://10.0.0.1:80/\"", "")).expect("http");
+    assert_eq!(c.routes[0].stable.protocol, UpstreamProtocol::Http1);
+    assert_eq!(c.routes[0].stable.endpoints[0].addr, "10.0.0.1:80");
+    assert_eq!(c.routes[0].grpc_error_codes, vec![2, 4, 13, 14, 15]);
+
+    let err = parse(&with("\"10.0.0.1:80\", \"h2c://10.0.0.2:80\"", ""))
+        .expect_err("a mix")
+        .to_string();
+    assert!(
+        err.contains("one version's endpoints share one scheme"),
+        "{err}"
+    );
+    let err = parse(&with("\"grpc://10.0.0.1:80\"", ""))
+        .expect_err("unknown scheme")
+        .to_string();
+    assert!(err.contains("has scheme \"grpc\""), "{err}");
+    let err = parse(&with("\"https://api.internal:8443/v1\"", ""))
+        .expect_err("a path")
+        .to_string();
+    assert!(err.contains("no path"), "{err}");
+}
+
+#[test]
+fn upstream_tls_goes_with_https_and_names_real_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let with = |eps: &str, tls: &str| {
+        MINIMAL.replace(
+            "endpoints = [\"127.0.0.1:9000\"]",
+            &format!("endpoints = [{eps}]\n[route.stable.tls]\n{tls}"),
+        )
+    };
+    let c = parse(&with(
+        "\"https://10.0.0.1:8443\"",
+        &format!(
+            "ca_file = \"{}\"\nserver_name = \"API.internal\"\ncert_file = \"c.pem\"\nkey_file = \"c.key\"",
+            ca.display()
+        ),
+    ))
+    .expect("tls");
+    let tls = c.routes[0].stable.tls.clone().expect("tls settings");
+    assert_eq!(tls.server_name.as_deref(), Some("api.internal"));
+    assert_eq!(
+        tls.client_cert,
+        Some(("/etc/veer/c.pem".into(), "/etc/veer/c.key".into()))
+    );
+    let err = parse(&with("\"h2c://10.0.0.1:80\"", "server_name = \"x\""))
+        .expect_err("tls without https")
+        .to_string();
+    assert!(err.contains("use https:// endpoints"), "{err}");
+    let err = parse(&with(
+        "\"https://10.0.0.1:80\"",
+        "ca_file = \"/nonexistent/ca.pem\"",
+    ))
+    .expect_err("missing ca")
+    .to_string();
+    assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    let err = parse(&with("\"https://10.0.0.1:80\"", "cert_file = \"c.pem\""))
+        .expect_err("cert without key")
+        .to_string();
+    assert!(err.contains("cert_file needs key_file"), "{err}");
+    let err = parse(&with("\"https://10.0.0.1:80\"", "verify = false"))
+        .expect_err("no switch turns verification off")
+        .to_string();
+    assert!(err.contains("verify"), "{err}");
+}
+
+#[test]
+fn grpc_error_codes_are_codes_listed_once() {
+    let with = |codes: &str| {
+        MINIMAL.replace(
+            "name = \"web\"",
+            &format!("name = \"web\"\ngrpc_error_codes = {codes}"),
+        )
+    };
+    let c = parse(&with("[14, 13]")).expect("codes");
+    assert_eq!(c.routes[0].grpc_error_codes, vec![13, 14]);
+    for (bad, why) in [
+        ("[0]", "0 is OK"),
+        ("[17]", "not a gRPC status code"),
+        ("[13, 13]", "listed twice"),
+    ] {
+        let err = parse(&with(bad)).expect_err(bad).to_string();
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+}

@@ -1,0 +1,929 @@
+//! Upstream protocols: gRPC peers (tonic) over h2c and TLS, calls judged by
+//! their grpc-status, deadlines; TLS to upstreams verified against a test
+//! CA, with server names and client certificates; h2c upstreams serving
+//! plain HTTP.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+use super::support::{get, metric, wait_route, Veer, FAST_JUDGE};
+
+// ---------------------------------------------------------------- test CA
+
+/// A certificate authority made for one test.
+struct TestCa {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        let cert = p.self_signed(&key).unwrap();
+        TestCa { cert, key }
+    }
+
+    fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A leaf for `names` (and 127.0.0.1), signed by this CA: (cert, key) PEM.
+    fn leaf(&self, names: &[&str], client: bool) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+        p.subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        p.extended_key_usages = vec![if client {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A TLS server set-up offering h2 and http/1.1, with a certificate
+    /// for localhost and 127.0.0.1; `clients`: require client certificates
+    /// signed by that CA.
+    fn server_config(&self, clients: Option<&TestCa>) -> Arc<rustls::ServerConfig> {
+        let (cert, key) = self.leaf(&["localhost"], false);
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match clients {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.cert.der().clone()).unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut cfg = builder.with_single_cert(chain, key).unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+// ------------------------------------------------------------ gRPC peers
+
+const OK: u8 = 0;
+const FAIL_HALF: u8 = 1;
+const NOT_FOUND: u8 = 2;
+
+/// A gRPC server (the standard health service, implemented here so that
+/// it can fail on purpose).
+struct GrpcPeer {
+    name: &'static str,
+    addr: SocketAddr,
+    mode: AtomicU8,
+    calls: AtomicU64,
+    delay_ms: AtomicU64,
+    /// `grpc-timeout` of the last call, as received.
+    last_timeout: Mutex<Option<String>>,
+}
+
+type WatchStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Health for GrpcPeer {
+    async fn check(
+        &self,
+        req: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        *self.last_timeout.lock().unwrap() = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        match self.mode.load(Ordering::SeqCst) {
+            FAIL_HALF if n % 2 == 0 => Err(tonic::Status::internal("broken on purpose")),
+            NOT_FOUND => Err(tonic::Status::not_found("no such service")),
+            _ => {
+                let mut r = tonic::Response::new(HealthCheckResponse {
+                    status: ServingStatus::Serving as i32,
+                });
+                r.metadata_mut()
+                    .insert("x-upstream", self.name.parse().unwrap());
+                Ok(r)
+            }
+        }
+    }
+
+    type WatchStream = WatchStream;
+
+    /// Three messages, then the end of the call: OK, or (failing) INTERNAL
+    /// in the trailers after the first message.
+    async fn watch(
+        &self,
+        _req: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<WatchStream>, tonic::Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let msg = || {
+            Ok(HealthCheckResponse {
+                status: ServingStatus::Serving as i32,
+            })
+        };
+        let items: Vec<Result<HealthCheckResponse, tonic::Status>> =
+            if self.mode.load(Ordering::SeqCst) == FAIL_HALF {
+                vec![msg(), Err(tonic::Status::internal("broke mid-stream"))]
+            } else {
+                vec![msg(), msg(), msg()]
+            };
+        let mut r =
+            tonic::Response::new(Box::pin(futures_util::stream::iter(items)) as WatchStream);
+        r.metadata_mut()
+            .insert("x-upstream", self.name.parse().unwrap());
+        Ok(r)
+    }
+}
+
+impl GrpcPeer {
+    /// Serves over h2c, or over TLS with `tls`.
+    async fn start(name: &'static str, tls: Option<Arc<rustls::ServerConfig>>) -> Arc<GrpcPeer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = Arc::new(GrpcPeer {
+            name,
+            addr: listener.local_addr().unwrap(),
+            mode: AtomicU8::new(OK),
+            calls: AtomicU64::new(0),
+            delay_ms: AtomicU64::new(0),
+            last_timeout: Mutex::new(None),
+        });
+        let svc = HealthServer::from_arc(peer.clone());
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let svc = TowerToHyperService::new(svc.clone());
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        Some(a) => {
+                            let Ok(s) = a.accept(stream).await else {
+                                return;
+                            };
+                            let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
+                });
+            }
+        });
+        peer
+    }
+}
+
+async fn grpc_client(veer: &Veer) -> HealthClient<tonic::transport::Channel> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", veer.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    HealthClient::new(ch)
+}
+
+fn check_request(key: &str) -> tonic::Request<HealthCheckRequest> {
+    let mut r = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    r.metadata_mut().insert("x-user-id", key.parse().unwrap());
+    r
+}
+
+/// One route: `stable` and `canary` are whole TOML version tables' bodies.
+fn config(stable: &str, canary: Option<&str>, extra: &str) -> String {
+    let canary = canary.map_or(String::new(), |c| format!("[route.canary]\n{c}\n"));
+    format!(
+        r#"[proxy]
+listen = ["127.0.0.1:0"]
+shutdown_grace = "10s"
+[admin]
+listen = "127.0.0.1:0"
+[state]
+dir = "@STATE@"
+
+[[route]]
+name = "web"
+sticky = ["header:x-user-id"]
+{extra}
+[route.stable]
+{stable}
+{canary}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_and_streaming_calls_reach_h2c_and_tls_upstreams() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("veer test CA");
+    let ca_file = write(dir.path(), "ca.pem", &ca.pem());
+    let s = GrpcPeer::start("stable", None).await;
+    let c = GrpcPeer::start("canary", Some(ca.server_config(None))).await;
+    let veer = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", s.addr),
+        Some(&format!(
+            "version = \"v2\"\nendpoints = [\"https://{}\"]\nweight = 50\n[route.canary.tls]\nca_file = \"{ca_file}\"",
+            c.addr
+        )),
+        "",
+    ))
+    .await;
+    let mut client = grpc_client(&veer).await;
+    let mut seen = std::collections::HashMap::new();
+    for i in 0..60 {
+        let key = format!("user-{i}");
+        let r = client.check(check_request(&key)).await.unwrap();
+        assert_eq!(r.get_ref().status, ServingStatus::Serving as i32);
+        let who = r
+            .metadata()
+            .get("x-upstream")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        *seen.entry(who.clone()).or_insert(0) += 1;
+        // Server streaming: every message, then OK in the trailers.
+        let mut req = check_request(&key);
+        req.set_timeout(Duration::from_secs(5));
+        let resp = client.watch(req).await.unwrap();
+        assert_eq!(
+            resp.metadata().get("x-upstream").unwrap().to_str().unwrap(),
+            who,
+            "a key's calls all go to one version"
+        );
+        let mut stream = resp.into_inner();
+        let mut n = 0;
+        while let Some(m) = stream.message().await.unwrap() {
+            assert_eq!(m.status, ServingStatus::Serving as i32);
+            n += 1;
+        }
+        assert_eq!(n, 3);
+    }
+    assert!(seen.get("stable").copied().unwrap_or(0) > 5, "{seen:?}");
+    assert!(seen.get("canary").copied().unwrap_or(0) > 5, "{seen:?}");
+    assert_eq!(
+        s.calls.load(Ordering::SeqCst) + c.calls.load(Ordering::SeqCst),
+        120
+    );
+    let m = veer.metrics().await;
+    let ok = |v: &str| {
+        metric(
+            &m,
+            &format!(r#"veer_grpc_responses_total{{grpc_code="OK",route="web",version="{v}"}}"#),
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(ok("v1") + ok("v2"), 120.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_split_by_a_metadata_key_within_the_contract() {
+    let s = GrpcPeer::start("stable", None).await;
+    let c = GrpcPeer::start("canary", None).await;
+    let veer = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", s.addr),
+        Some(&format!(
+            "version = \"v2\"\nendpoints = [\"h2c://{}\"]\nweight = 20",
+            c.addr
+        )),
+        "",
+    ))
+    .await;
+    let mut client = grpc_client(&veer).await;
+    let keys = 2000;
+    let mut canary = 0;
+    for i in 0..keys {
+        let r = client.check(check_request(&format!("k{i}"))).await.unwrap();
+        if r.metadata().get("x-upstream").unwrap() == "canary" {
+            canary += 1;
+        }
+    }
+    // Contract: the canary's share of distinct keys is within ±2 points of
+    // the weight at 10 000 keys; at 2000 keys the binomial spread alone is
+    // ±0.9 points (1 sd), so ±4 points (4.5 sd) cannot fail by chance.
+    let share = f64::from(canary) / f64::from(keys) * 100.0;
+    assert!((16.0..=24.0).contains(&share), "canary share {share:.1} %");
+    // The same key keeps its version.
+    for i in 0..50 {
+        let key = format!("k{i}");
+        let a = client.check(check_request(&key)).await.unwrap();
+        let b = client.check(check_request(&key)).await.unwrap();
+        assert_eq!(
+            a.metadata().get("x-upstream"),
+            b.metadata().get("x-upstream")
+        );
+    }
+}
+
+/// Calls with fresh keys until `done` says stop or `limit` passes.
+async fn call_until(veer: &Veer, limit: Duration, mut done: impl FnMut(u64) -> bool) -> u64 {
+    let mut client = grpc_client(veer).await;
+    let deadline = std::time::Instant::now() + limit;
+    let mut n = 0u64;
+    while std::time::Instant::now() < deadline {
+        n += 1;
+        let _ = client.check(check_request(&format!("u{n}"))).await;
+        if done(n) {
+            break;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_canary_failing_with_internal_is_reverted() {
+    let s = GrpcPeer::start("stable", None).await;
+    let c = GrpcPeer::start("canary", None).await;
+    c.mode.store(FAIL_HALF, Ordering::SeqCst);
+    let veer = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", s.addr),
+        Some(&format!(
+            "version = \"v2\"\nendpoints = [\"h2c://{}\"]\nweight = 50",
+            c.addr
+        )),
+        FAST_JUDGE,
+    ))
+    .await;
+    // Every INTERNAL is an HTTP 200: only the grpc-status says it failed.
+    let load = tokio::spawn({
+        let addr = veer.addr;
+        async move {
+            let mut client = HealthClient::new(
+                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap(),
+            );
+            for n in 0..20_000u64 {
+                let _ = client.check(check_request(&format!("u{n}"))).await;
+            }
+        }
+    });
+    let route = wait_route(&veer, "reverted", Duration::from_secs(60), |r| {
+        r["verdict"] == "reverted"
+    })
+    .await;
+    load.abort();
+    let reason = route["reason"].as_str().unwrap();
+    assert!(reason.contains("error"), "{reason}");
+    let m = veer.metrics().await;
+    assert!(
+        metric(
+            &m,
+            r#"veer_grpc_responses_total{grpc_code="INTERNAL",route="web",version="v2"}"#
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "{m}"
+    );
+    // HTTP saw nothing wrong: every answer was a 200.
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_requests_total{code="5xx",route="web",version="v2"}"#
+        ),
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_canary_answering_not_found_is_not_reverted() {
+    let s = GrpcPeer::start("stable", None).await;
+    let c = GrpcPeer::start("canary", None).await;
+    c.mode.store(NOT_FOUND, Ordering::SeqCst);
+    let veer = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", s.addr),
+        Some(&format!(
+            "version = \"v2\"\nendpoints = [\"h2c://{}\"]\nweight = 50",
+            c.addr
+        )),
+        FAST_JUDGE,
+    ))
+    .await;
+    // Enough calls for the judge to have looked many times.
+    call_until(&veer, Duration::from_secs(60), |_| {
+        c.calls.load(Ordering::SeqCst) >= 300
+    })
+    .await;
+    let m = veer.metrics().await;
+    let not_found = metric(
+        &m,
+        r#"veer_grpc_responses_total{grpc_code="NOT_FOUND",route="web",version="v2"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(not_found >= 300.0, "{m}");
+    // Wait until the judge has seen those calls, then check its verdict.
+    let route = wait_route(&veer, "judged", Duration::from_secs(30), |r| {
+        r["window"]["canary"]["requests"].as_u64().unwrap_or(0) >= 100
+    })
+    .await;
+    assert_ne!(route["verdict"], "reverted", "{route}");
+    assert_eq!(route["window"]["canary"]["errors"], 0, "{route}");
+}
+
+/// Sends one raw gRPC call (an empty HealthCheckRequest) over h2c with
+/// the given grpc-timeout; returns the response head's headers and the
+/// trailers.
+async fn raw_grpc_call(
+    addr: SocketAddr,
+    timeout: &str,
+    key: &str,
+) -> (http::HeaderMap, http::HeaderMap) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .header("x-user-id", key)
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    (parts.headers, trailers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_deadlines_propagate_and_the_callers_own_deadline_is_not_the_versions_failure() {
+    let s = GrpcPeer::start("stable", None).await;
+    let veer = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", s.addr),
+        None,
+        "timeout = \"3s\"",
+    ))
+    .await;
+    let seen = |p: &GrpcPeer| {
+        let t = p
+            .last_timeout
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("a grpc-timeout");
+        let (n, unit) = t.split_at(t.len() - 1);
+        let n: f64 = n.parse().unwrap();
+        n * match unit {
+            "u" => 1e-6,
+            "m" => 1e-3,
+            "S" => 1.0,
+            other => panic!("unit {other}"),
+        }
+    };
+    let mut client = grpc_client(&veer).await;
+    // The caller's 1 s is shorter than the route's 3 s: the upstream sees ≤ 1 s.
+    let mut req = check_request("a");
+    req.set_timeout(Duration::from_secs(1));
+    client.check(req).await.unwrap();
+    let t = seen(&s);
+    assert!(t <= 1.0 && t > 0.5, "upstream saw {t} s");
+    // No deadline, or a longer one: the route's 3 s.
+    client.check(check_request("b")).await.unwrap();
+    let t = seen(&s);
+    assert!(t <= 3.0 && t > 2.5, "upstream saw {t} s");
+    let mut req = check_request("c");
+    req.set_timeout(Duration::from_secs(30));
+    client.check(req).await.unwrap();
+    let t = seen(&s);
+    assert!(t <= 3.0 && t > 2.5, "upstream saw {t} s");
+
+    // A slow upstream and a caller that asked for 50 ms: veer answers
+    // DEADLINE_EXCEEDED itself, counted as the caller's, not the version's.
+    s.delay_ms.store(400, Ordering::SeqCst);
+    let (head, _) = raw_grpc_call(veer.addr, "50m", "d").await;
+    assert_eq!(head.get("grpc-status").unwrap(), "4", "{head:?}");
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, r#"veer_proxy_errors_total{kind="client_deadline"}"#),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_upstream_errors_total{kind="timeout",route="web",version="v1"}"#
+        ),
+        Some(0.0)
+    );
+    // The route's own timeout is the version's failure, told as gRPC.
+    let veer_slow = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", s.addr),
+        None,
+        "timeout = \"100ms\"\nconnect_timeout = \"100ms\"",
+    ))
+    .await;
+    let (head, _) = raw_grpc_call(veer_slow.addr, "10S", "e").await;
+    assert_eq!(head.get("grpc-status").unwrap(), "4", "{head:?}");
+    let m = veer_slow.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_upstream_errors_total{kind="timeout",route="web",version="v1"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_in_the_trailers_after_messages_is_the_calls_outcome() {
+    let s = GrpcPeer::start("stable", None).await;
+    s.mode.store(FAIL_HALF, Ordering::SeqCst);
+    let veer = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", s.addr),
+        None,
+        "",
+    ))
+    .await;
+    let mut client = grpc_client(&veer).await;
+    let mut stream = client.watch(check_request("a")).await.unwrap().into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    let err = stream.message().await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Internal);
+    drop(stream);
+    let m = wait_metric(
+        &veer,
+        r#"veer_grpc_responses_total{grpc_code="INTERNAL",route="web",version="v1"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_requests_total{code="2xx",route="web",version="v1"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+/// Polls `/metrics` until `series` reaches `want` (10 s at most).
+async fn wait_metric(veer: &Veer, series: &str, want: f64) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = veer.metrics().await;
+        if metric(&m, series).unwrap_or(0.0) >= want {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} never reached {want}:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ------------------------------------------------------- TLS to upstreams
+
+/// An HTTPS upstream (h2 or http/1.1 by ALPN) answering its name; counts
+/// the requests it served.
+async fn https_upstream(cfg: Arc<rustls::ServerConfig>) -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicU64::new(0));
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let counter = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, counter) = (acceptor.clone(), counter.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let version = format!("{:?}", req.version());
+                    async move {
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .header("x-upstream-version", version)
+                                .body(Full::new(Bytes::from_static(b"tls-upstream")))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, served)
+}
+
+fn https_version(addr: SocketAddr, tls: &str) -> String {
+    format!("version = \"v1\"\nendpoints = [\"https://{addr}\"]\n[route.stable.tls]\n{tls}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upstreams_are_verified_by_ca_and_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("veer test CA");
+    let other = TestCa::new("someone else's CA");
+    let ca_file = write(dir.path(), "ca.pem", &ca.pem());
+    let other_file = write(dir.path(), "other.pem", &other.pem());
+    let (addr, served) = https_upstream(ca.server_config(None)).await;
+
+    // The right CA; the endpoint's IP verified as an IP; h2 by ALPN.
+    let veer = Veer::start(&config(
+        &https_version(addr, &format!("ca_file = \"{ca_file}\"")),
+        None,
+        "",
+    ))
+    .await;
+    let r = get(veer.addr, "/", &[]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(&r.body()[..], b"tls-upstream");
+    assert_eq!(r.headers()["x-upstream-version"], "HTTP/2.0");
+    // A name in the certificate, sent as SNI and verified.
+    let veer_named = Veer::start(&config(
+        &https_version(
+            addr,
+            &format!("ca_file = \"{ca_file}\"\nserver_name = \"localhost\""),
+        ),
+        None,
+        "",
+    ))
+    .await;
+    assert_eq!(get(veer_named.addr, "/", &[]).await.unwrap().status(), 200);
+    let before = served.load(Ordering::SeqCst);
+    assert_eq!(before, 2);
+
+    // Another CA: 502, and the upstream serves nothing.
+    let veer_wrong_ca = Veer::start(&config(
+        &https_version(addr, &format!("ca_file = \"{other_file}\"")),
+        None,
+        "",
+    ))
+    .await;
+    // The built-in roots do not know the test CA either.
+    let veer_no_ca = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"https://{addr}\"]"),
+        None,
+        "",
+    ))
+    .await;
+    // A name the certificate does not have.
+    let veer_wrong_name = Veer::start(&config(
+        &https_version(
+            addr,
+            &format!("ca_file = \"{ca_file}\"\nserver_name = \"wrong.test\""),
+        ),
+        None,
+        "",
+    ))
+    .await;
+    for v in [&veer_wrong_ca, &veer_no_ca, &veer_wrong_name] {
+        let r = get(v.addr, "/", &[]).await.unwrap();
+        assert_eq!(r.status(), 502);
+        let m = v.metrics().await;
+        assert!(
+            metric(
+                &m,
+                r#"veer_upstream_errors_total{kind="connect",route="web",version="v1"}"#
+            )
+            .unwrap_or(0.0)
+                >= 1.0,
+            "{m}"
+        );
+        assert!(!v
+            .logs_with("TLS handshake with the upstream failed")
+            .is_empty());
+    }
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        before,
+        "no request reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_upstreams_accept_veers_client_certificate_and_refuse_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("veer test CA");
+    let clients = TestCa::new("client CA");
+    let ca_file = write(dir.path(), "ca.pem", &ca.pem());
+    let (cert, key) = clients.leaf(&["veer.test"], true);
+    let cert_file = write(dir.path(), "client.pem", &cert);
+    let key_file = write(dir.path(), "client.key", &key);
+    let (addr, served) = https_upstream(ca.server_config(Some(&clients))).await;
+
+    let with = Veer::start(&config(
+        &https_version(
+            addr,
+            &format!(
+                "ca_file = \"{ca_file}\"\ncert_file = \"{cert_file}\"\nkey_file = \"{key_file}\""
+            ),
+        ),
+        None,
+        "",
+    ))
+    .await;
+    let r = get(with.addr, "/", &[]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+
+    let without = Veer::start(&config(
+        &https_version(addr, &format!("ca_file = \"{ca_file}\"")),
+        None,
+        "",
+    ))
+    .await;
+    assert_eq!(get(without.addr, "/", &[]).await.unwrap().status(), 502);
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+
+    // A client certificate from a CA the upstream does not trust.
+    let (bad_cert, bad_key) = TestCa::new("stranger").leaf(&["veer.test"], true);
+    let bad_cert = write(dir.path(), "bad.pem", &bad_cert);
+    let bad_key = write(dir.path(), "bad.key", &bad_key);
+    let stranger = Veer::start(&config(
+        &https_version(
+            addr,
+            &format!(
+                "ca_file = \"{ca_file}\"\ncert_file = \"{bad_cert}\"\nkey_file = \"{bad_key}\""
+            ),
+        ),
+        None,
+        "",
+    ))
+    .await;
+    assert_eq!(get(stranger.addr, "/", &[]).await.unwrap().status(), 502);
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+}
+
+// ------------------------------------------------------------- h2c + HTTP
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upstream_serves_http_clients_and_refuses_upgrades_clearly() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicU64::new(0));
+    let conns = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            conns.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let version = format!("{:?}", req.version());
+                    let authority = req
+                        .uri()
+                        .authority()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("x-upstream-version", version)
+                            .header("x-authority", authority)
+                            .body(Full::new(if body.is_empty() {
+                                Bytes::from_static(b"h2c-upstream")
+                            } else {
+                                body
+                            }))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let veer = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{addr}\"]"),
+        None,
+        "",
+    ))
+    .await;
+    // An HTTP/1.1 client; its Host becomes the :authority.
+    let r = get(veer.addr, "/", &[("host", "shop.example")])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(&r.body()[..], b"h2c-upstream");
+    assert_eq!(r.headers()["x-upstream-version"], "HTTP/2.0");
+    assert_eq!(r.headers()["x-authority"], "shop.example");
+    // A body goes through.
+    let stream = TcpStream::connect(veer.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            Request::post("/echo")
+                .header("host", "shop.example")
+                .body(Full::new(Bytes::from(vec![b'x'; 100_000])))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.into_body().collect().await.unwrap().to_bytes().len(),
+        100_000
+    );
+    // Many requests share one multiplexed connection.
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let a = veer.addr;
+        tasks.push(tokio::spawn(async move {
+            get(a, "/", &[]).await.unwrap().status()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert!(connections.load(Ordering::SeqCst) <= 2, "{connections:?}");
+    // A WebSocket upgrade has no HTTP/2 path here: 501, nobody's failure.
+    let r = get(
+        veer.addr,
+        "/ws",
+        &[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 501);
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, r#"veer_proxy_errors_total{kind="upgrade_unsupported"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_upstream_errors_total{kind="connect",route="web",version="v1"}"#
+        ),
+        Some(0.0)
+    );
+}

@@ -385,11 +385,12 @@ async fn call_until(veer: &Veer, limit: Duration, mut done: impl FnMut(u64) -> b
     n
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_grpc_canary_failing_with_internal_is_reverted() {
+/// A stable and a canary gRPC peer at weight 50 with the fast judge; the
+/// canary in `mode`.
+async fn judged_grpc_pair(mode: u8) -> (Veer, Arc<GrpcPeer>, Arc<GrpcPeer>) {
     let s = GrpcPeer::start("stable", None).await;
     let c = GrpcPeer::start("canary", None).await;
-    c.mode.store(FAIL_HALF, Ordering::SeqCst);
+    c.mode.store(mode, Ordering::SeqCst);
     let veer = Veer::start(&config(
         &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", s.addr),
         Some(&format!(
@@ -399,6 +400,12 @@ async fn a_grpc_canary_failing_with_internal_is_reverted() {
         FAST_JUDGE,
     ))
     .await;
+    (veer, s, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_canary_failing_with_internal_is_reverted() {
+    let (veer, _s, _c) = judged_grpc_pair(FAIL_HALF).await;
     // Every INTERNAL is an HTTP 200: only the grpc-status says it failed.
     let load = tokio::spawn({
         let addr = veer.addr;
@@ -420,8 +427,12 @@ async fn a_grpc_canary_failing_with_internal_is_reverted() {
     })
     .await;
     load.abort();
+    // Either the error-rate test or the gross-failure guard, by timing.
     let reason = route["reason"].as_str().unwrap();
-    assert!(reason.contains("error"), "{reason}");
+    assert!(
+        reason.contains("error") || reason.contains("failed"),
+        "{reason}"
+    );
     let m = veer.metrics().await;
     assert!(
         metric(
@@ -444,18 +455,7 @@ async fn a_grpc_canary_failing_with_internal_is_reverted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_canary_answering_not_found_is_not_reverted() {
-    let s = GrpcPeer::start("stable", None).await;
-    let c = GrpcPeer::start("canary", None).await;
-    c.mode.store(NOT_FOUND, Ordering::SeqCst);
-    let veer = Veer::start(&config(
-        &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", s.addr),
-        Some(&format!(
-            "version = \"v2\"\nendpoints = [\"h2c://{}\"]\nweight = 50",
-            c.addr
-        )),
-        FAST_JUDGE,
-    ))
-    .await;
+    let (veer, _s, c) = judged_grpc_pair(NOT_FOUND).await;
     // Enough calls for the judge to have looked many times.
     call_until(&veer, Duration::from_secs(60), |_| {
         c.calls.load(Ordering::SeqCst) >= 300

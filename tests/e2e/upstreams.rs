@@ -927,3 +927,43 @@ async fn an_h2c_upstream_serves_http_clients_and_refuses_upgrades_clearly() {
         Some(0.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_client_certificate_is_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("veer test CA");
+    let clients = TestCa::new("client CA");
+    let ca_file = write(dir.path(), "ca.pem", &ca.pem());
+    // The files first hold a certificate the upstream does not trust.
+    let (bad_cert, bad_key) = TestCa::new("stranger").leaf(&["veer.test"], true);
+    let cert_file = write(dir.path(), "client.pem", &bad_cert);
+    let key_file = write(dir.path(), "client.key", &bad_key);
+    let (addr, served) = https_upstream(ca.server_config(Some(&clients))).await;
+    let veer = Veer::start(&config(
+        &https_version(
+            addr,
+            &format!("ca_file = \"{ca_file}\"\ncert_file = \"{cert_file}\"\nkey_file = \"{key_file}\""),
+        ),
+        None,
+        "",
+    ))
+    .await;
+    assert_eq!(get(veer.addr, "/", &[]).await.unwrap().status(), 502);
+    assert_eq!(served.load(Ordering::SeqCst), 0);
+    // Renewed in place (as cert-manager does): the next connection uses it.
+    let (cert, key) = clients.leaf(&["veer.test"], true);
+    write(dir.path(), "client.key", &key);
+    write(dir.path(), "client.pem", &cert);
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let status = get(veer.addr, "/", &[]).await.unwrap().status();
+        if status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!veer
+        .logs_with("upstream client certificate reloaded")
+        .is_empty());
+}

@@ -629,10 +629,15 @@ impl Upstream {
         timeout: Duration,
         h1_only: bool,
     ) -> Result<Sender, ProxyError> {
-        let (conn, permit) = self
-            .connector
-            .connect::<RequestBody>(self.addr, timeout, h1_only, Some(permit))
-            .await?;
+        // Boxed: the TLS and HTTP/2 handshakes' state is large, and would
+        // otherwise sit in (and be copied with) every request's future.
+        let (conn, permit) = Box::pin(self.connector.connect::<RequestBody>(
+            self.addr,
+            timeout,
+            h1_only,
+            Some(permit),
+        ))
+        .await?;
         let scheme = self.connector.scheme();
         match conn {
             Conn::H1(sender) => {

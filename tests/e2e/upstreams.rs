@@ -942,7 +942,9 @@ async fn a_renewed_client_certificate_is_used_without_a_restart() {
     let veer = Veer::start(&config(
         &https_version(
             addr,
-            &format!("ca_file = \"{ca_file}\"\ncert_file = \"{cert_file}\"\nkey_file = \"{key_file}\""),
+            &format!(
+                "ca_file = \"{ca_file}\"\ncert_file = \"{cert_file}\"\nkey_file = \"{key_file}\""
+            ),
         ),
         None,
         "",

@@ -555,8 +555,19 @@ impl Upstream {
     /// A connection for one request: an idle one (unless `fresh`, for an
     /// upgrade), else a new one under the cap, waiting at most `timeout`
     /// in the bounded queue for either. Overloaded past that.
-    pub async fn get(&self, timeout: Duration, fresh: bool) -> Result<Sender, ProxyError> {
-        if fresh && matches!(self.connector, Connector::H2c) {
+    pub async fn get(&self, timeout: Duration, upgrade: bool) -> Result<Sender, ProxyError> {
+        self.get_with(timeout, upgrade, upgrade).await
+    }
+
+    /// [`Upstream::get`]; `fresh`: a new connection; `h1_only`: HTTP/1.1
+    /// (an upgrade).
+    async fn get_with(
+        &self,
+        timeout: Duration,
+        fresh: bool,
+        h1_only: bool,
+    ) -> Result<Sender, ProxyError> {
+        if h1_only && matches!(self.connector, Connector::H2c) {
             return Err(ProxyError::UpgradeUnsupported);
         }
         if !fresh {
@@ -585,7 +596,7 @@ impl Upstream {
             None
         };
         if let Ok(p) = self.permits.clone().try_acquire_owned() {
-            return self.open(p, timeout, fresh).await;
+            return self.open(p, timeout, h1_only).await;
         }
         let cap = self.cap.load(Ordering::Relaxed);
         if self.waiting.fetch_add(1, Ordering::Relaxed) >= cap {
@@ -608,7 +619,7 @@ impl Upstream {
         match got? {
             Ok(permit) => {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                self.open(permit, left.max(Duration::from_millis(1)), fresh)
+                self.open(permit, left.max(Duration::from_millis(1)), h1_only)
                     .await
             }
             Err(idle) => Ok(idle),
@@ -618,7 +629,7 @@ impl Upstream {
     /// Opens a new connection within `timeout`, under the cap (waiting in
     /// the queue if it is reached).
     pub async fn connect(&self, timeout: Duration) -> Result<Sender, ProxyError> {
-        self.get(timeout, true).await
+        self.get_with(timeout, true, false).await
     }
 
     /// Opens a new connection holding `permit`. An HTTP/2 connection joins

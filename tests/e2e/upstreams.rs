@@ -969,3 +969,63 @@ async fn a_renewed_client_certificate_is_used_without_a_restart() {
         .logs_with("upstream client certificate reloaded")
         .is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upstream_closing_its_connections_loses_no_request() {
+    // Every connection is closed gracefully (GOAWAY) after 3 requests, as
+    // servers do on a max-requests limit or a rolling restart.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicU64::new(0));
+    let conns = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            conns.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let served = Arc::new(AtomicU64::new(0));
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    let (served, tx) = (served.clone(), tx.clone());
+                    async move {
+                        if served.fetch_add(1, Ordering::SeqCst) + 1 >= 3 {
+                            let _ = tx.send(());
+                        }
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = rx.recv() => conn.as_mut().graceful_shutdown(),
+                }
+                let _ = conn.await;
+            });
+        }
+    });
+    let veer = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{addr}\"]"),
+        None,
+        "",
+    ))
+    .await;
+    let mut client = super::support::Client::connect(veer.addr).await.unwrap();
+    for i in 0..30 {
+        let r = client.get("/", &[]).await.unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    assert!(connections.load(Ordering::SeqCst) >= 5, "{connections:?}");
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_requests_total{code="5xx",route="web",version="v1"}"#
+        ),
+        Some(0.0),
+        "{m}"
+    );
+}

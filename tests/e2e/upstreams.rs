@@ -1029,3 +1029,124 @@ async fn an_h2c_upstream_closing_its_connections_loses_no_request() {
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bidi_streaming_calls_flow_both_ways_message_by_message() {
+    use http_body::Frame;
+    use http_body_util::StreamBody;
+    type Frames = tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>;
+    fn stream(rx: Frames) -> StreamBody<tokio_stream_shim::Rx<Result<Frame<Bytes>, Infallible>>> {
+        StreamBody::new(tokio_stream_shim::Rx(rx))
+    }
+    // An h2c upstream echoing each message of a call as it comes, then
+    // ending the call with grpc-status 0 in the trailers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let (tx, rx) = tokio::sync::mpsc::channel(8);
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(f)) = body.frame().await {
+                            if let Ok(d) = f.into_data() {
+                                if tx.send(Ok(Frame::data(d))).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        let mut t = http::HeaderMap::new();
+                        t.insert("grpc-status", "0".parse().unwrap());
+                        let _ = tx.send(Ok(Frame::trailers(t))).await;
+                    });
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(stream(rx))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let veer = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{addr}\"]"),
+        None,
+        "",
+    ))
+    .await;
+    let stream_to_veer = TcpStream::connect(veer.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream_to_veer))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let req = Request::post(format!("http://{}/echo.Echo/Chat", veer.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(stream(rx))
+        .unwrap();
+    let resp = sender.send_request(req);
+    // The first message goes out before the response head can exist.
+    tx.send(Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x01a"))))
+        .await
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("head while the call is open")
+        .unwrap();
+    let mut body = resp.into_body();
+    for msg in [&b"\0\0\0\0\x01a"[..], b"\0\0\0\0\x01b", b"\0\0\0\0\x01c"] {
+        if msg != b"\0\0\0\0\x01a" {
+            tx.send(Ok(Frame::data(Bytes::copy_from_slice(msg))))
+                .await
+                .unwrap();
+        }
+        // Each echo arrives while the request is still open.
+        let f = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("an echo per message")
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.into_data().unwrap(), Bytes::copy_from_slice(msg));
+    }
+    drop(tx); // the client half-closes: the call ends
+    let mut trailers = None;
+    while let Some(f) = body.frame().await {
+        if let Ok(t) = f.unwrap().into_trailers() {
+            trailers = Some(t);
+        }
+    }
+    assert_eq!(trailers.unwrap()["grpc-status"], "0");
+    let m = wait_metric(
+        &veer,
+        r#"veer_grpc_responses_total{grpc_code="OK",route="web",version="v1"}"#,
+        1.0,
+    )
+    .await;
+    assert!(m.contains("veer_grpc_responses_total"));
+}
+
+/// A `Stream` over an mpsc receiver (what tokio-stream's ReceiverStream
+/// does), for request and response bodies fed message by message.
+mod tokio_stream_shim {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    pub struct Rx<T>(pub tokio::sync::mpsc::Receiver<T>);
+
+    impl<T> futures_util::Stream for Rx<T> {
+        type Item = T;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+            self.0.poll_recv(cx)
+        }
+    }
+}

@@ -121,7 +121,8 @@ impl Upstream {
     }
 }
 
-fn websocket_echo(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
+/// Answers a WebSocket upgrade and echoes every message.
+pub fn websocket_echo(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
     use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
     use tokio_tungstenite::tungstenite::protocol::Role;
     let key = req

@@ -652,10 +652,17 @@ async fn https_upstream(cfg: Arc<rustls::ServerConfig>) -> (SocketAddr, Arc<Atom
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
-                let svc = service_fn(move |req: Request<Incoming>| {
+                let svc = service_fn(move |mut req: Request<Incoming>| {
                     counter.fetch_add(1, Ordering::SeqCst);
                     let version = format!("{:?}", req.version());
+                    let upgrade = req
+                        .headers()
+                        .contains_key(http::header::UPGRADE)
+                        .then(|| super::support::websocket_echo(&mut req));
                     async move {
+                        if let Some(r) = upgrade {
+                            return Ok::<_, Infallible>(r);
+                        }
                         Ok::<_, Infallible>(
                             Response::builder()
                                 .header("x-upstream-version", version)
@@ -665,7 +672,7 @@ async fn https_upstream(cfg: Arc<rustls::ServerConfig>) -> (SocketAddr, Arc<Atom
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                     .await;
             });
         }
@@ -757,6 +764,37 @@ async fn tls_upstreams_are_verified_by_ca_and_name() {
         before,
         "no request reached the upstream"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_reach_an_https_upstream_over_an_http1_connection() {
+    use futures_util::{SinkExt, StreamExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("veer test CA");
+    let ca_file = write(dir.path(), "ca.pem", &ca.pem());
+    let (addr, _) = https_upstream(ca.server_config(None)).await;
+    let veer = Veer::start(&config(
+        &https_version(addr, &format!("ca_file = \"{ca_file}\"")),
+        None,
+        "",
+    ))
+    .await;
+    // Plain requests ride h2 (ALPN) to this upstream ...
+    let r = get(veer.addr, "/", &[]).await.unwrap();
+    assert_eq!(r.headers()["x-upstream-version"], "HTTP/2.0");
+    // ... and an upgrade gets its own HTTP/1.1 connection.
+    let stream = TcpStream::connect(veer.addr).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{}/ws", veer.addr), stream)
+        .await
+        .expect("websocket handshake through veer");
+    assert_eq!(resp.status(), 101);
+    for i in 0..3 {
+        let msg = format!("hello {i}");
+        ws.send(msg.clone().into()).await.unwrap();
+        let back = ws.next().await.unwrap().unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), msg);
+    }
+    ws.close(None).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

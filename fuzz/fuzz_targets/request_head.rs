@@ -62,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
         &mut uri,
         &mut version,
         &mut headers,
-        peer,
+        &veer_proxy::headers::Peer::new(peer),
         client,
         1,
         veer_proxy::headers::Scheme::Http,

@@ -17,10 +17,9 @@
 //! client's own `Forwarded` is dropped, behind trusted proxies it is kept
 //! and this hop's element appended.
 
-use std::io::Write;
 use std::net::SocketAddr;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Uri, Version};
 
@@ -102,6 +101,42 @@ pub fn client_addr(headers: &HeaderMap, peer: SocketAddr, trusted_hops: usize) -
         .unwrap_or(peer)
 }
 
+/// A client connection's peer and the text the forwarding headers carry
+/// for it, made once per connection rather than once per request.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The peer's address.
+    pub addr: SocketAddr,
+    /// Its IP (IPv4-mapped IPv6 as IPv4), as `X-Forwarded-For` and
+    /// `X-Real-IP` carry it.
+    ip: HeaderValue,
+    /// This hop's `Forwarded` element without `host`, by scheme:
+    /// `for=IP;proto=http`, `for=IP;proto=https` (an IPv6 quoted and
+    /// bracketed, RFC 7239).
+    forwarded: [Bytes; 2],
+}
+
+impl Peer {
+    /// The texts for `addr`.
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip = addr.ip().to_canonical();
+        let text = ip.to_string();
+        let for_ = if ip.is_ipv6() {
+            format!("for=\"[{text}]\"")
+        } else {
+            format!("for={text}")
+        };
+        Peer {
+            addr,
+            ip: HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("unknown")),
+            forwarded: [
+                Bytes::from(format!("{for_};proto=http")),
+                Bytes::from(format!("{for_};proto=https")),
+            ],
+        }
+    }
+}
+
 /// The scheme the client used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheme {
@@ -134,8 +169,24 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     })
 }
 
+/// Whether `name` is a hop-by-hop header (not counting those `Connection` names).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Removes hop-by-hop headers; `keep_upgrade` keeps the upgrade pair.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most heads have none: one pass over the names is cheaper than a
+    // lookup for each hop-by-hop name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -173,7 +224,7 @@ pub fn prepare_request(
     uri: &mut Uri,
     version: &mut Version,
     headers: &mut HeaderMap,
-    peer: SocketAddr,
+    peer: &Peer,
     client: SocketAddr,
     trusted_hops: usize,
     scheme: Scheme,
@@ -182,10 +233,12 @@ pub fn prepare_request(
     if method == Method::CONNECT {
         return Err(ProxyError::BadRequest);
     }
-    if !headers.contains_key(header::HOST) {
+    let mut host = headers.get(header::HOST).cloned();
+    if host.is_none() {
         if let Some(a) = uri.authority() {
             let v = HeaderValue::from_str(a.as_str()).map_err(|_| ProxyError::BadRequest)?;
-            headers.insert(header::HOST, v);
+            headers.insert(header::HOST, v.clone());
+            host = Some(v);
         }
     }
     if uri.scheme().is_some() || uri.authority().is_some() {
@@ -195,44 +248,42 @@ pub fn prepare_request(
     *version = Version::HTTP_11;
     // `TE: trailers` says the client takes trailers (gRPC needs it); any
     // other TE is this hop's business.
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.as_bytes()
-            .split(|b| *b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
-    });
-    strip_hop_by_hop(headers, upgrade);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if headers.keys().any(is_hop_by_hop) {
+        let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+        });
+        strip_hop_by_hop(headers, upgrade);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
 
-    let mut xff = BytesMut::with_capacity(64);
-    for prev in headers.get_all(&X_FORWARDED_FOR) {
-        xff.extend_from_slice(prev.as_bytes());
-        xff.extend_from_slice(b", ");
-    }
-    // The peer's address, formatted once for XFF, X-Real-IP and Forwarded.
-    let peer_ip = peer.ip().to_canonical();
-    let mut peer_text = [0u8; 48];
-    let peer_len = {
-        let mut w = &mut peer_text[..];
-        let _ = write!(w, "{peer_ip}");
-        48 - w.len()
+    // X-Forwarded-For: every incoming line merged, the peer appended.
+    let xff = if headers.contains_key(&X_FORWARDED_FOR) {
+        let mut xff = BytesMut::with_capacity(64);
+        for prev in headers.get_all(&X_FORWARDED_FOR) {
+            xff.extend_from_slice(prev.as_bytes());
+            xff.extend_from_slice(b", ");
+        }
+        xff.extend_from_slice(peer.ip.as_bytes());
+        HeaderValue::from_maybe_shared(xff.freeze()).map_err(|_| ProxyError::BadRequest)?
+    } else {
+        peer.ip.clone()
     };
-    let peer_text = &peer_text[..peer_len];
-    xff.extend_from_slice(peer_text);
-    let xff = HeaderValue::from_maybe_shared(xff.freeze()).map_err(|_| ProxyError::BadRequest)?;
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(X_FORWARDED_PROTO.clone(), scheme.value());
-    let host = headers.get(header::HOST).cloned();
     if let Some(h) = &host {
         headers.insert(X_FORWARDED_HOST.clone(), h.clone());
     }
-    let real = if client.ip().to_canonical() == peer_ip {
-        HeaderValue::from_bytes(peer_text)
+    let real = if client == peer.addr || client.ip().to_canonical() == peer.addr.ip().to_canonical()
+    {
+        peer.ip.clone()
     } else {
         HeaderValue::from_str(&client.ip().to_canonical().to_string())
-    }
-    .map_err(|_| ProxyError::BadRequest)?;
+            .map_err(|_| ProxyError::BadRequest)?
+    };
     headers.insert(X_REAL_IP.clone(), real);
     // This hop's Forwarded element: for= the peer, proto, host (quoted).
     let mut fwd = BytesMut::with_capacity(96);
@@ -242,38 +293,21 @@ pub fn prepare_request(
             fwd.extend_from_slice(b", ");
         }
     }
-    fwd.extend_from_slice(b"for=");
-    if peer_ip.is_ipv6() {
-        fwd.extend_from_slice(b"\"[");
-        fwd.extend_from_slice(peer_text);
-        fwd.extend_from_slice(b"]\"");
-    } else {
-        fwd.extend_from_slice(peer_text);
-    }
     fwd.extend_from_slice(match scheme {
-        Scheme::Http => b";proto=http",
-        Scheme::Https => b";proto=https",
+        Scheme::Http => &peer.forwarded[0],
+        Scheme::Https => &peer.forwarded[1],
     });
-    if let Some(h) = host.as_ref().and_then(|h| h.to_str().ok()) {
-        if !h.contains('"') && !h.contains('\\') {
-            let _ = write!(WriteBytes(&mut fwd), ";host=\"{h}\"");
+    if let Some(h) = host.as_ref().filter(|h| h.to_str().is_ok()) {
+        let h = h.as_bytes();
+        if !h.contains(&b'"') && !h.contains(&b'\\') {
+            fwd.extend_from_slice(b";host=\"");
+            fwd.extend_from_slice(h);
+            fwd.extend_from_slice(b"\"");
         }
     }
     let fwd = HeaderValue::from_maybe_shared(fwd.freeze()).map_err(|_| ProxyError::BadRequest)?;
     headers.insert(FORWARDED.clone(), fwd);
     Ok(())
-}
-
-struct WriteBytes<'a>(&'a mut BytesMut);
-
-impl Write for WriteBytes<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -294,13 +328,13 @@ mod tests {
         h.insert("x-keep", HeaderValue::from_static("yes"));
         let mut uri: Uri = "http://shop.test/a?b=1".parse().expect("uri");
         let mut v = Version::HTTP_2;
-        let peer = "[::ffff:10.1.2.3]:4000".parse().expect("addr");
+        let peer: SocketAddr = "[::ffff:10.1.2.3]:4000".parse().expect("addr");
         prepare_request(
             &Method::GET,
             &mut uri,
             &mut v,
             &mut h,
-            peer,
+            &Peer::new(peer),
             peer,
             0,
             Scheme::Https,
@@ -377,7 +411,7 @@ mod tests {
             &mut uri,
             &mut v,
             &mut h,
-            peer,
+            &Peer::new(peer),
             peer,
             0,
             Scheme::Http,
@@ -393,7 +427,7 @@ mod tests {
             &mut uri,
             &mut v,
             &mut h,
-            v6,
+            &Peer::new(v6),
             v6,
             0,
             Scheme::Https,

@@ -258,12 +258,15 @@ impl Conn<'_> {
             slot,
         } = self;
         let tracked = activity.clone();
+        // The peer's forwarding-header texts, made once for the connection.
+        let client = Arc::new(crate::headers::Peer::new(peer));
         let svc = service_fn(move |req| {
             let inflight = tracked.begin();
             let shared = shared.clone();
             let slot = slot.clone();
+            let client = client.clone();
             async move {
-                let resp = handle(shared, req, peer, scheme, Some(slot)).await?;
+                let resp = handle(shared, req, client, scheme, Some(slot)).await?;
                 Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, inflight)))
             }
         });

@@ -17,7 +17,7 @@ use crate::balance::Pick;
 use crate::body::{GrpcCall, Pending, ProxyBody, RequestBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::headers::{
-    client_addr, is_upgrade, prepare_request, routing_host, strip_hop_by_hop, Scheme,
+    client_addr, is_upgrade, prepare_request, routing_host, strip_hop_by_hop, Peer, Scheme,
 };
 use crate::record::Outcome;
 use crate::shared::Shared;
@@ -30,12 +30,13 @@ use crate::upstream::{Sender, Upstream};
 pub async fn handle(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    peer: Arc<Peer>,
     scheme: Scheme,
     slot: Option<Arc<crate::conn::Slot>>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
-    let grpc = crate::grpc::is_grpc(req.headers());
+    // gRPC needs HTTP/2: an HTTP/1.x request is never a gRPC call.
+    let grpc = req.version() == http::Version::HTTP_2 && crate::grpc::is_grpc(req.headers());
     let reply = |e: ProxyError| {
         if grpc {
             crate::grpc::error_response(e)
@@ -93,7 +94,7 @@ pub async fn handle(
         );
     }
 
-    let client = client_addr(req.headers(), peer, trusted_hops);
+    let client = client_addr(req.headers(), peer.addr, trusted_hops);
     let mut key_buf = KeyBuf::default();
     let key = sticky_key(&route.sticky, req.headers(), &client, &mut key_buf);
     let key_hash = key.map(key_hash);
@@ -247,7 +248,7 @@ fn set_path(uri: &mut http::Uri, path: &str) -> Result<(), http::Error> {
 
 /// Who sent a request, and how.
 struct Hop {
-    peer: SocketAddr,
+    peer: Arc<Peer>,
     client: SocketAddr,
     trusted_hops: usize,
     scheme: Scheme,
@@ -284,7 +285,7 @@ async fn forward(
         &mut parts.uri,
         &mut parts.version,
         &mut parts.headers,
-        hop.peer,
+        &hop.peer,
         hop.client,
         hop.trusted_hops,
         hop.scheme,

@@ -103,7 +103,7 @@ pub fn client_addr(headers: &HeaderMap, peer: SocketAddr, trusted_hops: usize) -
 
 /// A client connection's peer and the text the forwarding headers carry
 /// for it, made once per connection rather than once per request.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Peer {
     /// The peer's address.
     pub addr: SocketAddr,
@@ -114,6 +114,9 @@ pub struct Peer {
     /// `for=IP;proto=http`, `for=IP;proto=https` (an IPv6 quoted and
     /// bracketed, RFC 7239).
     forwarded: [Bytes; 2],
+    /// The last `Forwarded` value made on this connection, by scheme and
+    /// host (keep-alive requests mostly repeat their host).
+    last: std::sync::Mutex<Option<(Scheme, Option<HeaderValue>, HeaderValue)>>,
 }
 
 impl Peer {
@@ -133,6 +136,23 @@ impl Peer {
                 Bytes::from(format!("{for_};proto=http")),
                 Bytes::from(format!("{for_};proto=https")),
             ],
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The `Forwarded` value last made for `scheme` and `host`, if that is
+    /// what the last request had (never waits on a lock).
+    fn last_forwarded(&self, scheme: Scheme, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+        let last = self.last.try_lock().ok()?;
+        match &*last {
+            Some((s, h, v)) if *s == scheme && h.as_ref() == host => Some(v.clone()),
+            _ => None,
+        }
+    }
+
+    fn remember_forwarded(&self, scheme: Scheme, host: Option<&HeaderValue>, v: &HeaderValue) {
+        if let Ok(mut last) = self.last.try_lock() {
+            *last = Some((scheme, host.cloned(), v.clone()));
         }
     }
 }
@@ -286,8 +306,35 @@ pub fn prepare_request(
     };
     headers.insert(X_REAL_IP.clone(), real);
     // This hop's Forwarded element: for= the peer, proto, host (quoted).
+    // Without earlier elements it depends only on the connection and the
+    // host, so a keep-alive connection reuses the last one it made.
+    let fwd = if trusted_hops == 0 {
+        match peer.last_forwarded(scheme, host.as_ref()) {
+            Some(v) => v,
+            None => {
+                let v = forwarded(None, peer, scheme, host.as_ref())?;
+                peer.remember_forwarded(scheme, host.as_ref(), &v);
+                v
+            }
+        }
+    } else {
+        forwarded(Some(&*headers), peer, scheme, host.as_ref())?
+    };
+    headers.insert(FORWARDED.clone(), fwd);
+    Ok(())
+}
+
+/// This hop's `Forwarded` value: the `earlier` elements (kept behind
+/// trusted proxies), then `for=` the peer, `proto` and `host` (quoted; left
+/// out when it is not plain visible ASCII or holds a quote or backslash).
+fn forwarded(
+    earlier: Option<&HeaderMap>,
+    peer: &Peer,
+    scheme: Scheme,
+    host: Option<&HeaderValue>,
+) -> Result<HeaderValue, ProxyError> {
     let mut fwd = BytesMut::with_capacity(96);
-    if trusted_hops > 0 {
+    if let Some(headers) = earlier {
         for prev in headers.get_all(&FORWARDED) {
             fwd.extend_from_slice(prev.as_bytes());
             fwd.extend_from_slice(b", ");
@@ -297,17 +344,17 @@ pub fn prepare_request(
         Scheme::Http => &peer.forwarded[0],
         Scheme::Https => &peer.forwarded[1],
     });
-    if let Some(h) = host.as_ref().filter(|h| h.to_str().is_ok()) {
+    if let Some(h) = host {
         let h = h.as_bytes();
-        if !h.contains(&b'"') && !h.contains(&b'\\') {
+        if h.iter()
+            .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        {
             fwd.extend_from_slice(b";host=\"");
             fwd.extend_from_slice(h);
             fwd.extend_from_slice(b"\"");
         }
     }
-    let fwd = HeaderValue::from_maybe_shared(fwd.freeze()).map_err(|_| ProxyError::BadRequest)?;
-    headers.insert(FORWARDED.clone(), fwd);
-    Ok(())
+    HeaderValue::from_maybe_shared(fwd.freeze()).map_err(|_| ProxyError::BadRequest)
 }
 
 #[cfg(test)]
@@ -449,5 +496,49 @@ mod tests {
         assert_eq!(h[header::CONNECTION], "upgrade");
         strip_hop_by_hop(&mut h, false);
         assert!(!h.contains_key(header::UPGRADE));
+    }
+
+    #[test]
+    fn a_connections_forwarded_value_follows_each_requests_host() {
+        let addr: SocketAddr = "10.0.0.7:5000".parse().expect("addr");
+        let peer = Peer::new(addr);
+        let forwarded_of = |host: Option<&'static str>, scheme: Scheme| {
+            let mut h = HeaderMap::new();
+            if let Some(host) = host {
+                h.insert(header::HOST, HeaderValue::from_static(host));
+            }
+            let mut uri: Uri = "/".parse().expect("uri");
+            let mut v = Version::HTTP_11;
+            prepare_request(
+                &Method::GET,
+                &mut uri,
+                &mut v,
+                &mut h,
+                &peer,
+                addr,
+                0,
+                scheme,
+                false,
+            )
+            .expect("ok");
+            h["forwarded"].to_str().expect("text").to_string()
+        };
+        assert_eq!(
+            forwarded_of(Some("a.test"), Scheme::Http),
+            "for=10.0.0.7;proto=http;host=\"a.test\""
+        );
+        assert_eq!(
+            forwarded_of(Some("a.test"), Scheme::Http),
+            "for=10.0.0.7;proto=http;host=\"a.test\""
+        );
+        assert_eq!(
+            forwarded_of(Some("b.test"), Scheme::Http),
+            "for=10.0.0.7;proto=http;host=\"b.test\""
+        );
+        assert_eq!(forwarded_of(None, Scheme::Http), "for=10.0.0.7;proto=http");
+        assert_eq!(
+            forwarded_of(Some("b.test"), Scheme::Https),
+            "for=10.0.0.7;proto=https;host=\"b.test\""
+        );
     }
 }

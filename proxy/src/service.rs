@@ -293,9 +293,12 @@ async fn forward(
     )?;
     let req = Request::from_parts(parts, ClientBody::new(body, body_timeout, upload.clone()));
 
+    // Pinned here and lent to the deadline: a future passed by value into
+    // another async fn is held twice (argument and pinned local).
     let exchange = exchange(route, version, pick, req, upgrade);
+    tokio::pin!(exchange);
     let (mut resp, sender, upstream) =
-        match upstream_deadline(deadlines.upstream, upload, exchange).await {
+        match upstream_deadline(deadlines.upstream, upload, exchange.as_mut()).await {
             // A body the client broke fails the exchange: the client's fault.
             Err(e) => return Err(upload.fault().unwrap_or(e)),
             Ok(r) => r,

@@ -693,9 +693,13 @@ impl Upstream {
     }
 }
 
+/// The upstreams of one address, by how each is reached.
+type Ways = Vec<(ProtoKey, Weak<Upstream>)>;
+
 /// Every live [`Upstream`], by address, so that snapshots share them.
 pub struct Upstreams {
-    by_addr: Mutex<HashMap<(SocketAddr, ProtoKey), Weak<Upstream>>>,
+    /// By address, then by how it is reached (usually one way).
+    by_addr: Mutex<HashMap<SocketAddr, Ways>>,
     /// Client TLS set-ups, shared by the endpoints that name the same files.
     pub tls: crate::upstream_tls::TlsCache,
     epoch: Instant,
@@ -731,13 +735,20 @@ impl Upstreams {
     /// it: the same address spoken to another way is another upstream.
     pub fn get(&self, addr: SocketAddr, connector: Connector, cap: usize) -> Arc<Upstream> {
         let epoch = self.epoch;
-        let key = (addr, connector.key());
+        let key = connector.key();
         let mut map = match self.by_addr.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        map.retain(|_, w| w.strong_count() > 0);
-        if let Some(u) = map.get(&key).and_then(Weak::upgrade) {
+        map.retain(|_, ways| {
+            ways.retain(|(_, w)| w.strong_count() > 0);
+            !ways.is_empty()
+        });
+        if let Some(u) = map
+            .get(&addr)
+            .and_then(|ways| ways.iter().find(|(k, _)| *k == key))
+            .and_then(|(_, w)| w.upgrade())
+        {
             u.set_cap(cap);
             return u;
         }
@@ -748,7 +759,7 @@ impl Upstreams {
             cap,
             self.changes.clone(),
         ));
-        map.insert(key, Arc::downgrade(&u));
+        map.entry(addr).or_default().push((key, Arc::downgrade(&u)));
         u
     }
 
@@ -759,13 +770,11 @@ impl Upstreams {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
+        // Healthy if any way of reaching it is.
         let mut found = None;
-        for ((a, _), w) in map.iter() {
-            if *a == addr {
-                if let Some(u) = w.upgrade() {
-                    // Any way of reaching it that is healthy.
-                    found = Some(found.unwrap_or(false) || u.is_healthy());
-                }
+        for (_, w) in map.get(&addr)? {
+            if let Some(u) = w.upgrade() {
+                found = Some(found.unwrap_or(false) || u.is_healthy());
             }
         }
         found

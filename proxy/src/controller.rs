@@ -97,6 +97,8 @@ pub struct Controller {
     /// upstreams' health change count then.
     health_shown: Instant,
     health_changes: u64,
+    /// When the next route is due a tick (see `judge_due`).
+    next_due: Instant,
     /// The fleet (`[fleet]`), if any.
     fleet: Option<fleet::FleetLink>,
     /// Confirmation gates of rollout steps.
@@ -182,6 +184,7 @@ impl Controller {
             origin: Instant::now(),
             health_shown: Instant::now(),
             health_changes: 0,
+            next_due: Instant::now(),
         };
         let changed = c.announce_all(&outputs);
         if changed {
@@ -453,6 +456,8 @@ impl Controller {
         self.generation += 1;
         self.config = applied.config.clone();
         self.addrs = applied.addrs.clone();
+        // New routes and intervals: visit them all at the next look.
+        self.next_due = Instant::now();
         let now = self.now();
         let Reconciled {
             routes,

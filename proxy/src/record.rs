@@ -169,6 +169,19 @@ pub struct Recorder {
     /// milliseconds since `created` plus one; 0 before it.
     first_ms: AtomicU64,
     created: tokio::time::Instant,
+    /// A canary's recorder: its bad events raise [`CANARY_EVENTS`].
+    canary: bool,
+}
+
+/// Raised when any canary records a bad event (a key's first error or
+/// slow request), lowered by the controller's look between ticks
+/// ([`take_canary_events`]): the look visits the routes only when there is
+/// something to look at, so idle routes cost it nothing.
+static CANARY_EVENTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a canary recorded a bad event since the last call.
+pub fn take_canary_events() -> bool {
+    CANARY_EVENTS.swap(false, Ordering::Relaxed)
 }
 
 impl std::fmt::Debug for Recorder {
@@ -204,6 +217,15 @@ impl Recorder {
             keys,
             first_ms: AtomicU64::new(0),
             created: tokio::time::Instant::now(),
+            canary: false,
+        }
+    }
+
+    /// A canary's recorder (see [`take_canary_events`]).
+    pub fn for_canary(keys: Arc<RouteKeys>) -> Recorder {
+        Recorder {
+            canary: true,
+            ..Recorder::new(keys)
         }
     }
 
@@ -273,6 +295,12 @@ impl Recorder {
         }
         for (n, flag) in shard.slow_events.iter().zip(slow) {
             add(n, u64::from(flag));
+        }
+        if self.canary
+            && (error_event || slow.iter().any(|f| *f))
+            && !CANARY_EVENTS.load(Ordering::Relaxed)
+        {
+            CANARY_EVENTS.store(true, Ordering::Relaxed);
         }
     }
 

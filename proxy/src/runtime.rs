@@ -56,7 +56,10 @@ impl RouteRuntime {
             judge,
             thresholds,
             stable: Arc::new(Recorder::new(keys.clone())),
-            canary: route.canary.as_ref().map(|_| Arc::new(Recorder::new(keys))),
+            canary: route
+                .canary
+                .as_ref()
+                .map(|_| Arc::new(Recorder::for_canary(keys))),
             last_tick: Instant::now(),
             early: false,
             last_w_bp: Some(w_bp),

@@ -7,6 +7,10 @@ use veer_control::judge::Status;
 use veer_control::rollout::RouteControl;
 
 use super::{Controller, HEALTH_SHOWN};
+
+/// The longest the routes go unvisited without a bad canary event (a
+/// bound on the schedule, should a route's tick time be missed).
+const NEXT_DUE_AT_MOST: std::time::Duration = std::time::Duration::from_secs(1);
 use crate::runtime::RouteRuntime;
 
 impl Controller {
@@ -14,7 +18,16 @@ impl Controller {
         let now = Instant::now();
         let mut judged = Vec::new();
         let mut changed = false;
+        // The routes are visited when one is due, or when a canary has
+        // recorded a bad event that a look between ticks could act on;
+        // otherwise (most calls, and every call while all is idle) not.
+        let look = crate::record::take_canary_events();
+        let visit = look || now >= self.next_due;
+        let mut next_due = now + NEXT_DUE_AT_MOST;
         for i in 0..self.config.routes.len() {
+            if !visit {
+                break;
+            }
             let Some(route) = self.config.routes.get(i) else {
                 continue;
             };
@@ -27,7 +40,11 @@ impl Controller {
                 continue;
             };
             let due = now.duration_since(rt.last_tick) >= route.judge.interval;
-            if !due && !early_look(route, rt, control) {
+            // After this pass the route is due an interval after its last
+            // tick (now, if it is judged now).
+            let last = if due { now } else { rt.last_tick };
+            next_due = next_due.min(last + route.judge.interval);
+            if !(due || look && early_look(route, rt, control)) {
                 continue;
             }
             // Cloned only when judged: most routes are not due on a tick.
@@ -47,6 +64,9 @@ impl Controller {
                 Some(false) => judged.push(route.name.clone()),
                 None => {} // idle: nothing to judge, nothing new to show
             }
+        }
+        if visit {
+            self.next_due = next_due;
         }
         // Endpoint health changes between verdicts show in `/status` too: at
         // the next tick after a failure or recovery, and within a second

@@ -99,27 +99,54 @@ pub const GRPC_CODES: [&str; 17] = [
     "UNAUTHENTICATED",
 ];
 
-/// Handles for one (route, version), resolved once per snapshot.
+/// Handles for one (route, version). Its series are made at the
+/// version's first response, not when it is configured: an ingress with a
+/// thousand routes that carry no traffic exports no request or latency
+/// series for them (a trade-off: the first scrape after a version's first
+/// request shows its counters already past 0; `rate()` over the next
+/// scrapes sees every later change).
 #[derive(Clone)]
 pub struct VersionMetrics {
-    responses: [IntCounter; 5],
-    upstream_errors: [IntCounter; 4],
-    duration: Histogram,
+    handles: std::sync::Arc<std::sync::OnceLock<Handles>>,
+    requests: IntCounterVec,
+    upstream_errors: IntCounterVec,
+    duration: HistogramVec,
     /// gRPC calls by status code, made on the first call that ends with
     /// each code (a route that never sees gRPC exports none).
     grpc: IntCounterVec,
     names: std::sync::Arc<[std::sync::Arc<str>; 2]>,
 }
 
+/// A version's series, resolved once (at its first response).
+struct Handles {
+    responses: [IntCounter; 5],
+    upstream_errors: [IntCounter; 4],
+    duration: Histogram,
+}
+
 impl VersionMetrics {
+    fn handles(&self) -> &Handles {
+        self.handles.get_or_init(|| {
+            let (route, version) = (&*self.names[0], &*self.names[1]);
+            Handles {
+                responses: CODE_CLASSES
+                    .map(|c| self.requests.with_label_values(&[route, version, c])),
+                upstream_errors: UPSTREAM_KINDS
+                    .map(|k| self.upstream_errors.with_label_values(&[route, version, k])),
+                duration: self.duration.with_label_values(&[route, version]),
+            }
+        })
+    }
+
     /// Counts a response by its status and records its latency.
     #[inline]
     pub fn record(&self, status: u16, seconds: f64) {
+        let h = self.handles();
         let class = usize::from(status / 100).saturating_sub(1).min(4);
-        if let Some(c) = self.responses.get(class) {
+        if let Some(c) = h.responses.get(class) {
             c.inc();
         }
-        self.duration.observe(seconds);
+        h.duration.observe(seconds);
     }
 
     /// Counts a gRPC call that ended with status `code` (0-16).
@@ -136,7 +163,7 @@ impl VersionMetrics {
     /// Counts an upstream failure of kind index `kind` (see [`UPSTREAM_KINDS`]).
     #[inline]
     pub fn upstream_error(&self, kind: usize) {
-        if let Some(c) = self.upstream_errors.get(kind) {
+        if let Some(c) = self.handles().upstream_errors.get(kind) {
             c.inc();
         }
     }
@@ -383,10 +410,10 @@ impl Metrics {
     /// Resolves the handles of one (route, version).
     pub fn version(&self, route: &str, version: &str) -> VersionMetrics {
         VersionMetrics {
-            responses: CODE_CLASSES.map(|c| self.requests.with_label_values(&[route, version, c])),
-            upstream_errors: UPSTREAM_KINDS
-                .map(|k| self.upstream_errors.with_label_values(&[route, version, k])),
-            duration: self.duration.with_label_values(&[route, version]),
+            handles: Default::default(),
+            requests: self.requests.clone(),
+            upstream_errors: self.upstream_errors.clone(),
+            duration: self.duration.clone(),
             grpc: self.grpc.clone(),
             names: std::sync::Arc::new([route.into(), version.into()]),
         }

@@ -138,12 +138,21 @@ async fn upstream_5xx_passes_through_and_is_counted_per_version() {
         ),
         Some(1.0)
     );
+    // A version's first response makes all its classes, at 0 but one.
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_requests_total{code="2xx",route="web",version="v2"}"#
+        ),
+        Some(0.0)
+    );
+    // A version that has answered nothing has no request series yet.
     assert_eq!(
         metric(
             &m,
             r#"veer_requests_total{code="2xx",route="web",version="v1"}"#
         ),
-        Some(0.0)
+        None
     );
 }
 

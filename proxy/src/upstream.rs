@@ -281,6 +281,8 @@ pub fn fit_request<B>(req: &mut http::Request<B>, h2: bool, scheme: http::uri::S
 struct H2Conn {
     sender: http2::SendRequest<RequestBody>,
     streams: Arc<AtomicUsize>,
+    /// When a stream last started on it.
+    last_used: Instant,
 }
 
 /// A stream's place on an HTTP/2 connection, given back when its response
@@ -509,12 +511,20 @@ impl Upstream {
             Ok(c) => c,
             Err(p) => p.into_inner(),
         };
-        conns.retain(|c| !c.sender.is_closed());
+        // As for HTTP/1.1: a connection with nothing in flight for
+        // IDLE_TTL is closed rather than reused (a NAT or load balancer
+        // may have forgotten it, and a request sent on it would hang until
+        // the route's timeout, counted against the version).
+        conns.retain(|c| {
+            let idle = c.streams.load(Ordering::Relaxed) == 0 && c.last_used.elapsed() >= IDLE_TTL;
+            !(c.sender.is_closed() || idle)
+        });
         let c = conns
-            .iter()
+            .iter_mut()
             .filter(|c| c.sender.is_ready())
             .find(|c| c.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONNECTION)?;
         c.streams.fetch_add(1, Ordering::Relaxed);
+        c.last_used = Instant::now();
         Some(Sender {
             inner: Inner::H2(
                 c.sender.clone(),
@@ -673,6 +683,7 @@ impl Upstream {
                     conns.push(H2Conn {
                         sender: sender.clone(),
                         streams: streams.clone(),
+                        last_used: Instant::now(),
                     });
                 }
                 // Others waiting for this endpoint may share the new connection.
@@ -811,5 +822,34 @@ mod tests {
         assert!(!u.is_healthy());
         u.mark_ok();
         assert!(u.is_healthy());
+    }
+
+    #[tokio::test]
+    async fn an_idle_h2_connection_is_not_reused_after_idle_ttl() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc),
+                );
+            }
+        });
+        let u = Upstream::new(addr, Connector::H2c, Instant::now(), 8, Arc::default());
+        let first = u.get(Duration::from_secs(5), false).await.expect("connect");
+        drop(first);
+        // Shared while fresh.
+        let again = u.checkout().expect("a stream on the open connection");
+        drop(again);
+        tokio::time::pause();
+        tokio::time::advance(IDLE_TTL).await;
+        assert!(u.checkout().is_none(), "an idle connection was reused");
+        assert!(u.h2.lock().expect("lock").is_empty());
     }
 }

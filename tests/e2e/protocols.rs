@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -118,18 +117,7 @@ async fn large_bodies_stream_both_ways() {
 async fn websocket_echo_through_the_proxy() {
     let s = Upstream::start("stable").await;
     let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
-    let stream = TcpStream::connect(veer.addr).await.unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{}/ws", veer.addr), stream)
-        .await
-        .expect("websocket handshake through veer");
-    assert_eq!(resp.status(), 101);
-    for i in 0..5 {
-        let msg = format!("hello {i}");
-        ws.send(msg.clone().into()).await.unwrap();
-        let back = ws.next().await.unwrap().unwrap();
-        assert_eq!(back.into_text().unwrap().as_str(), msg);
-    }
-    ws.close(None).await.unwrap();
+    super::support::websocket_round_trips(veer.addr, 5).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

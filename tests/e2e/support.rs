@@ -155,6 +155,23 @@ pub fn websocket_echo(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
         .unwrap()
 }
 
+/// Opens a WebSocket through veer at `addr` and echoes `n` messages.
+pub async fn websocket_round_trips(addr: SocketAddr, n: usize) {
+    use futures_util::{SinkExt, StreamExt};
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
+        .await
+        .expect("websocket handshake through veer");
+    assert_eq!(resp.status(), 101);
+    for i in 0..n {
+        let msg = format!("hello {i}");
+        ws.send(msg.clone().into()).await.expect("send");
+        let back = ws.next().await.expect("an echo").expect("a message");
+        assert_eq!(back.into_text().expect("text").as_str(), msg);
+    }
+    ws.close(None).await.expect("close");
+}
+
 /// An address nothing listens on.
 pub async fn dead_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -24,6 +24,30 @@
 //! Events arrive in batches (one per judge tick) with `w` fixed inside a
 //! batch; the product over a batch does not depend on order, and evaluating
 //! a martingale at batch ends keeps Ville's bound.
+//!
+//! # Paired events (mirrored requests)
+//!
+//! A mirrored request is seen by both versions: stable answers it and the
+//! canary answers its copy. Each pair is a balanced experiment (`w = 1/2`)
+//! whose two outcomes `X_c, X_s ∈ {0, 1}` (1 = bad) need not be independent.
+//! With `a = θ_j/θ₀` and `b = (1−θ_j)/(1−θ₀)` the factors of one canary and
+//! one stable event, a pair multiplies `L_j` by `a` (only the canary's copy
+//! bad), `b` (only stable's), `a + b − 1` (both) or 1 (neither). Under the
+//! null "the canary's bad rate is at most `r₀` × stable's" (`p_c ≤ r₀·p_s`,
+//! on the same requests), with `z` the chance that both are bad:
+//!
+//! `E[factor] − 1 = (p_c − z)(a−1) + (p_s − z)(b−1) + z(a+b−2)
+//!                = p_c(a−1) + p_s(b−1) ≤ p_s·(r₀(a−1) + b − 1) = 0`,
+//!
+//! because `a > 1` and, at `w = 1/2` where `θ₀ = r₀/(1+r₀)`,
+//! `r₀(a−1) = 1−b` exactly. So `L_j` stays a test supermartingale whatever
+//! the correlation between the versions' failures on one request. With no
+//! margin (`r₀ = 1`) a pair where both failed weighs 1 and only discordant
+//! pairs count (McNemar's test, made sequential); with a margin it weighs
+//! `a + b − 1 < 1`, since "twice stable's errors" counts the shared ones too.
+//! A request that fails on both (a client's bad request, a dependency both
+//! call) is then no evidence against the canary, however often it repeats:
+//! that is the pairing's gain over two independent samples.
 
 /// Relative risks of the mixture grid.
 pub const GRID: [f64; 9] = [1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0];
@@ -62,11 +86,12 @@ impl EProcess {
         }
     }
 
-    /// What one canary and one stable event add to each `ln L_j` at canary
-    /// share `w` (None outside (0, 1), where events carry no information).
-    /// The same for every test of one margin, so a [`Detector`] computes
-    /// it once for all its components.
-    fn steps(&self, w: f64) -> Option<Vec<(f64, f64)>> {
+    /// What one canary event, one stable event and one pair with both bad
+    /// (see the module docs; meaningful at `w = 1/2` only) add to each
+    /// `ln L_j` at canary share `w` (None outside (0, 1), where events carry
+    /// no information). The same for every test of one margin, so a
+    /// [`Detector`] computes it once for all its components.
+    fn steps(&self, w: f64) -> Option<Vec<Step>> {
         if !(w > 0.0 && w < 1.0) {
             return None;
         }
@@ -76,28 +101,31 @@ impl EProcess {
                 .iter()
                 .map(|(r, _)| {
                     let theta = w * *r / (w * *r + 1.0 - w);
-                    ((theta / null).ln(), ((1.0 - theta) / (1.0 - null)).ln())
+                    let (a, b) = (theta / null, (1.0 - theta) / (1.0 - null));
+                    Step {
+                        up: a.ln(),
+                        down: b.ln(),
+                        both: (a + b - 1.0).max(f64::MIN_POSITIVE).ln(),
+                    }
                 })
                 .collect(),
         )
     }
 
-    fn update_with(&mut self, steps: &[(f64, f64)], canary: u64, stable: u64) {
-        let (c, s) = (canary as f64, stable as f64);
-        for ((_, log_l), (up, down)) in self.log_l.iter_mut().zip(steps) {
-            *log_l += c * up + s * down;
+    fn update_with(&mut self, steps: &[Step], n: Counts) {
+        for ((_, log_l), step) in self.log_l.iter_mut().zip(steps) {
+            *log_l += step.apply(n);
         }
-        self.canary_events += canary;
-        self.stable_events += stable;
+        self.canary_events += n.canary;
+        self.stable_events += n.stable;
     }
 
-    fn log_e_with(&self, steps: &[(f64, f64)], canary: u64, stable: u64) -> f64 {
-        let (c, s) = (canary as f64, stable as f64);
+    fn log_e_with(&self, steps: &[Step], n: Counts) -> f64 {
         log_mean_exp(
             self.log_l
                 .iter()
                 .zip(steps)
-                .map(|((_, log_l), (up, down))| log_l + c * up + s * down),
+                .map(|((_, log_l), step)| log_l + step.apply(n)),
         )
     }
 
@@ -108,7 +136,23 @@ impl EProcess {
             return;
         }
         if let Some(steps) = self.steps(w) {
-            self.update_with(&steps, canary, stable);
+            self.update_with(&steps, Counts::events(canary, stable));
+        }
+    }
+
+    /// Adds a batch of mirrored pairs (see the module docs): `canary` with
+    /// only the canary's copy bad, `stable` with only stable's, `both` with
+    /// both. A pair is a balanced experiment, so no share is needed.
+    pub fn update_pairs(&mut self, canary: u64, stable: u64, both: u64) {
+        if let Some(steps) = self.steps(0.5) {
+            self.update_with(
+                &steps,
+                Counts {
+                    canary,
+                    stable,
+                    both,
+                },
+            );
         }
     }
 
@@ -136,6 +180,51 @@ impl EProcess {
     /// Bad events attributed to stable so far.
     pub fn stable_events(&self) -> u64 {
         self.stable_events
+    }
+}
+
+/// What one event of each kind adds to one `ln L_j`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Step {
+    up: f64,
+    down: f64,
+    both: f64,
+}
+
+impl Step {
+    fn apply(self, n: Counts) -> f64 {
+        let mut l = n.canary as f64 * self.up + n.stable as f64 * self.down;
+        if n.both > 0 {
+            l += n.both as f64 * self.both;
+        }
+        l
+    }
+}
+
+/// A batch's events: the canary's, stable's, and (mirrored pairs only)
+/// pairs where both were bad.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Canary events (pairs: only the canary's copy bad).
+    pub canary: u64,
+    /// Stable events (pairs: only stable's bad).
+    pub stable: u64,
+    /// Pairs where both were bad (0 for unpaired events).
+    pub both: u64,
+}
+
+impl Counts {
+    /// Unpaired events.
+    pub fn events(canary: u64, stable: u64) -> Counts {
+        Counts {
+            canary,
+            stable,
+            both: 0,
+        }
+    }
+
+    fn any(self) -> bool {
+        self.canary + self.stable + self.both > 0
     }
 }
 
@@ -232,6 +321,64 @@ mod tests {
         assert!((mean - 1.0).abs() < 0.15, "mean E after 3 events {mean}");
     }
 
+    /// Mirrored pairs on the null's boundary, with failures strongly
+    /// correlated between the versions (most of stable's failures fail the
+    /// canary's copy too): the mean of E stays at most 1 and the crossing
+    /// rate at most α, with and without a margin.
+    #[test]
+    fn paired_events_are_valid_under_the_null_whatever_the_correlation() {
+        let mut rng = fastrand_like(11);
+        for (r0, p_s, z) in [(1.0, 0.05, 0.04), (2.0, 0.05, 0.04), (2.0, 0.05, 0.0)] {
+            // p_c = r0 · p_s: on the boundary.
+            let p_c = r0 * p_s;
+            let (runs, pairs, alpha) = (3000, 400, 0.05);
+            let (mut crossed, mut mean) = (0u32, 0.0);
+            for _ in 0..runs {
+                let mut e = EProcess::new(r0);
+                let mut hit = false;
+                for _ in 0..pairs {
+                    let u = rng();
+                    // P(both) = z, P(canary only) = p_c - z, P(stable only) = p_s - z.
+                    let (c, s, b) = if u < z {
+                        (0, 0, 1)
+                    } else if u < p_c {
+                        (1, 0, 0)
+                    } else if u < p_c + p_s - z {
+                        (0, 1, 0)
+                    } else {
+                        (0, 0, 0)
+                    };
+                    e.update_pairs(c, s, b);
+                    hit |= e.e_value() >= 1.0 / alpha;
+                }
+                crossed += u32::from(hit);
+                mean += e.e_value() / f64::from(runs);
+            }
+            let rate = f64::from(crossed) / f64::from(runs);
+            assert!(rate <= alpha, "r0 {r0} z {z}: false alarm rate {rate}");
+            assert!(mean <= 1.1, "r0 {r0} z {z}: mean E {mean}");
+        }
+    }
+
+    #[test]
+    fn pairs_that_fail_on_both_are_no_evidence_and_discordant_ones_are() {
+        let mut shared = EProcess::new(1.0);
+        shared.update_pairs(0, 0, 1000);
+        assert!(
+            (shared.e_value() - 1.0).abs() < 1e-9,
+            "{}",
+            shared.e_value()
+        );
+        // With a margin, shared failures count toward stable's allowance.
+        let mut margin = EProcess::new(2.0);
+        margin.update_pairs(0, 0, 100);
+        assert!(margin.e_value() < 1.0);
+        // Only the canary's copies fail: a handful of pairs is enough.
+        let mut bad = EProcess::new(1.0);
+        bad.update_pairs(10, 0, 0);
+        assert!(bad.e_value() > 100.0, "{}", bad.e_value());
+    }
+
     fn fastrand_like(seed: u64) -> impl FnMut() -> f64 {
         let mut s = seed;
         move || {
@@ -279,24 +426,24 @@ pub trait Component: Clone {
     type Steps;
     /// The steps of a batch routed at canary share `w`.
     fn steps(&self, w: f64) -> Option<Self::Steps>;
-    /// Adds a batch of `a` and `b` counts.
-    fn update_with(&mut self, steps: &Self::Steps, a: u64, b: u64);
+    /// Adds a batch of counts.
+    fn update_with(&mut self, steps: &Self::Steps, n: Counts);
     /// `ln E` after such a batch, without changing anything.
-    fn log_e_with(&self, steps: &Self::Steps, a: u64, b: u64) -> f64;
+    fn log_e_with(&self, steps: &Self::Steps, n: Counts) -> f64;
     /// The e-value now.
     fn e_value(&self) -> f64;
 }
 
 impl Component for EProcess {
-    type Steps = Vec<(f64, f64)>;
-    fn steps(&self, w: f64) -> Option<Vec<(f64, f64)>> {
+    type Steps = Vec<Step>;
+    fn steps(&self, w: f64) -> Option<Vec<Step>> {
         EProcess::steps(self, w)
     }
-    fn update_with(&mut self, steps: &Vec<(f64, f64)>, a: u64, b: u64) {
-        EProcess::update_with(self, steps, a, b);
+    fn update_with(&mut self, steps: &Vec<Step>, n: Counts) {
+        EProcess::update_with(self, steps, n);
     }
-    fn log_e_with(&self, steps: &Vec<(f64, f64)>, a: u64, b: u64) -> f64 {
-        EProcess::log_e_with(self, steps, a, b)
+    fn log_e_with(&self, steps: &Vec<Step>, n: Counts) -> f64 {
+        EProcess::log_e_with(self, steps, n)
     }
     fn e_value(&self) -> f64 {
         EProcess::e_value(self)
@@ -337,6 +484,21 @@ pub struct Detector<C = EProcess> {
 }
 
 impl Detector<EProcess> {
+    /// Adds a batch of mirrored pairs (see [`EProcess::update_pairs`]):
+    /// `canary` pairs with only the canary's copy bad, `stable` with only
+    /// stable's, `both` with both. Canary and stable events count the
+    /// discordant pairs.
+    pub fn update_pairs(&mut self, canary: u64, stable: u64, both: u64) {
+        self.update_counts(
+            0.5,
+            Counts {
+                canary,
+                stable,
+                both,
+            },
+        );
+    }
+
     /// An attribution detector with margin `r₀`, starting a component every
     /// `restart_every` batches.
     pub fn new(margin: f64, restart_every: u64) -> Detector {
@@ -361,6 +523,11 @@ impl<C: Component> Detector<C> {
     /// Adds a batch (see [`EProcess::update`]; for a one-sample component,
     /// `canary` bad and `stable` good requests).
     pub fn update(&mut self, w: f64, canary: u64, stable: u64) {
+        self.update_counts(w, Counts::events(canary, stable));
+    }
+
+    /// Adds a batch of counts at share `w`.
+    fn update_counts(&mut self, w: f64, n: Counts) {
         if self.batches > 0 && self.batches % self.restart_every == 0 {
             self.components
                 .push((start_weight(self.started), self.template.clone()));
@@ -369,13 +536,13 @@ impl<C: Component> Detector<C> {
         self.batches += 1;
         let steps = self.template.steps(w);
         if let Some(steps) = &steps {
-            if canary + stable > 0 {
+            if n.any() {
                 for (_, e) in &mut self.components {
-                    e.update_with(steps, canary, stable);
+                    e.update_with(steps, n);
                 }
             }
-            self.canary_events += canary;
-            self.stable_events += stable;
+            self.canary_events += n.canary;
+            self.stable_events += n.stable;
         }
         self.components
             .retain(|(pi, e)| *pi * e.e_value() >= NEGLIGIBLE);
@@ -397,9 +564,10 @@ impl<C: Component> Detector<C> {
     /// fresh start, the same negligible components dropped. (It does not
     /// apply the cap on components, which only ever lowers the value.)
     pub fn e_value_after(&self, w: f64, canary: u64, stable: u64) -> f64 {
-        let steps = self.template.steps(w).filter(|_| canary + stable > 0);
+        let n = Counts::events(canary, stable);
+        let steps = self.template.steps(w).filter(|_| n.any());
         let value = |e: &C| match &steps {
-            Some(steps) => e.log_e_with(steps, canary, stable).exp(),
+            Some(steps) => e.log_e_with(steps, n).exp(),
             None => e.e_value(),
         };
         let restart = self.batches > 0 && self.batches % self.restart_every == 0;

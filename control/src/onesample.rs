@@ -23,7 +23,7 @@
 //! heavy user who always fails was part of the baseline too, so the test is
 //! unbiased, but its variance is larger than assumed.
 
-use crate::eprocess::{log_mean_exp, GRID};
+use crate::eprocess::{log_mean_exp, Counts, GRID};
 
 /// `KL(a ‖ p)` between Bernoulli rates.
 fn kl(a: f64, p: f64) -> f64 {
@@ -180,14 +180,16 @@ impl crate::eprocess::Component for OneSample {
     fn steps(&self, w: f64) -> Option<()> {
         (w > 0.0).then_some(())
     }
-    fn update_with(&mut self, _: &(), bad: u64, good: u64) {
-        self.update(bad, bad + good);
+    /// `n.canary` bad and `n.stable` good requests (`n.both` is for pairs,
+    /// which a one-sample test does not take).
+    fn update_with(&mut self, _: &(), n: Counts) {
+        self.update(n.canary, n.canary + n.stable);
     }
-    fn log_e_with(&self, _: &(), bad: u64, good: u64) -> f64 {
+    fn log_e_with(&self, _: &(), n: Counts) -> f64 {
         if self.log_l.is_empty() {
             return 0.0;
         }
-        log_mean_exp(self.log_l_after(bad, bad + good))
+        log_mean_exp(self.log_l_after(n.canary, n.canary + n.stable))
     }
     fn e_value(&self) -> f64 {
         OneSample::e_value(self)

@@ -709,6 +709,7 @@ fn rollout(pop: &Population, sc: Scenario, seed: u64, ticks: u32, rate: f64, ons
                 elapsed: Duration::from_millis((step + 1) * step_ms),
                 stable: std::mem::replace(&mut tick_stable, empty()),
                 canary: std::mem::replace(&mut tick_canary, empty()),
+                pairs: Default::default(),
             });
             if judge.burst_span_ended() {
                 burst_filter.clear();

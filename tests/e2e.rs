@@ -25,6 +25,7 @@ mod e2e {
     mod hostile;
     mod judge;
     mod limits;
+    mod mirror;
     mod operator;
     mod protocols;
     mod reload;

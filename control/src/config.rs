@@ -157,6 +157,9 @@ pub struct Route {
     pub rollout: Option<Rollout>,
     /// `[route.force]`: requests that name a version go there.
     pub force: Option<Force>,
+    /// `[route.mirror]`: copies of some of stable's requests go to the
+    /// canary too, and the pairs are judged.
+    pub mirror: Option<Mirror>,
     /// Requests every endpoint of a new canary (or the target colour of a
     /// blue-green flip) must answer as expected before it gets traffic.
     pub smoke: Vec<SmokeCheck>,
@@ -183,6 +186,23 @@ pub struct SmokeCheck {
     pub expect_body: Option<String>,
     /// Deadline for the whole exchange.
     pub timeout: Duration,
+}
+
+/// Mirroring (shadow traffic): a share of stable's requests, chosen by
+/// sticky key, is copied to the canary (with `x-veer-shadow: 1`); the copy's
+/// answer is read and dropped, never waited for by the client, and judged
+/// against stable's answer to the same request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mirror {
+    /// Share of stable's requests copied, in basis points (1..=10 000).
+    pub percent_bp: u16,
+    /// Requests with a larger body are not copied (bytes).
+    pub max_body: usize,
+    /// Copies in flight at once; a request finding them all busy is not
+    /// copied.
+    pub max_concurrent: usize,
+    /// Methods copied (upper case); empty: every method.
+    pub methods: Vec<String>,
 }
 
 /// Forcing a version, feature-flag style: a request whose `header` (or,
@@ -395,6 +415,9 @@ pub struct JudgeSettings {
     pub warmup: Duration,
     /// The route is blue-green (its judge budgets α for the watch tests).
     pub blue_green: bool,
+    /// The route mirrors requests to the canary (its judge runs the paired
+    /// tests too, and budgets α for them).
+    pub mirrored: bool,
     /// Where to POST a JSON event for every verdict change, revert,
     /// promotion and operator action (plain `http://` URL).
     pub webhook: Option<Webhook>,
@@ -421,6 +444,7 @@ impl Default for JudgeSettings {
             watch: defaults::WATCH,
             warmup: defaults::WARMUP,
             blue_green: false,
+            mirrored: false,
             webhook: None,
             slo: None,
         }

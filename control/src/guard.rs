@@ -29,6 +29,12 @@ pub enum Guard {
     BluegreenErrorTest,
     /// Blue-green watch: latency against the old colour's.
     BluegreenLatencyTest,
+    /// Mirrored pairs: the canary's copies fail where stable's do not,
+    /// beyond an error limit.
+    MirrorErrorTest,
+    /// Mirrored pairs: the canary's copies are slower than stable's, beyond
+    /// a latency limit.
+    MirrorLatencyTest,
     /// `POST /routes/NAME/revert`.
     Operator,
     /// A name this version does not know (a state file written by a newer
@@ -39,7 +45,7 @@ pub enum Guard {
 
 impl Guard {
     /// Every guard.
-    pub const ALL: [Guard; 13] = [
+    pub const ALL: [Guard; 15] = [
         Guard::Unreachable,
         Guard::FailureBurst,
         Guard::ErrorRateRatio,
@@ -51,6 +57,8 @@ impl Guard {
         Guard::LatencyTest,
         Guard::BluegreenErrorTest,
         Guard::BluegreenLatencyTest,
+        Guard::MirrorErrorTest,
+        Guard::MirrorLatencyTest,
         Guard::Operator,
         Guard::Unknown,
     ];
@@ -69,6 +77,8 @@ impl Guard {
             Guard::LatencyTest => "latency_test",
             Guard::BluegreenErrorTest => "bluegreen_error_test",
             Guard::BluegreenLatencyTest => "bluegreen_latency_test",
+            Guard::MirrorErrorTest => "mirror_error_test",
+            Guard::MirrorLatencyTest => "mirror_latency_test",
             Guard::Operator => "operator",
             Guard::Unknown => "unknown",
         }

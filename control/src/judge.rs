@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use crate::config::{JudgeSettings, Quantile};
 use crate::guard::Guard;
-use crate::limits::{self, Batch, Limit, LimitTest, Spec};
+use crate::limits::{self, Batch, Limit, LimitTest, PairBatch, Spec};
 use crate::window::{Slice, Stats, Window};
 
 /// What one version did during one tick, as the proxy recorded it.
@@ -54,6 +54,19 @@ pub struct VersionTick {
     pub unreachable: bool,
 }
 
+/// What one tick's mirrored pairs (stable's answer and the canary's answer
+/// to a copy of the same request) did, as the proxy recorded them.
+#[derive(Clone, Debug, Default)]
+pub struct PairTick {
+    /// Pairs recorded.
+    pub pairs: u64,
+    /// Pairs by which copies failed.
+    pub errors: PairBatch,
+    /// Per threshold slot, pairs by which copies were slower than the
+    /// slot's thresholds (none while the slot's thresholds are off).
+    pub slow: Vec<PairBatch>,
+}
+
 /// One tick's input.
 #[derive(Clone, Debug, Default)]
 pub struct TickInput {
@@ -69,6 +82,8 @@ pub struct TickInput {
     pub stable: VersionTick,
     /// Canary.
     pub canary: VersionTick,
+    /// Mirrored pairs (routes with `[route.mirror]`).
+    pub pairs: PairTick,
 }
 
 /// Bad events of one version counted since the last tick and not yet in
@@ -158,6 +173,9 @@ pub struct SavedTests {
     fingerprint: u64,
     tests: Vec<LimitTest>,
     watch: Option<Watch>,
+    /// The paired tests of a mirrored route.
+    #[serde(default)]
+    paired: Vec<LimitTest>,
 }
 
 /// The judge of one route.
@@ -184,6 +202,11 @@ pub struct Judge {
     w: f64,
     /// blue-green: the one-sample tests after a flip.
     watch: Option<Watch>,
+    /// Mirrored routes: each limit's test again, on the mirrored pairs
+    /// (empty otherwise).
+    paired: Vec<LimitTest>,
+    /// Mirrored pairs per tick over the window (newest last).
+    pair_window: std::collections::VecDeque<u64>,
 }
 
 /// Requests of `h` slower than `t` µs.
@@ -220,6 +243,8 @@ impl Judge {
             canary_age: None,
             w: 0.0,
             watch: None,
+            paired: Vec::new(),
+            pair_window: std::collections::VecDeque::new(),
         };
         j.reset_tests();
         j.update_thresholds();
@@ -276,6 +301,12 @@ impl Judge {
             .iter()
             .map(|s| LimitTest::new(s.limit, self.restart_every))
             .collect();
+        self.paired = if self.settings.mirrored {
+            self.tests.clone()
+        } else {
+            Vec::new()
+        };
+        self.pair_window.clear();
         self.canary.clear();
         self.canary_age = None;
     }
@@ -353,10 +384,15 @@ impl Judge {
             .collect();
         xxhash_rust::xxh3::xxh3_64(
             format!(
-                "limits-v1|{:?}|{}|{}",
+                "limits-v1|{:?}|{}|{}{}",
                 self.settings.margin,
                 specs.join(","),
-                self.restart_every
+                self.restart_every,
+                if self.settings.mirrored {
+                    "|mirrored"
+                } else {
+                    ""
+                }
             )
             .as_bytes(),
         )
@@ -368,26 +404,32 @@ impl Judge {
             fingerprint: self.fingerprint(),
             tests: self.tests.clone(),
             watch: self.watch.clone(),
+            paired: self.paired.clone(),
         }
     }
 
     /// Resumes saved tests; false (and nothing changes) when they were
     /// saved under settings that give them another meaning.
     pub fn restore_tests(&mut self, saved: SavedTests) -> bool {
-        if saved.fingerprint != self.fingerprint() || saved.tests.len() != self.tests.len() {
+        if saved.fingerprint != self.fingerprint()
+            || saved.tests.len() != self.tests.len()
+            || saved.paired.len() != self.paired.len()
+        {
             return false;
         }
         self.tests = saved.tests;
         self.watch = saved.watch;
+        self.paired = saved.paired;
         true
     }
 
     /// What each test's e-value must reach: `k/α` for `k` shares of α.
-    /// Each limit test takes one; on blue-green routes each of the watch's
-    /// two tests (errors, latency) takes two: one for the bound on the old
-    /// colour's baseline, one for the sequential test against it.
+    /// Each limit test takes one, and on a mirrored route its paired twin
+    /// another; on blue-green routes each of the watch's two tests (errors,
+    /// latency) takes two: one for the bound on the old colour's baseline,
+    /// one for the sequential test against it.
     pub fn threshold(&self) -> f64 {
-        let k = self.specs.len() + if self.settings.blue_green { 4 } else { 0 };
+        let k = self.specs.len() + self.paired.len() + if self.settings.blue_green { 4 } else { 0 };
         k.max(1) as f64 / self.settings.false_revert_rate
     }
 
@@ -418,6 +460,7 @@ impl Judge {
             && self.canary.stats().latency.is_empty()
             && self.watch.is_none()
             && !(self.canary_age.is_some() && self.warming_up())
+            && self.pair_window.iter().all(|n| *n == 0)
     }
 
     /// Whether the latency tests are still in the canary's warm-up.
@@ -434,13 +477,15 @@ impl Judge {
             elapsed,
             stable,
             canary,
+            pairs,
         } = input;
         self.w = w;
         if let Some(age) = &mut self.canary_age {
             *age += elapsed;
-        } else if canary.slice.requests > 0 {
+        } else if canary.slice.requests > 0 || pairs.pairs > 0 {
             self.canary_age = Some(Duration::ZERO);
         }
+        self.update_paired(&pairs);
         if !weight_changed {
             let warm = self.warming_up();
             for i in 0..self.specs.len() {
@@ -484,6 +529,26 @@ impl Judge {
         }
         if let Some(v) = self.tests() {
             return v;
+        }
+        let shadowed: u64 = self.pair_window.iter().sum();
+        if ca.requests < min && shadowed >= min && st.requests >= min {
+            // A shadow-only canary (or one whose routed share is still
+            // small): its verdict is the paired tests'.
+            let ev = self.evidence();
+            return Verdict {
+                status: Status::Healthy,
+                guard: None,
+                reason: format!(
+                    "{shadowed} mirrored pairs in the window, canary {} req routed; stable {} req, {:.2}% errors, p99 {:.1} ms; E(errors) {:.2}, E(latency) {:.2} of {:.0}",
+                    ca.requests,
+                    st.requests,
+                    st.error_rate() * 100.0,
+                    st.quantile_ms(0.99),
+                    ev.e_errors,
+                    ev.e_latency,
+                    ev.threshold,
+                ),
+            };
         }
         if ca.requests < min || (st.requests < min && !self.watching() && w < 1.0) {
             return Verdict {
@@ -565,11 +630,53 @@ impl Judge {
             return Some(v);
         }
         let threshold = self.threshold();
-        self.specs.iter().zip(&self.tests).find_map(|(spec, t)| {
-            let e = t.e_value(self.w);
-            t.crossed(e, threshold, t.events().0, self.w)
-                .then(|| self.breach(spec, t, e, (0, 0)))
-        })
+        self.specs
+            .iter()
+            .zip(&self.tests)
+            .find_map(|(spec, t)| {
+                let e = t.e_value(self.w);
+                t.crossed(e, threshold, t.events().0, self.w)
+                    .then(|| self.breach(spec, t, e, (0, 0)))
+            })
+            .or_else(|| {
+                self.specs.iter().zip(&self.paired).find_map(|(spec, t)| {
+                    let e = t.e_value(PAIRED_SHARE);
+                    t.crossed(e, threshold, t.events().0, PAIRED_SHARE)
+                        .then(|| self.paired_breach(spec, t, e))
+                })
+            })
+    }
+
+    /// Adds a tick's mirrored pairs to the paired tests: every test but a
+    /// latency one in the canary's warm-up or with its thresholds off. The
+    /// canary's routing share plays no part (a pair is its own balanced
+    /// experiment), so a weight change drops nothing.
+    fn update_paired(&mut self, pairs: &PairTick) {
+        if self.paired.is_empty() {
+            return;
+        }
+        self.pair_window.push_back(pairs.pairs);
+        while self.pair_window.len() > self.stable.slices() {
+            self.pair_window.pop_front();
+        }
+        if pairs.pairs == 0 {
+            return;
+        }
+        let warm = self.warming_up();
+        for (spec, t) in self.specs.iter().zip(self.paired.iter_mut()) {
+            let batch = match spec.limit.slot() {
+                None => pairs.errors,
+                Some(_) if warm => continue,
+                Some(slot) => match pairs.slow.get(slot) {
+                    Some(b) => *b,
+                    None => continue,
+                },
+            };
+            t.update_pairs(&PairBatch {
+                pairs: pairs.pairs,
+                ..batch
+            });
+        }
     }
 
     /// Whether a limit test has already crossed with the bad events counted
@@ -610,6 +717,10 @@ impl Judge {
         })
     }
 }
+
+/// The share at which the paired tests are read: a pair is a balanced
+/// experiment, and an absolute limit's test is the smaller of its two legs.
+const PAIRED_SHARE: f64 = 0.5;
 
 mod guards;
 mod report;

@@ -245,7 +245,37 @@ pub struct Batch {
     pub canary_bad: u64,
 }
 
+/// What a tick's mirrored pairs give one test (see
+/// [`crate::eprocess::EProcess::update_pairs`]): for an error test, pairs
+/// by which copies failed; for a latency test, by which copies were slower
+/// than the test's thresholds (stable's copy against stable's, the canary's
+/// against the canary's); for absolute limits also the canary's copies and
+/// how many of them were bad.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PairBatch {
+    /// Pairs with only the canary's copy bad.
+    pub canary_only: u64,
+    /// Pairs with only stable's copy bad.
+    pub stable_only: u64,
+    /// Pairs with both bad.
+    pub both: u64,
+    /// Pairs in the batch.
+    pub pairs: u64,
+}
+
 impl LimitTest {
+    /// Adds a tick's mirrored pairs. The attribution leg takes them as
+    /// pairs; an absolute limit's one-sample leg takes the canary's copies
+    /// as the canary's requests (the copies are a sample of stable's
+    /// traffic, chosen by key, not by outcome).
+    pub fn update_pairs(&mut self, b: &PairBatch) {
+        self.rel.update_pairs(b.canary_only, b.stable_only, b.both);
+        if let Some(abs) = &mut self.abs {
+            let bad = (b.canary_only + b.both).min(b.pairs);
+            abs.update(1.0, bad, b.pairs - bad);
+        }
+    }
+
     /// A fresh test of `limit`, with a fresh start every `restart_every`
     /// batches.
     pub fn new(limit: Limit, restart_every: u64) -> LimitTest {

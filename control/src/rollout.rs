@@ -586,7 +586,9 @@ impl RouteControl {
             && verdict.status == Status::Breach
             && route.judge.mode == JudgeMode::Enforce
             && !d.paused
-            && w_bp > 0
+            // A canary with no routed share is still judged on the copies
+            // it gets (`[route.mirror]`): a breach stops the mirroring.
+            && (w_bp > 0 || route.mirror.is_some())
         {
             // A breach always names its guard; were one missing, the
             // revert would still happen (toward stable), as `unknown`.

@@ -147,6 +147,11 @@ fn empty_stats() -> &'static Stats {
 }
 
 impl Window {
+    /// How many slices it keeps.
+    pub fn slices(&self) -> usize {
+        self.capacity
+    }
+
     /// A window of `capacity` slices (at least 1).
     pub fn new(capacity: usize) -> Window {
         Window {

@@ -122,6 +122,8 @@ pub struct Pending {
     /// The request body's record: a body the client broke is not the
     /// version's failure, even when the upstream then breaks off too.
     pub upload: Arc<crate::upload::Upload>,
+    /// A mirrored request's copy waits for this answer to make its pair.
+    pub pair: Option<tokio::sync::oneshot::Sender<crate::mirror::StableAnswer>>,
 }
 
 impl Pending {
@@ -146,6 +148,9 @@ impl Pending {
             }
         };
         version.recorder.record(self.micros, outcome, self.key_hash);
+        if let Some(tx) = self.pair {
+            let _ = tx.send((self.micros, outcome));
+        }
     }
 }
 

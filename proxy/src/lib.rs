@@ -22,6 +22,7 @@ pub mod grpc;
 pub mod headers;
 pub mod import;
 pub mod metrics;
+pub mod mirror;
 pub mod notify;
 pub mod path;
 pub mod persist;

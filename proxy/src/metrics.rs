@@ -76,6 +76,8 @@ pub struct Metrics {
     pub smoke_checks: IntCounterVec,
     /// `veer_grpc_responses_total`.
     pub grpc: IntCounterVec,
+    /// `veer_mirror_requests_total{route,result}`.
+    pub mirror: IntCounterVec,
 }
 
 /// gRPC status code names, by code.
@@ -326,6 +328,13 @@ impl Metrics {
             ),
             &["route", "result"],
         )?;
+        let mirror = IntCounterVec::new(
+            Opts::new(
+                "veer_mirror_requests_total",
+                "Requests chosen for mirroring to the canary, by result: ok and error (the copy's answer), too_large (body over max_body), busy (max_concurrent copies in flight), unpaired (no pair: stable's exchange was the client's fault or never ended).",
+            ),
+            &["route", "result"],
+        )?;
         let grpc = IntCounterVec::new(
             Opts::new(
                 "veer_grpc_responses_total",
@@ -337,6 +346,7 @@ impl Metrics {
             requests.clone(),
             grpc.clone(),
             smoke_checks.clone(),
+            mirror.clone(),
             upstream_errors.clone(),
             proxy_errors.clone(),
             reloads.clone(),
@@ -396,6 +406,7 @@ impl Metrics {
             webhook_events,
             smoke_checks,
             grpc,
+            mirror,
         })
     }
 
@@ -456,8 +467,17 @@ impl Metrics {
         }
     }
 
+    /// A mirrored route's counters, one per [`crate::mirror::RESULTS`]
+    /// label (exported at 0 from the first snapshot that mirrors).
+    pub fn mirror(&self, route: &str) -> [IntCounter; 5] {
+        crate::mirror::RESULTS.map(|r| self.mirror.with_label_values(&[route, r]))
+    }
+
     /// Forgets a route's series.
     pub fn forget_route(&self, route: &str) {
+        for r in crate::mirror::RESULTS {
+            let _ = self.mirror.remove_label_values(&[route, r]);
+        }
         for g in Guard::ALL {
             let _ = self.reverts.remove_label_values(&[route, g.as_str()]);
         }

@@ -304,6 +304,14 @@ impl Recorder {
         }
     }
 
+    /// The slow threshold (µs) of `slot` in force; None when off.
+    pub fn threshold_us(&self, slot: usize) -> Option<u64> {
+        self.thresholds_us
+            .get(slot)
+            .map(|t| t.load(Ordering::Relaxed))
+            .filter(|t| *t != OFF)
+    }
+
     /// Sets the slow thresholds (µs) for the requests to come.
     pub fn set_thresholds(&self, thresholds: &[Option<u64>]) {
         for (i, slot) in self.thresholds_us.iter().enumerate() {

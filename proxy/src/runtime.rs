@@ -39,6 +39,8 @@ pub struct RouteRuntime {
     pub last_w_bp: Option<u16>,
     /// A tick with traffic since the evidence was last saved.
     pub unsaved: bool,
+    /// The canary's mirrored pairs (`[route.mirror]`).
+    pub pairs: Option<Arc<crate::mirror::Pairs>>,
 }
 
 impl RouteRuntime {
@@ -64,6 +66,11 @@ impl RouteRuntime {
             early: false,
             last_w_bp: Some(w_bp),
             unsaved: false,
+            pairs: route
+                .mirror
+                .as_ref()
+                .filter(|_| route.canary.is_some())
+                .map(|m| Arc::new(crate::mirror::Pairs::new(m.max_concurrent))),
         };
         rt.set_thresholds();
         rt
@@ -166,7 +173,12 @@ impl RouteRuntime {
                 tracing::warn!(route = %name, baseline_requests = requests, "blue-green flip without enough traffic before it: only the absolute guards apply");
             }
         }
-        if !flipped && self.judge.quiet(&stable, &canary) {
+        let pairs = self
+            .pairs
+            .as_ref()
+            .map(|p| p.drain(self.thresholds))
+            .unwrap_or_default();
+        if !flipped && pairs.pairs == 0 && self.judge.quiet(&stable, &canary) {
             // (A share changed while idle is not a share change for the
             // requests to come: all of them are routed with the new one.)
             self.last_w_bp = Some(w_bp);
@@ -181,6 +193,7 @@ impl RouteRuntime {
             elapsed,
             stable,
             canary,
+            pairs,
         });
         if self.judge.burst_span_ended() {
             self.stable.keys().clear_burst();
@@ -304,6 +317,7 @@ pub fn build_snapshot(
             canary_reverted: control.is_none_or(|c| c.canary_closed(r)),
             stable: rt.map(|rt| rt.stable.clone()),
             canary: rt.and_then(|rt| rt.canary.clone()),
+            pairs: rt.and_then(|rt| rt.pairs.clone()),
         }
     })
 }

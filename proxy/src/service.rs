@@ -125,6 +125,20 @@ pub async fn handle(
     };
 
     let canary = !std::ptr::eq(version, &route.stable);
+    // A share of stable's split requests is copied to the canary; the copy
+    // pairs with stable's answer once it is recorded.
+    let (pair, shadow) = match &route.mirror {
+        Some(m) if !canary && record && m.wants(req.method(), key_hash) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let seed = crate::mirror::Seed {
+                route: route.clone(),
+                stable: rx,
+                key_hash,
+            };
+            (Some(tx), Some(Box::new(seed)))
+        }
+        _ => (None, None),
+    };
     let upload = Upload::new();
     let result = forward(
         &route,
@@ -138,6 +152,7 @@ pub async fn handle(
             scheme,
             slot,
             idle_timeout,
+            shadow,
         },
         Deadlines {
             body: body_timeout,
@@ -184,10 +199,16 @@ pub async fn handle(
                         outcome,
                         key_hash,
                         upload,
+                        pair,
                     }),
                     call,
                 ),
-                ProxyBody::Full(_) if record => version.recorder.record(micros, outcome, key_hash),
+                ProxyBody::Full(_) if record => {
+                    version.recorder.record(micros, outcome, key_hash);
+                    if let Some(tx) = pair {
+                        let _ = tx.send((micros, outcome));
+                    }
+                }
                 ProxyBody::Full(_) => {}
             }
             resp
@@ -208,6 +229,9 @@ pub async fn handle(
                 };
                 if record {
                     version.recorder.record(micros, outcome, key_hash);
+                    if let Some(tx) = pair {
+                        let _ = tx.send((micros, outcome));
+                    }
                 }
             } else {
                 route_less_error(&shared, e);
@@ -256,6 +280,8 @@ struct Hop {
     slot: Option<Arc<crate::conn::Slot>>,
     /// How long a tunnel may move no byte either way.
     idle_timeout: std::time::Duration,
+    /// A copy of the request goes to the canary (`[route.mirror]`).
+    shadow: Option<Box<crate::mirror::Seed>>,
 }
 
 /// How long a request may take.
@@ -291,7 +317,11 @@ async fn forward(
         hop.scheme,
         upgrade,
     )?;
-    let req = Request::from_parts(parts, ClientBody::new(body, body_timeout, upload.clone()));
+    let mut body = ClientBody::new(body, body_timeout, upload.clone());
+    if let Some(seed) = hop.shadow.filter(|_| !upgrade) {
+        crate::mirror::start(*seed, &parts, &mut body, body_timeout);
+    }
+    let req = Request::from_parts(parts, body);
 
     // Pinned here and lent to the deadline: a future passed by value into
     // another async fn is held twice (argument and pinned local).

@@ -42,6 +42,8 @@ pub struct RouteInputs {
     pub canary: Option<Arc<Recorder>>,
     /// The canary is reverted (forced requests skip it unless allowed).
     pub canary_reverted: bool,
+    /// The mirrored pairs of the canary (`[route.mirror]`).
+    pub pairs: Option<Arc<crate::mirror::Pairs>>,
 }
 
 /// One route, ready for requests.
@@ -68,6 +70,8 @@ pub struct RouteTarget {
     pub weight_bp: u16,
     /// `[route.force]`, if set.
     pub force: Option<ForceTarget>,
+    /// `[route.mirror]`, while the canary may take traffic.
+    pub mirror: Option<crate::mirror::MirrorTarget>,
     /// The route as configured (for status).
     pub config: Route,
 }
@@ -271,6 +275,17 @@ impl Snapshot {
                     cookie: f.cookie.as_deref().map(Into::into),
                     canary_open: !input.canary_reverted || f.allow_when_reverted,
                 }),
+                mirror: match (&r.mirror, &input.pairs) {
+                    (Some(m), Some(pairs)) if !input.canary_reverted && r.canary.is_some() => {
+                        pairs.set_limit(m.max_concurrent);
+                        Some(crate::mirror::MirrorTarget::new(
+                            m,
+                            pairs.clone(),
+                            metrics.mirror(&r.name),
+                        ))
+                    }
+                    _ => None,
+                },
                 config: r.clone(),
             }));
         }

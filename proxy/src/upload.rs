@@ -137,18 +137,104 @@ fn client_fault(e: &BoxError) -> ProxyError {
 
 /// A request body on its way to the upstream: fails if the client sends
 /// nothing for `body_timeout`, and tells its [`Upload`] when it waits for
-/// the client and how it failed.
+/// the client and how it failed. (Or a mirrored copy's body, already
+/// whole: [`ClientBody::copy`].)
 pub struct ClientBody {
-    inner: IdleTimeout<Incoming>,
+    inner: Inner,
     upload: Arc<Upload>,
+    /// Keeps a copy of the body for a mirrored request.
+    tee: Option<Box<Tee>>,
+}
+
+enum Inner {
+    Client(IdleTimeout<Incoming>),
+    Copy(Option<Bytes>),
+}
+
+/// A copy of a request body being kept for its mirrored twin, up to a
+/// limit; the copy goes out when the body ends (`None` if it grew past the
+/// limit; nothing if the body failed or was dropped before its end).
+struct Tee {
+    chunks: Vec<Bytes>,
+    len: usize,
+    limit: usize,
+    done: tokio::sync::oneshot::Sender<Option<Bytes>>,
+}
+
+impl Tee {
+    /// Keeps `data`; false when the copy is over the limit (then it is
+    /// abandoned and said so).
+    fn keep(&mut self, data: &Bytes) -> bool {
+        self.len += data.len();
+        if self.len > self.limit {
+            return false;
+        }
+        if !data.is_empty() {
+            self.chunks.push(data.clone());
+        }
+        true
+    }
+
+    fn finish(self) {
+        let whole = match self.chunks.len() {
+            0 => Bytes::new(),
+            1 => self.chunks.into_iter().next().unwrap_or_default(),
+            _ => {
+                let mut all = bytes::BytesMut::with_capacity(self.len);
+                for c in &self.chunks {
+                    all.extend_from_slice(c);
+                }
+                all.freeze()
+            }
+        };
+        let _ = self.done.send(Some(whole));
+    }
 }
 
 impl ClientBody {
     /// Wraps `body`.
     pub fn new(body: Incoming, idle: Duration, upload: Arc<Upload>) -> ClientBody {
         ClientBody {
-            inner: IdleTimeout::new(body, idle),
+            inner: Inner::Client(IdleTimeout::new(body, idle)),
             upload,
+            tee: None,
+        }
+    }
+
+    /// A whole body (a mirrored copy).
+    pub fn copy(data: Bytes) -> ClientBody {
+        ClientBody {
+            inner: Inner::Copy((!data.is_empty()).then_some(data)),
+            upload: Upload::new(),
+            tee: None,
+        }
+    }
+
+    /// Keeps a copy of the body, up to `limit` bytes, sent on `done` when
+    /// the body ends (`None` once it is over the limit).
+    pub fn tee(&mut self, limit: usize, done: tokio::sync::oneshot::Sender<Option<Bytes>>) {
+        self.tee = Some(Box::new(Tee {
+            chunks: Vec::new(),
+            len: 0,
+            limit,
+            done,
+        }));
+    }
+
+    fn teed(&mut self, frame: &Frame<Bytes>) {
+        let Some(tee) = &mut self.tee else { return };
+        if let Some(data) = frame.data_ref() {
+            if !tee.keep(data) {
+                if let Some(t) = self.tee.take() {
+                    let _ = t.done.send(None);
+                }
+                return;
+            }
+        }
+        if self.is_end_stream() {
+            if let Some(t) = self.tee.take() {
+                (*t).finish();
+            }
         }
     }
 }
@@ -162,24 +248,44 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let inner = match &mut this.inner {
+            Inner::Client(inner) => inner,
+            Inner::Copy(data) => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        };
+        let r = Pin::new(inner).poll_frame(cx);
         match &r {
             Poll::Pending => this.upload.start_wait(),
             Poll::Ready(Some(Err(e))) => {
                 this.upload.end_wait();
                 this.upload.set_fault(client_fault(e));
+                this.tee = None;
             }
-            Poll::Ready(_) => this.upload.end_wait(),
+            Poll::Ready(Some(Ok(frame))) => {
+                this.upload.end_wait();
+                this.teed(frame);
+            }
+            Poll::Ready(None) => {
+                this.upload.end_wait();
+                if let Some(t) = this.tee.take() {
+                    (*t).finish();
+                }
+            }
         }
         r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Client(inner) => inner.is_end_stream(),
+            Inner::Copy(data) => data.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Client(inner) => inner.size_hint(),
+            Inner::Copy(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
     }
 }
 

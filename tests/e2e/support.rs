@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -41,6 +41,10 @@ pub struct Upstream {
     pub last_headers: Mutex<HeaderMap>,
     /// Request target of the last request.
     pub last_uri: Mutex<String>,
+    /// Request body bytes received.
+    pub body_bytes: AtomicU64,
+    /// Requests received per `x-user-id`.
+    pub keys: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Upstream {
@@ -59,6 +63,8 @@ impl Upstream {
             connections: AtomicU64::new(0),
             last_headers: Mutex::new(HeaderMap::new()),
             last_uri: Mutex::new(String::new()),
+            body_bytes: AtomicU64::new(0),
+            keys: Mutex::new(std::collections::HashMap::new()),
         });
         let me = u.clone();
         tokio::spawn(async move {
@@ -88,6 +94,9 @@ impl Upstream {
         let one_in = self.fail_one_in.load(Ordering::SeqCst);
         *self.last_headers.lock().unwrap() = req.headers().clone();
         *self.last_uri.lock().unwrap() = req.uri().to_string();
+        if let Some(k) = req.headers().get("x-user-id").and_then(|v| v.to_str().ok()) {
+            *self.keys.lock().unwrap().entry(k.to_string()).or_default() += 1;
+        }
         // Any path under /fail gets a 500, whatever the other settings.
         let failing_path = req.uri().path().starts_with("/fail");
         if req.headers().contains_key(http::header::UPGRADE) {
@@ -103,6 +112,8 @@ impl Upstream {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
+        self.body_bytes
+            .fetch_add(body.len() as u64, Ordering::SeqCst);
         let text = if body.is_empty() {
             Bytes::from(self.name)
         } else {
@@ -443,7 +454,18 @@ impl Client {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<Response<Bytes>, hyper::Error> {
-        let mut req = Request::get(path);
+        self.send(Method::GET, path, headers, Bytes::new()).await
+    }
+
+    /// A request with a body; the whole answer is read.
+    pub async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Response<Bytes>, hyper::Error> {
+        let mut req = Request::builder().method(method).uri(path);
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
             req = req.header("host", self.addr.to_string());
         }
@@ -453,7 +475,7 @@ impl Client {
         self.sender.ready().await?;
         let resp = self
             .sender
-            .send_request(req.body(Full::new(Bytes::new())).unwrap())
+            .send_request(req.body(Full::new(body)).unwrap())
             .await?;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await?.to_bytes();

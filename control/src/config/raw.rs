@@ -111,6 +111,7 @@ pub struct RawRoute {
     pub judge: Option<RawJudge>,
     pub rollout: Option<Spanned<RawRollout>>,
     pub force: Option<Spanned<RawForce>>,
+    pub mirror: Option<Spanned<RawMirror>>,
     pub smoke: Option<Vec<Spanned<RawSmoke>>>,
     pub grpc_error_codes: Option<Spanned<Vec<Spanned<i64>>>>,
 }
@@ -125,6 +126,16 @@ pub struct RawSmoke {
     pub expect_status: Option<Spanned<i64>>,
     pub expect_body: Option<String>,
     pub timeout: Option<Spanned<String>>,
+}
+
+/// `[route.mirror]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMirror {
+    pub percent: Spanned<f64>,
+    pub max_body: Option<Spanned<i64>>,
+    pub max_concurrent: Option<Spanned<i64>>,
+    pub methods: Option<Vec<Spanned<String>>>,
 }
 
 /// `[route.force]`.

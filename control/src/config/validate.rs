@@ -13,11 +13,12 @@ use toml::Spanned;
 
 pub use super::diagnostics::{Diagnostic, Diagnostics};
 use super::raw::{
-    RawCanary, RawConfig, RawEndpoint, RawForce, RawJudge, RawRoute, RawUpstreamTls, RawVersion,
+    RawCanary, RawConfig, RawEndpoint, RawForce, RawJudge, RawMirror, RawRoute, RawUpstreamTls,
+    RawVersion,
 };
 use super::{
-    AdminSettings, Config, Endpoint, Force, JudgeMode, JudgeSettings, ProxySettings, Quantile,
-    Rollout, Route, SmokeCheck, StateSettings, StickySource, Strategy, TlsSettings,
+    AdminSettings, Config, Endpoint, Force, JudgeMode, JudgeSettings, Mirror, ProxySettings,
+    Quantile, Rollout, Route, SmokeCheck, StateSettings, StickySource, Strategy, TlsSettings,
     UpstreamProtocol, UpstreamTls, Version, Webhook, WebhookFormat, DEFAULT_GRPC_ERROR_CODES,
 };
 
@@ -31,6 +32,12 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: usize = 10_000;
     /// `[proxy] max_header_bytes`.
     pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+    /// `[route.mirror] max_body`.
+    pub const MIRROR_BODY: usize = 64 * 1024;
+    /// The largest `[route.mirror] max_body`.
+    pub const MAX_MIRROR_BODY: usize = 16 * 1024 * 1024;
+    /// `[route.mirror] max_concurrent`.
+    pub const MIRROR_CONCURRENCY: usize = 100;
     /// `[[route]] max_upstream_connections`.
     pub const MAX_UPSTREAM_CONNECTIONS: usize = 1024;
     /// `[proxy] header_timeout`.

@@ -1,21 +1,38 @@
 //! What the judge says: its evidence for `/status`, and the reason of a
 //! breach, with the numbers behind it.
 
-use super::{Evidence, Judge, Status, TestEvidence, Verdict};
+use super::{Evidence, Judge, Status, TestEvidence, Verdict, PAIRED_SHARE};
+use crate::guard::Guard;
 use crate::limits::{Limit, LimitTest, Spec};
+
+/// The guard of a limit's paired test.
+fn paired_guard(limit: Limit) -> Guard {
+    if limit.is_latency() {
+        Guard::MirrorLatencyTest
+    } else {
+        Guard::MirrorErrorTest
+    }
+}
 
 impl Judge {
     /// The evidence so far.
     pub fn evidence(&self) -> Evidence {
         let warm = self.warming_up();
+        let paired = self
+            .specs
+            .iter()
+            .zip(&self.paired)
+            .map(|(s, t)| (s, t, paired_guard(s.limit), PAIRED_SHARE));
         let tests: Vec<TestEvidence> = self
             .specs
             .iter()
             .zip(&self.tests)
-            .map(|(s, t)| TestEvidence {
-                guard: s.guard,
+            .map(|(s, t)| (s, t, s.guard, self.w))
+            .chain(paired)
+            .map(|(s, t, guard, w)| TestEvidence {
+                guard,
                 limit: describe(s.limit),
-                e: t.e_value(self.w),
+                e: t.e_value(w),
                 events: t.events(),
                 warming_up: warm && s.limit.is_latency(),
                 thresholds_ms: s.limit.slot().map(|slot| {
@@ -26,9 +43,13 @@ impl Judge {
                 }),
             })
             .collect();
-        let max_e = |latency: bool| {
+        let specs = || {
             self.specs
                 .iter()
+                .chain(self.specs.iter().take(self.paired.len()))
+        };
+        let max_e = |latency: bool| {
+            specs()
                 .zip(&tests)
                 .filter(|(s, _)| s.limit.is_latency() == latency)
                 .map(|(_, t)| t.e)
@@ -72,6 +93,32 @@ impl Judge {
                 })
                 .collect(),
             tests,
+        }
+    }
+
+    /// The breach verdict of the paired test `test` of `spec` at e-value
+    /// `e`.
+    pub(super) fn paired_breach(&self, spec: &Spec, test: &LimitTest, e: f64) -> Verdict {
+        let threshold = self.threshold();
+        let (c, s) = test.events();
+        let copies = test.requests().map_or(String::new(), |(bad, n)| {
+            format!(
+                "; {bad} of {n} copies bad ({:.2}%)",
+                bad as f64 * 100.0 / n.max(1) as f64
+            )
+        });
+        let what = if spec.limit.is_latency() {
+            "slower than its threshold"
+        } else {
+            "failed"
+        };
+        Verdict {
+            status: Status::Breach,
+            guard: Some(paired_guard(spec.limit)),
+            reason: format!(
+                "mirrored requests: the canary's copy {what} where stable's answer did not in {c} pairs, the reverse in {s}{copies}; more than a canary within \"{}\" would have; E = {e:.1} ≥ {threshold:.0}",
+                describe(spec.limit)
+            ),
         }
     }
 

@@ -13,6 +13,7 @@ fn input(w: f64, stable: VersionTick, canary: VersionTick) -> TickInput {
         elapsed: Duration::from_secs(1),
         stable,
         canary,
+        pairs: PairTick::default(),
     }
 }
 
@@ -450,4 +451,83 @@ fn an_idle_tick_is_quiet_and_one_with_traffic_or_a_full_window_is_not() {
     j.tick(input(0.1, tick(100, 0, 1_000), tick(10, 0, 1_000)));
     // The window still holds those requests: not quiet until they fall out.
     assert!(!j.quiet(&idle(), &idle()));
+}
+
+/// Reference limits, mirrored.
+fn mirrored() -> JudgeSettings {
+    JudgeSettings {
+        mirrored: true,
+        ..crate::limits::reference()
+    }
+}
+
+fn pairs(n: u64, canary_only: u64, stable_only: u64, both: u64) -> PairTick {
+    PairTick {
+        pairs: n,
+        errors: PairBatch {
+            canary_only,
+            stable_only,
+            both,
+            pairs: n,
+        },
+        slow: vec![PairBatch::default(); 2],
+    }
+}
+
+#[test]
+fn mirroring_doubles_the_tests_and_splits_alpha_between_them() {
+    let plain = Judge::new(&crate::limits::reference());
+    let j = Judge::new(&mirrored());
+    assert_eq!(j.threshold(), 2.0 * plain.threshold());
+    assert_eq!(j.evidence().tests.len(), 2 * plain.evidence().tests.len());
+}
+
+#[test]
+fn a_shadow_only_canary_failing_where_stable_succeeds_is_breached_by_its_pairs() {
+    let mut j = Judge::new(&mirrored());
+    // Weight 0: the canary sees only copies; 100 pairs a tick, the copy
+    // fails in 10 where stable succeeded.
+    let (t, v) = first_breach(&mut j, 30, || TickInput {
+        pairs: pairs(100, 10, 0, 0),
+        ..input(0.0, tick(1_000, 1, 1_000), tick(0, 0, 1_000))
+    })
+    .expect("breached");
+    assert_eq!(v.guard, Some(Guard::MirrorErrorTest), "{v:?}");
+    assert!(t <= 2, "tick {t}: {v:?}");
+    assert!(v.reason.contains("mirrored requests"), "{}", v.reason);
+}
+
+#[test]
+fn pairs_failing_on_both_versions_never_breach_and_give_a_verdict() {
+    let mut j = Judge::new(&mirrored());
+    let mut last = None;
+    for _ in 0..600 {
+        // 5 % of the requests fail on both: a client's bad requests, or a
+        // dependency both versions share.
+        let v = j.tick(TickInput {
+            pairs: pairs(100, 0, 0, 5),
+            ..input(0.0, tick(1_000, 50, 1_000), tick(0, 0, 1_000))
+        });
+        assert_ne!(v.status, Status::Breach, "{v:?}");
+        last = Some(v);
+    }
+    let v = last.expect("ticked");
+    assert_eq!(v.status, Status::Healthy, "{v:?}");
+    assert!(v.reason.contains("mirrored pairs"), "{}", v.reason);
+}
+
+#[test]
+fn paired_tests_resume_only_on_a_mirrored_route() {
+    let mut j = Judge::new(&mirrored());
+    let _ = j.tick(TickInput {
+        pairs: pairs(100, 2, 0, 0),
+        ..input(0.0, tick(1_000, 1, 1_000), tick(0, 0, 1_000))
+    });
+    let saved = j.save_tests();
+    let mut again = Judge::new(&mirrored());
+    assert!(again.restore_tests(saved.clone()));
+    let e = |j: &Judge| j.evidence().tests.iter().map(|t| t.e).collect::<Vec<_>>();
+    assert_eq!(e(&again), e(&j));
+    let mut plain = Judge::new(&crate::limits::reference());
+    assert!(!plain.restore_tests(saved));
 }

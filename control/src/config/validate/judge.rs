@@ -218,6 +218,7 @@ impl Validator<'_> {
             watch: self.duration(j.watch.as_ref(), defaults::WATCH),
             warmup: self.warmup(j.warmup.as_ref()),
             blue_green: false,
+            mirrored: false,
             webhook: self.webhook(j),
             slo: match &j.slo {
                 Some(v) if !(0.5..1.0).contains(v.get_ref()) => {

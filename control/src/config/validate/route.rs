@@ -116,6 +116,8 @@ impl Validator<'_> {
         }
         let mut judge = self.judge(r.judge.as_ref());
         judge.blue_green = strategy == Strategy::BlueGreen;
+        let mirror = r.mirror.as_ref().and_then(|m| self.mirror(m, r));
+        judge.mirrored = mirror.is_some();
         let rollout = r.rollout.as_ref().map(|ro| {
             let rr = ro.get_ref();
             let mut steps_bp: Vec<u16> = Vec::new();
@@ -185,6 +187,7 @@ impl Validator<'_> {
             judge,
             rollout,
             force: r.force.as_ref().and_then(|f| self.force(f)),
+            mirror,
             smoke: self.smoke(r),
             grpc_error_codes: self.grpc_error_codes(r),
         })
@@ -501,6 +504,60 @@ impl Validator<'_> {
                 }
             }
         }
+    }
+
+    /// `[route.mirror]`: a share of stable's requests for a canary to see.
+    fn mirror(&mut self, m: &Spanned<RawMirror>, r: &RawRoute) -> Option<Mirror> {
+        let raw = m.get_ref();
+        if r.canary.is_none() {
+            self.err(
+                m.span(),
+                "[route.mirror] copies requests to the canary: the route needs a [route.canary]",
+            );
+            return None;
+        }
+        let percent_bp = match self.weight_bp(&raw.percent) {
+            Some(0) => {
+                self.err(
+                    raw.percent.span(),
+                    "mirror percent must be greater than 0 (remove [route.mirror] to stop mirroring)",
+                );
+                None
+            }
+            bp => bp,
+        };
+        let max_body = self.int_in(
+            raw.max_body.as_ref(),
+            0..=defaults::MAX_MIRROR_BODY as i64,
+            defaults::MIRROR_BODY as i64,
+            "mirror max_body (bytes)",
+        ) as usize;
+        let max_concurrent = self.int_in(
+            raw.max_concurrent.as_ref(),
+            1..=10_000,
+            defaults::MIRROR_CONCURRENCY as i64,
+            "mirror max_concurrent",
+        ) as usize;
+        let mut methods = Vec::new();
+        for method in raw.methods.iter().flatten() {
+            let up = method.get_ref().to_ascii_uppercase();
+            if !http_token(&up) {
+                self.err(
+                    method.span(),
+                    format!("mirror method {:?} is not an HTTP method", method.get_ref()),
+                );
+            } else if up == "CONNECT" {
+                self.err(method.span(), "CONNECT requests cannot be mirrored");
+            } else if !methods.contains(&up) {
+                methods.push(up);
+            }
+        }
+        Some(Mirror {
+            percent_bp: percent_bp?,
+            max_body,
+            max_concurrent,
+            methods,
+        })
     }
 
     /// `[route.force]`: a valid header name or cookie name, at least one.

@@ -497,3 +497,40 @@ fn grpc_error_codes_are_codes_listed_once() {
         assert!(err.contains(why), "{bad}: {err}");
     }
 }
+
+#[test]
+fn mirroring_needs_a_canary_a_share_and_sane_caps() {
+    let canary = "[route.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:9001\"]\nweight = 0\n";
+    let ok = format!(
+        "{MINIMAL}{canary}[route.mirror]\npercent = 12.5\nmethods = [\"get\", \"HEAD\", \"GET\"]\n"
+    );
+    let c = parse(&ok).expect("valid");
+    let m = c.routes[0].mirror.clone().expect("mirror");
+    assert_eq!(
+        (m.percent_bp, m.max_body, m.max_concurrent, m.methods),
+        (
+            1250,
+            64 * 1024,
+            100,
+            vec!["GET".to_string(), "HEAD".to_string()]
+        )
+    );
+    assert!(c.routes[0].judge.mirrored);
+    let no_canary = format!("{MINIMAL}[route.mirror]\npercent = 10\n");
+    assert!(parse(&no_canary)
+        .expect_err("invalid")
+        .to_string()
+        .contains("needs a [route.canary]"));
+    let bad = format!(
+        "{MINIMAL}{canary}[route.mirror]\npercent = 0\nmax_body = -1\nmax_concurrent = 0\nmethods = [\"G T\"]\n"
+    );
+    let e = parse(&bad).expect_err("invalid").to_string();
+    for want in [
+        "percent must be greater than 0",
+        "max_body",
+        "max_concurrent",
+        "not an HTTP method",
+    ] {
+        assert!(e.contains(want), "{want}: {e}");
+    }
+}

@@ -1,0 +1,412 @@
+//! Mirroring (shadow traffic): a share of stable's requests, chosen by
+//! sticky key, is copied to the canary, and each pair of answers is judged.
+//!
+//! The copy never touches the client's exchange: it is sent from its own
+//! task once the request body is whole (kept, up to `max_body`, as stable's
+//! upstream reads it), carries `x-veer-shadow: 1`, and its answer is read to
+//! the end and dropped. It is never retried, and at most `max_concurrent`
+//! copies of a route are in flight (a request that finds them all busy is
+//! not copied), so a slow canary costs the proxy a bounded number of tasks,
+//! buffers and connections, and the client nothing.
+//!
+//! Once the copy has its answer and stable's answer to the original has
+//! been recorded (at the end of its body), the pair is counted for the
+//! judge's paired tests ([`veer_control::judge::PairTick`]): which of the
+//! two failed, and, per latency test, which was slower than the test's
+//! threshold (stable's against stable's, the copy against the canary's).
+//! A request whose own exchange is not the version's doing (the client's
+//! fault) makes no pair. Copies are not recorded as the canary's routed
+//! requests: their share is not the canary's weight.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request};
+use http_body_util::BodyExt;
+use prometheus::IntCounter;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use veer_control::config::Mirror;
+use veer_control::judge::PairTick;
+use veer_control::limits::PairBatch;
+
+use crate::body::UpstreamBody;
+use crate::error::ProxyError;
+use crate::record::{Outcome, Recorder, MAX_THRESHOLDS};
+use crate::snapshot::RouteTarget;
+use crate::split::{bucket_of_hash, random_bucket};
+use crate::upload::ClientBody;
+
+/// The header that marks a mirrored copy.
+pub const SHADOW_HEADER: &str = "x-veer-shadow";
+
+/// `veer_mirror_requests_total{result}` labels: the copy's answer (`ok`,
+/// `error`), or why a chosen request made no pair (`too_large`: body over
+/// `max_body`; `busy`: `max_concurrent` copies in flight; `unpaired`:
+/// stable's exchange was not the version's doing, or its body never ended).
+pub const RESULTS: [&str; 5] = ["ok", "error", "too_large", "busy", "unpaired"];
+
+/// How long a copy's pair waits for stable's answer to end after the
+/// copy's own did (a longer stream makes no pair).
+const PAIR_WAIT: Duration = Duration::from_secs(60);
+
+/// Stable's side of a pair: latency to the response head (µs) and outcome.
+pub type StableAnswer = (u64, Outcome);
+
+/// The mirrored pairs of one canary identity, counted for the judge, and
+/// the cap on copies in flight. Kept by the controller's runtime of the
+/// route (across snapshots), written by the copies' tasks.
+#[derive(Debug)]
+pub struct Pairs {
+    pairs: AtomicU64,
+    /// Pairs with only the canary's copy, only stable's, both failed.
+    errors: [AtomicU64; 3],
+    /// The same per slow-threshold slot.
+    slow: [[AtomicU64; 3]; MAX_THRESHOLDS],
+    in_flight: Arc<Semaphore>,
+    limit: AtomicUsize,
+}
+
+impl Pairs {
+    /// Empty counts, `max_concurrent` copies at once.
+    pub fn new(max_concurrent: usize) -> Pairs {
+        Pairs {
+            pairs: AtomicU64::new(0),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            slow: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            in_flight: Arc::new(Semaphore::new(max_concurrent)),
+            limit: AtomicUsize::new(max_concurrent),
+        }
+    }
+
+    /// Changes the cap on copies in flight (a reloaded `max_concurrent`).
+    /// Copies already in flight finish; a lower cap is reached as they do.
+    pub fn set_limit(&self, max_concurrent: usize) {
+        let before = self.limit.swap(max_concurrent, Ordering::Relaxed);
+        if max_concurrent > before {
+            self.in_flight.add_permits(max_concurrent - before);
+        } else if before > max_concurrent {
+            let mut left = before - max_concurrent;
+            left -= self.in_flight.forget_permits(left);
+            // Permits in flight now are forgotten as they come back.
+            if left > 0 {
+                let sem = self.in_flight.clone();
+                tokio::spawn(async move {
+                    if let Ok(p) = sem.acquire_many_owned(left as u32).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+    }
+
+    fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.in_flight.clone().try_acquire_owned().ok()
+    }
+
+    /// Counts one pair. `slots` thresholds are read from the recorders
+    /// (the ones in force when the pair ends; a slot off on either side
+    /// counts nothing).
+    fn record(
+        &self,
+        stable: StableAnswer,
+        shadow: StableAnswer,
+        stable_rec: &Recorder,
+        canary_rec: &Recorder,
+    ) {
+        let bad = |o: Outcome| o != Outcome::Ok;
+        let which = |c: bool, s: bool| match (c, s) {
+            (true, false) => Some(0),
+            (false, true) => Some(1),
+            (true, true) => Some(2),
+            (false, false) => None,
+        };
+        if let Some(i) = which(bad(shadow.1), bad(stable.1)) {
+            self.errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+        for (slot, counts) in self.slow.iter().enumerate() {
+            let (Some(ts), Some(tc)) =
+                (stable_rec.threshold_us(slot), canary_rec.threshold_us(slot))
+            else {
+                continue;
+            };
+            let slow = |(us, o): StableAnswer, t: u64| us > t || o == Outcome::Timeout;
+            if let Some(i) = which(slow(shadow, tc), slow(stable, ts)) {
+                counts[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.pairs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes the pairs counted since the last drain, `slots` latency slots.
+    pub fn drain(&self, slots: usize) -> PairTick {
+        let take = |c: &[AtomicU64; 3], pairs: u64| PairBatch {
+            canary_only: c[0].swap(0, Ordering::Relaxed),
+            stable_only: c[1].swap(0, Ordering::Relaxed),
+            both: c[2].swap(0, Ordering::Relaxed),
+            pairs,
+        };
+        let pairs = self.pairs.swap(0, Ordering::Relaxed);
+        PairTick {
+            pairs,
+            errors: take(&self.errors, pairs),
+            slow: self
+                .slow
+                .iter()
+                .take(slots.min(MAX_THRESHOLDS))
+                .map(|c| take(c, pairs))
+                .collect(),
+        }
+    }
+}
+
+/// `[route.mirror]`, ready for requests: only while the canary may take
+/// traffic (not reverted, smoke checks passed).
+pub struct MirrorTarget {
+    /// Share of stable's requests copied, basis points.
+    bp: u16,
+    max_body: usize,
+    methods: Box<[Method]>,
+    /// The route's pairs and cap.
+    pub pairs: Arc<Pairs>,
+    counters: [IntCounter; 5],
+}
+
+impl MirrorTarget {
+    /// `mirror` with `pairs`, counting into `counters` (one per
+    /// [`RESULTS`] label).
+    pub fn new(mirror: &Mirror, pairs: Arc<Pairs>, counters: [IntCounter; 5]) -> MirrorTarget {
+        MirrorTarget {
+            bp: mirror.percent_bp,
+            max_body: mirror.max_body,
+            methods: mirror
+                .methods
+                .iter()
+                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                .collect(),
+            pairs,
+            counters,
+        }
+    }
+
+    /// Whether a request of `method` with sticky key hash `key_hash` is
+    /// copied: by a bucket independent of the canary split's (so the copied
+    /// share of stable's requests is `percent` whatever the weight), the
+    /// same for a key every time; a request without a key by chance.
+    pub fn wants(&self, method: &Method, key_hash: Option<u64>) -> bool {
+        if !self.methods.is_empty() && !self.methods.contains(method) {
+            return false;
+        }
+        let bucket = match key_hash {
+            // A different mix of the same hash: independent of its bucket.
+            Some(h) => bucket_of_hash(h.rotate_left(32).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16),
+            None => random_bucket(),
+        };
+        bucket < self.bp
+    }
+
+    fn count(&self, result: usize) {
+        if let Some(c) = self.counters.get(result) {
+            c.inc();
+        }
+    }
+}
+
+/// A request chosen for mirroring, before its copy starts.
+pub struct Seed {
+    /// The route (its canary, timeouts and pairs).
+    pub route: Arc<RouteTarget>,
+    /// Stable's answer, once recorded.
+    pub stable: oneshot::Receiver<StableAnswer>,
+    /// The sticky key's hash (the copy's endpoint pick).
+    pub key_hash: Option<u64>,
+}
+
+/// Starts the copy of a request about to be sent to stable: `head` as
+/// stable's upstream gets it, `body` teed when it has one. Nothing happens
+/// (and the reason is counted) when the copies are all busy or the body is
+/// known to be too large.
+pub fn start(
+    seed: Seed,
+    head: &http::request::Parts,
+    body: &mut ClientBody,
+    body_timeout: Duration,
+) {
+    let Some(target) = seed.route.mirror.as_ref() else {
+        return;
+    };
+    let Some(permit) = target.pairs.permit() else {
+        target.count(3);
+        return;
+    };
+    use http_body::Body;
+    let copy = if body.is_end_stream() {
+        BodyCopy::Empty
+    } else if body
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n > target.max_body as u64)
+    {
+        target.count(2);
+        return;
+    } else {
+        let (tx, rx) = oneshot::channel();
+        body.tee(target.max_body, tx);
+        BodyCopy::Teed(rx)
+    };
+    let mut req = Request::new(());
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = head.uri.clone();
+    *req.version_mut() = head.version;
+    *req.headers_mut() = head.headers.clone();
+    req.headers_mut()
+        .insert(SHADOW_HEADER, HeaderValue::from_static("1"));
+    tokio::spawn(run(seed, req, copy, body_timeout, permit));
+}
+
+enum BodyCopy {
+    Empty,
+    Teed(oneshot::Receiver<Option<Bytes>>),
+}
+
+async fn run(
+    seed: Seed,
+    head: Request<()>,
+    copy: BodyCopy,
+    body_timeout: Duration,
+    permit: OwnedSemaphorePermit,
+) {
+    let route = &seed.route;
+    let (Some(target), Some(canary)) = (route.mirror.as_ref(), route.canary.as_ref()) else {
+        return;
+    };
+    let body = match copy {
+        BodyCopy::Empty => Bytes::new(),
+        BodyCopy::Teed(rx) => match rx.await {
+            Ok(Some(b)) => b,
+            Ok(None) => return target.count(2),
+            Err(_) => return target.count(4),
+        },
+    };
+    let grpc = crate::grpc::is_grpc(head.headers());
+    let req = head.map(|()| ClientBody::copy(body));
+    let start = Instant::now();
+    let call_bound = grpc
+        .then(|| crate::grpc::timeout(req.headers()))
+        .flatten()
+        .filter(|d| *d < route.timeout);
+    let deadline = call_bound.unwrap_or(route.timeout);
+    let shadow =
+        match tokio::time::timeout(deadline, exchange(route, canary, req, seed.key_hash)).await {
+            Err(_) => (start.elapsed().as_micros() as u64, Outcome::Timeout),
+            Ok(Err(ProxyError::Overloaded)) => return target.count(3),
+            Ok(Err(ProxyError::UpstreamConnect)) => {
+                (start.elapsed().as_micros() as u64, Outcome::ConnectError)
+            }
+            Ok(Err(_)) => (start.elapsed().as_micros() as u64, Outcome::Error),
+            Ok(Ok(resp)) => {
+                let micros = start.elapsed().as_micros() as u64;
+                let total = route.timeout.max(body_timeout);
+                match answer(route, resp, grpc, call_bound.is_some(), body_timeout, total).await {
+                    Some(outcome) => (micros, outcome),
+                    None => return target.count(4),
+                }
+            }
+        };
+    drop(permit);
+    target.count(usize::from(shadow.1 != Outcome::Ok));
+    match tokio::time::timeout(PAIR_WAIT, seed.stable).await {
+        Ok(Ok(stable)) => {
+            target
+                .pairs
+                .record(stable, shadow, &route.stable.recorder, &canary.recorder)
+        }
+        _ => target.count(4),
+    }
+}
+
+/// A copy's answer head, and the connection it came on.
+type Answered = (
+    http::Response<hyper::body::Incoming>,
+    crate::upstream::Sender,
+    Arc<crate::upstream::Upstream>,
+);
+
+/// Sends the copy to the canary endpoint its key picks: one attempt, no
+/// retry on another endpoint.
+async fn exchange(
+    route: &RouteTarget,
+    canary: &crate::snapshot::VersionTarget,
+    req: Request<ClientBody>,
+    key_hash: Option<u64>,
+) -> Result<Answered, ProxyError> {
+    let key = key_hash.unwrap_or_else(|| fastrand::u64(..)).to_le_bytes();
+    let pick = canary
+        .balancer
+        .pick(&key)
+        .ok_or(ProxyError::UpstreamConnect)?;
+    let endpoint = canary
+        .balancer
+        .endpoints()
+        .get(pick.first())
+        .ok_or(ProxyError::UpstreamConnect)?;
+    let mut sender = endpoint
+        .get(route.connect_timeout, false)
+        .await
+        .inspect_err(|e| {
+            if *e != ProxyError::Overloaded {
+                endpoint.mark_failed();
+            }
+        })?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| ProxyError::from_hyper(&e))?;
+    endpoint.mark_ok();
+    Ok((resp, sender, endpoint.clone()))
+}
+
+/// The copy's outcome: its status (or grpc-status), or an error if its body
+/// fails (an upstream stall is a timeout, as for routed requests). The body
+/// is read and dropped; the connection goes back to the pool at its end.
+/// None when the body has not ended within `total` (a long stream: no pair,
+/// since stable's stream is not judged on its length either).
+async fn answer(
+    route: &RouteTarget,
+    (resp, sender, upstream): Answered,
+    grpc: bool,
+    call_bound: bool,
+    body_timeout: Duration,
+    total: Duration,
+) -> Option<Outcome> {
+    let status = resp.status().as_u16();
+    let error = status >= 500 || (route.count_4xx_as_errors && (400..500).contains(&status));
+    let mut code = (grpc && status == 200)
+        .then(|| crate::grpc::status(resp.headers()))
+        .flatten();
+    let mut body = UpstreamBody::new(resp.into_body(), body_timeout, Some((sender, upstream)));
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame?;
+            if let Some(t) = frame.trailers_ref() {
+                code = code.or_else(|| crate::grpc::status(t));
+            }
+        }
+        Ok::<(), crate::body::BoxError>(())
+    };
+    let outcome = match tokio::time::timeout(total, read).await {
+        Err(_) => return None,
+        Ok(Err(e)) if e.is::<crate::body::BodyTimeout>() => Outcome::Timeout,
+        Ok(Err(_)) => Outcome::Error,
+        Ok(Ok(())) if error => Outcome::Error,
+        Ok(Ok(())) if grpc && status == 200 => crate::grpc::outcome(
+            code.unwrap_or(crate::grpc::UNKNOWN),
+            route.grpc_errors,
+            call_bound,
+        ),
+        Ok(Ok(())) => Outcome::Ok,
+    };
+    Some(outcome)
+}

@@ -1,0 +1,252 @@
+//! Mirroring (`[route.mirror]`) through the real binary: copies carry the
+//! shadow header, are chosen per key and take bodies up to `max_body`; a
+//! failing shadow is reverted within seconds while clients see no error,
+//! an identical one is not; a slow canary delays no client and its copies
+//! stay under their cap.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Method;
+
+use super::support::{
+    metric, reference_judge, route_config, wait_route, Client, Upstream, Veer, FAST_JUDGE,
+};
+
+/// A weight-0 canary mirrored at `percent`, with `judge` and `extra`.
+fn mirrored(s: &Upstream, c: &Upstream, percent: f64, judge: &str, extra: &str) -> String {
+    route_config(&[s.addr], &[c.addr], 0.0, "")
+        + judge
+        + &format!("[route.mirror]\npercent = {percent}\n{extra}")
+}
+
+/// Polls `f` until it holds (panics naming `what` after `limit`).
+async fn until(what: &str, limit: Duration, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "never {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends `n` GETs with keys `{prefix}{i}`; every answer must be stable's 200.
+async fn send_all(veer: &Veer, prefix: &str, n: usize) {
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    for i in 0..n {
+        let key = format!("{prefix}{i}");
+        let r = c.get("/", &[("x-user-id", &key)]).await.unwrap();
+        assert_eq!(r.status(), 200, "{key}");
+        assert_eq!(r.headers()["x-upstream"], "stable", "{key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_carry_the_header_are_chosen_per_key_and_take_bodies_up_to_max_body() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let veer = Veer::start(&mirrored(&s, &c, 25.0, FAST_JUDGE, "max_body = 4096\n")).await;
+    send_all(&veer, "key-", 2000).await;
+    // About a quarter of the keys are copied (binomial sd ≈ 19 of 2000).
+    until("copies settled", Duration::from_secs(10), || {
+        let m = c.requests.load(Ordering::SeqCst);
+        (400..=600).contains(&m)
+    })
+    .await;
+    let copied = c.requests.load(Ordering::SeqCst);
+    let shadow = c.last_headers.lock().unwrap().get("x-veer-shadow").cloned();
+    assert_eq!(shadow.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));
+    assert!(
+        !s.last_headers.lock().unwrap().contains_key("x-veer-shadow"),
+        "stable's requests are not marked"
+    );
+    // A key is copied always or never: 5 more requests for 100 keys, and
+    // every key ends with all 6 of its requests copied or none.
+    for _ in 0..5 {
+        send_all(&veer, "key-", 100).await;
+    }
+    let copies = |i: usize| {
+        c.keys
+            .lock()
+            .unwrap()
+            .get(&format!("key-{i}"))
+            .copied()
+            .unwrap_or(0)
+    };
+    until(
+        "every key copied 0 or 6 times",
+        Duration::from_secs(10),
+        || (0..100).all(|i| copies(i) == 0 || copies(i) == 6),
+    )
+    .await;
+    let always = (0..100).filter(|i| copies(*i) == 6).count();
+    assert!((5..=50).contains(&always), "{always} of 100 keys copied");
+    assert!(copied >= always as u64);
+
+    // Bodies: find a copied key, then send it a small and a large body.
+    let mut client = Client::connect(veer.addr).await.unwrap();
+    let mut key = None;
+    for i in 0..200 {
+        let k = format!("body-{i}");
+        let before = c.requests.load(Ordering::SeqCst);
+        client.get("/", &[("x-user-id", &k)]).await.unwrap();
+        let start = Instant::now();
+        while c.requests.load(Ordering::SeqCst) == before
+            && start.elapsed() < Duration::from_millis(300)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if c.requests.load(Ordering::SeqCst) > before {
+            key = Some(k);
+            break;
+        }
+    }
+    let key = key.expect("a copied key among 200");
+    let small = Bytes::from(vec![b'a'; 1000]);
+    let bytes_before = c.body_bytes.load(Ordering::SeqCst);
+    let r = client
+        .send(Method::POST, "/", &[("x-user-id", &key)], small.clone())
+        .await
+        .unwrap();
+    assert_eq!((r.status().as_u16(), r.body().len()), (200, 1000));
+    until("the small body copied", Duration::from_secs(10), || {
+        c.body_bytes.load(Ordering::SeqCst) == bytes_before + 1000
+    })
+    .await;
+    let large = Bytes::from(vec![b'b'; 10_000]);
+    let r = client
+        .send(Method::POST, "/", &[("x-user-id", &key)], large)
+        .await
+        .unwrap();
+    assert_eq!((r.status().as_u16(), r.body().len()), (200, 10_000));
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_mirror_requests_total{result="too_large",route="web"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(c.body_bytes.load(Ordering::SeqCst), bytes_before + 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_shadow_is_reverted_within_seconds_while_clients_see_no_error() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.fail_one_in.store(2, Ordering::SeqCst);
+    let judge = reference_judge().replace("interval = \"1s\"", "interval = \"200ms\"");
+    let veer = Veer::start(&mirrored(&s, &c, 100.0, &judge, "")).await;
+    let start = Instant::now();
+    let mut sent = 0;
+    let route = loop {
+        send_all(&veer, &format!("r{sent}-"), 50).await;
+        sent += 50;
+        let route = veer.status().await["routes"][0].clone();
+        if !route["reverted"].is_null() {
+            break route;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never reverted: {route}"
+        );
+    };
+    let took = start.elapsed();
+    assert_eq!(route["reverted"]["guard"], "mirror_error_test", "{route}");
+    assert!(
+        route["reverted"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("mirrored requests"),
+        "{route}"
+    );
+    eprintln!("failing shadow reverted after {took:?} and {sent} requests");
+    // The revert stops the mirroring: once the copies in flight are done,
+    // no more reach the canary.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = c.requests.load(Ordering::SeqCst);
+    send_all(&veer, "after-", 200).await;
+    assert_eq!(c.requests.load(Ordering::SeqCst), before);
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_reverts_total{reason="mirror_error_test",route="web"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identical_shadow_is_judged_healthy_and_never_reverted() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    // Both fail the same requests: a path both versions get wrong.
+    let judge = reference_judge().replace("interval = \"1s\"", "interval = \"200ms\"");
+    let veer = Veer::start(&mirrored(&s, &c, 100.0, &judge, "")).await;
+    let mut client = Client::connect(veer.addr).await.unwrap();
+    let start = Instant::now();
+    let mut i = 0u64;
+    while start.elapsed() < Duration::from_secs(12) {
+        i += 1;
+        let path = if i % 10 == 0 { "/fail" } else { "/" };
+        let key = format!("aa-{}", i % 300);
+        let r = client.get(path, &[("x-user-id", &key)]).await.unwrap();
+        assert_eq!(r.headers()["x-upstream"], "stable");
+    }
+    let route = wait_route(
+        &veer,
+        "healthy on its pairs",
+        Duration::from_secs(10),
+        |r| r["verdict"] == "healthy",
+    )
+    .await;
+    assert!(route["reverted"].is_null(), "{route}");
+    assert!(
+        route["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("mirrored pairs"),
+        "{route}"
+    );
+    // Stable's failures were not the canary's (they failed on both).
+    let m = veer.metrics().await;
+    let errors = metric(
+        &m,
+        r#"veer_mirror_requests_total{result="error",route="web"}"#,
+    );
+    assert!(errors.unwrap_or(0.0) > 0.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_canary_delays_no_client_and_its_copies_stay_under_the_cap() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.delay_ms.store(500, Ordering::SeqCst);
+    let judge = FAST_JUDGE.to_string() + "mode = \"observe\"\n";
+    let veer = Veer::start(&mirrored(&s, &c, 100.0, &judge, "max_concurrent = 4\n")).await;
+    // 40 requests one after another: waiting for each copy would take at
+    // least 40 × 500 ms = 20 s.
+    let start = Instant::now();
+    send_all(&veer, "slow-", 40).await;
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let m = veer.metrics().await;
+    let busy = metric(
+        &m,
+        r#"veer_mirror_requests_total{result="busy",route="web"}"#,
+    );
+    assert!(busy.unwrap_or(0.0) >= 20.0, "{m}");
+    assert!(
+        c.connections.load(Ordering::SeqCst) <= 4,
+        "{}",
+        c.connections.load(Ordering::SeqCst)
+    );
+    // The copies in flight finish and are answered (counted ok).
+    until("copies answered", Duration::from_secs(10), || {
+        c.requests.load(Ordering::SeqCst) >= 4
+    })
+    .await;
+}

@@ -366,6 +366,11 @@ impl Judge {
         }
     }
 
+    /// Mirrored pairs judged over the window.
+    pub fn pairs_in_window(&self) -> u64 {
+        self.pair_window.iter().sum()
+    }
+
     /// Window totals of stable.
     pub fn stable_stats(&self) -> &Stats {
         self.stable.stats()

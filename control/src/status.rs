@@ -139,6 +139,21 @@ pub struct RouteStatus {
     /// Where the decision came from, in a fleet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<RouteFleetStatus>,
+    /// Mirroring, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorStatus>,
+}
+
+/// A route's `[route.mirror]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MirrorStatus {
+    /// Share of stable's requests copied, percent.
+    pub percent: f64,
+    /// Copies are being sent (false while the canary is reverted or its
+    /// smoke checks have not passed).
+    pub active: bool,
+    /// Pairs judged in the judge's window.
+    pub pairs_in_window: u64,
 }
 
 /// A route's deployments that ended in the last 30 days.
@@ -364,6 +379,7 @@ mod tests {
                 window: WindowStatus::default(),
                 deployments: DeploymentStatus::default(),
                 fleet: None,
+                mirror: None,
             })],
             ..StatusDoc::default()
         };

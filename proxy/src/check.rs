@@ -144,6 +144,20 @@ pub fn summary(path: &Path, c: &Config) -> String {
             "    judge {mode}, every {:?} over {:?}",
             r.judge.interval, r.judge.window
         );
+        if let Some(m) = &r.mirror {
+            let _ = writeln!(
+                out,
+                "    mirror {}% of stable's requests to the canary (bodies up to {} bytes, {} copies in flight){}",
+                f64::from(m.percent_bp) / 100.0,
+                m.max_body,
+                m.max_concurrent,
+                if m.methods.is_empty() {
+                    String::new()
+                } else {
+                    format!(", methods {}", m.methods.join(" "))
+                }
+            );
+        }
         if let Some(ro) = &r.rollout {
             let steps: Vec<String> = ro
                 .steps_bp

@@ -72,6 +72,11 @@ pub fn route_status(
         },
         deployments: deployments.into(),
         fleet: None,
+        mirror: c.mirror.as_ref().map(|m| veer_control::status::MirrorStatus {
+            percent: f64::from(m.percent_bp) / 100.0,
+            active: target.mirror.is_some(),
+            pairs_in_window: rt.judge.pairs_in_window(),
+        }),
     }
 }
 

@@ -148,6 +148,19 @@ pub fn render(v: &StatusDoc) -> String {
                 }
             );
         }
+        if let Some(m) = &r.mirror {
+            let _ = writeln!(
+                out,
+                "  mirror {}% of stable's requests to the canary: {}, {} pairs in the window",
+                m.percent,
+                if m.active {
+                    "active"
+                } else {
+                    "stopped (canary reverted or not open yet)"
+                },
+                m.pairs_in_window
+            );
+        }
         if let Some(f) = &r.fleet {
             let _ = writeln!(
                 out,

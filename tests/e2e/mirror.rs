@@ -154,6 +154,11 @@ async fn a_failing_shadow_is_reverted_within_seconds_while_clients_see_no_error(
     };
     let took = start.elapsed();
     assert_eq!(route["reverted"]["guard"], "mirror_error_test", "{route}");
+    let route = wait_route(&veer, "mirroring stopped", Duration::from_secs(5), |r| {
+        r["mirror"]["active"] == false
+    })
+    .await;
+    assert_eq!(route["mirror"]["percent"], 100.0, "{route}");
     assert!(
         route["reverted"]["reason"]
             .as_str()
@@ -209,6 +214,20 @@ async fn an_identical_shadow_is_judged_healthy_and_never_reverted() {
             .as_str()
             .unwrap_or("")
             .contains("mirrored pairs"),
+        "{route}"
+    );
+    assert_eq!(route["mirror"]["active"], true, "{route}");
+    assert!(
+        route["mirror"]["pairs_in_window"].as_u64() > Some(100),
+        "{route}"
+    );
+    // The paired twins of the limit tests are in the evidence.
+    let tests = route["evidence"]["tests"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        tests.iter().any(|t| t["guard"] == "mirror_error_test"),
         "{route}"
     );
     // Stable's failures were not the canary's (they failed on both).

@@ -118,6 +118,12 @@ impl Validator<'_> {
         judge.blue_green = strategy == Strategy::BlueGreen;
         let mirror = r.mirror.as_ref().and_then(|m| self.mirror(m, r));
         judge.mirrored = mirror.is_some();
+        if let (Some(m), JudgeMode::Off) = (&r.mirror, judge.mode) {
+            self.warn(
+                m.span(),
+                "[route.mirror] does nothing while the judge is off (copies are made to be judged): use mode = \"observe\" to mirror without reverting",
+            );
+        }
         let rollout = r.rollout.as_ref().map(|ro| {
             let rr = ro.get_ref();
             let mut steps_bp: Vec<u16> = Vec::new();

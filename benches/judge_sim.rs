@@ -47,6 +47,8 @@
 
 #[path = "args.rs"]
 mod args;
+#[path = "judge_sim_mirror.rs"]
+mod mirror;
 use args::{arg, str_arg};
 
 use std::time::{Duration, Instant};
@@ -1082,6 +1084,37 @@ fn main() {
             ratio_slot,
         ),
     ];
+    // `--mirrored-only`: only table (c); `--mirror-percent P` (default 5).
+    let percent = arg("--mirror-percent", 5) as f64;
+    let mirrored_rows = [
+        Scenario {
+            name: "A/A (identical versions)",
+            canary_errors: BASE_ERRORS,
+            canary_latency: Latency::Base,
+            aa: true,
+            oracle: Oracle::Errors,
+        },
+        errors("errors 0.1 % -> 1 %", 0.01),
+        errors("errors 0.1 % -> 5 %", 0.05),
+        latency(
+            "every request 1.5x slower",
+            Latency::Scaled(1.5),
+            ratio_slot,
+        ),
+        latency(
+            "the slowest 2 % 3x slower (p99 x3)",
+            Latency::TailScaled {
+                above_us: base_quantile(0.98),
+                factor: 3.0,
+            },
+            ratio_slot,
+        ),
+    ];
+    if std::env::args().any(|a| a == "--mirrored-only") {
+        mirror::mirrored_table(&mirrored_rows, runs, detect_runs, rate, percent);
+        println!("Took {:.0} s.", started.elapsed().as_secs_f64());
+        return;
+    }
     let limit = 1800;
     // `--scenario N`: only the N-th row of table (b) (0-based); `--onset S`:
     // only that onset.
@@ -1116,6 +1149,7 @@ fn main() {
         }
         println!();
     }
+    mirror::mirrored_table(&mirrored_rows, runs, detect_runs, rate, percent);
     println!(
         "delays are in seconds from the onset to the tick that breached ({} ms interval; looks between ticks every {} ms, 0 = none).\n\
          The oracle column is a reference for what the data allow: Wald's SPRT on the same distinct-key events as the\n\

@@ -955,6 +955,51 @@ fn main() {
     );
     println!();
 
+    let errors = |name, canary_errors| Scenario {
+        name,
+        canary_errors,
+        canary_latency: Latency::Base,
+        aa: false,
+        oracle: Oracle::Errors,
+    };
+    let latency = |name, canary_latency, oracle| Scenario {
+        name,
+        canary_errors: BASE_ERRORS,
+        canary_latency,
+        aa: false,
+        oracle,
+    };
+    // `--mirrored-only`: only table (c); `--mirror-percent P` (default 5).
+    let percent = arg("--mirror-percent", 5) as f64;
+    let mirrored_rows = [
+        Scenario {
+            name: "A/A (identical versions)",
+            canary_errors: BASE_ERRORS,
+            canary_latency: Latency::Base,
+            aa: true,
+            oracle: Oracle::Errors,
+        },
+        errors("errors 0.1 % -> 1 %", 0.01),
+        errors("errors 0.1 % -> 5 %", 0.05),
+        latency(
+            "every request 1.5x slower",
+            Latency::Scaled(1.5),
+            ratio_slot,
+        ),
+        latency(
+            "the slowest 2 % 3x slower (p99 x3)",
+            Latency::TailScaled {
+                above_us: base_quantile(0.98),
+                factor: 3.0,
+            },
+            ratio_slot,
+        ),
+    ];
+    if std::env::args().any(|a| a == "--mirrored-only") {
+        mirror::mirrored_table(&mirrored_rows, runs, detect_runs, rate, percent);
+        println!("Took {:.0} s.", started.elapsed().as_secs_f64());
+        return;
+    }
     if runs > 0 {
         let rows = [
             Scenario {
@@ -1026,20 +1071,6 @@ fn main() {
         println!();
     }
 
-    let errors = |name, canary_errors| Scenario {
-        name,
-        canary_errors,
-        canary_latency: Latency::Base,
-        aa: false,
-        oracle: Oracle::Errors,
-    };
-    let latency = |name, canary_latency, oracle| Scenario {
-        name,
-        canary_errors: BASE_ERRORS,
-        canary_latency,
-        aa: false,
-        oracle,
-    };
     let scenarios = [
         errors("errors 0.1 % -> 0.2 %", 0.002),
         errors("errors 0.1 % -> 0.3 %", 0.003),
@@ -1084,37 +1115,6 @@ fn main() {
             ratio_slot,
         ),
     ];
-    // `--mirrored-only`: only table (c); `--mirror-percent P` (default 5).
-    let percent = arg("--mirror-percent", 5) as f64;
-    let mirrored_rows = [
-        Scenario {
-            name: "A/A (identical versions)",
-            canary_errors: BASE_ERRORS,
-            canary_latency: Latency::Base,
-            aa: true,
-            oracle: Oracle::Errors,
-        },
-        errors("errors 0.1 % -> 1 %", 0.01),
-        errors("errors 0.1 % -> 5 %", 0.05),
-        latency(
-            "every request 1.5x slower",
-            Latency::Scaled(1.5),
-            ratio_slot,
-        ),
-        latency(
-            "the slowest 2 % 3x slower (p99 x3)",
-            Latency::TailScaled {
-                above_us: base_quantile(0.98),
-                factor: 3.0,
-            },
-            ratio_slot,
-        ),
-    ];
-    if std::env::args().any(|a| a == "--mirrored-only") {
-        mirror::mirrored_table(&mirrored_rows, runs, detect_runs, rate, percent);
-        println!("Took {:.0} s.", started.elapsed().as_secs_f64());
-        return;
-    }
     let limit = 1800;
     // `--scenario N`: only the N-th row of table (b) (0-based); `--onset S`:
     // only that onset.

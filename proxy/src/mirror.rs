@@ -410,3 +410,75 @@ async fn answer(
     };
     Some(outcome)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::RouteKeys;
+    use crate::split::is_canary;
+
+    fn target(percent_bp: u16, methods: &[&str]) -> MirrorTarget {
+        let m = Mirror {
+            percent_bp,
+            max_body: 1024,
+            max_concurrent: 2,
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+        };
+        let c = || IntCounter::new("x", "x").expect("counter");
+        MirrorTarget::new(&m, Arc::new(Pairs::new(2)), [c(), c(), c(), c(), c()])
+    }
+
+    #[test]
+    fn the_copied_share_is_percent_of_stables_requests_whatever_the_weight() {
+        let t = target(1000, &[]);
+        let mut rng = fastrand::Rng::with_seed(3);
+        let (mut stable, mut copied) = (0u32, 0u32);
+        for _ in 0..200_000 {
+            let h = rng.u64(..);
+            // A 30 % canary takes its buckets; the copies come from the rest.
+            if is_canary(bucket_of_hash(h), 3000) {
+                continue;
+            }
+            stable += 1;
+            copied += u32::from(t.wants(&Method::GET, Some(h)));
+        }
+        let share = f64::from(copied) / f64::from(stable);
+        assert!((share - 0.10).abs() < 0.005, "{share}");
+        // The same key, the same answer.
+        let h = rng.u64(..);
+        let first = t.wants(&Method::GET, Some(h));
+        assert!((0..100).all(|_| t.wants(&Method::GET, Some(h)) == first));
+        let only_get = target(10_000, &["GET"]);
+        assert!(only_get.wants(&Method::GET, Some(h)));
+        assert!(!only_get.wants(&Method::POST, Some(h)));
+    }
+
+    #[test]
+    fn pairs_are_counted_by_which_side_was_bad_and_slow_against_each_sides_threshold() {
+        let keys = Arc::new(RouteKeys::new(1));
+        let (st, ca) = (Recorder::new(keys.clone()), Recorder::for_canary(keys));
+        st.set_thresholds(&[Some(1_000)]);
+        ca.set_thresholds(&[Some(1_300)]);
+        let p = Pairs::new(1);
+        // The copy failed alone; both failed; stable alone.
+        p.record((100, Outcome::Ok), (100, Outcome::Error), &st, &ca);
+        p.record((100, Outcome::Error), (100, Outcome::Error), &st, &ca);
+        p.record((100, Outcome::ConnectError), (100, Outcome::Ok), &st, &ca);
+        // 1 200 µs: slow for stable, not for the canary's 1.3x threshold.
+        p.record((1_200, Outcome::Ok), (1_200, Outcome::Ok), &st, &ca);
+        // The copy timed out: slow whatever its time.
+        p.record((10, Outcome::Ok), (10, Outcome::Timeout), &st, &ca);
+        let t = p.drain(1);
+        assert_eq!(t.pairs, 5);
+        assert_eq!(
+            (t.errors.canary_only, t.errors.stable_only, t.errors.both),
+            (2, 1, 1)
+        );
+        let slow = t.slow.first().copied().unwrap_or_default();
+        assert_eq!((slow.canary_only, slow.stable_only, slow.both), (1, 1, 0));
+        assert_eq!(p.drain(1).pairs, 0);
+        // The cap: one copy at a time.
+        let first = p.permit();
+        assert!(first.is_some() && p.permit().is_none());
+    }
+}

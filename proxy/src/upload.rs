@@ -308,6 +308,38 @@ mod tests {
     }
 
     #[test]
+    fn a_tee_keeps_the_whole_body_up_to_its_limit_and_says_when_it_gave_up() {
+        let tee = |limit| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (
+                Tee {
+                    chunks: Vec::new(),
+                    len: 0,
+                    limit,
+                    done: tx,
+                },
+                rx,
+            )
+        };
+        let (mut t, mut rx) = tee(10);
+        assert!(t.keep(&Bytes::from_static(b"hello ")));
+        assert!(t.keep(&Bytes::new()));
+        assert!(t.keep(&Bytes::from_static(b"tee")));
+        t.finish();
+        assert_eq!(
+            rx.try_recv().ok().flatten(),
+            Some(Bytes::from_static(b"hello tee"))
+        );
+        let (mut t, _rx) = tee(4);
+        assert!(!t.keep(&Bytes::from_static(b"hello")));
+        // A body copy is a plain full body.
+        let copy = ClientBody::copy(Bytes::from_static(b"abc"));
+        assert_eq!(copy.size_hint().exact(), Some(3));
+        assert!(!copy.is_end_stream());
+        assert!(ClientBody::copy(Bytes::new()).is_end_stream());
+    }
+
+    #[test]
     fn the_first_fault_is_kept_and_each_kind_is_a_client_status() {
         let u = Upload::new();
         assert_eq!(u.fault(), None);

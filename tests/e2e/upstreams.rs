@@ -1176,3 +1176,41 @@ mod tokio_stream_shim {
         }
     }
 }
+
+/// gRPC calls are mirrored too: the copy of a unary call goes to an h2c
+/// canary, and copies answered INTERNAL (an HTTP 200 whose grpc-status
+/// says it failed) revert a weight-0 canary on the pairs while every
+/// caller gets stable's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrored_grpc_calls_are_judged_by_their_grpc_status() {
+    let s = GrpcPeer::start("stable", None).await;
+    let c = GrpcPeer::start("canary", None).await;
+    c.mode.store(FAIL_HALF, Ordering::SeqCst);
+    let veer = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", s.addr),
+        Some(&format!(
+            "version = \"v2\"\nendpoints = [\"h2c://{}\"]\nweight = 0",
+            c.addr
+        )),
+        &format!("{FAST_JUDGE}[route.mirror]\npercent = 100\n"),
+    ))
+    .await;
+    let mut client = grpc_client(&veer).await;
+    let start = std::time::Instant::now();
+    let mut n = 0u64;
+    let route = loop {
+        n += 1;
+        let r = client.check(check_request(&format!("u{n}"))).await;
+        let r = r.expect("every caller gets stable's answer");
+        assert_eq!(r.metadata().get("x-upstream").unwrap(), "stable");
+        if n % 20 == 0 {
+            let route = veer.status().await["routes"][0].clone();
+            if !route["reverted"].is_null() {
+                break route;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "never reverted");
+    };
+    assert_eq!(route["reverted"]["guard"], "mirror_error_test", "{route}");
+    assert!(c.calls.load(Ordering::SeqCst) > 0);
+}

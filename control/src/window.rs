@@ -155,7 +155,9 @@ impl Window {
     /// A window of `capacity` slices (at least 1).
     pub fn new(capacity: usize) -> Window {
         Window {
-            slices: VecDeque::with_capacity(capacity.max(1)),
+            // Grown by the first slices, not reserved: an idle route's
+            // windows hold none.
+            slices: VecDeque::new(),
             capacity: capacity.max(1),
             total: None,
             scratch: None,

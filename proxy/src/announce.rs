@@ -59,10 +59,7 @@ impl Announcer {
                     reason,
                     weight_before_bp,
                 } => {
-                    self.metrics
-                        .reverts
-                        .with_label_values(&[name, guard.as_str()])
-                        .inc();
+                    self.metrics.reverts.inc(name, guard.as_str());
                     self.fleet_decision(name, "revert", "local");
                     let before = percent(*weight_before_bp);
                     tracing::warn!(route = %name, guard = %guard, reason = %reason, weight_before = before, "canary reverted");
@@ -87,10 +84,7 @@ impl Announcer {
                 Event::OperatorAction { action, effective } => {
                     self.fleet_decision(name, action.as_str(), "local");
                     if *action == Action::Revert && *effective {
-                        self.metrics
-                            .reverts
-                            .with_label_values(&[name, Guard::Operator.as_str()])
-                            .inc();
+                        self.metrics.reverts.inc(name, Guard::Operator.as_str());
                     }
                     tracing::warn!(route = %name, action = action.as_str(), weight = percent(weight_bp), "operator action");
                     send("operator_action", json!({ "action": action.as_str() }));
@@ -104,10 +98,7 @@ impl Announcer {
                 }
                 Event::SmokeChecked { passed, reason } => {
                     let result = if *passed { "passed" } else { "failed" };
-                    self.metrics
-                        .smoke_checks
-                        .with_label_values(&[name, result])
-                        .inc();
+                    self.metrics.smoke_checks.inc(name, result);
                     if *passed {
                         tracing::info!(route = %name, reason = %reason, "smoke checks passed: the canary gets traffic as configured");
                     } else {

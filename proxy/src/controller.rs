@@ -300,9 +300,7 @@ impl Controller {
             n += 1;
             self.state.record_end(name, *result, now);
             let m = &self.shared.metrics;
-            m.deployments
-                .with_label_values(&[name, result.as_str()])
-                .inc();
+            m.deployments.inc(name, result.as_str());
             if *result == DeploymentResult::Reverted {
                 let first = self
                     .routes

@@ -30,6 +30,7 @@ pub mod publish;
 pub mod record;
 pub mod reload;
 pub mod reresolve;
+pub mod route_metrics;
 pub mod router;
 pub mod run;
 pub mod runtime;

@@ -8,13 +8,16 @@ use prometheus::{
 use veer_control::guard::Guard;
 use veer_control::rollout::{DeploymentResult, Label};
 
+use std::sync::Arc;
+
 use crate::error::UPSTREAM_KINDS;
+use crate::route_metrics::RouteFamily;
 use crate::window_metrics::WindowSummary;
 
 /// Registers a shared collector (the registry wants ownership).
-struct SharedCollector(std::sync::Arc<WindowSummary>);
+struct SharedCollector<C>(Arc<C>);
 
-impl prometheus::core::Collector for SharedCollector {
+impl<C: prometheus::core::Collector> prometheus::core::Collector for SharedCollector<C> {
     fn desc(&self) -> Vec<&prometheus::core::Desc> {
         self.0.desc()
     }
@@ -50,11 +53,11 @@ pub struct Metrics {
     /// `veer_open_connections`: client connections being served.
     pub open_connections: IntGauge,
     /// `veer_verdict{route,verdict}`: 1 for the current verdict.
-    pub verdict: IntGaugeVec,
+    pub verdict: Arc<RouteFamily>,
     /// `veer_reverts_total{route,reason}`.
-    pub reverts: IntCounterVec,
+    pub reverts: Arc<RouteFamily>,
     /// `veer_deployments_total{route,result}`: ended deployments (DORA).
-    pub deployments: IntCounterVec,
+    pub deployments: Arc<RouteFamily>,
     /// `veer_change_failure_ratio{route}`: reverted over ended, 30 days.
     pub change_failure_ratio: GaugeVec,
     /// `veer_time_to_revert_seconds{route}`: canary's first request to revert.
@@ -73,7 +76,7 @@ pub struct Metrics {
     pub webhook_events: IntCounterVec,
     /// `veer_smoke_checks_total{route,result}`: runs of a route's smoke
     /// checks, passed or failed.
-    pub smoke_checks: IntCounterVec,
+    pub smoke_checks: Arc<RouteFamily>,
     /// `veer_grpc_responses_total`.
     pub grpc: IntCounterVec,
     /// `veer_mirror_requests_total{route,result}`.
@@ -256,24 +259,27 @@ impl Metrics {
         )?;
         let open_connections =
             IntGauge::new("veer_open_connections", "Client connections being served.")?;
-        let verdict = IntGaugeVec::new(
-            Opts::new(
-                "veer_verdict",
-                "1 for the route's current judge verdict, 0 for the others.",
-            ),
-            &["route", "verdict"],
-        )?;
-        let reverts = IntCounterVec::new(
-            Opts::new("veer_reverts_total", "Canaries taken out of traffic, by the guard or test that tripped (operator: an admin action)."),
-            &["route", "reason"],
-        )?;
-        let deployments = IntCounterVec::new(
-            Opts::new(
-                "veer_deployments_total",
-                "Deployments (canary identities, or runs of one after a reset) that ended: promoted, reverted or replaced.",
-            ),
-            &["route", "result"],
-        )?;
+        let verdict = Arc::new(RouteFamily::new(
+            "veer_verdict",
+            "1 for the route's current judge verdict, 0 for the others.",
+            "verdict",
+            Label::ALL.iter().map(|l| l.as_str()).collect(),
+            true,
+        )?);
+        let reverts = Arc::new(RouteFamily::new(
+            "veer_reverts_total",
+            "Canaries taken out of traffic, by the guard or test that tripped (operator: an admin action).",
+            "reason",
+            Guard::ALL.iter().map(|g| g.as_str()).collect(),
+            false,
+        )?);
+        let deployments = Arc::new(RouteFamily::new(
+            "veer_deployments_total",
+            "Deployments (canary identities, or runs of one after a reset) that ended: promoted, reverted or replaced.",
+            "result",
+            DeploymentResult::ALL.iter().map(|r| r.as_str()).collect(),
+            false,
+        )?);
         let change_failure_ratio = GaugeVec::new(
             Opts::new(
                 "veer_change_failure_ratio",
@@ -321,13 +327,13 @@ impl Metrics {
             ),
             &["result"],
         )?;
-        let smoke_checks = IntCounterVec::new(
-            Opts::new(
-                "veer_smoke_checks_total",
-                "Runs of a route's smoke checks against a new canary (every check on every endpoint), by result: passed, failed.",
-            ),
-            &["route", "result"],
-        )?;
+        let smoke_checks = Arc::new(RouteFamily::new(
+            "veer_smoke_checks_total",
+            "Runs of a route's smoke checks against a new canary (every check on every endpoint), by result: passed, failed.",
+            "result",
+            vec!["passed", "failed"],
+            false,
+        )?);
         let mirror = IntCounterVec::new(
             Opts::new(
                 "veer_mirror_requests_total",
@@ -345,7 +351,6 @@ impl Metrics {
         for c in [
             requests.clone(),
             grpc.clone(),
-            smoke_checks.clone(),
             mirror.clone(),
             upstream_errors.clone(),
             proxy_errors.clone(),
@@ -359,15 +364,16 @@ impl Metrics {
         registry.register(Box::new(canary_weight.clone()))?;
         registry.register(Box::new(version_info.clone()))?;
         registry.register(Box::new(open_connections.clone()))?;
-        registry.register(Box::new(verdict.clone()))?;
-        registry.register(Box::new(reverts.clone()))?;
+        registry.register(Box::new(SharedCollector(verdict.clone())))?;
+        registry.register(Box::new(SharedCollector(reverts.clone())))?;
+        registry.register(Box::new(SharedCollector(smoke_checks.clone())))?;
         registry.register(Box::new(window_requests.clone()))?;
         registry.register(Box::new(window_error_ratio.clone()))?;
         registry.register(Box::new(e_value.clone()))?;
         registry.register(Box::new(rollout_step.clone()))?;
         registry.register(Box::new(SharedCollector(window_latency.clone())))?;
         registry.register(Box::new(webhook_events.clone()))?;
-        registry.register(Box::new(deployments.clone()))?;
+        registry.register(Box::new(SharedCollector(deployments.clone())))?;
         registry.register(Box::new(change_failure_ratio.clone()))?;
         registry.register(Box::new(time_to_revert.clone()))?;
         build_info
@@ -456,15 +462,9 @@ impl Metrics {
     /// Exports a new route's revert counters at 0, one per guard (see
     /// `Metrics::new` on why).
     pub fn add_route(&self, route: &str) {
-        for g in Guard::ALL {
-            self.reverts.with_label_values(&[route, g.as_str()]);
-        }
-        for r in DeploymentResult::ALL {
-            self.deployments.with_label_values(&[route, r.as_str()]);
-        }
-        for r in ["passed", "failed"] {
-            self.smoke_checks.with_label_values(&[route, r]);
-        }
+        self.reverts.add_route(route);
+        self.deployments.add_route(route);
+        self.smoke_checks.add_route(route);
     }
 
     /// A mirrored route's counters, one per [`crate::mirror::RESULTS`]
@@ -478,23 +478,15 @@ impl Metrics {
         for r in crate::mirror::RESULTS {
             let _ = self.mirror.remove_label_values(&[route, r]);
         }
-        for g in Guard::ALL {
-            let _ = self.reverts.remove_label_values(&[route, g.as_str()]);
-        }
-        for r in DeploymentResult::ALL {
-            let _ = self.deployments.remove_label_values(&[route, r.as_str()]);
-        }
-        for r in ["passed", "failed"] {
-            let _ = self.smoke_checks.remove_label_values(&[route, r]);
-        }
+        self.reverts.forget_route(route);
+        self.deployments.forget_route(route);
+        self.smoke_checks.forget_route(route);
         let _ = self.change_failure_ratio.remove_label_values(&[route]);
         let _ = self.time_to_revert.remove_label_values(&[route]);
         for source in ["configured", "effective"] {
             let _ = self.canary_weight.remove_label_values(&[route, source]);
         }
-        for v in Label::ALL {
-            let _ = self.verdict.remove_label_values(&[route, v.as_str()]);
-        }
+        self.verdict.forget_route(route);
         for t in ["errors", "latency"] {
             let _ = self.e_value.remove_label_values(&[route, t]);
         }
@@ -503,11 +495,7 @@ impl Metrics {
 
     /// Sets the route's verdict gauge to `current`.
     pub fn set_verdict(&self, route: &str, current: Label) {
-        for v in Label::ALL {
-            self.verdict
-                .with_label_values(&[route, v.as_str()])
-                .set(i64::from(v == current));
-        }
+        self.verdict.set_only(route, current.as_str());
     }
 
     /// Handles for failures outside any version.

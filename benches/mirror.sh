@@ -106,8 +106,10 @@ $judge
 $mirror
 TOML
   timeout 300 taskset -c 1 "$VEER" run --config "$work/veer.toml" > "$work/veer.log" 2>&1 &
-  local vpid=$!
+  local tpid=$!
   wait_http "http://127.0.0.1:$admin/readyz"
+  local vpid
+  vpid=$(pgrep -P "$tpid" -x veer)   # `timeout` is the parent
   taskset -c 0 wrk -t1 -c50 -d2s -s "$work/keys.lua" "http://127.0.0.1:$listen/" > /dev/null   # warm-up
   local out
   out=$(taskset -c 0 wrk -t1 -c50 -d"${DUR}s" --latency -s "$work/keys.lua" "http://127.0.0.1:$listen/")
@@ -122,11 +124,15 @@ TOML
   local rss
   rss=$(awk '/VmHWM/ {printf "%.0f MiB", $2 / 1024}' "/proc/$vpid/status" 2>/dev/null || echo "-")
   printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$rps" "$p50" "$p90" "$p99" "${errs:-0}" "$rss" "${counts%, }"
-  kill "$vpid"; wait "$vpid" 2>/dev/null || true
+  kill "$vpid"; wait "$tpid" 2>/dev/null || true
 }
 
 printf '| mirroring | req/s | p50 | p90 | p99 | non-2xx | peak RSS | veer_mirror_requests_total |\n|---|---|---|---|---|---|---|---|\n'
-run "off" ""
-run "10 %" $'[route.mirror]\npercent = 10'
-run "100 %" $'[route.mirror]\npercent = 100'
-run "off (again)" ""
+# MIRROR="off 10 100 off" (default): the runs, in order.
+for m in ${MIRROR:-off 10 100 off}; do
+  if [ "$m" = off ]; then
+    run "off" ""
+  else
+    run "$m %" "$(printf '[route.mirror]\npercent = %s' "$m")"
+  fi
+done

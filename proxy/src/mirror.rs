@@ -204,7 +204,15 @@ impl MirrorTarget {
             Some(h) => bucket_of_hash(h.rotate_left(32).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16),
             None => random_bucket(),
         };
-        bucket < self.bp
+        if bucket >= self.bp {
+            return false;
+        }
+        // All copies busy: skipped before anything is made for it.
+        if self.pairs.in_flight.available_permits() == 0 {
+            self.count(3);
+            return false;
+        }
+        true
     }
 
     fn count(&self, result: usize) {

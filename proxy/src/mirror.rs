@@ -5,9 +5,10 @@
 //! task once the request body is whole (kept, up to `max_body`, as stable's
 //! upstream reads it), carries `x-veer-shadow: 1`, and its answer is read to
 //! the end and dropped. It is never retried, and at most `max_concurrent`
-//! copies of a route are in flight (a request that finds them all busy is
-//! not copied), so a slow canary costs the proxy a bounded number of tasks,
-//! buffers and connections, and the client nothing.
+//! copies of a route are in flight, from the choice until their pair is
+//! complete (a request that finds them all busy is not copied), so a slow
+//! canary (or a long answer from stable) costs the proxy a bounded number
+//! of tasks, buffers and connections, and the client nothing.
 //!
 //! Once the copy has its answer and stable's answer to the original has
 //! been recorded (at the end of its body), the pair is counted for the
@@ -323,8 +324,10 @@ async fn run(
                 }
             }
         };
-    drop(permit);
     target.count(usize::from(shadow.1 != Outcome::Ok));
+    // The slot is held until the pair is complete: copies waiting for
+    // long answers from stable count against the cap too, so they cannot
+    // pile up.
     match tokio::time::timeout(PAIR_WAIT, seed.stable).await {
         Ok(Ok(stable)) => {
             target
@@ -333,6 +336,7 @@ async fn run(
         }
         _ => target.count(4),
     }
+    drop(permit);
 }
 
 /// A copy's answer head, and the connection it came on.

@@ -257,7 +257,14 @@ async fn a_slow_canary_delays_no_client_and_its_copies_stay_under_the_cap() {
         &m,
         r#"veer_mirror_requests_total{result="busy",route="web"}"#,
     );
-    assert!(busy.unwrap_or(0.0) >= 20.0, "{m}");
+    // Each of the 4 slots frees at most once per 500 ms: every other
+    // request found them busy (however slow this machine is today).
+    let rounds = 1 + took.as_millis() / 500;
+    let at_most_copied = (4 * rounds) as f64;
+    assert!(
+        busy.unwrap_or(0.0) >= 40.0 - at_most_copied,
+        "{took:?}: {m}"
+    );
     assert!(
         c.connections.load(Ordering::SeqCst) <= 4,
         "{}",

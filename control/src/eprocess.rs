@@ -564,7 +564,12 @@ impl<C: Component> Detector<C> {
     /// fresh start, the same negligible components dropped. (It does not
     /// apply the cap on components, which only ever lowers the value.)
     pub fn e_value_after(&self, w: f64, canary: u64, stable: u64) -> f64 {
-        let n = Counts::events(canary, stable);
+        self.e_value_after_counts(w, Counts::events(canary, stable))
+    }
+
+    /// [`Detector::e_value_after`] for a batch of any counts (mirrored
+    /// pairs: at `w = 1/2`).
+    pub fn e_value_after_counts(&self, w: f64, n: Counts) -> f64 {
         let steps = self.template.steps(w).filter(|_| n.any());
         let value = |e: &C| match &steps {
             Some(steps) => e.log_e_with(steps, n).exp(),

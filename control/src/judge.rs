@@ -652,6 +652,35 @@ impl Judge {
             })
     }
 
+    /// Whether a paired test has already crossed with the mirrored pairs
+    /// counted since the last tick (`pending`): the look between ticks, as
+    /// [`Judge::crossed`] for the routed tests. Nothing changes here.
+    pub fn crossed_pairs(&self, pending: &PairTick) -> bool {
+        if self.paired.is_empty() || self.watch.is_some() {
+            return false;
+        }
+        let threshold = self.threshold();
+        let warm = self.warming_up();
+        self.specs.iter().zip(&self.paired).any(|(spec, t)| {
+            let b = match spec.limit.slot() {
+                None => pending.errors,
+                Some(_) if warm => return false,
+                Some(slot) => match pending.slow.get(slot) {
+                    Some(b) => *b,
+                    None => return false,
+                },
+            };
+            // Only pairs where the canary's copy alone was bad can raise it.
+            b.canary_only > 0
+                && t.crossed(
+                    t.e_value_after_pairs(&b),
+                    threshold,
+                    t.events().0 + b.canary_only,
+                    PAIRED_SHARE,
+                )
+        })
+    }
+
     /// Adds a tick's mirrored pairs to the paired tests: every test but a
     /// latency one in the canary's warm-up or with its thresholds off. The
     /// canary's routing share plays no part (a pair is its own balanced

@@ -264,6 +264,20 @@ pub struct PairBatch {
 }
 
 impl LimitTest {
+    /// The e-value after the mirrored pairs of a look between ticks (see
+    /// [`LimitTest::update_pairs`]; the one-sample leg as of the last tick).
+    pub fn e_value_after_pairs(&self, b: &PairBatch) -> f64 {
+        let rel = self.rel.e_value_after_counts(
+            0.5,
+            crate::eprocess::Counts {
+                canary: b.canary_only,
+                stable: b.stable_only,
+                both: b.both,
+            },
+        );
+        combine(rel, self.abs.as_ref().map(|a| a.e_value()), 0.5)
+    }
+
     /// Adds a tick's mirrored pairs. The attribution leg takes them as
     /// pairs; an absolute limit's one-sample leg takes the canary's copies
     /// as the canary's requests (the copies are a sample of stable's

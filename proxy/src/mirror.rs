@@ -68,6 +68,8 @@ pub struct Pairs {
     slow: [[AtomicU64; 3]; MAX_THRESHOLDS],
     in_flight: Arc<Semaphore>,
     limit: AtomicUsize,
+    /// A canary-only pair since the last drain.
+    pending: std::sync::atomic::AtomicBool,
 }
 
 impl Pairs {
@@ -79,6 +81,7 @@ impl Pairs {
             slow: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             in_flight: Arc::new(Semaphore::new(max_concurrent)),
             limit: AtomicUsize::new(max_concurrent),
+            pending: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -124,8 +127,10 @@ impl Pairs {
             (true, true) => Some(2),
             (false, false) => None,
         };
+        let mut canary_only = false;
         if let Some(i) = which(bad(shadow.1), bad(stable.1)) {
             self.errors[i].fetch_add(1, Ordering::Relaxed);
+            canary_only |= i == 0;
         }
         for (slot, counts) in self.slow.iter().enumerate() {
             let (Some(ts), Some(tc)) =
@@ -136,9 +141,42 @@ impl Pairs {
             let slow = |(us, o): StableAnswer, t: u64| us > t || o == Outcome::Timeout;
             if let Some(i) = which(slow(shadow, tc), slow(stable, ts)) {
                 counts[i].fetch_add(1, Ordering::Relaxed);
+                canary_only |= i == 0;
             }
         }
         self.pairs.fetch_add(1, Ordering::Relaxed);
+        if canary_only {
+            // The controller's look between ticks may act on it.
+            self.pending.store(true, Ordering::Relaxed);
+            crate::record::raise_canary_events();
+        }
+    }
+
+    /// Whether a pair with the canary's copy alone bad was counted since
+    /// the last drain.
+    pub fn has_pending(&self) -> bool {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// The pairs counted since the last drain, without taking them.
+    pub fn pending(&self, slots: usize) -> PairTick {
+        let read = |c: &[AtomicU64; 3], pairs: u64| PairBatch {
+            canary_only: c[0].load(Ordering::Relaxed),
+            stable_only: c[1].load(Ordering::Relaxed),
+            both: c[2].load(Ordering::Relaxed),
+            pairs,
+        };
+        let pairs = self.pairs.load(Ordering::Relaxed);
+        PairTick {
+            pairs,
+            errors: read(&self.errors, pairs),
+            slow: self
+                .slow
+                .iter()
+                .take(slots.min(MAX_THRESHOLDS))
+                .map(|c| read(c, pairs))
+                .collect(),
+        }
     }
 
     /// Takes the pairs counted since the last drain, `slots` latency slots.
@@ -149,6 +187,7 @@ impl Pairs {
             both: c[2].swap(0, Ordering::Relaxed),
             pairs,
         };
+        self.pending.store(false, Ordering::Relaxed);
         let pairs = self.pairs.swap(0, Ordering::Relaxed);
         PairTick {
             pairs,

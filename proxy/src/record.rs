@@ -179,6 +179,14 @@ pub struct Recorder {
 /// something to look at, so idle routes cost it nothing.
 static CANARY_EVENTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Raises the flag [`take_canary_events`] lowers: a canary's bad event
+/// (also a mirrored copy's) that a look between ticks may act on.
+pub fn raise_canary_events() {
+    if !CANARY_EVENTS.load(Ordering::Relaxed) {
+        CANARY_EVENTS.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Whether a canary recorded a bad event since the last call.
 pub fn take_canary_events() -> bool {
     CANARY_EVENTS.swap(false, Ordering::Relaxed)

@@ -118,6 +118,13 @@ impl RouteRuntime {
         if self.early || breached {
             return false;
         }
+        // Mirrored pairs: no share involved, so a weight change does not
+        // stop the look.
+        if let Some(p) = self.pairs.as_ref().filter(|p| p.has_pending()) {
+            if self.judge.crossed_pairs(&p.pending(self.thresholds)) {
+                return true;
+            }
+        }
         if self.last_w_bp != Some(w_bp) {
             // The share changed since the last tick: those events are
             // not attributable to one share (the tick skips them too).

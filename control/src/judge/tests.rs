@@ -531,3 +531,25 @@ fn paired_tests_resume_only_on_a_mirrored_route() {
     let mut plain = Judge::new(&crate::limits::reference());
     assert!(!plain.restore_tests(saved));
 }
+
+#[test]
+fn a_look_between_ticks_sees_pairs_that_already_cross_and_changes_nothing() {
+    let mut j = Judge::new(&mirrored());
+    let _ = j.tick(TickInput {
+        pairs: pairs(100, 0, 0, 0),
+        ..input(0.0, tick(1_000, 1, 1_000), tick(0, 0, 1_000))
+    });
+    let before: Vec<f64> = j.evidence().tests.iter().map(|t| t.e).collect();
+    // 30 copies failing alone: crossed; 30 failing on both: not.
+    assert!(j.crossed_pairs(&pairs(100, 30, 0, 0)));
+    assert!(!j.crossed_pairs(&pairs(100, 0, 0, 30)));
+    assert!(!j.crossed_pairs(&pairs(100, 1, 0, 0)));
+    let after: Vec<f64> = j.evidence().tests.iter().map(|t| t.e).collect();
+    assert_eq!(before, after);
+    // The tick that follows breaches on the same pairs.
+    let v = j.tick(TickInput {
+        pairs: pairs(100, 30, 0, 0),
+        ..input(0.0, tick(1_000, 1, 1_000), tick(0, 0, 1_000))
+    });
+    assert_eq!(v.guard, Some(Guard::MirrorErrorTest), "{v:?}");
+}

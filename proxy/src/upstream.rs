@@ -378,6 +378,21 @@ impl Sender {
     }
 }
 
+/// Whether an HTTP/2 stream failed without the server processing it
+/// (RFC 9113 §8.7): reset with REFUSED_STREAM, or above the last stream of
+/// a graceful GOAWAY from the server. Such a request may be sent again.
+pub fn refused_unprocessed(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<h2::Error>() {
+            return h.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        source = err.source();
+    }
+    false
+}
+
 struct Idle {
     sender: Sender,
     since: Instant,

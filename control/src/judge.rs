@@ -539,21 +539,11 @@ impl Judge {
         if ca.requests < min && shadowed >= min && st.requests >= min {
             // A shadow-only canary (or one whose routed share is still
             // small): its verdict is the paired tests'.
-            let ev = self.evidence();
-            return Verdict {
-                status: Status::Healthy,
-                guard: None,
-                reason: format!(
-                    "{shadowed} mirrored pairs in the window, canary {} req routed; stable {} req, {:.2}% errors, p99 {:.1} ms; E(errors) {:.2}, E(latency) {:.2} of {:.0}",
-                    ca.requests,
-                    st.requests,
-                    st.error_rate() * 100.0,
-                    st.quantile_ms(0.99),
-                    ev.e_errors,
-                    ev.e_latency,
-                    ev.threshold,
-                ),
-            };
+            let what = format!(
+                "{shadowed} mirrored pairs in the window, canary {} req routed",
+                ca.requests
+            );
+            return self.healthy(what);
         }
         if ca.requests < min || (st.requests < min && !self.watching() && w < 1.0) {
             return Verdict {
@@ -565,15 +555,25 @@ impl Judge {
                 ),
             };
         }
+        let what = format!(
+            "canary {} req, {:.2}% errors, p99 {:.1} ms",
+            ca.requests,
+            ca.error_rate() * 100.0,
+            ca.quantile_ms(0.99)
+        );
+        self.healthy(what)
+    }
+
+    /// A healthy verdict: `canary` (what the canary's side shows), stable's
+    /// window and the evidence.
+    fn healthy(&self, canary: String) -> Verdict {
+        let (st, ca) = (self.stable.stats(), self.canary.stats());
         let ev = self.evidence();
         Verdict {
             status: Status::Healthy,
             guard: None,
             reason: format!(
-                "canary {} req, {:.2}% errors, p99 {:.1} ms; stable {} req, {:.2}% errors, p99 {:.1} ms; E(errors) {:.2}, E(latency) {:.2} of {:.0}{}",
-                ca.requests,
-                ca.error_rate() * 100.0,
-                ca.quantile_ms(0.99),
+                "{canary}; stable {} req, {:.2}% errors, p99 {:.1} ms; E(errors) {:.2}, E(latency) {:.2} of {:.0}{}",
                 st.requests,
                 st.error_rate() * 100.0,
                 st.quantile_ms(0.99),
@@ -662,13 +662,8 @@ impl Judge {
         let threshold = self.threshold();
         let warm = self.warming_up();
         self.specs.iter().zip(&self.paired).any(|(spec, t)| {
-            let b = match spec.limit.slot() {
-                None => pending.errors,
-                Some(_) if warm => return false,
-                Some(slot) => match pending.slow.get(slot) {
-                    Some(b) => *b,
-                    None => return false,
-                },
+            let Some(b) = pair_batch(spec.limit, pending, warm) else {
+                return false;
             };
             // Only pairs where the canary's copy alone was bad can raise it.
             b.canary_only > 0
@@ -698,13 +693,8 @@ impl Judge {
         }
         let warm = self.warming_up();
         for (spec, t) in self.specs.iter().zip(self.paired.iter_mut()) {
-            let batch = match spec.limit.slot() {
-                None => pairs.errors,
-                Some(_) if warm => continue,
-                Some(slot) => match pairs.slow.get(slot) {
-                    Some(b) => *b,
-                    None => continue,
-                },
+            let Some(batch) = pair_batch(spec.limit, pairs, warm) else {
+                continue;
             };
             t.update_pairs(&PairBatch {
                 pairs: pairs.pairs,
@@ -749,6 +739,16 @@ impl Judge {
             // Only canary events can raise the evidence.
             c > 0 && t.crossed(t.e_value_after(w, c, s), threshold, t.events().0 + c, w)
         })
+    }
+}
+
+/// What a tick's (or a look's) pairs give the paired test of `limit`:
+/// None for a latency test in the canary's warm-up or without its slot.
+fn pair_batch(limit: Limit, pairs: &PairTick, warm: bool) -> Option<PairBatch> {
+    match limit.slot() {
+        None => Some(pairs.errors),
+        Some(_) if warm => None,
+        Some(slot) => pairs.slow.get(slot).copied(),
     }
 }
 

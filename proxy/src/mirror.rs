@@ -160,43 +160,32 @@ impl Pairs {
 
     /// The pairs counted since the last drain, without taking them.
     pub fn pending(&self, slots: usize) -> PairTick {
-        let read = |c: &[AtomicU64; 3], pairs: u64| PairBatch {
-            canary_only: c[0].load(Ordering::Relaxed),
-            stable_only: c[1].load(Ordering::Relaxed),
-            both: c[2].load(Ordering::Relaxed),
-            pairs,
-        };
-        let pairs = self.pairs.load(Ordering::Relaxed);
-        PairTick {
-            pairs,
-            errors: read(&self.errors, pairs),
-            slow: self
-                .slow
-                .iter()
-                .take(slots.min(MAX_THRESHOLDS))
-                .map(|c| read(c, pairs))
-                .collect(),
-        }
+        self.read(slots, |c| c.load(Ordering::Relaxed))
     }
 
     /// Takes the pairs counted since the last drain, `slots` latency slots.
     pub fn drain(&self, slots: usize) -> PairTick {
-        let take = |c: &[AtomicU64; 3], pairs: u64| PairBatch {
-            canary_only: c[0].swap(0, Ordering::Relaxed),
-            stable_only: c[1].swap(0, Ordering::Relaxed),
-            both: c[2].swap(0, Ordering::Relaxed),
+        self.pending.store(false, Ordering::Relaxed);
+        self.read(slots, |c| c.swap(0, Ordering::Relaxed))
+    }
+
+    /// The counts as `get` reads each counter (a load, or a take).
+    fn read(&self, slots: usize, get: impl Fn(&AtomicU64) -> u64) -> PairTick {
+        let pairs = get(&self.pairs);
+        let batch = |c: &[AtomicU64; 3]| PairBatch {
+            canary_only: get(&c[0]),
+            stable_only: get(&c[1]),
+            both: get(&c[2]),
             pairs,
         };
-        self.pending.store(false, Ordering::Relaxed);
-        let pairs = self.pairs.swap(0, Ordering::Relaxed);
         PairTick {
             pairs,
-            errors: take(&self.errors, pairs),
+            errors: batch(&self.errors),
             slow: self
                 .slow
                 .iter()
                 .take(slots.min(MAX_THRESHOLDS))
-                .map(|c| take(c, pairs))
+                .map(batch)
                 .collect(),
         }
     }

@@ -47,6 +47,8 @@
 
 #[path = "args.rs"]
 mod args;
+#[path = "judge_sim_fleet.rs"]
+mod fleet;
 #[path = "judge_sim_mirror.rs"]
 mod mirror;
 use args::{arg, str_arg};
@@ -286,6 +288,13 @@ struct Split {
 
 impl Split {
     fn new(pop: &Population, seed: u64, weights: &[u16]) -> Split {
+        Split::of(pop, seed, weights, |_| true)
+    }
+
+    /// The split of the users whose key hash `keep` accepts (a replica's,
+    /// behind a sticky balancer); `traffic_share` stays the canary's share
+    /// of all users' activity (see [`Split::activity`] for theirs).
+    fn of(pop: &Population, seed: u64, weights: &[u16], keep: impl Fn(u64) -> bool) -> Split {
         let mut sides: Vec<[Side; 2]> = weights
             .iter()
             .map(|_| {
@@ -297,6 +306,9 @@ impl Split {
             .collect();
         for u in 0..USERS {
             let h = key_hash(u, seed);
+            if !keep(h) {
+                continue;
+            }
             for (i, w) in weights.iter().enumerate() {
                 if let Some(side) = sides
                     .get_mut(i)
@@ -316,6 +328,15 @@ impl Split {
             sides,
             traffic_share,
         }
+    }
+
+    /// The activity of the split's users (1 for all users) at weight
+    /// index `i`: (stable's, the canary's).
+    fn activity(&self, i: usize) -> (f64, f64) {
+        let total = |s: &Side| s.cdf.last().copied().unwrap_or(0.0);
+        self.sides
+            .get(i)
+            .map_or((0.0, 0.0), |[s, c]| (total(s), total(c)))
     }
 
     /// A user of the version at weight index `i`, by activity.
@@ -389,6 +410,35 @@ fn ticks_per_second() -> u32 {
     (1000 / interval_ms()) as u32
 }
 
+/// An A/A rollout's extras: three heavy users who fail every request, two
+/// error bursts, and its weights (detection runs: none, and 5 %).
+fn aa_extras(
+    sc: Scenario,
+    rng: &mut fastrand::Rng,
+    ticks: u32,
+) -> (Vec<usize>, Vec<u32>, [u16; 3]) {
+    if sc.aa {
+        (
+            (0..3).map(|_| rng.usize(0..200)).collect(),
+            (0..2).map(|_| rng.u32(0..ticks)).collect(),
+            [100, 500, 1000],
+        )
+    } else {
+        (vec![], vec![], [500, 500, 500])
+    }
+}
+
+/// The canary's weight (basis points) `s` seconds into a rollout: A/A
+/// rollouts step 1 % -> 5 % -> 10 %, detection runs stay at 5 %.
+fn weight_at(sc: Scenario, s: u32) -> u16 {
+    match s {
+        _ if !sc.aa => 500,
+        0..300 => 100,
+        300..2400 => 500,
+        _ => 1000,
+    }
+}
+
 /// What one rollout showed.
 struct Run {
     /// Time (ms since the canary's first request) of the judge's first
@@ -456,22 +506,7 @@ fn rollout(pop: &Population, sc: Scenario, seed: u64, ticks: u32, rate: f64, ons
     let burst_filter = KeyFilter::new();
     let burst_users = KeyFilter::new();
     let slow_keys: Vec<KeyFilter> = (0..nq).map(|_| KeyFilter::new()).collect();
-    // A/A extras: three heavy users who fail every request, two bursts.
-    let failing: Vec<usize> = if sc.aa {
-        (0..3).map(|_| rng.usize(0..200)).collect()
-    } else {
-        vec![]
-    };
-    let bursts: Vec<u32> = if sc.aa {
-        (0..2).map(|_| rng.u32(0..ticks)).collect()
-    } else {
-        vec![]
-    };
-    let weights: [u16; 3] = if sc.aa {
-        [100, 500, 1000]
-    } else {
-        [500, 500, 500]
-    };
+    let (failing, bursts, weights) = aa_extras(sc, &mut rng, ticks);
     let split = Split::new(pop, key_seed, &weights);
     // The judge starts with the canary's first request, under the first
     // weight (as the proxy's does when a canary identity appears).
@@ -491,15 +526,7 @@ fn rollout(pop: &Population, sc: Scenario, seed: u64, ticks: u32, rate: f64, ons
         ..VersionTick::default()
     };
     for t in 0..ticks {
-        let w_bp: u16 = if !sc.aa {
-            500
-        } else if t / tps < 300 {
-            100
-        } else if t / tps < 2400 {
-            500
-        } else {
-            1000
-        };
+        let w_bp = weight_at(sc, t / tps);
         let weight_changed = last_w != Some(w_bp);
         last_w = Some(w_bp);
         let w = f64::from(w_bp) / 10_000.0;
@@ -995,6 +1022,29 @@ fn main() {
             ratio_slot,
         ),
     ];
+    // `--replicas 1,2,4,8,16`: only table (d), the fleet (`--aa-seconds S`
+    // the A/A rollouts' length, `--seats N`, `--compare` adds today's
+    // unpooled fleet).
+    if let Some(sizes) = str_arg("--replicas") {
+        let sizes: Vec<usize> = sizes
+            .split(',')
+            .filter_map(|v| v.trim().parse().ok())
+            .filter(|n| *n >= 1)
+            .collect();
+        // A/A, errors 0.1 -> 5 %, p99 x3: rows of table (c).
+        let rows = [mirrored_rows[0], mirrored_rows[2], mirrored_rows[4]];
+        let aa_seconds = arg("--aa-seconds", 3600) as u32;
+        fleet::fleet_table(
+            [aa_population, &uniform],
+            &rows,
+            &sizes,
+            (runs, aa_seconds),
+            detect_runs,
+            rate,
+        );
+        println!("Took {:.0} s.", started.elapsed().as_secs_f64());
+        return;
+    }
     if std::env::args().any(|a| a == "--mirrored-only") {
         mirror::mirrored_table(&mirrored_rows, runs, detect_runs, rate, percent);
         println!("Took {:.0} s.", started.elapsed().as_secs_f64());

@@ -106,6 +106,9 @@ pub struct FleetSettings {
     pub ca_file: Option<PathBuf>,
     /// Client certificate and key for mTLS to the store.
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Seats for local tests per canary identity and epoch when the
+    /// evidence is pooled (see [`crate::pool`]); 0: not pooled.
+    pub seats: u32,
 }
 
 impl FleetSettings {
@@ -424,6 +427,10 @@ pub struct JudgeSettings {
     /// The route's availability objective (e.g. 0.999), for the canary
     /// burn-rate guard.
     pub slo: Option<f64>,
+    /// In a fleet that pools its evidence: the seats for local tests per
+    /// canary identity (see [`crate::pool`]); 0 alone (the local tests
+    /// have all of `false_revert_rate`).
+    pub fleet_seats: u32,
 }
 
 impl Default for JudgeSettings {
@@ -447,6 +454,7 @@ impl Default for JudgeSettings {
             mirrored: false,
             webhook: None,
             slo: None,
+            fleet_seats: 0,
         }
     }
 }

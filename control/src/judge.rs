@@ -33,6 +33,7 @@ use std::time::Duration;
 use crate::config::{JudgeSettings, Quantile};
 use crate::guard::Guard;
 use crate::limits::{self, Batch, Limit, LimitTest, PairBatch, Spec};
+use crate::pool::{Pool, PoolView};
 use crate::window::{Slice, Stats, Window};
 
 /// What one version did during one tick, as the proxy recorded it.
@@ -156,6 +157,31 @@ pub struct Evidence {
     pub thresholds_ms: Vec<(Quantile, Option<f64>)>,
     /// Every test.
     pub tests: Vec<TestEvidence>,
+    /// In a fleet that pools its evidence: the pooled tests.
+    pub pool: Option<PoolEvidence>,
+}
+
+/// The fleet's pooled tests as one replica sees them (`/status`
+/// `evidence.pool`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PoolEvidence {
+    /// This replica has applied the whole log of the fleet's batches (a
+    /// replica that joined late waits for a checkpoint; until then it
+    /// applies the others' pooled verdicts only).
+    pub complete: bool,
+    /// What a pooled test's e-value must reach (`2k/α`).
+    pub threshold: f64,
+    /// The local tests' seat (None: waiting for one; at or above `seats`:
+    /// the local tests do not act).
+    pub seat: Option<u32>,
+    /// Seats per canary identity and epoch.
+    pub seats: u32,
+    /// The store's revision of the last batch applied.
+    pub revision: i64,
+    /// Batches applied and dropped (another fingerprint, or a share outside (0, 1)).
+    pub batches: (u64, u64),
+    /// The pooled tests (their `thresholds_ms` are this replica's).
+    pub tests: Vec<TestEvidence>,
 }
 
 /// The sequential tests' state, saved in the state dir so that a restart
@@ -176,6 +202,10 @@ pub struct SavedTests {
     /// The paired tests of a mirrored route.
     #[serde(default)]
     paired: Vec<LimitTest>,
+    /// In a fleet that pools its evidence: the seat the local tests ran
+    /// at (a restart that resumes them keeps it).
+    #[serde(default)]
+    seat: Option<u32>,
 }
 
 /// The judge of one route.
@@ -207,6 +237,12 @@ pub struct Judge {
     paired: Vec<LimitTest>,
     /// Mirrored pairs per tick over the window (newest last).
     pair_window: std::collections::VecDeque<u64>,
+    /// In a fleet that pools its evidence: the fleet's pooled tests, as
+    /// this replica sees them (see [`crate::pool`]).
+    pool: Option<PoolView>,
+    /// The seat the local tests act at (see [`crate::pool`]); without one
+    /// they count but do not act.
+    seat: Option<u32>,
 }
 
 /// Requests of `h` slower than `t` µs.
@@ -245,6 +281,8 @@ impl Judge {
             watch: None,
             paired: Vec::new(),
             pair_window: std::collections::VecDeque::new(),
+            pool: None,
+            seat: None,
         };
         j.reset_tests();
         j.update_thresholds();
@@ -309,6 +347,8 @@ impl Judge {
         self.pair_window.clear();
         self.canary.clear();
         self.canary_age = None;
+        self.pool = None;
+        self.seat = None;
     }
 
     /// Takes over `earlier`'s window of stable (a judge of the same route
@@ -389,7 +429,7 @@ impl Judge {
             .collect();
         xxhash_rust::xxh3::xxh3_64(
             format!(
-                "limits-v1|{:?}|{}|{}{}",
+                "limits-v1|{:?}|{}|{}{}{}",
                 self.settings.margin,
                 specs.join(","),
                 self.restart_every,
@@ -397,6 +437,10 @@ impl Judge {
                     "|mirrored"
                 } else {
                     ""
+                },
+                match self.settings.fleet_seats {
+                    0 => String::new(),
+                    s => format!("|seats={s}"),
                 }
             )
             .as_bytes(),
@@ -410,6 +454,7 @@ impl Judge {
             tests: self.tests.clone(),
             watch: self.watch.clone(),
             paired: self.paired.clone(),
+            seat: self.seat,
         }
     }
 
@@ -425,6 +470,7 @@ impl Judge {
         self.tests = saved.tests;
         self.watch = saved.watch;
         self.paired = saved.paired;
+        self.seat = saved.seat;
         true
     }
 
@@ -433,9 +479,104 @@ impl Judge {
     /// another; on blue-green routes each of the watch's two tests (errors,
     /// latency) takes two: one for the bound on the old colour's baseline,
     /// one for the sequential test against it.
+    ///
+    /// In a fleet that pools its evidence the local tests have half of α,
+    /// shared by the seats: each at `2·k·seats/α` (see [`crate::pool`]).
     pub fn threshold(&self) -> f64 {
+        match self.settings.fleet_seats {
+            0 => self.k() / self.settings.false_revert_rate,
+            s => 2.0 * f64::from(s) * self.k() / self.settings.false_revert_rate,
+        }
+    }
+
+    /// What a pooled test's e-value must reach: `2k/α` (the pooled tests
+    /// share half of α, see [`crate::pool`]).
+    pub fn pool_threshold(&self) -> f64 {
+        2.0 * self.k() / self.settings.false_revert_rate
+    }
+
+    fn k(&self) -> f64 {
         let k = self.specs.len() + self.paired.len() + if self.settings.blue_green { 4 } else { 0 };
-        k.max(1) as f64 / self.settings.false_revert_rate
+        k.max(1) as f64
+    }
+
+    /// Whether the local tests may act: always alone; in a pooling fleet
+    /// with a seat below `seats`.
+    fn local_may_act(&self) -> bool {
+        match self.settings.fleet_seats {
+            0 => true,
+            s => self.seat.is_some_and(|n| n < s),
+        }
+    }
+
+    /// Whether the fleet pools this judge's evidence.
+    pub fn pooling(&self) -> bool {
+        self.settings.fleet_seats > 0
+    }
+
+    /// A fresh pool of this judge's ratio tests (None when it has none,
+    /// or the fleet does not pool).
+    pub fn fresh_pool(&self) -> Option<Pool> {
+        if !self.pooling() {
+            return None;
+        }
+        Pool::new(&self.specs, self.fingerprint(), self.restart_every)
+    }
+
+    /// The fingerprint batches of this judge's events carry.
+    pub fn pool_fingerprint(&self) -> u64 {
+        self.fingerprint()
+    }
+
+    /// The fleet's pooled tests as this replica sees them.
+    pub fn pool(&self) -> Option<&PoolView> {
+        self.pool.as_ref()
+    }
+
+    /// The same, to apply batches and checkpoints to.
+    pub fn pool_mut(&mut self) -> Option<&mut PoolView> {
+        self.pool.as_mut()
+    }
+
+    /// Starts following the fleet's pooled tests.
+    pub fn set_pool(&mut self, view: PoolView) {
+        self.pool = Some(view);
+    }
+
+    /// The local tests' seat.
+    pub fn seat(&self) -> Option<u32> {
+        self.seat
+    }
+
+    /// Gives the local tests their seat (a number from the store's
+    /// counter; at or above `seats` they never act).
+    pub fn set_seat(&mut self, seat: u32) {
+        if self.seat.is_none() {
+            self.seat = Some(seat);
+        }
+    }
+
+    /// Whether a pooled test has crossed its threshold.
+    pub fn pool_crossed(&self) -> bool {
+        self.pool_verdict().is_some()
+    }
+
+    /// The breach verdict of the first pooled test that crossed.
+    pub fn pool_verdict(&self) -> Option<Verdict> {
+        let pool = self.pool.as_ref()?.pool()?;
+        let threshold = self.pool_threshold();
+        let (i, e) = pool.crossed(threshold)?;
+        let spec = self.specs.get(i)?;
+        let (c, s) = pool.tests().find(|t| t.0 == i).map_or((0, 0), |t| t.2);
+        Some(Verdict {
+            status: Status::Breach,
+            guard: Some(spec.guard),
+            reason: format!(
+                "pooled over the fleet: {c} canary against {s} stable distinct-key {} events from every replica, more than a canary within \"{}\" would have; E = {e:.1} ≥ {threshold:.0}",
+                if spec.limit.is_latency() { "slow" } else { "error" },
+                report::describe(spec.limit)
+            ),
+        })
     }
 
     /// Whether a tick of `stable` and `canary` would be idle: no request in
@@ -466,6 +607,7 @@ impl Judge {
             && self.watch.is_none()
             && !(self.canary_age.is_some() && self.warming_up())
             && self.pair_window.iter().all(|n| *n == 0)
+            && !self.pool_crossed()
     }
 
     /// Whether the latency tests are still in the canary's warm-up.
@@ -631,6 +773,9 @@ impl Judge {
     }
 
     fn tests(&self) -> Option<Verdict> {
+        if !self.local_may_act() {
+            return self.pool_verdict();
+        }
         if let Some(v) = self.watch_test() {
             return Some(v);
         }
@@ -650,13 +795,14 @@ impl Judge {
                         .then(|| self.paired_breach(spec, t, e))
                 })
             })
+            .or_else(|| self.pool_verdict())
     }
 
     /// Whether a paired test has already crossed with the mirrored pairs
     /// counted since the last tick (`pending`): the look between ticks, as
     /// [`Judge::crossed`] for the routed tests. Nothing changes here.
     pub fn crossed_pairs(&self, pending: &PairTick) -> bool {
-        if self.paired.is_empty() || self.watch.is_some() {
+        if self.paired.is_empty() || self.watch.is_some() || !self.local_may_act() {
             return false;
         }
         let threshold = self.threshold();
@@ -711,7 +857,7 @@ impl Judge {
     /// often does not weaken their bound. Nothing changes here; the tick
     /// that follows applies the events.
     pub fn crossed(&self, w: f64, stable: &Pending, canary: &Pending) -> bool {
-        if self.watch.is_some() || !(w > 0.0 && w < 1.0) {
+        if self.watch.is_some() || !(w > 0.0 && w < 1.0) || !self.local_may_act() {
             return false;
         }
         let threshold = self.threshold();

@@ -18,6 +18,7 @@ pub mod judge;
 pub mod keyfilter;
 pub mod limits;
 pub mod onesample;
+pub mod pool;
 pub mod reload;
 pub mod rollout;
 pub mod state;

@@ -255,6 +255,9 @@ pub struct EvidenceStatus {
     pub slow_thresholds_ms: BTreeMap<String, Option<f64>>,
     /// Every test.
     pub tests: Vec<TestStatus>,
+    /// In a fleet that pools its evidence: the pooled tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<crate::judge::PoolEvidence>,
 }
 
 /// One test, as the judge reports it.
@@ -311,6 +314,13 @@ impl From<&Stats> for WindowStats {
     }
 }
 
+fn test_status(t: &TestEvidence) -> TestStatus {
+    TestStatus {
+        e: finite(t.e),
+        ..t.clone()
+    }
+}
+
 impl From<&Evidence> for EvidenceStatus {
     fn from(ev: &Evidence) -> EvidenceStatus {
         EvidenceStatus {
@@ -330,14 +340,12 @@ impl From<&Evidence> for EvidenceStatus {
                 .iter()
                 .map(|(q, t)| (q.key().to_string(), *t))
                 .collect(),
-            tests: ev
-                .tests
-                .iter()
-                .map(|t| TestStatus {
-                    e: finite(t.e),
-                    ..t.clone()
-                })
-                .collect(),
+            tests: ev.tests.iter().map(test_status).collect(),
+            pool: ev.pool.as_ref().map(|p| crate::judge::PoolEvidence {
+                threshold: finite(p.threshold),
+                tests: p.tests.iter().map(test_status).collect(),
+                ..p.clone()
+            }),
         }
     }
 }

@@ -25,6 +25,7 @@ use veer_control::status::RouteStatus;
 mod fleet;
 mod gates;
 mod judging;
+mod pool;
 mod smoke;
 #[cfg(test)]
 mod tests;
@@ -105,6 +106,11 @@ pub struct Controller {
     gates: gates::Gates,
     /// Smoke checks running.
     smokes: smoke::Smokes,
+    /// Routing snapshots built so far (a batch of pooled evidence whose
+    /// interval saw one is not published).
+    rebuilds: std::sync::atomic::AtomicU64,
+    /// A pooled test crossed: the routes are visited at the next tick.
+    pool_look: bool,
 }
 
 impl Controller {
@@ -185,6 +191,8 @@ impl Controller {
             health_shown: Instant::now(),
             health_changes: 0,
             next_due: Instant::now(),
+            rebuilds: std::sync::atomic::AtomicU64::new(0),
+            pool_look: false,
         };
         let changed = c.announce_all(&outputs);
         if changed {
@@ -328,6 +336,8 @@ impl Controller {
 
     /// Puts a new routing snapshot in effect, built from the decisions.
     fn rebuild(&self) {
+        self.rebuilds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let snap = build_snapshot(
             &self.config,
             self.generation,

@@ -10,7 +10,14 @@
 //!
 //! - `decision/<route>/<identity>`: a [`FleetRecord`] (JSON), changed only by
 //!   a transaction on its `mod_revision` (read, merge, compare-and-put);
-//! - `members/<replica>`: the replica's name and start, under a 10 s lease.
+//! - `members/<replica>`: the replica's name and start, under a 10 s lease;
+//! - `ev/<route>/<identity>/<epoch>/<replica>`: the replica's latest batch
+//!   of bad events for the fleet's pooled tests (`veer_control::pool`);
+//!   every put is an entry of the log, which the watch delivers in order;
+//! - `pool/<route>/<identity>/<epoch>`: a checkpoint of the pooled tests
+//!   (a [`Pool`] as of its last batch), for replicas that join late;
+//! - `seats/<route>/<identity>/<epoch>`: the counter that hands out seats
+//!   for local tests, each number once.
 //!
 //! The rules that merge records are pure and live in
 //! `control/src/fleet.rs`; this is the I/O around them.
@@ -27,6 +34,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
 use tokio::sync::{mpsc, oneshot};
 use veer_control::config::FleetSettings;
 use veer_control::fleet::{merge_publish, propose, FleetRecord, Proposal, Rejected};
+use veer_control::pool::{Pool, PoolBatch};
 use veer_control::status::FleetStatus;
 
 /// Lease of a member's key: a replica gone this long leaves the list.
@@ -49,6 +57,35 @@ pub struct RecordKey {
     pub identity: u64,
 }
 
+/// A pool of evidence: route, canary identity and epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The route.
+    pub route: String,
+    /// The canary identity.
+    pub identity: u64,
+    /// Resets of the identity so far.
+    pub epoch: u64,
+}
+
+impl PoolKey {
+    fn path(&self) -> String {
+        format!("{}/{:016x}/{}", self.route, self.identity, self.epoch)
+    }
+
+    fn parse(s: &str) -> Option<PoolKey> {
+        let mut parts = s.rsplitn(3, '/');
+        let epoch = parts.next()?.parse().ok()?;
+        let identity = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let route = parts.next()?.to_string();
+        Some(PoolKey {
+            route,
+            identity,
+            epoch,
+        })
+    }
+}
+
 /// Why a proposal was not committed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProposeError {
@@ -67,8 +104,16 @@ pub enum FromAgent {
     /// store's revision of the write.
     Record(RecordKey, FleetRecord, i64),
     /// Every record of the fleet has been read once (after the first read,
-    /// and after each re-read of a compacted history).
-    Synced,
+    /// and after each re-read of a compacted history); the watch delivers
+    /// every write from this revision on.
+    Synced(i64),
+    /// A batch of a pool's log, from the watch, with the store's revision.
+    Evidence(PoolKey, PoolBatch, i64),
+    /// A read (not the watch) found a batch of a pool written at this
+    /// revision: its log began before the watch.
+    EvidenceBefore(PoolKey, i64),
+    /// A checkpoint of a pool, read or watched.
+    Checkpoint(PoolKey, Pool),
     /// The store is not the one read before (another cluster, or restored
     /// from an older backup): forget the revisions of records seen so far;
     /// every record follows again.
@@ -79,6 +124,13 @@ pub enum FromAgent {
 
 enum ToAgent {
     Publish(RecordKey, FleetRecord),
+    /// A batch of this replica's bad events (dropped when the store cannot
+    /// be reached: a batch never written is in nobody's log).
+    Evidence(PoolKey, Vec<u8>),
+    /// A checkpoint to write (dropped when the store cannot be reached).
+    Checkpoint(PoolKey, Vec<u8>),
+    /// A seat for the local tests.
+    Seat(PoolKey, oneshot::Sender<Result<u32, String>>),
     Propose {
         key: RecordKey,
         local: FleetRecord,
@@ -196,6 +248,27 @@ impl Fleet {
     /// can be reached, merged with what it holds then.
     pub fn publish(&self, key: RecordKey, local: FleetRecord) {
         let _ = self.to_agent.send(ToAgent::Publish(key, local));
+    }
+
+    /// Publishes a batch of bad events to the pool's log.
+    pub fn evidence(&self, key: PoolKey, batch: &PoolBatch) {
+        if let Ok(v) = serde_json::to_vec(batch) {
+            let _ = self.to_agent.send(ToAgent::Evidence(key, v));
+        }
+    }
+
+    /// Writes a checkpoint of a pool.
+    pub fn checkpoint(&self, key: PoolKey, pool: &Pool) {
+        if let Ok(v) = serde_json::to_vec(pool) {
+            let _ = self.to_agent.send(ToAgent::Checkpoint(key, v));
+        }
+    }
+
+    /// Takes the next seat of a pool's local tests.
+    pub fn seat(&self, key: PoolKey) -> oneshot::Receiver<Result<u32, String>> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.to_agent.send(ToAgent::Seat(key, reply));
+        rx
     }
 
     /// Proposes a change away from stable; the answer comes once it is
@@ -337,13 +410,20 @@ impl Agent {
                 self.pending.insert(key, local);
             }
             ToAgent::Propose { reply, .. } => {
-                let e = lock(&self.status)
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| "not connected".into());
-                let _ = reply.send(Err(ProposeError::Unreachable(e)));
+                let _ = reply.send(Err(ProposeError::Unreachable(self.unreachable())));
             }
+            ToAgent::Seat(_, reply) => {
+                let _ = reply.send(Err(self.unreachable()));
+            }
+            ToAgent::Evidence(..) | ToAgent::Checkpoint(..) => {}
         }
+    }
+
+    fn unreachable(&self) -> String {
+        lock(&self.status)
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "not connected".into())
     }
 
     async fn connect(&self) -> Result<Client, String> {
@@ -431,11 +511,11 @@ impl Agent {
             };
             self.members.clear();
             for kv in got.kvs() {
-                self.on_put(kv.key(), kv.value(), kv.mod_revision());
+                self.on_put(kv.key(), kv.value(), kv.mod_revision(), false);
             }
             self.revision = got.header().map_or(0, |h| h.revision());
             self.cluster = got.header().map_or(0, |h| h.cluster_id());
-            let _ = self.news.send(FromAgent::Synced);
+            let _ = self.news.send(FromAgent::Synced(self.revision + 1));
             lock(&self.status).synced = true;
             tracing::info!(fleet = %self.settings.name, revision = self.revision, "read the fleet's decisions");
         }
@@ -501,7 +581,7 @@ impl Agent {
                             let Some(kv) = ev.kv() else { continue };
                             self.revision = self.revision.max(kv.mod_revision());
                             match ev.event_type() {
-                                EventType::Put => self.on_put(kv.key(), kv.value(), kv.mod_revision()),
+                                EventType::Put => self.on_put(kv.key(), kv.value(), kv.mod_revision(), true),
                                 EventType::Delete => self.on_delete(kv.key()),
                             }
                         }
@@ -521,6 +601,26 @@ impl Agent {
                         self.pending.insert(key, local);
                         if let Err(x) = self.flush(&mut client).await {
                             return Ended::Error(x);
+                        }
+                    }
+                    Some(ToAgent::Evidence(key, value)) => {
+                        let k = format!("{}ev/{}/{}", self.prefix, key.path(), self.replica);
+                        if let Err(x) = client.put(k, value, None).await {
+                            return e("publishing evidence", x);
+                        }
+                    }
+                    Some(ToAgent::Checkpoint(key, value)) => {
+                        let k = format!("{}pool/{}", self.prefix, key.path());
+                        if let Err(x) = client.put(k, value, None).await {
+                            return e("writing a pool checkpoint", x);
+                        }
+                    }
+                    Some(ToAgent::Seat(key, reply)) => {
+                        let r = self.seat(&mut client, &key).await;
+                        let failed = r.is_err();
+                        let _ = reply.send(r);
+                        if failed {
+                            return Ended::Error("taking a seat failed".into());
                         }
                     }
                     Some(ToAgent::Propose { key, local, proposal, reply }) => {
@@ -608,17 +708,91 @@ impl Agent {
         }
     }
 
+    /// The next number of a pool's seat counter (a transaction on the
+    /// counter's revision: each number is handed out once).
+    async fn seat(&mut self, client: &mut Client, key: &PoolKey) -> Result<u32, String> {
+        let k = format!("{}seats/{}", self.prefix, key.path());
+        for _ in 0..CAS_ATTEMPTS {
+            let got = client
+                .get(k.as_str(), None)
+                .await
+                .map_err(|e| format!("reading {k}: {e}"))?;
+            let (n, revision) = match got.kvs().first() {
+                Some(kv) => (
+                    std::str::from_utf8(kv.value())
+                        .ok()
+                        .and_then(|v| v.trim().parse::<u32>().ok())
+                        .unwrap_or(u32::MAX),
+                    kv.mod_revision(),
+                ),
+                None => (0, 0),
+            };
+            if n == u32::MAX {
+                return Ok(n);
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    k.as_str(),
+                    CompareOp::Equal,
+                    revision,
+                )])
+                .and_then([TxnOp::put(k.as_str(), (n + 1).to_string(), None)]);
+            let done = client
+                .txn(txn)
+                .await
+                .map_err(|e| format!("writing {k}: {e}"))?;
+            if done.succeeded() {
+                return Ok(n);
+            }
+        }
+        Err(format!(
+            "writing {k}: {CAS_ATTEMPTS} attempts lost to concurrent writes"
+        ))
+    }
+
     fn key(&self, k: &RecordKey) -> String {
         format!("{}decision/{}/{:016x}", self.prefix, k.route, k.identity)
     }
 
-    fn on_put(&mut self, key: &[u8], value: &[u8], revision: i64) {
+    fn on_put(&mut self, key: &[u8], value: &[u8], revision: i64, watched: bool) {
         let Some(rest) = std::str::from_utf8(key)
             .ok()
             .and_then(|k| k.strip_prefix(self.prefix.as_str()))
         else {
             return;
         };
+        if let Some(ev) = rest.strip_prefix("ev/") {
+            let Some(pool) = ev.rsplit_once('/').and_then(|(p, _)| PoolKey::parse(p)) else {
+                return;
+            };
+            if !watched {
+                let _ = self.news.send(FromAgent::EvidenceBefore(pool, revision));
+                return;
+            }
+            match serde_json::from_slice::<PoolBatch>(value) {
+                Ok(b) => {
+                    let _ = self.news.send(FromAgent::Evidence(pool, b, revision));
+                }
+                Err(_) => {
+                    tracing::warn!(key = %String::from_utf8_lossy(key), "ignoring a batch of evidence that does not parse");
+                }
+            }
+            return;
+        }
+        if let Some(cp) = rest.strip_prefix("pool/") {
+            match (PoolKey::parse(cp), serde_json::from_slice::<Pool>(value)) {
+                (Some(k), Ok(p)) => {
+                    let _ = self.news.send(FromAgent::Checkpoint(k, p));
+                }
+                _ => {
+                    tracing::warn!(key = %String::from_utf8_lossy(key), "ignoring a pool checkpoint that does not parse");
+                }
+            }
+            return;
+        }
+        if rest.starts_with("seats/") {
+            return;
+        }
         if let Some(name) = rest.strip_prefix("members/") {
             if self.members.insert(name.to_string()) {
                 tracing::info!(replica = %name, "a replica joined the fleet");

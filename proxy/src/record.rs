@@ -14,10 +14,11 @@
 //! lock-free, and written only the first time a key is seen.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use veer_control::judge::{Pending, VersionTick};
 use veer_control::keyfilter::{KeyFilter, SHORT_BITS};
+use veer_control::pool;
 use veer_control::window::{Slice, MAX_LATENCY_US, SIGNIFICANT_DIGITS};
 
 /// Slow thresholds the proxy can apply at once: one per latency test, so
@@ -55,6 +56,60 @@ pub struct RouteKeys {
     slow: Vec<KeyFilter>,
     burst: KeyFilter,
     burst_users: KeyFilter,
+    /// In a fleet that pools its evidence: the bad events to publish.
+    pool: Option<PoolLog>,
+}
+
+/// The bad events of a route (both versions) recorded since the last
+/// batch was taken, for the fleet's pooled tests (see
+/// `veer_control::pool`): at most `MAX_BATCH` per batch, the first ones.
+#[derive(Debug, Default)]
+pub struct PoolLog {
+    events: Mutex<Vec<pool::PoolEvent>>,
+    any: AtomicBool,
+    /// Events left out of a full batch.
+    overflow: AtomicU64,
+}
+
+impl PoolLog {
+    #[cold]
+    fn push(&self, key: u32, canary: bool, error: bool, slow: &[bool]) {
+        let mut ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let kinds = error.then_some(pool::ERROR_KIND).into_iter().chain(
+            slow.iter()
+                .enumerate()
+                .filter(|(_, s)| **s)
+                .map(|(i, _)| pool::slow_kind(i)),
+        );
+        for kind in kinds {
+            if ev.len() < pool::MAX_BATCH {
+                ev.push((key, kind, canary));
+            } else {
+                self.overflow.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.any.store(true, Ordering::Relaxed);
+    }
+
+    /// Takes the events recorded since the last call (None: none), and how
+    /// many were left out.
+    pub fn take(&self) -> Option<(Vec<pool::PoolEvent>, u64)> {
+        if !self.any.swap(false, Ordering::Relaxed) {
+            return None;
+        }
+        let ev = std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()));
+        let overflow = self.overflow.swap(0, Ordering::Relaxed);
+        (!ev.is_empty()).then_some((ev, overflow))
+    }
+}
+
+/// A key for a request without one: its own, unlike any other replica's.
+fn unique_key() -> u32 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static SEED: OnceLock<u64> = OnceLock::new();
+    let seed = *SEED.get_or_init(|| fastrand::u64(..));
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    pool::key_bits(xxhash_rust::xxh3::xxh3_64_with_seed(&n.to_le_bytes(), seed))
 }
 
 impl RouteKeys {
@@ -67,7 +122,21 @@ impl RouteKeys {
                 .collect(),
             burst: KeyFilter::with_bits(SHORT_BITS),
             burst_users: KeyFilter::with_bits(SHORT_BITS),
+            pool: None,
         }
+    }
+
+    /// Filters, and a log of bad events for the fleet's pooled tests.
+    pub fn pooled(thresholds: usize) -> RouteKeys {
+        RouteKeys {
+            pool: Some(PoolLog::default()),
+            ..RouteKeys::new(thresholds)
+        }
+    }
+
+    /// The log of bad events to publish (a pooling fleet only).
+    pub fn pool_log(&self) -> Option<&PoolLog> {
+        self.pool.as_ref()
     }
 
     /// Starts a new burst span: failing keys count afresh.
@@ -303,6 +372,12 @@ impl Recorder {
         }
         for (n, flag) in shard.slow_events.iter().zip(slow) {
             add(n, u64::from(flag));
+        }
+        if let Some(log) = &self.keys.pool {
+            if error_event || slow.iter().any(|f| *f) {
+                let key = key_hash.map_or_else(unique_key, pool::key_bits);
+                log.push(key, self.canary, error_event, &slow);
+            }
         }
         if self.canary
             && (error_event || slow.iter().any(|f| *f))

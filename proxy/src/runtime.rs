@@ -50,7 +50,11 @@ impl RouteRuntime {
     pub fn new(route: &Route, w_bp: u16) -> RouteRuntime {
         let judge = Judge::new(&route.judge);
         let thresholds = threshold_count(judge.slots());
-        let keys = Arc::new(RouteKeys::new(thresholds));
+        let keys = Arc::new(if judge.pooling() {
+            RouteKeys::pooled(thresholds)
+        } else {
+            RouteKeys::new(thresholds)
+        });
         let rt = RouteRuntime {
             identity: canary_identity(route),
             stable_version: route.stable.name.clone(),

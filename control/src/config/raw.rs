@@ -91,6 +91,8 @@ pub struct RawFleet {
     pub ca_file: Option<Spanned<String>>,
     pub cert_file: Option<Spanned<String>>,
     pub key_file: Option<Spanned<String>>,
+    pub pool: Option<Spanned<bool>>,
+    pub seats: Option<Spanned<i64>>,
 }
 
 /// `[[route]]`.

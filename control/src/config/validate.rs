@@ -104,6 +104,13 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
         }
     }
     v.cross_route(&raw.route);
+    // A fleet that pools its evidence splits each route's α between the
+    // pooled tests and the local tests of its seats.
+    if let Some(f) = &fleet {
+        for r in &mut routes {
+            r.judge.fleet_seats = f.seats;
+        }
+    }
     // Chat messages link to `/status` where people can reach it.
     if let Some(base) = &admin.public_url {
         for hook in routes.iter_mut().filter_map(|r| r.judge.webhook.as_mut()) {

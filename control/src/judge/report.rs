@@ -92,8 +92,39 @@ impl Judge {
                     _ => None,
                 })
                 .collect(),
+            pool: self.pool_evidence(&tests),
             tests,
         }
+    }
+
+    fn pool_evidence(&self, local: &[TestEvidence]) -> Option<super::PoolEvidence> {
+        if !self.pooling() {
+            return None;
+        }
+        let view = self.pool.as_ref();
+        let pool = view.and_then(|v| v.pool());
+        Some(super::PoolEvidence {
+            complete: view.is_some_and(|v| v.is_complete()),
+            threshold: self.pool_threshold(),
+            seat: self.seat,
+            seats: self.settings.fleet_seats,
+            revision: pool.map_or(0, |p| p.revision()),
+            batches: pool.map_or((0, 0), |p| p.batches()),
+            tests: pool
+                .map(|p| {
+                    p.tests()
+                        .filter_map(|(i, e, events)| {
+                            let t = local.get(i)?;
+                            Some(TestEvidence {
+                                e,
+                                events,
+                                ..t.clone()
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
     }
 
     /// The breach verdict of the paired test `test` of `spec` at e-value
@@ -188,7 +219,7 @@ impl Judge {
 }
 
 /// A limit as the operator wrote it.
-fn describe(limit: Limit) -> String {
+pub(super) fn describe(limit: Limit) -> String {
     match limit {
         Limit::ErrorRatio { r0 } => format!("error rate ≤ {r0}× stable's"),
         Limit::ErrorRate { limit, .. } => format!("error rate ≤ {}%", limit * 100.0),

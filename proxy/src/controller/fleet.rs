@@ -28,20 +28,22 @@ pub(super) struct Committed {
 
 /// The controller's link to the fleet agent.
 pub(super) struct FleetLink {
-    fleet: Fleet,
+    pub(super) fleet: Fleet,
     news: mpsc::UnboundedReceiver<FromAgent>,
     /// Every record read, watched or committed, the latest of each key,
     /// with the store's revision of its write (a record is applied once,
     /// in the store's order, whichever way it comes first).
     records: HashMap<RecordKey, (i64, FleetRecord)>,
     /// The fleet's decisions were read once.
-    synced: bool,
+    pub(super) synced: bool,
     /// Routes with a step proposal in flight.
     stepping: HashSet<String>,
     committed_tx: mpsc::UnboundedSender<Committed>,
     committed_rx: mpsc::UnboundedReceiver<Committed>,
     /// Where each route's decision last came from.
     sources: HashMap<String, (String, Option<String>, Option<Change>)>,
+    /// Pooled evidence.
+    pub(super) pool: super::pool::PoolLink,
 }
 
 impl FleetLink {
@@ -57,6 +59,7 @@ impl FleetLink {
             committed_tx,
             committed_rx,
             sources: HashMap::new(),
+            pool: super::pool::PoolLink::new(),
         }
     }
 
@@ -97,6 +100,7 @@ impl FleetLink {
 pub(super) enum News {
     Agent(FromAgent),
     Committed(Committed),
+    Seat(crate::fleet::PoolKey, Result<u32, String>),
 }
 
 pub(super) async fn next(link: &mut Option<FleetLink>) -> Option<News> {
@@ -104,6 +108,7 @@ pub(super) async fn next(link: &mut Option<FleetLink>) -> Option<News> {
         Some(l) => tokio::select! {
             n = l.news.recv() => n.map(News::Agent),
             c = l.committed_rx.recv() => c.map(News::Committed),
+            s = l.pool.seat_rx.recv() => s.map(|(k, r)| News::Seat(k, r)),
         },
         None => std::future::pending().await,
     }
@@ -132,7 +137,16 @@ impl Controller {
                     self.apply_record(&k, &record, local).await;
                 }
             }
-            News::Agent(FromAgent::Synced) => self.fleet_synced().await,
+            News::Agent(FromAgent::Synced(from)) => {
+                self.on_pool_news(FromAgent::Synced(from));
+                self.fleet_synced().await
+            }
+            News::Agent(
+                n @ (FromAgent::Evidence(..)
+                | FromAgent::EvidenceBefore(..)
+                | FromAgent::Checkpoint(..)),
+            ) => self.on_pool_news(n),
+            News::Seat(k, r) => self.pool_seat(k, r),
             News::Agent(FromAgent::StoreReplaced) => {
                 if let Some(l) = self.fleet.as_mut() {
                     l.records.clear();

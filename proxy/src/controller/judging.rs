@@ -21,7 +21,8 @@ impl Controller {
         // The routes are visited when one is due, or when a canary has
         // recorded a bad event that a look between ticks could act on;
         // otherwise (most calls, and every call while all is idle) not.
-        let look = crate::record::take_canary_events();
+        self.pool_due(now);
+        let look = crate::record::take_canary_events() || std::mem::take(&mut self.pool_look);
         let visit = look || now >= self.next_due;
         let mut next_due = now + NEXT_DUE_AT_MOST;
         for i in 0..self.config.routes.len() {
@@ -134,6 +135,10 @@ impl Controller {
 /// [`RouteRuntime::crossed_early`]).
 fn early_look(route: &Route, rt: &RouteRuntime, control: &RouteControl) -> bool {
     let breached = control.last().is_some_and(|v| v.status == Status::Breach);
+    if !breached && rt.judge.pool_crossed() {
+        tracing::debug!(route = %route.name, "a pooled test crossed; judging now");
+        return true;
+    }
     let crossed = rt.crossed_early(control.effective_bp(route), breached);
     if crossed {
         tracing::debug!(route = %route.name, "sequential test crossed between ticks; judging now");

@@ -106,12 +106,23 @@ impl Validator<'_> {
             );
         }
         let client_cert = self.client_cert(f.cert_file.as_ref(), f.key_file.as_ref());
+        let pool = f.pool.as_ref().is_none_or(|p| *p.get_ref());
+        let seats = self.int_in(f.seats.as_ref(), 1..=1000, 16, "[fleet] seats");
+        if !pool {
+            if let Some(s) = &f.seats {
+                self.warn(
+                    s.span(),
+                    "[fleet] seats only matters when the evidence is pooled (pool = true)",
+                );
+            }
+        }
         (self.errors.len() == before).then_some(FleetSettings {
             endpoints,
             name,
             replica,
             ca_file,
             client_cert,
+            seats: if pool { seats as u32 } else { 0 },
         })
     }
 }

@@ -228,6 +228,7 @@ impl Validator<'_> {
                 Some(v) => Some(*v.get_ref()),
                 None => None,
             },
+            fleet_seats: 0,
         }
     }
 }

@@ -1,0 +1,565 @@
+//! Evidence pooled over a fleet: the ratio tests run on every replica's bad
+//! events at once, each sticky key counted once fleet-wide.
+//!
+//! # The problem
+//!
+//! With `N` replicas behind a load balancer each judge sees `1/N` of the
+//! traffic, and a sequential test needs a fixed number of bad events, so
+//! detection time grows about `N`-fold. Pooling the evidence naively is not
+//! valid: summing the replicas' distinct-key counts counts a sticky user who
+//! reaches `k` replicas `k` times (one always-failing user on the canary
+//! seen by three replicas is three "independent" canary events, worth
+//! `(1/w)³` at share `w`); multiplying the replicas' e-values needs
+//! independence that sticky users break.
+//!
+//! # The protocol
+//!
+//! 1. Each replica publishes, on its looks (every 100 ms at most), a batch
+//!    of the bad events it recorded since the last one: per event the
+//!    key's hash (32 high bits, as the distinct-key filter reads them), the
+//!    event's kind (an error, or slower than a latency test's thresholds)
+//!    and the version. A batch carries the canary share `w` at which every
+//!    one of its requests was routed and the judge's fingerprint; a replica
+//!    whose weight changed since its last batch publishes nothing for that
+//!    interval, and a batch holds at most [`MAX_BATCH`] events (the first
+//!    ones recorded). The store orders the batches: they are puts under
+//!    `/veer/v1/<fleet>/ev/<route>/<identity>/<epoch>/<replica>`, and the
+//!    watched sequence of puts is the fleet's log.
+//! 2. Every replica applies the log in the store's order ([`Pool::apply`]):
+//!    a batch of another fingerprint is dropped, an event whose key was
+//!    already counted for its kind (by any replica) is dropped, and each
+//!    pooled test takes the batch's remaining events at the batch's own
+//!    `w`. The state is a function of the log, so every replica holds the
+//!    same test and reaches the same verdict at the same batch.
+//!
+//! # Why it stays a test martingale
+//!
+//! Under the null (the canary within the ratio), a key's version is fixed
+//! by its hash alone, so the first bad event of a key not counted before
+//! is the canary's with probability at most `w₀(w)` whatever happened
+//! before it in the log, exactly the condition the single-replica test
+//! rests on ([`crate::keyfilter`]); a key counted once can never be counted
+//! again, however many replicas it reaches. Which events are kept depends
+//! on their order, their keys, fingerprints and weights, never on their
+//! version: dropping them is choosing a subsequence without looking at the
+//! outcome, which keeps the product a supermartingale. Each event's slow
+//! threshold was fixed by its replica before the request (from stable's
+//! past window there), and attribution is valid whatever the threshold
+//! ([`crate::limits`]). So Ville's inequality bounds the fleet test's
+//! chance of ever crossing under the null as it does a local one's.
+//!
+//! Only the ratio tests (`max_error_rate_ratio`, `max_latency_ratio`, and
+//! the `margin` tests with no limit) are pooled: an absolute limit's
+//! one-sample leg needs every canary request's outcome, whose publication
+//! would cost a write per look at zero errors. Absolute limits, the
+//! gross-failure guards, mirrored pairs and the blue-green watch stay local.
+//!
+//! # One α for the fleet
+//!
+//! The pooled tests take half of `false_revert_rate` (each of a route's
+//! `k` tests `α/(2k)`), the local tests the other half, shared by at most
+//! `seats` replicas per canary identity and epoch: a replica takes a seat
+//! (a number handed out by a counter in the store) before its local tests
+//! may act, each seat's tests at `α/(2k·seats)`. A seat is never handed
+//! out twice, so pod churn cannot spend more than the budget: a replica
+//! that finds every seat taken judges on the pooled tests (and its guards)
+//! only. Union bound: `α/2 + seats · α/(2·seats) = α`.
+//!
+//! # Joining late
+//!
+//! A replica that starts after batches of an identity were published has
+//! not seen the beginning of its log, and a fresh test of its own would be
+//! a second test that spends α again. Its pool is *incomplete*: it keeps
+//! the batches it sees and adopts the next checkpoint (a pool's state with
+//! the revision of the last batch in it, written to
+//! `/veer/v1/<fleet>/pool/<route>/<identity>/<epoch>`) whose revision its
+//! watch covers, then applies the batches after it ([`PoolView`]). Until
+//! then it applies the pooled verdicts of the others only.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::eprocess::Detector;
+use crate::limits::{Limit, Spec, MIN_CANARY_EVENTS};
+
+/// The kind of an error event.
+pub const ERROR_KIND: u8 = 0;
+/// Events one batch holds at most (the first ones recorded are kept).
+pub const MAX_BATCH: usize = 256;
+/// Keys counted per kind; a new key beyond that is not counted (for either
+/// version).
+pub const MAX_KEYS: usize = 20_000;
+/// Batches an incomplete pool keeps while it waits for a checkpoint.
+pub const MAX_TAIL: usize = 4_096;
+
+/// The kind of a slow event of threshold slot `slot`.
+pub fn slow_kind(slot: usize) -> u8 {
+    u8::try_from(slot + 1).unwrap_or(u8::MAX)
+}
+
+/// The 32 bits of a key's hash the fleet counts keys by (the high bits,
+/// which the split does not use).
+pub fn key_bits(hash: u64) -> u32 {
+    (hash >> 32) as u32
+}
+
+/// The event kind a limit's test is pooled on; None for tests that stay
+/// local (absolute limits).
+pub fn pooled_kind(limit: Limit) -> Option<u8> {
+    match limit {
+        Limit::ErrorRatio { .. } => Some(ERROR_KIND),
+        Limit::LatencyRatio { slot, .. } => Some(slow_kind(slot)),
+        Limit::ErrorRate { .. } | Limit::LatencyAbove { .. } => None,
+    }
+}
+
+/// One bad event: the key's 32 bits, its kind, and whether the canary
+/// served it.
+pub type PoolEvent = (u32, u8, bool);
+
+/// One replica's batch of bad events.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PoolBatch {
+    /// The judge's fingerprint (limits, margin, restart cadence).
+    pub fp: u64,
+    /// The canary share every event's request was routed at.
+    pub w: f64,
+    /// Events, in the order recorded: (key bits, kind, canary).
+    pub ev: Vec<PoolEvent>,
+}
+
+/// One pooled test.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct PooledTest {
+    /// Its index in the route's family of tests.
+    spec: usize,
+    kind: u8,
+    test: Detector,
+}
+
+/// The fleet's pooled tests of one route, canary identity and epoch: a
+/// function of the log applied so far.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pool {
+    fp: u64,
+    tests: Vec<PooledTest>,
+    /// Keys counted, per kind.
+    seen: BTreeMap<u8, BTreeSet<u32>>,
+    /// The store's revision of the last batch applied (0: none).
+    revision: i64,
+    /// Batches applied, and those dropped (foreign fingerprint, share
+    /// outside (0, 1)).
+    applied: u64,
+    dropped: u64,
+}
+
+impl Pool {
+    /// A fresh pool of the ratio tests among `specs`, for a judge of
+    /// fingerprint `fp`; None when no test is pooled.
+    pub fn new(specs: &[Spec], fp: u64, restart_every: u64) -> Option<Pool> {
+        let tests: Vec<PooledTest> = specs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let kind = pooled_kind(s.limit)?;
+                let r0 = match s.limit {
+                    Limit::ErrorRatio { r0 } | Limit::LatencyRatio { r0, .. } => r0,
+                    _ => return None,
+                };
+                Some(PooledTest {
+                    spec: i,
+                    kind,
+                    test: Detector::new(r0, restart_every),
+                })
+            })
+            .collect();
+        (!tests.is_empty()).then(|| Pool {
+            fp,
+            seen: tests.iter().map(|t| (t.kind, BTreeSet::new())).collect(),
+            tests,
+            revision: 0,
+            applied: 0,
+            dropped: 0,
+        })
+    }
+
+    /// The store's revision of the last batch applied.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Batches (applied, dropped).
+    pub fn batches(&self) -> (u64, u64) {
+        (self.applied, self.dropped)
+    }
+
+    /// Whether a checkpoint is of this pool's tests (same fingerprint).
+    pub fn same_tests(&self, other: &Pool) -> bool {
+        self.fp == other.fp && self.tests.len() == other.tests.len()
+    }
+
+    /// Applies the batch the store wrote at `revision`; false when it was
+    /// not applied (already applied: a revision not after the last one;
+    /// or dropped).
+    pub fn apply(&mut self, revision: i64, b: &PoolBatch) -> bool {
+        if revision <= self.revision {
+            return false;
+        }
+        self.revision = revision;
+        if b.fp != self.fp || !(b.w > 0.0 && b.w < 1.0) {
+            self.dropped += 1;
+            return false;
+        }
+        self.applied += 1;
+        // (canary, stable) new keys per kind.
+        let mut counts: BTreeMap<u8, (u64, u64)> = BTreeMap::new();
+        for &(key, kind, canary) in b.ev.iter().take(MAX_BATCH) {
+            let Some(seen) = self.seen.get_mut(&kind) else {
+                continue;
+            };
+            if seen.contains(&key) || seen.len() >= MAX_KEYS {
+                continue;
+            }
+            seen.insert(key);
+            let c = counts.entry(kind).or_default();
+            if canary {
+                c.0 += 1;
+            } else {
+                c.1 += 1;
+            }
+        }
+        for t in &mut self.tests {
+            let (c, s) = counts.get(&t.kind).copied().unwrap_or_default();
+            t.test.update(b.w, c, s);
+        }
+        true
+    }
+
+    /// Each pooled test: (index in the family, e-value, distinct-key
+    /// (canary, stable) events).
+    pub fn tests(&self) -> impl Iterator<Item = (usize, f64, (u64, u64))> + '_ {
+        self.tests.iter().map(|t| {
+            (
+                t.spec,
+                t.test.e_value(),
+                (t.test.canary_events(), t.test.stable_events()),
+            )
+        })
+    }
+
+    /// The first pooled test at `threshold` or above with enough canary
+    /// events: (index in the family, e-value).
+    pub fn crossed(&self, threshold: f64) -> Option<(usize, f64)> {
+        self.tests().find_map(|(spec, e, (c, _))| {
+            (e >= threshold && c >= MIN_CANARY_EVENTS).then_some((spec, e))
+        })
+    }
+}
+
+/// A replica's view of one pool: the state when complete (every batch of
+/// the log applied), else the batches seen while it waits for a
+/// checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolView {
+    /// The state as of the last batch applied (None: incomplete).
+    pool: Option<Pool>,
+    /// The fresh state an incomplete view starts from when its log turns
+    /// out to be complete after all.
+    fresh: Pool,
+    /// Incomplete: the first revision this replica has seen every batch
+    /// from, and the batches seen since.
+    from: i64,
+    tail: Vec<(i64, PoolBatch)>,
+}
+
+impl PoolView {
+    /// A view that has seen the whole log (the pool is new: no batch of it
+    /// was ever written).
+    pub fn complete(fresh: Pool) -> PoolView {
+        PoolView {
+            pool: Some(fresh.clone()),
+            fresh,
+            from: 0,
+            tail: Vec::new(),
+        }
+    }
+
+    /// A view that has seen every batch from revision `from` on, but not
+    /// necessarily those before.
+    pub fn incomplete(fresh: Pool, from: i64) -> PoolView {
+        PoolView {
+            pool: None,
+            fresh,
+            from,
+            tail: Vec::new(),
+        }
+    }
+
+    /// The pooled state, when complete.
+    pub fn pool(&self) -> Option<&Pool> {
+        self.pool.as_ref()
+    }
+
+    /// Whether it has seen the whole log.
+    pub fn is_complete(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    /// A batch from the log.
+    pub fn apply(&mut self, revision: i64, b: PoolBatch) -> bool {
+        match &mut self.pool {
+            Some(p) => p.apply(revision, &b),
+            None => {
+                if self.tail.len() < MAX_TAIL && revision >= self.from {
+                    self.tail.push((revision, b));
+                } else {
+                    // Too far behind to catch up from the tail: wait for
+                    // a checkpoint written after this point.
+                    self.tail.clear();
+                    self.from = revision + 1;
+                }
+                false
+            }
+        }
+    }
+
+    /// What the store said when this replica (re)read it: the latest
+    /// revision any replica wrote a batch of this pool at (0: none) and the
+    /// revision the watch delivers everything after. A complete view stays
+    /// complete if it already has that batch; otherwise it waits for a
+    /// checkpoint.
+    pub fn resync(&mut self, latest_batch: i64, watch_from: i64) {
+        let have = match &self.pool {
+            Some(p) => p.revision(),
+            None => self.tail.last().map_or(self.from - 1, |(rev, _)| *rev),
+        };
+        if latest_batch > have {
+            self.pool = None;
+            self.tail.clear();
+            self.from = watch_from;
+        }
+    }
+
+    /// A checkpoint: adopted by an incomplete view whose batches since it
+    /// are all at hand, with them applied after it. Returns whether the
+    /// view became complete.
+    pub fn checkpoint(&mut self, cp: &Pool) -> bool {
+        if self.pool.is_some() || !self.fresh.same_tests(cp) || cp.revision() + 1 < self.from {
+            return false;
+        }
+        let mut p = cp.clone();
+        for (rev, b) in std::mem::take(&mut self.tail) {
+            p.apply(rev, &b);
+        }
+        self.pool = Some(p);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::JudgeSettings;
+    use crate::limits::family;
+
+    fn pool(margin: f64) -> Pool {
+        let s = JudgeSettings {
+            margin,
+            ..JudgeSettings::default()
+        };
+        Pool::new(&family(&s), 7, 30).expect("the default family is pooled")
+    }
+
+    fn splitmix(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed;
+        move || {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+    }
+
+    #[test]
+    fn a_key_counts_once_whichever_replica_saw_it() {
+        let mut p = pool(1.0);
+        // One always-failing canary user seen by three replicas.
+        for rev in 1..=3 {
+            p.apply(
+                rev,
+                &PoolBatch {
+                    fp: 7,
+                    w: 0.05,
+                    ev: vec![(42, ERROR_KIND, true)],
+                },
+            );
+        }
+        let (_, e, (c, s)) = p.tests().next().expect("an error test");
+        assert_eq!((c, s), (1, 0));
+        assert!(e < 20.0, "{e}");
+        // The same revision twice is applied once.
+        assert!(!p.apply(
+            3,
+            &PoolBatch {
+                fp: 7,
+                w: 0.05,
+                ev: vec![(43, ERROR_KIND, true)],
+            }
+        ));
+    }
+
+    #[test]
+    fn foreign_fingerprints_and_shares_outside_the_interval_are_dropped() {
+        let mut p = pool(1.0);
+        let b = |fp, w| PoolBatch {
+            fp,
+            w,
+            ev: vec![(1, ERROR_KIND, true), (2, ERROR_KIND, true)],
+        };
+        assert!(!p.apply(1, &b(8, 0.05)));
+        assert!(!p.apply(2, &b(7, 1.0)));
+        assert!(!p.apply(3, &b(7, 0.0)));
+        assert_eq!(p.batches(), (0, 3));
+        assert!(p.apply(4, &b(7, 0.05)));
+        assert_eq!(p.tests().next().map(|t| t.2), Some((2, 0)));
+    }
+
+    /// Monte Carlo of the fleet under the null: eight replicas, users sticky
+    /// to a version by hash, one of them heavy, always failing and
+    /// reaching every replica, the rest failing now and then, each replica
+    /// publishing what its own filter lets through, batches interleaved in
+    /// a random order. The pooled error test crosses `1/α` at most α of the
+    /// time; summing the replicas' counts instead crosses far more often.
+    #[test]
+    fn pooling_is_valid_with_heavy_users_on_several_replicas_and_summing_is_not() {
+        let mut rng = splitmix(3);
+        let mut unit = move || (rng() >> 11) as f64 / (1u64 << 53) as f64;
+        let (runs, alpha, w, replicas) = (1500, 0.05, 0.2, 8);
+        let (mut pooled_hits, mut summed_hits) = (0u32, 0u32);
+        for run in 0..runs {
+            let mut p = pool(1.0);
+            let mut summed = crate::eprocess::EProcess::new(1.0);
+            let mut local: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); replicas];
+            let (mut hit_p, mut hit_s) = (false, false);
+            let mut rev = 0;
+            for step in 0..200u32 {
+                let r = (unit() * replicas as f64) as usize % replicas;
+                // A heavy user, always failing, on every replica.
+                let key = if unit() < 0.5 {
+                    0
+                } else {
+                    1000 + step + run * 1000
+                };
+                let canary = (u64::from(key) ^ u64::from(run)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    >> 40
+                    < (w * (1u64 << 24) as f64) as u64;
+                let Some(set) = local.get_mut(r) else {
+                    continue;
+                };
+                if !set.insert(key) {
+                    continue;
+                }
+                rev += 1;
+                p.apply(
+                    rev,
+                    &PoolBatch {
+                        fp: 7,
+                        w,
+                        ev: vec![(key, ERROR_KIND, canary)],
+                    },
+                );
+                summed.update(w, u64::from(canary), u64::from(!canary));
+                hit_p |= p.tests().next().is_some_and(|t| t.1 >= 1.0 / alpha);
+                hit_s |= summed.e_value() >= 1.0 / alpha;
+            }
+            pooled_hits += u32::from(hit_p);
+            summed_hits += u32::from(hit_s);
+        }
+        let pooled = f64::from(pooled_hits) / f64::from(runs);
+        let summed = f64::from(summed_hits) / f64::from(runs);
+        assert!(pooled <= alpha, "pooled false alarms {pooled}");
+        assert!(
+            summed > 2.0 * alpha,
+            "summing per-replica events should break the bound: {summed}"
+        );
+    }
+
+    #[test]
+    fn two_replicas_applying_one_log_hold_the_same_state() {
+        let mut rng = splitmix(5);
+        let log: Vec<(i64, PoolBatch)> = (1..=300)
+            .map(|rev| {
+                let n = (rng() % 4) as usize;
+                let ev = (0..n)
+                    .map(|_| ((rng() % 500) as u32, (rng() % 3) as u8, rng() % 10 == 0))
+                    .collect();
+                (
+                    rev,
+                    PoolBatch {
+                        fp: if rng() % 20 == 0 { 9 } else { 7 },
+                        w: 0.1,
+                        ev,
+                    },
+                )
+            })
+            .collect();
+        let mut a = pool(1.0);
+        for (rev, b) in &log {
+            a.apply(*rev, b);
+        }
+        // A replica that joins at revision 150 with a checkpoint written
+        // at 100, having seen every batch from 120 on: incomplete until the
+        // checkpoint, then the same state.
+        let mut cp = pool(1.0);
+        for (rev, b) in log.iter().take(100) {
+            cp.apply(*rev, b);
+        }
+        let mut late = PoolView::incomplete(pool(1.0), 101);
+        for (rev, b) in log.iter().skip(100).take(50) {
+            late.apply(*rev, b.clone());
+        }
+        assert!(!late.is_complete());
+        assert!(late.checkpoint(&cp));
+        for (rev, b) in log.iter().skip(150) {
+            late.apply(*rev, b.clone());
+        }
+        assert_eq!(late.pool(), Some(&a));
+        // One whose watch began after the checkpoint's revision cannot use it.
+        let mut too_late = PoolView::incomplete(pool(1.0), 120);
+        assert!(!too_late.checkpoint(&cp));
+        assert!(!too_late.is_complete());
+    }
+
+    #[test]
+    fn a_view_that_missed_batches_is_incomplete_until_a_checkpoint() {
+        let mut v = PoolView::complete(pool(1.0));
+        let b = PoolBatch {
+            fp: 7,
+            w: 0.05,
+            ev: vec![(1, ERROR_KIND, true)],
+        };
+        v.apply(5, b.clone());
+        // Re-read: the store's latest batch is ours: still complete.
+        v.resync(5, 10);
+        assert!(v.is_complete());
+        // A batch at 8 was written while we were away.
+        v.resync(8, 12);
+        assert!(!v.is_complete());
+        let mut cp = pool(1.0);
+        cp.apply(5, &b);
+        assert!(!v.checkpoint(&cp), "revisions 6..12 are missing");
+        let mut cp2 = cp.clone();
+        cp2.apply(
+            11,
+            &PoolBatch {
+                ev: vec![(2, ERROR_KIND, false)],
+                ..b
+            },
+        );
+        v.apply(12, b.clone());
+        assert!(v.checkpoint(&cp2));
+        assert_eq!(v.pool().map(Pool::revision), Some(12));
+    }
+}

@@ -1,0 +1,345 @@
+//! The fleet's pooled evidence in the controller loop (`[fleet]` with
+//! `pool = true`, see `veer_control::pool`): this replica's bad events
+//! published as batches, the fleet's log applied to each route's pooled
+//! tests in the store's order, seats for the local tests, checkpoints for
+//! replicas that join late.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use veer_control::pool::{Pool, PoolBatch, PoolView};
+
+use super::Controller;
+use crate::fleet::{FromAgent, PoolKey};
+
+/// How often the first member of the fleet writes the checkpoints of the
+/// pools that changed.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+/// How long after a failed attempt a seat is asked for again.
+const SEAT_RETRY: Duration = Duration::from_secs(1);
+/// Batches kept for a pool this replica does not judge yet (its config
+/// has not reached it), and pools kept so.
+const MAX_ORPHANS: usize = 4_096;
+const MAX_ORPHAN_POOLS: usize = 64;
+
+/// Batches of a pool no route here judges yet.
+#[derive(Default)]
+struct Orphans {
+    batches: Vec<(i64, PoolBatch)>,
+    /// Batches up to this revision were not kept.
+    lost_until: i64,
+}
+
+/// The pools' side of the fleet link.
+pub(super) struct PoolLink {
+    /// The first revision the watch delivers in full (after the last
+    /// read of the store).
+    watch_from: i64,
+    /// Per pool, the latest revision a read (not the watch) found a batch
+    /// at: its log began before the watch.
+    before: HashMap<PoolKey, i64>,
+    orphans: HashMap<PoolKey, Orphans>,
+    /// The latest checkpoint of each pool.
+    checkpoints: HashMap<PoolKey, Pool>,
+    /// The revision of the checkpoint last written from here.
+    written: HashMap<PoolKey, i64>,
+    last_checkpoints: Instant,
+    /// Seats asked for (and when).
+    asking: HashMap<PoolKey, Instant>,
+    seat_tx: mpsc::UnboundedSender<(PoolKey, Result<u32, String>)>,
+    pub(super) seat_rx: mpsc::UnboundedReceiver<(PoolKey, Result<u32, String>)>,
+    /// The snapshot rebuilds counted at the last batch: a batch whose
+    /// interval saw one is dropped (its events may straddle two shares).
+    rebuilds: u64,
+}
+
+impl PoolLink {
+    pub(super) fn new() -> PoolLink {
+        let (seat_tx, seat_rx) = mpsc::unbounded_channel();
+        PoolLink {
+            watch_from: 0,
+            before: HashMap::new(),
+            orphans: HashMap::new(),
+            checkpoints: HashMap::new(),
+            written: HashMap::new(),
+            last_checkpoints: Instant::now(),
+            asking: HashMap::new(),
+            seat_tx,
+            seat_rx,
+            rebuilds: 0,
+        }
+    }
+}
+
+impl Controller {
+    /// The pool key of a route's current canary (None: no canary, or the
+    /// fleet does not pool its evidence).
+    fn pool_key(&self, name: &str) -> Option<PoolKey> {
+        let rt = self.routes.get(name)?;
+        let control = self.controls.get(name)?;
+        (rt.judge.pooling() && rt.identity != 0).then(|| PoolKey {
+            route: name.to_string(),
+            identity: rt.identity,
+            epoch: control.decision().epoch,
+        })
+    }
+
+    /// What the agent says about pools.
+    pub(super) fn on_pool_news(&mut self, news: FromAgent) {
+        let Some(l) = self.fleet.as_mut() else {
+            return;
+        };
+        match news {
+            FromAgent::Synced(watch_from) => {
+                l.pool.watch_from = watch_from;
+                let keys: Vec<String> = self.routes.keys().cloned().collect();
+                for name in keys {
+                    let Some(key) = self.pool_key(&name) else {
+                        continue;
+                    };
+                    let Some(l) = self.fleet.as_ref() else { return };
+                    let before = l.pool.before.get(&key).copied().unwrap_or(0);
+                    if let Some(v) = self
+                        .routes
+                        .get_mut(&name)
+                        .and_then(|rt| rt.judge.pool_mut())
+                    {
+                        let was = v.is_complete();
+                        v.resync(before, watch_from);
+                        if was && !v.is_complete() {
+                            tracing::warn!(route = %name, "pooled evidence: batches were written while this replica could not see them; it waits for a checkpoint");
+                        }
+                    }
+                }
+            }
+            FromAgent::EvidenceBefore(key, revision) => {
+                let b = l.pool.before.entry(key).or_insert(0);
+                *b = (*b).max(revision);
+            }
+            FromAgent::Checkpoint(key, pool) => {
+                let newer = l
+                    .pool
+                    .checkpoints
+                    .get(&key)
+                    .is_none_or(|p| p.revision() < pool.revision());
+                if !newer {
+                    return;
+                }
+                if self.pool_key(&key.route).as_ref() == Some(&key) {
+                    if let Some(v) = self
+                        .routes
+                        .get_mut(&key.route)
+                        .and_then(|rt| rt.judge.pool_mut())
+                    {
+                        if v.checkpoint(&pool) {
+                            tracing::info!(route = %key.route, revision = pool.revision(), "pooled evidence: caught up from a checkpoint");
+                        }
+                    }
+                }
+                if let Some(l) = self.fleet.as_mut() {
+                    l.pool.checkpoints.insert(key, pool);
+                }
+            }
+            FromAgent::Evidence(key, batch, revision) => {
+                if self.pool_key(&key.route).as_ref() == Some(&key) {
+                    if let Some(rt) = self.routes.get_mut(&key.route) {
+                        if let Some(v) = rt.judge.pool_mut() {
+                            v.apply(revision, batch);
+                            if rt.judge.pool_crossed() {
+                                self.pool_look = true;
+                            }
+                            return;
+                        }
+                    }
+                }
+                let Some(l) = self.fleet.as_mut() else { return };
+                if !l.pool.orphans.contains_key(&key) && l.pool.orphans.len() >= MAX_ORPHAN_POOLS {
+                    return;
+                }
+                let o = l.pool.orphans.entry(key).or_default();
+                if o.batches.len() < MAX_ORPHANS {
+                    o.batches.push((revision, batch));
+                } else {
+                    o.batches.clear();
+                    o.lost_until = revision;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A seat's answer.
+    pub(super) fn pool_seat(&mut self, key: PoolKey, seat: Result<u32, String>) {
+        let seats = self
+            .fleet
+            .as_ref()
+            .map_or(0, |_| self.config.fleet.as_ref().map_or(0, |f| f.seats));
+        match seat {
+            Ok(n) => {
+                if let Some(l) = self.fleet.as_mut() {
+                    l.pool.asking.remove(&key);
+                }
+                if self.pool_key(&key.route).as_ref() != Some(&key) {
+                    return;
+                }
+                if let Some(rt) = self.routes.get_mut(&key.route) {
+                    rt.judge.set_seat(n);
+                }
+                if n < seats {
+                    tracing::info!(route = %key.route, seat = n, seats, "local tests take a seat: they act at their share of false_revert_rate");
+                } else {
+                    tracing::warn!(route = %key.route, seat = n, seats, "every seat of this canary's local tests is taken (replicas started during its rollout): this replica judges it on the fleet's pooled tests and its guards only");
+                }
+            }
+            Err(e) => {
+                tracing::debug!(route = %key.route, error = %e, "no seat yet for the local tests; asking again");
+                if let Some(l) = self.fleet.as_mut() {
+                    l.pool.asking.insert(key, Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Every tick (100 ms): each pooled route's events since the last tick
+    /// published as a batch, pools started for new canaries, seats asked
+    /// for, checkpoints written.
+    pub(super) fn pool_due(&mut self, now: Instant) {
+        let Some(l) = self.fleet.as_mut() else {
+            return;
+        };
+        let rebuilds = self.rebuilds.load(std::sync::atomic::Ordering::Relaxed);
+        let straddles = rebuilds != l.pool.rebuilds;
+        l.pool.rebuilds = rebuilds;
+        let synced = l.synced;
+        let checkpoints = now.duration_since(l.pool.last_checkpoints) >= CHECKPOINT_EVERY;
+        if checkpoints {
+            l.pool.last_checkpoints = now;
+        }
+        let first_member = checkpoints && {
+            let s = l.status();
+            s.members.iter().min() == Some(&l.fleet.replica)
+        };
+        let names: Vec<String> = self
+            .routes
+            .iter()
+            .filter(|(_, rt)| rt.judge.pooling())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            let Some(key) = self.pool_key(&name) else {
+                continue;
+            };
+            let w_bp = match (self.config.route(&name), self.controls.get(&name)) {
+                (Some(r), Some(c)) => c.effective_bp(r),
+                _ => continue,
+            };
+            let (Some(l), Some(rt)) = (self.fleet.as_mut(), self.routes.get_mut(&name)) else {
+                continue;
+            };
+            // Publish this replica's events.
+            if let Some((ev, overflow)) = rt.stable.keys().pool_log().and_then(|p| p.take()) {
+                if overflow > 0 {
+                    tracing::debug!(route = %name, overflow, "pooled evidence: a batch was full; later events of the interval stay local");
+                }
+                if synced && !straddles && w_bp > 0 && w_bp < 10_000 {
+                    let batch = PoolBatch {
+                        fp: rt.judge.pool_fingerprint(),
+                        w: f64::from(w_bp) / 10_000.0,
+                        ev,
+                    };
+                    l.fleet.evidence(key.clone(), &batch);
+                }
+            }
+            if !synced {
+                continue;
+            }
+            // Follow the fleet's pool of this canary.
+            if rt.judge.pool().is_none() {
+                if let Some(fresh) = rt.judge.fresh_pool() {
+                    let orphans = l.pool.orphans.remove(&key).unwrap_or_default();
+                    let gap = l
+                        .pool
+                        .before
+                        .get(&key)
+                        .copied()
+                        .unwrap_or(0)
+                        .max(orphans.lost_until);
+                    let mut view = if gap == 0 {
+                        PoolView::complete(fresh)
+                    } else {
+                        PoolView::incomplete(fresh, gap + 1)
+                    };
+                    for (rev, b) in orphans.batches {
+                        view.apply(rev, b);
+                    }
+                    if let Some(cp) = l.pool.checkpoints.get(&key) {
+                        view.checkpoint(cp);
+                    }
+                    if !view.is_complete() {
+                        tracing::info!(route = %name, "pooled evidence: the fleet's log of this canary began before this replica saw it; waiting for a checkpoint (the others' pooled verdicts apply meanwhile)");
+                    }
+                    rt.judge.set_pool(view);
+                    if rt.judge.pool_crossed() {
+                        self.pool_look = true;
+                    }
+                }
+            }
+            // A seat for the local tests.
+            if rt.judge.seat().is_none() && rt.canary.is_some() {
+                let due = l
+                    .pool
+                    .asking
+                    .get(&key)
+                    .is_none_or(|at| now.duration_since(*at) >= SEAT_RETRY);
+                if due {
+                    // Marked as asked far ahead: the answer clears it.
+                    l.pool
+                        .asking
+                        .insert(key.clone(), now + Duration::from_secs(3600));
+                    let rx = l.fleet.seat(key.clone());
+                    let tx = l.pool.seat_tx.clone();
+                    let k = key.clone();
+                    tokio::spawn(async move {
+                        let r = rx
+                            .await
+                            .unwrap_or_else(|_| Err("the fleet agent stopped".into()));
+                        let _ = tx.send((k, r));
+                    });
+                }
+            }
+            // The first member writes the checkpoints.
+            if first_member {
+                if let Some(p) = rt.judge.pool().and_then(|v| v.pool()) {
+                    let written = l.pool.written.get(&key).copied().unwrap_or(0);
+                    if p.revision() > written {
+                        l.fleet.checkpoint(key.clone(), p);
+                        l.pool.written.insert(key.clone(), p.revision());
+                    }
+                }
+            }
+        }
+        if let Some(l) = self.fleet.as_mut() {
+            // Pools no route follows any more.
+            let live: HashSet<PoolKey> = self
+                .routes
+                .keys()
+                .filter_map(|n| {
+                    let rt = self.routes.get(n)?;
+                    let c = self.controls.get(n)?;
+                    Some(PoolKey {
+                        route: n.clone(),
+                        identity: rt.identity,
+                        epoch: c.decision().epoch,
+                    })
+                })
+                .collect();
+            l.pool.written.retain(|k, _| live.contains(k));
+            l.pool.asking.retain(|k, _| live.contains(k));
+            if l.pool.checkpoints.len() > MAX_ORPHAN_POOLS {
+                l.pool.checkpoints.retain(|k, _| live.contains(k));
+            }
+        }
+    }
+}

@@ -27,6 +27,7 @@ mod e2e {
     mod limits;
     mod mirror;
     mod operator;
+    mod pool;
     mod protocols;
     mod reload;
     mod shutdown;

@@ -553,3 +553,86 @@ fn a_look_between_ticks_sees_pairs_that_already_cross_and_changes_nothing() {
     });
     assert_eq!(v.guard, Some(Guard::MirrorErrorTest), "{v:?}");
 }
+
+fn pooling() -> JudgeSettings {
+    JudgeSettings {
+        fleet_seats: 16,
+        ..settings()
+    }
+}
+
+#[test]
+fn a_pooling_judge_splits_alpha_and_acts_locally_only_from_a_seat() {
+    let alone = Judge::new(&settings());
+    let mut j = Judge::new(&pooling());
+    // Three tests: the pooled ones at 2k/α, each of 16 seats' at 2·16·k/α.
+    assert!((alone.threshold() - 3.0 / 0.01).abs() < 1e-9);
+    assert!((j.pool_threshold() - 2.0 * 3.0 / 0.01).abs() < 1e-9);
+    assert!((j.threshold() - 2.0 * 16.0 * 3.0 / 0.01).abs() < 1e-6);
+    // Strong local evidence (10 % canary errors from fresh keys at 5 %)
+    // without a seat: counted, never acted on.
+    let bad = || input(0.05, tick(1_900, 2, 1_000), tick(100, 10, 1_000));
+    assert!(first_breach(&mut j, 30, bad).is_none());
+    assert!(j.evidence().e_errors > j.threshold());
+    j.set_seat(3);
+    let (_, v) = first_breach(&mut j, 2, bad).expect("seated: it acts");
+    assert_eq!(v.guard, Some(Guard::ErrorRateTest), "{v:?}");
+    // A seat past the last one never acts.
+    let mut late = Judge::new(&pooling());
+    late.set_seat(16);
+    assert!(first_breach(&mut late, 30, bad).is_none());
+}
+
+#[test]
+fn the_pooled_tests_breach_with_the_fleets_events_and_say_so() {
+    use crate::pool::{PoolBatch, PoolView, ERROR_KIND};
+    let mut j = Judge::new(&pooling());
+    assert!(Judge::new(&settings()).fresh_pool().is_none());
+    let fresh = j.fresh_pool().expect("the default tests are ratios");
+    j.set_pool(PoolView::complete(fresh));
+    let fp = j.pool_fingerprint();
+    // No seat: only the pooled tests can act. Three replicas' batches of
+    // canary errors from distinct keys, at 5 %.
+    let mut rev = 0;
+    let mut key = 0u32;
+    while !j.pool_crossed() {
+        rev += 1;
+        key += 1;
+        assert!(rev < 200, "never crossed");
+        let applied = j.pool_mut().is_some_and(|v| {
+            v.apply(
+                rev,
+                PoolBatch {
+                    fp,
+                    w: 0.05,
+                    ev: vec![(key, ERROR_KIND, true), (key + 10_000, ERROR_KIND, false)],
+                },
+            )
+        });
+        assert!(applied);
+    }
+    assert!(rev <= 10, "{rev} batches");
+    // The breach shows at the next tick, idle or not.
+    assert!(!j.quiet(&VersionTick::default(), &VersionTick::default()));
+    let v = j.tick(input(0.05, VersionTick::default(), VersionTick::default()));
+    assert_eq!(v.status, Status::Breach, "{v:?}");
+    assert_eq!(v.guard, Some(Guard::ErrorRateTest));
+    assert!(
+        v.reason.starts_with("pooled over the fleet"),
+        "{}",
+        v.reason
+    );
+    let ev = j.evidence();
+    let pool = ev.pool.expect("pooled evidence in /status");
+    assert!(pool.complete);
+    assert_eq!(pool.tests.len(), 3);
+    // A batch of another fingerprint is dropped.
+    assert!(!j.pool_mut().is_some_and(|v| v.apply(
+        rev + 1,
+        PoolBatch {
+            fp: fp ^ 1,
+            w: 0.05,
+            ev: vec![(1, ERROR_KIND, true)],
+        }
+    )));
+}

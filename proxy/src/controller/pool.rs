@@ -17,6 +17,11 @@ use crate::fleet::{FromAgent, PoolKey};
 /// How often the first member of the fleet writes the checkpoints of the
 /// pools that changed.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+/// How long stable's events wait for a batch without a canary event: a
+/// canary event is published at the next tick (100 ms), stable-only
+/// batches at most this often, so a replica writes about once a second
+/// when only stable's slow requests (its own p99) are in the log.
+const STABLE_ONLY_EVERY: Duration = Duration::from_secs(1);
 /// How long after a failed attempt a seat is asked for again.
 const SEAT_RETRY: Duration = Duration::from_secs(1);
 /// Batches kept for a pool this replica does not judge yet (its config
@@ -50,9 +55,14 @@ pub(super) struct PoolLink {
     asking: HashMap<PoolKey, Instant>,
     seat_tx: mpsc::UnboundedSender<(PoolKey, Result<u32, String>)>,
     pub(super) seat_rx: mpsc::UnboundedReceiver<(PoolKey, Result<u32, String>)>,
-    /// The snapshot rebuilds counted at the last batch: a batch whose
-    /// interval saw one is dropped (its events may straddle two shares).
-    rebuilds: u64,
+    /// Per route: the snapshot rebuilds counted when its log was last
+    /// empty or taken (a batch whose interval saw a rebuild is dropped:
+    /// its events may straddle two shares), and when it was last sent.
+    sent: HashMap<String, (u64, Instant)>,
+    /// Routes whose pooled tests changed since `/status` last showed them
+    /// (shown once a second: an idle route has no verdicts to show them).
+    dirty: HashSet<String>,
+    shown: Instant,
 }
 
 impl PoolLink {
@@ -68,7 +78,9 @@ impl PoolLink {
             asking: HashMap::new(),
             seat_tx,
             seat_rx,
-            rebuilds: 0,
+            sent: HashMap::new(),
+            dirty: HashSet::new(),
+            shown: Instant::now(),
         }
     }
 }
@@ -135,6 +147,9 @@ impl Controller {
                     {
                         if v.checkpoint(&pool) {
                             tracing::info!(route = %key.route, revision = pool.revision(), "pooled evidence: caught up from a checkpoint");
+                            if let Some(l) = self.fleet.as_mut() {
+                                l.pool.dirty.insert(key.route.clone());
+                            }
                         }
                     }
                 }
@@ -149,6 +164,9 @@ impl Controller {
                             v.apply(revision, batch);
                             if rt.judge.pool_crossed() {
                                 self.pool_look = true;
+                            }
+                            if let Some(l) = self.fleet.as_mut() {
+                                l.pool.dirty.insert(key.route);
                             }
                             return;
                         }
@@ -187,6 +205,7 @@ impl Controller {
                 if let Some(rt) = self.routes.get_mut(&key.route) {
                     rt.judge.set_seat(n);
                 }
+                self.publish(std::slice::from_ref(&key.route), false);
                 if n < seats {
                     tracing::info!(route = %key.route, seat = n, seats, "local tests take a seat: they act at their share of false_revert_rate");
                 } else {
@@ -210,8 +229,6 @@ impl Controller {
             return;
         };
         let rebuilds = self.rebuilds.load(std::sync::atomic::Ordering::Relaxed);
-        let straddles = rebuilds != l.pool.rebuilds;
-        l.pool.rebuilds = rebuilds;
         let synced = l.synced;
         let checkpoints = now.duration_since(l.pool.last_checkpoints) >= CHECKPOINT_EVERY;
         if checkpoints {
@@ -227,6 +244,7 @@ impl Controller {
             .filter(|(_, rt)| rt.judge.pooling())
             .map(|(n, _)| n.clone())
             .collect();
+        let mut started = Vec::new();
         for name in names {
             let Some(key) = self.pool_key(&name) else {
                 continue;
@@ -238,12 +256,22 @@ impl Controller {
             let (Some(l), Some(rt)) = (self.fleet.as_mut(), self.routes.get_mut(&name)) else {
                 continue;
             };
-            // Publish this replica's events.
-            if let Some((ev, overflow)) = rt.stable.keys().pool_log().and_then(|p| p.take()) {
+            // Publish this replica's events: at once when the canary has
+            // one, else once a second.
+            let sent = l.pool.sent.entry(name.clone()).or_insert((rebuilds, now));
+            let log = rt.stable.keys().pool_log();
+            let due = log
+                .is_some_and(|p| p.has_canary() || now.duration_since(sent.1) >= STABLE_ONLY_EVERY);
+            if log.is_some_and(|p| p.is_empty()) {
+                sent.0 = rebuilds;
+            }
+            if let Some((ev, overflow)) = log.filter(|_| due).and_then(|p| p.take()) {
+                let clean = sent.0 == rebuilds;
+                *sent = (rebuilds, now);
                 if overflow > 0 {
                     tracing::debug!(route = %name, overflow, "pooled evidence: a batch was full; later events of the interval stay local");
                 }
-                if synced && !straddles && w_bp > 0 && w_bp < 10_000 {
+                if synced && clean && w_bp > 0 && w_bp < 10_000 {
                     let batch = PoolBatch {
                         fp: rt.judge.pool_fingerprint(),
                         w: f64::from(w_bp) / 10_000.0,
@@ -284,6 +312,7 @@ impl Controller {
                     if rt.judge.pool_crossed() {
                         self.pool_look = true;
                     }
+                    started.push(name.clone());
                 }
             }
             // A seat for the local tests.
@@ -336,10 +365,24 @@ impl Controller {
                 })
                 .collect();
             l.pool.written.retain(|k, _| live.contains(k));
+            l.pool
+                .sent
+                .retain(|n, _| live.iter().any(|k| &k.route == n));
             l.pool.asking.retain(|k, _| live.contains(k));
             if l.pool.checkpoints.len() > MAX_ORPHAN_POOLS {
                 l.pool.checkpoints.retain(|k, _| live.contains(k));
             }
+        }
+        if let Some(l) = self.fleet.as_mut() {
+            if now.duration_since(l.pool.shown) >= Duration::from_secs(1) {
+                l.pool.shown = now;
+                started.extend(l.pool.dirty.drain());
+            }
+        }
+        if !started.is_empty() {
+            started.sort();
+            started.dedup();
+            self.publish(&started, false);
         }
     }
 }

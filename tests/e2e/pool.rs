@@ -1,0 +1,286 @@
+//! Fleets that judge together: three real `veer` processes pooling their
+//! evidence through a real etcd, with the judge settings of
+//! `config.example.toml`.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::support::etcd::Etcd;
+use super::support::{reference_judge, route_config, Client, Load, Upstream, Veer};
+
+/// A replica of fleet `fleet`: one route with a canary at `weight` and the
+/// reference judge; no `[fleet]` when `fleet` is empty.
+fn config(
+    s: &Upstream,
+    c: &Upstream,
+    weight: f64,
+    etcd: &str,
+    fleet: &str,
+    replica: &str,
+) -> String {
+    let mut text = route_config(&[s.addr], &[c.addr], weight, "") + &reference_judge();
+    if !fleet.is_empty() {
+        text += &format!(
+            "[fleet]\nstore = \"etcd\"\nendpoints = [{etcd}]\nname = \"{fleet}\"\nreplica = \"{replica}\"\n"
+        );
+    }
+    text
+}
+
+/// Polls `/status` until `ready` holds of the first route (panics after
+/// `limit`, naming `what`); returns the route and how long it took.
+async fn wait_route(
+    v: &Veer,
+    what: &str,
+    limit: Duration,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> (serde_json::Value, Duration) {
+    let start = Instant::now();
+    loop {
+        let s = v.status().await;
+        let route = s["routes"][0].clone();
+        if ready(&route) {
+            return (route, start.elapsed());
+        }
+        assert!(
+            start.elapsed() < limit,
+            "never {what}: {s}\nlogs:\n{}",
+            v.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn reverted(r: &serde_json::Value) -> bool {
+    r["verdict"] == "reverted" && r["weight"]["effective"] == 0.0
+}
+
+/// Three synced replicas of one fleet, each with a seat for its local
+/// tests and a complete view of the pooled tests.
+async fn fleet(etcd: &Etcd, s: &Upstream, c: &Upstream, weight: f64) -> Vec<Veer> {
+    let ep = etcd.endpoints();
+    let mut replicas = Vec::new();
+    for name in ["r1", "r2", "r3"] {
+        replicas.push(Veer::start(&config(s, c, weight, &ep, "checkout", name)).await);
+    }
+    for r in &replicas {
+        wait_route(
+            r,
+            "seated, with the whole log",
+            Duration::from_secs(15),
+            |route| {
+                let pool = &route["evidence"]["pool"];
+                pool["complete"] == true && pool["seat"].is_u64()
+            },
+        )
+        .await;
+    }
+    replicas
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_is_reverted_on_the_fleets_pooled_evidence() {
+    let etcd = Etcd::single().await;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    // One request in ten fails on the canary.
+    c.fail_one_in.store(10, Ordering::SeqCst);
+
+    // One replica alone with all the traffic (three connections).
+    let alone = Veer::start(&config(&s, &c, 20.0, "", "", "")).await;
+    let load = Load::start(alone.addr, 3, Duration::ZERO);
+    let (_, alone_took) =
+        wait_route(&alone, "reverted alone", Duration::from_secs(60), reverted).await;
+    let alone_sent = load.stop().await;
+    drop(alone);
+
+    // The same traffic spread over three replicas of a fleet.
+    let replicas = fleet(&etcd, &s, &c, 20.0).await;
+    let loads: Vec<Load> = replicas
+        .iter()
+        .map(|r| Load::start(r.addr, 1, Duration::ZERO))
+        .collect();
+    let start = Instant::now();
+    let mut took = Vec::new();
+    for r in &replicas {
+        let (route, _) = wait_route(
+            r,
+            "reverted by the fleet",
+            Duration::from_secs(60),
+            reverted,
+        )
+        .await;
+        took.push(start.elapsed());
+        let reason = route["reverted"]["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.starts_with("pooled over the fleet"),
+            "reverted on its pooled evidence: {route}"
+        );
+    }
+    let mut sent = 0;
+    for l in loads {
+        sent += l.stop().await;
+    }
+    // Each replica's pooled test saw the others' events: more canary
+    // events than its own test counted.
+    let s1 = replicas[0].status().await;
+    let ev = &s1["routes"][0]["evidence"];
+    let pooled = ev["pool"]["tests"][0]["events"][0].as_u64().unwrap_or(0);
+    let local = ev["tests"][0]["events"][0].as_u64().unwrap_or(0);
+    assert!(
+        pooled > local,
+        "the pooled error test counted {pooled} canary events, r1's own {local}: {ev}"
+    );
+    eprintln!(
+        "failing canary reverted: one replica with all the traffic in {:.2} s ({alone_sent} requests); \
+         three replicas sharing it in {:.2} s ({sent} requests; last replica {:.2} s)",
+        alone_took.as_secs_f64(),
+        took.iter().min().copied().unwrap_or_default().as_secs_f64(),
+        took.iter().max().copied().unwrap_or_default().as_secs_f64(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identical_canary_is_not_reverted_in_a_minute_even_by_a_user_failing_on_every_replica() {
+    let etcd = Etcd::single().await;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let replicas = fleet(&etcd, &s, &c, 10.0).await;
+    // A user whose every request fails, on either version (a broken
+    // client), sticky to the canary, sending to every replica in turn.
+    let mut probe = Client::connect(replicas[0].addr).await.unwrap();
+    let mut heavy = None;
+    for i in 0..1000 {
+        let key = format!("heavy-{i}");
+        let r = probe.get("/", &[("x-user-id", &key)]).await.unwrap();
+        if r.headers()["x-upstream"] == "canary" {
+            heavy = Some(key);
+            break;
+        }
+    }
+    let heavy = heavy.expect("a key on the canary");
+    let addrs: Vec<std::net::SocketAddr> = replicas.iter().map(|r| r.addr).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failing = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut clients = Vec::new();
+            for a in &addrs {
+                clients.push(Client::connect(*a).await.unwrap());
+            }
+            let mut n = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                for (c, a) in clients.iter_mut().zip(&addrs) {
+                    if c.get("/fail", &[("x-user-id", &heavy)]).await.is_err() {
+                        *c = Client::connect(*a).await.unwrap();
+                    }
+                    n += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            n
+        })
+    };
+    let loads: Vec<Load> = replicas
+        .iter()
+        .map(|r| Load::start(r.addr, 1, Duration::from_millis(1)))
+        .collect();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        for r in &replicas {
+            let route = r.status().await["routes"][0].clone();
+            assert!(
+                route["reverted"].is_null(),
+                "an identical canary was reverted: {route}\nlogs:\n{}",
+                r.all_logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let heavy_sent = failing.await.unwrap();
+    let mut sent = 0;
+    for l in loads {
+        sent += l.stop().await;
+    }
+    // The heavy user counted once for the whole fleet, whatever the
+    // number of replicas it reached.
+    let route = replicas[0].status().await["routes"][0].clone();
+    let pool = &route["evidence"]["pool"];
+    let canary_events = pool["tests"][0]["events"][0].as_u64().unwrap_or(0);
+    assert!(canary_events <= 1, "{pool}");
+    assert!(pool["batches"][0].as_u64().unwrap_or(0) >= 1, "{pool}");
+    eprintln!("identical canary: {sent} requests and {heavy_sent} failing ones from one user over 60 s, no revert; pooled: {pool}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_joins_late_takes_the_fleets_pooled_tests_from_a_checkpoint() {
+    let etcd = Etcd::single().await;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    // The same few errors on both versions: batches flow, nothing reverts.
+    s.fail_one_in.store(25, Ordering::SeqCst);
+    c.fail_one_in.store(25, Ordering::SeqCst);
+    let ep = etcd.endpoints();
+    let mut replicas = Vec::new();
+    for name in ["r1", "r2"] {
+        replicas.push(Veer::start(&config(&s, &c, 20.0, &ep, "checkout", name)).await);
+    }
+    let loads: Vec<Load> = replicas
+        .iter()
+        .map(|r| Load::start(r.addr, 1, Duration::from_millis(1)))
+        .collect();
+    wait_route(
+        &replicas[0],
+        "batches in the log",
+        Duration::from_secs(30),
+        |r| r["evidence"]["pool"]["batches"][0].as_u64().unwrap_or(0) >= 5,
+    )
+    .await;
+    // r3 starts after the log began: it catches up from r1's checkpoint
+    // (r1 is the first member) and the batches after it.
+    let r3 = Veer::start(&config(&s, &c, 20.0, &ep, "checkout", "r3")).await;
+    let t = Instant::now();
+    while r3.status().await["routes"][0]["evidence"]["pool"]["complete"] != true {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "r3 never complete from a checkpoint\nr1:\n{}\nr3:\n{}",
+            replicas[0].all_logs(),
+            r3.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        r3.all_logs().contains("waiting for a checkpoint"),
+        "r3 saw the log had begun: {}",
+        r3.all_logs()
+    );
+    for l in loads {
+        l.stop().await;
+    }
+    // Once the last batch is in, r1 and r3 hold the same pooled tests.
+    let pool_of = |route: &serde_json::Value| route["evidence"]["pool"].clone();
+    let (r1_route, _) = wait_route(&replicas[0], "quiet", Duration::from_secs(10), |_| true).await;
+    let mut last = pool_of(&r1_route);
+    let start = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = pool_of(&replicas[0].status().await["routes"][0]);
+        if now["revision"] == last["revision"] {
+            break;
+        }
+        last = now;
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the log never settled"
+        );
+    }
+    let (r3_route, _) = wait_route(&r3, "at r1's revision", Duration::from_secs(10), |r| {
+        r["evidence"]["pool"]["revision"] == last["revision"]
+    })
+    .await;
+    let theirs = pool_of(&r3_route);
+    assert_eq!(theirs["tests"], last["tests"], "r1 {last}\nr3 {theirs}");
+    assert!(r3_route["reverted"].is_null(), "{r3_route}");
+}

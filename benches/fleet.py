@@ -63,7 +63,8 @@ def wait(pred, limit, what):
 
 
 class Replica:
-    def __init__(self, veer, work, name, etcd, fleet=True, pin=None, upstreams=None):
+    def __init__(self, veer, work, name, etcd, fleet=True, pin=None, upstreams=None,
+                 fleet_extra="", route_extra=""):
         self.name = name
         self.dir = os.path.join(work, name)
         os.makedirs(self.dir, exist_ok=True)
@@ -71,7 +72,7 @@ class Replica:
         self.port = free_port()
         stable, canary = upstreams or ("127.0.0.1:1", "127.0.0.1:2")
         fleet_text = (
-            f'[fleet]\nstore = "etcd"\nendpoints = ["http://{etcd}"]\nname = "bench"\nreplica = "{name}"\n'
+            f'[fleet]\nstore = "etcd"\nendpoints = ["http://{etcd}"]\nname = "bench"\nreplica = "{name}"\n{fleet_extra}'
             if fleet
             else ""
         )
@@ -93,7 +94,7 @@ endpoints = ["{stable}"]
 version = "v2"
 endpoints = ["{canary}"]
 weight = 20
-"""
+{route_extra}"""
         path = os.path.join(self.dir, "veer.toml")
         with open(path, "w") as f:
             f.write(cfg)

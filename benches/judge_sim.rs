@@ -8,7 +8,8 @@
 //! look between ticks (0: none), `--aa-uniform` gives table (a) users of
 //! equal activity, `--show-reverts` prints each A/A revert's reason,
 //! `--iid-null N` (with `--iid-rate R`) runs the e-detector alone on i.i.d.
-//! events as the reference for table (a)).
+//! events as the reference for table (a); `--replicas 1,2,4,8,16` runs
+//! only table (d), a fleet pooling its evidence, see `judge_sim_fleet.rs`).
 //!
 //! It prints two tables:
 //!

@@ -311,7 +311,10 @@ impl PoolView {
         match &mut self.pool {
             Some(p) => p.apply(revision, &b),
             None => {
-                if self.tail.len() < MAX_TAIL && revision >= self.from {
+                if revision < self.from {
+                    // Before what this view covers (or a view that never
+                    // completes again: see `resync`).
+                } else if self.tail.len() < MAX_TAIL {
                     self.tail.push((revision, b));
                 } else {
                     // Too far behind to catch up from the tail: wait for
@@ -328,7 +331,8 @@ impl PoolView {
     /// revision any replica wrote a batch of this pool at (0: none) and the
     /// revision the watch delivers everything after. A complete view stays
     /// complete if it already has that batch; otherwise it waits for a
-    /// checkpoint.
+    /// checkpoint. `resync(i64::MAX, i64::MAX)` gives up for good (the
+    /// store was replaced: its revisions are not this log's).
     pub fn resync(&mut self, latest_batch: i64, watch_from: i64) {
         let have = match &self.pool {
             Some(p) => p.revision(),
@@ -530,6 +534,24 @@ mod tests {
         let mut too_late = PoolView::incomplete(pool(1.0), 120);
         assert!(!too_late.checkpoint(&cp));
         assert!(!too_late.is_complete());
+    }
+
+    #[test]
+    fn a_view_given_up_never_completes() {
+        let mut v = PoolView::complete(pool(1.0));
+        v.resync(i64::MAX, i64::MAX);
+        let b = PoolBatch {
+            fp: 7,
+            w: 0.05,
+            ev: vec![(1, ERROR_KIND, true)],
+        };
+        for rev in 1..10 {
+            v.apply(rev, b.clone());
+        }
+        let mut cp = pool(1.0);
+        cp.apply(100, &b);
+        assert!(!v.checkpoint(&cp));
+        assert!(!v.is_complete());
     }
 
     #[test]

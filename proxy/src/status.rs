@@ -181,6 +181,34 @@ pub fn render(v: &StatusDoc) -> String {
                 },
             );
         }
+        if let Some(p) = &r.evidence.pool {
+            let tests: Vec<String> = p
+                .tests
+                .iter()
+                .map(|t| format!("{} E {:.2} ({}/{})", t.guard, t.e, t.events.0, t.events.1))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  pooled over the fleet: {}; {}; {} batches; {} (of {:.0})",
+                if p.complete {
+                    "whole log applied"
+                } else {
+                    "waiting for a checkpoint (joined after the log began)"
+                },
+                match p.seat {
+                    Some(s) if s < p.seats => format!("local tests at seat {s} of {}", p.seats),
+                    Some(_) => format!("every one of {} seats taken: no local tests", p.seats),
+                    None => "local tests wait for a seat".to_string(),
+                },
+                p.batches.0,
+                if tests.is_empty() {
+                    "-".to_string()
+                } else {
+                    tests.join(", ")
+                },
+                p.threshold
+            );
+        }
         let dep = &r.deployments;
         if dep.promoted + dep.reverted + dep.replaced > 0 {
             let _ = writeln!(

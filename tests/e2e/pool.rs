@@ -211,6 +211,22 @@ async fn an_identical_canary_is_not_reverted_in_a_minute_even_by_a_user_failing_
     let canary_events = pool["tests"][0]["events"][0].as_u64().unwrap_or(0);
     assert!(canary_events <= 1, "{pool}");
     assert!(pool["batches"][0].as_u64().unwrap_or(0) >= 1, "{pool}");
+    // `veer status` shows the pooled tests.
+    let admin = replicas[0].admin.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args(["status", "--admin", &admin])
+            .output()
+            .expect("veer status")
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("pooled over the fleet: whole log applied; local tests at seat"),
+        "{table}"
+    );
+    assert!(table.contains("error_rate_ratio E "), "{table}");
     eprintln!("identical canary: {sent} requests and {heavy_sent} failing ones from one user over 60 s, no revert; pooled: {pool}");
 }
 

@@ -151,6 +151,7 @@ impl Controller {
                 if let Some(l) = self.fleet.as_mut() {
                     l.records.clear();
                 }
+                self.pools_lost();
             }
             News::Agent(FromAgent::Status) => self.publish(&[], false),
             News::Committed(c) => self.committed(c).await,

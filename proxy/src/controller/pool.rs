@@ -188,6 +188,26 @@ impl Controller {
         }
     }
 
+    /// The store is another one (rebuilt, or restored from an older
+    /// backup): its revisions are not the log's. The pooled tests of the
+    /// canaries in traffic stop (a fresh pool of the same canary would be
+    /// a second test spending α again); their local tests and guards go on,
+    /// and a new canary (or a reset) pools again.
+    pub(super) fn pools_lost(&mut self) {
+        for (name, rt) in &mut self.routes {
+            if let Some(v) = rt.judge.pool_mut() {
+                v.resync(i64::MAX, i64::MAX);
+                tracing::warn!(route = %name, "the fleet store was replaced: this canary's pooled tests stop (local tests and guards go on)");
+            }
+        }
+        if let Some(l) = self.fleet.as_mut() {
+            l.pool.before.clear();
+            l.pool.orphans.clear();
+            l.pool.checkpoints.clear();
+            l.pool.written.clear();
+        }
+    }
+
     /// A seat's answer.
     pub(super) fn pool_seat(&mut self, key: PoolKey, seat: Result<u32, String>) {
         let seats = self

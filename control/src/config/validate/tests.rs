@@ -288,6 +288,34 @@ fn a_fleet_needs_etcd_endpoints_of_one_scheme_and_a_name() {
     assert_eq!(f.replica, None);
     assert_eq!(f.ca_file, Some(PathBuf::from("/etc/veer/ca.pem")));
     assert!(parse(MINIMAL).expect("valid").fleet.is_none());
+    // Pooled by default, at 16 seats, and every route's judge knows it.
+    assert_eq!(f.seats, 16);
+    let c = parse(&ok).expect("valid");
+    assert!(c.routes.iter().all(|r| r.judge.fleet_seats == 16));
+    assert!(parse(MINIMAL)
+        .expect("valid")
+        .routes
+        .iter()
+        .all(|r| r.judge.fleet_seats == 0));
+    let seats = |extra: &str| {
+        format!("[fleet]\nstore = \"etcd\"\nendpoints = [\"http://a:1\"]\nname = \"x\"\n{extra}\n{MINIMAL}")
+    };
+    let c = parse(&seats("seats = 4")).expect("valid");
+    assert!(c.routes.iter().all(|r| r.judge.fleet_seats == 4));
+    let off = parse(&seats("pool = false\nseats = 4")).expect("valid");
+    assert!(off.routes.iter().all(|r| r.judge.fleet_seats == 0));
+    assert!(
+        off.warnings
+            .iter()
+            .any(|w| w.message.contains("only matters")),
+        "{:?}",
+        off.warnings
+    );
+    let e = parse(&seats("seats = 0")).expect_err("no seats");
+    assert!(
+        e.to_string().contains("seats must be between 1 and 1000"),
+        "{e}"
+    );
 
     for (fleet, want) in [
         (

@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::support::etcd::{etcd_tls, Etcd};
-use super::support::{admin_post, all_on, metric, route_config, Load, Upstream, Veer, FAST_JUDGE};
+use super::support::{
+    admin_post, all_on, metric, route_config, veer_status_table, Load, Upstream, Veer, FAST_JUDGE,
+};
 
 /// A replica's config: one route with a canary at `weight`, the fast
 /// judge, and `[fleet]` on `endpoints`.
@@ -134,16 +136,7 @@ async fn a_judges_revert_reaches_every_replica_and_a_reset_elsewhere_brings_the_
         eprintln!("revert propagated in {:.1} ms on average", lag * 1e3);
     }
     // `veer status` says where the decision came from.
-    let admin = r2.admin.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
-            .args(["status", "--admin", &admin])
-            .output()
-            .expect("veer status")
-    })
-    .await
-    .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
+    let table = veer_status_table(&r2).await;
     assert!(
         table.contains("fleet checkout (etcd) as r2: connected, decisions read"),
         "{table}"

@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::support::{route_config, wait_route, wait_verdict, Load, Upstream, Veer, FAST_JUDGE};
+use super::support::{
+    route_config, veer_status_table, wait_route, wait_verdict, Load, Upstream, Veer, FAST_JUDGE,
+};
 
 /// A gate answering `status` to every POST, keeping their JSON bodies.
 struct Gate {
@@ -144,17 +146,4 @@ async fn a_breach_reverts_while_the_gate_holds() {
     let asked = g.asked.lock().unwrap().len();
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(g.asked.lock().unwrap().len(), asked);
-}
-
-async fn veer_status_table(veer: &Veer) -> String {
-    let admin = veer.admin.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
-            .args(["status", "--admin", &admin])
-            .output()
-            .expect("veer status")
-    })
-    .await
-    .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }

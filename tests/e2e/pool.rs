@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::support::etcd::Etcd;
-use super::support::{reference_judge, route_config, Client, Load, Upstream, Veer};
+use super::support::{
+    reference_judge, route_config, veer_status_table, Client, Load, Upstream, Veer,
+};
 
 /// A replica of fleet `fleet`: one route with a canary at `weight` and the
 /// reference judge; no `[fleet]` when `fleet` is empty.
@@ -212,16 +214,7 @@ async fn an_identical_canary_is_not_reverted_in_a_minute_even_by_a_user_failing_
     assert!(canary_events <= 1, "{pool}");
     assert!(pool["batches"][0].as_u64().unwrap_or(0) >= 1, "{pool}");
     // `veer status` shows the pooled tests.
-    let admin = replicas[0].admin.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
-            .args(["status", "--admin", &admin])
-            .output()
-            .expect("veer status")
-    })
-    .await
-    .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
+    let table = veer_status_table(&replicas[0]).await;
     assert!(
         table.contains("pooled over the fleet: whole log applied; local tests at seat"),
         "{table}"

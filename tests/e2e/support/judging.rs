@@ -114,3 +114,17 @@ pub fn reference_judge() -> String {
         .collect();
     section.join("\n") + "\n"
 }
+
+/// What `veer status` prints for `veer`.
+pub async fn veer_status_table(veer: &Veer) -> String {
+    let admin = veer.admin.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args(["status", "--admin", &admin])
+            .output()
+            .expect("veer status")
+    })
+    .await
+    .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

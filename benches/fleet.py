@@ -64,7 +64,7 @@ def wait(pred, limit, what):
 
 class Replica:
     def __init__(self, veer, work, name, etcd, fleet=True, pin=None, upstreams=None,
-                 fleet_extra="", route_extra=""):
+                 fleet_extra="", route_extra="", fleet_name="bench"):
         self.name = name
         self.dir = os.path.join(work, name)
         os.makedirs(self.dir, exist_ok=True)
@@ -72,7 +72,7 @@ class Replica:
         self.port = free_port()
         stable, canary = upstreams or ("127.0.0.1:1", "127.0.0.1:2")
         fleet_text = (
-            f'[fleet]\nstore = "etcd"\nendpoints = ["http://{etcd}"]\nname = "bench"\nreplica = "{name}"\n{fleet_extra}'
+            f'[fleet]\nstore = "etcd"\nendpoints = ["http://{etcd}"]\nname = "{fleet_name}"\nreplica = "{name}"\n{fleet_extra}'
             if fleet
             else ""
         )

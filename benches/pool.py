@@ -76,7 +76,7 @@ def paced_load(port, rate, seconds, users, stop):
 def writes(veer, work, etcd, seconds, users):
     judge = reference_judge()
     tag = f"w{users or 'fresh'}"
-    rs = [fleet.Replica(veer, work, f"{tag}-r{i}", etcd, upstreams=DEMO, route_extra=judge)
+    rs = [fleet.Replica(veer, work, f"{tag}-r{i}", etcd, upstreams=DEMO, route_extra=judge, fleet_name=tag)
           for i in (1, 2, 3)]
     try:
         for r in rs:
@@ -101,9 +101,10 @@ def writes(veer, work, etcd, seconds, users):
         per = (rev1 - rev0) / seconds / 3
         events = [t["events"] for t in pool["tests"]]
         who = f"{users:,} sticky users" if users else "a fresh key per request"
+        route = rs[0].route()
         print(f"  {who}: {per:.2f} writes/s per replica ({rev1 - rev0} in {seconds} s for 3), "
               f"{(b1 - b0) / seconds:.2f} batches/s applied; pooled events (canary, stable) so far: {events}; "
-              f"verdict {rs[0].route()['verdict']}")
+              f"verdict {route['verdict']}" + (f" ({route['reverted']['reason']})" if route.get("reverted") else ""))
     finally:
         for r in rs:
             r.stop()

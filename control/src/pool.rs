@@ -345,6 +345,52 @@ impl PoolView {
         }
     }
 
+    /// The first revision from which this view has every batch (an
+    /// incomplete view's; a complete one has them all).
+    pub fn covers_from(&self) -> i64 {
+        if self.pool.is_some() {
+            0
+        } else {
+            self.from
+        }
+    }
+
+    /// The batches of the log from revision `start` up to where this view
+    /// covers it, read back from the store's history: with `cp` (a
+    /// checkpoint at `start - 1`), or from the log's beginning (`start` 1
+    /// and no checkpoint), the view is complete. Returns whether it became
+    /// complete.
+    pub fn replayed(
+        &mut self,
+        start: i64,
+        cp: Option<&Pool>,
+        batches: Vec<(i64, PoolBatch)>,
+    ) -> bool {
+        if self.pool.is_some() || start > self.from || self.from == i64::MAX {
+            return false;
+        }
+        let mut tail: Vec<(i64, PoolBatch)> = batches
+            .into_iter()
+            .filter(|(rev, _)| *rev >= start && *rev < self.from)
+            .collect();
+        tail.append(&mut self.tail);
+        self.tail = tail;
+        self.from = start;
+        match cp {
+            Some(cp) if cp.revision() + 1 >= start => self.checkpoint(cp),
+            Some(_) => false,
+            None if start <= 1 => {
+                let mut p = self.fresh.clone();
+                for (rev, b) in std::mem::take(&mut self.tail) {
+                    p.apply(rev, &b);
+                }
+                self.pool = Some(p);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// A checkpoint: adopted by an incomplete view whose batches since it
     /// are all at hand, with them applied after it. Returns whether the
     /// view became complete.
@@ -534,6 +580,45 @@ mod tests {
         let mut too_late = PoolView::incomplete(pool(1.0), 120);
         assert!(!too_late.checkpoint(&cp));
         assert!(!too_late.is_complete());
+    }
+
+    #[test]
+    fn a_view_replayed_from_the_stores_history_is_complete() {
+        let b = |k: u32| PoolBatch {
+            fp: 7,
+            w: 0.05,
+            ev: vec![(k, ERROR_KIND, k % 3 == 0)],
+        };
+        let log: Vec<(i64, PoolBatch)> = (1..=40).map(|r| (r, b(r as u32))).collect();
+        let mut whole = pool(1.0);
+        for (r, x) in &log {
+            whole.apply(*r, x);
+        }
+        // Everything restarted: no replica has the log; the store has a
+        // checkpoint at 20 and every put since.
+        let mut cp = pool(1.0);
+        for (r, x) in log.iter().take(20) {
+            cp.apply(*r, x);
+        }
+        let mut v = PoolView::incomplete(pool(1.0), 36);
+        for (r, x) in log.iter().skip(35) {
+            v.apply(*r, x.clone());
+        }
+        let history: Vec<(i64, PoolBatch)> = log.iter().skip(20).take(15).cloned().collect();
+        assert!(v.replayed(21, Some(&cp), history));
+        assert_eq!(v.pool(), Some(&whole));
+        // No checkpoint: from the beginning of the log.
+        let mut v = PoolView::incomplete(pool(1.0), 31);
+        for (r, x) in log.iter().skip(30) {
+            v.apply(*r, x.clone());
+        }
+        assert!(!v.replayed(5, None, log.iter().skip(4).take(26).cloned().collect()));
+        let mut v = PoolView::incomplete(pool(1.0), 31);
+        for (r, x) in log.iter().skip(30) {
+            v.apply(*r, x.clone());
+        }
+        assert!(v.replayed(1, None, log.iter().take(30).cloned().collect()));
+        assert_eq!(v.pool(), Some(&whole));
     }
 
     #[test]

@@ -86,6 +86,58 @@ impl PoolKey {
     }
 }
 
+/// A pool's batches read back from the store's history, or why not.
+pub type Replayed = Result<Vec<(i64, PoolBatch)>, String>;
+
+/// How long reading a pool's history back may take.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the puts under `prefix` at revisions `from..=until` back with a
+/// watch from `from` (the store's history; an error if compacted).
+async fn replay(mut client: Client, prefix: String, from: i64, until: i64) -> Replayed {
+    let mut stream = client
+        .watch(
+            prefix.as_str(),
+            Some(WatchOptions::new().with_prefix().with_start_revision(from)),
+        )
+        .await
+        .map_err(|e| format!("watching {prefix} from {from}: {e}"))?;
+    let mut out = Vec::new();
+    let read = async {
+        while let Some(resp) = stream
+            .message()
+            .await
+            .map_err(|e| format!("reading {prefix}'s history: {e}"))?
+        {
+            if resp.compact_revision() > 0 {
+                return Err(format!(
+                    "{prefix}'s history from {from} was compacted (up to {})",
+                    resp.compact_revision()
+                ));
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let rev = kv.mod_revision();
+                if ev.event_type() == EventType::Put && rev <= until {
+                    if let Ok(b) = serde_json::from_slice::<PoolBatch>(kv.value()) {
+                        out.push((rev, b));
+                    }
+                }
+                if rev >= until {
+                    return Ok(());
+                }
+            }
+        }
+        Err("the history watch ended".to_string())
+    };
+    // Dropping the stream at the end cancels the watch.
+    match tokio::time::timeout(REPLAY_TIMEOUT, read).await {
+        Ok(Ok(())) => Ok(out),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("reading {prefix}'s history timed out")),
+    }
+}
+
 /// Why a proposal was not committed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProposeError {
@@ -131,6 +183,9 @@ enum ToAgent {
     Checkpoint(PoolKey, Vec<u8>),
     /// A seat for the local tests.
     Seat(PoolKey, oneshot::Sender<Result<u32, String>>),
+    /// A pool's batches from one revision up to another, from the store's
+    /// history.
+    Replay(PoolKey, i64, i64, oneshot::Sender<Replayed>),
     Propose {
         key: RecordKey,
         local: FleetRecord,
@@ -262,6 +317,14 @@ impl Fleet {
         if let Ok(v) = serde_json::to_vec(pool) {
             let _ = self.to_agent.send(ToAgent::Checkpoint(key, v));
         }
+    }
+
+    /// Reads a pool's batches written at revisions `from..=until` back
+    /// from the store's history (an error when it was compacted).
+    pub fn replay(&self, key: PoolKey, from: i64, until: i64) -> oneshot::Receiver<Replayed> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.to_agent.send(ToAgent::Replay(key, from, until, reply));
+        rx
     }
 
     /// Takes the next seat of a pool's local tests.
@@ -413,6 +476,9 @@ impl Agent {
                 let _ = reply.send(Err(ProposeError::Unreachable(self.unreachable())));
             }
             ToAgent::Seat(_, reply) => {
+                let _ = reply.send(Err(self.unreachable()));
+            }
+            ToAgent::Replay(.., reply) => {
                 let _ = reply.send(Err(self.unreachable()));
             }
             ToAgent::Evidence(..) | ToAgent::Checkpoint(..) => {}
@@ -614,6 +680,15 @@ impl Agent {
                         if let Err(x) = client.put(k, value, None).await {
                             return e("writing a pool checkpoint", x);
                         }
+                    }
+                    Some(ToAgent::Replay(key, from, until, reply)) => {
+                        // On its own task (a clone of the client shares the
+                        // connection): decisions do not wait for it.
+                        let prefix = format!("{}ev/{}/", self.prefix, key.path());
+                        let c = client.clone();
+                        tokio::spawn(async move {
+                            let _ = reply.send(replay(c, prefix, from, until).await);
+                        });
                     }
                     Some(ToAgent::Seat(key, reply)) => {
                         let r = self.seat(&mut client, &key).await;

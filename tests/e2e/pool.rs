@@ -293,3 +293,67 @@ async fn a_replica_that_joins_late_takes_the_fleets_pooled_tests_from_a_checkpoi
     assert_eq!(theirs["tests"], last["tests"], "r1 {last}\nr3 {theirs}");
     assert!(r3_route["reverted"].is_null(), "{r3_route}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_restarted_whole_reads_its_pooled_tests_back_from_the_stores_history() {
+    let etcd = Etcd::single().await;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    s.fail_one_in.store(25, Ordering::SeqCst);
+    c.fail_one_in.store(25, Ordering::SeqCst);
+    let ep = etcd.endpoints();
+    let r1 = Veer::start(&config(&s, &c, 20.0, &ep, "checkout", "r1")).await;
+    let r2 = Veer::start(&config(&s, &c, 20.0, &ep, "checkout", "r2")).await;
+    let loads = [
+        Load::start(r1.addr, 1, Duration::from_millis(1)),
+        Load::start(r2.addr, 1, Duration::from_millis(1)),
+    ];
+    wait_route(&r1, "batches in the log", Duration::from_secs(30), |r| {
+        r["evidence"]["pool"]["batches"][0].as_u64().unwrap_or(0) >= 5
+    })
+    .await;
+    for l in loads {
+        l.stop().await;
+    }
+    // The log settles; r1's pooled tests as they end.
+    let mut last = serde_json::Value::Null;
+    let start = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = r1.status().await["routes"][0]["evidence"]["pool"].clone();
+        if now["revision"] == last["revision"] {
+            break;
+        }
+        last = now;
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the log never settled"
+        );
+    }
+    // Every replica goes (a rolling restart gone wrong, a node pool
+    // replaced); new ones start on the same store.
+    drop(r1);
+    drop(r2);
+    let r3 = Veer::start(&config(&s, &c, 20.0, &ep, "checkout", "r3")).await;
+    let (route, _) = wait_route(
+        &r3,
+        "complete from the history",
+        Duration::from_secs(30),
+        |r| r["evidence"]["pool"]["complete"] == true,
+    )
+    .await;
+    let theirs = &route["evidence"]["pool"];
+    assert_eq!(theirs["revision"], last["revision"], "{theirs}\n{last}");
+    assert_eq!(theirs["tests"], last["tests"], "r1 {last}\nr3 {theirs}");
+    // Which way depends on whether r1 wrote a checkpoint after the last
+    // batch (one every 5 s): if not, from the history after the last one.
+    let logs = r3.all_logs();
+    eprintln!(
+        "whole fleet restarted: r3 caught up {}",
+        if logs.contains("caught up from the store's history") {
+            "from the store's history"
+        } else {
+            "from the last checkpoint alone"
+        }
+    );
+}

@@ -101,6 +101,7 @@ pub(super) enum News {
     Agent(FromAgent),
     Committed(Committed),
     Seat(crate::fleet::PoolKey, Result<u32, String>),
+    Replay(super::pool::Replay),
 }
 
 pub(super) async fn next(link: &mut Option<FleetLink>) -> Option<News> {
@@ -109,6 +110,7 @@ pub(super) async fn next(link: &mut Option<FleetLink>) -> Option<News> {
             n = l.news.recv() => n.map(News::Agent),
             c = l.committed_rx.recv() => c.map(News::Committed),
             s = l.pool.seat_rx.recv() => s.map(|(k, r)| News::Seat(k, r)),
+            r = l.pool.replay_rx.recv() => r.map(News::Replay),
         },
         None => std::future::pending().await,
     }
@@ -147,6 +149,7 @@ impl Controller {
                 | FromAgent::Checkpoint(..)),
             ) => self.on_pool_news(n),
             News::Seat(k, r) => self.pool_seat(k, r),
+            News::Replay(r) => self.pool_replayed(r),
             News::Agent(FromAgent::StoreReplaced) => {
                 if let Some(l) = self.fleet.as_mut() {
                     l.records.clear();

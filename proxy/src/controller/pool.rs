@@ -14,9 +14,14 @@ use veer_control::pool::{Pool, PoolBatch, PoolView};
 use super::Controller;
 use crate::fleet::{FromAgent, PoolKey};
 
-/// How often the first member of the fleet writes the checkpoints of the
-/// pools that changed.
+/// How often a pool that changed gets a checkpoint: the first member
+/// writes it this long after the last one seen, the `k`-th member in name
+/// order `k × CHECKPOINT_STAGGER` later (so a first member that cannot
+/// write one, having joined late itself, is stood in for).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+const CHECKPOINT_STAGGER: Duration = Duration::from_secs(2);
+/// How long after a failed read of a pool's history it is tried again.
+const REPLAY_RETRY: Duration = Duration::from_secs(10);
 /// How long stable's events wait for a batch without a canary event: a
 /// canary event is published at the next tick (100 ms), stable-only
 /// batches at most this often, so a replica writes about once a second
@@ -28,6 +33,15 @@ const SEAT_RETRY: Duration = Duration::from_secs(1);
 /// has not reached it), and pools kept so.
 const MAX_ORPHANS: usize = 4_096;
 const MAX_ORPHAN_POOLS: usize = 64;
+
+/// A read of a pool's history: from which revision, after which
+/// checkpoint (None: from the log's beginning), and what came back.
+pub(super) struct Replay {
+    key: PoolKey,
+    start: i64,
+    cp: Option<Pool>,
+    result: crate::fleet::Replayed,
+}
 
 /// Batches of a pool no route here judges yet.
 #[derive(Default)]
@@ -50,7 +64,17 @@ pub(super) struct PoolLink {
     checkpoints: HashMap<PoolKey, Pool>,
     /// The revision of the checkpoint last written from here.
     written: HashMap<PoolKey, i64>,
-    last_checkpoints: Instant,
+    /// When a checkpoint of each pool was last seen (or this replica
+    /// started following it).
+    cp_seen: HashMap<PoolKey, Instant>,
+    /// This replica's place among the members, by name (refreshed once a
+    /// second).
+    rank: u32,
+    last_rank: Instant,
+    /// Reads of pools' histories asked for (and when).
+    replaying: HashMap<PoolKey, Instant>,
+    replay_tx: mpsc::UnboundedSender<Replay>,
+    pub(super) replay_rx: mpsc::UnboundedReceiver<Replay>,
     /// Seats asked for (and when).
     asking: HashMap<PoolKey, Instant>,
     seat_tx: mpsc::UnboundedSender<(PoolKey, Result<u32, String>)>,
@@ -68,13 +92,19 @@ pub(super) struct PoolLink {
 impl PoolLink {
     pub(super) fn new() -> PoolLink {
         let (seat_tx, seat_rx) = mpsc::unbounded_channel();
+        let (replay_tx, replay_rx) = mpsc::unbounded_channel();
         PoolLink {
             watch_from: 0,
             before: HashMap::new(),
             orphans: HashMap::new(),
             checkpoints: HashMap::new(),
             written: HashMap::new(),
-            last_checkpoints: Instant::now(),
+            cp_seen: HashMap::new(),
+            rank: 0,
+            last_rank: Instant::now(),
+            replaying: HashMap::new(),
+            replay_tx,
+            replay_rx,
             asking: HashMap::new(),
             seat_tx,
             seat_rx,
@@ -131,6 +161,7 @@ impl Controller {
                 *b = (*b).max(revision);
             }
             FromAgent::Checkpoint(key, pool) => {
+                l.pool.cp_seen.insert(key.clone(), Instant::now());
                 let newer = l
                     .pool
                     .checkpoints
@@ -208,6 +239,47 @@ impl Controller {
         }
     }
 
+    /// A pool's history, read back: an incomplete view of it becomes
+    /// complete when the history reaches where its watch began.
+    pub(super) fn pool_replayed(&mut self, r: Replay) {
+        let Replay {
+            key,
+            start,
+            cp,
+            result,
+        } = r;
+        match result {
+            Ok(batches) => {
+                if let Some(l) = self.fleet.as_mut() {
+                    l.pool.replaying.remove(&key);
+                }
+                if self.pool_key(&key.route).as_ref() != Some(&key) {
+                    return;
+                }
+                let n = batches.len();
+                let Some(v) = self
+                    .routes
+                    .get_mut(&key.route)
+                    .and_then(|rt| rt.judge.pool_mut())
+                else {
+                    return;
+                };
+                if v.replayed(start, cp.as_ref(), batches) {
+                    tracing::info!(route = %key.route, from = start, batches = n, "pooled evidence: caught up from the store's history");
+                    if let Some(l) = self.fleet.as_mut() {
+                        l.pool.dirty.insert(key.route.clone());
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(route = %key.route, error = %e, "pooled evidence: could not read the log back; waiting for a checkpoint");
+                if let Some(l) = self.fleet.as_mut() {
+                    l.pool.replaying.insert(key, Instant::now());
+                }
+            }
+        }
+    }
+
     /// A seat's answer.
     pub(super) fn pool_seat(&mut self, key: PoolKey, seat: Result<u32, String>) {
         let seats = self
@@ -250,14 +322,17 @@ impl Controller {
         };
         let rebuilds = self.rebuilds.load(std::sync::atomic::Ordering::Relaxed);
         let synced = l.synced;
-        let checkpoints = now.duration_since(l.pool.last_checkpoints) >= CHECKPOINT_EVERY;
-        if checkpoints {
-            l.pool.last_checkpoints = now;
-        }
-        let first_member = checkpoints && {
+        if now.duration_since(l.pool.last_rank) >= Duration::from_secs(1) {
+            l.pool.last_rank = now;
             let s = l.status();
-            s.members.iter().min() == Some(&l.fleet.replica)
-        };
+            let mut members = s.members;
+            members.sort();
+            l.pool.rank = members
+                .iter()
+                .position(|m| *m == l.fleet.replica)
+                .unwrap_or(members.len()) as u32;
+        }
+        let cp_after = CHECKPOINT_EVERY + CHECKPOINT_STAGGER * l.pool.rank;
         let names: Vec<String> = self
             .routes
             .iter()
@@ -358,14 +433,53 @@ impl Controller {
                     });
                 }
             }
-            // The first member writes the checkpoints.
-            if first_member {
-                if let Some(p) = rt.judge.pool().and_then(|v| v.pool()) {
-                    let written = l.pool.written.get(&key).copied().unwrap_or(0);
-                    if p.revision() > written {
-                        l.fleet.checkpoint(key.clone(), p);
-                        l.pool.written.insert(key.clone(), p.revision());
-                    }
+            // A checkpoint when none was seen for a while (the first
+            // member's turn comes first).
+            if let Some(p) = rt.judge.pool().and_then(|v| v.pool()) {
+                let seen = *l.pool.cp_seen.entry(key.clone()).or_insert(now);
+                let known = l
+                    .pool
+                    .checkpoints
+                    .get(&key)
+                    .map_or(0, Pool::revision)
+                    .max(l.pool.written.get(&key).copied().unwrap_or(0));
+                if p.revision() > known && now.duration_since(seen) >= cp_after {
+                    l.fleet.checkpoint(key.clone(), p);
+                    l.pool.written.insert(key.clone(), p.revision());
+                    l.pool.cp_seen.insert(key.clone(), now);
+                }
+            }
+            // An incomplete view reads the log back from the store's
+            // history: after the latest checkpoint, or from its beginning.
+            if let Some(v) = rt.judge.pool().filter(|v| !v.is_complete()) {
+                let until = v.covers_from().saturating_sub(1);
+                let due = l
+                    .pool
+                    .replaying
+                    .get(&key)
+                    .is_none_or(|at| now.duration_since(*at) >= REPLAY_RETRY);
+                let cp = l.pool.checkpoints.get(&key).cloned();
+                let start = cp.as_ref().map_or(1, |c| c.revision() + 1);
+                if due && start <= until && v.covers_from() < i64::MAX {
+                    // Marked far ahead while the read runs; its answer
+                    // clears or re-arms it.
+                    l.pool
+                        .replaying
+                        .insert(key.clone(), now + Duration::from_secs(3600));
+                    let rx = l.fleet.replay(key.clone(), start, until);
+                    let tx = l.pool.replay_tx.clone();
+                    let k = key.clone();
+                    tokio::spawn(async move {
+                        let result = rx
+                            .await
+                            .unwrap_or_else(|_| Err("the fleet agent stopped".into()));
+                        let _ = tx.send(Replay {
+                            key: k,
+                            start,
+                            cp,
+                            result,
+                        });
+                    });
                 }
             }
         }
@@ -385,6 +499,8 @@ impl Controller {
                 })
                 .collect();
             l.pool.written.retain(|k, _| live.contains(k));
+            l.pool.cp_seen.retain(|k, _| live.contains(k));
+            l.pool.replaying.retain(|k, _| live.contains(k));
             l.pool
                 .sent
                 .retain(|n, _| live.iter().any(|k| &k.route == n));

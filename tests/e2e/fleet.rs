@@ -100,9 +100,13 @@ async fn a_judges_revert_reaches_every_replica_and_a_reset_elsewhere_brings_the_
     let s = Upstream::start("stable").await;
     let c = Upstream::start("canary").await;
     let ep = etcd.endpoints();
-    let r1 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r1", "")).await;
-    let r2 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r2", "")).await;
-    let r3 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r3", "")).await;
+    // Each replica judging alone: the revert is r1's judge's, and the
+    // others apply it from the store. (Pooling, where every replica
+    // reaches the same verdict at once, is tests/e2e/pool.rs.)
+    let alone = "pool = false\n";
+    let r1 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r1", alone)).await;
+    let r2 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r2", alone)).await;
+    let r3 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r3", alone)).await;
     for r in [&r1, &r2, &r3] {
         wait_synced(r).await;
     }

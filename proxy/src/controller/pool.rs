@@ -30,9 +30,11 @@ const STABLE_ONLY_EVERY: Duration = Duration::from_secs(1);
 /// How long after a failed attempt a seat is asked for again.
 const SEAT_RETRY: Duration = Duration::from_secs(1);
 /// Batches kept for a pool this replica does not judge yet (its config
-/// has not reached it), and pools kept so.
-const MAX_ORPHANS: usize = 4_096;
-const MAX_ORPHAN_POOLS: usize = 64;
+/// has not reached it), and pools kept so: a few seconds' worth (at most
+/// ~2 KB a batch); a longer wait reads the log back from the store's
+/// history instead.
+const MAX_ORPHANS: usize = 1_024;
+const MAX_ORPHAN_POOLS: usize = 16;
 
 /// A read of a pool's history: from which revision, after which
 /// checkpoint (None: from the log's beginning), and what came back.

@@ -14,8 +14,11 @@
 //!
 //! # The protocol
 //!
-//! 1. Each replica publishes, on its looks (every 100 ms at most), a batch
-//!    of the bad events it recorded since the last one: per event the
+//! 1. Each replica publishes, every 100 ms (on a clock: never sooner
+//!    because a batch holds a canary event, which would put canary events
+//!    ahead of stable events recorded before them and let the test, read
+//!    after every batch, peak higher than it may), a batch of the bad
+//!    events it recorded since the last one: per event the
 //!    key's hash (32 high bits, as the distinct-key filter reads them), the
 //!    event's kind (an error, or slower than a latency test's thresholds)
 //!    and the version. A batch carries the canary share `w` at which every
@@ -42,7 +45,10 @@
 //! again, however many replicas it reaches. Which events are kept depends
 //! on their order, their keys, fingerprints and weights, never on their
 //! version: dropping them is choosing a subsequence without looking at the
-//! outcome, which keeps the product a supermartingale. Each event's slow
+//! outcome, which keeps the product a supermartingale. Nor does the log's
+//! order: batches go out on each replica's clock and the store orders them
+//! as they arrive, whatever versions they hold, and a batch keeps its
+//! events in the order recorded. Each event's slow
 //! threshold was fixed by its replica before the request (from stable's
 //! past window there), and attribution is valid whatever the threshold
 //! ([`crate::limits`]). So Ville's inequality bounds the fleet test's

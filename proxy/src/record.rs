@@ -67,8 +67,6 @@ pub struct RouteKeys {
 pub struct PoolLog {
     events: Mutex<Vec<pool::PoolEvent>>,
     any: AtomicBool,
-    /// One of them is the canary's.
-    canary: AtomicBool,
     /// Events left out of a full batch.
     overflow: AtomicU64,
 }
@@ -91,19 +89,6 @@ impl PoolLog {
             }
         }
         self.any.store(true, Ordering::Relaxed);
-        if canary {
-            self.canary.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Whether an event was recorded since the last batch was taken.
-    pub fn is_empty(&self) -> bool {
-        !self.any.load(Ordering::Relaxed)
-    }
-
-    /// Whether one of them is the canary's.
-    pub fn has_canary(&self) -> bool {
-        self.canary.load(Ordering::Relaxed)
     }
 
     /// Takes the events recorded since the last call (None: none), and how
@@ -112,7 +97,6 @@ impl PoolLog {
         if !self.any.swap(false, Ordering::Relaxed) {
             return None;
         }
-        self.canary.store(false, Ordering::Relaxed);
         let ev = std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()));
         let overflow = self.overflow.swap(0, Ordering::Relaxed);
         (!ev.is_empty()).then_some((ev, overflow))

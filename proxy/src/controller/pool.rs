@@ -22,11 +22,6 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 const CHECKPOINT_STAGGER: Duration = Duration::from_secs(2);
 /// How long after a failed read of a pool's history it is tried again.
 const REPLAY_RETRY: Duration = Duration::from_secs(10);
-/// How long stable's events wait for a batch without a canary event: a
-/// canary event is published at the next tick (100 ms), stable-only
-/// batches at most this often, so a replica writes about once a second
-/// when only stable's slow requests (its own p99) are in the log.
-const STABLE_ONLY_EVERY: Duration = Duration::from_secs(1);
 /// How long after a failed attempt a seat is asked for again.
 const SEAT_RETRY: Duration = Duration::from_secs(1);
 /// Batches kept for a pool this replica does not judge yet (its config
@@ -83,8 +78,8 @@ pub(super) struct PoolLink {
     pub(super) seat_rx: mpsc::UnboundedReceiver<(PoolKey, Result<u32, String>)>,
     /// Per route: the snapshot rebuilds counted when its log was last
     /// empty or taken (a batch whose interval saw a rebuild is dropped:
-    /// its events may straddle two shares), and when it was last sent.
-    sent: HashMap<String, (u64, Instant)>,
+    /// its events may straddle two shares).
+    sent: HashMap<String, u64>,
     /// Routes whose pooled tests changed since `/status` last showed them
     /// (shown once a second: an idle route has no verdicts to show them).
     dirty: HashSet<String>,
@@ -353,18 +348,17 @@ impl Controller {
             let (Some(l), Some(rt)) = (self.fleet.as_mut(), self.routes.get_mut(&name)) else {
                 continue;
             };
-            // Publish this replica's events: at once when the canary has
-            // one, else once a second.
-            let sent = l.pool.sent.entry(name.clone()).or_insert((rebuilds, now));
+            // Publish this replica's events of the last tick (100 ms).
+            // On a clock, never on what the events are: a batch sent
+            // sooner because it holds a canary event would put canary
+            // events ahead of stable events that came first, and the
+            // pooled test, read after every batch, would peak higher than
+            // it may (see `veer_control::pool`).
+            let sent = l.pool.sent.entry(name.clone()).or_insert(rebuilds);
             let log = rt.stable.keys().pool_log();
-            let due = log
-                .is_some_and(|p| p.has_canary() || now.duration_since(sent.1) >= STABLE_ONLY_EVERY);
-            if log.is_some_and(|p| p.is_empty()) {
-                sent.0 = rebuilds;
-            }
-            if let Some((ev, overflow)) = log.filter(|_| due).and_then(|p| p.take()) {
-                let clean = sent.0 == rebuilds;
-                *sent = (rebuilds, now);
+            if let Some((ev, overflow)) = log.and_then(|p| p.take()) {
+                let clean = *sent == rebuilds;
+                *sent = rebuilds;
                 if overflow > 0 {
                     tracing::debug!(route = %name, overflow, "pooled evidence: a batch was full; later events of the interval stay local");
                 }
@@ -376,6 +370,9 @@ impl Controller {
                     };
                     l.fleet.evidence(key.clone(), &batch);
                 }
+            } else {
+                // Nothing recorded: the next batch starts clean.
+                *sent = rebuilds;
             }
             if !synced {
                 continue;

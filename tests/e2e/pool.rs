@@ -53,6 +53,25 @@ async fn wait_route(
     }
 }
 
+/// `v`'s pooled tests once its log has settled: the same revision on two
+/// reads 1.5 s apart (no batch in between; the load has stopped).
+async fn settled_pool(v: &Veer) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let start = Instant::now();
+    loop {
+        let now = v.status().await["routes"][0]["evidence"]["pool"].clone();
+        if now["revision"] == last["revision"] {
+            return now;
+        }
+        last = now;
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the log never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+}
+
 fn reverted(r: &serde_json::Value) -> bool {
     r["verdict"] == "reverted" && r["weight"]["effective"] == 0.0
 }
@@ -269,27 +288,12 @@ async fn a_replica_that_joins_late_takes_the_fleets_pooled_tests_from_a_checkpoi
         l.stop().await;
     }
     // Once the last batch is in, r1 and r3 hold the same pooled tests.
-    let pool_of = |route: &serde_json::Value| route["evidence"]["pool"].clone();
-    let (r1_route, _) = wait_route(&replicas[0], "quiet", Duration::from_secs(10), |_| true).await;
-    let mut last = pool_of(&r1_route);
-    let start = Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let now = pool_of(&replicas[0].status().await["routes"][0]);
-        if now["revision"] == last["revision"] {
-            break;
-        }
-        last = now;
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the log never settled"
-        );
-    }
+    let last = settled_pool(&replicas[0]).await;
     let (r3_route, _) = wait_route(&r3, "at r1's revision", Duration::from_secs(10), |r| {
         r["evidence"]["pool"]["revision"] == last["revision"]
     })
     .await;
-    let theirs = pool_of(&r3_route);
+    let theirs = &r3_route["evidence"]["pool"];
     assert_eq!(theirs["tests"], last["tests"], "r1 {last}\nr3 {theirs}");
     assert!(r3_route["reverted"].is_null(), "{r3_route}");
 }
@@ -316,20 +320,7 @@ async fn a_fleet_restarted_whole_reads_its_pooled_tests_back_from_the_stores_his
         l.stop().await;
     }
     // The log settles; r1's pooled tests as they end.
-    let mut last = serde_json::Value::Null;
-    let start = Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let now = r1.status().await["routes"][0]["evidence"]["pool"].clone();
-        if now["revision"] == last["revision"] {
-            break;
-        }
-        last = now;
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the log never settled"
-        );
-    }
+    let last = settled_pool(&r1).await;
     // Every replica goes (a rolling restart gone wrong, a node pool
     // replaced); new ones start on the same store.
     drop(r1);

@@ -30,7 +30,9 @@
 //!    watched sequence of puts is the fleet's log.
 //! 2. Every replica applies the log in the store's order ([`Pool::apply`]):
 //!    a batch of another fingerprint is dropped, an event whose key was
-//!    already counted for its kind (by any replica) is dropped, and each
+//!    already counted for its kind (by any replica) is dropped (keys are
+//!    kept per kind in a one-hash bitmap of 2²⁰ slots, [`KeySet`]: a new
+//!    key whose slot is taken is dropped too, whichever its version), and each
 //!    pooled test takes the batch's remaining events at the batch's own
 //!    `w`. The state is a function of the log, so every replica holds the
 //!    same test and reaches the same verdict at the same batch.
@@ -82,8 +84,9 @@
 //! watch covers, then applies the batches after it ([`PoolView`]). Until
 //! then it applies the pooled verdicts of the others only.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
+use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::eprocess::Detector;
@@ -93,9 +96,8 @@ use crate::limits::{Limit, Spec, MIN_CANARY_EVENTS};
 pub const ERROR_KIND: u8 = 0;
 /// Events one batch holds at most (the first ones recorded are kept).
 pub const MAX_BATCH: usize = 256;
-/// Keys counted per kind; a new key beyond that is not counted (for either
-/// version).
-pub const MAX_KEYS: usize = 20_000;
+/// Slots of a kind's key set: a key's low 20 bits.
+const KEY_SLOTS: usize = 1 << 20;
 /// Batches an incomplete pool keeps while it waits for a checkpoint.
 pub const MAX_TAIL: usize = 4_096;
 
@@ -151,7 +153,7 @@ pub struct Pool {
     fp: u64,
     tests: Vec<PooledTest>,
     /// Keys counted, per kind.
-    seen: BTreeMap<u8, BTreeSet<u32>>,
+    seen: BTreeMap<u8, KeySet>,
     /// The store's revision of the last batch applied (0: none).
     revision: i64,
     /// Batches applied, and those dropped (foreign fingerprint, share
@@ -182,7 +184,7 @@ impl Pool {
             .collect();
         (!tests.is_empty()).then(|| Pool {
             fp,
-            seen: tests.iter().map(|t| (t.kind, BTreeSet::new())).collect(),
+            seen: tests.iter().map(|t| (t.kind, KeySet::default())).collect(),
             tests,
             revision: 0,
             applied: 0,
@@ -224,10 +226,9 @@ impl Pool {
             let Some(seen) = self.seen.get_mut(&kind) else {
                 continue;
             };
-            if seen.contains(&key) || seen.len() >= MAX_KEYS {
+            if !seen.insert(key) {
                 continue;
             }
-            seen.insert(key);
             let c = counts.entry(kind).or_default();
             if canary {
                 c.0 += 1;
@@ -260,6 +261,149 @@ impl Pool {
         self.tests().find_map(|(spec, e, (c, _))| {
             (e >= threshold && c >= MIN_CANARY_EVENTS).then_some((spec, e))
         })
+    }
+}
+
+/// The keys of one kind counted so far, fleet-wide: a one-hash bitmap of
+/// 2²⁰ slots, a key's slot its low 20 bits (bits 32-51 of its hash; the
+/// split's bucket, the hash modulo 10 000, is independent of them to within
+/// 10 000 / 2³², as for the exact set this replaces).
+///
+/// A new key whose slot is already taken is not counted, for either
+/// version alike: as with the local filter ([`crate::keyfilter`]), that
+/// costs a little power as the set fills and biases nothing, so the pool
+/// keeps counting however many keys a long or busy rollout brings (an
+/// exact set had to stop at a cap; at 10 000 req/s its latency test ran
+/// out of keys within minutes). The bitmap exists from the first key
+/// (128 KiB); a checkpoint carries the taken slots, sorted, as
+/// varint-encoded gaps in base64 (1-3 bytes a key).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KeySet {
+    words: Vec<u64>,
+    len: u64,
+}
+
+impl KeySet {
+    fn slot(key: u32) -> usize {
+        key as usize & (KEY_SLOTS - 1)
+    }
+
+    /// Marks `key`'s slot; false when it was taken already.
+    pub fn insert(&mut self, key: u32) -> bool {
+        self.mark(Self::slot(key))
+    }
+
+    fn mark(&mut self, slot: usize) -> bool {
+        if slot >= KEY_SLOTS {
+            return false;
+        }
+        if self.words.is_empty() {
+            self.words = vec![0; KEY_SLOTS / 64];
+        }
+        let (w, bit) = (slot / 64, 1u64 << (slot % 64));
+        match self.words.get_mut(w) {
+            Some(word) if *word & bit == 0 => {
+                *word |= bit;
+                self.len += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Slots taken.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether no key was counted.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn slots(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| **w != 0)
+            .flat_map(|(i, &w)| {
+                (0..64)
+                    .filter(move |b| w & (1 << b) != 0)
+                    .map(move |b| i * 64 + b)
+            })
+    }
+
+    fn encode(&self) -> String {
+        let mut out = Vec::with_capacity(self.len as usize * 2);
+        let mut last = 0usize;
+        for slot in self.slots() {
+            let mut gap = slot - last;
+            last = slot;
+            loop {
+                let byte = (gap & 0x7f) as u8;
+                gap >>= 7;
+                if gap == 0 {
+                    out.push(byte);
+                    break;
+                }
+                out.push(byte | 0x80);
+            }
+        }
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(out)
+    }
+
+    fn decode(text: &str) -> Option<KeySet> {
+        let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(text)
+            .ok()?;
+        let mut set = KeySet::default();
+        let (mut slot, mut gap, mut shift) = (0usize, 0usize, 0u32);
+        for b in bytes {
+            gap |= usize::from(b & 0x7f).checked_shl(shift)?;
+            if b & 0x80 != 0 {
+                shift += 7;
+                if shift > 21 {
+                    return None;
+                }
+                continue;
+            }
+            slot = slot.checked_add(gap)?;
+            if slot >= KEY_SLOTS || !set.mark(slot) {
+                return None;
+            }
+            (gap, shift) = (0, 0);
+        }
+        (shift == 0).then_some(set)
+    }
+}
+
+/// As the store keeps it: the encoded slots; a checkpoint written before
+/// the bitmap (a list of full 32-bit keys) is read into slots too.
+impl Serialize for KeySet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.encode())
+    }
+}
+
+impl<'de> Deserialize<'de> for KeySet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<KeySet, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Stored {
+            Slots(String),
+            Keys(Vec<u32>),
+        }
+        match Stored::deserialize(d)? {
+            Stored::Slots(text) => KeySet::decode(&text)
+                .ok_or_else(|| serde::de::Error::custom("a pool's key set is not valid")),
+            Stored::Keys(keys) => {
+                let mut set = KeySet::default();
+                for k in keys {
+                    set.insert(k);
+                }
+                Ok(set)
+            }
+        }
     }
 }
 
@@ -418,6 +562,7 @@ mod tests {
     use super::*;
     use crate::config::JudgeSettings;
     use crate::limits::family;
+    use std::collections::BTreeSet;
 
     fn pool(margin: f64) -> Pool {
         let s = JudgeSettings {
@@ -464,6 +609,59 @@ mod tests {
                 ev: vec![(43, ERROR_KIND, true)],
             }
         ));
+    }
+
+    #[test]
+    fn key_sets_survive_the_store_at_every_fill_and_read_the_old_form() {
+        let mut rng = splitmix(11);
+        for n in [0usize, 1, 100, 20_000, 300_000] {
+            let mut set = KeySet::default();
+            for _ in 0..n {
+                set.insert(rng() as u32);
+            }
+            let text = serde_json::to_string(&set).expect("serialise");
+            let back: KeySet = serde_json::from_str(&text).expect("read back");
+            assert_eq!(back, set, "{n} keys");
+            // 1-3 bytes a key, base64: a checkpoint stays far below the
+            // store's 1.5 MiB request limit.
+            assert!(
+                text.len() as u64 <= 4 + set.len() * 4,
+                "{n}: {}",
+                text.len()
+            );
+        }
+        // A checkpoint written before the bitmap: a list of keys.
+        let old: KeySet = serde_json::from_str("[1, 2, 1048577]").expect("old form");
+        assert_eq!(old.len(), 2, "1 and 2^20 + 1 share a slot");
+        for bad in ["\"!!\"", "\"/w\"", "\"gICAgA\""] {
+            assert!(serde_json::from_str::<KeySet>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_keep_counting_past_what_an_exact_set_held() {
+        // 60 000 distinct stable keys (more than the 20 000 the exact set
+        // stopped at), then canary keys: still counted, still crossing.
+        let mut p = pool(1.0);
+        let mut rng = splitmix(13);
+        let mut rev = 0;
+        for _ in 0..(60_000 / MAX_BATCH + 1) {
+            rev += 1;
+            let ev = (0..MAX_BATCH)
+                .map(|_| (rng() as u32, ERROR_KIND, false))
+                .collect();
+            p.apply(rev, &PoolBatch { fp: 7, w: 0.05, ev });
+        }
+        let (_, _, (_, stable)) = p.tests().next().expect("an error test");
+        assert!(stable > 58_000, "{stable} of ~60 000 keys counted");
+        for _ in 0..40 {
+            rev += 1;
+            let ev = (0..5).map(|_| (rng() as u32, ERROR_KIND, true)).collect();
+            p.apply(rev, &PoolBatch { fp: 7, w: 0.05, ev });
+        }
+        let (_, _, (canary, _)) = p.tests().next().expect("an error test");
+        assert!(canary > 180, "{canary} of 200 canary keys counted");
+        assert!(p.crossed(400.0).is_some());
     }
 
     #[test]

@@ -1025,7 +1025,7 @@ fn main() {
     ];
     // `--replicas 1,2,4,8,16`: only table (d), the fleet (`--aa-seconds S`
     // the A/A rollouts' length, `--seats N`, `--compare` adds today's
-    // unpooled fleet).
+    // unpooled fleet, `--first-run K` numbers the A/A rollouts from K).
     if let Some(sizes) = str_arg("--replicas") {
         let sizes: Vec<usize> = sizes
             .split(',')

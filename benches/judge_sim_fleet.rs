@@ -329,6 +329,10 @@ pub fn fleet_table(
 ) {
     let [pop_aa, pop_detect] = pops;
     let seats = arg("--seats", 16) as u32;
+    // `--first-run K` numbers the A/A rollouts from K, so that a second
+    // batch of runs (K = the first batch's count) adds new rollouts
+    // rather than repeating the first batch's seeds.
+    let first = arg("--first-run", 0);
     println!("(d) a fleet: {rate} req/s over N replicas, each judging its share (local tests at a seat of {seats}),");
     println!("    pooled tests on every replica's batches (one per 100 ms look, applied in a random order);");
     println!("    A/A: {aa_seconds} s rollouts as table (a); detection: weight 5 %, bad from the first request, as table (b).");
@@ -353,7 +357,7 @@ pub fn fleet_table(
                             fleet_rollout(
                                 pop_aa,
                                 sc,
-                                0xF1EE_0000 + (n as u64) * 1_000_000 + i,
+                                0xF1EE_0000 + (n as u64) * 1_000_000 + first + i,
                                 aa_seconds * tps,
                                 rate,
                                 Fleet {

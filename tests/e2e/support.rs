@@ -185,9 +185,15 @@ pub async fn websocket_round_trips(addr: SocketAddr, n: usize) {
 
 /// An address nothing listens on.
 pub async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let a = l.local_addr().expect("addr");
-    drop(l);
+    // Bound but never listening, and kept for the rest of the run: a
+    // connection is refused, and no other test (or veer) started in
+    // parallel can be handed the port by a bind to port 0, as it could
+    // once a listener bound and dropped here had freed it.
+    static HELD: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
+    let s = tokio::net::TcpSocket::new_v4().expect("socket");
+    s.bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+    let a = s.local_addr().expect("addr");
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).push(s);
     a
 }
 

@@ -152,7 +152,11 @@ impl Peer {
 
     fn remember_forwarded(&self, scheme: Scheme, host: Option<&HeaderValue>, v: &HeaderValue) {
         if let Ok(mut last) = self.last.try_lock() {
-            *last = Some((scheme, host.cloned(), v.clone()));
+            // A copy, not a clone: a request's header value shares the
+            // read buffer it was parsed from (8 KiB), which a clone would
+            // keep alive beside the connection's current one.
+            let host = host.and_then(|h| HeaderValue::from_bytes(h.as_bytes()).ok());
+            *last = Some((scheme, host, v.clone()));
         }
     }
 }

@@ -109,6 +109,10 @@ pub struct FleetSettings {
     /// Seats for local tests per canary identity and epoch when the
     /// evidence is pooled (see [`crate::pool`]); 0: not pooled.
     pub seats: u32,
+    /// How long a finished pool's keys (its log of batches, checkpoint
+    /// and seat counter) stay in the store after the fleet's decision
+    /// ended its judging (see [`crate::fleet::pool_finished`]).
+    pub keep_evidence: Duration,
 }
 
 impl FleetSettings {

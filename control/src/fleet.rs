@@ -299,5 +299,35 @@ pub fn merge(d: &mut RouteDecision, r: &FleetRecord) -> Merged {
     Merged::Merged
 }
 
+/// How long a finished pool's keys stay in the store by default
+/// (`[fleet] keep_evidence`).
+pub const KEEP_EVIDENCE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Whether the keys of a pool (`epoch` of the canary identity `record`
+/// decides for: its log of batches, its checkpoint and its seat counter)
+/// may be deleted from the store at `now_ms`.
+///
+/// Only when the fleet's record says that pool's judging is over (the
+/// canary was reverted or promoted in that epoch, or reset to a later
+/// one) and said so at least `keep` ago: a replica that has not applied
+/// the record yet may still write a batch or take a seat meanwhile (its
+/// clock may also differ from the decider's; `keep` covers both), and an
+/// operator may want to read the log. A pool whose canary is still judged
+/// keeps its keys whatever their age: a replica joining late reads its
+/// checkpoint and seat counter, and finding none would start the pooled
+/// tests afresh and spend their share of `false_revert_rate` again. The
+/// record itself stays (a revert must stay, `decision/` is its memory).
+pub fn pool_finished(
+    record: &FleetRecord,
+    epoch: u64,
+    now_ms: u64,
+    keep: std::time::Duration,
+) -> bool {
+    let over = record.epoch > epoch
+        || (record.epoch == epoch && (record.reverted.is_some() || record.promoted));
+    let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
+    over && now_ms.saturating_sub(record.at_ms) >= keep_ms
+}
+
 #[cfg(test)]
 mod tests;

@@ -19,6 +19,11 @@
 //! - `seats/<route>/<identity>/<epoch>`: the counter that hands out seats
 //!   for local tests, each number once.
 //!
+//! A pool's `ev/`, `pool/` and `seats/` keys are deleted once the fleet's
+//! record says its judging is over, `[fleet] keep_evidence` later
+//! ([`veer_control::fleet::pool_finished`]), by one replica (the member
+//! whose name sorts first); `decision/` records stay.
+//!
 //! The rules that merge records are pure and live in
 //! `control/src/fleet.rs`; this is the I/O around them.
 
@@ -30,10 +35,10 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
     PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 use tokio::sync::{mpsc, oneshot};
 use veer_control::config::FleetSettings;
-use veer_control::fleet::{merge_publish, propose, FleetRecord, Proposal, Rejected};
+use veer_control::fleet::{merge_publish, pool_finished, propose, FleetRecord, Proposal, Rejected};
 use veer_control::pool::{Pool, PoolBatch};
 use veer_control::status::FleetStatus;
 
@@ -138,6 +143,87 @@ async fn replay(mut client: Client, prefix: String, from: i64, until: i64) -> Re
     }
 }
 
+/// How often, at most, the first member looks for finished pools.
+const COLLECT_EVERY: Duration = Duration::from_secs(600);
+
+/// Deletes the `ev/`, `pool/` and `seats/` keys of pools the fleet's
+/// records say are finished (`pool_finished`); returns how many. Keys of
+/// pools without a record, or that do not parse, are left alone.
+async fn collect_finished(
+    mut client: Client,
+    prefix: &str,
+    keep: Duration,
+) -> Result<usize, String> {
+    let now_ms = crate::clock::unix_ms();
+    let dprefix = format!("{prefix}decision/");
+    let got = client
+        .get(dprefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| format!("reading the fleet's decisions: {e}"))?;
+    let mut records: HashMap<(String, u64), FleetRecord> = HashMap::new();
+    for kv in got.kvs() {
+        let Some((route, id)) = std::str::from_utf8(kv.key())
+            .ok()
+            .and_then(|k| k.strip_prefix(dprefix.as_str()))
+            .and_then(|r| r.rsplit_once('/'))
+        else {
+            continue;
+        };
+        if let (Ok(identity), Ok(r)) = (
+            u64::from_str_radix(id, 16),
+            serde_json::from_slice::<FleetRecord>(kv.value()),
+        ) {
+            records.insert((route.to_string(), identity), r);
+        }
+    }
+    let mut doomed = Vec::new();
+    for kind in ["ev/", "pool/", "seats/"] {
+        let kprefix = format!("{prefix}{kind}");
+        let got = client
+            .get(
+                kprefix.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await
+            .map_err(|e| format!("listing {kprefix}: {e}"))?;
+        for kv in got.kvs() {
+            let Some(rest) = std::str::from_utf8(kv.key())
+                .ok()
+                .and_then(|k| k.strip_prefix(kprefix.as_str()))
+            else {
+                continue;
+            };
+            // `ev/` keys end in the replica that wrote them.
+            let pool = if kind == "ev/" {
+                rest.rsplit_once('/').map(|(p, _)| p)
+            } else {
+                Some(rest)
+            };
+            let Some(k) = pool.and_then(PoolKey::parse) else {
+                continue;
+            };
+            let finished = records
+                .get(&(k.route, k.identity))
+                .is_some_and(|r| pool_finished(r, k.epoch, now_ms, keep));
+            if finished {
+                doomed.push(kv.key().to_vec());
+            }
+        }
+    }
+    // A transaction takes at most 128 operations by default.
+    for chunk in doomed.chunks(64) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|k| TxnOp::delete(k.clone(), None))
+            .collect();
+        client
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(|e| format!("deleting finished pools' keys: {e}"))?;
+    }
+    Ok(doomed.len())
+}
+
 /// Why a proposal was not committed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProposeError {
@@ -205,6 +291,8 @@ pub struct FleetMetrics {
     pub decisions: IntCounterVec,
     /// `veer_fleet_propagation_seconds`.
     pub propagation: Histogram,
+    /// `veer_fleet_collected_keys_total`.
+    pub collected: IntCounter,
 }
 
 impl FleetMetrics {
@@ -237,12 +325,18 @@ impl FleetMetrics {
         m.register(Box::new(connected.clone()))?;
         m.register(Box::new(members.clone()))?;
         m.register(Box::new(decisions.clone()))?;
+        let collected = IntCounter::new(
+            "veer_fleet_collected_keys_total",
+            "Keys of finished pools (pooled evidence whose judging the fleet's record ended, keep_evidence ago) this replica deleted from the store.",
+        )?;
         m.register(Box::new(propagation.clone()))?;
+        m.register(Box::new(collected.clone()))?;
         Ok(FleetMetrics {
             connected,
             members,
             decisions,
             propagation,
+            collected,
         })
     }
 }
@@ -633,6 +727,11 @@ impl Agent {
         };
         let mut renew = tokio::time::interval(KEEP_ALIVE);
         let mut retry = tokio::time::interval(Duration::from_millis(500));
+        let keep = self.settings.keep_evidence;
+        let mut collect =
+            tokio::time::interval((keep / 2).clamp(Duration::from_secs(1), COLLECT_EVERY));
+        collect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut collecting: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 m = watch.message() => match m {
@@ -718,6 +817,24 @@ impl Agent {
                     Ok(None) => return Ended::Error("the lease stream ended".into()),
                     Err(x) => return e("renewing the member lease", x),
                 },
+                _ = collect.tick(), if self.settings.seats > 0 => {
+                    // One collector at a time, on the first member.
+                    let first = self.members.first() == Some(&self.replica);
+                    if first && collecting.as_ref().is_none_or(|t| t.is_finished()) {
+                        let (c, prefix, counter) = (client.clone(), self.prefix.clone(), self.metrics.collected.clone());
+                        collecting = Some(tokio::spawn(async move {
+                            match tokio::time::timeout(REPLAY_TIMEOUT, collect_finished(c, &prefix, keep)).await {
+                                Ok(Ok(0)) => {}
+                                Ok(Ok(n)) => {
+                                    counter.inc_by(n as u64);
+                                    tracing::info!(keys = n, "deleted the pooled evidence of finished rollouts from the fleet store");
+                                }
+                                Ok(Err(e)) => tracing::warn!(error = %e, "deleting finished pools' evidence from the fleet store failed; it is tried again"),
+                                Err(_) => tracing::warn!("deleting finished pools' evidence from the fleet store timed out; it is tried again"),
+                            }
+                        }));
+                    }
+                }
                 _ = retry.tick(), if !self.pending.is_empty() => {
                     if let Err(x) = self.flush(&mut client).await {
                         return Ended::Error(x);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::support::etcd::Etcd;
 use super::support::{
-    reference_judge, route_config, veer_status_table, Client, Load, Upstream, Veer,
+    metric, reference_judge, route_config, veer_status_table, Client, Load, Upstream, Veer,
 };
 
 /// A replica of fleet `fleet`: one route with a canary at `weight` and the
@@ -347,4 +347,128 @@ async fn a_fleet_restarted_whole_reads_its_pooled_tests_back_from_the_stores_his
             "from the last checkpoint alone"
         }
     );
+}
+
+/// The keys of fleet `fleet`'s pools in the store (`ev/`, `pool/`,
+/// `seats/`), after `/veer/v1/<fleet>/`.
+async fn pool_keys(etcd: &Etcd, fleet: &str) -> Vec<String> {
+    let ep = etcd.endpoints();
+    let url = ep
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .trim_matches('"');
+    let mut c = etcd_client::Client::connect([url], None)
+        .await
+        .expect("etcd client");
+    let prefix = format!("/veer/v1/{fleet}/");
+    let mut keys = Vec::new();
+    for kind in ["ev/", "pool/", "seats/"] {
+        let got = c
+            .get(
+                format!("{prefix}{kind}"),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
+            )
+            .await
+            .expect("list keys");
+        for kv in got.kvs() {
+            let k = String::from_utf8_lossy(kv.key());
+            keys.push(k.trim_start_matches(prefix.as_str()).to_string());
+        }
+    }
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_pools_evidence_leaves_the_store_and_a_judged_ones_stays() {
+    let etcd = Etcd::single().await;
+    let ep = etcd.endpoints();
+    let keep = "keep_evidence = \"1s\"\n";
+    // r1 (the first member, so the collector) judges a failing canary;
+    // r2 another canary of the same route, identical to its stable, both
+    // with a few errors (batches flow, nothing reverts).
+    let s = Upstream::start("stable").await;
+    let bad = Upstream::start("bad").await;
+    bad.fail_one_in.store(10, Ordering::SeqCst);
+    let s2 = Upstream::start("stable2").await;
+    let c2 = Upstream::start("canary2").await;
+    s2.fail_one_in.store(25, Ordering::SeqCst);
+    c2.fail_one_in.store(25, Ordering::SeqCst);
+    let r1_config = config(&s, &bad, 20.0, &ep, "gc", "r1") + keep;
+    let r1 = Veer::start(&r1_config).await;
+    let r2 = Veer::start(&(config(&s2, &c2, 20.0, &ep, "gc", "r2") + keep)).await;
+    let l2 = Load::start(r2.addr, 1, Duration::from_millis(1));
+    wait_route(&r2, "batches in the log", Duration::from_secs(30), |r| {
+        r["evidence"]["pool"]["batches"][0].as_u64().unwrap_or(0) >= 3
+    })
+    .await;
+    let l1 = Load::start(r1.addr, 2, Duration::ZERO);
+    wait_route(&r1, "reverted", Duration::from_secs(60), reverted).await;
+    l1.stop().await;
+    // r1's pool: the path its batches were written under.
+    let keys = pool_keys(&etcd, "gc").await;
+    let finished = keys
+        .iter()
+        .find_map(|k| k.strip_prefix("ev/")?.strip_suffix("/r1"))
+        .map(str::to_string);
+    let judged = keys
+        .iter()
+        .find_map(|k| k.strip_prefix("ev/")?.strip_suffix("/r2"))
+        .map(str::to_string)
+        .expect("r2's batches in the store");
+    // The finished pool's keys go (batches, seat counter, checkpoint): 1 s
+    // after the revert, at the collector's next look.
+    let start = Instant::now();
+    loop {
+        let keys = pool_keys(&etcd, "gc").await;
+        let left: Vec<_> = keys
+            .iter()
+            .filter(|k| finished.as_ref().is_some_and(|f| k.contains(f.as_str())))
+            .collect();
+        let collected =
+            metric(&r1.metrics().await, "veer_fleet_collected_keys_total").unwrap_or(0.0);
+        if left.is_empty() && collected > 0.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "r1's finished pool ({finished:?}) never left the store: {left:?}, {collected} collected\n{}",
+            r1.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The pool still judged keeps its keys through more of the
+    // collector's looks (one a second). (r1 may still write its finished
+    // pool's last checkpoint once after the revert; the next look takes it.)
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let keys = pool_keys(&etcd, "gc").await;
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("ev/") && k.contains(judged.as_str())),
+        "r2's pool, still judged, lost its batches: {keys:?}"
+    );
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("seats/") && k.contains(judged.as_str())),
+        "r2's pool, still judged, lost its seat counter: {keys:?}"
+    );
+    l2.stop().await;
+    assert!(r2.status().await["routes"][0]["reverted"].is_null());
+    // The revert stays: r1 started again (with an empty state dir) takes
+    // it from the fleet's record.
+    drop(r1);
+    let again = Veer::start(&r1_config).await;
+    let (route, _) = wait_route(
+        &again,
+        "reverted from the record",
+        Duration::from_secs(15),
+        reverted,
+    )
+    .await;
+    assert_eq!(route["weight"]["effective"], 0.0, "{route}");
 }

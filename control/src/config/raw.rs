@@ -93,6 +93,7 @@ pub struct RawFleet {
     pub key_file: Option<Spanned<String>>,
     pub pool: Option<Spanned<bool>>,
     pub seats: Option<Spanned<i64>>,
+    pub keep_evidence: Option<Spanned<String>>,
 }
 
 /// `[[route]]`.

@@ -261,3 +261,31 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_pool_is_collected_only_when_its_judging_is_over_and_was_long_enough_ago() {
+    let keep = std::time::Duration::from_secs(3600);
+    let hour = 3_600_000;
+    let at = |d: &RouteDecision, ms: u64| FleetRecord::of(d, 0, "r1", Change::Sync, ms);
+    let live = at(&decision(0), 1_000);
+    // A canary still judged keeps its pool however old the record.
+    assert!(!pool_finished(&live, 0, 1_000 + 100 * hour, keep));
+    let mut d = decision(0);
+    d.reverted = Some(revert(1));
+    let rev = at(&d, 1_000);
+    assert!(!pool_finished(&rev, 0, 1_000 + hour - 1, keep), "too soon");
+    assert!(pool_finished(&rev, 0, 1_000 + hour, keep));
+    // A later epoch's pool (after a reset) is not the reverted one.
+    assert!(!pool_finished(&rev, 1, 1_000 + 2 * hour, keep));
+    let mut p = decision(0);
+    p.promoted = true;
+    assert!(pool_finished(&at(&p, 0), 0, hour, keep));
+    // Reset to epoch 2: the pools of epochs 0 and 1 are over, epoch 2's
+    // is live.
+    let reset = at(&decision(2), 5);
+    assert!(pool_finished(&reset, 0, 5 + hour, keep));
+    assert!(pool_finished(&reset, 1, 5 + hour, keep));
+    assert!(!pool_finished(&reset, 2, 5 + 100 * hour, keep));
+    // A decider's clock ahead of ours counts as "not yet".
+    assert!(!pool_finished(&rev, 0, 0, keep));
+}

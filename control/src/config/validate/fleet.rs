@@ -116,6 +116,13 @@ impl Validator<'_> {
                 );
             }
         }
+        let keep_evidence = self.duration(f.keep_evidence.as_ref(), crate::fleet::KEEP_EVIDENCE);
+        if let (Some(k), false) = (&f.keep_evidence, pool) {
+            self.warn(
+                k.span(),
+                "[fleet] keep_evidence only matters when the evidence is pooled (pool = true)",
+            );
+        }
         (self.errors.len() == before).then_some(FleetSettings {
             endpoints,
             name,
@@ -123,6 +130,7 @@ impl Validator<'_> {
             ca_file,
             client_cert,
             seats: if pool { seats as u32 } else { 0 },
+            keep_evidence,
         })
     }
 }

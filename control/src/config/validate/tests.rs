@@ -316,6 +316,21 @@ fn a_fleet_needs_etcd_endpoints_of_one_scheme_and_a_name() {
         e.to_string().contains("seats must be between 1 and 1000"),
         "{e}"
     );
+    // A finished pool's keys stay an hour by default.
+    let keep = |c: &Config| c.fleet.as_ref().map(|f| f.keep_evidence);
+    assert_eq!(keep(&c), Some(Duration::from_secs(3600)));
+    let c = parse(&seats("keep_evidence = \"24h\"")).expect("valid");
+    assert_eq!(keep(&c), Some(Duration::from_secs(86_400)));
+    let e = parse(&seats("keep_evidence = \"soon\"")).expect_err("not a duration");
+    assert!(e.to_string().contains("invalid duration"), "{e}");
+    let off = parse(&seats("pool = false\nkeep_evidence = \"1h\"")).expect("valid");
+    assert!(
+        off.warnings
+            .iter()
+            .any(|w| w.message.contains("keep_evidence only matters")),
+        "{:?}",
+        off.warnings
+    );
 
     for (fleet, want) in [
         (

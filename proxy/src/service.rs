@@ -424,23 +424,32 @@ async fn exchange(
     };
     // A request without a body sent as an HTTP/2 stream keeps its head: a
     // stream the server refused unprocessed (a GOAWAY that crossed it, as
-    // on a graceful shutdown; REFUSED_STREAM) is sent again.
-    let again = (sender.is_h2() && http_body::Body::is_end_stream(req.body())).then(|| {
-        let mut head = Request::new(());
-        *head.method_mut() = req.method().clone();
-        *head.uri_mut() = req.uri().clone();
-        *head.version_mut() = req.version();
-        *head.headers_mut() = req.headers().clone();
-        head
-    });
+    // on a graceful shutdown; REFUSED_STREAM) is sent again. So does an
+    // idempotent one on a reused HTTP/1.1 connection that the server closed
+    // under it (see `stale_keep_alive`).
+    let reused = sender.is_reused() && req.method().is_idempotent();
+    let again =
+        ((sender.is_h2() || reused) && http_body::Body::is_end_stream(req.body())).then(|| {
+            let mut head = Request::new(());
+            *head.method_mut() = req.method().clone();
+            *head.uri_mut() = req.uri().clone();
+            *head.version_mut() = req.version();
+            *head.headers_mut() = req.headers().clone();
+            head
+        });
     match sender.try_send_request(req).await {
         Ok(resp) => Ok((resp, sender, upstream.clone())),
         Err(mut e) => {
             // A pooled connection that closed before the request was written
             // gives the request back: it is safe to send on a fresh one.
             let message = e.take_message().or_else(|| {
+                let resend = if reused {
+                    crate::upstream::stale_keep_alive(e.error())
+                } else {
+                    crate::upstream::refused_unprocessed(e.error())
+                };
                 again
-                    .filter(|_| crate::upstream::refused_unprocessed(e.error()))
+                    .filter(|_| resend)
                     .map(|head| head.map(|()| RequestBody::copy(bytes::Bytes::new())))
             });
             let Some(req) = message else {

@@ -314,6 +314,9 @@ pub struct Sender {
     inner: Inner,
     scheme: http::uri::Scheme,
     _permit: Option<OwnedSemaphorePermit>,
+    /// An HTTP/1.1 connection taken from the idle pool (it carried a
+    /// request before).
+    reused: bool,
 }
 
 impl Sender {
@@ -331,6 +334,12 @@ impl Sender {
             Inner::H1(s) => s.is_closed(),
             Inner::H2(s, _) => s.is_closed(),
         }
+    }
+
+    /// Whether it is an HTTP/1.1 connection that carried a request before
+    /// (see [`stale_keep_alive`]).
+    pub fn is_reused(&self) -> bool {
+        self.reused
     }
 
     /// Whether it is a stream of an HTTP/2 connection.
@@ -387,6 +396,34 @@ pub fn refused_unprocessed(e: &hyper::Error) -> bool {
         if let Some(h) = err.downcast_ref::<h2::Error>() {
             return h.reason() == Some(h2::Reason::REFUSED_STREAM)
                 || (h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Whether an HTTP/1.1 exchange on a reused connection failed because the
+/// connection closed (or was reset) before a response head came: the
+/// keep-alive race, where the server closes a connection it found idle
+/// (its own keep-alive timeout, often shorter than ours: Node.js's is
+/// 5 s) just as a request is sent on it. The server may have read the
+/// request, so only an idempotent one may be sent again (RFC 9110 §9.2.2,
+/// as nginx's `proxy_next_upstream error` does). A head that did not parse
+/// or a timeout is the upstream's answer, not a stale connection.
+pub fn stale_keep_alive(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
         }
         source = err.source();
     }
@@ -513,7 +550,9 @@ impl Upstream {
         }
         while let Some(idle) = self.idle.pop() {
             if idle.sender.is_ready() && idle.since.elapsed() < IDLE_TTL {
-                return Some(idle.sender);
+                let mut s = idle.sender;
+                s.reused = true;
+                return Some(s);
             }
         }
         None
@@ -550,6 +589,7 @@ impl Upstream {
             ),
             scheme: self.connector.scheme(),
             _permit: None,
+            reused: false,
         })
     }
 
@@ -684,6 +724,7 @@ impl Upstream {
                     inner: Inner::H1(sender),
                     scheme,
                     _permit: permit,
+                    reused: false,
                 })
             }
             Conn::H2(sender) => {
@@ -713,6 +754,7 @@ impl Upstream {
                     ),
                     scheme,
                     _permit: None,
+                    reused: false,
                 })
             }
         }

@@ -294,6 +294,9 @@ pub struct RouteControl {
     label: Label,
     last: Option<Verdict>,
     sharing: Sharing,
+    /// Held out of traffic until this replica's local tests have a seat
+    /// (see [`RouteControl::set_unseated`]).
+    unseated: bool,
 }
 
 impl RouteControl {
@@ -310,6 +313,7 @@ impl RouteControl {
             label: Label::InsufficientData,
             last: None,
             sharing: Sharing::Alone,
+            unseated: false,
         };
         let known = decision.is_some();
         c.decision = decision.unwrap_or_default();
@@ -393,7 +397,7 @@ impl RouteControl {
     /// The canary share in effect, in basis points (none while waiting
     /// for a fleet's decisions, or for smoke checks to pass).
     pub fn effective_bp(&self, route: &Route) -> u16 {
-        if self.sharing == Sharing::Waiting {
+        if self.sharing == Sharing::Waiting || self.unseated {
             return 0;
         }
         effective_bp(route, &self.decision)
@@ -404,12 +408,31 @@ impl RouteControl {
     pub fn canary_closed(&self, route: &Route) -> bool {
         self.decision.reverted.is_some()
             || self.sharing == Sharing::Waiting
+            || self.unseated
             || matches!(self.smoke(route), Smoke::Pending | Smoke::Failed)
     }
 
     /// Whether (and how) the decisions are shared with a fleet.
     pub fn sharing(&self) -> Sharing {
         self.sharing
+    }
+
+    /// In a fleet that pools its evidence, holds the canary out of traffic
+    /// (`true`) until this replica's local tests have a seat, or lets it in
+    /// (`false`); returns whether that changed. Without a seat the local
+    /// tests may not act (see [`crate::pool`]), and while the store cannot
+    /// be reached neither can the pooled tests: a canary this replica
+    /// could not take out gets none of its traffic. Letting a canary in is
+    /// a move toward it, which in a fleet needs the store.
+    pub fn set_unseated(&mut self, held: bool) -> bool {
+        let changed = self.unseated != held;
+        self.unseated = held;
+        changed
+    }
+
+    /// Whether the canary is held until a seat is taken.
+    pub fn unseated(&self) -> bool {
+        self.unseated
     }
 
     /// Joins a fleet (`Waiting` until its decisions are read), or marks

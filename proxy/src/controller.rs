@@ -481,6 +481,7 @@ impl Controller {
         self.controls = controls;
         self.routes = routes;
         self.fleet_join();
+        self.hold_unseated();
         let changed = self.announce_all(&outputs);
         let names = self.route_names();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -525,6 +526,8 @@ impl Controller {
                     c.restart_first();
                 }
             }
+            // A new epoch: held until its seat is taken.
+            self.hold_unseated();
         }
         self.announce(name, &out);
         self.rebuild();

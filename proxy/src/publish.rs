@@ -44,6 +44,9 @@ pub fn route_status(
             _ if control.sharing() == Sharing::Waiting => {
                 "waiting for the fleet's decisions: the canary gets no traffic here until they are read".into()
             }
+            _ if control.unseated() => {
+                "waiting for a seat for this replica's local tests (a number from the fleet store): the canary gets no traffic here until it has one".into()
+            }
             None if control.smoke(c) == veer_control::rollout::Smoke::Pending => {
                 "smoke checks running against the new canary: it gets no traffic until they pass".into()
             }

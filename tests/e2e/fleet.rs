@@ -480,3 +480,69 @@ async fn a_replica_whose_watch_history_was_compacted_reads_every_decision_again(
         r2.all_logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_canary_gets_no_traffic_until_its_seat_is_taken_and_etcd_being_down_delays_it() {
+    let mut etcd = Etcd::single().await;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let c2 = Upstream::start("canary2").await;
+    let ep = etcd.endpoints();
+    let r1 = Veer::start(&replica_config(&s, &c, 50.0, &ep, "r1", "")).await;
+    wait_synced(&r1).await;
+    wait_for(&r1, "seated", Duration::from_secs(10), |r, _| {
+        r["evidence"]["pool"]["seat"].is_u64() && r["weight"]["effective"] == 50.0
+    })
+    .await;
+
+    etcd.members[0].kill();
+    wait_for(&r1, "disconnected", Duration::from_secs(10), |_, f| {
+        f["connected"] == false
+    })
+    .await;
+    // A new canary (other endpoints: a new identity) while the store is
+    // down: its local tests cannot take a seat, and the pooled tests
+    // cannot hear the fleet, so nothing here could take it out. It gets
+    // no traffic, and /status says why.
+    r1.write_config(&replica_config(&s, &c2, 50.0, &ep, "r1", ""));
+    let c2_addr = c2.addr.to_string();
+    let route = wait_for(
+        &r1,
+        "the new canary held",
+        Duration::from_secs(10),
+        |r, _| r["canary"]["endpoints"][0]["addr"] == c2_addr.as_str(),
+    )
+    .await;
+    assert_eq!(route["weight"]["effective"], 0.0, "{route}");
+    assert!(
+        route["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("waiting for a seat")),
+        "{route}"
+    );
+    all_on(&r1, "stable", 200).await;
+
+    // The store is back: the seat is taken and the canary gets its share.
+    etcd.members[0].restart().await;
+    let route = wait_for(
+        &r1,
+        "seated once etcd is back",
+        Duration::from_secs(30),
+        |r, _| r["weight"]["effective"] == 50.0,
+    )
+    .await;
+    assert!(route["evidence"]["pool"]["seat"].is_u64(), "{route}");
+    let mut client = super::support::Client::connect(r1.addr).await.unwrap();
+    let mut on_canary = 0;
+    for i in 0..200 {
+        let r = client
+            .get("/", &[("x-user-id", &format!("after-{i}"))])
+            .await
+            .unwrap();
+        on_canary += usize::from(r.headers()["x-upstream"] == "canary2");
+    }
+    assert!(
+        on_canary > 50,
+        "{on_canary} of 200 keys on the canary at 50 %"
+    );
+}

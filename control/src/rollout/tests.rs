@@ -324,6 +324,20 @@ fn a_replica_waiting_for_its_fleet_sends_nothing_to_the_canary() {
 }
 
 #[test]
+fn a_canary_without_a_seat_gets_nothing_until_it_has_one() {
+    let r = route("enforce", false, Some("v2"));
+    let mut c = fresh(&r);
+    c.set_sharing(Sharing::Synced);
+    assert!(c.set_unseated(true));
+    assert!(!c.set_unseated(true), "no change");
+    assert_eq!(c.effective_bp(&r), 0);
+    assert!(c.canary_closed(&r));
+    assert!(c.set_unseated(false));
+    assert_eq!(c.effective_bp(&r), 1000);
+    assert!(!c.canary_closed(&r));
+}
+
+#[test]
 fn in_a_fleet_a_held_step_is_proposed_and_taken_from_the_committed_record() {
     let r = route("enforce", true, Some("v2"));
     let mut c = fresh(&r);

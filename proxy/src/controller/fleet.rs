@@ -165,8 +165,12 @@ impl Controller {
     /// canary; persists and announces what changed.
     async fn apply_record(&mut self, k: &RecordKey, record: &FleetRecord, local: bool) {
         let changed = self.apply_record_quiet(k, record, local);
-        if changed {
+        // A reset from the fleet starts a new epoch, which needs its seat.
+        let held = self.hold_unseated();
+        if changed || held {
             self.rebuild();
+        }
+        if changed {
             self.persist().await;
         }
         // Shown even when nothing changed: a revert of ours is now in the
@@ -247,6 +251,7 @@ impl Controller {
             );
         }
         self.fleet_sweep();
+        self.hold_unseated();
         self.rebuild();
         if changed {
             self.persist().await;

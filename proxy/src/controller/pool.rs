@@ -277,6 +277,43 @@ impl Controller {
         }
     }
 
+    /// Holds out of traffic the canaries of pooling routes (judged in
+    /// enforce mode, neither reverted nor promoted) whose local tests have
+    /// no seat yet, and lets in those that have one (`RouteControl::set_unseated`); true if any changed
+    /// (the caller rebuilds the snapshot).
+    pub(super) fn hold_unseated(&mut self) -> bool {
+        if self.fleet.is_none() {
+            return false;
+        }
+        let mut changed = false;
+        for (name, c) in self.controls.iter_mut() {
+            let Some(route) = self.config.route(name) else {
+                continue;
+            };
+            // A reverted canary is out anyway; a promoted one is judged no
+            // more.
+            let d = c.decision();
+            let hold = route.canary.is_some()
+                && d.reverted.is_none()
+                && !d.promoted
+                && route.strategy == veer_control::config::Strategy::Canary
+                && route.judge.mode == veer_control::config::JudgeMode::Enforce
+                && self
+                    .routes
+                    .get(name)
+                    .is_some_and(|rt| rt.judge.pooling() && rt.judge.seat().is_none());
+            if c.set_unseated(hold) {
+                changed = true;
+                if hold {
+                    tracing::info!(route = %name, "canary held out of traffic here until its local tests have a seat (a number from the fleet store)");
+                } else {
+                    tracing::info!(route = %name, "canary seated: it takes its share of traffic here");
+                }
+            }
+        }
+        changed
+    }
+
     /// A seat's answer.
     pub(super) fn pool_seat(&mut self, key: PoolKey, seat: Result<u32, String>) {
         let seats = self
@@ -293,6 +330,9 @@ impl Controller {
                 }
                 if let Some(rt) = self.routes.get_mut(&key.route) {
                     rt.judge.set_seat(n);
+                }
+                if self.hold_unseated() {
+                    self.rebuild();
                 }
                 self.publish(std::slice::from_ref(&key.route), false);
                 if n < seats {

@@ -425,8 +425,9 @@ async fn exchange(
     // A request without a body sent as an HTTP/2 stream keeps its head: a
     // stream the server refused unprocessed (a GOAWAY that crossed it, as
     // on a graceful shutdown; REFUSED_STREAM) is sent again. So does an
-    // idempotent one on a reused HTTP/1.1 connection that the server closed
-    // under it (see `stale_keep_alive`).
+    // idempotent one on an HTTP/1.1 connection that lay idle (see
+    // `STALE_AFTER`) and that the server closed under it (see
+    // `stale_keep_alive`).
     let reused = sender.is_reused() && req.method().is_idempotent();
     let again =
         ((sender.is_h2() || reused) && http_body::Body::is_end_stream(req.body())).then(|| {

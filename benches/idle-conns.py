@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""What idle keep-alive client connections cost: memory per connection.
+
+An ingress holds many client connections that sent a request and wait,
+kept alive, for the next (browsers, mobile apps). This opens N of them to
+the proxy over loopback, each after one GET answered, and prints the
+proxy's resident memory before, with them open, and after they close
+(ten seconds later, then after 3000 more requests on one connection: the
+allocator returns freed pages to the kernel when its threads next work).
+
+usage: benches/idle-conns.py [--veer BIN] [--nginx] N [N ...]
+
+`--nginx` measures nginx (Debian's, 2 workers, `keepalive_timeout 75s`,
+its memory summed over master and workers) beside veer (2 workers). Both
+proxy to one small upstream on 127.0.0.1 answering `ok`; veer's route has
+a canary at 10 % and the judge on. Only 127.0.0.1 is targeted, every
+wait is bounded.
+"""
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+async def upstream(reader, writer):
+    try:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+        pass
+    writer.close()
+
+
+def rss_mib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS"):
+                        total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total / 1024
+
+
+def children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def start_veer(binary, work, port, uport):
+    cfg = f"""[proxy]
+listen = ["127.0.0.1:{port}"]
+workers = 2
+max_connections = 60000
+max_connections_per_ip = 60000
+[admin]
+listen = "127.0.0.1:{free_port()}"
+[state]
+dir = "{work}/state"
+[[route]]
+name = "web"
+sticky = ["header:x-user-id"]
+[route.stable]
+version = "v1"
+endpoints = ["127.0.0.1:{uport}"]
+[route.canary]
+version = "v2"
+endpoints = ["127.0.0.1:{uport}"]
+weight = 10
+"""
+    path = os.path.join(work, "veer.toml")
+    with open(path, "w") as f:
+        f.write(cfg)
+    p = subprocess.Popen([binary, "run", "--config", path],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return p, lambda: [p.pid]
+
+
+def start_nginx(work, port, uport):
+    cfg = f"""worker_processes 2;
+pid {work}/nginx.pid;
+error_log {work}/error.log;
+events {{ worker_connections 60000; }}
+worker_rlimit_nofile 70000;
+http {{
+  access_log off;
+  keepalive_timeout 75s;
+  keepalive_requests 100000;
+  upstream up {{ server 127.0.0.1:{uport}; keepalive 32; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}
+}}
+"""
+    path = os.path.join(work, "nginx.conf")
+    with open(path, "w") as f:
+        f.write(cfg)
+    p = subprocess.Popen(["nginx", "-c", path, "-p", work, "-g", "daemon off;"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return p, lambda: [p.pid] + children(p.pid)
+
+
+async def get(reader, writer, key):
+    writer.write(f"GET / HTTP/1.1\r\nhost: bench\r\nx-user-id: {key}\r\n\r\n".encode())
+    await writer.drain()
+    await asyncio.wait_for(reader.readuntil(b"ok\n"), 10)
+
+
+async def measure(name, start, n):
+    up = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    uport = up.sockets[0].getsockname()[1]
+    work = tempfile.mkdtemp()
+    port = free_port()
+    proc, pids = start(work, port, uport)
+    try:
+        for _ in range(200):
+            try:
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                await get(r, w, "ready")
+                w.close()
+                break
+            except (OSError, asyncio.IncompleteReadError):
+                await asyncio.sleep(0.05)
+        else:
+            sys.exit(f"{name} never answered")
+        await asyncio.sleep(1)
+        before = rss_mib(pids())
+        conns = []
+        for i in range(n):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            await get(r, w, f"u{i}")
+            conns.append(w)
+        await asyncio.sleep(2)
+        full = rss_mib(pids())
+        for w in conns:
+            w.close()
+        await asyncio.sleep(10)
+        closed = rss_mib(pids())
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        for i in range(3000):
+            await get(r, w, f"v{i}")
+        w.close()
+        await asyncio.sleep(1)
+        later = rss_mib(pids())
+        per = (full - before) * 1024 / n
+        print(f"| {name} | {n} | {before:.0f} MiB | {full:.0f} MiB | {per:.1f} KiB "
+              f"| {closed:.0f} MiB | {later:.0f} MiB |", flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        up.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--veer")
+    ap.add_argument("--nginx", action="store_true")
+    ap.add_argument("n", type=int, nargs="+")
+    a = ap.parse_args()
+    binary = a.veer
+    if not binary:
+        subprocess.run(["cargo", "build", "--release", "--locked", "-q", "-p", "veer-proxy",
+                        "--bin", "veer"], cwd=ROOT, check=True)
+        binary = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
+                              "release", "veer")
+    print("| proxy | idle connections | RSS before | RSS with them open | per connection "
+          "| RSS 10 s after they closed | after 3000 more requests |")
+    print("|---|---|---|---|---|---|---|")
+    for n in a.n:
+        await measure("veer", lambda w, p, u: start_veer(binary, w, p, u), n)
+        if a.nginx:
+            await measure("nginx", start_nginx, n)
+
+
+asyncio.run(main())

@@ -63,6 +63,34 @@ pub struct ProxySettings {
     pub body_timeout: Duration,
     /// On SIGTERM, in-flight requests get this long to finish.
     pub shutdown_grace: Duration,
+    /// Which requests get an access log line.
+    pub access_log: AccessLog,
+}
+
+/// `[proxy] access_log`: which requests get a log line (target
+/// `veer::access`, at info, in the process's log format).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AccessLog {
+    /// None.
+    #[default]
+    Off,
+    /// Those that failed: a 5xx from an upstream or from veer, a route
+    /// that counts 4xx as errors answering 4xx, and every request veer
+    /// refused or could not forward (no route, a client's fault).
+    Errors,
+    /// All.
+    All,
+}
+
+impl AccessLog {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessLog::Off => "off",
+            AccessLog::Errors => "errors",
+            AccessLog::All => "all",
+        }
+    }
 }
 
 /// HTTPS listeners with one certificate chain and key, reloaded when the files change.

@@ -25,6 +25,7 @@ use crate::snapshot::{Forced, RouteTarget, VersionTarget};
 use crate::split::{bucket_of_hash, is_canary, key_hash, random_bucket, sticky_key, KeyBuf};
 use crate::upload::{ClientBody, Upload};
 use crate::upstream::{Sender, Upstream};
+use veer_control::config::AccessLog;
 
 /// Handles one client request. Never fails: errors become responses.
 pub async fn handle(
@@ -45,17 +46,20 @@ pub async fn handle(
         }
     };
     let snap = shared.snapshot.load();
+    let access = snap.access_log;
     // Routing sees the path as the upstream will: normalised.
     match crate::path::normalize(req.uri().path()) {
         Ok(std::borrow::Cow::Borrowed(_)) => {}
         Ok(std::borrow::Cow::Owned(p)) => {
             if set_path(req.uri_mut(), &p).is_err() {
                 snap.proxy_errors.inc(ProxyError::BadRequest);
+                refused(access, &req, peer.addr, ProxyError::BadRequest);
                 return Ok(reply(ProxyError::BadRequest));
             }
         }
         Err(_) => {
             snap.proxy_errors.inc(ProxyError::BadRequest);
+            refused(access, &req, peer.addr, ProxyError::BadRequest);
             return Ok(reply(ProxyError::BadRequest));
         }
     }
@@ -73,10 +77,12 @@ pub async fn handle(
         ),
         Ok(None) => {
             snap.proxy_errors.inc(ProxyError::NoRoute);
+            refused(access, &req, peer.addr, ProxyError::NoRoute);
             return Ok(reply(ProxyError::NoRoute));
         }
         Err(e) => {
             snap.proxy_errors.inc(e);
+            refused(access, &req, peer.addr, e);
             return Ok(reply(e));
         }
     };
@@ -139,6 +145,9 @@ pub async fn handle(
         }
         _ => (None, None),
     };
+    // The request line, kept for the access log (a method and a URI
+    // share what they were parsed from: no copy of the text).
+    let head = (access != AccessLog::Off).then(|| (req.method().clone(), req.uri().clone()));
     let upload = Upload::new();
     let result = forward(
         &route,
@@ -164,6 +173,13 @@ pub async fn handle(
     let elapsed = start.elapsed();
     let micros = elapsed.as_micros() as u64;
     let seconds = elapsed.as_secs_f64();
+    let logged = Logged {
+        route: &route.name,
+        version: &version.name,
+        canary,
+        client,
+        micros,
+    };
     Ok(match result {
         Ok(mut resp) => {
             let status = resp.status().as_u16();
@@ -187,6 +203,11 @@ pub async fn handle(
                             client_bound,
                         })
                     }
+                }
+            }
+            if let Some(head) = &head {
+                if access == AccessLog::All || outcome != Outcome::Ok {
+                    logged.line(head, status, None);
                 }
             }
             match resp.body_mut() {
@@ -236,9 +257,59 @@ pub async fn handle(
             } else {
                 route_less_error(&shared, e);
             }
+            if let Some(head) = &head {
+                logged.line(head, e.status().as_u16(), Some(e.kind()));
+            }
             reply(e)
         }
     })
+}
+
+/// What an access log line says of a forwarded request besides its
+/// request line and status.
+struct Logged<'a> {
+    route: &'a str,
+    version: &'a str,
+    canary: bool,
+    client: SocketAddr,
+    /// Until the response head (or the failure).
+    micros: u64,
+}
+
+impl Logged<'_> {
+    /// One line (target `veer::access`). The path only: a query string
+    /// may carry credentials.
+    fn line(&self, head: &(http::Method, http::Uri), status: u16, error: Option<&'static str>) {
+        tracing::info!(
+            target: "veer::access",
+            route = self.route,
+            version = self.version,
+            role = if self.canary { "canary" } else { "stable" },
+            method = %head.0,
+            path = head.1.path(),
+            status,
+            ms = self.micros as f64 / 1000.0,
+            client = %self.client,
+            error = error.unwrap_or(""),
+            "request"
+        );
+    }
+}
+
+/// The access log line of a request refused before it had a route (in
+/// both `errors` and `all`).
+fn refused(access: AccessLog, req: &Request<Incoming>, peer: SocketAddr, e: ProxyError) {
+    if access != AccessLog::Off {
+        tracing::info!(
+            target: "veer::access",
+            method = %req.method(),
+            path = req.uri().path(),
+            status = e.status().as_u16(),
+            client = %peer,
+            error = e.kind(),
+            "request"
+        );
+    }
 }
 
 /// Counts a failure that is no version's (the client's, or a request veer

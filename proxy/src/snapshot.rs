@@ -141,6 +141,8 @@ pub struct Snapshot {
     pub idle_timeout: Duration,
     /// Counters for requests that reach no version.
     pub proxy_errors: ProxyErrorMetrics,
+    /// `[proxy] access_log`.
+    pub access_log: veer_control::config::AccessLog,
 }
 
 /// The host of an endpoint's `host:port` (an IPv6 address without brackets).
@@ -297,6 +299,7 @@ impl Snapshot {
             trusted_hops: config.proxy.trusted_hops,
             idle_timeout: config.proxy.idle_timeout,
             proxy_errors: metrics.proxy_errors(),
+            access_log: config.proxy.access_log,
         }
     }
 

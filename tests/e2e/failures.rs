@@ -283,3 +283,99 @@ async fn a_reused_connection_closed_under_a_get_is_retried_on_a_fresh_one() {
         "the POST was not sent again"
     );
 }
+
+/// `veer`'s access log lines so far, once at least `n` have come (their
+/// writer is veer's stderr, read on another thread).
+async fn access_lines(veer: &Veer, n: usize) -> Vec<serde_json::Value> {
+    let start = std::time::Instant::now();
+    loop {
+        let lines: Vec<_> = veer
+            .logs_with("request")
+            .into_iter()
+            .filter(|l| l["target"] == "veer::access")
+            .collect();
+        if lines.len() >= n || start.elapsed() > std::time::Duration::from_secs(10) {
+            return lines;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_failure_or_per_request_as_configured() {
+    let s = Upstream::start("stable").await;
+    let config = |log: &str| {
+        route_config(&[s.addr], &[], 0.0, "").replacen(
+            "[proxy]\n",
+            &format!("[proxy]\naccess_log = \"{log}\"\n"),
+            1,
+        )
+    };
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    // Off by default.
+    for i in 0..5 {
+        let r = c
+            .get("/off", &[("x-user-id", &format!("u{i}"))])
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    // `errors`: a line for each failed request, none for the others.
+    veer.write_config(&config("errors"));
+    veer.wait_generation(2).await;
+    s.status.store(503, Ordering::SeqCst);
+    for i in 0..3 {
+        let r = c
+            .get("/pay?card=4111", &[("x-user-id", &format!("e{i}"))])
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+    }
+    s.status.store(200, Ordering::SeqCst);
+    for i in 0..5 {
+        let r = c
+            .get("/ok", &[("x-user-id", &format!("k{i}"))])
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let lines = access_lines(&veer, 3).await;
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["status"], 503, "{l}");
+        assert_eq!(l["route"], "web", "{l}");
+        assert_eq!(l["version"], "v1", "{l}");
+        assert_eq!(l["role"], "stable", "{l}");
+        assert_eq!(l["method"], "GET", "{l}");
+        // The path only: a query may carry credentials.
+        assert_eq!(l["path"], "/pay", "{l}");
+        assert!(l["ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{l}");
+        assert!(
+            l["client"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("127.0.0.1:")),
+            "{l}"
+        );
+    }
+
+    // `all`: a line for every request.
+    veer.write_config(&config("all"));
+    veer.wait_generation(3).await;
+    for i in 0..4 {
+        let r = c
+            .get("/all", &[("x-user-id", &format!("a{i}"))])
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let lines = access_lines(&veer, 7).await;
+    assert_eq!(lines.len(), 7, "{lines:?}");
+    assert!(
+        lines[3..]
+            .iter()
+            .all(|l| l["path"] == "/all" && l["status"] == 200),
+        "{lines:?}"
+    );
+}

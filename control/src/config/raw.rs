@@ -52,6 +52,7 @@ pub struct RawProxy {
     pub trusted_hops: Option<Spanned<i64>>,
     pub body_timeout: Option<Spanned<String>>,
     pub shutdown_grace: Option<Spanned<String>>,
+    pub access_log: Option<Spanned<String>>,
 }
 
 /// `[proxy.tls]`.

@@ -17,9 +17,10 @@ use super::raw::{
     RawVersion,
 };
 use super::{
-    AdminSettings, Config, Endpoint, Force, JudgeMode, JudgeSettings, Mirror, ProxySettings,
-    Quantile, Rollout, Route, SmokeCheck, StateSettings, StickySource, Strategy, TlsSettings,
-    UpstreamProtocol, UpstreamTls, Version, Webhook, WebhookFormat, DEFAULT_GRPC_ERROR_CODES,
+    AccessLog, AdminSettings, Config, Endpoint, Force, JudgeMode, JudgeSettings, Mirror,
+    ProxySettings, Quantile, Rollout, Route, SmokeCheck, StateSettings, StickySource, Strategy,
+    TlsSettings, UpstreamProtocol, UpstreamTls, Version, Webhook, WebhookFormat,
+    DEFAULT_GRPC_ERROR_CODES,
 };
 
 /// Defaults, named so that the docs and the code agree.
@@ -336,6 +337,21 @@ impl Validator<'_> {
             trusted_hops: self.int_in(p.trusted_hops.as_ref(), 0..=16, 0, "trusted_hops") as usize,
             body_timeout: self.duration(p.body_timeout.as_ref(), defaults::BODY_TIMEOUT),
             shutdown_grace: self.duration(p.shutdown_grace.as_ref(), defaults::SHUTDOWN_GRACE),
+            access_log: match p.access_log.as_ref() {
+                None => AccessLog::Off,
+                Some(s) => match s.get_ref().as_str() {
+                    "off" => AccessLog::Off,
+                    "errors" => AccessLog::Errors,
+                    "all" => AccessLog::All,
+                    other => {
+                        self.err(
+                            s.span(),
+                            format!("[proxy] access_log {other:?} is not one of \"off\", \"errors\", \"all\""),
+                        );
+                        AccessLog::Off
+                    }
+                },
+            },
         }
     }
 

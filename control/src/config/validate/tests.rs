@@ -577,3 +577,25 @@ fn mirroring_needs_a_canary_a_share_and_sane_caps() {
         assert!(e.contains(want), "{want}: {e}");
     }
 }
+
+#[test]
+fn the_access_log_is_off_unless_asked_for() {
+    assert_eq!(
+        parse(MINIMAL).expect("valid").proxy.access_log,
+        AccessLog::Off
+    );
+    for (v, want) in [
+        ("off", AccessLog::Off),
+        ("errors", AccessLog::Errors),
+        ("all", AccessLog::All),
+    ] {
+        let c = parse(&format!("[proxy]\naccess_log = \"{v}\"\n{MINIMAL}")).expect("valid");
+        assert_eq!(c.proxy.access_log, want);
+        assert_eq!(want.as_str(), v);
+    }
+    let e = parse(&format!("[proxy]\naccess_log = \"yes\"\n{MINIMAL}")).expect_err("not a mode");
+    assert!(
+        e.to_string().contains("access_log \"yes\" is not one of"),
+        "{e}"
+    );
+}

@@ -98,17 +98,27 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
-fn init_logs(format: LogFormat) {
+/// Log lines are written to stderr by a thread of their own: a worker
+/// never waits on a slow reader of stderr (a container runtime's log pipe,
+/// with an access log line per request). Lines that find the queue full
+/// (128 000 waiting) are dropped rather than stalling requests. The guard
+/// writes what is queued when it is dropped, at exit.
+fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("veer-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    guard
 }
 
 /// The runtime: one worker thread per core by default. With exactly one
@@ -155,7 +165,7 @@ async fn terminated() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    let _logs = init_logs(cli.log_format);
     let result = match cli.command {
         Command::Run { config } => run_proxy(config),
         Command::Check { config } => return check::check(&config),

@@ -43,8 +43,12 @@ async fn blue_green_flip_to_a_worse_colour_flips_back_by_itself() {
     assert_eq!(route["weight"]["effective"], 0.0);
     all_on(&veer, "stable", 100).await;
     assert_eq!(
-        veer.logs_with("blue-green flip: judging the new colour against the old one's last window")
-            .len(),
+        veer.logs_with_at_least(
+            "blue-green flip: judging the new colour against the old one's last window",
+            1
+        )
+        .await
+        .len(),
         1
     );
 }

@@ -379,3 +379,60 @@ async fn the_access_log_has_a_line_per_failure_or_per_request_as_configured() {
         "{lines:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_of_the_log_never_stalls_the_proxy() {
+    use std::io::{BufRead, BufReader};
+    let s = Upstream::start("stable").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("veer.toml");
+    let config = route_config(&[s.addr], &[], 0.0, "")
+        .replacen("[proxy]\n", "[proxy]\naccess_log = \"all\"\n", 1)
+        .replace("@STATE@", &dir.path().join("state").display().to_string());
+    std::fs::write(&path, config).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read stderr up to the proxy's address, then never again: the pipe
+    // (64 KiB) fills after a few hundred access log lines.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let addr = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        let mut addr = None;
+        while addr.is_none() {
+            line.clear();
+            if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["message"] == "listening" && v["kind"] == "proxy" {
+                addr = v["addr"]
+                    .as_str()
+                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+            }
+        }
+        (addr.expect("veer's proxy address"), stderr)
+    })
+    .await
+    .unwrap();
+    let (addr, _unread) = addr;
+    let mut c = Client::connect(addr).await.unwrap();
+    let served = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        for i in 0..3000 {
+            let r = c
+                .get("/", &[("x-user-id", &format!("u{i}"))])
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(served.is_ok(), "requests stalled behind the log's pipe");
+}

@@ -475,7 +475,7 @@ async fn a_replica_whose_watch_history_was_compacted_reads_every_decision_again(
     assert_eq!(route["fleet"]["by"], "r1", "{route}");
     assert_eq!(route["fleet"]["epoch"], 1, "{route}");
     assert!(
-        r2.all_logs().contains("compacted"),
+        r2.logs_containing("compacted").await.contains("compacted"),
         "the watch did not report the compaction:\n{}",
         r2.all_logs()
     );

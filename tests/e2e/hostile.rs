@@ -283,7 +283,8 @@ async fn a_rejected_webhook_url_never_shows_its_secret() {
     assert!(!text.contains("SECRET"), "{text}");
     let logs = format!(
         "{:?}",
-        veer.logs_with("reload rejected; the running config stays")
+        veer.logs_with_at_least("reload rejected; the running config stays", 1)
+            .await
     );
     assert!(!logs.contains("SECRET"), "{logs}");
 }

@@ -38,7 +38,7 @@ async fn canary_500s_are_reverted_and_traffic_returns_to_stable_and_stays_after_
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(reverts, 1.0);
-    assert_eq!(veer.logs_with("canary reverted").len(), 1);
+    assert_eq!(veer.logs_with_at_least("canary reverted", 1).await.len(), 1);
 
     // An unrelated reload does not re-expose the canary.
     veer.write_config(&config.replace("sticky = [", "timeout = \"20s\"\nsticky = ["));
@@ -54,7 +54,8 @@ async fn canary_500s_are_reverted_and_traffic_returns_to_stable_and_stays_after_
     all_on(&restarted, "stable", 300).await;
     assert_eq!(
         restarted
-            .logs_with("canary stays reverted (persisted decision)")
+            .logs_with_at_least("canary stays reverted (persisted decision)", 1)
+            .await
             .len(),
         1
     );
@@ -276,7 +277,8 @@ async fn the_evidence_survives_a_restart() {
     );
     assert_eq!(
         restarted
-            .logs_with("judge resumes its evidence about this canary")
+            .logs_with_at_least("judge resumes its evidence about this canary", 1)
+            .await
             .len(),
         1
     );

@@ -86,7 +86,7 @@ async fn admin_actions_need_the_token_and_persist() {
     assert_eq!(status, 200);
     assert_eq!(body["weight"]["effective"], 100.0);
     all_on(&veer, "canary", 100).await;
-    assert_eq!(veer.logs_with("operator action").len(), 5);
+    assert_eq!(veer.logs_with_at_least("operator action", 5).await.len(), 5);
     assert_eq!(
         get(veer.admin, "/routes/web/revert", &[])
             .await
@@ -119,7 +119,10 @@ async fn rollout_walks_its_steps_while_healthy() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     load.stop().await;
-    assert_eq!(veer.logs_with("rollout advanced").len(), 2);
+    assert_eq!(
+        veer.logs_with_at_least("rollout advanced", 2).await.len(),
+        2
+    );
 }
 
 /// DORA figures: each canary identity is a deployment that ends promoted,

@@ -280,7 +280,9 @@ async fn a_replica_that_joins_late_takes_the_fleets_pooled_tests_from_a_checkpoi
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        r3.all_logs().contains("waiting for a checkpoint"),
+        r3.logs_containing("waiting for a checkpoint")
+            .await
+            .contains("waiting for a checkpoint"),
         "r3 saw the log had begun: {}",
         r3.all_logs()
     );

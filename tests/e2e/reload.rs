@@ -45,7 +45,7 @@ async fn a_config_change_is_applied_within_one_second() {
         ),
         Some(100.0)
     );
-    assert_eq!(veer.logs_with("reload accepted").len(), 1);
+    assert_eq!(veer.logs_with_at_least("reload accepted", 1).await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,7 +93,8 @@ async fn an_invalid_file_is_rejected_and_the_running_config_stays() {
         Some(1.0)
     );
     assert_eq!(
-        veer.logs_with("reload rejected; the running config stays")
+        veer.logs_with_at_least("reload rejected; the running config stays", 1)
+            .await
             .len(),
         1
     );

@@ -52,7 +52,8 @@ async fn shutdown_grace_bounds_the_wait() {
     let status = veer.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success());
     assert_eq!(
-        veer.logs_with("grace period over; closing the remaining connections")
+        veer.logs_with_at_least("grace period over; closing the remaining connections", 1)
+            .await
             .len(),
         1
     );

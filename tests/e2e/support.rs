@@ -343,6 +343,33 @@ impl Veer {
             .collect()
     }
 
+    /// The log lines with message `msg` once at least `n` have come, or
+    /// those so far after 10 s: a line reaches the test a little after
+    /// what it reports (veer writes its log from a thread of its own, and
+    /// the test reads it on another).
+    pub async fn logs_with_at_least(&self, msg: &str, n: usize) -> Vec<serde_json::Value> {
+        let start = Instant::now();
+        loop {
+            let lines = self.logs_with(msg);
+            if lines.len() >= n || start.elapsed() > Duration::from_secs(10) {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every log line once one contains `text` (or after 10 s).
+    pub async fn logs_containing(&self, text: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let all = self.all_logs();
+            if all.contains(text) || start.elapsed() > Duration::from_secs(10) {
+                return all;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Every log line so far, one per line (for failure messages).
     pub fn all_logs(&self) -> String {
         self.logs

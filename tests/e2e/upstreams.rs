@@ -764,7 +764,8 @@ async fn tls_upstreams_are_verified_by_ca_and_name() {
             "{m}"
         );
         assert!(!v
-            .logs_with("TLS handshake with the upstream failed")
+            .logs_with_at_least("TLS handshake with the upstream failed", 1)
+            .await
             .is_empty());
     }
     assert_eq!(
@@ -985,7 +986,8 @@ async fn a_renewed_client_certificate_is_used_without_a_restart() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(!veer
-        .logs_with("upstream client certificate reloaded")
+        .logs_with_at_least("upstream client certificate reloaded", 1)
+        .await
         .is_empty());
 }
 

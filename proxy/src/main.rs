@@ -110,6 +110,7 @@ fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
         .lossy(true)
         .thread_name("veer-log")
         .finish(std::io::stderr());
+    veer_proxy::log_drops::count(writer.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)

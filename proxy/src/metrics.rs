@@ -376,6 +376,7 @@ impl Metrics {
         registry.register(Box::new(SharedCollector(deployments.clone())))?;
         registry.register(Box::new(change_failure_ratio.clone()))?;
         registry.register(Box::new(time_to_revert.clone()))?;
+        registry.register(Box::new(crate::log_drops::LogDrops::new()?))?;
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);

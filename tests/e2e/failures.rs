@@ -372,6 +372,9 @@ async fn the_access_log_has_a_line_per_failure_or_per_request_as_configured() {
     }
     let lines = access_lines(&veer, 7).await;
     assert_eq!(lines.len(), 7, "{lines:?}");
+    // None was dropped on the way to stderr, and the metric says so.
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, "veer_log_lines_dropped_total"), Some(0.0), "{m}");
     assert!(
         lines[3..]
             .iter()

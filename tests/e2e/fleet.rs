@@ -88,8 +88,15 @@ impl Pair {
         let ep = etcd.endpoints();
         let r1 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r1", "")).await;
         let r2 = Veer::start(&replica_config(&s, &c, 20.0, &ep, "r2", "")).await;
-        wait_synced(&r1).await;
-        wait_synced(&r2).await;
+        // Synced, and seated: a canary gets traffic on a replica only once
+        // its local tests have a seat from the store.
+        for r in [&r1, &r2] {
+            wait_synced(r).await;
+            wait_for(r, "seated", Duration::from_secs(15), |r, _| {
+                r["weight"]["effective"] == 20.0
+            })
+            .await;
+        }
         Pair { s, c, r1, r2 }
     }
 }

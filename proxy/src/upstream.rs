@@ -344,7 +344,7 @@ impl Sender {
     }
 
     /// Whether it is an HTTP/1.1 connection that lay idle in the pool for
-    /// at least [`STALE_AFTER`] (see [`stale_keep_alive`]).
+    /// at least `STALE_AFTER` (see [`stale_keep_alive`]).
     pub fn is_reused(&self) -> bool {
         self.reused
     }

@@ -62,6 +62,21 @@ pub struct RecordKey {
     pub identity: u64,
 }
 
+/// A `decision/<route>/<identity>` key (the part after `decision/`) and
+/// its value; `None` if either does not parse.
+fn parse_record(path: &str, value: &[u8]) -> Option<(RecordKey, FleetRecord)> {
+    let (route, id) = path.rsplit_once('/')?;
+    let identity = u64::from_str_radix(id, 16).ok()?;
+    let record = serde_json::from_slice::<FleetRecord>(value).ok()?;
+    Some((
+        RecordKey {
+            route: route.to_string(),
+            identity,
+        },
+        record,
+    ))
+}
+
 /// A pool of evidence: route, canary identity and epoch.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -160,22 +175,16 @@ async fn collect_finished(
         .get(dprefix.as_str(), Some(GetOptions::new().with_prefix()))
         .await
         .map_err(|e| format!("reading the fleet's decisions: {e}"))?;
-    let mut records: HashMap<(String, u64), FleetRecord> = HashMap::new();
-    for kv in got.kvs() {
-        let Some((route, id)) = std::str::from_utf8(kv.key())
-            .ok()
-            .and_then(|k| k.strip_prefix(dprefix.as_str()))
-            .and_then(|r| r.rsplit_once('/'))
-        else {
-            continue;
-        };
-        if let (Ok(identity), Ok(r)) = (
-            u64::from_str_radix(id, 16),
-            serde_json::from_slice::<FleetRecord>(kv.value()),
-        ) {
-            records.insert((route.to_string(), identity), r);
-        }
-    }
+    let records: HashMap<RecordKey, FleetRecord> = got
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let path = std::str::from_utf8(kv.key())
+                .ok()?
+                .strip_prefix(dprefix.as_str())?;
+            parse_record(path, kv.value())
+        })
+        .collect();
     let mut doomed = Vec::new();
     for kind in ["ev/", "pool/", "seats/"] {
         let kprefix = format!("{prefix}{kind}");
@@ -203,7 +212,10 @@ async fn collect_finished(
                 continue;
             };
             let finished = records
-                .get(&(k.route, k.identity))
+                .get(&RecordKey {
+                    route: k.route,
+                    identity: k.identity,
+                })
                 .is_some_and(|r| pool_finished(r, k.epoch, now_ms, keep));
             if finished {
                 doomed.push(kv.key().to_vec());
@@ -992,22 +1004,12 @@ impl Agent {
             }
             return;
         }
-        let Some((route, id)) = rest
-            .strip_prefix("decision/")
-            .and_then(|r| r.rsplit_once('/'))
-        else {
+        let Some(path) = rest.strip_prefix("decision/") else {
             return;
         };
-        let (Ok(identity), Ok(record)) = (
-            u64::from_str_radix(id, 16),
-            serde_json::from_slice::<FleetRecord>(value),
-        ) else {
+        let Some((key, record)) = parse_record(path, value) else {
             tracing::warn!(key = %String::from_utf8_lossy(key), "ignoring a fleet record that does not parse");
             return;
-        };
-        let key = RecordKey {
-            route: route.to_string(),
-            identity,
         };
         let _ = self.news.send(FromAgent::Record(key, record, revision));
     }

@@ -145,8 +145,7 @@ pub async fn handle(
         }
         _ => (None, None),
     };
-    // The request line, kept for the access log (a method and a URI
-    // share what they were parsed from: no copy of the text).
+    // The request line, kept for the access log.
     let head = (access != AccessLog::Off).then(|| (req.method().clone(), req.uri().clone()));
     let upload = Upload::new();
     let result = forward(
@@ -173,13 +172,15 @@ pub async fn handle(
     let elapsed = start.elapsed();
     let micros = elapsed.as_micros() as u64;
     let seconds = elapsed.as_secs_f64();
-    let logged = Logged {
+    // Only with an access log: the request line was kept for it.
+    let logged = head.map(|head| Logged {
+        head,
         route: &route.name,
         version: &version.name,
         canary,
         client,
         micros,
-    };
+    });
     Ok(match result {
         Ok(mut resp) => {
             let status = resp.status().as_u16();
@@ -205,9 +206,9 @@ pub async fn handle(
                     }
                 }
             }
-            if let Some(head) = &head {
+            if let Some(l) = &logged {
                 if access == AccessLog::All || outcome != Outcome::Ok {
-                    logged.line(head, status, None);
+                    l.line(status, None);
                 }
             }
             match resp.body_mut() {
@@ -257,8 +258,8 @@ pub async fn handle(
             } else {
                 route_less_error(&shared, e);
             }
-            if let Some(head) = &head {
-                logged.line(head, e.status().as_u16(), Some(e.kind()));
+            if let Some(l) = &logged {
+                l.line(e.status().as_u16(), Some(e.kind()));
             }
             reply(e)
         }
@@ -266,8 +267,11 @@ pub async fn handle(
 }
 
 /// What an access log line says of a forwarded request besides its
-/// request line and status.
+/// status.
 struct Logged<'a> {
+    /// The request line (a method and a URI share what they were parsed
+    /// from: no copy of the text).
+    head: (http::Method, http::Uri),
     route: &'a str,
     version: &'a str,
     canary: bool,
@@ -279,14 +283,14 @@ struct Logged<'a> {
 impl Logged<'_> {
     /// One line (target `veer::access`). The path only: a query string
     /// may carry credentials.
-    fn line(&self, head: &(http::Method, http::Uri), status: u16, error: Option<&'static str>) {
+    fn line(&self, status: u16, error: Option<&'static str>) {
         tracing::info!(
             target: "veer::access",
             route = self.route,
             version = self.version,
             role = if self.canary { "canary" } else { "stable" },
-            method = %head.0,
-            path = head.1.path(),
+            method = %self.head.0,
+            path = self.head.1.path(),
             status,
             ms = self.micros as f64 / 1000.0,
             client = %self.client,
@@ -499,9 +503,9 @@ async fn exchange(
     // idempotent one on an HTTP/1.1 connection that lay idle (see
     // `STALE_AFTER`) and that the server closed under it (see
     // `stale_keep_alive`).
-    let reused = sender.is_reused() && req.method().is_idempotent();
+    let stale = sender.lay_idle() && req.method().is_idempotent();
     let again =
-        ((sender.is_h2() || reused) && http_body::Body::is_end_stream(req.body())).then(|| {
+        ((sender.is_h2() || stale) && http_body::Body::is_end_stream(req.body())).then(|| {
             let mut head = Request::new(());
             *head.method_mut() = req.method().clone();
             *head.uri_mut() = req.uri().clone();
@@ -515,7 +519,7 @@ async fn exchange(
             // A pooled connection that closed before the request was written
             // gives the request back: it is safe to send on a fresh one.
             let message = e.take_message().or_else(|| {
-                let resend = if reused {
+                let resend = if stale {
                     crate::upstream::stale_keep_alive(e.error())
                 } else {
                     crate::upstream::refused_unprocessed(e.error())

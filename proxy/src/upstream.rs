@@ -323,7 +323,7 @@ pub struct Sender {
     _permit: Option<OwnedSemaphorePermit>,
     /// An HTTP/1.1 connection taken from the idle pool after lying idle
     /// for at least [`STALE_AFTER`] (see [`stale_keep_alive`]).
-    reused: bool,
+    lay_idle: bool,
 }
 
 impl Sender {
@@ -345,8 +345,8 @@ impl Sender {
 
     /// Whether it is an HTTP/1.1 connection that lay idle in the pool for
     /// at least `STALE_AFTER` (see [`stale_keep_alive`]).
-    pub fn is_reused(&self) -> bool {
-        self.reused
+    pub fn lay_idle(&self) -> bool {
+        self.lay_idle
     }
 
     /// Whether it is a stream of an HTTP/2 connection.
@@ -559,7 +559,7 @@ impl Upstream {
             let idle_for = idle.since.elapsed();
             if idle.sender.is_ready() && idle_for < IDLE_TTL {
                 let mut s = idle.sender;
-                s.reused = idle_for >= STALE_AFTER;
+                s.lay_idle = idle_for >= STALE_AFTER;
                 return Some(s);
             }
         }
@@ -597,7 +597,7 @@ impl Upstream {
             ),
             scheme: self.connector.scheme(),
             _permit: None,
-            reused: false,
+            lay_idle: false,
         })
     }
 
@@ -732,7 +732,7 @@ impl Upstream {
                     inner: Inner::H1(sender),
                     scheme,
                     _permit: permit,
-                    reused: false,
+                    lay_idle: false,
                 })
             }
             Conn::H2(sender) => {
@@ -762,7 +762,7 @@ impl Upstream {
                     ),
                     scheme,
                     _permit: None,
-                    reused: false,
+                    lay_idle: false,
                 })
             }
         }

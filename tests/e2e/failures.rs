@@ -284,21 +284,13 @@ async fn a_reused_connection_closed_under_a_get_is_retried_on_a_fresh_one() {
     );
 }
 
-/// `veer`'s access log lines so far, once at least `n` have come (their
-/// writer is veer's stderr, read on another thread).
+/// `veer`'s access log lines, once at least `n` have come.
 async fn access_lines(veer: &Veer, n: usize) -> Vec<serde_json::Value> {
-    let start = std::time::Instant::now();
-    loop {
-        let lines: Vec<_> = veer
-            .logs_with("request")
-            .into_iter()
-            .filter(|l| l["target"] == "veer::access")
-            .collect();
-        if lines.len() >= n || start.elapsed() > std::time::Duration::from_secs(10) {
-            return lines;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let lines = veer.logs_with_at_least("request", n).await;
+    lines
+        .into_iter()
+        .filter(|l| l["target"] == "veer::access")
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

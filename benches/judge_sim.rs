@@ -23,7 +23,7 @@
 //! (b) **Detection delay**: weight 5 %, 1000 req/s, stable at 0.1 % errors,
 //!     200 000 users of equal activity, for error-rate and latency
 //!     regressions of the canary: once bad from its first request, once
-//!     turning bad 90 s in. Error rows also show an oracle SPRT on the same
+//!     turning bad 90-119 s in. Error rows also show an oracle SPRT on the same
 //!     events, for what the data allow at all.
 //!
 //! Method: each step of 100 ms (the proxy's look between ticks) draws the
@@ -68,8 +68,10 @@ const BASE_ERRORS: f64 = 0.001;
 const SAMPLES: u64 = 64;
 /// Onsets of table (b): seconds of a healthy canary before its regression
 /// starts. 0 is the usual case (the new version is bad from its first
-/// request); 90 s is a version that turns bad later, at a moment that does
-/// not line up with the detector's one-a-minute fresh starts.
+/// request); 90 s is a version that turns bad later, 90-119 s in (spread
+/// evenly over the runs: a regression does not line up with the detector's
+/// fresh starts; until session 12 every run began at 90 s, on a coarse
+/// start, which flattered the judge).
 const ONSETS: [u32; 2] = [0, 90];
 
 /// Latency model, in microseconds.
@@ -832,32 +834,45 @@ fn detection_row(
     limit: u32,
 ) {
     let tps = ticks_per_second();
+    // A late onset falls at a moment spread evenly over 30 s (the judge's
+    // coarse grid of fresh starts), run by run: a regression does not wait
+    // for the detector's schedule.
+    let onset_of = |i: u64| {
+        if onset == 0 {
+            0
+        } else {
+            onset + (i % 30) as u32
+        }
+    };
     let res = parallel(detect_runs, |i| {
-        rollout(
+        let onset = onset_of(i);
+        let run = rollout(
             pop,
             sc,
             0xD37E_C700 + (n as u64) * 100_000 + i,
             (limit + onset) * tps,
             rate,
             onset,
-        )
+        );
+        (run, u64::from(onset) * 1000)
     });
-    let onset_ms = u64::from(onset) * 1000;
     let mut oracle: Vec<f64> = res
         .iter()
-        .filter_map(|r| r.oracle)
-        .map(|t| t.saturating_sub(onset_ms) as f64 / 1000.0)
+        .filter_map(|(r, onset_ms)| Some(r.oracle?.saturating_sub(*onset_ms) as f64 / 1000.0))
         .collect();
     oracle.sort_by(f64::total_cmp);
     let oracle_q =
         (!oracle.is_empty()).then(|| (percentile(&oracle, 0.5), percentile(&oracle, 0.95)));
     let oracle_text = oracle_q.map_or("-".to_string(), |(m, p)| format!("{m:.2} / {p:.2}"));
-    let res: Vec<Option<(u64, &str)>> = res.into_iter().map(|r| r.breach).collect();
-    let early = res.iter().flatten().filter(|(t, _)| *t <= onset_ms).count();
+    let early = res
+        .iter()
+        .filter(|(r, onset_ms)| r.breach.is_some_and(|(t, _)| t <= *onset_ms))
+        .count();
     let res: Vec<Option<(u64, &str)>> = res
         .into_iter()
-        .map(|r| {
-            r.filter(|(t, _)| *t > onset_ms)
+        .map(|(r, onset_ms)| {
+            r.breach
+                .filter(|(t, _)| *t > onset_ms)
                 .map(|(t, g)| (t - onset_ms, g))
         })
         .collect();
@@ -1186,7 +1201,7 @@ fn main() {
             if onset == 0 {
                 "the canary is bad from its first request".to_string()
             } else {
-                format!("the canary is healthy for {onset} s, then regresses")
+                format!("the canary is healthy for {onset}-{} s (spread evenly over the runs), then regresses", onset + 29)
             }
         );
         println!();
@@ -1200,7 +1215,10 @@ fn main() {
         }
         println!();
     }
-    mirror::mirrored_table(&mirrored_rows, runs, detect_runs, rate, percent);
+    // `--skip-mirrored`: tables (a) and (b) only.
+    if !std::env::args().any(|a| a == "--skip-mirrored") {
+        mirror::mirrored_table(&mirrored_rows, runs, detect_runs, rate, percent);
+    }
     println!(
         "delays are in seconds from the onset to the tick that breached ({} ms interval; looks between ticks every {} ms, 0 = none).\n\
          The oracle column is a reference for what the data allow: Wald's SPRT on the same distinct-key events as the\n\

@@ -257,11 +257,12 @@ impl Judge {
         let interval = settings.interval.max(Duration::from_millis(1));
         let slices = (settings.window.as_secs_f64() / interval.as_secs_f64()).ceil() as usize;
         let burst_slices = (BURST_SPAN.as_secs_f64() / interval.as_secs_f64()).ceil() as usize;
-        // A fresh start of the sequential tests every 30 s (see Detector): a
-        // regression that starts late waits at most 30 s for a clean start;
-        // one a minute made 0.1 -> 5 % errors 90 s in take 3.9x the oracle's
-        // median (judge-sim), every 10 s paid too much for the later starts'
-        // smaller weights.
+        // The sequential tests start afresh on every tick, with a coarse
+        // grid of heavier starts every 30 s (see Detector): one start a
+        // minute made 0.1 -> 5 % errors 90 s in take 3.9x the oracle's
+        // median (judge-sim); coarse starts alone every 10 s paid too much
+        // for the later starts' smaller weights, and every 30 s made a
+        // regression that began just after one wait for the next.
         let restart_every = (30.0 / interval.as_secs_f64()).ceil().max(1.0) as u64;
         let slots = specs.iter().filter_map(|s| s.limit.slot()).count();
         let mut j = Judge {
@@ -429,7 +430,7 @@ impl Judge {
             .collect();
         xxhash_rust::xxh3::xxh3_64(
             format!(
-                "limits-v1|{:?}|{}|{}{}{}",
+                "limits-v2|{:?}|{}|{}{}{}",
                 self.settings.margin,
                 specs.join(","),
                 self.restart_every,

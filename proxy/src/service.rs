@@ -165,6 +165,7 @@ pub async fn handle(
         Deadlines {
             body: body_timeout,
             upstream: timeout,
+            route_bound: !client_bound,
         },
         &upload,
     )
@@ -366,6 +367,8 @@ struct Deadlines {
     /// The upstream's answer (the route's timeout, or a gRPC call's own
     /// shorter deadline).
     upstream: std::time::Duration,
+    /// `upstream` is the route's timeout (not a call's own deadline).
+    route_bound: bool,
 }
 
 async fn forward(
@@ -400,12 +403,23 @@ async fn forward(
 
     // Pinned here and lent to the deadline: a future passed by value into
     // another async fn is held twice (argument and pinned local).
-    let exchange = exchange(route, version, pick, req, upgrade);
+    let watch = std::sync::OnceLock::new();
+    let exchange = exchange(route, version, pick, req, upgrade, &watch);
     tokio::pin!(exchange);
     let (mut resp, sender, upstream) =
         match upstream_deadline(deadlines.upstream, upload, exchange.as_mut()).await {
-            // A body the client broke fails the exchange: the client's fault.
-            Err(e) => return Err(upload.fault().unwrap_or(e)),
+            Err(e) => {
+                // A body the client broke fails the exchange: the client's fault.
+                let e = upload.fault().unwrap_or(e);
+                // The route's timeout with nothing back on an HTTP/2
+                // connection: is the connection dead?
+                if e == ProxyError::UpstreamTimeout && deadlines.route_bound {
+                    if let Some(w) = watch.get() {
+                        w.timed_out();
+                    }
+                }
+                return Err(e);
+            }
             Ok(r) => r,
         };
     upstream.mark_ok();
@@ -466,6 +480,7 @@ async fn exchange(
     pick: Pick,
     req: Request<RequestBody>,
     upgrade: bool,
+    watch: &std::sync::OnceLock<crate::upstream::H2Watch>,
 ) -> Result<(Response<Incoming>, Sender, Arc<Upstream>), ProxyError> {
     let endpoints = version.balancer.endpoints();
     let Some(first) = endpoints.get(pick.first()) else {
@@ -513,6 +528,9 @@ async fn exchange(
             *head.headers_mut() = req.headers().clone();
             head
         });
+    if let Some(w) = sender.h2_watch() {
+        let _ = watch.set(w);
+    }
     match sender.try_send_request(req).await {
         Ok(resp) => Ok((resp, sender, upstream.clone())),
         Err(mut e) => {

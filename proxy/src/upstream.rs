@@ -287,21 +287,75 @@ pub fn fit_request<B>(req: &mut http::Request<B>, h2: bool, scheme: http::uri::S
 /// One HTTP/2 connection of an endpoint and its streams in flight.
 struct H2Conn {
     sender: http2::SendRequest<RequestBody>,
-    streams: Arc<AtomicUsize>,
+    state: Arc<H2State>,
     /// When a stream last started on it.
     last_used: Instant,
+}
+
+/// What the streams of one HTTP/2 connection share.
+#[derive(Debug)]
+struct H2State {
+    /// Streams in flight.
+    streams: AtomicUsize,
+    /// Response heads received on it, ever.
+    answered: AtomicU64,
+    /// No new stream goes to it (see [`H2Watch::timed_out`]).
+    retired: AtomicBool,
+    /// The endpoint.
+    addr: SocketAddr,
+}
+
+impl H2State {
+    fn new(addr: SocketAddr) -> Arc<H2State> {
+        Arc::new(H2State {
+            streams: AtomicUsize::new(1),
+            answered: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
+            addr,
+        })
+    }
+}
+
+/// A request's view of the HTTP/2 connection it was sent on, taken when
+/// it was sent (see [`Sender::h2_watch`]).
+#[derive(Debug)]
+pub struct H2Watch {
+    state: Arc<H2State>,
+    seen: u64,
+}
+
+impl H2Watch {
+    /// The request timed out (the route's `timeout`). If no response at
+    /// all came back on its connection meanwhile, the connection is taken
+    /// to be dead (a peer that vanished without a FIN or RST, a NAT or
+    /// firewall that forgot the flow: TCP keeps it open forever) and gets
+    /// no new stream: later requests open a fresh connection, and the old
+    /// one closes when its streams end. A connection that answers others
+    /// while one request is slow is kept.
+    ///
+    /// Why not HTTP/2 PINGs: gRPC servers (grpc-go's default enforcement
+    /// policy) close a connection with `too_many_pings` when a client pings
+    /// it more often than every 5 minutes while they send nothing, which
+    /// would end quiet long-lived streams (watches) every few pings.
+    pub fn timed_out(&self) {
+        if self.state.answered.load(Ordering::Relaxed) == self.seen
+            && !self.state.retired.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(upstream = %self.state.addr, "an HTTP/2 connection answered nothing for a whole request timeout: new requests go to a fresh connection");
+        }
+    }
 }
 
 /// A stream's place on an HTTP/2 connection, given back when its response
 /// ends (or is dropped).
 struct StreamSlot {
-    streams: Arc<AtomicUsize>,
+    state: Arc<H2State>,
     returned: Arc<Notify>,
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.streams.fetch_sub(1, Ordering::Relaxed);
+        self.state.streams.fetch_sub(1, Ordering::Relaxed);
         self.returned.notify_one();
     }
 }
@@ -368,10 +422,26 @@ impl Sender {
                 fit_request(&mut req, false, scheme);
                 s.try_send_request(req).await
             }
-            Inner::H2(s, _) => {
+            Inner::H2(s, slot) => {
                 fit_request(&mut req, true, scheme);
-                s.try_send_request(req).await
+                let r = s.try_send_request(req).await;
+                if r.is_ok() {
+                    slot.state.answered.fetch_add(1, Ordering::Relaxed);
+                }
+                r
             }
+        }
+    }
+
+    /// For a stream of an HTTP/2 connection: what a timeout of its request
+    /// tells about the connection (see [`H2Watch::timed_out`]).
+    pub fn h2_watch(&self) -> Option<H2Watch> {
+        match &self.inner {
+            Inner::H1(_) => None,
+            Inner::H2(_, slot) => Some(H2Watch {
+                state: slot.state.clone(),
+                seen: slot.state.answered.load(Ordering::Relaxed),
+            }),
         }
     }
 
@@ -386,9 +456,13 @@ impl Sender {
                 fit_request(&mut req, false, scheme);
                 s.send_request(req).await
             }
-            Inner::H2(s, _) => {
+            Inner::H2(s, slot) => {
                 fit_request(&mut req, true, scheme);
-                s.send_request(req).await
+                let r = s.send_request(req).await;
+                if r.is_ok() {
+                    slot.state.answered.fetch_add(1, Ordering::Relaxed);
+                }
+                r
             }
         }
     }
@@ -577,21 +651,24 @@ impl Upstream {
         // IDLE_TTL is closed rather than reused (a NAT or load balancer
         // may have forgotten it, and a request sent on it would hang until
         // the route's timeout, counted against the version).
+        // A connection retired as dead (see `H2Watch::timed_out`) is
+        // forgotten; its streams still in flight hold it until they end.
         conns.retain(|c| {
-            let idle = c.streams.load(Ordering::Relaxed) == 0 && c.last_used.elapsed() >= IDLE_TTL;
-            !(c.sender.is_closed() || idle)
+            let idle =
+                c.state.streams.load(Ordering::Relaxed) == 0 && c.last_used.elapsed() >= IDLE_TTL;
+            !(c.sender.is_closed() || idle || c.state.retired.load(Ordering::Relaxed))
         });
         let c = conns
             .iter_mut()
             .filter(|c| c.sender.is_ready())
-            .find(|c| c.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONNECTION)?;
-        c.streams.fetch_add(1, Ordering::Relaxed);
+            .find(|c| c.state.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONNECTION)?;
+        c.state.streams.fetch_add(1, Ordering::Relaxed);
         c.last_used = Instant::now();
         Some(Sender {
             inner: Inner::H2(
                 c.sender.clone(),
                 StreamSlot {
-                    streams: c.streams.clone(),
+                    state: c.state.clone(),
                     returned: self.returned.clone(),
                 },
             ),
@@ -737,7 +814,7 @@ impl Upstream {
             }
             Conn::H2(sender) => {
                 self.speaks_h2.store(true, Ordering::Relaxed);
-                let streams = Arc::new(AtomicUsize::new(1));
+                let state = H2State::new(self.addr);
                 {
                     let mut conns = match self.h2.lock() {
                         Ok(c) => c,
@@ -746,7 +823,7 @@ impl Upstream {
                     conns.retain(|c| !c.sender.is_closed());
                     conns.push(H2Conn {
                         sender: sender.clone(),
-                        streams: streams.clone(),
+                        state: state.clone(),
                         last_used: Instant::now(),
                     });
                 }
@@ -756,7 +833,7 @@ impl Upstream {
                     inner: Inner::H2(
                         sender,
                         StreamSlot {
-                            streams,
+                            state,
                             returned: self.returned.clone(),
                         },
                     ),
@@ -860,6 +937,25 @@ impl Upstreams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timeout_retires_an_h2_connection_only_when_it_answered_nothing_meanwhile() {
+        let state = H2State::new("127.0.0.1:1".parse().unwrap());
+        let watch = |state: &Arc<H2State>| H2Watch {
+            state: state.clone(),
+            seen: state.answered.load(Ordering::Relaxed),
+        };
+        // Another stream's response came back while this one waited: the
+        // connection lives, only this request was slow.
+        let slow = watch(&state);
+        state.answered.fetch_add(1, Ordering::Relaxed);
+        slow.timed_out();
+        assert!(!state.retired.load(Ordering::Relaxed));
+        // Nothing came back for the whole timeout: retired.
+        let silent = watch(&state);
+        silent.timed_out();
+        assert!(state.retired.load(Ordering::Relaxed));
+    }
 
     #[test]
     fn registry_shares_live_upstreams_and_forgets_dropped_ones() {

@@ -1216,3 +1216,136 @@ async fn mirrored_grpc_calls_are_judged_by_their_grpc_status() {
     assert_eq!(route["reverted"]["guard"], "mirror_error_test", "{route}");
     assert!(c.calls.load(Ordering::SeqCst) > 0);
 }
+
+/// A TCP relay to `to` whose connections can be made to go silent: bytes
+/// stop flowing both ways and the sockets stay open, as when a peer vanishes
+/// without a FIN or RST, or a NAT forgets the flow. Connections accepted
+/// after [`SilentRelay::silence`] flow normally.
+struct SilentRelay {
+    addr: SocketAddr,
+    /// One flag per connection accepted so far.
+    flags: Arc<Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+    accepted: Arc<AtomicU64>,
+}
+
+impl SilentRelay {
+    async fn start(to: SocketAddr) -> SilentRelay {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay = SilentRelay {
+            addr: listener.local_addr().unwrap(),
+            flags: Arc::new(Mutex::new(Vec::new())),
+            accepted: Arc::new(AtomicU64::new(0)),
+        };
+        let (flags, accepted) = (relay.flags.clone(), relay.accepted.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((down, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(up) = TcpStream::connect(to).await else {
+                    continue;
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                flags.lock().unwrap().push(silent.clone());
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                for (mut r, mut w) in [
+                    (
+                        Box::new(dr) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(uw) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                    ),
+                    (Box::new(ur) as _, Box::new(dw) as _),
+                ] {
+                    let silent = silent.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match r.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if silent.load(Ordering::SeqCst) {
+                                // Swallow everything, close nothing.
+                                let _hold = (r, w);
+                                std::future::pending::<()>().await;
+                                return;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        relay
+    }
+
+    /// Every connection open now goes silent.
+    fn silence(&self) {
+        for f in self.flags.lock().unwrap().iter() {
+            f.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_upstream_connection_gone_silent_is_replaced_after_one_timeout() {
+    // An h2c upstream behind a relay whose connection then goes silent: TCP
+    // stays open, nothing comes back, not even a PING's answer.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let relay = SilentRelay::start(origin).await;
+    let veer = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", relay.addr),
+        None,
+        "timeout = \"1s\"",
+    ))
+    .await;
+    let mut client = super::support::Client::connect(veer.addr).await.unwrap();
+    for i in 0..3 {
+        let r = client.get("/", &[]).await.unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    assert_eq!(relay.accepted.load(Ordering::SeqCst), 1);
+    relay.silence();
+    // The first request on the silent connection times out (the route's
+    // 1 s); the connection answered nothing meanwhile, so the next goes
+    // to a fresh one. Before, every request went to the dead connection
+    // and timed out, forever.
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let r = client.get("/", &[]).await.unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 200 {
+            break;
+        }
+    }
+    assert_eq!(statuses.first(), Some(&504), "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
+    assert!(statuses.len() <= 3, "{statuses:?}");
+    assert!(relay.accepted.load(Ordering::SeqCst) >= 2);
+    for i in 0..5 {
+        let r = client.get("/", &[]).await.unwrap();
+        assert_eq!(r.status(), 200, "request {i} after the new connection");
+    }
+    veer.logs_containing("answered nothing for a whole request timeout")
+        .await;
+}

@@ -194,6 +194,15 @@ impl crate::eprocess::Component for OneSample {
     fn e_value(&self) -> f64 {
         OneSample::e_value(self)
     }
+    fn grid(&self) -> &[(f64, f64)] {
+        &self.log_l
+    }
+    fn deltas(&self, _: &(), n: Counts) -> Vec<f64> {
+        self.log_l_after(n.canary, n.canary + n.stable)
+            .zip(&self.log_l)
+            .map(|(after, (_, before))| after - before)
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -154,6 +154,44 @@ impl Pending {
     }
 }
 
+/// The access log line of a streamed response whose body the upstream
+/// then broke off (`[proxy] access_log` on): the line for its head was
+/// written when the head came, with the head's status.
+pub struct BodyLine {
+    /// The route.
+    pub route: Arc<RouteTarget>,
+    /// The request went to the canary.
+    pub canary: bool,
+    /// The request line.
+    pub head: (http::Method, http::Uri),
+    /// The client.
+    pub client: std::net::SocketAddr,
+    /// The head's status.
+    pub status: u16,
+}
+
+impl BodyLine {
+    /// One line (target `veer::access`, message `response body failed`).
+    fn failed(&self, e: ProxyError) {
+        let version = match (&self.route.canary, self.canary) {
+            (Some(c), true) => c,
+            _ => &self.route.stable,
+        };
+        tracing::info!(
+            target: "veer::access",
+            route = %self.route.name,
+            version = %version.name,
+            role = if self.canary { "canary" } else { "stable" },
+            method = %self.head.0,
+            path = self.head.1.path(),
+            status = self.status,
+            client = %self.client,
+            error = e.kind(),
+            "response body failed"
+        );
+    }
+}
+
 /// A gRPC call whose status comes in the trailers: counted
 /// (`veer_grpc_responses_total`) and made the judge's outcome when they come.
 pub struct GrpcCall {
@@ -196,6 +234,8 @@ pub struct UpstreamBody {
     conn: Option<(Sender, Arc<Upstream>)>,
     pending: Option<Pending>,
     grpc: Option<GrpcCall>,
+    /// Logged if the upstream breaks the body off.
+    log: Option<Box<BodyLine>>,
 }
 
 impl UpstreamBody {
@@ -210,6 +250,7 @@ impl UpstreamBody {
             conn,
             pending: None,
             grpc: None,
+            log: None,
         };
         if b.inner.is_end_stream() {
             b.release();
@@ -244,6 +285,13 @@ impl UpstreamBody {
             if let Some(p) = self.pending.take() {
                 p.finish(None);
             }
+        }
+    }
+
+    /// Writes `line` if the upstream breaks the body off.
+    pub fn log_failure(&mut self, line: BodyLine) {
+        if !self.inner.is_end_stream() {
+            self.log = Some(Box::new(line));
         }
     }
 
@@ -286,8 +334,12 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
             Poll::Ready(Some(Err(e))) => {
                 self.conn = None;
+                let failure = body_failure(e);
                 if let Some(p) = self.pending.take() {
-                    p.finish(Some(body_failure(e)));
+                    p.finish(Some(failure));
+                }
+                if let Some(l) = self.log.take() {
+                    l.failed(failure);
                 }
             }
             _ => {}
@@ -305,6 +357,7 @@ impl Body for UpstreamBody {
 }
 
 /// What veer sends to a client: an upstream's body, or a short one of its own.
+#[allow(clippy::large_enum_variant)] // the upstream's body is the common case: boxing it would allocate per request
 pub enum ProxyBody {
     /// Streamed from the upstream.
     Upstream(UpstreamBody),

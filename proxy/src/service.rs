@@ -207,9 +207,19 @@ pub async fn handle(
                     }
                 }
             }
-            if let Some(l) = &logged {
+            if let Some(l) = logged {
                 if access == AccessLog::All || outcome != Outcome::Ok {
                     l.line(status, None);
+                }
+                // A body the upstream breaks off later gets a line of its own.
+                if let ProxyBody::Upstream(body) = resp.body_mut() {
+                    body.log_failure(crate::body::BodyLine {
+                        route: route.clone(),
+                        canary,
+                        head: l.head,
+                        client,
+                        status,
+                    });
                 }
             }
             match resp.body_mut() {

@@ -4,7 +4,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::support::{dead_addr, get, metric, route_config, Client, Upstream, Veer};
+use super::support::{
+    dead_addr, get, metric, route_config, truncating_upstream, Client, Upstream, Veer,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_endpoint_is_skipped_without_client_errors() {
@@ -373,6 +375,33 @@ async fn the_access_log_has_a_line_per_failure_or_per_request_as_configured() {
             .all(|l| l["path"] == "/all" && l["status"] == 200),
         "{lines:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_the_upstream_breaks_off_after_a_good_head_has_its_own_access_log_line() {
+    // The head (200) is not a failure, so `errors` writes no line for it;
+    // the body broken off after it is one.
+    let u = truncating_upstream().await;
+    let veer = Veer::start(&route_config(&[u], &[], 0.0, "").replacen(
+        "[proxy]\n",
+        "[proxy]\naccess_log = \"errors\"\n",
+        1,
+    ))
+    .await;
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    // The client sees the head, then the body fails.
+    assert!(c.get("/download", &[]).await.is_err());
+    let lines = veer.logs_with_at_least("response body failed", 1).await;
+    let l = &lines[0];
+    assert_eq!(l["target"], "veer::access", "{l}");
+    assert_eq!(l["status"], 200, "{l}");
+    assert_eq!(l["path"], "/download", "{l}");
+    assert_eq!(l["version"], "v1", "{l}");
+    assert!(
+        ["reset", "protocol"].contains(&l["error"].as_str().unwrap_or_default()),
+        "{l}"
+    );
+    assert!(veer.logs_with("request").is_empty(), "{}", veer.all_logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::support::{
-    all_on, metric, route_config, send_keyed, wait_route, wait_verdict, Client, Load, Upstream,
-    Veer, FAST_JUDGE as JUDGE,
+    all_on, metric, route_config, send_keyed, truncating_upstream, wait_route, wait_verdict,
+    Client, Load, Upstream, Veer, FAST_JUDGE as JUDGE,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,32 +147,6 @@ async fn a_latency_regression_is_reverted() {
         "{route}"
     );
     all_on(&veer, "stable", 200).await;
-}
-
-/// An upstream that sends a good head, part of the body, and hangs up.
-async fn truncating_upstream() -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\nx-upstream: canary\r\ncontent-length: 1000\r\n\r\npartial")
-                    .await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,8 @@
 //!
 //! - `decision/<route>/<identity>`: a [`FleetRecord`] (JSON), changed only by
 //!   a transaction on its `mod_revision` (read, merge, compare-and-put);
-//! - `members/<replica>`: the replica's name and start, under a 10 s lease;
+//! - `members/<replica>`: the replica's name, version and the pools it
+//!   judges (`<route>/<identity>`), under a 10 s lease;
 //! - `ev/<route>/<identity>/<epoch>/<replica>`: the replica's latest batch
 //!   of bad events for the fleet's pooled tests (`veer_control::pool`);
 //!   every put is an entry of the log, which the watch delivers in order;
@@ -21,8 +22,9 @@
 //!
 //! A pool's `ev/`, `pool/` and `seats/` keys are deleted once the fleet's
 //! record says its judging is over, `[fleet] keep_evidence` later
-//! ([`veer_control::fleet::pool_finished`]), by one replica (the member
-//! whose name sorts first); `decision/` records stay.
+//! ([`veer_control::fleet::pool_finished`]), or once no member has judged
+//! it for `keep_evidence` (its canary left every replica's config), by one
+//! replica (the member whose name sorts first); `decision/` records stay.
 //!
 //! The rules that merge records are pure and live in
 //! `control/src/fleet.rs`; this is the I/O around them.
@@ -91,6 +93,12 @@ pub struct PoolKey {
 impl PoolKey {
     fn path(&self) -> String {
         format!("{}/{:016x}/{}", self.route, self.identity, self.epoch)
+    }
+
+    /// The canary it pools for, as members name the pools they judge
+    /// (every epoch).
+    fn judged(&self) -> String {
+        format!("{}/{:016x}", self.route, self.identity)
     }
 
     fn parse(s: &str) -> Option<PoolKey> {
@@ -162,14 +170,33 @@ async fn replay(mut client: Client, prefix: String, from: i64, until: i64) -> Re
 const COLLECT_EVERY: Duration = Duration::from_secs(600);
 
 /// Deletes the `ev/`, `pool/` and `seats/` keys of pools the fleet's
-/// records say are finished (`pool_finished`); returns how many. Keys of
-/// pools without a record, or that do not parse, are left alone.
+/// records say are finished (`pool_finished`), and of pools no member has
+/// judged for `keep` (`unjudged`: since when each was seen so, kept from
+/// one look to the next); returns how many. Keys that do not parse are
+/// left alone, and so is every pool while a member does not say which
+/// pools it judges (a veer from before members said so).
 async fn collect_finished(
     mut client: Client,
     prefix: &str,
     keep: Duration,
+    unjudged: Arc<Mutex<HashMap<String, u64>>>,
 ) -> Result<usize, String> {
     let now_ms = crate::clock::unix_ms();
+    let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
+    let mprefix = format!("{prefix}members/");
+    let got = client
+        .get(mprefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| format!("reading the fleet's members: {e}"))?;
+    // The pools some member judges; None when a member does not say.
+    let judged: Option<BTreeSet<String>> =
+        got.kvs().iter().try_fold(BTreeSet::new(), |mut all, kv| {
+            let v: serde_json::Value = serde_json::from_slice(kv.value()).ok()?;
+            for p in v.get("pools")?.as_array()? {
+                all.insert(p.as_str()?.to_string());
+            }
+            Some(all)
+        });
     let dprefix = format!("{prefix}decision/");
     let got = client
         .get(dprefix.as_str(), Some(GetOptions::new().with_prefix()))
@@ -211,13 +238,26 @@ async fn collect_finished(
             let Some(k) = pool.and_then(PoolKey::parse) else {
                 continue;
             };
+            let judged_here = k.judged();
             let finished = records
                 .get(&RecordKey {
                     route: k.route,
                     identity: k.identity,
                 })
                 .is_some_and(|r| pool_finished(r, k.epoch, now_ms, keep));
-            if finished {
+            // A pool nobody judges: its canary left the config (replaced,
+            // removed) without a decision.
+            let abandoned = match &judged {
+                Some(j) if !j.contains(&judged_here) => {
+                    let since = *lock(&unjudged).entry(judged_here).or_insert(now_ms);
+                    now_ms.saturating_sub(since) >= keep_ms
+                }
+                _ => {
+                    lock(&unjudged).remove(&judged_here);
+                    false
+                }
+            };
+            if finished || abandoned {
                 doomed.push(kv.key().to_vec());
             }
         }
@@ -290,6 +330,8 @@ enum ToAgent {
         proposal: Proposal,
         reply: oneshot::Sender<Result<(FleetRecord, i64), ProposeError>>,
     },
+    /// The pools this replica judges now (`PoolKey::judged`).
+    Judging(BTreeSet<String>),
 }
 
 /// The fleet's metrics (registered only when `[fleet]` is configured).
@@ -392,6 +434,8 @@ impl Fleet {
             members: BTreeSet::new(),
             // Replicas start on different members.
             endpoint: xxhash_rust::xxh3::xxh3_64(replica.as_bytes()) as usize,
+            judging: None,
+            unjudged: Arc::new(Mutex::new(HashMap::new())),
         };
         tokio::spawn(agent.run(requests));
         Ok((
@@ -433,6 +477,14 @@ impl Fleet {
         rx
     }
 
+    /// Says which pools this replica judges (after each config applied):
+    /// written in its member key, so that the keys of a pool nobody judges
+    /// any more can be collected.
+    pub fn judging(&self, pools: &[PoolKey]) {
+        let set = pools.iter().map(PoolKey::judged).collect();
+        let _ = self.to_agent.send(ToAgent::Judging(set));
+    }
+
     /// Takes the next seat of a pool's local tests.
     pub fn seat(&self, key: PoolKey) -> oneshot::Receiver<Result<u32, String>> {
         let (reply, rx) = oneshot::channel();
@@ -464,7 +516,7 @@ impl Fleet {
     }
 }
 
-fn lock(m: &Mutex<FleetStatus>) -> std::sync::MutexGuard<'_, FleetStatus> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -519,6 +571,10 @@ struct Agent {
     /// a failure (a dead member, or one without a leader, is left at once
     /// instead of being picked again by a balancer).
     endpoint: usize,
+    /// The pools this replica judges (None until the controller says).
+    judging: Option<BTreeSet<String>>,
+    /// Pools the collector found judged by no member, and since when.
+    unjudged: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 /// Why a session with the store ended.
@@ -588,7 +644,19 @@ impl Agent {
                 let _ = reply.send(Err(self.unreachable()));
             }
             ToAgent::Evidence(..) | ToAgent::Checkpoint(..) => {}
+            ToAgent::Judging(set) => self.judging = Some(set),
         }
+    }
+
+    /// The member key's value: who this replica is and, once the
+    /// controller said, the pools it judges.
+    fn member_value(&self) -> String {
+        let mut m =
+            serde_json::json!({ "replica": self.replica, "version": env!("CARGO_PKG_VERSION") });
+        if let Some(pools) = &self.judging {
+            m["pools"] = serde_json::json!(pools);
+        }
+        m.to_string()
     }
 
     fn unreachable(&self) -> String {
@@ -721,12 +789,10 @@ impl Agent {
             Err(x) => return e("granting the member lease", x),
         };
         let member_key = format!("{}members/{}", self.prefix, self.replica);
-        let member =
-            serde_json::json!({ "replica": self.replica, "version": env!("CARGO_PKG_VERSION") });
         if let Err(x) = client
             .put(
                 member_key.as_str(),
-                member.to_string(),
+                self.member_value(),
                 Some(PutOptions::new().with_lease(lease)),
             )
             .await
@@ -809,6 +875,19 @@ impl Agent {
                             return Ended::Error("taking a seat failed".into());
                         }
                     }
+                    Some(ToAgent::Judging(set)) => {
+                        if self.judging.as_ref() != Some(&set) {
+                            self.judging = Some(set);
+                            let put = client.put(
+                                member_key.as_str(),
+                                self.member_value(),
+                                Some(PutOptions::new().with_lease(lease)),
+                            );
+                            if let Err(x) = put.await {
+                                return e("writing the member key", x);
+                            }
+                        }
+                    }
                     Some(ToAgent::Propose { key, local, proposal, reply }) => {
                         let r = self.propose(&mut client, &key, &local, proposal).await;
                         let failed = matches!(r, Err(ProposeError::Unreachable(_)));
@@ -834,8 +913,9 @@ impl Agent {
                     let first = self.members.first() == Some(&self.replica);
                     if first && collecting.as_ref().is_none_or(|t| t.is_finished()) {
                         let (c, prefix, counter) = (client.clone(), self.prefix.clone(), self.metrics.collected.clone());
+                        let unjudged = self.unjudged.clone();
                         collecting = Some(tokio::spawn(async move {
-                            match tokio::time::timeout(REPLAY_TIMEOUT, collect_finished(c, &prefix, keep)).await {
+                            match tokio::time::timeout(REPLAY_TIMEOUT, collect_finished(c, &prefix, keep, unjudged)).await {
                                 Ok(Ok(0)) => {}
                                 Ok(Ok(n)) => {
                                     counter.inc_by(n as u64);

@@ -354,16 +354,7 @@ async fn a_fleet_restarted_whole_reads_its_pooled_tests_back_from_the_stores_his
 /// The keys of fleet `fleet`'s pools in the store (`ev/`, `pool/`,
 /// `seats/`), after `/veer/v1/<fleet>/`.
 async fn pool_keys(etcd: &Etcd, fleet: &str) -> Vec<String> {
-    let ep = etcd.endpoints();
-    let url = ep
-        .split(',')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .trim_matches('"');
-    let mut c = etcd_client::Client::connect([url], None)
-        .await
-        .expect("etcd client");
+    let mut c = store_client(etcd).await;
     let prefix = format!("/veer/v1/{fleet}/");
     let mut keys = Vec::new();
     for kind in ["ev/", "pool/", "seats/"] {
@@ -473,4 +464,64 @@ async fn a_finished_pools_evidence_leaves_the_store_and_a_judged_ones_stays() {
     )
     .await;
     assert_eq!(route["weight"]["effective"], 0.0, "{route}");
+    // r2's canary leaves its config without a decision (replaced or
+    // removed, as when a rollout ends by editing the file): no member
+    // judges its pool any more, and its keys go `keep_evidence` later.
+    r2.write_config(
+        &(route_config(&[s2.addr], &[], 0.0, "")
+            + &reference_judge()
+            + &format!(
+                "[fleet]\nstore = \"etcd\"\nendpoints = [{ep}]\nname = \"gc\"\nreplica = \"r2\"\n{keep}"
+            )),
+    );
+    r2.wait_generation(2).await;
+    let start = Instant::now();
+    loop {
+        let keys = pool_keys(&etcd, "gc").await;
+        let left: Vec<_> = keys
+            .iter()
+            .filter(|k| k.contains(judged.as_str()))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "r2's pool, no longer judged, never left the store: {left:?}\nmembers: {:?}\n{}",
+            members(&etcd, "gc").await,
+            again.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The values of a fleet's member keys.
+async fn members(etcd: &Etcd, fleet: &str) -> Vec<String> {
+    let mut c = store_client(etcd).await;
+    let got = c
+        .get(
+            format!("/veer/v1/{fleet}/members/"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .expect("members");
+    got.kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.value()).to_string())
+        .collect()
+}
+
+/// A client of the test's etcd (its first endpoint).
+async fn store_client(etcd: &Etcd) -> etcd_client::Client {
+    let ep = etcd.endpoints();
+    let url = ep
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .trim_matches('"')
+        .to_string();
+    etcd_client::Client::connect([url], None)
+        .await
+        .expect("etcd client")
 }

@@ -224,6 +224,19 @@ impl Controller {
         out.changed
     }
 
+    /// Tells the agent which pools are judged here (written in this
+    /// replica's member key, for the collector of pools nobody judges).
+    fn fleet_judging(&self) {
+        if let Some(l) = &self.fleet {
+            let judging: Vec<_> = self
+                .controls
+                .keys()
+                .filter_map(|name| self.pool_key(name))
+                .collect();
+            l.fleet.judging(&judging);
+        }
+    }
+
     /// The fleet's decisions were read: every route takes the record of
     /// its canary, canaries come back into traffic, and decisions taken
     /// here that the store lacks are published.
@@ -251,6 +264,7 @@ impl Controller {
             );
         }
         self.fleet_sweep();
+        self.fleet_judging();
         self.hold_unseated();
         self.rebuild();
         if changed {
@@ -265,6 +279,7 @@ impl Controller {
         let Some(l) = self.fleet.as_ref() else {
             return;
         };
+        self.fleet_judging();
         let sharing = l.sharing();
         let records: Vec<(RecordKey, FleetRecord)> = self
             .controls

@@ -115,7 +115,7 @@ impl PoolLink {
 impl Controller {
     /// The pool key of a route's current canary (None: no canary, or the
     /// fleet does not pool its evidence).
-    fn pool_key(&self, name: &str) -> Option<PoolKey> {
+    pub(super) fn pool_key(&self, name: &str) -> Option<PoolKey> {
         let rt = self.routes.get(name)?;
         let control = self.controls.get(name)?;
         (rt.judge.pooling() && rt.identity != 0).then(|| PoolKey {

@@ -213,6 +213,8 @@ async fn collect_finished(
         })
         .collect();
     let mut doomed = Vec::new();
+    // Pools found unjudged in this look: the clocks of the others stop.
+    let mut unjudged_now = BTreeSet::new();
     for kind in ["ev/", "pool/", "seats/"] {
         let kprefix = format!("{prefix}{kind}");
         let got = client
@@ -249,19 +251,18 @@ async fn collect_finished(
             // removed) without a decision.
             let abandoned = match &judged {
                 Some(j) if !j.contains(&judged_here) => {
-                    let since = *lock(&unjudged).entry(judged_here).or_insert(now_ms);
+                    let since = *lock(&unjudged).entry(judged_here.clone()).or_insert(now_ms);
+                    unjudged_now.insert(judged_here);
                     now_ms.saturating_sub(since) >= keep_ms
                 }
-                _ => {
-                    lock(&unjudged).remove(&judged_here);
-                    false
-                }
+                _ => false,
             };
             if finished || abandoned {
                 doomed.push(kv.key().to_vec());
             }
         }
     }
+    lock(&unjudged).retain(|p, _| unjudged_now.contains(p));
     // A transaction takes at most 128 operations by default.
     for chunk in doomed.chunks(64) {
         let ops: Vec<TxnOp> = chunk

@@ -353,6 +353,16 @@ struct StreamSlot {
     returned: Arc<Notify>,
 }
 
+impl StreamSlot {
+    /// Counts a response head received on the connection (see
+    /// [`H2Watch::timed_out`]).
+    fn answered(&self, ok: bool) {
+        if ok {
+            self.state.answered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.state.streams.fetch_sub(1, Ordering::Relaxed);
@@ -425,9 +435,7 @@ impl Sender {
             Inner::H2(s, slot) => {
                 fit_request(&mut req, true, scheme);
                 let r = s.try_send_request(req).await;
-                if r.is_ok() {
-                    slot.state.answered.fetch_add(1, Ordering::Relaxed);
-                }
+                slot.answered(r.is_ok());
                 r
             }
         }
@@ -459,9 +467,7 @@ impl Sender {
             Inner::H2(s, slot) => {
                 fit_request(&mut req, true, scheme);
                 let r = s.send_request(req).await;
-                if r.is_ok() {
-                    slot.state.answered.fetch_add(1, Ordering::Relaxed);
-                }
+                slot.answered(r.is_ok());
                 r
             }
         }

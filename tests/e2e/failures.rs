@@ -286,6 +286,18 @@ async fn a_reused_connection_closed_under_a_get_is_retried_on_a_fresh_one() {
     );
 }
 
+/// `n` GETs of `path`, each with its own sticky key (`prefix` and a
+/// number), each answered `status`.
+async fn get_keyed(c: &mut Client, path: &str, prefix: &str, n: usize, status: u16) {
+    for i in 0..n {
+        let r = c
+            .get(path, &[("x-user-id", &format!("{prefix}{i}"))])
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{path} #{i}");
+    }
+}
+
 /// `veer`'s access log lines, once at least `n` have come.
 async fn access_lines(veer: &Veer, n: usize) -> Vec<serde_json::Value> {
     let lines = veer.logs_with_at_least("request", n).await;
@@ -308,33 +320,15 @@ async fn the_access_log_has_a_line_per_failure_or_per_request_as_configured() {
     let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
     let mut c = Client::connect(veer.addr).await.unwrap();
     // Off by default.
-    for i in 0..5 {
-        let r = c
-            .get("/off", &[("x-user-id", &format!("u{i}"))])
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
+    get_keyed(&mut c, "/off", "u", 5, 200).await;
 
     // `errors`: a line for each failed request, none for the others.
     veer.write_config(&config("errors"));
     veer.wait_generation(2).await;
     s.status.store(503, Ordering::SeqCst);
-    for i in 0..3 {
-        let r = c
-            .get("/pay?card=4111", &[("x-user-id", &format!("e{i}"))])
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 503);
-    }
+    get_keyed(&mut c, "/pay?card=4111", "e", 3, 503).await;
     s.status.store(200, Ordering::SeqCst);
-    for i in 0..5 {
-        let r = c
-            .get("/ok", &[("x-user-id", &format!("k{i}"))])
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
+    get_keyed(&mut c, "/ok", "k", 5, 200).await;
     let lines = access_lines(&veer, 3).await;
     assert_eq!(lines.len(), 3, "{lines:?}");
     for l in &lines {
@@ -357,13 +351,7 @@ async fn the_access_log_has_a_line_per_failure_or_per_request_as_configured() {
     // `all`: a line for every request.
     veer.write_config(&config("all"));
     veer.wait_generation(3).await;
-    for i in 0..4 {
-        let r = c
-            .get("/all", &[("x-user-id", &format!("a{i}"))])
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
+    get_keyed(&mut c, "/all", "a", 4, 200).await;
     let lines = access_lines(&veer, 7).await;
     assert_eq!(lines.len(), 7, "{lines:?}");
     // None was dropped on the way to stderr, and the metric says so.

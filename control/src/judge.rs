@@ -503,7 +503,7 @@ impl Judge {
 
     /// Whether the local tests may act: always alone; in a pooling fleet
     /// with a seat below `seats`.
-    fn local_may_act(&self) -> bool {
+    pub fn local_may_act(&self) -> bool {
         match self.settings.fleet_seats {
             0 => true,
             s => self.seat.is_some_and(|n| n < s),

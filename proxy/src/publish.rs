@@ -44,6 +44,9 @@ pub fn route_status(
             _ if control.sharing() == Sharing::Waiting => {
                 "waiting for the fleet's decisions: the canary gets no traffic here until they are read".into()
             }
+            _ if control.unseated() && rt.judge.seat().is_some() => {
+                "every seat of this canary's local tests is taken and the fleet store cannot be reached: only the guards could take it out here, so it gets no traffic here until the store is back".into()
+            }
             _ if control.unseated() => {
                 "waiting for a seat for this replica's local tests (a number from the fleet store): the canary gets no traffic here until it has one".into()
             }

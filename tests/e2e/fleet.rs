@@ -553,3 +553,58 @@ async fn a_new_canary_gets_no_traffic_until_its_seat_is_taken_and_etcd_being_dow
         "{on_canary} of 200 keys on the canary at 50 %"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_found_every_seat_taken_holds_the_canary_while_etcd_is_down() {
+    let mut etcd = Etcd::single().await;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let ep = etcd.endpoints();
+    // One seat: r1 takes it, r2 finds it taken and judges on the pooled
+    // tests and its guards only.
+    let r1 = Veer::start(&replica_config(&s, &c, 50.0, &ep, "r1", "seats = 1\n")).await;
+    wait_for(&r1, "seated", Duration::from_secs(10), |r, _| {
+        r["evidence"]["pool"]["seat"] == 0 && r["weight"]["effective"] == 50.0
+    })
+    .await;
+    let r2 = Veer::start(&replica_config(&s, &c, 50.0, &ep, "r2", "seats = 1\n")).await;
+    wait_for(
+        &r2,
+        "told every seat is taken",
+        Duration::from_secs(10),
+        |r, _| r["evidence"]["pool"]["seat"] == 1 && r["weight"]["effective"] == 50.0,
+    )
+    .await;
+
+    // The store goes: r2's pooled tests hear nothing, its local tests may
+    // not act, so nothing but the guards could take the canary out there.
+    // It gets no traffic on r2, and /status says why; r1, seated, keeps
+    // its share and its local tests.
+    etcd.members[0].kill();
+    let route = wait_for(&r2, "the canary held", Duration::from_secs(10), |r, f| {
+        f["connected"] == false && r["weight"]["effective"] == 0.0
+    })
+    .await;
+    assert!(
+        route["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("every seat")),
+        "{route}"
+    );
+    all_on(&r2, "stable", 200).await;
+    let route = wait_for(&r1, "disconnected", Duration::from_secs(10), |_, f| {
+        f["connected"] == false
+    })
+    .await;
+    assert_eq!(route["weight"]["effective"], 50.0, "{route}");
+
+    // The store is back: the canary gets its share on r2 again.
+    etcd.members[0].restart().await;
+    wait_for(
+        &r2,
+        "let in once etcd is back",
+        Duration::from_secs(30),
+        |r, f| f["connected"] == true && r["weight"]["effective"] == 50.0,
+    )
+    .await;
+}

@@ -156,7 +156,17 @@ impl Controller {
                 }
                 self.pools_lost();
             }
-            News::Agent(FromAgent::Status) => self.publish(&[], false),
+            News::Agent(FromAgent::Status) => {
+                // The store came or went: a canary that only the pooled
+                // tests could take out here is held while it is gone.
+                if self.hold_unseated() {
+                    self.rebuild();
+                    let names = self.route_names();
+                    self.publish(&names, false);
+                } else {
+                    self.publish(&[], false);
+                }
+            }
             News::Committed(c) => self.committed(c).await,
         }
     }

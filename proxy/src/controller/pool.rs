@@ -278,13 +278,17 @@ impl Controller {
     }
 
     /// Holds out of traffic the canaries of pooling routes (judged in
-    /// enforce mode, neither reverted nor promoted) whose local tests have
-    /// no seat yet, and lets in those that have one (`RouteControl::set_unseated`); true if any changed
-    /// (the caller rebuilds the snapshot).
+    /// enforce mode, neither reverted nor promoted) that nothing here
+    /// could take out but the guards: whose local tests have no seat yet,
+    /// or found every seat taken while the store cannot be reached (the
+    /// pooled tests hear nothing then); lets in the others
+    /// (`RouteControl::set_unseated`). True if any changed (the caller
+    /// rebuilds the snapshot).
     pub(super) fn hold_unseated(&mut self) -> bool {
-        if self.fleet.is_none() {
+        let Some(l) = self.fleet.as_ref() else {
             return false;
-        }
+        };
+        let connected = l.fleet.status().connected;
         let mut changed = false;
         for (name, c) in self.controls.iter_mut() {
             let Some(route) = self.config.route(name) else {
@@ -298,16 +302,27 @@ impl Controller {
                 && !d.promoted
                 && route.strategy == veer_control::config::Strategy::Canary
                 && route.judge.mode == veer_control::config::JudgeMode::Enforce
-                && self
-                    .routes
-                    .get(name)
-                    .is_some_and(|rt| rt.judge.pooling() && rt.judge.seat().is_none());
+                && self.routes.get(name).is_some_and(|rt| {
+                    rt.judge.pooling()
+                        && (rt.judge.seat().is_none() || (!connected && !rt.judge.local_may_act()))
+                });
             if c.set_unseated(hold) {
                 changed = true;
-                if hold {
-                    tracing::info!(route = %name, "canary held out of traffic here until its local tests have a seat (a number from the fleet store)");
-                } else {
-                    tracing::info!(route = %name, "canary seated: it takes its share of traffic here");
+                // Held with a seat number: every seat was taken.
+                let all_taken = self
+                    .routes
+                    .get(name)
+                    .is_some_and(|rt| rt.judge.seat().is_some());
+                match (hold, all_taken) {
+                    (true, false) => {
+                        tracing::info!(route = %name, "canary held out of traffic here until its local tests have a seat (a number from the fleet store)")
+                    }
+                    (true, true) => {
+                        tracing::warn!(route = %name, "canary held out of traffic here while the fleet store cannot be reached: every seat of its local tests is taken, and the pooled tests hear nothing, so only the guards could take it out")
+                    }
+                    (false, _) => {
+                        tracing::info!(route = %name, "canary seated: it takes its share of traffic here")
+                    }
                 }
             }
         }

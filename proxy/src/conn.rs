@@ -168,6 +168,44 @@ impl Drop for InFlight {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A request's handling, whose response body is [`Tracked`] (a future
+    /// of its own rather than an `async` block around the handling: the
+    /// block would hold the handling's future twice).
+    pub struct Tracking<F> {
+        #[pin]
+        handling: F,
+        inflight: Option<InFlight>,
+    }
+}
+
+impl<F> Tracking<F> {
+    /// Tracks `handling` (a request's future), in flight as `inflight`.
+    pub fn new(handling: F, inflight: InFlight) -> Tracking<F> {
+        Tracking {
+            handling,
+            inflight: Some(inflight),
+        }
+    }
+}
+
+impl<F, E> std::future::Future for Tracking<F>
+where
+    F: std::future::Future<Output = Result<http::Response<ProxyBody>, E>>,
+{
+    type Output = Result<http::Response<Tracked>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.handling.poll(cx))?;
+        let Some(inflight) = this.inflight.take() else {
+            // Polled again after it was ready: a caller's bug; kept total.
+            return Poll::Pending;
+        };
+        Poll::Ready(Ok(resp.map(|b| Tracked::new(b, inflight))))
+    }
+}
+
 /// A response body that keeps its request in flight until it is dropped.
 pub struct Tracked {
     body: ProxyBody,

@@ -26,7 +26,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use veer_control::config::ProxySettings;
 
-use crate::conn::{Activity, Slot, Tracked};
+use crate::conn::{Activity, Slot, Tracking};
 use crate::headers::Scheme;
 use crate::service::handle;
 use crate::shared::Shared;
@@ -266,13 +266,14 @@ impl Conn<'_> {
         let client = Arc::new(crate::headers::Peer::new(peer));
         let svc = service_fn(move |req| {
             let inflight = tracked.begin();
-            let shared = shared.clone();
-            let slot = slot.clone();
-            let client = client.clone();
-            async move {
-                let resp = handle(shared, req, client, scheme, Some(slot)).await?;
-                Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, inflight)))
-            }
+            let handling = handle(
+                shared.clone(),
+                req,
+                client.clone(),
+                scheme,
+                Some(slot.clone()),
+            );
+            Tracking::new(handling, inflight)
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
         tokio::pin!(conn);

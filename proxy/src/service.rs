@@ -28,253 +28,261 @@ use crate::upstream::{Sender, Upstream};
 use veer_control::config::AccessLog;
 
 /// Handles one client request. Never fails: errors become responses.
-pub async fn handle(
+///
+/// (This and the futures it awaits are `async move` blocks, not `async
+/// fn`s: an `async fn` keeps its arguments twice in its future, as
+/// captured and as locals. The request path's future is kept per client
+/// connection and moved on every request.)
+#[allow(clippy::manual_async_fn)] // see above
+pub fn handle(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
     peer: Arc<Peer>,
     scheme: Scheme,
     slot: Option<Arc<crate::conn::Slot>>,
-) -> Result<Response<ProxyBody>, Infallible> {
-    let start = Instant::now();
-    // gRPC needs HTTP/2: an HTTP/1.x request is never a gRPC call.
-    let grpc = req.version() == http::Version::HTTP_2 && crate::grpc::is_grpc(req.headers());
-    let reply = |e: ProxyError| {
-        if grpc {
-            crate::grpc::error_response(e)
-        } else {
-            error_response(e)
-        }
-    };
-    let snap = shared.snapshot.load();
-    let access = snap.access_log;
-    // Routing sees the path as the upstream will: normalised.
-    match crate::path::normalize(req.uri().path()) {
-        Ok(std::borrow::Cow::Borrowed(_)) => {}
-        Ok(std::borrow::Cow::Owned(p)) => {
-            if set_path(req.uri_mut(), &p).is_err() {
+) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> {
+    async move {
+        let start = Instant::now();
+        // gRPC needs HTTP/2: an HTTP/1.x request is never a gRPC call.
+        let grpc = req.version() == http::Version::HTTP_2 && crate::grpc::is_grpc(req.headers());
+        let reply = |e: ProxyError| {
+            if grpc {
+                crate::grpc::error_response(e)
+            } else {
+                error_response(e)
+            }
+        };
+        let snap = shared.snapshot.load();
+        let access = snap.access_log;
+        // Routing sees the path as the upstream will: normalised.
+        match crate::path::normalize(req.uri().path()) {
+            Ok(std::borrow::Cow::Borrowed(_)) => {}
+            Ok(std::borrow::Cow::Owned(p)) => {
+                if set_path(req.uri_mut(), &p).is_err() {
+                    snap.proxy_errors.inc(ProxyError::BadRequest);
+                    refused(access, &req, peer.addr, ProxyError::BadRequest);
+                    return Ok(reply(ProxyError::BadRequest));
+                }
+            }
+            Err(_) => {
                 snap.proxy_errors.inc(ProxyError::BadRequest);
                 refused(access, &req, peer.addr, ProxyError::BadRequest);
                 return Ok(reply(ProxyError::BadRequest));
             }
         }
-        Err(_) => {
-            snap.proxy_errors.inc(ProxyError::BadRequest);
-            refused(access, &req, peer.addr, ProxyError::BadRequest);
-            return Ok(reply(ProxyError::BadRequest));
-        }
-    }
-    let found = routing_host(req.uri(), req.headers()).map(|host| {
-        snap.router
-            .find(host, req.uri().path())
-            .and_then(|i| snap.routes.get(i))
-    });
-    let (route, body_timeout, trusted_hops, idle_timeout) = match found {
-        Ok(Some(r)) => (
-            r.clone(),
-            snap.body_timeout,
-            snap.trusted_hops,
-            snap.idle_timeout,
-        ),
-        Ok(None) => {
-            snap.proxy_errors.inc(ProxyError::NoRoute);
-            refused(access, &req, peer.addr, ProxyError::NoRoute);
-            return Ok(reply(ProxyError::NoRoute));
-        }
-        Err(e) => {
-            snap.proxy_errors.inc(e);
-            refused(access, &req, peer.addr, e);
-            return Ok(reply(e));
-        }
-    };
-    drop(snap);
-    // A gRPC call's own deadline, when shorter, wins over the route's; the
-    // upstream is told the deadline in force.
-    let (timeout, client_bound) = match grpc.then(|| crate::grpc::timeout(req.headers())) {
-        Some(Some(d)) if d < route.timeout => (d, true),
-        _ => (route.timeout, false),
-    };
-    if grpc {
-        req.headers_mut().insert(
-            crate::grpc::GRPC_TIMEOUT,
-            crate::grpc::encode_timeout(timeout),
-        );
-    }
-
-    let client = client_addr(req.headers(), peer.addr, trusted_hops);
-    let mut key_buf = KeyBuf::default();
-    let key = sticky_key(&route.sticky, req.headers(), &client, &mut key_buf);
-    let key_hash = key.map(key_hash);
-    let forced = route.forced(req.headers());
-    let (version, pick) = {
-        let random_key;
-        let (b, key) = match (key, key_hash) {
-            (Some(k), Some(h)) => (bucket_of_hash(h), k),
-            _ => {
-                random_key = fastrand::u64(..).to_le_bytes();
-                (random_bucket(), &random_key[..])
+        let found = routing_host(req.uri(), req.headers()).map(|host| {
+            snap.router
+                .find(host, req.uri().path())
+                .and_then(|i| snap.routes.get(i))
+        });
+        let (route, body_timeout, trusted_hops, idle_timeout) = match found {
+            Ok(Some(r)) => (
+                r.clone(),
+                snap.body_timeout,
+                snap.trusted_hops,
+                snap.idle_timeout,
+            ),
+            Ok(None) => {
+                snap.proxy_errors.inc(ProxyError::NoRoute);
+                refused(access, &req, peer.addr, ProxyError::NoRoute);
+                return Ok(reply(ProxyError::NoRoute));
+            }
+            Err(e) => {
+                snap.proxy_errors.inc(e);
+                refused(access, &req, peer.addr, e);
+                return Ok(reply(e));
             }
         };
-        let version = match (&route.canary, forced) {
-            (Some(c), Some(Forced::Canary)) => c,
-            (_, Some(Forced::Stable)) => &route.stable,
-            (Some(c), None) if is_canary(b, route.weight_bp) => c,
-            _ => &route.stable,
+        drop(snap);
+        // A gRPC call's own deadline, when shorter, wins over the route's; the
+        // upstream is told the deadline in force.
+        let (timeout, client_bound) = match grpc.then(|| crate::grpc::timeout(req.headers())) {
+            Some(Some(d)) if d < route.timeout => (d, true),
+            _ => (route.timeout, false),
         };
-        (version, version.balancer.pick(key))
-    };
-    // A forced request's version is not the weighted split's choice: it is
-    // kept out of the judge (its window and tests), not out of the metrics.
-    let record = route.record && forced.is_none();
-    let Some(pick) = pick else {
-        // A version always has an endpoint; kept total rather than panicking.
-        return Ok(reply(ProxyError::UpstreamConnect));
-    };
-
-    let canary = !std::ptr::eq(version, &route.stable);
-    // A share of stable's split requests is copied to the canary; the copy
-    // pairs with stable's answer once it is recorded.
-    let (pair, shadow) = match &route.mirror {
-        Some(m) if !canary && record && m.wants(req.method(), key_hash) => {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let seed = crate::mirror::Seed {
-                route: route.clone(),
-                stable: rx,
-                key_hash,
-            };
-            (Some(tx), Some(Box::new(seed)))
+        if grpc {
+            req.headers_mut().insert(
+                crate::grpc::GRPC_TIMEOUT,
+                crate::grpc::encode_timeout(timeout),
+            );
         }
-        _ => (None, None),
-    };
-    // The request line, kept for the access log.
-    let head = (access != AccessLog::Off).then(|| (req.method().clone(), req.uri().clone()));
-    let upload = Upload::new();
-    let result = forward(
-        &route,
-        version,
-        pick,
-        req,
-        Hop {
-            peer,
+
+        let client = client_addr(req.headers(), peer.addr, trusted_hops);
+        let mut key_buf = KeyBuf::default();
+        let key = sticky_key(&route.sticky, req.headers(), &client, &mut key_buf);
+        let key_hash = key.map(key_hash);
+        let forced = route.forced(req.headers());
+        let (version, pick) = {
+            let random_key;
+            let (b, key) = match (key, key_hash) {
+                (Some(k), Some(h)) => (bucket_of_hash(h), k),
+                _ => {
+                    random_key = fastrand::u64(..).to_le_bytes();
+                    (random_bucket(), &random_key[..])
+                }
+            };
+            let version = match (&route.canary, forced) {
+                (Some(c), Some(Forced::Canary)) => c,
+                (_, Some(Forced::Stable)) => &route.stable,
+                (Some(c), None) if is_canary(b, route.weight_bp) => c,
+                _ => &route.stable,
+            };
+            (version, version.balancer.pick(key))
+        };
+        // A forced request's version is not the weighted split's choice: it is
+        // kept out of the judge (its window and tests), not out of the metrics.
+        let record = route.record && forced.is_none();
+        let Some(pick) = pick else {
+            // A version always has an endpoint; kept total rather than panicking.
+            return Ok(reply(ProxyError::UpstreamConnect));
+        };
+
+        let canary = !std::ptr::eq(version, &route.stable);
+        // A share of stable's split requests is copied to the canary; the copy
+        // pairs with stable's answer once it is recorded.
+        let (pair, shadow) = match &route.mirror {
+            Some(m) if !canary && record && m.wants(req.method(), key_hash) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let seed = crate::mirror::Seed {
+                    route: route.clone(),
+                    stable: rx,
+                    key_hash,
+                };
+                (Some(tx), Some(Box::new(seed)))
+            }
+            _ => (None, None),
+        };
+        // The request line, kept for the access log.
+        let head = (access != AccessLog::Off).then(|| (req.method().clone(), req.uri().clone()));
+        let upload = Upload::new();
+        let result = forward(
+            &route,
+            version,
+            pick,
+            req,
+            Hop {
+                peer,
+                client,
+                trusted_hops,
+                scheme,
+                slot,
+                idle_timeout,
+                shadow,
+            },
+            Deadlines {
+                body: body_timeout,
+                upstream: timeout,
+                route_bound: !client_bound,
+            },
+            &upload,
+        )
+        .await;
+        let elapsed = start.elapsed();
+        let micros = elapsed.as_micros() as u64;
+        let seconds = elapsed.as_secs_f64();
+        // Only with an access log: the request line was kept for it.
+        let logged = head.map(|head| Logged {
+            head,
+            route: &route.name,
+            version: &version.name,
+            canary,
             client,
-            trusted_hops,
-            scheme,
-            slot,
-            idle_timeout,
-            shadow,
-        },
-        Deadlines {
-            body: body_timeout,
-            upstream: timeout,
-            route_bound: !client_bound,
-        },
-        &upload,
-    )
-    .await;
-    let elapsed = start.elapsed();
-    let micros = elapsed.as_micros() as u64;
-    let seconds = elapsed.as_secs_f64();
-    // Only with an access log: the request line was kept for it.
-    let logged = head.map(|head| Logged {
-        head,
-        route: &route.name,
-        version: &version.name,
-        canary,
-        client,
-        micros,
-    });
-    Ok(match result {
-        Ok(mut resp) => {
-            let status = resp.status().as_u16();
-            version.metrics.record(status, seconds);
-            let error =
-                status >= 500 || (route.count_4xx_as_errors && (400..500).contains(&status));
-            let mut outcome = if error { Outcome::Error } else { Outcome::Ok };
-            // A gRPC call's outcome is its grpc-status: in a trailers-only
-            // head, or in the trailers at the end of the body.
-            let mut call = None;
-            if grpc && status == 200 {
-                match crate::grpc::status(resp.headers()) {
-                    Some(code) => {
-                        version.metrics.grpc(code);
-                        outcome = crate::grpc::outcome(code, route.grpc_errors, client_bound);
+            micros,
+        });
+        Ok(match result {
+            Ok(mut resp) => {
+                let status = resp.status().as_u16();
+                version.metrics.record(status, seconds);
+                let error =
+                    status >= 500 || (route.count_4xx_as_errors && (400..500).contains(&status));
+                let mut outcome = if error { Outcome::Error } else { Outcome::Ok };
+                // A gRPC call's outcome is its grpc-status: in a trailers-only
+                // head, or in the trailers at the end of the body.
+                let mut call = None;
+                if grpc && status == 200 {
+                    match crate::grpc::status(resp.headers()) {
+                        Some(code) => {
+                            version.metrics.grpc(code);
+                            outcome = crate::grpc::outcome(code, route.grpc_errors, client_bound);
+                        }
+                        None => {
+                            call = Some(GrpcCall {
+                                route: route.clone(),
+                                canary,
+                                client_bound,
+                            })
+                        }
                     }
-                    None => {
-                        call = Some(GrpcCall {
+                }
+                if let Some(l) = logged {
+                    if access == AccessLog::All || outcome != Outcome::Ok {
+                        l.line(status, None);
+                    }
+                    // A body the upstream breaks off later gets a line of its own.
+                    if let ProxyBody::Upstream(body) = resp.body_mut() {
+                        body.log_failure(crate::body::BodyLine {
                             route: route.clone(),
                             canary,
-                            client_bound,
-                        })
+                            head: l.head,
+                            client,
+                            status,
+                        });
                     }
                 }
-            }
-            if let Some(l) = logged {
-                if access == AccessLog::All || outcome != Outcome::Ok {
-                    l.line(status, None);
-                }
-                // A body the upstream breaks off later gets a line of its own.
-                if let ProxyBody::Upstream(body) = resp.body_mut() {
-                    body.log_failure(crate::body::BodyLine {
-                        route: route.clone(),
-                        canary,
-                        head: l.head,
-                        client,
-                        status,
-                    });
-                }
-            }
-            match resp.body_mut() {
-                // Recorded when the body ends: it may still fail.
-                ProxyBody::Upstream(body) => body.record_at_end(
-                    record.then_some(Pending {
-                        route,
-                        canary,
-                        micros,
-                        outcome,
-                        key_hash,
-                        upload,
-                        pair,
-                    }),
-                    call,
-                ),
-                ProxyBody::Full(_) if record => {
-                    version.recorder.record(micros, outcome, key_hash);
-                    if let Some(tx) = pair {
-                        let _ = tx.send((micros, outcome));
+                match resp.body_mut() {
+                    // Recorded when the body ends: it may still fail.
+                    ProxyBody::Upstream(body) => body.record_at_end(
+                        record.then_some(Pending {
+                            route,
+                            canary,
+                            micros,
+                            outcome,
+                            key_hash,
+                            upload,
+                            pair,
+                        }),
+                        call,
+                    ),
+                    ProxyBody::Full(_) if record => {
+                        version.recorder.record(micros, outcome, key_hash);
+                        if let Some(tx) = pair {
+                            let _ = tx.send((micros, outcome));
+                        }
                     }
+                    ProxyBody::Full(_) => {}
                 }
-                ProxyBody::Full(_) => {}
+                resp
             }
-            resp
-        }
-        Err(e) => {
-            // The call's own, shorter deadline passed: the caller's choice.
-            let e = match e {
-                ProxyError::UpstreamTimeout if client_bound => ProxyError::ClientDeadline,
-                e => e,
-            };
-            if let Some(kind) = e.upstream_index() {
-                version.metrics.upstream_error(kind);
-                version.metrics.record(e.status().as_u16(), seconds);
-                let outcome = match e {
-                    ProxyError::UpstreamConnect => Outcome::ConnectError,
-                    ProxyError::UpstreamTimeout => Outcome::Timeout,
-                    _ => Outcome::Error,
+            Err(e) => {
+                // The call's own, shorter deadline passed: the caller's choice.
+                let e = match e {
+                    ProxyError::UpstreamTimeout if client_bound => ProxyError::ClientDeadline,
+                    e => e,
                 };
-                if record {
-                    version.recorder.record(micros, outcome, key_hash);
-                    if let Some(tx) = pair {
-                        let _ = tx.send((micros, outcome));
+                if let Some(kind) = e.upstream_index() {
+                    version.metrics.upstream_error(kind);
+                    version.metrics.record(e.status().as_u16(), seconds);
+                    let outcome = match e {
+                        ProxyError::UpstreamConnect => Outcome::ConnectError,
+                        ProxyError::UpstreamTimeout => Outcome::Timeout,
+                        _ => Outcome::Error,
+                    };
+                    if record {
+                        version.recorder.record(micros, outcome, key_hash);
+                        if let Some(tx) = pair {
+                            let _ = tx.send((micros, outcome));
+                        }
                     }
+                } else {
+                    route_less_error(&shared, e);
                 }
-            } else {
-                route_less_error(&shared, e);
+                if let Some(l) = &logged {
+                    l.line(e.status().as_u16(), Some(e.kind()));
+                }
+                reply(e)
             }
-            if let Some(l) = &logged {
-                l.line(e.status().as_u16(), Some(e.kind()));
-            }
-            reply(e)
-        }
-    })
+        })
+    }
 }
 
 /// What an access log line says of a forwarded request besides its
@@ -381,16 +389,16 @@ struct Deadlines {
     route_bound: bool,
 }
 
-async fn forward(
-    route: &RouteTarget,
-    version: &VersionTarget,
-    pick: Pick,
+/// The request as it goes upstream (forwarding headers set, hop-by-hop
+/// ones dropped, its body watched, a copy started for a mirror), and the
+/// client's side of an upgrade. Outside [`forward`]'s future: nothing of
+/// this work is kept there while the request is in flight.
+fn outgoing(
     mut req: Request<Incoming>,
-    hop: Hop,
-    deadlines: Deadlines,
+    hop: &mut Hop,
+    body_timeout: std::time::Duration,
     upload: &Arc<Upload>,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let body_timeout = deadlines.body;
+) -> Result<(Request<RequestBody>, Option<hyper::upgrade::OnUpgrade>), ProxyError> {
     let upgrade = is_upgrade(req.version(), req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -406,53 +414,71 @@ async fn forward(
         upgrade,
     )?;
     let mut body = ClientBody::new(body, body_timeout, upload.clone());
-    if let Some(seed) = hop.shadow.filter(|_| !upgrade) {
+    if let Some(seed) = hop.shadow.take().filter(|_| !upgrade) {
         crate::mirror::start(*seed, &parts, &mut body, body_timeout);
     }
-    let req = Request::from_parts(parts, body);
+    Ok((Request::from_parts(parts, body), downstream_upgrade))
+}
 
-    // Pinned here and lent to the deadline: a future passed by value into
-    // another async fn is held twice (argument and pinned local).
-    let watch = std::sync::OnceLock::new();
-    let exchange = exchange(route, version, pick, req, upgrade, &watch);
-    tokio::pin!(exchange);
-    let (mut resp, sender, upstream) =
-        match upstream_deadline(deadlines.upstream, upload, exchange.as_mut()).await {
-            Err(e) => {
-                // A body the client broke fails the exchange: the client's fault.
-                let e = upload.fault().unwrap_or(e);
-                // The route's timeout with nothing back on an HTTP/2
-                // connection: is the connection dead?
-                if e == ProxyError::UpstreamTimeout && deadlines.route_bound {
-                    if let Some(w) = watch.get() {
-                        w.timed_out();
+// Not an `async fn`: see `handle`.
+#[allow(clippy::manual_async_fn)]
+fn forward<'a>(
+    route: &'a RouteTarget,
+    version: &'a VersionTarget,
+    pick: Pick,
+    req: Request<Incoming>,
+    mut hop: Hop,
+    deadlines: Deadlines,
+    upload: &'a Arc<Upload>,
+) -> impl std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
+    async move {
+        let body_timeout = deadlines.body;
+        let (req, downstream_upgrade) = outgoing(req, &mut hop, body_timeout, upload)?;
+        let upgrade = downstream_upgrade.is_some();
+
+        // Pinned here and lent to the deadline: a future passed by value into
+        // another async fn is held twice (argument and pinned local).
+        let watch = std::sync::OnceLock::new();
+        let exchange = exchange(route, version, pick, req, upgrade, &watch);
+        tokio::pin!(exchange);
+        let (mut resp, sender, upstream) =
+            match upstream_deadline(deadlines.upstream, upload, exchange.as_mut()).await {
+                Err(e) => {
+                    // A body the client broke fails the exchange: the client's fault.
+                    let e = upload.fault().unwrap_or(e);
+                    // The route's timeout with nothing back on an HTTP/2
+                    // connection: is the connection dead?
+                    if e == ProxyError::UpstreamTimeout && deadlines.route_bound {
+                        if let Some(w) = watch.get() {
+                            w.timed_out();
+                        }
                     }
+                    return Err(e);
                 }
-                return Err(e);
-            }
-            Ok(r) => r,
-        };
-    upstream.mark_ok();
+                Ok(r) => r,
+            };
+        upstream.mark_ok();
 
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(down) = downstream_upgrade {
-            let up = hyper::upgrade::on(&mut resp);
-            tokio::spawn(tunnel(
-                down,
-                up,
-                upstream.addr(),
-                hop.slot.clone(),
-                hop.idle_timeout,
-            ));
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(down) = downstream_upgrade {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel(
+                    down,
+                    up,
+                    upstream.addr(),
+                    hop.slot.clone(),
+                    hop.idle_timeout,
+                ));
+            }
+            let (parts, _) = resp.into_parts();
+            return Ok(Response::from_parts(parts, ProxyBody::empty()));
         }
-        let (parts, _) = resp.into_parts();
-        return Ok(Response::from_parts(parts, ProxyBody::empty()));
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        let pooled = (!upgrade).then_some(sender).map(|s| (s, upstream));
+        let body = UpstreamBody::new(body, body_timeout, pooled);
+        Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
     }
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, false);
-    let pooled = (!upgrade).then_some(sender).map(|s| (s, upstream));
-    let body = UpstreamBody::new(body, body_timeout, pooled);
-    Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
 }
 
 /// Runs `exchange` under the route's `timeout`, counting only the
@@ -484,100 +510,118 @@ async fn upstream_deadline<T>(
 
 /// Gets a connection (retrying a failed connect once on the next endpoint)
 /// and sends the request on it.
-async fn exchange(
-    route: &RouteTarget,
-    version: &VersionTarget,
+// Not an `async fn`: see `handle`.
+#[allow(clippy::manual_async_fn)]
+fn exchange<'a>(
+    route: &'a RouteTarget,
+    version: &'a VersionTarget,
     pick: Pick,
     req: Request<RequestBody>,
     upgrade: bool,
-    watch: &std::sync::OnceLock<crate::upstream::H2Watch>,
-) -> Result<(Response<Incoming>, Sender, Arc<Upstream>), ProxyError> {
-    let endpoints = version.balancer.endpoints();
-    let Some(first) = endpoints.get(pick.first()) else {
-        return Err(ProxyError::UpstreamConnect);
-    };
-    let (mut sender, upstream) = match first.get(route.connect_timeout, upgrade).await {
-        Ok(s) => (s, first),
-        // The cap is not the endpoint failing: no back-off, no retry elsewhere.
-        Err(e @ (ProxyError::Overloaded | ProxyError::UpgradeUnsupported)) => return Err(e),
-        Err(e) => {
-            first.mark_failed();
-            version.metrics.upstream_error(0);
-            let Some(second) = version
-                .balancer
-                .fallback(&pick)
-                .and_then(|i| endpoints.get(i))
-            else {
-                return Err(e);
-            };
-            match second.get(route.connect_timeout, upgrade).await {
-                Ok(s) => (s, second),
-                Err(e @ (ProxyError::Overloaded | ProxyError::UpgradeUnsupported)) => {
-                    return Err(e)
-                }
-                Err(e) => {
-                    second.mark_failed();
+    watch: &'a std::sync::OnceLock<crate::upstream::H2Watch>,
+) -> impl std::future::Future<Output = Result<(Response<Incoming>, Sender, Arc<Upstream>), ProxyError>>
+       + 'a {
+    async move {
+        let endpoints = version.balancer.endpoints();
+        let Some(first) = endpoints.get(pick.first()) else {
+            return Err(ProxyError::UpstreamConnect);
+        };
+        let (mut sender, upstream) = match first.get(route.connect_timeout, upgrade).await {
+            Ok(s) => (s, first),
+            // The cap is not the endpoint failing: no back-off, no retry elsewhere.
+            Err(e @ (ProxyError::Overloaded | ProxyError::UpgradeUnsupported)) => return Err(e),
+            Err(e) => {
+                first.mark_failed();
+                version.metrics.upstream_error(0);
+                let Some(second) = version
+                    .balancer
+                    .fallback(&pick)
+                    .and_then(|i| endpoints.get(i))
+                else {
                     return Err(e);
-                }
-            }
-        }
-    };
-    // A request without a body sent as an HTTP/2 stream keeps its head: a
-    // stream the server refused unprocessed (a GOAWAY that crossed it, as
-    // on a graceful shutdown; REFUSED_STREAM) is sent again. So does an
-    // idempotent one on an HTTP/1.1 connection that lay idle (see
-    // `STALE_AFTER`) and that the server closed under it (see
-    // `stale_keep_alive`).
-    let stale = sender.lay_idle() && req.method().is_idempotent();
-    let again =
-        ((sender.is_h2() || stale) && http_body::Body::is_end_stream(req.body())).then(|| {
-            let mut head = Request::new(());
-            *head.method_mut() = req.method().clone();
-            *head.uri_mut() = req.uri().clone();
-            *head.version_mut() = req.version();
-            *head.headers_mut() = req.headers().clone();
-            head
-        });
-    if let Some(w) = sender.h2_watch() {
-        let _ = watch.set(w);
-    }
-    match sender.try_send_request(req).await {
-        Ok(resp) => Ok((resp, sender, upstream.clone())),
-        Err(mut e) => {
-            // A pooled connection that closed before the request was written
-            // gives the request back: it is safe to send on a fresh one.
-            let message = e.take_message().or_else(|| {
-                let resend = if stale {
-                    crate::upstream::stale_keep_alive(e.error())
-                } else {
-                    crate::upstream::refused_unprocessed(e.error())
                 };
-                again
-                    .filter(|_| resend)
-                    .map(|head| head.map(|()| RequestBody::copy(bytes::Bytes::new())))
-            });
-            let Some(req) = message else {
-                let kind = ProxyError::from_hyper(e.error());
-                if kind == ProxyError::UpstreamReset {
-                    upstream.mark_failed();
-                }
-                return Err(kind);
-            };
-            // Its permit goes back before a fresh connection asks for one.
-            drop(sender);
-            let mut fresh = upstream
-                .connect(route.connect_timeout)
-                .await
-                .inspect_err(|e| {
-                    if *e != ProxyError::Overloaded {
-                        upstream.mark_failed()
+                match second.get(route.connect_timeout, upgrade).await {
+                    Ok(s) => (s, second),
+                    Err(e @ (ProxyError::Overloaded | ProxyError::UpgradeUnsupported)) => {
+                        return Err(e)
                     }
-                })?;
-            match fresh.send_request(req).await {
-                Ok(resp) => Ok((resp, fresh, upstream.clone())),
-                Err(e) => Err(ProxyError::from_hyper(&e)),
+                    Err(e) => {
+                        second.mark_failed();
+                        return Err(e);
+                    }
+                }
             }
+        };
+        // A request without a body sent as an HTTP/2 stream keeps its head: a
+        // stream the server refused unprocessed (a GOAWAY that crossed it, as
+        // on a graceful shutdown; REFUSED_STREAM) is sent again. So does an
+        // idempotent one on an HTTP/1.1 connection that lay idle (see
+        // `STALE_AFTER`) and that the server closed under it (see
+        // `stale_keep_alive`). (Boxed: it is rare on HTTP/1.1, and the request
+        // path's future stays small.)
+        let stale = sender.lay_idle() && req.method().is_idempotent();
+        let again =
+            ((sender.is_h2() || stale) && http_body::Body::is_end_stream(req.body())).then(|| {
+                let mut head = Request::new(());
+                *head.method_mut() = req.method().clone();
+                *head.uri_mut() = req.uri().clone();
+                *head.version_mut() = req.version();
+                *head.headers_mut() = req.headers().clone();
+                Box::new(head)
+            });
+        if let Some(w) = sender.h2_watch() {
+            let _ = watch.set(w);
         }
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, sender, upstream.clone())),
+            // Rare: its own boxed future, out of the request path's.
+            Err(e) => Box::pin(resend(route, upstream, sender, e, again, stale)).await,
+        }
+    }
+}
+
+/// After [`exchange`]'s request failed on its connection: a request the
+/// connection gave back (it closed before the request was written), or
+/// one that may be sent again (see `again` there), goes on a fresh
+/// connection; any other failure is the exchange's.
+async fn resend(
+    route: &RouteTarget,
+    upstream: &Arc<Upstream>,
+    sender: Sender,
+    mut e: hyper::client::conn::TrySendError<Request<RequestBody>>,
+    again: Option<Box<Request<()>>>,
+    stale: bool,
+) -> Result<(Response<Incoming>, Sender, Arc<Upstream>), ProxyError> {
+    let message = e.take_message().or_else(|| {
+        let resend = if stale {
+            crate::upstream::stale_keep_alive(e.error())
+        } else {
+            crate::upstream::refused_unprocessed(e.error())
+        };
+        again
+            .filter(|_| resend)
+            .map(|head| head.map(|()| RequestBody::copy(bytes::Bytes::new())))
+    });
+    let Some(req) = message else {
+        let kind = ProxyError::from_hyper(e.error());
+        if kind == ProxyError::UpstreamReset {
+            upstream.mark_failed();
+        }
+        return Err(kind);
+    };
+    // Its permit goes back before a fresh connection asks for one.
+    drop(sender);
+    let mut fresh = upstream
+        .connect(route.connect_timeout)
+        .await
+        .inspect_err(|e| {
+            if *e != ProxyError::Overloaded {
+                upstream.mark_failed()
+            }
+        })?;
+    match fresh.send_request(req).await {
+        Ok(resp) => Ok((resp, fresh, upstream.clone())),
+        Err(e) => Err(ProxyError::from_hyper(&e)),
     }
 }
 

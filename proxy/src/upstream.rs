@@ -13,9 +13,11 @@
 //! unbounded fan-out of connections.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -294,7 +296,7 @@ struct H2Conn {
 
 /// What the streams of one HTTP/2 connection share.
 #[derive(Debug)]
-struct H2State {
+pub struct H2State {
     /// Streams in flight.
     streams: AtomicUsize,
     /// Response heads received on it, ever.
@@ -342,6 +344,49 @@ impl H2Watch {
             && !self.state.retired.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(upstream = %self.state.addr, "an HTTP/2 connection answered nothing for a whole request timeout: new requests go to a fresh connection");
+        }
+    }
+}
+
+/// What [`Sender::try_send_request`] comes to: the response head, or the
+/// failure (with the request, when it was never sent).
+pub type TrySent = Result<
+    http::Response<hyper::body::Incoming>,
+    hyper::client::conn::TrySendError<http::Request<RequestBody>>,
+>;
+
+pin_project_lite::pin_project! {
+    /// A request handed to its connection, waiting for the response head.
+    // (pin_project_lite takes no doc comment on a variant's field.)
+    #[allow(missing_docs)]
+    #[project = SendingProj]
+    pub enum Sending<A, B> {
+        /// On an HTTP/1.1 connection (`f`: its answer).
+        H1 { #[pin] f: A },
+        /// On a stream of an HTTP/2 connection (`f`: its answer), whose
+        /// response heads are counted in `state` (see
+        /// [`H2Watch::timed_out`]).
+        H2 { #[pin] f: B, state: Arc<H2State> },
+    }
+}
+
+impl<A, B> Future for Sending<A, B>
+where
+    A: Future<Output = TrySent>,
+    B: Future<Output = TrySent>,
+{
+    type Output = TrySent;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<TrySent> {
+        match self.project() {
+            SendingProj::H1 { f } => f.poll(cx),
+            SendingProj::H2 { f, state } => {
+                let r = std::task::ready!(f.poll(cx));
+                if r.is_ok() {
+                    state.answered.fetch_add(1, Ordering::Relaxed);
+                }
+                Poll::Ready(r)
+            }
         }
     }
 }
@@ -419,24 +464,29 @@ impl Sender {
     }
 
     /// Sends a request; a connection that closed first gives it back.
-    pub async fn try_send_request(
+    ///
+    /// The request is handed to the connection here, not at the first
+    /// poll, and the future holds only the connection's answer: a request
+    /// moves once, and the request path's future stays small (it is kept
+    /// per client connection, and moved on every request).
+    pub fn try_send_request(
         &mut self,
         mut req: http::Request<RequestBody>,
-    ) -> Result<
-        http::Response<hyper::body::Incoming>,
-        hyper::client::conn::TrySendError<http::Request<RequestBody>>,
-    > {
+    ) -> Sending<impl Future<Output = TrySent>, impl Future<Output = TrySent>> {
         let scheme = self.scheme.clone();
         match &mut self.inner {
             Inner::H1(s) => {
                 fit_request(&mut req, false, scheme);
-                s.try_send_request(req).await
+                Sending::H1 {
+                    f: s.try_send_request(req),
+                }
             }
             Inner::H2(s, slot) => {
                 fit_request(&mut req, true, scheme);
-                let r = s.try_send_request(req).await;
-                slot.answered(r.is_ok());
-                r
+                Sending::H2 {
+                    f: s.try_send_request(req),
+                    state: slot.state.clone(),
+                }
             }
         }
     }

@@ -2,7 +2,8 @@
 rules) into a recording rule, printed as YAML for `promtool check rules` to
 parse, after checking that each veer_* metric it names is one the contract
 defines (../shared/spec/contract.md section 6, or the list below when the
-contract is not beside the repository).
+contract is not beside the repository) or the README adds to it (its "veer
+adds to it" list's metrics item).
 
 usage: check_dashboard.py DASHBOARD.json [RULES.yaml ...] > rules.yaml"""
 import json
@@ -26,13 +27,30 @@ GRAFANA_VARS = {
 }
 
 
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+# A name alone (`veer_x`) or with its labels (`veer_x{route,result}`).
+NAME = r"`(veer_[a-z0-9_]+)(?:\{[^`]*\})?`"
+
+
+def readme_names():
+    """The metrics the README adds to the contract: the "- metrics:" item
+    of its "veer adds to it" list."""
+    if not os.path.exists(README):
+        return set()
+    text = open(README).read()
+    adds = text.split("veer adds to it:", 1)[-1].split("\n## ", 1)[0]
+    item = adds.split("\n- metrics:", 1)
+    if len(item) < 2:
+        return set()
+    return set(re.findall(NAME, item[1].split("\n- ", 1)[0]))
+
+
 def contract_names():
     if not os.path.exists(CONTRACT):
-        return FALLBACK
+        return FALLBACK | readme_names()
     text = open(CONTRACT).read()
     section = text.split("## 6.", 1)[-1]
-    # A name alone (`veer_x`) or with its labels (`veer_x{route,result}`).
-    return set(re.findall(r"`(veer_[a-z0-9_]+)(?:\{[^`]*\})?`", section)) or FALLBACK
+    return (set(re.findall(NAME, section)) or FALLBACK) | readme_names()
 
 
 def queries(dashboard):
@@ -71,7 +89,7 @@ def main():
         for name in re.findall(r"\bveer_[a-z0-9_]+", expr):
             base = re.sub(r"_(bucket|sum|count)$", "", name)
             if name not in allowed and base not in allowed:
-                bad.append(f"{where}: {name} is not a metric the contract defines")
+                bad.append(f"{where}: {name} is not a metric the contract defines or the README adds")
         out.append({"record": f"veer_dashboard_query_{i}", "expr": expr})
     if bad:
         sys.exit("\n".join(bad))

@@ -98,16 +98,25 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// Log lines waiting for the log thread, at most. The queue's slots are
+/// allocated and touched at start (32 bytes each, whether a line ever
+/// waits): tracing-appender's default of 128 000 cost 4 MiB of every
+/// process's memory; 16 384 cost 0.5 MiB and still hold a second of lines
+/// at 16 000 a second while stderr's reader stalls.
+const LOG_QUEUE_LINES: usize = 16_384;
+
 /// Log lines are written to stderr by a thread of their own: a worker
 /// never waits on a slow reader of stderr (a container runtime's log pipe,
 /// with an access log line per request). Lines that find the queue full
-/// (128 000 waiting) are dropped rather than stalling requests. The guard
-/// writes what is queued when it is dropped, at exit.
+/// ([`LOG_QUEUE_LINES`] waiting) are dropped rather than stalling
+/// requests, and counted. The guard writes what is queued when it is
+/// dropped, at exit.
 fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
         .thread_name("veer-log")
         .finish(std::io::stderr());
     veer_proxy::log_drops::count(writer.error_counter());

@@ -410,41 +410,65 @@ async fn a_stalled_reader_of_the_log_never_stalls_the_proxy() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Read stderr up to the proxy's address, then never again: the pipe
-    // (64 KiB) fills after a few hundred access log lines.
+    // Read stderr up to the proxy's and the admin's addresses, then never
+    // again: the pipe (64 KiB) fills after a few hundred access log lines,
+    // the log's queue (16 384 lines) after that.
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let addr = tokio::task::spawn_blocking(move || {
+    let addrs = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
-        let mut addr = None;
-        while addr.is_none() {
+        let (mut proxy, mut admin) = (None, None);
+        while proxy.is_none() || admin.is_none() {
             line.clear();
             if stderr.read_line(&mut line).unwrap_or(0) == 0 {
                 break;
             }
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["message"] == "listening" && v["kind"] == "proxy" {
-                addr = v["addr"]
+            if v["message"] == "listening" {
+                let a = v["addr"]
                     .as_str()
                     .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+                match v["kind"].as_str() {
+                    Some("proxy") => proxy = a,
+                    Some("admin") => admin = a,
+                    _ => {}
+                }
             }
         }
-        (addr.expect("veer's proxy address"), stderr)
+        (
+            proxy.expect("veer's proxy address"),
+            admin.expect("veer's admin address"),
+            stderr,
+        )
     })
     .await
     .unwrap();
-    let (addr, _unread) = addr;
-    let mut c = Client::connect(addr).await.unwrap();
-    let served = tokio::time::timeout(std::time::Duration::from_secs(60), async {
-        for i in 0..3000 {
-            let r = c
-                .get("/", &[("x-user-id", &format!("u{i}"))])
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
+    let (addr, admin, _unread) = addrs;
+    // 20 000 requests on 4 connections.
+    let served = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        let clients = (0..4).map(|w| async move {
+            let mut c = Client::connect(addr).await.unwrap();
+            for i in 0..5_000 {
+                let r = c
+                    .get("/", &[("x-user-id", &format!("u{w}-{i}"))])
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+            }
+        });
+        for h in clients.map(tokio::spawn).collect::<Vec<_>>() {
+            h.await.unwrap();
         }
     })
     .await;
+    // The lines past the queue were dropped, and counted.
+    let m = get(admin, "/metrics", &[]).await.map(|r| r.body().clone());
     let _ = child.kill();
     let _ = child.wait();
     assert!(served.is_ok(), "requests stalled behind the log's pipe");
+    let m = String::from_utf8_lossy(&m.expect("metrics")).into_owned();
+    let dropped = metric(&m, "veer_log_lines_dropped_total").unwrap_or(0.0);
+    assert!(
+        dropped >= 1000.0,
+        "20 000 access log lines behind a stalled reader, {dropped} dropped"
+    );
 }

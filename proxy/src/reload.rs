@@ -204,7 +204,7 @@ impl Triggers {
     pub fn new(dirs: &[PathBuf]) -> Triggers {
         let (tx, rx) = mpsc::unbounded_channel();
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if ev.is_ok() {
+            if ev.is_ok_and(|e| changes(&e.kind)) {
                 let _ = tx.send(());
             }
         });
@@ -267,6 +267,15 @@ impl Triggers {
     }
 }
 
+/// Whether a watched directory's event may have changed a file: anything
+/// but an access. notify (8) reports opening and closing a file read-only
+/// too, and veer's own read of its files at each check is such an access:
+/// counted as a change, it made every check trigger the next, ten times a
+/// second (the debounce) from the first periodic check on.
+fn changes(kind: &notify::EventKind) -> bool {
+    !matches!(kind, notify::EventKind::Access(_))
+}
+
 /// The directory relative paths in a config file are resolved against.
 pub fn base_dir(path: &Path) -> PathBuf {
     match path.parent() {
@@ -317,5 +326,32 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
 pub fn log_warnings(path: &std::path::Path, config: &veer_control::config::Config) {
     for w in &config.warnings {
         tracing::warn!(path = %path.display(), line = w.line, col = w.col, "config warning: {}", w.message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reading a watched file (as every check does) triggers nothing;
+    /// writing it does.
+    #[tokio::test]
+    async fn reading_a_watched_file_is_no_trigger_and_writing_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("veer.toml");
+        std::fs::write(&file, "a").unwrap();
+        let mut triggers = Triggers::new(&[dir.path().to_path_buf()]);
+        for _ in 0..5 {
+            assert_eq!(std::fs::read_to_string(&file).unwrap(), "a");
+        }
+        // (The periodic check is 5 s away.)
+        let read = tokio::time::timeout(Duration::from_millis(600), triggers.next()).await;
+        assert!(read.is_err(), "a read of a watched file triggered a check");
+        std::fs::write(&file, "b").unwrap();
+        let written = tokio::time::timeout(Duration::from_secs(4), triggers.next()).await;
+        assert!(
+            written.is_ok(),
+            "a write to a watched file did not trigger a check"
+        );
     }
 }

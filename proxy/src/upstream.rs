@@ -316,6 +316,14 @@ impl H2State {
             addr,
         })
     }
+
+    /// Counts a response head received on the connection, if `ok` (see
+    /// [`H2Watch::timed_out`]).
+    fn answered(&self, ok: bool) {
+        if ok {
+            self.answered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A request's view of the HTTP/2 connection it was sent on, taken when
@@ -382,9 +390,7 @@ where
             SendingProj::H1 { f } => f.poll(cx),
             SendingProj::H2 { f, state } => {
                 let r = std::task::ready!(f.poll(cx));
-                if r.is_ok() {
-                    state.answered.fetch_add(1, Ordering::Relaxed);
-                }
+                state.answered(r.is_ok());
                 Poll::Ready(r)
             }
         }
@@ -396,16 +402,6 @@ where
 struct StreamSlot {
     state: Arc<H2State>,
     returned: Arc<Notify>,
-}
-
-impl StreamSlot {
-    /// Counts a response head received on the connection (see
-    /// [`H2Watch::timed_out`]).
-    fn answered(&self, ok: bool) {
-        if ok {
-            self.state.answered.fetch_add(1, Ordering::Relaxed);
-        }
-    }
 }
 
 impl Drop for StreamSlot {
@@ -517,7 +513,7 @@ impl Sender {
             Inner::H2(s, slot) => {
                 fit_request(&mut req, true, scheme);
                 let r = s.send_request(req).await;
-                slot.answered(r.is_ok());
+                slot.state.answered(r.is_ok());
                 r
             }
         }

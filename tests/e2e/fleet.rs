@@ -51,6 +51,14 @@ async fn wait_for(
     }
 }
 
+/// The route's `/status` reason says `says`.
+fn assert_reason(route: &serde_json::Value, says: &str) {
+    assert!(
+        route["reason"].as_str().is_some_and(|r| r.contains(says)),
+        "{route}"
+    );
+}
+
 async fn wait_synced(v: &Veer) {
     wait_for(v, "synced", Duration::from_secs(10), |_, f| {
         f["synced"] == true && f["connected"] == true
@@ -521,12 +529,7 @@ async fn a_new_canary_gets_no_traffic_until_its_seat_is_taken_and_etcd_being_dow
     )
     .await;
     assert_eq!(route["weight"]["effective"], 0.0, "{route}");
-    assert!(
-        route["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("waiting for a seat")),
-        "{route}"
-    );
+    assert_reason(&route, "waiting for a seat");
     all_on(&r1, "stable", 200).await;
 
     // The store is back: the seat is taken and the canary gets its share.
@@ -585,12 +588,7 @@ async fn a_replica_that_found_every_seat_taken_holds_the_canary_while_etcd_is_do
         f["connected"] == false && r["weight"]["effective"] == 0.0
     })
     .await;
-    assert!(
-        route["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("every seat")),
-        "{route}"
-    );
+    assert_reason(&route, "every seat");
     all_on(&r2, "stable", 200).await;
     let route = wait_for(&r1, "disconnected", Duration::from_secs(10), |_, f| {
         f["connected"] == false

@@ -21,20 +21,10 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+from benchutil import free_port, veer_binary
 
 
 async def upstream(reader, writer):
@@ -181,12 +171,7 @@ async def main():
     ap.add_argument("--nginx", action="store_true")
     ap.add_argument("n", type=int, nargs="+")
     a = ap.parse_args()
-    binary = a.veer
-    if not binary:
-        subprocess.run(["cargo", "build", "--release", "--locked", "-q", "-p", "veer-proxy",
-                        "--bin", "veer"], cwd=ROOT, check=True)
-        binary = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
-                              "release", "veer")
+    binary = veer_binary(a.veer)
     print("| proxy | idle connections | RSS before | RSS with them open | per connection "
           "| RSS 10 s after they closed | after 3000 more requests |")
     print("|---|---|---|---|---|---|---|")

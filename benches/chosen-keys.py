@@ -20,6 +20,7 @@ attacker cannot choose: it has `--addresses N` source addresses
 
 usage: benches/chosen-keys.py [--veer BIN] [--sticky header|client-ip]
                               [--addresses N] [--budget N]
+(`--budget`: poison requests in all, shared evenly by the addresses.)
 Prints one line: whether the canary was reverted, after how many poison
 and probe requests and seconds, and the judge's reason. Only 127.0.0.0/8
 is targeted; every loop is bounded in count and time.
@@ -169,7 +170,9 @@ def main():
                                            source_address=source)
             # With client-ip stickiness one probe tells this address's version;
             # with a header, up to 100 fresh keys per poison request.
-            for _ in range(a.budget):
+            # An address's share of the budget (with a header key, every
+            # address can find canary keys of its own).
+            for _ in range(max(1, a.budget // a.addresses)):
                 if poisons >= a.budget or reverted:
                     break
                 key = None if a.sticky == "client-ip" else f"k-{random.random()}"

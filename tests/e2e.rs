@@ -14,6 +14,7 @@ mod e2e {
 
     mod alerts;
     mod bluegreen;
+    mod chosen_keys;
     mod cli;
     mod client_faults;
     mod decisions;

@@ -258,6 +258,11 @@ pub struct EvidenceStatus {
     /// In a fleet that pools its evidence: the pooled tests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<crate::judge::PoolEvidence>,
+    /// The route's clients are many (64 distinct addresses or more since
+    /// this canary started), so a client address, like a sticky key, has
+    /// one vote per kind of bad event (see the README, "Security").
+    #[serde(default)]
+    pub one_vote_per_client: bool,
 }
 
 /// One test, as the judge reports it.
@@ -346,6 +351,7 @@ impl From<&Evidence> for EvidenceStatus {
                 tests: p.tests.iter().map(test_status).collect(),
                 ..p.clone()
             }),
+            one_vote_per_client: false,
         }
     }
 }

@@ -119,6 +119,8 @@ pub struct Pending {
     pub outcome: Outcome,
     /// The sticky key's hash.
     pub key_hash: Option<u64>,
+    /// The client address's [`crate::record::client_hash`].
+    pub client: u64,
     /// The request body's record: a body the client broke is not the
     /// version's failure, even when the upstream then breaks off too.
     pub upload: Arc<crate::upload::Upload>,
@@ -147,7 +149,9 @@ impl Pending {
                 }
             }
         };
-        version.recorder.record(self.micros, outcome, self.key_hash);
+        version
+            .recorder
+            .record_from(self.micros, outcome, self.key_hash, Some(self.client));
         if let Some(tx) = self.pair {
             let _ = tx.send((self.micros, outcome));
         }

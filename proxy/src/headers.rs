@@ -117,6 +117,8 @@ pub struct Peer {
     /// The last `Forwarded` value made on this connection, by scheme and
     /// host (keep-alive requests mostly repeat their host).
     last: std::sync::Mutex<Option<(Scheme, Option<HeaderValue>, HeaderValue)>>,
+    /// The peer's [`crate::record::client_hash`].
+    pub client_hash: u64,
 }
 
 impl Peer {
@@ -137,6 +139,7 @@ impl Peer {
                 Bytes::from(format!("{for_};proto=https")),
             ],
             last: std::sync::Mutex::new(None),
+            client_hash: crate::record::client_hash(ip),
         }
     }
 

@@ -68,7 +68,10 @@ pub fn route_status(
             waiting_confirmation: false,
             confirmation: None,
         }),
-        evidence: EvidenceStatus::from(&rt.judge.evidence()),
+        evidence: EvidenceStatus {
+            one_vote_per_client: target.stable.recorder.keys().one_vote(),
+            ..EvidenceStatus::from(&rt.judge.evidence())
+        },
         window: WindowStatus {
             stable: WindowStats::from(rt.judge.stable_stats()),
             canary: c

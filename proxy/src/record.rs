@@ -48,14 +48,47 @@ fn shard_count() -> usize {
     }
 }
 
+/// Distinct client addresses a route must have seen before a client
+/// address, like a sticky key, has one vote per bad-event kind (see
+/// [`RouteKeys`]).
+pub const CLIENTS_FOR_ONE_VOTE: u64 = 64;
+
 /// Bad-event key filters shared by both versions of one route's canary
 /// identity, so a filter collision biases neither version.
-#[derive(Debug, Default)]
+///
+/// # One vote per client address, where clients are many
+///
+/// A sticky key counts once per kind of bad event, so one user cannot
+/// outweigh the rest. A client that sets its own key (a header or cookie
+/// value) can mint keys, though, and send requests that fail on every
+/// version with only the keys the canary gets: each counts, and the
+/// tests, which assume a failing key is on the canary with the canary's
+/// share of probability, would take them for a failing canary
+/// (`benches/chosen-keys.py` reverted an identical canary with five). So
+/// once the route has seen [`CLIENTS_FOR_ONE_VOTE`] distinct client
+/// addresses (the address `client-ip` stickiness uses: the peer, or the
+/// `trusted_hops`-th forwarded one; IPv6 by /64), a bad event counts only
+/// if its key *and* its client address are new for that kind. Which events
+/// count still depends only on keys, addresses and order, never on the
+/// version, so under no regression each counted event is the canary's with
+/// the canary's share of probability, as before: the bound on false reverts
+/// stands. Below that many addresses (a sidecar whose only peers are a few
+/// ingress pods) every event would share a handful of addresses, and keys
+/// alone count, as before.
+#[derive(Debug)]
 pub struct RouteKeys {
     errors: KeyFilter,
     slow: Vec<KeyFilter>,
     burst: KeyFilter,
     burst_users: KeyFilter,
+    /// The same, by client address.
+    error_clients: KeyFilter,
+    slow_clients: Vec<KeyFilter>,
+    burst_clients: KeyFilter,
+    burst_user_clients: KeyFilter,
+    /// Client addresses seen, counted up to [`CLIENTS_FOR_ONE_VOTE`].
+    clients: KeyFilter,
+    distinct_clients: AtomicU64,
     /// In a fleet that pools its evidence: the bad events to publish.
     pool: Option<PoolLog>,
 }
@@ -103,6 +136,25 @@ impl PoolLog {
     }
 }
 
+/// Bits of the bad-event client filters (2¹⁸ = 32 KiB each, allocated at
+/// their first bad event): client addresses are fewer than keys.
+const CLIENT_BITS: u64 = 1 << 18;
+/// Bits of the filter that counts client addresses up to
+/// [`CLIENTS_FOR_ONE_VOTE`] (few enough that collisions barely delay it).
+const SEEN_CLIENT_BITS: u64 = 1 << 12;
+
+/// The hash a client address is counted by: IPv4 whole, IPv6 by its /64
+/// (one host's share of a network), IPv4-mapped IPv6 as IPv4.
+pub fn client_hash(ip: std::net::IpAddr) -> u64 {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => xxhash_rust::xxh3::xxh3_64(&v4.octets()),
+        std::net::IpAddr::V6(v6) => {
+            let o = v6.octets();
+            xxhash_rust::xxh3::xxh3_64(&o[..8])
+        }
+    }
+}
+
 /// A key for a request without one: its own, unlike any other replica's.
 fn unique_key() -> u32 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -115,15 +167,42 @@ fn unique_key() -> u32 {
 impl RouteKeys {
     /// Filters for errors and for `thresholds` slow thresholds.
     pub fn new(thresholds: usize) -> RouteKeys {
+        let thresholds = thresholds.min(MAX_THRESHOLDS);
         RouteKeys {
             errors: KeyFilter::new(),
-            slow: (0..thresholds.min(MAX_THRESHOLDS))
-                .map(|_| KeyFilter::new())
-                .collect(),
+            slow: (0..thresholds).map(|_| KeyFilter::new()).collect(),
             burst: KeyFilter::with_bits(SHORT_BITS),
             burst_users: KeyFilter::with_bits(SHORT_BITS),
+            error_clients: KeyFilter::with_bits(CLIENT_BITS),
+            slow_clients: (0..thresholds)
+                .map(|_| KeyFilter::with_bits(CLIENT_BITS))
+                .collect(),
+            burst_clients: KeyFilter::with_bits(SHORT_BITS),
+            burst_user_clients: KeyFilter::with_bits(SHORT_BITS),
+            clients: KeyFilter::with_bits(SEEN_CLIENT_BITS),
+            distinct_clients: AtomicU64::new(0),
             pool: None,
         }
+    }
+
+    /// Whether client addresses have one vote each (see [`RouteKeys`]).
+    pub fn one_vote(&self) -> bool {
+        self.distinct_clients.load(Ordering::Relaxed) >= CLIENTS_FOR_ONE_VOTE
+    }
+
+    /// Whether client addresses have one vote each: the route has seen
+    /// enough distinct ones (counting `client`, a request's address hash).
+    #[inline]
+    fn one_vote_per_client(&self, client: Option<u64>) -> bool {
+        let seen = self.distinct_clients.load(Ordering::Relaxed);
+        if seen >= CLIENTS_FOR_ONE_VOTE {
+            return true;
+        }
+        if client.is_some_and(|c| self.clients.first_time(c)) {
+            return self.distinct_clients.fetch_add(1, Ordering::Relaxed) + 1
+                >= CLIENTS_FOR_ONE_VOTE;
+        }
+        false
     }
 
     /// Filters, and a log of bad events for the fleet's pooled tests.
@@ -143,6 +222,8 @@ impl RouteKeys {
     pub fn clear_burst(&self) {
         self.burst.clear();
         self.burst_users.clear();
+        self.burst_clients.clear();
+        self.burst_user_clients.clear();
     }
 }
 
@@ -324,6 +405,20 @@ impl Recorder {
     /// request had no key, so it counts as its own key).
     #[inline]
     pub fn record(&self, latency_us: u64, outcome: Outcome, key_hash: Option<u64>) {
+        self.record_from(latency_us, outcome, key_hash, None);
+    }
+
+    /// Records one request from the client address whose [`client_hash`]
+    /// is `client` (see [`RouteKeys`]: one vote per address where
+    /// addresses are many).
+    #[inline]
+    pub fn record_from(
+        &self,
+        latency_us: u64,
+        outcome: Outcome,
+        key_hash: Option<u64>,
+        client: Option<u64>,
+    ) {
         if self.first_ms.load(Ordering::Relaxed) == 0 {
             // Once per deployment: the clock is read only here.
             let ms = self.created.elapsed().as_millis() as u64 + 1;
@@ -331,22 +426,33 @@ impl Recorder {
                 .first_ms
                 .compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed);
         }
-        let first = |f: &KeyFilter| key_hash.is_none_or(|h| f.first_time(h));
+        let one_vote = self.keys.one_vote_per_client(client);
+        // A key new to `keys`, from an address new to `clients` (which is
+        // marked whenever the key is new, so that addresses that voted
+        // before one vote applied keep their vote spent).
+        let first = |keys: &KeyFilter, clients: &KeyFilter| {
+            key_hash.is_none_or(|h| keys.first_time(h))
+                && (client.is_none_or(|c| clients.first_time(c)) || !one_vote)
+        };
         let bad = outcome != Outcome::Ok;
-        let new_user = first(&self.keys.burst_users);
+        let new_user = first(&self.keys.burst_users, &self.keys.burst_user_clients);
         let (error_event, burst_key) = if bad {
-            (first(&self.keys.errors), first(&self.keys.burst))
+            (
+                first(&self.keys.errors, &self.keys.error_clients),
+                first(&self.keys.burst, &self.keys.burst_clients),
+            )
         } else {
             (false, false)
         };
         let mut slow = [false; MAX_THRESHOLDS];
-        for ((flag, threshold), filter) in slow
+        for ((flag, threshold), (keys, clients)) in slow
             .iter_mut()
             .zip(&self.thresholds_us)
-            .zip(&self.keys.slow)
+            .zip(self.keys.slow.iter().zip(&self.keys.slow_clients))
         {
             let t = threshold.load(Ordering::Relaxed);
-            *flag = t != OFF && (latency_us > t || outcome == Outcome::Timeout) && first(filter);
+            *flag =
+                t != OFF && (latency_us > t || outcome == Outcome::Timeout) && first(keys, clients);
         }
         let shard = THREAD.with(|t| *t) % self.shards.len();
         let Some(shard) = self.shards.get(shard) else {
@@ -562,6 +668,72 @@ mod tests {
         assert_eq!(t.slice.latency.len(), 4);
         assert_eq!(r.drain(1).0.slice.requests, 0);
         assert_eq!(r.totals().0, 4);
+    }
+
+    fn addr(i: u32) -> u64 {
+        client_hash(std::net::Ipv4Addr::from(0x7f00_0000 + i).into())
+    }
+
+    /// Distinct keys (each its own user) from `n` requests.
+    fn key(i: u64) -> Option<u64> {
+        Some(xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()))
+    }
+
+    #[test]
+    fn one_client_with_many_keys_votes_once_where_clients_are_many() {
+        let keys = Arc::new(RouteKeys::new(1));
+        let stable = Recorder::new(keys.clone());
+        let canary = Recorder::for_canary(keys);
+        canary.set_thresholds(&[Some(10_000)]);
+        // Few addresses (a sidecar behind two ingress pods): every new
+        // key counts, as before.
+        for i in 0..5 {
+            canary.record_from(20_000, Outcome::Error, key(i), Some(addr(1 + i as u32 % 2)));
+        }
+        let t = canary.drain(1).0;
+        assert_eq!((t.error_events, t.slow_events[0]), (5, 5));
+        // Traffic from CLIENTS_FOR_ONE_VOTE addresses, to either version.
+        for i in 0..CLIENTS_FOR_ONE_VOTE {
+            stable.record_from(
+                2_000,
+                Outcome::Ok,
+                key(1_000 + i),
+                Some(addr(100 + i as u32)),
+            );
+        }
+        // Now one address minting keys gets one vote per kind...
+        for i in 0..20 {
+            canary.record_from(20_000, Outcome::Error, key(2_000 + i), Some(addr(7)));
+        }
+        let t = canary.drain(1).0;
+        assert_eq!((t.error_events, t.slow_events[0], t.burst_keys), (1, 1, 1));
+        // ... and addresses that voted before it applied have voted.
+        canary.record_from(20_000, Outcome::Error, key(3_000), Some(addr(1)));
+        assert_eq!(canary.drain(1).0.error_events, 0);
+        // Failures of new users from new addresses count on either version.
+        for i in 0..10 {
+            let r = if i % 2 == 0 { &canary } else { &stable };
+            r.record_from(
+                20_000,
+                Outcome::Error,
+                key(4_000 + i),
+                Some(addr(500 + i as u32)),
+            );
+        }
+        assert_eq!(canary.drain(1).0.error_events, 5);
+        assert_eq!(stable.drain(1).0.error_events, 5);
+    }
+
+    #[test]
+    fn an_ipv6_client_is_counted_by_its_64() {
+        let a: std::net::IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: std::net::IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: std::net::IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_hash(a), client_hash(b));
+        assert_ne!(client_hash(a), client_hash(c));
+        let v4: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: std::net::IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(client_hash(v4), client_hash(mapped));
     }
 
     #[test]

@@ -111,6 +111,11 @@ pub fn handle(
         let mut key_buf = KeyBuf::default();
         let key = sticky_key(&route.sticky, req.headers(), &client, &mut key_buf);
         let key_hash = key.map(key_hash);
+        let client_hash = if client == peer.addr {
+            peer.client_hash
+        } else {
+            crate::record::client_hash(client.ip())
+        };
         let forced = route.forced(req.headers());
         let (version, pick) = {
             let random_key;
@@ -238,13 +243,16 @@ pub fn handle(
                             micros,
                             outcome,
                             key_hash,
+                            client: client_hash,
                             upload,
                             pair,
                         }),
                         call,
                     ),
                     ProxyBody::Full(_) if record => {
-                        version.recorder.record(micros, outcome, key_hash);
+                        version
+                            .recorder
+                            .record_from(micros, outcome, key_hash, Some(client_hash));
                         if let Some(tx) = pair {
                             let _ = tx.send((micros, outcome));
                         }
@@ -268,7 +276,9 @@ pub fn handle(
                         _ => Outcome::Error,
                     };
                     if record {
-                        version.recorder.record(micros, outcome, key_hash);
+                        version
+                            .recorder
+                            .record_from(micros, outcome, key_hash, Some(client_hash));
                         if let Some(tx) = pair {
                             let _ = tx.send((micros, outcome));
                         }

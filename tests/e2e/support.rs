@@ -473,7 +473,20 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> std::io::Result<Client> {
-        let stream = TcpStream::connect(addr).await?;
+        Client::handshake(addr, TcpStream::connect(addr).await?).await
+    }
+
+    /// A connection from `source` (any address of 127.0.0.0/8 on loopback).
+    pub async fn connect_from(
+        addr: SocketAddr,
+        source: std::net::IpAddr,
+    ) -> std::io::Result<Client> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        Client::handshake(addr, socket.connect(addr).await?).await
+    }
+
+    async fn handshake(addr: SocketAddr, stream: TcpStream) -> std::io::Result<Client> {
         stream.set_nodelay(true)?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await

@@ -1,0 +1,114 @@
+//! A client that mints its own sticky keys cannot revert a healthy canary
+//! where the route's clients are many; a canary that fails its users still
+//! is reverted there.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::support::{reference_judge, route_config, wait_route, Client, Upstream, Veer};
+
+/// Users from `addresses` distinct addresses (127.0.9.1, ...), each one
+/// connection and `per` requests with keys of its own; returns how many
+/// answers were 5xx.
+async fn users(addr: SocketAddr, addresses: u8, per: usize, tag: &str) -> usize {
+    let mut tasks = Vec::new();
+    for a in 1..=addresses {
+        let tag = tag.to_string();
+        tasks.push(tokio::spawn(async move {
+            let source = IpAddr::V4(Ipv4Addr::new(127, 0, 9, a));
+            let mut c = Client::connect_from(addr, source).await.unwrap();
+            let mut failed = 0;
+            for i in 0..per {
+                let key = format!("{tag}-{a}-{i}");
+                let r = c.get("/", &[("x-user-id", &key)]).await.unwrap();
+                failed += usize::from(r.status().is_server_error());
+            }
+            failed
+        }));
+    }
+    let mut failed = 0;
+    for t in tasks {
+        failed += t.await.unwrap();
+    }
+    failed
+}
+
+async fn start(weight: f64) -> (Veer, std::sync::Arc<Upstream>, std::sync::Arc<Upstream>) {
+    let (v1, v2) = (Upstream::start("v1").await, Upstream::start("v2").await);
+    let config = route_config(&[v1.addr], &[v2.addr], weight, "") + &reference_judge();
+    (Veer::start(&config).await, v1, v2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_minting_sticky_keys_cannot_revert_a_healthy_canary() {
+    let (veer, _v1, _v2) = start(10.0).await;
+    let route = veer.status().await["routes"][0].clone();
+    assert_eq!(route["evidence"]["one_vote_per_client"], false, "{route}");
+    // Users from 100 addresses: past min_requests, and more than the 64
+    // distinct addresses from which an address has one vote.
+    assert_eq!(users(veer.addr, 100, 8, "user").await, 0);
+    wait_route(
+        &veer,
+        "healthy, one vote per client",
+        Duration::from_secs(30),
+        |r| r["verdict"] == "healthy" && r["evidence"]["one_vote_per_client"] == true,
+    )
+    .await;
+
+    // The attacker, from one address: probe fresh keys with harmless
+    // requests, keep those the canary answers, send each a request that
+    // fails on every version (a path under /fail answers 500 on both).
+    let attacker = IpAddr::V4(Ipv4Addr::new(127, 0, 8, 1));
+    let mut c = Client::connect_from(veer.addr, attacker).await.unwrap();
+    let mut poisoned = 0;
+    for i in 0..2_000 {
+        let key = format!("mint-{i}");
+        let r = c.get("/", &[("x-user-id", &key)]).await.unwrap();
+        if r.headers()["x-upstream"] == "v2" {
+            let r = c.get("/fail", &[("x-user-id", &key)]).await.unwrap();
+            assert_eq!(r.status(), 500);
+            poisoned += 1;
+            if poisoned == 30 {
+                break;
+            }
+        }
+    }
+    let route = veer.status().await["routes"][0].clone();
+    assert!(
+        route["reverted"].is_null(),
+        "reverted after {poisoned} chosen-key failures: {route}"
+    );
+    assert_eq!(poisoned, 30, "the canary answered 30 of 2000 keys");
+
+    // Six times the five such failures that reverted it before: the judge
+    // looks every 100 ms and ticks every second; give it three ticks.
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut route = veer.status().await["routes"][0].clone();
+    while Instant::now() < until {
+        route = veer.status().await["routes"][0].clone();
+        assert!(route["reverted"].is_null(), "reverted: {route}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(route["verdict"], "healthy", "{route}");
+    // One vote: the attacker's address counted once, whatever its keys.
+    assert_eq!(route["evidence"]["error_events"]["canary"], 1, "{route}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_is_reverted_when_its_users_come_from_many_addresses() {
+    let (veer, _v1, v2) = start(10.0).await;
+    assert_eq!(users(veer.addr, 100, 8, "warm").await, 0);
+    wait_route(&veer, "healthy", Duration::from_secs(30), |r| {
+        r["verdict"] == "healthy"
+    })
+    .await;
+    v2.status.store(500, std::sync::atomic::Ordering::SeqCst);
+    // Each address's users fail on the canary: one vote per address.
+    let failed = users(veer.addr, 100, 6, "after").await;
+    assert!(failed > 0, "the canary got none of 600 users");
+    let route = wait_route(&veer, "reverted", Duration::from_secs(30), |r| {
+        !r["reverted"].is_null()
+    })
+    .await;
+    assert_eq!(route["weight"]["effective"], 0.0, "{route}");
+}

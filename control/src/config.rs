@@ -463,6 +463,10 @@ pub struct JudgeSettings {
     /// canary identity (see [`crate::pool`]); 0 alone (the local tests
     /// have all of `false_revert_rate`).
     pub fleet_seats: u32,
+    /// Where the route has seen enough distinct client addresses, each has
+    /// one vote per kind of bad event, as each sticky key has (so a client
+    /// minting keys counts once). False: keys alone.
+    pub one_vote_per_client: bool,
 }
 
 impl Default for JudgeSettings {
@@ -487,6 +491,7 @@ impl Default for JudgeSettings {
             webhook: None,
             slo: None,
             fleet_seats: 0,
+            one_vote_per_client: true,
         }
     }
 }

@@ -89,6 +89,8 @@ pub struct RouteKeys {
     /// Client addresses seen, counted up to [`CLIENTS_FOR_ONE_VOTE`].
     clients: KeyFilter,
     distinct_clients: AtomicU64,
+    /// `[route.judge] one_vote_per_client` (false: keys alone).
+    client_votes: bool,
     /// In a fleet that pools its evidence: the bad events to publish.
     pool: Option<PoolLog>,
 }
@@ -181,19 +183,32 @@ impl RouteKeys {
             burst_user_clients: KeyFilter::with_bits(SHORT_BITS),
             clients: KeyFilter::with_bits(SEEN_CLIENT_BITS),
             distinct_clients: AtomicU64::new(0),
+            client_votes: true,
             pool: None,
+        }
+    }
+
+    /// Keys alone count, however many client addresses the route has
+    /// (`[route.judge] one_vote_per_client = false`).
+    pub fn without_client_votes(self) -> RouteKeys {
+        RouteKeys {
+            client_votes: false,
+            ..self
         }
     }
 
     /// Whether client addresses have one vote each (see [`RouteKeys`]).
     pub fn one_vote(&self) -> bool {
-        self.distinct_clients.load(Ordering::Relaxed) >= CLIENTS_FOR_ONE_VOTE
+        self.client_votes && self.distinct_clients.load(Ordering::Relaxed) >= CLIENTS_FOR_ONE_VOTE
     }
 
     /// Whether client addresses have one vote each: the route has seen
     /// enough distinct ones (counting `client`, a request's address hash).
     #[inline]
     fn one_vote_per_client(&self, client: Option<u64>) -> bool {
+        if !self.client_votes {
+            return false;
+        }
         let seen = self.distinct_clients.load(Ordering::Relaxed);
         if seen >= CLIENTS_FOR_ONE_VOTE {
             return true;
@@ -679,6 +694,25 @@ mod tests {
         Some(xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()))
     }
 
+    /// One good request from each of `CLIENTS_FOR_ONE_VOTE` addresses.
+    fn from_many_clients(r: &Recorder) {
+        for i in 0..CLIENTS_FOR_ONE_VOTE {
+            r.record_from(
+                2_000,
+                Outcome::Ok,
+                key(1_000 + i),
+                Some(addr(100 + i as u32)),
+            );
+        }
+    }
+
+    /// `n` slow failures, each with a new key, all from one address.
+    fn minted_failures(r: &Recorder, n: u64) {
+        for i in 0..n {
+            r.record_from(20_000, Outcome::Error, key(2_000 + i), Some(addr(7)));
+        }
+    }
+
     #[test]
     fn one_client_with_many_keys_votes_once_where_clients_are_many() {
         let keys = Arc::new(RouteKeys::new(1));
@@ -693,18 +727,10 @@ mod tests {
         let t = canary.drain(1).0;
         assert_eq!((t.error_events, t.slow_events[0]), (5, 5));
         // Traffic from CLIENTS_FOR_ONE_VOTE addresses, to either version.
-        for i in 0..CLIENTS_FOR_ONE_VOTE {
-            stable.record_from(
-                2_000,
-                Outcome::Ok,
-                key(1_000 + i),
-                Some(addr(100 + i as u32)),
-            );
-        }
+        from_many_clients(&stable);
         // Now one address minting keys gets one vote per kind...
-        for i in 0..20 {
-            canary.record_from(20_000, Outcome::Error, key(2_000 + i), Some(addr(7)));
-        }
+        minted_failures(&canary, 20);
+        assert!(stable.keys().one_vote());
         let t = canary.drain(1).0;
         assert_eq!((t.error_events, t.slow_events[0], t.burst_keys), (1, 1, 1));
         // ... and addresses that voted before it applied have voted.
@@ -722,6 +748,16 @@ mod tests {
         }
         assert_eq!(canary.drain(1).0.error_events, 5);
         assert_eq!(stable.drain(1).0.error_events, 5);
+    }
+
+    #[test]
+    fn without_client_votes_keys_alone_count() {
+        let keys = Arc::new(RouteKeys::new(0).without_client_votes());
+        let canary = Recorder::for_canary(keys.clone());
+        from_many_clients(&canary);
+        minted_failures(&canary, 20);
+        assert!(!keys.one_vote());
+        assert_eq!(canary.drain(0).0.error_events, 20);
     }
 
     #[test]

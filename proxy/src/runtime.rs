@@ -50,10 +50,15 @@ impl RouteRuntime {
     pub fn new(route: &Route, w_bp: u16) -> RouteRuntime {
         let judge = Judge::new(&route.judge);
         let thresholds = threshold_count(judge.slots());
-        let keys = Arc::new(if judge.pooling() {
+        let keys = if judge.pooling() {
             RouteKeys::pooled(thresholds)
         } else {
             RouteKeys::new(thresholds)
+        };
+        let keys = Arc::new(if route.judge.one_vote_per_client {
+            keys
+        } else {
+            keys.without_client_votes()
         });
         let rt = RouteRuntime {
             identity: canary_identity(route),

@@ -223,6 +223,7 @@ pub struct RawJudge {
     pub webhook_ca_file: Option<Spanned<String>>,
     pub webhook_format: Option<Spanned<String>>,
     pub slo: Option<Spanned<f64>>,
+    pub one_vote_per_client: Option<Spanned<bool>>,
 }
 
 /// `[route.rollout]`.

@@ -229,6 +229,7 @@ impl Validator<'_> {
                 None => None,
             },
             fleet_seats: 0,
+            one_vote_per_client: j.one_vote_per_client.as_ref().is_none_or(|v| *v.get_ref()),
         }
     }
 }

@@ -599,3 +599,19 @@ fn the_access_log_is_off_unless_asked_for() {
         "{e}"
     );
 }
+
+#[test]
+fn one_vote_per_client_is_on_unless_turned_off_and_must_be_a_bool() {
+    let c = parse(MINIMAL).expect("minimal");
+    assert!(c.routes[0].judge.one_vote_per_client);
+    let off = parse(&format!(
+        "{MINIMAL}[route.judge]\none_vote_per_client = false\n"
+    ))
+    .expect("off");
+    assert!(!off.routes[0].judge.one_vote_per_client);
+    let e = parse(&format!(
+        "{MINIMAL}[route.judge]\none_vote_per_client = \"no\"\n"
+    ))
+    .expect_err("a string");
+    assert!(format!("{e}").contains("expected a boolean"), "{e}");
+}

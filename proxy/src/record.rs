@@ -142,8 +142,9 @@ impl PoolLog {
 /// their first bad event): client addresses are fewer than keys.
 const CLIENT_BITS: u64 = 1 << 18;
 /// Bits of the filter that counts client addresses up to
-/// [`CLIENTS_FOR_ONE_VOTE`] (few enough that collisions barely delay it).
-const SEEN_CLIENT_BITS: u64 = 1 << 12;
+/// [`CLIENTS_FOR_ONE_VOTE`] (2¹⁶ = 8 KiB: with 64 addresses in it, a
+/// collision, which leaves one address uncounted, has a chance of 3 %).
+const SEEN_CLIENT_BITS: u64 = 1 << 16;
 
 /// The hash a client address is counted by: IPv4 whole, IPv6 by its /64
 /// (one host's share of a network), IPv4-mapped IPv6 as IPv4.
@@ -496,7 +497,14 @@ impl Recorder {
         }
         if let Some(log) = &self.keys.pool {
             if error_event || slow.iter().any(|f| *f) {
-                let key = key_hash.map_or_else(unique_key, pool::key_bits);
+                // The fleet counts each key once; where an address has one
+                // vote, it counts the address, so that an address is one
+                // vote across the fleet too, not one per replica.
+                let key = match (one_vote, client, key_hash) {
+                    (true, Some(c), _) => pool::key_bits(c),
+                    (_, _, Some(h)) => pool::key_bits(h),
+                    _ => unique_key(),
+                };
                 log.push(key, self.canary, error_event, &slow);
             }
         }
@@ -694,9 +702,10 @@ mod tests {
         Some(xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()))
     }
 
-    /// One good request from each of `CLIENTS_FOR_ONE_VOTE` addresses.
+    /// One good request from each of twice `CLIENTS_FOR_ONE_VOTE`
+    /// addresses (the count is a filter's: a collision misses one).
     fn from_many_clients(r: &Recorder) {
-        for i in 0..CLIENTS_FOR_ONE_VOTE {
+        for i in 0..2 * CLIENTS_FOR_ONE_VOTE {
             r.record_from(
                 2_000,
                 Outcome::Ok,
@@ -726,7 +735,7 @@ mod tests {
         }
         let t = canary.drain(1).0;
         assert_eq!((t.error_events, t.slow_events[0]), (5, 5));
-        // Traffic from CLIENTS_FOR_ONE_VOTE addresses, to either version.
+        // Traffic from many addresses, to either version.
         from_many_clients(&stable);
         // Now one address minting keys gets one vote per kind...
         minted_failures(&canary, 20);
@@ -748,6 +757,25 @@ mod tests {
         }
         assert_eq!(canary.drain(1).0.error_events, 5);
         assert_eq!(stable.drain(1).0.error_events, 5);
+    }
+
+    #[test]
+    fn a_pooling_fleet_counts_an_address_once_where_it_has_one_vote() {
+        let keys = Arc::new(RouteKeys::pooled(0));
+        let canary = Recorder::for_canary(keys.clone());
+        let log = |keys: &RouteKeys| {
+            keys.pool_log()
+                .and_then(PoolLog::take)
+                .map(|(ev, _)| ev.iter().map(|e| e.0).collect::<Vec<_>>())
+        };
+        canary.record_from(20_000, Outcome::Error, key(1), Some(addr(7)));
+        assert_eq!(log(&keys), Some(vec![pool::key_bits(key(1).unwrap())]));
+        from_many_clients(&canary);
+        minted_failures(&canary, 3);
+        // addr(7) voted above; a new address's failure is logged by address.
+        assert_eq!(log(&keys), None);
+        canary.record_from(20_000, Outcome::Error, key(9), Some(addr(8)));
+        assert_eq!(log(&keys), Some(vec![pool::key_bits(addr(8))]));
     }
 
     #[test]

@@ -19,7 +19,7 @@ attacker cannot choose: it has `--addresses N` source addresses
 (127.0.0.10, .11, ...) and can poison only from those the canary got.
 
 usage: benches/chosen-keys.py [--veer BIN] [--sticky header|client-ip]
-                              [--addresses N] [--budget N]
+                              [--addresses N] [--budget N] [--weight PERCENT]
 (`--budget`: poison requests in all, shared evenly by the addresses.)
 Prints one line: whether the canary was reverted, after how many poison
 and probe requests and seconds, and the judge's reason. Only 127.0.0.0/8
@@ -63,7 +63,7 @@ def upstream(version):
     return srv
 
 
-def config(port, admin, state, ups, sticky):
+def config(port, admin, state, ups, sticky, weight):
     with open(os.path.join(ROOT, "config.example.toml"), "rb") as f:
         judge = tomllib.load(f)["route"][0]["judge"]
 
@@ -91,7 +91,7 @@ endpoints = ["127.0.0.1:{ups[0]}"]
 [route.canary]
 version = "v2"
 endpoints = ["127.0.0.1:{ups[1]}"]
-weight = 10
+weight = {weight}
 [route.judge]
 {lines}
 """
@@ -135,6 +135,7 @@ def main():
     ap.add_argument("--sticky", choices=["header", "client-ip"], default="header")
     ap.add_argument("--addresses", type=int, default=1)
     ap.add_argument("--budget", type=int, default=200, help="poison requests at most")
+    ap.add_argument("--weight", type=float, default=10.0, help="the canary's weight, percent")
     a = ap.parse_args()
     binary = veer_binary(a.veer)
     ups = [upstream("v1"), upstream("v2")]
@@ -143,7 +144,7 @@ def main():
     path = os.path.join(work, "veer.toml")
     with open(path, "w") as f:
         f.write(config(port, admin, os.path.join(work, "state"), [u.server_address[1] for u in ups],
-                       a.sticky))
+                       a.sticky, a.weight))
     proc = subprocess.Popen([binary, "run", "--config", path], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     stop = threading.Event()
@@ -169,14 +170,14 @@ def main():
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
                                            source_address=source)
             # With client-ip stickiness one probe tells this address's version;
-            # with a header, up to 100 fresh keys per poison request.
+            # with a header, up to 1000 / weight fresh keys per poison request.
             # An address's share of the budget (with a header key, every
             # address can find canary keys of its own).
             for _ in range(max(1, a.budget // a.addresses)):
                 if poisons >= a.budget or reverted:
                     break
                 key = None if a.sticky == "client-ip" else f"k-{random.random()}"
-                for _ in range(1 if a.sticky == "client-ip" else 100):
+                for _ in range(1 if a.sticky == "client-ip" else max(100, int(1000 / a.weight))):
                     probes += 1
                     _, body = get(c, "/", key)
                     if body == b"v2":

@@ -445,10 +445,12 @@ impl Recorder {
         let one_vote = self.keys.one_vote_per_client(client);
         // A key new to `keys`, from an address new to `clients` (which is
         // marked whenever the key is new, so that addresses that voted
-        // before one vote applied keep their vote spent).
+        // before one vote applied keep their vote spent; not at all where
+        // the route turned the vote off).
+        let votes = self.keys.client_votes;
         let first = |keys: &KeyFilter, clients: &KeyFilter| {
             key_hash.is_none_or(|h| keys.first_time(h))
-                && (client.is_none_or(|c| clients.first_time(c)) || !one_vote)
+                && (!votes || client.is_none_or(|c| clients.first_time(c)) || !one_vote)
         };
         let bad = outcome != Outcome::Ok;
         let new_user = first(&self.keys.burst_users, &self.keys.burst_user_clients);
@@ -693,11 +695,12 @@ mod tests {
         assert_eq!(r.totals().0, 4);
     }
 
+    /// The address hash of client 127.0.0.0 + `i`.
     fn addr(i: u32) -> u64 {
         client_hash(std::net::Ipv4Addr::from(0x7f00_0000 + i).into())
     }
 
-    /// Distinct keys (each its own user) from `n` requests.
+    /// The key hash of user `i`.
     fn key(i: u64) -> Option<u64> {
         Some(xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()))
     }

@@ -53,6 +53,10 @@ fn shard_count() -> usize {
 /// [`RouteKeys`]).
 pub const CLIENTS_FOR_ONE_VOTE: u64 = 64;
 
+/// How often the count of a route's recent client addresses starts afresh
+/// (see [`RouteKeys::renew_votes`]).
+pub const RECENT_CLIENTS_SPAN: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Bad-event key filters shared by both versions of one route's canary
 /// identity, so a filter collision biases neither version.
 ///
@@ -75,6 +79,24 @@ pub const CLIENTS_FOR_ONE_VOTE: u64 = 64;
 /// stands. Below that many addresses (a sidecar whose only peers are a few
 /// ingress pods) every event would share a handful of addresses, and keys
 /// alone count, as before.
+///
+/// # Rounds
+///
+/// A key votes once per canary (its version is fixed by its hash, so a
+/// second vote would repeat the first). An address need not: a new key
+/// from it is a fresh draw of the split. And it must not: where a route's
+/// addresses are many but bounded (a sidecar whose callers are a hundred
+/// pods), every address soon spends its vote on failures both versions
+/// share, after which no event counts at all and a canary that regresses
+/// later is never reverted. So address votes come in rounds: once the
+/// votes of a kind since its round began reach half the addresses seen in
+/// the last minute or two (at least `CLIENTS_FOR_ONE_VOTE / 2`), every
+/// address may vote again for that kind ([`RouteKeys::renew_votes`]). A
+/// round's end depends on counts, never on versions, so the bound stands;
+/// a client holding `A` addresses has at most `A` votes of each round's
+/// `M`, however many keys it mints: against honest failures on both
+/// versions its share stays `A / M`, which a route with many addresses
+/// makes small.
 #[derive(Debug)]
 pub struct RouteKeys {
     errors: KeyFilter,
@@ -89,6 +111,15 @@ pub struct RouteKeys {
     /// Client addresses seen, counted up to [`CLIENTS_FOR_ONE_VOTE`].
     clients: KeyFilter,
     distinct_clients: AtomicU64,
+    /// Client addresses seen in this span of [`RECENT_CLIENTS_SPAN`], and
+    /// how many: the count, and the last span's, size a round of votes.
+    recent_clients: KeyFilter,
+    recent_count: AtomicU64,
+    last_recent_count: AtomicU64,
+    /// Address votes counted in the current round: errors, then each slow
+    /// threshold.
+    error_votes: AtomicU64,
+    slow_votes: Vec<AtomicU64>,
     /// `[route.judge] one_vote_per_client` (false: keys alone).
     client_votes: bool,
     /// In a fleet that pools its evidence: the bad events to publish.
@@ -184,6 +215,11 @@ impl RouteKeys {
             burst_user_clients: KeyFilter::with_bits(SHORT_BITS),
             clients: KeyFilter::with_bits(SEEN_CLIENT_BITS),
             distinct_clients: AtomicU64::new(0),
+            recent_clients: KeyFilter::with_bits(SEEN_CLIENT_BITS),
+            recent_count: AtomicU64::new(0),
+            last_recent_count: AtomicU64::new(0),
+            error_votes: AtomicU64::new(0),
+            slow_votes: (0..thresholds).map(|_| AtomicU64::new(0)).collect(),
             client_votes: true,
             pool: None,
         }
@@ -210,6 +246,9 @@ impl RouteKeys {
         if !self.client_votes {
             return false;
         }
+        if client.is_some_and(|c| self.recent_clients.first_time(c)) {
+            self.recent_count.fetch_add(1, Ordering::Relaxed);
+        }
         let seen = self.distinct_clients.load(Ordering::Relaxed);
         if seen >= CLIENTS_FOR_ONE_VOTE {
             return true;
@@ -219,6 +258,38 @@ impl RouteKeys {
                 >= CLIENTS_FOR_ONE_VOTE;
         }
         false
+    }
+
+    /// The votes a round holds: half the addresses seen in the last span
+    /// or this one, at least half of [`CLIENTS_FOR_ONE_VOTE`].
+    pub fn round_votes(&self) -> u64 {
+        let recent = self
+            .recent_count
+            .load(Ordering::Relaxed)
+            .max(self.last_recent_count.load(Ordering::Relaxed));
+        (recent / 2).max(CLIENTS_FOR_ONE_VOTE / 2)
+    }
+
+    /// Ends the round of each kind whose address votes reached
+    /// [`RouteKeys::round_votes`]: its addresses may vote again (see
+    /// [`RouteKeys`], "Rounds"); with `new_span`, the count of recent
+    /// addresses starts afresh as well (every [`RECENT_CLIENTS_SPAN`]).
+    /// Called by the controller on each tick; the request path only counts.
+    pub fn renew_votes(&self, new_span: bool) {
+        if new_span {
+            let n = self.recent_count.swap(0, Ordering::Relaxed);
+            self.last_recent_count.store(n, Ordering::Relaxed);
+            self.recent_clients.clear();
+        }
+        let round = self.round_votes();
+        let kinds = std::iter::once((&self.error_votes, &self.error_clients))
+            .chain(self.slow_votes.iter().zip(&self.slow_clients));
+        for (votes, clients) in kinds {
+            if votes.load(Ordering::Relaxed) >= round {
+                votes.store(0, Ordering::Relaxed);
+                clients.clear();
+            }
+        }
     }
 
     /// Filters, and a log of bad events for the fleet's pooled tests.
@@ -452,25 +523,40 @@ impl Recorder {
             key_hash.is_none_or(|h| keys.first_time(h))
                 && (!votes || client.is_none_or(|c| clients.first_time(c)) || !one_vote)
         };
+        // An address's vote counted in its kind's round (see "Rounds").
+        let voted = |counted: bool, round: &AtomicU64| {
+            if counted && one_vote && client.is_some() {
+                round.fetch_add(1, Ordering::Relaxed);
+            }
+            counted
+        };
         let bad = outcome != Outcome::Ok;
         let new_user = first(&self.keys.burst_users, &self.keys.burst_user_clients);
         let (error_event, burst_key) = if bad {
             (
-                first(&self.keys.errors, &self.keys.error_clients),
+                voted(
+                    first(&self.keys.errors, &self.keys.error_clients),
+                    &self.keys.error_votes,
+                ),
                 first(&self.keys.burst, &self.keys.burst_clients),
             )
         } else {
             (false, false)
         };
         let mut slow = [false; MAX_THRESHOLDS];
-        for ((flag, threshold), (keys, clients)) in slow
-            .iter_mut()
-            .zip(&self.thresholds_us)
-            .zip(self.keys.slow.iter().zip(&self.keys.slow_clients))
+        for ((flag, threshold), ((keys, clients), round)) in
+            slow.iter_mut().zip(&self.thresholds_us).zip(
+                self.keys
+                    .slow
+                    .iter()
+                    .zip(&self.keys.slow_clients)
+                    .zip(&self.keys.slow_votes),
+            )
         {
             let t = threshold.load(Ordering::Relaxed);
-            *flag =
-                t != OFF && (latency_us > t || outcome == Outcome::Timeout) && first(keys, clients);
+            *flag = t != OFF
+                && (latency_us > t || outcome == Outcome::Timeout)
+                && voted(first(keys, clients), round);
         }
         let shard = THREAD.with(|t| *t) % self.shards.len();
         let Some(shard) = self.shards.get(shard) else {
@@ -723,6 +809,57 @@ mod tests {
         for i in 0..n {
             r.record_from(20_000, Outcome::Error, key(2_000 + i), Some(addr(7)));
         }
+    }
+
+    #[test]
+    fn addresses_vote_again_once_half_the_recent_ones_voted() {
+        let keys = Arc::new(RouteKeys::new(1));
+        let stable = Recorder::new(keys.clone());
+        let canary = Recorder::for_canary(keys.clone());
+        stable.set_thresholds(&[Some(10_000)]);
+        canary.set_thresholds(&[Some(10_000)]);
+        // 128 addresses: a round is 64 votes (63 here: the filter that
+        // counts recent addresses takes two of these for one).
+        from_many_clients(&stable);
+        stable.drain(1);
+        assert!(keys.one_vote());
+        let round = keys.round_votes();
+        assert!((62..=64).contains(&round), "{round}");
+        // Failures both versions share spend all but one of a round's
+        // votes: the round is not over, and a spent address does not vote
+        // again.
+        let fail = |r: &Recorder, user: u64, a: u64| {
+            r.record_from(
+                20_000,
+                Outcome::Error,
+                key(user),
+                Some(addr(100 + a as u32)),
+            )
+        };
+        for a in 0..round - 1 {
+            fail(&stable, 5_000 + a, a);
+        }
+        keys.renew_votes(false);
+        fail(&canary, 6_000, 0);
+        assert_eq!(canary.drain(1).0.error_events, 0);
+        // The last vote ends the round (at the controller's next tick):
+        // every address votes again, once, with a key new to the canary.
+        fail(&stable, 5_000 + round - 1, round - 1);
+        assert_eq!(stable.drain(1).0.error_events, round);
+        keys.renew_votes(false);
+        fail(&canary, 6_001, 0);
+        fail(&canary, 6_002, 0);
+        fail(&canary, 5_001, 1); // a key that voted before: never again
+        let t = canary.drain(1).0;
+        assert_eq!((t.error_events, t.slow_events[0]), (1, 1));
+        // A minting client has one vote a round, however many keys.
+        minted_failures(&canary, 50);
+        assert_eq!(canary.drain(1).0.error_events, 1);
+        // Rounds follow the addresses seen lately: after two quiet spans
+        // (no address seen) a round is the floor, half of 64.
+        keys.renew_votes(true);
+        keys.renew_votes(true);
+        assert_eq!(keys.round_votes(), CLIENTS_FOR_ONE_VOTE / 2);
     }
 
     #[test]

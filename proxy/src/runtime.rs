@@ -41,6 +41,8 @@ pub struct RouteRuntime {
     pub unsaved: bool,
     /// The canary's mirrored pairs (`[route.mirror]`).
     pub pairs: Option<Arc<crate::mirror::Pairs>>,
+    /// When the count of recent client addresses last started afresh.
+    pub clients_span: Instant,
 }
 
 impl RouteRuntime {
@@ -72,6 +74,7 @@ impl RouteRuntime {
                 .as_ref()
                 .map(|_| Arc::new(Recorder::for_canary(keys))),
             last_tick: Instant::now(),
+            clients_span: Instant::now(),
             early: false,
             last_w_bp: Some(w_bp),
             unsaved: false,
@@ -165,6 +168,11 @@ impl RouteRuntime {
         let name = route.name.as_str();
         let elapsed = now.duration_since(self.last_tick);
         self.last_tick = now;
+        let new_span = now.duration_since(self.clients_span) >= crate::record::RECENT_CLIENTS_SPAN;
+        if new_span {
+            self.clients_span = now;
+        }
+        self.stable.keys().renew_votes(new_span);
         let (stable, _) = self.stable.drain(self.thresholds);
         let (mut canary, canary_connect) = match &self.canary {
             Some(c) => c.drain(self.thresholds),

@@ -11,16 +11,21 @@ use super::support::{reference_judge, route_config, wait_route, Client, Upstream
 /// connection and `per` requests with keys of its own; returns how many
 /// answers were 5xx.
 async fn users(addr: SocketAddr, addresses: u8, per: usize, tag: &str) -> usize {
+    users_on(addr, addresses, per, tag, "/").await
+}
+
+/// [`users`], asking for `path`.
+async fn users_on(addr: SocketAddr, addresses: u8, per: usize, tag: &str, path: &str) -> usize {
     let mut tasks = Vec::new();
     for a in 1..=addresses {
-        let tag = tag.to_string();
+        let (tag, path) = (tag.to_string(), path.to_string());
         tasks.push(tokio::spawn(async move {
             let source = IpAddr::V4(Ipv4Addr::new(127, 0, 9, a));
             let mut c = Client::connect_from(addr, source).await.unwrap();
             let mut failed = 0;
             for i in 0..per {
                 let key = format!("{tag}-{a}-{i}");
-                let r = c.get("/", &[("x-user-id", &key)]).await.unwrap();
+                let r = c.get(&path, &[("x-user-id", &key)]).await.unwrap();
                 failed += usize::from(r.status().is_server_error());
             }
             failed
@@ -31,6 +36,20 @@ async fn users(addr: SocketAddr, addresses: u8, per: usize, tag: &str) -> usize 
         failed += t.await.unwrap();
     }
     failed
+}
+
+/// Users from 100 addresses: past min_requests, and more than the 64
+/// distinct addresses from which an address has one vote; waits for a
+/// healthy verdict with one vote per client.
+async fn many_users(veer: &Veer) {
+    assert_eq!(users(veer.addr, 100, 8, "user").await, 0);
+    wait_route(
+        veer,
+        "healthy, one vote per client",
+        Duration::from_secs(30),
+        |r| r["verdict"] == "healthy" && r["evidence"]["one_vote_per_client"] == true,
+    )
+    .await;
 }
 
 async fn start(weight: f64) -> (Veer, std::sync::Arc<Upstream>, std::sync::Arc<Upstream>) {
@@ -44,16 +63,7 @@ async fn a_client_minting_sticky_keys_cannot_revert_a_healthy_canary() {
     let (veer, _v1, _v2) = start(10.0).await;
     let route = veer.status().await["routes"][0].clone();
     assert_eq!(route["evidence"]["one_vote_per_client"], false, "{route}");
-    // Users from 100 addresses: past min_requests, and more than the 64
-    // distinct addresses from which an address has one vote.
-    assert_eq!(users(veer.addr, 100, 8, "user").await, 0);
-    wait_route(
-        &veer,
-        "healthy, one vote per client",
-        Duration::from_secs(30),
-        |r| r["verdict"] == "healthy" && r["evidence"]["one_vote_per_client"] == true,
-    )
-    .await;
+    many_users(&veer).await;
 
     // The attacker, from one address: probe fresh keys with harmless
     // requests, keep those the canary answers, send each a request that
@@ -111,4 +121,48 @@ async fn a_failing_canary_is_reverted_when_its_users_come_from_many_addresses() 
     })
     .await;
     assert_eq!(route["weight"]["effective"], 0.0, "{route}");
+}
+
+/// A sidecar whose callers are a hundred pods: every address soon spends
+/// its vote on failures both versions share (stable's own errors, an
+/// outage of a dependency). A canary that regresses after that must still
+/// be reverted: an address votes again once half of the route's recent
+/// addresses have voted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_regresses_after_every_address_voted_is_still_reverted() {
+    let (veer, _v1, v2) = start(10.0).await;
+    many_users(&veer).await;
+    // A failure both versions share: every address's user gets a 500.
+    assert_eq!(users_on(veer.addr, 100, 1, "shared", "/fail").await, 100);
+    assert_eq!(users(veer.addr, 100, 4, "calm").await, 0);
+    let route = wait_route(
+        &veer,
+        "the shared failures judged",
+        Duration::from_secs(30),
+        |r| {
+            let e = &r["evidence"]["error_events"];
+            e["canary"].as_u64().unwrap_or(0) + e["stable"].as_u64().unwrap_or(0) >= 50
+        },
+    )
+    .await;
+    assert!(route["reverted"].is_null(), "{route}");
+
+    // Now the canary fails one request in four (below the failure-burst
+    // guard's half): the same addresses' users must count again.
+    v2.fail_one_in.store(4, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
+    loop {
+        round += 1;
+        users(veer.addr, 100, 4, &format!("after{round}")).await;
+        let route = veer.status().await["routes"][0].clone();
+        if !route["reverted"].is_null() {
+            assert_eq!(route["weight"]["effective"], 0.0, "{route}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not reverted after {round} rounds: {route}"
+        );
+    }
 }

@@ -264,7 +264,12 @@ fn fleet_rollout(
                     let mut ev = std::mem::take(&mut rep.batch);
                     ev.truncate(pool::MAX_BATCH);
                     if pooling && !ev.is_empty() && !weight_changed {
-                        batches.push(PoolBatch { fp, w, ev });
+                        batches.push(PoolBatch {
+                            fp,
+                            w,
+                            ev,
+                            ..PoolBatch::default()
+                        });
                     }
                 }
             }

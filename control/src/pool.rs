@@ -21,7 +21,9 @@
 //!    events it recorded since the last one: per event the
 //!    key's hash (32 high bits, as the distinct-key filter reads them), the
 //!    event's kind (an error, or slower than a latency test's thresholds)
-//!    and the version. A batch carries the canary share `w` at which every
+//!    and the version; and, where the replica gives client addresses one
+//!    vote each (a route with many clients, see the proxy's `record`), the
+//!    address's 32 bits and the replica's round size. A batch carries the canary share `w` at which every
 //!    one of its requests was routed and the judge's fingerprint; a replica
 //!    whose weight changed since its last batch publishes nothing for that
 //!    interval, and a batch holds at most [`MAX_BATCH`] events (the first
@@ -32,7 +34,11 @@
 //!    a batch of another fingerprint is dropped, an event whose key was
 //!    already counted for its kind (by any replica) is dropped (keys are
 //!    kept per kind in a one-hash bitmap of 2²⁰ slots, [`KeySet`]: a new
-//!    key whose slot is taken is dropped too, whichever its version), and each
+//!    key whose slot is taken is dropped too, whichever its version), so is
+//!    an event whose address already voted for its kind in the current
+//!    round (a round of a kind ends once its address votes reach the
+//!    round size of the batch that brought the last of them: every
+//!    address may vote again, with a key not counted before), and each
 //!    pooled test takes the batch's remaining events at the batch's own
 //!    `w`. The state is a function of the log, so every replica holds the
 //!    same test and reaches the same verdict at the same batch.
@@ -127,7 +133,7 @@ pub fn pooled_kind(limit: Limit) -> Option<u8> {
 pub type PoolEvent = (u32, u8, bool);
 
 /// One replica's batch of bad events.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PoolBatch {
     /// The judge's fingerprint (limits, margin, restart cadence).
     pub fp: u64,
@@ -135,6 +141,19 @@ pub struct PoolBatch {
     pub w: f64,
     /// Events, in the order recorded: (key bits, kind, canary).
     pub ev: Vec<PoolEvent>,
+    /// Per event of `ev`, in its order: the client address's 32 bits
+    /// where the replica gives addresses one vote (0: no vote). Empty when
+    /// no event has one (and from replicas that predate it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addr: Vec<u32>,
+    /// The votes a round of address votes holds on the publishing replica
+    /// (0: addresses have no vote there).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub round: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One pooled test.
@@ -154,6 +173,12 @@ pub struct Pool {
     tests: Vec<PooledTest>,
     /// Keys counted, per kind.
     seen: BTreeMap<u8, KeySet>,
+    /// Client addresses that voted in the current round, per kind, and
+    /// the round's votes so far.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    voters: BTreeMap<u8, KeySet>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    votes: BTreeMap<u8, u64>,
     /// The store's revision of the last batch applied (0: none).
     revision: i64,
     /// Batches applied, and those dropped (foreign fingerprint, share
@@ -185,6 +210,8 @@ impl Pool {
         (!tests.is_empty()).then(|| Pool {
             fp,
             seen: tests.iter().map(|t| (t.kind, KeySet::default())).collect(),
+            voters: BTreeMap::new(),
+            votes: BTreeMap::new(),
             tests,
             revision: 0,
             applied: 0,
@@ -222,12 +249,18 @@ impl Pool {
         self.applied += 1;
         // (canary, stable) new keys per kind.
         let mut counts: BTreeMap<u8, (u64, u64)> = BTreeMap::new();
-        for &(key, kind, canary) in b.ev.iter().take(MAX_BATCH) {
+        for (i, &(key, kind, canary)) in b.ev.iter().take(MAX_BATCH).enumerate() {
             let Some(seen) = self.seen.get_mut(&kind) else {
                 continue;
             };
             if !seen.insert(key) {
                 continue;
+            }
+            if let Some(&a) = b.addr.get(i).filter(|a| **a != 0) {
+                if !self.voters.entry(kind).or_default().insert(a) {
+                    continue;
+                }
+                *self.votes.entry(kind).or_default() += 1;
             }
             let c = counts.entry(kind).or_default();
             if canary {
@@ -239,6 +272,14 @@ impl Pool {
         for t in &mut self.tests {
             let (c, s) = counts.get(&t.kind).copied().unwrap_or_default();
             t.test.update(b.w, c, s);
+        }
+        if b.round > 0 {
+            for (kind, votes) in &mut self.votes {
+                if *votes >= b.round {
+                    *votes = 0;
+                    self.voters.remove(kind);
+                }
+            }
         }
         true
     }
@@ -564,6 +605,16 @@ mod tests {
     use crate::limits::family;
     use std::collections::BTreeSet;
 
+    /// A batch of judge fingerprint 7 at a 5 % canary.
+    fn batch_at_5_percent(ev: Vec<PoolEvent>) -> PoolBatch {
+        PoolBatch {
+            fp: 7,
+            w: 0.05,
+            ev,
+            ..PoolBatch::default()
+        }
+    }
+
     fn pool(margin: f64) -> Pool {
         let s = JudgeSettings {
             margin,
@@ -594,6 +645,7 @@ mod tests {
                     fp: 7,
                     w: 0.05,
                     ev: vec![(42, ERROR_KIND, true)],
+                    ..PoolBatch::default()
                 },
             );
         }
@@ -607,8 +659,65 @@ mod tests {
                 fp: 7,
                 w: 0.05,
                 ev: vec![(43, ERROR_KIND, true)],
+                ..PoolBatch::default()
             }
         ));
+    }
+
+    #[test]
+    fn an_address_votes_once_a_round_fleet_wide_and_a_key_once_ever() {
+        let mut p = pool(1.0);
+        let counted = |p: &Pool| p.tests().next().expect("an error test").2;
+        let batch = |ev: Vec<(u32, u8, bool)>, addr: Vec<u32>, round| PoolBatch {
+            fp: 7,
+            w: 0.05,
+            ev,
+            addr,
+            round,
+        };
+        // Two replicas publish address 9's failures with new keys: one vote
+        // for the fleet; an event without an address counts by its key.
+        p.apply(1, &batch(vec![(1, ERROR_KIND, true)], vec![9], 3));
+        p.apply(
+            2,
+            &batch(
+                vec![(2, ERROR_KIND, true), (3, ERROR_KIND, false)],
+                vec![9, 0],
+                3,
+            ),
+        );
+        assert_eq!(counted(&p), (1, 1));
+        // Two more addresses end the round of three votes: address 9 votes
+        // again, with a key not counted before (key 1 never again).
+        p.apply(
+            3,
+            &batch(
+                vec![(4, ERROR_KIND, false), (5, ERROR_KIND, false)],
+                vec![10, 11],
+                3,
+            ),
+        );
+        assert_eq!(counted(&p), (1, 3));
+        p.apply(
+            4,
+            &batch(
+                vec![(1, ERROR_KIND, true), (6, ERROR_KIND, true)],
+                vec![9, 9],
+                3,
+            ),
+        );
+        assert_eq!(counted(&p), (2, 3));
+        // The state (the round's voters too) survives a checkpoint, and a
+        // batch of a replica that predates addresses reads as keys alone.
+        let cp: Pool = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(
+            (&cp.voters, &cp.votes, &cp.seen),
+            (&p.voters, &p.votes, &p.seen)
+        );
+        let old: PoolBatch =
+            serde_json::from_str(r#"{"fp":7,"w":0.05,"ev":[[7,0,true]]}"#).unwrap();
+        assert!(p.apply(5, &old));
+        assert_eq!(counted(&p), (3, 3));
     }
 
     #[test]
@@ -650,14 +759,14 @@ mod tests {
             let ev = (0..MAX_BATCH)
                 .map(|_| (rng() as u32, ERROR_KIND, false))
                 .collect();
-            p.apply(rev, &PoolBatch { fp: 7, w: 0.05, ev });
+            p.apply(rev, &batch_at_5_percent(ev));
         }
         let (_, _, (_, stable)) = p.tests().next().expect("an error test");
         assert!(stable > 58_000, "{stable} of ~60 000 keys counted");
         for _ in 0..40 {
             rev += 1;
             let ev = (0..5).map(|_| (rng() as u32, ERROR_KIND, true)).collect();
-            p.apply(rev, &PoolBatch { fp: 7, w: 0.05, ev });
+            p.apply(rev, &batch_at_5_percent(ev));
         }
         let (_, _, (canary, _)) = p.tests().next().expect("an error test");
         assert!(canary > 180, "{canary} of 200 canary keys counted");
@@ -671,6 +780,7 @@ mod tests {
             fp,
             w,
             ev: vec![(1, ERROR_KIND, true), (2, ERROR_KIND, true)],
+            ..PoolBatch::default()
         };
         assert!(!p.apply(1, &b(8, 0.05)));
         assert!(!p.apply(2, &b(7, 1.0)));
@@ -722,6 +832,7 @@ mod tests {
                         fp: 7,
                         w,
                         ev: vec![(key, ERROR_KIND, canary)],
+                        ..PoolBatch::default()
                     },
                 );
                 summed.update(w, u64::from(canary), u64::from(!canary));
@@ -755,6 +866,7 @@ mod tests {
                         fp: if rng() % 20 == 0 { 9 } else { 7 },
                         w: 0.1,
                         ev,
+                        ..PoolBatch::default()
                     },
                 )
             })
@@ -792,6 +904,7 @@ mod tests {
             fp: 7,
             w: 0.05,
             ev: vec![(k, ERROR_KIND, k % 3 == 0)],
+            ..PoolBatch::default()
         };
         let log: Vec<(i64, PoolBatch)> = (1..=40).map(|r| (r, b(r as u32))).collect();
         let mut whole = pool(1.0);
@@ -833,6 +946,7 @@ mod tests {
             fp: 7,
             w: 0.05,
             ev: vec![(1, ERROR_KIND, true)],
+            ..PoolBatch::default()
         };
         for rev in 1..10 {
             v.apply(rev, b.clone());
@@ -850,6 +964,7 @@ mod tests {
             fp: 7,
             w: 0.05,
             ev: vec![(1, ERROR_KIND, true)],
+            ..PoolBatch::default()
         };
         v.apply(5, b.clone());
         // Re-read: the store's latest batch is ours: still complete.
@@ -866,7 +981,7 @@ mod tests {
             11,
             &PoolBatch {
                 ev: vec![(2, ERROR_KIND, false)],
-                ..b
+                ..b.clone()
             },
         );
         v.apply(12, b.clone());

@@ -131,16 +131,31 @@ pub struct RouteKeys {
 /// `veer_control::pool`): at most `MAX_BATCH` per batch, the first ones.
 #[derive(Debug, Default)]
 pub struct PoolLog {
-    events: Mutex<Vec<pool::PoolEvent>>,
+    events: Mutex<Taken>,
     any: AtomicBool,
     /// Events left out of a full batch.
     overflow: AtomicU64,
 }
 
+/// Events taken from a [`PoolLog`], for one batch.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// (key bits, kind, canary), in the order recorded.
+    pub ev: Vec<pool::PoolEvent>,
+    /// Per event, the client address's bits where it had one vote (0:
+    /// none); empty when no event had one.
+    pub addr: Vec<u32>,
+    /// Events left out of the full batch.
+    pub overflow: u64,
+}
+
 impl PoolLog {
     #[cold]
-    fn push(&self, key: u32, canary: bool, error: bool, slow: &[bool]) {
-        let mut ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
+    fn push(&self, key: u32, addr: u32, canary: bool, error: bool, slow: &[bool]) {
+        let mut taken = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let Taken {
+            ev, addr: addrs, ..
+        } = &mut *taken;
         let kinds = error.then_some(pool::ERROR_KIND).into_iter().chain(
             slow.iter()
                 .enumerate()
@@ -150,6 +165,10 @@ impl PoolLog {
         for kind in kinds {
             if ev.len() < pool::MAX_BATCH {
                 ev.push((key, kind, canary));
+                if addr != 0 || !addrs.is_empty() {
+                    addrs.resize(ev.len() - 1, 0);
+                    addrs.push(addr);
+                }
             } else {
                 self.overflow.fetch_add(1, Ordering::Relaxed);
             }
@@ -157,15 +176,14 @@ impl PoolLog {
         self.any.store(true, Ordering::Relaxed);
     }
 
-    /// Takes the events recorded since the last call (None: none), and how
-    /// many were left out.
-    pub fn take(&self) -> Option<(Vec<pool::PoolEvent>, u64)> {
+    /// Takes the events recorded since the last call (None: none).
+    pub fn take(&self) -> Option<Taken> {
         if !self.any.swap(false, Ordering::Relaxed) {
             return None;
         }
-        let ev = std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()));
-        let overflow = self.overflow.swap(0, Ordering::Relaxed);
-        (!ev.is_empty()).then_some((ev, overflow))
+        let mut taken = std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()));
+        taken.overflow = self.overflow.swap(0, Ordering::Relaxed);
+        (!taken.ev.is_empty()).then_some(taken)
     }
 }
 
@@ -586,14 +604,11 @@ impl Recorder {
         if let Some(log) = &self.keys.pool {
             if error_event || slow.iter().any(|f| *f) {
                 // The fleet counts each key once; where an address has one
-                // vote, it counts the address, so that an address is one
-                // vote across the fleet too, not one per replica.
-                let key = match (one_vote, client, key_hash) {
-                    (true, Some(c), _) => pool::key_bits(c),
-                    (_, _, Some(h)) => pool::key_bits(h),
-                    _ => unique_key(),
-                };
-                log.push(key, self.canary, error_event, &slow);
+                // vote, the address once a round too, so that an address is
+                // one vote across the fleet, not one per replica.
+                let key = key_hash.map_or_else(unique_key, pool::key_bits);
+                let addr = client.filter(|_| one_vote).map_or(0, pool::key_bits);
+                log.push(key, addr, self.canary, error_event, &slow);
             }
         }
         if self.canary
@@ -906,16 +921,24 @@ mod tests {
         let log = |keys: &RouteKeys| {
             keys.pool_log()
                 .and_then(PoolLog::take)
-                .map(|(ev, _)| ev.iter().map(|e| e.0).collect::<Vec<_>>())
+                .map(|t| (t.ev.iter().map(|e| e.0).collect::<Vec<_>>(), t.addr))
         };
         canary.record_from(20_000, Outcome::Error, key(1), Some(addr(7)));
-        assert_eq!(log(&keys), Some(vec![pool::key_bits(key(1).unwrap())]));
+        let bits = |h: Option<u64>| pool::key_bits(h.unwrap());
+        assert_eq!(log(&keys), Some((vec![bits(key(1))], vec![])));
         from_many_clients(&canary);
         minted_failures(&canary, 3);
-        // addr(7) voted above; a new address's failure is logged by address.
+        // addr(7) voted above; a new address's failure is logged with it.
         assert_eq!(log(&keys), None);
         canary.record_from(20_000, Outcome::Error, key(9), Some(addr(8)));
-        assert_eq!(log(&keys), Some(vec![pool::key_bits(addr(8))]));
+        canary.record_from(20_000, Outcome::Error, key(10), None);
+        assert_eq!(
+            log(&keys),
+            Some((
+                vec![bits(key(9)), bits(key(10))],
+                vec![bits(Some(addr(8))), 0]
+            ))
+        );
     }
 
     #[test]

@@ -525,3 +525,103 @@ async fn store_client(etcd: &Etcd) -> etcd_client::Client {
         .await
         .expect("etcd client")
 }
+
+/// Users from `addresses` distinct addresses (127.0.10.1, ...), each
+/// address with one connection to every replica and `per` requests for
+/// `path` on each, every request a key of its own.
+async fn users_on_every_replica(
+    replicas: &[Veer],
+    addresses: u8,
+    per: usize,
+    tag: &str,
+    path: &str,
+) {
+    let targets: Vec<std::net::SocketAddr> = replicas.iter().map(|r| r.addr).collect();
+    let mut tasks = Vec::new();
+    for a in 1..=addresses {
+        let (targets, tag, path) = (targets.clone(), tag.to_string(), path.to_string());
+        tasks.push(tokio::spawn(async move {
+            let source = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 10, a));
+            for (r, target) in targets.iter().enumerate() {
+                let mut c = Client::connect_from(*target, source).await.unwrap();
+                for i in 0..per {
+                    let key = format!("{tag}-{a}-{r}-{i}");
+                    c.get(&path, &[("x-user-id", &key)]).await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// The pooled error test's events (canary, stable) on replica `v`.
+async fn pooled_error_events(v: &Veer) -> (u64, u64) {
+    let route = v.status().await["routes"][0].clone();
+    let events = &route["evidence"]["pool"]["tests"][0]["events"];
+    (
+        events[0].as_u64().unwrap_or(0),
+        events[1].as_u64().unwrap_or(0),
+    )
+}
+
+/// A fleet behind which a hundred callers' addresses each have one vote:
+/// once every address has spent it on failures both versions share, the
+/// pooled tests still count a canary that regresses later (an address
+/// votes again, fleet-wide, in the next round).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleets_pooled_tests_still_count_once_every_address_voted() {
+    let etcd = Etcd::single().await;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let replicas = fleet(&etcd, &s, &c, 10.0).await;
+    users_on_every_replica(&replicas, 100, 3, "warm", "/").await;
+    for r in &replicas {
+        wait_route(r, "one vote per client", Duration::from_secs(30), |route| {
+            route["evidence"]["one_vote_per_client"] == true
+        })
+        .await;
+    }
+    // Every address's users fail once on every replica, on both versions.
+    users_on_every_replica(&replicas, 100, 1, "shared", "/fail").await;
+    let (shared, _) = wait_route(
+        &replicas[0],
+        "the shared failures pooled",
+        Duration::from_secs(30),
+        |route| {
+            let e = &route["evidence"]["pool"]["tests"][0]["events"];
+            e[0].as_u64().unwrap_or(0) + e[1].as_u64().unwrap_or(0) >= 100
+        },
+    )
+    .await;
+    assert!(shared["reverted"].is_null(), "{shared}");
+    let (canary_before, _) = pooled_error_events(&replicas[0]).await;
+
+    // The canary now fails one request in four.
+    c.fail_one_in.store(4, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut round = 0;
+    loop {
+        round += 1;
+        users_on_every_replica(&replicas, 100, 2, &format!("after{round}"), "/").await;
+        let mut all = true;
+        for r in &replicas {
+            all &= reverted(&r.status().await["routes"][0]);
+        }
+        if all {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not reverted on every replica after {round} rounds: {}",
+            replicas[0].status().await
+        );
+    }
+    let (canary_after, stable_after) = pooled_error_events(&replicas[0]).await;
+    assert!(
+        canary_after > canary_before,
+        "the pool counted no canary failure after the shared ones \
+         ({canary_before} -> {canary_after}, stable {stable_after})"
+    );
+}

@@ -606,6 +606,7 @@ fn the_pooled_tests_breach_with_the_fleets_events_and_say_so() {
                     fp,
                     w: 0.05,
                     ev: vec![(key, ERROR_KIND, true), (key + 10_000, ERROR_KIND, false)],
+                    ..PoolBatch::default()
                 },
             )
         });
@@ -633,6 +634,7 @@ fn the_pooled_tests_breach_with_the_fleets_events_and_say_so() {
             fp: fp ^ 1,
             w: 0.05,
             ev: vec![(1, ERROR_KIND, true)],
+            ..PoolBatch::default()
         }
     )));
 }

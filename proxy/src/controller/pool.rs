@@ -411,17 +411,25 @@ impl Controller {
             // it may (see `veer_control::pool`).
             let sent = l.pool.sent.entry(name.clone()).or_insert(rebuilds);
             let log = rt.stable.keys().pool_log();
-            if let Some((ev, overflow)) = log.and_then(|p| p.take()) {
+            if let Some(taken) = log.and_then(|p| p.take()) {
+                let overflow = taken.overflow;
                 let clean = *sent == rebuilds;
                 *sent = rebuilds;
                 if overflow > 0 {
                     tracing::debug!(route = %name, overflow, "pooled evidence: a batch was full; later events of the interval stay local");
                 }
                 if synced && clean && w_bp > 0 && w_bp < 10_000 {
+                    let keys = rt.stable.keys();
                     let batch = PoolBatch {
                         fp: rt.judge.pool_fingerprint(),
                         w: f64::from(w_bp) / 10_000.0,
-                        ev,
+                        round: if taken.addr.is_empty() {
+                            0
+                        } else {
+                            keys.round_votes()
+                        },
+                        ev: taken.ev,
+                        addr: taken.addr,
                     };
                     l.fleet.evidence(key.clone(), &batch);
                 }

@@ -20,7 +20,11 @@ attacker cannot choose: it has `--addresses N` source addresses
 
 usage: benches/chosen-keys.py [--veer BIN] [--sticky header|client-ip]
                               [--addresses N] [--budget N] [--weight PERCENT]
-(`--budget`: poison requests in all, shared evenly by the addresses.)
+                              [--shared-errors PERCENT] [--user-addresses N]
+(`--budget`: poison requests in all, shared evenly by the addresses;
+`--shared-errors`: that share of the users' own requests fail on both
+versions, as a stable's errors do, so that rounds of address votes end and
+the attacker's addresses vote again: see README, "one vote".)
 Prints one line: whether the canary was reverted, after how many poison
 and probe requests and seconds, and the judge's reason. Only 127.0.0.0/8
 is targeted; every loop is bounded in count and time.
@@ -109,19 +113,22 @@ def get(conn, path, key):
     return r.status, r.read()
 
 
-def background(port, stop):
+def background(port, stop, shared_errors, addresses):
     """Users: 200 requests a second, each from a user among 100 000, who
-    comes from one of 1000 addresses (127.0.1.1 - 127.0.4.250)."""
+    comes from one of `addresses` addresses (at most 1000: 127.0.1.1 -
+    127.0.4.250); a share `shared_errors` of them fail on both versions."""
     conns = {}
     deadline = time.monotonic() + 300
     while not stop.is_set() and time.monotonic() < deadline:
         user = random.randrange(100_000)
-        addr = f"127.0.{1 + user % 4}.{1 + user // 4 % 250}"
+        slot = user % addresses
+        addr = f"127.0.{1 + slot % 4}.{1 + slot // 4 % 250}"
         if addr not in conns:
             conns[addr] = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
                                                      source_address=(addr, 0))
         try:
-            get(conns[addr], "/", f"user-{user}")
+            path = "/poison-user" if random.random() < shared_errors else "/"
+            get(conns[addr], path, f"user-{user}")
         except (OSError, http.client.HTTPException):
             conns.pop(addr).close()
         time.sleep(0.005)
@@ -136,6 +143,10 @@ def main():
     ap.add_argument("--addresses", type=int, default=1)
     ap.add_argument("--budget", type=int, default=200, help="poison requests at most")
     ap.add_argument("--weight", type=float, default=10.0, help="the canary's weight, percent")
+    ap.add_argument("--shared-errors", type=float, default=0.0,
+                    help="percent of the users' requests that fail on both versions")
+    ap.add_argument("--user-addresses", type=int, default=1000,
+                    help="the users' addresses (64 to 1000)")
     a = ap.parse_args()
     binary = veer_binary(a.veer)
     ups = [upstream("v1"), upstream("v2")]
@@ -155,7 +166,9 @@ def main():
                 break
             except OSError:
                 time.sleep(0.05)
-        bg = threading.Thread(target=background, args=(port, stop), daemon=True)
+        bg = threading.Thread(target=background, args=(port, stop, a.shared_errors / 100,
+                                                       max(64, min(1000, a.user_addresses))),
+                              daemon=True)
         bg.start()
         # Both versions past min_requests before the attack starts.
         deadline = time.monotonic() + 60
@@ -207,9 +220,11 @@ def main():
                   f"{poisons} poison and {probes} probe requests, {took:.1f} s: "
                   f"{reverted['reverted']['guard']}: {reverted['reverted']['reason']}")
         else:
+            ev = s["evidence"]["error_events"]
             print(f"sticky {a.sticky}, {a.addresses} attacker address(es): not reverted after "
                   f"{poisons} poison and {probes} probe requests, {took:.1f} s "
-                  f"(verdict {s['verdict']})")
+                  f"(verdict {s['verdict']}; error events counted: canary {ev['canary']}, "
+                  f"stable {ev['stable']}; E {s['evidence']['e_errors']:.3g})")
     finally:
         stop.set()
         proc.terminate()

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 pub enum Guard {
     /// Every canary endpoint failing connects.
     Unreachable,
-    /// Half of at least 20 requests from at least 20 users failed in 10 s.
+    /// Half of at least 20 requests from at least 20 users failed in 10 s
+    /// (with fewer canary users: every one of at least 5, stable not).
     FailureBurst,
     /// `max_error_rate_ratio`.
     ErrorRateRatio,

@@ -14,7 +14,8 @@ async fn users(addr: SocketAddr, addresses: u8, per: usize, tag: &str) -> usize 
     users_on(addr, addresses, per, tag, "/").await
 }
 
-/// [`users`], asking for `path`.
+/// [`users`], asking for `path`; a tag starting with `caller` sends no
+/// key (the route then keys by the client's address).
 async fn users_on(addr: SocketAddr, addresses: u8, per: usize, tag: &str, path: &str) -> usize {
     let mut tasks = Vec::new();
     for a in 1..=addresses {
@@ -25,7 +26,13 @@ async fn users_on(addr: SocketAddr, addresses: u8, per: usize, tag: &str, path: 
             let mut failed = 0;
             for i in 0..per {
                 let key = format!("{tag}-{a}-{i}");
-                let r = c.get(&path, &[("x-user-id", &key)]).await.unwrap();
+                let headers = [("x-user-id", key.as_str())];
+                let headers = if tag.starts_with("caller") {
+                    &headers[..0]
+                } else {
+                    &headers[..]
+                };
+                let r = c.get(&path, headers).await.unwrap();
                 failed += usize::from(r.status().is_server_error());
             }
             failed
@@ -132,37 +139,68 @@ async fn a_failing_canary_is_reverted_when_its_users_come_from_many_addresses() 
 async fn a_canary_that_regresses_after_every_address_voted_is_still_reverted() {
     let (veer, _v1, v2) = start(10.0).await;
     many_users(&veer).await;
-    // A failure both versions share: every address's user gets a 500.
-    assert_eq!(users_on(veer.addr, 100, 1, "shared", "/fail").await, 100);
-    assert_eq!(users(veer.addr, 100, 4, "calm").await, 0);
+    shared_failure(&veer, "", 50).await;
+    // Now the canary fails one request in four (below the failure-burst
+    // guard's half): the same addresses' users must count again.
+    v2.fail_one_in.store(4, std::sync::atomic::Ordering::SeqCst);
+    until_reverted(&veer, "").await;
+}
+
+/// A failure both versions share, once for every address's user (`tag`
+/// prefixes the users' tags); waits for `events` error events, no revert.
+async fn shared_failure(veer: &Veer, tag: &str, events: u64) {
+    let failed = users_on(veer.addr, 100, 1, &format!("{tag}shared"), "/fail").await;
+    assert_eq!(failed, 100);
+    users(veer.addr, 100, 4, &format!("{tag}calm")).await;
     let route = wait_route(
-        &veer,
+        veer,
         "the shared failures judged",
         Duration::from_secs(30),
         |r| {
             let e = &r["evidence"]["error_events"];
-            e["canary"].as_u64().unwrap_or(0) + e["stable"].as_u64().unwrap_or(0) >= 50
+            e["canary"].as_u64().unwrap_or(0) + e["stable"].as_u64().unwrap_or(0) >= events
         },
     )
     .await;
     assert!(route["reverted"].is_null(), "{route}");
+}
 
-    // Now the canary fails one request in four (below the failure-burst
-    // guard's half): the same addresses' users must count again.
-    v2.fail_one_in.store(4, std::sync::atomic::Ordering::SeqCst);
+/// Rounds of users from 100 addresses until the canary is reverted (60 s
+/// at most); the route then.
+async fn until_reverted(veer: &Veer, tag: &str) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut round = 0;
     loop {
         round += 1;
-        users(veer.addr, 100, 4, &format!("after{round}")).await;
+        users(veer.addr, 100, 4, &format!("{tag}after{round}")).await;
         let route = veer.status().await["routes"][0].clone();
         if !route["reverted"].is_null() {
             assert_eq!(route["weight"]["effective"], 0.0, "{route}");
-            break;
+            return route;
         }
         assert!(
             Instant::now() < deadline,
             "not reverted after {round} rounds: {route}"
         );
     }
+}
+
+/// A route keyed by its callers' addresses (no header: `client-ip`), a
+/// hundred of them: about ten on the canary. Once each caller has had an
+/// error, the tests count nothing of theirs (a key votes once), and the
+/// canary never has the 20 users a span needs for the usual burst floor.
+/// A canary that fails every caller it has is still reverted: every one
+/// of its users in the span failed, and stable did not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_all_of_a_few_callers_is_reverted_after_each_had_an_error() {
+    let (veer, _v1, v2) = start(10.0).await;
+    assert_eq!(users(veer.addr, 100, 8, "caller-warm").await, 0);
+    wait_route(&veer, "healthy", Duration::from_secs(30), |r| {
+        r["verdict"] == "healthy"
+    })
+    .await;
+    shared_failure(&veer, "caller-", 90).await;
+    v2.status.store(500, std::sync::atomic::Ordering::SeqCst);
+    let route = until_reverted(&veer, "caller-").await;
+    assert_eq!(route["reverted"]["guard"], "failure_burst", "{route}");
 }

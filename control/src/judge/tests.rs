@@ -131,6 +131,36 @@ fn a_failure_burst_trips_within_one_tick() {
 }
 
 #[test]
+fn every_one_of_a_few_canary_users_failing_trips_the_burst_guard_where_stable_does_not() {
+    // Ten canary users (a route keyed by 100 callers' addresses), all
+    // failing; stable's 90 at 0.1 %.
+    let few = |failing: u64, stable_errors: u64| {
+        let mut canary = tick(50, 45, 1000);
+        (canary.burst_keys, canary.burst_users) = (failing, 10);
+        let mut stable = tick(950, stable_errors, 1000);
+        stable.burst_users = 90;
+        input(0.1, stable, canary)
+    };
+    let mut j = Judge::new(&settings());
+    let v = j.tick(few(10, 1));
+    assert_eq!(v.guard, Some(Guard::FailureBurst), "{}", v.reason);
+    assert!(v.reason.contains("every canary user"), "{}", v.reason);
+    // Not when one of the ten did not fail, nor when stable fails at more
+    // than a tenth of the canary's share (an outage both versions share),
+    // nor with fewer than five users.
+    for (failing, stable_errors) in [(9, 1), (10, 90)] {
+        let mut j = Judge::new(&settings());
+        let v = j.tick(few(failing, stable_errors));
+        assert_ne!(v.guard, Some(Guard::FailureBurst), "{}", v.reason);
+    }
+    let mut j = Judge::new(&settings());
+    let mut canary = tick(50, 45, 1000);
+    (canary.burst_keys, canary.burst_users) = (4, 4);
+    let v = j.tick(input(0.1, tick(950, 0, 1000), canary));
+    assert_ne!(v.guard, Some(Guard::FailureBurst), "{}", v.reason);
+}
+
+#[test]
 fn one_heavy_failing_user_does_not_trip_the_burst_guard() {
     let mut j = Judge::new(&settings());
     for _ in 0..10 {

@@ -298,6 +298,7 @@ fn fleet_rollout(
                     stable: std::mem::replace(&mut rep.stable, empty()),
                     canary: std::mem::replace(&mut rep.canary, empty()),
                     pairs: Default::default(),
+                    key_rounds: Vec::new(),
                 });
                 if rep.judge.burst_span_ended() {
                     rep.burst_filter.clear();

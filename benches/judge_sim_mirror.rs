@@ -166,6 +166,7 @@ pub fn mirrored_rollout(
                     ..VersionTick::default()
                 },
                 pairs: p,
+                key_rounds: Vec::new(),
             });
             if v.status == Status::Breach {
                 out[i] = Some((at, v.guard.map_or("unknown", |g| g.as_str())));

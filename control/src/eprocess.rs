@@ -405,11 +405,17 @@ mod tests {
     }
 }
 
+/// The share of a detector's prior weight held back for a test's key
+/// rounds (see [`crate::limits`], "Key rounds"): a detector's own starts
+/// sum to `1 − KEY_ROUNDS_SHARE`.
+pub const KEY_ROUNDS_SHARE: f64 = 0.125;
+
 /// Prior weight of the fresh start at batch `b`, for a coarse grid of `c`
 /// batches (see [`Detector`]): `1/2` at `b = 0`; on every later batch
 /// `(c+1) / (4 (b+c)(b+c+1))` (the fine grid); and on every `c`-th batch
-/// `b = kc` another `1 / (2 (k+1)(k+2))` (the coarse grid). Each grid's
-/// weights telescope to `1/4`, so all of them sum to 1.
+/// `b = kc` another `1 / (4 (k+1)(k+2))` (the coarse grid). The fine
+/// grid's weights telescope to `1/4`, the coarse grid's to `1/8`: all of
+/// them sum to `1 − KEY_ROUNDS_SHARE`.
 fn start_weight(b: u64, c: u64) -> f64 {
     if b == 0 {
         return 0.5;
@@ -418,7 +424,7 @@ fn start_weight(b: u64, c: u64) -> f64 {
     let fine = (cf + 1.0) / (4.0 * (bf + cf) * (bf + cf + 1.0));
     let coarse = if b % c == 0 {
         let k = (b / c) as f64;
-        1.0 / (2.0 * (k + 1.0) * (k + 2.0))
+        2.0 * (0.25 - KEY_ROUNDS_SHARE) / ((k + 1.0) * (k + 2.0))
     } else {
         0.0
     };
@@ -503,8 +509,10 @@ impl Component for EProcess {
 /// The weights: half on the first batch (a canary bad from its first
 /// request, the usual case), a quarter spread over every batch with a
 /// density that falls as `c/(t+c)²` (`c` = `restart_every` batches, 30 s in
-/// the judge), and a quarter on every `c`-th batch, the `k`-th with
-/// `1/(2(k+1)(k+2))`. The price of a start is `ln(1/π)` nats of evidence.
+/// the judge), and an eighth on every `c`-th batch, the `k`-th with
+/// `1/(4(k+1)(k+2))`; the last eighth ([`KEY_ROUNDS_SHARE`]) is left to
+/// the test's key rounds (session 16; a quarter on the coarse grid before).
+/// The price of a start is `ln(1/π)` nats of evidence.
 /// A regression that begins between coarse starts either waits for the
 /// next one or uses the fine start at its onset. With a coarse grid alone
 /// (the detector until session 12), in `judge-sim` every request 3x
@@ -612,6 +620,11 @@ impl<C: Component> Detector<C> {
             stable_events: 0,
             agg: None,
         }
+    }
+
+    /// A fresh detector of the same template and grid (E = 1).
+    pub fn restarted(&self) -> Detector<C> {
+        Detector::with(self.template.clone(), self.restart_every)
     }
 
     /// Adds a batch (see [`EProcess::update`]; for a one-sample component,
@@ -848,10 +861,11 @@ mod detector_tests {
     }
 
     #[test]
-    fn the_start_weights_sum_to_one() {
+    fn the_start_weights_sum_to_all_but_the_key_rounds_share() {
         for c in [1, 30, 300] {
             let sum: f64 = (0..10_000_000).map(|b| start_weight(b, c)).sum();
-            assert!(sum <= 1.0 && sum > 0.99, "c = {c}: {sum}");
+            let all = 1.0 - KEY_ROUNDS_SHARE;
+            assert!(sum <= all && sum > all - 0.01, "c = {c}: {sum}");
         }
     }
 

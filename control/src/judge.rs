@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use crate::config::{JudgeSettings, Quantile};
 use crate::guard::Guard;
-use crate::limits::{self, Batch, Limit, LimitTest, PairBatch, Spec};
+use crate::limits::{self, Batch, Limit, LimitTest, PairBatch, RoundBatch, Spec};
 use crate::pool::{Pool, PoolView};
 use crate::window::{Slice, Stats, Window};
 
@@ -53,6 +53,12 @@ pub struct VersionTick {
     pub burst_users: u64,
     /// Every endpoint of the version is failing connects.
     pub unreachable: bool,
+    /// Errors from keys with no error before in the current key round
+    /// (see [`crate::limits`], "Key rounds").
+    pub round_error_events: u64,
+    /// Slow requests from keys not slow before in the slot's current key
+    /// round, per threshold slot.
+    pub round_slow_events: Vec<u64>,
 }
 
 /// What one tick's mirrored pairs (stable's answer and the canary's answer
@@ -85,6 +91,9 @@ pub struct TickInput {
     pub canary: VersionTick,
     /// Mirrored pairs (routes with `[route.mirror]`).
     pub pairs: PairTick,
+    /// The recorder's current key round ids: errors first, then each
+    /// threshold slot; empty where the recorder keeps no rounds.
+    pub key_rounds: Vec<u64>,
 }
 
 /// Bad events of one version counted since the last tick and not yet in
@@ -137,6 +146,21 @@ pub struct TestEvidence {
     /// Latency tests: the thresholds (ms) stable's and the canary's
     /// requests are counted against now.
     pub thresholds_ms: Option<(Option<f64>, Option<f64>)>,
+    /// The test's current key round (see [`crate::limits`], "Key rounds").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_round: Option<RoundEvidence>,
+}
+
+/// A test's current key round, for `/status`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RoundEvidence {
+    /// The round's number (1 for the first).
+    pub number: u64,
+    /// Its e-value times its share of the test's α (compared with the
+    /// same threshold as the test's).
+    pub e: f64,
+    /// Distinct-key bad events (canary, stable) of the round.
+    pub events: (u64, u64),
 }
 
 /// Evidence behind the sequential tests, for `/status` and metrics.
@@ -430,7 +454,7 @@ impl Judge {
             .collect();
         xxhash_rust::xxh3::xxh3_64(
             format!(
-                "limits-v2|{:?}|{}|{}{}{}",
+                "limits-v3|{:?}|{}|{}{}{}",
                 self.settings.margin,
                 specs.join(","),
                 self.restart_every,
@@ -626,6 +650,7 @@ impl Judge {
             stable,
             canary,
             pairs,
+            key_rounds,
         } = input;
         self.w = w;
         if let Some(age) = &mut self.canary_age {
@@ -643,7 +668,7 @@ impl Judge {
                 if warm && spec.limit.is_latency() {
                     continue;
                 }
-                let Some(batch) = self.batch(spec.limit, w, &stable, &canary) else {
+                let Some(batch) = self.batch(spec.limit, w, &stable, &canary, &key_rounds) else {
                     continue;
                 };
                 if let Some(t) = self.tests.get_mut(i) {
@@ -740,9 +765,20 @@ impl Judge {
         w: f64,
         stable: &VersionTick,
         canary: &VersionTick,
+        key_rounds: &[u64],
     ) -> Option<Batch> {
         let requests = canary.slice.requests;
         let at = |v: &VersionTick, slot: usize| v.slow_events.get(slot).copied().unwrap_or(0);
+        let round_at =
+            |v: &VersionTick, slot: usize| v.round_slow_events.get(slot).copied().unwrap_or(0);
+        // Kind 0 is errors, 1 + slot each threshold slot.
+        let round = |kind: usize, canary_events: u64, stable_events: u64| {
+            key_rounds.get(kind).map(|&id| RoundBatch {
+                id,
+                canary_events,
+                stable_events,
+            })
+        };
         Some(match limit {
             Limit::ErrorRatio { .. } | Limit::ErrorRate { .. } => Batch {
                 w,
@@ -750,6 +786,7 @@ impl Judge {
                 stable_events: stable.error_events,
                 canary_requests: requests,
                 canary_bad: canary.slice.errors,
+                round: round(0, canary.round_error_events, stable.round_error_events),
             },
             Limit::LatencyRatio { slot, .. } => {
                 self.stable_thresholds.get(slot).copied().flatten()?;
@@ -757,6 +794,7 @@ impl Judge {
                     w,
                     canary_events: at(canary, slot),
                     stable_events: at(stable, slot),
+                    round: round(slot + 1, round_at(canary, slot), round_at(stable, slot)),
                     ..Batch::default()
                 }
             }
@@ -768,6 +806,7 @@ impl Judge {
                     stable_events: at(stable, slot),
                     canary_requests: requests,
                     canary_bad: count_above(&canary.slice.latency, limit_us),
+                    round: round(slot + 1, round_at(canary, slot), round_at(stable, slot)),
                 }
             }
         })
@@ -788,6 +827,15 @@ impl Judge {
                 let e = t.e_value(self.w);
                 t.crossed(e, threshold, t.events().0, self.w)
                     .then(|| self.breach(spec, t, e, (0, 0)))
+            })
+            .or_else(|| {
+                // Key rounds: each round's e-value comes weighted by its
+                // share of the test's α (see crate::limits, "Key rounds").
+                self.specs.iter().zip(&self.tests).find_map(|(spec, t)| {
+                    let (e, canary) = t.round_e_value(self.w)?;
+                    (e >= threshold && canary >= limits::MIN_CANARY_EVENTS)
+                        .then(|| self.round_breach(spec, t, e))
+                })
             })
             .or_else(|| {
                 self.specs.iter().zip(&self.paired).find_map(|(spec, t)| {

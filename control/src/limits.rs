@@ -52,6 +52,37 @@
 //! blue-green colour that took over) there is no stable to compare with, and
 //! the one-sample test alone decides.
 //!
+//! **Key rounds.** A sticky key counts once per canary: its version is
+//! fixed by its hash, so its second bad event would repeat the first
+//! draw. Where a route has few keys (callers keyed by `client-ip`, a few
+//! dozen tenants), every key soon has had its event (stable's own errors,
+//! an outage both versions share), and from then on a canary that starts
+//! failing a quarter of its requests is never reverted (measured in
+//! session 15: E = 0.28 after 13 329 canary requests, 25 % failing). So
+//! the recorder also counts each kind of bad event in *key rounds*: the
+//! first event of each key since the round began (and, where addresses
+//! have one vote, of each address). A round ends when its votes are
+//! spent: at least 32 more repeated events (of keys that already voted in
+//! the round) than votes, from at least 4 distinct keys, and at least
+//! 10 s in (see `veer_proxy::record::RouteKeys`); one always-failing key
+//! cannot end rounds, a canary failing all of its few keys does in
+//! seconds. Each round's events feed a fresh copy of the test's
+//! attribution leg (with its own fresh starts). Within a round, each
+//! counted event's key is new to the round, so under the null it is the
+//! canary's with probability at most its share, as for the test itself;
+//! across rounds the same keys' versions repeat, so rounds are not one
+//! martingale and are combined by Bonferroni instead: round `n` has
+//! `KEY_ROUNDS_SHARE / (n (n+1))` of the test's α (an eighth in all, taken
+//! from the coarse grid of the test's fresh starts, see
+//! [`crate::eprocess::Detector`]; the canary's first tick keeps its half,
+//! so a canary bad from its first request is caught as before), and reverts
+//! when its e-value times that share reaches the test's threshold. Round
+//! ends depend on counts and keys, never on versions. For an absolute
+//! limit the round's e-value is again the smaller of it and the one-sample
+//! leg's. A round's test acts on ticks (not on looks between them). A
+//! fleet's pooled tests have no rounds (they count a key once fleet-wide);
+//! each replica's local tests do.
+//!
 //! **One α.** With `k` tests, each gets `α/k` and reverts at `E ≥ k/α`
 //! (Bonferroni): a canary within every limit is reverted, over a whole
 //! rollout, with probability at most `Σ α/k = α`, however often the judge
@@ -61,7 +92,7 @@
 //! event at the reference example's relative risk).
 
 use crate::config::{JudgeSettings, Quantile};
-use crate::eprocess::Detector;
+use crate::eprocess::{Detector, KEY_ROUNDS_SHARE};
 use crate::guard::Guard;
 use crate::onesample::OneSample;
 
@@ -142,6 +173,51 @@ pub struct LimitTest {
     rel: Detector,
     /// The one-sample leg of an absolute limit.
     abs: Option<Detector<OneSample>>,
+    /// The attribution leg again, on the current key round's events (see
+    /// the module docs, "Key rounds"); None before the first.
+    #[serde(default)]
+    round: Option<KeyRound>,
+}
+
+/// The attribution test of one key round.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KeyRound {
+    /// The round's number for this test: 1, 2, ...
+    n: u64,
+    /// The recorder's id of the round.
+    id: u64,
+    rel: Detector,
+}
+
+impl KeyRound {
+    /// The round's number for its test (1 for the first).
+    pub fn number(&self) -> u64 {
+        self.n
+    }
+
+    /// The round's share of its test's α: `KEY_ROUNDS_SHARE / (n (n+1))`,
+    /// which sums to `KEY_ROUNDS_SHARE` over all rounds.
+    pub fn share(&self) -> f64 {
+        let n = self.n.max(1) as f64;
+        KEY_ROUNDS_SHARE / (n * (n + 1.0))
+    }
+
+    /// Distinct-key (canary, stable) events of the round.
+    pub fn events(&self) -> (u64, u64) {
+        (self.rel.canary_events(), self.rel.stable_events())
+    }
+}
+
+/// A tick's bad events of one key round (see the module docs, "Key
+/// rounds"): the first of each key since the round began.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoundBatch {
+    /// The recorder's id of the round (a new id: a new round).
+    pub id: u64,
+    /// Canary events.
+    pub canary_events: u64,
+    /// Stable events.
+    pub stable_events: u64,
 }
 
 /// A test's description: what it checks and its `reason` label.
@@ -243,6 +319,8 @@ pub struct Batch {
     pub canary_requests: u64,
     /// Canary requests that were bad (errors, or slower than the limit).
     pub canary_bad: u64,
+    /// The key round's events (None where the recorder keeps no rounds).
+    pub round: Option<RoundBatch>,
 }
 
 /// What a tick's mirrored pairs give one test (see
@@ -301,16 +379,48 @@ impl LimitTest {
         LimitTest {
             rel: Detector::new(r0, restart_every),
             abs: abs.map(|p| Detector::with(OneSample::at(p), restart_every)),
+            round: None,
         }
     }
 
-    /// Adds a tick's batch.
+    /// Adds a tick's batch. A round id other than the current round's
+    /// starts the next round's test afresh.
     pub fn update(&mut self, b: &Batch) {
         self.rel.update(b.w, b.canary_events, b.stable_events);
         if let Some(abs) = &mut self.abs {
             let bad = b.canary_bad.min(b.canary_requests);
             abs.update(b.w, bad, b.canary_requests - bad);
         }
+        if let Some(rb) = b.round {
+            let round = match self.round.take() {
+                Some(r) if r.id == rb.id => r,
+                before => KeyRound {
+                    n: before.map_or(1, |r| r.n + 1),
+                    id: rb.id,
+                    rel: self.rel.restarted(),
+                },
+            };
+            let round = self.round.insert(round);
+            round.rel.update(b.w, rb.canary_events, rb.stable_events);
+        }
+    }
+
+    /// The current key round's test, if one began.
+    pub fn round(&self) -> Option<&KeyRound> {
+        self.round.as_ref()
+    }
+
+    /// The current key round's e-value, weighted by its share (so that it
+    /// is compared with the test's own threshold), and its canary events;
+    /// None before a round, and at `w = 1` (no stable to compare with: the
+    /// one-sample leg alone decides, in the test itself).
+    pub fn round_e_value(&self, w: f64) -> Option<(f64, u64)> {
+        let r = self.round.as_ref().filter(|_| w < 1.0)?;
+        let e = r.rel.e_value() * r.share();
+        Some((
+            combine(e, self.abs.as_ref().map(|a| a.e_value()), w),
+            r.rel.canary_events(),
+        ))
     }
 
     /// The test's e-value, with the canary at share `w` (see the module
@@ -425,6 +535,7 @@ mod tests {
                 stable_events: 1,
                 canary_requests: 50,
                 canary_bad: 5,
+                round: None,
             });
         }
         assert!(t.abs.as_ref().map(|a| a.e_value()).unwrap_or(0.0) > 1e6);
@@ -451,6 +562,7 @@ mod tests {
                 stable_events: 1,
                 canary_requests: 50,
                 canary_bad: 5,
+                round: None,
             });
             ticks += 1;
             assert!(ticks < 100, "never crossed: {}", t.e_value(0.05));

@@ -320,10 +320,14 @@ impl From<&Stats> for WindowStats {
 }
 
 fn test_status(t: &TestEvidence) -> TestStatus {
-    TestStatus {
+    let mut status = TestStatus {
         e: finite(t.e),
         ..t.clone()
+    };
+    if let Some(r) = &mut status.key_round {
+        r.e = finite(r.e);
     }
+    status
 }
 
 impl From<&Evidence> for EvidenceStatus {

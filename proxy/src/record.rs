@@ -124,6 +124,109 @@ pub struct RouteKeys {
     client_votes: bool,
     /// In a fleet that pools its evidence: the bad events to publish.
     pool: Option<PoolLog>,
+    /// Key rounds (see "Key rounds"): errors, then each slow threshold.
+    rounds: Vec<KeyRound>,
+    /// What the rounds' clocks count from.
+    epoch: tokio::time::Instant,
+}
+
+/// Repeated events (of keys that voted in the round) beyond its votes
+/// that end a key round (see [`RouteKeys`], "Key rounds").
+pub const ROUND_SPENT_REPEATS: u64 = 32;
+/// Distinct keys whose repeated events a key round's end needs, so that
+/// one or a few always-failing keys cannot end rounds.
+pub const ROUND_SPENT_KEYS: u64 = 4;
+/// The shortest key round.
+pub const MIN_KEY_ROUND: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The bits of [`Recorder::record_from`]'s key-round mask for `kind`
+/// counted in a round of `parity` (none when it did not count).
+const _: () = assert!(MAX_THRESHOLDS < 16, "every kind's bits must fit the mask");
+
+#[inline]
+fn round_bits(kind: usize, parity: Option<u64>) -> u32 {
+    parity.map_or(0, |p| (1 << kind) | ((p as u32 & 1) << (16 + kind)))
+}
+
+/// One kind's key round: which keys (and, where addresses have one vote,
+/// which addresses) voted since it began, and how often keys that had
+/// voted were bad again.
+#[derive(Debug)]
+struct KeyRound {
+    keys: KeyFilter,
+    clients: KeyFilter,
+    /// Keys counted in `repeat_keys`: those bad again after their vote.
+    again: KeyFilter,
+    votes: AtomicU64,
+    repeats: AtomicU64,
+    repeat_keys: AtomicU64,
+    /// The round's id; its parity picks the shard counter its events go
+    /// to, so that a tick's drain never hands one round's events to the
+    /// next round's test.
+    id: AtomicU64,
+    /// When the round began, in ms since the route keys' epoch.
+    began_ms: AtomicU64,
+}
+
+impl KeyRound {
+    fn new(id: u64) -> KeyRound {
+        KeyRound {
+            keys: KeyFilter::with_bits(SHORT_BITS),
+            clients: KeyFilter::with_bits(CLIENT_BITS),
+            again: KeyFilter::with_bits(SHORT_BITS),
+            votes: AtomicU64::new(0),
+            repeats: AtomicU64::new(0),
+            repeat_keys: AtomicU64::new(0),
+            id: AtomicU64::new(id),
+            began_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one bad event of this kind from `key_hash` (None: its own
+    /// key) and `client` (with `one_vote`: addresses have one vote);
+    /// returns the parity of the round it counted in, if it counted.
+    #[inline]
+    fn count(&self, key_hash: Option<u64>, client: Option<u64>, one_vote: bool) -> Option<u64> {
+        let parity = self.id.load(Ordering::Relaxed) & 1;
+        let new_key = key_hash.is_none_or(|h| self.keys.first_time(h));
+        if !new_key {
+            self.repeats.fetch_add(1, Ordering::Relaxed);
+            if key_hash.is_some_and(|h| self.again.first_time(h)) {
+                self.repeat_keys.fetch_add(1, Ordering::Relaxed);
+            }
+            return None;
+        }
+        if one_vote && client.is_some_and(|c| !self.clients.first_time(c)) {
+            return None;
+        }
+        self.votes.fetch_add(1, Ordering::Relaxed);
+        Some(parity)
+    }
+
+    /// Ends the round if its votes are spent and it is old enough.
+    fn end_if_spent(&self, now_ms: u64) {
+        let votes = self.votes.load(Ordering::Relaxed);
+        let repeats = self.repeats.load(Ordering::Relaxed);
+        let old = now_ms.saturating_sub(self.began_ms.load(Ordering::Relaxed))
+            >= MIN_KEY_ROUND.as_millis() as u64;
+        if !old
+            || repeats < votes + ROUND_SPENT_REPEATS
+            || self.repeat_keys.load(Ordering::Relaxed) < ROUND_SPENT_KEYS
+        {
+            return;
+        }
+        // The filters first, then the id: an event that read the old id
+        // after the clear counts for the old round (dropped with it), not
+        // twice in the new one.
+        self.keys.clear();
+        self.clients.clear();
+        self.again.clear();
+        self.votes.store(0, Ordering::Relaxed);
+        self.repeats.store(0, Ordering::Relaxed);
+        self.repeat_keys.store(0, Ordering::Relaxed);
+        self.began_ms.store(now_ms, Ordering::Relaxed);
+        self.id.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The bad events of a route (both versions) recorded since the last
@@ -240,7 +343,44 @@ impl RouteKeys {
             slow_votes: (0..thresholds).map(|_| AtomicU64::new(0)).collect(),
             client_votes: true,
             pool: None,
+            // Ids start at random, so that a judge that resumes its tests
+            // after a restart never takes the new process's rounds for
+            // the one it was in (a resumed round would count its keys
+            // twice).
+            rounds: (0..=thresholds)
+                .map(|_| KeyRound::new(fastrand::u64(..u64::MAX / 2)))
+                .collect(),
+            epoch: tokio::time::Instant::now(),
         }
+    }
+
+    /// The current key round ids: errors, then each of `thresholds` slow
+    /// thresholds (see [`veer_control::judge::TickInput::key_rounds`]).
+    pub fn key_rounds(&self, thresholds: usize) -> Vec<u64> {
+        self.rounds
+            .iter()
+            .take(thresholds + 1)
+            .map(|r| r.id.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Ends each kind's key round whose votes are spent (see "Key
+    /// rounds"). Called by the controller after each tick's judgement.
+    pub fn end_key_rounds(&self) {
+        self.end_key_rounds_at(self.epoch.elapsed().as_millis() as u64);
+    }
+
+    fn end_key_rounds_at(&self, now_ms: u64) {
+        for r in &self.rounds {
+            r.end_if_spent(now_ms);
+        }
+    }
+
+    /// The current round id's parity of kind `kind` (0 errors, 1 + slot).
+    fn round_parity(&self, kind: usize) -> usize {
+        self.rounds
+            .get(kind)
+            .map_or(0, |r| (r.id.load(Ordering::Relaxed) & 1) as usize)
     }
 
     /// Keys alone count, however many client addresses the route has
@@ -375,6 +515,9 @@ struct Shard {
     burst_keys: AtomicU64,
     burst_users: AtomicU64,
     slow_events: [AtomicU64; MAX_THRESHOLDS],
+    /// Key-round events per kind (errors, then each slow threshold), by
+    /// the parity of the round's id.
+    round_events: [[AtomicU64; 2]; MAX_THRESHOLDS + 1],
     sum_us: AtomicU64,
     /// Counts per hdrhistogram bucket since the last drain (a tick cannot
     /// hold 2³² requests of one shard), allocated at the shard's first
@@ -396,6 +539,7 @@ impl Shard {
             burst_keys: AtomicU64::new(0),
             burst_users: AtomicU64::new(0),
             slow_events: std::array::from_fn(|_| AtomicU64::new(0)),
+            round_events: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             sum_us: AtomicU64::new(0),
             latency: OnceLock::new(),
             scan_next: AtomicBool::new(false),
@@ -549,8 +693,14 @@ impl Recorder {
             counted
         };
         let bad = outcome != Outcome::Ok;
+        // Key-round events (see "Key rounds"): bit `k` for a kind counted
+        // (0 errors, 1 + slot), bit `16 + k` the parity of its round.
+        let mut in_rounds: u32 = 0;
         let new_user = first(&self.keys.burst_users, &self.keys.burst_user_clients);
         let (error_event, burst_key) = if bad {
+            if let Some(r) = self.keys.rounds.first() {
+                in_rounds |= round_bits(0, r.count(key_hash, client, votes && one_vote));
+            }
             (
                 voted(
                     first(&self.keys.errors, &self.keys.error_clients),
@@ -562,19 +712,28 @@ impl Recorder {
             (false, false)
         };
         let mut slow = [false; MAX_THRESHOLDS];
-        for ((flag, threshold), ((keys, clients), round)) in
-            slow.iter_mut().zip(&self.thresholds_us).zip(
+        for (kind, (((flag, threshold), ((keys, clients), round)), key_round)) in slow
+            .iter_mut()
+            .zip(&self.thresholds_us)
+            .zip(
                 self.keys
                     .slow
                     .iter()
                     .zip(&self.keys.slow_clients)
                     .zip(&self.keys.slow_votes),
             )
+            .zip(self.keys.rounds.iter().skip(1))
+            .enumerate()
         {
             let t = threshold.load(Ordering::Relaxed);
-            *flag = t != OFF
-                && (latency_us > t || outcome == Outcome::Timeout)
-                && voted(first(keys, clients), round);
+            let slow = t != OFF && (latency_us > t || outcome == Outcome::Timeout);
+            if slow {
+                in_rounds |= round_bits(
+                    kind + 1,
+                    key_round.count(key_hash, client, votes && one_vote),
+                );
+            }
+            *flag = slow && voted(first(keys, clients), round);
         }
         let shard = THREAD.with(|t| *t) % self.shards.len();
         let Some(shard) = self.shards.get(shard) else {
@@ -600,6 +759,16 @@ impl Recorder {
         }
         for (n, flag) in shard.slow_events.iter().zip(slow) {
             add(n, u64::from(flag));
+        }
+        if in_rounds != 0 {
+            for (kind, n) in shard.round_events.iter().enumerate() {
+                if in_rounds & (1 << kind) != 0 {
+                    let parity = (in_rounds >> (16 + kind)) & 1;
+                    if let Some(c) = n.get(parity as usize) {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
         }
         if let Some(log) = &self.keys.pool {
             if error_event || slow.iter().any(|f| *f) {
@@ -650,7 +819,15 @@ impl Recorder {
             burst_keys: 0,
             burst_users: 0,
             unreachable: false,
+            round_error_events: 0,
+            round_slow_events: vec![0; thresholds],
         };
+        // Each kind's events of its current round; those of the round
+        // before (recorded after the last drain, as it ended) are dropped
+        // with its test.
+        let parities: Vec<usize> = (0..=thresholds)
+            .map(|k| self.keys.round_parity(k))
+            .collect();
         let mut connect = 0;
         let mut sum_us = 0;
         let mut sized = false;
@@ -665,6 +842,23 @@ impl Recorder {
             tick.burst_users += take(&shard.burst_users);
             for (n, m) in tick.slow_events.iter_mut().zip(&shard.slow_events) {
                 *n += take(m);
+            }
+            for (kind, (counters, parity)) in shard.round_events.iter().zip(&parities).enumerate() {
+                let mut n = 0;
+                for (p, c) in counters.iter().enumerate() {
+                    let taken = take(c);
+                    if p == *parity {
+                        n = taken;
+                    }
+                }
+                match kind {
+                    0 => tick.round_error_events += n,
+                    k => {
+                        if let Some(slot) = tick.round_slow_events.get_mut(k - 1) {
+                            *slot += n;
+                        }
+                    }
+                }
             }
             connect += take(&shard.connect_errors);
             sum_us += take(&shard.sum_us);
@@ -824,6 +1018,79 @@ mod tests {
         for i in 0..n {
             r.record_from(20_000, Outcome::Error, key(2_000 + i), Some(addr(7)));
         }
+    }
+
+    #[test]
+    fn keys_vote_again_in_a_new_key_round_once_the_last_ones_votes_are_spent() {
+        let keys = Arc::new(RouteKeys::new(1));
+        let stable = Recorder::new(keys.clone());
+        let canary = Recorder::for_canary(keys.clone());
+        stable.set_thresholds(&[Some(10_000)]);
+        canary.set_thresholds(&[Some(10_000)]);
+        let ids = keys.key_rounds(1);
+        assert_eq!(ids.len(), 2);
+        // Ten keys, each one error: ten votes, in the round and in the
+        // canary's lifetime filter alike.
+        for k in 0..10 {
+            canary.record(2_000, Outcome::Error, key(k));
+        }
+        let t = canary.drain(1).0;
+        assert_eq!((t.error_events, t.round_error_events), (10, 10));
+        // Repeats of three keys (one always-failing user, or three) never
+        // end a round, however many.
+        for i in 0..200 {
+            canary.record(2_000, Outcome::Error, key(i % 3));
+        }
+        keys.end_key_rounds_at(60_000);
+        assert_eq!(keys.key_rounds(1), ids);
+        let t = canary.drain(1).0;
+        assert_eq!((t.error_events, t.round_error_events), (0, 0));
+        // A fourth repeating key: 201 repeats against 11 votes + 32, and
+        // the round is old enough. Not before its 10 s, though.
+        canary.record(2_000, Outcome::Error, key(3));
+        // And a new key's vote in this round, not drained before it ends.
+        canary.record(2_000, Outcome::Error, key(99));
+        keys.end_key_rounds_at(MIN_KEY_ROUND.as_millis() as u64 - 1);
+        assert_eq!(keys.key_rounds(1), ids);
+        keys.end_key_rounds_at(60_000);
+        let after = keys.key_rounds(1);
+        assert_ne!(after[0], ids[0], "the error round ended");
+        assert_eq!(after[1], ids[1], "the slow round had no event");
+        // Events recorded in the old round after the last drain are
+        // dropped with it; the same keys now vote in the new round, and
+        // only there (the lifetime filter remembers them).
+        for k in 0..10 {
+            canary.record(2_000, Outcome::Error, key(k));
+        }
+        let t = canary.drain(1).0;
+        assert_eq!((t.error_events, t.round_error_events), (1, 10));
+        // The next round may not end for 10 s from its start.
+        for i in 0..200 {
+            canary.record(2_000, Outcome::Error, key(i % 10));
+        }
+        keys.end_key_rounds_at(60_000 + 9_000);
+        assert_eq!(keys.key_rounds(1), after);
+        keys.end_key_rounds_at(60_000 + 10_000);
+        assert_ne!(keys.key_rounds(1), after);
+        // Slow events have rounds of their own.
+        stable.record(20_000, Outcome::Ok, key(50));
+        let t = stable.drain(1).0;
+        assert_eq!((t.slow_events[0], t.round_slow_events[0]), (1, 1));
+    }
+
+    #[test]
+    fn an_address_votes_once_a_key_round_where_addresses_have_one_vote() {
+        let keys = Arc::new(RouteKeys::new(1));
+        let stable = Recorder::new(keys.clone());
+        let canary = Recorder::for_canary(keys.clone());
+        from_many_clients(&stable);
+        stable.drain(1);
+        assert!(keys.one_vote());
+        // One address minting keys: one vote in the round as in the
+        // canary's lifetime.
+        minted_failures(&canary, 50);
+        let t = canary.drain(1).0;
+        assert_eq!((t.error_events, t.round_error_events), (1, 1));
     }
 
     #[test]

@@ -202,10 +202,12 @@ impl RouteRuntime {
             .as_ref()
             .map(|p| p.drain(self.thresholds))
             .unwrap_or_default();
+        let key_rounds = self.stable.keys().key_rounds(self.thresholds);
         if !flipped && pairs.pairs == 0 && self.judge.quiet(&stable, &canary) {
             // (A share changed while idle is not a share change for the
             // requests to come: all of them are routed with the new one.)
             self.last_w_bp = Some(w_bp);
+            self.stable.keys().end_key_rounds();
             return None;
         }
         self.unsaved |= stable.slice.requests > 0 || canary.slice.requests > 0 || flipped;
@@ -218,7 +220,11 @@ impl RouteRuntime {
             stable,
             canary,
             pairs,
+            key_rounds,
         });
+        // After the judgement: a round that ends now has had all its
+        // events drained into its test.
+        self.stable.keys().end_key_rounds();
         if self.judge.burst_span_ended() {
             self.stable.keys().clear_burst();
         }

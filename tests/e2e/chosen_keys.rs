@@ -185,6 +185,20 @@ async fn until_reverted(veer: &Veer, tag: &str) -> serde_json::Value {
     }
 }
 
+/// The route below, keyed by 100 callers' addresses, healthy, after one
+/// failure of each caller that both versions share.
+async fn few_callers_each_failed_once() -> (Veer, std::sync::Arc<Upstream>, std::sync::Arc<Upstream>)
+{
+    let (veer, v1, v2) = start(10.0).await;
+    assert_eq!(users(veer.addr, 100, 8, "caller-warm").await, 0);
+    wait_route(&veer, "healthy", Duration::from_secs(30), |r| {
+        r["verdict"] == "healthy"
+    })
+    .await;
+    shared_failure(&veer, "caller-", 90).await;
+    (veer, v1, v2)
+}
+
 /// A route keyed by its callers' addresses (no header: `client-ip`), a
 /// hundred of them: about ten on the canary. Once each caller has had an
 /// error, the tests count nothing of theirs (a key votes once), and the
@@ -193,14 +207,27 @@ async fn until_reverted(veer: &Veer, tag: &str) -> serde_json::Value {
 /// of its users in the span failed, and stable did not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_failing_all_of_a_few_callers_is_reverted_after_each_had_an_error() {
-    let (veer, _v1, v2) = start(10.0).await;
-    assert_eq!(users(veer.addr, 100, 8, "caller-warm").await, 0);
-    wait_route(&veer, "healthy", Duration::from_secs(30), |r| {
-        r["verdict"] == "healthy"
-    })
-    .await;
-    shared_failure(&veer, "caller-", 90).await;
+    let (veer, _v1, v2) = few_callers_each_failed_once().await;
     v2.status.store(500, std::sync::atomic::Ordering::SeqCst);
     let route = until_reverted(&veer, "caller-").await;
     assert_eq!(route["reverted"]["guard"], "failure_burst", "{route}");
+}
+
+/// The same route, the canary failing a quarter of its requests (below
+/// the burst guard's half): once each caller has had an error, only key
+/// rounds count their errors again. The round ends once its votes are
+/// spent (the canary's callers failing again and again), and in the next
+/// one the canary's callers are the ones failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_a_quarter_of_a_few_callers_is_reverted_after_each_had_an_error() {
+    let (veer, _v1, v2) = few_callers_each_failed_once().await;
+    v2.fail_one_in.store(4, std::sync::atomic::Ordering::SeqCst);
+    let route = until_reverted(&veer, "caller-").await;
+    let reason = route["reverted"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("key round"), "{route}");
+    assert!(
+        ["error_rate_ratio", "max_error_rate"]
+            .contains(&route["reverted"]["guard"].as_str().unwrap_or_default()),
+        "{route}"
+    );
 }

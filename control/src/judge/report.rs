@@ -1,7 +1,7 @@
 //! What the judge says: its evidence for `/status`, and the reason of a
 //! breach, with the numbers behind it.
 
-use super::{Evidence, Judge, Status, TestEvidence, Verdict, PAIRED_SHARE};
+use super::{Evidence, Judge, RoundEvidence, Status, TestEvidence, Verdict, PAIRED_SHARE};
 use crate::guard::Guard;
 use crate::limits::{Limit, LimitTest, Spec};
 
@@ -40,6 +40,13 @@ impl Judge {
                         t.get(slot).copied().flatten().map(|us| us as f64 / 1000.0)
                     };
                     (ms(&self.stable_thresholds), ms(&self.canary_thresholds))
+                }),
+                key_round: t.round().and_then(|r| {
+                    Some(RoundEvidence {
+                        number: r.number(),
+                        e: t.round_e_value(w)?.0,
+                        events: r.events(),
+                    })
                 }),
             })
             .collect();
@@ -162,9 +169,33 @@ impl Judge {
         e: f64,
         pending: (u64, u64),
     ) -> Verdict {
-        let threshold = self.threshold();
         let (c, s) = test.events();
-        let (c, s) = (c + pending.0, s + pending.1);
+        self.breach_on(spec, test, e, (c + pending.0, s + pending.1), "")
+    }
+
+    /// A breach of `test`'s current key round (see [`crate::limits`], "Key
+    /// rounds"), its e-value `e` weighted by the round's share.
+    pub(super) fn round_breach(&self, spec: &Spec, test: &LimitTest, e: f64) -> Verdict {
+        let Some(round) = test.round() else {
+            return self.breach(spec, test, e, (0, 0));
+        };
+        let note = format!(
+            " (key round {}: each key counted again once the last round's votes were spent; the round's e-value times its share 1/{:.0} of the test's α)",
+            round.number(),
+            1.0 / round.share()
+        );
+        self.breach_on(spec, test, e, round.events(), &note)
+    }
+
+    fn breach_on(
+        &self,
+        spec: &Spec,
+        test: &LimitTest,
+        e: f64,
+        (c, s): (u64, u64),
+        note: &str,
+    ) -> Verdict {
+        let threshold = self.threshold();
         let w = self.w * 100.0;
         let requests = test.requests().map_or(String::new(), |(bad, n)| {
             format!(
@@ -213,7 +244,7 @@ impl Judge {
         Verdict {
             status: Status::Breach,
             guard: Some(spec.guard),
-            reason: format!("{what}; E = {e:.1} ≥ {threshold:.0}"),
+            reason: format!("{what}{note}; E = {e:.1} ≥ {threshold:.0}"),
         }
     }
 }

@@ -14,6 +14,7 @@ fn input(w: f64, stable: VersionTick, canary: VersionTick) -> TickInput {
         stable,
         canary,
         pairs: PairTick::default(),
+        key_rounds: Vec::new(),
     }
 }
 
@@ -42,6 +43,8 @@ fn tick(requests: u64, errors: u64, latency_us: u64) -> VersionTick {
         burst_keys: errors,
         burst_users: requests,
         unreachable: false,
+        round_error_events: 0,
+        round_slow_events: vec![0, 0],
     }
 }
 
@@ -667,4 +670,67 @@ fn the_pooled_tests_breach_with_the_fleets_events_and_say_so() {
             ..PoolBatch::default()
         }
     )));
+}
+
+/// A tick of the reference settings (two slow slots) with `key_rounds`,
+/// and error events counted as `lifetime` and `round` (canary, stable).
+fn round_tick(
+    canary_errors: u64,
+    lifetime: (u64, u64),
+    round: (u64, u64),
+    key_rounds: &[u64],
+) -> TickInput {
+    let mut stable = tick(900, lifetime.1, 2_000);
+    stable.round_error_events = round.1;
+    let mut canary = tick(100, canary_errors, 2_000);
+    canary.error_events = lifetime.0;
+    canary.burst_keys = lifetime.0;
+    canary.round_error_events = round.0;
+    TickInput {
+        key_rounds: key_rounds.to_vec(),
+        ..input(0.1, stable, canary)
+    }
+}
+
+#[test]
+fn a_canary_failing_its_few_keys_after_each_voted_is_reverted_in_a_new_key_round() {
+    let mut j = Judge::new(&crate::limits::reference());
+    // A hundred keys, ten on the canary, each with one error both versions
+    // share: every key has voted, in its lifetime and in the round.
+    let v = j.tick(round_tick(10, (10, 90), (10, 90), &[7, 3, 3]));
+    assert_ne!(v.status, Status::Breach, "{}", v.reason);
+    // The canary now fails a quarter of its requests, all from keys that
+    // voted: the tests see nothing, for as long as the round lasts.
+    for _ in 0..30 {
+        let v = j.tick(round_tick(25, (0, 0), (0, 0), &[7, 3, 3]));
+        assert_ne!(v.status, Status::Breach, "{}", v.reason);
+    }
+    assert_eq!(j.tests[0].round().map(|r| r.number()), Some(1));
+    // The round's votes are spent: its ten canary keys vote again in the
+    // next, and stable's keys (fine again) do not.
+    let (t, v) = first_breach(&mut j, 10, || round_tick(25, (0, 0), (4, 0), &[8, 3, 3]))
+        .expect("reverted in round 2");
+    assert!(
+        t <= 2,
+        "{t} ticks: {}",
+        j.tests[0].round().unwrap().events().0
+    );
+    assert_eq!(v.guard, Some(Guard::ErrorRateRatio), "{}", v.reason);
+    assert!(v.reason.contains("key round 2"), "{}", v.reason);
+}
+
+#[test]
+fn a_key_round_as_bad_as_its_share_allows_is_not_a_breach() {
+    // Each round's events in the null's proportion (the canary's share
+    // times the tolerated ratio 2: 2 of 11 events): no round crosses.
+    let mut j = Judge::new(&crate::limits::reference());
+    for id in 0..40u64 {
+        for _ in 0..5 {
+            let v = j.tick(round_tick(2, (0, 0), (2, 9), &[id, 3, 3]));
+            assert_ne!(v.status, Status::Breach, "round {id}: {}", v.reason);
+        }
+    }
+    let r = j.tests[0].round().expect("a round");
+    assert_eq!(r.number(), 40);
+    assert!((r.share() - 0.125 / (40.0 * 41.0)).abs() < 1e-12);
 }

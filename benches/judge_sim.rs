@@ -9,7 +9,10 @@
 //! equal activity, `--show-reverts` prints each A/A revert's reason,
 //! `--iid-null N` (with `--iid-rate R`) runs the e-detector alone on i.i.d.
 //! events as the reference for table (a); `--replicas 1,2,4,8,16` runs
-//! only table (d), a fleet pooling its evidence, see `judge_sim_fleet.rs`).
+//! only table (d), a fleet pooling its evidence, see `judge_sim_fleet.rs`);
+//! `--no-key-rounds` leaves the tests' key rounds out, as before session 16
+//! (the proxy's rule for ending a round is modelled, addresses are not),
+//! `--show-rounds` prints how many rounds each A/A rollout's kinds ended.
 //!
 //! It prints two tables:
 //!
@@ -54,12 +57,13 @@ mod fleet;
 mod mirror;
 use args::{arg, str_arg};
 
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use veer_control::config::JudgeSettings;
 use veer_control::eprocess::Detector;
 use veer_control::judge::{Judge, Pending, Status, TickInput, VersionTick};
-use veer_control::keyfilter::KeyFilter;
+use veer_control::keyfilter::{KeyFilter, SHORT_BITS};
 use veer_control::limits::Limit;
 
 const USERS: usize = 200_000;
@@ -442,6 +446,70 @@ fn weight_at(sc: Scenario, s: u32) -> u16 {
     }
 }
 
+/// The proxy's key rounds of one kind (`veer_proxy::record::RouteKeys`,
+/// "Key rounds"), with its constants: a round ends after the tick at
+/// which its repeated events exceed its votes by 32, from at least 4
+/// distinct keys, 10 s or more after it began.
+struct SimRound {
+    keys: KeyFilter,
+    again: KeyFilter,
+    votes: Cell<u64>,
+    repeats: Cell<u64>,
+    repeat_keys: Cell<u64>,
+    id: Cell<u64>,
+    began_ms: Cell<u64>,
+}
+
+impl SimRound {
+    fn new() -> SimRound {
+        SimRound {
+            keys: KeyFilter::with_bits(SHORT_BITS),
+            again: KeyFilter::with_bits(SHORT_BITS),
+            votes: Cell::new(0),
+            repeats: Cell::new(0),
+            repeat_keys: Cell::new(0),
+            id: Cell::new(0),
+            began_ms: Cell::new(0),
+        }
+    }
+
+    /// `n` bad events of key `h`: 1 if the first of them is the key's vote
+    /// in the round.
+    fn count(&self, h: u64, n: u64) -> u64 {
+        if n == 0 {
+            return 0;
+        }
+        let vote = self.keys.first_time(h);
+        let repeats = n - u64::from(vote);
+        if repeats > 0 {
+            self.repeats.set(self.repeats.get() + repeats);
+            if self.again.first_time(h) {
+                self.repeat_keys.set(self.repeat_keys.get() + 1);
+            }
+        }
+        if vote {
+            self.votes.set(self.votes.get() + 1);
+        }
+        u64::from(vote)
+    }
+
+    fn end_if_spent(&self, now_ms: u64) {
+        if now_ms.saturating_sub(self.began_ms.get()) < 10_000
+            || self.repeats.get() < self.votes.get() + 32
+            || self.repeat_keys.get() < 4
+        {
+            return;
+        }
+        self.keys.clear();
+        self.again.clear();
+        self.votes.set(0);
+        self.repeats.set(0);
+        self.repeat_keys.set(0);
+        self.began_ms.set(now_ms);
+        self.id.set(self.id.get() + 1);
+    }
+}
+
 /// What one rollout showed.
 struct Run {
     /// Time (ms since the canary's first request) of the judge's first
@@ -509,6 +577,10 @@ fn rollout(pop: &Population, sc: Scenario, seed: u64, ticks: u32, rate: f64, ons
     let burst_filter = KeyFilter::new();
     let burst_users = KeyFilter::new();
     let slow_keys: Vec<KeyFilter> = (0..nq).map(|_| KeyFilter::new()).collect();
+    // Key rounds: errors, then each slow slot (`--no-key-rounds`: none,
+    // as before session 16).
+    let key_rounds = !std::env::args().any(|a| a == "--no-key-rounds");
+    let rounds: Vec<SimRound> = (0..=nq).map(|_| SimRound::new()).collect();
     let (failing, bursts, weights) = aa_extras(sc, &mut rng, ticks);
     let split = Split::new(pop, key_seed, &weights);
     // The judge starts with the canary's first request, under the first
@@ -526,6 +598,7 @@ fn rollout(pop: &Population, sc: Scenario, seed: u64, ticks: u32, rate: f64, ons
     };
     let empty = || VersionTick {
         slow_events: vec![0; nq],
+        round_slow_events: vec![0; nq],
         ..VersionTick::default()
     };
     for t in 0..ticks {
@@ -583,6 +656,7 @@ fn rollout(pop: &Population, sc: Scenario, seed: u64, ticks: u32, rate: f64, ons
                 if let Some(h) = split.draw(wi, canary, rng) {
                     acc.error_events += u64::from(error_keys.first_time(h));
                     acc.burst_keys += u64::from(burst_filter.first_time(h));
+                    acc.round_error_events += rounds[0].count(h, 1);
                 }
             }
             let thresholds = if canary {
@@ -602,6 +676,9 @@ fn rollout(pop: &Population, sc: Scenario, seed: u64, ticks: u32, rate: f64, ons
                     if let Some(h) = split.draw(wi, canary, rng) {
                         if let Some(n) = acc.slow_events.get_mut(q) {
                             *n += u64::from(slow_keys[q].first_time(h));
+                        }
+                        if let Some(n) = acc.round_slow_events.get_mut(q) {
+                            *n += rounds[q + 1].count(h, 1);
                         }
                     }
                 }
@@ -693,6 +770,7 @@ fn rollout(pop: &Population, sc: Scenario, seed: u64, ticks: u32, rate: f64, ons
                 side.error_events += u64::from(error_keys.first_time(h));
                 side.burst_keys += u64::from(burst_filter.first_time(h));
                 side.burst_users += u64::from(burst_users.first_time(h));
+                side.round_error_events += rounds[0].count(h, k);
             }
             let now_ms = u64::from(t) * interval_ms + (step + 1) * step_ms;
             if !sc.aa && regressed && run.oracle.is_none() && oracle_r > oracle_r0 {
@@ -742,7 +820,15 @@ fn rollout(pop: &Population, sc: Scenario, seed: u64, ticks: u32, rate: f64, ons
                 stable: std::mem::replace(&mut tick_stable, empty()),
                 canary: std::mem::replace(&mut tick_canary, empty()),
                 pairs: Default::default(),
+                key_rounds: if key_rounds {
+                    rounds.iter().map(|r| r.id.get()).collect()
+                } else {
+                    Vec::new()
+                },
             });
+            for r in &rounds {
+                r.end_if_spent(now_ms);
+            }
             if judge.burst_span_ended() {
                 burst_filter.clear();
                 burst_users.clear();
@@ -762,6 +848,10 @@ fn rollout(pop: &Population, sc: Scenario, seed: u64, ticks: u32, rate: f64, ons
         if run.breach.is_some() && (run.oracle.is_some() || sc.aa || oracle_r <= oracle_r0) {
             break;
         }
+    }
+    if sc.aa && std::env::args().any(|a| a == "--show-rounds") {
+        let ids: Vec<u64> = rounds.iter().map(|r| r.id.get()).collect();
+        eprintln!("key rounds ended ({}), per kind: {ids:?}", sc.name);
     }
     run
 }

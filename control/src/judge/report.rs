@@ -122,9 +122,11 @@ impl Judge {
                     p.tests()
                         .filter_map(|(i, e, events)| {
                             let t = local.get(i)?;
+                            // The pooled tests have no key rounds.
                             Some(TestEvidence {
                                 e,
                                 events,
+                                key_round: None,
                                 ..t.clone()
                             })
                         })

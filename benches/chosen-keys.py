@@ -20,8 +20,10 @@ attacker cannot choose: it has `--addresses N` source addresses
 
 usage: benches/chosen-keys.py [--veer BIN] [--sticky header|client-ip]
                               [--addresses N] [--budget N] [--weight PERCENT]
-                              [--shared-errors PERCENT] [--user-addresses N]
-(`--budget`: poison requests in all, shared evenly by the addresses;
+                              [--shared-errors PERCENT] [--user-addresses N] [--end-rounds N]
+(`--end-rounds N`: see end_rounds below; its repeats are bounded by time,
+its votes by ten times `--budget`;
+`--budget`: poison requests in all, shared evenly by the addresses;
 `--shared-errors`: that share of the users' own requests fail on both
 versions, as a stable's errors do, so that rounds of address votes end and
 the attacker's addresses vote again: see README, "one vote".)
@@ -136,6 +138,62 @@ def background(port, stop, shared_errors, addresses):
         c.close()
 
 
+def canary_key(c):
+    """A fresh header key the canary answers (None after 2000 probes)."""
+    for _ in range(2000):
+        key = f"k-{random.random()}"
+        if get(c, "/", key)[1] == b"v2":
+            return key
+    return None
+
+
+def round_number(admin):
+    r = status(admin)["evidence"]["tests"][0].get("key_round") or {}
+    return r.get("number", 0)
+
+
+def end_rounds(a, port, admin, poisons):
+    """The attacker that ends key rounds (see README, key rounds): it
+    repeats its failures on four of its keys until the error round ends
+    (32 repeats over the round's votes, from 4 keys, 10 s in), then each of
+    its addresses votes once with a fresh canary key; up to `a.end_rounds`
+    rounds (30 s each at most), its votes within ten times the poison
+    budget.
+    Returns (the route if reverted, poison requests sent)."""
+    def conn(i):
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=10,
+                                          source_address=(f"127.0.0.{10 + i}", 0))
+    c0 = conn(0)
+    mine = [k for k in (canary_key(c0) for _ in range(4)) if k]
+    sent = votes = 0
+    try:
+        for _ in range(a.end_rounds):
+            before = round_number(admin)
+            deadline = time.monotonic() + 30
+            while round_number(admin) == before and time.monotonic() < deadline:
+                for key in mine:
+                    get(c0, "/poison", key)
+                    sent += 1
+                time.sleep(0.1)
+            print(f"key round {round_number(admin)} began", file=sys.stderr)
+            for i in range(a.addresses):
+                # A fresh connection each round: an idle one is closed.
+                c = conn(i)
+                key = canary_key(c)
+                if key and poisons + votes < a.budget * 10:
+                    get(c, "/poison", key)
+                    sent += 1
+                    votes += 1
+                c.close()
+            time.sleep(1.5)
+            s = status(admin)
+            if s.get("reverted"):
+                return s, sent
+        return None, sent
+    finally:
+        c0.close()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--veer")
@@ -147,6 +205,9 @@ def main():
                     help="percent of the users' requests that fail on both versions")
     ap.add_argument("--user-addresses", type=int, default=1000,
                     help="the users' addresses (64 to 1000)")
+    ap.add_argument("--end-rounds", type=int, default=0,
+                    help="header keys only: after its first votes the attacker ends up to N "
+                         "key rounds (repeating its own failures) and votes again in each")
     a = ap.parse_args()
     binary = veer_binary(a.veer)
     ups = [upstream("v1"), upstream("v2")]
@@ -208,6 +269,9 @@ def main():
             c.close()
             if reverted or poisons >= a.budget:
                 break
+        if a.end_rounds and a.sticky == "header" and not reverted:
+            reverted, n = end_rounds(a, port, admin, poisons)
+            poisons += n
         # The judge looks every 100 ms and ticks every second.
         deadline = time.monotonic() + 5
         while not reverted and time.monotonic() < deadline:

@@ -139,10 +139,10 @@ pub const ROUND_SPENT_KEYS: u64 = 4;
 /// The shortest key round.
 pub const MIN_KEY_ROUND: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The bits of [`Recorder::record_from`]'s key-round mask for `kind`
-/// counted in a round of `parity` (none when it did not count).
 const _: () = assert!(MAX_THRESHOLDS < 16, "every kind's bits must fit the mask");
 
+/// The bits of [`Recorder::record_from`]'s key-round mask for `kind`
+/// counted in a round of `parity` (none when it did not count).
 #[inline]
 fn round_bits(kind: usize, parity: Option<u64>) -> u32 {
     parity.map_or(0, |p| (1 << kind) | ((p as u32 & 1) << (16 + kind)))
@@ -825,9 +825,8 @@ impl Recorder {
         // Each kind's events of its current round; those of the round
         // before (recorded after the last drain, as it ended) are dropped
         // with its test.
-        let parities: Vec<usize> = (0..=thresholds)
-            .map(|k| self.keys.round_parity(k))
-            .collect();
+        let parities: [usize; MAX_THRESHOLDS + 1] =
+            std::array::from_fn(|k| self.keys.round_parity(k));
         let mut connect = 0;
         let mut sum_us = 0;
         let mut sized = false;
@@ -990,6 +989,16 @@ mod tests {
         assert_eq!(r.totals().0, 4);
     }
 
+    /// A route's keys and its two recorders, one slow threshold of 10 ms.
+    fn route() -> (Arc<RouteKeys>, Recorder, Recorder) {
+        let keys = Arc::new(RouteKeys::new(1));
+        let stable = Recorder::new(keys.clone());
+        let canary = Recorder::for_canary(keys.clone());
+        stable.set_thresholds(&[Some(10_000)]);
+        canary.set_thresholds(&[Some(10_000)]);
+        (keys, stable, canary)
+    }
+
     /// The address hash of client 127.0.0.0 + `i`.
     fn addr(i: u32) -> u64 {
         client_hash(std::net::Ipv4Addr::from(0x7f00_0000 + i).into())
@@ -1022,11 +1031,7 @@ mod tests {
 
     #[test]
     fn keys_vote_again_in_a_new_key_round_once_the_last_ones_votes_are_spent() {
-        let keys = Arc::new(RouteKeys::new(1));
-        let stable = Recorder::new(keys.clone());
-        let canary = Recorder::for_canary(keys.clone());
-        stable.set_thresholds(&[Some(10_000)]);
-        canary.set_thresholds(&[Some(10_000)]);
+        let (keys, stable, canary) = route();
         let ids = keys.key_rounds(1);
         assert_eq!(ids.len(), 2);
         // Ten keys, each one error: ten votes, in the round and in the
@@ -1080,9 +1085,7 @@ mod tests {
 
     #[test]
     fn an_address_votes_once_a_key_round_where_addresses_have_one_vote() {
-        let keys = Arc::new(RouteKeys::new(1));
-        let stable = Recorder::new(keys.clone());
-        let canary = Recorder::for_canary(keys.clone());
+        let (keys, stable, canary) = route();
         from_many_clients(&stable);
         stable.drain(1);
         assert!(keys.one_vote());
@@ -1095,11 +1098,7 @@ mod tests {
 
     #[test]
     fn addresses_vote_again_once_half_the_recent_ones_voted() {
-        let keys = Arc::new(RouteKeys::new(1));
-        let stable = Recorder::new(keys.clone());
-        let canary = Recorder::for_canary(keys.clone());
-        stable.set_thresholds(&[Some(10_000)]);
-        canary.set_thresholds(&[Some(10_000)]);
+        let (keys, stable, canary) = route();
         // 128 addresses: a round is 64 votes (63 here: the filter that
         // counts recent addresses takes two of these for one).
         from_many_clients(&stable);

@@ -168,7 +168,12 @@ async fn shared_failure(veer: &Veer, tag: &str, events: u64) {
 /// Rounds of users from 100 addresses until the canary is reverted (60 s
 /// at most); the route then.
 async fn until_reverted(veer: &Veer, tag: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    until_reverted_within(veer, tag, Duration::from_secs(60)).await
+}
+
+/// [`until_reverted`], `limit` at most.
+async fn until_reverted_within(veer: &Veer, tag: &str, limit: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
     let mut round = 0;
     loop {
         round += 1;
@@ -230,4 +235,67 @@ async fn a_canary_failing_a_quarter_of_a_few_callers_is_reverted_after_each_had_
             .contains(&route["reverted"]["guard"].as_str().unwrap_or_default()),
         "{route}"
     );
+}
+
+/// The same route, slow instead of failing. Each caller first has one
+/// slow request that both versions share (a slow dependency), which
+/// spends its vote in the latency ratio test; the canary then makes a
+/// quarter of its requests far slower than stable's p99 allows. Only key
+/// rounds count the callers' slow requests again, as they do errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_slow_on_a_quarter_of_a_few_callers_requests_is_reverted_after_each_was_slow() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (veer, v1, v2) = start(10.0).await;
+    for u in [&v1, &v2] {
+        u.slow_ms.store(150, SeqCst);
+    }
+    let latency_test = |r: &serde_json::Value| {
+        r["evidence"]["tests"]
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t["guard"] == "latency_ratio"))
+            .cloned()
+            .unwrap_or_default()
+    };
+    // Past the canary's warm-up (the latency tests count nothing in it),
+    // with stable's threshold known; the callers keep coming meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut warm = 0;
+    loop {
+        warm += 1;
+        assert_eq!(
+            users(veer.addr, 100, 2, &format!("caller-warm{warm}")).await,
+            0
+        );
+        let route = veer.status().await["routes"][0].clone();
+        let t = latency_test(&route);
+        if t["warming_up"] == false && t["thresholds_ms"][0].is_number() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still warming up: {route}");
+    }
+    users_on(veer.addr, 100, 1, "caller-shared", "/slow").await;
+    users(veer.addr, 100, 2, "caller-calm").await;
+    let route = wait_route(
+        &veer,
+        "the shared slow requests judged",
+        Duration::from_secs(30),
+        |r| {
+            let e = &r["evidence"]["slow_events"];
+            e["canary"].as_u64().unwrap_or(0) + e["stable"].as_u64().unwrap_or(0) >= 80
+        },
+    )
+    .await;
+    assert!(route["reverted"].is_null(), "{route}");
+    // A quarter of the canary's requests 600 ms slower: over 1.3x stable's
+    // p99 (150 ms at most, while the shared slow requests are in its
+    // window).
+    v2.slow_ms.store(600, SeqCst);
+    v2.slow_one_in.store(4, SeqCst);
+    // About ten canary callers give a round at most ten votes, and a round
+    // lasts 10 s or more: rounds 2 and 3 took 17-36 s in three runs beside
+    // a loaded CPU; allow twice the usual time.
+    let route = until_reverted_within(&veer, "caller-", Duration::from_secs(120)).await;
+    let reason = route["reverted"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("key round"), "{route}");
+    assert_eq!(route["reverted"]["guard"], "latency_ratio", "{route}");
 }

@@ -35,6 +35,11 @@ pub struct Upstream {
     /// When non-zero, every n-th request gets a 500 (as does every request
     /// for a path under `/fail`).
     pub fail_one_in: AtomicU64,
+    /// When non-zero, every n-th request is delayed by `slow_ms` more (as
+    /// is every request for a path under `/slow`).
+    pub slow_one_in: AtomicU64,
+    /// The extra delay of a slow request, in milliseconds.
+    pub slow_ms: AtomicU64,
     /// TCP connections accepted.
     pub connections: AtomicU64,
     /// Headers of the last request.
@@ -60,6 +65,8 @@ impl Upstream {
             delay_ms: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             fail_one_in: AtomicU64::new(0),
+            slow_one_in: AtomicU64::new(0),
+            slow_ms: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             last_headers: Mutex::new(HeaderMap::new()),
             last_uri: Mutex::new(String::new()),
@@ -102,7 +109,15 @@ impl Upstream {
         if req.headers().contains_key(http::header::UPGRADE) {
             return websocket_echo(&mut req);
         }
-        let delay = self.delay_ms.load(Ordering::SeqCst);
+        let slow_one_in = self.slow_one_in.load(Ordering::SeqCst);
+        let slow =
+            (slow_one_in > 0 && n % slow_one_in == 0) || req.uri().path().starts_with("/slow");
+        let delay = self.delay_ms.load(Ordering::SeqCst)
+            + if slow {
+                self.slow_ms.load(Ordering::SeqCst)
+            } else {
+                0
+            };
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }

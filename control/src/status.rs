@@ -263,6 +263,25 @@ pub struct EvidenceStatus {
     /// one vote per kind of bad event (see the README, "Security").
     #[serde(default)]
     pub one_vote_per_client: bool,
+    /// Where client addresses have one vote: their rounds now (see the
+    /// README, "Security"): an operator sees a round fill and end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_rounds: Option<AddressRounds>,
+}
+
+/// The rounds of address votes of a route whose client addresses have one
+/// vote each.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AddressRounds {
+    /// The votes a round holds: half the client addresses seen in the last
+    /// minute or two, at least 32. A kind's round ends on the tick after
+    /// its votes reach it, and every address may vote again.
+    pub size: u64,
+    /// The votes the current round of errors has had.
+    pub errors: u64,
+    /// The votes the current round of each latency test's slow events has
+    /// had, in the order of the latency tests in `tests`.
+    pub slow: Vec<u64>,
 }
 
 /// One test, as the judge reports it.
@@ -356,6 +375,7 @@ impl From<&Evidence> for EvidenceStatus {
                 ..p.clone()
             }),
             one_vote_per_client: false,
+            address_rounds: None,
         }
     }
 }

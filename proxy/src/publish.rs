@@ -70,6 +70,7 @@ pub fn route_status(
         }),
         evidence: EvidenceStatus {
             one_vote_per_client: target.stable.recorder.keys().one_vote(),
+            address_rounds: target.stable.recorder.keys().address_rounds(),
             ..EvidenceStatus::from(&rt.judge.evidence())
         },
         window: WindowStatus {

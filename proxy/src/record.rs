@@ -418,6 +418,21 @@ impl RouteKeys {
         false
     }
 
+    /// Where addresses have one vote: the round size and the votes each
+    /// kind's current round has had (errors, then each slow threshold).
+    pub fn address_rounds(&self) -> Option<veer_control::status::AddressRounds> {
+        self.one_vote()
+            .then(|| veer_control::status::AddressRounds {
+                size: self.round_votes(),
+                errors: self.error_votes.load(Ordering::Relaxed),
+                slow: self
+                    .slow_votes
+                    .iter()
+                    .map(|v| v.load(Ordering::Relaxed))
+                    .collect(),
+            })
+    }
+
     /// The votes a round holds: half the addresses seen in the last span
     /// or this one, at least half of [`CLIENTS_FOR_ONE_VOTE`].
     pub fn round_votes(&self) -> u64 {

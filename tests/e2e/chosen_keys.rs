@@ -70,6 +70,7 @@ async fn a_client_minting_sticky_keys_cannot_revert_a_healthy_canary() {
     let (veer, _v1, _v2) = start(10.0).await;
     let route = veer.status().await["routes"][0].clone();
     assert_eq!(route["evidence"]["one_vote_per_client"], false, "{route}");
+    assert!(route["evidence"]["address_rounds"].is_null(), "{route}");
     many_users(&veer).await;
 
     // The attacker, from one address: probe fresh keys with harmless
@@ -109,6 +110,15 @@ async fn a_client_minting_sticky_keys_cannot_revert_a_healthy_canary() {
     assert_eq!(route["verdict"], "healthy", "{route}");
     // One vote: the attacker's address counted once, whatever its keys.
     assert_eq!(route["evidence"]["error_events"]["canary"], 1, "{route}");
+    // /status shows the round of address votes it went into: half of the
+    // 101 addresses (a filter counts them, so one may be missed).
+    let rounds = &route["evidence"]["address_rounds"];
+    assert_eq!(rounds["errors"], 1, "{route}");
+    assert!(
+        (49..=50).contains(&rounds["size"].as_u64().unwrap_or(0)),
+        "{route}"
+    );
+    assert_eq!(rounds["slow"].as_array().map(Vec::len), Some(2), "{route}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

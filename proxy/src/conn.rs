@@ -1,17 +1,20 @@
 //! What a client connection is doing, so that one that does nothing useful
 //! can be closed: no complete request head within `header_timeout` of
 //! accepting it (whatever it sent: nothing, part of a TLS handshake, part
-//! of an HTTP/2 preface, half a head), or nothing in flight for
+//! of an HTTP/2 preface, half a head), a later HTTP/1.1 head not complete
+//! within `header_timeout` of its first bytes, or nothing in flight for
 //! `idle_timeout` (an idle HTTP/1.1 keep-alive connection, or an HTTP/2
 //! connection with no open stream).
 //!
 //! The service marks each request's start ([`Activity::begin`]) and the
 //! response body's end (the [`InFlight`] guard, dropped by hyper when it has
-//! written the body or given up on it); the connection's task asks
-//! [`Activity::deadline`] when to look again. Atomics only.
+//! written the body or given up on it); the stream ([`HeadWatch`]) notes
+//! bytes that come while nothing is in flight; the connection's task asks
+//! [`Activity::deadline`] when to look again. Atomics only: no timer per
+//! request.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -63,9 +66,13 @@ impl<T> Watched<T> {
     }
 
     fn moved(&self) {
-        self.last
-            .fetch_max(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+        moved(&self.last, self.base);
     }
+}
+
+/// Notes in `last` that bytes moved now (ms after `base`).
+fn moved(last: &AtomicU64, base: Instant) {
+    last.fetch_max(base.elapsed().as_millis() as u64, Ordering::Relaxed);
 }
 
 impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
@@ -74,12 +81,9 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.moved();
-        }
-        r
+        let this = &mut *self;
+        let (last, base) = (&this.last, this.base);
+        read_noting(&mut this.inner, cx, buf, |_| moved(last, base))
     }
 }
 
@@ -113,7 +117,17 @@ pub struct Activity {
     requests: AtomicU64,
     /// Milliseconds after `accepted` when the last request in flight ended.
     idle_since_ms: AtomicU64,
+    /// Bytes of a request head came with nothing in flight, and the head
+    /// is not complete yet (set by [`HeadWatch`], taken by
+    /// [`Activity::head_began`], cleared by [`Activity::begin`]).
+    head_bytes: AtomicBool,
+    /// Milliseconds after `accepted` when the incomplete head's
+    /// `header_timeout` began ([`NO_HEAD`]: none).
+    head_since_ms: AtomicU64,
 }
+
+/// [`Activity`]'s `head_since_ms` when no head is being read.
+const NO_HEAD: u64 = u64::MAX;
 
 impl Activity {
     /// A connection accepted at `accepted`.
@@ -123,6 +137,8 @@ impl Activity {
             inflight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             idle_since_ms: AtomicU64::new(0),
+            head_bytes: AtomicBool::new(false),
+            head_since_ms: AtomicU64::new(NO_HEAD),
         })
     }
 
@@ -131,13 +147,44 @@ impl Activity {
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.inflight.fetch_add(1, Ordering::AcqRel);
+        self.head_bytes.store(false, Ordering::Relaxed);
+        self.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// Bytes came from an HTTP/1.1 client (see [`HeadWatch`]): with
+    /// nothing in flight they begin a request head, unless one has begun.
+    #[inline]
+    fn bytes_arrived(&self) {
+        if self.inflight.load(Ordering::Relaxed) == 0
+            && self.head_since_ms.load(Ordering::Relaxed) == NO_HEAD
+        {
+            self.head_bytes.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a request head began since the last call and is still not
+    /// complete; its `header_timeout` then runs from now. Asked by the
+    /// connection's task after each poll of the connection (the head's
+    /// bytes and, when it is complete, [`Activity::begin`] come within
+    /// that poll, so a complete head costs no clock read).
+    pub fn head_began(&self) -> bool {
+        if !self.head_bytes.swap(false, Ordering::Relaxed)
+            || self.inflight.load(Ordering::Acquire) > 0
+        {
+            return false;
+        }
+        let now = self.accepted.elapsed().as_millis() as u64;
+        self.head_since_ms.store(now, Ordering::Relaxed);
+        true
     }
 
     /// When the connection is due to be closed if nothing changes: `None`
     /// while a request is in flight. Before its first request, the
     /// connection has `header_timeout` from being accepted; after, it may
-    /// sit idle for `idle_timeout`.
+    /// sit idle for `idle_timeout`, and a request head that has begun
+    /// (see [`Activity::head_began`]) must be complete within
+    /// `header_timeout` of its first bytes.
     pub fn deadline(&self, header_timeout: Duration, idle_timeout: Duration) -> Option<Instant> {
         if self.inflight.load(Ordering::Acquire) > 0 {
             return None;
@@ -146,12 +193,141 @@ impl Activity {
             return Some(self.accepted + header_timeout);
         }
         let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
-        Some(self.accepted + since + idle_timeout)
+        let idle = self.accepted + since + idle_timeout;
+        match self.head_since_ms.load(Ordering::Relaxed) {
+            NO_HEAD => Some(idle),
+            head => Some(idle.min(self.accepted + Duration::from_millis(head) + header_timeout)),
+        }
     }
 
     /// Requests this connection has begun.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+}
+
+/// A client connection's stream, which tells its [`Activity`] when bytes
+/// of a request head come on an idle HTTP/1.1 connection, so that every
+/// head, not only the first, must be complete within `header_timeout`
+/// (hyper's own header timer, a boxed sleep armed for every request, cost
+/// about 1 700 instructions a request, and did not always bound later
+/// heads). An HTTP/2 connection (its first bytes are the preface's `PRI`)
+/// is left alone: its frames between requests (pings, window updates) are
+/// not heads, and it has no head to stall on outside a stream.
+pub struct HeadWatch<S> {
+    inner: S,
+    activity: Arc<Activity>,
+    /// How many bytes of [`H2_PREFACE_START`] the client's first bytes
+    /// matched: below its length, undecided; [`HTTP1`] and [`HTTP2`]
+    /// once decided.
+    matched: u8,
+}
+
+/// The first bytes of the HTTP/2 connection preface (RFC 9113 §3.4): no
+/// HTTP/1.1 request starts with them (`PRI` is reserved for the preface).
+const H2_PREFACE_START: &[u8] = b"PRI ";
+/// [`HeadWatch::matched`] once the client is known to speak HTTP/1.1.
+const HTTP1: u8 = u8::MAX;
+/// [`HeadWatch::matched`] once the client is known to speak HTTP/2.
+const HTTP2: u8 = u8::MAX - 1;
+
+impl<S> HeadWatch<S> {
+    /// Wraps a client connection's stream.
+    pub fn new(inner: S, activity: Arc<Activity>) -> HeadWatch<S> {
+        HeadWatch {
+            inner,
+            activity,
+            matched: 0,
+        }
+    }
+
+    /// Notes `new`, bytes just read.
+    #[cfg(test)]
+    fn read(&mut self, new: &[u8]) {
+        note_read(&mut self.matched, &self.activity, new);
+    }
+}
+
+/// Notes `new`, bytes just read from a client whose first bytes matched
+/// `matched` of the HTTP/2 preface (see [`HeadWatch`]).
+#[inline]
+fn note_read(matched: &mut u8, activity: &Activity, new: &[u8]) {
+    if *matched == HTTP1 {
+        activity.bytes_arrived();
+        return;
+    }
+    if *matched == HTTP2 {
+        return;
+    }
+    for &b in new {
+        if H2_PREFACE_START[usize::from(*matched)] != b {
+            *matched = HTTP1;
+            activity.bytes_arrived();
+            return;
+        }
+        *matched += 1;
+        if usize::from(*matched) == H2_PREFACE_START.len() {
+            *matched = HTTP2;
+            return;
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HeadWatch<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let (inner, matched, activity) = (&mut this.inner, &mut this.matched, &this.activity);
+        read_noting(inner, cx, buf, |new| note_read(matched, activity, new))
+    }
+}
+
+/// Reads from `inner` into `buf`, and hands `note` the bytes it read, if
+/// any.
+fn read_noting<S: tokio::io::AsyncRead + Unpin>(
+    inner: &mut S,
+    cx: &mut Context<'_>,
+    buf: &mut tokio::io::ReadBuf<'_>,
+    note: impl FnOnce(&[u8]),
+) -> Poll<std::io::Result<()>> {
+    let before = buf.filled().len();
+    let r = Pin::new(inner).poll_read(cx, buf);
+    if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+        note(&buf.filled()[before..]);
+    }
+    r
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadWatch<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -263,5 +439,61 @@ mod tests {
         let idle_since = Instant::now();
         assert_eq!(a.deadline(ht, it), Some(idle_since + it));
         assert_eq!(a.requests(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_head_has_header_timeout_from_its_first_bytes() {
+        let (ht, it) = (Duration::from_secs(10), Duration::from_secs(30));
+        let a = Activity::new(Instant::now());
+        let mut io = HeadWatch::new((), a.clone());
+        // A complete head: read, then begun within the same poll of the
+        // connection, before the task asks.
+        io.read(b"GET / HTTP/1.1\r\n\r\n");
+        let first = a.begin();
+        assert!(!a.head_began(), "a complete head");
+        drop(first);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // Half a head, with nothing in flight.
+        io.read(b"GET / HT");
+        io.read(b"TP/1.1\r\n");
+        assert!(a.head_began());
+        assert!(!a.head_began(), "once a head");
+        let head = Instant::now();
+        assert_eq!(a.deadline(ht, it), Some(head + ht));
+        // Complete: idle again afterwards, with idle_timeout.
+        drop(a.begin());
+        assert_eq!(a.deadline(ht, it), Some(Instant::now() + it));
+        // A request body's bytes, read while the request is in flight, are
+        // not a head.
+        let r = a.begin();
+        io.read(b"body");
+        assert!(!a.head_began());
+        drop(r);
+        assert_eq!(a.deadline(ht, it), Some(Instant::now() + it));
+    }
+
+    #[test]
+    fn an_h2_client_is_told_from_its_first_bytes_however_they_are_split() {
+        let a = Activity::new(Instant::now());
+        drop(a.begin());
+        for (reads, h2) in [
+            (&[&b"PRI * HTTP/2.0\r\n"[..]][..], true),
+            (&[&b"P"[..], b"R", b"I * HTTP/2.0"][..], true),
+            (&[&b"PUT / HTTP/1.1\r\n"[..]][..], false),
+            (&[&b"PR"[..], b"OPFIND / HTTP/1.1"][..], false),
+            (&[&b"GET"[..]][..], false),
+        ] {
+            let mut io = HeadWatch::new((), a.clone());
+            for r in reads {
+                io.read(r);
+            }
+            assert_eq!(io.matched == HTTP2, h2, "{reads:?}");
+            assert_eq!(io.matched == HTTP1, !h2, "{reads:?}");
+            // Bytes of an HTTP/1.1 client with nothing in flight begin a
+            // head; an HTTP/2 client's never do.
+            io.read(b"more");
+            assert_eq!(a.head_began(), !h2, "{reads:?}");
+            drop(a.begin());
+        }
     }
 }

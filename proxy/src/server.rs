@@ -8,14 +8,15 @@
 //! is accepted. A connection must send a complete request head within
 //! `header_timeout` of being accepted (its TLS handshake and HTTP/2 preface
 //! included), and is closed after `idle_timeout` with nothing in flight
-//! ([`crate::conn`]); hyper's own header timeout covers the heads of later
-//! requests. On shutdown the accept loops stop, every connection is asked
+//! ([`crate::conn`]); a later request's head must be complete within
+//! `header_timeout` of its first byte ([`crate::conn::HeadWatch`]). On shutdown the accept loops stop, every connection is asked
 //! to finish its in-flight requests and close, and the caller waits for all
 //! permits to come back, at most the grace period.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -26,7 +27,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use veer_control::config::ProxySettings;
 
-use crate::conn::{Activity, Slot, Tracking};
+use crate::conn::{Activity, HeadWatch, Slot, Tracking};
 use crate::headers::Scheme;
 use crate::service::handle;
 use crate::shared::Shared;
@@ -116,8 +117,10 @@ pub async fn serve(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
+        // veer times every request head itself (`crate::conn::HeadWatch`):
+        // hyper's timer is a boxed sleep armed for every request.
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     builder
@@ -275,6 +278,7 @@ impl Conn<'_> {
             );
             Tracking::new(handling, inflight)
         });
+        let stream = HeadWatch::new(stream, activity.clone());
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
         tokio::pin!(conn);
         let (ht, it) = (limits.header_timeout, limits.idle_timeout);
@@ -288,12 +292,28 @@ impl Conn<'_> {
         tokio::pin!(sleep);
         loop {
             tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                // After each poll of the connection: did a request head
+                // begin on it, and is it still not complete?
+                r = std::future::poll_fn(|cx| match std::future::Future::poll(conn.as_mut(), cx) {
+                    Poll::Ready(r) => Poll::Ready(Some(r)),
+                    Poll::Pending if activity.head_began() => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }) => match r {
+                    Some(r) => {
+                        if let Err(e) = r {
+                            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                        }
+                        return;
                     }
-                    return;
-                }
+                    // The head has `header_timeout` from now.
+                    None => {
+                        if let Some(due) = activity.deadline(ht, it) {
+                            if due < sleep.deadline() {
+                                sleep.as_mut().reset(due);
+                            }
+                        }
+                    }
+                },
                 _ = shutdown.changed() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;

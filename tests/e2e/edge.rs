@@ -59,6 +59,46 @@ async fn silent_half_preface_and_half_head_connections_are_closed_after_header_t
     }
 }
 
+/// A keep-alive connection's later request heads get `header_timeout`
+/// too, from their first byte; a connection that sends nothing between
+/// requests gets `idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_head_must_complete_within_header_timeout_an_idle_connection_gets_idle_timeout() {
+    let (_s, veer) = veer_with("header_timeout = \"1s\"\nidle_timeout = \"60s\"").await;
+    // Half a second head after a first request.
+    let (mut c, code) = send(veer.addr, GET).await;
+    assert_eq!(code, 200);
+    c.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nx-slow: ")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    assert!(
+        closed_by_veer(&mut c).await,
+        "half a later head stayed open"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "closed after {:?}, not after header_timeout",
+        start.elapsed()
+    );
+    // Nothing at all after a first request, for twice header_timeout: the
+    // connection is idle, not slow, and serves the next request.
+    let (mut c, code) = send(veer.addr, GET).await;
+    assert_eq!(code, 200);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    c.write_all(GET).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_connection_that_never_handshakes_is_closed() {
     let s = Upstream::start("stable").await;
@@ -157,31 +197,62 @@ async fn one_address_gets_at_most_max_connections_per_ip() {
     }
 }
 
+/// An upstream and a veer routing to it, with `proxy` settings.
+async fn veer_with(proxy: &str) -> (std::sync::Arc<Upstream>, Veer) {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&with_proxy(route_config(&[s.addr], &[], 0.0, ""), proxy)).await;
+    (s, veer)
+}
+
+/// A GET on an HTTP/2 connection, answered 200, its body read.
+async fn h2_get(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    addr: std::net::SocketAddr,
+) {
+    use http_body_util::{BodyExt, Full};
+    let req = http::Request::get(format!("http://{addr}/"))
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_h2_connection_is_closed_after_idle_timeout() {
-    use http_body_util::{BodyExt, Full};
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let s = Upstream::start("stable").await;
-    let veer = Veer::start(&with_proxy(
-        route_config(&[s.addr], &[], 0.0, ""),
-        "idle_timeout = \"1s\"",
-    ))
-    .await;
+    let (_s, veer) = veer_with("idle_timeout = \"1s\"").await;
     let stream = TcpStream::connect(veer.addr).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
             .unwrap();
     let conn = tokio::spawn(conn);
-    let req = http::Request::get(format!("http://{}/", veer.addr))
-        .body(Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let _ = resp.into_body().collect().await;
+    h2_get(&mut sender, veer.addr).await;
     // No open stream from here on: veer sends GOAWAY and closes.
     let ended = tokio::time::timeout(Duration::from_secs(20), conn).await;
     assert!(ended.is_ok(), "the idle h2 connection stayed open");
+}
+
+/// An HTTP/2 connection's frames between requests (settings, pings,
+/// window updates) are not a request head: a connection idle for longer
+/// than `header_timeout`, pinging all the while, serves the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_connection_idle_past_header_timeout_serves_the_next_request() {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let (_s, veer) = veer_with("header_timeout = \"1s\"\nidle_timeout = \"60s\"").await;
+    let stream = TcpStream::connect(veer.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_millis(300))
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    h2_get(&mut sender, veer.addr).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    h2_get(&mut sender, veer.addr).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -179,11 +179,16 @@ impl Activity {
         true
     }
 
+    /// Whether a later request head has begun and is not complete.
+    pub fn reading_head(&self) -> bool {
+        self.head_since_ms.load(Ordering::Relaxed) != NO_HEAD
+    }
+
     /// When the connection is due to be closed if nothing changes: `None`
     /// while a request is in flight. Before its first request, the
     /// connection has `header_timeout` from being accepted; after, it may
-    /// sit idle for `idle_timeout`, and a request head that has begun
-    /// (see [`Activity::head_began`]) must be complete within
+    /// sit idle for `idle_timeout`, until a request head begins (see
+    /// [`Activity::head_began`]), which must then be complete within
     /// `header_timeout` of its first bytes.
     pub fn deadline(&self, header_timeout: Duration, idle_timeout: Duration) -> Option<Instant> {
         if self.inflight.load(Ordering::Acquire) > 0 {
@@ -192,11 +197,14 @@ impl Activity {
         if self.requests.load(Ordering::Relaxed) == 0 {
             return Some(self.accepted + header_timeout);
         }
-        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
-        let idle = self.accepted + since + idle_timeout;
+        // A head that has begun ends the idle time (as nginx's
+        // keepalive_timeout gives way to client_header_timeout).
         match self.head_since_ms.load(Ordering::Relaxed) {
-            NO_HEAD => Some(idle),
-            head => Some(idle.min(self.accepted + Duration::from_millis(head) + header_timeout)),
+            NO_HEAD => {
+                let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
+                Some(self.accepted + since + idle_timeout)
+            }
+            head => Some(self.accepted + Duration::from_millis(head) + header_timeout),
         }
     }
 
@@ -458,10 +466,22 @@ mod tests {
         io.read(b"TP/1.1\r\n");
         assert!(a.head_began());
         assert!(!a.head_began(), "once a head");
+        assert!(a.reading_head());
         let head = Instant::now();
         assert_eq!(a.deadline(ht, it), Some(head + ht));
+        // Begun 25 s into the idle time: its full header_timeout, past the
+        // idle deadline.
+        let idle = a.begin();
+        drop(idle);
+        let idle_since = Instant::now();
+        tokio::time::advance(Duration::from_secs(25)).await;
+        io.read(b"GET");
+        assert!(a.head_began());
+        assert_eq!(a.deadline(ht, it), Some(Instant::now() + ht));
+        assert!(Instant::now() + ht > idle_since + it);
         // Complete: idle again afterwards, with idle_timeout.
         drop(a.begin());
+        assert!(!a.reading_head());
         assert_eq!(a.deadline(ht, it), Some(Instant::now() + it));
         // A request body's bytes, read while the request is in flight, are
         // not a head.

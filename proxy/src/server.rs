@@ -325,6 +325,8 @@ impl Conn<'_> {
                         Some(due) if due <= now => {
                             let why = if activity.requests() == 0 {
                                 "no complete request head within header_timeout"
+                            } else if activity.reading_head() {
+                                "a later request head not complete within header_timeout"
                             } else {
                                 "idle for idle_timeout"
                             };

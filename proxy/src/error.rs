@@ -52,6 +52,11 @@ pub enum ProxyError {
     /// less time than the route allows, so it is not the version's failure.
     #[error("the call's deadline passed")]
     ClientDeadline,
+    /// A client connection closed because a request head (or its TLS
+    /// handshake) was not complete within `header_timeout`: a slow or
+    /// silent client. Counted, never answered (the connection is closed).
+    #[error("the client did not send a complete request head in time")]
+    HeaderTimeout,
 }
 
 impl ProxyError {
@@ -66,7 +71,7 @@ impl ProxyError {
             ProxyError::BadRequest | ProxyError::ClientAborted | ProxyError::ClientBadBody => {
                 StatusCode::BAD_REQUEST
             }
-            ProxyError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientTimeout | ProxyError::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::TooManyConnections | ProxyError::Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -91,6 +96,7 @@ impl ProxyError {
             ProxyError::Overloaded => "overloaded",
             ProxyError::UpgradeUnsupported => "upgrade_unsupported",
             ProxyError::ClientDeadline => "client_deadline",
+            ProxyError::HeaderTimeout => "header_timeout",
         }
     }
 
@@ -116,7 +122,7 @@ impl ProxyError {
             ProxyError::BadRequest | ProxyError::ClientAborted | ProxyError::ClientBadBody => {
                 "bad request\n"
             }
-            ProxyError::ClientTimeout => "request timeout\n",
+            ProxyError::ClientTimeout | ProxyError::HeaderTimeout => "request timeout\n",
             ProxyError::TooManyConnections | ProxyError::Overloaded => "service unavailable\n",
             ProxyError::UpgradeUnsupported => "not implemented\n",
             ProxyError::ClientDeadline => "deadline exceeded\n",
@@ -138,7 +144,7 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 9] = [
+pub const PROXY_KINDS: [ProxyError; 10] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
@@ -148,6 +154,7 @@ pub const PROXY_KINDS: [ProxyError; 9] = [
     ProxyError::Overloaded,
     ProxyError::UpgradeUnsupported,
     ProxyError::ClientDeadline,
+    ProxyError::HeaderTimeout,
 ];
 
 /// The upstream error kinds, in `upstream_index` order.

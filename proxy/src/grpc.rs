@@ -105,7 +105,8 @@ fn code_of(e: ProxyError) -> u8 {
         ProxyError::BadRequest
         | ProxyError::ClientTimeout
         | ProxyError::ClientAborted
-        | ProxyError::ClientBadBody => 13, // INTERNAL
+        | ProxyError::ClientBadBody
+        | ProxyError::HeaderTimeout => 13, // INTERNAL
         ProxyError::UpstreamConnect
         | ProxyError::UpstreamReset
         | ProxyError::UpstreamProtocol

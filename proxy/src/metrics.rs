@@ -178,7 +178,7 @@ impl VersionMetrics {
 #[derive(Clone)]
 pub struct ProxyErrorMetrics {
     /// One counter per kind of [`crate::error::PROXY_KINDS`], created at 0.
-    pub by_kind: [IntCounter; 9],
+    pub by_kind: [IntCounter; crate::error::PROXY_KINDS.len()],
 }
 
 impl ProxyErrorMetrics {

@@ -28,6 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use veer_control::config::ProxySettings;
 
 use crate::conn::{Activity, HeadWatch, Slot, Tracking};
+use crate::error::ProxyError;
 use crate::headers::Scheme;
 use crate::service::handle;
 use crate::shared::Shared;
@@ -174,7 +175,7 @@ pub async fn serve(
             shared
                 .metrics
                 .proxy_errors()
-                .inc(crate::error::ProxyError::TooManyConnections);
+                .inc(ProxyError::TooManyConnections);
             drop(stream);
             continue;
         };
@@ -225,7 +226,10 @@ pub async fn serve(
                     }
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake not done within header_timeout"),
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake not done within header_timeout");
+                    shared.metrics.proxy_errors().inc(ProxyError::HeaderTimeout);
+                }
             }
         });
     }
@@ -265,6 +269,7 @@ impl Conn<'_> {
             slot,
         } = self;
         let tracked = activity.clone();
+        let on_close = shared.clone();
         // The peer's forwarding-header texts, made once for the connection.
         let client = Arc::new(crate::headers::Peer::new(peer));
         let svc = service_fn(move |req| {
@@ -331,6 +336,9 @@ impl Conn<'_> {
                                 "idle for idle_timeout"
                             };
                             tracing::debug!(%peer, why, "closing client connection");
+                            if activity.requests() == 0 || activity.reading_head() {
+                                on_close.metrics.proxy_errors().inc(ProxyError::HeaderTimeout);
+                            }
                             // Closes an idle HTTP/1.1 connection at once and
                             // sends GOAWAY on HTTP/2; a half-read head does
                             // not get more than a second.

@@ -57,7 +57,12 @@ async fn silent_half_preface_and_half_head_connections_are_closed_after_header_t
             String::from_utf8_lossy(bytes)
         );
     }
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, HEADER_TIMEOUTS), Some(3.0), "{m}");
 }
+
+/// Connections closed for a head (or TLS handshake) not complete in time.
+const HEADER_TIMEOUTS: &str = r#"veer_proxy_errors_total{kind="header_timeout"}"#;
 
 /// A keep-alive connection's later request heads get `header_timeout`
 /// too, from their first byte; a connection that sends nothing between
@@ -81,6 +86,8 @@ async fn a_later_head_must_complete_within_header_timeout_an_idle_connection_get
         "closed after {:?}, not after header_timeout",
         start.elapsed()
     );
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, HEADER_TIMEOUTS), Some(1.0), "{m}");
     // Nothing at all after a first request, for twice header_timeout: the
     // connection is idle, not slow, and serves the next request.
     let (mut c, code) = send(veer.addr, GET).await;
@@ -121,6 +128,8 @@ async fn a_tls_connection_that_never_handshakes_is_closed() {
     // Half a ClientHello record header, then nothing.
     c.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
     assert!(closed_by_veer(&mut c).await);
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, HEADER_TIMEOUTS), Some(1.0), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,6 +143,9 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
     let (mut c, code) = send(veer.addr, GET).await;
     assert_eq!(code, 200);
     assert!(closed_by_veer(&mut c).await, "idle keep-alive stayed open");
+    // Idle is not slow: no header timeout counted.
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, HEADER_TIMEOUTS), Some(0.0), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,9 +9,10 @@
 //! `header_timeout` of being accepted (its TLS handshake and HTTP/2 preface
 //! included), and is closed after `idle_timeout` with nothing in flight
 //! ([`crate::conn`]); a later request's head must be complete within
-//! `header_timeout` of its first byte ([`crate::conn::HeadWatch`]). On shutdown the accept loops stop, every connection is asked
-//! to finish its in-flight requests and close, and the caller waits for all
-//! permits to come back, at most the grace period.
+//! `header_timeout` of its first byte ([`crate::conn::HeadWatch`]). On
+//! shutdown the accept loops stop, every connection is asked to finish its
+//! in-flight requests and close, and the caller waits for all permits to
+//! come back, at most the grace period.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

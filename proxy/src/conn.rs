@@ -169,7 +169,10 @@ impl Activity {
     /// bytes and, when it is complete, [`Activity::begin`] come within
     /// that poll, so a complete head costs no clock read).
     pub fn head_began(&self) -> bool {
-        if !self.head_bytes.swap(false, Ordering::Relaxed)
+        // A plain load first: asked after every poll, and nearly always
+        // false (the swap's locked exchange only when it is not).
+        if !self.head_bytes.load(Ordering::Relaxed)
+            || !self.head_bytes.swap(false, Ordering::Relaxed)
             || self.inflight.load(Ordering::Acquire) > 0
         {
             return false;

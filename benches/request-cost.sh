@@ -9,6 +9,8 @@
 # request (see run below): compare binaries on that column.
 #
 # usage: benches/request-cost.sh [N] [BINARY...]   (default 5000, target/release/veer)
+# STABLE=host:port CANARY=host:port: other upstreams than the demo's (say, an
+# nginx serving a large body), started by the caller.
 # Only 127.0.0.1 is targeted; every run is bounded in count and time.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,10 +27,14 @@ ups=""
 cleanup() { [ -n "$ups" ] && kill "$ups" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 # KEEP=dir keeps each run's callgrind output there (for callgrind_annotate).
-"${bins[0]}" demo --upstreams-only > /dev/null 2>&1 &
-ups=$!
+STABLE="${STABLE:-127.0.0.1:18001}"
+CANARY="${CANARY:-127.0.0.1:18002}"
+if [ "$STABLE" = 127.0.0.1:18001 ]; then
+  "${bins[0]}" demo --upstreams-only > /dev/null 2>&1 &
+  ups=$!
+fi
 for _ in $(seq 1 100); do
-  curl -sf http://127.0.0.1:18001/ > /dev/null 2>&1 && break
+  curl -sf "http://$STABLE/" > /dev/null 2>&1 && break
   sleep 0.1
 done
 
@@ -52,10 +58,10 @@ name = "web"
 sticky = ["header:x-user-id"]
 [route.stable]
 version = "v1"
-endpoints = ["127.0.0.1:18001"]
+endpoints = ["$STABLE"]
 [route.canary]
 version = "v2"
-endpoints = ["127.0.0.1:18002"]
+endpoints = ["$CANARY"]
 weight = 10
 TOML
   timeout 600 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \

@@ -225,16 +225,57 @@ fn body_failure(e: &BoxError) -> ProxyError {
     if e.is::<BodyTimeout>() {
         return ProxyError::UpstreamTimeout;
     }
+    if let Some(kind) = e.downcast_ref::<ProxyError>() {
+        return *kind;
+    }
     match e.downcast_ref::<hyper::Error>() {
         Some(h) => ProxyError::from_hyper(h),
         None => ProxyError::UpstreamReset,
     }
 }
 
+/// A response body as read from an upstream: by hyper's client, or by the
+/// request's own task ([`crate::raw`]).
+pub enum UpBody {
+    /// Read by hyper.
+    Hyper(Incoming),
+    /// Read from a raw connection, which it gives back at its end.
+    Raw(crate::raw::RawBody),
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpBody::Raw(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Hyper(b) => b.is_end_stream(),
+            UpBody::Raw(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Hyper(b) => b.size_hint(),
+            UpBody::Raw(b) => b.size_hint(),
+        }
+    }
+}
+
 /// An upstream response body; the connection goes back to its endpoint's
 /// pool when the body ends, and is closed if the body is dropped early.
 pub struct UpstreamBody {
-    inner: IdleTimeout<Incoming>,
+    inner: IdleTimeout<UpBody>,
     conn: Option<(Sender, Arc<Upstream>)>,
     pending: Option<Pending>,
     grpc: Option<GrpcCall>,
@@ -245,7 +286,7 @@ pub struct UpstreamBody {
 impl UpstreamBody {
     /// Wraps a response body read from `conn` (None: do not pool).
     pub fn new(
-        inner: Incoming,
+        inner: UpBody,
         idle: Duration,
         conn: Option<(Sender, Arc<Upstream>)>,
     ) -> UpstreamBody {

@@ -28,6 +28,7 @@ pub mod notify;
 pub mod path;
 pub mod persist;
 pub mod publish;
+pub mod raw;
 pub mod record;
 pub mod reload;
 pub mod reresolve;

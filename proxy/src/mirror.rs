@@ -393,17 +393,14 @@ async fn exchange(
         .get(pick.first())
         .ok_or(ProxyError::UpstreamConnect)?;
     let mut sender = endpoint
-        .get(route.connect_timeout, false)
+        .get(route.connect_timeout, false, false)
         .await
         .inspect_err(|e| {
             if *e != ProxyError::Overloaded {
                 endpoint.mark_failed();
             }
         })?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| ProxyError::from_hyper(&e))?;
+    let resp = sender.send_request(req).await?;
     endpoint.mark_ok();
     Ok((resp, sender, endpoint.clone()))
 }
@@ -426,7 +423,11 @@ async fn answer(
     let mut code = (grpc && status == 200)
         .then(|| crate::grpc::status(resp.headers()))
         .flatten();
-    let mut body = UpstreamBody::new(resp.into_body(), body_timeout, Some((sender, upstream)));
+    let mut body = UpstreamBody::new(
+        crate::body::UpBody::Hyper(resp.into_body()),
+        body_timeout,
+        Some((sender, upstream)),
+    );
     let read = async {
         while let Some(frame) = body.frame().await {
             let frame = frame?;

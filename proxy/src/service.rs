@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::balance::Pick;
-use crate::body::{GrpcCall, Pending, ProxyBody, RequestBody, UpstreamBody};
+use crate::body::{GrpcCall, Pending, ProxyBody, RequestBody, UpBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::headers::{
     client_addr, is_upgrade, prepare_request, routing_host, strip_hop_by_hop, Peer, Scheme,
@@ -485,7 +485,10 @@ fn forward<'a>(
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
-        let pooled = (!upgrade).then_some(sender).map(|s| (s, upstream));
+        let pooled = (!upgrade)
+            .then_some(sender)
+            .flatten()
+            .map(|s| (s, upstream));
         let body = UpstreamBody::new(body, body_timeout, pooled);
         Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
     }
@@ -518,8 +521,13 @@ async fn upstream_deadline<T>(
     }
 }
 
+/// An upstream's answer: the response, the connection it came on when
+/// hyper read it (a raw connection travels in the body), and the endpoint.
+type Exchanged = (Response<UpBody>, Option<Sender>, Arc<Upstream>);
+
 /// Gets a connection (retrying a failed connect once on the next endpoint)
-/// and sends the request on it.
+/// and sends the request on it: over a raw connection ([`crate::raw`])
+/// when the request allows it and the endpoint is `http://`.
 // Not an `async fn`: see `handle`.
 #[allow(clippy::manual_async_fn)]
 fn exchange<'a>(
@@ -529,14 +537,14 @@ fn exchange<'a>(
     req: Request<RequestBody>,
     upgrade: bool,
     watch: &'a std::sync::OnceLock<crate::upstream::H2Watch>,
-) -> impl std::future::Future<Output = Result<(Response<Incoming>, Sender, Arc<Upstream>), ProxyError>>
-       + 'a {
+) -> impl std::future::Future<Output = Result<Exchanged, ProxyError>> + 'a {
     async move {
+        let raw = !upgrade && crate::raw::eligible(&req);
         let endpoints = version.balancer.endpoints();
         let Some(first) = endpoints.get(pick.first()) else {
             return Err(ProxyError::UpstreamConnect);
         };
-        let (mut sender, upstream) = match first.get(route.connect_timeout, upgrade).await {
+        let (mut sender, upstream) = match first.get(route.connect_timeout, upgrade, raw).await {
             Ok(s) => (s, first),
             // The cap is not the endpoint failing: no back-off, no retry elsewhere.
             Err(e @ (ProxyError::Overloaded | ProxyError::UpgradeUnsupported)) => return Err(e),
@@ -550,7 +558,7 @@ fn exchange<'a>(
                 else {
                     return Err(e);
                 };
-                match second.get(route.connect_timeout, upgrade).await {
+                match second.get(route.connect_timeout, upgrade, raw).await {
                     Ok(s) => (s, second),
                     Err(e @ (ProxyError::Overloaded | ProxyError::UpgradeUnsupported)) => {
                         return Err(e)
@@ -562,6 +570,28 @@ fn exchange<'a>(
                 }
             }
         };
+        if sender.is_raw() {
+            // Its own boxed future: the raw exchange's state stays out of
+            // the request path's future (kept per client connection).
+            let sent = Box::pin(crate::raw::send(
+                sender,
+                upstream.clone(),
+                req,
+                route.connect_timeout,
+            ))
+            .await;
+            return match sent {
+                Ok(resp) => Ok((resp.map(UpBody::Raw), None, upstream.clone())),
+                Err(e) => {
+                    // As on hyper's path: a reset, or the fresh connection
+                    // for a second try not opening, is the endpoint failing.
+                    if matches!(e, ProxyError::UpstreamReset | ProxyError::UpstreamConnect) {
+                        upstream.mark_failed();
+                    }
+                    Err(e)
+                }
+            };
+        }
         // A request without a body sent as an HTTP/2 stream keeps its head: a
         // stream the server refused unprocessed (a GOAWAY that crossed it, as
         // on a graceful shutdown; REFUSED_STREAM) is sent again. So does an
@@ -582,11 +612,12 @@ fn exchange<'a>(
         if let Some(w) = sender.h2_watch() {
             let _ = watch.set(w);
         }
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp, sender, upstream.clone())),
+        let (resp, sender, upstream) = match sender.try_send_request(req)?.await {
+            Ok(resp) => (resp, sender, upstream.clone()),
             // Rare: its own boxed future, out of the request path's.
-            Err(e) => Box::pin(resend(route, upstream, sender, e, again, stale)).await,
-        }
+            Err(e) => Box::pin(resend(route, upstream, sender, e, again, stale)).await?,
+        };
+        Ok((resp.map(UpBody::Hyper), Some(sender), upstream))
     }
 }
 
@@ -629,10 +660,8 @@ async fn resend(
                 upstream.mark_failed()
             }
         })?;
-    match fresh.send_request(req).await {
-        Ok(resp) => Ok((resp, fresh, upstream.clone())),
-        Err(e) => Err(ProxyError::from_hyper(&e)),
-    }
+    let resp = fresh.send_request(req).await?;
+    Ok((resp, fresh, upstream.clone()))
 }
 
 /// Copies both ways between an upgraded client and upstream until either

@@ -413,6 +413,9 @@ impl Drop for StreamSlot {
 
 enum Inner {
     H1(http1::SendRequest<RequestBody>),
+    /// A plain-TCP HTTP/1.1 connection the request's own task reads and
+    /// writes ([`crate::raw`]).
+    Raw(crate::raw::RawConn),
     H2(
         http2::SendRequest<RequestBody>,
         #[allow(dead_code)] StreamSlot,
@@ -429,6 +432,8 @@ pub struct Sender {
     /// An HTTP/1.1 connection taken from the idle pool after lying idle
     /// for at least [`STALE_AFTER`] (see [`stale_keep_alive`]).
     lay_idle: bool,
+    /// Taken from the idle pool (not opened for this request).
+    pooled: bool,
 }
 
 impl Sender {
@@ -437,6 +442,7 @@ impl Sender {
         match &self.inner {
             Inner::H1(s) => s.is_ready(),
             Inner::H2(s, _) => s.is_ready(),
+            Inner::Raw(_) => true,
         }
     }
 
@@ -445,6 +451,7 @@ impl Sender {
         match &self.inner {
             Inner::H1(s) => s.is_closed(),
             Inner::H2(s, _) => s.is_closed(),
+            Inner::Raw(_) => false,
         }
     }
 
@@ -459,31 +466,55 @@ impl Sender {
         matches!(self.inner, Inner::H2(..))
     }
 
+    /// Whether it is a raw connection ([`crate::raw`]).
+    pub fn is_raw(&self) -> bool {
+        matches!(self.inner, Inner::Raw(_))
+    }
+
+    /// Whether it was taken from the idle pool.
+    pub fn pooled(&self) -> bool {
+        self.pooled
+    }
+
+    /// A raw connection's socket and buffer.
+    pub fn raw_mut(&mut self) -> Option<&mut crate::raw::RawConn> {
+        match &mut self.inner {
+            Inner::Raw(c) => Some(c),
+            _ => None,
+        }
+    }
+
     /// Sends a request; a connection that closed first gives it back.
     ///
     /// The request is handed to the connection here, not at the first
     /// poll, and the future holds only the connection's answer: a request
     /// moves once, and the request path's future stays small (it is kept
     /// per client connection, and moved on every request).
+    ///
+    /// A raw connection takes no request through hyper
+    /// ([`Upstream::get`] hands such a connection to hyper first when the
+    /// request is not for [`crate::raw`]): an error if one ever did.
     pub fn try_send_request(
         &mut self,
         mut req: http::Request<RequestBody>,
-    ) -> Sending<impl Future<Output = TrySent>, impl Future<Output = TrySent>> {
+    ) -> Result<Sending<impl Future<Output = TrySent>, impl Future<Output = TrySent>>, ProxyError>
+    {
         let scheme = self.scheme.clone();
         match &mut self.inner {
             Inner::H1(s) => {
                 fit_request(&mut req, false, scheme);
-                Sending::H1 {
+                Ok(Sending::H1 {
                     f: s.try_send_request(req),
-                }
+                })
             }
             Inner::H2(s, slot) => {
                 fit_request(&mut req, true, scheme);
-                Sending::H2 {
+                Ok(Sending::H2 {
                     f: s.try_send_request(req),
                     state: slot.state.clone(),
-                }
+                })
             }
+            Inner::Raw(_) => Err(ProxyError::UpstreamProtocol),
         }
     }
 
@@ -491,7 +522,7 @@ impl Sender {
     /// tells about the connection (see [`H2Watch::timed_out`]).
     pub fn h2_watch(&self) -> Option<H2Watch> {
         match &self.inner {
-            Inner::H1(_) => None,
+            Inner::H1(_) | Inner::Raw(_) => None,
             Inner::H2(_, slot) => Some(H2Watch {
                 state: slot.state.clone(),
                 seen: slot.state.answered.load(Ordering::Relaxed),
@@ -499,25 +530,49 @@ impl Sender {
         }
     }
 
-    /// Sends a request.
+    /// Sends a request (through hyper: see [`Sender::try_send_request`]
+    /// for a raw connection).
     pub async fn send_request(
         &mut self,
         mut req: http::Request<RequestBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+    ) -> Result<http::Response<hyper::body::Incoming>, ProxyError> {
         let scheme = self.scheme.clone();
         match &mut self.inner {
             Inner::H1(s) => {
                 fit_request(&mut req, false, scheme);
-                s.send_request(req).await
+                s.send_request(req)
+                    .await
+                    .map_err(|e| ProxyError::from_hyper(&e))
             }
             Inner::H2(s, slot) => {
                 fit_request(&mut req, true, scheme);
                 let r = s.send_request(req).await;
                 slot.state.answered(r.is_ok());
-                r
+                r.map_err(|e| ProxyError::from_hyper(&e))
             }
+            Inner::Raw(_) => Err(ProxyError::UpstreamProtocol),
         }
     }
+}
+
+/// An idle raw connection handed to hyper's client (its connection task
+/// spawned). hyper's HTTP/1.1 handshake does no I/O: it is ready at once.
+fn h1_from_raw(
+    conn: crate::raw::RawConn,
+    addr: SocketAddr,
+) -> Option<http1::SendRequest<RequestBody>> {
+    let handshake = http1::Builder::new().handshake(TokioIo::new(conn.into_stream()));
+    let mut handshake = std::pin::pin!(handshake);
+    let noop = &mut std::task::Context::from_waker(std::task::Waker::noop());
+    let Poll::Ready(Ok((sender, conn))) = handshake.as_mut().poll(noop) else {
+        return None;
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
+        }
+    });
+    Some(sender)
 }
 
 /// Whether an HTTP/2 stream failed without the server processing it
@@ -674,8 +729,9 @@ impl Upstream {
     }
 
     /// Takes an idle connection that is still open, if there is one (for
-    /// an HTTP/2 endpoint: a stream on a connection with room).
-    pub fn checkout(&self) -> Option<Sender> {
+    /// an HTTP/2 endpoint: a stream on a connection with room). A raw
+    /// connection ([`crate::raw`]) is handed to hyper unless `raw`.
+    pub fn checkout(&self, raw: bool) -> Option<Sender> {
         if self.speaks_h2.load(Ordering::Relaxed) {
             if let Some(s) = self.h2_stream() {
                 return Some(s);
@@ -683,9 +739,34 @@ impl Upstream {
         }
         while let Some(idle) = self.idle.pop() {
             let idle_for = idle.since.elapsed();
-            if idle.sender.is_ready() && idle_for < IDLE_TTL {
-                let mut s = idle.sender;
+            if idle_for >= IDLE_TTL {
+                continue;
+            }
+            let s = idle.sender;
+            // hyper's sender of a connection just handed to it takes its
+            // first request before its task has run (it is not "ready" yet).
+            let mut handed = false;
+            let inner = match s.inner {
+                Inner::Raw(mut conn) => {
+                    if !conn.still_idle() {
+                        continue;
+                    }
+                    if raw {
+                        Inner::Raw(conn)
+                    } else {
+                        handed = true;
+                        match h1_from_raw(conn, self.addr) {
+                            Some(h) => Inner::H1(h),
+                            None => continue,
+                        }
+                    }
+                }
+                inner => inner,
+            };
+            let mut s = Sender { inner, ..s };
+            if handed || s.is_ready() {
                 s.lay_idle = idle_for >= STALE_AFTER;
+                s.pooled = true;
                 return Some(s);
             }
         }
@@ -727,6 +808,7 @@ impl Upstream {
             scheme: self.connector.scheme(),
             _permit: None,
             lay_idle: false,
+            pooled: false,
         })
     }
 
@@ -757,8 +839,19 @@ impl Upstream {
     /// A connection for one request: an idle one (unless `fresh`, for an
     /// upgrade), else a new one under the cap, waiting at most `timeout`
     /// in the bounded queue for either. Overloaded past that.
-    pub async fn get(&self, timeout: Duration, upgrade: bool) -> Result<Sender, ProxyError> {
-        self.get_with(timeout, upgrade, upgrade).await
+    ///
+    /// `raw`: the request may go over a raw connection ([`crate::raw`]):
+    /// an idle one is taken as it is, and a new one to an `http://`
+    /// endpoint is opened raw. Otherwise a raw idle connection is handed to
+    /// hyper first.
+    pub async fn get(
+        &self,
+        timeout: Duration,
+        upgrade: bool,
+        raw: bool,
+    ) -> Result<Sender, ProxyError> {
+        self.get_with(timeout, upgrade, upgrade, raw && !upgrade)
+            .await
     }
 
     /// [`Upstream::get`]; `fresh`: a new connection; `h1_only`: HTTP/1.1
@@ -768,12 +861,13 @@ impl Upstream {
         timeout: Duration,
         fresh: bool,
         h1_only: bool,
+        raw: bool,
     ) -> Result<Sender, ProxyError> {
         if h1_only && matches!(self.connector, Connector::H2c) {
             return Err(ProxyError::UpgradeUnsupported);
         }
         if !fresh {
-            if let Some(s) = self.checkout() {
+            if let Some(s) = self.checkout(raw) {
                 return Ok(s);
             }
         }
@@ -787,7 +881,7 @@ impl Upstream {
             let Ok(guard) = tokio::time::timeout(timeout, self.h2_opening.lock()).await else {
                 return Err(ProxyError::UpstreamConnect);
             };
-            if let Some(s) = self.checkout() {
+            if let Some(s) = self.checkout(raw) {
                 return Ok(s);
             }
             timeout = timeout
@@ -798,7 +892,7 @@ impl Upstream {
             None
         };
         if let Ok(p) = self.permits.clone().try_acquire_owned() {
-            return self.open(p, timeout, h1_only).await;
+            return self.open(p, timeout, h1_only, raw).await;
         }
         let cap = self.cap.load(Ordering::Relaxed);
         if self.waiting.fetch_add(1, Ordering::Relaxed) >= cap {
@@ -810,7 +904,7 @@ impl Upstream {
             tokio::select! {
                 p = self.permits.clone().acquire_owned() => break p.map_err(|_| ProxyError::Overloaded).map(Ok),
                 () = self.returned.notified(), if !fresh => {
-                    if let Some(s) = self.checkout() {
+                    if let Some(s) = self.checkout(raw) {
                         break Ok(Err(s));
                     }
                 }
@@ -821,7 +915,7 @@ impl Upstream {
         match got? {
             Ok(permit) => {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                self.open(permit, left.max(Duration::from_millis(1)), h1_only)
+                self.open(permit, left.max(Duration::from_millis(1)), h1_only, raw)
                     .await
             }
             Err(idle) => Ok(idle),
@@ -831,7 +925,13 @@ impl Upstream {
     /// Opens a new connection within `timeout`, under the cap (waiting in
     /// the queue if it is reached).
     pub async fn connect(&self, timeout: Duration) -> Result<Sender, ProxyError> {
-        self.get_with(timeout, true, false).await
+        self.get_with(timeout, true, false, false).await
+    }
+
+    /// [`Upstream::connect`], opened raw where the endpoint allows it
+    /// ([`crate::raw`]).
+    pub async fn connect_raw(&self, timeout: Duration) -> Result<Sender, ProxyError> {
+        self.get_with(timeout, true, false, true).await
     }
 
     /// Opens a new connection holding `permit`. An HTTP/2 connection joins
@@ -841,7 +941,30 @@ impl Upstream {
         permit: OwnedSemaphorePermit,
         timeout: Duration,
         h1_only: bool,
+        raw: bool,
     ) -> Result<Sender, ProxyError> {
+        if raw && !h1_only && matches!(self.connector, Connector::H1) {
+            let addr = self.addr;
+            let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(upstream = %addr, error = %e, "connect failed");
+                    return Err(ProxyError::UpstreamConnect);
+                }
+                Err(_) => {
+                    tracing::debug!(upstream = %addr, "connect timed out");
+                    return Err(ProxyError::UpstreamConnect);
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            return Ok(Sender {
+                inner: Inner::Raw(crate::raw::RawConn::new(stream)),
+                scheme: self.connector.scheme(),
+                _permit: Some(permit),
+                lay_idle: false,
+                pooled: false,
+            });
+        }
         // Boxed: the TLS and HTTP/2 handshakes' state is large, and would
         // otherwise sit in (and be copied with) every request's future.
         let (conn, permit) = Box::pin(self.connector.connect::<RequestBody>(
@@ -862,6 +985,7 @@ impl Upstream {
                     scheme,
                     _permit: permit,
                     lay_idle: false,
+                    pooled: false,
                 })
             }
             Conn::H2(sender) => {
@@ -892,6 +1016,7 @@ impl Upstream {
                     scheme,
                     _permit: None,
                     lay_idle: false,
+                    pooled: false,
                 })
             }
         }
@@ -1055,14 +1180,17 @@ mod tests {
             }
         });
         let u = Upstream::new(addr, Connector::H2c, Instant::now(), 8, Arc::default());
-        let first = u.get(Duration::from_secs(5), false).await.expect("connect");
+        let first = u
+            .get(Duration::from_secs(5), false, false)
+            .await
+            .expect("connect");
         drop(first);
         // Shared while fresh.
-        let again = u.checkout().expect("a stream on the open connection");
+        let again = u.checkout(false).expect("a stream on the open connection");
         drop(again);
         tokio::time::pause();
         tokio::time::advance(IDLE_TTL).await;
-        assert!(u.checkout().is_none(), "an idle connection was reused");
+        assert!(u.checkout(false).is_none(), "an idle connection was reused");
         assert!(u.h2.lock().expect("lock").is_empty());
     }
 }

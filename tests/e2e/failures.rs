@@ -203,42 +203,19 @@ async fn endpoints_may_be_host_names() {
 /// idle connections after 5 s). Counts the requests it answered and the
 /// connections it accepted.
 async fn closes_reused_connections() -> (std::net::SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let (answered, accepted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let (a, c) = (answered.clone(), accepted.clone());
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            c.fetch_add(1, Ordering::SeqCst);
-            let a = a.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut served = 0;
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Ok(n) = s.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        if served == 1 {
-                            return; // closed, unanswered
-                        }
-                        served += 1;
-                        a.fetch_add(1, Ordering::SeqCst);
-                        let _ = s
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-upstream: racy\r\n\r\nok\n")
-                            .await;
-                    }
-                }
-            });
+    let answered = Arc::new(AtomicU64::new(0));
+    let a = answered.clone();
+    let (addr, _, accepted) = super::support::scripted_upstream(move |_, before| {
+        if before == 1 {
+            return None; // closed, unanswered
         }
-    });
+        a.fetch_add(1, Ordering::SeqCst);
+        Some((
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-upstream: racy\r\n\r\nok\n",
+            false,
+        ))
+    })
+    .await;
     (addr, answered, accepted)
 }
 

@@ -664,3 +664,57 @@ pub async fn truncating_upstream() -> std::net::SocketAddr {
     });
     addr
 }
+
+/// What a [`scripted_upstream`] sends for a request: bytes, and whether to
+/// close the connection after them; `None` closes it unanswered.
+pub type Answer = Option<(&'static [u8], bool)>;
+
+/// A plain HTTP/1.1 upstream written byte by byte, for framings hyper's
+/// server would never send: `answer` gets each request line and how many
+/// requests came before it on its connection. Keeps the request lines;
+/// counts the connections it accepted.
+pub async fn scripted_upstream(
+    answer: impl Fn(&str, usize) -> Answer + Send + Sync + 'static,
+) -> (SocketAddr, Arc<Mutex<Vec<String>>>, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let (seen, a) = (lines.clone(), accepted.clone());
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            let (seen, answer) = (seen.clone(), answer.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let mut before = 0;
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        let head = String::from_utf8_lossy(&head).to_string();
+                        let line = head.lines().next().unwrap_or("").to_string();
+                        seen.lock().unwrap().push(line.clone());
+                        let Some((bytes, close)) = answer(&line, before) else {
+                            return;
+                        };
+                        before += 1;
+                        if s.write_all(bytes).await.is_err() || close {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, lines, accepted)
+}

@@ -1349,3 +1349,85 @@ async fn an_h2_upstream_connection_gone_silent_is_replaced_after_one_timeout() {
     veer.logs_containing("answered nothing for a whole request timeout")
         .await;
 }
+
+// ------------------------------------------------ HTTP/1.1 upstream framings
+
+/// A plain HTTP/1.1 upstream answering by path with fixed bytes: the
+/// framings a proxy must read exactly (veer reads GET and HEAD answers
+/// itself, not through hyper's client).
+async fn framing_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>, Arc<AtomicU64>) {
+    super::support::scripted_upstream(|line, _| {
+        Some(match line.split(' ').nth(1) {
+            Some("/chunked") => (&b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n1\r\n!\r\n0\r\nX-Sum: 6\r\n\r\n"[..], false),
+            Some("/to-end") => (b"HTTP/1.1 200 OK\r\n\r\nuntil the close", true),
+            Some("/early") => (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi", false),
+            // A second response behind the first: smuggled.
+            Some("/stray") => (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\naHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSTOLEN", false),
+            Some("/bad-length") => (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\nab", true),
+            Some("/cut") => (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.", true),
+            Some("/head") => (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n", false),
+            _ => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+        })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_upstream_framings_reach_clients_whole_and_never_cross() {
+    let (addr, lines, accepted) = framing_upstream().await;
+    let veer = Veer::start(&super::support::route_config(&[addr], &[], 0.0, "")).await;
+    let mut c = super::support::Client::connect(veer.addr).await.unwrap();
+    let body = |r: &Response<Bytes>| String::from_utf8_lossy(r.body()).to_string();
+
+    let r = c.get("/chunked", &[]).await.unwrap();
+    assert_eq!((r.status().as_u16(), body(&r).as_str()), (200, "hello!"));
+    let r = c.get("/to-end", &[]).await.unwrap();
+    assert_eq!(body(&r), "until the close");
+    let r = c.get("/early", &[]).await.unwrap();
+    assert_eq!((r.status().as_u16(), body(&r).as_str()), (200, "hi"));
+    let r = c
+        .send(http::Method::HEAD, "/head", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r.headers()["content-length"].to_str().unwrap(),
+            r.body().len()
+        ),
+        ("4", 0)
+    );
+    // The smuggled second response is never any request's answer.
+    let r = c.get("/stray", &[]).await.unwrap();
+    assert_eq!(body(&r), "a");
+    for i in 0..5 {
+        let r = c.get(&format!("/after-{i}"), &[]).await.unwrap();
+        assert_eq!(body(&r), "ok", "request {i} after the stray bytes");
+    }
+    // An answer that cannot be framed is the upstream's protocol error; one
+    // cut short fails its body (the client sees the message broken off).
+    assert_eq!(c.get("/bad-length", &[]).await.unwrap().status(), 502);
+    let mut fresh = super::support::Client::connect(veer.addr).await.unwrap();
+    assert!(fresh.get("/cut", &[]).await.is_err());
+    let m = veer.metrics().await;
+    for kind in ["protocol", "reset"] {
+        let series =
+            format!(r#"veer_upstream_errors_total{{kind="{kind}",route="web",version="v1"}}"#);
+        assert_eq!(metric(&m, &series), Some(1.0), "{series}:\n{m}");
+    }
+    let lines = lines.lock().unwrap().clone();
+    assert!(
+        lines.contains(&"GET /chunked HTTP/1.1".to_string()),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&"HEAD /head HTTP/1.1".to_string()),
+        "{lines:?}"
+    );
+    // Keep-alive where the framing allows it: not one connection a request.
+    let n = accepted.load(Ordering::SeqCst);
+    assert!(
+        n < lines.len() as u64,
+        "{n} connections for {} requests",
+        lines.len()
+    );
+}

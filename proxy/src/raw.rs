@@ -1,0 +1,1027 @@
+//! GET and HEAD to plain-TCP HTTP/1.1 upstreams without hyper's client.
+//!
+//! # Why
+//!
+//! hyper's HTTP/1.1 client runs each connection as a task of its own fed
+//! through channels, and builds its messages through a general encoder and
+//! decoder: about a third of a proxied request's instructions (#16's
+//! profiles). A request without a body to a plain-TCP endpoint is the
+//! common case of a sidecar's traffic; here the request's own task writes
+//! its head and reads the response head and body from the socket.
+//!
+//! # What it takes, and what it leaves to hyper
+//!
+//! Only `GET` and `HEAD` requests without a body and without `Content-Length`
+//! or `Transfer-Encoding` (nothing to frame), that are no upgrade, to an
+//! `http://` endpoint ([`eligible`]). Everything else (bodies, upgrades,
+//! TLS, HTTP/2, mirrored copies, smoke checks) goes through hyper, and a
+//! raw connection that such a request takes from the pool is handed to
+//! hyper first ([`crate::upstream::Upstream::get`]).
+//!
+//! The response is read as hyper's client reads it (RFC 9112 §6.3):
+//! informational responses are skipped (a `101` nobody asked for is a
+//! protocol error); a `HEAD` request, `204` and `304` have no body;
+//! `Transfer-Encoding` whose last coding is `chunked` is chunked (trailers
+//! become a trailers frame), any other is read to the connection's end
+//! (and on HTTP/1.0 is an error); otherwise `Content-Length` (every value
+//! equal, digits only, else an error), and without either the body runs to
+//! the connection's end. Heads of at most 100 fields and hyper's 400 KiB;
+//! strict `httparse` parsing, as hyper's defaults.
+//!
+//! # When a connection is used again
+//!
+//! Only when its response ended exactly (its length, or the last chunk and
+//! the trailer section) with nothing read beyond it, and neither side
+//! asked to close (`Connection: close`; HTTP/1.0 without `keep-alive`).
+//! A connection taken from the pool is probed first: one that the server
+//! closed, or that holds any byte it was not asked for, is dropped
+//! ([`RawConn::still_idle`]). Any doubt closes the connection: a response
+//! can never be read as another request's.
+//!
+//! A request that fails on a pooled connection before any byte of its
+//! answer (the server closed it as the request went out: its keep-alive
+//! timeout) is sent once more on a fresh connection; both methods are
+//! idempotent.
+//!
+//! # What it costs to maintain
+//!
+//! This module: the framing rules above, each covered by a unit test here
+//! over real sockets and by the e2e tests (`tests/e2e/upstreams.rs`). When
+//! hyper's client changes how it reads responses, this must follow.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version,
+};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::body::{BoxError, RequestBody};
+use crate::error::ProxyError;
+use crate::upstream::{Sender, Upstream};
+
+/// Most fields a response head may have (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// Largest response head (hyper's default read buffer limit).
+const MAX_HEAD: usize = 8192 + 4096 * 100;
+/// Largest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Largest trailer section (hyper's limit).
+const MAX_TRAILERS: usize = 16 * 1024;
+/// Room made in the read buffer before a read, at first.
+const READ_ROOM: usize = 8192;
+/// Most room a read is given: it doubles, up to this, each time a read
+/// fills all it was given (a large body streams in fewer reads).
+const MAX_READ_ROOM: usize = 256 * 1024;
+/// An idle connection keeps a read buffer up to this size; a larger one
+/// (grown for a large body) is freed when it goes back to the pool, and
+/// the next answer's first read is given the room the last one grew to.
+const IDLE_BUFFER: usize = 16 * 1024;
+
+/// Whether a request goes the raw way (see the module's doc).
+pub fn eligible(req: &Request<RequestBody>) -> bool {
+    matches!(*req.method(), Method::GET | Method::HEAD)
+        && Body::is_end_stream(req.body())
+        && !req.headers().contains_key(header::CONTENT_LENGTH)
+        && !req.headers().contains_key(header::TRANSFER_ENCODING)
+}
+
+/// A plain-TCP connection to an upstream, and what was read from it and
+/// not yet consumed.
+pub struct RawConn {
+    io: TcpStream,
+    buf: BytesMut,
+    /// Room for the next read (see [`MAX_READ_ROOM`]).
+    room: usize,
+}
+
+impl RawConn {
+    /// A fresh connection.
+    pub fn new(io: TcpStream) -> RawConn {
+        RawConn {
+            io,
+            buf: BytesMut::new(),
+            room: READ_ROOM,
+        }
+    }
+
+    /// Whether an idle connection may carry a request: nothing arrived
+    /// since its last response (no close, no stray byte).
+    pub fn still_idle(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// The socket, for hyper (an idle connection: nothing buffered).
+    pub fn into_stream(self) -> TcpStream {
+        self.io
+    }
+
+    /// Reads what the socket has into the buffer: `Ok(0)` at its end.
+    ///
+    /// Through `AsyncRead`: a read that does not fill the room it was given
+    /// tells tokio the socket is drained, so the pool's probe
+    /// ([`RawConn::still_idle`]) of a connection nothing came to since costs
+    /// no system call.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(self.room);
+        }
+        let given = self.buf.capacity() - self.buf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == given && self.room < MAX_READ_ROOM {
+            self.room *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
+/// How a response's body ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    ToEnd,
+}
+
+/// A response head as read.
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    reason: Option<Bytes>,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+/// Why an exchange failed.
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    /// Before any byte of the answer: the request may go again.
+    Unanswered,
+    /// Anything else, as the error kind it is.
+    Kind(ProxyError),
+}
+
+/// Writes the request head for an origin-form request.
+fn encode(req: &Request<RequestBody>) -> Vec<u8> {
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let mut dst = Vec::with_capacity(32 + target.len() + req.headers().len() * 32);
+    dst.extend_from_slice(req.method().as_str().as_bytes());
+    dst.push(b' ');
+    dst.extend_from_slice(target.as_bytes());
+    dst.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        dst.extend_from_slice(name.as_str().as_bytes());
+        dst.extend_from_slice(b": ");
+        dst.extend_from_slice(value.as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    dst.extend_from_slice(b"\r\n");
+    dst
+}
+
+/// Whether a header's comma-separated tokens include `token`.
+fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
+    value
+        .as_bytes()
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Every `Content-Length` value, if all are the same number (hyper's rule).
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut len = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() {
+                return None;
+            }
+            let mut n: u64 = 0;
+            for &b in part {
+                if !b.is_ascii_digit() {
+                    return None;
+                }
+                n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+            }
+            if len.is_some_and(|l| l != n) {
+                return None;
+            }
+            len = Some(n);
+        }
+    }
+    len
+}
+
+/// Parses one response head from the front of `buf`: `None` while it is
+/// incomplete; an informational one is consumed and `Some(None)`.
+fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Option<Option<Head>>, Failure> {
+    let protocol = Failure::Kind(ProxyError::UpstreamProtocol);
+    // Neither array is initialised: a head has a few fields of the 100.
+    let mut fields =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut r,
+        buf,
+        &mut fields,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(protocol),
+    };
+    let code = r.code.unwrap_or(0);
+    let status =
+        StatusCode::from_u16(code).map_err(|_| Failure::Kind(ProxyError::UpstreamProtocol))?;
+    let version = if r.version == Some(1) {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    // Positions, to slice the frozen head without copying the values.
+    let base = buf.as_ptr() as usize;
+    let spans: smallvec::SmallVec<[(usize, usize, usize, usize); 16]> = r
+        .headers
+        .iter()
+        .map(|h| {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            (name, name + h.name.len(), value, value + h.value.len())
+        })
+        .collect();
+    let n = spans.len();
+    let reason = r
+        .reason
+        .filter(|r| Some(*r) != status.canonical_reason())
+        .map(|r| Bytes::copy_from_slice(r.as_bytes()));
+    let head = buf.split_to(len).freeze();
+    if status.is_informational() {
+        if code == 101 {
+            // A switch the request did not ask for.
+            return Err(protocol);
+        }
+        return Ok(Some(None));
+    }
+    let mut headers = HeaderMap::with_capacity(n);
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut close = false;
+    for &(a, b, c, d) in &spans {
+        let name = HeaderName::from_bytes(&head[a..b])
+            .map_err(|_| Failure::Kind(ProxyError::UpstreamProtocol))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(c..d))
+            .map_err(|_| Failure::Kind(ProxyError::UpstreamProtocol))?;
+        if name == header::CONNECTION {
+            if close || has_token(&value, b"close") {
+                close = true;
+                keep_alive = false;
+            } else if !keep_alive {
+                keep_alive = has_token(&value, b"keep-alive");
+            }
+        }
+        headers.append(name, value);
+    }
+    let framing = if head_request || code == 204 || code == 304 {
+        Framing::Empty
+    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(protocol);
+        }
+        let chunked = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
+            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::ToEnd
+        }
+    } else if let Some(len) = content_length(&headers) {
+        Framing::Length(len)
+    } else if headers.contains_key(header::CONTENT_LENGTH) {
+        return Err(protocol);
+    } else {
+        Framing::ToEnd
+    };
+    Ok(Some(Some(Head {
+        status,
+        version,
+        headers,
+        reason,
+        framing,
+        keep_alive,
+    })))
+}
+
+/// Writes `request` on `conn` and reads the final response head.
+async fn exchange(conn: &mut RawConn, request: &[u8], head_request: bool) -> Result<Head, Failure> {
+    conn.io
+        .write_all(request)
+        .await
+        .map_err(|_| Failure::Unanswered)?;
+    let mut answered = false;
+    loop {
+        if !conn.buf.is_empty() {
+            answered = true;
+            if let Some(parsed) = parse(&mut conn.buf, head_request)? {
+                match parsed {
+                    Some(head) => return Ok(head),
+                    None => continue,
+                }
+            }
+            if conn.buf.len() > MAX_HEAD {
+                return Err(Failure::Kind(ProxyError::UpstreamProtocol));
+            }
+        }
+        let n = std::future::poll_fn(|cx| conn.poll_fill(cx)).await;
+        match n {
+            Ok(0) | Err(_) if !answered => return Err(Failure::Unanswered),
+            Ok(0) | Err(_) => return Err(Failure::Kind(ProxyError::UpstreamReset)),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Sends a bodiless request on a raw connection of `upstream` and returns
+/// the response, whose body gives the connection back at its end. A
+/// pooled connection that fails before any byte of an answer is replaced
+/// by a fresh one (within `connect_timeout`) once.
+pub async fn send(
+    mut sender: Sender,
+    upstream: Arc<Upstream>,
+    mut req: Request<RequestBody>,
+    connect_timeout: Duration,
+) -> Result<Response<RawBody>, ProxyError> {
+    crate::upstream::fit_request(&mut req, false, http::uri::Scheme::HTTP);
+    let head_request = req.method() == Method::HEAD;
+    let bytes = encode(&req);
+    drop(req);
+    let Some(conn) = sender.raw_mut() else {
+        return Err(ProxyError::UpstreamProtocol);
+    };
+    let head = match exchange(conn, &bytes, head_request).await {
+        Ok(head) => head,
+        Err(Failure::Unanswered) if sender.pooled() => {
+            // Its permit goes back before a fresh connection asks for one.
+            drop(sender);
+            sender = upstream.connect_raw(connect_timeout).await?;
+            let Some(conn) = sender.raw_mut() else {
+                return Err(ProxyError::UpstreamProtocol);
+            };
+            match exchange(conn, &bytes, head_request).await {
+                Ok(head) => head,
+                Err(Failure::Unanswered) => return Err(ProxyError::UpstreamReset),
+                Err(Failure::Kind(k)) => return Err(k),
+            }
+        }
+        Err(Failure::Unanswered) => return Err(ProxyError::UpstreamReset),
+        Err(Failure::Kind(k)) => return Err(k),
+    };
+    let mut resp = Response::new(RawBody {
+        conn: Some((sender, upstream)),
+        state: match head.framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::Chunked(Chunk::Size),
+            Framing::ToEnd => State::ToEnd,
+        },
+        keep_alive: head.keep_alive && head.framing != Framing::ToEnd,
+    });
+    *resp.status_mut() = head.status;
+    *resp.version_mut() = head.version;
+    *resp.headers_mut() = head.headers;
+    if let Some(r) = head
+        .reason
+        .and_then(|r| hyper::ext::ReasonPhrase::try_from(r).ok())
+    {
+        resp.extensions_mut().insert(r);
+    }
+    if resp.body().state == State::Done {
+        resp.body_mut().finish();
+    }
+    Ok(resp)
+}
+
+/// Where a chunked body's reading is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunk {
+    /// A chunk-size line.
+    Size,
+    /// The data of a chunk, so many bytes left.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// The trailer section after the last chunk.
+    Trailers,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    Chunked(Chunk),
+    ToEnd,
+    Done,
+}
+
+/// A response body read from a raw connection; the connection goes back to
+/// its endpoint's pool at the body's end when it may be used again, and is
+/// closed otherwise (or when the body is dropped before its end).
+pub struct RawBody {
+    conn: Option<(Sender, Arc<Upstream>)>,
+    state: State,
+    keep_alive: bool,
+}
+
+impl RawBody {
+    /// The body ended: the connection goes back to the pool if its
+    /// response ended exactly.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let Some((mut sender, upstream)) = self.conn.take() {
+            let Some(conn) = sender.raw_mut() else {
+                return;
+            };
+            if !self.keep_alive || !conn.buf.is_empty() {
+                return;
+            }
+            if conn.buf.capacity() > IDLE_BUFFER {
+                conn.buf = BytesMut::new();
+            }
+            upstream.checkin(sender);
+        }
+    }
+
+    /// The body failed: the connection is closed.
+    fn fail(&mut self, kind: ProxyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.state = State::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(Box::new(kind))))
+    }
+
+    /// Up to `left` bytes of what is buffered.
+    fn take(conn: &mut RawConn, left: u64) -> Bytes {
+        let k = left.min(conn.buf.len() as u64) as usize;
+        conn.buf.split_to(k).freeze()
+    }
+}
+
+impl Body for RawBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if this.state == State::Done {
+                return Poll::Ready(None);
+            }
+            let Some(conn) = this.conn.as_mut().and_then(|(s, _)| s.raw_mut()) else {
+                return this.fail(ProxyError::UpstreamReset);
+            };
+            // What is buffered first; a read only when it is not enough.
+            let need_read = match &mut this.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(left) => {
+                    if conn.buf.is_empty() {
+                        true
+                    } else {
+                        let data = RawBody::take(conn, *left);
+                        *left -= data.len() as u64;
+                        if *left == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                State::ToEnd => {
+                    if conn.buf.is_empty() {
+                        true
+                    } else {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                State::Chunked(chunk) => match *chunk {
+                    Chunk::Size => match httparse::parse_chunk_size(&conn.buf) {
+                        Ok(httparse::Status::Complete((used, size))) => {
+                            conn.buf.advance(used);
+                            *chunk = if size == 0 {
+                                Chunk::Trailers
+                            } else {
+                                Chunk::Data(size)
+                            };
+                            false
+                        }
+                        Ok(httparse::Status::Partial) if conn.buf.len() > MAX_CHUNK_LINE => {
+                            return this.fail(ProxyError::UpstreamProtocol)
+                        }
+                        Ok(httparse::Status::Partial) => true,
+                        Err(_) => return this.fail(ProxyError::UpstreamProtocol),
+                    },
+                    Chunk::Data(left) => {
+                        if conn.buf.is_empty() {
+                            true
+                        } else {
+                            let data = RawBody::take(conn, left);
+                            let left = left - data.len() as u64;
+                            *chunk = if left == 0 {
+                                Chunk::DataEnd
+                            } else {
+                                Chunk::Data(left)
+                            };
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                    }
+                    Chunk::DataEnd => {
+                        if conn.buf.len() < 2 {
+                            true
+                        } else if conn.buf.starts_with(b"\r\n") {
+                            conn.buf.advance(2);
+                            *chunk = Chunk::Size;
+                            false
+                        } else {
+                            return this.fail(ProxyError::UpstreamProtocol);
+                        }
+                    }
+                    Chunk::Trailers => {
+                        if conn.buf.starts_with(b"\r\n") {
+                            conn.buf.advance(2);
+                            this.finish();
+                            return Poll::Ready(None);
+                        }
+                        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                        match httparse::parse_headers(&conn.buf, &mut fields) {
+                            Ok(httparse::Status::Complete((used, fields))) => {
+                                let mut trailers = HeaderMap::with_capacity(fields.len());
+                                for f in fields.iter() {
+                                    let (Ok(name), Ok(value)) = (
+                                        HeaderName::from_bytes(f.name.as_bytes()),
+                                        HeaderValue::from_bytes(f.value),
+                                    ) else {
+                                        return this.fail(ProxyError::UpstreamProtocol);
+                                    };
+                                    trailers.append(name, value);
+                                }
+                                conn.buf.advance(used);
+                                this.finish();
+                                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                            }
+                            Ok(httparse::Status::Partial) if conn.buf.len() > MAX_TRAILERS => {
+                                return this.fail(ProxyError::UpstreamProtocol)
+                            }
+                            Ok(httparse::Status::Partial) => true,
+                            Err(_) => return this.fail(ProxyError::UpstreamProtocol),
+                        }
+                    }
+                },
+            };
+            if !need_read {
+                continue;
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if this.state == State::ToEnd => {
+                    this.keep_alive = false;
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(0) | Err(_) => return this.fail(ProxyError::UpstreamReset),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == State::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(left) => SizeHint::with_exact(left),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::{Connector, Upstreams};
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// An upstream that answers the n-th request it reads (over any
+    /// connection) with `script[n]`, closing the connection after it when
+    /// the flag says so. Counts the connections it accepted; keeps the
+    /// request heads it read.
+    struct Scripted {
+        addr: std::net::SocketAddr,
+        conns: Arc<AtomicUsize>,
+        heads: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    async fn scripted(script: Vec<(&'static [u8], bool)>) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let script = Arc::new(script);
+        let next = Arc::new(AtomicUsize::new(0));
+        let (c, h) = (conns.clone(), heads.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let (script, next, heads) = (script.clone(), next.clone(), h.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        let Ok(n) = s.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head: Vec<u8> = buf.drain(..end + 4).collect();
+                            heads
+                                .lock()
+                                .unwrap()
+                                .push(String::from_utf8_lossy(&head).into());
+                            let i = next.fetch_add(1, Ordering::SeqCst);
+                            let Some((bytes, close)) = script.get(i) else {
+                                return;
+                            };
+                            if s.write_all(bytes).await.is_err() || *close {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Scripted { addr, conns, heads }
+    }
+
+    fn get(path: &str) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::copy(Bytes::new()));
+        *req.uri_mut() = path.parse().unwrap();
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("svc.test"));
+        req
+    }
+
+    /// Status, body bytes, trailers, or the body's error kind.
+    async fn fetch(
+        up: &Arc<Upstream>,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<()>, Bytes, Option<HeaderMap>), ProxyError> {
+        let sender = up.get(Duration::from_secs(2), false, true).await?;
+        assert!(sender.is_raw());
+        let resp = send(sender, up.clone(), req, Duration::from_secs(2)).await?;
+        let (parts, mut body) = resp.into_parts();
+        let mut data = BytesMut::new();
+        let mut trailers = None;
+        while let Some(f) = body.frame().await {
+            let f = f.map_err(|e| *e.downcast::<ProxyError>().unwrap())?;
+            match f.into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(f) => trailers = f.into_trailers().ok(),
+            }
+        }
+        Ok((Response::from_parts(parts, ()), data.freeze(), trailers))
+    }
+
+    fn upstream(s: &Scripted) -> Arc<Upstream> {
+        Upstreams::new().get(s.addr, Connector::H1, 8)
+    }
+
+    #[tokio::test]
+    async fn a_content_length_response_is_read_and_its_connection_used_again() {
+        let s = scripted(vec![
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello",
+                false,
+            ),
+            (b"HTTP/1.1 201 Made\r\ncontent-length: 2\r\n\r\nok", false),
+        ])
+        .await;
+        let up = upstream(&s);
+        let (r, body, _) = fetch(&up, get("/a?b=1")).await.unwrap();
+        assert_eq!((r.status(), &body[..]), (StatusCode::OK, &b"hello"[..]));
+        assert_eq!(r.headers()["x-a"], "1");
+        let (r, body, _) = fetch(&up, get("/b")).await.unwrap();
+        assert_eq!((r.status().as_u16(), &body[..]), (201, &b"ok"[..]));
+        // A reason phrase that is not the status's own is kept.
+        let reason = r.extensions().get::<hyper::ext::ReasonPhrase>().unwrap();
+        assert_eq!(reason.as_bytes(), b"Made");
+        assert_eq!(s.conns.load(Ordering::SeqCst), 1);
+        let heads = s.heads.lock().unwrap().clone();
+        assert_eq!(heads[0], "GET /a?b=1 HTTP/1.1\r\nhost: svc.test\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_chunked_response_is_decoded_with_extensions_and_trailers() {
+        let s = scripted(vec![
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\nX-Sum: 6\r\n\r\n",
+                false,
+            ),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", false),
+        ])
+        .await;
+        let up = upstream(&s);
+        let (_, body, trailers) = fetch(&up, get("/")).await.unwrap();
+        assert_eq!(&body[..], b"hello!");
+        assert_eq!(trailers.unwrap()["x-sum"], "6");
+        let (_, body, trailers) = fetch(&up, get("/")).await.unwrap();
+        assert_eq!((&body[..], trailers), (&b"ok"[..], None));
+        assert_eq!(
+            s.conns.load(Ordering::SeqCst),
+            1,
+            "both chunked bodies ended exactly"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_without_length_runs_to_the_close_and_the_connection_is_not_reused() {
+        let s = scripted(vec![
+            (b"HTTP/1.1 200 OK\r\n\r\nall of it", true),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzipped",
+                true,
+            ),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1", false),
+        ])
+        .await;
+        let up = upstream(&s);
+        assert_eq!(&fetch(&up, get("/")).await.unwrap().1[..], b"all of it");
+        assert_eq!(&fetch(&up, get("/")).await.unwrap().1[..], b"zipped");
+        assert_eq!(&fetch(&up, get("/")).await.unwrap().1[..], b"1");
+        assert_eq!(s.conns.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn head_204_and_304_have_no_body_and_informational_answers_are_skipped() {
+        let s = scripted(vec![
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", false),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n", false),
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi", false),
+        ])
+        .await;
+        let up = upstream(&s);
+        let mut head = get("/");
+        *head.method_mut() = Method::HEAD;
+        let (r, body, _) = fetch(&up, head).await.unwrap();
+        assert_eq!(
+            (r.headers()["content-length"].as_bytes(), body.len()),
+            (&b"10"[..], 0)
+        );
+        assert_eq!(fetch(&up, get("/")).await.unwrap().0.status(), 204);
+        assert_eq!(fetch(&up, get("/")).await.unwrap().0.status(), 304);
+        let (r, body, _) = fetch(&up, get("/")).await.unwrap();
+        assert_eq!((r.status(), &body[..]), (StatusCode::OK, &b"hi"[..]));
+        assert_eq!(s.conns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn malformed_heads_are_protocol_errors() {
+        for bad in [
+            &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nab",
+            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\nab",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+        ] {
+            let s = scripted(vec![(bad, true)]).await;
+            let r = fetch(&upstream(&s), get("/")).await;
+            assert_eq!(
+                r.err(),
+                Some(ProxyError::UpstreamProtocol),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Equal repeated lengths are one length.
+        let s = scripted(vec![(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\nab",
+            false,
+        )])
+        .await;
+        assert_eq!(&fetch(&upstream(&s), get("/")).await.unwrap().1[..], b"ab");
+    }
+
+    #[tokio::test]
+    async fn a_head_larger_than_the_limit_is_refused() {
+        let mut big = b"HTTP/1.1 200 OK\r\n".to_vec();
+        while big.len() <= MAX_HEAD {
+            big.extend_from_slice(b"X-Filler: 0123456789012345678901234567890123456789\r\n");
+        }
+        let big: &'static [u8] = Box::leak(big.into_boxed_slice());
+        let s = scripted(vec![(big, false)]).await;
+        assert_eq!(
+            fetch(&upstream(&s), get("/")).await.err(),
+            Some(ProxyError::UpstreamProtocol)
+        );
+    }
+
+    #[tokio::test]
+    async fn broken_bodies_fail_and_close_their_connection() {
+        for (bad, kind) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"[..],
+                ProxyError::UpstreamReset,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                ProxyError::UpstreamProtocol,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n",
+                ProxyError::UpstreamProtocol,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY0\r\n\r\n",
+                ProxyError::UpstreamProtocol,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nBad Trailer\r\n\r\n",
+                ProxyError::UpstreamProtocol,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+                ProxyError::UpstreamReset,
+            ),
+        ] {
+            let s = scripted(vec![
+                (bad, true),
+                (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false),
+            ])
+            .await;
+            let up = upstream(&s);
+            assert_eq!(
+                fetch(&up, get("/")).await.err(),
+                Some(kind),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+            assert!(fetch(&up, get("/")).await.is_ok());
+            assert_eq!(s.conns.load(Ordering::SeqCst), 2);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_not_reused_after_a_close_or_bytes_beyond_its_response() {
+        let s = scripted(vec![
+            (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\na", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nbHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nX", false),
+            (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nc", false),
+            (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nd", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\ne", false),
+        ])
+        .await;
+        let up = upstream(&s);
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            seen.extend_from_slice(&fetch(&up, get("/")).await.unwrap().1);
+        }
+        // The stray "X" never reaches a client; HTTP/1.0 keep-alive is kept.
+        assert_eq!(&seen[..], b"abcde");
+        assert_eq!(s.conns.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_server_closed_is_replaced_for_the_request() {
+        // The first answer closes the connection without saying so: the
+        // pool's probe sees the close, or the request fails unanswered on
+        // it and goes again on a fresh connection.
+        let s = scripted(vec![
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na", true),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb", false),
+        ])
+        .await;
+        let up = upstream(&s);
+        assert_eq!(&fetch(&up, get("/")).await.unwrap().1[..], b"a");
+        assert_eq!(&fetch(&up, get("/")).await.unwrap().1[..], b"b");
+        assert_eq!(s.conns.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_request_on_a_pooled_connection_goes_once_more() {
+        // A server that reads the second request and closes without a
+        // byte (its keep-alive timeout, crossing the request).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let n = c.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nk")
+                        .await;
+                    if n == 0 {
+                        let _ = s.read(&mut buf).await;
+                    }
+                });
+            }
+        });
+        let up = Upstreams::new().get(addr, Connector::H1, 8);
+        assert!(fetch(&up, get("/")).await.is_ok());
+        assert_eq!(&fetch(&up, get("/")).await.unwrap().1[..], b"k");
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_with_a_body_takes_a_pooled_raw_connection_through_hyper() {
+        let s = scripted(vec![
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb", false),
+        ])
+        .await;
+        let up = upstream(&s);
+        assert_eq!(&fetch(&up, get("/")).await.unwrap().1[..], b"a");
+        let mut sender = up.get(Duration::from_secs(2), false, false).await.unwrap();
+        assert!(!sender.is_raw() && sender.pooled());
+        let mut post = Request::new(RequestBody::copy(Bytes::from_static(b"pay")));
+        *post.method_mut() = Method::POST;
+        *post.uri_mut() = "/p".parse().unwrap();
+        let resp = sender.send_request(post).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"b");
+        assert_eq!(
+            s.conns.load(Ordering::SeqCst),
+            1,
+            "the idle connection was used"
+        );
+        assert!(s.heads.lock().unwrap()[1].starts_with("POST /p HTTP/1.1\r\n"));
+    }
+
+    #[tokio::test]
+    async fn a_large_body_streams_whole_and_an_idle_connection_keeps_no_large_buffer() {
+        let mut big = b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n".to_vec();
+        big.extend(std::iter::repeat_n(b'x', 1 << 20));
+        let big: &'static [u8] = Box::leak(big.into_boxed_slice());
+        let s = scripted(vec![(big, false)]).await;
+        let up = upstream(&s);
+        let sender = up.get(Duration::from_secs(2), false, true).await.unwrap();
+        let resp = send(sender, up.clone(), get("/"), Duration::from_secs(2))
+            .await
+            .unwrap();
+        let mut body = resp.into_body();
+        let mut total = 0;
+        while let Some(f) = body.frame().await {
+            total += f.unwrap().into_data().unwrap().len();
+        }
+        assert_eq!(total, 1 << 20);
+        let mut idle = up.checkout(true).expect("pooled again");
+        let conn = idle.raw_mut().unwrap();
+        assert!(conn.buf.capacity() <= IDLE_BUFFER);
+    }
+
+    #[test]
+    fn only_bodiless_gets_and_heads_go_raw() {
+        assert!(eligible(&get("/")));
+        let mut post = get("/");
+        *post.method_mut() = Method::POST;
+        assert!(!eligible(&post));
+        let mut framed = get("/");
+        framed
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        assert!(!eligible(&framed));
+        let mut with_body = Request::new(RequestBody::copy(Bytes::from_static(b"x")));
+        *with_body.uri_mut() = "/".parse().unwrap();
+        assert!(!eligible(&with_body));
+    }
+}

@@ -65,6 +65,32 @@ pub struct ProxySettings {
     pub shutdown_grace: Duration,
     /// Which requests get an access log line.
     pub access_log: AccessLog,
+    /// Who speaks HTTP/1.1 to `http://` upstreams for a bodiless GET or HEAD.
+    pub upstream_http1: UpstreamHttp1,
+}
+
+/// `[proxy] upstream_http1`: who writes a bodiless `GET` or `HEAD` to an
+/// `http://` upstream and reads its answer (every other request goes
+/// through hyper's client either way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UpstreamHttp1 {
+    /// The request's own task, over a raw pooled connection (about 16 %
+    /// fewer instructions a request).
+    #[default]
+    Veer,
+    /// hyper's client, as before session 18: the way back if an upstream
+    /// misbehaves with the first.
+    Hyper,
+}
+
+impl UpstreamHttp1 {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamHttp1::Veer => "veer",
+            UpstreamHttp1::Hyper => "hyper",
+        }
+    }
 }
 
 /// `[proxy] access_log`: which requests get a log line (target

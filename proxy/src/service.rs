@@ -539,7 +539,7 @@ fn exchange<'a>(
     watch: &'a std::sync::OnceLock<crate::upstream::H2Watch>,
 ) -> impl std::future::Future<Output = Result<Exchanged, ProxyError>> + 'a {
     async move {
-        let raw = !upgrade && crate::raw::eligible(&req);
+        let raw = route.raw_http1 && !upgrade && crate::raw::eligible(&req);
         let endpoints = version.balancer.endpoints();
         let Some(first) = endpoints.get(pick.first()) else {
             return Err(ProxyError::UpstreamConnect);

@@ -72,6 +72,9 @@ pub struct RouteTarget {
     pub force: Option<ForceTarget>,
     /// `[route.mirror]`, while the canary may take traffic.
     pub mirror: Option<crate::mirror::MirrorTarget>,
+    /// Bodiless GET and HEAD to `http://` endpoints go over raw
+    /// connections ([`crate::raw`]; `[proxy] upstream_http1`).
+    pub raw_http1: bool,
     /// The route as configured (for status).
     pub config: Route,
 }
@@ -288,6 +291,7 @@ impl Snapshot {
                     }
                     _ => None,
                 },
+                raw_http1: config.proxy.upstream_http1 == veer_control::config::UpstreamHttp1::Veer,
                 config: r.clone(),
             }));
         }

@@ -449,3 +449,34 @@ async fn a_stalled_reader_of_the_log_never_stalls_the_proxy() {
         "20 000 access log lines behind a stalled reader, {dropped} dropped"
     );
 }
+
+/// `[proxy] upstream_http1 = "hyper"` puts GET and HEAD back on hyper's
+/// client (the way back if an upstream misbehaves with veer's own reads).
+/// The two paths differ where a pooled connection is closed under a GET at
+/// once (not after lying idle 100 ms): veer's own sends it again, hyper's
+/// client does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_http1_hyper_puts_gets_back_on_hypers_client() {
+    for (setting, second) in [("", 200), ("upstream_http1 = \"hyper\"\n", 502)] {
+        let (addr, answered, _) = closes_reused_connections().await;
+        let config = route_config(&[addr], &[], 0.0, "").replacen(
+            "[proxy]\n",
+            &format!("[proxy]\n{setting}"),
+            1,
+        );
+        let veer = Veer::start(&config).await;
+        let mut c = Client::connect(veer.addr).await.unwrap();
+        let first = c.get("/", &[("x-user-id", "u1")]).await.unwrap();
+        let again = c.get("/", &[("x-user-id", "u1")]).await.unwrap();
+        assert_eq!(
+            (first.status().as_u16(), again.status().as_u16()),
+            (200, second),
+            "{setting:?}:\n{}",
+            veer.all_logs()
+        );
+        assert_eq!(
+            answered.load(Ordering::SeqCst),
+            if second == 200 { 2 } else { 1 }
+        );
+    }
+}

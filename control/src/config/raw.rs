@@ -53,6 +53,7 @@ pub struct RawProxy {
     pub body_timeout: Option<Spanned<String>>,
     pub shutdown_grace: Option<Spanned<String>>,
     pub access_log: Option<Spanned<String>>,
+    pub upstream_http1: Option<Spanned<String>>,
 }
 
 /// `[proxy.tls]`.

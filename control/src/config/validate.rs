@@ -19,7 +19,7 @@ use super::raw::{
 use super::{
     AccessLog, AdminSettings, Config, Endpoint, Force, JudgeMode, JudgeSettings, Mirror,
     ProxySettings, Quantile, Rollout, Route, SmokeCheck, StateSettings, StickySource, Strategy,
-    TlsSettings, UpstreamProtocol, UpstreamTls, Version, Webhook, WebhookFormat,
+    TlsSettings, UpstreamHttp1, UpstreamProtocol, UpstreamTls, Version, Webhook, WebhookFormat,
     DEFAULT_GRPC_ERROR_CODES,
 };
 
@@ -349,6 +349,20 @@ impl Validator<'_> {
                             format!("[proxy] access_log {other:?} is not one of \"off\", \"errors\", \"all\""),
                         );
                         AccessLog::Off
+                    }
+                },
+            },
+            upstream_http1: match p.upstream_http1.as_ref() {
+                None => UpstreamHttp1::Veer,
+                Some(s) => match s.get_ref().as_str() {
+                    "veer" => UpstreamHttp1::Veer,
+                    "hyper" => UpstreamHttp1::Hyper,
+                    other => {
+                        self.err(
+                            s.span(),
+                            format!("[proxy] upstream_http1 {other:?} is not one of \"veer\", \"hyper\""),
+                        );
+                        UpstreamHttp1::Veer
                     }
                 },
             },

@@ -601,6 +601,28 @@ fn the_access_log_is_off_unless_asked_for() {
 }
 
 #[test]
+fn veer_speaks_http1_to_upstreams_unless_hyper_is_asked_for() {
+    assert_eq!(
+        parse(MINIMAL).expect("valid").proxy.upstream_http1,
+        UpstreamHttp1::Veer
+    );
+    for (v, want) in [
+        ("veer", UpstreamHttp1::Veer),
+        ("hyper", UpstreamHttp1::Hyper),
+    ] {
+        let c = parse(&format!("[proxy]\nupstream_http1 = \"{v}\"\n{MINIMAL}")).expect("valid");
+        assert_eq!(c.proxy.upstream_http1, want);
+        assert_eq!(want.as_str(), v);
+    }
+    let e = parse(&format!("[proxy]\nupstream_http1 = \"raw\"\n{MINIMAL}")).expect_err("not one");
+    assert!(
+        e.to_string()
+            .contains("upstream_http1 \"raw\" is not one of"),
+        "{e}"
+    );
+}
+
+#[test]
 fn one_vote_per_client_is_on_unless_turned_off_and_must_be_a_bool() {
     let c = parse(MINIMAL).expect("minimal");
     assert!(c.routes[0].judge.one_vote_per_client);

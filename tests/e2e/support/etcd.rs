@@ -67,8 +67,20 @@ impl Etcd {
         Etcd::start(1, Some(tls)).await
     }
 
+    /// Starts `n` members on free ports, again on other ports when one of
+    /// them lost its port to another process between the pick and etcd's
+    /// bind (a free port is only free when it is picked).
     async fn start(n: usize, tls: Option<&EtcdTls>) -> Etcd {
         etcd_bin();
+        for _ in 0..4 {
+            if let Some(etcd) = Etcd::try_start(n, tls).await {
+                return etcd;
+            }
+        }
+        panic!("etcd lost its ports four times in a row");
+    }
+
+    async fn try_start(n: usize, tls: Option<&EtcdTls>) -> Option<Etcd> {
         let dir = tempfile::tempdir().expect("tempdir");
         let scheme = if tls.is_some() { "https" } else { "http" };
         let addrs: Vec<(SocketAddr, SocketAddr)> =
@@ -117,14 +129,23 @@ impl Etcd {
         for m in &mut members {
             m.spawn();
         }
-        for m in &members {
-            m.wait_serving().await;
+        for i in 0..members.len() {
+            if !members[i].wait_serving().await {
+                eprintln!(
+                    "etcd {} lost a port; starting again elsewhere",
+                    members[i].name
+                );
+                for m in &mut members {
+                    m.kill();
+                }
+                return None;
+            }
         }
-        Etcd {
+        Some(Etcd {
             members,
             tls: tls.is_some(),
             _dir: dir,
-        }
+        })
     }
 
     /// The client URLs, for `[fleet] endpoints`.
@@ -202,17 +223,18 @@ impl EtcdMember {
         self.child = Some(child);
     }
 
-    async fn wait_serving(&self) {
+    /// Waits until it serves; false if it could not bind its ports.
+    async fn wait_serving(&self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self
-                .logs
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|l| l.contains("serving client traffic"))
             {
-                return;
+                let logs = self.logs.lock().unwrap();
+                if logs.iter().any(|l| l.contains("serving client traffic")) {
+                    return true;
+                }
+                if logs.iter().any(|l| l.contains("address already in use")) {
+                    return false;
+                }
             }
             assert!(
                 Instant::now() < deadline,
@@ -241,7 +263,12 @@ impl EtcdMember {
             }
         }
         self.spawn();
-        self.wait_serving().await;
+        assert!(
+            self.wait_serving().await,
+            "etcd {} could not bind its ports again: {:?}",
+            self.name,
+            self.logs.lock().unwrap()
+        );
     }
 }
 

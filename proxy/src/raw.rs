@@ -65,6 +65,7 @@ use tokio::net::TcpStream;
 
 use crate::body::{BoxError, RequestBody};
 use crate::error::ProxyError;
+use crate::headers::Forwarding;
 use crate::upstream::{Sender, Upstream};
 
 /// Most fields a response head may have (hyper's default).
@@ -178,19 +179,38 @@ enum Failure {
     Kind(ProxyError),
 }
 
-/// Writes the request head for an origin-form request.
-fn encode(req: &Request<RequestBody>) -> Vec<u8> {
+/// Writes the request head for an origin-form request, with this hop's
+/// forwarding headers when they are not in its map (in their place, the
+/// client's fields of those names are left out).
+fn encode(req: &Request<RequestBody>, forwarding: Option<&Forwarding>) -> Vec<u8> {
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let mut dst = Vec::with_capacity(32 + target.len() + req.headers().len() * 32);
+    let mut dst = Vec::with_capacity(32 + target.len() + (req.headers().len() + 5) * 32);
     dst.extend_from_slice(req.method().as_str().as_bytes());
     dst.push(b' ');
     dst.extend_from_slice(target.as_bytes());
     dst.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in req.headers() {
+    let field = |dst: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue| {
         dst.extend_from_slice(name.as_str().as_bytes());
         dst.extend_from_slice(b": ");
         dst.extend_from_slice(value.as_bytes());
         dst.extend_from_slice(b"\r\n");
+    };
+    match forwarding {
+        None => {
+            for (name, value) in req.headers() {
+                field(&mut dst, name, value);
+            }
+        }
+        Some(f) => {
+            for (name, value) in req.headers() {
+                if !f.replaces(name) {
+                    field(&mut dst, name, value);
+                }
+            }
+            for (name, value) in f.fields() {
+                field(&mut dst, name, value);
+            }
+        }
     }
     dst.extend_from_slice(b"\r\n");
     dst
@@ -367,11 +387,13 @@ pub async fn send(
     mut sender: Sender,
     upstream: Arc<Upstream>,
     mut req: Request<RequestBody>,
+    forwarding: Option<Forwarding>,
     connect_timeout: Duration,
 ) -> Result<Response<RawBody>, ProxyError> {
     crate::upstream::fit_request(&mut req, false, http::uri::Scheme::HTTP);
     let head_request = req.method() == Method::HEAD;
-    let bytes = encode(&req);
+    let bytes = encode(&req, forwarding.as_ref());
+    drop(forwarding);
     drop(req);
     let Some(conn) = sender.raw_mut() else {
         return Err(ProxyError::UpstreamProtocol);
@@ -701,7 +723,7 @@ mod tests {
     ) -> Result<(Response<()>, Bytes, Option<HeaderMap>), ProxyError> {
         let sender = up.get(Duration::from_secs(2), false, true).await?;
         assert!(sender.is_raw());
-        let resp = send(sender, up.clone(), req, Duration::from_secs(2)).await?;
+        let resp = send(sender, up.clone(), req, None, Duration::from_secs(2)).await?;
         let (parts, mut body) = resp.into_parts();
         let mut data = BytesMut::new();
         let mut trailers = None;
@@ -995,7 +1017,7 @@ mod tests {
         let s = scripted(vec![(big, false)]).await;
         let up = upstream(&s);
         let sender = up.get(Duration::from_secs(2), false, true).await.unwrap();
-        let resp = send(sender, up.clone(), get("/"), Duration::from_secs(2))
+        let resp = send(sender, up.clone(), get("/"), None, Duration::from_secs(2))
             .await
             .unwrap();
         let mut body = resp.into_body();

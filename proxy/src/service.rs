@@ -17,7 +17,8 @@ use crate::balance::Pick;
 use crate::body::{GrpcCall, Pending, ProxyBody, RequestBody, UpBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::headers::{
-    client_addr, is_upgrade, prepare_request, routing_host, strip_hop_by_hop, Peer, Scheme,
+    client_addr, is_upgrade, prepare_request, routing_host, strip_hop_by_hop, Forwarding, Peer,
+    Scheme,
 };
 use crate::record::Outcome;
 use crate::shared::Shared;
@@ -399,20 +400,22 @@ struct Deadlines {
     route_bound: bool,
 }
 
-/// The request as it goes upstream (forwarding headers set, hop-by-hop
-/// ones dropped, its body watched, a copy started for a mirror), and the
-/// client's side of an upgrade. Outside [`forward`]'s future: nothing of
-/// this work is kept there while the request is in flight.
+/// The request as it goes upstream (hop-by-hop headers dropped, its body
+/// watched, a copy started for a mirror), this hop's forwarding headers
+/// when they are not in its map yet (see [`Forwarding`]: set by
+/// [`exchange`] once it knows who writes the request), and the client's
+/// side of an upgrade. Outside [`forward`]'s future: nothing of this work
+/// is kept there while the request is in flight.
 fn outgoing(
     mut req: Request<Incoming>,
     hop: &mut Hop,
     body_timeout: std::time::Duration,
     upload: &Arc<Upload>,
-) -> Result<(Request<RequestBody>, Option<hyper::upgrade::OnUpgrade>), ProxyError> {
+) -> Result<Outgoing, ProxyError> {
     let upgrade = is_upgrade(req.version(), req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    prepare_request(
+    let forwarding = prepare_request(
         &parts.method,
         &mut parts.uri,
         &mut parts.version,
@@ -424,11 +427,31 @@ fn outgoing(
         upgrade,
     )?;
     let mut body = ClientBody::new(body, body_timeout, upload.clone());
-    if let Some(seed) = hop.shadow.take().filter(|_| !upgrade) {
+    // An upgrade goes through hyper's client; a mirrored copy is made from
+    // the head as it goes upstream.
+    let shadow = hop.shadow.take().filter(|_| !upgrade);
+    let forwarding = if upgrade || shadow.is_some() {
+        forwarding.apply(&mut parts.headers);
+        None
+    } else {
+        Some(forwarding)
+    };
+    if let Some(seed) = shadow {
         crate::mirror::start(*seed, &parts, &mut body, body_timeout);
     }
-    Ok((Request::from_parts(parts, body), downstream_upgrade))
+    Ok((
+        Request::from_parts(parts, body),
+        forwarding,
+        downstream_upgrade,
+    ))
 }
+
+/// What [`outgoing`] makes of a client's request.
+type Outgoing = (
+    Request<RequestBody>,
+    Option<Forwarding>,
+    Option<hyper::upgrade::OnUpgrade>,
+);
 
 // Not an `async fn`: see `handle`.
 #[allow(clippy::manual_async_fn)]
@@ -443,13 +466,13 @@ fn forward<'a>(
 ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
     async move {
         let body_timeout = deadlines.body;
-        let (req, downstream_upgrade) = outgoing(req, &mut hop, body_timeout, upload)?;
+        let (req, forwarding, downstream_upgrade) = outgoing(req, &mut hop, body_timeout, upload)?;
         let upgrade = downstream_upgrade.is_some();
 
         // Pinned here and lent to the deadline: a future passed by value into
         // another async fn is held twice (argument and pinned local).
         let watch = std::sync::OnceLock::new();
-        let exchange = exchange(route, version, pick, req, upgrade, &watch);
+        let exchange = exchange(route, version, pick, req, forwarding, upgrade, &watch);
         tokio::pin!(exchange);
         let (mut resp, sender, upstream) =
             match upstream_deadline(deadlines.upstream, upload, exchange.as_mut()).await {
@@ -534,7 +557,8 @@ fn exchange<'a>(
     route: &'a RouteTarget,
     version: &'a VersionTarget,
     pick: Pick,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
+    forwarding: Option<Forwarding>,
     upgrade: bool,
     watch: &'a std::sync::OnceLock<crate::upstream::H2Watch>,
 ) -> impl std::future::Future<Output = Result<Exchanged, ProxyError>> + 'a {
@@ -577,6 +601,7 @@ fn exchange<'a>(
                 sender,
                 upstream.clone(),
                 req,
+                forwarding,
                 route.connect_timeout,
             ))
             .await;
@@ -591,6 +616,9 @@ fn exchange<'a>(
                     Err(e)
                 }
             };
+        }
+        if let Some(f) = forwarding {
+            f.apply(req.headers_mut());
         }
         // A request without a body sent as an HTTP/2 stream keeps its head: a
         // stream the server refused unprocessed (a GOAWAY that crossed it, as

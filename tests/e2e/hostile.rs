@@ -54,18 +54,33 @@ async fn one_host_routes_and_the_upstream_gets_that_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cannot_make_veer_drop_authorization_or_forwarding_headers() {
-    let s = Upstream::start("stable").await;
-    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
-    let req = b"GET / HTTP/1.1\r\nhost: a\r\nconnection: host, authorization, x-forwarded-for, x-gone\r\nauthorization: Bearer t\r\nx-forwarded-for: 6.6.6.6\r\nx-forwarded-for: 7.7.7.7\r\nx-gone: 1\r\nx-real-ip: 9.9.9.9\r\nforwarded: for=9.9.9.9\r\n\r\n";
-    assert_eq!(status_of(veer.addr, req).await, 200);
-    let h = s.last_headers.lock().unwrap().clone();
-    assert_eq!(h["authorization"], "Bearer t");
-    assert_eq!(h["host"], "a");
-    assert_eq!(h["x-forwarded-for"], "6.6.6.6, 7.7.7.7, 127.0.0.1");
-    assert!(!h.contains_key("x-gone"));
-    // A client's own X-Real-IP and Forwarded do not pass (no trusted hops).
-    assert_eq!(h["x-real-ip"], "127.0.0.1");
-    assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http;host=\"a\"");
+    for setting in ["", "upstream_http1 = \"hyper\""] {
+        let s = Upstream::start("stable").await;
+        let veer = Veer::start(&with_proxy(route_config(&[s.addr], &[], 0.0, ""), setting)).await;
+        let req = b"GET / HTTP/1.1\r\nhost: a\r\nconnection: host, authorization, x-forwarded-for, x-gone\r\nauthorization: Bearer t\r\nx-forwarded-for: 6.6.6.6\r\nx-forwarded-for: 7.7.7.7\r\nx-gone: 1\r\nx-real-ip: 9.9.9.9\r\nforwarded: for=9.9.9.9\r\nx-forwarded-proto: gopher\r\nx-forwarded-host: evil.test\r\n\r\n";
+        assert_eq!(status_of(veer.addr, req).await, 200);
+        let h = s.last_headers.lock().unwrap().clone();
+        assert_eq!(h["authorization"], "Bearer t");
+        assert_eq!(h["host"], "a");
+        assert_eq!(h["x-forwarded-for"], "6.6.6.6, 7.7.7.7, 127.0.0.1");
+        assert!(!h.contains_key("x-gone"));
+        // A client's own X-Real-IP and Forwarded do not pass (no trusted hops).
+        assert_eq!(h["x-real-ip"], "127.0.0.1");
+        assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http;host=\"a\"");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "a");
+        // This hop's fields replace the client's: one line each, on veer's own
+        // HTTP/1.1 writer (a GET) as on hyper's client (upstream_http1 = "hyper").
+        for name in [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-real-ip",
+            "forwarded",
+        ] {
+            assert_eq!(h.get_all(name).iter().count(), 1, "{setting} {name}: {h:?}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

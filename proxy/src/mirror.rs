@@ -3,8 +3,10 @@
 //!
 //! The copy never touches the client's exchange: it is sent from its own
 //! task once the request body is whole (kept, up to `max_body`, as stable's
-//! upstream reads it), carries `x-veer-shadow: 1`, and its answer is read to
-//! the end and dropped. It is never retried, and at most `max_concurrent`
+//! upstream reads it), carries `x-veer-shadow: 1`, goes the way stable's
+//! request went (veer's own HTTP/1.1 exchange for a bodiless GET or HEAD,
+//! else hyper's client), and its answer is read to the end and dropped. It
+//! is never retried on another endpoint, and at most `max_concurrent`
 //! copies of a route are in flight, from the choice until their pair is
 //! complete (a request that finds them all busy is not copied), so a slow
 //! canary (or a long answer from stable) costs the proxy a bounded number
@@ -33,7 +35,7 @@ use veer_control::config::Mirror;
 use veer_control::judge::PairTick;
 use veer_control::limits::PairBatch;
 
-use crate::body::UpstreamBody;
+use crate::body::{UpBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::record::{Outcome, Recorder, MAX_THRESHOLDS};
 use crate::snapshot::RouteTarget;
@@ -367,15 +369,23 @@ async fn run(
     drop(permit);
 }
 
-/// A copy's answer head, and the connection it came on.
+/// A copy's answer head, the connection it came on when hyper read it (a
+/// raw connection travels in the body), and the endpoint.
 type Answered = (
-    http::Response<hyper::body::Incoming>,
-    crate::upstream::Sender,
+    http::Response<UpBody>,
+    Option<crate::upstream::Sender>,
     Arc<crate::upstream::Upstream>,
 );
 
 /// Sends the copy to the canary endpoint its key picks: one attempt, no
-/// retry on another endpoint.
+/// retry on another endpoint. It goes the way stable's request went: a
+/// bodiless GET or HEAD over a raw connection ([`crate::raw`]) unless
+/// `upstream_http1 = "hyper"` (else the pair would compare two HTTP
+/// clients, not two versions: through hyper's client task a copy took
+/// longer than stable's raw exchange on a busy machine, and an identical
+/// shadow canary was reverted by the paired latency test). Like stable's,
+/// a raw copy that a pooled connection dropped unanswered goes once more
+/// on a fresh connection to the same endpoint.
 async fn exchange(
     route: &RouteTarget,
     canary: &crate::snapshot::VersionTarget,
@@ -392,17 +402,29 @@ async fn exchange(
         .endpoints()
         .get(pick.first())
         .ok_or(ProxyError::UpstreamConnect)?;
+    let raw = route.raw_http1 && crate::raw::eligible(&req);
     let mut sender = endpoint
-        .get(route.connect_timeout, false, false)
+        .get(route.connect_timeout, false, raw)
         .await
         .inspect_err(|e| {
             if *e != ProxyError::Overloaded {
                 endpoint.mark_failed();
             }
         })?;
+    if sender.is_raw() {
+        let resp = crate::raw::send(sender, endpoint.clone(), req, None, route.connect_timeout)
+            .await
+            .inspect_err(|e| {
+                if matches!(e, ProxyError::UpstreamReset | ProxyError::UpstreamConnect) {
+                    endpoint.mark_failed();
+                }
+            })?;
+        endpoint.mark_ok();
+        return Ok((resp.map(UpBody::Raw), None, endpoint.clone()));
+    }
     let resp = sender.send_request(req).await?;
     endpoint.mark_ok();
-    Ok((resp, sender, endpoint.clone()))
+    Ok((resp.map(UpBody::Hyper), Some(sender), endpoint.clone()))
 }
 
 /// The copy's outcome: its status (or grpc-status), or an error if its body
@@ -424,9 +446,9 @@ async fn answer(
         .then(|| crate::grpc::status(resp.headers()))
         .flatten();
     let mut body = UpstreamBody::new(
-        crate::body::UpBody::Hyper(resp.into_body()),
+        resp.into_body(),
         body_timeout,
-        Some((sender, upstream)),
+        sender.map(|s| (s, upstream)),
     );
     let read = async {
         while let Some(frame) = body.frame().await {

@@ -13,8 +13,9 @@
 //!
 //! Only `GET` and `HEAD` requests without a body and without `Content-Length`
 //! or `Transfer-Encoding` (nothing to frame), that are no upgrade, to an
-//! `http://` endpoint ([`eligible`]). Everything else (bodies, upgrades,
-//! TLS, HTTP/2, mirrored copies, smoke checks) goes through hyper, and a
+//! `http://` endpoint ([`eligible`]), a mirrored copy of one too (see
+//! [`crate::mirror`]). Everything else (bodies, upgrades, TLS, HTTP/2,
+//! smoke checks) goes through hyper, and a
 //! raw connection that such a request takes from the pool is handed to
 //! hyper first ([`crate::upstream::Upstream::get`]).
 //!

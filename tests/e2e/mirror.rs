@@ -59,11 +59,19 @@ async fn copies_carry_the_header_are_chosen_per_key_and_take_bodies_up_to_max_bo
     .await;
     send_all(&veer, "key-", 2000).await;
     // About a quarter of the keys are copied (binomial sd ≈ 19 of 2000).
-    until("copies settled", Duration::from_secs(10), || {
-        let m = c.requests.load(Ordering::SeqCst);
-        (400..=600).contains(&m)
-    })
-    .await;
+    let start = Instant::now();
+    while !(400..=600).contains(&c.requests.load(Ordering::SeqCst)) {
+        if start.elapsed() > Duration::from_secs(10) {
+            let m = veer.metrics().await;
+            let mirror: Vec<&str> = m.lines().filter(|l| l.starts_with("veer_mirror")).collect();
+            panic!(
+                "never copies settled: {} copies\n{mirror:#?}\n{}",
+                c.requests.load(Ordering::SeqCst),
+                veer.all_logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let copied = c.requests.load(Ordering::SeqCst);
     let shadow = c.last_headers.lock().unwrap().get("x-veer-shadow").cloned();
     assert_eq!(shadow.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));

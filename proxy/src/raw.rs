@@ -388,12 +388,12 @@ pub async fn send(
     mut sender: Sender,
     upstream: Arc<Upstream>,
     mut req: Request<RequestBody>,
-    forwarding: Option<Forwarding>,
+    forwarding: Option<Box<Forwarding>>,
     connect_timeout: Duration,
 ) -> Result<Response<RawBody>, ProxyError> {
     crate::upstream::fit_request(&mut req, false, http::uri::Scheme::HTTP);
     let head_request = req.method() == Method::HEAD;
-    let bytes = encode(&req, forwarding.as_ref());
+    let bytes = encode(&req, forwarding.as_deref());
     drop(forwarding);
     drop(req);
     let Some(conn) = sender.raw_mut() else {

@@ -434,7 +434,7 @@ fn outgoing(
         forwarding.apply(&mut parts.headers);
         None
     } else {
-        Some(forwarding)
+        Some(Box::new(forwarding))
     };
     if let Some(seed) = shadow {
         crate::mirror::start(*seed, &parts, &mut body, body_timeout);
@@ -449,7 +449,7 @@ fn outgoing(
 /// What [`outgoing`] makes of a client's request.
 type Outgoing = (
     Request<RequestBody>,
-    Option<Forwarding>,
+    Option<Box<Forwarding>>,
     Option<hyper::upgrade::OnUpgrade>,
 );
 
@@ -558,7 +558,7 @@ fn exchange<'a>(
     version: &'a VersionTarget,
     pick: Pick,
     mut req: Request<RequestBody>,
-    forwarding: Option<Forwarding>,
+    forwarding: Option<Box<Forwarding>>,
     upgrade: bool,
     watch: &'a std::sync::OnceLock<crate::upstream::H2Watch>,
 ) -> impl std::future::Future<Output = Result<Exchanged, ProxyError>> + 'a {
@@ -618,7 +618,7 @@ fn exchange<'a>(
             };
         }
         if let Some(f) = forwarding {
-            f.apply(req.headers_mut());
+            (*f).apply(req.headers_mut());
         }
         // A request without a body sent as an HTTP/2 stream keeps its head: a
         // stream the server refused unprocessed (a GOAWAY that crossed it, as

@@ -513,7 +513,10 @@ fn forward<'a>(
             .flatten()
             .map(|s| (s, upstream));
         let body = UpstreamBody::new(body, body_timeout, pooled);
-        Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+        Ok(Response::from_parts(
+            parts,
+            ProxyBody::Upstream(Box::new(body)),
+        ))
     }
 }
 

@@ -480,3 +480,52 @@ async fn upstream_http1_hyper_puts_gets_back_on_hypers_client() {
         );
     }
 }
+
+/// `upstream_http1` changes on reload, with no restart: the running
+/// routes' GETs move to hyper's client and back (told apart as in the
+/// test above, on a connection the upstream closes under its second
+/// request at once: veer's own exchange sends it again whatever the
+/// idle time, hyper's client answers 502 unless the connection lay idle
+/// 100 ms, so the hyper phase asks for one 502 in three tries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_http1_changes_on_reload() {
+    let (addr, _, _) = closes_reused_connections().await;
+    let config = |setting: &str| {
+        route_config(&[addr], &[], 0.0, "").replacen("[proxy]\n", &format!("[proxy]\n{setting}"), 1)
+    };
+    let veer = Veer::start(&config("")).await;
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    // Three times: a 200 (on a fresh connection if need be), then at once
+    // a second GET on the connection it left in the pool; the second
+    // GETs' statuses.
+    let mut seconds = async || {
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            for _ in 0..3 {
+                let s = c.get("/", &[("x-user-id", "u1")]).await.unwrap().status();
+                if s == 200 {
+                    break;
+                }
+            }
+            let again = c.get("/", &[("x-user-id", "u1")]).await.unwrap().status();
+            out.push(again.as_u16());
+        }
+        out
+    };
+    assert_eq!(seconds().await, [200, 200, 200], "veer's own: sent again");
+    veer.write_config(&config("upstream_http1 = \"hyper\"\n"));
+    veer.wait_generation(2).await;
+    let hyper = seconds().await;
+    assert!(
+        hyper.contains(&502),
+        "hyper's client after the reload: {hyper:?}"
+    );
+    veer.write_config(&config(""));
+    veer.wait_generation(3).await;
+    assert_eq!(
+        seconds().await,
+        [200, 200, 200],
+        "veer's own again:\n{}",
+        veer.all_logs()
+    );
+}

@@ -138,11 +138,7 @@ impl Connector {
         B::Error: Into<BoxError>,
     {
         let opened = tokio::time::timeout(timeout, async {
-            let stream = TcpStream::connect(addr).await.map_err(|e| {
-                tracing::debug!(upstream = %addr, error = %e, "connect failed");
-                ProxyError::UpstreamConnect
-            })?;
-            let _ = stream.set_nodelay(true);
+            let stream = tcp(addr).await?;
             match self {
                 Connector::H1 => handshake(stream, addr, false, permit).await,
                 Connector::H2c => {
@@ -170,14 +166,24 @@ impl Connector {
             }
         })
         .await;
-        match opened {
-            Ok(r) => r,
-            Err(_) => {
-                tracing::debug!(upstream = %addr, "connect timed out");
-                Err(ProxyError::UpstreamConnect)
-            }
-        }
+        opened.unwrap_or_else(|_| timed_out(addr))
     }
+}
+
+/// A TCP connection to an upstream, without Nagle's delay.
+async fn tcp(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| {
+        tracing::debug!(upstream = %addr, error = %e, "connect failed");
+        ProxyError::UpstreamConnect
+    })?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// A connect that did not finish within its timeout.
+fn timed_out<T>(addr: SocketAddr) -> Result<T, ProxyError> {
+    tracing::debug!(upstream = %addr, "connect timed out");
+    Err(ProxyError::UpstreamConnect)
 }
 
 /// Registry key besides the address: two routes naming one address with
@@ -944,19 +950,9 @@ impl Upstream {
         raw: bool,
     ) -> Result<Sender, ProxyError> {
         if raw && !h1_only && matches!(self.connector, Connector::H1) {
-            let addr = self.addr;
-            let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(upstream = %addr, error = %e, "connect failed");
-                    return Err(ProxyError::UpstreamConnect);
-                }
-                Err(_) => {
-                    tracing::debug!(upstream = %addr, "connect timed out");
-                    return Err(ProxyError::UpstreamConnect);
-                }
-            };
-            let _ = stream.set_nodelay(true);
+            let stream = tokio::time::timeout(timeout, tcp(self.addr))
+                .await
+                .unwrap_or_else(|_| timed_out(self.addr))?;
             return Ok(Sender {
                 inner: Inner::Raw(crate::raw::RawConn::new(stream)),
                 scheme: self.connector.scheme(),

@@ -234,43 +234,10 @@ fn body_failure(e: &BoxError) -> ProxyError {
     }
 }
 
-/// A response body as read from an upstream: by hyper's client, or by the
-/// request's own task ([`crate::raw`]).
-pub enum UpBody {
-    /// Read by hyper.
-    Hyper(Incoming),
-    /// Read from a raw connection, which it gives back at its end.
-    Raw(crate::raw::RawBody),
-}
-
-impl Body for UpBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            UpBody::Raw(b) => Pin::new(b).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpBody::Hyper(b) => b.is_end_stream(),
-            UpBody::Raw(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpBody::Hyper(b) => b.size_hint(),
-            UpBody::Raw(b) => b.size_hint(),
-        }
-    }
-}
+/// A response body as read from an upstream: by hyper's client (`Left`),
+/// or by the request's own task from a raw connection, which it gives
+/// back at its end (`Right`, [`crate::raw`]).
+pub type UpBody = http_body_util::Either<Incoming, crate::raw::RawBody>;
 
 /// An upstream response body; the connection goes back to its endpoint's
 /// pool when the body ends, and is closed if the body is dropped early.

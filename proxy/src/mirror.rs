@@ -420,11 +420,11 @@ async fn exchange(
                 }
             })?;
         endpoint.mark_ok();
-        return Ok((resp.map(UpBody::Raw), None, endpoint.clone()));
+        return Ok((resp.map(UpBody::Right), None, endpoint.clone()));
     }
     let resp = sender.send_request(req).await?;
     endpoint.mark_ok();
-    Ok((resp.map(UpBody::Hyper), Some(sender), endpoint.clone()))
+    Ok((resp.map(UpBody::Left), Some(sender), endpoint.clone()))
 }
 
 /// The copy's outcome: its status (or grpc-status), or an error if its body

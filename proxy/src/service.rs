@@ -609,7 +609,7 @@ fn exchange<'a>(
             ))
             .await;
             return match sent {
-                Ok(resp) => Ok((resp.map(UpBody::Raw), None, upstream.clone())),
+                Ok(resp) => Ok((resp.map(UpBody::Right), None, upstream.clone())),
                 Err(e) => {
                     // As on hyper's path: a reset, or the fresh connection
                     // for a second try not opening, is the endpoint failing.
@@ -648,7 +648,7 @@ fn exchange<'a>(
             // Rare: its own boxed future, out of the request path's.
             Err(e) => Box::pin(resend(route, upstream, sender, e, again, stale)).await?,
         };
-        Ok((resp.map(UpBody::Hyper), Some(sender), upstream))
+        Ok((resp.map(UpBody::Left), Some(sender), upstream))
     }
 }
 

@@ -1,16 +1,24 @@
 //! Mirroring (shadow traffic): a share of stable's requests, chosen by
 //! sticky key, is copied to the canary, and each pair of answers is judged.
 //!
-//! The copy never touches the client's exchange: it is sent from its own
-//! task once the request body is whole (kept, up to `max_body`, as stable's
-//! upstream reads it), carries `x-veer-shadow: 1`, goes the way stable's
-//! request went (veer's own HTTP/1.1 exchange for a bodiless GET or HEAD,
-//! else hyper's client), and its answer is read to the end and dropped. It
+//! The copy never waits on the client's exchange nor makes it wait: it is
+//! sent from its own task once the request body is whole (kept, up to
+//! `max_body`, as stable's upstream reads it), or, bodiless and with an
+//! idle connection to take it, written from the client's task just before
+//! or just after stable's request (see [`start`]). It carries
+//! `x-veer-shadow: 1`, goes the way stable's request went (veer's own
+//! HTTP/1.1 exchange for a bodiless GET or HEAD, else hyper's client), and
+//! its answer is read to the end and dropped. It
 //! is never retried on another endpoint, and at most `max_concurrent`
 //! copies of a route are in flight, from the choice until their pair is
 //! complete (a request that finds them all busy is not copied), so a slow
 //! canary (or a long answer from stable) costs the proxy a bounded number
 //! of tasks, buffers and connections, and the client nothing.
+//!
+//! Both answers of a pair are timed from the client's request's start to
+//! their heads; on veer's own HTTP/1.1 exchange, to when the socket woke
+//! the task that reads it ([`crate::raw::Arrival`]), so that the one read
+//! second does not pay for the first one's reading.
 //!
 //! Once the copy has its answer and stable's answer to the original has
 //! been recorded (at the end of its body), the pair is counted for the
@@ -261,24 +269,40 @@ pub struct Seed {
     pub stable: oneshot::Receiver<StableAnswer>,
     /// The sticky key's hash (the copy's endpoint pick).
     pub key_hash: Option<u64>,
+    /// When the client's request began: both sides of the pair are timed
+    /// from it.
+    pub start: Instant,
 }
 
 /// Starts the copy of a request about to be sent to stable: `head` as
 /// stable's upstream gets it, `body` teed when it has one. Nothing happens
 /// (and the reason is counted) when the copies are all busy or the body is
 /// known to be too large.
+///
+/// A bodiless copy that goes the raw way and finds an idle connection to
+/// its endpoint is written from the client's task: before stable's
+/// request or, given back as [`Second`], right after it (a coin flip).
+/// Why: of two requests sent at once, the second is the one that waits,
+/// on a busy machine, behind the first (in the upstreams' host, and in
+/// veer's runtime, where its answer is read after the first's). Copies
+/// always sent second, from their own task, were slower than stable's
+/// answer in the tail far more often than the reverse (an identical
+/// shadow canary was reverted by the paired latency test, 15 pairs to 0);
+/// copies always sent first would hide a slower canary. Sent either way
+/// as often, neither version is the second one more often. A copy that
+/// finds no idle connection is sent from its own task (the client's
+/// request never waits on a connect to the canary), as is one with a body
+/// (sent once the body is whole).
 pub fn start(
     seed: Seed,
     head: &http::request::Parts,
     body: &mut ClientBody,
     body_timeout: Duration,
-) {
-    let Some(target) = seed.route.mirror.as_ref() else {
-        return;
-    };
+) -> Option<Box<Second>> {
+    let target = seed.route.mirror.as_ref()?;
     let Some(permit) = target.pairs.permit() else {
         target.count(3);
-        return;
+        return None;
     };
     use http_body::Body;
     let copy = if body.is_end_stream() {
@@ -289,7 +313,7 @@ pub fn start(
         .is_some_and(|n| n > target.max_body as u64)
     {
         target.count(2);
-        return;
+        return None;
     } else {
         let (tx, rx) = oneshot::channel();
         body.tee(target.max_body, tx);
@@ -302,7 +326,44 @@ pub fn start(
     *req.headers_mut() = head.headers.clone();
     req.headers_mut()
         .insert(SHADOW_HEADER, HeaderValue::from_static("1"));
-    tokio::spawn(run(seed, req, copy, body_timeout, permit));
+    let mut req = Some(req);
+    let sent = match copy {
+        BodyCopy::Empty => HeadStart::prepare(&seed, &mut req),
+        BodyCopy::Teed(_) => None,
+    };
+    let (copy, second) = match (sent, req) {
+        (Some(mut sent), _) if fastrand::bool() => {
+            sent.write();
+            (Copy::Sent(sent), None)
+        }
+        (Some(sent), _) => {
+            let (tx, rx) = oneshot::channel();
+            let second = Second {
+                sent: Some((sent, tx)),
+            };
+            (Copy::Second(rx), Some(Box::new(second)))
+        }
+        (None, Some(req)) => (Copy::Waiting(req, copy), None),
+        (None, None) => return None,
+    };
+    tokio::spawn(run(seed, copy, body_timeout, permit));
+    second
+}
+
+/// A copy to be written right after stable's request (see [`start`]): it
+/// is written when this is dropped.
+pub struct Second {
+    sent: Option<(HeadStart, oneshot::Sender<HeadStart>)>,
+}
+
+impl Drop for Second {
+    fn drop(&mut self) {
+        if let Some((mut sent, tx)) = self.sent.take() {
+            sent.write();
+            // A copy task gone (its runtime shutting down) has nothing to read.
+            let _ = tx.send(sent);
+        }
+    }
 }
 
 enum BodyCopy {
@@ -310,50 +371,117 @@ enum BodyCopy {
     Teed(oneshot::Receiver<Option<Bytes>>),
 }
 
-async fn run(
-    seed: Seed,
-    head: Request<()>,
-    copy: BodyCopy,
-    body_timeout: Duration,
-    permit: OwnedSemaphorePermit,
-) {
+/// A copy as its task gets it.
+enum Copy {
+    /// To be sent once its body (if any) is whole.
+    Waiting(Request<()>, BodyCopy),
+    /// Written from the client's task before stable's request.
+    Sent(HeadStart),
+    /// To be written from the client's task after stable's request.
+    Second(oneshot::Receiver<HeadStart>),
+}
+
+/// A bodiless copy for an idle raw connection of its canary endpoint,
+/// written from the client's task (see [`start`]).
+pub struct HeadStart {
+    endpoint: Arc<crate::upstream::Upstream>,
+    sender: crate::upstream::Sender,
+    request: crate::raw::Encoded,
+}
+
+impl HeadStart {
+    /// The copy (taken from `head`) ready to be written, when it has no
+    /// body, goes the raw way and an idle connection to its endpoint is
+    /// there.
+    fn prepare(seed: &Seed, head: &mut Option<Request<()>>) -> Option<HeadStart> {
+        let route = &seed.route;
+        let canary = route.canary.as_ref()?;
+        let h = head.as_ref()?;
+        if !route.raw_http1 || !crate::raw::eligible_head(h.method(), h.headers()) {
+            return None;
+        }
+        let endpoint = pick(canary, seed.key_hash)?;
+        let sender = endpoint.checkout(true)?;
+        if !sender.is_raw() {
+            // An idle hyper connection (or an HTTP/2 stream): back it goes.
+            endpoint.checkin(sender);
+            return None;
+        }
+        let req = head.take()?.map(|()| ClientBody::copy(Bytes::new()));
+        Some(HeadStart {
+            endpoint,
+            sender,
+            request: crate::raw::Encoded::new(req, None),
+        })
+    }
+
+    /// Writes what of the request its connection takes now (the copy's
+    /// task writes the rest).
+    fn write(&mut self) {
+        if let Some(conn) = self.sender.raw_mut() {
+            self.request.written = conn.write_now(self.request.bytes());
+        }
+    }
+}
+
+async fn run(seed: Seed, copy: Copy, body_timeout: Duration, permit: OwnedSemaphorePermit) {
     let route = &seed.route;
     let (Some(target), Some(canary)) = (route.mirror.as_ref(), route.canary.as_ref()) else {
         return;
     };
-    let body = match copy {
-        BodyCopy::Empty => Bytes::new(),
-        BodyCopy::Teed(rx) => match rx.await {
-            Ok(Some(b)) => b,
-            Ok(None) => return target.count(2),
+    let (req, grpc) = match copy {
+        Copy::Sent(sent) => (Err(sent), false),
+        Copy::Second(rx) => match rx.await {
+            Ok(sent) => (Err(sent), false),
             Err(_) => return target.count(4),
         },
+        Copy::Waiting(head, copy) => {
+            let body = match copy {
+                BodyCopy::Empty => Bytes::new(),
+                BodyCopy::Teed(rx) => match rx.await {
+                    Ok(Some(b)) => b,
+                    Ok(None) => return target.count(2),
+                    Err(_) => return target.count(4),
+                },
+            };
+            let grpc = crate::grpc::is_grpc(head.headers());
+            (Ok(head.map(|()| ClientBody::copy(body))), grpc)
+        }
     };
-    let grpc = crate::grpc::is_grpc(head.headers());
-    let req = head.map(|()| ClientBody::copy(body));
-    let start = Instant::now();
-    let call_bound = grpc
-        .then(|| crate::grpc::timeout(req.headers()))
-        .flatten()
+    // Timed from the client's request's start, as stable's answer is, and
+    // when the copy went the raw way, to when its head came.
+    let start = seed.start;
+    let arrival = crate::raw::Arrival::new(start);
+    let call_bound = req
+        .as_ref()
+        .ok()
+        .filter(|_| grpc)
+        .and_then(|req| crate::grpc::timeout(req.headers()))
         .filter(|d| *d < route.timeout);
     let deadline = call_bound.unwrap_or(route.timeout);
-    let shadow =
-        match tokio::time::timeout(deadline, exchange(route, canary, req, seed.key_hash)).await {
-            Err(_) => (start.elapsed().as_micros() as u64, Outcome::Timeout),
-            Ok(Err(ProxyError::Overloaded)) => return target.count(3),
-            Ok(Err(ProxyError::UpstreamConnect)) => {
-                (start.elapsed().as_micros() as u64, Outcome::ConnectError)
+    let shadow = match tokio::time::timeout(
+        deadline,
+        exchange(route, canary, req, seed.key_hash, &arrival),
+    )
+    .await
+    {
+        Err(_) => (start.elapsed().as_micros() as u64, Outcome::Timeout),
+        Ok(Err(ProxyError::Overloaded)) => return target.count(3),
+        Ok(Err(ProxyError::UpstreamConnect)) => {
+            (start.elapsed().as_micros() as u64, Outcome::ConnectError)
+        }
+        Ok(Err(_)) => (start.elapsed().as_micros() as u64, Outcome::Error),
+        Ok(Ok(resp)) => {
+            let micros = arrival
+                .head_us()
+                .unwrap_or_else(|| start.elapsed().as_micros() as u64);
+            let total = route.timeout.max(body_timeout);
+            match answer(route, resp, grpc, call_bound.is_some(), body_timeout, total).await {
+                Some(outcome) => (micros, outcome),
+                None => return target.count(4),
             }
-            Ok(Err(_)) => (start.elapsed().as_micros() as u64, Outcome::Error),
-            Ok(Ok(resp)) => {
-                let micros = start.elapsed().as_micros() as u64;
-                let total = route.timeout.max(body_timeout);
-                match answer(route, resp, grpc, call_bound.is_some(), body_timeout, total).await {
-                    Some(outcome) => (micros, outcome),
-                    None => return target.count(4),
-                }
-            }
-        };
+        }
+    };
     target.count(usize::from(shadow.1 != Outcome::Ok));
     // The slot is held until the pair is complete: copies waiting for
     // long answers from stable count against the cap too, so they cannot
@@ -389,19 +517,27 @@ type Answered = (
 async fn exchange(
     route: &RouteTarget,
     canary: &crate::snapshot::VersionTarget,
-    req: Request<ClientBody>,
+    req: Result<Request<ClientBody>, HeadStart>,
     key_hash: Option<u64>,
+    arrival: &Arc<crate::raw::Arrival>,
 ) -> Result<Answered, ProxyError> {
-    let key = key_hash.unwrap_or_else(|| fastrand::u64(..)).to_le_bytes();
-    let pick = canary
-        .balancer
-        .pick(&key)
-        .ok_or(ProxyError::UpstreamConnect)?;
-    let endpoint = canary
-        .balancer
-        .endpoints()
-        .get(pick.first())
-        .ok_or(ProxyError::UpstreamConnect)?;
+    let req = match req {
+        Ok(req) => req,
+        Err(sent) => {
+            let endpoint = sent.endpoint;
+            let resp = crate::raw::send_encoded(
+                sent.sender,
+                endpoint.clone(),
+                sent.request,
+                route.connect_timeout,
+                Some(arrival),
+            )
+            .await;
+            return raw_answer(resp, endpoint);
+        }
+    };
+    let endpoint = pick(canary, key_hash).ok_or(ProxyError::UpstreamConnect)?;
+    let endpoint = &endpoint;
     let raw = route.raw_http1 && crate::raw::eligible(&req);
     let mut sender = endpoint
         .get(route.connect_timeout, false, raw)
@@ -412,19 +548,49 @@ async fn exchange(
             }
         })?;
     if sender.is_raw() {
-        let resp = crate::raw::send(sender, endpoint.clone(), req, None, route.connect_timeout)
-            .await
-            .inspect_err(|e| {
-                if matches!(e, ProxyError::UpstreamReset | ProxyError::UpstreamConnect) {
-                    endpoint.mark_failed();
-                }
-            })?;
-        endpoint.mark_ok();
-        return Ok((resp.map(UpBody::Right), None, endpoint.clone()));
+        let resp = crate::raw::send(
+            sender,
+            endpoint.clone(),
+            req,
+            None,
+            route.connect_timeout,
+            Some(arrival),
+        );
+        return raw_answer(resp.await, endpoint.clone());
     }
     let resp = sender.send_request(req).await?;
     endpoint.mark_ok();
     Ok((resp.map(UpBody::Left), Some(sender), endpoint.clone()))
+}
+
+/// The canary endpoint a copy goes to: its key's pick (a random key's
+/// without one).
+fn pick(
+    canary: &crate::snapshot::VersionTarget,
+    key_hash: Option<u64>,
+) -> Option<Arc<crate::upstream::Upstream>> {
+    let key = key_hash.unwrap_or_else(|| fastrand::u64(..)).to_le_bytes();
+    let pick = canary.balancer.pick(&key)?;
+    canary.balancer.endpoints().get(pick.first()).cloned()
+}
+
+/// A raw exchange's answer, the endpoint marked by how it went.
+fn raw_answer(
+    resp: Result<http::Response<crate::raw::RawBody>, ProxyError>,
+    endpoint: Arc<crate::upstream::Upstream>,
+) -> Result<Answered, ProxyError> {
+    match resp {
+        Ok(resp) => {
+            endpoint.mark_ok();
+            Ok((resp.map(UpBody::Right), None, endpoint))
+        }
+        Err(e) => {
+            if matches!(e, ProxyError::UpstreamReset | ProxyError::UpstreamConnect) {
+                endpoint.mark_failed();
+            }
+            Err(e)
+        }
+    }
 }
 
 /// The copy's outcome: its status (or grpc-status), or an error if its body

@@ -44,6 +44,17 @@
 //! timeout) is sent once more on a fresh connection; both methods are
 //! idempotent.
 //!
+//! # When an answer came
+//!
+//! A mirrored pair compares two answers read by two tasks: the one read
+//! second waits for the first one's task to finish with it, and stable's
+//! answer is the heavier (it goes on to the client). Timed when each task
+//! got to run, an identical copy was slower than stable's answer in the
+//! tail more often than the reverse, on a busy machine. [`Arrival`] times
+//! an answer by the runtime's wake-up for its socket (both answers that
+//! came in one turn of the runtime's I/O driver get one time), not by when
+//! its task next ran.
+//!
 //! # What it costs to maintain
 //!
 //! This module: the framing rules above, each covered by a unit test here
@@ -52,8 +63,10 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::sync::Mutex;
+use std::task::{ready, Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -63,6 +76,7 @@ use http::{
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::body::{BoxError, RequestBody};
 use crate::error::ProxyError;
@@ -89,10 +103,14 @@ const IDLE_BUFFER: usize = 16 * 1024;
 
 /// Whether a request goes the raw way (see the module's doc).
 pub fn eligible(req: &Request<RequestBody>) -> bool {
-    matches!(*req.method(), Method::GET | Method::HEAD)
-        && Body::is_end_stream(req.body())
-        && !req.headers().contains_key(header::CONTENT_LENGTH)
-        && !req.headers().contains_key(header::TRANSFER_ENCODING)
+    Body::is_end_stream(req.body()) && eligible_head(req.method(), req.headers())
+}
+
+/// [`eligible`]'s test of a head whose request has no body.
+pub fn eligible_head(method: &Method, headers: &HeaderMap) -> bool {
+    matches!(*method, Method::GET | Method::HEAD)
+        && !headers.contains_key(header::CONTENT_LENGTH)
+        && !headers.contains_key(header::TRANSFER_ENCODING)
 }
 
 /// A plain-TCP connection to an upstream, and what was read from it and
@@ -112,6 +130,20 @@ impl RawConn {
             buf: BytesMut::new(),
             room: READ_ROOM,
         }
+    }
+
+    /// Writes what of `bytes` the socket takes now, without waiting:
+    /// how many bytes went (none on an error, which the exchange that
+    /// writes the rest then meets).
+    pub fn write_now(&mut self, bytes: &[u8]) -> usize {
+        let mut written = 0;
+        while written < bytes.len() {
+            match self.io.try_write(&bytes[written..]) {
+                Ok(n) if n > 0 => written += n,
+                _ => break,
+            }
+        }
+        written
     }
 
     /// Whether an idle connection may carry a request: nothing arrived
@@ -169,6 +201,86 @@ struct Head {
     reason: Option<Bytes>,
     framing: Framing,
     keep_alive: bool,
+}
+
+/// When a raw exchange's response head came (see the module's "When an
+/// answer came"): a mirrored request's and its copy's, in µs after the
+/// client's request began.
+pub struct Arrival {
+    base: Instant,
+    /// µs after `base`, plus one, of the last wake-up not yet taken (0:
+    /// none).
+    woke: AtomicU64,
+    /// µs after `base`, plus one, when the head was whole (0: not yet).
+    head: AtomicU64,
+    /// The task that waits for the socket.
+    task: Mutex<Option<Waker>>,
+}
+
+impl Arrival {
+    /// Times from `base`.
+    pub fn new(base: Instant) -> Arc<Arrival> {
+        Arc::new(Arrival {
+            base,
+            woke: AtomicU64::new(0),
+            head: AtomicU64::new(0),
+            task: Mutex::new(None),
+        })
+    }
+
+    /// µs from `base` until the response head came, once it has.
+    pub fn head_us(&self) -> Option<u64> {
+        self.head.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_micros() as u64 + 1
+    }
+
+    fn task(&self) -> std::sync::MutexGuard<'_, Option<Waker>> {
+        match self.task.lock() {
+            Ok(t) => t,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// [`RawConn::poll_fill`], told through this clock when the socket
+    /// wakes the task.
+    fn poll_fill(
+        self: &Arc<Self>,
+        conn: &mut RawConn,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        {
+            let mut task = self.task();
+            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *task = Some(cx.waker().clone());
+            }
+        }
+        let waker = Waker::from(self.clone());
+        conn.poll_fill(&mut Context::from_waker(&waker))
+    }
+
+    /// Notes that the head is whole: at the wake-up that brought its last
+    /// bytes, or now when they were there without one.
+    fn head_done(&self) {
+        let woke = self.woke.swap(0, Ordering::Relaxed);
+        let at = if woke == 0 { self.now() } else { woke };
+        self.head.store(at, Ordering::Relaxed);
+    }
+}
+
+impl Wake for Arrival {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woke.store(self.now(), Ordering::Relaxed);
+        if let Some(w) = self.task().as_ref() {
+            w.wake_by_ref();
+        }
+    }
 }
 
 /// Why an exchange failed.
@@ -352,7 +464,12 @@ fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Option<Option<Head>>,
 }
 
 /// Writes `request` on `conn` and reads the final response head.
-async fn exchange(conn: &mut RawConn, request: &[u8], head_request: bool) -> Result<Head, Failure> {
+async fn exchange(
+    conn: &mut RawConn,
+    request: &[u8],
+    head_request: bool,
+    arrival: Option<&Arc<Arrival>>,
+) -> Result<Head, Failure> {
     conn.io
         .write_all(request)
         .await
@@ -363,7 +480,12 @@ async fn exchange(conn: &mut RawConn, request: &[u8], head_request: bool) -> Res
             answered = true;
             if let Some(parsed) = parse(&mut conn.buf, head_request)? {
                 match parsed {
-                    Some(head) => return Ok(head),
+                    Some(head) => {
+                        if let Some(a) = arrival {
+                            a.head_done();
+                        }
+                        return Ok(head);
+                    }
                     None => continue,
                 }
             }
@@ -371,7 +493,14 @@ async fn exchange(conn: &mut RawConn, request: &[u8], head_request: bool) -> Res
                 return Err(Failure::Kind(ProxyError::UpstreamProtocol));
             }
         }
-        let n = std::future::poll_fn(|cx| conn.poll_fill(cx)).await;
+        if let Some(a) = arrival {
+            // Only the wake-up that brings these bytes counts.
+            a.woke.store(0, Ordering::Relaxed);
+        }
+        let n = match arrival {
+            Some(a) => std::future::poll_fn(|cx| a.poll_fill(conn, cx)).await,
+            None => std::future::poll_fn(|cx| conn.poll_fill(cx)).await,
+        };
         match n {
             Ok(0) | Err(_) if !answered => return Err(Failure::Unanswered),
             Ok(0) | Err(_) => return Err(Failure::Kind(ProxyError::UpstreamReset)),
@@ -385,21 +514,64 @@ async fn exchange(conn: &mut RawConn, request: &[u8], head_request: bool) -> Res
 /// pooled connection that fails before any byte of an answer is replaced
 /// by a fresh one (within `connect_timeout`) once.
 pub async fn send(
-    mut sender: Sender,
+    sender: Sender,
     upstream: Arc<Upstream>,
-    mut req: Request<RequestBody>,
+    req: Request<RequestBody>,
     forwarding: Option<Box<Forwarding>>,
     connect_timeout: Duration,
+    arrival: Option<&Arc<Arrival>>,
 ) -> Result<Response<RawBody>, ProxyError> {
-    crate::upstream::fit_request(&mut req, false, http::uri::Scheme::HTTP);
-    let head_request = req.method() == Method::HEAD;
-    let bytes = encode(&req, forwarding.as_deref());
-    drop(forwarding);
-    drop(req);
+    send_encoded(
+        sender,
+        upstream,
+        Encoded::new(req, forwarding),
+        connect_timeout,
+        arrival,
+    )
+    .await
+}
+
+/// A bodiless request written out for a raw connection, and how much of
+/// it a connection took already ([`RawConn::write_now`]).
+pub struct Encoded {
+    bytes: Vec<u8>,
+    head_request: bool,
+    /// Bytes already on the connection it goes with.
+    pub written: usize,
+}
+
+impl Encoded {
+    /// `req` (an [`eligible`] one) as its upstream gets it.
+    pub fn new(mut req: Request<RequestBody>, forwarding: Option<Box<Forwarding>>) -> Encoded {
+        crate::upstream::fit_request(&mut req, false, http::uri::Scheme::HTTP);
+        Encoded {
+            bytes: encode(&req, forwarding.as_deref()),
+            head_request: req.method() == Method::HEAD,
+            written: 0,
+        }
+    }
+
+    /// The request's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// [`send`] of a request encoded already, part of it perhaps written to
+/// `sender`'s connection (the rest is written first).
+pub async fn send_encoded(
+    mut sender: Sender,
+    upstream: Arc<Upstream>,
+    request: Encoded,
+    connect_timeout: Duration,
+    arrival: Option<&Arc<Arrival>>,
+) -> Result<Response<RawBody>, ProxyError> {
+    let (bytes, head_request) = (request.bytes, request.head_request);
+    let rest = bytes.get(request.written..).unwrap_or_default();
     let Some(conn) = sender.raw_mut() else {
         return Err(ProxyError::UpstreamProtocol);
     };
-    let head = match exchange(conn, &bytes, head_request).await {
+    let head = match exchange(conn, rest, head_request, arrival).await {
         Ok(head) => head,
         Err(Failure::Unanswered) if sender.pooled() => {
             // Its permit goes back before a fresh connection asks for one.
@@ -408,7 +580,7 @@ pub async fn send(
             let Some(conn) = sender.raw_mut() else {
                 return Err(ProxyError::UpstreamProtocol);
             };
-            match exchange(conn, &bytes, head_request).await {
+            match exchange(conn, &bytes, head_request, arrival).await {
                 Ok(head) => head,
                 Err(Failure::Unanswered) => return Err(ProxyError::UpstreamReset),
                 Err(Failure::Kind(k)) => return Err(k),
@@ -724,7 +896,7 @@ mod tests {
     ) -> Result<(Response<()>, Bytes, Option<HeaderMap>), ProxyError> {
         let sender = up.get(Duration::from_secs(2), false, true).await?;
         assert!(sender.is_raw());
-        let resp = send(sender, up.clone(), req, None, Duration::from_secs(2)).await?;
+        let resp = send(sender, up.clone(), req, None, Duration::from_secs(2), None).await?;
         let (parts, mut body) = resp.into_parts();
         let mut data = BytesMut::new();
         let mut trailers = None;
@@ -1018,9 +1190,16 @@ mod tests {
         let s = scripted(vec![(big, false)]).await;
         let up = upstream(&s);
         let sender = up.get(Duration::from_secs(2), false, true).await.unwrap();
-        let resp = send(sender, up.clone(), get("/"), None, Duration::from_secs(2))
-            .await
-            .unwrap();
+        let resp = send(
+            sender,
+            up.clone(),
+            get("/"),
+            None,
+            Duration::from_secs(2),
+            None,
+        )
+        .await
+        .unwrap();
         let mut body = resp.into_body();
         let mut total = 0;
         while let Some(f) = body.frame().await {
@@ -1046,5 +1225,74 @@ mod tests {
         let mut with_body = Request::new(RequestBody::copy(Bytes::from_static(b"x")));
         *with_body.uri_mut() = "/".parse().unwrap();
         assert!(!eligible(&with_body));
+    }
+
+    /// Sets a flag when woken.
+    struct Flag(std::sync::atomic::AtomicBool);
+
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_is_timed_when_its_socket_woke_the_task_not_when_the_task_ran() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (go, answer) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut chunk = [0u8; 1024];
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0);
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            answer.await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            // Held open until the test ends.
+            let _ = s.read(&mut [0u8; 1]).await;
+        });
+        let up = Upstreams::new().get(addr, Connector::H1, 8);
+        let sender = up.get(Duration::from_secs(2), false, true).await.unwrap();
+        let start = Instant::now();
+        let arrival = Arrival::new(start);
+        let mut sent = Box::pin(send(
+            sender,
+            up.clone(),
+            get("/"),
+            None,
+            Duration::from_secs(2),
+            Some(&arrival),
+        ));
+        let flag = Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        // The request goes out; the answer is awaited.
+        assert!(std::future::Future::poll(sent.as_mut(), &mut cx).is_pending());
+        go.send(()).unwrap();
+        let limit = Instant::now() + Duration::from_secs(10);
+        while !flag.0.load(Ordering::SeqCst) {
+            assert!(Instant::now() < limit, "the answer never woke the task");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let woken_by = start.elapsed().as_micros() as u64;
+        // The task runs late: its clock must not be what times the answer.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let polled_at = start.elapsed().as_micros() as u64;
+        let Poll::Ready(resp) = std::future::Future::poll(sent.as_mut(), &mut cx) else {
+            panic!("the answer had come");
+        };
+        assert_eq!(resp.unwrap().status(), StatusCode::OK);
+        let head = arrival.head_us().unwrap();
+        assert!(
+            head <= woken_by && head + 150_000 < polled_at,
+            "head timed at {head} µs; the socket woke the task by {woken_by} µs, \
+             the task ran at {polled_at} µs"
+        );
     }
 }

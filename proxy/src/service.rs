@@ -146,17 +146,20 @@ pub fn handle(
         let canary = !std::ptr::eq(version, &route.stable);
         // A share of stable's split requests is copied to the canary; the copy
         // pairs with stable's answer once it is recorded.
-        let (pair, shadow) = match &route.mirror {
+        let (pair, shadow, arrival) = match &route.mirror {
             Some(m) if !canary && record && m.wants(req.method(), key_hash) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let seed = crate::mirror::Seed {
                     route: route.clone(),
                     stable: rx,
                     key_hash,
+                    start,
                 };
-                (Some(tx), Some(Box::new(seed)))
+                // Both sides of the pair timed alike (see `raw::Arrival`).
+                let arrival = crate::raw::Arrival::new(start);
+                (Some(tx), Some(Box::new(seed)), Some(arrival))
             }
-            _ => (None, None),
+            _ => (None, None, None),
         };
         // The request line, kept for the access log.
         let head = (access != AccessLog::Off).then(|| (req.method().clone(), req.uri().clone()));
@@ -174,6 +177,7 @@ pub fn handle(
                 slot,
                 idle_timeout,
                 shadow,
+                arrival: arrival.clone(),
             },
             Deadlines {
                 body: body_timeout,
@@ -186,6 +190,10 @@ pub fn handle(
         let elapsed = start.elapsed();
         let micros = elapsed.as_micros() as u64;
         let seconds = elapsed.as_secs_f64();
+        let pair = pair.map(|tx| {
+            let at = arrival.as_ref().and_then(|a| a.head_us());
+            (tx, at.unwrap_or(micros))
+        });
         // Only with an access log: the request line was kept for it.
         let logged = head.map(|head| Logged {
             head,
@@ -254,8 +262,8 @@ pub fn handle(
                         version
                             .recorder
                             .record_from(micros, outcome, key_hash, Some(client_hash));
-                        if let Some(tx) = pair {
-                            let _ = tx.send((micros, outcome));
+                        if let Some((tx, at)) = pair {
+                            let _ = tx.send((at, outcome));
                         }
                     }
                     ProxyBody::Full(_) => {}
@@ -280,8 +288,8 @@ pub fn handle(
                         version
                             .recorder
                             .record_from(micros, outcome, key_hash, Some(client_hash));
-                        if let Some(tx) = pair {
-                            let _ = tx.send((micros, outcome));
+                        if let Some((tx, at)) = pair {
+                            let _ = tx.send((at, outcome));
                         }
                     }
                 } else {
@@ -387,6 +395,8 @@ struct Hop {
     idle_timeout: std::time::Duration,
     /// A copy of the request goes to the canary (`[route.mirror]`).
     shadow: Option<Box<crate::mirror::Seed>>,
+    /// When a mirrored request's answer came (its side of the pair).
+    arrival: Option<Arc<crate::raw::Arrival>>,
 }
 
 /// How long a request may take.
@@ -436,21 +446,24 @@ fn outgoing(
     } else {
         Some(Box::new(forwarding))
     };
-    if let Some(seed) = shadow {
-        crate::mirror::start(*seed, &parts, &mut body, body_timeout);
-    }
+    let second =
+        shadow.and_then(|seed| crate::mirror::start(*seed, &parts, &mut body, body_timeout));
     Ok((
         Request::from_parts(parts, body),
         forwarding,
         downstream_upgrade,
+        second,
     ))
 }
 
-/// What [`outgoing`] makes of a client's request.
+/// What [`outgoing`] makes of a client's request: the request, its
+/// forwarding headers, the client's side of an upgrade, and a mirrored
+/// copy to write once the request is written.
 type Outgoing = (
     Request<RequestBody>,
     Option<Box<Forwarding>>,
     Option<hyper::upgrade::OnUpgrade>,
+    Option<Box<crate::mirror::Second>>,
 );
 
 // Not an `async fn`: see `handle`.
@@ -466,13 +479,25 @@ fn forward<'a>(
 ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
     async move {
         let body_timeout = deadlines.body;
-        let (req, forwarding, downstream_upgrade) = outgoing(req, &mut hop, body_timeout, upload)?;
+        let (req, forwarding, downstream_upgrade, mut second) =
+            outgoing(req, &mut hop, body_timeout, upload)?;
         let upgrade = downstream_upgrade.is_some();
 
         // Pinned here and lent to the deadline: a future passed by value into
         // another async fn is held twice (argument and pinned local).
         let watch = std::sync::OnceLock::new();
-        let exchange = exchange(route, version, pick, req, forwarding, upgrade, &watch);
+        let arrival = hop.arrival.as_ref();
+        let exchange = exchange(
+            route, version, pick, req, forwarding, upgrade, &watch, arrival,
+        );
+        tokio::pin!(exchange);
+        // A copy to go right after the request: written once the exchange's
+        // first poll has written the request (see `mirror::start`).
+        let exchange = std::future::poll_fn(|cx| {
+            let polled = std::future::Future::poll(exchange.as_mut(), cx);
+            drop(second.take());
+            polled
+        });
         tokio::pin!(exchange);
         let (mut resp, sender, upstream) =
             match upstream_deadline(deadlines.upstream, upload, exchange.as_mut()).await {
@@ -554,8 +579,9 @@ type Exchanged = (Response<UpBody>, Option<Sender>, Arc<Upstream>);
 /// Gets a connection (retrying a failed connect once on the next endpoint)
 /// and sends the request on it: over a raw connection ([`crate::raw`])
 /// when the request allows it and the endpoint is `http://`.
-// Not an `async fn`: see `handle`.
-#[allow(clippy::manual_async_fn)]
+// Not an `async fn`: see `handle`. Each argument is the request's own (a
+// struct of them would only rename them).
+#[allow(clippy::manual_async_fn, clippy::too_many_arguments)]
 fn exchange<'a>(
     route: &'a RouteTarget,
     version: &'a VersionTarget,
@@ -564,6 +590,7 @@ fn exchange<'a>(
     forwarding: Option<Box<Forwarding>>,
     upgrade: bool,
     watch: &'a std::sync::OnceLock<crate::upstream::H2Watch>,
+    arrival: Option<&'a Arc<crate::raw::Arrival>>,
 ) -> impl std::future::Future<Output = Result<Exchanged, ProxyError>> + 'a {
     async move {
         let raw = route.raw_http1 && !upgrade && crate::raw::eligible(&req);
@@ -606,6 +633,7 @@ fn exchange<'a>(
                 req,
                 forwarding,
                 route.connect_timeout,
+                arrival,
             ))
             .await;
             return match sent {

@@ -3,7 +3,10 @@
 //! Durations and deadlines use `tokio::time::Instant`, which tests can
 //! pause and advance; `clippy.toml` bans `std::time::Instant::now` and
 //! `SystemTime::now` elsewhere. Wall-clock time is only ever recorded
-//! (revert times, webhook events), never used to measure or wait.
+//! (revert times, webhook events), never used to wait; it measures one
+//! thing, a mirrored pair's answer times, because the kernel's receive
+//! timestamps are on it (`raw::Arrival`, which falls back to the monotonic
+//! clock when the two disagree).
 
 use std::time::UNIX_EPOCH;
 

@@ -16,8 +16,8 @@
 //! of tasks, buffers and connections, and the client nothing.
 //!
 //! Both answers of a pair are timed from the client's request's start to
-//! their heads; on veer's own HTTP/1.1 exchange, to when the socket woke
-//! the task that reads it ([`crate::raw::Arrival`]), so that the one read
+//! their heads; on veer's own HTTP/1.1 exchange, to when the kernel
+//! received the head ([`crate::raw::Arrival`]), so that the one read
 //! second does not pay for the first one's reading.
 //!
 //! Once the copy has its answer and stable's answer to the original has

@@ -51,9 +51,10 @@
 //! answer is the heavier (it goes on to the client). Timed when each task
 //! got to run, an identical copy was slower than stable's answer in the
 //! tail more often than the reverse, on a busy machine. [`Arrival`] times
-//! an answer by the runtime's wake-up for its socket (both answers that
-//! came in one turn of the runtime's I/O driver get one time), not by when
-//! its task next ran.
+//! an answer's head by when the kernel received its last bytes
+//! (`SO_TIMESTAMPNS`, read with `recvmsg`: on for a connection once a
+//! mirrored exchange used it), else by the runtime's wake-up for its
+//! socket, not by when its task next ran.
 //!
 //! # What it costs to maintain
 //!
@@ -67,7 +68,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::task::{ready, Context, Poll, Wake, Waker};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{
@@ -120,6 +121,8 @@ pub struct RawConn {
     buf: BytesMut,
     /// Room for the next read (see [`MAX_READ_ROOM`]).
     room: usize,
+    /// Kernel receive timestamps are on ([`RawConn::poll_fill_stamped`]).
+    stamped: bool,
 }
 
 impl RawConn {
@@ -129,6 +132,7 @@ impl RawConn {
             io,
             buf: BytesMut::new(),
             room: READ_ROOM,
+            stamped: false,
         }
     }
 
@@ -182,6 +186,55 @@ impl RawConn {
         }
         Poll::Ready(Ok(n))
     }
+
+    /// [`RawConn::poll_fill`] through `recvmsg`, with the kernel's receive
+    /// time of the last byte read (`SO_TIMESTAMPNS`, turned on for the
+    /// connection the first time; none where the kernel gives none).
+    fn poll_fill_stamped(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(usize, Option<SystemTime>)>> {
+        use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+        use std::os::fd::AsRawFd;
+        if !self.stamped {
+            // A socket without it reads as before, with no time.
+            let _ = setsockopt(&self.io, sockopt::ReceiveTimestampns, &true);
+            self.stamped = true;
+        }
+        let RawConn { io, buf, room, .. } = self;
+        loop {
+            ready!(io.poll_read_ready(cx))?;
+            let len = buf.len();
+            buf.resize(len + *room, 0);
+            let fd = io.as_raw_fd();
+            let read = io.try_io(tokio::io::Interest::READABLE, || {
+                let mut iov = [io::IoSliceMut::new(&mut buf[len..])];
+                let mut space = nix::cmsg_space!(nix::sys::time::TimeSpec);
+                let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::empty())?;
+                let at = msg.cmsgs().ok().and_then(|mut c| {
+                    c.find_map(|m| match m {
+                        ControlMessageOwned::ScmTimestampns(t) => Some(
+                            SystemTime::UNIX_EPOCH
+                                + Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32),
+                        ),
+                        _ => None,
+                    })
+                });
+                Ok((msg.bytes, at))
+            });
+            match read {
+                Ok((n, at)) => {
+                    buf.truncate(len + n);
+                    return Poll::Ready(Ok((n, at)));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.truncate(len),
+                Err(e) => {
+                    buf.truncate(len);
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+    }
 }
 
 /// How a response's body ends.
@@ -208,6 +261,8 @@ struct Head {
 /// client's request began.
 pub struct Arrival {
     base: Instant,
+    /// `base` on the wall clock, which the kernel's receive times are on.
+    wall: SystemTime,
     /// µs after `base`, plus one, of the last wake-up not yet taken (0:
     /// none).
     woke: AtomicU64,
@@ -222,6 +277,10 @@ impl Arrival {
     pub fn new(base: Instant) -> Arc<Arrival> {
         Arc::new(Arrival {
             base,
+            wall: {
+                let now = crate::clock::wall_now();
+                now.checked_sub(base.elapsed()).unwrap_or(now)
+            },
             woke: AtomicU64::new(0),
             head: AtomicU64::new(0),
             task: Mutex::new(None),
@@ -244,13 +303,13 @@ impl Arrival {
         }
     }
 
-    /// [`RawConn::poll_fill`], told through this clock when the socket
-    /// wakes the task.
+    /// [`RawConn::poll_fill_stamped`], told through this clock when the
+    /// socket wakes the task.
     fn poll_fill(
         self: &Arc<Self>,
         conn: &mut RawConn,
         cx: &mut Context<'_>,
-    ) -> Poll<io::Result<usize>> {
+    ) -> Poll<io::Result<(usize, Option<SystemTime>)>> {
         {
             let mut task = self.task();
             if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -258,14 +317,21 @@ impl Arrival {
             }
         }
         let waker = Waker::from(self.clone());
-        conn.poll_fill(&mut Context::from_waker(&waker))
+        conn.poll_fill_stamped(&mut Context::from_waker(&waker))
     }
 
-    /// Notes that the head is whole: at the wake-up that brought its last
-    /// bytes, or now when they were there without one.
-    fn head_done(&self) {
+    /// Notes that the head is whole: when the kernel received its last
+    /// bytes (`stamp`); without a believable one (none, or off the
+    /// monotonic clock: the wall clock was set meanwhile), at the wake-up
+    /// that brought them, or now when they were there without one.
+    fn head_done(&self, stamp: Option<SystemTime>) {
         let woke = self.woke.swap(0, Ordering::Relaxed);
-        let at = if woke == 0 { self.now() } else { woke };
+        let now = self.now();
+        let kernel = stamp
+            .and_then(|t| t.duration_since(self.wall).ok())
+            .map(|d| d.as_micros() as u64 + 1)
+            .filter(|us| *us <= now);
+        let at = kernel.unwrap_or(if woke == 0 { now } else { woke });
         self.head.store(at, Ordering::Relaxed);
     }
 }
@@ -475,6 +541,8 @@ async fn exchange(
         .await
         .map_err(|_| Failure::Unanswered)?;
     let mut answered = false;
+    // The kernel's receive time of the last bytes read (timed exchanges).
+    let mut stamp = None;
     loop {
         if !conn.buf.is_empty() {
             answered = true;
@@ -482,7 +550,7 @@ async fn exchange(
                 match parsed {
                     Some(head) => {
                         if let Some(a) = arrival {
-                            a.head_done();
+                            a.head_done(stamp);
                         }
                         return Ok(head);
                     }
@@ -498,7 +566,12 @@ async fn exchange(
             a.woke.store(0, Ordering::Relaxed);
         }
         let n = match arrival {
-            Some(a) => std::future::poll_fn(|cx| a.poll_fill(conn, cx)).await,
+            Some(a) => std::future::poll_fn(|cx| a.poll_fill(conn, cx))
+                .await
+                .map(|(n, at)| {
+                    stamp = at;
+                    n
+                }),
             None => std::future::poll_fn(|cx| conn.poll_fill(cx)).await,
         };
         match n {
@@ -1236,11 +1309,14 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_answer_is_timed_when_its_socket_woke_the_task_not_when_the_task_ran() {
+    /// An upstream that reads one request head, waits for `go`, answers
+    /// 200, tells `answered`, and holds the connection open.
+    async fn one_answer(
+        go: tokio::sync::oneshot::Receiver<()>,
+        answered: tokio::sync::oneshot::Sender<()>,
+    ) -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (go, answer) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = Vec::new();
@@ -1250,13 +1326,21 @@ mod tests {
                 assert!(n > 0);
                 buf.extend_from_slice(&chunk[..n]);
             }
-            answer.await.unwrap();
+            go.await.unwrap();
             s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
                 .await
                 .unwrap();
-            // Held open until the test ends.
+            answered.send(()).unwrap();
             let _ = s.read(&mut [0u8; 1]).await;
         });
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_is_timed_when_its_socket_woke_the_task_not_when_the_task_ran() {
+        let (go, answer) = tokio::sync::oneshot::channel::<()>();
+        let (answered, _sent) = tokio::sync::oneshot::channel::<()>();
+        let addr = one_answer(answer, answered).await;
         let up = Upstreams::new().get(addr, Connector::H1, 8);
         let sender = up.get(Duration::from_secs(2), false, true).await.unwrap();
         let start = Instant::now();
@@ -1293,6 +1377,41 @@ mod tests {
             head <= woken_by && head + 150_000 < polled_at,
             "head timed at {head} µs; the socket woke the task by {woken_by} µs, \
              the task ran at {polled_at} µs"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_there_before_its_task_reads_is_timed_by_the_kernel() {
+        let (go, answer) = tokio::sync::oneshot::channel::<()>();
+        let (answered, sent) = tokio::sync::oneshot::channel::<()>();
+        go.send(()).unwrap();
+        let addr = one_answer(answer, answered).await;
+        let up = Upstreams::new().get(addr, Connector::H1, 8);
+        let mut sender = up.get(Duration::from_secs(2), false, true).await.unwrap();
+        let start = Instant::now();
+        let arrival = Arrival::new(start);
+        // Written now, read later (as a mirrored copy written from the
+        // client's task is): no task waits for the answer when it comes.
+        let mut request = Encoded::new(get("/"), None);
+        request.written = sender.raw_mut().unwrap().write_now(request.bytes());
+        assert_eq!(request.written, request.bytes().len());
+        sent.await.unwrap();
+        let answered_by = start.elapsed().as_micros() as u64;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let resp = send_encoded(
+            sender,
+            up.clone(),
+            request,
+            Duration::from_secs(2),
+            Some(&arrival),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let head = arrival.head_us().unwrap();
+        assert!(
+            head <= answered_by,
+            "head timed at {head} µs; it was sent by {answered_by} µs"
         );
     }
 }

@@ -270,6 +270,8 @@ pub struct Arrival {
     head: AtomicU64,
     /// The task that waits for the socket.
     task: Mutex<Option<Waker>>,
+    /// A mirrored copy to write once this request is written.
+    then: Mutex<Option<Box<crate::mirror::Second>>>,
 }
 
 impl Arrival {
@@ -284,7 +286,21 @@ impl Arrival {
             woke: AtomicU64::new(0),
             head: AtomicU64::new(0),
             task: Mutex::new(None),
+            then: Mutex::new(None),
         })
+    }
+
+    /// Keeps `second` (a mirrored copy) to be written right after this
+    /// exchange's request ([`Arrival::written`]).
+    pub fn then_write(&self, second: Box<crate::mirror::Second>) {
+        *lock(&self.then) = Some(second);
+    }
+
+    /// The request is written: the copy kept for after it goes.
+    pub fn written(&self) {
+        // Taken out first: the copy is written with the lock free.
+        let second = lock(&self.then).take();
+        drop(second);
     }
 
     /// µs from `base` until the response head came, once it has.
@@ -296,13 +312,6 @@ impl Arrival {
         self.base.elapsed().as_micros() as u64 + 1
     }
 
-    fn task(&self) -> std::sync::MutexGuard<'_, Option<Waker>> {
-        match self.task.lock() {
-            Ok(t) => t,
-            Err(poisoned) => poisoned.into_inner(),
-        }
-    }
-
     /// [`RawConn::poll_fill_stamped`], told through this clock when the
     /// socket wakes the task.
     fn poll_fill(
@@ -311,7 +320,7 @@ impl Arrival {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<(usize, Option<SystemTime>)>> {
         {
-            let mut task = self.task();
+            let mut task = lock(&self.task);
             if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 *task = Some(cx.waker().clone());
             }
@@ -343,9 +352,18 @@ impl Wake for Arrival {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woke.store(self.now(), Ordering::Relaxed);
-        if let Some(w) = self.task().as_ref() {
+        if let Some(w) = lock(&self.task).as_ref() {
             w.wake_by_ref();
         }
+    }
+}
+
+/// A mutex's value, a poisoned one's too (nothing here can be left half
+/// changed).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(t) => t,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
 
@@ -540,6 +558,9 @@ async fn exchange(
         .write_all(request)
         .await
         .map_err(|_| Failure::Unanswered)?;
+    if let Some(a) = arrival {
+        a.written();
+    }
     let mut answered = false;
     // The kernel's receive time of the last bytes read (timed exchanges).
     let mut stamp = None;
@@ -586,14 +607,17 @@ async fn exchange(
 /// the response, whose body gives the connection back at its end. A
 /// pooled connection that fails before any byte of an answer is replaced
 /// by a fresh one (within `connect_timeout`) once.
-pub async fn send(
+///
+/// Not an `async fn`: the request is encoded before the first poll, and
+/// the future is [`send_encoded`]'s own (not one holding it).
+pub fn send(
     sender: Sender,
     upstream: Arc<Upstream>,
     req: Request<RequestBody>,
     forwarding: Option<Box<Forwarding>>,
     connect_timeout: Duration,
     arrival: Option<&Arc<Arrival>>,
-) -> Result<Response<RawBody>, ProxyError> {
+) -> impl std::future::Future<Output = Result<Response<RawBody>, ProxyError>> + '_ {
     send_encoded(
         sender,
         upstream,
@@ -601,7 +625,6 @@ pub async fn send(
         connect_timeout,
         arrival,
     )
-    .await
 }
 
 /// A bodiless request written out for a raw connection, and how much of

@@ -446,24 +446,26 @@ fn outgoing(
     } else {
         Some(Box::new(forwarding))
     };
-    let second =
-        shadow.and_then(|seed| crate::mirror::start(*seed, &parts, &mut body, body_timeout));
+    if let Some(seed) = shadow {
+        let second = crate::mirror::start(*seed, &parts, &mut body, body_timeout);
+        // Written once the request is (see `mirror::start`).
+        if let (Some(second), Some(arrival)) = (second, &hop.arrival) {
+            arrival.then_write(second);
+        }
+    }
     Ok((
         Request::from_parts(parts, body),
         forwarding,
         downstream_upgrade,
-        second,
     ))
 }
 
 /// What [`outgoing`] makes of a client's request: the request, its
-/// forwarding headers, the client's side of an upgrade, and a mirrored
-/// copy to write once the request is written.
+/// forwarding headers, and the client's side of an upgrade.
 type Outgoing = (
     Request<RequestBody>,
     Option<Box<Forwarding>>,
     Option<hyper::upgrade::OnUpgrade>,
-    Option<Box<crate::mirror::Second>>,
 );
 
 // Not an `async fn`: see `handle`.
@@ -479,8 +481,7 @@ fn forward<'a>(
 ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
     async move {
         let body_timeout = deadlines.body;
-        let (req, forwarding, downstream_upgrade, mut second) =
-            outgoing(req, &mut hop, body_timeout, upload)?;
+        let (req, forwarding, downstream_upgrade) = outgoing(req, &mut hop, body_timeout, upload)?;
         let upgrade = downstream_upgrade.is_some();
 
         // Pinned here and lent to the deadline: a future passed by value into
@@ -490,14 +491,6 @@ fn forward<'a>(
         let exchange = exchange(
             route, version, pick, req, forwarding, upgrade, &watch, arrival,
         );
-        tokio::pin!(exchange);
-        // A copy to go right after the request: written once the exchange's
-        // first poll has written the request (see `mirror::start`).
-        let exchange = std::future::poll_fn(|cx| {
-            let polled = std::future::Future::poll(exchange.as_mut(), cx);
-            drop(second.take());
-            polled
-        });
         tokio::pin!(exchange);
         let (mut resp, sender, upstream) =
             match upstream_deadline(deadlines.upstream, upload, exchange.as_mut()).await {
@@ -650,6 +643,11 @@ fn exchange<'a>(
         }
         if let Some(f) = forwarding {
             (*f).apply(req.headers_mut());
+        }
+        if let Some(a) = arrival {
+            // A copy waiting for this request goes now (hyper's client
+            // task writes the request a moment later).
+            a.written();
         }
         // A request without a body sent as an HTTP/2 stream keeps its head: a
         // stream the server refused unprocessed (a GOAWAY that crossed it, as

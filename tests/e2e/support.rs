@@ -50,7 +50,13 @@ pub struct Upstream {
     pub body_bytes: AtomicU64,
     /// Requests received per `x-user-id`.
     pub keys: Mutex<std::collections::HashMap<String, u64>>,
+    /// Per `x-user-id`, when its first request came, in the order of all
+    /// upstreams' requests in this process ([`ARRIVALS`]).
+    pub first_seen: Mutex<std::collections::HashMap<String, u64>>,
 }
+
+/// The order of requests across every upstream of the test process.
+static ARRIVALS: AtomicU64 = AtomicU64::new(0);
 
 impl Upstream {
     /// Starts an upstream answering 200 with its name as body and in `x-upstream`.
@@ -72,6 +78,7 @@ impl Upstream {
             last_uri: Mutex::new(String::new()),
             body_bytes: AtomicU64::new(0),
             keys: Mutex::new(std::collections::HashMap::new()),
+            first_seen: Mutex::new(std::collections::HashMap::new()),
         });
         let me = u.clone();
         tokio::spawn(async move {
@@ -102,7 +109,13 @@ impl Upstream {
         *self.last_headers.lock().unwrap() = req.headers().clone();
         *self.last_uri.lock().unwrap() = req.uri().to_string();
         if let Some(k) = req.headers().get("x-user-id").and_then(|v| v.to_str().ok()) {
+            let at = ARRIVALS.fetch_add(1, Ordering::SeqCst);
             *self.keys.lock().unwrap().entry(k.to_string()).or_default() += 1;
+            self.first_seen
+                .lock()
+                .unwrap()
+                .entry(k.to_string())
+                .or_insert(at);
         }
         // Any path under /fail gets a 500, whatever the other settings.
         let failing_path = req.uri().path().starts_with("/fail");

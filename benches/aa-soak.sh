@@ -4,7 +4,7 @@
 # identical loopback upstreams, under keyed load, while two busy loops load
 # both cores. Prints a table and how many runs reverted the canary (goal 0).
 #
-# usage: benches/aa-soak.sh [--runs N] [--seconds S] [--rate R]
+# usage: benches/aa-soak.sh [--runs N] [--seconds S] [--rate R] [--mirror PERCENT]
 # Only 127.0.0.1 is targeted; the hog and every run are bounded in time.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

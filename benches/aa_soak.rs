@@ -4,7 +4,10 @@
 //! reverted the canary (the goal is none). `benches/aa-soak.sh` runs it
 //! beside a CPU hog, as users' busy machines are.
 //!
-//! usage: aa-soak VEER_BINARY [--runs N] [--seconds S] [--rate R]
+//! usage: aa-soak VEER_BINARY [--runs N] [--seconds S] [--rate R] [--mirror PERCENT]
+//!
+//! `--mirror`: the route also copies that share of stable's requests to
+//! the canary (`[route.mirror]`), so its paired tests are soaked too.
 //!
 //! Only 127.0.0.1 is targeted; every run is bounded by `--seconds`.
 
@@ -62,7 +65,11 @@ fn free_port() -> u16 {
 /// to this run's; every judge setting as it is.
 fn config(dir: &std::path::Path, proxy: u16, admin: u16, s: SocketAddr, c: SocketAddr) -> String {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.example.toml");
-    let text = std::fs::read_to_string(path).expect("config.example.toml");
+    let mut text = std::fs::read_to_string(path).expect("config.example.toml");
+    let mirror = arg("--mirror", 0);
+    if mirror > 0 {
+        text += &format!("\n[route.mirror]\npercent = {mirror}\n");
+    }
     text.replace("127.0.0.1:8080", &format!("127.0.0.1:{proxy}"))
         .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"))
         .replace(
@@ -153,13 +160,17 @@ impl Drop for Proc {
 #[tokio::main]
 async fn main() {
     let Some(veer) = std::env::args().nth(1).filter(|a| !a.starts_with("--")) else {
-        eprintln!("usage: aa-soak VEER_BINARY [--runs N] [--seconds S] [--rate R]");
+        eprintln!(
+            "usage: aa-soak VEER_BINARY [--runs N] [--seconds S] [--rate R] [--mirror PERCENT]"
+        );
         std::process::exit(2);
     };
     let (runs, seconds, rate) = (arg("--runs", 10), arg("--seconds", 60), arg("--rate", 800));
     let mut reverted = 0;
-    println!("| run | requests | canary requests | verdict | E(errors) | E(latency) | revert at |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| run | requests | canary requests | mirrored pairs (window) | verdict | E(errors) | E(latency) | revert at |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for run in 1..=runs {
         let dir = std::env::temp_dir().join(format!("veer-aa-soak-{}-{run}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -198,8 +209,9 @@ async fn main() {
         }
         let ev = &r["evidence"];
         println!(
-            "| {run} | {sent} | {} | {verdict} | {:.3} | {:.3} | {:.0} |",
+            "| {run} | {sent} | {} | {} | {verdict} | {:.3} | {:.3} | {:.0} |",
             r["window"]["canary"]["requests"],
+            r["mirror"]["pairs_in_window"],
             ev["e_errors"].as_f64().unwrap_or(0.0),
             ev["e_latency"].as_f64().unwrap_or(0.0),
             ev["threshold"].as_f64().unwrap_or(0.0)

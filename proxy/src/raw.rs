@@ -225,6 +225,10 @@ impl RawConn {
             match read {
                 Ok((n, at)) => {
                     buf.truncate(len + n);
+                    // Room grows as `poll_fill`'s does.
+                    if n == *room && *room < MAX_READ_ROOM {
+                        *room *= 2;
+                    }
                     return Poll::Ready(Ok((n, at)));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.truncate(len),
@@ -1360,7 +1364,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_answer_is_timed_when_its_socket_woke_the_task_not_when_the_task_ran() {
+    async fn an_answer_is_timed_when_it_came_not_when_its_task_ran() {
         let (go, answer) = tokio::sync::oneshot::channel::<()>();
         let (answered, _sent) = tokio::sync::oneshot::channel::<()>();
         let addr = one_answer(answer, answered).await;

@@ -419,6 +419,7 @@ impl HeadStart {
     /// task writes the rest).
     fn write(&mut self) {
         if let Some(conn) = self.sender.raw_mut() {
+            conn.stamp();
             self.request.written = conn.write_now(self.request.bytes());
         }
     }

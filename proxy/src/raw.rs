@@ -150,6 +150,18 @@ impl RawConn {
         written
     }
 
+    /// Turns on the kernel's receive timestamps (`SO_TIMESTAMPNS`) for
+    /// what comes from now on: before a timed request is written, since
+    /// bytes received before it have no time. A socket that refuses it
+    /// reads as before, with no time.
+    pub fn stamp(&mut self) {
+        if !self.stamped {
+            use nix::sys::socket::{setsockopt, sockopt};
+            let _ = setsockopt(&self.io, sockopt::ReceiveTimestampns, &true);
+            self.stamped = true;
+        }
+    }
+
     /// Whether an idle connection may carry a request: nothing arrived
     /// since its last response (no close, no stray byte).
     pub fn still_idle(&mut self) -> bool {
@@ -194,13 +206,9 @@ impl RawConn {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<(usize, Option<SystemTime>)>> {
-        use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
         use std::os::fd::AsRawFd;
-        if !self.stamped {
-            // A socket without it reads as before, with no time.
-            let _ = setsockopt(&self.io, sockopt::ReceiveTimestampns, &true);
-            self.stamped = true;
-        }
+        self.stamp();
         let RawConn { io, buf, room, .. } = self;
         loop {
             ready!(io.poll_read_ready(cx))?;
@@ -272,6 +280,8 @@ pub struct Arrival {
     woke: AtomicU64,
     /// µs after `base`, plus one, when the head was whole (0: not yet).
     head: AtomicU64,
+    /// The head's time is the kernel's.
+    kernel: std::sync::atomic::AtomicBool,
     /// The task that waits for the socket.
     task: Mutex<Option<Waker>>,
     /// A mirrored copy to write once this request is written.
@@ -289,6 +299,7 @@ impl Arrival {
             },
             woke: AtomicU64::new(0),
             head: AtomicU64::new(0),
+            kernel: std::sync::atomic::AtomicBool::new(false),
             task: Mutex::new(None),
             then: Mutex::new(None),
         })
@@ -310,6 +321,12 @@ impl Arrival {
     /// µs from `base` until the response head came, once it has.
     pub fn head_us(&self) -> Option<u64> {
         self.head.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Whether the head's time is the kernel's receive time (the host
+    /// turns its receive timestamps on a moment after a socket first asks).
+    pub fn kernel_stamped(&self) -> bool {
+        self.kernel.load(Ordering::Relaxed)
     }
 
     fn now(&self) -> u64 {
@@ -344,6 +361,7 @@ impl Arrival {
             .and_then(|t| t.duration_since(self.wall).ok())
             .map(|d| d.as_micros() as u64 + 1)
             .filter(|us| *us <= now);
+        self.kernel.store(kernel.is_some(), Ordering::Relaxed);
         let at = kernel.unwrap_or(if woke == 0 { now } else { woke });
         self.head.store(at, Ordering::Relaxed);
     }
@@ -558,6 +576,9 @@ async fn exchange(
     head_request: bool,
     arrival: Option<&Arc<Arrival>>,
 ) -> Result<Head, Failure> {
+    if arrival.is_some() {
+        conn.stamp();
+    }
     conn.io
         .write_all(request)
         .await
@@ -1409,6 +1430,32 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_there_before_its_task_reads_is_timed_by_the_kernel() {
+        // The kernel stamps received packets a moment after a socket first
+        // asks (a host-wide switch): timed exchanges until one is stamped.
+        let warm = scripted(vec![(b"HTTP/1.1 204 No Content\r\n\r\n", false); 1000]).await;
+        let warm_up = upstream(&warm);
+        let limit = Instant::now() + Duration::from_secs(10);
+        loop {
+            let sender = warm_up
+                .get(Duration::from_secs(2), false, true)
+                .await
+                .unwrap();
+            let a = Arrival::new(Instant::now());
+            let r = send(
+                sender,
+                warm_up.clone(),
+                get("/"),
+                None,
+                Duration::from_secs(2),
+                Some(&a),
+            );
+            assert_eq!(r.await.unwrap().status(), StatusCode::NO_CONTENT);
+            if a.kernel_stamped() {
+                break;
+            }
+            assert!(Instant::now() < limit, "the kernel never stamped an answer");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let (go, answer) = tokio::sync::oneshot::channel::<()>();
         let (answered, sent) = tokio::sync::oneshot::channel::<()>();
         go.send(()).unwrap();
@@ -1420,7 +1467,9 @@ mod tests {
         // Written now, read later (as a mirrored copy written from the
         // client's task is): no task waits for the answer when it comes.
         let mut request = Encoded::new(get("/"), None);
-        request.written = sender.raw_mut().unwrap().write_now(request.bytes());
+        let conn = sender.raw_mut().unwrap();
+        conn.stamp();
+        request.written = conn.write_now(request.bytes());
         assert_eq!(request.written, request.bytes().len());
         sent.await.unwrap();
         let answered_by = start.elapsed().as_micros() as u64;

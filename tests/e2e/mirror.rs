@@ -312,7 +312,7 @@ async fn a_slow_canary_delays_no_client_and_its_copies_stay_under_the_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn copies_reach_the_canary_before_and_after_stables_request_alike() {
+async fn copies_reach_the_canary_beside_stables_request_not_after_it() {
     let s = Upstream::start("stable").await;
     let c = Upstream::start("canary").await;
     let judge = FAST_JUDGE.to_string() + "mode = \"observe\"\n";
@@ -338,13 +338,15 @@ async fn copies_reach_the_canary_before_and_after_stables_request_alike() {
         })
         .count();
     // Written from the client's task just before or just after stable's
-    // request (a coin flip, see `mirror::start`): about half of them come
-    // first, give or take what a busy machine reorders on the way. Sent
-    // from their own task after stable's request, as copies were before,
-    // 57 of 400 came first (beside a CI run).
+    // request (a coin flip, see `mirror::start`), a copy reaches its
+    // server about when stable's request reaches stable's: which of the
+    // two test servers sees its request first is then the servers' own
+    // scheduling, and does not show the coin (measured on an idle
+    // machine: 277-308 of 400 copies first with the coin, 252-300 with
+    // every copy written first, 318-324 with every copy written second).
+    // What it does show is the flaw this guards against: sent from their
+    // own task after stable's request, as copies were before, 57 of 400
+    // came first (beside a CI run).
     eprintln!("{first} of 400 copies came first");
-    assert!(
-        (100..=300).contains(&first),
-        "{first} of 400 copies came first"
-    );
+    assert!(first >= 100, "{first} of 400 copies came first");
 }

@@ -9,6 +9,10 @@
 # request (see run below): compare binaries on that column.
 #
 # usage: benches/request-cost.sh [N] [BINARY...]   (default 5000, target/release/veer)
+# A BINARY named `nginx` runs the system's nginx instead, configured by the
+# shared peer script's split config (../shared/bench/peers/nginx-proxy.conf:
+# the same key, split and keep-alive pools, 1 worker, no master process):
+# the same count for the proxy veer is compared with.
 # STABLE=host:port CANARY=host:port: other upstreams than the demo's (say, an
 # nginx serving a large body), started by the caller.
 # Only 127.0.0.1 is targeted; every run is bounded in count and time.
@@ -30,7 +34,10 @@ trap cleanup EXIT
 STABLE="${STABLE:-127.0.0.1:18001}"
 CANARY="${CANARY:-127.0.0.1:18002}"
 if [ "$STABLE" = 127.0.0.1:18001 ]; then
-  "${bins[0]}" demo --upstreams-only > /dev/null 2>&1 &
+  demo="$ROOT/target/release/veer"
+  for bin in "${bins[@]}"; do [ "$bin" != nginx ] && { demo=$bin; break; }; done
+  [ -x "$demo" ] || (cd "$ROOT" && cargo build --release --locked -q -p veer-proxy --bin veer)
+  "$demo" demo --upstreams-only > /dev/null 2>&1 &
   ups=$!
 fi
 for _ in $(seq 1 100); do
@@ -40,10 +47,60 @@ done
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
+# $2 keep-alive GETs to 127.0.0.1:$1 from 4 connections, sticky keys of
+# 1000 users.
+drive() {
+  python3 - "$1" "$2" <<'PY'
+import http.client, sys, threading
+port, count = int(sys.argv[1]), int(sys.argv[2])
+conns = 4
+def worker(w):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for i in range(w, count, conns):
+        c.request("GET", "/", headers={"x-user-id": f"user-{i % 1000}"})
+        r = c.getresponse(); r.read()
+        if r.status != 200:
+            sys.exit(f"HTTP {r.status}")
+    c.close()
+ts = [threading.Thread(target=worker, args=(w,)) for w in range(conns)]
+[t.start() for t in ts]; [t.join() for t in ts]
+PY
+}
+
+# The same for nginx ($1 requests, listening on $2): prints "total 0".
+run_nginx() {
+  local count=$1 port=$2 conf="$ROOT/../shared/bench/peers/nginx-proxy.conf"
+  command -v nginx >/dev/null || { echo "nginx is needed (apt-get install nginx)" >&2; exit 1; }
+  [ -f "$conf" ] || { echo "peer config not found: $conf" >&2; exit 1; }
+  sed -e "s#@RUN@#$work#g" -e "s#@WORKERS@#1#g" -e "s#@NGINX_PORT@#$port#g" \
+    -e "s#@STABLE_PORT@#${STABLE##*:}#g" -e "s#@CANARY_PORT@#${CANARY##*:}#g" \
+    -e "s#@CANARY_PCT@#10#g" -e "s#master_process on#master_process off#" \
+    "$conf" > "$work/nginx.conf"
+  timeout 600 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
+    nginx -p "$work" -c "$work/nginx.conf" > "$work/log" 2>&1 &
+  local vg=$!
+  for _ in $(seq 1 600); do
+    curl -sf "http://127.0.0.1:$port/" > /dev/null 2>&1 && break
+    sleep 0.1
+  done
+  drive "$port" "$count"
+  kill -QUIT "$vg"  # graceful: callgrind writes its counts at exit
+  wait "$vg" || true
+  if [ -n "${KEEP:-}" ]; then
+    mkdir -p "$KEEP"
+    cp "$work/cg.out" "$KEEP/nginx-$count.out"
+  fi
+  echo "$(grep -E '^(summary|totals):' "$work/cg.out" | head -1 | awk '{print $2}') 0"
+}
+
 # Total instructions of one run serving $2 requests with binary $1.
 run() {
   local bin=$1 count=$2 port admin
   port=$(free_port); admin=$(free_port)
+  if [ "$bin" = nginx ]; then
+    run_nginx "$count" "$port"
+    return
+  fi
   rm -rf "$work/state"
   cat > "$work/veer.toml" <<TOML
 [proxy]
@@ -71,21 +128,7 @@ TOML
     curl -sf "http://127.0.0.1:$admin/readyz" > /dev/null 2>&1 && break
     sleep 0.1
   done
-  python3 - "$port" "$count" <<'PY'
-import http.client, sys, threading
-port, count = int(sys.argv[1]), int(sys.argv[2])
-conns = 4
-def worker(w):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    for i in range(w, count, conns):
-        c.request("GET", "/", headers={"x-user-id": f"user-{i % 1000}"})
-        r = c.getresponse(); r.read()
-        if r.status != 200:
-            sys.exit(f"HTTP {r.status}")
-    c.close()
-ts = [threading.Thread(target=worker, args=(w,)) for w in range(conns)]
-[t.start() for t in ts]; [t.join() for t in ts]
-PY
+  drive "$port" "$count"
   kill -TERM "$vg"
   wait "$vg" || true
   if [ -n "${KEEP:-}" ]; then

@@ -102,7 +102,7 @@ const READ_ROOM: usize = 8192;
 /// next one is read into another, so about twice this a connection (as
 /// nginx's `proxy_buffers` and HAProxy's `bufsize` bound theirs). At
 /// 256 KiB, 50 connections streaming 64 KiB bodies peaked at 29 MiB RSS,
-/// at 64 KiB at 20 MiB, at 32 KiB at 17 MiB for about 5 % more
+/// at 64 KiB at 20 MiB, at 32 KiB at 17 MiB for about 9 % more
 /// instructions a 64 KiB answer (one more read and chunk).
 const MAX_READ_ROOM: usize = 32 * 1024;
 /// An idle connection keeps a read buffer up to this size; a larger one

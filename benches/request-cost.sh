@@ -67,42 +67,47 @@ ts = [threading.Thread(target=worker, args=(w,)) for w in range(conns)]
 PY
 }
 
-# The same for nginx ($1 requests, listening on $2): prints "total 0".
-run_nginx() {
-  local count=$1 port=$2 conf="$ROOT/../shared/bench/peers/nginx-proxy.conf"
-  command -v nginx >/dev/null || { echo "nginx is needed (apt-get install nginx)" >&2; exit 1; }
-  [ -f "$conf" ] || { echo "peer config not found: $conf" >&2; exit 1; }
-  sed -e "s#@RUN@#$work#g" -e "s#@WORKERS@#1#g" -e "s#@NGINX_PORT@#$port#g" \
-    -e "s#@STABLE_PORT@#${STABLE##*:}#g" -e "s#@CANARY_PORT@#${CANARY##*:}#g" \
-    -e "s#@CANARY_PCT@#10#g" -e "s#master_process on#master_process off#" \
-    "$conf" > "$work/nginx.conf"
+# Runs "$@" under callgrind until $1 answers, sends it $3 requests on port
+# $2, stops it with signal $4 (callgrind writes its counts at exit) and
+# keeps the counts as $KEEP/$5-$3.out if KEEP is set.
+callgrind_run() {
+  local ready=$1 port=$2 count=$3 signal=$4 name=$5
+  shift 5
   timeout 600 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
-    nginx -p "$work" -c "$work/nginx.conf" > "$work/log" 2>&1 &
+    "$@" > "$work/log" 2>&1 &
   local vg=$!
   for _ in $(seq 1 600); do
-    curl -sf "http://127.0.0.1:$port/" > /dev/null 2>&1 && break
+    curl -sf "$ready" > /dev/null 2>&1 && break
     sleep 0.1
   done
   drive "$port" "$count"
-  kill -QUIT "$vg"  # graceful: callgrind writes its counts at exit
+  kill -"$signal" "$vg"
   wait "$vg" || true
   if [ -n "${KEEP:-}" ]; then
     mkdir -p "$KEEP"
-    cp "$work/cg.out" "$KEEP/nginx-$count.out"
+    cp "$work/cg.out" "$KEEP/$name-$count.out"
   fi
-  echo "$(grep -E '^(summary|totals):' "$work/cg.out" | head -1 | awk '{print $2}') 0"
 }
 
-# Total instructions of one run serving $2 requests with binary $1.
+# Total instructions of one run serving $2 requests with binary $1 (or the
+# system's nginx), and those of veer's controller.
 run() {
   local bin=$1 count=$2 port admin
   port=$(free_port); admin=$(free_port)
   if [ "$bin" = nginx ]; then
-    run_nginx "$count" "$port"
-    return
-  fi
-  rm -rf "$work/state"
-  cat > "$work/veer.toml" <<TOML
+    local conf="$ROOT/../shared/bench/peers/nginx-proxy.conf"
+    command -v nginx >/dev/null || { echo "nginx is needed (apt-get install nginx)" >&2; exit 1; }
+    [ -f "$conf" ] || { echo "peer config not found: $conf" >&2; exit 1; }
+    sed -e "s#@RUN@#$work#g" -e "s#@WORKERS@#1#g" -e "s#@NGINX_PORT@#$port#g" \
+      -e "s#@STABLE_PORT@#${STABLE##*:}#g" -e "s#@CANARY_PORT@#${CANARY##*:}#g" \
+      -e "s#@CANARY_PCT@#10#g" -e "s#master_process on#master_process off#" \
+      "$conf" > "$work/nginx.conf"
+    # Its readiness probe is one request more, in both runs alike.
+    callgrind_run "http://127.0.0.1:$port/" "$port" "$count" QUIT nginx \
+      nginx -p "$work" -c "$work/nginx.conf"
+  else
+    rm -rf "$work/state"
+    cat > "$work/veer.toml" <<TOML
 [proxy]
 listen = ["127.0.0.1:$port"]
 workers = 1
@@ -121,26 +126,17 @@ version = "v2"
 endpoints = ["$CANARY"]
 weight = 10
 TOML
-  timeout 600 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
-    "$bin" run --config "$work/veer.toml" > "$work/log" 2>&1 &
-  local vg=$!
-  for _ in $(seq 1 600); do
-    curl -sf "http://127.0.0.1:$admin/readyz" > /dev/null 2>&1 && break
-    sleep 0.1
-  done
-  drive "$port" "$count"
-  kill -TERM "$vg"
-  wait "$vg" || true
-  if [ -n "${KEEP:-}" ]; then
-    mkdir -p "$KEEP"
-    cp "$work/cg.out" "$KEEP/$(basename "$bin")-$(echo "$bin" | md5sum | cut -c1-6)-$count.out"
+    callgrind_run "http://127.0.0.1:$admin/readyz" "$port" "$count" TERM \
+      "$(basename "$bin")-$(echo "$bin" | md5sum | cut -c1-6)" \
+      "$bin" run --config "$work/veer.toml"
   fi
   local total ctl
   total=$(grep -E '^(summary|totals):' "$work/cg.out" | head -1 | awk '{print $2}')
   # The controller's task (ticks every 100 ms, looks, saves) costs per
   # second, not per request; under valgrind a request takes ~100x longer, so
   # its ticks would weigh ~100x more per request than at real load, and
-  # their count varies run to run. Its inclusive cost is taken out.
+  # their count varies run to run. Its inclusive cost is taken out (none
+  # for nginx).
   # (callgrind_annotate splits a function by the source files of its
   # inlined code; the largest inclusive entry is the function's.)
   ctl=$(callgrind_annotate --inclusive=yes "$work/cg.out" 2>/dev/null \

@@ -117,9 +117,15 @@ pub fn eligible(req: &Request<RequestBody>) -> bool {
 
 /// [`eligible`]'s test of a head whose request has no body.
 pub fn eligible_head(method: &Method, headers: &HeaderMap) -> bool {
+    let framed = |n: &HeaderName| n == header::CONTENT_LENGTH || n == header::TRANSFER_ENCODING;
     matches!(*method, Method::GET | Method::HEAD)
-        && !headers.contains_key(header::CONTENT_LENGTH)
-        && !headers.contains_key(header::TRANSFER_ENCODING)
+        && if headers.keys_len() <= 8 {
+            // A few names compared are cheaper than two hashed lookups.
+            !headers.keys().any(framed)
+        } else {
+            !headers.contains_key(header::CONTENT_LENGTH)
+                && !headers.contains_key(header::TRANSFER_ENCODING)
+        }
 }
 
 /// A plain-TCP connection to an upstream, and what was read from it and
@@ -452,34 +458,57 @@ fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
-/// Every `Content-Length` value, if all are the same number (hyper's rule).
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut len = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|b| *b == b',') {
+/// What a head's `Content-Length` fields said, read as they come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Length {
+    /// No such field.
+    Absent,
+    /// Every number in every field so far is this one.
+    Is(u64),
+    /// Not a number, or two numbers that differ (hyper's rule).
+    Bad,
+}
+
+impl Length {
+    /// Takes one more field's value (comma-separated numbers).
+    fn and(self, value: &[u8]) -> Length {
+        let mut seen = self;
+        for part in value.split(|b| *b == b',') {
             let part = part.trim_ascii();
-            if part.is_empty() {
-                return None;
+            if part.is_empty() || seen == Length::Bad {
+                return Length::Bad;
             }
             let mut n: u64 = 0;
             for &b in part {
                 if !b.is_ascii_digit() {
-                    return None;
+                    return Length::Bad;
                 }
-                n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+                match n
+                    .checked_mul(10)
+                    .and_then(|n| n.checked_add(u64::from(b - b'0')))
+                {
+                    Some(m) => n = m,
+                    None => return Length::Bad,
+                }
             }
-            if len.is_some_and(|l| l != n) {
-                return None;
-            }
-            len = Some(n);
+            seen = match seen {
+                Length::Is(l) if l != n => Length::Bad,
+                _ => Length::Is(n),
+            };
         }
+        seen
     }
-    len
 }
 
 /// Parses one response head from the front of `buf`: `None` while it is
 /// incomplete; an informational one is consumed and `Some(None)`.
-fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Option<Option<Head>>, Failure> {
+/// The head's fields go into `spare`'s allocation (a map emptied for
+/// reuse, see [`Encoded`]), which the head takes.
+fn parse(
+    buf: &mut BytesMut,
+    head_request: bool,
+    spare: &mut HeaderMap,
+) -> Result<Option<Option<Head>>, Failure> {
     let protocol = Failure::Kind(ProxyError::UpstreamProtocol);
     // Neither array is initialised: a head has a few fields of the 100.
     let mut fields =
@@ -526,15 +555,30 @@ fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Option<Option<Head>>,
         }
         return Ok(Some(None));
     }
-    let mut headers = HeaderMap::with_capacity(n);
+    let mut headers = std::mem::take(spare);
+    headers.reserve(n);
     let mut keep_alive = version == Version::HTTP_11;
     let mut close = false;
+    // The framing fields, read as the map is filled (no lookups after).
+    let mut length = Length::Absent;
+    // Whether the last `Transfer-Encoding` field ends in `chunked`.
+    let mut chunked = None;
     for &(a, b, c, d) in &spans {
         let name = HeaderName::from_bytes(&head[a..b])
             .map_err(|_| Failure::Kind(ProxyError::UpstreamProtocol))?;
         let value = HeaderValue::from_maybe_shared(head.slice(c..d))
             .map_err(|_| Failure::Kind(ProxyError::UpstreamProtocol))?;
-        if name == header::CONNECTION {
+        if name == header::CONTENT_LENGTH {
+            length = length.and(value.as_bytes());
+        } else if name == header::TRANSFER_ENCODING {
+            chunked = Some(
+                value
+                    .as_bytes()
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked")),
+            );
+        } else if name == header::CONNECTION {
             if close || has_token(&value, b"close") {
                 close = true;
                 keep_alive = false;
@@ -546,27 +590,21 @@ fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Option<Option<Head>>,
     }
     let framing = if head_request || code == 204 || code == 304 {
         Framing::Empty
-    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+    } else if let Some(chunked) = chunked {
         if version == Version::HTTP_10 {
             return Err(protocol);
         }
-        let chunked = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
-            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         if chunked {
             Framing::Chunked
         } else {
             Framing::ToEnd
         }
-    } else if let Some(len) = content_length(&headers) {
-        Framing::Length(len)
-    } else if headers.contains_key(header::CONTENT_LENGTH) {
-        return Err(protocol);
     } else {
-        Framing::ToEnd
+        match length {
+            Length::Is(len) => Framing::Length(len),
+            Length::Bad => return Err(protocol),
+            Length::Absent => Framing::ToEnd,
+        }
     };
     Ok(Some(Some(Head {
         status,
@@ -578,12 +616,14 @@ fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Option<Option<Head>>,
     })))
 }
 
-/// Writes `request` on `conn` and reads the final response head.
+/// Writes `request` on `conn` and reads the final response head (its
+/// fields into `spare`'s allocation, see [`parse`]).
 async fn exchange(
     conn: &mut RawConn,
     request: &[u8],
     head_request: bool,
     arrival: Option<&Arc<Arrival>>,
+    spare: &mut HeaderMap,
 ) -> Result<Head, Failure> {
     if arrival.is_some() {
         conn.stamp();
@@ -601,7 +641,7 @@ async fn exchange(
     loop {
         if !conn.buf.is_empty() {
             answered = true;
-            if let Some(parsed) = parse(&mut conn.buf, head_request)? {
+            if let Some(parsed) = parse(&mut conn.buf, head_request, spare)? {
                 match parsed {
                     Some(head) => {
                         if let Some(a) = arrival {
@@ -666,6 +706,9 @@ pub fn send(
 pub struct Encoded {
     bytes: Vec<u8>,
     head_request: bool,
+    /// The request's header map, emptied once written out: the response's
+    /// fields are read into its allocation (one map a request, not two).
+    spare: HeaderMap,
     /// Bytes already on the connection it goes with.
     pub written: usize,
 }
@@ -674,9 +717,13 @@ impl Encoded {
     /// `req` (an [`eligible`] one) as its upstream gets it.
     pub fn new(mut req: Request<RequestBody>, forwarding: Option<Box<Forwarding>>) -> Encoded {
         crate::upstream::fit_request(&mut req, false, http::uri::Scheme::HTTP);
+        let bytes = encode(&req, forwarding.as_deref());
+        let mut spare = std::mem::take(req.headers_mut());
+        spare.clear();
         Encoded {
-            bytes: encode(&req, forwarding.as_deref()),
+            bytes,
             head_request: req.method() == Method::HEAD,
+            spare,
             written: 0,
         }
     }
@@ -696,12 +743,17 @@ pub async fn send_encoded(
     connect_timeout: Duration,
     arrival: Option<&Arc<Arrival>>,
 ) -> Result<Response<RawBody>, ProxyError> {
-    let (bytes, head_request) = (request.bytes, request.head_request);
-    let rest = bytes.get(request.written..).unwrap_or_default();
+    let Encoded {
+        bytes,
+        head_request,
+        mut spare,
+        written,
+    } = request;
+    let rest = bytes.get(written..).unwrap_or_default();
     let Some(conn) = sender.raw_mut() else {
         return Err(ProxyError::UpstreamProtocol);
     };
-    let head = match exchange(conn, rest, head_request, arrival).await {
+    let head = match exchange(conn, rest, head_request, arrival, &mut spare).await {
         Ok(head) => head,
         Err(Failure::Unanswered) if sender.pooled() => {
             // Its permit goes back before a fresh connection asks for one.
@@ -710,7 +762,7 @@ pub async fn send_encoded(
             let Some(conn) = sender.raw_mut() else {
                 return Err(ProxyError::UpstreamProtocol);
             };
-            match exchange(conn, &bytes, head_request, arrival).await {
+            match exchange(conn, &bytes, head_request, arrival, &mut spare).await {
                 Ok(head) => head,
                 Err(Failure::Unanswered) => return Err(ProxyError::UpstreamReset),
                 Err(Failure::Kind(k)) => return Err(k),
@@ -1140,6 +1192,8 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nab",
             b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\nab",
             b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nab",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2,\r\n\r\nab",
             b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
             b"HTTP/1.1 2000 OK\r\n\r\n",
@@ -1357,6 +1411,27 @@ mod tests {
             .headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         assert!(!eligible(&framed));
+        // Looked for by name among a few fields, by hash among many.
+        let mut many = get("/");
+        for i in 0..12 {
+            let name = HeaderName::try_from(format!("x-f{i}")).unwrap();
+            many.headers_mut()
+                .insert(name, HeaderValue::from_static("1"));
+        }
+        assert!(eligible(&many));
+        for (req, name) in [
+            (&mut framed, header::TRANSFER_ENCODING),
+            (&mut many, header::TRANSFER_ENCODING),
+        ] {
+            req.headers_mut().remove(header::CONTENT_LENGTH);
+            req.headers_mut()
+                .insert(name, HeaderValue::from_static("chunked"));
+            assert!(!eligible(req));
+        }
+        many.headers_mut().remove(header::TRANSFER_ENCODING);
+        many.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        assert!(!eligible(&many));
         let mut with_body = Request::new(RequestBody::copy(Bytes::from_static(b"x")));
         *with_body.uri_mut() = "/".parse().unwrap();
         assert!(!eligible(&with_body));

@@ -29,9 +29,13 @@ use crate::body::{BoxError, ProxyBody};
 /// its address's `max_connections_per_ip`, and its `veer_open_connections`
 /// count. Shared by the connection and any tunnel upgraded from it, so an
 /// upgraded WebSocket keeps holding the slot until the tunnel ends.
+///
+/// It also keeps the route timeout's timer between the connection's
+/// requests ([`Slot::take_timer`]).
 pub struct Slot {
     _parts: Box<dyn Send + Sync>,
     gauge: prometheus::IntGauge,
+    timer: std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
 }
 
 impl Slot {
@@ -41,7 +45,36 @@ impl Slot {
         Arc::new(Slot {
             _parts: parts,
             gauge,
+            timer: std::sync::Mutex::new(None),
         })
+    }
+
+    /// A timer for a request's upstream deadline, set to `deadline`: the
+    /// one the connection's last request gave back, or a new one (the
+    /// first request, or one of several HTTP/2 streams at once).
+    ///
+    /// Why kept: a new timer is registered in the runtime's timer wheel
+    /// under its lock and removed again when the request is done, for
+    /// every request; a kept one moved to a later deadline only notes the
+    /// new time (tokio moves it in the wheel when the old time comes), so
+    /// back-to-back requests on a keep-alive connection touch the wheel
+    /// about once per timeout instead of twice per request.
+    pub fn take_timer(&self, deadline: Instant) -> Pin<Box<tokio::time::Sleep>> {
+        let kept = self.timer.lock().ok().and_then(|mut t| t.take());
+        match kept {
+            Some(mut t) => {
+                t.as_mut().reset(deadline);
+                t
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+
+    /// Keeps `timer` for the connection's next request.
+    pub fn give_timer(&self, timer: Pin<Box<tokio::time::Sleep>>) {
+        if let Ok(mut t) = self.timer.lock() {
+            *t = Some(timer);
+        }
     }
 }
 

@@ -492,22 +492,28 @@ fn forward<'a>(
             route, version, pick, req, forwarding, upgrade, &watch, arrival,
         );
         tokio::pin!(exchange);
-        let (mut resp, sender, upstream) =
-            match upstream_deadline(deadlines.upstream, upload, exchange.as_mut()).await {
-                Err(e) => {
-                    // A body the client broke fails the exchange: the client's fault.
-                    let e = upload.fault().unwrap_or(e);
-                    // The route's timeout with nothing back on an HTTP/2
-                    // connection: is the connection dead?
-                    if e == ProxyError::UpstreamTimeout && deadlines.route_bound {
-                        if let Some(w) = watch.get() {
-                            w.timed_out();
-                        }
+        let (mut resp, sender, upstream) = match upstream_deadline(
+            deadlines.upstream,
+            upload,
+            exchange.as_mut(),
+            hop.slot.as_deref(),
+        )
+        .await
+        {
+            Err(e) => {
+                // A body the client broke fails the exchange: the client's fault.
+                let e = upload.fault().unwrap_or(e);
+                // The route's timeout with nothing back on an HTTP/2
+                // connection: is the connection dead?
+                if e == ProxyError::UpstreamTimeout && deadlines.route_bound {
+                    if let Some(w) = watch.get() {
+                        w.timed_out();
                     }
-                    return Err(e);
                 }
-                Ok(r) => r,
-            };
+                return Err(e);
+            }
+            Ok(r) => r,
+        };
         upstream.mark_ok();
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -540,29 +546,41 @@ fn forward<'a>(
 
 /// Runs `exchange` under the route's `timeout`, counting only the
 /// upstream's time: the deadline moves out by however long the request body
-/// waited for the client (see [`crate::upload`]).
+/// waited for the client (see [`crate::upload`]). The timer is the client
+/// connection's kept one when there is one ([`Slot::take_timer`]), and is
+/// given back when the exchange is done.
+///
+/// [`Slot::take_timer`]: crate::conn::Slot::take_timer
 async fn upstream_deadline<T>(
     timeout: std::time::Duration,
     upload: &Upload,
     exchange: impl std::future::Future<Output = Result<T, ProxyError>>,
+    slot: Option<&crate::conn::Slot>,
 ) -> Result<T, ProxyError> {
     let start = tokio::time::Instant::now();
-    let sleep = tokio::time::sleep_until(start + timeout);
-    tokio::pin!(exchange, sleep);
-    loop {
+    let mut sleep = match slot {
+        Some(s) => s.take_timer(start + timeout),
+        None => Box::pin(tokio::time::sleep_until(start + timeout)),
+    };
+    tokio::pin!(exchange);
+    let r = loop {
         tokio::select! {
             biased;
-            r = &mut exchange => return r,
-            () = &mut sleep => {
+            r = &mut exchange => break r,
+            () = sleep.as_mut() => {
                 let now = tokio::time::Instant::now();
                 let deadline = start + timeout + upload.client_time(now);
                 if deadline <= now {
-                    return Err(ProxyError::UpstreamTimeout);
+                    break Err(ProxyError::UpstreamTimeout);
                 }
                 sleep.as_mut().reset(deadline);
             }
         }
+    };
+    if let Some(s) = slot {
+        s.give_timer(sleep);
     }
+    r
 }
 
 /// An upstream's answer: the response, the connection it came on when

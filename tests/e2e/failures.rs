@@ -124,6 +124,54 @@ async fn slow_upstream_gives_504_and_fast_requests_still_pass() {
     );
 }
 
+/// The route timeout's timer is kept by the client connection from one
+/// request to the next and moved to each request's own deadline: a request
+/// gets its whole timeout however long ago the last one began (a timer that
+/// goes off early is checked against the request's own start), and a timer
+/// that fired for one request fires again for a later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_on_a_kept_alive_connection_gets_its_own_whole_timeout() {
+    let up = Upstream::start("up").await;
+    let veer = Veer::start(&route_config(
+        &[up.addr],
+        &[],
+        0.0,
+        "timeout = \"2s\"\nconnect_timeout = \"500ms\"",
+    ))
+    .await;
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    for _ in 0..20 {
+        assert_eq!(c.get("/", &[]).await.unwrap().status(), 200);
+    }
+    // The last request's deadline comes 0.4 s into the next one, which
+    // takes 0.8 s: a deadline left over from it would give a 504.
+    tokio::time::sleep(std::time::Duration::from_millis(1_600)).await;
+    up.delay_ms.store(800, Ordering::SeqCst);
+    let r = c.get("/", &[]).await.unwrap();
+    assert_eq!(r.status(), 200, "a stale deadline cut a request short");
+    for round in 0..2 {
+        up.delay_ms.store(10_000, Ordering::SeqCst);
+        let began = std::time::Instant::now();
+        let r = c.get("/", &[]).await.unwrap();
+        let took = began.elapsed();
+        assert_eq!(r.status(), 504, "round {round}");
+        assert!(
+            took >= std::time::Duration::from_millis(1_900),
+            "round {round}: 504 after {took:?}, before the 2 s timeout"
+        );
+        up.delay_ms.store(0, Ordering::SeqCst);
+        assert_eq!(c.get("/", &[]).await.unwrap().status(), 200);
+    }
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_upstream_errors_total{kind="timeout",route="web",version="v1"}"#
+        ),
+        Some(2.0)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_5xx_passes_through_and_is_counted_per_version() {
     let s = Upstream::start("stable").await;

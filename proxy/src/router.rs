@@ -63,7 +63,9 @@ impl Router {
 
     /// The route for a request. `host` may carry a port and any case.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
-        if let Some(host) = host {
+        // Without host names in the config, a host cannot choose a route
+        // (and the exact names' hash is not worth computing).
+        if let Some(host) = host.filter(|_| !self.exact.is_empty() || !self.wildcard.is_empty()) {
             let host = strip_port(host);
             let lower;
             let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -133,5 +135,20 @@ mod tests {
         r.add(&["a.test".into()], "/only", 0);
         assert_eq!(r.find(Some("a.test"), "/other"), None);
         assert_eq!(r.find(Some("b.test"), "/only"), None);
+    }
+
+    #[test]
+    fn without_host_names_every_host_takes_the_prefixes() {
+        let mut r = Router::default();
+        r.add(&[], "/", 0);
+        r.add(&[], "/api", 1);
+        for host in [None, Some("a.test"), Some("A.TEST:80"), Some("[::1]:8080")] {
+            assert_eq!(r.find(host, "/api/x"), Some(1));
+            assert_eq!(r.find(host, "/x"), Some(0));
+        }
+        // Only a wildcard: it is still looked at.
+        r.add(&["*.w.test".into()], "/", 2);
+        assert_eq!(r.find(Some("x.w.test"), "/api"), Some(2));
+        assert_eq!(r.find(Some("x.v.test"), "/api"), Some(1));
     }
 }

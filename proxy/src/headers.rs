@@ -115,8 +115,9 @@ pub struct Peer {
     /// bracketed, RFC 7239).
     forwarded: [Bytes; 2],
     /// The last `Forwarded` value made on this connection, by scheme and
-    /// host (keep-alive requests mostly repeat their host).
-    last: std::sync::Mutex<Option<(Scheme, Option<HeaderValue>, HeaderValue)>>,
+    /// host (keep-alive requests mostly repeat their host), and this hop's
+    /// forwarding fields written out for it (see [`Forwarding::written`]).
+    last: std::sync::Mutex<Option<Last>>,
     /// The peer's [`crate::record::client_hash`].
     pub client_hash: u64,
 }
@@ -143,25 +144,52 @@ impl Peer {
         }
     }
 
-    /// The `Forwarded` value last made for `scheme` and `host`, if that is
-    /// what the last request had (never waits on a lock).
-    fn last_forwarded(&self, scheme: Scheme, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+    /// The `Forwarded` value and the written fields last made for
+    /// `scheme` and `host`, if that is what the last request had (never
+    /// waits on a lock).
+    fn last_forwarded(
+        &self,
+        scheme: Scheme,
+        host: Option<&HeaderValue>,
+    ) -> Option<(HeaderValue, Bytes)> {
         let last = self.last.try_lock().ok()?;
         match &*last {
-            Some((s, h, v)) if *s == scheme && h.as_ref() == host => Some(v.clone()),
+            Some(l) if l.scheme == scheme && l.host.as_ref() == host => {
+                Some((l.forwarded.clone(), l.written.clone()))
+            }
             _ => None,
         }
     }
 
-    fn remember_forwarded(&self, scheme: Scheme, host: Option<&HeaderValue>, v: &HeaderValue) {
+    fn remember_forwarded(
+        &self,
+        scheme: Scheme,
+        host: Option<&HeaderValue>,
+        forwarded: &HeaderValue,
+        written: &Bytes,
+    ) {
         if let Ok(mut last) = self.last.try_lock() {
             // A copy, not a clone: a request's header value shares the
             // read buffer it was parsed from (8 KiB), which a clone would
             // keep alive beside the connection's current one.
             let host = host.and_then(|h| HeaderValue::from_bytes(h.as_bytes()).ok());
-            *last = Some((scheme, host, v.clone()));
+            *last = Some(Last {
+                scheme,
+                host,
+                forwarded: forwarded.clone(),
+                written: written.clone(),
+            });
         }
     }
+}
+
+/// What [`Peer`] keeps of its connection's last request.
+#[derive(Debug)]
+struct Last {
+    scheme: Scheme,
+    host: Option<HeaderValue>,
+    forwarded: HeaderValue,
+    written: Bytes,
 }
 
 /// The scheme the client used.
@@ -256,6 +284,11 @@ pub struct Forwarding {
     host: Option<HeaderValue>,
     real: HeaderValue,
     forwarded: HeaderValue,
+    /// [`Forwarding::fields`] as HTTP/1.1 field lines, when they depend
+    /// only on the connection and the host (no trusted hops, nothing
+    /// forwarded by the client): made once and kept by the connection's
+    /// [`Peer`] for as long as its requests repeat their host.
+    written: Option<Bytes>,
 }
 
 impl Forwarding {
@@ -281,6 +314,12 @@ impl Forwarding {
         ]
         .into_iter()
         .filter_map(|(n, v)| v.map(|v| (n, v)))
+    }
+
+    /// The fields as HTTP/1.1 field lines, when the connection keeps them
+    /// written (see the field `written`); else write [`Forwarding::fields`].
+    pub fn written(&self) -> Option<&[u8]> {
+        self.written.as_deref()
     }
 
     /// Whether the client's fields of this name give way to this hop's:
@@ -342,7 +381,8 @@ pub fn prepare_request(
     }
 
     // X-Forwarded-For: every incoming line merged, the peer appended.
-    let xff = if headers.contains_key(&X_FORWARDED_FOR) {
+    let client_xff = headers.contains_key(&X_FORWARDED_FOR);
+    let xff = if client_xff {
         let mut xff = BytesMut::with_capacity(64);
         for prev in headers.get_all(&X_FORWARDED_FOR) {
             xff.extend_from_slice(prev.as_bytes());
@@ -360,28 +400,59 @@ pub fn prepare_request(
         HeaderValue::from_str(&client.ip().to_canonical().to_string())
             .map_err(|_| ProxyError::BadRequest)?
     };
-    // This hop's Forwarded element: for= the peer, proto, host (quoted).
-    // Without earlier elements it depends only on the connection and the
-    // host, so a keep-alive connection reuses the last one it made.
-    let fwd = if trusted_hops == 0 {
-        match peer.last_forwarded(scheme, host.as_ref()) {
-            Some(v) => v,
-            None => {
-                let v = forwarded(None, peer, scheme, host.as_ref())?;
-                peer.remember_forwarded(scheme, host.as_ref(), &v);
-                v
+    let proto = scheme.value();
+    if trusted_hops > 0 {
+        return Ok(Forwarding {
+            forwarded: forwarded(Some(&*headers), peer, scheme, host.as_ref())?,
+            xff,
+            proto,
+            host,
+            real,
+            written: None,
+        });
+    }
+    // This hop's Forwarded element (for= the peer, proto, host quoted)
+    // depends only on the connection and the host, and so do all five
+    // fields of a client that forwarded nothing: a keep-alive connection
+    // reuses the last ones it made.
+    let (fwd, written) = match peer.last_forwarded(scheme, host.as_ref()) {
+        Some(kept) => kept,
+        None => {
+            let fwd = forwarded(None, peer, scheme, host.as_ref())?;
+            let plain = Forwarding {
+                xff: peer.ip.clone(),
+                proto: proto.clone(),
+                host: host.clone(),
+                real: peer.ip.clone(),
+                forwarded: fwd.clone(),
+                written: None,
+            };
+            let mut lines = Vec::with_capacity(160);
+            for (name, value) in plain.fields() {
+                field_line(&mut lines, name, value);
             }
+            let lines = Bytes::from(lines);
+            peer.remember_forwarded(scheme, host.as_ref(), &fwd, &lines);
+            (fwd, lines)
         }
-    } else {
-        forwarded(Some(&*headers), peer, scheme, host.as_ref())?
     };
+    let plain = !client_xff && real == peer.ip;
     Ok(Forwarding {
         xff,
-        proto: scheme.value(),
+        proto,
         host,
         real,
         forwarded: fwd,
+        written: plain.then_some(written),
     })
+}
+
+/// Writes `name: value` and CRLF.
+pub fn field_line(dst: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    dst.extend_from_slice(name.as_str().as_bytes());
+    dst.extend_from_slice(b": ");
+    dst.extend_from_slice(value.as_bytes());
+    dst.extend_from_slice(b"\r\n");
 }
 
 /// This hop's `Forwarded` value: the `earlier` elements (kept behind
@@ -437,6 +508,50 @@ mod tests {
             false,
         )
         .expect("ok")
+    }
+
+    #[test]
+    fn kept_written_fields_are_the_requests_own_fields() {
+        let addr: SocketAddr = "192.0.2.7:5000".parse().expect("addr");
+        let peer = Peer::new(addr);
+        let lines = |f: &Forwarding| {
+            let mut v = Vec::new();
+            for (n, value) in f.fields() {
+                field_line(&mut v, n, value);
+            }
+            v
+        };
+        let cases: [(Option<&'static str>, Option<&'static str>, Scheme); 7] = [
+            (Some("a.test"), None, Scheme::Http),
+            (Some("a.test"), None, Scheme::Http),
+            (Some("b.test"), None, Scheme::Http),
+            (Some("b.test"), None, Scheme::Https),
+            (None, None, Scheme::Https),
+            (Some("b.test"), Some("198.51.100.1"), Scheme::Https),
+            (Some("b.test"), None, Scheme::Https),
+        ];
+        for (host, xff, scheme) in cases {
+            let mut h = HeaderMap::new();
+            if let Some(host) = host {
+                h.insert(header::HOST, HeaderValue::from_static(host));
+            }
+            if let Some(xff) = xff {
+                h.insert("x-forwarded-for", HeaderValue::from_static(xff));
+            }
+            let f = get_from(&mut h, &peer, addr, scheme);
+            match f.written() {
+                // Only a client that forwarded nothing gets the kept lines.
+                Some(w) => {
+                    assert!(xff.is_none());
+                    assert_eq!(
+                        String::from_utf8_lossy(w),
+                        String::from_utf8_lossy(&lines(&f)),
+                        "{host:?} {scheme:?}"
+                    );
+                }
+                None => assert!(xff.is_some(), "{host:?} {scheme:?}"),
+            }
+        }
     }
 
     #[test]

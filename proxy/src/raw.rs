@@ -423,12 +423,7 @@ fn encode(req: &Request<RequestBody>, forwarding: Option<&Forwarding>) -> Vec<u8
     dst.push(b' ');
     dst.extend_from_slice(target.as_bytes());
     dst.extend_from_slice(b" HTTP/1.1\r\n");
-    let field = |dst: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue| {
-        dst.extend_from_slice(name.as_str().as_bytes());
-        dst.extend_from_slice(b": ");
-        dst.extend_from_slice(value.as_bytes());
-        dst.extend_from_slice(b"\r\n");
-    };
+    let field = crate::headers::field_line;
     match forwarding {
         None => {
             for (name, value) in req.headers() {
@@ -441,8 +436,13 @@ fn encode(req: &Request<RequestBody>, forwarding: Option<&Forwarding>) -> Vec<u8
                     field(&mut dst, name, value);
                 }
             }
-            for (name, value) in f.fields() {
-                field(&mut dst, name, value);
+            match f.written() {
+                Some(lines) => dst.extend_from_slice(lines),
+                None => {
+                    for (name, value) in f.fields() {
+                        field(&mut dst, name, value);
+                    }
+                }
             }
         }
     }

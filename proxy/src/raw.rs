@@ -137,6 +137,45 @@ pub struct RawConn {
     room: usize,
     /// Kernel receive timestamps are on ([`RawConn::poll_fill_stamped`]).
     stamped: bool,
+    /// The field names of the last response head, by position (boxed: a
+    /// connection is moved in and out of its pool with every request).
+    names: Box<Names>,
+}
+
+/// The field names a connection's last response head had, by position, as
+/// sent and as parsed: a server sends the same names in the same order
+/// answer after answer, and comparing a name's bytes with the one in its
+/// place last time is cheaper than parsing it again
+/// ([`HeaderName::from_bytes`] lower-cases and looks it up among the
+/// standard names, and allocates the others: 170 instructions a name,
+/// measured by `benches/request-cost.sh`). At most [`Names::PLACES`]
+/// places of names up to [`Names::LONGEST`] bytes: a few KiB a pooled
+/// connection at most, whatever its server sends.
+#[derive(Default)]
+struct Names(Vec<(Box<[u8]>, HeaderName)>);
+
+impl Names {
+    const PLACES: usize = 32;
+    const LONGEST: usize = 64;
+
+    /// The name `raw`, the `i`-th field of a head.
+    fn name(&mut self, i: usize, raw: &[u8]) -> Option<HeaderName> {
+        if let Some((seen, name)) = self.0.get(i) {
+            if **seen == *raw {
+                return Some(name.clone());
+            }
+        }
+        let name = HeaderName::from_bytes(raw).ok()?;
+        if i < Names::PLACES && raw.len() <= Names::LONGEST {
+            let entry = (Box::from(raw), name.clone());
+            if i < self.0.len() {
+                self.0[i] = entry;
+            } else if i == self.0.len() {
+                self.0.push(entry);
+            }
+        }
+        Some(name)
+    }
 }
 
 impl RawConn {
@@ -147,6 +186,7 @@ impl RawConn {
             buf: BytesMut::new(),
             room: READ_ROOM,
             stamped: false,
+            names: Box::default(),
         }
     }
 
@@ -503,11 +543,13 @@ impl Length {
 /// Parses one response head from the front of `buf`: `None` while it is
 /// incomplete; an informational one is consumed and `Some(None)`.
 /// The head's fields go into `spare`'s allocation (a map emptied for
-/// reuse, see [`Encoded`]), which the head takes.
+/// reuse, see [`Encoded`]), which the head takes; their names are read
+/// through the connection's `names`.
 fn parse(
     buf: &mut BytesMut,
     head_request: bool,
     spare: &mut HeaderMap,
+    names: &mut Names,
 ) -> Result<Option<Option<Head>>, Failure> {
     let protocol = Failure::Kind(ProxyError::UpstreamProtocol);
     // Neither array is initialised: a head has a few fields of the 100.
@@ -563,9 +605,10 @@ fn parse(
     let mut length = Length::Absent;
     // Whether the last `Transfer-Encoding` field ends in `chunked`.
     let mut chunked = None;
-    for &(a, b, c, d) in &spans {
-        let name = HeaderName::from_bytes(&head[a..b])
-            .map_err(|_| Failure::Kind(ProxyError::UpstreamProtocol))?;
+    for (i, &(a, b, c, d)) in spans.iter().enumerate() {
+        let name = names
+            .name(i, &head[a..b])
+            .ok_or(Failure::Kind(ProxyError::UpstreamProtocol))?;
         let value = HeaderValue::from_maybe_shared(head.slice(c..d))
             .map_err(|_| Failure::Kind(ProxyError::UpstreamProtocol))?;
         if name == header::CONTENT_LENGTH {
@@ -641,7 +684,7 @@ async fn exchange(
     loop {
         if !conn.buf.is_empty() {
             answered = true;
-            if let Some(parsed) = parse(&mut conn.buf, head_request, spare)? {
+            if let Some(parsed) = parse(&mut conn.buf, head_request, spare, &mut conn.names)? {
                 match parsed {
                     Some(head) => {
                         if let Some(a) = arrival {
@@ -1398,6 +1441,88 @@ mod tests {
         let mut idle = up.checkout(true).expect("pooled again");
         let conn = idle.raw_mut().unwrap();
         assert!(conn.buf.capacity() <= IDLE_BUFFER);
+    }
+
+    #[test]
+    fn field_names_are_taken_from_their_place_only_when_the_bytes_match() {
+        let mut names = Names::default();
+        let head = [&b"Content-Length"[..], b"x-demo", b"Date"];
+        for _ in 0..2 {
+            for (i, raw) in head.iter().enumerate() {
+                let got = names.name(i, raw).unwrap();
+                assert_eq!(got, HeaderName::from_bytes(raw).unwrap());
+            }
+        }
+        assert_eq!(names.0.len(), 3);
+        // Another name in a place, another case, a bad name, a long one,
+        // a place past the last: each parsed as it is.
+        assert_eq!(names.name(1, b"x-other").unwrap(), "x-other");
+        assert_eq!(names.name(1, b"X-Other").unwrap(), "x-other");
+        assert_eq!(
+            names.name(0, b"content-length").unwrap(),
+            header::CONTENT_LENGTH
+        );
+        assert!(names.name(2, b"bad name").is_none());
+        assert_eq!(names.name(2, b"Date").unwrap(), header::DATE);
+        let long = vec![b'x'; Names::LONGEST + 1];
+        assert_eq!(names.name(3, &long).unwrap().as_str().len(), long.len());
+        assert_eq!(names.0.len(), 3, "a long name is not kept");
+        assert_eq!(names.name(7, b"x-far").unwrap(), "x-far");
+        assert_eq!(names.0.len(), 3, "no gaps");
+        for i in 3..Names::PLACES + 4 {
+            assert_eq!(names.name(i, b"x-n").unwrap(), "x-n");
+        }
+        assert_eq!(names.0.len(), Names::PLACES);
+    }
+
+    #[tokio::test]
+    async fn answers_with_other_names_in_the_same_places_keep_their_own_names() {
+        let s = scripted(vec![
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nX-A: 1\r\nX-B: 2\r\n\r\na",
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nX-B: 3\r\nContent-Length: 1\r\nx-c: 4\r\n\r\nb",
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nX-B: 5\r\ncontent-length: 1\r\nx-c: 6\r\n\r\nc",
+                false,
+            ),
+        ])
+        .await;
+        let up = upstream(&s);
+        let (r, body, _) = fetch(&up, get("/")).await.unwrap();
+        assert_eq!(&body[..], b"a");
+        assert_eq!(
+            (&r.headers()["x-a"], &r.headers()["x-b"]),
+            (
+                &HeaderValue::from_static("1"),
+                &HeaderValue::from_static("2")
+            )
+        );
+        let (r, body, _) = fetch(&up, get("/")).await.unwrap();
+        assert_eq!(&body[..], b"b");
+        assert!(!r.headers().contains_key("x-a"));
+        assert_eq!(
+            (&r.headers()["x-b"], &r.headers()["x-c"]),
+            (
+                &HeaderValue::from_static("3"),
+                &HeaderValue::from_static("4")
+            )
+        );
+        let (r, body, _) = fetch(&up, get("/")).await.unwrap();
+        assert_eq!(&body[..], b"c");
+        assert_eq!(
+            (&r.headers()["x-b"], &r.headers()["x-c"]),
+            (
+                &HeaderValue::from_static("5"),
+                &HeaderValue::from_static("6")
+            )
+        );
+        assert_eq!(r.headers().len(), 3);
+        assert_eq!(s.conns.load(Ordering::SeqCst), 1, "one connection");
     }
 
     #[test]

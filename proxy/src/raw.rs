@@ -137,9 +137,8 @@ pub struct RawConn {
     room: usize,
     /// Kernel receive timestamps are on ([`RawConn::poll_fill_stamped`]).
     stamped: bool,
-    /// The field names of the last response head, by position (boxed: a
-    /// connection is moved in and out of its pool with every request).
-    names: Box<Names>,
+    /// The field names of the last response head, by position.
+    names: Names,
 }
 
 /// The field names a connection's last response head had, by position, as
@@ -186,7 +185,7 @@ impl RawConn {
             buf: BytesMut::new(),
             room: READ_ROOM,
             stamped: false,
-            names: Box::default(),
+            names: Names::default(),
         }
     }
 

@@ -420,8 +420,9 @@ impl Drop for StreamSlot {
 enum Inner {
     H1(http1::SendRequest<RequestBody>),
     /// A plain-TCP HTTP/1.1 connection the request's own task reads and
-    /// writes ([`crate::raw`]).
-    Raw(crate::raw::RawConn),
+    /// writes ([`crate::raw`]); boxed, since a sender is moved in and out
+    /// of its pool and through the response with every request.
+    Raw(Box<crate::raw::RawConn>),
     H2(
         http2::SendRequest<RequestBody>,
         #[allow(dead_code)] StreamSlot,
@@ -485,7 +486,7 @@ impl Sender {
     /// A raw connection's socket and buffer.
     pub fn raw_mut(&mut self) -> Option<&mut crate::raw::RawConn> {
         match &mut self.inner {
-            Inner::Raw(c) => Some(c),
+            Inner::Raw(c) => Some(&mut **c),
             _ => None,
         }
     }
@@ -761,7 +762,7 @@ impl Upstream {
                         Inner::Raw(conn)
                     } else {
                         handed = true;
-                        match h1_from_raw(conn, self.addr) {
+                        match h1_from_raw(*conn, self.addr) {
                             Some(h) => Inner::H1(h),
                             None => continue,
                         }
@@ -954,7 +955,7 @@ impl Upstream {
                 .await
                 .unwrap_or_else(|_| timed_out(self.addr))?;
             return Ok(Sender {
-                inner: Inner::Raw(crate::raw::RawConn::new(stream)),
+                inner: Inner::Raw(Box::new(crate::raw::RawConn::new(stream))),
                 scheme: self.connector.scheme(),
                 _permit: Some(permit),
                 lay_idle: false,

@@ -573,16 +573,20 @@ fn parse(
         Version::HTTP_10
     };
     // Positions, to slice the frozen head without copying the values.
+    // Filled in place, of u32s (a head is at most MAX_HEAD bytes): a
+    // collected vector of usizes was a 520-byte move.
     let base = buf.as_ptr() as usize;
-    let spans: smallvec::SmallVec<[(usize, usize, usize, usize); 16]> = r
-        .headers
-        .iter()
-        .map(|h| {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            (name, name + h.name.len(), value, value + h.value.len())
-        })
-        .collect();
+    let at = |p: *const u8| (p as usize - base) as u32;
+    let mut spans = smallvec::SmallVec::<[(u32, u32, u32, u32); 16]>::new();
+    for h in r.headers.iter() {
+        let (name, value) = (at(h.name.as_ptr()), at(h.value.as_ptr()));
+        spans.push((
+            name,
+            name + h.name.len() as u32,
+            value,
+            value + h.value.len() as u32,
+        ));
+    }
     let n = spans.len();
     let reason = r
         .reason
@@ -605,6 +609,7 @@ fn parse(
     // Whether the last `Transfer-Encoding` field ends in `chunked`.
     let mut chunked = None;
     for (i, &(a, b, c, d)) in spans.iter().enumerate() {
+        let (a, b, c, d) = (a as usize, b as usize, c as usize, d as usize);
         let name = names
             .name(i, &head[a..b])
             .ok_or(Failure::Kind(ProxyError::UpstreamProtocol))?;

@@ -25,7 +25,10 @@ fn keys(n: usize, prefix: &str) -> Vec<String> {
 async fn weight_10_over_20000_keys_is_within_half_a_point() {
     let s = Upstream::start("stable").await;
     let c = Upstream::start("canary").await;
-    let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 10.0, "")).await;
+    // The judge only observes (see OBSERVED): beside a CPU hog a revert of
+    // these identical versions once came early in the pass (a canary share
+    // of 0.695 %, 2026-12-02) and measured the revert, not the split.
+    let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 10.0, OBSERVED)).await;
     let ks = keys(20_000, "acc");
     let seen = upstream_of_keys(veer.addr, &ks, 8).await;
     let canary = seen.values().filter(|u| *u == "canary").count();

@@ -18,6 +18,7 @@
 //! and this hop's element appended.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -144,40 +145,25 @@ impl Peer {
         }
     }
 
-    /// The `Forwarded` value and the written fields last made for
-    /// `scheme` and `host`, if that is what the last request had (never
-    /// waits on a lock).
+    /// The forwarding fields last made for `scheme` and `host`, written
+    /// out, if that is what the last request had (never waits on a lock).
     fn last_forwarded(
         &self,
         scheme: Scheme,
         host: Option<&HeaderValue>,
-    ) -> Option<(HeaderValue, Bytes)> {
+    ) -> Option<Arc<Forwarding>> {
         let last = self.last.try_lock().ok()?;
         match &*last {
-            Some(l) if l.scheme == scheme && l.host.as_ref() == host => {
-                Some((l.forwarded.clone(), l.written.clone()))
-            }
+            Some(l) if l.scheme == scheme && l.kept.host.as_ref() == host => Some(l.kept.clone()),
             _ => None,
         }
     }
 
-    fn remember_forwarded(
-        &self,
-        scheme: Scheme,
-        host: Option<&HeaderValue>,
-        forwarded: &HeaderValue,
-        written: &Bytes,
-    ) {
+    fn remember_forwarded(&self, scheme: Scheme, kept: &Arc<Forwarding>) {
         if let Ok(mut last) = self.last.try_lock() {
-            // A copy, not a clone: a request's header value shares the
-            // read buffer it was parsed from (8 KiB), which a clone would
-            // keep alive beside the connection's current one.
-            let host = host.and_then(|h| HeaderValue::from_bytes(h.as_bytes()).ok());
             *last = Some(Last {
                 scheme,
-                host,
-                forwarded: forwarded.clone(),
-                written: written.clone(),
+                kept: kept.clone(),
             });
         }
     }
@@ -187,9 +173,8 @@ impl Peer {
 #[derive(Debug)]
 struct Last {
     scheme: Scheme,
-    host: Option<HeaderValue>,
-    forwarded: HeaderValue,
-    written: Bytes,
+    /// Its fields, written (its host a copy: see [`prepare_request`]).
+    kept: Arc<Forwarding>,
 }
 
 /// The scheme the client used.
@@ -286,21 +271,18 @@ pub struct Forwarding {
     forwarded: HeaderValue,
     /// [`Forwarding::fields`] as HTTP/1.1 field lines, when they depend
     /// only on the connection and the host (no trusted hops, nothing
-    /// forwarded by the client): made once and kept by the connection's
-    /// [`Peer`] for as long as its requests repeat their host.
+    /// forwarded by the client): made once, and the whole `Forwarding`
+    /// kept by the connection's [`Peer`] and shared with its requests
+    /// for as long as they repeat their host.
     written: Option<Bytes>,
 }
 
 impl Forwarding {
     /// Sets the headers in `headers`, replacing the client's.
-    pub fn apply(self, headers: &mut HeaderMap) {
-        headers.insert(X_FORWARDED_FOR.clone(), self.xff);
-        headers.insert(X_FORWARDED_PROTO.clone(), self.proto);
-        if let Some(h) = self.host {
-            headers.insert(X_FORWARDED_HOST.clone(), h);
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.fields() {
+            headers.insert(name.clone(), value.clone());
         }
-        headers.insert(X_REAL_IP.clone(), self.real);
-        headers.insert(FORWARDED.clone(), self.forwarded);
     }
 
     /// The headers, in the order [`Forwarding::apply`] sets them.
@@ -349,16 +331,14 @@ pub fn prepare_request(
     trusted_hops: usize,
     scheme: Scheme,
     upgrade: bool,
-) -> Result<Forwarding, ProxyError> {
+) -> Result<Arc<Forwarding>, ProxyError> {
     if method == Method::CONNECT {
         return Err(ProxyError::BadRequest);
     }
-    let mut host = headers.get(header::HOST).cloned();
-    if host.is_none() {
+    if !headers.contains_key(header::HOST) {
         if let Some(a) = uri.authority() {
             let v = HeaderValue::from_str(a.as_str()).map_err(|_| ProxyError::BadRequest)?;
-            headers.insert(header::HOST, v.clone());
-            host = Some(v);
+            headers.insert(header::HOST, v);
         }
     }
     if uri.scheme().is_some() || uri.authority().is_some() {
@@ -380,8 +360,49 @@ pub fn prepare_request(
         }
     }
 
-    // X-Forwarded-For: every incoming line merged, the peer appended.
+    let headers = &*headers;
+    let host = headers.get(header::HOST);
     let client_xff = headers.contains_key(&X_FORWARDED_FOR);
+    let client_is_peer =
+        client == peer.addr || client.ip().to_canonical() == peer.addr.ip().to_canonical();
+    let proto = scheme.value();
+    // This hop's Forwarded element (for= the peer, proto, host quoted)
+    // depends only on the connection and the host, and so do all five
+    // fields of a client that forwarded nothing: a keep-alive connection
+    // shares the last ones it made with each request that repeats them.
+    let kept = (trusted_hops == 0).then(|| match peer.last_forwarded(scheme, host) {
+        Some(kept) => Ok(kept),
+        None => {
+            // A copy, not a clone: a request's header value shares the read
+            // buffer it was parsed from (8 KiB), which the connection would
+            // keep alive beside its current one.
+            let host = host.and_then(|h| HeaderValue::from_bytes(h.as_bytes()).ok());
+            let mut plain = Forwarding {
+                xff: peer.ip.clone(),
+                proto: proto.clone(),
+                real: peer.ip.clone(),
+                forwarded: forwarded(None, peer, scheme, host.as_ref())?,
+                host,
+                written: None,
+            };
+            let mut lines = Vec::with_capacity(160);
+            for (name, value) in plain.fields() {
+                field_line(&mut lines, name, value);
+            }
+            plain.written = Some(Bytes::from(lines));
+            let kept = Arc::new(plain);
+            peer.remember_forwarded(scheme, &kept);
+            Ok(kept)
+        }
+    });
+    let kept = kept.transpose()?;
+    if let Some(kept) = &kept {
+        if !client_xff && client_is_peer {
+            return Ok(kept.clone());
+        }
+    }
+
+    // X-Forwarded-For: every incoming line merged, the peer appended.
     let xff = if client_xff {
         let mut xff = BytesMut::with_capacity(64);
         for prev in headers.get_all(&X_FORWARDED_FOR) {
@@ -393,58 +414,24 @@ pub fn prepare_request(
     } else {
         peer.ip.clone()
     };
-    let real = if client == peer.addr || client.ip().to_canonical() == peer.addr.ip().to_canonical()
-    {
+    let real = if client_is_peer {
         peer.ip.clone()
     } else {
         HeaderValue::from_str(&client.ip().to_canonical().to_string())
             .map_err(|_| ProxyError::BadRequest)?
     };
-    let proto = scheme.value();
-    if trusted_hops > 0 {
-        return Ok(Forwarding {
-            forwarded: forwarded(Some(&*headers), peer, scheme, host.as_ref())?,
-            xff,
-            proto,
-            host,
-            real,
-            written: None,
-        });
-    }
-    // This hop's Forwarded element (for= the peer, proto, host quoted)
-    // depends only on the connection and the host, and so do all five
-    // fields of a client that forwarded nothing: a keep-alive connection
-    // reuses the last ones it made.
-    let (fwd, written) = match peer.last_forwarded(scheme, host.as_ref()) {
-        Some(kept) => kept,
-        None => {
-            let fwd = forwarded(None, peer, scheme, host.as_ref())?;
-            let plain = Forwarding {
-                xff: peer.ip.clone(),
-                proto: proto.clone(),
-                host: host.clone(),
-                real: peer.ip.clone(),
-                forwarded: fwd.clone(),
-                written: None,
-            };
-            let mut lines = Vec::with_capacity(160);
-            for (name, value) in plain.fields() {
-                field_line(&mut lines, name, value);
-            }
-            let lines = Bytes::from(lines);
-            peer.remember_forwarded(scheme, host.as_ref(), &fwd, &lines);
-            (fwd, lines)
-        }
+    let forwarded = match kept {
+        Some(kept) => kept.forwarded.clone(),
+        None => forwarded(Some(headers), peer, scheme, host)?,
     };
-    let plain = !client_xff && real == peer.ip;
-    Ok(Forwarding {
+    Ok(Arc::new(Forwarding {
         xff,
         proto,
-        host,
+        host: host.cloned(),
         real,
-        forwarded: fwd,
-        written: plain.then_some(written),
-    })
+        forwarded,
+        written: None,
+    }))
 }
 
 /// Writes `name: value` and CRLF.
@@ -493,7 +480,12 @@ mod tests {
     use super::*;
 
     /// [`prepare_request`] for a `GET /` from `addr` (no trusted hops).
-    fn get_from(h: &mut HeaderMap, peer: &Peer, addr: SocketAddr, scheme: Scheme) -> Forwarding {
+    fn get_from(
+        h: &mut HeaderMap,
+        peer: &Peer,
+        addr: SocketAddr,
+        scheme: Scheme,
+    ) -> Arc<Forwarding> {
         let mut uri: Uri = "/".parse().expect("uri");
         let mut v = Version::HTTP_11;
         prepare_request(
@@ -508,6 +500,33 @@ mod tests {
             false,
         )
         .expect("ok")
+    }
+
+    #[test]
+    fn a_connection_shares_its_kept_fields_while_requests_repeat_them() {
+        let addr: SocketAddr = "192.0.2.7:5000".parse().expect("addr");
+        let peer = Peer::new(addr);
+        let get = |host: &'static str, scheme: Scheme, xff: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static(host));
+            if let Some(xff) = xff {
+                h.insert("x-forwarded-for", HeaderValue::from_static(xff));
+            }
+            get_from(&mut h, &peer, addr, scheme)
+        };
+        let first = get("a.test", Scheme::Http, None);
+        assert!(Arc::ptr_eq(&first, &get("a.test", Scheme::Http, None)));
+        // A client that forwarded gets fields of its own, and the kept ones
+        // stay.
+        let own = get("a.test", Scheme::Http, Some("198.51.100.1"));
+        assert!(!Arc::ptr_eq(&first, &own) && own.written().is_none());
+        assert!(Arc::ptr_eq(&first, &get("a.test", Scheme::Http, None)));
+        // Another host or scheme: new ones, kept in turn.
+        for (host, scheme) in [("b.test", Scheme::Http), ("b.test", Scheme::Https)] {
+            let other = get(host, scheme, None);
+            assert!(!Arc::ptr_eq(&first, &other));
+            assert!(Arc::ptr_eq(&other, &get(host, scheme, None)));
+        }
     }
 
     #[test]

@@ -737,7 +737,7 @@ pub fn send(
     sender: Sender,
     upstream: Arc<Upstream>,
     req: Request<RequestBody>,
-    forwarding: Option<Box<Forwarding>>,
+    forwarding: Option<Arc<Forwarding>>,
     connect_timeout: Duration,
     arrival: Option<&Arc<Arrival>>,
 ) -> impl std::future::Future<Output = Result<Response<RawBody>, ProxyError>> + '_ {
@@ -764,7 +764,7 @@ pub struct Encoded {
 
 impl Encoded {
     /// `req` (an [`eligible`] one) as its upstream gets it.
-    pub fn new(mut req: Request<RequestBody>, forwarding: Option<Box<Forwarding>>) -> Encoded {
+    pub fn new(mut req: Request<RequestBody>, forwarding: Option<Arc<Forwarding>>) -> Encoded {
         crate::upstream::fit_request(&mut req, false, http::uri::Scheme::HTTP);
         let bytes = encode(&req, forwarding.as_deref());
         let mut spare = std::mem::take(req.headers_mut());

@@ -444,7 +444,7 @@ fn outgoing(
         forwarding.apply(&mut parts.headers);
         None
     } else {
-        Some(Box::new(forwarding))
+        Some(forwarding)
     };
     if let Some(seed) = shadow {
         let second = crate::mirror::start(*seed, &parts, &mut body, body_timeout);
@@ -464,7 +464,7 @@ fn outgoing(
 /// forwarding headers, and the client's side of an upgrade.
 type Outgoing = (
     Request<RequestBody>,
-    Option<Box<Forwarding>>,
+    Option<Arc<Forwarding>>,
     Option<hyper::upgrade::OnUpgrade>,
 );
 
@@ -598,7 +598,7 @@ fn exchange<'a>(
     version: &'a VersionTarget,
     pick: Pick,
     mut req: Request<RequestBody>,
-    forwarding: Option<Box<Forwarding>>,
+    forwarding: Option<Arc<Forwarding>>,
     upgrade: bool,
     watch: &'a std::sync::OnceLock<crate::upstream::H2Watch>,
     arrival: Option<&'a Arc<crate::raw::Arrival>>,
@@ -663,7 +663,7 @@ fn exchange<'a>(
             };
         }
         if let Some(f) = forwarding {
-            (*f).apply(req.headers_mut());
+            f.apply(req.headers_mut());
         }
         if let Some(a) = arrival {
             // A copy waiting for this request goes now (hyper's client

@@ -114,10 +114,16 @@ impl Connector {
 
     /// The scheme of absolute request URIs on HTTP/2.
     pub fn scheme(&self) -> http::uri::Scheme {
-        match self {
-            Connector::Tls { .. } => http::uri::Scheme::HTTPS,
-            _ => http::uri::Scheme::HTTP,
+        if self.is_tls() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
         }
+    }
+
+    /// Whether its connections are over TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Connector::Tls { .. })
     }
 
     /// Opens a connection to `addr` within `timeout` (TCP, TLS and the
@@ -434,7 +440,9 @@ enum Inner {
 /// or one stream of an HTTP/2 connection).
 pub struct Sender {
     inner: Inner,
-    scheme: http::uri::Scheme,
+    /// Over TLS: absolute request URIs on HTTP/2 say `https` (a flag, not
+    /// a [`http::uri::Scheme`]: the sender travels with every response).
+    tls: bool,
     _permit: Option<OwnedSemaphorePermit>,
     /// An HTTP/1.1 connection taken from the idle pool after lying idle
     /// for at least [`STALE_AFTER`] (see [`stale_keep_alive`]).
@@ -444,6 +452,15 @@ pub struct Sender {
 }
 
 impl Sender {
+    /// The scheme of its absolute request URIs on HTTP/2.
+    fn scheme(&self) -> http::uri::Scheme {
+        if self.tls {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        }
+    }
+
     /// Whether it can take a request now.
     pub fn is_ready(&self) -> bool {
         match &self.inner {
@@ -506,7 +523,7 @@ impl Sender {
         mut req: http::Request<RequestBody>,
     ) -> Result<Sending<impl Future<Output = TrySent>, impl Future<Output = TrySent>>, ProxyError>
     {
-        let scheme = self.scheme.clone();
+        let scheme = self.scheme();
         match &mut self.inner {
             Inner::H1(s) => {
                 fit_request(&mut req, false, scheme);
@@ -543,7 +560,7 @@ impl Sender {
         &mut self,
         mut req: http::Request<RequestBody>,
     ) -> Result<http::Response<hyper::body::Incoming>, ProxyError> {
-        let scheme = self.scheme.clone();
+        let scheme = self.scheme();
         match &mut self.inner {
             Inner::H1(s) => {
                 fit_request(&mut req, false, scheme);
@@ -812,7 +829,7 @@ impl Upstream {
                     returned: self.returned.clone(),
                 },
             ),
-            scheme: self.connector.scheme(),
+            tls: self.connector.is_tls(),
             _permit: None,
             lay_idle: false,
             pooled: false,
@@ -956,7 +973,7 @@ impl Upstream {
                 .unwrap_or_else(|_| timed_out(self.addr))?;
             return Ok(Sender {
                 inner: Inner::Raw(Box::new(crate::raw::RawConn::new(stream))),
-                scheme: self.connector.scheme(),
+                tls: self.connector.is_tls(),
                 _permit: Some(permit),
                 lay_idle: false,
                 pooled: false,
@@ -971,7 +988,7 @@ impl Upstream {
             Some(permit),
         ))
         .await?;
-        let scheme = self.connector.scheme();
+        let tls = self.connector.is_tls();
         match conn {
             Conn::H1(sender) => {
                 if !h1_only && matches!(self.connector, Connector::Tls { .. }) {
@@ -979,7 +996,7 @@ impl Upstream {
                 }
                 Ok(Sender {
                     inner: Inner::H1(sender),
-                    scheme,
+                    tls,
                     _permit: permit,
                     lay_idle: false,
                     pooled: false,
@@ -1010,7 +1027,7 @@ impl Upstream {
                             returned: self.returned.clone(),
                         },
                     ),
-                    scheme,
+                    tls,
                     _permit: None,
                     lay_idle: false,
                     pooled: false,

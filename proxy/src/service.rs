@@ -488,18 +488,35 @@ fn forward<'a>(
         // another async fn is held twice (argument and pinned local).
         let watch = std::sync::OnceLock::new();
         let arrival = hop.arrival.as_ref();
-        let exchange = exchange(
-            route, version, pick, req, forwarding, upgrade, &watch, arrival,
-        );
-        tokio::pin!(exchange);
-        let (mut resp, sender, upstream) = match upstream_deadline(
-            deadlines.upstream,
-            upload,
-            exchange.as_mut(),
-            hop.slot.as_deref(),
-        )
-        .await
-        {
+        // The answer is put here, not returned: a 300-byte value returned
+        // through the deadline's select and loop was moved five times.
+        let mut answer = None;
+        let sent = {
+            let exchange = exchange(
+                route,
+                version,
+                pick,
+                req,
+                forwarding,
+                upgrade,
+                Lent {
+                    watch: &watch,
+                    arrival,
+                    answer: &mut answer,
+                },
+            );
+            tokio::pin!(exchange);
+            upstream_deadline(
+                deadlines.upstream,
+                upload,
+                exchange.as_mut(),
+                hop.slot.as_deref(),
+            )
+            .await
+        };
+        // (`exchange` is `Ok` only with an answer put: the error is never seen.)
+        let answered = sent.and_then(|()| answer.ok_or(ProxyError::UpstreamProtocol));
+        let (mut resp, sender, upstream) = match answered {
             Err(e) => {
                 // A body the client broke fails the exchange: the client's fault.
                 let e = upload.fault().unwrap_or(e);
@@ -587,12 +604,20 @@ async fn upstream_deadline<T>(
 /// hyper read it (a raw connection travels in the body), and the endpoint.
 type Exchanged = (Response<UpBody>, Option<Sender>, Arc<Upstream>);
 
+/// What [`forward`] lends [`exchange`]: the HTTP/2 connection's watch, a
+/// mirrored pair's timing, and where the answer goes.
+struct Lent<'a> {
+    watch: &'a std::sync::OnceLock<crate::upstream::H2Watch>,
+    arrival: Option<&'a Arc<crate::raw::Arrival>>,
+    answer: &'a mut Option<Exchanged>,
+}
+
 /// Gets a connection (retrying a failed connect once on the next endpoint)
 /// and sends the request on it: over a raw connection ([`crate::raw`])
-/// when the request allows it and the endpoint is `http://`.
-// Not an `async fn`: see `handle`. Each argument is the request's own (a
-// struct of them would only rename them).
-#[allow(clippy::manual_async_fn, clippy::too_many_arguments)]
+/// when the request allows it and the endpoint is `http://`. The answer
+/// goes to `lent.answer`; `Ok` says it is there.
+// Not an `async fn`: see `handle`.
+#[allow(clippy::manual_async_fn)]
 fn exchange<'a>(
     route: &'a RouteTarget,
     version: &'a VersionTarget,
@@ -600,10 +625,14 @@ fn exchange<'a>(
     mut req: Request<RequestBody>,
     forwarding: Option<Arc<Forwarding>>,
     upgrade: bool,
-    watch: &'a std::sync::OnceLock<crate::upstream::H2Watch>,
-    arrival: Option<&'a Arc<crate::raw::Arrival>>,
-) -> impl std::future::Future<Output = Result<Exchanged, ProxyError>> + 'a {
+    lent: Lent<'a>,
+) -> impl std::future::Future<Output = Result<(), ProxyError>> + 'a {
     async move {
+        let Lent {
+            watch,
+            arrival,
+            answer,
+        } = lent;
         let raw = route.raw_http1 && !upgrade && crate::raw::eligible(&req);
         let endpoints = version.balancer.endpoints();
         let Some(first) = endpoints.get(pick.first()) else {
@@ -651,7 +680,10 @@ fn exchange<'a>(
             )
             .await;
             return match sent {
-                Ok(resp) => Ok((resp.map(UpBody::Right), None, upstream.clone())),
+                Ok(resp) => {
+                    *answer = Some((resp.map(UpBody::Right), None, upstream.clone()));
+                    Ok(())
+                }
                 Err(e) => {
                     // As on hyper's path: a reset, or the fresh connection
                     // for a second try not opening, is the endpoint failing.
@@ -695,7 +727,8 @@ fn exchange<'a>(
             // Rare: its own boxed future, out of the request path's.
             Err(e) => Box::pin(resend(route, upstream, sender, e, again, stale)).await?,
         };
-        Ok((resp.map(UpBody::Left), Some(sender), upstream))
+        *answer = Some((resp.map(UpBody::Left), Some(sender), upstream));
+        Ok(())
     }
 }
 

@@ -346,9 +346,16 @@ pub fn prepare_request(
         *uri = Uri::try_from(pq).map_err(|_| ProxyError::BadRequest)?;
     }
     *version = Version::HTTP_11;
+    // One pass over the names: hop-by-hop ones, and whether the client
+    // forwarded (cheaper than hashing a custom name to look it up).
+    let (mut hop_by_hop, mut client_xff) = (false, false);
+    for name in headers.keys() {
+        hop_by_hop |= is_hop_by_hop(name);
+        client_xff |= name == X_FORWARDED_FOR;
+    }
     // `TE: trailers` says the client takes trailers (gRPC needs it); any
     // other TE is this hop's business.
-    if headers.keys().any(is_hop_by_hop) {
+    if hop_by_hop {
         let te_trailers = headers.get_all(header::TE).iter().any(|v| {
             v.as_bytes()
                 .split(|b| *b == b',')
@@ -362,7 +369,6 @@ pub fn prepare_request(
 
     let headers = &*headers;
     let host = headers.get(header::HOST);
-    let client_xff = headers.contains_key(&X_FORWARDED_FOR);
     let client_is_peer =
         client == peer.addr || client.ip().to_canonical() == peer.addr.ip().to_canonical();
     let proto = scheme.value();

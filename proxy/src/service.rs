@@ -163,7 +163,7 @@ pub fn handle(
         };
         // The request line, kept for the access log.
         let head = (access != AccessLog::Off).then(|| (req.method().clone(), req.uri().clone()));
-        let upload = Upload::new();
+        let upload = Upload::since(start);
         let result = forward(
             &route,
             version,

@@ -51,8 +51,14 @@ pub struct Upload {
 impl Upload {
     /// A fresh record, its clock starting now.
     pub fn new() -> Arc<Upload> {
+        Upload::since(Instant::now())
+    }
+
+    /// A fresh record, its clock starting at `base` (the request's arrival:
+    /// one clock read a request fewer).
+    pub fn since(base: Instant) -> Arc<Upload> {
         Arc::new(Upload {
-            base: Instant::now(),
+            base,
             waiting_since_us: AtomicU64::new(NOT_WAITING),
             waited_us: AtomicU64::new(0),
             fault: AtomicU8::new(NO_FAULT),

@@ -381,8 +381,10 @@ pub fn prepare_request(
         None => {
             // A copy, not a clone: a request's header value shares the read
             // buffer it was parsed from (8 KiB), which the connection would
-            // keep alive beside its current one.
-            let host = host.and_then(|h| HeaderValue::from_bytes(h.as_bytes()).ok());
+            // keep alive beside its current one. (A parsed value is always
+            // a valid copy; the clone only keeps the fields whole if not.)
+            let host =
+                host.map(|h| HeaderValue::from_bytes(h.as_bytes()).unwrap_or_else(|_| h.clone()));
             let mut plain = Forwarding {
                 xff: peer.ip.clone(),
                 proto: proto.clone(),

@@ -55,6 +55,16 @@ const BACKOFF_MAX_MS: u64 = 30_000;
 /// `SETTINGS_MAX_CONCURRENT_STREAMS` still applies below it.
 pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 
+/// The scheme of absolute request URIs on HTTP/2, for a connection over
+/// TLS or not.
+fn scheme(tls: bool) -> http::uri::Scheme {
+    if tls {
+        http::uri::Scheme::HTTPS
+    } else {
+        http::uri::Scheme::HTTP
+    }
+}
+
 /// How connections to an endpoint are made, from its scheme.
 #[derive(Clone, Debug)]
 pub enum Connector {
@@ -114,11 +124,7 @@ impl Connector {
 
     /// The scheme of absolute request URIs on HTTP/2.
     pub fn scheme(&self) -> http::uri::Scheme {
-        if self.is_tls() {
-            http::uri::Scheme::HTTPS
-        } else {
-            http::uri::Scheme::HTTP
-        }
+        scheme(self.is_tls())
     }
 
     /// Whether its connections are over TLS.
@@ -454,11 +460,7 @@ pub struct Sender {
 impl Sender {
     /// The scheme of its absolute request URIs on HTTP/2.
     fn scheme(&self) -> http::uri::Scheme {
-        if self.tls {
-            http::uri::Scheme::HTTPS
-        } else {
-            http::uri::Scheme::HTTP
-        }
+        scheme(self.tls)
     }
 
     /// Whether it can take a request now.
@@ -991,7 +993,7 @@ impl Upstream {
         let tls = self.connector.is_tls();
         match conn {
             Conn::H1(sender) => {
-                if !h1_only && matches!(self.connector, Connector::Tls { .. }) {
+                if !h1_only && tls {
                     self.speaks_h2.store(false, Ordering::Relaxed);
                 }
                 Ok(Sender {

@@ -35,16 +35,22 @@ use crate::body::{BoxError, ProxyBody};
 pub struct Slot {
     _parts: Box<dyn Send + Sync>,
     gauge: prometheus::IntGauge,
+    activity: Arc<Activity>,
     timer: std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
 }
 
 impl Slot {
     /// Takes the place (the gauge counts it until the last holder drops).
-    pub fn new(parts: Box<dyn Send + Sync>, gauge: prometheus::IntGauge) -> Arc<Slot> {
+    pub fn new(
+        parts: Box<dyn Send + Sync>,
+        gauge: prometheus::IntGauge,
+        activity: Arc<Activity>,
+    ) -> Arc<Slot> {
         gauge.inc();
         Arc::new(Slot {
             _parts: parts,
             gauge,
+            activity,
             timer: std::sync::Mutex::new(None),
         })
     }
@@ -68,6 +74,11 @@ impl Slot {
             }
             None => Box::pin(tokio::time::sleep_until(deadline)),
         }
+    }
+
+    /// The connection's activity.
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
     }
 
     /// Keeps `timer` for the connection's next request.
@@ -157,6 +168,13 @@ pub struct Activity {
     /// Milliseconds after `accepted` when the incomplete head's
     /// `header_timeout` began ([`NO_HEAD`]: none).
     head_since_ms: AtomicU64,
+    /// The HTTP/1.1 request in flight has a body hyper is still reading
+    /// (and sees the client close by that read): [`HeadWatch`] does not
+    /// look meanwhile.
+    body_open: AtomicBool,
+    /// The connection's task, woken when the body has been read (the body
+    /// is read by another task) so that [`HeadWatch`] looks then.
+    body_waiter: std::sync::Mutex<Option<std::task::Waker>>,
 }
 
 /// [`Activity`]'s `head_since_ms` when no head is being read.
@@ -172,14 +190,17 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             head_bytes: AtomicBool::new(false),
             head_since_ms: AtomicU64::new(NO_HEAD),
+            body_open: AtomicBool::new(false),
+            body_waiter: std::sync::Mutex::new(None),
         })
     }
 
     /// A request head was read completely: it is in flight until the guard
-    /// drops.
-    pub fn begin(self: &Arc<Self>) -> InFlight {
+    /// drops. `body_open`: a body follows, until [`Activity::body_read`].
+    pub fn begin(self: &Arc<Self>, body_open: bool) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.inflight.fetch_add(1, Ordering::AcqRel);
+        self.body_open.store(body_open, Ordering::Relaxed);
         self.head_bytes.store(false, Ordering::Relaxed);
         self.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
         InFlight(self.clone())
@@ -244,6 +265,36 @@ impl Activity {
         }
     }
 
+    /// The request's body has been read to its end (or given up).
+    pub fn body_read(&self) {
+        self.body_open.store(false, Ordering::Release);
+        let waiter = self.body_waiter.lock().ok().and_then(|mut w| w.take());
+        if let Some(w) = waiter {
+            w.wake();
+        }
+    }
+
+    /// Whether a request is in flight and none of its body is left to read:
+    /// its client's close is then [`HeadWatch`]'s to see. While a body is
+    /// read, `cx`'s task is woken when it has been.
+    #[inline]
+    fn awaiting_answer(&self, cx: &Context<'_>) -> bool {
+        if self.inflight.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        if !self.body_open.load(Ordering::Acquire) {
+            return true;
+        }
+        if let Ok(mut w) = self.body_waiter.lock() {
+            match &*w {
+                Some(old) if old.will_wake(cx.waker()) => {}
+                _ => *w = Some(cx.waker().clone()),
+            }
+        }
+        // Read meanwhile: its wake may have come before the waker was kept.
+        !self.body_open.load(Ordering::Acquire)
+    }
+
     /// Requests this connection has begun.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -258,6 +309,10 @@ impl Activity {
 /// heads). An HTTP/2 connection (its first bytes are the preface's `PRI`)
 /// is left alone: its frames between requests (pings, window updates) are
 /// not heads, and it has no head to stall on outside a stream.
+///
+/// It also watches a plain HTTP/1.1 client for closing its connection while
+/// a request is in flight (see [`ClientClose`]), so that the request is
+/// given up upstream too, as hyper would see it by reading.
 pub struct HeadWatch<S> {
     inner: S,
     activity: Arc<Activity>,
@@ -265,6 +320,10 @@ pub struct HeadWatch<S> {
     /// matched: below its length, undecided; [`HTTP1`] and [`HTTP2`]
     /// once decided.
     matched: u8,
+    /// The client sent bytes hyper has not read yet (a pipelined request):
+    /// its closing cannot be seen behind them, and it is not looked for
+    /// again until hyper reads.
+    unread: bool,
 }
 
 /// The first bytes of the HTTP/2 connection preface (RFC 9113 §3.4): no
@@ -282,6 +341,7 @@ impl<S> HeadWatch<S> {
             inner,
             activity,
             matched: 0,
+            unread: false,
         }
     }
 
@@ -324,8 +384,59 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HeadWatch<S> {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        this.unread = false;
         let (inner, matched, activity) = (&mut this.inner, &mut this.matched, &this.activity);
         read_noting(inner, cx, buf, |new| note_read(matched, activity, new))
+    }
+}
+
+/// A client's stream whose TCP socket [`HeadWatch`] may look at for the
+/// client closing its connection with a request in flight.
+///
+/// Why veer looks rather than hyper: hyper's HTTP/1.1 server reads from
+/// the client while a request is in flight to see it close, and that
+/// read first makes room in its read buffer, which the request's head
+/// still shares: a new 8 KiB buffer for every request (`half_close`
+/// off). Together with the read it cost ~1 200 instructions a request
+/// (`benches/request-cost.sh`, benches/RESULTS.md). Peeking at the socket
+/// (one byte, `MSG_PEEK`, only once the kernel says it is readable) sees
+/// the same close without touching hyper's buffer. Plain TCP only: a TLS
+/// client's close comes as a record (`close_notify`) that only a read can
+/// see, so hyper keeps reading there.
+pub trait ClientClose {
+    /// The socket to peek at; `None`: not watched.
+    fn watched(&self) -> Option<&tokio::net::TcpStream>;
+}
+
+impl ClientClose for tokio::net::TcpStream {
+    fn watched(&self) -> Option<&tokio::net::TcpStream> {
+        Some(self)
+    }
+}
+
+impl<S> ClientClose for tokio_rustls::server::TlsStream<S> {
+    fn watched(&self) -> Option<&tokio::net::TcpStream> {
+        None
+    }
+}
+
+/// Whether the client behind `tcp` closed its connection (or reset it):
+/// `Pending` (woken when bytes or the close come) while it has neither
+/// sent anything nor closed, `Ready(Ok(true))` once it has sent bytes not
+/// read yet (nothing can be seen behind them).
+fn poll_client_gone(
+    tcp: &tokio::net::TcpStream,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<bool>> {
+    let mut byte = [0u8; 1];
+    let mut peeked = tokio::io::ReadBuf::new(&mut byte);
+    match std::task::ready!(tcp.poll_peek(cx, &mut peeked)) {
+        Ok(0) => Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "the client closed its connection with a request in flight",
+        ))),
+        Ok(_) => Poll::Ready(Ok(true)),
+        Err(e) => Poll::Ready(Err(e)),
     }
 }
 
@@ -345,7 +456,7 @@ fn read_noting<S: tokio::io::AsyncRead + Unpin>(
     r
 }
 
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadWatch<S> {
+impl<S: tokio::io::AsyncWrite + ClientClose + Unpin> tokio::io::AsyncWrite for HeadWatch<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -366,8 +477,25 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadWatch<S> {
         self.inner.is_write_vectored()
     }
 
+    /// Flushes, and then looks whether the client closed its connection
+    /// with a request in flight whose body has been read (see
+    /// [`ClientClose`]; while hyper reads a body, it sees the close and
+    /// fails the body, the client's fault): an error then, which
+    /// ends the connection and gives the request up. hyper flushes after
+    /// every poll of the connection (with nothing to write, a flush of the
+    /// stream only), so this is looked at whenever the connection's task
+    /// runs, and the peek wakes the task when the client closes.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        std::task::ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+        if this.matched == HTTP1 && !this.unread && this.activity.awaiting_answer(cx) {
+            if let Some(tcp) = this.inner.watched() {
+                if let Poll::Ready(r) = poll_client_gone(tcp, cx) {
+                    this.unread = r?;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -466,16 +594,51 @@ impl Body for Tracked {
 mod tests {
     use super::*;
 
+    /// Counts its wakes.
+    struct Wakes(AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_close_is_looked_for_once_the_request_body_is_read_and_the_task_is_woken_then() {
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(wakes.clone());
+        let cx = Context::from_waker(&waker);
+        let a = Activity::new(Instant::now());
+        // Nothing in flight: nothing to look for.
+        assert!(!a.awaiting_answer(&cx));
+        // A bodiless request: looked for at once.
+        let r = a.begin(false);
+        assert!(a.awaiting_answer(&cx));
+        drop(r);
+        assert!(!a.awaiting_answer(&cx));
+        // A body being read: not yet, and the task is woken once it is read.
+        let r = a.begin(true);
+        assert!(!a.awaiting_answer(&cx));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        a.body_read();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(a.awaiting_answer(&cx));
+        // Read twice (its end, then the body dropped): no second wake.
+        a.body_read();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        drop(r);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_connection_gets_header_timeout_then_idle_timeout_between_requests() {
         let (ht, it) = (Duration::from_secs(10), Duration::from_secs(30));
         let a = Activity::new(Instant::now());
         assert_eq!(a.deadline(ht, it), Some(a.accepted + ht));
         tokio::time::advance(Duration::from_secs(2)).await;
-        let r = a.begin();
+        let r = a.begin(false);
         assert_eq!(a.deadline(ht, it), None, "busy: never closed");
         tokio::time::advance(Duration::from_secs(100)).await;
-        let second = a.begin();
+        let second = a.begin(false);
         drop(r);
         assert_eq!(a.deadline(ht, it), None, "one still in flight");
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -493,7 +656,7 @@ mod tests {
         // A complete head: read, then begun within the same poll of the
         // connection, before the task asks.
         io.read(b"GET / HTTP/1.1\r\n\r\n");
-        let first = a.begin();
+        let first = a.begin(false);
         assert!(!a.head_began(), "a complete head");
         drop(first);
         tokio::time::advance(Duration::from_secs(5)).await;
@@ -507,7 +670,7 @@ mod tests {
         assert_eq!(a.deadline(ht, it), Some(head + ht));
         // Begun 25 s into the idle time: its full header_timeout, past the
         // idle deadline.
-        let idle = a.begin();
+        let idle = a.begin(false);
         drop(idle);
         let idle_since = Instant::now();
         tokio::time::advance(Duration::from_secs(25)).await;
@@ -516,12 +679,12 @@ mod tests {
         assert_eq!(a.deadline(ht, it), Some(Instant::now() + ht));
         assert!(Instant::now() + ht > idle_since + it);
         // Complete: idle again afterwards, with idle_timeout.
-        drop(a.begin());
+        drop(a.begin(false));
         assert!(!a.reading_head());
         assert_eq!(a.deadline(ht, it), Some(Instant::now() + it));
         // A request body's bytes, read while the request is in flight, are
         // not a head.
-        let r = a.begin();
+        let r = a.begin(false);
         io.read(b"body");
         assert!(!a.head_began());
         drop(r);
@@ -531,7 +694,7 @@ mod tests {
     #[test]
     fn an_h2_client_is_told_from_its_first_bytes_however_they_are_split() {
         let a = Activity::new(Instant::now());
-        drop(a.begin());
+        drop(a.begin(false));
         for (reads, h2) in [
             (&[&b"PRI * HTTP/2.0\r\n"[..]][..], true),
             (&[&b"P"[..], b"R", b"I * HTTP/2.0"][..], true),
@@ -549,7 +712,7 @@ mod tests {
             // head; an HTTP/2 client's never do.
             io.read(b"more");
             assert_eq!(a.head_began(), !h2, "{reads:?}");
-            drop(a.begin());
+            drop(a.begin(false));
         }
     }
 }

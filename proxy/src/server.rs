@@ -28,7 +28,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use veer_control::config::ProxySettings;
 
-use crate::conn::{Activity, HeadWatch, Slot, Tracking};
+use crate::conn::{Activity, ClientClose, HeadWatch, Slot, Tracking};
 use crate::error::ProxyError;
 use crate::headers::Scheme;
 use crate::service::handle;
@@ -134,6 +134,12 @@ pub async fn serve(
         // start an unbounded number of requests at once.
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
         .max_header_list_size(limits.max_header_bytes as u32);
+    // A TLS client's close is seen by hyper reading; a plain one's by
+    // veer peeking at its socket (`crate::conn::ClientClose`), and hyper
+    // does not read while a request is in flight (its `half_close`: its
+    // read there cost a new read buffer for every request).
+    let tls_builder = Arc::new(builder.clone());
+    builder.http1().half_close(true);
     let builder = Arc::new(builder);
     let mut next = 0usize;
     loop {
@@ -189,15 +195,20 @@ pub async fn serve(
         } else {
             Scheme::Http
         };
-        let builder = builder.clone();
+        let builder = if tls.is_some() {
+            tls_builder.clone()
+        } else {
+            builder.clone()
+        };
         let shutdown = shutdown.clone();
         let limits = limits.clone();
         tokio::spawn(async move {
+            let activity = Activity::new(accepted);
             let slot = Slot::new(
                 Box::new((permit, per_ip)),
                 shared.metrics.open_connections.clone(),
+                activity.clone(),
             );
-            let activity = Activity::new(accepted);
             // The TLS handshake's state (a rustls connection) and the
             // serving below are boxed on their own: inline, the largest
             // phase of each would stay in this task's allocation for the
@@ -259,7 +270,7 @@ impl Conn<'_> {
         builder: &auto::Builder<TokioExecutor>,
         mut shutdown: watch::Receiver<bool>,
     ) where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + ClientClose + Unpin + Send + 'static,
     {
         let Conn {
             peer,
@@ -274,7 +285,7 @@ impl Conn<'_> {
         // The peer's forwarding-header texts, made once for the connection.
         let client = Arc::new(crate::headers::Peer::new(peer));
         let svc = service_fn(move |req| {
-            let inflight = tracked.begin();
+            let inflight = tracked.begin(!http_body::Body::is_end_stream(req.body()));
             let handling = handle(
                 shared.clone(),
                 req,

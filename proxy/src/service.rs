@@ -436,7 +436,11 @@ fn outgoing(
         hop.scheme,
         upgrade,
     )?;
+    let open = !http_body::Body::is_end_stream(&body);
     let mut body = ClientBody::new(body, body_timeout, upload.clone());
+    if let (true, Some(slot)) = (open, &hop.slot) {
+        body.tell_when_read(slot.activity().clone());
+    }
     // An upgrade goes through hyper's client; a mirrored copy is made from
     // the head as it goes upstream.
     let shadow = hop.shadow.take().filter(|_| !upgrade);

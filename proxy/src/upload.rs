@@ -150,6 +150,9 @@ pub struct ClientBody {
     upload: Arc<Upload>,
     /// Keeps a copy of the body for a mirrored request.
     tee: Option<Box<Tee>>,
+    /// The client connection's activity, told when the body has been read
+    /// (see [`crate::conn::ClientClose`]).
+    reading: Option<Arc<crate::conn::Activity>>,
 }
 
 enum Inner {
@@ -204,6 +207,19 @@ impl ClientBody {
             inner: Inner::Client(IdleTimeout::new(body, idle)),
             upload,
             tee: None,
+            reading: None,
+        }
+    }
+
+    /// Tells `activity` when the body has been read to its end, failed, or
+    /// was dropped before (hyper then stops reading it).
+    pub fn tell_when_read(&mut self, activity: Arc<crate::conn::Activity>) {
+        self.reading = Some(activity);
+    }
+
+    fn read(&mut self) {
+        if let Some(a) = self.reading.take() {
+            a.body_read();
         }
     }
 
@@ -213,6 +229,7 @@ impl ClientBody {
             inner: Inner::Copy((!data.is_empty()).then_some(data)),
             upload: Upload::new(),
             tee: None,
+            reading: None,
         }
     }
 
@@ -245,6 +262,12 @@ impl ClientBody {
     }
 }
 
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        self.read();
+    }
+}
+
 impl Body for ClientBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -265,6 +288,7 @@ impl Body for ClientBody {
                 this.upload.end_wait();
                 this.upload.set_fault(client_fault(e));
                 this.tee = None;
+                this.read();
             }
             Poll::Ready(Some(Ok(frame))) => {
                 this.upload.end_wait();
@@ -275,6 +299,7 @@ impl Body for ClientBody {
                 if let Some(t) = this.tee.take() {
                     (*t).finish();
                 }
+                this.read();
             }
         }
         r

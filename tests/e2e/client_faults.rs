@@ -2,6 +2,7 @@
 //! uploads get the client's own status, count as proxy errors, and never
 //! move the judge; the route timeout counts the upstream's time only.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -181,4 +182,136 @@ async fn a_slow_upload_to_a_fast_upstream_is_not_timed_out() {
     }
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
+/// What a [`silent_upstream`] saw on one of its connections.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    /// A whole request head came.
+    Head,
+    /// The connection closed after one had.
+    Closed,
+}
+
+/// An upstream that reads requests and never answers: it tells when a
+/// head came on a connection, and when that connection closed.
+async fn silent_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Seen>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tx.send(Seen::Head);
+                // Bounded: a proxy that never gives up ends the wait too.
+                let until = std::time::Instant::now() + Duration::from_secs(120);
+                while std::time::Instant::now() < until {
+                    let read = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf));
+                    if let Ok(Ok(0) | Err(_)) = read.await {
+                        break;
+                    }
+                }
+                let _ = tx.send(Seen::Closed);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The next thing the upstream saw, waiting at most 20 s.
+async fn next_seen(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Seen>) -> Option<Seen> {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// A client that closes its connection while its request waits for the
+/// upstream gives the request up there too (veer closes the upstream
+/// connection, as nginx and hyper do), long before the route's timeout:
+/// over plain HTTP (veer watches the socket) and over TLS (hyper reads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_request_gives_it_up_upstream() {
+    let (upstream, mut seen) = silent_upstream().await;
+    let veer = Veer::start_tls(&super::support::route_config(
+        &[upstream],
+        &[],
+        0.0,
+        "timeout = \"100s\"",
+    ))
+    .await;
+    let head = b"GET /slow HTTP/1.1\r\nhost: app\r\nx-user-id: leaver\r\n\r\n";
+
+    // Plain HTTP: the request is sent, reaches the upstream, and the
+    // client leaves.
+    let mut c = TcpStream::connect(veer.addr).await.unwrap();
+    c.write_all(head).await.unwrap();
+    assert_eq!(next_seen(&mut seen).await, Some(Seen::Head));
+    drop(c);
+    assert_eq!(
+        next_seen(&mut seen).await,
+        Some(Seen::Closed),
+        "the upstream request outlived its plain-HTTP client"
+    );
+
+    // A request with a body, read whole: the client leaves while its
+    // answer is awaited.
+    let mut c = TcpStream::connect(veer.addr).await.unwrap();
+    c.write_all(b"POST /slow HTTP/1.1\r\nhost: app\r\ncontent-length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    assert_eq!(next_seen(&mut seen).await, Some(Seen::Head));
+    drop(c);
+    assert_eq!(
+        next_seen(&mut seen).await,
+        Some(Seen::Closed),
+        "the upstream request outlived its client after the body"
+    );
+
+    // The same over TLS.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(super::protocols::AcceptAny))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = TcpStream::connect(veer.tls_addr.unwrap()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(head).await.unwrap();
+    tls.flush().await.unwrap();
+    assert_eq!(next_seen(&mut seen).await, Some(Seen::Head));
+    drop(tls);
+    assert_eq!(
+        next_seen(&mut seen).await,
+        Some(Seen::Closed),
+        "the upstream request outlived its TLS client"
+    );
+
+    // The client's leaving is no version's failure.
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_requests_total{code="5xx",route="web",version="v1"}"#
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "{m}"
+    );
 }

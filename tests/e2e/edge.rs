@@ -109,21 +109,11 @@ async fn a_later_head_must_complete_within_header_timeout_an_idle_connection_get
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_connection_that_never_handshakes_is_closed() {
     let s = Upstream::start("stable").await;
-    let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("tls.key"), cert.key_pair.serialize_pem()).unwrap();
-    let config = with_proxy(
+    let veer = Veer::start_tls(&with_proxy(
         route_config(&[s.addr], &[], 0.0, ""),
-        "header_timeout = \"1s\"\n[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"tls.crt\"\nkey = \"tls.key\"",
-    );
-    let path = dir.path().join("veer.toml");
-    std::fs::write(
-        &path,
-        config.replace("@STATE@", &dir.path().join("state").display().to_string()),
-    )
-    .unwrap();
-    let veer = Veer::start_in(dir, path).await;
+        "header_timeout = \"1s\"",
+    ))
+    .await;
     let mut c = TcpStream::connect(veer.tls_addr.unwrap()).await.unwrap();
     // Half a ClientHello record header, then nothing.
     c.write_all(&[0x16, 0x03, 0x01]).await.unwrap();

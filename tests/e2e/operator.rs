@@ -14,13 +14,7 @@ async fn admin_actions_need_the_token_and_persist() {
         .replace("[admin]\n", "[admin]\ntoken_file = \"admin.token\"\n");
     let dir = tempfile::tempdir().unwrap();
     super::support::write_with_mode(&dir.path().join("admin.token"), "s3cret\n", 0o600);
-    let path = dir.path().join("veer.toml");
-    std::fs::write(
-        &path,
-        config.replace("@STATE@", &dir.path().join("state").display().to_string()),
-    )
-    .unwrap();
-    let veer = Veer::start_in(dir, path).await;
+    let veer = Veer::start_in_dir(dir, &config).await;
 
     let post = |path: &'static str, token: Option<&'static str>| {
         let admin = veer.admin;

@@ -240,7 +240,7 @@ async fn h2_get(
 
 /// The test inspects which certificate was served rather than trusting one.
 #[derive(Debug)]
-struct AcceptAny;
+pub(super) struct AcceptAny;
 
 impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     fn verify_server_cert(

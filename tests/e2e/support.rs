@@ -245,6 +245,28 @@ impl Veer {
         Veer::start_in(dir, path).await
     }
 
+    /// Writes `config` (`@STATE@` filled) into `dir`, which may hold files
+    /// it names (certificates, token files), and starts veer on it.
+    pub async fn start_in_dir(dir: tempfile::TempDir, config: &str) -> Veer {
+        let path = dir.path().join("veer.toml");
+        std::fs::write(&path, fill(config, dir.path())).expect("write config");
+        Veer::start_in(dir, path).await
+    }
+
+    /// Starts veer on `config` with a TLS listener too (`[proxy.tls]` on a
+    /// free port, a self-signed certificate for `localhost`).
+    pub async fn start_tls(config: &str) -> Veer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).expect("write cert");
+        std::fs::write(dir.path().join("tls.key"), cert.key_pair.serialize_pem())
+            .expect("write key");
+        let tls =
+            "[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"tls.crt\"\nkey = \"tls.key\"\n";
+        let config = config.replacen("[admin]\n", &format!("{tls}[admin]\n"), 1);
+        Veer::start_in_dir(dir, &config).await
+    }
+
     /// Starts veer on an existing config file in `dir`.
     pub async fn start_in(dir: tempfile::TempDir, path: PathBuf) -> Veer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_veer"))

@@ -196,11 +196,11 @@ impl Activity {
     }
 
     /// A request head was read completely: it is in flight until the guard
-    /// drops. `body_open`: a body follows, until [`Activity::body_read`].
-    pub fn begin(self: &Arc<Self>, body_open: bool) -> InFlight {
+    /// drops.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.inflight.fetch_add(1, Ordering::AcqRel);
-        self.body_open.store(body_open, Ordering::Relaxed);
+        self.body_open.store(false, Ordering::Relaxed);
         self.head_bytes.store(false, Ordering::Relaxed);
         self.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
         InFlight(self.clone())
@@ -263,6 +263,13 @@ impl Activity {
             }
             head => Some(self.accepted + Duration::from_millis(head) + header_timeout),
         }
+    }
+
+    /// The request in flight has a body to read, until
+    /// [`Activity::body_read`]. Said on the request's first poll, which
+    /// hyper makes before it flushes (so before [`HeadWatch`] looks).
+    pub fn body_opened(&self) {
+        self.body_open.store(true, Ordering::Release);
     }
 
     /// The request's body has been read to its end (or given up).
@@ -612,12 +619,13 @@ mod tests {
         // Nothing in flight: nothing to look for.
         assert!(!a.awaiting_answer(&cx));
         // A bodiless request: looked for at once.
-        let r = a.begin(false);
+        let r = a.begin();
         assert!(a.awaiting_answer(&cx));
         drop(r);
         assert!(!a.awaiting_answer(&cx));
         // A body being read: not yet, and the task is woken once it is read.
-        let r = a.begin(true);
+        let r = a.begin();
+        a.body_opened();
         assert!(!a.awaiting_answer(&cx));
         assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
         a.body_read();
@@ -635,10 +643,10 @@ mod tests {
         let a = Activity::new(Instant::now());
         assert_eq!(a.deadline(ht, it), Some(a.accepted + ht));
         tokio::time::advance(Duration::from_secs(2)).await;
-        let r = a.begin(false);
+        let r = a.begin();
         assert_eq!(a.deadline(ht, it), None, "busy: never closed");
         tokio::time::advance(Duration::from_secs(100)).await;
-        let second = a.begin(false);
+        let second = a.begin();
         drop(r);
         assert_eq!(a.deadline(ht, it), None, "one still in flight");
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -656,7 +664,7 @@ mod tests {
         // A complete head: read, then begun within the same poll of the
         // connection, before the task asks.
         io.read(b"GET / HTTP/1.1\r\n\r\n");
-        let first = a.begin(false);
+        let first = a.begin();
         assert!(!a.head_began(), "a complete head");
         drop(first);
         tokio::time::advance(Duration::from_secs(5)).await;
@@ -670,7 +678,7 @@ mod tests {
         assert_eq!(a.deadline(ht, it), Some(head + ht));
         // Begun 25 s into the idle time: its full header_timeout, past the
         // idle deadline.
-        let idle = a.begin(false);
+        let idle = a.begin();
         drop(idle);
         let idle_since = Instant::now();
         tokio::time::advance(Duration::from_secs(25)).await;
@@ -679,12 +687,12 @@ mod tests {
         assert_eq!(a.deadline(ht, it), Some(Instant::now() + ht));
         assert!(Instant::now() + ht > idle_since + it);
         // Complete: idle again afterwards, with idle_timeout.
-        drop(a.begin(false));
+        drop(a.begin());
         assert!(!a.reading_head());
         assert_eq!(a.deadline(ht, it), Some(Instant::now() + it));
         // A request body's bytes, read while the request is in flight, are
         // not a head.
-        let r = a.begin(false);
+        let r = a.begin();
         io.read(b"body");
         assert!(!a.head_began());
         drop(r);
@@ -694,7 +702,7 @@ mod tests {
     #[test]
     fn an_h2_client_is_told_from_its_first_bytes_however_they_are_split() {
         let a = Activity::new(Instant::now());
-        drop(a.begin(false));
+        drop(a.begin());
         for (reads, h2) in [
             (&[&b"PRI * HTTP/2.0\r\n"[..]][..], true),
             (&[&b"P"[..], b"R", b"I * HTTP/2.0"][..], true),
@@ -712,7 +720,7 @@ mod tests {
             // head; an HTTP/2 client's never do.
             io.read(b"more");
             assert_eq!(a.head_began(), !h2, "{reads:?}");
-            drop(a.begin(false));
+            drop(a.begin());
         }
     }
 }

@@ -285,7 +285,7 @@ impl Conn<'_> {
         // The peer's forwarding-header texts, made once for the connection.
         let client = Arc::new(crate::headers::Peer::new(peer));
         let svc = service_fn(move |req| {
-            let inflight = tracked.begin(!http_body::Body::is_end_stream(req.body()));
+            let inflight = tracked.begin();
             let handling = handle(
                 shared.clone(),
                 req,

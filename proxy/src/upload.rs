@@ -211,9 +211,11 @@ impl ClientBody {
         }
     }
 
-    /// Tells `activity` when the body has been read to its end, failed, or
-    /// was dropped before (hyper then stops reading it).
+    /// Tells `activity` that a body is being read, and when it has been
+    /// read to its end, failed, or was dropped before (hyper then stops
+    /// reading it).
     pub fn tell_when_read(&mut self, activity: Arc<crate::conn::Activity>) {
+        activity.body_opened();
         self.reading = Some(activity);
     }
 

@@ -47,6 +47,45 @@ pub const PROTECTED: [&str; 9] = [
     "forwarded",
 ];
 
+/// Heads of at most this many names are scanned for a name rather than
+/// looked it up in: comparing a few names costs less than hashing one
+/// (a lookup in `HeaderMap` was 105-175 instructions, a request had six,
+/// `benches/request-cost.sh`). Longer heads are looked up, and cost what
+/// they did.
+const SCAN_UP_TO: usize = 8;
+
+/// The first value of `name` in `headers` (as `HeaderMap::get`).
+#[inline]
+pub fn get<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
+    if headers.keys_len() <= SCAN_UP_TO {
+        headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    } else {
+        headers.get(name)
+    }
+}
+
+/// Whether `headers` has `name` (as `HeaderMap::contains_key`; the names
+/// alone are scanned, cheaper still than [`get`]'s walk over the values).
+#[inline]
+pub fn has(headers: &HeaderMap, name: &HeaderName) -> bool {
+    if headers.keys_len() <= SCAN_UP_TO {
+        headers.keys().any(|n| n == name)
+    } else {
+        headers.contains_key(name)
+    }
+}
+
+/// The first value of `name` in `headers`, and whether there is another.
+fn first_of<'a>(headers: &'a HeaderMap, name: &HeaderName) -> (Option<&'a HeaderValue>, bool) {
+    if headers.keys_len() <= SCAN_UP_TO {
+        let mut values = headers.iter().filter(|(n, _)| *n == name).map(|(_, v)| v);
+        (values.next(), values.next().is_some())
+    } else {
+        let mut values = headers.get_all(name).iter();
+        (values.next(), values.next().is_some())
+    }
+}
+
 /// The host a request is routed by: its absolute-form URI's or HTTP/2
 /// `:authority`'s, or else its one `Host` header's. Two `Host` headers, a
 /// `Host` that is not text, or one that differs from the URI's authority,
@@ -55,9 +94,8 @@ pub fn routing_host<'a>(
     uri: &'a Uri,
     headers: &'a HeaderMap,
 ) -> Result<Option<&'a str>, ProxyError> {
-    let mut hosts = headers.get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
+    let (host, more) = first_of(headers, &header::HOST);
+    if more {
         return Err(ProxyError::BadRequest);
     }
     let host = match host {
@@ -198,7 +236,7 @@ impl Scheme {
 /// Whether an HTTP/1.1 request asks for a protocol upgrade (e.g. WebSocket).
 pub fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
     version == Version::HTTP_11
-        && headers.contains_key(header::UPGRADE)
+        && has(headers, &header::UPGRADE)
         && connection_has(headers, "upgrade")
 }
 
@@ -335,7 +373,16 @@ pub fn prepare_request(
     if method == Method::CONNECT {
         return Err(ProxyError::BadRequest);
     }
-    if !headers.contains_key(header::HOST) {
+    // One pass over the names: hop-by-hop ones, whether the client
+    // forwarded, and whether it sent a `Host` (cheaper than hashing names
+    // to look them up).
+    let (mut hop_by_hop, mut client_xff, mut has_host) = (false, false, false);
+    for name in headers.keys() {
+        hop_by_hop |= is_hop_by_hop(name);
+        client_xff |= name == X_FORWARDED_FOR;
+        has_host |= name == header::HOST;
+    }
+    if !has_host {
         if let Some(a) = uri.authority() {
             let v = HeaderValue::from_str(a.as_str()).map_err(|_| ProxyError::BadRequest)?;
             headers.insert(header::HOST, v);
@@ -346,13 +393,6 @@ pub fn prepare_request(
         *uri = Uri::try_from(pq).map_err(|_| ProxyError::BadRequest)?;
     }
     *version = Version::HTTP_11;
-    // One pass over the names: hop-by-hop ones, and whether the client
-    // forwarded (cheaper than hashing a custom name to look it up).
-    let (mut hop_by_hop, mut client_xff) = (false, false);
-    for name in headers.keys() {
-        hop_by_hop |= is_hop_by_hop(name);
-        client_xff |= name == X_FORWARDED_FOR;
-    }
     // `TE: trailers` says the client takes trailers (gRPC needs it); any
     // other TE is this hop's business.
     if hop_by_hop {
@@ -368,7 +408,7 @@ pub fn prepare_request(
     }
 
     let headers = &*headers;
-    let host = headers.get(header::HOST);
+    let host = get(headers, &header::HOST);
     let client_is_peer =
         client == peer.addr || client.ip().to_canonical() == peer.addr.ip().to_canonical();
     let proto = scheme.value();
@@ -486,6 +526,31 @@ fn forwarded(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_heads_scanned_and_long_ones_looked_up_give_the_same_values() {
+        for names in [3, SCAN_UP_TO, SCAN_UP_TO + 1, 30] {
+            let mut h = HeaderMap::new();
+            for i in 0..names.saturating_sub(2) {
+                h.append(
+                    HeaderName::from_bytes(format!("x-f{i}").as_bytes()).unwrap(),
+                    HeaderValue::from_static("v"),
+                );
+            }
+            h.append(header::HOST, HeaderValue::from_static("one"));
+            h.append("x-user-id", HeaderValue::from_static("u1"));
+            h.append("x-user-id", HeaderValue::from_static("u2"));
+            assert_eq!(h.keys_len(), names);
+            let user = HeaderName::from_static("x-user-id");
+            assert_eq!(get(&h, &user), h.get(&user), "{names} names");
+            assert_eq!(get(&h, &header::HOST).unwrap(), "one");
+            assert_eq!(get(&h, &header::UPGRADE), None);
+            assert!(has(&h, &user) && has(&h, &header::HOST) && !has(&h, &header::UPGRADE));
+            assert_eq!(first_of(&h, &header::HOST), (h.get(header::HOST), false));
+            assert_eq!(first_of(&h, &user), (h.get(&user), true));
+            assert_eq!(first_of(&h, &header::COOKIE), (None, false));
+        }
+    }
 
     /// [`prepare_request`] for a `GET /` from `addr` (no trusted hops).
     fn get_from(

@@ -183,6 +183,7 @@ pub fn handle(
                 body: body_timeout,
                 upstream: timeout,
                 route_bound: !client_bound,
+                start,
             },
             &upload,
         )
@@ -408,6 +409,10 @@ struct Deadlines {
     upstream: std::time::Duration,
     /// `upstream` is the route's timeout (not a call's own deadline).
     route_bound: bool,
+    /// When the request came: `upstream` runs from here (the few
+    /// microseconds of routing before the exchange count; a clock read
+    /// fewer).
+    start: Instant,
 }
 
 /// The request as it goes upstream (hop-by-hop headers dropped, its body
@@ -511,7 +516,7 @@ fn forward<'a>(
             );
             tokio::pin!(exchange);
             upstream_deadline(
-                deadlines.upstream,
+                deadlines.start + deadlines.upstream,
                 upload,
                 exchange.as_mut(),
                 hop.slot.as_deref(),
@@ -565,23 +570,22 @@ fn forward<'a>(
     }
 }
 
-/// Runs `exchange` under the route's `timeout`, counting only the
-/// upstream's time: the deadline moves out by however long the request body
+/// Runs `exchange` until `due` (the route's `timeout` after the request
+/// came), counting only the upstream's time: the deadline moves out by however long the request body
 /// waited for the client (see [`crate::upload`]). The timer is the client
 /// connection's kept one when there is one ([`Slot::take_timer`]), and is
 /// given back when the exchange is done.
 ///
 /// [`Slot::take_timer`]: crate::conn::Slot::take_timer
 async fn upstream_deadline<T>(
-    timeout: std::time::Duration,
+    due: tokio::time::Instant,
     upload: &Upload,
     exchange: impl std::future::Future<Output = Result<T, ProxyError>>,
     slot: Option<&crate::conn::Slot>,
 ) -> Result<T, ProxyError> {
-    let start = tokio::time::Instant::now();
     let mut sleep = match slot {
-        Some(s) => s.take_timer(start + timeout),
-        None => Box::pin(tokio::time::sleep_until(start + timeout)),
+        Some(s) => s.take_timer(due),
+        None => Box::pin(tokio::time::sleep_until(due)),
     };
     tokio::pin!(exchange);
     let r = loop {
@@ -590,7 +594,7 @@ async fn upstream_deadline<T>(
             r = &mut exchange => break r,
             () = sleep.as_mut() => {
                 let now = tokio::time::Instant::now();
-                let deadline = start + timeout + upload.client_time(now);
+                let deadline = due + upload.client_time(now);
                 if deadline <= now {
                     break Err(ProxyError::UpstreamTimeout);
                 }

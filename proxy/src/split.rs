@@ -74,7 +74,7 @@ pub fn sticky_key<'a>(
     for s in sources {
         match s {
             StickyKey::Header(name) => {
-                if let Some(v) = headers.get(name) {
+                if let Some(v) = crate::headers::get(headers, name) {
                     if !v.is_empty() {
                         return Some(v.as_bytes());
                     }

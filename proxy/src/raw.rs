@@ -119,7 +119,7 @@ pub fn eligible(req: &Request<RequestBody>) -> bool {
 pub fn eligible_head(method: &Method, headers: &HeaderMap) -> bool {
     let framed = |n: &HeaderName| n == header::CONTENT_LENGTH || n == header::TRANSFER_ENCODING;
     matches!(*method, Method::GET | Method::HEAD)
-        && if headers.keys_len() <= 8 {
+        && if headers.keys_len() <= crate::headers::SCAN_UP_TO {
             // One pass comparing a few names is cheaper than two hashed
             // lookups (~85-140 instructions each here); a long head is
             // looked up by hash, so it costs no more than before.

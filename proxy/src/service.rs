@@ -430,6 +430,11 @@ fn outgoing(
     let upgrade = is_upgrade(req.version(), req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // An HTTP/1.x body being read keeps veer from looking for the client's
+    // close until it has been (see `crate::conn::ClientClose`; HTTP/2 has
+    // its own resets).
+    let http1_body =
+        parts.version < http::Version::HTTP_2 && !http_body::Body::is_end_stream(&body);
     let forwarding = prepare_request(
         &parts.method,
         &mut parts.uri,
@@ -441,9 +446,8 @@ fn outgoing(
         hop.scheme,
         upgrade,
     )?;
-    let open = !http_body::Body::is_end_stream(&body);
     let mut body = ClientBody::new(body, body_timeout, upload.clone());
-    if let (true, Some(slot)) = (open, &hop.slot) {
+    if let (true, Some(slot)) = (http1_body, &hop.slot) {
         body.tell_when_read(slot.activity().clone());
     }
     // An upgrade goes through hyper's client; a mirrored copy is made from
@@ -571,8 +575,9 @@ fn forward<'a>(
 }
 
 /// Runs `exchange` until `due` (the route's `timeout` after the request
-/// came), counting only the upstream's time: the deadline moves out by however long the request body
-/// waited for the client (see [`crate::upload`]). The timer is the client
+/// came), counting only the upstream's time: the deadline moves out by
+/// however long the request body waited for the client (see
+/// [`crate::upload`]). The timer is the client
 /// connection's kept one when there is one ([`Slot::take_timer`]), and is
 /// given back when the exchange is done.
 ///

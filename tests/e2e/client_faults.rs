@@ -206,15 +206,11 @@ async fn silent_upstream() -> (
         while let Ok((mut s, _)) = l.accept().await {
             let tx = tx.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if !super::support::read_head(&mut s).await {
+                    return;
                 }
                 let _ = tx.send(Seen::Head);
+                let mut buf = [0u8; 1024];
                 // Bounded: a proxy that never gives up ends the wait too.
                 let until = std::time::Instant::now() + Duration::from_secs(120);
                 while std::time::Instant::now() < until {
@@ -238,6 +234,26 @@ async fn next_seen(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Seen>) -> Optio
         .flatten()
 }
 
+/// Sends `request` on `client`, waits for the upstream to have it, leaves,
+/// and asserts that the upstream's connection closed: `what` says which
+/// client it was.
+async fn send_and_leave<S: tokio::io::AsyncWrite + Unpin>(
+    mut client: S,
+    request: &[u8],
+    seen: &mut tokio::sync::mpsc::UnboundedReceiver<Seen>,
+    what: &str,
+) {
+    client.write_all(request).await.unwrap();
+    client.flush().await.unwrap();
+    assert_eq!(next_seen(seen).await, Some(Seen::Head), "{what}");
+    drop(client);
+    assert_eq!(
+        next_seen(seen).await,
+        Some(Seen::Closed),
+        "the upstream request outlived its client: {what}"
+    );
+}
+
 /// A client that closes its connection while its request waits for the
 /// upstream gives the request up there too (veer closes the upstream
 /// connection, as nginx and hyper do), long before the route's timeout:
@@ -254,32 +270,14 @@ async fn a_client_that_leaves_mid_request_gives_it_up_upstream() {
     .await;
     let head = b"GET /slow HTTP/1.1\r\nhost: app\r\nx-user-id: leaver\r\n\r\n";
 
-    // Plain HTTP: the request is sent, reaches the upstream, and the
-    // client leaves.
-    let mut c = TcpStream::connect(veer.addr).await.unwrap();
-    c.write_all(head).await.unwrap();
-    assert_eq!(next_seen(&mut seen).await, Some(Seen::Head));
-    drop(c);
-    assert_eq!(
-        next_seen(&mut seen).await,
-        Some(Seen::Closed),
-        "the upstream request outlived its plain-HTTP client"
-    );
-
+    // Plain HTTP: the request reaches the upstream, and the client leaves.
+    let plain = TcpStream::connect(veer.addr).await.unwrap();
+    send_and_leave(plain, head, &mut seen, "plain HTTP").await;
     // A request with a body, read whole: the client leaves while its
     // answer is awaited.
-    let mut c = TcpStream::connect(veer.addr).await.unwrap();
-    c.write_all(b"POST /slow HTTP/1.1\r\nhost: app\r\ncontent-length: 5\r\n\r\nhello")
-        .await
-        .unwrap();
-    assert_eq!(next_seen(&mut seen).await, Some(Seen::Head));
-    drop(c);
-    assert_eq!(
-        next_seen(&mut seen).await,
-        Some(Seen::Closed),
-        "the upstream request outlived its client after the body"
-    );
-
+    let plain = TcpStream::connect(veer.addr).await.unwrap();
+    let post = b"POST /slow HTTP/1.1\r\nhost: app\r\ncontent-length: 5\r\n\r\nhello";
+    send_and_leave(plain, post, &mut seen, "after its body").await;
     // The same over TLS.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -292,16 +290,8 @@ async fn a_client_that_leaves_mid_request_gives_it_up_upstream() {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let tcp = TcpStream::connect(veer.tls_addr.unwrap()).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = connector.connect(name, tcp).await.unwrap();
-    tls.write_all(head).await.unwrap();
-    tls.flush().await.unwrap();
-    assert_eq!(next_seen(&mut seen).await, Some(Seen::Head));
-    drop(tls);
-    assert_eq!(
-        next_seen(&mut seen).await,
-        Some(Seen::Closed),
-        "the upstream request outlived its TLS client"
-    );
+    let tls = connector.connect(name, tcp).await.unwrap();
+    send_and_leave(tls, head, &mut seen, "TLS").await;
 
     // The client's leaving is no version's failure.
     let m = veer.metrics().await;

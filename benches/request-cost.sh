@@ -5,8 +5,8 @@
 # GETs from 4 connections through one route with a canary at 10 % and the
 # judge on, to the demo's upstreams; the difference divided by N is the
 # cost of one request (start-up and shutdown cancel out). The last column
-# leaves out the controller's task, whose cost is per second, not per
-# request (see run below): compare binaries on that column.
+# leaves out the controller's task and its saves, whose cost is per second,
+# not per request (see run below): compare binaries on that column.
 #
 # usage: benches/request-cost.sh [N] [BINARY...]   (default 5000, target/release/veer)
 # A BINARY named `nginx` runs the system's nginx instead, configured by the
@@ -137,15 +137,22 @@ TOML
   # its ticks would weigh ~100x more per request than at real load, and
   # their count varies run to run. Its inclusive cost is taken out (none
   # for nginx).
+  # So is its evidence save, every few seconds on tokio's blocking pool
+  # (`State::save`: ~1.5-2.3M instructions each, 2 to 5 of them in a run,
+  # ±150 a request of noise if left in).
   # (callgrind_annotate splits a function by the source files of its
-  # inlined code; the largest inclusive entry is the function's.)
-  ctl=$(callgrind_annotate --inclusive=yes "$work/cg.out" 2>/dev/null \
+  # inlined code; the largest inclusive entry is the function's. No
+  # threshold: every function is listed.)
+  ctl=$(callgrind_annotate --threshold=100 --inclusive=yes "$work/cg.out" 2>/dev/null \
     | awk '$0 ~ /:veer_proxy::controller::Controller::run::\{\{closure\}\}( \[.*)?$/ {
-        gsub(",", "", $1); if ($1 + 0 > m) m = $1 + 0 } END { print m + 0 }')
+        gsub(",", "", $1); if ($1 + 0 > m) m = $1 + 0 }
+      $0 ~ /:veer_control::state::State::save( \[.*)?$/ {
+        gsub(",", "", $1); if ($1 + 0 > s) s = $1 + 0 }
+      END { print m + s }')
   echo "$total ${ctl:-0}"
 }
 
-printf '| binary | Ir for %s requests | Ir for %s | instructions per request | of which the controller | per request without it |\n|---|---|---|---|---|---|\n' "$n" "$((2 * n))"
+printf '| binary | Ir for %s requests | Ir for %s | instructions per request | of which the controller and its saves | per request without them |\n|---|---|---|---|---|---|\n' "$n" "$((2 * n))"
 for bin in "${bins[@]}"; do
   read -r a ca < <(run "$bin" "$n")
   read -r b cb < <(run "$bin" "$((2 * n))")

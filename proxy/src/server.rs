@@ -307,6 +307,25 @@ impl Conn<'_> {
         };
         let sleep = tokio::time::sleep_until(next(&activity));
         tokio::pin!(sleep);
+        // The shutdown signal, waited for once for the connection's whole
+        // life. Once its waiter is registered (its first poll), later
+        // wakes of this task look at the signal's version (an atomic load)
+        // and poll the waiter only when it moved: polling it takes the
+        // lock of a waiter list all connections share, and a waiter made
+        // anew for every request cost ~320 instructions a request
+        // (`benches/request-cost.sh`). This task's waker is the one the
+        // waiter keeps: the connection is served in this task only.
+        let seen = shutdown.clone();
+        let stop = shutdown.changed();
+        tokio::pin!(stop);
+        let mut waiting = false;
+        let mut stopped = std::future::poll_fn(|cx| {
+            if waiting && matches!(seen.has_changed(), Ok(false)) {
+                return Poll::Pending;
+            }
+            waiting = true;
+            std::future::Future::poll(stop.as_mut(), cx)
+        });
         loop {
             tokio::select! {
                 // After each poll of the connection: did a request head
@@ -331,7 +350,7 @@ impl Conn<'_> {
                         }
                     }
                 },
-                _ = shutdown.changed() => {
+                _ = &mut stopped => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                     return;

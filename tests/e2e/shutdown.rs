@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::support::{get, route_config, Upstream, Veer};
+use super::support::{get, route_config, Client, Upstream, Veer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_in_flight_slow_request_then_exits_0() {
@@ -57,4 +57,58 @@ async fn shutdown_grace_bounds_the_wait() {
             .len(),
         1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_kept_alive_connections_idle_at_once_and_busy_after_their_answer() {
+    let slow = Upstream::start("slow").await;
+    // Neither the grace nor the idle timeout ends these connections in the
+    // test's time: only being told of the shutdown does.
+    let config = route_config(&[slow.addr], &[], 0.0, "").replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"120s\"\nidle_timeout = \"120s\"",
+    );
+    let mut veer = Veer::start(&config).await;
+    let mut idle = Client::connect(veer.addr).await.expect("connect");
+    for _ in 0..3 {
+        assert_eq!(idle.get("/", &[]).await.expect("answer").status(), 200);
+    }
+    let mut busy = Client::connect(veer.addr).await.expect("connect");
+    assert_eq!(busy.get("/", &[]).await.expect("answer").status(), 200);
+    slow.delay_ms.store(1_500, Ordering::SeqCst);
+    let before = slow.requests.load(Ordering::SeqCst);
+    let in_flight = tokio::spawn(async move {
+        let r = busy.get("/slow", &[]).await;
+        (r, busy)
+    });
+    let start = Instant::now();
+    while slow.requests.load(Ordering::SeqCst) == before {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    veer.terminate();
+    wait_closed(&idle, "an idle kept-alive connection").await;
+    let (r, busy) = in_flight.await.unwrap();
+    let r = r.expect("the in-flight request completes");
+    assert_eq!(r.status(), 200);
+    assert_eq!(&r.body()[..], b"slow");
+    wait_closed(&busy, "a connection busy at shutdown, once answered,").await;
+    let status = veer.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "exit status {status}");
+}
+
+/// Waits (at most 30 s: far less than the test's grace and idle timeout)
+/// for veer to close `client`'s connection.
+async fn wait_closed(client: &Client, what: &str) {
+    let start = Instant::now();
+    while !client.is_closed() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what} was not closed at shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -547,6 +547,11 @@ impl Client {
         Ok(Client { sender, addr })
     }
 
+    /// Whether veer closed the connection (as far as this side has seen).
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
     /// GET `path` with extra headers; the whole body is read.
     pub async fn get(
         &mut self,

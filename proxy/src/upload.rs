@@ -290,7 +290,14 @@ impl Body for ClientBody {
                 this.upload.end_wait();
                 this.upload.set_fault(client_fault(e));
                 this.tee = None;
-                this.read();
+                // Not "read": the request now fails by the client's fault
+                // and ends by itself, counted as such. Were veer to look for
+                // the client's close from here (`Activity::body_read`), a
+                // client that left mid-body (the usual cause) would have its
+                // request dropped before it was counted (a race with the
+                // upstream side noticing the broken body). The connection
+                // serves no other request: its framing is lost.
+                this.reading = None;
             }
             Poll::Ready(Some(Ok(frame))) => {
                 this.upload.end_wait();

@@ -261,17 +261,40 @@ impl UpstreamBody {
         idle: Duration,
         conn: Option<(Sender, Arc<Upstream>)>,
     ) -> UpstreamBody {
-        let mut b = UpstreamBody {
+        let mut b = UpstreamBody::wrap(inner, idle, conn);
+        b.released_if_ended();
+        b
+    }
+
+    /// [`UpstreamBody::new`] on the heap, built there: a response's body
+    /// is boxed (see [`ProxyBody::Upstream`]), and boxing one built on
+    /// the stack was a move of all its bytes more a request.
+    pub fn boxed(
+        inner: UpBody,
+        idle: Duration,
+        conn: Option<(Sender, Arc<Upstream>)>,
+    ) -> Box<UpstreamBody> {
+        let mut b = Box::new(UpstreamBody::wrap(inner, idle, conn));
+        b.released_if_ended();
+        b
+    }
+
+    #[inline(always)]
+    fn wrap(inner: UpBody, idle: Duration, conn: Option<(Sender, Arc<Upstream>)>) -> UpstreamBody {
+        UpstreamBody {
             inner: IdleTimeout::new(inner, idle),
             conn,
             pending: None,
             grpc: None,
             log: None,
-        };
-        if b.inner.is_end_stream() {
-            b.release();
         }
-        b
+    }
+
+    /// A body with nothing to read gives its connection back at once.
+    fn released_if_ended(&mut self) {
+        if self.inner.is_end_stream() {
+            self.release();
+        }
     }
 
     /// The trailers (or the end without them) of a watched gRPC call.

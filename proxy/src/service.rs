@@ -566,10 +566,9 @@ fn forward<'a>(
             .then_some(sender)
             .flatten()
             .map(|s| (s, upstream));
-        let body = UpstreamBody::new(body, body_timeout, pooled);
         Ok(Response::from_parts(
             parts,
-            ProxyBody::Upstream(Box::new(body)),
+            ProxyBody::Upstream(UpstreamBody::boxed(body, body_timeout, pooled)),
         ))
     }
 }

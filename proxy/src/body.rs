@@ -266,9 +266,9 @@ impl UpstreamBody {
         b
     }
 
-    /// [`UpstreamBody::new`] on the heap, built there: a response's body
-    /// is boxed (see [`ProxyBody::Upstream`]), and boxing one built on
-    /// the stack was a move of all its bytes more a request.
+    /// [`UpstreamBody::new`], built on the heap: a response's body is
+    /// boxed (see [`ProxyBody::Upstream`]), and boxing one built on the
+    /// stack moved all its bytes once more a request.
     pub fn boxed(
         inner: UpBody,
         idle: Duration,

@@ -170,19 +170,19 @@ impl Names {
 
     /// The last head's map, empty-valued, if the head whose names are
     /// `raw` has the same names in the same places.
-    fn same_layout<'a>(
-        &self,
-        mut raw: impl ExactSizeIterator<Item = &'a [u8]>,
-    ) -> Option<&HeaderMap> {
+    fn same_layout<'a>(&self, raw: impl ExactSizeIterator<Item = &'a [u8]>) -> Option<&HeaderMap> {
         let layout = self.layout.as_ref()?;
-        let same = layout.len() == raw.len()
-            && self.places.len() >= raw.len()
+        (layout.len() == raw.len() && self.in_places(raw)).then_some(layout)
+    }
+
+    /// Whether the names `raw` are, place for place, the ones kept.
+    fn in_places<'a>(&self, raw: impl ExactSizeIterator<Item = &'a [u8]>) -> bool {
+        raw.len() <= self.places.len()
             && self
                 .places
                 .iter()
-                .zip(&mut raw)
-                .all(|((seen, _), raw)| **seen == *raw);
-        same.then_some(layout)
+                .zip(raw)
+                .all(|((seen, _), raw)| **seen == *raw)
     }
 
     /// Keeps `headers`' names as the layout for the next head, if every
@@ -196,13 +196,7 @@ impl Names {
         if headers.keys_len() != headers.len() || raw.len() != headers.len() {
             return;
         }
-        let kept = raw.len() <= self.places.len()
-            && self
-                .places
-                .iter()
-                .zip(raw)
-                .all(|((seen, _), raw)| **seen == *raw);
-        if kept {
+        if self.in_places(raw) {
             let mut layout = HeaderMap::with_capacity(headers.len());
             for name in headers.keys() {
                 layout.append(name.clone(), HeaderValue::from_static(""));

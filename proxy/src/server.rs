@@ -326,11 +326,8 @@ impl Conn<'_> {
         tokio::pin!(stop);
         let mut waiting = false;
         let mut stopped = std::future::poll_fn(|cx| {
-            if waiting && matches!(seen.has_changed(), Ok(false)) {
-                return Poll::Pending;
-            }
-            waiting = true;
-            stop.as_mut().poll(cx)
+            let moved = !matches!(seen.has_changed(), Ok(false));
+            poll_registered(stop.as_mut(), &mut waiting, moved, cx)
         });
         loop {
             tokio::select! {
@@ -363,11 +360,8 @@ impl Conn<'_> {
                     return;
                 }
                 () = std::future::poll_fn(|cx| {
-                    if armed && !sleep.is_elapsed() {
-                        return Poll::Pending;
-                    }
-                    armed = true;
-                    sleep.as_mut().poll(cx)
+                    let fired = sleep.is_elapsed();
+                    poll_registered(sleep.as_mut(), &mut armed, fired, cx)
                 }) => {
                     let now = tokio::time::Instant::now();
                     match activity.deadline(ht, it) {
@@ -399,6 +393,24 @@ impl Conn<'_> {
             }
         }
     }
+}
+
+/// Polls `fut` if it has not been polled since `registered` was last
+/// cleared (that poll leaves this task's waker with it), and after that
+/// only when `maybe_ready` (a cheap look at its state) says its wake may
+/// have come: for a future whose poll costs more than the look, polled
+/// again on every wake of a task it shares with others.
+fn poll_registered<F: Future>(
+    fut: std::pin::Pin<&mut F>,
+    registered: &mut bool,
+    maybe_ready: bool,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<F::Output> {
+    if *registered && !maybe_ready {
+        return Poll::Pending;
+    }
+    *registered = true;
+    fut.poll(cx)
 }
 
 /// Binds every address, or none: a failure names the address.

@@ -212,8 +212,8 @@ impl ClientBody {
     }
 
     /// Tells `activity` that a body is being read, and when it has been
-    /// read to its end, failed, or was dropped before (hyper then stops
-    /// reading it).
+    /// read to its end or was dropped before (hyper then stops reading
+    /// it); a body that fails tells nothing more (see `poll_frame`).
     pub fn tell_when_read(&mut self, activity: Arc<crate::conn::Activity>) {
         activity.body_opened();
         self.reading = Some(activity);

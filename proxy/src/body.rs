@@ -113,7 +113,8 @@ pub struct Pending {
     pub route: Arc<RouteTarget>,
     /// The request went to the canary.
     pub canary: bool,
-    /// Time to the response head.
+    /// The version's time to the response head (less the request body's
+    /// waits for the client: [`crate::upload::Upload::version_us`]).
     pub micros: u64,
     /// Outcome by status.
     pub outcome: Outcome,

@@ -188,9 +188,12 @@ pub fn handle(
             &upload,
         )
         .await;
-        let elapsed = start.elapsed();
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(start);
         let micros = elapsed.as_micros() as u64;
         let seconds = elapsed.as_secs_f64();
+        // The judge's latency: the version's time, not the client's upload.
+        let judged_us = upload.version_us(now);
         let pair = pair.map(|tx| {
             let at = arrival.as_ref().and_then(|a| a.head_us());
             (tx, at.unwrap_or(micros))
@@ -250,7 +253,7 @@ pub fn handle(
                         record.then_some(Pending {
                             route,
                             canary,
-                            micros,
+                            micros: judged_us,
                             outcome,
                             key_hash,
                             client: client_hash,
@@ -260,9 +263,12 @@ pub fn handle(
                         call,
                     ),
                     ProxyBody::Full(_) if record => {
-                        version
-                            .recorder
-                            .record_from(micros, outcome, key_hash, Some(client_hash));
+                        version.recorder.record_from(
+                            judged_us,
+                            outcome,
+                            key_hash,
+                            Some(client_hash),
+                        );
                         if let Some((tx, at)) = pair {
                             let _ = tx.send((at, outcome));
                         }
@@ -286,9 +292,12 @@ pub fn handle(
                         _ => Outcome::Error,
                     };
                     if record {
-                        version
-                            .recorder
-                            .record_from(micros, outcome, key_hash, Some(client_hash));
+                        version.recorder.record_from(
+                            judged_us,
+                            outcome,
+                            key_hash,
+                            Some(client_hash),
+                        );
                         if let Some((tx, at)) = pair {
                             let _ = tx.send((at, outcome));
                         }

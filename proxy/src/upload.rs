@@ -80,6 +80,15 @@ impl Upload {
         Duration::from_micros(us)
     }
 
+    /// The version's time up to `now`, in µs: since the request came
+    /// (`base`), less the time its body waited for the client. What the
+    /// judge records as a request's latency: a slow upload is the
+    /// client's time, never the version's.
+    pub fn version_us(&self, now: Instant) -> u64 {
+        let client = self.client_time(now).as_micros() as u64;
+        self.micros(now).saturating_sub(client)
+    }
+
     /// The client's fault, if its body failed.
     pub fn fault(&self) -> Option<ProxyError> {
         match self.fault.load(Ordering::Relaxed) {

@@ -154,7 +154,7 @@ async fn stalled_aborted_and_malformed_uploads_never_count_against_a_version() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_upload_to_a_fast_upstream_is_not_timed_out() {
+async fn a_slow_upload_to_a_fast_upstream_is_neither_timed_out_nor_slow() {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
     let veer = Veer::start(&config(stable.addr, canary.addr, "1s")).await;
@@ -182,6 +182,36 @@ async fn a_slow_upload_to_a_fast_upstream_is_not_timed_out() {
     }
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // Nor is the upload the version's latency: the judge records the
+    // canary's answer at the time it took once it had the body, not at the
+    // upload's 2 s (over the reference judge's 800 ms p99 limit: a client
+    // with a canary key could slow-upload a good canary out). The window
+    // shows the request once the judge has ticked.
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    let window = loop {
+        let w = veer.status().await["routes"][0]["window"]["canary"].clone();
+        if w["requests"].as_u64() == Some(1) {
+            break w;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "never in the window: {w}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let p99 = window["p99_ms"].as_f64().unwrap();
+    assert!(
+        p99 < 1_000.0,
+        "the upload's time was the version's: {window}"
+    );
+    // What the client waited for is still the request's duration.
+    let m = veer.metrics().await;
+    let sum = metric(
+        &m,
+        r#"veer_request_duration_seconds_sum{route="web",version="v2"}"#,
+    )
+    .unwrap();
+    assert!(sum >= 1.9, "{sum}");
 }
 
 /// What a [`silent_upstream`] saw on one of its connections.

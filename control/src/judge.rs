@@ -59,6 +59,10 @@ pub struct VersionTick {
     /// Slow requests from keys not slow before in the slot's current key
     /// round, per threshold slot.
     pub round_slow_events: Vec<u64>,
+    /// Requests given up by their client before the answer and not in
+    /// `slice` (not yet slower than any threshold in force: they tell
+    /// nothing of the version but that it had requests).
+    pub given_up: u64,
 }
 
 /// What one tick's mirrored pairs (stable's answer and the canary's answer
@@ -655,7 +659,7 @@ impl Judge {
         self.w = w;
         if let Some(age) = &mut self.canary_age {
             *age += elapsed;
-        } else if canary.slice.requests > 0 || pairs.pairs > 0 {
+        } else if canary.slice.requests > 0 || canary.given_up > 0 || pairs.pairs > 0 {
             self.canary_age = Some(Duration::ZERO);
         }
         self.update_paired(&pairs);

@@ -33,6 +33,11 @@ pub enum ProxyError {
     /// The client went away before sending its whole request body.
     #[error("the client aborted its request body")]
     ClientAborted,
+    /// The client closed its connection (or reset its stream) after its
+    /// whole request was sent, before the answer came: never answered,
+    /// counted (as nginx's 499), never the version's failure.
+    #[error("the client left before the answer came")]
+    ClientClosed,
     /// The client's request body was malformed (e.g. bad chunked framing).
     #[error("the client's request body was malformed")]
     ClientBadBody,
@@ -68,9 +73,10 @@ impl ProxyError {
             | ProxyError::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::BadRequest | ProxyError::ClientAborted | ProxyError::ClientBadBody => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::BadRequest
+            | ProxyError::ClientAborted
+            | ProxyError::ClientClosed
+            | ProxyError::ClientBadBody => StatusCode::BAD_REQUEST,
             ProxyError::ClientTimeout | ProxyError::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::TooManyConnections | ProxyError::Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -91,6 +97,7 @@ impl ProxyError {
             ProxyError::BadRequest => "bad_request",
             ProxyError::ClientTimeout => "client_timeout",
             ProxyError::ClientAborted => "client_aborted",
+            ProxyError::ClientClosed => "client_closed",
             ProxyError::ClientBadBody => "client_bad_body",
             ProxyError::TooManyConnections => "too_many_connections",
             ProxyError::Overloaded => "overloaded",
@@ -119,9 +126,10 @@ impl ProxyError {
             | ProxyError::UpstreamProtocol => "bad gateway\n",
             ProxyError::UpstreamTimeout => "gateway timeout\n",
             ProxyError::NoRoute => "not found\n",
-            ProxyError::BadRequest | ProxyError::ClientAborted | ProxyError::ClientBadBody => {
-                "bad request\n"
-            }
+            ProxyError::BadRequest
+            | ProxyError::ClientAborted
+            | ProxyError::ClientClosed
+            | ProxyError::ClientBadBody => "bad request\n",
             ProxyError::ClientTimeout | ProxyError::HeaderTimeout => "request timeout\n",
             ProxyError::TooManyConnections | ProxyError::Overloaded => "service unavailable\n",
             ProxyError::UpgradeUnsupported => "not implemented\n",
@@ -144,11 +152,12 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 10] = [
+pub const PROXY_KINDS: [ProxyError; 11] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
     ProxyError::ClientAborted,
+    ProxyError::ClientClosed,
     ProxyError::ClientBadBody,
     ProxyError::TooManyConnections,
     ProxyError::Overloaded,

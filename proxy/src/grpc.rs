@@ -101,6 +101,7 @@ pub fn outcome(code: u8, errors: u32, client_bound: bool) -> Outcome {
 fn code_of(e: ProxyError) -> u8 {
     match e {
         ProxyError::UpstreamTimeout | ProxyError::ClientDeadline => DEADLINE_EXCEEDED,
+        ProxyError::ClientClosed => 1, // CANCELLED
         ProxyError::NoRoute | ProxyError::UpgradeUnsupported => 12, // UNIMPLEMENTED
         ProxyError::BadRequest
         | ProxyError::ClientTimeout

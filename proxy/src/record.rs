@@ -529,6 +529,9 @@ struct Shard {
     error_events: AtomicU64,
     burst_keys: AtomicU64,
     burst_users: AtomicU64,
+    /// Requests given up by their client, not recorded (see
+    /// [`Recorder::given_up`]).
+    given_up: AtomicU64,
     slow_events: [AtomicU64; MAX_THRESHOLDS],
     /// Key-round events per kind (errors, then each slow threshold), by
     /// the parity of the round's id.
@@ -553,6 +556,7 @@ impl Shard {
             error_events: AtomicU64::new(0),
             burst_keys: AtomicU64::new(0),
             burst_users: AtomicU64::new(0),
+            given_up: AtomicU64::new(0),
             slow_events: std::array::from_fn(|_| AtomicU64::new(0)),
             round_events: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             sum_us: AtomicU64::new(0),
@@ -665,6 +669,51 @@ impl Recorder {
         self.first_ms.store(0, Ordering::Relaxed);
     }
 
+    /// Notes that a request ended, if it is the first.
+    #[inline]
+    fn first_ended(&self) {
+        if self.first_ms.load(Ordering::Relaxed) == 0 {
+            // Once per deployment: the clock is read only here.
+            let ms = self.created.elapsed().as_millis() as u64 + 1;
+            let _ = self
+                .first_ms
+                .compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// A request whose client left (or whose caller's own deadline passed)
+    /// before the answer came, after the version had had the whole request
+    /// for `waited_us`.
+    ///
+    /// Its answer would have taken longer than `waited_us`, and nothing
+    /// else is known of it. So once `waited_us` is over a slow threshold
+    /// in force, the request would have been slow for that test whatever
+    /// it took, and it is recorded as a request answered in `waited_us`
+    /// (not an error): slow for those tests, in the window at that lower
+    /// bound. Under it, it tells nothing and is only counted (the judge's
+    /// clock of the canary's age starts with it). Recording it never makes
+    /// a version look slower than it is, so the bound on false reverts
+    /// stands; a client that leaves can only take away evidence, as it
+    /// always could by leaving. Without this, a canary that hangs behind
+    /// clients more impatient than the route's `timeout` would leave no
+    /// trace (session 24's finding). Returns whether it was recorded.
+    pub fn given_up(&self, waited_us: u64, key_hash: Option<u64>, client: Option<u64>) -> bool {
+        let slow = self.thresholds_us.iter().any(|t| {
+            let t = t.load(Ordering::Relaxed);
+            t != OFF && waited_us > t
+        });
+        if slow {
+            self.record_from(waited_us, Outcome::Ok, key_hash, client);
+        } else {
+            self.first_ended();
+            let shard = THREAD.with(|t| *t) % self.shards.len();
+            if let Some(shard) = self.shards.get(shard) {
+                add(&shard.given_up, 1);
+            }
+        }
+        slow
+    }
+
     /// Records one request. `key_hash` is the sticky key's hash (None: the
     /// request had no key, so it counts as its own key).
     #[inline]
@@ -683,13 +732,7 @@ impl Recorder {
         key_hash: Option<u64>,
         client: Option<u64>,
     ) {
-        if self.first_ms.load(Ordering::Relaxed) == 0 {
-            // Once per deployment: the clock is read only here.
-            let ms = self.created.elapsed().as_millis() as u64 + 1;
-            let _ = self
-                .first_ms
-                .compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed);
-        }
+        self.first_ended();
         let one_vote = self.keys.one_vote_per_client(client);
         // A key new to `keys`, from an address new to `clients` (which is
         // marked whenever the key is new, so that addresses that voted
@@ -836,6 +879,7 @@ impl Recorder {
             unreachable: false,
             round_error_events: 0,
             round_slow_events: vec![0; thresholds],
+            given_up: 0,
         };
         // Each kind's events of its current round; those of the round
         // before (recorded after the last drain, as it ended) are dropped
@@ -854,6 +898,7 @@ impl Recorder {
             tick.error_events += take(&shard.error_events);
             tick.burst_keys += take(&shard.burst_keys);
             tick.burst_users += take(&shard.burst_users);
+            tick.given_up += take(&shard.given_up);
             for (n, m) in tick.slow_events.iter_mut().zip(&shard.slow_events) {
                 *n += take(m);
             }
@@ -1002,6 +1047,40 @@ mod tests {
         assert_eq!(t.slice.latency.len(), 4);
         assert_eq!(r.drain(1).0.slice.requests, 0);
         assert_eq!(r.totals().0, 4);
+    }
+
+    #[test]
+    fn a_given_up_request_counts_as_slow_only_past_a_threshold_and_never_as_an_error() {
+        let keys = Arc::new(RouteKeys::new(2));
+        let r = Recorder::for_canary(keys);
+        // No threshold in force (judge warming up): counted, not recorded.
+        assert!(!r.given_up(60_000_000, Some(1 << 40), None));
+        assert!(
+            r.first_request().is_some(),
+            "its end starts the canary's clock"
+        );
+        let (t, _) = r.drain(2);
+        assert_eq!((t.slice.requests, t.given_up), (0, 1));
+        r.set_thresholds(&[Some(10_000), Some(800_000)]);
+        // Under every threshold: tells nothing.
+        assert!(!r.given_up(9_000, Some(2 << 40), None));
+        // Past the first threshold only: slow for it, not for the second.
+        assert!(r.given_up(20_000, Some(3 << 40), None));
+        // Past both.
+        assert!(r.given_up(1_000_000, Some(4 << 40), None));
+        let (t, _) = r.drain(2);
+        assert_eq!((t.slice.requests, t.slice.errors, t.given_up), (2, 0, 1));
+        assert_eq!(t.slow_events, vec![2, 1]);
+        assert_eq!(t.error_events, 0);
+        // In the window at the time the version had had it.
+        assert_eq!(
+            t.slice.latency.max(),
+            t.slice.latency.highest_equivalent(1_000_000)
+        );
+        assert_eq!(
+            t.slice.latency.min(),
+            t.slice.latency.lowest_equivalent(20_000)
+        );
     }
 
     /// A route's keys and its two recorders, one slow threshold of 10 ms.

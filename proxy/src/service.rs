@@ -164,6 +164,18 @@ pub fn handle(
         // The request line, kept for the access log.
         let head = (access != AccessLog::Off).then(|| (req.method().clone(), req.uri().clone()));
         let upload = Upload::since(start);
+        let waiting = Waiting {
+            shared: &shared,
+            version,
+            upload: &upload,
+            record,
+            key_hash,
+            client: client_hash,
+            log: head
+                .as_ref()
+                .map(|head| (head, &*route.name, client, canary)),
+            answered: false,
+        };
         let result = forward(
             &route,
             version,
@@ -188,6 +200,7 @@ pub fn handle(
             &upload,
         )
         .await;
+        waiting.answered();
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(start);
         let micros = elapsed.as_micros() as u64;
@@ -304,6 +317,13 @@ pub fn handle(
                     }
                 } else {
                     route_less_error(&shared, e);
+                    if e == ProxyError::ClientDeadline && record && upload.sent() {
+                        // As a client that left: the call's own deadline
+                        // is its caller's patience.
+                        version
+                            .recorder
+                            .given_up(judged_us, key_hash, Some(client_hash));
+                    }
                 }
                 if let Some(l) = &logged {
                     l.line(e.status().as_u16(), Some(e.kind()));
@@ -311,6 +331,68 @@ pub fn handle(
                 reply(e)
             }
         })
+    }
+}
+
+/// A request in flight to its version, until its answer (or failure)
+/// comes. Dropped before that, it was given up: hyper drops a request's
+/// future when its client closes the connection or resets the stream. If
+/// the client had sent the whole request, it then counts as
+/// `client_closed` and the version's recorder hears how long the version
+/// had had it
+/// ([`crate::record::Recorder::given_up`]: a canary that hangs behind
+/// impatient clients is seen as slow).
+struct Waiting<'a> {
+    shared: &'a Shared,
+    version: &'a VersionTarget,
+    upload: &'a Upload,
+    /// The request is judged (not forced; the judge on).
+    record: bool,
+    key_hash: Option<u64>,
+    client: u64,
+    /// With an access log: the request line, route, client and role.
+    log: Option<(&'a (http::Method, http::Uri), &'a str, SocketAddr, bool)>,
+    answered: bool,
+}
+
+impl Waiting<'_> {
+    /// The answer (or a failure) came: the request goes on as usual.
+    fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        if !self.upload.sent() {
+            // Left before its body was whole: the client's fault, as its
+            // body's read would have said.
+            let fault = self.upload.fault().unwrap_or(ProxyError::ClientAborted);
+            route_less_error(self.shared, fault);
+            return;
+        }
+        route_less_error(self.shared, ProxyError::ClientClosed);
+        let waited = self.upload.version_us(Instant::now());
+        if let Some((head, route, client, canary)) = self.log {
+            // Logged as nginx logs a client that left: 499.
+            Logged {
+                head: head.clone(),
+                route,
+                version: &self.version.name,
+                canary,
+                client,
+                micros: waited,
+            }
+            .line(499, Some(ProxyError::ClientClosed.kind()));
+        }
+        if self.record {
+            self.version
+                .recorder
+                .given_up(waited, self.key_hash, Some(self.client));
+        }
     }
 }
 

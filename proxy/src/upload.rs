@@ -19,7 +19,7 @@
 //! connection task that polls the body.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -46,6 +46,8 @@ pub struct Upload {
     /// Microseconds spent waiting for the client in waits that ended.
     waited_us: AtomicU64,
     fault: AtomicU8,
+    /// The whole body has been read (or there was none).
+    whole: AtomicBool,
 }
 
 impl Upload {
@@ -62,6 +64,7 @@ impl Upload {
             waiting_since_us: AtomicU64::new(NOT_WAITING),
             waited_us: AtomicU64::new(0),
             fault: AtomicU8::new(NO_FAULT),
+            whole: AtomicBool::new(false),
         })
     }
 
@@ -87,6 +90,16 @@ impl Upload {
     pub fn version_us(&self, now: Instant) -> u64 {
         let client = self.client_time(now).as_micros() as u64;
         self.micros(now).saturating_sub(client)
+    }
+
+    /// Whether the client sent its whole request: the body was read to its
+    /// end (or there was none) and did not fail.
+    pub fn sent(&self) -> bool {
+        self.whole.load(Ordering::Relaxed) && self.fault().is_none()
+    }
+
+    fn set_whole(&self) {
+        self.whole.store(true, Ordering::Relaxed);
     }
 
     /// The client's fault, if its body failed.
@@ -212,6 +225,9 @@ impl Tee {
 impl ClientBody {
     /// Wraps `body`.
     pub fn new(body: Incoming, idle: Duration, upload: Arc<Upload>) -> ClientBody {
+        if body.is_end_stream() {
+            upload.set_whole();
+        }
         ClientBody {
             inner: Inner::Client(IdleTimeout::new(body, idle)),
             upload,
@@ -311,9 +327,13 @@ impl Body for ClientBody {
             Poll::Ready(Some(Ok(frame))) => {
                 this.upload.end_wait();
                 this.teed(frame);
+                if this.is_end_stream() {
+                    this.upload.set_whole();
+                }
             }
             Poll::Ready(None) => {
                 this.upload.end_wait();
+                this.upload.set_whole();
                 if let Some(t) = this.tee.take() {
                     (*t).finish();
                 }
@@ -386,6 +406,31 @@ mod tests {
         assert_eq!(copy.size_hint().exact(), Some(3));
         assert!(!copy.is_end_stream());
         assert!(ClientBody::copy(Bytes::new()).is_end_stream());
+    }
+
+    #[test]
+    fn a_request_is_sent_once_its_body_ended_without_a_fault() {
+        let u = Upload::new();
+        assert!(!u.sent());
+        u.set_whole();
+        assert!(u.sent());
+        let u = Upload::new();
+        u.set_whole();
+        u.set_fault(ProxyError::ClientAborted);
+        assert!(!u.sent());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_versions_time_leaves_out_the_waits_for_the_client() {
+        let u = Upload::new();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        u.start_wait();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // A wait under way is the client's too.
+        assert_eq!(u.version_us(Instant::now()), 10_000);
+        u.end_wait();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        assert_eq!(u.version_us(Instant::now()), 15_000);
     }
 
     #[test]

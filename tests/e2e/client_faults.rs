@@ -291,13 +291,9 @@ async fn send_and_leave<S: tokio::io::AsyncWrite + Unpin>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_mid_request_gives_it_up_upstream() {
     let (upstream, mut seen) = silent_upstream().await;
-    let veer = Veer::start_tls(&super::support::route_config(
-        &[upstream],
-        &[],
-        0.0,
-        "timeout = \"100s\"",
-    ))
-    .await;
+    let config = super::support::route_config(&[upstream], &[], 0.0, "timeout = \"100s\"")
+        .replace("[proxy]\n", "[proxy]\naccess_log = \"errors\"\n");
+    let veer = Veer::start_tls(&config).await;
     let head = b"GET /slow HTTP/1.1\r\nhost: app\r\nx-user-id: leaver\r\n\r\n";
 
     // Plain HTTP: the request reaches the upstream, and the client leaves.
@@ -323,8 +319,22 @@ async fn a_client_that_leaves_mid_request_gives_it_up_upstream() {
     let tls = connector.connect(name, tcp).await.unwrap();
     send_and_leave(tls, head, &mut seen, "TLS").await;
 
-    // The client's leaving is no version's failure.
+    // The client's leaving is no version's failure: it is counted, and
+    // logged as nginx logs it.
     let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, r#"veer_proxy_errors_total{kind="client_closed"}"#),
+        Some(3.0),
+        "{m}"
+    );
+    let lines = veer.logs_with_at_least("request", 3).await;
+    assert!(
+        lines.len() == 3
+            && lines.iter().all(|l| l["status"] == 499
+                && l["error"] == "client_closed"
+                && l["version"] == "v1"),
+        "{lines:?}"
+    );
     assert_eq!(
         metric(
             &m,

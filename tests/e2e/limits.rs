@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::support::{reference_judge, route_config, wait_verdict, Load, Upstream, Veer};
+use super::support::{metric, reference_judge, route_config, wait_verdict, Load, Upstream, Veer};
 
 /// Runs about 200 req/s for `secs` against a canary at 10 % (as the
 /// first report of point-estimate reverts did: the canary's p99 over its
@@ -77,4 +77,60 @@ async fn a_canary_with_five_percent_errors_is_reverted_on_the_error_ratio() {
     load.stop().await;
     assert_eq!(route["reverted"]["guard"], "error_rate_ratio", "{route}");
     assert_eq!(route["weight"]["effective"], 0.0);
+}
+
+/// A canary that hangs behind clients more impatient than the route's
+/// `timeout` (they leave after 1 s; the route waits 15 s) never fails a
+/// request: every one is given up. Each counts as slow once the canary
+/// had had it longer than a latency test's threshold, so it is reverted
+/// once its warm-up ends, as a canary answering in 1 s would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_hangs_behind_impatient_clients_is_reverted_after_its_warm_up() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.delay_ms.store(60_000, Ordering::SeqCst);
+    let config =
+        route_config(&[s.addr], &[c.addr], 20.0, "timeout = \"15s\"\n") + &reference_judge();
+    let veer = Veer::start(&config).await;
+    let load = Load::impatient(veer.addr, 8, Duration::from_secs(1));
+    // warmup = "30s", from the canary's first request (given up or not).
+    let route = wait_verdict(&veer, "reverted", Duration::from_secs(90)).await;
+    load.stop().await;
+    let guard = route["reverted"]["guard"].as_str().unwrap_or_default();
+    assert!(
+        guard == "latency_ratio" || guard == "max_latency",
+        "{route}"
+    );
+    assert_eq!(route["weight"]["effective"], 0.0);
+    // The canary never answered: no error was recorded against it.
+    assert_eq!(route["window"]["canary"]["errors"], 0, "{route}");
+    let m = veer.metrics().await;
+    let closed = metric(&m, r#"veer_proxy_errors_total{kind="client_closed"}"#).unwrap_or(0.0);
+    assert!(closed >= 10.0, "{closed}");
+}
+
+/// Identical versions with a slow tail (one request in 20 takes 1.5 s on
+/// each) behind clients that leave after 1 s: both versions' given-up
+/// requests count alike, and the canary is not reverted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_versions_behind_impatient_clients_are_not_reverted() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    for u in [&s, &c] {
+        u.slow_one_in.store(20, Ordering::SeqCst);
+        u.slow_ms.store(1_500, Ordering::SeqCst);
+    }
+    let config =
+        route_config(&[s.addr], &[c.addr], 20.0, "timeout = \"15s\"\n") + &reference_judge();
+    let veer = Veer::start(&config).await;
+    let load = Load::impatient(veer.addr, 8, Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let sent = load.stop().await;
+    let route = veer.status().await["routes"][0].clone();
+    assert!(veer.logs_with("canary reverted").is_empty(), "{route}");
+    assert_eq!(route["weight"]["effective"], 20.0, "{route}");
+    assert!(sent > 1_000, "too little load: {sent}");
+    // Past the warm-up, given-up requests were recorded on both versions.
+    let slow = route["window"]["canary"]["p999_ms"].as_f64().unwrap_or(0.0);
+    assert!(slow >= 900.0, "no given-up request was recorded: {route}");
 }

@@ -45,6 +45,7 @@ fn tick(requests: u64, errors: u64, latency_us: u64) -> VersionTick {
         unreachable: false,
         round_error_events: 0,
         round_slow_events: vec![0, 0],
+        given_up: 0,
     }
 }
 

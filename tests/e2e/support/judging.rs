@@ -12,6 +12,22 @@ pub struct Load {
 
 impl Load {
     pub fn start(addr: std::net::SocketAddr, conns: usize, pause: Duration) -> Load {
+        Load::run(addr, conns, pause, None)
+    }
+
+    /// As [`Load::start`], with clients that wait at most `patience` for
+    /// an answer's head and then leave (close the connection), as users
+    /// and callers with their own timeouts do; a connection a request.
+    pub fn impatient(addr: std::net::SocketAddr, conns: usize, patience: Duration) -> Load {
+        Load::run(addr, conns, Duration::ZERO, Some(patience))
+    }
+
+    fn run(
+        addr: std::net::SocketAddr,
+        conns: usize,
+        pause: Duration,
+        patience: Option<Duration>,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let tasks = (0..conns)
@@ -19,13 +35,22 @@ impl Load {
                 let (stop, sent) = (stop.clone(), sent.clone());
                 tokio::spawn(async move {
                     let deadline = Instant::now() + Duration::from_secs(120);
-                    let mut c = Client::connect(addr).await.unwrap();
+                    let mut kept = None;
                     let mut i = 0u64;
                     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                         i += 1;
                         let key = format!("user-{w}-{}", i % 500);
-                        if c.get("/", &[("x-user-id", &key)]).await.is_err() {
-                            c = Client::connect(addr).await.unwrap();
+                        match patience {
+                            Some(p) => impatient_get(addr, &key, p).await,
+                            None => {
+                                let c = match &mut kept {
+                                    Some(c) => c,
+                                    None => kept.insert(Client::connect(addr).await.unwrap()),
+                                };
+                                if c.get("/", &[("x-user-id", &key)]).await.is_err() {
+                                    kept = None;
+                                }
+                            }
                         }
                         sent.fetch_add(1, Ordering::Relaxed);
                         if !pause.is_zero() {
@@ -44,6 +69,18 @@ impl Load {
             let _ = t.await;
         }
         self.sent.load(Ordering::Relaxed)
+    }
+}
+
+/// A keyed GET on a fresh connection, closed once its answer's head came
+/// or `patience` passed.
+async fn impatient_get(addr: std::net::SocketAddr, key: &str, patience: Duration) {
+    use tokio::io::AsyncWriteExt;
+    let head = format!("GET / HTTP/1.1\r\nhost: app\r\nx-user-id: {key}\r\n\r\n");
+    if let Ok(mut s) = TcpStream::connect(addr).await {
+        if s.write_all(head.as_bytes()).await.is_ok() {
+            let _ = tokio::time::timeout(patience, read_head(&mut s)).await;
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 # both cores. Prints a table and how many runs reverted the canary (goal 0).
 #
 # usage: benches/aa-soak.sh [--runs N] [--seconds S] [--rate R] [--mirror PERCENT]
+#                           [--tail N] [--tail-ms MS] [--patience MS]
 # Only 127.0.0.1 is targeted; the hog and every run are bounded in time.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

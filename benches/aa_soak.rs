@@ -5,9 +5,15 @@
 //! beside a CPU hog, as users' busy machines are.
 //!
 //! usage: aa-soak VEER_BINARY [--runs N] [--seconds S] [--rate R] [--mirror PERCENT]
+//!        [--tail N] [--tail-ms MS] [--patience MS]
 //!
 //! `--mirror`: the route also copies that share of stable's requests to
 //! the canary (`[route.mirror]`), so its paired tests are soaked too.
+//!
+//! `--tail N`: one request in N (of each version alike) takes `--tail-ms`
+//! (default 1500) instead; `--patience MS`: clients leave (close the
+//! connection) when an answer has not come in that long, so veer's
+//! recording of requests given up is soaked too.
 //!
 //! Only 127.0.0.1 is targeted; every run is bounded by `--seconds`.
 
@@ -32,9 +38,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-/// An upstream answering 200 after 2 ms plus up to 3 ms of jitter (both
-/// versions alike).
+/// An upstream answering 200 after 2 ms plus up to 3 ms of jitter, one
+/// request in `--tail` after `--tail-ms` (both versions alike).
 async fn upstream(name: &'static str) -> SocketAddr {
+    let (tail, tail_ms) = (arg("--tail", 0), arg("--tail-ms", 1_500));
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
@@ -42,7 +49,12 @@ async fn upstream(name: &'static str) -> SocketAddr {
             tokio::spawn(async move {
                 let svc = service_fn(move |_req| async move {
                     let jitter = fastrand::u64(0..3_000);
-                    tokio::time::sleep(Duration::from_micros(2_000 + jitter)).await;
+                    let us = if tail > 0 && fastrand::u64(0..tail) == 0 {
+                        tail_ms * 1_000
+                    } else {
+                        2_000 + jitter
+                    };
+                    tokio::time::sleep(Duration::from_micros(us)).await;
                     Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(name))))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -97,14 +109,20 @@ async fn get(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
         .or(Some(serde_json::Value::Null))
 }
 
-/// Keyed GETs at about `rate` a second over 8 connections until `until`.
-async fn load(addr: SocketAddr, rate: u64, until: Instant) -> u64 {
+/// Keyed GETs at about `rate` a second over 8 connections until `until`;
+/// with `--patience`, a client whose answer has not come in that long
+/// closes its connection and opens another. Returns (answered, given up).
+async fn load(addr: SocketAddr, rate: u64, until: Instant) -> (u64, u64) {
     let per_conn = Duration::from_micros(8_000_000 / rate.max(1));
+    let patience = match arg("--patience", 0) {
+        0 => Duration::from_secs(3_600),
+        ms => Duration::from_millis(ms),
+    };
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             tokio::spawn(async move {
-                let mut sent = 0u64;
-                let mut tx = None;
+                let (mut sent, mut given_up) = (0u64, 0u64);
+                let mut tx: Option<(_, tokio::task::JoinHandle<_>)> = None;
                 let mut tick = tokio::time::interval(per_conn);
                 while Instant::now() < until {
                     tick.tick().await;
@@ -117,10 +135,9 @@ async fn load(addr: SocketAddr, rate: u64, until: Instant) -> u64 {
                         else {
                             continue;
                         };
-                        tokio::spawn(conn);
-                        tx = Some(t);
+                        tx = Some((t, tokio::spawn(conn)));
                     }
-                    let Some(t) = tx.as_mut() else { continue };
+                    let Some((t, _)) = tx.as_mut() else { continue };
                     // 20 000 users, a few of them much more active.
                     let user = (fastrand::f64().powi(3) * 20_000.0) as u32;
                     let Ok(req) = hyper::Request::get("/")
@@ -130,23 +147,32 @@ async fn load(addr: SocketAddr, rate: u64, until: Instant) -> u64 {
                     else {
                         continue;
                     };
-                    match t.send_request(req).await {
-                        Ok(r) => {
+                    match tokio::time::timeout(patience, t.send_request(req)).await {
+                        Ok(Ok(r)) => {
                             let _ = r.into_body().collect().await;
                             sent += 1;
                         }
-                        Err(_) => tx = None,
+                        Ok(Err(_)) => tx = None,
+                        Err(_) => {
+                            // The client leaves: its connection closes.
+                            if let Some((_, conn)) = tx.take() {
+                                conn.abort();
+                            }
+                            given_up += 1;
+                        }
                     }
                 }
-                sent
+                (sent, given_up)
             })
         })
         .collect();
-    let mut sent = 0;
+    let (mut sent, mut given_up) = (0, 0);
     for t in tasks {
-        sent += t.await.unwrap_or(0);
+        let (s, g) = t.await.unwrap_or((0, 0));
+        sent += s;
+        given_up += g;
     }
-    sent
+    (sent, given_up)
 }
 
 struct Proc(Child);
@@ -161,16 +187,16 @@ impl Drop for Proc {
 async fn main() {
     let Some(veer) = std::env::args().nth(1).filter(|a| !a.starts_with("--")) else {
         eprintln!(
-            "usage: aa-soak VEER_BINARY [--runs N] [--seconds S] [--rate R] [--mirror PERCENT]"
+            "usage: aa-soak VEER_BINARY [--runs N] [--seconds S] [--rate R] [--mirror PERCENT] [--tail N] [--tail-ms MS] [--patience MS]"
         );
         std::process::exit(2);
     };
     let (runs, seconds, rate) = (arg("--runs", 10), arg("--seconds", 60), arg("--rate", 800));
     let mut reverted = 0;
     println!(
-        "| run | requests | canary requests | mirrored pairs (window) | verdict | E(errors) | E(latency) | revert at |"
+        "| run | requests | given up | canary requests | mirrored pairs (window) | verdict | E(errors) | E(latency) | revert at |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for run in 1..=runs {
         let dir = std::env::temp_dir().join(format!("veer-aa-soak-{}-{run}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -194,7 +220,7 @@ async fn main() {
             assert!(Instant::now() < ready, "veer did not become ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let sent = load(
+        let (sent, given_up) = load(
             ([127, 0, 0, 1], proxy).into(),
             rate,
             Instant::now() + Duration::from_secs(seconds),
@@ -209,7 +235,7 @@ async fn main() {
         }
         let ev = &r["evidence"];
         println!(
-            "| {run} | {sent} | {} | {} | {verdict} | {:.3} | {:.3} | {:.0} |",
+            "| {run} | {sent} | {given_up} | {} | {} | {verdict} | {:.3} | {:.3} | {:.0} |",
             r["window"]["canary"]["requests"],
             r["mirror"]["pairs_in_window"],
             ev["e_errors"].as_f64().unwrap_or(0.0),

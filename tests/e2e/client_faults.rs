@@ -318,18 +318,41 @@ async fn a_client_that_leaves_mid_request_gives_it_up_upstream() {
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, tcp).await.unwrap();
     send_and_leave(tls, head, &mut seen, "TLS").await;
+    // HTTP/2 (h2c): the client resets the request's stream, its
+    // connection stays open.
+    let tcp = TcpStream::connect(veer.addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/slow", veer.addr))
+        .header("x-user-id", "leaver")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let call = tokio::spawn(h2.send_request(req));
+    assert_eq!(next_seen(&mut seen).await, Some(Seen::Head), "h2");
+    call.abort(); // the response future dropped: RST_STREAM(CANCEL)
+    assert_eq!(
+        next_seen(&mut seen).await,
+        Some(Seen::Closed),
+        "the upstream request outlived its stream"
+    );
+    assert!(!conn.is_finished(), "the h2 connection stays open");
 
     // The client's leaving is no version's failure: it is counted, and
     // logged as nginx logs it.
     let m = veer.metrics().await;
     assert_eq!(
         metric(&m, r#"veer_proxy_errors_total{kind="client_closed"}"#),
-        Some(3.0),
+        Some(4.0),
         "{m}"
     );
-    let lines = veer.logs_with_at_least("request", 3).await;
+    let lines = veer.logs_with_at_least("request", 4).await;
     assert!(
-        lines.len() == 3
+        lines.len() == 4
             && lines.iter().all(|l| l["status"] == 499
                 && l["error"] == "client_closed"
                 && l["version"] == "v1"),

@@ -79,6 +79,8 @@ pub struct Metrics {
     pub smoke_checks: Arc<RouteFamily>,
     /// `veer_grpc_responses_total`.
     pub grpc: IntCounterVec,
+    /// `veer_requests_given_up_total`.
+    pub given_up: IntCounterVec,
     /// `veer_mirror_requests_total{route,result}`.
     pub mirror: IntCounterVec,
 }
@@ -119,6 +121,9 @@ pub struct VersionMetrics {
     /// gRPC calls by status code, made on the first call that ends with
     /// each code (a route that never sees gRPC exports none).
     grpc: IntCounterVec,
+    /// Requests given up, made at the version's first (a version whose
+    /// clients never leave exports none).
+    given_up: IntCounterVec,
     names: std::sync::Arc<[std::sync::Arc<str>; 2]>,
 }
 
@@ -162,6 +167,14 @@ impl VersionMetrics {
             .unwrap_or("UNKNOWN");
         self.grpc
             .with_label_values(&[&*self.names[0], &*self.names[1], name])
+            .inc();
+    }
+
+    /// Counts a request given up: its client left (or its caller's own
+    /// deadline passed) after sending it whole, before the answer came.
+    pub fn given_up(&self) {
+        self.given_up
+            .with_label_values(&[&*self.names[0], &*self.names[1]])
             .inc();
     }
 
@@ -348,9 +361,17 @@ impl Metrics {
             ),
             &["route", "version", "grpc_code"],
         )?;
+        let given_up = IntCounterVec::new(
+            Opts::new(
+                "veer_requests_given_up_total",
+                "Requests whose client left (or whose gRPC caller's own deadline passed) after sending them whole, before the version answered; slow for the judge once past a latency test's threshold.",
+            ),
+            &["route", "version"],
+        )?;
         for c in [
             requests.clone(),
             grpc.clone(),
+            given_up.clone(),
             mirror.clone(),
             upstream_errors.clone(),
             proxy_errors.clone(),
@@ -413,6 +434,7 @@ impl Metrics {
             webhook_events,
             smoke_checks,
             grpc,
+            given_up,
             mirror,
         })
     }
@@ -433,6 +455,7 @@ impl Metrics {
             upstream_errors: self.upstream_errors.clone(),
             duration: self.duration.clone(),
             grpc: self.grpc.clone(),
+            given_up: self.given_up.clone(),
             names: std::sync::Arc::new([route.into(), version.into()]),
         }
     }
@@ -454,6 +477,7 @@ impl Metrics {
         for c in GRPC_CODES {
             let _ = self.grpc.remove_label_values(&[route, version, c]);
         }
+        let _ = self.given_up.remove_label_values(&[route, version]);
         let _ = self.window_requests.remove_label_values(&[route, version]);
         let _ = self
             .window_error_ratio

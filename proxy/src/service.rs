@@ -317,12 +317,15 @@ pub fn handle(
                     }
                 } else {
                     route_less_error(&shared, e);
-                    if e == ProxyError::ClientDeadline && record && upload.sent() {
+                    if e == ProxyError::ClientDeadline && upload.sent() {
                         // As a client that left: the call's own deadline
                         // is its caller's patience.
-                        version
-                            .recorder
-                            .given_up(judged_us, key_hash, Some(client_hash));
+                        version.metrics.given_up();
+                        if record {
+                            version
+                                .recorder
+                                .given_up(judged_us, key_hash, Some(client_hash));
+                        }
                     }
                 }
                 if let Some(l) = &logged {
@@ -375,6 +378,7 @@ impl Drop for Waiting<'_> {
             return;
         }
         route_less_error(self.shared, ProxyError::ClientClosed);
+        self.version.metrics.given_up();
         let waited = self.upload.version_us(Instant::now());
         if let Some((head, route, client, canary)) = self.log {
             // Logged as nginx logs a client that left: 499.

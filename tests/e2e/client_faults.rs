@@ -350,6 +350,14 @@ async fn a_client_that_leaves_mid_request_gives_it_up_upstream() {
         Some(4.0),
         "{m}"
     );
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_requests_given_up_total{route="web",version="v1"}"#
+        ),
+        Some(4.0),
+        "{m}"
+    );
     let lines = veer.logs_with_at_least("request", 4).await;
     assert!(
         lines.len() == 4

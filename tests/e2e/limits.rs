@@ -107,6 +107,12 @@ async fn a_canary_that_hangs_behind_impatient_clients_is_reverted_after_its_warm
     let m = veer.metrics().await;
     let closed = metric(&m, r#"veer_proxy_errors_total{kind="client_closed"}"#).unwrap_or(0.0);
     assert!(closed >= 10.0, "{closed}");
+    let given_up = |v: &str| {
+        let series = format!(r#"veer_requests_given_up_total{{route="web",version="{v}"}}"#);
+        metric(&m, &series).unwrap_or(0.0)
+    };
+    assert!(given_up("v2") >= 10.0, "{m}");
+    assert_eq!(given_up("v1"), 0.0, "stable answered every request: {m}");
 }
 
 /// Identical versions with a slow tail (one request in 20 takes 1.5 s on

@@ -558,6 +558,15 @@ async fn grpc_deadlines_propagate_and_the_callers_own_deadline_is_not_the_versio
         Some(1.0),
         "{m}"
     );
+    // A request given up, as by a client that left.
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_requests_given_up_total{route="web",version="v1"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
     assert_eq!(
         metric(
             &m,

@@ -265,6 +265,9 @@ pub struct Judge {
     paired: Vec<LimitTest>,
     /// Mirrored pairs per tick over the window (newest last).
     pair_window: std::collections::VecDeque<u64>,
+    /// Canary requests given up by their clients and not in its window
+    /// (see [`VersionTick::given_up`]), per tick over the window.
+    canary_given_up: std::collections::VecDeque<u64>,
     /// In a fleet that pools its evidence: the fleet's pooled tests, as
     /// this replica sees them (see [`crate::pool`]).
     pool: Option<PoolView>,
@@ -310,6 +313,7 @@ impl Judge {
             watch: None,
             paired: Vec::new(),
             pair_window: std::collections::VecDeque::new(),
+            canary_given_up: std::collections::VecDeque::new(),
             pool: None,
             seat: None,
         };
@@ -374,6 +378,7 @@ impl Judge {
             Vec::new()
         };
         self.pair_window.clear();
+        self.canary_given_up.clear();
         self.canary.clear();
         self.canary_age = None;
         self.pool = None;
@@ -625,6 +630,7 @@ impl Judge {
                 && t.slow_events.iter().all(|n| *n == 0)
                 && t.burst_keys == 0
                 && t.burst_users == 0
+                && t.given_up == 0
                 && !t.unreachable
         };
         idle(stable)
@@ -636,6 +642,7 @@ impl Judge {
             && self.watch.is_none()
             && !(self.canary_age.is_some() && self.warming_up())
             && self.pair_window.iter().all(|n| *n == 0)
+            && self.canary_given_up.iter().all(|n| *n == 0)
             && !self.pool_crossed()
     }
 
@@ -696,6 +703,10 @@ impl Judge {
         }
         self.stable.push(stable.slice);
         self.canary.push(canary.slice);
+        self.canary_given_up.push_back(canary.given_up);
+        while self.canary_given_up.len() > self.canary.slices() {
+            self.canary_given_up.pop_front();
+        }
         self.update_thresholds();
         let st = self.stable.stats();
         let ca = self.canary.stats();
@@ -722,8 +733,15 @@ impl Judge {
                 status: Status::InsufficientData,
                 guard: None,
                 reason: format!(
-                    "window has {} canary and {} stable requests; {min} each are needed",
-                    ca.requests, st.requests
+                    "window has {} canary and {} stable requests; {min} each are needed{}",
+                    ca.requests,
+                    st.requests,
+                    match self.canary_given_up.iter().sum::<u64>() {
+                        0 => String::new(),
+                        n => format!(
+                            "; {n} more canary requests given up by their clients unanswered"
+                        ),
+                    }
                 ),
             };
         }

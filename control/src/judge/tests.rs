@@ -735,3 +735,36 @@ fn a_key_round_as_bad_as_its_share_allows_is_not_a_breach() {
     assert_eq!(r.number(), 40);
     assert!((r.share() - 0.125 / (40.0 * 41.0)).abs() < 1e-12);
 }
+
+#[test]
+fn given_up_canary_requests_start_its_warm_up_and_are_named_while_data_is_short() {
+    // Reference limits with config.example.toml's 30 s warm-up.
+    let mut j = Judge::new(&JudgeSettings {
+        warmup: Duration::from_secs(30),
+        ..crate::limits::reference()
+    });
+    let idle = || tick(0, 0, 1);
+    let gone = || VersionTick {
+        given_up: 5,
+        ..tick(0, 0, 1)
+    };
+    // A tick where the canary's requests were all given up is judged.
+    assert!(!j.quiet(&idle(), &gone()));
+    let warming = |j: &Judge| j.evidence().tests.iter().any(|t| t.warming_up);
+    let v = j.tick(input(0.1, tick(100, 0, 1_000), gone()));
+    assert_eq!(v.status, Status::InsufficientData);
+    assert!(
+        v.reason
+            .contains("; 5 more canary requests given up by their clients"),
+        "{}",
+        v.reason
+    );
+    assert!(warming(&j));
+    // Its warm-up clock runs from that first given-up request.
+    for _ in 0..31 {
+        j.tick(input(0.1, tick(100, 0, 1_000), gone()));
+    }
+    assert!(!warming(&j), "the canary never left its warm-up");
+    // The window holds them until they fall out.
+    assert!(!j.quiet(&idle(), &idle()));
+}

@@ -230,10 +230,13 @@ pub async fn run(
     let all = u32::try_from(config.proxy.max_connections).unwrap_or(u32::MAX);
     match tokio::time::timeout(grace, permits.acquire_many(all)).await {
         Ok(_) => tracing::info!("all connections closed"),
-        Err(_) => tracing::warn!(
-            open = shared.metrics.open_connections.get(),
-            "grace period over; closing the remaining connections"
-        ),
+        Err(_) => {
+            shared.grace_over.store(true, Ordering::Release);
+            tracing::warn!(
+                open = shared.metrics.open_connections.get(),
+                "grace period over; closing the remaining connections"
+            )
+        }
     }
     for t in tasks {
         t.abort();

@@ -367,7 +367,13 @@ impl Waiting<'_> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if self.answered {
+        if self.answered
+            || self
+                .shared
+                .grace_over
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
+            // Answered, or cut by the end of shutdown's grace: veer's doing.
             return;
         }
         if !self.upload.sent() {

@@ -39,6 +39,9 @@ pub struct Shared {
     reload: Mutex<ReloadStatus>,
     /// Set once listeners are bound and a valid config is loaded.
     pub ready: AtomicBool,
+    /// Set when shutdown's grace is over: requests still in flight are
+    /// dropped by veer from then on, not given up by their clients.
+    pub grace_over: AtomicBool,
     /// The `/status` document, written by the controller only.
     pub status: ArcSwap<StatusDoc>,
     /// Why the last write of persisted state failed, if it did.
@@ -65,6 +68,7 @@ impl Shared {
                 restart_required: Vec::new(),
             }),
             ready: AtomicBool::new(false),
+            grace_over: AtomicBool::new(false),
             status: ArcSwap::from_pointee(StatusDoc::default()),
             state_error: Mutex::new(None),
         }

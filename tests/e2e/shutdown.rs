@@ -40,8 +40,10 @@ async fn sigterm_finishes_the_in_flight_slow_request_then_exits_0() {
 async fn shutdown_grace_bounds_the_wait() {
     let slow = Upstream::start("slow").await;
     slow.delay_ms.store(30_000, Ordering::SeqCst);
-    let config = route_config(&[slow.addr], &[], 0.0, "timeout = \"60s\"")
-        .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"500ms\"");
+    let config = route_config(&[slow.addr], &[], 0.0, "timeout = \"60s\"").replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"500ms\"\naccess_log = \"errors\"",
+    );
     let mut veer = Veer::start(&config).await;
     let addr = veer.addr;
     let _in_flight = tokio::spawn(async move { get(addr, "/slow", &[]).await });
@@ -56,6 +58,13 @@ async fn shutdown_grace_bounds_the_wait() {
             .await
             .len(),
         1
+    );
+    // The request cut by the end of the grace was given up by veer, not
+    // by its client: no client_closed line (nor count, nor judge record).
+    assert!(
+        !veer.all_logs().contains("client_closed"),
+        "{}",
+        veer.all_logs()
     );
 }
 

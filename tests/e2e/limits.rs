@@ -6,7 +6,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::support::{metric, reference_judge, route_config, wait_verdict, Load, Upstream, Veer};
+use super::support::{
+    metric, reference_judge, route_config, wait_route, wait_verdict, Load, Upstream, Veer,
+};
 
 /// Runs about 200 req/s for `secs` against a canary at 10 % (as the
 /// first report of point-estimate reverts did: the canary's p99 over its
@@ -93,6 +95,19 @@ async fn a_canary_that_hangs_behind_impatient_clients_is_reverted_after_its_warm
         route_config(&[s.addr], &[c.addr], 20.0, "timeout = \"15s\"\n") + &reference_judge();
     let veer = Veer::start(&config).await;
     let load = Load::impatient(veer.addr, 8, Duration::from_secs(1));
+    // During its warm-up the verdict says where the canary's requests went.
+    wait_route(
+        &veer,
+        "a reason naming given-up requests",
+        Duration::from_secs(25),
+        |r| {
+            r["verdict"] == "insufficient_data"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("canary requests given up by their clients"))
+        },
+    )
+    .await;
     // warmup = "30s", from the canary's first request (given up or not).
     let route = wait_verdict(&veer, "reverted", Duration::from_secs(90)).await;
     load.stop().await;

@@ -52,6 +52,20 @@
 //! blue-green colour that took over) there is no stable to compare with, and
 //! the one-sample test alone decides.
 //!
+//! **Requests given up.** A request whose client left before the answer
+//! (after sending it whole) is known only to have taken longer than the
+//! time the version had had it, `t`. The proxy records it as a request of
+//! latency `t` only when `t` is over a slow threshold in force (and as no
+//! error): for each test whose threshold `t` passes it is a bad event it
+//! would have been had the client stayed; for the others it is no event,
+//! and in an absolute limit's one-sample leg it reads as a fast canary
+//! request, which can only weaken evidence against the canary. So the events
+//! a version gets are a subset of those it would get with patient clients,
+//! never more, whatever the clients do; with clients whose patience does
+//! not depend on the version, the canary's events under the null are at
+//! most its share, as above (`P(canary > ρT, patience > ρT) ≤ P(stable >
+//! T, patience > T)` for ρ ≥ 1). `veer_proxy::record::Recorder::given_up`.
+//!
 //! **Key rounds.** A sticky key counts once per canary: its version is
 //! fixed by its hash, so its second bad event would repeat the first
 //! draw. Where a route has few keys (callers keyed by `client-ip`, a few

@@ -320,12 +320,7 @@ pub fn handle(
                     if e == ProxyError::ClientDeadline && upload.sent() {
                         // As a client that left: the call's own deadline
                         // is its caller's patience.
-                        version.metrics.given_up();
-                        if record {
-                            version
-                                .recorder
-                                .given_up(judged_us, key_hash, Some(client_hash));
-                        }
+                        given_up(version, record, judged_us, key_hash, client_hash);
                     }
                 }
                 if let Some(l) = &logged {
@@ -384,7 +379,6 @@ impl Drop for Waiting<'_> {
             return;
         }
         route_less_error(self.shared, ProxyError::ClientClosed);
-        self.version.metrics.given_up();
         let waited = self.upload.version_us(Instant::now());
         if let Some((head, route, client, canary)) = self.log {
             // Logged as nginx logs a client that left: 499.
@@ -398,11 +392,29 @@ impl Drop for Waiting<'_> {
             }
             .line(499, Some(ProxyError::ClientClosed.kind()));
         }
-        if self.record {
-            self.version
-                .recorder
-                .given_up(waited, self.key_hash, Some(self.client));
-        }
+        given_up(
+            self.version,
+            self.record,
+            waited,
+            self.key_hash,
+            self.client,
+        );
+    }
+}
+
+/// A request given up after `waited_us` of the version's time: counted for
+/// the version, and heard by its recorder when the request is judged
+/// ([`crate::record::Recorder::given_up`]).
+fn given_up(
+    version: &VersionTarget,
+    record: bool,
+    waited_us: u64,
+    key_hash: Option<u64>,
+    client: u64,
+) {
+    version.metrics.given_up();
+    if record {
+        version.recorder.given_up(waited_us, key_hash, Some(client));
     }
 }
 

@@ -1,13 +1,16 @@
 //! The alert rules fire on what the binary exports: a real Prometheus
 //! (Debian's `prometheus`, which `.ci/run` installs) scrapes a real veer
 //! every second with `deploy/prometheus/veer-alerts.yaml` through a revert
-//! and a rejected reload, and both alerts fire.
+//! and a rejected reload, and both alerts fire; and through a canary that
+//! hangs behind impatient clients, which fires the page for it.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::support::{get, route_config, wait_verdict, Load, Upstream, Veer, FAST_JUDGE as JUDGE};
+use super::support::{
+    get, route_config, wait_verdict, HangingCanary, Load, Upstream, Veer, FAST_JUDGE as JUDGE,
+};
 
 /// A Prometheus server, killed on drop.
 struct Prometheus {
@@ -158,4 +161,42 @@ async fn the_alerts_fire_on_real_scrapes_of_a_revert_and_a_rejected_reload() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A canary that never answers, behind clients that leave after 300 ms:
+/// their given-up requests page (`VeerCanaryRequestsGivenUp`) within
+/// seconds, while the canary is still in traffic (the example's 30 s
+/// warm-up keeps the judge's latency tests off meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_giving_up_on_a_hanging_canary_page_on_real_scrapes() {
+    let pair = HangingCanary::start().await;
+    let veer = &pair.veer;
+    let prom = Prometheus::start(veer.admin).await;
+    let load = Load::impatient(veer.addr, 8, Duration::from_millis(300));
+    let start = Instant::now();
+    loop {
+        let firing = prom.firing().await;
+        if firing.iter().any(|a| a == "VeerCanaryRequestsGivenUp") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "firing: {firing:?}; alerts: {}; veer: {}",
+            prom.api("/api/v1/alerts").await,
+            veer.metrics().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    load.stop().await;
+    let alerts = prom.api("/api/v1/alerts").await;
+    let page = alerts["alerts"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|x| x["labels"]["alertname"] == "VeerCanaryRequestsGivenUp")
+        })
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(page["labels"]["route"], "web", "{page}");
+    assert_eq!(page["labels"]["severity"], "page", "{page}");
 }

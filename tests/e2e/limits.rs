@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::support::{
-    metric, reference_judge, route_config, wait_route, wait_verdict, Load, Upstream, Veer,
+    metric, reference_judge, route_config, wait_route, wait_verdict, HangingCanary, Load, Upstream,
+    Veer,
 };
 
 /// Runs about 200 req/s for `secs` against a canary at 10 % (as the
@@ -88,16 +89,12 @@ async fn a_canary_with_five_percent_errors_is_reverted_on_the_error_ratio() {
 /// once its warm-up ends, as a canary answering in 1 s would be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_that_hangs_behind_impatient_clients_is_reverted_after_its_warm_up() {
-    let s = Upstream::start("stable").await;
-    let c = Upstream::start("canary").await;
-    c.delay_ms.store(60_000, Ordering::SeqCst);
-    let config =
-        route_config(&[s.addr], &[c.addr], 20.0, "timeout = \"15s\"\n") + &reference_judge();
-    let veer = Veer::start(&config).await;
+    let pair = HangingCanary::start().await;
+    let veer = &pair.veer;
     let load = Load::impatient(veer.addr, 8, Duration::from_secs(1));
     // During its warm-up the verdict says where the canary's requests went.
     wait_route(
-        &veer,
+        veer,
         "a reason naming given-up requests",
         Duration::from_secs(25),
         |r| {
@@ -109,7 +106,7 @@ async fn a_canary_that_hangs_behind_impatient_clients_is_reverted_after_its_warm
     )
     .await;
     // warmup = "30s", from the canary's first request (given up or not).
-    let route = wait_verdict(&veer, "reverted", Duration::from_secs(90)).await;
+    let route = wait_verdict(veer, "reverted", Duration::from_secs(90)).await;
     load.stop().await;
     let guard = route["reverted"]["guard"].as_str().unwrap_or_default();
     assert!(

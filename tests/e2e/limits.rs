@@ -89,7 +89,7 @@ async fn a_canary_with_five_percent_errors_is_reverted_on_the_error_ratio() {
 /// once its warm-up ends, as a canary answering in 1 s would be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_that_hangs_behind_impatient_clients_is_reverted_after_its_warm_up() {
-    let pair = HangingCanary::start().await;
+    let pair = HangingCanary::start(&reference_judge()).await;
     let veer = &pair.veer;
     let load = Load::impatient(veer.addr, 8, Duration::from_secs(1));
     // During its warm-up the verdict says where the canary's requests went.

@@ -153,20 +153,20 @@ pub fn reference_judge() -> String {
 }
 
 /// A canary that never answers (its upstream waits 60 s) at 20 % beside a
-/// healthy stable, on a route that waits 15 s for an answer, judged with
-/// the reference settings; the upstreams live as long as the pair does.
+/// healthy stable, on a route that waits 15 s for an answer, judged by
+/// `judge` (a `[route.judge]` section); the upstreams live as long as the
+/// pair does.
 pub struct HangingCanary {
     pub veer: Veer,
     _upstreams: [Arc<Upstream>; 2],
 }
 
 impl HangingCanary {
-    pub async fn start() -> HangingCanary {
+    pub async fn start(judge: &str) -> HangingCanary {
         let s = Upstream::start("stable").await;
         let c = Upstream::start("canary").await;
         c.delay_ms.store(60_000, Ordering::SeqCst);
-        let config =
-            route_config(&[s.addr], &[c.addr], 20.0, "timeout = \"15s\"\n") + &reference_judge();
+        let config = route_config(&[s.addr], &[c.addr], 20.0, "timeout = \"15s\"\n") + judge;
         let veer = Veer::start(&config).await;
         HangingCanary {
             veer,

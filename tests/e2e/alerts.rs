@@ -203,3 +203,78 @@ async fn clients_giving_up_on_a_hanging_canary_page_on_real_scrapes() {
     assert_eq!(page["labels"]["route"], "web", "{page}");
     assert_eq!(page["labels"]["severity"], "page", "{page}");
 }
+
+/// The expression of the shipped alert `name`.
+fn alert_expr(name: &str) -> String {
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/prometheus/veer-alerts.yaml");
+    let text = std::fs::read_to_string(rules).expect("deploy/prometheus/veer-alerts.yaml");
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("YAML");
+    doc["groups"][0]["rules"]
+        .as_sequence()
+        .and_then(|rules| rules.iter().find(|r| r["alert"].as_str() == Some(name)))
+        .and_then(|r| r["expr"].as_str())
+        .map(String::from)
+        .unwrap_or_else(|| panic!("no alert {name}"))
+}
+
+/// `query` as a URL query's value: every byte but letters and digits
+/// percent-encoded.
+fn url_encoded(query: &str) -> String {
+    query
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The latency alert's expression (its condition, without its `for`), run
+/// by a real Prometheus on real scrapes: a canary answering in 1.2 s is
+/// over 1 s by its window's p99 (the version's own time), stable is not,
+/// and the client-side histogram's fallback adds no second series for a
+/// route the judge records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_latency_alert_reads_a_slow_versions_own_time_on_real_scrapes() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.delay_ms.store(1_200, Ordering::SeqCst);
+    // Observed, not enforced: a slow canary stays in traffic.
+    let config = route_config(&[s.addr], &[c.addr], 50.0, "") + JUDGE + "mode = \"observe\"\n";
+    let veer = Veer::start(&config).await;
+    let prom = Prometheus::start(veer.admin).await;
+    let load = Load::start(veer.addr, 8, Duration::ZERO);
+    let query = format!(
+        "/api/v1/query?query={}",
+        url_encoded(&alert_expr("VeerLatencyP99High"))
+    );
+    let start = Instant::now();
+    let result = loop {
+        let data = prom.api(&query).await;
+        if data["result"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|x| x["metric"]["version"] == "v2"))
+        {
+            break data["result"].clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the condition never held for the slow canary: {data}; veer: {}",
+            veer.metrics().await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    load.stop().await;
+    let series = result.as_array().cloned().unwrap_or_default();
+    assert_eq!(series.len(), 1, "only the canary, once: {result}");
+    assert_eq!(series[0]["metric"]["route"], "web", "{result}");
+    let p99 = series[0]["value"][1]
+        .as_str()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!((1.0..2.0).contains(&p99), "{result}");
+}

@@ -265,9 +265,10 @@ pub struct Judge {
     paired: Vec<LimitTest>,
     /// Mirrored pairs per tick over the window (newest last).
     pair_window: std::collections::VecDeque<u64>,
-    /// Canary requests given up by their clients and not in its window
-    /// (see [`VersionTick::given_up`]), per tick over the window.
-    canary_given_up: std::collections::VecDeque<u64>,
+    /// Requests given up by their clients and not in the window (see
+    /// [`VersionTick::given_up`]), stable's and the canary's, per tick over
+    /// the window (newest last).
+    given_up: std::collections::VecDeque<(u64, u64)>,
     /// In a fleet that pools its evidence: the fleet's pooled tests, as
     /// this replica sees them (see [`crate::pool`]).
     pool: Option<PoolView>,
@@ -313,7 +314,7 @@ impl Judge {
             watch: None,
             paired: Vec::new(),
             pair_window: std::collections::VecDeque::new(),
-            canary_given_up: std::collections::VecDeque::new(),
+            given_up: std::collections::VecDeque::new(),
             pool: None,
             seat: None,
         };
@@ -378,7 +379,9 @@ impl Judge {
             Vec::new()
         };
         self.pair_window.clear();
-        self.canary_given_up.clear();
+        for tick in &mut self.given_up {
+            tick.1 = 0;
+        }
         self.canary.clear();
         self.canary_age = None;
         self.pool = None;
@@ -443,6 +446,14 @@ impl Judge {
     /// Mirrored pairs judged over the window.
     pub fn pairs_in_window(&self) -> u64 {
         self.pair_window.iter().sum()
+    }
+
+    /// Requests given up by their clients in the window and not in it
+    /// (under every latency threshold in force): stable's, the canary's.
+    pub fn given_up_in_window(&self) -> (u64, u64) {
+        self.given_up
+            .iter()
+            .fold((0, 0), |(s, c), (ts, tc)| (s + ts, c + tc))
     }
 
     /// Window totals of stable.
@@ -642,7 +653,7 @@ impl Judge {
             && self.watch.is_none()
             && !(self.canary_age.is_some() && self.warming_up())
             && self.pair_window.iter().all(|n| *n == 0)
-            && self.canary_given_up.iter().all(|n| *n == 0)
+            && self.given_up.iter().all(|n| *n == (0, 0))
             && !self.pool_crossed()
     }
 
@@ -703,9 +714,9 @@ impl Judge {
         }
         self.stable.push(stable.slice);
         self.canary.push(canary.slice);
-        self.canary_given_up.push_back(canary.given_up);
-        while self.canary_given_up.len() > self.canary.slices() {
-            self.canary_given_up.pop_front();
+        self.given_up.push_back((stable.given_up, canary.given_up));
+        while self.given_up.len() > self.canary.slices() {
+            self.given_up.pop_front();
         }
         self.update_thresholds();
         let st = self.stable.stats();
@@ -736,7 +747,7 @@ impl Judge {
                     "window has {} canary and {} stable requests; {min} each are needed{}",
                     ca.requests,
                     st.requests,
-                    match self.canary_given_up.iter().sum::<u64>() {
+                    match self.given_up_in_window().1 {
                         0 => String::new(),
                         n => format!(
                             "; {n} more canary requests given up by their clients unanswered"

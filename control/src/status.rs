@@ -313,6 +313,12 @@ pub struct WindowStats {
     pub p99_ms: f64,
     /// 99.9th percentile, ms.
     pub p999_ms: f64,
+    /// Requests given up by their clients (they left after sending the
+    /// whole request, before the answer) under every latency threshold in
+    /// force: counted here, not in `requests` (a request given up past a
+    /// threshold is in `requests`, at the time it had waited).
+    #[serde(default)]
+    pub given_up: u64,
 }
 
 /// `x` as a finite number: infinity as the largest finite, NaN as 0.
@@ -334,6 +340,7 @@ impl From<&Stats> for WindowStats {
             p95_ms: s.quantile_ms(0.95),
             p99_ms: s.quantile_ms(0.99),
             p999_ms: s.quantile_ms(0.999),
+            given_up: 0,
         }
     }
 }

@@ -73,12 +73,18 @@ pub fn route_status(
             address_rounds: target.stable.recorder.keys().address_rounds(),
             ..EvidenceStatus::from(&rt.judge.evidence())
         },
-        window: WindowStatus {
-            stable: WindowStats::from(rt.judge.stable_stats()),
-            canary: c
-                .canary
-                .as_ref()
-                .map(|_| WindowStats::from(rt.judge.canary_stats())),
+        window: {
+            let (stable_given_up, canary_given_up) = rt.judge.given_up_in_window();
+            WindowStatus {
+                stable: WindowStats {
+                    given_up: stable_given_up,
+                    ..WindowStats::from(rt.judge.stable_stats())
+                },
+                canary: c.canary.as_ref().map(|_| WindowStats {
+                    given_up: canary_given_up,
+                    ..WindowStats::from(rt.judge.canary_stats())
+                }),
+            }
         },
         deployments: deployments.into(),
         fleet: None,

@@ -246,8 +246,16 @@ pub fn render(v: &StatusDoc) -> String {
         }
         let _ = writeln!(
             out,
-            "  {:<8} {:<16} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9}",
-            "ROLE", "VERSION", "ENDPOINTS", "REQUESTS", "ERRORS", "P50 ms", "P99 ms", "P999 ms"
+            "  {:<8} {:<16} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
+            "ROLE",
+            "VERSION",
+            "ENDPOINTS",
+            "REQUESTS",
+            "ERRORS",
+            "P50 ms",
+            "P99 ms",
+            "P999 ms",
+            "GIVEN UP"
         );
         let roles = [
             ("stable", Some(&r.stable), Some(&r.window.stable)),
@@ -259,7 +267,7 @@ pub fn render(v: &StatusDoc) -> String {
             let healthy = ver.endpoints.iter().filter(|e| e.healthy).count();
             let _ = writeln!(
                 out,
-                "  {:<8} {:<16} {:>9} {:>9} {:>7.2}% {:>9.1} {:>9.1} {:>9.1}",
+                "  {:<8} {:<16} {:>9} {:>9} {:>7.2}% {:>9.1} {:>9.1} {:>9.1} {:>9}",
                 role,
                 ver.version,
                 format!("{healthy}/{}", ver.endpoints.len()),
@@ -268,6 +276,7 @@ pub fn render(v: &StatusDoc) -> String {
                 w.p50_ms,
                 w.p99_ms,
                 w.p999_ms,
+                w.given_up,
             );
         }
     }

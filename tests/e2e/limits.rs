@@ -92,7 +92,8 @@ async fn a_canary_that_hangs_behind_impatient_clients_is_reverted_after_its_warm
     let pair = HangingCanary::start(&reference_judge()).await;
     let veer = &pair.veer;
     let load = Load::impatient(veer.addr, 8, Duration::from_secs(1));
-    // During its warm-up the verdict says where the canary's requests went.
+    // During its warm-up the verdict and the window say where the canary's
+    // requests went.
     wait_route(
         veer,
         "a reason naming given-up requests",
@@ -102,6 +103,8 @@ async fn a_canary_that_hangs_behind_impatient_clients_is_reverted_after_its_warm
                 && r["reason"]
                     .as_str()
                     .is_some_and(|s| s.contains("canary requests given up by their clients"))
+                && r["window"]["canary"]["given_up"].as_u64() > Some(0)
+                && r["window"]["stable"]["given_up"] == 0
         },
     )
     .await;

@@ -760,11 +760,22 @@ fn given_up_canary_requests_start_its_warm_up_and_are_named_while_data_is_short(
         v.reason
     );
     assert!(warming(&j));
+    assert_eq!(j.given_up_in_window(), (0, 5));
     // Its warm-up clock runs from that first given-up request.
     for _ in 0..31 {
         j.tick(input(0.1, tick(100, 0, 1_000), gone()));
     }
     assert!(!warming(&j), "the canary never left its warm-up");
+    assert_eq!(j.given_up_in_window(), (0, 5 * 32));
     // The window holds them until they fall out.
     assert!(!j.quiet(&idle(), &idle()));
+    // Stable's are counted too; a new canary (a reset) starts from none of
+    // its own, and stable's stay.
+    j.tick(input(0.1, gone(), idle()));
+    j.reset_tests();
+    assert_eq!(j.given_up_in_window(), (5, 0));
+    for _ in 0..61 {
+        j.tick(input(0.1, tick(100, 0, 1_000), idle()));
+    }
+    assert_eq!(j.given_up_in_window(), (0, 0), "the window let them go");
 }

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-use super::support::{get, metric, wait_route, Veer, FAST_JUDGE};
+use super::support::{get, metric, reference_judge, wait_route, wait_verdict, Veer, FAST_JUDGE};
 
 // ---------------------------------------------------------------- test CA
 
@@ -503,6 +503,65 @@ async fn raw_grpc_call(
     let collected = body.collect().await.unwrap();
     let trailers = collected.trailers().cloned().unwrap_or_default();
     (parts.headers, trailers)
+}
+
+/// A gRPC canary that hangs behind callers whose own deadline (1 s) is
+/// shorter than the route's `timeout` (15 s): every call to it ends in
+/// the caller's DEADLINE_EXCEEDED, a request given up past the latency
+/// tests' thresholds, and the canary is reverted on latency once its
+/// warm-up (the example's 30 s) ends, never on errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_canary_that_hangs_past_its_callers_deadlines_is_reverted_after_its_warm_up() {
+    let s = GrpcPeer::start("stable", None).await;
+    let c = GrpcPeer::start("canary", None).await;
+    c.delay_ms.store(60_000, Ordering::SeqCst);
+    let veer = Veer::start(
+        &(config(
+            &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", s.addr),
+            Some(&format!(
+                "version = \"v2\"\nendpoints = [\"h2c://{}\"]\nweight = 20",
+                c.addr
+            )),
+            "timeout = \"15s\"",
+        ) + &reference_judge()),
+    )
+    .await;
+    // 8 callers, a key a call, each call with a 1 s deadline; bounded by
+    // the stop flag and 120 s.
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers: Vec<_> = (0..8)
+        .map(|w| {
+            let (stop, addr) = (stop.clone(), veer.addr);
+            tokio::spawn(async move {
+                let start = std::time::Instant::now();
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(120) {
+                    let _ = raw_grpc_call(addr, "1S", &format!("caller-{w}-{i}")).await;
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let route = wait_verdict(&veer, "reverted", Duration::from_secs(90)).await;
+    stop.store(true, Ordering::SeqCst);
+    for c in callers {
+        let _ = c.await;
+    }
+    let guard = route["reverted"]["guard"].as_str().unwrap_or_default();
+    assert!(
+        guard == "latency_ratio" || guard == "max_latency",
+        "{route}"
+    );
+    assert_eq!(route["window"]["canary"]["errors"], 0, "{route}");
+    let m = veer.metrics().await;
+    let given_up = |v: &str| {
+        let series = format!(r#"veer_requests_given_up_total{{route="web",version="{v}"}}"#);
+        metric(&m, &series).unwrap_or(0.0)
+    };
+    assert!(given_up("v2") >= 10.0, "{m}");
+    assert_eq!(given_up("v1"), 0.0, "stable answered every call: {m}");
+    let deadlines = metric(&m, r#"veer_proxy_errors_total{kind="client_deadline"}"#);
+    assert!(deadlines >= Some(10.0), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -201,6 +201,7 @@ async fn clients_giving_up_on_a_hanging_canary_page_on_real_scrapes() {
         .cloned()
         .unwrap_or_default();
     assert_eq!(page["labels"]["route"], "web", "{page}");
+    assert_eq!(page["labels"]["version"], "v2", "{page}");
     assert_eq!(page["labels"]["severity"], "page", "{page}");
 }
 

@@ -47,7 +47,7 @@ for n in "${counts[@]}"; do
     sleep 0.1
   done
   sleep 5
-  veer_pid=$(pgrep -P "$pid" -x veer)   # `timeout` is the parent
+  veer_pid=$(pgrep -P "$pid")   # `timeout` is the parent; veer its only child, whatever its name
   rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$veer_pid/status")
   t0=$(cpu_ticks "$veer_pid")
   sleep 10

@@ -112,6 +112,24 @@ impl Prometheus {
             })
             .unwrap_or_default()
     }
+
+    /// Polls every 200 ms until every alert of `names` fires; fails after
+    /// `limit` with what Prometheus had.
+    async fn wait_firing(&self, names: &[&str], limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let firing = self.firing().await;
+            if names.iter().all(|n| firing.iter().any(|a| a == n)) {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "firing: {firing:?}, not all of {names:?}; alerts: {}",
+                self.api("/api/v1/alerts").await
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,21 +165,11 @@ async fn the_alerts_fire_on_real_scrapes_of_a_revert_and_a_rejected_reload() {
     wait_verdict(&veer, "reverted", Duration::from_secs(20)).await;
     load.stop().await;
     veer.write_config("this is not [toml");
-    let start = Instant::now();
-    loop {
-        let firing = prom.firing().await;
-        if firing.iter().any(|a| a == "VeerCanaryReverted")
-            && firing.iter().any(|a| a == "VeerConfigReloadFailing")
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "firing: {firing:?}; alerts: {}",
-            prom.api("/api/v1/alerts").await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    prom.wait_firing(
+        &["VeerCanaryReverted", "VeerConfigReloadFailing"],
+        Duration::from_secs(60),
+    )
+    .await;
 }
 
 /// A canary that never answers, behind clients that leave after 300 ms,
@@ -176,20 +184,9 @@ async fn clients_giving_up_on_a_hanging_canary_page_on_real_scrapes() {
     let veer = &pair.veer;
     let prom = Prometheus::start(veer.admin).await;
     let load = Load::impatient(veer.addr, 8, Duration::from_millis(300));
-    let start = Instant::now();
-    loop {
-        let firing = prom.firing().await;
-        if firing.iter().any(|a| a == "VeerCanaryRequestsGivenUp") {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "firing: {firing:?}; alerts: {}; veer: {}",
-            prom.api("/api/v1/alerts").await,
-            veer.metrics().await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // Pending for its minute, then firing.
+    prom.wait_firing(&["VeerCanaryRequestsGivenUp"], Duration::from_secs(120))
+        .await;
     load.stop().await;
     let alerts = prom.api("/api/v1/alerts").await;
     let page = alerts["alerts"]

@@ -125,12 +125,8 @@ pub struct Pending {
     /// The request body's record: a body the client broke is not the
     /// version's failure, even when the upstream then breaks off too.
     pub upload: Arc<crate::upload::Upload>,
-    /// A mirrored request's copy waits for this answer to make its pair
-    /// (with the µs its head took, as the pair times it).
-    pub pair: Option<(
-        tokio::sync::oneshot::Sender<crate::mirror::StableAnswer>,
-        u64,
-    )>,
+    /// A mirrored request's copy waits for this answer to make its pair.
+    pub pair: Option<crate::mirror::PairSender>,
 }
 
 impl Pending {
@@ -157,8 +153,8 @@ impl Pending {
         version
             .recorder
             .record_from(self.micros, outcome, self.key_hash, Some(self.client));
-        if let Some((tx, at)) = self.pair {
-            let _ = tx.send((at, outcome));
+        if let Some(pair) = self.pair {
+            pair.send(outcome);
         }
     }
 }

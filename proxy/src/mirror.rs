@@ -66,6 +66,42 @@ const PAIR_WAIT: Duration = Duration::from_secs(60);
 /// Stable's side of a pair: latency to the response head (µs) and outcome.
 pub type StableAnswer = (u64, Outcome);
 
+/// Stable's side of a pair as the copy's task gets it.
+#[derive(Debug)]
+pub struct StableSide {
+    answer: StableAnswer,
+    /// When stable's request was sent, in µs from the client's start (none
+    /// off the raw way).
+    sent_us: Option<u64>,
+}
+
+/// Where stable's answer to a mirrored request goes once it is recorded:
+/// to its copy's task, to make their pair.
+#[derive(Debug)]
+pub struct PairSender {
+    tx: oneshot::Sender<StableSide>,
+    at: u64,
+    sent_us: Option<u64>,
+}
+
+impl PairSender {
+    /// Stable's answer came `at` µs after the client's start; its request
+    /// was sent at `sent_us`.
+    pub fn new(tx: oneshot::Sender<StableSide>, at: u64, sent_us: Option<u64>) -> PairSender {
+        PairSender { tx, at, sent_us }
+    }
+
+    /// The answer's outcome, as recorded: the pair can be made.
+    pub fn send(self, outcome: Outcome) {
+        // A copy's task gone (it gave up, or its runtime is shutting down)
+        // makes no pair.
+        let _ = self.tx.send(StableSide {
+            answer: (self.at, outcome),
+            sent_us: self.sent_us,
+        });
+    }
+}
+
 /// The mirrored pairs of one canary identity, counted for the judge, and
 /// the cap on copies in flight. Kept by the controller's runtime of the
 /// route (across snapshots), written by the copies' tasks.
@@ -266,7 +302,7 @@ pub struct Seed {
     /// The route (its canary, timeouts and pairs).
     pub route: Arc<RouteTarget>,
     /// Stable's answer, once recorded.
-    pub stable: oneshot::Receiver<StableAnswer>,
+    pub stable: oneshot::Receiver<StableSide>,
     /// The sticky key's hash (the copy's endpoint pick).
     pub key_hash: Option<u64>,
     /// When the client's request began: both sides of the pair are timed
@@ -280,16 +316,20 @@ pub struct Seed {
 /// known to be too large.
 ///
 /// A bodiless copy that goes the raw way and finds an idle connection to
-/// its endpoint is written from the client's task: before stable's
-/// request or, given back as [`Second`], right after it (a coin flip).
-/// Why: of two requests sent at once, the second is the one that waits,
-/// on a busy machine, behind the first (in the upstreams' host, and in
-/// veer's runtime, where its answer is read after the first's). Copies
+/// its endpoint is given back as [`Beside`], to be written from the
+/// client's task right before stable's request or right after it (a coin
+/// flip). Why: of two requests sent at once, the second is the one that
+/// waits, on a busy machine, behind the first (in the upstreams' host, and
+/// in veer's runtime, where its answer is read after the first's). Copies
 /// always sent second, from their own task, were slower than stable's
 /// answer in the tail far more often than the reverse (an identical
 /// shadow canary was reverted by the paired latency test, 15 pairs to 0);
 /// copies always sent first would hide a slower canary. Sent either way
-/// as often, neither version is the second one more often. A copy that
+/// as often, and next to stable's request either way (a copy written
+/// first here, before stable's connection was even picked, had a head
+/// start the one written second had not: in one run an identical copy
+/// was the faster in 671 discordant pairs and the slower in 553), neither
+/// version is the second one more often. A copy that
 /// finds no idle connection is sent from its own task (the client's
 /// request never waits on a connect to the canary), as is one with a body
 /// (sent once the body is whole).
@@ -298,7 +338,7 @@ pub fn start(
     head: &http::request::Parts,
     body: &mut ClientBody,
     body_timeout: Duration,
-) -> Option<Box<Second>> {
+) -> Option<Box<Beside>> {
     let target = seed.route.mirror.as_ref()?;
     let Some(permit) = target.pairs.permit() else {
         target.count(3);
@@ -331,32 +371,32 @@ pub fn start(
         BodyCopy::Empty => HeadStart::prepare(&seed, &mut req),
         BodyCopy::Teed(_) => None,
     };
-    let (copy, second) = match (sent, req) {
-        (Some(mut sent), _) if fastrand::bool() => {
-            sent.write();
-            (Copy::Sent(sent), None)
-        }
+    let (copy, beside) = match (sent, req) {
         (Some(sent), _) => {
             let (tx, rx) = oneshot::channel();
-            let second = Second {
+            let beside = Beside {
                 sent: Some((sent, tx)),
+                before: fastrand::bool(),
             };
-            (Copy::Second(rx), Some(Box::new(second)))
+            (Copy::Beside(rx), Some(Box::new(beside)))
         }
-        (None, Some(req)) => (Copy::Waiting(req, copy), None),
+        (None, Some(req)) => (Copy::Waiting(Box::new(req), copy), None),
         (None, None) => return None,
     };
     tokio::spawn(run(seed, copy, body_timeout, permit));
-    second
+    beside
 }
 
-/// A copy to be written right after stable's request (see [`start`]): it
-/// is written when this is dropped.
-pub struct Second {
+/// A copy to be written right before or right after stable's request
+/// (see [`start`] and [`crate::raw::Arrival::then_write`]): it is written
+/// when this is dropped.
+pub struct Beside {
     sent: Option<(HeadStart, oneshot::Sender<HeadStart>)>,
+    /// Right before stable's request.
+    pub before: bool,
 }
 
-impl Drop for Second {
+impl Drop for Beside {
     fn drop(&mut self) {
         if let Some((mut sent, tx)) = self.sent.take() {
             sent.write();
@@ -374,11 +414,9 @@ enum BodyCopy {
 /// A copy as its task gets it.
 enum Copy {
     /// To be sent once its body (if any) is whole.
-    Waiting(Request<()>, BodyCopy),
-    /// Written from the client's task before stable's request.
-    Sent(HeadStart),
-    /// To be written from the client's task after stable's request.
-    Second(oneshot::Receiver<HeadStart>),
+    Waiting(Box<Request<()>>, BodyCopy),
+    /// To be written from the client's task beside stable's request.
+    Beside(oneshot::Receiver<HeadStart>),
 }
 
 /// A bodiless copy for an idle raw connection of its canary endpoint,
@@ -430,9 +468,10 @@ async fn run(seed: Seed, copy: Copy, body_timeout: Duration, permit: OwnedSemaph
     let (Some(target), Some(canary)) = (route.mirror.as_ref(), route.canary.as_ref()) else {
         return;
     };
+    // Sent from its own task: later than stable's request.
+    let late = matches!(copy, Copy::Waiting(..));
     let (req, grpc) = match copy {
-        Copy::Sent(sent) => (Err(sent), false),
-        Copy::Second(rx) => match rx.await {
+        Copy::Beside(rx) => match rx.await {
             Ok(sent) => (Err(sent), false),
             Err(_) => return target.count(4),
         },
@@ -446,7 +485,7 @@ async fn run(seed: Seed, copy: Copy, body_timeout: Duration, permit: OwnedSemaph
                 },
             };
             let grpc = crate::grpc::is_grpc(head.headers());
-            (Ok(head.map(|()| ClientBody::copy(body))), grpc)
+            (Ok((*head).map(|()| ClientBody::copy(body))), grpc)
         }
     };
     // Timed from the client's request's start, as stable's answer is, and
@@ -489,13 +528,54 @@ async fn run(seed: Seed, copy: Copy, body_timeout: Duration, permit: OwnedSemaph
     // pile up.
     match tokio::time::timeout(PAIR_WAIT, seed.stable).await {
         Ok(Ok(stable)) => {
-            target
-                .pairs
-                .record(stable, shadow, &route.stable.recorder, &canary.recorder)
+            let shadow = match late {
+                true => as_if_sent_with_stable(
+                    shadow,
+                    arrival.head_us(),
+                    arrival.sent_us(),
+                    stable.sent_us,
+                ),
+                false => shadow,
+            };
+            target.pairs.record(
+                stable.answer,
+                shadow,
+                &route.stable.recorder,
+                &canary.recorder,
+            )
         }
         _ => target.count(4),
     }
     drop(permit);
+}
+
+/// A copy sent from its own task, timed as if it had been sent when
+/// stable's request was: stable's time to its send, plus the copy's own
+/// from its send to its head. Why: a copy that finds no idle connection to
+/// its canary is sent once connected and once its task runs, on a busy
+/// machine milliseconds after stable's request; timed from the client's
+/// start, that wait was counted as the canary's, and an identical shadow
+/// canary was reverted by the paired latency test (its copy slower in 17
+/// pairs, stable in 1). Only when both went the raw way (else neither
+/// send is timed), and only for a head's time (a timeout or an error is
+/// left as it is). Copies written from the client's task, just before or
+/// after stable's request, are timed from the client's start as it is:
+/// their coin flip is what keeps either side from being the later one.
+///
+/// The times are µs from the client's start: the copy's head and send,
+/// stable's send.
+fn as_if_sent_with_stable(
+    shadow: StableAnswer,
+    head: Option<u64>,
+    own: Option<u64>,
+    theirs: Option<u64>,
+) -> StableAnswer {
+    match (head, own, theirs) {
+        (Some(head), Some(own), Some(theirs)) if shadow.0 == head => {
+            (head.saturating_sub(own) + theirs, shadow.1)
+        }
+        _ => shadow,
+    }
 }
 
 /// A copy's answer head, the connection it came on when hyper read it (a
@@ -681,6 +761,106 @@ mod tests {
         let only_get = target(10_000, &["GET"]);
         assert!(only_get.wants(&Method::GET, Some(h)));
         assert!(!only_get.wants(&Method::POST, Some(h)));
+    }
+
+    /// Whether a copy kept `before` stable's request reached its server
+    /// while stable's request could not be written (its server reads
+    /// nothing and its connection's buffers are full); and that it did by
+    /// the time stable's exchange was dropped in any case.
+    async fn copy_went_while_stables_request_waited(before: bool) -> bool {
+        use crate::upstream::{Connector, Upstreams};
+        use tokio::net::TcpListener;
+        let (copy_l, stable_l) = (
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        );
+        let ups = Upstreams::new();
+        let copy_up = ups.get(copy_l.local_addr().unwrap(), Connector::H1, 8);
+        let stable_up = ups.get(stable_l.local_addr().unwrap(), Connector::H1, 8);
+        let timeout = Duration::from_secs(5);
+        let copy_sender = copy_up.get(timeout, false, true).await.unwrap();
+        let (copy_server, _) = copy_l.accept().await.unwrap();
+        let mut stable_sender = stable_up.get(timeout, false, true).await.unwrap();
+        let (_stable_server, _) = stable_l.accept().await.unwrap();
+        // Stable's server reads nothing: its connection fills up.
+        let conn = stable_sender.raw_mut().unwrap();
+        let junk = vec![b'x'; 1 << 16];
+        let mut rounds = 0;
+        while conn.write_now(&junk) == junk.len() {
+            rounds += 1;
+            assert!(rounds < 10_000, "the connection never filled");
+        }
+        let get = || {
+            let mut req = Request::new(ClientBody::copy(Bytes::new()));
+            *req.uri_mut() = "/".parse().unwrap();
+            req.headers_mut()
+                .insert(http::header::HOST, HeaderValue::from_static("svc.test"));
+            req
+        };
+        let (tx, _rx) = oneshot::channel();
+        let copy = HeadStart {
+            endpoint: copy_up.clone(),
+            sender: copy_sender,
+            request: crate::raw::Encoded::new(get(), None),
+        };
+        let arrival = crate::raw::Arrival::new(Instant::now());
+        arrival.then_write(Box::new(Beside {
+            sent: Some((copy, tx)),
+            before,
+        }));
+        let exchange = crate::raw::send(
+            stable_sender,
+            stable_up,
+            get(),
+            None,
+            timeout,
+            Some(&arrival),
+        );
+        let blocked = tokio::time::timeout(Duration::from_millis(200), exchange).await;
+        assert!(blocked.is_err(), "stable's request could not be written");
+        // A write on loopback is in the peer's receive queue when it returns.
+        let mut buf = [0u8; 64];
+        let went = match copy_server.try_read(&mut buf) {
+            Ok(n) => n > 0,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) => panic!("{e}"),
+        };
+        // Dropped with the exchange that never wrote: the copy goes now.
+        drop(arrival);
+        tokio::time::timeout(Duration::from_secs(10), copy_server.readable())
+            .await
+            .expect("the copy was written by the time its exchange was dropped")
+            .unwrap();
+        went
+    }
+
+    #[test]
+    fn a_copy_sent_late_is_timed_as_if_sent_with_stables_request() {
+        // Sent 4 ms after the client's start, answered 1 ms later; stable's
+        // request went at 0.2 ms: 1.2 ms.
+        let ok = (5_000, Outcome::Ok);
+        assert_eq!(
+            as_if_sent_with_stable(ok, Some(5_000), Some(4_000), Some(200)),
+            (1_200, Outcome::Ok)
+        );
+        // Either send not timed (not the raw way): as it was.
+        assert_eq!(as_if_sent_with_stable(ok, Some(5_000), None, Some(200)), ok);
+        assert_eq!(
+            as_if_sent_with_stable(ok, Some(5_000), Some(4_000), None),
+            ok
+        );
+        // A time that is not the head's (a timeout): as it was.
+        let timeout = (9_000, Outcome::Timeout);
+        assert_eq!(
+            as_if_sent_with_stable(timeout, Some(5_000), Some(4_000), Some(200)),
+            timeout
+        );
+    }
+
+    #[tokio::test]
+    async fn a_copy_goes_right_before_or_right_after_stables_request_as_it_asks() {
+        assert!(copy_went_while_stables_request_waited(true).await);
+        assert!(!copy_went_while_stables_request_waited(false).await);
     }
 
     #[test]

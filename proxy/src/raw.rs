@@ -380,14 +380,17 @@ pub struct Arrival {
     /// µs after `base`, plus one, of the last wake-up not yet taken (0:
     /// none).
     woke: AtomicU64,
+    /// µs after `base`, plus one, when the request's last bytes were
+    /// written (0: not yet, or not on a raw connection).
+    sent: AtomicU64,
     /// µs after `base`, plus one, when the head was whole (0: not yet).
     head: AtomicU64,
     /// The head's time is the kernel's.
     kernel: std::sync::atomic::AtomicBool,
     /// The task that waits for the socket.
     task: Mutex<Option<Waker>>,
-    /// A mirrored copy to write once this request is written.
-    then: Mutex<Option<Box<crate::mirror::Second>>>,
+    /// A mirrored copy to write right before or right after this request.
+    beside: Mutex<Option<Box<crate::mirror::Beside>>>,
 }
 
 impl Arrival {
@@ -400,24 +403,49 @@ impl Arrival {
                 now.checked_sub(base.elapsed()).unwrap_or(now)
             },
             woke: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
             head: AtomicU64::new(0),
             kernel: std::sync::atomic::AtomicBool::new(false),
             task: Mutex::new(None),
-            then: Mutex::new(None),
+            beside: Mutex::new(None),
         })
     }
 
-    /// Keeps `second` (a mirrored copy) to be written right after this
-    /// exchange's request ([`Arrival::written`]).
-    pub fn then_write(&self, second: Box<crate::mirror::Second>) {
-        *lock(&self.then) = Some(second);
+    /// Keeps `copy` (a mirrored copy) to be written right before this
+    /// exchange's request ([`Arrival::writing`]) or right after it
+    /// ([`Arrival::written`]), as it asks.
+    pub fn then_write(&self, copy: Box<crate::mirror::Beside>) {
+        *lock(&self.beside) = Some(copy);
     }
 
-    /// The request is written: the copy kept for after it goes.
-    pub fn written(&self) {
+    /// The request is about to be written: the copy kept for before it
+    /// goes.
+    pub fn writing(&self) {
         // Taken out first: the copy is written with the lock free.
-        let second = lock(&self.then).take();
-        drop(second);
+        let copy = {
+            let mut beside = lock(&self.beside);
+            match beside.as_ref() {
+                Some(c) if c.before => beside.take(),
+                _ => None,
+            }
+        };
+        drop(copy);
+    }
+
+    /// The request is written: the copy kept (for after it, or for before
+    /// it on a path that does not tell when it begins) goes.
+    pub fn written(&self) {
+        let copy = lock(&self.beside).take();
+        drop(copy);
+    }
+
+    /// µs from `base` until the request's last bytes were written, once
+    /// they have been by its exchange on a raw connection (the last
+    /// attempt's, when a pooled connection's failure sent it again; a
+    /// copy's bytes written from the client's task before its exchange
+    /// began are not timed).
+    pub fn sent_us(&self) -> Option<u64> {
+        self.sent.load(Ordering::Relaxed).checked_sub(1)
     }
 
     /// µs from `base` until the response head came, once it has.
@@ -766,14 +794,16 @@ async fn exchange(
     arrival: Option<&Arc<Arrival>>,
     spare: &mut HeaderMap,
 ) -> Result<Head, Failure> {
-    if arrival.is_some() {
+    if let Some(a) = arrival {
         conn.stamp();
+        a.writing();
     }
     conn.io
         .write_all(request)
         .await
         .map_err(|_| Failure::Unanswered)?;
     if let Some(a) = arrival {
+        a.sent.store(a.now(), Ordering::Relaxed);
         a.written();
     }
     let mut answered = false;
@@ -1791,6 +1821,8 @@ mod tests {
         };
         assert_eq!(resp.unwrap().status(), StatusCode::OK);
         let head = arrival.head_us().unwrap();
+        let sent = arrival.sent_us().expect("the send timed");
+        assert!(sent <= head, "sent at {sent} µs, answered at {head} µs");
         assert!(
             head <= woken_by && head + 150_000 < polled_at,
             "head timed at {head} µs; the socket woke the task by {woken_by} µs, \

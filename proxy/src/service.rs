@@ -149,14 +149,14 @@ pub fn handle(
         let (pair, shadow, arrival) = match &route.mirror {
             Some(m) if !canary && record && m.wants(req.method(), key_hash) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
+                // Both sides of the pair timed alike (see `raw::Arrival`).
+                let arrival = crate::raw::Arrival::new(start);
                 let seed = crate::mirror::Seed {
                     route: route.clone(),
                     stable: rx,
                     key_hash,
                     start,
                 };
-                // Both sides of the pair timed alike (see `raw::Arrival`).
-                let arrival = crate::raw::Arrival::new(start);
                 (Some(tx), Some(Box::new(seed)), Some(arrival))
             }
             _ => (None, None, None),
@@ -209,7 +209,8 @@ pub fn handle(
         let judged_us = upload.version_us(now);
         let pair = pair.map(|tx| {
             let at = arrival.as_ref().and_then(|a| a.head_us());
-            (tx, at.unwrap_or(micros))
+            let sent = arrival.as_ref().and_then(|a| a.sent_us());
+            crate::mirror::PairSender::new(tx, at.unwrap_or(micros), sent)
         });
         // Only with an access log: the request line was kept for it.
         let logged = head.map(|head| Logged {
@@ -282,8 +283,8 @@ pub fn handle(
                             key_hash,
                             Some(client_hash),
                         );
-                        if let Some((tx, at)) = pair {
-                            let _ = tx.send((at, outcome));
+                        if let Some(pair) = pair {
+                            pair.send(outcome);
                         }
                     }
                     ProxyBody::Full(_) => {}
@@ -311,8 +312,8 @@ pub fn handle(
                             key_hash,
                             Some(client_hash),
                         );
-                        if let Some((tx, at)) = pair {
-                            let _ = tx.send((at, outcome));
+                        if let Some(pair) = pair {
+                            pair.send(outcome);
                         }
                     }
                 } else {
@@ -573,10 +574,10 @@ fn outgoing(
         Some(forwarding)
     };
     if let Some(seed) = shadow {
-        let second = crate::mirror::start(*seed, &parts, &mut body, body_timeout);
-        // Written once the request is (see `mirror::start`).
-        if let (Some(second), Some(arrival)) = (second, &hop.arrival) {
-            arrival.then_write(second);
+        let copy = crate::mirror::start(*seed, &parts, &mut body, body_timeout);
+        // Written beside the request (see `mirror::start`).
+        if let (Some(copy), Some(arrival)) = (copy, &hop.arrival) {
+            arrival.then_write(copy);
         }
     }
     Ok((

@@ -350,3 +350,41 @@ async fn copies_reach_the_canary_beside_stables_request_not_after_it() {
     eprintln!("{first} of 400 copies came first");
     assert!(first >= 100, "{first} of 400 copies came first");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_slower_than_stable_is_reverted_by_its_pairs_latency() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    // 30 ms on every copy: the next request comes before a copy's
+    // connection is free, so most copies go from their own task on a
+    // connection of their own, and are timed from their own send (see
+    // `mirror::as_if_sent_with_stable`): they are still the slower ones.
+    c.delay_ms.store(30, Ordering::SeqCst);
+    // config.example.toml's judge, looking every 200 ms and with a 3 s
+    // warm-up instead of 30 s (the latency tests wait it out).
+    let judge = reference_judge()
+        .replace("interval = \"1s\"", "interval = \"200ms\"")
+        .replace("warmup = \"30s\"", "warmup = \"3s\"");
+    assert!(judge.contains("warmup = \"3s\""), "{judge}");
+    let veer = Veer::start(&mirrored(&s, &c, 100.0, &judge, "")).await;
+    let start = Instant::now();
+    let mut sent = 0;
+    let route = loop {
+        send_all(&veer, &format!("slow{sent}-"), 50).await;
+        sent += 50;
+        let route = veer.status().await["routes"][0].clone();
+        if !route["reverted"].is_null() {
+            break route;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "never reverted: {route}\n{}",
+            veer.all_logs()
+        );
+    };
+    assert_eq!(route["reverted"]["guard"], "mirror_latency_test", "{route}");
+    eprintln!(
+        "slow shadow reverted after {:?} and {sent} requests",
+        start.elapsed()
+    );
+}

@@ -103,6 +103,30 @@ impl Upstream {
         u
     }
 
+    /// [`Upstream::start`] on a runtime of its own (two worker threads
+    /// shared by every upstream started so, for the whole test process),
+    /// not the test's. For tests that compare two upstreams' timing (a
+    /// mirrored pair): on the test's runtime the client's task, woken by
+    /// stable's answer, ran on the same two workers as the canary's
+    /// connection task, and a copy written right after stable's request
+    /// often waited behind it (~0.8 ms in a pair's tail, beside other
+    /// tests); an identical shadow canary was then reverted by the paired
+    /// latency test. A real canary shares no thread with veer's clients.
+    pub async fn start_apart(name: &'static str) -> Arc<Upstream> {
+        static APART: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        let rt = APART.get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("upstreams-apart")
+                .enable_all()
+                .build()
+                .expect("the upstreams' runtime")
+        });
+        rt.spawn(Upstream::start(name))
+            .await
+            .expect("an upstream started")
+    }
+
     async fn answer(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
         let n = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
         let one_in = self.fail_one_in.load(Ordering::SeqCst);

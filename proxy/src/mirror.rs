@@ -393,7 +393,7 @@ pub fn start(
 pub struct Beside {
     sent: Option<(HeadStart, oneshot::Sender<HeadStart>)>,
     /// Right before stable's request.
-    pub before: bool,
+    pub(crate) before: bool,
 }
 
 impl Drop for Beside {
@@ -554,9 +554,9 @@ async fn run(seed: Seed, copy: Copy, body_timeout: Duration, permit: OwnedSemaph
 /// from its send to its head. Why: a copy that finds no idle connection to
 /// its canary is sent once connected and once its task runs, on a busy
 /// machine milliseconds after stable's request; timed from the client's
-/// start, that wait was counted as the canary's, and an identical shadow
-/// canary was reverted by the paired latency test (its copy slower in 17
-/// pairs, stable in 1). Only when both went the raw way (else neither
+/// start, that wait was counted as the canary's (identical copies sent so
+/// came a median 0.7 ms and a p90 4 ms after stable's answer, beside CPU
+/// hogs). Only when both went the raw way (else neither
 /// send is timed), and only for a head's time (a timeout or an error is
 /// left as it is). Copies written from the client's task, just before or
 /// after stable's request, are timed from the client's start as it is:

@@ -20,6 +20,12 @@
 # see. Under strace every call is slower, so how many epoll_wait calls a
 # request takes (how many requests one wake-up finds) differs from real
 # load; the calls a request must make do not.
+# CACHESIM=1 runs callgrind's cache simulation (valgrind --cache-sim=yes, a
+# model of this machine's caches): per request, beside the instructions,
+# the first-level instruction and data cache misses and the last-level
+# misses, the controller left out as for the instructions. Two proxies
+# with the same instruction count can differ in time by these: a miss to
+# the last level costs tens of instructions' time, one to memory hundreds.
 # Only 127.0.0.1 is targeted; every run is bounded in count and time.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -85,8 +91,8 @@ callgrind_run() {
   if [ -n "${SYSCALLS:-}" ]; then
     timeout 600 strace -f -c -o "$work/st-$count.out" "$@" > "$work/log" 2>&1 &
   else
-    timeout 600 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
-      "$@" > "$work/log" 2>&1 &
+    timeout 900 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
+      ${CACHESIM:+--cache-sim=yes} "$@" > "$work/log" 2>&1 &
   fi
   local vg=$!
   for _ in $(seq 1 600); do
@@ -150,26 +156,33 @@ TOML
       "$bin" run --config "$work/veer.toml"
   fi
   [ -n "${SYSCALLS:-}" ] && return
-  local total ctl
-  total=$(grep -E '^(summary|totals):' "$work/cg.out" | head -1 | awk '{print $2}')
-  # The controller's task (ticks every 100 ms, looks, saves) costs per
-  # second, not per request; under valgrind a request takes ~100x longer, so
-  # its ticks would weigh ~100x more per request than at real load, and
-  # their count varies run to run. Its inclusive cost is taken out (none
-  # for nginx).
-  # So is its evidence save, every few seconds on tokio's blocking pool
-  # (`State::save`: ~1.5-2.3M instructions each, 2 to 5 of them in a run,
-  # ±150 a request of noise if left in).
-  # (callgrind_annotate splits a function by the source files of its
-  # inlined code; the largest inclusive entry is the function's. No
-  # threshold: every function is listed.)
-  ctl=$(callgrind_annotate --threshold=100 --inclusive=yes "$work/cg.out" 2>/dev/null \
-    | awk '$0 ~ /:veer_proxy::controller::Controller::run::\{\{closure\}\}( \[.*)?$/ {
-        gsub(",", "", $1); if ($1 + 0 > m) m = $1 + 0 }
-      $0 ~ /:veer_control::state::State::save( \[.*)?$/ {
-        gsub(",", "", $1); if ($1 + 0 > s) s = $1 + 0 }
-      END { print m + s }')
-  echo "$total ${ctl:-0}"
+  local ev col total ctl
+  # One pair (total, controller) an event: Ir alone, or the cache events too.
+  local events=Ir
+  [ -n "${CACHESIM:-}" ] && events="Ir I1mr D1mr D1mw ILmr DLmr DLmw"
+  for ev in $events; do
+    col=$(awk -v e="$ev" '/^events:/ { for (i = 2; i <= NF; i++) if ($i == e) print i }' "$work/cg.out")
+    total=$(grep -E '^(summary|totals):' "$work/cg.out" | head -1 | awk -v c="$col" '{print $c}')
+    # The controller's task (ticks every 100 ms, looks, saves) costs per
+    # second, not per request; under valgrind a request takes ~100x longer, so
+    # its ticks would weigh ~100x more per request than at real load, and
+    # their count varies run to run. Its inclusive cost is taken out (none
+    # for nginx).
+    # So is its evidence save, every few seconds on tokio's blocking pool
+    # (`State::save`: ~1.5-2.3M instructions each, 2 to 5 of them in a run,
+    # ±150 a request of noise if left in).
+    # (callgrind_annotate splits a function by the source files of its
+    # inlined code; the largest inclusive entry is the function's. No
+    # threshold: every function is listed.)
+    ctl=$(callgrind_annotate --show="$ev" --threshold=100 --inclusive=yes "$work/cg.out" 2>/dev/null \
+      | awk '$0 ~ /:veer_proxy::controller::Controller::run::\{\{closure\}\}( \[.*)?$/ {
+          gsub(",", "", $1); if ($1 + 0 > m) m = $1 + 0 }
+        $0 ~ /:veer_control::state::State::save( \[.*)?$/ {
+          gsub(",", "", $1); if ($1 + 0 > s) s = $1 + 0 }
+        END { print m + s }')
+    printf '%s %s ' "$total" "${ctl:-0}"
+  done
+  echo
 }
 
 if [ -n "${SYSCALLS:-}" ]; then
@@ -193,6 +206,23 @@ per = sorted(((b.get(k, 0) - a.get(k, 0)) / n, k) for k in set(a) | set(b))
 parts = ", ".join(f"{k} {v:.2f}" for v, k in reversed(per) if v >= 0.01)
 print(f"| {sys.argv[4]} | {sum(v for v, _ in per):.2f} | {parts} |")
 PY
+  done
+  exit 0
+fi
+if [ -n "${CACHESIM:-}" ]; then
+  # Per request (the two runs' difference over N), controller left out.
+  printf '| binary | instructions | I1 misses | D1 misses (read, write) | LL misses (instr., data read, data write) |\n|---|---|---|---|---|\n'
+  for bin in "${bins[@]}"; do
+    read -r -a a < <(run "$bin" "$n")
+    read -r -a b < <(run "$bin" "$((2 * n))")
+    per=()
+    for i in 0 2 4 6 8 10 12; do
+      per+=("$(awk -v a="${a[i]}" -v ca="${a[i + 1]}" -v b="${b[i]}" -v cb="${b[i + 1]}" -v n="$n" \
+        'BEGIN { printf "%.1f", (b - cb - a + ca) / n }')")
+    done
+    printf '| %s | %.0f | %s | %s (%s, %s) | %s, %s, %s |\n' "$bin" "${per[0]}" "${per[1]}" \
+      "$(awk -v r="${per[2]}" -v w="${per[3]}" 'BEGIN { printf "%.1f", r + w }')" "${per[2]}" "${per[3]}" \
+      "${per[4]}" "${per[5]}" "${per[6]}"
   done
   exit 0
 fi

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Where a proxy's CPU goes at full load: the proxy pinned to CPU 1 (1
+# worker), the shared peers' nginx origin and wrk pinned to CPU 0, as
+# benches/peers.sh runs them; `perf record` samples the proxy (software
+# cpu-clock, no hardware counter needed) for D seconds of wrk load. Prints
+# the request rate, the kernel's and user space's shares of the samples,
+# the top symbols by self time, and the share of the samples in functions
+# matching PATTERN (default: veer's controller and recording).
+#
+# usage: benches/load-profile.sh [veer|nginx] [D]   (default veer, 8)
+# env: VEER=binary (default target/release/veer, built if missing),
+#      MODE=enforce|off (veer's judge), KEEP=dir (keep perf.data there),
+#      PATTERN=regex (symbols to sum), BASE_PORT (default 19180)
+# Needs perf (Debian linux-perf), nginx, wrk. Only 127.0.0.1 is targeted;
+# the load is bounded by wrk's duration and timeout.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+proxy="${1:-veer}"
+dur="${2:-8}"
+case $proxy in veer | nginx) ;; *) echo "usage: $0 [veer|nginx] [seconds]" >&2; exit 2 ;; esac
+for tool in perf nginx wrk; do
+  command -v "$tool" > /dev/null || { echo "$tool is needed" >&2; exit 1; }
+done
+peers="$ROOT/../shared/bench/peers"
+[ -d "$peers" ] || { echo "peer configs not found: $peers" >&2; exit 1; }
+VEER="${VEER:-$ROOT/target/release/veer}"
+if [ "$proxy" = veer ] && [ ! -x "$VEER" ]; then
+  (cd "$ROOT" && cargo build --release --locked -q -p veer-proxy --bin veer)
+fi
+base=${BASE_PORT:-19180}
+stable=$((base + 1)) canary=$((base + 2)) port=$((base + 13)) admin=$((base + 14))
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done
+  wait 2> /dev/null || true
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$work/perf.data" "$KEEP/$proxy.perf.data" 2> /dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+fill() { # template -> stdout
+  sed -e "s#@RUN@#$work#g" -e "s#@WORKERS@#1#g" -e "s#@STABLE_PORT@#$stable#g" \
+    -e "s#@CANARY_PORT@#$canary#g" -e "s#@NGINX_PORT@#$port#g" -e "s#@CANARY_PCT@#20#g" \
+    -e "s#master_process on#master_process off#" "$peers/$1"
+}
+fill nginx-upstream.conf > "$work/origin.conf"
+printf 'return 200 "ok\\n";\n' > "$work/body.inc"
+cp "$peers/wrk-userid.lua" "$work/"
+taskset -c 0 nginx -p "$work" -c "$work/origin.conf" -e "$work/origin.err" &
+pids+=($!)
+if [ "$proxy" = nginx ]; then
+  fill nginx-proxy.conf > "$work/proxy.conf"
+  taskset -c 1 nginx -p "$work" -c "$work/proxy.conf" -e "$work/proxy.err" &
+else
+  cat > "$work/veer.toml" << TOML
+[proxy]
+listen = ["127.0.0.1:$port"]
+workers = 1
+[admin]
+listen = "127.0.0.1:$admin"
+[state]
+dir = "$work/state"
+[[route]]
+name = "bench"
+sticky = ["header:x-user-id", "client-ip"]
+[route.stable]
+version = "stable"
+endpoints = ["127.0.0.1:$stable"]
+[route.canary]
+version = "canary"
+endpoints = ["127.0.0.1:$canary"]
+weight = 20
+[route.judge]
+mode = "${MODE:-enforce}"
+TOML
+  RUST_LOG=warn taskset -c 1 "$VEER" run --config "$work/veer.toml" > "$work/veer.log" 2>&1 &
+fi
+target=$!
+pids+=("$target")
+for p in "$stable" "$port"; do
+  for _ in $(seq 100); do
+    (exec 3<> "/dev/tcp/127.0.0.1/$p") 2> /dev/null && break
+    sleep 0.1
+  done
+done
+url="http://127.0.0.1:$port/"
+# A short warm-up fills both proxies' upstream pools before sampling.
+timeout 30 taskset -c 0 wrk -t1 -c50 -d2s -s "$work/wrk-userid.lua" "$url" > /dev/null
+timeout $((dur + 30)) perf record -F 4999 -o "$work/perf.data" -p "$target" -- sleep "$dur" 2> /dev/null &
+rec=$!
+timeout $((dur + 30)) taskset -c 0 wrk -t1 -c50 -d"${dur}s" -s "$work/wrk-userid.lua" "$url" \
+  | awk '/^Requests\/sec/ {print "req/s: " $2}'
+wait "$rec" || true
+perf report -i "$work/perf.data" --no-children --sort symbol --stdio 2> /dev/null \
+  | grep '%' > "$work/flat.txt"
+pattern="${PATTERN:-controller|judg|record::|window::|hdrhistogram|State::save}"
+awk -v pat="$pattern" '
+  /\[k\]/ { k += $1 } /\[\.\]/ { u += $1 }
+  $0 ~ pat { m += $1 }
+  END { printf "kernel %.1f %%, user %.1f %% of samples; matching /%s/: %.2f %%\n", k, u, pat, m }' \
+  "$work/flat.txt"
+echo "top symbols by self time:"
+head -"${TOP:-25}" "$work/flat.txt" | awk '{$NF = ""; $(NF - 1) = ""; print "  " $0}' | cut -c1-150

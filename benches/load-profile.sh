@@ -39,51 +39,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-fill() { # template -> stdout
-  sed -e "s#@RUN@#$work#g" -e "s#@WORKERS@#1#g" -e "s#@STABLE_PORT@#$stable#g" \
-    -e "s#@CANARY_PORT@#$canary#g" -e "s#@NGINX_PORT@#$port#g" -e "s#@CANARY_PCT@#20#g" \
-    -e "s#master_process on#master_process off#" "$peers/$1"
-}
-fill nginx-upstream.conf > "$work/origin.conf"
-printf 'return 200 "ok\\n";\n' > "$work/body.inc"
-cp "$peers/wrk-userid.lua" "$work/"
-taskset -c 0 nginx -p "$work" -c "$work/origin.conf" -e "$work/origin.err" &
-pids+=($!)
+# shellcheck source=benches/pinned-lib.sh
+. "$ROOT/benches/pinned-lib.sh"
+start_origin taskset -c 0
 if [ "$proxy" = nginx ]; then
   fill nginx-proxy.conf > "$work/proxy.conf"
   taskset -c 1 nginx -p "$work" -c "$work/proxy.conf" -e "$work/proxy.err" &
 else
-  cat > "$work/veer.toml" << TOML
-[proxy]
-listen = ["127.0.0.1:$port"]
-workers = 1
-[admin]
-listen = "127.0.0.1:$admin"
-[state]
-dir = "$work/state"
-[[route]]
-name = "bench"
-sticky = ["header:x-user-id", "client-ip"]
-[route.stable]
-version = "stable"
-endpoints = ["127.0.0.1:$stable"]
-[route.canary]
-version = "canary"
-endpoints = ["127.0.0.1:$canary"]
-weight = 20
-[route.judge]
-mode = "${MODE:-enforce}"
-TOML
+  veer_config "${MODE:-enforce}"
   RUST_LOG=warn taskset -c 1 "$VEER" run --config "$work/veer.toml" > "$work/veer.log" 2>&1 &
 fi
 target=$!
 pids+=("$target")
-for p in "$stable" "$port"; do
-  for _ in $(seq 100); do
-    (exec 3<> "/dev/tcp/127.0.0.1/$p") 2> /dev/null && break
-    sleep 0.1
-  done
-done
+wait_ports "$stable" "$port"
 url="http://127.0.0.1:$port/"
 # A short warm-up fills both proxies' upstream pools before sampling.
 timeout 30 taskset -c 0 wrk -t1 -c50 -d2s -s "$work/wrk-userid.lua" "$url" > /dev/null

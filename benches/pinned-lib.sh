@@ -1,0 +1,56 @@
+# Shared by benches/load-profile.sh and benches/pgo.sh (sourced, not run):
+# the shared peers' nginx origin and veer's bench route, as benches/peers.sh
+# sets them up. The caller sets $work (a scratch dir), $peers (the shared
+# peer configs), $stable, $canary, $port, $admin, and an array pids.
+
+# A peer template with this run's values: 1 worker, the canary at 20 %.
+fill() { # template -> stdout
+  sed -e "s#@RUN@#$work#g" -e "s#@WORKERS@#1#g" -e "s#@STABLE_PORT@#$stable#g" \
+    -e "s#@CANARY_PORT@#$canary#g" -e "s#@NGINX_PORT@#$port#g" -e "s#@CANARY_PCT@#20#g" \
+    -e "s#master_process on#master_process off#" "$peers/$1"
+}
+
+# Starts the origin (3-byte answers) with the prefix given (e.g. taskset).
+start_origin() { # [prefix...]
+  fill nginx-upstream.conf > "$work/origin.conf"
+  printf 'return 200 "ok\\n";\n' > "$work/body.inc"
+  cp "$peers/wrk-userid.lua" "$work/"
+  "$@" nginx -p "$work" -c "$work/origin.conf" -e "$work/origin.err" &
+  pids+=($!)
+}
+
+# veer's config: one route keyed as the peers key, the canary at 20 %.
+veer_config() { # judge-mode -> $work/veer.toml
+  cat > "$work/veer.toml" << TOML
+[proxy]
+listen = ["127.0.0.1:$port"]
+workers = 1
+[admin]
+listen = "127.0.0.1:$admin"
+[state]
+dir = "$work/state"
+[[route]]
+name = "bench"
+sticky = ["header:x-user-id", "client-ip"]
+[route.stable]
+version = "stable"
+endpoints = ["127.0.0.1:$stable"]
+[route.canary]
+version = "canary"
+endpoints = ["127.0.0.1:$canary"]
+weight = 20
+[route.judge]
+mode = "$1"
+TOML
+}
+
+# Polls until every port given accepts a connection (10 s each at most).
+wait_ports() { # port...
+  local p
+  for p in "$@"; do
+    for _ in $(seq 100); do
+      (exec 3<> "/dev/tcp/127.0.0.1/$p") 2> /dev/null && break
+      sleep 0.1
+    done
+  done
+}

@@ -10,7 +10,8 @@
 # usage: benches/load-profile.sh [veer|nginx] [D]   (default veer, 8)
 # env: VEER=binary (default target/release/veer, built if missing),
 #      MODE=enforce|off (veer's judge), KEEP=dir (keep perf.data there),
-#      PATTERN=regex (symbols to sum), BASE_PORT (default 19180)
+#      PATTERN=regex (symbols to sum), TOP=n (symbols listed, default 25),
+#      BASE_PORT (default 19180)
 # Needs perf (Debian linux-perf), nginx, wrk. Only 127.0.0.1 is targeted;
 # the load is bounded by wrk's duration and timeout.
 set -euo pipefail
@@ -27,20 +28,13 @@ VEER="${VEER:-$ROOT/target/release/veer}"
 if [ "$proxy" = veer ] && [ ! -x "$VEER" ]; then
   (cd "$ROOT" && cargo build --release --locked -q -p veer-proxy --bin veer)
 fi
-base=${BASE_PORT:-19180}
-stable=$((base + 1)) canary=$((base + 2)) port=$((base + 13)) admin=$((base + 14))
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done
-  wait 2> /dev/null || true
-  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$work/perf.data" "$KEEP/$proxy.perf.data" 2> /dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
 # shellcheck source=benches/pinned-lib.sh
 . "$ROOT/benches/pinned-lib.sh"
+keep_perf() {
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$work/perf.data" "$KEEP/$proxy.perf.data" 2> /dev/null || true; fi
+}
+on_exit=keep_perf
+pinned_run "${BASE_PORT:-19180}"
 start_origin taskset -c 0
 if [ "$proxy" = nginx ]; then
   fill nginx-proxy.conf > "$work/proxy.conf"

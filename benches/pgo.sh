@@ -39,18 +39,9 @@ build() { # target-dir rustflags
 echo "instrumented build..." >&2
 build "$out/target-gen" "-Cprofile-generate=$out/raw"
 
-base=${BASE_PORT:-19280}
-stable=$((base + 1)) canary=$((base + 2)) port=$((base + 13)) admin=$((base + 14))
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done
-  wait 2> /dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 # shellcheck source=benches/pinned-lib.sh
 . "$ROOT/benches/pinned-lib.sh"
+pinned_run "${BASE_PORT:-19280}"
 start_origin
 veer_config enforce
 RUST_LOG=warn "$out/target-gen/$host/release/veer" run --config "$work/veer.toml" > "$work/veer.log" 2>&1 &
@@ -63,7 +54,11 @@ timeout $((dur + 30)) wrk -t1 -c50 -d"${dur}s" -s "$work/wrk-userid.lua" "http:/
 # The profile is written when veer exits: stop it as an orchestrator does.
 kill -TERM "$veer"
 wait "$veer" || true
-ls "$out/raw"/*.profraw > /dev/null 2>&1 || { echo "no profile written (see $work/veer.log)" >&2; exit 1; }
+if ! ls "$out/raw"/*.profraw > /dev/null 2>&1; then
+  echo "no profile written; veer's log ends:" >&2
+  tail -5 "$work/veer.log" >&2
+  exit 1
+fi
 "$profdata" merge -o "$out/merged.profdata" "$out/raw"
 echo "optimized build..." >&2
 build "$out/target-use" "-Cprofile-use=$out/merged.profdata"

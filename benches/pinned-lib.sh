@@ -1,7 +1,24 @@
 # Shared by benches/load-profile.sh and benches/pgo.sh (sourced, not run):
 # the shared peers' nginx origin and veer's bench route, as benches/peers.sh
-# sets them up. The caller sets $work (a scratch dir), $peers (the shared
-# peer configs), $stable, $canary, $port, $admin, and an array pids.
+# sets them up. The caller sets $peers (the shared peer configs) and calls
+# pinned_run first.
+
+# Ports from BASE (origin stable +1, canary +2, proxy +13, veer's admin
+# +14), a scratch dir $work, and the pids to stop on exit; the function
+# named by $on_exit (if any) runs before $work is removed.
+pinned_run() { # base
+  stable=$(($1 + 1)) canary=$(($1 + 2)) port=$(($1 + 13)) admin=$(($1 + 14))
+  work="$(mktemp -d)"
+  pids=()
+  trap pinned_cleanup EXIT
+}
+pinned_cleanup() {
+  local p
+  for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done
+  wait 2> /dev/null || true
+  [ -n "${on_exit:-}" ] && "$on_exit"
+  rm -rf "$work"
+}
 
 # A peer template with this run's values: 1 worker, the canary at 20 %.
 fill() { # template -> stdout

@@ -24,8 +24,9 @@
 # model of this machine's caches): per request, beside the instructions,
 # the first-level instruction and data cache misses and the last-level
 # misses, the controller left out as for the instructions. Two proxies
-# with the same instruction count can differ in time by these: a miss to
-# the last level costs tens of instructions' time, one to memory hundreds.
+# with the same instruction count can differ in time by these: a
+# first-level miss costs about ten cycles, a last-level one (to memory)
+# hundreds.
 # Only 127.0.0.1 is targeted; every run is bounded in count and time.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

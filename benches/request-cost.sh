@@ -15,6 +15,11 @@
 # the same count for the proxy veer is compared with.
 # STABLE=host:port CANARY=host:port: other upstreams than the demo's (say, an
 # nginx serving a large body), started by the caller.
+# BODY=N sends POSTs with an N-byte body instead of GETs: the path through
+# hyper's client that a request with a body takes (GETs take veer's own
+# HTTP/1.1 client, see proxy/src/raw.rs). The demo's upstreams do not read
+# request bodies; give upstreams that do (say, STABLE and CANARY nginx
+# origins, which discard them and keep the connection).
 # SYSCALLS=1 counts system calls instead (strace -f -c, the same runs and
 # difference): the kernel's share of a request, which callgrind does not
 # see. Under strace every call is slower, so how many epoll_wait calls a
@@ -63,17 +68,19 @@ done
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# $2 keep-alive GETs to 127.0.0.1:$1 from 4 connections, sticky keys of
-# 1000 users.
+# $2 keep-alive GETs (POSTs of $BODY bytes) to 127.0.0.1:$1 from 4
+# connections, sticky keys of 1000 users.
 drive() {
-  python3 - "$1" "$2" <<'PY'
+  python3 - "$1" "$2" "${BODY:-}" <<'PY'
 import http.client, sys, threading
 port, count = int(sys.argv[1]), int(sys.argv[2])
+body = b"x" * int(sys.argv[3]) if sys.argv[3] else None
 conns = 4
 def worker(w):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     for i in range(w, count, conns):
-        c.request("GET", "/", headers={"x-user-id": f"user-{i % 1000}"})
+        c.request("POST" if body is not None else "GET", "/", body=body,
+                  headers={"x-user-id": f"user-{i % 1000}"})
         r = c.getresponse(); r.read()
         if r.status != 200:
             sys.exit(f"HTTP {r.status}")

@@ -65,13 +65,15 @@ pub struct ProxySettings {
     pub shutdown_grace: Duration,
     /// Which requests get an access log line.
     pub access_log: AccessLog,
-    /// Who speaks HTTP/1.1 to `http://` upstreams for a bodiless GET or HEAD.
+    /// Who speaks HTTP/1.1 to `http://` upstreams for a bodiless GET or
+    /// HEAD and a request with a `Content-Length` body.
     pub upstream_http1: UpstreamHttp1,
 }
 
-/// `[proxy] upstream_http1`: who writes a bodiless `GET` or `HEAD` to an
-/// `http://` upstream and reads its answer (every other request goes
-/// through hyper's client either way).
+/// `[proxy] upstream_http1`: who writes a bodiless `GET` or `HEAD`, or a
+/// request with a `Content-Length` body, to an `http://` upstream and
+/// reads its answer (every other request goes through hyper's client
+/// either way).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum UpstreamHttp1 {
     /// The request's own task, over a raw pooled connection (about 16 %

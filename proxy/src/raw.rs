@@ -1,4 +1,4 @@
-//! GET and HEAD to plain-TCP HTTP/1.1 upstreams without hyper's client.
+//! Requests to plain-TCP HTTP/1.1 upstreams without hyper's client.
 //!
 //! # Why
 //!
@@ -11,11 +11,15 @@
 //!
 //! # What it takes, and what it leaves to hyper
 //!
-//! Only `GET` and `HEAD` requests without a body and without `Content-Length`
+//! `GET` and `HEAD` requests without a body and without `Content-Length`
 //! or `Transfer-Encoding` (nothing to frame), that are no upgrade, to an
 //! `http://` endpoint ([`eligible`]), a mirrored copy of one too (see
-//! [`crate::mirror`]). Everything else (bodies, upgrades, TLS, HTTP/2,
-//! smoke checks) goes through hyper, and a
+//! [`crate::mirror`]); and requests whose body has the length of their one
+//! `Content-Length` field, without `Expect` ([`eligible_body`], sent by
+//! [`send_body`]: the head with what of the body has come in one write,
+//! the rest streamed, an early answer ending it), unless they are half of
+//! a mirrored pair. Everything else (chunked uploads, upgrades, TLS,
+//! HTTP/2, smoke checks) goes through hyper, and a
 //! raw connection that such a request takes from the pool is handed to
 //! hyper first ([`crate::upstream::Upstream::get`]).
 //!
@@ -41,8 +45,8 @@
 //!
 //! A request that fails on a pooled connection before any byte of its
 //! answer (the server closed it as the request went out: its keep-alive
-//! timeout) is sent once more on a fresh connection; both methods are
-//! idempotent.
+//! timeout) is sent once more on a fresh connection if it has no body
+//! (both methods are idempotent); one with a body never is.
 //!
 //! # When an answer came
 //!
@@ -128,6 +132,32 @@ pub fn eligible_head(method: &Method, headers: &HeaderMap) -> bool {
             !headers.contains_key(header::CONTENT_LENGTH)
                 && !headers.contains_key(header::TRANSFER_ENCODING)
         }
+}
+
+/// Whether a request with a body goes the raw way ([`send_body`]): a body
+/// of the length its one `Content-Length` field declares (no
+/// `Transfer-Encoding`), no `Expect` (its interim `100` is hyper's to
+/// handle), and a method whose response framing is a plain one's (not
+/// `HEAD`, `CONNECT` or `TRACE`).
+pub fn eligible_body(req: &Request<RequestBody>) -> bool {
+    let Some(len) = Body::size_hint(req.body()).exact() else {
+        return false;
+    };
+    let headers = req.headers();
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let declared = lengths
+        .next()
+        .filter(|v| !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit))
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    len > 0
+        && declared == Some(len)
+        && lengths.next().is_none()
+        && !matches!(
+            *req.method(),
+            Method::HEAD | Method::CONNECT | Method::TRACE
+        )
+        && !headers.contains_key(header::TRANSFER_ENCODING)
+        && !headers.contains_key(header::EXPECT)
 }
 
 /// A plain-TCP connection to an upstream, and what was read from it and
@@ -946,6 +976,12 @@ pub async fn send_encoded(
         Err(Failure::Unanswered) => return Err(ProxyError::UpstreamReset),
         Err(Failure::Kind(k)) => return Err(k),
     };
+    Ok(respond(head, sender, upstream))
+}
+
+/// The response of `head`, read on `sender`'s connection, whose body reads
+/// the rest from it.
+fn respond(head: Head, sender: Sender, upstream: Arc<Upstream>) -> Response<RawBody> {
     let mut resp = Response::new(RawBody {
         conn: Some((sender, upstream)),
         state: match head.framing {
@@ -968,7 +1004,282 @@ pub async fn send_encoded(
     if resp.body().state == State::Done {
         resp.body_mut().finish();
     }
-    Ok(resp)
+    resp
+}
+
+/// Most of a request body written with its head in one (vectored) write:
+/// what of the body has come when the head goes (all of a small one, as a
+/// rule) goes with it, up to this.
+const GATHER: usize = 64 * 1024;
+
+/// Bytes to write, in the pieces they came in (a request's head, its
+/// body's frames), written with vectored writes: a body is never copied.
+#[derive(Default)]
+struct Pieces(std::collections::VecDeque<Bytes>);
+
+impl Pieces {
+    /// Most pieces one write takes.
+    const MOST: usize = 16;
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn push(&mut self, piece: Bytes) {
+        if !piece.is_empty() {
+            self.0.push_back(piece);
+        }
+    }
+
+    /// Writes what the socket takes of the first [`Pieces::MOST`] pieces.
+    fn poll_write(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut slices = [io::IoSlice::new(&[]); Pieces::MOST];
+        let n = self
+            .0
+            .iter()
+            .zip(slices.iter_mut())
+            .map(|(piece, slice)| *slice = io::IoSlice::new(piece))
+            .count();
+        let mut written = ready!(tokio::io::AsyncWrite::poll_write_vectored(
+            Pin::new(io),
+            cx,
+            &slices[..n]
+        ))?;
+        let total = written;
+        while written > 0 {
+            let Some(front) = self.0.front_mut() else {
+                break;
+            };
+            if front.len() <= written {
+                written -= front.len();
+                self.0.pop_front();
+            } else {
+                front.advance(written);
+                written = 0;
+            }
+        }
+        Poll::Ready(Ok(total))
+    }
+}
+
+/// How sending a request body ended.
+enum Sent {
+    /// All of it went.
+    Whole,
+    /// The upstream answered (some bytes of a response came), or took no
+    /// more of it, before it all went.
+    Answered,
+}
+
+/// Sends a request with a body ([`eligible_body`]) on a raw connection of
+/// `upstream` and returns the response, as [`send`] does a bodiless one.
+///
+/// The head goes in one (vectored) write with as much of the body as has
+/// come (up to `GATHER`, 64 KiB); the rest streams as the client sends it, each piece
+/// written before the next is read (so a slow upstream slows the client,
+/// as through hyper), while the connection is watched for an early
+/// answer (see `send_all`). An upstream that answers before the whole
+/// body went and closes (a `413`) gets no more of it: its answer is the
+/// response, and the connection is closed after it, as is one whose body
+/// failed or came short or long. A failed body is the client's fault,
+/// already noted in its [`crate::upload::Upload`]; the error returned
+/// here is then not used.
+///
+/// A request with a body is never sent twice: one whose connection fails
+/// before any answer is the upstream's reset (502), as on hyper's path.
+pub async fn send_body(
+    mut sender: Sender,
+    upstream: Arc<Upstream>,
+    mut req: Request<RequestBody>,
+    forwarding: Option<Arc<Forwarding>>,
+) -> Result<Response<RawBody>, ProxyError> {
+    crate::upstream::fit_request(&mut req, false, http::uri::Scheme::HTTP);
+    let mut pending = Pieces::default();
+    pending.push(Bytes::from(encode(&req, forwarding.as_deref())));
+    let (parts, mut body) = req.into_parts();
+    let mut spare = parts.headers;
+    spare.clear();
+    let mut left = Body::size_hint(&body).exact().unwrap_or(0);
+    std::future::poll_fn(|cx| Poll::Ready(gather(&mut body, &mut pending, &mut left, cx)))
+        .await
+        .map_err(|e| e.unwrap_or(ProxyError::ClientBadBody))?;
+    let Some(conn) = sender.raw_mut() else {
+        return Err(ProxyError::UpstreamProtocol);
+    };
+    let sent = send_all(conn, &mut body, pending, &mut left, &mut spare).await;
+    drop(body);
+    let head = match sent {
+        Ok((Sent::Whole, Some(head))) => Ok(head),
+        Ok((Sent::Whole, None)) => exchange(conn, &[], false, None, &mut spare).await,
+        // Answered early: the connection is not used again.
+        Ok((Sent::Answered, early)) => match early {
+            Some(head) => Ok(head),
+            None => exchange(conn, &[], false, None, &mut spare).await,
+        }
+        .map(|mut head| {
+            head.keep_alive = false;
+            head
+        })
+        .map_err(|f| match f {
+            Failure::Unanswered => Failure::Kind(ProxyError::UpstreamReset),
+            k => k,
+        }),
+        Err(f) => Err(f),
+    };
+    let head = match head {
+        Ok(head) => head,
+        Err(Failure::Unanswered) => return Err(ProxyError::UpstreamReset),
+        Err(Failure::Kind(k)) => return Err(k),
+    };
+    Ok(respond(head, sender, upstream))
+}
+
+/// Adds to `out` the body's frames that have come, up to [`GATHER`]
+/// bytes of them. `Err(None)`: the body was longer than declared;
+/// `Err(Some(_))`: it failed.
+fn gather(
+    body: &mut RequestBody,
+    out: &mut Pieces,
+    left: &mut u64,
+    cx: &mut Context<'_>,
+) -> Result<(), Option<ProxyError>> {
+    let mut gathered = 0;
+    while *left > 0 && gathered < GATHER {
+        match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.len() as u64 > *left {
+                    return Err(None);
+                }
+                *left -= data.len() as u64;
+                gathered += data.len();
+                out.push(data);
+            }
+            Poll::Ready(Some(Err(_))) => return Err(Some(ProxyError::ClientAborted)),
+            // Short: the declared length was not sent.
+            Poll::Ready(None) => return Err(Some(ProxyError::ClientBadBody)),
+            Poll::Pending => break,
+        }
+    }
+    Ok(())
+}
+
+/// Writes `pending`, then the rest of the body (`left` bytes of it) piece
+/// by piece, until all went or the upstream stopped it. Failures: the
+/// connection failing before any answer ([`Failure::Unanswered`]), the
+/// body failing or its length being wrong (the client's fault,
+/// [`Failure::Kind`]).
+///
+/// An answer that comes meanwhile is read to the end of its head: an
+/// interim (`1xx`) one is passed over; a final one that keeps the
+/// connection open means the server reads the rest of the body (as
+/// nginx and Go's servers do, to keep the connection), which goes on, and
+/// the answer is returned once it went; a final one that closes it (a
+/// `413` with `Connection: close`, as a rule) ends the body there.
+async fn send_all(
+    conn: &mut RawConn,
+    body: &mut RequestBody,
+    mut pending: Pieces,
+    left: &mut u64,
+    spare: &mut HeaderMap,
+) -> Result<(Sent, Option<Head>), Failure> {
+    let mut early: Option<Head> = None;
+    loop {
+        let watch = early.is_none();
+        let step =
+            std::future::poll_fn(|cx| poll_send(conn, body, &mut pending, left, watch, cx)).await?;
+        if let Sent::Whole = step {
+            return Ok((Sent::Whole, early));
+        }
+        if early.is_some() {
+            // It took no more of the body after answering.
+            return Ok((Sent::Answered, early));
+        }
+        // The head, read to its end (or to the connection's).
+        loop {
+            match parse(&mut conn.buf, false, spare, &mut conn.names)? {
+                Some(None) if conn.buf.is_empty() => break,
+                Some(None) => continue,
+                Some(Some(head)) if head.keep_alive => {
+                    early = Some(head);
+                    break;
+                }
+                Some(Some(head)) => return Ok((Sent::Answered, Some(head))),
+                None if conn.buf.len() > MAX_HEAD => {
+                    return Err(Failure::Kind(ProxyError::UpstreamProtocol))
+                }
+                None => match std::future::poll_fn(|cx| conn.poll_fill(cx)).await {
+                    Ok(0) | Err(_) => return Ok((Sent::Answered, None)),
+                    Ok(_) => {}
+                },
+            }
+        }
+    }
+}
+
+/// One step of [`send_all`]: ready when all went, an answer came or it
+/// failed.
+fn poll_send(
+    conn: &mut RawConn,
+    body: &mut RequestBody,
+    pending: &mut Pieces,
+    left: &mut u64,
+    watch: bool,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Sent, Failure>> {
+    loop {
+        if pending.is_empty() && *left == 0 {
+            // Its end, if it is there (an HTTP/2 client's may come in a
+            // frame of its own): not waited for, the length is all sent.
+            if !Body::is_end_stream(body) {
+                if let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut *body).poll_frame(cx) {
+                    if frame.data_ref().is_some_and(|d| !d.is_empty()) {
+                        return Poll::Ready(Err(Failure::Kind(ProxyError::ClientBadBody)));
+                    }
+                }
+            }
+            // All of it went: whatever came meanwhile is the answer to a
+            // whole request (the connection's framing holds).
+            return Poll::Ready(Ok(Sent::Whole));
+        }
+        // Anything from the upstream before the request's end is an answer
+        // (or its closing: the request failed unanswered), unless one came
+        // already (`watch` is off: its body waits in the socket).
+        if watch {
+            if !conn.buf.is_empty() {
+                return Poll::Ready(Ok(Sent::Answered));
+            }
+            match conn.poll_fill(cx) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(Failure::Unanswered)),
+                Poll::Ready(Ok(_)) => return Poll::Ready(Ok(Sent::Answered)),
+                Poll::Pending => {}
+            }
+        }
+        if !pending.is_empty() {
+            match pending.poll_write(&mut conn.io, cx) {
+                Poll::Ready(Ok(n)) if n > 0 => continue,
+                // It takes no more (it answered and closed, say): what it
+                // answered, if anything, is read next.
+                Poll::Ready(_) => return Poll::Ready(Ok(Sent::Answered)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if data.len() as u64 > *left {
+                        return Poll::Ready(Err(Failure::Kind(ProxyError::ClientBadBody)));
+                    }
+                    *left -= data.len() as u64;
+                    pending.push(data);
+                }
+            }
+            Some(Err(_)) => return Poll::Ready(Err(Failure::Kind(ProxyError::ClientAborted))),
+            None => return Poll::Ready(Err(Failure::Kind(ProxyError::ClientBadBody))),
+        }
+    }
 }
 
 /// Where a chunked body's reading is.

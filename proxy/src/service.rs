@@ -759,7 +759,16 @@ fn exchange<'a>(
             arrival,
             answer,
         } = lent;
-        let raw = route.raw_http1 && !upgrade && crate::raw::eligible(&req);
+        // A request with a body goes raw unless it is half of a mirrored
+        // pair (whose timing, `arrival`, is hyper's path's for bodies).
+        let bodied = !http_body::Body::is_end_stream(req.body());
+        let raw = route.raw_http1
+            && !upgrade
+            && if bodied {
+                arrival.is_none() && crate::raw::eligible_body(&req)
+            } else {
+                crate::raw::eligible(&req)
+            };
         let endpoints = version.balancer.endpoints();
         let Some(first) = endpoints.get(pick.first()) else {
             return Err(ProxyError::UpstreamConnect);
@@ -796,15 +805,26 @@ fn exchange<'a>(
             // ~310 instructions a request; inline, the future hyper keeps
             // for each client connection is larger: 21.1 -> 21.6 KiB an
             // idle connection (`benches/idle-conns.py`, benches/RESULTS.md).
-            let sent = crate::raw::send(
-                sender,
-                upstream.clone(),
-                req,
-                forwarding,
-                route.connect_timeout,
-                arrival,
-            )
-            .await;
+            let sent = if bodied {
+                // Boxed: the bodiless request's future stays as small.
+                Box::pin(crate::raw::send_body(
+                    sender,
+                    upstream.clone(),
+                    req,
+                    forwarding,
+                ))
+                .await
+            } else {
+                crate::raw::send(
+                    sender,
+                    upstream.clone(),
+                    req,
+                    forwarding,
+                    route.connect_timeout,
+                    arrival,
+                )
+                .await
+            };
             return match sent {
                 Ok(resp) => {
                     *answer = Some((resp.map(UpBody::Right), None, upstream.clone()));

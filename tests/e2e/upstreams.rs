@@ -1499,3 +1499,231 @@ async fn http1_upstream_framings_reach_clients_whole_and_never_cross() {
         lines.len()
     );
 }
+
+/// A plain HTTP/1.1 upstream that reads each request's `Content-Length`
+/// body exactly and keeps (request line, body). `/echo` answers the body;
+/// `/continue` first sends an interim `100 Continue`; `/early` answers
+/// `413` with `Connection: close` as soon as the head came, then reads and
+/// drops what still comes (a lingering close, as nginx's) and closes;
+/// `/early-keep` answers as soon as the head came and keeps the
+/// connection, reading the body after (as nginx's `return` does).
+async fn body_upstream() -> (SocketAddr, Arc<Mutex<Vec<(String, Bytes)>>>, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let (kept, a) = (seen.clone(), accepted.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    let end = loop {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    let line = head.lines().next().unwrap_or("").to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                    if path == "/early" {
+                        let _ = s
+                            .write_all(
+                                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig!",
+                            )
+                            .await;
+                        kept.lock().unwrap().push((line, Bytes::new()));
+                        while let Ok(n) = s.read(&mut chunk).await {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                        return;
+                    }
+                    let first: &[u8] = match path.as_str() {
+                        "/continue" => b"HTTP/1.1 100 Continue\r\n\r\n",
+                        "/early-keep" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly",
+                        _ => b"",
+                    };
+                    if s.write_all(first).await.is_err() {
+                        return;
+                    }
+                    while buf.len() < len {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = Bytes::from(buf.drain(..len).collect::<Vec<u8>>());
+                    if path == "/early-keep" {
+                        kept.lock().unwrap().push((line, body));
+                        continue;
+                    }
+                    let mut answer =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                            .into_bytes();
+                    answer.extend_from_slice(&body);
+                    kept.lock().unwrap().push((line, body));
+                    if s.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_reach_http1_upstreams_whole_and_an_early_answer_ends_them() {
+    use tokio::io::AsyncWriteExt;
+    let (addr, seen, accepted) = body_upstream().await;
+    let veer = Veer::start(&super::support::route_config(&[addr], &[], 0.0, "")).await;
+    let mut c = super::support::Client::connect(veer.addr).await.unwrap();
+
+    // Bodies of every size, on one client connection: each arrives whole
+    // and exactly once, and the upstream connection is kept between them.
+    let sizes = [1usize, 1024, 70 * 1024, 1 << 20];
+    for (i, n) in sizes.iter().enumerate() {
+        let body: Bytes = (0..*n)
+            .map(|j| (j * 7 + i) as u8)
+            .collect::<Vec<u8>>()
+            .into();
+        let method = if i % 2 == 0 {
+            http::Method::POST
+        } else {
+            http::Method::PUT
+        };
+        let r = c.send(method, "/echo", &[], body.clone()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.body() == &body, "a {n}-byte body came back changed");
+    }
+    let r = c
+        .send(
+            http::Method::POST,
+            "/continue",
+            &[],
+            Bytes::from_static(b"after 100"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), &r.body()[..]),
+        (200, &b"after 100"[..])
+    );
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            seen.len(),
+            sizes.len() + 1,
+            "{:?}",
+            seen.iter().map(|s| &s.0).collect::<Vec<_>>()
+        );
+        for ((line, body), n) in seen.iter().zip(sizes) {
+            assert!(line.ends_with(" /echo HTTP/1.1"), "{line}");
+            assert_eq!(body.len(), n);
+        }
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one upstream connection for them all"
+    );
+
+    // An upstream answering before the body is all sent: the client gets
+    // that answer at once (not after the rest of a body it may never send),
+    // and the version is not failed for it.
+    let mut s = TcpStream::connect(veer.addr).await.unwrap();
+    s.write_all(b"POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\nfirst bytes")
+        .await
+        .unwrap();
+    let text = read_until(&mut s, "big!").await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text:?}");
+    drop(s);
+
+    // The next request gets a fresh upstream connection (the early one's
+    // framing was lost), and its answer is its own.
+    let r = c
+        .send(
+            http::Method::POST,
+            "/echo",
+            &[],
+            Bytes::from_static(b"next"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(&r.body()[..], b"next");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+    // An early answer that keeps the connection: the server reads the rest
+    // of the body, so it all goes (however late the client sends it), and
+    // the connection serves the next request.
+    let mut s = TcpStream::connect(veer.addr).await.unwrap();
+    s.write_all(b"POST /early-keep HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nfirst")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(b"-last").await.unwrap();
+    let text = read_until(&mut s, "early").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    let r = c
+        .send(
+            http::Method::POST,
+            "/echo",
+            &[],
+            Bytes::from_static(b"again"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(&r.body()[..], b"again");
+    {
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen.iter()
+                .any(|(l, b)| l.starts_with("POST /early-keep ") && &b[..] == b"first-last"),
+            "the early answer's request body did not all go"
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the connection kept by the early answer served the next request"
+    );
+    let m = veer.metrics().await;
+    let resets = r#"veer_upstream_errors_total{kind="reset",route="web",version="v1"}"#;
+    assert_eq!(metric(&m, resets).unwrap_or(0.0), 0.0, "{m}");
+}
+
+/// What `s` receives until it ends with `end` (or closes, or 10 s pass).
+async fn read_until(s: &mut TcpStream, end: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while !got.ends_with(end.as_bytes()) {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&got).to_string()
+}

@@ -1025,6 +1025,11 @@ impl Pieces {
         self.0.is_empty()
     }
 
+    /// Bytes left to write.
+    fn len(&self) -> usize {
+        self.0.iter().map(Bytes::len).sum()
+    }
+
     fn push(&mut self, piece: Bytes) {
         if !piece.is_empty() {
             self.0.push_back(piece);
@@ -1175,9 +1180,11 @@ fn gather(
 /// An answer that comes meanwhile is read to the end of its head: an
 /// interim (`1xx`) one is passed over; a final one that keeps the
 /// connection open means the server reads the rest of the body (as
-/// nginx and Go's servers do, to keep the connection), which goes on, and
-/// the answer is returned once it went; a final one that closes it (a
-/// `413` with `Connection: close`, as a rule) ends the body there.
+/// nginx and Go's servers do, to keep the connection): if at most
+/// `GATHER` bytes of it are left, they go, and the answer is returned
+/// once they went. A final one that closes the connection (a `413` with
+/// `Connection: close`, as a rule), or with more of the body left, ends
+/// the body there and the connection after the answer.
 async fn send_all(
     conn: &mut RawConn,
     body: &mut RequestBody,
@@ -1202,7 +1209,14 @@ async fn send_all(
             match parse(&mut conn.buf, false, spare, &mut conn.names)? {
                 Some(None) if conn.buf.is_empty() => break,
                 Some(None) => continue,
-                Some(Some(head)) if head.keep_alive => {
+                // What is left is sent only if it is little: an upstream
+                // that keeps the connection reads it (nginx all of it, Go's
+                // server up to 256 KiB), and the socket's buffers hold it
+                // if it does not; more would hold the answer back for as
+                // long as the client takes to send it.
+                Some(Some(head))
+                    if head.keep_alive && *left + pending.len() as u64 <= GATHER as u64 =>
+                {
                     early = Some(head);
                     break;
                 }

@@ -1706,6 +1706,22 @@ async fn request_bodies_reach_http1_upstreams_whole_and_an_early_answer_ends_the
         2,
         "the connection kept by the early answer served the next request"
     );
+
+    // The same early answer with most of a large body still to come: the
+    // client gets it at once, and the connection is not used again.
+    let mut s = TcpStream::connect(veer.addr).await.unwrap();
+    s.write_all(b"POST /early-keep HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\nfirst")
+        .await
+        .unwrap();
+    let text = read_until(&mut s, "early").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    drop(s);
+    let r = c
+        .send(http::Method::PUT, "/echo", &[], Bytes::from_static(b"last"))
+        .await
+        .unwrap();
+    assert_eq!(&r.body()[..], b"last");
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
     let m = veer.metrics().await;
     let resets = r#"veer_upstream_errors_total{kind="reset",route="web",version="v1"}"#;
     assert_eq!(metric(&m, resets).unwrap_or(0.0), 0.0, "{m}");

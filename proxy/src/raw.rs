@@ -1105,30 +1105,25 @@ pub async fn send_body(
     let mut spare = parts.headers;
     spare.clear();
     let mut left = Body::size_hint(&body).exact().unwrap_or(0);
-    std::future::poll_fn(|cx| Poll::Ready(gather(&mut body, &mut pending, &mut left, cx)))
-        .await
-        .map_err(|e| e.unwrap_or(ProxyError::ClientBadBody))?;
+    std::future::poll_fn(|cx| Poll::Ready(gather(&mut body, &mut pending, &mut left, cx))).await?;
     let Some(conn) = sender.raw_mut() else {
         return Err(ProxyError::UpstreamProtocol);
     };
     let sent = send_all(conn, &mut body, pending, &mut left, &mut spare).await;
     drop(body);
     let head = match sent {
-        Ok((Sent::Whole, Some(head))) => Ok(head),
-        Ok((Sent::Whole, None)) => exchange(conn, &[], false, None, &mut spare).await,
-        // Answered early: the connection is not used again.
-        Ok((Sent::Answered, early)) => match early {
-            Some(head) => Ok(head),
-            None => exchange(conn, &[], false, None, &mut spare).await,
+        Ok((how, early)) => {
+            let head = match early {
+                Some(head) => Ok(head),
+                None => exchange(conn, &[], false, None, &mut spare).await,
+            };
+            // Answered before the body all went: the connection's framing
+            // is lost, it is not used again.
+            head.map(|mut head| {
+                head.keep_alive &= matches!(how, Sent::Whole);
+                head
+            })
         }
-        .map(|mut head| {
-            head.keep_alive = false;
-            head
-        })
-        .map_err(|f| match f {
-            Failure::Unanswered => Failure::Kind(ProxyError::UpstreamReset),
-            k => k,
-        }),
         Err(f) => Err(f),
     };
     let head = match head {
@@ -1140,35 +1135,47 @@ pub async fn send_body(
 }
 
 /// Adds to `out` the body's frames that have come, up to [`GATHER`]
-/// bytes of them. `Err(None)`: the body was longer than declared;
-/// `Err(Some(_))`: it failed.
+/// bytes of them.
 fn gather(
     body: &mut RequestBody,
     out: &mut Pieces,
     left: &mut u64,
     cx: &mut Context<'_>,
-) -> Result<(), Option<ProxyError>> {
-    let mut gathered = 0;
-    while *left > 0 && gathered < GATHER {
-        match Pin::new(&mut *body).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                if data.len() as u64 > *left {
-                    return Err(None);
-                }
-                *left -= data.len() as u64;
-                gathered += data.len();
-                out.push(data);
-            }
-            Poll::Ready(Some(Err(_))) => return Err(Some(ProxyError::ClientAborted)),
-            // Short: the declared length was not sent.
-            Poll::Ready(None) => return Err(Some(ProxyError::ClientBadBody)),
+) -> Result<(), ProxyError> {
+    let all = *left;
+    while *left > 0 && all - *left < GATHER as u64 {
+        match poll_piece(body, out, left, cx) {
+            Poll::Ready(r) => r?,
             Poll::Pending => break,
         }
     }
     Ok(())
+}
+
+/// Takes the body's next frame into `out` (a data frame; any other is
+/// passed over), `left` bytes of it being still to come. The body's
+/// failure, or its length not being the one declared, is the client's
+/// fault.
+fn poll_piece(
+    body: &mut RequestBody,
+    out: &mut Pieces,
+    left: &mut u64,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), ProxyError>> {
+    Poll::Ready(match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+        Some(Ok(frame)) => match frame.into_data() {
+            Ok(data) if data.len() as u64 > *left => Err(ProxyError::ClientBadBody),
+            Ok(data) => {
+                *left -= data.len() as u64;
+                out.push(data);
+                Ok(())
+            }
+            Err(_) => Ok(()),
+        },
+        Some(Err(_)) => Err(ProxyError::ClientAborted),
+        // Short: the declared length was not sent.
+        None => Err(ProxyError::ClientBadBody),
+    })
 }
 
 /// Writes `pending`, then the rest of the body (`left` bytes of it) piece
@@ -1280,18 +1287,8 @@ fn poll_send(
                 Poll::Pending => return Poll::Pending,
             }
         }
-        match ready!(Pin::new(&mut *body).poll_frame(cx)) {
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    if data.len() as u64 > *left {
-                        return Poll::Ready(Err(Failure::Kind(ProxyError::ClientBadBody)));
-                    }
-                    *left -= data.len() as u64;
-                    pending.push(data);
-                }
-            }
-            Some(Err(_)) => return Poll::Ready(Err(Failure::Kind(ProxyError::ClientAborted))),
-            None => return Poll::Ready(Err(Failure::Kind(ProxyError::ClientBadBody))),
+        if let Err(e) = ready!(poll_piece(body, pending, left, cx)) {
+            return Poll::Ready(Err(Failure::Kind(e)));
         }
     }
 }

@@ -767,7 +767,7 @@ fn exchange<'a>(
             && if bodied {
                 arrival.is_none() && crate::raw::eligible_body(&req)
             } else {
-                crate::raw::eligible(&req)
+                crate::raw::eligible_head(req.method(), req.headers())
             };
         let endpoints = version.balancer.endpoints();
         let Some(first) = endpoints.get(pick.first()) else {

@@ -1507,17 +1507,20 @@ async fn http1_upstream_framings_reach_clients_whole_and_never_cross() {
 /// drops what still comes (a lingering close, as nginx's) and closes;
 /// `/early-keep` answers as soon as the head came and keeps the
 /// connection, reading the body after (as nginx's `return` does).
-async fn body_upstream() -> (SocketAddr, Arc<Mutex<Vec<(String, Bytes)>>>, Arc<AtomicU64>) {
+async fn body_upstream() -> BodyUpstream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let accepted = Arc::new(AtomicU64::new(0));
-    let (kept, a) = (seen.clone(), accepted.clone());
+    let up = BodyUpstream {
+        addr: l.local_addr().unwrap(),
+        seen: Arc::default(),
+        accepted: Arc::default(),
+        early: Arc::default(),
+    };
+    let (kept, a, answered) = (up.seen.clone(), up.accepted.clone(), up.early.clone());
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             a.fetch_add(1, Ordering::SeqCst);
-            let kept = kept.clone();
+            let (kept, answered) = (kept.clone(), answered.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = vec![0u8; 64 * 1024];
@@ -1549,6 +1552,7 @@ async fn body_upstream() -> (SocketAddr, Arc<Mutex<Vec<(String, Bytes)>>>, Arc<A
                                 b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig!",
                             )
                             .await;
+                        answered.fetch_add(1, Ordering::SeqCst);
                         kept.lock().unwrap().push((line, Bytes::new()));
                         while let Ok(n) = s.read(&mut chunk).await {
                             if n == 0 {
@@ -1564,6 +1568,9 @@ async fn body_upstream() -> (SocketAddr, Arc<Mutex<Vec<(String, Bytes)>>>, Arc<A
                     };
                     if s.write_all(first).await.is_err() {
                         return;
+                    }
+                    if path == "/early-keep" {
+                        answered.fetch_add(1, Ordering::SeqCst);
                     }
                     while buf.len() < len {
                         match s.read(&mut chunk).await {
@@ -1588,13 +1595,34 @@ async fn body_upstream() -> (SocketAddr, Arc<Mutex<Vec<(String, Bytes)>>>, Arc<A
             });
         }
     });
-    (addr, seen, accepted)
+    up
+}
+
+/// [`body_upstream`]: where it listens, the (request line, body) pairs it
+/// read, the connections it accepted and the early answers it sent.
+struct BodyUpstream {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<(String, Bytes)>>>,
+    accepted: Arc<AtomicU64>,
+    early: Arc<AtomicU64>,
+}
+
+/// The body of `/echo`'s answer to `body`, sent with `method` on `c`.
+async fn echo(c: &mut super::support::Client, method: http::Method, body: Bytes) -> Bytes {
+    let r = c.send(method, "/echo", &[], body).await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.into_body()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_reach_http1_upstreams_whole_and_an_early_answer_ends_them() {
     use tokio::io::AsyncWriteExt;
-    let (addr, seen, accepted) = body_upstream().await;
+    let BodyUpstream {
+        addr,
+        seen,
+        accepted,
+        early,
+    } = body_upstream().await;
     let veer = Veer::start(&super::support::route_config(&[addr], &[], 0.0, "")).await;
     let mut c = super::support::Client::connect(veer.addr).await.unwrap();
 
@@ -1611,9 +1639,8 @@ async fn request_bodies_reach_http1_upstreams_whole_and_an_early_answer_ends_the
         } else {
             http::Method::PUT
         };
-        let r = c.send(method, "/echo", &[], body.clone()).await.unwrap();
-        assert_eq!(r.status(), 200);
-        assert!(r.body() == &body, "a {n}-byte body came back changed");
+        let back = echo(&mut c, method, body.clone()).await;
+        assert!(back == body, "a {n}-byte body came back changed");
     }
     let r = c
         .send(
@@ -1660,39 +1687,29 @@ async fn request_bodies_reach_http1_upstreams_whole_and_an_early_answer_ends_the
 
     // The next request gets a fresh upstream connection (the early one's
     // framing was lost), and its answer is its own.
-    let r = c
-        .send(
-            http::Method::POST,
-            "/echo",
-            &[],
-            Bytes::from_static(b"next"),
-        )
-        .await
-        .unwrap();
-    assert_eq!(&r.body()[..], b"next");
+    let back = echo(&mut c, http::Method::POST, Bytes::from_static(b"next")).await;
+    assert_eq!(&back[..], b"next");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 
     // An early answer that keeps the connection: the server reads the rest
     // of the body, so it all goes (however late the client sends it), and
     // the connection serves the next request.
+    let answered = early.load(Ordering::SeqCst) + 1;
     let mut s = TcpStream::connect(veer.addr).await.unwrap();
     s.write_all(b"POST /early-keep HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nfirst")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The rest only once the upstream has answered.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while early.load(Ordering::SeqCst) < answered {
+        assert!(tokio::time::Instant::now() < deadline, "no early answer");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     s.write_all(b"-last").await.unwrap();
     let text = read_until(&mut s, "early").await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
-    let r = c
-        .send(
-            http::Method::POST,
-            "/echo",
-            &[],
-            Bytes::from_static(b"again"),
-        )
-        .await
-        .unwrap();
-    assert_eq!(&r.body()[..], b"again");
+    let back = echo(&mut c, http::Method::POST, Bytes::from_static(b"again")).await;
+    assert_eq!(&back[..], b"again");
     {
         let seen = seen.lock().unwrap();
         assert!(
@@ -1716,11 +1733,8 @@ async fn request_bodies_reach_http1_upstreams_whole_and_an_early_answer_ends_the
     let text = read_until(&mut s, "early").await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
     drop(s);
-    let r = c
-        .send(http::Method::PUT, "/echo", &[], Bytes::from_static(b"last"))
-        .await
-        .unwrap();
-    assert_eq!(&r.body()[..], b"last");
+    let back = echo(&mut c, http::Method::PUT, Bytes::from_static(b"last")).await;
+    assert_eq!(&back[..], b"last");
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
     let m = veer.metrics().await;
     let resets = r#"veer_upstream_errors_total{kind="reset",route="web",version="v1"}"#;

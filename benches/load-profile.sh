@@ -7,19 +7,25 @@
 # the top symbols by self time, and the share of the samples in functions
 # matching PATTERN (default: veer's controller and recording).
 #
-# usage: benches/load-profile.sh [veer|nginx] [D]   (default veer, 8)
+# usage: benches/load-profile.sh [veer|nginx|haproxy] [D]   (default veer, 8)
 # env: VEER=binary (default target/release/veer, built if missing),
+#      UPLOAD=N (POSTs of an N-byte body instead of GETs, as
+#      benches/upload-peers.sh sends them),
 #      MODE=enforce|off (veer's judge), KEEP=dir (keep perf.data there),
+#      GRAPH=1 (record call graphs: `perf report -G` on the kept data
+#      names the callers, say of the kernel's wake-ups),
 #      PATTERN=regex (symbols to sum), TOP=n (symbols listed, default 25),
 #      BASE_PORT (default 19180)
-# Needs perf (Debian linux-perf), nginx, wrk. Only 127.0.0.1 is targeted;
+# Needs perf (Debian linux-perf), nginx, wrk (and haproxy for it). Only 127.0.0.1 is targeted;
 # the load is bounded by wrk's duration and timeout.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 proxy="${1:-veer}"
 dur="${2:-8}"
-case $proxy in veer | nginx) ;; *) echo "usage: $0 [veer|nginx] [seconds]" >&2; exit 2 ;; esac
-for tool in perf nginx wrk; do
+case $proxy in veer | nginx | haproxy) ;; *) echo "usage: $0 [veer|nginx|haproxy] [seconds]" >&2; exit 2 ;; esac
+tools="perf nginx wrk"
+[ "$proxy" = haproxy ] && tools="$tools haproxy"
+for tool in $tools; do
   command -v "$tool" > /dev/null || { echo "$tool is needed" >&2; exit 1; }
 done
 peers="$ROOT/../shared/bench/peers"
@@ -36,9 +42,19 @@ keep_perf() {
 on_exit=keep_perf
 pinned_run "${BASE_PORT:-19180}"
 start_origin taskset -c 0
+if [ -n "${UPLOAD:-}" ]; then
+  case $UPLOAD in *[!0-9]*) echo "UPLOAD takes a byte count, not '$UPLOAD'" >&2; exit 2 ;; esac
+  sed -i "s|wrk.format(\"GET\", \"/\", { \[\"x-user-id\"\] = \"user-\" .. math.random(1, 1000000) })|wrk.format(\"POST\", \"/\", { [\"x-user-id\"] = \"user-\" .. math.random(1, 1000000) }, string.rep(\"x\", $UPLOAD))|" "$work/wrk-userid.lua"
+  grep -q 'wrk.format("POST"' "$work/wrk-userid.lua" || { echo "the shared wrk script changed; cannot make it POST" >&2; exit 1; }
+fi
 if [ "$proxy" = nginx ]; then
   fill nginx-proxy.conf > "$work/proxy.conf"
   taskset -c 1 nginx -p "$work" -c "$work/proxy.conf" -e "$work/proxy.err" &
+elif [ "$proxy" = haproxy ]; then
+  # The peers' weights: the canary at 20 % of 100.
+  fill haproxy.cfg | sed -e "s#@HAPROXY_PORT@#$port#g" -e "s#@STABLE_W@#80#g" -e "s#@CANARY_W@#20#g" \
+    > "$work/proxy.cfg"
+  taskset -c 1 haproxy -db -f "$work/proxy.cfg" > "$work/proxy.err" 2>&1 &
 else
   veer_config "${MODE:-enforce}"
   RUST_LOG=warn taskset -c 1 "$VEER" run --config "$work/veer.toml" > "$work/veer.log" 2>&1 &
@@ -49,7 +65,7 @@ wait_ports "$stable" "$port"
 url="http://127.0.0.1:$port/"
 # A short warm-up fills both proxies' upstream pools before sampling.
 timeout 30 taskset -c 0 wrk -t1 -c50 -d2s -s "$work/wrk-userid.lua" "$url" > /dev/null
-timeout $((dur + 30)) perf record -F 4999 -o "$work/perf.data" -p "$target" -- sleep "$dur" 2> /dev/null &
+timeout $((dur + 30)) perf record ${GRAPH:+-g} -F 4999 -o "$work/perf.data" -p "$target" -- sleep "$dur" 2> /dev/null &
 rec=$!
 timeout $((dur + 30)) taskset -c 0 wrk -t1 -c50 -d"${dur}s" -s "$work/wrk-userid.lua" "$url" \
   | awk '/^Requests\/sec/ {print "req/s: " $2}'

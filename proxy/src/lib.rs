@@ -27,6 +27,7 @@ pub mod mirror;
 pub mod notify;
 pub mod path;
 pub mod persist;
+pub mod protocol;
 pub mod publish;
 pub mod raw;
 pub mod record;

@@ -21,9 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -32,6 +32,7 @@ use veer_control::config::ProxySettings;
 use crate::conn::{Activity, ClientClose, HeadWatch, Slot, Tracking};
 use crate::error::ProxyError;
 use crate::headers::Scheme;
+use crate::protocol::{Builders, BODY_READ};
 use crate::service::handle;
 use crate::shared::Shared;
 
@@ -117,18 +118,19 @@ pub async fn serve(
     if listeners.is_empty() {
         return;
     }
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut h1 = http1::Builder::new();
+    h1
         // veer times every request head itself (`crate::conn::HeadWatch`):
         // hyper's timer is a boxed sleep armed for every request.
         .timer(TokioTimer::new())
         .header_read_timeout(None)
-        .max_buf_size(limits.max_header_bytes.max(8192))
+        // The head is capped; the read buffer may grow past the cap for
+        // bodies (see `crate::protocol`).
+        .max_header_size(limits.max_header_bytes)
+        .max_buf_size(limits.max_header_bytes.max(BODY_READ))
         .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .keep_alive_interval(Some(limits.idle_timeout / 2))
         .keep_alive_timeout(Duration::from_secs(20))
         // As nginx's http2_max_concurrent_streams: one connection cannot
@@ -139,9 +141,12 @@ pub async fn serve(
     // veer peeking at its socket (`crate::conn::ClientClose`), and hyper
     // does not read while a request is in flight (its `half_close`: its
     // read there cost a new read buffer for every request).
-    let tls_builder = Arc::new(builder.clone());
-    builder.http1().half_close(true);
-    let builder = Arc::new(builder);
+    let tls_builder = Arc::new(Builders {
+        h1: h1.clone(),
+        h2: h2.clone(),
+    });
+    h1.half_close(true);
+    let builder = Arc::new(Builders { h1, h2 });
     let mut next = 0usize;
     loop {
         let permit = tokio::select! {
@@ -265,12 +270,8 @@ struct Conn<'a> {
 }
 
 impl Conn<'_> {
-    async fn serve<S>(
-        self,
-        stream: S,
-        builder: &auto::Builder<TokioExecutor>,
-        mut shutdown: watch::Receiver<bool>,
-    ) where
+    async fn serve<S>(self, stream: S, builders: &Builders, mut shutdown: watch::Receiver<bool>)
+    where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + ClientClose + Unpin + Send + 'static,
     {
         let Conn {
@@ -297,7 +298,7 @@ impl Conn<'_> {
             Tracking::new(handling, inflight)
         });
         let stream = HeadWatch::new(stream, activity.clone());
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        let conn = crate::protocol::serve(stream, svc, builders);
         tokio::pin!(conn);
         let (ht, it) = (limits.header_timeout, limits.idle_timeout);
         // While requests are in flight, look again this often.

@@ -53,6 +53,36 @@ async fn oversized_headers_get_431() {
     assert_eq!(get(veer.addr, "/", &[]).await.unwrap().status(), 200);
 }
 
+/// Request bodies are read in pieces of up to 64 KiB, more than the head cap
+/// (`max_header_bytes`, 16 KiB by default): a connection whose reads grew
+/// that large for bodies still takes no head over the cap, even one that
+/// comes whole in one read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_cap_holds_on_a_connection_that_carried_large_bodies() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    for _ in 0..3 {
+        let r = c
+            .send(
+                http::Method::POST,
+                "/",
+                &[],
+                Bytes::from(vec![b'x'; 256 * 1024]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let under = "a".repeat(15_000);
+    let r = c.get("/", &[("x-big", &under)]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let over = "a".repeat(20_000);
+    let r = c.get("/", &[("x-big", &over)]).await.unwrap();
+    assert_eq!(r.status(), 431);
+    assert_eq!(get(veer.addr, "/", &[]).await.unwrap().status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_are_set_and_hop_by_hop_removed() {
     let s = Upstream::start("stable").await;

@@ -24,6 +24,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use crate::body::{BoxError, ProxyBody};
+use crate::protocol::{GiveBack, Replay};
 
 /// A client connection's place: its `max_connections` permit, its count in
 /// its address's `max_connections_per_ip`, and its `veer_open_connections`
@@ -331,6 +332,9 @@ pub struct HeadWatch<S> {
     /// its closing cannot be seen behind them, and it is not looked for
     /// again until hyper reads.
     unread: bool,
+    /// The first bytes, read to tell HTTP/1.1 from HTTP/2 and given back
+    /// (`crate::protocol`): hyper reads them before the socket's.
+    replay: Replay,
 }
 
 /// The first bytes of the HTTP/2 connection preface (RFC 9113 §3.4): no
@@ -349,6 +353,7 @@ impl<S> HeadWatch<S> {
             activity,
             matched: 0,
             unread: false,
+            replay: Replay::default(),
         }
     }
 
@@ -391,9 +396,19 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HeadWatch<S> {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        // Noted when they were first read.
+        if this.replay.read_into(buf) {
+            return Poll::Ready(Ok(()));
+        }
         this.unread = false;
         let (inner, matched, activity) = (&mut this.inner, &mut this.matched, &this.activity);
         read_noting(inner, cx, buf, |new| note_read(matched, activity, new))
+    }
+}
+
+impl<S> GiveBack for HeadWatch<S> {
+    fn give_back(&mut self, bytes: &[u8]) {
+        self.replay.give_back(bytes);
     }
 }
 

@@ -50,66 +50,50 @@ pub struct Builders {
     pub h2: http2::Builder<TokioExecutor>,
 }
 
-/// The stream hyper reads: the client's, with the bytes read to tell its
-/// protocol given back first.
-pub type Io<S> = TokioIo<Replay<S>>;
-
-/// A stream whose first bytes were read already: they are read again
-/// before the stream's own.
-pub struct Replay<S> {
+/// Bytes read from a stream to tell its protocol, to be read again first
+/// (a stream that can take them back keeps one: [`GiveBack`]).
+#[derive(Default)]
+pub struct Replay {
     first: [u8; 24],
     /// `first[at..len]` is still to be read.
-    at: usize,
-    len: usize,
-    inner: S,
+    at: u8,
+    len: u8,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        if this.at < this.len {
-            let n = (this.len - this.at).min(buf.remaining());
-            if let Some(b) = this.first.get(this.at..this.at + n) {
-                buf.put_slice(b);
-            }
-            this.at += n;
-            return Poll::Ready(Ok(()));
+impl Replay {
+    /// Moves what is left into `buf` (as much as fits); false if nothing
+    /// was left, so that the stream's own bytes are read.
+    #[inline]
+    pub fn read_into(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        if self.at >= self.len {
+            return false;
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        let (at, len) = (usize::from(self.at), usize::from(self.len));
+        let n = (len - at).min(buf.remaining());
+        if let Some(b) = self.first.get(at..at + n) {
+            buf.put_slice(b);
+        }
+        self.at += n as u8;
+        true
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
+/// A client's stream that takes back the bytes read from it to tell its
+/// protocol, and gives them to hyper before its own
+/// (`crate::conn::HeadWatch`, which noted them when they were read).
+pub trait GiveBack {
+    /// `bytes` (at most 24) are read again before the stream's own.
+    fn give_back(&mut self, bytes: &[u8]);
+}
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+impl GiveBack for Replay {
+    fn give_back(&mut self, bytes: &[u8]) {
+        let len = bytes.len().min(self.first.len());
+        if let (Some(to), Some(from)) = (self.first.get_mut(..len), bytes.get(..len)) {
+            to.copy_from_slice(from);
+        }
+        self.at = 0;
+        self.len = len as u8;
     }
 }
 
@@ -142,11 +126,11 @@ pin_project_lite::pin_project! {
         },
         H1 {
             #[pin]
-            conn: http1::UpgradeableConnection<Io<S>, Svc>,
+            conn: http1::UpgradeableConnection<TokioIo<S>, Svc>,
         },
         H2 {
             #[pin]
-            conn: http2::Connection<Io<S>, Svc, TokioExecutor>,
+            conn: http2::Connection<TokioIo<S>, Svc, TokioExecutor>,
         },
     }
 }
@@ -170,7 +154,7 @@ where
 
 impl<S, Svc, B> Served<'_, S, Svc>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + GiveBack + Unpin + Send + 'static,
     Svc: HttpService<Incoming, ResBody = B>,
     Svc::Error: Into<BoxError>,
     Svc::Future: Send + 'static,
@@ -192,7 +176,7 @@ where
 
 impl<S, Svc, B> Future for Served<'_, S, Svc>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + GiveBack + Unpin + Send + 'static,
     Svc: HttpService<Incoming, ResBody = B>,
     Svc::Error: Into<BoxError>,
     Svc::Future: Send + 'static,
@@ -244,15 +228,11 @@ where
                             break true;
                         }
                     };
-                    let (Some(s), Some(svc)) = (stream.take(), service.take()) else {
+                    let (Some(mut s), Some(svc)) = (stream.take(), service.take()) else {
                         return Poll::Ready(Ok(()));
                     };
-                    let io = TokioIo::new(Replay {
-                        first: *first,
-                        at: 0,
-                        len: *len,
-                        inner: s,
-                    });
+                    s.give_back(first.get(..*len).unwrap_or_default());
+                    let io = TokioIo::new(s);
                     if h2 {
                         State::H2 {
                             conn: builders.h2.serve_connection(io, svc),
@@ -272,28 +252,20 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
 
-    #[tokio::test]
-    async fn replay_gives_the_first_bytes_back_before_the_rest() {
-        let (mut a, b) = tokio::io::duplex(64);
-        let mut first = [0u8; 24];
-        first[..3].copy_from_slice(b"GET");
-        let mut r = Replay {
-            first,
-            at: 0,
-            len: 3,
-            inner: b,
-        };
-        tokio::io::AsyncWriteExt::write_all(&mut a, b" / HTTP/1.1\r\n")
-            .await
-            .unwrap();
-        drop(a);
-        let mut small = [0u8; 2];
-        assert_eq!(r.read(&mut small).await.unwrap(), 2);
-        assert_eq!(&small, b"GE");
-        let mut rest = Vec::new();
-        r.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest, b"T / HTTP/1.1\r\n");
+    #[test]
+    fn replay_gives_the_bytes_back_in_as_many_reads_as_they_take() {
+        let mut r = Replay::default();
+        let mut room = [0u8; 2];
+        assert!(!r.read_into(&mut ReadBuf::new(&mut room)));
+        r.give_back(b"GET");
+        let mut buf = ReadBuf::new(&mut room);
+        assert!(r.read_into(&mut buf));
+        assert_eq!(buf.filled(), b"GE");
+        let mut room = [0u8; 8];
+        let mut buf = ReadBuf::new(&mut room);
+        assert!(r.read_into(&mut buf));
+        assert_eq!(buf.filled(), b"T");
+        assert!(!r.read_into(&mut buf));
     }
 }

@@ -16,8 +16,8 @@
 #      names the callers, say of the kernel's wake-ups),
 #      PATTERN=regex (symbols to sum), TOP=n (symbols listed, default 25),
 #      BASE_PORT (default 19180)
-# Needs perf (Debian linux-perf), nginx, wrk (and haproxy for it). Only 127.0.0.1 is targeted;
-# the load is bounded by wrk's duration and timeout.
+# Needs perf (Debian linux-perf), nginx, wrk (and haproxy for it). Only
+# 127.0.0.1 is targeted; the load is bounded by wrk's duration and timeout.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 proxy="${1:-veer}"
@@ -42,11 +42,7 @@ keep_perf() {
 on_exit=keep_perf
 pinned_run "${BASE_PORT:-19180}"
 start_origin taskset -c 0
-if [ -n "${UPLOAD:-}" ]; then
-  case $UPLOAD in *[!0-9]*) echo "UPLOAD takes a byte count, not '$UPLOAD'" >&2; exit 2 ;; esac
-  sed -i "s|wrk.format(\"GET\", \"/\", { \[\"x-user-id\"\] = \"user-\" .. math.random(1, 1000000) })|wrk.format(\"POST\", \"/\", { [\"x-user-id\"] = \"user-\" .. math.random(1, 1000000) }, string.rep(\"x\", $UPLOAD))|" "$work/wrk-userid.lua"
-  grep -q 'wrk.format("POST"' "$work/wrk-userid.lua" || { echo "the shared wrk script changed; cannot make it POST" >&2; exit 1; }
-fi
+if [ -n "${UPLOAD:-}" ]; then make_posts "$work/wrk-userid.lua" "$UPLOAD"; fi
 if [ "$proxy" = nginx ]; then
   fill nginx-proxy.conf > "$work/proxy.conf"
   taskset -c 1 nginx -p "$work" -c "$work/proxy.conf" -e "$work/proxy.err" &

@@ -71,3 +71,12 @@ wait_ports() { # port...
     done
   done
 }
+
+# Makes the peers' wrk script (a copy, at $1) send POSTs of $2 bytes
+# instead of GETs, the same random keys (benches/upload-peers.sh and
+# load-profile.sh's UPLOAD).
+make_posts() { # lua bytes
+  case $2 in '' | *[!0-9]*) echo "an upload takes a byte count, not '$2'" >&2; return 1 ;; esac
+  sed -i "s|wrk.format(\"GET\", \"/\", { \[\"x-user-id\"\] = \"user-\" .. math.random(1, 1000000) })|wrk.format(\"POST\", \"/\", { [\"x-user-id\"] = \"user-\" .. math.random(1, 1000000) }, string.rep(\"x\", $2))|" "$1"
+  grep -q 'wrk.format("POST"' "$1" || { echo "the shared wrk script changed; cannot make it POST" >&2; return 1; }
+}

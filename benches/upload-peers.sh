@@ -18,12 +18,11 @@ if [ "${1:-}" = -u ]; then
   bytes=$2
   shift 2
 fi
-case $bytes in '' | *[!0-9]*) echo "-u takes a byte count, not '$bytes'" >&2; exit 1 ;; esac
 copy=$(mktemp -d /tmp/veer-upload-peers.XXXXXX)
 trap 'rm -rf "$copy"' EXIT
 cp -r "$shared/." "$copy/"
-lua="$copy/peers/wrk-userid.lua"
-sed -i "s|wrk.format(\"GET\", \"/\", { \[\"x-user-id\"\] = \"user-\" .. math.random(1, 1000000) })|wrk.format(\"POST\", \"/\", { [\"x-user-id\"] = \"user-\" .. math.random(1, 1000000) }, string.rep(\"x\", $bytes))|" "$lua"
-grep -q 'wrk.format("POST"' "$lua" || { echo "the shared wrk script changed; cannot make it POST" >&2; exit 1; }
+# shellcheck source=benches/pinned-lib.sh
+. "$HERE/pinned-lib.sh"
+make_posts "$copy/peers/wrk-userid.lua" "$bytes"
 echo "uploads: POST with a $bytes-byte body" >&2
 PEERS="$copy/peers.sh" "$HERE/peers.sh" "$@"

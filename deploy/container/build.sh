@@ -8,6 +8,10 @@
 # and DNS still work, glibc >= 2.34 has them built in) and the image is
 # FROM scratch (deploy/container/Dockerfile with BINARY_FROM=prebuilt).
 #
+# The binary is built profile-guided (deploy/build-veer.sh: an
+# instrumented build trained by `veer demo`, then the build that uses its
+# counts); PGO=0 builds it plain.
+#
 # usage: deploy/container/build.sh [TAG]      (default localhost/veer:VERSION)
 # Installs podman and runc with apt if missing. Images live in
 # target/container/storage (not the system's). Only 127.0.0.1 is targeted.
@@ -52,13 +56,13 @@ nohc=(--health-interval disable)
 # are dropped, any other message shows.)
 quiet() { "$@" 2> >(grep -v 'unable to get systemd connection' >&2); }
 
-step "static veer (x86_64-unknown-linux-gnu, crt-static)"
-RUSTFLAGS='-C target-feature=+crt-static' \
-  cargo build --release --locked -q --target x86_64-unknown-linux-gnu -p veer-proxy --bin veer
+step "static veer (x86_64-unknown-linux-gnu, crt-static), profile-guided"
+RUSTFLAGS='-C target-feature=+crt-static' PGO_DIR="$work/pgo" \
+  "$ROOT/deploy/build-veer.sh" x86_64-unknown-linux-gnu "$work/veer"
 ctx="$work/context"
 rm -rf "$ctx"
 mkdir -p "$ctx/prebuilt/state" "$ctx/prebuilt/config"
-install -m 0755 -s target/x86_64-unknown-linux-gnu/release/veer "$ctx/prebuilt/veer"
+install -m 0755 -s "$work/veer" "$ctx/prebuilt/veer"
 if readelf -d "$ctx/prebuilt/veer" | grep -q NEEDED; then
   echo "the binary is dynamically linked; a FROM scratch image cannot run it" >&2
   exit 1

@@ -11,6 +11,8 @@
 # veer runs with the judge on (config.example.toml's judge section).
 #
 # usage: benches/h2-peers.sh [-m pinned|unpinned] [-r REPS] [-d SECONDS] [-c CLIENTS] [-s STREAMS]
+#   VEER=path: that veer binary instead of a fresh target/release/veer
+#   (say, deploy/build-veer.sh's profile-guided one).
 #   pinned (default): each proxy has 1 worker on CPU 1; h2load and the origin on CPU 0.
 #   unpinned: proxies get 2 workers, nothing pinned.
 # Defaults: -r 3 -d 8 -c 50 -s 10 (50 connections x 10 concurrent streams).
@@ -24,7 +26,7 @@ MODE=pinned REPS=3 DUR=8 CLIENTS=50 STREAMS=10
 while getopts "m:r:d:c:s:" o; do
   case $o in
     m) MODE=$OPTARG ;; r) REPS=$OPTARG ;; d) DUR=$OPTARG ;; c) CLIENTS=$OPTARG ;; s) STREAMS=$OPTARG ;;
-    *) sed -n '2,20p' "$0"; exit 2 ;;
+    *) sed -n '2,22p' "$0"; exit 2 ;;
   esac
 done
 case $MODE in
@@ -49,7 +51,7 @@ mkdir -p "$RUN"
 echo "run dir: $RUN  mode: $MODE (proxy workers=$WORKERS)  h2load -c$CLIENTS -m$STREAMS -D$DUR x$REPS"
 
 (cd "$ROOT" && cargo build --release --locked -p veer-proxy --bin veer)
-VEER="$ROOT/target/release/veer"
+VEER="${VEER:-$ROOT/target/release/veer}"
 
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=localhost" \
   -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \

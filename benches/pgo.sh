@@ -12,7 +12,10 @@
 # run is laid out as cold. This is a measurement, not how veer is built.
 #
 # usage: benches/pgo.sh [D]   (default 20 seconds)
-# env: OUT=dir (default /tmp/veer-pgo), BASE_PORT (default 19280)
+# env: OUT=dir (default /tmp/veer-pgo), BASE_PORT (default 19280),
+# TRAIN=demo: the build as shipped instead (deploy/build-veer.sh, trained
+# by `veer demo --duration D`: its own upstreams and clients, GETs with
+# sticky keys, a canary that turns bad and is reverted; no nginx or wrk).
 # Needs the llvm-tools rustup component (`rustup component add
 # llvm-tools`), nginx and wrk. Only 127.0.0.1 is targeted; the load is
 # bounded by wrk's duration and timeout.
@@ -23,11 +26,14 @@ out="${OUT:-/tmp/veer-pgo}"
 host=$(rustc -vV | awk '/^host:/ {print $2}')
 profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
 [ -x "$profdata" ] || { echo "llvm-profdata not found: rustup component add llvm-tools" >&2; exit 1; }
-for tool in nginx wrk; do
-  command -v "$tool" > /dev/null || { echo "$tool is needed" >&2; exit 1; }
-done
+train="${TRAIN:-wrk}"
+if [ "$train" = wrk ]; then
+  for tool in nginx wrk; do
+    command -v "$tool" > /dev/null || { echo "$tool is needed" >&2; exit 1; }
+  done
+fi
 peers="$ROOT/../shared/bench/peers"
-[ -d "$peers" ] || { echo "peer configs not found: $peers" >&2; exit 1; }
+[ "$train" = demo ] || [ -d "$peers" ] || { echo "peer configs not found: $peers" >&2; exit 1; }
 mkdir -p "$out"
 rm -rf "$out/raw" "$out/merged.profdata"
 
@@ -36,6 +42,11 @@ build() { # target-dir rustflags
   (cd "$ROOT" && RUSTFLAGS="$2" CARGO_TARGET_DIR="$1" \
     cargo build --release --locked --target "$host" -q -p veer-proxy --bin veer)
 }
+if [ "$train" = demo ]; then
+  PGO_DIR="$out" TRAIN_SECONDS="$dur" "$ROOT/deploy/build-veer.sh" "$host" "$out/veer"
+  echo "$out/veer"
+  exit 0
+fi
 echo "instrumented build..." >&2
 build "$out/target-gen" "-Cprofile-generate=$out/raw"
 

@@ -6,8 +6,8 @@
 # (mode enforce, the default) and "veer-off" with [route.judge] mode = "off",
 # so the cost of recording and judging is measured in the same run.
 #
-# PGO=1 adds a third, "veer-pgo": the binary as shipped (built by
-# deploy/build-veer.sh, profile-guided, trained by `veer demo`), judge on.
+# PGO=1 adds a third, "veer-pgo": the profile-guided build (PGO=1
+# deploy/build-veer.sh, trained by `veer demo`), judge on.
 #
 # usage: benches/peers.sh [peers.sh options]     e.g. benches/peers.sh -r 3 -d 10
 # Only 127.0.0.1 is targeted; every run is bounded by wrk's duration.
@@ -57,7 +57,7 @@ echo "veer configs: $CFG_DIR"
 extra=()
 if [ "${PGO:-0}" = 1 ]; then
   host=$(rustc -vV | awk '/^host:/ {print $2}')
-  "$ROOT/deploy/build-veer.sh" "$host" "$ROOT/target/pgo/veer"
+  PGO=1 "$ROOT/deploy/build-veer.sh" "$host" "$ROOT/target/pgo/veer"
   config veer-pgo $((BASE_PORT + 21)) $((BASE_PORT + 22)) enforce
   extra+=("veer-pgo=127.0.0.1:$((BASE_PORT + 21))=$ROOT/target/pgo/veer run --config $CFG_DIR/veer-pgo.toml")
 fi

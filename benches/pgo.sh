@@ -13,7 +13,7 @@
 #
 # usage: benches/pgo.sh [D]   (default 20 seconds)
 # env: OUT=dir (default /tmp/veer-pgo), BASE_PORT (default 19280),
-# TRAIN=demo: the build as shipped instead (deploy/build-veer.sh, trained
+# TRAIN=demo: PGO=1 deploy/build-veer.sh's build instead (trained
 # by `veer demo --duration D`: its own upstreams and clients, GETs with
 # sticky keys, a canary that turns bad and is reverted; no nginx or wrk).
 # Needs the llvm-tools rustup component (`rustup component add
@@ -43,7 +43,7 @@ build() { # target-dir rustflags
     cargo build --release --locked --target "$host" -q -p veer-proxy --bin veer)
 }
 if [ "$train" = demo ]; then
-  PGO_DIR="$out" TRAIN_SECONDS="$dur" "$ROOT/deploy/build-veer.sh" "$host" "$out/veer"
+  PGO=1 PGO_DIR="$out" TRAIN_SECONDS="$dur" "$ROOT/deploy/build-veer.sh" "$host" "$out/veer"
   echo "$out/veer"
   exit 0
 fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the release veer binary as shipped (the image, deploy/container;
-# a host, deploy/systemd), profile-guided (PGO):
+# Builds the release veer binary the image ships (deploy/container) or a
+# host runs (deploy/systemd): `cargo build --release` for TARGET, or with
+# PGO=1 profile-guided:
 #   1. a release build instrumented to count which code runs
 #      (-Cprofile-generate);
 #   2. a training run: `veer demo` (the self-contained demo: two upstreams,
@@ -10,24 +11,27 @@
 #   3. the counts merged with the toolchain's llvm-profdata;
 #   4. the release build that uses them (-Cprofile-use): hot code laid out
 #      together, cold code apart, branches and inlining by the counts.
-# The source, the features and the behaviour are those of a plain
-# `cargo build --release`; only the machine code's layout and inlining
-# differ. Measured (benches/RESULTS.md, "Session 32"): ~20 % fewer
-# instructions and ~40 % fewer instruction-cache misses a request.
+# The source, the features and the behaviour are those of the plain build;
+# only the machine code's layout and inlining differ. The trade-off
+# (benches/RESULTS.md, "Session 32"): the demo's traffic is HTTP/1.1, and
+# what it trains gets faster (GETs ~20 % fewer instructions, 1 KiB POSTs
+# ~13 %) while what it does not see gets slower (gRPC over h2c upstreams
+# ~16 % more instructions a call). So it is not the default: use it for a
+# service whose clients and upstreams speak HTTP/1.1.
 #
 # usage: deploy/build-veer.sh TARGET OUT
 #   TARGET: the Rust target triple (--target: RUSTFLAGS then stay off build
 #   scripts and proc macros); OUT: where the binary is copied.
 # env: RUSTFLAGS (the base flags, e.g. -C target-feature=+crt-static),
-#   PGO=0 (a plain release build instead), TRAIN_SECONDS (20),
+#   PGO=1 (profile-guided; default 0, plain), TRAIN_SECONDS (20),
 #   PGO_DIR (where the instrumented build, counts and PGO build live;
 #   default target/pgo: their own target dirs, so neither rebuilds the
 #   other's artifacts, nor those of `cargo build`).
-# Needs rustup's llvm-tools component (installed here if missing) for
-# llvm-profdata of the same LLVM as rustc. Only 127.0.0.1 is targeted; the
-# training is bounded by its duration and a timeout.
+# PGO=1 needs rustup's llvm-tools component (installed here if missing)
+# for llvm-profdata of the same LLVM as rustc. Only 127.0.0.1 is targeted;
+# the training is bounded by its duration and a timeout.
 set -euo pipefail
-[ $# -eq 2 ] || { sed -n '2,29p' "$0"; exit 2; }
+[ $# -eq 2 ] || { sed -n '2,32p' "$0"; exit 2; }
 target=$1 out=$2
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -36,7 +40,7 @@ build() { # target-dir extra-rustflags
   RUSTFLAGS="$base $2" CARGO_TARGET_DIR="$1" \
     cargo build --release --locked -q --target "$target" -p veer-proxy --bin veer
 }
-if [ "${PGO:-1}" = 0 ]; then
+if [ "${PGO:-0}" != 1 ]; then
   build target ""
   install -D -m 0755 "target/$target/release/veer" "$out"
   exit 0
@@ -47,7 +51,7 @@ host=$(rustc -vV | awk '/^host:/ {print $2}')
 profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
 if [ ! -x "$profdata" ]; then
   command -v rustup > /dev/null \
-    || { echo "llvm-profdata not found and no rustup to add llvm-tools; PGO=0 builds without a profile" >&2; exit 1; }
+    || { echo "llvm-profdata not found and no rustup to add llvm-tools (PGO=0 builds without a profile)" >&2; exit 1; }
   rustup component add llvm-tools > /dev/null
 fi
 [ -x "$profdata" ] || { echo "llvm-profdata not found at $profdata" >&2; exit 1; }

@@ -8,9 +8,9 @@
 # and DNS still work, glibc >= 2.34 has them built in) and the image is
 # FROM scratch (deploy/container/Dockerfile with BINARY_FROM=prebuilt).
 #
-# The binary is built profile-guided (deploy/build-veer.sh: an
+# PGO=1 builds the binary profile-guided (deploy/build-veer.sh: an
 # instrumented build trained by `veer demo`, then the build that uses its
-# counts); PGO=0 builds it plain.
+# counts; faster for HTTP/1.1, slower for gRPC over h2c, see there).
 #
 # usage: deploy/container/build.sh [TAG]      (default localhost/veer:VERSION)
 # Installs podman and runc with apt if missing. Images live in
@@ -56,7 +56,7 @@ nohc=(--health-interval disable)
 # are dropped, any other message shows.)
 quiet() { "$@" 2> >(grep -v 'unable to get systemd connection' >&2); }
 
-step "static veer (x86_64-unknown-linux-gnu, crt-static), profile-guided"
+step "static veer (x86_64-unknown-linux-gnu, crt-static)${PGO:+, PGO=$PGO}"
 RUSTFLAGS='-C target-feature=+crt-static' PGO_DIR="$work/pgo" \
   "$ROOT/deploy/build-veer.sh" x86_64-unknown-linux-gnu "$work/veer"
 ctx="$work/context"

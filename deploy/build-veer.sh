@@ -15,9 +15,10 @@
 # only the machine code's layout and inlining differ. The trade-off
 # (benches/RESULTS.md, "Session 32"): the demo's traffic is HTTP/1.1, and
 # what it trains gets faster (GETs ~20 % fewer instructions, 1 KiB POSTs
-# ~13 %) while what it does not see gets slower (gRPC over h2c upstreams
-# ~16 % more instructions a call). So it is not the default: use it for a
-# service whose clients and upstreams speak HTTP/1.1.
+# ~13 %) while what it does not see gets slower (gRPC over h2c ~16 % more
+# instructions a call, h2 clients over TLS ~10 % more a request). So it is
+# not the default: use it for a service whose clients and upstreams speak
+# HTTP/1.1.
 #
 # usage: deploy/build-veer.sh TARGET OUT
 #   TARGET: the Rust target triple (--target: RUSTFLAGS then stay off build
@@ -31,7 +32,7 @@
 # for llvm-profdata of the same LLVM as rustc. Only 127.0.0.1 is targeted;
 # the training is bounded by its duration and a timeout.
 set -euo pipefail
-[ $# -eq 2 ] || { sed -n '2,32p' "$0"; exit 2; }
+[ $# -eq 2 ] || { sed -n '2,33p' "$0"; exit 2; }
 target=$1 out=$2
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -25,6 +25,8 @@
 #   scripts and proc macros); OUT: where the binary is copied.
 # env: RUSTFLAGS (the base flags, e.g. -C target-feature=+crt-static),
 #   PGO=1 (profile-guided; default 0, plain), TRAIN_SECONDS (20),
+#   TRAIN_WITH (another training: a command run as `CMD BIN SECONDS` with
+#   the instrumented binary; benches/pgo.sh trains with wrk this way),
 #   PGO_DIR (where the instrumented build, counts and PGO build live;
 #   default target/pgo: their own target dirs, so neither rebuilds the
 #   other's artifacts, nor those of `cargo build`).
@@ -32,7 +34,7 @@
 # for llvm-profdata of the same LLVM as rustc. Only 127.0.0.1 is targeted;
 # the training is bounded by its duration and a timeout.
 set -euo pipefail
-[ $# -eq 2 ] || { sed -n '2,33p' "$0"; exit 2; }
+[ $# -eq 2 ] || { sed -n '2,35p' "$0"; exit 2; }
 target=$1 out=$2
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -61,15 +63,23 @@ mkdir -p "$dir"
 rm -rf "$dir/counts" "$dir/merged.profdata"
 echo "PGO 1/4: instrumented build" >&2
 build "$dir/gen" "-Cprofile-generate=$dir/counts"
-echo "PGO 2/4: training: veer demo --duration ${TRAIN_SECONDS:-20}s" >&2
 secs="${TRAIN_SECONDS:-20}"
-if ! RUST_LOG=warn timeout $((secs + 60)) "$dir/gen/$target/release/veer" demo --duration "${secs}s" \
-  > "$dir/demo.log" 2>&1; then
-  echo "the training run failed; its output ends:" >&2
-  tail -5 "$dir/demo.log" >&2
-  exit 1
+gen="$dir/gen/$target/release/veer"
+if [ -n "${TRAIN_WITH:-}" ]; then
+  echo "PGO 2/4: training: $TRAIN_WITH" >&2
+  # Word-split on purpose: a command and its arguments.
+  # shellcheck disable=SC2086
+  timeout $((secs + 120)) $TRAIN_WITH "$gen" "$secs" || { echo "the training run failed" >&2; exit 1; }
+else
+  echo "PGO 2/4: training: veer demo --duration ${secs}s" >&2
+  if ! RUST_LOG=warn timeout $((secs + 60)) "$gen" demo --duration "${secs}s" \
+    > "$dir/demo.log" 2>&1; then
+    echo "the training run failed; its output ends:" >&2
+    tail -5 "$dir/demo.log" >&2
+    exit 1
+  fi
+  grep -E '^demo done' "$dir/demo.log" >&2 || true
 fi
-grep -E '^demo done' "$dir/demo.log" >&2 || true
 ls "$dir/counts"/*.profraw > /dev/null 2>&1 || { echo "the training run wrote no counts" >&2; exit 1; }
 echo "PGO 3/4: merging the counts" >&2
 "$profdata" merge -o "$dir/merged.profdata" "$dir/counts"

@@ -10,7 +10,7 @@
 #
 # PGO=1 builds the binary profile-guided (deploy/build-veer.sh: an
 # instrumented build trained by `veer demo`, then the build that uses its
-# counts; faster for HTTP/1.1, slower for gRPC over h2c, see there).
+# counts; faster for HTTP/1.1, slower for HTTP/2 and gRPC, see there).
 #
 # usage: deploy/container/build.sh [TAG]      (default localhost/veer:VERSION)
 # Installs podman and runc with apt if missing. Images live in

@@ -7,7 +7,8 @@
 # so the cost of recording and judging is measured in the same run.
 #
 # PGO=1 adds a third, "veer-pgo": the profile-guided build (PGO=1
-# deploy/build-veer.sh, trained by `veer demo`), judge on.
+# deploy/build-veer.sh, trained by benches/pgo_train.rs on every protocol),
+# judge on.
 #
 # usage: benches/peers.sh [peers.sh options]     e.g. benches/peers.sh -r 3 -d 10
 # Only 127.0.0.1 is targeted; every run is bounded by wrk's duration.

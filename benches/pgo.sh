@@ -14,8 +14,8 @@
 #
 # usage: benches/pgo.sh [D]   (default 20 seconds)
 # env: OUT=dir (default /tmp/veer-pgo), BASE_PORT (default 19280),
-# TRAIN=demo: deploy/build-veer.sh's own training instead (`veer demo
-# --duration D`: no nginx or wrk needed).
+# TRAIN=shipped: deploy/build-veer.sh's own training instead (pgo-train,
+# every protocol veer serves, D seconds: no nginx or wrk needed).
 # Needs nginx and wrk (and rustup's llvm-tools, which build-veer.sh adds).
 # Only 127.0.0.1 is targeted; the load is bounded by wrk's duration and
 # timeout.
@@ -48,7 +48,7 @@ dur="${1:-20}"
 out="${OUT:-/tmp/veer-pgo}"
 host=$(rustc -vV | awk '/^host:/ {print $2}')
 train=()
-if [ "${TRAIN:-wrk}" != demo ]; then
+if [ "${TRAIN:-wrk}" != shipped ]; then
   for tool in nginx wrk; do
     command -v "$tool" > /dev/null || { echo "$tool is needed" >&2; exit 1; }
   done

@@ -53,8 +53,8 @@ out=$(SYSTEMD_LOG_LEVEL=warning systemd-analyze verify "$work/veer.service" 2>&1
 # ------------------------------------------------------------------ container
 step "hadolint"
 hadolint "$HERE/container/Dockerfile"
-# The profile-guided build (PGO=1, opt-in) is the one that has more steps
-# to go wrong (llvm-tools, the training run): it is the one checked.
+# The profile-guided build (the default; PGO=0 is plain) is the one
+# checked: llvm-tools, the training run and its checks, the second build.
 step "container image: build offline with podman (profile-guided) and run it"
 PGO=1 "$HERE/container/build.sh"
 

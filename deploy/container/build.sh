@@ -8,9 +8,9 @@
 # and DNS still work, glibc >= 2.34 has them built in) and the image is
 # FROM scratch (deploy/container/Dockerfile with BINARY_FROM=prebuilt).
 #
-# PGO=1 builds the binary profile-guided (deploy/build-veer.sh: an
-# instrumented build trained by `veer demo`, then the build that uses its
-# counts; faster for HTTP/1.1, slower for HTTP/2 and gRPC, see there).
+# The binary is profile-guided (deploy/build-veer.sh: an instrumented build
+# trained on every protocol veer serves, then the build that uses its
+# counts); PGO=0 builds it plain.
 #
 # usage: deploy/container/build.sh [TAG]      (default localhost/veer:VERSION)
 # Installs podman and runc with apt if missing. Images live in

@@ -62,7 +62,27 @@ if [ "${PGO:-0}" = 1 ]; then
   config veer-pgo $((BASE_PORT + 21)) $((BASE_PORT + 22)) enforce
   extra+=("veer-pgo=127.0.0.1:$((BASE_PORT + 21))=$ROOT/target/pgo/veer run --config $CFG_DIR/veer-pgo.toml")
 fi
-RUST_LOG=warn bash "$PEERS" "${args[@]}" \
-  "veer=127.0.0.1:$((BASE_PORT + 13))=$ROOT/target/release/veer run --config $CFG_DIR/veer.toml" \
-  "veer-off=127.0.0.1:$((BASE_PORT + 15))=$ROOT/target/release/veer run --config $CFG_DIR/veer-off.toml" \
+targets=(
+  "veer=127.0.0.1:$((BASE_PORT + 13))=$ROOT/target/release/veer run --config $CFG_DIR/veer.toml"
+  "veer-off=127.0.0.1:$((BASE_PORT + 15))=$ROOT/target/release/veer run --config $CFG_DIR/veer-off.toml"
   "${extra[@]}"
+)
+# Every target (ours and NAME=127.0.0.1:PORT=CMD ones given on the command
+# line) on a port of its own, free before the run: a target that cannot
+# bind would leave its column measuring whatever holds the port (session
+# 32 lost a column that way).
+ports=()
+for a in "${args[@]}" "${targets[@]}"; do
+  case $a in
+    *=127.0.0.1:*=*) p=${a#*=127.0.0.1:}; ports+=("${p%%=*}") ;;
+  esac
+done
+dup=$(printf '%s\n' "${ports[@]}" | sort | uniq -d | tr '\n' ' ')
+[ -z "$dup" ] || { echo "two targets on one port: $dup" >&2; exit 2; }
+for p in "${ports[@]}"; do
+  if (exec 3<> "/dev/tcp/127.0.0.1/$p") 2> /dev/null; then
+    echo "port $p is in use before the run" >&2
+    exit 2
+  fi
+done
+RUST_LOG=warn bash "$PEERS" "${args[@]}" "${targets[@]}"

@@ -154,7 +154,8 @@ async fn upstream(version: &'static str, tls: Option<tokio_rustls::TlsAcceptor>)
 }
 
 /// A CA made for this run, and a certificate for localhost and 127.0.0.1
-/// it signed: (CA PEM, CA DER, leaf PEM, key PEM, leaf DER, key DER).
+/// it signed, with its key: each as PEM (files for veer) and DER (for the
+/// run's own TLS peers).
 struct Certs {
     ca_pem: String,
     ca_der: CertificateDer<'static>,
@@ -271,59 +272,68 @@ fn config(dir: &Path, p: &Ports, workers: u32) -> String {
         text.contains(&format!("workers = {workers} ")),
         "no workers key"
     );
+    let tls_table = format!("ca_file = {ca}\nserver_name = \"localhost\"\n");
+    let routes = [
+        route(
+            "grpc",
+            "/grpc.",
+            &format!("h2c://{s}"),
+            &format!("h2c://{c}"),
+            20.0,
+            None,
+            &judge,
+        ),
+        route(
+            "secure",
+            "/secure",
+            &format!("https://{st}"),
+            &format!("https://{ct}"),
+            20.0,
+            Some(&tls_table),
+            &judge,
+        ),
+        route(
+            "shadow",
+            "/shadow",
+            &s.to_string(),
+            &c.to_string(),
+            0.0,
+            None,
+            &judge,
+        ) + "[route.mirror]\npercent = 50\n",
+    ];
     format!(
-        r#"{text}
-[proxy.tls]
-listen = ["127.0.0.1:{tls}"]
-cert = {cert}
-key = {key}
-
-[[route]]
-name = "grpc"
-path_prefix = "/grpc."
-sticky = ["header:x-user-id", "client-ip"]
-[route.stable]
-version = "v1"
-endpoints = ["h2c://{s}"]
-[route.canary]
-version = "v2"
-endpoints = ["h2c://{c}"]
-weight = 20.0
-{judge}
-[[route]]
-name = "secure"
-path_prefix = "/secure"
-sticky = ["header:x-user-id", "client-ip"]
-[route.stable]
-version = "v1"
-endpoints = ["https://{st}"]
-[route.stable.tls]
-ca_file = {ca}
-server_name = "localhost"
-[route.canary]
-version = "v2"
-endpoints = ["https://{ct}"]
-weight = 20.0
-[route.canary.tls]
-ca_file = {ca}
-server_name = "localhost"
-{judge}
-[[route]]
-name = "shadow"
-path_prefix = "/shadow"
-sticky = ["header:x-user-id", "client-ip"]
-[route.stable]
-version = "v1"
-endpoints = ["{s}"]
-[route.canary]
-version = "v2"
-endpoints = ["{c}"]
-weight = 0.0
-{judge}
-[route.mirror]
-percent = 50
-"#,
+        "{text}\n[proxy.tls]\nlisten = [\"127.0.0.1:{tls}\"]\ncert = {cert}\nkey = {key}\n{}",
+        routes.concat(),
         tls = p.tls,
+    )
+}
+
+/// One more route: a stable and a canary endpoint (with `tls` as both
+/// versions' `tls` table, for https:// endpoints) and the judge as shipped.
+fn route(
+    name: &str,
+    prefix: &str,
+    stable: &str,
+    canary: &str,
+    weight: f64,
+    tls: Option<&str>,
+    judge: &str,
+) -> String {
+    let version = |key: &str, name: &str, endpoint: &str| {
+        let mut t = format!("[route.{key}]\nversion = \"{name}\"\nendpoints = [\"{endpoint}\"]\n");
+        if key == "canary" {
+            t += &format!("weight = {weight:.1}\n");
+        }
+        if let Some(tls) = tls {
+            t += &format!("[route.{key}.tls]\n{tls}");
+        }
+        t
+    };
+    format!(
+        "\n[[route]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nsticky = [\"header:x-user-id\", \"client-ip\"]\n{}{}{judge}",
+        version("stable", "v1", stable),
+        version("canary", "v2", canary),
     )
 }
 
@@ -402,6 +412,18 @@ impl Kind {
     }
 }
 
+/// A kind of client: its address, TLS connector (none: plain) and load.
+#[derive(Clone)]
+enum Client {
+    /// HTTP/1.1 requests of a kind, one at a time; `true`: a new
+    /// connection for each.
+    Http1(SocketAddr, Option<tokio_rustls::TlsConnector>, Kind, bool),
+    /// HTTP/2 requests of a kind, this many streams at once.
+    Http2(SocketAddr, Option<tokio_rustls::TlsConnector>, Kind, usize),
+    /// Upgrades to a tunnel.
+    Upgrade(SocketAddr),
+}
+
 /// Answers with a 2xx status and the rest, per kind of client.
 #[derive(Default)]
 struct Tally {
@@ -423,6 +445,36 @@ async fn send_h1(
     {
         Ok(Some(ok)) => ok,
         _ => false,
+    }
+}
+
+/// The name veer's certificate is checked for.
+fn localhost() -> ServerName<'static> {
+    ServerName::try_from("localhost").expect("name")
+}
+
+/// An HTTP/1.1 client connection to `addr`, inside TLS with `tls`.
+async fn open_h1(
+    addr: SocketAddr,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Option<hyper::client::conn::http1::SendRequest<ReqBody>> {
+    let s = connect(addr).await.ok()?;
+    match tls {
+        Some(c) => h1(c.connect(localhost(), s).await.ok()?).await,
+        None => h1(s).await,
+    }
+}
+
+/// An HTTP/2 client connection to `addr`: inside TLS with `tls`, else h2c
+/// by prior knowledge.
+async fn open_h2(
+    addr: SocketAddr,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Option<hyper::client::conn::http2::SendRequest<ReqBody>> {
+    let s = connect(addr).await.ok()?;
+    match tls {
+        Some(c) => h2(c.connect(localhost(), s).await.ok()?).await,
+        None => h2(s).await,
     }
 }
 
@@ -461,54 +513,28 @@ fn count(t: &Tally, ok: bool) {
 }
 
 /// HTTP/1.1 keep-alive requests of one kind until `until`, on one
-/// connection (`reconnect`: a new one for every request).
-async fn h1_loop(addr: SocketAddr, kind: Kind, reconnect: bool, until: Instant, t: Arc<Tally>) {
+/// connection (inside TLS with `tls`; `reconnect`: a new connection for
+/// every request).
+async fn h1_loop(
+    addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsConnector>,
+    kind: Kind,
+    reconnect: bool,
+    until: Instant,
+    t: Arc<Tally>,
+) {
     let mut tx = None;
     while Instant::now() < until {
         if tx.is_none() || reconnect {
-            tx = match connect(addr).await {
-                Ok(s) => h1(s).await,
-                Err(_) => None,
-            };
+            tx = open_h1(addr, tls.as_ref()).await;
         }
         let Some(sender) = tx.as_mut() else {
+            // Refused: count it, and do not spin.
             count(&t, false);
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let ok = send_h1(sender, kind.request(None)).await;
-        if !ok {
-            tx = None;
-        }
-        count(&t, ok);
-    }
-}
-
-/// HTTP/1.1 over TLS (ALPN http/1.1), keep-alive GETs until `until`.
-async fn tls_h1_loop(
-    addr: SocketAddr,
-    c: tokio_rustls::TlsConnector,
-    until: Instant,
-    t: Arc<Tally>,
-) {
-    let name = ServerName::try_from("localhost").expect("name");
-    let mut tx = None;
-    while Instant::now() < until {
-        if tx.is_none() {
-            tx = match connect(addr).await {
-                Ok(s) => match c.connect(name.clone(), s).await {
-                    Ok(s) => h1(s).await,
-                    Err(_) => None,
-                },
-                Err(_) => None,
-            };
-        }
-        let Some(sender) = tx.as_mut() else {
-            count(&t, false);
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let ok = send_h1(sender, Kind::Get.request(None)).await;
         if !ok {
             tx = None;
         }
@@ -527,20 +553,7 @@ async fn h2_loop(
     t: Arc<Tally>,
 ) {
     while Instant::now() < until {
-        let tx = match connect(addr).await {
-            Ok(s) => match &tls {
-                Some(c) => match c
-                    .connect(ServerName::try_from("localhost").expect("name"), s)
-                    .await
-                {
-                    Ok(s) => h2(s).await,
-                    Err(_) => None,
-                },
-                None => h2(s).await,
-            },
-            Err(_) => None,
-        };
-        let Some(tx) = tx else {
+        let Some(tx) = open_h2(addr, tls.as_ref()).await else {
             count(&t, false);
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
@@ -616,10 +629,7 @@ async fn upgrade_loop(addr: SocketAddr, until: Instant, t: Arc<Tally>) {
 }
 
 async fn ready(admin: SocketAddr) -> bool {
-    let Ok(s) = TcpStream::connect(admin).await else {
-        return false;
-    };
-    let Some(mut tx) = h1(s).await else {
+    let Some(mut tx) = open_h1(admin, None).await else {
         return false;
     };
     let req = Request::get("/readyz")
@@ -692,47 +702,48 @@ async fn phase(
     let until = Instant::now() + Duration::from_secs(seconds);
     let plain: SocketAddr = ([127, 0, 0, 1], p.proxy).into();
     let tls: SocketAddr = ([127, 0, 0, 1], p.tls).into();
-    let kinds: [(&'static str, usize); 13] = [
-        ("h1 GET", 4),
-        ("h1 POST 1 KiB", 1),
-        ("h1 GET 64 KiB", 1),
-        ("h1 chunked upload", 1),
-        ("h1 new connection", 1),
-        ("h1 to https upstreams", 1),
-        ("h1 mirrored", 1),
-        ("h2c gRPC", 1),
-        ("h2 TLS GET", 1),
-        ("h2 TLS gRPC", 1),
-        ("h1 TLS GET", 1),
-        ("h2c GET", 1),
-        ("h1 upgrade (tunnel)", 1),
+    let (h1tls, h2tls) = (
+        Some(connector(certs, b"http/1.1")),
+        Some(connector(certs, b"h2")),
+    );
+    use Client::{Http1, Http2, Upgrade};
+    // (name, connections, what each sends)
+    let kinds = [
+        ("h1 GET", 4, Http1(plain, None, Kind::Get, false)),
+        ("h1 POST 1 KiB", 1, Http1(plain, None, Kind::Post1k, false)),
+        ("h1 GET 64 KiB", 1, Http1(plain, None, Kind::Big, false)),
+        (
+            "h1 chunked upload",
+            1,
+            Http1(plain, None, Kind::ChunkedUpload, false),
+        ),
+        ("h1 new connection", 1, Http1(plain, None, Kind::Get, true)),
+        (
+            "h1 to https upstreams",
+            1,
+            Http1(plain, None, Kind::Secure, false),
+        ),
+        ("h1 mirrored", 1, Http1(plain, None, Kind::Shadow, false)),
+        ("h1 TLS GET", 1, Http1(tls, h1tls, Kind::Get, false)),
+        ("h2c gRPC", 1, Http2(plain, None, Kind::Grpc, 8)),
+        ("h2c GET", 1, Http2(plain, None, Kind::Get, 8)),
+        ("h2 TLS GET", 1, Http2(tls, h2tls.clone(), Kind::Get, 8)),
+        ("h2 TLS gRPC", 1, Http2(tls, h2tls, Kind::Grpc, 4)),
+        ("h1 upgrade (tunnel)", 1, Upgrade(plain)),
     ];
     let tallies: Vec<Arc<Tally>> = kinds.iter().map(|_| Arc::default()).collect();
     let mut tasks = Vec::new();
-    for (i, (name, conns)) in kinds.iter().enumerate() {
+    for ((_, conns, client), t) in kinds.iter().zip(&tallies) {
         for _ in 0..*conns {
-            let t = tallies[i].clone();
-            let h2tls = Some(connector(certs, b"h2"));
-            tasks.push(match *name {
-                "h1 GET" => tokio::spawn(h1_loop(plain, Kind::Get, false, until, t)),
-                "h1 POST 1 KiB" => tokio::spawn(h1_loop(plain, Kind::Post1k, false, until, t)),
-                "h1 GET 64 KiB" => tokio::spawn(h1_loop(plain, Kind::Big, false, until, t)),
-                "h1 chunked upload" => {
-                    tokio::spawn(h1_loop(plain, Kind::ChunkedUpload, false, until, t))
+            let t = t.clone();
+            tasks.push(match client.clone() {
+                Http1(addr, c, kind, reconnect) => {
+                    tokio::spawn(h1_loop(addr, c, kind, reconnect, until, t))
                 }
-                "h1 new connection" => tokio::spawn(h1_loop(plain, Kind::Get, true, until, t)),
-                "h1 to https upstreams" => {
-                    tokio::spawn(h1_loop(plain, Kind::Secure, false, until, t))
+                Http2(addr, c, kind, streams) => {
+                    tokio::spawn(h2_loop(addr, c, kind, streams, until, t))
                 }
-                "h1 mirrored" => tokio::spawn(h1_loop(plain, Kind::Shadow, false, until, t)),
-                "h2c gRPC" => tokio::spawn(h2_loop(plain, None, Kind::Grpc, 8, until, t)),
-                "h2 TLS GET" => tokio::spawn(h2_loop(tls, h2tls, Kind::Get, 8, until, t)),
-                "h2 TLS gRPC" => tokio::spawn(h2_loop(tls, h2tls, Kind::Grpc, 4, until, t)),
-                "h1 TLS GET" => {
-                    tokio::spawn(tls_h1_loop(tls, connector(certs, b"http/1.1"), until, t))
-                }
-                "h2c GET" => tokio::spawn(h2_loop(plain, None, Kind::Get, 8, until, t)),
-                _ => tokio::spawn(upgrade_loop(plain, until, t)),
+                Upgrade(addr) => tokio::spawn(upgrade_loop(addr, until, t)),
             });
         }
     }
@@ -757,7 +768,7 @@ async fn phase(
     kinds
         .iter()
         .zip(&tallies)
-        .map(|((name, _), t)| {
+        .map(|((name, _, _), t)| {
             (
                 *name,
                 t.ok.load(Ordering::Relaxed),

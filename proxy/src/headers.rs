@@ -259,12 +259,22 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Removes hop-by-hop headers; `keep_upgrade` keeps the upgrade pair.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+///
+/// A head framed by `Transfer-Encoding` loses its `Content-Length` too:
+/// the transfer coding overrides it, and an intermediary must remove it
+/// before forwarding (RFC 9112, section 6.3); forwarded, it would frame
+/// the body it no longer describes (an upstream's `Content-Length: 3`
+/// beside a chunked body of 10 bytes cut the client's copy to 3). Returns
+/// whether the head had both, a sign of a peer that cannot be trusted to
+/// frame its next message either.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> bool {
     // Most heads have none: one pass over the names is cheaper than a
     // lookup for each hop-by-hop name.
     if !headers.keys().any(is_hop_by_hop) {
-        return;
+        return false;
     }
+    let framed_twice = headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.remove(header::CONTENT_LENGTH).is_some();
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -291,6 +301,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if !keep_upgrade {
         headers.remove(header::UPGRADE);
     }
+    framed_twice
 }
 
 /// This hop's forwarding headers for one request, made by
@@ -744,6 +755,32 @@ mod tests {
         assert_eq!(h[header::AUTHORIZATION], "Bearer t");
         assert_eq!(h["x-forwarded-for"], "1.2.3.4");
         assert!(!h.contains_key("x-drop"));
+    }
+
+    #[test]
+    fn a_transfer_coding_takes_the_content_length_with_it() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        assert!(strip_hop_by_hop(&mut h, false));
+        assert!(h.is_empty(), "{h:?}");
+        // A length alone stays; a transfer coding alone goes.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        assert!(!strip_hop_by_hop(&mut h, false));
+        assert_eq!(h[header::CONTENT_LENGTH], "3");
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        assert!(!strip_hop_by_hop(&mut h, false));
+        assert!(h.is_empty());
     }
 
     #[test]

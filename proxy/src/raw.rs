@@ -787,6 +787,10 @@ fn parse(
         keep_alive,
         ..
     } = fields;
+    // Framed twice: read by the transfer coding (below), and the
+    // connection closed after it (the upstream's next framing is not to be
+    // trusted); `strip_hop_by_hop` drops the `Content-Length` forwarded.
+    let keep_alive = keep_alive && !(chunked.is_some() && length != Length::Absent);
     let framing = if head_request || code == 204 || code == 304 {
         Framing::Empty
     } else if let Some(chunked) = chunked {

@@ -675,8 +675,11 @@ fn forward<'a>(
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
         }
         let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers, false);
-        let pooled = (!upgrade)
+        // An answer framed twice (`Transfer-Encoding` and `Content-Length`)
+        // is read by its transfer coding; its connection is not used again
+        // (veer's own client closes it the same way, see `crate::raw`).
+        let framed_twice = strip_hop_by_hop(&mut parts.headers, false);
+        let pooled = (!upgrade && !framed_twice)
             .then_some(sender)
             .flatten()
             .map(|s| (s, upstream));

@@ -1500,6 +1500,64 @@ async fn http1_upstream_framings_reach_clients_whole_and_never_cross() {
     );
 }
 
+/// An answer framed twice, by `Transfer-Encoding: chunked` and a
+/// `Content-Length` that disagrees with its chunks, is read by its chunks
+/// (the transfer coding overrides the length) and reaches the client whole,
+/// without the length (RFC 9112, section 6.3: an intermediary removes it);
+/// it was forwarded with it, and the client's copy cut to 3 bytes of 10
+/// with nothing to tell it so. The upstream connection is not used again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_answer_framed_twice_is_read_by_its_chunks_and_forwarded_without_its_length() {
+    const TWICE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n";
+    // A GET (veer's own client reads the answer) and a POST with a body
+    // (its upload path) alike, each through a veer and an upstream of its
+    // own.
+    for (method, body) in [(http::Method::GET, ""), (http::Method::POST, "up")] {
+        let (addr, lines, accepted) = super::support::scripted_upstream(|line, before| {
+            let path = line.split(' ').nth(1).unwrap_or("");
+            Some(match (path, before) {
+                ("/twice", _) => (TWICE, false),
+                (_, 0) => (
+                    &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh"[..],
+                    false,
+                ),
+                _ => (
+                    &b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nreused"[..],
+                    false,
+                ),
+            })
+        })
+        .await;
+        let veer = Veer::start(&super::support::route_config(&[addr], &[], 0.0, "")).await;
+        let mut c = super::support::Client::connect(veer.addr).await.unwrap();
+        let r = c
+            .send(method.clone(), "/twice", &[], Bytes::from(body))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{method}");
+        assert_eq!(&r.body()[..], b"0123456789", "{method}: {:?}", r.headers());
+        assert!(
+            r.headers().get("content-length").is_none_or(|v| v == "10"),
+            "{method}: {:?}",
+            r.headers()
+        );
+        // The next request goes on a new connection, not the one that
+        // answered framed twice (the only one the upstream had opened).
+        let r = c.get("/next", &[]).await.unwrap();
+        assert_eq!(
+            &r.body()[..],
+            b"fresh",
+            "{method}: after the answer framed twice"
+        );
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "{method}: {:?}",
+            lines.lock().unwrap()
+        );
+    }
+}
+
 /// A plain HTTP/1.1 upstream that reads each request's `Content-Length`
 /// body exactly and keeps (request line, body). `/echo` answers the body;
 /// `/continue` first sends an interim `100 Continue`; `/early` answers

@@ -304,6 +304,43 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> bool {
     framed_twice
 }
 
+/// Makes a `Content-Length` given as a list of one repeated value (`5, 5`,
+/// or two fields of `5`: what an upstream's clients read as one length)
+/// the single value, as RFC 9110 (section 8.6) lets a recipient do: a
+/// list forwarded as it came is refused by strict clients (Go's and
+/// Node's HTTP clients take it for a bad length). Lists of values that
+/// differ, or that are not numbers, are left alone (the upstream's reader
+/// has refused them already: a protocol error).
+pub fn one_length(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return;
+    };
+    let listed = |v: &HeaderValue| v.as_bytes().contains(&b',');
+    if !listed(first) && values.next().is_none() {
+        return;
+    }
+    let mut agreed: Option<u64> = None;
+    for part in headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+    {
+        let n = std::str::from_utf8(part.trim_ascii())
+            .ok()
+            .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|t| t.parse::<u64>().ok());
+        match (n, agreed) {
+            (Some(n), None) => agreed = Some(n),
+            (Some(n), Some(a)) if n == a => {}
+            _ => return,
+        }
+    }
+    if let Some(n) = agreed {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+}
+
 /// This hop's forwarding headers for one request, made by
 /// [`prepare_request`]: each replaces every header of its name the client
 /// sent. They are put in the request's map ([`Forwarding::apply`]) for
@@ -781,6 +818,30 @@ mod tests {
         );
         assert!(!strip_hop_by_hop(&mut h, false));
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn a_repeated_length_is_forwarded_once() {
+        let length = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::CONTENT_LENGTH, HeaderValue::from_static(v));
+            }
+            one_length(&mut h);
+            h.get_all(header::CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.to_str().expect("ascii").to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(length(&["5"]), ["5"]);
+        assert_eq!(length(&["5, 5"]), ["5"]);
+        assert_eq!(length(&["5", " 5 "]), ["5"]);
+        assert_eq!(length(&["5,5", "5"]), ["5"]);
+        // Not one value: left as it came.
+        assert_eq!(length(&["5, 6"]), ["5, 6"]);
+        assert_eq!(length(&["5", "+5"]), ["5", "+5"]);
+        assert_eq!(length(&["5,"]), ["5,"]);
+        assert!(length(&[]).is_empty());
     }
 
     #[test]

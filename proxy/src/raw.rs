@@ -648,6 +648,8 @@ impl Length {
 /// What a response head's fields say of its framing and its connection.
 struct Fields {
     length: Length,
+    /// Its `Content-Length` came as a list or in more than one field.
+    lengths_listed: bool,
     /// Whether the last `Transfer-Encoding` field ends in `chunked`.
     chunked: Option<bool>,
     keep_alive: bool,
@@ -658,6 +660,8 @@ impl Fields {
     /// Takes one more field.
     fn see(&mut self, name: &HeaderName, value: &HeaderValue) {
         if name == header::CONTENT_LENGTH {
+            self.lengths_listed |=
+                self.length != Length::Absent || value.as_bytes().contains(&b',');
             self.length = self.length.and(value.as_bytes());
         } else if name == header::TRANSFER_ENCODING {
             self.chunked = Some(
@@ -751,6 +755,7 @@ fn parse(
     // The framing fields, read as the map is filled (no lookups after).
     let mut fields = Fields {
         length: Length::Absent,
+        lengths_listed: false,
         chunked: None,
         keep_alive: version == Version::HTTP_11,
         close: false,
@@ -783,6 +788,7 @@ fn parse(
     };
     let Fields {
         length,
+        lengths_listed,
         chunked,
         keep_alive,
         ..
@@ -809,6 +815,10 @@ fn parse(
             Length::Absent => Framing::ToEnd,
         }
     };
+    let mut headers = headers;
+    if lengths_listed && matches!(framing, Framing::Length(_)) {
+        crate::headers::one_length(&mut headers);
+    }
     Ok(Some(Some(Head {
         status,
         version,

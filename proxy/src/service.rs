@@ -679,6 +679,11 @@ fn forward<'a>(
         // is read by its transfer coding; its connection is not used again
         // (veer's own client closes it the same way, see `crate::raw`).
         let framed_twice = strip_hop_by_hop(&mut parts.headers, false);
+        if sender.is_some() {
+            // Through hyper's client (veer's own makes a listed length one
+            // as it reads the head, see `crate::raw`).
+            crate::headers::one_length(&mut parts.headers);
+        }
         let pooled = (!upgrade && !framed_twice)
             .then_some(sender)
             .flatten()

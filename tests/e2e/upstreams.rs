@@ -1434,6 +1434,7 @@ async fn framing_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>, Arc<AtomicU
             Some("/bad-length") => (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\nab", true),
             Some("/cut") => (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.", true),
             Some("/head") => (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n", false),
+            Some("/listed") => (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\ncontent-length: 2\r\n\r\nok", false),
             _ => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
         })
     })
@@ -1464,6 +1465,16 @@ async fn http1_upstream_framings_reach_clients_whole_and_never_cross() {
         ),
         ("4", 0)
     );
+    // A length listed (one value, repeated) reaches the client as one
+    // value: strict clients refuse a list.
+    let r = c.get("/listed", &[]).await.unwrap();
+    let lengths: Vec<_> = r
+        .headers()
+        .get_all("content-length")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!((lengths, body(&r).as_str()), (vec!["2"], "ok"));
     // The smuggled second response is never any request's answer.
     let r = c.get("/stray", &[]).await.unwrap();
     assert_eq!(body(&r), "a");

@@ -10,6 +10,12 @@
 # deploy/build-veer.sh, trained by benches/pgo_train.rs on every protocol),
 # judge on.
 #
+# After the peers' table, benches/paired.py compares each target with nginx
+# round by round (the targets of a round share the host's moment): the
+# median ratio with its confidence interval, the way to read a few percent
+# on a host whose rounds spread by tens of percent. Give it rounds: 5 rounds
+# make a 94 % interval of the whole range, 15 a 96 % one of the 4th to 12th.
+#
 # usage: benches/peers.sh [peers.sh options]     e.g. benches/peers.sh -r 3 -d 10
 # Only 127.0.0.1 is targeted; every run is bounded by wrk's duration.
 set -euo pipefail
@@ -85,4 +91,6 @@ for p in "${ports[@]}"; do
     exit 2
   fi
 done
+export RUN_DIR=${RUN_DIR:-$(mktemp -d /tmp/peers-bench.XXXXXX)}
 RUST_LOG=warn bash "$PEERS" "${args[@]}" "${targets[@]}"
+python3 "$HERE/paired.py" "$RUN_DIR" | tee -a "$RUN_DIR/table.md"

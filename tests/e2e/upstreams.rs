@@ -1520,11 +1520,20 @@ async fn http1_upstream_framings_reach_clients_whole_and_never_cross() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_answer_framed_twice_is_read_by_its_chunks_and_forwarded_without_its_length() {
     const TWICE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n";
-    // A GET (veer's own client reads the answer) and a POST with a body
-    // (its upload path) alike, each through a veer and an upstream of its
-    // own.
-    for (method, body) in [(http::Method::GET, ""), (http::Method::POST, "up")] {
+    // A GET (veer's own client reads the answer), a POST with a body (its
+    // upload path) and one that expects a 100 Continue (hyper's client),
+    // each through a veer and an upstream of its own; the next request
+    // takes the same path.
+    let cases = [
+        (http::Method::GET, "", None),
+        (http::Method::POST, "up", None),
+        (http::Method::POST, "up", Some(("expect", "100-continue"))),
+    ];
+    for (method, body, header) in cases {
+        let headers: Vec<(&str, &str)> = header.into_iter().collect();
+        let case = format!("{method} {headers:?}");
         let (addr, lines, accepted) = super::support::scripted_upstream(|line, before| {
+            // A body's bytes come before the next head on its connection.
             let path = line.split(' ').nth(1).unwrap_or("");
             Some(match (path, before) {
                 ("/twice", _) => (TWICE, false),
@@ -1542,30 +1551,29 @@ async fn an_upstream_answer_framed_twice_is_read_by_its_chunks_and_forwarded_wit
         let veer = Veer::start(&super::support::route_config(&[addr], &[], 0.0, "")).await;
         let mut c = super::support::Client::connect(veer.addr).await.unwrap();
         let r = c
-            .send(method.clone(), "/twice", &[], Bytes::from(body))
+            .send(method.clone(), "/twice", &headers, Bytes::from(body))
             .await
             .unwrap();
-        assert_eq!(r.status(), 200, "{method}");
-        assert_eq!(&r.body()[..], b"0123456789", "{method}: {:?}", r.headers());
+        assert_eq!(r.status(), 200, "{case}");
+        assert_eq!(&r.body()[..], b"0123456789", "{case}: {:?}", r.headers());
         assert!(
             r.headers().get("content-length").is_none_or(|v| v == "10"),
-            "{method}: {:?}",
+            "{case}: {:?}",
             r.headers()
         );
         // The next request goes on a new connection, not the one that
         // answered framed twice (the only one the upstream had opened).
-        let r = c.get("/next", &[]).await.unwrap();
+        let r = c
+            .send(method.clone(), "/next", &headers, Bytes::from(body))
+            .await
+            .unwrap();
         assert_eq!(
             &r.body()[..],
             b"fresh",
-            "{method}: after the answer framed twice"
+            "{case}: after the answer framed twice"
         );
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            2,
-            "{method}: {:?}",
-            lines.lock().unwrap()
-        );
+        let opened = accepted.load(Ordering::SeqCst);
+        assert_eq!(opened, 2, "{case}: {:?}", lines.lock().unwrap());
     }
 }
 

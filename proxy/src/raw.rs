@@ -760,7 +760,7 @@ fn parse(
         keep_alive: version == Version::HTTP_11,
         close: false,
     };
-    let headers = match names.same_layout(raw_names()) {
+    let mut headers = match names.same_layout(raw_names()) {
         Some(layout) => {
             let mut headers = layout.clone();
             // No name repeats: the map's fields are the head's, in order.
@@ -815,7 +815,6 @@ fn parse(
             Length::Absent => Framing::ToEnd,
         }
     };
-    let mut headers = headers;
     if lengths_listed && matches!(framing, Framing::Length(_)) {
         crate::headers::one_length(&mut headers);
     }

@@ -359,9 +359,10 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(t) = f.trailers_ref() {
+        let mut r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &mut r {
+            if let Some(t) = f.trailers_mut() {
+                crate::headers::strip_trailers(t);
                 self.grpc_ended(Some(t));
             }
         }

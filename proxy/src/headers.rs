@@ -304,6 +304,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> bool {
     framed_twice
 }
 
+/// Removes from an upstream's trailer section the fields a trailer may
+/// not carry (RFC 9110, section 6.5.1) that would break the client's
+/// connection or mislead its reader: hop-by-hop ones (as
+/// [`strip_hop_by_hop`]), `Content-Length` and `Host`. HTTP/2 refuses
+/// connection-specific fields outright: forwarded to an HTTP/2 client, a
+/// `Connection` or `Transfer-Encoding` trailer from an HTTP/1.1 upstream
+/// failed the whole answer (its stream reset) where an HTTP/1.1 client got
+/// it. gRPC's trailers (`grpc-status`, ...) are untouched.
+pub fn strip_trailers(trailers: &mut HeaderMap) {
+    strip_hop_by_hop(trailers, false);
+    trailers.remove(header::CONTENT_LENGTH);
+    trailers.remove(header::HOST);
+}
+
 /// Makes a `Content-Length` given as a list of one repeated value (`5, 5`,
 /// or two fields of `5`: what an upstream's clients read as one length)
 /// the single value, as RFC 9110 (section 8.6) lets a recipient do: a

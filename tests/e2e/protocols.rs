@@ -154,12 +154,7 @@ async fn websocket_echo_through_the_proxy() {
 async fn h2c_with_prior_knowledge() {
     let s = Upstream::start("stable").await;
     let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
-    let stream = TcpStream::connect(veer.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = super::support::h2c(veer.addr).await;
     for _ in 0..3 {
         let req = Request::get(format!("http://{}/h2c", veer.addr))
             .body(Full::new(Bytes::new()))

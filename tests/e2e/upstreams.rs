@@ -485,12 +485,7 @@ async fn raw_grpc_call(
     timeout: &str,
     key: &str,
 ) -> (http::HeaderMap, http::HeaderMap) {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = super::support::h2c(addr).await;
     let req = Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -1171,12 +1166,7 @@ async fn bidi_streaming_calls_flow_both_ways_message_by_message() {
         "",
     ))
     .await;
-    let stream_to_veer = TcpStream::connect(veer.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream_to_veer))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = super::support::h2c(veer.addr).await;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let req = Request::post(format!("http://{}/echo.Echo/Chat", veer.addr))
         .header("content-type", "application/grpc")
@@ -1574,6 +1564,30 @@ async fn an_upstream_answer_framed_twice_is_read_by_its_chunks_and_forwarded_wit
         );
         let opened = accepted.load(Ordering::SeqCst);
         assert_eq!(opened, 2, "{case}: {:?}", lines.lock().unwrap());
+    }
+}
+
+/// An HTTP/1.1 upstream's trailers reach an HTTP/2 client without the
+/// fields a trailer may not carry: `Connection`, `Transfer-Encoding` or a
+/// `Content-Length` among them reset the client's stream (HTTP/2 refuses
+/// connection-specific fields), and the whole answer was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_a_trailer_may_not_carry_are_dropped_before_an_http2_client() {
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 6\r\nContent-Length: 5\r\nConnection: close, x-gone\r\nX-Gone: 1\r\nTransfer-Encoding: chunked\r\nHost: elsewhere\r\n\r\n";
+    let (addr, _, _) = super::support::scripted_upstream(|_, _| Some((ANSWER, false))).await;
+    let veer = Veer::start(&super::support::route_config(&[addr], &[], 0.0, "")).await;
+    let mut h2 = super::support::h2c(veer.addr).await;
+    for i in 0..2 {
+        let req = Request::get(format!("http://{}/t", veer.addr))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        assert_eq!(&collected.to_bytes()[..], b"hello", "request {i}");
+        let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-sum"], "request {i}: {trailers:?}");
     }
 }
 

@@ -1,8 +1,11 @@
 //! Header rewriting between client and upstream.
 //!
 //! Hop-by-hop headers (RFC 9110 §7.6.1: `Connection` and every header it
-//! names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
-//! `Transfer-Encoding`, `Upgrade`) are removed both ways, except the
+//! names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`,
+//! `Upgrade`) are removed both ways (`Trailer`, which names the fields an
+//! answer's trailers will hold, is end-to-end and kept: hyper's HTTP/1.1
+//! server sends a client trailers only when it asked with `TE: trailers`,
+//! and only the fields the answer's `Trailer` names), except the
 //! `Connection: upgrade` / `Upgrade` pair of a protocol upgrade, and except
 //! the headers a client must not be able to make veer drop by naming them
 //! in `Connection` ([`PROTECTED`]: `Host`, the framing headers,
@@ -251,7 +254,6 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
         || name == header::TE
-        || name == header::TRAILER
         || name == header::TRANSFER_ENCODING
         || name == header::UPGRADE
         || name == KEEP_ALIVE
@@ -296,7 +298,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> bool {
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
     headers.remove(header::TE);
-    headers.remove(header::TRAILER);
     headers.remove(header::TRANSFER_ENCODING);
     if !keep_upgrade {
         headers.remove(header::UPGRADE);
@@ -307,7 +308,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> bool {
 /// Removes from an upstream's trailer section the fields a trailer may
 /// not carry (RFC 9110, section 6.5.1) that would break the client's
 /// connection or mislead its reader: hop-by-hop ones (as
-/// [`strip_hop_by_hop`]), `Content-Length` and `Host`. HTTP/2 refuses
+/// [`strip_hop_by_hop`]), `Content-Length`, `Host` and `Trailer`. HTTP/2 refuses
 /// connection-specific fields outright: forwarded to an HTTP/2 client, a
 /// `Connection` or `Transfer-Encoding` trailer from an HTTP/1.1 upstream
 /// failed the whole answer (its stream reset) where an HTTP/1.1 client got
@@ -316,6 +317,7 @@ pub fn strip_trailers(trailers: &mut HeaderMap) {
     strip_hop_by_hop(trailers, false);
     trailers.remove(header::CONTENT_LENGTH);
     trailers.remove(header::HOST);
+    trailers.remove(header::TRAILER);
 }
 
 /// Makes a `Content-Length` given as a list of one repeated value (`5, 5`,

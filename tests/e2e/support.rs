@@ -609,6 +609,25 @@ impl Client {
         let body = body.collect().await?.to_bytes();
         Ok(Response::from_parts(parts, body))
     }
+
+    /// A GET's trailers (the answer's body read whole).
+    pub async fn send_for_trailers(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<HeaderMap, hyper::Error> {
+        let mut req = Request::get(path).header("host", self.addr.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.sender.ready().await?;
+        let resp = self
+            .sender
+            .send_request(req.body(Full::new(Bytes::new())).unwrap())
+            .await?;
+        let collected = resp.into_body().collect().await?;
+        Ok(collected.trailers().cloned().unwrap_or_default())
+    }
 }
 
 /// An HTTP/2 connection to `addr` with prior knowledge (h2c), driven by a

@@ -1570,10 +1570,13 @@ async fn an_upstream_answer_framed_twice_is_read_by_its_chunks_and_forwarded_wit
 /// An HTTP/1.1 upstream's trailers reach an HTTP/2 client without the
 /// fields a trailer may not carry: `Connection`, `Transfer-Encoding` or a
 /// `Content-Length` among them reset the client's stream (HTTP/2 refuses
-/// connection-specific fields), and the whole answer was lost.
+/// connection-specific fields), and the whole answer was lost. An
+/// HTTP/1.1 client that asks for trailers (`TE: trailers`) gets those its
+/// answer's `Trailer` field names: that field was dropped as hop-by-hop,
+/// and hyper's server then sent none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trailers_a_trailer_may_not_carry_are_dropped_before_an_http2_client() {
-    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 6\r\nContent-Length: 5\r\nConnection: close, x-gone\r\nX-Gone: 1\r\nTransfer-Encoding: chunked\r\nHost: elsewhere\r\n\r\n";
+async fn upstream_trailers_reach_clients_without_the_fields_a_trailer_may_not_carry() {
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 6\r\nContent-Length: 5\r\nConnection: close, x-gone\r\nX-Gone: 1\r\nTransfer-Encoding: chunked\r\nHost: elsewhere\r\n\r\n";
     let (addr, _, _) = super::support::scripted_upstream(|_, _| Some((ANSWER, false))).await;
     let veer = Veer::start(&super::support::route_config(&[addr], &[], 0.0, "")).await;
     let mut h2 = super::support::h2c(veer.addr).await;
@@ -1589,6 +1592,16 @@ async fn trailers_a_trailer_may_not_carry_are_dropped_before_an_http2_client() {
         let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-sum"], "request {i}: {trailers:?}");
     }
+    let mut h1 = super::support::Client::connect(veer.addr).await.unwrap();
+    let trailers = h1
+        .send_for_trailers("/t", &[("te", "trailers")])
+        .await
+        .unwrap();
+    assert_eq!(
+        trailers.get("x-sum").map(|v| v.to_str().unwrap()),
+        Some("6"),
+        "{trailers:?}"
+    );
 }
 
 /// A plain HTTP/1.1 upstream that reads each request's `Content-Length`

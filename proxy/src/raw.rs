@@ -1530,6 +1530,13 @@ mod tests {
     }
 
     async fn scripted(script: Vec<(&'static [u8], bool)>) -> Scripted {
+        scripted_with(script, false).await
+    }
+
+    /// As [`scripted`]; with `drip`, each answer is written a byte at a
+    /// time, a little apart, so that it comes in as many reads as the
+    /// reader makes (every place a read can end).
+    async fn scripted_with(script: Vec<(&'static [u8], bool)>, drip: bool) -> Scripted {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns = Arc::new(AtomicUsize::new(0));
@@ -1562,7 +1569,21 @@ mod tests {
                             let Some((bytes, close)) = script.get(i) else {
                                 return;
                             };
-                            if s.write_all(bytes).await.is_err() || *close {
+                            let written = if drip {
+                                let _ = s.set_nodelay(true);
+                                let mut r = Ok(());
+                                for b in bytes.iter() {
+                                    r = s.write_all(std::slice::from_ref(b)).await;
+                                    if r.is_err() {
+                                        break;
+                                    }
+                                    tokio::time::sleep(Duration::from_micros(100)).await;
+                                }
+                                r
+                            } else {
+                                s.write_all(bytes).await
+                            };
+                            if written.is_err() || *close {
                                 return;
                             }
                         }
@@ -1628,6 +1649,62 @@ mod tests {
         assert_eq!(s.conns.load(Ordering::SeqCst), 1);
         let heads = s.heads.lock().unwrap().clone();
         assert_eq!(heads[0], "GET /a?b=1 HTTP/1.1\r\nhost: svc.test\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn answers_that_come_a_byte_at_a_time_are_read_as_when_they_come_whole() {
+        // (answer, close after it, status, body, trailers, keeps its connection)
+        type Case = (
+            &'static [u8],
+            bool,
+            u16,
+            &'static [u8],
+            Option<(&'static str, &'static str)>,
+            bool,
+        );
+        let cases: [Case; 6] = [
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello", false, 200, b"hello", None, true),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\nX-Sum: 6\r\n\r\n",
+                false, 200, b"hello!", Some(("x-sum", "6")), true,
+            ),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", false, 200, b"ok", None, true),
+            (
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2, 2\r\n\r\nhi",
+                false, 201, b"hi", None, true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+                false, 200, b"0123456789", None, false,
+            ),
+            (b"HTTP/1.1 200 OK\r\n\r\nto the close", true, 200, b"to the close", None, false),
+        ];
+        for (answer, close, status, body, trailer, kept) in cases {
+            let s = scripted_with(vec![(answer, close), (answer, close)], true).await;
+            let up = upstream(&s);
+            for _ in 0..2 {
+                let what = String::from_utf8_lossy(answer);
+                let (r, got, trailers) = fetch(&up, get("/")).await.expect(&what);
+                assert_eq!((r.status().as_u16(), &got[..]), (status, body), "{what}");
+                let t = trailers.as_ref().and_then(|t| {
+                    let (k, v) = t.iter().next()?;
+                    Some((k.as_str().to_string(), v.to_str().ok()?.to_string()))
+                });
+                assert_eq!(
+                    t,
+                    trailer.map(|(k, v)| (k.to_string(), v.to_string())),
+                    "{what}"
+                );
+            }
+            // Kept: both answers on one connection.
+            let conns = s.conns.load(Ordering::SeqCst);
+            assert_eq!(
+                conns,
+                if kept { 1 } else { 2 },
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+        }
     }
 
     #[tokio::test]

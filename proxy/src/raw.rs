@@ -1707,6 +1707,122 @@ mod tests {
         }
     }
 
+    /// An upstream answer of a framing picked by `framing` (and, for the
+    /// chunked ones, its body cut at `cuts`) around `body`: the bytes, and
+    /// the body a client must get (None: what it gets may differ, the
+    /// answer being wrong).
+    fn framed(status: u16, body: &[u8], framing: u8, cuts: &[usize]) -> (Vec<u8>, Option<Vec<u8>>) {
+        let n = body.len();
+        let mut out = format!("HTTP/1.1 {status} X\r\n").into_bytes();
+        let chunked = |out: &mut Vec<u8>| {
+            let mut at = 0;
+            for c in cuts.iter().map(|c| c % (n + 1)).chain([n]) {
+                if c > at {
+                    out.extend_from_slice(format!("{:x};e=1\r\n", c - at).as_bytes());
+                    out.extend_from_slice(&body[at..c]);
+                    out.extend_from_slice(b"\r\n");
+                    at = c;
+                }
+            }
+            out.extend_from_slice(b"0\r\nX-T: 1\r\n\r\n");
+        };
+        let expect = match framing % 7 {
+            0 => {
+                out.extend_from_slice(format!("Content-Length: {n}\r\n\r\n").as_bytes());
+                out.extend_from_slice(body);
+                Some(body.to_vec())
+            }
+            1 => {
+                out.extend_from_slice(format!("Content-Length: {n}, {n}\r\n\r\n").as_bytes());
+                out.extend_from_slice(body);
+                Some(body.to_vec())
+            }
+            2 => {
+                let h = format!("content-length: {n}\r\nX-A: 1\r\nContent-Length: {n}\r\n\r\n");
+                out.extend_from_slice(h.as_bytes());
+                out.extend_from_slice(body);
+                Some(body.to_vec())
+            }
+            3 => {
+                out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+                chunked(&mut out);
+                Some(body.to_vec())
+            }
+            4 => {
+                let h = format!(
+                    "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+                    n / 2
+                );
+                out.extend_from_slice(h.as_bytes());
+                chunked(&mut out);
+                Some(body.to_vec())
+            }
+            5 => {
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(body);
+                Some(body.to_vec())
+            }
+            // A length that is not the body's.
+            _ => {
+                let h = format!("Content-Length: {}\r\n\r\n", n + cuts.len() % 3);
+                out.extend_from_slice(h.as_bytes());
+                out.extend_from_slice(body);
+                None
+            }
+        };
+        let expect = if status == 204 || status == 304 {
+            Some(Vec::new())
+        } else {
+            expect
+        };
+        (out, expect)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+        /// Whatever the framing, what veer forwards frames itself: once
+        /// its head has been through the response path's header rules
+        /// (`strip_hop_by_hop`, `one_length`), a body read whole is as long
+        /// as its one `Content-Length` says; and an answer framed rightly
+        /// (even by a listed length, or twice) reaches the client whole.
+        #[test]
+        fn every_framing_forwards_a_body_its_head_describes(
+            status in proptest::sample::select(vec![200u16, 201, 204, 304, 404, 500]),
+            body in proptest::collection::vec(b'a'..=b'z', 0..40),
+            framing in 0u8..7,
+            cuts in proptest::collection::vec(0usize..64, 0..4),
+        ) {
+            let (answer, expect) = framed(status, &body, framing, &cuts);
+            let answer: &'static [u8] = Box::leak(answer.into_boxed_slice());
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                // Closed after it: the pool is not what is tested here.
+                let s = scripted(vec![(answer, true)]).await;
+                let up = upstream(&s);
+                let what = String::from_utf8_lossy(answer).into_owned();
+                match fetch(&up, get("/")).await {
+                    Ok((r, got, _)) => {
+                        let mut headers = r.headers().clone();
+                        crate::headers::strip_hop_by_hop(&mut headers, false);
+                        crate::headers::one_length(&mut headers);
+                        let lengths: Vec<_> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+                        if status != 204 && status != 304 {
+                            if let [one] = lengths[..] {
+                                assert_eq!(one.to_str().ok(), Some(got.len().to_string().as_str()), "{what}");
+                            }
+                            assert!(lengths.len() <= 1, "{what}: {lengths:?}");
+                        }
+                        if let Some(e) = &expect {
+                            assert_eq!(&got[..], &e[..], "{what}");
+                        }
+                    }
+                    Err(e) => assert!(expect.is_none(), "{what}: {e:?}"),
+                }
+            });
+        }
+    }
+
     #[tokio::test]
     async fn a_chunked_response_is_decoded_with_extensions_and_trailers() {
         let s = scripted(vec![

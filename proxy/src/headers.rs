@@ -320,39 +320,70 @@ pub fn strip_trailers(trailers: &mut HeaderMap) {
     trailers.remove(header::TRAILER);
 }
 
+/// What a head's `Content-Length` fields said, read as they come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Length {
+    /// No such field.
+    Absent,
+    /// Every number in every field so far is this one.
+    Is(u64),
+    /// Not a number, or two numbers that differ (hyper's rule).
+    Bad,
+}
+
+impl Length {
+    /// Takes one more field's value (comma-separated numbers).
+    pub(crate) fn and(self, value: &[u8]) -> Length {
+        let mut seen = self;
+        for part in value.split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || seen == Length::Bad {
+                return Length::Bad;
+            }
+            let mut n: u64 = 0;
+            for &b in part {
+                if !b.is_ascii_digit() {
+                    return Length::Bad;
+                }
+                match n
+                    .checked_mul(10)
+                    .and_then(|n| n.checked_add(u64::from(b - b'0')))
+                {
+                    Some(m) => n = m,
+                    None => return Length::Bad,
+                }
+            }
+            seen = match seen {
+                Length::Is(l) if l != n => Length::Bad,
+                _ => Length::Is(n),
+            };
+        }
+        seen
+    }
+}
+
 /// Makes a `Content-Length` given as a list of one repeated value (`5, 5`,
 /// or two fields of `5`: what an upstream's clients read as one length)
 /// the single value, as RFC 9110 (section 8.6) lets a recipient do: a
 /// list forwarded as it came is refused by strict clients (Go's and
 /// Node's HTTP clients take it for a bad length). Lists of values that
 /// differ, or that are not numbers, are left alone (the upstream's reader
-/// has refused them already: a protocol error).
+/// has refused them already: a protocol error). Veer's own HTTP/1.1
+/// client does this as it reads a head (`crate::raw`); this is for
+/// hyper's.
 pub fn one_length(headers: &mut HeaderMap) {
     let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
     let Some(first) = values.next() else {
         return;
     };
-    let listed = |v: &HeaderValue| v.as_bytes().contains(&b',');
-    if !listed(first) && values.next().is_none() {
+    if !first.as_bytes().contains(&b',') && values.next().is_none() {
         return;
     }
-    let mut agreed: Option<u64> = None;
-    for part in headers
+    let length = headers
         .get_all(header::CONTENT_LENGTH)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-    {
-        let n = std::str::from_utf8(part.trim_ascii())
-            .ok()
-            .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|t| t.parse::<u64>().ok());
-        match (n, agreed) {
-            (Some(n), None) => agreed = Some(n),
-            (Some(n), Some(a)) if n == a => {}
-            _ => return,
-        }
-    }
-    if let Some(n) = agreed {
+        .fold(Length::Absent, |l, v| l.and(v.as_bytes()));
+    if let Length::Is(n) = length {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
 }

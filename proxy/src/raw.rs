@@ -85,7 +85,7 @@ use tokio::time::Instant;
 
 use crate::body::{BoxError, RequestBody};
 use crate::error::ProxyError;
-use crate::headers::Forwarding;
+use crate::headers::{Forwarding, Length};
 use crate::upstream::{Sender, Upstream};
 
 /// Most fields a response head may have (hyper's default).
@@ -603,48 +603,6 @@ fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
-/// What a head's `Content-Length` fields said, read as they come.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Length {
-    /// No such field.
-    Absent,
-    /// Every number in every field so far is this one.
-    Is(u64),
-    /// Not a number, or two numbers that differ (hyper's rule).
-    Bad,
-}
-
-impl Length {
-    /// Takes one more field's value (comma-separated numbers).
-    fn and(self, value: &[u8]) -> Length {
-        let mut seen = self;
-        for part in value.split(|b| *b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || seen == Length::Bad {
-                return Length::Bad;
-            }
-            let mut n: u64 = 0;
-            for &b in part {
-                if !b.is_ascii_digit() {
-                    return Length::Bad;
-                }
-                match n
-                    .checked_mul(10)
-                    .and_then(|n| n.checked_add(u64::from(b - b'0')))
-                {
-                    Some(m) => n = m,
-                    None => return Length::Bad,
-                }
-            }
-            seen = match seen {
-                Length::Is(l) if l != n => Length::Bad,
-                _ => Length::Is(n),
-            };
-        }
-        seen
-    }
-}
-
 /// What a response head's fields say of its framing and its connection.
 struct Fields {
     length: Length,
@@ -815,8 +773,9 @@ fn parse(
             Length::Absent => Framing::ToEnd,
         }
     };
-    if lengths_listed && matches!(framing, Framing::Length(_)) {
-        crate::headers::one_length(&mut headers);
+    // A listed length goes on as the one value it was read as.
+    if let (true, Framing::Length(n)) = (lengths_listed, framing) {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     Ok(Some(Some(Head {
         status,

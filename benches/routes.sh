@@ -2,9 +2,11 @@
 # What idle routes cost: the release binary with N routes (each with a
 # canary, the judge on, no traffic at all), 2 workers. Prints, per N, the
 # resident memory after start, the CPU the process used over 10 idle
-# seconds, and how long a reload that changes one route takes to apply.
+# seconds (IDLE=seconds to measure longer: a clock tick is 1 % of a CPU
+# over 1 s, so 10 s resolve 0.1 %), and how long a reload that changes one
+# route takes to apply.
 #
-# usage: [VEER=binary] benches/routes.sh [N ...]   (default: 1 100 500 1000)
+# usage: [VEER=binary] [IDLE=s] benches/routes.sh [N ...]   (default: 1 100 500 1000)
 # Only 127.0.0.1 is targeted; every run is bounded in time.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,12 +37,13 @@ config() { # N WEIGHT_OF_ROUTE_0
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 generation() { curl -s "http://127.0.0.1:$admin_port/status" | grep -o '"generation": *[0-9]*' | grep -o '[0-9]*$'; }
 
-printf '| routes | RSS after start | CPU while idle (10 s) | reload of one route |\n|---|---|---|---|\n'
+idle=${IDLE:-10}
+printf '| routes | RSS after start | CPU while idle (%s s) | reload of one route |\n|---|---|---|---|\n' "$idle"
 for n in "${counts[@]}"; do
   admin_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   rm -rf "$work/state"
   config "$n" 5 > "$work/veer.toml"
-  timeout 120 "$VEER" run --config "$work/veer.toml" > "$work/log" 2>&1 &
+  timeout $((idle + 110)) "$VEER" run --config "$work/veer.toml" > "$work/log" 2>&1 &
   pid=$!
   for _ in $(seq 1 600); do
     curl -sf "http://127.0.0.1:$admin_port/readyz" > /dev/null 2>&1 && break
@@ -50,9 +53,9 @@ for n in "${counts[@]}"; do
   veer_pid=$(pgrep -P "$pid")   # `timeout` is the parent; veer its only child, whatever its name
   rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$veer_pid/status")
   t0=$(cpu_ticks "$veer_pid")
-  sleep 10
+  sleep "$idle"
   t1=$(cpu_ticks "$veer_pid")
-  cpu=$(awk -v d=$((t1 - t0)) -v hz="$tck" 'BEGIN { printf "%.1f %%", d / hz / 10 * 100 }')
+  cpu=$(awk -v d=$((t1 - t0)) -v hz="$tck" -v s="$idle" 'BEGIN { printf "%.2f %%", d / hz / s * 100 }')
   g0=$(generation)
   start=$(date +%s.%N)
   config "$n" 6 > "$work/veer.toml.new" && mv "$work/veer.toml.new" "$work/veer.toml"

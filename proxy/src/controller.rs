@@ -111,6 +111,14 @@ pub struct Controller {
     rebuilds: std::sync::atomic::AtomicU64,
     /// A pooled test crossed: the routes are visited at the next tick.
     pool_look: bool,
+    /// Where sleeping routes' recorders say a request came.
+    wakes: Arc<crate::record::Wakes>,
+    /// The routes the judge visits (indices into the config's routes, in
+    /// its order): every judged route that does not sleep (see
+    /// [`RouteRuntime::sleep`]).
+    awake: std::collections::BTreeSet<usize>,
+    /// Each configured route's index.
+    index: HashMap<String, usize>,
 }
 
 impl Controller {
@@ -140,11 +148,19 @@ impl Controller {
         };
         let now = Now::new(Duration::ZERO, crate::clock::unix_ms());
         let mut state = state;
+        let wakes = Arc::new(crate::record::Wakes::default());
         let Reconciled {
             routes,
             mut controls,
             outputs,
-        } = reconcile(&config, HashMap::new(), HashMap::new(), &mut state, now);
+        } = reconcile(
+            &config,
+            HashMap::new(),
+            HashMap::new(),
+            &mut state,
+            now,
+            &wakes,
+        );
         // In a fleet, canaries get no traffic until the fleet's decisions
         // are read (a replica starts safe).
         let fleet = match &config.fleet {
@@ -193,7 +209,12 @@ impl Controller {
             next_due: Instant::now(),
             rebuilds: std::sync::atomic::AtomicU64::new(0),
             pool_look: false,
+            wakes,
+            awake: Default::default(),
+            index: HashMap::new(),
         };
+        c.index_routes();
+        c.wake_all();
         let changed = c.announce_all(&outputs);
         if changed {
             c.persist().await;
@@ -334,8 +355,43 @@ impl Controller {
         }
     }
 
-    /// Puts a new routing snapshot in effect, built from the decisions.
-    fn rebuild(&self) {
+    /// Finds each configured route's index (after a new config).
+    fn index_routes(&mut self) {
+        self.index = self
+            .config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.clone(), i))
+            .collect();
+    }
+
+    /// Wakes every route (see [`RouteRuntime::sleep`]): after a new
+    /// config or routing snapshot, whatever changed is seen at each route's
+    /// next tick, as if it had never slept. Costs one idle tick a route.
+    fn wake_all(&mut self) {
+        let now = Instant::now();
+        self.awake.clear();
+        for (i, r) in self.config.routes.iter().enumerate() {
+            if let Some(rt) = self.routes.get_mut(&r.name) {
+                rt.wake(now);
+            }
+            if r.judge.mode != veer_control::config::JudgeMode::Off {
+                self.awake.insert(i);
+            }
+        }
+        self.shared
+            .metrics
+            .routes_awake
+            .set(self.awake.len() as i64);
+        // Visited at the next tick, which finds when each is due.
+        self.next_due = now;
+    }
+
+    /// Puts a new routing snapshot in effect, built from the decisions,
+    /// and wakes every route (a share or decision may have changed).
+    fn rebuild(&mut self) {
+        self.wake_all();
         self.rebuilds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let snap = build_snapshot(
@@ -477,9 +533,11 @@ impl Controller {
             std::mem::take(&mut self.controls),
             &mut self.state,
             now,
+            &self.wakes,
         );
         self.controls = controls;
         self.routes = routes;
+        self.index_routes();
         self.fleet_join();
         self.hold_unseated();
         let changed = self.announce_all(&outputs);

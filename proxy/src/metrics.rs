@@ -52,6 +52,9 @@ pub struct Metrics {
     pub version_info: IntGaugeVec,
     /// `veer_open_connections`: client connections being served.
     pub open_connections: IntGauge,
+    /// `veer_judge_routes_awake`: routes the judge visits (the others
+    /// sleep until a request comes).
+    pub routes_awake: IntGauge,
     /// `veer_verdict{route,verdict}`: 1 for the current verdict.
     pub verdict: Arc<RouteFamily>,
     /// `veer_reverts_total{route,reason}`.
@@ -272,6 +275,10 @@ impl Metrics {
         )?;
         let open_connections =
             IntGauge::new("veer_open_connections", "Client connections being served.")?;
+        let routes_awake = IntGauge::new(
+            "veer_judge_routes_awake",
+            "Judged routes the controller visits each interval; idle ones sleep until a request comes.",
+        )?;
         let verdict = Arc::new(RouteFamily::new(
             "veer_verdict",
             "1 for the route's current judge verdict, 0 for the others.",
@@ -385,6 +392,7 @@ impl Metrics {
         registry.register(Box::new(canary_weight.clone()))?;
         registry.register(Box::new(version_info.clone()))?;
         registry.register(Box::new(open_connections.clone()))?;
+        registry.register(Box::new(routes_awake.clone()))?;
         registry.register(Box::new(SharedCollector(verdict.clone())))?;
         registry.register(Box::new(SharedCollector(reverts.clone())))?;
         registry.register(Box::new(SharedCollector(smoke_checks.clone())))?;
@@ -421,6 +429,7 @@ impl Metrics {
             canary_weight,
             version_info,
             open_connections,
+            routes_awake,
             verdict,
             reverts,
             deployments,

@@ -190,12 +190,21 @@ impl Pairs {
                 canary_only |= i == 0;
             }
         }
-        self.pairs.fetch_add(1, Ordering::Relaxed);
+        // Counted before the route's sleep flag is read (see
+        // `Recorder::sleep`).
+        self.pairs.fetch_add(1, Ordering::SeqCst);
+        stable_rec.ring_if_asleep();
         if canary_only {
             // The controller's look between ticks may act on it.
             self.pending.store(true, Ordering::Relaxed);
             crate::record::raise_canary_events();
         }
+    }
+
+    /// Whether no pair was counted since the last drain, read after the
+    /// route's recorders were put to sleep (see `Recorder::sleep`).
+    pub fn none_since_drain(&self) -> bool {
+        self.pairs.load(Ordering::SeqCst) == 0
     }
 
     /// Whether a pair with the canary's copy alone bad was counted since

@@ -203,16 +203,18 @@ impl KeyRound {
         Some(parity)
     }
 
+    /// Whether the round's votes are spent (it ends once old enough).
+    fn spent(&self) -> bool {
+        let votes = self.votes.load(Ordering::Relaxed);
+        self.repeats.load(Ordering::Relaxed) >= votes + ROUND_SPENT_REPEATS
+            && self.repeat_keys.load(Ordering::Relaxed) >= ROUND_SPENT_KEYS
+    }
+
     /// Ends the round if its votes are spent and it is old enough.
     fn end_if_spent(&self, now_ms: u64) {
-        let votes = self.votes.load(Ordering::Relaxed);
-        let repeats = self.repeats.load(Ordering::Relaxed);
         let old = now_ms.saturating_sub(self.began_ms.load(Ordering::Relaxed))
             >= MIN_KEY_ROUND.as_millis() as u64;
-        if !old
-            || repeats < votes + ROUND_SPENT_REPEATS
-            || self.repeat_keys.load(Ordering::Relaxed) < ROUND_SPENT_KEYS
-        {
+        if !old || !self.spent() {
             return;
         }
         // The filters first, then the id: an event that read the old id
@@ -381,6 +383,18 @@ impl RouteKeys {
         self.rounds
             .get(kind)
             .map_or(0, |r| (r.id.load(Ordering::Relaxed) & 1) as usize)
+    }
+
+    /// Whether the controller's calls between requests can change nothing
+    /// more until the next request: no count of recent addresses left for
+    /// [`RouteKeys::renew_votes`] to move (so a round's size stays what it
+    /// is), and no spent key round that only its age keeps from ending
+    /// ([`RouteKeys::end_key_rounds`]). A route whose keys are settled may
+    /// sleep through its idle ticks.
+    pub fn settled(&self) -> bool {
+        self.recent_count.load(Ordering::Relaxed) == 0
+            && self.last_recent_count.load(Ordering::Relaxed) == 0
+            && !self.rounds.iter().any(KeyRound::spent)
     }
 
     /// Keys alone count, however many client addresses the route has
@@ -576,9 +590,37 @@ fn take(counter: &AtomicU64) -> u64 {
     counter.swap(0, Ordering::Relaxed)
 }
 
+/// The routes whose recorders took a request while the route slept (see
+/// [`Recorder::sleep`]), by name, for the controller to wake.
+#[derive(Debug, Default)]
+pub struct Wakes {
+    woken: Mutex<Vec<Arc<str>>>,
+}
+
+impl Wakes {
+    fn push(&self, route: Arc<str>) {
+        self.woken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(route);
+    }
+
+    /// The routes woken since the last call (most calls: none, and no
+    /// allocation).
+    pub fn take(&self) -> Vec<Arc<str>> {
+        std::mem::take(&mut *self.woken.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 /// The recorder of one version of one route.
 pub struct Recorder {
     shards: Box<[Shard]>,
+    /// The controller stopped visiting the route (see [`Recorder::sleep`]):
+    /// the next request tells it, through `alarm`.
+    asleep: AtomicBool,
+    /// The route's name and where to say that it woke; None: a recorder
+    /// no controller drains (it never sleeps).
+    alarm: Option<(Arc<str>, Arc<Wakes>)>,
     thresholds_us: [AtomicU64; MAX_THRESHOLDS],
     total_count: AtomicU64,
     total_sum_us: AtomicU64,
@@ -637,6 +679,8 @@ impl Recorder {
     pub fn new(keys: Arc<RouteKeys>) -> Recorder {
         Recorder {
             shards: (0..shard_count()).map(|_| Shard::new()).collect(),
+            asleep: AtomicBool::new(false),
+            alarm: None,
             thresholds_us: std::array::from_fn(|_| AtomicU64::new(OFF)),
             total_count: AtomicU64::new(0),
             total_sum_us: AtomicU64::new(0),
@@ -652,6 +696,58 @@ impl Recorder {
         Recorder {
             canary: true,
             ..Recorder::new(keys)
+        }
+    }
+
+    /// The same recorder, for route `route` of a controller that wakes
+    /// the routes in `wakes` (see [`Recorder::sleep`]).
+    pub fn with_alarm(self, route: Arc<str>, wakes: Arc<Wakes>) -> Recorder {
+        Recorder {
+            alarm: Some((route, wakes)),
+            ..self
+        }
+    }
+
+    /// Puts the recorder to sleep, right after a drain: from now on its
+    /// first request (recorded or given up) puts the route in the
+    /// controller's [`Wakes`]. Returns whether nothing was recorded since
+    /// that drain; if something was, the caller must not let the route
+    /// sleep (and wakes the recorder with [`Recorder::wake_up`]).
+    ///
+    /// Why no request is lost: a request counts itself, then reads the
+    /// flag; this sets the flag, then reads the counts. Both sides in
+    /// sequentially consistent order, one of the two sees the other: the
+    /// request sees the flag and rings, or this sees the request and the
+    /// route stays awake. (On x86 neither side pays for the ordering: the
+    /// count is a locked add either way, and the read a plain load.)
+    pub fn sleep(&self) -> bool {
+        self.asleep.store(true, Ordering::SeqCst);
+        self.shards.iter().all(|s| {
+            s.requests.load(Ordering::SeqCst) == 0 && s.given_up.load(Ordering::SeqCst) == 0
+        })
+    }
+
+    /// Wakes the recorder (the controller visits the route again): its
+    /// requests no longer ring.
+    pub fn wake_up(&self) {
+        self.asleep.store(false, Ordering::SeqCst);
+    }
+
+    /// After a request was counted: rings if the route sleeps.
+    #[inline]
+    pub(crate) fn ring_if_asleep(&self) {
+        if self.asleep.load(Ordering::SeqCst) {
+            self.ring();
+        }
+    }
+
+    #[cold]
+    fn ring(&self) {
+        // The first request to see the flag rings; the others find it down.
+        if self.asleep.swap(false, Ordering::SeqCst) {
+            if let Some((route, wakes)) = &self.alarm {
+                wakes.push(route.clone());
+            }
         }
     }
 
@@ -708,7 +804,9 @@ impl Recorder {
             self.first_ended();
             let shard = THREAD.with(|t| *t) % self.shards.len();
             if let Some(shard) = self.shards.get(shard) {
-                add(&shard.given_up, 1);
+                // Counted before the flag is read (see `sleep`).
+                shard.given_up.fetch_add(1, Ordering::SeqCst);
+                self.ring_if_asleep();
             }
         }
         slow
@@ -797,7 +895,9 @@ impl Recorder {
         let Some(shard) = self.shards.get(shard) else {
             return;
         };
-        add(&shard.requests, 1);
+        // Counted before the flag is read (see `sleep`).
+        shard.requests.fetch_add(1, Ordering::SeqCst);
+        self.ring_if_asleep();
         add(&shard.sum_us, latency_us);
         let buckets = shard
             .latency
@@ -1026,6 +1126,87 @@ mod tests {
         // Neighbouring buckets hold different values.
         assert!(!h.equivalent(value_of(5_000), value_of(5_001)));
         assert!(buckets() <= h.distinct_values());
+    }
+
+    fn alarmed(wakes: &Arc<Wakes>) -> Recorder {
+        Recorder::new(Arc::new(RouteKeys::new(1))).with_alarm("web".into(), wakes.clone())
+    }
+
+    #[test]
+    fn a_sleeping_recorder_rings_once_at_its_first_request() {
+        let wakes = Arc::new(Wakes::default());
+        let r = alarmed(&wakes);
+        r.record(2_000, Outcome::Ok, None);
+        // Something recorded since the drain: it may not sleep.
+        assert!(!r.sleep());
+        r.wake_up();
+        assert_eq!(r.drain(1).0.slice.requests, 1);
+        assert!(r.sleep());
+        assert!(wakes.take().is_empty());
+        r.record(2_000, Outcome::Ok, None);
+        r.record(2_000, Outcome::Error, None);
+        let woken = wakes.take();
+        assert_eq!(woken.len(), 1, "{woken:?}");
+        assert_eq!(&*woken[0], "web");
+        assert_eq!(r.drain(1).0.slice.requests, 2);
+        // A request given up wakes it too.
+        r.set_thresholds(&[Some(10_000)]);
+        assert!(r.sleep());
+        assert!(!r.given_up(5, None, None));
+        assert_eq!(wakes.take().len(), 1);
+        assert_eq!(r.drain(1).0.given_up, 1);
+        // Awake, it never rings.
+        r.wake_up();
+        r.record(2_000, Outcome::Ok, None);
+        assert!(wakes.take().is_empty());
+    }
+
+    /// A recording thread against the controller's drain, sleep and wake:
+    /// whatever the interleaving, a request is drained, or the recorder is
+    /// awake, or it rang; never asleep with a request in it unannounced.
+    #[test]
+    fn no_request_is_left_in_a_sleeping_recorder() {
+        const REQUESTS: u64 = 200_000;
+        let wakes = Arc::new(Wakes::default());
+        let r = Arc::new(alarmed(&wakes));
+        let writer = {
+            let r = r.clone();
+            std::thread::spawn(move || {
+                for i in 0..REQUESTS {
+                    r.record(1_000, Outcome::Ok, None);
+                    if i % 64 == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        };
+        let (mut drained, mut asleep) = (0, false);
+        loop {
+            // Read first: once it is true, every request has rung if it
+            // was to ring.
+            let done = writer.is_finished();
+            if asleep {
+                if wakes.take().is_empty() {
+                    if done {
+                        break;
+                    }
+                    std::thread::yield_now();
+                    continue;
+                }
+                r.wake_up();
+                asleep = false;
+            }
+            drained += r.drain(1).0.slice.requests;
+            if r.sleep() {
+                asleep = true;
+            } else {
+                r.wake_up();
+            }
+        }
+        writer.join().expect("writer");
+        // Asleep with no wake pending, and every request drained by the
+        // controller's own loop: none was left behind unannounced.
+        assert_eq!(drained, REQUESTS);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use veer_control::judge::{Judge, SavedTests, TickInput, Verdict, VersionTick};
 use veer_control::rollout::{Now, Output, RouteControl};
 use veer_control::state::{canary_identity, RouteDecision, State};
 
-use crate::record::{threshold_count, Recorder, RouteKeys};
+use crate::record::{threshold_count, Recorder, RouteKeys, Wakes};
 use crate::snapshot::{RouteInputs, Snapshot};
 
 /// Live judging state of one route.
@@ -43,13 +43,17 @@ pub struct RouteRuntime {
     pub pairs: Option<Arc<crate::mirror::Pairs>>,
     /// When the count of recent client addresses last started afresh.
     pub clients_span: Instant,
+    /// The controller does not visit the route until a request wakes it
+    /// (see [`RouteRuntime::sleep`]).
+    pub asleep: bool,
 }
 
 impl RouteRuntime {
     /// A fresh runtime for `route`, whose recorders start counting under
     /// canary share `w_bp` (the share its first snapshot routes with, so
     /// the first tick's events are attributable).
-    pub fn new(route: &Route, w_bp: u16) -> RouteRuntime {
+    /// Their requests wake the route through `wakes` when it sleeps.
+    pub fn new(route: &Route, w_bp: u16, wakes: &Arc<Wakes>) -> RouteRuntime {
         let judge = Judge::new(&route.judge);
         let thresholds = threshold_count(judge.slots());
         let keys = if judge.pooling() {
@@ -62,22 +66,24 @@ impl RouteRuntime {
         } else {
             keys.without_client_votes()
         });
+        let name: Arc<str> = route.name.as_str().into();
         let rt = RouteRuntime {
             identity: canary_identity(route),
             stable_version: route.stable.name.clone(),
             judge_settings: route.judge.clone(),
             judge,
             thresholds,
-            stable: Arc::new(Recorder::new(keys.clone())),
+            stable: Arc::new(Recorder::new(keys.clone()).with_alarm(name.clone(), wakes.clone())),
             canary: route
                 .canary
                 .as_ref()
-                .map(|_| Arc::new(Recorder::for_canary(keys))),
+                .map(|_| Arc::new(Recorder::for_canary(keys).with_alarm(name, wakes.clone()))),
             last_tick: Instant::now(),
             clients_span: Instant::now(),
             early: false,
             last_w_bp: Some(w_bp),
             unsaved: false,
+            asleep: false,
             pairs: route
                 .mirror
                 .as_ref()
@@ -232,6 +238,69 @@ impl RouteRuntime {
         Some(verdict)
     }
 
+    /// After an idle tick ([`RouteRuntime::tick`] gave None): lets the
+    /// route sleep if more idle ticks could change nothing, and returns
+    /// whether it sleeps. A sleeping route is not visited by the
+    /// controller (no drain, no tick) until its first request, recorded,
+    /// given up or mirrored, wakes it; so the controller's work grows with
+    /// the routes that carry traffic, not with the routes configured.
+    ///
+    /// An idle tick changes nothing once the judge is quiet (its window
+    /// empty, no watch or warm-up running) and the route's keys are
+    /// settled ([`RouteKeys::settled`]); a route pooling evidence with a
+    /// fleet never sleeps (the fleet's evidence comes without requests).
+    /// The controller wakes every route whenever it builds a new routing
+    /// snapshot (a share or decision may have changed) and on a new config.
+    pub fn sleep(&mut self) -> bool {
+        if self.judge.pooling() || !self.stable.keys().settled() {
+            return false;
+        }
+        let recorders = std::iter::once(&self.stable).chain(self.canary.as_ref());
+        // Each recorder's flag goes up before its counts are read, and
+        // stable's before the mirrored pairs' count (a pair rings stable's).
+        let mut quiet = true;
+        for r in recorders.clone() {
+            quiet &= r.sleep();
+        }
+        quiet &= self.pairs.as_ref().is_none_or(|p| p.none_since_drain());
+        if !quiet {
+            for r in recorders {
+                r.wake_up();
+            }
+            return false;
+        }
+        self.asleep = true;
+        true
+    }
+
+    /// Wakes the route at `now`, as if it had been ticked idle at each
+    /// interval while it slept: its next tick is due on the same beat,
+    /// and measures one interval.
+    pub fn wake(&mut self, now: Instant) {
+        if !self.asleep {
+            return;
+        }
+        self.asleep = false;
+        for r in std::iter::once(&self.stable).chain(self.canary.as_ref()) {
+            r.wake_up();
+        }
+        let interval = self.judge_settings.interval;
+        let slept = now.saturating_duration_since(self.last_tick);
+        if interval.is_zero() || slept < interval {
+            return;
+        }
+        let beats = (slept.as_nanos() / interval.as_nanos()).min(u128::from(u32::MAX)) as u32;
+        self.last_tick += interval * beats;
+        self.early = false;
+        // Idle ticks would have started a new span of recent addresses
+        // (with nothing in it) once one had run out.
+        if self.last_tick.saturating_duration_since(self.clients_span)
+            >= crate::record::RECENT_CLIENTS_SPAN
+        {
+            self.clients_span = self.last_tick;
+        }
+    }
+
     /// Whether `route` is judged as this runtime judges (same canary,
     /// stable version and judge settings).
     pub fn same_as(&self, route: &Route) -> bool {
@@ -272,6 +341,7 @@ pub fn reconcile(
     mut controls: HashMap<String, RouteControl>,
     state: &mut State,
     now: Now,
+    wakes: &Arc<Wakes>,
 ) -> Reconciled {
     let (mut new_routes, mut new_controls, mut outputs) =
         (HashMap::new(), HashMap::new(), Vec::new());
@@ -296,7 +366,7 @@ pub fn reconcile(
         let rt = match routes.remove(&r.name) {
             Some(rt) if rt.same_as(r) => rt,
             old => {
-                let mut rt = RouteRuntime::new(r, control.effective_bp(r));
+                let mut rt = RouteRuntime::new(r, control.effective_bp(r), wakes);
                 let saved = match &old {
                     // Same canary, other settings: carry the live tests over.
                     Some(old) if old.identity == rt.identity => Some(old.judge.save_tests()),

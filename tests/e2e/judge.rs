@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::support::{
-    all_on, metric, route_config, send_keyed, truncating_upstream, wait_route, wait_verdict,
-    Client, Load, Upstream, Veer, FAST_JUDGE as JUDGE,
+    all_on, metric, reference_judge, route_config, send_keyed, truncating_upstream, wait_route,
+    wait_verdict, Client, Load, Upstream, Veer, FAST_JUDGE as JUDGE,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,4 +340,62 @@ async fn revert_counters_exist_at_zero_before_any_revert() {
         metric(&m, r#"veer_webhook_events_total{result="ok"}"#),
         Some(0.0)
     );
+}
+
+/// Polls `veer_judge_routes_awake` until `ready` holds of it.
+async fn wait_awake(veer: &Veer, what: &str, ready: impl Fn(f64) -> bool) {
+    let start = Instant::now();
+    loop {
+        let awake = metric(&veer.metrics().await, "veer_judge_routes_awake");
+        if awake.is_some_and(&ready) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never {what}: {awake:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// With config.example.toml's judge: a hundred routes without traffic
+/// sleep (the controller stops visiting them); a failing canary on the one
+/// route that gets traffic wakes it and is reverted in seconds, and the
+/// idle ones go back to sleep after the revert's new snapshot woke them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_routes_sleep_and_a_failing_canary_beside_them_is_reverted_in_seconds() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.status.store(500, Ordering::SeqCst);
+    let judge = reference_judge();
+    let mut config = route_config(&[s.addr], &[c.addr], 20.0, "") + &judge;
+    for i in 0..100 {
+        config += &format!(
+            "\n[[route]]\nname = \"idle{i}\"\nhosts = [\"idle{i}.test\"]\n\
+             [route.stable]\nversion = \"v1\"\nendpoints = [\"{s}\"]\n\
+             [route.canary]\nversion = \"v2\"\nendpoints = [\"{c}\"]\nweight = 20\n{judge}",
+            s = s.addr,
+            c = c.addr
+        );
+    }
+    let veer = Veer::start(&config).await;
+    wait_awake(&veer, "every route asleep", |n| n == 0.0).await;
+    let load = Load::start(veer.addr, 4, Duration::ZERO);
+    let start = Instant::now();
+    let route = wait_verdict(&veer, "reverted", Duration::from_secs(20)).await;
+    let took = start.elapsed();
+    load.stop().await;
+    assert_eq!(route["name"], "web");
+    assert_eq!(route["weight"]["effective"], 0.0);
+    // The route with traffic stays awake while its window holds it; the
+    // others sleep again.
+    wait_awake(&veer, "only the route with traffic awake", |n| n == 1.0).await;
+    let st = veer.status().await;
+    let reverted = st["routes"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .filter(|r| r["verdict"] == "reverted")
+        .count();
+    assert_eq!(reverted, 1, "took {took:?}");
 }

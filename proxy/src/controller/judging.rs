@@ -23,12 +23,18 @@ impl Controller {
         // otherwise (most calls, and every call while all is idle) not.
         self.pool_due(now);
         let look = crate::record::take_canary_events() || std::mem::take(&mut self.pool_look);
-        let visit = look || now >= self.next_due;
+        // Sleeping routes that took a request since the last call (read
+        // after the bad-event flag, which a request raises after it rang).
+        let woke = self.wake_rung(now);
+        let visit = look || woke || now >= self.next_due;
         let mut next_due = now + NEXT_DUE_AT_MOST;
-        for i in 0..self.config.routes.len() {
-            if !visit {
-                break;
-            }
+        // Only the routes awake: a sleeping one has nothing to judge.
+        let awake: Vec<usize> = if visit {
+            self.awake.iter().copied().collect()
+        } else {
+            Vec::new()
+        };
+        for i in awake {
             let Some(route) = self.config.routes.get(i) else {
                 continue;
             };
@@ -42,10 +48,11 @@ impl Controller {
             };
             let due = now.duration_since(rt.last_tick) >= route.judge.interval;
             // After this pass the route is due an interval after its last
-            // tick (now, if it is judged now).
+            // tick (now, if it is judged now), unless it sleeps.
             let last = if due { now } else { rt.last_tick };
-            next_due = next_due.min(last + route.judge.interval);
+            let due_next = last + route.judge.interval;
             if !(due || look && early_look(route, rt, control)) {
+                next_due = next_due.min(due_next);
                 continue;
             }
             // Cloned only when judged: most routes are not due on a tick.
@@ -62,12 +69,34 @@ impl Controller {
                     changed = true;
                     judged.push(route.name.clone());
                 }
-                Some(false) => judged.push(route.name.clone()),
-                None => {} // idle: nothing to judge, nothing new to show
+                Some(false) => {
+                    next_due = next_due.min(due_next);
+                    judged.push(route.name.clone());
+                }
+                None => {
+                    // Idle: nothing to judge, nothing new to show; and if
+                    // idle ticks can change nothing more, none until a
+                    // request comes.
+                    let asleep = self
+                        .routes
+                        .get_mut(&route.name)
+                        .is_some_and(RouteRuntime::sleep);
+                    if asleep {
+                        self.awake.remove(&i);
+                    } else {
+                        next_due = next_due.min(due_next);
+                    }
+                }
             }
         }
+        self.shared
+            .metrics
+            .routes_awake
+            .set(self.awake.len() as i64);
         if visit {
-            self.next_due = next_due;
+            // After a new snapshot every route woke: the next tick finds
+            // when each is due.
+            self.next_due = if changed { now } else { next_due };
         }
         // Endpoint health changes between verdicts show in `/status` too: at
         // the next tick after a failure or recovery, and within a second
@@ -90,6 +119,22 @@ impl Controller {
             self.persist().await;
             self.publish(&[], false);
         }
+    }
+
+    /// Wakes the sleeping routes whose recorders rang since the last
+    /// call; returns whether any woke.
+    fn wake_rung(&mut self, now: Instant) -> bool {
+        let mut woke = false;
+        for name in self.wakes.take() {
+            let Some(&i) = self.index.get(&*name) else {
+                continue; // a route no longer configured
+            };
+            if let Some(rt) = self.routes.get_mut(&*name).filter(|rt| rt.asleep) {
+                rt.wake(now);
+                woke |= self.awake.insert(i);
+            }
+        }
+        woke
     }
 
     /// Whether every endpoint of the route's canary is failing connects,

@@ -123,6 +123,25 @@ async fn a_rollout_step_waits_for_a_full_hold_and_a_gap_in_traffic_restarts_it()
     let _ = stop.send(true);
 }
 
+/// A tenth of a second of traffic on `route`: 20 requests on stable, all
+/// fine, and one on the canary, failing (each of a new user from `*next`).
+async fn failing_canary_tenth_of_a_second(route: &crate::snapshot::RouteTarget, next: &mut u64) {
+    for _ in 0..20 {
+        *next += 1;
+        route
+            .stable
+            .recorder
+            .record(2_000, Outcome::Ok, Some(*next << 32));
+    }
+    *next += 1;
+    route.canary.as_ref().expect("canary").recorder.record(
+        2_000,
+        Outcome::Error,
+        Some(*next << 32),
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 fn verdict(shared: &Shared) -> Label {
     shared
         .status
@@ -131,11 +150,9 @@ fn verdict(shared: &Shared) -> Label {
         .map_or(Label::InsufficientData, |r| r.verdict)
 }
 
-#[tokio::test(start_paused = true)]
-async fn canary_errors_are_reverted_between_ticks_not_at_the_interval() {
-    let text = ROLLOUT
-        .replace("interval = \"1s\"", "interval = \"10m\"")
-        .replace("window = \"10s\"", "window = \"20m\"")
+/// [`ROLLOUT`]'s route without its rollout, the canary at 10 %.
+fn canary_at_ten_percent() -> String {
+    ROLLOUT
         .replace(
             "[route.rollout]\nsteps = [10, 50, 100]\nhold = \"60s\"\n",
             "",
@@ -143,11 +160,17 @@ async fn canary_errors_are_reverted_between_ticks_not_at_the_interval() {
         .replace(
             "endpoints = [\"127.0.0.1:2\"]",
             "endpoints = [\"127.0.0.1:2\"]\nweight = 10",
-        );
+        )
+}
+
+#[tokio::test(start_paused = true)]
+async fn canary_errors_are_reverted_between_ticks_not_at_the_interval() {
+    let text = canary_at_ten_percent()
+        .replace("interval = \"1s\"", "interval = \"10m\"")
+        .replace("window = \"10s\"", "window = \"20m\"");
     let (shared, stop, _dir) = running(&text).await;
     let snap = shared.snapshot.load_full();
     let route = &snap.routes[0];
-    let canary = route.canary.as_ref().expect("canary");
     let mut next = 0u64;
     let start = tokio::time::Instant::now();
     // Every canary request of a distinct user fails; stable is fine.
@@ -158,18 +181,7 @@ async fn canary_errors_are_reverted_between_ticks_not_at_the_interval() {
         .map(|r| r.weight.effective)
         != Some(0.0)
     {
-        for _ in 0..20 {
-            next += 1;
-            route
-                .stable
-                .recorder
-                .record(2_000, Outcome::Ok, Some(next << 32));
-        }
-        next += 1;
-        canary
-            .recorder
-            .record(2_000, Outcome::Error, Some(next << 32));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        failing_canary_tenth_of_a_second(route, &mut next).await;
         assert!(start.elapsed() < Duration::from_secs(120), "never reverted");
     }
     // Judged at a look between ticks, long before the 10 min interval.
@@ -182,4 +194,77 @@ async fn canary_errors_are_reverted_between_ticks_not_at_the_interval() {
     let reverted = doc.route("web").and_then(|r| r.reverted.clone());
     assert!(reverted.is_some(), "{doc:?}");
     let _ = stop.send(true);
+}
+
+fn routes_awake(shared: &Shared) -> i64 {
+    shared.metrics.routes_awake.get()
+}
+
+/// Waits (in paused time) until no route is awake; panics after `limit`.
+async fn all_asleep_within(shared: &Shared, limit: Duration) {
+    let start = tokio::time::Instant::now();
+    while routes_awake(shared) != 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            start.elapsed() < limit,
+            "routes still awake: {}",
+            routes_awake(shared)
+        );
+    }
+}
+
+/// Idle routes sleep (the controller stops visiting them); a request wakes
+/// its route, and a bad canary there is reverted as quickly as ever.
+#[tokio::test(start_paused = true)]
+async fn idle_routes_sleep_until_a_request_and_a_bad_canary_is_still_reverted() {
+    let one = canary_at_ten_percent();
+    let text = format!(
+        "{one}{}{}",
+        one.replace("name = \"web\"", "name = \"api\"")
+            .replace("[[route]]", "[[route]]\nhosts = [\"api\"]"),
+        one.replace("name = \"web\"", "name = \"img\"")
+            .replace("[[route]]", "[[route]]\nhosts = [\"img\"]"),
+    );
+    let (shared, stop, _dir) = running(&text).await;
+    all_asleep_within(&shared, Duration::from_secs(30)).await;
+    let snap = shared.snapshot.load_full();
+    let route = snap
+        .routes
+        .iter()
+        .find(|r| &*r.name == "web")
+        .expect("route web");
+    let start = tokio::time::Instant::now();
+    let mut next = 0u64;
+    let mut most = 0;
+    while verdict_of(&shared, "web").1 != Some(0.0) {
+        failing_canary_tenth_of_a_second(route, &mut next).await;
+        if verdict_of(&shared, "web").1 != Some(0.0) {
+            most = most.max(routes_awake(&shared));
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "never reverted");
+    }
+    // Only the route with traffic was visited; the other two slept on.
+    assert_eq!(most, 1, "routes awake while one had traffic");
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        start.elapsed()
+    );
+    let doc = shared.status.load();
+    assert!(doc.route("web").and_then(|r| r.reverted.clone()).is_some());
+    assert!(doc.route("api").and_then(|r| r.reverted.clone()).is_none());
+    // The revert's new snapshot woke them all; idle again, all sleep once
+    // the reverted route's window has emptied.
+    all_asleep_within(&shared, Duration::from_secs(120)).await;
+    let _ = stop.send(true);
+}
+
+/// A route's (verdict, effective canary weight) in `/status`.
+fn verdict_of(shared: &Shared, name: &str) -> (Label, Option<f64>) {
+    let doc = shared.status.load();
+    let r = doc.route(name);
+    (
+        r.map_or(Label::InsufficientData, |r| r.verdict),
+        r.map(|r| r.weight.effective),
+    )
 }

@@ -52,6 +52,11 @@ impl Controller {
     /// Starts a run for every route whose checks are pending and not
     /// running already (cheap: only routes with checks are looked at).
     pub(super) fn smoke_due(&mut self) {
+        // A route's checks come due only with a new config or decision,
+        // each of which builds a new snapshot (and raises the flag).
+        if !std::mem::take(&mut self.smoke_look) {
+            return;
+        }
         for route in self.config.routes.iter().filter(|r| !r.smoke.is_empty()) {
             let Some(control) = self.controls.get(&route.name) else {
                 continue;

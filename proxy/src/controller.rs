@@ -98,6 +98,8 @@ pub struct Controller {
     /// upstreams' health change count then.
     health_shown: Instant,
     health_changes: u64,
+    /// [`crate::upstream::Upstreams::health_clock_ms`] at that comparison.
+    health_checked_ms: u64,
     /// When the next route is due a tick (see `judge_due`).
     next_due: Instant,
     /// The fleet (`[fleet]`), if any.
@@ -119,6 +121,9 @@ pub struct Controller {
     awake: std::collections::BTreeSet<usize>,
     /// Each configured route's index.
     index: HashMap<String, usize>,
+    /// A new snapshot since smoke checks were last looked for: a route's
+    /// checks become due only with a new config or decision.
+    smoke_look: bool,
 }
 
 impl Controller {
@@ -206,12 +211,14 @@ impl Controller {
             origin: Instant::now(),
             health_shown: Instant::now(),
             health_changes: 0,
+            health_checked_ms: 0,
             next_due: Instant::now(),
             rebuilds: std::sync::atomic::AtomicU64::new(0),
             pool_look: false,
             wakes,
             awake: Default::default(),
             index: HashMap::new(),
+            smoke_look: true,
         };
         c.index_routes();
         c.wake_all();
@@ -386,6 +393,7 @@ impl Controller {
             .set(self.awake.len() as i64);
         // Visited at the next tick, which finds when each is due.
         self.next_due = now;
+        self.smoke_look = true;
     }
 
     /// Puts a new routing snapshot in effect, built from the decisions,

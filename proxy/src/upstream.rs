@@ -674,8 +674,17 @@ pub struct Upstream {
     down_until_ms: AtomicU64,
     failures: AtomicU32,
     epoch: Instant,
-    /// Counts health changes of every upstream of the registry.
-    changes: Arc<AtomicU64>,
+    /// Health changes of every upstream of the registry.
+    health: Arc<HealthLog>,
+}
+
+/// What the registry's upstreams tell the controller about their health.
+#[derive(Debug, Default)]
+struct HealthLog {
+    /// Moves whenever an upstream fails or recovers.
+    changes: AtomicU64,
+    /// The latest end of a back-off set, in ms since the registry's epoch.
+    backoff_end_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -692,7 +701,7 @@ impl Upstream {
         connector: Connector,
         epoch: Instant,
         cap: usize,
-        changes: Arc<AtomicU64>,
+        health: Arc<HealthLog>,
     ) -> Upstream {
         let speaks_h2 = matches!(connector, Connector::H2c | Connector::Tls { .. });
         Upstream {
@@ -709,7 +718,7 @@ impl Upstream {
             down_until_ms: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             epoch,
-            changes,
+            health,
         }
     }
 
@@ -738,9 +747,12 @@ impl Upstream {
     pub fn mark_failed(&self) {
         let n = self.failures.fetch_add(1, Ordering::Relaxed).min(16);
         let backoff = (BACKOFF_BASE_MS << n).min(BACKOFF_MAX_MS);
-        self.down_until_ms
-            .store(self.now_ms() + backoff, Ordering::Relaxed);
-        self.changes.fetch_add(1, Ordering::Relaxed);
+        let until = self.now_ms() + backoff;
+        self.down_until_ms.store(until, Ordering::Relaxed);
+        self.health
+            .backoff_end_ms
+            .fetch_max(until, Ordering::Relaxed);
+        self.health.changes.fetch_add(1, Ordering::Relaxed);
         // Idle connections to a failing endpoint are likely dead too.
         while self.idle.pop().is_some() {}
     }
@@ -750,7 +762,7 @@ impl Upstream {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
             self.down_until_ms.store(0, Ordering::Relaxed);
-            self.changes.fetch_add(1, Ordering::Relaxed);
+            self.health.changes.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -1049,7 +1061,7 @@ pub struct Upstreams {
     /// Client TLS set-ups, shared by the endpoints that name the same files.
     pub tls: crate::upstream_tls::TlsCache,
     epoch: Instant,
-    changes: Arc<AtomicU64>,
+    health: Arc<HealthLog>,
 }
 
 impl Default for Upstreams {
@@ -1065,14 +1077,26 @@ impl Upstreams {
             by_addr: Mutex::new(HashMap::new()),
             tls: Default::default(),
             epoch: Instant::now(),
-            changes: Arc::new(AtomicU64::new(0)),
+            health: Arc::default(),
         }
     }
 
     /// A count that moves whenever an upstream fails or recovers (a
     /// back-off that merely runs out does not move it).
     pub fn health_changes(&self) -> u64 {
-        self.changes.load(Ordering::Relaxed)
+        self.health.changes.load(Ordering::Relaxed)
+    }
+
+    /// The registry's clock, in ms: when a health comparison is made.
+    pub fn health_clock_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether a back-off may have run out since `checked_ms` (on
+    /// [`Upstreams::health_clock_ms`]): one was set that ends after it.
+    /// Without one, health changes only with [`Upstreams::health_changes`].
+    pub fn backoff_ended_since(&self, checked_ms: u64) -> bool {
+        self.health.backoff_end_ms.load(Ordering::Relaxed) >= checked_ms
     }
 
     /// The upstream for an address: the live one if any snapshot still holds
@@ -1103,7 +1127,7 @@ impl Upstreams {
             connector,
             epoch,
             cap,
-            self.changes.clone(),
+            self.health.clone(),
         ));
         map.entry(addr).or_default().push((key, Arc::downgrade(&u)));
         u

@@ -13,7 +13,11 @@ async fn a_dead_endpoint_is_skipped_without_client_errors() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
     let dead = dead_addr().await;
-    let veer = Veer::start(&route_config(&[a.addr, b.addr, dead], &[], 0.0, "")).await;
+    // No judge: its verdicts would publish `/status` anyway, and the end
+    // of the back-off below must show without them.
+    let config =
+        route_config(&[a.addr, b.addr, dead], &[], 0.0, "") + "[route.judge]\nmode = \"off\"\n";
+    let veer = Veer::start(&config).await;
     let mut c = Client::connect(veer.addr).await.unwrap();
     let mut failures = 0;
     for i in 0..600 {
@@ -72,6 +76,29 @@ async fn a_dead_endpoint_is_skipped_without_client_errors() {
                 .unwrap();
             assert_eq!(r.status(), 200);
         }
+    }
+    // No more traffic: nothing but time moves the endpoint's health now.
+    // Its back-off runs out (at most 30 s), and `/status` shows that within
+    // about a second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(45);
+    loop {
+        let status = veer.status().await;
+        let eps = status["routes"][0]["stable"]["endpoints"].clone();
+        let dead_state = eps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["addr"] == dead.to_string())
+            .unwrap()
+            .clone();
+        if dead_state["healthy"] == true {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the end of the back-off never showed: {dead_state}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 

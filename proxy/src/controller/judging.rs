@@ -100,10 +100,15 @@ impl Controller {
         }
         // Endpoint health changes between verdicts show in `/status` too: at
         // the next tick after a failure or recovery, and within a second
-        // when a back-off runs out.
-        let changes = self.shared.upstreams.health_changes();
-        if changes != self.health_changes || now.duration_since(self.health_shown) >= HEALTH_SHOWN {
+        // when a back-off runs out (looked for only while one may have).
+        let ups = &self.shared.upstreams;
+        let changes = ups.health_changes();
+        if changes != self.health_changes
+            || now.duration_since(self.health_shown) >= HEALTH_SHOWN
+                && ups.backoff_ended_since(self.health_checked_ms)
+        {
             self.health_shown = now;
+            self.health_checked_ms = ups.health_clock_ms();
             self.health_changes = changes;
             let snap = self.shared.snapshot.load_full();
             for name in crate::publish::health_changed(&snap, &self.statuses) {

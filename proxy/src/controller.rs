@@ -124,6 +124,9 @@ pub struct Controller {
     /// A new snapshot since smoke checks were last looked for: a route's
     /// checks become due only with a new config or decision.
     smoke_look: bool,
+    /// Nothing for the 100 ms tick to do until a route rings or an
+    /// upstream's health changes (see [`Controller::may_rest`]).
+    resting: bool,
 }
 
 impl Controller {
@@ -219,6 +222,7 @@ impl Controller {
             awake: Default::default(),
             index: HashMap::new(),
             smoke_look: true,
+            resting: false,
         };
         c.index_routes();
         c.wake_all();
@@ -253,6 +257,7 @@ impl Controller {
         // A re-resolution's result is applied when it comes, if the config
         // it was made for is still the one in force.
         let mut resolving: Option<Resolving> = None;
+        let (wakes, shared) = (self.wakes.clone(), self.shared.clone());
         loop {
             tokio::select! {
                 _ = resolve.tick(), if resolving.is_none() => {
@@ -284,12 +289,17 @@ impl Controller {
                 Some(answer) = self.gates.next() => self.gate_answered(answer).await,
                 Some(run) = self.smokes.next() => self.smoke_done(run).await,
                 _ = sweep.tick(), if self.fleet.is_some() => self.fleet_sweep(),
-                _ = tick.tick() => {
+                _ = tick.tick(), if !self.resting => {
                     // A new canary's smoke checks start within a tick of
                     // its config (or of a reset).
                     self.smoke_due();
-                    self.judge_due().await
+                    self.judge_due().await;
+                    self.resting = self.may_rest();
                 }
+                // Resting, the tick starts again (at once) when a route
+                // rings or an upstream fails or recovers.
+                _ = wakes.rung(), if self.resting => self.resting = false,
+                _ = shared.upstreams.health_changed(), if self.resting => self.resting = false,
                 _ = save.tick() => self.save_evidence().await,
                 _ = shutdown.changed() => {
                     self.save_evidence().await;
@@ -362,6 +372,23 @@ impl Controller {
         }
     }
 
+    /// Whether the 100 ms tick has nothing to do until a route rings or
+    /// an upstream fails or recovers: every route asleep, no smoke checks
+    /// or pooled test to look at, no back-off that may yet run out, not in
+    /// a fleet (whose pooled evidence comes without requests). An idle
+    /// veer then wakes only for its other timers, instead of ten times a
+    /// second.
+    fn may_rest(&self) -> bool {
+        self.awake.is_empty()
+            && self.fleet.is_none()
+            && !self.smoke_look
+            && !self.pool_look
+            && !self
+                .shared
+                .upstreams
+                .backoff_ended_since(self.health_checked_ms)
+    }
+
     /// Finds each configured route's index (after a new config).
     fn index_routes(&mut self) {
         self.index = self
@@ -394,6 +421,7 @@ impl Controller {
         // Visited at the next tick, which finds when each is due.
         self.next_due = now;
         self.smoke_look = true;
+        self.resting = false;
     }
 
     /// Puts a new routing snapshot in effect, built from the decisions,

@@ -595,6 +595,8 @@ fn take(counter: &AtomicU64) -> u64 {
 #[derive(Debug, Default)]
 pub struct Wakes {
     woken: Mutex<Vec<Arc<str>>>,
+    /// Wakes a controller that rests (every route asleep).
+    rung: tokio::sync::Notify,
 }
 
 impl Wakes {
@@ -603,6 +605,13 @@ impl Wakes {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(route);
+        self.rung.notify_one();
+    }
+
+    /// Completes once a route rang (at once if one rang since the last
+    /// time this completed).
+    pub async fn rung(&self) {
+        self.rung.notified().await;
     }
 
     /// The routes woken since the last call (most calls: none, and no

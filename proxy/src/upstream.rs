@@ -685,6 +685,15 @@ struct HealthLog {
     changes: AtomicU64,
     /// The latest end of a back-off set, in ms since the registry's epoch.
     backoff_end_ms: AtomicU64,
+    /// Wakes a controller that rests on a failure or recovery.
+    changed: tokio::sync::Notify,
+}
+
+impl HealthLog {
+    fn change(&self) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_one();
+    }
 }
 
 impl std::fmt::Debug for Upstream {
@@ -752,7 +761,7 @@ impl Upstream {
         self.health
             .backoff_end_ms
             .fetch_max(until, Ordering::Relaxed);
-        self.health.changes.fetch_add(1, Ordering::Relaxed);
+        self.health.change();
         // Idle connections to a failing endpoint are likely dead too.
         while self.idle.pop().is_some() {}
     }
@@ -762,7 +771,7 @@ impl Upstream {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
             self.down_until_ms.store(0, Ordering::Relaxed);
-            self.health.changes.fetch_add(1, Ordering::Relaxed);
+            self.health.change();
         }
     }
 
@@ -1085,6 +1094,12 @@ impl Upstreams {
     /// back-off that merely runs out does not move it).
     pub fn health_changes(&self) -> u64 {
         self.health.changes.load(Ordering::Relaxed)
+    }
+
+    /// Completes once an upstream failed or recovered (at once if one
+    /// did since the last time this completed).
+    pub async fn health_changed(&self) {
+        self.health.changed.notified().await;
     }
 
     /// The registry's clock, in ms: when a health comparison is made.

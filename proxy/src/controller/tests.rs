@@ -268,3 +268,35 @@ fn verdict_of(shared: &Shared, name: &str) -> (Label, Option<f64>) {
         r.map(|r| r.weight.effective),
     )
 }
+
+/// The stable endpoint's health as `/status` shows it.
+fn stable_healthy(shared: &Shared) -> Option<bool> {
+    let doc = shared.status.load();
+    let r = doc.route("web")?;
+    r.stable.endpoints.first().map(|e| e.healthy)
+}
+
+/// With every route asleep the controller rests (no 100 ms tick); an
+/// upstream that fails, or recovers, still shows in `/status` at once.
+#[tokio::test(start_paused = true)]
+async fn a_resting_controller_still_shows_an_endpoint_failing_and_recovering() {
+    let (shared, stop, _dir) = running(&canary_at_ten_percent()).await;
+    all_asleep_within(&shared, Duration::from_secs(30)).await;
+    // Long enough for the last health comparison to have been made.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(stable_healthy(&shared), Some(true));
+    let snap = shared.snapshot.load_full();
+    let (_, _, upstream) = snap.routes[0]
+        .stable
+        .balancer
+        .members()
+        .next()
+        .expect("an endpoint");
+    upstream.mark_failed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stable_healthy(&shared), Some(false));
+    upstream.mark_ok();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stable_healthy(&shared), Some(true));
+    let _ = stop.send(true);
+}

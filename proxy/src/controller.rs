@@ -367,7 +367,7 @@ impl Controller {
         if out.events.is_empty() {
             return;
         }
-        if let (Some(route), Some(c)) = (self.config.route(name), self.controls.get(name)) {
+        if let (Some(route), Some(c)) = (self.route_named(name), self.controls.get(name)) {
             self.announcer.announce(route, c.effective_bp(route), out);
         }
     }
@@ -387,6 +387,13 @@ impl Controller {
                 .shared
                 .upstreams
                 .backoff_ended_since(self.health_checked_ms)
+    }
+
+    /// The configured route named `name`, found by its index (the
+    /// config's own lookup walks the list: with many routes, a walk per
+    /// route per tick adds up).
+    fn route_named(&self, name: &str) -> Option<&veer_control::config::Route> {
+        route_named(&self.config, &self.index, name)
     }
 
     /// Finds each configured route's index (after a new config).
@@ -631,4 +638,18 @@ impl Controller {
             .cloned()
             .ok_or_else(|| ActionError::NoRoute(name.into()))
     }
+}
+
+/// The route of `config` named `name`, found through `index` (see
+/// [`Controller::route_named`]).
+fn route_named<'c>(
+    config: &'c Config,
+    index: &HashMap<String, usize>,
+    name: &str,
+) -> Option<&'c veer_control::config::Route> {
+    index
+        .get(name)
+        .and_then(|&i| config.routes.get(i))
+        .filter(|r| r.name == name)
+        .or_else(|| config.route(name))
 }

@@ -281,6 +281,11 @@ impl PoolLog {
         self.any.store(true, Ordering::Relaxed);
     }
 
+    /// Whether events were recorded since the last [`PoolLog::take`].
+    pub fn pending(&self) -> bool {
+        self.any.load(Ordering::Relaxed)
+    }
+
     /// Takes the events recorded since the last call (None: none).
     pub fn take(&self) -> Option<Taken> {
         if !self.any.swap(false, Ordering::Relaxed) {

@@ -84,6 +84,13 @@ pub(super) struct PoolLink {
     /// (shown once a second: an idle route has no verdicts to show them).
     dirty: HashSet<String>,
     shown: Instant,
+    /// When the maps above were last rid of pools no route follows.
+    swept: Instant,
+    /// When every pooled route was last looked at, and the snapshot
+    /// rebuilds counted then (see `pool_due`); `full`: news came since.
+    full_at: Instant,
+    full_rebuilds: u64,
+    full: bool,
 }
 
 impl PoolLink {
@@ -108,6 +115,10 @@ impl PoolLink {
             sent: HashMap::new(),
             dirty: HashSet::new(),
             shown: Instant::now(),
+            swept: Instant::now(),
+            full_at: Instant::now(),
+            full_rebuilds: u64::MAX,
+            full: true,
         }
     }
 }
@@ -130,6 +141,7 @@ impl Controller {
         let Some(l) = self.fleet.as_mut() else {
             return;
         };
+        l.pool.full = true;
         match news {
             FromAgent::Synced(watch_from) => {
                 l.pool.watch_from = watch_from;
@@ -222,6 +234,9 @@ impl Controller {
     /// a second test spending α again); their local tests and guards go on,
     /// and a new canary (or a reset) pools again.
     pub(super) fn pools_lost(&mut self) {
+        if let Some(l) = self.fleet.as_mut() {
+            l.pool.full = true;
+        }
         for (name, rt) in &mut self.routes {
             if let Some(v) = rt.judge.pool_mut() {
                 v.resync(i64::MAX, i64::MAX);
@@ -239,6 +254,9 @@ impl Controller {
     /// A pool's history, read back: an incomplete view of it becomes
     /// complete when the history reaches where its watch began.
     pub(super) fn pool_replayed(&mut self, r: Replay) {
+        if let Some(l) = self.fleet.as_mut() {
+            l.pool.full = true;
+        }
         let Replay {
             key,
             start,
@@ -291,7 +309,7 @@ impl Controller {
         let connected = l.fleet.status().connected;
         let mut changed = false;
         for (name, c) in self.controls.iter_mut() {
-            let Some(route) = self.config.route(name) else {
+            let Some(route) = super::route_named(&self.config, &self.index, name) else {
                 continue;
             };
             // A reverted canary is out anyway; a promoted one is judged no
@@ -331,6 +349,9 @@ impl Controller {
 
     /// A seat's answer.
     pub(super) fn pool_seat(&mut self, key: PoolKey, seat: Result<u32, String>) {
+        if let Some(l) = self.fleet.as_mut() {
+            l.pool.full = true;
+        }
         let seats = self
             .fleet
             .as_ref()
@@ -385,10 +406,29 @@ impl Controller {
                 .unwrap_or(members.len()) as u32;
         }
         let cp_after = CHECKPOINT_EVERY + CHECKPOINT_STAGGER * l.pool.rank;
+        // Every pooled route is looked at once a second, after a new
+        // snapshot and after news of the fleet's pools (seats, checkpoints
+        // and replays are retried on a scale of seconds; a new canary's
+        // pool starts after its snapshot); in between, only the routes
+        // with events to publish, on the 100 ms clock. An idle route's
+        // batch state is brought up to date at each full look, and a full
+        // look follows every rebuild, so a batch is dropped exactly when
+        // its interval saw a rebuild, as before.
+        let full = l.pool.full
+            || l.pool.full_rebuilds != rebuilds
+            || now.duration_since(l.pool.full_at) >= Duration::from_secs(1);
+        if full {
+            l.pool.full = false;
+            l.pool.full_rebuilds = rebuilds;
+            l.pool.full_at = now;
+        }
         let names: Vec<String> = self
             .routes
             .iter()
-            .filter(|(_, rt)| rt.judge.pooling())
+            .filter(|(_, rt)| {
+                rt.judge.pooling()
+                    && (full || rt.stable.keys().pool_log().is_some_and(|p| p.pending()))
+            })
             .map(|(n, _)| n.clone())
             .collect();
         let mut started = Vec::new();
@@ -396,7 +436,7 @@ impl Controller {
             let Some(key) = self.pool_key(&name) else {
                 continue;
             };
-            let w_bp = match (self.config.route(&name), self.controls.get(&name)) {
+            let w_bp = match (self.route_named(&name), self.controls.get(&name)) {
                 (Some(r), Some(c)) => c.effective_bp(r),
                 _ => continue,
             };
@@ -545,8 +585,15 @@ impl Controller {
                 }
             }
         }
-        if let Some(l) = self.fleet.as_mut() {
-            // Pools no route follows any more.
+        if let Some(l) = self
+            .fleet
+            .as_mut()
+            .filter(|l| now.duration_since(l.pool.swept) >= Duration::from_secs(1))
+        {
+            // Pools no route follows any more (once a second: the maps
+            // gain keys of live pools only, and lose them with a new
+            // config or epoch, which a second later is soon enough).
+            l.pool.swept = now;
             let live: HashSet<PoolKey> = self
                 .routes
                 .keys()
@@ -563,9 +610,7 @@ impl Controller {
             l.pool.written.retain(|k, _| live.contains(k));
             l.pool.cp_seen.retain(|k, _| live.contains(k));
             l.pool.replaying.retain(|k, _| live.contains(k));
-            l.pool
-                .sent
-                .retain(|n, _| live.iter().any(|k| &k.route == n));
+            l.pool.sent.retain(|n, _| self.routes.contains_key(n));
             l.pool.asking.retain(|k, _| live.contains(k));
             if l.pool.checkpoints.len() > MAX_ORPHAN_POOLS {
                 l.pool.checkpoints.retain(|k, _| live.contains(k));

@@ -6,7 +6,12 @@
 # over 1 s, so 10 s resolve 0.1 %), and how long a reload that changes one
 # route takes to apply.
 #
-# usage: [VEER=binary] [IDLE=s] benches/routes.sh [N ...]   (default: 1 100 500 1000)
+# ETCD=http://127.0.0.1:PORT puts the routes in a fleet (pooled evidence,
+# the default) on that etcd, started by the caller on loopback; the idle
+# CPU is then measured from 25 s after start (joining takes seats for every
+# route's pool: about 10 s of one busy core for 1000 routes).
+#
+# usage: [VEER=binary] [IDLE=s] [ETCD=url] benches/routes.sh [N ...]   (default: 1 100 500 1000)
 # Only 127.0.0.1 is targeted; every run is bounded in time.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +32,9 @@ tck=$(getconf CLK_TCK)
 config() { # N WEIGHT_OF_ROUTE_0
   local n=$1 w0=$2
   printf '[proxy]\nlisten = ["127.0.0.1:0"]\nworkers = 2\n[admin]\nlisten = "127.0.0.1:%s"\n[state]\ndir = "%s/state"\n' "$admin_port" "$work"
+  if [ -n "${ETCD:-}" ]; then
+    printf '[fleet]\nstore = "etcd"\nendpoints = ["%s"]\nname = "routes-bench-%s"\nreplica = "r1"\n' "$ETCD" "$$"
+  fi
   for ((i = 0; i < n; i++)); do
     local w=5
     [ "$i" -eq 0 ] && w=$w0
@@ -43,13 +51,15 @@ for n in "${counts[@]}"; do
   admin_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   rm -rf "$work/state"
   config "$n" 5 > "$work/veer.toml"
-  timeout $((idle + 110)) "$VEER" run --config "$work/veer.toml" > "$work/log" 2>&1 &
+  timeout $((idle + 130)) "$VEER" run --config "$work/veer.toml" > "$work/log" 2>&1 &
   pid=$!
   for _ in $(seq 1 600); do
     curl -sf "http://127.0.0.1:$admin_port/readyz" > /dev/null 2>&1 && break
     sleep 0.1
   done
-  sleep 5
+  # A fleet's replica first takes a seat for each route's pool (a burst of
+  # store writes): measure after it.
+  if [ -n "${ETCD:-}" ]; then sleep 25; else sleep 5; fi
   veer_pid=$(pgrep -P "$pid")   # `timeout` is the parent; veer its only child, whatever its name
   rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$veer_pid/status")
   t0=$(cpu_ticks "$veer_pid")

@@ -396,6 +396,14 @@ impl Controller {
         route_named(&self.config, &self.index, name)
     }
 
+    /// Shows how many routes are awake (`veer_judge_routes_awake`).
+    fn show_awake(&self) {
+        self.shared
+            .metrics
+            .routes_awake
+            .set(self.awake.len() as i64);
+    }
+
     /// Finds each configured route's index (after a new config).
     fn index_routes(&mut self) {
         self.index = self
@@ -421,10 +429,7 @@ impl Controller {
                 self.awake.insert(i);
             }
         }
-        self.shared
-            .metrics
-            .routes_awake
-            .set(self.awake.len() as i64);
+        self.show_awake();
         // Visited at the next tick, which finds when each is due.
         self.next_due = now;
         self.smoke_look = true;

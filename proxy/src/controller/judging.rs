@@ -89,10 +89,7 @@ impl Controller {
                 }
             }
         }
-        self.shared
-            .metrics
-            .routes_awake
-            .set(self.awake.len() as i64);
+        self.show_awake();
         if visit {
             // After a new snapshot every route woke: the next tick finds
             // when each is due.

@@ -4,13 +4,21 @@
 An ingress holds many client connections that sent a request and wait,
 kept alive, for the next (browsers, mobile apps). This opens N of them to
 the proxy over loopback, each after one GET answered, and prints the
-proxy's resident memory before, with them open, and after they close
-(ten seconds later, then after 3000 more requests on one connection: the
-allocator returns freed pages to the kernel when its threads next work).
+proxy's resident memory before, with them open (2 s after the last one
+answered, and again 13 s after: veer parks an HTTP/1.1 connection idle
+for a while, within its `header_timeout`, 10 s here, of its last request,
+and drops its buffers), and after they close (ten seconds later, then
+after 3000 more requests on one connection: the allocator returns freed
+pages to the kernel when its threads next work).
 
-usage: benches/idle-conns.py [--veer BIN] [--nginx] N [N ...]
+usage: benches/idle-conns.py [--veer BIN] [--nginx] [--waves W] N [N ...]
 
-`--nginx` measures nginx (Debian's, 2 workers, `keepalive_timeout 75s`,
+`--waves W` opens the N connections in W waves, 12 s apart (the way an
+ingress's clients come and go idle over time): what veer freed by parking
+one wave is used again by the next. Both proxies keep idle connections
+300 s here (veer's `idle_timeout`, nginx's `keepalive_timeout`).
+
+`--nginx` measures nginx (Debian's, 2 workers,
 its memory summed over master and workers) beside veer (2 workers). Both
 proxy to one small upstream on 127.0.0.1 answering `ok`; veer's route has
 a canary at 10 % and the judge on. Only 127.0.0.1 is targeted, every
@@ -62,6 +70,7 @@ listen = ["127.0.0.1:{port}"]
 workers = 2
 max_connections = 60000
 max_connections_per_ip = 60000
+idle_timeout = "300s"
 [admin]
 listen = "127.0.0.1:{free_port()}"
 [state]
@@ -93,7 +102,7 @@ events {{ worker_connections 60000; }}
 worker_rlimit_nofile 70000;
 http {{
   access_log off;
-  keepalive_timeout 75s;
+  keepalive_timeout 300s;
   keepalive_requests 100000;
   upstream up {{ server 127.0.0.1:{uport}; keepalive 32; }}
   server {{
@@ -116,7 +125,7 @@ async def get(reader, writer, key):
     await asyncio.wait_for(reader.readuntil(b"ok\n"), 10)
 
 
-async def measure(name, start, n):
+async def measure(name, start, n, waves):
     up = await asyncio.start_server(upstream, "127.0.0.1", 0)
     uport = up.sockets[0].getsockname()[1]
     work = tempfile.mkdtemp()
@@ -136,12 +145,17 @@ async def measure(name, start, n):
         await asyncio.sleep(1)
         before = rss_mib(pids())
         conns = []
-        for i in range(n):
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            await get(r, w, f"u{i}")
-            conns.append(w)
+        for wave in range(waves):
+            if wave > 0:
+                await asyncio.sleep(12)
+            for i in range(wave * n // waves, (wave + 1) * n // waves):
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                await get(r, w, f"u{i}")
+                conns.append(w)
         await asyncio.sleep(2)
         full = rss_mib(pids())
+        await asyncio.sleep(11)
+        idle = rss_mib(pids())
         for w in conns:
             w.close()
         await asyncio.sleep(10)
@@ -153,7 +167,9 @@ async def measure(name, start, n):
         await asyncio.sleep(1)
         later = rss_mib(pids())
         per = (full - before) * 1024 / n
+        per_idle = (idle - before) * 1024 / n
         print(f"| {name} | {n} | {before:.0f} MiB | {full:.0f} MiB | {per:.1f} KiB "
+              f"| {idle:.0f} MiB | {per_idle:.1f} KiB "
               f"| {closed:.0f} MiB | {later:.0f} MiB |", flush=True)
     finally:
         proc.terminate()
@@ -169,16 +185,18 @@ async def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--veer")
     ap.add_argument("--nginx", action="store_true")
+    ap.add_argument("--waves", type=int, default=1)
     ap.add_argument("n", type=int, nargs="+")
     a = ap.parse_args()
     binary = veer_binary(a.veer)
     print("| proxy | idle connections | RSS before | RSS with them open | per connection "
+          "| 13 s later | per connection "
           "| RSS 10 s after they closed | after 3000 more requests |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in a.n:
-        await measure("veer", lambda w, p, u: start_veer(binary, w, p, u), n)
+        await measure("veer", lambda w, p, u: start_veer(binary, w, p, u), n, a.waves)
         if a.nginx:
-            await measure("nginx", start_nginx, n)
+            await measure("nginx", start_nginx, n, a.waves)
 
 
 asyncio.run(main())

@@ -176,6 +176,10 @@ pub struct Activity {
     /// The connection's task, woken when the body has been read (the body
     /// is read by another task) so that [`HeadWatch`] looks then.
     body_waiter: std::sync::Mutex<Option<std::task::Waker>>,
+    /// Bytes were written to the client and not flushed yet (set by
+    /// [`HeadWatch`]'s writes, cleared by its flush: hyper flushes the
+    /// stream only once its own buffer is empty).
+    unflushed: AtomicBool,
 }
 
 /// [`Activity`]'s `head_since_ms` when no head is being read.
@@ -193,6 +197,7 @@ impl Activity {
             head_since_ms: AtomicU64::new(NO_HEAD),
             body_open: AtomicBool::new(false),
             body_waiter: std::sync::Mutex::new(None),
+            unflushed: AtomicBool::new(false),
         })
     }
 
@@ -303,6 +308,24 @@ impl Activity {
         !self.body_open.load(Ordering::Acquire)
     }
 
+    /// Whether the connection is between requests, with nothing of the
+    /// last one left (its answer written and flushed, its body read) and
+    /// nothing of the next one read: an HTTP/1.1 connection may then be
+    /// parked (`crate::protocol::Served::park`).
+    pub fn between_requests(&self) -> bool {
+        self.requests.load(Ordering::Relaxed) > 0
+            && self.inflight.load(Ordering::Acquire) == 0
+            && !self.body_open.load(Ordering::Acquire)
+            && !self.head_bytes.load(Ordering::Relaxed)
+            && self.head_since_ms.load(Ordering::Relaxed) == NO_HEAD
+            && !self.unflushed.load(Ordering::Relaxed)
+    }
+
+    /// When the last request in flight ended.
+    pub fn idle_since(&self) -> Instant {
+        self.accepted + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed))
+    }
+
     /// Requests this connection has begun.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -407,7 +430,7 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HeadWatch<S> {
 }
 
 impl<S> GiveBack for HeadWatch<S> {
-    fn give_back(&mut self, bytes: &[u8]) {
+    fn give_back(&mut self, bytes: Bytes) {
         self.replay.give_back(bytes);
     }
 }
@@ -484,6 +507,7 @@ impl<S: tokio::io::AsyncWrite + ClientClose + Unpin> tokio::io::AsyncWrite for H
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        self.activity.unflushed.store(true, Ordering::Relaxed);
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -492,6 +516,7 @@ impl<S: tokio::io::AsyncWrite + ClientClose + Unpin> tokio::io::AsyncWrite for H
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        self.activity.unflushed.store(true, Ordering::Relaxed);
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -510,6 +535,7 @@ impl<S: tokio::io::AsyncWrite + ClientClose + Unpin> tokio::io::AsyncWrite for H
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
         std::task::ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+        this.activity.unflushed.store(false, Ordering::Relaxed);
         if this.matched == HTTP1 && !this.unread && this.activity.awaiting_answer(cx) {
             if let Some(tcp) = this.inner.watched() {
                 if let Poll::Ready(r) = poll_client_gone(tcp, cx) {
@@ -650,6 +676,33 @@ mod tests {
         a.body_read();
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
         drop(r);
+    }
+
+    #[test]
+    fn a_connection_is_between_requests_only_with_nothing_of_either_left() {
+        let a = Activity::new(Instant::now());
+        // Before its first request: not parked (it has header_timeout).
+        assert!(!a.between_requests());
+        let r = a.begin();
+        assert!(!a.between_requests());
+        a.body_opened();
+        drop(r);
+        // Answered, but its body is still being read.
+        assert!(!a.between_requests());
+        a.body_read();
+        assert!(a.between_requests());
+        // Written, not flushed; then flushed.
+        a.unflushed.store(true, Ordering::Relaxed);
+        assert!(!a.between_requests());
+        a.unflushed.store(false, Ordering::Relaxed);
+        assert!(a.between_requests());
+        // The next head's first bytes.
+        a.bytes_arrived();
+        assert!(!a.between_requests());
+        assert!(a.head_began());
+        assert!(!a.between_requests());
+        drop(a.begin());
+        assert!(a.between_requests());
     }
 
     #[tokio::test(start_paused = true)]

@@ -52,6 +52,9 @@ pub struct Metrics {
     pub version_info: IntGaugeVec,
     /// `veer_open_connections`: client connections being served.
     pub open_connections: IntGauge,
+    /// `veer_parked_connections`: idle HTTP/1.1 client connections parked
+    /// (`crate::protocol::Served::park`).
+    pub parked_connections: IntGauge,
     /// `veer_judge_routes_awake`: routes the judge visits (the others
     /// sleep until a request comes).
     pub routes_awake: IntGauge,
@@ -275,6 +278,10 @@ impl Metrics {
         )?;
         let open_connections =
             IntGauge::new("veer_open_connections", "Client connections being served.")?;
+        let parked_connections = IntGauge::new(
+            "veer_parked_connections",
+            "Idle HTTP/1.1 client connections parked: their buffers freed until the client's next request.",
+        )?;
         let routes_awake = IntGauge::new(
             "veer_judge_routes_awake",
             "Judged routes the controller visits each interval; idle ones sleep until a request comes.",
@@ -392,6 +399,7 @@ impl Metrics {
         registry.register(Box::new(canary_weight.clone()))?;
         registry.register(Box::new(version_info.clone()))?;
         registry.register(Box::new(open_connections.clone()))?;
+        registry.register(Box::new(parked_connections.clone()))?;
         registry.register(Box::new(routes_awake.clone()))?;
         registry.register(Box::new(SharedCollector(verdict.clone())))?;
         registry.register(Box::new(SharedCollector(reverts.clone())))?;
@@ -429,6 +437,7 @@ impl Metrics {
             canary_weight,
             version_info,
             open_connections,
+            parked_connections,
             routes_awake,
             verdict,
             reverts,

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::HttpService;
@@ -50,14 +51,13 @@ pub struct Builders {
     pub h2: http2::Builder<TokioExecutor>,
 }
 
-/// Bytes read from a stream to tell its protocol, to be read again first
-/// (a stream that can take them back keeps one: [`GiveBack`]).
+/// Bytes read from a stream and given back, to be read again first (a
+/// stream that can take them back keeps one: [`GiveBack`]): the first
+/// bytes, read to tell the protocol, or what hyper had read of a parked
+/// connection and not used.
 #[derive(Default)]
 pub struct Replay {
-    first: [u8; 24],
-    /// `first[at..len]` is still to be read.
-    at: u8,
-    len: u8,
+    rest: Bytes,
 }
 
 impl Replay {
@@ -65,15 +65,11 @@ impl Replay {
     /// was left, so that the stream's own bytes are read.
     #[inline]
     pub fn read_into(&mut self, buf: &mut ReadBuf<'_>) -> bool {
-        if self.at >= self.len {
+        if self.rest.is_empty() {
             return false;
         }
-        let (at, len) = (usize::from(self.at), usize::from(self.len));
-        let n = (len - at).min(buf.remaining());
-        if let Some(b) = self.first.get(at..at + n) {
-            buf.put_slice(b);
-        }
-        self.at += n as u8;
+        let n = self.rest.len().min(buf.remaining());
+        buf.put_slice(&self.rest.split_to(n));
         true
     }
 }
@@ -82,18 +78,21 @@ impl Replay {
 /// protocol, and gives them to hyper before its own
 /// (`crate::conn::HeadWatch`, which noted them when they were read).
 pub trait GiveBack {
-    /// `bytes` (at most 24) are read again before the stream's own.
-    fn give_back(&mut self, bytes: &[u8]);
+    /// `bytes` are read again before the stream's own (after any given
+    /// back before and not read yet).
+    fn give_back(&mut self, bytes: Bytes);
 }
 
 impl GiveBack for Replay {
-    fn give_back(&mut self, bytes: &[u8]) {
-        let len = bytes.len().min(self.first.len());
-        if let (Some(to), Some(from)) = (self.first.get_mut(..len), bytes.get(..len)) {
-            to.copy_from_slice(from);
+    fn give_back(&mut self, bytes: Bytes) {
+        if self.rest.is_empty() {
+            self.rest = bytes;
+        } else {
+            let mut both = bytes::BytesMut::with_capacity(self.rest.len() + bytes.len());
+            both.extend_from_slice(&self.rest);
+            both.extend_from_slice(&bytes);
+            self.rest = both.freeze();
         }
-        self.at = 0;
-        self.len = len as u8;
     }
 }
 
@@ -103,14 +102,15 @@ pin_project_lite::pin_project! {
     where
         Svc: HttpService<Incoming>,
     {
+        builders: &'a Builders,
         #[pin]
-        state: State<'a, S, Svc>,
+        state: State<S, Svc>,
     }
 }
 
 pin_project_lite::pin_project! {
     #[project = StateProj]
-    enum State<'a, S, Svc>
+    enum State<S, Svc>
     where
         Svc: HttpService<Incoming>,
     {
@@ -121,16 +121,27 @@ pin_project_lite::pin_project! {
             first: [u8; 24],
             len: usize,
             service: Option<Svc>,
-            builders: &'a Builders,
             cancelled: bool,
         },
+        // Boxed, as HTTP/2's: a parked connection's task keeps only the
+        // room for `Parked` (inline, the largest protocol's state stayed
+        // in every connection's task). Taken out whole to park.
         H1 {
-            #[pin]
-            conn: http1::UpgradeableConnection<TokioIo<S>, Svc>,
+            conn: Option<Box<http1::UpgradeableConnection<TokioIo<S>, Svc>>>,
+        },
+        // An idle HTTP/1.1 connection without hyper's connection and its
+        // buffers, until the client's next bytes (see `Served::park`);
+        // `held`: bytes hyper had read and not used (the start of a
+        // pipelined request), given back with the next ones; `closing`:
+        // shut down meanwhile.
+        Parked {
+            stream: Option<S>,
+            service: Option<Svc>,
+            held: Bytes,
+            closing: bool,
         },
         H2 {
-            #[pin]
-            conn: http2::Connection<TokioIo<S>, Svc, TokioExecutor>,
+            conn: Pin<Box<http2::Connection<TokioIo<S>, Svc, TokioExecutor>>>,
         },
     }
 }
@@ -141,12 +152,12 @@ where
     Svc: HttpService<Incoming>,
 {
     Served {
+        builders,
         state: State::Hello {
             stream: Some(stream),
             first: [0; 24],
             len: 0,
             service: Some(service),
-            builders,
             cancelled: false,
         },
     }
@@ -155,7 +166,7 @@ where
 impl<S, Svc, B> Served<'_, S, Svc>
 where
     S: AsyncRead + AsyncWrite + GiveBack + Unpin + Send + 'static,
-    Svc: HttpService<Incoming, ResBody = B>,
+    Svc: HttpService<Incoming, ResBody = B> + Unpin,
     Svc::Error: Into<BoxError>,
     Svc::Future: Send + 'static,
     B: http_body::Body + Send + 'static,
@@ -164,20 +175,73 @@ where
 {
     /// Starts a graceful shutdown (hyper's: an idle HTTP/1.1 connection
     /// closes, HTTP/2 sends GOAWAY); keep polling until it ends. Before the
-    /// first bytes told the protocol, the connection just ends.
+    /// first bytes told the protocol, the connection just ends; a parked
+    /// one is shut down.
     pub fn graceful_shutdown(self: Pin<&mut Self>) {
         match self.project().state.project() {
             StateProj::Hello { cancelled, .. } => *cancelled = true,
-            StateProj::H1 { conn } => conn.graceful_shutdown(),
-            StateProj::H2 { conn } => conn.graceful_shutdown(),
+            StateProj::H1 { conn } => {
+                if let Some(c) = conn.as_mut() {
+                    Pin::new(&mut **c).graceful_shutdown();
+                }
+            }
+            StateProj::Parked { closing, .. } => *closing = true,
+            StateProj::H2 { conn } => conn.as_mut().graceful_shutdown(),
         }
+    }
+
+    /// Parks an idle HTTP/1.1 connection: hyper's connection is dropped,
+    /// and with it its read and write buffers (8 KiB each, or more after a
+    /// large body), kept otherwise for the connection's whole life; what
+    /// hyper had read and not used is kept, to be read again first. The
+    /// client's next bytes serve it with a new one. False (nothing done) for any
+    /// other connection.
+    ///
+    /// Only for a connection between requests, as its caller knows it: no
+    /// request in flight, none of a request body left to read, everything
+    /// written flushed, and a request answered before (hyper's state is
+    /// then its idle one: a new connection is the same). A request body
+    /// given up unread leaves no other state: hyper then drains it at once
+    /// or stops reading, which ends the connection.
+    pub fn park(self: Pin<&mut Self>) -> bool {
+        let mut this = self.project();
+        let StateProj::H1 { conn } = this.state.as_mut().project() else {
+            return false;
+        };
+        // `None`: upgraded (the connection is over).
+        let Some(parts) = conn.take().and_then(|c| (*c).into_parts()) else {
+            return false;
+        };
+        // A copy: `read_buf` shares hyper's whole read buffer.
+        let held = match parts.read_buf.is_empty() {
+            true => Bytes::new(),
+            false => Bytes::copy_from_slice(&parts.read_buf),
+        };
+        this.state.set(State::Parked {
+            stream: Some(parts.io.into_inner()),
+            service: Some(parts.service),
+            held,
+            closing: false,
+        });
+        true
+    }
+
+    /// Whether the connection is parked.
+    pub fn is_parked(&self) -> bool {
+        matches!(self.state, State::Parked { .. })
+    }
+
+    /// Whether the connection could be parked if idle: an HTTP/1.1
+    /// connection not parked (nor upgraded).
+    pub fn may_park(&self) -> bool {
+        matches!(self.state, State::H1 { conn: Some(_) })
     }
 }
 
 impl<S, Svc, B> Future for Served<'_, S, Svc>
 where
     S: AsyncRead + AsyncWrite + GiveBack + Unpin + Send + 'static,
-    Svc: HttpService<Incoming, ResBody = B>,
+    Svc: HttpService<Incoming, ResBody = B> + Unpin,
     Svc::Error: Into<BoxError>,
     Svc::Future: Send + 'static,
     B: http_body::Body + Send + 'static,
@@ -189,15 +253,58 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let mut this = self.as_mut().project();
+            let builders = *this.builders;
             let next = match this.state.as_mut().project() {
-                StateProj::H1 { conn } => return conn.poll(cx).map_err(Into::into),
-                StateProj::H2 { conn } => return conn.poll(cx).map_err(Into::into),
+                StateProj::H1 { conn } => {
+                    return match conn.as_mut() {
+                        Some(c) => Pin::new(&mut **c).poll(cx).map_err(Into::into),
+                        None => Poll::Ready(Ok(())),
+                    }
+                }
+                StateProj::H2 { conn } => return conn.as_mut().poll(cx).map_err(Into::into),
+                StateProj::Parked {
+                    stream,
+                    service,
+                    held,
+                    closing,
+                } => {
+                    let Some(s) = stream.as_mut() else {
+                        return Poll::Ready(Ok(()));
+                    };
+                    if *closing {
+                        // As hyper ends an idle connection.
+                        return Pin::new(s).poll_shutdown(cx).map_err(Into::into);
+                    }
+                    // The client's next bytes (or its close), read through
+                    // the stream (which notes a head's first bytes) and
+                    // given back to hyper.
+                    let mut first = [0u8; 24];
+                    let mut buf = ReadBuf::new(&mut first);
+                    ready!(Pin::new(&mut *s).poll_read(cx, &mut buf))?;
+                    if buf.filled().is_empty() {
+                        return Poll::Ready(Ok(()));
+                    }
+                    let (Some(mut s), Some(svc)) = (stream.take(), service.take()) else {
+                        return Poll::Ready(Ok(()));
+                    };
+                    if !held.is_empty() {
+                        s.give_back(std::mem::take(held));
+                    }
+                    s.give_back(Bytes::copy_from_slice(buf.filled()));
+                    State::H1 {
+                        conn: Some(Box::new(
+                            builders
+                                .h1
+                                .serve_connection(TokioIo::new(s), svc)
+                                .with_upgrades(),
+                        )),
+                    }
+                }
                 StateProj::Hello {
                     stream,
                     first,
                     len,
                     service,
-                    builders,
                     cancelled,
                 } => {
                     if *cancelled {
@@ -231,15 +338,21 @@ where
                     let (Some(mut s), Some(svc)) = (stream.take(), service.take()) else {
                         return Poll::Ready(Ok(()));
                     };
-                    s.give_back(first.get(..*len).unwrap_or_default());
+                    if *len > 0 {
+                        s.give_back(Bytes::copy_from_slice(
+                            first.get(..*len).unwrap_or_default(),
+                        ));
+                    }
                     let io = TokioIo::new(s);
                     if h2 {
                         State::H2 {
-                            conn: builders.h2.serve_connection(io, svc),
+                            conn: Box::pin(builders.h2.serve_connection(io, svc)),
                         }
                     } else {
                         State::H1 {
-                            conn: builders.h1.serve_connection(io, svc).with_upgrades(),
+                            conn: Some(Box::new(
+                                builders.h1.serve_connection(io, svc).with_upgrades(),
+                            )),
                         }
                     }
                 }
@@ -258,7 +371,8 @@ mod tests {
         let mut r = Replay::default();
         let mut room = [0u8; 2];
         assert!(!r.read_into(&mut ReadBuf::new(&mut room)));
-        r.give_back(b"GET");
+        r.give_back(Bytes::from_static(b"GE"));
+        r.give_back(Bytes::from_static(b"T"));
         let mut buf = ReadBuf::new(&mut room);
         assert!(r.read_into(&mut buf));
         assert_eq!(buf.filled(), b"GE");

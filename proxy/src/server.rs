@@ -259,6 +259,16 @@ enum Stream {
     Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
 }
 
+/// How long an HTTP/1.1 client connection lies idle before it is parked
+/// (`crate::protocol::Served::park`: hyper's connection and its buffers,
+/// 16 KiB or more, dropped until the client's next bytes). Looked at when
+/// the connection's timer fires, which it does at least every
+/// `min(header_timeout, idle_timeout)` while the connection is in use: a
+/// connection is parked within about that long of its last request, and
+/// one in steady use is never parked (a new hyper connection for each
+/// request would cost more than it saves).
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
 /// One client connection being served.
 struct Conn<'a> {
     peer: SocketAddr,
@@ -303,17 +313,23 @@ impl Conn<'_> {
         let (ht, it) = (limits.header_timeout, limits.idle_timeout);
         // While requests are in flight, look again this often.
         let busy_recheck = ht.min(it);
-        let next = |a: &Activity| {
-            a.deadline(ht, it)
-                .unwrap_or_else(|| tokio::time::Instant::now() + busy_recheck)
+        // `parks`: an HTTP/1.1 connection that can be parked, looked at
+        // again when it has been idle for `PARK_AFTER`.
+        let next = |a: &Activity, parks: bool| match a.deadline(ht, it) {
+            None => tokio::time::Instant::now() + busy_recheck,
+            Some(due) if parks && a.between_requests() => due.min(a.idle_since() + PARK_AFTER),
+            Some(due) => due,
         };
-        let sleep = tokio::time::sleep_until(next(&activity));
+        let sleep = tokio::time::sleep_until(next(&activity, false));
         tokio::pin!(sleep);
         // The timer is polled when it was set (to register this task's
         // waker with it) and then only once it fired: a poll of a pending
         // timer costs ~120 instructions, and this task is woken a few times
         // a request.
         let mut armed = false;
+        // Parked by this loop, and not seen taking up a request since (its
+        // count in `veer_parked_connections`, given back when dropped).
+        let mut parked: Option<GaugeHeld> = None;
         // The shutdown signal, waited for once for the connection's whole
         // life. Once its waiter is registered (its first poll), later
         // wakes of this task look at the signal's version (an atomic load)
@@ -334,9 +350,11 @@ impl Conn<'_> {
             tokio::select! {
                 // After each poll of the connection: did a request head
                 // begin on it, and is it still not complete?
+                // Or did a parked connection take up a request?
                 r = std::future::poll_fn(|cx| match std::future::Future::poll(conn.as_mut(), cx) {
                     Poll::Ready(r) => Poll::Ready(Some(r)),
                     Poll::Pending if activity.head_began() => Poll::Ready(None),
+                    Poll::Pending if parked.is_some() && !conn.is_parked() => Poll::Ready(None),
                     Poll::Pending => Poll::Pending,
                 }) => match r {
                     Some(r) => {
@@ -345,13 +363,15 @@ impl Conn<'_> {
                         }
                         return;
                     }
-                    // The head has `header_timeout` from now.
+                    // The head has `header_timeout` from now; a connection
+                    // taken out of parking is looked at again as one in use
+                    // (to be parked again when it next lies idle).
                     None => {
-                        if let Some(due) = activity.deadline(ht, it) {
-                            if due < sleep.deadline() {
-                                sleep.as_mut().reset(due);
-                                armed = false;
-                            }
+                        parked = None;
+                        let due = next(&activity, conn.may_park());
+                        if due < sleep.deadline() {
+                            sleep.as_mut().reset(due);
+                            armed = false;
                         }
                     }
                 },
@@ -386,13 +406,42 @@ impl Conn<'_> {
                             return;
                         }
                         _ => {
-                            sleep.as_mut().reset(next(&activity));
+                            let mut parks = conn.may_park();
+                            if parks
+                                && activity.between_requests()
+                                && activity.idle_since() + PARK_AFTER <= now
+                            {
+                                // Parked, or (never expected) not: either
+                                // way not looked at again for it.
+                                parks = false;
+                                if conn.as_mut().park() {
+                                    tracing::trace!(%peer, "idle connection parked");
+                                    parked = Some(GaugeHeld::new(&on_close.metrics.parked_connections));
+                                }
+                            }
+                            sleep.as_mut().reset(next(&activity, parks));
                             armed = false;
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// One count in a gauge, held until dropped.
+struct GaugeHeld(prometheus::IntGauge);
+
+impl GaugeHeld {
+    fn new(gauge: &prometheus::IntGauge) -> GaugeHeld {
+        gauge.inc();
+        GaugeHeld(gauge.clone())
+    }
+}
+
+impl Drop for GaugeHeld {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

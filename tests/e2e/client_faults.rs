@@ -2,7 +2,6 @@
 //! uploads get the client's own status, count as proxy errors, and never
 //! move the judge; the route timeout counts the upstream's time only.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -305,18 +304,7 @@ async fn a_client_that_leaves_mid_request_gives_it_up_upstream() {
     let post = b"POST /slow HTTP/1.1\r\nhost: app\r\ncontent-length: 5\r\n\r\nhello";
     send_and_leave(plain, post, &mut seen, "after its body").await;
     // The same over TLS.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(super::protocols::AcceptAny))
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let tcp = TcpStream::connect(veer.tls_addr.unwrap()).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = connector.connect(name, tcp).await.unwrap();
+    let tls = super::protocols::tls_connect(veer.tls_addr.unwrap(), &[b"http/1.1"]).await;
     send_and_leave(tls, head, &mut seen, "TLS").await;
     // HTTP/2 (h2c): the client resets the request's stream, its
     // connection stays open.

@@ -388,3 +388,90 @@ async fn every_connection_slot_is_usable_whatever_the_number_of_listeners() {
         held.push(c);
     }
 }
+
+/// Reads from `c` until what came ends with `body` (at most 20 s); returns
+/// it all.
+async fn read_answer<S: tokio::io::AsyncRead + Unpin>(c: &mut S, body: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let until = Instant::now() + Duration::from_secs(20);
+    while !got.ends_with(body.as_bytes()) {
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, c.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "no answer ending in {body:?} ({other:?}); got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Waits (at most 20 s) for `veer_parked_connections` to be `n`.
+async fn wait_parked(veer: &Veer, n: f64) {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = veer.metrics().await;
+        if metric(&m, "veer_parked_connections") == Some(n) {
+            return;
+        }
+        assert!(Instant::now() < until, "never {n} parked connections: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An idle keep-alive connection is parked (hyper's connection and its
+/// buffers dropped; `veer_parked_connections`) and serves its next request
+/// as before: one whose first bytes came with the request before it (read
+/// before the connection was parked, and given back), one over TLS; a
+/// parked connection its client closes is no longer counted, and one left
+/// idle still gets `idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_parked_and_serve_their_next_request() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start_tls(&with_proxy(
+        route_config(&[s.addr], &[], 0.0, ""),
+        "header_timeout = \"1s\"\nidle_timeout = \"8s\"",
+    ))
+    .await;
+    let mut c = TcpStream::connect(veer.addr).await.unwrap();
+    c.write_all(
+        b"GET /first HTTP/1.1\r\nhost: a\r\n\r\nPOST /second HTTP/1.1\r\nhost: a\r\ncontent-le",
+    )
+    .await
+    .unwrap();
+    let a = read_answer(&mut c, "stable").await;
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    wait_parked(&veer, 1.0).await;
+    c.write_all(b"ngth: 5\r\n\r\nhello").await.unwrap();
+    let a = read_answer(&mut c, "hello").await;
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    assert_eq!(*s.last_uri.lock().unwrap(), "/second");
+    // Taken out of parking for that request, parked again after it.
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, "veer_parked_connections"), Some(0.0), "{m}");
+    wait_parked(&veer, 1.0).await;
+
+    // Over TLS.
+    let mut tls = super::protocols::tls_connect(veer.tls_addr.unwrap(), &[b"http/1.1"]).await;
+    for _ in 0..2 {
+        tls.write_all(b"GET /tls HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let a = read_answer(&mut tls, "stable").await;
+        assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+        wait_parked(&veer, 2.0).await;
+    }
+    // The client closes its parked connection.
+    drop(tls);
+    wait_parked(&veer, 1.0).await;
+    // The plain one, left idle, is closed after idle_timeout.
+    assert!(
+        closed_by_veer(&mut c).await,
+        "a parked connection stayed open"
+    );
+    wait_parked(&veer, 0.0).await;
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, "veer_open_connections"), Some(0.0), "{m}");
+}

@@ -11,7 +11,11 @@ and drops its buffers), and after they close (ten seconds later, then
 after 3000 more requests on one connection: the allocator returns freed
 pages to the kernel when its threads next work).
 
-usage: benches/idle-conns.py [--veer BIN] [--nginx] [--waves W] N [N ...]
+usage: benches/idle-conns.py [--veer BIN] [--nginx] [--waves W] [--tls] N [N ...]
+
+`--tls` connects over TLS 1.3 (HTTP/1.1 by ALPN; a self-signed P-256
+certificate made with `openssl`), to veer's `[proxy.tls]` listener and
+nginx's `ssl` one.
 
 `--waves W` opens the N connections in W waves, 12 s apart (the way an
 ingress's clients come and go idle over time): what veer freed by parking
@@ -28,6 +32,7 @@ wait is bounded.
 import argparse
 import asyncio
 import os
+import ssl
 import shutil
 import subprocess
 import sys
@@ -64,14 +69,26 @@ def children(pid):
     return [int(p) for p in out.stdout.split()]
 
 
+TLS = None  # (cert, key) paths with --tls
+
+
 def start_veer(binary, work, port, uport):
-    cfg = f"""[proxy]
+    tls = ""
+    listen = f'"127.0.0.1:{port}"'
+    if TLS:
+        tls = f"""[proxy.tls]
 listen = ["127.0.0.1:{port}"]
+cert = "{TLS[0]}"
+key = "{TLS[1]}"
+"""
+        listen = ""
+    cfg = f"""[proxy]
+listen = [{listen}]
 workers = 2
 max_connections = 60000
 max_connections_per_ip = 60000
 idle_timeout = "300s"
-[admin]
+{tls}[admin]
 listen = "127.0.0.1:{free_port()}"
 [state]
 dir = "{work}/state"
@@ -106,7 +123,8 @@ http {{
   keepalive_requests 100000;
   upstream up {{ server 127.0.0.1:{uport}; keepalive 32; }}
   server {{
-    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{port}{" ssl" if TLS else ""};
+    {f"ssl_certificate {TLS[0]}; ssl_certificate_key {TLS[1]};" if TLS else ""}
     location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }}
   }}
 }}
@@ -125,6 +143,16 @@ async def get(reader, writer, key):
     await asyncio.wait_for(reader.readuntil(b"ok\n"), 10)
 
 
+async def connect(port):
+    if not TLS:
+        return await asyncio.open_connection("127.0.0.1", port)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+
+
 async def measure(name, start, n, waves):
     up = await asyncio.start_server(upstream, "127.0.0.1", 0)
     uport = up.sockets[0].getsockname()[1]
@@ -134,7 +162,7 @@ async def measure(name, start, n, waves):
     try:
         for _ in range(200):
             try:
-                r, w = await asyncio.open_connection("127.0.0.1", port)
+                r, w = await connect(port)
                 await get(r, w, "ready")
                 w.close()
                 break
@@ -149,7 +177,7 @@ async def measure(name, start, n, waves):
             if wave > 0:
                 await asyncio.sleep(12)
             for i in range(wave * n // waves, (wave + 1) * n // waves):
-                r, w = await asyncio.open_connection("127.0.0.1", port)
+                r, w = await connect(port)
                 await get(r, w, f"u{i}")
                 conns.append(w)
         await asyncio.sleep(2)
@@ -160,7 +188,7 @@ async def measure(name, start, n, waves):
             w.close()
         await asyncio.sleep(10)
         closed = rss_mib(pids())
-        r, w = await asyncio.open_connection("127.0.0.1", port)
+        r, w = await connect(port)
         for i in range(3000):
             await get(r, w, f"v{i}")
         w.close()
@@ -186,9 +214,18 @@ async def main():
     ap.add_argument("--veer")
     ap.add_argument("--nginx", action="store_true")
     ap.add_argument("--waves", type=int, default=1)
+    ap.add_argument("--tls", action="store_true")
     ap.add_argument("n", type=int, nargs="+")
     a = ap.parse_args()
     binary = veer_binary(a.veer)
+    if a.tls:
+        global TLS
+        d = tempfile.mkdtemp()
+        TLS = (os.path.join(d, "tls.crt"), os.path.join(d, "tls.key"))
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", TLS[1],
+                        "-out", TLS[0], "-subj", "/CN=localhost", "-days", "1"],
+                       check=True, capture_output=True)
     print("| proxy | idle connections | RSS before | RSS with them open | per connection "
           "| 13 s later | per connection "
           "| RSS 10 s after they closed | after 3000 more requests |")

@@ -11,7 +11,10 @@ and drops its buffers), and after they close (ten seconds later, then
 after 3000 more requests on one connection: the allocator returns freed
 pages to the kernel when its threads next work).
 
-usage: benches/idle-conns.py [--veer BIN] [--nginx] [--waves W] [--tls] N [N ...]
+usage: benches/idle-conns.py [--veer BIN] [--nginx] [--waves W] [--tls] [--h2] N [N ...]
+
+`--h2` speaks HTTP/2 (prior knowledge in clear, `h2` by ALPN with
+`--tls`; a minimal client of raw frames, one stream a request).
 
 `--tls` connects over TLS 1.3 (HTTP/1.1 by ALPN; a self-signed P-256
 certificate made with `openssl`), to veer's `[proxy.tls]` listener and
@@ -70,6 +73,7 @@ def children(pid):
 
 
 TLS = None  # (cert, key) paths with --tls
+H2 = False  # --h2
 
 
 def start_veer(binary, work, port, uport):
@@ -123,7 +127,7 @@ http {{
   keepalive_requests 100000;
   upstream up {{ server 127.0.0.1:{uport}; keepalive 32; }}
   server {{
-    listen 127.0.0.1:{port}{" ssl" if TLS else ""};
+    listen 127.0.0.1:{port}{" ssl" if TLS else ""}{" http2" if H2 else ""};
     {f"ssl_certificate {TLS[0]}; ssl_certificate_key {TLS[1]};" if TLS else ""}
     location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }}
   }}
@@ -137,7 +141,50 @@ http {{
     return p, lambda: [p.pid] + children(p.pid)
 
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def h2_frame(kind, flags, stream, payload):
+    return (len(payload).to_bytes(3, "big") + bytes([kind, flags])
+            + stream.to_bytes(4, "big") + payload)
+
+
+def h2_field(name, value):
+    # HPACK: a literal field without indexing, its name and value literal
+    # (both shorter than 127 bytes).
+    n, v = name.encode(), value.encode()
+    return b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v
+
+
+async def h2_get(reader, writer, key):
+    if not hasattr(writer, "next_stream"):
+        writer.next_stream = 1
+        writer.write(H2_PREFACE + h2_frame(4, 0, 0, b""))
+    sid = writer.next_stream
+    writer.next_stream += 2
+    block = (h2_field(":method", "GET") + h2_field(":scheme", "https" if TLS else "http")
+             + h2_field(":path", "/") + h2_field(":authority", "bench")
+             + h2_field("x-user-id", key))
+    writer.write(h2_frame(1, 0x5, sid, block))  # END_STREAM | END_HEADERS
+    await writer.drain()
+    while True:
+        head = await asyncio.wait_for(reader.readexactly(9), 10)
+        size, kind, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
+        stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+        payload = await asyncio.wait_for(reader.readexactly(size), 10)
+        if kind == 4 and not flags & 1:  # SETTINGS: acknowledged
+            writer.write(h2_frame(4, 1, 0, b""))
+        elif kind == 6 and not flags & 1:  # PING: answered
+            writer.write(h2_frame(6, 1, 0, payload))
+        elif kind == 7:
+            raise ConnectionError("GOAWAY")
+        elif stream == sid and kind in (0, 1) and flags & 1:  # END_STREAM
+            return
+
+
 async def get(reader, writer, key):
+    if H2:
+        return await h2_get(reader, writer, key)
     writer.write(f"GET / HTTP/1.1\r\nhost: bench\r\nx-user-id: {key}\r\n\r\n".encode())
     await writer.drain()
     await asyncio.wait_for(reader.readuntil(b"ok\n"), 10)
@@ -149,7 +196,7 @@ async def connect(port):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2" if H2 else "http/1.1"])
     return await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
 
 
@@ -215,9 +262,12 @@ async def main():
     ap.add_argument("--nginx", action="store_true")
     ap.add_argument("--waves", type=int, default=1)
     ap.add_argument("--tls", action="store_true")
+    ap.add_argument("--h2", action="store_true")
     ap.add_argument("n", type=int, nargs="+")
     a = ap.parse_args()
     binary = veer_binary(a.veer)
+    global H2
+    H2 = a.h2
     if a.tls:
         global TLS
         d = tempfile.mkdtemp()

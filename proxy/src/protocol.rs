@@ -10,6 +10,10 @@
 //! of up to 32 KiB instead of `max_header_bytes` (16 KiB in the example
 //! config). Each read's bytes are a frame that veer writes upstream, and
 //! each write wakes the upstream (benches/RESULTS.md, session 31).
+//!
+//! An idle HTTP/1.1 connection can be parked ([`Served::park`]): hyper's
+//! connection, which keeps its buffers for the connection's whole life, is
+//! dropped until the client's next bytes.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -194,8 +198,8 @@ where
     /// and with it its read and write buffers (8 KiB each, or more after a
     /// large body), kept otherwise for the connection's whole life; what
     /// hyper had read and not used is kept, to be read again first. The
-    /// client's next bytes serve it with a new one. False (nothing done) for any
-    /// other connection.
+    /// client's next bytes serve it with a new one. False (nothing done)
+    /// for any other connection.
     ///
     /// Only for a connection between requests, as its caller knows it: no
     /// request in flight, none of a request body left to read, everything

@@ -228,7 +228,11 @@ pub async fn serve(
                         .map(|s| Stream::Tls(Box::new(s))),
                 }
             });
-            match handshake.await {
+            // Awaited in a statement of its own: in the `match`, the
+            // handshake's future would live (and take room in this task)
+            // for the whole serving.
+            let shaken = handshake.await;
+            match shaken {
                 Ok(Ok(s)) => {
                     let c = Conn {
                         peer,

@@ -35,7 +35,7 @@ use crate::protocol::{GiveBack, Replay};
 /// requests ([`Slot::take_timer`]).
 pub struct Slot {
     _parts: Box<dyn Send + Sync>,
-    gauge: prometheus::IntGauge,
+    _counted: GaugeHeld,
     activity: Arc<Activity>,
     timer: std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
 }
@@ -44,13 +44,12 @@ impl Slot {
     /// Takes the place (the gauge counts it until the last holder drops).
     pub fn new(
         parts: Box<dyn Send + Sync>,
-        gauge: prometheus::IntGauge,
+        gauge: &prometheus::IntGauge,
         activity: Arc<Activity>,
     ) -> Arc<Slot> {
-        gauge.inc();
         Arc::new(Slot {
             _parts: parts,
-            gauge,
+            _counted: GaugeHeld::new(gauge),
             activity,
             timer: std::sync::Mutex::new(None),
         })
@@ -90,9 +89,21 @@ impl Slot {
     }
 }
 
-impl Drop for Slot {
+/// One count in a gauge (`veer_open_connections`,
+/// `veer_parked_connections`), held until dropped.
+pub struct GaugeHeld(prometheus::IntGauge);
+
+impl GaugeHeld {
+    /// Counts one in `gauge`.
+    pub fn new(gauge: &prometheus::IntGauge) -> GaugeHeld {
+        gauge.inc();
+        GaugeHeld(gauge.clone())
+    }
+}
+
+impl Drop for GaugeHeld {
     fn drop(&mut self) {
-        self.gauge.dec();
+        self.0.dec();
     }
 }
 
@@ -535,7 +546,11 @@ impl<S: tokio::io::AsyncWrite + ClientClose + Unpin> tokio::io::AsyncWrite for H
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
         std::task::ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
-        this.activity.unflushed.store(false, Ordering::Relaxed);
+        // A load first: nearly always already clear (hyper flushes after
+        // every poll), and a store would dirty the line every time.
+        if this.activity.unflushed.load(Ordering::Relaxed) {
+            this.activity.unflushed.store(false, Ordering::Relaxed);
+        }
         if this.matched == HTTP1 && !this.unread && this.activity.awaiting_answer(cx) {
             if let Some(tcp) = this.inner.watched() {
                 if let Poll::Ready(r) = poll_client_gone(tcp, cx) {

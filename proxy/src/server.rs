@@ -29,7 +29,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use veer_control::config::ProxySettings;
 
-use crate::conn::{Activity, ClientClose, HeadWatch, Slot, Tracking};
+use crate::conn::{Activity, ClientClose, GaugeHeld, HeadWatch, Slot, Tracking};
 use crate::error::ProxyError;
 use crate::headers::Scheme;
 use crate::protocol::{Builders, BODY_READ};
@@ -212,7 +212,7 @@ pub async fn serve(
             let activity = Activity::new(accepted);
             let slot = Slot::new(
                 Box::new((permit, per_ip)),
-                shared.metrics.open_connections.clone(),
+                &shared.metrics.open_connections,
                 activity.clone(),
             );
             // The TLS handshake's state (a rustls connection) and the
@@ -430,22 +430,6 @@ impl Conn<'_> {
                 }
             }
         }
-    }
-}
-
-/// One count in a gauge, held until dropped.
-struct GaugeHeld(prometheus::IntGauge);
-
-impl GaugeHeld {
-    fn new(gauge: &prometheus::IntGauge) -> GaugeHeld {
-        gauge.inc();
-        GaugeHeld(gauge.clone())
-    }
-}
-
-impl Drop for GaugeHeld {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 

@@ -454,6 +454,7 @@ impl Controller {
         let previous = self.shared.snapshot.load_full();
         snap.publish(Some(&previous), &self.shared.metrics);
         self.shared.snapshot.store(Arc::new(snap));
+        self.shared.metrics.routing_rebuilds.inc();
     }
 
     /// Rebuilds the `/status` entries and gauges of `names` from the

@@ -58,6 +58,8 @@ pub struct Metrics {
     /// `veer_judge_routes_awake`: routes the judge visits (the others
     /// sleep until a request comes).
     pub routes_awake: IntGauge,
+    /// `veer_routing_rebuilds_total`: routing snapshots put in effect.
+    pub routing_rebuilds: IntCounter,
     /// `veer_verdict{route,verdict}`: 1 for the current verdict.
     pub verdict: Arc<RouteFamily>,
     /// `veer_reverts_total{route,reason}`.
@@ -286,6 +288,10 @@ impl Metrics {
             "veer_judge_routes_awake",
             "Judged routes the controller visits each interval; idle ones sleep until a request comes.",
         )?;
+        let routing_rebuilds = IntCounter::new(
+            "veer_routing_rebuilds_total",
+            "Routing snapshots put in effect (a reload, a decision, a seat, an endpoint's new address).",
+        )?;
         let verdict = Arc::new(RouteFamily::new(
             "veer_verdict",
             "1 for the route's current judge verdict, 0 for the others.",
@@ -401,6 +407,7 @@ impl Metrics {
         registry.register(Box::new(open_connections.clone()))?;
         registry.register(Box::new(parked_connections.clone()))?;
         registry.register(Box::new(routes_awake.clone()))?;
+        registry.register(Box::new(routing_rebuilds.clone()))?;
         registry.register(Box::new(SharedCollector(verdict.clone())))?;
         registry.register(Box::new(SharedCollector(reverts.clone())))?;
         registry.register(Box::new(SharedCollector(smoke_checks.clone())))?;
@@ -439,6 +446,7 @@ impl Metrics {
             open_connections,
             parked_connections,
             routes_awake,
+            routing_rebuilds,
             verdict,
             reverts,
             deployments,

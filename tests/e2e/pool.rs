@@ -625,3 +625,53 @@ async fn a_fleets_pooled_tests_still_count_once_every_address_voted() {
          ({canary_before} -> {canary_after}, stable {stable_after})"
     );
 }
+
+/// A replica joining a fleet with many canaries lets each in once its
+/// seat comes, with a handful of routing rebuilds for all of them, not
+/// one each: a rebuild builds every route's ring, so one a seat was
+/// quadratic in the routes (1 000 routes: ~8 s of a busy core, canaries
+/// out of traffic all the while).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_joining_with_many_canaries_seats_them_without_a_routing_rebuild_each() {
+    const ROUTES: usize = 200;
+    let etcd = Etcd::single().await;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let mut text = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"@STATE@\"\n[fleet]\nstore = \"etcd\"\nendpoints = [{}]\nname = \"many\"\nreplica = \"r1\"\n",
+        etcd.endpoints()
+    );
+    for i in 0..ROUTES {
+        text += &format!(
+            "[[route]]\nname = \"r{i}\"\nhosts = [\"r{i}.example\"]\n[route.stable]\nversion = \"v1\"\nendpoints = [\"{}\"]\n[route.canary]\nversion = \"v2\"\nendpoints = [\"{}\"]\nweight = 10\n",
+            s.addr, c.addr
+        );
+    }
+    let v = Veer::start(&text).await;
+    let start = Instant::now();
+    loop {
+        let status = v.status().await;
+        let routes = status["routes"].as_array().cloned().unwrap_or_default();
+        let seated = routes
+            .iter()
+            .filter(|r| r["evidence"]["pool"]["seat"].is_u64() && r["weight"]["effective"] == 10.0)
+            .count();
+        if seated == ROUTES {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{seated} of {ROUTES} canaries seated and let in\nlogs:\n{}",
+            v.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each rebuild lets in every canary seated since the last tick; one
+    // a seat would be at least ROUTES. Half of that leaves ten seconds of
+    // 100 ms ticks for a slow store on a busy machine.
+    let rebuilds = metric(&v.metrics().await, "veer_routing_rebuilds_total").unwrap_or(-1.0);
+    assert!(
+        (1.0..(ROUTES / 2) as f64).contains(&rebuilds),
+        "{rebuilds} routing rebuilds to seat {ROUTES} canaries"
+    );
+}

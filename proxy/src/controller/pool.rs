@@ -76,6 +76,9 @@ pub(super) struct PoolLink {
     asking: HashMap<PoolKey, Instant>,
     seat_tx: mpsc::UnboundedSender<(PoolKey, Result<u32, String>)>,
     pub(super) seat_rx: mpsc::UnboundedReceiver<(PoolKey, Result<u32, String>)>,
+    /// Routes that took a seat since the last tick: their canaries are
+    /// let in (one rebuild for all of them).
+    seated: Vec<String>,
     /// Per route: the snapshot rebuilds counted when its log was last
     /// empty or taken (a batch whose interval saw a rebuild is dropped:
     /// its events may straddle two shares).
@@ -112,6 +115,7 @@ impl PoolLink {
             asking: HashMap::new(),
             seat_tx,
             seat_rx,
+            seated: Vec::new(),
             sent: HashMap::new(),
             dirty: HashSet::new(),
             shown: Instant::now(),
@@ -347,7 +351,7 @@ impl Controller {
         changed
     }
 
-    /// A seat's answer.
+    /// A seat's answer (its canary is let in at the next tick).
     pub(super) fn pool_seat(&mut self, key: PoolKey, seat: Result<u32, String>) {
         if let Some(l) = self.fleet.as_mut() {
             l.pool.full = true;
@@ -367,10 +371,13 @@ impl Controller {
                 if let Some(rt) = self.routes.get_mut(&key.route) {
                     rt.judge.set_seat(n);
                 }
-                if self.hold_unseated() {
-                    self.rebuild();
+                // Let in at the next tick, with every seat answered
+                // meanwhile: a replica joining with many routes gets
+                // their seats in a burst, and a snapshot rebuilt for each
+                // (every route's ring) was quadratic in the routes.
+                if let Some(l) = self.fleet.as_mut() {
+                    l.pool.seated.push(key.route.clone());
                 }
-                self.publish(std::slice::from_ref(&key.route), false);
                 if n < seats {
                     tracing::info!(route = %key.route, seat = n, seats, "local tests take a seat: they act at their share of false_revert_rate");
                 } else {
@@ -386,10 +393,23 @@ impl Controller {
         }
     }
 
-    /// Every tick (100 ms): each pooled route's events since the last tick
+    /// Every tick (100 ms): the canaries of routes seated since the last
+    /// tick let in, each pooled route's events since the last tick
     /// published as a batch, pools started for new canaries, seats asked
     /// for, checkpoints written.
     pub(super) fn pool_due(&mut self, now: Instant) {
+        let Some(l) = self.fleet.as_mut() else {
+            return;
+        };
+        if !l.pool.seated.is_empty() {
+            let mut seated = std::mem::take(&mut l.pool.seated);
+            if self.hold_unseated() {
+                self.rebuild();
+            }
+            seated.sort();
+            seated.dedup();
+            self.publish(&seated, false);
+        }
         let Some(l) = self.fleet.as_mut() else {
             return;
         };

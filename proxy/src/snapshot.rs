@@ -208,6 +208,7 @@ impl Snapshot {
         metrics: &Metrics,
         mut inputs: impl FnMut(&Route) -> RouteInputs,
     ) -> Snapshot {
+        upstreams.sweep();
         let mut router = Router::default();
         let mut routes = Vec::with_capacity(config.routes.len());
         // An endpoint named by several routes gets the largest of their caps.

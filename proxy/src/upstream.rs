@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -653,7 +653,10 @@ struct Idle {
 pub struct Upstream {
     addr: SocketAddr,
     connector: Connector,
-    idle: ArrayQueue<Idle>,
+    /// Idle HTTP/1.1 connections, oldest first: made at the first one
+    /// returned (room for [`MAX_IDLE`] is 22 KiB, and an ingress has
+    /// endpoints of many routes that carry no traffic).
+    idle: OnceLock<ArrayQueue<Idle>>,
     /// Open HTTP/2 connections (h2c, or TLS where ALPN chose h2).
     h2: Mutex<Vec<H2Conn>>,
     /// The endpoint speaks h2 (h2c; or the last TLS handshake chose h2, as
@@ -716,7 +719,7 @@ impl Upstream {
         Upstream {
             addr,
             connector,
-            idle: ArrayQueue::new(MAX_IDLE),
+            idle: OnceLock::new(),
             h2: Mutex::new(Vec::new()),
             speaks_h2: AtomicBool::new(speaks_h2),
             h2_opening: tokio::sync::Mutex::new(()),
@@ -763,7 +766,9 @@ impl Upstream {
             .fetch_max(until, Ordering::Relaxed);
         self.health.change();
         // Idle connections to a failing endpoint are likely dead too.
-        while self.idle.pop().is_some() {}
+        if let Some(idle) = self.idle.get() {
+            while idle.pop().is_some() {}
+        }
     }
 
     /// Records a success: the endpoint is healthy again.
@@ -784,7 +789,7 @@ impl Upstream {
                 return Some(s);
             }
         }
-        while let Some(idle) = self.idle.pop() {
+        while let Some(idle) = self.idle.get().and_then(ArrayQueue::pop) {
             let idle_for = idle.since.elapsed();
             if idle_for >= IDLE_TTL {
                 continue;
@@ -865,7 +870,8 @@ impl Upstream {
         if sender.is_closed() || sender.is_h2() {
             return;
         }
-        let _ = self.idle.push(Idle {
+        let idle = self.idle.get_or_init(|| ArrayQueue::new(MAX_IDLE));
+        let _ = idle.push(Idle {
             sender,
             since: Instant::now(),
         });
@@ -1125,13 +1131,11 @@ impl Upstreams {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        map.retain(|_, ways| {
-            ways.retain(|(_, w)| w.strong_count() > 0);
-            !ways.is_empty()
-        });
-        if let Some(u) = map
-            .get(&addr)
-            .and_then(|ways| ways.iter().find(|(k, _)| *k == key))
+        let ways = map.entry(addr).or_default();
+        ways.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(u) = ways
+            .iter()
+            .find(|(k, _)| *k == key)
             .and_then(|(_, w)| w.upgrade())
         {
             u.set_cap(cap);
@@ -1144,8 +1148,22 @@ impl Upstreams {
             cap,
             self.health.clone(),
         ));
-        map.entry(addr).or_default().push((key, Arc::downgrade(&u)));
+        ways.push((key, Arc::downgrade(&u)));
         u
+    }
+
+    /// Forgets the addresses no snapshot holds an upstream of any more
+    /// (once a build, before its [`Upstreams::get`]s: a sweep of the
+    /// whole registry in each would be quadratic in the endpoints).
+    pub fn sweep(&self) {
+        let mut map = match self.by_addr.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.retain(|_, ways| {
+            ways.retain(|(_, w)| w.strong_count() > 0);
+            !ways.is_empty()
+        });
     }
 
     /// Whether the live upstream at `addr` is healthy (not failing
@@ -1199,6 +1217,17 @@ mod tests {
         drop((a, b));
         let c = reg.get(addr, Connector::H1, 8);
         assert_eq!(Arc::strong_count(&c), 1);
+        // An address no snapshot holds is forgotten at the next build's
+        // sweep, not by another address's lookup.
+        let other = reg.get("127.0.0.1:2".parse().expect("addr"), Connector::H1, 8);
+        drop(c);
+        let known = |reg: &Upstreams| reg.by_addr.lock().expect("lock").len();
+        assert_eq!(known(&reg), 2);
+        reg.sweep();
+        assert_eq!(known(&reg), 1);
+        drop(other);
+        reg.sweep();
+        assert_eq!(known(&reg), 0);
     }
 
     #[test]

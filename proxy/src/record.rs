@@ -605,7 +605,9 @@ pub struct Wakes {
 }
 
 impl Wakes {
-    fn push(&self, route: Arc<str>) {
+    /// Asks the controller to wake `route` at its next tick (a request
+    /// found it asleep, or the fleet's evidence for it came).
+    pub fn ring(&self, route: Arc<str>) {
         self.woken
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -760,7 +762,7 @@ impl Recorder {
         // The first request to see the flag rings; the others find it down.
         if self.asleep.swap(false, Ordering::SeqCst) {
             if let Some((route, wakes)) = &self.alarm {
-                wakes.push(route.clone());
+                wakes.ring(route.clone());
             }
         }
     }

@@ -248,11 +248,13 @@ impl RouteRuntime {
     /// An idle tick changes nothing once the judge is quiet (its window
     /// empty, no watch or warm-up running) and the route's keys are
     /// settled ([`RouteKeys::settled`]); a route pooling evidence with a
-    /// fleet never sleeps (the fleet's evidence comes without requests).
-    /// The controller wakes every route whenever it builds a new routing
+    /// fleet also needs its side of the pool settled (`pool_settled`: a
+    /// seat, the whole log, a checkpoint of what it holds), and the
+    /// controller wakes it when the fleet's evidence for it comes. The
+    /// controller wakes every route whenever it builds a new routing
     /// snapshot (a share or decision may have changed) and on a new config.
-    pub fn sleep(&mut self) -> bool {
-        if self.judge.pooling() || !self.stable.keys().settled() {
+    pub fn sleep(&mut self, pool_settled: bool) -> bool {
+        if (self.judge.pooling() && !pool_settled) || !self.stable.keys().settled() {
             return false;
         }
         let recorders = std::iter::once(&self.stable).chain(self.canary.as_ref());

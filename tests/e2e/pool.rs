@@ -626,28 +626,59 @@ async fn a_fleets_pooled_tests_still_count_once_every_address_voted() {
     );
 }
 
+/// A replica of a fleet with many canaries: the route config (`r0`
+/// takes any host, the others `rN.example`) with `[fleet]` on `etcd`.
+fn many_routes(routes: usize, s: &Upstream, c: &Upstream, etcd: &str, replica: &str) -> String {
+    let mut text = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"@STATE@\"\n[fleet]\nstore = \"etcd\"\nendpoints = [{etcd}]\nname = \"many\"\nreplica = \"{replica}\"\n"
+    );
+    for i in 0..routes {
+        let hosts = if i == 0 {
+            String::new()
+        } else {
+            format!("hosts = [\"r{i}.example\"]\n")
+        };
+        text += &format!(
+            "[[route]]\nname = \"r{i}\"\n{hosts}[route.stable]\nversion = \"v1\"\nendpoints = [\"{}\"]\n[route.canary]\nversion = \"v2\"\nendpoints = [\"{}\"]\nweight = 10\n",
+            s.addr, c.addr
+        );
+    }
+    text
+}
+
+/// `veer_judge_routes_awake` of `v`, polled until `ready` holds (panics
+/// after `limit`, naming `what`).
+async fn awake_until(v: &Veer, what: &str, limit: Duration, ready: impl Fn(f64) -> bool) {
+    let start = Instant::now();
+    loop {
+        let awake = metric(&v.metrics().await, "veer_judge_routes_awake").unwrap_or(-1.0);
+        if ready(awake) {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "never {what}: {awake} routes awake\nlogs:\n{}",
+            v.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A replica joining a fleet with many canaries lets each in once its
 /// seat comes, with a handful of routing rebuilds for all of them, not
 /// one each: a rebuild builds every route's ring, so one a seat was
 /// quadratic in the routes (1 000 routes: ~8 s of a busy core, canaries
-/// out of traffic all the while).
+/// out of traffic all the while). Then, with no traffic, its pooled
+/// routes sleep (the controller stops visiting them) until the fleet's
+/// evidence for one comes from another replica, which wakes that one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_joining_with_many_canaries_seats_them_without_a_routing_rebuild_each() {
+async fn many_pooled_canaries_are_seated_with_few_rebuilds_and_sleep_until_the_fleets_evidence_comes(
+) {
     const ROUTES: usize = 200;
     let etcd = Etcd::single().await;
     let s = Upstream::start("stable").await;
     let c = Upstream::start("canary").await;
-    let mut text = format!(
-        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"@STATE@\"\n[fleet]\nstore = \"etcd\"\nendpoints = [{}]\nname = \"many\"\nreplica = \"r1\"\n",
-        etcd.endpoints()
-    );
-    for i in 0..ROUTES {
-        text += &format!(
-            "[[route]]\nname = \"r{i}\"\nhosts = [\"r{i}.example\"]\n[route.stable]\nversion = \"v1\"\nendpoints = [\"{}\"]\n[route.canary]\nversion = \"v2\"\nendpoints = [\"{}\"]\nweight = 10\n",
-            s.addr, c.addr
-        );
-    }
-    let v = Veer::start(&text).await;
+    let v = Veer::start(&many_routes(ROUTES, &s, &c, &etcd.endpoints(), "r1")).await;
     let start = Instant::now();
     loop {
         let status = v.status().await;
@@ -674,4 +705,33 @@ async fn a_replica_joining_with_many_canaries_seats_them_without_a_routing_rebui
         (1.0..(ROUTES / 2) as f64).contains(&rebuilds),
         "{rebuilds} routing rebuilds to seat {ROUTES} canaries"
     );
+
+    // No traffic anywhere: every route sleeps.
+    awake_until(
+        &v,
+        "every pooled route asleep",
+        Duration::from_secs(60),
+        |n| n == 0.0,
+    )
+    .await;
+
+    // Another replica's traffic on r0 (a few errors on both versions, so
+    // that batches flow) wakes r0 here, and only what it wakes.
+    s.fail_one_in.store(25, Ordering::SeqCst);
+    c.fail_one_in.store(25, Ordering::SeqCst);
+    let r2 = Veer::start(&many_routes(1, &s, &c, &etcd.endpoints(), "r2")).await;
+    let load = Load::start(r2.addr, 2, Duration::from_millis(1));
+    let (r0, _) = wait_route(&v, "following r2's batches", Duration::from_secs(60), |r| {
+        r["evidence"]["pool"]["revision"].as_i64().unwrap_or(0) > 0
+    })
+    .await;
+    assert_eq!(r0["name"], "r0");
+    // r2's joining may wake every route here once (a new record is a
+    // rebuild); the others fall asleep again, r0 stays awake while its
+    // batches come.
+    awake_until(&v, "r0 alone awake", Duration::from_secs(60), |n| n == 1.0).await;
+    load.stop().await;
+    // Once the batches stop (and a checkpoint of them is written or
+    // seen), it sleeps again.
+    awake_until(&v, "asleep again", Duration::from_secs(60), |n| n == 0.0).await;
 }

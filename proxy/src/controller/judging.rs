@@ -77,10 +77,11 @@ impl Controller {
                     // Idle: nothing to judge, nothing new to show; and if
                     // idle ticks can change nothing more, none until a
                     // request comes.
+                    let pool_settled = self.pool_settled(&route.name);
                     let asleep = self
                         .routes
                         .get_mut(&route.name)
-                        .is_some_and(RouteRuntime::sleep);
+                        .is_some_and(|rt| rt.sleep(pool_settled));
                     if asleep {
                         self.awake.remove(&i);
                     } else {

@@ -87,8 +87,10 @@ pub(super) struct PoolLink {
     /// (shown once a second: an idle route has no verdicts to show them).
     dirty: HashSet<String>,
     shown: Instant,
-    /// When the maps above were last rid of pools no route follows.
+    /// When the maps above were last rid of pools no route follows, and
+    /// the snapshot rebuilds counted then.
     swept: Instant,
+    swept_rebuilds: u64,
     /// When every pooled route was last looked at, and the snapshot
     /// rebuilds counted then (see `pool_due`); `full`: news came since.
     full_at: Instant,
@@ -120,10 +122,22 @@ impl PoolLink {
             dirty: HashSet::new(),
             shown: Instant::now(),
             swept: Instant::now(),
+            swept_rebuilds: u64::MAX,
             full_at: Instant::now(),
             full_rebuilds: u64::MAX,
             full: true,
         }
+    }
+}
+
+impl PoolLink {
+    /// The latest revision of `key`'s pool a checkpoint is known for (seen
+    /// in the store, or written from here).
+    fn checkpointed(&self, key: &PoolKey) -> i64 {
+        self.checkpoints
+            .get(key)
+            .map_or(0, Pool::revision)
+            .max(self.written.get(key).copied().unwrap_or(0))
     }
 }
 
@@ -191,6 +205,7 @@ impl Controller {
                     {
                         if v.checkpoint(&pool) {
                             tracing::info!(route = %key.route, revision = pool.revision(), "pooled evidence: caught up from a checkpoint");
+                            self.wakes.ring(key.route.as_str().into());
                             if let Some(l) = self.fleet.as_mut() {
                                 l.pool.dirty.insert(key.route.clone());
                             }
@@ -208,6 +223,9 @@ impl Controller {
                             v.apply(revision, batch);
                             if rt.judge.pool_crossed() {
                                 self.pool_look = true;
+                            }
+                            if rt.asleep {
+                                self.wakes.ring(key.route.as_str().into());
                             }
                             if let Some(l) = self.fleet.as_mut() {
                                 l.pool.dirty.insert(key.route);
@@ -253,6 +271,7 @@ impl Controller {
             l.pool.checkpoints.clear();
             l.pool.written.clear();
         }
+        self.wake_all();
     }
 
     /// A pool's history, read back: an incomplete view of it becomes
@@ -285,6 +304,7 @@ impl Controller {
                 };
                 if v.replayed(start, cp.as_ref(), batches) {
                     tracing::info!(route = %key.route, from = start, batches = n, "pooled evidence: caught up from the store's history");
+                    self.wakes.ring(key.route.as_str().into());
                     if let Some(l) = self.fleet.as_mut() {
                         l.pool.dirty.insert(key.route.clone());
                     }
@@ -349,6 +369,39 @@ impl Controller {
             }
         }
         changed
+    }
+
+    /// Whether the fleet's side of a route pooling evidence has nothing
+    /// to do while the route has no traffic of its own, so that it may
+    /// sleep (see [`crate::runtime::RouteRuntime::sleep`]): the fleet's
+    /// decisions read, its pool followed with the whole log, a seat for
+    /// its local tests (or no canary to seat), no events of its own to
+    /// publish, and a checkpoint (written or seen) of all it applied.
+    /// What changes that (the fleet's evidence for it, a checkpoint or a
+    /// replay caught up from, a rebuild) wakes it. True for a route that
+    /// does not pool.
+    pub(super) fn pool_settled(&self, name: &str) -> bool {
+        let Some(rt) = self.routes.get(name) else {
+            return true;
+        };
+        if !rt.judge.pooling() {
+            return true;
+        }
+        let Some(l) = self.fleet.as_ref() else {
+            return true;
+        };
+        let Some(key) = self.pool_key(name) else {
+            return true;
+        };
+        let Some(view) = rt.judge.pool() else {
+            return false; // not followed yet
+        };
+        let known = l.pool.checkpointed(&key);
+        l.synced
+            && view.is_complete()
+            && view.pool().is_none_or(|p| p.revision() <= known)
+            && (rt.judge.seat().is_some() || rt.canary.is_none())
+            && !rt.stable.keys().pool_log().is_some_and(|p| p.pending())
     }
 
     /// A seat's answer (its canary is let in at the next tick).
@@ -442,12 +495,16 @@ impl Controller {
             l.pool.full_rebuilds = rebuilds;
             l.pool.full_at = now;
         }
+        // A sleeping route is visited only with events of its own (it
+        // fell asleep with its side of the pool settled, and wakes with
+        // the fleet's evidence for it and with every rebuild).
         let names: Vec<String> = self
             .routes
             .iter()
             .filter(|(_, rt)| {
                 rt.judge.pooling()
-                    && (full || rt.stable.keys().pool_log().is_some_and(|p| p.pending()))
+                    && (full && !rt.asleep
+                        || rt.stable.keys().pool_log().is_some_and(|p| p.pending()))
             })
             .map(|(n, _)| n.clone())
             .collect();
@@ -559,12 +616,7 @@ impl Controller {
             // member's turn comes first).
             if let Some(p) = rt.judge.pool().and_then(|v| v.pool()) {
                 let seen = *l.pool.cp_seen.entry(key.clone()).or_insert(now);
-                let known = l
-                    .pool
-                    .checkpoints
-                    .get(&key)
-                    .map_or(0, Pool::revision)
-                    .max(l.pool.written.get(&key).copied().unwrap_or(0));
+                let known = l.pool.checkpointed(&key);
                 if p.revision() > known && now.duration_since(seen) >= cp_after {
                     l.fleet.checkpoint(key.clone(), p);
                     l.pool.written.insert(key.clone(), p.revision());
@@ -605,15 +657,16 @@ impl Controller {
                 }
             }
         }
-        if let Some(l) = self
-            .fleet
-            .as_mut()
-            .filter(|l| now.duration_since(l.pool.swept) >= Duration::from_secs(1))
-        {
-            // Pools no route follows any more (once a second: the maps
-            // gain keys of live pools only, and lose them with a new
-            // config or epoch, which a second later is soon enough).
+        if let Some(l) = self.fleet.as_mut().filter(|l| {
+            l.pool.swept_rebuilds != rebuilds
+                && now.duration_since(l.pool.swept) >= Duration::from_secs(1)
+        }) {
+            // Pools no route follows any more (at most once a second, and
+            // only after a rebuild: the maps gain keys of live pools only,
+            // and lose them with a new config or epoch, each of which
+            // rebuilds; a second later is soon enough).
             l.pool.swept = now;
+            l.pool.swept_rebuilds = rebuilds;
             let live: HashSet<PoolKey> = self
                 .routes
                 .keys()

@@ -11,7 +11,11 @@
 # CPU is then measured from 25 s after start (joining takes seats for every
 # route's pool: about 10 s of one busy core for 1000 routes).
 #
-# usage: [VEER=binary] [IDLE=s] [ETCD=url] benches/routes.sh [N ...]   (default: 1 100 500 1000)
+# ENDPOINTS=own gives every route endpoints of its own (127.0.0.1:10000
+# and up, where nothing listens; an idle route never connects), as an
+# ingress's routes have; by default all routes share two.
+#
+# usage: [VEER=binary] [IDLE=s] [ETCD=url] [ENDPOINTS=own] benches/routes.sh [N ...]   (default: 1 100 500 1000)
 # Only 127.0.0.1 is targeted; every run is bounded in time.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,9 +40,10 @@ config() { # N WEIGHT_OF_ROUTE_0
     printf '[fleet]\nstore = "etcd"\nendpoints = ["%s"]\nname = "routes-bench-%s"\nreplica = "r1"\n' "$ETCD" "$$"
   fi
   for ((i = 0; i < n; i++)); do
-    local w=5
+    local w=5 s=1 c=2
     [ "$i" -eq 0 ] && w=$w0
-    printf '[[route]]\nname = "r%d"\nhosts = ["r%d.example"]\n[route.stable]\nversion = "v1"\nendpoints = ["127.0.0.1:1"]\n[route.canary]\nversion = "v2"\nendpoints = ["127.0.0.1:2"]\nweight = %s\n[route.judge]\nwindow = "60s"\n' "$i" "$i" "$w"
+    if [ "${ENDPOINTS:-}" = own ]; then s=$((10000 + 2 * i)) c=$((10001 + 2 * i)); fi
+    printf '[[route]]\nname = "r%d"\nhosts = ["r%d.example"]\n[route.stable]\nversion = "v1"\nendpoints = ["127.0.0.1:%d"]\n[route.canary]\nversion = "v2"\nendpoints = ["127.0.0.1:%d"]\nweight = %s\n[route.judge]\nwindow = "60s"\n' "$i" "$i" "$s" "$c" "$w"
   done
 }
 

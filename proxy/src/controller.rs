@@ -285,7 +285,12 @@ impl Controller {
                         let _ = reply.send(result);
                     }
                 }
-                Some(news) = fleet::next(&mut self.fleet) => self.on_fleet_news(news).await,
+                Some(news) = fleet::next(&mut self.fleet) => {
+                    // The tick looks again (a seat to let in, a pool's
+                    // tests to show); it rests again if nothing is left.
+                    self.resting = false;
+                    self.on_fleet_news(news).await
+                }
                 Some(answer) = self.gates.next() => self.gate_answered(answer).await,
                 Some(run) = self.smokes.next() => self.smoke_done(run).await,
                 _ = sweep.tick(), if self.fleet.is_some() => self.fleet_sweep(),
@@ -374,13 +379,13 @@ impl Controller {
 
     /// Whether the 100 ms tick has nothing to do until a route rings or
     /// an upstream fails or recovers: every route asleep, no smoke checks
-    /// or pooled test to look at, no back-off that may yet run out, not in
-    /// a fleet (whose pooled evidence comes without requests). An idle
-    /// veer then wakes only for its other timers, instead of ten times a
-    /// second.
+    /// or pooled test to look at, no back-off that may yet run out, and in
+    /// a fleet no seat to let in or pool to show (the fleet's news ends a
+    /// rest; its evidence for a route rings it). An idle veer then wakes
+    /// only for its other timers, instead of ten times a second.
     fn may_rest(&self) -> bool {
         self.awake.is_empty()
-            && self.fleet.is_none()
+            && self.fleet.as_ref().is_none_or(|l| l.pool.quiet())
             && !self.smoke_look
             && !self.pool_look
             && !self

@@ -99,6 +99,12 @@ pub(super) struct PoolLink {
 }
 
 impl PoolLink {
+    /// Nothing for the tick to do here while every route sleeps: no seat
+    /// to let in, no pool's tests to show.
+    pub(super) fn quiet(&self) -> bool {
+        self.seated.is_empty() && self.dirty.is_empty()
+    }
+
     pub(super) fn new() -> PoolLink {
         let (seat_tx, seat_rx) = mpsc::unbounded_channel();
         let (replay_tx, replay_rx) = mpsc::unbounded_channel();
@@ -495,18 +501,21 @@ impl Controller {
             l.pool.full_rebuilds = rebuilds;
             l.pool.full_at = now;
         }
-        // A sleeping route is visited only with events of its own (it
-        // fell asleep with its side of the pool settled, and wakes with
-        // the fleet's evidence for it and with every rebuild).
+        // Only the routes awake: a sleeping one fell asleep with its side
+        // of the pool settled, and wakes with a request of its own (its
+        // events go in the batch of the tick after), with the fleet's
+        // evidence for it and with every rebuild.
         let names: Vec<String> = self
-            .routes
+            .awake
             .iter()
-            .filter(|(_, rt)| {
-                rt.judge.pooling()
-                    && (full && !rt.asleep
-                        || rt.stable.keys().pool_log().is_some_and(|p| p.pending()))
+            .filter_map(|&i| self.config.routes.get(i))
+            .filter(|r| {
+                self.routes.get(&r.name).is_some_and(|rt| {
+                    rt.judge.pooling()
+                        && (full || rt.stable.keys().pool_log().is_some_and(|p| p.pending()))
+                })
             })
-            .map(|(n, _)| n.clone())
+            .map(|r| r.name.clone())
             .collect();
         let mut started = Vec::new();
         for name in names {

@@ -7,9 +7,10 @@
 # route takes to apply.
 #
 # ETCD=http://127.0.0.1:PORT puts the routes in a fleet (pooled evidence,
-# the default) on that etcd, started by the caller on loopback; the idle
-# CPU is then measured from 25 s after start (joining takes seats for every
-# route's pool: about 10 s of one busy core for 1000 routes).
+# the default) on that etcd, started by the caller on loopback; the table
+# then also says how long joining took (from ready until every canary had
+# its seat and its share of traffic) and the CPU it used, and the idle CPU
+# is measured from 10 s after that.
 #
 # ENDPOINTS=own gives every route endpoints of its own (127.0.0.1:10000
 # and up, where nothing listens; an idle route never connects), as an
@@ -51,21 +52,40 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 generation() { curl -s "http://127.0.0.1:$admin_port/status" | grep -o '"generation": *[0-9]*' | grep -o '[0-9]*$'; }
 
 idle=${IDLE:-10}
-printf '| routes | RSS after start | CPU while idle (%s s) | reload of one route |\n|---|---|---|---|\n' "$idle"
+if [ -n "${ETCD:-}" ]; then
+  printf '| routes | joining the fleet | RSS after start | CPU while idle (%s s) | reload of one route |\n|---|---|---|---|---|\n' "$idle"
+else
+  printf '| routes | RSS after start | CPU while idle (%s s) | reload of one route |\n|---|---|---|---|\n' "$idle"
+fi
 for n in "${counts[@]}"; do
   admin_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   rm -rf "$work/state"
   config "$n" 5 > "$work/veer.toml"
-  timeout $((idle + 130)) "$VEER" run --config "$work/veer.toml" > "$work/log" 2>&1 &
+  timeout $((idle + 260)) "$VEER" run --config "$work/veer.toml" > "$work/log" 2>&1 &
   pid=$!
   for _ in $(seq 1 600); do
     curl -sf "http://127.0.0.1:$admin_port/readyz" > /dev/null 2>&1 && break
     sleep 0.1
   done
-  # A fleet's replica first takes a seat for each route's pool (a burst of
-  # store writes): measure after it.
-  if [ -n "${ETCD:-}" ]; then sleep 25; else sleep 5; fi
   veer_pid=$(pgrep -P "$pid")   # `timeout` is the parent; veer its only child, whatever its name
+  join=""
+  if [ -n "${ETCD:-}" ]; then
+    # A fleet's replica first takes a seat for each route's pool (a burst
+    # of store writes); its canaries get traffic once seated.
+    j0=$(date +%s.%N) c0=$(cpu_ticks "$veer_pid")
+    for _ in $(seq 1 600); do
+      # Read from the log, not /status: serving a 1000-route document
+      # over and over would weigh on the RSS measured next.
+      seated=$(grep -c "canary seated" "$work/log" || true)
+      [ "$seated" -ge "$n" ] && break
+      sleep 0.2
+    done
+    join=$(awk -v a="$j0" -v b="$(date +%s.%N)" -v d=$(($(cpu_ticks "$veer_pid") - c0)) -v hz="$tck" -v s="$seated" \
+      'BEGIN { printf " %d seated in %.1f s, %.1f s of CPU |", s, b - a, d / hz }')
+    sleep 10
+  else
+    sleep 5
+  fi
   rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$veer_pid/status")
   t0=$(cpu_ticks "$veer_pid")
   sleep "$idle"
@@ -79,6 +99,6 @@ for n in "${counts[@]}"; do
     sleep 0.01
   done
   took=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f s", b - a }')
-  printf '| %d | %d MiB | %s | %s |\n' "$n" $((rss_kb / 1024)) "$cpu" "$took"
+  printf '| %d |%s %d MiB | %s | %s |\n' "$n" "$join" $((rss_kb / 1024)) "$cpu" "$took"
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
 done

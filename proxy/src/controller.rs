@@ -609,8 +609,10 @@ impl Controller {
 
     async fn act(&mut self, name: &str, action: Action) -> Result<Arc<RouteStatus>, ActionError> {
         let now = self.now();
-        let (Some(route), Some(control)) = (self.config.route(name), self.controls.get_mut(name))
-        else {
+        let (Some(route), Some(control)) = (
+            route_named(&self.config, &self.index, name),
+            self.controls.get_mut(name),
+        ) else {
             return Err(ActionError::NoRoute(name.into()));
         };
         let before = control.clone();

@@ -185,7 +185,7 @@ impl Controller {
         }
         // Shown even when nothing changed: a revert of ours is now in the
         // store (no longer `unpublished`).
-        if self.config.route(&k.route).is_some() {
+        if self.route_named(&k.route).is_some() {
             self.publish(std::slice::from_ref(&k.route), false);
         }
     }
@@ -194,7 +194,7 @@ impl Controller {
     /// returns whether the decision changed.
     fn apply_record_quiet(&mut self, k: &RecordKey, record: &FleetRecord, local: bool) -> bool {
         let now = self.now();
-        let Some(route) = self.config.route(&k.route).cloned() else {
+        let Some(route) = self.route_named(&k.route).cloned() else {
             return false;
         };
         let Some(control) = self.controls.get_mut(&k.route) else {
@@ -397,7 +397,7 @@ impl Controller {
         if action == Action::Revert {
             return Some(reply);
         }
-        let Some(route) = self.config.route(name) else {
+        let Some(route) = super::route_named(&self.config, &self.index, name) else {
             let _ = reply.send(Err(ActionError::NoRoute(name.into())));
             return None;
         };

@@ -133,7 +133,7 @@ impl Controller {
             Ok(s) => format!("HTTP {}", s.as_u16()),
             Err(e) => e.clone(),
         });
-        let Some(route) = self.config.route(&a.route).cloned() else {
+        let Some(route) = super::route_named(&self.config, &self.index, &a.route).cloned() else {
             return;
         };
         if !yes {

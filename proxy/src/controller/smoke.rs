@@ -113,7 +113,7 @@ impl Controller {
         if self.smokes.running.get(&r.route) == Some(&r.key) {
             self.smokes.running.remove(&r.route);
         }
-        let Some(route) = self.config.route(&r.route).cloned() else {
+        let Some(route) = self.route_named(&r.route).cloned() else {
             return;
         };
         let now = self.now();

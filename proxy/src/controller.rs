@@ -472,7 +472,27 @@ impl Controller {
         if all {
             self.statuses.retain(|k, _| wanted.contains(k.as_str()));
         }
-        for target in snap.routes.iter().filter(|t| wanted.contains(&*t.name)) {
+        // A few names are found through the index (the snapshot lists the
+        // routes in the config's order): an event about one route does
+        // not walk every route.
+        let targets: Vec<&Arc<crate::snapshot::RouteTarget>> = if all {
+            snap.routes
+                .iter()
+                .filter(|t| wanted.contains(&*t.name))
+                .collect()
+        } else {
+            wanted
+                .iter()
+                .filter_map(|&name| {
+                    self.index
+                        .get(name)
+                        .and_then(|&i| snap.routes.get(i))
+                        .filter(|t| &*t.name == name)
+                        .or_else(|| snap.routes.iter().find(|t| &*t.name == name))
+                })
+                .collect()
+        };
+        for target in targets {
             let (Some(rt), Some(c)) = (
                 self.routes.get(&*target.name),
                 self.controls.get(&*target.name),

@@ -176,7 +176,7 @@ impl Controller {
     async fn apply_record(&mut self, k: &RecordKey, record: &FleetRecord, local: bool) {
         let changed = self.apply_record_quiet(k, record, local);
         // A reset from the fleet starts a new epoch, which needs its seat.
-        let held = self.hold_unseated();
+        let held = self.hold_unseated_of(Some(std::slice::from_ref(&k.route)));
         if changed || held {
             self.rebuild();
         }

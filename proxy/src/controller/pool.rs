@@ -333,14 +333,21 @@ impl Controller {
     /// (`RouteControl::set_unseated`). True if any changed (the caller
     /// rebuilds the snapshot).
     pub(super) fn hold_unseated(&mut self) -> bool {
+        self.hold_unseated_of(None)
+    }
+
+    /// [`Controller::hold_unseated`] for the routes named in `only` (an
+    /// event about a few routes looks at those, not at every route).
+    pub(super) fn hold_unseated_of(&mut self, only: Option<&[String]>) -> bool {
         let Some(l) = self.fleet.as_ref() else {
             return false;
         };
         let connected = l.fleet.status().connected;
+        let (config, index, routes) = (&self.config, &self.index, &self.routes);
         let mut changed = false;
-        for (name, c) in self.controls.iter_mut() {
-            let Some(route) = super::route_named(&self.config, &self.index, name) else {
-                continue;
+        let mut look = |name: &str, c: &mut veer_control::rollout::RouteControl| {
+            let Some(route) = super::route_named(config, index, name) else {
+                return;
             };
             // A reverted canary is out anyway; a promoted one is judged no
             // more.
@@ -350,26 +357,38 @@ impl Controller {
                 && !d.promoted
                 && route.strategy == veer_control::config::Strategy::Canary
                 && route.judge.mode == veer_control::config::JudgeMode::Enforce
-                && self.routes.get(name).is_some_and(|rt| {
+                && routes.get(name).is_some_and(|rt| {
                     rt.judge.pooling()
                         && (rt.judge.seat().is_none() || (!connected && !rt.judge.local_may_act()))
                 });
-            if c.set_unseated(hold) {
-                changed = true;
-                // Held with a seat number: every seat was taken.
-                let all_taken = self
-                    .routes
-                    .get(name)
-                    .is_some_and(|rt| rt.judge.seat().is_some());
-                match (hold, all_taken) {
-                    (true, false) => {
-                        tracing::info!(route = %name, "canary held out of traffic here until its local tests have a seat (a number from the fleet store)")
-                    }
-                    (true, true) => {
-                        tracing::warn!(route = %name, "canary held out of traffic here while the fleet store cannot be reached: every seat of its local tests is taken, and the pooled tests hear nothing, so only the guards could take it out")
-                    }
-                    (false, _) => {
-                        tracing::info!(route = %name, "canary seated: it takes its share of traffic here")
+            if !c.set_unseated(hold) {
+                return;
+            }
+            changed = true;
+            // Held with a seat number: every seat was taken.
+            let all_taken = routes.get(name).is_some_and(|rt| rt.judge.seat().is_some());
+            match (hold, all_taken) {
+                (true, false) => {
+                    tracing::info!(route = %name, "canary held out of traffic here until its local tests have a seat (a number from the fleet store)")
+                }
+                (true, true) => {
+                    tracing::warn!(route = %name, "canary held out of traffic here while the fleet store cannot be reached: every seat of its local tests is taken, and the pooled tests hear nothing, so only the guards could take it out")
+                }
+                (false, _) => {
+                    tracing::info!(route = %name, "canary seated: it takes its share of traffic here")
+                }
+            }
+        };
+        match only {
+            None => {
+                for (name, c) in self.controls.iter_mut() {
+                    look(name, c);
+                }
+            }
+            Some(names) => {
+                for name in names {
+                    if let Some(c) = self.controls.get_mut(name) {
+                        look(name, c);
                     }
                 }
             }
@@ -462,11 +481,11 @@ impl Controller {
         };
         if !l.pool.seated.is_empty() {
             let mut seated = std::mem::take(&mut l.pool.seated);
-            if self.hold_unseated() {
-                self.rebuild();
-            }
             seated.sort();
             seated.dedup();
+            if self.hold_unseated_of(Some(&seated)) {
+                self.rebuild();
+            }
             self.publish(&seated, false);
         }
         let Some(l) = self.fleet.as_mut() else {

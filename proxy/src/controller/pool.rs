@@ -105,6 +105,15 @@ impl PoolLink {
         self.seated.is_empty() && self.dirty.is_empty()
     }
 
+    /// The latest revision of `key`'s pool a checkpoint is known for (seen
+    /// in the store, or written from here).
+    fn checkpointed(&self, key: &PoolKey) -> i64 {
+        self.checkpoints
+            .get(key)
+            .map_or(0, Pool::revision)
+            .max(self.written.get(key).copied().unwrap_or(0))
+    }
+
     pub(super) fn new() -> PoolLink {
         let (seat_tx, seat_rx) = mpsc::unbounded_channel();
         let (replay_tx, replay_rx) = mpsc::unbounded_channel();
@@ -133,17 +142,6 @@ impl PoolLink {
             full_rebuilds: u64::MAX,
             full: true,
         }
-    }
-}
-
-impl PoolLink {
-    /// The latest revision of `key`'s pool a checkpoint is known for (seen
-    /// in the store, or written from here).
-    fn checkpointed(&self, key: &PoolKey) -> i64 {
-        self.checkpoints
-            .get(key)
-            .map_or(0, Pool::revision)
-            .max(self.written.get(key).copied().unwrap_or(0))
     }
 }
 

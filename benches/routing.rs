@@ -30,6 +30,7 @@ fn balancer(reg: &Upstreams, base: u16, n: u16) -> Balancer {
                 )
             })
             .collect(),
+        &reg.rings,
     )
 }
 

@@ -209,6 +209,7 @@ impl Snapshot {
         mut inputs: impl FnMut(&Route) -> RouteInputs,
     ) -> Snapshot {
         upstreams.sweep();
+        upstreams.rings.sweep();
         let mut router = Router::default();
         let mut routes = Vec::with_capacity(config.routes.len());
         // An endpoint named by several routes gets the largest of their caps.
@@ -230,29 +231,32 @@ impl Snapshot {
             let input = inputs(r);
             let version = |v: &Version, recorder: Option<Arc<Recorder>>| VersionTarget {
                 name: v.name.as_str().into(),
-                balancer: Balancer::new({
-                    let tls = (v.protocol == UpstreamProtocol::Https)
-                        .then(|| upstreams.tls.get(&v.tls.clone().unwrap_or_default()));
-                    let server_name = v.tls.as_ref().and_then(|t| t.server_name.as_deref());
-                    v.endpoints
-                        .iter()
-                        .filter_map(|e| {
-                            let connector = Connector::new(
-                                v.protocol,
-                                tls.clone().unwrap_or_else(|| Err(String::new())),
-                                server_name,
-                                endpoint_host(&e.addr),
-                            );
-                            addrs.get(&e.addr).map(|a| {
-                                (
-                                    upstreams.get(*a, connector, cap_of(a)),
-                                    e.weight,
-                                    e.addr.clone(),
-                                )
+                balancer: Balancer::new(
+                    {
+                        let tls = (v.protocol == UpstreamProtocol::Https)
+                            .then(|| upstreams.tls.get(&v.tls.clone().unwrap_or_default()));
+                        let server_name = v.tls.as_ref().and_then(|t| t.server_name.as_deref());
+                        v.endpoints
+                            .iter()
+                            .filter_map(|e| {
+                                let connector = Connector::new(
+                                    v.protocol,
+                                    tls.clone().unwrap_or_else(|| Err(String::new())),
+                                    server_name,
+                                    endpoint_host(&e.addr),
+                                );
+                                addrs.get(&e.addr).map(|a| {
+                                    (
+                                        upstreams.get(*a, connector, cap_of(a)),
+                                        e.weight,
+                                        e.addr.clone(),
+                                    )
+                                })
                             })
-                        })
-                        .collect()
-                }),
+                            .collect()
+                    },
+                    &upstreams.rings,
+                ),
                 metrics: metrics.version(&r.name, &v.name),
                 recorder: recorder
                     .unwrap_or_else(|| Arc::new(Recorder::new(Arc::new(RouteKeys::new(0))))),

@@ -1075,6 +1075,8 @@ pub struct Upstreams {
     by_addr: Mutex<HashMap<SocketAddr, Ways>>,
     /// Client TLS set-ups, shared by the endpoints that name the same files.
     pub tls: crate::upstream_tls::TlsCache,
+    /// The versions' rings, shared by those of the same endpoints.
+    pub rings: crate::balance::Rings,
     epoch: Instant,
     health: Arc<HealthLog>,
 }
@@ -1091,6 +1093,7 @@ impl Upstreams {
         Upstreams {
             by_addr: Mutex::new(HashMap::new()),
             tls: Default::default(),
+            rings: Default::default(),
             epoch: Instant::now(),
             health: Arc::default(),
         }

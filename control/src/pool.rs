@@ -207,7 +207,12 @@ impl Pool {
                 })
             })
             .collect();
-        (!tests.is_empty()).then(|| Pool {
+        (!tests.is_empty()).then(|| Pool::start(fp, tests))
+    }
+
+    /// A pool of `tests` (each at its start) before any batch.
+    fn start(fp: u64, tests: Vec<PooledTest>) -> Pool {
+        Pool {
             fp,
             seen: tests.iter().map(|t| (t.kind, KeySet::default())).collect(),
             voters: BTreeMap::new(),
@@ -216,7 +221,7 @@ impl Pool {
             revision: 0,
             applied: 0,
             dropped: 0,
-        })
+        }
     }
 
     /// The store's revision of the last batch applied.
@@ -227,6 +232,21 @@ impl Pool {
     /// Batches (applied, dropped).
     pub fn batches(&self) -> (u64, u64) {
         (self.applied, self.dropped)
+    }
+
+    /// The same tests at their start: no batch applied, no key counted
+    /// (what `Pool::new` gave for this judge).
+    pub fn fresh(&self) -> Pool {
+        let tests = self
+            .tests
+            .iter()
+            .map(|t| PooledTest {
+                spec: t.spec,
+                kind: t.kind,
+                test: t.test.restarted(),
+            })
+            .collect();
+        Pool::start(self.fp, tests)
     }
 
     /// Whether a checkpoint is of this pool's tests (same fingerprint).
@@ -455,9 +475,10 @@ impl<'de> Deserialize<'de> for KeySet {
 pub struct PoolView {
     /// The state as of the last batch applied (None: incomplete).
     pool: Option<Pool>,
-    /// The fresh state an incomplete view starts from when its log turns
-    /// out to be complete after all.
-    fresh: Pool,
+    /// Incomplete: the fresh state it starts from when its log turns out
+    /// to be complete after all (None while complete: a pool a route
+    /// follows is kept once, not twice).
+    fresh: Option<Pool>,
     /// Incomplete: the first revision this replica has seen every batch
     /// from, and the batches seen since.
     from: i64,
@@ -469,8 +490,8 @@ impl PoolView {
     /// was ever written).
     pub fn complete(fresh: Pool) -> PoolView {
         PoolView {
-            pool: Some(fresh.clone()),
-            fresh,
+            pool: Some(fresh),
+            fresh: None,
             from: 0,
             tail: Vec::new(),
         }
@@ -481,7 +502,7 @@ impl PoolView {
     pub fn incomplete(fresh: Pool, from: i64) -> PoolView {
         PoolView {
             pool: None,
-            fresh,
+            fresh: Some(fresh),
             from,
             tail: Vec::new(),
         }
@@ -530,7 +551,9 @@ impl PoolView {
             None => self.tail.last().map_or(self.from - 1, |(rev, _)| *rev),
         };
         if latest_batch > have {
-            self.pool = None;
+            if let Some(p) = self.pool.take() {
+                self.fresh = Some(p.fresh());
+            }
             self.tail.clear();
             self.from = watch_from;
         }
@@ -571,7 +594,9 @@ impl PoolView {
             Some(cp) if cp.revision() + 1 >= start => self.checkpoint(cp),
             Some(_) => false,
             None if start <= 1 => {
-                let mut p = self.fresh.clone();
+                let Some(mut p) = self.fresh.take() else {
+                    return false;
+                };
                 for (rev, b) in std::mem::take(&mut self.tail) {
                     p.apply(rev, &b);
                 }
@@ -586,7 +611,10 @@ impl PoolView {
     /// are all at hand, with them applied after it. Returns whether the
     /// view became complete.
     pub fn checkpoint(&mut self, cp: &Pool) -> bool {
-        if self.pool.is_some() || !self.fresh.same_tests(cp) || cp.revision() + 1 < self.from {
+        let Some(fresh) = self.fresh.as_ref().filter(|_| self.pool.is_none()) else {
+            return false;
+        };
+        if !fresh.same_tests(cp) || cp.revision() + 1 < self.from {
             return false;
         }
         let mut p = cp.clone();
@@ -594,6 +622,7 @@ impl PoolView {
             p.apply(rev, &b);
         }
         self.pool = Some(p);
+        self.fresh = None;
         true
     }
 }
@@ -987,5 +1016,33 @@ mod tests {
         v.apply(12, b.clone());
         assert!(v.checkpoint(&cp2));
         assert_eq!(v.pool().map(Pool::revision), Some(12));
+    }
+
+    #[test]
+    fn a_view_that_fell_behind_replays_the_log_from_the_pools_start() {
+        let b = |k: u32| PoolBatch {
+            fp: 7,
+            w: 0.05,
+            ev: vec![(k, ERROR_KIND, k % 2 == 0)],
+            ..PoolBatch::default()
+        };
+        let log: Vec<(i64, PoolBatch)> = (1..=12).map(|r| (r, b(r as u32))).collect();
+        let mut whole = pool(1.0);
+        for (r, x) in &log {
+            whole.apply(*r, x);
+        }
+        // What a complete view keeps to start again from is the pool at
+        // its start, whatever it applied since.
+        assert_eq!(whole.fresh(), pool(1.0));
+        let mut v = PoolView::complete(pool(1.0));
+        for (r, x) in log.iter().take(5) {
+            v.apply(*r, x.clone());
+        }
+        // Batches 6..=11 were written while it was away.
+        v.resync(11, 12);
+        assert!(!v.is_complete());
+        v.apply(12, log[11].1.clone());
+        assert!(v.replayed(1, None, log.iter().take(11).cloned().collect()));
+        assert_eq!(v.pool(), Some(&whole));
     }
 }

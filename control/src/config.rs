@@ -25,8 +25,10 @@ pub struct Config {
     pub state: StateSettings,
     /// The fleet this replica shares decisions with, if any.
     pub fleet: Option<FleetSettings>,
-    /// Routes, in file order; names are unique.
-    pub routes: Vec<Route>,
+    /// Routes, in file order; names are unique. Shared: a copy of the
+    /// config (the controller's, the routing snapshot's) holds the same
+    /// routes, not copies of them.
+    pub routes: Vec<std::sync::Arc<Route>>,
     /// Valid settings that are often mistakes, in file order.
     pub warnings: Vec<Diagnostic>,
 }
@@ -665,7 +667,7 @@ impl Config {
 
     /// Finds a route by name.
     pub fn route(&self, name: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.name == name)
+        self.routes.iter().find(|r| r.name == name).map(|r| &**r)
     }
 }
 

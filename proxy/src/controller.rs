@@ -683,6 +683,7 @@ fn route_named<'c>(
     index
         .get(name)
         .and_then(|&i| config.routes.get(i))
+        .map(|r| &**r)
         .filter(|r| r.name == name)
         .or_else(|| config.route(name))
 }

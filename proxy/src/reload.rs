@@ -32,7 +32,9 @@ pub struct Reload {
     shared: Arc<Shared>,
     path: PathBuf,
     reloader: Reloader,
-    /// The config at start: settings read only at start are compared with it.
+    /// The config at start: settings read only at start are compared with
+    /// it. Its routes are not kept (they are not compared, and would
+    /// outlive every reload).
     started: Config,
     certs: Option<Arc<CertStore>>,
 }
@@ -52,7 +54,10 @@ impl Reload {
             shared,
             path,
             reloader,
-            started,
+            started: Config {
+                routes: Vec::new(),
+                ..started
+            },
             certs,
         }
     }

@@ -146,10 +146,18 @@ pub async fn run(
         }
         None => None,
     };
+    // What this function keeps of the config are the settings read at
+    // start; the routes go to the controller (and would outlive every
+    // reload here).
+    let routes = config.routes.len();
     let applied = Applied {
         config: config.clone(),
         addrs,
         text,
+    };
+    let config = veer_control::config::Config {
+        routes: Vec::new(),
+        ..config
     };
     let (controller, shared) =
         Controller::start(applied, path.clone(), certs.clone(), metrics, upstreams).await?;
@@ -215,7 +223,7 @@ pub async fn run(
     crate::reload::log_warnings(&path, &config);
     tracing::info!(
         config = %path.display(),
-        routes = config.routes.len(),
+        routes,
         "veer ready"
     );
     if let Some(tx) = on_ready {

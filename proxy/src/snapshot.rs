@@ -75,8 +75,8 @@ pub struct RouteTarget {
     /// Bodiless GET and HEAD to `http://` endpoints go over raw
     /// connections ([`crate::raw`]; `[proxy] upstream_http1`).
     pub raw_http1: bool,
-    /// The route as configured (for status).
-    pub config: Route,
+    /// The route as configured (for status), shared with the config.
+    pub config: Arc<Route>,
 }
 
 /// `[route.force]`, ready for requests.

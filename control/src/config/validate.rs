@@ -129,7 +129,7 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
             admin,
             state,
             fleet,
-            routes,
+            routes: routes.into_iter().map(std::sync::Arc::new).collect(),
             warnings: v.warnings,
         })
     } else {

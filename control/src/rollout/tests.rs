@@ -21,7 +21,7 @@ fn route(mode: &str, rollout: bool, version: Option<&str>) -> Route {
         text.push_str("[route.rollout]\nsteps = [1, 5, 25, 100]\nhold = \"60s\"\n");
     }
     let config = Config::parse(&text, Path::new(".")).expect("valid config");
-    config.routes.into_iter().next().expect("one route")
+    (*config.routes[0]).clone()
 }
 
 fn at(secs: u64) -> Now {

@@ -326,9 +326,9 @@ pub fn saved_evidence(route: &str, d: Option<&RouteDecision>) -> Option<SavedTes
 /// said about the config.
 pub struct Reconciled {
     /// Runtimes by route name.
-    pub routes: HashMap<String, RouteRuntime>,
+    pub routes: HashMap<String, Box<RouteRuntime>>,
     /// Controls by route name.
-    pub controls: HashMap<String, RouteControl>,
+    pub controls: HashMap<String, Box<RouteControl>>,
     /// Each control's output, to announce.
     pub outputs: Vec<(String, Output)>,
 }
@@ -339,8 +339,8 @@ pub struct Reconciled {
 /// decisions of routes no longer configured go back into `state`.
 pub fn reconcile(
     config: &Config,
-    mut routes: HashMap<String, RouteRuntime>,
-    mut controls: HashMap<String, RouteControl>,
+    mut routes: HashMap<String, Box<RouteRuntime>>,
+    mut controls: HashMap<String, Box<RouteControl>>,
     state: &mut State,
     now: Now,
     wakes: &Arc<Wakes>,
@@ -362,13 +362,14 @@ pub fn reconcile(
                 {
                     tracing::warn!(route = %r.name, guard = %rev.guard, reason = %rev.reason, "canary stays reverted (persisted decision)");
                 }
-                RouteControl::new(r, d, now)
+                let (c, out) = RouteControl::new(r, d, now);
+                (Box::new(c), out)
             }
         };
         let rt = match routes.remove(&r.name) {
             Some(rt) if rt.same_as(r) => rt,
             old => {
-                let mut rt = RouteRuntime::new(r, control.effective_bp(r), wakes);
+                let mut rt = Box::new(RouteRuntime::new(r, control.effective_bp(r), wakes));
                 let saved = match &old {
                     // Same canary, other settings: carry the live tests over.
                     Some(old) if old.identity == rt.identity => Some(old.judge.save_tests()),
@@ -404,8 +405,8 @@ pub fn build_snapshot(
     config: &Config,
     generation: u64,
     addrs: &HashMap<String, SocketAddr>,
-    routes: &HashMap<String, RouteRuntime>,
-    controls: &HashMap<String, RouteControl>,
+    routes: &HashMap<String, Box<RouteRuntime>>,
+    controls: &HashMap<String, Box<RouteControl>>,
     metrics: &crate::metrics::Metrics,
     upstreams: &crate::upstream::Upstreams,
 ) -> Snapshot {

@@ -12,11 +12,15 @@
 # its seat and its share of traffic) and the CPU it used, and the idle CPU
 # is measured from 10 s after that.
 #
+# RELOADS=K then reloads the config K more times, a second apart (each
+# changing one route's canary weight), and says the RSS after them: what
+# reloads leave resident (a reload parses the whole file afresh).
+#
 # ENDPOINTS=own gives every route endpoints of its own (127.0.0.1:10000
 # and up, where nothing listens; an idle route never connects), as an
 # ingress's routes have; by default all routes share two.
 #
-# usage: [VEER=binary] [IDLE=s] [ETCD=url] [ENDPOINTS=own] benches/routes.sh [N ...]   (default: 1 100 500 1000)
+# usage: [VEER=binary] [IDLE=s] [ETCD=url] [RELOADS=K] [ENDPOINTS=own] benches/routes.sh [N ...]   (default: 1 100 500 1000)
 # Only 127.0.0.1 is targeted; every run is bounded in time.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,11 +56,11 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 generation() { curl -s "http://127.0.0.1:$admin_port/status" | grep -o '"generation": *[0-9]*' | grep -o '[0-9]*$'; }
 
 idle=${IDLE:-10}
-if [ -n "${ETCD:-}" ]; then
-  printf '| routes | joining the fleet | RSS after start | CPU while idle (%s s) | reload of one route |\n|---|---|---|---|---|\n' "$idle"
-else
-  printf '| routes | RSS after start | CPU while idle (%s s) | reload of one route |\n|---|---|---|---|\n' "$idle"
-fi
+head='| routes |' rule='|---|'
+[ -n "${ETCD:-}" ] && head="$head joining the fleet |" rule="$rule---|"
+head="$head RSS after start | CPU while idle ($idle s) | reload of one route |" rule="$rule---|---|---|"
+[ -n "${RELOADS:-}" ] && head="$head RSS after $((RELOADS + 1)) reloads |" rule="$rule---|"
+printf '%s\n%s\n' "$head" "$rule"
 for n in "${counts[@]}"; do
   admin_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   rm -rf "$work/state"
@@ -99,6 +103,21 @@ for n in "${counts[@]}"; do
     sleep 0.01
   done
   took=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f s", b - a }')
-  printf '| %d |%s %d MiB | %s | %s |\n' "$n" "$join" $((rss_kb / 1024)) "$cpu" "$took"
+  after=""
+  if [ -n "${RELOADS:-}" ]; then
+    # Waits on the log, not /status: a 1000-route document served over
+    # and over would weigh on the RSS measured.
+    for ((k = 1; k <= RELOADS; k++)); do
+      a0=$(grep -c "reload accepted" "$work/log" || true)
+      config "$n" $((k % 2 == 1 ? 5 : 6)) > "$work/veer.toml.new" && mv "$work/veer.toml.new" "$work/veer.toml"
+      for _ in $(seq 1 500); do
+        [ "$(grep -c "reload accepted" "$work/log" || true)" -gt "$a0" ] && break
+        sleep 0.02
+      done
+      sleep 1
+    done
+    after=" $(($(awk '/VmRSS/ {print $2}' "/proc/$veer_pid/status") / 1024)) MiB |"
+  fi
+  printf '| %d |%s %d MiB | %s | %s |%s\n' "$n" "$join" $((rss_kb / 1024)) "$cpu" "$took" "$after"
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
 done

@@ -30,15 +30,16 @@ type RingKey = Box<[(SocketAddr, u32)]>;
 
 /// The rings that snapshots hold, by the list they were built from: a
 /// version whose list a live snapshot already has gets that ring, not a new
-/// one (160 points per unit of weight, ~1.3 KB for two endpoints, and
-/// ~10 µs to build).
+/// one (160 points per unit of weight: ~1.3 KB for two endpoints, and
+/// building 2 000 of them was half of a 1 000-route rebuild's 12 ms).
 #[derive(Default)]
 pub struct Rings {
     by_key: Mutex<HashMap<RingKey, Weak<Continuum>>>,
 }
 
 impl Rings {
-    /// The ring of `buckets`: a live one of the same list, else a new one.
+    /// The ring of the list `key`: a live one of the same list, else a
+    /// new one.
     fn get(&self, key: RingKey) -> Arc<Continuum> {
         let mut map = match self.by_key.lock() {
             Ok(m) => m,

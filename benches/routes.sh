@@ -16,11 +16,15 @@
 # changing one route's canary weight), and says the RSS after them: what
 # reloads leave resident (a reload parses the whole file afresh).
 #
+# REBUILDS=K pauses and resumes one route K times through the admin API
+# (each action rebuilds the routing snapshot, as a revert does) and says
+# the CPU a rebuild took, its admin call included.
+#
 # ENDPOINTS=own gives every route endpoints of its own (127.0.0.1:10000
 # and up, where nothing listens; an idle route never connects), as an
 # ingress's routes have; by default all routes share two.
 #
-# usage: [VEER=binary] [IDLE=s] [ETCD=url] [RELOADS=K] [ENDPOINTS=own] benches/routes.sh [N ...]   (default: 1 100 500 1000)
+# usage: [VEER=binary] [IDLE=s] [ETCD=url] [RELOADS=K] [REBUILDS=K] [ENDPOINTS=own] benches/routes.sh [N ...]   (default: 1 100 500 1000)
 # Only 127.0.0.1 is targeted; every run is bounded in time.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -60,6 +64,7 @@ head='| routes |' rule='|---|'
 [ -n "${ETCD:-}" ] && head="$head joining the fleet |" rule="$rule---|"
 head="$head RSS after start | CPU while idle ($idle s) | reload of one route |" rule="$rule---|---|---|"
 [ -n "${RELOADS:-}" ] && head="$head RSS after $((RELOADS + 1)) reloads |" rule="$rule---|"
+[ -n "${REBUILDS:-}" ] && head="$head CPU a rebuild |" rule="$rule---|"
 printf '%s\n%s\n' "$head" "$rule"
 for n in "${counts[@]}"; do
   admin_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -117,6 +122,18 @@ for n in "${counts[@]}"; do
       sleep 1
     done
     after=" $(($(awk '/VmRSS/ {print $2}' "/proc/$veer_pid/status") / 1024)) MiB |"
+  fi
+  if [ -n "${REBUILDS:-}" ]; then
+    token=$(cat "$work/state/admin.token")
+    rebuilds() { curl -s "http://127.0.0.1:$admin_port/metrics" | awk '/^veer_routing_rebuilds_total/ {print $2}'; }
+    r0=$(rebuilds) c0=$(cpu_ticks "$veer_pid")
+    for ((k = 0; k < REBUILDS; k++)); do
+      for action in pause resume; do
+        curl -s -X POST -H "Authorization: Bearer $token" "http://127.0.0.1:$admin_port/routes/r0/$action" > /dev/null
+      done
+    done
+    c1=$(cpu_ticks "$veer_pid") r1=$(rebuilds)
+    after="$after $(awk -v d=$((c1 - c0)) -v hz="$tck" -v r=$((r1 - r0)) 'BEGIN { printf "%.1f ms (%d rebuilds)", d / hz * 1000 / (r > 0 ? r : 1), r }') |"
   fi
   printf '| %d |%s %d MiB | %s | %s |%s\n' "$n" "$join" $((rss_kb / 1024)) "$cpu" "$took" "$after"
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""

@@ -21,7 +21,7 @@ pub enum Outcome {
 }
 
 /// Remembers the content of the running config file.
-#[derive(Debug, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Reloader {
     current: Option<u64>,
 }
@@ -35,7 +35,7 @@ impl Reloader {
     /// Judges new file content. `base` resolves relative paths. Content that
     /// is rejected is not remembered, so fixing the file back to the running
     /// content is recognised as unchanged.
-    pub fn consider(&mut self, text: &str, base: &Path) -> Outcome {
+    pub fn consider(&self, text: &str, base: &Path) -> Outcome {
         let digest = xxh3_64(text.as_bytes());
         if self.current == Some(digest) {
             return Outcome::Unchanged;

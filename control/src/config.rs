@@ -665,6 +665,20 @@ impl Config {
         }
     }
 
+    /// The settings alone, without the routes: what is kept of the config
+    /// a process started with (settings read only at start), which must
+    /// not keep that config's routes alive past a reload.
+    pub fn without_routes(&self) -> Config {
+        Config {
+            proxy: self.proxy.clone(),
+            admin: self.admin.clone(),
+            state: self.state.clone(),
+            fleet: self.fleet.clone(),
+            routes: Vec::new(),
+            warnings: self.warnings.clone(),
+        }
+    }
+
     /// Finds a route by name.
     pub fn route(&self, name: &str) -> Option<&Route> {
         self.routes.iter().find(|r| r.name == name).map(|r| &**r)

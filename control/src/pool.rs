@@ -929,13 +929,14 @@ mod tests {
 
     #[test]
     fn a_view_replayed_from_the_stores_history_is_complete() {
-        let b = |k: u32| PoolBatch {
-            fp: 7,
-            w: 0.05,
-            ev: vec![(k, ERROR_KIND, k % 3 == 0)],
-            ..PoolBatch::default()
-        };
-        let log: Vec<(i64, PoolBatch)> = (1..=40).map(|r| (r, b(r as u32))).collect();
+        let log: Vec<(i64, PoolBatch)> = (1..=40)
+            .map(|r| {
+                (
+                    r,
+                    batch_at_5_percent(vec![(r as u32, ERROR_KIND, r % 3 == 0)]),
+                )
+            })
+            .collect();
         let mut whole = pool(1.0);
         for (r, x) in &log {
             whole.apply(*r, x);
@@ -1020,13 +1021,14 @@ mod tests {
 
     #[test]
     fn a_view_that_fell_behind_replays_the_log_from_the_pools_start() {
-        let b = |k: u32| PoolBatch {
-            fp: 7,
-            w: 0.05,
-            ev: vec![(k, ERROR_KIND, k % 2 == 0)],
-            ..PoolBatch::default()
-        };
-        let log: Vec<(i64, PoolBatch)> = (1..=12).map(|r| (r, b(r as u32))).collect();
+        let log: Vec<(i64, PoolBatch)> = (1..=12)
+            .map(|r| {
+                (
+                    r,
+                    batch_at_5_percent(vec![(r as u32, ERROR_KIND, r % 2 == 0)]),
+                )
+            })
+            .collect();
         let mut whole = pool(1.0);
         for (r, x) in &log {
             whole.apply(*r, x);

@@ -45,7 +45,7 @@ impl Reload {
         shared: Arc<Shared>,
         path: PathBuf,
         text: &str,
-        started: Config,
+        started: &Config,
         certs: Option<Arc<CertStore>>,
     ) -> Reload {
         let mut reloader = Reloader::new();
@@ -54,10 +54,7 @@ impl Reload {
             shared,
             path,
             reloader,
-            started: Config {
-                routes: Vec::new(),
-                ..started
-            },
+            started: started.without_routes(),
             certs,
         }
     }

@@ -150,15 +150,13 @@ pub async fn run(
     // start; the routes go to the controller (and would outlive every
     // reload here).
     let routes = config.routes.len();
+    let settings = config.without_routes();
     let applied = Applied {
-        config: config.clone(),
+        config,
         addrs,
         text,
     };
-    let config = veer_control::config::Config {
-        routes: Vec::new(),
-        ..config
-    };
+    let config = settings;
     let (controller, shared) =
         Controller::start(applied, path.clone(), certs.clone(), metrics, upstreams).await?;
     shared.metrics.reloads.with_label_values(&["success"]).inc();

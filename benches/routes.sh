@@ -13,8 +13,9 @@
 # is measured from 10 s after that.
 #
 # RELOADS=K then reloads the config K more times, a second apart (each
-# changing one route's canary weight), and says the RSS after them: what
-# reloads leave resident (a reload parses the whole file afresh).
+# changing one route's canary weight), and says the RSS a second after
+# them and 6 s later (after the next periodic file check): what reloads
+# leave resident (a reload parses the whole file afresh).
 #
 # REBUILDS=K pauses and resumes one route K times through the admin API
 # (each action rebuilds the routing snapshot, as a revert does) and says
@@ -63,7 +64,7 @@ idle=${IDLE:-10}
 head='| routes |' rule='|---|'
 [ -n "${ETCD:-}" ] && head="$head joining the fleet |" rule="$rule---|"
 head="$head RSS after start | CPU while idle ($idle s) | reload of one route |" rule="$rule---|---|---|"
-[ -n "${RELOADS:-}" ] && head="$head RSS after $((RELOADS + 1)) reloads |" rule="$rule---|"
+[ -n "${RELOADS:-}" ] && head="$head RSS after $((RELOADS + 1)) reloads (6 s later) |" rule="$rule---|"
 [ -n "${REBUILDS:-}" ] && head="$head CPU a rebuild |" rule="$rule---|"
 printf '%s\n%s\n' "$head" "$rule"
 for n in "${counts[@]}"; do
@@ -121,7 +122,9 @@ for n in "${counts[@]}"; do
       done
       sleep 1
     done
-    after=" $(($(awk '/VmRSS/ {print $2}' "/proc/$veer_pid/status") / 1024)) MiB |"
+    r1=$(awk '/VmRSS/ {print $2}' "/proc/$veer_pid/status")
+    sleep 6
+    after=" $((r1 / 1024)) MiB ($(($(awk '/VmRSS/ {print $2}' "/proc/$veer_pid/status") / 1024)) MiB) |"
   fi
   if [ -n "${REBUILDS:-}" ]; then
     token=$(cat "$work/state/admin.token")

@@ -86,7 +86,8 @@ for n in "${counts[@]}"; do
     for _ in $(seq 1 600); do
       # Read from the log, not /status: serving a 1000-route document
       # over and over would weigh on the RSS measured next.
-      seated=$(grep -c "canary seated" "$work/log" || true)
+      # A line a route, or one for many (`routes=N`).
+      seated=$(awk '/canary seated/ { n += match($0, /routes=[0-9]+/) ? substr($0, RSTART + 7, RLENGTH - 7) : 1 } END { print n + 0 }' "$work/log")
       [ "$seated" -ge "$n" ] && break
       sleep 0.2
     done

@@ -40,7 +40,9 @@ use etcd_client::{
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 use tokio::sync::{mpsc, oneshot};
 use veer_control::config::FleetSettings;
-use veer_control::fleet::{merge_publish, pool_finished, propose, FleetRecord, Proposal, Rejected};
+use veer_control::fleet::{
+    merge_publish, pool_finished, propose, Change, FleetRecord, Proposal, Rejected,
+};
 use veer_control::pool::{Pool, PoolBatch};
 use veer_control::status::FleetStatus;
 
@@ -946,6 +948,12 @@ impl Agent {
             let k = self.key(&key);
             let r = cas(client, &k, |current| Ok(merge_publish(current, &local))).await;
             match r {
+                // A first record (every route of a new fleet: a write a
+                // route as the first replica joins) or one the store lost:
+                // at debug, not thousands of info lines at a join.
+                Ok(Some((w, revision))) if w.last == Change::Sync => {
+                    tracing::debug!(route = %key.route, epoch = w.epoch, revision, "published a decision to the fleet");
+                }
                 Ok(Some((w, revision))) => {
                     tracing::info!(route = %key.route, change = w.last.as_str(), epoch = w.epoch, revision, "published a decision to the fleet");
                 }
@@ -1171,4 +1179,26 @@ async fn cas(
     Err(format!(
         "writing {key}: {CAS_ATTEMPTS} attempts lost to concurrent writes"
     ))
+}
+
+/// Routes with more than this many alike events at once (a replica
+/// joining with many routes) get one line for the lot.
+const ROUTES_A_LINE: usize = 3;
+
+/// Logs an event that happened to `routes` at once: a line a route when
+/// they are few, else one line with their number and the first names
+/// (and a line a route at debug): a replica joining a fleet with 1 000
+/// routes says so in a few lines, not thousands.
+pub(crate) fn log_routes(routes: &[String], message: &str) {
+    if routes.len() <= ROUTES_A_LINE {
+        for route in routes {
+            tracing::info!(route = %route, "{message}");
+        }
+        return;
+    }
+    let first = &routes[..ROUTES_A_LINE];
+    tracing::info!(routes = routes.len(), ?first, "{message}");
+    for route in routes {
+        tracing::debug!(route = %route, "{message}");
+    }
 }

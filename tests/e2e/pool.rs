@@ -705,6 +705,21 @@ async fn many_pooled_canaries_are_seated_with_few_rebuilds_and_sleep_until_the_f
         (1.0..(ROUTES / 2) as f64).contains(&rebuilds),
         "{rebuilds} routing rebuilds to seat {ROUTES} canaries"
     );
+    // And the log tells of it in a few lines, not a few a route: each
+    // line names the routes it stands for (`route`) or their number
+    // (`routes`); they add up to every route, in as few lines as ticks.
+    for msg in [
+        "canary held out of traffic here until its local tests have a seat (a number from the fleet store)",
+        "canary seated: it takes its share of traffic here",
+    ] {
+        let lines = v.logs_with_at_least(msg, 1).await;
+        let told: u64 = lines
+            .iter()
+            .map(|l| l["routes"].as_u64().unwrap_or(u64::from(l["route"].is_string())))
+            .sum();
+        assert_eq!(told, ROUTES as u64, "{msg}: {lines:?}");
+        assert!(lines.len() < ROUTES / 2, "{} lines for {msg}", lines.len());
+    }
 
     // No traffic anywhere: every route sleeps.
     awake_until(

@@ -343,6 +343,7 @@ impl Controller {
         let connected = l.fleet.status().connected;
         let (config, index, routes) = (&self.config, &self.index, &self.routes);
         let mut changed = false;
+        let (mut held, mut seated) = (Vec::new(), Vec::new());
         let mut look = |name: &str, c: &mut veer_control::rollout::RouteControl| {
             let Some(route) = super::route_named(config, index, name) else {
                 return;
@@ -366,15 +367,11 @@ impl Controller {
             // Held with a seat number: every seat was taken.
             let all_taken = routes.get(name).is_some_and(|rt| rt.judge.seat().is_some());
             match (hold, all_taken) {
-                (true, false) => {
-                    tracing::info!(route = %name, "canary held out of traffic here until its local tests have a seat (a number from the fleet store)")
-                }
+                (true, false) => held.push(name.to_string()),
                 (true, true) => {
                     tracing::warn!(route = %name, "canary held out of traffic here while the fleet store cannot be reached: every seat of its local tests is taken, and the pooled tests hear nothing, so only the guards could take it out")
                 }
-                (false, _) => {
-                    tracing::info!(route = %name, "canary seated: it takes its share of traffic here")
-                }
+                (false, _) => seated.push(name.to_string()),
             }
         };
         match only {
@@ -391,6 +388,13 @@ impl Controller {
                 }
             }
         }
+        held.sort_unstable();
+        seated.sort_unstable();
+        crate::fleet::log_routes(
+            &held,
+            "canary held out of traffic here until its local tests have a seat (a number from the fleet store)",
+        );
+        crate::fleet::log_routes(&seated, "canary seated: it takes its share of traffic here");
         changed
     }
 
@@ -455,7 +459,9 @@ impl Controller {
                     l.pool.seated.push(key.route.clone());
                 }
                 if n < seats {
-                    tracing::info!(route = %key.route, seat = n, seats, "local tests take a seat: they act at their share of false_revert_rate");
+                    // At debug: "canary seated" follows at the next tick
+                    // (one line for many routes when a replica joins).
+                    tracing::debug!(route = %key.route, seat = n, seats, "local tests take a seat: they act at their share of false_revert_rate");
                 } else {
                     tracing::warn!(route = %key.route, seat = n, seats, "every seat of this canary's local tests is taken (replicas started during its rollout): this replica judges it on the fleet's pooled tests and its guards only");
                 }

@@ -31,7 +31,7 @@ mod smoke;
 mod tests;
 
 use crate::announce::Announcer;
-use crate::reload::{Applied, Reload, Triggers};
+use crate::reload::{self, Applied, Reload, Triggers};
 use crate::reresolve::{self, Resolving};
 use crate::runtime::{build_snapshot, reconcile, Reconciled, RouteRuntime};
 use crate::shared::Shared;
@@ -260,6 +260,7 @@ impl Controller {
         // A re-resolution's result is applied when it comes, if the config
         // it was made for is still the one in force.
         let mut resolving: Option<Resolving> = None;
+        let mut checking = None;
         let (wakes, shared) = (self.wakes.clone(), self.shared.clone());
         loop {
             tokio::select! {
@@ -270,8 +271,14 @@ impl Controller {
                     resolving = None;
                     self.resolved(generation, r);
                 }
-                _ = triggers.next() => {
-                    if let Some(applied) = self.reload.check().await {
+                // One check at a time; the loop (and so the judge) goes
+                // on while it reads, parses and resolves.
+                _ = triggers.next(), if checking.is_none() => {
+                    checking = Some(self.reload.start());
+                }
+                r = reload::checked(&mut checking) => {
+                    checking = None;
+                    if let Some(applied) = self.reload.finish(r) {
                         self.apply(applied).await;
                     } else {
                         self.publish(&[], false);

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +38,8 @@ pub struct Reload {
     /// outlive every reload).
     started: Config,
     certs: Option<Arc<CertStore>>,
+    /// Reads of the file under way (see [`MAX_READERS`]).
+    readers: Arc<AtomicUsize>,
 }
 
 impl Reload {
@@ -56,93 +59,39 @@ impl Reload {
             reloader,
             started: started.without_routes(),
             certs,
+            readers: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    /// Re-reads the config file (and the TLS certificate). Returns a new,
-    /// valid config with its endpoints resolved; a rejected file is logged,
-    /// counted and shown in `/status` here, and the running config stays.
-    pub async fn check(&mut self) -> Option<Applied> {
-        if let Some(certs) = self.certs.clone() {
-            match tokio::task::spawn_blocking(move || certs.refresh()).await {
-                Ok(Ok(true)) => tracing::info!("TLS certificate reloaded"),
-                Ok(Ok(false)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "TLS certificate not reloaded; the previous one stays")
-                }
-                Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
+    /// Starts re-reading the config file (and the TLS certificate) in a
+    /// task of its own, which the controller does not wait on: a file
+    /// system that does not answer, or names that do not resolve, never
+    /// hold up the judge. [`Reload::finish`] takes its result.
+    pub fn start(&self) -> Checking {
+        let certs = self.certs.clone();
+        let (path, reloader, readers) = (self.path.clone(), self.reloader, self.readers.clone());
+        Checking(tokio::spawn(async move {
+            if let Some(certs) = certs {
+                refresh_certs(certs, &readers).await;
             }
-        }
-        // Read and parsed off the workers (a 1 000-route file takes ~15 ms
-        // to parse, which a worker would not spend serving requests), on a
-        // thread that ends with the parse, not a pooled blocking thread
-        // that lives on: the parse's passing allocations (~10 MB for 1 000
-        // routes) stay with its thread's heap, and a thread's end is when
-        // mimalloc hands its emptied pages back and returns to the system
-        // those emptied more than a second before (an idle veer frees no
-        // pages that would make it look sooner). Measured in
-        // benches/RESULTS.md, "Session 39".
-        let (path, reloader) = (self.path.clone(), self.reloader);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name("veer-reload".into())
-            .spawn(move || {
-                let read = std::fs::read_to_string(&path).map(|text| {
-                    let outcome = reloader.consider(&text, &base_dir(&path));
-                    (text, outcome)
-                });
-                let _ = tx.send(read);
-            });
-        if let Err(e) = spawned {
-            self.reject(format!("reading config: no thread to parse it on: {e}"));
-            return None;
-        }
-        let (text, outcome) = match rx.await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                self.reject(format!("reading {}: {e}", self.path.display()));
-                return None;
-            }
-            Err(_) => {
-                self.reject("reading config: the parse ended without an answer".into());
-                return None;
-            }
-        };
-        match outcome {
-            Outcome::Unchanged => None,
-            Outcome::Rejected(d) => {
-                let rendered = d.render(&self.path);
-                self.reject(rendered.trim_end().to_string());
+            read(path, reloader, readers).await
+        }))
+    }
+
+    /// Takes a check's result: a new, valid config with its endpoints
+    /// resolved; a rejected file is logged, counted and shown in `/status`
+    /// here, and the running config stays.
+    pub fn finish(&mut self, checked: Result<Checked, tokio::task::JoinError>) -> Option<Applied> {
+        match checked {
+            Ok(Checked::Unchanged) => None,
+            Ok(Checked::Apply(applied)) => Some(*applied),
+            Ok(Checked::Rejected(error)) => {
+                self.reject(error);
                 None
             }
-            Outcome::Apply(config) => {
-                let config = *config;
-                let for_dns = config.clone();
-                // Bounded: the controller's loop (and so the judge) waits
-                // for this; a file whose names do not resolve in time is
-                // rejected like one that does not resolve at all.
-                let lookup = tokio::task::spawn_blocking(move || snapshot::resolve(&for_dns));
-                match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
-                    Ok(Ok(Ok(addrs))) => Some(Applied {
-                        config,
-                        addrs,
-                        text,
-                    }),
-                    Ok(Ok(Err(e))) => {
-                        self.reject(e.to_string());
-                        None
-                    }
-                    Ok(Err(e)) => {
-                        self.reject(e.to_string());
-                        None
-                    }
-                    Err(_) => {
-                        self.reject(format!(
-                            "endpoint host names did not resolve within {RESOLVE_TIMEOUT:?}"
-                        ));
-                        None
-                    }
-                }
+            Err(e) => {
+                self.reject(format!("checking the config file: {e}"));
+                None
             }
         }
     }
@@ -197,6 +146,153 @@ impl Reload {
         st.last_result = "failure";
         st.last_error = Some(error);
         st.last_at = crate::clock::wall_now();
+    }
+}
+
+/// A config check under way (see [`Reload::start`]).
+pub struct Checking(tokio::task::JoinHandle<Checked>);
+
+/// The result of the check under way, if any (never ready when there is
+/// none).
+pub async fn checked(checking: &mut Option<Checking>) -> Result<Checked, tokio::task::JoinError> {
+    match checking {
+        Some(Checking(task)) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a check of the config file found.
+pub enum Checked {
+    /// The same bytes as the running config.
+    Unchanged,
+    /// A new, valid config, resolved.
+    Apply(Box<Applied>),
+    /// Why the file is not applied; the running config stays.
+    Rejected(String),
+}
+
+/// Longest wait for the config file's read and parse: a 1 000-route file
+/// takes ~15 ms; a file system that takes this long does not answer.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads of the config file that may be left waiting on a file system
+/// that does not answer; past this many, no new one starts (each holds a
+/// thread) until one returns.
+const MAX_READERS: usize = 4;
+
+/// A read of a file under way, counted while it lasts (its thread's
+/// end, or a panic in it, ends it).
+struct Reading(Arc<AtomicUsize>);
+
+impl Reading {
+    /// Counts a new read, unless [`MAX_READERS`] are under way.
+    fn enter(readers: &Arc<AtomicUsize>) -> Option<Reading> {
+        if readers.fetch_add(1, Ordering::SeqCst) >= MAX_READERS {
+            readers.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Reading(readers.clone()))
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Reads the TLS certificate and key again if their files changed (a
+/// read counted among [`MAX_READERS`]).
+async fn refresh_certs(certs: Arc<CertStore>, readers: &Arc<AtomicUsize>) {
+    let Some(reading) = Reading::enter(readers) else {
+        tracing::warn!("TLS certificate files not read: earlier reads have not returned (a file system that does not answer?); the previous certificate stays");
+        return;
+    };
+    let refresh = tokio::task::spawn_blocking(move || {
+        let r = certs.refresh();
+        drop(reading);
+        r
+    });
+    match tokio::time::timeout(READ_TIMEOUT, refresh).await {
+        Ok(Ok(Ok(true))) => tracing::info!("TLS certificate reloaded"),
+        Ok(Ok(Ok(false))) => {}
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(error = %e, "TLS certificate not reloaded; the previous one stays")
+        }
+        Ok(Err(e)) => tracing::error!(error = %e, "TLS reload task failed"),
+        Err(_) => tracing::warn!(
+            "TLS certificate files not read within {READ_TIMEOUT:?}; the previous certificate stays"
+        ),
+    }
+}
+
+/// Reads, parses and resolves the config file at `path`.
+async fn read(path: PathBuf, reloader: Reloader, readers: Arc<AtomicUsize>) -> Checked {
+    // Read and parsed off the workers (a 1 000-route file takes ~15 ms
+    // to parse, which a worker would not spend serving requests), on a
+    // thread that ends with the parse, not a pooled blocking thread that
+    // lives on: the parse's passing allocations (~10 MB for 1 000 routes)
+    // stay with its thread's heap, and a thread's end is when mimalloc
+    // hands its emptied pages back and returns to the system those
+    // emptied more than a second before (an idle veer frees no pages that
+    // would make it look sooner). Measured in benches/RESULTS.md,
+    // "Session 39".
+    let Some(reading) = Reading::enter(&readers) else {
+        return Checked::Rejected(format!(
+            "reading {}: {MAX_READERS} earlier reads of files have not returned (a file system that does not answer?); not starting another",
+            path.display()
+        ));
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let file = path.clone();
+    let spawned = std::thread::Builder::new()
+        .name("veer-reload".into())
+        .spawn(move || {
+            let read = std::fs::read_to_string(&file).map(|text| {
+                let outcome = reloader.consider(&text, &base_dir(&file));
+                (text, outcome)
+            });
+            drop(reading);
+            let _ = tx.send(read);
+        });
+    if let Err(e) = spawned {
+        return Checked::Rejected(format!("reading config: no thread to parse it on: {e}"));
+    }
+    let (text, outcome) = match tokio::time::timeout(READ_TIMEOUT, rx).await {
+        Ok(Ok(Ok(t))) => t,
+        Ok(Ok(Err(e))) => return Checked::Rejected(format!("reading {}: {e}", path.display())),
+        Ok(Err(_)) => {
+            return Checked::Rejected("reading config: the parse ended without an answer".into())
+        }
+        Err(_) => {
+            return Checked::Rejected(format!(
+            "reading {}: no answer within {READ_TIMEOUT:?} (a file system that does not answer?)",
+            path.display()
+        ))
+        }
+    };
+    match outcome {
+        Outcome::Unchanged => Checked::Unchanged,
+        Outcome::Rejected(d) => Checked::Rejected(d.render(&path).trim_end().to_string()),
+        Outcome::Apply(config) => {
+            let config = *config;
+            let for_dns = config.clone();
+            // Bounded: a file whose names do not resolve in time is
+            // rejected like one that does not resolve at all.
+            let lookup = tokio::task::spawn_blocking(move || snapshot::resolve(&for_dns));
+            match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
+                Ok(Ok(Ok(addrs))) => Checked::Apply(Box::new(Applied {
+                    config,
+                    addrs,
+                    text,
+                })),
+                Ok(Ok(Err(e))) => Checked::Rejected(e.to_string()),
+                Ok(Err(e)) => Checked::Rejected(e.to_string()),
+                Err(_) => Checked::Rejected(format!(
+                    "endpoint host names did not resolve within {RESOLVE_TIMEOUT:?}"
+                )),
+            }
+        }
     }
 }
 
@@ -356,6 +452,29 @@ pub fn log_warnings(path: &std::path::Path, config: &veer_control::config::Confi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With as many reads waiting as allowed, a check is rejected without
+    /// starting another (no thread left on a file system that does not
+    /// answer); once one returns, a check reads again.
+    #[tokio::test]
+    async fn no_read_starts_while_the_most_allowed_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("veer.toml");
+        std::fs::write(&file, "[[route]]").unwrap();
+        let readers = Arc::new(AtomicUsize::new(MAX_READERS));
+        match read(file.clone(), Reloader::new(), readers.clone()).await {
+            Checked::Rejected(e) => assert!(e.contains("have not returned"), "{e}"),
+            _ => panic!("a read started past the bound"),
+        }
+        assert_eq!(readers.load(Ordering::SeqCst), MAX_READERS);
+        readers.fetch_sub(1, Ordering::SeqCst);
+        match read(file, Reloader::new(), readers.clone()).await {
+            // Read and parsed: an invalid file's diagnostics.
+            Checked::Rejected(e) => assert!(e.contains("veer.toml:"), "{e}"),
+            _ => panic!("an invalid file applied"),
+        }
+        assert_eq!(readers.load(Ordering::SeqCst), MAX_READERS - 1);
+    }
 
     /// Reading a watched file (as every check does) triggers nothing;
     /// writing it does.

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::support::{get, metric, route_config, Client, Upstream, Veer};
+use super::support::{admin_post, get, metric, route_config, Client, Upstream, Veer};
 
 async fn served_by(veer: &Veer, key: &str) -> String {
     let r = get(veer.addr, "/", &[("x-user-id", key)]).await.unwrap();
@@ -106,6 +106,75 @@ async fn an_invalid_file_is_rejected_and_the_running_config_stays() {
     assert_eq!(
         veer.status().await["config"]["last_reload"]["result"],
         "success"
+    );
+}
+
+/// Threads of `veer` named `veer-reload`: reads of its config file under way.
+fn reading(veer: &Veer) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", veer.pid())).expect("tasks");
+    tasks
+        .filter_map(Result::ok)
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "veer-reload")
+        })
+        .count()
+}
+
+/// A config file whose read never returns (a FIFO here; a network file
+/// system that stopped answering in life) holds up neither the controller
+/// (an operator's revert is carried out while the read waits) nor later
+/// reloads: the check is rejected after its bound, the running config
+/// stays, and a good file written after it is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_read_that_never_returns_holds_up_nothing() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 100.0, "")).await;
+    assert_eq!(served_by(&veer, "k").await, "canary");
+    let fifo = veer.dir.path().join(".veer.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    std::fs::rename(&fifo, &veer.config).expect("rename");
+    // A reader waits on the FIFO (opening it waits for a writer).
+    let start = Instant::now();
+    while reading(&veer) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(20), "no read started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Meanwhile the controller carries out a revert: traffic to stable.
+    assert_eq!(admin_post(&veer, "/routes/web/revert").await, 200);
+    assert_eq!(served_by(&veer, "k").await, "stable");
+    let st = veer.status().await;
+    assert_ne!(
+        st["config"]["last_reload"]["result"], "failure",
+        "the revert waited for the read's bound (5 s): {st}"
+    );
+    // The check gives up after its bound; the running config stays.
+    let start = Instant::now();
+    loop {
+        let st = veer.status().await;
+        if st["config"]["last_reload"]["result"] == "failure" {
+            let err = st["config"]["last_reload"]["error"].as_str().unwrap_or("");
+            assert!(err.contains("no answer within"), "{err}");
+            assert_eq!(st["config"]["generation"], 1);
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "never gave up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(served_by(&veer, "k").await, "stable");
+    // A good file is read by a new reader and applied.
+    veer.write_config(&route_config(&[s.addr], &[c.addr], 50.0, ""));
+    veer.wait_generation(2).await;
+    assert_eq!(
+        metric(
+            &veer.metrics().await,
+            r#"veer_canary_weight_percent{route="web",source="configured"}"#
+        ),
+        Some(50.0)
     );
 }
 

@@ -568,7 +568,9 @@ impl Controller {
                 rt.unsaved = false;
             }
         }
-        if changed {
+        // A write that failed is tried again (a decision kept unwritten,
+        // a revert, must reach the disk once it answers again).
+        if changed || self.shared.state_error_now().is_some() {
             self.persist().await;
             self.publish(&[], false);
         }
@@ -649,17 +651,20 @@ impl Controller {
         let out = control.on_action(route, action, now)?;
         let history = self.state.history.clone();
         self.record_deployments(name, &out);
-        if !self.persist().await {
+        let written = self.persist().await;
+        if !written && action == Action::Revert {
+            // Kept, unwritten: refusing a revert for want of a disk would
+            // leave the canary in traffic. A restart before the next
+            // write succeeds forgets it (`/status` shows the state error).
+            tracing::error!(route = %name, "canary reverted here, but the decision could not be written to the state dir: a restart before a write succeeds would forget it");
+        } else if !written {
+            // Other actions move toward the canary or change its
+            // rollout: refused unless they outlive a restart.
             self.controls.insert(name.to_string(), before);
             self.state.history = history;
             self.publish(&[], false);
-            let e = self
-                .shared
-                .state_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            return Err(ActionError::State(e.unwrap_or_default()));
+            let e = self.shared.state_error_now().unwrap_or_default();
+            return Err(ActionError::State(e));
         }
         if action == Action::Reset {
             if let Some(rt) = self.routes.get_mut(name) {

@@ -1,20 +1,45 @@
 //! Writing the decisions to the state dir, off the reactor.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use veer_control::state::State;
 
 use crate::shared::Shared;
 
-/// Writes `state` to `dir` on a blocking thread; false if that failed.
-/// The failure is kept for `/status` and logged once per distinct error
-/// (evidence is saved every few seconds, and a read-only state dir should
-/// not flood the log); a success clears it.
+/// Longest wait for a write of the state dir: the controller (and so the
+/// judge) waits for it. A write takes milliseconds, an fsync on a busy
+/// disk up to a second or so; one that takes this long is a file system
+/// that does not answer.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Writes `state` to `dir` on a blocking thread; false if that failed, or
+/// gave no answer within 5 s (the write goes on, and no other
+/// starts until it returns: the next one after it writes the whole state
+/// again). The failure is kept for `/status` and logged once per distinct
+/// error (evidence is saved every few seconds, and a read-only state dir
+/// should not flood the log); a success clears it.
 pub async fn save(shared: &Shared, state: State, dir: PathBuf) -> bool {
-    let error = match tokio::task::spawn_blocking(move || state.save(&dir)).await {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e.to_string()),
-        Err(e) => Some(e.to_string()),
+    let error = match shared.state_writes.enter(1) {
+        None => Some(
+            "an earlier write of the state dir has not returned (a file system that does not answer?)"
+                .to_string(),
+        ),
+        Some(writing) => {
+            let write = tokio::task::spawn_blocking(move || {
+                let written = state.save(&dir);
+                drop(writing);
+                written
+            });
+            match tokio::time::timeout(SAVE_TIMEOUT, write).await {
+                Ok(Ok(Ok(()))) => None,
+                Ok(Ok(Err(e))) => Some(e.to_string()),
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!(
+                    "writing the state dir: no answer within {SAVE_TIMEOUT:?} (a file system that does not answer?)"
+                )),
+            }
+        }
     };
     let mut current = shared.state_error.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(e) = error.as_ref().filter(|e| current.as_ref() != Some(*e)) {

@@ -218,11 +218,7 @@ pub fn document(
                 .map(|w| format!("{}:{}: {}", w.line, w.col, w.message))
                 .collect(),
         },
-        state_error: shared
-            .state_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone(),
+        state_error: shared.state_error_now(),
         fleet,
         routes,
     };

@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use tokio::sync::mpsc;
 use veer_control::config::Config;
 use veer_control::reload::{Outcome, Reloader};
 
-use crate::shared::Shared;
+use crate::shared::{Shared, Waiting};
 use crate::snapshot;
 use crate::tls::CertStore;
 
@@ -38,8 +37,8 @@ pub struct Reload {
     /// outlive every reload).
     started: Config,
     certs: Option<Arc<CertStore>>,
-    /// Reads of the file under way (see [`MAX_READERS`]).
-    readers: Arc<AtomicUsize>,
+    /// Reads of the files under way (see [`MAX_READERS`]).
+    readers: Waiting,
 }
 
 impl Reload {
@@ -59,7 +58,7 @@ impl Reload {
             reloader,
             started: started.without_routes(),
             certs,
-            readers: Arc::new(AtomicUsize::new(0)),
+            readers: Waiting::default(),
         }
     }
 
@@ -180,31 +179,10 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// thread) until one returns.
 const MAX_READERS: usize = 4;
 
-/// A read of a file under way, counted while it lasts (its thread's
-/// end, or a panic in it, ends it).
-struct Reading(Arc<AtomicUsize>);
-
-impl Reading {
-    /// Counts a new read, unless [`MAX_READERS`] are under way.
-    fn enter(readers: &Arc<AtomicUsize>) -> Option<Reading> {
-        if readers.fetch_add(1, Ordering::SeqCst) >= MAX_READERS {
-            readers.fetch_sub(1, Ordering::SeqCst);
-            return None;
-        }
-        Some(Reading(readers.clone()))
-    }
-}
-
-impl Drop for Reading {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// Reads the TLS certificate and key again if their files changed (a
 /// read counted among [`MAX_READERS`]).
-async fn refresh_certs(certs: Arc<CertStore>, readers: &Arc<AtomicUsize>) {
-    let Some(reading) = Reading::enter(readers) else {
+async fn refresh_certs(certs: Arc<CertStore>, readers: &Waiting) {
+    let Some(reading) = readers.enter(MAX_READERS) else {
         tracing::warn!("TLS certificate files not read: earlier reads have not returned (a file system that does not answer?); the previous certificate stays");
         return;
     };
@@ -227,7 +205,7 @@ async fn refresh_certs(certs: Arc<CertStore>, readers: &Arc<AtomicUsize>) {
 }
 
 /// Reads, parses and resolves the config file at `path`.
-async fn read(path: PathBuf, reloader: Reloader, readers: Arc<AtomicUsize>) -> Checked {
+async fn read(path: PathBuf, reloader: Reloader, readers: Waiting) -> Checked {
     // Read and parsed off the workers (a 1 000-route file takes ~15 ms
     // to parse, which a worker would not spend serving requests), on a
     // thread that ends with the parse, not a pooled blocking thread that
@@ -237,7 +215,7 @@ async fn read(path: PathBuf, reloader: Reloader, readers: Arc<AtomicUsize>) -> C
     // emptied more than a second before (an idle veer frees no pages that
     // would make it look sooner). Measured in benches/RESULTS.md,
     // "Session 39".
-    let Some(reading) = Reading::enter(&readers) else {
+    let Some(reading) = readers.enter(MAX_READERS) else {
         return Checked::Rejected(format!(
             "reading {}: {MAX_READERS} earlier reads of files have not returned (a file system that does not answer?); not starting another",
             path.display()
@@ -461,19 +439,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("veer.toml");
         std::fs::write(&file, "[[route]]").unwrap();
-        let readers = Arc::new(AtomicUsize::new(MAX_READERS));
+        let readers = Waiting::default();
+        let mut stuck: Vec<_> = (0..MAX_READERS)
+            .filter_map(|_| readers.enter(MAX_READERS))
+            .collect();
         match read(file.clone(), Reloader::new(), readers.clone()).await {
             Checked::Rejected(e) => assert!(e.contains("have not returned"), "{e}"),
             _ => panic!("a read started past the bound"),
         }
-        assert_eq!(readers.load(Ordering::SeqCst), MAX_READERS);
-        readers.fetch_sub(1, Ordering::SeqCst);
+        assert_eq!(readers.count(), MAX_READERS);
+        stuck.pop();
         match read(file, Reloader::new(), readers.clone()).await {
             // Read and parsed: an invalid file's diagnostics.
             Checked::Rejected(e) => assert!(e.contains("veer.toml:"), "{e}"),
             _ => panic!("an invalid file applied"),
         }
-        assert_eq!(readers.load(Ordering::SeqCst), MAX_READERS - 1);
+        assert_eq!(readers.count(), MAX_READERS - 1);
     }
 
     /// Reading a watched file (as every check does) triggers nothing;

@@ -1,7 +1,7 @@
 //! State shared by listeners, the admin endpoint and the reloader.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -46,6 +46,8 @@ pub struct Shared {
     pub status: ArcSwap<StatusDoc>,
     /// Why the last write of persisted state failed, if it did.
     pub state_error: Mutex<Option<String>>,
+    /// Writes of persisted state under way (see [`crate::persist::save`]).
+    pub state_writes: Waiting,
 }
 
 impl Shared {
@@ -71,7 +73,16 @@ impl Shared {
             grace_over: AtomicBool::new(false),
             status: ArcSwap::from_pointee(StatusDoc::default()),
             state_error: Mutex::new(None),
+            state_writes: Waiting::default(),
         }
+    }
+
+    /// Why the last write of persisted state failed, if it did.
+    pub fn state_error_now(&self) -> Option<String> {
+        self.state_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The reload status (never locked on the request path).
@@ -80,5 +91,38 @@ impl Shared {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
+    }
+}
+
+/// Blocking file work under way that may never return (a file system
+/// that stopped answering), counted so that only a bounded number of
+/// threads are left waiting on it: past the bound, no more starts.
+#[derive(Clone, Debug, Default)]
+pub struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    /// Counts a new piece of work, unless `most` are under way.
+    pub fn enter(&self, most: usize) -> Option<Entered> {
+        if self.0.fetch_add(1, Ordering::SeqCst) >= most {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Entered(self.0.clone()))
+    }
+
+    /// How many are under way.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// One piece of [`Waiting`] work, counted until dropped (when its thread
+/// is done with it, or panics).
+#[derive(Debug)]
+pub struct Entered(Arc<AtomicUsize>);
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use super::support::{
-    all_on, get, metric, route_config, send_keyed, Load, Upstream, Veer, FAST_JUDGE as JUDGE,
+    admin_post, all_on, get, metric, route_config, send_keyed, Load, Upstream, Veer,
+    FAST_JUDGE as JUDGE,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,4 +190,68 @@ async fn deployments_are_counted_by_how_they_ended_and_survive_a_restart() {
         (metric(&m, r#"veer_change_failure_ratio{route="web"}"#).unwrap() - 1.0 / 3.0).abs() < 1e-9,
         "{m}"
     );
+}
+
+/// A state dir whose write never returns (a FIFO where the state file's
+/// temporary goes; a network volume that stopped answering in life): an
+/// operator's revert is carried out all the same (refusing it for want of
+/// a disk would leave the canary in traffic), `/status` says the state is
+/// not written, an action toward the canary is refused, and the judge's
+/// loop goes on; once the write returns, the revert is on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_holds_when_the_state_dir_does_not_answer() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 100.0, "")).await;
+    let state = veer.dir.path().join("state");
+    let fifo = state.join(".state.json.tmp");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+
+    assert_eq!(admin_post(&veer, "/routes/web/revert").await, 200);
+    let r = get(veer.addr, "/", &[("x-user-id", "k")]).await.unwrap();
+    assert_eq!(r.headers()["x-upstream"], "stable");
+    let st = veer.status().await;
+    let error = st["state_error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("no answer within"), "{st}");
+    // Back toward the canary needs the disk: refused, without waiting
+    // for the write under way again.
+    assert_eq!(admin_post(&veer, "/routes/web/reset").await, 500);
+    let st = veer.status().await;
+    let error = st["state_error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("has not returned"), "{st}");
+    let r = get(veer.addr, "/", &[("x-user-id", "k")]).await.unwrap();
+    assert_eq!(r.headers()["x-upstream"], "stable");
+
+    // The disk answers again: the FIFO opened for reading (which lets the
+    // stuck write's open return), removed, and drained (that write fails:
+    // a FIFO cannot be synced). The next write, tried again on its own,
+    // puts the revert on disk.
+    let drained = tokio::task::spawn_blocking(move || {
+        let mut reader = std::fs::File::open(&fifo)?;
+        std::fs::remove_file(&fifo)?;
+        let mut sink = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut sink).map(|_| sink.len())
+    });
+    let bytes = tokio::time::timeout(Duration::from_secs(30), drained)
+        .await
+        .expect("the stuck write never came")
+        .unwrap()
+        .unwrap();
+    assert!(bytes > 0);
+    let start = Instant::now();
+    loop {
+        let saved = std::fs::read_to_string(state.join("state.json")).unwrap_or_default();
+        if saved.contains("\"reverted\"") && saved.contains("operator") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "revert never on disk: {saved}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

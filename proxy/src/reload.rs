@@ -243,10 +243,10 @@ async fn read(path: PathBuf, reloader: Reloader, readers: Waiting) -> Checked {
             return Checked::Rejected("reading config: the parse ended without an answer".into())
         }
         Err(_) => {
+            let path = path.display();
             return Checked::Rejected(format!(
-            "reading {}: no answer within {READ_TIMEOUT:?} (a file system that does not answer?)",
-            path.display()
-        ))
+                "reading {path}: no answer within {READ_TIMEOUT:?} (a file system that does not answer?)"
+            ));
         }
     };
     match outcome {

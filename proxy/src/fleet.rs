@@ -946,12 +946,18 @@ impl Agent {
         let pending: Vec<(RecordKey, FleetRecord)> = self.pending.drain().collect();
         for (key, local) in pending {
             let k = self.key(&key);
-            let r = cas(client, &k, |current| Ok(merge_publish(current, &local))).await;
+            let mut first = false;
+            let r = cas(client, &k, |current| {
+                first = current.is_none();
+                Ok(merge_publish(current, &local))
+            })
+            .await;
             match r {
-                // A first record (every route of a new fleet: a write a
-                // route as the first replica joins) or one the store lost:
-                // at debug, not thousands of info lines at a join.
-                Ok(Some((w, revision))) if w.last == Change::Sync => {
+                // A route's first record (every route of a new fleet, as
+                // its first replica joins): at debug, not thousands of
+                // info lines at a join. (A record the store lost is
+                // written again the same way.)
+                Ok(Some((w, revision))) if w.last == Change::Sync && first => {
                     tracing::debug!(route = %key.route, epoch = w.epoch, revision, "published a decision to the fleet");
                 }
                 Ok(Some((w, revision))) => {

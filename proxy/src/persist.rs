@@ -13,12 +13,12 @@ use crate::shared::Shared;
 /// that does not answer.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Writes `state` to `dir` on a blocking thread; false if that failed, or
-/// gave no answer within 5 s (the write goes on, and no other
-/// starts until it returns: the next one after it writes the whole state
-/// again). The failure is kept for `/status` and logged once per distinct
-/// error (evidence is saved every few seconds, and a read-only state dir
-/// should not flood the log); a success clears it.
+/// Writes `state` to `dir` on a blocking thread; false if that failed or
+/// gave no answer within 5 s (the write goes on, and no other starts until
+/// it returns: the next one after it writes the whole state again). The
+/// failure is kept for `/status` and logged once per distinct error (the
+/// controller tries again every 10 s, and a read-only state dir should not
+/// flood the log); a success clears it.
 pub async fn save(shared: &Shared, state: State, dir: PathBuf) -> bool {
     let error = match shared.state_writes.enter(1) {
         None => Some(

@@ -6,6 +6,10 @@
 //! watch on the file itself would miss. Events are debounced; SIGHUP and a
 //! slow periodic check trigger the same path, which compares content, so a
 //! spurious trigger costs one file read and changes nothing.
+//!
+//! A check runs beside the controller's loop (the judge never waits on
+//! it), one at a time, each read bounded: a file system that stops
+//! answering gets its check rejected, not the controller stopped.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -6,7 +6,9 @@
 //! snapshot and of the `/status` document. Three things wake it: a file
 //! change (reload), an operator action (admin endpoint), and the judge
 //! tick. Because they are handled one at a time, a reload can never race a
-//! revert, and every snapshot agrees with the decisions on disk.
+//! revert. Decisions reach the disk behind the loop, one write at a time,
+//! each of the whole state as it then is (the judge does not wait for a
+//! slow disk); an operator's action is answered once it is written.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -130,6 +132,12 @@ pub struct Controller {
     /// Nothing for the 100 ms tick to do until a route rings or an
     /// upstream's health changes (see [`Controller::may_rest`]).
     resting: bool,
+    /// The write of the decisions under way behind the loop, if any (see
+    /// [`Controller::persist`]).
+    saving: Option<crate::persist::Saving>,
+    /// Decisions changed while that write was under way: written again
+    /// when it returns.
+    save_again: bool,
 }
 
 impl Controller {
@@ -226,12 +234,14 @@ impl Controller {
             index: HashMap::new(),
             smoke_look: true,
             resting: false,
+            saving: None,
+            save_again: false,
         };
         c.index_routes();
         c.wake_all();
         let changed = c.announce_all(&outputs);
         if changed {
-            c.persist().await;
+            c.persist_now().await;
         }
         c.publish(&c.route_names(), true);
         Ok((c, shared))
@@ -279,7 +289,7 @@ impl Controller {
                 r = reload::checked(&mut checking) => {
                     checking = None;
                     if let Some(applied) = self.reload.finish(r) {
-                        self.apply(applied).await;
+                        self.apply(applied);
                     } else {
                         self.publish(&[], false);
                     }
@@ -301,23 +311,25 @@ impl Controller {
                     self.resting = false;
                     self.on_fleet_news(news).await
                 }
-                Some(answer) = self.gates.next() => self.gate_answered(answer).await,
-                Some(run) = self.smokes.next() => self.smoke_done(run).await,
+                Some(answer) = self.gates.next() => self.gate_answered(answer),
+                Some(run) = self.smokes.next() => self.smoke_done(run),
                 _ = sweep.tick(), if self.fleet.is_some() => self.fleet_sweep(),
                 _ = tick.tick(), if !self.resting => {
                     // A new canary's smoke checks start within a tick of
                     // its config (or of a reset).
                     self.smoke_due();
-                    self.judge_due().await;
+                    self.judge_due();
                     self.resting = self.may_rest();
                 }
                 // Resting, the tick starts again (at once) when a route
                 // rings or an upstream fails or recovers.
                 _ = wakes.rung(), if self.resting => self.resting = false,
                 _ = shared.upstreams.health_changed(), if self.resting => self.resting = false,
-                _ = save.tick() => self.save_evidence().await,
+                written = crate::persist::saved(&mut self.saving) => self.saved(written),
+                _ = save.tick() => self.save_evidence(),
                 _ = shutdown.changed() => {
-                    self.save_evidence().await;
+                    self.save_evidence();
+                    self.flush().await;
                     return;
                 }
             }
@@ -543,8 +555,43 @@ impl Controller {
         state
     }
 
-    /// Writes the decisions to the state dir (see [`crate::persist`]).
-    async fn persist(&self) -> bool {
+    /// Writes the decisions to the state dir behind the loop: the judge,
+    /// reloads and the fleet's news go on while the disk answers (a busy
+    /// disk's fsync can take a second). One write at a time: decisions
+    /// that change meanwhile are written, all of them, when it returns.
+    fn persist(&mut self) {
+        if self.saving.is_some() {
+            self.save_again = true;
+            return;
+        }
+        self.save_again = false;
+        self.saving = Some(crate::persist::start(
+            self.shared.clone(),
+            self.decisions(),
+            self.config.state.dir.clone(),
+        ));
+    }
+
+    /// The write behind the loop returned (`/status` shows whether it
+    /// failed): the decisions are written again if they changed since.
+    fn saved(&mut self, _written: bool) {
+        self.saving = None;
+        if self.save_again {
+            self.persist();
+        }
+        self.publish(&[], false);
+    }
+
+    /// Writes the decisions to the state dir now, after the write behind
+    /// the loop if one is under way (each returns within 5 s, see
+    /// [`crate::persist::save`]); whether this one reached the disk. For
+    /// what must be on disk before it is answered: an operator's action.
+    async fn persist_now(&mut self) -> bool {
+        if self.saving.is_some() {
+            let _ = crate::persist::saved(&mut self.saving).await;
+            self.saving = None;
+        }
+        self.save_again = false;
         crate::persist::save(
             &self.shared,
             self.decisions(),
@@ -553,9 +600,21 @@ impl Controller {
         .await
     }
 
+    /// Puts on disk what the writes behind the loop have not yet: at
+    /// shutdown, and before a fleet's commit of an operator's action is
+    /// answered.
+    async fn flush(&mut self) {
+        if self.save_again {
+            self.persist_now().await;
+        } else if self.saving.is_some() {
+            let _ = crate::persist::saved(&mut self.saving).await;
+            self.saving = None;
+        }
+    }
+
     /// Writes every judge's tests to the state dir, so that a restart
     /// continues them.
-    async fn save_evidence(&mut self) {
+    fn save_evidence(&mut self) {
         let mut changed = false;
         // Only judges that saw traffic since their last save: an idle
         // route's tests did not move.
@@ -571,8 +630,7 @@ impl Controller {
         // A write that failed is tried again (a decision kept unwritten,
         // a revert, must reach the disk once it answers again).
         if changed || self.shared.state_error_now().is_some() {
-            self.persist().await;
-            self.publish(&[], false);
+            self.persist();
         }
     }
 
@@ -602,7 +660,7 @@ impl Controller {
         }
     }
 
-    async fn apply(&mut self, applied: Applied) {
+    fn apply(&mut self, applied: Applied) {
         self.generation += 1;
         self.config = applied.config.clone();
         self.addrs = applied.addrs.clone();
@@ -634,8 +692,7 @@ impl Controller {
         self.reload.accepted(&applied, self.generation);
         self.publish(&names, true);
         if changed {
-            self.persist().await;
-            self.publish(&[], false);
+            self.persist();
         }
     }
 
@@ -651,7 +708,7 @@ impl Controller {
         let out = control.on_action(route, action, now)?;
         let history = self.state.history.clone();
         self.record_deployments(name, &out);
-        let written = self.persist().await;
+        let written = self.persist_now().await;
         if !written && action == Action::Revert {
             // Kept, unwritten: refusing a revert for want of a disk would
             // leave the canary in traffic. A restart before the next

@@ -48,3 +48,26 @@ pub async fn save(shared: &Shared, state: State, dir: PathBuf) -> bool {
     *current = error.clone();
     error.is_none()
 }
+
+/// A write of the state dir under way behind the controller's loop (see
+/// [`start`]).
+#[derive(Debug)]
+pub struct Saving(tokio::task::JoinHandle<bool>);
+
+/// Starts [`save`] as a task of its own, so that the loop (the judge, a
+/// reload, the fleet's news) goes on while the disk answers; its result
+/// is taken with [`saved`]. The wait is bounded as [`save`]'s is.
+pub fn start(shared: std::sync::Arc<Shared>, state: State, dir: PathBuf) -> Saving {
+    Saving(tokio::spawn(async move { save(&shared, state, dir).await }))
+}
+
+/// The result of the write under way, if any (pending while none is):
+/// whether it reached the disk.
+pub async fn saved(saving: &mut Option<Saving>) -> bool {
+    match saving {
+        // A task that did not finish (it cannot panic short of a bug)
+        // counts as a failed write.
+        Some(s) => (&mut s.0).await.unwrap_or(false),
+        None => std::future::pending().await,
+    }
+}

@@ -1,11 +1,16 @@
 //! Decisions that stay: a revert belongs to a canary identity and survives
 //! a config that briefly lacks the canary; a breach that cannot act is
-//! reported as `breach`.
+//! reported as `breach`; the judge's decisions reach the disk behind the
+//! controller's loop, which a disk that does not answer holds up in
+//! nothing.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::support::{admin_post, all_on, route_config, wait_verdict, Load, Upstream, Veer};
+use super::support::{
+    admin_post, all_on, route_config, stuck_state_dir, unstick_state_dir, wait_verdict, Load,
+    Upstream, Veer,
+};
 
 const JUDGE: &str = "[route.judge]\ninterval = \"200ms\"\nwindow = \"10s\"\nmin_requests = 20\n";
 
@@ -54,4 +59,75 @@ async fn a_breach_while_paused_is_reported_as_breach_and_changes_nothing() {
         m.contains(r#"veer_verdict{route="web",verdict="breach"} 1"#),
         "{m}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_judges_revert_is_written_behind_the_loop() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    c.status.store(500, Ordering::SeqCst);
+    let config = route_config(&[s.addr], &[c.addr], 20.0, "") + JUDGE;
+    let veer = Veer::start(&config).await;
+    let state = veer.dir.path().join("state");
+    let fifo = stuck_state_dir(&veer);
+
+    let load = Load::start(veer.addr, 4, Duration::ZERO);
+    wait_verdict(&veer, "reverted", Duration::from_secs(10)).await;
+    let reverted = Instant::now();
+    load.stop().await;
+    // The revert's write waits on the FIFO; a reload is applied meanwhile,
+    // before that write's bound (no state error shown yet). A loop that
+    // awaited the write would take the reload only after it failed.
+    veer.write_config(&config.replace("sticky = [", "timeout = \"20s\"\nsticky = ["));
+    let st = loop {
+        let st = veer.status().await;
+        if st["config"]["generation"].as_u64() >= Some(2) {
+            break st;
+        }
+        assert!(
+            reverted.elapsed() < Duration::from_secs(30),
+            "generation 2 never reached:\n{}",
+            veer.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(
+        st["state_error"].is_null(),
+        "the reload waited for the write's bound ({:?} after the revert): {st}",
+        reverted.elapsed()
+    );
+    assert_eq!(st["routes"][0]["verdict"], "reverted", "{st}");
+    all_on(&veer, "stable", 100).await;
+
+    // The write's bound passes: `/status` says why nothing is on disk.
+    let st = loop {
+        let st = veer.status().await;
+        if !st["state_error"].is_null() {
+            break st;
+        }
+        assert!(
+            reverted.elapsed() < Duration::from_secs(30),
+            "the stuck write was never reported: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let error = st["state_error"].as_str().unwrap_or_default();
+    assert!(error.contains("no answer within"), "{st}");
+
+    // The disk answers again (the stuck write fails): the next write, at
+    // the 10 s evidence save, puts the revert on disk and clears the error.
+    unstick_state_dir(fifo).await;
+    let start = Instant::now();
+    loop {
+        let saved = std::fs::read_to_string(state.join("state.json")).unwrap_or_default();
+        let st = veer.status().await;
+        if saved.contains("\"reverted\"") && st["state_error"].is_null() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "revert never on disk: {saved}\n{st}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

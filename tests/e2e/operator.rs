@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use super::support::{
-    admin_post, all_on, get, metric, route_config, send_keyed, Load, Upstream, Veer,
-    FAST_JUDGE as JUDGE,
+    admin_post, all_on, get, metric, route_config, send_keyed, stuck_state_dir, unstick_state_dir,
+    Load, Upstream, Veer, FAST_JUDGE as JUDGE,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,12 +204,7 @@ async fn a_revert_holds_when_the_state_dir_does_not_answer() {
     let c = Upstream::start("canary").await;
     let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 100.0, "")).await;
     let state = veer.dir.path().join("state");
-    let fifo = state.join(".state.json.tmp");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("mkfifo");
-    assert!(made.success());
+    let fifo = stuck_state_dir(&veer);
 
     assert_eq!(admin_post(&veer, "/routes/web/revert").await, 200);
     let r = get(veer.addr, "/", &[("x-user-id", "k")]).await.unwrap();
@@ -226,22 +221,9 @@ async fn a_revert_holds_when_the_state_dir_does_not_answer() {
     let r = get(veer.addr, "/", &[("x-user-id", "k")]).await.unwrap();
     assert_eq!(r.headers()["x-upstream"], "stable");
 
-    // The disk answers again: the FIFO opened for reading (which lets the
-    // stuck write's open return), removed, and drained (that write fails:
-    // a FIFO cannot be synced). The next write, tried again on its own,
-    // puts the revert on disk.
-    let drained = tokio::task::spawn_blocking(move || {
-        let mut reader = std::fs::File::open(&fifo)?;
-        std::fs::remove_file(&fifo)?;
-        let mut sink = Vec::new();
-        std::io::Read::read_to_end(&mut reader, &mut sink).map(|_| sink.len())
-    });
-    let bytes = tokio::time::timeout(Duration::from_secs(30), drained)
-        .await
-        .expect("the stuck write never came")
-        .unwrap()
-        .unwrap();
-    assert!(bytes > 0);
+    // The disk answers again (the stuck write fails). The next write,
+    // tried again on its own, puts the revert on disk.
+    unstick_state_dir(fifo).await;
     let start = Instant::now();
     loop {
         let saved = std::fs::read_to_string(state.join("state.json")).unwrap_or_default();

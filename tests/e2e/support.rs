@@ -741,6 +741,38 @@ pub fn write_with_mode(path: &Path, text: &str, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
+/// Makes `veer`'s state dir stop answering: a FIFO where the state file's
+/// temporary goes, so that a write opens it and waits there (until its
+/// 5 s bound), as on a file system that does not answer. Returns its path.
+pub fn stuck_state_dir(veer: &Veer) -> PathBuf {
+    let fifo = veer.dir.path().join("state/.state.json.tmp");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    fifo
+}
+
+/// The state dir answers again: the FIFO of [`stuck_state_dir`] opened
+/// for reading (which lets the stuck write's open return), removed, and
+/// drained (that write fails: a FIFO cannot be synced). Panics unless the
+/// stuck write came within 30 s and wrote something.
+pub async fn unstick_state_dir(fifo: PathBuf) {
+    let drained = tokio::task::spawn_blocking(move || {
+        let mut reader = std::fs::File::open(&fifo)?;
+        std::fs::remove_file(&fifo)?;
+        let mut sink = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut sink).map(|_| sink.len())
+    });
+    let bytes = tokio::time::timeout(Duration::from_secs(30), drained)
+        .await
+        .expect("the stuck write never came")
+        .expect("join")
+        .expect("drain");
+    assert!(bytes > 0);
+}
+
 /// Reads from `stream` until a whole request head came; false if the
 /// connection ended first.
 pub async fn read_head(stream: &mut tokio::net::TcpStream) -> bool {

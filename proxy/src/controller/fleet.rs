@@ -136,12 +136,12 @@ impl Controller {
                 }
                 if l.synced {
                     let local = record.by == l.fleet.replica;
-                    self.apply_record(&k, &record, local).await;
+                    self.apply_record(&k, &record, local);
                 }
             }
             News::Agent(FromAgent::Synced(from)) => {
                 self.on_pool_news(FromAgent::Synced(from));
-                self.fleet_synced().await
+                self.fleet_synced()
             }
             News::Agent(
                 n @ (FromAgent::Evidence(..)
@@ -173,7 +173,7 @@ impl Controller {
 
     /// Applies `record` to its route if it decides for the route's current
     /// canary; persists and announces what changed.
-    async fn apply_record(&mut self, k: &RecordKey, record: &FleetRecord, local: bool) {
+    fn apply_record(&mut self, k: &RecordKey, record: &FleetRecord, local: bool) {
         let changed = self.apply_record_quiet(k, record, local);
         // A reset from the fleet starts a new epoch, which needs its seat.
         let held = self.hold_unseated_of(Some(std::slice::from_ref(&k.route)));
@@ -181,7 +181,7 @@ impl Controller {
             self.rebuild();
         }
         if changed {
-            self.persist().await;
+            self.persist();
         }
         // Shown even when nothing changed: a revert of ours is now in the
         // store (no longer `unpublished`).
@@ -250,7 +250,7 @@ impl Controller {
     /// The fleet's decisions were read: every route takes the record of
     /// its canary, canaries come back into traffic, and decisions taken
     /// here that the store lacks are published.
-    async fn fleet_synced(&mut self) {
+    fn fleet_synced(&mut self) {
         let Some(l) = self.fleet.as_mut() else {
             return;
         };
@@ -278,7 +278,7 @@ impl Controller {
         self.hold_unseated();
         self.rebuild();
         if changed {
-            self.persist().await;
+            self.persist();
         }
         self.publish(&self.route_names(), true);
     }
@@ -467,9 +467,12 @@ impl Controller {
             .as_mut()
             .is_some_and(|l| l.remember(&k, &record, revision));
         if record.identity == id && fresh {
-            self.apply_record(&k, &record, true).await;
+            self.apply_record(&k, &record, true);
         }
         if let Some(reply) = c.reply {
+            // An operator's action is answered once it is on disk here
+            // too, as without a fleet.
+            self.flush().await;
             let status = self
                 .statuses
                 .get(&c.route)

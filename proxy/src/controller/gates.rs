@@ -123,7 +123,7 @@ impl Controller {
 
     /// A gate answered: a 2xx takes the step (alone) or proposes it (fleet);
     /// anything else holds it until the gate is asked again.
-    pub(super) async fn gate_answered(&mut self, a: GateAnswer) {
+    pub(super) fn gate_answered(&mut self, a: GateAnswer) {
         let Some(gate) = self.gates.gates.get_mut(&a.route) else {
             return;
         };
@@ -155,7 +155,7 @@ impl Controller {
             self.gates.gates.remove(&a.route);
             self.announce(&a.route, &out);
             self.rebuild();
-            self.persist().await;
+            self.persist();
         }
         self.publish(std::slice::from_ref(&a.route), false);
     }

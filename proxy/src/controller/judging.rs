@@ -14,7 +14,7 @@ const NEXT_DUE_AT_MOST: std::time::Duration = std::time::Duration::from_secs(1);
 use crate::runtime::RouteRuntime;
 
 impl Controller {
-    pub(super) async fn judge_due(&mut self) {
+    pub(super) fn judge_due(&mut self) {
         let now = Instant::now();
         let mut judged = Vec::new();
         let mut changed = false;
@@ -119,8 +119,7 @@ impl Controller {
             self.publish(&judged, false);
         }
         if changed {
-            self.persist().await;
-            self.publish(&[], false);
+            self.persist();
         }
     }
 

@@ -109,7 +109,7 @@ impl Controller {
     }
 
     /// A run ended: its result goes to the route's control.
-    pub(super) async fn smoke_done(&mut self, r: SmokeRun) {
+    pub(super) fn smoke_done(&mut self, r: SmokeRun) {
         if self.smokes.running.get(&r.route) == Some(&r.key) {
             self.smokes.running.remove(&r.route);
         }
@@ -130,7 +130,7 @@ impl Controller {
         }
         self.announce(&r.route, &out);
         self.rebuild();
-        self.persist().await;
+        self.persist();
         self.publish(std::slice::from_ref(&r.route), false);
     }
 }

@@ -156,7 +156,8 @@ impl Controller {
             text,
         } = applied;
         let dir = config.state.dir.clone();
-        let state = match tokio::task::spawn_blocking(move || State::load(&dir)).await {
+        let load = tokio::task::spawn_blocking(move || State::load(&dir));
+        let state = match crate::run::start_step("the state dir", load).await {
             Ok(r) => r?,
             Err(e) => {
                 return Err(StateError::Io {

@@ -248,7 +248,7 @@ fn print_status(admin: &str, token_file: Option<PathBuf>) -> anyhow::Result<()> 
 }
 
 fn run_proxy(path: PathBuf) -> anyhow::Result<()> {
-    let loaded = run::load(&path)?;
+    let loaded = run::load_at_start(&path)?;
     let rt = runtime(loaded.config.proxy.workers)?;
     rt.block_on(run::run(loaded, terminated(), None))?;
     rt.shutdown_timeout(Duration::from_secs(1));

@@ -84,6 +84,72 @@ pub struct Loaded {
     pub config: Config,
 }
 
+/// How long a start-up step (a file read, a DNS lookup) may go before the
+/// log says what start-up waits for; said again each time as long.
+const STILL_WAITING: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Logs that start-up has waited `waited` for `what`.
+fn still_waiting(what: &str, waited: std::time::Duration) {
+    tracing::warn!(
+        waiting_for = what,
+        waited = ?waited,
+        "start-up is still waiting (a file system or DNS that does not answer?)"
+    );
+}
+
+/// Awaits a start-up step, saying in the log every 5 s that start-up
+/// still waits for `what`: a file system or resolver that does not
+/// answer would otherwise hold the start with no listener and no word.
+pub async fn start_step<T>(what: &str, step: impl Future<Output = T>) -> T {
+    tokio::pin!(step);
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        match tokio::time::timeout(STILL_WAITING, &mut step).await {
+            Ok(v) => return v,
+            Err(_) => {
+                waited += STILL_WAITING;
+                still_waiting(what, waited);
+            }
+        }
+    }
+}
+
+/// [`load`] at start-up, on a thread of its own, saying in the log every
+/// 5 s that start-up still waits for the file (the runtime, whose size
+/// the file gives, does not exist yet).
+pub fn load_at_start(path: &Path) -> Result<Loaded, RunError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let file = path.to_path_buf();
+    let reader = std::thread::Builder::new()
+        .name("veer-load".into())
+        .spawn(move || {
+            let _ = tx.send(load(&file));
+        });
+    if let Err(source) = reader {
+        return Err(RunError::Read {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    let what = path.display().to_string();
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        match rx.recv_timeout(STILL_WAITING) {
+            Ok(loaded) => return loaded,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                waited += STILL_WAITING;
+                still_waiting(&what, waited);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(RunError::Read {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other("the reading thread ended without a result"),
+                })
+            }
+        }
+    }
+}
+
 /// Reads and validates a config file. Blocking.
 pub fn load(path: &Path) -> Result<Loaded, RunError> {
     let text = std::fs::read_to_string(path).map_err(|source| RunError::Read {
@@ -124,11 +190,12 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new()?);
     let upstreams = Upstreams::new();
     let for_dns = config.clone();
-    let addrs = tokio::task::spawn_blocking(move || snapshot::resolve(&for_dns)).await??;
+    let resolve = tokio::task::spawn_blocking(move || snapshot::resolve(&for_dns));
+    let addrs = start_step("resolving the endpoints' host names", resolve).await??;
     let (token_file, state_dir) = (config.admin.token_file.clone(), config.state.dir.clone());
-    let (token, source) =
-        tokio::task::spawn_blocking(move || crate::token::load(token_file.as_deref(), &state_dir))
-            .await??;
+    let token =
+        tokio::task::spawn_blocking(move || crate::token::load(token_file.as_deref(), &state_dir));
+    let (token, source) = start_step("the admin token", token).await??;
     match &source {
         crate::token::Source::Generated(p) => {
             tracing::info!(path = %p.display(), "admin token generated: actions need it as a bearer token")
@@ -140,9 +207,8 @@ pub async fn run(
     let certs = match &config.proxy.tls {
         Some(t) => {
             let (cert, key) = (t.cert.clone(), t.key.clone());
-            Some(Arc::new(
-                tokio::task::spawn_blocking(move || CertStore::open(&cert, &key)).await??,
-            ))
+            let open = tokio::task::spawn_blocking(move || CertStore::open(&cert, &key));
+            Some(Arc::new(start_step("the TLS certificate", open).await??))
         }
         None => None,
     };

@@ -238,3 +238,118 @@ fn ingress_nginx_manifests_import_to_configs_that_veer_check_accepts() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no main Ingress"));
     assert!(out.stdout.is_empty());
 }
+
+/// `veer run` with its stderr read line by line on a thread of its own;
+/// killed when dropped.
+struct Starting {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Starting {
+    fn run(config: &std::path::Path) -> Starting {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run veer");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Starting {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most 30 s) for a line with every one of `words`.
+    fn wait_line(&mut self, words: &[&str]) -> String {
+        let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let left = limit.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if words.iter().all(|w| line.contains(w)) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no line with {words:?}; seen:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Waits (at most 30 s) for the exit.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "veer did not exit"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mkfifo(path: &std::path::Path) {
+    let made = Command::new("mkfifo").arg(path).status().expect("mkfifo");
+    assert!(made.success());
+}
+
+/// Writes `text` into the FIFO at `path` (its open waits for the reader).
+fn feed(path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).expect("write the FIFO");
+}
+
+#[test]
+fn a_start_held_by_a_state_dir_that_does_not_answer_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    mkfifo(&state.join("state.json"));
+    let path = dir.path().join("veer.toml");
+    let config = route_config(&["127.0.0.1:9".parse().unwrap()], &[], 0.0, "")
+        .replace("@STATE@", &state.display().to_string());
+    std::fs::write(&path, config).unwrap();
+    let mut veer = Starting::run(&path);
+    let line = veer.wait_line(&["start-up is still waiting", "the state dir"]);
+    assert!(line.contains("5s"), "{line}");
+    // The disk answers (with a file that is not a state file): the start
+    // goes on, and stops with the file's error.
+    feed(&state.join("state.json"), "{ not json");
+    assert_eq!(veer.wait_exit().code(), Some(1));
+    veer.wait_line(&["not a veer state file"]);
+}
+
+#[test]
+fn a_start_held_by_a_config_file_that_does_not_answer_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("veer.toml");
+    mkfifo(&path);
+    let mut veer = Starting::run(&path);
+    veer.wait_line(&["start-up is still waiting", "veer.toml"]);
+    feed(&path, "[proxy]\nlisten = 1\n");
+    assert_eq!(veer.wait_exit().code(), Some(1));
+    veer.wait_line(&["veer.toml"]);
+}

@@ -300,9 +300,6 @@ impl Controller {
                     // store (their answer comes when it commits).
                     if let Some(reply) = self.fleet_command(&cmd.route, cmd.action, cmd.reply) {
                         let result = self.act(&cmd.route, cmd.action).await;
-                        if result.is_ok() && cmd.action == Action::Revert {
-                            self.fleet_sweep();
-                        }
                         let _ = reply.send(result);
                     }
                 }
@@ -709,13 +706,29 @@ impl Controller {
         let out = control.on_action(route, action, now)?;
         let history = self.state.history.clone();
         self.record_deployments(name, &out);
-        let written = self.persist_now().await;
-        if !written && action == Action::Revert {
-            // Kept, unwritten: refusing a revert for want of a disk would
-            // leave the canary in traffic. A restart before the next
-            // write succeeds forgets it (`/status` shows the state error).
-            tracing::error!(route = %name, "canary reverted here, but the decision could not be written to the state dir: a restart before a write succeeds would forget it");
-        } else if !written {
+        if action == Action::Revert {
+            // Out of traffic at once, as a revert of the judge's is, and
+            // written after: it is kept whether or not the write succeeds
+            // (refusing it for want of a disk would leave the canary in
+            // traffic), so it need not wait for a slow disk.
+            self.announce(name, &out);
+            self.rebuild();
+            self.publish(&[name.to_string()], false);
+            // In a fleet, published to the store at once too.
+            self.fleet_sweep();
+            if !self.persist_now().await {
+                // A restart before the next write succeeds forgets it
+                // (`/status` shows the state error).
+                tracing::error!(route = %name, "canary reverted here, but the decision could not be written to the state dir: a restart before a write succeeds would forget it");
+            }
+            self.publish(&[], false);
+            return self
+                .statuses
+                .get(name)
+                .cloned()
+                .ok_or_else(|| ActionError::NoRoute(name.into()));
+        }
+        if !self.persist_now().await {
             // Other actions move toward the canary or change its
             // rollout: refused unless they outlive a restart.
             self.controls.insert(name.to_string(), before);

@@ -7,10 +7,11 @@ use veer_control::state::State;
 
 use crate::shared::Shared;
 
-/// Longest wait for a write of the state dir: the controller (and so the
-/// judge) waits for it. A write takes milliseconds, an fsync on a busy
-/// disk up to a second or so; one that takes this long is a file system
-/// that does not answer.
+/// Longest wait for a write of the state dir: an operator's action waits
+/// for it (the judge's and other decisions are written behind the
+/// controller's loop, see [`start`]). A write takes milliseconds, an
+/// fsync on a busy disk up to a second or so; one that takes this long is
+/// a file system that does not answer.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Writes `state` to `dir` on a blocking thread; false if that failed or

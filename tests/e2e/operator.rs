@@ -1,5 +1,6 @@
 //! Operator actions and the rollout through the real binary.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::support::{
@@ -206,9 +207,38 @@ async fn a_revert_holds_when_the_state_dir_does_not_answer() {
     let state = veer.dir.path().join("state");
     let fifo = stuck_state_dir(&veer);
 
-    assert_eq!(admin_post(&veer, "/routes/web/revert").await, 200);
-    let r = get(veer.addr, "/", &[("x-user-id", "k")]).await.unwrap();
-    assert_eq!(r.headers()["x-upstream"], "stable");
+    // The revert takes the canary out of traffic at once; its answer
+    // comes once its write returned (here after the write's 5 s bound).
+    let answered = AtomicBool::new(false);
+    let revert = async {
+        let status = admin_post(&veer, "/routes/web/revert").await;
+        answered.store(true, Ordering::SeqCst);
+        status
+    };
+    let moved = async {
+        let start = Instant::now();
+        loop {
+            let r = get(veer.addr, "/", &[("x-user-id", "k")]).await.unwrap();
+            if r.headers()["x-upstream"] == "stable" {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the revert never took the canary out of traffic"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Before the write's bound (no state error yet), unanswered.
+        let st = veer.status().await;
+        assert!(
+            st["state_error"].is_null(),
+            "the revert waited for its write ({:?}): {st}",
+            start.elapsed()
+        );
+        assert!(!answered.load(Ordering::SeqCst));
+    };
+    let (status, ()) = tokio::join!(revert, moved);
+    assert_eq!(status, 200);
     let st = veer.status().await;
     let error = st["state_error"].as_str().unwrap_or_default().to_string();
     assert!(error.contains("no answer within"), "{st}");

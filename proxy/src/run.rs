@@ -254,6 +254,7 @@ pub async fn run(
             actions: actions_tx,
             token,
             read_token: config.admin.read_token,
+            renders: Arc::new(Semaphore::new(1)),
         };
         tasks.push(tokio::spawn(crate::admin::serve(
             admin,

@@ -37,6 +37,18 @@ pub struct Admin {
     pub renders: Arc<tokio::sync::Semaphore>,
 }
 
+/// Admin connections open at once. Prometheus, probes and operators need
+/// a few; past this, veer stops accepting on the admin port (connections
+/// wait in the kernel's backlog) rather than spend the file descriptors
+/// the proxy's clients and upstreams need.
+const MAX_CONNECTIONS: usize = 128;
+
+/// Admin connections one IP address may hold; one more is closed as it is
+/// accepted, so that one client cannot take the port from the probes and
+/// Prometheus. (Every connection must also send a complete request head
+/// within 10 s of being accepted or of its last answer.)
+const MAX_PER_IP: usize = 16;
+
 /// Serves admin requests until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
@@ -44,8 +56,17 @@ pub async fn serve(
     admin: Admin,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_ip = crate::server::PerIpLimit::new(MAX_PER_IP);
     loop {
-        let (stream, _) = tokio::select! {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -56,9 +77,16 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return,
         };
+        let Some(place) = per_ip.admit(peer.ip()) else {
+            tracing::debug!(%peer, limit = MAX_PER_IP, "admin connection refused: too many from this address");
+            drop(stream);
+            continue;
+        };
         let shared = shared.clone();
         let admin = admin.clone();
         tokio::spawn(async move {
+            // Held for the connection's life.
+            let _held = (permit, place);
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 let admin = admin.clone();

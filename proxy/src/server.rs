@@ -48,10 +48,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// See [`ProxySettings::idle_timeout`].
     pub idle_timeout: Duration,
-    /// See [`ProxySettings::max_connections_per_ip`].
-    pub max_per_ip: usize,
-    /// Open connections per client IP, shared by every listener.
-    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// Open connections per client IP (at most
+    /// [`ProxySettings::max_connections_per_ip`]), shared by every listener.
+    pub per_ip: PerIpLimit,
 }
 
 impl Limits {
@@ -61,30 +60,50 @@ impl Limits {
             max_header_bytes: p.max_header_bytes,
             header_timeout: p.header_timeout,
             idle_timeout: p.idle_timeout,
-            max_per_ip: p.max_connections_per_ip,
-            per_ip: Arc::default(),
+            per_ip: PerIpLimit::new(p.max_connections_per_ip),
+        }
+    }
+}
+
+/// Open connections counted by client IP address, at most `max` an
+/// address.
+#[derive(Clone, Debug)]
+pub struct PerIpLimit {
+    /// The most one address may hold.
+    pub max: usize,
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PerIpLimit {
+    /// No connection counted yet.
+    pub fn new(max: usize) -> PerIpLimit {
+        PerIpLimit {
+            max,
+            counts: Arc::default(),
         }
     }
 
     /// Counts a connection from `ip`; None (and nothing counted) when the
-    /// address already has `max_per_ip`.
-    fn admit(&self, ip: IpAddr) -> Option<PerIp> {
+    /// address already has `max`.
+    pub fn admit(&self, ip: IpAddr) -> Option<PerIp> {
         let ip = ip.to_canonical();
-        let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
+        if *n >= self.max {
             return None;
         }
         *n += 1;
         Some(PerIp {
             ip,
-            map: self.per_ip.clone(),
+            map: self.counts.clone(),
         })
     }
 }
 
-/// One connection's place in its IP address's count.
-struct PerIp {
+/// One connection's place in its IP address's count, given back when
+/// dropped.
+#[derive(Debug)]
+pub struct PerIp {
     ip: IpAddr,
     map: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
@@ -183,8 +202,8 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let accepted = tokio::time::Instant::now();
-        let Some(per_ip) = limits.admit(peer.ip()) else {
-            tracing::debug!(%peer, limit = limits.max_per_ip, "connection refused: too many from this address");
+        let Some(per_ip) = limits.per_ip.admit(peer.ip()) else {
+            tracing::debug!(%peer, limit = limits.per_ip.max, "connection refused: too many from this address");
             shared
                 .metrics
                 .proxy_errors()

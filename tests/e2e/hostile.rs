@@ -515,3 +515,94 @@ async fn h2_framings_that_must_be_refused_never_reach_the_upstream() {
         assert_eq!(r.status(), 200, "{name}: veer stopped serving");
     }
 }
+
+/// `GET /healthz` on the admin port from `from`; the answer's status line
+/// (empty if the connection was closed first).
+async fn healthz_from(admin: std::net::SocketAddr, from: std::net::IpAddr) -> String {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::new(from, 0)).unwrap();
+    let mut c = socket.connect(admin).await.unwrap();
+    let _ = c
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_the_admin_port() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    // Sixteen connections from one address that send nothing (each may
+    // wait up to 10 s for its head).
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(TcpStream::connect(veer.admin).await.unwrap());
+    }
+    // A seventeenth is closed as it is accepted, long before a head's 10 s.
+    let mut extra = TcpStream::connect(veer.admin).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        .await
+        .expect("a 17th connection from one address was kept");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Probes and Prometheus come from other addresses: served.
+    let other = "127.0.0.2".parse().unwrap();
+    assert_eq!(healthz_from(veer.admin, other).await, "HTTP/1.1 200 OK");
+    // So is client traffic.
+    let r = get(veer.addr, "/", &[]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Once the address's connections close, it is served again.
+    drop(held);
+    let start = Instant::now();
+    loop {
+        if healthz_from(veer.admin, local).await == "HTTP/1.1 200 OK" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the address was not served again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_holds_at_most_128_connections() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    // 128 connections, 16 from each of eight addresses, that send nothing
+    // (each is closed 10 s after it was accepted: the rest of the test
+    // takes a fraction of that).
+    let mut held = Vec::new();
+    for a in 2..10 {
+        let from: std::net::IpAddr = format!("127.0.0.{a}").parse().unwrap();
+        for _ in 0..16 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(std::net::SocketAddr::new(from, 0)).unwrap();
+            held.push(socket.connect(veer.admin).await.unwrap());
+        }
+    }
+    // The 129th waits in the backlog, unanswered: veer does not accept it.
+    let admin = veer.admin;
+    let waiting =
+        tokio::spawn(async move { healthz_from(admin, "127.0.0.10".parse().unwrap()).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a 129th connection was served");
+    // Client traffic goes on meanwhile.
+    let r = get(veer.addr, "/", &[]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    // One closes: the waiting one is accepted and answered.
+    drop(held.pop());
+    let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiting connection was not served once one closed")
+        .unwrap();
+    assert_eq!(answer, "HTTP/1.1 200 OK");
+}

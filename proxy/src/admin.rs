@@ -8,14 +8,19 @@
 //! `/healthz` and `/readyz` never do: probes carry no secrets.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -48,6 +53,94 @@ const MAX_CONNECTIONS: usize = 128;
 /// Prometheus. (Every connection must also send a complete request head
 /// within 10 s of being accepted or of its last answer.)
 const MAX_PER_IP: usize = 16;
+
+/// How long a write of an admin answer may make no progress (a client
+/// that stopped reading it) before the connection is closed, as nginx's
+/// `send_timeout`: an answer is held until it is written, and `/metrics`
+/// with many routes is megabytes.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A stream whose writes fail once one has waited `limit` with nothing
+/// taken by the peer (reads pass through).
+struct SendTimeout<T> {
+    io: T,
+    limit: std::time::Duration,
+    /// Since the write now waiting began to wait.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> SendTimeout<T> {
+    fn new(io: T, limit: std::time::Duration) -> SendTimeout<T> {
+        SendTimeout {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// `r`, a write's (or flush's) result, or an error once it has waited
+    /// `limit`.
+    fn bounded<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client took nothing of the answer for {limit:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SendTimeout<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.bounded(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.bounded(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.bounded(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// Serves admin requests until `shutdown` turns true.
 pub async fn serve(
@@ -95,7 +188,7 @@ pub async fn serve(
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection(TokioIo::new(SendTimeout::new(stream, SEND_TIMEOUT)), svc)
                 .await;
         });
     }
@@ -245,4 +338,50 @@ fn with_type(status: StatusCode, body: Vec<u8>, ctype: &'static str) -> Response
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::SendTimeout;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_peer_takes_nothing_of_fails_after_the_limit() {
+        let (ours, mut peer) = tokio::io::duplex(64);
+        let mut ours = SendTimeout::new(ours, Duration::from_secs(30));
+        let answer = vec![b'x'; 1024];
+        // The peer reads a little, then stops: each read starts the wait
+        // anew, so the write goes on past 30 s in all.
+        let reading = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                peer.read_exact(&mut buf).await.unwrap();
+            }
+            peer
+        });
+        let started = tokio::time::Instant::now();
+        let e = ours.write_all(&answer).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        // Three reads 20 s apart, then 30 s with none.
+        assert_eq!(started.elapsed(), Duration::from_secs(90));
+        drop(reading.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_peer_takes_goes_through() {
+        let (ours, mut peer) = tokio::io::duplex(64);
+        let mut ours = SendTimeout::new(ours, Duration::from_secs(30));
+        let reading = tokio::spawn(async move {
+            let mut all = Vec::new();
+            peer.read_to_end(&mut all).await.unwrap();
+            all.len()
+        });
+        ours.write_all(&vec![b'x'; 100_000]).await.unwrap();
+        ours.shutdown().await.unwrap();
+        assert_eq!(reading.await.unwrap(), 100_000);
+    }
 }

@@ -151,7 +151,27 @@ pub async fn serve(
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let per_ip = crate::server::PerIpLimit::new(MAX_PER_IP);
+    // A full port is said in the log (a scrape of /metrics cannot get
+    // through to say it), at most every 10 s.
+    let mut said: Option<tokio::time::Instant> = None;
+    let mut say = |why: &str, peer: Option<std::net::SocketAddr>| {
+        let now = tokio::time::Instant::now();
+        if said.is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(10)) {
+            said = Some(now);
+            tracing::warn!(
+                ?peer,
+                why,
+                "admin port full: probes and scrapes may fail meanwhile"
+            );
+        }
+    };
     loop {
+        if permits.available_permits() == 0 {
+            say(
+                &format!("{MAX_CONNECTIONS} connections open, no more accepted until one closes"),
+                None,
+            );
+        }
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
@@ -171,7 +191,12 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let Some(place) = per_ip.admit(peer.ip()) else {
-            tracing::debug!(%peer, limit = MAX_PER_IP, "admin connection refused: too many from this address");
+            say(
+                &format!(
+                    "{MAX_PER_IP} connections from one address, more from it closed as accepted"
+                ),
+                Some(peer),
+            );
             drop(stream);
             continue;
         };

@@ -312,11 +312,6 @@ impl Drop for Starting {
     }
 }
 
-fn mkfifo(path: &std::path::Path) {
-    let made = Command::new("mkfifo").arg(path).status().expect("mkfifo");
-    assert!(made.success());
-}
-
 /// Writes `text` into the FIFO at `path` (its open waits for the reader).
 fn feed(path: &std::path::Path, text: &str) {
     std::fs::write(path, text).expect("write the FIFO");
@@ -327,7 +322,7 @@ fn a_start_held_by_a_state_dir_that_does_not_answer_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
-    mkfifo(&state.join("state.json"));
+    super::support::mkfifo(&state.join("state.json"));
     let path = dir.path().join("veer.toml");
     let config = route_config(&["127.0.0.1:9".parse().unwrap()], &[], 0.0, "")
         .replace("@STATE@", &state.display().to_string());
@@ -346,7 +341,7 @@ fn a_start_held_by_a_state_dir_that_does_not_answer_says_so() {
 fn a_start_held_by_a_config_file_that_does_not_answer_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("veer.toml");
-    mkfifo(&path);
+    super::support::mkfifo(&path);
     let mut veer = Starting::run(&path);
     veer.wait_line(&["start-up is still waiting", "veer.toml"]);
     feed(&path, "[proxy]\nlisten = 1\n");

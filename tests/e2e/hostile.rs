@@ -519,6 +519,15 @@ async fn h2_framings_that_must_be_refused_never_reach_the_upstream() {
 /// What veer logs when its admin port is full.
 const ADMIN_FULL: &str = "admin port full: probes and scrapes may fail meanwhile";
 
+/// Why veer said its admin port was full (empty if it did not within
+/// 10 s).
+async fn admin_full_why(veer: &Veer) -> String {
+    let said = veer.logs_with_at_least(ADMIN_FULL, 1).await;
+    said.first()
+        .map(|l| l["why"].to_string())
+        .unwrap_or_default()
+}
+
 /// `GET /healthz` on the admin port from `from`; the answer's status line
 /// (empty if the connection was closed first).
 async fn healthz_from(admin: std::net::SocketAddr, from: std::net::IpAddr) -> String {
@@ -555,12 +564,8 @@ async fn one_address_cannot_take_the_admin_port() {
         .await
         .expect("a 17th connection from one address was kept");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    let said = veer.logs_with_at_least(ADMIN_FULL, 1).await;
-    let why = said
-        .first()
-        .map(|l| l["why"].to_string())
-        .unwrap_or_default();
-    assert!(why.contains("16 connections from one address"), "{said:?}");
+    let why = admin_full_why(&veer).await;
+    assert!(why.contains("16 connections from one address"), "{why}");
     // Probes and Prometheus come from other addresses: served.
     let other = "127.0.0.2".parse().unwrap();
     assert_eq!(healthz_from(veer.admin, other).await, "HTTP/1.1 200 OK");
@@ -604,12 +609,8 @@ async fn the_admin_port_holds_at_most_128_connections() {
         tokio::spawn(async move { healthz_from(admin, "127.0.0.10".parse().unwrap()).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!waiting.is_finished(), "a 129th connection was served");
-    let said = veer.logs_with_at_least(ADMIN_FULL, 1).await;
-    let why = said
-        .first()
-        .map(|l| l["why"].to_string())
-        .unwrap_or_default();
-    assert!(why.contains("128 connections open"), "{said:?}");
+    let why = admin_full_why(&veer).await;
+    assert!(why.contains("128 connections open"), "{why}");
     // Client traffic goes on meanwhile.
     let r = get(veer.addr, "/", &[]).await.unwrap();
     assert_eq!(r.status(), 200);

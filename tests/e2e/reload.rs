@@ -132,11 +132,7 @@ async fn a_config_read_that_never_returns_holds_up_nothing() {
     let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 100.0, "")).await;
     assert_eq!(served_by(&veer, "k").await, "canary");
     let fifo = veer.dir.path().join(".veer.fifo");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("mkfifo");
-    assert!(made.success());
+    super::support::mkfifo(&fifo);
     std::fs::rename(&fifo, &veer.config).expect("rename");
     // A reader waits on the FIFO (opening it waits for a writer).
     let start = Instant::now();

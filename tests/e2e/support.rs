@@ -746,12 +746,18 @@ pub fn write_with_mode(path: &Path, text: &str, mode: u32) {
 /// 5 s bound), as on a file system that does not answer. Returns its path.
 pub fn stuck_state_dir(veer: &Veer) -> PathBuf {
     let fifo = veer.dir.path().join("state/.state.json.tmp");
+    mkfifo(&fifo);
+    fifo
+}
+
+/// Makes a FIFO at `path` (opening it waits for the other end: a file
+/// system that does not answer, for veer's reads and writes).
+pub fn mkfifo(path: &Path) {
     let made = std::process::Command::new("mkfifo")
-        .arg(&fifo)
+        .arg(path)
         .status()
         .expect("mkfifo");
     assert!(made.success());
-    fifo
 }
 
 /// The state dir answers again: the FIFO of [`stuck_state_dir`] opened

@@ -62,6 +62,11 @@ pub enum ProxyError {
     /// silent client. Counted, never answered (the connection is closed).
     #[error("the client did not send a complete request head in time")]
     HeaderTimeout,
+    /// A client connection closed because the client took nothing of its
+    /// answer for `body_timeout` (it stopped reading: nginx's
+    /// `send_timeout`). The answer is given up; never the version's.
+    #[error("the client took nothing of its answer in time")]
+    SendTimeout,
 }
 
 impl ProxyError {
@@ -77,7 +82,9 @@ impl ProxyError {
             | ProxyError::ClientAborted
             | ProxyError::ClientClosed
             | ProxyError::ClientBadBody => StatusCode::BAD_REQUEST,
-            ProxyError::ClientTimeout | ProxyError::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientTimeout | ProxyError::HeaderTimeout | ProxyError::SendTimeout => {
+                StatusCode::REQUEST_TIMEOUT
+            }
             ProxyError::TooManyConnections | ProxyError::Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -104,6 +111,7 @@ impl ProxyError {
             ProxyError::UpgradeUnsupported => "upgrade_unsupported",
             ProxyError::ClientDeadline => "client_deadline",
             ProxyError::HeaderTimeout => "header_timeout",
+            ProxyError::SendTimeout => "send_timeout",
         }
     }
 
@@ -130,7 +138,9 @@ impl ProxyError {
             | ProxyError::ClientAborted
             | ProxyError::ClientClosed
             | ProxyError::ClientBadBody => "bad request\n",
-            ProxyError::ClientTimeout | ProxyError::HeaderTimeout => "request timeout\n",
+            ProxyError::ClientTimeout | ProxyError::HeaderTimeout | ProxyError::SendTimeout => {
+                "request timeout\n"
+            }
             ProxyError::TooManyConnections | ProxyError::Overloaded => "service unavailable\n",
             ProxyError::UpgradeUnsupported => "not implemented\n",
             ProxyError::ClientDeadline => "deadline exceeded\n",
@@ -152,7 +162,7 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 11] = [
+pub const PROXY_KINDS: [ProxyError; 12] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
@@ -164,6 +174,7 @@ pub const PROXY_KINDS: [ProxyError; 11] = [
     ProxyError::UpgradeUnsupported,
     ProxyError::ClientDeadline,
     ProxyError::HeaderTimeout,
+    ProxyError::SendTimeout,
 ];
 
 /// The upstream error kinds, in `upstream_index` order.

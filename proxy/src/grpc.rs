@@ -107,7 +107,8 @@ fn code_of(e: ProxyError) -> u8 {
         | ProxyError::ClientTimeout
         | ProxyError::ClientAborted
         | ProxyError::ClientBadBody
-        | ProxyError::HeaderTimeout => 13, // INTERNAL
+        | ProxyError::HeaderTimeout
+        | ProxyError::SendTimeout => 13, // INTERNAL
         ProxyError::UpstreamConnect
         | ProxyError::UpstreamReset
         | ProxyError::UpstreamProtocol

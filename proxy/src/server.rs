@@ -167,6 +167,8 @@ pub async fn serve(
     h1.half_close(true);
     let builder = Arc::new(Builders { h1, h2 });
     let mut next = 0usize;
+    // The send timeout the listeners give the connections they accept.
+    let mut send_timeout = None;
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
@@ -213,6 +215,17 @@ pub async fn serve(
         };
         next = i + 1;
         let _ = stream.set_nodelay(true);
+        // The current `body_timeout`, for connections from now on (the
+        // listeners' setting is inherited by what they accept; this one
+        // was accepted with the one before).
+        let body_timeout = shared.snapshot.load().body_timeout;
+        if send_timeout != Some(body_timeout) {
+            send_timeout = Some(body_timeout);
+            for (l, _) in &listeners {
+                set_send_timeout(l, body_timeout);
+            }
+            set_send_timeout(&stream, body_timeout);
+        }
         let shared = shared.clone();
         let tls = listeners.get(i).and_then(|(_, t)| t.clone());
         let scheme = if tls.is_some() {
@@ -382,7 +395,12 @@ impl Conn<'_> {
                 }) => match r {
                     Some(r) => {
                         if let Err(e) = r {
-                            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                            if timed_out_sending(e.as_ref()) {
+                                tracing::debug!(%peer, "client connection closed: it took nothing of its answer for body_timeout");
+                                on_close.metrics.proxy_errors().inc(ProxyError::SendTimeout);
+                            } else {
+                                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                            }
                         }
                         return;
                     }
@@ -468,6 +486,39 @@ fn poll_registered<F: Future>(
     }
     *registered = true;
     fut.poll(cx)
+}
+
+/// Makes the kernel close a connection (of `socket`, or accepted by it
+/// from now on) whose client has taken nothing of what veer sent for
+/// `limit`: its receive window stayed shut (it stopped reading), or what
+/// was sent stayed unacknowledged (it vanished). `TCP_USER_TIMEOUT` (since
+/// Linux 5.x it also bounds a shut window), nginx's `send_timeout`: without
+/// it such a client held its connection, and the upstream connection its
+/// answer streams from, for ever. Reading slowly is not taking nothing. A
+/// write then fails with `ETIMEDOUT` ([`timed_out_sending`]). A socket that
+/// refuses it (never on Linux) goes without, logged.
+fn set_send_timeout(socket: &impl std::os::fd::AsFd, limit: Duration) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    // 0 would be the kernel's default (no limit).
+    let ms = u32::try_from(limit.as_millis()).unwrap_or(u32::MAX).max(1);
+    if let Err(e) = setsockopt(socket, sockopt::TcpUserTimeout, &ms) {
+        tracing::warn!(error = %e, "could not set the client send timeout (TCP_USER_TIMEOUT)");
+    }
+}
+
+/// Whether a client connection ended because the kernel's send timeout
+/// closed it (see [`set_send_timeout`]).
+fn timed_out_sending(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(nix::errno::Errno::ETIMEDOUT as i32) {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Binds every address, or none: a failure names the address.

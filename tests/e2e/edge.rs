@@ -475,3 +475,126 @@ async fn idle_keep_alive_connections_are_parked_and_serve_their_next_request() {
     let m = veer.metrics().await;
     assert_eq!(metric(&m, "veer_open_connections"), Some(0.0), "{m}");
 }
+
+/// Waits (at most 30 s) for `veer_proxy_errors_total{kind}` to reach `n`.
+async fn proxy_errors_reach(veer: &Veer, kind: &str, n: f64) {
+    let start = Instant::now();
+    let name = format!("veer_proxy_errors_total{{kind=\"{kind}\"}}");
+    loop {
+        if metric(&veer.metrics().await, &name) >= Some(n) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{name} never reached {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_takes_nothing_of_its_answer_is_closed_after_body_timeout_one_reading_slowly_is_not(
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let s = Upstream::start("stable").await;
+    let config = |t: &str| {
+        with_proxy(
+            route_config(&[s.addr], &[], 0.0, ""),
+            &format!("body_timeout = \"{t}\""),
+        )
+    };
+    let veer = Veer::start(&config("60s")).await;
+    // A first connection (the listener's timeout set from the config it
+    // started with), then `body_timeout` reloaded: later connections get
+    // the new one.
+    assert_eq!(get(veer.addr, "/", &[]).await.unwrap().status(), 200);
+    veer.write_config(&config("2s"));
+    veer.wait_generation(2).await;
+    // 32 MiB: more than a slow reader takes in the test, and than the
+    // sockets' buffers hold.
+    let request = b"GET /bytes/33554432 HTTP/1.1\r\nhost: a\r\n\r\n";
+    let mut stalled = TcpStream::connect(veer.addr).await.unwrap();
+    stalled.write_all(request).await.unwrap();
+    let stalled_at = Instant::now();
+    // Reads 16 KiB every 50 ms (320 KiB/s) until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (addr, stop) = (veer.addr, stop.clone());
+        tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(request).await.unwrap();
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut read = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                match tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await {
+                    Ok(Ok(0)) => return Err(format!("closed by veer after {read} bytes")),
+                    Ok(Ok(n)) => read += n,
+                    Ok(Err(e)) => return Err(format!("{e} after {read} bytes")),
+                    Err(_) => return Err(format!("nothing for 10 s after {read} bytes")),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(read)
+        })
+    };
+    proxy_errors_reach(&veer, "send_timeout", 1.0).await;
+    let closed_after = stalled_at.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(1900),
+        "closed {closed_after:?} after its request, before body_timeout"
+    );
+    // Its upstream connection was given up with it: only the slow
+    // reader's is still open.
+    let until = Instant::now() + Duration::from_secs(20);
+    while s.open.load(Ordering::SeqCst) != 1 {
+        assert!(
+            Instant::now() < until,
+            "{} upstream connections open",
+            s.open.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The stalled client finds its connection closed once it reads what
+    // was already on its way.
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut ended = false;
+    let until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < until {
+        match tokio::time::timeout(Duration::from_secs(20), stalled.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                ended = true;
+                break;
+            }
+            Ok(Ok(_)) => continue,
+            Err(_) => break,
+        }
+    }
+    assert!(ended, "the stalled client's connection is still open");
+    // The slow reader has read for at least three times body_timeout.
+    while stalled_at.elapsed() < Duration::from_secs(6) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let read = reader.await.unwrap().expect("the slow reader was served");
+    assert!(read >= 512 * 1024, "the slow reader read only {read} bytes");
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, r#"veer_proxy_errors_total{kind="send_timeout"}"#),
+        Some(1.0)
+    );
+    // The client's doing, not the version's.
+    for kind in ["connect", "protocol", "reset", "timeout"] {
+        let name =
+            format!(r#"veer_upstream_errors_total{{kind="{kind}",route="web",version="v1"}}"#);
+        assert_eq!(metric(&m, &name), Some(0.0), "{name}");
+    }
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_requests_total{code="5xx",route="web",version="v1"}"#
+        )
+        .unwrap_or(0.0),
+        0.0
+    );
+}

@@ -42,6 +42,8 @@ pub struct Upstream {
     pub slow_ms: AtomicU64,
     /// TCP connections accepted.
     pub connections: AtomicU64,
+    /// TCP connections open now (accepted, not ended).
+    pub open: AtomicU64,
     /// Headers of the last request.
     pub last_headers: Mutex<HeaderMap>,
     /// Request target of the last request.
@@ -74,6 +76,7 @@ impl Upstream {
             slow_one_in: AtomicU64::new(0),
             slow_ms: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            open: AtomicU64::new(0),
             last_headers: Mutex::new(HeaderMap::new()),
             last_uri: Mutex::new(String::new()),
             body_bytes: AtomicU64::new(0),
@@ -87,16 +90,19 @@ impl Upstream {
                     return;
                 };
                 me.connections.fetch_add(1, Ordering::SeqCst);
+                me.open.fetch_add(1, Ordering::SeqCst);
                 let me = me.clone();
                 tokio::spawn(async move {
+                    let served = me.clone();
                     let svc = service_fn(move |req| {
-                        let me = me.clone();
+                        let me = served.clone();
                         async move { Ok::<_, Infallible>(me.answer(req).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .with_upgrades()
                         .await;
+                    me.open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -142,7 +148,8 @@ impl Upstream {
                 .or_insert(at);
         }
         // Any path under /fail gets a 500, whatever the other settings.
-        let failing_path = req.uri().path().starts_with("/fail");
+        let path = req.uri().path().to_string();
+        let failing_path = path.starts_with("/fail");
         if req.headers().contains_key(http::header::UPGRADE) {
             return websocket_echo(&mut req);
         }
@@ -166,7 +173,13 @@ impl Upstream {
             .unwrap_or_default();
         self.body_bytes
             .fetch_add(body.len() as u64, Ordering::SeqCst);
-        let text = if body.is_empty() {
+        // `/bytes/N`: an answer of N zero bytes.
+        let sized = path
+            .strip_prefix("/bytes/")
+            .and_then(|n| n.parse::<usize>().ok());
+        let text = if let Some(n) = sized {
+            Bytes::from(vec![0u8; n])
+        } else if body.is_empty() {
             Bytes::from(self.name)
         } else {
             body

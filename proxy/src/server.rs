@@ -38,6 +38,12 @@ use crate::shared::Shared;
 
 /// Streams one HTTP/2 client connection may have open at once.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+/// Streams an HTTP/2 client may reset before veer takes them up, before
+/// its connection is ended (the h2 crate's default).
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams veer may reset for a client's errors before its connection is
+/// ended (hyper's default).
+const H2_MAX_LOCAL_RESETS: usize = 1024;
 
 /// Connection-level settings fixed at start.
 #[derive(Clone)]
@@ -155,7 +161,16 @@ pub async fn serve(
         // As nginx's http2_max_concurrent_streams: one connection cannot
         // start an unbounded number of requests at once.
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(limits.max_header_bytes as u32);
+        .max_header_list_size(limits.max_header_bytes as u32)
+        // Said, not left to the crates' defaults (the same today): a
+        // connection whose client resets more than 20 streams before they
+        // are taken up ("rapid reset", CVE-2023-44487), or makes veer reset
+        // more than 1 024 for its errors (RUSTSEC-2024-0003), gets
+        // GOAWAY ENHANCE_YOUR_CALM: resets free their stream slots at
+        // once, so `max_concurrent_streams` alone would not bound the
+        // requests such a client starts.
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS);
     // A TLS client's close is seen by hyper reading; a plain one's by
     // veer peeking at its socket (`crate::conn::ClientClose`), and hyper
     // does not read while a request is in flight (its `half_close`: its

@@ -622,3 +622,78 @@ async fn the_admin_port_holds_at_most_128_connections() {
         .unwrap();
     assert_eq!(answer, "HTTP/1.1 200 OK");
 }
+
+/// The frames of an HTTP/2 byte stream, as (type, stream, payload).
+fn frames_of(bytes: &[u8]) -> Vec<(u8, u32, &[u8])> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while bytes.len() >= at + 9 {
+        let len = u32::from_be_bytes([0, bytes[at], bytes[at + 1], bytes[at + 2]]) as usize;
+        let stream =
+            u32::from_be_bytes([bytes[at + 5], bytes[at + 6], bytes[at + 7], bytes[at + 8]])
+                & 0x7fff_ffff;
+        let Some(payload) = bytes.get(at + 9..at + 9 + len) else {
+            break;
+        };
+        out.push((bytes[at + 3], stream, payload));
+        at += 9 + len;
+    }
+    out
+}
+
+/// HTTP/2 "rapid reset" (CVE-2023-44487): a client that opens streams
+/// and resets each at once is not bounded by the 128 streams a
+/// connection may have open; veer (the h2 crate's limit on streams reset
+/// before they are taken up) ends its connection with GOAWAY
+/// ENHANCE_YOUR_CALM, and its requests barely reach the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_rapid_reset_flood_ends_its_connection() {
+    const HEADERS: u8 = 1;
+    const RST_STREAM: u8 = 3;
+    const GOAWAY: u8 = 7;
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    const PAIRS: u32 = 5_000;
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let block = hpack(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/"),
+        (":authority", "a"),
+    ]);
+    let c = TcpStream::connect(veer.addr).await.unwrap();
+    let (mut r, mut w) = c.into_split();
+    // Everything veer writes, until it closes (or 20 s).
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut got))
+            .await
+            .is_ok();
+        (got, closed)
+    });
+    let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    flood.extend(frame(4, 0, 0, &[])); // SETTINGS
+    for i in 0..PAIRS {
+        let id = 1 + 2 * i;
+        flood.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &block));
+        flood.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes())); // CANCEL
+    }
+    // veer may close before taking it all.
+    let _ = w.write_all(&flood).await;
+    let (got, closed) = reader.await.unwrap();
+    assert!(closed, "veer kept the flooding connection open");
+    let goaway = frames_of(&got)
+        .into_iter()
+        .find(|(kind, stream, _)| *kind == GOAWAY && *stream == 0)
+        .map(|(_, _, p)| u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+    assert_eq!(goaway, Some(0xb), "no GOAWAY ENHANCE_YOUR_CALM");
+    let reached = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        reached < u64::from(PAIRS) / 10,
+        "{reached} of {PAIRS} reset requests reached the upstream"
+    );
+    // Others are served as before.
+    let r = get(veer.addr, "/after", &[]).await.unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -641,27 +641,11 @@ fn frames_of(bytes: &[u8]) -> Vec<(u8, u32, &[u8])> {
     out
 }
 
-/// HTTP/2 "rapid reset" (CVE-2023-44487): a client that opens streams
-/// and resets each at once is not bounded by the 128 streams a
-/// connection may have open; veer (the h2 crate's limit on streams reset
-/// before they are taken up) ends its connection with GOAWAY
-/// ENHANCE_YOUR_CALM, and its requests barely reach the upstream.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_h2_rapid_reset_flood_ends_its_connection() {
-    const HEADERS: u8 = 1;
-    const RST_STREAM: u8 = 3;
+/// Sends `flood` after an HTTP/2 preface and SETTINGS on one connection
+/// to veer; the code of the GOAWAY veer sent, if any, once it closed the
+/// connection (panics if it did not within 20 s).
+async fn h2_flood_goaway(veer: &Veer, flood: &[u8]) -> Option<u32> {
     const GOAWAY: u8 = 7;
-    const END_STREAM: u8 = 0x1;
-    const END_HEADERS: u8 = 0x4;
-    const PAIRS: u32 = 5_000;
-    let s = Upstream::start("stable").await;
-    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
-    let block = hpack(&[
-        (":method", "GET"),
-        (":scheme", "http"),
-        (":path", "/"),
-        (":authority", "a"),
-    ]);
     let c = TcpStream::connect(veer.addr).await.unwrap();
     let (mut r, mut w) = c.into_split();
     // Everything veer writes, until it closes (or 20 s).
@@ -672,28 +656,92 @@ async fn an_h2_rapid_reset_flood_ends_its_connection() {
             .is_ok();
         (got, closed)
     });
-    let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    flood.extend(frame(4, 0, 0, &[])); // SETTINGS
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(frame(4, 0, 0, &[])); // SETTINGS
+    bytes.extend_from_slice(flood);
+    // veer may close before taking it all.
+    let _ = w.write_all(&bytes).await;
+    let (got, closed) = reader.await.unwrap();
+    assert!(closed, "veer kept the flooding connection open");
+    frames_of(&got)
+        .into_iter()
+        .find(|(kind, stream, _)| *kind == GOAWAY && *stream == 0)
+        .map(|(_, _, p)| u32::from_be_bytes([p[4], p[5], p[6], p[7]]))
+}
+
+/// The header block of an HTTP/2 `GET /` (HPACK, literal fields).
+fn h2_get_block() -> Vec<u8> {
+    hpack(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/"),
+        (":authority", "a"),
+    ])
+}
+
+/// HTTP/2 GOAWAY's ENHANCE_YOUR_CALM.
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// HTTP/2 "rapid reset" (CVE-2023-44487): a client that opens streams
+/// and resets each at once is not bounded by the 128 streams a
+/// connection may have open; veer (the h2 crate's limit on streams reset
+/// before they are taken up) ends its connection with GOAWAY
+/// ENHANCE_YOUR_CALM, and its requests barely reach the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_rapid_reset_flood_ends_its_connection() {
+    const HEADERS: u8 = 1;
+    const RST_STREAM: u8 = 3;
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    const PAIRS: u32 = 5_000;
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let block = h2_get_block();
+    let mut flood = Vec::new();
     for i in 0..PAIRS {
         let id = 1 + 2 * i;
         flood.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &block));
         flood.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes())); // CANCEL
     }
-    // veer may close before taking it all.
-    let _ = w.write_all(&flood).await;
-    let (got, closed) = reader.await.unwrap();
-    assert!(closed, "veer kept the flooding connection open");
-    let goaway = frames_of(&got)
-        .into_iter()
-        .find(|(kind, stream, _)| *kind == GOAWAY && *stream == 0)
-        .map(|(_, _, p)| u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
-    assert_eq!(goaway, Some(0xb), "no GOAWAY ENHANCE_YOUR_CALM");
+    assert_eq!(
+        h2_flood_goaway(&veer, &flood).await,
+        Some(ENHANCE_YOUR_CALM),
+        "no GOAWAY ENHANCE_YOUR_CALM"
+    );
     let reached = s.requests.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
         reached < u64::from(PAIRS) / 10,
         "{reached} of {PAIRS} reset requests reached the upstream"
     );
     // Others are served as before.
+    let r = get(veer.addr, "/after", &[]).await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// HTTP/2 "CONTINUATION flood" (CVE-2024-27316 and its kin): a header
+/// block that never ends, in CONTINUATION frames that each look small.
+/// veer ends the connection once the block passes `max_header_bytes`
+/// (the h2 crate's count of its frames), without a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_continuation_flood_ends_its_connection() {
+    const HEADERS: u8 = 1;
+    const CONTINUATION: u8 = 9;
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let block = h2_get_block();
+    // HEADERS without END_HEADERS, then 20 000 CONTINUATION frames of one
+    // 100-byte field each (2 MB of header block), none ending it.
+    let field = hpack(&[("x-flood", &"f".repeat(90))]);
+    let mut flood = frame(HEADERS, 0, 1, &block);
+    for _ in 0..20_000 {
+        flood.extend(frame(CONTINUATION, 0, 1, &field));
+    }
+    assert_eq!(
+        h2_flood_goaway(&veer, &flood).await,
+        Some(ENHANCE_YOUR_CALM),
+        "no GOAWAY ENHANCE_YOUR_CALM"
+    );
+    assert_eq!(s.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
     let r = get(veer.addr, "/after", &[]).await.unwrap();
     assert_eq!(r.status(), 200);
 }

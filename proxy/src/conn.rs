@@ -191,6 +191,14 @@ pub struct Activity {
     /// [`HeadWatch`]'s writes, cleared by its flush: hyper flushes the
     /// stream only once its own buffer is empty).
     unflushed: AtomicBool,
+    /// An HTTP/2 connection's answers streaming from upstreams (see
+    /// [`Answers`]); empty for HTTP/1.1.
+    answers: std::sync::Mutex<Answers>,
+    /// An answer was added to `answers` since the connection's task last
+    /// asked ([`Activity::answer_began`]).
+    answer_began: AtomicBool,
+    /// The client speaks HTTP/2 (set by [`HeadWatch`] when it knows).
+    h2: AtomicBool,
 }
 
 /// [`Activity`]'s `head_since_ms` when no head is being read.
@@ -209,7 +217,61 @@ impl Activity {
             body_open: AtomicBool::new(false),
             body_waiter: std::sync::Mutex::new(None),
             unflushed: AtomicBool::new(false),
+            answers: std::sync::Mutex::new(Answers::default()),
+            answer_began: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
         })
+    }
+
+    /// Whether an HTTP/2 answer began to stream since the last call:
+    /// asked by the connection's task after each poll of the connection,
+    /// to look at it within `body_timeout`.
+    pub fn answer_began(&self) -> bool {
+        self.answer_began.load(Ordering::Relaxed)
+            && self.answer_began.swap(false, Ordering::Relaxed)
+    }
+
+    /// Gives up every HTTP/2 answer whose client has taken nothing of it
+    /// for `limit` by `now` (see `Answers`): how many were given up, and
+    /// when the next one waiting will have waited `limit` (`None` if none
+    /// waits).
+    pub fn give_up_stalled_answers(
+        &self,
+        limit: Duration,
+        now: Instant,
+    ) -> (usize, Option<Instant>) {
+        let Ok(mut answers) = self.answers.lock() else {
+            return (0, None);
+        };
+        let mut cut = 0;
+        let mut next: Option<Instant> = None;
+        answers.live.retain(|w| {
+            let Some(a) = w.upgrade() else {
+                return false;
+            };
+            let handed = a.handed_ms.load(Ordering::Relaxed);
+            if handed == NOT_WAITING {
+                return true;
+            }
+            let due = self.accepted + Duration::from_millis(handed) + limit;
+            if due > now {
+                next = Some(next.map_or(due, |n| n.min(due)));
+                return true;
+            }
+            // Dropped here: its upstream connection is closed and its
+            // request recorded as it stood (the client's doing).
+            let body = a.body.lock().ok().and_then(|mut b| b.take());
+            cut += usize::from(body.is_some());
+            drop(body);
+            false
+        });
+        answers.kept_after_sweep = answers.live.len();
+        (cut, next)
+    }
+
+    /// Whether an HTTP/2 answer streams from an upstream on this connection.
+    pub fn has_answers(&self) -> bool {
+        self.answers.lock().is_ok_and(|a| !a.live.is_empty())
     }
 
     /// A request head was read completely: it is in flight until the guard
@@ -418,6 +480,7 @@ fn note_read(matched: &mut u8, activity: &Activity, new: &[u8]) {
         *matched += 1;
         if usize::from(*matched) == H2_PREFACE_START.len() {
             *matched = HTTP2;
+            activity.h2.store(true, Ordering::Relaxed);
             return;
         }
     }
@@ -617,19 +680,154 @@ where
     }
 }
 
+/// An HTTP/2 connection's answers that stream from upstreams, for its task
+/// to give up those whose client takes nothing of them for `body_timeout`.
+///
+/// Why: hyper asks an HTTP/2 answer's body for its next frame only once
+/// the client's flow-control window for the stream has room. A client
+/// that never opens it (`SETTINGS_INITIAL_WINDOW_SIZE` 0, or no
+/// `WINDOW_UPDATE` for the stream) while it keeps the connection alive
+/// (it reads, and answers pings) held each such stream's upstream
+/// connection for ever: 128 streams a connection, so a few connections
+/// took an endpoint's whole `max_upstream_connections`. The kernel's send
+/// timeout ([`crate::server`]) sees only a connection that takes nothing;
+/// this sees a stream that does. nginx resets such a stream after
+/// `send_timeout`.
+#[derive(Debug, Default)]
+struct Answers {
+    live: Vec<std::sync::Weak<Answer>>,
+    /// `live`'s length after the last sweep: dead entries are swept out
+    /// when it has doubled since (a busy connection's finished answers
+    /// do not pile up between its task's looks).
+    kept_after_sweep: usize,
+}
+
+impl Answers {
+    /// Notes `answer`.
+    fn add(&mut self, answer: &Arc<Answer>) {
+        if self.live.len() >= (2 * self.kept_after_sweep).max(64) {
+            self.live.retain(|w| w.strong_count() > 0);
+            self.kept_after_sweep = self.live.len();
+        }
+        self.live.push(Arc::downgrade(answer));
+    }
+}
+
+/// An HTTP/2 answer's body, shared by hyper's stream (which polls it) and
+/// the connection's task (which may give it up, see [`Answers`]).
+struct Answer {
+    /// Milliseconds after the connection was accepted when the answer
+    /// last handed hyper something (its head, then a frame) and was not
+    /// asked for the next frame since ([`NOT_WAITING`]: asked, and waiting
+    /// for the upstream, or ended).
+    handed_ms: AtomicU64,
+    /// `None` once given up.
+    body: std::sync::Mutex<Option<ProxyBody>>,
+}
+
+/// [`Answer`]'s `handed_ms` while the body is not waiting for the client.
+const NOT_WAITING: u64 = u64::MAX;
+
 /// A response body that keeps its request in flight until it is dropped.
 pub struct Tracked {
-    body: ProxyBody,
-    _inflight: InFlight,
+    body: Held,
+    inflight: InFlight,
+}
+
+/// A [`Tracked`] body: its own, or (an HTTP/2 answer streaming from an
+/// upstream) shared with its connection's task.
+enum Held {
+    Own(ProxyBody),
+    Shared(Arc<Answer>),
 }
 
 impl Tracked {
-    /// Wraps `body`.
+    /// Wraps `body` (noted in its connection's `Answers` if it streams
+    /// from an upstream to an HTTP/2 client).
+    #[inline]
     pub fn new(body: ProxyBody, inflight: InFlight) -> Tracked {
-        Tracked {
-            body,
-            _inflight: inflight,
+        if matches!(body, ProxyBody::Upstream(_))
+            && inflight.0.h2.load(Ordering::Relaxed)
+            && !body.is_end_stream()
+        {
+            return Tracked::shared(body, inflight);
         }
+        Tracked {
+            body: Held::Own(body),
+            inflight,
+        }
+    }
+
+    /// An HTTP/2 answer streaming from an upstream, noted in its
+    /// connection's `Answers`. Out of line: HTTP/1.1 answers (most) pay
+    /// nothing for it.
+    #[inline(never)]
+    fn shared(body: ProxyBody, inflight: InFlight) -> Tracked {
+        // Its head is handed now: hyper asks for the body once the
+        // client's window has room.
+        let now = inflight.0.accepted.elapsed().as_millis() as u64;
+        let answer = Arc::new(Answer {
+            handed_ms: AtomicU64::new(now),
+            body: std::sync::Mutex::new(Some(body)),
+        });
+        if let Ok(mut answers) = inflight.0.answers.lock() {
+            answers.add(&answer);
+        }
+        inflight.0.answer_began.store(true, Ordering::Relaxed);
+        Tracked {
+            body: Held::Shared(answer),
+            inflight,
+        }
+    }
+}
+
+/// The error a given-up HTTP/2 answer ends with (hyper resets its stream).
+#[derive(Debug, thiserror::Error)]
+#[error("the client took nothing of this answer for body_timeout")]
+pub struct AnswerGivenUp;
+
+impl Answer {
+    /// The body's next frame, noting whether it waits for the client after
+    /// it (the connection's accepted at `accepted`).
+    #[inline(never)]
+    fn poll_frame(
+        &self,
+        accepted: Instant,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Ok(mut held) = self.body.lock() else {
+            return Poll::Ready(Some(Err(Box::new(AnswerGivenUp))));
+        };
+        let Some(body) = held.as_mut() else {
+            return Poll::Ready(Some(Err(Box::new(AnswerGivenUp))));
+        };
+        let r = Pin::new(&mut *body).poll_frame(cx);
+        let handed = match &r {
+            Poll::Ready(Some(Ok(_))) if !body.is_end_stream() => {
+                accepted.elapsed().as_millis() as u64
+            }
+            _ => NOT_WAITING,
+        };
+        self.handed_ms.store(handed, Ordering::Relaxed);
+        r
+    }
+
+    /// Whether the body has ended (a given-up one has not: its next poll
+    /// fails it).
+    #[inline(never)]
+    fn is_end_stream(&self) -> bool {
+        self.body
+            .lock()
+            .is_ok_and(|b| b.as_ref().is_some_and(|b| b.is_end_stream()))
+    }
+
+    #[inline(never)]
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .lock()
+            .ok()
+            .and_then(|b| b.as_ref().map(|b| b.size_hint()))
+            .unwrap_or_default()
     }
 }
 
@@ -637,19 +835,32 @@ impl Body for Tracked {
     type Data = Bytes;
     type Error = BoxError;
 
+    #[inline]
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let this = &mut *self;
+        match &mut this.body {
+            Held::Own(b) => Pin::new(b).poll_frame(cx),
+            Held::Shared(a) => a.poll_frame(this.inflight.0.accepted, cx),
+        }
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.body {
+            Held::Own(b) => b.is_end_stream(),
+            Held::Shared(a) => a.is_end_stream(),
+        }
     }
 
+    #[inline]
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Held::Own(b) => b.size_hint(),
+            Held::Shared(a) => a.size_hint(),
+        }
     }
 }
 

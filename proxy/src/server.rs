@@ -362,8 +362,10 @@ impl Conn<'_> {
         let conn = crate::protocol::serve(stream, svc, builders);
         tokio::pin!(conn);
         let (ht, it) = (limits.header_timeout, limits.idle_timeout);
-        // While requests are in flight, look again this often.
-        let busy_recheck = ht.min(it);
+        // While requests are in flight, look again this often (also for
+        // HTTP/2 answers the client takes nothing of, see
+        // `Activity::give_up_stalled_answers`).
+        let busy_recheck = ht.min(it).min(on_close.snapshot.load().body_timeout);
         // `parks`: an HTTP/1.1 connection that can be parked, looked at
         // again when it has been idle for `PARK_AFTER`.
         let next = |a: &Activity, parks: bool| match a.deadline(ht, it) {
@@ -405,6 +407,7 @@ impl Conn<'_> {
                 r = std::future::poll_fn(|cx| match std::future::Future::poll(conn.as_mut(), cx) {
                     Poll::Ready(r) => Poll::Ready(Some(r)),
                     Poll::Pending if activity.head_began() => Poll::Ready(None),
+                    Poll::Pending if activity.answer_began() => Poll::Ready(None),
                     Poll::Pending if parked.is_some() && !conn.is_parked() => Poll::Ready(None),
                     Poll::Pending => Poll::Pending,
                 }) => match r {
@@ -475,7 +478,19 @@ impl Conn<'_> {
                                     parked = Some(GaugeHeld::new(&on_close.metrics.parked_connections));
                                 }
                             }
-                            sleep.as_mut().reset(next(&activity, parks));
+                            let mut due = next(&activity, parks);
+                            if activity.has_answers() {
+                                let limit = on_close.snapshot.load().body_timeout;
+                                let (cut, waiting) = activity.give_up_stalled_answers(limit, now);
+                                for _ in 0..cut {
+                                    tracing::debug!(%peer, "HTTP/2 answer given up: the client took nothing of it for body_timeout");
+                                    on_close.metrics.proxy_errors().inc(ProxyError::SendTimeout);
+                                }
+                                if let Some(w) = waiting {
+                                    due = due.min(w);
+                                }
+                            }
+                            sleep.as_mut().reset(due);
                             armed = false;
                         }
                     }

@@ -598,3 +598,94 @@ async fn a_client_that_takes_nothing_of_its_answer_is_closed_after_body_timeout_
         0.0
     );
 }
+
+/// An HTTP/2 client that keeps its connection alive but never opens its
+/// streams' flow-control windows: each answer's upstream connection is
+/// given up after `body_timeout` (it was held for ever: 128 streams a
+/// connection, a few connections took an endpoint's whole
+/// `max_upstream_connections`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_answers_whose_window_stays_shut_are_given_up_after_body_timeout() {
+    use super::hostile::h2::{END_HEADERS, END_STREAM, HEADERS, SETTINGS};
+    use std::sync::atomic::Ordering;
+    const STREAMS: u32 = 10;
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&with_proxy(
+        route_config(&[s.addr], &[], 0.0, ""),
+        "body_timeout = \"2s\"",
+    ))
+    .await;
+    let block = super::hostile::hpack(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/bytes/1000000"),
+        (":authority", "a"),
+    ]);
+    let c = TcpStream::connect(veer.addr).await.unwrap();
+    let (mut r, mut w) = c.into_split();
+    // The client reads everything veer sends (its connection is alive).
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = r.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    });
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0: no stream may get data.
+    bytes.extend(super::hostile::frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    for i in 0..STREAMS {
+        bytes.extend(super::hostile::frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            1 + 2 * i,
+            &block,
+        ));
+    }
+    let sent = Instant::now();
+    w.write_all(&bytes).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    while s.requests.load(Ordering::SeqCst) < u64::from(STREAMS) {
+        assert!(
+            Instant::now() < until,
+            "the requests did not reach the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy_errors_reach(&veer, "send_timeout", f64::from(STREAMS)).await;
+    let given_up_after = sent.elapsed();
+    assert!(
+        given_up_after >= Duration::from_millis(1900),
+        "given up {given_up_after:?} after the requests, before body_timeout"
+    );
+    // Their upstream connections are closed.
+    let until = Instant::now() + Duration::from_secs(20);
+    while s.open.load(Ordering::SeqCst) > 0 {
+        assert!(
+            Instant::now() < until,
+            "{} upstream connections still open",
+            s.open.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = veer.metrics().await;
+    for kind in ["connect", "protocol", "reset", "timeout"] {
+        let name =
+            format!(r#"veer_upstream_errors_total{{kind="{kind}",route="web",version="v1"}}"#);
+        assert_eq!(metric(&m, &name), Some(0.0), "{name}");
+    }
+    // HTTP/2 is served as before.
+    drop(w);
+    reader.abort();
+    let mut h2 = super::support::h2c::<http_body_util::Full<bytes::Bytes>>(veer.addr).await;
+    let resp = h2
+        .send_request(
+            http::Request::get(format!("http://{}/", veer.addr))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}

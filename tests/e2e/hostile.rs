@@ -381,7 +381,7 @@ async fn upstream_requests_around(s: &Upstream, veer: &Veer, bytes: &[u8]) -> (u
 }
 
 /// An HPACK header block of literal fields without indexing (no Huffman).
-fn hpack(fields: &[(&str, &str)]) -> Vec<u8> {
+pub(super) fn hpack(fields: &[(&str, &str)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, value) in fields {
         assert!(name.len() < 127 && value.len() < 127);
@@ -394,8 +394,20 @@ fn hpack(fields: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
+/// HTTP/2 frame types and flags (RFC 9113 §6), for hand-made frames.
+pub(super) mod h2 {
+    pub const DATA: u8 = 0;
+    pub const HEADERS: u8 = 1;
+    pub const RST_STREAM: u8 = 3;
+    pub const SETTINGS: u8 = 4;
+    pub const GOAWAY: u8 = 7;
+    pub const CONTINUATION: u8 = 9;
+    pub const END_STREAM: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+}
+
 /// One HTTP/2 frame.
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+pub(super) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;
     let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
     out.extend_from_slice(&stream.to_be_bytes());
@@ -405,10 +417,7 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_framings_that_must_be_refused_never_reach_the_upstream() {
-    const HEADERS: u8 = 1;
-    const DATA: u8 = 0;
-    const END_STREAM: u8 = 0x1;
-    const END_HEADERS: u8 = 0x4;
+    use h2::{DATA, END_HEADERS, END_STREAM, HEADERS};
     let s = Upstream::start("stable").await;
     let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
     let base = [
@@ -492,7 +501,7 @@ async fn h2_framings_that_must_be_refused_never_reach_the_upstream() {
     )];
     for (i, (name, frames, never_upstream)) in valid.into_iter().chain(cases).enumerate() {
         let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        bytes.extend(frame(4, 0, 0, &[])); // SETTINGS
+        bytes.extend(frame(h2::SETTINGS, 0, 0, &[]));
         bytes.extend(frames);
         let (before, after) = upstream_requests_around(&s, &veer, &bytes).await;
         if i == 0 {
@@ -645,7 +654,7 @@ fn frames_of(bytes: &[u8]) -> Vec<(u8, u32, &[u8])> {
 /// to veer; the code of the GOAWAY veer sent, if any, once it closed the
 /// connection (panics if it did not within 20 s).
 async fn h2_flood_goaway(veer: &Veer, flood: &[u8]) -> Option<u32> {
-    const GOAWAY: u8 = 7;
+    use h2::GOAWAY;
     let c = TcpStream::connect(veer.addr).await.unwrap();
     let (mut r, mut w) = c.into_split();
     // Everything veer writes, until it closes (or 20 s).
@@ -657,7 +666,7 @@ async fn h2_flood_goaway(veer: &Veer, flood: &[u8]) -> Option<u32> {
         (got, closed)
     });
     let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    bytes.extend(frame(4, 0, 0, &[])); // SETTINGS
+    bytes.extend(frame(h2::SETTINGS, 0, 0, &[]));
     bytes.extend_from_slice(flood);
     // veer may close before taking it all.
     let _ = w.write_all(&bytes).await;
@@ -689,10 +698,7 @@ const ENHANCE_YOUR_CALM: u32 = 0xb;
 /// ENHANCE_YOUR_CALM, and its requests barely reach the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_rapid_reset_flood_ends_its_connection() {
-    const HEADERS: u8 = 1;
-    const RST_STREAM: u8 = 3;
-    const END_STREAM: u8 = 0x1;
-    const END_HEADERS: u8 = 0x4;
+    use h2::{END_HEADERS, END_STREAM, HEADERS, RST_STREAM};
     const PAIRS: u32 = 5_000;
     let s = Upstream::start("stable").await;
     let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
@@ -724,8 +730,7 @@ async fn an_h2_rapid_reset_flood_ends_its_connection() {
 /// (the h2 crate's count of its frames), without a request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_continuation_flood_ends_its_connection() {
-    const HEADERS: u8 = 1;
-    const CONTINUATION: u8 = 9;
+    use h2::{CONTINUATION, HEADERS};
     let s = Upstream::start("stable").await;
     let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
     let block = h2_get_block();

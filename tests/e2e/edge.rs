@@ -599,31 +599,16 @@ async fn a_client_that_takes_nothing_of_its_answer_is_closed_after_body_timeout_
     );
 }
 
-/// An HTTP/2 client that keeps its connection alive but never opens its
-/// streams' flow-control windows: each answer's upstream connection is
-/// given up after `body_timeout` (it was held for ever: 128 streams a
-/// connection, a few connections took an endpoint's whole
-/// `max_upstream_connections`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn h2_answers_whose_window_stays_shut_are_given_up_after_body_timeout() {
-    use super::hostile::h2::{END_HEADERS, END_STREAM, HEADERS, SETTINGS};
-    use std::sync::atomic::Ordering;
-    const STREAMS: u32 = 10;
-    let s = Upstream::start("stable").await;
-    let veer = Veer::start(&with_proxy(
-        route_config(&[s.addr], &[], 0.0, ""),
-        "body_timeout = \"2s\"",
-    ))
-    .await;
-    let block = super::hostile::hpack(&[
-        (":method", "GET"),
-        (":scheme", "http"),
-        (":path", "/bytes/1000000"),
-        (":authority", "a"),
-    ]);
-    let c = TcpStream::connect(veer.addr).await.unwrap();
+/// An HTTP/2 connection to `addr` whose client reads everything veer sends
+/// (its connection is alive) and gives its streams `window` bytes of
+/// flow-control window (`SETTINGS_INITIAL_WINDOW_SIZE`), and never more:
+/// the writing half, preface and settings sent, and the reader.
+async fn h2_client_with_window(
+    addr: std::net::SocketAddr,
+    window: u32,
+) -> (tokio::net::tcp::OwnedWriteHalf, tokio::task::JoinHandle<()>) {
+    let c = TcpStream::connect(addr).await.unwrap();
     let (mut r, mut w) = c.into_split();
-    // The client reads everything veer sends (its connection is alive).
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         while let Ok(n) = r.read(&mut buf).await {
@@ -633,8 +618,38 @@ async fn h2_answers_whose_window_stays_shut_are_given_up_after_body_timeout() {
         }
     });
     let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0: no stream may get data.
-    bytes.extend(super::hostile::frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    let mut setting = vec![0, 4]; // SETTINGS_INITIAL_WINDOW_SIZE
+    setting.extend(window.to_be_bytes());
+    bytes.extend(super::hostile::frame(
+        super::hostile::h2::SETTINGS,
+        0,
+        0,
+        &setting,
+    ));
+    w.write_all(&bytes).await.unwrap();
+    (w, reader)
+}
+
+/// An HTTP/2 client that keeps its connection alive but never opens its
+/// streams' flow-control windows: each answer's upstream connection is
+/// given up after `body_timeout` (it was held for ever: 128 streams a
+/// connection, a few connections took an endpoint's whole
+/// `max_upstream_connections`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_answers_whose_window_stays_shut_are_given_up_after_body_timeout() {
+    use super::hostile::h2::{END_HEADERS, END_STREAM, HEADERS};
+    use std::sync::atomic::Ordering;
+    const STREAMS: u32 = 10;
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&with_proxy(
+        route_config(&[s.addr], &[], 0.0, ""),
+        "body_timeout = \"2s\"",
+    ))
+    .await;
+    let block = super::hostile::h2_get_block("/bytes/1000000");
+    // No stream may get data.
+    let (mut w, reader) = h2_client_with_window(veer.addr, 0).await;
+    let mut bytes = Vec::new();
     for i in 0..STREAMS {
         bytes.extend(super::hostile::frame(
             HEADERS,
@@ -688,4 +703,95 @@ async fn h2_answers_whose_window_stays_shut_are_given_up_after_body_timeout() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+}
+
+/// As above, with the connection's window spent instead: the client opens
+/// its streams' windows wide but never the connection's, and one stream's
+/// answer takes the connection's whole window while another's upstream
+/// has sent its head and not yet its body. Both answers are given up
+/// after `body_timeout`: the waiting one was asked for its body with a
+/// byte of window already reserved for it, and so handed it over and
+/// waited for the client as the other did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_answers_starved_of_the_connections_window_are_given_up_after_body_timeout() {
+    use super::hostile::h2::{END_HEADERS, END_STREAM, HEADERS};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    // An upstream that answers `/late` with its head at once and its body
+    // 1.5 s later, and `/big` with 1 MB at once.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let open = Arc::new(AtomicU64::new(0));
+    let counted = open.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let open = counted.clone();
+            open.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if super::support::read_head(&mut c).await {
+                    // `read_head` keeps no head: the two paths differ in
+                    // length, and `/late` is the one asked first.
+                    let _ = answer(&mut c).await;
+                }
+                // Held until veer closes it.
+                let mut buf = [0u8; 1024];
+                while matches!(c.read(&mut buf).await, Ok(n) if n > 0) {}
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    static ASKED: AtomicU64 = AtomicU64::new(0);
+    async fn answer(c: &mut TcpStream) -> std::io::Result<()> {
+        if ASKED.fetch_add(1, Ordering::SeqCst) == 0 {
+            c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n")
+                .await?;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            c.write_all(&[b'l'; 100_000]).await
+        } else {
+            c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n")
+                .await?;
+            c.write_all(&[b'b'; 1_000_000]).await
+        }
+    }
+    let veer = Veer::start(&with_proxy(
+        route_config(&[up], &[], 0.0, ""),
+        "body_timeout = \"2s\"",
+    ))
+    .await;
+    let get = super::hostile::h2_get_block;
+    // Streams' windows wide open; the connection's stays at its first
+    // 65 535 bytes.
+    let (mut w, reader) = h2_client_with_window(veer.addr, 16 << 20).await;
+    let late = super::hostile::frame(HEADERS, END_HEADERS | END_STREAM, 1, &get("/late"));
+    w.write_all(&late).await.unwrap();
+    // The late answer's head is through before the big one is asked.
+    let until = Instant::now() + Duration::from_secs(20);
+    while ASKED.load(Ordering::SeqCst) < 1 {
+        assert!(
+            Instant::now() < until,
+            "the first request did not reach the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    w.write_all(&super::hostile::frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        3,
+        &get("/big"),
+    ))
+    .await
+    .unwrap();
+    proxy_errors_reach(&veer, "send_timeout", 2.0).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    while open.load(Ordering::SeqCst) > 0 {
+        assert!(
+            Instant::now() < until,
+            "{} upstream connections still open",
+            open.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(w);
+    reader.abort();
 }

@@ -678,12 +678,12 @@ async fn h2_flood_goaway(veer: &Veer, flood: &[u8]) -> Option<u32> {
         .map(|(_, _, p)| u32::from_be_bytes([p[4], p[5], p[6], p[7]]))
 }
 
-/// The header block of an HTTP/2 `GET /` (HPACK, literal fields).
-fn h2_get_block() -> Vec<u8> {
+/// The header block of an HTTP/2 `GET path` (HPACK, literal fields).
+pub(super) fn h2_get_block(path: &str) -> Vec<u8> {
     hpack(&[
         (":method", "GET"),
         (":scheme", "http"),
-        (":path", "/"),
+        (":path", path),
         (":authority", "a"),
     ])
 }
@@ -702,7 +702,7 @@ async fn an_h2_rapid_reset_flood_ends_its_connection() {
     const PAIRS: u32 = 5_000;
     let s = Upstream::start("stable").await;
     let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
-    let block = h2_get_block();
+    let block = h2_get_block("/");
     let mut flood = Vec::new();
     for i in 0..PAIRS {
         let id = 1 + 2 * i;
@@ -733,7 +733,7 @@ async fn an_h2_continuation_flood_ends_its_connection() {
     use h2::{CONTINUATION, HEADERS};
     let s = Upstream::start("stable").await;
     let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
-    let block = h2_get_block();
+    let block = h2_get_block("/");
     // HEADERS without END_HEADERS, then 20 000 CONTINUATION frames of one
     // 100-byte field each (2 MB of header block), none ending it.
     let field = hpack(&[("x-flood", &"f".repeat(90))]);

@@ -167,6 +167,11 @@ pub async fn serve(
     };
     loop {
         if permits.available_permits() == 0 {
+            shared
+                .metrics
+                .admin_refused
+                .with_label_values(&["all"])
+                .inc();
             say(
                 &format!("{MAX_CONNECTIONS} connections open, no more accepted until one closes"),
                 None,
@@ -191,6 +196,11 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let Some(place) = per_ip.admit(peer.ip()) else {
+            shared
+                .metrics
+                .admin_refused
+                .with_label_values(&["per_address"])
+                .inc();
             say(
                 &format!(
                     "{MAX_PER_IP} connections from one address, more from it closed as accepted"

@@ -52,6 +52,10 @@ pub struct Metrics {
     pub version_info: IntGaugeVec,
     /// `veer_open_connections`: client connections being served.
     pub open_connections: IntGauge,
+    /// `veer_admin_refused_total{why}`: admin connections refused
+    /// (`per_address`: over an address's limit, closed as accepted; `all`:
+    /// the port full, none accepted until one closes).
+    pub admin_refused: IntCounterVec,
     /// `veer_parked_connections`: idle HTTP/1.1 client connections parked
     /// (`crate::protocol::Served::park`).
     pub parked_connections: IntGauge,
@@ -280,6 +284,16 @@ impl Metrics {
         )?;
         let open_connections =
             IntGauge::new("veer_open_connections", "Client connections being served.")?;
+        let admin_refused = IntCounterVec::new(
+            Opts::new(
+                "veer_admin_refused_total",
+                "Admin connections refused: why=per_address, closed as accepted (an address over 16); why=all, times the port was full (128 open) and stopped accepting.",
+            ),
+            &["why"],
+        )?;
+        for why in ["per_address", "all"] {
+            admin_refused.with_label_values(&[why]);
+        }
         let parked_connections = IntGauge::new(
             "veer_parked_connections",
             "Idle HTTP/1.1 client connections parked: their buffers freed until the client's next request.",
@@ -405,6 +419,7 @@ impl Metrics {
         registry.register(Box::new(canary_weight.clone()))?;
         registry.register(Box::new(version_info.clone()))?;
         registry.register(Box::new(open_connections.clone()))?;
+        registry.register(Box::new(admin_refused.clone()))?;
         registry.register(Box::new(parked_connections.clone()))?;
         registry.register(Box::new(routes_awake.clone()))?;
         registry.register(Box::new(routing_rebuilds.clone()))?;
@@ -444,6 +459,7 @@ impl Metrics {
             canary_weight,
             version_info,
             open_connections,
+            admin_refused,
             parked_connections,
             routes_awake,
             routing_rebuilds,

@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::edge::with_proxy;
-use super::support::{get, route_config, Upstream, Veer};
+use super::support::{get, metric, route_config, Upstream, Veer};
 
 /// Sends raw bytes on a fresh connection; returns the connection, still
 /// open, and the response's status code (0 if none came).
@@ -594,6 +594,14 @@ async fn one_address_cannot_take_the_admin_port() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Counted (at least the 17th).
+    let m = veer.metrics().await;
+    let refused = metric(&m, r#"veer_admin_refused_total{why="per_address"}"#);
+    assert!(refused >= Some(1.0), "{refused:?}");
+    assert_eq!(
+        metric(&m, r#"veer_admin_refused_total{why="all"}"#),
+        Some(0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -630,6 +638,9 @@ async fn the_admin_port_holds_at_most_128_connections() {
         .expect("the waiting connection was not served once one closed")
         .unwrap();
     assert_eq!(answer, "HTTP/1.1 200 OK");
+    let m = veer.metrics().await;
+    let full = metric(&m, r#"veer_admin_refused_total{why="all"}"#);
+    assert!(full >= Some(1.0), "{full:?}");
 }
 
 /// The frames of an HTTP/2 byte stream, as (type, stream, payload).

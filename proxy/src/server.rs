@@ -521,8 +521,10 @@ fn poll_registered<F: Future>(
 /// Makes the kernel close a connection (of `socket`, or accepted by it
 /// from now on) whose client has taken nothing of what veer sent for
 /// `limit`: its receive window stayed shut (it stopped reading), or what
-/// was sent stayed unacknowledged (it vanished). `TCP_USER_TIMEOUT` (since
-/// Linux 5.x it also bounds a shut window), nginx's `send_timeout`: without
+/// was sent stayed unacknowledged (it vanished). `TCP_USER_TIMEOUT` (which
+/// current Linux applies to a shut window too: seen on 6.18, where a
+/// client reading 8 KiB/s was not cut and one reading nothing was, within
+/// the limit), nginx's `send_timeout`: without
 /// it such a client held its connection, and the upstream connection its
 /// answer streams from, for ever. Reading slowly is not taking nothing. A
 /// write then fails with `ETIMEDOUT` ([`timed_out_sending`]). A socket that

@@ -12,6 +12,11 @@
 //! bytes that come while nothing is in flight; the connection's task asks
 //! [`Activity::deadline`] when to look again. Atomics only: no timer per
 //! request.
+//!
+//! It also gives up an HTTP/2 answer whose client takes nothing of it for
+//! `body_timeout` while the connection lives (a stream window left shut:
+//! [`Activity::give_up_stalled_answers`]); a client that takes nothing on
+//! the whole connection is the kernel's to close (`crate::server`).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -476,20 +476,20 @@ async fn idle_keep_alive_connections_are_parked_and_serve_their_next_request() {
     assert_eq!(metric(&m, "veer_open_connections"), Some(0.0), "{m}");
 }
 
+/// Asserts that the metrics `m` count no upstream error for route `web`'s
+/// `v1` (what a client did was not the version's failure).
+fn no_upstream_errors(m: &str) {
+    for kind in ["connect", "protocol", "reset", "timeout"] {
+        let name =
+            format!(r#"veer_upstream_errors_total{{kind="{kind}",route="web",version="v1"}}"#);
+        assert_eq!(metric(m, &name), Some(0.0), "{name}");
+    }
+}
+
 /// Waits (at most 30 s) for `veer_proxy_errors_total{kind}` to reach `n`.
 async fn proxy_errors_reach(veer: &Veer, kind: &str, n: f64) {
-    let start = Instant::now();
     let name = format!("veer_proxy_errors_total{{kind=\"{kind}\"}}");
-    loop {
-        if metric(&veer.metrics().await, &name) >= Some(n) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{name} never reached {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    super::support::wait_metric(veer, &name, &format!("{n} {kind}"), |v| v >= n).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -546,15 +546,13 @@ async fn a_client_that_takes_nothing_of_its_answer_is_closed_after_body_timeout_
     );
     // Its upstream connection was given up with it: only the slow
     // reader's is still open.
-    let until = Instant::now() + Duration::from_secs(20);
-    while s.open.load(Ordering::SeqCst) != 1 {
-        assert!(
-            Instant::now() < until,
-            "{} upstream connections open",
-            s.open.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    super::support::wait_until(
+        "only the slow reader's upstream connection open",
+        Duration::from_secs(20),
+        || s.open.load(Ordering::SeqCst),
+        |n| *n == 1,
+    )
+    .await;
     // The stalled client finds its connection closed once it reads what
     // was already on its way.
     let mut buf = vec![0u8; 64 * 1024];
@@ -584,11 +582,7 @@ async fn a_client_that_takes_nothing_of_its_answer_is_closed_after_body_timeout_
         Some(1.0)
     );
     // The client's doing, not the version's.
-    for kind in ["connect", "protocol", "reset", "timeout"] {
-        let name =
-            format!(r#"veer_upstream_errors_total{{kind="{kind}",route="web",version="v1"}}"#);
-        assert_eq!(metric(&m, &name), Some(0.0), "{name}");
-    }
+    no_upstream_errors(&m);
     assert_eq!(
         metric(
             &m,
@@ -602,19 +596,27 @@ async fn a_client_that_takes_nothing_of_its_answer_is_closed_after_body_timeout_
 /// An HTTP/2 connection to `addr` whose client reads everything veer sends
 /// (its connection is alive) and gives its streams `window` bytes of
 /// flow-control window (`SETTINGS_INITIAL_WINDOW_SIZE`), and never more:
-/// the writing half, preface and settings sent, and the reader.
+/// the writing half, preface and settings sent, the reader, and what it
+/// has read.
 async fn h2_client_with_window(
     addr: std::net::SocketAddr,
     window: u32,
-) -> (tokio::net::tcp::OwnedWriteHalf, tokio::task::JoinHandle<()>) {
+) -> (
+    tokio::net::tcp::OwnedWriteHalf,
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
     let c = TcpStream::connect(addr).await.unwrap();
     let (mut r, mut w) = c.into_split();
+    let read = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = read.clone();
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         while let Ok(n) = r.read(&mut buf).await {
             if n == 0 {
                 return;
             }
+            kept.lock().unwrap().extend_from_slice(&buf[..n]);
         }
     });
     let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
@@ -627,7 +629,7 @@ async fn h2_client_with_window(
         &setting,
     ));
     w.write_all(&bytes).await.unwrap();
-    (w, reader)
+    (w, reader, read)
 }
 
 /// An HTTP/2 client that keeps its connection alive but never opens its
@@ -648,7 +650,7 @@ async fn h2_answers_whose_window_stays_shut_are_given_up_after_body_timeout() {
     .await;
     let block = super::hostile::h2_get_block("/bytes/1000000");
     // No stream may get data.
-    let (mut w, reader) = h2_client_with_window(veer.addr, 0).await;
+    let (mut w, reader, _) = h2_client_with_window(veer.addr, 0).await;
     let mut bytes = Vec::new();
     for i in 0..STREAMS {
         bytes.extend(super::hostile::frame(
@@ -675,21 +677,15 @@ async fn h2_answers_whose_window_stays_shut_are_given_up_after_body_timeout() {
         "given up {given_up_after:?} after the requests, before body_timeout"
     );
     // Their upstream connections are closed.
-    let until = Instant::now() + Duration::from_secs(20);
-    while s.open.load(Ordering::SeqCst) > 0 {
-        assert!(
-            Instant::now() < until,
-            "{} upstream connections still open",
-            s.open.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    super::support::wait_until(
+        "every upstream connection closed",
+        Duration::from_secs(20),
+        || s.open.load(Ordering::SeqCst),
+        |n| *n == 0,
+    )
+    .await;
     let m = veer.metrics().await;
-    for kind in ["connect", "protocol", "reset", "timeout"] {
-        let name =
-            format!(r#"veer_upstream_errors_total{{kind="{kind}",route="web",version="v1"}}"#);
-        assert_eq!(metric(&m, &name), Some(0.0), "{name}");
-    }
+    no_upstream_errors(&m);
     // HTTP/2 is served as before.
     drop(w);
     reader.abort();
@@ -761,19 +757,23 @@ async fn h2_answers_starved_of_the_connections_window_are_given_up_after_body_ti
     let get = super::hostile::h2_get_block;
     // Streams' windows wide open; the connection's stays at its first
     // 65 535 bytes.
-    let (mut w, reader) = h2_client_with_window(veer.addr, 16 << 20).await;
+    let (mut w, reader, read) = h2_client_with_window(veer.addr, 16 << 20).await;
     let late = super::hostile::frame(HEADERS, END_HEADERS | END_STREAM, 1, &get("/late"));
     w.write_all(&late).await.unwrap();
-    // The late answer's head is through before the big one is asked.
-    let until = Instant::now() + Duration::from_secs(20);
-    while ASKED.load(Ordering::SeqCst) < 1 {
-        assert!(
-            Instant::now() < until,
-            "the first request did not reach the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The late answer's head is through to the client before the big one
+    // is asked.
+    super::support::wait_until(
+        "the late answer's head at the client",
+        Duration::from_secs(20),
+        || {
+            let read = read.lock().unwrap();
+            super::hostile::frames_of(&read)
+                .iter()
+                .any(|&(kind, stream, _)| kind == HEADERS && stream == 1)
+        },
+        |headed| *headed,
+    )
+    .await;
     w.write_all(&super::hostile::frame(
         HEADERS,
         END_HEADERS | END_STREAM,
@@ -783,15 +783,13 @@ async fn h2_answers_starved_of_the_connections_window_are_given_up_after_body_ti
     .await
     .unwrap();
     proxy_errors_reach(&veer, "send_timeout", 2.0).await;
-    let until = Instant::now() + Duration::from_secs(20);
-    while open.load(Ordering::SeqCst) > 0 {
-        assert!(
-            Instant::now() < until,
-            "{} upstream connections still open",
-            open.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    super::support::wait_until(
+        "every upstream connection closed",
+        Duration::from_secs(20),
+        || open.load(Ordering::SeqCst),
+        |n| *n == 0,
+    )
+    .await;
     drop(w);
     reader.abort();
 }

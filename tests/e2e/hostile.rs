@@ -644,7 +644,7 @@ async fn the_admin_port_holds_at_most_128_connections() {
 }
 
 /// The frames of an HTTP/2 byte stream, as (type, stream, payload).
-fn frames_of(bytes: &[u8]) -> Vec<(u8, u32, &[u8])> {
+pub(super) fn frames_of(bytes: &[u8]) -> Vec<(u8, u32, &[u8])> {
     let mut out = Vec::new();
     let mut at = 0;
     while bytes.len() >= at + 9 {

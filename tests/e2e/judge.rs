@@ -344,18 +344,7 @@ async fn revert_counters_exist_at_zero_before_any_revert() {
 
 /// Polls `veer_judge_routes_awake` until `ready` holds of it.
 async fn wait_awake(veer: &Veer, what: &str, ready: impl Fn(f64) -> bool) {
-    let start = Instant::now();
-    loop {
-        let awake = metric(&veer.metrics().await, "veer_judge_routes_awake");
-        if awake.is_some_and(&ready) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "never {what}: {awake:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    super::support::wait_metric(veer, "veer_judge_routes_awake", what, ready).await;
 }
 
 /// With config.example.toml's judge: a hundred routes without traffic

@@ -703,6 +703,47 @@ pub async fn upstream_of_keys(
     map
 }
 
+/// Polls `ready` every 20 ms until it holds; panics after `limit`, saying
+/// what never came and what `ready` last saw.
+pub async fn wait_until<T: std::fmt::Debug>(
+    what: &str,
+    limit: Duration,
+    mut seen: impl FnMut() -> T,
+    ready: impl Fn(&T) -> bool,
+) {
+    let start = Instant::now();
+    loop {
+        let now = seen();
+        if ready(&now) {
+            return;
+        }
+        assert!(start.elapsed() < limit, "never {what}: {now:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `/metrics` until the series `name_and_labels` satisfies `ready`
+/// (panics after 30 s, saying `what` never came).
+pub async fn wait_metric(
+    veer: &Veer,
+    name_and_labels: &str,
+    what: &str,
+    ready: impl Fn(f64) -> bool,
+) {
+    let start = Instant::now();
+    loop {
+        let value = metric(&veer.metrics().await, name_and_labels);
+        if value.is_some_and(&ready) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never {what}: {name_and_labels} is {value:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Value of a metric sample line `name{labels} value` (labels as written by veer).
 pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()

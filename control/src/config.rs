@@ -63,6 +63,11 @@ pub struct ProxySettings {
     pub trusted_hops: usize,
     /// A request or response body that makes no progress for this long is aborted.
     pub body_timeout: Duration,
+    /// A request body whose announced length is at most this many bytes
+    /// is read whole before its request takes an upstream connection (0:
+    /// every body streams as it comes). A client uploading slowly then
+    /// holds only its own connection, never an upstream's.
+    pub request_buffer: usize,
     /// On SIGTERM, in-flight requests get this long to finish.
     pub shutdown_grace: Duration,
     /// Which requests get an access log line.

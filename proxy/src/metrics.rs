@@ -50,6 +50,9 @@ pub struct Metrics {
     pub canary_weight: GaugeVec,
     /// `veer_version_info{route,role,version}`: joins a version label to its role.
     pub version_info: IntGaugeVec,
+    /// `veer_request_buffer_full_total`: request bodies small enough to be
+    /// read whole that streamed instead, the budget for them being spent.
+    pub request_buffer_full: IntCounter,
     /// `veer_open_connections`: client connections being served.
     pub open_connections: IntGauge,
     /// `veer_admin_refused_total{why}`: admin connections refused
@@ -282,6 +285,10 @@ impl Metrics {
             ),
             &["route", "role", "version"],
         )?;
+        let request_buffer_full = IntCounter::new(
+            "veer_request_buffer_full_total",
+            "Request bodies small enough to be read whole before going upstream ([proxy] request_buffer) that streamed instead: the 64 MiB held at once for them was spent.",
+        )?;
         let open_connections =
             IntGauge::new("veer_open_connections", "Client connections being served.")?;
         let admin_refused = IntCounterVec::new(
@@ -419,6 +426,7 @@ impl Metrics {
         registry.register(Box::new(canary_weight.clone()))?;
         registry.register(Box::new(version_info.clone()))?;
         registry.register(Box::new(open_connections.clone()))?;
+        registry.register(Box::new(request_buffer_full.clone()))?;
         registry.register(Box::new(admin_refused.clone()))?;
         registry.register(Box::new(parked_connections.clone()))?;
         registry.register(Box::new(routes_awake.clone()))?;
@@ -459,6 +467,7 @@ impl Metrics {
             canary_weight,
             version_info,
             open_connections,
+            request_buffer_full,
             admin_refused,
             parked_connections,
             routes_awake,

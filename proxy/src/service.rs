@@ -76,12 +76,13 @@ pub fn handle(
                 .find(host, req.uri().path())
                 .and_then(|i| snap.routes.get(i))
         });
-        let (route, body_timeout, trusted_hops, idle_timeout) = match found {
+        let (route, body_timeout, trusted_hops, idle_timeout, request_buffer) = match found {
             Ok(Some(r)) => (
                 r.clone(),
                 snap.body_timeout,
                 snap.trusted_hops,
                 snap.idle_timeout,
+                snap.request_buffer,
             ),
             Ok(None) => {
                 snap.proxy_errors.inc(ProxyError::NoRoute);
@@ -161,6 +162,13 @@ pub fn handle(
             }
             _ => (None, None, None),
         };
+        // A small body is read whole before an upstream connection is
+        // taken; a gRPC call's messages go as they come (a client stream is
+        // long-lived by design).
+        let held = match grpc {
+            false => small_body_grant(&shared, req.body(), request_buffer),
+            true => None,
+        };
         // The request line, kept for the access log.
         let head = (access != AccessLog::Off).then(|| (req.method().clone(), req.uri().clone()));
         let upload = Upload::since(start);
@@ -188,6 +196,7 @@ pub fn handle(
                 scheme,
                 slot,
                 idle_timeout,
+                held,
                 shadow,
                 arrival: arrival.clone(),
             },
@@ -508,6 +517,9 @@ struct Hop {
     slot: Option<Arc<crate::conn::Slot>>,
     /// How long a tunnel may move no byte either way.
     idle_timeout: std::time::Duration,
+    /// The budget's grant for reading the body whole before the request
+    /// goes upstream (see [`small_body_grant`]).
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
     /// A copy of the request goes to the canary (`[route.mirror]`).
     shadow: Option<Box<crate::mirror::Seed>>,
     /// When a mirrored request's answer came (its side of the pair).
@@ -608,8 +620,12 @@ fn forward<'a>(
 ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
     async move {
         let body_timeout = deadlines.body;
-        let (req, forwarding, downstream_upgrade) = outgoing(req, &mut hop, body_timeout, upload)?;
+        let (mut req, forwarding, downstream_upgrade) =
+            outgoing(req, &mut hop, body_timeout, upload)?;
         let upgrade = downstream_upgrade.is_some();
+        if let (Some(grant), false) = (hop.held.take(), upgrade) {
+            req.body_mut().read_whole(grant).await?;
+        }
 
         // Pinned here and lent to the deadline: a future passed by value into
         // another async fn is held twice (argument and pinned local).
@@ -693,6 +709,29 @@ fn forward<'a>(
             ProxyBody::Upstream(UpstreamBody::boxed(body, body_timeout, pooled)),
         ))
     }
+}
+
+/// The budget's grant to read `body` whole before its request takes an
+/// upstream connection, when it is announced no longer than `limit` (`[proxy]
+/// request_buffer`) and the budget has room; else it streams (counted in
+/// `veer_request_buffer_full_total` when the budget was the reason). See
+/// [`crate::upload`].
+fn small_body_grant(
+    shared: &Shared,
+    body: &Incoming,
+    limit: usize,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    use http_body::Body;
+    if limit == 0 || body.is_end_stream() {
+        return None;
+    }
+    let len = body.size_hint().upper().filter(|&n| n <= limit as u64)?;
+    // `limit` is at most 1 MiB: the length fits.
+    let grant = shared.held.clone().try_acquire_many_owned(len as u32).ok();
+    if grant.is_none() {
+        shared.metrics.request_buffer_full.inc();
+    }
+    grant
 }
 
 /// Runs `exchange` until `due` (the route's `timeout` after the request

@@ -138,6 +138,8 @@ pub struct Snapshot {
     pub routes: Vec<Arc<RouteTarget>>,
     /// Idle time allowed between body frames.
     pub body_timeout: Duration,
+    /// `[proxy] request_buffer`.
+    pub request_buffer: usize,
     /// `[proxy] trusted_hops`.
     pub trusted_hops: usize,
     /// `[proxy] idle_timeout` (for tunnels).
@@ -305,6 +307,7 @@ impl Snapshot {
             router,
             routes,
             body_timeout: config.proxy.body_timeout,
+            request_buffer: config.proxy.request_buffer,
             trusted_hops: config.proxy.trusted_hops,
             idle_timeout: config.proxy.idle_timeout,
             proxy_errors: metrics.proxy_errors(),

@@ -17,6 +17,13 @@
 //! [`ClientBody`] wraps the incoming body and writes what it sees into an
 //! [`Upload`] that the request path reads: lock-free atomics, written by the
 //! connection task that polls the body.
+//!
+//! A body announced small enough (`[proxy] request_buffer`) is read whole
+//! before its request takes an upstream connection
+//! ([`ClientBody::read_whole`]): a client that sends it slowly, on purpose
+//! or not, then holds only its own connection (nginx's request buffering,
+//! without its spill to disk). Every body read so at once holds at most
+//! [`HELD_BUDGET`] bytes; past that, bodies stream as they come.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -31,6 +38,17 @@ use tokio::time::Instant;
 
 use crate::body::{BodyTimeout, BoxError, IdleTimeout};
 use crate::error::ProxyError;
+
+/// The most bytes of request bodies read whole and not yet sent upstream,
+/// over the whole process (the sum of the grants from
+/// [`held_budget`]): 64 MiB, 4 096 bodies of the default 16 KiB.
+pub const HELD_BUDGET: usize = 64 << 20;
+
+/// The process's budget of bytes for bodies read whole: [`HELD_BUDGET`]
+/// permits, a byte each.
+pub fn held_budget() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(HELD_BUDGET))
+}
 
 const NO_FAULT: u8 = 0;
 const NOT_WAITING: u64 = u64::MAX;
@@ -180,6 +198,16 @@ pub struct ClientBody {
 enum Inner {
     Client(IdleTimeout<Incoming>),
     Copy(Option<Bytes>),
+    /// Read whole before the request went upstream.
+    Held(Box<Held>),
+}
+
+/// A body read whole ([`ClientBody::read_whole`]), and its bytes' share
+/// of the budget (given back when it is sent or dropped).
+struct Held {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+    _grant: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A copy of a request body being kept for its mirrored twin, up to a
@@ -260,6 +288,56 @@ impl ClientBody {
         }
     }
 
+    /// Reads the rest of the body before its request goes upstream, its
+    /// bytes counted in `grant` until it has been sent (or dropped). Waits
+    /// for the client are the client's time and its faults its own, as
+    /// when the body streams ([`Upload`]); a failed read is the client's
+    /// fault, returned. The caller has checked that the body is announced
+    /// small: hyper fails one longer than it announced.
+    pub async fn read_whole(
+        &mut self,
+        grant: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), ProxyError> {
+        use http_body_util::BodyExt;
+        // Copied as they come unless the first is the whole: a body
+        // dripped a byte at a time would otherwise keep a read buffer
+        // alive for each byte.
+        let announced = grant.num_permits();
+        let mut first: Option<Bytes> = None;
+        let mut rest = bytes::BytesMut::new();
+        let mut trailers = None;
+        while !self.is_end_stream() {
+            let frame = match self.frame().await {
+                None => break,
+                Some(Ok(frame)) => frame,
+                Some(Err(_)) => {
+                    return Err(self.upload.fault().unwrap_or(ProxyError::ClientAborted))
+                }
+            };
+            match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) if first.is_none() && rest.is_empty() => first = Some(data),
+                Ok(data) => {
+                    if let Some(f) = first.take() {
+                        rest.reserve(announced.max(f.len() + data.len()));
+                        rest.extend_from_slice(&f);
+                    }
+                    rest.extend_from_slice(&data);
+                }
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        self.upload.set_whole();
+        // All of it read: the client's close can be looked for meanwhile.
+        self.read();
+        self.inner = Inner::Held(Box::new(Held {
+            data: first.or_else(|| (!rest.is_empty()).then(|| rest.freeze())),
+            trailers,
+            _grant: grant,
+        }));
+        Ok(())
+    }
+
     /// Keeps a copy of the body, up to `limit` bytes, sent on `done` when
     /// the body ends (`None` once it is over the limit).
     pub fn tee(&mut self, limit: usize, done: tokio::sync::oneshot::Sender<Option<Bytes>>) {
@@ -307,6 +385,13 @@ impl Body for ClientBody {
         let inner = match &mut this.inner {
             Inner::Client(inner) => inner,
             Inner::Copy(data) => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Inner::Held(held) => {
+                let frame = match held.data.take() {
+                    Some(d) => Some(Frame::data(d)),
+                    None => held.trailers.take().map(Frame::trailers),
+                };
+                return Poll::Ready(frame.map(Ok));
+            }
         };
         let r = Pin::new(inner).poll_frame(cx);
         match &r {
@@ -347,6 +432,7 @@ impl Body for ClientBody {
         match &self.inner {
             Inner::Client(inner) => inner.is_end_stream(),
             Inner::Copy(data) => data.is_none(),
+            Inner::Held(held) => held.data.is_none() && held.trailers.is_none(),
         }
     }
 
@@ -354,6 +440,9 @@ impl Body for ClientBody {
         match &self.inner {
             Inner::Client(inner) => inner.size_hint(),
             Inner::Copy(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Inner::Held(held) => {
+                SizeHint::with_exact(held.data.as_ref().map_or(0, |d| d.len() as u64))
+            }
         }
     }
 }

@@ -761,3 +761,110 @@ async fn an_h2_continuation_flood_ends_its_connection() {
     let r = get(veer.addr, "/after", &[]).await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Slow-drip uploads: a request body announced no longer than `[proxy]
+/// request_buffer` is read whole before the request takes an upstream
+/// connection. Clients that send a byte of theirs and stall hold none of
+/// an endpoint's two connections: requests beside them are all served
+/// until the stalled ones end (408, the clients' fault), and none of them
+/// reaches the upstream. One dripped to its end reaches it whole. With
+/// `request_buffer = 0` (reloaded) bodies stream as they come and the same
+/// clients take both connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_uploads_sent_slowly_hold_no_upstream_connection() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let s = Upstream::start("stable").await;
+    let base = route_config(
+        &[s.addr],
+        &[],
+        0.0,
+        "max_upstream_connections = 2\nconnect_timeout = \"500ms\"",
+    );
+    let config = |buffer: &str| {
+        with_proxy(
+            base.clone(),
+            &format!("body_timeout = \"2s\"\nrequest_buffer = {buffer}"),
+        )
+    };
+    let veer = Veer::start(&config("16384")).await;
+
+    // Four clients stall a body of 8 after its first byte, while others
+    // ask beside them until all four are answered.
+    let stall = |addr| async move {
+        let head = b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: 8\r\n\r\nd";
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(head).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(30), c.read(&mut buf))
+            .await
+            .map_or(0, |r| r.unwrap_or(0));
+        String::from_utf8_lossy(&buf[..n])
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+            .unwrap_or(0)
+    };
+    let beside = |veer_addr| async move {
+        let stalls: Vec<_> = (0..4).map(|_| tokio::spawn(stall(veer_addr))).collect();
+        let mut codes = Vec::new();
+        while !stalls.iter().all(|t| t.is_finished()) {
+            let code = get(veer_addr, "/", &[])
+                .await
+                .map_or(0, |r| r.status().as_u16());
+            codes.push(code);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut stalled = Vec::new();
+        for t in stalls {
+            stalled.push(t.await.unwrap());
+        }
+        (stalled, codes)
+    };
+    let (stalled, codes) = beside(veer.addr).await;
+    assert_eq!(stalled, [408; 4], "the stalled uploads' answers");
+    assert!(codes.len() >= 5, "too few requests beside: {codes:?}");
+    assert!(
+        codes.iter().all(|&c| c == 200),
+        "beside the stalls: {codes:?}"
+    );
+    assert_eq!(
+        s.requests.load(SeqCst),
+        codes.len() as u64,
+        "a stalled upload reached the upstream"
+    );
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, "veer_proxy_errors_total{kind=\"client_timeout\"}"),
+        Some(4.0)
+    );
+    assert_eq!(metric(&m, "veer_request_buffer_full_total"), Some(0.0));
+
+    // Dripped to its end, a body arrives whole.
+    let mut c = TcpStream::connect(veer.addr).await.unwrap();
+    c.write_all(b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: 8\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    for b in b"dripping" {
+        c.write_all(&[*b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\ndripping"), "{answer}");
+
+    // Streamed as they come, the same stalls hold both connections.
+    veer.write_config(&config("0"));
+    veer.wait_generation(2).await;
+    let before = s.requests.load(SeqCst);
+    let (_, codes) = beside(veer.addr).await;
+    assert!(
+        codes.contains(&503),
+        "streamed stalls held no connection: {codes:?}"
+    );
+    assert!(s.requests.load(SeqCst) > before + codes.iter().filter(|&&c| c == 200).count() as u64);
+}

@@ -51,6 +51,7 @@ pub struct RawProxy {
     pub max_connections_per_ip: Option<Spanned<i64>>,
     pub trusted_hops: Option<Spanned<i64>>,
     pub body_timeout: Option<Spanned<String>>,
+    pub request_buffer: Option<Spanned<i64>>,
     pub shutdown_grace: Option<Spanned<String>>,
     pub access_log: Option<Spanned<String>>,
     pub upstream_http1: Option<Spanned<String>>,

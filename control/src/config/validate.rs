@@ -49,6 +49,11 @@ pub mod defaults {
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
     /// `[proxy] body_timeout`.
     pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+    /// `[proxy] request_buffer` (nginx's `client_body_buffer_size` on
+    /// 64-bit systems).
+    pub const REQUEST_BUFFER: usize = 16 * 1024;
+    /// The largest `[proxy] request_buffer`.
+    pub const MAX_REQUEST_BUFFER: usize = 1 << 20;
     /// `[proxy] shutdown_grace`.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
     /// `[admin] listen`.
@@ -336,6 +341,12 @@ impl Validator<'_> {
             ) as usize,
             trusted_hops: self.int_in(p.trusted_hops.as_ref(), 0..=16, 0, "trusted_hops") as usize,
             body_timeout: self.duration(p.body_timeout.as_ref(), defaults::BODY_TIMEOUT),
+            request_buffer: self.int_in(
+                p.request_buffer.as_ref(),
+                0..=defaults::MAX_REQUEST_BUFFER as i64,
+                defaults::REQUEST_BUFFER as i64,
+                "request_buffer",
+            ) as usize,
             shutdown_grace: self.duration(p.shutdown_grace.as_ref(), defaults::SHUTDOWN_GRACE),
             access_log: match p.access_log.as_ref() {
                 None => AccessLog::Off,

@@ -165,7 +165,7 @@ pub fn handle(
         // A small body is read whole before an upstream connection is
         // taken; a gRPC call's messages go as they come (a client stream is
         // long-lived by design).
-        let held = match grpc {
+        let held = match grpc || http_body::Body::is_end_stream(req.body()) {
             false => small_body_grant(&shared, req.body(), request_buffer),
             true => None,
         };
@@ -519,7 +519,7 @@ struct Hop {
     idle_timeout: std::time::Duration,
     /// The budget's grant for reading the body whole before the request
     /// goes upstream (see [`small_body_grant`]).
-    held: Option<tokio::sync::OwnedSemaphorePermit>,
+    held: Option<crate::upload::Grant>,
     /// A copy of the request goes to the canary (`[route.mirror]`).
     shadow: Option<Box<crate::mirror::Seed>>,
     /// When a mirrored request's answer came (its side of the pair).
@@ -624,7 +624,9 @@ fn forward<'a>(
             outgoing(req, &mut hop, body_timeout, upload)?;
         let upgrade = downstream_upgrade.is_some();
         if let (Some(grant), false) = (hop.held.take(), upgrade) {
-            req.body_mut().read_whole(grant).await?;
+            // Boxed: kept out of the request path's future, which every
+            // request moves (a bodiless one never gets here).
+            Box::pin(req.body_mut().read_whole(grant)).await?;
         }
 
         // Pinned here and lent to the deadline: a future passed by value into
@@ -716,18 +718,19 @@ fn forward<'a>(
 /// request_buffer`) and the budget has room; else it streams (counted in
 /// `veer_request_buffer_full_total` when the budget was the reason). See
 /// [`crate::upload`].
+#[inline(never)] // a bodiless request never calls it
 fn small_body_grant(
     shared: &Shared,
     body: &Incoming,
     limit: usize,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
+) -> Option<crate::upload::Grant> {
     use http_body::Body;
-    if limit == 0 || body.is_end_stream() {
+    if limit == 0 {
         return None;
     }
     let len = body.size_hint().upper().filter(|&n| n <= limit as u64)?;
     // `limit` is at most 1 MiB: the length fits.
-    let grant = shared.held.clone().try_acquire_many_owned(len as u32).ok();
+    let grant = crate::upload::Grant::take(len as usize);
     if grant.is_none() {
         shared.metrics.request_buffer_full.inc();
     }

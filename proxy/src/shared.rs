@@ -48,9 +48,6 @@ pub struct Shared {
     pub state_error: Mutex<Option<String>>,
     /// Writes of persisted state under way (see [`crate::persist::save`]).
     pub state_writes: Waiting,
-    /// Bytes of request bodies read whole may still take (see
-    /// [`crate::upload`]).
-    pub held: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -77,7 +74,6 @@ impl Shared {
             status: ArcSwap::from_pointee(StatusDoc::default()),
             state_error: Mutex::new(None),
             state_writes: Waiting::default(),
-            held: crate::upload::held_budget(),
         }
     }
 

@@ -26,7 +26,7 @@
 //! [`HELD_BUDGET`] bytes; past that, bodies stream as they come.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -40,14 +40,33 @@ use crate::body::{BodyTimeout, BoxError, IdleTimeout};
 use crate::error::ProxyError;
 
 /// The most bytes of request bodies read whole and not yet sent upstream,
-/// over the whole process (the sum of the grants from
-/// [`held_budget`]): 64 MiB, 4 096 bodies of the default 16 KiB.
+/// over the whole process: 64 MiB, 4 096 bodies of the default 16 KiB.
 pub const HELD_BUDGET: usize = 64 << 20;
 
-/// The process's budget of bytes for bodies read whole: [`HELD_BUDGET`]
-/// permits, a byte each.
-pub fn held_budget() -> Arc<tokio::sync::Semaphore> {
-    Arc::new(tokio::sync::Semaphore::new(HELD_BUDGET))
+/// Bytes of request bodies granted to be read whole, not yet given back.
+static HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// A share of [`HELD_BUDGET`] for one body read whole, given back when
+/// dropped (with the body, once sent or given up).
+#[derive(Debug)]
+pub struct Grant(usize);
+
+impl Grant {
+    /// `n` bytes of the budget, if it has room.
+    pub fn take(n: usize) -> Option<Grant> {
+        let before = HELD.fetch_add(n, Ordering::Relaxed);
+        if before + n > HELD_BUDGET {
+            HELD.fetch_sub(n, Ordering::Relaxed);
+            return None;
+        }
+        Some(Grant(n))
+    }
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        HELD.fetch_sub(self.0, Ordering::Relaxed);
+    }
 }
 
 const NO_FAULT: u8 = 0;
@@ -207,7 +226,7 @@ enum Inner {
 struct Held {
     data: Option<Bytes>,
     trailers: Option<http::HeaderMap>,
-    _grant: tokio::sync::OwnedSemaphorePermit,
+    _grant: Grant,
 }
 
 /// A copy of a request body being kept for its mirrored twin, up to a
@@ -294,15 +313,12 @@ impl ClientBody {
     /// when the body streams ([`Upload`]); a failed read is the client's
     /// fault, returned. The caller has checked that the body is announced
     /// small: hyper fails one longer than it announced.
-    pub async fn read_whole(
-        &mut self,
-        grant: tokio::sync::OwnedSemaphorePermit,
-    ) -> Result<(), ProxyError> {
+    pub async fn read_whole(&mut self, grant: Grant) -> Result<(), ProxyError> {
         use http_body_util::BodyExt;
         // Copied as they come unless the first is the whole: a body
         // dripped a byte at a time would otherwise keep a read buffer
         // alive for each byte.
-        let announced = grant.num_permits();
+        let announced = grant.0;
         let mut first: Option<Bytes> = None;
         let mut rest = bytes::BytesMut::new();
         let mut trailers = None;
@@ -498,6 +514,18 @@ mod tests {
         assert_eq!(copy.size_hint().exact(), Some(3));
         assert!(!copy.is_end_stream());
         assert!(ClientBody::copy(Bytes::new()).is_end_stream());
+    }
+
+    #[test]
+    fn the_bytes_granted_to_bodies_read_whole_stay_within_the_budget() {
+        let all = Grant::take(HELD_BUDGET).expect("the whole budget");
+        assert!(Grant::take(1).is_none(), "over the budget");
+        drop(all);
+        let some = Grant::take(HELD_BUDGET - 10).expect("most of it");
+        assert!(Grant::take(11).is_none());
+        assert!(Grant::take(10).is_some());
+        drop(some);
+        assert!(Grant::take(HELD_BUDGET).is_some(), "all given back");
     }
 
     #[test]

@@ -868,3 +868,40 @@ async fn small_uploads_sent_slowly_hold_no_upstream_connection() {
     );
     assert!(s.requests.load(SeqCst) > before + codes.iter().filter(|&&c| c == 200).count() as u64);
 }
+
+/// The bytes held for bodies read whole are bounded (64 MiB over the
+/// process, counted by the length each body announces): 64 clients each
+/// stalling a body announced at 1 MiB (`request_buffer` at its largest)
+/// take all of it, and a 65th streams as it comes, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_read_whole_hold_at_most_64_mib_at_once() {
+    let s = Upstream::start("stable").await;
+    let config = with_proxy(
+        route_config(&[s.addr], &[], 0.0, ""),
+        "body_timeout = \"60s\"\nrequest_buffer = 1048576",
+    );
+    let veer = Veer::start(&config).await;
+    let head = b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: 1048576\r\n\r\nd";
+    let mut stalled = Vec::new();
+    for _ in 0..64 {
+        let mut c = TcpStream::connect(veer.addr).await.unwrap();
+        c.write_all(head).await.unwrap();
+        stalled.push(c);
+    }
+    // None of them reaches the upstream; the budget is spent once veer
+    // has read all 64 heads, and then the next one streams.
+    let mut c = TcpStream::connect(veer.addr).await.unwrap();
+    c.write_all(head).await.unwrap();
+    super::support::wait_until(
+        "the 65th request streamed to the upstream",
+        Duration::from_secs(30),
+        || s.requests.load(std::sync::atomic::Ordering::SeqCst),
+        |&n| n >= 1,
+    )
+    .await;
+    assert_eq!(s.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, "veer_request_buffer_full_total"), Some(1.0));
+    drop(stalled);
+    drop(c);
+}

@@ -788,9 +788,23 @@ async fn small_uploads_sent_slowly_hold_no_upstream_connection() {
     };
     let veer = Veer::start(&config("16384")).await;
 
-    // Four clients stall a body of 8 after its first byte, while others
-    // ask beside them until all four are answered.
-    let stall = |addr| async move {
+    // Four clients (two on HTTP/1.1, two on HTTP/2) stall a body of 8
+    // after its first byte, while others ask beside them until all four
+    // are answered.
+    let stall = |addr, h2: bool| async move {
+        if h2 {
+            use futures_util::StreamExt;
+            let first = http_body::Frame::data(bytes::Bytes::from_static(b"d"));
+            let body = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(first)])
+                .chain(futures_util::stream::pending());
+            let mut h2 = super::support::h2c(addr).await;
+            let req = http::Request::post(format!("http://{addr}/up"))
+                .header("content-length", "8")
+                .body(http_body_util::StreamBody::new(body))
+                .unwrap();
+            let answer = tokio::time::timeout(Duration::from_secs(30), h2.send_request(req)).await;
+            return answer.map_or(0, |r| r.map_or(0, |r| r.status().as_u16()));
+        }
         let head = b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: 8\r\n\r\nd";
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(head).await.unwrap();
@@ -805,7 +819,9 @@ async fn small_uploads_sent_slowly_hold_no_upstream_connection() {
             .unwrap_or(0)
     };
     let beside = |veer_addr| async move {
-        let stalls: Vec<_> = (0..4).map(|_| tokio::spawn(stall(veer_addr))).collect();
+        let stalls: Vec<_> = (0..4)
+            .map(|i| tokio::spawn(stall(veer_addr, i % 2 == 1)))
+            .collect();
         let mut codes = Vec::new();
         while !stalls.iter().all(|t| t.is_finished()) {
             let code = get(veer_addr, "/", &[])

@@ -51,7 +51,7 @@ pub struct Metrics {
     /// `veer_version_info{route,role,version}`: joins a version label to its role.
     pub version_info: IntGaugeVec,
     /// `veer_request_buffer_full_total`: request bodies small enough to be
-    /// read whole that streamed instead, the budget for them being spent.
+    /// read whole that streamed part-way, the budget for them being spent.
     pub request_buffer_full: IntCounter,
     /// `veer_open_connections`: client connections being served.
     pub open_connections: IntGauge,
@@ -287,7 +287,7 @@ impl Metrics {
         )?;
         let request_buffer_full = IntCounter::new(
             "veer_request_buffer_full_total",
-            "Request bodies small enough to be read whole before going upstream ([proxy] request_buffer) that streamed instead: the 64 MiB held at once for them was spent.",
+            "Request bodies small enough to be read whole before going upstream ([proxy] request_buffer) that streamed part-way instead: the 64 MiB held at once for such bodies was spent.",
         )?;
         let open_connections =
             IntGauge::new("veer_open_connections", "Client connections being served.")?;

@@ -165,8 +165,8 @@ pub fn handle(
         // A small body is read whole before an upstream connection is
         // taken; a gRPC call's messages go as they come (a client stream is
         // long-lived by design).
-        let held = match grpc || http_body::Body::is_end_stream(req.body()) {
-            false => small_body_grant(&shared, req.body(), request_buffer),
+        let read_whole = match grpc || http_body::Body::is_end_stream(req.body()) {
+            false => announced_within(req.body(), request_buffer),
             true => None,
         };
         // The request line, kept for the access log.
@@ -196,7 +196,7 @@ pub fn handle(
                 scheme,
                 slot,
                 idle_timeout,
-                held,
+                read_whole,
                 shadow,
                 arrival: arrival.clone(),
             },
@@ -517,9 +517,9 @@ struct Hop {
     slot: Option<Arc<crate::conn::Slot>>,
     /// How long a tunnel may move no byte either way.
     idle_timeout: std::time::Duration,
-    /// The budget's grant for reading the body whole before the request
-    /// goes upstream (see [`small_body_grant`]).
-    held: Option<crate::upload::Grant>,
+    /// The body's announced length when it is read whole before the
+    /// request goes upstream (see [`announced_within`]).
+    read_whole: Option<usize>,
     /// A copy of the request goes to the canary (`[route.mirror]`).
     shadow: Option<Box<crate::mirror::Seed>>,
     /// When a mirrored request's answer came (its side of the pair).
@@ -623,10 +623,12 @@ fn forward<'a>(
         let (mut req, forwarding, downstream_upgrade) =
             outgoing(req, &mut hop, body_timeout, upload)?;
         let upgrade = downstream_upgrade.is_some();
-        if let (Some(grant), false) = (hop.held.take(), upgrade) {
+        if let (Some(announced), false) = (hop.read_whole, upgrade) {
             // Boxed: kept out of the request path's future, which every
             // request moves (a bodiless one never gets here).
-            Box::pin(req.body_mut().read_whole(grant)).await?;
+            if !Box::pin(req.body_mut().read_whole(announced)).await? {
+                route.buffer_full.inc();
+            }
         }
 
         // Pinned here and lent to the deadline: a future passed by value into
@@ -713,28 +715,15 @@ fn forward<'a>(
     }
 }
 
-/// The budget's grant to read `body` whole before its request takes an
-/// upstream connection, when it is announced no longer than `limit` (`[proxy]
-/// request_buffer`) and the budget has room; else it streams (counted in
-/// `veer_request_buffer_full_total` when the budget was the reason). See
-/// [`crate::upload`].
+/// `body`'s announced length, when it is no longer than `limit` (`[proxy]
+/// request_buffer`): such a body is read whole before its request takes
+/// an upstream connection. See [`crate::upload`].
 #[inline(never)] // a bodiless request never calls it
-fn small_body_grant(
-    shared: &Shared,
-    body: &Incoming,
-    limit: usize,
-) -> Option<crate::upload::Grant> {
+fn announced_within(body: &Incoming, limit: usize) -> Option<usize> {
     use http_body::Body;
-    if limit == 0 {
-        return None;
-    }
     let len = body.size_hint().upper().filter(|&n| n <= limit as u64)?;
     // `limit` is at most 1 MiB: the length fits.
-    let grant = crate::upload::Grant::take(len as usize);
-    if grant.is_none() {
-        shared.metrics.request_buffer_full.inc();
-    }
-    grant
+    (limit > 0).then_some(len as usize)
 }
 
 /// Runs `exchange` until `due` (the route's `timeout` after the request

@@ -75,6 +75,9 @@ pub struct RouteTarget {
     /// Bodiless GET and HEAD to `http://` endpoints go over raw
     /// connections ([`crate::raw`]; `[proxy] upstream_http1`).
     pub raw_http1: bool,
+    /// `veer_request_buffer_full_total` (process-wide; a handle here so
+    /// that the request path needs no other).
+    pub buffer_full: prometheus::IntCounter,
     /// The route as configured (for status), shared with the config.
     pub config: Arc<Route>,
 }
@@ -299,6 +302,7 @@ impl Snapshot {
                     _ => None,
                 },
                 raw_http1: config.proxy.upstream_http1 == veer_control::config::UpstreamHttp1::Veer,
+                buffer_full: metrics.request_buffer_full.clone(),
                 config: r.clone(),
             }));
         }

@@ -22,8 +22,9 @@
 //! before its request takes an upstream connection
 //! ([`ClientBody::read_whole`]): a client that sends it slowly, on purpose
 //! or not, then holds only its own connection (nginx's request buffering,
-//! without its spill to disk). Every body read so at once holds at most
-//! [`HELD_BUDGET`] bytes; past that, bodies stream as they come.
+//! without its spill to disk). The bodies being read so, or read and not
+//! yet sent, hold at most [`HELD_BUDGET`] bytes in all, counted as they
+//! come: past that, a body's read part goes first and its rest streams.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -46,20 +47,21 @@ pub const HELD_BUDGET: usize = 64 << 20;
 /// Bytes of request bodies granted to be read whole, not yet given back.
 static HELD: AtomicUsize = AtomicUsize::new(0);
 
-/// A share of [`HELD_BUDGET`] for one body read whole, given back when
-/// dropped (with the body, once sent or given up).
-#[derive(Debug)]
+/// A body's share of [`HELD_BUDGET`]: the bytes of it read so far, given
+/// back when dropped (with the body, once sent or given up).
+#[derive(Debug, Default)]
 pub struct Grant(usize);
 
 impl Grant {
-    /// `n` bytes of the budget, if it has room.
-    pub fn take(n: usize) -> Option<Grant> {
+    /// Counts `n` more bytes, if the budget has room.
+    pub fn grow(&mut self, n: usize) -> bool {
         let before = HELD.fetch_add(n, Ordering::Relaxed);
         if before + n > HELD_BUDGET {
             HELD.fetch_sub(n, Ordering::Relaxed);
-            return None;
+            return false;
         }
-        Some(Grant(n))
+        self.0 += n;
+        true
     }
 }
 
@@ -226,6 +228,9 @@ enum Inner {
 struct Held {
     data: Option<Bytes>,
     trailers: Option<http::HeaderMap>,
+    /// The rest of a body whose reading stopped at the budget: it streams
+    /// after `data`.
+    rest: Option<IdleTimeout<Incoming>>,
     _grant: Grant,
 }
 
@@ -307,21 +312,26 @@ impl ClientBody {
         }
     }
 
-    /// Reads the rest of the body before its request goes upstream, its
-    /// bytes counted in `grant` until it has been sent (or dropped). Waits
-    /// for the client are the client's time and its faults its own, as
-    /// when the body streams ([`Upload`]); a failed read is the client's
-    /// fault, returned. The caller has checked that the body is announced
-    /// small: hyper fails one longer than it announced.
-    pub async fn read_whole(&mut self, grant: Grant) -> Result<(), ProxyError> {
+    /// Reads the rest of the body (announced as `announced` bytes) before
+    /// its request goes upstream. Waits for the client are the client's
+    /// time and its faults its own, as when the body streams ([`Upload`]);
+    /// a failed read is the client's fault, returned. The bytes read count
+    /// against [`HELD_BUDGET`] until sent (or dropped); should it run out,
+    /// the part read goes first and the rest streams as it comes: false
+    /// then. hyper fails a body longer than it announced.
+    pub async fn read_whole(&mut self, announced: usize) -> Result<bool, ProxyError> {
         use http_body_util::BodyExt;
+        if !matches!(self.inner, Inner::Client(_)) {
+            return Ok(true);
+        }
+        let mut grant = Grant::default();
         // Copied as they come unless the first is the whole: a body
         // dripped a byte at a time would otherwise keep a read buffer
         // alive for each byte.
-        let announced = grant.0;
         let mut first: Option<Bytes> = None;
         let mut rest = bytes::BytesMut::new();
         let mut trailers = None;
+        let mut whole = true;
         while !self.is_end_stream() {
             let frame = match self.frame().await {
                 None => break,
@@ -330,28 +340,50 @@ impl ClientBody {
                     return Err(self.upload.fault().unwrap_or(ProxyError::ClientAborted))
                 }
             };
-            match frame.into_data() {
-                Ok(data) if data.is_empty() => {}
-                Ok(data) if first.is_none() && rest.is_empty() => first = Some(data),
-                Ok(data) => {
-                    if let Some(f) = first.take() {
-                        rest.reserve(announced.max(f.len() + data.len()));
-                        rest.extend_from_slice(&f);
-                    }
-                    rest.extend_from_slice(&data);
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    trailers = frame.into_trailers().ok();
+                    continue;
                 }
-                Err(frame) => trailers = frame.into_trailers().ok(),
+            };
+            // Kept, whether or not the budget has room for it: it has
+            // been read.
+            let room = grant.grow(data.len());
+            if data.is_empty() {
+            } else if first.is_none() && rest.is_empty() {
+                first = Some(data);
+            } else {
+                if let Some(f) = first.take() {
+                    rest.reserve(announced.max(f.len() + data.len()));
+                    rest.extend_from_slice(&f);
+                }
+                rest.extend_from_slice(&data);
+            }
+            if !room && !self.is_end_stream() {
+                whole = false;
+                break;
             }
         }
-        self.upload.set_whole();
-        // All of it read: the client's close can be looked for meanwhile.
-        self.read();
+        let client = match std::mem::replace(&mut self.inner, Inner::Copy(None)) {
+            Inner::Client(client) => client,
+            _ => return Ok(true), // checked above
+        };
+        let rest_to_come = if whole {
+            self.upload.set_whole();
+            // All of it read: the client's close can be looked for meanwhile.
+            self.read();
+            None
+        } else {
+            Some(client)
+        };
         self.inner = Inner::Held(Box::new(Held {
             data: first.or_else(|| (!rest.is_empty()).then(|| rest.freeze())),
             trailers,
+            rest: rest_to_come,
             _grant: grant,
         }));
-        Ok(())
+        Ok(whole)
     }
 
     /// Keeps a copy of the body, up to `limit` bytes, sent on `done` when
@@ -402,11 +434,18 @@ impl Body for ClientBody {
             Inner::Client(inner) => inner,
             Inner::Copy(data) => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Inner::Held(held) => {
-                let frame = match held.data.take() {
-                    Some(d) => Some(Frame::data(d)),
-                    None => held.trailers.take().map(Frame::trailers),
+                if let Some(d) = held.data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                let Some(rest) = held.rest.take() else {
+                    return Poll::Ready(held.trailers.take().map(|t| Ok(Frame::trailers(t))));
                 };
-                return Poll::Ready(frame.map(Ok));
+                // The part read has gone: the rest streams.
+                this.inner = Inner::Client(rest);
+                match &mut this.inner {
+                    Inner::Client(inner) => inner,
+                    _ => return Poll::Ready(None),
+                }
             }
         };
         let r = Pin::new(inner).poll_frame(cx);
@@ -448,7 +487,11 @@ impl Body for ClientBody {
         match &self.inner {
             Inner::Client(inner) => inner.is_end_stream(),
             Inner::Copy(data) => data.is_none(),
-            Inner::Held(held) => held.data.is_none() && held.trailers.is_none(),
+            Inner::Held(held) => {
+                held.data.is_none()
+                    && held.trailers.is_none()
+                    && held.rest.as_ref().is_none_or(|r| r.is_end_stream())
+            }
         }
     }
 
@@ -457,7 +500,14 @@ impl Body for ClientBody {
             Inner::Client(inner) => inner.size_hint(),
             Inner::Copy(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Inner::Held(held) => {
-                SizeHint::with_exact(held.data.as_ref().map_or(0, |d| d.len() as u64))
+                let read = held.data.as_ref().map_or(0, |d| d.len() as u64);
+                let rest = held.rest.as_ref().map(|r| r.size_hint());
+                let mut hint = SizeHint::new();
+                if let Some(upper) = rest.as_ref().map_or(Some(0), |r| r.upper()) {
+                    hint.set_upper(read + upper);
+                }
+                hint.set_lower(read + rest.map_or(0, |r| r.lower()));
+                hint
             }
         }
     }
@@ -518,14 +568,16 @@ mod tests {
 
     #[test]
     fn the_bytes_granted_to_bodies_read_whole_stay_within_the_budget() {
-        let all = Grant::take(HELD_BUDGET).expect("the whole budget");
-        assert!(Grant::take(1).is_none(), "over the budget");
+        let mut all = Grant::default();
+        assert!(all.grow(HELD_BUDGET - 10), "most of the budget");
+        let mut more = Grant::default();
+        assert!(!more.grow(11), "over the budget");
+        assert!(more.grow(10));
+        assert!(!more.grow(1));
         drop(all);
-        let some = Grant::take(HELD_BUDGET - 10).expect("most of it");
-        assert!(Grant::take(11).is_none());
-        assert!(Grant::take(10).is_some());
-        drop(some);
-        assert!(Grant::take(HELD_BUDGET).is_some(), "all given back");
+        assert!(more.grow(HELD_BUDGET - 10), "given back when dropped");
+        drop(more);
+        assert!(Grant::default().grow(HELD_BUDGET), "all given back");
     }
 
     #[test]

@@ -886,38 +886,71 @@ async fn small_uploads_sent_slowly_hold_no_upstream_connection() {
 }
 
 /// The bytes held for bodies read whole are bounded (64 MiB over the
-/// process, counted by the length each body announces): 64 clients each
-/// stalling a body announced at 1 MiB (`request_buffer` at its largest)
-/// take all of it, and a 65th streams as it comes, counted.
+/// process, counted as they come): 65 clients each send all but the last
+/// byte of a 1 MiB body (`request_buffer` at its largest). The bodies
+/// read whole take the budget; those it had no room for go upstream
+/// with the part read and stream the rest, counted; the last bytes sent,
+/// every body reaches the upstream whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_read_whole_hold_at_most_64_mib_at_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    const MIB: usize = 1 << 20;
     let s = Upstream::start("stable").await;
     let config = with_proxy(
         route_config(&[s.addr], &[], 0.0, ""),
         "body_timeout = \"60s\"\nrequest_buffer = 1048576",
     );
     let veer = Veer::start(&config).await;
-    let head = b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: 1048576\r\n\r\nd";
-    let mut stalled = Vec::new();
-    for _ in 0..64 {
+    let head = format!(
+        "POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: {MIB}\r\nconnection: close\r\n\r\n"
+    );
+    let mut clients = Vec::new();
+    for _ in 0..65 {
         let mut c = TcpStream::connect(veer.addr).await.unwrap();
-        c.write_all(head).await.unwrap();
-        stalled.push(c);
+        c.write_all(head.as_bytes()).await.unwrap();
+        c.write_all(&vec![b'x'; MIB - 1]).await.unwrap();
+        clients.push(c);
     }
-    // None of them reaches the upstream; the budget is spent once veer
-    // has read all 64 heads, and then the next one streams.
-    let mut c = TcpStream::connect(veer.addr).await.unwrap();
-    c.write_all(head).await.unwrap();
-    super::support::wait_until(
-        "the 65th request streamed to the upstream",
-        Duration::from_secs(30),
-        || s.requests.load(std::sync::atomic::Ordering::SeqCst),
-        |&n| n >= 1,
+    // 65 MiB less 65 bytes were sent: at least one body found the budget
+    // spent, and only those reached the upstream.
+    super::support::wait_metric(
+        &veer,
+        "veer_request_buffer_full_total",
+        "a body over the budget",
+        |v| v >= 1.0,
     )
     .await;
-    assert_eq!(s.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
     let m = veer.metrics().await;
-    assert_eq!(metric(&m, "veer_request_buffer_full_total"), Some(1.0));
-    drop(stalled);
-    drop(c);
+    let streamed = metric(&m, "veer_request_buffer_full_total").unwrap_or(0.0);
+    assert!(streamed < 65.0, "{streamed} of 65 streamed");
+    super::support::wait_until(
+        "the streamed requests reached the upstream",
+        Duration::from_secs(30),
+        || s.requests.load(SeqCst),
+        |&n| n as f64 >= streamed,
+    )
+    .await;
+    assert_eq!(s.requests.load(SeqCst) as f64, streamed);
+    let mut answers = Vec::new();
+    for mut c in clients {
+        answers.push(tokio::spawn(async move {
+            c.write_all(b"y").await.unwrap();
+            let mut answer = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut answer));
+            read.await.unwrap().unwrap();
+            answer
+        }));
+    }
+    for a in answers {
+        let answer = a.await.unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&answer[..64.min(answer.len())])
+        );
+        let body = &answer[answer.len() - MIB..];
+        assert!(body[..MIB - 1].iter().all(|&b| b == b'x') && body[MIB - 1] == b'y');
+    }
+    assert_eq!(s.requests.load(SeqCst), 65);
+    assert_eq!(s.body_bytes.load(SeqCst), 65 * MIB as u64);
 }

@@ -624,9 +624,7 @@ fn forward<'a>(
             outgoing(req, &mut hop, body_timeout, upload)?;
         let upgrade = downstream_upgrade.is_some();
         if let (Some(announced), false) = (hop.read_whole, upgrade) {
-            // Boxed: kept out of the request path's future, which every
-            // request moves (a bodiless one never gets here).
-            if !Box::pin(req.body_mut().read_whole(announced)).await? {
+            if !req.body_mut().read_whole(announced).await? {
                 route.buffer_full.inc();
             }
         }

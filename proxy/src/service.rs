@@ -724,6 +724,27 @@ fn announced_within(body: &Incoming, limit: usize) -> Option<usize> {
     (limit > 0).then_some(len as usize)
 }
 
+/// One of `upstream`'s upload slots (see [`Upstream::upload_slot`]),
+/// waiting at most `timeout`, and what is left of it.
+async fn upload_slot(
+    upstream: &Upstream,
+    timeout: std::time::Duration,
+) -> Result<
+    (
+        Option<tokio::sync::SemaphorePermit<'_>>,
+        std::time::Duration,
+    ),
+    ProxyError,
+> {
+    if let Some(slot) = upstream.upload_slot_now() {
+        return Ok((slot, timeout));
+    }
+    let start = Instant::now();
+    let slot = upstream.upload_slot(timeout).await?;
+    let left = timeout.saturating_sub(start.elapsed());
+    Ok((slot, left.max(std::time::Duration::from_millis(1))))
+}
+
 /// Runs `exchange` until `due` (the route's `timeout` after the request
 /// came), counting only the upstream's time: the deadline moves out by
 /// however long the request body waited for the client (see
@@ -810,7 +831,15 @@ fn exchange<'a>(
         let Some(first) = endpoints.get(pick.first()) else {
             return Err(ProxyError::UpstreamConnect);
         };
-        let (mut sender, upstream) = match first.get(route.connect_timeout, upgrade, raw).await {
+        // A body still to come from the client holds one of the endpoint's
+        // upload slots until the answer's head (see `Upstream::upload_slot`).
+        let streams = bodied && req.body().streams();
+        let mut slot = None;
+        let mut timeout = route.connect_timeout;
+        if streams {
+            (slot, timeout) = upload_slot(first, timeout).await?;
+        }
+        let (mut sender, upstream) = match first.get(timeout, upgrade, raw).await {
             Ok(s) => (s, first),
             // The cap is not the endpoint failing: no back-off, no retry elsewhere.
             Err(e @ (ProxyError::Overloaded | ProxyError::UpgradeUnsupported)) => return Err(e),
@@ -824,7 +853,12 @@ fn exchange<'a>(
                 else {
                     return Err(e);
                 };
-                match second.get(route.connect_timeout, upgrade, raw).await {
+                timeout = route.connect_timeout;
+                if streams {
+                    drop(slot.take());
+                    (slot, timeout) = upload_slot(second, timeout).await?;
+                }
+                match second.get(timeout, upgrade, raw).await {
                     Ok(s) => (s, second),
                     Err(e @ (ProxyError::Overloaded | ProxyError::UpgradeUnsupported)) => {
                         return Err(e)
@@ -836,6 +870,8 @@ fn exchange<'a>(
                 }
             }
         };
+        // Held until the answer's head, or the exchange's failure.
+        let _slot = slot;
         if sender.is_raw() {
             // In the request path's future, not boxed on its own: boxing
             // (an allocation and a move of the whole exchange's state) cost

@@ -386,6 +386,16 @@ impl ClientBody {
         Ok(whole)
     }
 
+    /// Whether some of the body is still to come from the client (it was
+    /// not read whole before the request went upstream).
+    pub fn streams(&self) -> bool {
+        match &self.inner {
+            Inner::Client(inner) => !inner.is_end_stream(),
+            Inner::Copy(_) => false,
+            Inner::Held(held) => held.rest.is_some(),
+        }
+    }
+
     /// Keeps a copy of the body, up to `limit` bytes, sent on `done` when
     /// the body ends (`None` once it is over the limit).
     pub fn tee(&mut self, limit: usize, done: tokio::sync::oneshot::Sender<Option<Bytes>>) {

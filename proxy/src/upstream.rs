@@ -10,7 +10,9 @@
 //! idle connection and no permit waits in a bounded queue (as many waiters
 //! as the cap) for a connection to come back idle or close, at most the
 //! route's `connect_timeout`, then gets 503 `kind="overloaded"`: never an
-//! unbounded fan-out of connections.
+//! unbounded fan-out of connections. Requests whose bodies still stream
+//! from their clients may hold at most half of them
+//! ([`Upstream::upload_slot`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,6 +36,12 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use crate::body::{BoxError, RequestBody};
 use crate::error::ProxyError;
 use crate::upstream_tls::ClientTls;
+
+/// How many of an endpoint's `cap` connections may carry requests whose
+/// bodies still stream from their clients: half, and at least one.
+fn upload_slots(cap: usize) -> usize {
+    (cap / 2).max(1)
+}
 
 /// Idle connections kept per endpoint.
 const MAX_IDLE: usize = 256;
@@ -669,6 +677,9 @@ pub struct Upstream {
     permits: Arc<Semaphore>,
     /// The cap the permits were sized for.
     cap: AtomicUsize,
+    /// One permit per connection that may carry a request whose body
+    /// still streams from its client: half the cap ([`upload_slots`]).
+    uploads: Arc<Semaphore>,
     /// Requests waiting for a connection.
     waiting: AtomicUsize,
     /// Signalled when a connection comes back idle or a stream ends.
@@ -725,6 +736,7 @@ impl Upstream {
             h2_opening: tokio::sync::Mutex::new(()),
             permits: Arc::new(Semaphore::new(cap)),
             cap: AtomicUsize::new(cap),
+            uploads: Arc::new(Semaphore::new(upload_slots(cap))),
             waiting: AtomicUsize::new(0),
             returned: Arc::new(Notify::new()),
             down_until_ms: AtomicU64::new(0),
@@ -887,6 +899,39 @@ impl Upstream {
         } else if cap < old {
             let _ = self.permits.forget_permits(old - cap);
         }
+        let (old, new) = (upload_slots(old), upload_slots(cap));
+        if new > old {
+            self.uploads.add_permits(new - old);
+        } else if new < old {
+            let _ = self.uploads.forget_permits(old - new);
+        }
+    }
+
+    /// A slot for a request whose body still streams from its client,
+    /// held while the request is sent and until its answer's head: such
+    /// requests hold at most half the endpoint's connections, so clients
+    /// that send their bodies slowly (on purpose or not) leave the other
+    /// half to everyone else. Waits at most `timeout` (then overloaded).
+    /// `None` for an HTTP/2 endpoint, whose requests share connections.
+    pub async fn upload_slot(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, ProxyError> {
+        if let Some(slot) = self.upload_slot_now() {
+            return Ok(slot);
+        }
+        match tokio::time::timeout(timeout, self.uploads.acquire()).await {
+            Ok(Ok(p)) => Ok(Some(p)),
+            _ => Err(ProxyError::Overloaded),
+        }
+    }
+
+    /// [`Upstream::upload_slot`] without waiting: `None` if none is free.
+    pub fn upload_slot_now(&self) -> Option<Option<tokio::sync::SemaphorePermit<'_>>> {
+        if self.speaks_h2.load(Ordering::Relaxed) {
+            return Some(None);
+        }
+        self.uploads.try_acquire().ok().map(Some)
     }
 
     /// A connection for one request: an idle one (unless `fresh`, for an

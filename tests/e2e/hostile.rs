@@ -762,17 +762,88 @@ async fn an_h2_continuation_flood_ends_its_connection() {
     assert_eq!(r.status(), 200);
 }
 
+/// How a test client stalls its upload after the first byte of its body.
+#[derive(Clone, Copy, Debug)]
+enum Stall {
+    /// HTTP/1.1, `content-length: 8`.
+    Length,
+    /// HTTP/2, `content-length: 8`.
+    H2Length,
+    /// HTTP/1.1, chunked.
+    Chunked,
+}
+
+/// Sends a `POST` that stalls its body after one byte; the answer's status
+/// (0 if none came within 30 s).
+async fn stalled_upload(addr: std::net::SocketAddr, how: Stall) -> u16 {
+    let head: &[u8] = match how {
+        Stall::Length => b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: 8\r\n\r\nd",
+        Stall::Chunked => {
+            b"POST /up HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n1\r\nd\r\n"
+        }
+        Stall::H2Length => {
+            use futures_util::StreamExt;
+            let first = http_body::Frame::data(bytes::Bytes::from_static(b"d"));
+            let body = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(first)])
+                .chain(futures_util::stream::pending());
+            let mut h2 = super::support::h2c(addr).await;
+            let req = http::Request::post(format!("http://{addr}/up"))
+                .header("content-length", "8")
+                .body(http_body_util::StreamBody::new(body))
+                .unwrap();
+            let answer = tokio::time::timeout(Duration::from_secs(30), h2.send_request(req)).await;
+            return answer.map_or(0, |r| r.map_or(0, |r| r.status().as_u16()));
+        }
+    };
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(head).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(30), c.read(&mut buf))
+        .await
+        .map_or(0, |r| r.unwrap_or(0));
+    String::from_utf8_lossy(&buf[..n])
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .unwrap_or(0)
+}
+
+/// Stalls an upload of each kind given, and meanwhile sends GETs (one
+/// every 50 ms) until all are answered: the stalled uploads' statuses,
+/// sorted, and the GETs'.
+async fn gets_beside_stalls(addr: std::net::SocketAddr, stalls: &[Stall]) -> (Vec<u16>, Vec<u16>) {
+    let stalls: Vec<_> = stalls
+        .iter()
+        .map(|&how| tokio::spawn(stalled_upload(addr, how)))
+        .collect();
+    let mut codes = Vec::new();
+    while !stalls.iter().all(|t| t.is_finished()) {
+        let code = get(addr, "/", &[]).await.map_or(0, |r| r.status().as_u16());
+        codes.push(code);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut stalled = Vec::new();
+    for t in stalls {
+        stalled.push(t.await.unwrap());
+    }
+    stalled.sort_unstable();
+    (stalled, codes)
+}
+
 /// Slow-drip uploads: a request body announced no longer than `[proxy]
 /// request_buffer` is read whole before the request takes an upstream
-/// connection. Clients that send a byte of theirs and stall hold none of
-/// an endpoint's two connections: requests beside them are all served
-/// until the stalled ones end (408, the clients' fault), and none of them
-/// reaches the upstream. One dripped to its end reaches it whole. With
-/// `request_buffer = 0` (reloaded) bodies stream as they come and the same
-/// clients take both connections.
+/// connection. Clients that send a byte of theirs and stall (on HTTP/1.1
+/// and HTTP/2) hold none of an endpoint's two connections: requests
+/// beside them are all served until the stalled ones end (408, the
+/// clients' fault), and none of them reaches the upstream. One dripped to
+/// its end reaches it whole. With `request_buffer = 0` (reloaded) the same
+/// bodies stream as they come: one of them takes the endpoint's one
+/// upload slot (half its connections) and reaches the upstream, the
+/// others find none (503), and the requests beside are still served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_uploads_sent_slowly_hold_no_upstream_connection() {
     use std::sync::atomic::Ordering::SeqCst;
+    use Stall::*;
     let s = Upstream::start("stable").await;
     let base = route_config(
         &[s.addr],
@@ -787,56 +858,9 @@ async fn small_uploads_sent_slowly_hold_no_upstream_connection() {
         )
     };
     let veer = Veer::start(&config("16384")).await;
+    let stalls = [Length, H2Length, Length, H2Length];
 
-    // Four clients (two on HTTP/1.1, two on HTTP/2) stall a body of 8
-    // after its first byte, while others ask beside them until all four
-    // are answered.
-    let stall = |addr, h2: bool| async move {
-        if h2 {
-            use futures_util::StreamExt;
-            let first = http_body::Frame::data(bytes::Bytes::from_static(b"d"));
-            let body = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(first)])
-                .chain(futures_util::stream::pending());
-            let mut h2 = super::support::h2c(addr).await;
-            let req = http::Request::post(format!("http://{addr}/up"))
-                .header("content-length", "8")
-                .body(http_body_util::StreamBody::new(body))
-                .unwrap();
-            let answer = tokio::time::timeout(Duration::from_secs(30), h2.send_request(req)).await;
-            return answer.map_or(0, |r| r.map_or(0, |r| r.status().as_u16()));
-        }
-        let head = b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: 8\r\n\r\nd";
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(head).await.unwrap();
-        let mut buf = vec![0u8; 1024];
-        let n = tokio::time::timeout(Duration::from_secs(30), c.read(&mut buf))
-            .await
-            .map_or(0, |r| r.unwrap_or(0));
-        String::from_utf8_lossy(&buf[..n])
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-            .unwrap_or(0)
-    };
-    let beside = |veer_addr| async move {
-        let stalls: Vec<_> = (0..4)
-            .map(|i| tokio::spawn(stall(veer_addr, i % 2 == 1)))
-            .collect();
-        let mut codes = Vec::new();
-        while !stalls.iter().all(|t| t.is_finished()) {
-            let code = get(veer_addr, "/", &[])
-                .await
-                .map_or(0, |r| r.status().as_u16());
-            codes.push(code);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let mut stalled = Vec::new();
-        for t in stalls {
-            stalled.push(t.await.unwrap());
-        }
-        (stalled, codes)
-    };
-    let (stalled, codes) = beside(veer.addr).await;
+    let (stalled, codes) = gets_beside_stalls(veer.addr, &stalls).await;
     assert_eq!(stalled, [408; 4], "the stalled uploads' answers");
     assert!(codes.len() >= 5, "too few requests beside: {codes:?}");
     assert!(
@@ -873,16 +897,62 @@ async fn small_uploads_sent_slowly_hold_no_upstream_connection() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("\r\n\r\ndripping"), "{answer}");
 
-    // Streamed as they come, the same stalls hold both connections.
+    // Streamed as they come: one upload slot of the two connections.
     veer.write_config(&config("0"));
     veer.wait_generation(2).await;
     let before = s.requests.load(SeqCst);
-    let (_, codes) = beside(veer.addr).await;
-    assert!(
-        codes.contains(&503),
-        "streamed stalls held no connection: {codes:?}"
+    let (stalled, codes) = gets_beside_stalls(veer.addr, &stalls).await;
+    assert_eq!(
+        stalled,
+        [408, 503, 503, 503],
+        "the streamed stalls' answers"
     );
-    assert!(s.requests.load(SeqCst) > before + codes.iter().filter(|&&c| c == 200).count() as u64);
+    assert!(
+        codes.iter().all(|&c| c == 200),
+        "beside the streamed stalls: {codes:?}"
+    );
+    assert_eq!(s.requests.load(SeqCst), before + codes.len() as u64 + 1);
+}
+
+/// Uploads that stream (here chunked, which is never read whole) hold at
+/// most half an endpoint's connections: four clients stall theirs on an
+/// endpoint of four connections; two hold the two upload slots until
+/// `body_timeout` (408), the other two find none within `connect_timeout`
+/// (503 `overloaded`, not the version's fault), and the requests beside
+/// them are all served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_uploads_hold_at_most_half_an_endpoints_connections() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let s = Upstream::start("stable").await;
+    let config = with_proxy(
+        route_config(
+            &[s.addr],
+            &[],
+            0.0,
+            "max_upstream_connections = 4\nconnect_timeout = \"500ms\"",
+        ),
+        "body_timeout = \"2s\"",
+    );
+    let veer = Veer::start(&config).await;
+    let (stalled, codes) = gets_beside_stalls(veer.addr, &[Stall::Chunked; 4]).await;
+    assert_eq!(
+        stalled,
+        [408, 408, 503, 503],
+        "the stalled uploads' answers"
+    );
+    assert!(codes.len() >= 5, "too few requests beside: {codes:?}");
+    assert!(
+        codes.iter().all(|&c| c == 200),
+        "beside the stalls: {codes:?}"
+    );
+    assert_eq!(s.requests.load(SeqCst), codes.len() as u64 + 2);
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, "veer_proxy_errors_total{kind=\"overloaded\"}"),
+        Some(2.0)
+    );
+    let v1_errors = r#"veer_upstream_errors_total{kind="timeout",route="web",version="v1"}"#;
+    assert_eq!(metric(&m, v1_errors).unwrap_or(0.0), 0.0, "{m}");
 }
 
 /// The bytes held for bodies read whole are bounded (64 MiB over the

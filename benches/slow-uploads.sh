@@ -5,11 +5,12 @@
 # connections from one address each send a `POST` announcing LEN bytes
 # (default 1000) and then one byte of the body every 2 s; beside them,
 # three GETs a second (3 s limit each) for RUN_SECONDS (default 16). Prints
-# the GETs' status codes second by second and a summary: with bodies
-# read whole before an upstream connection is taken (`[proxy]
-# request_buffer`, LEN no longer than it) the GETs are served; with LEN
-# over it (or REQUEST_BUFFER=0) the drips take every connection and the
-# GETs get 503 `overloaded`.
+# the GETs' status codes second by second and a summary. With LEN no
+# longer than `[proxy] request_buffer` the bodies are read whole before
+# an upstream connection is taken, and hold none; with LEN over it (or
+# REQUEST_BUFFER=0) they stream, and hold the endpoint's upload slots
+# (half its connections: the other drips get 503 `overloaded`); either
+# way the GETs should be served.
 #
 # usage: [VEER=binary] [LEN=bytes] [REQUEST_BUFFER=bytes] [RUN_SECONDS=s] benches/slow-uploads.sh [N]
 # Only 127.0.0.1 is targeted; every run is bounded in count and time.

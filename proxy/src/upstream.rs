@@ -1256,6 +1256,31 @@ mod tests {
     }
 
     #[test]
+    fn requests_whose_bodies_stream_get_half_the_cap_resized_with_it() {
+        let reg = Upstreams::new();
+        let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let free = |u: &Upstream| {
+            let mut held = Vec::new();
+            while let Some(Some(slot)) = u.upload_slot_now() {
+                held.push(slot);
+            }
+            held.len()
+        };
+        let u = reg.get(addr, Connector::H1, 8);
+        assert_eq!(free(&u), 4);
+        // A reload that names the endpoint with another cap.
+        let u = reg.get(addr, Connector::H1, 3);
+        assert_eq!(free(&u), 1);
+        let u = reg.get(addr, Connector::H1, 20);
+        assert_eq!(free(&u), 10);
+        let u = reg.get(addr, Connector::H1, 1);
+        assert_eq!(free(&u), 1, "at least one");
+        // An HTTP/2 endpoint's requests share connections: no slot needed.
+        let h2 = reg.get("127.0.0.1:2".parse().expect("addr"), Connector::H2c, 8);
+        assert!(matches!(h2.upload_slot_now(), Some(None)));
+    }
+
+    #[test]
     fn registry_shares_live_upstreams_and_forgets_dropped_ones() {
         let reg = Upstreams::new();
         let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");

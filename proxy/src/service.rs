@@ -165,10 +165,9 @@ pub fn handle(
         // A small body is read whole before an upstream connection is
         // taken; a gRPC call's messages go as they come (a client stream is
         // long-lived by design).
-        let read_whole = match grpc || http_body::Body::is_end_stream(req.body()) {
-            false => announced_within(req.body(), request_buffer),
-            true => None,
-        };
+        let read_whole = !grpc
+            && !http_body::Body::is_end_stream(req.body())
+            && announced_within(req.body(), request_buffer);
         // The request line, kept for the access log.
         let head = (access != AccessLog::Off).then(|| (req.method().clone(), req.uri().clone()));
         let upload = Upload::since(start);
@@ -517,9 +516,9 @@ struct Hop {
     slot: Option<Arc<crate::conn::Slot>>,
     /// How long a tunnel may move no byte either way.
     idle_timeout: std::time::Duration,
-    /// The body's announced length when it is read whole before the
-    /// request goes upstream (see [`announced_within`]).
-    read_whole: Option<usize>,
+    /// The body is read whole before the request goes upstream (see
+    /// [`announced_within`]).
+    read_whole: bool,
     /// A copy of the request goes to the canary (`[route.mirror]`).
     shadow: Option<Box<crate::mirror::Seed>>,
     /// When a mirrored request's answer came (its side of the pair).
@@ -623,10 +622,9 @@ fn forward<'a>(
         let (mut req, forwarding, downstream_upgrade) =
             outgoing(req, &mut hop, body_timeout, upload)?;
         let upgrade = downstream_upgrade.is_some();
-        if let (Some(announced), false) = (hop.read_whole, upgrade) {
-            if !req.body_mut().read_whole(announced).await? {
-                route.buffer_full.inc();
-            }
+        // (false: the budget for such bodies was spent part-way.)
+        if hop.read_whole && !upgrade && !req.body_mut().read_whole().await? {
+            route.buffer_full.inc();
         }
 
         // Pinned here and lent to the deadline: a future passed by value into
@@ -713,15 +711,13 @@ fn forward<'a>(
     }
 }
 
-/// `body`'s announced length, when it is no longer than `limit` (`[proxy]
-/// request_buffer`): such a body is read whole before its request takes
-/// an upstream connection. See [`crate::upload`].
+/// Whether `body` announces a length no longer than `limit` (`[proxy]
+/// request_buffer`; 0: none does): such a body is read whole before its
+/// request takes an upstream connection. See [`crate::upload`].
 #[inline(never)] // a bodiless request never calls it
-fn announced_within(body: &Incoming, limit: usize) -> Option<usize> {
+fn announced_within(body: &Incoming, limit: usize) -> bool {
     use http_body::Body;
-    let len = body.size_hint().upper().filter(|&n| n <= limit as u64)?;
-    // `limit` is at most 1 MiB: the length fits.
-    (limit > 0).then_some(len as usize)
+    limit > 0 && body.size_hint().upper().is_some_and(|n| n <= limit as u64)
 }
 
 /// One of `upstream`'s upload slots (see [`Upstream::upload_slot`]),

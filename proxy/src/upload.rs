@@ -312,14 +312,13 @@ impl ClientBody {
         }
     }
 
-    /// Reads the rest of the body (announced as `announced` bytes) before
-    /// its request goes upstream. Waits for the client are the client's
+    /// Reads the rest of the body before its request goes upstream. Waits for the client are the client's
     /// time and its faults its own, as when the body streams ([`Upload`]);
     /// a failed read is the client's fault, returned. The bytes read count
     /// against [`HELD_BUDGET`] until sent (or dropped); should it run out,
     /// the part read goes first and the rest streams as it comes: false
     /// then. hyper fails a body longer than it announced.
-    pub async fn read_whole(&mut self, announced: usize) -> Result<bool, ProxyError> {
+    pub async fn read_whole(&mut self) -> Result<bool, ProxyError> {
         use http_body_util::BodyExt;
         if !matches!(self.inner, Inner::Client(_)) {
             return Ok(true);
@@ -327,7 +326,8 @@ impl ClientBody {
         let mut grant = Grant::default();
         // Copied as they come unless the first is the whole: a body
         // dripped a byte at a time would otherwise keep a read buffer
-        // alive for each byte.
+        // alive for each byte. The copy grows with what came (never to
+        // what the client announced, which it may never send).
         let mut first: Option<Bytes> = None;
         let mut rest = bytes::BytesMut::new();
         let mut trailers = None;
@@ -350,12 +350,10 @@ impl ClientBody {
             // Kept, whether or not the budget has room for it: it has
             // been read.
             let room = grant.grow(data.len());
-            if data.is_empty() {
-            } else if first.is_none() && rest.is_empty() {
-                first = Some(data);
+            if first.is_none() && rest.is_empty() {
+                first = (!data.is_empty()).then_some(data);
             } else {
                 if let Some(f) = first.take() {
-                    rest.reserve(announced.max(f.len() + data.len()));
                     rest.extend_from_slice(&f);
                 }
                 rest.extend_from_slice(&data);

@@ -720,8 +720,9 @@ fn announced_within(body: &Incoming, limit: usize) -> bool {
     limit > 0 && body.size_hint().upper().is_some_and(|n| n <= limit as u64)
 }
 
-/// One of `upstream`'s upload slots (see [`Upstream::upload_slot`]),
-/// waiting at most `timeout`, and what is left of it.
+/// One of `upstream`'s upload slots (see [`Upstream::upload_slot_now`]),
+/// waiting at most `timeout` (the clock read only then), and what is left
+/// of it.
 async fn upload_slot(
     upstream: &Upstream,
     timeout: std::time::Duration,
@@ -736,9 +737,9 @@ async fn upload_slot(
         return Ok((slot, timeout));
     }
     let start = Instant::now();
-    let slot = upstream.upload_slot(timeout).await?;
+    let slot = upstream.wait_upload_slot(timeout).await?;
     let left = timeout.saturating_sub(start.elapsed());
-    Ok((slot, left.max(std::time::Duration::from_millis(1))))
+    Ok((Some(slot), left.max(std::time::Duration::from_millis(1))))
 }
 
 /// Runs `exchange` until `due` (the route's `timeout` after the request
@@ -828,7 +829,7 @@ fn exchange<'a>(
             return Err(ProxyError::UpstreamConnect);
         };
         // A body still to come from the client holds one of the endpoint's
-        // upload slots until the answer's head (see `Upstream::upload_slot`).
+        // upload slots until the answer's head (see `Upstream::upload_slot_now`).
         let streams = bodied && req.body().streams();
         let mut slot = None;
         let mut timeout = route.connect_timeout;

@@ -12,7 +12,7 @@
 //! route's `connect_timeout`, then gets 503 `kind="overloaded"`: never an
 //! unbounded fan-out of connections. Requests whose bodies still stream
 //! from their clients may hold at most half of them
-//! ([`Upstream::upload_slot`]).
+//! ([`Upstream::upload_slot_now`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -907,31 +907,30 @@ impl Upstream {
         }
     }
 
-    /// A slot for a request whose body still streams from its client,
-    /// held while the request is sent and until its answer's head: such
+    /// A slot for a request whose body still streams from its client, if
+    /// one is free (`None`: wait with [`Upstream::wait_upload_slot`]).
+    /// Held while the request is sent and until its answer's head: such
     /// requests hold at most half the endpoint's connections, so clients
     /// that send their bodies slowly (on purpose or not) leave the other
-    /// half to everyone else. Waits at most `timeout` (then overloaded).
-    /// `None` for an HTTP/2 endpoint, whose requests share connections.
-    pub async fn upload_slot(
-        &self,
-        timeout: Duration,
-    ) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, ProxyError> {
-        if let Some(slot) = self.upload_slot_now() {
-            return Ok(slot);
-        }
-        match tokio::time::timeout(timeout, self.uploads.acquire()).await {
-            Ok(Ok(p)) => Ok(Some(p)),
-            _ => Err(ProxyError::Overloaded),
-        }
-    }
-
-    /// [`Upstream::upload_slot`] without waiting: `None` if none is free.
+    /// half to everyone else. `Some(None)` for an HTTP/2 endpoint, whose
+    /// requests share connections.
     pub fn upload_slot_now(&self) -> Option<Option<tokio::sync::SemaphorePermit<'_>>> {
         if self.speaks_h2.load(Ordering::Relaxed) {
             return Some(None);
         }
         self.uploads.try_acquire().ok().map(Some)
+    }
+
+    /// Waits at most `timeout` for an upload slot (see
+    /// [`Upstream::upload_slot_now`]); overloaded past that.
+    pub async fn wait_upload_slot(
+        &self,
+        timeout: Duration,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, ProxyError> {
+        match tokio::time::timeout(timeout, self.uploads.acquire()).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(ProxyError::Overloaded),
+        }
     }
 
     /// A connection for one request: an idle one (unless `fresh`, for an

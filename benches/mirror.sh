@@ -16,10 +16,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 DUR=${1:-10}
-if [ -z "${VEER:-}" ]; then
-  cargo build --release --locked -q -p veer-proxy --bin veer
-  VEER="${CARGO_TARGET_DIR:-$ROOT/target}/release/veer"
-fi
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+veer_binary
 for t in wrk nginx python3 taskset curl; do
   command -v "$t" > /dev/null || { echo "needs $t" >&2; exit 1; }
 done
@@ -27,10 +26,9 @@ work="$(mktemp -d)"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() { for _ in $(seq 1 300); do curl -sf -o /dev/null "$1" && return 0; sleep 0.05; done; echo "never up: $1" >&2; exit 1; }
 
-stable_port=$(port); canary_port=$(port)
+stable_port=$(free_port); canary_port=$(free_port)
 cat > "$work/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
@@ -82,7 +80,7 @@ judge=$(awk '/^\[route.judge\]/{on=1; print; next} on && /^(\[|# \[)/{exit} on' 
 run() { # LABEL MIRROR_SECTION
   local label=$1 mirror=$2
   local listen admin
-  listen=$(port); admin=$(port)
+  listen=$(free_port); admin=$(free_port)
   rm -rf "$work/state"
   cat > "$work/veer.toml" <<TOML
 [proxy]

@@ -66,7 +66,8 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 # $2 keep-alive GETs (POSTs of $BODY bytes) to 127.0.0.1:$1 from 4
 # connections, sticky keys of 1000 users.

@@ -31,10 +31,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # VEER=path/to/veer measures another build (e.g. an older commit's).
-if [ -z "${VEER:-}" ]; then
-  cargo build --release --locked -q -p veer-proxy --bin veer
-  VEER="${CARGO_TARGET_DIR:-$ROOT/target}/release/veer"
-fi
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+veer_binary
 counts=("$@")
 [ ${#counts[@]} -eq 0 ] && counts=(1 100 500 1000)
 work="$(mktemp -d)"

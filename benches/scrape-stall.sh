@@ -13,10 +13,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-if [ -z "${VEER:-}" ]; then
-  cargo build --release --locked -q -p veer-proxy --bin veer
-  VEER="${CARGO_TARGET_DIR:-$ROOT/target}/release/veer"
-fi
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+veer_binary
 command -v wrk > /dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
 n="${1:-1000}"
 rounds="${ROUNDS:-2}"
@@ -26,9 +25,8 @@ work="$(mktemp -d)"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-proxy_port=$(port)
-admin_port=$(port)
+proxy_port=$(free_port)
+admin_port=$(free_port)
 {
   printf '[proxy]\nlisten = ["127.0.0.1:%s"]\nworkers = %s\n[admin]\nlisten = "127.0.0.1:%s"\n[state]\ndir = "%s/state"\n' \
     "$proxy_port" "$workers" "$admin_port" "$work"

@@ -17,10 +17,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-if [ -z "${VEER:-}" ]; then
-  cargo build --release --locked -q -p veer-proxy --bin veer
-  VEER="${CARGO_TARGET_DIR:-$ROOT/target}/release/veer"
-fi
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+veer_binary
 n="${1:-16}"
 len="${LEN:-1000}"
 
@@ -29,10 +28,9 @@ work="$(mktemp -d)"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-origin_port=$(port)
-proxy_port=$(port)
-admin_port=$(port)
+origin_port=$(free_port)
+proxy_port=$(free_port)
+admin_port=$(free_port)
 buffer_line=""
 [ -n "${REQUEST_BUFFER:-}" ] && buffer_line="request_buffer = ${REQUEST_BUFFER}"
 cat > "$work/veer.toml" <<TOML

@@ -68,6 +68,10 @@ pub struct ProxySettings {
     /// every body streams as it comes). A client uploading slowly then
     /// holds only its own connection, never an upstream's.
     pub request_buffer: usize,
+    /// The longest request body a route takes unless it says otherwise
+    /// (nginx's `client_max_body_size`), in bytes; 0: no limit. A longer
+    /// one is answered 413 and never the version's failure.
+    pub max_request_body: u64,
     /// On SIGTERM, in-flight requests get this long to finish.
     pub shutdown_grace: Duration,
     /// Which requests get an access log line.
@@ -215,6 +219,9 @@ pub struct Route {
     /// requests wait (a bounded queue, at most `connect_timeout`), then get
     /// 503.
     pub max_upstream_connections: usize,
+    /// The longest request body this route takes, in bytes (0: no
+    /// limit); `None`: `[proxy] max_request_body`.
+    pub max_request_body: Option<u64>,
     /// The stable version.
     pub stable: Version,
     /// The canary version, if one is deployed.

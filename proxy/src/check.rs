@@ -144,6 +144,13 @@ pub fn summary(path: &Path, c: &Config) -> String {
             "    judge {mode}, every {:?} over {:?}",
             r.judge.interval, r.judge.window
         );
+        let max_body = r.max_request_body.unwrap_or(c.proxy.max_request_body);
+        if max_body > 0 {
+            let _ = writeln!(
+                out,
+                "    request bodies up to {max_body} bytes (longer: 413)"
+            );
+        }
         if let Some(m) = &r.mirror {
             let _ = writeln!(
                 out,

@@ -41,6 +41,12 @@ pub enum ProxyError {
     /// The client's request body was malformed (e.g. bad chunked framing).
     #[error("the client's request body was malformed")]
     ClientBadBody,
+    /// The client's request body is longer than the route takes
+    /// (`max_request_body`): announced so (answered before any of it is
+    /// read or sent upstream), or found so as it streamed (the upstream's
+    /// request is then broken off).
+    #[error("the request body is larger than the route takes")]
+    BodyTooLarge,
     /// Every connection to the endpoint is busy and the wait for one is
     /// full or over (`max_upstream_connections`).
     #[error("the upstream has no free connection")]
@@ -90,6 +96,7 @@ impl ProxyError {
             }
             ProxyError::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
             ProxyError::ClientDeadline => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -106,6 +113,7 @@ impl ProxyError {
             ProxyError::ClientAborted => "client_aborted",
             ProxyError::ClientClosed => "client_closed",
             ProxyError::ClientBadBody => "client_bad_body",
+            ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::TooManyConnections => "too_many_connections",
             ProxyError::Overloaded => "overloaded",
             ProxyError::UpgradeUnsupported => "upgrade_unsupported",
@@ -144,6 +152,7 @@ impl ProxyError {
             ProxyError::TooManyConnections | ProxyError::Overloaded => "service unavailable\n",
             ProxyError::UpgradeUnsupported => "not implemented\n",
             ProxyError::ClientDeadline => "deadline exceeded\n",
+            ProxyError::BodyTooLarge => "content too large\n",
         }
     }
 
@@ -162,7 +171,7 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 12] = [
+pub const PROXY_KINDS: [ProxyError; 13] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
@@ -175,6 +184,7 @@ pub const PROXY_KINDS: [ProxyError; 12] = [
     ProxyError::ClientDeadline,
     ProxyError::HeaderTimeout,
     ProxyError::SendTimeout,
+    ProxyError::BodyTooLarge,
 ];
 
 /// The upstream error kinds, in `upstream_index` order.

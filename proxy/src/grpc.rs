@@ -103,6 +103,7 @@ fn code_of(e: ProxyError) -> u8 {
         ProxyError::UpstreamTimeout | ProxyError::ClientDeadline => DEADLINE_EXCEEDED,
         ProxyError::ClientClosed => 1, // CANCELLED
         ProxyError::NoRoute | ProxyError::UpgradeUnsupported => 12, // UNIMPLEMENTED
+        ProxyError::BodyTooLarge => 8, // RESOURCE_EXHAUSTED, as gRPC's own message limit
         ProxyError::BadRequest
         | ProxyError::ClientTimeout
         | ProxyError::ClientAborted
@@ -218,5 +219,18 @@ mod tests {
         assert_eq!(status(&headers(GRPC_STATUS, "13")), Some(13));
         assert_eq!(status(&headers(GRPC_STATUS, "99")), Some(UNKNOWN));
         assert_eq!(status(&headers(GRPC_STATUS, "x")), Some(UNKNOWN));
+    }
+
+    #[test]
+    fn veers_own_failures_reach_callers_as_grpc_codes() {
+        let code = |e| error_response(e).headers()[GRPC_STATUS].clone();
+        // gRPC's own code for a message over a limit.
+        assert_eq!(code(ProxyError::BodyTooLarge), "8");
+        assert_eq!(code(ProxyError::UpstreamConnect), "14");
+        assert_eq!(code(ProxyError::ClientDeadline), "4");
+        assert_eq!(
+            error_response(ProxyError::BodyTooLarge).status(),
+            StatusCode::OK
+        );
     }
 }

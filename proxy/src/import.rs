@@ -277,7 +277,45 @@ struct Route {
     weight: f64,
     header: Option<String>,
     cookie: Option<String>,
+    /// `proxy-body-size` of the main Ingress, in bytes (0: no limit).
+    max_body: Option<u64>,
     notes: Vec<String>,
+}
+
+/// nginx's size syntax, as `proxy-body-size` takes it: a count of bytes,
+/// or of kilobytes, megabytes or gigabytes with `k`, `m` or `g` (either
+/// case); `0` is no limit.
+fn nginx_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let (digits, unit) = match v.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&v[..i], c.to_ascii_lowercase()),
+        _ => (v, 'b'),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let shift = match unit {
+        'b' => 0,
+        'k' => 10,
+        'm' => 20,
+        'g' => 30,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift).filter(|n| *n <= i64::MAX as u64)
+}
+
+/// The body limit a main Ingress sets (`proxy-body-size`), or the note
+/// saying why it could not be carried over.
+fn body_limit(main: &Ingress, notes: &mut Vec<String>) -> Option<u64> {
+    let v = main.annotation("proxy-body-size")?;
+    let n = nginx_size(v);
+    if n.is_none() {
+        notes.push(format!(
+            "proxy-body-size {v:?} is not an nginx size (bytes, or with k, m or g): no body limit written"
+        ));
+    }
+    n
 }
 
 /// The canary annotations veer expresses (the rest is reported).
@@ -379,8 +417,9 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
             };
             matched.insert((main.origin.clone(), rule.host.clone(), rule.path.clone()));
             let mut rn = route_notes.clone();
+            let max_body = body_limit(main, &mut rn);
             for (k, v) in &main.annotations {
-                if k.starts_with(PREFIX) {
+                if k.starts_with(PREFIX) && k.strip_prefix(PREFIX) != Some("proxy-body-size") {
                     rn.push(format!(
                         "main Ingress annotation {k}: {v:?} is not expressible in veer"
                     ));
@@ -420,6 +459,7 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
                 weight,
                 header: header.clone(),
                 cookie: cookie.clone(),
+                max_body,
                 notes: rn,
             });
         }
@@ -446,6 +486,7 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
                 if r.path_type == "Exact" {
                     rn.push(format!("pathType Exact for {:?}: veer matches path prefixes, so longer paths match too", r.path));
                 }
+                let max_body = body_limit(m, &mut rn);
                 routes.push(Route {
                     name: unique(route_name(&r.host, &r.path), &mut used),
                     host: r.host.clone(),
@@ -455,6 +496,7 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
                     weight: 0.0,
                     header: None,
                     cookie: None,
+                    max_body,
                     notes: rn,
                 });
             } else {
@@ -498,7 +540,7 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
     }
     let _ = writeln!(
         out,
-        "\n[proxy]\nlisten = [\"0.0.0.0:8080\"]\n\n[admin]\nlisten = \"127.0.0.1:9901\""
+        "\n[proxy]\nlisten = [\"0.0.0.0:8080\"]\n# ingress-nginx takes request bodies up to its ConfigMap's proxy-body-size (1m unless set);\n# veer has no limit unless told: uncomment with yours (routes with the annotation keep theirs).\n# max_request_body = 1048576\n\n[admin]\nlisten = \"127.0.0.1:9901\""
     );
     let mut all_notes = notes;
     for r in &routes {
@@ -507,6 +549,9 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
             let _ = writeln!(out, "hosts = [{}]", toml_str(&r.host));
         }
         let _ = writeln!(out, "path_prefix = {}", toml_str(&r.path));
+        if let Some(n) = r.max_body {
+            let _ = writeln!(out, "max_request_body = {n}  # proxy-body-size");
+        }
         for n in &r.notes {
             let _ = writeln!(out, "# NOTE: {n}");
             all_notes.push(format!("route {}: {n}", r.name));

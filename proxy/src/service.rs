@@ -61,13 +61,13 @@ pub fn handle(
             Ok(std::borrow::Cow::Owned(p)) => {
                 if set_path(req.uri_mut(), &p).is_err() {
                     snap.proxy_errors.inc(ProxyError::BadRequest);
-                    refused(access, &req, peer.addr, ProxyError::BadRequest);
+                    refused(access, &req, peer.addr, ProxyError::BadRequest, None);
                     return Ok(reply(ProxyError::BadRequest));
                 }
             }
             Err(_) => {
                 snap.proxy_errors.inc(ProxyError::BadRequest);
-                refused(access, &req, peer.addr, ProxyError::BadRequest);
+                refused(access, &req, peer.addr, ProxyError::BadRequest, None);
                 return Ok(reply(ProxyError::BadRequest));
             }
         }
@@ -86,16 +86,29 @@ pub fn handle(
             ),
             Ok(None) => {
                 snap.proxy_errors.inc(ProxyError::NoRoute);
-                refused(access, &req, peer.addr, ProxyError::NoRoute);
+                refused(access, &req, peer.addr, ProxyError::NoRoute, None);
                 return Ok(reply(ProxyError::NoRoute));
             }
             Err(e) => {
                 snap.proxy_errors.inc(e);
-                refused(access, &req, peer.addr, e);
+                refused(access, &req, peer.addr, e, None);
                 return Ok(reply(e));
             }
         };
         drop(snap);
+        // A body announced longer than the route takes is refused before
+        // any of it is read (an HTTP/1.1 client waiting on `Expect:
+        // 100-continue` is told at once and sends none of it).
+        if route.max_body != u64::MAX && announced_over(req.body(), route.max_body) {
+            return Ok(too_large(
+                &shared,
+                &req,
+                peer.addr,
+                &route.name,
+                access,
+                grpc,
+            ));
+        }
         // A gRPC call's own deadline, when shorter, wins over the route's; the
         // upstream is told the deadline in force.
         let (timeout, client_bound) = match grpc.then(|| crate::grpc::timeout(req.headers())) {
@@ -461,20 +474,60 @@ impl Logged<'_> {
     }
 }
 
-/// The access log line of a request refused before it had a route (in
-/// both `errors` and `all`).
-fn refused(access: AccessLog, req: &Request<Incoming>, peer: SocketAddr, e: ProxyError) {
+/// The access log line of a request refused before it went to a version
+/// (in both `errors` and `all`), with its route if it had one.
+fn refused(
+    access: AccessLog,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    e: ProxyError,
+    route: Option<&str>,
+) {
     if access != AccessLog::Off {
         tracing::info!(
             target: "veer::access",
             method = %req.method(),
             path = req.uri().path(),
             status = e.status().as_u16(),
+            route,
             client = %peer,
             error = e.kind(),
             "request"
         );
     }
+}
+
+/// Whether `body` announces more than `limit` bytes (`max_request_body`).
+#[inline(never)] // a route without a limit never calls it
+fn announced_over(body: &Incoming, limit: u64) -> bool {
+    http_body::Body::size_hint(body).lower() > limit
+}
+
+/// The answer to a request whose body is announced longer than its route
+/// takes: 413, counted as `body_too_large` (the client's, never the
+/// version's), logged with the route when an access log is kept. An
+/// HTTP/1.x connection is closed after it (its body is left unread).
+#[cold]
+fn too_large(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    route: &str,
+    access: AccessLog,
+    grpc: bool,
+) -> Response<ProxyBody> {
+    let e = ProxyError::BodyTooLarge;
+    route_less_error(shared, e);
+    refused(access, req, peer, e, Some(route));
+    if grpc {
+        return crate::grpc::error_response(e);
+    }
+    let mut resp = error_response(e);
+    if req.version() < http::Version::HTTP_2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// Counts a failure that is no version's (the client's, or a request veer
@@ -551,6 +604,7 @@ fn outgoing(
     hop: &mut Hop,
     body_timeout: std::time::Duration,
     upload: &Arc<Upload>,
+    max_body: u64,
 ) -> Result<Outgoing, ProxyError> {
     let upgrade = is_upgrade(req.version(), req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -571,7 +625,13 @@ fn outgoing(
         hop.scheme,
         upgrade,
     )?;
+    // A body of no announced length is counted as it comes (one announced
+    // longer than the route takes was refused by `handle`).
+    let unannounced = max_body != u64::MAX && http_body::Body::size_hint(&body).upper().is_none();
     let mut body = ClientBody::new(body, body_timeout, upload.clone());
+    if unannounced {
+        body.limit(max_body);
+    }
     if let (true, Some(slot)) = (http1_body, &hop.slot) {
         body.tell_when_read(slot.activity().clone());
     }
@@ -620,7 +680,7 @@ fn forward<'a>(
     async move {
         let body_timeout = deadlines.body;
         let (mut req, forwarding, downstream_upgrade) =
-            outgoing(req, &mut hop, body_timeout, upload)?;
+            outgoing(req, &mut hop, body_timeout, upload, route.max_body)?;
         let upgrade = downstream_upgrade.is_some();
         // (false: the budget for such bodies was spent part-way.)
         if hop.read_whole && !upgrade && !req.body_mut().read_whole().await? {

@@ -78,6 +78,9 @@ pub struct RouteTarget {
     /// `veer_request_buffer_full_total` (process-wide; a handle here so
     /// that the request path needs no other).
     pub buffer_full: prometheus::IntCounter,
+    /// The longest request body taken, in bytes (`max_request_body`, the
+    /// route's or `[proxy]`'s); `u64::MAX`: no limit.
+    pub max_body: u64,
     /// The route as configured (for status), shared with the config.
     pub config: Arc<Route>,
 }
@@ -303,6 +306,10 @@ impl Snapshot {
                 },
                 raw_http1: config.proxy.upstream_http1 == veer_control::config::UpstreamHttp1::Veer,
                 buffer_full: metrics.request_buffer_full.clone(),
+                max_body: match r.max_request_body.unwrap_or(config.proxy.max_request_body) {
+                    0 => u64::MAX,
+                    n => n,
+                },
                 config: r.clone(),
             }));
         }

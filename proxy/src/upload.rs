@@ -10,7 +10,8 @@
 //!   long. So a slow upload to a fast upstream succeeds, and a stalled one
 //!   ends as the client's 408, not the version's 504.
 //! - **A body the client breaks is the client's failure**: stalled (408),
-//!   aborted (the client left), or malformed (400). The request then counts
+//!   aborted (the client left), malformed (400), or longer than its route
+//!   takes (`max_request_body`, 413). The request then counts
 //!   in `veer_proxy_errors_total` under its client kind and is never
 //!   recorded for a version.
 //!
@@ -147,6 +148,7 @@ impl Upload {
             1 => Some(ProxyError::ClientTimeout),
             2 => Some(ProxyError::ClientAborted),
             3 => Some(ProxyError::ClientBadBody),
+            4 => Some(ProxyError::BodyTooLarge),
             _ => None,
         }
     }
@@ -155,6 +157,7 @@ impl Upload {
         let code = match e {
             ProxyError::ClientTimeout => 1,
             ProxyError::ClientAborted => 2,
+            ProxyError::BodyTooLarge => 4,
             _ => 3,
         };
         let _ = self
@@ -214,7 +217,15 @@ pub struct ClientBody {
     /// The client connection's activity, told when the body has been read
     /// (see [`crate::conn::ClientClose`]).
     reading: Option<Arc<crate::conn::Activity>>,
+    /// Bytes the body may still bring (`max_request_body`; `u64::MAX`: no
+    /// limit): past it, it fails as [`ProxyError::BodyTooLarge`].
+    left: u64,
 }
+
+/// A request body that grew past its route's `max_request_body`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than the route takes")]
+pub struct TooLarge;
 
 enum Inner {
     Client(IdleTimeout<Incoming>),
@@ -285,6 +296,7 @@ impl ClientBody {
             upload,
             tee: None,
             reading: None,
+            left: u64::MAX,
         }
     }
 
@@ -309,7 +321,15 @@ impl ClientBody {
             upload: Upload::new(),
             tee: None,
             reading: None,
+            left: u64::MAX,
         }
+    }
+
+    /// Fails the body as [`ProxyError::BodyTooLarge`] once more than
+    /// `max` bytes of it have come (for a body whose length was not
+    /// announced: one announced longer is refused before it is read).
+    pub fn limit(&mut self, max: u64) {
+        self.left = max;
     }
 
     /// Reads the rest of the body before its request goes upstream. Waits for the client are the client's
@@ -474,6 +494,19 @@ impl Body for ClientBody {
             }
             Poll::Ready(Some(Ok(frame))) => {
                 this.upload.end_wait();
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                match this.left.checked_sub(len) {
+                    Some(left) => this.left = left,
+                    None => {
+                        // As any body the client breaks: the client's
+                        // fault, the upstream's request broken off, the
+                        // connection not used again.
+                        this.upload.set_fault(ProxyError::BodyTooLarge);
+                        this.tee = None;
+                        this.reading = None;
+                        return Poll::Ready(Some(Err(Box::new(TooLarge))));
+                    }
+                }
                 this.teed(frame);
                 if this.is_end_stream() {
                     this.upload.set_whole();

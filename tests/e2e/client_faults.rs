@@ -55,6 +55,21 @@ async fn raw(addr: std::net::SocketAddr, head: &str, body: &[u8], close: bool) -
     line.split(' ').nth(1)?.parse().ok()
 }
 
+/// Asserts that the metrics `m` count no upstream error of any kind for
+/// the canary (`v2` of route `web`).
+fn no_upstream_error_for_the_canary(m: &str) {
+    for kind in ["connect", "timeout", "reset", "protocol"] {
+        let v = metric(
+            m,
+            &format!(r#"veer_upstream_errors_total{{kind="{kind}",route="web",version="v2"}}"#),
+        );
+        assert!(
+            v.unwrap_or(0.0) == 0.0,
+            "{kind} counted for the canary: {v:?}"
+        );
+    }
+}
+
 fn post_head(user: &str, framing: &str) -> String {
     format!("POST /upload HTTP/1.1\r\nhost: app\r\nx-user-id: {user}\r\n{framing}\r\n")
 }
@@ -122,16 +137,7 @@ async fn stalled_aborted_and_malformed_uploads_never_count_against_a_version() {
         metric(&m, r#"veer_proxy_errors_total{kind="client_bad_body"}"#),
         Some(20.0)
     );
-    for kind in ["connect", "timeout", "reset", "protocol"] {
-        let v = metric(
-            &m,
-            &format!(r#"veer_upstream_errors_total{{kind="{kind}",route="web",version="v2"}}"#),
-        );
-        assert!(
-            v.unwrap_or(0.0) == 0.0,
-            "{kind} counted for the canary: {v:?}"
-        );
-    }
+    no_upstream_error_for_the_canary(&m);
     assert_eq!(
         metric(
             &m,
@@ -363,4 +369,126 @@ async fn a_client_that_leaves_mid_request_gives_it_up_upstream() {
         0.0,
         "{m}"
     );
+}
+
+/// `config` with `[proxy] max_request_body = {max}` and a route `/files`
+/// that lifts it (`max_request_body = 0`).
+fn limited_config(stable: std::net::SocketAddr, canary: std::net::SocketAddr, max: u64) -> String {
+    config(stable, canary, "5s").replacen(
+        "body_timeout = \"1s\"\n",
+        &format!("body_timeout = \"1s\"\nmax_request_body = {max}\n"),
+        1,
+    ) + &format!(
+        r#"
+[[route]]
+name = "files"
+path_prefix = "/files"
+max_request_body = 0
+[route.stable]
+version = "v1"
+endpoints = ["{stable}"]
+"#
+    )
+}
+
+/// The status of a POST of `len` bytes announced by `Content-Length`.
+async fn post_of(addr: std::net::SocketAddr, user: &str, len: usize) -> Option<u16> {
+    let head = post_head(user, &format!("content-length: {len}\r\n"));
+    raw(addr, &head, &vec![b'p'; len], false).await
+}
+
+/// A chunked body of two 600-byte chunks, whole.
+const TWO_CHUNKS_OF_600: &str = "258\r\n";
+
+fn two_chunks() -> Vec<u8> {
+    let mut body = Vec::new();
+    for _ in 0..2 {
+        body.extend_from_slice(TWO_CHUNKS_OF_600.as_bytes());
+        body.extend_from_slice(&[b'c'; 600]);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    body
+}
+
+/// An HTTP/2 POST of two 600-byte DATA frames, with their length
+/// announced (`content-length`) or not.
+async fn h2_post(addr: std::net::SocketAddr, user: &str, announced: bool) -> u16 {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let frames = (0..2).map(|_| {
+        Ok::<_, std::convert::Infallible>(Frame::data(bytes::Bytes::from(vec![b'h'; 600])))
+    });
+    let body = StreamBody::new(futures_util::stream::iter(frames));
+    let mut sender = super::support::h2c(addr).await;
+    let mut req = http::Request::post(format!("http://{addr}/upload"))
+        .header("x-user-id", user)
+        .body(body)
+        .unwrap();
+    if announced {
+        req.headers_mut()
+            .insert("content-length", http::HeaderValue::from(1200));
+    }
+    sender.send_request(req).await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_longer_than_the_route_takes_are_the_clients_413_never_the_versions() {
+    let stable = Upstream::start("stable").await;
+    let canary = Upstream::start("canary").await;
+    let veer = Veer::start(&limited_config(stable.addr, canary.addr, 1000)).await;
+    let addr = veer.addr;
+    // Announced too long: answered at once, before any of the body is
+    // sent (the client waits for `100 Continue`, which never comes) and
+    // before the upstream hears of it; the connection is closed.
+    for i in 0..10 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = post_head(
+            &format!("announced{i}"),
+            "content-length: 2000\r\nexpect: 100-continue\r\n",
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
+            .await
+            .expect("the connection is closed after the 413")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_lowercase();
+        assert!(answer.starts_with("http/1.1 413"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+    }
+    assert_eq!(canary.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // Found too long as it streams: chunked over HTTP/1.1, DATA frames of
+    // no announced length over HTTP/2 (whole, each would be served); and
+    // announced too long over HTTP/2.
+    for i in 0..10 {
+        let chunked = raw(
+            addr,
+            &post_head(&format!("chunked{i}"), "transfer-encoding: chunked\r\n"),
+            &two_chunks(),
+            false,
+        )
+        .await;
+        assert_eq!(chunked, Some(413), "a chunked body over the limit");
+        assert_eq!(h2_post(addr, &format!("h2-{i}"), false).await, 413);
+        assert_eq!(h2_post(addr, &format!("h2-announced{i}"), true).await, 413);
+    }
+    // Within the limit, and on a route that lifts it, bodies go through.
+    assert_eq!(post_of(addr, "within", 1000).await, Some(200));
+    let files = "POST /files/a HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n";
+    assert_eq!(raw(addr, files, &two_chunks(), false).await, Some(200));
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, r#"veer_proxy_errors_total{kind="body_too_large"}"#),
+        Some(40.0),
+        "{m}"
+    );
+    no_upstream_error_for_the_canary(&m);
+    let s = veer.status().await;
+    assert_ne!(s["routes"][0]["verdict"], "reverted", "{}", s["routes"][0]);
+    assert!(veer.logs_with("canary reverted").is_empty());
+    // The limit is reloaded with the file.
+    veer.write_config(&limited_config(stable.addr, canary.addr, 3000));
+    veer.wait_generation(2).await;
+    assert_eq!(post_of(addr, "raised", 2000).await, Some(200));
 }

@@ -347,6 +347,12 @@ impl Validator<'_> {
                 defaults::REQUEST_BUFFER as i64,
                 "request_buffer",
             ) as usize,
+            max_request_body: self.int_in(
+                p.max_request_body.as_ref(),
+                0..=i64::MAX,
+                0,
+                "[proxy] max_request_body",
+            ) as u64,
             shutdown_grace: self.duration(p.shutdown_grace.as_ref(), defaults::SHUTDOWN_GRACE),
             access_log: match p.access_log.as_ref() {
                 None => AccessLog::Off,

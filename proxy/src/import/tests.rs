@@ -91,6 +91,11 @@ fn what_veer_cannot_express_is_reported_never_dropped() {
         ]
     );
     assert_eq!(c.routes[0].canary_weight_bp, 1250);
+    // The main Ingress's proxy-body-size (8m) is each of its routes' limit.
+    for r in [&c.routes[0], &c.routes[3]] {
+        assert_eq!(r.max_request_body, Some(8 << 20), "{}", r.name);
+    }
+    assert_eq!(c.routes[2].max_request_body, None);
     assert_eq!(
         c.routes[2].stable.endpoints[0].addr,
         "legacy-v1.old.svc:8080"
@@ -112,7 +117,6 @@ fn what_veer_cannot_express_is_reported_never_dropped() {
     let text = i.notes.join("\n");
     for want in [
         "ssl-redirect: \"true\" is not expressible",
-        "proxy-body-size: \"8m\" is not expressible",
         "affinity: \"cookie\" is not expressible",
         "TLS from Secret \"web-tls\"",
         "names its port \"http\"",
@@ -152,4 +156,26 @@ fn route_names_are_valid_and_unique() {
     let mut used = std::collections::HashSet::new();
     assert_eq!(unique("x".into(), &mut used), "x");
     assert_eq!(unique("x".into(), &mut used), "x-2");
+}
+
+#[test]
+fn proxy_body_size_is_read_as_nginx_reads_sizes() {
+    for (v, want) in [
+        ("8m", Some(8 << 20)),
+        ("8M", Some(8 << 20)),
+        ("512k", Some(512 << 10)),
+        ("1g", Some(1 << 30)),
+        ("1000", Some(1000)),
+        ("0", Some(0)),
+        (" 2m ", Some(2 << 20)),
+        ("", None),
+        ("m", None),
+        ("1.5m", None),
+        ("-1", None),
+        ("8mb", None),
+        ("10t", None),
+        ("99999999999999999999g", None),
+    ] {
+        assert_eq!(super::nginx_size(v), want, "{v:?}");
+    }
 }

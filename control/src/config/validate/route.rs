@@ -187,6 +187,10 @@ impl Validator<'_> {
                 defaults::MAX_UPSTREAM_CONNECTIONS as i64,
                 "max_upstream_connections",
             ) as usize,
+            max_request_body: r
+                .max_request_body
+                .as_ref()
+                .map(|b| self.int_in(Some(b), 0..=i64::MAX, 0, "max_request_body") as u64),
             stable,
             canary: canary.map(|c| c.0),
             canary_weight_bp,

@@ -637,3 +637,34 @@ fn one_vote_per_client_is_on_unless_turned_off_and_must_be_a_bool() {
     .expect_err("a string");
     assert!(format!("{e}").contains("expected a boolean"), "{e}");
 }
+
+#[test]
+fn max_request_body_is_proxy_wide_or_a_routes_own_and_never_negative() {
+    let c = parse(MINIMAL).expect("valid");
+    assert_eq!(c.proxy.max_request_body, 0, "no limit unless one is set");
+    assert_eq!(c.routes[0].max_request_body, None);
+    let text = format!(
+        "[proxy]\nmax_request_body = 1048576\n{}",
+        MINIMAL.replace("name = \"web\"", "name = \"web\"\nmax_request_body = 0")
+    );
+    let c = parse(&text).expect("valid");
+    assert_eq!(c.proxy.max_request_body, 1 << 20);
+    assert_eq!(c.routes[0].max_request_body, Some(0), "a route may lift it");
+    for bad in [
+        "[proxy]\nmax_request_body = -1\n".to_string() + MINIMAL,
+        MINIMAL.replace("name = \"web\"", "name = \"web\"\nmax_request_body = -5"),
+    ] {
+        let e = parse(&bad).expect_err("rejected");
+        assert!(
+            e.0.iter().any(|d| d.message.contains("max_request_body")),
+            "{bad}: {e:?}"
+        );
+    }
+    // Bytes, as every size in the file: a unit is a type error at the key.
+    let text = MINIMAL.replace(
+        "name = \"web\"",
+        "name = \"web\"\nmax_request_body = \"8m\"",
+    );
+    let e = parse(&text).expect_err("rejected");
+    assert!(e.0.iter().any(|d| (d.line, d.col) == (4, 20)), "{e:?}");
+}

@@ -277,10 +277,34 @@ struct Route {
     weight: f64,
     header: Option<String>,
     cookie: Option<String>,
-    /// `proxy-body-size` of the main Ingress, in bytes (0: no limit).
-    max_body: Option<u64>,
+    /// What the main Ingress sets that veer has a route key for.
+    carried: Carried,
     notes: Vec<String>,
 }
+
+/// The main Ingress's annotations that become route keys: ingress-nginx
+/// reads them from the main Ingress of a host and path, the canary
+/// Ingress's own being ignored.
+#[derive(Clone, Debug, Default)]
+struct Carried {
+    /// `proxy-body-size`, in bytes (0: no limit): `max_request_body`.
+    max_body: Option<u64>,
+    /// `proxy-read-timeout`, in seconds: `timeout` (until the answer's
+    /// head; between later reads veer's `[proxy] body_timeout`).
+    read_timeout: Option<u64>,
+    /// `proxy-connect-timeout`, in seconds: `connect_timeout`.
+    connect_timeout: Option<u64>,
+}
+
+/// The annotations [`Carried`] reads.
+const CARRIED_KEYS: [&str; 3] = [
+    "proxy-body-size",
+    "proxy-read-timeout",
+    "proxy-connect-timeout",
+];
+
+/// veer's `[[route]] timeout` when none is written.
+const VEER_TIMEOUT_SECS: u64 = 15;
 
 /// nginx's size syntax, as `proxy-body-size` takes it: a count of bytes,
 /// or of kilobytes, megabytes or gigabytes with `k`, `m` or `g` (either
@@ -305,17 +329,46 @@ fn nginx_size(v: &str) -> Option<u64> {
     n.checked_mul(1 << shift).filter(|n| *n <= i64::MAX as u64)
 }
 
-/// The body limit a main Ingress sets (`proxy-body-size`), or the note
-/// saying why it could not be carried over.
-fn body_limit(main: &Ingress, notes: &mut Vec<String>) -> Option<u64> {
-    let v = main.annotation("proxy-body-size")?;
-    let n = nginx_size(v);
-    if n.is_none() {
+/// What a main Ingress sets that veer carries over ([`Carried`]), with a
+/// note for each value that could not be.
+fn carried(main: &Ingress, notes: &mut Vec<String>) -> Carried {
+    let max_body = main.annotation("proxy-body-size").and_then(|v| {
+        let n = nginx_size(v);
+        if n.is_none() {
+            notes.push(format!(
+                "proxy-body-size {v:?} is not an nginx size (bytes, or with k, m or g): no body limit written"
+            ));
+        }
+        n
+    });
+    let mut seconds = |key: &str| {
+        let v = main.annotation(key)?;
+        let n = v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| (1..=86_400).contains(n));
+        if n.is_none() {
+            notes.push(format!(
+                "{key} {v:?} is not a number of seconds (1 to 86400; ingress-nginx ignores it too): not written"
+            ));
+        }
+        n
+    };
+    let read_timeout = seconds("proxy-read-timeout");
+    let mut connect_timeout = seconds("proxy-connect-timeout");
+    let timeout = read_timeout.unwrap_or(VEER_TIMEOUT_SECS);
+    if let Some(c) = connect_timeout.filter(|c| *c > timeout) {
         notes.push(format!(
-            "proxy-body-size {v:?} is not an nginx size (bytes, or with k, m or g): no body limit written"
+            "proxy-connect-timeout {c}s is longer than the route's timeout ({timeout}s): veer allows no connect attempt longer than the whole request, so none is written (1 s a try, then the next endpoint)"
         ));
+        connect_timeout = None;
     }
-    n
+    Carried {
+        max_body,
+        read_timeout,
+        connect_timeout,
+    }
 }
 
 /// The canary annotations veer expresses (the rest is reported).
@@ -417,9 +470,12 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
             };
             matched.insert((main.origin.clone(), rule.host.clone(), rule.path.clone()));
             let mut rn = route_notes.clone();
-            let max_body = body_limit(main, &mut rn);
+            let carried = carried(main, &mut rn);
             for (k, v) in &main.annotations {
-                if k.starts_with(PREFIX) && k.strip_prefix(PREFIX) != Some("proxy-body-size") {
+                let kept = k
+                    .strip_prefix(PREFIX)
+                    .is_some_and(|short| CARRIED_KEYS.contains(&short));
+                if k.starts_with(PREFIX) && !kept {
                     rn.push(format!(
                         "main Ingress annotation {k}: {v:?} is not expressible in veer"
                     ));
@@ -459,7 +515,7 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
                 weight,
                 header: header.clone(),
                 cookie: cookie.clone(),
-                max_body,
+                carried,
                 notes: rn,
             });
         }
@@ -486,7 +542,7 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
                 if r.path_type == "Exact" {
                     rn.push(format!("pathType Exact for {:?}: veer matches path prefixes, so longer paths match too", r.path));
                 }
-                let max_body = body_limit(m, &mut rn);
+                let carried = carried(m, &mut rn);
                 routes.push(Route {
                     name: unique(route_name(&r.host, &r.path), &mut used),
                     host: r.host.clone(),
@@ -496,7 +552,7 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
                     weight: 0.0,
                     header: None,
                     cookie: None,
-                    max_body,
+                    carried,
                     notes: rn,
                 });
             } else {
@@ -535,6 +591,10 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
         out,
         "# and its judge reverts a canary that does worse than stable ([route.judge])."
     );
+    let _ = writeln!(
+        out,
+        "# Timeouts: ingress-nginx waits 60 s for an answer (proxy-read-timeout) and 5 s to\n# connect unless its ConfigMap or an annotation says otherwise; a route here waits 15 s\n# (timeout) and 1 s a connect try (connect_timeout) unless it says otherwise below."
+    );
     for n in &notes {
         let _ = writeln!(out, "# NOTE: {n}");
     }
@@ -549,7 +609,14 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
             let _ = writeln!(out, "hosts = [{}]", toml_str(&r.host));
         }
         let _ = writeln!(out, "path_prefix = {}", toml_str(&r.path));
-        if let Some(n) = r.max_body {
+        let c = &r.carried;
+        if let Some(n) = c.read_timeout {
+            let _ = writeln!(out, "timeout = \"{n}s\"  # proxy-read-timeout");
+        }
+        if let Some(n) = c.connect_timeout {
+            let _ = writeln!(out, "connect_timeout = \"{n}s\"  # proxy-connect-timeout");
+        }
+        if let Some(n) = c.max_body {
             let _ = writeln!(out, "max_request_body = {n}  # proxy-body-size");
         }
         for n in &r.notes {

@@ -1,4 +1,5 @@
 use std::path::Path;
+use std::time::Duration;
 
 use veer_control::config::Config;
 
@@ -91,11 +92,18 @@ fn what_veer_cannot_express_is_reported_never_dropped() {
         ]
     );
     assert_eq!(c.routes[0].canary_weight_bp, 1250);
-    // The main Ingress's proxy-body-size (8m) is each of its routes' limit.
-    for r in [&c.routes[0], &c.routes[3]] {
+    // The main Ingress's proxy-body-size (8m) and timeouts (120 s to an
+    // answer, 3 s to connect) are each of its routes'.
+    for r in [&c.routes[0], &c.routes[1], &c.routes[3]] {
         assert_eq!(r.max_request_body, Some(8 << 20), "{}", r.name);
+        assert_eq!(r.timeout, Duration::from_secs(120), "{}", r.name);
+        assert_eq!(r.connect_timeout, Duration::from_secs(3), "{}", r.name);
     }
-    assert_eq!(c.routes[2].max_request_body, None);
+    // legacy's are not written: a size nginx does not read, a connect
+    // timeout longer than veer's default route timeout (15 s).
+    let legacy = &c.routes[2];
+    assert_eq!(legacy.max_request_body, None);
+    assert_eq!(legacy.connect_timeout, Duration::from_secs(1));
     assert_eq!(
         c.routes[2].stable.endpoints[0].addr,
         "legacy-v1.old.svc:8080"
@@ -118,6 +126,8 @@ fn what_veer_cannot_express_is_reported_never_dropped() {
     for want in [
         "ssl-redirect: \"true\" is not expressible",
         "affinity: \"cookie\" is not expressible",
+        "proxy-body-size \"1.5m\" is not an nginx size",
+        "proxy-connect-timeout 30s is longer than the route's timeout (15s)",
         "TLS from Secret \"web-tls\"",
         "names its port \"http\"",
         "pathType Exact",

@@ -670,6 +670,11 @@ pub struct Upstream {
     /// The endpoint speaks h2 (h2c; or the last TLS handshake chose h2, as
     /// is first assumed): requests look for a stream first.
     speaks_h2: AtomicBool,
+    /// `speaks_h2` is known, not assumed: h2c, or a TLS endpoint after
+    /// its first handshake. Until then a request whose body streams takes
+    /// an upload slot as on HTTP/1.1 (the safe side: an HTTP/1.1 endpoint
+    /// would give it a connection of its own).
+    h2_known: AtomicBool,
     /// Held while an HTTP/2 connection is being opened: requests that find
     /// no stream wait for it rather than each opening their own.
     h2_opening: tokio::sync::Mutex<()>,
@@ -727,12 +732,14 @@ impl Upstream {
         health: Arc<HealthLog>,
     ) -> Upstream {
         let speaks_h2 = matches!(connector, Connector::H2c | Connector::Tls { .. });
+        let h2_known = matches!(connector, Connector::H2c);
         Upstream {
             addr,
             connector,
             idle: OnceLock::new(),
             h2: Mutex::new(Vec::new()),
             speaks_h2: AtomicBool::new(speaks_h2),
+            h2_known: AtomicBool::new(h2_known),
             h2_opening: tokio::sync::Mutex::new(()),
             permits: Arc::new(Semaphore::new(cap)),
             cap: AtomicUsize::new(cap),
@@ -913,9 +920,10 @@ impl Upstream {
     /// requests hold at most half the endpoint's connections, so clients
     /// that send their bodies slowly (on purpose or not) leave the other
     /// half to everyone else. `Some(None)` for an HTTP/2 endpoint, whose
-    /// requests share connections.
+    /// requests share connections (known to be one: a TLS endpoint's
+    /// first handshake tells).
     pub fn upload_slot_now(&self) -> Option<Option<tokio::sync::SemaphorePermit<'_>>> {
-        if self.speaks_h2.load(Ordering::Relaxed) {
+        if self.speaks_h2.load(Ordering::Relaxed) && self.h2_known.load(Ordering::Relaxed) {
             return Some(None);
         }
         self.uploads.try_acquire().ok().map(Some)
@@ -1066,6 +1074,7 @@ impl Upstream {
             Conn::H1(sender) => {
                 if !h1_only && tls {
                     self.speaks_h2.store(false, Ordering::Relaxed);
+                    self.h2_known.store(true, Ordering::Relaxed);
                 }
                 Ok(Sender {
                     inner: Inner::H1(sender),
@@ -1077,6 +1086,7 @@ impl Upstream {
             }
             Conn::H2(sender) => {
                 self.speaks_h2.store(true, Ordering::Relaxed);
+                self.h2_known.store(true, Ordering::Relaxed);
                 let state = H2State::new(self.addr);
                 {
                     let mut conns = match self.h2.lock() {
@@ -1277,6 +1287,18 @@ mod tests {
         // An HTTP/2 endpoint's requests share connections: no slot needed.
         let h2 = reg.get("127.0.0.1:2".parse().expect("addr"), Connector::H2c, 8);
         assert!(matches!(h2.upload_slot_now(), Some(None)));
+        // A TLS endpoint may turn out to speak HTTP/1.1 at its first
+        // handshake: until then, slots as for HTTP/1.1.
+        let tls = crate::upstream_tls::build(&Default::default()).expect("the built-in roots");
+        let name = ServerName::try_from("localhost").expect("name");
+        let unknown = reg.get(
+            "127.0.0.1:3".parse().expect("addr"),
+            Connector::Tls { tls, name },
+            8,
+        );
+        assert_eq!(free(&unknown), 4);
+        unknown.h2_known.store(true, Ordering::Relaxed);
+        assert!(matches!(unknown.upload_slot_now(), Some(None)));
     }
 
     #[test]

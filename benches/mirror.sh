@@ -107,7 +107,7 @@ TOML
   local tpid=$!
   wait_http "http://127.0.0.1:$admin/readyz"
   local vpid
-  vpid=$(pgrep -P "$tpid" -x veer)   # `timeout` is the parent
+  vpid=$(pgrep -P "$tpid" | head -n 1)   # `timeout` is the parent, veer (whatever its file name) its one child
   taskset -c 0 wrk -t1 -c50 -d2s -s "$work/keys.lua" "http://127.0.0.1:$listen/" > /dev/null   # warm-up
   local out
   out=$(taskset -c 0 wrk -t1 -c50 -d"${DUR}s" --latency -s "$work/keys.lua" "http://127.0.0.1:$listen/")

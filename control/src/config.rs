@@ -72,6 +72,10 @@ pub struct ProxySettings {
     /// (nginx's `client_max_body_size`), in bytes; 0: no limit. A longer
     /// one is answered 413 and never the version's failure.
     pub max_request_body: u64,
+    /// Every request carries an `X-Request-Id` upstream (the client's when
+    /// it sent one plain one, else a new one), which its answer and veer's
+    /// access log line carry too.
+    pub request_id: bool,
     /// On SIGTERM, in-flight requests get this long to finish.
     pub shutdown_grace: Duration,
     /// Which requests get an access log line.

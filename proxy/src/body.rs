@@ -163,6 +163,8 @@ impl Pending {
 /// then broke off (`[proxy] access_log` on): the line for its head was
 /// written when the head came, with the head's status.
 pub struct BodyLine {
+    /// `[proxy] request_id`'s.
+    pub request_id: Option<http::HeaderValue>,
     /// The route.
     pub route: Arc<RouteTarget>,
     /// The request went to the canary.
@@ -192,6 +194,7 @@ impl BodyLine {
             status = self.status,
             client = %self.client,
             error = e.kind(),
+            request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()),
             "response body failed"
         );
     }

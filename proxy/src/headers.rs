@@ -35,6 +35,36 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// `[proxy] request_id`'s header.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The longest client `X-Request-Id` kept (ingress-nginx and Envoy keep
+/// theirs well under it; a UUID is 36 bytes).
+const MAX_REQUEST_ID: usize = 128;
+
+/// The request's id (`[proxy] request_id`): the client's `X-Request-Id`
+/// if it sent exactly one of 1 to 128 visible ASCII characters (as
+/// ingress-nginx keeps it, so that a chain of proxies shares one id),
+/// else a new one of 32 hex digits (128 random bits) put in its place.
+pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
+    let mut sent = headers.get_all(&X_REQUEST_ID).iter();
+    if let (Some(v), None) = (sent.next(), sent.next()) {
+        let b = v.as_bytes();
+        if (1..=MAX_REQUEST_ID).contains(&b.len()) && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    let mut hex = [0u8; 32];
+    let mut bits = fastrand::u128(..);
+    for d in hex.iter_mut().rev() {
+        *d = b"0123456789abcdef"[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    let id = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&hex))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"));
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// Headers that naming them in `Connection` does not remove.
@@ -973,5 +1003,40 @@ mod tests {
             forwarded_of(Some("b.test"), Scheme::Https),
             "for=10.0.0.7;proto=https;host=\"b.test\""
         );
+    }
+
+    #[test]
+    fn a_request_keeps_one_plain_client_id_and_gets_a_new_one_otherwise() {
+        let with = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(&X_REQUEST_ID, HeaderValue::from_str(v).expect("value"));
+            }
+            let id = request_id(&mut h);
+            let sent: Vec<_> = h.get_all(&X_REQUEST_ID).iter().cloned().collect();
+            (id, sent)
+        };
+        let (id, sent) = with(&["3f1c-checkout:42"]);
+        assert_eq!(id, "3f1c-checkout:42");
+        assert_eq!(sent, [id]);
+        let long = "a".repeat(129);
+        for bad in [
+            &[][..],
+            &["has space"],
+            &["a", "b"],
+            &[""],
+            &[long.as_str()],
+        ] {
+            let (id, sent) = with(bad);
+            let text = id.to_str().expect("ascii");
+            assert_eq!(text.len(), 32, "{bad:?}: {text}");
+            assert!(text.bytes().all(|b| b.is_ascii_hexdigit()), "{text}");
+            assert_eq!(
+                sent.as_slice(),
+                std::slice::from_ref(&id),
+                "{bad:?}: the new one replaces the client's"
+            );
+        }
+        assert_ne!(with(&[]).0, with(&[]).0, "each new id is its own");
     }
 }

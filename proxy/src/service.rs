@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::time::Instant;
 
-use http::{header, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
@@ -46,28 +46,33 @@ pub fn handle(
         let start = Instant::now();
         // gRPC needs HTTP/2: an HTTP/1.x request is never a gRPC call.
         let grpc = req.version() == http::Version::HTTP_2 && crate::grpc::is_grpc(req.headers());
+        let snap = shared.snapshot.load();
+        let access = snap.access_log;
+        let request_id = snap
+            .request_id
+            .then(|| crate::headers::request_id(req.headers_mut()));
+        let rid = request_id.as_ref();
         let reply = |e: ProxyError| {
-            if grpc {
+            let r = if grpc {
                 crate::grpc::error_response(e)
             } else {
                 error_response(e)
-            }
+            };
+            with_request_id(r, rid)
         };
-        let snap = shared.snapshot.load();
-        let access = snap.access_log;
         // Routing sees the path as the upstream will: normalised.
         match crate::path::normalize(req.uri().path()) {
             Ok(std::borrow::Cow::Borrowed(_)) => {}
             Ok(std::borrow::Cow::Owned(p)) => {
                 if set_path(req.uri_mut(), &p).is_err() {
                     snap.proxy_errors.inc(ProxyError::BadRequest);
-                    refused(access, &req, peer.addr, ProxyError::BadRequest, None);
+                    refused(access, &req, peer.addr, ProxyError::BadRequest, (None, rid));
                     return Ok(reply(ProxyError::BadRequest));
                 }
             }
             Err(_) => {
                 snap.proxy_errors.inc(ProxyError::BadRequest);
-                refused(access, &req, peer.addr, ProxyError::BadRequest, None);
+                refused(access, &req, peer.addr, ProxyError::BadRequest, (None, rid));
                 return Ok(reply(ProxyError::BadRequest));
             }
         }
@@ -86,12 +91,12 @@ pub fn handle(
             ),
             Ok(None) => {
                 snap.proxy_errors.inc(ProxyError::NoRoute);
-                refused(access, &req, peer.addr, ProxyError::NoRoute, None);
+                refused(access, &req, peer.addr, ProxyError::NoRoute, (None, rid));
                 return Ok(reply(ProxyError::NoRoute));
             }
             Err(e) => {
                 snap.proxy_errors.inc(e);
-                refused(access, &req, peer.addr, e, None);
+                refused(access, &req, peer.addr, e, (None, rid));
                 return Ok(reply(e));
             }
         };
@@ -100,14 +105,8 @@ pub fn handle(
         // any of it is read (an HTTP/1.1 client waiting on `Expect:
         // 100-continue` is told at once and sends none of it).
         if route.max_body != u64::MAX && announced_over(req.body(), route.max_body) {
-            return Ok(too_large(
-                &shared,
-                &req,
-                peer.addr,
-                &route.name,
-                access,
-                grpc,
-            ));
+            let r = too_large(&shared, &req, peer.addr, (&route.name, rid), access, grpc);
+            return Ok(with_request_id(r, rid));
         }
         // A gRPC call's own deadline, when shorter, wins over the route's; the
         // upstream is told the deadline in force.
@@ -193,7 +192,7 @@ pub fn handle(
             client: client_hash,
             log: head
                 .as_ref()
-                .map(|head| (head, &*route.name, client, canary)),
+                .map(|head| (head, &*route.name, client, canary, rid)),
             answered: false,
         };
         let result = forward(
@@ -236,6 +235,7 @@ pub fn handle(
         // Only with an access log: the request line was kept for it.
         let logged = head.map(|head| Logged {
             head,
+            request_id: rid,
             route: &route.name,
             version: &version.name,
             canary,
@@ -274,6 +274,7 @@ pub fn handle(
                     // A body the upstream breaks off later gets a line of its own.
                     if let ProxyBody::Upstream(body) = resp.body_mut() {
                         body.log_failure(crate::body::BodyLine {
+                            request_id: rid.cloned(),
                             route: route.clone(),
                             canary,
                             head: l.head,
@@ -309,6 +310,12 @@ pub fn handle(
                         }
                     }
                     ProxyBody::Full(_) => {}
+                }
+                if let Some(id) = rid {
+                    // The upstream's own, if it sent one, stays.
+                    resp.headers_mut()
+                        .entry(&crate::headers::X_REQUEST_ID)
+                        .or_insert_with(|| id.clone());
                 }
                 resp
             }
@@ -354,6 +361,16 @@ pub fn handle(
     }
 }
 
+/// What a request's access log line says besides its outcome: the
+/// request line, route, client, role (canary or not) and id.
+type LogHead<'a> = (
+    &'a (http::Method, http::Uri),
+    &'a str,
+    SocketAddr,
+    bool,
+    Option<&'a HeaderValue>,
+);
+
 /// A request in flight to its version, until its answer (or failure)
 /// comes. Dropped before that, it was given up: hyper drops a request's
 /// future when its client closes the connection or resets the stream. If
@@ -370,8 +387,8 @@ struct Waiting<'a> {
     record: bool,
     key_hash: Option<u64>,
     client: u64,
-    /// With an access log: the request line, route, client and role.
-    log: Option<(&'a (http::Method, http::Uri), &'a str, SocketAddr, bool)>,
+    /// With an access log: what its line says.
+    log: Option<LogHead<'a>>,
     answered: bool,
 }
 
@@ -402,10 +419,11 @@ impl Drop for Waiting<'_> {
         }
         route_less_error(self.shared, ProxyError::ClientClosed);
         let waited = self.upload.version_us(Instant::now());
-        if let Some((head, route, client, canary)) = self.log {
+        if let Some((head, route, client, canary, request_id)) = self.log {
             // Logged as nginx logs a client that left: 499.
             Logged {
                 head: head.clone(),
+                request_id,
                 route,
                 version: &self.version.name,
                 canary,
@@ -446,6 +464,8 @@ struct Logged<'a> {
     /// The request line (a method and a URI share what they were parsed
     /// from: no copy of the text).
     head: (http::Method, http::Uri),
+    /// `[proxy] request_id`'s.
+    request_id: Option<&'a HeaderValue>,
     route: &'a str,
     version: &'a str,
     canary: bool,
@@ -469,19 +489,20 @@ impl Logged<'_> {
             ms = self.micros as f64 / 1000.0,
             client = %self.client,
             error = error.unwrap_or(""),
+            request_id = self.request_id.and_then(|v| v.to_str().ok()),
             "request"
         );
     }
 }
 
 /// The access log line of a request refused before it went to a version
-/// (in both `errors` and `all`), with its route if it had one.
+/// (in both `errors` and `all`), with its route if it had one and its id.
 fn refused(
     access: AccessLog,
     req: &Request<Incoming>,
     peer: SocketAddr,
     e: ProxyError,
-    route: Option<&str>,
+    (route, request_id): (Option<&str>, Option<&HeaderValue>),
 ) {
     if access != AccessLog::Off {
         tracing::info!(
@@ -492,9 +513,19 @@ fn refused(
             route,
             client = %peer,
             error = e.kind(),
+            request_id = request_id.and_then(|v| v.to_str().ok()),
             "request"
         );
     }
+}
+
+/// `r` with the request's id (`[proxy] request_id`), if it has one.
+fn with_request_id(mut r: Response<ProxyBody>, id: Option<&HeaderValue>) -> Response<ProxyBody> {
+    if let Some(id) = id {
+        r.headers_mut()
+            .insert(crate::headers::X_REQUEST_ID.clone(), id.clone());
+    }
+    r
 }
 
 /// Whether `body` announces more than `limit` bytes (`max_request_body`).
@@ -512,13 +543,13 @@ fn too_large(
     shared: &Shared,
     req: &Request<Incoming>,
     peer: SocketAddr,
-    route: &str,
+    (route, request_id): (&str, Option<&HeaderValue>),
     access: AccessLog,
     grpc: bool,
 ) -> Response<ProxyBody> {
     let e = ProxyError::BodyTooLarge;
     route_less_error(shared, e);
-    refused(access, req, peer, e, Some(route));
+    refused(access, req, peer, e, (Some(route), request_id));
     if grpc {
         return crate::grpc::error_response(e);
     }

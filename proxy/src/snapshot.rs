@@ -154,6 +154,8 @@ pub struct Snapshot {
     pub proxy_errors: ProxyErrorMetrics,
     /// `[proxy] access_log`.
     pub access_log: veer_control::config::AccessLog,
+    /// `[proxy] request_id`.
+    pub request_id: bool,
 }
 
 /// The host of an endpoint's `host:port` (an IPv6 address without brackets).
@@ -323,6 +325,7 @@ impl Snapshot {
             idle_timeout: config.proxy.idle_timeout,
             proxy_errors: metrics.proxy_errors(),
             access_log: config.proxy.access_log,
+            request_id: config.proxy.request_id,
         }
     }
 

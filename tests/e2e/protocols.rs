@@ -116,6 +116,85 @@ async fn forwarding_headers_are_set_and_hop_by_hop_removed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_request_id_on_every_request_carries_one_upstream_back_and_in_the_log() {
+    let s = Upstream::start("stable").await;
+    let off = route_config(&[s.addr], &[], 0.0, "");
+    let veer = Veer::start(&off).await;
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    let r = c.get("/", &[]).await.unwrap();
+    assert!(!r.headers().contains_key("x-request-id"), "off by default");
+    assert!(!s.last_headers.lock().unwrap().contains_key("x-request-id"));
+
+    veer.write_config(&off.replacen(
+        "[proxy]\n",
+        "[proxy]\nrequest_id = true\naccess_log = \"all\"\n",
+        1,
+    ));
+    veer.wait_generation(2).await;
+    let upstream_id = || s.last_headers.lock().unwrap()["x-request-id"].clone();
+    // A new one, through veer's own HTTP/1.1 client (a bodiless GET) and
+    // hyper's (a chunked POST).
+    let r = c.get("/new", &[]).await.unwrap();
+    let id = r.headers()["x-request-id"].clone();
+    let text = id.to_str().unwrap().to_string();
+    assert!(
+        text.len() == 32 && text.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{text}"
+    );
+    assert_eq!(upstream_id(), id);
+    let chunked = Bytes::from_static(b"3\r\nabc\r\n0\r\n\r\n");
+    let r = c
+        .send(
+            http::Method::POST,
+            "/chunked",
+            &[("transfer-encoding", "chunked")],
+            chunked,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let posted = r.headers()["x-request-id"].clone();
+    assert_eq!(upstream_id(), posted);
+    assert_ne!(posted, id);
+    // The client's own, kept (one plain one).
+    let r = c
+        .get("/kept", &[("x-request-id", "client-7")])
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "client-7");
+    assert_eq!(upstream_id(), "client-7");
+    // veer's own answers carry it too (two Host fields: 400).
+    let mut raw = TcpStream::connect(veer.addr).await.unwrap();
+    raw.write_all(b"GET /bad HTTP/1.1\r\nhost: a\r\nhost: b\r\nx-request-id: bad-1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 1024];
+    let n = raw.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+    assert!(answer.starts_with("http/1.1 400"), "{answer}");
+    assert!(answer.contains("x-request-id: bad-1"), "{answer}");
+    let lines = veer.logs_with_at_least("request", 4).await;
+    let logged: Vec<(&str, &str)> = lines
+        .iter()
+        .filter(|l| l["target"] == "veer::access")
+        .map(|l| {
+            (
+                l["path"].as_str().unwrap_or(""),
+                l["request_id"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    for want in [
+        ("/new", text.as_str()),
+        ("/chunked", posted.to_str().unwrap()),
+        ("/kept", "client-7"),
+        ("/bad", "bad-1"),
+    ] {
+        assert!(logged.contains(&want), "{want:?} not in {logged:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_both_ways() {
     let s = Upstream::start("stable").await;
     let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;

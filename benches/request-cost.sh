@@ -15,6 +15,8 @@
 # the same count for the proxy veer is compared with.
 # STABLE=host:port CANARY=host:port: other upstreams than the demo's (say, an
 # nginx serving a large body), started by the caller.
+# PROXY_EXTRA='key = value' adds lines to veer's [proxy] section (say,
+# 'request_id = true': what a setting costs a request).
 # BODY=N sends POSTs with an N-byte body instead of GETs: the path through
 # hyper's client that a request with a body takes (GETs take veer's own
 # HTTP/1.1 client, see proxy/src/raw.rs). The demo's upstreams do not read
@@ -145,6 +147,7 @@ run() {
 [proxy]
 listen = ["127.0.0.1:$port"]
 workers = 1
+${PROXY_EXTRA:-}
 [admin]
 listen = "127.0.0.1:$admin"
 [state]

@@ -241,6 +241,8 @@ pub struct Route {
     /// `[route.mirror]`: copies of some of stable's requests go to the
     /// canary too, and the pairs are judged.
     pub mirror: Option<Mirror>,
+    /// `[route.rate_limit]`: requests a client address may make.
+    pub rate_limit: Option<RateLimit>,
     /// Requests every endpoint of a new canary (or the target colour of a
     /// blue-green flip) must answer as expected before it gets traffic.
     pub smoke: Vec<SmokeCheck>,
@@ -284,6 +286,25 @@ pub struct Mirror {
     pub max_concurrent: usize,
     /// Methods copied (upper case); empty: every method.
     pub methods: Vec<String>,
+}
+
+/// Requests one client address (as `client-ip` stickiness sees it) may
+/// make to a route: a token bucket (nginx's `limit_req`), refilled at
+/// `per_second`, holding at most `burst`. Past it, 429.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Requests a second, in thousandths (1 ..= 10^9: 0.001 to 10^6 a
+    /// second).
+    pub per_second_milli: u64,
+    /// Requests allowed at once after a quiet spell (1 ..= 10^6).
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// Requests a second.
+    pub fn per_second(&self) -> f64 {
+        self.per_second_milli as f64 / 1000.0
+    }
 }
 
 /// Forcing a version, feature-flag style: a request whose `header` (or,

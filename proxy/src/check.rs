@@ -151,6 +151,14 @@ pub fn summary(path: &Path, c: &Config) -> String {
                 "    request bodies up to {max_body} bytes (longer: 413)"
             );
         }
+        if let Some(l) = &r.rate_limit {
+            let _ = writeln!(
+                out,
+                "    {} requests a second per client, bursts of {} (more: 429)",
+                l.per_second(),
+                l.burst
+            );
+        }
         if let Some(m) = &r.mirror {
             let _ = writeln!(
                 out,

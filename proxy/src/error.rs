@@ -47,6 +47,10 @@ pub enum ProxyError {
     /// request is then broken off).
     #[error("the request body is larger than the route takes")]
     BodyTooLarge,
+    /// The client made more requests than the route's
+    /// `[route.rate_limit]` allows it.
+    #[error("too many requests from the client")]
+    RateLimited,
     /// Every connection to the endpoint is busy and the wait for one is
     /// full or over (`max_upstream_connections`).
     #[error("the upstream has no free connection")]
@@ -97,6 +101,7 @@ impl ProxyError {
             ProxyError::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
             ProxyError::ClientDeadline => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -114,6 +119,7 @@ impl ProxyError {
             ProxyError::ClientClosed => "client_closed",
             ProxyError::ClientBadBody => "client_bad_body",
             ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::RateLimited => "rate_limited",
             ProxyError::TooManyConnections => "too_many_connections",
             ProxyError::Overloaded => "overloaded",
             ProxyError::UpgradeUnsupported => "upgrade_unsupported",
@@ -153,6 +159,7 @@ impl ProxyError {
             ProxyError::UpgradeUnsupported => "not implemented\n",
             ProxyError::ClientDeadline => "deadline exceeded\n",
             ProxyError::BodyTooLarge => "content too large\n",
+            ProxyError::RateLimited => "too many requests\n",
         }
     }
 
@@ -171,7 +178,7 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 13] = [
+pub const PROXY_KINDS: [ProxyError; 14] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
@@ -185,6 +192,7 @@ pub const PROXY_KINDS: [ProxyError; 13] = [
     ProxyError::HeaderTimeout,
     ProxyError::SendTimeout,
     ProxyError::BodyTooLarge,
+    ProxyError::RateLimited,
 ];
 
 /// The upstream error kinds, in `upstream_index` order.

@@ -103,7 +103,8 @@ fn code_of(e: ProxyError) -> u8 {
         ProxyError::UpstreamTimeout | ProxyError::ClientDeadline => DEADLINE_EXCEEDED,
         ProxyError::ClientClosed => 1, // CANCELLED
         ProxyError::NoRoute | ProxyError::UpgradeUnsupported => 12, // UNIMPLEMENTED
-        ProxyError::BodyTooLarge => 8, // RESOURCE_EXHAUSTED, as gRPC's own message limit
+        // RESOURCE_EXHAUSTED: gRPC's own message limit, and a quota.
+        ProxyError::BodyTooLarge | ProxyError::RateLimited => 8,
         ProxyError::BadRequest
         | ProxyError::ClientTimeout
         | ProxyError::ClientAborted

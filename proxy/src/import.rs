@@ -294,13 +294,18 @@ struct Carried {
     read_timeout: Option<u64>,
     /// `proxy-connect-timeout`, in seconds: `connect_timeout`.
     connect_timeout: Option<u64>,
+    /// `limit-rps` and its burst (`limit-burst-multiplier` times it,
+    /// 5 unless set): `[route.rate_limit]`.
+    rate: Option<(u64, u64)>,
 }
 
 /// The annotations [`Carried`] reads.
-const CARRIED_KEYS: [&str; 3] = [
+const CARRIED_KEYS: [&str; 5] = [
     "proxy-body-size",
     "proxy-read-timeout",
     "proxy-connect-timeout",
+    "limit-rps",
+    "limit-burst-multiplier",
 ];
 
 /// veer's `[[route]] timeout` when none is written.
@@ -364,10 +369,34 @@ fn carried(main: &Ingress, notes: &mut Vec<String>) -> Carried {
         ));
         connect_timeout = None;
     }
+    let rate = main.annotation("limit-rps").and_then(|v| {
+        let rps = v.trim().parse::<u64>().ok().filter(|n| (1..=1_000_000).contains(n));
+        if rps.is_none() {
+            notes.push(format!(
+                "limit-rps {v:?} is not a whole number of requests a second (1 to 1000000): no rate limit written"
+            ));
+        }
+        let times = match main.annotation("limit-burst-multiplier") {
+            None => 5,
+            Some(m) => m.trim().parse::<u64>().ok().filter(|m| (1..=1000).contains(m)).unwrap_or_else(|| {
+                notes.push(format!("limit-burst-multiplier {m:?} is not a whole number (1 to 1000): 5 assumed"));
+                5
+            }),
+        };
+        rps.map(|r| (r, (r * times).min(1_000_000)))
+    });
+    if main.annotation("limit-burst-multiplier").is_some() && main.annotation("limit-rps").is_none()
+    {
+        notes.push(
+            "limit-burst-multiplier without limit-rps does nothing (ingress-nginx ignores it too)"
+                .into(),
+        );
+    }
     Carried {
         max_body,
         read_timeout,
         connect_timeout,
+        rate,
     }
 }
 
@@ -639,6 +668,12 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
             if role == "canary" {
                 let _ = writeln!(out, "weight = {}", fmt_weight(r.weight));
             }
+        }
+        if let Some((rps, burst)) = r.carried.rate {
+            let _ = writeln!(
+                out,
+                "[route.rate_limit]  # limit-rps, and limit-burst-multiplier times it\nrequests_per_second = {rps}\nburst = {burst}"
+            );
         }
         if r.header.is_some() || r.cookie.is_some() {
             let _ = writeln!(out, "[route.force]");

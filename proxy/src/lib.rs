@@ -21,6 +21,7 @@ pub mod fleet;
 pub mod grpc;
 pub mod headers;
 pub mod import;
+pub mod limit;
 pub mod log_drops;
 pub mod metrics;
 pub mod mirror;

@@ -101,13 +101,6 @@ pub fn handle(
             }
         };
         drop(snap);
-        // A body announced longer than the route takes is refused before
-        // any of it is read (an HTTP/1.1 client waiting on `Expect:
-        // 100-continue` is told at once and sends none of it).
-        if route.max_body != u64::MAX && announced_over(req.body(), route.max_body) {
-            let r = too_large(&shared, &req, peer.addr, (&route.name, rid), access, grpc);
-            return Ok(with_request_id(r, rid));
-        }
         // A gRPC call's own deadline, when shorter, wins over the route's; the
         // upstream is told the deadline in force.
         let (timeout, client_bound) = match grpc.then(|| crate::grpc::timeout(req.headers())) {
@@ -130,6 +123,26 @@ pub fn handle(
         } else {
             crate::record::client_hash(client.ip())
         };
+        let on_route = OnRoute {
+            route: &route.name,
+            client,
+            request_id: rid,
+            access,
+            grpc,
+        };
+        if let Some(limiter) = &route.limiter {
+            if let Err(wait) = limiter.admit(client_hash, start) {
+                let e = ProxyError::RateLimited;
+                return Ok(refuse_on_route(&shared, &req, on_route, e, Some(wait)));
+            }
+        }
+        // A body announced longer than the route takes is refused before
+        // any of it is read (an HTTP/1.1 client waiting on `Expect:
+        // 100-continue` is told at once and sends none of it).
+        if route.max_body != u64::MAX && announced_over(req.body(), route.max_body) {
+            let e = ProxyError::BodyTooLarge;
+            return Ok(refuse_on_route(&shared, &req, on_route, e, None));
+        }
         let forced = route.forced(req.headers());
         let (version, pick) = {
             let random_key;
@@ -534,31 +547,51 @@ fn announced_over(body: &Incoming, limit: u64) -> bool {
     http_body::Body::size_hint(body).lower() > limit
 }
 
-/// The answer to a request whose body is announced longer than its route
-/// takes: 413, counted as `body_too_large` (the client's, never the
-/// version's), logged with the route when an access log is kept. An
-/// HTTP/1.x connection is closed after it (its body is left unread).
-#[cold]
-fn too_large(
-    shared: &Shared,
-    req: &Request<Incoming>,
-    peer: SocketAddr,
-    (route, request_id): (&str, Option<&HeaderValue>),
+/// A request refused on its route before it went to a version: what its
+/// answer and log line say.
+struct OnRoute<'a> {
+    route: &'a str,
+    /// As stickiness sees it.
+    client: SocketAddr,
+    request_id: Option<&'a HeaderValue>,
     access: AccessLog,
     grpc: bool,
+}
+
+/// The answer to a request its route refuses (`e`: the client's, never the
+/// version's), counted, and logged with the route when an access log is
+/// kept: a body announced longer than the route takes gets 413 (an
+/// HTTP/1.x connection is closed after it: its body is left unread); a
+/// client over its rate 429 with `Retry-After: retry_after`.
+#[cold]
+fn refuse_on_route(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    on: OnRoute<'_>,
+    e: ProxyError,
+    retry_after: Option<u64>,
 ) -> Response<ProxyBody> {
-    let e = ProxyError::BodyTooLarge;
     route_less_error(shared, e);
-    refused(access, req, peer, e, (Some(route), request_id));
-    if grpc {
-        return crate::grpc::error_response(e);
+    refused(
+        on.access,
+        req,
+        on.client,
+        e,
+        (Some(on.route), on.request_id),
+    );
+    let mut resp = if on.grpc {
+        crate::grpc::error_response(e)
+    } else {
+        error_response(e)
+    };
+    let h = resp.headers_mut();
+    if e == ProxyError::BodyTooLarge && !on.grpc && req.version() < http::Version::HTTP_2 {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    let mut resp = error_response(e);
-    if req.version() < http::Version::HTTP_2 {
-        resp.headers_mut()
-            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    if let Some(secs) = retry_after {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
-    resp
+    with_request_id(resp, on.request_id)
 }
 
 /// Counts a failure that is no version's (the client's, or a request veer

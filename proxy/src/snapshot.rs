@@ -81,6 +81,8 @@ pub struct RouteTarget {
     /// The longest request body taken, in bytes (`max_request_body`, the
     /// route's or `[proxy]`'s); `u64::MAX`: no limit.
     pub max_body: u64,
+    /// `[route.rate_limit]`'s buckets.
+    pub limiter: Option<Arc<crate::limit::RateLimiter>>,
     /// The route as configured (for status), shared with the config.
     pub config: Arc<Route>,
 }
@@ -312,6 +314,7 @@ impl Snapshot {
                     0 => u64::MAX,
                     n => n,
                 },
+                limiter: r.rate_limit.map(|l| upstreams.limiters.get(&r.name, l)),
                 config: r.clone(),
             }));
         }

@@ -1131,6 +1131,8 @@ pub struct Upstreams {
     pub tls: crate::upstream_tls::TlsCache,
     /// The versions' rings, shared by those of the same endpoints.
     pub rings: crate::balance::Rings,
+    /// The routes' rate limiters, kept across snapshots.
+    pub limiters: crate::limit::Limiters,
     epoch: Instant,
     health: Arc<HealthLog>,
 }
@@ -1148,6 +1150,7 @@ impl Upstreams {
             by_addr: Mutex::new(HashMap::new()),
             tls: Default::default(),
             rings: Default::default(),
+            limiters: Default::default(),
             epoch: Instant::now(),
             health: Arc::default(),
         }

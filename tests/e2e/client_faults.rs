@@ -492,3 +492,80 @@ async fn bodies_longer_than_the_route_takes_are_the_clients_413_never_the_versio
     veer.wait_generation(2).await;
     assert_eq!(post_of(addr, "raised", 2000).await, Some(200));
 }
+
+/// `config` with a rate limit on route `web` (one request every 20 s
+/// after a burst: no token comes back while the test runs) and the route
+/// `timeout`.
+fn rate_limited_config(
+    stable: std::net::SocketAddr,
+    canary: std::net::SocketAddr,
+    burst: u32,
+    timeout: &str,
+) -> String {
+    config(stable, canary, timeout)
+        + &format!("[route.rate_limit]\nrequests_per_second = 0.05\nburst = {burst}\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_rate_gets_429_and_others_and_the_version_are_untouched() {
+    use super::support::Client;
+    let stable = Upstream::start("stable").await;
+    let canary = Upstream::start("canary").await;
+    let veer = Veer::start(&rate_limited_config(stable.addr, canary.addr, 3, "5s")).await;
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    let status = |r: &http::Response<bytes::Bytes>| r.status().as_u16();
+    for i in 0..3 {
+        let r = c
+            .get("/", &[("x-user-id", &format!("u{i}"))])
+            .await
+            .unwrap();
+        assert_eq!(status(&r), 200, "within the burst");
+    }
+    // Another sticky key changes nothing: the bucket is the address's.
+    let r = c.get("/", &[("x-user-id", "fresh-key")]).await.unwrap();
+    assert_eq!(status(&r), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&wait), "retry-after {wait}");
+    // Over HTTP/2 from the same address too.
+    let mut h2 = super::support::h2c::<http_body_util::Empty<bytes::Bytes>>(veer.addr).await;
+    let req = http::Request::get(format!("http://{}/", veer.addr))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 429);
+    // Another client address has its own bucket.
+    let other = "127.0.0.2".parse().unwrap();
+    let mut o = Client::connect_from(veer.addr, other).await.unwrap();
+    assert_eq!(status(&o.get("/", &[]).await.unwrap()), 200);
+    let served = canary.requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(served, 4, "refused requests never reach the version");
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, r#"veer_proxy_errors_total{kind="rate_limited"}"#),
+        Some(2.0),
+        "{m}"
+    );
+    no_upstream_error_for_the_canary(&m);
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_requests_total{code="4xx",route="web",version="v2"}"#
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "{m}"
+    );
+    // A reload that leaves the limit as it was keeps the buckets; one that
+    // changes it starts them afresh.
+    veer.write_config(&rate_limited_config(stable.addr, canary.addr, 3, "6s"));
+    veer.wait_generation(2).await;
+    assert_eq!(status(&c.get("/", &[]).await.unwrap()), 429);
+    veer.write_config(&rate_limited_config(stable.addr, canary.addr, 4, "6s"));
+    veer.wait_generation(3).await;
+    assert_eq!(status(&c.get("/", &[]).await.unwrap()), 200);
+    let s = veer.status().await;
+    assert_ne!(s["routes"][0]["verdict"], "reverted", "{}", s["routes"][0]);
+}

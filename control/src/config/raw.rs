@@ -121,6 +121,7 @@ pub struct RawRoute {
     pub rollout: Option<Spanned<RawRollout>>,
     pub force: Option<Spanned<RawForce>>,
     pub mirror: Option<Spanned<RawMirror>>,
+    pub rate_limit: Option<Spanned<RawRateLimit>>,
     pub smoke: Option<Vec<Spanned<RawSmoke>>>,
     pub grpc_error_codes: Option<Spanned<Vec<Spanned<i64>>>>,
 }
@@ -145,6 +146,14 @@ pub struct RawMirror {
     pub max_body: Option<Spanned<i64>>,
     pub max_concurrent: Option<Spanned<i64>>,
     pub methods: Option<Vec<Spanned<String>>>,
+}
+
+/// `[route.rate_limit]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub requests_per_second: Spanned<f64>,
+    pub burst: Option<Spanned<i64>>,
 }
 
 /// `[route.force]`.

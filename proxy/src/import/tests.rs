@@ -98,12 +98,15 @@ fn what_veer_cannot_express_is_reported_never_dropped() {
         assert_eq!(r.max_request_body, Some(8 << 20), "{}", r.name);
         assert_eq!(r.timeout, Duration::from_secs(120), "{}", r.name);
         assert_eq!(r.connect_timeout, Duration::from_secs(3), "{}", r.name);
+        let l = r.rate_limit.expect("limit-rps");
+        assert_eq!((l.per_second_milli, l.burst), (20_000, 100), "{}", r.name);
     }
     // legacy's are not written: a size nginx does not read, a connect
     // timeout longer than veer's default route timeout (15 s).
     let legacy = &c.routes[2];
     assert_eq!(legacy.max_request_body, None);
     assert_eq!(legacy.connect_timeout, Duration::from_secs(1));
+    assert_eq!(legacy.rate_limit, None);
     assert_eq!(
         c.routes[2].stable.endpoints[0].addr,
         "legacy-v1.old.svc:8080"
@@ -128,6 +131,7 @@ fn what_veer_cannot_express_is_reported_never_dropped() {
         "affinity: \"cookie\" is not expressible",
         "proxy-body-size \"1.5m\" is not an nginx size",
         "proxy-connect-timeout 30s is longer than the route's timeout (15s)",
+        "limit-burst-multiplier without limit-rps does nothing",
         "TLS from Secret \"web-tls\"",
         "names its port \"http\"",
         "pathType Exact",

@@ -198,6 +198,7 @@ impl Validator<'_> {
             rollout,
             force: r.force.as_ref().and_then(|f| self.force(f)),
             mirror,
+            rate_limit: r.rate_limit.as_ref().and_then(|l| self.rate_limit(l)),
             smoke: self.smoke(r),
             grpc_error_codes: self.grpc_error_codes(r),
         })
@@ -517,6 +518,31 @@ impl Validator<'_> {
     }
 
     /// `[route.mirror]`: a share of stable's requests for a canary to see.
+    fn rate_limit(&mut self, l: &Spanned<RawRateLimit>) -> Option<RateLimit> {
+        let raw = l.get_ref();
+        let rps = *raw.requests_per_second.get_ref();
+        if !(0.001..=1_000_000.0).contains(&rps) {
+            self.err(
+                raw.requests_per_second.span(),
+                format!(
+                    "rate_limit requests_per_second must be between 0.001 and 1000000, got {rps}"
+                ),
+            );
+            return None;
+        }
+        let default_burst = rps.ceil().max(1.0) as i64;
+        let burst = self.int_in(
+            raw.burst.as_ref(),
+            1..=1_000_000,
+            default_burst,
+            "rate_limit burst",
+        );
+        Some(RateLimit {
+            per_second_milli: (rps * 1000.0).round() as u64,
+            burst: burst as u32,
+        })
+    }
+
     fn mirror(&mut self, m: &Spanned<RawMirror>, r: &RawRoute) -> Option<Mirror> {
         let raw = m.get_ref();
         if r.canary.is_none() {

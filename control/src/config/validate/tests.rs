@@ -668,3 +668,32 @@ fn max_request_body_is_proxy_wide_or_a_routes_own_and_never_negative() {
     let e = parse(&text).expect_err("rejected");
     assert!(e.0.iter().any(|d| (d.line, d.col) == (4, 20)), "{e:?}");
 }
+
+#[test]
+fn a_rate_limit_needs_a_positive_rate_and_bursts_at_least_one() {
+    let with = |table: &str| parse(&format!("{MINIMAL}[route.rate_limit]\n{table}"));
+    let c = with("requests_per_second = 2.5\n").expect("valid");
+    let l = c.routes[0].rate_limit.expect("set");
+    assert_eq!(
+        (l.per_second_milli, l.burst),
+        (2500, 3),
+        "burst defaults to the rate, rounded up"
+    );
+    let l = with("requests_per_second = 0.05\nburst = 10\n")
+        .expect("valid")
+        .routes[0]
+        .rate_limit
+        .expect("set");
+    assert_eq!((l.per_second_milli, l.burst), (50, 10));
+    assert_eq!(parse(MINIMAL).expect("valid").routes[0].rate_limit, None);
+    for (bad, word) in [
+        ("requests_per_second = 0\n", "requests_per_second"),
+        ("requests_per_second = -1\n", "requests_per_second"),
+        ("requests_per_second = 5\nburst = 0\n", "burst"),
+        ("burst = 5\n", "requests_per_second"),
+        ("requests_per_second = 5\nper_ip = true\n", "per_ip"),
+    ] {
+        let e = with(bad).expect_err(bad);
+        assert!(e.0.iter().any(|d| d.message.contains(word)), "{bad}: {e:?}");
+    }
+}

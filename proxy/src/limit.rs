@@ -1,0 +1,239 @@
+//! `[route.rate_limit]`: how many requests one client may make to a route.
+//!
+//! A token bucket per client (nginx's `limit_req`, Envoy's local rate
+//! limit): it holds at most `burst` tokens, refills at `requests_per_second`,
+//! and each request takes one; a request that finds none is answered 429
+//! with `Retry-After`, counted as `rate_limited`, never sent upstream and
+//! never the version's. A client is its address as `client-ip` stickiness
+//! sees it (`trusted_hops`), an IPv6 one by its /64 (what one host is
+//! usually given): the key the judge counts one vote per
+//! ([`crate::record::client_hash`]).
+//!
+//! The buckets of a route are kept in 16 shards of at most 4 096 clients
+//! each (65 536 in all, ~2.5 MiB at most, allocated as clients come). A
+//! client whose bucket is full again is forgotten when its shard needs
+//! room: it would start full anyway. A new client that finds its shard
+//! full of clients still spending is refused (nginx's zone does the same):
+//! memory stays bounded whatever the number of addresses.
+//!
+//! The buckets live as long as the route's settings: a reload or a
+//! decision that rebuilds the routing snapshot keeps them
+//! ([`Limiters`]).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::time::Instant;
+use veer_control::config::RateLimit;
+
+/// Shards of a route's buckets (a power of two).
+const SHARDS: usize = 16;
+
+/// Clients a shard keeps.
+const PER_SHARD: usize = 4096;
+
+/// One client's bucket.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    /// When `tokens` was counted, in µs after the limiter's base.
+    at_us: u64,
+}
+
+/// The keys are hashes already ([`crate::record::client_hash`]): used as
+/// they are.
+#[derive(Default)]
+struct Identity(u64);
+
+impl Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Buckets = HashMap<u64, Bucket, BuildHasherDefault<Identity>>;
+
+/// A route's buckets.
+pub struct RateLimiter {
+    settings: RateLimit,
+    /// Tokens a µs.
+    per_us: f64,
+    burst: f64,
+    base: Instant,
+    shards: Box<[Mutex<Buckets>]>,
+}
+
+impl RateLimiter {
+    /// Empty buckets-to-be for `settings`.
+    pub fn new(settings: RateLimit) -> RateLimiter {
+        RateLimiter {
+            settings,
+            per_us: settings.per_second() / 1e6,
+            burst: f64::from(settings.burst),
+            base: Instant::now(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Buckets::default()))
+                .collect(),
+        }
+    }
+
+    /// Takes a token from client `client`'s bucket at `now`: `Ok`, or the
+    /// whole seconds until one will be there (`Retry-After`).
+    pub fn admit(&self, client: u64, now: Instant) -> Result<(), u64> {
+        let at_us = now.saturating_duration_since(self.base).as_micros() as u64;
+        let Some(shard) = self.shards.get((client >> 60) as usize % SHARDS) else {
+            return Ok(());
+        };
+        // A poisoned shard (a panic while it was held) still counts.
+        let mut buckets = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= PER_SHARD && !buckets.contains_key(&client) {
+            self.forget_full(&mut buckets, at_us);
+            if buckets.len() >= PER_SHARD {
+                return Err(self.wait_secs(0.0));
+            }
+        }
+        let b = buckets.entry(client).or_insert(Bucket {
+            tokens: self.burst,
+            at_us,
+        });
+        b.tokens = self.refilled(b, at_us);
+        b.at_us = at_us;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(self.wait_secs(b.tokens))
+        }
+    }
+
+    /// `b`'s tokens at `at_us`.
+    fn refilled(&self, b: &Bucket, at_us: u64) -> f64 {
+        let refill = at_us.saturating_sub(b.at_us) as f64 * self.per_us;
+        (b.tokens + refill).min(self.burst)
+    }
+
+    /// Whole seconds until a bucket holding `tokens` has one, at least 1.
+    fn wait_secs(&self, tokens: f64) -> u64 {
+        let us = (1.0 - tokens).max(0.0) / self.per_us;
+        ((us / 1e6).ceil() as u64).max(1)
+    }
+
+    /// Forgets the clients whose buckets are full again.
+    fn forget_full(&self, buckets: &mut Buckets, at_us: u64) {
+        buckets.retain(|_, b| self.refilled(b, at_us) < self.burst);
+    }
+}
+
+/// Every route's limiter, by route name, kept across snapshots while its
+/// settings stay: a snapshot built for a reload or a decision finds the
+/// buckets its predecessor filled.
+#[derive(Default)]
+pub struct Limiters {
+    by_route: Mutex<HashMap<String, Weak<RateLimiter>>>,
+}
+
+impl Limiters {
+    /// The limiter of route `name` with `settings`: the live one if its
+    /// settings are the same, else a new one.
+    pub fn get(&self, name: &str, settings: RateLimit) -> Arc<RateLimiter> {
+        let mut by_route = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(live) = by_route.get(name).and_then(Weak::upgrade) {
+            if live.settings == settings {
+                return live;
+            }
+        }
+        let fresh = Arc::new(RateLimiter::new(settings));
+        by_route.insert(name.to_string(), Arc::downgrade(&fresh));
+        // Routes no snapshot holds any more are forgotten.
+        by_route.retain(|_, l| l.strong_count() > 0);
+        fresh
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn limiter(per_second: f64, burst: u32) -> RateLimiter {
+        RateLimiter::new(RateLimit {
+            per_second_milli: (per_second * 1000.0) as u64,
+            burst,
+        })
+    }
+
+    #[test]
+    fn a_client_gets_its_burst_then_the_rate_and_others_their_own() {
+        let l = limiter(2.0, 3);
+        let t0 = l.base;
+        for _ in 0..3 {
+            assert_eq!(l.admit(7, t0), Ok(()));
+        }
+        assert_eq!(l.admit(7, t0), Err(1), "burst spent");
+        assert_eq!(l.admit(8, t0), Ok(()), "another client has its own");
+        // Two a second: one more after 500 ms, not before.
+        assert!(l.admit(7, t0 + Duration::from_millis(499)).is_err());
+        assert_eq!(l.admit(7, t0 + Duration::from_millis(500)), Ok(()));
+        assert!(l.admit(7, t0 + Duration::from_millis(500)).is_err());
+        // A quiet spell fills the bucket to its burst, no more.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(l.admit(7, later), Ok(()));
+        }
+        assert!(l.admit(7, later).is_err());
+    }
+
+    #[test]
+    fn retry_after_says_when_a_token_comes() {
+        let l = limiter(0.1, 1);
+        assert_eq!(l.admit(1, l.base), Ok(()));
+        assert_eq!(l.admit(1, l.base), Err(10));
+        assert_eq!(l.admit(1, l.base + Duration::from_secs(4)), Err(6));
+    }
+
+    #[test]
+    fn a_full_shard_forgets_idle_clients_and_refuses_new_ones_while_all_spend() {
+        let l = limiter(1.0, 1);
+        let t0 = l.base;
+        // Clients in shard 0 (top four bits zero), each spending its token.
+        for c in 0..PER_SHARD as u64 {
+            assert_eq!(l.admit(c, t0), Ok(()));
+        }
+        let newcomer = PER_SHARD as u64;
+        assert!(l.admit(newcomer, t0).is_err(), "the shard is full");
+        assert_eq!(l.admit(1 << 60, t0), Ok(()), "other shards are not");
+        // A second on, every bucket is full again: forgotten for room.
+        assert_eq!(l.admit(newcomer, t0 + Duration::from_secs(1)), Ok(()));
+        let kept = l.shards[0].lock().expect("shard").len();
+        assert_eq!(kept, 1);
+    }
+
+    #[test]
+    fn a_route_keeps_its_buckets_while_its_settings_stay() {
+        let all = Limiters::default();
+        let settings = RateLimit {
+            per_second_milli: 1000,
+            burst: 1,
+        };
+        let a = all.get("web", settings);
+        assert!(Arc::ptr_eq(&a, &all.get("web", settings)));
+        let other = RateLimit {
+            burst: 2,
+            ..settings
+        };
+        assert!(!Arc::ptr_eq(&a, &all.get("web", other)));
+        let b = all.get("api", settings);
+        assert!(!Arc::ptr_eq(&a, &b));
+    }
+}

@@ -17,6 +17,8 @@
 # nginx serving a large body), started by the caller.
 # PROXY_EXTRA='key = value' adds lines to veer's [proxy] section (say,
 # 'request_id = true': what a setting costs a request).
+# ROUTE_EXTRA='...' adds lines after the route's last table (say, a
+# '[route.rate_limit]' table).
 # BODY=N sends POSTs with an N-byte body instead of GETs: the path through
 # hyper's client that a request with a body takes (GETs take veer's own
 # HTTP/1.1 client, see proxy/src/raw.rs). The demo's upstreams do not read
@@ -162,6 +164,7 @@ endpoints = ["$STABLE"]
 version = "v2"
 endpoints = ["$CANARY"]
 weight = 10
+${ROUTE_EXTRA:-}
 TOML
     callgrind_run "http://127.0.0.1:$admin/readyz" "$port" "$count" TERM \
       "$(basename "$bin")-$(echo "$bin" | md5sum | cut -c1-6)" \

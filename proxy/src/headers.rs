@@ -47,24 +47,39 @@ const MAX_REQUEST_ID: usize = 128;
 /// ingress-nginx keeps it, so that a chain of proxies shares one id),
 /// else a new one of 32 hex digits (128 random bits) put in its place.
 pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
-    let mut sent = headers.get_all(&X_REQUEST_ID).iter();
-    if let (Some(v), None) = (sent.next(), sent.next()) {
-        let b = v.as_bytes();
-        if (1..=MAX_REQUEST_ID).contains(&b.len()) && b.iter().all(|c| c.is_ascii_graphic()) {
-            return v.clone();
+    // One lookup of the name (it hashes in full: not a standard header).
+    match headers.entry(&X_REQUEST_ID) {
+        header::Entry::Occupied(mut sent) => {
+            let mut all = sent.iter();
+            if let (Some(v), None) = (all.next(), all.next()) {
+                let b = v.as_bytes();
+                if (1..=MAX_REQUEST_ID).contains(&b.len()) && b.iter().all(u8::is_ascii_graphic) {
+                    return v.clone();
+                }
+            }
+            let id = new_request_id();
+            // Replaces every value the client sent.
+            sent.insert(id.clone());
+            id
         }
+        header::Entry::Vacant(slot) => slot.insert(new_request_id()).clone(),
     }
-    let mut hex = [0u8; 32];
-    let mut bits = fastrand::u128(..);
-    for d in hex.iter_mut().rev() {
-        *d = b"0123456789abcdef"[(bits & 0xf) as usize];
-        bits >>= 4;
-    }
-    let id = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&hex))
-        .unwrap_or_else(|_| HeaderValue::from_static("0"));
-    headers.insert(X_REQUEST_ID.clone(), id.clone());
-    id
 }
+
+/// 128 random bits as 32 lower-case hex digits.
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0u8; 32];
+    for (digits, byte) in hex
+        .chunks_exact_mut(2)
+        .zip(fastrand::u128(..).to_le_bytes())
+    {
+        digits[0] = HEX[usize::from(byte >> 4)];
+        digits[1] = HEX[usize::from(byte & 0xf)];
+    }
+    HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// Headers that naming them in `Connection` does not remove.

@@ -332,6 +332,54 @@ async fn grpc_unary_and_streaming_calls_reach_h2c_and_tls_upstreams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_callers_over_a_routes_limits_get_resource_exhausted_never_the_versions() {
+    let s = GrpcPeer::start("stable", None).await;
+    let veer = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", s.addr),
+        None,
+        "max_request_body = 64\n[route.rate_limit]\nrequests_per_second = 0.05\nburst = 3",
+    ))
+    .await;
+    let mut client = grpc_client(&veer).await;
+    let code = |r: Result<tonic::Response<HealthCheckResponse>, tonic::Status>| match r {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    };
+    assert_eq!(
+        code(client.check(check_request("a")).await),
+        tonic::Code::Ok
+    );
+    // A message over the route's body limit (its length not announced:
+    // found so as it streams).
+    let mut big = check_request("a");
+    big.get_mut().service = "s".repeat(200);
+    assert_eq!(
+        code(client.check(big).await),
+        tonic::Code::ResourceExhausted
+    );
+    assert_eq!(
+        code(client.check(check_request("a")).await),
+        tonic::Code::Ok
+    );
+    // The fourth call in the burst of three.
+    assert_eq!(
+        code(client.check(check_request("a")).await),
+        tonic::Code::ResourceExhausted
+    );
+    assert_eq!(s.calls.load(Ordering::SeqCst), 2);
+    let m = veer.metrics().await;
+    for kind in ["body_too_large", "rate_limited"] {
+        let v = metric(&m, &format!(r#"veer_proxy_errors_total{{kind="{kind}"}}"#));
+        assert_eq!(v, Some(1.0), "{kind}: {m}");
+    }
+    let exhausted = metric(
+        &m,
+        r#"veer_grpc_responses_total{grpc_code="RESOURCE_EXHAUSTED",route="web",version="v1"}"#,
+    );
+    assert_eq!(exhausted.unwrap_or(0.0), 0.0, "never the version's: {m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_calls_split_by_a_metadata_key_within_the_contract() {
     let s = GrpcPeer::start("stable", None).await;
     let c = GrpcPeer::start("canary", None).await;

@@ -226,6 +226,11 @@ pub struct Route {
     /// The longest request body this route takes, in bytes (0: no
     /// limit); `None`: `[proxy] max_request_body`.
     pub max_request_body: Option<u64>,
+    /// Client addresses (as `client-ip` stickiness sees them) the route
+    /// serves; empty: every one. Others get 403.
+    pub allow_from: Vec<ipnet::IpNet>,
+    /// Client addresses the route refuses (403), even when allowed.
+    pub deny_from: Vec<ipnet::IpNet>,
     /// The stable version.
     pub stable: Version,
     /// The canary version, if one is deployed.

@@ -51,6 +51,15 @@ pub fn check(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Address ranges as a list, the first few and how many more.
+fn ranges(nets: &[ipnet::IpNet]) -> String {
+    let shown: Vec<String> = nets.iter().take(4).map(ToString::to_string).collect();
+    match nets.len().saturating_sub(shown.len()) {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
+    }
+}
+
 fn endpoints(v: &Version) -> String {
     use veer_control::config::UpstreamProtocol as P;
     let n = v.endpoints.len();
@@ -149,6 +158,22 @@ pub fn summary(path: &Path, c: &Config) -> String {
             let _ = writeln!(
                 out,
                 "    request bodies up to {max_body} bytes (longer: 413)"
+            );
+        }
+        if !r.allow_from.is_empty() || !r.deny_from.is_empty() {
+            let _ = writeln!(
+                out,
+                "    clients from {} (others: 403){}",
+                if r.allow_from.is_empty() {
+                    "anywhere".to_string()
+                } else {
+                    ranges(&r.allow_from)
+                },
+                if r.deny_from.is_empty() {
+                    String::new()
+                } else {
+                    format!(", never from {}", ranges(&r.deny_from))
+                }
             );
         }
         if let Some(l) = &r.rate_limit {

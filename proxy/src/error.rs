@@ -51,6 +51,10 @@ pub enum ProxyError {
     /// `[route.rate_limit]` allows it.
     #[error("too many requests from the client")]
     RateLimited,
+    /// The client's address is not one the route serves (`allow_from`,
+    /// `deny_from`).
+    #[error("the route does not serve the client's address")]
+    Forbidden,
     /// Every connection to the endpoint is busy and the wait for one is
     /// full or over (`max_upstream_connections`).
     #[error("the upstream has no free connection")]
@@ -102,6 +106,7 @@ impl ProxyError {
             ProxyError::ClientDeadline => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 
@@ -120,6 +125,7 @@ impl ProxyError {
             ProxyError::ClientBadBody => "client_bad_body",
             ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::RateLimited => "rate_limited",
+            ProxyError::Forbidden => "forbidden",
             ProxyError::TooManyConnections => "too_many_connections",
             ProxyError::Overloaded => "overloaded",
             ProxyError::UpgradeUnsupported => "upgrade_unsupported",
@@ -160,6 +166,7 @@ impl ProxyError {
             ProxyError::ClientDeadline => "deadline exceeded\n",
             ProxyError::BodyTooLarge => "content too large\n",
             ProxyError::RateLimited => "too many requests\n",
+            ProxyError::Forbidden => "forbidden\n",
         }
     }
 
@@ -178,7 +185,7 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 14] = [
+pub const PROXY_KINDS: [ProxyError; 15] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
@@ -193,6 +200,7 @@ pub const PROXY_KINDS: [ProxyError; 14] = [
     ProxyError::SendTimeout,
     ProxyError::BodyTooLarge,
     ProxyError::RateLimited,
+    ProxyError::Forbidden,
 ];
 
 /// The upstream error kinds, in `upstream_index` order.

@@ -105,6 +105,7 @@ fn code_of(e: ProxyError) -> u8 {
         ProxyError::NoRoute | ProxyError::UpgradeUnsupported => 12, // UNIMPLEMENTED
         // RESOURCE_EXHAUSTED: gRPC's own message limit, and a quota.
         ProxyError::BodyTooLarge | ProxyError::RateLimited => 8,
+        ProxyError::Forbidden => 7, // PERMISSION_DENIED
         ProxyError::BadRequest
         | ProxyError::ClientTimeout
         | ProxyError::ClientAborted
@@ -227,6 +228,8 @@ mod tests {
         let code = |e| error_response(e).headers()[GRPC_STATUS].clone();
         // gRPC's own code for a message over a limit.
         assert_eq!(code(ProxyError::BodyTooLarge), "8");
+        assert_eq!(code(ProxyError::RateLimited), "8");
+        assert_eq!(code(ProxyError::Forbidden), "7");
         assert_eq!(code(ProxyError::UpstreamConnect), "14");
         assert_eq!(code(ProxyError::ClientDeadline), "4");
         assert_eq!(

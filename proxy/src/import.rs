@@ -297,16 +297,40 @@ struct Carried {
     /// `limit-rps` and its burst (`limit-burst-multiplier` times it,
     /// 5 unless set): `[route.rate_limit]`.
     rate: Option<(u64, u64)>,
+    /// `whitelist-source-range` (or its newer name
+    /// `allowlist-source-range`): `allow_from`.
+    allow: Vec<String>,
+    /// `denylist-source-range`: `deny_from`.
+    deny: Vec<String>,
 }
 
 /// The annotations [`Carried`] reads.
-const CARRIED_KEYS: [&str; 5] = [
+const CARRIED_KEYS: [&str; 8] = [
     "proxy-body-size",
     "proxy-read-timeout",
     "proxy-connect-timeout",
     "limit-rps",
     "limit-burst-multiplier",
+    "whitelist-source-range",
+    "allowlist-source-range",
+    "denylist-source-range",
 ];
+
+/// A source-range annotation's addresses and CIDR ranges (comma-separated),
+/// with a note for each entry that is neither.
+fn source_ranges(key: &str, v: &str, notes: &mut Vec<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        if entry.parse::<ipnet::IpNet>().is_ok() || entry.parse::<std::net::IpAddr>().is_ok() {
+            out.push(entry.to_string());
+        } else {
+            notes.push(format!(
+                "{key} entry {entry:?} is not an address or a CIDR range: left out"
+            ));
+        }
+    }
+    out
+}
 
 /// veer's `[[route]] timeout` when none is written.
 const VEER_TIMEOUT_SECS: u64 = 15;
@@ -392,11 +416,33 @@ fn carried(main: &Ingress, notes: &mut Vec<String>) -> Carried {
                 .into(),
         );
     }
+    let mut allow = Vec::new();
+    for key in ["whitelist-source-range", "allowlist-source-range"] {
+        if let Some(v) = main.annotation(key) {
+            allow.extend(source_ranges(key, v, notes));
+        }
+    }
+    if allow.is_empty()
+        && ["whitelist-source-range", "allowlist-source-range"]
+            .iter()
+            .any(|k| main.annotation(k).is_some())
+    {
+        // Every entry was bad: serving everyone would open what the
+        // Ingress closed.
+        notes.push("an allowlist with no valid entry: allow_from = [\"0.0.0.0/32\"] written, so that the route serves no one until you correct it".into());
+        allow.push("0.0.0.0/32".into());
+    }
+    let deny = main
+        .annotation("denylist-source-range")
+        .map(|v| source_ranges("denylist-source-range", v, notes))
+        .unwrap_or_default();
     Carried {
         max_body,
         read_timeout,
         connect_timeout,
         rate,
+        allow,
+        deny,
     }
 }
 
@@ -647,6 +693,15 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
         }
         if let Some(n) = c.max_body {
             let _ = writeln!(out, "max_request_body = {n}  # proxy-body-size");
+        }
+        for (key, list, from) in [
+            ("allow_from", &c.allow, "whitelist-source-range"),
+            ("deny_from", &c.deny, "denylist-source-range"),
+        ] {
+            if !list.is_empty() {
+                let quoted: Vec<String> = list.iter().map(|e| toml_str(e)).collect();
+                let _ = writeln!(out, "{key} = [{}]  # {from}", quoted.join(", "));
+            }
         }
         for n in &r.notes {
             let _ = writeln!(out, "# NOTE: {n}");

@@ -1,4 +1,10 @@
-//! `[route.rate_limit]`: how many requests one client may make to a route.
+//! Which clients a route serves, and how often: `allow_from` and
+//! `deny_from` ([`Sources`]), and `[route.rate_limit]` ([`RateLimiter`]).
+//!
+//! Both see a client as its address as `client-ip` stickiness does
+//! (behind `trusted_hops`), IPv4-mapped IPv6 as IPv4. A refused request
+//! is the client's (403 `forbidden`, 429 `rate_limited`), answered before
+//! any upstream hears of it, never a version's.
 //!
 //! A token bucket per client (nginx's `limit_req`, Envoy's local rate
 //! limit): it holds at most `burst` tokens, refills at `requests_per_second`,
@@ -25,7 +31,34 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::time::Instant;
-use veer_control::config::RateLimit;
+use veer_control::config::{RateLimit, Route};
+
+/// A route's `allow_from` and `deny_from` ranges.
+#[derive(Debug)]
+pub struct Sources {
+    allow: Box<[ipnet::IpNet]>,
+    deny: Box<[ipnet::IpNet]>,
+}
+
+impl Sources {
+    /// The ranges of `route`; `None` when it sets neither.
+    pub fn of(route: &Route) -> Option<Box<Sources>> {
+        (!route.allow_from.is_empty() || !route.deny_from.is_empty()).then(|| {
+            Box::new(Sources {
+                allow: route.allow_from.as_slice().into(),
+                deny: route.deny_from.as_slice().into(),
+            })
+        })
+    }
+
+    /// Whether the route serves a client at `ip`: in no `deny_from`
+    /// range, and in an `allow_from` one if any is set.
+    pub fn admits(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        !self.deny.iter().any(|n| n.contains(&ip))
+            && (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip)))
+    }
+}
 
 /// Shards of a route's buckets (a power of two).
 const SHARDS: usize = 16;
@@ -171,6 +204,28 @@ mod tests {
             per_second_milli: (per_second * 1000.0) as u64,
             burst,
         })
+    }
+
+    #[test]
+    fn a_route_serves_the_allowed_less_the_denied_mapped_addresses_as_ipv4() {
+        let s = Sources {
+            allow: ["10.0.0.0/8", "2001:db8::/32"]
+                .map(|n| n.parse().expect("net"))
+                .into(),
+            deny: ["10.13.0.0/16"].map(|n| n.parse().expect("net")).into(),
+        };
+        let ip = |a: &str| a.parse::<std::net::IpAddr>().expect("addr");
+        assert!(s.admits(ip("10.1.2.3")));
+        assert!(s.admits(ip("::ffff:10.1.2.3")), "IPv4-mapped");
+        assert!(s.admits(ip("2001:db8::7")));
+        assert!(!s.admits(ip("10.13.0.1")), "denied though allowed");
+        assert!(!s.admits(ip("192.0.2.1")), "not allowed");
+        let deny_only = Sources {
+            allow: Box::new([]),
+            deny: s.deny.clone(),
+        };
+        assert!(deny_only.admits(ip("192.0.2.1")));
+        assert!(!deny_only.admits(ip("10.13.9.9")));
     }
 
     #[test]

@@ -130,6 +130,12 @@ pub fn handle(
             access,
             grpc,
         };
+        if let Some(sources) = &route.sources {
+            if !sources.admits(client.ip()) {
+                let e = ProxyError::Forbidden;
+                return Ok(refuse_on_route(&shared, &req, on_route, e, None));
+            }
+        }
         if let Some(limiter) = &route.limiter {
             if let Err(wait) = limiter.admit(client_hash, start) {
                 let e = ProxyError::RateLimited;
@@ -562,7 +568,8 @@ struct OnRoute<'a> {
 /// version's), counted, and logged with the route when an access log is
 /// kept: a body announced longer than the route takes gets 413 (an
 /// HTTP/1.x connection is closed after it: its body is left unread); a
-/// client over its rate 429 with `Retry-After: retry_after`.
+/// client over its rate 429 with `Retry-After: retry_after`; a client
+/// address the route does not serve 403.
 #[cold]
 fn refuse_on_route(
     shared: &Shared,

@@ -83,6 +83,8 @@ pub struct RouteTarget {
     pub max_body: u64,
     /// `[route.rate_limit]`'s buckets.
     pub limiter: Option<Arc<crate::limit::RateLimiter>>,
+    /// `allow_from` and `deny_from`, if either is set.
+    pub sources: Option<Box<crate::limit::Sources>>,
     /// The route as configured (for status), shared with the config.
     pub config: Arc<Route>,
 }
@@ -315,6 +317,7 @@ impl Snapshot {
                     n => n,
                 },
                 limiter: r.rate_limit.map(|l| upstreams.limiters.get(&r.name, l)),
+                sources: crate::limit::Sources::of(r),
                 config: r.clone(),
             }));
         }

@@ -569,3 +569,48 @@ async fn a_client_over_its_rate_gets_429_and_others_and_the_version_are_untouche
     let s = veer.status().await;
     assert_ne!(s["routes"][0]["verdict"], "reverted", "{}", s["routes"][0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_serves_only_the_client_addresses_it_allows_and_never_those_it_denies() {
+    use super::support::Client;
+    let stable = Upstream::start("stable").await;
+    let canary = Upstream::start("canary").await;
+    let open = config(stable.addr, canary.addr, "5s").replacen(
+        "[proxy]\n",
+        "[proxy]\ntrusted_hops = 1\n",
+        1,
+    );
+    // 127.0.0.2 and .3 allowed, .3 denied all the same.
+    let closed = open.replacen(
+        "name = \"web\"\n",
+        "name = \"web\"\nallow_from = [\"127.0.0.2/31\"]\ndeny_from = [\"127.0.0.3\"]\n",
+        1,
+    );
+    let veer = Veer::start(&closed).await;
+    let from = |ip: &str| Client::connect_from(veer.addr, ip.parse().unwrap());
+    let status = |r: http::Response<bytes::Bytes>| r.status().as_u16();
+    let mut one = from("127.0.0.1").await.unwrap();
+    assert_eq!(status(one.get("/", &[]).await.unwrap()), 403);
+    let mut two = from("127.0.0.2").await.unwrap();
+    assert_eq!(status(two.get("/", &[]).await.unwrap()), 200);
+    let mut three = from("127.0.0.3").await.unwrap();
+    assert_eq!(status(three.get("/", &[]).await.unwrap()), 403);
+    // The address stickiness sees: the trusted proxy's client.
+    let forwarded = one
+        .get("/", &[("x-forwarded-for", "127.0.0.2")])
+        .await
+        .unwrap();
+    assert_eq!(status(forwarded), 200);
+    assert_eq!(canary.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, r#"veer_proxy_errors_total{kind="forbidden"}"#),
+        Some(2.0),
+        "{m}"
+    );
+    no_upstream_error_for_the_canary(&m);
+    // Reloaded without the ranges, the route serves everyone.
+    veer.write_config(&open);
+    veer.wait_generation(2).await;
+    assert_eq!(status(one.get("/", &[]).await.unwrap()), 200);
+}

@@ -115,6 +115,8 @@ pub struct RawRoute {
     pub count_4xx_as_errors: Option<bool>,
     pub max_upstream_connections: Option<Spanned<i64>>,
     pub max_request_body: Option<Spanned<i64>>,
+    pub allow_from: Option<Vec<Spanned<String>>>,
+    pub deny_from: Option<Vec<Spanned<String>>>,
     pub stable: Spanned<RawVersion>,
     pub canary: Option<Spanned<RawCanary>>,
     pub judge: Option<RawJudge>,

@@ -100,6 +100,14 @@ fn what_veer_cannot_express_is_reported_never_dropped() {
         assert_eq!(r.connect_timeout, Duration::from_secs(3), "{}", r.name);
         let l = r.rate_limit.expect("limit-rps");
         assert_eq!((l.per_second_milli, l.burst), (20_000, 100), "{}", r.name);
+        let nets = |v: &[ipnet::IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            nets(&r.allow_from),
+            ["10.0.0.0/8", "192.168.0.1/32"],
+            "{}",
+            r.name
+        );
+        assert_eq!(nets(&r.deny_from), ["10.13.0.0/16"], "{}", r.name);
     }
     // legacy's are not written: a size nginx does not read, a connect
     // timeout longer than veer's default route timeout (15 s).
@@ -107,6 +115,11 @@ fn what_veer_cannot_express_is_reported_never_dropped() {
     assert_eq!(legacy.max_request_body, None);
     assert_eq!(legacy.connect_timeout, Duration::from_secs(1));
     assert_eq!(legacy.rate_limit, None);
+    // An allowlist of nothing valid serves no one, rather than everyone.
+    assert_eq!(
+        legacy.allow_from,
+        ["0.0.0.0/32".parse::<ipnet::IpNet>().unwrap()]
+    );
     assert_eq!(
         c.routes[2].stable.endpoints[0].addr,
         "legacy-v1.old.svc:8080"
@@ -132,6 +145,7 @@ fn what_veer_cannot_express_is_reported_never_dropped() {
         "proxy-body-size \"1.5m\" is not an nginx size",
         "proxy-connect-timeout 30s is longer than the route's timeout (15s)",
         "limit-burst-multiplier without limit-rps does nothing",
+        "whitelist-source-range entry \"office-network\" is not an address or a CIDR range",
         "TLS from Secret \"web-tls\"",
         "names its port \"http\"",
         "pathType Exact",

@@ -191,6 +191,8 @@ impl Validator<'_> {
                 .max_request_body
                 .as_ref()
                 .map(|b| self.int_in(Some(b), 0..=i64::MAX, 0, "max_request_body") as u64),
+            allow_from: self.ranges(r.allow_from.as_deref(), "allow_from"),
+            deny_from: self.ranges(r.deny_from.as_deref(), "deny_from"),
             stable,
             canary: canary.map(|c| c.0),
             canary_weight_bp,
@@ -518,6 +520,51 @@ impl Validator<'_> {
     }
 
     /// `[route.mirror]`: a share of stable's requests for a canary to see.
+    /// `allow_from` / `deny_from`: addresses and CIDR ranges, at most
+    /// 1 024. A range with host bits set is taken as its network, with a
+    /// warning (as nginx does).
+    fn ranges(&mut self, list: Option<&[Spanned<String>]>, what: &str) -> Vec<ipnet::IpNet> {
+        let Some(list) = list else {
+            return Vec::new();
+        };
+        if list.len() > 1024 {
+            if let Some(first) = list.first() {
+                self.err(
+                    first.span(),
+                    format!("{what} takes at most 1024 ranges, got {}", list.len()),
+                );
+            }
+        }
+        let mut out = Vec::with_capacity(list.len());
+        for s in list {
+            let text = s.get_ref().trim();
+            let net = match text.parse::<ipnet::IpNet>() {
+                Ok(n) => n,
+                Err(_) => match text.parse::<std::net::IpAddr>() {
+                    Ok(a) => ipnet::IpNet::from(a),
+                    Err(_) => {
+                        self.err(
+                            s.span(),
+                            format!("{what}: {text:?} is not an address or a CIDR range (like \"10.0.0.0/8\" or \"2001:db8::/32\")"),
+                        );
+                        continue;
+                    }
+                },
+            };
+            if net.trunc() != net {
+                self.warn(
+                    s.span(),
+                    format!(
+                        "{what}: {text:?} has host bits set; taken as {}",
+                        net.trunc()
+                    ),
+                );
+            }
+            out.push(net.trunc());
+        }
+        out
+    }
+
     fn rate_limit(&mut self, l: &Spanned<RawRateLimit>) -> Option<RateLimit> {
         let raw = l.get_ref();
         let rps = *raw.requests_per_second.get_ref();

@@ -697,3 +697,31 @@ fn a_rate_limit_needs_a_positive_rate_and_bursts_at_least_one() {
         assert!(e.0.iter().any(|d| d.message.contains(word)), "{bad}: {e:?}");
     }
 }
+
+#[test]
+fn allow_and_deny_ranges_are_addresses_or_cidr_ranges() {
+    let with =
+        |keys: &str| parse(&MINIMAL.replace("name = \"web\"", &format!("name = \"web\"\n{keys}")));
+    let c =
+        with("allow_from = [\"10.0.0.0/8\", \"2001:db8::1\"]\ndeny_from = [\" 10.13.0.0/16 \"]")
+            .expect("valid");
+    let text = |v: &[ipnet::IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+    assert_eq!(
+        text(&c.routes[0].allow_from),
+        ["10.0.0.0/8", "2001:db8::1/128"]
+    );
+    assert_eq!(text(&c.routes[0].deny_from), ["10.13.0.0/16"]);
+    assert!(parse(MINIMAL).expect("valid").routes[0]
+        .allow_from
+        .is_empty());
+    for bad in ["allow_from = [\"10.0.0.0/33\"]", "deny_from = [\"office\"]"] {
+        let e = with(bad).expect_err(bad);
+        assert!(
+            e.0.iter().any(|d| d.message.contains("CIDR")),
+            "{bad}: {e:?}"
+        );
+    }
+    // Host bits set: taken as the network, with a warning.
+    let c = with("allow_from = [\"10.1.2.3/8\"]").expect("a warning, not an error");
+    assert_eq!(text(&c.routes[0].allow_from), ["10.0.0.0/8"]);
+}

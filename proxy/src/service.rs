@@ -123,7 +123,8 @@ pub fn handle(
         } else {
             crate::record::client_hash(client.ip())
         };
-        let on_route = OnRoute {
+        // Made only for a refusal (a request served pays nothing for it).
+        let on_route = || OnRoute {
             route: &route.name,
             client,
             request_id: rid,
@@ -133,13 +134,13 @@ pub fn handle(
         if let Some(sources) = &route.sources {
             if !sources.admits(client.ip()) {
                 let e = ProxyError::Forbidden;
-                return Ok(refuse_on_route(&shared, &req, on_route, e, None));
+                return Ok(refuse_on_route(&shared, &req, on_route(), e, None));
             }
         }
         if let Some(limiter) = &route.limiter {
             if let Err(wait) = limiter.admit(client_hash, start) {
                 let e = ProxyError::RateLimited;
-                return Ok(refuse_on_route(&shared, &req, on_route, e, Some(wait)));
+                return Ok(refuse_on_route(&shared, &req, on_route(), e, Some(wait)));
             }
         }
         // A body announced longer than the route takes is refused before
@@ -147,7 +148,7 @@ pub fn handle(
         // 100-continue` is told at once and sends none of it).
         if route.max_body != u64::MAX && announced_over(req.body(), route.max_body) {
             let e = ProxyError::BodyTooLarge;
-            return Ok(refuse_on_route(&shared, &req, on_route, e, None));
+            return Ok(refuse_on_route(&shared, &req, on_route(), e, None));
         }
         let forced = route.forced(req.headers());
         let (version, pick) = {

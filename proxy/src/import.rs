@@ -332,8 +332,8 @@ fn source_ranges(key: &str, v: &str, notes: &mut Vec<String>) -> Vec<String> {
     out
 }
 
-/// veer's `[[route]] timeout` when none is written.
-const VEER_TIMEOUT_SECS: u64 = 15;
+/// veer's `[[route]] timeout` when none is written, in seconds.
+const VEER_TIMEOUT_SECS: u64 = veer_control::config::validate::defaults::TIMEOUT.as_secs();
 
 /// nginx's size syntax, as `proxy-body-size` takes it: a count of bytes,
 /// or of kilobytes, megabytes or gigabytes with `k`, `m` or `g` (either

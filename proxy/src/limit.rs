@@ -16,11 +16,12 @@
 //! ([`crate::record::client_hash`]).
 //!
 //! The buckets of a route are kept in 16 shards of at most 4 096 clients
-//! each (65 536 in all, ~2.5 MiB at most, allocated as clients come). A
-//! client whose bucket is full again is forgotten when its shard needs
-//! room: it would start full anyway. A new client that finds its shard
-//! full of clients still spending is refused (nginx's zone does the same):
-//! memory stays bounded whatever the number of addresses.
+//! each (65 536 in all, ~3 MiB at most: 16 tables of 8 192 slots of 25
+//! bytes, allocated as clients come). A client whose bucket is full
+//! again is forgotten when its shard needs room: it would start full
+//! anyway. A new client that finds its shard full of clients still
+//! spending is refused (nginx's zone does the same): memory stays
+//! bounded whatever the number of addresses.
 //!
 //! The buckets live as long as the route's settings: a reload or a
 //! decision that rebuilds the routing snapshot keeps them

@@ -18,10 +18,12 @@
 //! The buckets of a route are kept in 16 shards of at most 4 096 clients
 //! each (65 536 in all, ~3 MiB at most: 16 tables of 8 192 slots of 25
 //! bytes, allocated as clients come). A client whose bucket is full
-//! again is forgotten when its shard needs room: it would start full
-//! anyway. A new client that finds its shard full of clients still
-//! spending is refused (nginx's zone does the same): memory stays
-//! bounded whatever the number of addresses.
+//! again is forgotten when its shard needs room (looked for at most every
+//! 100 ms, so that a flood of new addresses does not make each of its
+//! requests go over 4 096 buckets): it would start full anyway. A new
+//! client that finds its shard full of clients still spending is refused
+//! (nginx's zone does the same): memory stays bounded whatever the number
+//! of addresses.
 //!
 //! The buckets live as long as the route's settings: a reload or a
 //! decision that rebuilds the routing snapshot keeps them
@@ -67,6 +69,12 @@ const SHARDS: usize = 16;
 /// Clients a shard keeps.
 const PER_SHARD: usize = 4096;
 
+/// How often a full shard looks for clients to forget, at most: a look
+/// goes over all 4 096 (some 40 000 instructions, under the shard's
+/// lock), and a flood of new addresses must not make every one of its
+/// requests pay for one.
+const SWEEP_EVERY_US: u64 = 100_000;
+
 /// One client's bucket.
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
@@ -98,6 +106,15 @@ impl Hasher for Identity {
 
 type Buckets = HashMap<u64, Bucket, BuildHasherDefault<Identity>>;
 
+/// A sixteenth of a route's clients.
+#[derive(Default)]
+struct Shard {
+    buckets: Buckets,
+    /// When the shard last looked for clients to forget (µs after the
+    /// limiter's base), if it has.
+    swept_us: Option<u64>,
+}
+
 /// A route's buckets.
 pub struct RateLimiter {
     settings: RateLimit,
@@ -105,7 +122,7 @@ pub struct RateLimiter {
     per_us: f64,
     burst: f64,
     base: Instant,
-    shards: Box<[Mutex<Buckets>]>,
+    shards: Box<[Mutex<Shard>]>,
 }
 
 impl RateLimiter {
@@ -116,9 +133,7 @@ impl RateLimiter {
             per_us: settings.per_second() / 1e6,
             burst: f64::from(settings.burst),
             base: Instant::now(),
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(Buckets::default()))
-                .collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
         }
     }
 
@@ -130,14 +145,20 @@ impl RateLimiter {
             return Ok(());
         };
         // A poisoned shard (a panic while it was held) still counts.
-        let mut buckets = shard.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() >= PER_SHARD && !buckets.contains_key(&client) {
-            self.forget_full(&mut buckets, at_us);
-            if buckets.len() >= PER_SHARD {
+        let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if shard.buckets.len() >= PER_SHARD && !shard.buckets.contains_key(&client) {
+            let due = shard
+                .swept_us
+                .is_none_or(|t| at_us.saturating_sub(t) >= SWEEP_EVERY_US);
+            if due {
+                shard.swept_us = Some(at_us);
+                self.forget_full(&mut shard.buckets, at_us);
+            }
+            if shard.buckets.len() >= PER_SHARD {
                 return Err(self.wait_secs(0.0));
             }
         }
-        let b = buckets.entry(client).or_insert(Bucket {
+        let b = shard.buckets.entry(client).or_insert(Bucket {
             tokens: self.burst,
             at_us,
         });
@@ -271,8 +292,28 @@ mod tests {
         assert_eq!(l.admit(1 << 60, t0), Ok(()), "other shards are not");
         // A second on, every bucket is full again: forgotten for room.
         assert_eq!(l.admit(newcomer, t0 + Duration::from_secs(1)), Ok(()));
-        let kept = l.shards[0].lock().expect("shard").len();
+        let kept = l.shards[0].lock().expect("shard").buckets.len();
         assert_eq!(kept, 1);
+    }
+
+    #[test]
+    fn a_full_shard_looks_for_clients_to_forget_at_most_every_100_ms() {
+        // Buckets full again a millisecond after they are spent.
+        let l = limiter(1000.0, 1);
+        let t0 = l.base;
+        for c in 0..PER_SHARD as u64 {
+            assert_eq!(l.admit(c, t0), Ok(()));
+        }
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert!(
+            l.admit(PER_SHARD as u64, at(0)).is_err(),
+            "swept: all spending"
+        );
+        assert!(
+            l.admit(PER_SHARD as u64 + 1, at(50)).is_err(),
+            "no look before 100 ms, though all are full again"
+        );
+        assert_eq!(l.admit(PER_SHARD as u64 + 2, at(100)), Ok(()));
     }
 
     #[test]

@@ -305,6 +305,18 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
+/// An address range as `allow_from` / `deny_from` take it: CIDR
+/// (`10.0.0.0/8`, `2001:db8::/32`) or one address (`/32`, `/128`), as
+/// written (host bits kept: see [`ipnet::IpNet::trunc`]).
+pub fn ip_range(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(ipnet::IpNet::from)
+    })
+}
+
 impl RateLimit {
     /// Requests a second.
     pub fn per_second(&self) -> f64 {

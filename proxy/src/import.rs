@@ -321,7 +321,7 @@ const CARRIED_KEYS: [&str; 8] = [
 fn source_ranges(key: &str, v: &str, notes: &mut Vec<String>) -> Vec<String> {
     let mut out = Vec::new();
     for entry in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        if entry.parse::<ipnet::IpNet>().is_ok() || entry.parse::<std::net::IpAddr>().is_ok() {
+        if veer_control::config::ip_range(entry).is_some() {
             out.push(entry.to_string());
         } else {
             notes.push(format!(

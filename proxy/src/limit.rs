@@ -279,14 +279,19 @@ mod tests {
         assert_eq!(l.admit(1, l.base + Duration::from_secs(4)), Err(6));
     }
 
+    /// Fills shard 0 (clients whose top four bits are zero) with clients
+    /// that each spent their one token at the limiter's start, returned.
+    fn fill_shard_zero(l: &RateLimiter) -> Instant {
+        for c in 0..PER_SHARD as u64 {
+            assert_eq!(l.admit(c, l.base), Ok(()));
+        }
+        l.base
+    }
+
     #[test]
     fn a_full_shard_forgets_idle_clients_and_refuses_new_ones_while_all_spend() {
         let l = limiter(1.0, 1);
-        let t0 = l.base;
-        // Clients in shard 0 (top four bits zero), each spending its token.
-        for c in 0..PER_SHARD as u64 {
-            assert_eq!(l.admit(c, t0), Ok(()));
-        }
+        let t0 = fill_shard_zero(&l);
         let newcomer = PER_SHARD as u64;
         assert!(l.admit(newcomer, t0).is_err(), "the shard is full");
         assert_eq!(l.admit(1 << 60, t0), Ok(()), "other shards are not");
@@ -300,10 +305,7 @@ mod tests {
     fn a_full_shard_looks_for_clients_to_forget_at_most_every_100_ms() {
         // Buckets full again a millisecond after they are spent.
         let l = limiter(1000.0, 1);
-        let t0 = l.base;
-        for c in 0..PER_SHARD as u64 {
-            assert_eq!(l.admit(c, t0), Ok(()));
-        }
+        let t0 = fill_shard_zero(&l);
         let at = |ms| t0 + Duration::from_millis(ms);
         assert!(
             l.admit(PER_SHARD as u64, at(0)).is_err(),

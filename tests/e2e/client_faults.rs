@@ -55,6 +55,14 @@ async fn raw(addr: std::net::SocketAddr, head: &str, body: &[u8], close: bool) -
     line.split(' ').nth(1)?.parse().ok()
 }
 
+/// Asserts that the metrics `m` count `n` refusals of `kind` as the
+/// client's, and nothing against the canary.
+fn only_the_clients(m: &str, kind: &str, n: f64) {
+    let name = format!(r#"veer_proxy_errors_total{{kind="{kind}"}}"#);
+    assert_eq!(metric(m, &name), Some(n), "{m}");
+    no_upstream_error_for_the_canary(m);
+}
+
 /// Asserts that the metrics `m` count no upstream error of any kind for
 /// the canary (`v2` of route `web`).
 fn no_upstream_error_for_the_canary(m: &str) {
@@ -478,12 +486,7 @@ async fn bodies_longer_than_the_route_takes_are_the_clients_413_never_the_versio
     let files = "POST /files/a HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n";
     assert_eq!(raw(addr, files, &two_chunks(), false).await, Some(200));
     let m = veer.metrics().await;
-    assert_eq!(
-        metric(&m, r#"veer_proxy_errors_total{kind="body_too_large"}"#),
-        Some(40.0),
-        "{m}"
-    );
-    no_upstream_error_for_the_canary(&m);
+    only_the_clients(&m, "body_too_large", 40.0);
     let s = veer.status().await;
     assert_ne!(s["routes"][0]["verdict"], "reverted", "{}", s["routes"][0]);
     assert!(veer.logs_with("canary reverted").is_empty());
@@ -543,12 +546,7 @@ async fn a_client_over_its_rate_gets_429_and_others_and_the_version_are_untouche
     let served = canary.requests.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(served, 4, "refused requests never reach the version");
     let m = veer.metrics().await;
-    assert_eq!(
-        metric(&m, r#"veer_proxy_errors_total{kind="rate_limited"}"#),
-        Some(2.0),
-        "{m}"
-    );
-    no_upstream_error_for_the_canary(&m);
+    only_the_clients(&m, "rate_limited", 2.0);
     assert_eq!(
         metric(
             &m,
@@ -603,12 +601,7 @@ async fn a_route_serves_only_the_client_addresses_it_allows_and_never_those_it_d
     assert_eq!(status(forwarded), 200);
     assert_eq!(canary.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
     let m = veer.metrics().await;
-    assert_eq!(
-        metric(&m, r#"veer_proxy_errors_total{kind="forbidden"}"#),
-        Some(2.0),
-        "{m}"
-    );
-    no_upstream_error_for_the_canary(&m);
+    only_the_clients(&m, "forbidden", 2.0);
     // Reloaded without the ranges, the route serves everyone.
     veer.write_config(&open);
     veer.wait_generation(2).await;

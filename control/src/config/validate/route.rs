@@ -538,18 +538,12 @@ impl Validator<'_> {
         let mut out = Vec::with_capacity(list.len());
         for s in list {
             let text = s.get_ref().trim();
-            let net = match text.parse::<ipnet::IpNet>() {
-                Ok(n) => n,
-                Err(_) => match text.parse::<std::net::IpAddr>() {
-                    Ok(a) => ipnet::IpNet::from(a),
-                    Err(_) => {
-                        self.err(
-                            s.span(),
-                            format!("{what}: {text:?} is not an address or a CIDR range (like \"10.0.0.0/8\" or \"2001:db8::/32\")"),
-                        );
-                        continue;
-                    }
-                },
+            let Some(net) = super::super::ip_range(text) else {
+                self.err(
+                    s.span(),
+                    format!("{what}: {text:?} is not an address or a CIDR range (like \"10.0.0.0/8\" or \"2001:db8::/32\")"),
+                );
+                continue;
             };
             if net.trunc() != net {
                 self.warn(

@@ -231,6 +231,15 @@ pub struct Route {
     pub allow_from: Vec<ipnet::IpNet>,
     /// Client addresses the route refuses (403), even when allowed.
     pub deny_from: Vec<ipnet::IpNet>,
+    /// What replaces `path_prefix` at the start of the path a request goes
+    /// upstream with (`rewrite_prefix`); `None`: the path as it came.
+    pub rewrite_prefix: Option<String>,
+    /// `[route.request_headers]`: fields set on, or removed from, every
+    /// request before it goes upstream.
+    pub request_headers: HeaderEdits,
+    /// `[route.response_headers]`: fields set on, or removed from, every
+    /// answer on the route (the upstream's and veer's own).
+    pub response_headers: HeaderEdits,
     /// The stable version.
     pub stable: Version,
     /// The canary version, if one is deployed.
@@ -303,6 +312,23 @@ pub struct RateLimit {
     pub per_second_milli: u64,
     /// Requests allowed at once after a quiet spell (1 ..= 10^6).
     pub burst: u32,
+}
+
+/// Header fields a route sets or removes (`[route.request_headers]`,
+/// `[route.response_headers]`): names lower-case, values as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderEdits {
+    /// Fields that replace any of the same name (or are added).
+    pub set: Vec<(String, String)>,
+    /// Fields removed.
+    pub remove: Vec<String>,
+}
+
+impl HeaderEdits {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
 }
 
 /// An address range as `allow_from` / `deny_from` take it: CIDR

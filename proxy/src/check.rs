@@ -176,6 +176,25 @@ pub fn summary(path: &Path, c: &Config) -> String {
                 }
             );
         }
+        if let Some(p) = &r.rewrite_prefix {
+            let _ = writeln!(out, "    upstream path: {} -> {p}", r.path_prefix);
+        }
+        for (what, edits) in [
+            ("requests", &r.request_headers),
+            ("answers", &r.response_headers),
+        ] {
+            let mut parts = Vec::new();
+            if !edits.set.is_empty() {
+                let set: Vec<String> = edits.set.iter().map(|(n, v)| format!("{n}: {v}")).collect();
+                parts.push(format!("set {}", set.join(", ")));
+            }
+            if !edits.remove.is_empty() {
+                parts.push(format!("remove {}", edits.remove.join(", ")));
+            }
+            if !parts.is_empty() {
+                let _ = writeln!(out, "    {what}: {}", parts.join("; "));
+            }
+        }
         if let Some(l) = &r.rate_limit {
             let _ = writeln!(
                 out,

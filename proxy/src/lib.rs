@@ -16,6 +16,7 @@ pub mod clock;
 pub mod conn;
 pub mod controller;
 pub mod demo;
+pub mod edit;
 pub mod error;
 pub mod fleet;
 pub mod grpc;

@@ -126,6 +126,7 @@ pub fn handle(
         // Made only for a refusal (a request served pays nothing for it).
         let on_route = || OnRoute {
             route: &route.name,
+            edits: route.response_edits.as_deref(),
             client,
             request_id: rid,
             access,
@@ -264,6 +265,15 @@ pub fn handle(
         });
         Ok(match result {
             Ok(mut resp) => {
+                if let Some(id) = rid {
+                    // The upstream's own, if it sent one, stays.
+                    resp.headers_mut()
+                        .entry(&crate::headers::X_REQUEST_ID)
+                        .or_insert_with(|| id.clone());
+                }
+                if let Some(edits) = &route.response_edits {
+                    edits.apply(resp.headers_mut());
+                }
                 let status = resp.status().as_u16();
                 version.metrics.record(status, seconds);
                 let error =
@@ -331,12 +341,6 @@ pub fn handle(
                     }
                     ProxyBody::Full(_) => {}
                 }
-                if let Some(id) = rid {
-                    // The upstream's own, if it sent one, stays.
-                    resp.headers_mut()
-                        .entry(&crate::headers::X_REQUEST_ID)
-                        .or_insert_with(|| id.clone());
-                }
                 resp
             }
             Err(e) => {
@@ -375,7 +379,11 @@ pub fn handle(
                 if let Some(l) = &logged {
                     l.line(e.status().as_u16(), Some(e.kind()));
                 }
-                reply(e)
+                let mut resp = reply(e);
+                if let Some(edits) = &route.response_edits {
+                    edits.apply(resp.headers_mut());
+                }
+                resp
             }
         })
     }
@@ -558,6 +566,8 @@ fn announced_over(body: &Incoming, limit: u64) -> bool {
 /// answer and log line say.
 struct OnRoute<'a> {
     route: &'a str,
+    /// `[route.response_headers]`.
+    edits: Option<&'a crate::edit::Edits>,
     /// As stickiness sees it.
     client: SocketAddr,
     request_id: Option<&'a HeaderValue>,
@@ -599,7 +609,11 @@ fn refuse_on_route(
     if let Some(secs) = retry_after {
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
-    with_request_id(resp, on.request_id)
+    let mut resp = with_request_id(resp, on.request_id);
+    if let Some(edits) = on.edits {
+        edits.apply(resp.headers_mut());
+    }
+    resp
 }
 
 /// Counts a failure that is no version's (the client's, or a request veer
@@ -676,7 +690,7 @@ fn outgoing(
     hop: &mut Hop,
     body_timeout: std::time::Duration,
     upload: &Arc<Upload>,
-    max_body: u64,
+    route: &RouteTarget,
 ) -> Result<Outgoing, ProxyError> {
     let upgrade = is_upgrade(req.version(), req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -697,8 +711,17 @@ fn outgoing(
         hop.scheme,
         upgrade,
     )?;
+    // The route's own changes, after the forwarding fields were made from
+    // the request as it came (see `crate::edit`).
+    if let Some(r) = &route.rewrite {
+        r.apply(&mut parts.uri)?;
+    }
+    if let Some(e) = &route.request_edits {
+        e.apply(&mut parts.headers);
+    }
     // A body of no announced length is counted as it comes (one announced
     // longer than the route takes was refused by `handle`).
+    let max_body = route.max_body;
     let unannounced = max_body != u64::MAX && http_body::Body::size_hint(&body).upper().is_none();
     let mut body = ClientBody::new(body, body_timeout, upload.clone());
     if unannounced {
@@ -752,7 +775,7 @@ fn forward<'a>(
     async move {
         let body_timeout = deadlines.body;
         let (mut req, forwarding, downstream_upgrade) =
-            outgoing(req, &mut hop, body_timeout, upload, route.max_body)?;
+            outgoing(req, &mut hop, body_timeout, upload, route)?;
         let upgrade = downstream_upgrade.is_some();
         // (false: the budget for such bodies was spent part-way.)
         if hop.read_whole && !upgrade && !req.body_mut().read_whole().await? {

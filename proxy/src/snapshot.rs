@@ -85,6 +85,12 @@ pub struct RouteTarget {
     pub limiter: Option<Arc<crate::limit::RateLimiter>>,
     /// `allow_from` and `deny_from`, if either is set.
     pub sources: Option<Box<crate::limit::Sources>>,
+    /// `rewrite_prefix`, if set.
+    pub rewrite: Option<Box<crate::edit::Rewrite>>,
+    /// `[route.request_headers]`, if it edits anything.
+    pub request_edits: Option<Box<crate::edit::Edits>>,
+    /// `[route.response_headers]`, if it edits anything.
+    pub response_edits: Option<Box<crate::edit::Edits>>,
     /// The route as configured (for status), shared with the config.
     pub config: Arc<Route>,
 }
@@ -318,6 +324,9 @@ impl Snapshot {
                 },
                 limiter: r.rate_limit.map(|l| upstreams.limiters.get(&r.name, l)),
                 sources: crate::limit::Sources::of(r),
+                rewrite: crate::edit::Rewrite::of(r),
+                request_edits: crate::edit::Edits::of(&r.request_headers),
+                response_edits: crate::edit::Edits::of(&r.response_headers),
                 config: r.clone(),
             }));
         }

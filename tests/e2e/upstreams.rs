@@ -1062,6 +1062,18 @@ async fn an_h2c_upstream_serves_http_clients_and_refuses_upgrades_clearly() {
         ),
         Some(0.0)
     );
+    // A route that sets `Host` sends it as the :authority.
+    veer.write_config(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{addr}\"]"),
+        None,
+        "[route.request_headers]\nset = { host = \"api.internal:8443\" }",
+    ));
+    veer.wait_generation(2).await;
+    let r = get(veer.addr, "/", &[("host", "shop.example")])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-authority"], "api.internal:8443");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -117,6 +117,9 @@ pub struct RawRoute {
     pub max_request_body: Option<Spanned<i64>>,
     pub allow_from: Option<Vec<Spanned<String>>>,
     pub deny_from: Option<Vec<Spanned<String>>>,
+    pub rewrite_prefix: Option<Spanned<String>>,
+    pub request_headers: Option<Spanned<RawHeaderEdits>>,
+    pub response_headers: Option<Spanned<RawHeaderEdits>>,
     pub stable: Spanned<RawVersion>,
     pub canary: Option<Spanned<RawCanary>>,
     pub judge: Option<RawJudge>,
@@ -156,6 +159,14 @@ pub struct RawMirror {
 pub struct RawRateLimit {
     pub requests_per_second: Spanned<f64>,
     pub burst: Option<Spanned<i64>>,
+}
+
+/// `[route.request_headers]` / `[route.response_headers]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderEdits {
+    pub set: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+    pub remove: Option<Vec<Spanned<String>>>,
 }
 
 /// `[route.force]`.

@@ -13,14 +13,14 @@ use toml::Spanned;
 
 pub use super::diagnostics::{Diagnostic, Diagnostics};
 use super::raw::{
-    RawCanary, RawConfig, RawEndpoint, RawForce, RawJudge, RawMirror, RawRateLimit, RawRoute,
-    RawUpstreamTls, RawVersion,
+    RawCanary, RawConfig, RawEndpoint, RawForce, RawHeaderEdits, RawJudge, RawMirror, RawRateLimit,
+    RawRoute, RawUpstreamTls, RawVersion,
 };
 use super::{
-    AccessLog, AdminSettings, Config, Endpoint, Force, JudgeMode, JudgeSettings, Mirror,
-    ProxySettings, Quantile, RateLimit, Rollout, Route, SmokeCheck, StateSettings, StickySource,
-    Strategy, TlsSettings, UpstreamHttp1, UpstreamProtocol, UpstreamTls, Version, Webhook,
-    WebhookFormat, DEFAULT_GRPC_ERROR_CODES,
+    AccessLog, AdminSettings, Config, Endpoint, Force, HeaderEdits, JudgeMode, JudgeSettings,
+    Mirror, ProxySettings, Quantile, RateLimit, Rollout, Route, SmokeCheck, StateSettings,
+    StickySource, Strategy, TlsSettings, UpstreamHttp1, UpstreamProtocol, UpstreamTls, Version,
+    Webhook, WebhookFormat, DEFAULT_GRPC_ERROR_CODES,
 };
 
 /// Defaults, named so that the docs and the code agree.
@@ -110,6 +110,9 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
         }
     }
     v.cross_route(&raw.route);
+    if proxy.request_id {
+        v.request_id_kept(&raw.route);
+    }
     // A fleet that pools its evidence splits each route's α between the
     // pooled tests and the local tests of its seats.
     if let Some(f) = &fleet {

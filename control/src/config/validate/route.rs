@@ -193,6 +193,12 @@ impl Validator<'_> {
                 .map(|b| self.int_in(Some(b), 0..=i64::MAX, 0, "max_request_body") as u64),
             allow_from: self.ranges(r.allow_from.as_deref(), "allow_from"),
             deny_from: self.ranges(r.deny_from.as_deref(), "deny_from"),
+            rewrite_prefix: r
+                .rewrite_prefix
+                .as_ref()
+                .and_then(|p| self.rewrite_prefix(p)),
+            request_headers: self.header_edits(r.request_headers.as_ref(), Edited::Requests),
+            response_headers: self.header_edits(r.response_headers.as_ref(), Edited::Answers),
             stable,
             canary: canary.map(|c| c.0),
             canary_weight_bp,
@@ -679,6 +685,193 @@ impl Validator<'_> {
 }
 
 /// An RFC 9110 token (header and cookie names): visible ASCII, no separators.
+/// Which of a route's messages a header table edits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Edited {
+    /// `[route.request_headers]`.
+    Requests,
+    /// `[route.response_headers]`.
+    Answers,
+}
+
+impl Edited {
+    fn table(self) -> &'static str {
+        match self {
+            Edited::Requests => "[route.request_headers]",
+            Edited::Answers => "[route.response_headers]",
+        }
+    }
+
+    /// Why veer keeps `name` to itself, if it does: fields that frame the
+    /// message or belong to one hop, and (on requests) the forwarding
+    /// fields and gRPC deadline veer writes.
+    fn reserved(self, name: &str) -> Option<&'static str> {
+        const FRAMING: [&str; 8] = [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "content-length",
+        ];
+        const FORWARDING: [&str; 5] = [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-real-ip",
+            "forwarded",
+        ];
+        if FRAMING.contains(&name) {
+            return Some("it frames the message or belongs to one hop");
+        }
+        if self == Edited::Answers && name.starts_with("grpc-") {
+            return Some("the judge reads a gRPC call's outcome from it");
+        }
+        if self == Edited::Requests {
+            if FORWARDING.contains(&name) {
+                return Some("veer writes this hop's forwarding fields itself (see trusted_hops)");
+            }
+            if name == "grpc-timeout" || name == "expect" {
+                return Some("veer keeps the call's deadline and the client's Expect");
+            }
+        }
+        None
+    }
+}
+
+/// Fields a header table may set or remove, each.
+const MAX_HEADER_EDITS: usize = 64;
+
+/// Whether `v` may be a field value as written: visible ASCII, spaces and
+/// tabs, nothing before or after them.
+fn field_value(v: &str) -> bool {
+    v.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)) && v.trim() == v
+}
+
+impl Validator<'_> {
+    /// With `[proxy] request_id` on, veer owns `X-Request-Id` on requests:
+    /// a route's `[route.request_headers]` may not set or remove it.
+    pub(super) fn request_id_kept(&mut self, routes: &[Spanned<RawRoute>]) {
+        for r in routes {
+            let Some(t) = &r.get_ref().request_headers else {
+                continue;
+            };
+            let t = t.get_ref();
+            let set = t
+                .set
+                .iter()
+                .flat_map(|s| s.get_ref().iter().map(|(n, v)| (n, v.span())));
+            let removed = t.remove.iter().flatten().map(|n| (n.get_ref(), n.span()));
+            for (name, span) in set.chain(removed) {
+                if name.eq_ignore_ascii_case("x-request-id") {
+                    self.err(span, "[route.request_headers] cannot set or remove \"x-request-id\" while [proxy] request_id is on: veer keeps the client's or makes one");
+                }
+            }
+        }
+    }
+
+    /// `rewrite_prefix`: a plain path that takes `path_prefix`'s place.
+    fn rewrite_prefix(&mut self, p: &Spanned<String>) -> Option<String> {
+        let text = p.get_ref();
+        let plain = text.starts_with('/')
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !matches!(b, b'?' | b'#'))
+            && !text.split('/').any(|seg| seg == "." || seg == "..");
+        if !plain {
+            self.err(
+                p.span(),
+                format!("rewrite_prefix {text:?} must be a plain path starting with '/' (no '?', '#', spaces or '.' and '..' segments)"),
+            );
+            return None;
+        }
+        Some(text.clone())
+    }
+
+    /// `[route.request_headers]` / `[route.response_headers]`.
+    fn header_edits(&mut self, t: Option<&Spanned<RawHeaderEdits>>, what: Edited) -> HeaderEdits {
+        let Some(t) = t else {
+            return HeaderEdits::default();
+        };
+        let table = what.table();
+        let raw = t.get_ref();
+        let mut out = HeaderEdits::default();
+        let check = |v: &mut Self, name: &str, span: std::ops::Range<usize>, verb: &str| {
+            let lower = name.to_ascii_lowercase();
+            if !http_token(&lower) {
+                v.err(span, format!("{table}: {name:?} is not a header name"));
+                return None;
+            }
+            if let Some(why) = what.reserved(&lower) {
+                v.err(span, format!("{table} cannot {verb} {lower:?}: {why}"));
+                return None;
+            }
+            if lower == "host" && (verb == "remove" || what == Edited::Answers) {
+                v.err(span, format!("{table} cannot {verb} \"host\""));
+                return None;
+            }
+            Some(lower)
+        };
+        if let Some(set) = &raw.set {
+            if set.get_ref().len() > MAX_HEADER_EDITS {
+                self.err(
+                    set.span(),
+                    format!("{table} sets at most {MAX_HEADER_EDITS} fields"),
+                );
+            }
+            for (name, value) in set.get_ref() {
+                let Some(lower) = check(self, name, value.span(), "set") else {
+                    continue;
+                };
+                if !field_value(value.get_ref()) {
+                    self.err(
+                        value.span(),
+                        format!("{table}: the value of {lower:?} must be visible ASCII, spaces and tabs, without spaces around it"),
+                    );
+                    continue;
+                }
+                if out.set.iter().any(|(n, _)| *n == lower) {
+                    self.err(value.span(), format!("{table} sets {lower:?} twice"));
+                    continue;
+                }
+                out.set.push((lower, value.get_ref().clone()));
+            }
+        }
+        if let Some(remove) = &raw.remove {
+            if remove.len() > MAX_HEADER_EDITS {
+                self.err(
+                    t.span(),
+                    format!("{table} removes at most {MAX_HEADER_EDITS} fields"),
+                );
+            }
+            for name in remove {
+                let Some(lower) = check(self, name.get_ref(), name.span(), "remove") else {
+                    continue;
+                };
+                if out.set.iter().any(|(n, _)| *n == lower) {
+                    self.err(
+                        name.span(),
+                        format!("{table} both sets and removes {lower:?}"),
+                    );
+                    continue;
+                }
+                if !out.remove.contains(&lower) {
+                    out.remove.push(lower);
+                }
+            }
+        }
+        if out.is_empty() {
+            self.warn(
+                t.span(),
+                format!("{table} neither sets nor removes a field"),
+            );
+        }
+        out
+    }
+}
+
 fn http_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()

@@ -725,3 +725,137 @@ fn allow_and_deny_ranges_are_addresses_or_cidr_ranges() {
     let c = with("allow_from = [\"10.1.2.3/8\"]").expect("a warning, not an error");
     assert_eq!(text(&c.routes[0].allow_from), ["10.0.0.0/8"]);
 }
+
+#[test]
+fn a_route_may_rewrite_its_prefix_but_only_to_a_plain_path() {
+    let with = |line: &str| {
+        parse(&MINIMAL.replace(
+            "name = \"web\"",
+            &format!("name = \"web\"\npath_prefix = \"/api\"\n{line}"),
+        ))
+    };
+    let c = with("rewrite_prefix = \"/\"").expect("valid");
+    assert_eq!(c.routes[0].rewrite_prefix.as_deref(), Some("/"));
+    assert_eq!(
+        parse(MINIMAL).expect("valid").routes[0].rewrite_prefix,
+        None
+    );
+    for bad in ["v2/", "/v2?x=1", "/v2#a", "/a b", "/a/../b", "/./b", ""] {
+        let e = with(&format!("rewrite_prefix = {bad:?}")).expect_err(bad);
+        assert!(
+            e.0.iter()
+                .any(|d| d.message.contains("rewrite_prefix") && d.line == 5),
+            "{bad}: {e:?}"
+        );
+    }
+}
+
+#[test]
+fn header_tables_set_and_remove_fields_but_never_those_veer_keeps() {
+    let with = |table: &str| parse(&format!("{MINIMAL}{table}"));
+    let c = with(concat!(
+        "[route.request_headers]\n",
+        "set = { \"X-Env\" = \"prod\", host = \"api.internal\" }\n",
+        "remove = [\"X-Debug\", \"x-debug\"]\n",
+        "[route.response_headers]\n",
+        "set = { strict-transport-security = \"max-age=31536000\" }\n",
+        "remove = [\"server\"]\n",
+    ))
+    .expect("valid");
+    let r = &c.routes[0];
+    let mut set = r.request_headers.set.clone();
+    set.sort();
+    assert_eq!(
+        set,
+        [
+            ("host".to_string(), "api.internal".to_string()),
+            ("x-env".to_string(), "prod".to_string())
+        ]
+    );
+    assert_eq!(r.request_headers.remove, ["x-debug"]);
+    assert_eq!(r.response_headers.remove, ["server"]);
+    assert!(parse(MINIMAL).expect("valid").routes[0]
+        .request_headers
+        .is_empty());
+    for (bad, word) in [
+        (
+            "[route.request_headers]\nset = { \"x-forwarded-for\" = \"1.2.3.4\" }\n",
+            "forwarding",
+        ),
+        (
+            "[route.request_headers]\nremove = [\"forwarded\"]\n",
+            "forwarding",
+        ),
+        (
+            "[route.request_headers]\nset = { connection = \"close\" }\n",
+            "one hop",
+        ),
+        (
+            "[route.request_headers]\nremove = [\"content-length\"]\n",
+            "frames",
+        ),
+        ("[route.request_headers]\nremove = [\"host\"]\n", "\"host\""),
+        (
+            "[route.request_headers]\nset = { grpc-timeout = \"1S\" }\n",
+            "deadline",
+        ),
+        (
+            "[route.response_headers]\nset = { host = \"x\" }\n",
+            "\"host\"",
+        ),
+        (
+            "[route.response_headers]\nremove = [\"grpc-status\"]\n",
+            "gRPC",
+        ),
+        (
+            "[route.response_headers]\nremove = [\"transfer-encoding\"]\n",
+            "frames",
+        ),
+        (
+            "[route.request_headers]\nset = { \"x y\" = \"1\" }\n",
+            "not a header name",
+        ),
+        (
+            "[route.request_headers]\nset = { x-a = \" padded\" }\n",
+            "visible ASCII",
+        ),
+        (
+            "[route.request_headers]\nset = { x-a = \"caf\u{e9}\" }\n",
+            "visible ASCII",
+        ),
+        (
+            "[route.request_headers]\nset = { X-A = \"1\", x-a = \"2\" }\n",
+            "twice",
+        ),
+        (
+            "[route.request_headers]\nset = { x-a = \"1\" }\nremove = [\"X-A\"]\n",
+            "both sets and removes",
+        ),
+        (
+            "[route.request_headers]\nappend = { x-a = \"1\" }\n",
+            "append",
+        ),
+    ] {
+        let e = with(bad).expect_err(bad);
+        assert!(e.0.iter().any(|d| d.message.contains(word)), "{bad}: {e:?}");
+    }
+    // With request ids on, veer keeps the request's `X-Request-Id`; the
+    // answers' may be edited.
+    let ids = "[proxy]\nrequest_id = true\n";
+    let e = parse(&format!(
+        "{ids}{MINIMAL}[route.request_headers]\nremove = [\"X-Request-Id\"]\n"
+    ))
+    .expect_err("veer's");
+    assert!(
+        e.0.iter().any(|d| d.message.contains("request_id")),
+        "{e:?}"
+    );
+    parse(&format!(
+        "{ids}{MINIMAL}[route.response_headers]\nremove = [\"x-request-id\"]\n"
+    ))
+    .expect("answers may lose it");
+    parse(&format!(
+        "{MINIMAL}[route.request_headers]\nset = {{ x-request-id = \"fixed\" }}\n"
+    ))
+    .expect("without request ids it is a field like another");
+}

@@ -15,6 +15,8 @@ use std::fmt::Write;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
+mod paths;
+
 const PREFIX: &str = "nginx.ingress.kubernetes.io/";
 
 /// What an import produced.
@@ -271,7 +273,10 @@ fn ingress(file: &str, m: &Manifest, notes: &mut Vec<String>) -> Ingress {
 struct Route {
     name: String,
     host: String,
+    /// `path_prefix` (see [`paths::translate`]).
     path: String,
+    /// `rewrite_prefix`, from `rewrite-target`.
+    rewrite: Option<String>,
     stable: Backend,
     canary: Option<Backend>,
     weight: f64,
@@ -302,10 +307,20 @@ struct Carried {
     allow: Vec<String>,
     /// `denylist-source-range`: `deny_from`.
     deny: Vec<String>,
+    /// `upstream-vhost`: the `Host` upstream (`[route.request_headers]`).
+    vhost: Option<String>,
+    /// `x-forwarded-prefix`: that field upstream.
+    forwarded_prefix: Option<String>,
+    /// `backend-protocol`: the endpoints' scheme (`h2c://`, `https://`).
+    scheme: Option<&'static str>,
+    /// `use-regex` or `rewrite-target` is set: paths are regexes.
+    regex: bool,
+    /// `rewrite-target`.
+    target: Option<String>,
 }
 
 /// The annotations [`Carried`] reads.
-const CARRIED_KEYS: [&str; 8] = [
+const CARRIED_KEYS: [&str; 13] = [
     "proxy-body-size",
     "proxy-read-timeout",
     "proxy-connect-timeout",
@@ -314,6 +329,11 @@ const CARRIED_KEYS: [&str; 8] = [
     "whitelist-source-range",
     "allowlist-source-range",
     "denylist-source-range",
+    "upstream-vhost",
+    "x-forwarded-prefix",
+    "backend-protocol",
+    "use-regex",
+    "rewrite-target",
 ];
 
 /// A source-range annotation's addresses and CIDR ranges (comma-separated),
@@ -436,6 +456,42 @@ fn carried(main: &Ingress, notes: &mut Vec<String>) -> Carried {
         .annotation("denylist-source-range")
         .map(|v| source_ranges("denylist-source-range", v, notes))
         .unwrap_or_default();
+    let mut field = |key: &str| {
+        let v = main.annotation(key)?.trim();
+        // A field value veer's config takes (visible ASCII and spaces).
+        if !v.is_empty() && v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            Some(v.to_string())
+        } else {
+            notes.push(format!(
+                "{key} {v:?} is not a field value veer can send: not written"
+            ));
+            None
+        }
+    };
+    let vhost = field("upstream-vhost");
+    let forwarded_prefix = field("x-forwarded-prefix");
+    let scheme = main.annotation("backend-protocol").and_then(|p| {
+        match p.trim().to_ascii_uppercase().as_str() {
+            "HTTP" => None,
+            "GRPC" => Some("h2c://"),
+            "HTTPS" | "GRPCS" => {
+                notes.push(format!(
+                    "backend-protocol {p}: veer verifies the upstream's certificate for the endpoint's name (NAME.NAMESPACE.svc), where ingress-nginx does not unless proxy-ssl-verify is on: set [route.stable.tls] / [route.canary.tls] ca_file and server_name"
+                ));
+                Some("https://")
+            }
+            _ => {
+                notes.push(format!(
+                    "backend-protocol {p:?} has no veer form (HTTP, HTTPS, GRPC, GRPCS do): HTTP/1.1 written"
+                ));
+                None
+            }
+        }
+    });
+    let regex = main
+        .annotation("use-regex")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        || main.annotation("rewrite-target").is_some();
     Carried {
         max_body,
         read_timeout,
@@ -443,6 +499,13 @@ fn carried(main: &Ingress, notes: &mut Vec<String>) -> Carried {
         rate,
         allow,
         deny,
+        vhost,
+        forwarded_prefix,
+        scheme,
+        regex,
+        target: main
+            .annotation("rewrite-target")
+            .map(|t| t.trim().to_string()),
     }
 }
 
@@ -564,14 +627,18 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
                     rn.push(format!("TLS from Secret {secret:?}: mount its tls.crt/tls.key and set [proxy.tls] cert and key (veer serves one certificate per listener set)"));
                 }
             }
-            if !rule.path.starts_with('/') || rule.path.contains(['?', '#', ' ']) {
-                notes.push(format!(
-                    "{}: host {:?} path {:?} is not a plain path prefix (a regex?): skipped",
-                    c.origin, rule.host, rule.path
-                ));
-                continue;
-            }
-            if !claimed.insert((rule.host.clone(), rule.path.clone())) {
+            let target = carried.target.as_deref();
+            let path = match paths::translate(&rule.path, carried.regex, target, &mut rn) {
+                Ok(p) => p,
+                Err(why) => {
+                    notes.push(format!(
+                        "{}: host {:?}: {why}: skipped",
+                        c.origin, rule.host
+                    ));
+                    continue;
+                }
+            };
+            if !claimed.insert((rule.host.clone(), path.prefix.clone())) {
                 notes.push(format!(
                     "{}: host {:?} path {:?} already has a canary from another Ingress: skipped (ingress-nginx allows one canary per host and path)",
                     c.origin, rule.host, rule.path
@@ -580,11 +647,12 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
             }
             let mut seen = std::collections::HashSet::new();
             rn.retain(|n| seen.insert(n.clone()));
-            let name = unique(route_name(&rule.host, &rule.path), &mut used);
+            let name = unique(route_name(&rule.host, &path.prefix), &mut used);
             routes.push(Route {
                 name,
                 host: rule.host.clone(),
-                path: rule.path.clone(),
+                path: path.prefix,
+                rewrite: path.rewrite,
                 stable: stable_rule.backend.clone(),
                 canary: Some(rule.backend.clone()),
                 weight,
@@ -605,23 +673,36 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
             if matched.contains(&(m.origin.clone(), r.host.clone(), r.path.clone())) {
                 continue;
             }
-            let plain = r.path.starts_with('/') && !r.path.contains(['?', '#', ' ']);
-            if canary_hosts.contains(&r.host)
-                && plain
-                && claimed.insert((r.host.clone(), r.path.clone()))
-            {
-                let mut rn = vec![format!(
-                    "{} has no canary for this path: imported without one, so that the host's other routes do not take its traffic",
-                    m.origin
-                )];
-                if r.path_type == "Exact" {
-                    rn.push(format!("pathType Exact for {:?}: veer matches path prefixes, so longer paths match too", r.path));
+            if !canary_hosts.contains(&r.host) {
+                notes.push(format!(
+                    "{}: host {:?} path {:?} has no canary: not imported (veer routes only what it rolls out here; add a [[route]] without [route.canary] to serve it)",
+                    m.origin, r.host, r.path
+                ));
+                continue;
+            }
+            let mut rn = vec![format!(
+                "{} has no canary for this path: imported without one, so that the host's other routes do not take its traffic",
+                m.origin
+            )];
+            if r.path_type == "Exact" {
+                rn.push(format!("pathType Exact for {:?}: veer matches path prefixes, so longer paths match too", r.path));
+            }
+            let carried = carried(m, &mut rn);
+            let target = carried.target.as_deref();
+            let path = paths::translate(&r.path, carried.regex, target, &mut rn);
+            let path = match path {
+                Ok(p) => p,
+                Err(why) => {
+                    notes.push(format!("{}: host {:?}: {why}: skipped", m.origin, r.host));
+                    continue;
                 }
-                let carried = carried(m, &mut rn);
+            };
+            if claimed.insert((r.host.clone(), path.prefix.clone())) {
                 routes.push(Route {
-                    name: unique(route_name(&r.host, &r.path), &mut used),
+                    name: unique(route_name(&r.host, &path.prefix), &mut used),
                     host: r.host.clone(),
-                    path: r.path.clone(),
+                    path: path.prefix,
+                    rewrite: path.rewrite,
                     stable: r.backend.clone(),
                     canary: None,
                     weight: 0.0,
@@ -685,6 +766,9 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
         }
         let _ = writeln!(out, "path_prefix = {}", toml_str(&r.path));
         let c = &r.carried;
+        if let Some(p) = &r.rewrite {
+            let _ = writeln!(out, "rewrite_prefix = {}  # rewrite-target", toml_str(p));
+        }
         if let Some(n) = c.read_timeout {
             let _ = writeln!(out, "timeout = \"{n}s\"  # proxy-read-timeout");
         }
@@ -710,6 +794,7 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
         for (role, b) in [("stable", Some(&r.stable)), ("canary", r.canary.as_ref())] {
             let Some(b) = b else { continue };
             let (endpoint, note) = endpoint(b);
+            let endpoint = format!("{}{endpoint}", c.scheme.unwrap_or(""));
             let _ = writeln!(
                 out,
                 "[route.{role}]\nversion = {}",
@@ -728,6 +813,31 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
             let _ = writeln!(
                 out,
                 "[route.rate_limit]  # limit-rps, and limit-burst-multiplier times it\nrequests_per_second = {rps}\nburst = {burst}"
+            );
+        }
+        let fields = [
+            ("host", &c.vhost, "upstream-vhost"),
+            (
+                "x-forwarded-prefix",
+                &c.forwarded_prefix,
+                "x-forwarded-prefix",
+            ),
+        ];
+        if fields.iter().any(|f| f.1.is_some()) {
+            let set: Vec<String> = fields
+                .iter()
+                .filter_map(|(name, v, _)| Some(format!("{name} = {}", toml_str(v.as_deref()?))))
+                .collect();
+            let from: Vec<&str> = fields
+                .iter()
+                .filter(|f| f.1.is_some())
+                .map(|f| f.2)
+                .collect();
+            let _ = writeln!(
+                out,
+                "[route.request_headers]  # {}\nset = {{ {} }}",
+                from.join(", "),
+                set.join(", ")
             );
         }
         if r.header.is_some() || r.cookie.is_some() {

@@ -23,6 +23,20 @@ fn parsed(i: &Imported) -> Config {
         .unwrap_or_else(|e| panic!("veer check fails:\n{e}\n{}", i.config))
 }
 
+/// Asserts that each of `wants` is in a note and a comment of the
+/// output; the notes, joined.
+fn noted(i: &Imported, wants: &[&str]) -> String {
+    let text = i.notes.join("\n");
+    for want in wants {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        assert!(
+            i.config.contains(want),
+            "not a comment in the output: {want:?}"
+        );
+    }
+    text
+}
+
 #[test]
 fn a_weighted_canary_becomes_a_route_with_service_endpoints() {
     let i = import(&["weight.yaml"]);
@@ -62,19 +76,15 @@ fn header_and_cookie_become_forcing_and_their_differences_are_reported() {
         profile.force.as_ref().and_then(|f| f.cookie.as_deref()),
         Some("canary_user")
     );
-    let text = i.notes.join("\n");
-    for want in [
-        "\"always\"",
-        "canary-by-header-value \"on\" is not honoured",
-        "canary-by-header-pattern \"^(on|yes)$\" is not supported",
-        "canary-by-cookie canary_user",
-    ] {
-        assert!(text.contains(want), "missing {want:?} in:\n{text}");
-        assert!(
-            i.config.contains(want),
-            "not a comment in the output: {want:?}"
-        );
-    }
+    noted(
+        &i,
+        &[
+            "\"always\"",
+            "canary-by-header-value \"on\" is not honoured",
+            "canary-by-header-pattern \"^(on|yes)$\" is not supported",
+            "canary-by-cookie canary_user",
+        ],
+    );
 }
 
 #[test]
@@ -206,4 +216,59 @@ fn proxy_body_size_is_read_as_nginx_reads_sizes() {
     ] {
         assert_eq!(super::nginx_size(v), want, "{v:?}");
     }
+}
+
+#[test]
+fn rewrites_hosts_and_protocols_are_carried_where_veer_has_their_form() {
+    let i = import(&["rewrite.yaml"]);
+    let c = parsed(&i);
+    let r: Vec<(&str, &str, Option<&str>)> = c
+        .routes
+        .iter()
+        .map(|r| {
+            (
+                r.name.as_str(),
+                r.path_prefix.as_str(),
+                r.rewrite_prefix.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        r,
+        [
+            ("shop-example-com-api", "/api", Some("/")),
+            ("store-example-com-store", "/store/", Some("/shop/")),
+            ("legacy-example-com-legacy", "/legacy", None),
+        ]
+    );
+    let mut set = c.routes[0].request_headers.set.clone();
+    set.sort();
+    assert_eq!(
+        set,
+        [
+            ("host".to_string(), "api.internal".to_string()),
+            ("x-forwarded-prefix".to_string(), "/api".to_string())
+        ]
+    );
+    let protocols = |r: usize| {
+        let v = &c.routes[r];
+        [&v.stable, v.canary.as_ref().expect("canary")].map(|v| v.protocol)
+    };
+    use veer_control::config::UpstreamProtocol as P;
+    assert_eq!(protocols(0), [P::Http1, P::Http1]);
+    assert_eq!(protocols(1), [P::Https, P::Https], "backend-protocol HTTPS");
+    assert_eq!(protocols(2), [P::H2c, P::H2c], "backend-protocol GRPC");
+    let text = noted(
+        &i,
+        &[
+            "\"/user/([0-9]+)/orders\" is a regex that is no prefix veer can match",
+            "nginx rewrites the whole path",
+            "so /apix (not only /api/x) is this route's too",
+            "veer verifies the upstream's certificate",
+        ],
+    );
+    assert!(
+        !text.contains("rewrite-target: \"/$2\" is not expressible"),
+        "{text}"
+    );
 }

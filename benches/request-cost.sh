@@ -17,6 +17,8 @@
 # nginx serving a large body), started by the caller.
 # PROXY_EXTRA='key = value' adds lines to veer's [proxy] section (say,
 # 'request_id = true': what a setting costs a request).
+# ROUTE_KEYS='key = value' adds lines to the route's own keys (say,
+# 'rewrite_prefix = "/v2/"').
 # ROUTE_EXTRA='...' adds lines after the route's last table (say, a
 # '[route.rate_limit]' table).
 # BODY=N sends POSTs with an N-byte body instead of GETs: the path through
@@ -157,6 +159,7 @@ dir = "$work/state"
 [[route]]
 name = "web"
 sticky = ["header:x-user-id"]
+${ROUTE_KEYS:-}
 [route.stable]
 version = "v1"
 endpoints = ["$STABLE"]

@@ -231,6 +231,9 @@ pub struct Route {
     pub allow_from: Vec<ipnet::IpNet>,
     /// Client addresses the route refuses (403), even when allowed.
     pub deny_from: Vec<ipnet::IpNet>,
+    /// Requests that came over plain HTTP get `308` to the same URL over
+    /// HTTPS (`https_redirect`).
+    pub https_redirect: bool,
     /// What replaces `path_prefix` at the start of the path a request goes
     /// upstream with (`rewrite_prefix`); `None`: the path as it came.
     pub rewrite_prefix: Option<String>,

@@ -176,6 +176,9 @@ pub fn summary(path: &Path, c: &Config) -> String {
                 }
             );
         }
+        if r.https_redirect {
+            let _ = writeln!(out, "    plain HTTP requests: 308 to https://");
+        }
         if let Some(p) = &r.rewrite_prefix {
             let _ = writeln!(out, "    upstream path: {} -> {p}", r.path_prefix);
         }

@@ -119,6 +119,34 @@ impl Edits {
     }
 }
 
+/// Whether a proxy in front (trusted: `trusted_hops` > 0) says the
+/// request came over HTTPS: its `X-Forwarded-Proto`, the last one.
+pub fn forwarded_https(headers: &HeaderMap, trusted_hops: usize) -> bool {
+    trusted_hops > 0
+        && headers
+            .get_all("x-forwarded-proto")
+            .iter()
+            .next_back()
+            .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
+            .is_some_and(|p| p.trim_ascii().eq_ignore_ascii_case(b"https"))
+}
+
+/// `https://` + `host` (its port, if any, replaced by `port`, left out
+/// when 443) + `uri`'s path and query; `None` if that is no field value.
+pub fn https_location(host: &str, port: u16, uri: &http::Uri) -> Option<HeaderValue> {
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host,
+    };
+    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let url = if port == 443 {
+        format!("https://{host}{pq}")
+    } else {
+        format!("https://{host}:{port}{pq}")
+    };
+    HeaderValue::from_str(&url).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +188,38 @@ mod tests {
         assert_eq!(strip.path("/api../etc"), Err(ProxyError::BadRequest));
         // A segment that only looks like one stays.
         assert_eq!(strip.path("/api/..x").as_deref(), Ok("/..x"));
+    }
+
+    #[test]
+    fn a_redirect_names_the_https_port_and_keeps_path_and_query() {
+        let uri: http::Uri = "/a/b?c=1".parse().expect("uri");
+        let at = |host, port| https_location(host, port, &uri).expect("a value");
+        assert_eq!(at("shop.example", 443), "https://shop.example/a/b?c=1");
+        assert_eq!(at("shop.example:8080", 443), "https://shop.example/a/b?c=1");
+        assert_eq!(
+            at("shop.example:8080", 8443),
+            "https://shop.example:8443/a/b?c=1"
+        );
+        assert_eq!(at("[::1]:8080", 8443), "https://[::1]:8443/a/b?c=1");
+        assert_eq!(at("[::1]", 443), "https://[::1]/a/b?c=1");
+        let absolute: http::Uri = "http://shop.example/x".parse().expect("uri");
+        assert_eq!(
+            https_location("shop.example", 443, &absolute).expect("a value"),
+            "https://shop.example/x"
+        );
+    }
+
+    #[test]
+    fn only_a_trusted_proxys_last_word_says_https() {
+        let mut h = HeaderMap::new();
+        assert!(!forwarded_https(&h, 1));
+        h.append("x-forwarded-proto", HeaderValue::from_static("https"));
+        assert!(forwarded_https(&h, 1));
+        assert!(!forwarded_https(&h, 0), "nobody is trusted to say so");
+        h.append("x-forwarded-proto", HeaderValue::from_static("https, http"));
+        assert!(!forwarded_https(&h, 1), "the nearest proxy's is the last");
+        h.append("x-forwarded-proto", HeaderValue::from_static("HTTPS"));
+        assert!(forwarded_https(&h, 2));
     }
 
     #[test]

@@ -317,10 +317,13 @@ struct Carried {
     regex: bool,
     /// `rewrite-target`.
     target: Option<String>,
+    /// `ssl-redirect` (on unless "false" where the Ingress has TLS for
+    /// the host) or `force-ssl-redirect`: `https_redirect`.
+    https_redirect: bool,
 }
 
 /// The annotations [`Carried`] reads.
-const CARRIED_KEYS: [&str; 13] = [
+const CARRIED_KEYS: [&str; 15] = [
     "proxy-body-size",
     "proxy-read-timeout",
     "proxy-connect-timeout",
@@ -334,6 +337,8 @@ const CARRIED_KEYS: [&str; 13] = [
     "backend-protocol",
     "use-regex",
     "rewrite-target",
+    "ssl-redirect",
+    "force-ssl-redirect",
 ];
 
 /// A source-range annotation's addresses and CIDR ranges (comma-separated),
@@ -380,7 +385,7 @@ fn nginx_size(v: &str) -> Option<u64> {
 
 /// What a main Ingress sets that veer carries over ([`Carried`]), with a
 /// note for each value that could not be.
-fn carried(main: &Ingress, notes: &mut Vec<String>) -> Carried {
+fn carried(main: &Ingress, host: &str, notes: &mut Vec<String>) -> Carried {
     let max_body = main.annotation("proxy-body-size").and_then(|v| {
         let n = nginx_size(v);
         if n.is_none() {
@@ -488,6 +493,19 @@ fn carried(main: &Ingress, notes: &mut Vec<String>) -> Carried {
             }
         }
     });
+    let flag = |key: &str| {
+        main.annotation(key)
+            .map(|v| v.trim().eq_ignore_ascii_case("true"))
+    };
+    // ingress-nginx redirects plain HTTP to HTTPS where the Ingress has
+    // TLS for the host (its ConfigMap's ssl-redirect, true unless set
+    // otherwise there), and everywhere with force-ssl-redirect.
+    let has_tls = main
+        .tls
+        .iter()
+        .any(|(hosts, _)| hosts.is_empty() || hosts.iter().any(|h| h.eq_ignore_ascii_case(host)));
+    let https_redirect = (has_tls && flag("ssl-redirect") != Some(false))
+        || flag("force-ssl-redirect") == Some(true);
     let regex = main
         .annotation("use-regex")
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
@@ -506,6 +524,7 @@ fn carried(main: &Ingress, notes: &mut Vec<String>) -> Carried {
         target: main
             .annotation("rewrite-target")
             .map(|t| t.trim().to_string()),
+        https_redirect,
     }
 }
 
@@ -608,7 +627,7 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
             };
             matched.insert((main.origin.clone(), rule.host.clone(), rule.path.clone()));
             let mut rn = route_notes.clone();
-            let carried = carried(main, &mut rn);
+            let carried = carried(main, &rule.host, &mut rn);
             for (k, v) in &main.annotations {
                 let kept = k
                     .strip_prefix(PREFIX)
@@ -687,7 +706,7 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
             if r.path_type == "Exact" {
                 rn.push(format!("pathType Exact for {:?}: veer matches path prefixes, so longer paths match too", r.path));
             }
-            let carried = carried(m, &mut rn);
+            let carried = carried(m, &r.host, &mut rn);
             let target = carried.target.as_deref();
             let path = paths::translate(&r.path, carried.regex, target, &mut rn);
             let path = match path {
@@ -766,6 +785,12 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
         }
         let _ = writeln!(out, "path_prefix = {}", toml_str(&r.path));
         let c = &r.carried;
+        if c.https_redirect {
+            let _ = writeln!(
+                out,
+                "https_redirect = true  # ssl-redirect (the Ingress has TLS for the host) or force-ssl-redirect"
+            );
+        }
         if let Some(p) = &r.rewrite {
             let _ = writeln!(out, "rewrite_prefix = {}  # rewrite-target", toml_str(p));
         }

@@ -244,6 +244,9 @@ pub async fn run(
             .unwrap_or(config.admin.listen),
     };
 
+    if let Some(a) = bound.tls.first() {
+        shared.https_port.store(a.port(), Ordering::Relaxed);
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(config.proxy.max_connections));
     let limits = Limits::from_settings(&config.proxy);

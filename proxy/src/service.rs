@@ -101,6 +101,13 @@ pub fn handle(
             }
         };
         drop(snap);
+        if route.https_redirect
+            && scheme == Scheme::Http
+            && !crate::edit::forwarded_https(req.headers(), trusted_hops)
+        {
+            let port = shared.https_port.load(std::sync::atomic::Ordering::Relaxed);
+            return Ok(https_redirect(&req, port, &route, rid, (access, peer.addr)));
+        }
         // A gRPC call's own deadline, when shorter, wins over the route's; the
         // upstream is told the deadline in force.
         let (timeout, client_bound) = match grpc.then(|| crate::grpc::timeout(req.headers())) {
@@ -611,6 +618,55 @@ fn refuse_on_route(
     }
     let mut resp = with_request_id(resp, on.request_id);
     if let Some(edits) = on.edits {
+        edits.apply(resp.headers_mut());
+    }
+    resp
+}
+
+/// `308 Permanent Redirect` to the URL of `req` over HTTPS (`port`, unless
+/// 443), for a route with `https_redirect`: a request that came over
+/// plain HTTP goes nowhere else (before any other check of its route,
+/// as ingress-nginx's `ssl-redirect`). Logged with `access_log = "all"`.
+#[cold]
+fn https_redirect(
+    req: &Request<Incoming>,
+    port: u16,
+    route: &RouteTarget,
+    request_id: Option<&HeaderValue>,
+    (access, peer): (AccessLog, SocketAddr),
+) -> Response<ProxyBody> {
+    let location = routing_host(req.uri(), req.headers())
+        .ok()
+        .flatten()
+        .and_then(|host| crate::edit::https_location(host, port, req.uri()));
+    let Some(location) = location else {
+        // No host to send the client to.
+        refused(
+            access,
+            req,
+            peer,
+            ProxyError::BadRequest,
+            (Some(&route.name), request_id),
+        );
+        return with_request_id(error_response(ProxyError::BadRequest), request_id);
+    };
+    let mut resp = Response::new(ProxyBody::empty());
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    resp.headers_mut().insert(header::LOCATION, location);
+    if access == AccessLog::All {
+        tracing::info!(
+            target: "veer::access",
+            method = %req.method(),
+            path = req.uri().path(),
+            status = 308,
+            route = &*route.name,
+            client = %peer,
+            request_id = request_id.and_then(|v| v.to_str().ok()),
+            "request"
+        );
+    }
+    let mut resp = with_request_id(resp, request_id);
+    if let Some(edits) = &route.response_edits {
         edits.apply(resp.headers_mut());
     }
     resp

@@ -48,6 +48,9 @@ pub struct Shared {
     pub state_error: Mutex<Option<String>>,
     /// Writes of persisted state under way (see [`crate::persist::save`]).
     pub state_writes: Waiting,
+    /// The port `https_redirect` sends clients to: the first TLS
+    /// listener's once bound (443 without one).
+    pub https_port: std::sync::atomic::AtomicU16,
 }
 
 impl Shared {
@@ -74,6 +77,7 @@ impl Shared {
             status: ArcSwap::from_pointee(StatusDoc::default()),
             state_error: Mutex::new(None),
             state_writes: Waiting::default(),
+            https_port: std::sync::atomic::AtomicU16::new(443),
         }
     }
 

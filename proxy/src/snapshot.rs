@@ -85,6 +85,8 @@ pub struct RouteTarget {
     pub limiter: Option<Arc<crate::limit::RateLimiter>>,
     /// `allow_from` and `deny_from`, if either is set.
     pub sources: Option<Box<crate::limit::Sources>>,
+    /// `https_redirect`: requests over plain HTTP get 308 to HTTPS.
+    pub https_redirect: bool,
     /// `rewrite_prefix`, if set.
     pub rewrite: Option<Box<crate::edit::Rewrite>>,
     /// `[route.request_headers]`, if it edits anything.
@@ -324,6 +326,7 @@ impl Snapshot {
                 },
                 limiter: r.rate_limit.map(|l| upstreams.limiters.get(&r.name, l)),
                 sources: crate::limit::Sources::of(r),
+                https_redirect: r.https_redirect,
                 rewrite: crate::edit::Rewrite::of(r),
                 request_edits: crate::edit::Edits::of(&r.request_headers),
                 response_edits: crate::edit::Edits::of(&r.response_headers),

@@ -330,6 +330,102 @@ endpoints = ["{}"]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_requests_to_a_redirecting_route_are_sent_to_https() {
+    let s = Upstream::start("stable").await;
+    let config = route_config(
+        &[s.addr],
+        &[],
+        0.0,
+        "https_redirect = true\n[route.response_headers]\nset = { strict-transport-security = \"max-age=600\" }",
+    )
+    .replace("[proxy]\n", "[proxy]\naccess_log = \"all\"\n");
+    let veer = Veer::start_tls(&config).await;
+    let tls_port = veer.tls_addr.expect("tls listener").port();
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    let r = c
+        .send(
+            http::Method::POST,
+            "/cart/add?item=7",
+            &[("host", "shop.example:8080")],
+            Bytes::from_static(b"{}"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 308, "the method and body kept: 308, not 301");
+    assert_eq!(
+        r.headers()["location"],
+        format!("https://shop.example:{tls_port}/cart/add?item=7").as_str()
+    );
+    assert_eq!(r.headers()["strict-transport-security"], "max-age=600");
+    assert_eq!(s.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // HTTP/2 in clear too.
+    let mut h2 = super::support::h2c(veer.addr).await;
+    let req = Request::get(format!("http://{}/h2", veer.addr))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = h2.send_request(req).await.unwrap();
+    assert_eq!(r.status(), 308);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(
+        location,
+        format!("https://{}:{tls_port}/h2", veer.addr.ip())
+    );
+    // Over TLS the route serves.
+    let mut tls = tls_connect(veer.tls_addr.unwrap(), &[b"http/1.1"]).await;
+    tls.write_all(b"GET /cart HTTP/1.1\r\nhost: shop.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 2048];
+    let n = tls.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("strict-transport-security: max-age=600"),
+        "{answer}"
+    );
+    assert_eq!(s.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Behind a trusted proxy that took the request over HTTPS: served;
+    // over plain HTTP, or said by a client nobody trusts: redirected.
+    veer.write_config(&config.replace("[proxy]\n", "[proxy]\ntrusted_hops = 1\n"));
+    veer.wait_generation(2).await;
+    let r = c
+        .get(
+            "/lb",
+            &[
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-for", "203.0.113.9"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get("/lb", &[("x-forwarded-proto", "http")])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 308);
+    veer.write_config(&config);
+    veer.wait_generation(3).await;
+    let r = c
+        .get("/lb", &[("x-forwarded-proto", "https")])
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        308,
+        "nobody is trusted to say it came over HTTPS"
+    );
+    let lines = veer.logs_with_at_least("request", 5).await;
+    assert!(
+        lines.iter().any(|l| l["target"] == "veer::access"
+            && l["status"] == 308
+            && l["path"] == "/cart/add"
+            && l["route"] == "web"),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_both_ways() {
     let s = Upstream::start("stable").await;
     let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;

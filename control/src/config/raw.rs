@@ -118,6 +118,7 @@ pub struct RawRoute {
     pub allow_from: Option<Vec<Spanned<String>>>,
     pub deny_from: Option<Vec<Spanned<String>>>,
     pub rewrite_prefix: Option<Spanned<String>>,
+    pub https_redirect: Option<Spanned<bool>>,
     pub request_headers: Option<Spanned<RawHeaderEdits>>,
     pub response_headers: Option<Spanned<RawHeaderEdits>>,
     pub stable: Spanned<RawVersion>,

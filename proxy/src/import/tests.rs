@@ -119,6 +119,9 @@ fn what_veer_cannot_express_is_reported_never_dropped() {
         );
         assert_eq!(nets(&r.deny_from), ["10.13.0.0/16"], "{}", r.name);
     }
+    // The main Ingress has TLS for www and api (and says ssl-redirect).
+    let redirects: Vec<bool> = c.routes.iter().map(|r| r.https_redirect).collect();
+    assert_eq!(redirects, [true, true, false, true]);
     // legacy's are not written: a size nginx does not read, a connect
     // timeout longer than veer's default route timeout (15 s).
     let legacy = &c.routes[2];
@@ -150,7 +153,6 @@ fn what_veer_cannot_express_is_reported_never_dropped() {
     );
     let text = i.notes.join("\n");
     for want in [
-        "ssl-redirect: \"true\" is not expressible",
         "affinity: \"cookie\" is not expressible",
         "proxy-body-size \"1.5m\" is not an nginx size",
         "proxy-connect-timeout 30s is longer than the route's timeout (15s)",
@@ -256,6 +258,12 @@ fn rewrites_hosts_and_protocols_are_carried_where_veer_has_their_form() {
     };
     use veer_control::config::UpstreamProtocol as P;
     assert_eq!(protocols(0), [P::Http1, P::Http1]);
+    let redirects: Vec<bool> = c.routes.iter().map(|r| r.https_redirect).collect();
+    assert_eq!(
+        redirects,
+        [false, false, true],
+        "force-ssl-redirect, no TLS"
+    );
     assert_eq!(protocols(1), [P::Https, P::Https], "backend-protocol HTTPS");
     assert_eq!(protocols(2), [P::H2c, P::H2c], "backend-protocol GRPC");
     let text = noted(

@@ -193,6 +193,7 @@ impl Validator<'_> {
                 .map(|b| self.int_in(Some(b), 0..=i64::MAX, 0, "max_request_body") as u64),
             allow_from: self.ranges(r.allow_from.as_deref(), "allow_from"),
             deny_from: self.ranges(r.deny_from.as_deref(), "deny_from"),
+            https_redirect: r.https_redirect.as_ref().is_some_and(|b| *b.get_ref()),
             rewrite_prefix: r
                 .rewrite_prefix
                 .as_ref()

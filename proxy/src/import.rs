@@ -110,36 +110,56 @@ pub fn ingress_nginx(files: &[(String, String)]) -> Result<Imported, ImportError
             if value.is_null() {
                 continue;
             }
-            let Ok(m) = serde_yaml_ng::from_value::<Manifest>(value) else {
-                notes.push(format!(
-                    "{name}: a document that is not a Kubernetes object was skipped"
-                ));
-                continue;
-            };
-            if m.kind == "List" {
-                notes.push(format!(
-                    "{name}: kind List is not read: give the Ingresses as documents"
-                ));
-                continue;
+            for m in objects(value) {
+                let Some(m) = m else {
+                    notes.push(format!(
+                        "{name}: a document that is not a Kubernetes object was skipped"
+                    ));
+                    continue;
+                };
+                read(name, m, &mut ingresses, &mut notes);
             }
-            if m.kind != "Ingress" {
-                notes.push(format!(
-                    "{name}: {} skipped (only Ingress objects are imported)",
-                    if m.kind.is_empty() {
-                        "an object without kind"
-                    } else {
-                        &m.kind
-                    }
-                ));
-                continue;
-            }
-            ingresses.push(ingress(name, &m, &mut notes));
         }
     }
     if ingresses.is_empty() {
         return Err(ImportError::Nothing("no Ingress in the input".into()));
     }
     build(&ingresses, notes)
+}
+
+/// The objects of a document: itself, or the items of a list (what
+/// `kubectl get ... -o yaml` writes: `kind: List`, or `IngressList` from
+/// the API); `None` for what is no object.
+fn objects(value: Value) -> Vec<Option<Manifest>> {
+    let Ok(m) = serde_yaml_ng::from_value::<Manifest>(value.clone()) else {
+        return vec![None];
+    };
+    if !m.kind.ends_with("List") {
+        return vec![Some(m)];
+    }
+    match value.get("items") {
+        Some(Value::Sequence(items)) => items
+            .iter()
+            .map(|i| serde_yaml_ng::from_value::<Manifest>(i.clone()).ok())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Takes one object: an Ingress is read, anything else noted.
+fn read(name: &str, m: Manifest, ingresses: &mut Vec<Ingress>, notes: &mut Vec<String>) {
+    if m.kind != "Ingress" {
+        let kind = if m.kind.is_empty() {
+            "an object without kind"
+        } else {
+            &m.kind
+        };
+        notes.push(format!(
+            "{name}: {kind} skipped (only Ingress objects are imported)"
+        ));
+        return;
+    }
+    ingresses.push(ingress(name, &m, notes));
 }
 
 fn str_of(v: &Value) -> Option<String> {

@@ -280,3 +280,44 @@ fn rewrites_hosts_and_protocols_are_carried_where_veer_has_their_form() {
         "{text}"
     );
 }
+
+#[test]
+fn kubectls_lists_are_read_item_by_item() {
+    // `kubectl get ingress -A -o yaml` writes one `kind: List`.
+    let (_, weight) = corpus("weight.yaml");
+    let items: Vec<serde_yaml_ng::Value> = serde_yaml_ng::Deserializer::from_str(&weight)
+        .map(|d| serde_yaml_ng::Value::deserialize(d).expect("yaml"))
+        .collect();
+    let mut list = serde_yaml_ng::Mapping::new();
+    list.insert("apiVersion".into(), "v1".into());
+    list.insert("kind".into(), "List".into());
+    let mut with_service = items.clone();
+    with_service
+        .push(serde_yaml_ng::from_str("kind: Service\nmetadata: {name: s}\n").expect("yaml"));
+    list.insert("items".into(), serde_yaml_ng::Value::Sequence(with_service));
+    let text = serde_yaml_ng::to_string(&list).expect("yaml");
+    let from_list = ingress_nginx(&[("all.yaml".into(), text)]).expect("imported");
+    let from_docs = import(&["weight.yaml"]);
+    assert_eq!(from_list.routes, 1);
+    let service = "# NOTE: all.yaml: Service skipped (only Ingress objects are imported)\n";
+    assert!(from_list.config.contains(service), "{}", from_list.config);
+    assert_eq!(
+        from_list.config.replace(service, ""),
+        from_docs.config,
+        "the same config as from the documents"
+    );
+    assert!(from_list
+        .notes
+        .iter()
+        .any(|n| n.contains("Service skipped")));
+    // The API's own list kind too.
+    let text = serde_yaml_ng::to_string(&list)
+        .expect("yaml")
+        .replace("kind: List", "kind: IngressList");
+    assert_eq!(
+        ingress_nginx(&[("all.yaml".into(), text)])
+            .expect("imported")
+            .routes,
+        1
+    );
+}

@@ -15,6 +15,7 @@ use std::fmt::Write;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
+mod configmap;
 mod paths;
 
 const PREFIX: &str = "nginx.ingress.kubernetes.io/";
@@ -97,12 +98,16 @@ struct Manifest {
     metadata: Value,
     #[serde(default)]
     spec: Value,
+    /// A ConfigMap's.
+    #[serde(default)]
+    data: Value,
 }
 
 /// Imports the manifests `files` (name, text).
 pub fn ingress_nginx(files: &[(String, String)]) -> Result<Imported, ImportError> {
     let mut notes = Vec::new();
     let mut ingresses = Vec::new();
+    let mut controllers = Vec::new();
     for (name, text) in files {
         for doc in serde_yaml_ng::Deserializer::from_str(text) {
             let value = Value::deserialize(doc)
@@ -117,14 +122,26 @@ pub fn ingress_nginx(files: &[(String, String)]) -> Result<Imported, ImportError
                     ));
                     continue;
                 };
-                read(name, m, &mut ingresses, &mut notes);
+                read(name, m, (&mut ingresses, &mut controllers), &mut notes);
             }
         }
     }
     if ingresses.is_empty() {
         return Err(ImportError::Nothing("no Ingress in the input".into()));
     }
-    build(&ingresses, notes)
+    let mut controllers = controllers.into_iter();
+    let controller = controllers.next();
+    for other in controllers {
+        notes.push(format!(
+            "{}: a second controller ConfigMap, not read (give the one your ingress-nginx uses)",
+            other.origin
+        ));
+    }
+    if let Some(c) = &controller {
+        c.apply(&mut ingresses);
+        c.notes(&mut notes);
+    }
+    build(&ingresses, notes, controller.as_ref())
 }
 
 /// The objects of a document: itself, or the items of a list (what
@@ -147,7 +164,31 @@ fn objects(value: Value) -> Vec<Option<Manifest>> {
 }
 
 /// Takes one object: an Ingress is read, anything else noted.
-fn read(name: &str, m: Manifest, ingresses: &mut Vec<Ingress>, notes: &mut Vec<String>) {
+fn read(
+    name: &str,
+    m: Manifest,
+    (ingresses, controllers): (&mut Vec<Ingress>, &mut Vec<configmap::Controller>),
+    notes: &mut Vec<String>,
+) {
+    if m.kind == "ConfigMap" {
+        let field = |k: &str| m.metadata.get(k).and_then(str_of).unwrap_or_default();
+        let (namespace, object) = (field("namespace"), field("name"));
+        let origin = format!("{name}: ConfigMap {namespace}/{object}");
+        if !configmap::is_controller(&object) {
+            notes.push(format!("{origin} skipped (not the ingress-nginx controller's: ingress-nginx-controller, RELEASE-ingress-nginx-controller or nginx-configuration)"));
+            return;
+        }
+        let mut data = BTreeMap::new();
+        if let Value::Mapping(map) = &m.data {
+            for (k, v) in map {
+                if let (Some(k), Some(v)) = (str_of(k), str_of(v)) {
+                    data.insert(k, v);
+                }
+            }
+        }
+        controllers.push(configmap::Controller { origin, data });
+        return;
+    }
     if m.kind != "Ingress" {
         let kind = if m.kind.is_empty() {
             "an object without kind"
@@ -558,7 +599,11 @@ const CANARY_KEYS: [&str; 6] = [
     "canary-by-header-value",
 ];
 
-fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, ImportError> {
+fn build(
+    ingresses: &[Ingress],
+    mut notes: Vec<String>,
+    controller: Option<&configmap::Controller>,
+) -> Result<Imported, ImportError> {
     let (canaries, mains): (Vec<&Ingress>, Vec<&Ingress>) =
         ingresses.iter().partition(|i| i.canary());
     let mut routes: Vec<Route> = Vec::new();
@@ -769,6 +814,10 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
             why
         }));
     }
+    let body = match controller {
+        Some(c) => c.body_line(&mut notes),
+        None => "# ingress-nginx takes request bodies up to its ConfigMap's proxy-body-size (1m unless set);\n# veer has no limit unless told: uncomment with yours (routes with the annotation keep theirs),\n# or give the ConfigMap to the import too.\n# max_request_body = 1048576".into(),
+    };
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -795,7 +844,7 @@ fn build(ingresses: &[Ingress], mut notes: Vec<String>) -> Result<Imported, Impo
     }
     let _ = writeln!(
         out,
-        "\n[proxy]\nlisten = [\"0.0.0.0:8080\"]\n# ingress-nginx takes request bodies up to its ConfigMap's proxy-body-size (1m unless set);\n# veer has no limit unless told: uncomment with yours (routes with the annotation keep theirs).\n# max_request_body = 1048576\n\n[admin]\nlisten = \"127.0.0.1:9901\""
+        "\n[proxy]\nlisten = [\"0.0.0.0:8080\"]\n{body}\n\n[admin]\nlisten = \"127.0.0.1:9901\""
     );
     let mut all_notes = notes;
     for r in &routes {

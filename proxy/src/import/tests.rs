@@ -321,3 +321,38 @@ fn kubectls_lists_are_read_item_by_item() {
         1
     );
 }
+
+#[test]
+fn the_controllers_configmap_is_every_ingresss_default_and_the_proxys_body_limit() {
+    let i = import(&["configmap.yaml"]);
+    let c = parsed(&i);
+    assert_eq!(c.proxy.max_request_body, 16 << 20, "proxy-body-size: 16m");
+    let (billing, reports) = (&c.routes[0], &c.routes[1]);
+    // billing's own read timeout wins; the rest is the ConfigMap's.
+    assert_eq!(billing.timeout, Duration::from_secs(30));
+    assert_eq!(billing.connect_timeout, Duration::from_secs(4));
+    assert_eq!(reports.timeout, Duration::from_secs(90));
+    let nets = |v: &[ipnet::IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+    assert_eq!(nets(&billing.allow_from), ["10.0.0.0/8", "172.16.0.0/12"]);
+    assert_eq!(
+        nets(&reports.allow_from),
+        ["192.168.7.0/24"],
+        "its own list"
+    );
+    // ssl-redirect off for all: billing's TLS does not redirect; reports
+    // forces it.
+    assert!(!billing.https_redirect);
+    assert!(reports.https_redirect);
+    noted(
+        &i,
+        &[
+            "ConfigMap billing/app-settings skipped",
+            "use-forwarded-headers: \"true\": set [proxy] trusted_hops",
+            "use-gzip: \"true\": not read",
+        ],
+    );
+    // Without the ConfigMap, ingress-nginx's 1m is a line to uncomment.
+    let without = import(&["weight.yaml"]);
+    assert!(without.config.contains("# max_request_body = 1048576"));
+    assert_eq!(parsed(&without).proxy.max_request_body, 0);
+}

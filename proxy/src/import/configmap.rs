@@ -1,0 +1,94 @@
+//! The ingress-nginx controller's ConfigMap (`ingress-nginx-controller`,
+//! a Helm release's `NAME-ingress-nginx-controller`, or the older
+//! `nginx-configuration`): settings that hold for every Ingress unless its
+//! own annotation says otherwise, and one (`proxy-body-size`) that veer
+//! keeps for the whole proxy.
+
+use std::collections::BTreeMap;
+
+use super::{nginx_size, Ingress, PREFIX};
+
+/// Keys that are every Ingress's default, read as its annotation would be.
+const DEFAULTS: [&str; 6] = [
+    "proxy-read-timeout",
+    "proxy-connect-timeout",
+    "whitelist-source-range",
+    "denylist-source-range",
+    "ssl-redirect",
+    "force-ssl-redirect",
+];
+
+/// ingress-nginx's default `proxy-body-size`: 1m.
+const BODY_DEFAULT: u64 = 1 << 20;
+
+/// Whether a ConfigMap of this name is the controller's.
+pub(super) fn is_controller(name: &str) -> bool {
+    name == "ingress-nginx-controller"
+        || name.ends_with("-ingress-nginx-controller")
+        || name == "nginx-configuration"
+}
+
+/// The controller's ConfigMap, as read.
+#[derive(Debug)]
+pub(super) struct Controller {
+    /// `file: ConfigMap namespace/name`, for notes.
+    pub origin: String,
+    pub data: BTreeMap<String, String>,
+}
+
+impl Controller {
+    /// Gives each main Ingress the ConfigMap's value of every default it
+    /// has no annotation for (a canary Ingress's own are not read). An
+    /// Ingress with an allowlist under the newer name keeps it alone.
+    pub fn apply(&self, ingresses: &mut [Ingress]) {
+        for ing in ingresses.iter_mut().filter(|i| !i.canary()) {
+            for key in DEFAULTS {
+                let Some(v) = self.data.get(key) else {
+                    continue;
+                };
+                let own = ing.annotation(key).is_some()
+                    || (key == "whitelist-source-range"
+                        && ing.annotation("allowlist-source-range").is_some());
+                if !own {
+                    ing.annotations.insert(format!("{PREFIX}{key}"), v.clone());
+                }
+            }
+        }
+    }
+
+    /// `[proxy] max_request_body`'s line: the ConfigMap's `proxy-body-size`,
+    /// or ingress-nginx's default (1m) when it sets none.
+    pub fn body_line(&self, notes: &mut Vec<String>) -> String {
+        let (bytes, from) = match self.data.get("proxy-body-size") {
+            None => (BODY_DEFAULT, "ingress-nginx's default proxy-body-size, 1m"),
+            Some(v) => match nginx_size(v) {
+                Some(n) => (n, "the ConfigMap's proxy-body-size"),
+                None => {
+                    notes.push(format!(
+                        "{}: proxy-body-size {v:?} is not an nginx size: ingress-nginx's default, 1m, written",
+                        self.origin
+                    ));
+                    (BODY_DEFAULT, "ingress-nginx's default proxy-body-size, 1m")
+                }
+            },
+        };
+        format!("max_request_body = {bytes}  # {from}; routes with the annotation keep theirs")
+    }
+
+    /// A note for each key veer does not read, and what to do instead.
+    pub fn notes(&self, notes: &mut Vec<String>) {
+        for (k, v) in &self.data {
+            if DEFAULTS.contains(&k.as_str()) || k == "proxy-body-size" {
+                continue;
+            }
+            let what = match k.as_str() {
+                "use-forwarded-headers" | "compute-full-forwarded-for" | "enable-real-ip" => {
+                    "set [proxy] trusted_hops to the number of proxies in front of veer (ingress-nginx trusts X-Forwarded-For from proxy-real-ip-cidr, anywhere by default)"
+                }
+                "limit-req-status-code" => "veer answers a rate-limited request with 429",
+                _ => "not read",
+            };
+            notes.push(format!("{}: {k}: {v:?}: {what}", self.origin));
+        }
+    }
+}

@@ -76,6 +76,10 @@ pub struct ProxySettings {
     /// it sent one plain one, else a new one), which its answer and veer's
     /// access log line carry too.
     pub request_id: bool,
+    /// Every connection starts with a PROXY protocol header (v1 or v2, as
+    /// a load balancer in front sends it), whose source address is the
+    /// client's; a connection without one is closed. Read at start.
+    pub proxy_protocol: bool,
     /// On SIGTERM, in-flight requests get this long to finish.
     pub shutdown_grace: Duration,
     /// Which requests get an access log line.

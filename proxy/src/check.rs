@@ -105,6 +105,12 @@ pub fn summary(path: &Path, c: &Config) -> String {
         let l: Vec<String> = t.listen.iter().map(ToString::to_string).collect();
         let _ = writeln!(out, "  tls    {}", l.join(", "));
     }
+    if c.proxy.proxy_protocol {
+        let _ = writeln!(
+            out,
+            "  every connection starts with a PROXY protocol header (without one: closed)"
+        );
+    }
     if let Some(f) = &c.fleet {
         let _ = writeln!(
             out,

@@ -76,6 +76,10 @@ pub enum ProxyError {
     /// silent client. Counted, never answered (the connection is closed).
     #[error("the client did not send a complete request head in time")]
     HeaderTimeout,
+    /// A connection that had to start with a PROXY protocol header
+    /// (`[proxy] proxy_protocol`) did not: closed, nothing answered.
+    #[error("no valid PROXY protocol header")]
+    BadProxyHeader,
     /// A client connection closed because the client took nothing of its
     /// answer for `body_timeout` (it stopped reading: nginx's
     /// `send_timeout`). The answer is given up; never the version's.
@@ -95,7 +99,8 @@ impl ProxyError {
             ProxyError::BadRequest
             | ProxyError::ClientAborted
             | ProxyError::ClientClosed
-            | ProxyError::ClientBadBody => StatusCode::BAD_REQUEST,
+            | ProxyError::ClientBadBody
+            | ProxyError::BadProxyHeader => StatusCode::BAD_REQUEST,
             ProxyError::ClientTimeout | ProxyError::HeaderTimeout | ProxyError::SendTimeout => {
                 StatusCode::REQUEST_TIMEOUT
             }
@@ -131,6 +136,7 @@ impl ProxyError {
             ProxyError::UpgradeUnsupported => "upgrade_unsupported",
             ProxyError::ClientDeadline => "client_deadline",
             ProxyError::HeaderTimeout => "header_timeout",
+            ProxyError::BadProxyHeader => "bad_proxy_header",
             ProxyError::SendTimeout => "send_timeout",
         }
     }
@@ -157,7 +163,8 @@ impl ProxyError {
             ProxyError::BadRequest
             | ProxyError::ClientAborted
             | ProxyError::ClientClosed
-            | ProxyError::ClientBadBody => "bad request\n",
+            | ProxyError::ClientBadBody
+            | ProxyError::BadProxyHeader => "bad request\n",
             ProxyError::ClientTimeout | ProxyError::HeaderTimeout | ProxyError::SendTimeout => {
                 "request timeout\n"
             }
@@ -185,7 +192,7 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 15] = [
+pub const PROXY_KINDS: [ProxyError; 16] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
@@ -201,6 +208,7 @@ pub const PROXY_KINDS: [ProxyError; 15] = [
     ProxyError::BodyTooLarge,
     ProxyError::RateLimited,
     ProxyError::Forbidden,
+    ProxyError::BadProxyHeader,
 ];
 
 /// The upstream error kinds, in `upstream_index` order.

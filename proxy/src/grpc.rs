@@ -111,6 +111,7 @@ fn code_of(e: ProxyError) -> u8 {
         | ProxyError::ClientAborted
         | ProxyError::ClientBadBody
         | ProxyError::HeaderTimeout
+        | ProxyError::BadProxyHeader
         | ProxyError::SendTimeout => 13, // INTERNAL
         ProxyError::UpstreamConnect
         | ProxyError::UpstreamReset

@@ -30,6 +30,7 @@ pub mod notify;
 pub mod path;
 pub mod persist;
 pub mod protocol;
+pub mod proxy_header;
 pub mod publish;
 pub mod raw;
 pub mod record;

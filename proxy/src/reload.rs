@@ -413,6 +413,7 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
         "proxy.max_connections_per_ip",
     );
     diff(o.shutdown_grace != n.shutdown_grace, "proxy.shutdown_grace");
+    diff(o.proxy_protocol != n.proxy_protocol, "proxy.proxy_protocol");
     // (`public_url` only shapes webhook messages: it applies live.)
     let (oa, na) = (&old.admin, &new.admin);
     diff(

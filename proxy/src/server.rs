@@ -57,6 +57,8 @@ pub struct Limits {
     /// Open connections per client IP (at most
     /// [`ProxySettings::max_connections_per_ip`]), shared by every listener.
     pub per_ip: PerIpLimit,
+    /// See [`ProxySettings::proxy_protocol`].
+    pub proxy_protocol: bool,
 }
 
 impl Limits {
@@ -67,6 +69,7 @@ impl Limits {
             header_timeout: p.header_timeout,
             idle_timeout: p.idle_timeout,
             per_ip: PerIpLimit::new(p.max_connections_per_ip),
+            proxy_protocol: p.proxy_protocol,
         }
     }
 }
@@ -219,14 +222,17 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let accepted = tokio::time::Instant::now();
-        let Some(per_ip) = limits.per_ip.admit(peer.ip()) else {
-            tracing::debug!(%peer, limit = limits.per_ip.max, "connection refused: too many from this address");
-            shared
-                .metrics
-                .proxy_errors()
-                .inc(ProxyError::TooManyConnections);
-            drop(stream);
-            continue;
+        // Behind a load balancer that speaks the PROXY protocol every
+        // connection comes from it: the client's address, and its count,
+        // are known once the header is read (in the connection's task).
+        let per_ip = if limits.proxy_protocol {
+            None
+        } else {
+            let Some(per_ip) = admit(&limits, peer, &shared) else {
+                drop(stream);
+                continue;
+            };
+            Some(per_ip)
         };
         next = i + 1;
         let _ = stream.set_nodelay(true);
@@ -256,6 +262,34 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         let limits = limits.clone();
         tokio::spawn(async move {
+            let mut stream = stream;
+            let (peer, per_ip) = match per_ip {
+                Some(p) => (peer, p),
+                None => {
+                    let deadline = accepted + limits.header_timeout;
+                    let read = crate::proxy_header::read(&mut stream);
+                    let client = match tokio::time::timeout_at(deadline, read).await {
+                        Ok(Ok(client)) => client.unwrap_or(peer),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "connection closed: no PROXY protocol header");
+                            shared
+                                .metrics
+                                .proxy_errors()
+                                .inc(ProxyError::BadProxyHeader);
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "PROXY protocol header not whole within header_timeout");
+                            shared.metrics.proxy_errors().inc(ProxyError::HeaderTimeout);
+                            return;
+                        }
+                    };
+                    let Some(p) = admit(&limits, client, &shared) else {
+                        return;
+                    };
+                    (client, p)
+                }
+            };
             let activity = Activity::new(accepted);
             let slot = Slot::new(
                 Box::new((permit, per_ip)),
@@ -302,6 +336,20 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// A connection from `peer` counted against its address's limit (`None`:
+/// refused, counted as `too_many_connections`).
+fn admit(limits: &Limits, peer: SocketAddr, shared: &Shared) -> Option<PerIp> {
+    let guard = limits.per_ip.admit(peer.ip());
+    if guard.is_none() {
+        tracing::debug!(%peer, limit = limits.per_ip.max, "connection refused: too many from this address");
+        shared
+            .metrics
+            .proxy_errors()
+            .inc(ProxyError::TooManyConnections);
+    }
+    guard
 }
 
 /// An accepted stream, before or after TLS.

@@ -21,6 +21,20 @@ pub(super) fn with_proxy(base: String, proxy: &str) -> String {
     )
 }
 
+/// Reads the start of an answer on `c` (at most 20 s): 200.
+async fn assert_answers_200<S: tokio::io::AsyncRead + Unpin>(c: &mut S) {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
+
 /// Waits (at most 20 s) for the peer to close `s`; true if it did.
 async fn closed_by_veer(s: &mut TcpStream) -> bool {
     let mut buf = [0u8; 4096];
@@ -94,16 +108,7 @@ async fn a_later_head_must_complete_within_header_timeout_an_idle_connection_get
     assert_eq!(code, 200);
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     c.write_all(GET).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf))
-        .await
-        .expect("an answer")
-        .unwrap();
-    assert!(
-        buf[..n].starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&buf[..n])
-    );
+    assert_answers_200(&mut c).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -792,4 +797,133 @@ async fn h2_answers_starved_of_the_connections_window_are_given_up_after_body_ti
     .await;
     drop(w);
     reader.abort();
+}
+
+/// A version 2 PROXY header: `client` (or `LOCAL`, a load balancer's own
+/// check, when `None`) to veer's `server`.
+fn proxy_v2(client: Option<&str>, server: std::net::SocketAddr) -> Vec<u8> {
+    use ppp::v2;
+    let (command, client) = match client {
+        Some(c) => (
+            v2::Command::Proxy,
+            c.parse::<std::net::SocketAddr>().unwrap(),
+        ),
+        None => (v2::Command::Local, server),
+    };
+    // One family for both (the balancer's side of an IPv6 client is IPv6).
+    let server = match client {
+        std::net::SocketAddr::V6(_) => "[2001:db8::1]:443".parse().unwrap(),
+        std::net::SocketAddr::V4(_) => server,
+    };
+    v2::Builder::with_addresses(
+        v2::Version::Two | command,
+        v2::Protocol::Stream,
+        (client, server),
+    )
+    .build()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_protocol_balancer_the_header_names_the_client() {
+    let s = Upstream::start("stable").await;
+    let base = route_config(&[s.addr], &[], 0.0, "")
+        .replace("[proxy]\n", "[proxy]\naccess_log = \"all\"\n");
+    let veer = Veer::start_tls(&with_proxy(
+        base,
+        "proxy_protocol = true\nmax_connections_per_ip = 1\nheader_timeout = \"2s\"",
+    ))
+    .await;
+    let seen = |name: &str| {
+        s.last_headers.lock().unwrap()[name]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    // Version 1, the header and the request in one write.
+    let mut head = b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n".to_vec();
+    head.extend_from_slice(GET);
+    let (held, code) = send(veer.addr, &head).await;
+    assert_eq!(code, 200);
+    assert_eq!(seen("x-real-ip"), "203.0.113.7");
+    assert_eq!(seen("x-forwarded-for"), "203.0.113.7");
+    // max_connections_per_ip counts that client, not the balancer: a
+    // second connection of 203.0.113.7 is refused while the first is
+    // open, another client's is served.
+    let (mut second, code) = send(veer.addr, &head).await;
+    assert_eq!(code, 0, "refused");
+    assert!(closed_by_veer(&mut second).await);
+    let mut other = proxy_v2(Some("[2001:db8::9]:4000"), veer.addr);
+    other.extend_from_slice(GET);
+    let (_other, code) = send(veer.addr, &other).await;
+    assert_eq!(code, 200);
+    assert_eq!(seen("x-real-ip"), "2001:db8::9");
+    drop(held);
+    // A header that comes in pieces (against the protocol's advice).
+    let mut c = TcpStream::connect(veer.addr).await.unwrap();
+    let v2 = proxy_v2(Some("198.51.100.4:6000"), veer.addr);
+    c.write_all(&v2[..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.write_all(&v2[10..]).await.unwrap();
+    c.write_all(GET).await.unwrap();
+    assert_answers_200(&mut c).await;
+    assert_eq!(seen("x-real-ip"), "198.51.100.4");
+    // The balancer's own check (LOCAL): the connection's address.
+    let mut local = proxy_v2(None, veer.addr);
+    local.extend_from_slice(GET);
+    let (_local, code) = send(veer.addr, &local).await;
+    assert_eq!(code, 200);
+    assert_eq!(seen("x-real-ip"), "127.0.0.1");
+    // Over TLS: the header, then the handshake.
+    let tls_addr = veer.tls_addr.unwrap();
+    let mut tcp = TcpStream::connect(tls_addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 192.0.2.33 10.0.0.1 7000 443\r\n")
+        .await
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(super::protocols::AcceptAny))
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(GET).await.unwrap();
+    assert_answers_200(&mut tls).await;
+    assert_eq!(seen("x-real-ip"), "192.0.2.33");
+    // A client that connects directly, with no header: closed unanswered.
+    let before = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let (mut direct, code) = send(veer.addr, GET).await;
+    assert_eq!(code, 0);
+    assert!(closed_by_veer(&mut direct).await);
+    // A header that never completes: closed at header_timeout.
+    let mut slow = TcpStream::connect(veer.addr).await.unwrap();
+    slow.write_all(b"PROXY TCP4 203.0.113.").await.unwrap();
+    assert!(closed_by_veer(&mut slow).await);
+    assert_eq!(s.requests.load(std::sync::atomic::Ordering::SeqCst), before);
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, r#"veer_proxy_errors_total{kind="bad_proxy_header"}"#),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, HEADER_TIMEOUTS), Some(1.0), "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            r#"veer_proxy_errors_total{kind="too_many_connections"}"#
+        ),
+        Some(1.0)
+    );
+    // The access log names the client the header named.
+    let lines = veer.logs_with_at_least("request", 5).await;
+    assert!(
+        lines.iter().any(|l| l["target"] == "veer::access"
+            && l["client"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("203.0.113.7:"))),
+        "{lines:?}"
+    );
 }

@@ -365,6 +365,7 @@ impl Validator<'_> {
                 "[proxy] max_request_body",
             ) as u64,
             request_id: p.request_id.unwrap_or(false),
+            proxy_protocol: p.proxy_protocol.unwrap_or(false),
             shutdown_grace: self.duration(p.shutdown_grace.as_ref(), defaults::SHUTDOWN_GRACE),
             access_log: match p.access_log.as_ref() {
                 None => AccessLog::Off,

@@ -86,6 +86,9 @@ impl Controller {
                     "set [proxy] trusted_hops to the number of proxies in front of veer (ingress-nginx trusts X-Forwarded-For from proxy-real-ip-cidr, anywhere by default)"
                 }
                 "limit-req-status-code" => "veer answers a rate-limited request with 429",
+                "use-proxy-protocol" if v.trim().eq_ignore_ascii_case("true") => {
+                    "set [proxy] proxy_protocol = true (the load balancer in front sends the PROXY header)"
+                }
                 _ => "not read",
             };
             notes.push(format!("{}: {k}: {v:?}: {what}", self.origin));

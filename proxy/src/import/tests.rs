@@ -349,6 +349,7 @@ fn the_controllers_configmap_is_every_ingresss_default_and_the_proxys_body_limit
             "ConfigMap billing/app-settings skipped",
             "use-forwarded-headers: \"true\": set [proxy] trusted_hops",
             "use-gzip: \"true\": not read",
+            "use-proxy-protocol: \"true\": set [proxy] proxy_protocol = true",
         ],
     );
     // Without the ConfigMap, ingress-nginx's 1m is a line to uncomment.

@@ -39,10 +39,21 @@ pub enum Refused {
     Io(#[from] std::io::Error),
 }
 
-/// Reads the PROXY header at the start of `stream`: the client's address
-/// (`None` when the header names none: a load balancer's own health
-/// check, `LOCAL`, or `UNKNOWN`, whose connection is its own).
-pub async fn read(stream: &mut TcpStream) -> Result<Option<SocketAddr>, Refused> {
+/// What a connection's PROXY header says.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Said {
+    /// The client's address (`None` when the header names none: a load
+    /// balancer's own health check, `LOCAL`, or `UNKNOWN`, whose
+    /// connection is its own).
+    pub client: Option<SocketAddr>,
+    /// The client came over TLS that the balancer ended (version 2's
+    /// `PP2_TYPE_SSL` with `PP2_CLIENT_SSL`, HAProxy's `send-proxy-v2-ssl`):
+    /// the request's scheme is `https`.
+    pub tls: bool,
+}
+
+/// Reads the PROXY header at the start of `stream`.
+pub async fn read(stream: &mut TcpStream) -> Result<Said, Refused> {
     let mut buf = vec![0u8; MAX_HEADER];
     let mut seen = 0;
     loop {
@@ -50,8 +61,8 @@ pub async fn read(stream: &mut TcpStream) -> Result<Option<SocketAddr>, Refused>
         if n == 0 {
             return Err(Refused::Closed);
         }
-        let (length, client) = match parse(&buf[..n]) {
-            Parsed::Header { length, client } => (length, client),
+        let (length, said) = match parse(&buf[..n]) {
+            Parsed::Header { length, said } => (length, said),
             Parsed::Invalid(why) => return Err(Refused::Invalid(why)),
             Parsed::Incomplete if n == buf.len() => return Err(Refused::TooLong),
             Parsed::Incomplete => {
@@ -66,23 +77,23 @@ pub async fn read(stream: &mut TcpStream) -> Result<Option<SocketAddr>, Refused>
         };
         let mut header = vec![0u8; length];
         stream.read_exact(&mut header).await?;
-        return Ok(client);
+        return Ok(said);
     }
 }
 
 /// What the bytes at a connection's start are.
 #[derive(Debug, PartialEq)]
 enum Parsed {
-    /// A whole header of `length` bytes, from `client`.
-    Header {
-        length: usize,
-        client: Option<SocketAddr>,
-    },
+    /// A whole header of `length` bytes.
+    Header { length: usize, said: Said },
     /// The start of one: more is needed.
     Incomplete,
     /// No header.
     Invalid(String),
 }
+
+/// `PP2_TYPE_SSL`'s client flag: the client connected over TLS.
+const PP2_CLIENT_SSL: u8 = 0x01;
 
 fn parse(bytes: &[u8]) -> Parsed {
     let result = HeaderResult::parse(bytes);
@@ -92,15 +103,25 @@ fn parse(bytes: &[u8]) -> Parsed {
     match result {
         HeaderResult::V1(Ok(h)) => Parsed::Header {
             length: h.header.len(),
-            client: match h.addresses {
-                v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
-                v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
-                v1::Addresses::Unknown => None,
+            said: Said {
+                client: match h.addresses {
+                    v1::Addresses::Tcp4(a) => {
+                        Some(SocketAddr::from((a.source_address, a.source_port)))
+                    }
+                    v1::Addresses::Tcp6(a) => {
+                        Some(SocketAddr::from((a.source_address, a.source_port)))
+                    }
+                    v1::Addresses::Unknown => None,
+                },
+                tls: false,
             },
         },
-        HeaderResult::V2(Ok(h)) => Parsed::Header {
-            length: h.len(),
-            client: match (h.command, h.addresses) {
+        HeaderResult::V2(Ok(h)) => {
+            let tls = h.tlvs().filter_map(Result::ok).any(|t| {
+                t.kind == v2::Type::SSL as u8
+                    && t.value.first().is_some_and(|f| f & PP2_CLIENT_SSL != 0)
+            });
+            let client = match (h.command, h.addresses) {
                 (v2::Command::Proxy, v2::Addresses::IPv4(a)) => {
                     Some(SocketAddr::from((a.source_address, a.source_port)))
                 }
@@ -108,8 +129,12 @@ fn parse(bytes: &[u8]) -> Parsed {
                     Some(SocketAddr::from((a.source_address, a.source_port)))
                 }
                 _ => None,
-            },
-        },
+            };
+            Parsed::Header {
+                length: h.len(),
+                said: Said { client, tls },
+            }
+        }
         HeaderResult::V1(Err(e)) => Parsed::Invalid(e.to_string()),
         HeaderResult::V2(Err(e)) => Parsed::Invalid(e.to_string()),
     }
@@ -119,16 +144,27 @@ fn parse(bytes: &[u8]) -> Parsed {
 mod tests {
     use super::*;
 
-    /// A version 2 header from `client` to `server`, with a TLV.
-    fn v2_header(client: SocketAddr, server: SocketAddr) -> Vec<u8> {
-        v2::Builder::with_addresses(
+    /// A version 2 header from `client` to `server`, with a TLV (and
+    /// `PP2_TYPE_SSL` with these client flags).
+    fn v2_header(client: SocketAddr, server: SocketAddr, ssl: Option<u8>) -> Vec<u8> {
+        let b = v2::Builder::with_addresses(
             v2::Version::Two | v2::Command::Proxy,
             v2::Protocol::Stream,
             (client, server),
         )
-        .write_tlv(v2::Type::NoOp, b"vpce-0abc")
-        .and_then(|b| b.build())
-        .expect("a header")
+        .write_tlv(v2::Type::NoOp, b"vpce-0abc");
+        let b = match ssl {
+            Some(flags) => b.and_then(|b| b.write_tlv(v2::Type::SSL, &[flags, 0, 0, 0, 0])),
+            None => b,
+        };
+        b.and_then(|b| b.build()).expect("a header")
+    }
+
+    fn from(client: Option<&str>, tls: bool) -> Said {
+        Said {
+            client: client.map(|c| c.parse().expect("addr")),
+            tls,
+        }
     }
 
     #[test]
@@ -138,7 +174,7 @@ mod tests {
             parse(v1),
             Parsed::Header {
                 length: 43,
-                client: Some("203.0.113.7:51234".parse().expect("addr"))
+                said: from(Some("203.0.113.7:51234"), false)
             }
         );
         let v6 = b"PROXY TCP6 2001:db8::7 2001:db8::1 4000 443\r\n";
@@ -146,27 +182,35 @@ mod tests {
             parse(v6),
             Parsed::Header {
                 length: v6.len(),
-                client: Some("[2001:db8::7]:4000".parse().expect("addr"))
+                said: from(Some("[2001:db8::7]:4000"), false)
             }
         );
         assert_eq!(
             parse(b"PROXY UNKNOWN\r\n\x16\x03\x01"),
             Parsed::Header {
                 length: 15,
-                client: None
+                said: from(None, false)
             }
         );
-        let client: SocketAddr = "198.51.100.4:6000".parse().expect("addr");
-        let mut v2 = v2_header(client, "10.0.0.1:443".parse().expect("addr"));
-        let length = v2.len();
-        v2.extend_from_slice(b"\x16\x03\x01 a TLS hello");
-        assert_eq!(
-            parse(&v2),
-            Parsed::Header {
-                length,
-                client: Some(client)
-            }
-        );
+        let (client, server) = ("198.51.100.4:6000", "10.0.0.1:443".parse().expect("addr"));
+        for (ssl, tls) in [
+            (None, false),
+            (Some(0x01), true),
+            (Some(0x07), true),
+            (Some(0x00), false),
+        ] {
+            let mut v2 = v2_header(client.parse().expect("addr"), server, ssl);
+            let length = v2.len();
+            v2.extend_from_slice(b"\x16\x03\x01 a TLS hello");
+            assert_eq!(
+                parse(&v2),
+                Parsed::Header {
+                    length,
+                    said: from(Some(client), tls)
+                },
+                "{ssl:?}"
+            );
+        }
     }
 
     #[test]
@@ -176,6 +220,7 @@ mod tests {
         let v2 = v2_header(
             "198.51.100.4:6000".parse().expect("addr"),
             "10.0.0.1:443".parse().expect("addr"),
+            None,
         );
         assert_eq!(parse(&v2[..10]), Parsed::Incomplete);
         assert_eq!(parse(&v2[..20]), Parsed::Incomplete);

@@ -263,13 +263,19 @@ pub async fn serve(
         let limits = limits.clone();
         tokio::spawn(async move {
             let mut stream = stream;
+            let mut scheme = scheme;
             let (peer, per_ip) = match per_ip {
                 Some(p) => (peer, p),
                 None => {
                     let deadline = accepted + limits.header_timeout;
                     let read = crate::proxy_header::read(&mut stream);
                     let client = match tokio::time::timeout_at(deadline, read).await {
-                        Ok(Ok(client)) => client.unwrap_or(peer),
+                        Ok(Ok(said)) => {
+                            if said.tls {
+                                scheme = Scheme::Https;
+                            }
+                            said.client.unwrap_or(peer)
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "connection closed: no PROXY protocol header");
                             shared

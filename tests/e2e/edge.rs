@@ -800,8 +800,9 @@ async fn h2_answers_starved_of_the_connections_window_are_given_up_after_body_ti
 }
 
 /// A version 2 PROXY header: `client` (or `LOCAL`, a load balancer's own
-/// check, when `None`) to veer's `server`.
-fn proxy_v2(client: Option<&str>, server: std::net::SocketAddr) -> Vec<u8> {
+/// check, when `None`) to veer's `server`; `tls`: the balancer ended the
+/// client's TLS (`PP2_TYPE_SSL`, `PP2_CLIENT_SSL`).
+fn proxy_v2(client: Option<&str>, server: std::net::SocketAddr, tls: bool) -> Vec<u8> {
     use ppp::v2;
     let (command, client) = match client {
         Some(c) => (
@@ -815,20 +816,29 @@ fn proxy_v2(client: Option<&str>, server: std::net::SocketAddr) -> Vec<u8> {
         std::net::SocketAddr::V6(_) => "[2001:db8::1]:443".parse().unwrap(),
         std::net::SocketAddr::V4(_) => server,
     };
-    v2::Builder::with_addresses(
+    let b = v2::Builder::with_addresses(
         v2::Version::Two | command,
         v2::Protocol::Stream,
         (client, server),
-    )
-    .build()
-    .unwrap()
+    );
+    let b = if tls {
+        b.write_tlv(v2::Type::SSL, &[0x01, 0, 0, 0, 0]).unwrap()
+    } else {
+        b
+    };
+    b.build().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_a_proxy_protocol_balancer_the_header_names_the_client() {
     let s = Upstream::start("stable").await;
+    let secure = format!(
+        "[[route]]\nname = \"secure\"\nhosts = [\"secure.example\"]\nhttps_redirect = true\n[route.stable]\nversion = \"v1\"\nendpoints = [\"{}\"]\n",
+        s.addr
+    );
     let base = route_config(&[s.addr], &[], 0.0, "")
-        .replace("[proxy]\n", "[proxy]\naccess_log = \"all\"\n");
+        .replace("[proxy]\n", "[proxy]\naccess_log = \"all\"\n")
+        + &secure;
     let veer = Veer::start_tls(&with_proxy(
         base,
         "proxy_protocol = true\nmax_connections_per_ip = 1\nheader_timeout = \"2s\"",
@@ -853,7 +863,7 @@ async fn behind_a_proxy_protocol_balancer_the_header_names_the_client() {
     let (mut second, code) = send(veer.addr, &head).await;
     assert_eq!(code, 0, "refused");
     assert!(closed_by_veer(&mut second).await);
-    let mut other = proxy_v2(Some("[2001:db8::9]:4000"), veer.addr);
+    let mut other = proxy_v2(Some("[2001:db8::9]:4000"), veer.addr, false);
     other.extend_from_slice(GET);
     let (_other, code) = send(veer.addr, &other).await;
     assert_eq!(code, 200);
@@ -861,7 +871,7 @@ async fn behind_a_proxy_protocol_balancer_the_header_names_the_client() {
     drop(held);
     // A header that comes in pieces (against the protocol's advice).
     let mut c = TcpStream::connect(veer.addr).await.unwrap();
-    let v2 = proxy_v2(Some("198.51.100.4:6000"), veer.addr);
+    let v2 = proxy_v2(Some("198.51.100.4:6000"), veer.addr, false);
     c.write_all(&v2[..10]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     c.write_all(&v2[10..]).await.unwrap();
@@ -869,11 +879,21 @@ async fn behind_a_proxy_protocol_balancer_the_header_names_the_client() {
     assert_answers_200(&mut c).await;
     assert_eq!(seen("x-real-ip"), "198.51.100.4");
     // The balancer's own check (LOCAL): the connection's address.
-    let mut local = proxy_v2(None, veer.addr);
+    let mut local = proxy_v2(None, veer.addr, false);
     local.extend_from_slice(GET);
     let (_local, code) = send(veer.addr, &local).await;
     assert_eq!(code, 200);
     assert_eq!(seen("x-real-ip"), "127.0.0.1");
+    // TLS the balancer ended: the request is https (no redirect, and
+    // the upstream is told); without the flag it is plain HTTP.
+    let secure = b"GET / HTTP/1.1\r\nhost: secure.example\r\n\r\n";
+    for (tls, want) in [(true, 200), (false, 308)] {
+        let mut head = proxy_v2(Some("198.51.100.5:6001"), veer.addr, tls);
+        head.extend_from_slice(secure);
+        let (_c, code) = send(veer.addr, &head).await;
+        assert_eq!(code, want, "tls {tls}");
+    }
+    assert_eq!(seen("x-forwarded-proto"), "https");
     // Over TLS: the header, then the handshake.
     let tls_addr = veer.tls_addr.unwrap();
     let mut tcp = TcpStream::connect(tls_addr).await.unwrap();

@@ -369,6 +369,12 @@ pub struct Force {
     pub cookie: Option<String>,
     /// A reverted canary still gets forced requests.
     pub allow_when_reverted: bool,
+    /// Values besides `canary` and the canary's version name that send a
+    /// request to the canary (ingress-nginx's `always`).
+    pub canary_values: Vec<String>,
+    /// Values besides `stable` and stable's version name that send a
+    /// request to stable (ingress-nginx's `never`).
+    pub stable_values: Vec<String>,
 }
 
 /// A sticky-key source.

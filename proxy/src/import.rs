@@ -343,6 +343,8 @@ struct Route {
     weight: f64,
     header: Option<String>,
     cookie: Option<String>,
+    /// `canary-by-header-value`, when the header has one.
+    header_value: Option<String>,
     /// What the main Ingress sets that veer has a route key for.
     carried: Carried,
     notes: Vec<String>,
@@ -638,25 +640,28 @@ fn build(
         };
         let header = c.annotation("canary-by-header").map(str::to_string);
         let cookie = c.annotation("canary-by-cookie").map(str::to_string);
-        if let Some(h) = &header {
-            match c.annotation("canary-by-header-value") {
-                Some(v) => route_notes.push(format!(
-                    "canary-by-header-value {v:?} is not honoured: veer sends a request whose {h} names \"canary\" (or the canary's version) to the canary, \"stable\" to stable; tell clients to send \"canary\" instead of {v:?}"
-                )),
-                None => route_notes.push(format!(
-                    "canary-by-header {h}: ingress-nginx takes \"always\" / \"never\"; veer takes \"canary\" / \"stable\" (or a version name): clients must send \"canary\" instead of \"always\""
-                )),
+        // ingress-nginx's values: `always` / `never` (a header's own value
+        // instead, when set); veer's names (`canary`, `stable`, a
+        // version) work beside them.
+        let header_value = header
+            .as_ref()
+            .and_then(|_| c.annotation("canary-by-header-value"))
+            .map(str::to_string);
+        if let (Some(h), Some(v)) = (&header, &header_value) {
+            if cookie.is_some() {
+                route_notes.push(format!(
+                    "canary-by-header-value {v:?}: veer takes it, and the cookie's \"always\" / \"never\", from the {h} header and the cookie alike (ingress-nginx takes only {v:?} from the header)"
+                ));
             }
         } else if let Some(v) = c.annotation("canary-by-header-value") {
             route_notes.push(format!("canary-by-header-value {v:?} without canary-by-header does nothing (ingress-nginx ignores it too)"));
         }
         if let Some(p) = c.annotation("canary-by-header-pattern") {
-            route_notes.push(format!("canary-by-header-pattern {p:?} is not supported: veer forces by exact values (\"canary\", \"stable\", a version name)"));
-        }
-        if let Some(k) = &cookie {
-            route_notes.push(format!(
-                "canary-by-cookie {k}: ingress-nginx takes \"always\" / \"never\"; veer takes \"canary\" / \"stable\" (or a version name)"
-            ));
+            route_notes.push(if header_value.is_some() {
+                format!("canary-by-header-pattern {p:?} is ignored beside canary-by-header-value (by ingress-nginx too)")
+            } else {
+                format!("canary-by-header-pattern {p:?} is not supported: veer forces by exact values (\"canary\", \"stable\", a version name, canary_values): list the values your clients send")
+            });
         }
         for (k, v) in &c.annotations {
             let Some(short) = k.strip_prefix(PREFIX) else {
@@ -742,6 +747,7 @@ fn build(
                 weight,
                 header: header.clone(),
                 cookie: cookie.clone(),
+                header_value: header_value.clone(),
                 carried,
                 notes: rn,
             });
@@ -792,6 +798,7 @@ fn build(
                     weight: 0.0,
                     header: None,
                     cookie: None,
+                    header_value: None,
                     carried,
                     notes: rn,
                 });
@@ -941,6 +948,21 @@ fn build(
             }
             if let Some(c) = &r.cookie {
                 let _ = writeln!(out, "cookie = {}", toml_str(c));
+            }
+            // A header's own value alone, or ingress-nginx's always/never.
+            let (canary, stable) = match (&r.header_value, &r.cookie) {
+                (Some(v), None) => (vec![v.as_str()], vec![]),
+                (Some(v), Some(_)) => (vec![v.as_str(), "always"], vec!["never"]),
+                (None, _) => (vec!["always"], vec!["never"]),
+            };
+            let list = |l: &[&str]| l.iter().map(|v| toml_str(v)).collect::<Vec<_>>().join(", ");
+            let _ = writeln!(
+                out,
+                "canary_values = [{}]  # ingress-nginx's",
+                list(&canary)
+            );
+            if !stable.is_empty() {
+                let _ = writeln!(out, "stable_values = [{}]", list(&stable));
             }
         }
     }

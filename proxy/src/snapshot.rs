@@ -101,6 +101,9 @@ pub struct RouteTarget {
 pub struct ForceTarget {
     header: Option<HeaderName>,
     cookie: Option<Box<str>>,
+    /// `canary_values`, `stable_values`.
+    canary_values: Box<[Box<str>]>,
+    stable_values: Box<[Box<str>]>,
     /// Forced requests may reach the canary (not reverted, or allowed).
     canary_open: bool,
 }
@@ -121,12 +124,14 @@ impl RouteTarget {
     /// requests (reverted).
     pub fn forced(&self, headers: &http::HeaderMap) -> Option<Forced> {
         let f = self.force.as_ref()?;
+        let listed = |list: &[Box<str>], v: &[u8]| list.iter().any(|l| l.as_bytes() == v);
         let names = |v: &[u8]| -> Option<Forced> {
-            if v == b"stable" || v == self.stable.name.as_bytes() {
+            if v == b"stable" || v == self.stable.name.as_bytes() || listed(&f.stable_values, v) {
                 return Some(Forced::Stable);
             }
             let c = self.canary.as_ref()?;
-            (v == b"canary" || v == c.name.as_bytes()).then_some(Forced::Canary)
+            (v == b"canary" || v == c.name.as_bytes() || listed(&f.canary_values, v))
+                .then_some(Forced::Canary)
         };
         let from_header = f
             .header
@@ -305,6 +310,8 @@ impl Snapshot {
                         .as_deref()
                         .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
                     cookie: f.cookie.as_deref().map(Into::into),
+                    canary_values: f.canary_values.iter().map(|v| v.as_str().into()).collect(),
+                    stable_values: f.stable_values.iter().map(|v| v.as_str().into()).collect(),
                     canary_open: !input.canary_reverted || f.allow_when_reverted,
                 }),
                 mirror: match (&r.mirror, &input.pairs) {

@@ -47,6 +47,32 @@ async fn a_header_beats_a_cookie_beats_the_split_and_reaches_a_weight_0_canary()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_of_a_migrated_setup_force_as_the_names_do() {
+    // ingress-nginx's testers send `always` and `never`.
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let values = "canary_values = [\"always\", \"on\"]\nstable_values = [\"never\"]\n";
+    let veer = Veer::start(&(route_config(&[s.addr], &[c.addr], 0.0, "") + FORCE + values)).await;
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("x-veer-version", "always")], "canary"),
+        (&[("x-veer-version", "on")], "canary"),
+        (&[("x-veer-version", "canary")], "canary"),
+        (&[("cookie", "veer_version=always")], "canary"),
+        (
+            &[
+                ("x-veer-version", "never"),
+                ("cookie", "veer_version=always"),
+            ],
+            "stable",
+        ),
+        (&[("x-veer-version", "Always")], "stable"),
+    ];
+    for (headers, want) in cases {
+        assert_eq!(who(&veer, headers).await, *want, "{headers:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reverted_canary_gets_no_forced_requests_unless_allowed() {
     let s = Upstream::start("stable").await;
     let c = Upstream::start("canary").await;

@@ -178,6 +178,8 @@ pub struct RawForce {
     pub header: Option<Spanned<String>>,
     pub cookie: Option<Spanned<String>>,
     pub allow_when_reverted: Option<bool>,
+    pub canary_values: Option<Vec<Spanned<String>>>,
+    pub stable_values: Option<Vec<Spanned<String>>>,
 }
 
 /// `[route.stable]`.

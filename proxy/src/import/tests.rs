@@ -76,14 +76,19 @@ fn header_and_cookie_become_forcing_and_their_differences_are_reported() {
         profile.force.as_ref().and_then(|f| f.cookie.as_deref()),
         Some("canary_user")
     );
+    // ingress-nginx's values force as they did: always / never, or the
+    // header's own value.
+    let values = |r: &veer_control::config::Route| {
+        let f = r.force.as_ref().expect("force");
+        (f.canary_values.clone(), f.stable_values.clone())
+    };
+    let always = (vec!["always".to_string()], vec!["never".to_string()]);
+    assert_eq!(values(search), always);
+    assert_eq!(values(profile), always);
+    assert_eq!(values(cart), (vec!["on".to_string()], vec![]));
     noted(
         &i,
-        &[
-            "\"always\"",
-            "canary-by-header-value \"on\" is not honoured",
-            "canary-by-header-pattern \"^(on|yes)$\" is not supported",
-            "canary-by-cookie canary_user",
-        ],
+        &["canary-by-header-pattern \"^(on|yes)$\" is ignored beside canary-by-header-value"],
     );
 }
 

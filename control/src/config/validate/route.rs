@@ -677,15 +677,58 @@ impl Validator<'_> {
             );
             return None;
         }
+        let canary_values = self.force_values(raw.canary_values.as_deref(), "canary_values");
+        let stable_values = self.force_values(raw.stable_values.as_deref(), "stable_values");
+        for v in raw.stable_values.iter().flatten() {
+            if canary_values.contains(v.get_ref()) {
+                self.err(
+                    v.span(),
+                    format!(
+                        "force value {:?} is in both canary_values and stable_values",
+                        v.get_ref()
+                    ),
+                );
+            }
+        }
         Some(Force {
             header,
             cookie,
             allow_when_reverted: raw.allow_when_reverted.unwrap_or(false),
+            canary_values,
+            stable_values,
         })
+    }
+
+    /// `canary_values` / `stable_values`: at most 16 plain values (visible
+    /// ASCII, as a header or cookie value carries them).
+    fn force_values(&mut self, list: Option<&[Spanned<String>]>, what: &str) -> Vec<String> {
+        let Some(list) = list else {
+            return Vec::new();
+        };
+        if list.len() > 16 {
+            if let Some(first) = list.first() {
+                self.err(
+                    first.span(),
+                    format!("force {what} takes at most 16 values"),
+                );
+            }
+        }
+        let mut out = Vec::new();
+        for v in list {
+            let text = v.get_ref();
+            if text.is_empty() || !text.bytes().all(|b| b.is_ascii_graphic()) {
+                self.err(
+                    v.span(),
+                    format!("force {what}: {text:?} must be visible ASCII, without spaces"),
+                );
+            } else if !out.contains(text) {
+                out.push(text.clone());
+            }
+        }
+        out
     }
 }
 
-/// An RFC 9110 token (header and cookie names): visible ASCII, no separators.
 /// Which of a route's messages a header table edits.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Edited {
@@ -873,6 +916,7 @@ impl Validator<'_> {
     }
 }
 
+/// An RFC 9110 token (header and cookie names): visible ASCII, no separators.
 fn http_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()

@@ -859,3 +859,33 @@ fn header_tables_set_and_remove_fields_but_never_those_veer_keeps() {
     ))
     .expect("without request ids it is a field like another");
 }
+
+#[test]
+fn force_takes_more_values_for_each_version_but_never_one_for_both() {
+    let with = |extra: &str| {
+        parse(&format!(
+            "{MINIMAL}[route.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:9001\"]\n[route.force]\nheader = \"x-canary\"\n{extra}"
+        ))
+    };
+    let c = with("canary_values = [\"always\", \"on\", \"always\"]\nstable_values = [\"never\"]\n")
+        .expect("valid");
+    let f = c.routes[0].force.as_ref().expect("force");
+    assert_eq!(f.canary_values, ["always", "on"]);
+    assert_eq!(f.stable_values, ["never"]);
+    let f = with("").expect("valid").routes[0]
+        .force
+        .clone()
+        .expect("force");
+    assert!(f.canary_values.is_empty() && f.stable_values.is_empty());
+    for (bad, word) in [
+        (
+            "canary_values = [\"on\"]\nstable_values = [\"on\"]\n",
+            "in both",
+        ),
+        ("canary_values = [\"a b\"]\n", "visible ASCII"),
+        ("stable_values = [\"\"]\n", "visible ASCII"),
+    ] {
+        let e = with(bad).expect_err(bad);
+        assert!(e.0.iter().any(|d| d.message.contains(word)), "{bad}: {e:?}");
+    }
+}

@@ -264,6 +264,9 @@ pub struct Route {
     pub mirror: Option<Mirror>,
     /// `[route.rate_limit]`: requests a client address may make.
     pub rate_limit: Option<RateLimit>,
+    /// `[route.sticky_cookie]`: the cookie of the last sticky source,
+    /// made for a client without one.
+    pub sticky_cookie: Option<StickyCookie>,
     /// Requests every endpoint of a new canary (or the target colour of a
     /// blue-green flip) must answer as expected before it gets traffic.
     pub smoke: Vec<SmokeCheck>,
@@ -319,6 +322,20 @@ pub struct RateLimit {
     pub per_second_milli: u64,
     /// Requests allowed at once after a quiet spell (1 ..= 10^6).
     pub burst: u32,
+}
+
+/// A sticky cookie veer makes (`[route.sticky_cookie]`): a client whose
+/// request has no earlier sticky source and not this cookie gets a new
+/// random key, used for the request and set in its answer, as
+/// ingress-nginx's `affinity: cookie` does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StickyCookie {
+    /// The cookie's name (the route's last sticky source is `cookie:NAME`).
+    pub name: String,
+    /// `Max-Age`; `None`: a browser session's cookie.
+    pub max_age: Option<Duration>,
+    /// `Path`.
+    pub path: String,
 }
 
 /// Header fields a route sets or removes (`[route.request_headers]`,

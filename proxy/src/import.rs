@@ -383,10 +383,13 @@ struct Carried {
     /// `ssl-redirect` (on unless "false" where the Ingress has TLS for
     /// the host) or `force-ssl-redirect`: `https_redirect`.
     https_redirect: bool,
+    /// `affinity: cookie`: the cookie's name, `Max-Age` (seconds) and
+    /// path, for `[route.sticky_cookie]`.
+    affinity: Option<(String, Option<u64>, Option<String>)>,
 }
 
 /// The annotations [`Carried`] reads.
-const CARRIED_KEYS: [&str; 15] = [
+const CARRIED_KEYS: [&str; 20] = [
     "proxy-body-size",
     "proxy-read-timeout",
     "proxy-connect-timeout",
@@ -402,6 +405,11 @@ const CARRIED_KEYS: [&str; 15] = [
     "rewrite-target",
     "ssl-redirect",
     "force-ssl-redirect",
+    "affinity",
+    "session-cookie-name",
+    "session-cookie-max-age",
+    "session-cookie-expires",
+    "session-cookie-path",
 ];
 
 /// A source-range annotation's addresses and CIDR ranges (comma-separated),
@@ -569,6 +577,38 @@ fn carried(main: &Ingress, host: &str, notes: &mut Vec<String>) -> Carried {
         .any(|(hosts, _)| hosts.is_empty() || hosts.iter().any(|h| h.eq_ignore_ascii_case(host)));
     let https_redirect = (has_tls && flag("ssl-redirect") != Some(false))
         || flag("force-ssl-redirect") == Some(true);
+    let affinity = match main.annotation("affinity").map(str::trim) {
+        Some("cookie") => {
+            let name = main
+                .annotation("session-cookie-name")
+                .map(str::trim)
+                .filter(|n| {
+                    !n.is_empty()
+                        && n.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+                })
+                .unwrap_or("INGRESSCOOKIE");
+            let seconds = |key: &str| {
+                main.annotation(key)
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .filter(|n| *n > 0)
+            };
+            let max_age =
+                seconds("session-cookie-max-age").or_else(|| seconds("session-cookie-expires"));
+            let path = main
+                .annotation("session-cookie-path")
+                .map(|p| p.trim().to_string());
+            notes.push(format!("affinity cookie {name}: veer makes it for a client without one and keys both the version and the endpoint by it (ingress-nginx's affinity-canary-behavior \"sticky\"); the other sticky sources are left out, as a made cookie is always there"));
+            Some((name.to_string(), max_age, path))
+        }
+        Some(other) => {
+            notes.push(format!(
+                "affinity {other:?} has no veer form (\"cookie\" does): sticky by client address"
+            ));
+            None
+        }
+        None => None,
+    };
     let regex = main
         .annotation("use-regex")
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
@@ -588,6 +628,7 @@ fn carried(main: &Ingress, host: &str, notes: &mut Vec<String>) -> Carried {
             .annotation("rewrite-target")
             .map(|t| t.trim().to_string()),
         https_redirect,
+        affinity,
     }
 }
 
@@ -861,6 +902,13 @@ fn build(
         }
         let _ = writeln!(out, "path_prefix = {}", toml_str(&r.path));
         let c = &r.carried;
+        if let Some((name, _, _)) = &c.affinity {
+            let _ = writeln!(
+                out,
+                "sticky = [{}]  # affinity: cookie",
+                toml_str(&format!("cookie:{name}"))
+            );
+        }
         if c.https_redirect {
             let _ = writeln!(
                 out,
@@ -909,6 +957,22 @@ fn build(
             if role == "canary" {
                 let _ = writeln!(out, "weight = {}", fmt_weight(r.weight));
             }
+        }
+        if let Some((name, max_age, path)) = &c.affinity {
+            let _ = writeln!(
+                out,
+                "[route.sticky_cookie]  # affinity: cookie\nname = {}",
+                toml_str(name)
+            );
+            if let Some(s) = max_age {
+                let _ = writeln!(out, "max_age = \"{s}s\"");
+            }
+            // ingress-nginx's default path is the Ingress path's.
+            let path = path
+                .clone()
+                .filter(|p| p.starts_with('/') && !p.contains([';', ' ']))
+                .unwrap_or_else(|| r.path.clone());
+            let _ = writeln!(out, "path = {}", toml_str(&path));
         }
         if let Some((rps, burst)) = r.carried.rate {
             let _ = writeln!(

@@ -123,7 +123,17 @@ pub fn handle(
 
         let client = client_addr(req.headers(), peer.addr, trusted_hops);
         let mut key_buf = KeyBuf::default();
-        let key = sticky_key(&route.sticky, req.headers(), &client, &mut key_buf);
+        let mut minted_buf = [0u8; 16];
+        let mut key = sticky_key(&route.sticky, req.headers(), &client, &mut key_buf);
+        // A client without the route's sticky cookie gets one made.
+        let mut minted = None;
+        if let (None, Some(m)) = (key, &route.mint) {
+            let k = m.mint(&mut minted_buf);
+            let secure = scheme == Scheme::Https
+                || crate::edit::forwarded_https(req.headers(), trusted_hops);
+            minted = m.set_cookie(k, secure);
+            key = Some(k);
+        }
         let key_hash = key.map(key_hash);
         let client_hash = if client == peer.addr {
             peer.client_hash
@@ -272,6 +282,9 @@ pub fn handle(
         });
         Ok(match result {
             Ok(mut resp) => {
+                if let Some(c) = minted {
+                    resp.headers_mut().append(header::SET_COOKIE, c);
+                }
                 if let Some(id) = rid {
                     // The upstream's own, if it sent one, stays.
                     resp.headers_mut()
@@ -387,6 +400,9 @@ pub fn handle(
                     l.line(e.status().as_u16(), Some(e.kind()));
                 }
                 let mut resp = reply(e);
+                if let Some(c) = minted {
+                    resp.headers_mut().append(header::SET_COOKIE, c);
+                }
                 if let Some(edits) = &route.response_edits {
                     edits.apply(resp.headers_mut());
                 }

@@ -85,6 +85,8 @@ pub struct RouteTarget {
     pub limiter: Option<Arc<crate::limit::RateLimiter>>,
     /// `allow_from` and `deny_from`, if either is set.
     pub sources: Option<Box<crate::limit::Sources>>,
+    /// `[route.sticky_cookie]`, if set.
+    pub mint: Option<Box<crate::split::MintCookie>>,
     /// `https_redirect`: requests over plain HTTP get 308 to HTTPS.
     pub https_redirect: bool,
     /// `rewrite_prefix`, if set.
@@ -334,6 +336,10 @@ impl Snapshot {
                 limiter: r.rate_limit.map(|l| upstreams.limiters.get(&r.name, l)),
                 sources: crate::limit::Sources::of(r),
                 https_redirect: r.https_redirect,
+                mint: r
+                    .sticky_cookie
+                    .as_ref()
+                    .map(|c| Box::new(crate::split::MintCookie::of(c))),
                 rewrite: crate::edit::Rewrite::of(r),
                 request_edits: crate::edit::Edits::of(&r.request_headers),
                 response_edits: crate::edit::Edits::of(&r.response_headers),

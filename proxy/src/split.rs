@@ -23,7 +23,9 @@
 //!
 //! Key bytes: a header's value as sent; a cookie's value; the client IP as
 //! 4 (IPv4) or 16 (IPv6) network-order bytes (an IPv4-mapped IPv6 address
-//! counts as IPv4).
+//! counts as IPv4). A key veer makes for a client without a sticky cookie
+//! (`[route.sticky_cookie]`) is 16 random hex digits, the cookie's value
+//! from then on.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -56,6 +58,47 @@ impl StickyKey {
             StickySource::Cookie(c) => StickyKey::Cookie(c.as_str().into()),
             StickySource::ClientIp => StickyKey::ClientIp,
         })
+    }
+}
+
+/// `[route.sticky_cookie]`, ready for requests: makes a key for a client
+/// that brought none, and the `Set-Cookie` that gives it to the client.
+#[derive(Debug)]
+pub struct MintCookie {
+    name: Box<str>,
+    /// `; Path=...; Max-Age=...; HttpOnly; SameSite=Lax`.
+    attributes: Box<str>,
+}
+
+impl MintCookie {
+    /// From the config.
+    pub fn of(c: &veer_control::config::StickyCookie) -> MintCookie {
+        let max_age = c.max_age.map_or(String::new(), |a| {
+            format!("; Max-Age={}", a.as_secs().max(1))
+        });
+        MintCookie {
+            name: c.name.as_str().into(),
+            attributes: format!("; Path={}{max_age}; HttpOnly; SameSite=Lax", c.path).into(),
+        }
+    }
+
+    /// A new random key, in `buf`.
+    pub fn mint<'a>(&self, buf: &'a mut [u8; 16]) -> &'a [u8] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut n = fastrand::u64(..);
+        for b in buf.iter_mut() {
+            *b = HEX[(n & 0xf) as usize];
+            n >>= 4;
+        }
+        &buf[..]
+    }
+
+    /// The `Set-Cookie` value that gives `key` to the client (`Secure`
+    /// when the request came over HTTPS).
+    pub fn set_cookie(&self, key: &[u8], secure: bool) -> Option<http::HeaderValue> {
+        let key = std::str::from_utf8(key).ok()?;
+        let secure = if secure { "; Secure" } else { "" };
+        http::HeaderValue::from_str(&format!("{}={key}{}{secure}", self.name, self.attributes)).ok()
     }
 }
 

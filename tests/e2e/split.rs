@@ -140,3 +140,53 @@ async fn removing_one_of_three_endpoints_moves_only_its_keys() {
     });
     assert_eq!(counts.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_sticky_cookie_gets_one_and_stays_on_its_version() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let config = route_config(
+        &[s.addr],
+        &[c.addr],
+        50.0,
+        &format!("{OBSERVED}[route.sticky_cookie]\nname = \"veer_key\"\nmax_age = \"1h\"\n"),
+    )
+    .replace(
+        "sticky = [\"header:x-user-id\", \"client-ip\"]",
+        "sticky = [\"header:x-user-id\", \"cookie:veer_key\"]",
+    );
+    let veer = Veer::start(&config).await;
+    let mut seen = HashMap::new();
+    for _ in 0..40 {
+        // A new client each time (one connection, no cookie).
+        let mut fresh = super::support::Client::connect(veer.addr).await.unwrap();
+        let r = fresh.get("/", &[]).await.unwrap();
+        let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+        let (pair, attributes) = set.split_once("; ").unwrap();
+        assert_eq!(attributes, "Path=/; Max-Age=3600; HttpOnly; SameSite=Lax");
+        let key = pair.strip_prefix("veer_key=").unwrap().to_string();
+        assert!(
+            key.len() == 16 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{key}"
+        );
+        let version = r.headers()["x-upstream"].to_str().unwrap().to_string();
+        // Back with the cookie: the same version every time, no new one.
+        let cookie = format!("veer_key={key}");
+        for _ in 0..5 {
+            let again = fresh
+                .get("/", &[("cookie", cookie.as_str())])
+                .await
+                .unwrap();
+            assert_eq!(again.headers()["x-upstream"], version.as_str(), "{key}");
+            assert!(!again.headers().contains_key("set-cookie"));
+        }
+        *seen.entry(version).or_insert(0) += 1;
+    }
+    // Made keys split like any others.
+    assert!(seen.get("stable").copied().unwrap_or(0) >= 5, "{seen:?}");
+    assert!(seen.get("canary").copied().unwrap_or(0) >= 5, "{seen:?}");
+    // An earlier source present: no cookie made.
+    let mut client = super::support::Client::connect(veer.addr).await.unwrap();
+    let r = client.get("/", &[("x-user-id", "u-1")]).await.unwrap();
+    assert!(!r.headers().contains_key("set-cookie"));
+}

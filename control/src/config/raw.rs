@@ -129,6 +129,7 @@ pub struct RawRoute {
     pub force: Option<Spanned<RawForce>>,
     pub mirror: Option<Spanned<RawMirror>>,
     pub rate_limit: Option<Spanned<RawRateLimit>>,
+    pub sticky_cookie: Option<Spanned<RawStickyCookie>>,
     pub smoke: Option<Vec<Spanned<RawSmoke>>>,
     pub grpc_error_codes: Option<Spanned<Vec<Spanned<i64>>>>,
 }
@@ -153,6 +154,15 @@ pub struct RawMirror {
     pub max_body: Option<Spanned<i64>>,
     pub max_concurrent: Option<Spanned<i64>>,
     pub methods: Option<Vec<Spanned<String>>>,
+}
+
+/// `[route.sticky_cookie]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStickyCookie {
+    pub name: Spanned<String>,
+    pub max_age: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
 }
 
 /// `[route.rate_limit]`.

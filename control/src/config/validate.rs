@@ -14,13 +14,13 @@ use toml::Spanned;
 pub use super::diagnostics::{Diagnostic, Diagnostics};
 use super::raw::{
     RawCanary, RawConfig, RawEndpoint, RawForce, RawHeaderEdits, RawJudge, RawMirror, RawRateLimit,
-    RawRoute, RawUpstreamTls, RawVersion,
+    RawRoute, RawStickyCookie, RawUpstreamTls, RawVersion,
 };
 use super::{
     AccessLog, AdminSettings, Config, Endpoint, Force, HeaderEdits, JudgeMode, JudgeSettings,
     Mirror, ProxySettings, Quantile, RateLimit, Rollout, Route, SmokeCheck, StateSettings,
-    StickySource, Strategy, TlsSettings, UpstreamHttp1, UpstreamProtocol, UpstreamTls, Version,
-    Webhook, WebhookFormat, DEFAULT_GRPC_ERROR_CODES,
+    StickyCookie, StickySource, Strategy, TlsSettings, UpstreamHttp1, UpstreamProtocol,
+    UpstreamTls, Version, Webhook, WebhookFormat, DEFAULT_GRPC_ERROR_CODES,
 };
 
 /// Defaults, named so that the docs and the code agree.

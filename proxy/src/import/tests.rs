@@ -362,3 +362,20 @@ fn the_controllers_configmap_is_every_ingresss_default_and_the_proxys_body_limit
     assert!(without.config.contains("# max_request_body = 1048576"));
     assert_eq!(parsed(&without).proxy.max_request_body, 0);
 }
+
+#[test]
+fn cookie_affinity_becomes_a_sticky_cookie_veer_makes() {
+    let i = import(&["list.yaml"]);
+    let r = &parsed(&i).routes[0];
+    assert_eq!(
+        r.sticky,
+        [veer_control::config::StickySource::Cookie(
+            "PAYSESSION".into()
+        )]
+    );
+    let s = r.sticky_cookie.clone().expect("sticky_cookie");
+    assert_eq!(s.name, "PAYSESSION");
+    assert_eq!(s.max_age, Some(Duration::from_secs(172_800)));
+    assert_eq!(s.path, "/");
+    noted(&i, &["affinity cookie PAYSESSION: veer makes it"]);
+}

@@ -172,6 +172,10 @@ impl Validator<'_> {
                 confirm,
             }
         });
+        let sticky_cookie = r
+            .sticky_cookie
+            .as_ref()
+            .and_then(|c| self.sticky_cookie(c, &sticky));
         Some(Route {
             name,
             hosts,
@@ -208,6 +212,7 @@ impl Validator<'_> {
             force: r.force.as_ref().and_then(|f| self.force(f)),
             mirror,
             rate_limit: r.rate_limit.as_ref().and_then(|l| self.rate_limit(l)),
+            sticky_cookie,
             smoke: self.smoke(r),
             grpc_error_codes: self.grpc_error_codes(r),
         })
@@ -814,6 +819,62 @@ impl Validator<'_> {
                 }
             }
         }
+    }
+
+    /// `[route.sticky_cookie]`: names the route's last sticky source (a
+    /// made key is always there, so nothing after it would be read).
+    fn sticky_cookie(
+        &mut self,
+        c: &Spanned<RawStickyCookie>,
+        sticky: &[StickySource],
+    ) -> Option<StickyCookie> {
+        let raw = c.get_ref();
+        let name = raw.name.get_ref();
+        match sticky
+            .iter()
+            .position(|s| matches!(s, StickySource::Cookie(n) if n == name))
+        {
+            Some(i) if i + 1 == sticky.len() => {}
+            Some(_) => {
+                self.err(
+                    raw.name.span(),
+                    format!("sticky_cookie {name:?} must be the route's last sticky source: a made cookie is always there, so the sources after it would never be read"),
+                );
+                return None;
+            }
+            None => {
+                self.err(
+                    raw.name.span(),
+                    format!("sticky_cookie {name:?} is not one of the route's sticky sources: add \"cookie:{name}\" as the last"),
+                );
+                return None;
+            }
+        }
+        let path = match &raw.path {
+            Some(p)
+                if !p.get_ref().starts_with('/')
+                    || !p
+                        .get_ref()
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b';') =>
+            {
+                self.err(
+                    p.span(),
+                    "sticky_cookie path must be a path starting with '/' (visible ASCII, no ';')",
+                );
+                return None;
+            }
+            Some(p) => p.get_ref().clone(),
+            None => "/".into(),
+        };
+        Some(StickyCookie {
+            name: name.clone(),
+            max_age: raw
+                .max_age
+                .as_ref()
+                .map(|a| self.duration(Some(a), Duration::from_secs(1))),
+            path,
+        })
     }
 
     /// `rewrite_prefix`: a plain path that takes `path_prefix`'s place.

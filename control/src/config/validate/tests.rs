@@ -889,3 +889,49 @@ fn force_takes_more_values_for_each_version_but_never_one_for_both() {
         assert!(e.0.iter().any(|d| d.message.contains(word)), "{bad}: {e:?}");
     }
 }
+
+#[test]
+fn a_sticky_cookie_is_the_last_source_and_only_its_own() {
+    let with = |sticky: &str, table: &str| {
+        parse(&format!(
+            "{}[route.sticky_cookie]\n{table}",
+            MINIMAL.replace(
+                "name = \"web\"",
+                &format!("name = \"web\"\nsticky = {sticky}")
+            )
+        ))
+    };
+    let c = with(
+        "[\"header:x-user\", \"cookie:k\"]",
+        "name = \"k\"\nmax_age = \"2d\"\n",
+    )
+    .expect("valid");
+    let s = c.routes[0].sticky_cookie.clone().expect("set");
+    assert_eq!((s.name.as_str(), s.path.as_str()), ("k", "/"));
+    assert_eq!(s.max_age, Some(std::time::Duration::from_secs(2 * 86_400)));
+    for (sticky, table, word) in [
+        (
+            "[\"cookie:k\", \"client-ip\"]",
+            "name = \"k\"\n",
+            "last sticky source",
+        ),
+        (
+            "[\"client-ip\"]",
+            "name = \"k\"\n",
+            "not one of the route's sticky sources",
+        ),
+        ("[\"cookie:k\"]", "name = \"k\"\npath = \"app\"\n", "path"),
+        (
+            "[\"cookie:k\"]",
+            "name = \"k\"\nmax_age = \"soon\"\n",
+            "invalid duration",
+        ),
+        ("[\"cookie:k\"]", "name = \"k\"\nsecure = true\n", "secure"),
+    ] {
+        let e = with(sticky, table).expect_err(table);
+        assert!(
+            e.0.iter().any(|d| d.message.contains(word)),
+            "{table}: {e:?}"
+        );
+    }
+}

@@ -221,6 +221,7 @@ pub fn handle(
         // The request line, kept for the access log.
         let head = (access != AccessLog::Off).then(|| (req.method().clone(), req.uri().clone()));
         let upload = Upload::since(start);
+        let served_by = std::sync::OnceLock::new();
         let waiting = Waiting {
             shared: &shared,
             version,
@@ -248,6 +249,7 @@ pub fn handle(
                 read_whole,
                 shadow,
                 arrival: arrival.clone(),
+                served_by: (access != AccessLog::Off).then_some(&served_by),
             },
             Deadlines {
                 body: body_timeout,
@@ -273,6 +275,7 @@ pub fn handle(
         // Only with an access log: the request line was kept for it.
         let logged = head.map(|head| Logged {
             head,
+            upstream: served_by.get().copied(),
             request_id: rid,
             route: &route.name,
             version: &version.name,
@@ -479,6 +482,7 @@ impl Drop for Waiting<'_> {
                 version: &self.version.name,
                 canary,
                 client,
+                upstream: None,
                 micros: waited,
             }
             .line(499, Some(ProxyError::ClientClosed.kind()));
@@ -521,6 +525,8 @@ struct Logged<'a> {
     version: &'a str,
     canary: bool,
     client: SocketAddr,
+    /// The endpoint that answered (none when none did).
+    upstream: Option<SocketAddr>,
     /// Until the response head (or the failure).
     micros: u64,
 }
@@ -539,6 +545,7 @@ impl Logged<'_> {
             status,
             ms = self.micros as f64 / 1000.0,
             client = %self.client,
+            upstream = self.upstream.map(tracing::field::display),
             error = error.unwrap_or(""),
             request_id = self.request_id.and_then(|v| v.to_str().ok()),
             "request"
@@ -718,7 +725,7 @@ fn set_path(uri: &mut http::Uri, path: &str) -> Result<(), http::Error> {
 }
 
 /// Who sent a request, and how.
-struct Hop {
+struct Hop<'a> {
     peer: Arc<Peer>,
     client: SocketAddr,
     trusted_hops: usize,
@@ -734,6 +741,8 @@ struct Hop {
     shadow: Option<Box<crate::mirror::Seed>>,
     /// When a mirrored request's answer came (its side of the pair).
     arrival: Option<Arc<crate::raw::Arrival>>,
+    /// With an access log: where the endpoint that answered is put.
+    served_by: Option<&'a std::sync::OnceLock<SocketAddr>>,
 }
 
 /// How long a request may take.
@@ -759,7 +768,7 @@ struct Deadlines {
 /// is kept there while the request is in flight.
 fn outgoing(
     mut req: Request<Incoming>,
-    hop: &mut Hop,
+    hop: &mut Hop<'_>,
     body_timeout: std::time::Duration,
     upload: &Arc<Upload>,
     route: &RouteTarget,
@@ -840,7 +849,7 @@ fn forward<'a>(
     version: &'a VersionTarget,
     pick: Pick,
     req: Request<Incoming>,
-    mut hop: Hop,
+    mut hop: Hop<'a>,
     deadlines: Deadlines,
     upload: &'a Arc<Upload>,
 ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
@@ -902,6 +911,9 @@ fn forward<'a>(
             Ok(r) => r,
         };
         upstream.mark_ok();
+        if let Some(cell) = hop.served_by {
+            let _ = cell.set(upstream.addr());
+        }
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(down) = downstream_upgrade {

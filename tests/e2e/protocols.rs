@@ -302,14 +302,25 @@ endpoints = ["{}"]
     let (uri, h) = seen();
     assert_eq!(uri, "/web/x");
     assert_eq!(h["x-debug"], "1");
-    // The access log says what the client asked for.
+    // The access log says what the client asked for, and which endpoint
+    // answered (none for veer's own 400).
     let lines = veer.logs_with_at_least("request", 4).await;
-    let paths: Vec<&str> = lines
+    let logged: Vec<(&str, &str)> = lines
         .iter()
         .filter(|l| l["target"] == "veer::access")
-        .filter_map(|l| l["path"].as_str())
+        .map(|l| {
+            (
+                l["path"].as_str().unwrap_or(""),
+                l["upstream"].as_str().unwrap_or(""),
+            )
+        })
         .collect();
-    assert!(paths.contains(&"/api/users"), "{paths:?}");
+    let endpoint = s.addr.to_string();
+    assert!(
+        logged.contains(&("/api/users", endpoint.as_str())),
+        "{logged:?}"
+    );
+    assert!(logged.contains(&("/api..", "")), "{logged:?}");
     // A reload without them sends paths and fields as they come.
     let bare = api
         .replace("rewrite_prefix = \"/\"\n", "")

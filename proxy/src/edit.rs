@@ -131,6 +131,13 @@ pub fn forwarded_https(headers: &HeaderMap, trusted_hops: usize) -> bool {
             .is_some_and(|p| p.trim_ascii().eq_ignore_ascii_case(b"https"))
 }
 
+/// Whether `path` is an ACME HTTP-01 challenge's, which a certificate
+/// authority fetches over plain HTTP (cert-manager, certbot): never
+/// redirected, as ingress-nginx exempts it.
+pub fn acme_challenge(path: &str) -> bool {
+    path.starts_with("/.well-known/acme-challenge/")
+}
+
 /// `https://` + `host` (its port, if any, replaced by `port`, left out
 /// when 443) + `uri`'s path and query; `None` if that is no field value.
 pub fn https_location(host: &str, port: u16, uri: &http::Uri) -> Option<HeaderValue> {

@@ -104,6 +104,7 @@ pub fn handle(
         if route.https_redirect
             && scheme == Scheme::Http
             && !crate::edit::forwarded_https(req.headers(), trusted_hops)
+            && !crate::edit::acme_challenge(req.uri().path())
         {
             let port = shared.https_port.load(std::sync::atomic::Ordering::Relaxed);
             return Ok(https_redirect(&req, port, &route, rid, (access, peer.addr)));

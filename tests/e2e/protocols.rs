@@ -369,6 +369,16 @@ async fn plain_http_requests_to_a_redirecting_route_are_sent_to_https() {
     );
     assert_eq!(r.headers()["strict-transport-security"], "max-age=600");
     assert_eq!(s.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // An ACME HTTP-01 challenge is served over plain HTTP.
+    let r = c
+        .get(
+            "/.well-known/acme-challenge/token-1",
+            &[("host", "shop.example")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(s.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
     // HTTP/2 in clear too.
     let mut h2 = super::support::h2c(veer.addr).await;
     let req = Request::get(format!("http://{}/h2", veer.addr))
@@ -394,7 +404,7 @@ async fn plain_http_requests_to_a_redirecting_route_are_sent_to_https() {
         answer.contains("strict-transport-security: max-age=600"),
         "{answer}"
     );
-    assert_eq!(s.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(s.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
     // Behind a trusted proxy that took the request over HTTPS: served;
     // over plain HTTP, or said by a client nobody trusts: redirected.
     veer.write_config(&config.replace("[proxy]\n", "[proxy]\ntrusted_hops = 1\n"));

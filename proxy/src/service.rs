@@ -276,7 +276,7 @@ pub fn handle(
         // Only with an access log: the request line was kept for it.
         let logged = head.map(|head| Logged {
             head,
-            upstream: served_by.get().copied(),
+            upstream: served_by.get().map(|u| u.label()),
             request_id: rid,
             route: &route.name,
             version: &version.name,
@@ -527,7 +527,7 @@ struct Logged<'a> {
     canary: bool,
     client: SocketAddr,
     /// The endpoint that answered (none when none did).
-    upstream: Option<SocketAddr>,
+    upstream: Option<&'a str>,
     /// Until the response head (or the failure).
     micros: u64,
 }
@@ -546,7 +546,7 @@ impl Logged<'_> {
             status,
             ms = self.micros as f64 / 1000.0,
             client = %self.client,
-            upstream = self.upstream.map(tracing::field::display),
+            upstream = self.upstream,
             error = error.unwrap_or(""),
             request_id = self.request_id.and_then(|v| v.to_str().ok()),
             "request"
@@ -743,7 +743,7 @@ struct Hop<'a> {
     /// When a mirrored request's answer came (its side of the pair).
     arrival: Option<Arc<crate::raw::Arrival>>,
     /// With an access log: where the endpoint that answered is put.
-    served_by: Option<&'a std::sync::OnceLock<SocketAddr>>,
+    served_by: Option<&'a std::sync::OnceLock<Arc<crate::upstream::Upstream>>>,
 }
 
 /// How long a request may take.
@@ -913,7 +913,7 @@ fn forward<'a>(
         };
         upstream.mark_ok();
         if let Some(cell) = hop.served_by {
-            let _ = cell.set(upstream.addr());
+            let _ = cell.set(upstream.clone());
         }
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {

@@ -660,6 +660,8 @@ struct Idle {
 /// One upstream endpoint.
 pub struct Upstream {
     addr: SocketAddr,
+    /// `addr` as text, made once (the access log's `upstream`).
+    label: Box<str>,
     connector: Connector,
     /// Idle HTTP/1.1 connections, oldest first: made at the first one
     /// returned (room for [`MAX_IDLE`] is 22 KiB, and an ingress has
@@ -735,6 +737,7 @@ impl Upstream {
         let h2_known = matches!(connector, Connector::H2c);
         Upstream {
             addr,
+            label: addr.to_string().into(),
             connector,
             idle: OnceLock::new(),
             h2: Mutex::new(Vec::new()),
@@ -756,6 +759,11 @@ impl Upstream {
     /// The endpoint's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The endpoint's address as text.
+    pub fn label(&self) -> &str {
+        &self.label
     }
 
     /// How connections to it are made.

@@ -398,3 +398,36 @@ async fn a_shadow_slower_than_stable_is_reverted_by_its_pairs_latency() {
     assert_eq!(route["reverted"]["guard"], "mirror_latency_test", "{route}");
     eprintln!("slow shadow reverted after {took:?} and {sent} requests");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_carry_the_routes_rewritten_path_and_header_fields() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let config = route_config(
+        &[s.addr],
+        &[c.addr],
+        0.0,
+        "path_prefix = \"/api\"\nrewrite_prefix = \"/\"\n",
+    ) + "[route.judge]\nmode = \"observe\"\n[route.mirror]\npercent = 100\n"
+        + "[route.request_headers]\nset = { x-env = \"prod\" }\nremove = [\"x-debug\"]\n";
+    let veer = Veer::start(&config).await;
+    let mut client = Client::connect(veer.addr).await.unwrap();
+    let r = client
+        .get(
+            "/api/items?page=3",
+            &[("x-user-id", "u-1"), ("x-debug", "1")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-upstream"], "stable");
+    until("the copy came", Duration::from_secs(20), || {
+        c.requests.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    for (who, u) in [("stable", &s), ("copy", &c)] {
+        assert_eq!(*u.last_uri.lock().unwrap(), "/items?page=3", "{who}");
+        let h = u.last_headers.lock().unwrap();
+        assert_eq!(h["x-env"], "prod", "{who}");
+        assert!(!h.contains_key("x-debug"), "{who}");
+    }
+}

@@ -315,13 +315,16 @@ pub struct Mirror {
 /// Requests one client address (as `client-ip` stickiness sees it) may
 /// make to a route: a token bucket (nginx's `limit_req`), refilled at
 /// `per_second`, holding at most `burst`. Past it, 429.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RateLimit {
     /// Requests a second, in thousandths (1 ..= 10^9: 0.001 to 10^6 a
     /// second).
     pub per_second_milli: u64,
     /// Requests allowed at once after a quiet spell (1 ..= 10^6).
     pub burst: u32,
+    /// Whose bucket: a request header's value (lower-case name), when
+    /// the request has it; else (and with `None`) the client address.
+    pub key_header: Option<String>,
 }
 
 /// A sticky cookie veer makes (`[route.sticky_cookie]`): a client whose

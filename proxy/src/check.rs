@@ -207,8 +207,13 @@ pub fn summary(path: &Path, c: &Config) -> String {
         if let Some(l) = &r.rate_limit {
             let _ = writeln!(
                 out,
-                "    {} requests a second per client, bursts of {} (more: 429)",
+                "    {} requests a second per {}, bursts of {} (more: 429)",
                 l.per_second(),
+                l.key_header
+                    .as_deref()
+                    .map_or("client address".to_string(), |h| format!(
+                        "{h} value (else address)"
+                    )),
                 l.burst
             );
         }

@@ -123,18 +123,35 @@ pub struct RateLimiter {
     burst: f64,
     base: Instant,
     shards: Box<[Mutex<Shard>]>,
+    /// `key = "header:NAME"`.
+    key_header: Option<http::HeaderName>,
 }
 
 impl RateLimiter {
     /// Empty buckets-to-be for `settings`.
     pub fn new(settings: RateLimit) -> RateLimiter {
         RateLimiter {
-            settings,
             per_us: settings.per_second() / 1e6,
             burst: f64::from(settings.burst),
             base: Instant::now(),
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            key_header: settings
+                .key_header
+                .as_deref()
+                .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
+            settings,
         }
+    }
+
+    /// Whose bucket a request spends from: its key header's value (hashed)
+    /// when the limit is keyed by one and the request has it, else
+    /// `client` (the client address's hash).
+    pub fn key(&self, headers: &http::HeaderMap, client: u64) -> u64 {
+        self.key_header
+            .as_ref()
+            .and_then(|h| headers.get(h))
+            .filter(|v| !v.is_empty())
+            .map_or(client, |v| xxhash_rust::xxh3::xxh3_64(v.as_bytes()))
     }
 
     /// Takes a token from client `client`'s bucket at `now`: `Ok`, or the
@@ -225,6 +242,7 @@ mod tests {
         RateLimiter::new(RateLimit {
             per_second_milli: (per_second * 1000.0) as u64,
             burst,
+            key_header: None,
         })
     }
 
@@ -324,15 +342,44 @@ mod tests {
         let settings = RateLimit {
             per_second_milli: 1000,
             burst: 1,
+            key_header: None,
         };
-        let a = all.get("web", settings);
-        assert!(Arc::ptr_eq(&a, &all.get("web", settings)));
+        let a = all.get("web", settings.clone());
+        assert!(Arc::ptr_eq(&a, &all.get("web", settings.clone())));
         let other = RateLimit {
             burst: 2,
-            ..settings
+            ..settings.clone()
         };
         assert!(!Arc::ptr_eq(&a, &all.get("web", other)));
+        let keyed = RateLimit {
+            key_header: Some("x-api-key".into()),
+            ..settings.clone()
+        };
+        assert!(!Arc::ptr_eq(&a, &all.get("web", keyed)));
         let b = all.get("api", settings);
         assert!(!Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn a_keyed_limit_spends_from_the_keys_bucket_and_the_address_without_one() {
+        let l = RateLimiter::new(RateLimit {
+            per_second_milli: 1,
+            burst: 1,
+            key_header: Some("x-api-key".into()),
+        });
+        let mut h = http::HeaderMap::new();
+        assert_eq!(l.key(&h, 7), 7, "no key: the address");
+        h.insert("x-api-key", http::HeaderValue::from_static(""));
+        assert_eq!(l.key(&h, 7), 7, "an empty one neither");
+        h.insert("x-api-key", http::HeaderValue::from_static("team-a"));
+        let a = l.key(&h, 7);
+        assert_ne!(a, 7);
+        assert_eq!(a, l.key(&h, 8), "whatever the address");
+        let now = Instant::now();
+        assert!(l.admit(a, now).is_ok());
+        assert!(l.admit(a, now).is_err());
+        assert!(l.admit(7, now).is_ok(), "the address's own bucket");
+        let plain = limiter(1.0, 1);
+        assert_eq!(plain.key(&h, 7), 7, "not keyed: the address");
     }
 }

@@ -157,7 +157,7 @@ pub fn handle(
             }
         }
         if let Some(limiter) = &route.limiter {
-            if let Err(wait) = limiter.admit(client_hash, start) {
+            if let Err(wait) = limiter.admit(limiter.key(req.headers(), client_hash), start) {
                 let e = ProxyError::RateLimited;
                 return Ok(refuse_on_route(&shared, &req, on_route(), e, Some(wait)));
             }

@@ -333,7 +333,10 @@ impl Snapshot {
                     0 => u64::MAX,
                     n => n,
                 },
-                limiter: r.rate_limit.map(|l| upstreams.limiters.get(&r.name, l)),
+                limiter: r
+                    .rate_limit
+                    .clone()
+                    .map(|l| upstreams.limiters.get(&r.name, l)),
                 sources: crate::limit::Sources::of(r),
                 https_redirect: r.https_redirect,
                 mint: r

@@ -568,6 +568,42 @@ async fn a_client_over_its_rate_gets_429_and_others_and_the_version_are_untouche
     assert_ne!(s["routes"][0]["verdict"], "reverted", "{}", s["routes"][0]);
 }
 
+/// The status of a GET with `key` as its `x-api-key` (none if empty).
+async fn keyed(c: &mut super::support::Client, key: &str) -> u16 {
+    let headers: &[(&str, &str)] = if key.is_empty() {
+        &[]
+    } else {
+        &[("x-api-key", key)]
+    };
+    c.get("/", headers).await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_keyed_by_a_header_counts_each_key_whatever_its_address() {
+    use super::support::Client;
+    let stable = Upstream::start("stable").await;
+    let canary = Upstream::start("canary").await;
+    let config =
+        rate_limited_config(stable.addr, canary.addr, 2, "5s") + "key = \"header:x-api-key\"\n";
+    let veer = Veer::start(&config).await;
+    let mut one = Client::connect(veer.addr).await.unwrap();
+    let mut two = Client::connect_from(veer.addr, "127.0.0.2".parse().unwrap())
+        .await
+        .unwrap();
+    // Team a's burst of 2 is spent from two addresses.
+    assert_eq!(keyed(&mut one, "team-a").await, 200);
+    assert_eq!(keyed(&mut two, "team-a").await, 200);
+    assert_eq!(keyed(&mut one, "team-a").await, 429);
+    // Team b, from the same address, has its own.
+    assert_eq!(keyed(&mut one, "team-b").await, 200);
+    // Without the header: the address's bucket.
+    assert_eq!(keyed(&mut one, "").await, 200);
+    assert_eq!(keyed(&mut one, "").await, 200);
+    assert_eq!(keyed(&mut one, "").await, 429);
+    let m = veer.metrics().await;
+    only_the_clients(&m, "rate_limited", 2.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_serves_only_the_client_addresses_it_allows_and_never_those_it_denies() {
     use super::support::Client;

@@ -171,6 +171,7 @@ pub struct RawStickyCookie {
 pub struct RawRateLimit {
     pub requests_per_second: Spanned<f64>,
     pub burst: Option<Spanned<i64>>,
+    pub key: Option<Spanned<String>>,
 }
 
 /// `[route.request_headers]` / `[route.response_headers]`.

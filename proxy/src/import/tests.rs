@@ -113,7 +113,7 @@ fn what_veer_cannot_express_is_reported_never_dropped() {
         assert_eq!(r.max_request_body, Some(8 << 20), "{}", r.name);
         assert_eq!(r.timeout, Duration::from_secs(120), "{}", r.name);
         assert_eq!(r.connect_timeout, Duration::from_secs(3), "{}", r.name);
-        let l = r.rate_limit.expect("limit-rps");
+        let l = r.rate_limit.clone().expect("limit-rps");
         assert_eq!((l.per_second_milli, l.burst), (20_000, 100), "{}", r.name);
         let nets = |v: &[ipnet::IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
         assert_eq!(

@@ -590,9 +590,23 @@ impl Validator<'_> {
             default_burst,
             "rate_limit burst",
         );
+        let key_header = raw.key.as_ref().and_then(|k| match k.get_ref().as_str() {
+            "client-ip" => None,
+            text => match text.strip_prefix("header:").map(str::to_ascii_lowercase) {
+                Some(name) if http_token(&name) => Some(name),
+                _ => {
+                    self.err(
+                        k.span(),
+                        format!("rate_limit key {text:?} is not \"client-ip\" or \"header:NAME\""),
+                    );
+                    None
+                }
+            },
+        });
         Some(RateLimit {
             per_second_milli: (rps * 1000.0).round() as u64,
             burst: burst as u32,
+            key_header,
         })
     }
 

@@ -673,7 +673,7 @@ fn max_request_body_is_proxy_wide_or_a_routes_own_and_never_negative() {
 fn a_rate_limit_needs_a_positive_rate_and_bursts_at_least_one() {
     let with = |table: &str| parse(&format!("{MINIMAL}[route.rate_limit]\n{table}"));
     let c = with("requests_per_second = 2.5\n").expect("valid");
-    let l = c.routes[0].rate_limit.expect("set");
+    let l = c.routes[0].rate_limit.clone().expect("set");
     assert_eq!(
         (l.per_second_milli, l.burst),
         (2500, 3),
@@ -683,15 +683,34 @@ fn a_rate_limit_needs_a_positive_rate_and_bursts_at_least_one() {
         .expect("valid")
         .routes[0]
         .rate_limit
+        .clone()
         .expect("set");
     assert_eq!((l.per_second_milli, l.burst), (50, 10));
     assert_eq!(parse(MINIMAL).expect("valid").routes[0].rate_limit, None);
+    let l = with("requests_per_second = 5\nkey = \"header:X-Api-Key\"\n")
+        .expect("valid")
+        .routes[0]
+        .rate_limit
+        .clone()
+        .expect("set");
+    assert_eq!(l.key_header.as_deref(), Some("x-api-key"));
+    let l = with("requests_per_second = 5\nkey = \"client-ip\"\n")
+        .expect("valid")
+        .routes[0]
+        .rate_limit
+        .clone()
+        .expect("set");
+    assert_eq!(l.key_header, None);
     for (bad, word) in [
         ("requests_per_second = 0\n", "requests_per_second"),
         ("requests_per_second = -1\n", "requests_per_second"),
         ("requests_per_second = 5\nburst = 0\n", "burst"),
         ("burst = 5\n", "requests_per_second"),
         ("requests_per_second = 5\nper_ip = true\n", "per_ip"),
+        (
+            "requests_per_second = 5\nkey = \"cookie:session\"\n",
+            "rate_limit key",
+        ),
     ] {
         let e = with(bad).expect_err(bad);
         assert!(e.0.iter().any(|d| d.message.contains(word)), "{bad}: {e:?}");

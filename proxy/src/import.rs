@@ -386,10 +386,13 @@ struct Carried {
     /// `affinity: cookie`: the cookie's name, `Max-Age` (seconds) and
     /// path, for `[route.sticky_cookie]`.
     affinity: Option<(String, Option<u64>, Option<String>)>,
+    /// `upstream-hash-by` as a sticky source (`header:NAME`,
+    /// `cookie:NAME`, `client-ip`).
+    hash_by: Option<String>,
 }
 
 /// The annotations [`Carried`] reads.
-const CARRIED_KEYS: [&str; 20] = [
+const CARRIED_KEYS: [&str; 21] = [
     "proxy-body-size",
     "proxy-read-timeout",
     "proxy-connect-timeout",
@@ -406,6 +409,7 @@ const CARRIED_KEYS: [&str; 20] = [
     "ssl-redirect",
     "force-ssl-redirect",
     "affinity",
+    "upstream-hash-by",
     "session-cookie-name",
     "session-cookie-max-age",
     "session-cookie-expires",
@@ -609,6 +613,25 @@ fn carried(main: &Ingress, host: &str, notes: &mut Vec<String>) -> Carried {
         }
         None => None,
     };
+    let hash_by = main.annotation("upstream-hash-by").and_then(|v| {
+        let v = v.trim();
+        let token = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let source = match v {
+            "$remote_addr" | "$binary_remote_addr" => Some("client-ip".to_string()),
+            _ => v
+                .strip_prefix("$http_")
+                .filter(|n| token(n))
+                .map(|n| format!("header:{}", n.replace('_', "-")))
+                .or_else(|| v.strip_prefix("$cookie_").filter(|n| token(n)).map(|n| format!("cookie:{n}"))),
+        };
+        if source.is_none() {
+            notes.push(format!("upstream-hash-by {v:?} has no veer form (a header $http_NAME, a cookie $cookie_NAME or the address $remote_addr do): sticky by client address"));
+        } else if affinity.is_some() {
+            notes.push(format!("upstream-hash-by {v:?} beside affinity: the affinity cookie is the key, as ingress-nginx's"));
+            return None;
+        }
+        source
+    });
     let regex = main
         .annotation("use-regex")
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
@@ -629,6 +652,7 @@ fn carried(main: &Ingress, host: &str, notes: &mut Vec<String>) -> Carried {
             .map(|t| t.trim().to_string()),
         https_redirect,
         affinity,
+        hash_by,
     }
 }
 
@@ -908,6 +932,14 @@ fn build(
                 "sticky = [{}]  # affinity: cookie",
                 toml_str(&format!("cookie:{name}"))
             );
+        } else if let Some(source) = &c.hash_by {
+            // Requests without it fall back to the address, as veer's default.
+            let sources = if source == "client-ip" {
+                toml_str(source)
+            } else {
+                format!("{}, \"client-ip\"", toml_str(source))
+            };
+            let _ = writeln!(out, "sticky = [{sources}]  # upstream-hash-by");
         }
         if c.https_redirect {
             let _ = writeln!(

@@ -344,6 +344,16 @@ fn the_controllers_configmap_is_every_ingresss_default_and_the_proxys_body_limit
         ["192.168.7.0/24"],
         "its own list"
     );
+    // upstream-hash-by a header: that header, else the address.
+    use veer_control::config::StickySource;
+    assert_eq!(
+        billing.sticky,
+        [
+            StickySource::Header("x-tenant-id".into()),
+            StickySource::ClientIp
+        ]
+    );
+    assert_eq!(reports.sticky, [StickySource::ClientIp]);
     // ssl-redirect off for all: billing's TLS does not redirect; reports
     // forces it.
     assert!(!billing.https_redirect);

@@ -182,6 +182,13 @@ pub fn summary(path: &Path, c: &Config) -> String {
                 }
             );
         }
+        if let Some(c) = &r.sticky_cookie {
+            let _ = writeln!(
+                out,
+                "    sticky cookie {} made for clients that bring no key",
+                c.name
+            );
+        }
         if r.https_redirect {
             let _ = writeln!(out, "    plain HTTP requests: 308 to https://");
         }

@@ -264,6 +264,8 @@ pub struct Route {
     pub mirror: Option<Mirror>,
     /// `[route.rate_limit]`: requests a client address may make.
     pub rate_limit: Option<RateLimit>,
+    /// `[route.cors]`: browsers on other origins may call the route.
+    pub cors: Option<Cors>,
     /// `[route.sticky_cookie]`: the cookie of the last sticky source,
     /// made for a client without one.
     pub sticky_cookie: Option<StickyCookie>,
@@ -325,6 +327,24 @@ pub struct RateLimit {
     /// Whose bucket: a request header's value (lower-case name), when
     /// the request has it; else (and with `None`) the client address.
     pub key_header: Option<String>,
+}
+
+/// Cross-origin requests a route allows (`[route.cors]`): veer answers a
+/// browser's preflight itself and marks the answers to allowed origins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cors {
+    /// Origins allowed (`scheme://host[:port]`, lower-case), or `*`.
+    pub allow_origins: Vec<String>,
+    /// `Access-Control-Allow-Methods`.
+    pub allow_methods: Vec<String>,
+    /// `Access-Control-Allow-Headers`.
+    pub allow_headers: Vec<String>,
+    /// `Access-Control-Expose-Headers` (none: not sent).
+    pub expose_headers: Vec<String>,
+    /// `Access-Control-Allow-Credentials: true`.
+    pub allow_credentials: bool,
+    /// `Access-Control-Max-Age`.
+    pub max_age: Duration,
 }
 
 /// A sticky cookie veer makes (`[route.sticky_cookie]`): a client whose

@@ -389,10 +389,12 @@ struct Carried {
     /// `upstream-hash-by` as a sticky source (`header:NAME`,
     /// `cookie:NAME`, `client-ip`).
     hash_by: Option<String>,
+    /// `enable-cors` and its `cors-*`: the `[route.cors]` lines.
+    cors: Option<String>,
 }
 
 /// The annotations [`Carried`] reads.
-const CARRIED_KEYS: [&str; 21] = [
+const CARRIED_KEYS: [&str; 28] = [
     "proxy-body-size",
     "proxy-read-timeout",
     "proxy-connect-timeout",
@@ -410,6 +412,13 @@ const CARRIED_KEYS: [&str; 21] = [
     "force-ssl-redirect",
     "affinity",
     "upstream-hash-by",
+    "enable-cors",
+    "cors-allow-origin",
+    "cors-allow-methods",
+    "cors-allow-headers",
+    "cors-expose-headers",
+    "cors-allow-credentials",
+    "cors-max-age",
     "session-cookie-name",
     "session-cookie-max-age",
     "session-cookie-expires",
@@ -653,7 +662,55 @@ fn carried(main: &Ingress, host: &str, notes: &mut Vec<String>) -> Carried {
         https_redirect,
         affinity,
         hash_by,
+        cors: cors(main),
     }
+}
+
+/// `enable-cors: "true"` and its `cors-*` annotations as `[route.cors]`
+/// lines (ingress-nginx's defaults are veer's; a value veer would refuse
+/// is left out, and `veer check` names it).
+fn cors(main: &Ingress) -> Option<String> {
+    if !main
+        .annotation("enable-cors")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+    {
+        return None;
+    }
+    let list = |key: &str| {
+        main.annotation(key).map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(toml_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    };
+    let origins = list("cors-allow-origin").unwrap_or_else(|| toml_str("*"));
+    let mut out = format!("[route.cors]  # enable-cors\nallow_origins = [{origins}]\n");
+    for (key, name) in [
+        ("cors-allow-methods", "allow_methods"),
+        ("cors-allow-headers", "allow_headers"),
+        ("cors-expose-headers", "expose_headers"),
+    ] {
+        if let Some(l) = list(key) {
+            out.push_str(&format!("{name} = [{l}]\n"));
+        }
+    }
+    if let Some(c) = main.annotation("cors-allow-credentials") {
+        out.push_str(&format!(
+            "allow_credentials = {}\n",
+            c.trim().eq_ignore_ascii_case("true")
+        ));
+    }
+    if let Some(s) = main
+        .annotation("cors-max-age")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|s| *s > 0)
+    {
+        out.push_str(&format!("max_age = \"{s}s\"\n"));
+    }
+    Some(out)
 }
 
 /// The canary annotations veer expresses (the rest is reported).
@@ -1005,6 +1062,9 @@ fn build(
                 .filter(|p| p.starts_with('/') && !p.contains([';', ' ']))
                 .unwrap_or_else(|| r.path.clone());
             let _ = writeln!(out, "path = {}", toml_str(&path));
+        }
+        if let Some(cors) = &c.cors {
+            out.push_str(cors);
         }
         if let Some((rps, burst)) = r.carried.rate {
             let _ = writeln!(

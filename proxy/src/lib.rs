@@ -15,6 +15,7 @@ pub mod client;
 pub mod clock;
 pub mod conn;
 pub mod controller;
+pub mod cors;
 pub mod demo;
 pub mod edit;
 pub mod error;

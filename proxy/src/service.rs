@@ -162,6 +162,18 @@ pub fn handle(
                 return Ok(refuse_on_route(&shared, &req, on_route(), e, Some(wait)));
             }
         }
+        // A browser on an allowed origin: its preflight is answered here,
+        // its other answers marked.
+        let cors = route
+            .cors
+            .as_deref()
+            .and_then(|c| Some((c, c.allowed(req.headers())?)));
+        if let Some((c, allow)) = &cors {
+            if crate::cors::is_preflight(req.method(), req.headers()) {
+                let r = c.preflight(allow.clone());
+                return Ok(answered_here(r, &req, &route, rid, (access, client)));
+            }
+        }
         // A body announced longer than the route takes is refused before
         // any of it is read (an HTTP/1.1 client waiting on `Expect:
         // 100-continue` is told at once and sends none of it).
@@ -286,6 +298,9 @@ pub fn handle(
         });
         Ok(match result {
             Ok(mut resp) => {
+                if let Some((c, allow)) = cors {
+                    c.mark(resp.headers_mut(), allow);
+                }
                 if let Some(c) = minted {
                     resp.headers_mut().append(header::SET_COOKIE, c);
                 }
@@ -404,6 +419,9 @@ pub fn handle(
                     l.line(e.status().as_u16(), Some(e.kind()));
                 }
                 let mut resp = reply(e);
+                if let Some((c, allow)) = cors {
+                    c.mark(resp.headers_mut(), allow);
+                }
                 if let Some(c) = minted {
                     resp.headers_mut().append(header::SET_COOKIE, c);
                 }
@@ -677,14 +695,29 @@ fn https_redirect(
     let mut resp = Response::new(ProxyBody::empty());
     *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
     resp.headers_mut().insert(header::LOCATION, location);
+    answered_here(resp, req, route, request_id, (access, peer))
+}
+
+/// An answer veer gives on a route without asking a version (an HTTPS
+/// redirect, a CORS preflight): with the request's id and the route's
+/// answer fields, logged with `access_log = "all"`; neither an error nor
+/// the version's.
+#[cold]
+fn answered_here(
+    resp: Response<ProxyBody>,
+    req: &Request<Incoming>,
+    route: &RouteTarget,
+    request_id: Option<&HeaderValue>,
+    (access, client): (AccessLog, SocketAddr),
+) -> Response<ProxyBody> {
     if access == AccessLog::All {
         tracing::info!(
             target: "veer::access",
             method = %req.method(),
             path = req.uri().path(),
-            status = 308,
+            status = resp.status().as_u16(),
             route = &*route.name,
-            client = %peer,
+            client = %client,
             request_id = request_id.and_then(|v| v.to_str().ok()),
             "request"
         );

@@ -87,6 +87,8 @@ pub struct RouteTarget {
     pub sources: Option<Box<crate::limit::Sources>>,
     /// `[route.sticky_cookie]`, if set.
     pub mint: Option<Box<crate::split::MintCookie>>,
+    /// `[route.cors]`, if set.
+    pub cors: Option<Box<crate::cors::CorsTarget>>,
     /// `https_redirect`: requests over plain HTTP get 308 to HTTPS.
     pub https_redirect: bool,
     /// `rewrite_prefix`, if set.
@@ -339,6 +341,7 @@ impl Snapshot {
                     .map(|l| upstreams.limiters.get(&r.name, l)),
                 sources: crate::limit::Sources::of(r),
                 https_redirect: r.https_redirect,
+                cors: r.cors.as_ref().and_then(crate::cors::CorsTarget::of),
                 mint: r
                     .sticky_cookie
                     .as_ref()

@@ -447,6 +447,89 @@ async fn plain_http_requests_to_a_redirecting_route_are_sent_to_https() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_on_allowed_origins_get_preflights_answered_and_answers_marked() {
+    let s = Upstream::start("stable").await;
+    let config = route_config(
+        &[s.addr],
+        &[],
+        0.0,
+        "[route.cors]\nallow_origins = [\"https://app.example.com\"]\nexpose_headers = [\"X-Upstream\"]",
+    );
+    let veer = Veer::start(&config).await;
+    let served = || s.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    let app = ("origin", "https://app.example.com");
+    // The preflight: veer's own 204, the upstream never asked.
+    let r = c
+        .send(
+            http::Method::OPTIONS,
+            "/cart",
+            &[app, ("access-control-request-method", "PUT")],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(
+        h["access-control-allow-methods"],
+        "GET, PUT, POST, DELETE, PATCH, OPTIONS"
+    );
+    assert!(h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("Authorization"));
+    assert_eq!(h["access-control-max-age"], "1728000");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["vary"], "Origin");
+    assert_eq!(served(), 0);
+    // The request itself: the upstream's answer, marked.
+    let r = c.get("/cart", &[app]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(r.headers()["access-control-expose-headers"], "X-Upstream");
+    // A failure too: the page can read why.
+    s.status.store(503, std::sync::atomic::Ordering::SeqCst);
+    let r = c.get("/cart", &[app]).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    s.status.store(200, std::sync::atomic::Ordering::SeqCst);
+    // Another origin: nothing allows its page to read the answer, and its
+    // preflight is the upstream's business.
+    let evil = ("origin", "https://evil.example");
+    let r = c.get("/cart", &[evil]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!r.headers().contains_key("access-control-allow-origin"));
+    let before = served();
+    let r = c
+        .send(
+            http::Method::OPTIONS,
+            "/cart",
+            &[evil, ("access-control-request-method", "PUT")],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert!(!r.headers().contains_key("access-control-allow-origin"));
+    assert_eq!(served(), before + 1);
+    // The preflight was nobody's request: the version counted what it served.
+    let m = veer.metrics().await;
+    let total: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("veer_requests_total{") && l.contains("version=\"v1\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(total, served() as f64, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_both_ways() {
     let s = Upstream::start("stable").await;
     let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;

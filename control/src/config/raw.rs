@@ -130,6 +130,7 @@ pub struct RawRoute {
     pub mirror: Option<Spanned<RawMirror>>,
     pub rate_limit: Option<Spanned<RawRateLimit>>,
     pub sticky_cookie: Option<Spanned<RawStickyCookie>>,
+    pub cors: Option<Spanned<RawCors>>,
     pub smoke: Option<Vec<Spanned<RawSmoke>>>,
     pub grpc_error_codes: Option<Spanned<Vec<Spanned<i64>>>>,
 }
@@ -154,6 +155,18 @@ pub struct RawMirror {
     pub max_body: Option<Spanned<i64>>,
     pub max_concurrent: Option<Spanned<i64>>,
     pub methods: Option<Vec<Spanned<String>>>,
+}
+
+/// `[route.cors]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    pub allow_origins: Vec<Spanned<String>>,
+    pub allow_methods: Option<Vec<Spanned<String>>>,
+    pub allow_headers: Option<Vec<Spanned<String>>>,
+    pub expose_headers: Option<Vec<Spanned<String>>>,
+    pub allow_credentials: Option<bool>,
+    pub max_age: Option<Spanned<String>>,
 }
 
 /// `[route.sticky_cookie]`.

@@ -13,11 +13,11 @@ use toml::Spanned;
 
 pub use super::diagnostics::{Diagnostic, Diagnostics};
 use super::raw::{
-    RawCanary, RawConfig, RawEndpoint, RawForce, RawHeaderEdits, RawJudge, RawMirror, RawRateLimit,
-    RawRoute, RawStickyCookie, RawUpstreamTls, RawVersion,
+    RawCanary, RawConfig, RawCors, RawEndpoint, RawForce, RawHeaderEdits, RawJudge, RawMirror,
+    RawRateLimit, RawRoute, RawStickyCookie, RawUpstreamTls, RawVersion,
 };
 use super::{
-    AccessLog, AdminSettings, Config, Endpoint, Force, HeaderEdits, JudgeMode, JudgeSettings,
+    AccessLog, AdminSettings, Config, Cors, Endpoint, Force, HeaderEdits, JudgeMode, JudgeSettings,
     Mirror, ProxySettings, Quantile, RateLimit, Rollout, Route, SmokeCheck, StateSettings,
     StickyCookie, StickySource, Strategy, TlsSettings, UpstreamHttp1, UpstreamProtocol,
     UpstreamTls, Version, Webhook, WebhookFormat, DEFAULT_GRPC_ERROR_CODES,

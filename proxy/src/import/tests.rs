@@ -257,6 +257,19 @@ fn rewrites_hosts_and_protocols_are_carried_where_veer_has_their_form() {
             ("x-forwarded-prefix".to_string(), "/api".to_string())
         ]
     );
+    let cors = c.routes[0].cors.clone().expect("enable-cors");
+    assert_eq!(
+        cors.allow_origins,
+        ["https://shop.example.com", "https://admin.shop.example.com"]
+    );
+    assert!(!cors.allow_credentials);
+    assert_eq!(cors.max_age, Duration::from_secs(600));
+    assert_eq!(
+        cors.allow_methods.len(),
+        6,
+        "ingress-nginx's default methods"
+    );
+    assert!(c.routes[1].cors.is_none());
     let protocols = |r: usize| {
         let v = &c.routes[r];
         [&v.stable, v.canary.as_ref().expect("canary")].map(|v| v.protocol)

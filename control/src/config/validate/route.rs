@@ -172,6 +172,7 @@ impl Validator<'_> {
                 confirm,
             }
         });
+        let cors = r.cors.as_ref().and_then(|c| self.cors(c));
         let sticky_cookie = r
             .sticky_cookie
             .as_ref()
@@ -213,6 +214,7 @@ impl Validator<'_> {
             mirror,
             rate_limit: r.rate_limit.as_ref().and_then(|l| self.rate_limit(l)),
             sticky_cookie,
+            cors,
             smoke: self.smoke(r),
             grpc_error_codes: self.grpc_error_codes(r),
         })
@@ -833,6 +835,74 @@ impl Validator<'_> {
                 }
             }
         }
+    }
+
+    /// `[route.cors]`, with ingress-nginx's defaults.
+    fn cors(&mut self, c: &Spanned<RawCors>) -> Option<Cors> {
+        let raw = c.get_ref();
+        let mut origins = Vec::new();
+        for o in &raw.allow_origins {
+            let text = o.get_ref().trim().to_ascii_lowercase();
+            let origin = text == "*"
+                || ((text.starts_with("https://") || text.starts_with("http://"))
+                    && !text.ends_with('/')
+                    && text.bytes().all(|b| b.is_ascii_graphic() && b != b','));
+            if origin {
+                origins.push(text);
+            } else {
+                self.err(o.span(), format!("cors allow_origins: {:?} is not \"*\" or an origin like \"https://app.example.com\" (scheme, host, port; no path)", o.get_ref()));
+            }
+        }
+        if raw.allow_origins.is_empty() {
+            self.err(c.span(), "[route.cors] needs allow_origins (\"*\" for any)");
+        }
+        let mut list =
+            |l: Option<&[Spanned<String>]>, default: &[&str], what: &str, token: bool| {
+                let Some(l) = l else {
+                    return default.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+                };
+                let mut out = Vec::new();
+                for v in l {
+                    let text = v.get_ref().trim();
+                    if (token && !http_token(text)) || text.is_empty() {
+                        self.err(v.span(), format!("cors {what}: {text:?} is not a name"));
+                    } else {
+                        out.push(text.to_string());
+                    }
+                }
+                out
+            };
+        let allow_methods = list(
+            raw.allow_methods.as_deref(),
+            &["GET", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"],
+            "allow_methods",
+            true,
+        );
+        let allow_headers = list(
+            raw.allow_headers.as_deref(),
+            &[
+                "DNT",
+                "Keep-Alive",
+                "User-Agent",
+                "X-Requested-With",
+                "If-Modified-Since",
+                "Cache-Control",
+                "Content-Type",
+                "Range",
+                "Authorization",
+            ],
+            "allow_headers",
+            true,
+        );
+        let expose_headers = list(raw.expose_headers.as_deref(), &[], "expose_headers", true);
+        Some(Cors {
+            allow_origins: origins,
+            allow_methods,
+            allow_headers,
+            expose_headers,
+            allow_credentials: raw.allow_credentials.unwrap_or(true),
+            max_age: self.duration(raw.max_age.as_ref(), Duration::from_secs(1_728_000)),
+        })
     }
 
     /// `[route.sticky_cookie]`: names the route's last sticky source (a

@@ -954,3 +954,42 @@ fn a_sticky_cookie_is_the_last_source_and_only_its_own() {
         );
     }
 }
+
+#[test]
+fn cors_takes_origins_and_ingress_nginxs_defaults() {
+    let with = |table: &str| parse(&format!("{MINIMAL}[route.cors]\n{table}"));
+    let c = with("allow_origins = [\"https://App.example.com\", \"*\"]\n").expect("valid");
+    let cors = c.routes[0].cors.clone().expect("set");
+    assert_eq!(cors.allow_origins, ["https://app.example.com", "*"]);
+    assert_eq!(
+        cors.allow_methods,
+        ["GET", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"]
+    );
+    assert_eq!(cors.allow_headers.len(), 9);
+    assert!(cors.expose_headers.is_empty());
+    assert!(cors.allow_credentials);
+    assert_eq!(cors.max_age, std::time::Duration::from_secs(1_728_000));
+    for (bad, word) in [
+        ("allow_origins = []\n", "needs allow_origins"),
+        (
+            "allow_origins = [\"app.example.com\"]\n",
+            "is not \"*\" or an origin",
+        ),
+        (
+            "allow_origins = [\"https://app.example.com/\"]\n",
+            "is not \"*\" or an origin",
+        ),
+        (
+            "allow_origins = [\"*\"]\nallow_methods = [\"GET POST\"]\n",
+            "is not a name",
+        ),
+        (
+            "allow_origins = [\"*\"]\nmax_age = \"forever\"\n",
+            "invalid duration",
+        ),
+        ("allow_origins = [\"*\"]\norigins = [\"*\"]\n", "origins"),
+    ] {
+        let e = with(bad).expect_err(bad);
+        assert!(e.0.iter().any(|d| d.message.contains(word)), "{bad}: {e:?}");
+    }
+}

@@ -107,7 +107,15 @@ pub fn handle(
             && !crate::edit::acme_challenge(req.uri().path())
         {
             let port = shared.https_port.load(std::sync::atomic::Ordering::Relaxed);
-            return Ok(https_redirect(&req, port, &route, rid, (access, peer.addr)));
+            let client = client_addr(req.headers(), peer.addr, trusted_hops);
+            return Ok(https_redirect(
+                &shared,
+                &req,
+                port,
+                &route,
+                rid,
+                (access, client),
+            ));
         }
         // A gRPC call's own deadline, when shorter, wins over the route's; the
         // upstream is told the deadline in force.
@@ -141,10 +149,17 @@ pub fn handle(
         } else {
             crate::record::client_hash(client.ip())
         };
+        // A browser on an allowed origin: its preflight is answered below
+        // (after the route's refusals), its answers marked, refusals too.
+        let cors = route
+            .cors
+            .as_deref()
+            .and_then(|c| Some((c, c.allowed(req.headers())?)));
         // Made only for a refusal (a request served pays nothing for it).
         let on_route = || OnRoute {
             route: &route.name,
             edits: route.response_edits.as_deref(),
+            cors: cors.clone(),
             client,
             request_id: rid,
             access,
@@ -162,12 +177,6 @@ pub fn handle(
                 return Ok(refuse_on_route(&shared, &req, on_route(), e, Some(wait)));
             }
         }
-        // A browser on an allowed origin: its preflight is answered here,
-        // its other answers marked.
-        let cors = route
-            .cors
-            .as_deref()
-            .and_then(|c| Some((c, c.allowed(req.headers())?)));
         if let Some((c, allow)) = &cors {
             if crate::cors::is_preflight(req.method(), req.headers()) {
                 let r = c.preflight(allow.clone());
@@ -617,6 +626,8 @@ struct OnRoute<'a> {
     route: &'a str,
     /// `[route.response_headers]`.
     edits: Option<&'a crate::edit::Edits>,
+    /// `[route.cors]` and the origin it allows, if it does.
+    cors: Option<(&'a crate::cors::CorsTarget, HeaderValue)>,
     /// As stickiness sees it.
     client: SocketAddr,
     request_id: Option<&'a HeaderValue>,
@@ -659,6 +670,9 @@ fn refuse_on_route(
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     let mut resp = with_request_id(resp, on.request_id);
+    if let Some((c, allow)) = on.cors {
+        c.mark(resp.headers_mut(), allow);
+    }
     if let Some(edits) = on.edits {
         edits.apply(resp.headers_mut());
     }
@@ -671,6 +685,7 @@ fn refuse_on_route(
 /// as ingress-nginx's `ssl-redirect`). Logged with `access_log = "all"`.
 #[cold]
 fn https_redirect(
+    shared: &Shared,
     req: &Request<Incoming>,
     port: u16,
     route: &RouteTarget,
@@ -683,6 +698,7 @@ fn https_redirect(
         .and_then(|host| crate::edit::https_location(host, port, req.uri()));
     let Some(location) = location else {
         // No host to send the client to.
+        route_less_error(shared, ProxyError::BadRequest);
         refused(
             access,
             req,

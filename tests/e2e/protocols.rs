@@ -453,7 +453,7 @@ async fn browsers_on_allowed_origins_get_preflights_answered_and_answers_marked(
         &[s.addr],
         &[],
         0.0,
-        "[route.cors]\nallow_origins = [\"https://app.example.com\"]\nexpose_headers = [\"X-Upstream\"]",
+        "max_request_body = 10\n[route.cors]\nallow_origins = [\"https://app.example.com\"]\nexpose_headers = [\"X-Upstream\"]",
     );
     let veer = Veer::start(&config).await;
     let served = || s.requests.load(std::sync::atomic::Ordering::SeqCst);
@@ -501,6 +501,22 @@ async fn browsers_on_allowed_origins_get_preflights_answered_and_answers_marked(
         "https://app.example.com"
     );
     s.status.store(200, std::sync::atomic::Ordering::SeqCst);
+    // And a refusal on the route (a body over its limit).
+    let r = c
+        .send(
+            http::Method::POST,
+            "/cart",
+            &[app],
+            Bytes::from(vec![b'x'; 100]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let mut c = Client::connect(veer.addr).await.unwrap();
     // Another origin: nothing allows its page to read the answer, and its
     // preflight is the upstream's business.
     let evil = ("origin", "https://evil.example");

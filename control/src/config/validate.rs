@@ -113,11 +113,11 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
     if proxy.request_id {
         v.request_id_kept(&raw.route);
     }
-    if proxy.tls.is_none() && proxy.trusted_hops == 0 {
+    if proxy.tls.is_none() && proxy.trusted_hops == 0 && !proxy.proxy_protocol {
         // Every request comes over plain HTTP: all would be sent away.
         for r in &raw.route {
             if let Some(b) = r.get_ref().https_redirect.as_ref().filter(|b| *b.get_ref()) {
-                v.warn(b.span(), "https_redirect: veer serves no HTTPS ([proxy.tls]) and trusts no proxy in front of it (trusted_hops) to say a request came over HTTPS, so every request of this route is redirected");
+                v.warn(b.span(), "https_redirect: veer serves no HTTPS ([proxy.tls]) and trusts no proxy in front of it to say a request came over HTTPS (trusted_hops, proxy_protocol), so every request of this route is redirected");
             }
         }
     }

@@ -993,3 +993,23 @@ fn cors_takes_origins_and_ingress_nginxs_defaults() {
         assert!(e.0.iter().any(|d| d.message.contains(word)), "{bad}: {e:?}");
     }
 }
+
+#[test]
+fn an_https_redirect_nobody_can_satisfy_is_warned_about() {
+    let route = MINIMAL.replace("name = \"web\"", "name = \"web\"\nhttps_redirect = true");
+    let warned = |c: &Config| {
+        c.warnings
+            .iter()
+            .any(|w| w.message.contains("https_redirect"))
+    };
+    let c = parse(&route).expect("valid");
+    assert!(c.routes[0].https_redirect);
+    assert!(
+        warned(&c),
+        "no TLS, no trusted proxy: every request redirected"
+    );
+    for proxy in ["trusted_hops = 1", "proxy_protocol = true"] {
+        let c = parse(&format!("[proxy]\n{proxy}\n{route}")).expect("valid");
+        assert!(!warned(&c), "{proxy}");
+    }
+}

@@ -64,7 +64,7 @@ impl CorsTarget {
         let text = origin.to_str().ok()?;
         self.origins
             .iter()
-            .any(|o| o.eq_ignore_ascii_case(text))
+            .any(|o| matches(o, text))
             .then(|| origin.clone())
     }
 
@@ -97,6 +97,30 @@ impl CorsTarget {
         h.insert(header::ACCESS_CONTROL_MAX_AGE, self.max_age.clone());
         self.mark(h, allow);
         r
+    }
+}
+
+/// Whether `origin` is `allowed`: the same, any case; or, for
+/// `scheme://*.domain[:port]`, a subdomain of it (at any depth) with the
+/// same scheme and port.
+fn matches(allowed: &str, origin: &str) -> bool {
+    match allowed.split_once("://*.") {
+        None => allowed.eq_ignore_ascii_case(origin),
+        Some((scheme, rest)) => {
+            let Some(host) = origin
+                .get(..scheme.len() + 3)
+                .filter(|p| p.eq_ignore_ascii_case(&format!("{scheme}://")))
+                .and_then(|_| origin.get(scheme.len() + 3..))
+            else {
+                return false;
+            };
+            // `sub.` + the rest: a label, a dot, then the domain exactly.
+            host.len() > rest.len() + 1
+                && host
+                    .get(host.len() - rest.len()..)
+                    .is_some_and(|end| end.eq_ignore_ascii_case(rest))
+                && host.as_bytes().get(host.len() - rest.len() - 1) == Some(&b'.')
+        }
     }
 }
 
@@ -140,6 +164,19 @@ mod tests {
         );
         assert_eq!(listed.allowed(&from("https://evil.example")), None);
         assert_eq!(listed.allowed(&HeaderMap::new()), None);
+        let wild = cors(&["https://*.example.com"], true);
+        for (origin, ok) in [
+            ("https://app.example.com", true),
+            ("https://a.b.example.com", true),
+            ("https://APP.Example.com", true),
+            ("https://example.com", false),
+            ("https://evilexample.com", false),
+            ("http://app.example.com", false),
+            ("https://app.example.com:8443", false),
+            ("https://app.example.com.evil.io", false),
+        ] {
+            assert_eq!(wild.allowed(&from(origin)).is_some(), ok, "{origin}");
+        }
         let any = cors(&["*"], false);
         assert_eq!(
             any.allowed(&from("https://x.example")),

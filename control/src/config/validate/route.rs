@@ -843,14 +843,20 @@ impl Validator<'_> {
         let mut origins = Vec::new();
         for o in &raw.allow_origins {
             let text = o.get_ref().trim().to_ascii_lowercase();
+            // A `*` only as a whole subdomain: `https://*.example.com`.
+            let wildcard_ok = match text.split_once("://*.") {
+                Some((_, rest)) => !rest.is_empty() && !rest.contains('*'),
+                None => !text.contains('*'),
+            };
             let origin = text == "*"
                 || ((text.starts_with("https://") || text.starts_with("http://"))
                     && !text.ends_with('/')
+                    && wildcard_ok
                     && text.bytes().all(|b| b.is_ascii_graphic() && b != b','));
             if origin {
                 origins.push(text);
             } else {
-                self.err(o.span(), format!("cors allow_origins: {:?} is not \"*\" or an origin like \"https://app.example.com\" (scheme, host, port; no path)", o.get_ref()));
+                self.err(o.span(), format!("cors allow_origins: {:?} is not \"*\" or an origin like \"https://app.example.com\" or \"https://*.example.com\" (scheme, host, port; no path)", o.get_ref()));
             }
         }
         if raw.allow_origins.is_empty() {

@@ -958,6 +958,7 @@ fn a_sticky_cookie_is_the_last_source_and_only_its_own() {
 #[test]
 fn cors_takes_origins_and_ingress_nginxs_defaults() {
     let with = |table: &str| parse(&format!("{MINIMAL}[route.cors]\n{table}"));
+    with("allow_origins = [\"https://*.example.com\"]\n").expect("a subdomain wildcard");
     let c = with("allow_origins = [\"https://App.example.com\", \"*\"]\n").expect("valid");
     let cors = c.routes[0].cors.clone().expect("set");
     assert_eq!(cors.allow_origins, ["https://app.example.com", "*"]);
@@ -977,6 +978,14 @@ fn cors_takes_origins_and_ingress_nginxs_defaults() {
         ),
         (
             "allow_origins = [\"https://app.example.com/\"]\n",
+            "is not \"*\" or an origin",
+        ),
+        (
+            "allow_origins = [\"https://app.*.com\"]\n",
+            "is not \"*\" or an origin",
+        ),
+        (
+            "allow_origins = [\"https://*\"]\n",
             "is not \"*\" or an origin",
         ),
         (

@@ -25,9 +25,12 @@ const MAX_HEADER: usize = 1024;
 /// Why a connection's header was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
-    /// The connection closed before its header was whole.
-    #[error("closed before the PROXY header was whole")]
-    Closed,
+    /// The connection closed before sending a byte: a load balancer's TCP
+    /// health check (an AWS NLB's sends no header), not a bad header. (A
+    /// peek never sees the close behind bytes not read: a header cut
+    /// short waits out `header_timeout`.)
+    #[error("closed before sending anything")]
+    Silent,
     /// The bytes are no PROXY header (a client that connected directly, or a garbled one).
     #[error("not a PROXY protocol header: {0}")]
     Invalid(String),
@@ -59,7 +62,7 @@ pub async fn read(stream: &mut TcpStream) -> Result<Said, Refused> {
     loop {
         let n = stream.peek(&mut buf).await?;
         if n == 0 {
-            return Err(Refused::Closed);
+            return Err(Refused::Silent);
         }
         let (length, said) = match parse(&buf[..n]) {
             Parsed::Header { length, said } => (length, said),

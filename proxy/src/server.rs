@@ -276,6 +276,7 @@ pub async fn serve(
                             }
                             said.client.unwrap_or(peer)
                         }
+                        Ok(Err(crate::proxy_header::Refused::Silent)) => return,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "connection closed: no PROXY protocol header");
                             shared

@@ -361,6 +361,14 @@ pub struct StickyCookie {
     pub path: String,
 }
 
+/// An RFC 9110 token (header and cookie names): visible ASCII, no
+/// separators.
+pub fn http_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// Header fields a route sets or removes (`[route.request_headers]`,
 /// `[route.response_headers]`): names lower-case, values as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -64,15 +64,7 @@ impl Rewrite {
     /// Rewrites `uri`'s path, keeping its query.
     pub fn apply(&self, uri: &mut http::Uri) -> Result<(), ProxyError> {
         let path = self.path(uri.path())?;
-        let pq = match uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
-        };
-        let pq = http::uri::PathAndQuery::try_from(pq).map_err(|_| ProxyError::BadRequest)?;
-        let mut parts = std::mem::take(uri).into_parts();
-        parts.path_and_query = Some(pq);
-        *uri = http::Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest)?;
-        Ok(())
+        crate::path::set_path(uri, &path).map_err(|_| ProxyError::BadRequest)
     }
 }
 

@@ -68,16 +68,24 @@ pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
 
 /// 128 random bits as 32 lower-case hex digits.
 fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut hex = [0u8; 32];
-    for (digits, byte) in hex
-        .chunks_exact_mut(2)
-        .zip(fastrand::u128(..).to_le_bytes())
-    {
-        digits[0] = HEX[usize::from(byte >> 4)];
-        digits[1] = HEX[usize::from(byte & 0xf)];
-    }
+    random_hex(&mut hex);
     HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// Fills `out` with random lower-case hex digits (a request id, a sticky
+/// key veer makes): 128 random bits for every 32 of them.
+pub(crate) fn random_hex(out: &mut [u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for chunk in out.chunks_mut(32) {
+        let bytes = fastrand::u128(..).to_le_bytes();
+        for (digits, byte) in chunk.chunks_mut(2).zip(bytes) {
+            digits[0] = HEX[usize::from(byte >> 4)];
+            if let Some(low) = digits.get_mut(1) {
+                *low = HEX[usize::from(byte & 0xf)];
+            }
+        }
+    }
 }
 
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");

@@ -595,11 +595,7 @@ fn carried(main: &Ingress, host: &str, notes: &mut Vec<String>) -> Carried {
             let name = main
                 .annotation("session-cookie-name")
                 .map(str::trim)
-                .filter(|n| {
-                    !n.is_empty()
-                        && n.bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-                })
+                .filter(|n| veer_control::config::http_token(n))
                 .unwrap_or("INGRESSCOOKIE");
             let seconds = |key: &str| {
                 main.annotation(key)

@@ -28,6 +28,18 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
+/// Sets a URI's path, keeping its query (and its scheme and authority).
+pub fn set_path(uri: &mut http::Uri, path: &str) -> Result<(), http::Error> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(pq)?);
+    *uri = http::Uri::from_parts(parts)?;
+    Ok(())
+}
+
 /// Whether `path` may need work: a `%`, or a `.` segment.
 fn needs_work(path: &str) -> bool {
     let b = path.as_bytes();

@@ -64,7 +64,7 @@ pub fn handle(
         match crate::path::normalize(req.uri().path()) {
             Ok(std::borrow::Cow::Borrowed(_)) => {}
             Ok(std::borrow::Cow::Owned(p)) => {
-                if set_path(req.uri_mut(), &p).is_err() {
+                if crate::path::set_path(req.uri_mut(), &p).is_err() {
                     snap.proxy_errors.inc(ProxyError::BadRequest);
                     refused(access, &req, peer.addr, ProxyError::BadRequest, (None, rid));
                     return Ok(reply(ProxyError::BadRequest));
@@ -307,21 +307,13 @@ pub fn handle(
         });
         Ok(match result {
             Ok(mut resp) => {
-                if let Some((c, allow)) = cors {
-                    c.mark(resp.headers_mut(), allow);
-                }
-                if let Some(c) = minted {
-                    resp.headers_mut().append(header::SET_COOKIE, c);
-                }
                 if let Some(id) = rid {
                     // The upstream's own, if it sent one, stays.
                     resp.headers_mut()
                         .entry(&crate::headers::X_REQUEST_ID)
                         .or_insert_with(|| id.clone());
                 }
-                if let Some(edits) = &route.response_edits {
-                    edits.apply(resp.headers_mut());
-                }
+                on_answer(resp.headers_mut(), cors, minted, &route);
                 let status = resp.status().as_u16();
                 version.metrics.record(status, seconds);
                 let error =
@@ -428,18 +420,31 @@ pub fn handle(
                     l.line(e.status().as_u16(), Some(e.kind()));
                 }
                 let mut resp = reply(e);
-                if let Some((c, allow)) = cors {
-                    c.mark(resp.headers_mut(), allow);
-                }
-                if let Some(c) = minted {
-                    resp.headers_mut().append(header::SET_COOKIE, c);
-                }
-                if let Some(edits) = &route.response_edits {
-                    edits.apply(resp.headers_mut());
-                }
+                on_answer(resp.headers_mut(), cors, minted, &route);
                 resp
             }
         })
+    }
+}
+
+/// What a route adds to the answer of a request that went to a version
+/// (the upstream's or veer's own): CORS marks for an allowed origin, a
+/// sticky cookie veer made, then the route's answer fields (last: they
+/// may replace any of these).
+fn on_answer(
+    headers: &mut http::HeaderMap,
+    cors: Option<(&crate::cors::CorsTarget, HeaderValue)>,
+    minted: Option<HeaderValue>,
+    route: &RouteTarget,
+) {
+    if let Some((c, allow)) = cors {
+        c.mark(headers, allow);
+    }
+    if let Some(c) = minted {
+        headers.append(header::SET_COOKIE, c);
+    }
+    if let Some(edits) = &route.response_edits {
+        edits.apply(headers);
     }
 }
 
@@ -760,18 +765,6 @@ pub fn error_response(e: ProxyError) -> Response<ProxyBody> {
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
-}
-
-/// Sets a URI's path, keeping its query.
-fn set_path(uri: &mut http::Uri, path: &str) -> Result<(), http::Error> {
-    let pq = match uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
-    };
-    let mut parts = std::mem::take(uri).into_parts();
-    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(pq)?);
-    *uri = http::Uri::from_parts(parts)?;
-    Ok(())
 }
 
 /// Who sent a request, and how.

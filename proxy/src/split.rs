@@ -84,12 +84,7 @@ impl MintCookie {
 
     /// A new random key, in `buf`.
     pub fn mint<'a>(&self, buf: &'a mut [u8; 16]) -> &'a [u8] {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut n = fastrand::u64(..);
-        for b in buf.iter_mut() {
-            *b = HEX[(n & 0xf) as usize];
-            n >>= 4;
-        }
+        crate::headers::random_hex(buf);
         &buf[..]
     }
 

@@ -12,6 +12,20 @@ use tokio::net::TcpStream;
 
 use super::support::{get, route_config, Client, Upstream, Veer};
 
+/// The access log's lines as (path, `field`) pairs ("" when absent).
+fn access_pairs<'a>(lines: &'a [serde_json::Value], field: &str) -> Vec<(&'a str, &'a str)> {
+    lines
+        .iter()
+        .filter(|l| l["target"] == "veer::access")
+        .map(|l| {
+            (
+                l["path"].as_str().unwrap_or(""),
+                l[field].as_str().unwrap_or(""),
+            )
+        })
+        .collect()
+}
+
 async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(bytes).await.unwrap();
@@ -174,16 +188,7 @@ async fn with_request_id_on_every_request_carries_one_upstream_back_and_in_the_l
     assert!(answer.starts_with("http/1.1 400"), "{answer}");
     assert!(answer.contains("x-request-id: bad-1"), "{answer}");
     let lines = veer.logs_with_at_least("request", 4).await;
-    let logged: Vec<(&str, &str)> = lines
-        .iter()
-        .filter(|l| l["target"] == "veer::access")
-        .map(|l| {
-            (
-                l["path"].as_str().unwrap_or(""),
-                l["request_id"].as_str().unwrap_or(""),
-            )
-        })
-        .collect();
+    let logged = access_pairs(&lines, "request_id");
     for want in [
         ("/new", text.as_str()),
         ("/chunked", posted.to_str().unwrap()),
@@ -305,16 +310,7 @@ endpoints = ["{}"]
     // The access log says what the client asked for, and which endpoint
     // answered (none for veer's own 400).
     let lines = veer.logs_with_at_least("request", 4).await;
-    let logged: Vec<(&str, &str)> = lines
-        .iter()
-        .filter(|l| l["target"] == "veer::access")
-        .map(|l| {
-            (
-                l["path"].as_str().unwrap_or(""),
-                l["upstream"].as_str().unwrap_or(""),
-            )
-        })
-        .collect();
+    let logged = access_pairs(&lines, "upstream");
     let endpoint = s.addr.to_string();
     assert!(
         logged.contains(&("/api/users", endpoint.as_str())),

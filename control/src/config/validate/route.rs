@@ -1,6 +1,7 @@
 //! `[[route]]`: matching, stickiness, versions, endpoints and weights, and
 //! the checks across routes.
 
+use super::super::http_token;
 use super::*;
 
 impl Validator<'_> {
@@ -240,11 +241,7 @@ impl Validator<'_> {
 
     fn sticky(&mut self, s: &Spanned<String>) -> Option<StickySource> {
         let text = s.get_ref().as_str();
-        let token = |n: &str| {
-            !n.is_empty()
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-        };
+        let token = http_token;
         if text == "client-ip" {
             return Some(StickySource::ClientIp);
         }
@@ -1065,13 +1062,6 @@ impl Validator<'_> {
         }
         out
     }
-}
-
-/// An RFC 9110 token (header and cookie names): visible ASCII, no separators.
-fn http_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 impl Validator<'_> {

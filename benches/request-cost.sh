@@ -38,8 +38,12 @@
 # with the same instruction count can differ in time by these: a
 # first-level miss costs about ten cycles, a last-level one (to memory)
 # hundreds.
+# MIMALLOC_PURGE_DELAY is 0 unless the caller sets it: what `veer run` gives
+# itself when its environment names none (by executing itself again, which
+# under valgrind would run the new image outside callgrind's view).
 # Only 127.0.0.1 is targeted; every run is bounded in count and time.
 set -euo pipefail
+export MIMALLOC_PURGE_DELAY="${MIMALLOC_PURGE_DELAY:-0}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 n="${1:-5000}"
 shift || true

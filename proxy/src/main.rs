@@ -173,9 +173,59 @@ async fn terminated() {
     }
 }
 
+/// mimalloc's setting for how long an emptied page stays resident, and
+/// the value a long-running veer gives it unless its environment names one.
+const PURGE_DELAY: &str = "MIMALLOC_PURGE_DELAY";
+
+/// Gives pages back to the kernel as soon as they empty, for the commands
+/// that keep running (`run`, `demo`). mimalloc keeps an emptied page for
+/// `purge_delay` (1 s in its v3) and gives it back only when some thread
+/// next frees a page, which an idle proxy does not: a reload's parse of a
+/// 1 000-route file left 15-30 MiB resident for good (RESULTS.md, sessions
+/// 38-39). mimalloc reads its options from the environment before `main`,
+/// and veer has no safe call to set them, so the process executes itself
+/// again (same PID, same arguments, `/proc/self/exe`: the same binary even
+/// if its file was replaced) with `MIMALLOC_PURGE_DELAY=0` added. A value
+/// the operator set is kept as it is. Runs before any thread starts; when
+/// the exec fails (no `/proc`, a sandbox that forbids it), veer carries on
+/// with mimalloc's default and says so once logging is up.
+fn purge_pages_promptly() -> Option<std::io::Error> {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os(PURGE_DELAY).is_some() {
+        return None;
+    }
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "veer".into());
+    let exe = match std::fs::metadata("/proc/self/exe") {
+        Ok(_) => PathBuf::from("/proc/self/exe"),
+        Err(_) => match std::env::current_exe() {
+            Ok(p) => p,
+            Err(e) => return Some(e),
+        },
+    };
+    // Only returns when it failed.
+    Some(
+        std::process::Command::new(exe)
+            .arg0(arg0)
+            .args(args)
+            .env(PURGE_DELAY, "0")
+            .exec(),
+    )
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let exec_failed = match cli.command {
+        Command::Run { .. } | Command::Demo { .. } => purge_pages_promptly(),
+        _ => None,
+    };
     let _logs = init_logs(cli.log_format);
+    if let Some(e) = exec_failed {
+        tracing::warn!(
+            error = %e,
+            "could not restart with {PURGE_DELAY}=0 (pages a reload empties may stay resident); set it in veer's environment"
+        );
+    }
     let result = match cli.command {
         Command::Run { config } => run_proxy(config),
         Command::Check { config } => return check::check(&config),

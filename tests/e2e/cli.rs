@@ -249,7 +249,17 @@ struct Starting {
 
 impl Starting {
     fn run(config: &std::path::Path) -> Starting {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_veer"))
+        Starting::run_with_purge_delay(config, None)
+    }
+
+    /// Runs with `MIMALLOC_PURGE_DELAY` set to `delay`, or unset.
+    fn run_with_purge_delay(config: &std::path::Path, delay: Option<&str>) -> Starting {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_veer"));
+        match delay {
+            Some(d) => command.env("MIMALLOC_PURGE_DELAY", d),
+            None => command.env_remove("MIMALLOC_PURGE_DELAY"),
+        };
+        let mut child = command
             .args(["run", "--config", config.to_str().unwrap()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -347,4 +357,45 @@ fn a_start_held_by_a_config_file_that_does_not_answer_says_so() {
     feed(&path, "[proxy]\nlisten = 1\n");
     assert_eq!(veer.wait_exit().code(), Some(1));
     veer.wait_line(&["veer.toml"]);
+}
+
+/// A running veer gives the pages its allocator empties back to the kernel
+/// at once (mimalloc's purge delay 0, which it sets by executing itself
+/// again: the same process, the same arguments), unless its environment
+/// names a delay, which it keeps.
+#[test]
+fn a_running_proxy_gives_emptied_pages_back_unless_told_otherwise() {
+    for (given, want) in [(None, "0"), (Some("250"), "250")] {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let path = dir.path().join("veer.toml");
+        let config = route_config(&["127.0.0.1:9".parse().unwrap()], &[], 0.0, "")
+            .replace("@STATE@", &state.display().to_string());
+        std::fs::write(&path, config).unwrap();
+        let mut veer = Starting::run_with_purge_delay(&path, given);
+        veer.wait_line(&["veer ready"]);
+        let pid = veer.child.id();
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let delays: Vec<String> = environ
+            .split(|b| *b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .filter(|v| v.starts_with("MIMALLOC_PURGE_DELAY="))
+            .collect();
+        assert_eq!(
+            delays,
+            [format!("MIMALLOC_PURGE_DELAY={want}")],
+            "given {given:?}"
+        );
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        assert_eq!(
+            args[1..4],
+            [&b"run"[..], b"--config", path.to_str().unwrap().as_bytes()]
+        );
+        assert!(
+            !veer.seen.iter().any(|l| l.contains("could not restart")),
+            "{:?}",
+            veer.seen
+        );
+    }
 }

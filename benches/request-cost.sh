@@ -41,6 +41,9 @@
 # MIMALLOC_PURGE_DELAY is 0 unless the caller sets it: what `veer run` gives
 # itself when its environment names none (by executing itself again, which
 # under valgrind would run the new image outside callgrind's view).
+# NGINX_ACCESS_LOG=1 gives nginx an access log: a JSON line a request with
+# veer's access log fields, written to a file (veer's stderr goes to a file
+# too).
 # Only 127.0.0.1 is targeted; every run is bounded in count and time.
 set -euo pipefail
 export MIMALLOC_PURGE_DELAY="${MIMALLOC_PURGE_DELAY:-0}"
@@ -107,11 +110,15 @@ PY
 callgrind_run() {
   local ready=$1 port=$2 count=$3 signal=$4 name=$5
   shift 5
+  # The proxy's output (its access log, when on) goes to a directory of its
+  # own: veer watches its config's directory, and a log file beside the
+  # config would wake that watch with every line.
+  mkdir -p "$work/out"
   if [ -n "${SYSCALLS:-}" ]; then
-    timeout 600 strace -f -c -o "$work/st-$count.out" "$@" > "$work/log" 2>&1 &
+    timeout 600 strace -f -c -o "$work/st-$count.out" "$@" > "$work/out/log" 2>&1 &
   else
     timeout 900 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
-      ${CACHESIM:+--cache-sim=yes} "$@" > "$work/log" 2>&1 &
+      ${CACHESIM:+--cache-sim=yes} "$@" > "$work/out/log" 2>&1 &
   fi
   local vg=$!
   for _ in $(seq 1 600); do
@@ -146,6 +153,22 @@ run() {
       -e "s#@STABLE_PORT@#${STABLE##*:}#g" -e "s#@CANARY_PORT@#${CANARY##*:}#g" \
       -e "s#@CANARY_PCT@#10#g" -e "s#master_process on#master_process off#" \
       "$conf" > "$work/nginx.conf"
+    if [ -n "${NGINX_ACCESS_LOG:-}" ]; then
+      # A JSON line a request to a file, the fields veer's access log has
+      # (what `PROXY_EXTRA='access_log = "all"'` is compared with).
+      python3 - "$work/nginx.conf" "$work/access.log" <<'PY'
+import sys
+path, log = sys.argv[1], sys.argv[2]
+text = open(path).read()
+fmt = ("log_format veer escape=json '{\"timestamp\":\"$time_iso8601\",\"level\":\"INFO\","
+       "\"message\":\"request\",\"route\":\"r\",\"version\":\"$pool\",\"method\":\"$request_method\","
+       "\"path\":\"$uri\",\"status\":$status,\"ms\":\"$upstream_response_time\","
+       "\"client\":\"$remote_addr\",\"upstream\":\"$upstream_addr\",\"error\":\"\"}';\n"
+       f"    access_log {log} veer;")
+assert text.count("access_log off;") == 1
+open(path, "w").write(text.replace("access_log off;", fmt))
+PY
+    fi
     # Its readiness probe is one request more, in both runs alike.
     callgrind_run "http://127.0.0.1:$port/" "$port" "$count" QUIT nginx \
       nginx -p "$work" -c "$work/nginx.conf"

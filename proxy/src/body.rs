@@ -184,19 +184,20 @@ impl BodyLine {
             (Some(c), true) => c,
             _ => &self.route.stable,
         };
-        tracing::info!(
-            target: "veer::access",
-            route = %self.route.name,
-            version = %version.name,
-            role = if self.canary { "canary" } else { "stable" },
-            method = %self.head.0,
-            path = self.head.1.path(),
-            status = self.status,
-            client = %self.client,
-            error = e.kind(),
-            request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()),
-            "response body failed"
-        );
+        crate::access::line("response body failed", |f| {
+            f.bare("route", &self.route.name)
+                .bare("version", &version.name)
+                .str("role", if self.canary { "canary" } else { "stable" })
+                .bare("method", self.head.0.as_str())
+                .str("path", self.head.1.path())
+                .u64("status", self.status.into())
+                .addr("client", self.client)
+                .str("error", e.kind())
+                .opt_str(
+                    "request_id",
+                    self.request_id.as_ref().and_then(|v| v.to_str().ok()),
+                );
+        });
     }
 }
 

@@ -6,6 +6,7 @@
 //! ([`balance`]), forwards over a pooled connection ([`upstream`]) and records
 //! the outcome ([`metrics`]). [`reload`] builds new snapshots from config files.
 
+pub mod access;
 pub mod admin;
 pub mod announce;
 pub mod balance;

@@ -1,7 +1,8 @@
 //! `veer_log_lines_dropped_total`: log lines dropped because the queue to
 //! the thread that writes them to stderr was full (see the binary's
-//! `init_logs`). The count lives in the log writer; this reads it at each
-//! scrape.
+//! `init_logs`), and access log lines dropped because too many waited for
+//! stderr ([`crate::access`]). The counts live with the writers; this
+//! reads them at each scrape.
 
 use std::sync::OnceLock;
 
@@ -41,7 +42,8 @@ impl Collector for LogDrops {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let mut counter = Counter::default();
-        counter.set_value(DROPPED.get().map_or(0, ErrorCounter::dropped_lines) as f64);
+        let queued = DROPPED.get().map_or(0, ErrorCounter::dropped_lines) as u64;
+        counter.set_value((queued + crate::access::dropped()) as f64);
         let mut m = Metric::default();
         m.set_counter(counter);
         let mut family = MetricFamily::default();

@@ -111,6 +111,10 @@ const LOG_QUEUE_LINES: usize = 16_384;
 /// ([`LOG_QUEUE_LINES`] waiting) are dropped rather than stalling
 /// requests, and counted. The guard writes what is queued when it is
 /// dropped, at exit.
+///
+/// Access log lines are made by [`veer_proxy::access`] in the same shape
+/// as tracing's and written in batches by a thread of their own, except on
+/// a terminal, where tracing colours them.
 fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -120,10 +124,16 @@ fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
         .thread_name("veer-log")
         .finish(std::io::stderr());
     veer_proxy::log_drops::count(writer.error_counter());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    match format {
+        LogFormat::Json => veer_proxy::access::install(true),
+        LogFormat::Text if !ansi => veer_proxy::access::install(false),
+        LogFormat::Text => {}
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -242,6 +252,8 @@ fn main() -> ExitCode {
         Command::Status { admin, token_file } => print_status(&admin, token_file),
         Command::Import(Import::IngressNginx { files }) => return import_ingress_nginx(&files),
     };
+    // The access log's last batch, before the error that ends the run.
+    veer_proxy::access::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -568,21 +568,19 @@ impl Logged<'_> {
     /// One line (target `veer::access`). The path only: a query string
     /// may carry credentials.
     fn line(&self, status: u16, error: Option<&'static str>) {
-        tracing::info!(
-            target: "veer::access",
-            route = self.route,
-            version = self.version,
-            role = if self.canary { "canary" } else { "stable" },
-            method = %self.head.0,
-            path = self.head.1.path(),
-            status,
-            ms = self.micros as f64 / 1000.0,
-            client = %self.client,
-            upstream = self.upstream,
-            error = error.unwrap_or(""),
-            request_id = self.request_id.and_then(|v| v.to_str().ok()),
-            "request"
-        );
+        crate::access::line("request", |f| {
+            f.str("route", self.route)
+                .str("version", self.version)
+                .str("role", if self.canary { "canary" } else { "stable" })
+                .bare("method", self.head.0.as_str())
+                .str("path", self.head.1.path())
+                .u64("status", status.into())
+                .millis("ms", self.micros)
+                .addr("client", self.client)
+                .opt_str("upstream", self.upstream)
+                .str("error", error.unwrap_or(""))
+                .opt_str("request_id", self.request_id.and_then(|v| v.to_str().ok()));
+        });
     }
 }
 
@@ -596,17 +594,15 @@ fn refused(
     (route, request_id): (Option<&str>, Option<&HeaderValue>),
 ) {
     if access != AccessLog::Off {
-        tracing::info!(
-            target: "veer::access",
-            method = %req.method(),
-            path = req.uri().path(),
-            status = e.status().as_u16(),
-            route,
-            client = %peer,
-            error = e.kind(),
-            request_id = request_id.and_then(|v| v.to_str().ok()),
-            "request"
-        );
+        crate::access::line("request", |f| {
+            f.bare("method", req.method().as_str())
+                .str("path", req.uri().path())
+                .u64("status", e.status().as_u16().into())
+                .opt_str("route", route)
+                .addr("client", peer)
+                .str("error", e.kind())
+                .opt_str("request_id", request_id.and_then(|v| v.to_str().ok()));
+        });
     }
 }
 
@@ -732,16 +728,14 @@ fn answered_here(
     (access, client): (AccessLog, SocketAddr),
 ) -> Response<ProxyBody> {
     if access == AccessLog::All {
-        tracing::info!(
-            target: "veer::access",
-            method = %req.method(),
-            path = req.uri().path(),
-            status = resp.status().as_u16(),
-            route = &*route.name,
-            client = %client,
-            request_id = request_id.and_then(|v| v.to_str().ok()),
-            "request"
-        );
+        crate::access::line("request", |f| {
+            f.bare("method", req.method().as_str())
+                .str("path", req.uri().path())
+                .u64("status", resp.status().as_u16().into())
+                .str("route", &route.name)
+                .addr("client", client)
+                .opt_str("request_id", request_id.and_then(|v| v.to_str().ok()));
+        });
     }
     let mut resp = with_request_id(resp, request_id);
     if let Some(edits) = &route.response_edits {

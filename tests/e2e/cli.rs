@@ -249,16 +249,18 @@ struct Starting {
 
 impl Starting {
     fn run(config: &std::path::Path) -> Starting {
-        Starting::run_with_purge_delay(config, None)
+        Starting::run_with(config, &[])
     }
 
-    /// Runs with `MIMALLOC_PURGE_DELAY` set to `delay`, or unset.
-    fn run_with_purge_delay(config: &std::path::Path, delay: Option<&str>) -> Starting {
+    /// Runs with each variable of `env` set to its value, or unset.
+    fn run_with(config: &std::path::Path, env: &[(&str, Option<&str>)]) -> Starting {
         let mut command = Command::new(env!("CARGO_BIN_EXE_veer"));
-        match delay {
-            Some(d) => command.env("MIMALLOC_PURGE_DELAY", d),
-            None => command.env_remove("MIMALLOC_PURGE_DELAY"),
-        };
+        for (name, value) in env {
+            match value {
+                Some(v) => command.env(name, v),
+                None => command.env_remove(name),
+            };
+        }
         let mut child = command
             .args(["run", "--config", config.to_str().unwrap()])
             .stdout(std::process::Stdio::null())
@@ -296,6 +298,13 @@ impl Starting {
                 }
                 Err(_) => panic!("no line with {words:?}; seen:\n{}", self.seen.join("\n")),
             }
+        }
+    }
+
+    /// Every line up to the end of stderr (at most 30 s).
+    fn drain(&mut self) {
+        while let Ok(line) = self.lines.recv_timeout(std::time::Duration::from_secs(30)) {
+            self.seen.push(line);
         }
     }
 
@@ -372,7 +381,7 @@ fn a_running_proxy_gives_emptied_pages_back_unless_told_otherwise() {
         let config = route_config(&["127.0.0.1:9".parse().unwrap()], &[], 0.0, "")
             .replace("@STATE@", &state.display().to_string());
         std::fs::write(&path, config).unwrap();
-        let mut veer = Starting::run_with_purge_delay(&path, given);
+        let mut veer = Starting::run_with(&path, &[("MIMALLOC_PURGE_DELAY", given)]);
         veer.wait_line(&["veer ready"]);
         let pid = veer.child.id();
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
@@ -397,5 +406,101 @@ fn a_running_proxy_gives_emptied_pages_back_unless_told_otherwise() {
             "{:?}",
             veer.seen
         );
+    }
+}
+
+/// The access log's lines in the text format (`veer run` without
+/// `--log-format`, stderr not a terminal) look as tracing's other lines do,
+/// fields in order, strings quoted as Rust quotes them; `RUST_LOG` can
+/// still turn them off.
+#[test]
+fn access_log_lines_in_text_are_shaped_as_every_other_line() {
+    use std::io::{Read as _, Write as _};
+    // An upstream answering every request on its connection with "ok".
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in upstream.incoming() {
+            let Ok(mut conn) = conn else { break };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if conn.write_all(answer).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    for (rust_log, logged) in [(None, true), (Some("info,veer::access=off"), false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = route_config(&[up_addr], &[], 0.0, "")
+            .replace("@STATE@", &dir.path().join("state").display().to_string())
+            .replacen(
+                "[proxy]\n",
+                "[proxy]\naccess_log = \"all\"\nrequest_id = true\n",
+                1,
+            );
+        let path = dir.path().join("veer.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut veer = Starting::run_with(&path, &[("RUST_LOG", rust_log)]);
+        let listening = veer.wait_line(&["listening", "kind=\"proxy\""]);
+        let addr = listening
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .unwrap()
+            .to_string();
+        veer.wait_line(&["veer ready"]);
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.write_all(
+            b"GET /a%22b/c?secret=1 HTTP/1.1\r\nhost: x\r\nx-request-id: q\"u\\ote\r\n\r\n",
+        )
+        .unwrap();
+        let mut answer = [0u8; 1024];
+        let n = c.read(&mut answer).unwrap();
+        assert!(
+            answer[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&answer[..n])
+        );
+        // Written in batches, and what waits is written at exit.
+        let _ = std::process::Command::new("kill")
+            .arg(veer.child.id().to_string())
+            .status();
+        assert!(veer.wait_exit().success());
+        veer.drain();
+        let access: Vec<&String> = veer
+            .seen
+            .iter()
+            .filter(|l| l.contains("veer::access"))
+            .collect();
+        if !logged {
+            assert!(access.is_empty(), "{access:?}");
+            continue;
+        }
+        assert_eq!(access.len(), 1, "{:?}", veer.seen);
+        let line = access[0];
+        let (stamp, rest) = line.split_once("  INFO veer::access: request ").unwrap();
+        assert_eq!(stamp.len(), 27, "{line}");
+        assert!(
+            stamp.ends_with('Z') && stamp.as_bytes()[19] == b'.',
+            "{line}"
+        );
+        let (fields, id) = rest.split_once(" request_id=").unwrap();
+        assert_eq!(id, "\"q\\\"u\\\\ote\"", "{line}");
+        let fields = fields.replace(&up_addr.to_string(), "UP");
+        let (before, after) = fields.split_once(" ms=").unwrap();
+        assert_eq!(
+            before,
+            "route=\"web\" version=\"v1\" role=\"stable\" method=GET path=\"/a%22b/c\" status=200"
+        );
+        let (ms, after) = after.split_once(' ').unwrap();
+        assert!(ms.parse::<f64>().is_ok() && ms.contains('.'), "{line}");
+        assert!(after.starts_with("client=127.0.0.1:"), "{line}");
+        assert!(after.ends_with(" upstream=\"UP\" error=\"\""), "{line}");
     }
 }

@@ -359,6 +359,35 @@ pub struct StickyCookie {
     pub max_age: Option<Duration>,
     /// `Path`.
     pub path: String,
+    /// `Domain`; `None`: the request's host only.
+    pub domain: Option<String>,
+    /// `SameSite`.
+    pub same_site: SameSite,
+    /// `Secure` on every answer, not only over HTTPS (always with
+    /// `SameSite=None`, which browsers refuse without it).
+    pub secure: bool,
+}
+
+/// A cookie's `SameSite` attribute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SameSite {
+    /// Sent on top-level navigations from other sites (browsers' default).
+    Lax,
+    /// Sent only from the cookie's own site.
+    Strict,
+    /// Sent from any site (an app in another site's frame); needs `Secure`.
+    None,
+}
+
+impl SameSite {
+    /// The attribute's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SameSite::Lax => "Lax",
+            SameSite::Strict => "Strict",
+            SameSite::None => "None",
+        }
+    }
 }
 
 /// An RFC 9110 token (header and cookie names): visible ASCII, no

@@ -185,8 +185,13 @@ pub fn summary(path: &Path, c: &Config) -> String {
         if let Some(c) = &r.sticky_cookie {
             let _ = writeln!(
                 out,
-                "    sticky cookie {} made for clients that bring no key",
-                c.name
+                "    sticky cookie {} made for clients that bring no key (SameSite={}{}{})",
+                c.name,
+                c.same_site.as_str(),
+                c.domain
+                    .as_ref()
+                    .map_or(String::new(), |d| format!(", Domain={d}")),
+                if c.secure { ", always Secure" } else { "" }
             );
         }
         if r.https_redirect {

@@ -383,9 +383,8 @@ struct Carried {
     /// `ssl-redirect` (on unless "false" where the Ingress has TLS for
     /// the host) or `force-ssl-redirect`: `https_redirect`.
     https_redirect: bool,
-    /// `affinity: cookie`: the cookie's name, `Max-Age` (seconds) and
-    /// path, for `[route.sticky_cookie]`.
-    affinity: Option<(String, Option<u64>, Option<String>)>,
+    /// `affinity: cookie`, for `[route.sticky_cookie]`.
+    affinity: Option<Affinity>,
     /// `upstream-hash-by` as a sticky source (`header:NAME`,
     /// `cookie:NAME`, `client-ip`).
     hash_by: Option<String>,
@@ -394,7 +393,7 @@ struct Carried {
 }
 
 /// The annotations [`Carried`] reads.
-const CARRIED_KEYS: [&str; 28] = [
+const CARRIED_KEYS: [&str; 33] = [
     "proxy-body-size",
     "proxy-read-timeout",
     "proxy-connect-timeout",
@@ -423,7 +422,24 @@ const CARRIED_KEYS: [&str; 28] = [
     "session-cookie-max-age",
     "session-cookie-expires",
     "session-cookie-path",
+    "session-cookie-domain",
+    "session-cookie-samesite",
+    "session-cookie-secure",
+    // Noted with what veer does instead.
+    "session-cookie-conditional-samesite-none",
+    "session-cookie-change-on-failure",
 ];
+
+/// `affinity: cookie` and its `session-cookie-*`.
+#[derive(Clone, Debug)]
+struct Affinity {
+    name: String,
+    /// `Max-Age`, seconds.
+    max_age: Option<u64>,
+    path: Option<String>,
+    /// The `domain`, `same_site` and `secure` lines, when set.
+    lines: String,
+}
 
 /// A source-range annotation's addresses and CIDR ranges (comma-separated),
 /// with a note for each entry that is neither.
@@ -607,8 +623,57 @@ fn carried(main: &Ingress, host: &str, notes: &mut Vec<String>) -> Carried {
             let path = main
                 .annotation("session-cookie-path")
                 .map(|p| p.trim().to_string());
+            let mut lines = String::new();
+            if let Some(d) = main.annotation("session-cookie-domain").map(str::trim) {
+                let host = d.strip_prefix('.').unwrap_or(d);
+                if !host.is_empty()
+                    && host.split('.').all(|l| {
+                        !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    })
+                {
+                    let _ = writeln!(lines, "domain = {}", toml_str(host));
+                } else {
+                    notes.push(format!("session-cookie-domain {d:?} is not a DNS name: left out (the cookie goes to the request's host only)"));
+                }
+            }
+            match main
+                .annotation("session-cookie-samesite")
+                .map(|v| v.trim().to_ascii_lowercase())
+                .as_deref()
+            {
+                None => {}
+                Some(v @ ("none" | "lax" | "strict")) => {
+                    let _ = writeln!(lines, "same_site = \"{v}\"");
+                }
+                Some(other) => notes.push(format!(
+                    "session-cookie-samesite {other:?} is not None, Lax or Strict: left out (Lax)"
+                )),
+            }
+            if main
+                .annotation("session-cookie-secure")
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+            {
+                lines.push_str("secure = true\n");
+            }
+            if main
+                .annotation("session-cookie-conditional-samesite-none")
+                .is_some()
+            {
+                notes.push("session-cookie-conditional-samesite-none: veer sends SameSite=None to every browser (the old ones that refuse it are not told apart)".into());
+            }
+            if main
+                .annotation("session-cookie-change-on-failure")
+                .is_some()
+            {
+                notes.push("session-cookie-change-on-failure has no veer form: a client keeps its key, and its endpoint while it is up".into());
+            }
             notes.push(format!("affinity cookie {name}: veer makes it for a client without one and keys both the version and the endpoint by it (ingress-nginx's affinity-canary-behavior \"sticky\"); the other sticky sources are left out, as a made cookie is always there"));
-            Some((name.to_string(), max_age, path))
+            Some(Affinity {
+                name: name.to_string(),
+                max_age,
+                path,
+                lines,
+            })
         }
         Some(other) => {
             notes.push(format!(
@@ -979,7 +1044,7 @@ fn build(
         }
         let _ = writeln!(out, "path_prefix = {}", toml_str(&r.path));
         let c = &r.carried;
-        if let Some((name, _, _)) = &c.affinity {
+        if let Some(Affinity { name, .. }) = &c.affinity {
             let _ = writeln!(
                 out,
                 "sticky = [{}]  # affinity: cookie",
@@ -1043,21 +1108,23 @@ fn build(
                 let _ = writeln!(out, "weight = {}", fmt_weight(r.weight));
             }
         }
-        if let Some((name, max_age, path)) = &c.affinity {
+        if let Some(a) = &c.affinity {
             let _ = writeln!(
                 out,
                 "[route.sticky_cookie]  # affinity: cookie\nname = {}",
-                toml_str(name)
+                toml_str(&a.name)
             );
-            if let Some(s) = max_age {
+            if let Some(s) = a.max_age {
                 let _ = writeln!(out, "max_age = \"{s}s\"");
             }
             // ingress-nginx's default path is the Ingress path's.
-            let path = path
+            let path = a
+                .path
                 .clone()
                 .filter(|p| p.starts_with('/') && !p.contains([';', ' ']))
                 .unwrap_or_else(|| r.path.clone());
             let _ = writeln!(out, "path = {}", toml_str(&path));
+            out.push_str(&a.lines);
         }
         if let Some(cors) = &c.cors {
             out.push_str(cors);

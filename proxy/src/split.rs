@@ -66,8 +66,10 @@ impl StickyKey {
 #[derive(Debug)]
 pub struct MintCookie {
     name: Box<str>,
-    /// `; Path=...; Max-Age=...; HttpOnly; SameSite=Lax`.
+    /// `; Path=...; Max-Age=...; Domain=...; HttpOnly; SameSite=...`.
     attributes: Box<str>,
+    /// `Secure` whatever the request's scheme.
+    always_secure: bool,
 }
 
 impl MintCookie {
@@ -76,9 +78,19 @@ impl MintCookie {
         let max_age = c.max_age.map_or(String::new(), |a| {
             format!("; Max-Age={}", a.as_secs().max(1))
         });
+        let domain = c
+            .domain
+            .as_ref()
+            .map_or(String::new(), |d| format!("; Domain={d}"));
         MintCookie {
             name: c.name.as_str().into(),
-            attributes: format!("; Path={}{max_age}; HttpOnly; SameSite=Lax", c.path).into(),
+            attributes: format!(
+                "; Path={}{max_age}{domain}; HttpOnly; SameSite={}",
+                c.path,
+                c.same_site.as_str()
+            )
+            .into(),
+            always_secure: c.secure,
         }
     }
 
@@ -89,10 +101,14 @@ impl MintCookie {
     }
 
     /// The `Set-Cookie` value that gives `key` to the client (`Secure`
-    /// when the request came over HTTPS).
-    pub fn set_cookie(&self, key: &[u8], secure: bool) -> Option<http::HeaderValue> {
+    /// when the request came over HTTPS, or always if configured so).
+    pub fn set_cookie(&self, key: &[u8], https: bool) -> Option<http::HeaderValue> {
         let key = std::str::from_utf8(key).ok()?;
-        let secure = if secure { "; Secure" } else { "" };
+        let secure = if https || self.always_secure {
+            "; Secure"
+        } else {
+            ""
+        };
         http::HeaderValue::from_str(&format!("{}={key}{}{secure}", self.name, self.attributes)).ok()
     }
 }
@@ -219,6 +235,43 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn a_made_cookie_carries_its_attributes() {
+        use veer_control::config::{SameSite, StickyCookie};
+        let mut c = StickyCookie {
+            name: "k".into(),
+            max_age: Some(std::time::Duration::from_secs(3600)),
+            path: "/app".into(),
+            domain: None,
+            same_site: SameSite::Lax,
+            secure: false,
+        };
+        let made = |c: &StickyCookie, https: bool| {
+            MintCookie::of(c)
+                .set_cookie(b"00ff", https)
+                .expect("value")
+                .to_str()
+                .expect("text")
+                .to_string()
+        };
+        assert_eq!(
+            made(&c, false),
+            "k=00ff; Path=/app; Max-Age=3600; HttpOnly; SameSite=Lax"
+        );
+        assert_eq!(
+            made(&c, true),
+            "k=00ff; Path=/app; Max-Age=3600; HttpOnly; SameSite=Lax; Secure"
+        );
+        c.domain = Some("example.com".into());
+        c.same_site = SameSite::None;
+        c.secure = true;
+        c.max_age = None;
+        assert_eq!(
+            made(&c, false),
+            "k=00ff; Path=/app; Domain=example.com; HttpOnly; SameSite=None; Secure"
+        );
     }
 
     fn peer() -> SocketAddr {

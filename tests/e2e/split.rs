@@ -189,4 +189,19 @@ async fn a_client_without_a_sticky_cookie_gets_one_and_stays_on_its_version() {
     let mut client = super::support::Client::connect(veer.addr).await.unwrap();
     let r = client.get("/", &[("x-user-id", "u-1")]).await.unwrap();
     assert!(!r.headers().contains_key("set-cookie"));
+    // For an app framed by other sites, on every subdomain: its
+    // attributes, Secure over plain HTTP as browsers ask of SameSite=None.
+    veer.write_config(&config.replace(
+        "max_age = \"1h\"\n",
+        "domain = \"Example.com\"\nsame_site = \"none\"\n",
+    ));
+    veer.wait_generation(2).await;
+    let mut fresh = super::support::Client::connect(veer.addr).await.unwrap();
+    let r = fresh.get("/", &[]).await.unwrap();
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    let (_, attributes) = set.split_once("; ").unwrap();
+    assert_eq!(
+        attributes,
+        "Path=/; Domain=example.com; HttpOnly; SameSite=None; Secure"
+    );
 }

@@ -176,6 +176,9 @@ pub struct RawStickyCookie {
     pub name: Spanned<String>,
     pub max_age: Option<Spanned<String>>,
     pub path: Option<Spanned<String>>,
+    pub domain: Option<Spanned<String>>,
+    pub same_site: Option<Spanned<String>>,
+    pub secure: Option<bool>,
 }
 
 /// `[route.rate_limit]`.

@@ -18,9 +18,9 @@ use super::raw::{
 };
 use super::{
     AccessLog, AdminSettings, Config, Cors, Endpoint, Force, HeaderEdits, JudgeMode, JudgeSettings,
-    Mirror, ProxySettings, Quantile, RateLimit, Rollout, Route, SmokeCheck, StateSettings,
-    StickyCookie, StickySource, Strategy, TlsSettings, UpstreamHttp1, UpstreamProtocol,
-    UpstreamTls, Version, Webhook, WebhookFormat, DEFAULT_GRPC_ERROR_CODES,
+    Mirror, ProxySettings, Quantile, RateLimit, Rollout, Route, SameSite, SmokeCheck,
+    StateSettings, StickyCookie, StickySource, Strategy, TlsSettings, UpstreamHttp1,
+    UpstreamProtocol, UpstreamTls, Version, Webhook, WebhookFormat, DEFAULT_GRPC_ERROR_CODES,
 };
 
 /// Defaults, named so that the docs and the code agree.

@@ -400,5 +400,19 @@ fn cookie_affinity_becomes_a_sticky_cookie_veer_makes() {
     assert_eq!(s.name, "PAYSESSION");
     assert_eq!(s.max_age, Some(Duration::from_secs(172_800)));
     assert_eq!(s.path, "/");
-    noted(&i, &["affinity cookie PAYSESSION: veer makes it"]);
+    // The pay page is framed by other sites: SameSite=None, so Secure.
+    assert_eq!(s.domain.as_deref(), Some("example.com"));
+    assert_eq!(s.same_site, veer_control::config::SameSite::None);
+    assert!(s.secure);
+    noted(
+        &i,
+        &[
+            "affinity cookie PAYSESSION: veer makes it",
+            "session-cookie-conditional-samesite-none: veer sends SameSite=None",
+        ],
+    );
+    assert!(!i
+        .notes
+        .iter()
+        .any(|n| n.contains("session-cookie-samesite")));
 }

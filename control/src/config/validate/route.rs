@@ -954,6 +954,48 @@ impl Validator<'_> {
             Some(p) => p.get_ref().clone(),
             None => "/".into(),
         };
+        let domain = match &raw.domain {
+            Some(d) => {
+                let text = d.get_ref().strip_prefix('.').unwrap_or(d.get_ref());
+                let host = !text.is_empty()
+                    && text.len() <= 253
+                    && text.split('.').all(|label| {
+                        !label.is_empty()
+                            && label.len() <= 63
+                            && !label.starts_with('-')
+                            && !label.ends_with('-')
+                            && label
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    });
+                if !host {
+                    self.err(
+                        d.span(),
+                        "sticky_cookie domain must be a DNS name (\"example.com\": the cookie then goes to its subdomains too)",
+                    );
+                    return None;
+                }
+                Some(text.to_ascii_lowercase())
+            }
+            None => None,
+        };
+        let same_site = match raw
+            .same_site
+            .as_ref()
+            .map(|s| (s, s.get_ref().to_ascii_lowercase()))
+        {
+            None => SameSite::Lax,
+            Some((_, s)) if s == "lax" => SameSite::Lax,
+            Some((_, s)) if s == "strict" => SameSite::Strict,
+            Some((_, s)) if s == "none" => SameSite::None,
+            Some((s, _)) => {
+                self.err(
+                    s.span(),
+                    "sticky_cookie same_site must be \"lax\", \"strict\" or \"none\"",
+                );
+                return None;
+            }
+        };
         Some(StickyCookie {
             name: name.clone(),
             max_age: raw
@@ -961,6 +1003,9 @@ impl Validator<'_> {
                 .as_ref()
                 .map(|a| self.duration(Some(a), Duration::from_secs(1))),
             path,
+            domain,
+            same_site,
+            secure: raw.secure.unwrap_or(false) || same_site == SameSite::None,
         })
     }
 

@@ -928,6 +928,34 @@ fn a_sticky_cookie_is_the_last_source_and_only_its_own() {
     let s = c.routes[0].sticky_cookie.clone().expect("set");
     assert_eq!((s.name.as_str(), s.path.as_str()), ("k", "/"));
     assert_eq!(s.max_age, Some(std::time::Duration::from_secs(2 * 86_400)));
+    assert_eq!(
+        (s.domain, s.same_site, s.secure),
+        (None, SameSite::Lax, false)
+    );
+    let s = with(
+        "[\"cookie:k\"]",
+        "name = \"k\"\ndomain = \".Shop.Example.com\"\nsame_site = \"None\"\n",
+    )
+    .expect("valid")
+    .routes[0]
+        .sticky_cookie
+        .clone()
+        .expect("set");
+    // SameSite=None is refused by browsers without Secure.
+    assert_eq!(
+        (s.domain.as_deref(), s.same_site, s.secure),
+        (Some("shop.example.com"), SameSite::None, true)
+    );
+    let s = with(
+        "[\"cookie:k\"]",
+        "name = \"k\"\nsame_site = \"strict\"\nsecure = true\n",
+    )
+    .expect("valid")
+    .routes[0]
+        .sticky_cookie
+        .clone()
+        .expect("set");
+    assert_eq!((s.same_site, s.secure), (SameSite::Strict, true));
     for (sticky, table, word) in [
         (
             "[\"cookie:k\", \"client-ip\"]",
@@ -945,7 +973,26 @@ fn a_sticky_cookie_is_the_last_source_and_only_its_own() {
             "name = \"k\"\nmax_age = \"soon\"\n",
             "invalid duration",
         ),
-        ("[\"cookie:k\"]", "name = \"k\"\nsecure = true\n", "secure"),
+        (
+            "[\"cookie:k\"]",
+            "name = \"k\"\nhttp_only = false\n",
+            "http_only",
+        ),
+        (
+            "[\"cookie:k\"]",
+            "name = \"k\"\ndomain = \"exa mple.com\"\n",
+            "DNS name",
+        ),
+        (
+            "[\"cookie:k\"]",
+            "name = \"k\"\ndomain = \"-a.com\"\n",
+            "DNS name",
+        ),
+        (
+            "[\"cookie:k\"]",
+            "name = \"k\"\nsame_site = \"sometimes\"\n",
+            "same_site",
+        ),
     ] {
         let e = with(sticky, table).expect_err(table);
         assert!(

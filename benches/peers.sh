@@ -10,6 +10,14 @@
 # deploy/build-veer.sh, trained by benches/pgo_train.rs on every protocol),
 # judge on.
 #
+# LOG=1 adds three more: "veer-log", veer with `access_log = "all"`;
+# "nginx-log", nginx with the peers' split and a JSON access log line a
+# request carrying veer's fields (benches/nginx-log.py), unbuffered (its
+# default); "nginx-logb", the same with `buffer=32k flush=50ms` (what
+# veer's batching amounts to). Each writes its lines to a file in the
+# configs' directory (deleted after the run): what an access log costs
+# each, in the same rounds.
+#
 # After the peers' table, benches/paired.py compares each target with nginx
 # round by round (the targets of a round share the host's moment): the
 # median ratio with its confidence interval, the way to read a few percent
@@ -67,6 +75,25 @@ if [ "${PGO:-0}" = 1 ]; then
   PGO=1 "$ROOT/deploy/build-veer.sh" "$host" "$ROOT/target/pgo/veer"
   config veer-pgo $((BASE_PORT + 21)) $((BASE_PORT + 22)) enforce
   extra+=("veer-pgo=127.0.0.1:$((BASE_PORT + 21))=$ROOT/target/pgo/veer run --config $CFG_DIR/veer-pgo.toml")
+fi
+if [ "${LOG:-0}" = 1 ]; then
+  config veer-log $((BASE_PORT + 23)) $((BASE_PORT + 24)) enforce
+  sed -i 's/^workers = .*/&\naccess_log = "all"/' "$CFG_DIR/veer-log.toml"
+  extra+=("veer-log=127.0.0.1:$((BASE_PORT + 23))=env RUST_LOG=info $ROOT/target/release/veer run --config $CFG_DIR/veer-log.toml 2> $CFG_DIR/veer-access.log")
+  conf="$ROOT/../shared/bench/peers/nginx-proxy.conf"
+  sed -e "s#@RUN@#$CFG_DIR#g" -e "s#@WORKERS@#$WORKERS#g" -e "s#@NGINX_PORT@#$((BASE_PORT + 25))#g" \
+    -e "s#@STABLE_PORT@#$((BASE_PORT + 1))#g" -e "s#@CANARY_PORT@#$((BASE_PORT + 2))#g" \
+    -e "s#@CANARY_PCT@#$PCT#g" "$conf" > "$CFG_DIR/nginx-log.conf"
+  python3 "$HERE/nginx-log.py" "$CFG_DIR/nginx-log.conf" "$CFG_DIR/nginx-access.log" bench
+  # The same with the buffer veer's batching amounts to.
+  sed -e "s#@NGINX_PORT@#$((BASE_PORT + 26))#g" -e "s#nginx-proxy.pid#nginx-logb.pid#" \
+    "$conf" | sed -e "s#@RUN@#$CFG_DIR#g" -e "s#@WORKERS@#$WORKERS#g" \
+    -e "s#@STABLE_PORT@#$((BASE_PORT + 1))#g" -e "s#@CANARY_PORT@#$((BASE_PORT + 2))#g" \
+    -e "s#@CANARY_PCT@#$PCT#g" > "$CFG_DIR/nginx-logb.conf"
+  python3 "$HERE/nginx-log.py" "$CFG_DIR/nginx-logb.conf" "$CFG_DIR/nginx-accessb.log" bench "buffer=32k flush=50ms"
+  extra+=("nginx-log=127.0.0.1:$((BASE_PORT + 25))=nginx -p $CFG_DIR -c $CFG_DIR/nginx-log.conf")
+  extra+=("nginx-logb=127.0.0.1:$((BASE_PORT + 26))=nginx -p $CFG_DIR -c $CFG_DIR/nginx-logb.conf")
+  trap 'rm -f "$CFG_DIR"/*access*.log' EXIT
 fi
 targets=(
   "veer=127.0.0.1:$((BASE_PORT + 13))=$ROOT/target/release/veer run --config $CFG_DIR/veer.toml"

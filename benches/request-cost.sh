@@ -156,18 +156,7 @@ run() {
     if [ -n "${NGINX_ACCESS_LOG:-}" ]; then
       # A JSON line a request to a file, the fields veer's access log has
       # (what `PROXY_EXTRA='access_log = "all"'` is compared with).
-      python3 - "$work/nginx.conf" "$work/access.log" <<'PY'
-import sys
-path, log = sys.argv[1], sys.argv[2]
-text = open(path).read()
-fmt = ("log_format veer escape=json '{\"timestamp\":\"$time_iso8601\",\"level\":\"INFO\","
-       "\"message\":\"request\",\"route\":\"r\",\"version\":\"$pool\",\"method\":\"$request_method\","
-       "\"path\":\"$uri\",\"status\":$status,\"ms\":\"$upstream_response_time\","
-       "\"client\":\"$remote_addr\",\"upstream\":\"$upstream_addr\",\"error\":\"\"}';\n"
-       f"    access_log {log} veer;")
-assert text.count("access_log off;") == 1
-open(path, "w").write(text.replace("access_log off;", fmt))
-PY
+      python3 "$ROOT/benches/nginx-log.py" "$work/nginx.conf" "$work/access.log" r
     fi
     # Its readiness probe is one request more, in both runs alike.
     callgrind_run "http://127.0.0.1:$port/" "$port" "$count" QUIT nginx \

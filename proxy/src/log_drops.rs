@@ -11,7 +11,7 @@ use prometheus::proto::{Counter, Metric, MetricFamily, MetricType};
 use tracing_appender::non_blocking::ErrorCounter;
 
 const NAME: &str = "veer_log_lines_dropped_total";
-const HELP: &str = "Log lines dropped because stderr's reader fell 16 384 lines behind (requests never wait for the log).";
+const HELP: &str = "Log lines dropped because stderr's reader fell behind: 16 384 lines queued, or 4 MiB of access log lines (requests never wait for the log).";
 
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 

@@ -71,8 +71,10 @@ pub fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// Writes what is waiting and stops the writer (at exit; later lines are
-/// written by the caller's thread at once).
+/// Has the writer write what is waiting, and stop (at exit; later lines
+/// are written by their own thread at once). Waits for it at most 1 s, as
+/// the log queue's guard does: a stuck stderr must not hold the exit (what
+/// it holds is lost, as it would be anyway).
 pub fn flush() {
     if let Ok(mut p) = PENDING.lock() {
         p.closing = true;
@@ -80,9 +82,7 @@ pub fn flush() {
     WAKE.notify_all();
     let handle = WRITER.get().and_then(|h| h.as_ref());
     if handle.is_some() {
-        // Wait (at most a few seconds: stderr may be stuck) for the
-        // writer to have written the last batch.
-        for _ in 0..5_000 {
+        for _ in 0..1_000 {
             // (The lock is let go before the sleep: the writer needs it.)
             let done = PENDING
                 .lock()
@@ -92,18 +92,6 @@ pub fn flush() {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-    }
-    write_now();
-}
-
-/// Writes what is waiting from the caller's thread.
-fn write_now() {
-    let batch = match PENDING.lock() {
-        Ok(mut p) => std::mem::take(&mut p.batch),
-        Err(_) => return,
-    };
-    if !batch.is_empty() {
-        let _ = std::io::stderr().lock().write_all(&batch);
     }
 }
 

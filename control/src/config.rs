@@ -80,6 +80,11 @@ pub struct ProxySettings {
     /// a load balancer in front sends it), whose source address is the
     /// client's; a connection without one is closed. Read at start.
     pub proxy_protocol: bool,
+    /// With `proxy_protocol`: the balancers whose headers name the client
+    /// (addresses and CIDR ranges); a header from elsewhere is read and
+    /// its address ignored (nginx's `set_real_ip_from`). Empty: every
+    /// connection's header is believed. Read at start.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
     /// On SIGTERM, in-flight requests get this long to finish.
     pub shutdown_grace: Duration,
     /// Which requests get an access log line.

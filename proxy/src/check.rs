@@ -110,6 +110,13 @@ pub fn summary(path: &Path, c: &Config) -> String {
             out,
             "  every connection starts with a PROXY protocol header (without one: closed)"
         );
+        if !c.proxy.proxy_protocol_from.is_empty() {
+            let _ = writeln!(
+                out,
+                "  its address believed from {} only",
+                ranges(&c.proxy.proxy_protocol_from)
+            );
+        }
     }
     if let Some(f) = &c.fleet {
         let _ = writeln!(

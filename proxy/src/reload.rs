@@ -414,6 +414,10 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
     );
     diff(o.shutdown_grace != n.shutdown_grace, "proxy.shutdown_grace");
     diff(o.proxy_protocol != n.proxy_protocol, "proxy.proxy_protocol");
+    diff(
+        o.proxy_protocol_from != n.proxy_protocol_from,
+        "proxy.proxy_protocol_from",
+    );
     // (`public_url` only shapes webhook messages: it applies live.)
     let (oa, na) = (&old.admin, &new.admin);
     diff(

@@ -59,6 +59,9 @@ pub struct Limits {
     pub per_ip: PerIpLimit,
     /// See [`ProxySettings::proxy_protocol`].
     pub proxy_protocol: bool,
+    /// See [`ProxySettings::proxy_protocol_from`] (shared by every
+    /// connection's task).
+    pub proxy_protocol_from: Arc<[ipnet::IpNet]>,
 }
 
 impl Limits {
@@ -70,8 +73,21 @@ impl Limits {
             idle_timeout: p.idle_timeout,
             per_ip: PerIpLimit::new(p.max_connections_per_ip),
             proxy_protocol: p.proxy_protocol,
+            proxy_protocol_from: p.proxy_protocol_from.clone().into(),
         }
     }
+}
+
+/// Whether a PROXY protocol header from `peer` names the client: from
+/// anyone when `from` is empty, else from its ranges only.
+fn believed(from: &[ipnet::IpNet], peer: SocketAddr) -> bool {
+    let ip = match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    from.is_empty() || from.iter().any(|net| net.contains(&ip))
 }
 
 /// Open connections counted by client IP address, at most `max` an
@@ -270,6 +286,12 @@ pub async fn serve(
                     let deadline = accepted + limits.header_timeout;
                     let read = crate::proxy_header::read(&mut stream);
                     let client = match tokio::time::timeout_at(deadline, read).await {
+                        Ok(Ok(said)) if !believed(&limits.proxy_protocol_from, peer) => {
+                            // Not from a balancer: whatever it says, the
+                            // client is who connected.
+                            tracing::debug!(%peer, said = ?said.client, "PROXY protocol header from an address not in proxy_protocol_from: its address and TLS flag ignored");
+                            peer
+                        }
                         Ok(Ok(said)) => {
                             if said.tls {
                                 scheme = Scheme::Https;
@@ -628,4 +650,25 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_believed_from_the_listed_balancers_only() {
+        let from: Vec<ipnet::IpNet> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert!(believed(&[], at("192.0.2.1:1")));
+        assert!(believed(&from, at("10.1.2.3:1")));
+        // An IPv4 balancer seen on a dual-stack socket.
+        assert!(believed(&from, at("[::ffff:10.1.2.3]:1")));
+        assert!(believed(&from, at("[2001:db8::5]:1")));
+        assert!(!believed(&from, at("192.0.2.1:1")));
+        assert!(!believed(&from, at("[2001:db9::5]:1")));
+    }
 }

@@ -829,13 +829,57 @@ fn proxy_v2(client: Option<&str>, server: std::net::SocketAddr, tls: bool) -> Ve
     b.build().unwrap()
 }
 
+/// A route `secure` for host `secure.example` with `https_redirect`.
+fn redirecting_route(endpoint: std::net::SocketAddr) -> String {
+    format!(
+        "[[route]]\nname = \"secure\"\nhosts = [\"secure.example\"]\nhttps_redirect = true\n[route.stable]\nversion = \"v1\"\nendpoints = [\"{endpoint}\"]\n"
+    )
+}
+
+/// With `proxy_protocol_from`, only the balancers listed name the client:
+/// a header from another address is read, and the client is whoever
+/// connected (its TLS flag is not believed either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_balancers_listed_name_the_client() {
+    let s = Upstream::start("stable").await;
+    let secure = redirecting_route(s.addr);
+    let seen = |name: &str| {
+        s.last_headers.lock().unwrap()[name]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    for (from, believed) in [
+        ("[\"10.9.9.9\", \"192.0.2.0/24\"]", false),
+        ("[\"127.0.0.0/8\"]", true),
+    ] {
+        let veer = Veer::start(&with_proxy(
+            route_config(&[s.addr], &[], 0.0, "") + &secure,
+            &format!("proxy_protocol = true\nproxy_protocol_from = {from}"),
+        ))
+        .await;
+        let mut head = b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n".to_vec();
+        head.extend_from_slice(GET);
+        let (_c, code) = send(veer.addr, &head).await;
+        assert_eq!(code, 200, "{from}");
+        let want = if believed { "203.0.113.7" } else { "127.0.0.1" };
+        assert_eq!(seen("x-real-ip"), want, "{from}");
+        assert_eq!(seen("x-forwarded-for"), want, "{from}");
+        // The balancer's TLS flag, for a redirecting route.
+        let mut head = proxy_v2(Some("198.51.100.5:6001"), veer.addr, true);
+        head.extend_from_slice(b"GET / HTTP/1.1\r\nhost: secure.example\r\n\r\n");
+        let (_c, code) = send(veer.addr, &head).await;
+        assert_eq!(code, if believed { 200 } else { 308 }, "{from}");
+        // Still required from everyone: no header, closed unanswered.
+        let (_c, code) = send(veer.addr, GET).await;
+        assert_eq!(code, 0, "{from}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_a_proxy_protocol_balancer_the_header_names_the_client() {
     let s = Upstream::start("stable").await;
-    let secure = format!(
-        "[[route]]\nname = \"secure\"\nhosts = [\"secure.example\"]\nhttps_redirect = true\n[route.stable]\nversion = \"v1\"\nendpoints = [\"{}\"]\n",
-        s.addr
-    );
+    let secure = redirecting_route(s.addr);
     let base = route_config(&[s.addr], &[], 0.0, "")
         .replace("[proxy]\n", "[proxy]\naccess_log = \"all\"\n")
         + &secure;

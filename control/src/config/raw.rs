@@ -55,6 +55,7 @@ pub struct RawProxy {
     pub max_request_body: Option<Spanned<i64>>,
     pub request_id: Option<bool>,
     pub proxy_protocol: Option<bool>,
+    pub proxy_protocol_from: Option<Vec<Spanned<String>>>,
     pub shutdown_grace: Option<Spanned<String>>,
     pub access_log: Option<Spanned<String>>,
     pub upstream_http1: Option<Spanned<String>>,

@@ -366,6 +366,18 @@ impl Validator<'_> {
             ) as u64,
             request_id: p.request_id.unwrap_or(false),
             proxy_protocol: p.proxy_protocol.unwrap_or(false),
+            proxy_protocol_from: {
+                let from = self.ranges(p.proxy_protocol_from.as_deref(), "proxy_protocol_from");
+                if !from.is_empty() && p.proxy_protocol != Some(true) {
+                    if let Some(first) = p.proxy_protocol_from.as_ref().and_then(|l| l.first()) {
+                        self.err(
+                            first.span(),
+                            "proxy_protocol_from names the balancers whose PROXY protocol headers are believed: set proxy_protocol = true too",
+                        );
+                    }
+                }
+                from
+            },
             shutdown_grace: self.duration(p.shutdown_grace.as_ref(), defaults::SHUTDOWN_GRACE),
             access_log: match p.access_log.as_ref() {
                 None => AccessLog::Off,

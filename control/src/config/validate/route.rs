@@ -534,7 +534,11 @@ impl Validator<'_> {
     /// `allow_from` / `deny_from`: addresses and CIDR ranges, at most
     /// 1 024. A range with host bits set is taken as its network, with a
     /// warning (as nginx does).
-    fn ranges(&mut self, list: Option<&[Spanned<String>]>, what: &str) -> Vec<ipnet::IpNet> {
+    pub(super) fn ranges(
+        &mut self,
+        list: Option<&[Spanned<String>]>,
+        what: &str,
+    ) -> Vec<ipnet::IpNet> {
         let Some(list) = list else {
             return Vec::new();
         };

@@ -910,6 +910,38 @@ fn force_takes_more_values_for_each_version_but_never_one_for_both() {
 }
 
 #[test]
+fn proxy_protocol_from_takes_ranges_and_needs_the_protocol() {
+    let with = |proxy: &str| parse(&format!("[proxy]\n{proxy}\n{MINIMAL}"));
+    let c = with("proxy_protocol = true\nproxy_protocol_from = [\"10.0.0.0/8\", \"192.0.2.7\"]")
+        .expect("valid");
+    let from: Vec<String> = c
+        .proxy
+        .proxy_protocol_from
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(from, ["10.0.0.0/8", "192.0.2.7/32"]);
+    assert!(with("proxy_protocol = true")
+        .expect("valid")
+        .proxy
+        .proxy_protocol_from
+        .is_empty());
+    for (bad, word) in [
+        (
+            "proxy_protocol_from = [\"10.0.0.0/8\"]",
+            "set proxy_protocol = true",
+        ),
+        (
+            "proxy_protocol = true\nproxy_protocol_from = [\"lb.example\"]",
+            "not an address",
+        ),
+    ] {
+        let e = with(bad).expect_err(bad);
+        assert!(e.0.iter().any(|d| d.message.contains(word)), "{bad}: {e:?}");
+    }
+}
+
+#[test]
 fn a_sticky_cookie_is_the_last_source_and_only_its_own() {
     let with = |sticky: &str, table: &str| {
         parse(&format!(

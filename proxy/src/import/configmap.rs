@@ -89,6 +89,9 @@ impl Controller {
                 "use-proxy-protocol" if v.trim().eq_ignore_ascii_case("true") => {
                     "set [proxy] proxy_protocol = true (the load balancer in front sends the PROXY header)"
                 }
+                "proxy-real-ip-cidr" => {
+                    "with proxy_protocol, set [proxy] proxy_protocol_from to these ranges (only their headers name the client); with forwarded headers, trusted_hops counts the proxies in front"
+                }
                 _ => "not read",
             };
             notes.push(format!("{}: {k}: {v:?}: {what}", self.origin));

@@ -378,6 +378,7 @@ fn the_controllers_configmap_is_every_ingresss_default_and_the_proxys_body_limit
             "use-forwarded-headers: \"true\": set [proxy] trusted_hops",
             "use-gzip: \"true\": not read",
             "use-proxy-protocol: \"true\": set [proxy] proxy_protocol = true",
+            "proxy-real-ip-cidr: \"10.0.0.0/16\": with proxy_protocol, set [proxy] proxy_protocol_from",
         ],
     );
     // Without the ConfigMap, ingress-nginx's 1m is a line to uncomment.

@@ -80,19 +80,18 @@ if [ "${LOG:-0}" = 1 ]; then
   config veer-log $((BASE_PORT + 23)) $((BASE_PORT + 24)) enforce
   sed -i 's/^workers = .*/&\naccess_log = "all"/' "$CFG_DIR/veer-log.toml"
   extra+=("veer-log=127.0.0.1:$((BASE_PORT + 23))=env RUST_LOG=info $ROOT/target/release/veer run --config $CFG_DIR/veer-log.toml 2> $CFG_DIR/veer-access.log")
-  conf="$ROOT/../shared/bench/peers/nginx-proxy.conf"
-  sed -e "s#@RUN@#$CFG_DIR#g" -e "s#@WORKERS@#$WORKERS#g" -e "s#@NGINX_PORT@#$((BASE_PORT + 25))#g" \
-    -e "s#@STABLE_PORT@#$((BASE_PORT + 1))#g" -e "s#@CANARY_PORT@#$((BASE_PORT + 2))#g" \
-    -e "s#@CANARY_PCT@#$PCT#g" "$conf" > "$CFG_DIR/nginx-log.conf"
-  python3 "$HERE/nginx-log.py" "$CFG_DIR/nginx-log.conf" "$CFG_DIR/nginx-access.log" bench
+  # nginx_log NAME PORT [BUFFER]: nginx with the peers' split and the log.
+  nginx_log() {
+    sed -e "s#@RUN@#$CFG_DIR#g" -e "s#@WORKERS@#$WORKERS#g" -e "s#@NGINX_PORT@#$2#g" \
+      -e "s#@STABLE_PORT@#$((BASE_PORT + 1))#g" -e "s#@CANARY_PORT@#$((BASE_PORT + 2))#g" \
+      -e "s#@CANARY_PCT@#$PCT#g" -e "s#nginx-proxy.pid#$1.pid#" \
+      "$ROOT/../shared/bench/peers/nginx-proxy.conf" > "$CFG_DIR/$1.conf"
+    python3 "$HERE/nginx-log.py" "$CFG_DIR/$1.conf" "$CFG_DIR/$1-access.log" bench ${3:+"$3"}
+    extra+=("$1=127.0.0.1:$2=nginx -p $CFG_DIR -c $CFG_DIR/$1.conf")
+  }
+  nginx_log nginx-log $((BASE_PORT + 25))
   # The same with the buffer veer's batching amounts to.
-  sed -e "s#@NGINX_PORT@#$((BASE_PORT + 26))#g" -e "s#nginx-proxy.pid#nginx-logb.pid#" \
-    "$conf" | sed -e "s#@RUN@#$CFG_DIR#g" -e "s#@WORKERS@#$WORKERS#g" \
-    -e "s#@STABLE_PORT@#$((BASE_PORT + 1))#g" -e "s#@CANARY_PORT@#$((BASE_PORT + 2))#g" \
-    -e "s#@CANARY_PCT@#$PCT#g" > "$CFG_DIR/nginx-logb.conf"
-  python3 "$HERE/nginx-log.py" "$CFG_DIR/nginx-logb.conf" "$CFG_DIR/nginx-accessb.log" bench "buffer=32k flush=50ms"
-  extra+=("nginx-log=127.0.0.1:$((BASE_PORT + 25))=nginx -p $CFG_DIR -c $CFG_DIR/nginx-log.conf")
-  extra+=("nginx-logb=127.0.0.1:$((BASE_PORT + 26))=nginx -p $CFG_DIR -c $CFG_DIR/nginx-logb.conf")
+  nginx_log nginx-logb $((BASE_PORT + 26)) "buffer=32k flush=50ms"
   trap 'rm -f "$CFG_DIR"/*access*.log' EXIT
 fi
 targets=(

@@ -395,6 +395,25 @@ impl SameSite {
     }
 }
 
+/// A cookie's `Domain` as `[route.sticky_cookie] domain` takes it: a DNS
+/// name (a leading `.` dropped, as browsers drop it), lower-cased; `None`
+/// if it is not one.
+pub fn cookie_domain(text: &str) -> Option<String> {
+    let name = text.strip_prefix('.').unwrap_or(text);
+    let dns = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    dns.then(|| name.to_ascii_lowercase())
+}
+
 /// An RFC 9110 token (header and cookie names): visible ASCII, no
 /// separators.
 pub fn http_token(s: &str) -> bool {

@@ -21,7 +21,6 @@
 //! user), a line goes through tracing with its fields in the message.
 
 use std::cell::RefCell;
-use std::fmt::Display;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -80,17 +79,10 @@ pub fn flush() {
         p.closing = true;
     }
     WAKE.notify_all();
-    let handle = WRITER.get().and_then(|h| h.as_ref());
-    if handle.is_some() {
-        for _ in 0..1_000 {
-            // (The lock is let go before the sleep: the writer needs it.)
-            let done = PENDING
-                .lock()
-                .map_or(true, |p| p.batch.is_empty() && !p.busy);
-            if done {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+    if WRITER.get().is_some_and(Option::is_some) {
+        if let Ok(p) = PENDING.lock() {
+            let _ = WAKE
+                .wait_timeout_while(p, Duration::from_secs(1), |p| !p.batch.is_empty() || p.busy);
         }
     }
 }
@@ -124,6 +116,8 @@ fn writer() {
         if let Ok(mut p) = PENDING.lock() {
             p.busy = false;
             if closing && p.batch.is_empty() {
+                // (The exit waits for this.)
+                WAKE.notify_all();
                 return;
             }
         }
@@ -293,20 +287,6 @@ impl Fields<'_> {
         self
     }
 
-    /// A value written by its `Display`: bare in text (tracing's `%`), a
-    /// JSON string in JSON.
-    pub fn display(&mut self, key: &str, value: impl Display) -> &mut Self {
-        self.key(key);
-        if self.json {
-            let mut s = DisplayBuf::new();
-            let text = s.text(&value);
-            json_str(self.buf, text);
-        } else {
-            let _ = write!(self.buf, "{value}");
-        }
-        self
-    }
-
     /// A word shown bare in text (tracing's `%` of a string: a method), a
     /// JSON string in JSON.
     pub fn bare(&mut self, key: &str, value: &str) -> &mut Self {
@@ -323,7 +303,7 @@ impl Fields<'_> {
     /// in JSON); an IPv4 one without `core::fmt`.
     pub fn addr(&mut self, key: &str, value: std::net::SocketAddr) -> &mut Self {
         let std::net::SocketAddr::V4(v4) = value else {
-            return self.display(key, value);
+            return self.bare(key, &value.to_string());
         };
         self.key(key);
         if self.json {
@@ -376,36 +356,6 @@ impl Fields<'_> {
             self.buf.push(b'0' + *d as u8);
         }
         self
-    }
-}
-
-/// A `Display` value's text without an allocation when it is short (an
-/// address, a method).
-struct DisplayBuf {
-    stack: [u8; 64],
-    heap: String,
-}
-
-impl DisplayBuf {
-    fn new() -> DisplayBuf {
-        DisplayBuf {
-            stack: [0; 64],
-            heap: String::new(),
-        }
-    }
-
-    fn text(&mut self, value: &impl Display) -> &str {
-        let mut cursor = std::io::Cursor::new(&mut self.stack[..]);
-        if write!(cursor, "{value}").is_ok() {
-            let n = cursor.position() as usize;
-            if let Ok(s) = std::str::from_utf8(&self.stack[..n]) {
-                return s;
-            }
-        }
-        use std::fmt::Write as _;
-        self.heap.clear();
-        let _ = write!(self.heap, "{value}");
-        &self.heap
     }
 }
 
@@ -525,21 +475,13 @@ mod tests {
     }
 
     #[test]
-    fn displayed_values_are_bare_in_text_and_strings_in_json() {
-        let addr: std::net::SocketAddr = "[::1]:8080".parse().unwrap();
-        assert_eq!(
-            fields(false, |f| {
-                f.display("client", addr);
-            }),
-            " client=[::1]:8080"
-        );
-        assert_eq!(
-            fields(true, |f| {
-                f.display("client", addr);
-            }),
-            ",\"client\":\"[::1]:8080\""
-        );
-        for addr in ["10.1.255.0:65535", "0.0.0.0:0", "[fe80::1%2]:1"] {
+    fn addresses_and_words_are_bare_in_text_and_strings_in_json() {
+        for addr in [
+            "10.1.255.0:65535",
+            "0.0.0.0:0",
+            "[::1]:8080",
+            "[fe80::1%2]:1",
+        ] {
             let addr: std::net::SocketAddr = addr.parse().unwrap();
             assert_eq!(
                 fields(false, |f| {
@@ -560,12 +502,11 @@ mod tests {
             }),
             " method=GET"
         );
-        let long = "x".repeat(200) + "\"";
         assert_eq!(
             fields(true, |f| {
-                f.display("m", &long);
+                f.bare("method", "M\"X");
             }),
-            format!(",\"m\":{}", serde_json::to_string(&long).unwrap())
+            ",\"method\":\"M\\\"X\""
         );
         assert_eq!(
             fields(true, |f| {

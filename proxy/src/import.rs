@@ -625,13 +625,8 @@ fn carried(main: &Ingress, host: &str, notes: &mut Vec<String>) -> Carried {
                 .map(|p| p.trim().to_string());
             let mut lines = String::new();
             if let Some(d) = main.annotation("session-cookie-domain").map(str::trim) {
-                let host = d.strip_prefix('.').unwrap_or(d);
-                if !host.is_empty()
-                    && host.split('.').all(|l| {
-                        !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    })
-                {
-                    let _ = writeln!(lines, "domain = {}", toml_str(host));
+                if let Some(domain) = veer_control::config::cookie_domain(d) {
+                    let _ = writeln!(lines, "domain = {}", toml_str(&domain));
                 } else {
                     notes.push(format!("session-cookie-domain {d:?} is not a DNS name: left out (the cookie goes to the request's host only)"));
                 }

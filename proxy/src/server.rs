@@ -81,12 +81,7 @@ impl Limits {
 /// Whether a PROXY protocol header from `peer` names the client: from
 /// anyone when `from` is empty, else from its ranges only.
 fn believed(from: &[ipnet::IpNet], peer: SocketAddr) -> bool {
-    let ip = match peer.ip() {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
-        v4 => v4,
-    };
+    let ip = peer.ip().to_canonical();
     from.is_empty() || from.iter().any(|net| net.contains(&ip))
 }
 

@@ -960,26 +960,14 @@ impl Validator<'_> {
         };
         let domain = match &raw.domain {
             Some(d) => {
-                let text = d.get_ref().strip_prefix('.').unwrap_or(d.get_ref());
-                let host = !text.is_empty()
-                    && text.len() <= 253
-                    && text.split('.').all(|label| {
-                        !label.is_empty()
-                            && label.len() <= 63
-                            && !label.starts_with('-')
-                            && !label.ends_with('-')
-                            && label
-                                .bytes()
-                                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    });
-                if !host {
+                let Some(domain) = super::super::cookie_domain(d.get_ref()) else {
                     self.err(
                         d.span(),
                         "sticky_cookie domain must be a DNS name (\"example.com\": the cookie then goes to its subdomains too)",
                     );
                     return None;
-                }
-                Some(text.to_ascii_lowercase())
+                };
+                Some(domain)
             }
             None => None,
         };

@@ -15,7 +15,8 @@ fmt = (
     "log_format veer escape=json '{\"timestamp\":\"$time_iso8601\",\"level\":\"INFO\","
     f"\"message\":\"request\",\"route\":\"{route}\",\"version\":\"$pool\",\"method\":\"$request_method\","
     "\"path\":\"$uri\",\"status\":$status,\"ms\":\"$upstream_response_time\","
-    "\"client\":\"$remote_addr\",\"upstream\":\"$upstream_addr\",\"error\":\"\"}';\n"
+    "\"client\":\"$remote_addr\",\"upstream\":\"$upstream_addr\",\"error\":\"\","
+    "\"bytes\":$body_bytes_sent,\"total_ms\":$request_time}';\n"
     f"    access_log {log} veer{buffer};"
 )
 assert text.count("access_log off;") == 1, "no 'access_log off;' to replace"

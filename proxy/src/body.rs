@@ -159,9 +159,10 @@ impl Pending {
     }
 }
 
-/// The access log line of a streamed response whose body the upstream
-/// then broke off (`[proxy] access_log` on): the line for its head was
-/// written when the head came, with the head's status.
+/// The access log line of a response whose body is still streaming
+/// (`[proxy] access_log` on): written when the body ends (or fails, or
+/// its client leaves), with the bytes passed on and the whole time, as
+/// nginx writes its line at a request's end.
 pub struct BodyLine {
     /// `[proxy] request_id`'s.
     pub request_id: Option<http::HeaderValue>,
@@ -175,11 +176,54 @@ pub struct BodyLine {
     pub client: std::net::SocketAddr,
     /// The head's status.
     pub status: u16,
+    /// The endpoint that answered.
+    pub upstream: Option<Arc<Upstream>>,
+    /// Until the response head.
+    pub micros: u64,
+    /// When the request came.
+    pub start: Instant,
+    /// `access_log = "all"`: a line whatever the outcome.
+    pub all: bool,
+    /// The outcome was a failure by the head (a 5xx, say): a line in
+    /// `errors` too.
+    pub failed: bool,
+    /// A gRPC call's status, once known.
+    pub grpc_status: Option<u8>,
+    /// The body's bytes passed on so far.
+    pub bytes: u64,
 }
 
 impl BodyLine {
-    /// One line (target `veer::access`, message `response body failed`).
+    /// The request's line (message `request`), if its outcome asks for
+    /// one: at the body's end, its failure, or its client leaving.
+    pub(crate) fn request(&self) {
+        if !(self.all || self.failed) {
+            return;
+        }
+        let version = match (&self.route.canary, self.canary) {
+            (Some(c), true) => c,
+            _ => &self.route.stable,
+        };
+        crate::service::Logged {
+            head: &self.head,
+            request_id: self.request_id.as_ref(),
+            route: &self.route.name,
+            version: &version.name,
+            canary: self.canary,
+            client: self.client,
+            upstream: self.upstream.as_deref().map(Upstream::label),
+            micros: self.micros,
+            bytes: self.bytes,
+            total_micros: self.start.elapsed().as_micros() as u64,
+            grpc_status: self.grpc_status,
+        }
+        .line(self.status, None);
+    }
+
+    /// The body broke off: the request's line, then one of its own
+    /// (message `response body failed`, in `errors` too).
     fn failed(&self, e: ProxyError) {
+        self.request();
         let version = match (&self.route.canary, self.canary) {
             (Some(c), true) => c,
             _ => &self.route.stable,
@@ -196,7 +240,8 @@ impl BodyLine {
                 .opt_str(
                     "request_id",
                     self.request_id.as_ref().and_then(|v| v.to_str().ok()),
-                );
+                )
+                .u64("bytes", self.bytes);
         });
     }
 }
@@ -307,6 +352,10 @@ impl UpstreamBody {
             .and_then(crate::grpc::status)
             .unwrap_or(crate::grpc::UNKNOWN);
         let outcome = call.ended(code);
+        if let Some(l) = &mut self.log {
+            l.grpc_status = Some(code);
+            l.failed |= outcome != Outcome::Ok;
+        }
         if let Some(p) = &mut self.pending {
             if p.outcome == Outcome::Ok {
                 p.outcome = outcome;
@@ -314,24 +363,27 @@ impl UpstreamBody {
         }
     }
 
-    /// Records `pending` when the body ends (at once if it already has);
-    /// for a gRPC `call`, reads its `grpc-status` from the trailers when
-    /// they come (a body that ends without one ends the call as UNKNOWN).
-    pub fn record_at_end(&mut self, pending: Option<Pending>, call: Option<GrpcCall>) {
+    /// Records `pending` and writes the access log's `line` when the body
+    /// ends (at once if it already has); for a gRPC `call`, reads its
+    /// `grpc-status` from the trailers when they come (a body that ends
+    /// without one ends the call as UNKNOWN).
+    pub fn at_end(
+        &mut self,
+        pending: Option<Pending>,
+        call: Option<GrpcCall>,
+        line: Option<Box<BodyLine>>,
+    ) {
         self.pending = pending;
         self.grpc = call;
+        self.log = line;
         if self.inner.is_end_stream() {
             self.grpc_ended(None);
             if let Some(p) = self.pending.take() {
                 p.finish(None);
             }
-        }
-    }
-
-    /// Writes `line` if the upstream breaks the body off.
-    pub fn log_failure(&mut self, line: BodyLine) {
-        if !self.inner.is_end_stream() {
-            self.log = Some(Box::new(line));
+            if let Some(l) = self.log.take() {
+                l.request();
+            }
         }
     }
 
@@ -343,6 +395,9 @@ impl UpstreamBody {
         if let Some(p) = self.pending.take() {
             p.finish(None);
         }
+        if let Some(l) = self.log.take() {
+            l.request();
+        }
     }
 }
 
@@ -351,6 +406,9 @@ impl Drop for UpstreamBody {
         // The client went away before the end: not the upstream's failure.
         if let Some(p) = self.pending.take() {
             p.finish(None);
+        }
+        if let Some(l) = self.log.take() {
+            l.request();
         }
     }
 }
@@ -365,6 +423,9 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut r = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &mut r {
+            if let (Some(l), Some(d)) = (&mut self.log, f.data_ref()) {
+                l.bytes += d.len() as u64;
+            }
             if let Some(t) = f.trailers_mut() {
                 crate::headers::strip_trailers(t);
                 self.grpc_ended(Some(t));

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::balance::Pick;
-use crate::body::{GrpcCall, Pending, ProxyBody, RequestBody, UpBody, UpstreamBody};
+use crate::body::{BodyLine, GrpcCall, Pending, ProxyBody, RequestBody, UpBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::headers::{
     client_addr, is_upgrade, prepare_request, routing_host, strip_hop_by_hop, Forwarding, Peer,
@@ -294,17 +294,18 @@ pub fn handle(
             let sent = arrival.as_ref().and_then(|a| a.sent_us());
             crate::mirror::PairSender::new(tx, at.unwrap_or(micros), sent)
         });
-        // Only with an access log: the request line was kept for it.
-        let logged = head.map(|head| Logged {
-            head,
-            upstream: served_by.get().map(|u| u.label()),
-            request_id: rid,
-            route: &route.name,
-            version: &version.name,
-            canary,
-            client,
-            micros,
-        });
+        // The judge hears an outcome known now (veer's own answer, or a
+        // failure), and a mirrored copy waiting for it.
+        let record_now = |outcome: Outcome, pair: Option<crate::mirror::PairSender>| {
+            if record {
+                version
+                    .recorder
+                    .record_from(judged_us, outcome, key_hash, Some(client_hash));
+                if let Some(pair) = pair {
+                    pair.send(outcome);
+                }
+            }
+        };
         Ok(match result {
             Ok(mut resp) => {
                 if let Some(id) = rid {
@@ -322,9 +323,11 @@ pub fn handle(
                 // A gRPC call's outcome is its grpc-status: in a trailers-only
                 // head, or in the trailers at the end of the body.
                 let mut call = None;
+                let mut grpc_status = None;
                 if grpc && status == 200 {
                     match crate::grpc::status(resp.headers()) {
                         Some(code) => {
+                            grpc_status = Some(code);
                             version.metrics.grpc(code);
                             outcome = crate::grpc::outcome(code, route.grpc_errors, client_bound);
                         }
@@ -337,25 +340,30 @@ pub fn handle(
                         }
                     }
                 }
-                if let Some(l) = logged {
-                    if access == AccessLog::All || outcome != Outcome::Ok {
-                        l.line(status, None);
-                    }
-                    // A body the upstream breaks off later gets a line of its own.
-                    if let ProxyBody::Upstream(body) = resp.body_mut() {
-                        body.log_failure(crate::body::BodyLine {
-                            request_id: rid.cloned(),
-                            route: route.clone(),
-                            canary,
-                            head: l.head,
-                            client,
-                            status,
-                        });
-                    }
-                }
+                // Only with an access log (the request line was kept for
+                // it): its line, written when the body ends, with the bytes
+                // passed on and the whole time (a body the upstream breaks
+                // off gets a line of its own too).
+                let line = head.map(|head| {
+                    Box::new(BodyLine {
+                        request_id: rid.cloned(),
+                        route: route.clone(),
+                        canary,
+                        head,
+                        client,
+                        status,
+                        upstream: served_by.get().cloned(),
+                        micros,
+                        start,
+                        all: access == AccessLog::All,
+                        failed: outcome != Outcome::Ok,
+                        grpc_status,
+                        bytes: 0,
+                    })
+                });
                 match resp.body_mut() {
                     // Recorded when the body ends: it may still fail.
-                    ProxyBody::Upstream(body) => body.record_at_end(
+                    ProxyBody::Upstream(body) => body.at_end(
                         record.then_some(Pending {
                             route,
                             canary,
@@ -367,19 +375,15 @@ pub fn handle(
                             pair,
                         }),
                         call,
+                        line,
                     ),
-                    ProxyBody::Full(_) if record => {
-                        version.recorder.record_from(
-                            judged_us,
-                            outcome,
-                            key_hash,
-                            Some(client_hash),
-                        );
-                        if let Some(pair) = pair {
-                            pair.send(outcome);
+                    ProxyBody::Full(full) => {
+                        record_now(outcome, pair);
+                        if let Some(mut l) = line {
+                            l.bytes = full.as_ref().map_or(0, |b| b.len() as u64);
+                            l.request();
                         }
                     }
-                    ProxyBody::Full(_) => {}
                 }
                 resp
             }
@@ -397,17 +401,7 @@ pub fn handle(
                         ProxyError::UpstreamTimeout => Outcome::Timeout,
                         _ => Outcome::Error,
                     };
-                    if record {
-                        version.recorder.record_from(
-                            judged_us,
-                            outcome,
-                            key_hash,
-                            Some(client_hash),
-                        );
-                        if let Some(pair) = pair {
-                            pair.send(outcome);
-                        }
-                    }
+                    record_now(outcome, pair);
                 } else {
                     route_less_error(&shared, e);
                     if e == ProxyError::ClientDeadline && upload.sent() {
@@ -416,11 +410,24 @@ pub fn handle(
                         given_up(version, record, judged_us, key_hash, client_hash);
                     }
                 }
-                if let Some(l) = &logged {
-                    l.line(e.status().as_u16(), Some(e.kind()));
-                }
                 let mut resp = reply(e);
                 on_answer(resp.headers_mut(), cors, minted, &route);
+                if let Some(head) = &head {
+                    Logged {
+                        head,
+                        request_id: rid,
+                        route: &route.name,
+                        version: &version.name,
+                        canary,
+                        client,
+                        upstream: served_by.get().map(|u| u.label()),
+                        micros,
+                        bytes: http_body::Body::size_hint(resp.body()).exact().unwrap_or(0),
+                        total_micros: micros,
+                        grpc_status: None,
+                    }
+                    .line(e.status().as_u16(), Some(e.kind()));
+                }
                 resp
             }
         })
@@ -509,7 +516,7 @@ impl Drop for Waiting<'_> {
         if let Some((head, route, client, canary, request_id)) = self.log {
             // Logged as nginx logs a client that left: 499.
             Logged {
-                head: head.clone(),
+                head,
                 request_id,
                 route,
                 version: &self.version.name,
@@ -517,6 +524,9 @@ impl Drop for Waiting<'_> {
                 client,
                 upstream: None,
                 micros: waited,
+                bytes: 0,
+                total_micros: self.upload.elapsed_us(Instant::now()),
+                grpc_status: None,
             }
             .line(499, Some(ProxyError::ClientClosed.kind()));
         }
@@ -546,28 +556,34 @@ fn given_up(
     }
 }
 
-/// What an access log line says of a forwarded request besides its
-/// status.
-struct Logged<'a> {
+/// What an access log line says of a request that went to a version
+/// besides its status.
+pub(crate) struct Logged<'a> {
     /// The request line (a method and a URI share what they were parsed
     /// from: no copy of the text).
-    head: (http::Method, http::Uri),
+    pub head: &'a (http::Method, http::Uri),
     /// `[proxy] request_id`'s.
-    request_id: Option<&'a HeaderValue>,
-    route: &'a str,
-    version: &'a str,
-    canary: bool,
-    client: SocketAddr,
+    pub request_id: Option<&'a HeaderValue>,
+    pub route: &'a str,
+    pub version: &'a str,
+    pub canary: bool,
+    pub client: SocketAddr,
     /// The endpoint that answered (none when none did).
-    upstream: Option<&'a str>,
+    pub upstream: Option<&'a str>,
     /// Until the response head (or the failure).
-    micros: u64,
+    pub micros: u64,
+    /// The answer's body bytes passed on to the client.
+    pub bytes: u64,
+    /// Until the answer's end (or its failure, or the client leaving).
+    pub total_micros: u64,
+    /// A gRPC call's status, when known.
+    pub grpc_status: Option<u8>,
 }
 
 impl Logged<'_> {
     /// One line (target `veer::access`). The path only: a query string
     /// may carry credentials.
-    fn line(&self, status: u16, error: Option<&'static str>) {
+    pub(crate) fn line(&self, status: u16, error: Option<&'static str>) {
         crate::access::line("request", |f| {
             f.str("route", self.route)
                 .str("version", self.version)
@@ -579,7 +595,12 @@ impl Logged<'_> {
                 .addr("client", self.client)
                 .opt_str("upstream", self.upstream)
                 .str("error", error.unwrap_or(""))
-                .opt_str("request_id", self.request_id.and_then(|v| v.to_str().ok()));
+                .opt_str("request_id", self.request_id.and_then(|v| v.to_str().ok()))
+                .u64("bytes", self.bytes)
+                .millis("total_ms", self.total_micros);
+            if let Some(code) = self.grpc_status {
+                f.u64("grpc_status", code.into());
+            }
         });
     }
 }

@@ -132,6 +132,12 @@ impl Upload {
         self.micros(now).saturating_sub(client)
     }
 
+    /// The time since the request came, in µs (the client's waits
+    /// included).
+    pub fn elapsed_us(&self, now: Instant) -> u64 {
+        self.micros(now)
+    }
+
     /// Whether the client sent its whole request: the body was read to its
     /// end (or there was none) and did not fail.
     pub fn sent(&self) -> bool {

@@ -491,7 +491,15 @@ fn access_log_lines_in_text_are_shaped_as_every_other_line() {
             "{line}"
         );
         let (fields, id) = rest.split_once(" request_id=").unwrap();
+        // Then the answer's body bytes and the whole time (at its end).
+        let (id, end) = id.split_once(" bytes=").unwrap();
         assert_eq!(id, "\"q\\\"u\\\\ote\"", "{line}");
+        let (bytes, total) = end.split_once(" total_ms=").unwrap();
+        assert_eq!(bytes, "2", "{line}");
+        assert!(
+            total.parse::<f64>().is_ok() && total.contains('.'),
+            "{line}"
+        );
         let fields = fields.replace(&up_addr.to_string(), "UP");
         let (before, after) = fields.split_once(" ms=").unwrap();
         assert_eq!(

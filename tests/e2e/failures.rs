@@ -444,6 +444,95 @@ async fn a_body_the_upstream_breaks_off_after_a_good_head_has_its_own_access_log
     assert!(veer.logs_with("request").is_empty(), "{}", veer.all_logs());
 }
 
+/// An HTTP/1.1 upstream whose every answer is 3 000 bytes, sent in three
+/// pieces 200 ms apart.
+async fn dripping_upstream() -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                while super::support::read_head(&mut stream).await {
+                    let head = b"HTTP/1.1 200 OK\r\ncontent-length: 3000\r\n\r\n";
+                    if stream.write_all(head).await.is_err() {
+                        return;
+                    }
+                    for i in 0..3 {
+                        if i > 0 {
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        }
+                        if stream.write_all(&[b'x'; 1000]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_line_comes_at_the_answers_end_with_its_bytes_and_whole_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let u = dripping_upstream().await;
+    let veer = Veer::start(&route_config(&[u], &[], 0.0, "").replacen(
+        "[proxy]\n",
+        "[proxy]\naccess_log = \"all\"\n",
+        1,
+    ))
+    .await;
+    // A client that reads the whole answer.
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    let r = c.get("/whole", &[]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.body().len(), 3000);
+    // One that leaves after the head and the first piece.
+    let mut s = tokio::net::TcpStream::connect(veer.addr).await.unwrap();
+    s.write_all(b"GET /left HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let body_len = |got: &[u8]| {
+        got.windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(0, |end| got.len() - end - 4)
+    };
+    while body_len(&got) < 1000 {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "{:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    let lines = access_lines(&veer, 2).await;
+    let line = |path: &str| {
+        lines
+            .iter()
+            .find(|l| l["path"] == path)
+            .unwrap_or_else(|| panic!("no line for {path}: {lines:?}"))
+    };
+    let whole = line("/whole");
+    assert_eq!(whole["status"], 200, "{whole}");
+    assert_eq!(whole["bytes"], 3000, "{whole}");
+    assert_eq!(whole["upstream"], u.to_string(), "{whole}");
+    let (ms, total) = (
+        whole["ms"].as_f64().unwrap(),
+        whole["total_ms"].as_f64().unwrap(),
+    );
+    // `ms` is to the head; the body took two 200 ms waits more.
+    assert!(total >= ms + 390.0, "{whole}");
+    let left = line("/left");
+    assert_eq!(left["status"], 200, "{left}");
+    let bytes = left["bytes"].as_u64().unwrap();
+    assert!((1000..3000).contains(&bytes), "{left}");
+    assert!(
+        left["total_ms"].as_f64().unwrap() >= left["ms"].as_f64().unwrap(),
+        "{left}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_of_the_log_never_stalls_the_proxy() {
     use std::io::{BufRead, BufReader};

@@ -700,11 +700,14 @@ async fn grpc_deadlines_propagate_and_the_callers_own_deadline_is_not_the_versio
 async fn a_status_in_the_trailers_after_messages_is_the_calls_outcome() {
     let s = GrpcPeer::start("stable", None).await;
     s.mode.store(FAIL_HALF, Ordering::SeqCst);
-    let veer = Veer::start(&config(
-        &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", s.addr),
-        None,
-        "",
-    ))
+    let veer = Veer::start(
+        &config(
+            &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", s.addr),
+            None,
+            "",
+        )
+        .replacen("[proxy]\n", "[proxy]\naccess_log = \"errors\"\n", 1),
+    )
     .await;
     let mut client = grpc_client(&veer).await;
     let mut stream = client.watch(check_request("a")).await.unwrap().into_inner();
@@ -725,6 +728,30 @@ async fn a_status_in_the_trailers_after_messages_is_the_calls_outcome() {
         ),
         Some(1.0)
     );
+    // A call that ends OK (no line in `errors`), then a failing one again.
+    s.mode.store(OK, Ordering::SeqCst);
+    let mut stream = client.watch(check_request("b")).await.unwrap().into_inner();
+    while stream.message().await.unwrap().is_some() {}
+    drop(stream);
+    s.mode.store(FAIL_HALF, Ordering::SeqCst);
+    let mut stream = client.watch(check_request("c")).await.unwrap().into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    assert!(stream.message().await.is_err());
+    drop(stream);
+    // `access_log = "errors"` has a line for each failed call, whose
+    // status came in the trailers, with it; none for the call that ended OK.
+    let lines = veer.logs_with_at_least("request", 2).await;
+    let access: Vec<_> = lines
+        .iter()
+        .filter(|l| l["target"] == "veer::access")
+        .collect();
+    assert_eq!(access.len(), 2, "{access:?}");
+    for l in access {
+        assert_eq!(l["path"], "/grpc.health.v1.Health/Watch", "{l}");
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["grpc_status"], 13, "{l}");
+        assert!(l["bytes"].as_u64().is_some_and(|b| b > 0), "{l}");
+    }
 }
 
 /// Polls `/metrics` until `series` reaches `want` (10 s at most).

@@ -204,6 +204,10 @@ pub struct Activity {
     answer_began: AtomicBool,
     /// The client speaks HTTP/2 (set by [`HeadWatch`] when it knows).
     h2: AtomicBool,
+    /// The connection is closing: not to be parked. Set by [`HeadWatch`]
+    /// as it lingers (see its `poll_shutdown`), or before, by
+    /// [`Activity::close_at_once`].
+    closing: AtomicBool,
 }
 
 /// [`Activity`]'s `head_since_ms` when no head is being read.
@@ -225,7 +229,16 @@ impl Activity {
             answers: std::sync::Mutex::new(Answers::default()),
             answer_began: AtomicBool::new(false),
             h2: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         })
+    }
+
+    /// veer closes the connection between requests (idle, a head not
+    /// whole in time, shutting down): nothing the client sent is left
+    /// unread, and the close does not linger (see [`HeadWatch`]'s
+    /// `poll_shutdown`).
+    pub fn close_at_once(&self) {
+        self.closing.store(true, Ordering::Relaxed);
     }
 
     /// Whether an HTTP/2 answer began to stream since the last call:
@@ -392,6 +405,7 @@ impl Activity {
     /// parked (`crate::protocol::Served::park`).
     pub fn between_requests(&self) -> bool {
         self.requests.load(Ordering::Relaxed) > 0
+            && !self.closing.load(Ordering::Relaxed)
             && self.inflight.load(Ordering::Acquire) == 0
             && !self.body_open.load(Ordering::Acquire)
             && !self.head_bytes.load(Ordering::Relaxed)
@@ -436,6 +450,59 @@ pub struct HeadWatch<S> {
     /// The first bytes, read to tell HTTP/1.1 from HTTP/2 and given back
     /// (`crate::protocol`): hyper reads them before the socket's.
     replay: Replay,
+    /// Once veer closes the connection: how long it goes on reading what
+    /// the client still sends (see `poll_shutdown`).
+    linger: Option<Box<Linger>>,
+}
+
+/// The longest a closing HTTP/1.1 connection reads what its client still
+/// sends, in all (nginx's `lingering_time` is 30 s) ...
+const LINGER_FOR: Duration = Duration::from_secs(10);
+/// ... and with nothing coming (nginx's `lingering_timeout`, 5 s).
+const LINGER_QUIET: Duration = Duration::from_secs(2);
+
+/// A lingering close under way (see [`HeadWatch`]'s `poll_shutdown`).
+struct Linger {
+    /// When it ends whatever the client sends.
+    until: Instant,
+    /// Fires after [`LINGER_QUIET`]; ends the close unless bytes came
+    /// meanwhile (`came`), when it is set again.
+    quiet: Pin<Box<tokio::time::Sleep>>,
+    came: bool,
+}
+
+/// Reads and drops what the client behind `tcp` still sends after veer
+/// shut its side (`Ready` once the client closes or resets, or `linger`
+/// says the close has waited long enough).
+fn poll_linger(tcp: &tokio::net::TcpStream, linger: &mut Linger, cx: &mut Context<'_>) -> Poll<()> {
+    let mut scrap = [0u8; 16 * 1024];
+    loop {
+        match tcp.try_read(&mut scrap) {
+            Ok(0) => return Poll::Ready(()),
+            Ok(_) => {
+                linger.came = true;
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Poll::Ready(()),
+        }
+        if Instant::now() >= linger.until {
+            return Poll::Ready(());
+        }
+        match tcp.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => continue,
+            Poll::Ready(Err(_)) => return Poll::Ready(()),
+            Poll::Pending => {}
+        }
+        if std::future::Future::poll(linger.quiet.as_mut(), cx).is_pending() {
+            return Poll::Pending;
+        }
+        if !std::mem::take(&mut linger.came) {
+            return Poll::Ready(());
+        }
+        let next = Instant::now() + LINGER_QUIET;
+        linger.quiet.as_mut().reset(next);
+    }
 }
 
 /// The first bytes of the HTTP/2 connection preface (RFC 9113 §3.4): no
@@ -455,6 +522,7 @@ impl<S> HeadWatch<S> {
             matched: 0,
             unread: false,
             replay: Replay::default(),
+            linger: None,
         }
     }
 
@@ -629,8 +697,35 @@ impl<S: tokio::io::AsyncWrite + ClientClose + Unpin> tokio::io::AsyncWrite for H
         Poll::Ready(Ok(()))
     }
 
+    /// Shuts veer's side, and then (HTTP/1.1 over plain TCP, unless
+    /// [`Activity::close_at_once`] was said) reads and drops what the
+    /// client still sends until it closes, for up to `LINGER_FOR` (10 s)
+    /// and while bytes keep coming within `LINGER_QUIET` (2 s): nginx's
+    /// lingering close. A client still sending a body veer did not read
+    /// (a 413, an answer that came before the body's end) then reads its
+    /// answer, where closing with its bytes unread would make the kernel
+    /// reset the connection under it, and the client would see a broken
+    /// connection instead.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.linger.is_none() {
+            std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            if this.matched != HTTP1
+                || this.inner.watched().is_none()
+                || this.activity.closing.swap(true, Ordering::Relaxed)
+            {
+                return Poll::Ready(Ok(()));
+            }
+            this.linger = Some(Box::new(Linger {
+                until: Instant::now() + LINGER_FOR,
+                quiet: Box::pin(tokio::time::sleep(LINGER_QUIET)),
+                came: false,
+            }));
+        }
+        if let (Some(tcp), Some(linger)) = (this.inner.watched(), this.linger.as_deref_mut()) {
+            std::task::ready!(poll_linger(tcp, linger, cx));
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -507,6 +507,7 @@ impl Conn<'_> {
                     }
                 },
                 _ = &mut stopped => {
+                    activity.close_at_once();
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                     return;
@@ -532,6 +533,7 @@ impl Conn<'_> {
                             // Closes an idle HTTP/1.1 connection at once and
                             // sends GOAWAY on HTTP/2; a half-read head does
                             // not get more than a second.
+                            activity.close_at_once();
                             conn.as_mut().graceful_shutdown();
                             let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
                             return;

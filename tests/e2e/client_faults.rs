@@ -440,6 +440,60 @@ async fn h2_post(addr: std::net::SocketAddr, user: &str, announced: bool) -> u16
     sender.send_request(req).await.unwrap().status().as_u16()
 }
 
+/// What veer sends on `s` until it closes the connection, lower-cased.
+async fn answer_to_close(s: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
+        .await
+        .expect("the connection is closed after the 413")
+        .unwrap();
+    String::from_utf8_lossy(&answer).to_lowercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sending_a_body_too_long_reads_its_413_not_a_reset() {
+    let stable = Upstream::start("stable").await;
+    let canary = Upstream::start("canary").await;
+    let veer = Veer::start(&limited_config(stable.addr, canary.addr, 1000)).await;
+    // As curl uploads a file (without `Expect: 100-continue`): the whole
+    // body, announced or chunked, written before the answer is read. veer
+    // answers 413 after the head, or once past the limit, and closes;
+    // closing with the rest unread would make the kernel reset the
+    // connection, and the client's writes (and its answer) would fail.
+    let body = vec![b'x'; 4 << 20];
+    for i in 0..6 {
+        let mut s = TcpStream::connect(veer.addr).await.unwrap();
+        let chunked = i % 2 == 1;
+        let framing = if chunked {
+            "transfer-encoding: chunked\r\n".to_string()
+        } else {
+            format!("content-length: {}\r\n", body.len())
+        };
+        s.write_all(post_head(&format!("curl{i}"), &framing).as_bytes())
+            .await
+            .unwrap();
+        let sent = async {
+            if chunked {
+                for piece in body.chunks(64 << 10) {
+                    s.write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                        .await?;
+                    s.write_all(piece).await?;
+                    s.write_all(b"\r\n").await?;
+                }
+                s.write_all(b"0\r\n\r\n").await
+            } else {
+                s.write_all(&body).await
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), sent)
+            .await
+            .expect("veer reads what it does not take")
+            .unwrap_or_else(|e| panic!("upload {i} (chunked: {chunked}) broken: {e}"));
+        let answer = answer_to_close(&mut s).await;
+        assert!(answer.starts_with("http/1.1 413"), "{answer}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_longer_than_the_route_takes_are_the_clients_413_never_the_versions() {
     let stable = Upstream::start("stable").await;
@@ -456,12 +510,7 @@ async fn bodies_longer_than_the_route_takes_are_the_clients_413_never_the_versio
             "content-length: 2000\r\nexpect: 100-continue\r\n",
         );
         s.write_all(head.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
-            .await
-            .expect("the connection is closed after the 413")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer).to_lowercase();
+        let answer = answer_to_close(&mut s).await;
         assert!(answer.starts_with("http/1.1 413"), "{answer}");
         assert!(answer.contains("connection: close"), "{answer}");
     }

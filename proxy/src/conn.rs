@@ -471,28 +471,39 @@ struct Linger {
     came: bool,
 }
 
-/// Reads and drops what the client behind `tcp` still sends after veer
+/// Reads and drops what the client behind `inner` still sends after veer
 /// shut its side (`Ready` once the client closes or resets, or `linger`
 /// says the close has waited long enough).
-fn poll_linger(tcp: &tokio::net::TcpStream, linger: &mut Linger, cx: &mut Context<'_>) -> Poll<()> {
+fn poll_linger<S: tokio::io::AsyncRead + Unpin>(
+    inner: &mut S,
+    linger: &mut Linger,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
     let mut scrap = [0u8; 16 * 1024];
+    let mut reads = 0u32;
     loop {
-        match tcp.try_read(&mut scrap) {
-            Ok(0) => return Poll::Ready(()),
-            Ok(_) => {
+        let mut buf = tokio::io::ReadBuf::new(&mut scrap);
+        match Pin::new(&mut *inner).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(()),
+            Poll::Ready(Ok(())) => {
                 linger.came = true;
+                reads += 1;
+                if reads % 32 == 0 {
+                    // A client sending without pause: the clock read, and
+                    // the worker given to other tasks meanwhile.
+                    if Instant::now() >= linger.until {
+                        return Poll::Ready(());
+                    }
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
                 continue;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return Poll::Ready(()),
+            Poll::Ready(Err(_)) => return Poll::Ready(()),
+            Poll::Pending => {}
         }
         if Instant::now() >= linger.until {
             return Poll::Ready(());
-        }
-        match tcp.poll_read_ready(cx) {
-            Poll::Ready(Ok(())) => continue,
-            Poll::Ready(Err(_)) => return Poll::Ready(()),
-            Poll::Pending => {}
         }
         if std::future::Future::poll(linger.quiet.as_mut(), cx).is_pending() {
             return Poll::Pending;
@@ -648,7 +659,9 @@ fn read_noting<S: tokio::io::AsyncRead + Unpin>(
     r
 }
 
-impl<S: tokio::io::AsyncWrite + ClientClose + Unpin> tokio::io::AsyncWrite for HeadWatch<S> {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + ClientClose + Unpin> tokio::io::AsyncWrite
+    for HeadWatch<S>
+{
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -697,7 +710,7 @@ impl<S: tokio::io::AsyncWrite + ClientClose + Unpin> tokio::io::AsyncWrite for H
         Poll::Ready(Ok(()))
     }
 
-    /// Shuts veer's side, and then (HTTP/1.1 over plain TCP, unless
+    /// Shuts veer's side, and then (HTTP/1.1, plain or over TLS, unless
     /// [`Activity::close_at_once`] was said) reads and drops what the
     /// client still sends until it closes, for up to `LINGER_FOR` (10 s)
     /// and while bytes keep coming within `LINGER_QUIET` (2 s): nginx's
@@ -710,10 +723,7 @@ impl<S: tokio::io::AsyncWrite + ClientClose + Unpin> tokio::io::AsyncWrite for H
         let this = &mut *self;
         if this.linger.is_none() {
             std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
-            if this.matched != HTTP1
-                || this.inner.watched().is_none()
-                || this.activity.closing.swap(true, Ordering::Relaxed)
-            {
+            if this.matched != HTTP1 || this.activity.closing.swap(true, Ordering::Relaxed) {
                 return Poll::Ready(Ok(()));
             }
             this.linger = Some(Box::new(Linger {
@@ -722,8 +732,8 @@ impl<S: tokio::io::AsyncWrite + ClientClose + Unpin> tokio::io::AsyncWrite for H
                 came: false,
             }));
         }
-        if let (Some(tcp), Some(linger)) = (this.inner.watched(), this.linger.as_deref_mut()) {
-            std::task::ready!(poll_linger(tcp, linger, cx));
+        if let Some(linger) = this.linger.as_deref_mut() {
+            std::task::ready!(poll_linger(&mut this.inner, linger, cx));
         }
         Poll::Ready(Ok(()))
     }

@@ -440,8 +440,12 @@ async fn h2_post(addr: std::net::SocketAddr, user: &str, announced: bool) -> u16
     sender.send_request(req).await.unwrap().status().as_u16()
 }
 
+/// A client's connection, plain or TLS.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send {}
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send> Stream for S {}
+
 /// What veer sends on `s` until it closes the connection, lower-cased.
-async fn answer_to_close(s: &mut TcpStream) -> String {
+async fn answer_to_close(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
         .await
@@ -454,16 +458,22 @@ async fn answer_to_close(s: &mut TcpStream) -> String {
 async fn a_client_sending_a_body_too_long_reads_its_413_not_a_reset() {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
-    let veer = Veer::start(&limited_config(stable.addr, canary.addr, 1000)).await;
+    let veer = Veer::start_tls(&limited_config(stable.addr, canary.addr, 1000)).await;
     // As curl uploads a file (without `Expect: 100-continue`): the whole
     // body, announced or chunked, written before the answer is read. veer
     // answers 413 after the head, or once past the limit, and closes;
     // closing with the rest unread would make the kernel reset the
     // connection, and the client's writes (and its answer) would fail.
+    // Over plain HTTP and over TLS.
     let body = vec![b'x'; 4 << 20];
-    for i in 0..6 {
-        let mut s = TcpStream::connect(veer.addr).await.unwrap();
+    for i in 0..8 {
         let chunked = i % 2 == 1;
+        let tls = i >= 4;
+        let mut s: std::pin::Pin<Box<dyn Stream>> = if tls {
+            Box::pin(super::protocols::tls_connect(veer.tls_addr.unwrap(), &[b"http/1.1"]).await)
+        } else {
+            Box::pin(TcpStream::connect(veer.addr).await.unwrap())
+        };
         let framing = if chunked {
             "transfer-encoding: chunked\r\n".to_string()
         } else {
@@ -488,7 +498,7 @@ async fn a_client_sending_a_body_too_long_reads_its_413_not_a_reset() {
         tokio::time::timeout(Duration::from_secs(20), sent)
             .await
             .expect("veer reads what it does not take")
-            .unwrap_or_else(|e| panic!("upload {i} (chunked: {chunked}) broken: {e}"));
+            .unwrap_or_else(|e| panic!("upload {i} (chunked: {chunked}, TLS: {tls}) broken: {e}"));
         let answer = answer_to_close(&mut s).await;
         assert!(answer.starts_with("http/1.1 413"), "{answer}");
     }

@@ -132,10 +132,7 @@ pub struct Pending {
 impl Pending {
     /// Records the request; `failed`: how the upstream broke off the body.
     fn finish(self, failed: Option<ProxyError>) {
-        let version = match (&self.route.canary, self.canary) {
-            (Some(c), true) => c,
-            _ => &self.route.stable,
-        };
+        let version = self.route.version(self.canary);
         let outcome = match failed {
             None => self.outcome,
             Some(_) if self.upload.fault().is_some() => return,
@@ -200,10 +197,7 @@ impl BodyLine {
         if !(self.all || self.failed) {
             return;
         }
-        let version = match (&self.route.canary, self.canary) {
-            (Some(c), true) => c,
-            _ => &self.route.stable,
-        };
+        let version = self.route.version(self.canary);
         crate::service::Logged {
             head: &self.head,
             request_id: self.request_id.as_ref(),
@@ -224,10 +218,7 @@ impl BodyLine {
     /// (message `response body failed`, in `errors` too).
     fn failed(&self, e: ProxyError) {
         self.request();
-        let version = match (&self.route.canary, self.canary) {
-            (Some(c), true) => c,
-            _ => &self.route.stable,
-        };
+        let version = self.route.version(self.canary);
         crate::access::line("response body failed", |f| {
             f.bare("route", &self.route.name)
                 .bare("version", &version.name)
@@ -260,10 +251,7 @@ pub struct GrpcCall {
 impl GrpcCall {
     /// The call ended with `code`: counts it and returns the judge's outcome.
     fn ended(&self, code: u8) -> Outcome {
-        let version = match (&self.route.canary, self.canary) {
-            (Some(c), true) => c,
-            _ => &self.route.stable,
-        };
+        let version = self.route.version(self.canary);
         version.metrics.grpc(code);
         crate::grpc::outcome(code, self.route.grpc_errors, self.client_bound)
     }

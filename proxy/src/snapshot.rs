@@ -122,6 +122,15 @@ pub enum Forced {
 }
 
 impl RouteTarget {
+    /// The version a request went to: the canary when it did and there
+    /// is one, else stable.
+    pub fn version(&self, canary: bool) -> &VersionTarget {
+        match (&self.canary, canary) {
+            (Some(c), true) => c,
+            _ => &self.stable,
+        }
+    }
+
     /// The version the request names through `[route.force]`: the header if
     /// it names one, else the cookie if it does; None (the weighted split)
     /// otherwise, or when it names a canary that may not take forced

@@ -627,7 +627,8 @@ async fn a_fleets_pooled_tests_still_count_once_every_address_voted() {
 }
 
 /// A replica of a fleet with many canaries: the route config (`r0`
-/// takes any host, the others `rN.example`) with `[fleet]` on `etcd`.
+/// takes any host, the others `rN.example`; users keyed by `x-user-id`,
+/// as [`Load`] sends it) with `[fleet]` on `etcd`.
 fn many_routes(routes: usize, s: &Upstream, c: &Upstream, etcd: &str, replica: &str) -> String {
     let mut text = format!(
         "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"@STATE@\"\n[fleet]\nstore = \"etcd\"\nendpoints = [{etcd}]\nname = \"many\"\nreplica = \"{replica}\"\n"
@@ -639,7 +640,7 @@ fn many_routes(routes: usize, s: &Upstream, c: &Upstream, etcd: &str, replica: &
             format!("hosts = [\"r{i}.example\"]\n")
         };
         text += &format!(
-            "[[route]]\nname = \"r{i}\"\n{hosts}[route.stable]\nversion = \"v1\"\nendpoints = [\"{}\"]\n[route.canary]\nversion = \"v2\"\nendpoints = [\"{}\"]\nweight = 10\n",
+            "[[route]]\nname = \"r{i}\"\n{hosts}sticky = [\"header:x-user-id\"]\n[route.stable]\nversion = \"v1\"\nendpoints = [\"{}\"]\n[route.canary]\nversion = \"v2\"\nendpoints = [\"{}\"]\nweight = 10\n",
             s.addr, c.addr
         );
     }
@@ -650,14 +651,20 @@ fn many_routes(routes: usize, s: &Upstream, c: &Upstream, etcd: &str, replica: &
 /// after `limit`, naming `what`).
 async fn awake_until(v: &Veer, what: &str, limit: Duration, ready: impl Fn(f64) -> bool) {
     let start = Instant::now();
+    // What was seen, each change with when (for the failure's message).
+    let mut seen: Vec<(u128, f64)> = Vec::new();
     loop {
         let awake = metric(&v.metrics().await, "veer_judge_routes_awake").unwrap_or(-1.0);
         if ready(awake) {
             return;
         }
+        if seen.last().is_none_or(|&(_, a)| a != awake) {
+            seen.push((start.elapsed().as_millis(), awake));
+        }
         assert!(
             start.elapsed() < limit,
-            "never {what}: {awake} routes awake\nlogs:\n{}",
+            "never {what}: {awake} routes awake (seen, ms: {seen:?})\nr0: {}\nlogs:\n{}",
+            v.status().await["routes"][0],
             v.all_logs()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -730,8 +737,11 @@ async fn many_pooled_canaries_are_seated_with_few_rebuilds_and_sleep_until_the_f
     )
     .await;
 
-    // Another replica's traffic on r0 (a few errors on both versions, so
-    // that batches flow) wakes r0 here, and only what it wakes.
+    // Another replica's traffic on r0 (a few errors on both versions,
+    // from many users so that batches keep coming while it lasts: the
+    // pool counts a user once a round, and one client address made two
+    // batches and then none, and r0 here could sleep again before it was
+    // looked at) wakes r0 here, and only what it wakes.
     s.fail_one_in.store(25, Ordering::SeqCst);
     c.fail_one_in.store(25, Ordering::SeqCst);
     let r2 = Veer::start(&many_routes(1, &s, &c, &etcd.endpoints(), "r2")).await;

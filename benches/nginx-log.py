@@ -16,7 +16,9 @@ fmt = (
     f"\"message\":\"request\",\"route\":\"{route}\",\"version\":\"$pool\",\"method\":\"$request_method\","
     "\"path\":\"$uri\",\"status\":$status,\"ms\":\"$upstream_response_time\","
     "\"client\":\"$remote_addr\",\"upstream\":\"$upstream_addr\",\"error\":\"\","
-    "\"bytes\":$body_bytes_sent,\"total_ms\":$request_time}';\n"
+    "\"bytes\":$body_bytes_sent,\"total_ms\":$request_time,"
+    "\"protocol\":\"$server_protocol\",\"host\":\"$http_host\","
+    "\"user_agent\":\"$http_user_agent\"}';\n"
     f"    access_log {log} veer{buffer};"
 )
 assert text.count("access_log off;") == 1, "no 'access_log off;' to replace"

@@ -287,6 +287,24 @@ impl Fields<'_> {
         self
     }
 
+    /// [`Fields::opt_str`] of a header field's value: bytes that are not
+    /// UTF-8 are written as U+FFFD.
+    pub fn opt_bytes(&mut self, key: &str, value: Option<&[u8]>) -> &mut Self {
+        let Some(value) = value else { return self };
+        self.key(key);
+        // Printable ASCII (nearly always): in quotes as it is, the same in
+        // JSON and text.
+        if !quoted(self.buf, value, |b| !(0x20..0x7f).contains(&b)) {
+            let value = String::from_utf8_lossy(value);
+            if self.json {
+                json_str(self.buf, &value);
+            } else {
+                debug_str(self.buf, &value);
+            }
+        }
+        self
+    }
+
     /// A word shown bare in text (tracing's `%` of a string: a method), a
     /// JSON string in JSON.
     pub fn bare(&mut self, key: &str, value: &str) -> &mut Self {
@@ -361,7 +379,7 @@ impl Fields<'_> {
 
 /// `value` as a JSON string, escaped as serde_json escapes it.
 fn json_str(buf: &mut Vec<u8>, value: &str) {
-    if !quoted(buf, value, |b| b < 0x20) {
+    if !quoted(buf, value.as_bytes(), |b| b < 0x20) {
         let _ = serde_json::to_writer(&mut *buf, value);
     }
 }
@@ -369,18 +387,17 @@ fn json_str(buf: &mut Vec<u8>, value: &str) {
 /// `value` as Rust's `Debug` writes a string (tracing's text for a `&str`
 /// field).
 fn debug_str(buf: &mut Vec<u8>, value: &str) {
-    if !quoted(buf, value, |b| !(0x20..0x7f).contains(&b)) {
+    if !quoted(buf, value.as_bytes(), |b| !(0x20..0x7f).contains(&b)) {
         let _ = write!(buf, "{value:?}");
     }
 }
 
-/// `value` in quotes with `"` and `\` escaped by a `\` (what JSON and
+/// `bytes` in quotes with `"` and `\` escaped by a `\` (what JSON and
 /// Rust's `Debug` agree on), in one pass; false, and nothing written, if
 /// it has a byte `other` says needs more.
-fn quoted(buf: &mut Vec<u8>, value: &str, other: impl Fn(u8) -> bool) -> bool {
+fn quoted(buf: &mut Vec<u8>, bytes: &[u8], other: impl Fn(u8) -> bool) -> bool {
     let start = buf.len();
     buf.push(b'"');
-    let bytes = value.as_bytes();
     let mut from = 0;
     for (i, &b) in bytes.iter().enumerate() {
         if b == b'"' || b == b'\\' {
@@ -472,6 +489,34 @@ mod tests {
                 "{s:?}"
             );
         }
+    }
+
+    #[test]
+    fn header_bytes_are_written_as_their_text_would_be() {
+        for (bytes, text) in [
+            (&b"curl/8.0 \"x\" \\"[..], "curl/8.0 \"x\" \\"),
+            (b"caf\xe9", "caf\u{fffd}"),
+            (b"tab\there", "tab\there"),
+            (b"", ""),
+        ] {
+            for json in [false, true] {
+                assert_eq!(
+                    fields(json, |f| {
+                        f.opt_bytes("k", Some(bytes));
+                    }),
+                    fields(json, |f| {
+                        f.str("k", text);
+                    }),
+                    "{text:?}"
+                );
+            }
+        }
+        assert_eq!(
+            fields(true, |f| {
+                f.opt_bytes("k", None);
+            }),
+            ""
+        );
     }
 
     #[test]

@@ -167,8 +167,8 @@ pub struct BodyLine {
     pub route: Arc<RouteTarget>,
     /// The request went to the canary.
     pub canary: bool,
-    /// The request line.
-    pub head: (http::Method, http::Uri),
+    /// The request line and what the line says of the request.
+    pub(crate) head: crate::service::RequestLine,
     /// The client.
     pub client: std::net::SocketAddr,
     /// The head's status.
@@ -223,8 +223,8 @@ impl BodyLine {
             f.bare("route", &self.route.name)
                 .bare("version", &version.name)
                 .str("role", if self.canary { "canary" } else { "stable" })
-                .bare("method", self.head.0.as_str())
-                .str("path", self.head.1.path())
+                .bare("method", self.head.method.as_str())
+                .str("path", self.head.uri.path())
                 .u64("status", self.status.into())
                 .addr("client", self.client)
                 .str("error", e.kind())
@@ -233,6 +233,7 @@ impl BodyLine {
                     self.request_id.as_ref().and_then(|v| v.to_str().ok()),
                 )
                 .u64("bytes", self.bytes);
+            self.head.about(f);
         });
     }
 }

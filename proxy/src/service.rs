@@ -241,7 +241,7 @@ pub fn handle(
             && !http_body::Body::is_end_stream(req.body())
             && announced_within(req.body(), request_buffer);
         // The request line, kept for the access log.
-        let head = (access != AccessLog::Off).then(|| (req.method().clone(), req.uri().clone()));
+        let head = (access != AccessLog::Off).then(|| RequestLine::of(&req));
         let upload = Upload::since(start);
         let served_by = std::sync::OnceLock::new();
         let waiting = Waiting {
@@ -455,10 +455,74 @@ fn on_answer(
     }
 }
 
+/// A request as its access log line tells it, kept from its head when
+/// there is an access log (the method, URI and fields share the bytes
+/// they were parsed from: no text is copied).
+pub(crate) struct RequestLine {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub version: http::Version,
+    /// The `Host` field (an HTTP/2 request's authority is in `uri`).
+    pub host: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+}
+
+impl RequestLine {
+    fn of<B>(req: &Request<B>) -> RequestLine {
+        let (host, user_agent) = host_and_agent(req.headers());
+        RequestLine {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            host: host.cloned(),
+            user_agent: user_agent.cloned(),
+        }
+    }
+
+    /// Its line's last fields (see [`about`]).
+    pub(crate) fn about(&self, f: &mut crate::access::Fields<'_>) {
+        about(
+            f,
+            self.version,
+            &self.uri,
+            self.host.as_ref(),
+            self.user_agent.as_ref(),
+        );
+    }
+}
+
+/// The last fields of a request's access log line: `protocol` (as nginx's
+/// `$server_protocol`: `HTTP/1.1`, `HTTP/2.0`), `host` (the authority the
+/// request named, as sent: its URI's, else its `Host` field; absent when
+/// it named none) and `user_agent` (when sent). A field's bytes that are
+/// not UTF-8 are written as U+FFFD.
+pub(crate) fn about(
+    f: &mut crate::access::Fields<'_>,
+    version: http::Version,
+    uri: &http::Uri,
+    host: Option<&HeaderValue>,
+    user_agent: Option<&HeaderValue>,
+) {
+    let protocol = match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "",
+    };
+    f.bare("protocol", protocol);
+    match uri.authority() {
+        Some(a) => f.str("host", a.as_str()),
+        None => f.opt_bytes("host", host.map(HeaderValue::as_bytes)),
+    };
+    f.opt_bytes("user_agent", user_agent.map(HeaderValue::as_bytes));
+}
+
 /// What a request's access log line says besides its outcome: the
 /// request line, route, client, role (canary or not) and id.
 type LogHead<'a> = (
-    &'a (http::Method, http::Uri),
+    &'a RequestLine,
     &'a str,
     SocketAddr,
     bool,
@@ -559,9 +623,8 @@ fn given_up(
 /// What an access log line says of a request that went to a version
 /// besides its status.
 pub(crate) struct Logged<'a> {
-    /// The request line (a method and a URI share what they were parsed
-    /// from: no copy of the text).
-    pub head: &'a (http::Method, http::Uri),
+    /// The request line and what the line says of the request.
+    pub head: &'a RequestLine,
     /// `[proxy] request_id`'s.
     pub request_id: Option<&'a HeaderValue>,
     pub route: &'a str,
@@ -588,8 +651,8 @@ impl Logged<'_> {
             f.str("route", self.route)
                 .str("version", self.version)
                 .str("role", if self.canary { "canary" } else { "stable" })
-                .bare("method", self.head.0.as_str())
-                .str("path", self.head.1.path())
+                .bare("method", self.head.method.as_str())
+                .str("path", self.head.uri.path())
                 .u64("status", status.into())
                 .millis("ms", self.micros)
                 .addr("client", self.client)
@@ -601,6 +664,7 @@ impl Logged<'_> {
             if let Some(code) = self.grpc_status {
                 f.u64("grpc_status", code.into());
             }
+            self.head.about(f);
         });
     }
 }
@@ -623,8 +687,32 @@ fn refused(
                 .addr("client", peer)
                 .str("error", e.kind())
                 .opt_str("request_id", request_id.and_then(|v| v.to_str().ok()));
+            about_request(f, req);
         });
     }
+}
+
+/// [`about`] `req`, straight from its head.
+fn about_request<B>(f: &mut crate::access::Fields<'_>, req: &Request<B>) {
+    let (host, user_agent) = host_and_agent(req.headers());
+    about(f, req.version(), req.uri(), host, user_agent);
+}
+
+/// The first `Host` and `User-Agent` fields of `headers`: a short head is
+/// scanned once for both (see [`crate::headers::SCAN_UP_TO`]).
+fn host_and_agent(headers: &http::HeaderMap) -> (Option<&HeaderValue>, Option<&HeaderValue>) {
+    if headers.keys_len() > crate::headers::SCAN_UP_TO {
+        return (headers.get(header::HOST), headers.get(header::USER_AGENT));
+    }
+    let (mut host, mut agent) = (None, None);
+    for (name, value) in headers {
+        if name == header::HOST {
+            host = host.or(Some(value));
+        } else if name == header::USER_AGENT {
+            agent = agent.or(Some(value));
+        }
+    }
+    (host, agent)
 }
 
 /// `r` with the request's id (`[proxy] request_id`), if it has one.
@@ -756,6 +844,7 @@ fn answered_here(
                 .str("route", &route.name)
                 .addr("client", client)
                 .opt_str("request_id", request_id.and_then(|v| v.to_str().ok()));
+            about_request(f, req);
         });
     }
     let mut resp = with_request_id(resp, request_id);

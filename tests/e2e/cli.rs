@@ -457,7 +457,7 @@ fn access_log_lines_in_text_are_shaped_as_every_other_line() {
         veer.wait_line(&["veer ready"]);
         let mut c = std::net::TcpStream::connect(&addr).unwrap();
         c.write_all(
-            b"GET /a%22b/c?secret=1 HTTP/1.1\r\nhost: x\r\nx-request-id: q\"u\\ote\r\n\r\n",
+            b"GET /a%22b/c?secret=1 HTTP/1.1\r\nhost: x\r\nx-request-id: q\"u\\ote\r\nuser-agent: t \"1\"\r\n\r\n",
         )
         .unwrap();
         let mut answer = [0u8; 1024];
@@ -496,6 +496,12 @@ fn access_log_lines_in_text_are_shaped_as_every_other_line() {
         assert_eq!(id, "\"q\\\"u\\\\ote\"", "{line}");
         let (bytes, total) = end.split_once(" total_ms=").unwrap();
         assert_eq!(bytes, "2", "{line}");
+        // Then how the request came.
+        let (total, about) = total.split_once(' ').unwrap();
+        assert_eq!(
+            about, "protocol=HTTP/1.1 host=\"x\" user_agent=\"t \\\"1\\\"\"",
+            "{line}"
+        );
         assert!(
             total.parse::<f64>().is_ok() && total.contains('.'),
             "{line}"

@@ -199,6 +199,81 @@ async fn with_request_id_on_every_request_carries_one_upstream_back_and_in_the_l
     }
 }
 
+/// Each access log line says how its request came: the protocol, the host
+/// it named and its user agent, for requests served and refused alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_says_each_requests_protocol_host_and_user_agent() {
+    let s = Upstream::start("stable").await;
+    let config = route_config(&[s.addr], &[], 0.0, "hosts = [\"shop.test\"]").replacen(
+        "[proxy]\n",
+        "[proxy]\naccess_log = \"all\"\n",
+        1,
+    );
+    let veer = Veer::start(&config).await;
+    // HTTP/1.1, a user agent with quotes and a byte that is not UTF-8.
+    let a = raw(
+        veer.addr,
+        b"GET /one HTTP/1.1\r\nhost: shop.test:8080\r\nuser-agent: curl/8.0 \"x\" \xe9\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    // Refused: another host (no route), and HTTP/1.0 naming none.
+    let a = raw(
+        veer.addr,
+        b"GET /two HTTP/1.1\r\nhost: elsewhere.test\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(a.starts_with("HTTP/1.1 404"), "{a}");
+    let a = raw(
+        veer.addr,
+        b"GET /three HTTP/1.0\r\nuser-agent: probe/1\r\n\r\n",
+    )
+    .await;
+    assert!(a.starts_with("HTTP/1.0 404"), "{a}");
+    // HTTP/2: the host is the request's authority.
+    let mut h2 = super::support::h2c(veer.addr).await;
+    let req = Request::get("http://shop.test/four")
+        .header("user-agent", "grpc-go/1.60")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+
+    let lines = veer.logs_with_at_least("request", 4).await;
+    let line = |path: &str| {
+        lines
+            .iter()
+            .find(|l| l["target"] == "veer::access" && l["path"] == path)
+            .unwrap_or_else(|| panic!("no line for {path}: {lines:?}"))
+    };
+    let about = |path: &str| {
+        let l = line(path);
+        (
+            l["protocol"].as_str(),
+            l["host"].as_str(),
+            l["user_agent"].as_str(),
+        )
+    };
+    assert_eq!(
+        about("/one"),
+        (
+            Some("HTTP/1.1"),
+            Some("shop.test:8080"),
+            Some("curl/8.0 \"x\" \u{fffd}")
+        )
+    );
+    assert_eq!(line("/one")["status"], 200);
+    assert_eq!(
+        about("/two"),
+        (Some("HTTP/1.1"), Some("elsewhere.test"), None)
+    );
+    assert_eq!(line("/two")["error"], "no_route");
+    assert_eq!(about("/three"), (Some("HTTP/1.0"), None, Some("probe/1")));
+    assert_eq!(
+        about("/four"),
+        (Some("HTTP/2.0"), Some("shop.test"), Some("grpc-go/1.60"))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_rewrites_its_prefix_and_edits_the_fields_it_names_both_ways() {
     let s = Upstream::start("stable").await;

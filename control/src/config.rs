@@ -145,16 +145,26 @@ impl AccessLog {
     }
 }
 
-/// HTTPS listeners with one certificate chain and key, reloaded when the files change.
+/// HTTPS listeners: a default certificate chain and key, and more pairs
+/// picked by the name a client asks for (SNI); re-read when the files
+/// change.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TlsSettings {
     /// Addresses to listen on.
     pub listen: Vec<SocketAddr>,
-    /// PEM certificate chain.
+    /// PEM certificate chain: for a client asking for a name no pair in
+    /// `certificates` covers, or for none.
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+    /// `[[proxy.tls.certificates]]`: (chain, key) pairs, each served to a
+    /// client asking for a name its certificate's DNS names cover (an
+    /// exact name first, then a wildcard; the first listed of equals).
+    pub certificates: Vec<(PathBuf, PathBuf)>,
 }
+
+/// At most this many `[[proxy.tls.certificates]]`.
+pub const MAX_CERTIFICATES: usize = 10_000;
 
 /// The admin listener.
 #[derive(Clone, Debug, PartialEq)]

@@ -26,7 +26,7 @@ pub fn check(path: &Path) -> ExitCode {
         }
     };
     if let Some(tls) = &config.proxy.tls {
-        if let Err(e) = crate::tls::load(&tls.cert, &tls.key) {
+        if let Err(e) = crate::tls::Certs::open(tls) {
             eprintln!("{}: [proxy.tls]: {e}", path.display());
             return ExitCode::FAILURE;
         }
@@ -103,7 +103,11 @@ pub fn summary(path: &Path, c: &Config) -> String {
     );
     if let Some(t) = &c.proxy.tls {
         let l: Vec<String> = t.listen.iter().map(ToString::to_string).collect();
-        let _ = writeln!(out, "  tls    {}", l.join(", "));
+        let more = match t.certificates.len() {
+            0 => String::new(),
+            n => format!(" (and {n} more certificates, picked by name)"),
+        };
+        let _ = writeln!(out, "  tls    {}{more}", l.join(", "));
     }
     if c.proxy.proxy_protocol {
         let _ = writeln!(

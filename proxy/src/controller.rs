@@ -146,7 +146,7 @@ impl Controller {
     pub async fn start(
         applied: Applied,
         path: PathBuf,
-        certs: Option<Arc<crate::tls::CertStore>>,
+        certs: Option<Arc<crate::tls::Certs>>,
         metrics: Arc<crate::metrics::Metrics>,
         upstreams: crate::upstream::Upstreams,
     ) -> Result<(Controller, Arc<Shared>), StateError> {

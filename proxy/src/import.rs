@@ -891,7 +891,7 @@ fn build(
             }
             for (hosts, secret) in main.tls.iter().chain(&c.tls) {
                 if hosts.iter().any(|h| h.eq_ignore_ascii_case(&rule.host)) || hosts.is_empty() {
-                    rn.push(format!("TLS from Secret {secret:?}: mount its tls.crt/tls.key and set [proxy.tls] cert and key (veer serves one certificate per listener set)"));
+                    rn.push(format!("TLS from Secret {secret:?}: mount its tls.crt/tls.key and list them as a [[proxy.tls.certificates]] pair (served to clients asking for a host its certificate names; [proxy.tls] cert and key are the default)"));
                 }
             }
             let target = carried.target.as_deref();

@@ -24,7 +24,7 @@ use veer_control::reload::{Outcome, Reloader};
 
 use crate::shared::{Shared, Waiting};
 use crate::snapshot;
-use crate::tls::CertStore;
+use crate::tls::Certs;
 
 /// Quiet time after a file event before the reload runs.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -40,7 +40,7 @@ pub struct Reload {
     /// it. Its routes are not kept (they are not compared, and would
     /// outlive every reload).
     started: Config,
-    certs: Option<Arc<CertStore>>,
+    certs: Option<Arc<Certs>>,
     /// Reads of the files under way (see [`MAX_READERS`]).
     readers: Waiting,
 }
@@ -52,7 +52,7 @@ impl Reload {
         path: PathBuf,
         text: &str,
         started: &Config,
-        certs: Option<Arc<CertStore>>,
+        certs: Option<Arc<Certs>>,
     ) -> Reload {
         let mut reloader = Reloader::new();
         reloader.applied(text);
@@ -131,7 +131,7 @@ impl Reload {
     pub fn watched(&self) -> Vec<PathBuf> {
         let mut dirs: Vec<PathBuf> = vec![base_dir(&self.path)];
         if let Some(c) = &self.certs {
-            dirs.extend(c.paths().iter().map(|p| base_dir(p)));
+            dirs.extend(c.paths().map(base_dir));
         }
         dirs.sort();
         dirs.dedup();
@@ -183,9 +183,9 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// thread) until one returns.
 const MAX_READERS: usize = 4;
 
-/// Reads the TLS certificate and key again if their files changed (a
+/// Reads the TLS certificates and keys again if their files changed (a
 /// read counted among [`MAX_READERS`]).
-async fn refresh_certs(certs: Arc<CertStore>, readers: &Waiting) {
+async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting) {
     let Some(reading) = readers.enter(MAX_READERS) else {
         tracing::warn!("TLS certificate files not read: earlier reads have not returned (a file system that does not answer?); the previous certificate stays");
         return;
@@ -196,10 +196,13 @@ async fn refresh_certs(certs: Arc<CertStore>, readers: &Waiting) {
         r
     });
     match tokio::time::timeout(READ_TIMEOUT, refresh).await {
-        Ok(Ok(Ok(true))) => tracing::info!("TLS certificate reloaded"),
-        Ok(Ok(Ok(false))) => {}
-        Ok(Ok(Err(e))) => {
-            tracing::warn!(error = %e, "TLS certificate not reloaded; the previous one stays")
+        Ok(Ok(r)) => {
+            for e in &r.errors {
+                tracing::warn!(error = %e, "TLS certificate not reloaded; the previous one stays");
+            }
+            if r.swapped > 0 {
+                tracing::info!(certificates = r.swapped, "TLS certificate reloaded");
+            }
         }
         Ok(Err(e)) => tracing::error!(error = %e, "TLS reload task failed"),
         Err(_) => tracing::warn!(

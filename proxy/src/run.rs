@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::reload::{base_dir, Applied};
 use crate::server::{bind_all, serve, Limits};
 use crate::snapshot::{self, BuildError};
-use crate::tls::{CertStore, TlsError};
+use crate::tls::{Certs, TlsError};
 use crate::upstream::Upstreams;
 
 /// How long shutdown waits for the controller to write its state down.
@@ -206,9 +206,9 @@ pub async fn run(
     }
     let certs = match &config.proxy.tls {
         Some(t) => {
-            let (cert, key) = (t.cert.clone(), t.key.clone());
-            let open = tokio::task::spawn_blocking(move || CertStore::open(&cert, &key));
-            Some(Arc::new(start_step("the TLS certificate", open).await??))
+            let t = t.clone();
+            let open = tokio::task::spawn_blocking(move || Certs::open(&t));
+            Some(Arc::new(start_step("the TLS certificates", open).await??))
         }
         None => None,
     };

@@ -724,6 +724,130 @@ async fn https_negotiates_h2_by_alpn_and_reloads_its_certificate() {
     }
 }
 
+/// With `[[proxy.tls.certificates]]`, a client asking (SNI) for a name
+/// one of them covers gets it (an exact name before a wildcard, the first
+/// listed of two alike), any other client the default; each is re-read
+/// when its files change; one that names no DNS name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_serves_the_certificate_of_the_name_a_client_asks_for() {
+    let s = Upstream::start("stable").await;
+    let dir = tempfile::tempdir().unwrap();
+    // The fixture owns `dir` once it starts.
+    let dir_path = dir.path().to_path_buf();
+    let write = |file: &str, names: &[&str]| {
+        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let cert = rcgen::generate_simple_self_signed(names).unwrap();
+        std::fs::write(dir_path.join(format!("{file}.crt")), cert.cert.pem()).unwrap();
+        std::fs::write(
+            dir_path.join(format!("{file}.key")),
+            cert.key_pair.serialize_pem(),
+        )
+        .unwrap();
+        cert.cert.der().clone()
+    };
+    let default = write("default", &["localhost"]);
+    let shop = write("shop", &["shop.example", "*.api.example"]);
+    let pay = write("pay", &["pay.api.example"]);
+    let shop_too = write("shop-too", &["shop.example", "other.example"]);
+    let pair =
+        |f: &str| format!("[[proxy.tls.certificates]]\ncert = \"{f}.crt\"\nkey = \"{f}.key\"\n");
+    let config = route_config(&[s.addr], &[], 0.0, "").replace(
+        "shutdown_grace = \"10s\"",
+        &format!(
+            "shutdown_grace = \"10s\"\n[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"default.crt\"\nkey = \"default.key\"\n{}{}{}",
+            pair("shop"),
+            pair("pay"),
+            pair("shop-too")
+        ),
+    );
+    let path = dir.path().join("veer.toml");
+    std::fs::write(
+        &path,
+        config.replace("@STATE@", &dir.path().join("state").display().to_string()),
+    )
+    .unwrap();
+    let veer = Veer::start_in(dir, path.clone()).await;
+    let addr = veer.tls_addr.expect("tls listener");
+    for (name, want) in [
+        ("shop.example", &shop),
+        ("SHOP.example", &shop),
+        ("x.api.example", &shop),
+        ("pay.api.example", &pay),
+        ("other.example", &shop_too),
+        ("deep.x.api.example", &default),
+        ("unknown.test", &default),
+        ("localhost", &default),
+        // An address: no name asked for.
+        ("127.0.0.1", &default),
+    ] {
+        let (served, answer) = served_to(addr, name).await;
+        assert!(served == *want, "{name}: another certificate served");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{name}: {answer}");
+    }
+
+    // A renewed certificate is served from its next handshake.
+    let renewed = write("pay.new", &["pay.api.example"]);
+    std::fs::rename(dir_path.join("pay.new.key"), dir_path.join("pay.key")).unwrap();
+    std::fs::rename(dir_path.join("pay.new.crt"), dir_path.join("pay.crt")).unwrap();
+    let start = std::time::Instant::now();
+    while served_to(addr, "pay.api.example").await.0 != renewed {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "certificate never reloaded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(served_to(addr, "shop.example").await.0 == shop);
+
+    // One that names no DNS name could never be served: refused.
+    let bad = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    std::fs::write(dir_path.join("ip.crt"), bad.cert.pem()).unwrap();
+    std::fs::write(dir_path.join("ip.key"), bad.key_pair.serialize_pem()).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap() + &pair("ip");
+    let bad_path = dir_path.join("bad.toml");
+    std::fs::write(&bad_path, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(["check", "--config", bad_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("ip.crt") && err.contains("names no DNS name"),
+        "{err}"
+    );
+}
+
+/// The certificate `addr` shows a client asking for `name` (no name
+/// asked for when it is an address), and the head of its answer to a GET.
+async fn served_to(
+    addr: std::net::SocketAddr,
+    name: &str,
+) -> (rustls::pki_types::CertificateDer<'static>, String) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny))
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let mut tls = connector.connect(server_name, tcp).await.unwrap();
+    let served = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tls.read_to_end(&mut answer),
+    )
+    .await;
+    (served, String::from_utf8_lossy(&answer).into_owned())
+}
+
 /// GET over TLS with ALPN h2 and http/1.1 offered; trusts any of `root`.
 /// Returns the HTTP version, the body and the certificate the server showed.
 async fn h2_get(

@@ -68,6 +68,15 @@ pub struct RawTls {
     pub listen: Spanned<Vec<Spanned<String>>>,
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
+    pub certificates: Option<Spanned<Vec<RawCertificate>>>,
+}
+
+/// `[[proxy.tls.certificates]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
 }
 
 /// `[admin]`.

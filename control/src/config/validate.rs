@@ -304,10 +304,29 @@ impl Validator<'_> {
                     "[proxy.tls] listen must name at least one address",
                 );
             }
+            let more = t_ref.certificates.as_ref();
+            if let Some(m) = more.filter(|m| m.get_ref().len() > crate::config::MAX_CERTIFICATES) {
+                self.err(
+                    m.span(),
+                    format!(
+                        "[[proxy.tls.certificates]]: at most {} pairs",
+                        crate::config::MAX_CERTIFICATES
+                    ),
+                );
+            }
+            let certificates = more
+                .map(|m| {
+                    m.get_ref()
+                        .iter()
+                        .map(|c| (self.path(&c.cert), self.path(&c.key)))
+                        .collect()
+                })
+                .unwrap_or_default();
             TlsSettings {
                 listen,
                 cert: self.path(&t_ref.cert),
                 key: self.path(&t_ref.key),
+                certificates,
             }
         });
         if let Some(tls) = &tls {

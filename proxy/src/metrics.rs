@@ -67,6 +67,9 @@ pub struct Metrics {
     pub routes_awake: IntGauge,
     /// `veer_routing_rebuilds_total`: routing snapshots put in effect.
     pub routing_rebuilds: IntCounter,
+    /// `veer_tls_certificate_expiry_timestamp_seconds{certificate}`: when
+    /// each certificate the TLS listeners serve expires.
+    pub tls_expiry: IntGaugeVec,
     /// `veer_verdict{route,verdict}`: 1 for the current verdict.
     pub verdict: Arc<RouteFamily>,
     /// `veer_reverts_total{route,reason}`.
@@ -313,6 +316,13 @@ impl Metrics {
             "veer_routing_rebuilds_total",
             "Routing snapshots put in effect (a reload, a decision, a seat, an endpoint's new address).",
         )?;
+        let tls_expiry = IntGaugeVec::new(
+            Opts::new(
+                "veer_tls_certificate_expiry_timestamp_seconds",
+                "When each certificate the TLS listeners serve expires (its notAfter, Unix seconds), by its file.",
+            ),
+            &["certificate"],
+        )?;
         let verdict = Arc::new(RouteFamily::new(
             "veer_verdict",
             "1 for the route's current judge verdict, 0 for the others.",
@@ -431,6 +441,7 @@ impl Metrics {
         registry.register(Box::new(parked_connections.clone()))?;
         registry.register(Box::new(routes_awake.clone()))?;
         registry.register(Box::new(routing_rebuilds.clone()))?;
+        registry.register(Box::new(tls_expiry.clone()))?;
         registry.register(Box::new(SharedCollector(verdict.clone())))?;
         registry.register(Box::new(SharedCollector(reverts.clone())))?;
         registry.register(Box::new(SharedCollector(smoke_checks.clone())))?;
@@ -472,6 +483,7 @@ impl Metrics {
             parked_connections,
             routes_awake,
             routing_rebuilds,
+            tls_expiry,
             verdict,
             reverts,
             deployments,

@@ -73,9 +73,10 @@ impl Reload {
     pub fn start(&self) -> Checking {
         let certs = self.certs.clone();
         let (path, reloader, readers) = (self.path.clone(), self.reloader, self.readers.clone());
+        let expiry = self.shared.metrics.tls_expiry.clone();
         Checking(tokio::spawn(async move {
             if let Some(certs) = certs {
-                refresh_certs(certs, &readers).await;
+                refresh_certs(certs, &readers, &expiry).await;
             }
             read(path, reloader, readers).await
         }))
@@ -185,15 +186,18 @@ const MAX_READERS: usize = 4;
 
 /// Reads the TLS certificates and keys again if their files changed (a
 /// read counted among [`MAX_READERS`]).
-async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting) {
+async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting, expiry: &prometheus::IntGaugeVec) {
     let Some(reading) = readers.enter(MAX_READERS) else {
         tracing::warn!("TLS certificate files not read: earlier reads have not returned (a file system that does not answer?); the previous certificate stays");
         return;
     };
-    let refresh = tokio::task::spawn_blocking(move || {
-        let r = certs.refresh();
-        drop(reading);
-        r
+    let refresh = tokio::task::spawn_blocking({
+        let certs = certs.clone();
+        move || {
+            let r = certs.refresh();
+            drop(reading);
+            r
+        }
     });
     match tokio::time::timeout(READ_TIMEOUT, refresh).await {
         Ok(Ok(r)) => {
@@ -202,6 +206,7 @@ async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting) {
             }
             if r.swapped > 0 {
                 tracing::info!(certificates = r.swapped, "TLS certificate reloaded");
+                certs.show(expiry);
             }
         }
         Ok(Err(e)) => tracing::error!(error = %e, "TLS reload task failed"),

@@ -226,6 +226,9 @@ pub async fn run(
     let (controller, shared) =
         Controller::start(applied, path.clone(), certs.clone(), metrics, upstreams).await?;
     shared.metrics.reloads.with_label_values(&["success"]).inc();
+    if let Some(c) = &certs {
+        c.show(&shared.metrics.tls_expiry);
+    }
     let plain =
         bind_all(&config.proxy.listen).map_err(|(addr, source)| RunError::Bind { addr, source })?;
     let secure = match &config.proxy.tls {

@@ -117,6 +117,13 @@ pub fn dns_names(ck: &CertifiedKey) -> Vec<String> {
         .collect()
 }
 
+/// When a chain's leaf certificate expires (its notAfter, Unix seconds).
+pub fn not_after(ck: &CertifiedKey) -> Option<i64> {
+    let leaf = ck.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// One certificate, swapped when its files change.
 pub struct CertStore {
     cert: PathBuf,
@@ -249,6 +256,27 @@ impl Certs {
             self.names.store(Arc::new(index(&self.stores)));
         }
         r
+    }
+
+    /// Shows when each certificate expires, by its file
+    /// (`veer_tls_certificate_expiry_timestamp_seconds`).
+    pub fn show(&self, expiry: &prometheus::IntGaugeVec) {
+        for s in &self.stores {
+            let label = s.cert.display().to_string();
+            match not_after(&s.current()) {
+                Some(t) => {
+                    expiry.with_label_values(&[label.as_str()]).set(t);
+                    let left = t - crate::clock::unix_now() as i64;
+                    if left < 14 * 86_400 {
+                        let days = left as f64 / 86_400.0;
+                        tracing::warn!(certificate = %label, days = format!("{days:.1}"), "TLS certificate expires within 14 days (negative: expired): renew it");
+                    }
+                }
+                None => {
+                    let _ = expiry.remove_label_values(&[label.as_str()]);
+                }
+            }
+        }
     }
 
     /// The certificate for a client asking for `name` (SNI).

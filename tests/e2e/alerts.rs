@@ -276,3 +276,94 @@ async fn the_latency_alert_reads_a_slow_versions_own_time_on_real_scrapes() {
         .unwrap_or(0.0);
     assert!((1.0..2.0).contains(&p99), "{result}");
 }
+
+/// The certificate alert's expression (without its `for`), run by a real
+/// Prometheus on real scrapes: veer serving a certificate that expires in
+/// 3 days (and another with a year left) shows the first's expiry, the
+/// condition holds for it alone, and no longer once its files are renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_alert_reads_each_served_certificates_expiry_on_real_scrapes() {
+    let s = Upstream::start("stable").await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().to_path_buf();
+    let write = |file: &str, name: &str, days: i64| {
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        let not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
+        params.not_after = not_after;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        // Written aside, then moved in: a reader never sees half a file.
+        for (ext, text) in [("key", key.serialize_pem()), ("crt", cert.pem())] {
+            let new = dir_path.join(format!("{file}.{ext}.new"));
+            std::fs::write(&new, text).unwrap();
+            std::fs::rename(&new, dir_path.join(format!("{file}.{ext}"))).unwrap();
+        }
+        not_after.unix_timestamp()
+    };
+    let soon = write("soon", "shop.example", 3);
+    write("later", "pay.example", 365);
+    let config = route_config(&[s.addr], &[], 0.0, "").replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"10s\"\n[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"soon.crt\"\nkey = \"soon.key\"\n[[proxy.tls.certificates]]\ncert = \"later.crt\"\nkey = \"later.key\"",
+    );
+    let path = dir.path().join("veer.toml");
+    std::fs::write(
+        &path,
+        config.replace("@STATE@", &dir.path().join("state").display().to_string()),
+    )
+    .unwrap();
+    let veer = Veer::start_in(dir, path).await;
+    let m = veer.metrics().await;
+    let soon_file = dir_path.join("soon.crt").display().to_string();
+    assert!(
+        m.contains(&format!(
+            "veer_tls_certificate_expiry_timestamp_seconds{{certificate=\"{soon_file}\"}} {soon}"
+        )),
+        "{m}"
+    );
+    let prom = Prometheus::start(veer.admin).await;
+    let query = format!(
+        "/api/v1/query?query={}",
+        url_encoded(&alert_expr("VeerTlsCertificateExpiresSoon"))
+    );
+    let start = Instant::now();
+    let result = loop {
+        let data = prom.api(&query).await;
+        if data["result"].as_array().is_some_and(|r| !r.is_empty()) {
+            break data["result"].clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the condition never held for the certificate expiring in 3 days: {data}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let series = result.as_array().cloned().unwrap_or_default();
+    assert_eq!(series.len(), 1, "only the one expiring soon: {result}");
+    assert_eq!(
+        series[0]["metric"]["certificate"],
+        soon_file.as_str(),
+        "{result}"
+    );
+    let left = series[0]["value"][1]
+        .as_str()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!((2.9 * 86_400.0..3.0 * 86_400.0).contains(&left), "{result}");
+
+    // Renewed: the condition no longer holds.
+    write("soon", "shop.example", 90);
+    let start = Instant::now();
+    loop {
+        let data = prom.api(&query).await;
+        if data["result"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "still expiring soon after renewal: {data}; veer: {}",
+            veer.metrics().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -161,6 +161,12 @@ pub struct TlsSettings {
     /// client asking for a name its certificate's DNS names cover (an
     /// exact name first, then a wildcard; the first listed of equals).
     pub certificates: Vec<(PathBuf, PathBuf)>,
+    /// `client_ca`: PEM CA certificates that clients' certificates are
+    /// verified against (mutual TLS); None: no client certificate asked for.
+    pub client_ca: Option<PathBuf>,
+    /// `client_auth = "optional"`: a client may present no certificate
+    /// (one it presents must still verify); else one is required.
+    pub client_auth_optional: bool,
 }
 
 /// At most this many `[[proxy.tls.certificates]]`.

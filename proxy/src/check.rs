@@ -103,10 +103,15 @@ pub fn summary(path: &Path, c: &Config) -> String {
     );
     if let Some(t) = &c.proxy.tls {
         let l: Vec<String> = t.listen.iter().map(ToString::to_string).collect();
-        let more = match t.certificates.len() {
+        let mut more = match t.certificates.len() {
             0 => String::new(),
             n => format!(" (and {n} more certificates, picked by name)"),
         };
+        match (&t.client_ca, t.client_auth_optional) {
+            (None, _) => {}
+            (Some(_), false) => more += "; clients need a certificate its client_ca signed",
+            (Some(_), true) => more += "; a client certificate, if presented, must verify",
+        }
         let _ = writeln!(out, "  tls    {}{more}", l.join(", "));
     }
     if c.proxy.proxy_protocol {

@@ -80,6 +80,11 @@ pub enum ProxyError {
     /// (`[proxy] proxy_protocol`) did not: closed, nothing answered.
     #[error("no valid PROXY protocol header")]
     BadProxyHeader,
+    /// A TLS handshake that failed on the client's certificate (none where
+    /// `[proxy.tls] client_ca` requires one, or one that does not verify):
+    /// closed by the handshake's alert, nothing answered.
+    #[error("no valid client certificate")]
+    ClientCert,
     /// A client connection closed because the client took nothing of its
     /// answer for `body_timeout` (it stopped reading: nginx's
     /// `send_timeout`). The answer is given up; never the version's.
@@ -100,7 +105,8 @@ impl ProxyError {
             | ProxyError::ClientAborted
             | ProxyError::ClientClosed
             | ProxyError::ClientBadBody
-            | ProxyError::BadProxyHeader => StatusCode::BAD_REQUEST,
+            | ProxyError::BadProxyHeader
+            | ProxyError::ClientCert => StatusCode::BAD_REQUEST,
             ProxyError::ClientTimeout | ProxyError::HeaderTimeout | ProxyError::SendTimeout => {
                 StatusCode::REQUEST_TIMEOUT
             }
@@ -137,6 +143,7 @@ impl ProxyError {
             ProxyError::ClientDeadline => "client_deadline",
             ProxyError::HeaderTimeout => "header_timeout",
             ProxyError::BadProxyHeader => "bad_proxy_header",
+            ProxyError::ClientCert => "client_cert",
             ProxyError::SendTimeout => "send_timeout",
         }
     }
@@ -164,7 +171,8 @@ impl ProxyError {
             | ProxyError::ClientAborted
             | ProxyError::ClientClosed
             | ProxyError::ClientBadBody
-            | ProxyError::BadProxyHeader => "bad request\n",
+            | ProxyError::BadProxyHeader
+            | ProxyError::ClientCert => "bad request\n",
             ProxyError::ClientTimeout | ProxyError::HeaderTimeout | ProxyError::SendTimeout => {
                 "request timeout\n"
             }
@@ -192,7 +200,7 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 16] = [
+pub const PROXY_KINDS: [ProxyError; 17] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
@@ -209,6 +217,7 @@ pub const PROXY_KINDS: [ProxyError; 16] = [
     ProxyError::RateLimited,
     ProxyError::Forbidden,
     ProxyError::BadProxyHeader,
+    ProxyError::ClientCert,
 ];
 
 /// The upstream error kinds, in `upstream_index` order.

@@ -105,7 +105,8 @@ fn code_of(e: ProxyError) -> u8 {
         ProxyError::NoRoute | ProxyError::UpgradeUnsupported => 12, // UNIMPLEMENTED
         // RESOURCE_EXHAUSTED: gRPC's own message limit, and a quota.
         ProxyError::BodyTooLarge | ProxyError::RateLimited => 8,
-        ProxyError::Forbidden => 7, // PERMISSION_DENIED
+        // PERMISSION_DENIED (a handshake's failure is never answered).
+        ProxyError::Forbidden | ProxyError::ClientCert => 7,
         ProxyError::BadRequest
         | ProxyError::ClientTimeout
         | ProxyError::ClientAborted

@@ -30,6 +30,9 @@ use http::{Method, Uri, Version};
 use crate::error::ProxyError;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// A verified client certificate's identity, sent upstream (Envoy's name
+/// and shape; see [`crate::tls::forwarded_client_cert`]).
+pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -215,6 +218,22 @@ pub struct Peer {
     last: std::sync::Mutex<Option<Last>>,
     /// The peer's [`crate::record::client_hash`].
     pub client_hash: u64,
+    /// What a TLS listener with `client_ca` learnt of its certificate.
+    pub client_cert: ClientCert,
+}
+
+/// What a TLS listener with `client_ca` learnt of a connection's client
+/// certificate. On such a listener a client's own
+/// `X-Forwarded-Client-Cert` is never passed on: only veer's.
+#[derive(Clone, Debug, Default)]
+pub enum ClientCert {
+    /// The listener asks for none: the field passes as any other.
+    #[default]
+    NotAsked,
+    /// Asked for (`client_auth = "optional"`), none presented.
+    Absent,
+    /// Verified: its `X-Forwarded-Client-Cert`, sent upstream.
+    Verified(HeaderValue),
 }
 
 impl Peer {
@@ -236,6 +255,7 @@ impl Peer {
             ],
             last: std::sync::Mutex::new(None),
             client_hash: crate::record::client_hash(ip),
+            client_cert: ClientCert::NotAsked,
         }
     }
 
@@ -552,6 +572,15 @@ pub fn prepare_request(
         strip_hop_by_hop(headers, upgrade);
         if te_trailers {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
+    match &peer.client_cert {
+        ClientCert::NotAsked => {}
+        ClientCert::Absent => {
+            headers.remove(&X_FORWARDED_CLIENT_CERT);
+        }
+        ClientCert::Verified(v) => {
+            headers.insert(X_FORWARDED_CLIENT_CERT.clone(), v.clone());
         }
     }
 

@@ -271,8 +271,7 @@ pub async fn run(
     }
     let mut listeners: Vec<_> = plain.into_iter().map(|l| (l, None)).collect();
     if let Some(certs) = &certs {
-        let acceptor = certs.acceptor()?;
-        listeners.extend(secure.into_iter().map(|l| (l, Some(acceptor.clone()))));
+        listeners.extend(secure.into_iter().map(|l| (l, Some(certs.clone()))));
     }
     tasks.push(tokio::spawn(serve(
         listeners,

@@ -26,7 +26,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
-use tokio_rustls::TlsAcceptor;
 use veer_control::config::ProxySettings;
 
 use crate::conn::{Activity, ClientClose, GaugeHeld, HeadWatch, Slot, Tracking};
@@ -148,7 +147,7 @@ impl Drop for PerIp {
 /// would each hold a slot while waiting, so with N listeners N - 1 slots
 /// of `max_connections` would sit reserved and unusable.
 pub async fn serve(
-    listeners: Vec<(TcpListener, Option<TlsAcceptor>)>,
+    listeners: Vec<(TcpListener, Option<Arc<crate::tls::Certs>>)>,
     shared: Arc<Shared>,
     limits: Limits,
     permits: Arc<Semaphore>,
@@ -325,10 +324,11 @@ pub async fn serve(
             // phase of each would stay in this task's allocation for the
             // connection's whole life (an idle keep-alive connection cost
             // 26 KiB, see benches/idle-conns.py).
+            let asks_clients = tls.as_ref().is_some_and(|c| c.asks_clients());
             let handshake = tokio::time::timeout_at(accepted + limits.header_timeout, async {
                 match tls {
                     None => Ok(Stream::Plain(stream)),
-                    Some(acceptor) => Box::pin(acceptor.accept(stream))
+                    Some(certs) => Box::pin(certs.acceptor().accept(stream))
                         .await
                         .map(|s| Stream::Tls(Box::new(s))),
                 }
@@ -339,6 +339,10 @@ pub async fn serve(
             let shaken = handshake.await;
             match shaken {
                 Ok(Ok(s)) => {
+                    let client_cert = match &s {
+                        Stream::Tls(t) if asks_clients => client_cert(t),
+                        _ => crate::headers::ClientCert::NotAsked,
+                    };
                     let c = Conn {
                         peer,
                         shared: shared.clone(),
@@ -346,13 +350,19 @@ pub async fn serve(
                         activity,
                         limits: &limits,
                         slot,
+                        client_cert,
                     };
                     match s {
                         Stream::Plain(s) => Box::pin(c.serve(s, &builder, shutdown)).await,
                         Stream::Tls(s) => Box::pin(c.serve(*s, &builder, shutdown)).await,
                     }
                 }
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    if bad_client_cert(&e) {
+                        shared.metrics.proxy_errors().inc(ProxyError::ClientCert);
+                    }
+                }
                 Err(_) => {
                     tracing::debug!(%peer, "TLS handshake not done within header_timeout");
                     shared.metrics.proxy_errors().inc(ProxyError::HeaderTimeout);
@@ -374,6 +384,29 @@ fn admit(limits: &Limits, peer: SocketAddr, shared: &Shared) -> Option<PerIp> {
             .inc(ProxyError::TooManyConnections);
     }
     guard
+}
+
+/// What a handshake that asked for a client certificate learnt of it
+/// (rustls verified any the client presented).
+fn client_cert(
+    tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+) -> crate::headers::ClientCert {
+    match tls.get_ref().1.peer_certificates() {
+        Some(chain) if !chain.is_empty() => match crate::tls::forwarded_client_cert(chain) {
+            Some(v) => crate::headers::ClientCert::Verified(v),
+            None => crate::headers::ClientCert::Absent,
+        },
+        _ => crate::headers::ClientCert::Absent,
+    }
+}
+
+/// Whether a failed handshake failed on the client's certificate (none
+/// where one is required, or one that does not verify).
+fn bad_client_cert(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+    )
 }
 
 /// An accepted stream, before or after TLS.
@@ -400,6 +433,8 @@ struct Conn<'a> {
     activity: Arc<Activity>,
     limits: &'a Limits,
     slot: Arc<Slot>,
+    /// What the TLS handshake learnt of the client's certificate.
+    client_cert: crate::headers::ClientCert,
 }
 
 impl Conn<'_> {
@@ -414,11 +449,14 @@ impl Conn<'_> {
             activity,
             limits,
             slot,
+            client_cert,
         } = self;
         let tracked = activity.clone();
         let on_close = shared.clone();
         // The peer's forwarding-header texts, made once for the connection.
-        let client = Arc::new(crate::headers::Peer::new(peer));
+        let mut client = crate::headers::Peer::new(peer);
+        client.client_cert = client_cert;
+        let client = Arc::new(client);
         let svc = service_fn(move |req| {
             let inflight = tracked.begin();
             let handling = handle(

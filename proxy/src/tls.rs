@@ -216,36 +216,87 @@ pub struct Refreshed {
 /// those picked by the name a client asks for (`[[proxy.tls.certificates]]`,
 /// by the DNS names each covers: an exact name, else a wildcard one label
 /// up; the first listed of two that cover a name). A client asking for no
-/// name, or one none covers, gets the default.
+/// name, or one none covers, gets the default. With `client_ca`, clients'
+/// certificates are verified against it (mutual TLS).
 #[derive(Debug)]
 pub struct Certs {
+    picker: Arc<Picker>,
+    /// `client_ca`, if clients' certificates are asked for.
+    clients: Option<ClientCa>,
+    /// The listeners' set-up (rebuilt when the client CAs change).
+    config: ArcSwap<ServerConfig>,
+}
+
+/// The served certificates, and which a name gets.
+#[derive(Debug)]
+struct Picker {
     /// The default first.
     stores: Vec<CertStore>,
     /// Each name a certificate after the default covers, and its place.
     names: ArcSwap<HashMap<Box<str>, usize>>,
 }
 
+/// The CAs clients' certificates are verified against.
+#[derive(Debug)]
+struct ClientCa {
+    path: PathBuf,
+    /// A client may present none.
+    optional: bool,
+    digest: Mutex<u64>,
+}
+
 impl Certs {
-    /// Loads every certificate of `settings` for the first time. Blocking.
+    /// Loads every certificate of `settings` (and its client CAs) for the
+    /// first time. Blocking.
     pub fn open(settings: &veer_control::config::TlsSettings) -> Result<Certs, TlsError> {
         let mut stores = vec![CertStore::open(&settings.cert, &settings.key)?];
         for (cert, key) in &settings.certificates {
             stores.push(CertStore::open_as(cert, key, true)?);
         }
         let names = ArcSwap::from_pointee(index(&stores));
-        Ok(Certs { stores, names })
+        let picker = Arc::new(Picker { stores, names });
+        let (clients, verifier) = match &settings.client_ca {
+            Some(path) => {
+                let (verifier, digest) = client_verifier(path, settings.client_auth_optional)?;
+                let ca = ClientCa {
+                    path: path.clone(),
+                    optional: settings.client_auth_optional,
+                    digest: Mutex::new(digest),
+                };
+                (Some(ca), Some(verifier))
+            }
+            None => (None, None),
+        };
+        let config = server_config(&picker, verifier).map_err(|e| TlsError::Pem {
+            path: settings.cert.clone(),
+            what: e.to_string(),
+        })?;
+        Ok(Certs {
+            picker,
+            clients,
+            config: ArcSwap::from_pointee(config),
+        })
     }
 
     /// The files watched.
     pub fn paths(&self) -> impl Iterator<Item = &Path> {
-        self.stores.iter().flat_map(CertStore::paths)
+        self.picker
+            .stores
+            .iter()
+            .flat_map(CertStore::paths)
+            .chain(self.clients.as_ref().map(|c| c.path.as_path()))
     }
 
-    /// Re-reads every certificate's files (see [`CertStore::refresh`]).
-    /// Blocking.
+    /// Whether clients are asked for a certificate (`client_ca`).
+    pub fn asks_clients(&self) -> bool {
+        self.clients.is_some()
+    }
+
+    /// Re-reads every certificate's files (see [`CertStore::refresh`]) and
+    /// the client CAs. Blocking.
     pub fn refresh(&self) -> Refreshed {
         let mut r = Refreshed::default();
-        for s in &self.stores {
+        for s in &self.picker.stores {
             match s.refresh() {
                 Ok(true) => r.swapped += 1,
                 Ok(false) => {}
@@ -253,15 +304,45 @@ impl Certs {
             }
         }
         if r.swapped > 0 {
-            self.names.store(Arc::new(index(&self.stores)));
+            self.picker
+                .names
+                .store(Arc::new(index(&self.picker.stores)));
+        }
+        if let Some(ca) = &self.clients {
+            match self.refresh_clients(ca) {
+                Ok(true) => r.swapped += 1,
+                Ok(false) => {}
+                Err(e) => r.errors.push(e),
+            }
         }
         r
+    }
+
+    /// Re-reads the client CAs; a changed, valid set is used from the
+    /// next handshake on.
+    fn refresh_clients(&self, ca: &ClientCa) -> Result<bool, TlsError> {
+        let (pem, digest) = read_one(&ca.path)?;
+        let mut d = match ca.digest.lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        if *d == digest {
+            return Ok(false);
+        }
+        let verifier = verifier_of(&ca.path, &pem, ca.optional)?;
+        let config = server_config(&self.picker, Some(verifier)).map_err(|e| TlsError::Pem {
+            path: ca.path.clone(),
+            what: e.to_string(),
+        })?;
+        *d = digest;
+        self.config.store(Arc::new(config));
+        Ok(true)
     }
 
     /// Shows when each certificate expires, by its file
     /// (`veer_tls_certificate_expiry_timestamp_seconds`).
     pub fn show(&self, expiry: &prometheus::IntGaugeVec) {
-        for s in &self.stores {
+        for s in &self.picker.stores {
             let label = s.cert.display().to_string();
             match not_after(&s.current()) {
                 Some(t) => {
@@ -281,6 +362,17 @@ impl Certs {
 
     /// The certificate for a client asking for `name` (SNI).
     pub fn pick(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        self.picker.pick(name)
+    }
+
+    /// A TLS acceptor offering h2 and http/1.1, with the set-up in force.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.config.load_full())
+    }
+}
+
+impl Picker {
+    fn pick(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let i = name.and_then(|n| self.find(n)).unwrap_or(0);
         self.stores.get(i).map(CertStore::current)
     }
@@ -294,17 +386,73 @@ impl Certs {
         let (_, parent) = name.split_once('.')?;
         names.get(format!("*.{parent}").as_str()).copied()
     }
+}
 
-    /// A TLS acceptor offering h2 and http/1.1.
-    pub fn acceptor(self: &Arc<Self>) -> Result<TlsAcceptor, rustls::Error> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(Resolver(self.clone())));
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(TlsAcceptor::from(Arc::new(cfg)))
+/// The listeners' set-up: h2 and http/1.1 by ALPN, certificates from
+/// `picker`, clients verified by `clients` if given.
+fn server_config(
+    picker: &Arc<Picker>,
+    clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<ServerConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder =
+        ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
+    let builder = match clients {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_cert_resolver(Arc::new(Resolver(picker.clone())));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// A file's bytes and their digest.
+fn read_one(path: &Path) -> Result<(Vec<u8>, u64), TlsError> {
+    let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let digest = xxh3_64(&pem);
+    Ok((pem, digest))
+}
+
+/// A verifier of clients' certificates against the CAs in `path`, and
+/// the file's digest.
+fn client_verifier(
+    path: &Path,
+    optional: bool,
+) -> Result<(Arc<dyn rustls::server::danger::ClientCertVerifier>, u64), TlsError> {
+    let (pem, digest) = read_one(path)?;
+    Ok((verifier_of(path, &pem, optional)?, digest))
+}
+
+fn verifier_of(
+    path: &Path,
+    pem: &[u8],
+    optional: bool,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let bad = |what: String| TlsError::Pem {
+        path: path.to_path_buf(),
+        what,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        roots
+            .add(cert.map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
     }
+    if roots.is_empty() {
+        return Err(bad("no CERTIFICATE block".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let builder = if optional {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    builder.build().map_err(|e| bad(e.to_string()))
 }
 
 /// Each name the certificates after the first cover, and the place of
@@ -320,10 +468,110 @@ fn index(stores: &[CertStore]) -> HashMap<Box<str>, usize> {
 }
 
 #[derive(Debug)]
-struct Resolver(Arc<Certs>);
+struct Resolver(Arc<Picker>);
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.0.pick(hello.server_name())
     }
+}
+
+/// `X-Forwarded-Client-Cert` for a verified client's chain (its leaf
+/// first), in Envoy's shape: `Hash=` (the leaf's SHA-256, hex),
+/// `Subject="..."` (its distinguished name, RFC 4514), then a `URI=` for
+/// each URI and a `DNS=` for each DNS name of its subjectAltName; a value
+/// with `,`, `;`, `=` or `"` in quotes (`"` escaped). None without a
+/// leaf, or if it does not parse (it verified, so it does).
+pub fn forwarded_client_cert(chain: &[CertificateDer<'_>]) -> Option<http::HeaderValue> {
+    let leaf = chain.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let hash = ring::digest::digest(&ring::digest::SHA256, leaf);
+    let mut out = String::from("Hash=");
+    for b in hash.as_ref() {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out.push_str(";Subject=");
+    quoted_into(&mut out, &distinguished_name(cert.subject()));
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for (key, name) in [("URI", true), ("DNS", false)] {
+            for n in &san.value.general_names {
+                match (n, name) {
+                    (x509_parser::extensions::GeneralName::URI(v), true)
+                    | (x509_parser::extensions::GeneralName::DNSName(v), false) => {
+                        out.push(';');
+                        out.push_str(key);
+                        out.push('=');
+                        if v.contains([',', ';', '=', '"']) {
+                            quoted_into(&mut out, v);
+                        } else {
+                            out.push_str(v);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    http::HeaderValue::from_str(&out).ok()
+}
+
+/// `v` in double quotes, `"` and `\` escaped by a `\`.
+fn quoted_into(out: &mut String, v: &str) {
+    out.push('"');
+    for c in v.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
+/// A name as RFC 4514 writes it: its parts last first, `CN=a,O=b`, an
+/// attribute by its short name (else its dotted number), special
+/// characters escaped by a `\`; a value that is not text as `#` and hex.
+fn distinguished_name(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let mut rdns = Vec::new();
+    for rdn in name.iter().collect::<Vec<_>>().into_iter().rev() {
+        let mut parts = Vec::new();
+        for attr in rdn.iter() {
+            let key = x509_parser::objects::oid2abbrev(attr.attr_type(), registry)
+                .map(str::to_string)
+                .unwrap_or_else(|_| attr.attr_type().to_id_string());
+            let value = match attr.as_str() {
+                Ok(s) => escaped(s),
+                Err(_) => {
+                    let mut hex = String::from("#");
+                    for b in attr.attr_value().data {
+                        hex.push_str(&format!("{b:02x}"));
+                    }
+                    hex
+                }
+            };
+            parts.push(format!("{key}={value}"));
+        }
+        rdns.push(parts.join("+"));
+    }
+    rdns.join(",")
+}
+
+/// An attribute value escaped as RFC 4514 says.
+fn escaped(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let last = v.chars().count().saturating_sub(1);
+    for (i, c) in v.chars().enumerate() {
+        let special = matches!(c, '"' | '+' | ',' | ';' | '<' | '>' | '\\')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        if c == '\0' {
+            out.push_str("\\00");
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -818,6 +818,169 @@ async fn https_serves_the_certificate_of_the_name_a_client_asks_for() {
     );
 }
 
+/// A GET over TLS to `addr` (asking for `localhost`) presenting `client`
+/// (a certificate and key) if given, with `headers`: the answer's text,
+/// or why there was none (the handshake or the connection failed).
+async fn mtls_get(
+    addr: std::net::SocketAddr,
+    client: Option<&(
+        rustls::pki_types::CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+    headers: &str,
+) -> Result<String, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny));
+    let cfg = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(vec![cert.clone()], key.clone_key())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let request =
+        format!("GET / HTTP/1.1\r\nhost: localhost\r\n{headers}connection: close\r\n\r\n");
+    tls.write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut answer = Vec::new();
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tls.read_to_end(&mut answer),
+    )
+    .await
+    {
+        Ok(Err(e)) if answer.is_empty() => Err(format!("read: {e}")),
+        _ if answer.is_empty() => Err("no answer".into()),
+        _ => Ok(String::from_utf8_lossy(&answer).into_owned()),
+    }
+}
+
+/// `[proxy.tls] client_ca`: only clients with a certificate its CAs
+/// signed are served (none, or another CA's, fail the handshake, counted
+/// as `client_cert`), and the upstream is told who called in
+/// `X-Forwarded-Client-Cert` (a client's own is never passed on). With
+/// `client_auth = "optional"` a client without one is served, and a
+/// forged field is dropped. The CA file is re-read when it changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_listener_with_client_ca_serves_verified_clients_and_tells_upstream_who() {
+    use rcgen::{DnType, SanType};
+    let s = Upstream::start("stable").await;
+    let ours = super::upstreams::TestCa::new("clients");
+    let theirs = super::upstreams::TestCa::new("strangers");
+    let pay = ours.client(
+        &[
+            (DnType::OrganizationName, "Example, Inc."),
+            (DnType::CommonName, "pay-api"),
+        ],
+        vec![
+            SanType::URI("spiffe://example.org/pay".try_into().unwrap()),
+            SanType::DnsName("pay-api.example".try_into().unwrap()),
+        ],
+    );
+    let stranger = theirs.client(&[(DnType::CommonName, "pay-api")], vec![]);
+    let hash: String = ring::digest::digest(&ring::digest::SHA256, &pay.0)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let want = format!(
+        "Hash={hash};Subject=\"CN=pay-api,O=Example\\\\, Inc.\";URI=spiffe://example.org/pay;DNS=pay-api.example"
+    );
+    let forged = "x-forwarded-client-cert: Hash=00;Subject=\"CN=admin\"\r\n";
+    let xfcc = || {
+        s.last_headers
+            .lock()
+            .unwrap()
+            .get("x-forwarded-client-cert")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let start_with = |auth: &'static str| {
+        let dir = tempfile::tempdir().unwrap();
+        let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), server.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.key"), server.key_pair.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("clients.pem"), ours.pem()).unwrap();
+        let config = route_config(&[s.addr], &[], 0.0, "").replace(
+            "shutdown_grace = \"10s\"",
+            &format!("shutdown_grace = \"10s\"\n[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"tls.crt\"\nkey = \"tls.key\"\nclient_ca = \"clients.pem\"\n{auth}"),
+        );
+        let path = dir.path().join("veer.toml");
+        std::fs::write(
+            &path,
+            config.replace("@STATE@", &dir.path().join("state").display().to_string()),
+        )
+        .unwrap();
+        (dir, path)
+    };
+
+    // Required (the default).
+    let (dir, path) = start_with("");
+    let dir_path = dir.path().to_path_buf();
+    let veer = Veer::start_in(dir, path).await;
+    let addr = veer.tls_addr.expect("tls listener");
+    for client in [None, Some(&stranger)] {
+        let r = mtls_get(addr, client, "").await;
+        assert!(r.is_err(), "served without a valid certificate: {r:?}");
+    }
+    let answer = mtls_get(addr, Some(&pay), forged).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(xfcc().as_deref(), Some(want.as_str()));
+    let start = std::time::Instant::now();
+    loop {
+        let m = veer.metrics().await;
+        if super::support::metric(&m, r#"veer_proxy_errors_total{kind="client_cert"}"#) == Some(2.0)
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "two refused handshakes not counted: {m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Another CA in the file: its clients are served from then on, and the
+    // first's are not.
+    std::fs::write(dir_path.join("clients.pem.new"), theirs.pem()).unwrap();
+    std::fs::rename(
+        dir_path.join("clients.pem.new"),
+        dir_path.join("clients.pem"),
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    while mtls_get(addr, Some(&stranger), "").await.is_err() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "the new CA never taken"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(mtls_get(addr, Some(&pay), "").await.is_err());
+    drop(veer);
+
+    // Optional: no certificate is served, and a forged field dropped.
+    let (dir, path) = start_with("client_auth = \"optional\"\n");
+    let veer = Veer::start_in(dir, path).await;
+    let addr = veer.tls_addr.expect("tls listener");
+    let answer = mtls_get(addr, None, forged).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(xfcc(), None);
+    assert!(mtls_get(addr, Some(&stranger), "").await.is_err());
+    let answer = mtls_get(addr, Some(&pay), "").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(xfcc().as_deref(), Some(want.as_str()));
+}
+
 /// The certificate `addr` shows a client asking for `name` (no name
 /// asked for when it is an address), and the head of its answer to a GET.
 async fn served_to(

@@ -34,13 +34,13 @@ use super::support::{get, metric, reference_judge, wait_route, wait_verdict, Vee
 // ---------------------------------------------------------------- test CA
 
 /// A certificate authority made for one test.
-struct TestCa {
+pub(super) struct TestCa {
     cert: rcgen::Certificate,
     key: KeyPair,
 }
 
 impl TestCa {
-    fn new(name: &str) -> TestCa {
+    pub(super) fn new(name: &str) -> TestCa {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -49,8 +49,28 @@ impl TestCa {
         TestCa { cert, key }
     }
 
-    fn pem(&self) -> String {
+    pub(super) fn pem(&self) -> String {
         self.cert.pem()
+    }
+
+    /// A client certificate signed by this CA, named `dn` (its parts in
+    /// the certificate's order) with `sans`: its DER and its key's.
+    pub(super) fn client(
+        &self,
+        dn: &[(DnType, &str)],
+        sans: Vec<SanType>,
+    ) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        for (t, v) in dn {
+            p.distinguished_name.push(t.clone(), *v);
+        }
+        p.subject_alt_names = sans;
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        let key = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        (cert.der().clone(), key)
     }
 
     /// A leaf for `names` (and 127.0.0.1), signed by this CA: (cert, key) PEM.

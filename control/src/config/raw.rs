@@ -69,6 +69,8 @@ pub struct RawTls {
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
     pub certificates: Option<Spanned<Vec<RawCertificate>>>,
+    pub client_ca: Option<Spanned<String>>,
+    pub client_auth: Option<Spanned<String>>,
 }
 
 /// `[[proxy.tls.certificates]]`.

@@ -322,11 +322,34 @@ impl Validator<'_> {
                         .collect()
                 })
                 .unwrap_or_default();
+            let client_ca = t_ref.client_ca.as_ref().map(|p| self.path(p));
+            let client_auth_optional = match t_ref.client_auth.as_ref() {
+                None => false,
+                Some(a) => {
+                    let optional = match a.get_ref().as_str() {
+                        "required" => false,
+                        "optional" => true,
+                        _ => {
+                            self.err(a.span(), "client_auth must be \"required\" or \"optional\"");
+                            false
+                        }
+                    };
+                    if client_ca.is_none() {
+                        self.err(
+                            a.span(),
+                            "client_auth needs client_ca (the CAs clients' certificates are verified against)",
+                        );
+                    }
+                    optional
+                }
+            };
             TlsSettings {
                 listen,
                 cert: self.path(&t_ref.cert),
                 key: self.path(&t_ref.key),
                 certificates,
+                client_ca,
+                client_auth_optional,
             }
         });
         if let Some(tls) = &tls {

@@ -232,9 +232,15 @@ pub enum ClientCert {
     NotAsked,
     /// Asked for (`client_auth = "optional"`), none presented.
     Absent,
-    /// Verified: its `X-Forwarded-Client-Cert`, sent upstream.
-    Verified(HeaderValue),
+    /// Verified: its `X-Forwarded-Client-Cert`, sent upstream, and its
+    /// subject (for the access log).
+    Verified(HeaderValue, ClientSubject),
 }
+
+/// A verified client certificate's subject (RFC 4514), put in the
+/// extensions of its connection's requests for their access log lines.
+#[derive(Clone, Debug)]
+pub struct ClientSubject(pub Arc<str>);
 
 impl Peer {
     /// The texts for `addr`.
@@ -579,7 +585,7 @@ pub fn prepare_request(
         ClientCert::Absent => {
             headers.remove(&X_FORWARDED_CLIENT_CERT);
         }
-        ClientCert::Verified(v) => {
+        ClientCert::Verified(v, _) => {
             headers.insert(X_FORWARDED_CLIENT_CERT.clone(), v.clone());
         }
     }

@@ -393,7 +393,10 @@ fn client_cert(
 ) -> crate::headers::ClientCert {
     match tls.get_ref().1.peer_certificates() {
         Some(chain) if !chain.is_empty() => match crate::tls::forwarded_client_cert(chain) {
-            Some(v) => crate::headers::ClientCert::Verified(v),
+            Some((v, subject)) => crate::headers::ClientCert::Verified(
+                v,
+                crate::headers::ClientSubject(subject.into()),
+            ),
             None => crate::headers::ClientCert::Absent,
         },
         _ => crate::headers::ClientCert::Absent,

@@ -44,6 +44,10 @@ pub fn handle(
 ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> {
     async move {
         let start = Instant::now();
+        if let crate::headers::ClientCert::Verified(_, subject) = &peer.client_cert {
+            // For its access log line (a mutual TLS connection only).
+            req.extensions_mut().insert(subject.clone());
+        }
         // gRPC needs HTTP/2: an HTTP/1.x request is never a gRPC call.
         let grpc = req.version() == http::Version::HTTP_2 && crate::grpc::is_grpc(req.headers());
         let snap = shared.snapshot.load();
@@ -465,6 +469,8 @@ pub(crate) struct RequestLine {
     /// The `Host` field (an HTTP/2 request's authority is in `uri`).
     pub host: Option<HeaderValue>,
     pub user_agent: Option<HeaderValue>,
+    /// A verified client certificate's subject (mutual TLS).
+    pub client_cert: Option<crate::headers::ClientSubject>,
 }
 
 impl RequestLine {
@@ -476,6 +482,7 @@ impl RequestLine {
             version: req.version(),
             host: host.cloned(),
             user_agent: user_agent.cloned(),
+            client_cert: req.extensions().get().cloned(),
         }
     }
 
@@ -488,6 +495,9 @@ impl RequestLine {
             self.host.as_ref(),
             self.user_agent.as_ref(),
         );
+        if let Some(s) = &self.client_cert {
+            f.str("client_cert", &s.0);
+        }
     }
 }
 
@@ -696,6 +706,9 @@ fn refused(
 fn about_request<B>(f: &mut crate::access::Fields<'_>, req: &Request<B>) {
     let (host, user_agent) = host_and_agent(req.headers());
     about(f, req.version(), req.uri(), host, user_agent);
+    if let Some(s) = req.extensions().get::<crate::headers::ClientSubject>() {
+        f.str("client_cert", &s.0);
+    }
 }
 
 /// The first `Host` and `User-Agent` fields of `headers`: a short head is

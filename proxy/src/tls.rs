@@ -481,8 +481,9 @@ impl ResolvesServerCert for Resolver {
 /// `Subject="..."` (its distinguished name, RFC 4514), then a `URI=` for
 /// each URI and a `DNS=` for each DNS name of its subjectAltName; a value
 /// with `,`, `;`, `=` or `"` in quotes (`"` escaped). None without a
-/// leaf, or if it does not parse (it verified, so it does).
-pub fn forwarded_client_cert(chain: &[CertificateDer<'_>]) -> Option<http::HeaderValue> {
+/// leaf, or if it does not parse (it verified, so it does). With it, the
+/// subject alone.
+pub fn forwarded_client_cert(chain: &[CertificateDer<'_>]) -> Option<(http::HeaderValue, String)> {
     let leaf = chain.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
     let hash = ring::digest::digest(&ring::digest::SHA256, leaf);
@@ -491,7 +492,8 @@ pub fn forwarded_client_cert(chain: &[CertificateDer<'_>]) -> Option<http::Heade
         out.push_str(&format!("{b:02x}"));
     }
     out.push_str(";Subject=");
-    quoted_into(&mut out, &distinguished_name(cert.subject()));
+    let subject = distinguished_name(cert.subject());
+    quoted_into(&mut out, &subject);
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for (key, name) in [("URI", true), ("DNS", false)] {
             for n in &san.value.general_names {
@@ -512,7 +514,7 @@ pub fn forwarded_client_cert(chain: &[CertificateDer<'_>]) -> Option<http::Heade
             }
         }
     }
-    http::HeaderValue::from_str(&out).ok()
+    Some((http::HeaderValue::from_str(&out).ok()?, subject))
 }
 
 /// `v` in double quotes, `"` and `\` escaped by a `\`.

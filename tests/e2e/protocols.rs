@@ -911,10 +911,12 @@ async fn a_tls_listener_with_client_ca_serves_verified_clients_and_tells_upstrea
         std::fs::write(dir.path().join("tls.crt"), server.cert.pem()).unwrap();
         std::fs::write(dir.path().join("tls.key"), server.key_pair.serialize_pem()).unwrap();
         std::fs::write(dir.path().join("clients.pem"), ours.pem()).unwrap();
-        let config = route_config(&[s.addr], &[], 0.0, "").replace(
-            "shutdown_grace = \"10s\"",
-            &format!("shutdown_grace = \"10s\"\n[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"tls.crt\"\nkey = \"tls.key\"\nclient_ca = \"clients.pem\"\n{auth}"),
-        );
+        let config = route_config(&[s.addr], &[], 0.0, "")
+            .replacen("[proxy]\n", "[proxy]\naccess_log = \"all\"\n", 1)
+            .replace(
+                "shutdown_grace = \"10s\"",
+                &format!("shutdown_grace = \"10s\"\n[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"tls.crt\"\nkey = \"tls.key\"\nclient_ca = \"clients.pem\"\n{auth}"),
+            );
         let path = dir.path().join("veer.toml");
         std::fs::write(
             &path,
@@ -936,6 +938,13 @@ async fn a_tls_listener_with_client_ca_serves_verified_clients_and_tells_upstrea
     let answer = mtls_get(addr, Some(&pay), forged).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(xfcc().as_deref(), Some(want.as_str()));
+    // Its access log line names the caller.
+    let lines = veer.logs_with_at_least("request", 1).await;
+    let subjects: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l["client_cert"].as_str())
+        .collect();
+    assert_eq!(subjects, ["CN=pay-api,O=Example\\, Inc."], "{lines:?}");
     let start = std::time::Instant::now();
     loop {
         let m = veer.metrics().await;

@@ -68,7 +68,8 @@ pub struct Metrics {
     /// `veer_routing_rebuilds_total`: routing snapshots put in effect.
     pub routing_rebuilds: IntCounter,
     /// `veer_tls_certificate_expiry_timestamp_seconds{certificate}`: when
-    /// each certificate the TLS listeners serve expires.
+    /// each certificate veer uses (served, or an upstream's client
+    /// certificate) expires; also [`crate::tls::EXPIRY`].
     pub tls_expiry: IntGaugeVec,
     /// `veer_verdict{route,verdict}`: 1 for the current verdict.
     pub verdict: Arc<RouteFamily>,
@@ -319,7 +320,7 @@ impl Metrics {
         let tls_expiry = IntGaugeVec::new(
             Opts::new(
                 "veer_tls_certificate_expiry_timestamp_seconds",
-                "When each certificate the TLS listeners serve expires (its notAfter, Unix seconds), by its file.",
+                "When each certificate veer uses (its TLS listeners', upstreams' client certificates) expires: its notAfter, Unix seconds, by its file.",
             ),
             &["certificate"],
         )?;
@@ -442,6 +443,10 @@ impl Metrics {
         registry.register(Box::new(routes_awake.clone()))?;
         registry.register(Box::new(routing_rebuilds.clone()))?;
         registry.register(Box::new(tls_expiry.clone()))?;
+        // Certificates are loaded where no metrics are at hand (an
+        // upstream's client certificate, on a handshake): the process's
+        // first registry's gauge is theirs.
+        let _ = crate::tls::EXPIRY.set(tls_expiry.clone());
         registry.register(Box::new(SharedCollector(verdict.clone())))?;
         registry.register(Box::new(SharedCollector(reverts.clone())))?;
         registry.register(Box::new(SharedCollector(smoke_checks.clone())))?;

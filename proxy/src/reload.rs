@@ -73,10 +73,9 @@ impl Reload {
     pub fn start(&self) -> Checking {
         let certs = self.certs.clone();
         let (path, reloader, readers) = (self.path.clone(), self.reloader, self.readers.clone());
-        let expiry = self.shared.metrics.tls_expiry.clone();
         Checking(tokio::spawn(async move {
             if let Some(certs) = certs {
-                refresh_certs(certs, &readers, &expiry).await;
+                refresh_certs(certs, &readers).await;
             }
             read(path, reloader, readers).await
         }))
@@ -186,7 +185,7 @@ const MAX_READERS: usize = 4;
 
 /// Reads the TLS certificates and keys again if their files changed (a
 /// read counted among [`MAX_READERS`]).
-async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting, expiry: &prometheus::IntGaugeVec) {
+async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting) {
     let Some(reading) = readers.enter(MAX_READERS) else {
         tracing::warn!("TLS certificate files not read: earlier reads have not returned (a file system that does not answer?); the previous certificate stays");
         return;
@@ -206,7 +205,7 @@ async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting, expiry: &prometheus
             }
             if r.swapped > 0 {
                 tracing::info!(certificates = r.swapped, "TLS certificate reloaded");
-                certs.show(expiry);
+                certs.show();
             }
         }
         Ok(Err(e)) => tracing::error!(error = %e, "TLS reload task failed"),

@@ -227,7 +227,7 @@ pub async fn run(
         Controller::start(applied, path.clone(), certs.clone(), metrics, upstreams).await?;
     shared.metrics.reloads.with_label_values(&["success"]).inc();
     if let Some(c) = &certs {
-        c.show(&shared.metrics.tls_expiry);
+        c.show();
     }
     let plain =
         bind_all(&config.proxy.listen).map_err(|(addr, source)| RunError::Bind { addr, source })?;

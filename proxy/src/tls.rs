@@ -117,6 +117,32 @@ pub fn dns_names(ck: &CertifiedKey) -> Vec<String> {
         .collect()
 }
 
+/// `veer_tls_certificate_expiry_timestamp_seconds{certificate}`, once the
+/// process's metrics are made.
+pub static EXPIRY: std::sync::OnceLock<prometheus::IntGaugeVec> = std::sync::OnceLock::new();
+
+/// Shows when the certificate in `ck` (read from `path`) expires; one
+/// within 14 days (or past) is logged when first shown (a file read
+/// again with the same certificate says nothing more).
+pub fn show_expiry(path: &Path, ck: &CertifiedKey) {
+    let Some(expiry) = EXPIRY.get() else { return };
+    let label = path.display().to_string();
+    let Some(t) = not_after(ck) else {
+        let _ = expiry.remove_label_values(&[label.as_str()]);
+        return;
+    };
+    let gauge = expiry.with_label_values(&[label.as_str()]);
+    if gauge.get() == t {
+        return;
+    }
+    gauge.set(t);
+    let left = t - crate::clock::unix_now() as i64;
+    if left < 14 * 86_400 {
+        let days = left as f64 / 86_400.0;
+        tracing::warn!(certificate = %label, days = format!("{days:.1}"), "TLS certificate expires within 14 days (negative: expired): renew it");
+    }
+}
+
 /// When a chain's leaf certificate expires (its notAfter, Unix seconds).
 pub fn not_after(ck: &CertifiedKey) -> Option<i64> {
     let leaf = ck.cert.first()?;
@@ -339,24 +365,10 @@ impl Certs {
         Ok(true)
     }
 
-    /// Shows when each certificate expires, by its file
-    /// (`veer_tls_certificate_expiry_timestamp_seconds`).
-    pub fn show(&self, expiry: &prometheus::IntGaugeVec) {
+    /// Shows when each certificate expires (see [`show_expiry`]).
+    pub fn show(&self) {
         for s in &self.picker.stores {
-            let label = s.cert.display().to_string();
-            match not_after(&s.current()) {
-                Some(t) => {
-                    expiry.with_label_values(&[label.as_str()]).set(t);
-                    let left = t - crate::clock::unix_now() as i64;
-                    if left < 14 * 86_400 {
-                        let days = left as f64 / 86_400.0;
-                        tracing::warn!(certificate = %label, days = format!("{days:.1}"), "TLS certificate expires within 14 days (negative: expired): renew it");
-                    }
-                }
-                None => {
-                    let _ = expiry.remove_label_values(&[label.as_str()]);
-                }
-            }
+            show_expiry(&s.cert, &s.current());
         }
     }
 

@@ -145,6 +145,7 @@ struct Reloading {
 impl Reloading {
     fn open(cert: &Path, key: &Path) -> Result<Reloading, String> {
         let store = CertStore::open(cert, key).map_err(|e| format!("client certificate: {e}"))?;
+        crate::tls::show_expiry(cert, &store.current());
         Ok(Reloading {
             store,
             checked: Mutex::new(Instant::now()),
@@ -173,7 +174,8 @@ impl ResolvesClientCert for Reloading {
         if due {
             match self.store.refresh() {
                 Ok(true) => {
-                    tracing::info!(cert = %self.paths.0.display(), "upstream client certificate reloaded")
+                    tracing::info!(cert = %self.paths.0.display(), "upstream client certificate reloaded");
+                    crate::tls::show_expiry(&self.paths.0, &self.store.current());
                 }
                 Ok(false) => {}
                 Err(e) => {

@@ -972,6 +972,17 @@ async fn mtls_upstreams_accept_veers_client_certificate_and_refuse_without() {
     let r = get(with.addr, "/", &[]).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(served.load(Ordering::SeqCst), 1);
+    // Its expiry is exported as a served certificate's is.
+    let m = with.metrics().await;
+    let expires = metric(
+        &m,
+        &format!("veer_tls_certificate_expiry_timestamp_seconds{{certificate=\"{cert_file}\"}}"),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(expires.is_some_and(|t| t > now), "{m}");
 
     let without = Veer::start(&config(
         &https_version(addr, &format!("ca_file = \"{ca_file}\"")),

@@ -28,6 +28,9 @@ pub struct StatusDoc {
     /// The fleet this replica shares decisions with (`[fleet]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<FleetStatus>,
+    /// The TLS listeners' certificates (`[proxy.tls]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Arc<TlsStatus>>,
     /// Every route, in config order.
     pub routes: Vec<Arc<RouteStatus>>,
 }
@@ -52,6 +55,26 @@ pub struct FleetStatus {
     pub revision: i64,
     /// The last error talking to the store.
     pub last_error: Option<String>,
+}
+
+/// The TLS listeners' certificates and client verification.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TlsStatus {
+    /// The default certificate first, then those picked by name.
+    pub certificates: Vec<CertificateStatus>,
+    /// `client_ca`'s file, when clients' certificates are verified.
+    pub client_ca: Option<String>,
+}
+
+/// One certificate in use.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CertificateStatus {
+    /// Its file.
+    pub file: String,
+    /// The DNS names it covers (its subjectAltName's).
+    pub names: Vec<String>,
+    /// When it expires, Unix seconds.
+    pub not_after_unix: Option<i64>,
 }
 
 /// Where a route's decision came from (fleet only).

@@ -203,7 +203,13 @@ impl Controller {
         };
         let snap = build_snapshot(&config, 1, &addrs, &routes, &controls, &metrics, &upstreams);
         snap.publish(None, &metrics);
-        let shared = Arc::new(Shared::new(snap, metrics, upstreams, path.clone()));
+        let shared = Arc::new(Shared::new(
+            snap,
+            metrics,
+            upstreams,
+            path.clone(),
+            certs.clone(),
+        ));
         let reload = Reload::new(shared.clone(), path, &text, &config, certs);
         let mut announcer = Announcer::new(shared.metrics.clone());
         if let Some(l) = &fleet {

@@ -220,6 +220,7 @@ pub fn document(
         },
         state_error: shared.state_error_now(),
         fleet,
+        tls: shared.certs.as_ref().map(|c| c.status()),
         routes,
     };
     shared.status.store(Arc::new(doc));

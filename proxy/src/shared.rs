@@ -51,6 +51,8 @@ pub struct Shared {
     /// The port `https_redirect` sends clients to: the first TLS
     /// listener's once bound (443 without one).
     pub https_port: std::sync::atomic::AtomicU16,
+    /// The TLS listeners' certificates, shown in `/status`.
+    pub certs: Option<Arc<crate::tls::Certs>>,
 }
 
 impl Shared {
@@ -60,6 +62,7 @@ impl Shared {
         metrics: Arc<Metrics>,
         upstreams: Upstreams,
         path: PathBuf,
+        certs: Option<Arc<crate::tls::Certs>>,
     ) -> Shared {
         Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -78,6 +81,7 @@ impl Shared {
             state_error: Mutex::new(None),
             state_writes: Waiting::default(),
             https_port: std::sync::atomic::AtomicU16::new(443),
+            certs,
         }
     }
 

@@ -84,6 +84,23 @@ pub fn render(v: &StatusDoc) -> String {
     if let Some(e) = &v.state_error {
         let _ = writeln!(out, "decisions NOT persisted: {e}");
     }
+    if let Some(t) = &v.tls {
+        // The first to expire, in days from now.
+        let soonest = t
+            .certificates
+            .iter()
+            .filter_map(|c| Some((c.not_after_unix?, &c.file)))
+            .min();
+        let _ = write!(out, "tls: {} certificate(s)", t.certificates.len());
+        if let Some((at, file)) = soonest {
+            let days = (at - crate::clock::unix_now() as i64) as f64 / 86_400.0;
+            let _ = write!(out, ", the first to expire {file} in {days:.1} days");
+        }
+        if let Some(ca) = &t.client_ca {
+            let _ = write!(out, "; client certificates verified against {ca}");
+        }
+        out.push('\n');
+    }
     if let Some(f) = &v.fleet {
         let _ = writeln!(
             out,

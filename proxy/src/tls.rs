@@ -251,6 +251,8 @@ pub struct Certs {
     clients: Option<ClientCa>,
     /// The listeners' set-up (rebuilt when the client CAs change).
     config: ArcSwap<ServerConfig>,
+    /// What `/status` shows (see [`Certs::status`]).
+    status: ArcSwap<veer_control::status::TlsStatus>,
 }
 
 /// The served certificates, and which a name gets.
@@ -297,11 +299,14 @@ impl Certs {
             path: settings.cert.clone(),
             what: e.to_string(),
         })?;
-        Ok(Certs {
+        let certs = Certs {
             picker,
             clients,
             config: ArcSwap::from_pointee(config),
-        })
+            status: ArcSwap::from_pointee(Default::default()),
+        };
+        certs.status.store(Arc::new(certs.status_now()));
+        Ok(certs)
     }
 
     /// The files watched.
@@ -341,6 +346,9 @@ impl Certs {
                 Err(e) => r.errors.push(e),
             }
         }
+        if r.swapped > 0 {
+            self.status.store(Arc::new(self.status_now()));
+        }
         r
     }
 
@@ -369,6 +377,31 @@ impl Certs {
     pub fn show(&self) {
         for s in &self.picker.stores {
             show_expiry(&s.cert, &s.current());
+        }
+    }
+
+    /// What `/status` shows of them (made when they are loaded).
+    pub fn status(&self) -> Arc<veer_control::status::TlsStatus> {
+        self.status.load_full()
+    }
+
+    /// What `/status` shows of them, made afresh.
+    fn status_now(&self) -> veer_control::status::TlsStatus {
+        veer_control::status::TlsStatus {
+            certificates: self
+                .picker
+                .stores
+                .iter()
+                .map(|s| {
+                    let ck = s.current();
+                    veer_control::status::CertificateStatus {
+                        file: s.cert.display().to_string(),
+                        names: dns_names(&ck),
+                        not_after_unix: not_after(&ck),
+                    }
+                })
+                .collect(),
+            client_ca: self.clients.as_ref().map(|c| c.path.display().to_string()),
         }
     }
 

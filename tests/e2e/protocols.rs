@@ -768,6 +768,36 @@ async fn https_serves_the_certificate_of_the_name_a_client_asks_for() {
     .unwrap();
     let veer = Veer::start_in(dir, path.clone()).await;
     let addr = veer.tls_addr.expect("tls listener");
+    // `/status` lists them, with their names and expiry.
+    let tls = &veer.status().await["tls"];
+    let files: Vec<&str> = tls["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["file"].as_str().unwrap())
+        .collect();
+    assert_eq!(files.len(), 4, "{tls}");
+    assert!(files[1].ends_with("shop.crt"), "{tls}");
+    assert_eq!(
+        tls["certificates"][1]["names"],
+        serde_json::json!(["shop.example", "*.api.example"])
+    );
+    assert!(tls["certificates"][0]["not_after_unix"].as_i64().unwrap() > 1_700_000_000);
+    assert!(tls["client_ca"].is_null(), "{tls}");
+    let admin = veer.admin.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args(["status", "--admin", &admin])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("tls: 4 certificate(s), the first to expire "),
+        "{table}"
+    );
     for (name, want) in [
         ("shop.example", &shop),
         ("SHOP.example", &shop),

@@ -85,6 +85,11 @@ pub enum ProxyError {
     /// closed by the handshake's alert, nothing answered.
     #[error("no valid client certificate")]
     ClientCert,
+    /// Any other TLS handshake that failed in the protocol (no version or
+    /// cipher in common, a malformed message, a client's alert), not
+    /// because the connection closed or broke: closed, nothing answered.
+    #[error("the TLS handshake failed")]
+    TlsHandshake,
     /// A client connection closed because the client took nothing of its
     /// answer for `body_timeout` (it stopped reading: nginx's
     /// `send_timeout`). The answer is given up; never the version's.
@@ -106,7 +111,8 @@ impl ProxyError {
             | ProxyError::ClientClosed
             | ProxyError::ClientBadBody
             | ProxyError::BadProxyHeader
-            | ProxyError::ClientCert => StatusCode::BAD_REQUEST,
+            | ProxyError::ClientCert
+            | ProxyError::TlsHandshake => StatusCode::BAD_REQUEST,
             ProxyError::ClientTimeout | ProxyError::HeaderTimeout | ProxyError::SendTimeout => {
                 StatusCode::REQUEST_TIMEOUT
             }
@@ -144,6 +150,7 @@ impl ProxyError {
             ProxyError::HeaderTimeout => "header_timeout",
             ProxyError::BadProxyHeader => "bad_proxy_header",
             ProxyError::ClientCert => "client_cert",
+            ProxyError::TlsHandshake => "tls_handshake",
             ProxyError::SendTimeout => "send_timeout",
         }
     }
@@ -172,7 +179,8 @@ impl ProxyError {
             | ProxyError::ClientClosed
             | ProxyError::ClientBadBody
             | ProxyError::BadProxyHeader
-            | ProxyError::ClientCert => "bad request\n",
+            | ProxyError::ClientCert
+            | ProxyError::TlsHandshake => "bad request\n",
             ProxyError::ClientTimeout | ProxyError::HeaderTimeout | ProxyError::SendTimeout => {
                 "request timeout\n"
             }
@@ -200,7 +208,7 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 17] = [
+pub const PROXY_KINDS: [ProxyError; 18] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
@@ -218,6 +226,7 @@ pub const PROXY_KINDS: [ProxyError; 17] = [
     ProxyError::Forbidden,
     ProxyError::BadProxyHeader,
     ProxyError::ClientCert,
+    ProxyError::TlsHandshake,
 ];
 
 /// The upstream error kinds, in `upstream_index` order.

@@ -113,6 +113,7 @@ fn code_of(e: ProxyError) -> u8 {
         | ProxyError::ClientBadBody
         | ProxyError::HeaderTimeout
         | ProxyError::BadProxyHeader
+        | ProxyError::TlsHandshake
         | ProxyError::SendTimeout => 13, // INTERNAL
         ProxyError::UpstreamConnect
         | ProxyError::UpstreamReset

@@ -359,8 +359,8 @@ pub async fn serve(
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    if bad_client_cert(&e) {
-                        shared.metrics.proxy_errors().inc(ProxyError::ClientCert);
+                    if let Some(kind) = handshake_failure(&e) {
+                        shared.metrics.proxy_errors().inc(kind);
                     }
                 }
                 Err(_) => {
@@ -403,13 +403,18 @@ fn client_cert(
     }
 }
 
-/// Whether a failed handshake failed on the client's certificate (none
-/// where one is required, or one that does not verify).
-fn bad_client_cert(e: &std::io::Error) -> bool {
-    matches!(
-        e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
-        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
-    )
+/// How a failed handshake is counted: `client_cert` when it failed on
+/// the client's certificate (none where one is required, or one that does
+/// not verify), `tls_handshake` when it failed otherwise in the protocol;
+/// not at all when the connection closed or broke (a balancer's TCP check,
+/// a scanner, a client that went away).
+fn handshake_failure(e: &std::io::Error) -> Option<ProxyError> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            Some(ProxyError::ClientCert)
+        }
+        _ => Some(ProxyError::TlsHandshake),
+    }
 }
 
 /// An accepted stream, before or after TLS.

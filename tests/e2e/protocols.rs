@@ -815,6 +815,24 @@ async fn https_serves_the_certificate_of_the_name_a_client_asks_for() {
         assert!(answer.starts_with("HTTP/1.1 200"), "{name}: {answer}");
     }
 
+    // A connection closed before its handshake (a balancer's TCP check)
+    // is not counted; plain HTTP on the TLS port is a failed handshake.
+    drop(TcpStream::connect(addr).await.unwrap());
+    let _ = raw(addr, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let start = std::time::Instant::now();
+    loop {
+        let m = veer.metrics().await;
+        let n = super::support::metric(&m, r#"veer_proxy_errors_total{kind="tls_handshake"}"#);
+        if n == Some(1.0) {
+            break;
+        }
+        assert!(
+            n == Some(0.0) && start.elapsed() < std::time::Duration::from_secs(10),
+            "{n:?}: {m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
     // A renewed certificate is served from its next handshake.
     let renewed = write("pay.new", &["pay.api.example"]);
     std::fs::rename(dir_path.join("pay.new.key"), dir_path.join("pay.key")).unwrap();
@@ -828,6 +846,13 @@ async fn https_serves_the_certificate_of_the_name_a_client_asks_for() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(served_to(addr, "shop.example").await.0 == shop);
+    // Long after the closed connection: it was never counted.
+    let m = veer.metrics().await;
+    assert_eq!(
+        super::support::metric(&m, r#"veer_proxy_errors_total{kind="tls_handshake"}"#),
+        Some(1.0),
+        "{m}"
+    );
 
     // One that names no DNS name could never be served: refused.
     let bad = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();

@@ -26,9 +26,26 @@ pub fn check(path: &Path) -> ExitCode {
         }
     };
     if let Some(tls) = &config.proxy.tls {
-        if let Err(e) = crate::tls::Certs::open(tls) {
-            eprintln!("{}: [proxy.tls]: {e}", path.display());
-            return ExitCode::FAILURE;
+        match crate::tls::Certs::open(tls) {
+            Ok(certs) => {
+                // Served, but soon not for long: said, not refused.
+                let now = crate::clock::unix_now() as i64;
+                for c in &certs.status().certificates {
+                    let Some(at) = c.not_after_unix else { continue };
+                    let days = (at - now) as f64 / 86_400.0;
+                    if days < 14.0 {
+                        eprintln!(
+                            "{}: warning: [proxy.tls] certificate {} expires in {days:.1} days (negative: expired)",
+                            path.display(),
+                            c.file
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("{}: [proxy.tls]: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
         }
     }
     let tls_errors = crate::upstream_tls::check(&config);

@@ -312,6 +312,17 @@ async fn the_certificate_alert_reads_each_served_certificates_expiry_on_real_scr
         config.replace("@STATE@", &dir.path().join("state").display().to_string()),
     )
     .unwrap();
+    // `veer check` says so, and takes the config.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("soon.crt expires in ") && !err.contains("later.crt"),
+        "{err}"
+    );
     let veer = Veer::start_in(dir, path).await;
     let m = veer.metrics().await;
     let soon_file = dir_path.join("soon.crt").display().to_string();

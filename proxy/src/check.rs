@@ -30,6 +30,12 @@ pub fn check(path: &Path) -> ExitCode {
             Ok(certs) => {
                 // Served, but soon not for long: said, not refused.
                 let now = crate::clock::unix_now() as i64;
+                for (route, host) in certs.uncovered(&config.routes) {
+                    eprintln!(
+                        "{}: warning: route {route}: no [proxy.tls] certificate names host {host}: a TLS client asking for it gets the default certificate, and refuses it",
+                        path.display()
+                    );
+                }
                 for c in &certs.status().certificates {
                     let Some(at) = c.not_after_unix else { continue };
                     let days = (at - now) as f64 / 86_400.0;

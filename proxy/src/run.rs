@@ -208,7 +208,11 @@ pub async fn run(
         Some(t) => {
             let t = t.clone();
             let open = tokio::task::spawn_blocking(move || Certs::open(&t));
-            Some(Arc::new(start_step("the TLS certificates", open).await??))
+            let certs = start_step("the TLS certificates", open).await??;
+            for (route, host) in certs.uncovered(&config.routes) {
+                tracing::warn!(route, host, "no [proxy.tls] certificate names this host: a TLS client asking for it gets the default certificate, and refuses it");
+            }
+            Some(Arc::new(certs))
         }
         None => None,
     };

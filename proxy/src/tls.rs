@@ -405,6 +405,33 @@ impl Certs {
         }
     }
 
+    /// The routes' hosts no certificate names (`(route, host)`): a client
+    /// asking for one over TLS is given the default, which its name check
+    /// refuses. A wildcard host is named by the same wildcard.
+    pub fn uncovered<'a>(
+        &self,
+        routes: &'a [Arc<veer_control::config::Route>],
+    ) -> Vec<(&'a str, &'a str)> {
+        let names: std::collections::HashSet<String> = self
+            .picker
+            .stores
+            .iter()
+            .flat_map(|s| dns_names(&s.current()))
+            .collect();
+        let covered = |host: &str| {
+            names.contains(host)
+                || (!host.starts_with("*.")
+                    && host
+                        .split_once('.')
+                        .is_some_and(|(_, parent)| names.contains(&format!("*.{parent}"))))
+        };
+        routes
+            .iter()
+            .flat_map(|r| r.hosts.iter().map(move |h| (r.name.as_str(), h.as_str())))
+            .filter(|(_, h)| !covered(h))
+            .collect()
+    }
+
     /// The certificate for a client asking for `name` (SNI).
     pub fn pick(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         self.picker.pick(name)

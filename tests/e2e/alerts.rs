@@ -313,10 +313,7 @@ async fn the_certificate_alert_reads_each_served_certificates_expiry_on_real_scr
     )
     .unwrap();
     // `veer check` says so, and takes the config.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
-        .args(["check", "--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = super::support::veer_cli(&["check", "--config", path.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(

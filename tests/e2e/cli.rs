@@ -2,14 +2,7 @@
 
 use std::process::Command;
 
-use super::support::{get, metric, route_config, Upstream, Veer};
-
-fn veer(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_veer"))
-        .args(args)
-        .output()
-        .expect("run veer")
-}
+use super::support::{get, metric, route_config, veer_cli as veer, Upstream, Veer};
 
 #[test]
 fn check_accepts_the_reference_config() {

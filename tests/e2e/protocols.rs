@@ -786,10 +786,7 @@ async fn https_serves_the_certificate_of_the_name_a_client_asks_for() {
     assert!(tls["client_ca"].is_null(), "{tls}");
     let admin = veer.admin.to_string();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
-            .args(["status", "--admin", &admin])
-            .output()
-            .unwrap()
+        super::support::veer_cli(&["status", "--admin", &admin])
     })
     .await
     .unwrap();
@@ -854,6 +851,25 @@ async fn https_serves_the_certificate_of_the_name_a_client_asks_for() {
         "{m}"
     );
 
+    // `veer check` says which routes' hosts no certificate names.
+    let hosts = std::fs::read_to_string(&path).unwrap().replacen(
+        "name = \"web\"\n",
+        "name = \"web\"\nhosts = [\"shop.example\", \"x.api.example\", \"nope.example\"]\n",
+        1,
+    );
+    assert!(hosts.contains("nope.example"));
+    let hosts_path = dir_path.join("hosts.toml");
+    std::fs::write(&hosts_path, hosts).unwrap();
+    let out = super::support::veer_cli(&["check", "--config", hosts_path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let warned: Vec<&str> = err.lines().filter(|l| l.contains("names host")).collect();
+    assert_eq!(warned.len(), 1, "{err}");
+    assert!(
+        warned[0].contains("route web") && warned[0].contains("nope.example"),
+        "{err}"
+    );
+
     // One that names no DNS name could never be served: refused.
     let bad = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
     std::fs::write(dir_path.join("ip.crt"), bad.cert.pem()).unwrap();
@@ -861,10 +877,7 @@ async fn https_serves_the_certificate_of_the_name_a_client_asks_for() {
     let text = std::fs::read_to_string(&path).unwrap() + &pair("ip");
     let bad_path = dir_path.join("bad.toml");
     std::fs::write(&bad_path, text).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
-        .args(["check", "--config", bad_path.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = super::support::veer_cli(&["check", "--config", bad_path.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(

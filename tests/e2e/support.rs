@@ -922,3 +922,11 @@ pub async fn scripted_upstream(
     });
     (addr, lines, accepted)
 }
+
+/// Runs the `veer` binary with `args` to its end.
+pub fn veer_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(args)
+        .output()
+        .expect("run veer")
+}

@@ -156,6 +156,11 @@ pub async fn serve(
     if listeners.is_empty() {
         return;
     }
+    // With mutual TLS on, veer alone says who a client is: a client's own
+    // `X-Forwarded-Client-Cert` is dropped on every listener, plain ones too.
+    let client_certs = listeners
+        .iter()
+        .any(|(_, c)| c.as_ref().is_some_and(|c| c.asks_clients()));
     let mut h1 = http1::Builder::new();
     h1
         // veer times every request head itself (`crate::conn::HeadWatch`):
@@ -341,6 +346,7 @@ pub async fn serve(
                 Ok(Ok(s)) => {
                     let client_cert = match &s {
                         Stream::Tls(t) if asks_clients => client_cert(t),
+                        _ if client_certs => crate::headers::ClientCert::Absent,
                         _ => crate::headers::ClientCert::NotAsked,
                     };
                     let c = Conn {

@@ -937,7 +937,8 @@ async fn mtls_get(
 /// `[proxy.tls] client_ca`: only clients with a certificate its CAs
 /// signed are served (none, or another CA's, fail the handshake, counted
 /// as `client_cert`), and the upstream is told who called in
-/// `X-Forwarded-Client-Cert` (a client's own is never passed on). With
+/// `X-Forwarded-Client-Cert` (a client's own is never passed on, by the
+/// plain listener either). With
 /// `client_auth = "optional"` a client without one is served, and a
 /// forged field is dropped. The CA file is re-read when it changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1006,6 +1007,15 @@ async fn a_tls_listener_with_client_ca_serves_verified_clients_and_tells_upstrea
     let answer = mtls_get(addr, Some(&pay), forged).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(xfcc().as_deref(), Some(want.as_str()));
+    // Nor does the plain listener pass a client's own on.
+    let answer = raw(
+        veer.addr,
+        format!("GET / HTTP/1.1\r\nhost: localhost\r\n{forged}connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(xfcc(), None);
     // Its access log line names the caller.
     let lines = veer.logs_with_at_least("request", 1).await;
     let subjects: Vec<&str> = lines

@@ -218,19 +218,20 @@ pub struct Peer {
     last: std::sync::Mutex<Option<Last>>,
     /// The peer's [`crate::record::client_hash`].
     pub client_hash: u64,
-    /// What a TLS listener with `client_ca` learnt of its certificate.
+    /// What veer learnt of the client's certificate (see [`ClientCert`]).
     pub client_cert: ClientCert,
 }
 
-/// What a TLS listener with `client_ca` learnt of a connection's client
-/// certificate. On such a listener a client's own
-/// `X-Forwarded-Client-Cert` is never passed on: only veer's.
+/// What veer learnt of a connection's client certificate. With
+/// `[proxy.tls] client_ca` set, a client's own `X-Forwarded-Client-Cert`
+/// is never passed on, on any listener: only veer's.
 #[derive(Clone, Debug, Default)]
 pub enum ClientCert {
-    /// The listener asks for none: the field passes as any other.
+    /// No listener asks for one: the field passes as any other.
     #[default]
     NotAsked,
-    /// Asked for (`client_auth = "optional"`), none presented.
+    /// None presented (`client_auth = "optional"`), or a plain connection
+    /// while the TLS listeners ask for one: a client's field is dropped.
     Absent,
     /// Verified: its `X-Forwarded-Client-Cert`, sent upstream, and its
     /// subject (for the access log).

@@ -29,7 +29,6 @@ pub fn check(path: &Path) -> ExitCode {
         match crate::tls::Certs::open(tls) {
             Ok(certs) => {
                 // Served, but soon not for long: said, not refused.
-                let now = crate::clock::unix_now() as i64;
                 for (route, host) in certs.uncovered(&config.routes) {
                     eprintln!(
                         "{}: warning: route {route}: no [proxy.tls] certificate names host {host}: a TLS client asking for it gets the default certificate, and refuses it",
@@ -37,9 +36,7 @@ pub fn check(path: &Path) -> ExitCode {
                     );
                 }
                 for c in &certs.status().certificates {
-                    let Some(at) = c.not_after_unix else { continue };
-                    let days = (at - now) as f64 / 86_400.0;
-                    if days < 14.0 {
+                    if let Some(days) = c.not_after_unix.and_then(crate::tls::expires_soon) {
                         eprintln!(
                             "{}: warning: [proxy.tls] certificate {} expires in {days:.1} days (negative: expired)",
                             path.display(),

@@ -136,11 +136,17 @@ pub fn show_expiry(path: &Path, ck: &CertifiedKey) {
         return;
     }
     gauge.set(t);
-    let left = t - crate::clock::unix_now() as i64;
-    if left < 14 * 86_400 {
-        let days = left as f64 / 86_400.0;
+    if let Some(days) = expires_soon(t) {
         tracing::warn!(certificate = %label, days = format!("{days:.1}"), "TLS certificate expires within 14 days (negative: expired): renew it");
     }
+}
+
+/// The days left before `not_after` (Unix seconds; negative: past) when
+/// fewer than 14: soon enough to say so (as the shipped alert
+/// `VeerTlsCertificateExpiresSoon` does).
+pub fn expires_soon(not_after: i64) -> Option<f64> {
+    let left = not_after - crate::clock::unix_now() as i64;
+    (left < 14 * 86_400).then(|| left as f64 / 86_400.0)
 }
 
 /// When a chain's leaf certificate expires (its notAfter, Unix seconds).
@@ -430,11 +436,6 @@ impl Certs {
             .flat_map(|r| r.hosts.iter().map(move |h| (r.name.as_str(), h.as_str())))
             .filter(|(_, h)| !covered(h))
             .collect()
-    }
-
-    /// The certificate for a client asking for `name` (SNI).
-    pub fn pick(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        self.picker.pick(name)
     }
 
     /// A TLS acceptor offering h2 and http/1.1, with the set-up in force.

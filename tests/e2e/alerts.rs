@@ -302,17 +302,13 @@ async fn the_certificate_alert_reads_each_served_certificates_expiry_on_real_scr
     };
     let soon = write("soon", "shop.example", 3);
     write("later", "pay.example", 365);
-    let config = route_config(&[s.addr], &[], 0.0, "").replace(
-        "shutdown_grace = \"10s\"",
-        "shutdown_grace = \"10s\"\n[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"soon.crt\"\nkey = \"soon.key\"\n[[proxy.tls.certificates]]\ncert = \"later.crt\"\nkey = \"later.key\"",
+    let config = super::support::with_tls(
+        &route_config(&[s.addr], &[], 0.0, ""),
+        "cert = \"soon.crt\"\nkey = \"soon.key\"\n[[proxy.tls.certificates]]\ncert = \"later.crt\"\nkey = \"later.key\"\n",
     );
-    let path = dir.path().join("veer.toml");
-    std::fs::write(
-        &path,
-        config.replace("@STATE@", &dir.path().join("state").display().to_string()),
-    )
-    .unwrap();
+    let veer = Veer::start_in_dir(dir, &config).await;
     // `veer check` says so, and takes the config.
+    let path = dir_path.join("veer.toml");
     let out = super::support::veer_cli(&["check", "--config", path.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -320,7 +316,6 @@ async fn the_certificate_alert_reads_each_served_certificates_expiry_on_real_scr
         err.contains("soon.crt expires in ") && !err.contains("later.crt"),
         "{err}"
     );
-    let veer = Veer::start_in(dir, path).await;
     let m = veer.metrics().await;
     let soon_file = dir_path.join("soon.crt").display().to_string();
     assert!(

@@ -10,7 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::support::{get, route_config, Client, Upstream, Veer};
+use super::support::{get, route_config, with_tls, Client, Upstream, Veer};
 
 /// The access log's lines as (path, `field`) pairs ("" when absent).
 fn access_pairs<'a>(lines: &'a [serde_json::Value], field: &str) -> Vec<(&'a str, &'a str)> {
@@ -682,19 +682,13 @@ async fn https_negotiates_h2_by_alpn_and_reloads_its_certificate() {
         cert.cert.der().clone()
     };
     let first = write_cert("first.test");
-    let config = route_config(&[s.addr], &[], 0.0, "").replace(
-        "shutdown_grace = \"10s\"",
-        "shutdown_grace = \"10s\"\n[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"tls.crt\"\nkey = \"tls.key\"",
+    let config = with_tls(
+        &route_config(&[s.addr], &[], 0.0, ""),
+        "cert = \"tls.crt\"\nkey = \"tls.key\"\n",
     );
-    let path = dir.path().join("veer.toml");
-    std::fs::write(
-        &path,
-        config.replace("@STATE@", &dir.path().join("state").display().to_string()),
-    )
-    .unwrap();
     // The fixture owns `dir` from here on.
     let dir_path = dir.path().to_path_buf();
-    let veer = Veer::start_in(dir, path).await;
+    let veer = Veer::start_in_dir(dir, &config).await;
     let tls_addr = veer.tls_addr.expect("tls listener");
 
     let (version, body, served) = h2_get(tls_addr, &first).await;
@@ -751,22 +745,17 @@ async fn https_serves_the_certificate_of_the_name_a_client_asks_for() {
     let shop_too = write("shop-too", &["shop.example", "other.example"]);
     let pair =
         |f: &str| format!("[[proxy.tls.certificates]]\ncert = \"{f}.crt\"\nkey = \"{f}.key\"\n");
-    let config = route_config(&[s.addr], &[], 0.0, "").replace(
-        "shutdown_grace = \"10s\"",
+    let config = with_tls(
+        &route_config(&[s.addr], &[], 0.0, ""),
         &format!(
-            "shutdown_grace = \"10s\"\n[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"default.crt\"\nkey = \"default.key\"\n{}{}{}",
+            "cert = \"default.crt\"\nkey = \"default.key\"\n{}{}{}",
             pair("shop"),
             pair("pay"),
             pair("shop-too")
         ),
     );
-    let path = dir.path().join("veer.toml");
-    std::fs::write(
-        &path,
-        config.replace("@STATE@", &dir.path().join("state").display().to_string()),
-    )
-    .unwrap();
-    let veer = Veer::start_in(dir, path.clone()).await;
+    let path = dir_path.join("veer.toml");
+    let veer = Veer::start_in_dir(dir, &config).await;
     let addr = veer.tls_addr.expect("tls listener");
     // `/status` lists them, with their names and expiry.
     let tls = &veer.status().await["tls"];
@@ -980,25 +969,21 @@ async fn a_tls_listener_with_client_ca_serves_verified_clients_and_tells_upstrea
         std::fs::write(dir.path().join("tls.crt"), server.cert.pem()).unwrap();
         std::fs::write(dir.path().join("tls.key"), server.key_pair.serialize_pem()).unwrap();
         std::fs::write(dir.path().join("clients.pem"), ours.pem()).unwrap();
-        let config = route_config(&[s.addr], &[], 0.0, "")
-            .replacen("[proxy]\n", "[proxy]\naccess_log = \"all\"\n", 1)
-            .replace(
-                "shutdown_grace = \"10s\"",
-                &format!("shutdown_grace = \"10s\"\n[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"tls.crt\"\nkey = \"tls.key\"\nclient_ca = \"clients.pem\"\n{auth}"),
-            );
-        let path = dir.path().join("veer.toml");
-        std::fs::write(
-            &path,
-            config.replace("@STATE@", &dir.path().join("state").display().to_string()),
-        )
-        .unwrap();
-        (dir, path)
+        let config = with_tls(
+            &route_config(&[s.addr], &[], 0.0, "").replacen(
+                "[proxy]\n",
+                "[proxy]\naccess_log = \"all\"\n",
+                1,
+            ),
+            &format!("cert = \"tls.crt\"\nkey = \"tls.key\"\nclient_ca = \"clients.pem\"\n{auth}"),
+        );
+        (dir, config)
     };
 
     // Required (the default).
-    let (dir, path) = start_with("");
+    let (dir, config) = start_with("");
     let dir_path = dir.path().to_path_buf();
-    let veer = Veer::start_in(dir, path).await;
+    let veer = Veer::start_in_dir(dir, &config).await;
     let addr = veer.tls_addr.expect("tls listener");
     for client in [None, Some(&stranger)] {
         let r = mtls_get(addr, client, "").await;
@@ -1056,8 +1041,8 @@ async fn a_tls_listener_with_client_ca_serves_verified_clients_and_tells_upstrea
     drop(veer);
 
     // Optional: no certificate is served, and a forged field dropped.
-    let (dir, path) = start_with("client_auth = \"optional\"\n");
-    let veer = Veer::start_in(dir, path).await;
+    let (dir, config) = start_with("client_auth = \"optional\"\n");
+    let veer = Veer::start_in_dir(dir, &config).await;
     let addr = veer.tls_addr.expect("tls listener");
     let answer = mtls_get(addr, None, forged).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");

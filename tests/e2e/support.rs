@@ -298,9 +298,7 @@ impl Veer {
         std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).expect("write cert");
         std::fs::write(dir.path().join("tls.key"), cert.key_pair.serialize_pem())
             .expect("write key");
-        let tls =
-            "[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"tls.crt\"\nkey = \"tls.key\"\n";
-        let config = config.replacen("[admin]\n", &format!("{tls}[admin]\n"), 1);
+        let config = with_tls(config, "cert = \"tls.crt\"\nkey = \"tls.key\"\n");
         Veer::start_in_dir(dir, &config).await
     }
 
@@ -504,6 +502,13 @@ impl Drop for Veer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `config` with a TLS listener on a free port, `keys` (lines) the rest of
+/// its `[proxy.tls]` table and any `[[proxy.tls.certificates]]`.
+pub fn with_tls(config: &str, keys: &str) -> String {
+    let tls = format!("[proxy.tls]\nlisten = [\"127.0.0.1:0\"]\n{keys}");
+    config.replacen("[admin]\n", &format!("{tls}[admin]\n"), 1)
 }
 
 fn fill(config: &str, dir: &Path) -> String {

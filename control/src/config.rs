@@ -167,6 +167,10 @@ pub struct TlsSettings {
     /// `client_auth = "optional"`: a client may present no certificate
     /// (one it presents must still verify); else one is required.
     pub client_auth_optional: bool,
+    /// `client_crl`: PEM certificate revocation lists; a client certificate
+    /// one of them revokes is refused (each CA in a client's chain needs
+    /// one, as in nginx and Envoy).
+    pub client_crl: Option<PathBuf>,
 }
 
 /// At most this many `[[proxy.tls.certificates]]`.

@@ -64,6 +64,10 @@ pub struct TlsStatus {
     pub certificates: Vec<CertificateStatus>,
     /// `client_ca`'s file, when clients' certificates are verified.
     pub client_ca: Option<String>,
+    /// `client_crl`'s file, when clients' certificates are checked for
+    /// revocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_crl: Option<String>,
 }
 
 /// One certificate in use.

@@ -35,6 +35,12 @@ pub fn check(path: &Path) -> ExitCode {
                         path.display()
                     );
                 }
+                for ca in certs.unlisted() {
+                    eprintln!(
+                        "{}: warning: [proxy.tls] client_crl holds no revocation list from the client_ca CA {ca}: every client certificate it signed is refused",
+                        path.display()
+                    );
+                }
                 for c in &certs.status().certificates {
                     if let Some(days) = c.not_after_unix.and_then(crate::tls::expires_soon) {
                         eprintln!(
@@ -131,6 +137,9 @@ pub fn summary(path: &Path, c: &Config) -> String {
             (None, _) => {}
             (Some(_), false) => more += "; clients need a certificate its client_ca signed",
             (Some(_), true) => more += "; a client certificate, if presented, must verify",
+        }
+        if t.client_crl.is_some() {
+            more += " and not be revoked by client_crl";
         }
         let _ = writeln!(out, "  tls    {}{more}", l.join(", "));
     }

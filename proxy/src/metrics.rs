@@ -324,6 +324,13 @@ impl Metrics {
             ),
             &["certificate"],
         )?;
+        let crl_next_update = IntGaugeVec::new(
+            Opts::new(
+                "veer_tls_crl_next_update_timestamp_seconds",
+                "When the client certificate revocation lists in each client_crl file are due to be replaced: the earliest nextUpdate among them, Unix seconds, by its file.",
+            ),
+            &["crl"],
+        )?;
         let verdict = Arc::new(RouteFamily::new(
             "veer_verdict",
             "1 for the route's current judge verdict, 0 for the others.",
@@ -447,6 +454,8 @@ impl Metrics {
         // upstream's client certificate, on a handshake): the process's
         // first registry's gauge is theirs.
         let _ = crate::tls::EXPIRY.set(tls_expiry.clone());
+        registry.register(Box::new(crl_next_update.clone()))?;
+        let _ = crate::tls::CRL_NEXT_UPDATE.set(crl_next_update);
         registry.register(Box::new(SharedCollector(verdict.clone())))?;
         registry.register(Box::new(SharedCollector(reverts.clone())))?;
         registry.register(Box::new(SharedCollector(smoke_checks.clone())))?;

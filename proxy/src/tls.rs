@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// Why a certificate or key could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -270,13 +270,77 @@ struct Picker {
     names: ArcSwap<HashMap<Box<str>, usize>>,
 }
 
-/// The CAs clients' certificates are verified against.
+/// The CAs clients' certificates are verified against, and the lists of
+/// those they revoked.
 #[derive(Debug)]
 struct ClientCa {
     path: PathBuf,
+    /// `client_crl`.
+    crl: Option<PathBuf>,
     /// A client may present none.
     optional: bool,
+    /// The CAs `crl` holds no list from (see [`Certs::unlisted`]).
+    unlisted: Mutex<Vec<String>>,
+    /// The files' digest when last used.
     digest: Mutex<u64>,
+}
+
+/// A verifier of clients' certificates.
+type ClientVerifier = Arc<dyn rustls::server::danger::ClientCertVerifier>;
+
+/// The bytes of `client_ca` and `client_crl`, and their digest.
+type ClientFiles = (Vec<u8>, Option<Vec<u8>>, u64);
+
+impl ClientCa {
+    /// Reads its files. Blocking.
+    fn files(&self) -> Result<ClientFiles, TlsError> {
+        let (ca, mut digest) = read_one(&self.path)?;
+        let crl = match &self.crl {
+            Some(path) => {
+                let (bytes, d) = read_one(path)?;
+                digest = xxh3_64_with_seed(&d.to_le_bytes(), digest);
+                Some(bytes)
+            }
+            None => None,
+        };
+        Ok((ca, crl, digest))
+    }
+
+    /// The verifier its files' bytes make.
+    fn verifier(&self, ca: &[u8], crl: Option<&[u8]>) -> Result<ClientVerifier, TlsError> {
+        let crls = match (&self.crl, crl) {
+            (Some(path), Some(pem)) => revocation_lists(path, pem)?,
+            _ => Vec::new(),
+        };
+        let verifier = verifier_of(&self.path, ca, &crls, self.optional)?;
+        if let Some(path) = &self.crl {
+            show_next_update(path, &crls);
+            let unlisted = unlisted(ca, &crls);
+            for ca in &unlisted {
+                tracing::warn!(ca = %ca, crl = %path.display(), "client_crl holds no revocation list from this client_ca CA: every client certificate it signed is refused (its revocation status is unknown)");
+            }
+            *self.unlisted.lock().unwrap_or_else(|p| p.into_inner()) = unlisted;
+        }
+        Ok(verifier)
+    }
+}
+
+/// The subjects (RFC 4514) of the CA certificates in `ca_pem` that no
+/// list in `crls` was issued by.
+fn unlisted(ca_pem: &[u8], crls: &[CertificateRevocationListDer<'_>]) -> Vec<String> {
+    let issuers: Vec<Vec<u8>> = crls
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_crl(c).ok())
+        .map(|(_, c)| c.issuer().as_raw().to_vec())
+        .collect();
+    CertificateDer::pem_slice_iter(ca_pem)
+        .filter_map(Result::ok)
+        .filter_map(|der| {
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+            let subject = cert.subject();
+            (!issuers.iter().any(|i| i == subject.as_raw())).then(|| distinguished_name(subject))
+        })
+        .collect()
 }
 
 impl Certs {
@@ -291,12 +355,16 @@ impl Certs {
         let picker = Arc::new(Picker { stores, names });
         let (clients, verifier) = match &settings.client_ca {
             Some(path) => {
-                let (verifier, digest) = client_verifier(path, settings.client_auth_optional)?;
                 let ca = ClientCa {
                     path: path.clone(),
+                    crl: settings.client_crl.clone(),
                     optional: settings.client_auth_optional,
-                    digest: Mutex::new(digest),
+                    unlisted: Mutex::default(),
+                    digest: Mutex::new(0),
                 };
+                let (pem, crl, digest) = ca.files()?;
+                let verifier = ca.verifier(&pem, crl.as_deref())?;
+                *ca.digest.lock().unwrap_or_else(|p| p.into_inner()) = digest;
                 (Some(ca), Some(verifier))
             }
             None => (None, None),
@@ -317,11 +385,21 @@ impl Certs {
 
     /// The files watched.
     pub fn paths(&self) -> impl Iterator<Item = &Path> {
-        self.picker
-            .stores
-            .iter()
-            .flat_map(CertStore::paths)
-            .chain(self.clients.as_ref().map(|c| c.path.as_path()))
+        self.picker.stores.iter().flat_map(CertStore::paths).chain(
+            self.clients
+                .iter()
+                .flat_map(|c| std::iter::once(c.path.as_path()).chain(c.crl.as_deref())),
+        )
+    }
+
+    /// With `client_crl`, the subjects of the `client_ca` CAs it holds no
+    /// revocation list from: their clients are all refused (their status
+    /// is unknown), surely a mistake; logged when the files are read.
+    pub fn unlisted(&self) -> Vec<String> {
+        self.clients
+            .as_ref()
+            .map(|c| c.unlisted.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default()
     }
 
     /// Whether clients are asked for a certificate (`client_ca`).
@@ -358,18 +436,15 @@ impl Certs {
         r
     }
 
-    /// Re-reads the client CAs; a changed, valid set is used from the
-    /// next handshake on.
+    /// Re-reads the client CAs and revocation lists; a changed, valid set
+    /// is used from the next handshake on.
     fn refresh_clients(&self, ca: &ClientCa) -> Result<bool, TlsError> {
-        let (pem, digest) = read_one(&ca.path)?;
-        let mut d = match ca.digest.lock() {
-            Ok(d) => d,
-            Err(p) => p.into_inner(),
-        };
+        let (pem, crl, digest) = ca.files()?;
+        let mut d = ca.digest.lock().unwrap_or_else(|p| p.into_inner());
         if *d == digest {
             return Ok(false);
         }
-        let verifier = verifier_of(&ca.path, &pem, ca.optional)?;
+        let verifier = ca.verifier(&pem, crl.as_deref())?;
         let config = server_config(&self.picker, Some(verifier)).map_err(|e| TlsError::Pem {
             path: ca.path.clone(),
             what: e.to_string(),
@@ -408,6 +483,11 @@ impl Certs {
                 })
                 .collect(),
             client_ca: self.clients.as_ref().map(|c| c.path.display().to_string()),
+            client_crl: self
+                .clients
+                .as_ref()
+                .and_then(|c| c.crl.as_ref())
+                .map(|p| p.display().to_string()),
         }
     }
 
@@ -489,21 +569,18 @@ fn read_one(path: &Path) -> Result<(Vec<u8>, u64), TlsError> {
     Ok((pem, digest))
 }
 
-/// A verifier of clients' certificates against the CAs in `path`, and
-/// the file's digest.
-fn client_verifier(
-    path: &Path,
-    optional: bool,
-) -> Result<(Arc<dyn rustls::server::danger::ClientCertVerifier>, u64), TlsError> {
-    let (pem, digest) = read_one(path)?;
-    Ok((verifier_of(path, &pem, optional)?, digest))
-}
-
+/// A verifier of clients' certificates against the CAs in `pem` (read
+/// from `path`), refusing those `crls` revoke. rustls's revocation
+/// policy, as nginx's `ssl_crl` and Envoy's: every certificate of a
+/// client's chain is checked, and one whose issuer has no list is refused
+/// (its status is unknown); a list past its nextUpdate is still used
+/// (`veer_tls_crl_next_update_timestamp_seconds` and its alert say so).
 fn verifier_of(
     path: &Path,
     pem: &[u8],
+    crls: &[CertificateRevocationListDer<'static>],
     optional: bool,
-) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+) -> Result<ClientVerifier, TlsError> {
     let bad = |what: String| TlsError::Pem {
         path: path.to_path_buf(),
         what,
@@ -525,7 +602,62 @@ fn verifier_of(
     } else {
         builder
     };
-    builder.build().map_err(|e| bad(e.to_string()))
+    builder
+        .with_crls(crls.iter().cloned())
+        .build()
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// The revocation lists in `pem` (read from `path`): at least one, each
+/// of them well formed.
+fn revocation_lists(
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let bad = |what: String| TlsError::Pem {
+        path: path.to_path_buf(),
+        what,
+    };
+    let crls = CertificateRevocationListDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if crls.is_empty() {
+        return Err(bad("no X509 CRL block".into()));
+    }
+    for crl in &crls {
+        if let Err(e) = x509_parser::parse_x509_crl(crl) {
+            return Err(bad(format!("a revocation list that does not parse: {e}")));
+        }
+    }
+    Ok(crls)
+}
+
+/// `veer_tls_crl_next_update_timestamp_seconds{crl}`, once the process's
+/// metrics are made.
+pub static CRL_NEXT_UPDATE: std::sync::OnceLock<prometheus::IntGaugeVec> =
+    std::sync::OnceLock::new();
+
+/// Shows when the first of the revocation lists in `path` is due to be
+/// replaced (the earliest nextUpdate; a list without one is never due);
+/// one past it is logged.
+fn show_next_update(path: &Path, crls: &[CertificateRevocationListDer<'_>]) {
+    let due = crls
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_crl(c).ok())
+        .filter_map(|(_, c)| c.next_update().map(|t| t.timestamp()))
+        .min();
+    let label = path.display().to_string();
+    if let Some(gauge) = CRL_NEXT_UPDATE.get() {
+        match due {
+            Some(t) => gauge.with_label_values(&[label.as_str()]).set(t),
+            None => {
+                let _ = gauge.remove_label_values(&[label.as_str()]);
+            }
+        }
+    }
+    if let Some(t) = due.filter(|&t| t < crate::clock::unix_now() as i64) {
+        tracing::warn!(crl = %label, next_update = t, "a client certificate revocation list is past its nextUpdate: certificates revoked since are still served; fetch a new one");
+    }
 }
 
 /// Each name the certificates after the first cover, and the place of

@@ -83,6 +83,28 @@ impl Prometheus {
         }
     }
 
+    /// Polls the expression of the shipped alert `alert` (without its
+    /// `for`) until its result holds series (`held`) or none, and returns
+    /// that result; panics after 60 s, saying the condition never `what`.
+    async fn condition(&self, alert: &str, held: bool, what: &str) -> serde_json::Value {
+        let query = format!("/api/v1/query?query={}", url_encoded(&alert_expr(alert)));
+        let start = Instant::now();
+        loop {
+            let data = self.api(&query).await;
+            if data["result"]
+                .as_array()
+                .is_some_and(|r| r.is_empty() != held)
+            {
+                return data["result"].clone();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{alert}'s condition never {what}: {data}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Polls `check` every 200 ms for 60 s.
     async fn wait_for<F, Fut>(&self, what: &str, check: F)
     where
@@ -281,6 +303,8 @@ async fn the_latency_alert_reads_a_slow_versions_own_time_on_real_scrapes() {
 /// Prometheus on real scrapes: veer serving a certificate that expires in
 /// 3 days (and another with a year left) shows the first's expiry, the
 /// condition holds for it alone, and no longer once its files are renewed.
+/// The same for the revocation list alert: a client_crl list a day past
+/// its nextUpdate, then a fresh one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_certificate_alert_reads_each_served_certificates_expiry_on_real_scrapes() {
     let s = Upstream::start("stable").await;
@@ -302,9 +326,18 @@ async fn the_certificate_alert_reads_each_served_certificates_expiry_on_real_scr
     };
     let soon = write("soon", "shop.example", 3);
     write("later", "pay.example", 365);
+    let ca = super::upstreams::TestCa::new("clients");
+    std::fs::write(dir_path.join("clients.pem"), ca.pem()).unwrap();
+    let crl = |days: i64| {
+        let list = ca.revoking(1, &[], time::Duration::days(days));
+        let new = dir_path.join("clients.crl.new");
+        std::fs::write(&new, list).unwrap();
+        std::fs::rename(&new, dir_path.join("clients.crl")).unwrap();
+    };
+    crl(-1);
     let config = super::support::with_tls(
         &route_config(&[s.addr], &[], 0.0, ""),
-        "cert = \"soon.crt\"\nkey = \"soon.key\"\n[[proxy.tls.certificates]]\ncert = \"later.crt\"\nkey = \"later.key\"\n",
+        "cert = \"soon.crt\"\nkey = \"soon.key\"\nclient_ca = \"clients.pem\"\nclient_crl = \"clients.crl\"\n[[proxy.tls.certificates]]\ncert = \"later.crt\"\nkey = \"later.key\"\n",
     );
     let veer = Veer::start_in_dir(dir, &config).await;
     // `veer check` says so, and takes the config.
@@ -325,22 +358,13 @@ async fn the_certificate_alert_reads_each_served_certificates_expiry_on_real_scr
         "{m}"
     );
     let prom = Prometheus::start(veer.admin).await;
-    let query = format!(
-        "/api/v1/query?query={}",
-        url_encoded(&alert_expr("VeerTlsCertificateExpiresSoon"))
-    );
-    let start = Instant::now();
-    let result = loop {
-        let data = prom.api(&query).await;
-        if data["result"].as_array().is_some_and(|r| !r.is_empty()) {
-            break data["result"].clone();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the condition never held for the certificate expiring in 3 days: {data}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let result = prom
+        .condition(
+            "VeerTlsCertificateExpiresSoon",
+            true,
+            "held for the certificate expiring in 3 days",
+        )
+        .await;
     let series = result.as_array().cloned().unwrap_or_default();
     assert_eq!(series.len(), 1, "only the one expiring soon: {result}");
     assert_eq!(
@@ -356,17 +380,20 @@ async fn the_certificate_alert_reads_each_served_certificates_expiry_on_real_scr
 
     // Renewed: the condition no longer holds.
     write("soon", "shop.example", 90);
-    let start = Instant::now();
-    loop {
-        let data = prom.api(&query).await;
-        if data["result"].as_array().is_some_and(Vec::is_empty) {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "still expiring soon after renewal: {data}; veer: {}",
-            veer.metrics().await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    prom.condition(
+        "VeerTlsCertificateExpiresSoon",
+        false,
+        "ended after renewal",
+    )
+    .await;
+
+    // The revocation list, a day past its nextUpdate; then a fresh one.
+    let crl_file = dir_path.join("clients.crl").display().to_string();
+    let result = prom
+        .condition("VeerTlsCrlStale", true, "held for the stale list")
+        .await;
+    assert_eq!(result[0]["metric"]["crl"], crl_file.as_str(), "{result}");
+    crl(7);
+    prom.condition("VeerTlsCrlStale", false, "ended with a fresh list")
+        .await;
 }

@@ -1053,6 +1053,130 @@ async fn a_tls_listener_with_client_ca_serves_verified_clients_and_tells_upstrea
     assert_eq!(xfcc().as_deref(), Some(want.as_str()));
 }
 
+/// With `client_crl`, a client whose certificate a list revokes is
+/// refused at the handshake (counted as `client_cert`), others are
+/// served; a new list in the file is used from then on, a file that is no
+/// list keeps the one before; a client of a CA the lists say nothing of
+/// is refused too (its status is unknown). The lists' nextUpdate is
+/// exported, and `/status` names the file.
+#[tokio::test]
+async fn a_tls_listener_with_client_crl_refuses_revoked_client_certificates() {
+    use rcgen::DnType;
+    let s = Upstream::start("stable").await;
+    let ours = super::upstreams::TestCa::new("clients");
+    let other = super::upstreams::TestCa::new("partners");
+    let alice = ours.client(&[(DnType::CommonName, "alice")], vec![]);
+    let bob = ours.client(&[(DnType::CommonName, "bob")], vec![]);
+    let carol = other.client(&[(DnType::CommonName, "carol")], vec![]);
+    let week = time::Duration::days(7);
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().to_path_buf();
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir_path.join("tls.crt"), server.cert.pem()).unwrap();
+    std::fs::write(dir_path.join("tls.key"), server.key_pair.serialize_pem()).unwrap();
+    std::fs::write(dir_path.join("clients.pem"), ours.pem() + &other.pem()).unwrap();
+    let crl = ours.revoking(1, &[&bob.0], week);
+    std::fs::write(dir_path.join("revoked.pem"), &crl).unwrap();
+    let config = with_tls(
+        &route_config(&[s.addr], &[], 0.0, ""),
+        "cert = \"tls.crt\"\nkey = \"tls.key\"\nclient_ca = \"clients.pem\"\nclient_crl = \"revoked.pem\"\n",
+    );
+    let veer = Veer::start_in_dir(dir, &config).await;
+    let addr = veer.tls_addr.expect("tls listener");
+
+    let answer = mtls_get(addr, Some(&alice), "").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let refused = mtls_get(addr, Some(&bob), "").await.unwrap_err();
+    assert!(
+        refused.contains("Revoked"),
+        "bob refused, but not as revoked: {refused}"
+    );
+    let refused = mtls_get(addr, Some(&carol), "").await.unwrap_err();
+    assert!(!refused.contains("Revoked"), "{refused}");
+    super::support::wait_metric(
+        &veer,
+        r#"veer_proxy_errors_total{kind="client_cert"}"#,
+        "two refused handshakes counted",
+        |v| v == 2.0,
+    )
+    .await;
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(crl.as_bytes()).unwrap();
+    let (_, list) = x509_parser::parse_x509_crl(&parsed.contents).unwrap();
+    let due = list.next_update().unwrap().timestamp() as f64;
+    let file = dir_path.join("revoked.pem").display().to_string();
+    let series = format!("veer_tls_crl_next_update_timestamp_seconds{{crl=\"{file}\"}}");
+    assert_eq!(
+        super::support::metric(&veer.metrics().await, &series),
+        Some(due)
+    );
+    let status = veer.status().await;
+    assert_eq!(status["tls"]["client_crl"], file.as_str(), "{status}");
+
+    // A file that holds no list: the one before stays.
+    let replace = |text: &str| {
+        std::fs::write(dir_path.join("revoked.pem.new"), text).unwrap();
+        std::fs::rename(
+            dir_path.join("revoked.pem.new"),
+            dir_path.join("revoked.pem"),
+        )
+        .unwrap();
+    };
+    replace("not a list\n");
+    let logs = veer.logs_containing("no X509 CRL block").await;
+    assert!(logs.contains("no X509 CRL block"), "{logs}");
+    assert!(mtls_get(addr, Some(&alice), "").await.is_ok());
+    assert!(mtls_get(addr, Some(&bob), "").await.is_err());
+
+    // A new list revoking alice too, and due sooner: used from then on.
+    replace(&ours.revoking(2, &[&bob.0, &alice.0], time::Duration::days(1)));
+    let start = std::time::Instant::now();
+    while mtls_get(addr, Some(&alice), "").await.is_ok() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "the new list never taken"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(mtls_get(addr, Some(&bob), "").await.is_err());
+    let sooner = super::support::metric(&veer.metrics().await, &series).unwrap();
+    assert!(sooner < due - 5.0 * 86_400.0, "{sooner} vs {due}");
+
+    // The CA without a list is logged at start, and said by `veer check`.
+    let logs = veer.all_logs();
+    assert!(
+        logs.contains("client_crl holds no revocation list") && logs.contains("CN=partners"),
+        "{logs}"
+    );
+    let check = super::support::veer_cli(&[
+        "check",
+        "--config",
+        dir_path.join("veer.toml").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        check.status.success()
+            && err.contains("no revocation list from the client_ca CA CN=partners"),
+        "{err}"
+    );
+
+    // `veer check` refuses a client_crl without client_ca.
+    let lone = dir_path.join("lone.toml");
+    std::fs::write(
+        &lone,
+        with_tls(
+            &route_config(&[s.addr], &[], 0.0, ""),
+            "cert = \"tls.crt\"\nkey = \"tls.key\"\nclient_crl = \"revoked.pem\"\n",
+        ),
+    )
+    .unwrap();
+    let out = super::support::veer_cli(&["check", "--config", lone.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("client_crl needs client_ca"),
+        "{err}"
+    );
+}
+
 /// The certificate `addr` shows a client asking for `name` (no name
 /// asked for when it is an address), and the head of its answer to a GET.
 async fn served_to(

@@ -73,6 +73,43 @@ impl TestCa {
         (cert.der().clone(), key)
     }
 
+    /// A revocation list (PEM) this CA signed, number `number`, revoking
+    /// `revoked` (certificates it signed), due to be replaced in
+    /// `next_update`.
+    pub(super) fn revoking(
+        &self,
+        number: u64,
+        revoked: &[&CertificateDer<'_>],
+        next_update: time::Duration,
+    ) -> String {
+        let now = time::OffsetDateTime::now_utc();
+        let revoked_certs = revoked
+            .iter()
+            .map(|der| {
+                let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+                rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(cert.raw_serial()),
+                    revocation_time: now - time::Duration::minutes(1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                }
+            })
+            .collect();
+        rcgen::CertificateRevocationListParams {
+            this_update: (now - time::Duration::minutes(1))
+                .min(now + next_update - time::Duration::days(1)),
+            next_update: now + next_update,
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.cert, &self.key)
+        .unwrap()
+        .pem()
+        .unwrap()
+    }
+
     /// A leaf for `names` (and 127.0.0.1), signed by this CA: (cert, key) PEM.
     fn leaf(&self, names: &[&str], client: bool) -> (String, String) {
         let key = KeyPair::generate().unwrap();

@@ -71,6 +71,7 @@ pub struct RawTls {
     pub certificates: Option<Spanned<Vec<RawCertificate>>>,
     pub client_ca: Option<Spanned<String>>,
     pub client_auth: Option<Spanned<String>>,
+    pub client_crl: Option<Spanned<String>>,
 }
 
 /// `[[proxy.tls.certificates]]`.

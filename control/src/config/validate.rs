@@ -343,6 +343,15 @@ impl Validator<'_> {
                     optional
                 }
             };
+            let client_crl = t_ref.client_crl.as_ref().map(|c| {
+                if client_ca.is_none() {
+                    self.err(
+                        c.span(),
+                        "client_crl needs client_ca (the CAs whose revocation lists it holds)",
+                    );
+                }
+                self.path(c)
+            });
             TlsSettings {
                 listen,
                 cert: self.path(&t_ref.cert),
@@ -350,6 +359,7 @@ impl Validator<'_> {
                 certificates,
                 client_ca,
                 client_auth_optional,
+                client_crl,
             }
         });
         if let Some(tls) = &tls {

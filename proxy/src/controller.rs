@@ -154,6 +154,7 @@ impl Controller {
             config,
             addrs,
             text,
+            certs: _,
         } = applied;
         let dir = config.state.dir.clone();
         let load = tokio::task::spawn_blocking(move || State::load(&dir));
@@ -297,6 +298,7 @@ impl Controller {
                     checking = None;
                     if let Some(applied) = self.reload.finish(r) {
                         self.apply(applied);
+                        triggers.watch(&self.reload.watched());
                     } else {
                         self.publish(&[], false);
                     }

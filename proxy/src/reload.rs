@@ -24,7 +24,7 @@ use veer_control::reload::{Outcome, Reloader};
 
 use crate::shared::{Shared, Waiting};
 use crate::snapshot;
-use crate::tls::Certs;
+use crate::tls::{CertSet, Certs};
 
 /// Quiet time after a file event before the reload runs.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -74,10 +74,10 @@ impl Reload {
         let certs = self.certs.clone();
         let (path, reloader, readers) = (self.path.clone(), self.reloader, self.readers.clone());
         Checking(tokio::spawn(async move {
-            if let Some(certs) = certs {
-                refresh_certs(certs, &readers).await;
+            if let Some(certs) = &certs {
+                refresh_certs(certs.clone(), &readers).await;
             }
-            read(path, reloader, readers).await
+            read(path, reloader, readers, certs).await
         }))
     }
 
@@ -99,9 +99,22 @@ impl Reload {
         }
     }
 
-    /// Records that `applied` is now running as `generation`.
+    /// Records that `applied` is now running as `generation`, and puts its
+    /// TLS certificates in force if they changed.
     pub fn accepted(&mut self, applied: &Applied, generation: u64) {
         self.reloader.applied(&applied.text);
+        if let (Some(certs), Some(set)) = (&self.certs, &applied.certs) {
+            certs.install(set.clone());
+            tracing::info!(
+                certificates = certs.status().certificates.len(),
+                "TLS certificates and client verification of the new config in force"
+            );
+        }
+        if let Some(certs) = &self.certs {
+            for (route, host) in certs.uncovered(&applied.config.routes) {
+                tracing::warn!(route, host, "no [proxy.tls] certificate names this host: a TLS client asking for it gets the default certificate, and refuses it");
+            }
+        }
         let restart = restart_required(&self.started, &applied.config);
         if !restart.is_empty() {
             tracing::warn!(settings = ?restart, "changed settings take effect only after a restart");
@@ -131,7 +144,7 @@ impl Reload {
     pub fn watched(&self) -> Vec<PathBuf> {
         let mut dirs: Vec<PathBuf> = vec![base_dir(&self.path)];
         if let Some(c) = &self.certs {
-            dirs.extend(c.paths().map(base_dir));
+            dirs.extend(c.paths().iter().map(|p| base_dir(p)));
         }
         dirs.sort();
         dirs.dedup();
@@ -215,8 +228,14 @@ async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting) {
     }
 }
 
-/// Reads, parses and resolves the config file at `path`.
-async fn read(path: PathBuf, reloader: Reloader, readers: Waiting) -> Checked {
+/// Reads, parses and resolves the config file at `path`, and loads the
+/// TLS certificates it names if they are not those in force (`certs`).
+async fn read(
+    path: PathBuf,
+    reloader: Reloader,
+    readers: Waiting,
+    certs: Option<Arc<Certs>>,
+) -> Checked {
     // Read and parsed off the workers (a 1 000-route file takes ~15 ms
     // to parse, which a worker would not spend serving requests), on a
     // thread that ends with the parse, not a pooled blocking thread that
@@ -269,19 +288,59 @@ async fn read(path: PathBuf, reloader: Reloader, readers: Waiting) -> Checked {
             // Bounded: a file whose names do not resolve in time is
             // rejected like one that does not resolve at all.
             let lookup = tokio::task::spawn_blocking(move || snapshot::resolve(&for_dns));
-            match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
-                Ok(Ok(Ok(addrs))) => Checked::Apply(Box::new(Applied {
-                    config,
-                    addrs,
-                    text,
-                })),
-                Ok(Ok(Err(e))) => Checked::Rejected(e.to_string()),
-                Ok(Err(e)) => Checked::Rejected(e.to_string()),
-                Err(_) => Checked::Rejected(format!(
-                    "endpoint host names did not resolve within {RESOLVE_TIMEOUT:?}"
-                )),
-            }
+            let addrs = match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
+                Ok(Ok(Ok(addrs))) => addrs,
+                Ok(Ok(Err(e))) => return Checked::Rejected(e.to_string()),
+                Ok(Err(e)) => return Checked::Rejected(e.to_string()),
+                Err(_) => {
+                    return Checked::Rejected(format!(
+                        "endpoint host names did not resolve within {RESOLVE_TIMEOUT:?}"
+                    ))
+                }
+            };
+            let certs = match (certs, &config.proxy.tls) {
+                // ([proxy.tls] added or removed: a restart, said by
+                // `restart_required`.)
+                (Some(certs), Some(tls)) => match prepare_certs(certs, tls, &readers).await {
+                    Ok(set) => set,
+                    Err(e) => return Checked::Rejected(format!("[proxy.tls]: {e}")),
+                },
+                _ => None,
+            };
+            Checked::Apply(Box::new(Applied {
+                config,
+                addrs,
+                text,
+                certs,
+            }))
         }
+    }
+}
+
+/// Loads the certificates `tls` names if they are not those in force (a
+/// read counted among [`MAX_READERS`], bounded by [`READ_TIMEOUT`]).
+async fn prepare_certs(
+    certs: Arc<Certs>,
+    tls: &veer_control::config::TlsSettings,
+    readers: &Waiting,
+) -> Result<Option<Arc<CertSet>>, String> {
+    let Some(reading) = readers.enter(MAX_READERS) else {
+        return Err(format!(
+            "{MAX_READERS} earlier reads of files have not returned (a file system that does not answer?); not starting another"
+        ));
+    };
+    let tls = tls.clone();
+    let prepare = tokio::task::spawn_blocking(move || {
+        let set = certs.prepare(&tls);
+        drop(reading);
+        set
+    });
+    match tokio::time::timeout(READ_TIMEOUT, prepare).await {
+        Ok(Ok(r)) => r.map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "certificate files not read within {READ_TIMEOUT:?} (a file system that does not answer?)"
+        )),
     }
 }
 
@@ -296,6 +355,8 @@ pub struct Applied {
     pub addrs: HashMap<String, SocketAddr>,
     /// The file's text.
     pub text: String,
+    /// The TLS certificates it names, loaded, when not those in force.
+    pub certs: Option<Arc<CertSet>>,
 }
 
 /// What makes veer look at its files again: a change in a watched
@@ -305,7 +366,9 @@ pub struct Triggers {
     hup: Option<tokio::signal::unix::Signal>,
     poll: tokio::time::Interval,
     pending: Option<tokio::time::Instant>,
-    _watcher: Option<notify::RecommendedWatcher>,
+    watcher: Option<notify::RecommendedWatcher>,
+    /// The directories watched.
+    dirs: std::collections::HashSet<PathBuf>,
 }
 
 impl Triggers {
@@ -318,14 +381,7 @@ impl Triggers {
             }
         });
         let watcher = match watcher {
-            Ok(mut w) => {
-                for d in dirs {
-                    if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
-                        tracing::warn!(dir = %d.display(), error = %e, "cannot watch; relying on SIGHUP and a 5 s poll");
-                    }
-                }
-                Some(w)
-            }
+            Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!(error = %e, "no file watcher; relying on SIGHUP and a 5 s poll");
                 None
@@ -341,12 +397,30 @@ impl Triggers {
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         poll.reset();
-        Triggers {
+        let mut triggers = Triggers {
             rx,
             hup,
             poll,
             pending: None,
-            _watcher: watcher,
+            watcher,
+            dirs: Default::default(),
+        };
+        triggers.watch(dirs);
+        triggers
+    }
+
+    /// Watches those of `dirs` not watched yet (a reload naming
+    /// certificates elsewhere). A directory no longer named stays watched:
+    /// a spurious trigger costs a read.
+    pub fn watch(&mut self, dirs: &[PathBuf]) {
+        let Some(w) = &mut self.watcher else { return };
+        for d in dirs {
+            if !self.dirs.insert(d.clone()) {
+                continue;
+            }
+            if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot watch; relying on SIGHUP and a 5 s poll");
+            }
         }
     }
 
@@ -404,7 +478,11 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
     };
     diff(o.listen != n.listen, "proxy.listen");
     diff(o.workers != n.workers, "proxy.workers");
-    diff(o.tls != n.tls, "proxy.tls");
+    // (The certificates and client verification apply live.)
+    diff(
+        o.tls.as_ref().map(|t| &t.listen) != n.tls.as_ref().map(|t| &t.listen),
+        "proxy.tls.listen",
+    );
     diff(
         o.max_connections != n.max_connections,
         "proxy.max_connections",
@@ -459,13 +537,13 @@ mod tests {
         let mut stuck: Vec<_> = (0..MAX_READERS)
             .filter_map(|_| readers.enter(MAX_READERS))
             .collect();
-        match read(file.clone(), Reloader::new(), readers.clone()).await {
+        match read(file.clone(), Reloader::new(), readers.clone(), None).await {
             Checked::Rejected(e) => assert!(e.contains("have not returned"), "{e}"),
             _ => panic!("a read started past the bound"),
         }
         assert_eq!(readers.count(), MAX_READERS);
         stuck.pop();
-        match read(file, Reloader::new(), readers.clone()).await {
+        match read(file, Reloader::new(), readers.clone(), None).await {
             // Read and parsed: an invalid file's diagnostics.
             Checked::Rejected(e) => assert!(e.contains("veer.toml:"), "{e}"),
             _ => panic!("an invalid file applied"),
@@ -493,5 +571,20 @@ mod tests {
             written.is_ok(),
             "a write to a watched file did not trigger a check"
         );
+    }
+
+    /// A directory a reload names (certificates kept elsewhere) is watched
+    /// from then on: a write there is an event, not only the 5 s poll's.
+    #[tokio::test]
+    async fn a_directory_watched_later_reports_its_writes() {
+        let first = tempfile::tempdir().unwrap();
+        let later = tempfile::tempdir().unwrap();
+        let mut triggers = Triggers::new(&[first.path().to_path_buf()]);
+        triggers.watch(&[first.path().to_path_buf(), later.path().to_path_buf()]);
+        assert_eq!(triggers.dirs.len(), 2);
+        std::fs::write(later.path().join("tls.crt"), "renewed").unwrap();
+        // The watcher's events alone come through `rx` (the poll does not).
+        let event = tokio::time::timeout(Duration::from_secs(30), triggers.rx.recv()).await;
+        assert!(event.is_ok(), "no event from the directory watched later");
     }
 }

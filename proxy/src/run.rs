@@ -225,6 +225,7 @@ pub async fn run(
         config,
         addrs,
         text,
+        certs: None,
     };
     let config = settings;
     let (controller, shared) =

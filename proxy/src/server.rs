@@ -156,11 +156,8 @@ pub async fn serve(
     if listeners.is_empty() {
         return;
     }
-    // With mutual TLS on, veer alone says who a client is: a client's own
-    // `X-Forwarded-Client-Cert` is dropped on every listener, plain ones too.
-    let client_certs = listeners
-        .iter()
-        .any(|(_, c)| c.as_ref().is_some_and(|c| c.asks_clients()));
+    // The TLS listeners' certificates (one set, shared by them all).
+    let certs = listeners.iter().find_map(|(_, c)| c.clone());
     let mut h1 = http1::Builder::new();
     h1
         // veer times every request head itself (`crate::conn::HeadWatch`):
@@ -264,6 +261,10 @@ pub async fn serve(
         }
         let shared = shared.clone();
         let tls = listeners.get(i).and_then(|(_, t)| t.clone());
+        // With mutual TLS on, veer alone says who a client is: a client's
+        // own `X-Forwarded-Client-Cert` is dropped on every listener,
+        // plain ones too.
+        let client_certs = certs.as_ref().is_some_and(|c| c.asks_clients());
         let scheme = if tls.is_some() {
             Scheme::Https
         } else {
@@ -329,11 +330,17 @@ pub async fn serve(
             // phase of each would stay in this task's allocation for the
             // connection's whole life (an idle keep-alive connection cost
             // 26 KiB, see benches/idle-conns.py).
-            let asks_clients = tls.as_ref().is_some_and(|c| c.asks_clients());
+            let (acceptor, asks_clients) = match &tls {
+                Some(c) => {
+                    let (a, asks) = c.acceptor();
+                    (Some(a), asks)
+                }
+                None => (None, false),
+            };
             let handshake = tokio::time::timeout_at(accepted + limits.header_timeout, async {
-                match tls {
+                match acceptor {
                     None => Ok(Stream::Plain(stream)),
-                    Some(certs) => Box::pin(certs.acceptor().accept(stream))
+                    Some(acceptor) => Box::pin(acceptor.accept(stream))
                         .await
                         .map(|s| Stream::Tls(Box::new(s))),
                 }

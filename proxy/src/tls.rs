@@ -249,9 +249,20 @@ pub struct Refreshed {
 /// by the DNS names each covers: an exact name, else a wildcard one label
 /// up; the first listed of two that cover a name). A client asking for no
 /// name, or one none covers, gets the default. With `client_ca`, clients'
-/// certificates are verified against it (mutual TLS).
+/// certificates are verified against it (mutual TLS). A reload that
+/// changes these settings puts a new [`CertSet`] in (see
+/// [`Certs::prepare`]); a handshake uses the set in force when it began.
 #[derive(Debug)]
 pub struct Certs {
+    set: ArcSwap<CertSet>,
+}
+
+/// The certificates and client verification one `[proxy.tls]` table
+/// names.
+#[derive(Debug)]
+pub struct CertSet {
+    /// Its settings, `listen` left out (see [`certificate_settings`]).
+    settings: veer_control::config::TlsSettings,
     picker: Arc<Picker>,
     /// `client_ca`, if clients' certificates are asked for.
     clients: Option<ClientCa>,
@@ -347,6 +358,115 @@ impl Certs {
     /// Loads every certificate of `settings` (and its client CAs) for the
     /// first time. Blocking.
     pub fn open(settings: &veer_control::config::TlsSettings) -> Result<Certs, TlsError> {
+        Ok(Certs {
+            set: ArcSwap::from_pointee(CertSet::open(settings)?),
+        })
+    }
+
+    /// For a reloaded config's `settings`: None when they name the
+    /// certificates and client verification in force (their files' changes
+    /// are [`Certs::refresh`]'s), else everything they name, loaded, for
+    /// [`Certs::install`]; an error refuses the config. Blocking.
+    pub fn prepare(
+        &self,
+        settings: &veer_control::config::TlsSettings,
+    ) -> Result<Option<Arc<CertSet>>, TlsError> {
+        if self.set.load().settings == certificate_settings(settings) {
+            return Ok(None);
+        }
+        CertSet::open(settings).map(|s| Some(Arc::new(s)))
+    }
+
+    /// Puts `set` in force: new handshakes use it. Certificates and
+    /// revocation lists no longer used leave the metrics.
+    pub fn install(&self, set: Arc<CertSet>) {
+        let old = self.set.swap(set);
+        let now: std::collections::HashSet<PathBuf> = self.paths().into_iter().collect();
+        for s in &old.picker.stores {
+            if !now.contains(&s.cert) {
+                if let Some(expiry) = EXPIRY.get() {
+                    let _ = expiry.remove_label_values(&[s.cert.display().to_string().as_str()]);
+                }
+            }
+        }
+        let crl = old.clients.as_ref().and_then(|c| c.crl.as_ref());
+        if let (Some(crl), Some(gauge)) = (crl.filter(|c| !now.contains(*c)), CRL_NEXT_UPDATE.get())
+        {
+            let _ = gauge.remove_label_values(&[crl.display().to_string().as_str()]);
+        }
+        self.show();
+    }
+
+    /// The files watched.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.set.load().paths().map(Path::to_path_buf).collect()
+    }
+
+    /// With `client_crl`, the subjects of the `client_ca` CAs it holds no
+    /// revocation list from: their clients are all refused (their status
+    /// is unknown), surely a mistake; logged when the files are read.
+    pub fn unlisted(&self) -> Vec<String> {
+        self.set.load().unlisted()
+    }
+
+    /// Whether clients are asked for a certificate (`client_ca`).
+    pub fn asks_clients(&self) -> bool {
+        self.set.load().clients.is_some()
+    }
+
+    /// Re-reads the files of every certificate in force (see
+    /// [`CertStore::refresh`]) and the client CAs. Blocking.
+    pub fn refresh(&self) -> Refreshed {
+        self.set.load().refresh()
+    }
+
+    /// Shows when each certificate expires (see [`show_expiry`]).
+    pub fn show(&self) {
+        for s in &self.set.load().picker.stores {
+            show_expiry(&s.cert, &s.current());
+        }
+    }
+
+    /// What `/status` shows of them (made when they are loaded).
+    pub fn status(&self) -> Arc<veer_control::status::TlsStatus> {
+        self.set.load().status.load_full()
+    }
+
+    /// The routes' hosts no certificate names (`(route, host)`): a client
+    /// asking for one over TLS is given the default, which its name check
+    /// refuses. A wildcard host is named by the same wildcard.
+    pub fn uncovered<'a>(
+        &self,
+        routes: &'a [Arc<veer_control::config::Route>],
+    ) -> Vec<(&'a str, &'a str)> {
+        self.set.load().uncovered(routes)
+    }
+
+    /// A TLS acceptor offering h2 and http/1.1, with the set-up in force,
+    /// and whether it asks clients for a certificate.
+    pub fn acceptor(&self) -> (TlsAcceptor, bool) {
+        let set = self.set.load();
+        (
+            TlsAcceptor::from(set.config.load_full()),
+            set.clients.is_some(),
+        )
+    }
+}
+
+/// `settings` without `listen`: what a [`CertSet`] is made of.
+fn certificate_settings(
+    settings: &veer_control::config::TlsSettings,
+) -> veer_control::config::TlsSettings {
+    veer_control::config::TlsSettings {
+        listen: Vec::new(),
+        ..settings.clone()
+    }
+}
+
+impl CertSet {
+    /// Loads every certificate of `settings` (and its client CAs).
+    /// Blocking.
+    fn open(settings: &veer_control::config::TlsSettings) -> Result<CertSet, TlsError> {
         let mut stores = vec![CertStore::open(&settings.cert, &settings.key)?];
         for (cert, key) in &settings.certificates {
             stores.push(CertStore::open_as(cert, key, true)?);
@@ -373,7 +493,8 @@ impl Certs {
             path: settings.cert.clone(),
             what: e.to_string(),
         })?;
-        let certs = Certs {
+        let certs = CertSet {
+            settings: certificate_settings(settings),
             picker,
             clients,
             config: ArcSwap::from_pointee(config),
@@ -384,7 +505,7 @@ impl Certs {
     }
 
     /// The files watched.
-    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+    fn paths(&self) -> impl Iterator<Item = &Path> {
         self.picker.stores.iter().flat_map(CertStore::paths).chain(
             self.clients
                 .iter()
@@ -392,24 +513,16 @@ impl Certs {
         )
     }
 
-    /// With `client_crl`, the subjects of the `client_ca` CAs it holds no
-    /// revocation list from: their clients are all refused (their status
-    /// is unknown), surely a mistake; logged when the files are read.
-    pub fn unlisted(&self) -> Vec<String> {
+    /// See [`Certs::unlisted`].
+    fn unlisted(&self) -> Vec<String> {
         self.clients
             .as_ref()
             .map(|c| c.unlisted.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .unwrap_or_default()
     }
 
-    /// Whether clients are asked for a certificate (`client_ca`).
-    pub fn asks_clients(&self) -> bool {
-        self.clients.is_some()
-    }
-
-    /// Re-reads every certificate's files (see [`CertStore::refresh`]) and
-    /// the client CAs. Blocking.
-    pub fn refresh(&self) -> Refreshed {
+    /// See [`Certs::refresh`].
+    fn refresh(&self) -> Refreshed {
         let mut r = Refreshed::default();
         for s in &self.picker.stores {
             match s.refresh() {
@@ -454,18 +567,6 @@ impl Certs {
         Ok(true)
     }
 
-    /// Shows when each certificate expires (see [`show_expiry`]).
-    pub fn show(&self) {
-        for s in &self.picker.stores {
-            show_expiry(&s.cert, &s.current());
-        }
-    }
-
-    /// What `/status` shows of them (made when they are loaded).
-    pub fn status(&self) -> Arc<veer_control::status::TlsStatus> {
-        self.status.load_full()
-    }
-
     /// What `/status` shows of them, made afresh.
     fn status_now(&self) -> veer_control::status::TlsStatus {
         veer_control::status::TlsStatus {
@@ -491,10 +592,8 @@ impl Certs {
         }
     }
 
-    /// The routes' hosts no certificate names (`(route, host)`): a client
-    /// asking for one over TLS is given the default, which its name check
-    /// refuses. A wildcard host is named by the same wildcard.
-    pub fn uncovered<'a>(
+    /// See [`Certs::uncovered`].
+    fn uncovered<'a>(
         &self,
         routes: &'a [Arc<veer_control::config::Route>],
     ) -> Vec<(&'a str, &'a str)> {
@@ -516,11 +615,6 @@ impl Certs {
             .flat_map(|r| r.hosts.iter().map(move |h| (r.name.as_str(), h.as_str())))
             .filter(|(_, h)| !covered(h))
             .collect()
-    }
-
-    /// A TLS acceptor offering h2 and http/1.1, with the set-up in force.
-    pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.config.load_full())
     }
 }
 

@@ -728,17 +728,7 @@ async fn https_serves_the_certificate_of_the_name_a_client_asks_for() {
     let dir = tempfile::tempdir().unwrap();
     // The fixture owns `dir` once it starts.
     let dir_path = dir.path().to_path_buf();
-    let write = |file: &str, names: &[&str]| {
-        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-        let cert = rcgen::generate_simple_self_signed(names).unwrap();
-        std::fs::write(dir_path.join(format!("{file}.crt")), cert.cert.pem()).unwrap();
-        std::fs::write(
-            dir_path.join(format!("{file}.key")),
-            cert.key_pair.serialize_pem(),
-        )
-        .unwrap();
-        cert.cert.der().clone()
-    };
+    let write = |file: &str, names: &[&str]| self_signed(&dir_path, file, names);
     let default = write("default", &["localhost"]);
     let shop = write("shop", &["shop.example", "*.api.example"]);
     let pay = write("pay", &["pay.api.example"]);
@@ -886,19 +876,7 @@ async fn mtls_get(
     )>,
     headers: &str,
 ) -> Result<String, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny));
-    let cfg = match client {
-        Some((cert, key)) => builder
-            .with_client_auth_cert(vec![cert.clone()], key.clone_key())
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let connector = connector(client);
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let mut tls = connector
@@ -1177,20 +1155,201 @@ async fn a_tls_listener_with_client_crl_refuses_revoked_client_certificates() {
     );
 }
 
+/// A reload that adds a certificate pair, sets `client_ca`, or takes
+/// them away applies to the next handshakes without a restart; one naming
+/// a file that does not load is rejected and the certificates in force
+/// stay. A certificate no longer served leaves the expiry metric; only a
+/// change of the TLS listener's addresses is a restart.
+#[tokio::test]
+async fn a_reload_changes_the_tls_certificates_and_client_verification_live() {
+    use rcgen::DnType;
+    let s = Upstream::start("stable").await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().to_path_buf();
+    std::fs::create_dir(dir_path.join("shop")).unwrap();
+    let default = self_signed(&dir_path, "default", &["localhost"]);
+    let shop = self_signed(&dir_path, "shop/tls", &["shop.example"]);
+    let ca = super::upstreams::TestCa::new("clients");
+    std::fs::write(dir_path.join("clients.pem"), ca.pem()).unwrap();
+    let alice = ca.client(&[(DnType::CommonName, "alice")], vec![]);
+    let config = |keys: &str| {
+        with_tls(
+            &route_config(&[s.addr], &[], 0.0, ""),
+            &format!("cert = \"default.crt\"\nkey = \"default.key\"\n{keys}"),
+        )
+    };
+    let shop_pair = "[[proxy.tls.certificates]]\ncert = \"shop/tls.crt\"\nkey = \"shop/tls.key\"\n";
+    let veer = Veer::start_in_dir(dir, &config("")).await;
+    let addr = veer.tls_addr.expect("tls listener");
+    assert_eq!(served_to(addr, "shop.example").await.0, default);
+    let shop_file = dir_path.join("shop/tls.crt").display().to_string();
+    let shop_expiry =
+        format!("veer_tls_certificate_expiry_timestamp_seconds{{certificate=\"{shop_file}\"}}");
+
+    // A pair added: served to clients asking for its name.
+    veer.write_config(&config(shop_pair));
+    veer.wait_generation(2).await;
+    assert_eq!(served_to(addr, "shop.example").await.0, shop);
+    assert_eq!(served_to(addr, "localhost").await.0, default);
+    let status = veer.status().await;
+    assert_eq!(
+        status["tls"]["certificates"].as_array().unwrap().len(),
+        2,
+        "{status}"
+    );
+    assert_eq!(
+        status["config"]["restart_required"],
+        serde_json::json!([]),
+        "{status}"
+    );
+    assert!(super::support::metric(&veer.metrics().await, &shop_expiry).is_some());
+
+    // A pair whose files are not there: the config is rejected, and what
+    // is served stays.
+    veer.write_config(&config(&format!(
+        "{shop_pair}[[proxy.tls.certificates]]\ncert = \"gone.crt\"\nkey = \"gone.key\"\n"
+    )));
+    let start = std::time::Instant::now();
+    loop {
+        let st = veer.status().await;
+        if st["config"]["last_reload"]["result"] == "failure" {
+            let err = st["config"]["last_reload"]["error"].as_str().unwrap();
+            assert!(
+                err.contains("[proxy.tls]") && err.contains("gone.crt"),
+                "{err}"
+            );
+            assert_eq!(st["config"]["generation"], 2);
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "never rejected: {st}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(served_to(addr, "shop.example").await.0, shop);
+
+    // client_ca set, the pair taken away: clients need a certificate, the
+    // shop's leaves the metrics, and the plain listener drops a client's
+    // own X-Forwarded-Client-Cert.
+    veer.write_config(&config("client_ca = \"clients.pem\"\n"));
+    veer.wait_generation(3).await;
+    assert!(mtls_get(addr, None, "").await.is_err());
+    let answer = mtls_get(addr, Some(&alice), "").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        served_to_client(addr, &alice, "shop.example").await,
+        default
+    );
+    assert_eq!(
+        super::support::metric(&veer.metrics().await, &shop_expiry),
+        None
+    );
+    let header = |h: &http::HeaderMap| {
+        h.get("x-forwarded-client-cert")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    assert!(
+        header(&s.last_headers.lock().unwrap()).is_some_and(|v| v.contains("Subject=\"CN=alice\""))
+    );
+    let answer = raw(
+        veer.addr,
+        b"GET / HTTP/1.1\r\nhost: localhost\r\nx-forwarded-client-cert: Hash=00\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(header(&s.last_headers.lock().unwrap()), None);
+    assert_eq!(
+        veer.status().await["tls"]["client_ca"],
+        dir_path.join("clients.pem").display().to_string().as_str()
+    );
+
+    // client_ca taken away: served without a certificate again.
+    veer.write_config(&config(""));
+    veer.wait_generation(4).await;
+    let answer = mtls_get(addr, None, "").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Another address for the TLS listener: a restart, said so.
+    veer.write_config(&config("").replace(
+        "[proxy.tls]\nlisten = [\"127.0.0.1:0\"]",
+        "[proxy.tls]\nlisten = [\"127.0.0.2:0\"]",
+    ));
+    veer.wait_generation(5).await;
+    let status = veer.status().await;
+    assert_eq!(
+        status["config"]["restart_required"],
+        serde_json::json!(["proxy.tls.listen"]),
+        "{status}"
+    );
+}
+
+/// A TLS client that takes any server certificate, presenting `client`'s
+/// if given.
+fn connector(
+    client: Option<&(
+        rustls::pki_types::CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny));
+    let cfg = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(vec![cert.clone()], key.clone_key())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// Writes a self-signed certificate for `names` and its key to
+/// `dir`/`file`.crt and .key; returns the certificate.
+fn self_signed(
+    dir: &std::path::Path,
+    file: &str,
+    names: &[&str],
+) -> rustls::pki_types::CertificateDer<'static> {
+    let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let cert = rcgen::generate_simple_self_signed(names).unwrap();
+    std::fs::write(dir.join(format!("{file}.crt")), cert.cert.pem()).unwrap();
+    std::fs::write(
+        dir.join(format!("{file}.key")),
+        cert.key_pair.serialize_pem(),
+    )
+    .unwrap();
+    cert.cert.der().clone()
+}
+
+/// The certificate `addr` serves to a client presenting `client` and
+/// asking for `name`.
+async fn served_to_client(
+    addr: std::net::SocketAddr,
+    client: &(
+        rustls::pki_types::CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    name: &str,
+) -> rustls::pki_types::CertificateDer<'static> {
+    let connector = connector(Some(client));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let tls = connector.connect(server_name, tcp).await.unwrap();
+    let served = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    served
+}
+
 /// The certificate `addr` shows a client asking for `name` (no name
 /// asked for when it is an address), and the head of its answer to a GET.
 async fn served_to(
     addr: std::net::SocketAddr,
     name: &str,
 ) -> (rustls::pki_types::CertificateDer<'static>, String) {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny))
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let connector = connector(None);
     let tcp = TcpStream::connect(addr).await.unwrap();
     let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
     let mut tls = connector.connect(server_name, tcp).await.unwrap();

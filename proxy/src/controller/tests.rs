@@ -28,6 +28,7 @@ async fn running(text: &str) -> (Arc<Shared>, watch::Sender<bool>, tempfile::Tem
         config,
         addrs,
         text,
+        certs: None,
     };
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let (c, shared) = Controller::start(applied, path, None, metrics, Upstreams::new())

@@ -41,6 +41,8 @@ pub struct Reload {
     /// outlive every reload).
     started: Config,
     certs: Option<Arc<Certs>>,
+    /// `[fleet] cert_file`: its expiry is shown at each check.
+    fleet_cert: Option<PathBuf>,
     /// Reads of the files under way (see [`MAX_READERS`]).
     readers: Waiting,
 }
@@ -62,6 +64,11 @@ impl Reload {
             reloader,
             started: started.without_routes(),
             certs,
+            fleet_cert: started
+                .fleet
+                .as_ref()
+                .and_then(|f| f.client_cert.as_ref())
+                .map(|(cert, _)| cert.clone()),
             readers: Waiting::default(),
         }
     }
@@ -73,9 +80,13 @@ impl Reload {
     pub fn start(&self) -> Checking {
         let certs = self.certs.clone();
         let (path, reloader, readers) = (self.path.clone(), self.reloader, self.readers.clone());
+        let fleet_cert = self.fleet_cert.clone();
         Checking(tokio::spawn(async move {
             if let Some(certs) = &certs {
                 refresh_certs(certs.clone(), &readers).await;
+            }
+            if let Some(cert) = fleet_cert {
+                show_fleet_cert(cert, &readers).await;
             }
             read(path, reloader, readers, certs).await
         }))
@@ -226,6 +237,21 @@ async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting) {
             "TLS certificate files not read within {READ_TIMEOUT:?}; the previous certificate stays"
         ),
     }
+}
+
+/// Shows the expiry of the fleet's etcd client certificate, read again
+/// (a read counted among [`MAX_READERS`], bounded by [`READ_TIMEOUT`]):
+/// the agent reads the file at each connection to etcd, so its content
+/// is what the next connection presents.
+async fn show_fleet_cert(cert: PathBuf, readers: &Waiting) {
+    let Some(reading) = readers.enter(MAX_READERS) else {
+        return;
+    };
+    let show = tokio::task::spawn_blocking(move || {
+        crate::tls::show_expiry_file(&cert);
+        drop(reading);
+    });
+    let _ = tokio::time::timeout(READ_TIMEOUT, show).await;
 }
 
 /// Reads, parses and resolves the config file at `path`, and loads the

@@ -204,6 +204,10 @@ pub async fn run(
             tracing::info!(path = %p.display(), "admin token read")
         }
     }
+    if let Some((cert, _)) = config.fleet.as_ref().and_then(|f| f.client_cert.clone()) {
+        let show = tokio::task::spawn_blocking(move || crate::tls::show_expiry_file(&cert));
+        start_step("the fleet's client certificate", show).await?;
+    }
     let certs = match &config.proxy.tls {
         Some(t) => {
             let t = t.clone();

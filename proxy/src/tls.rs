@@ -125,9 +125,41 @@ pub static EXPIRY: std::sync::OnceLock<prometheus::IntGaugeVec> = std::sync::Onc
 /// within 14 days (or past) is logged when first shown (a file read
 /// again with the same certificate says nothing more).
 pub fn show_expiry(path: &Path, ck: &CertifiedKey) {
+    show_not_after(path, not_after(ck));
+}
+
+/// Shows when the first certificate in the PEM file `path` expires (a
+/// certificate veer hands to a library that reads it itself: the fleet's
+/// etcd client certificate); a file that cannot be read or holds none is
+/// said once in the log and leaves the metric. Blocking.
+pub fn show_expiry_file(path: &Path) {
+    let leaf = std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|pem| {
+            CertificateDer::pem_slice_iter(&pem)
+                .next()
+                .ok_or_else(|| "no CERTIFICATE block".to_string())?
+                .map_err(|e| e.to_string())
+        });
+    match leaf {
+        Ok(der) => show_not_after(path, leaf_not_after(&der)),
+        Err(e) => {
+            if EXPIRY.get().is_some_and(|g| {
+                g.remove_label_values(&[path.display().to_string().as_str()])
+                    .is_ok()
+            }) {
+                tracing::warn!(certificate = %path.display(), error = %e, "certificate not read for its expiry");
+            }
+        }
+    }
+}
+
+/// Sets the expiry gauge of the certificate read from `path` to `t` (its
+/// notAfter; None: removed); one within 14 days is logged when first set.
+fn show_not_after(path: &Path, t: Option<i64>) {
     let Some(expiry) = EXPIRY.get() else { return };
     let label = path.display().to_string();
-    let Some(t) = not_after(ck) else {
+    let Some(t) = t else {
         let _ = expiry.remove_label_values(&[label.as_str()]);
         return;
     };
@@ -151,8 +183,12 @@ pub fn expires_soon(not_after: i64) -> Option<f64> {
 
 /// When a chain's leaf certificate expires (its notAfter, Unix seconds).
 pub fn not_after(ck: &CertifiedKey) -> Option<i64> {
-    let leaf = ck.cert.first()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    leaf_not_after(ck.cert.first()?)
+}
+
+/// When a certificate expires (its notAfter, Unix seconds).
+fn leaf_not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     Some(cert.validity().not_after.timestamp())
 }
 

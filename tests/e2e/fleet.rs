@@ -390,6 +390,15 @@ async fn replicas_share_decisions_over_mutual_tls_and_a_replica_without_a_client
     let s3 = r3.status().await;
     assert_eq!(s3["fleet"]["synced"], false, "{s3}");
     assert_eq!(s3["routes"][0]["weight"]["effective"], 0.0, "{s3}");
+    // The client certificate's expiry is exported (its alert covers it).
+    let pem = std::fs::read(&tls.client_cert).unwrap();
+    let (_, leaf) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let not_after = leaf.parse_x509().unwrap().validity().not_after.timestamp();
+    let series = format!(
+        "veer_tls_certificate_expiry_timestamp_seconds{{certificate=\"{}\"}}",
+        tls.client_cert.display()
+    );
+    assert_eq!(metric(&r1.metrics().await, &series), Some(not_after as f64));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 //! path: the main one (the stable backend) and one annotated
 //! `nginx.ingress.kubernetes.io/canary: "true"` (the canary backend, and how
 //! much traffic it gets). Each such host and path becomes one route. What
-//! veer cannot express (other annotations, TLS secrets, named ports,
+//! veer cannot express (other annotations, TLS secrets without `--tls-dir`, named ports,
 //! header patterns, exact paths, ...) is reported, on stderr and as a
 //! comment in the output, never dropped silently.
 
@@ -19,6 +19,15 @@ mod configmap;
 mod paths;
 
 const PREFIX: &str = "nginx.ingress.kubernetes.io/";
+
+/// How to import.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// Where the Ingresses' TLS Secrets are mounted (`DIR/NAMESPACE/NAME/`
+    /// holding `tls.crt` and `tls.key`): given, they are written as
+    /// `[proxy.tls]` certificates; else noted.
+    pub tls_dir: Option<String>,
+}
 
 /// What an import produced.
 #[derive(Debug, Default)]
@@ -104,7 +113,10 @@ struct Manifest {
 }
 
 /// Imports the manifests `files` (name, text).
-pub fn ingress_nginx(files: &[(String, String)]) -> Result<Imported, ImportError> {
+pub fn ingress_nginx(
+    files: &[(String, String)],
+    options: &Options,
+) -> Result<Imported, ImportError> {
     let mut notes = Vec::new();
     let mut ingresses = Vec::new();
     let mut controllers = Vec::new();
@@ -141,7 +153,56 @@ pub fn ingress_nginx(files: &[(String, String)]) -> Result<Imported, ImportError
         c.apply(&mut ingresses);
         c.notes(&mut notes);
     }
-    build(&ingresses, notes, controller.as_ref())
+    build(&ingresses, notes, controller.as_ref(), options)
+}
+
+/// The TLS Secrets (namespace, name) of the Ingresses' TLS sections that
+/// name a host of `routes` (or no host: all of theirs), in the order
+/// first named.
+fn secrets(ingresses: &[Ingress], routes: &[Route]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for i in ingresses {
+        for (hosts, secret) in &i.tls {
+            let serves = hosts.is_empty()
+                || hosts
+                    .iter()
+                    .any(|h| routes.iter().any(|r| r.host.eq_ignore_ascii_case(h)));
+            let key = (i.namespace.clone(), secret.clone());
+            // (No secretName: ingress-nginx serves its default certificate.)
+            if serves && !secret.is_empty() && !out.contains(&key) {
+                out.push(key);
+            }
+        }
+    }
+    out
+}
+
+/// `[proxy.tls]` serving `secrets` as mounted under `dir` (the first is
+/// also the default certificate), with a note on mounting each; empty
+/// when there are none.
+fn tls_table(dir: &str, secrets: &[(String, String)], notes: &mut Vec<String>) -> String {
+    let dir = dir.trim_end_matches('/');
+    let mut out = String::new();
+    for (n, (ns, name)) in secrets.iter().enumerate() {
+        let at = format!("{dir}/{ns}/{name}");
+        notes.push(format!(
+            "TLS Secret {ns}/{name}: mount it at {at}/ (tls.crt, tls.key; a pod mounts Secrets of its own namespace only: copy it to veer's)"
+        ));
+        let cert = toml_str(&format!("{at}/tls.crt"));
+        let key = toml_str(&format!("{at}/tls.key"));
+        if n == 0 {
+            let _ = writeln!(
+                out,
+                "\n[proxy.tls]\nlisten = [\"0.0.0.0:8443\"]\n# Secret {ns}/{name}; also the default, for a client asking for no name or one no pair covers\ncert = {cert}\nkey = {key}"
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "\n[[proxy.tls.certificates]]  # Secret {ns}/{name}\ncert = {cert}\nkey = {key}"
+            );
+        }
+    }
+    out
 }
 
 /// The objects of a document: itself, or the items of a list (what
@@ -783,6 +844,7 @@ fn build(
     ingresses: &[Ingress],
     mut notes: Vec<String>,
     controller: Option<&configmap::Controller>,
+    options: &Options,
 ) -> Result<Imported, ImportError> {
     let (canaries, mains): (Vec<&Ingress>, Vec<&Ingress>) =
         ingresses.iter().partition(|i| i.canary());
@@ -890,7 +952,10 @@ fn build(
                 rn.push(format!("pathType Exact for {:?}: veer matches path prefixes, so longer paths match too", rule.path));
             }
             for (hosts, secret) in main.tls.iter().chain(&c.tls) {
-                if hosts.iter().any(|h| h.eq_ignore_ascii_case(&rule.host)) || hosts.is_empty() {
+                if options.tls_dir.is_none()
+                    && (hosts.iter().any(|h| h.eq_ignore_ascii_case(&rule.host))
+                        || hosts.is_empty())
+                {
                     rn.push(format!("TLS from Secret {secret:?}: mount its tls.crt/tls.key and list them as a [[proxy.tls.certificates]] pair (served to clients asking for a host its certificate names; [proxy.tls] cert and key are the default)"));
                 }
             }
@@ -1003,6 +1068,10 @@ fn build(
         Some(c) => c.body_line(&mut notes),
         None => "# ingress-nginx takes request bodies up to its ConfigMap's proxy-body-size (1m unless set);\n# veer has no limit unless told: uncomment with yours (routes with the annotation keep theirs),\n# or give the ConfigMap to the import too.\n# max_request_body = 1048576".into(),
     };
+    let tls = match &options.tls_dir {
+        Some(dir) => tls_table(dir, &secrets(ingresses, &routes), &mut notes),
+        None => String::new(),
+    };
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -1029,7 +1098,7 @@ fn build(
     }
     let _ = writeln!(
         out,
-        "\n[proxy]\nlisten = [\"0.0.0.0:8080\"]\n{body}\n\n[admin]\nlisten = \"127.0.0.1:9901\""
+        "\n[proxy]\nlisten = [\"0.0.0.0:8080\"]\n{body}\n{tls}\n[admin]\nlisten = \"127.0.0.1:9901\""
     );
     let mut all_notes = notes;
     for r in &routes {

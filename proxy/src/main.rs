@@ -84,6 +84,12 @@ enum Import {
     /// Kubernetes Ingress manifests with ingress-nginx canary annotations
     /// (YAML, several documents per file; `-` reads stdin).
     IngressNginx {
+        /// Where the Ingresses' TLS Secrets are mounted, each in
+        /// DIR/NAMESPACE/NAME/ (tls.crt, tls.key): written as [proxy.tls]
+        /// certificates (the first also the default). Without it, each is
+        /// a note.
+        #[arg(long, value_name = "DIR")]
+        tls_dir: Option<PathBuf>,
         /// Manifest files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -250,7 +256,12 @@ fn main() -> ExitCode {
             runtime(1).and_then(|rt| rt.block_on(status::health(&admin)).map_err(Into::into))
         }
         Command::Status { admin, token_file } => print_status(&admin, token_file),
-        Command::Import(Import::IngressNginx { files }) => return import_ingress_nginx(&files),
+        Command::Import(Import::IngressNginx { tls_dir, files }) => {
+            let options = veer_proxy::import::Options {
+                tls_dir: tls_dir.map(|d| d.display().to_string()),
+            };
+            return import_ingress_nginx(&files, &options);
+        }
     };
     // The access log's last batch, before the error that ends the run.
     veer_proxy::access::flush();
@@ -263,7 +274,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn import_ingress_nginx(files: &[PathBuf]) -> ExitCode {
+fn import_ingress_nginx(files: &[PathBuf], options: &veer_proxy::import::Options) -> ExitCode {
     let mut inputs = Vec::new();
     for f in files {
         let read = if f.as_os_str() == "-" {
@@ -279,7 +290,7 @@ fn import_ingress_nginx(files: &[PathBuf]) -> ExitCode {
             }
         }
     }
-    match veer_proxy::import::ingress_nginx(&inputs) {
+    match veer_proxy::import::ingress_nginx(&inputs, options) {
         Ok(imported) => {
             print!("{}", imported.config);
             for n in &imported.notes {

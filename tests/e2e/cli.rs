@@ -210,6 +210,47 @@ fn ingress_nginx_manifests_import_to_configs_that_veer_check_accepts() {
             assert!(config.contains(tail), "{note:?} is not in the output");
         }
     }
+    // With --tls-dir, the Secrets are the TLS listener's certificates:
+    // once there, `veer check` loads them.
+    let tls_dir = out_dir.path().join("tls");
+    let mut args = vec![
+        "import".to_string(),
+        "ingress-nginx".to_string(),
+        "--tls-dir".to_string(),
+        tls_dir.display().to_string(),
+    ];
+    args.extend(files.iter().map(|p| p.display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = veer(&args);
+    assert!(out.status.success());
+    let config = String::from_utf8_lossy(&out.stdout).into_owned();
+    let certs: Vec<&str> = config
+        .lines()
+        .filter_map(|l| l.strip_prefix("cert = \""))
+        .map(|l| l.trim_end_matches('"'))
+        .collect();
+    assert!(certs.len() >= 2, "{config}");
+    let path = out_dir.path().join("imported-tls.toml");
+    std::fs::write(&path, &config).unwrap();
+    let check = veer(&["check", "--config", path.to_str().unwrap()]);
+    assert!(!check.status.success(), "checked without the certificates");
+    for cert in certs {
+        let secret = std::path::Path::new(cert).parent().unwrap();
+        assert!(secret.starts_with(&tls_dir), "{cert}");
+        std::fs::create_dir_all(secret).unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["www.example.com".into()]).unwrap();
+        std::fs::write(secret.join("tls.crt"), made.cert.pem()).unwrap();
+        std::fs::write(secret.join("tls.key"), made.key_pair.serialize_pem()).unwrap();
+    }
+    let check = veer(&["check", "--config", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(check.status.success(), "{err}\n{config}");
+    let summary = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        summary.contains("more certificates, picked by name"),
+        "{summary}"
+    );
+
     // A canary without its main Ingress imports nothing: an error that says why.
     let orphan = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: c\n  annotations:\n    nginx.ingress.kubernetes.io/canary: \"true\"\nspec:\n  rules:\n    - host: a.example\n      http:\n        paths:\n          - path: /\n            backend:\n              service: { name: a, port: { number: 80 } }\n";
     let mut child = Command::new(env!("CARGO_BIN_EXE_veer"))

@@ -15,7 +15,7 @@ fn corpus(name: &str) -> (String, String) {
 
 fn import(names: &[&str]) -> Imported {
     let files: Vec<(String, String)> = names.iter().map(|n| corpus(n)).collect();
-    ingress_nginx(&files).unwrap_or_else(|e| panic!("{names:?}: {e}"))
+    ingress_nginx(&files, &Options::default()).unwrap_or_else(|e| panic!("{names:?}: {e}"))
 }
 
 fn parsed(i: &Imported) -> Config {
@@ -183,11 +183,20 @@ fn what_veer_cannot_express_is_reported_never_dropped() {
 #[test]
 fn nothing_to_import_is_an_error_that_says_why() {
     let only_orphan = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: c\n  annotations:\n    nginx.ingress.kubernetes.io/canary: \"true\"\nspec:\n  rules:\n    - host: a.example\n      http:\n        paths:\n          - path: /\n            backend:\n              service: { name: a, port: { number: 80 } }\n";
-    let e = ingress_nginx(&[("c.yaml".into(), only_orphan.into())]).expect_err("nothing");
+    let e = ingress_nginx(
+        &[("c.yaml".into(), only_orphan.into())],
+        &Options::default(),
+    )
+    .expect_err("nothing");
     assert!(e.to_string().contains("has no main Ingress"), "{e}");
-    let e = ingress_nginx(&[("x.yaml".into(), "kind: Service\n".into())]).expect_err("none");
+    let e = ingress_nginx(
+        &[("x.yaml".into(), "kind: Service\n".into())],
+        &Options::default(),
+    )
+    .expect_err("none");
     assert!(e.to_string().contains("no Ingress"), "{e}");
-    let e = ingress_nginx(&[("bad.yaml".into(), "a: [\n".into())]).expect_err("yaml");
+    let e = ingress_nginx(&[("bad.yaml".into(), "a: [\n".into())], &Options::default())
+        .expect_err("yaml");
     assert!(e.to_string().starts_with("bad.yaml: not YAML"), "{e}");
 }
 
@@ -314,7 +323,8 @@ fn kubectls_lists_are_read_item_by_item() {
         .push(serde_yaml_ng::from_str("kind: Service\nmetadata: {name: s}\n").expect("yaml"));
     list.insert("items".into(), serde_yaml_ng::Value::Sequence(with_service));
     let text = serde_yaml_ng::to_string(&list).expect("yaml");
-    let from_list = ingress_nginx(&[("all.yaml".into(), text)]).expect("imported");
+    let from_list =
+        ingress_nginx(&[("all.yaml".into(), text)], &Options::default()).expect("imported");
     let from_docs = import(&["weight.yaml"]);
     assert_eq!(from_list.routes, 1);
     let service = "# NOTE: all.yaml: Service skipped (only Ingress objects are imported)\n";
@@ -333,7 +343,7 @@ fn kubectls_lists_are_read_item_by_item() {
         .expect("yaml")
         .replace("kind: List", "kind: IngressList");
     assert_eq!(
-        ingress_nginx(&[("all.yaml".into(), text)])
+        ingress_nginx(&[("all.yaml".into(), text)], &Options::default())
             .expect("imported")
             .routes,
         1
@@ -416,4 +426,44 @@ fn cookie_affinity_becomes_a_sticky_cookie_veer_makes() {
         .notes
         .iter()
         .any(|n| n.contains("session-cookie-samesite")));
+}
+
+/// With `--tls-dir`, the TLS Secrets of the imported hosts become the
+/// TLS listener's certificates (the first also the default), each with a
+/// note on where to mount it, instead of a note per route.
+#[test]
+fn tls_secrets_become_certificates_under_the_tls_dir() {
+    let files = [corpus("multi.yaml"), corpus("configmap.yaml")];
+    let options = Options {
+        tls_dir: Some("/etc/veer/tls/".into()),
+    };
+    let i = ingress_nginx(&files, &options).expect("imported");
+    let c = parsed(&i);
+    let tls = c.proxy.tls.as_ref().expect("[proxy.tls]");
+    assert_eq!(
+        tls.cert,
+        Path::new("/etc/veer/tls/web/web-tls/tls.crt"),
+        "{}",
+        i.config
+    );
+    assert_eq!(tls.key, Path::new("/etc/veer/tls/web/web-tls/tls.key"));
+    assert_eq!(
+        tls.certificates,
+        [(
+            "/etc/veer/tls/billing/billing-tls/tls.crt".into(),
+            "/etc/veer/tls/billing/billing-tls/tls.key".into()
+        )]
+    );
+    assert!(!i.notes.iter().any(|n| n.contains("TLS from Secret")));
+    noted(
+        &i,
+        &[
+            "TLS Secret web/web-tls: mount it at /etc/veer/tls/web/web-tls/",
+            "TLS Secret billing/billing-tls: mount it at /etc/veer/tls/billing/billing-tls/",
+        ],
+    );
+    // Without it, a note per route, and no TLS listener.
+    let i = ingress_nginx(&files, &Options::default()).expect("imported");
+    assert!(parsed(&i).proxy.tls.is_none());
+    assert!(i.notes.iter().any(|n| n.contains("TLS from Secret")));
 }

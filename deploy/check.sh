@@ -17,6 +17,7 @@ step() { printf '\n--> %s\n' "$*"; }
 need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v openssl >/dev/null || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   step "apt-get install ${need_apt[*]}"
   # keep Debian's postinst from starting the packaged prometheus service
@@ -66,9 +67,11 @@ for f in "$HERE"/kubernetes/sidecar/*.yaml "$HERE"/kubernetes/ingress/*.yaml "$H
 done
 # The Prometheus Operator's CRDs have no built-in schema: check their shape here.
 "$TOOLS/venv/bin/python" "$HERE/check_monitors.py" "$HERE"/kubernetes/monitoring/*.yaml
-# Every config embedded in a ConfigMap must pass `veer check`.
+# Every config embedded in a ConfigMap must pass `veer check`; the TLS
+# Secrets it names under /etc/veer-tls/ are made (self-signed) in a
+# temporary directory standing in for the mounts.
 "$TOOLS/venv/bin/python" - "$VEER" "$HERE"/kubernetes/*/configmap.yaml <<'PY'
-import subprocess, sys, tempfile, os, yaml
+import re, subprocess, sys, tempfile, os, yaml
 veer, files = sys.argv[1], sys.argv[2:]
 for f in files:
     for doc in yaml.safe_load_all(open(f)):
@@ -76,6 +79,15 @@ for f in files:
             for name, text in doc.get("data", {}).items():
                 if name.endswith(".toml"):
                     with tempfile.TemporaryDirectory() as d:
+                        mounts = set(re.findall(r'"/etc/veer-tls/([^"/]+)/tls\.(?:crt|key)"', text))
+                        for m in mounts:
+                            os.makedirs(os.path.join(d, "tls", m))
+                            at = os.path.join(d, "tls", m)
+                            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                                            "-nodes", "-days", "90", "-subj", f"/CN={m}", "-addext", f"subjectAltName=DNS:{m}.example.com",
+                                            "-keyout", os.path.join(at, "tls.key"), "-out", os.path.join(at, "tls.crt")],
+                                           check=True, capture_output=True)
+                        text = text.replace("/etc/veer-tls/", os.path.join(d, "tls") + "/")
                         p = os.path.join(d, name)
                         open(p, "w").write(text)
                         r = subprocess.run([veer, "check", "--config", p], capture_output=True, text=True)

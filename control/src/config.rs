@@ -171,6 +171,10 @@ pub struct TlsSettings {
     /// one of them revokes is refused (each CA in a client's chain needs
     /// one, as in nginx and Envoy).
     pub client_crl: Option<PathBuf>,
+    /// `public_port`: the HTTPS port clients reach (a load balancer or NAT
+    /// in front mapping it to `listen`'s), where `https_redirect` sends
+    /// them; None: the first listener's port.
+    pub public_port: Option<u16>,
 }
 
 /// At most this many `[[proxy.tls.certificates]]`.

@@ -121,6 +121,13 @@ impl Reload {
                 "TLS certificates and client verification of the new config in force"
             );
         }
+        if let Some(tls) = self.certs.as_ref().and(applied.config.proxy.tls.as_ref()) {
+            use std::sync::atomic::Ordering::Relaxed;
+            let listening = self.shared.tls_listen_port.load(Relaxed);
+            self.shared
+                .https_port
+                .store(tls.public_port.unwrap_or(listening), Relaxed);
+        }
         if let Some(certs) = &self.certs {
             for (route, host) in certs.uncovered(&applied.config.routes) {
                 tracing::warn!(route, host, "no [proxy.tls] certificate names this host: a TLS client asking for it gets the default certificate, and refuses it");

@@ -257,7 +257,11 @@ pub async fn run(
     };
 
     if let Some(a) = bound.tls.first() {
-        shared.https_port.store(a.port(), Ordering::Relaxed);
+        shared.tls_listen_port.store(a.port(), Ordering::Relaxed);
+        let public = config.proxy.tls.as_ref().and_then(|t| t.public_port);
+        shared
+            .https_port
+            .store(public.unwrap_or(a.port()), Ordering::Relaxed);
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(config.proxy.max_connections));

@@ -51,6 +51,9 @@ pub struct Shared {
     /// The port `https_redirect` sends clients to: the first TLS
     /// listener's once bound (443 without one).
     pub https_port: std::sync::atomic::AtomicU16,
+    /// The first TLS listener's port (`https_port` without `[proxy.tls]
+    /// public_port`).
+    pub tls_listen_port: std::sync::atomic::AtomicU16,
     /// The TLS listeners' certificates, shown in `/status`.
     pub certs: Option<Arc<crate::tls::Certs>>,
 }
@@ -81,6 +84,7 @@ impl Shared {
             state_error: Mutex::new(None),
             state_writes: Waiting::default(),
             https_port: std::sync::atomic::AtomicU16::new(443),
+            tls_listen_port: std::sync::atomic::AtomicU16::new(443),
             certs,
         }
     }

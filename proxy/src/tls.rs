@@ -489,12 +489,14 @@ impl Certs {
     }
 }
 
-/// `settings` without `listen`: what a [`CertSet`] is made of.
+/// `settings` without `listen` and `public_port`: what a [`CertSet`] is
+/// made of.
 fn certificate_settings(
     settings: &veer_control::config::TlsSettings,
 ) -> veer_control::config::TlsSettings {
     veer_control::config::TlsSettings {
         listen: Vec::new(),
+        public_port: None,
         ..settings.clone()
     }
 }

@@ -515,6 +515,21 @@ async fn plain_http_requests_to_a_redirecting_route_are_sent_to_https() {
             && l["route"] == "web"),
         "{lines:?}"
     );
+    // Behind a balancer that maps 443 (or another port) to the listener's:
+    // `public_port` is where clients are sent, applied by a reload.
+    for (generation, port, want) in [
+        (4, "443", "https://shop.example/p"),
+        (5, "8443", "https://shop.example:8443/p"),
+    ] {
+        veer.write_config(&with_tls(
+            &config,
+            &format!("cert = \"tls.crt\"\nkey = \"tls.key\"\npublic_port = {port}\n"),
+        ));
+        veer.wait_generation(generation).await;
+        let r = c.get("/p", &[("host", "shop.example")]).await.unwrap();
+        assert_eq!(r.status(), 308);
+        assert_eq!(r.headers()["location"], want);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,6 +72,7 @@ pub struct RawTls {
     pub client_ca: Option<Spanned<String>>,
     pub client_auth: Option<Spanned<String>>,
     pub client_crl: Option<Spanned<String>>,
+    pub public_port: Option<Spanned<i64>>,
 }
 
 /// `[[proxy.tls.certificates]]`.

@@ -352,8 +352,12 @@ impl Validator<'_> {
                 }
                 self.path(c)
             });
+            let public_port = t_ref.public_port.as_ref().map(|p| {
+                self.int_in(Some(p), 1..=65_535, 443, "[proxy.tls] public_port") as u16
+            });
             TlsSettings {
                 listen,
+                public_port,
                 cert: self.path(&t_ref.cert),
                 key: self.path(&t_ref.key),
                 certificates,

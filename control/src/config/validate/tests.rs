@@ -1101,3 +1101,33 @@ fn an_https_redirect_nobody_can_satisfy_is_warned_about() {
         assert!(!warned(&c), "{proxy}");
     }
 }
+
+#[test]
+fn the_tls_listeners_client_settings_need_client_ca_and_public_port_is_a_port() {
+    let with = |keys: &str| {
+        parse(&format!(
+            "[proxy.tls]\nlisten = [\"0.0.0.0:8443\"]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n{keys}\n{MINIMAL}"
+        ))
+    };
+    let c = with("client_ca = \"/ca.pem\"\nclient_crl = \"/crl.pem\"\npublic_port = 443")
+        .expect("valid");
+    let tls = c.proxy.tls.expect("tls");
+    assert_eq!(tls.client_crl.as_deref(), Some(Path::new("/crl.pem")));
+    assert_eq!(tls.public_port, Some(443));
+    assert_eq!(
+        with("").expect("valid").proxy.tls.expect("tls").public_port,
+        None
+    );
+    for (keys, want) in [
+        ("client_crl = \"/crl.pem\"", "client_crl needs client_ca"),
+        ("client_auth = \"optional\"", "client_auth needs client_ca"),
+        ("public_port = 0", "public_port must be between 1 and 65535"),
+        (
+            "public_port = 70000",
+            "public_port must be between 1 and 65535",
+        ),
+    ] {
+        let e = with(keys).expect_err(keys).to_string();
+        assert!(e.contains(want), "{keys}: {e}");
+    }
+}

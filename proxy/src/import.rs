@@ -193,7 +193,7 @@ fn tls_table(dir: &str, secrets: &[(String, String)], notes: &mut Vec<String>) -
         if n == 0 {
             let _ = writeln!(
                 out,
-                "\n[proxy.tls]\nlisten = [\"0.0.0.0:8443\"]\n# Secret {ns}/{name}; also the default, for a client asking for no name or one no pair covers\ncert = {cert}\nkey = {key}"
+                "\n[proxy.tls]\nlisten = [\"0.0.0.0:8443\"]\npublic_port = 443  # where clients reach it (a Service's 443 to this 8443): https_redirect sends them there\n# Secret {ns}/{name}; also the default, for a client asking for no name or one no pair covers\ncert = {cert}\nkey = {key}"
             );
         } else {
             let _ = writeln!(

@@ -447,6 +447,7 @@ fn tls_secrets_become_certificates_under_the_tls_dir() {
         i.config
     );
     assert_eq!(tls.key, Path::new("/etc/veer/tls/web/web-tls/tls.key"));
+    assert_eq!(tls.public_port, Some(443));
     assert_eq!(
         tls.certificates,
         [(

@@ -670,6 +670,18 @@ impl RouteControl {
         action: Action,
         now: Now,
     ) -> Result<Output, Refused> {
+        self.on_action_said(route, action, None, now)
+    }
+
+    /// An operator's action, with who asked and why as they said it
+    /// (`alice@laptop: p99 doubled`): a revert's reason carries it.
+    pub fn on_action_said(
+        &mut self,
+        route: &Route,
+        action: Action,
+        said: Option<&str>,
+        now: Now,
+    ) -> Result<Output, Refused> {
         if route.canary.is_none() {
             return Err(Refused::NoCanary(route.name.clone()));
         }
@@ -681,7 +693,7 @@ impl RouteControl {
                 if d.reverted.is_none() {
                     d.reverted = Some(Revert {
                         guard: Guard::Operator,
-                        reason: "revert requested by an operator".into(),
+                        reason: format!("revert requested by {}", said.unwrap_or("an operator")),
                         at_unix: now.unix,
                     });
                 }

@@ -218,7 +218,7 @@ pub async fn serve(
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(answer(&shared, &admin, &req).await) }
+                async move { Ok::<_, Infallible>(answer(&shared, &admin, req, peer).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -244,11 +244,18 @@ fn refuse_without_token(admin: &Admin, req: &Request<Incoming>) -> Option<Respon
     Some(r)
 }
 
-async fn answer(shared: &Shared, admin: &Admin, req: &Request<Incoming>) -> Response<ProxyBody> {
-    let path = req.uri().path();
-    if let Some(rest) = path.strip_prefix("/routes/") {
-        return action(admin, req, rest).await;
+async fn answer(
+    shared: &Shared,
+    admin: &Admin,
+    req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<ProxyBody> {
+    if let Some(rest) = req.uri().path().strip_prefix("/routes/") {
+        let rest = rest.to_string();
+        return action(admin, req, &rest, peer).await;
     }
+    let req = &req;
+    let path = req.uri().path();
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
@@ -308,7 +315,12 @@ async fn render(
     }
 }
 
-async fn action(admin: &Admin, req: &Request<Incoming>, rest: &str) -> Response<ProxyBody> {
+async fn action(
+    admin: &Admin,
+    req: Request<Incoming>,
+    rest: &str,
+    peer: std::net::SocketAddr,
+) -> Response<ProxyBody> {
     let Some((route, action)) = rest.split_once('/') else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
@@ -321,14 +333,107 @@ async fn action(admin: &Admin, req: &Request<Incoming>, rest: &str) -> Response<
     if req.method() != Method::POST {
         return json_error(StatusCode::METHOD_NOT_ALLOWED, "actions are POST requests");
     }
-    if let Some(refused) = refuse_without_token(admin, req) {
-        tracing::warn!(route, "admin action refused: missing or wrong token");
+    if let Some(refused) = refuse_without_token(admin, &req) {
+        tracing::warn!(route, client = %peer, "admin action refused: missing or wrong token");
         return refused;
     }
+    let said = match Said::read(req).await {
+        Ok(said) => said,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+    };
+    let answer = act(admin, route, action, said.text()).await;
+    // The audit trail: who asked for what, from where, and the answer.
+    tracing::warn!(
+        route,
+        action = action.as_str(),
+        by = said.by.as_deref(),
+        reason = said.reason.as_deref(),
+        client = %peer,
+        status = answer.status().as_u16(),
+        "admin action"
+    );
+    answer
+}
+
+/// Who asks for an action and why, as the request's body says
+/// (`{"by": "alice@laptop", "reason": "p99 doubled"}`; both optional, the
+/// body too).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Said {
+    by: Option<String>,
+    reason: Option<String>,
+}
+
+/// Longest action body read.
+const MAX_SAID_BYTES: usize = 4096;
+/// Longest `by` and `reason`, in characters.
+const MAX_BY: usize = 200;
+const MAX_REASON: usize = 1000;
+
+impl Said {
+    /// Reads the body (at most [`MAX_SAID_BYTES`], within 10 s); an empty
+    /// one says nothing.
+    async fn read(req: Request<Incoming>) -> Result<Said, String> {
+        use http_body_util::BodyExt;
+        let limited = http_body_util::Limited::new(req.into_body(), MAX_SAID_BYTES);
+        let body = match tokio::time::timeout(std::time::Duration::from_secs(10), limited.collect())
+            .await
+        {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "reading the body: {e} (at most {MAX_SAID_BYTES} bytes)"
+                ))
+            }
+            Err(_) => return Err("the body did not come within 10 s".into()),
+        };
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Said::default());
+        }
+        let said: Said = serde_json::from_slice(&body).map_err(|e| {
+            format!("the body must be JSON like {{\"by\": \"alice\", \"reason\": \"p99 doubled\"}}: {e}")
+        })?;
+        for (name, v, max) in [
+            ("by", &said.by, MAX_BY),
+            ("reason", &said.reason, MAX_REASON),
+        ] {
+            let Some(v) = v else { continue };
+            if v.chars().count() > max {
+                return Err(format!("{name} is longer than {max} characters"));
+            }
+            if v.chars().any(char::is_control) {
+                return Err(format!("{name} holds a control character"));
+            }
+        }
+        Ok(said)
+    }
+
+    /// `by: reason`, as a revert's reason says it (None: nothing said).
+    fn text(&self) -> Option<String> {
+        let by = self.by.as_deref().filter(|b| !b.trim().is_empty());
+        let reason = self.reason.as_deref().filter(|r| !r.trim().is_empty());
+        match (by, reason) {
+            (None, None) => None,
+            (by, None) => by.map(str::to_string),
+            (by, Some(r)) => Some(format!("{}: {r}", by.unwrap_or("an operator"))),
+        }
+    }
+}
+
+/// Sends `action` on `route` to the controller and answers with the
+/// route's new status, or why not.
+async fn act(
+    admin: &Admin,
+    route: &str,
+    action: Action,
+    said: Option<String>,
+) -> Response<ProxyBody> {
     let (reply, answer) = oneshot::channel();
     let cmd = Command {
         route: route.to_string(),
         action,
+        said,
         reply,
     };
     if admin.actions.send(cmd).await.is_err() {

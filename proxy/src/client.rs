@@ -1,9 +1,9 @@
 //! A minimal HTTP/1.1 client over one keep-alive connection, for the
-//! `status` and `demo` commands (not the proxy's upstream path).
+//! `status`, action and `demo` commands (not the proxy's upstream path).
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -29,7 +29,7 @@ pub enum ClientError {
 
 /// One keep-alive connection.
 pub struct Conn {
-    sender: http1::SendRequest<Empty<Bytes>>,
+    sender: http1::SendRequest<Full<Bytes>>,
 }
 
 impl Conn {
@@ -56,12 +56,28 @@ impl Conn {
         path: &str,
         headers: &[(&'static str, &str)],
     ) -> Result<Response<Bytes>, ClientError> {
-        let mut req = Request::get(path).header(http::header::HOST, host);
+        self.send(http::Method::GET, host, path, headers, Bytes::new())
+            .await
+    }
+
+    /// Sends a request with `body` and reads the whole response.
+    pub async fn send(
+        &mut self,
+        method: http::Method,
+        host: &str,
+        path: &str,
+        headers: &[(&'static str, &str)],
+        body: Bytes,
+    ) -> Result<Response<Bytes>, ClientError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, host);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         self.sender.ready().await?;
-        let resp = self.sender.send_request(req.body(Empty::new())?).await?;
+        let resp = self.sender.send_request(req.body(Full::new(body))?).await?;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await?.to_bytes();
         Ok(Response::from_parts(parts, body))

@@ -75,6 +75,8 @@ pub struct Command {
     pub route: String,
     /// What to do.
     pub action: Action,
+    /// Who asked and why, as they said it (`alice: p99 doubled`).
+    pub said: Option<String>,
     /// The route's new status, or why not.
     pub reply: oneshot::Sender<Result<Arc<RouteStatus>, ActionError>>,
 }
@@ -307,7 +309,7 @@ impl Controller {
                     // In a fleet, actions other than revert wait for the
                     // store (their answer comes when it commits).
                     if let Some(reply) = self.fleet_command(&cmd.route, cmd.action, cmd.reply) {
-                        let result = self.act(&cmd.route, cmd.action).await;
+                        let result = self.act(&cmd.route, cmd.action, cmd.said.as_deref()).await;
                         let _ = reply.send(result);
                     }
                 }
@@ -702,7 +704,12 @@ impl Controller {
         }
     }
 
-    async fn act(&mut self, name: &str, action: Action) -> Result<Arc<RouteStatus>, ActionError> {
+    async fn act(
+        &mut self,
+        name: &str,
+        action: Action,
+        said: Option<&str>,
+    ) -> Result<Arc<RouteStatus>, ActionError> {
         let now = self.now();
         let (Some(route), Some(control)) = (
             route_named(&self.config, &self.index, name),
@@ -711,7 +718,7 @@ impl Controller {
             return Err(ActionError::NoRoute(name.into()));
         };
         let before = control.clone();
-        let out = control.on_action(route, action, now)?;
+        let out = control.on_action_said(route, action, said, now)?;
         let history = self.state.history.clone();
         self.record_deployments(name, &out);
         if action == Action::Revert {

@@ -72,10 +72,43 @@ enum Command {
         #[arg(long, env = "VEER_ADMIN_TOKEN_FILE")]
         token_file: Option<PathBuf>,
     },
+    /// Take a route's canary out of traffic now (kept across restarts
+    /// until `reset`).
+    Revert(ActionArgs),
+    /// Forget a route's revert or promotion and start its canary's tests
+    /// and rollout again.
+    Reset(ActionArgs),
+    /// Keep judging a route and reporting, but neither act nor step its
+    /// rollout.
+    Pause(ActionArgs),
+    /// Undo `pause`.
+    Resume(ActionArgs),
+    /// Send all of a route's traffic to its canary.
+    Promote(ActionArgs),
     /// Write a veer config from another tool's configuration (stdout);
     /// what cannot be expressed is listed on stderr and as comments.
     #[command(subcommand)]
     Import(Import),
+}
+
+/// An operator's action on a running proxy, through its admin endpoint.
+#[derive(clap::Args)]
+struct ActionArgs {
+    /// The route.
+    route: String,
+    /// The admin address.
+    #[arg(long, env = "VEER_ADMIN", default_value = "127.0.0.1:9901")]
+    admin: String,
+    /// The admin token's file (`[admin] token_file`, or `[state]
+    /// dir`/admin.token).
+    #[arg(long, env = "VEER_ADMIN_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// Why, for the record: a revert's reason, the log's audit line.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Who asks (default: $USER@HOSTNAME).
+    #[arg(long)]
+    by: Option<String>,
 }
 
 /// What `veer import` reads.
@@ -256,6 +289,11 @@ fn main() -> ExitCode {
             runtime(1).and_then(|rt| rt.block_on(status::health(&admin)).map_err(Into::into))
         }
         Command::Status { admin, token_file } => print_status(&admin, token_file),
+        Command::Revert(a) => act("revert", a),
+        Command::Reset(a) => act("reset", a),
+        Command::Pause(a) => act("pause", a),
+        Command::Resume(a) => act("resume", a),
+        Command::Promote(a) => act("promote", a),
         Command::Import(Import::IngressNginx { tls_dir, files }) => {
             let options = veer_proxy::import::Options {
                 tls_dir: tls_dir.map(|d| d.display().to_string()),
@@ -318,6 +356,36 @@ fn print_status(admin: &str, token_file: Option<PathBuf>) -> anyhow::Result<()> 
     let rt = runtime(1)?;
     rt.block_on(status::print(admin, token.as_deref()))?;
     Ok(())
+}
+
+fn act(action: &str, a: ActionArgs) -> anyhow::Result<()> {
+    let token = veer_proxy::token::read(&a.token_file)?;
+    let by = a.by.or_else(whoami);
+    let rt = runtime(1)?;
+    let line = rt.block_on(status::act(
+        &a.admin,
+        &token,
+        (&a.route, action),
+        by.as_deref(),
+        a.reason.as_deref(),
+    ))?;
+    println!("{line}");
+    Ok(())
+}
+
+/// `$USER@HOSTNAME`, as far as they are known.
+fn whoami() -> Option<String> {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    Some(if host.is_empty() {
+        user
+    } else {
+        format!("{user}@{host}")
+    })
 }
 
 fn run_proxy(path: PathBuf) -> anyhow::Result<()> {

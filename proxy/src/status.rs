@@ -44,6 +44,60 @@ pub async fn print(admin: &str, token: Option<&str>) -> Result<(), StatusError> 
     Ok(())
 }
 
+/// Asks the proxy at `admin` for `action` (`revert`, `reset`, `pause`,
+/// `resume`, `promote`) on `route`, with the admin `token`, saying `by`
+/// whom and why (`reason`); returns the route's state after, in a line.
+pub async fn act(
+    admin: &str,
+    token: &str,
+    (route, action): (&str, &str),
+    by: Option<&str>,
+    reason: Option<&str>,
+) -> Result<String, StatusError> {
+    let auth = format!("Bearer {token}");
+    let body = serde_json::json!({ "by": by, "reason": reason }).to_string();
+    // (Route names are a-z, 0-9, '-' and '_': a path segment as they are.)
+    let path = format!("/routes/{route}/{action}");
+    let resp = client::Conn::open(admin)
+        .await?
+        .send(
+            http::Method::POST,
+            admin,
+            &path,
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            bytes::Bytes::from(body),
+        )
+        .await?;
+    if !resp.status().is_success() {
+        let why = serde_json::from_slice::<serde_json::Value>(resp.body())
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(resp.body()).trim().to_string());
+        return Err(StatusError::Format(format!(
+            "{action} {route}: HTTP {}: {why}",
+            resp.status().as_u16()
+        )));
+    }
+    let r: veer_control::status::RouteStatus =
+        serde_json::from_slice(resp.body()).map_err(|e| StatusError::Format(e.to_string()))?;
+    let state = if let Some(rev) = &r.reverted {
+        format!("reverted ({})", rev.reason)
+    } else if r.promoted {
+        "promoted".into()
+    } else if r.paused {
+        "paused".into()
+    } else {
+        format!("judging ({})", r.verdict.as_str())
+    };
+    Ok(format!(
+        "{}: {action}: {state}; canary weight {}% (configured {}%)",
+        r.name, r.weight.effective, r.weight.configured
+    ))
+}
+
 /// Checks `/healthz`.
 pub async fn health(admin: &str) -> Result<(), StatusError> {
     let resp = client::get(admin, "/healthz").await?;

@@ -4,6 +4,127 @@ use std::process::Command;
 
 use super::support::{get, metric, route_config, veer_cli as veer, Upstream, Veer};
 
+/// `veer revert`, `promote`, `reset` ask a running proxy through its
+/// admin endpoint. Who asked and why are kept in a revert's reason and
+/// written in the log's audit line with the client's address; a refused
+/// action exits 1 saying why; a body that is not what an action takes is
+/// a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_actions_from_the_command_line_say_who_and_why() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let proxy = Veer::start(&route_config(&[s.addr], &[c.addr], 20.0, "")).await;
+    let token_file = proxy.dir.path().join("state/admin.token");
+    let admin = proxy.admin.to_string();
+    let run = |action: &'static str, more: &[&str]| {
+        let mut args: Vec<String> = vec![
+            action.into(),
+            "web".into(),
+            "--admin".into(),
+            admin.clone(),
+            "--token-file".into(),
+            token_file.display().to_string(),
+        ];
+        args.extend(more.iter().map(|s| s.to_string()));
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                veer(&args)
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let out = run("revert", &["--by", "alice", "--reason", "p99 doubled"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.trim(),
+        "web: revert: reverted (revert requested by alice: p99 doubled); canary weight 0% (configured 20%)"
+    );
+    let status = proxy.status().await;
+    assert_eq!(
+        status["routes"][0]["reverted"]["reason"], "revert requested by alice: p99 doubled",
+        "{status}"
+    );
+    let audit = proxy.logs_with_at_least("admin action", 1).await;
+    let line = &audit[0];
+    assert_eq!(
+        (
+            &line["route"],
+            &line["action"],
+            &line["by"],
+            &line["reason"],
+            &line["status"]
+        ),
+        (
+            &serde_json::json!("web"),
+            &serde_json::json!("revert"),
+            &serde_json::json!("alice"),
+            &serde_json::json!("p99 doubled"),
+            &serde_json::json!(200)
+        ),
+        "{line}"
+    );
+    assert!(
+        line["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{line}"
+    );
+    // A promotion of a reverted canary is refused: exit 1, saying why.
+    let out = run("promote", &[]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("HTTP 409"),
+        "{stderr}"
+    );
+    let out = run("reset", &[]).await;
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("canary weight 20%"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Without the right token: exit 1, HTTP 401.
+    let wrong = proxy.dir.path().join("wrong.token");
+    super::support::write_with_mode(&wrong, "not-the-token", 0o600);
+    let out = tokio::task::spawn_blocking({
+        let (admin, wrong) = (admin.clone(), wrong.display().to_string());
+        move || veer(&["pause", "web", "--admin", &admin, "--token-file", &wrong])
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("HTTP 401"),
+        "{stderr}"
+    );
+    // Bodies an action does not take: 400, and nothing done.
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let long = format!("{{\"reason\": \"{}\"}}", "x".repeat(1001));
+    for body in [
+        "{\"by\": 5}",
+        "{\"who\": \"alice\"}",
+        "{\"reason\": \"a\\nforged log line\"}",
+        long.as_str(),
+        "not json",
+    ] {
+        let code = super::support::admin_request_with(
+            proxy.admin,
+            "POST",
+            "/routes/web/revert",
+            Some(token.trim()),
+            body,
+        )
+        .await;
+        assert_eq!(code, 400, "{body}");
+    }
+    assert!(proxy.status().await["routes"][0]["reverted"].is_null());
+}
+
 #[test]
 fn check_accepts_the_reference_config() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../config.example.toml");

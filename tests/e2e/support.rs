@@ -772,6 +772,18 @@ pub async fn admin_request(
     path: &str,
     token: Option<&str>,
 ) -> u16 {
+    admin_request_with(admin, method, path, token, "").await
+}
+
+/// An admin request with an optional bearer token and `body`; returns the
+/// status code.
+pub async fn admin_request_with(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> u16 {
     let stream = TcpStream::connect(admin).await.expect("connect admin");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -784,7 +796,9 @@ pub async fn admin_request(
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
-    let req = req.body(Full::new(Bytes::new())).expect("request");
+    let req = req
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
     sender
         .send_request(req)
         .await

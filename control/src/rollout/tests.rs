@@ -156,6 +156,31 @@ fn paused_promoted_or_reverted_routes_do_not_advance() {
 }
 
 #[test]
+fn an_operators_revert_says_who_asked_and_why() {
+    let r = route("enforce", false, Some("v2"));
+    let mut c = fresh(&r);
+    c.on_action_said(&r, Action::Revert, Some("alice: p99 doubled"), at(1))
+        .expect("revert");
+    assert_eq!(
+        c.decision().reverted.as_ref().map(|r| r.reason.as_str()),
+        Some("revert requested by alice: p99 doubled")
+    );
+    // A second revert keeps the first one's record.
+    c.on_action_said(&r, Action::Revert, Some("bob"), at(2))
+        .expect("revert");
+    assert_eq!(
+        c.decision().reverted.as_ref().map(|r| r.reason.as_str()),
+        Some("revert requested by alice: p99 doubled")
+    );
+    let mut c = fresh(&r);
+    c.on_action(&r, Action::Revert, at(1)).expect("revert");
+    assert_eq!(
+        c.decision().reverted.as_ref().map(|r| r.reason.as_str()),
+        Some("revert requested by an operator")
+    );
+}
+
+#[test]
 fn actions_and_their_refusals() {
     let r = route("enforce", false, Some("v2"));
     let mut c = fresh(&r);

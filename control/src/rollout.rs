@@ -207,6 +207,9 @@ pub enum Event {
         action: Action,
         /// Whether it changed anything (a second `revert` does not).
         effective: bool,
+        /// Who asked and why, as they said it (an action through this
+        /// replica's admin endpoint; none from the fleet's store).
+        said: Option<String>,
     },
     /// The route's label changed.
     VerdictChanged {
@@ -538,6 +541,7 @@ impl RouteControl {
                 out.events.push(Event::OperatorAction {
                     action,
                     effective: true,
+                    said: None,
                 });
             }
             if r.last == Change::Step && d.rollout_step > before.rollout_step {
@@ -730,6 +734,7 @@ impl RouteControl {
         out.events.push(Event::OperatorAction {
             action,
             effective: action == Action::Reset || self.decision != before,
+            said: said.map(str::to_string),
         });
         self.relabel(route, &mut out);
         Ok(out)

@@ -81,13 +81,20 @@ impl Announcer {
                         json!({ "step": step, "weight": weight }),
                     );
                 }
-                Event::OperatorAction { action, effective } => {
+                Event::OperatorAction {
+                    action,
+                    effective,
+                    said,
+                } => {
                     self.fleet_decision(name, action.as_str(), "local");
                     if *action == Action::Revert && *effective {
                         self.metrics.reverts.inc(name, Guard::Operator.as_str());
                     }
-                    tracing::warn!(route = %name, action = action.as_str(), weight = percent(weight_bp), "operator action");
-                    send("operator_action", json!({ "action": action.as_str() }));
+                    tracing::warn!(route = %name, action = action.as_str(), said = said.as_deref(), weight = percent(weight_bp), "operator action");
+                    send(
+                        "operator_action",
+                        json!({ "action": action.as_str(), "said": said }),
+                    );
                 }
                 Event::VerdictChanged { from, to, reason } => {
                     tracing::info!(route = %name, from = from.as_str(), to = to.as_str(), reason = %reason, "verdict changed");

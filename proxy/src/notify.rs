@@ -109,11 +109,18 @@ fn message(event: &Value, status_url: Option<&str>) -> String {
             n("weight"),
             n("step")
         ),
-        "operator_action" => format!(
-            "An operator ran {} on route {route}: canary {canary} now gets {}%",
-            s("action"),
-            n("effective_weight")
-        ),
+        "operator_action" => match event.get("said").and_then(Value::as_str) {
+            Some(said) => format!(
+                "An operator ({said}) ran {} on route {route}: canary {canary} now gets {}%",
+                s("action"),
+                n("effective_weight")
+            ),
+            None => format!(
+                "An operator ran {} on route {route}: canary {canary} now gets {}%",
+                s("action"),
+                n("effective_weight")
+            ),
+        },
         "verdict_changed" => format!(
             "Route {route}: verdict {} -> {} (canary {canary} at {}%): {}",
             s("from"),
@@ -307,6 +314,24 @@ mod tests {
         assert!(
             block.contains("route checkout") && !block.contains("Status:"),
             "{block}"
+        );
+    }
+
+    #[test]
+    fn an_operators_action_says_who_and_why_when_they_said() {
+        let mut e = serde_json::json!({
+            "event": "operator_action", "route": "checkout", "stable": "v1", "canary": "v2",
+            "effective_weight": 0.0, "at_unix": 1, "action": "revert",
+            "said": "alice: p99 doubled",
+        });
+        assert_eq!(
+            message(&e, None),
+            "An operator (alice: p99 doubled) ran revert on route checkout: canary v2 now gets 0%"
+        );
+        e["said"] = Value::Null;
+        assert_eq!(
+            message(&e, None),
+            "An operator ran revert on route checkout: canary v2 now gets 0%"
         );
     }
 }

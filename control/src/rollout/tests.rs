@@ -202,7 +202,8 @@ fn actions_and_their_refusals() {
     let out = c.on_action(&r, Action::Revert, at(4)).expect("revert");
     assert!(out.events.contains(&Event::OperatorAction {
         action: Action::Revert,
-        effective: false
+        effective: false,
+        said: None,
     }));
     assert_eq!(c.decision().reverted, before.decision().reverted);
     c.on_action(&r, Action::Reset, at(5)).expect("reset");

@@ -64,13 +64,16 @@ enum Command {
     },
     /// Print a running proxy's routes, weights, verdicts and window statistics.
     Status {
-        /// The admin address.
-        #[arg(long, default_value = "127.0.0.1:9901")]
-        admin: String,
+        /// The admin address (default: the config's, else 127.0.0.1:9901).
+        #[arg(long)]
+        admin: Option<String>,
         /// The admin token's file, for a proxy with `[admin] read_token`
         /// (its `token_file`, or `[state] dir`/admin.token).
         #[arg(long, env = "VEER_ADMIN_TOKEN_FILE")]
         token_file: Option<PathBuf>,
+        /// The proxy's config file: its admin address and token file.
+        #[arg(long, env = "VEER_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Take a route's canary out of traffic now (kept across restarts
     /// until `reset`).
@@ -96,13 +99,16 @@ enum Command {
 struct ActionArgs {
     /// The route.
     route: String,
-    /// The admin address.
-    #[arg(long, env = "VEER_ADMIN", default_value = "127.0.0.1:9901")]
-    admin: String,
+    /// The admin address (default: the config's, else 127.0.0.1:9901).
+    #[arg(long, env = "VEER_ADMIN")]
+    admin: Option<String>,
     /// The admin token's file (`[admin] token_file`, or `[state]
-    /// dir`/admin.token).
+    /// dir`/admin.token; default: the config's).
     #[arg(long, env = "VEER_ADMIN_TOKEN_FILE")]
-    token_file: PathBuf,
+    token_file: Option<PathBuf>,
+    /// The proxy's config file: its admin address and token file.
+    #[arg(long, env = "VEER_CONFIG")]
+    config: Option<PathBuf>,
     /// Why, for the record: a revert's reason, the log's audit line.
     #[arg(long)]
     reason: Option<String>,
@@ -288,7 +294,17 @@ fn main() -> ExitCode {
         Command::Health { admin } => {
             runtime(1).and_then(|rt| rt.block_on(status::health(&admin)).map_err(Into::into))
         }
-        Command::Status { admin, token_file } => print_status(&admin, token_file),
+        Command::Status {
+            admin,
+            token_file,
+            config,
+        } => {
+            // The config's token only where reads need it.
+            let given = token_file.is_some();
+            admin_of(admin, token_file, config.as_deref()).and_then(|(admin, token, reads)| {
+                print_status(&admin, token.filter(|_| given || reads))
+            })
+        }
         Command::Revert(a) => act("revert", a),
         Command::Reset(a) => act("reset", a),
         Command::Pause(a) => act("pause", a),
@@ -358,12 +374,56 @@ fn print_status(admin: &str, token_file: Option<PathBuf>) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The admin address and token file: those given, else the config's
+/// (`[admin] listen`, a wildcard address asked on loopback; `token_file`,
+/// else `[state] dir`/admin.token), else 127.0.0.1:9901 and none; and
+/// whether the config asks for the token on reads (`read_token`).
+fn admin_of(
+    admin: Option<String>,
+    token_file: Option<PathBuf>,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<(String, Option<PathBuf>, bool)> {
+    let Some(path) = config else {
+        return Ok((
+            admin.unwrap_or_else(|| "127.0.0.1:9901".into()),
+            token_file,
+            false,
+        ));
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let c = veer_control::config::Config::parse(&text, &veer_proxy::reload::base_dir(path))
+        .map_err(|d| anyhow::anyhow!("{}", d.render(path).trim_end()))?;
+    let mut listen = c.admin.listen;
+    if listen.ip().is_unspecified() {
+        listen.set_ip(if listen.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let token = c
+        .admin
+        .token_file
+        .clone()
+        .unwrap_or_else(|| c.state.dir.join("admin.token"));
+    Ok((
+        admin.unwrap_or_else(|| listen.to_string()),
+        token_file.or(Some(token)),
+        c.admin.read_token,
+    ))
+}
+
 fn act(action: &str, a: ActionArgs) -> anyhow::Result<()> {
-    let token = veer_proxy::token::read(&a.token_file)?;
+    let (admin, token_file, _) = admin_of(a.admin, a.token_file, a.config.as_deref())?;
+    let Some(token_file) = token_file else {
+        anyhow::bail!("an action needs the admin token: pass --token-file, or --config with the proxy's config file");
+    };
+    let token = veer_proxy::token::read(&token_file)?;
     let by = a.by.or_else(whoami);
     let rt = runtime(1)?;
     let line = rt.block_on(status::act(
-        &a.admin,
+        &admin,
         &token,
         (&a.route, action),
         by.as_deref(),
@@ -394,4 +454,42 @@ fn run_proxy(path: PathBuf) -> anyhow::Result<()> {
     rt.block_on(run::run(loaded, terminated(), None))?;
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--config` gives the admin address (a wildcard one asked on
+    /// loopback) and the token file; flags given win.
+    #[test]
+    fn the_admin_address_and_token_come_from_the_config_unless_given() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("veer.toml");
+        let config = |admin: &str, token: &str| {
+            format!("[admin]\nlisten = \"{admin}\"\n{token}[state]\ndir = \"state\"\n[[route]]\nname = \"web\"\n[route.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:9000\"]\n")
+        };
+        std::fs::write(
+            &path,
+            config("0.0.0.0:9911", "token_file = \"t\"\nread_token = true\n"),
+        )
+        .expect("write");
+        let (admin, token, reads) = admin_of(None, None, Some(&path)).expect("config");
+        assert_eq!(admin, "127.0.0.1:9911");
+        assert_eq!(token, Some(dir.path().join("t")));
+        assert!(reads);
+        std::fs::write(&path, config("[::]:9912", "token_file = \"t\"\n")).expect("write");
+        let (admin, _, reads) = admin_of(None, None, Some(&path)).expect("config");
+        assert_eq!(admin, "[::1]:9912");
+        assert!(!reads);
+        std::fs::write(&path, config("127.0.0.1:9913", "")).expect("write");
+        let (admin, token, _) =
+            admin_of(Some("10.0.0.1:1".into()), None, Some(&path)).expect("config");
+        assert_eq!(admin, "10.0.0.1:1");
+        assert_eq!(token, Some(dir.path().join("state/admin.token")));
+        let (admin, token, _) = admin_of(None, None, None).expect("none");
+        assert_eq!((admin.as_str(), token), ("127.0.0.1:9901", None));
+        std::fs::write(&path, "[[route]]\nname = \"Bad\"\n").expect("write");
+        assert!(admin_of(None, None, Some(&path)).is_err());
+    }
 }

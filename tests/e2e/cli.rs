@@ -88,6 +88,18 @@ async fn operator_actions_from_the_command_line_say_who_and_why() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // The token found through the proxy's config (its state dir's).
+    let out = tokio::task::spawn_blocking({
+        let (admin, config) = (admin.clone(), proxy.config.display().to_string());
+        move || veer(&["pause", "web", "--admin", &admin, "--config", &config])
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("paused"),
+        "{stdout}"
+    );
     // Without the right token: exit 1, HTTP 401.
     let wrong = proxy.dir.path().join("wrong.token");
     super::support::write_with_mode(&wrong, "not-the-token", 0o600);

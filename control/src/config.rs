@@ -267,6 +267,9 @@ pub struct Route {
     /// Requests that came over plain HTTP get `308` to the same URL over
     /// HTTPS (`https_redirect`).
     pub https_redirect: bool,
+    /// Requests over a connection without a verified client certificate
+    /// (`[proxy.tls] client_ca`) get 403 (`require_client_cert`).
+    pub require_client_cert: bool,
     /// What replaces `path_prefix` at the start of the path a request goes
     /// upstream with (`rewrite_prefix`); `None`: the path as it came.
     pub rewrite_prefix: Option<String>,

@@ -85,6 +85,11 @@ pub enum ProxyError {
     /// closed by the handshake's alert, nothing answered.
     #[error("no valid client certificate")]
     ClientCert,
+    /// A request to a route with `require_client_cert` over a connection
+    /// without a verified client certificate (one that presented none
+    /// under `client_auth = "optional"`, or a plain one): 403.
+    #[error("the route needs a client certificate")]
+    ClientCertRequired,
     /// Any other TLS handshake that failed in the protocol (no version or
     /// cipher in common, a malformed message, a client's alert), not
     /// because the connection closed or broke: closed, nothing answered.
@@ -123,7 +128,7 @@ impl ProxyError {
             ProxyError::ClientDeadline => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::Forbidden | ProxyError::ClientCertRequired => StatusCode::FORBIDDEN,
         }
     }
 
@@ -150,6 +155,7 @@ impl ProxyError {
             ProxyError::HeaderTimeout => "header_timeout",
             ProxyError::BadProxyHeader => "bad_proxy_header",
             ProxyError::ClientCert => "client_cert",
+            ProxyError::ClientCertRequired => "client_cert_required",
             ProxyError::TlsHandshake => "tls_handshake",
             ProxyError::SendTimeout => "send_timeout",
         }
@@ -190,6 +196,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "content too large\n",
             ProxyError::RateLimited => "too many requests\n",
             ProxyError::Forbidden => "forbidden\n",
+            ProxyError::ClientCertRequired => "client certificate required\n",
         }
     }
 
@@ -208,7 +215,7 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 18] = [
+pub const PROXY_KINDS: [ProxyError; 19] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
@@ -227,6 +234,7 @@ pub const PROXY_KINDS: [ProxyError; 18] = [
     ProxyError::BadProxyHeader,
     ProxyError::ClientCert,
     ProxyError::TlsHandshake,
+    ProxyError::ClientCertRequired,
 ];
 
 /// The upstream error kinds, in `upstream_index` order.

@@ -107,6 +107,7 @@ fn code_of(e: ProxyError) -> u8 {
         ProxyError::BodyTooLarge | ProxyError::RateLimited => 8,
         // PERMISSION_DENIED (a handshake's failure is never answered).
         ProxyError::Forbidden | ProxyError::ClientCert => 7,
+        ProxyError::ClientCertRequired => 16, // UNAUTHENTICATED
         ProxyError::BadRequest
         | ProxyError::ClientTimeout
         | ProxyError::ClientAborted

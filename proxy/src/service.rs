@@ -175,6 +175,12 @@ pub fn handle(
                 return Ok(refuse_on_route(&shared, &req, on_route(), e, None));
             }
         }
+        if route.require_client_cert
+            && !matches!(peer.client_cert, crate::headers::ClientCert::Verified(..))
+        {
+            let e = ProxyError::ClientCertRequired;
+            return Ok(refuse_on_route(&shared, &req, on_route(), e, None));
+        }
         if let Some(limiter) = &route.limiter {
             if let Err(wait) = limiter.admit(limiter.key(req.headers(), client_hash), start) {
                 let e = ProxyError::RateLimited;

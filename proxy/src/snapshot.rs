@@ -91,6 +91,9 @@ pub struct RouteTarget {
     pub cors: Option<Box<crate::cors::CorsTarget>>,
     /// `https_redirect`: requests over plain HTTP get 308 to HTTPS.
     pub https_redirect: bool,
+    /// `require_client_cert`: requests without a verified client
+    /// certificate get 403.
+    pub require_client_cert: bool,
     /// `rewrite_prefix`, if set.
     pub rewrite: Option<Box<crate::edit::Rewrite>>,
     /// `[route.request_headers]`, if it edits anything.
@@ -350,6 +353,7 @@ impl Snapshot {
                     .map(|l| upstreams.limiters.get(&r.name, l)),
                 sources: crate::limit::Sources::of(r),
                 https_redirect: r.https_redirect,
+                require_client_cert: r.require_client_cert,
                 cors: r.cors.as_ref().and_then(crate::cors::CorsTarget::of),
                 mint: r
                     .sticky_cookie

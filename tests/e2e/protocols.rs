@@ -891,6 +891,19 @@ async fn mtls_get(
     )>,
     headers: &str,
 ) -> Result<String, String> {
+    mtls_get_path(addr, client, "/", headers).await
+}
+
+/// [`mtls_get`] of `path`.
+async fn mtls_get_path(
+    addr: std::net::SocketAddr,
+    client: Option<&(
+        rustls::pki_types::CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+    path: &str,
+    headers: &str,
+) -> Result<String, String> {
     let connector = connector(client);
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
@@ -899,7 +912,7 @@ async fn mtls_get(
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     let request =
-        format!("GET / HTTP/1.1\r\nhost: localhost\r\n{headers}connection: close\r\n\r\n");
+        format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n{headers}connection: close\r\n\r\n");
     tls.write_all(request.as_bytes())
         .await
         .map_err(|e| format!("write: {e}"))?;
@@ -1044,6 +1057,61 @@ async fn a_tls_listener_with_client_ca_serves_verified_clients_and_tells_upstrea
     let answer = mtls_get(addr, Some(&pay), "").await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(xfcc().as_deref(), Some(want.as_str()));
+}
+
+/// With `client_auth = "optional"`, a route with `require_client_cert`
+/// serves only requests over a connection whose client certificate
+/// verified: others get 403 (counted as `client_cert_required`), over
+/// TLS without one or over the plain listener; the other routes serve
+/// everyone.
+#[tokio::test]
+async fn a_route_that_requires_a_client_certificate_refuses_requests_without_one() {
+    use rcgen::DnType;
+    let s = Upstream::start("stable").await;
+    let ca = super::upstreams::TestCa::new("clients");
+    let alice = ca.client(&[(DnType::CommonName, "alice")], vec![]);
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().to_path_buf();
+    self_signed(&dir_path, "tls", &["localhost"]);
+    std::fs::write(dir_path.join("clients.pem"), ca.pem()).unwrap();
+    let pay = format!(
+        "[[route]]\nname = \"pay\"\npath_prefix = \"/pay\"\nrequire_client_cert = true\n[route.stable]\nversion = \"v1\"\nendpoints = [\"{}\"]\n",
+        s.addr
+    );
+    let config = with_tls(
+        &(route_config(&[s.addr], &[], 0.0, "") + &pay),
+        "cert = \"tls.crt\"\nkey = \"tls.key\"\nclient_ca = \"clients.pem\"\nclient_auth = \"optional\"\n",
+    );
+    let veer = Veer::start_in_dir(dir, &config).await;
+    let addr = veer.tls_addr.expect("tls listener");
+    let served = || s.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let answer = mtls_get_path(addr, None, "/pay/charge", "").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(
+        answer.ends_with("client certificate required\n"),
+        "{answer}"
+    );
+    let answer = raw(
+        veer.addr,
+        b"GET /pay/charge HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert_eq!(served(), 0);
+    let answer = mtls_get_path(addr, Some(&alice), "/pay/charge", "")
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = mtls_get_path(addr, None, "/shop", "").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(served(), 2);
+    super::support::wait_metric(
+        &veer,
+        r#"veer_proxy_errors_total{kind="client_cert_required"}"#,
+        "two refusals counted",
+        |v| v == 2.0,
+    )
+    .await;
 }
 
 /// With `client_crl`, a client whose certificate a list revokes is

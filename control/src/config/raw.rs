@@ -134,6 +134,7 @@ pub struct RawRoute {
     pub deny_from: Option<Vec<Spanned<String>>>,
     pub rewrite_prefix: Option<Spanned<String>>,
     pub https_redirect: Option<Spanned<bool>>,
+    pub require_client_cert: Option<Spanned<bool>>,
     pub request_headers: Option<Spanned<RawHeaderEdits>>,
     pub response_headers: Option<Spanned<RawHeaderEdits>>,
     pub stable: Spanned<RawVersion>,

@@ -113,6 +113,19 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
     if proxy.request_id {
         v.request_id_kept(&raw.route);
     }
+    if proxy.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+        // No client certificate is ever verified: nobody would be served.
+        for r in &raw.route {
+            if let Some(b) = r
+                .get_ref()
+                .require_client_cert
+                .as_ref()
+                .filter(|b| *b.get_ref())
+            {
+                v.err(b.span(), "require_client_cert needs [proxy.tls] client_ca (the CAs clients' certificates are verified against; client_auth = \"optional\" lets the routes that do not require one serve clients without)");
+            }
+        }
+    }
     if proxy.tls.is_none() && proxy.trusted_hops == 0 && !proxy.proxy_protocol {
         // Every request comes over plain HTTP: all would be sent away.
         for r in &raw.route {

@@ -200,6 +200,7 @@ impl Validator<'_> {
             allow_from: self.ranges(r.allow_from.as_deref(), "allow_from"),
             deny_from: self.ranges(r.deny_from.as_deref(), "deny_from"),
             https_redirect: r.https_redirect.as_ref().is_some_and(|b| *b.get_ref()),
+            require_client_cert: r.require_client_cert.as_ref().is_some_and(|b| *b.get_ref()),
             rewrite_prefix: r
                 .rewrite_prefix
                 .as_ref()

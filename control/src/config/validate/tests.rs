@@ -1131,3 +1131,29 @@ fn the_tls_listeners_client_settings_need_client_ca_and_public_port_is_a_port() 
         assert!(e.contains(want), "{keys}: {e}");
     }
 }
+
+#[test]
+fn a_route_requiring_a_client_certificate_needs_client_ca() {
+    let route = MINIMAL.replace(
+        "name = \"web\"\n",
+        "name = \"web\"\nrequire_client_cert = true\n",
+    );
+    let e = parse(&route).expect_err("no TLS").to_string();
+    assert!(
+        e.contains("require_client_cert needs [proxy.tls] client_ca"),
+        "{e}"
+    );
+    let tls = "[proxy.tls]\nlisten = [\"0.0.0.0:8443\"]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n";
+    let e = parse(&format!("{tls}{route}"))
+        .expect_err("no client_ca")
+        .to_string();
+    assert!(
+        e.contains("require_client_cert needs [proxy.tls] client_ca"),
+        "{e}"
+    );
+    let c = parse(&format!(
+        "{tls}client_ca = \"/ca.pem\"\nclient_auth = \"optional\"\n{route}"
+    ))
+    .expect("valid");
+    assert!(c.routes[0].require_client_cert);
+}

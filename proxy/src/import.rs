@@ -180,7 +180,12 @@ fn secrets(ingresses: &[Ingress], routes: &[Route]) -> Vec<(String, String)> {
 /// `[proxy.tls]` serving `secrets` as mounted under `dir` (the first is
 /// also the default certificate), with a note on mounting each; empty
 /// when there are none.
-fn tls_table(dir: &str, secrets: &[(String, String)], notes: &mut Vec<String>) -> String {
+fn tls_table(
+    dir: &str,
+    secrets: &[(String, String)],
+    client_cas: &[&(String, String)],
+    notes: &mut Vec<String>,
+) -> String {
     let dir = dir.trim_end_matches('/');
     let mut out = String::new();
     for (n, (ns, name)) in secrets.iter().enumerate() {
@@ -195,6 +200,20 @@ fn tls_table(dir: &str, secrets: &[(String, String)], notes: &mut Vec<String>) -
                 out,
                 "\n[proxy.tls]\nlisten = [\"0.0.0.0:8443\"]\npublic_port = 443  # where clients reach it (a Service's 443 to this 8443): https_redirect sends them there\n# Secret {ns}/{name}; also the default, for a client asking for no name or one no pair covers\ncert = {cert}\nkey = {key}"
             );
+            if let Some((ca_ns, ca_name)) = client_cas.first() {
+                let at = format!("{dir}/{ca_ns}/{ca_name}");
+                notes.push(format!(
+                    "auth-tls-secret {ca_ns}/{ca_name}: its ca.crt verifies client certificates (client_ca); mount it at {at}/"
+                ));
+                for (other_ns, other) in client_cas.iter().skip(1) {
+                    notes.push(format!("auth-tls-secret {other_ns}/{other}: veer has one client_ca for every route: put its ca.crt in {at}/ca.crt too (a file of both CAs), or its clients are refused"));
+                }
+                let _ = writeln!(
+                    out,
+                    "client_ca = {}  # auth-tls-secret {ca_ns}/{ca_name}\nclient_auth = \"optional\"  # routes with require_client_cert refuse clients without one",
+                    toml_str(&format!("{at}/ca.crt"))
+                );
+            }
         } else {
             let _ = writeln!(
                 out,
@@ -451,10 +470,14 @@ struct Carried {
     hash_by: Option<String>,
     /// `enable-cors` and its `cors-*`: the `[route.cors]` lines.
     cors: Option<String>,
+    /// `auth-tls-verify-client: "on"` with `auth-tls-secret`
+    /// (`namespace/name`): `require_client_cert`, the Secret's `ca.crt`
+    /// as `client_ca`.
+    client_ca: Option<(String, String)>,
 }
 
 /// The annotations [`Carried`] reads.
-const CARRIED_KEYS: [&str; 33] = [
+const CARRIED_KEYS: [&str; 35] = [
     "proxy-body-size",
     "proxy-read-timeout",
     "proxy-connect-timeout",
@@ -486,6 +509,8 @@ const CARRIED_KEYS: [&str; 33] = [
     "session-cookie-domain",
     "session-cookie-samesite",
     "session-cookie-secure",
+    "auth-tls-verify-client",
+    "auth-tls-secret",
     // Noted with what veer does instead.
     "session-cookie-conditional-samesite-none",
     "session-cookie-change-on-failure",
@@ -780,6 +805,30 @@ fn carried(main: &Ingress, host: &str, notes: &mut Vec<String>) -> Carried {
         affinity,
         hash_by,
         cors: cors(main),
+        client_ca: client_ca(main, notes),
+    }
+}
+
+/// `auth-tls-verify-client: "on"` and its `auth-tls-secret`
+/// (`namespace/name`, or `name` in the Ingress's namespace), with a note
+/// for what veer cannot follow.
+fn client_ca(main: &Ingress, notes: &mut Vec<String>) -> Option<(String, String)> {
+    let verify = main.annotation("auth-tls-verify-client")?.trim();
+    let secret = main.annotation("auth-tls-secret").map(str::trim);
+    match (verify.to_ascii_lowercase().as_str(), secret) {
+        ("on", Some(s)) if !s.is_empty() => Some(match s.split_once('/') {
+            Some((ns, name)) => (ns.to_string(), name.to_string()),
+            None => (main.namespace.clone(), s.to_string()),
+        }),
+        ("on", _) => {
+            notes.push("auth-tls-verify-client \"on\" without auth-tls-secret: no client certificate required (ingress-nginx ignores it too)".into());
+            None
+        }
+        ("off", _) => None,
+        (other, _) => {
+            notes.push(format!("auth-tls-verify-client {other:?}: veer's routes require a verified client certificate or take every client (require_client_cert), not written: under client_auth = \"optional\" a certificate presented must verify (optional_no_ca's unverified ones are refused)"));
+            None
+        }
     }
 }
 
@@ -1068,10 +1117,18 @@ fn build(
         Some(c) => c.body_line(&mut notes),
         None => "# ingress-nginx takes request bodies up to its ConfigMap's proxy-body-size (1m unless set);\n# veer has no limit unless told: uncomment with yours (routes with the annotation keep theirs),\n# or give the ConfigMap to the import too.\n# max_request_body = 1048576".into(),
     };
+    let mut client_cas: Vec<&(String, String)> = Vec::new();
+    for ca in routes.iter().filter_map(|r| r.carried.client_ca.as_ref()) {
+        if !client_cas.contains(&ca) {
+            client_cas.push(ca);
+        }
+    }
     let tls = match &options.tls_dir {
-        Some(dir) => tls_table(dir, &secrets(ingresses, &routes), &mut notes),
+        Some(dir) => tls_table(dir, &secrets(ingresses, &routes), &client_cas, &mut notes),
         None => String::new(),
     };
+    // Only with a client_ca written may a route require a certificate.
+    let verifies = tls.contains("\nclient_ca = ");
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -1128,6 +1185,16 @@ fn build(
                 out,
                 "https_redirect = true  # ssl-redirect (the Ingress has TLS for the host) or force-ssl-redirect"
             );
+        }
+        if c.client_ca.is_some() && verifies {
+            let _ = writeln!(
+                out,
+                "require_client_cert = true  # auth-tls-verify-client: on"
+            );
+        } else if c.client_ca.is_some() {
+            let n = "auth-tls-verify-client \"on\": not written (require_client_cert needs [proxy.tls] client_ca: give --tls-dir, where the TLS and auth-tls Secrets are mounted)";
+            let _ = writeln!(out, "# NOTE: {n}");
+            all_notes.push(format!("route {}: {n}", r.name));
         }
         if let Some(p) = &r.rewrite {
             let _ = writeln!(out, "rewrite_prefix = {}  # rewrite-target", toml_str(p));

@@ -362,6 +362,11 @@ fn ingress_nginx_manifests_import_to_configs_that_veer_check_accepts() {
         .filter_map(|l| l.strip_prefix("cert = \""))
         .map(|l| l.trim_end_matches('"'))
         .collect();
+    let client_ca = config
+        .lines()
+        .find_map(|l| l.strip_prefix("client_ca = \""))
+        .and_then(|l| l.split('"').next())
+        .expect("mtls.yaml's auth-tls-secret as client_ca");
     assert!(certs.len() >= 2, "{config}");
     let path = out_dir.path().join("imported-tls.toml");
     std::fs::write(&path, &config).unwrap();
@@ -375,6 +380,11 @@ fn ingress_nginx_manifests_import_to_configs_that_veer_check_accepts() {
         std::fs::write(secret.join("tls.crt"), made.cert.pem()).unwrap();
         std::fs::write(secret.join("tls.key"), made.key_pair.serialize_pem()).unwrap();
     }
+    let ca = std::path::Path::new(client_ca);
+    assert!(ca.starts_with(&tls_dir), "{client_ca}");
+    std::fs::create_dir_all(ca.parent().unwrap()).unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["clients-ca".into()]).unwrap();
+    std::fs::write(ca, made.cert.pem()).unwrap();
     let check = veer(&["check", "--config", path.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&check.stderr);
     assert!(check.status.success(), "{err}\n{config}");

@@ -468,3 +468,44 @@ fn tls_secrets_become_certificates_under_the_tls_dir() {
     assert!(parsed(&i).proxy.tls.is_none());
     assert!(i.notes.iter().any(|n| n.contains("TLS from Secret")));
 }
+
+/// `auth-tls-verify-client: "on"` with its `auth-tls-secret` becomes
+/// `require_client_cert` on its route and the Secret's `ca.crt` the TLS
+/// listener's `client_ca` (with `client_auth = "optional"` for the other
+/// routes), given `--tls-dir`; other values, and no `--tls-dir`, are notes.
+#[test]
+fn client_certificate_authentication_becomes_require_client_cert() {
+    let files = [corpus("mtls.yaml")];
+    let options = Options {
+        tls_dir: Some("/etc/veer/tls".into()),
+    };
+    let i = ingress_nginx(&files, &options).expect("imported");
+    let c = parsed(&i);
+    let tls = c.proxy.tls.as_ref().expect("[proxy.tls]");
+    assert_eq!(
+        tls.client_ca.as_deref(),
+        Some(Path::new("/etc/veer/tls/payments/clients-ca/ca.crt"))
+    );
+    assert!(tls.client_auth_optional);
+    let requires: Vec<(&str, bool)> = c
+        .routes
+        .iter()
+        .map(|r| (r.name.as_str(), r.require_client_cert))
+        .collect();
+    assert_eq!(
+        requires,
+        [("payments-example-net", true), ("store-example-net", false)]
+    );
+    noted(
+        &i,
+        &[
+            "auth-tls-secret payments/clients-ca: its ca.crt verifies client certificates",
+            "auth-tls-verify-client \"optional_no_ca\"",
+            "auth-tls-verify-depth",
+        ],
+    );
+    let i = ingress_nginx(&files, &Options::default()).expect("imported");
+    let c = parsed(&i);
+    assert!(c.routes.iter().all(|r| !r.require_client_cert));
+    noted(&i, &["auth-tls-verify-client \"on\": not written"]);
+}

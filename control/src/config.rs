@@ -175,6 +175,9 @@ pub struct TlsSettings {
     /// in front mapping it to `listen`'s), where `https_redirect` sends
     /// them; None: the first listener's port.
     pub public_port: Option<u16>,
+    /// `forward_client_cert = true`: `X-Forwarded-Client-Cert` carries the
+    /// client's certificate too (`Cert=`, its PEM URL-encoded, as Envoy's).
+    pub forward_client_cert: bool,
 }
 
 /// At most this many `[[proxy.tls.certificates]]`.

@@ -183,7 +183,7 @@ fn secrets(ingresses: &[Ingress], routes: &[Route]) -> Vec<(String, String)> {
 fn tls_table(
     dir: &str,
     secrets: &[(String, String)],
-    client_cas: &[&(String, String)],
+    (client_cas, pass_cert): (&[&(String, String)], bool),
     notes: &mut Vec<String>,
 ) -> String {
     let dir = dir.trim_end_matches('/');
@@ -213,6 +213,13 @@ fn tls_table(
                     "client_ca = {}  # auth-tls-secret {ca_ns}/{ca_name}\nclient_auth = \"optional\"  # routes with require_client_cert refuse clients without one",
                     toml_str(&format!("{at}/ca.crt"))
                 );
+                if pass_cert {
+                    notes.push("auth-tls-pass-certificate-to-upstream: the upstream gets the client's certificate in X-Forwarded-Client-Cert's Cert= (its PEM URL-encoded, as Envoy's), not ingress-nginx's ssl-client-cert field".into());
+                    let _ = writeln!(
+                        out,
+                        "forward_client_cert = true  # auth-tls-pass-certificate-to-upstream"
+                    );
+                }
             }
         } else {
             let _ = writeln!(
@@ -474,10 +481,13 @@ struct Carried {
     /// (`namespace/name`): `require_client_cert`, the Secret's `ca.crt`
     /// as `client_ca`.
     client_ca: Option<(String, String)>,
+    /// `auth-tls-pass-certificate-to-upstream: "true"` beside it:
+    /// `forward_client_cert`.
+    pass_cert: bool,
 }
 
 /// The annotations [`Carried`] reads.
-const CARRIED_KEYS: [&str; 35] = [
+const CARRIED_KEYS: [&str; 36] = [
     "proxy-body-size",
     "proxy-read-timeout",
     "proxy-connect-timeout",
@@ -511,6 +521,7 @@ const CARRIED_KEYS: [&str; 35] = [
     "session-cookie-secure",
     "auth-tls-verify-client",
     "auth-tls-secret",
+    "auth-tls-pass-certificate-to-upstream",
     // Noted with what veer does instead.
     "session-cookie-conditional-samesite-none",
     "session-cookie-change-on-failure",
@@ -806,6 +817,7 @@ fn carried(main: &Ingress, host: &str, notes: &mut Vec<String>) -> Carried {
         hash_by,
         cors: cors(main),
         client_ca: client_ca(main, notes),
+        pass_cert: flag("auth-tls-pass-certificate-to-upstream") == Some(true),
     }
 }
 
@@ -1124,7 +1136,17 @@ fn build(
         }
     }
     let tls = match &options.tls_dir {
-        Some(dir) => tls_table(dir, &secrets(ingresses, &routes), &client_cas, &mut notes),
+        Some(dir) => {
+            let pass_cert = routes
+                .iter()
+                .any(|r| r.carried.client_ca.is_some() && r.carried.pass_cert);
+            tls_table(
+                dir,
+                &secrets(ingresses, &routes),
+                (&client_cas, pass_cert),
+                &mut notes,
+            )
+        }
         None => String::new(),
     };
     // Only with a client_ca written may a route require a certificate.

@@ -330,12 +330,12 @@ pub async fn serve(
             // phase of each would stay in this task's allocation for the
             // connection's whole life (an idle keep-alive connection cost
             // 26 KiB, see benches/idle-conns.py).
-            let (acceptor, asks_clients) = match &tls {
+            let (acceptor, asks_clients, forward_cert) = match &tls {
                 Some(c) => {
-                    let (a, asks) = c.acceptor();
-                    (Some(a), asks)
+                    let h = c.handshake();
+                    (Some(h.acceptor), h.asks_clients, h.forward_cert)
                 }
-                None => (None, false),
+                None => (None, false, false),
             };
             let handshake = tokio::time::timeout_at(accepted + limits.header_timeout, async {
                 match acceptor {
@@ -352,7 +352,7 @@ pub async fn serve(
             match shaken {
                 Ok(Ok(s)) => {
                     let client_cert = match &s {
-                        Stream::Tls(t) if asks_clients => client_cert(t),
+                        Stream::Tls(t) if asks_clients => client_cert(t, forward_cert),
                         _ if client_certs => crate::headers::ClientCert::Absent,
                         _ => crate::headers::ClientCert::NotAsked,
                     };
@@ -403,15 +403,18 @@ fn admit(limits: &Limits, peer: SocketAddr, shared: &Shared) -> Option<PerIp> {
 /// (rustls verified any the client presented).
 fn client_cert(
     tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    with_cert: bool,
 ) -> crate::headers::ClientCert {
     match tls.get_ref().1.peer_certificates() {
-        Some(chain) if !chain.is_empty() => match crate::tls::forwarded_client_cert(chain) {
-            Some((v, subject)) => crate::headers::ClientCert::Verified(
-                v,
-                crate::headers::ClientSubject(subject.into()),
-            ),
-            None => crate::headers::ClientCert::Absent,
-        },
+        Some(chain) if !chain.is_empty() => {
+            match crate::tls::forwarded_client_cert(chain, with_cert) {
+                Some((v, subject)) => crate::headers::ClientCert::Verified(
+                    v,
+                    crate::headers::ClientSubject(subject.into()),
+                ),
+                None => crate::headers::ClientCert::Absent,
+            }
+        }
         _ => crate::headers::ClientCert::Absent,
     }
 }

@@ -478,15 +478,25 @@ impl Certs {
         self.set.load().uncovered(routes)
     }
 
-    /// A TLS acceptor offering h2 and http/1.1, with the set-up in force,
-    /// and whether it asks clients for a certificate.
-    pub fn acceptor(&self) -> (TlsAcceptor, bool) {
+    /// A handshake with the set-up in force.
+    pub fn handshake(&self) -> Handshake {
         let set = self.set.load();
-        (
-            TlsAcceptor::from(set.config.load_full()),
-            set.clients.is_some(),
-        )
+        Handshake {
+            acceptor: TlsAcceptor::from(set.config.load_full()),
+            asks_clients: set.clients.is_some(),
+            forward_cert: set.settings.forward_client_cert,
+        }
     }
+}
+
+/// How a TLS connection is taken (see [`Certs::handshake`]).
+pub struct Handshake {
+    /// An acceptor offering h2 and http/1.1.
+    pub acceptor: TlsAcceptor,
+    /// It asks clients for a certificate (`client_ca`).
+    pub asks_clients: bool,
+    /// A verified one's PEM goes upstream (`forward_client_cert`).
+    pub forward_cert: bool,
 }
 
 /// `settings` without `listen` and `public_port`: what a [`CertSet`] is
@@ -820,7 +830,10 @@ impl ResolvesServerCert for Resolver {
 /// with `,`, `;`, `=` or `"` in quotes (`"` escaped). None without a
 /// leaf, or if it does not parse (it verified, so it does). With it, the
 /// subject alone.
-pub fn forwarded_client_cert(chain: &[CertificateDer<'_>]) -> Option<(http::HeaderValue, String)> {
+pub fn forwarded_client_cert(
+    chain: &[CertificateDer<'_>],
+    with_cert: bool,
+) -> Option<(http::HeaderValue, String)> {
     let leaf = chain.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
     let hash = ring::digest::digest(&ring::digest::SHA256, leaf);
@@ -850,6 +863,27 @@ pub fn forwarded_client_cert(chain: &[CertificateDer<'_>]) -> Option<(http::Head
                 }
             }
         }
+    }
+    if with_cert {
+        // The leaf's PEM, URL-encoded (all but RFC 3986's unreserved
+        // characters), quoted: Envoy's `Cert=`.
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(leaf.as_ref());
+        let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+        out.push_str(";Cert=\"");
+        for b in pem.bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        out.push('"');
     }
     Some((http::HeaderValue::from_str(&out).ok()?, subject))
 }

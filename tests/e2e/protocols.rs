@@ -1057,6 +1057,39 @@ async fn a_tls_listener_with_client_ca_serves_verified_clients_and_tells_upstrea
     let answer = mtls_get(addr, Some(&pay), "").await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(xfcc().as_deref(), Some(want.as_str()));
+
+    // forward_client_cert: the certificate itself too, its PEM URL-encoded.
+    let (dir, config) = start_with("forward_client_cert = true\n");
+    let veer = Veer::start_in_dir(dir, &config).await;
+    let addr = veer.tls_addr.expect("tls listener");
+    let answer = mtls_get(addr, Some(&pay), "").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let field = xfcc().unwrap();
+    let cert = field
+        .strip_prefix(&format!("{want};Cert=\""))
+        .and_then(|c| c.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("{field}"));
+    assert!(
+        cert.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"%-._~".contains(&b)),
+        "{cert}"
+    );
+    let mut pem = Vec::new();
+    let mut bytes = cert.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex: String = bytes.by_ref().take(2).map(char::from).collect();
+            pem.push(u8::from_str_radix(&hex, 16).unwrap());
+        } else {
+            pem.push(b);
+        }
+    }
+    let der =
+        <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+            &pem,
+        )
+        .unwrap();
+    assert_eq!(der, pay.0);
 }
 
 /// With `client_auth = "optional"`, a route with `require_client_cert`

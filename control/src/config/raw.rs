@@ -73,6 +73,7 @@ pub struct RawTls {
     pub client_auth: Option<Spanned<String>>,
     pub client_crl: Option<Spanned<String>>,
     pub public_port: Option<Spanned<i64>>,
+    pub forward_client_cert: Option<Spanned<bool>>,
 }
 
 /// `[[proxy.tls.certificates]]`.

@@ -368,9 +368,19 @@ impl Validator<'_> {
             let public_port = t_ref.public_port.as_ref().map(|p| {
                 self.int_in(Some(p), 1..=65_535, 443, "[proxy.tls] public_port") as u16
             });
+            let forward_client_cert = t_ref.forward_client_cert.as_ref().is_some_and(|f| {
+                if client_ca.is_none() && *f.get_ref() {
+                    self.err(
+                        f.span(),
+                        "forward_client_cert needs client_ca (only a verified client certificate is forwarded)",
+                    );
+                }
+                *f.get_ref()
+            });
             TlsSettings {
                 listen,
                 public_port,
+                forward_client_cert,
                 cert: self.path(&t_ref.cert),
                 key: self.path(&t_ref.key),
                 certificates,

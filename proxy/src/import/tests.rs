@@ -487,6 +487,7 @@ fn client_certificate_authentication_becomes_require_client_cert() {
         Some(Path::new("/etc/veer/tls/payments/clients-ca/ca.crt"))
     );
     assert!(tls.client_auth_optional);
+    assert!(tls.forward_client_cert);
     let requires: Vec<(&str, bool)> = c
         .routes
         .iter()
@@ -502,6 +503,7 @@ fn client_certificate_authentication_becomes_require_client_cert() {
             "auth-tls-secret payments/clients-ca: its ca.crt verifies client certificates",
             "auth-tls-verify-client \"optional_no_ca\"",
             "auth-tls-verify-depth",
+            "the upstream gets the client's certificate in X-Forwarded-Client-Cert's Cert=",
         ],
     );
     let i = ingress_nginx(&files, &Options::default()).expect("imported");

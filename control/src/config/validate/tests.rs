@@ -1121,6 +1121,10 @@ fn the_tls_listeners_client_settings_need_client_ca_and_public_port_is_a_port() 
     for (keys, want) in [
         ("client_crl = \"/crl.pem\"", "client_crl needs client_ca"),
         ("client_auth = \"optional\"", "client_auth needs client_ca"),
+        (
+            "forward_client_cert = true",
+            "forward_client_cert needs client_ca",
+        ),
         ("public_port = 0", "public_port must be between 1 and 65535"),
         (
             "public_port = 70000",

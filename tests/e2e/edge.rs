@@ -453,9 +453,10 @@ async fn idle_keep_alive_connections_are_parked_and_serve_their_next_request() {
     let a = read_answer(&mut c, "hello").await;
     assert!(a.starts_with("HTTP/1.1 200"), "{a}");
     assert_eq!(*s.last_uri.lock().unwrap(), "/second");
-    // Taken out of parking for that request, parked again after it.
-    let m = veer.metrics().await;
-    assert_eq!(metric(&m, "veer_parked_connections"), Some(0.0), "{m}");
+    // Taken out of parking for that request, parked again after it: one
+    // parked connection, not two. (Not read as 0 between the two: the
+    // connection parks again 1 s after its answer, sooner than a scrape
+    // comes on a loaded machine.)
     wait_parked(&veer, 1.0).await;
 
     // Over TLS.

@@ -362,6 +362,9 @@ pub struct RateLimit {
     /// Whose bucket: a request header's value (lower-case name), when
     /// the request has it; else (and with `None`) the client address.
     pub key_header: Option<String>,
+    /// `key = "client-cert"`: the verified client certificate's subject,
+    /// when the connection has one; else the client address.
+    pub key_client_cert: bool,
 }
 
 /// Cross-origin requests a route allows (`[route.cors]`): veer answers a

@@ -1135,22 +1135,19 @@ fn build(
             client_cas.push(ca);
         }
     }
+    let secrets = secrets(ingresses, &routes);
     let tls = match &options.tls_dir {
         Some(dir) => {
             let pass_cert = routes
                 .iter()
                 .any(|r| r.carried.client_ca.is_some() && r.carried.pass_cert);
-            tls_table(
-                dir,
-                &secrets(ingresses, &routes),
-                (&client_cas, pass_cert),
-                &mut notes,
-            )
+            tls_table(dir, &secrets, (&client_cas, pass_cert), &mut notes)
         }
         None => String::new(),
     };
-    // Only with a client_ca written may a route require a certificate.
-    let verifies = tls.contains("\nclient_ca = ");
+    // Only with a client_ca written (in a TLS table, which the Secrets
+    // make) may a route require a certificate.
+    let verifies = options.tls_dir.is_some() && !secrets.is_empty() && !client_cas.is_empty();
     let mut out = String::new();
     let _ = writeln!(
         out,

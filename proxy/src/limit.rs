@@ -125,6 +125,8 @@ pub struct RateLimiter {
     shards: Box<[Mutex<Shard>]>,
     /// `key = "header:NAME"`.
     key_header: Option<http::HeaderName>,
+    /// `key = "client-cert"`.
+    key_client_cert: bool,
 }
 
 impl RateLimiter {
@@ -139,14 +141,23 @@ impl RateLimiter {
                 .key_header
                 .as_deref()
                 .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
+            key_client_cert: settings.key_client_cert,
             settings,
         }
     }
 
     /// Whose bucket a request spends from: its key header's value (hashed)
-    /// when the limit is keyed by one and the request has it, else
-    /// `client` (the client address's hash).
-    pub fn key(&self, headers: &http::HeaderMap, client: u64) -> u64 {
+    /// when the limit is keyed by one and the request has it, or its
+    /// connection's verified client certificate's subject (`cert`) when
+    /// keyed by that, else `client` (the client address's hash).
+    pub fn key(&self, headers: &http::HeaderMap, client: u64, cert: Option<&str>) -> u64 {
+        if self.key_client_cert {
+            // (Another seed than the addresses': a subject is never
+            // taken for an address's bucket.)
+            return cert.map_or(client, |s| {
+                xxhash_rust::xxh3::xxh3_64_with_seed(s.as_bytes(), 1)
+            });
+        }
         self.key_header
             .as_ref()
             .and_then(|h| headers.get(h))
@@ -243,6 +254,7 @@ mod tests {
             per_second_milli: (per_second * 1000.0) as u64,
             burst,
             key_header: None,
+            key_client_cert: false,
         })
     }
 
@@ -343,6 +355,7 @@ mod tests {
             per_second_milli: 1000,
             burst: 1,
             key_header: None,
+            key_client_cert: false,
         };
         let a = all.get("web", settings.clone());
         assert!(Arc::ptr_eq(&a, &all.get("web", settings.clone())));
@@ -366,20 +379,33 @@ mod tests {
             per_second_milli: 1,
             burst: 1,
             key_header: Some("x-api-key".into()),
+            key_client_cert: false,
         });
         let mut h = http::HeaderMap::new();
-        assert_eq!(l.key(&h, 7), 7, "no key: the address");
+        assert_eq!(l.key(&h, 7, None), 7, "no key: the address");
         h.insert("x-api-key", http::HeaderValue::from_static(""));
-        assert_eq!(l.key(&h, 7), 7, "an empty one neither");
+        assert_eq!(l.key(&h, 7, None), 7, "an empty one neither");
         h.insert("x-api-key", http::HeaderValue::from_static("team-a"));
-        let a = l.key(&h, 7);
+        let a = l.key(&h, 7, None);
         assert_ne!(a, 7);
-        assert_eq!(a, l.key(&h, 8), "whatever the address");
+        assert_eq!(a, l.key(&h, 8, Some("CN=x")), "whatever the address");
         let now = Instant::now();
         assert!(l.admit(a, now).is_ok());
         assert!(l.admit(a, now).is_err());
         assert!(l.admit(7, now).is_ok(), "the address's own bucket");
         let plain = limiter(1.0, 1);
-        assert_eq!(plain.key(&h, 7), 7, "not keyed: the address");
+        assert_eq!(plain.key(&h, 7, Some("CN=x")), 7, "not keyed: the address");
+        // Keyed by the client certificate: its subject, whatever the
+        // address or header; the address without one.
+        let by_cert = RateLimiter::new(RateLimit {
+            per_second_milli: 1,
+            burst: 1,
+            key_header: None,
+            key_client_cert: true,
+        });
+        let partner = by_cert.key(&h, 7, Some("CN=partner-a,O=Bank"));
+        assert_eq!(partner, by_cert.key(&h, 8, Some("CN=partner-a,O=Bank")));
+        assert_ne!(partner, by_cert.key(&h, 7, Some("CN=partner-b,O=Bank")));
+        assert_eq!(by_cert.key(&h, 7, None), 7);
     }
 }

@@ -182,7 +182,11 @@ pub fn handle(
             return Ok(refuse_on_route(&shared, &req, on_route(), e, None));
         }
         if let Some(limiter) = &route.limiter {
-            if let Err(wait) = limiter.admit(limiter.key(req.headers(), client_hash), start) {
+            let cert = match &peer.client_cert {
+                crate::headers::ClientCert::Verified(_, s) => Some(&*s.0),
+                _ => None,
+            };
+            if let Err(wait) = limiter.admit(limiter.key(req.headers(), client_hash, cert), start) {
                 let e = ProxyError::RateLimited;
                 return Ok(refuse_on_route(&shared, &req, on_route(), e, Some(wait)));
             }

@@ -1096,19 +1096,21 @@ async fn a_tls_listener_with_client_ca_serves_verified_clients_and_tells_upstrea
 /// serves only requests over a connection whose client certificate
 /// verified: others get 403 (counted as `client_cert_required`), over
 /// TLS without one or over the plain listener; the other routes serve
-/// everyone.
+/// everyone. Its rate limit keyed by `client-cert` gives each verified
+/// subject a bucket, whatever connection it comes on.
 #[tokio::test]
 async fn a_route_that_requires_a_client_certificate_refuses_requests_without_one() {
     use rcgen::DnType;
     let s = Upstream::start("stable").await;
     let ca = super::upstreams::TestCa::new("clients");
     let alice = ca.client(&[(DnType::CommonName, "alice")], vec![]);
+    let bob = ca.client(&[(DnType::CommonName, "bob")], vec![]);
     let dir = tempfile::tempdir().unwrap();
     let dir_path = dir.path().to_path_buf();
     self_signed(&dir_path, "tls", &["localhost"]);
     std::fs::write(dir_path.join("clients.pem"), ca.pem()).unwrap();
     let pay = format!(
-        "[[route]]\nname = \"pay\"\npath_prefix = \"/pay\"\nrequire_client_cert = true\n[route.stable]\nversion = \"v1\"\nendpoints = [\"{}\"]\n",
+        "[[route]]\nname = \"pay\"\npath_prefix = \"/pay\"\nrequire_client_cert = true\n[route.rate_limit]\nrequests_per_second = 0.001\nburst = 1\nkey = \"client-cert\"\n[route.stable]\nversion = \"v1\"\nendpoints = [\"{}\"]\n",
         s.addr
     );
     let config = with_tls(
@@ -1138,6 +1140,16 @@ async fn a_route_that_requires_a_client_certificate_refuses_requests_without_one
     let answer = mtls_get_path(addr, None, "/shop", "").await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(served(), 2);
+    // alice's bucket is spent (another connection, the same subject);
+    // bob's is his own.
+    let answer = mtls_get_path(addr, Some(&alice), "/pay/charge", "")
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    let answer = mtls_get_path(addr, Some(&bob), "/pay/charge", "")
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     super::support::wait_metric(
         &veer,
         r#"veer_proxy_errors_total{kind="client_cert_required"}"#,

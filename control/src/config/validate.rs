@@ -124,6 +124,14 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
             {
                 v.err(b.span(), "require_client_cert needs [proxy.tls] client_ca (the CAs clients' certificates are verified against; client_auth = \"optional\" lets the routes that do not require one serve clients without)");
             }
+            let key = r
+                .get_ref()
+                .rate_limit
+                .as_ref()
+                .and_then(|l| l.get_ref().key.as_ref());
+            if let Some(k) = key.filter(|k| k.get_ref() == "client-cert") {
+                v.err(k.span(), "rate_limit key \"client-cert\" needs [proxy.tls] client_ca (no client certificate is verified without it)");
+            }
         }
     }
     if proxy.tls.is_none() && proxy.trusted_hops == 0 && !proxy.proxy_protocol {

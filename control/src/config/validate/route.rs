@@ -594,14 +594,18 @@ impl Validator<'_> {
             default_burst,
             "rate_limit burst",
         );
+        let key_client_cert = raw
+            .key
+            .as_ref()
+            .is_some_and(|k| k.get_ref() == "client-cert");
         let key_header = raw.key.as_ref().and_then(|k| match k.get_ref().as_str() {
-            "client-ip" => None,
+            "client-ip" | "client-cert" => None,
             text => match text.strip_prefix("header:").map(str::to_ascii_lowercase) {
                 Some(name) if http_token(&name) => Some(name),
                 _ => {
                     self.err(
                         k.span(),
-                        format!("rate_limit key {text:?} is not \"client-ip\" or \"header:NAME\""),
+                        format!("rate_limit key {text:?} is not \"client-ip\", \"client-cert\" or \"header:NAME\""),
                     );
                     None
                 }
@@ -611,6 +615,7 @@ impl Validator<'_> {
             per_second_milli: (rps * 1000.0).round() as u64,
             burst: burst as u32,
             key_header,
+            key_client_cert,
         })
     }
 

@@ -1160,4 +1160,17 @@ fn a_route_requiring_a_client_certificate_needs_client_ca() {
     ))
     .expect("valid");
     assert!(c.routes[0].require_client_cert);
+    // So does a rate limit keyed by the client certificate.
+    let keyed =
+        format!("{MINIMAL}[route.rate_limit]\nrequests_per_second = 5\nkey = \"client-cert\"\n");
+    let e = parse(&format!("{tls}{keyed}"))
+        .expect_err("no client_ca")
+        .to_string();
+    assert!(
+        e.contains("rate_limit key \"client-cert\" needs [proxy.tls] client_ca"),
+        "{e}"
+    );
+    let c = parse(&format!("{tls}client_ca = \"/ca.pem\"\n{keyed}")).expect("valid");
+    let limit = c.routes[0].rate_limit.as_ref().expect("rate limit");
+    assert!(limit.key_client_cert && limit.key_header.is_none());
 }

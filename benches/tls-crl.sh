@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# What a large client certificate revocation list ([proxy.tls] client_crl)
+# costs: for each N given, a CA (openssl) whose CRL revokes N serials, one of
+# them a client certificate's; veer started with client_ca and client_crl;
+# prints the CRL's size, the time until /readyz answers, the RSS a second
+# later, how long 100 handshakes of a good client certificate took in all
+# (curl, one process each: mostly curl's own start), and whether all of them
+# were served and the revoked certificate refused.
+#
+# usage: benches/tls-crl.sh N...   (default 0 10000 100000; VEER=binary)
+# Only 127.0.0.1 is targeted; every loop is bounded.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+veer_binary
+command -v openssl >/dev/null || { echo "openssl is needed" >&2; exit 1; }
+command -v curl >/dev/null || { echo "curl is needed" >&2; exit 1; }
+sizes=("$@")
+[ ${#sizes[@]} -eq 0 ] && sizes=(0 10000 100000)
+work="$(mktemp -d)"
+pid=""
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+cd "$work"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj "/CN=bench-ca" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+  -keyout ca.key -out ca.crt 2>/dev/null
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj "/CN=localhost" \
+  -addext "subjectAltName=DNS:localhost" -keyout tls.key -out tls.crt 2>/dev/null
+printf 'extendedKeyUsage=clientAuth\n' > client.ext
+for who in good revoked; do
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$who" \
+    -keyout "$who.key" -out "$who.csr" 2>/dev/null
+done
+openssl x509 -req -in good.csr -CA ca.crt -CAkey ca.key -set_serial 0x0A0B0C -days 30 \
+  -extfile client.ext -out good.crt 2>/dev/null
+openssl x509 -req -in revoked.csr -CA ca.crt -CAkey ca.key -set_serial 0x0D0E0F -days 30 \
+  -extfile client.ext -out revoked.crt 2>/dev/null
+printf '[ca]\ndefault_ca = d\n[d]\ndatabase = %s/index.txt\ncrlnumber = %s/crlnumber\ndefault_md = sha256\ndefault_crl_days = 7\n' \
+  "$work" "$work" > ca.cnf
+echo "| revoked serials | CRL | ready after | RSS | 100 good handshakes | served / refused |"
+echo "|---|---|---|---|---|---|"
+for n in "${sizes[@]}"; do
+  # The revoked client's serial, then n - 1 others (never the good one's).
+  python3 - "$n" > index.txt <<'PY'
+import sys
+n = int(sys.argv[1])
+lines = []
+if n > 0:
+    lines.append("R\t301231000000Z\t250101000000Z\t0D0E0F\tunknown\t/CN=revoked")
+for i in range(1, n):
+    lines.append(f"R\t301231000000Z\t250101000000Z\t{0x10000000 + i:08X}\tunknown\t/CN=c{i}")
+print("\n".join(lines) + ("\n" if lines else ""), end="")
+PY
+  echo 01 > crlnumber
+  openssl ca -gencrl -config ca.cnf -keyfile ca.key -cert ca.crt -out crl.pem 2>/dev/null
+  plain=$(free_port); tls=$(free_port); admin=$(free_port)
+  rm -rf state
+  cat > veer.toml <<TOML
+[proxy]
+listen = ["127.0.0.1:$plain"]
+workers = 2
+[proxy.tls]
+listen = ["127.0.0.1:$tls"]
+cert = "$work/tls.crt"
+key = "$work/tls.key"
+client_ca = "$work/ca.crt"
+client_crl = "$work/crl.pem"
+[admin]
+listen = "127.0.0.1:$admin"
+[state]
+dir = "$work/state"
+[[route]]
+name = "web"
+[route.stable]
+version = "v1"
+endpoints = ["127.0.0.1:9"]
+TOML
+  t0=$(date +%s%N)
+  "$VEER" run --config veer.toml > log 2>&1 &
+  pid=$!
+  for _ in $(seq 1 1000); do
+    curl -sf "http://127.0.0.1:$admin/readyz" > /dev/null 2>&1 && break
+    sleep 0.01
+  done
+  t1=$(date +%s%N)
+  sleep 1
+  rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+  served=0
+  h0=$(date +%s%N)
+  for _ in $(seq 1 100); do
+    code=$(curl -sk --max-time 5 --cert good.crt --key good.key "https://127.0.0.1:$tls/" -o /dev/null -w '%{http_code}' || true)
+    [ "$code" != "000" ] && served=$((served + 1))
+  done
+  h1=$(date +%s%N)
+  code=$(curl -sk --max-time 5 --cert revoked.crt --key revoked.key "https://127.0.0.1:$tls/" -o /dev/null -w '%{http_code}' || true)
+  if [ "$n" -gt 0 ]; then
+    refused=$([ "$code" = "000" ] && echo refused || echo "SERVED ($code)")
+  else
+    refused="n/a (not in the list)"
+  fi
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+  echo "| $n | $(awk -v b="$(stat -c %s crl.pem)" 'BEGIN { printf "%.1f KiB", b / 1024 }') | $(( (t1 - t0) / 1000000 )) ms | $(( rss / 1024 )) MiB | $(( (h1 - h0) / 1000000 )) ms | $served of 100 / $refused |"
+done

@@ -582,6 +582,11 @@ pub fn prepare_request(
         }
     }
     match &peer.client_cert {
+        // (A connection from before a reload that set `client_ca`: veer
+        // alone says who called from then on.)
+        ClientCert::NotAsked if crate::tls::asks_clients_now() => {
+            headers.remove(&X_FORWARDED_CLIENT_CERT);
+        }
         ClientCert::NotAsked => {}
         ClientCert::Absent => {
             headers.remove(&X_FORWARDED_CLIENT_CERT);

@@ -394,8 +394,10 @@ impl Certs {
     /// Loads every certificate of `settings` (and its client CAs) for the
     /// first time. Blocking.
     pub fn open(settings: &veer_control::config::TlsSettings) -> Result<Certs, TlsError> {
+        let set = CertSet::open(settings)?;
+        ASKS_CLIENTS.store(set.clients.is_some(), std::sync::atomic::Ordering::Relaxed);
         Ok(Certs {
-            set: ArcSwap::from_pointee(CertSet::open(settings)?),
+            set: ArcSwap::from_pointee(set),
         })
     }
 
@@ -416,6 +418,7 @@ impl Certs {
     /// Puts `set` in force: new handshakes use it. Certificates and
     /// revocation lists no longer used leave the metrics.
     pub fn install(&self, set: Arc<CertSet>) {
+        ASKS_CLIENTS.store(set.clients.is_some(), std::sync::atomic::Ordering::Relaxed);
         let old = self.set.swap(set);
         let now: std::collections::HashSet<PathBuf> = self.paths().into_iter().collect();
         for s in &old.picker.stores {
@@ -487,6 +490,17 @@ impl Certs {
             forward_cert: set.settings.forward_client_cert,
         }
     }
+}
+
+/// Whether the TLS listeners ask clients for certificates now (the
+/// certificates in force have `client_ca`).
+static ASKS_CLIENTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the TLS listeners ask clients for certificates now: a
+/// connection accepted before a reload set `client_ca` drops a client's
+/// own `X-Forwarded-Client-Cert` too.
+pub fn asks_clients_now() -> bool {
+    ASKS_CLIENTS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// How a TLS connection is taken (see [`Certs::handshake`]).

@@ -1359,9 +1359,20 @@ async fn a_reload_changes_the_tls_certificates_and_client_verification_live() {
 
     // client_ca set, the pair taken away: clients need a certificate, the
     // shop's leaves the metrics, and the plain listener drops a client's
-    // own X-Forwarded-Client-Cert.
+    // own X-Forwarded-Client-Cert, on a connection from before too.
+    let mut before = Client::connect(veer.addr).await.unwrap();
+    assert_eq!(before.get("/", &[]).await.unwrap().status(), 200);
     veer.write_config(&config("client_ca = \"clients.pem\"\n"));
     veer.wait_generation(3).await;
+    let forged = [("x-forwarded-client-cert", "Hash=00;Subject=\"CN=admin\"")];
+    assert_eq!(before.get("/", &forged).await.unwrap().status(), 200);
+    assert_eq!(
+        s.last_headers
+            .lock()
+            .unwrap()
+            .get("x-forwarded-client-cert"),
+        None
+    );
     assert!(mtls_get(addr, None, "").await.is_err());
     let answer = mtls_get(addr, Some(&alice), "").await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");

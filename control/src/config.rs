@@ -193,6 +193,10 @@ pub struct AdminSettings {
     pub token_file: Option<PathBuf>,
     /// `/status` and `/metrics` need the token too.
     pub read_token: bool,
+    /// `operators_file`: named tokens (`NAME TOKEN` a line), each as good
+    /// as the admin token, whose name an action's audit line and revert
+    /// reason carry; re-read when the file changes.
+    pub operators_file: Option<PathBuf>,
     /// Where people reach this admin endpoint (behind a port-forward or an
     /// internal proxy), for links in chat notifications.
     pub public_url: Option<String>,

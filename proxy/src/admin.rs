@@ -229,19 +229,36 @@ pub async fn serve(
     }
 }
 
-/// The 401 for a request without the right bearer token, if it has not.
-fn refuse_without_token(admin: &Admin, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+/// Who a request's bearer token says it is (None: nobody, see
+/// [`unauthorized`]).
+fn authorized(shared: &Shared, admin: &Admin, req: &Request<Incoming>) -> Option<Caller> {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if crate::token::bearer_matches(given, &admin.token) {
-        return None;
+        return Some(Caller::Admin);
     }
+    let operators = shared.operators.load();
+    operators
+        .who(given)
+        .map(|name| Caller::Operator(name.to_string()))
+}
+
+/// Whose token a request carried.
+enum Caller {
+    /// The admin token's holder.
+    Admin,
+    /// An operator of `[admin] operators_file`, by name.
+    Operator(String),
+}
+
+/// The 401 for a request without a token veer takes.
+fn unauthorized() -> Response<ProxyBody> {
     let mut r = json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     r.headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    Some(r)
+    r
 }
 
 async fn answer(
@@ -252,17 +269,18 @@ async fn answer(
 ) -> Response<ProxyBody> {
     if let Some(rest) = req.uri().path().strip_prefix("/routes/") {
         let rest = rest.to_string();
-        return action(admin, req, &rest, peer).await;
+        return action(shared, admin, req, &rest, peer).await;
     }
     let req = &req;
     let path = req.uri().path();
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
-    if admin.read_token && matches!(path, "/status" | "/metrics") {
-        if let Some(refused) = refuse_without_token(admin, req) {
-            return refused;
-        }
+    if admin.read_token
+        && matches!(path, "/status" | "/metrics")
+        && authorized(shared, admin, req).is_none()
+    {
+        return unauthorized();
     }
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n"),
@@ -316,6 +334,7 @@ async fn render(
 }
 
 async fn action(
+    shared: &Shared,
     admin: &Admin,
     req: Request<Incoming>,
     rest: &str,
@@ -333,20 +352,31 @@ async fn action(
     if req.method() != Method::POST {
         return json_error(StatusCode::METHOD_NOT_ALLOWED, "actions are POST requests");
     }
-    if let Some(refused) = refuse_without_token(admin, &req) {
-        tracing::warn!(route, client = %peer, "admin action refused: missing or wrong token");
-        return refused;
-    }
-    let said = match Said::read(req).await {
+    let operator = match authorized(shared, admin, &req) {
+        Some(Caller::Admin) => None,
+        Some(Caller::Operator(name)) => Some(name),
+        None => {
+            tracing::warn!(route, client = %peer, "admin action refused: missing or wrong token");
+            return unauthorized();
+        }
+    };
+    let mut said = match Said::read(req).await {
         Ok(said) => said,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+    };
+    // An operator's token says who: what the body says is not asked.
+    let declared = match &operator {
+        Some(name) => said.by.replace(name.clone()),
+        None => None,
     };
     let answer = act(admin, route, action, said.text()).await;
     // The audit trail: who asked for what, from where, and the answer.
     tracing::warn!(
         route,
         action = action.as_str(),
+        operator = operator.as_deref(),
         by = said.by.as_deref(),
+        declared = declared.as_deref(),
         reason = said.reason.as_deref(),
         client = %peer,
         status = answer.status().as_u16(),

@@ -57,6 +57,12 @@ pub fn check(path: &Path) -> ExitCode {
             }
         }
     }
+    if let Some(path) = &config.admin.operators_file {
+        if let Err(e) = crate::token::Operators::read(path) {
+            eprintln!("{}: [admin] operators_file: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
     let tls_errors = crate::upstream_tls::check(&config);
     if !tls_errors.is_empty() {
         for e in tls_errors {

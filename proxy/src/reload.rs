@@ -81,9 +81,14 @@ impl Reload {
         let certs = self.certs.clone();
         let (path, reloader, readers) = (self.path.clone(), self.reloader, self.readers.clone());
         let fleet_cert = self.fleet_cert.clone();
+        let operators = self.started.admin.operators_file.clone();
+        let shared = self.shared.clone();
         Checking(tokio::spawn(async move {
             if let Some(certs) = &certs {
                 refresh_certs(certs.clone(), &readers).await;
+            }
+            if let Some(path) = operators {
+                refresh_operators(path, &shared, &readers).await;
             }
             if let Some(cert) = fleet_cert {
                 show_fleet_cert(cert, &readers).await;
@@ -161,6 +166,9 @@ impl Reload {
     /// The files whose directories are watched.
     pub fn watched(&self) -> Vec<PathBuf> {
         let mut dirs: Vec<PathBuf> = vec![base_dir(&self.path)];
+        if let Some(o) = &self.started.admin.operators_file {
+            dirs.push(base_dir(o));
+        }
         if let Some(c) = &self.certs {
             dirs.extend(c.paths().iter().map(|p| base_dir(p)));
         }
@@ -242,6 +250,34 @@ async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting) {
         Ok(Err(e)) => tracing::error!(error = %e, "TLS reload task failed"),
         Err(_) => tracing::warn!(
             "TLS certificate files not read within {READ_TIMEOUT:?}; the previous certificate stays"
+        ),
+    }
+}
+
+/// Reads `[admin] operators_file` again: a changed, valid file's tokens
+/// are the ones taken from the next request on (an operator removed can
+/// act no more); one that does not load keeps those before (logged).
+async fn refresh_operators(path: PathBuf, shared: &Shared, readers: &Waiting) {
+    let Some(reading) = readers.enter(MAX_READERS) else {
+        return;
+    };
+    let read = tokio::task::spawn_blocking(move || {
+        let r = crate::token::Operators::read(&path);
+        drop(reading);
+        r
+    });
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(Ok(Ok(o))) if o.digest() != shared.operators.load().digest() => {
+            tracing::info!(operators = o.len(), "operators' tokens reloaded");
+            shared.operators.store(Arc::new(o));
+        }
+        Ok(Ok(Ok(_))) => {}
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(error = %e, "operators' tokens not reloaded; the previous ones stay")
+        }
+        Ok(Err(e)) => tracing::error!(error = %e, "operators' tokens: the read failed"),
+        Err(_) => tracing::warn!(
+            "operators' tokens not read within {READ_TIMEOUT:?}; the previous ones stay"
         ),
     }
 }
@@ -539,7 +575,10 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
     // (`public_url` only shapes webhook messages: it applies live.)
     let (oa, na) = (&old.admin, &new.admin);
     diff(
-        oa.listen != na.listen || oa.token_file != na.token_file || oa.read_token != na.read_token,
+        oa.listen != na.listen
+            || oa.token_file != na.token_file
+            || oa.read_token != na.read_token
+            || oa.operators_file != na.operators_file,
         "admin",
     );
     diff(old.state != new.state, "state");

@@ -232,9 +232,21 @@ pub async fn run(
         certs: None,
     };
     let config = settings;
+    let operators = match config.admin.operators_file.clone() {
+        Some(path) => {
+            let read = tokio::task::spawn_blocking(move || crate::token::Operators::read(&path));
+            let operators = start_step("the operators' tokens", read).await??;
+            tracing::info!(operators = operators.len(), "operators' tokens read");
+            Some(operators)
+        }
+        None => None,
+    };
     let (controller, shared) =
         Controller::start(applied, path.clone(), certs.clone(), metrics, upstreams).await?;
     shared.metrics.reloads.with_label_values(&["success"]).inc();
+    if let Some(o) = operators {
+        shared.operators.store(Arc::new(o));
+    }
     if let Some(c) = &certs {
         c.show();
     }

@@ -56,6 +56,8 @@ pub struct Shared {
     pub tls_listen_port: std::sync::atomic::AtomicU16,
     /// The TLS listeners' certificates, shown in `/status`.
     pub certs: Option<Arc<crate::tls::Certs>>,
+    /// `[admin] operators_file`'s named tokens (none without it).
+    pub operators: ArcSwap<crate::token::Operators>,
 }
 
 impl Shared {
@@ -86,6 +88,7 @@ impl Shared {
             https_port: std::sync::atomic::AtomicU16::new(443),
             tls_listen_port: std::sync::atomic::AtomicU16::new(443),
             certs,
+            operators: ArcSwap::from_pointee(crate::token::Operators::default()),
         }
     }
 

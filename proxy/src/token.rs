@@ -74,15 +74,24 @@ fn check_mode(path: &Path, meta: &std::fs::Metadata) -> Result<(), TokenError> {
     Ok(())
 }
 
-/// Reads a token file (trimmed; must not be empty), checking its mode.
-pub fn read(path: &Path) -> Result<Arc<str>, TokenError> {
+/// A secret file's text, its mode checked (see [`check_mode`]).
+fn read_secret(path: &Path) -> Result<String, TokenError> {
     let err = |why: String| TokenError {
         path: path.to_path_buf(),
         why,
     };
     let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
     check_mode(path, &meta)?;
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    std::fs::read_to_string(path).map_err(|e| err(e.to_string()))
+}
+
+/// Reads a token file (trimmed; must not be empty), checking its mode.
+pub fn read(path: &Path) -> Result<Arc<str>, TokenError> {
+    let err = |why: String| TokenError {
+        path: path.to_path_buf(),
+        why,
+    };
+    let text = read_secret(path)?;
     let token = text.trim();
     if token.is_empty() {
         return Err(err("the file is empty".into()));
@@ -120,6 +129,96 @@ pub fn load(configured: Option<&Path>, state_dir: &Path) -> Result<(Arc<str>, So
         .and_then(|()| f.sync_all())
         .map_err(|e| err(e.to_string()))?;
     Ok((token.into(), Source::Generated(path)))
+}
+
+/// `[admin] operators_file`: named tokens, each as good as the admin
+/// token; an action taken with one is said to be its name's.
+#[derive(Debug, Default)]
+pub struct Operators {
+    /// (name, token), in the file's order.
+    named: Vec<(String, Box<str>)>,
+    /// The file's digest.
+    digest: u64,
+}
+
+/// Shortest operator token: long enough not to be guessed.
+const MIN_TOKEN: usize = 16;
+
+impl Operators {
+    /// Reads `NAME TOKEN` lines (blank lines and `#` comments skipped;
+    /// names of letters, digits and `.-_@`, at most 64; tokens of at least
+    /// 16 characters, no two alike), checking the file's mode as the
+    /// admin token's. Blocking.
+    pub fn read(path: &Path) -> Result<Operators, TokenError> {
+        let err = |why: String| TokenError {
+            path: path.to_path_buf(),
+            why,
+        };
+        let text = read_secret(path)?;
+        let mut named: Vec<(String, Box<str>)> = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let at = n + 1;
+            let (name, token) = match line.split_whitespace().collect::<Vec<_>>()[..] {
+                [name, token] => (name, token),
+                _ => return Err(err(format!("line {at}: not NAME TOKEN"))),
+            };
+            let name_ok = name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+            if !name_ok {
+                return Err(err(format!(
+                    "line {at}: the name {name:?} is not letters, digits and .-_@ (at most 64)"
+                )));
+            }
+            if token.len() < MIN_TOKEN {
+                return Err(err(format!(
+                    "line {at}: {name}'s token is shorter than {MIN_TOKEN} characters"
+                )));
+            }
+            if named.iter().any(|(m, t)| m == name || **t == *token) {
+                return Err(err(format!(
+                    "line {at}: {name}, or its token, is listed twice"
+                )));
+            }
+            named.push((name.to_string(), token.into()));
+        }
+        Ok(Operators {
+            named,
+            digest: xxhash_rust::xxh3::xxh3_64(text.as_bytes()),
+        })
+    }
+
+    /// The name whose token an `Authorization` header value carries (all
+    /// compared, each in constant time).
+    pub fn who(&self, header: Option<&str>) -> Option<&str> {
+        let mut found = None;
+        for (name, token) in &self.named {
+            if bearer_matches(header, token) {
+                found = Some(name.as_str());
+            }
+        }
+        found
+    }
+
+    /// How many are listed.
+    pub fn len(&self) -> usize {
+        self.named.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.named.is_empty()
+    }
+
+    /// The digest of the file they were read from.
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
 }
 
 /// Whether an `Authorization` header value carries `token` as a bearer
@@ -187,5 +286,47 @@ mod tests {
         assert!(!bearer_matches(Some("Basic abc"), "abc"));
         assert!(!bearer_matches(Some("Bearer abd"), "abc"));
         assert!(!bearer_matches(None, "abc"));
+    }
+
+    #[test]
+    fn operators_are_named_tokens_checked_as_the_admin_tokens_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("operators");
+        let write = |text: &str, mode: u32| {
+            std::fs::write(&path, text).expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        write(
+            "# who\nalice a-0123456789abcdef\n\nbob@ops b-0123456789abcdef\n",
+            0o600,
+        );
+        let o = Operators::read(&path).expect("operators");
+        assert_eq!(o.len(), 2);
+        assert_eq!(o.who(Some("Bearer b-0123456789abcdef")), Some("bob@ops"));
+        assert_eq!(o.who(Some("bearer a-0123456789abcdef")), Some("alice"));
+        assert_eq!(o.who(Some("Bearer a-0123456789abcdeX")), None);
+        assert_eq!(o.who(None), None);
+        for (text, why) in [
+            ("alice short\n", "shorter than 16"),
+            ("alice a-0123456789abcdef extra\n", "not NAME TOKEN"),
+            ("al/ice a-0123456789abcdef\n", "is not letters"),
+            (
+                "alice a-0123456789abcdef\nalice b-0123456789abcdef\n",
+                "listed twice",
+            ),
+            (
+                "alice a-0123456789abcdef\nbob a-0123456789abcdef\n",
+                "listed twice",
+            ),
+        ] {
+            write(text, 0o600);
+            let e = Operators::read(&path).expect_err(text).to_string();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+        write("alice a-0123456789abcdef\n", 0o644);
+        let e = Operators::read(&path)
+            .expect_err("world-readable")
+            .to_string();
+        assert!(e.contains("chmod 600"), "{e}");
     }
 }

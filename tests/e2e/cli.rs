@@ -135,6 +135,87 @@ async fn operator_actions_from_the_command_line_say_who_and_why() {
         assert_eq!(code, 400, "{body}");
     }
     assert!(proxy.status().await["routes"][0]["reverted"].is_null());
+
+    // Named operators' tokens: the name is who acted, whatever the body
+    // says; one removed from the file acts no more.
+    drop(proxy);
+    let fresh = tempfile::tempdir().unwrap();
+    let alice_token = "alice-0123456789abcdef";
+    super::support::write_with_mode(
+        &fresh.path().join("operators"),
+        &format!("# name token\nalice {alice_token}\nbob bob-0123456789abcdef\n"),
+        0o600,
+    );
+    super::support::write_with_mode(&fresh.path().join("alice.token"), alice_token, 0o600);
+    let with_operators = route_config(&[s.addr], &[c.addr], 20.0, "")
+        .replace("[admin]\n", "[admin]\noperators_file = \"operators\"\n");
+    let proxy = Veer::start_in_dir(fresh, &with_operators).await;
+    let dir = proxy.dir.path().to_path_buf();
+    let alice_file = dir.join("alice.token").display().to_string();
+    let admin = proxy.admin.to_string();
+    let as_alice = |action: &'static str, by: &'static str| {
+        let (admin, alice_file) = (admin.clone(), alice_file.clone());
+        tokio::task::spawn_blocking(move || {
+            veer(&[
+                action,
+                "web",
+                "--admin",
+                &admin,
+                "--token-file",
+                &alice_file,
+                "--by",
+                by,
+                "--reason",
+                "canary errors",
+            ])
+        })
+    };
+    let out = as_alice("revert", "mallory").await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        proxy.status().await["routes"][0]["reverted"]["reason"],
+        "revert requested by alice: canary errors"
+    );
+    let audit = proxy.logs_with_at_least("admin action", 1).await;
+    assert_eq!(
+        (
+            &audit[0]["operator"],
+            &audit[0]["by"],
+            &audit[0]["declared"]
+        ),
+        (
+            &serde_json::json!("alice"),
+            &serde_json::json!("alice"),
+            &serde_json::json!("mallory")
+        ),
+        "{}",
+        audit[0]
+    );
+    // alice removed: her token is refused once the file is read again.
+    super::support::write_with_mode(
+        &dir.join("operators.new"),
+        "bob bob-0123456789abcdef\n",
+        0o600,
+    );
+    std::fs::rename(dir.join("operators.new"), dir.join("operators")).unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let out = as_alice("reset", "alice").await.unwrap();
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("HTTP 401"), "{stderr}");
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "alice's token still taken"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 #[test]

@@ -91,6 +91,7 @@ pub struct RawAdmin {
     pub listen: Option<Spanned<String>>,
     pub token_file: Option<Spanned<String>>,
     pub read_token: Option<Spanned<bool>>,
+    pub operators_file: Option<Spanned<String>>,
     pub public_url: Option<Spanned<String>>,
 }
 

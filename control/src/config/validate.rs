@@ -529,6 +529,7 @@ impl Validator<'_> {
             listen,
             token_file,
             read_token: a.read_token.as_ref().is_some_and(|b| *b.get_ref()),
+            operators_file: a.operators_file.as_ref().map(|p| self.path(p)),
             public_url,
         }
     }

@@ -41,16 +41,7 @@ for n in "${sizes[@]}"; do
     printf '[admin]\nlisten = "127.0.0.1:%s"\n[state]\ndir = "%s/state"\n' "$admin" "$work"
     printf '[[route]]\nname = "web"\n[route.stable]\nversion = "v1"\nendpoints = ["127.0.0.1:9"]\n'
   } > "$work/veer.toml"
-  t0=$(date +%s%N)
-  "$VEER" run --config "$work/veer.toml" > "$work/log" 2>&1 &
-  pid=$!
-  for _ in $(seq 1 500); do
-    curl -sf "http://127.0.0.1:$admin/readyz" > /dev/null 2>&1 && break
-    sleep 0.01
-  done
-  t1=$(date +%s%N)
-  sleep 1
-  rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+  start_measured "$work/veer.toml" "$work/log" "$admin"
   ok=0
   for i in $(seq 1 200); do
     h=$(( (i * 37) % n + 1 ))
@@ -59,5 +50,5 @@ for n in "${sizes[@]}"; do
     [ "$s" = "subject=CN = h$h.example" ] && ok=$((ok + 1))
   done
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
-  echo "| $n | $(( (t1 - t0) / 1000000 )) ms | $(( rss / 1024 )) MiB | $ok of 200 |"
+  echo "| $n | $ready_ms ms | $rss_mib MiB | $ok of 200 |"
 done

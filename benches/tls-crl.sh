@@ -77,16 +77,7 @@ name = "web"
 version = "v1"
 endpoints = ["127.0.0.1:9"]
 TOML
-  t0=$(date +%s%N)
-  "$VEER" run --config veer.toml > log 2>&1 &
-  pid=$!
-  for _ in $(seq 1 1000); do
-    curl -sf "http://127.0.0.1:$admin/readyz" > /dev/null 2>&1 && break
-    sleep 0.01
-  done
-  t1=$(date +%s%N)
-  sleep 1
-  rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+  start_measured veer.toml log "$admin"
   served=0
   h0=$(date +%s%N)
   for _ in $(seq 1 100); do
@@ -101,5 +92,5 @@ TOML
     refused="n/a (not in the list)"
   fi
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
-  echo "| $n | $(awk -v b="$(stat -c %s crl.pem)" 'BEGIN { printf "%.1f KiB", b / 1024 }') | $(( (t1 - t0) / 1000000 )) ms | $(( rss / 1024 )) MiB | $(( (h1 - h0) / 1000000 )) ms | $served of 100 / $refused |"
+  echo "| $n | $(awk -v b="$(stat -c %s crl.pem)" 'BEGIN { printf "%.1f KiB", b / 1024 }') | $ready_ms ms | $rss_mib MiB | $(( (h1 - h0) / 1000000 )) ms | $served of 100 / $refused |"
 done

@@ -22,7 +22,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::rollout::Action;
-use crate::state::{Revert, RouteDecision};
+use crate::state::{OperatorNote, Revert, RouteDecision};
 
 /// A route's decision as the fleet stores it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,6 +49,10 @@ pub struct FleetRecord {
     pub step_started_ms: u64,
     /// What the last write did.
     pub last: Change,
+    /// The last operator action on the canary, with who and why (a
+    /// replica from before this field wrote none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_action: Option<OperatorNote>,
     /// The replica that wrote it.
     pub by: String,
     /// When that replica decided it (unix ms): the propagation time is
@@ -116,6 +120,7 @@ impl FleetRecord {
             rollout_step: d.rollout_step,
             step_started_ms,
             last,
+            last_action: d.last_action.clone(),
             by: by.to_string(),
             at_ms,
         }
@@ -168,11 +173,13 @@ pub enum Rejected {
 
 /// The record that `proposal` makes of `current` (the store's record, read
 /// in the same transaction; `None` if there is none yet, then `local` is
-/// the base), written by `by` at `now_ms`.
+/// the base), written by `by` at `now_ms`; `said`: who asked for an
+/// operator's action and why, as they said it.
 pub fn propose(
     current: Option<&FleetRecord>,
     local: &FleetRecord,
     proposal: Proposal,
+    said: Option<&str>,
     by: &str,
     now_ms: u64,
 ) -> Result<FleetRecord, Rejected> {
@@ -224,7 +231,15 @@ pub fn propose(
             r.rollout_step = from + 1;
             r.step_started_ms = now_ms;
             r.last = Change::Step;
+            return Ok(r);
         }
+    }
+    if let Proposal::Operator(action) = proposal {
+        r.last_action = Some(OperatorNote {
+            action,
+            said: said.map(str::to_string),
+            at_unix: now_ms / 1000,
+        });
     }
     Ok(r)
 }
@@ -256,6 +271,7 @@ pub fn merge_publish(current: Option<&FleetRecord>, local: &FleetRecord) -> Opti
     }
     let mut r = c.clone();
     r.reverted = local.reverted.clone();
+    r.last_action = OperatorNote::later(local.last_action.as_ref(), c.last_action.as_ref());
     r.last = Change::Revert;
     r.by = local.by.clone();
     r.at_ms = local.at_ms;
@@ -285,6 +301,7 @@ pub fn merge(d: &mut RouteDecision, r: &FleetRecord) -> Merged {
         d.promoted = r.promoted;
         d.paused = r.paused;
         d.rollout_step = r.rollout_step;
+        d.last_action = r.last_action.clone();
         d.evidence = None;
         // A reset runs the smoke checks again, here too.
         d.smoke = None;
@@ -296,6 +313,7 @@ pub fn merge(d: &mut RouteDecision, r: &FleetRecord) -> Merged {
     d.promoted = r.promoted;
     d.paused = r.paused;
     d.rollout_step = r.rollout_step;
+    d.last_action = OperatorNote::later(d.last_action.as_ref(), r.last_action.as_ref());
     Merged::Merged
 }
 

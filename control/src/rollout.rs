@@ -25,7 +25,7 @@ use crate::config::{JudgeMode, Route};
 use crate::fleet::{self, Change, FleetRecord, Merged};
 use crate::guard::Guard;
 use crate::judge::{Status, Verdict};
-use crate::state::{canary_identity, Revert, RouteDecision};
+use crate::state::{canary_identity, OperatorNote, Revert, RouteDecision};
 
 /// The time of an input: monotonic (for holds) and wall clock (for records).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -207,8 +207,8 @@ pub enum Event {
         action: Action,
         /// Whether it changed anything (a second `revert` does not).
         effective: bool,
-        /// Who asked and why, as they said it (an action through this
-        /// replica's admin endpoint; none from the fleet's store).
+        /// Who asked and why, as they said it (through this replica's
+        /// admin endpoint, or through the fleet's record of it).
         said: Option<String>,
     },
     /// The route's label changed.
@@ -245,6 +245,9 @@ pub enum Event {
         at_ms: u64,
         /// It was a reset (a newer epoch): the judge's tests start over.
         reset: bool,
+        /// Who asked and why, when an operator's action it was and they
+        /// said.
+        said: Option<String>,
     },
     /// The route's smoke checks ran.
     SmokeChecked {
@@ -541,7 +544,7 @@ impl RouteControl {
                 out.events.push(Event::OperatorAction {
                     action,
                     effective: true,
-                    said: None,
+                    said: said_of(r),
                 });
             }
             if r.last == Change::Step && d.rollout_step > before.rollout_step {
@@ -562,6 +565,7 @@ impl RouteControl {
                 by: r.by.clone(),
                 at_ms: r.at_ms,
                 reset: merged == Merged::Replaced,
+                said: said_of(r),
             });
         }
         self.relabel(route, &mut out);
@@ -728,12 +732,20 @@ impl RouteControl {
         if let Some(result) = ended {
             out.events.push(Event::DeploymentEnded { result });
         }
+        let effective = action == Action::Reset || self.decision != before;
+        // Who did it last, and why, stays with the decision (`/status`,
+        // and the fleet's record).
+        self.decision.last_action = Some(OperatorNote {
+            action,
+            said: said.map(str::to_string),
+            at_unix: now.unix,
+        });
         // Every action is written down, even one that changed nothing: the
         // operator's answer then says the decision is on disk.
         out.changed = true;
         out.events.push(Event::OperatorAction {
             action,
-            effective: action == Action::Reset || self.decision != before,
+            effective,
             said: said.map(str::to_string),
         });
         self.relabel(route, &mut out);
@@ -785,6 +797,15 @@ pub enum Smoke {
     Passed,
     /// Failed: no traffic until the config changes or `reset`.
     Failed,
+}
+
+/// What the operator said of the change `r` records, when it is an
+/// operator's action the record's note is of.
+fn said_of(r: &FleetRecord) -> Option<String> {
+    r.last_action
+        .as_ref()
+        .filter(|n| n.action.as_str() == r.last.as_str())
+        .and_then(|n| n.said.clone())
 }
 
 /// What a run of `route`'s smoke checks is for: the canary identity, the

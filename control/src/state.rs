@@ -15,7 +15,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::Route;
 use crate::guard::Guard;
-use crate::rollout::DeploymentResult;
+use crate::rollout::{Action, DeploymentResult};
 
 /// File name inside the state dir.
 pub const FILE: &str = "state.json";
@@ -77,6 +77,10 @@ pub struct RouteDecision {
     /// names which checks, and which flip, it was for).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smoke: Option<SmokeResult>,
+    /// The last operator action on this canary, with who and why: a
+    /// pause or a promotion says who made it, on every replica of a fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_action: Option<OperatorNote>,
     /// The judge's sequential tests, saved every few seconds and at
     /// shutdown ([`crate::judge::SavedTests`]). Kept as raw JSON so that a
     /// part that no longer parses costs only the evidence, never the
@@ -89,6 +93,33 @@ pub struct RouteDecision {
     /// canary) finds it still reverted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tombstones: Vec<Tombstone>,
+}
+
+/// An operator's action on a canary, with who asked and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorNote {
+    /// What they did.
+    pub action: Action,
+    /// Who asked and why, as they said it (`alice: p99 doubled`); none
+    /// when nothing was said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub said: Option<String>,
+    /// When, unix seconds.
+    pub at_unix: u64,
+}
+
+impl OperatorNote {
+    /// Of two notes, the later (ties: `theirs`, the store's).
+    pub fn later(
+        ours: Option<&OperatorNote>,
+        theirs: Option<&OperatorNote>,
+    ) -> Option<OperatorNote> {
+        match (ours, theirs) {
+            (Some(o), Some(t)) if o.at_unix > t.at_unix => Some(o.clone()),
+            (o, None) => o.cloned(),
+            (_, t) => t.cloned(),
+        }
+    }
 }
 
 /// The outcome of one run of a route's smoke checks.

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::judge::{Evidence, TestEvidence};
 use crate::rollout::Label;
-use crate::state::{Deployments, Revert};
+use crate::state::{Deployments, OperatorNote, Revert};
 use crate::window::Stats;
 
 /// The whole document.
@@ -154,6 +154,9 @@ pub struct RouteStatus {
     pub promoted: bool,
     /// The revert in force, if any.
     pub reverted: Option<Revert>,
+    /// The last operator action on this canary: what, who and why, when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_action: Option<OperatorNote>,
     /// The rollout, if configured.
     pub rollout: Option<RolloutStatus>,
     /// The sequential tests.
@@ -442,6 +445,7 @@ mod tests {
                 paused: false,
                 promoted: false,
                 reverted: None,
+                last_action: None,
                 rollout: None,
                 evidence: EvidenceStatus {
                     e_errors: finite(f64::INFINITY),

@@ -124,13 +124,14 @@ impl Announcer {
                     by,
                     at_ms,
                     reset,
+                    said,
                 } => {
                     self.fleet_decision(name, change.as_str(), "fleet");
                     let lag_ms = crate::clock::unix_ms().saturating_sub(*at_ms);
                     if let Some(f) = &self.fleet {
                         f.propagation.observe(lag_ms as f64 / 1000.0);
                     }
-                    tracing::warn!(route = %name, change = change.as_str(), by = %by, lag_ms, reset, weight = percent(weight_bp), "fleet decision applied");
+                    tracing::warn!(route = %name, change = change.as_str(), by = %by, said = said.as_deref(), lag_ms, reset, weight = percent(weight_bp), "fleet decision applied");
                 }
                 Event::DeploymentEnded { result } => {
                     tracing::info!(route = %name, result = result.as_str(), "deployment ended");

@@ -308,7 +308,7 @@ impl Controller {
                 Some(cmd) = actions.recv() => {
                     // In a fleet, actions other than revert wait for the
                     // store (their answer comes when it commits).
-                    if let Some(reply) = self.fleet_command(&cmd.route, cmd.action, cmd.reply) {
+                    if let Some(reply) = self.fleet_command(&cmd.route, cmd.action, cmd.said.as_deref(), cmd.reply) {
                         let result = self.act(&cmd.route, cmd.action, cmd.said.as_deref()).await;
                         let _ = reply.send(result);
                     }

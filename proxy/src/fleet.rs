@@ -331,6 +331,8 @@ enum ToAgent {
         key: RecordKey,
         local: FleetRecord,
         proposal: Proposal,
+        /// Who asked for an operator's action and why.
+        said: Option<String>,
         reply: oneshot::Sender<Result<(FleetRecord, i64), ProposeError>>,
     },
     /// The pools this replica judges now (`PoolKey::judged`).
@@ -495,19 +497,22 @@ impl Fleet {
         rx
     }
 
-    /// Proposes a change away from stable; the answer comes once it is
-    /// committed (or refused).
+    /// Proposes a change away from stable (`said`: who asked for an
+    /// operator's action and why); the answer comes once it is committed
+    /// (or refused).
     pub fn propose(
         &self,
         key: RecordKey,
         local: FleetRecord,
         proposal: Proposal,
+        said: Option<String>,
     ) -> oneshot::Receiver<Result<(FleetRecord, i64), ProposeError>> {
         let (reply, rx) = oneshot::channel();
         let _ = self.to_agent.send(ToAgent::Propose {
             key,
             local,
             proposal,
+            said,
             reply,
         });
         rx
@@ -891,8 +896,8 @@ impl Agent {
                             }
                         }
                     }
-                    Some(ToAgent::Propose { key, local, proposal, reply }) => {
-                        let r = self.propose(&mut client, &key, &local, proposal).await;
+                    Some(ToAgent::Propose { key, local, proposal, said, reply }) => {
+                        let r = self.propose(&mut client, &key, &local, proposal, said.as_deref()).await;
                         let failed = matches!(r, Err(ProposeError::Unreachable(_)));
                         let _ = reply.send(r);
                         if failed {
@@ -982,12 +987,20 @@ impl Agent {
         key: &RecordKey,
         local: &FleetRecord,
         proposal: Proposal,
+        said: Option<&str>,
     ) -> Result<(FleetRecord, i64), ProposeError> {
         let k = self.key(key);
         let replica = self.replica.clone();
         let mut rejected = None;
         let r = cas(client, &k, |current| {
-            match propose(current, local, proposal, &replica, crate::clock::unix_ms()) {
+            match propose(
+                current,
+                local,
+                proposal,
+                said,
+                &replica,
+                crate::clock::unix_ms(),
+            ) {
                 Ok(w) => Ok(Some(w)),
                 Err(e) => {
                     rejected = Some(e);

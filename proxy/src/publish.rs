@@ -61,6 +61,7 @@ pub fn route_status(
         paused: d.paused,
         promoted: d.promoted,
         reverted: d.reverted.clone(),
+        last_action: d.last_action.clone(),
         rollout: c.rollout.as_ref().map(|ro| RolloutStatus {
             step: d.rollout_step,
             steps: ro.steps_bp.iter().map(|s| f64::from(*s) / 100.0).collect(),

@@ -203,6 +203,19 @@ pub fn render(v: &StatusDoc) -> String {
             },
             r.reason
         );
+        if let Some(n) = &r.last_action {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(n.at_unix);
+            let _ = writeln!(
+                out,
+                "  last operator action: {}{} at {}",
+                n.action.as_str(),
+                n.said
+                    .as_deref()
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default(),
+                humantime::format_rfc3339_seconds(at),
+            );
+        }
         if let Some(ro) = &r.rollout {
             let _ = writeln!(
                 out,

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::support::etcd::{etcd_tls, Etcd};
 use super::support::{
-    admin_post, all_on, metric, route_config, veer_status_table, Load, Upstream, Veer, FAST_JUDGE,
+    admin_post, admin_request_with, all_on, metric, route_config, veer_status_table, Load,
+    Upstream, Veer, FAST_JUDGE,
 };
 
 /// A replica's config: one route with a canary at `weight`, the fast
@@ -181,19 +182,65 @@ async fn a_judges_revert_reaches_every_replica_and_a_reset_elsewhere_brings_the_
         "{m}"
     );
 
-    // Fixed; an operator resets on r2: every replica takes the canary back.
+    // Fixed; an operator resets on r2, saying who and why: every replica
+    // takes the canary back, and knows who reset it and why.
     c.status.store(200, Ordering::SeqCst);
-    assert_eq!(admin_post(&r2, "/routes/web/reset").await, 200);
+    let token = std::fs::read_to_string(r2.dir.path().join("state/admin.token")).unwrap();
+    let reset = admin_request_with(
+        r2.admin,
+        "POST",
+        "/routes/web/reset",
+        Some(token.trim()),
+        r#"{"by": "alice", "reason": "v2.1 fixes the 500s"}"#,
+    )
+    .await;
+    assert_eq!(reset, 200);
     for r in [&r1, &r2, &r3] {
         let route = wait_for(r, "reset everywhere", Duration::from_secs(5), |r, _| {
             r["reverted"].is_null() && r["weight"]["effective"] == 20.0
         })
         .await;
         assert_eq!(route["fleet"]["epoch"], 1, "{route}");
+        assert_eq!(route["last_action"]["action"], "reset", "{route}");
+        assert_eq!(
+            route["last_action"]["said"], "alice: v2.1 fixes the 500s",
+            "{route}"
+        );
     }
     let r1_route = r1.status().await["routes"][0].clone();
     assert_eq!(r1_route["fleet"]["by"], "r2", "{r1_route}");
     assert_eq!(r1_route["fleet"]["change"], "reset", "{r1_route}");
+    // The replica asked announces the action with who and why (its webhook
+    // event's `said`); the others log it as the fleet's, with them too.
+    let asked = r2.logs_with_at_least("operator action", 1).await;
+    assert_eq!(
+        asked[0]["said"], "alice: v2.1 fixes the 500s",
+        "{}",
+        asked[0]
+    );
+    let said_on_r1 = |l: &serde_json::Value| {
+        l["message"] == "fleet decision applied"
+            && l["change"] == "reset"
+            && l["said"] == "alice: v2.1 fixes the 500s"
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !r1
+        .logs_with("fleet decision applied")
+        .iter()
+        .any(said_on_r1)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            r1.logs_with("fleet decision applied")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let table = veer_status_table(&r3).await;
+    assert!(
+        table.contains("last operator action: reset (alice: v2.1 fixes the 500s) at "),
+        "{table}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

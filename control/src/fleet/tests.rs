@@ -92,6 +92,7 @@ fn proposals_check_the_record_they_are_written_over() {
             Some(&reverted),
             &local,
             Proposal::Operator(Action::Promote),
+            None,
             "a",
             5
         ),
@@ -103,27 +104,59 @@ fn proposals_check_the_record_they_are_written_over() {
         steps: 3,
     };
     assert_eq!(
-        propose(Some(&reverted), &local, step, "a", 5),
+        propose(Some(&reverted), &local, step, None, "a", 5),
         Err(Rejected::Stale)
     );
-    let stepped = propose(Some(&local), &local, step, "a", 5).expect("step");
+    let stepped = propose(Some(&local), &local, step, None, "a", 5).expect("step");
     assert_eq!((stepped.rollout_step, stepped.step_started_ms), (1, 5));
     // A second replica's proposal of the same step is stale.
     assert_eq!(
-        propose(Some(&stepped), &local, step, "b", 6),
+        propose(Some(&stepped), &local, step, None, "b", 6),
         Err(Rejected::Stale)
     );
     let reset = propose(
         Some(&reverted),
         &local,
         Proposal::Operator(Action::Reset),
+        Some("alice: v2 fixed"),
         "b",
-        7,
+        7_000,
     )
     .expect("reset");
     assert_eq!((reset.epoch, reset.reverted.is_none()), (1, true));
+    // The record says who reset it and why, for every replica.
     assert_eq!(
-        propose(None, &local, Proposal::Operator(Action::Revert), "a", 1),
+        reset.last_action,
+        Some(OperatorNote {
+            action: Action::Reset,
+            said: Some("alice: v2 fixed".into()),
+            at_unix: 7,
+        })
+    );
+    // A step keeps the last operator's note; it is no action of theirs.
+    let after = propose(
+        Some(&reset),
+        &local,
+        Proposal::Step {
+            epoch: 1,
+            from: 0,
+            steps: 3,
+        },
+        None,
+        "a",
+        8_000,
+    )
+    .expect("step after the reset");
+    assert_eq!(after.last_action, reset.last_action);
+    assert_eq!(
+        propose(
+            None,
+            &local,
+            Proposal::Operator(Action::Revert),
+            None,
+            "a",
+            1
+        ),
         Err(Rejected::NotAProposal)
     );
 }
@@ -203,7 +236,7 @@ impl Fleet {
                     },
                 };
                 let local = record(d, &i.to_string());
-                if let Ok(w) = propose(self.store(), &local, p, &i.to_string(), 0) {
+                if let Ok(w) = propose(self.store(), &local, p, None, &i.to_string(), 0) {
                     self.write(w);
                 }
             }

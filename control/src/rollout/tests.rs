@@ -181,6 +181,55 @@ fn an_operators_revert_says_who_asked_and_why() {
 }
 
 #[test]
+fn the_last_operator_action_is_kept_with_who_and_why() {
+    let r = route("enforce", false, Some("v2"));
+    let mut c = fresh(&r);
+    assert_eq!(c.decision().last_action, None);
+    let out = c
+        .on_action_said(&r, Action::Pause, Some("bob: load test at 14:00"), at(5))
+        .expect("pause");
+    assert!(matches!(
+        out.events.last(),
+        Some(Event::OperatorAction {
+            effective: true,
+            ..
+        })
+    ));
+    let note = OperatorNote {
+        action: Action::Pause,
+        said: Some("bob: load test at 14:00".into()),
+        at_unix: 1_700_000_005,
+    };
+    assert_eq!(c.decision().last_action.as_ref(), Some(&note));
+    // A second pause changes nothing but who paused last; it is not
+    // counted as effective.
+    let out = c
+        .on_action_said(&r, Action::Pause, Some("carol"), at(6))
+        .expect("pause");
+    assert!(matches!(
+        out.events.last(),
+        Some(Event::OperatorAction {
+            effective: false,
+            ..
+        })
+    ));
+    assert_eq!(
+        c.decision()
+            .last_action
+            .as_ref()
+            .and_then(|n| n.said.as_deref()),
+        Some("carol")
+    );
+    // Kept across a restart (the state file), gone with a new canary.
+    let saved = serde_json::to_string(c.decision()).expect("json");
+    let read: RouteDecision = serde_json::from_str(&saved).expect("read");
+    assert_eq!(read.last_action, c.decision().last_action);
+    let other = route("enforce", false, Some("v3"));
+    c.on_config(&other, at(7));
+    assert_eq!(c.decision().last_action, None);
+}
+
+#[test]
 fn actions_and_their_refusals() {
     let r = route("enforce", false, Some("v2"));
     let mut c = fresh(&r);

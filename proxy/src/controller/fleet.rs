@@ -376,7 +376,7 @@ impl Controller {
         let id = c.decision().canary_identity;
         let local = c.record(&l.fleet.replica, Change::Sync, now);
         let proposal = Proposal::Step { epoch, from, steps };
-        let rx = l.fleet.propose(key(&route.name, id), local, proposal);
+        let rx = l.fleet.propose(key(&route.name, id), local, proposal, None);
         spawn_wait(l.committed_tx.clone(), route.name.clone(), rx, None);
     }
 
@@ -388,6 +388,7 @@ impl Controller {
         &mut self,
         name: &str,
         action: Action,
+        said: Option<&str>,
         reply: oneshot::Sender<Result<Arc<RouteStatus>, ActionError>>,
     ) -> Option<oneshot::Sender<Result<Arc<RouteStatus>, ActionError>>> {
         let now = self.now();
@@ -419,9 +420,12 @@ impl Controller {
         }
         let id = c.decision().canary_identity;
         let local = c.record(&l.fleet.replica, Change::Sync, now);
-        let rx = l
-            .fleet
-            .propose(key(name, id), local, Proposal::Operator(action));
+        let rx = l.fleet.propose(
+            key(name, id),
+            local,
+            Proposal::Operator(action),
+            said.map(str::to_string),
+        );
         spawn_wait(l.committed_tx.clone(), name.to_string(), rx, Some(reply));
         None
     }

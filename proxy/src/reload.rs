@@ -222,23 +222,64 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// thread) until one returns.
 const MAX_READERS: usize = 4;
 
-/// Reads the TLS certificates and keys again if their files changed (a
-/// read counted among [`MAX_READERS`]).
-async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting) {
-    let Some(reading) = readers.enter(MAX_READERS) else {
-        tracing::warn!("TLS certificate files not read: earlier reads have not returned (a file system that does not answer?); the previous certificate stays");
-        return;
-    };
-    let refresh = tokio::task::spawn_blocking({
-        let certs = certs.clone();
-        move || {
-            let r = certs.refresh();
-            drop(reading);
-            r
+/// Why a read off the workers ([`off_workers`]) gave no answer.
+#[derive(Debug)]
+enum Unread {
+    /// [`MAX_READERS`] earlier reads have not returned.
+    Busy,
+    /// The read's task ended without an answer (it panicked).
+    Failed(tokio::task::JoinError),
+    /// No answer within [`READ_TIMEOUT`].
+    TimedOut,
+}
+
+impl std::fmt::Display for Unread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unread::Busy => write!(
+                f,
+                "{MAX_READERS} earlier reads of files have not returned (a file system that does not answer?); not starting another"
+            ),
+            Unread::Failed(e) => write!(f, "the read failed: {e}"),
+            Unread::TimedOut => write!(
+                f,
+                "no answer within {READ_TIMEOUT:?} (a file system that does not answer?)"
+            ),
         }
+    }
+}
+
+/// Runs `read` (blocking file reads) on a blocking thread, counted among
+/// [`MAX_READERS`] until it returns, and waits at most [`READ_TIMEOUT`]
+/// for its answer (a read left waiting on a file system that does not
+/// answer keeps its thread, and its place among the readers).
+async fn off_workers<T: Send + 'static>(
+    readers: &Waiting,
+    read: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Unread> {
+    let Some(reading) = readers.enter(MAX_READERS) else {
+        return Err(Unread::Busy);
+    };
+    let task = tokio::task::spawn_blocking(move || {
+        let r = read();
+        drop(reading);
+        r
     });
-    match tokio::time::timeout(READ_TIMEOUT, refresh).await {
-        Ok(Ok(r)) => {
+    match tokio::time::timeout(READ_TIMEOUT, task).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(Unread::Failed(e)),
+        Err(_) => Err(Unread::TimedOut),
+    }
+}
+
+/// Reads the TLS certificates and keys again if their files changed.
+async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting) {
+    let read = {
+        let certs = certs.clone();
+        move || certs.refresh()
+    };
+    match off_workers(readers, read).await {
+        Ok(r) => {
             for e in &r.errors {
                 tracing::warn!(error = %e, "TLS certificate not reloaded; the previous one stays");
             }
@@ -247,10 +288,9 @@ async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting) {
                 certs.show();
             }
         }
-        Ok(Err(e)) => tracing::error!(error = %e, "TLS reload task failed"),
-        Err(_) => tracing::warn!(
-            "TLS certificate files not read within {READ_TIMEOUT:?}; the previous certificate stays"
-        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "TLS certificate files not read; the previous certificate stays")
+        }
     }
 }
 
@@ -258,43 +298,28 @@ async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting) {
 /// are the ones taken from the next request on (an operator removed can
 /// act no more); one that does not load keeps those before (logged).
 async fn refresh_operators(path: PathBuf, shared: &Shared, readers: &Waiting) {
-    let Some(reading) = readers.enter(MAX_READERS) else {
-        return;
-    };
-    let read = tokio::task::spawn_blocking(move || {
-        let r = crate::token::Operators::read(&path);
-        drop(reading);
-        r
-    });
-    match tokio::time::timeout(READ_TIMEOUT, read).await {
-        Ok(Ok(Ok(o))) if o.digest() != shared.operators.load().digest() => {
+    match off_workers(readers, move || crate::token::Operators::read(&path)).await {
+        Ok(Ok(o)) if o.digest() != shared.operators.load().digest() => {
             tracing::info!(operators = o.len(), "operators' tokens reloaded");
             shared.operators.store(Arc::new(o));
         }
-        Ok(Ok(Ok(_))) => {}
-        Ok(Ok(Err(e))) => {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "operators' tokens not reloaded; the previous ones stay")
         }
-        Ok(Err(e)) => tracing::error!(error = %e, "operators' tokens: the read failed"),
-        Err(_) => tracing::warn!(
-            "operators' tokens not read within {READ_TIMEOUT:?}; the previous ones stay"
-        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "operators' tokens not read; the previous ones stay")
+        }
     }
 }
 
-/// Shows the expiry of the fleet's etcd client certificate, read again
-/// (a read counted among [`MAX_READERS`], bounded by [`READ_TIMEOUT`]):
+/// Shows the expiry of the fleet's etcd client certificate, read again:
 /// the agent reads the file at each connection to etcd, so its content
 /// is what the next connection presents.
 async fn show_fleet_cert(cert: PathBuf, readers: &Waiting) {
-    let Some(reading) = readers.enter(MAX_READERS) else {
-        return;
-    };
-    let show = tokio::task::spawn_blocking(move || {
-        crate::tls::show_expiry_file(&cert);
-        drop(reading);
-    });
-    let _ = tokio::time::timeout(READ_TIMEOUT, show).await;
+    if let Err(e) = off_workers(readers, move || crate::tls::show_expiry_file(&cert)).await {
+        tracing::debug!(error = %e, "the fleet's client certificate not read");
+    }
 }
 
 /// Reads, parses and resolves the config file at `path`, and loads the
@@ -315,10 +340,7 @@ async fn read(
     // would make it look sooner). Measured in benches/RESULTS.md,
     // "Session 39".
     let Some(reading) = readers.enter(MAX_READERS) else {
-        return Checked::Rejected(format!(
-            "reading {}: {MAX_READERS} earlier reads of files have not returned (a file system that does not answer?); not starting another",
-            path.display()
-        ));
+        return Checked::Rejected(format!("reading {}: {}", path.display(), Unread::Busy));
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let file = path.clone();
@@ -343,9 +365,7 @@ async fn read(
         }
         Err(_) => {
             let path = path.display();
-            return Checked::Rejected(format!(
-                "reading {path}: no answer within {READ_TIMEOUT:?} (a file system that does not answer?)"
-            ));
+            return Checked::Rejected(format!("reading {path}: {}", Unread::TimedOut));
         }
     };
     match outcome {
@@ -386,30 +406,16 @@ async fn read(
     }
 }
 
-/// Loads the certificates `tls` names if they are not those in force (a
-/// read counted among [`MAX_READERS`], bounded by [`READ_TIMEOUT`]).
+/// Loads the certificates `tls` names if they are not those in force.
 async fn prepare_certs(
     certs: Arc<Certs>,
     tls: &veer_control::config::TlsSettings,
     readers: &Waiting,
 ) -> Result<Option<Arc<CertSet>>, String> {
-    let Some(reading) = readers.enter(MAX_READERS) else {
-        return Err(format!(
-            "{MAX_READERS} earlier reads of files have not returned (a file system that does not answer?); not starting another"
-        ));
-    };
     let tls = tls.clone();
-    let prepare = tokio::task::spawn_blocking(move || {
-        let set = certs.prepare(&tls);
-        drop(reading);
-        set
-    });
-    match tokio::time::timeout(READ_TIMEOUT, prepare).await {
-        Ok(Ok(r)) => r.map_err(|e| e.to_string()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "certificate files not read within {READ_TIMEOUT:?} (a file system that does not answer?)"
-        )),
+    match off_workers(readers, move || certs.prepare(&tls)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("certificate files not read: {e}")),
     }
 }
 

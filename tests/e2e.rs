@@ -23,6 +23,7 @@ mod e2e {
     mod fleet;
     mod force;
     mod gates;
+    mod health;
     mod hostile;
     mod judge;
     mod limits;

@@ -311,6 +311,8 @@ pub struct Route {
     /// Requests every endpoint of a new canary (or the target colour of a
     /// blue-green flip) must answer as expected before it gets traffic.
     pub smoke: Vec<SmokeCheck>,
+    /// Active checks of every endpoint of the route's versions.
+    pub health_check: Option<HealthCheck>,
     /// gRPC status codes (0-16) that count as errors for the judge.
     pub grpc_error_codes: Vec<u8>,
 }
@@ -334,6 +336,23 @@ pub struct SmokeCheck {
     pub expect_body: Option<String>,
     /// Deadline for the whole exchange.
     pub timeout: Duration,
+}
+
+/// `[route.health_check]`: a request sent to every endpoint of the route's
+/// versions every `interval`; an endpoint that fails `unhealthy` in a row
+/// is skipped (its keys go to the next endpoint of its version, as for one
+/// that refuses connections) until it passes `healthy` in a row.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    /// The request and what its answer must be (`timeout`: the exchange's
+    /// deadline).
+    pub check: SmokeCheck,
+    /// Time between two checks of an endpoint.
+    pub interval: Duration,
+    /// Failures in a row that take an endpoint out.
+    pub unhealthy: u32,
+    /// Passes in a row that bring it back.
+    pub healthy: u32,
 }
 
 /// Mirroring (shadow traffic): a share of stable's requests, chosen by

@@ -237,8 +237,11 @@ pub struct EndpointStatus {
     pub resolved: String,
     /// Its weight within the version.
     pub weight: u32,
-    /// Not failing connects.
+    /// Not failing connects, nor taken out by a health check.
     pub healthy: bool,
+    /// Why the route's health check took it out, while it is out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<String>,
 }
 
 /// A rollout's progress.

@@ -26,6 +26,7 @@ use veer_control::status::RouteStatus;
 
 mod fleet;
 mod gates;
+mod health;
 mod judging;
 mod pool;
 mod smoke;
@@ -115,6 +116,8 @@ pub struct Controller {
     gates: gates::Gates,
     /// Smoke checks running.
     smokes: smoke::Smokes,
+    /// Active health checks' tasks, by endpoint.
+    checkers: health::Checkers,
     /// Routing snapshots built so far (a batch of pooled evidence whose
     /// interval saw one is not published).
     rebuilds: std::sync::atomic::AtomicU64,
@@ -223,6 +226,7 @@ impl Controller {
             fleet,
             gates: gates::Gates::new(),
             smokes: smoke::Smokes::new(),
+            checkers: health::Checkers::default(),
             shared: shared.clone(),
             reload,
             config,
@@ -264,6 +268,9 @@ impl Controller {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut triggers = Triggers::new(&self.reload.watched());
+        // The config's health checks start with the loop (and follow each
+        // routing rebuild after).
+        self.sync_health_checks();
         let every = |period| {
             let mut i = tokio::time::interval(period);
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -490,6 +497,7 @@ impl Controller {
         snap.publish(Some(&previous), &self.shared.metrics);
         self.shared.snapshot.store(Arc::new(snap));
         self.shared.metrics.routing_rebuilds.inc();
+        self.sync_health_checks();
     }
 
     /// Rebuilds the `/status` entries and gauges of `names` from the

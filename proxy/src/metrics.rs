@@ -89,6 +89,9 @@ pub struct Metrics {
     pub e_value: GaugeVec,
     /// `veer_rollout_step{route}`: index of the current rollout step.
     pub rollout_step: IntGaugeVec,
+    /// `veer_health_check_failing{route,version,endpoint}`: 1 while the
+    /// route's health check keeps the endpoint out, 0 while it passes.
+    pub health_check_failing: IntGaugeVec,
     /// `veer_window_latency_seconds{route,version,quantile}`.
     pub window_latency: std::sync::Arc<WindowSummary>,
     /// `veer_webhook_events_total{result}`: ok, failed, dropped.
@@ -391,6 +394,13 @@ impl Metrics {
             ),
             &["route"],
         )?;
+        let health_check_failing = IntGaugeVec::new(
+            Opts::new(
+                "veer_health_check_failing",
+                "1 while a route's [route.health_check] keeps the endpoint out of its version's choices, 0 while it is in.",
+            ),
+            &["route", "version", "endpoint"],
+        )?;
         let window_latency = std::sync::Arc::new(WindowSummary::new()?);
         let webhook_events = IntCounterVec::new(
             Opts::new(
@@ -463,6 +473,7 @@ impl Metrics {
         registry.register(Box::new(window_error_ratio.clone()))?;
         registry.register(Box::new(e_value.clone()))?;
         registry.register(Box::new(rollout_step.clone()))?;
+        registry.register(Box::new(health_check_failing.clone()))?;
         registry.register(Box::new(SharedCollector(window_latency.clone())))?;
         registry.register(Box::new(webhook_events.clone()))?;
         registry.register(Box::new(SharedCollector(deployments.clone())))?;
@@ -507,6 +518,7 @@ impl Metrics {
             window_error_ratio,
             e_value,
             rollout_step,
+            health_check_failing,
             window_latency,
             webhook_events,
             smoke_checks,

@@ -108,6 +108,7 @@ fn version_status(v: &VersionTarget) -> VersionStatus {
                 resolved: u.addr().to_string(),
                 weight,
                 healthy: u.is_healthy(),
+                health_check: u.check_failure(),
             })
             .collect(),
     }

@@ -694,6 +694,10 @@ pub struct Upstream {
     /// Milliseconds since `epoch` before which the endpoint is skipped.
     down_until_ms: AtomicU64,
     failures: AtomicU32,
+    /// Taken out by its route's active health check ([`crate::health`]).
+    checked_out: AtomicBool,
+    /// Why, while it is.
+    check_failure: Mutex<Option<String>>,
     epoch: Instant,
     /// Health changes of every upstream of the registry.
     health: Arc<HealthLog>,
@@ -751,6 +755,8 @@ impl Upstream {
             returned: Arc::new(Notify::new()),
             down_until_ms: AtomicU64::new(0),
             failures: AtomicU32::new(0),
+            checked_out: AtomicBool::new(false),
+            check_failure: Mutex::new(None),
             epoch,
             health,
         }
@@ -775,10 +781,37 @@ impl Upstream {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Whether the endpoint is currently usable (not in back-off).
+    /// Whether the endpoint is currently usable (not in back-off, not
+    /// taken out by a health check).
     pub fn is_healthy(&self) -> bool {
+        if self.checked_out.load(Ordering::Relaxed) {
+            return false;
+        }
         let until = self.down_until_ms.load(Ordering::Relaxed);
         until == 0 || self.now_ms() >= until
+    }
+
+    /// Takes the endpoint out of its version's choices (`Some(why)`: its
+    /// health check failed), or brings it back (`None`).
+    pub fn set_checked_out(&self, failure: Option<String>) {
+        let out = failure.is_some();
+        *self.check_failure.lock().unwrap_or_else(|p| p.into_inner()) = failure;
+        if self.checked_out.swap(out, Ordering::Relaxed) != out {
+            self.health.change();
+        }
+    }
+
+    /// Whether no health check keeps it out.
+    pub fn is_checked_in(&self) -> bool {
+        !self.checked_out.load(Ordering::Relaxed)
+    }
+
+    /// Why its health check took it out, while it is out.
+    pub fn check_failure(&self) -> Option<String> {
+        self.check_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Records a failed connect or a reset: the endpoint is skipped for a

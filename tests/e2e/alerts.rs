@@ -397,3 +397,35 @@ async fn the_certificate_alert_reads_each_served_certificates_expiry_on_real_scr
     prom.condition("VeerTlsCrlStale", false, "ended with a fresh list")
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_out_by_its_health_check_holds_the_health_check_alerts_condition() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let config = route_config(&[a.addr, b.addr], &[], 0.0, "")
+        + "[route.health_check]\npath = \"/healthz\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\nunhealthy = 2\n";
+    let veer = Veer::start(&config).await;
+    b.status.store(503, Ordering::SeqCst);
+    let prom = Prometheus::start(veer.admin).await;
+    let result = prom
+        .condition(
+            "VeerEndpointHealthCheckFailing",
+            true,
+            "held for the endpoint answering 503",
+        )
+        .await;
+    let series = result.as_array().cloned().unwrap_or_default();
+    assert_eq!(series.len(), 1, "only b: {result}");
+    assert_eq!(
+        series[0]["metric"]["endpoint"],
+        b.addr.to_string().as_str(),
+        "{result}"
+    );
+    b.status.store(200, Ordering::SeqCst);
+    prom.condition(
+        "VeerEndpointHealthCheckFailing",
+        false,
+        "ended once the endpoint passed again",
+    )
+    .await;
+}

@@ -149,10 +149,13 @@ pub struct RawRoute {
     pub sticky_cookie: Option<Spanned<RawStickyCookie>>,
     pub cors: Option<Spanned<RawCors>>,
     pub smoke: Option<Vec<Spanned<RawSmoke>>>,
+    pub health_check: Option<Spanned<RawSmoke>>,
     pub grpc_error_codes: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
-/// `[[route.smoke]]`.
+/// `[[route.smoke]]`, and `[route.health_check]` (the same request keys,
+/// and how often: `interval`, `unhealthy`, `healthy` are a health check's
+/// only, refused in a smoke check).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSmoke {
@@ -162,6 +165,9 @@ pub struct RawSmoke {
     pub expect_status: Option<Spanned<i64>>,
     pub expect_body: Option<String>,
     pub timeout: Option<Spanned<String>>,
+    pub interval: Option<Spanned<String>>,
+    pub unhealthy: Option<Spanned<i64>>,
+    pub healthy: Option<Spanned<i64>>,
 }
 
 /// `[route.mirror]`.

@@ -146,23 +146,9 @@ async fn run(
             return Err(format!("endpoint {name}: its address is not resolved"));
         };
         for (i, c) in checks.iter().enumerate() {
-            let what = format!("smoke check {} ({} {}) on {name}", i + 1, c.method, c.path);
-            match tokio::time::timeout(c.timeout, exchange(c, name, *addr, connector)).await {
-                Err(_) => return Err(format!("{what}: no answer within {:?}", c.timeout)),
-                Ok(Err(e)) => return Err(format!("{what}: {e}")),
-                Ok(Ok((status, body))) => {
-                    if status != c.expect_status {
-                        return Err(format!(
-                            "{what}: got {status}, expected {}",
-                            c.expect_status
-                        ));
-                    }
-                    if let Some(want) = &c.expect_body {
-                        if !String::from_utf8_lossy(&body).contains(want.as_str()) {
-                            return Err(format!("{what}: the body does not contain {want:?}"));
-                        }
-                    }
-                }
+            if let Err(e) = check_once(c, name, *addr, connector, Probe::Smoke).await {
+                let what = format!("smoke check {} ({} {}) on {name}", i + 1, c.method, c.path);
+                return Err(format!("{what}: {e}"));
             }
         }
     }
@@ -173,6 +159,43 @@ async fn run(
     ))
 }
 
+/// What a check's request is for (its `User-Agent` says; a smoke check's
+/// carries `x-veer-smoke: 1` too).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Probe {
+    /// `[[route.smoke]]`.
+    Smoke,
+    /// `[route.health_check]`.
+    Health,
+}
+
+/// `c` sent once to the endpoint at `addr` (`host`: its configured name),
+/// within `c.timeout`: whether its answer is the one expected, and if not
+/// why (a smoke check's, and a health check's).
+pub(super) async fn check_once(
+    c: &SmokeCheck,
+    host: &str,
+    addr: SocketAddr,
+    connector: &Connector,
+    probe: Probe,
+) -> Result<(), String> {
+    match tokio::time::timeout(c.timeout, exchange(c, host, addr, connector, probe)).await {
+        Err(_) => Err(format!("no answer within {:?}", c.timeout)),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok((status, body))) => {
+            if status != c.expect_status {
+                return Err(format!("got {status}, expected {}", c.expect_status));
+            }
+            if let Some(want) = &c.expect_body {
+                if !String::from_utf8_lossy(&body).contains(want.as_str()) {
+                    return Err(format!("the body does not contain {want:?}"));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
 /// One request over a fresh connection, spoken the way the endpoint is
 /// (HTTP/1.1, h2c, TLS): the status and up to [`MAX_BODY`] of the body.
 async fn exchange(
@@ -180,6 +203,7 @@ async fn exchange(
     host: &str,
     addr: SocketAddr,
     connector: &Connector,
+    probe: Probe,
 ) -> Result<(u16, Bytes), String> {
     let (conn, _) = connector
         .connect::<Full<Bytes>>(addr, c.timeout, false, None)
@@ -192,9 +216,14 @@ async fn exchange(
         .header(http::header::HOST, host)
         .header(
             http::header::USER_AGENT,
-            concat!("veer-smoke/", env!("CARGO_PKG_VERSION")),
-        )
-        .header("x-veer-smoke", "1");
+            match probe {
+                Probe::Smoke => concat!("veer-smoke/", env!("CARGO_PKG_VERSION")),
+                Probe::Health => concat!("veer-health/", env!("CARGO_PKG_VERSION")),
+            },
+        );
+    if probe == Probe::Smoke {
+        req = req.header("x-veer-smoke", "1");
+    }
     for (k, v) in &c.headers {
         req = req.header(k.as_str(), v.as_str());
     }

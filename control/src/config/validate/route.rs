@@ -3,6 +3,8 @@
 
 use super::super::http_token;
 use super::*;
+use crate::config::raw::RawSmoke;
+use crate::config::HealthCheck;
 
 impl Validator<'_> {
     pub(super) fn route(&mut self, r: &Spanned<RawRoute>) -> Option<Route> {
@@ -218,6 +220,7 @@ impl Validator<'_> {
             sticky_cookie,
             cors,
             smoke: self.smoke(r),
+            health_check: self.health_check(r),
             grpc_error_codes: self.grpc_error_codes(r),
         })
     }
@@ -1125,53 +1128,108 @@ impl Validator<'_> {
                 );
             }
         }
-        let mut out = Vec::new();
-        for c in checks {
-            let raw = c.get_ref();
-            let path = raw.path.get_ref().clone();
-            if !path.starts_with('/') || path.contains(['#', ' ']) {
-                self.err(raw.path.span(), format!("smoke path {path:?} must start with '/' (a query is allowed, no '#' or spaces)"));
-            }
-            let method = raw
-                .method
-                .as_ref()
-                .map_or_else(|| "GET".to_string(), |m| m.get_ref().to_ascii_uppercase());
-            if !["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]
-                .contains(&method.as_str())
-            {
-                let span = raw.method.as_ref().map_or(c.span(), |m| m.span());
-                self.err(span, format!("smoke method {method:?} is not GET, HEAD, POST, PUT, DELETE, OPTIONS or PATCH"));
-            }
-            let mut headers = Vec::new();
-            if let Some(h) = &raw.headers {
-                for (k, v) in h.get_ref() {
-                    let name = k.to_ascii_lowercase();
-                    if !http_token(&name) || v.bytes().any(|b| b == b'\r' || b == b'\n') {
-                        self.err(
-                            h.span(),
-                            format!("smoke header {k:?} is not a valid header"),
-                        );
+        checks
+            .iter()
+            .map(|c| {
+                let raw = c.get_ref();
+                for (key, set) in [
+                    ("interval", raw.interval.as_ref().map(|v| v.span())),
+                    ("unhealthy", raw.unhealthy.as_ref().map(|v| v.span())),
+                    ("healthy", raw.healthy.as_ref().map(|v| v.span())),
+                ] {
+                    if let Some(span) = set {
+                        self.err(span, format!("`{key}` is a [route.health_check] key; a smoke check runs once per canary"));
                     }
-                    headers.push((name, v.clone()));
                 }
-            }
-            let expect_status =
-                self.int_in(raw.expect_status.as_ref(), 100..=599, 200, "expect_status") as u16;
-            let timeout = self.duration(raw.timeout.as_ref(), Duration::from_secs(5));
-            if timeout > Duration::from_secs(60) {
-                let span = raw.timeout.as_ref().map_or(c.span(), |t| t.span());
-                self.err(span, "a smoke check's timeout must be at most 60s");
-            }
-            out.push(SmokeCheck {
-                path,
-                method,
-                headers,
-                expect_status,
-                expect_body: raw.expect_body.clone(),
-                timeout,
-            });
+                self.check_request(raw, c.span(), "smoke", Duration::from_secs(5))
+            })
+            .collect()
+    }
+
+    /// `[route.health_check]`.
+    fn health_check(&mut self, r: &RawRoute) -> Option<HealthCheck> {
+        let h = r.health_check.as_ref()?;
+        let span = h.span();
+        let raw = h.get_ref();
+        let check = self.check_request(raw, span.clone(), "health check", Duration::from_secs(1));
+        let interval = self.duration(raw.interval.as_ref(), Duration::from_secs(5));
+        if !(Duration::from_millis(500)..=Duration::from_secs(300)).contains(&interval) {
+            let s = raw.interval.as_ref().map_or(span.clone(), |t| t.span());
+            self.err(
+                s,
+                "a health check's interval must be between 500ms and 300s",
+            );
         }
-        out
+        if check.timeout > interval {
+            let s = raw.timeout.as_ref().map_or(span.clone(), |t| t.span());
+            self.err(
+                s,
+                format!(
+                    "a health check's timeout ({:?}) must be at most its interval ({interval:?})",
+                    check.timeout
+                ),
+            );
+        }
+        let unhealthy = self.int_in(raw.unhealthy.as_ref(), 1..=100, 3, "unhealthy") as u32;
+        let healthy = self.int_in(raw.healthy.as_ref(), 1..=100, 2, "healthy") as u32;
+        Some(HealthCheck {
+            check,
+            interval,
+            unhealthy,
+            healthy,
+        })
+    }
+
+    /// A smoke or health check's request (`what` names it in errors;
+    /// `span`: the check's table).
+    fn check_request(
+        &mut self,
+        raw: &RawSmoke,
+        span: std::ops::Range<usize>,
+        what: &str,
+        default_timeout: Duration,
+    ) -> SmokeCheck {
+        let path = raw.path.get_ref().clone();
+        if !path.starts_with('/') || path.contains(['#', ' ']) {
+            self.err(raw.path.span(), format!("{what} path {path:?} must start with '/' (a query is allowed, no '#' or spaces)"));
+        }
+        let method = raw
+            .method
+            .as_ref()
+            .map_or_else(|| "GET".to_string(), |m| m.get_ref().to_ascii_uppercase());
+        if !["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"].contains(&method.as_str())
+        {
+            let s = raw.method.as_ref().map_or(span.clone(), |m| m.span());
+            self.err(s, format!("{what} method {method:?} is not GET, HEAD, POST, PUT, DELETE, OPTIONS or PATCH"));
+        }
+        let mut headers = Vec::new();
+        if let Some(h) = &raw.headers {
+            for (k, v) in h.get_ref() {
+                let name = k.to_ascii_lowercase();
+                if !http_token(&name) || v.bytes().any(|b| b == b'\r' || b == b'\n') {
+                    self.err(
+                        h.span(),
+                        format!("{what} header {k:?} is not a valid header"),
+                    );
+                }
+                headers.push((name, v.clone()));
+            }
+        }
+        let expect_status =
+            self.int_in(raw.expect_status.as_ref(), 100..=599, 200, "expect_status") as u16;
+        let timeout = self.duration(raw.timeout.as_ref(), default_timeout);
+        if timeout > Duration::from_secs(60) {
+            let s = raw.timeout.as_ref().map_or(span, |t| t.span());
+            self.err(s, format!("a {what}'s timeout must be at most 60s"));
+        }
+        SmokeCheck {
+            path,
+            method,
+            headers,
+            expect_status,
+            expect_body: raw.expect_body.clone(),
+            timeout,
+        }
     }
 }
 

@@ -381,6 +381,62 @@ fn a_fleet_needs_etcd_endpoints_of_one_scheme_and_a_name() {
 }
 
 #[test]
+fn health_checks_have_defaults_and_bounds() {
+    let c = parse(&format!(
+        "{MINIMAL}[route.health_check]\npath = \"/healthz\"\n"
+    ))
+    .expect("valid");
+    let h = c.routes[0].health_check.as_ref().expect("a check");
+    assert_eq!(
+        (
+            h.check.method.as_str(),
+            h.check.expect_status,
+            h.check.timeout,
+            h.interval,
+            h.unhealthy,
+            h.healthy
+        ),
+        (
+            "GET",
+            200,
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+            3,
+            2
+        )
+    );
+    assert!(parse(MINIMAL).expect("valid").routes[0]
+        .health_check
+        .is_none());
+    for (check, want) in [
+        (
+            "path = \"healthz\"",
+            "health check path \"healthz\" must start with '/'",
+        ),
+        (
+            "path = \"/\"\ninterval = \"100ms\"",
+            "between 500ms and 300s",
+        ),
+        ("path = \"/\"\ninterval = \"1h\"", "between 500ms and 300s"),
+        (
+            "path = \"/\"\ninterval = \"1s\"\ntimeout = \"2s\"",
+            "must be at most its interval",
+        ),
+        ("path = \"/\"\nunhealthy = 0", "unhealthy"),
+        ("path = \"/\"\nhealthy = 101", "healthy"),
+        (
+            "path = \"/\"\nmethod = \"BREW\"",
+            "health check method \"BREW\"",
+        ),
+        ("path = \"/\"\nrise = 2", "unknown field"),
+    ] {
+        let text = format!("{MINIMAL}[route.health_check]\n{check}\n");
+        let e = parse(&text).expect_err(check);
+        assert!(e.to_string().contains(want), "{check}: {e}");
+    }
+}
+
+#[test]
 fn smoke_checks_need_a_canary_and_valid_requests() {
     let with = |smoke: &str| {
         format!("{MINIMAL}[route.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:9001\"]\nweight = 5\n{smoke}")
@@ -421,6 +477,10 @@ fn smoke_checks_need_a_canary_and_valid_requests() {
         (
             "[[route.smoke]]\npath = \"/\"\nbody = \"x\"\n",
             "unknown field",
+        ),
+        (
+            "[[route.smoke]]\npath = \"/\"\ninterval = \"5s\"\n",
+            "`interval` is a [route.health_check] key",
         ),
     ] {
         let e = parse(&with(smoke)).expect_err(smoke);

@@ -1,0 +1,190 @@
+//! Active health checks (`[route.health_check]`): every endpoint of a
+//! route's versions is sent the check's request every `interval`, by a task
+//! of its own; `unhealthy` failures in a row take it out of its version's
+//! choices (its keys go to the next endpoint, as for one that refuses
+//! connections), `healthy` passes in a row bring it back. When every
+//! endpoint of a version is out, requests go to each key's first choice
+//! all the same (as with back-offs): a version is never emptied by its
+//! checks, so a canary that fails them everywhere still meets the judge.
+//!
+//! One check per endpoint: an endpoint named by several routes is checked
+//! by the first of them (in the config's order) that has a check. A
+//! checker lives while its endpoint is in the routing snapshot with a
+//! check; a changed check takes over the endpoint's state as it is, and an
+//! endpoint no longer checked is brought back in.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prometheus::IntGauge;
+use veer_control::config::HealthCheck;
+
+use super::smoke::{check_once, Probe};
+use super::Controller;
+use crate::snapshot::Snapshot;
+use crate::upstream::Upstream;
+
+/// The checkers running, by endpoint (the address of its [`Upstream`],
+/// which the entry holds, so no other takes it while it runs).
+#[derive(Default)]
+pub(super) struct Checkers {
+    running: HashMap<usize, Checker>,
+}
+
+/// One endpoint's checker.
+struct Checker {
+    upstream: Arc<Upstream>,
+    /// What it checks with, and for which route and version (the labels).
+    made_for: (HealthCheck, String, String, String),
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Controller {
+    /// Starts, changes and stops checkers to match the routing snapshot in
+    /// effect (cheap when no route has a check).
+    pub(super) fn sync_health_checks(&mut self) {
+        let snap = self.shared.snapshot.load_full();
+        let wanted = self.wanted(&snap);
+        let metrics = &self.shared.metrics.health_check_failing;
+        // Gone: brought back in, their series dropped.
+        self.checkers.running.retain(|key, c| {
+            let keep = wanted.contains_key(key);
+            if !keep {
+                c.upstream.set_checked_out(None);
+                let (_, route, version, endpoint) = &c.made_for;
+                let _ = metrics.remove_label_values(&[route, version, endpoint]);
+            }
+            keep
+        });
+        for (key, (upstream, made_for)) in wanted {
+            if let Some(c) = self.checkers.running.get(&key) {
+                if c.made_for == made_for {
+                    continue;
+                }
+                let (_, route, version, endpoint) = &c.made_for;
+                let _ = metrics.remove_label_values(&[route, version, endpoint]);
+            }
+            let (check, route, version, endpoint) = &made_for;
+            let gauge = metrics.with_label_values(&[route, version, endpoint]);
+            gauge.set(i64::from(!upstream.is_checked_in()));
+            let task = tokio::spawn(check_loop(
+                upstream.clone(),
+                check.clone(),
+                Labels {
+                    route: route.clone(),
+                    version: version.clone(),
+                    endpoint: endpoint.clone(),
+                    gauge,
+                },
+            ));
+            // (Replacing an entry drops, and so stops, the one before.)
+            self.checkers.running.insert(
+                key,
+                Checker {
+                    upstream,
+                    made_for,
+                    task,
+                },
+            );
+        }
+    }
+}
+
+type Wanted = HashMap<usize, (Arc<Upstream>, (HealthCheck, String, String, String))>;
+
+impl Controller {
+    /// Every endpoint of the snapshot's routes with a check: its checker's
+    /// settings and labels (the first route to name it wins).
+    fn wanted(&self, snap: &Snapshot) -> Wanted {
+        let mut out = Wanted::new();
+        if self.config.routes.iter().all(|r| r.health_check.is_none()) {
+            return out;
+        }
+        for target in snap.routes.iter() {
+            let Some(check) = super::route_named(&self.config, &self.index, &target.name)
+                .and_then(|r| r.health_check.as_ref())
+            else {
+                continue;
+            };
+            for v in std::iter::once(&target.stable).chain(target.canary.as_ref()) {
+                for (name, _, u) in v.balancer.members() {
+                    let key = Arc::as_ptr(u) as usize;
+                    out.entry(key).or_insert_with(|| {
+                        (
+                            u.clone(),
+                            (
+                                check.clone(),
+                                target.name.to_string(),
+                                v.name.to_string(),
+                                name.to_string(),
+                            ),
+                        )
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What a checker says of its endpoint, where.
+struct Labels {
+    route: String,
+    version: String,
+    endpoint: String,
+    gauge: IntGauge,
+}
+
+/// Checks `upstream` every `check.interval` until aborted.
+async fn check_loop(upstream: Arc<Upstream>, check: HealthCheck, labels: Labels) {
+    // Spread: checkers started together (a reload) do not all send at
+    // once; the first check comes within a tenth of the interval.
+    let spread = check.interval.mul_f64(fastrand::f64() / 10.0);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + spread, check.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut failed, mut passed) = (0u32, 0u32);
+    loop {
+        tick.tick().await;
+        let result = check_once(
+            &check.check,
+            &labels.endpoint,
+            upstream.addr(),
+            upstream.connector(),
+            Probe::Health,
+        )
+        .await;
+        let what = format!("{} {}", check.check.method, check.check.path);
+        match result {
+            Err(why) => {
+                passed = 0;
+                failed = failed.saturating_add(1);
+                let why = format!("{what}: {why}");
+                if !upstream.is_checked_in() {
+                    // Still out: the latest reason.
+                    upstream.set_checked_out(Some(why));
+                } else if failed >= check.unhealthy {
+                    tracing::warn!(route = %labels.route, version = %labels.version, endpoint = %labels.endpoint, failed, reason = %why, "health check failed: endpoint taken out of its version's choices");
+                    upstream.set_checked_out(Some(why));
+                    labels.gauge.set(1);
+                } else {
+                    tracing::debug!(route = %labels.route, endpoint = %labels.endpoint, failed, reason = %why, "health check failed");
+                }
+            }
+            Ok(()) => {
+                failed = 0;
+                passed = passed.saturating_add(1);
+                if !upstream.is_checked_in() && passed >= check.healthy {
+                    tracing::info!(route = %labels.route, version = %labels.version, endpoint = %labels.endpoint, passed, "health check passed: endpoint back in its version's choices");
+                    upstream.set_checked_out(None);
+                    labels.gauge.set(0);
+                }
+            }
+        }
+    }
+}

@@ -353,7 +353,14 @@ pub struct HealthCheck {
     pub unhealthy: u32,
     /// Passes in a row that bring it back.
     pub healthy: u32,
+    /// The service a gRPC health check asks the standard health service
+    /// about (`""`: the server as a whole); `check` is then its `Check`
+    /// call.
+    pub grpc_service: Option<String>,
 }
+
+/// The path of the standard gRPC health service's `Check` call.
+pub const GRPC_HEALTH_CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
 
 /// Mirroring (shadow traffic): a share of stable's requests, chosen by
 /// sticky key, is copied to the canary (with `x-veer-shadow: 1`); the copy's

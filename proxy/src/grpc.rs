@@ -84,6 +84,86 @@ pub fn status(headers: &HeaderMap) -> Option<u8> {
     )
 }
 
+/// A `HealthCheckRequest { service }`, framed as a gRPC message (not
+/// compressed). Its one field, written by hand: the proxy links no
+/// protobuf code for two messages of one field each.
+pub fn health_check_request(service: &str) -> bytes::Bytes {
+    let mut msg = Vec::with_capacity(service.len() + 6);
+    if !service.is_empty() {
+        msg.push(0x0a); // field 1, length-delimited
+        let mut n = service.len();
+        while n >= 0x80 {
+            msg.push((n as u8 & 0x7f) | 0x80);
+            n >>= 7;
+        }
+        msg.push(n as u8);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    let mut framed = Vec::with_capacity(msg.len() + 5);
+    framed.push(0);
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    framed.into()
+}
+
+/// The `status` of a `HealthCheckResponse` framed as a gRPC message:
+/// 1 is SERVING (0 UNKNOWN, 2 NOT_SERVING, 3 SERVICE_UNKNOWN). Fields other
+/// than the status are skipped; a message that is not one is an error.
+pub fn health_check_status(framed: &[u8]) -> Result<u64, String> {
+    let Some((head, msg)) = framed.split_at_checked(5) else {
+        return Err("no gRPC message in the answer".into());
+    };
+    if head[0] != 0 {
+        return Err("a compressed answer (veer asked for none)".into());
+    }
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let msg = msg.get(..len).ok_or("a gRPC message cut short")?;
+    let mut rest = msg;
+    let mut status = 0; // proto3: absent is the default, UNKNOWN
+    while !rest.is_empty() {
+        let key = varint(&mut rest)?;
+        match (key >> 3, key & 7) {
+            (1, 0) => status = varint(&mut rest)?,
+            (_, 0) => {
+                varint(&mut rest)?;
+            }
+            (_, 1) => rest = rest.get(8..).ok_or("a field cut short")?,
+            (_, 2) => {
+                let n = usize::try_from(varint(&mut rest)?).map_err(|e| e.to_string())?;
+                rest = rest.get(n..).ok_or("a field cut short")?;
+            }
+            (_, 5) => rest = rest.get(4..).ok_or("a field cut short")?,
+            (_, w) => return Err(format!("not a HealthCheckResponse (wire type {w})")),
+        }
+    }
+    Ok(status)
+}
+
+/// A protobuf varint taken off the front of `b`.
+fn varint(b: &mut &[u8]) -> Result<u64, String> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = b.split_first().ok_or("a varint cut short")?;
+        *b = rest;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err("a varint too long".into())
+}
+
+/// The name of a `HealthCheckResponse` status.
+pub fn serving_status(s: u64) -> &'static str {
+    match s {
+        0 => "UNKNOWN",
+        1 => "SERVING",
+        2 => "NOT_SERVING",
+        3 => "SERVICE_UNKNOWN",
+        _ => "an unknown status",
+    }
+}
+
 /// The judge's outcome of a call that ended with `code`: an error when the
 /// route lists it, except DEADLINE_EXCEEDED on a call whose own deadline
 /// was shorter than the route's (`client_bound`: the caller's choice).
@@ -240,5 +320,40 @@ mod tests {
             error_response(ProxyError::BodyTooLarge).status(),
             StatusCode::OK
         );
+    }
+
+    #[test]
+    fn health_check_messages_match_the_protobuf_codes() {
+        use prost::Message;
+        use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+        for service in ["", "checkout.v1.Checkout", &"s".repeat(300)] {
+            let framed = health_check_request(service);
+            let want = HealthCheckRequest {
+                service: service.to_string(),
+            }
+            .encode_to_vec();
+            assert_eq!(framed[0], 0);
+            assert_eq!(&framed[1..5], &(want.len() as u32).to_be_bytes());
+            assert_eq!(&framed[5..], &want[..], "{service}");
+        }
+        for status in [0, 1, 2, 3] {
+            let msg = HealthCheckResponse { status }.encode_to_vec();
+            let mut framed = vec![0];
+            framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&msg);
+            assert_eq!(health_check_status(&framed), Ok(status as u64));
+        }
+        // Unknown fields before the status are skipped.
+        let framed = [0, 0, 0, 0, 7, 0x12, 0x02, b'h', b'i', 0x08, 0x02, 0x18];
+        assert_eq!(
+            health_check_status(&framed[..11]).ok(),
+            None,
+            "cut short: length says 7"
+        );
+        let framed = [0, 0, 0, 0, 6, 0x12, 0x02, b'h', b'i', 0x08, 0x02];
+        assert_eq!(health_check_status(&framed), Ok(2));
+        assert!(health_check_status(&[0, 0, 0]).is_err());
+        assert!(health_check_status(&[1, 0, 0, 0, 0]).is_err());
+        assert!(health_check_status(&[0, 0, 0, 0, 1, 0x0b]).is_err());
     }
 }

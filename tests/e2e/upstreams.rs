@@ -170,6 +170,7 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 const OK: u8 = 0;
 const FAIL_HALF: u8 = 1;
 const NOT_FOUND: u8 = 2;
+const NOT_SERVING: u8 = 3;
 
 /// A gRPC server (the standard health service, implemented here so that
 /// it can fail on purpose).
@@ -181,6 +182,8 @@ struct GrpcPeer {
     delay_ms: AtomicU64,
     /// `grpc-timeout` of the last call, as received.
     last_timeout: Mutex<Option<String>>,
+    /// The `service` of the last `Check`, as decoded.
+    last_service: Mutex<Option<String>>,
 }
 
 type WatchStream =
@@ -193,6 +196,7 @@ impl Health for GrpcPeer {
         req: tonic::Request<HealthCheckRequest>,
     ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        *self.last_service.lock().unwrap() = Some(req.get_ref().service.clone());
         *self.last_timeout.lock().unwrap() = req
             .metadata()
             .get("grpc-timeout")
@@ -205,9 +209,14 @@ impl Health for GrpcPeer {
         match self.mode.load(Ordering::SeqCst) {
             FAIL_HALF if n % 2 == 0 => Err(tonic::Status::internal("broken on purpose")),
             NOT_FOUND => Err(tonic::Status::not_found("no such service")),
-            _ => {
+            mode => {
+                let status = if mode == NOT_SERVING {
+                    ServingStatus::NotServing
+                } else {
+                    ServingStatus::Serving
+                };
                 let mut r = tonic::Response::new(HealthCheckResponse {
-                    status: ServingStatus::Serving as i32,
+                    status: status as i32,
                 });
                 r.metadata_mut()
                     .insert("x-upstream", self.name.parse().unwrap());
@@ -255,6 +264,7 @@ impl GrpcPeer {
             calls: AtomicU64::new(0),
             delay_ms: AtomicU64::new(0),
             last_timeout: Mutex::new(None),
+            last_service: Mutex::new(None),
         });
         let svc = HealthServer::from_arc(peer.clone());
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
@@ -2020,4 +2030,91 @@ async fn read_until(s: &mut TcpStream, end: &str) -> String {
     })
     .await;
     String::from_utf8_lossy(&got).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_endpoint_whose_health_service_says_not_serving_is_taken_out_until_it_serves() {
+    let a = GrpcPeer::start("a", None).await;
+    let b = GrpcPeer::start("b", None).await;
+    let check = "[route.health_check]\ngrpc_service = \"checkout.v1.Checkout\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\nunhealthy = 2\nhealthy = 2\n";
+    let veer = Veer::start(
+        &(config(
+            &format!(
+                "version = \"v1\"\nendpoints = [\"h2c://{}\", \"h2c://{}\"]",
+                a.addr, b.addr
+            ),
+            None,
+            "",
+        ) + check),
+    )
+    .await;
+    let b_addr = b.addr.to_string();
+    let b_state = |st: &serde_json::Value| {
+        st["routes"][0]["stable"]["endpoints"]
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["resolved"] == b_addr.as_str()))
+            .cloned()
+            .expect("b in /status")
+    };
+    // The checks reach the health service, asking about the service named
+    // (veer's own encoding of the request, decoded by tonic).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.last_service.lock().unwrap().as_deref() != Some("checkout.v1.Checkout") {
+        assert!(std::time::Instant::now() < deadline, "no check reached b");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let served_by = |client: &mut HealthClient<tonic::transport::Channel>| {
+        let mut client = client.clone();
+        async move {
+            let mut who = std::collections::HashSet::new();
+            for i in 0..60 {
+                let r = client
+                    .check(check_request(&format!("user-{i}")))
+                    .await
+                    .expect("answered");
+                who.insert(
+                    r.metadata()
+                        .get("x-upstream")
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .to_string(),
+                );
+            }
+            who
+        }
+    };
+    let mut client = grpc_client(&veer).await;
+    assert!(served_by(&mut client).await.contains("b"));
+
+    b.mode.store(NOT_SERVING, Ordering::SeqCst);
+    let start = std::time::Instant::now();
+    let out = loop {
+        let e = b_state(&veer.status().await);
+        if e["healthy"] == false {
+            break e;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never taken out: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        out["health_check"],
+        "gRPC Check(\"checkout.v1.Checkout\"): the health service says NOT_SERVING",
+        "{out}"
+    );
+    assert_eq!(
+        served_by(&mut client).await,
+        std::collections::HashSet::from(["a".to_string()])
+    );
+
+    b.mode.store(OK, Ordering::SeqCst);
+    let start = std::time::Instant::now();
+    while b_state(&veer.status().await)["healthy"] != true {
+        assert!(start.elapsed() < Duration::from_secs(10), "never back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served_by(&mut client).await.contains("b"));
 }

@@ -159,7 +159,8 @@ pub struct RawRoute {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSmoke {
-    pub path: Spanned<String>,
+    pub path: Option<Spanned<String>>,
+    pub grpc_service: Option<Spanned<String>>,
     pub method: Option<Spanned<String>>,
     pub headers: Option<Spanned<BTreeMap<String, String>>>,
     pub expect_status: Option<Spanned<i64>>,

@@ -156,10 +156,16 @@ async fn check_loop(upstream: Arc<Upstream>, check: HealthCheck, labels: Labels)
             &labels.endpoint,
             upstream.addr(),
             upstream.connector(),
-            Probe::Health,
+            match &check.grpc_service {
+                Some(service) => Probe::GrpcHealth(service),
+                None => Probe::Health,
+            },
         )
         .await;
-        let what = format!("{} {}", check.check.method, check.check.path);
+        let what = match &check.grpc_service {
+            Some(service) => format!("gRPC Check({service:?})"),
+            None => format!("{} {}", check.check.method, check.check.path),
+        };
         match result {
             Err(why) => {
                 passed = 0;

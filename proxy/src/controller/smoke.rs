@@ -162,11 +162,14 @@ async fn run(
 /// What a check's request is for (its `User-Agent` says; a smoke check's
 /// carries `x-veer-smoke: 1` too).
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Probe {
+pub(super) enum Probe<'a> {
     /// `[[route.smoke]]`.
     Smoke,
     /// `[route.health_check]`.
     Health,
+    /// `[route.health_check] grpc_service`: the standard health service's
+    /// `Check` call about this service, which must answer SERVING.
+    GrpcHealth(&'a str),
 }
 
 /// `c` sent once to the endpoint at `addr` (`host`: its configured name),
@@ -177,14 +180,27 @@ pub(super) async fn check_once(
     host: &str,
     addr: SocketAddr,
     connector: &Connector,
-    probe: Probe,
+    probe: Probe<'_>,
 ) -> Result<(), String> {
     match tokio::time::timeout(c.timeout, exchange(c, host, addr, connector, probe)).await {
         Err(_) => Err(format!("no answer within {:?}", c.timeout)),
         Ok(Err(e)) => Err(e),
-        Ok(Ok((status, body))) => {
+        Ok(Ok((status, body, grpc_status))) => {
             if status != c.expect_status {
                 return Err(format!("got {status}, expected {}", c.expect_status));
+            }
+            if let Probe::GrpcHealth(_) = probe {
+                return match grpc_status {
+                    Some(0) => match crate::grpc::health_check_status(&body)? {
+                        1 => Ok(()),
+                        s => Err(format!(
+                            "the health service says {}",
+                            crate::grpc::serving_status(s)
+                        )),
+                    },
+                    Some(code) => Err(format!("grpc-status {code}")),
+                    None => Err("no grpc-status in the answer".into()),
+                };
             }
             if let Some(want) = &c.expect_body {
                 if !String::from_utf8_lossy(&body).contains(want.as_str()) {
@@ -197,14 +213,15 @@ pub(super) async fn check_once(
 }
 
 /// One request over a fresh connection, spoken the way the endpoint is
-/// (HTTP/1.1, h2c, TLS): the status and up to [`MAX_BODY`] of the body.
+/// (HTTP/1.1, h2c, TLS): the status, up to [`MAX_BODY`] of the body, and
+/// the gRPC status (its trailers', or its head's) if it has one.
 async fn exchange(
     c: &SmokeCheck,
     host: &str,
     addr: SocketAddr,
     connector: &Connector,
-    probe: Probe,
-) -> Result<(u16, Bytes), String> {
+    probe: Probe<'_>,
+) -> Result<(u16, Bytes, Option<u8>), String> {
     let (conn, _) = connector
         .connect::<Full<Bytes>>(addr, c.timeout, false, None)
         .await
@@ -218,18 +235,26 @@ async fn exchange(
             http::header::USER_AGENT,
             match probe {
                 Probe::Smoke => concat!("veer-smoke/", env!("CARGO_PKG_VERSION")),
-                Probe::Health => concat!("veer-health/", env!("CARGO_PKG_VERSION")),
+                Probe::Health | Probe::GrpcHealth(_) => {
+                    concat!("veer-health/", env!("CARGO_PKG_VERSION"))
+                }
             },
         );
-    if probe == Probe::Smoke {
-        req = req.header("x-veer-smoke", "1");
+    let mut body = Bytes::new();
+    match probe {
+        Probe::Smoke => req = req.header("x-veer-smoke", "1"),
+        Probe::Health => {}
+        Probe::GrpcHealth(service) => {
+            req = req
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header(http::header::TE, "trailers");
+            body = crate::grpc::health_check_request(service);
+        }
     }
     for (k, v) in &c.headers {
         req = req.header(k.as_str(), v.as_str());
     }
-    let mut req = req
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| e.to_string())?;
+    let mut req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
     let resp = match conn {
         Conn::H1(mut s) => {
             fit_request(&mut req, false, connector.scheme());
@@ -242,6 +267,7 @@ async fn exchange(
     }
     .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
+    let mut grpc_status = crate::grpc::status(resp.headers());
     let mut body = resp.into_body();
     let mut got = Vec::new();
     while got.len() < MAX_BODY {
@@ -250,11 +276,14 @@ async fn exchange(
                 if let Some(d) = f.data_ref() {
                     got.extend_from_slice(d);
                 }
+                if let Some(t) = f.trailers_ref() {
+                    grpc_status = crate::grpc::status(t).or(grpc_status);
+                }
             }
             Some(Err(e)) => return Err(format!("reading the body: {e}")),
             None => break,
         }
     }
     got.truncate(MAX_BODY);
-    Ok((status, Bytes::from(got)))
+    Ok((status, Bytes::from(got), grpc_status))
 }

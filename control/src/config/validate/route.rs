@@ -4,7 +4,7 @@
 use super::super::http_token;
 use super::*;
 use crate::config::raw::RawSmoke;
-use crate::config::HealthCheck;
+use crate::config::{HealthCheck, GRPC_HEALTH_CHECK_PATH};
 
 impl Validator<'_> {
     pub(super) fn route(&mut self, r: &Spanned<RawRoute>) -> Option<Route> {
@@ -180,6 +180,11 @@ impl Validator<'_> {
             .sticky_cookie
             .as_ref()
             .and_then(|c| self.sticky_cookie(c, &sticky));
+        let protocols: Vec<(&str, UpstreamProtocol)> = std::iter::once(&stable)
+            .chain(canary.as_ref().map(|c| &c.0))
+            .map(|v| (v.name.as_str(), v.protocol))
+            .collect();
+        let health_check = self.health_check(r, &protocols);
         Some(Route {
             name,
             hosts,
@@ -220,7 +225,7 @@ impl Validator<'_> {
             sticky_cookie,
             cors,
             smoke: self.smoke(r),
-            health_check: self.health_check(r),
+            health_check,
             grpc_error_codes: self.grpc_error_codes(r),
         })
     }
@@ -1134,6 +1139,7 @@ impl Validator<'_> {
                 let raw = c.get_ref();
                 for (key, set) in [
                     ("interval", raw.interval.as_ref().map(|v| v.span())),
+                    ("grpc_service", raw.grpc_service.as_ref().map(|v| v.span())),
                     ("unhealthy", raw.unhealthy.as_ref().map(|v| v.span())),
                     ("healthy", raw.healthy.as_ref().map(|v| v.span())),
                 ] {
@@ -1141,17 +1147,57 @@ impl Validator<'_> {
                         self.err(span, format!("`{key}` is a [route.health_check] key; a smoke check runs once per canary"));
                     }
                 }
-                self.check_request(raw, c.span(), "smoke", Duration::from_secs(5))
+                self.check_request(raw, c.span(), "smoke", Duration::from_secs(5), None)
             })
             .collect()
     }
 
-    /// `[route.health_check]`.
-    fn health_check(&mut self, r: &RawRoute) -> Option<HealthCheck> {
+    /// `[route.health_check]` (`protocols`: the route's versions', by
+    /// name).
+    fn health_check(
+        &mut self,
+        r: &RawRoute,
+        protocols: &[(&str, UpstreamProtocol)],
+    ) -> Option<HealthCheck> {
         let h = r.health_check.as_ref()?;
         let span = h.span();
         let raw = h.get_ref();
-        let check = self.check_request(raw, span.clone(), "health check", Duration::from_secs(1));
+        let grpc_service = raw.grpc_service.as_ref().map(|s| s.get_ref().clone());
+        if let Some(s) = &raw.grpc_service {
+            let asked = [
+                ("path", raw.path.as_ref().map(|v| v.span())),
+                ("method", raw.method.as_ref().map(|v| v.span())),
+                (
+                    "expect_status",
+                    raw.expect_status.as_ref().map(|v| v.span()),
+                ),
+                (
+                    "expect_body",
+                    raw.expect_body.as_ref().map(|_| span.clone()),
+                ),
+            ];
+            for (key, set) in asked {
+                if let Some(at) = set {
+                    self.err(at, format!("a gRPC health check (grpc_service) sends the standard health service's Check call and wants SERVING: `{key}` does not go with it"));
+                }
+            }
+            for (version, p) in protocols {
+                if *p == UpstreamProtocol::Http1 {
+                    self.err(s.span(), format!("a gRPC health check needs HTTP/2: version {version}'s endpoints are HTTP/1.1 (give them h2c:// or https://)"));
+                }
+            }
+        }
+        let grpc_path = grpc_service.as_ref().map(|_| GRPC_HEALTH_CHECK_PATH);
+        let mut check = self.check_request(
+            raw,
+            span.clone(),
+            "health check",
+            Duration::from_secs(1),
+            grpc_path,
+        );
+        if grpc_service.is_some() {
+            check.method = "POST".into();
+        }
         let interval = self.duration(raw.interval.as_ref(), Duration::from_secs(5));
         if !(Duration::from_millis(500)..=Duration::from_secs(300)).contains(&interval) {
             let s = raw.interval.as_ref().map_or(span.clone(), |t| t.span());
@@ -1177,6 +1223,7 @@ impl Validator<'_> {
             interval,
             unhealthy,
             healthy,
+            grpc_service,
         })
     }
 
@@ -1188,11 +1235,22 @@ impl Validator<'_> {
         span: std::ops::Range<usize>,
         what: &str,
         default_timeout: Duration,
+        default_path: Option<&str>,
     ) -> SmokeCheck {
-        let path = raw.path.get_ref().clone();
-        if !path.starts_with('/') || path.contains(['#', ' ']) {
-            self.err(raw.path.span(), format!("{what} path {path:?} must start with '/' (a query is allowed, no '#' or spaces)"));
-        }
+        let path = match (&raw.path, default_path) {
+            (Some(p), _) => {
+                let path = p.get_ref().clone();
+                if !path.starts_with('/') || path.contains(['#', ' ']) {
+                    self.err(p.span(), format!("{what} path {path:?} must start with '/' (a query is allowed, no '#' or spaces)"));
+                }
+                path
+            }
+            (None, Some(d)) => d.to_string(),
+            (None, None) => {
+                self.err(span.clone(), format!("a {what} needs a path"));
+                String::new()
+            }
+        };
         let method = raw
             .method
             .as_ref()

@@ -429,11 +429,38 @@ fn health_checks_have_defaults_and_bounds() {
             "health check method \"BREW\"",
         ),
         ("path = \"/\"\nrise = 2", "unknown field"),
+        ("interval = \"5s\"", "a health check needs a path"),
+        (
+            "grpc_service = \"checkout\"",
+            "a gRPC health check needs HTTP/2: version v1's endpoints are HTTP/1.1",
+        ),
     ] {
         let text = format!("{MINIMAL}[route.health_check]\n{check}\n");
         let e = parse(&text).expect_err(check);
         assert!(e.to_string().contains(want), "{check}: {e}");
     }
+    // gRPC: the health service's Check, over h2c or https endpoints only.
+    let h2c = |check: &str| {
+        format!("[[route]]\nname = \"web\"\n[route.stable]\nversion = \"v1\"\nendpoints = [\"h2c://127.0.0.1:9000\"]\n[route.health_check]\n{check}\n")
+    };
+    let c = parse(&h2c("grpc_service = \"\"")).expect("valid");
+    let h = c.routes[0].health_check.as_ref().expect("a check");
+    assert_eq!(h.grpc_service.as_deref(), Some(""));
+    assert_eq!(
+        (h.check.method.as_str(), h.check.path.as_str()),
+        ("POST", "/grpc.health.v1.Health/Check")
+    );
+    let e = parse(&h2c("grpc_service = \"a\"\npath = \"/x\"")).expect_err("path");
+    assert!(e.to_string().contains("`path` does not go with it"), "{e}");
+    let e = parse(&format!(
+        "{MINIMAL}[route.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:9001\"]\nweight = 5\n[[route.smoke]]\npath = \"/\"\ngrpc_service = \"a\"\n"
+    ))
+    .expect_err("a smoke check's grpc_service");
+    assert!(
+        e.to_string()
+            .contains("`grpc_service` is a [route.health_check] key"),
+        "{e}"
+    );
 }
 
 #[test]

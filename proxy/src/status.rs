@@ -363,6 +363,17 @@ pub fn render(v: &StatusDoc) -> String {
                 w.given_up,
             );
         }
+        for ver in std::iter::once(&r.stable).chain(r.canary.as_ref()) {
+            for e in &ver.endpoints {
+                if let Some(why) = &e.health_check {
+                    let _ = writeln!(
+                        out,
+                        "  endpoint {} of {} out by its health check: {why}",
+                        e.addr, ver.version
+                    );
+                }
+            }
+        }
     }
     out
 }

@@ -56,6 +56,13 @@ async fn an_endpoint_failing_its_health_check_gets_no_requests_until_it_passes_a
     .await;
     let why = endpoint(&route, &b_addr)["health_check"].as_str().unwrap();
     assert_eq!(why, "GET /healthz: got 503, expected 200", "{route}");
+    let table = super::support::veer_status_table(&veer).await;
+    assert!(
+        table.contains(&format!(
+            "endpoint {b_addr} of v1 out by its health check: GET /healthz: got 503, expected 200"
+        )),
+        "{table}"
+    );
     assert_eq!(metric(&veer.metrics().await, &gauge), Some(1.0));
     let out = veer
         .logs_with_at_least(

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::support::{metric, route_config, upstream_of_keys, wait_route, Upstream, Veer};
 
-const CHECK: &str = "[route.health_check]\npath = \"/healthz\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\nunhealthy = 2\nhealthy = 2\n";
+const CHECK: &str = "[route.health_check]\npath = \"/healthz\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\nunhealthy = 2\nhealthy = 2\nheaders = { Host = \"shop.internal\" }\n";
 
 /// Requests that came with a user key (the checks carry none).
 fn keyed(u: &Upstream) -> u64 {
@@ -42,10 +42,16 @@ async fn an_endpoint_failing_its_health_check_gets_no_requests_until_it_passes_a
         assert!(std::time::Instant::now() < deadline, "no check reached b");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(b.last_headers.lock().unwrap()["user-agent"]
-        .to_str()
-        .unwrap()
-        .starts_with("veer-health/"));
+    {
+        let h = b.last_headers.lock().unwrap();
+        assert!(h["user-agent"]
+            .to_str()
+            .unwrap()
+            .starts_with("veer-health/"));
+        // The check's own Host, once (not beside the endpoint's).
+        let hosts: Vec<_> = h.get_all("host").iter().collect();
+        assert_eq!(hosts, ["shop.internal"], "{h:?}");
+    }
 
     // b answers 503 to everything (its check too), but still accepts
     // connections: only the check can take it out.

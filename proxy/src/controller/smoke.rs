@@ -226,7 +226,13 @@ async fn exchange(
         .connect::<Full<Bytes>>(addr, c.timeout, false, None)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
-    let host = host.strip_suffix(":443").unwrap_or(host);
+    // A `host` among the check's headers is the one sent (a virtual host
+    // behind the endpoint), not a second field beside the endpoint's.
+    let host = c
+        .headers
+        .iter()
+        .find(|(k, _)| k == "host")
+        .map_or_else(|| host.strip_suffix(":443").unwrap_or(host), |(_, v)| v);
     let mut req = http::Request::builder()
         .method(c.method.as_str())
         .uri(c.path.as_str())
@@ -251,7 +257,7 @@ async fn exchange(
             body = crate::grpc::health_check_request(service);
         }
     }
-    for (k, v) in &c.headers {
+    for (k, v) in c.headers.iter().filter(|(k, _)| k != "host") {
         req = req.header(k.as_str(), v.as_str());
     }
     let mut req = req.body(Full::new(body)).map_err(|e| e.to_string())?;

@@ -110,6 +110,7 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
         }
     }
     v.cross_route(&raw.route);
+    v.shared_health_checks(&raw.route, &routes);
     if proxy.request_id {
         v.request_id_kept(&raw.route);
     }

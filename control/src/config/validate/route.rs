@@ -502,6 +502,36 @@ impl Validator<'_> {
         }
     }
 
+    /// An endpoint named by several routes is checked by the first of them
+    /// with a `[route.health_check]`: another route's different check of
+    /// the same endpoint is not used, and says so.
+    pub(super) fn shared_health_checks(&mut self, raw: &[Spanned<RawRoute>], routes: &[Route]) {
+        let mut first: std::collections::HashMap<(&str, UpstreamProtocol), (&str, &HealthCheck)> =
+            std::collections::HashMap::new();
+        for r in routes {
+            let Some(check) = &r.health_check else {
+                continue;
+            };
+            for v in std::iter::once(&r.stable).chain(&r.canary) {
+                for e in &v.endpoints {
+                    let (by, theirs) = *first
+                        .entry((e.addr.as_str(), v.protocol))
+                        .or_insert((r.name.as_str(), check));
+                    if theirs == check {
+                        continue;
+                    }
+                    let span = raw
+                        .iter()
+                        .find(|x| *x.get_ref().name.get_ref() == r.name)
+                        .and_then(|x| x.get_ref().health_check.as_ref().map(|h| h.span()));
+                    if let Some(span) = span {
+                        self.warn(span, format!("endpoint {} is checked by route {by:?}'s health check, which differs: this one is not used for it (one check per endpoint, the first route's)", e.addr));
+                    }
+                }
+            }
+        }
+    }
+
     /// Checks that span routes: unique names, and no two routes claiming the
     /// same (host, path prefix).
     pub(super) fn cross_route(&mut self, routes: &[Spanned<RawRoute>]) {

@@ -464,6 +464,30 @@ fn health_checks_have_defaults_and_bounds() {
 }
 
 #[test]
+fn an_endpoint_checked_differently_by_two_routes_is_a_warning() {
+    let route = |name: &str, prefix: &str, check: &str| {
+        format!("[[route]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\n[route.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:9000\"]\n{check}")
+    };
+    let check = |path: &str| format!("[route.health_check]\npath = \"{path}\"\n");
+    let same =
+        route("api", "/api", &check("/healthz")) + &route("admin", "/admin", &check("/healthz"));
+    assert!(parse(&same).expect("valid").warnings.is_empty());
+    let unchecked = route("api", "/api", &check("/healthz")) + &route("admin", "/admin", "");
+    assert!(parse(&unchecked).expect("valid").warnings.is_empty());
+    let differ =
+        route("api", "/api", &check("/healthz")) + &route("admin", "/admin", &check("/admin/ok"));
+    let c = parse(&differ).expect("valid, with a warning");
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0]
+            .message
+            .contains("endpoint 127.0.0.1:9000 is checked by route \"api\"'s health check"),
+        "{:?}",
+        c.warnings
+    );
+}
+
+#[test]
 fn smoke_checks_need_a_canary_and_valid_requests() {
     let with = |smoke: &str| {
         format!("{MINIMAL}[route.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:9001\"]\nweight = 5\n{smoke}")

@@ -322,3 +322,29 @@ fn a_pool_is_collected_only_when_its_judging_is_over_and_was_long_enough_ago() {
     // A decider's clock ahead of ours counts as "not yet".
     assert!(!pool_finished(&rev, 0, 0, keep));
 }
+
+#[test]
+fn the_later_operator_note_wins_whichever_side_has_it() {
+    let note = |action, at_unix| OperatorNote {
+        action,
+        said: Some(format!("{action:?} at {at_unix}")),
+        at_unix,
+    };
+    // A replica's own revert (at 20), not yet in the store, against the
+    // store's older pause (at 10): the revert's note stays, and goes out
+    // with the revert.
+    let mut local = decision(0);
+    local.reverted = Some(revert(20));
+    local.last_action = Some(note(Action::Revert, 20));
+    let mut store = record(&decision(0), "b");
+    store.paused = true;
+    store.last_action = Some(note(Action::Pause, 10));
+    let published = merge_publish(Some(&store), &record(&local, "a")).expect("the revert");
+    assert_eq!(published.last_action, local.last_action);
+    assert_eq!(merge(&mut local, &store), Merged::Merged);
+    assert_eq!(local.last_action, Some(note(Action::Revert, 20)));
+    // A newer action in the store replaces the replica's older note.
+    store.last_action = Some(note(Action::Resume, 30));
+    assert_eq!(merge(&mut local, &store), Merged::Merged);
+    assert_eq!(local.last_action, Some(note(Action::Resume, 30)));
+}

@@ -31,11 +31,26 @@ pub(super) struct Checkers {
     running: HashMap<usize, Checker>,
 }
 
+/// What an endpoint is checked with, and for which route and version (its
+/// labels in the log and the gauge).
+#[derive(Clone, PartialEq)]
+struct Target {
+    check: HealthCheck,
+    route: String,
+    version: String,
+    endpoint: String,
+}
+
+impl Target {
+    fn labels(&self) -> [&str; 3] {
+        [&self.route, &self.version, &self.endpoint]
+    }
+}
+
 /// One endpoint's checker.
 struct Checker {
     upstream: Arc<Upstream>,
-    /// What it checks with, and for which route and version (the labels).
-    made_for: (HealthCheck, String, String, String),
+    target: Target,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -57,52 +72,36 @@ impl Controller {
             let keep = wanted.contains_key(key);
             if !keep {
                 c.upstream.set_checked_out(None);
-                let (_, route, version, endpoint) = &c.made_for;
-                let _ = metrics.remove_label_values(&[route, version, endpoint]);
+                let _ = metrics.remove_label_values(&c.target.labels());
             }
             keep
         });
-        for (key, (upstream, made_for)) in wanted {
+        for (key, (upstream, target)) in wanted {
             if let Some(c) = self.checkers.running.get(&key) {
-                if c.made_for == made_for {
+                if c.target == target {
                     continue;
                 }
-                let (_, route, version, endpoint) = &c.made_for;
-                let _ = metrics.remove_label_values(&[route, version, endpoint]);
+                let _ = metrics.remove_label_values(&c.target.labels());
             }
-            let (check, route, version, endpoint) = &made_for;
-            let gauge = metrics.with_label_values(&[route, version, endpoint]);
+            let gauge = metrics.with_label_values(&target.labels());
             gauge.set(i64::from(!upstream.is_checked_in()));
-            let task = tokio::spawn(check_loop(
-                upstream.clone(),
-                check.clone(),
-                Labels {
-                    route: route.clone(),
-                    version: version.clone(),
-                    endpoint: endpoint.clone(),
-                    gauge,
-                },
-            ));
+            let task = tokio::spawn(check_loop(upstream.clone(), target.clone(), gauge));
             // (Replacing an entry drops, and so stops, the one before.)
             self.checkers.running.insert(
                 key,
                 Checker {
                     upstream,
-                    made_for,
+                    target,
                     task,
                 },
             );
         }
     }
-}
 
-type Wanted = HashMap<usize, (Arc<Upstream>, (HealthCheck, String, String, String))>;
-
-impl Controller {
     /// Every endpoint of the snapshot's routes with a check: its checker's
-    /// settings and labels (the first route to name it wins).
-    fn wanted(&self, snap: &Snapshot) -> Wanted {
-        let mut out = Wanted::new();
+    /// target (the first route to name it wins).
+    fn wanted(&self, snap: &Snapshot) -> HashMap<usize, (Arc<Upstream>, Target)> {
+        let mut out = HashMap::new();
         if self.config.routes.iter().all(|r| r.health_check.is_none()) {
             return out;
         }
@@ -114,17 +113,14 @@ impl Controller {
             };
             for v in std::iter::once(&target.stable).chain(target.canary.as_ref()) {
                 for (name, _, u) in v.balancer.members() {
-                    let key = Arc::as_ptr(u) as usize;
-                    out.entry(key).or_insert_with(|| {
-                        (
-                            u.clone(),
-                            (
-                                check.clone(),
-                                target.name.to_string(),
-                                v.name.to_string(),
-                                name.to_string(),
-                            ),
-                        )
+                    out.entry(Arc::as_ptr(u) as usize).or_insert_with(|| {
+                        let t = Target {
+                            check: check.clone(),
+                            route: target.name.to_string(),
+                            version: v.name.to_string(),
+                            endpoint: name.to_string(),
+                        };
+                        (u.clone(), t)
                     });
                 }
             }
@@ -133,16 +129,19 @@ impl Controller {
     }
 }
 
-/// What a checker says of its endpoint, where.
-struct Labels {
-    route: String,
-    version: String,
-    endpoint: String,
-    gauge: IntGauge,
-}
-
-/// Checks `upstream` every `check.interval` until aborted.
-async fn check_loop(upstream: Arc<Upstream>, check: HealthCheck, labels: Labels) {
+/// Checks `upstream` every `t.check.interval` until aborted.
+async fn check_loop(upstream: Arc<Upstream>, t: Target, gauge: IntGauge) {
+    let check = &t.check;
+    let (probe, what) = match &check.grpc_service {
+        Some(service) => (
+            Probe::GrpcHealth(service),
+            format!("gRPC Check({service:?})"),
+        ),
+        None => (
+            Probe::Health,
+            format!("{} {}", check.check.method, check.check.path),
+        ),
+    };
     // Spread: checkers started together (a reload) do not all send at
     // once; the first check comes within a tenth of the interval.
     let spread = check.interval.mul_f64(fastrand::f64() / 10.0);
@@ -153,19 +152,12 @@ async fn check_loop(upstream: Arc<Upstream>, check: HealthCheck, labels: Labels)
         tick.tick().await;
         let result = check_once(
             &check.check,
-            &labels.endpoint,
+            &t.endpoint,
             upstream.addr(),
             upstream.connector(),
-            match &check.grpc_service {
-                Some(service) => Probe::GrpcHealth(service),
-                None => Probe::Health,
-            },
+            probe,
         )
         .await;
-        let what = match &check.grpc_service {
-            Some(service) => format!("gRPC Check({service:?})"),
-            None => format!("{} {}", check.check.method, check.check.path),
-        };
         match result {
             Err(why) => {
                 passed = 0;
@@ -175,20 +167,20 @@ async fn check_loop(upstream: Arc<Upstream>, check: HealthCheck, labels: Labels)
                     // Still out: the latest reason.
                     upstream.set_checked_out(Some(why));
                 } else if failed >= check.unhealthy {
-                    tracing::warn!(route = %labels.route, version = %labels.version, endpoint = %labels.endpoint, failed, reason = %why, "health check failed: endpoint taken out of its version's choices");
+                    tracing::warn!(route = %t.route, version = %t.version, endpoint = %t.endpoint, failed, reason = %why, "health check failed: endpoint taken out of its version's choices");
                     upstream.set_checked_out(Some(why));
-                    labels.gauge.set(1);
+                    gauge.set(1);
                 } else {
-                    tracing::debug!(route = %labels.route, endpoint = %labels.endpoint, failed, reason = %why, "health check failed");
+                    tracing::debug!(route = %t.route, endpoint = %t.endpoint, failed, reason = %why, "health check failed");
                 }
             }
             Ok(()) => {
                 failed = 0;
                 passed = passed.saturating_add(1);
                 if !upstream.is_checked_in() && passed >= check.healthy {
-                    tracing::info!(route = %labels.route, version = %labels.version, endpoint = %labels.endpoint, passed, "health check passed: endpoint back in its version's choices");
+                    tracing::info!(route = %t.route, version = %t.version, endpoint = %t.endpoint, passed, "health check passed: endpoint back in its version's choices");
                     upstream.set_checked_out(None);
-                    labels.gauge.set(0);
+                    gauge.set(0);
                 }
             }
         }

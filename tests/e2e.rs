@@ -29,6 +29,7 @@ mod e2e {
     mod limits;
     mod mirror;
     mod operator;
+    mod outlier;
     mod pool;
     mod protocols;
     mod reload;

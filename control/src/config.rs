@@ -313,6 +313,9 @@ pub struct Route {
     pub smoke: Vec<SmokeCheck>,
     /// Active checks of every endpoint of the route's versions.
     pub health_check: Option<HealthCheck>,
+    /// Passive checks of the same: an endpoint whose answers fail
+    /// `consecutive_errors` in a row is taken out for a while.
+    pub outlier_detection: Option<OutlierDetection>,
     /// gRPC status codes (0-16) that count as errors for the judge.
     pub grpc_error_codes: Vec<u8>,
 }
@@ -358,6 +361,29 @@ pub struct HealthCheck {
     /// call.
     pub grpc_service: Option<String>,
 }
+
+/// `[route.outlier_detection]`: an endpoint whose requests fail
+/// `consecutive_errors` times in a row (5xx answers, and the route's
+/// `timeout` passing with no answer) is taken out of its version's choices
+/// for `ejection_time` (the n-th time in a row, n times as long, at most
+/// [`MAX_EJECTION`] or `ejection_time` if longer), never more than
+/// `max_ejected_percent` of a version's endpoints at once (at least one of
+/// a version of two or more; a version of one endpoint is never ejected).
+/// Envoy's `outlier_detection`, nginx's `max_fails`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct OutlierDetection {
+    /// Failed requests in a row that take an endpoint out (1 ..= 1000).
+    pub consecutive_errors: u32,
+    /// How long the first ejection lasts (1 s ..= 1 h).
+    pub ejection_time: Duration,
+    /// The largest share of a version's endpoints out at once, percent
+    /// (1 ..= 100).
+    pub max_ejected_percent: u8,
+}
+
+/// The longest a repeated ejection lasts (unless `ejection_time` is
+/// longer): Envoy's `max_ejection_time`.
+pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 
 /// The path of the standard gRPC health service's `Check` call.
 pub const GRPC_HEALTH_CHECK_PATH: &str = "/grpc.health.v1.Health/Check";

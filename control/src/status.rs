@@ -242,6 +242,10 @@ pub struct EndpointStatus {
     /// Why the route's health check took it out, while it is out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<String>,
+    /// Why outlier detection took it out, and for how long, while it is
+    /// out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ejected: Option<String>,
 }
 
 /// A rollout's progress.

@@ -495,9 +495,11 @@ impl Controller {
         );
         let previous = self.shared.snapshot.load_full();
         snap.publish(Some(&previous), &self.shared.metrics);
-        self.shared.snapshot.store(Arc::new(snap));
+        let snap = Arc::new(snap);
+        self.shared.snapshot.store(snap.clone());
         self.shared.metrics.routing_rebuilds.inc();
         self.sync_health_checks();
+        clear_ejections(&previous, &snap);
     }
 
     /// Rebuilds the `/status` entries and gauges of `names` from the
@@ -795,4 +797,31 @@ fn route_named<'c>(
         .map(|r| &**r)
         .filter(|r| r.name == name)
         .or_else(|| config.route(name))
+}
+
+/// Endpoints outlier detection may have ejected under `before` that no
+/// route of `after` detects outliers on any more (its
+/// `[route.outlier_detection]` removed, or the endpoint moved to a route
+/// without one) are brought back at once. Cheap when no route detects
+/// outliers.
+fn clear_ejections(before: &crate::snapshot::Snapshot, after: &crate::snapshot::Snapshot) {
+    let detected = |s: &crate::snapshot::Snapshot| {
+        s.routes
+            .iter()
+            .filter(|r| r.outlier.is_some())
+            .flat_map(|r| std::iter::once(&r.stable).chain(r.canary.as_ref()))
+            .flat_map(|v| v.balancer.endpoints().iter().cloned())
+            .collect::<Vec<_>>()
+    };
+    let was = detected(before);
+    if was.is_empty() {
+        return;
+    }
+    let still: std::collections::HashSet<*const crate::upstream::Upstream> =
+        detected(after).iter().map(Arc::as_ptr).collect();
+    for u in was {
+        if !still.contains(&Arc::as_ptr(&u)) {
+            u.clear_ejection();
+        }
+    }
 }

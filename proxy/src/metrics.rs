@@ -103,6 +103,8 @@ pub struct Metrics {
     pub grpc: IntCounterVec,
     /// `veer_requests_given_up_total`.
     pub given_up: IntCounterVec,
+    /// `veer_outlier_ejections_total{route,version}`.
+    pub ejections: IntCounterVec,
     /// `veer_mirror_requests_total{route,result}`.
     pub mirror: IntCounterVec,
 }
@@ -146,6 +148,8 @@ pub struct VersionMetrics {
     /// Requests given up, made at the version's first (a version whose
     /// clients never leave exports none).
     given_up: IntCounterVec,
+    /// Endpoints ejected by outlier detection, made at the version's first.
+    ejections: IntCounterVec,
     names: std::sync::Arc<[std::sync::Arc<str>; 2]>,
 }
 
@@ -196,6 +200,13 @@ impl VersionMetrics {
     /// deadline passed) after sending it whole, before the answer came.
     pub fn given_up(&self) {
         self.given_up
+            .with_label_values(&[&*self.names[0], &*self.names[1]])
+            .inc();
+    }
+
+    /// Counts an endpoint of the version ejected by outlier detection.
+    pub fn ejected(&self) {
+        self.ejections
             .with_label_values(&[&*self.names[0], &*self.names[1]])
             .inc();
     }
@@ -437,10 +448,18 @@ impl Metrics {
             ),
             &["route", "version"],
         )?;
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "veer_outlier_ejections_total",
+                "Endpoints of a version taken out by [route.outlier_detection] (failed requests in a row); the log names each.",
+            ),
+            &["route", "version"],
+        )?;
         for c in [
             requests.clone(),
             grpc.clone(),
             given_up.clone(),
+            ejections.clone(),
             mirror.clone(),
             upstream_errors.clone(),
             proxy_errors.clone(),
@@ -524,6 +543,7 @@ impl Metrics {
             smoke_checks,
             grpc,
             given_up,
+            ejections,
             mirror,
         })
     }
@@ -545,6 +565,7 @@ impl Metrics {
             duration: self.duration.clone(),
             grpc: self.grpc.clone(),
             given_up: self.given_up.clone(),
+            ejections: self.ejections.clone(),
             names: std::sync::Arc::new([route.into(), version.into()]),
         }
     }
@@ -567,6 +588,7 @@ impl Metrics {
             let _ = self.grpc.remove_label_values(&[route, version, c]);
         }
         let _ = self.given_up.remove_label_values(&[route, version]);
+        let _ = self.ejections.remove_label_values(&[route, version]);
         let _ = self.window_requests.remove_label_values(&[route, version]);
         let _ = self
             .window_error_ratio

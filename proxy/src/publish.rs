@@ -109,6 +109,7 @@ fn version_status(v: &VersionTarget) -> VersionStatus {
                 weight,
                 healthy: u.is_healthy(),
                 health_check: u.check_failure(),
+                ejected: u.ejection(),
             })
             .collect(),
     }

@@ -25,7 +25,7 @@ use crate::shared::Shared;
 use crate::snapshot::{Forced, RouteTarget, VersionTarget};
 use crate::split::{bucket_of_hash, is_canary, key_hash, random_bucket, sticky_key, KeyBuf};
 use crate::upload::{ClientBody, Upload};
-use crate::upstream::{Sender, Upstream};
+use crate::upstream::{Failed, Sender, Upstream};
 use veer_control::config::AccessLog;
 
 /// Handles one client request. Never fails: errors become responses.
@@ -1036,6 +1036,7 @@ fn forward<'a>(
         // Pinned here and lent to the deadline: a future passed by value into
         // another async fn is held twice (argument and pinned local).
         let watch = std::sync::OnceLock::new();
+        let used = std::sync::atomic::AtomicUsize::new(usize::MAX);
         let arrival = hop.arrival.as_ref();
         // The answer is put here, not returned: a 300-byte value returned
         // through the deadline's select and loop was moved five times.
@@ -1052,6 +1053,7 @@ fn forward<'a>(
                     watch: &watch,
                     arrival,
                     answer: &mut answer,
+                    used: &used,
                 },
             );
             tokio::pin!(exchange);
@@ -1076,11 +1078,25 @@ fn forward<'a>(
                         w.timed_out();
                     }
                 }
+                if let Some(o) = &route.outlier {
+                    let endpoint = used.load(std::sync::atomic::Ordering::Relaxed);
+                    outlier_failed(route, version, o, endpoint, e, deadlines.route_bound);
+                }
                 return Err(e);
             }
             Ok(r) => r,
         };
         upstream.mark_ok();
+        if let Some(o) = &route.outlier {
+            let status = resp.status().as_u16();
+            let failed = (status >= 500).then_some(Failed::Status(status));
+            let siblings = version.balancer.endpoints();
+            if let (Some(ejection), Some(f)) =
+                (upstream.outlier_answer(failed, o, siblings), failed)
+            {
+                ejected(route, version, &upstream, o, f, ejection);
+            }
+        }
         if let Some(cell) = hop.served_by {
             let _ = cell.set(upstream.clone());
         }
@@ -1195,11 +1211,71 @@ async fn upstream_deadline<T>(
 type Exchanged = (Response<UpBody>, Option<Sender>, Arc<Upstream>);
 
 /// What [`forward`] lends [`exchange`]: the HTTP/2 connection's watch, a
-/// mirrored pair's timing, and where the answer goes.
+/// mirrored pair's timing, where the answer goes, and where the index of
+/// the endpoint the request went to (among its version's) goes.
 struct Lent<'a> {
     watch: &'a std::sync::OnceLock<crate::upstream::H2Watch>,
     arrival: Option<&'a Arc<crate::raw::Arrival>>,
     answer: &'a mut Option<Exchanged>,
+    used: &'a std::sync::atomic::AtomicUsize,
+}
+
+/// Outlier detection: a request that failed with `e` after its endpoint
+/// (`endpoint`, an index among `version`'s; `usize::MAX`: none was
+/// reached) took it. A reset, a malformed answer, and the route's timeout
+/// passing (`route_bound`: not a gRPC call's own shorter deadline) count
+/// against the endpoint; a failed connect has its own back-off, and a
+/// client's fault is never the endpoint's.
+#[inline(never)]
+fn outlier_failed(
+    route: &RouteTarget,
+    version: &VersionTarget,
+    o: &veer_control::config::OutlierDetection,
+    endpoint: usize,
+    e: ProxyError,
+    route_bound: bool,
+) {
+    let failed = match e {
+        ProxyError::UpstreamTimeout if route_bound => Failed::Timeout,
+        ProxyError::UpstreamReset => Failed::Reset,
+        ProxyError::UpstreamProtocol => Failed::Malformed,
+        _ => return,
+    };
+    let siblings = version.balancer.endpoints();
+    let Some(upstream) = siblings.get(endpoint) else {
+        return;
+    };
+    if let Some(ejection) = upstream.outlier_answer(Some(failed), o, siblings) {
+        ejected(route, version, upstream, o, failed, ejection);
+    }
+}
+
+/// Logs and counts an ejection by outlier detection.
+#[cold]
+fn ejected(
+    route: &RouteTarget,
+    version: &VersionTarget,
+    upstream: &Upstream,
+    o: &veer_control::config::OutlierDetection,
+    last: Failed,
+    (time, streak): (std::time::Duration, u32),
+) {
+    let endpoint = version
+        .balancer
+        .members()
+        .find(|(_, _, u)| std::ptr::eq(&***u, upstream))
+        .map_or_else(|| upstream.label().to_string(), |(n, _, _)| n.to_string());
+    version.metrics.ejected();
+    tracing::warn!(
+        route = %route.name,
+        version = %version.name,
+        endpoint = %endpoint,
+        errors = o.consecutive_errors,
+        last = %last,
+        for_s = time.as_secs(),
+        in_a_row = streak,
+        "outlier detection: endpoint ejected; its keys go to the next endpoint of its version"
+    );
 }
 
 /// Gets a connection (retrying a failed connect once on the next endpoint)
@@ -1222,6 +1298,7 @@ fn exchange<'a>(
             watch,
             arrival,
             answer,
+            used,
         } = lent;
         // A request with a body goes raw unless it is half of a mirrored
         // pair (whose timing, `arrival`, is hyper's path's for bodies).
@@ -1245,17 +1322,17 @@ fn exchange<'a>(
         if streams {
             (slot, timeout) = upload_slot(first, timeout).await?;
         }
-        let (mut sender, upstream) = match first.get(timeout, upgrade, raw).await {
-            Ok(s) => (s, first),
+        let (mut sender, upstream, index) = match first.get(timeout, upgrade, raw).await {
+            Ok(s) => (s, first, pick.first()),
             // The cap is not the endpoint failing: no back-off, no retry elsewhere.
             Err(e @ (ProxyError::Overloaded | ProxyError::UpgradeUnsupported)) => return Err(e),
             Err(e) => {
                 first.mark_failed();
                 version.metrics.upstream_error(0);
-                let Some(second) = version
+                let Some((index, second)) = version
                     .balancer
                     .fallback(&pick)
-                    .and_then(|i| endpoints.get(i))
+                    .and_then(|i| Some((i, endpoints.get(i)?)))
                 else {
                     return Err(e);
                 };
@@ -1265,7 +1342,7 @@ fn exchange<'a>(
                     (slot, timeout) = upload_slot(second, timeout).await?;
                 }
                 match second.get(timeout, upgrade, raw).await {
-                    Ok(s) => (s, second),
+                    Ok(s) => (s, second, index),
                     Err(e @ (ProxyError::Overloaded | ProxyError::UpgradeUnsupported)) => {
                         return Err(e)
                     }
@@ -1278,6 +1355,7 @@ fn exchange<'a>(
         };
         // Held until the answer's head, or the exchange's failure.
         let _slot = slot;
+        used.store(index, std::sync::atomic::Ordering::Relaxed);
         if sender.is_raw() {
             // In the request path's future, not boxed on its own: boxing
             // (an allocation and a move of the whole exchange's state) cost

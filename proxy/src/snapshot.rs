@@ -75,6 +75,9 @@ pub struct RouteTarget {
     /// Bodiless GET and HEAD to `http://` endpoints go over raw
     /// connections ([`crate::raw`]; `[proxy] upstream_http1`).
     pub raw_http1: bool,
+    /// `[route.outlier_detection]`: endpoints whose requests fail in a
+    /// row are ejected (see [`crate::upstream::Upstream::outlier_answer`]).
+    pub outlier: Option<veer_control::config::OutlierDetection>,
     /// `veer_request_buffer_full_total` (process-wide; a handle here so
     /// that the request path needs no other).
     pub buffer_full: prometheus::IntCounter,
@@ -342,6 +345,7 @@ impl Snapshot {
                     _ => None,
                 },
                 raw_http1: config.proxy.upstream_http1 == veer_control::config::UpstreamHttp1::Veer,
+                outlier: r.outlier_detection.clone(),
                 buffer_full: metrics.request_buffer_full.clone(),
                 max_body: match r.max_request_body.unwrap_or(config.proxy.max_request_body) {
                     0 => u64::MAX,

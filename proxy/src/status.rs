@@ -372,6 +372,13 @@ pub fn render(v: &StatusDoc) -> String {
                         e.addr, ver.version
                     );
                 }
+                if let Some(why) = &e.ejected {
+                    let _ = writeln!(
+                        out,
+                        "  endpoint {} of {} ejected by outlier detection: {why}",
+                        e.addr, ver.version
+                    );
+                }
             }
         }
     }

@@ -36,6 +36,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use crate::body::{BoxError, RequestBody};
 use crate::error::ProxyError;
 use crate::upstream_tls::ClientTls;
+use veer_control::config::{OutlierDetection, MAX_EJECTION};
 
 /// How many of an endpoint's `cap` connections may carry requests whose
 /// bodies still stream from their clients: half, and at least one.
@@ -698,9 +699,50 @@ pub struct Upstream {
     checked_out: AtomicBool,
     /// Why, while it is.
     check_failure: Mutex<Option<String>>,
+    /// Passive checks (`[route.outlier_detection]`), see [`Outlier`].
+    outlier: Outlier,
     epoch: Instant,
     /// Health changes of every upstream of the registry.
     health: Arc<HealthLog>,
+}
+
+/// How a request failed on its endpoint, for outlier detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failed {
+    /// The endpoint answered with this 5xx status.
+    Status(u16),
+    /// No answer within the route's timeout.
+    Timeout,
+    /// The connection was reset.
+    Reset,
+    /// A malformed answer.
+    Malformed,
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failed::Status(s) => write!(f, "{s}"),
+            Failed::Timeout => f.write_str("no answer within the route's timeout"),
+            Failed::Reset => f.write_str("the connection was reset"),
+            Failed::Malformed => f.write_str("a malformed answer"),
+        }
+    }
+}
+
+/// An endpoint's outlier detection state: failed requests in a row, and
+/// the ejection they led to.
+#[derive(Debug, Default)]
+struct Outlier {
+    /// Requests in a row that failed (a 5xx answer, no answer in time).
+    errors: AtomicU32,
+    /// Ms since the registry's epoch before which the endpoint is out (0:
+    /// never ejected, or brought back).
+    until_ms: AtomicU64,
+    /// Ejections in a row (each within [`MAX_EJECTION`] of the last one's end).
+    streak: AtomicU32,
+    /// Why, while it is out.
+    why: Mutex<Option<String>>,
 }
 
 /// What the registry's upstreams tell the controller about their health.
@@ -757,6 +799,7 @@ impl Upstream {
             failures: AtomicU32::new(0),
             checked_out: AtomicBool::new(false),
             check_failure: Mutex::new(None),
+            outlier: Outlier::default(),
             epoch,
             health,
         }
@@ -782,13 +825,116 @@ impl Upstream {
     }
 
     /// Whether the endpoint is currently usable (not in back-off, not
-    /// taken out by a health check).
+    /// taken out by a health check, not ejected by outlier detection).
     pub fn is_healthy(&self) -> bool {
         if self.checked_out.load(Ordering::Relaxed) {
             return false;
         }
-        let until = self.down_until_ms.load(Ordering::Relaxed);
+        let until = self
+            .down_until_ms
+            .load(Ordering::Relaxed)
+            .max(self.outlier.until_ms.load(Ordering::Relaxed));
         until == 0 || self.now_ms() >= until
+    }
+
+    /// Outlier detection: a request this endpoint took, under `o`
+    /// (`failed`: how it failed, if it did). `siblings`: its version's
+    /// endpoints. The
+    /// `o.consecutive_errors`-th failure in a row ejects it (see
+    /// [`OutlierDetection`]) unless it is the version's only endpoint or
+    /// `o.max_ejected_percent` of them are out already; then the
+    /// ejection's length and how many in a row it makes.
+    pub fn outlier_answer(
+        &self,
+        failed: Option<Failed>,
+        o: &OutlierDetection,
+        siblings: &[Arc<Upstream>],
+    ) -> Option<(Duration, u32)> {
+        let s = &self.outlier;
+        let Some(last) = failed else {
+            // (A success writes nothing unless a count is running: the
+            // line stays shared between workers.)
+            if s.errors.load(Ordering::Relaxed) != 0 {
+                s.errors.store(0, Ordering::Relaxed);
+            }
+            return None;
+        };
+        let n = s.errors.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if n < o.consecutive_errors || siblings.len() < 2 {
+            return None;
+        }
+        let now = self.now_ms();
+        let before = s.until_ms.load(Ordering::Relaxed);
+        if before > now {
+            // Out already (requests sent before it was are still coming back).
+            return None;
+        }
+        let cap = (siblings.len() * usize::from(o.max_ejected_percent) / 100)
+            .clamp(1, siblings.len() - 1);
+        let out = siblings.iter().filter(|u| u.ejected_at(now)).count();
+        if out >= cap {
+            return None;
+        }
+        let streak = if before != 0 && now.saturating_sub(before) < MAX_EJECTION.as_millis() as u64
+        {
+            s.streak.load(Ordering::Relaxed).saturating_add(1)
+        } else {
+            1
+        };
+        let longest = o.ejection_time.max(MAX_EJECTION);
+        let time = o.ejection_time.saturating_mul(streak).min(longest);
+        let until = now + time.as_millis() as u64;
+        // One of several workers failing at once ejects it.
+        if s.until_ms
+            .compare_exchange(before, until, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return None;
+        }
+        s.streak.store(streak, Ordering::Relaxed);
+        s.errors.store(0, Ordering::Relaxed);
+        let times = if streak > 1 {
+            format!(", ejection {streak} in a row")
+        } else {
+            String::new()
+        };
+        *s.why.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+            "{n} failed requests in a row (the last: {last}): out for {}s{times}",
+            time.as_secs()
+        ));
+        // (`/status` shows it back when this runs out, as for a back-off.)
+        self.health
+            .backoff_end_ms
+            .fetch_max(until, Ordering::Relaxed);
+        self.health.change();
+        Some((time, streak))
+    }
+
+    fn ejected_at(&self, now_ms: u64) -> bool {
+        self.outlier.until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    /// Why outlier detection took it out, while it is out.
+    pub fn ejection(&self) -> Option<String> {
+        if !self.ejected_at(self.now_ms()) {
+            return None;
+        }
+        self.outlier
+            .why
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Brings it back at once if outlier detection took it out (no route
+    /// that uses it detects outliers any more), and forgets the count.
+    pub fn clear_ejection(&self) {
+        let s = &self.outlier;
+        s.errors.store(0, Ordering::Relaxed);
+        s.streak.store(0, Ordering::Relaxed);
+        if s.until_ms.swap(0, Ordering::Relaxed) > self.now_ms() {
+            self.health.change();
+        }
     }
 
     /// Takes the endpoint out of its version's choices (`Some(why)`: its

@@ -150,6 +150,7 @@ pub struct RawRoute {
     pub cors: Option<Spanned<RawCors>>,
     pub smoke: Option<Vec<Spanned<RawSmoke>>>,
     pub health_check: Option<Spanned<RawSmoke>>,
+    pub outlier_detection: Option<Spanned<RawOutlierDetection>>,
     pub grpc_error_codes: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
@@ -169,6 +170,15 @@ pub struct RawSmoke {
     pub interval: Option<Spanned<String>>,
     pub unhealthy: Option<Spanned<i64>>,
     pub healthy: Option<Spanned<i64>>,
+}
+
+/// `[route.outlier_detection]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlierDetection {
+    pub consecutive_errors: Option<Spanned<i64>>,
+    pub ejection_time: Option<Spanned<String>>,
+    pub max_ejected_percent: Option<Spanned<i64>>,
 }
 
 /// `[route.mirror]`.

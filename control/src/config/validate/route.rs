@@ -3,8 +3,8 @@
 
 use super::super::http_token;
 use super::*;
-use crate::config::raw::RawSmoke;
-use crate::config::{HealthCheck, GRPC_HEALTH_CHECK_PATH};
+use crate::config::raw::{RawOutlierDetection, RawSmoke};
+use crate::config::{HealthCheck, OutlierDetection, GRPC_HEALTH_CHECK_PATH};
 
 impl Validator<'_> {
     pub(super) fn route(&mut self, r: &Spanned<RawRoute>) -> Option<Route> {
@@ -226,6 +226,10 @@ impl Validator<'_> {
             cors,
             smoke: self.smoke(r),
             health_check,
+            outlier_detection: r
+                .outlier_detection
+                .as_ref()
+                .map(|o| self.outlier_detection(o)),
             grpc_error_codes: self.grpc_error_codes(r),
         })
     }
@@ -611,6 +615,33 @@ impl Validator<'_> {
             out.push(net.trunc());
         }
         out
+    }
+
+    fn outlier_detection(&mut self, o: &Spanned<RawOutlierDetection>) -> OutlierDetection {
+        let raw = o.get_ref();
+        let ejection_time = self.duration(raw.ejection_time.as_ref(), Duration::from_secs(30));
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&ejection_time) {
+            let s = raw.ejection_time.as_ref().map_or(o.span(), |t| t.span());
+            self.err(
+                s,
+                "outlier_detection ejection_time must be between 1s and 1h",
+            );
+        }
+        OutlierDetection {
+            consecutive_errors: self.int_in(
+                raw.consecutive_errors.as_ref(),
+                1..=1000,
+                5,
+                "consecutive_errors",
+            ) as u32,
+            ejection_time,
+            max_ejected_percent: self.int_in(
+                raw.max_ejected_percent.as_ref(),
+                1..=100,
+                50,
+                "max_ejected_percent",
+            ) as u8,
+        }
     }
 
     fn rate_limit(&mut self, l: &Spanned<RawRateLimit>) -> Option<RateLimit> {

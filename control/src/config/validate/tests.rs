@@ -1285,3 +1285,39 @@ fn a_route_requiring_a_client_certificate_needs_client_ca() {
     let limit = c.routes[0].rate_limit.as_ref().expect("rate limit");
     assert!(limit.key_client_cert && limit.key_header.is_none());
 }
+
+#[test]
+fn outlier_detection_has_defaults_and_bounds() {
+    let c = parse(&format!("{MINIMAL}[route.outlier_detection]\n")).expect("valid");
+    let o = c.routes[0].outlier_detection.as_ref().expect("detection");
+    assert_eq!(
+        (o.consecutive_errors, o.ejection_time, o.max_ejected_percent),
+        (5, Duration::from_secs(30), 50)
+    );
+    assert!(parse(MINIMAL).expect("valid").routes[0]
+        .outlier_detection
+        .is_none());
+    let c = parse(&format!(
+        "{MINIMAL}[route.outlier_detection]\nconsecutive_errors = 3\nejection_time = \"10s\"\nmax_ejected_percent = 100\n"
+    ))
+    .expect("valid");
+    let o = c.routes[0].outlier_detection.as_ref().expect("detection");
+    assert_eq!(
+        (o.consecutive_errors, o.ejection_time, o.max_ejected_percent),
+        (3, Duration::from_secs(10), 100)
+    );
+    for (keys, want) in [
+        ("consecutive_errors = 0", "consecutive_errors"),
+        ("consecutive_errors = 1001", "consecutive_errors"),
+        ("ejection_time = \"500ms\"", "between 1s and 1h"),
+        ("ejection_time = \"2h\"", "between 1s and 1h"),
+        ("ejection_time = \"soon\"", "invalid duration \"soon\""),
+        ("max_ejected_percent = 0", "max_ejected_percent"),
+        ("max_ejected_percent = 101", "max_ejected_percent"),
+        ("consecutive_5xx = 5", "unknown field"),
+    ] {
+        let text = format!("{MINIMAL}[route.outlier_detection]\n{keys}\n");
+        let e = parse(&text).expect_err(keys);
+        assert!(e.to_string().contains(want), "{keys}: {e}");
+    }
+}

@@ -1530,6 +1530,101 @@ mod tests {
         assert!(u.is_healthy());
     }
 
+    fn endpoints(n: u16) -> Vec<Arc<Upstream>> {
+        let epoch = Instant::now();
+        (1..=n)
+            .map(|p| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], p));
+                Arc::new(Upstream::new(addr, Connector::H1, epoch, 8, Arc::default()))
+            })
+            .collect()
+    }
+
+    fn detection(consecutive_errors: u32, max_ejected_percent: u8) -> OutlierDetection {
+        OutlierDetection {
+            consecutive_errors,
+            ejection_time: Duration::from_secs(10),
+            max_ejected_percent,
+        }
+    }
+
+    /// Fails `u` until it is ejected (at most `limit` times): the ejection.
+    fn fail(
+        u: &Upstream,
+        o: &OutlierDetection,
+        all: &[Arc<Upstream>],
+        limit: u32,
+    ) -> Option<(Duration, u32)> {
+        (0..limit).find_map(|_| u.outlier_answer(Some(Failed::Status(503)), o, all))
+    }
+
+    #[test]
+    fn outlier_detection_ejects_after_errors_in_a_row_within_the_versions_share() {
+        let all = endpoints(4);
+        let o = detection(3, 50);
+        // Two failures, a success, two more: no three in a row.
+        for failed in [true, true, false, true, true] {
+            let f = failed.then_some(Failed::Status(500));
+            assert_eq!(all[0].outlier_answer(f, &o, &all), None);
+        }
+        assert!(all[0].is_healthy());
+        assert_eq!(
+            fail(&all[0], &o, &all, 1),
+            Some((Duration::from_secs(10), 1))
+        );
+        assert!(!all[0].is_healthy());
+        let why = all[0].ejection().expect("why");
+        assert_eq!(
+            why,
+            "3 failed requests in a row (the last: 503): out for 10s"
+        );
+        // Half of four: a second may go, a third not.
+        assert!(fail(&all[1], &o, &all, 3).is_some());
+        assert_eq!(fail(&all[2], &o, &all, 20), None);
+        assert!(all[2].is_healthy());
+        // At least one of two, even at 10 %; never the last one.
+        let two = endpoints(2);
+        assert!(fail(&two[0], &detection(1, 10), &two, 1).is_some());
+        assert_eq!(fail(&two[1], &detection(1, 100), &two, 20), None);
+        // A version of one: never.
+        let one = endpoints(1);
+        assert_eq!(fail(&one[0], &detection(1, 100), &one, 20), None);
+        // Brought back: in at once, its count and streak forgotten.
+        all[0].clear_ejection();
+        assert!(all[0].is_healthy() && all[0].ejection().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repeated_ejection_lasts_longer_until_the_endpoint_has_kept_well_for_a_while() {
+        let all = endpoints(2);
+        let o = detection(2, 50);
+        let length = |e: Option<(Duration, u32)>| e.map(|(d, _)| d.as_secs());
+        assert_eq!(length(fail(&all[0], &o, &all, 2)), Some(10));
+        // Failing while out changes nothing.
+        assert_eq!(fail(&all[0], &o, &all, 5), None);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(all[0].is_healthy());
+        assert_eq!(
+            fail(&all[0], &o, &all, 2),
+            Some((Duration::from_secs(20), 2))
+        );
+        tokio::time::advance(Duration::from_secs(21)).await;
+        assert_eq!(length(fail(&all[0], &o, &all, 2)), Some(30));
+        // At most five minutes (or ejection_time if longer) ...
+        for _ in 0..40 {
+            tokio::time::advance(Duration::from_secs(301)).await;
+            fail(&all[0], &o, &all, 2);
+        }
+        tokio::time::advance(Duration::from_secs(301)).await;
+        assert_eq!(length(fail(&all[0], &o, &all, 2)), Some(300));
+        // ... and back to the first length once it has kept well five minutes.
+        tokio::time::advance(Duration::from_secs(300 + 301)).await;
+        assert_eq!(
+            fail(&all[0], &o, &all, 2),
+            Some((Duration::from_secs(10), 1))
+        );
+    }
+
     #[tokio::test]
     async fn an_idle_h2_connection_is_not_reused_after_idle_ttl() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -204,6 +204,13 @@ impl VersionMetrics {
             .inc();
     }
 
+    /// Exports the version's count of ejections (at 0 until the first).
+    pub fn export_ejections(&self) {
+        let _ = self
+            .ejections
+            .with_label_values(&[&*self.names[0], &*self.names[1]]);
+    }
+
     /// Counts an endpoint of the version ejected by outlier detection.
     pub fn ejected(&self) {
         self.ejections

@@ -429,3 +429,46 @@ async fn an_endpoint_out_by_its_health_check_holds_the_health_check_alerts_condi
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_ejected_by_outlier_detection_holds_the_ejection_alerts_condition() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let config = route_config(&[a.addr, b.addr], &[], 0.0, "")
+        + "[route.outlier_detection]\nconsecutive_errors = 2\nejection_time = \"1h\"\n";
+    let veer = Veer::start(&config).await;
+    let prom = Prometheus::start(veer.admin).await;
+    // Exported at 0 before any ejection: scraped once, the condition does
+    // not hold.
+    prom.wait_for("scraped the ejections' count at 0", |_| async {
+        let data = prom
+            .api("/api/v1/query?query=veer_outlier_ejections_total")
+            .await;
+        data["result"].as_array().is_some_and(|r| r.len() == 1)
+    })
+    .await;
+    prom.condition(
+        "VeerEndpointsEjected",
+        false,
+        "stayed off before any ejection",
+    )
+    .await;
+    b.status.store(503, Ordering::SeqCst);
+    let mut client = super::support::Client::connect(veer.addr)
+        .await
+        .expect("connect");
+    // Forty keys, about half of them b's: its second 503 ejects it.
+    for i in 0..40 {
+        let key = format!("user-{i}");
+        client
+            .get("/", &[("x-user-id", &key)])
+            .await
+            .expect("answered");
+    }
+    let lines = veer.logs_with_at_least(super::outlier::EJECTED, 1).await;
+    assert_eq!(lines.len(), 1, "b ejected once");
+    let result = prom
+        .condition("VeerEndpointsEjected", true, "held after the ejection")
+        .await;
+    assert_eq!(result[0]["metric"]["version"], "v1", "{result}");
+}

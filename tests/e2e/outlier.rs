@@ -48,7 +48,7 @@ async fn statuses(veer: &Veer, keys: &[String]) -> Vec<(u16, String)> {
 }
 
 /// The log line of an ejection.
-const EJECTED: &str =
+pub const EJECTED: &str =
     "outlier detection: endpoint ejected; its keys go to the next endpoint of its version";
 
 const EJECTIONS: &str = "veer_outlier_ejections_total{route=\"web\",version=\"v1\"}";

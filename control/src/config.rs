@@ -362,7 +362,8 @@ pub struct HealthCheck {
     pub grpc_service: Option<String>,
 }
 
-/// `[route.outlier_detection]`: an endpoint whose requests fail
+/// `[route.outlier_detection]`: an endpoint of the stable version (a
+/// canary's failures are the judge's evidence, never hidden) whose requests fail
 /// `consecutive_errors` times in a row (5xx answers, and the route's
 /// `timeout` passing with no answer) is taken out of its version's choices
 /// for `ejection_time` (the n-th time in a row, n times as long, at most

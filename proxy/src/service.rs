@@ -1078,7 +1078,7 @@ fn forward<'a>(
                         w.timed_out();
                     }
                 }
-                if let Some(o) = &route.outlier {
+                if let Some(o) = route.outlier.as_ref().filter(|_| is_stable(route, version)) {
                     let endpoint = used.load(std::sync::atomic::Ordering::Relaxed);
                     outlier_failed(route, version, o, endpoint, e, deadlines.route_bound);
                 }
@@ -1087,7 +1087,7 @@ fn forward<'a>(
             Ok(r) => r,
         };
         upstream.mark_ok();
-        if let Some(o) = &route.outlier {
+        if let Some(o) = route.outlier.as_ref().filter(|_| is_stable(route, version)) {
             let status = resp.status().as_u16();
             let failed = (status >= 500).then_some(Failed::Status(status));
             let siblings = version.balancer.endpoints();
@@ -1218,6 +1218,14 @@ struct Lent<'a> {
     arrival: Option<&'a Arc<crate::raw::Arrival>>,
     answer: &'a mut Option<Exchanged>,
     used: &'a std::sync::atomic::AtomicUsize,
+}
+
+/// Whether `version` is `route`'s stable one: outlier detection ejects
+/// only stable's endpoints. A canary's failing endpoint is evidence
+/// against the canary, for the judge to see (its revert moves every
+/// canary user to stable), not to hide.
+fn is_stable(route: &RouteTarget, version: &VersionTarget) -> bool {
+    std::ptr::eq(version, &route.stable)
 }
 
 /// Outlier detection: a request that failed with `e` after its endpoint

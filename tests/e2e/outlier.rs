@@ -141,14 +141,19 @@ async fn an_endpoint_that_does_not_answer_is_ejected_again_for_longer_and_a_lone
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
     let lone = Upstream::start("lone").await;
+    let c1 = Upstream::start("c1").await;
+    let c2 = Upstream::start("c2").await;
     let mut config = route_config(&[a.addr, b.addr], &[], 0.0, "timeout = \"300ms\"\n");
     config += "[route.outlier_detection]\nconsecutive_errors = 2\nejection_time = \"2s\"\n";
-    // A second route whose version has one endpoint.
+    // A second route whose stable version has one endpoint, and whose
+    // canary has two (the judge off: nothing reverts it here).
     config += &format!(
         "[[route]]\nname = \"lone\"\npath_prefix = \"/lone\"\nsticky = [\"header:x-user-id\"]\n\
          [route.stable]\nversion = \"v1\"\nendpoints = [\"{}\"]\n\
+         [route.canary]\nversion = \"v2\"\nendpoints = [\"{}\", \"{}\"]\nweight = 50\n\
+         [route.judge]\nmode = \"off\"\n\
          [route.outlier_detection]\nconsecutive_errors = 2\n",
-        lone.addr
+        lone.addr, c1.addr, c2.addr
     );
     let veer = Veer::start(&config).await;
     let keys: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
@@ -202,16 +207,29 @@ async fn an_endpoint_that_does_not_answer_is_ejected_again_for_longer_and_a_lone
         "{route}"
     );
 
-    // A version's only endpoint is never ejected: its clients get its answers.
+    // A version's only endpoint is never ejected, nor is a canary's (its
+    // failures are the judge's evidence): their clients get their answers,
+    // each key from the same endpoint every time.
     lone.status.store(503, Ordering::SeqCst);
+    c1.status.store(503, Ordering::SeqCst);
     let mut c = Client::connect(veer.addr).await.expect("connect");
-    for _ in 0..6 {
-        let r = c
-            .get("/lone", &[("x-user-id", "u")])
-            .await
-            .expect("answered");
-        assert_eq!(r.status(), 503);
-        assert_eq!(r.headers()["x-upstream"], "lone");
+    let mut first = std::collections::HashMap::new();
+    let mut answers = std::collections::HashMap::<String, u32>::new();
+    for _ in 0..3 {
+        for i in 0..30 {
+            let key = format!("user-{i}");
+            let r = c
+                .get("/lone", &[("x-user-id", &key)])
+                .await
+                .expect("answered");
+            let up = r.headers()["x-upstream"].to_str().unwrap().to_string();
+            let want = if up == "c2" { 200 } else { 503 };
+            assert_eq!(r.status(), want, "{key} by {up}");
+            assert_eq!(*first.entry(key.clone()).or_insert(up.clone()), up, "{key}");
+            *answers.entry(up).or_default() += 1;
+        }
     }
+    let failed = |u: &str| answers.get(u).copied().unwrap_or(0);
+    assert!(failed("lone") >= 6 && failed("c1") >= 6, "{answers:?}");
     assert_eq!(veer.logs_with(EJECTED).len(), 2);
 }

@@ -1089,7 +1089,19 @@ fn forward<'a>(
         upstream.mark_ok();
         if let Some(o) = route.outlier.as_ref().filter(|_| is_stable(route, version)) {
             let status = resp.status().as_u16();
-            let failed = (status >= 500).then_some(Failed::Status(status));
+            let failed = match status {
+                500.. => Some(Failed::Status(status)),
+                // A gRPC call that failed before its first message (a
+                // trailers-only answer): by the route's grpc_error_codes.
+                200 => crate::grpc::status(resp.headers())
+                    .filter(|&c| {
+                        let judged =
+                            crate::grpc::outcome(c, route.grpc_errors, !deadlines.route_bound);
+                        judged != Outcome::Ok
+                    })
+                    .map(Failed::Grpc),
+                _ => None,
+            };
             let siblings = version.balancer.endpoints();
             if let (Some(ejection), Some(f)) =
                 (upstream.outlier_answer(failed, o, siblings), failed)

@@ -711,6 +711,9 @@ pub struct Upstream {
 pub enum Failed {
     /// The endpoint answered with this 5xx status.
     Status(u16),
+    /// A gRPC call answered with this grpc-status (one of the route's
+    /// `grpc_error_codes`) before any message.
+    Grpc(u8),
     /// No answer within the route's timeout.
     Timeout,
     /// The connection was reset.
@@ -723,6 +726,7 @@ impl std::fmt::Display for Failed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failed::Status(s) => write!(f, "{s}"),
+            Failed::Grpc(c) => write!(f, "grpc-status {c}"),
             Failed::Timeout => f.write_str("no answer within the route's timeout"),
             Failed::Reset => f.write_str("the connection was reset"),
             Failed::Malformed => f.write_str("a malformed answer"),

@@ -171,6 +171,8 @@ const OK: u8 = 0;
 const FAIL_HALF: u8 = 1;
 const NOT_FOUND: u8 = 2;
 const NOT_SERVING: u8 = 3;
+/// Every call fails with INTERNAL, before any message.
+const FAIL_ALL: u8 = 4;
 
 /// A gRPC server (the standard health service, implemented here so that
 /// it can fail on purpose).
@@ -209,6 +211,7 @@ impl Health for GrpcPeer {
         match self.mode.load(Ordering::SeqCst) {
             FAIL_HALF if n % 2 == 0 => Err(tonic::Status::internal("broken on purpose")),
             NOT_FOUND => Err(tonic::Status::not_found("no such service")),
+            FAIL_ALL => Err(tonic::Status::internal("broken on purpose")),
             mode => {
                 let status = if mode == NOT_SERVING {
                     ServingStatus::NotServing
@@ -2032,11 +2035,11 @@ async fn read_until(s: &mut TcpStream, end: &str) -> String {
     String::from_utf8_lossy(&got).to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_grpc_endpoint_whose_health_service_says_not_serving_is_taken_out_until_it_serves() {
+/// Two h2c gRPC peers, a and b, as one version's endpoints, the route's
+/// last table `extra`.
+async fn two_grpc_peers(extra: &str) -> (Arc<GrpcPeer>, Arc<GrpcPeer>, Veer) {
     let a = GrpcPeer::start("a", None).await;
     let b = GrpcPeer::start("b", None).await;
-    let check = "[route.health_check]\ngrpc_service = \"checkout.v1.Checkout\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\nunhealthy = 2\nhealthy = 2\n";
     let veer = Veer::start(
         &(config(
             &format!(
@@ -2045,9 +2048,16 @@ async fn a_grpc_endpoint_whose_health_service_says_not_serving_is_taken_out_unti
             ),
             None,
             "",
-        ) + check),
+        ) + extra),
     )
     .await;
+    (a, b, veer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_endpoint_whose_health_service_says_not_serving_is_taken_out_until_it_serves() {
+    let check = "[route.health_check]\ngrpc_service = \"checkout.v1.Checkout\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\nunhealthy = 2\nhealthy = 2\n";
+    let (_a, b, veer) = two_grpc_peers(check).await;
     let b_addr = b.addr.to_string();
     let b_state = |st: &serde_json::Value| {
         st["routes"][0]["stable"]["endpoints"]
@@ -2117,4 +2127,53 @@ async fn a_grpc_endpoint_whose_health_service_says_not_serving_is_taken_out_unti
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(served_by(&mut client).await.contains("b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_endpoint_whose_calls_fail_in_a_row_is_ejected_by_outlier_detection() {
+    let detect = "[route.outlier_detection]\nconsecutive_errors = 2\nejection_time = \"1h\"\n";
+    let (_a, b, veer) = two_grpc_peers(detect).await;
+    let mut client = grpc_client(&veer).await;
+    let mut of_b = Vec::new();
+    for i in 0..60 {
+        let key = format!("user-{i}");
+        let r = client.check(check_request(&key)).await.expect("answered");
+        if r.metadata().get("x-upstream").unwrap() == "b" {
+            of_b.push(key);
+        }
+    }
+    assert!(of_b.len() >= 3, "{of_b:?}");
+    let ejected =
+        "outlier detection: endpoint ejected; its keys go to the next endpoint of its version";
+    // NOT_FOUND is not one of the route's grpc_error_codes: the caller's
+    // business, not a failure of b's.
+    b.mode.store(NOT_FOUND, Ordering::SeqCst);
+    for key in &of_b {
+        let e = client
+            .check(check_request(key))
+            .await
+            .expect_err("NOT_FOUND");
+        assert_eq!(e.code(), tonic::Code::NotFound);
+    }
+    // INTERNAL, answered before any message (a trailers-only answer), is:
+    // the second in a row takes b out, and a answers its keys.
+    b.mode.store(FAIL_ALL, Ordering::SeqCst);
+    for key in &of_b[..2] {
+        let e = client
+            .check(check_request(key))
+            .await
+            .expect_err("INTERNAL");
+        assert_eq!(e.code(), tonic::Code::Internal);
+    }
+    for key in &of_b {
+        let r = client
+            .check(check_request(key))
+            .await
+            .expect("answered by a");
+        assert_eq!(r.metadata().get("x-upstream").unwrap(), "a");
+    }
+    let lines = veer.logs_with_at_least(ejected, 1).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["last"], "grpc-status 13", "{}", lines[0]);
+    assert_eq!(lines[0]["endpoint"], b.addr.to_string(), "{}", lines[0]);
 }

@@ -1088,26 +1088,7 @@ fn forward<'a>(
         };
         upstream.mark_ok();
         if let Some(o) = route.outlier.as_ref().filter(|_| is_stable(route, version)) {
-            let status = resp.status().as_u16();
-            let failed = match status {
-                500.. => Some(Failed::Status(status)),
-                // A gRPC call that failed before its first message (a
-                // trailers-only answer): by the route's grpc_error_codes.
-                200 => crate::grpc::status(resp.headers())
-                    .filter(|&c| {
-                        let judged =
-                            crate::grpc::outcome(c, route.grpc_errors, !deadlines.route_bound);
-                        judged != Outcome::Ok
-                    })
-                    .map(Failed::Grpc),
-                _ => None,
-            };
-            let siblings = version.balancer.endpoints();
-            if let (Some(ejection), Some(f)) =
-                (upstream.outlier_answer(failed, o, siblings), failed)
-            {
-                ejected(route, version, &upstream, o, f, ejection);
-            }
+            outlier_answered(route, version, o, &upstream, &resp, deadlines.route_bound);
         }
         if let Some(cell) = hop.served_by {
             let _ = cell.set(upstream.clone());
@@ -1238,6 +1219,33 @@ struct Lent<'a> {
 /// canary user to stable), not to hide.
 fn is_stable(route: &RouteTarget, version: &VersionTarget) -> bool {
     std::ptr::eq(version, &route.stable)
+}
+
+/// Outlier detection: `upstream` answered `resp`. A 5xx is a failure, and
+/// so is a gRPC call that failed before its first message (a
+/// trailers-only answer) with one of the route's `grpc_error_codes` (not
+/// a caller's own deadline: `route_bound` false); anything else is not.
+#[inline(never)] // out of the request path's code unless asked for
+fn outlier_answered(
+    route: &RouteTarget,
+    version: &VersionTarget,
+    o: &veer_control::config::OutlierDetection,
+    upstream: &Upstream,
+    resp: &Response<UpBody>,
+    route_bound: bool,
+) {
+    let status = resp.status().as_u16();
+    let failed = match status {
+        500.. => Some(Failed::Status(status)),
+        200 => crate::grpc::status(resp.headers())
+            .filter(|&c| crate::grpc::outcome(c, route.grpc_errors, !route_bound) != Outcome::Ok)
+            .map(Failed::Grpc),
+        _ => None,
+    };
+    let siblings = version.balancer.endpoints();
+    if let (Some(ejection), Some(f)) = (upstream.outlier_answer(failed, o, siblings), failed) {
+        ejected(route, version, upstream, o, f, ejection);
+    }
 }
 
 /// Outlier detection: a request that failed with `e` after its endpoint

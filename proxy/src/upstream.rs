@@ -738,11 +738,14 @@ impl std::fmt::Display for Failed {
 /// the ejection they led to.
 #[derive(Debug, Default)]
 struct Outlier {
-    /// Requests in a row that failed (a 5xx answer, no answer in time).
+    /// Requests in a row that failed (see [`Failed`]).
     errors: AtomicU32,
     /// Ms since the registry's epoch before which the endpoint is out (0:
-    /// never ejected, or brought back).
+    /// in; an ejection run out is set back to 0 by the next success, so
+    /// that picks stop reading the clock for it).
     until_ms: AtomicU64,
+    /// When the last ejection ended (or ends), ms since the epoch (0: none).
+    ended_ms: AtomicU64,
     /// Ejections in a row (each within [`MAX_EJECTION`] of the last one's end).
     streak: AtomicU32,
     /// Why, while it is out.
@@ -843,10 +846,9 @@ impl Upstream {
 
     /// Outlier detection: a request this endpoint took, under `o`
     /// (`failed`: how it failed, if it did). `siblings`: its version's
-    /// endpoints. The
-    /// `o.consecutive_errors`-th failure in a row ejects it (see
-    /// [`OutlierDetection`]) unless it is the version's only endpoint or
-    /// `o.max_ejected_percent` of them are out already; then the
+    /// endpoints. The `o.consecutive_errors`-th failure in a row ejects it
+    /// (see [`OutlierDetection`]) unless it is the version's only endpoint
+    /// or `o.max_ejected_percent` of them are out already; then the
     /// ejection's length and how many in a row it makes.
     pub fn outlier_answer(
         &self,
@@ -860,6 +862,12 @@ impl Upstream {
             // line stays shared between workers.)
             if s.errors.load(Ordering::Relaxed) != 0 {
                 s.errors.store(0, Ordering::Relaxed);
+            }
+            let until = s.until_ms.load(Ordering::Relaxed);
+            if until != 0 && self.now_ms() >= until {
+                let _ = s
+                    .until_ms
+                    .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
             }
             return None;
         };
@@ -879,8 +887,8 @@ impl Upstream {
         if out >= cap {
             return None;
         }
-        let streak = if before != 0 && now.saturating_sub(before) < MAX_EJECTION.as_millis() as u64
-        {
+        let ended = s.ended_ms.load(Ordering::Relaxed);
+        let streak = if ended != 0 && now.saturating_sub(ended) < MAX_EJECTION.as_millis() as u64 {
             s.streak.load(Ordering::Relaxed).saturating_add(1)
         } else {
             1
@@ -895,6 +903,7 @@ impl Upstream {
         {
             return None;
         }
+        s.ended_ms.store(until, Ordering::Relaxed);
         s.streak.store(streak, Ordering::Relaxed);
         s.errors.store(0, Ordering::Relaxed);
         let times = if streak > 1 {
@@ -936,6 +945,7 @@ impl Upstream {
         let s = &self.outlier;
         s.errors.store(0, Ordering::Relaxed);
         s.streak.store(0, Ordering::Relaxed);
+        s.ended_ms.store(0, Ordering::Relaxed);
         if s.until_ms.swap(0, Ordering::Relaxed) > self.now_ms() {
             self.health.change();
         }
@@ -1608,6 +1618,10 @@ mod tests {
         assert_eq!(fail(&all[0], &o, &all, 5), None);
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(all[0].is_healthy());
+        // A success after it ran out: picks stop reading the clock for it,
+        // and the streak is kept.
+        assert_eq!(all[0].outlier_answer(None, &o, &all), None);
+        assert_eq!(all[0].outlier.until_ms.load(Ordering::Relaxed), 0);
         assert_eq!(
             fail(&all[0], &o, &all, 2),
             Some((Duration::from_secs(20), 2))

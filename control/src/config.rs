@@ -360,6 +360,10 @@ pub struct HealthCheck {
     /// about (`""`: the server as a whole); `check` is then its `Check`
     /// call.
     pub grpc_service: Option<String>,
+    /// An endpoint the check starts on (one added by a reload, every one
+    /// at veer's start) is out until its first pass (Envoy's way, nginx
+    /// Plus's `mandatory`); `false`: in until it fails `unhealthy` times.
+    pub start_out: bool,
 }
 
 /// `[route.outlier_detection]`: an endpoint of the stable version (a

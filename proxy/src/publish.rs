@@ -115,8 +115,9 @@ fn version_status(v: &VersionTarget) -> VersionStatus {
     }
 }
 
-/// The routes of `snap` whose endpoint health differs from what their
-/// published entry in `shown` says.
+/// The routes of `snap` whose endpoint health (whether it is healthy, and
+/// why its health check keeps it out) differs from what their published
+/// entry in `shown` says.
 pub fn health_changed(snap: &Snapshot, shown: &HashMap<String, Arc<RouteStatus>>) -> Vec<String> {
     let differs = |shown: &VersionStatus, v: &VersionTarget| {
         shown.endpoints.len() != v.balancer.endpoints().len()
@@ -124,7 +125,7 @@ pub fn health_changed(snap: &Snapshot, shown: &HashMap<String, Arc<RouteStatus>>
                 .endpoints
                 .iter()
                 .zip(v.balancer.endpoints())
-                .any(|(s, u)| s.healthy != u.is_healthy())
+                .any(|(s, u)| s.healthy != u.is_healthy() || s.health_check != u.check_failure())
     };
     snap.routes
         .iter()

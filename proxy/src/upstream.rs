@@ -955,8 +955,14 @@ impl Upstream {
     /// health check failed), or brings it back (`None`).
     pub fn set_checked_out(&self, failure: Option<String>) {
         let out = failure.is_some();
-        *self.check_failure.lock().unwrap_or_else(|p| p.into_inner()) = failure;
-        if self.checked_out.swap(out, Ordering::Relaxed) != out {
+        let reason_changed = {
+            let mut why = self.check_failure.lock().unwrap_or_else(|p| p.into_inner());
+            let changed = *why != failure;
+            *why = failure;
+            changed
+        };
+        // (A new reason while out shows in `/status` as a change does.)
+        if self.checked_out.swap(out, Ordering::Relaxed) != out || reason_changed {
             self.health.change();
         }
     }

@@ -162,3 +162,90 @@ async fn a_health_check_that_cannot_work_is_refused_and_the_running_config_stays
     assert_eq!(r.status(), 200);
     assert_eq!(veer.status().await["config"]["generation"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_start_out_an_endpoint_gets_requests_only_once_it_passed_its_first_check() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let c = Upstream::start("c").await;
+    // b is broken from the start: it never gets a user request.
+    b.status.store(503, Ordering::SeqCst);
+    let out = CHECK.to_string() + "start_out = true\n";
+    let veer = Veer::start(&(route_config(&[a.addr, b.addr], &[], 0.0, "") + &out)).await;
+    let (a_addr, b_addr, c_addr) = (a.addr.to_string(), b.addr.to_string(), c.addr.to_string());
+    let route = wait_route(
+        &veer,
+        "a in after its first pass",
+        Duration::from_secs(10),
+        |r| {
+            endpoint(r, &a_addr)["healthy"] == true
+                && endpoint(r, &b_addr)["health_check"]
+                    != "not passed its first health check yet (start_out)"
+        },
+    )
+    .await;
+    assert_eq!(endpoint(&route, &b_addr)["healthy"], false, "{route}");
+    assert_eq!(
+        endpoint(&route, &b_addr)["health_check"],
+        "GET /healthz: got 503, expected 200",
+        "{route}"
+    );
+    let keys: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
+    let served = upstream_of_keys(veer.addr, &keys, 4).await;
+    assert!(served.values().all(|u| u == "a"), "{served:?}");
+    assert_eq!(keyed(&b), 0, "no user request reached b");
+    let line = &veer
+        .logs_with_at_least(
+            "health check failed: a new endpoint stays out of its version's choices",
+            1,
+        )
+        .await[0];
+    assert_eq!(line["endpoint"], b_addr.as_str(), "{line}");
+
+    // One pass brings it in (not `healthy` passes: it was never out for
+    // failing).
+    b.status.store(200, Ordering::SeqCst);
+    wait_route(
+        &veer,
+        "b in after its first pass",
+        Duration::from_secs(10),
+        |r| endpoint(r, &b_addr)["healthy"] == true,
+    )
+    .await;
+    let served = upstream_of_keys(veer.addr, &keys, 4).await;
+    assert!(served.values().any(|u| u == "b"), "{served:?}");
+
+    // An endpoint a reload adds starts out too: c, broken, gets no user
+    // request from the moment it is in the config; fixed, it comes in with
+    // its first pass. a and b keep their state (and their keys).
+    c.status.store(503, Ordering::SeqCst);
+    veer.write_config(&(route_config(&[a.addr, b.addr, c.addr], &[], 0.0, "") + &out));
+    veer.wait_generation(2).await;
+    let served = upstream_of_keys(veer.addr, &keys, 4).await;
+    assert!(served.values().all(|u| u != "c"), "{served:?}");
+    assert_eq!(keyed(&c), 0, "no user request reached c");
+    c.status.store(200, Ordering::SeqCst);
+    wait_route(
+        &veer,
+        "c in after its first pass",
+        Duration::from_secs(10),
+        |r| endpoint(r, &c_addr)["healthy"] == true,
+    )
+    .await;
+    let served = upstream_of_keys(veer.addr, &keys, 4).await;
+    assert!(served.values().any(|u| u == "c"), "{served:?}");
+    let passed = veer
+        .logs_with_at_least(
+            "health check passed: a new endpoint in its version's choices",
+            3,
+        )
+        .await;
+    let named: Vec<&str> = passed
+        .iter()
+        .filter_map(|l| l["endpoint"].as_str())
+        .collect();
+    assert!(
+        named.contains(&c_addr.as_str()) && named.contains(&b_addr.as_str()),
+        "{named:?}"
+    );
+}

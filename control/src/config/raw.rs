@@ -170,6 +170,7 @@ pub struct RawSmoke {
     pub interval: Option<Spanned<String>>,
     pub unhealthy: Option<Spanned<i64>>,
     pub healthy: Option<Spanned<i64>>,
+    pub start_out: Option<Spanned<bool>>,
 }
 
 /// `[route.outlier_detection]`.

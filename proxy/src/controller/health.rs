@@ -77,15 +77,28 @@ impl Controller {
             keep
         });
         for (key, (upstream, target)) in wanted {
-            if let Some(c) = self.checkers.running.get(&key) {
-                if c.target == target {
-                    continue;
+            let fresh = match self.checkers.running.get(&key) {
+                Some(c) if c.target == target => continue,
+                Some(c) => {
+                    let _ = metrics.remove_label_values(&c.target.labels());
+                    false
                 }
-                let _ = metrics.remove_label_values(&c.target.labels());
+                None => true,
+            };
+            // A check that starts out (`start_out`) keeps a new endpoint out
+            // until its first pass; a changed check takes the state over.
+            let start_out = fresh && target.check.start_out;
+            if start_out {
+                upstream.set_checked_out(Some(NOT_PASSED_YET.into()));
             }
             let gauge = metrics.with_label_values(&target.labels());
             gauge.set(i64::from(!upstream.is_checked_in()));
-            let task = tokio::spawn(check_loop(upstream.clone(), target.clone(), gauge));
+            let task = tokio::spawn(check_loop(
+                upstream.clone(),
+                target.clone(),
+                gauge,
+                start_out,
+            ));
             // (Replacing an entry drops, and so stops, the one before.)
             self.checkers.running.insert(
                 key,
@@ -129,8 +142,12 @@ impl Controller {
     }
 }
 
-/// Checks `upstream` every `t.check.interval` until aborted.
-async fn check_loop(upstream: Arc<Upstream>, t: Target, gauge: IntGauge) {
+/// Why an endpoint whose check starts out is out before its first check.
+const NOT_PASSED_YET: &str = "not passed its first health check yet (start_out)";
+
+/// Checks `upstream` every `t.check.interval` until aborted. `start_out`:
+/// it starts out, and its first pass brings it in.
+async fn check_loop(upstream: Arc<Upstream>, t: Target, gauge: IntGauge, start_out: bool) {
     let check = &t.check;
     let (probe, what) = match &check.grpc_service {
         Some(service) => (
@@ -148,6 +165,7 @@ async fn check_loop(upstream: Arc<Upstream>, t: Target, gauge: IntGauge) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + spread, check.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut failed, mut passed) = (0u32, 0u32);
+    let mut unproven = start_out;
     loop {
         tick.tick().await;
         let result = check_once(
@@ -165,6 +183,9 @@ async fn check_loop(upstream: Arc<Upstream>, t: Target, gauge: IntGauge) {
                 let why = format!("{what}: {why}");
                 if !upstream.is_checked_in() {
                     // Still out: the latest reason.
+                    if unproven && failed == check.unhealthy {
+                        tracing::warn!(route = %t.route, version = %t.version, endpoint = %t.endpoint, failed, reason = %why, "health check failed: a new endpoint stays out of its version's choices");
+                    }
                     upstream.set_checked_out(Some(why));
                 } else if failed >= check.unhealthy {
                     tracing::warn!(route = %t.route, version = %t.version, endpoint = %t.endpoint, failed, reason = %why, "health check failed: endpoint taken out of its version's choices");
@@ -177,11 +198,16 @@ async fn check_loop(upstream: Arc<Upstream>, t: Target, gauge: IntGauge) {
             Ok(()) => {
                 failed = 0;
                 passed = passed.saturating_add(1);
-                if !upstream.is_checked_in() && passed >= check.healthy {
-                    tracing::info!(route = %t.route, version = %t.version, endpoint = %t.endpoint, passed, "health check passed: endpoint back in its version's choices");
+                if !upstream.is_checked_in() && (passed >= check.healthy || unproven) {
+                    if unproven {
+                        tracing::info!(route = %t.route, version = %t.version, endpoint = %t.endpoint, "health check passed: a new endpoint in its version's choices");
+                    } else {
+                        tracing::info!(route = %t.route, version = %t.version, endpoint = %t.endpoint, passed, "health check passed: endpoint back in its version's choices");
+                    }
                     upstream.set_checked_out(None);
                     gauge.set(0);
                 }
+                unproven = false;
             }
         }
     }

@@ -1203,6 +1203,7 @@ impl Validator<'_> {
                     ("grpc_service", raw.grpc_service.as_ref().map(|v| v.span())),
                     ("unhealthy", raw.unhealthy.as_ref().map(|v| v.span())),
                     ("healthy", raw.healthy.as_ref().map(|v| v.span())),
+                    ("start_out", raw.start_out.as_ref().map(|v| v.span())),
                 ] {
                     if let Some(span) = set {
                         self.err(span, format!("`{key}` is a [route.health_check] key; a smoke check runs once per canary"));
@@ -1285,6 +1286,7 @@ impl Validator<'_> {
             unhealthy,
             healthy,
             grpc_service,
+            start_out: raw.start_out.as_ref().is_some_and(|b| *b.get_ref()),
         })
     }
 

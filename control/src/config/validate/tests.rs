@@ -405,6 +405,18 @@ fn health_checks_have_defaults_and_bounds() {
             2
         )
     );
+    assert!(!h.start_out, "in from the start unless asked");
+    let c = parse(&format!(
+        "{MINIMAL}[route.health_check]\npath = \"/healthz\"\nstart_out = true\n"
+    ))
+    .expect("valid");
+    assert!(
+        c.routes[0]
+            .health_check
+            .as_ref()
+            .expect("a check")
+            .start_out
+    );
     assert!(parse(MINIMAL).expect("valid").routes[0]
         .health_check
         .is_none());
@@ -532,6 +544,10 @@ fn smoke_checks_need_a_canary_and_valid_requests() {
         (
             "[[route.smoke]]\npath = \"/\"\ninterval = \"5s\"\n",
             "`interval` is a [route.health_check] key",
+        ),
+        (
+            "[[route.smoke]]\npath = \"/\"\nstart_out = true\n",
+            "`start_out` is a [route.health_check] key",
         ),
     ] {
         let e = parse(&with(smoke)).expect_err(smoke);

@@ -280,6 +280,31 @@ pub fn summary(path: &Path, c: &Config) -> String {
                 l.burst
             );
         }
+        if let Some(h) = &r.health_check {
+            let what = match &h.grpc_service {
+                Some(s) => format!("gRPC Check({s:?})"),
+                None => format!("{} {}", h.check.method, h.check.path),
+            };
+            let _ = writeln!(
+                out,
+                "    health check {what} every {:?}: out after {} failures in a row, back after {} passes{}",
+                h.interval,
+                h.unhealthy,
+                h.healthy,
+                if h.start_out {
+                    "; a new endpoint out until its first pass"
+                } else {
+                    ""
+                }
+            );
+        }
+        if let Some(o) = &r.outlier_detection {
+            let _ = writeln!(
+                out,
+                "    outlier detection: a stable endpoint out for {:?} after {} failed requests in a row (at most {}% of them at once)",
+                o.ejection_time, o.consecutive_errors, o.max_ejected_percent
+            );
+        }
         if let Some(m) = &r.mirror {
             let _ = writeln!(
                 out,

@@ -233,3 +233,25 @@ async fn an_endpoint_that_does_not_answer_is_ejected_again_for_longer_and_a_lone
     assert!(failed("lone") >= 6 && failed("c1") >= 6, "{answers:?}");
     assert_eq!(veer.logs_with(EJECTED).len(), 2);
 }
+
+#[test]
+fn veer_check_says_what_a_routes_health_checks_and_outlier_detection_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("veer.toml");
+    std::fs::write(
+        &path,
+        "[[route]]\nname = \"web\"\n[route.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]\n\
+         [route.health_check]\npath = \"/healthz\"\nstart_out = true\n\
+         [route.outlier_detection]\nconsecutive_errors = 4\n",
+    )
+    .unwrap();
+    let out = super::support::veer_cli(&["check", "--config", path.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for line in [
+        "    health check GET /healthz every 5s: out after 3 failures in a row, back after 2 passes; a new endpoint out until its first pass\n",
+        "    outlier detection: a stable endpoint out for 30s after 4 failed requests in a row (at most 50% of them at once)\n",
+    ] {
+        assert!(text.contains(line), "{text}");
+    }
+}

@@ -25,7 +25,13 @@
 # and up, where nothing listens; an idle route never connects), as an
 # ingress's routes have; by default all routes share two.
 #
-# usage: [VEER=binary] [IDLE=s] [ETCD=url] [RELOADS=K] [REBUILDS=K] [ENDPOINTS=own] benches/routes.sh [N ...]   (default: 1 100 500 1000)
+# CHECKS=INTERVAL gives every route a [route.health_check] of that
+# interval (GET /healthz): with ENDPOINTS=own, one checker per endpoint,
+# each refused (nothing listens there), so the idle CPU is what the
+# checkers' timers, connects and bookkeeping cost without any traffic;
+# with shared endpoints, two checkers in all.
+#
+# usage: [VEER=binary] [IDLE=s] [ETCD=url] [RELOADS=K] [REBUILDS=K] [ENDPOINTS=own] [CHECKS=5s] benches/routes.sh [N ...]   (default: 1 100 500 1000)
 # Only 127.0.0.1 is targeted; every run is bounded in time.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,6 +59,9 @@ config() { # N WEIGHT_OF_ROUTE_0
     [ "$i" -eq 0 ] && w=$w0
     if [ "${ENDPOINTS:-}" = own ]; then s=$((10000 + 2 * i)) c=$((10001 + 2 * i)); fi
     printf '[[route]]\nname = "r%d"\nhosts = ["r%d.example"]\n[route.stable]\nversion = "v1"\nendpoints = ["127.0.0.1:%d"]\n[route.canary]\nversion = "v2"\nendpoints = ["127.0.0.1:%d"]\nweight = %s\n[route.judge]\nwindow = "60s"\n' "$i" "$i" "$s" "$c" "$w"
+    if [ -n "${CHECKS:-}" ]; then
+      printf '[route.health_check]\npath = "/healthz"\ninterval = "%s"\ntimeout = "500ms"\n' "$CHECKS"
+    fi
   done
 }
 

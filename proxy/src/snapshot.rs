@@ -368,12 +368,11 @@ impl Snapshot {
                 response_edits: crate::edit::Edits::of(&r.response_headers),
                 config: r.clone(),
             }));
-            // Exported at 0 where ejections may come, so that `increase`
-            // sees the first one (as the revert counters are).
+            // Exported at 0 where ejections may come (stable's endpoints
+            // only), so that `increase` sees the first one (as the revert
+            // counters are).
             if let Some(t) = routes.last().filter(|t| t.outlier.is_some()) {
-                for v in std::iter::once(&t.stable).chain(t.canary.as_ref()) {
-                    v.metrics.export_ejections();
-                }
+                t.stable.metrics.export_ejections();
             }
         }
         Snapshot {

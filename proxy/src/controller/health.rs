@@ -86,8 +86,10 @@ impl Controller {
                 None => true,
             };
             // A check that starts out (`start_out`) keeps a new endpoint out
-            // until its first pass; a changed check takes the state over.
-            let start_out = fresh && target.check.start_out;
+            // until its first pass; a changed check takes the state over
+            // (one still waiting for its first pass keeps waiting for it).
+            let start_out = (fresh && target.check.start_out)
+                || upstream.check_failure().as_deref() == Some(NOT_PASSED_YET);
             if start_out {
                 upstream.set_checked_out(Some(NOT_PASSED_YET.into()));
             }

@@ -799,18 +799,17 @@ fn route_named<'c>(
         .or_else(|| config.route(name))
 }
 
-/// Endpoints outlier detection may have ejected under `before` that no
-/// route of `after` detects outliers on any more (its
-/// `[route.outlier_detection]` removed, or the endpoint moved to a route
-/// without one) are brought back at once. Cheap when no route detects
-/// outliers.
+/// Endpoints outlier detection may have ejected under `before` (stable's
+/// of routes that detect) that no route of `after` detects outliers on
+/// any more (its `[route.outlier_detection]` removed, or the endpoint
+/// moved to a route without one) are brought back at once. Cheap when no
+/// route detects outliers.
 fn clear_ejections(before: &crate::snapshot::Snapshot, after: &crate::snapshot::Snapshot) {
     let detected = |s: &crate::snapshot::Snapshot| {
         s.routes
             .iter()
             .filter(|r| r.outlier.is_some())
-            .flat_map(|r| std::iter::once(&r.stable).chain(r.canary.as_ref()))
-            .flat_map(|v| v.balancer.endpoints().iter().cloned())
+            .flat_map(|r| r.stable.balancer.endpoints().iter().cloned())
             .collect::<Vec<_>>()
     };
     let was = detected(before);

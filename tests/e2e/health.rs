@@ -163,6 +163,22 @@ async fn a_health_check_that_cannot_work_is_refused_and_the_running_config_stays
     assert_eq!(veer.status().await["config"]["generation"], 1);
 }
 
+/// `u`, out by its check, answers 200 again: it is shown in, and some of
+/// `keys` reach it.
+async fn comes_in_when_fixed(veer: &Veer, u: &Upstream, keys: &[String]) {
+    u.status.store(200, Ordering::SeqCst);
+    let addr = u.addr.to_string();
+    wait_route(
+        veer,
+        "in after its first pass",
+        Duration::from_secs(10),
+        |r| endpoint(r, &addr)["healthy"] == true,
+    )
+    .await;
+    let served = upstream_of_keys(veer.addr, keys, 4).await;
+    assert!(served.values().any(|s| s == u.name), "{served:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_start_out_an_endpoint_gets_requests_only_once_it_passed_its_first_check() {
     let a = Upstream::start("a").await;
@@ -204,16 +220,7 @@ async fn with_start_out_an_endpoint_gets_requests_only_once_it_passed_its_first_
 
     // One pass brings it in (not `healthy` passes: it was never out for
     // failing).
-    b.status.store(200, Ordering::SeqCst);
-    wait_route(
-        &veer,
-        "b in after its first pass",
-        Duration::from_secs(10),
-        |r| endpoint(r, &b_addr)["healthy"] == true,
-    )
-    .await;
-    let served = upstream_of_keys(veer.addr, &keys, 4).await;
-    assert!(served.values().any(|u| u == "b"), "{served:?}");
+    comes_in_when_fixed(&veer, &b, &keys).await;
 
     // An endpoint a reload adds starts out too: c, broken, gets no user
     // request from the moment it is in the config; fixed, it comes in with
@@ -224,16 +231,7 @@ async fn with_start_out_an_endpoint_gets_requests_only_once_it_passed_its_first_
     let served = upstream_of_keys(veer.addr, &keys, 4).await;
     assert!(served.values().all(|u| u != "c"), "{served:?}");
     assert_eq!(keyed(&c), 0, "no user request reached c");
-    c.status.store(200, Ordering::SeqCst);
-    wait_route(
-        &veer,
-        "c in after its first pass",
-        Duration::from_secs(10),
-        |r| endpoint(r, &c_addr)["healthy"] == true,
-    )
-    .await;
-    let served = upstream_of_keys(veer.addr, &keys, 4).await;
-    assert!(served.values().any(|u| u == "c"), "{served:?}");
+    comes_in_when_fixed(&veer, &c, &keys).await;
     let passed = veer
         .logs_with_at_least(
             "health check passed: a new endpoint in its version's choices",

@@ -734,6 +734,9 @@ impl std::fmt::Display for Failed {
     }
 }
 
+/// Taken by an ejection (see [`Upstream::outlier_answer`]).
+static EJECTING: Mutex<()> = Mutex::new(());
+
 /// An endpoint's outlier detection state: failed requests in a row, and
 /// the ejection they led to.
 #[derive(Debug, Default)]
@@ -875,6 +878,11 @@ impl Upstream {
         if n < o.consecutive_errors || siblings.len() < 2 {
             return None;
         }
+        // Held while the version's ejected share is counted and this one
+        // added: two workers ejecting two endpoints of one version at once
+        // would each count the share before the other's ejection. (Rare:
+        // only an ejecting failure takes it.)
+        let _one_at_a_time = EJECTING.lock().unwrap_or_else(|p| p.into_inner());
         let now = self.now_ms();
         let before = s.until_ms.load(Ordering::Relaxed);
         if before > now {
@@ -1612,6 +1620,55 @@ mod tests {
         // Brought back: in at once, its count and streak forgotten.
         all[0].clear_ejection();
         assert!(all[0].is_healthy() && all[0].ejection().is_none());
+    }
+
+    #[test]
+    fn endpoints_failing_at_the_same_instant_on_two_workers_never_exceed_the_versions_share() {
+        // Four endpoints, at most one out (25 %): two threads eject two of
+        // them at the same instant, round after round (for at most 3 s);
+        // never both. (Without the ejection's lock some rounds put both out:
+        // ~0.3 % of them on this machine.)
+        let all = endpoints(4);
+        let o = detection(1, 25);
+        let round = AtomicUsize::new(1);
+        let done = AtomicUsize::new(0);
+        let (mut rounds, mut both) = (0, 0);
+        let until = Instant::now() + Duration::from_secs(3);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for r in 1.. {
+                    // Waits for the round to start, then fails at once.
+                    let now = loop {
+                        match round.load(Ordering::Acquire) {
+                            0 => return,
+                            n if n >= r => break n,
+                            _ => std::thread::yield_now(),
+                        }
+                    };
+                    debug_assert_eq!(now, r);
+                    let _ = all[1].outlier_answer(Some(Failed::Reset), &o, &all);
+                    done.fetch_add(1, Ordering::AcqRel);
+                }
+            });
+            for r in 1..=20_000 {
+                let _ = all[0].outlier_answer(Some(Failed::Reset), &o, &all);
+                while done.load(Ordering::Acquire) < r {
+                    std::thread::yield_now();
+                }
+                rounds += 1;
+                if !all[0].is_healthy() && !all[1].is_healthy() {
+                    both += 1;
+                }
+                all[0].clear_ejection();
+                all[1].clear_ejection();
+                if Instant::now() > until {
+                    break;
+                }
+                round.store(r + 1, Ordering::Release);
+            }
+            round.store(0, Ordering::Release);
+        });
+        assert_eq!(both, 0, "rounds with two out, of {rounds}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -247,6 +247,10 @@ pub struct GrpcCall {
     pub canary: bool,
     /// The caller's deadline was shorter than the route's timeout.
     pub client_bound: bool,
+    /// The endpoint that serves it, when outlier detection counts its
+    /// status against it (stable's, on a route with
+    /// `[route.outlier_detection]`).
+    pub endpoint: Option<Arc<Upstream>>,
 }
 
 impl GrpcCall {
@@ -254,7 +258,12 @@ impl GrpcCall {
     fn ended(&self, code: u8) -> Outcome {
         let version = self.route.version(self.canary);
         version.metrics.grpc(code);
-        crate::grpc::outcome(code, self.route.grpc_errors, self.client_bound)
+        let outcome = crate::grpc::outcome(code, self.route.grpc_errors, self.client_bound);
+        if let (Some(u), Some(o)) = (&self.endpoint, &self.route.outlier) {
+            let failed = (outcome != Outcome::Ok).then_some(crate::upstream::Failed::Grpc(code));
+            crate::service::outlier_counted(&self.route, version, o, u, failed);
+        }
+        outcome
     }
 }
 

@@ -25,7 +25,7 @@ use crate::shared::Shared;
 use crate::snapshot::{Forced, RouteTarget, VersionTarget};
 use crate::split::{bucket_of_hash, is_canary, key_hash, random_bucket, sticky_key, KeyBuf};
 use crate::upload::{ClientBody, Upload};
-use crate::upstream::{Failed, Sender, Upstream};
+use crate::upstream::{Ejection, Failed, Sender, Upstream};
 use veer_control::config::AccessLog;
 
 /// Handles one client request. Never fails: errors become responses.
@@ -257,6 +257,9 @@ pub fn handle(
         // The request line, kept for the access log.
         let head = (access != AccessLog::Off).then(|| RequestLine::of(&req));
         let upload = Upload::since(start);
+        // A gRPC call's status may come in the trailers: outlier detection
+        // counts it against the endpoint that served it then (see `GrpcCall`).
+        let trailers_judged = grpc && !canary && route.outlier.is_some();
         let served_by = std::sync::OnceLock::new();
         let waiting = Waiting {
             shared: &shared,
@@ -285,7 +288,8 @@ pub fn handle(
                 read_whole,
                 shadow,
                 arrival: arrival.clone(),
-                served_by: (access != AccessLog::Off).then_some(&served_by),
+                served_by: (access != AccessLog::Off || trailers_judged).then_some(&served_by),
+                grpc,
             },
             Deadlines {
                 body: body_timeout,
@@ -350,6 +354,7 @@ pub fn handle(
                                 route: route.clone(),
                                 canary,
                                 client_bound,
+                                endpoint: served_by.get().filter(|_| trailers_judged).cloned(),
                             })
                         }
                     }
@@ -911,8 +916,11 @@ struct Hop<'a> {
     shadow: Option<Box<crate::mirror::Seed>>,
     /// When a mirrored request's answer came (its side of the pair).
     arrival: Option<Arc<crate::raw::Arrival>>,
-    /// With an access log: where the endpoint that answered is put.
+    /// With an access log (or a gRPC call's outlier detection): where the
+    /// endpoint that answered is put.
     served_by: Option<&'a std::sync::OnceLock<Arc<crate::upstream::Upstream>>>,
+    /// A gRPC call.
+    grpc: bool,
 }
 
 /// How long a request may take.
@@ -1088,7 +1096,8 @@ fn forward<'a>(
         };
         upstream.mark_ok();
         if let Some(o) = route.outlier.as_ref().filter(|_| is_stable(route, version)) {
-            outlier_answered(route, version, o, &upstream, &resp, deadlines.route_bound);
+            let bound = (deadlines.route_bound, hop.grpc);
+            outlier_answered(route, version, o, &upstream, &resp, bound);
         }
         if let Some(cell) = hop.served_by {
             let _ = cell.set(upstream.clone());
@@ -1222,9 +1231,11 @@ fn is_stable(route: &RouteTarget, version: &VersionTarget) -> bool {
 }
 
 /// Outlier detection: `upstream` answered `resp`. A 5xx is a failure, and
-/// so is a gRPC call that failed before its first message (a
-/// trailers-only answer) with one of the route's `grpc_error_codes` (not
-/// a caller's own deadline: `route_bound` false); anything else is not.
+/// so is a gRPC call that failed with one of the route's
+/// `grpc_error_codes` (not a caller's own deadline: `route_bound` false),
+/// told in the head (a trailers-only answer) or, for a `grpc` call, in
+/// the trailers (counted at the body's end, [`outlier_counted`]); anything
+/// else is not.
 #[inline(never)] // out of the request path's code unless asked for
 fn outlier_answered(
     route: &RouteTarget,
@@ -1232,19 +1243,41 @@ fn outlier_answered(
     o: &veer_control::config::OutlierDetection,
     upstream: &Upstream,
     resp: &Response<UpBody>,
-    route_bound: bool,
+    (route_bound, grpc): (bool, bool),
 ) {
     let status = resp.status().as_u16();
     let failed = match status {
         500.. => Some(Failed::Status(status)),
-        200 => crate::grpc::status(resp.headers())
-            .filter(|&c| crate::grpc::outcome(c, route.grpc_errors, !route_bound) != Outcome::Ok)
-            .map(Failed::Grpc),
+        200 => match crate::grpc::status(resp.headers()) {
+            Some(c) => (crate::grpc::outcome(c, route.grpc_errors, !route_bound) != Outcome::Ok)
+                .then_some(Failed::Grpc(c)),
+            // Its status is in the trailers, to come.
+            None if grpc => return,
+            None => None,
+        },
         _ => None,
     };
-    let siblings = version.balancer.endpoints();
-    if let (Some(ejection), Some(f)) = (upstream.outlier_answer(failed, o, siblings), failed) {
-        ejected(route, version, upstream, o, f, ejection);
+    outlier_counted(route, version, o, upstream, failed);
+}
+
+/// Outlier detection: a request `upstream` (one of `version`'s endpoints)
+/// took ended, `failed` or not: logs and counts an ejection, or its end.
+pub(crate) fn outlier_counted(
+    route: &RouteTarget,
+    version: &VersionTarget,
+    o: &veer_control::config::OutlierDetection,
+    upstream: &Upstream,
+    failed: Option<Failed>,
+) {
+    match (
+        upstream.outlier_answer(failed, o, version.balancer.endpoints()),
+        failed,
+    ) {
+        (Some(Ejection::Out(time, streak)), Some(f)) => {
+            ejected(route, version, upstream, o, f, (time, streak));
+        }
+        (Some(Ejection::Back), _) => back_in(route, version, upstream),
+        _ => {}
     }
 }
 
@@ -1269,13 +1302,29 @@ fn outlier_failed(
         ProxyError::UpstreamProtocol => Failed::Malformed,
         _ => return,
     };
-    let siblings = version.balancer.endpoints();
-    let Some(upstream) = siblings.get(endpoint) else {
-        return;
-    };
-    if let Some(ejection) = upstream.outlier_answer(Some(failed), o, siblings) {
-        ejected(route, version, upstream, o, failed, ejection);
+    if let Some(upstream) = version.balancer.endpoints().get(endpoint) {
+        outlier_counted(route, version, o, upstream, Some(failed));
     }
+}
+
+/// How `version` names `upstream` (as configured: a name, or its address).
+fn endpoint_name(version: &VersionTarget, upstream: &Upstream) -> String {
+    version
+        .balancer
+        .members()
+        .find(|(_, _, u)| std::ptr::eq(&***u, upstream))
+        .map_or_else(|| upstream.label().to_string(), |(n, _, _)| n.to_string())
+}
+
+/// Logs an ejected endpoint's first success after its ejection ran out.
+#[cold]
+fn back_in(route: &RouteTarget, version: &VersionTarget, upstream: &Upstream) {
+    tracing::info!(
+        route = %route.name,
+        version = %version.name,
+        endpoint = %endpoint_name(version, upstream),
+        "outlier detection: endpoint back in; a request succeeded after its ejection ran out"
+    );
 }
 
 /// Logs and counts an ejection by outlier detection.
@@ -1288,11 +1337,7 @@ fn ejected(
     last: Failed,
     (time, streak): (std::time::Duration, u32),
 ) {
-    let endpoint = version
-        .balancer
-        .members()
-        .find(|(_, _, u)| std::ptr::eq(&***u, upstream))
-        .map_or_else(|| upstream.label().to_string(), |(n, _, _)| n.to_string());
+    let endpoint = endpoint_name(version, upstream);
     version.metrics.ejected();
     tracing::warn!(
         route = %route.name,

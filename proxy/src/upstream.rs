@@ -711,8 +711,8 @@ pub struct Upstream {
 pub enum Failed {
     /// The endpoint answered with this 5xx status.
     Status(u16),
-    /// A gRPC call answered with this grpc-status (one of the route's
-    /// `grpc_error_codes`) before any message.
+    /// A gRPC call ended with this grpc-status (one of the route's
+    /// `grpc_error_codes`), in the head or in the trailers.
     Grpc(u8),
     /// No answer within the route's timeout.
     Timeout,
@@ -732,6 +732,16 @@ impl std::fmt::Display for Failed {
             Failed::Malformed => f.write_str("a malformed answer"),
         }
     }
+}
+
+/// What a request's outcome did to its endpoint's outlier detection
+/// (see [`Upstream::outlier_answer`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ejection {
+    /// Ejected for this long, the n-th time in a row.
+    Out(Duration, u32),
+    /// The first success after an ejection ran out: back in.
+    Back,
 }
 
 /// Taken by an ejection (see [`Upstream::outlier_answer`]).
@@ -852,13 +862,14 @@ impl Upstream {
     /// endpoints. The `o.consecutive_errors`-th failure in a row ejects it
     /// (see [`OutlierDetection`]) unless it is the version's only endpoint
     /// or `o.max_ejected_percent` of them are out already; then the
-    /// ejection's length and how many in a row it makes.
+    /// ejection's length and how many in a row it makes. The first success
+    /// after an ejection ran out says it is back.
     pub fn outlier_answer(
         &self,
         failed: Option<Failed>,
         o: &OutlierDetection,
         siblings: &[Arc<Upstream>],
-    ) -> Option<(Duration, u32)> {
+    ) -> Option<Ejection> {
         let s = &self.outlier;
         let Some(last) = failed else {
             // (A success writes nothing unless a count is running: the
@@ -868,9 +879,12 @@ impl Upstream {
             }
             let until = s.until_ms.load(Ordering::Relaxed);
             if until != 0 && self.now_ms() >= until {
-                let _ = s
+                // (Once: one of several workers succeeding at once.)
+                return s
                     .until_ms
-                    .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+                    .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+                    .ok()
+                    .map(|_| Ejection::Back);
             }
             return None;
         };
@@ -928,7 +942,7 @@ impl Upstream {
             .backoff_end_ms
             .fetch_max(until, Ordering::Relaxed);
         self.health.change();
-        Some((time, streak))
+        Some(Ejection::Out(time, streak))
     }
 
     fn ejected_at(&self, now_ms: u64) -> bool {
@@ -1583,7 +1597,12 @@ mod tests {
         all: &[Arc<Upstream>],
         limit: u32,
     ) -> Option<(Duration, u32)> {
-        (0..limit).find_map(|_| u.outlier_answer(Some(Failed::Status(503)), o, all))
+        (0..limit).find_map(
+            |_| match u.outlier_answer(Some(Failed::Status(503)), o, all) {
+                Some(Ejection::Out(time, streak)) => Some((time, streak)),
+                _ => None,
+            },
+        )
     }
 
     #[test]
@@ -1681,8 +1700,9 @@ mod tests {
         assert_eq!(fail(&all[0], &o, &all, 5), None);
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(all[0].is_healthy());
-        // A success after it ran out: picks stop reading the clock for it,
-        // and the streak is kept.
+        // A success after it ran out says it is back (once): picks stop
+        // reading the clock for it, and the streak is kept.
+        assert_eq!(all[0].outlier_answer(None, &o, &all), Some(Ejection::Back));
         assert_eq!(all[0].outlier_answer(None, &o, &all), None);
         assert_eq!(all[0].outlier.until_ms.load(Ordering::Relaxed), 0);
         assert_eq!(

@@ -51,6 +51,10 @@ async fn statuses(veer: &Veer, keys: &[String]) -> Vec<(u16, String)> {
 pub const EJECTED: &str =
     "outlier detection: endpoint ejected; its keys go to the next endpoint of its version";
 
+/// The log line of an ejected endpoint's first success after its time.
+const BACK_IN: &str =
+    "outlier detection: endpoint back in; a request succeeded after its ejection ran out";
+
 const EJECTIONS: &str = "veer_outlier_ejections_total{route=\"web\",version=\"v1\"}";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,6 +210,22 @@ async fn an_endpoint_that_does_not_answer_is_ejected_again_for_longer_and_a_lone
         "2 failed requests in a row (the last: no answer within the route's timeout): out for 4s, ejection 2 in a row",
         "{route}"
     );
+    assert!(
+        veer.logs_with(BACK_IN).is_empty(),
+        "back in without a success"
+    );
+
+    // Answering again: once its four seconds are over its keys are its
+    // own, and the log says it is back.
+    b.delay_ms.store(0, Ordering::SeqCst);
+    let start = std::time::Instant::now();
+    while statuses(&veer, key).await != [(200, "b".into())] {
+        assert!(start.elapsed() < Duration::from_secs(30), "b never back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let line = &veer.logs_with_at_least(BACK_IN, 1).await[0];
+    assert_eq!(line["endpoint"], b_addr.as_str(), "{line}");
+    assert_eq!(line["version"], "v1", "{line}");
 
     // A version's only endpoint is never ejected, nor is a canary's (its
     // failures are the judge's evidence): their clients get their answers,
@@ -232,6 +252,7 @@ async fn an_endpoint_that_does_not_answer_is_ejected_again_for_longer_and_a_lone
     let failed = |u: &str| answers.get(u).copied().unwrap_or(0);
     assert!(failed("lone") >= 6 && failed("c1") >= 6, "{answers:?}");
     assert_eq!(veer.logs_with(EJECTED).len(), 2);
+    assert_eq!(veer.logs_with(BACK_IN).len(), 1);
 }
 
 #[test]

@@ -29,6 +29,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
+use super::outlier::EJECTED;
 use super::support::{get, metric, reference_judge, wait_route, wait_verdict, Veer, FAST_JUDGE};
 
 // ---------------------------------------------------------------- test CA
@@ -2129,8 +2130,15 @@ async fn a_grpc_endpoint_whose_health_service_says_not_serving_is_taken_out_unti
     assert!(served_by(&mut client).await.contains("b"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_grpc_endpoint_whose_calls_fail_in_a_row_is_ejected_by_outlier_detection() {
+/// Two gRPC endpoints of stable, a and b, whose failures outlier detection
+/// counts (two in a row eject one for an hour): b, veer, a client, and the
+/// keys (of 60) b serves.
+async fn grpc_outlier_pair() -> (
+    Arc<GrpcPeer>,
+    Veer,
+    HealthClient<tonic::transport::Channel>,
+    Vec<String>,
+) {
     let detect = "[route.outlier_detection]\nconsecutive_errors = 2\nejection_time = \"1h\"\n";
     let (_a, b, veer) = two_grpc_peers(detect).await;
     let mut client = grpc_client(&veer).await;
@@ -2143,8 +2151,12 @@ async fn a_grpc_endpoint_whose_calls_fail_in_a_row_is_ejected_by_outlier_detecti
         }
     }
     assert!(of_b.len() >= 3, "{of_b:?}");
-    let ejected =
-        "outlier detection: endpoint ejected; its keys go to the next endpoint of its version";
+    (b, veer, client, of_b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_endpoint_whose_calls_fail_in_a_row_is_ejected_by_outlier_detection() {
+    let (b, veer, mut client, of_b) = grpc_outlier_pair().await;
     // NOT_FOUND is not one of the route's grpc_error_codes: the caller's
     // business, not a failure of b's.
     b.mode.store(NOT_FOUND, Ordering::SeqCst);
@@ -2172,7 +2184,30 @@ async fn a_grpc_endpoint_whose_calls_fail_in_a_row_is_ejected_by_outlier_detecti
             .expect("answered by a");
         assert_eq!(r.metadata().get("x-upstream").unwrap(), "a");
     }
-    let lines = veer.logs_with_at_least(ejected, 1).await;
+    let lines = veer.logs_with_at_least(EJECTED, 1).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["last"], "grpc-status 13", "{}", lines[0]);
+    assert_eq!(lines[0]["endpoint"], b.addr.to_string(), "{}", lines[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_endpoint_whose_streams_fail_after_their_messages_is_ejected_too() {
+    let (b, veer, mut client, of_b) = grpc_outlier_pair().await;
+    // Each of b's streams sends a message, then INTERNAL in its trailers:
+    // the answer's head (200, no status yet) counts for nothing, its
+    // trailers do. The second in a row takes b out.
+    b.mode.store(FAIL_HALF, Ordering::SeqCst);
+    for key in &of_b[..2] {
+        let mut stream = client.watch(check_request(key)).await.unwrap().into_inner();
+        assert!(stream.message().await.unwrap().is_some());
+        let e = stream.message().await.expect_err("INTERNAL");
+        assert_eq!(e.code(), tonic::Code::Internal);
+    }
+    for key in &of_b {
+        let r = client.watch(check_request(key)).await.expect("answered");
+        assert_eq!(r.metadata().get("x-upstream").unwrap(), "a", "{key}");
+    }
+    let lines = veer.logs_with_at_least(EJECTED, 1).await;
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["last"], "grpc-status 13", "{}", lines[0]);
     assert_eq!(lines[0]["endpoint"], b.addr.to_string(), "{}", lines[0]);

@@ -33,6 +33,7 @@ mod e2e {
     mod pool;
     mod protocols;
     mod reload;
+    mod retry;
     mod shutdown;
     mod smoke;
     mod split;

@@ -316,6 +316,9 @@ pub struct Route {
     /// Passive checks of the same: an endpoint whose answers fail
     /// `consecutive_errors` in a row is taken out for a while.
     pub outlier_detection: Option<OutlierDetection>,
+    /// `[route.retry]`: a failed try of a request that can be sent again
+    /// is sent again to the next endpoint of its version.
+    pub retry: Option<Retry>,
     /// gRPC status codes (0-16) that count as errors for the judge.
     pub grpc_error_codes: Vec<u8>,
 }
@@ -385,6 +388,40 @@ pub struct OutlierDetection {
     /// (1 ..= 100).
     pub max_ejected_percent: u8,
 }
+
+/// `[route.retry]`: a request without a body, of an idempotent method
+/// (GET, HEAD, OPTIONS, PUT, DELETE, TRACE), not an upgrade nor half of a
+/// mirrored pair, whose try failed in one of the ways `on` names is sent
+/// again, up to `retries` times, each time to the next endpoint of the
+/// same version (never the other version), within the route's `timeout`,
+/// while the route's retries stay within `budget_percent` of its requests
+/// (plus [`RETRY_FLOOR_PER_S`] a second) over [`RETRY_BUDGET_WINDOW`]
+/// (linkerd's retry budget; nginx's `proxy_next_upstream`, Envoy's
+/// `retry_policy`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Retry {
+    /// The connection closed or was reset before the answer's head, or the
+    /// head was malformed.
+    pub on_reset: bool,
+    /// No head within `try_timeout`.
+    pub on_timeout: bool,
+    /// These answers (502, 503, 504).
+    pub on_status: Vec<u16>,
+    /// Tries after the first (1 ..= 2).
+    pub retries: u8,
+    /// How long one try waits for its answer's head (none: the route's
+    /// `timeout` for all of them).
+    pub try_timeout: Option<Duration>,
+    /// Retries at most this share of the route's requests, percent (1 ..= 100).
+    pub budget_percent: u8,
+}
+
+/// The window a retry budget counts over.
+pub const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// Retries a second a route may make whatever its share (a route with
+/// little traffic can still retry).
+pub const RETRY_FLOOR_PER_S: u64 = 10;
 
 /// The longest a repeated ejection lasts (unless `ejection_time` is
 /// longer): Envoy's `max_ejection_time`.

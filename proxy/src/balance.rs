@@ -158,6 +158,19 @@ impl Balancer {
         self.walk(pick.ring_idx, |i, u| i != pick.first && u.is_healthy())
     }
 
+    /// Where a retry of a request picked as `pick` goes: the next healthy
+    /// endpoint after the pick's, in ring order, within the same version;
+    /// the same one when there is no other.
+    pub fn retry_pick(&self, pick: &Pick) -> Pick {
+        match self.fallback(pick) {
+            Some(first) => Pick {
+                ring_idx: pick.ring_idx,
+                first,
+            },
+            None => *pick,
+        }
+    }
+
     /// Walks the ring from `ring_idx`, visiting each distinct endpoint once,
     /// until `want` accepts one.
     fn walk(

@@ -305,6 +305,23 @@ pub fn summary(path: &Path, c: &Config) -> String {
                 o.ejection_time, o.consecutive_errors, o.max_ejected_percent
             );
         }
+        if let Some(t) = &r.retry {
+            let mut on: Vec<String> = Vec::new();
+            if t.on_reset {
+                on.push("a connection closed before the answer".into());
+            }
+            if let Some(d) = t.try_timeout.filter(|_| t.on_timeout) {
+                on.push(format!("no answer within {d:?}"));
+            }
+            on.extend(t.on_status.iter().map(u16::to_string));
+            let _ = writeln!(
+                out,
+                "    retry (a request without a body, of an idempotent method) on {}: up to {} more time(s), to the next endpoint of its version, at most {}% of the route's requests",
+                on.join(", "),
+                t.retries,
+                t.budget_percent
+            );
+        }
         if let Some(m) = &r.mirror {
             let _ = writeln!(
                 out,

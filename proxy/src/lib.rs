@@ -38,6 +38,7 @@ pub mod raw;
 pub mod record;
 pub mod reload;
 pub mod reresolve;
+pub mod retry;
 pub mod route_metrics;
 pub mod router;
 pub mod run;

@@ -221,22 +221,51 @@ impl RateLimiter {
 /// Every route's limiter, by route name, kept across snapshots while its
 /// settings stay: a snapshot built for a reload or a decision finds the
 /// buckets its predecessor filled.
-#[derive(Default)]
-pub struct Limiters {
-    by_route: Mutex<HashMap<String, Weak<RateLimiter>>>,
+pub type Limiters = Kept<RateLimiter>;
+
+/// Every route's state of one kind (a rate limiter's buckets, a retry
+/// budget), by route name, kept across snapshots while the route's
+/// settings for it stay.
+pub struct Kept<T> {
+    by_route: Mutex<HashMap<String, Weak<T>>>,
 }
 
-impl Limiters {
+impl<T> Default for Kept<T> {
+    fn default() -> Self {
+        Kept {
+            by_route: Mutex::default(),
+        }
+    }
+}
+
+impl Kept<RateLimiter> {
     /// The limiter of route `name` with `settings`: the live one if its
     /// settings are the same, else a new one.
     pub fn get(&self, name: &str, settings: RateLimit) -> Arc<RateLimiter> {
+        self.get_or_make(
+            name,
+            |live| live.settings == settings,
+            || RateLimiter::new(settings.clone()),
+        )
+    }
+}
+
+impl<T> Kept<T> {
+    /// Route `name`'s live one if `same` says it was made with the same
+    /// settings, else a new one `make`s.
+    pub fn get_or_make(
+        &self,
+        name: &str,
+        same: impl FnOnce(&T) -> bool,
+        make: impl FnOnce() -> T,
+    ) -> Arc<T> {
         let mut by_route = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(live) = by_route.get(name).and_then(Weak::upgrade) {
-            if live.settings == settings {
+            if same(&live) {
                 return live;
             }
         }
-        let fresh = Arc::new(RateLimiter::new(settings));
+        let fresh = Arc::new(make());
         by_route.insert(name.to_string(), Arc::downgrade(&fresh));
         // Routes no snapshot holds any more are forgotten.
         by_route.retain(|_, l| l.strong_count() > 0);

@@ -105,6 +105,8 @@ pub struct Metrics {
     pub given_up: IntCounterVec,
     /// `veer_outlier_ejections_total{route,version}`.
     pub ejections: IntCounterVec,
+    /// `veer_retries_total{route,version,result}`.
+    pub retries: IntCounterVec,
     /// `veer_mirror_requests_total{route,result}`.
     pub mirror: IntCounterVec,
 }
@@ -150,6 +152,8 @@ pub struct VersionMetrics {
     given_up: IntCounterVec,
     /// Endpoints ejected by outlier detection, made at the version's first.
     ejections: IntCounterVec,
+    /// Retries (`[route.retry]`), made at the version's first.
+    retries: IntCounterVec,
     names: std::sync::Arc<[std::sync::Arc<str>; 2]>,
 }
 
@@ -215,6 +219,15 @@ impl VersionMetrics {
     pub fn ejected(&self) {
         self.ejections
             .with_label_values(&[&*self.names[0], &*self.names[1]])
+            .inc();
+    }
+
+    /// Counts a failed try of a request sent again (`sent`), or not for the
+    /// route's retry budget being spent.
+    pub fn retried(&self, sent: bool) {
+        let result = if sent { "sent" } else { "budget_spent" };
+        self.retries
+            .with_label_values(&[&*self.names[0], &*self.names[1], result])
             .inc();
     }
 
@@ -462,11 +475,19 @@ impl Metrics {
             ),
             &["route", "version"],
         )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "veer_retries_total",
+                "Failed tries sent again by [route.retry] to the next endpoint of their version (result sent), or not because the route's retry budget was spent (budget_spent).",
+            ),
+            &["route", "version", "result"],
+        )?;
         for c in [
             requests.clone(),
             grpc.clone(),
             given_up.clone(),
             ejections.clone(),
+            retries.clone(),
             mirror.clone(),
             upstream_errors.clone(),
             proxy_errors.clone(),
@@ -551,6 +572,7 @@ impl Metrics {
             grpc,
             given_up,
             ejections,
+            retries,
             mirror,
         })
     }
@@ -573,6 +595,7 @@ impl Metrics {
             grpc: self.grpc.clone(),
             given_up: self.given_up.clone(),
             ejections: self.ejections.clone(),
+            retries: self.retries.clone(),
             names: std::sync::Arc::new([route.into(), version.into()]),
         }
     }
@@ -596,6 +619,9 @@ impl Metrics {
         }
         let _ = self.given_up.remove_label_values(&[route, version]);
         let _ = self.ejections.remove_label_values(&[route, version]);
+        for result in ["sent", "budget_spent"] {
+            let _ = self.retries.remove_label_values(&[route, version, result]);
+        }
         let _ = self.window_requests.remove_label_values(&[route, version]);
         let _ = self
             .window_error_ratio

@@ -261,6 +261,7 @@ pub fn handle(
         // counts it against the endpoint that served it then (see `GrpcCall`).
         let trailers_judged = grpc && !canary && route.outlier.is_some();
         let served_by = std::sync::OnceLock::new();
+        let failed_try = std::sync::OnceLock::new();
         let waiting = Waiting {
             shared: &shared,
             version,
@@ -290,6 +291,7 @@ pub fn handle(
                 arrival: arrival.clone(),
                 served_by: (access != AccessLog::Off || trailers_judged).then_some(&served_by),
                 grpc,
+                failed_try: &failed_try,
             },
             Deadlines {
                 body: body_timeout,
@@ -380,6 +382,11 @@ pub fn handle(
                         bytes: 0,
                     })
                 });
+                // A request one of whose tries failed (sent again by
+                // `[route.retry]`) failed for the judge: the version failed it.
+                if let (Outcome::Ok, Some(&failed)) = (outcome, failed_try.get()) {
+                    outcome = failed;
+                }
                 match resp.body_mut() {
                     // Recorded when the body ends: it may still fail.
                     ProxyBody::Upstream(body) => body.at_end(
@@ -921,6 +928,9 @@ struct Hop<'a> {
     served_by: Option<&'a std::sync::OnceLock<Arc<crate::upstream::Upstream>>>,
     /// A gRPC call.
     grpc: bool,
+    /// How a try of the request failed, when it was sent again
+    /// (`[route.retry]`): the judge hears the request failed.
+    failed_try: &'a std::sync::OnceLock<Outcome>,
 }
 
 /// How long a request may take.
@@ -1046,6 +1056,26 @@ fn forward<'a>(
         let watch = std::sync::OnceLock::new();
         let used = std::sync::atomic::AtomicUsize::new(usize::MAX);
         let arrival = hop.arrival.as_ref();
+        let due = deadlines.start + deadlines.upstream;
+        // A request that can be sent again (`[route.retry]`: no body, an
+        // idempotent method, not an upgrade nor half of a mirrored pair)
+        // keeps its head for it.
+        let again = route
+            .retry
+            .as_deref()
+            .filter(|_| {
+                !upgrade
+                    && arrival.is_none()
+                    && req.method().is_idempotent()
+                    && http_body::Body::is_end_stream(req.body())
+            })
+            .map(|r| {
+                r.budget.request(deadlines.start);
+                (r, crate::retry::Again::keep(&req, &forwarding, pick))
+            });
+        let try_due = again
+            .as_ref()
+            .map_or(due, |(r, _)| r.try_due(deadlines.start, due));
         // The answer is put here, not returned: a 300-byte value returned
         // through the deadline's select and loop was moved five times.
         let mut answer = None;
@@ -1065,40 +1095,25 @@ fn forward<'a>(
                 },
             );
             tokio::pin!(exchange);
-            upstream_deadline(
-                deadlines.start + deadlines.upstream,
-                upload,
-                exchange.as_mut(),
-                hop.slot.as_deref(),
-            )
-            .await
+            upstream_deadline(try_due, upload, exchange.as_mut(), hop.slot.as_deref()).await
         };
         // (`exchange` is `Ok` only with an answer put: the error is never seen.)
         let answered = sent.and_then(|()| answer.ok_or(ProxyError::UpstreamProtocol));
-        let (mut resp, sender, upstream) = match answered {
-            Err(e) => {
-                // A body the client broke fails the exchange: the client's fault.
-                let e = upload.fault().unwrap_or(e);
-                // The route's timeout with nothing back on an HTTP/2
-                // connection: is the connection dead?
-                if e == ProxyError::UpstreamTimeout && deadlines.route_bound {
-                    if let Some(w) = watch.get() {
-                        w.timed_out();
-                    }
-                }
-                if let Some(o) = route.outlier.as_ref().filter(|_| is_stable(route, version)) {
-                    let endpoint = used.load(std::sync::atomic::Ordering::Relaxed);
-                    outlier_failed(route, version, o, endpoint, e, deadlines.route_bound);
-                }
-                return Err(e);
-            }
-            Ok(r) => r,
+        let tried = Try {
+            route,
+            version,
+            deadlines: &deadlines,
+            grpc: hop.grpc,
+            upload,
         };
-        upstream.mark_ok();
-        if let Some(o) = route.outlier.as_ref().filter(|_| is_stable(route, version)) {
-            let bound = (deadlines.route_bound, hop.grpc);
-            outlier_answered(route, version, o, &upstream, &resp, bound);
+        let mut answered = tried.settle(answered, &watch, &used);
+        if let Some((r, again)) = again {
+            if r.wants(status_of(&answered)) {
+                let to = (hop.slot.as_deref(), hop.failed_try);
+                answered = Box::pin(retry(&tried, r, again, answered, to)).await;
+            }
         }
+        let (mut resp, sender, upstream) = answered?;
         if let Some(cell) = hop.served_by {
             let _ = cell.set(upstream.clone());
         }
@@ -1136,6 +1151,126 @@ fn forward<'a>(
             ProxyBody::Upstream(UpstreamBody::boxed(body, body_timeout, pooled)),
         ))
     }
+}
+
+/// One try of a request to `version` of `route`: what settling it needs.
+struct Try<'a> {
+    route: &'a RouteTarget,
+    version: &'a VersionTarget,
+    deadlines: &'a Deadlines,
+    grpc: bool,
+    upload: &'a Upload,
+}
+
+impl Try<'_> {
+    /// What a try's end (`answered`) tells about its endpoint (back-off,
+    /// outlier detection, an HTTP/2 connection's health); a failure the
+    /// client's broken body caused is the client's.
+    fn settle(
+        &self,
+        answered: Result<Exchanged, ProxyError>,
+        watch: &std::sync::OnceLock<crate::upstream::H2Watch>,
+        used: &std::sync::atomic::AtomicUsize,
+    ) -> Result<Exchanged, ProxyError> {
+        let (route, version) = (self.route, self.version);
+        let outlier = route.outlier.as_ref().filter(|_| is_stable(route, version));
+        let route_bound = self.deadlines.route_bound;
+        match answered {
+            Err(e) => {
+                // A body the client broke fails the exchange: the client's fault.
+                let e = self.upload.fault().unwrap_or(e);
+                // No answer in time on an HTTP/2 connection: is the
+                // connection dead?
+                if e == ProxyError::UpstreamTimeout && route_bound {
+                    if let Some(w) = watch.get() {
+                        w.timed_out();
+                    }
+                }
+                if let Some(o) = outlier {
+                    let endpoint = used.load(std::sync::atomic::Ordering::Relaxed);
+                    outlier_failed(route, version, o, endpoint, e, route_bound);
+                }
+                Err(e)
+            }
+            Ok(exchanged) => {
+                let (resp, _, upstream) = &exchanged;
+                upstream.mark_ok();
+                if let Some(o) = outlier {
+                    let bound = (route_bound, self.grpc);
+                    outlier_answered(route, version, o, upstream, resp, bound);
+                }
+                Ok(exchanged)
+            }
+        }
+    }
+}
+
+/// A try's answer's status, or how it failed.
+fn status_of(answered: &Result<Exchanged, ProxyError>) -> Result<StatusCode, ProxyError> {
+    match answered {
+        Ok((resp, _, _)) => Ok(resp.status()),
+        Err(e) => Err(*e),
+    }
+}
+
+/// Sends a request whose try failed (`answered`) again, as `r` allows: up
+/// to `retries` times, each to the next endpoint of its version, while
+/// the route's deadline and retry budget allow. The judge is told the
+/// request failed (`failed_try`), whatever the last try's answer.
+/// (Boxed by its caller: the request path's future holds none of this.)
+async fn retry(
+    t: &Try<'_>,
+    r: &crate::retry::RetryTarget,
+    mut again: Box<crate::retry::Again>,
+    mut answered: Result<Exchanged, ProxyError>,
+    (slot, failed_try): (Option<&crate::conn::Slot>, &std::sync::OnceLock<Outcome>),
+) -> Result<Exchanged, ProxyError> {
+    let due = t.deadlines.start + t.deadlines.upstream;
+    let failed = match answered {
+        Err(ProxyError::UpstreamTimeout) => Outcome::Timeout,
+        _ => Outcome::Error,
+    };
+    let _ = failed_try.set(failed);
+    for _ in 0..r.settings.retries {
+        let now = Instant::now();
+        if now >= due {
+            break;
+        }
+        if !r.budget.admit(now) {
+            t.version.metrics.retried(false);
+            break;
+        }
+        t.version.metrics.retried(true);
+        // A failure sent again is still counted as the endpoint's (the
+        // last try's, by `handle`).
+        if let Some(kind) = answered.as_ref().err().and_then(|e| e.upstream_index()) {
+            t.version.metrics.upstream_error(kind);
+        }
+        // The failed answer goes (its connection closed) before the next try.
+        drop(answered);
+        again.pick = t.version.balancer.retry_pick(&again.pick);
+        let (req, forwarding) = again.request();
+        let watch = std::sync::OnceLock::new();
+        let used = std::sync::atomic::AtomicUsize::new(usize::MAX);
+        let mut answer = None;
+        let lent = Lent {
+            watch: &watch,
+            arrival: None,
+            answer: &mut answer,
+            used: &used,
+        };
+        let sent = {
+            let exchange = exchange(t.route, t.version, again.pick, req, forwarding, false, lent);
+            tokio::pin!(exchange);
+            upstream_deadline(r.try_due(now, due), t.upload, exchange.as_mut(), slot).await
+        };
+        let tried = sent.and_then(|()| answer.ok_or(ProxyError::UpstreamProtocol));
+        answered = t.settle(tried, &watch, &used);
+        if !r.wants(status_of(&answered)) {
+            break;
+        }
+    }
+    answered
 }
 
 /// Whether `body` announces a length no longer than `limit` (`[proxy]

@@ -78,6 +78,8 @@ pub struct RouteTarget {
     /// `[route.outlier_detection]`: endpoints whose requests fail in a
     /// row are ejected (see [`crate::upstream::Upstream::outlier_answer`]).
     pub outlier: Option<veer_control::config::OutlierDetection>,
+    /// `[route.retry]`, and its budget.
+    pub retry: Option<Box<crate::retry::RetryTarget>>,
     /// `veer_request_buffer_full_total` (process-wide; a handle here so
     /// that the request path needs no other).
     pub buffer_full: prometheus::IntCounter,
@@ -346,6 +348,17 @@ impl Snapshot {
                 },
                 raw_http1: config.proxy.upstream_http1 == veer_control::config::UpstreamHttp1::Veer,
                 outlier: r.outlier_detection.clone(),
+                retry: r.retry.as_ref().map(|t| {
+                    let percent = t.budget_percent;
+                    Box::new(crate::retry::RetryTarget {
+                        settings: t.clone(),
+                        budget: upstreams.retry_budgets.get_or_make(
+                            &r.name,
+                            |b| b.percent() == percent,
+                            || crate::retry::RetryBudget::new(percent),
+                        ),
+                    })
+                }),
                 buffer_full: metrics.request_buffer_full.clone(),
                 max_body: match r.max_request_body.unwrap_or(config.proxy.max_request_body) {
                     0 => u64::MAX,

@@ -1362,6 +1362,8 @@ pub struct Upstreams {
     pub rings: crate::balance::Rings,
     /// The routes' rate limiters, kept across snapshots.
     pub limiters: crate::limit::Limiters,
+    /// The routes' retry budgets, kept across snapshots.
+    pub retry_budgets: crate::limit::Kept<crate::retry::RetryBudget>,
     epoch: Instant,
     health: Arc<HealthLog>,
 }
@@ -1380,6 +1382,7 @@ impl Upstreams {
             tls: Default::default(),
             rings: Default::default(),
             limiters: Default::default(),
+            retry_budgets: Default::default(),
             epoch: Instant::now(),
             health: Arc::default(),
         }

@@ -19,7 +19,7 @@ fn endpoint<'a>(route: &'a serde_json::Value, addr: &str) -> &'a serde_json::Val
 }
 
 /// The keys of `keys` that `name` serves.
-async fn keys_of(veer: &Veer, keys: &[String], name: &str) -> Vec<String> {
+pub(super) async fn keys_of(veer: &Veer, keys: &[String], name: &str) -> Vec<String> {
     let served = upstream_of_keys(veer.addr, keys, 4).await;
     let mine: Vec<String> = keys
         .iter()
@@ -33,7 +33,7 @@ async fn keys_of(veer: &Veer, keys: &[String], name: &str) -> Vec<String> {
 /// The statuses of one request for each of `keys`, one after another on
 /// one connection, and who answered each (`x-upstream`; veer's own answer
 /// has none).
-async fn statuses(veer: &Veer, keys: &[String]) -> Vec<(u16, String)> {
+pub(super) async fn statuses(veer: &Veer, keys: &[String]) -> Vec<(u16, String)> {
     let mut c = Client::connect(veer.addr).await.expect("connect");
     let mut out = Vec::new();
     for k in keys {

@@ -151,6 +151,7 @@ pub struct RawRoute {
     pub smoke: Option<Vec<Spanned<RawSmoke>>>,
     pub health_check: Option<Spanned<RawSmoke>>,
     pub outlier_detection: Option<Spanned<RawOutlierDetection>>,
+    pub retry: Option<Spanned<RawRetry>>,
     pub grpc_error_codes: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
@@ -180,6 +181,16 @@ pub struct RawOutlierDetection {
     pub consecutive_errors: Option<Spanned<i64>>,
     pub ejection_time: Option<Spanned<String>>,
     pub max_ejected_percent: Option<Spanned<i64>>,
+}
+
+/// `[route.retry]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub on: Option<Spanned<Vec<Spanned<String>>>>,
+    pub retries: Option<Spanned<i64>>,
+    pub try_timeout: Option<Spanned<String>>,
+    pub budget_percent: Option<Spanned<i64>>,
 }
 
 /// `[route.mirror]`.

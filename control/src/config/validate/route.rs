@@ -3,8 +3,8 @@
 
 use super::super::http_token;
 use super::*;
-use crate::config::raw::{RawOutlierDetection, RawSmoke};
-use crate::config::{HealthCheck, OutlierDetection, GRPC_HEALTH_CHECK_PATH};
+use crate::config::raw::{RawOutlierDetection, RawRetry, RawSmoke};
+use crate::config::{HealthCheck, OutlierDetection, Retry, GRPC_HEALTH_CHECK_PATH};
 
 impl Validator<'_> {
     pub(super) fn route(&mut self, r: &Spanned<RawRoute>) -> Option<Route> {
@@ -230,6 +230,7 @@ impl Validator<'_> {
                 .outlier_detection
                 .as_ref()
                 .map(|o| self.outlier_detection(o)),
+            retry: r.retry.as_ref().map(|t| self.retry(t, timeout)),
             grpc_error_codes: self.grpc_error_codes(r),
         })
     }
@@ -642,6 +643,71 @@ impl Validator<'_> {
                 "max_ejected_percent",
             ) as u8,
         }
+    }
+
+    fn retry(&mut self, t: &Spanned<RawRetry>, timeout: Duration) -> Retry {
+        let raw = t.get_ref();
+        let mut retry = Retry {
+            on_reset: false,
+            on_timeout: false,
+            on_status: Vec::new(),
+            retries: self.int_in(raw.retries.as_ref(), 1..=2, 1, "retry retries") as u8,
+            try_timeout: raw
+                .try_timeout
+                .as_ref()
+                .map(|s| self.duration(Some(s), timeout)),
+            budget_percent: self.int_in(
+                raw.budget_percent.as_ref(),
+                1..=100,
+                20,
+                "retry budget_percent",
+            ) as u8,
+        };
+        let on: Vec<(&str, std::ops::Range<usize>)> = match &raw.on {
+            Some(on) => {
+                if on.get_ref().is_empty() {
+                    self.err(on.span(), "retry on must name at least one failure");
+                }
+                on.get_ref()
+                    .iter()
+                    .map(|s| (s.get_ref().as_str(), s.span()))
+                    .collect()
+            }
+            None => vec![("reset", t.span())],
+        };
+        for (what, span) in on {
+            match what {
+                "reset" => retry.on_reset = true,
+                "timeout" => retry.on_timeout = true,
+                "502" | "503" | "504" => {
+                    let code = what.parse().unwrap_or(503);
+                    if !retry.on_status.contains(&code) {
+                        retry.on_status.push(code);
+                    }
+                }
+                other => self.err(
+                    span,
+                    format!(
+                        "retry on {other:?} is not one of \"reset\", \"timeout\", \"502\", \"503\", \"504\""
+                    ),
+                ),
+            }
+        }
+        let try_span = || raw.try_timeout.as_ref().map_or(t.span(), |s| s.span());
+        match retry.try_timeout {
+            None if retry.on_timeout => self.err(
+                try_span(),
+                "retry on \"timeout\" needs try_timeout (shorter than the route's timeout)",
+            ),
+            Some(d) if d >= timeout => self.err(
+                try_span(),
+                format!(
+                    "retry try_timeout ({d:?}) must be shorter than the route's timeout ({timeout:?})"
+                ),
+            ),
+            _ => {}
+        }
+        retry
     }
 
     fn rate_limit(&mut self, l: &Spanned<RawRateLimit>) -> Option<RateLimit> {

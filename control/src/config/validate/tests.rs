@@ -1337,3 +1337,43 @@ fn outlier_detection_has_defaults_and_bounds() {
         assert!(e.to_string().contains(want), "{keys}: {e}");
     }
 }
+
+#[test]
+fn retry_has_defaults_and_bounds() {
+    let c = parse(&format!("{MINIMAL}[route.retry]\n")).expect("valid");
+    let r = c.routes[0].retry.as_ref().expect("retry");
+    assert!(r.on_reset && !r.on_timeout && r.on_status.is_empty());
+    assert_eq!((r.retries, r.try_timeout, r.budget_percent), (1, None, 20));
+    assert!(parse(MINIMAL).expect("valid").routes[0].retry.is_none());
+    let timed = MINIMAL.replace("name = \"web\"\n", "name = \"web\"\ntimeout = \"5s\"\n");
+    let c = parse(&format!(
+        "{timed}[route.retry]\non = [\"timeout\", \"503\", \"504\", \"503\"]\nretries = 2\ntry_timeout = \"1s\"\nbudget_percent = 50\n"
+    ))
+    .expect("valid");
+    let r = c.routes[0].retry.as_ref().expect("retry");
+    assert!(!r.on_reset && r.on_timeout);
+    assert_eq!(r.on_status, [503, 504]);
+    assert_eq!(
+        (r.retries, r.try_timeout, r.budget_percent),
+        (2, Some(Duration::from_secs(1)), 50)
+    );
+    for (keys, want) in [
+        ("on = []", "at least one"),
+        ("on = [\"500\"]", "retry on \"500\" is not one of"),
+        ("on = [\"timeout\"]", "needs try_timeout"),
+        (
+            "try_timeout = \"15s\"",
+            "must be shorter than the route's timeout",
+        ),
+        ("try_timeout = \"soon\"", "invalid duration \"soon\""),
+        ("retries = 0", "retry retries"),
+        ("retries = 3", "retry retries"),
+        ("budget_percent = 0", "retry budget_percent"),
+        ("budget_percent = 101", "retry budget_percent"),
+        ("attempts = 2", "unknown field"),
+    ] {
+        let text = format!("{MINIMAL}[route.retry]\n{keys}\n");
+        let e = parse(&text).expect_err(keys);
+        assert!(e.to_string().contains(want), "{keys}: {e}");
+    }
+}

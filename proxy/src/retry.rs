@@ -1,0 +1,190 @@
+//! `[route.retry]`: a request that can be sent again (no body, an
+//! idempotent method, not an upgrade nor half of a mirrored pair) whose
+//! try failed in one of the ways the route names (the connection reset or
+//! closed before the answer's head, no head within `try_timeout`, a 502,
+//! 503 or 504) is sent again to the next endpoint of its version, within
+//! the route's `timeout` (nginx's `proxy_next_upstream`, Envoy's
+//! `retry_policy`).
+//!
+//! A retry never goes to the other version: the split is the judge's
+//! experiment. The judge hears a request one of whose tries failed as
+//! failed (the version failed it once; see `crate::service::handle`),
+//! whatever the client got in the end, so retries hide a bad version's
+//! failures from its users, never from the judge.
+//!
+//! Retries are budgeted as linkerd's are: a route retries at most
+//! `budget_percent` of its requests, plus [`RETRY_FLOOR_PER_S`] a second,
+//! counted over windows of [`RETRY_BUDGET_WINDOW`]: a version failing
+//! everything is not sent twice the traffic. The budget lives as long as
+//! the route's settings, across snapshots ([`crate::limit::Kept`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http::{Request, StatusCode};
+use tokio::time::Instant;
+use veer_control::config::{Retry, RETRY_BUDGET_WINDOW, RETRY_FLOOR_PER_S};
+
+use crate::balance::Pick;
+use crate::body::RequestBody;
+use crate::error::ProxyError;
+use crate::headers::Forwarding;
+
+/// A route's retry settings and budget.
+#[derive(Debug)]
+pub struct RetryTarget {
+    /// `[route.retry]`.
+    pub settings: Retry,
+    /// Its requests and retries in the current window.
+    pub budget: Arc<RetryBudget>,
+}
+
+impl RetryTarget {
+    /// Whether a try that ended with `answered` (an answer's status, or
+    /// how it failed) is one the route retries.
+    pub fn wants(&self, answered: Result<StatusCode, ProxyError>) -> bool {
+        match answered {
+            Ok(status) => self.settings.on_status.contains(&status.as_u16()),
+            Err(ProxyError::UpstreamReset | ProxyError::UpstreamProtocol) => self.settings.on_reset,
+            Err(ProxyError::UpstreamTimeout) => self.settings.on_timeout,
+            Err(_) => false,
+        }
+    }
+
+    /// When a try started at `now` gives up waiting for its answer's
+    /// head: `try_timeout` later, or the route's deadline `due` if sooner.
+    pub fn try_due(&self, now: Instant, due: Instant) -> Instant {
+        match self.settings.try_timeout {
+            Some(t) => (now + t).min(due),
+            None => due,
+        }
+    }
+}
+
+/// What a request that may be retried keeps of itself: its head as it
+/// went upstream (its body was empty), its forwarding fields, and the
+/// endpoint pick of its last try.
+pub struct Again {
+    head: Request<()>,
+    forwarding: Option<Arc<Forwarding>>,
+    /// The last try's pick: the next goes to the endpoint after it.
+    pub pick: Pick,
+}
+
+impl Again {
+    /// Keeps `req`'s head (a copy of its header fields: made only on a
+    /// route with `[route.retry]`).
+    pub fn keep(
+        req: &Request<RequestBody>,
+        forwarding: &Option<Arc<Forwarding>>,
+        pick: Pick,
+    ) -> Box<Again> {
+        let mut head = Request::new(());
+        *head.method_mut() = req.method().clone();
+        *head.uri_mut() = req.uri().clone();
+        *head.version_mut() = req.version();
+        *head.headers_mut() = req.headers().clone();
+        Box::new(Again {
+            head,
+            forwarding: forwarding.clone(),
+            pick,
+        })
+    }
+
+    /// The request to send again, and its forwarding fields.
+    pub fn request(&self) -> (Request<RequestBody>, Option<Arc<Forwarding>>) {
+        let mut req = Request::new(RequestBody::copy(bytes::Bytes::new()));
+        *req.method_mut() = self.head.method().clone();
+        *req.uri_mut() = self.head.uri().clone();
+        *req.version_mut() = self.head.version();
+        *req.headers_mut() = self.head.headers().clone();
+        (req, self.forwarding.clone())
+    }
+}
+
+/// A route's retry budget: requests and retries counted in windows of
+/// [`RETRY_BUDGET_WINDOW`].
+#[derive(Debug)]
+pub struct RetryBudget {
+    percent: u64,
+    epoch: Instant,
+    /// The window the counts are of (its index since `epoch`).
+    window: AtomicU64,
+    requests: AtomicU64,
+    retries: AtomicU64,
+}
+
+impl RetryBudget {
+    /// A budget of `percent` of the requests (plus the floor).
+    pub fn new(percent: u8) -> RetryBudget {
+        RetryBudget {
+            percent: u64::from(percent),
+            epoch: Instant::now(),
+            window: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        }
+    }
+
+    /// The share of the requests it allows, percent.
+    pub fn percent(&self) -> u8 {
+        self.percent as u8
+    }
+
+    /// Starts a new window when `now` is past the current one's.
+    fn roll(&self, now: Instant) {
+        let w = now.saturating_duration_since(self.epoch).as_secs() / RETRY_BUDGET_WINDOW.as_secs();
+        let current = self.window.load(Ordering::Relaxed);
+        if w > current
+            && self
+                .window
+                .compare_exchange(current, w, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            // (A count made by another worker at this instant may be lost:
+            // a budget, not a ledger.)
+            self.requests.store(0, Ordering::Relaxed);
+            self.retries.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a request of the route (one that may be retried) at `now`.
+    pub fn request(&self, now: Instant) {
+        self.roll(now);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether a retry may go now; if so it is counted.
+    pub fn admit(&self, now: Instant) -> bool {
+        self.roll(now);
+        let floor = RETRY_FLOOR_PER_S * RETRY_BUDGET_WINDOW.as_secs();
+        let allowed = floor + self.requests.load(Ordering::Relaxed) * self.percent / 100;
+        if self.retries.load(Ordering::Relaxed) >= allowed {
+            return false;
+        }
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_budget_allows_its_share_of_the_requests_plus_a_floor_per_window() {
+        let b = RetryBudget::new(20);
+        let now = Instant::now();
+        for _ in 0..1000 {
+            b.request(now);
+        }
+        // 10 s x 10 a second, plus 20 % of 1 000.
+        let admitted = (0..1000).filter(|_| b.admit(now)).count();
+        assert_eq!(admitted, 300);
+        // A new window starts from nothing: the floor only.
+        let later = now + RETRY_BUDGET_WINDOW + Duration::from_millis(1);
+        let admitted = (0..1000).filter(|_| b.admit(later)).count();
+        assert_eq!(admitted, 100);
+    }
+}

@@ -1,0 +1,201 @@
+//! Retries (`[route.retry]`) through the real binary: a failed try of a
+//! request that can be sent again goes to the next endpoint of its
+//! version (a 503, no head within `try_timeout`, a connection closed before
+//! the answer), the judge hearing the request failed; a request with a
+//! body never goes again; the retry budget caps retries.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+
+use super::outlier::statuses as answers;
+use super::support::{metric, route_config, wait_route, Client, Upstream, Veer};
+
+const SENT: &str = "veer_retries_total{result=\"sent\",route=\"web\",version=\"v1\"}";
+const SPENT: &str = "veer_retries_total{result=\"budget_spent\",route=\"web\",version=\"v1\"}";
+
+/// The keys (of 100) that `name` serves (at least 3).
+async fn keys_of(veer: &Veer, name: &str) -> Vec<String> {
+    let keys: Vec<String> = (0..100).map(|i| format!("user-{i}")).collect();
+    super::outlier::keys_of(veer, &keys, name).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_try_goes_to_the_next_endpoint_and_the_judge_hears_the_request_failed() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let mut config = route_config(&[a.addr, b.addr], &[], 0.0, "timeout = \"5s\"\n");
+    config += "[route.retry]\non = [\"503\", \"timeout\"]\ntry_timeout = \"300ms\"\n";
+    let veer = Veer::start(&config).await;
+    let of_b = keys_of(&veer, "b").await;
+
+    // b answers 503: each of its keys' requests is answered by a, after
+    // one try at b.
+    b.status.store(503, Ordering::SeqCst);
+    let before = b.requests.load(Ordering::SeqCst);
+    let seen = answers(&veer, &of_b).await;
+    assert!(
+        seen.iter().all(|(s, by)| *s == 200 && by == "a"),
+        "{seen:?}"
+    );
+    let tried = b.requests.load(Ordering::SeqCst) - before;
+    assert_eq!(tried, of_b.len() as u64);
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, SENT), Some(of_b.len() as f64), "{m}");
+    // The version failed each of them once: the judge hears them failed,
+    // the clients got their answers.
+    let n = of_b.len() as u64;
+    let route = wait_route(&veer, "failures heard", Duration::from_secs(10), |r| {
+        r["window"]["stable"]["errors"].as_u64() >= Some(n)
+    })
+    .await;
+    assert_eq!(route["window"]["stable"]["errors"], n, "{route}");
+
+    // b answers, too late for a try (300 ms): a answers within the
+    // route's timeout.
+    b.status.store(200, Ordering::SeqCst);
+    b.delay_ms.store(3_000, Ordering::SeqCst);
+    let start = std::time::Instant::now();
+    let seen = answers(&veer, &of_b[..2]).await;
+    assert_eq!(seen, [(200, "a".into()), (200, "a".into())]);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, SENT), Some(of_b.len() as f64 + 2.0), "{m}");
+
+    // A request with a body is never sent again: b's 503 is the client's.
+    b.delay_ms.store(0, Ordering::SeqCst);
+    b.status.store(503, Ordering::SeqCst);
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    let r = c
+        .send(
+            Method::PUT,
+            "/",
+            &[("x-user-id", &of_b[0])],
+            Bytes::from_static(b"x"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-upstream"], "b");
+    // Nor a POST without one (not idempotent).
+    let r = c
+        .send(Method::POST, "/", &[("x-user-id", &of_b[0])], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, SENT), Some(of_b.len() as f64 + 2.0), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_before_the_answer_is_retried_and_the_budget_caps_retries() {
+    // An endpoint that reads each request and closes without answering
+    // (a pod killed mid-request), counting the requests it got.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    let got = Arc::new(AtomicU64::new(0));
+    let counted = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = dead.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                if matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let a = Upstream::start("a").await;
+    let plain = route_config(&[a.addr, dead_addr], &[], 0.0, "");
+    let veer = Veer::start(&(plain.clone() + "[route.retry]\n")).await;
+    // Every key is answered by a, whichever endpoint its first try took.
+    let keys: Vec<String> = (0..60).map(|i| format!("user-{i}")).collect();
+    let seen = answers(&veer, &keys).await;
+    assert!(
+        seen.iter().all(|(s, by)| *s == 200 && by == "a"),
+        "{seen:?}"
+    );
+    let closed = got.load(Ordering::SeqCst);
+    assert!(closed >= 1, "no request reached the closing endpoint");
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, SENT), Some(closed as f64), "{m}");
+
+    // Without [route.retry], the same failure is the client's 502.
+    veer.write_config(&plain);
+    veer.wait_generation(2).await;
+    let start = std::time::Instant::now();
+    loop {
+        let before = got.load(Ordering::SeqCst);
+        let seen = answers(&veer, &keys[..10]).await;
+        if got.load(Ordering::SeqCst) > before {
+            assert!(seen.iter().any(|(s, _)| *s == 502), "{seen:?}");
+            break;
+        }
+        // (The closing endpoint in back-off: every key went to a.)
+        assert!(start.elapsed() < Duration::from_secs(30), "never tried");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_lets_a_failing_versions_requests_fail_rather_than_double() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let mut config = route_config(&[a.addr, b.addr], &[], 0.0, "");
+    config += "[route.retry]\non = [\"503\"]\nbudget_percent = 1\n";
+    let veer = Veer::start(&config).await;
+    // Both endpoints answer 503: every request is a retry candidate; the
+    // budget (10 a second over 10 s, plus 1 %) runs out, and past it the
+    // clients get the 503 without a second try.
+    a.status.store(503, Ordering::SeqCst);
+    b.status.store(503, Ordering::SeqCst);
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    let mut sent = 0u64;
+    let spent = loop {
+        let key = format!("user-{sent}");
+        let r = c.get("/", &[("x-user-id", &key)]).await.unwrap();
+        assert_eq!(r.status(), 503);
+        sent += 1;
+        if sent % 50 == 0 {
+            let spent = metric(&veer.metrics().await, SPENT).unwrap_or(0.0);
+            if spent > 0.0 {
+                break spent;
+            }
+        }
+        assert!(sent < 5_000, "the budget never ran out");
+    };
+    let m = veer.metrics().await;
+    let retried = metric(&m, SENT).unwrap_or(0.0);
+    assert!(spent >= 1.0 && retried >= 100.0, "{m}");
+    assert!(
+        retried <= 100.0 + sent as f64 * 0.01 * 2.0 + 100.0,
+        "{retried} retries of {sent}"
+    );
+}
+
+#[test]
+fn veer_check_says_what_a_routes_retries_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("veer.toml");
+    std::fs::write(
+        &path,
+        "[[route]]\nname = \"web\"\ntimeout = \"5s\"\n[route.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]\n\
+         [route.retry]\non = [\"reset\", \"timeout\", \"503\"]\ntry_timeout = \"1s\"\n",
+    )
+    .unwrap();
+    let out = super::support::veer_cli(&["check", "--config", path.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let line = "    retry (a request without a body, of an idempotent method) on a connection closed before the answer, no answer within 1s, 503: up to 1 more time(s), to the next endpoint of its version, at most 20% of the route's requests\n";
+    assert!(text.contains(line), "{text}");
+}

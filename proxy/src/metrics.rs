@@ -222,6 +222,15 @@ impl VersionMetrics {
             .inc();
     }
 
+    /// Exports the version's retry counts (at 0 until the first).
+    pub fn export_retries(&self) {
+        for result in ["sent", "budget_spent"] {
+            let _ = self
+                .retries
+                .with_label_values(&[&*self.names[0], &*self.names[1], result]);
+        }
+    }
+
     /// Counts a failed try of a request sent again (`sent`), or not for the
     /// route's retry budget being spent.
     pub fn retried(&self, sent: bool) {

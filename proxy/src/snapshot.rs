@@ -387,6 +387,12 @@ impl Snapshot {
             if let Some(t) = routes.last().filter(|t| t.outlier.is_some()) {
                 t.stable.metrics.export_ejections();
             }
+            // So are retries, on routes that retry.
+            if let Some(t) = routes.last().filter(|t| t.retry.is_some()) {
+                for v in std::iter::once(&t.stable).chain(&t.canary) {
+                    v.metrics.export_retries();
+                }
+            }
         }
         Snapshot {
             generation,

@@ -472,3 +472,56 @@ async fn an_endpoint_ejected_by_outlier_detection_holds_the_ejection_alerts_cond
         .await;
     assert_eq!(result[0]["metric"]["version"], "v1", "{result}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_retry_budget_holds_the_retry_alerts_condition() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let config = route_config(&[a.addr, b.addr], &[], 0.0, "")
+        + "[route.retry]\non = [\"503\"]\nbudget_percent = 1\n";
+    let veer = Veer::start(&config).await;
+    let prom = Prometheus::start(veer.admin).await;
+    // Exported at 0 before any retry: scraped once, the condition does not
+    // hold.
+    let spent = "veer_retries_total{result=\"budget_spent\"}";
+    prom.wait_for("scraped the budget's refusals at 0", |_| async {
+        let query = format!("/api/v1/query?query={}", url_encoded(spent));
+        let data = prom.api(&query).await;
+        data["result"].as_array().is_some_and(|r| r.len() == 1)
+    })
+    .await;
+    prom.condition(
+        "VeerRetryBudgetSpent",
+        false,
+        "stayed off before the budget was spent",
+    )
+    .await;
+    // Both endpoints fail: retries run until the budget (10 a second over
+    // 10 s, plus 1 %) is spent.
+    a.status.store(503, Ordering::SeqCst);
+    b.status.store(503, Ordering::SeqCst);
+    let mut client = super::support::Client::connect(veer.addr)
+        .await
+        .expect("connect");
+    let mut sent = 0;
+    let series = "veer_retries_total{result=\"budget_spent\",route=\"web\",version=\"v1\"}";
+    while super::support::metric(&veer.metrics().await, series).unwrap_or(0.0) == 0.0 {
+        for _ in 0..50 {
+            let key = format!("user-{sent}");
+            client
+                .get("/", &[("x-user-id", &key)])
+                .await
+                .expect("answered");
+            sent += 1;
+        }
+        assert!(sent < 5_000, "the budget never ran out");
+    }
+    let result = prom
+        .condition(
+            "VeerRetryBudgetSpent",
+            true,
+            "held once the budget was spent",
+        )
+        .await;
+    assert_eq!(result[0]["metric"]["version"], "v1", "{result}");
+}

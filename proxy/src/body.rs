@@ -186,6 +186,8 @@ pub struct BodyLine {
     pub failed: bool,
     /// A gRPC call's status, once known.
     pub grpc_status: Option<u8>,
+    /// Tries sent again (`[route.retry]`).
+    pub retries: u8,
     /// The body's bytes passed on so far.
     pub bytes: u64,
 }
@@ -210,6 +212,7 @@ impl BodyLine {
             bytes: self.bytes,
             total_micros: self.start.elapsed().as_micros() as u64,
             grpc_status: self.grpc_status,
+            retries: self.retries,
         }
         .line(self.status, None);
     }

@@ -261,7 +261,7 @@ pub fn handle(
         // counts it against the endpoint that served it then (see `GrpcCall`).
         let trailers_judged = grpc && !canary && route.outlier.is_some();
         let served_by = std::sync::OnceLock::new();
-        let failed_try = std::sync::OnceLock::new();
+        let retried = Retried::default();
         let waiting = Waiting {
             shared: &shared,
             version,
@@ -291,7 +291,7 @@ pub fn handle(
                 arrival: arrival.clone(),
                 served_by: (access != AccessLog::Off || trailers_judged).then_some(&served_by),
                 grpc,
-                failed_try: &failed_try,
+                retried: &retried,
             },
             Deadlines {
                 body: body_timeout,
@@ -361,6 +361,12 @@ pub fn handle(
                         }
                     }
                 }
+                // A request one of whose tries failed (sent again by
+                // `[route.retry]`) failed for the judge (the version failed it), and has a line
+                // in an `errors` access log.
+                if let (Outcome::Ok, Some(&failed)) = (outcome, retried.failed.get()) {
+                    outcome = failed;
+                }
                 // Only with an access log (the request line was kept for
                 // it): its line, written when the body ends, with the bytes
                 // passed on and the whole time (a body the upstream breaks
@@ -379,14 +385,10 @@ pub fn handle(
                         all: access == AccessLog::All,
                         failed: outcome != Outcome::Ok,
                         grpc_status,
+                        retries: retried.sent(),
                         bytes: 0,
                     })
                 });
-                // A request one of whose tries failed (sent again by
-                // `[route.retry]`) failed for the judge: the version failed it.
-                if let (Outcome::Ok, Some(&failed)) = (outcome, failed_try.get()) {
-                    outcome = failed;
-                }
                 match resp.body_mut() {
                     // Recorded when the body ends: it may still fail.
                     ProxyBody::Upstream(body) => body.at_end(
@@ -451,6 +453,7 @@ pub fn handle(
                         bytes: http_body::Body::size_hint(resp.body()).exact().unwrap_or(0),
                         total_micros: micros,
                         grpc_status: None,
+                        retries: retried.sent(),
                     }
                     .line(e.status().as_u16(), Some(e.kind()));
                 }
@@ -623,6 +626,8 @@ impl Drop for Waiting<'_> {
                 bytes: 0,
                 total_micros: self.upload.elapsed_us(Instant::now()),
                 grpc_status: None,
+                // (Not told: a client leaving mid-retry is rare.)
+                retries: 0,
             }
             .line(499, Some(ProxyError::ClientClosed.kind()));
         }
@@ -673,6 +678,8 @@ pub(crate) struct Logged<'a> {
     pub total_micros: u64,
     /// A gRPC call's status, when known.
     pub grpc_status: Option<u8>,
+    /// Tries sent again (`[route.retry]`).
+    pub retries: u8,
 }
 
 impl Logged<'_> {
@@ -695,6 +702,9 @@ impl Logged<'_> {
                 .millis("total_ms", self.total_micros);
             if let Some(code) = self.grpc_status {
                 f.u64("grpc_status", code.into());
+            }
+            if self.retries > 0 {
+                f.u64("retries", self.retries.into());
             }
             self.head.about(f);
         });
@@ -928,9 +938,24 @@ struct Hop<'a> {
     served_by: Option<&'a std::sync::OnceLock<Arc<crate::upstream::Upstream>>>,
     /// A gRPC call.
     grpc: bool,
-    /// How a try of the request failed, when it was sent again
-    /// (`[route.retry]`): the judge hears the request failed.
-    failed_try: &'a std::sync::OnceLock<Outcome>,
+    /// Its tries sent again (`[route.retry]`), and how the first failed.
+    retried: &'a Retried,
+}
+
+/// A request's retries (`[route.retry]`): how its first try failed (the
+/// judge hears the request failed so), and how many tries were sent again
+/// (its access log line says).
+#[derive(Default)]
+pub(crate) struct Retried {
+    failed: std::sync::OnceLock<Outcome>,
+    sent: std::sync::atomic::AtomicU8,
+}
+
+impl Retried {
+    /// Tries sent again.
+    fn sent(&self) -> u8 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// How long a request may take.
@@ -1057,25 +1082,17 @@ fn forward<'a>(
         let used = std::sync::atomic::AtomicUsize::new(usize::MAX);
         let arrival = hop.arrival.as_ref();
         let due = deadlines.start + deadlines.upstream;
-        // A request that can be sent again (`[route.retry]`: no body, an
-        // idempotent method, not an upgrade nor half of a mirrored pair)
-        // keeps its head for it.
-        let again = route
-            .retry
-            .as_deref()
-            .filter(|_| {
-                !upgrade
-                    && arrival.is_none()
-                    && req.method().is_idempotent()
-                    && http_body::Body::is_end_stream(req.body())
-            })
-            .map(|r| {
-                r.budget.request(deadlines.start);
-                (r, crate::retry::Again::keep(&req, &forwarding, pick))
-            });
+        // A request that can be sent again (`[route.retry]`) keeps its head
+        // for it.
+        let again = route.retry.as_deref().and_then(|r| {
+            let plain = !upgrade && arrival.is_none();
+            retriable(r, &req, &forwarding, pick, plain, deadlines.start)
+        });
+        // (`move`: `due` not borrowed, so not kept in this future's state.)
+        let start = deadlines.start;
         let try_due = again
             .as_ref()
-            .map_or(due, |(r, _)| r.try_due(deadlines.start, due));
+            .map_or(due, move |(r, _)| r.try_due(start, due));
         // The answer is put here, not returned: a 300-byte value returned
         // through the deadline's select and loop was moved five times.
         let mut answer = None;
@@ -1097,8 +1114,6 @@ fn forward<'a>(
             tokio::pin!(exchange);
             upstream_deadline(try_due, upload, exchange.as_mut(), hop.slot.as_deref()).await
         };
-        // (`exchange` is `Ok` only with an answer put: the error is never seen.)
-        let answered = sent.and_then(|()| answer.ok_or(ProxyError::UpstreamProtocol));
         let tried = Try {
             route,
             version,
@@ -1106,31 +1121,34 @@ fn forward<'a>(
             grpc: hop.grpc,
             upload,
         };
-        let mut answered = tried.settle(answered, &watch, &used);
+        // (`exchange` is `Ok` only with an answer put.)
+        let mut sent = match answer {
+            Some(_) => sent,
+            None => sent.and(Err(ProxyError::UpstreamProtocol)),
+        };
+        tried.settle(&mut sent, answer.as_ref(), &watch, &used);
         if let Some((r, again)) = again {
-            if r.wants(status_of(&answered)) {
-                let to = (hop.slot.as_deref(), hop.failed_try);
-                answered = Box::pin(retry(&tried, r, again, answered, to)).await;
+            if r.wants(status_of(&sent, answer.as_ref())) {
+                // The answer stays in place (not moved through this
+                // future's state) unless a retry replaces it.
+                let first = sent.and_then(|()| answer.take().ok_or(ProxyError::UpstreamProtocol));
+                match boxed_retry(&tried, r, again, first, hop.retried).await {
+                    Ok(last) => (sent, answer) = (Ok(()), Some(last)),
+                    Err(e) => sent = Err(e),
+                }
             }
         }
-        let (mut resp, sender, upstream) = answered?;
+        let (resp, sender, upstream) = match sent {
+            Ok(()) => answer.ok_or(ProxyError::UpstreamProtocol)?,
+            Err(e) => return Err(e),
+        };
         if let Some(cell) = hop.served_by {
             let _ = cell.set(upstream.clone());
         }
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(down) = downstream_upgrade {
-                let up = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(
-                    down,
-                    up,
-                    upstream.addr(),
-                    hop.slot.clone(),
-                    hop.idle_timeout,
-                ));
-            }
-            let (parts, _) = resp.into_parts();
-            return Ok(Response::from_parts(parts, ProxyBody::empty()));
+            let tunnel = (upstream.addr(), hop.slot.clone(), hop.idle_timeout);
+            return Ok(upgraded(resp, downstream_upgrade, tunnel));
         }
         let (mut parts, body) = resp.into_parts();
         // An answer framed twice (`Transfer-Encoding` and `Content-Length`)
@@ -1153,6 +1171,28 @@ fn forward<'a>(
     }
 }
 
+/// An upstream's 101 answer to an upgrade: the tunnel between the client
+/// and the upstream (`addr`, holding the client connection's `slot`,
+/// closed after `idle` with no byte either way) started, and the answer
+/// to pass on. (Out of the request path's code: rare.)
+#[inline(never)]
+fn upgraded(
+    mut resp: Response<UpBody>,
+    downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    (addr, slot, idle): (
+        SocketAddr,
+        Option<Arc<crate::conn::Slot>>,
+        std::time::Duration,
+    ),
+) -> Response<ProxyBody> {
+    if let Some(down) = downstream_upgrade {
+        let up = hyper::upgrade::on(&mut resp);
+        tokio::spawn(tunnel(down, up, addr, slot, idle));
+    }
+    let (parts, _) = resp.into_parts();
+    Response::from_parts(parts, ProxyBody::empty())
+}
+
 /// One try of a request to `version` of `route`: what settling it needs.
 struct Try<'a> {
     route: &'a RouteTarget,
@@ -1163,22 +1203,28 @@ struct Try<'a> {
 }
 
 impl Try<'_> {
-    /// What a try's end (`answered`) tells about its endpoint (back-off,
-    /// outlier detection, an HTTP/2 connection's health); a failure the
-    /// client's broken body caused is the client's.
+    /// What a try's end (`sent`, and its `answer` when it is `Ok`) tells
+    /// about its endpoint (back-off, outlier detection, an HTTP/2
+    /// connection's health); a failure the client's broken body caused is
+    /// made the client's. (In place: the answer, ~300 bytes, is not moved
+    /// through it; inlined into the request path's future, as it was
+    /// before retries called it too.)
+    #[inline(always)]
     fn settle(
         &self,
-        answered: Result<Exchanged, ProxyError>,
+        sent: &mut Result<(), ProxyError>,
+        answer: Option<&Exchanged>,
         watch: &std::sync::OnceLock<crate::upstream::H2Watch>,
         used: &std::sync::atomic::AtomicUsize,
-    ) -> Result<Exchanged, ProxyError> {
+    ) {
         let (route, version) = (self.route, self.version);
         let outlier = route.outlier.as_ref().filter(|_| is_stable(route, version));
         let route_bound = self.deadlines.route_bound;
-        match answered {
-            Err(e) => {
+        match (sent, answer) {
+            (Err(e), _) => {
                 // A body the client broke fails the exchange: the client's fault.
-                let e = self.upload.fault().unwrap_or(e);
+                *e = self.upload.fault().unwrap_or(*e);
+                let e = *e;
                 // No answer in time on an HTTP/2 connection: is the
                 // connection dead?
                 if e == ProxyError::UpstreamTimeout && route_bound {
@@ -1190,47 +1236,81 @@ impl Try<'_> {
                     let endpoint = used.load(std::sync::atomic::Ordering::Relaxed);
                     outlier_failed(route, version, o, endpoint, e, route_bound);
                 }
-                Err(e)
             }
-            Ok(exchanged) => {
-                let (resp, _, upstream) = &exchanged;
+            (Ok(()), Some((resp, _, upstream))) => {
                 upstream.mark_ok();
                 if let Some(o) = outlier {
                     let bound = (route_bound, self.grpc);
                     outlier_answered(route, version, o, upstream, resp, bound);
                 }
-                Ok(exchanged)
             }
+            (Ok(()), None) => {}
         }
     }
 }
 
+/// What a request that `r` may send again keeps for it (its head, and the
+/// endpoint pick), counting it in the route's budget; `None` for one that
+/// cannot go again (a body, a method that is not idempotent; not `plain`:
+/// an upgrade, half of a mirrored pair). Out of the request path's code.
+#[inline(never)]
+fn retriable<'r>(
+    r: &'r crate::retry::RetryTarget,
+    req: &Request<RequestBody>,
+    forwarding: &Option<Arc<Forwarding>>,
+    pick: Pick,
+    plain: bool,
+    now: Instant,
+) -> Option<(&'r crate::retry::RetryTarget, Box<crate::retry::Again>)> {
+    if !plain || !req.method().is_idempotent() || !http_body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    r.budget.request(now);
+    Some((r, crate::retry::Again::keep(req, forwarding, pick)))
+}
+
+/// [`retry`]'s future, boxed (out of the request path's code and future).
+#[inline(never)]
+fn boxed_retry<'a>(
+    t: &'a Try<'a>,
+    r: &'a crate::retry::RetryTarget,
+    again: Box<crate::retry::Again>,
+    answered: Result<Exchanged, ProxyError>,
+    retried: &'a Retried,
+) -> std::pin::Pin<Box<impl std::future::Future<Output = Result<Exchanged, ProxyError>> + 'a>> {
+    Box::pin(retry(t, r, again, answered, retried))
+}
+
 /// A try's answer's status, or how it failed.
-fn status_of(answered: &Result<Exchanged, ProxyError>) -> Result<StatusCode, ProxyError> {
-    match answered {
-        Ok((resp, _, _)) => Ok(resp.status()),
-        Err(e) => Err(*e),
+fn status_of(
+    sent: &Result<(), ProxyError>,
+    answer: Option<&Exchanged>,
+) -> Result<StatusCode, ProxyError> {
+    match (sent, answer) {
+        (Ok(()), Some((resp, _, _))) => Ok(resp.status()),
+        (Ok(()), None) => Err(ProxyError::UpstreamProtocol),
+        (Err(e), _) => Err(*e),
     }
 }
 
 /// Sends a request whose try failed (`answered`) again, as `r` allows: up
 /// to `retries` times, each to the next endpoint of its version, while
 /// the route's deadline and retry budget allow. The judge is told the
-/// request failed (`failed_try`), whatever the last try's answer.
+/// request failed (`retried`), whatever the last try's answer.
 /// (Boxed by its caller: the request path's future holds none of this.)
 async fn retry(
     t: &Try<'_>,
     r: &crate::retry::RetryTarget,
     mut again: Box<crate::retry::Again>,
     mut answered: Result<Exchanged, ProxyError>,
-    (slot, failed_try): (Option<&crate::conn::Slot>, &std::sync::OnceLock<Outcome>),
+    retried: &Retried,
 ) -> Result<Exchanged, ProxyError> {
     let due = t.deadlines.start + t.deadlines.upstream;
     let failed = match answered {
         Err(ProxyError::UpstreamTimeout) => Outcome::Timeout,
         _ => Outcome::Error,
     };
-    let _ = failed_try.set(failed);
+    let _ = retried.failed.set(failed);
     for _ in 0..r.settings.retries {
         let now = Instant::now();
         if now >= due {
@@ -1241,6 +1321,9 @@ async fn retry(
             break;
         }
         t.version.metrics.retried(true);
+        retried
+            .sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // A failure sent again is still counted as the endpoint's (the
         // last try's, by `handle`).
         if let Some(kind) = answered.as_ref().err().and_then(|e| e.upstream_index()) {
@@ -1259,14 +1342,17 @@ async fn retry(
             answer: &mut answer,
             used: &used,
         };
-        let sent = {
-            let exchange = exchange(t.route, t.version, again.pick, req, forwarding, false, lent);
-            tokio::pin!(exchange);
-            upstream_deadline(r.try_due(now, due), t.upload, exchange.as_mut(), slot).await
-        };
-        let tried = sent.and_then(|()| answer.ok_or(ProxyError::UpstreamProtocol));
-        answered = t.settle(tried, &watch, &used);
-        if !r.wants(status_of(&answered)) {
+        // (A plain timeout: a request without a body has no upload to
+        // wait for, and `upstream_deadline` called from here too would not
+        // be inlined into the request path's own future any more.)
+        let exchange = exchange(t.route, t.version, again.pick, req, forwarding, false, lent);
+        let mut sent = tokio::time::timeout_at(r.try_due(now, due), exchange)
+            .await
+            .unwrap_or(Err(ProxyError::UpstreamTimeout));
+        t.settle(&mut sent, answer.as_ref(), &watch, &used);
+        let wanted = r.wants(status_of(&sent, answer.as_ref()));
+        answered = sent.and_then(|()| answer.ok_or(ProxyError::UpstreamProtocol));
+        if !wanted {
             break;
         }
     }

@@ -31,6 +31,7 @@ async fn a_failed_try_goes_to_the_next_endpoint_and_the_judge_hears_the_request_
     let b = Upstream::start("b").await;
     let mut config = route_config(&[a.addr, b.addr], &[], 0.0, "timeout = \"5s\"\n");
     config += "[route.retry]\non = [\"503\", \"timeout\"]\ntry_timeout = \"300ms\"\n";
+    let config = config.replacen("[proxy]\n", "[proxy]\naccess_log = \"errors\"\n", 1);
     let veer = Veer::start(&config).await;
     let of_b = keys_of(&veer, "b").await;
 
@@ -55,6 +56,18 @@ async fn a_failed_try_goes_to_the_next_endpoint_and_the_judge_hears_the_request_
     })
     .await;
     assert_eq!(route["window"]["stable"]["errors"], n, "{route}");
+    // An `errors` access log has a line for each: answered by a, retried once.
+    let lines = veer.logs_with_at_least("request", of_b.len()).await;
+    let access: Vec<_> = lines
+        .iter()
+        .filter(|l| l["target"] == "veer::access")
+        .collect();
+    assert_eq!(access.len(), of_b.len(), "{access:?}");
+    for l in access {
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["retries"], 1, "{l}");
+        assert_eq!(l["upstream"], a.addr.to_string(), "{l}");
+    }
 
     // b answers, too late for a try (300 ms): a answers within the
     // route's timeout.

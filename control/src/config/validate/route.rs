@@ -695,6 +695,10 @@ impl Validator<'_> {
         }
         let try_span = || raw.try_timeout.as_ref().map_or(t.span(), |s| s.span());
         match retry.try_timeout {
+            Some(_) if !retry.on_timeout => self.err(
+                try_span(),
+                "retry try_timeout needs \"timeout\" in on (a try cut short would not be sent again)",
+            ),
             None if retry.on_timeout => self.err(
                 try_span(),
                 "retry on \"timeout\" needs try_timeout (shorter than the route's timeout)",

@@ -1362,10 +1362,11 @@ fn retry_has_defaults_and_bounds() {
         ("on = [\"500\"]", "retry on \"500\" is not one of"),
         ("on = [\"timeout\"]", "needs try_timeout"),
         (
-            "try_timeout = \"15s\"",
+            "on = [\"timeout\"]\ntry_timeout = \"15s\"",
             "must be shorter than the route's timeout",
         ),
         ("try_timeout = \"soon\"", "invalid duration \"soon\""),
+        ("try_timeout = \"1s\"", "needs \"timeout\" in on"),
         ("retries = 0", "retry retries"),
         ("retries = 3", "retry retries"),
         ("budget_percent = 0", "retry budget_percent"),

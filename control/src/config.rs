@@ -389,9 +389,10 @@ pub struct OutlierDetection {
     pub max_ejected_percent: u8,
 }
 
-/// `[route.retry]`: a request without a body, of an idempotent method
-/// (GET, HEAD, OPTIONS, PUT, DELETE, TRACE), not an upgrade nor half of a
-/// mirrored pair, whose try failed in one of the ways `on` names is sent
+/// `[route.retry]`: a request of an idempotent method (GET, HEAD,
+/// OPTIONS, PUT, DELETE, TRACE), without a body or with one read whole
+/// before it went upstream (`[proxy] request_buffer`, no trailers), not an
+/// upgrade nor half of a mirrored pair, whose try failed in one of the ways `on` names is sent
 /// again, up to `retries` times, each time to the next endpoint of the
 /// same version (never the other version), within the route's `timeout`,
 /// while the route's retries stay within `budget_percent` of its requests

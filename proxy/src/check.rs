@@ -314,9 +314,13 @@ pub fn summary(path: &Path, c: &Config) -> String {
                 on.push(format!("no answer within {d:?}"));
             }
             on.extend(t.on_status.iter().map(u16::to_string));
+            let bodies = match c.proxy.request_buffer {
+                0 => "without a body".to_string(),
+                n => format!("without a body or with one of at most {n} bytes announced"),
+            };
             let _ = writeln!(
                 out,
-                "    retry (a request without a body, of an idempotent method) on {}: up to {} more time(s), to the next endpoint of its version, at most {}% of the route's requests",
+                "    retry (a request of an idempotent method, {bodies}) on {}: up to {} more time(s), to the next endpoint of its version, at most {}% of the route's requests",
                 on.join(", "),
                 t.retries,
                 t.budget_percent

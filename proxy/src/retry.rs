@@ -1,5 +1,6 @@
-//! `[route.retry]`: a request that can be sent again (no body, an
-//! idempotent method, not an upgrade nor half of a mirrored pair) whose
+//! `[route.retry]`: a request that can be sent again (an idempotent
+//! method; no body, or one read whole before it went upstream, kept for
+//! it; not an upgrade nor half of a mirrored pair) whose
 //! try failed in one of the ways the route names (the connection reset or
 //! closed before the answer's head, no head within `try_timeout`, a 502,
 //! 503 or 504) is sent again to the next endpoint of its version, within
@@ -21,6 +22,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{Request, StatusCode};
 use tokio::time::Instant;
 use veer_control::config::{Retry, RETRY_BUDGET_WINDOW, RETRY_FLOOR_PER_S};
@@ -29,6 +31,7 @@ use crate::balance::Pick;
 use crate::body::RequestBody;
 use crate::error::ProxyError;
 use crate::headers::Forwarding;
+use crate::upload::Grant;
 
 /// A route's retry settings and budget.
 #[derive(Debug)]
@@ -62,10 +65,14 @@ impl RetryTarget {
 }
 
 /// What a request that may be retried keeps of itself: its head as it
-/// went upstream (its body was empty), its forwarding fields, and the
-/// endpoint pick of its last try.
+/// went upstream, its body (read whole before it went; empty for none),
+/// its forwarding fields, and the endpoint pick of its last try.
 pub struct Again {
     head: Request<()>,
+    body: Bytes,
+    /// The body's bytes counted against the bytes held for bodies read
+    /// whole ([`crate::upload::HELD_BUDGET`]) while the copy is kept.
+    _grant: Grant,
     forwarding: Option<Arc<Forwarding>>,
     /// The last try's pick: the next goes to the endpoint after it.
     pub pick: Pick,
@@ -73,27 +80,36 @@ pub struct Again {
 
 impl Again {
     /// Keeps `req`'s head (a copy of its header fields: made only on a
-    /// route with `[route.retry]`).
+    /// route with `[route.retry]`) and `body` (shared bytes; `None` when
+    /// the held bytes' budget has no room for it: then the request cannot
+    /// go again).
     pub fn keep(
         req: &Request<RequestBody>,
+        body: Bytes,
         forwarding: &Option<Arc<Forwarding>>,
         pick: Pick,
-    ) -> Box<Again> {
+    ) -> Option<Box<Again>> {
+        let mut grant = Grant::default();
+        if !body.is_empty() && !grant.grow(body.len()) {
+            return None;
+        }
         let mut head = Request::new(());
         *head.method_mut() = req.method().clone();
         *head.uri_mut() = req.uri().clone();
         *head.version_mut() = req.version();
         *head.headers_mut() = req.headers().clone();
-        Box::new(Again {
+        Some(Box::new(Again {
             head,
+            body,
+            _grant: grant,
             forwarding: forwarding.clone(),
             pick,
-        })
+        }))
     }
 
     /// The request to send again, and its forwarding fields.
     pub fn request(&self) -> (Request<RequestBody>, Option<Arc<Forwarding>>) {
-        let mut req = Request::new(RequestBody::copy(bytes::Bytes::new()));
+        let mut req = Request::new(RequestBody::copy(self.body.clone()));
         *req.method_mut() = self.head.method().clone();
         *req.uri_mut() = self.head.uri().clone();
         *req.version_mut() = self.head.version();

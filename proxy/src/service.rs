@@ -1249,10 +1249,12 @@ impl Try<'_> {
     }
 }
 
-/// What a request that `r` may send again keeps for it (its head, and the
-/// endpoint pick), counting it in the route's budget; `None` for one that
-/// cannot go again (a body, a method that is not idempotent; not `plain`:
-/// an upgrade, half of a mirrored pair). Out of the request path's code.
+/// What a request that `r` may send again keeps for it (its head, its
+/// body when it was read whole, and the endpoint pick), counting it in the
+/// route's budget; `None` for one that cannot go again (a method that is
+/// not idempotent; a body that streams, has trailers, or finds the held
+/// bytes' budget spent; not `plain`: an upgrade, half of a mirrored pair).
+/// Out of the request path's code.
 #[inline(never)]
 fn retriable<'r>(
     r: &'r crate::retry::RetryTarget,
@@ -1262,11 +1264,17 @@ fn retriable<'r>(
     plain: bool,
     now: Instant,
 ) -> Option<(&'r crate::retry::RetryTarget, Box<crate::retry::Again>)> {
-    if !plain || !req.method().is_idempotent() || !http_body::Body::is_end_stream(req.body()) {
+    if !plain || !req.method().is_idempotent() {
         return None;
     }
+    let body = if http_body::Body::is_end_stream(req.body()) {
+        bytes::Bytes::new()
+    } else {
+        req.body().held_whole()?
+    };
+    let again = crate::retry::Again::keep(req, body, forwarding, pick)?;
     r.budget.request(now);
-    Some((r, crate::retry::Again::keep(req, forwarding, pick)))
+    Some((r, again))
 }
 
 /// [`retry`]'s future, boxed (out of the request path's code and future).
@@ -1342,8 +1350,8 @@ async fn retry(
             answer: &mut answer,
             used: &used,
         };
-        // (A plain timeout: a request without a body has no upload to
-        // wait for, and `upstream_deadline` called from here too would not
+        // (A plain timeout: a request sent again has its body, if any, in
+        // memory: no upload to wait for; and `upstream_deadline` called from here too would not
         // be inlined into the request path's own future any more.)
         let exchange = exchange(t.route, t.version, again.pick, req, forwarding, false, lent);
         let mut sent = tokio::time::timeout_at(r.try_due(now, due), exchange)

@@ -410,6 +410,19 @@ impl ClientBody {
         Ok(whole)
     }
 
+    /// The body, when it was read whole before the request went upstream
+    /// ([`ClientBody::read_whole`]: all of it, no trailers): a copy
+    /// (shared bytes) to send again (`[route.retry]`). Asked before the
+    /// body is sent (its bytes go with the first poll).
+    pub fn held_whole(&self) -> Option<Bytes> {
+        match &self.inner {
+            Inner::Held(held) if held.rest.is_none() && held.trailers.is_none() => {
+                Some(held.data.clone().unwrap_or_default())
+            }
+            _ => None,
+        }
+    }
+
     /// Whether some of the body is still to come from the client (it was
     /// not read whole before the request went upstream).
     pub fn streams(&self) -> bool {

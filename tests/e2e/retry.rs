@@ -1,8 +1,9 @@
 //! Retries (`[route.retry]`) through the real binary: a failed try of a
 //! request that can be sent again goes to the next endpoint of its
 //! version (a 503, no head within `try_timeout`, a connection closed before
-//! the answer), the judge hearing the request failed; a request with a
-//! body never goes again; the retry budget caps retries.
+//! the answer), the judge hearing the request failed; a request's body
+//! goes again only when veer read it whole first; the retry budget caps
+//! retries.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -84,29 +85,61 @@ async fn a_failed_try_goes_to_the_next_endpoint_and_the_judge_hears_the_request_
     let m = veer.metrics().await;
     assert_eq!(metric(&m, SENT), Some(of_b.len() as f64 + 2.0), "{m}");
 
-    // A request with a body is never sent again: b's 503 is the client's.
+    // A PUT whose body veer read whole before it went (announced within
+    // `request_buffer`) goes again with that body: a gets all of it, and
+    // echoes it.
     b.delay_ms.store(0, Ordering::SeqCst);
     b.status.store(503, Ordering::SeqCst);
     let mut c = Client::connect(veer.addr).await.unwrap();
+    let small: Bytes = (0..5_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let a_bytes = a.body_bytes.load(Ordering::SeqCst);
+    let b_bytes = b.body_bytes.load(Ordering::SeqCst);
     let r = c
-        .send(
-            Method::PUT,
-            "/",
-            &[("x-user-id", &of_b[0])],
-            Bytes::from_static(b"x"),
-        )
+        .send(Method::PUT, "/", &[("x-user-id", &of_b[0])], small.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-upstream"], "a");
+    assert!(r.body() == &small, "the body a echoed differs");
+    assert_eq!(a.body_bytes.load(Ordering::SeqCst) - a_bytes, 5_000);
+    assert_eq!(b.body_bytes.load(Ordering::SeqCst) - b_bytes, 5_000);
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, SENT), Some(of_b.len() as f64 + 3.0), "{m}");
+
+    // A body that streams is never sent again (its bytes are gone once
+    // sent): b's 503 is the client's. One announced longer than
+    // `request_buffer` (16 KiB)...
+    let large = Bytes::from(vec![b'x'; 20_000]);
+    let r = c
+        .send(Method::PUT, "/", &[("x-user-id", &of_b[0])], large)
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["x-upstream"], "b");
-    // Nor a POST without one (not idempotent).
+    // ...and a chunked one of unknown length, however short.
+    let mut raw = tokio::net::TcpStream::connect(veer.addr).await.unwrap();
+    let put = format!(
+        "PUT / HTTP/1.1\r\nHost: {}\r\nx-user-id: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n1\r\nx\r\n0\r\n\r\n",
+        veer.addr, of_b[0]
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut raw, put.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), raw.read_to_string(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("x-upstream: b"), "{answer}");
+    // Nor a POST, even without one (not idempotent).
     let r = c
         .send(Method::POST, "/", &[("x-user-id", &of_b[0])], Bytes::new())
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
     let m = veer.metrics().await;
-    assert_eq!(metric(&m, SENT), Some(of_b.len() as f64 + 2.0), "{m}");
+    assert_eq!(metric(&m, SENT), Some(of_b.len() as f64 + 3.0), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,6 +242,6 @@ fn veer_check_says_what_a_routes_retries_do() {
     let out = super::support::veer_cli(&["check", "--config", path.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    let line = "    retry (a request without a body, of an idempotent method) on a connection closed before the answer, no answer within 1s, 503: up to 1 more time(s), to the next endpoint of its version, at most 20% of the route's requests\n";
+    let line = "    retry (a request of an idempotent method, without a body or with one of at most 16384 bytes announced) on a connection closed before the answer, no answer within 1s, 503: up to 1 more time(s), to the next endpoint of its version, at most 20% of the route's requests\n";
     assert!(text.contains(line), "{text}");
 }

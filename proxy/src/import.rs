@@ -484,10 +484,31 @@ struct Carried {
     /// `auth-tls-pass-certificate-to-upstream: "true"` beside it:
     /// `forward_client_cert`.
     pass_cert: bool,
+    /// `proxy-next-upstream` (ingress-nginx's default `"error timeout"`)
+    /// and `proxy-next-upstream-tries` (3): `[route.retry]`.
+    retry: Option<NextUpstream>,
 }
 
+/// `[route.retry]` from `proxy-next-upstream` and its tries.
+#[derive(Clone, Debug)]
+struct NextUpstream {
+    /// veer's `on` conditions, in order.
+    on: Vec<&'static str>,
+    /// Retries after the first try (1 or 2).
+    retries: u64,
+    /// Where the values came from, for the table's comment.
+    from: String,
+}
+
+/// ingress-nginx's `proxy-next-upstream` when neither the Ingress nor the
+/// controller's ConfigMap sets it.
+const NEXT_UPSTREAM_DEFAULT: &str = "error timeout";
+/// ingress-nginx's `proxy-next-upstream-tries` when unset: the first try
+/// and two more.
+const NEXT_UPSTREAM_TRIES_DEFAULT: u64 = 3;
+
 /// The annotations [`Carried`] reads.
-const CARRIED_KEYS: [&str; 36] = [
+const CARRIED_KEYS: [&str; 39] = [
     "proxy-body-size",
     "proxy-read-timeout",
     "proxy-connect-timeout",
@@ -522,6 +543,9 @@ const CARRIED_KEYS: [&str; 36] = [
     "auth-tls-verify-client",
     "auth-tls-secret",
     "auth-tls-pass-certificate-to-upstream",
+    "proxy-next-upstream",
+    "proxy-next-upstream-tries",
+    "proxy-next-upstream-timeout",
     // Noted with what veer does instead.
     "session-cookie-conditional-samesite-none",
     "session-cookie-change-on-failure",
@@ -818,7 +842,111 @@ fn carried(main: &Ingress, host: &str, notes: &mut Vec<String>) -> Carried {
         cors: cors(main),
         client_ca: client_ca(main, notes),
         pass_cert: flag("auth-tls-pass-certificate-to-upstream") == Some(true),
+        retry: next_upstream(main, notes),
     }
+}
+
+/// `proxy-next-upstream` and `proxy-next-upstream-tries` (ingress-nginx's
+/// defaults, `"error timeout"` and 3, when unset) as `[route.retry]`:
+/// `error` and `invalid_header` are veer's `"reset"` (a connect failure
+/// veer sends to the next endpoint anyway), `http_502`, `http_503`,
+/// `http_504` those statuses; the other conditions have no veer form and
+/// are noted when the Ingress or ConfigMap names them (`timeout`: veer's
+/// route timeout bounds every try together, so a try's own needs a
+/// `try_timeout` the import cannot choose). `None`: no retry (`off`,
+/// one try, or no condition veer has).
+fn next_upstream(main: &Ingress, notes: &mut Vec<String>) -> Option<NextUpstream> {
+    let set = main.annotation("proxy-next-upstream").map(str::trim);
+    let mut on: Vec<&'static str> = Vec::new();
+    for cond in set.unwrap_or(NEXT_UPSTREAM_DEFAULT).split_whitespace() {
+        let veer = match cond {
+            "off" => return None,
+            "error" | "invalid_header" => "reset",
+            "http_502" => "502",
+            "http_503" => "503",
+            "http_504" => "504",
+            // ingress-nginx's default has it: noted only when set.
+            "timeout" if set.is_none() => continue,
+            "timeout" => {
+                notes.push("proxy-next-upstream timeout: veer's route timeout bounds every try together; to send a slow try again, add \"timeout\" to [route.retry] on with a try_timeout shorter than the route's timeout: left out".into());
+                continue;
+            }
+            "non_idempotent" => {
+                notes.push("proxy-next-upstream non_idempotent: veer never sends a POST or PATCH again (it may have done its work): left out".into());
+                continue;
+            }
+            "http_500" | "http_403" | "http_404" | "http_429" => {
+                notes.push(format!("proxy-next-upstream {cond}: veer retries a 502, 503 or 504, not this answer: left out"));
+                continue;
+            }
+            other => {
+                notes.push(format!(
+                    "proxy-next-upstream {other:?} is not an nginx condition: left out"
+                ));
+                continue;
+            }
+        };
+        if !on.contains(&veer) {
+            on.push(veer);
+        }
+    }
+    if on.is_empty() {
+        if set.is_some() {
+            notes.push(
+                "proxy-next-upstream: no condition veer retries on: no [route.retry] written"
+                    .into(),
+            );
+        }
+        return None;
+    }
+    let tries_set = main.annotation("proxy-next-upstream-tries").map(str::trim);
+    let tries = match tries_set {
+        None => NEXT_UPSTREAM_TRIES_DEFAULT,
+        Some(v) => match v.parse::<u64>() {
+            Ok(0) => {
+                notes.push("proxy-next-upstream-tries 0 (no limit): veer tries at most 3 times (retries = 2)".into());
+                3
+            }
+            Ok(n @ 4..) => {
+                notes.push(format!(
+                    "proxy-next-upstream-tries {n}: veer tries at most 3 times (retries = 2)"
+                ));
+                3
+            }
+            Ok(1) => {
+                notes.push(
+                    "proxy-next-upstream-tries 1: the first try only, no [route.retry] written"
+                        .into(),
+                );
+                return None;
+            }
+            Ok(n) => n,
+            Err(_) => {
+                notes.push(format!("proxy-next-upstream-tries {v:?} is not a whole number: ingress-nginx's 3 assumed"));
+                NEXT_UPSTREAM_TRIES_DEFAULT
+            }
+        },
+    };
+    if let Some(t) = main
+        .annotation("proxy-next-upstream-timeout")
+        .map(str::trim)
+        .filter(|t| *t != "0")
+    {
+        notes.push(format!("proxy-next-upstream-timeout {t:?}: veer's retries end with the route's timeout (its tries' time together)"));
+    }
+    let from = match (set, tries_set) {
+        (None, None) => format!("proxy-next-upstream {NEXT_UPSTREAM_DEFAULT:?} and -tries {NEXT_UPSTREAM_TRIES_DEFAULT}, ingress-nginx's defaults"),
+        _ => format!(
+            "proxy-next-upstream {:?}, -tries {}",
+            set.unwrap_or(NEXT_UPSTREAM_DEFAULT),
+            tries_set.unwrap_or("3")
+        ),
+    };
+    Some(NextUpstream {
+        on,
+        retries: tries - 1,
+        from,
+    })
 }
 
 /// `auth-tls-verify-client: "on"` and its `auth-tls-secret`
@@ -1169,6 +1297,10 @@ fn build(
         out,
         "# Timeouts: ingress-nginx waits 60 s for an answer (proxy-read-timeout) and 5 s to\n# connect unless its ConfigMap or an annotation says otherwise; a route here waits 15 s\n# (timeout) and 1 s a connect try (connect_timeout) unless it says otherwise below."
     );
+    let _ = writeln!(
+        out,
+        "# Retries: ingress-nginx sends a request whose try failed to the next endpoint\n# (proxy-next-upstream, \"error timeout\" and 3 tries unless set); each route's\n# [route.retry] below does so for the failures veer retries (a connection closed or\n# reset, 502, 503, 504), for GET, PUT, DELETE and other idempotent requests, within\n# the route's timeout and at most 20 % of its requests (budget_percent). A try that\n# times out is not sent again unless you add \"timeout\" and a try_timeout."
+    );
     for n in &notes {
         let _ = writeln!(out, "# NOTE: {n}");
     }
@@ -1278,6 +1410,16 @@ fn build(
         }
         if let Some(cors) = &c.cors {
             out.push_str(cors);
+        }
+        if let Some(n) = &c.retry {
+            let on: Vec<String> = n.on.iter().map(|c| toml_str(c)).collect();
+            let _ = writeln!(
+                out,
+                "[route.retry]  # {}\non = [{}]\nretries = {}",
+                n.from,
+                on.join(", "),
+                n.retries
+            );
         }
         if let Some((rps, burst)) = r.carried.rate {
             let _ = writeln!(

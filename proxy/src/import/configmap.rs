@@ -9,8 +9,11 @@ use std::collections::BTreeMap;
 use super::{nginx_size, Ingress, PREFIX};
 
 /// Keys that are every Ingress's default, read as its annotation would be.
-const DEFAULTS: [&str; 6] = [
+const DEFAULTS: [&str; 9] = [
     "proxy-read-timeout",
+    "proxy-next-upstream",
+    "proxy-next-upstream-tries",
+    "proxy-next-upstream-timeout",
     "proxy-connect-timeout",
     "whitelist-source-range",
     "denylist-source-range",

@@ -511,3 +511,55 @@ fn client_certificate_authentication_becomes_require_client_cert() {
     assert!(c.routes.iter().all(|r| !r.require_client_cert));
     noted(&i, &["auth-tls-verify-client \"on\": not written"]);
 }
+
+#[test]
+fn proxy_next_upstream_becomes_retries_for_what_veer_retries_on() {
+    let i = import(&["next-upstream.yaml"]);
+    let c = parsed(&i);
+    let retry = |name: &str| {
+        c.routes
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("{name}"))
+            .retry
+            .clone()
+    };
+    // The ConfigMap's "error http_503 http_500", 5 tries: a reset and a
+    // 503, two retries (veer's most); the 500 noted.
+    let orders = retry("orders-example-com").expect("orders retries");
+    assert!(orders.on_reset && !orders.on_timeout);
+    assert_eq!(orders.on_status, [503]);
+    assert_eq!(orders.retries, 2);
+    // "off", and conditions veer has no form for: no table.
+    assert_eq!(retry("search-example-com"), None);
+    assert_eq!(retry("uploads-example-com"), None);
+    // Its own: one retry on a reset or a 502.
+    let ledger = retry("ledger-example-com").expect("ledger retries");
+    assert!(ledger.on_reset);
+    assert_eq!(ledger.on_status, [502]);
+    assert_eq!(ledger.retries, 1);
+    noted(
+        &i,
+        &[
+            "proxy-next-upstream http_500: veer retries a 502, 503 or 504",
+            "proxy-next-upstream-tries 5: veer tries at most 3 times",
+            "proxy-next-upstream timeout: veer's route timeout bounds every try together",
+            "proxy-next-upstream non_idempotent: veer never sends a POST or PATCH again",
+            "proxy-next-upstream: no condition veer retries on",
+            "proxy-next-upstream-timeout \"10\"",
+        ],
+    );
+    // Without anything set, ingress-nginx's "error timeout" and 3 tries:
+    // a reset, twice, and no note (its "timeout" is the header's comment).
+    let default = import(&["weight.yaml"]);
+    let r = parsed(&default).routes[0]
+        .retry
+        .clone()
+        .expect("the default");
+    assert!(r.on_reset && !r.on_timeout && r.on_status.is_empty());
+    assert_eq!(r.retries, 2);
+    assert!(default.notes.is_empty(), "{:?}", default.notes);
+    assert!(default
+        .config
+        .contains("A try that\n# times out is not sent again"));
+}

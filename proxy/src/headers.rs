@@ -40,6 +40,8 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// `[proxy] request_id`'s header.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// W3C Trace Context's field: its trace id is the access log's `trace_id`.
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// The longest client `X-Request-Id` kept (ingress-nginx and Envoy keep
 /// theirs well under it; a UUID is 36 bytes).

@@ -494,32 +494,34 @@ pub(crate) struct RequestLine {
     /// The `Host` field (an HTTP/2 request's authority is in `uri`).
     pub host: Option<HeaderValue>,
     pub user_agent: Option<HeaderValue>,
+    /// The W3C `traceparent` field, for the line's `trace_id`.
+    pub traceparent: Option<HeaderValue>,
     /// A verified client certificate's subject (mutual TLS).
     pub client_cert: Option<crate::headers::ClientSubject>,
 }
 
 impl RequestLine {
     fn of<B>(req: &Request<B>) -> RequestLine {
-        let (host, user_agent) = host_and_agent(req.headers());
+        let named = Named::of(req.headers());
         RequestLine {
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
-            host: host.cloned(),
-            user_agent: user_agent.cloned(),
+            host: named.host.cloned(),
+            user_agent: named.user_agent.cloned(),
+            traceparent: named.traceparent.cloned(),
             client_cert: req.extensions().get().cloned(),
         }
     }
 
     /// Its line's last fields (see [`about`]).
     pub(crate) fn about(&self, f: &mut crate::access::Fields<'_>) {
-        about(
-            f,
-            self.version,
-            &self.uri,
-            self.host.as_ref(),
-            self.user_agent.as_ref(),
-        );
+        let named = Named {
+            host: self.host.as_ref(),
+            user_agent: self.user_agent.as_ref(),
+            traceparent: self.traceparent.as_ref(),
+        };
+        about(f, self.version, &self.uri, named);
         if let Some(s) = &self.client_cert {
             f.str("client_cert", &s.0);
         }
@@ -529,15 +531,20 @@ impl RequestLine {
 /// The last fields of a request's access log line: `protocol` (as nginx's
 /// `$server_protocol`: `HTTP/1.1`, `HTTP/2.0`), `host` (the authority the
 /// request named, as sent: its URI's, else its `Host` field; absent when
-/// it named none) and `user_agent` (when sent). A field's bytes that are
-/// not UTF-8 are written as U+FFFD.
+/// it named none), `user_agent` (when sent) and `trace_id` (a valid W3C
+/// `traceparent`'s, [`trace_id`]). A field's bytes that are not UTF-8 are
+/// written as U+FFFD.
 pub(crate) fn about(
     f: &mut crate::access::Fields<'_>,
     version: http::Version,
     uri: &http::Uri,
-    host: Option<&HeaderValue>,
-    user_agent: Option<&HeaderValue>,
+    named: Named<'_>,
 ) {
+    let Named {
+        host,
+        user_agent,
+        traceparent,
+    } = named;
     let protocol = match version {
         http::Version::HTTP_09 => "HTTP/0.9",
         http::Version::HTTP_10 => "HTTP/1.0",
@@ -552,6 +559,68 @@ pub(crate) fn about(
         None => f.opt_bytes("host", host.map(HeaderValue::as_bytes)),
     };
     f.opt_bytes("user_agent", user_agent.map(HeaderValue::as_bytes));
+    f.opt_str("trace_id", traceparent.and_then(trace_id));
+}
+
+/// The trace id of a W3C Trace Context `traceparent` field
+/// (`VERSION-TRACEID-PARENTID-FLAGS`: 2, 32, 16 and 2 lowercase hex
+/// digits), when it is valid: not version `ff`, a version-00 field of
+/// exactly those 55 bytes (a later version's may go on after a `-`), a
+/// trace id and parent id not all zeros. Anything else has none: the
+/// line carries no id a client made up in another shape.
+fn trace_id(v: &HeaderValue) -> Option<&str> {
+    let b = v.as_bytes();
+    let hex = |s: &[u8]| s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let zeros = |s: &[u8]| s.iter().all(|c| *c == b'0');
+    let ok = b.len() >= 55
+        && hex(&b[..2])
+        && &b[..2] != b"ff"
+        && (b.len() == 55 || (&b[..2] != b"00" && b[55] == b'-'))
+        && [b[2], b[35], b[52]] == [b'-'; 3]
+        && hex(&b[3..35])
+        && !zeros(&b[3..35])
+        && hex(&b[36..52])
+        && !zeros(&b[36..52])
+        && hex(&b[53..55]);
+    // (All ASCII once checked.)
+    ok.then(|| std::str::from_utf8(&b[3..35]).ok()).flatten()
+}
+
+/// The fields of a request's head its access log line names.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Named<'a> {
+    host: Option<&'a HeaderValue>,
+    user_agent: Option<&'a HeaderValue>,
+    traceparent: Option<&'a HeaderValue>,
+}
+
+impl<'a> Named<'a> {
+    /// The first `Host`, `User-Agent` and `traceparent` fields of
+    /// `headers`: a short head is scanned once for all three (see
+    /// [`crate::headers::SCAN_UP_TO`]).
+    fn of(headers: &'a http::HeaderMap) -> Named<'a> {
+        if headers.keys_len() > crate::headers::SCAN_UP_TO {
+            return Named {
+                host: headers.get(header::HOST),
+                user_agent: headers.get(header::USER_AGENT),
+                traceparent: headers.get(&crate::headers::TRACEPARENT),
+            };
+        }
+        let mut named = Named::default();
+        for (name, value) in headers {
+            let slot = if name == header::HOST {
+                &mut named.host
+            } else if name == header::USER_AGENT {
+                &mut named.user_agent
+            } else if name == crate::headers::TRACEPARENT {
+                &mut named.traceparent
+            } else {
+                continue;
+            };
+            slot.get_or_insert(value);
+        }
+        named
+    }
 }
 
 /// What a request's access log line says besides its outcome: the
@@ -736,28 +805,10 @@ fn refused(
 
 /// [`about`] `req`, straight from its head.
 fn about_request<B>(f: &mut crate::access::Fields<'_>, req: &Request<B>) {
-    let (host, user_agent) = host_and_agent(req.headers());
-    about(f, req.version(), req.uri(), host, user_agent);
+    about(f, req.version(), req.uri(), Named::of(req.headers()));
     if let Some(s) = req.extensions().get::<crate::headers::ClientSubject>() {
         f.str("client_cert", &s.0);
     }
-}
-
-/// The first `Host` and `User-Agent` fields of `headers`: a short head is
-/// scanned once for both (see [`crate::headers::SCAN_UP_TO`]).
-fn host_and_agent(headers: &http::HeaderMap) -> (Option<&HeaderValue>, Option<&HeaderValue>) {
-    if headers.keys_len() > crate::headers::SCAN_UP_TO {
-        return (headers.get(header::HOST), headers.get(header::USER_AGENT));
-    }
-    let (mut host, mut agent) = (None, None);
-    for (name, value) in headers {
-        if name == header::HOST {
-            host = host.or(Some(value));
-        } else if name == header::USER_AGENT {
-            agent = agent.or(Some(value));
-        }
-    }
-    (host, agent)
 }
 
 /// `r` with the request's id (`[proxy] request_id`), if it has one.
@@ -1822,5 +1873,38 @@ async fn tunnel(
             }
         }
         Err(e) => tracing::debug!(upstream = %addr, error = %e, "upgrade failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trace_id_is_taken_only_from_a_valid_traceparent() {
+        let id = |v: &str| trace_id(&HeaderValue::from_str(v).unwrap()).map(str::to_string);
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            id(good).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        // A later version may carry more after a dash; version 00 not.
+        let later = "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-comes";
+        assert!(id(later).is_some());
+        for bad in [
+            &format!("{good}-x") as &str,
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736",
+            "",
+        ] {
+            assert_eq!(id(bad), None, "{bad}");
+        }
     }
 }

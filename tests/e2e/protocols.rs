@@ -200,9 +200,10 @@ async fn with_request_id_on_every_request_carries_one_upstream_back_and_in_the_l
 }
 
 /// Each access log line says how its request came: the protocol, the host
-/// it named and its user agent, for requests served and refused alike.
+/// it named, its user agent and the trace id of a valid W3C
+/// `traceparent`, for requests served and refused alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_access_log_says_each_requests_protocol_host_and_user_agent() {
+async fn the_access_log_says_each_requests_protocol_host_user_agent_and_trace() {
     let s = Upstream::start("stable").await;
     let config = route_config(&[s.addr], &[], 0.0, "hosts = [\"shop.test\"]").replacen(
         "[proxy]\n",
@@ -213,20 +214,20 @@ async fn the_access_log_says_each_requests_protocol_host_and_user_agent() {
     // HTTP/1.1, a user agent with quotes and a byte that is not UTF-8.
     let a = raw(
         veer.addr,
-        b"GET /one HTTP/1.1\r\nhost: shop.test:8080\r\nuser-agent: curl/8.0 \"x\" \xe9\r\nconnection: close\r\n\r\n",
+        b"GET /one HTTP/1.1\r\nhost: shop.test:8080\r\nuser-agent: curl/8.0 \"x\" \xe9\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nconnection: close\r\n\r\n",
     )
     .await;
     assert!(a.starts_with("HTTP/1.1 200"), "{a}");
     // Refused: another host (no route), and HTTP/1.0 naming none.
     let a = raw(
         veer.addr,
-        b"GET /two HTTP/1.1\r\nhost: elsewhere.test\r\nconnection: close\r\n\r\n",
+        b"GET /two HTTP/1.1\r\nhost: elsewhere.test\r\ntraceparent: 01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00-later\r\nconnection: close\r\n\r\n",
     )
     .await;
     assert!(a.starts_with("HTTP/1.1 404"), "{a}");
     let a = raw(
         veer.addr,
-        b"GET /three HTTP/1.0\r\nuser-agent: probe/1\r\n\r\n",
+        b"GET /three HTTP/1.0\r\nuser-agent: probe/1\r\ntraceparent: 00-00000000000000000000000000000000-00f067aa0ba902b7-01\r\n\r\n",
     )
     .await;
     assert!(a.starts_with("HTTP/1.0 404"), "{a}");
@@ -234,6 +235,10 @@ async fn the_access_log_says_each_requests_protocol_host_and_user_agent() {
     let mut h2 = super::support::h2c(veer.addr).await;
     let req = Request::get("http://shop.test/four")
         .header("user-agent", "grpc-go/1.60")
+        .header(
+            "traceparent",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        )
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
@@ -272,6 +277,13 @@ async fn the_access_log_says_each_requests_protocol_host_and_user_agent() {
         about("/four"),
         (Some("HTTP/2.0"), Some("shop.test"), Some("grpc-go/1.60"))
     );
+    // The trace id of a valid traceparent (a later version's too); none
+    // for an all-zero id or upper-case digits (not W3C's form).
+    let trace = |path: &str| line(path)["trace_id"].as_str();
+    assert_eq!(trace("/one"), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    assert_eq!(trace("/two"), Some("0af7651916cd43dd8448eb211c80319c"));
+    assert_eq!(trace("/three"), None);
+    assert_eq!(trace("/four"), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -391,7 +391,8 @@ pub struct OutlierDetection {
 
 /// `[route.retry]`: a request of an idempotent method (GET, HEAD,
 /// OPTIONS, PUT, DELETE, TRACE), without a body or with one read whole
-/// before it went upstream (`[proxy] request_buffer`, no trailers), not an
+/// before it went upstream (`[proxy] request_buffer`, no trailers), or a
+/// gRPC call refused with UNAVAILABLE (`on_unavailable`), not an
 /// upgrade nor half of a mirrored pair, whose try failed in one of the ways `on` names is sent
 /// again, up to `retries` times, each time to the next endpoint of the
 /// same version (never the other version), within the route's `timeout`,
@@ -408,6 +409,10 @@ pub struct Retry {
     pub on_timeout: bool,
     /// These answers (502, 503, 504).
     pub on_status: Vec<u16>,
+    /// A gRPC call answered UNAVAILABLE (grpc-status 14) before any
+    /// message (a trailers-only answer): the server says it did not take
+    /// the call. The only failure a gRPC call (a POST) is sent again on.
+    pub on_unavailable: bool,
     /// Tries after the first (1 ..= 2).
     pub retries: u8,
     /// How long one try waits for its answer's head (none: the route's

@@ -314,6 +314,9 @@ pub fn summary(path: &Path, c: &Config) -> String {
                 on.push(format!("no answer within {d:?}"));
             }
             on.extend(t.on_status.iter().map(u16::to_string));
+            if t.on_unavailable {
+                on.push("a gRPC call's UNAVAILABLE before any message".into());
+            }
             let bodies = match c.proxy.request_buffer {
                 0 => "without a body".to_string(),
                 n => format!("without a body or with one of at most {n} bytes announced"),

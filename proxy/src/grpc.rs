@@ -18,6 +18,9 @@ pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 pub const UNKNOWN: u8 = 2;
 /// DEADLINE_EXCEEDED.
 pub const DEADLINE_EXCEEDED: u8 = 4;
+/// UNAVAILABLE: the server did not take the call (`[route.retry]`'s
+/// `"unavailable"`).
+pub const UNAVAILABLE: u8 = 14;
 
 /// Whether a request is a gRPC call (`content-type: application/grpc`,
 /// `application/grpc+proto`, ...).
@@ -200,7 +203,7 @@ fn code_of(e: ProxyError) -> u8 {
         | ProxyError::UpstreamReset
         | ProxyError::UpstreamProtocol
         | ProxyError::Overloaded
-        | ProxyError::TooManyConnections => 14, // UNAVAILABLE
+        | ProxyError::TooManyConnections => UNAVAILABLE,
     }
 }
 

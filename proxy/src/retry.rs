@@ -1,6 +1,8 @@
 //! `[route.retry]`: a request that can be sent again (an idempotent
 //! method; no body, or one read whole before it went upstream, kept for
-//! it; not an upgrade nor half of a mirrored pair) whose
+//! it; or a gRPC call whose messages, copied as they went, ended within
+//! `[proxy] request_buffer`, answered UNAVAILABLE before any message; not
+//! an upgrade nor half of a mirrored pair) whose
 //! try failed in one of the ways the route names (the connection reset or
 //! closed before the answer's head, no head within `try_timeout`, a 502,
 //! 503 or 504) is sent again to the next endpoint of its version, within
@@ -40,14 +42,31 @@ pub struct RetryTarget {
     pub settings: Retry,
     /// Its requests and retries in the current window.
     pub budget: Arc<RetryBudget>,
+    /// The most bytes of a gRPC call's messages copied to send again
+    /// (`[proxy] request_buffer`).
+    pub keep_up_to: usize,
 }
 
 impl RetryTarget {
-    /// Whether a try that ended with `answered` (an answer's status, or
-    /// how it failed) is one the route retries.
-    pub fn wants(&self, answered: Result<StatusCode, ProxyError>) -> bool {
+    /// Whether a try that ended with `answered` (an answer's status and,
+    /// for a gRPC call, its head's grpc-status; or how it failed) is one
+    /// the route retries. A gRPC call (a POST) goes again only when its
+    /// server said, before any message, that it did not take it
+    /// (UNAVAILABLE).
+    pub fn wants(
+        &self,
+        answered: Result<(StatusCode, Option<u8>), ProxyError>,
+        grpc: bool,
+    ) -> bool {
+        if grpc {
+            return self.settings.on_unavailable
+                && matches!(
+                    answered,
+                    Ok((StatusCode::OK, Some(crate::grpc::UNAVAILABLE)))
+                );
+        }
         match answered {
-            Ok(status) => self.settings.on_status.contains(&status.as_u16()),
+            Ok((status, _)) => self.settings.on_status.contains(&status.as_u16()),
             Err(ProxyError::UpstreamReset | ProxyError::UpstreamProtocol) => self.settings.on_reset,
             Err(ProxyError::UpstreamTimeout) => self.settings.on_timeout,
             Err(_) => false,
@@ -65,14 +84,14 @@ impl RetryTarget {
 }
 
 /// What a request that may be retried keeps of itself: its head as it
-/// went upstream, its body (read whole before it went; empty for none),
-/// its forwarding fields, and the endpoint pick of its last try.
+/// went upstream, its body, its forwarding fields, and the endpoint pick
+/// of its last try.
 pub struct Again {
     head: Request<()>,
-    body: Bytes,
+    body: Kept,
     /// The body's bytes counted against the bytes held for bodies read
     /// whole ([`crate::upload::HELD_BUDGET`]) while the copy is kept.
-    _grant: Grant,
+    grant: Grant,
     forwarding: Option<Arc<Forwarding>>,
     /// The last try's pick: the next goes to the endpoint after it.
     pub pick: Pick,
@@ -93,29 +112,75 @@ impl Again {
         if !body.is_empty() && !grant.grow(body.len()) {
             return None;
         }
+        Some(Again::of(req, Kept::Bytes(body), grant, forwarding, pick))
+    }
+
+    /// Keeps a gRPC call's head, and a copy of its messages as they go
+    /// upstream, up to `limit` bytes: it can go again once they have all
+    /// gone (see [`Again::request`]).
+    pub fn keep_call(
+        req: &mut Request<RequestBody>,
+        limit: usize,
+        forwarding: &Option<Arc<Forwarding>>,
+        pick: Pick,
+    ) -> Box<Again> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        req.body_mut().tee(limit, tx);
+        Again::of(req, Kept::Teed(rx), Grant::default(), forwarding, pick)
+    }
+
+    fn of(
+        req: &Request<RequestBody>,
+        body: Kept,
+        grant: Grant,
+        forwarding: &Option<Arc<Forwarding>>,
+        pick: Pick,
+    ) -> Box<Again> {
         let mut head = Request::new(());
         *head.method_mut() = req.method().clone();
         *head.uri_mut() = req.uri().clone();
         *head.version_mut() = req.version();
         *head.headers_mut() = req.headers().clone();
-        Some(Box::new(Again {
+        Box::new(Again {
             head,
             body,
-            _grant: grant,
+            grant,
             forwarding: forwarding.clone(),
             pick,
-        }))
+        })
     }
 
-    /// The request to send again, and its forwarding fields.
-    pub fn request(&self) -> (Request<RequestBody>, Option<Arc<Forwarding>>) {
-        let mut req = Request::new(RequestBody::copy(self.body.clone()));
+    /// The request to send again, and its forwarding fields; `None` when
+    /// its body is not at hand: a gRPC call's messages had not all gone
+    /// (or were more than the copy keeps), or the held bytes' budget has
+    /// no room for them.
+    pub fn request(&mut self) -> Option<(Request<RequestBody>, Option<Arc<Forwarding>>)> {
+        if let Kept::Teed(rx) = &mut self.body {
+            let body = rx.try_recv().ok().flatten()?;
+            if !self.grant.grow(body.len()) {
+                return None;
+            }
+            self.body = Kept::Bytes(body);
+        }
+        let Kept::Bytes(body) = &self.body else {
+            return None;
+        };
+        let mut req = Request::new(RequestBody::copy(body.clone()));
         *req.method_mut() = self.head.method().clone();
         *req.uri_mut() = self.head.uri().clone();
         *req.version_mut() = self.head.version();
         *req.headers_mut() = self.head.headers().clone();
-        (req, self.forwarding.clone())
+        Some((req, self.forwarding.clone()))
     }
+}
+
+/// A request's body as kept to send again.
+enum Kept {
+    /// Known when the request went: none, or read whole before.
+    Bytes(Bytes),
+    /// A gRPC call's messages, copied as they go: the whole, once they
+    /// have all gone (`None`: more than the copy keeps).
+    Teed(tokio::sync::oneshot::Receiver<Option<Bytes>>),
 }
 
 /// A route's retry budget: requests and retries counted in windows of

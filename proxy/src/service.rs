@@ -1137,7 +1137,8 @@ fn forward<'a>(
         // for it.
         let again = route.retry.as_deref().and_then(|r| {
             let plain = !upgrade && arrival.is_none();
-            retriable(r, &req, &forwarding, pick, plain, deadlines.start)
+            let how = (plain, hop.grpc);
+            retriable(r, &mut req, &forwarding, pick, how, deadlines.start)
         });
         // (`move`: `due` not borrowed, so not kept in this future's state.)
         let start = deadlines.start;
@@ -1179,7 +1180,7 @@ fn forward<'a>(
         };
         tried.settle(&mut sent, answer.as_ref(), &watch, &used);
         if let Some((r, again)) = again {
-            if r.wants(status_of(&sent, answer.as_ref())) {
+            if r.wants(status_of(&sent, answer.as_ref(), hop.grpc), hop.grpc) {
                 // The answer stays in place (not moved through this
                 // future's state) unless a retry replaces it.
                 let first = sent.and_then(|()| answer.take().ok_or(ProxyError::UpstreamProtocol));
@@ -1301,21 +1302,34 @@ impl Try<'_> {
 }
 
 /// What a request that `r` may send again keeps for it (its head, its
-/// body when it was read whole, and the endpoint pick), counting it in the
+/// body when it was read whole or, for a `grpc` call, a copy of its
+/// messages as they go, and the endpoint pick), counting it in the
 /// route's budget; `None` for one that cannot go again (a method that is
-/// not idempotent; a body that streams, has trailers, or finds the held
-/// bytes' budget spent; not `plain`: an upgrade, half of a mirrored pair).
-/// Out of the request path's code.
+/// not idempotent, unless a gRPC call on a route retrying UNAVAILABLE; a
+/// body that streams, has trailers, or finds the held bytes' budget spent;
+/// not `plain`: an upgrade, half of a mirrored pair). Out of the request
+/// path's code.
 #[inline(never)]
 fn retriable<'r>(
     r: &'r crate::retry::RetryTarget,
-    req: &Request<RequestBody>,
+    req: &mut Request<RequestBody>,
     forwarding: &Option<Arc<Forwarding>>,
     pick: Pick,
-    plain: bool,
+    (plain, grpc): (bool, bool),
     now: Instant,
 ) -> Option<(&'r crate::retry::RetryTarget, Box<crate::retry::Again>)> {
-    if !plain || !req.method().is_idempotent() {
+    if !plain {
+        return None;
+    }
+    if grpc {
+        if !r.settings.on_unavailable || r.keep_up_to == 0 {
+            return None;
+        }
+        let again = crate::retry::Again::keep_call(req, r.keep_up_to, forwarding, pick);
+        r.budget.request(now);
+        return Some((r, again));
+    }
+    if !req.method().is_idempotent() {
         return None;
     }
     let body = if http_body::Body::is_end_stream(req.body()) {
@@ -1340,13 +1354,18 @@ fn boxed_retry<'a>(
     Box::pin(retry(t, r, again, answered, retried))
 }
 
-/// A try's answer's status, or how it failed.
+/// A try's answer's status (and, for a `grpc` call, its head's
+/// grpc-status), or how it failed.
 fn status_of(
     sent: &Result<(), ProxyError>,
     answer: Option<&Exchanged>,
-) -> Result<StatusCode, ProxyError> {
+    grpc: bool,
+) -> Result<(StatusCode, Option<u8>), ProxyError> {
     match (sent, answer) {
-        (Ok(()), Some((resp, _, _))) => Ok(resp.status()),
+        (Ok(()), Some((resp, _, _))) => Ok((
+            resp.status(),
+            grpc.then(|| crate::grpc::status(resp.headers())).flatten(),
+        )),
         (Ok(()), None) => Err(ProxyError::UpstreamProtocol),
         (Err(e), _) => Err(*e),
     }
@@ -1365,21 +1384,35 @@ async fn retry(
     retried: &Retried,
 ) -> Result<Exchanged, ProxyError> {
     let due = t.deadlines.start + t.deadlines.upstream;
+    // How the judge hears a request sent again: failed as its first try
+    // did (a gRPC call's UNAVAILABLE only if the route counts it).
     let failed = match answered {
-        Err(ProxyError::UpstreamTimeout) => Outcome::Timeout,
-        _ => Outcome::Error,
+        Err(ProxyError::UpstreamTimeout) => Some(Outcome::Timeout),
+        _ if t.grpc => Some(crate::grpc::outcome(
+            crate::grpc::UNAVAILABLE,
+            t.route.grpc_errors,
+            false,
+        ))
+        .filter(|o| *o != Outcome::Ok),
+        _ => Some(Outcome::Error),
     };
-    let _ = retried.failed.set(failed);
     for _ in 0..r.settings.retries {
         let now = Instant::now();
         if now >= due {
             break;
         }
+        // (None: a gRPC call's messages not all gone, or too many to keep.)
+        let Some((req, forwarding)) = again.request() else {
+            break;
+        };
         if !r.budget.admit(now) {
             t.version.metrics.retried(false);
             break;
         }
         t.version.metrics.retried(true);
+        if let Some(failed) = failed {
+            let _ = retried.failed.set(failed);
+        }
         retried
             .sent
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1391,7 +1424,6 @@ async fn retry(
         // The failed answer goes (its connection closed) before the next try.
         drop(answered);
         again.pick = t.version.balancer.retry_pick(&again.pick);
-        let (req, forwarding) = again.request();
         let watch = std::sync::OnceLock::new();
         let used = std::sync::atomic::AtomicUsize::new(usize::MAX);
         let mut answer = None;
@@ -1409,7 +1441,7 @@ async fn retry(
             .await
             .unwrap_or(Err(ProxyError::UpstreamTimeout));
         t.settle(&mut sent, answer.as_ref(), &watch, &used);
-        let wanted = r.wants(status_of(&sent, answer.as_ref()));
+        let wanted = r.wants(status_of(&sent, answer.as_ref(), t.grpc), t.grpc);
         answered = sent.and_then(|()| answer.ok_or(ProxyError::UpstreamProtocol));
         if !wanted {
             break;

@@ -357,6 +357,7 @@ impl Snapshot {
                             |b| b.percent() == percent,
                             || crate::retry::RetryBudget::new(percent),
                         ),
+                        keep_up_to: config.proxy.request_buffer,
                     })
                 }),
                 buffer_full: metrics.request_buffer_full.clone(),

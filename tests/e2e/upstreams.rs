@@ -174,6 +174,9 @@ const NOT_FOUND: u8 = 2;
 const NOT_SERVING: u8 = 3;
 /// Every call fails with INTERNAL, before any message.
 const FAIL_ALL: u8 = 4;
+/// Every call fails with UNAVAILABLE, before any message (a server
+/// draining, or shedding load).
+const UNAVAILABLE: u8 = 5;
 
 /// A gRPC server (the standard health service, implemented here so that
 /// it can fail on purpose).
@@ -213,6 +216,7 @@ impl Health for GrpcPeer {
             FAIL_HALF if n % 2 == 0 => Err(tonic::Status::internal("broken on purpose")),
             NOT_FOUND => Err(tonic::Status::not_found("no such service")),
             FAIL_ALL => Err(tonic::Status::internal("broken on purpose")),
+            UNAVAILABLE => Err(tonic::Status::unavailable("draining")),
             mode => {
                 let status = if mode == NOT_SERVING {
                     ServingStatus::NotServing
@@ -2130,6 +2134,24 @@ async fn a_grpc_endpoint_whose_health_service_says_not_serving_is_taken_out_unti
     assert!(served_by(&mut client).await.contains("b"));
 }
 
+/// The keys (of 60) that the endpoint answering as `name` serves (at
+/// least 3).
+async fn grpc_keys_of(
+    client: &mut HealthClient<tonic::transport::Channel>,
+    name: &str,
+) -> Vec<String> {
+    let mut keys = Vec::new();
+    for i in 0..60 {
+        let key = format!("user-{i}");
+        let r = client.check(check_request(&key)).await.expect("answered");
+        if r.metadata().get("x-upstream").unwrap() == name {
+            keys.push(key);
+        }
+    }
+    assert!(keys.len() >= 3, "{name}: {keys:?}");
+    keys
+}
+
 /// Two gRPC endpoints of stable, a and b, whose failures outlier detection
 /// counts (two in a row eject one for an hour): b, veer, a client, and the
 /// keys (of 60) b serves.
@@ -2142,15 +2164,7 @@ async fn grpc_outlier_pair() -> (
     let detect = "[route.outlier_detection]\nconsecutive_errors = 2\nejection_time = \"1h\"\n";
     let (_a, b, veer) = two_grpc_peers(detect).await;
     let mut client = grpc_client(&veer).await;
-    let mut of_b = Vec::new();
-    for i in 0..60 {
-        let key = format!("user-{i}");
-        let r = client.check(check_request(&key)).await.expect("answered");
-        if r.metadata().get("x-upstream").unwrap() == "b" {
-            of_b.push(key);
-        }
-    }
-    assert!(of_b.len() >= 3, "{of_b:?}");
+    let of_b = grpc_keys_of(&mut client, "b").await;
     (b, veer, client, of_b)
 }
 
@@ -2211,4 +2225,75 @@ async fn a_grpc_endpoint_whose_streams_fail_after_their_messages_is_ejected_too(
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["last"], "grpc-status 13", "{}", lines[0]);
     assert_eq!(lines[0]["endpoint"], b.addr.to_string(), "{}", lines[0]);
+}
+
+/// `[route.retry] on = ["unavailable"]`: a gRPC call its server refused
+/// with UNAVAILABLE before any message goes again to the next endpoint of
+/// its version, with its request message (copied as it went); the judge
+/// hears the call failed. Other failures of a call (INTERNAL) never go
+/// again, nor does a call on a route that does not name "unavailable".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_refused_with_unavailable_goes_to_the_next_endpoint() {
+    let retry = "[route.retry]\non = [\"unavailable\"]\n";
+    let (a, b, veer) = two_grpc_peers(retry).await;
+    let mut client = grpc_client(&veer).await;
+    let of_b = grpc_keys_of(&mut client, "b").await;
+    b.mode.store(UNAVAILABLE, Ordering::SeqCst);
+    let (a_before, b_before) = (
+        a.calls.load(Ordering::SeqCst),
+        b.calls.load(Ordering::SeqCst),
+    );
+    for key in &of_b {
+        let mut req = check_request(key);
+        req.get_mut().service = format!("svc-{key}");
+        let r = client.check(req).await.expect("answered by a");
+        assert_eq!(r.metadata().get("x-upstream").unwrap(), "a", "{key}");
+        // a got the call's own message.
+        assert_eq!(
+            a.last_service.lock().unwrap().as_deref(),
+            Some(format!("svc-{key}").as_str())
+        );
+    }
+    let n = of_b.len() as u64;
+    assert_eq!(b.calls.load(Ordering::SeqCst) - b_before, n);
+    assert_eq!(a.calls.load(Ordering::SeqCst) - a_before, n);
+    let sent = "veer_retries_total{result=\"sent\",route=\"web\",version=\"v1\"}";
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, sent), Some(n as f64), "{m}");
+    // UNAVAILABLE is one of the route's grpc_error_codes: each call failed
+    // once, for the judge.
+    let route = wait_route(&veer, "failures heard", Duration::from_secs(10), |r| {
+        r["window"]["stable"]["errors"].as_u64() >= Some(n)
+    })
+    .await;
+    assert_eq!(route["window"]["stable"]["errors"], n, "{route}");
+
+    // INTERNAL is not sent again: b's answer is the caller's.
+    b.mode.store(FAIL_ALL, Ordering::SeqCst);
+    let e = client
+        .check(check_request(&of_b[0]))
+        .await
+        .expect_err("INTERNAL");
+    assert_eq!(e.code(), tonic::Code::Internal);
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, sent), Some(n as f64), "{m}");
+
+    // A route retrying resets only: a gRPC call (a POST) never goes again.
+    let (_a, b, veer) = two_grpc_peers("[route.retry]\non = [\"reset\", \"503\"]\n").await;
+    let mut client = grpc_client(&veer).await;
+    b.mode.store(UNAVAILABLE, Ordering::SeqCst);
+    let mut refused = 0;
+    for i in 0..60 {
+        let key = format!("user-{i}");
+        match client.check(check_request(&key)).await {
+            Ok(r) => assert_eq!(r.metadata().get("x-upstream").unwrap(), "a"),
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable);
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused >= 3, "{refused}");
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, sent), Some(0.0), "{m}");
 }

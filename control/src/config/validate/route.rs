@@ -651,6 +651,7 @@ impl Validator<'_> {
             on_reset: false,
             on_timeout: false,
             on_status: Vec::new(),
+            on_unavailable: false,
             retries: self.int_in(raw.retries.as_ref(), 1..=2, 1, "retry retries") as u8,
             try_timeout: raw
                 .try_timeout
@@ -679,6 +680,7 @@ impl Validator<'_> {
             match what {
                 "reset" => retry.on_reset = true,
                 "timeout" => retry.on_timeout = true,
+                "unavailable" => retry.on_unavailable = true,
                 "502" | "503" | "504" => {
                     let code = what.parse().unwrap_or(503);
                     if !retry.on_status.contains(&code) {
@@ -688,7 +690,7 @@ impl Validator<'_> {
                 other => self.err(
                     span,
                     format!(
-                        "retry on {other:?} is not one of \"reset\", \"timeout\", \"502\", \"503\", \"504\""
+                        "retry on {other:?} is not one of \"reset\", \"timeout\", \"502\", \"503\", \"504\", \"unavailable\""
                     ),
                 ),
             }

@@ -1351,8 +1351,11 @@ fn retry_has_defaults_and_bounds() {
     ))
     .expect("valid");
     let r = c.routes[0].retry.as_ref().expect("retry");
-    assert!(!r.on_reset && r.on_timeout);
+    assert!(!r.on_reset && r.on_timeout && !r.on_unavailable);
     assert_eq!(r.on_status, [503, 504]);
+    let cu = parse(&format!("{MINIMAL}[route.retry]\non = [\"unavailable\"]\n")).expect("valid");
+    let u = cu.routes[0].retry.as_ref().expect("retry");
+    assert!(u.on_unavailable && !u.on_reset && u.on_status.is_empty());
     assert_eq!(
         (r.retries, r.try_timeout, r.budget_percent),
         (2, Some(Duration::from_secs(1)), 50)

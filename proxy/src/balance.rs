@@ -158,11 +158,19 @@ impl Balancer {
         self.walk(pick.ring_idx, |i, u| i != pick.first && u.is_healthy())
     }
 
-    /// Where a retry of a request picked as `pick` goes: the next healthy
-    /// endpoint after the pick's, in ring order, within the same version;
-    /// the same one when there is no other.
-    pub fn retry_pick(&self, pick: &Pick) -> Pick {
-        match self.fallback(pick) {
+    /// Where a retry of a request picked as `pick` goes, having been to
+    /// the endpoints in `tried` (one bit each, by index): the next healthy
+    /// endpoint in ring order not tried yet, within the same version; else
+    /// the next healthy one other than the pick's; the same one when there
+    /// is no other.
+    pub fn retry_pick(&self, pick: &Pick, tried: u64) -> Pick {
+        if self.endpoints.len() == 1 {
+            return *pick;
+        }
+        let fresh = self.walk(pick.ring_idx, |i, u| {
+            tried & (1u64 << (i % 64)) == 0 && u.is_healthy()
+        });
+        match fresh.or_else(|| self.fallback(pick)) {
             Some(first) => Pick {
                 ring_idx: pick.ring_idx,
                 first,
@@ -283,6 +291,35 @@ mod tests {
         let last = b.pick(key).expect("pick");
         assert_eq!(b.endpoints()[last.first()].addr(), first.addr());
         assert_eq!(b.fallback(&last), None);
+    }
+
+    #[test]
+    fn retries_go_to_endpoints_not_tried_yet() {
+        let reg = Upstreams::new();
+        let b = balancer(
+            &reg,
+            &[
+                ("127.0.0.1:11", 1),
+                ("127.0.0.1:12", 1),
+                ("127.0.0.1:13", 1),
+            ],
+        );
+        let bit = |p: &Pick| 1u64 << p.first();
+        let first = b.pick(b"a-user").expect("pick");
+        let second = b.retry_pick(&first, bit(&first));
+        let third = b.retry_pick(&second, bit(&first) | bit(&second));
+        let all: std::collections::HashSet<usize> =
+            [first.first(), second.first(), third.first()].into();
+        assert_eq!(all.len(), 3, "each try to another endpoint");
+        // All tried: the next other than the last try's.
+        let fourth = b.retry_pick(&third, 0b111);
+        assert_ne!(fourth.first(), third.first());
+        // Two endpoints: the other one, then back.
+        let two = balancer(&reg, &[("127.0.0.1:21", 1), ("127.0.0.1:22", 1)]);
+        let p = two.pick(b"a-user").expect("pick");
+        let q = two.retry_pick(&p, bit(&p));
+        assert_ne!(p.first(), q.first());
+        assert_eq!(two.retry_pick(&q, bit(&p) | bit(&q)).first(), p.first());
     }
 
     #[test]

@@ -95,6 +95,8 @@ pub struct Again {
     forwarding: Option<Arc<Forwarding>>,
     /// The last try's pick: the next goes to the endpoint after it.
     pub pick: Pick,
+    /// The endpoints tried so far (one bit each, by index).
+    pub tried: u64,
 }
 
 impl Again {
@@ -147,6 +149,7 @@ impl Again {
             grant,
             forwarding: forwarding.clone(),
             pick,
+            tried: 1u64 << (pick.first() % 64),
         })
     }
 

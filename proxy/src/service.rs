@@ -1423,7 +1423,8 @@ async fn retry(
         }
         // The failed answer goes (its connection closed) before the next try.
         drop(answered);
-        again.pick = t.version.balancer.retry_pick(&again.pick);
+        again.pick = t.version.balancer.retry_pick(&again.pick, again.tried);
+        again.tried |= 1u64 << (again.pick.first() % 64);
         let watch = std::sync::OnceLock::new();
         let used = std::sync::atomic::AtomicUsize::new(usize::MAX);
         let mut answer = None;

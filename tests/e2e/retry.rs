@@ -193,6 +193,33 @@ async fn a_connection_closed_before_the_answer_is_retried_and_the_budget_caps_re
     }
 }
 
+/// With two retries, each try goes to an endpoint not tried yet: of
+/// three endpoints, two answering 503, every request ends at the third.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_retry_goes_to_an_endpoint_not_tried_yet() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let c = Upstream::start("c").await;
+    let mut config = route_config(&[a.addr, b.addr, c.addr], &[], 0.0, "");
+    config += "[route.retry]\non = [\"503\"]\nretries = 2\nbudget_percent = 100\n";
+    let veer = Veer::start(&config).await;
+    b.status.store(503, Ordering::SeqCst);
+    c.status.store(503, Ordering::SeqCst);
+    let keys: Vec<String> = (0..60).map(|i| format!("user-{i}")).collect();
+    let seen = answers(&veer, &keys).await;
+    assert!(
+        seen.iter().all(|(s, by)| *s == 200 && by == "a"),
+        "{seen:?}"
+    );
+    // Neither failing endpoint was asked twice for one request: b and c
+    // together got at most one try per key that did not start at a, and a
+    // got each key once.
+    assert_eq!(a.requests.load(Ordering::SeqCst), keys.len() as u64);
+    let failing = b.requests.load(Ordering::SeqCst) + c.requests.load(Ordering::SeqCst);
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, SENT), Some(failing as f64), "{m}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retry_budget_lets_a_failing_versions_requests_fail_rather_than_double() {
     let a = Upstream::start("a").await;

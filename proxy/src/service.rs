@@ -272,6 +272,7 @@ pub fn handle(
             log: head
                 .as_ref()
                 .map(|head| (head, &*route.name, client, canary, rid)),
+            retried: &retried,
             answered: false,
         };
         let result = forward(
@@ -651,6 +652,8 @@ struct Waiting<'a> {
     client: u64,
     /// With an access log: what its line says.
     log: Option<LogHead<'a>>,
+    /// Its tries sent again (`[route.retry]`) so far.
+    retried: &'a Retried,
     answered: bool,
 }
 
@@ -695,18 +698,32 @@ impl Drop for Waiting<'_> {
                 bytes: 0,
                 total_micros: self.upload.elapsed_us(Instant::now()),
                 grpc_status: None,
-                // (Not told: a client leaving mid-retry is rare.)
-                retries: 0,
+                retries: self.retried.sent(),
             }
             .line(499, Some(ProxyError::ClientClosed.kind()));
         }
-        given_up(
-            self.version,
-            self.record,
-            waited,
-            self.key_hash,
-            self.client,
-        );
+        match self.retried.failed.get() {
+            // Left while a failed try was being sent again: the version
+            // failed it, whether or not the client waited for the retry.
+            Some(&failed) => {
+                self.version.metrics.given_up();
+                if self.record {
+                    self.version.recorder.record_from(
+                        waited,
+                        failed,
+                        self.key_hash,
+                        Some(self.client),
+                    );
+                }
+            }
+            None => given_up(
+                self.version,
+                self.record,
+                waited,
+                self.key_hash,
+                self.client,
+            ),
+        }
     }
 }
 

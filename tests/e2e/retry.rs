@@ -193,6 +193,50 @@ async fn a_connection_closed_before_the_answer_is_retried_and_the_budget_caps_re
     }
 }
 
+/// A client that leaves while its failed try is being sent again gets a
+/// 499 line saying so (`retries`), and the judge hears the failure, not a
+/// request given up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_retry_leaves_the_failure_heard() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let mut config = route_config(&[a.addr, b.addr], &[], 0.0, "timeout = \"30s\"\n");
+    config += "[route.retry]\non = [\"503\"]\n";
+    let config = config.replacen("[proxy]\n", "[proxy]\naccess_log = \"errors\"\n", 1);
+    let veer = Veer::start(&config).await;
+    let of_b = keys_of(&veer, "b").await;
+    b.status.store(503, Ordering::SeqCst);
+    a.delay_ms.store(20_000, Ordering::SeqCst);
+    let before = a.requests.load(Ordering::SeqCst);
+    let mut raw = tokio::net::TcpStream::connect(veer.addr).await.unwrap();
+    let get = format!(
+        "GET / HTTP/1.1\r\nHost: {}\r\nx-user-id: {}\r\n\r\n",
+        veer.addr, of_b[0]
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut raw, get.as_bytes())
+        .await
+        .unwrap();
+    // The retry reached a (which holds it): the client leaves.
+    let start = std::time::Instant::now();
+    while a.requests.load(Ordering::SeqCst) == before {
+        assert!(start.elapsed() < Duration::from_secs(10), "no retry");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(raw);
+    let lines = veer.logs_with_at_least("request", 1).await;
+    let l = lines
+        .iter()
+        .find(|l| l["target"] == "veer::access")
+        .expect("an access log line");
+    assert_eq!(l["status"], 499, "{l}");
+    assert_eq!(l["retries"], 1, "{l}");
+    let route = wait_route(&veer, "the failure heard", Duration::from_secs(10), |r| {
+        r["window"]["stable"]["errors"].as_u64() >= Some(1)
+    })
+    .await;
+    assert_eq!(route["window"]["stable"]["errors"], 1, "{route}");
+}
+
 /// With two retries, each try goes to an endpoint not tried yet: of
 /// three endpoints, two answering 503, every request ends at the third.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -261,7 +261,6 @@ pub fn handle(
         // counts it against the endpoint that served it then (see `GrpcCall`).
         let trailers_judged = grpc && !canary && route.outlier.is_some();
         let served_by = std::sync::OnceLock::new();
-        let retried = Retried::default();
         let waiting = Waiting {
             shared: &shared,
             version,
@@ -272,7 +271,7 @@ pub fn handle(
             log: head
                 .as_ref()
                 .map(|head| (head, &*route.name, client, canary, rid)),
-            retried: &retried,
+            retried: Retried::default(),
             answered: false,
         };
         let result = forward(
@@ -292,7 +291,7 @@ pub fn handle(
                 arrival: arrival.clone(),
                 served_by: (access != AccessLog::Off || trailers_judged).then_some(&served_by),
                 grpc,
-                retried: &retried,
+                retried: &waiting.retried,
             },
             Deadlines {
                 body: body_timeout,
@@ -303,7 +302,7 @@ pub fn handle(
             &upload,
         )
         .await;
-        waiting.answered();
+        let retried = waiting.answered();
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(start);
         let micros = elapsed.as_micros() as u64;
@@ -653,14 +652,16 @@ struct Waiting<'a> {
     /// With an access log: what its line says.
     log: Option<LogHead<'a>>,
     /// Its tries sent again (`[route.retry]`) so far.
-    retried: &'a Retried,
+    retried: Retried,
     answered: bool,
 }
 
 impl Waiting<'_> {
     /// The answer (or a failure) came: the request goes on as usual.
-    fn answered(mut self) {
+    /// (Its retries' record goes on with the request.)
+    fn answered(mut self) -> Retried {
         self.answered = true;
+        std::mem::take(&mut self.retried)
     }
 }
 

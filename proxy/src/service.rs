@@ -253,7 +253,7 @@ pub fn handle(
         // long-lived by design).
         let read_whole = !grpc
             && !http_body::Body::is_end_stream(req.body())
-            && announced_within(req.body(), request_buffer);
+            && read_first(req.body(), request_buffer, route.max_body);
         // The request line, kept for the access log.
         let head = (access != AccessLog::Off).then(|| RequestLine::of(&req));
         let upload = Upload::since(start);
@@ -996,7 +996,7 @@ struct Hop<'a> {
     /// How long a tunnel may move no byte either way.
     idle_timeout: std::time::Duration,
     /// The body is read whole before the request goes upstream (see
-    /// [`announced_within`]).
+    /// [`read_first`]).
     read_whole: bool,
     /// A copy of the request goes to the canary (`[route.mirror]`).
     shadow: Option<Box<crate::mirror::Seed>>,
@@ -1469,13 +1469,20 @@ async fn retry(
     answered
 }
 
-/// Whether `body` announces a length no longer than `limit` (`[proxy]
-/// request_buffer`; 0: none does): such a body is read whole before its
-/// request takes an upstream connection. See [`crate::upload`].
+/// Whether `body` is read whole before its request takes an upstream
+/// connection: it announces a length no longer than `limit` (`[proxy]
+/// request_buffer`; 0: none is), or, announcing none (chunked, or HTTP/2
+/// frames without `content-length`), its route takes no longer a body
+/// than that (`max_body`), so that one over the route's limit is refused
+/// before any upstream hears of it. See [`crate::upload`].
 #[inline(never)] // a bodiless request never calls it
-fn announced_within(body: &Incoming, limit: usize) -> bool {
+fn read_first(body: &Incoming, limit: usize, max_body: u64) -> bool {
     use http_body::Body;
-    limit > 0 && body.size_hint().upper().is_some_and(|n| n <= limit as u64)
+    limit > 0
+        && match body.size_hint().upper() {
+            Some(n) => n <= limit as u64,
+            None => max_body <= limit as u64,
+        }
 }
 
 /// One of `upstream`'s upload slots (see [`Upstream::upload_slot_now`]),

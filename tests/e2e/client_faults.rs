@@ -527,7 +527,14 @@ async fn bodies_longer_than_the_route_takes_are_the_clients_413_never_the_versio
     assert_eq!(canary.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
     // Found too long as it streams: chunked over HTTP/1.1, DATA frames of
     // no announced length over HTTP/2 (whole, each would be served); and
-    // announced too long over HTTP/2.
+    // announced too long over HTTP/2. A route's limit no longer than
+    // `request_buffer` has such a body read before it goes: no upstream
+    // hears of any of them.
+    let heard = || {
+        stable.requests.load(std::sync::atomic::Ordering::SeqCst)
+            + canary.requests.load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = heard();
     for i in 0..10 {
         let chunked = raw(
             addr,
@@ -540,12 +547,36 @@ async fn bodies_longer_than_the_route_takes_are_the_clients_413_never_the_versio
         assert_eq!(h2_post(addr, &format!("h2-{i}"), false).await, 413);
         assert_eq!(h2_post(addr, &format!("h2-announced{i}"), true).await, 413);
     }
+    // Its first chunk within the limit, the rest a moment later (time
+    // enough for a streamed request's head to reach the upstream).
+    for i in 0..3 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = post_head(&format!("later{i}"), "transfer-encoding: chunked\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let body = two_chunks();
+        let (first, rest) = body.split_at(TWO_CHUNKS_OF_600.len() + 602);
+        s.write_all(first).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(rest).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
+    assert_eq!(
+        heard(),
+        before,
+        "an over-limit body's head reached an upstream"
+    );
     // Within the limit, and on a route that lifts it, bodies go through.
     assert_eq!(post_of(addr, "within", 1000).await, Some(200));
     let files = "POST /files/a HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n";
     assert_eq!(raw(addr, files, &two_chunks(), false).await, Some(200));
     let m = veer.metrics().await;
-    only_the_clients(&m, "body_too_large", 40.0);
+    only_the_clients(&m, "body_too_large", 43.0);
     let s = veer.status().await;
     assert_ne!(s["routes"][0]["verdict"], "reverted", "{}", s["routes"][0]);
     assert!(veer.logs_with("canary reverted").is_empty());

@@ -1816,23 +1816,18 @@ fn exchange<'a>(
             // task writes the request a moment later).
             a.written();
         }
-        // A request without a body sent as an HTTP/2 stream keeps its head: a
-        // stream the server refused unprocessed (a GOAWAY that crossed it, as
-        // on a graceful shutdown; REFUSED_STREAM) is sent again. So does an
-        // idempotent one on an HTTP/1.1 connection that lay idle (see
-        // `STALE_AFTER`) and that the server closed under it (see
-        // `stale_keep_alive`). (Boxed: it is rare on HTTP/1.1, and the request
-        // path's future stays small.)
+        // A request sent as an HTTP/2 stream keeps its head, and its body
+        // when it has none or veer read it whole first: a stream the server
+        // refused unprocessed (a GOAWAY that crossed it, as on a graceful
+        // shutdown; REFUSED_STREAM) is sent again. So does an idempotent
+        // one on an HTTP/1.1 connection that lay idle (see `STALE_AFTER`)
+        // and that the server closed under it (see `stale_keep_alive`).
+        // (Boxed: it is rare on HTTP/1.1, and the request path's future
+        // stays small.)
         let stale = sender.lay_idle() && req.method().is_idempotent();
-        let again =
-            ((sender.is_h2() || stale) && http_body::Body::is_end_stream(req.body())).then(|| {
-                let mut head = Request::new(());
-                *head.method_mut() = req.method().clone();
-                *head.uri_mut() = req.uri().clone();
-                *head.version_mut() = req.version();
-                *head.headers_mut() = req.headers().clone();
-                Box::new(head)
-            });
+        let again = (sender.is_h2() || stale)
+            .then(|| resendable(&req))
+            .flatten();
         if let Some(w) = sender.h2_watch() {
             let _ = watch.set(w);
         }
@@ -1846,6 +1841,25 @@ fn exchange<'a>(
     }
 }
 
+/// `req`'s head and body, kept to send it again on a fresh connection
+/// should its own refuse it unprocessed (see [`resend`]): a request
+/// without a body, or one whose body veer read whole before it went (its
+/// bytes shared, held until the answer's head); `None` for one whose body
+/// streams.
+fn resendable(req: &Request<RequestBody>) -> Option<Box<Request<bytes::Bytes>>> {
+    let body = if http_body::Body::is_end_stream(req.body()) {
+        bytes::Bytes::new()
+    } else {
+        req.body().held_whole()?
+    };
+    let mut kept = Request::new(body);
+    *kept.method_mut() = req.method().clone();
+    *kept.uri_mut() = req.uri().clone();
+    *kept.version_mut() = req.version();
+    *kept.headers_mut() = req.headers().clone();
+    Some(Box::new(kept))
+}
+
 /// After [`exchange`]'s request failed on its connection: a request the
 /// connection gave back (it closed before the request was written), or
 /// one that may be sent again (see `again` there), goes on a fresh
@@ -1855,7 +1869,7 @@ async fn resend(
     upstream: &Arc<Upstream>,
     sender: Sender,
     mut e: hyper::client::conn::TrySendError<Request<RequestBody>>,
-    again: Option<Box<Request<()>>>,
+    again: Option<Box<Request<bytes::Bytes>>>,
     stale: bool,
 ) -> Result<(Response<Incoming>, Sender, Arc<Upstream>), ProxyError> {
     let message = e.take_message().or_else(|| {
@@ -1866,7 +1880,7 @@ async fn resend(
         };
         again
             .filter(|_| resend)
-            .map(|head| head.map(|()| RequestBody::copy(bytes::Bytes::new())))
+            .map(|kept| kept.map(RequestBody::copy))
     });
     let Some(req) = message else {
         let kind = ProxyError::from_hyper(e.error());

@@ -2297,3 +2297,81 @@ async fn a_grpc_call_refused_with_unavailable_goes_to_the_next_endpoint() {
     let m = veer.metrics().await;
     assert_eq!(metric(&m, sent), Some(0.0), "{m}");
 }
+
+/// An HTTP/2 upstream refusing every other stream unprocessed
+/// (RST_STREAM REFUSED_STREAM, as a server shedding streams at its
+/// concurrency limit or on shutdown does): a request whose body veer read
+/// whole first (a POST among them, which the server never saw) is sent
+/// again on a fresh connection with that body; one whose body streams is
+/// the client's 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refused_unprocessed_goes_again_with_its_read_body() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let streams = Arc::new(AtomicU64::new(0));
+    let seen = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if seen.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let mut got = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            got.extend_from_slice(&chunk);
+                        }
+                        let Ok(mut send) = respond.send_response(Response::new(()), false) else {
+                            return;
+                        };
+                        let _ = send.send_data(Bytes::from(got), true);
+                    });
+                }
+            });
+        }
+    });
+    let veer = Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{addr}\"]"),
+        None,
+        "",
+    ))
+    .await;
+    let mut client = super::support::Client::connect(veer.addr).await.unwrap();
+    for i in 0..6 {
+        let body = Bytes::from(format!("order {i}: two lattes"));
+        let r = client
+            .send(http::Method::POST, "/orders", &[], body.clone())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.body(), &body, "request {i}");
+    }
+    // A body announced longer than request_buffer streams: refused, it is
+    // the client's 502 (its bytes are gone).
+    let mut failed = 0;
+    for i in 0..4 {
+        let r = client
+            .send(
+                http::Method::POST,
+                "/upload",
+                &[],
+                Bytes::from(vec![b'u'; 20_000]),
+            )
+            .await
+            .unwrap();
+        if r.status() == 502 {
+            failed += 1;
+        } else {
+            assert_eq!(r.status(), 200, "upload {i}");
+        }
+    }
+    assert!(failed >= 1, "no streamed body was refused");
+}

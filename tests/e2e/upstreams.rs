@@ -320,6 +320,16 @@ fn check_request(key: &str) -> tonic::Request<HealthCheckRequest> {
     r
 }
 
+/// veer with one route whose stable version is the h2c endpoint `addr`.
+async fn veer_before_h2c(addr: SocketAddr) -> Veer {
+    Veer::start(&config(
+        &format!("version = \"v1\"\nendpoints = [\"h2c://{addr}\"]"),
+        None,
+        "",
+    ))
+    .await
+}
+
 /// One route: `stable` and `canary` are whole TOML version tables' bodies.
 fn config(stable: &str, canary: Option<&str>, extra: &str) -> String {
     let canary = canary.map_or(String::new(), |c| format!("[route.canary]\n{c}\n"));
@@ -1103,12 +1113,7 @@ async fn an_h2c_upstream_serves_http_clients_and_refuses_upgrades_clearly() {
             });
         }
     });
-    let veer = Veer::start(&config(
-        &format!("version = \"v1\"\nendpoints = [\"h2c://{addr}\"]"),
-        None,
-        "",
-    ))
-    .await;
+    let veer = veer_before_h2c(addr).await;
     // An HTTP/1.1 client; its Host becomes the :authority.
     let r = get(veer.addr, "/", &[("host", "shop.example")])
         .await
@@ -1264,12 +1269,7 @@ async fn an_h2c_upstream_closing_its_connections_loses_no_request() {
             });
         }
     });
-    let veer = Veer::start(&config(
-        &format!("version = \"v1\"\nendpoints = [\"h2c://{addr}\"]"),
-        None,
-        "",
-    ))
-    .await;
+    let veer = veer_before_h2c(addr).await;
     let mut client = super::support::Client::connect(veer.addr).await.unwrap();
     for i in 0..30 {
         let r = client.get("/", &[]).await.unwrap();
@@ -1333,12 +1333,7 @@ async fn bidi_streaming_calls_flow_both_ways_message_by_message() {
             });
         }
     });
-    let veer = Veer::start(&config(
-        &format!("version = \"v1\"\nendpoints = [\"h2c://{addr}\"]"),
-        None,
-        "",
-    ))
-    .await;
+    let veer = veer_before_h2c(addr).await;
     let mut sender = super::support::h2c(veer.addr).await;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let req = Request::post(format!("http://{}/echo.Echo/Chat", veer.addr))
@@ -2338,12 +2333,7 @@ async fn a_stream_refused_unprocessed_goes_again_with_its_read_body() {
             });
         }
     });
-    let veer = Veer::start(&config(
-        &format!("version = \"v1\"\nendpoints = [\"h2c://{addr}\"]"),
-        None,
-        "",
-    ))
-    .await;
+    let veer = veer_before_h2c(addr).await;
     let mut client = super::support::Client::connect(veer.addr).await.unwrap();
     for i in 0..6 {
         let body = Bytes::from(format!("order {i}: two lattes"));

@@ -138,13 +138,8 @@ impl Again {
         forwarding: &Option<Arc<Forwarding>>,
         pick: Pick,
     ) -> Box<Again> {
-        let mut head = Request::new(());
-        *head.method_mut() = req.method().clone();
-        *head.uri_mut() = req.uri().clone();
-        *head.version_mut() = req.version();
-        *head.headers_mut() = req.headers().clone();
         Box::new(Again {
-            head,
+            head: copy_head(req, ()),
             body,
             grant,
             forwarding: forwarding.clone(),
@@ -168,13 +163,20 @@ impl Again {
         let Kept::Bytes(body) = &self.body else {
             return None;
         };
-        let mut req = Request::new(RequestBody::copy(body.clone()));
-        *req.method_mut() = self.head.method().clone();
-        *req.uri_mut() = self.head.uri().clone();
-        *req.version_mut() = self.head.version();
-        *req.headers_mut() = self.head.headers().clone();
+        let req = copy_head(&self.head, RequestBody::copy(body.clone()));
         Some((req, self.forwarding.clone()))
     }
+}
+
+/// A request with `req`'s method, target, version and header fields (a
+/// copy of them), and `body`.
+pub fn copy_head<A, B>(req: &Request<A>, body: B) -> Request<B> {
+    let mut copy = Request::new(body);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
 }
 
 /// A request's body as kept to send again.

@@ -1852,12 +1852,7 @@ fn resendable(req: &Request<RequestBody>) -> Option<Box<Request<bytes::Bytes>>> 
     } else {
         req.body().held_whole()?
     };
-    let mut kept = Request::new(body);
-    *kept.method_mut() = req.method().clone();
-    *kept.uri_mut() = req.uri().clone();
-    *kept.version_mut() = req.version();
-    *kept.headers_mut() = req.headers().clone();
-    Some(Box::new(kept))
+    Some(Box::new(crate::retry::copy_head(req, body)))
 }
 
 /// After [`exchange`]'s request failed on its connection: a request the

@@ -114,6 +114,23 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
     if proxy.request_id {
         v.request_id_kept(&raw.route);
     }
+    if proxy.request_buffer == 0 {
+        // No body is kept: a gRPC call's messages neither.
+        for r in &raw.route {
+            let on = r
+                .get_ref()
+                .retry
+                .as_ref()
+                .and_then(|t| t.get_ref().on.as_ref());
+            if let Some(u) = on
+                .into_iter()
+                .flat_map(|on| on.get_ref())
+                .find(|s| s.get_ref() == "unavailable")
+            {
+                v.warn(u.span(), "retry on \"unavailable\" with [proxy] request_buffer = 0: no gRPC call's messages are kept, so none is sent again");
+            }
+        }
+    }
     if proxy.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
         // No client certificate is ever verified: nobody would be served.
         for r in &raw.route {

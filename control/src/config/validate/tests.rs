@@ -1356,6 +1356,16 @@ fn retry_has_defaults_and_bounds() {
     let cu = parse(&format!("{MINIMAL}[route.retry]\non = [\"unavailable\"]\n")).expect("valid");
     let u = cu.routes[0].retry.as_ref().expect("retry");
     assert!(u.on_unavailable && !u.on_reset && u.on_status.is_empty());
+    assert!(cu.warnings.is_empty(), "{:?}", cu.warnings);
+    // With no request body kept, no gRPC call can go again: said.
+    let unkept = parse(&format!(
+        "[proxy]\nrequest_buffer = 0\n{MINIMAL}[route.retry]\non = [\"reset\", \"unavailable\"]\n"
+    ))
+    .expect("valid");
+    assert_eq!(unkept.warnings.len(), 1, "{:?}", unkept.warnings);
+    assert!(unkept.warnings[0]
+        .message
+        .contains("no gRPC call's messages are kept"));
     assert_eq!(
         (r.retries, r.try_timeout, r.budget_percent),
         (2, Some(Duration::from_secs(1)), 50)

@@ -5,6 +5,7 @@
 //! goes again only when veer read it whole first; the retry budget caps
 //! retries.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,15 @@ use super::support::{metric, route_config, wait_route, Client, Upstream, Veer};
 const SENT: &str = "veer_retries_total{result=\"sent\",route=\"web\",version=\"v1\"}";
 const SPENT: &str = "veer_retries_total{result=\"budget_spent\",route=\"web\",version=\"v1\"}";
 
+/// veer before `upstreams` (stable's endpoints), the route's own keys
+/// `route_keys`, its `[route.retry]` table's `retry` keys, and an
+/// `errors` access log.
+async fn retrying(upstreams: &[SocketAddr], route_keys: &str, retry: &str) -> Veer {
+    let config = route_config(upstreams, &[], 0.0, route_keys) + "[route.retry]\n" + retry;
+    let config = config.replacen("[proxy]\n", "[proxy]\naccess_log = \"errors\"\n", 1);
+    Veer::start(&config).await
+}
+
 /// The keys (of 100) that `name` serves (at least 3).
 async fn keys_of(veer: &Veer, name: &str) -> Vec<String> {
     let keys: Vec<String> = (0..100).map(|i| format!("user-{i}")).collect();
@@ -30,10 +40,8 @@ async fn keys_of(veer: &Veer, name: &str) -> Vec<String> {
 async fn a_failed_try_goes_to_the_next_endpoint_and_the_judge_hears_the_request_failed() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
-    let mut config = route_config(&[a.addr, b.addr], &[], 0.0, "timeout = \"5s\"\n");
-    config += "[route.retry]\non = [\"503\", \"timeout\"]\ntry_timeout = \"300ms\"\n";
-    let config = config.replacen("[proxy]\n", "[proxy]\naccess_log = \"errors\"\n", 1);
-    let veer = Veer::start(&config).await;
+    let retry = "on = [\"503\", \"timeout\"]\ntry_timeout = \"300ms\"\n";
+    let veer = retrying(&[a.addr, b.addr], "timeout = \"5s\"\n", retry).await;
     let of_b = keys_of(&veer, "b").await;
 
     // b answers 503: each of its keys' requests is answered by a, after
@@ -200,10 +208,7 @@ async fn a_connection_closed_before_the_answer_is_retried_and_the_budget_caps_re
 async fn a_client_leaving_mid_retry_leaves_the_failure_heard() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
-    let mut config = route_config(&[a.addr, b.addr], &[], 0.0, "timeout = \"30s\"\n");
-    config += "[route.retry]\non = [\"503\"]\n";
-    let config = config.replacen("[proxy]\n", "[proxy]\naccess_log = \"errors\"\n", 1);
-    let veer = Veer::start(&config).await;
+    let veer = retrying(&[a.addr, b.addr], "timeout = \"30s\"\n", "on = [\"503\"]\n").await;
     let of_b = keys_of(&veer, "b").await;
     b.status.store(503, Ordering::SeqCst);
     a.delay_ms.store(20_000, Ordering::SeqCst);
@@ -244,9 +249,8 @@ async fn each_retry_goes_to_an_endpoint_not_tried_yet() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
     let c = Upstream::start("c").await;
-    let mut config = route_config(&[a.addr, b.addr, c.addr], &[], 0.0, "");
-    config += "[route.retry]\non = [\"503\"]\nretries = 2\nbudget_percent = 100\n";
-    let veer = Veer::start(&config).await;
+    let retry = "on = [\"503\"]\nretries = 2\nbudget_percent = 100\n";
+    let veer = retrying(&[a.addr, b.addr, c.addr], "", retry).await;
     b.status.store(503, Ordering::SeqCst);
     c.status.store(503, Ordering::SeqCst);
     let keys: Vec<String> = (0..60).map(|i| format!("user-{i}")).collect();
@@ -268,9 +272,12 @@ async fn each_retry_goes_to_an_endpoint_not_tried_yet() {
 async fn the_retry_budget_lets_a_failing_versions_requests_fail_rather_than_double() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
-    let mut config = route_config(&[a.addr, b.addr], &[], 0.0, "");
-    config += "[route.retry]\non = [\"503\"]\nbudget_percent = 1\n";
-    let veer = Veer::start(&config).await;
+    let veer = retrying(
+        &[a.addr, b.addr],
+        "",
+        "on = [\"503\"]\nbudget_percent = 1\n",
+    )
+    .await;
     // Both endpoints answer 503: every request is a retry candidate; the
     // budget (10 a second over 10 s, plus 1 %) runs out, and past it the
     // clients get the 503 without a second try.

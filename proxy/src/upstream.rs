@@ -44,6 +44,116 @@ fn upload_slots(cap: usize) -> usize {
     (cap / 2).max(1)
 }
 
+/// A semaphore a reload may shrink while its permits are held: what it
+/// cannot take back at once (permits in use) is owed, and the next
+/// permits taken pay it off (each forgotten rather than used), so the new
+/// size holds as the busy ones come back. (tokio's `forget_permits` takes
+/// only free permits: without the debt, a cap lowered while every
+/// connection was busy stayed at the old one for good.)
+struct Capped {
+    sem: Arc<Semaphore>,
+    /// Permits to forget as they are taken.
+    owed: AtomicUsize,
+}
+
+impl Capped {
+    fn new(size: usize) -> Capped {
+        Capped {
+            sem: Arc::new(Semaphore::new(size)),
+            owed: AtomicUsize::new(0),
+        }
+    }
+
+    /// From `old` permits in all to `new`.
+    fn resize(&self, old: usize, new: usize) {
+        if new > old {
+            // A debt still owed is forgiven before permits are added.
+            let grow = new - old;
+            let forgiven = match self
+                .owed
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| {
+                    Some(o - o.min(grow))
+                }) {
+                Ok(o) | Err(o) => o.min(grow),
+            };
+            self.sem.add_permits(grow - forgiven);
+        } else if new < old {
+            let shrink = old - new;
+            let taken = self.sem.forget_permits(shrink);
+            self.owed.fetch_add(shrink - taken, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a permit just taken pays off the debt (the caller forgets
+    /// it and takes another).
+    fn pays(&self) -> bool {
+        self.owed.load(Ordering::Relaxed) > 0
+            && self
+                .owed
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| o.checked_sub(1))
+                .is_ok()
+    }
+
+    /// A free permit, if any.
+    fn try_owned(&self) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let p = self.sem.clone().try_acquire_owned().ok()?;
+            if !self.pays() {
+                return Some(p);
+            }
+            p.forget();
+        }
+    }
+
+    /// A permit, waiting for one (`None`: the semaphore was closed).
+    async fn owned(&self) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let p = self.sem.clone().acquire_owned().await.ok()?;
+            if !self.pays() {
+                return Some(p);
+            }
+            p.forget();
+        }
+    }
+
+    /// [`Capped::try_owned`], borrowed.
+    fn try_borrowed(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        loop {
+            let p = self.sem.try_acquire().ok()?;
+            if !self.pays() {
+                return Some(p);
+            }
+            p.forget();
+        }
+    }
+
+    /// [`Capped::owned`], borrowed.
+    async fn borrowed(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        loop {
+            let p = self.sem.acquire().await.ok()?;
+            if !self.pays() {
+                return Some(p);
+            }
+            p.forget();
+        }
+    }
+
+    /// `p`, unless it pays off the debt: then it is forgotten, and the
+    /// connection holding it is to close.
+    fn settle(&self, p: OwnedSemaphorePermit) -> Option<OwnedSemaphorePermit> {
+        if self.pays() {
+            p.forget();
+            return None;
+        }
+        Some(p)
+    }
+
+    /// Whether permits are owed (the cap was lowered below those in use).
+    fn owes(&self) -> bool {
+        self.owed.load(Ordering::Relaxed) > 0
+    }
+}
+
 /// Idle connections kept per endpoint.
 const MAX_IDLE: usize = 256;
 /// An idle pooled connection older than this is closed rather than reused.
@@ -458,7 +568,8 @@ pub struct Sender {
     /// Over TLS: absolute request URIs on HTTP/2 say `https` (a flag, not
     /// a [`http::uri::Scheme`]: the sender travels with every response).
     tls: bool,
-    _permit: Option<OwnedSemaphorePermit>,
+    /// Its connection permit (HTTP/1.1), held while the connection is open.
+    permit: Option<OwnedSemaphorePermit>,
     /// An HTTP/1.1 connection taken from the idle pool after lying idle
     /// for at least [`STALE_AFTER`] (see [`stale_keep_alive`]).
     lay_idle: bool,
@@ -682,12 +793,12 @@ pub struct Upstream {
     /// no stream wait for it rather than each opening their own.
     h2_opening: tokio::sync::Mutex<()>,
     /// One permit per connection that may be open.
-    permits: Arc<Semaphore>,
+    permits: Capped,
     /// The cap the permits were sized for.
     cap: AtomicUsize,
     /// One permit per connection that may carry a request whose body
     /// still streams from its client: half the cap ([`upload_slots`]).
-    uploads: Arc<Semaphore>,
+    uploads: Capped,
     /// Requests waiting for a connection.
     waiting: AtomicUsize,
     /// Signalled when a connection comes back idle or a stream ends.
@@ -810,9 +921,9 @@ impl Upstream {
             speaks_h2: AtomicBool::new(speaks_h2),
             h2_known: AtomicBool::new(h2_known),
             h2_opening: tokio::sync::Mutex::new(()),
-            permits: Arc::new(Semaphore::new(cap)),
+            permits: Capped::new(cap),
             cap: AtomicUsize::new(cap),
-            uploads: Arc::new(Semaphore::new(upload_slots(cap))),
+            uploads: Capped::new(upload_slots(cap)),
             waiting: AtomicUsize::new(0),
             returned: Arc::new(Notify::new()),
             down_until_ms: AtomicU64::new(0),
@@ -1106,7 +1217,7 @@ impl Upstream {
                 },
             ),
             tls: self.connector.is_tls(),
-            _permit: None,
+            permit: None,
             lay_idle: false,
             pooled: false,
         })
@@ -1114,9 +1225,16 @@ impl Upstream {
 
     /// Returns a connection whose last response was read to the end (an
     /// HTTP/2 stream just gives its place back).
-    pub fn checkin(&self, sender: Sender) {
+    pub fn checkin(&self, mut sender: Sender) {
         if sender.is_closed() || sender.is_h2() {
             return;
+        }
+        // Over a cap a reload lowered: closed, its permit forgotten.
+        if self.permits.owes() {
+            match sender.permit.take().map(|p| self.permits.settle(p)) {
+                Some(None) => return,
+                kept => sender.permit = kept.flatten(),
+            }
         }
         let idle = self.idle.get_or_init(|| ArrayQueue::new(MAX_IDLE));
         let _ = idle.push(Idle {
@@ -1126,20 +1244,26 @@ impl Upstream {
         self.returned.notify_one();
     }
 
-    /// Resizes the connection cap (a reload changed it). Permits in use are
-    /// not taken back: shrinking takes effect as connections close.
+    /// Resizes the connection cap (a reload changed it). Below the
+    /// connections open, idle ones are closed at once and busy HTTP/1.1
+    /// ones as they come back (an HTTP/2 connection as it ends); new ones
+    /// wait until the endpoint is under the new cap.
     fn set_cap(&self, cap: usize) {
         let old = self.cap.swap(cap, Ordering::Relaxed);
-        if cap > old {
-            self.permits.add_permits(cap - old);
-        } else if cap < old {
-            let _ = self.permits.forget_permits(old - cap);
-        }
-        let (old, new) = (upload_slots(old), upload_slots(cap));
-        if new > old {
-            self.uploads.add_permits(new - old);
-        } else if new < old {
-            let _ = self.uploads.forget_permits(old - new);
+        self.permits.resize(old, cap);
+        self.uploads.resize(upload_slots(old), upload_slots(cap));
+        while self.permits.owes() {
+            let Some(idle) = self.idle.get().and_then(ArrayQueue::pop) else {
+                break;
+            };
+            let mut sender = idle.sender;
+            if let Some(p) = sender.permit.take() {
+                if let Some(p) = self.permits.settle(p) {
+                    sender.permit = Some(p);
+                    self.checkin(sender);
+                    break;
+                }
+            }
         }
     }
 
@@ -1155,7 +1279,7 @@ impl Upstream {
         if self.speaks_h2.load(Ordering::Relaxed) && self.h2_known.load(Ordering::Relaxed) {
             return Some(None);
         }
-        self.uploads.try_acquire().ok().map(Some)
+        self.uploads.try_borrowed().map(Some)
     }
 
     /// Waits at most `timeout` for an upload slot (see
@@ -1164,8 +1288,8 @@ impl Upstream {
         &self,
         timeout: Duration,
     ) -> Result<tokio::sync::SemaphorePermit<'_>, ProxyError> {
-        match tokio::time::timeout(timeout, self.uploads.acquire()).await {
-            Ok(Ok(p)) => Ok(p),
+        match tokio::time::timeout(timeout, self.uploads.borrowed()).await {
+            Ok(Some(p)) => Ok(p),
             _ => Err(ProxyError::Overloaded),
         }
     }
@@ -1225,7 +1349,7 @@ impl Upstream {
         } else {
             None
         };
-        if let Ok(p) = self.permits.clone().try_acquire_owned() {
+        if let Some(p) = self.permits.try_owned() {
             return self.open(p, timeout, h1_only, raw).await;
         }
         let cap = self.cap.load(Ordering::Relaxed);
@@ -1236,7 +1360,7 @@ impl Upstream {
         let deadline = tokio::time::Instant::now() + timeout;
         let got = loop {
             tokio::select! {
-                p = self.permits.clone().acquire_owned() => break p.map_err(|_| ProxyError::Overloaded).map(Ok),
+                p = self.permits.owned() => break p.ok_or(ProxyError::Overloaded).map(Ok),
                 () = self.returned.notified(), if !fresh => {
                     if let Some(s) = self.checkout(raw) {
                         break Ok(Err(s));
@@ -1284,7 +1408,7 @@ impl Upstream {
             return Ok(Sender {
                 inner: Inner::Raw(Box::new(crate::raw::RawConn::new(stream))),
                 tls: self.connector.is_tls(),
-                _permit: Some(permit),
+                permit: Some(permit),
                 lay_idle: false,
                 pooled: false,
             });
@@ -1308,7 +1432,7 @@ impl Upstream {
                 Ok(Sender {
                     inner: Inner::H1(sender),
                     tls,
-                    _permit: permit,
+                    permit,
                     lay_idle: false,
                     pooled: false,
                 })
@@ -1340,7 +1464,7 @@ impl Upstream {
                         },
                     ),
                     tls,
-                    _permit: None,
+                    permit: None,
                     lay_idle: false,
                     pooled: false,
                 })
@@ -1497,6 +1621,45 @@ mod tests {
         let silent = watch(&state);
         silent.timed_out();
         assert!(state.retired.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_cap_shrunk_while_its_connections_are_busy_holds_once_they_close() {
+        let reg = Upstreams::new();
+        let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let u = reg.get(addr, Connector::H1, 8);
+        let taken = |u: &Upstream| {
+            let mut held = Vec::new();
+            while let Some(p) = u.permits.try_owned() {
+                held.push(p);
+            }
+            held
+        };
+        fn slots(u: &Upstream) -> Vec<tokio::sync::SemaphorePermit<'_>> {
+            let mut held = Vec::new();
+            while let Some(Some(slot)) = u.upload_slot_now() {
+                held.push(slot);
+            }
+            held
+        }
+        // Every connection and upload slot busy when a reload lowers the cap.
+        let busy = taken(&u);
+        let uploading = slots(&u);
+        assert_eq!((busy.len(), uploading.len()), (8, 4));
+        let u = reg.get(addr, Connector::H1, 3);
+        assert!(taken(&u).is_empty(), "none free while 8 are busy");
+        drop(uploading);
+        drop(busy);
+        // Once they closed: the new cap, not the old one.
+        assert_eq!(taken(&u).len(), 3);
+        assert_eq!(slots(&u).len(), 1);
+        // Raised again before all came back: the debt is forgiven first.
+        let busy = taken(&u);
+        reg.get(addr, Connector::H1, 2);
+        let u = reg.get(addr, Connector::H1, 6);
+        drop(busy);
+        assert_eq!(taken(&u).len(), 6);
+        assert_eq!(slots(&u).len(), 3);
     }
 
     #[test]

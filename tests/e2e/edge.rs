@@ -305,6 +305,67 @@ async fn upstream_connections_are_capped_and_the_excess_gets_503_overloaded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cap_lowered_while_every_connection_is_busy_holds_once_they_finish() {
+    let s = Upstream::start("stable").await;
+    s.delay_ms.store(1_000, std::sync::atomic::Ordering::SeqCst);
+    let config = |cap: usize| {
+        route_config(
+            &[s.addr],
+            &[],
+            0.0,
+            &format!("max_upstream_connections = {cap}\nconnect_timeout = \"500ms\""),
+        )
+    };
+    let veer = Veer::start(&config(6)).await;
+    let burst = |n: usize| -> Vec<_> {
+        (0..n)
+            .map(|_| {
+                let addr = veer.addr;
+                tokio::spawn(async move { get(addr, "/", &[]).await.map(|r| r.status().as_u16()) })
+            })
+            .collect()
+    };
+    let open = || s.open.load(std::sync::atomic::Ordering::SeqCst);
+    // Six requests on six connections, all busy when the cap drops to 2.
+    let busy = burst(6);
+    let until = Instant::now() + Duration::from_secs(20);
+    while open() < 6 {
+        assert!(Instant::now() < until, "{} connections open", open());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    veer.write_config(&config(2));
+    veer.wait_generation(2).await;
+    for t in busy {
+        assert_eq!(t.await.unwrap().unwrap(), 200);
+    }
+    // Four of the six are closed as they come back, not kept idle.
+    let until = Instant::now() + Duration::from_secs(20);
+    while open() > 2 {
+        assert!(
+            Instant::now() < until,
+            "{} upstream connections open under a cap of 2",
+            open()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // And no more than two are opened again for the next burst: the
+    // others wait their turn, then are answered 503 overloaded.
+    s.delay_ms.store(3_000, std::sync::atomic::Ordering::SeqCst);
+    s.peak_open
+        .store(open(), std::sync::atomic::Ordering::SeqCst);
+    let mut codes = Vec::new();
+    for t in burst(8) {
+        codes.push(t.await.unwrap().unwrap());
+    }
+    assert!(codes.iter().all(|c| *c == 200 || *c == 503), "{codes:?}");
+    let peak = s.peak_open.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        peak <= 2,
+        "{peak} upstream connections at once under a cap of 2: {codes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_tunnels_hold_their_slot_are_counted_and_close_when_idle() {
     use futures_util::{SinkExt, StreamExt};
     let s = Upstream::start("stable").await;

@@ -44,6 +44,8 @@ pub struct Upstream {
     pub connections: AtomicU64,
     /// TCP connections open now (accepted, not ended).
     pub open: AtomicU64,
+    /// The most `open` has been (since set).
+    pub peak_open: AtomicU64,
     /// Headers of the last request.
     pub last_headers: Mutex<HeaderMap>,
     /// Request target of the last request.
@@ -77,6 +79,7 @@ impl Upstream {
             slow_ms: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             open: AtomicU64::new(0),
+            peak_open: AtomicU64::new(0),
             last_headers: Mutex::new(HeaderMap::new()),
             last_uri: Mutex::new(String::new()),
             body_bytes: AtomicU64::new(0),
@@ -90,7 +93,8 @@ impl Upstream {
                     return;
                 };
                 me.connections.fetch_add(1, Ordering::SeqCst);
-                me.open.fetch_add(1, Ordering::SeqCst);
+                let open = me.open.fetch_add(1, Ordering::SeqCst) + 1;
+                me.peak_open.fetch_max(open, Ordering::SeqCst);
                 let me = me.clone();
                 tokio::spawn(async move {
                     let served = me.clone();

@@ -300,10 +300,14 @@ async fn answer(
         }
         "/metrics" => {
             let metrics = shared.metrics.clone();
+            let snap = shared.snapshot.load_full();
             render(
                 admin,
                 "text/plain; version=0.0.4; charset=utf-8",
-                move || metrics.encode().into_bytes(),
+                move || {
+                    let pools = crate::pool_metrics::families(&snap);
+                    metrics.encode(pools).into_bytes()
+                },
             )
             .await
         }

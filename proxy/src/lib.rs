@@ -31,6 +31,7 @@ pub mod mirror;
 pub mod notify;
 pub mod path;
 pub mod persist;
+pub mod pool_metrics;
 pub mod protocol;
 pub mod proxy_header;
 pub mod publish;

@@ -684,10 +684,13 @@ impl Metrics {
         }
     }
 
-    /// The text exposition of every metric.
-    pub fn encode(&self) -> String {
+    /// The text exposition of every metric, and of `more` (families read
+    /// at the scrape from elsewhere).
+    pub fn encode(&self, more: Vec<prometheus::proto::MetricFamily>) -> String {
         let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        let mut families = self.registry.gather();
+        families.extend(more);
+        let _ = TextEncoder::new().encode(&families, &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
 }

@@ -152,6 +152,27 @@ impl Capped {
     fn owes(&self) -> bool {
         self.owed.load(Ordering::Relaxed) > 0
     }
+
+    /// Permits taken and not yet given back (an estimate while they move).
+    fn in_use(&self, size: usize) -> usize {
+        (size + self.owed.load(Ordering::Relaxed)).saturating_sub(self.sem.available_permits())
+    }
+}
+
+/// What an endpoint's connections are doing (read for `/metrics`, see
+/// [`crate::pool_metrics`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Open with a request on them (an HTTP/2 connection with a stream),
+    /// or being opened.
+    pub busy: usize,
+    /// Open and idle: pooled HTTP/1.1 connections, HTTP/2 ones without a
+    /// stream.
+    pub idle: usize,
+    /// The connection cap.
+    pub limit: usize,
+    /// Requests waiting for a connection.
+    pub waiting: usize,
 }
 
 /// Idle connections kept per endpoint.
@@ -1221,6 +1242,29 @@ impl Upstream {
             lay_idle: false,
             pooled: false,
         })
+    }
+
+    /// What its connections are doing now.
+    pub fn load(&self) -> Load {
+        let limit = self.cap.load(Ordering::Relaxed);
+        let open = self.permits.in_use(limit);
+        let h2_idle = {
+            let conns = match self.h2.lock() {
+                Ok(c) => c,
+                Err(p) => p.into_inner(),
+            };
+            conns
+                .iter()
+                .filter(|c| !c.sender.is_closed() && c.state.streams.load(Ordering::Relaxed) == 0)
+                .count()
+        };
+        let idle = (self.idle.get().map_or(0, ArrayQueue::len) + h2_idle).min(open);
+        Load {
+            busy: open - idle,
+            idle,
+            limit,
+            waiting: self.waiting.load(Ordering::Relaxed),
+        }
     }
 
     /// Returns a connection whose last response was read to the end (an

@@ -74,7 +74,8 @@ impl WindowSummary {
     }
 }
 
-fn label(name: &str, value: &str) -> LabelPair {
+/// A label pair.
+pub(crate) fn label(name: &str, value: &str) -> LabelPair {
     let mut l = LabelPair::default();
     l.set_name(name.into());
     l.set_value(value.into());

@@ -305,6 +305,76 @@ async fn upstream_connections_are_capped_and_the_excess_gets_503_overloaded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_an_endpoints_busy_idle_and_waiting_connections_against_its_cap() {
+    let s = Upstream::start("stable").await;
+    s.delay_ms.store(3_000, std::sync::atomic::Ordering::SeqCst);
+    let veer = Veer::start(&route_config(
+        &[s.addr],
+        &[],
+        0.0,
+        "max_upstream_connections = 2\nconnect_timeout = \"10s\"",
+    ))
+    .await;
+    let series = |name: &str, state: Option<&str>| {
+        let state = state.map_or(String::new(), |s| format!(",state=\"{s}\""));
+        format!(
+            "{name}{{endpoint=\"{}\",route=\"web\"{state},version=\"v1\"}}",
+            s.addr
+        )
+    };
+    // No connection yet: no series (idle routes add nothing to a scrape).
+    assert!(!veer.metrics().await.contains("veer_upstream_connections{"));
+    // Three requests: two on the cap's two connections, one waiting.
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let addr = veer.addr;
+            tokio::spawn(async move { get(addr, "/", &[]).await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = veer.metrics().await;
+        let busy = metric(&m, &series("veer_upstream_connections", Some("busy")));
+        let waiting = metric(&m, &series("veer_upstream_waiting", None));
+        if busy == Some(2.0) && waiting == Some(1.0) {
+            assert_eq!(
+                metric(&m, &series("veer_upstream_connection_limit", None)),
+                Some(2.0)
+            );
+            assert_eq!(
+                metric(&m, &series("veer_upstream_connections", Some("idle"))),
+                Some(0.0)
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "busy {busy:?}, waiting {waiting:?}:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), 200);
+    }
+    // All answered: two connections kept idle, nothing busy or waiting
+    // (once veer has put them back, just after the answers' ends).
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = veer.metrics().await;
+        let now = [
+            metric(&m, &series("veer_upstream_connections", Some("idle"))),
+            metric(&m, &series("veer_upstream_connections", Some("busy"))),
+            metric(&m, &series("veer_upstream_waiting", None)),
+        ];
+        if now == [Some(2.0), Some(0.0), Some(0.0)] {
+            break;
+        }
+        assert!(Instant::now() < until, "idle, busy, waiting {now:?}:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_cap_lowered_while_every_connection_is_busy_holds_once_they_finish() {
     let s = Upstream::start("stable").await;
     s.delay_ms.store(1_000, std::sync::atomic::Ordering::SeqCst);

@@ -414,6 +414,31 @@ async fn grpc_unary_and_streaming_calls_reach_h2c_and_tls_upstreams() {
         .unwrap_or(0.0)
     };
     assert_eq!(ok("v1") + ok("v2"), 120.0, "{m}");
+    // Each version's calls shared one HTTP/2 connection, idle now (once
+    // the last stream's end is seen).
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = veer.metrics().await;
+        let conns = |endpoint: &str, v: &str, state: &str| {
+            metric(
+                &m,
+                &format!(
+                    r#"veer_upstream_connections{{endpoint="{endpoint}",route="web",state="{state}",version="{v}"}}"#
+                ),
+            )
+        };
+        let now = [
+            conns(&s.addr.to_string(), "v1", "idle"),
+            conns(&s.addr.to_string(), "v1", "busy"),
+            conns(&c.addr.to_string(), "v2", "idle"),
+            conns(&c.addr.to_string(), "v2", "busy"),
+        ];
+        if now == [Some(1.0), Some(0.0), Some(1.0), Some(0.0)] {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "{now:?}\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,20 +101,15 @@ pub struct Again {
 
 impl Again {
     /// Keeps `req`'s head (a copy of its header fields: made only on a
-    /// route with `[route.retry]`) and `body` (shared bytes; `None` when
-    /// the held bytes' budget has no room for it: then the request cannot
-    /// go again).
+    /// route with `[route.retry]`) and `body` (shared bytes, counted in
+    /// the held bytes' budget by `grant`).
     pub fn keep(
         req: &Request<RequestBody>,
-        body: Bytes,
+        (body, grant): (Bytes, Grant),
         forwarding: &Option<Arc<Forwarding>>,
         pick: Pick,
-    ) -> Option<Box<Again>> {
-        let mut grant = Grant::default();
-        if !body.is_empty() && !grant.grow(body.len()) {
-            return None;
-        }
-        Some(Again::of(req, Kept::Bytes(body), grant, forwarding, pick))
+    ) -> Box<Again> {
+        Again::of(req, Kept::Bytes(body), grant, forwarding, pick)
     }
 
     /// Keeps a gRPC call's head, and a copy of its messages as they go

@@ -1350,14 +1350,22 @@ fn retriable<'r>(
     if !req.method().is_idempotent() {
         return None;
     }
-    let body = if http_body::Body::is_end_stream(req.body()) {
-        bytes::Bytes::new()
-    } else {
-        req.body().held_whole()?
-    };
-    let again = crate::retry::Again::keep(req, body, forwarding, pick)?;
+    let body = kept_body(req)?;
+    let again = crate::retry::Again::keep(req, body, forwarding, pick);
     r.budget.request(now);
     Some((r, again))
+}
+
+/// `req`'s body, to send again: none, or the bytes veer read whole before
+/// the request went, with their share of what such bodies may hold
+/// ([`crate::upload::HELD_BUDGET`]), kept with the copy (see
+/// [`ClientBody::keep_whole`](crate::upload::ClientBody::keep_whole));
+/// `None` for a body that streams.
+fn kept_body(req: &mut Request<RequestBody>) -> Option<(bytes::Bytes, crate::upload::Grant)> {
+    if http_body::Body::is_end_stream(req.body()) {
+        return Some(Default::default());
+    }
+    req.body_mut().keep_whole()
 }
 
 /// [`retry`]'s future, boxed (out of the request path's code and future).
@@ -1826,7 +1834,7 @@ fn exchange<'a>(
         // stays small.)
         let stale = sender.lay_idle() && req.method().is_idempotent();
         let again = (sender.is_h2() || stale)
-            .then(|| resendable(&req))
+            .then(|| resendable(&mut req))
             .flatten();
         if let Some(w) = sender.h2_watch() {
             let _ = watch.set(w);
@@ -1844,15 +1852,22 @@ fn exchange<'a>(
 /// `req`'s head and body, kept to send it again on a fresh connection
 /// should its own refuse it unprocessed (see [`resend`]): a request
 /// without a body, or one whose body veer read whole before it went (its
-/// bytes shared, held until the answer's head); `None` for one whose body
-/// streams.
-fn resendable(req: &Request<RequestBody>) -> Option<Box<Request<bytes::Bytes>>> {
-    let body = if http_body::Body::is_end_stream(req.body()) {
-        bytes::Bytes::new()
-    } else {
-        req.body().held_whole()?
-    };
-    Some(Box::new(crate::retry::copy_head(req, body)))
+/// bytes shared, held until the answer's head and counted meanwhile in
+/// what such bodies may hold, [`crate::upload::HELD_BUDGET`]); `None` for
+/// one whose body streams.
+fn resendable(req: &mut Request<RequestBody>) -> Option<Box<Resendable>> {
+    let (body, grant) = kept_body(req)?;
+    Some(Box::new(Resendable {
+        req: crate::retry::copy_head(req, body),
+        grant,
+    }))
+}
+
+/// A request kept to be sent again ([`resendable`]), and its body's share
+/// of the held bytes.
+struct Resendable {
+    req: Request<bytes::Bytes>,
+    grant: crate::upload::Grant,
 }
 
 /// After [`exchange`]'s request failed on its connection: a request the
@@ -1864,18 +1879,22 @@ async fn resend(
     upstream: &Arc<Upstream>,
     sender: Sender,
     mut e: hyper::client::conn::TrySendError<Request<RequestBody>>,
-    again: Option<Box<Request<bytes::Bytes>>>,
+    again: Option<Box<Resendable>>,
     stale: bool,
 ) -> Result<(Response<Incoming>, Sender, Arc<Upstream>), ProxyError> {
+    // The kept body's bytes stay counted until the resent request's answer.
+    let mut _held = None;
     let message = e.take_message().or_else(|| {
         let resend = if stale {
             crate::upstream::stale_keep_alive(e.error())
         } else {
             crate::upstream::refused_unprocessed(e.error())
         };
-        again
-            .filter(|_| resend)
-            .map(|kept| kept.map(RequestBody::copy))
+        again.filter(|_| resend).map(|kept| {
+            let Resendable { req, grant } = *kept;
+            _held = Some(grant);
+            req.map(RequestBody::copy)
+        })
     });
     let Some(req) = message else {
         let kind = ProxyError::from_hyper(e.error());

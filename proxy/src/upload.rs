@@ -248,7 +248,7 @@ struct Held {
     /// The rest of a body whose reading stopped at the budget: it streams
     /// after `data`.
     rest: Option<IdleTimeout<Incoming>>,
-    _grant: Grant,
+    grant: Grant,
 }
 
 /// A copy of a request body being kept for its mirrored twin, up to a
@@ -405,22 +405,33 @@ impl ClientBody {
             data: first.or_else(|| (!rest.is_empty()).then(|| rest.freeze())),
             trailers,
             rest: rest_to_come,
-            _grant: grant,
+            grant,
         }));
         Ok(whole)
     }
 
     /// The body, when it was read whole before the request went upstream
     /// ([`ClientBody::read_whole`]: all of it, no trailers): a copy
-    /// (shared bytes) to send again (`[route.retry]`). Asked before the
-    /// body is sent (its bytes go with the first poll).
-    pub fn held_whole(&self) -> Option<Bytes> {
-        match &self.inner {
-            Inner::Held(held) if held.rest.is_none() && held.trailers.is_none() => {
-                Some(held.data.clone().unwrap_or_default())
-            }
-            _ => None,
+    /// (shared bytes) to send again (`[route.retry]`, a refused HTTP/2
+    /// stream), with the bytes' share of the budget, which the copy keeps
+    /// from then on (the bytes are shared: counted once, until the copy is
+    /// dropped rather than until the body is sent). Asked a second time,
+    /// the share is counted anew (`None` when the budget has no room).
+    /// Asked before the body is sent (its bytes go with the first poll).
+    pub fn keep_whole(&mut self) -> Option<(Bytes, Grant)> {
+        let Inner::Held(held) = &mut self.inner else {
+            return None;
+        };
+        if held.rest.is_some() || held.trailers.is_some() {
+            return None;
         }
+        let data = held.data.clone().unwrap_or_default();
+        let mut grant = std::mem::take(&mut held.grant);
+        if grant.0 < data.len() && !grant.grow(data.len() - grant.0) {
+            held.grant = grant;
+            return None;
+        }
+        Some((data, grant))
     }
 
     /// Whether some of the body is still to come from the client (it was

@@ -2390,3 +2390,102 @@ async fn a_stream_refused_unprocessed_goes_again_with_its_read_body() {
     }
     assert!(failed >= 1, "no streamed body was refused");
 }
+
+/// A body veer read whole, kept to go again should its HTTP/2 stream be
+/// refused, stays counted in what such bodies may hold at once (64 MiB)
+/// until its answer's head: with 64 bodies of 1 MiB waiting on a slow
+/// HTTP/2 upstream (which read them), the next finds the budget spent and
+/// streams. (Uncounted, the copies' memory grew with the requests
+/// waiting, past the budget.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_kept_for_a_refused_stream_stay_within_the_held_budget_until_answered() {
+    const MIB: usize = 1 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(AtomicU64::new(0));
+    let (release, released) = tokio::sync::watch::channel(false);
+    let counted = received.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (counted, released) = (counted.clone(), released.clone());
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let (counted, mut released) = (counted.clone(), released.clone());
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        // Answers once the test has looked.
+                        let _ = released.wait_for(|r| *r).await;
+                        let _ = respond.send_response(Response::new(()), true);
+                    });
+                }
+            });
+        }
+    });
+    let veer = Veer::start(
+        &config(
+            &format!("version = \"v1\"\nendpoints = [\"h2c://{addr}\"]"),
+            None,
+            "timeout = \"60s\"",
+        )
+        .replace(
+            "shutdown_grace = \"10s\"",
+            "shutdown_grace = \"10s\"\nrequest_buffer = 1048576",
+        ),
+    )
+    .await;
+    let upload = |n: usize| {
+        let addr = veer.addr;
+        tokio::spawn(async move {
+            let mut c = super::support::Client::connect(addr).await.unwrap();
+            let r = c
+                .send(http::Method::POST, "/", &[], Bytes::from(vec![b'x'; MIB]))
+                .await
+                .unwrap();
+            (n, r.status().as_u16())
+        })
+    };
+    let wait_received = |n: u64| {
+        let received = received.clone();
+        async move {
+            let until = std::time::Instant::now() + Duration::from_secs(60);
+            while received.load(Ordering::SeqCst) < n {
+                assert!(
+                    std::time::Instant::now() < until,
+                    "the upstream read {} bodies",
+                    received.load(Ordering::SeqCst)
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    // 64 MiB of bodies read whole, sent, and waiting for their answers.
+    let mut tasks: Vec<_> = (0..64).map(upload).collect();
+    wait_received(64).await;
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, "veer_request_buffer_full_total"),
+        Some(0.0),
+        "{m}"
+    );
+    // One more: its read finds the budget spent, and it streams.
+    tasks.push(upload(64));
+    wait_received(65).await;
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, "veer_request_buffer_full_total"),
+        Some(1.0),
+        "{m}"
+    );
+    release.send_replace(true);
+    for t in tasks {
+        let (n, status) = t.await.unwrap();
+        assert_eq!(status, 200, "upload {n}");
+    }
+}

@@ -365,7 +365,8 @@ pub fn start(
         return None;
     } else {
         let (tx, rx) = oneshot::channel();
-        body.tee(target.max_body, tx);
+        // (Bounded by the mirror's own max_body and max_concurrent.)
+        body.tee(target.max_body, false, tx);
         BodyCopy::Teed(rx)
     };
     let mut req = Request::new(());
@@ -417,7 +418,7 @@ impl Drop for Beside {
 
 enum BodyCopy {
     Empty,
-    Teed(oneshot::Receiver<Option<Bytes>>),
+    Teed(oneshot::Receiver<Option<crate::upload::Teed>>),
 }
 
 /// A copy as its task gets it.
@@ -488,7 +489,7 @@ async fn run(seed: Seed, copy: Copy, body_timeout: Duration, permit: OwnedSemaph
             let body = match copy {
                 BodyCopy::Empty => Bytes::new(),
                 BodyCopy::Teed(rx) => match rx.await {
-                    Ok(Some(b)) => b,
+                    Ok(Some(t)) => t.bytes,
                     Ok(None) => return target.count(2),
                     Err(_) => return target.count(4),
                 },

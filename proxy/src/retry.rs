@@ -122,7 +122,7 @@ impl Again {
         pick: Pick,
     ) -> Box<Again> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        req.body_mut().tee(limit, tx);
+        req.body_mut().tee(limit, true, tx);
         Again::of(req, Kept::Teed(rx), Grant::default(), forwarding, pick)
     }
 
@@ -149,11 +149,9 @@ impl Again {
     /// no room for them.
     pub fn request(&mut self) -> Option<(Request<RequestBody>, Option<Arc<Forwarding>>)> {
         if let Kept::Teed(rx) = &mut self.body {
-            let body = rx.try_recv().ok().flatten()?;
-            if !self.grant.grow(body.len()) {
-                return None;
-            }
-            self.body = Kept::Bytes(body);
+            let teed = rx.try_recv().ok().flatten()?;
+            self.grant = teed.grant;
+            self.body = Kept::Bytes(teed.bytes);
         }
         let Kept::Bytes(body) = &self.body else {
             return None;
@@ -180,7 +178,7 @@ enum Kept {
     Bytes(Bytes),
     /// A gRPC call's messages, copied as they go: the whole, once they
     /// have all gone (`None`: more than the copy keeps).
-    Teed(tokio::sync::oneshot::Receiver<Option<Bytes>>),
+    Teed(tokio::sync::oneshot::Receiver<Option<crate::upload::Teed>>),
 }
 
 /// A route's retry budget: requests and retries counted in windows of

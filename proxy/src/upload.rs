@@ -258,7 +258,19 @@ struct Tee {
     chunks: Vec<Bytes>,
     len: usize,
     limit: usize,
-    done: tokio::sync::oneshot::Sender<Option<Bytes>>,
+    /// The copy's share of [`HELD_BUDGET`], when it counts there.
+    grant: Option<Grant>,
+    done: tokio::sync::oneshot::Sender<Option<Teed>>,
+}
+
+/// A body's copy ([`ClientBody::tee`]), and its share of the held bytes'
+/// budget (none unless counted).
+#[derive(Debug, Default)]
+pub struct Teed {
+    /// The body's bytes.
+    pub bytes: Bytes,
+    /// Their share of [`HELD_BUDGET`].
+    pub grant: Grant,
 }
 
 impl Tee {
@@ -268,6 +280,11 @@ impl Tee {
         self.len += data.len();
         if self.len > self.limit {
             return false;
+        }
+        if let Some(g) = &mut self.grant {
+            if !g.grow(data.len()) {
+                return false;
+            }
         }
         if !data.is_empty() {
             self.chunks.push(data.clone());
@@ -287,7 +304,10 @@ impl Tee {
                 all.freeze()
             }
         };
-        let _ = self.done.send(Some(whole));
+        let _ = self.done.send(Some(Teed {
+            bytes: whole,
+            grant: self.grant.unwrap_or_default(),
+        }));
     }
 }
 
@@ -445,12 +465,19 @@ impl ClientBody {
     }
 
     /// Keeps a copy of the body, up to `limit` bytes, sent on `done` when
-    /// the body ends (`None` once it is over the limit).
-    pub fn tee(&mut self, limit: usize, done: tokio::sync::oneshot::Sender<Option<Bytes>>) {
+    /// the body ends (`None` once it is over the limit, or, `counted` in
+    /// the held bytes' budget as it grows, once that is spent).
+    pub fn tee(
+        &mut self,
+        limit: usize,
+        counted: bool,
+        done: tokio::sync::oneshot::Sender<Option<Teed>>,
+    ) {
         self.tee = Some(Box::new(Tee {
             chunks: Vec::new(),
             len: 0,
             limit,
+            grant: counted.then(Grant::default),
             done,
         }));
     }
@@ -614,6 +641,9 @@ mod tests {
                     chunks: Vec::new(),
                     len: 0,
                     limit,
+                    // (Not counted: the budget is the process's, and a
+                    // test of it runs beside this one.)
+                    grant: None,
                     done: tx,
                 },
                 rx,
@@ -625,7 +655,7 @@ mod tests {
         assert!(t.keep(&Bytes::from_static(b"tee")));
         t.finish();
         assert_eq!(
-            rx.try_recv().ok().flatten(),
+            rx.try_recv().ok().flatten().map(|t| t.bytes),
             Some(Bytes::from_static(b"hello tee"))
         );
         let (mut t, _rx) = tee(4);

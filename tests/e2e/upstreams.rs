@@ -2391,6 +2391,84 @@ async fn a_stream_refused_unprocessed_goes_again_with_its_read_body() {
     assert!(failed >= 1, "no streamed body was refused");
 }
 
+/// An HTTP/2 upstream that reads every request's body as it comes and
+/// answers only once `release` is sent true; `bytes` counts the body bytes
+/// read, `bodies` the bodies read to their end.
+struct SlowH2 {
+    addr: SocketAddr,
+    bytes: Arc<AtomicU64>,
+    bodies: Arc<AtomicU64>,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+impl SlowH2 {
+    async fn start() -> SlowH2 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (bytes, bodies) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let counts = (bytes.clone(), bodies.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (counts, released) = (counts.clone(), released.clone());
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let ((bytes, bodies), mut released) = (counts.clone(), released.clone());
+                        tokio::spawn(async move {
+                            let mut body = req.into_body();
+                            while let Some(Ok(chunk)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                                bytes.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                            }
+                            bodies.fetch_add(1, Ordering::SeqCst);
+                            let _ = released.wait_for(|r| *r).await;
+                            let _ = respond.send_response(Response::new(()), true);
+                        });
+                    }
+                });
+            }
+        });
+        SlowH2 {
+            addr,
+            bytes,
+            bodies,
+            release,
+        }
+    }
+
+    /// Veer before it, with 1 MiB request buffers and `extra` route keys.
+    async fn veer(&self, extra: &str) -> Veer {
+        Veer::start(
+            &config(
+                &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", self.addr),
+                None,
+                &format!("timeout = \"60s\"\n{extra}"),
+            )
+            .replace(
+                "shutdown_grace = \"10s\"",
+                "shutdown_grace = \"10s\"\nrequest_buffer = 1048576",
+            ),
+        )
+        .await
+    }
+
+    /// Waits until `count` reaches `n`.
+    async fn wait(count: &AtomicU64, n: u64) {
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while count.load(Ordering::SeqCst) < n {
+            assert!(
+                std::time::Instant::now() < until,
+                "the upstream counted {}, not {n}",
+                count.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 /// A body veer read whole, kept to go again should its HTTP/2 stream be
 /// refused, stays counted in what such bodies may hold at once (64 MiB)
 /// until its answer's head: with 64 bodies of 1 MiB waiting on a slow
@@ -2400,46 +2478,8 @@ async fn a_stream_refused_unprocessed_goes_again_with_its_read_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_kept_for_a_refused_stream_stay_within_the_held_budget_until_answered() {
     const MIB: usize = 1 << 20;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let received = Arc::new(AtomicU64::new(0));
-    let (release, released) = tokio::sync::watch::channel(false);
-    let counted = received.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (counted, released) = (counted.clone(), released.clone());
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(stream).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let (counted, mut released) = (counted.clone(), released.clone());
-                    tokio::spawn(async move {
-                        let mut body = req.into_body();
-                        while let Some(Ok(chunk)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(chunk.len());
-                        }
-                        counted.fetch_add(1, Ordering::SeqCst);
-                        // Answers once the test has looked.
-                        let _ = released.wait_for(|r| *r).await;
-                        let _ = respond.send_response(Response::new(()), true);
-                    });
-                }
-            });
-        }
-    });
-    let veer = Veer::start(
-        &config(
-            &format!("version = \"v1\"\nendpoints = [\"h2c://{addr}\"]"),
-            None,
-            "timeout = \"60s\"",
-        )
-        .replace(
-            "shutdown_grace = \"10s\"",
-            "shutdown_grace = \"10s\"\nrequest_buffer = 1048576",
-        ),
-    )
-    .await;
+    let up = SlowH2::start().await;
+    let veer = up.veer("").await;
     let upload = |n: usize| {
         let addr = veer.addr;
         tokio::spawn(async move {
@@ -2451,23 +2491,9 @@ async fn bodies_kept_for_a_refused_stream_stay_within_the_held_budget_until_answ
             (n, r.status().as_u16())
         })
     };
-    let wait_received = |n: u64| {
-        let received = received.clone();
-        async move {
-            let until = std::time::Instant::now() + Duration::from_secs(60);
-            while received.load(Ordering::SeqCst) < n {
-                assert!(
-                    std::time::Instant::now() < until,
-                    "the upstream read {} bodies",
-                    received.load(Ordering::SeqCst)
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
     // 64 MiB of bodies read whole, sent, and waiting for their answers.
     let mut tasks: Vec<_> = (0..64).map(upload).collect();
-    wait_received(64).await;
+    SlowH2::wait(&up.bodies, 64).await;
     let m = veer.metrics().await;
     assert_eq!(
         metric(&m, "veer_request_buffer_full_total"),
@@ -2476,16 +2502,72 @@ async fn bodies_kept_for_a_refused_stream_stay_within_the_held_budget_until_answ
     );
     // One more: its read finds the budget spent, and it streams.
     tasks.push(upload(64));
-    wait_received(65).await;
+    SlowH2::wait(&up.bodies, 65).await;
     let m = veer.metrics().await;
     assert_eq!(
         metric(&m, "veer_request_buffer_full_total"),
         Some(1.0),
         "{m}"
     );
-    release.send_replace(true);
+    up.release.send_replace(true);
     for t in tasks {
         let (n, status) = t.await.unwrap();
         assert_eq!(status, 200, "upload {n}");
     }
+}
+
+/// A gRPC call's messages, copied as they go so that the call can go
+/// again if its server refuses it with UNAVAILABLE (`on =
+/// ["unavailable"]`), count in what bodies held by veer may hold at once
+/// (64 MiB) while the copy is kept: 64 calls that sent 1 MiB each and
+/// hold their streams open spend it, and a POST after them streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_messages_kept_for_a_retry_count_in_the_held_budget() {
+    const MIB: usize = 1 << 20;
+    let up = SlowH2::start().await;
+    let veer = up.veer("[route.retry]\non = [\"unavailable\"]").await;
+    let tcp = TcpStream::connect(veer.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut calls = Vec::new();
+    for _ in 0..64 {
+        let mut client = client.clone().ready().await.unwrap();
+        let req = Request::post(format!("http://{}/veer.Test/Upload", veer.addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (resp, mut send) = client.send_request(req, false).unwrap();
+        // One 1 MiB message (its 5-byte frame header first); the stream
+        // stays open.
+        let mut message = vec![0u8; 5 + MIB - 5];
+        message[1..5].copy_from_slice(&((MIB - 5) as u32).to_be_bytes());
+        send.reserve_capacity(message.len());
+        send.send_data(Bytes::from(message), false).unwrap();
+        calls.push((resp, send));
+    }
+    SlowH2::wait(&up.bytes, 64 * MIB as u64).await;
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, "veer_request_buffer_full_total"),
+        Some(0.0),
+        "{m}"
+    );
+    // A POST's read-whole finds the budget spent: it streams.
+    let mut c = super::support::Client::connect(veer.addr).await.unwrap();
+    let post = tokio::spawn(async move {
+        c.send(http::Method::POST, "/", &[], Bytes::from(vec![b'x'; MIB]))
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    SlowH2::wait(&up.bodies, 1).await;
+    let m = veer.metrics().await;
+    assert_eq!(
+        metric(&m, "veer_request_buffer_full_total"),
+        Some(1.0),
+        "{m}"
+    );
+    up.release.send_replace(true);
+    assert_eq!(post.await.unwrap().unwrap(), 200);
+    drop(calls);
 }

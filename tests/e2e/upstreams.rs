@@ -2469,6 +2469,13 @@ impl SlowH2 {
     }
 }
 
+/// Bodies small enough to be read whole that streamed part-way: the held
+/// bytes' budget was spent.
+async fn buffer_full(veer: &Veer) -> f64 {
+    let m = veer.metrics().await;
+    metric(&m, "veer_request_buffer_full_total").unwrap_or_else(|| panic!("no count:\n{m}"))
+}
+
 /// A body veer read whole, kept to go again should its HTTP/2 stream be
 /// refused, stays counted in what such bodies may hold at once (64 MiB)
 /// until its answer's head: with 64 bodies of 1 MiB waiting on a slow
@@ -2494,21 +2501,11 @@ async fn bodies_kept_for_a_refused_stream_stay_within_the_held_budget_until_answ
     // 64 MiB of bodies read whole, sent, and waiting for their answers.
     let mut tasks: Vec<_> = (0..64).map(upload).collect();
     SlowH2::wait(&up.bodies, 64).await;
-    let m = veer.metrics().await;
-    assert_eq!(
-        metric(&m, "veer_request_buffer_full_total"),
-        Some(0.0),
-        "{m}"
-    );
+    assert_eq!(buffer_full(&veer).await, 0.0);
     // One more: its read finds the budget spent, and it streams.
     tasks.push(upload(64));
     SlowH2::wait(&up.bodies, 65).await;
-    let m = veer.metrics().await;
-    assert_eq!(
-        metric(&m, "veer_request_buffer_full_total"),
-        Some(1.0),
-        "{m}"
-    );
+    assert_eq!(buffer_full(&veer).await, 1.0);
     up.release.send_replace(true);
     for t in tasks {
         let (n, status) = t.await.unwrap();
@@ -2547,12 +2544,7 @@ async fn grpc_messages_kept_for_a_retry_count_in_the_held_budget() {
         calls.push((resp, send));
     }
     SlowH2::wait(&up.bytes, 64 * MIB as u64).await;
-    let m = veer.metrics().await;
-    assert_eq!(
-        metric(&m, "veer_request_buffer_full_total"),
-        Some(0.0),
-        "{m}"
-    );
+    assert_eq!(buffer_full(&veer).await, 0.0);
     // A POST's read-whole finds the budget spent: it streams.
     let mut c = super::support::Client::connect(veer.addr).await.unwrap();
     let post = tokio::spawn(async move {
@@ -2561,12 +2553,7 @@ async fn grpc_messages_kept_for_a_retry_count_in_the_held_budget() {
             .map(|r| r.status().as_u16())
     });
     SlowH2::wait(&up.bodies, 1).await;
-    let m = veer.metrics().await;
-    assert_eq!(
-        metric(&m, "veer_request_buffer_full_total"),
-        Some(1.0),
-        "{m}"
-    );
+    assert_eq!(buffer_full(&veer).await, 1.0);
     up.release.send_replace(true);
     assert_eq!(post.await.unwrap().unwrap(), 200);
     drop(calls);

@@ -20,7 +20,7 @@ const LIMIT: &str = "veer_upstream_connection_limit";
 const LIMIT_HELP: &str =
     "The endpoint's connection cap (the largest max_upstream_connections of the routes naming it).";
 const WAITING: &str = "veer_upstream_waiting";
-const WAITING_HELP: &str = "Requests waiting for a connection to the endpoint (every connection busy at the cap); they get 503 overloaded after connect_timeout.";
+const WAITING_HELP: &str = "Requests waiting for a connection to the endpoint (every connection busy at the cap; for requests whose bodies stream, every upload slot, half the cap, busy); they get 503 overloaded after connect_timeout.";
 
 /// The families, from the endpoints of `snap`'s routes.
 pub fn families(snap: &Snapshot) -> Vec<MetricFamily> {

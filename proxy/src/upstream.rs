@@ -171,7 +171,8 @@ pub struct Load {
     pub idle: usize,
     /// The connection cap.
     pub limit: usize,
-    /// Requests waiting for a connection.
+    /// Requests waiting for a connection, or (those whose bodies stream)
+    /// for an upload slot.
     pub waiting: usize,
 }
 
@@ -822,6 +823,8 @@ pub struct Upstream {
     uploads: Capped,
     /// Requests waiting for a connection.
     waiting: AtomicUsize,
+    /// Requests whose bodies stream waiting for an upload slot.
+    upload_waiting: AtomicUsize,
     /// Signalled when a connection comes back idle or a stream ends.
     returned: Arc<Notify>,
     /// Milliseconds since `epoch` before which the endpoint is skipped.
@@ -946,6 +949,7 @@ impl Upstream {
             cap: AtomicUsize::new(cap),
             uploads: Capped::new(upload_slots(cap)),
             waiting: AtomicUsize::new(0),
+            upload_waiting: AtomicUsize::new(0),
             returned: Arc::new(Notify::new()),
             down_until_ms: AtomicU64::new(0),
             failures: AtomicU32::new(0),
@@ -1263,7 +1267,8 @@ impl Upstream {
             busy: open - idle,
             idle,
             limit,
-            waiting: self.waiting.load(Ordering::Relaxed),
+            waiting: self.waiting.load(Ordering::Relaxed)
+                + self.upload_waiting.load(Ordering::Relaxed),
         }
     }
 
@@ -1332,6 +1337,16 @@ impl Upstream {
         &self,
         timeout: Duration,
     ) -> Result<tokio::sync::SemaphorePermit<'_>, ProxyError> {
+        /// Counts a waiter for as long as it waits (also when its
+        /// request is given up meanwhile).
+        struct Waiter<'a>(&'a AtomicUsize);
+        impl Drop for Waiter<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.upload_waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiter = Waiter(&self.upload_waiting);
         match tokio::time::timeout(timeout, self.uploads.borrowed()).await {
             Ok(Some(p)) => Ok(p),
             _ => Err(ProxyError::Overloaded),

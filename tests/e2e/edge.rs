@@ -372,6 +372,36 @@ async fn metrics_show_an_endpoints_busy_idle_and_waiting_connections_against_its
         assert!(Instant::now() < until, "idle, busy, waiting {now:?}:\n{m}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Two uploads whose bodies stream (longer than request_buffer): the
+    // cap's one upload slot holds the first, the second waits for it.
+    let uploads: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = veer.addr;
+            tokio::spawn(async move {
+                let mut c = super::support::Client::connect(addr).await.unwrap();
+                let body = bytes::Bytes::from(vec![b'u'; 20_000]);
+                c.send(http::Method::POST, "/", &[], body)
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = veer.metrics().await;
+        let now = [
+            metric(&m, &series("veer_upstream_connections", Some("busy"))),
+            metric(&m, &series("veer_upstream_waiting", None)),
+        ];
+        if now == [Some(1.0), Some(1.0)] {
+            break;
+        }
+        assert!(Instant::now() < until, "busy, waiting {now:?}:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for u in uploads {
+        assert_eq!(u.await.unwrap().unwrap(), 200);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

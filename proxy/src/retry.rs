@@ -177,7 +177,8 @@ enum Kept {
     /// Known when the request went: none, or read whole before.
     Bytes(Bytes),
     /// A gRPC call's messages, copied as they go: the whole, once they
-    /// have all gone (`None`: more than the copy keeps).
+    /// have all gone (`None`: more than the copy keeps, or than the held
+    /// bytes' budget had room for).
     Teed(tokio::sync::oneshot::Receiver<Option<crate::upload::Teed>>),
 }
 

@@ -150,7 +150,12 @@ impl Capped {
 
     /// Whether permits are owed (the cap was lowered below those in use).
     fn owes(&self) -> bool {
-        self.owed.load(Ordering::Relaxed) > 0
+        self.owed() > 0
+    }
+
+    /// How many.
+    fn owed(&self) -> usize {
+        self.owed.load(Ordering::Relaxed)
     }
 
     /// Permits taken and not yet given back (an estimate while they move).
@@ -1227,6 +1232,9 @@ impl Upstream {
                 c.state.streams.load(Ordering::Relaxed) == 0 && c.last_used.elapsed() >= IDLE_TTL;
             !(c.sender.is_closed() || idle || c.state.retired.load(Ordering::Relaxed))
         });
+        if self.permits.owes() {
+            self.close_idle_h2(&mut conns);
+        }
         let c = conns
             .iter_mut()
             .filter(|c| c.sender.is_ready())
@@ -1294,9 +1302,9 @@ impl Upstream {
     }
 
     /// Resizes the connection cap (a reload changed it). Below the
-    /// connections open, idle ones are closed at once and busy HTTP/1.1
-    /// ones as they come back (an HTTP/2 connection as it ends); new ones
-    /// wait until the endpoint is under the new cap.
+    /// connections open, idle ones are closed at once and busy ones as
+    /// they come back (an HTTP/2 one when a request finds it without a
+    /// stream); new ones wait until the endpoint is under the new cap.
     fn set_cap(&self, cap: usize) {
         let old = self.cap.swap(cap, Ordering::Relaxed);
         self.permits.resize(old, cap);
@@ -1314,6 +1322,25 @@ impl Upstream {
                 }
             }
         }
+        if self.permits.owes() {
+            let mut conns = match self.h2.lock() {
+                Ok(c) => c,
+                Err(p) => p.into_inner(),
+            };
+            self.close_idle_h2(&mut conns);
+        }
+    }
+
+    /// Over a cap a reload lowered: HTTP/2 connections without a stream
+    /// are dropped from `conns`, and close (their drivers end, and their
+    /// permits pay the debt as the next are taken).
+    fn close_idle_h2(&self, conns: &mut Vec<H2Conn>) {
+        let mut over = self.permits.owed();
+        conns.retain(|c| {
+            let close = over > 0 && c.state.streams.load(Ordering::Relaxed) == 0;
+            over -= usize::from(close);
+            !close
+        });
     }
 
     /// A slot for a request whose body still streams from its client, if

@@ -2393,11 +2393,13 @@ async fn a_stream_refused_unprocessed_goes_again_with_its_read_body() {
 
 /// An HTTP/2 upstream that reads every request's body as it comes and
 /// answers only once `release` is sent true; `bytes` counts the body bytes
-/// read, `bodies` the bodies read to their end.
+/// read, `bodies` the bodies read to their end, `open` its connections
+/// open.
 struct SlowH2 {
     addr: SocketAddr,
     bytes: Arc<AtomicU64>,
     bodies: Arc<AtomicU64>,
+    open: Arc<AtomicU64>,
     release: tokio::sync::watch::Sender<bool>,
 }
 
@@ -2408,10 +2410,21 @@ impl SlowH2 {
         let (bytes, bodies) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (release, released) = tokio::sync::watch::channel(false);
         let counts = (bytes.clone(), bodies.clone());
+        let open = Arc::new(AtomicU64::new(0));
+        let opened = open.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (counts, released) = (counts.clone(), released.clone());
+                let (counts, released, open) = (counts.clone(), released.clone(), opened.clone());
                 tokio::spawn(async move {
+                    open.fetch_add(1, Ordering::SeqCst);
+                    /// Counts the connection closed when its task ends.
+                    struct Closed(Arc<AtomicU64>);
+                    impl Drop for Closed {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    let _closed = Closed(open);
                     let Ok(mut conn) = h2::server::handshake(stream).await else {
                         return;
                     };
@@ -2435,24 +2448,28 @@ impl SlowH2 {
             addr,
             bytes,
             bodies,
+            open,
             release,
         }
     }
 
-    /// Veer before it, with 1 MiB request buffers and `extra` route keys.
-    async fn veer(&self, extra: &str) -> Veer {
-        Veer::start(
-            &config(
-                &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", self.addr),
-                None,
-                &format!("timeout = \"60s\"\n{extra}"),
-            )
-            .replace(
-                "shutdown_grace = \"10s\"",
-                "shutdown_grace = \"10s\"\nrequest_buffer = 1048576",
-            ),
+    /// A config of veer before it, with 1 MiB request buffers and `extra`
+    /// route keys.
+    fn config(&self, extra: &str) -> String {
+        config(
+            &format!("version = \"v1\"\nendpoints = [\"h2c://{}\"]", self.addr),
+            None,
+            &format!("timeout = \"60s\"\n{extra}"),
         )
-        .await
+        .replace(
+            "shutdown_grace = \"10s\"",
+            "shutdown_grace = \"10s\"\nrequest_buffer = 1048576",
+        )
+    }
+
+    /// Veer before it, with [`SlowH2::config`].
+    async fn veer(&self, extra: &str) -> Veer {
+        Veer::start(&self.config(extra)).await
     }
 
     /// Waits until `count` reaches `n`.
@@ -2557,4 +2574,75 @@ async fn grpc_messages_kept_for_a_retry_count_in_the_held_budget() {
     up.release.send_replace(true);
     assert_eq!(post.await.unwrap().unwrap(), 200);
     drop(calls);
+}
+
+/// A reload lowering an HTTP/2 endpoint's connection cap closes its idle
+/// connections over the cap at once, and busy ones once a request finds
+/// them without a stream (it kept both until they had been idle for 50 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_cap_closes_http2_connections_over_it() {
+    let up = SlowH2::start().await;
+    let veer = up.veer("max_upstream_connections = 4").await;
+    // `n` calls at once, on two client connections (veer takes 128 streams
+    // on one), waiting for their answers.
+    let calls = |n: usize| async move {
+        let mut calls = Vec::new();
+        for _ in 0..2 {
+            let tcp = TcpStream::connect(veer.addr).await.unwrap();
+            let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+            tokio::spawn(conn);
+            for _ in 0..n / 2 {
+                let mut client = client.clone().ready().await.unwrap();
+                let req = Request::get(format!("http://{}/", veer.addr))
+                    .body(())
+                    .unwrap();
+                let (resp, _) = client.send_request(req, true).unwrap();
+                calls.push(resp);
+            }
+        }
+        calls
+    };
+    let open = || up.open.load(Ordering::SeqCst);
+    let down_to_1 = || async {
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while open() > 1 {
+            assert!(
+                std::time::Instant::now() < until,
+                "{} HTTP/2 connections open under a cap of 1",
+                open()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    // 150 at once: more than one connection's 100 streams, so veer opens
+    // two.
+    let waiting = calls(150).await;
+    SlowH2::wait(&up.bodies, 150).await;
+    assert!(open() >= 2);
+    up.release.send_replace(true);
+    for c in waiting {
+        assert_eq!(c.await.unwrap().status(), 200);
+    }
+    // Both idle; the cap drops to 1: one closes at once.
+    veer.write_config(&up.config("max_upstream_connections = 1"));
+    veer.wait_generation(2).await;
+    down_to_1().await;
+    // Two busy again when the cap drops to 1: one closes once the next
+    // request finds it without a stream.
+    veer.write_config(&up.config("max_upstream_connections = 4"));
+    veer.wait_generation(3).await;
+    up.release.send_replace(false);
+    let waiting = calls(150).await;
+    SlowH2::wait(&up.bodies, 300).await;
+    assert!(open() >= 2);
+    veer.write_config(&up.config("max_upstream_connections = 1"));
+    veer.wait_generation(4).await;
+    assert!(open() >= 2, "busy connections stay until their streams end");
+    up.release.send_replace(true);
+    for c in waiting {
+        assert_eq!(c.await.unwrap().status(), 200);
+    }
+    let r = get(veer.addr, "/", &[]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    down_to_1().await;
 }

@@ -262,6 +262,19 @@ async fn an_h2_connection_idle_past_header_timeout_serves_the_next_request() {
     h2_get(&mut sender, veer.addr).await;
 }
 
+/// `n` GETs of `/` sent at once, each on its own connection; their
+/// statuses when awaited.
+fn gets_at_once(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Result<u16, Box<dyn std::error::Error + Send + Sync>>>> {
+    (0..n)
+        .map(|_| {
+            tokio::spawn(async move { get(addr, "/", &[]).await.map(|r| r.status().as_u16()) })
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_capped_and_the_excess_gets_503_overloaded() {
     let s = Upstream::start("stable").await;
@@ -275,12 +288,7 @@ async fn upstream_connections_are_capped_and_the_excess_gets_503_overloaded() {
         "max_upstream_connections = 2\nconnect_timeout = \"500ms\"",
     ))
     .await;
-    let tasks: Vec<_> = (0..24)
-        .map(|_| {
-            let addr = veer.addr;
-            tokio::spawn(async move { get(addr, "/", &[]).await.map(|r| r.status().as_u16()) })
-        })
-        .collect();
+    let tasks = gets_at_once(veer.addr, 24);
     let mut codes = Vec::new();
     for t in tasks {
         codes.push(t.await.unwrap().unwrap());
@@ -325,12 +333,7 @@ async fn metrics_show_an_endpoints_busy_idle_and_waiting_connections_against_its
     // No connection yet: no series (idle routes add nothing to a scrape).
     assert!(!veer.metrics().await.contains("veer_upstream_connections{"));
     // Three requests: two on the cap's two connections, one waiting.
-    let tasks: Vec<_> = (0..3)
-        .map(|_| {
-            let addr = veer.addr;
-            tokio::spawn(async move { get(addr, "/", &[]).await.map(|r| r.status().as_u16()) })
-        })
-        .collect();
+    let tasks = gets_at_once(veer.addr, 3);
     let until = Instant::now() + Duration::from_secs(20);
     loop {
         let m = veer.metrics().await;
@@ -417,17 +420,9 @@ async fn a_connection_cap_lowered_while_every_connection_is_busy_holds_once_they
         )
     };
     let veer = Veer::start(&config(6)).await;
-    let burst = |n: usize| -> Vec<_> {
-        (0..n)
-            .map(|_| {
-                let addr = veer.addr;
-                tokio::spawn(async move { get(addr, "/", &[]).await.map(|r| r.status().as_u16()) })
-            })
-            .collect()
-    };
     let open = || s.open.load(std::sync::atomic::Ordering::SeqCst);
     // Six requests on six connections, all busy when the cap drops to 2.
-    let busy = burst(6);
+    let busy = gets_at_once(veer.addr, 6);
     let until = Instant::now() + Duration::from_secs(20);
     while open() < 6 {
         assert!(Instant::now() < until, "{} connections open", open());
@@ -454,7 +449,7 @@ async fn a_connection_cap_lowered_while_every_connection_is_busy_holds_once_they
     s.peak_open
         .store(open(), std::sync::atomic::Ordering::SeqCst);
     let mut codes = Vec::new();
-    for t in burst(8) {
+    for t in gets_at_once(veer.addr, 8) {
         codes.push(t.await.unwrap().unwrap());
     }
     assert!(codes.iter().all(|c| *c == 200 || *c == 503), "{codes:?}");

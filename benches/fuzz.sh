@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Fuzzes the config parser and request-head handling (fuzz/fuzz_targets:
 # config, request_head) with cargo fuzz (libFuzzer), each for SECS seconds,
-# and reports executions and crashes. Not part of CI's test run.
+# and reports executions and crashes; then reads CASES mangled upstream
+# answers both the raw way (proxy/src/raw.rs) and with hyper's client, and
+# fails on any answer the two read differently (the suite reads 256 of
+# them). Not part of CI's test run.
 #
-# usage: benches/fuzz.sh [SECS]     (default 300 per target)
+# usage: benches/fuzz.sh [SECS] [CASES]   (defaults: 300 per target, 20000 answers)
 #
 # cargo fuzz needs nightly flags (-Zsanitizer); this machine has one stable
 # toolchain, so the build runs with RUSTC_BOOTSTRAP=1. The corpora start
@@ -12,6 +15,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 secs="${1:-300}"
+cases="${2:-20000}"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 corpus="$ROOT/target/fuzz-corpus"
 mkdir -p "$corpus/config" "$corpus/request_head"
@@ -43,4 +47,15 @@ for target in config request_head; do
   grep -E "stat::number_of_executed_units|stat::peak_rss_mb" "$log" || true
   echo "corpus: $(ls "$corpus/$target" | wc -l) inputs"
 done
+# (A fixed seed, as in the suite: the first 256 answers are the suite's.)
+printf '\n==> %s mangled answers, raw against hyper\n' "$cases"
+log="$ROOT/target/fuzz-raw-answers.log"
+if (cd "$ROOT" && PROPTEST_CASES="$cases" cargo test -q -p veer-proxy --lib \
+    answers_are_read_as_hypers_client_reads_them > "$log" 2>&1); then
+  echo "read alike"
+else
+  status=1
+  echo "READ UNLIKE: see $log"
+  grep -E "panicked|minimal failing input" "$log" | head -5
+fi
 exit $status

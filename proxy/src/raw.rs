@@ -31,7 +31,11 @@
 //! (and on HTTP/1.0 is an error); otherwise `Content-Length` (every value
 //! equal, digits only, else an error), and without either the body runs to
 //! the connection's end. Heads of at most 100 fields and hyper's 400 KiB;
-//! strict `httparse` parsing, as hyper's defaults.
+//! strict `httparse` parsing, as hyper's defaults. Chunk-size lines and
+//! trailers are held to hyper's rules where httparse is looser (a line
+//! without a size, a line feed in an extension, a line ending in a bare
+//! line feed: refused); a test reads mangled answers both ways
+//! (`answers_are_read_as_hypers_client_reads_them`).
 //!
 //! # When a connection is used again
 //!
@@ -113,6 +117,19 @@ const MAX_READ_ROOM: usize = 32 * 1024;
 /// (grown for a large body) is freed when it goes back to the pool, and
 /// the next answer's first read is given the room the last one grew to.
 const IDLE_BUFFER: usize = 16 * 1024;
+
+/// Whether every line in `bytes` ends with CRLF: no line feed without a
+/// carriage return before it.
+fn crlf_lines(bytes: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(i) = bytes[at..].iter().position(|b| *b == b'\n') {
+        if at + i == 0 || bytes[at + i - 1] != b'\r' {
+            return false;
+        }
+        at += i + 1;
+    }
+    true
+}
 
 /// Whether a request goes the raw way (see the module's doc).
 pub fn eligible(req: &Request<RequestBody>) -> bool {
@@ -1370,6 +1387,18 @@ impl Body for RawBody {
                 State::Chunked(chunk) => match *chunk {
                     Chunk::Size => match httparse::parse_chunk_size(&conn.buf) {
                         Ok(httparse::Status::Complete((used, size))) => {
+                            // One line, starting with a digit and ended by
+                            // CRLF. httparse reads a line without digits as
+                            // size 0 (the last chunk) and lets a line feed
+                            // through in an extension, where some readers
+                            // end the line: both refused, as hyper refuses
+                            // them.
+                            if !conn.buf[0].is_ascii_hexdigit()
+                                || !crlf_lines(&conn.buf[..used])
+                                || conn.buf[..used - 1].contains(&b'\n')
+                            {
+                                return this.fail(ProxyError::UpstreamProtocol);
+                            }
                             conn.buf.advance(used);
                             *chunk = if size == 0 {
                                 Chunk::Trailers
@@ -1417,6 +1446,13 @@ impl Body for RawBody {
                         }
                         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
                         match httparse::parse_headers(&conn.buf, &mut fields) {
+                            // (Lines that end in a bare LF, which httparse
+                            // takes, are refused, as hyper refuses them.)
+                            Ok(httparse::Status::Complete((used, _)))
+                                if !crlf_lines(&conn.buf[..used]) =>
+                            {
+                                return this.fail(ProxyError::UpstreamProtocol)
+                            }
                             Ok(httparse::Status::Complete((used, fields))) => {
                                 let mut trailers = HeaderMap::with_capacity(fields.len());
                                 for f in fields.iter() {
@@ -2382,5 +2418,162 @@ mod tests {
             head <= answered_by,
             "head timed at {head} µs; it was sent by {answered_by} µs"
         );
+    }
+
+    /// `answer` read by hyper's client, the connection closed after it:
+    /// the status, the body and the trailers, or why not.
+    async fn hyper_reads(answer: &'static [u8]) -> Result<(u16, Bytes, Option<HeaderMap>), String> {
+        let s = scripted(vec![(answer, true)]).await;
+        let io = TcpStream::connect(s.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut tx, conn) =
+            hyper::client::conn::http1::handshake::<_, http_body_util::Empty<Bytes>>(
+                hyper_util::rt::TokioIo::new(io),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = Request::get("/")
+            .header(header::HOST, "svc.test")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let read = async {
+            let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let all = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            let trailers = all.trailers().cloned();
+            Ok((status, all.to_bytes(), trailers))
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .unwrap_or_else(|_| Err("no answer in 10 s".into()))
+    }
+
+    /// `answer` read the raw way, the connection closed after it.
+    async fn raw_reads(answer: &'static [u8]) -> Result<(u16, Bytes, Option<HeaderMap>), String> {
+        let s = scripted(vec![(answer, true)]).await;
+        let up = upstream(&s);
+        let read = fetch(&up, get("/"));
+        match tokio::time::timeout(Duration::from_secs(10), read).await {
+            Ok(Ok((r, body, trailers))) => Ok((r.status().as_u16(), body, trailers)),
+            Ok(Err(e)) => Err(format!("{e:?}")),
+            Err(_) => Err("no answer in 10 s".into()),
+        }
+    }
+
+    /// A rightly framed answer (see [`framed`]) with `edits` made to it:
+    /// (where, what, a byte): a byte put in, taken out or put in place of
+    /// one, one made upper case, a piece of it copied further on, its end
+    /// cut off.
+    fn mangled(mut answer: Vec<u8>, edits: &[(usize, u8, u8)]) -> Vec<u8> {
+        for &(at, what, b) in edits {
+            let i = at % (answer.len() + 1);
+            let n = answer.len();
+            match what {
+                0 => answer.insert(i, b),
+                1 if i < n => {
+                    answer.remove(i);
+                }
+                2 if i < n => answer[i] = b,
+                3 if i < n => answer[i] = answer[i].to_ascii_uppercase(),
+                4 => {
+                    let j = (i + usize::from(b)) % (n + 1);
+                    let (from, to) = (i.min(j), i.max(j));
+                    let piece = answer[from..to.min(from + 24)].to_vec();
+                    answer.splice(to..to, piece);
+                }
+                5 => answer.truncate(n - (i % 8).min(n)),
+                _ => {}
+            }
+        }
+        answer
+    }
+
+    proptest::proptest! {
+        // A fixed seed: the suite runs the same answers every time. For a
+        // longer search, more of them: `PROPTEST_CASES=20000 cargo test -p
+        // veer-proxy --lib answers_are_read_as_hypers_client` (benches/fuzz.sh).
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x7665_6572),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Read the raw way, an answer (rightly framed, then mangled) is
+        /// what hyper's client reads, or an error: never an answer where
+        /// hyper sees none, nor another body. And a connection kept after
+        /// it gives the next request the next answer: no byte of one
+        /// answer is read as another's.
+        #[test]
+        fn answers_are_read_as_hypers_client_reads_them(
+            status in proptest::sample::select(vec![200u16, 204, 304, 404]),
+            body in proptest::collection::vec(b'a'..=b'z', 0..20),
+            framing in 0u8..7,
+            cuts in proptest::collection::vec(0usize..64, 0..3),
+            edits in proptest::collection::vec(
+                (0usize..4096, 0u8..6, proptest::sample::select(b" \t\r\n:0a,;-+xF19\x00\x0b\"=H/.".to_vec())),
+                1..5,
+            ),
+        ) {
+            let answer = mangled(framed(status, &body, framing, &cuts).0, &edits);
+            let answer: &'static [u8] = Box::leak(answer.into_boxed_slice());
+            let what = String::from_utf8_lossy(answer).into_owned();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let by_hyper = hyper_reads(answer).await;
+                if let Ok(raw) = raw_reads(answer).await {
+                    let hyper = by_hyper.as_ref().unwrap_or_else(|e| panic!("{what:?}: hyper {e}, raw {raw:?}"));
+                    assert_eq!(hyper, &raw, "{what:?}");
+                }
+                if by_hyper.is_err() {
+                    return;
+                }
+                let next: &'static [u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext";
+                let s = scripted(vec![(answer, false), (next, false)]).await;
+                let up = upstream(&s);
+                // (An answer that runs to the connection's end has none here.)
+                let first = tokio::time::timeout(Duration::from_millis(300), fetch(&up, get("/"))).await;
+                if let Ok(Ok(_)) = first {
+                    let second = tokio::time::timeout(Duration::from_secs(10), fetch(&up, get("/"))).await;
+                    match second {
+                        Ok(Ok((r, b, _))) => assert_eq!((r.status().as_u16(), &b[..]), (200, &b"next"[..]), "{what:?}"),
+                        other => panic!("{what:?}: the next answer: {other:?}"),
+                    }
+                }
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn chunk_lines_hyper_refuses_are_refused() {
+        // Found by the test above: a line feed in a chunk extension (some
+        // readers end the line there), a line without a size (httparse
+        // reads it as 0, the last chunk), a trailer line ending in a bare
+        // line feed.
+        let answers: [&'static [u8]; 4] = [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;\n=1\r\nhello\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n\r\nX-T: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n;e=0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\n\r\n",
+        ];
+        for answer in answers {
+            let what = String::from_utf8_lossy(answer);
+            assert!(hyper_reads(answer).await.is_err(), "{what}");
+            assert_eq!(
+                raw_reads(answer).await,
+                Err("UpstreamProtocol".into()),
+                "{what}"
+            );
+        }
+        // What they were mangled from is read.
+        let right: &'static [u8] =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;e=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n";
+        assert_eq!(hyper_reads(right).await, raw_reads(right).await);
+        assert!(raw_reads(right).await.is_ok());
     }
 }

@@ -111,12 +111,64 @@ const READ_ROOM: usize = 8192;
 /// nginx's `proxy_buffers` and HAProxy's `bufsize` bound theirs). At
 /// 256 KiB, 50 connections streaming 64 KiB bodies peaked at 29 MiB RSS,
 /// at 64 KiB at 20 MiB, at 32 KiB at 17 MiB for about 9 % more
-/// instructions a 64 KiB answer (one more read and chunk).
+/// instructions a 64 KiB answer (one more read and chunk). Emptied
+/// buffers of this room are kept for the next reads, up to 32 a worker
+/// thread ([`spare`]).
 const MAX_READ_ROOM: usize = 32 * 1024;
 /// An idle connection keeps a read buffer up to this size; a larger one
-/// (grown for a large body) is freed when it goes back to the pool, and
-/// the next answer's first read is given the room the last one grew to.
+/// (grown for a large body) is parked ([`spare`]) when it goes back to
+/// the pool, and the next answer's first read is given the room the last
+/// one grew to.
 const IDLE_BUFFER: usize = 16 * 1024;
+
+/// Read buffers of streamed answers, kept for the next reads on this
+/// thread.
+///
+/// A streamed answer is read [`MAX_READ_ROOM`] at a time, each read's
+/// bytes handed to the client's connection as they are, so a read needs
+/// fresh room while the last one's chunk waits to be written; freed
+/// once it is, such buffers empty allocator pages that veer's
+/// `MIMALLOC_PURGE_DELAY=0` gives back at once and the next read touches
+/// afresh (~4 page faults a 64 KiB answer; `benches/RESULTS.md`, session
+/// 54). Parked here instead, a buffer is taken again once its chunks
+/// are written (nothing else refers to it: `BytesMut::try_reclaim`).
+mod spare {
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+
+    use bytes::BytesMut;
+
+    use super::MAX_READ_ROOM;
+
+    /// Buffers kept a thread: at most this many, of [`MAX_READ_ROOM`] each.
+    const KEPT: usize = 32;
+
+    std::thread_local! {
+        static PARKED: RefCell<VecDeque<BytesMut>> = const { RefCell::new(VecDeque::new()) };
+    }
+
+    /// Parks `buf`, an emptied buffer of [`MAX_READ_ROOM`] whose chunks
+    /// may still be being written; the longest parked goes if the thread
+    /// keeps enough (it is freed when its chunks are).
+    pub(super) fn park(buf: BytesMut) {
+        PARKED.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() == KEPT {
+                p.pop_front();
+            }
+            p.push_back(buf);
+        });
+    }
+
+    /// A parked buffer whose chunks are all written, with its room.
+    pub(super) fn take() -> Option<BytesMut> {
+        PARKED.with(|p| {
+            let mut p = p.borrow_mut();
+            let i = p.iter_mut().position(|b| b.try_reclaim(MAX_READ_ROOM))?;
+            p.remove(i)
+        })
+    }
+}
 
 /// Whether every line in `bytes` ends with CRLF: no line feed without a
 /// carriage return before it.
@@ -184,6 +236,9 @@ pub struct RawConn {
     buf: BytesMut,
     /// Room for the next read (see [`MAX_READ_ROOM`]).
     room: usize,
+    /// `buf` is (what is left of) a buffer of [`MAX_READ_ROOM`], parked
+    /// when emptied (see [`spare`]).
+    big: bool,
     /// Kernel receive timestamps are on ([`RawConn::poll_fill_stamped`]).
     stamped: bool,
     /// The field names of the last response head, by position.
@@ -279,6 +334,7 @@ impl RawConn {
             io,
             buf: BytesMut::new(),
             room: READ_ROOM,
+            big: false,
             stamped: false,
             names: Names::default(),
         }
@@ -333,6 +389,15 @@ impl RawConn {
     /// no system call.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < 1024 {
+            if self.room == MAX_READ_ROOM {
+                if self.buf.is_empty() {
+                    let used = std::mem::replace(&mut self.buf, spare::take().unwrap_or_default());
+                    if self.big {
+                        spare::park(used);
+                    }
+                }
+                self.big = true;
+            }
             self.buf.reserve(self.room);
         }
         // At most the room: the buffer's spare capacity may be larger.
@@ -1325,7 +1390,8 @@ impl RawBody {
                 return;
             }
             if conn.buf.capacity() > IDLE_BUFFER {
-                conn.buf = BytesMut::new();
+                spare::park(std::mem::take(&mut conn.buf));
+                conn.big = false;
             }
             upstream.checkin(sender);
         }
@@ -2096,6 +2162,67 @@ mod tests {
         let mut idle = up.checkout(true).expect("pooled again");
         let conn = idle.raw_mut().unwrap();
         assert!(conn.buf.capacity() <= IDLE_BUFFER);
+    }
+
+    /// Streamed answers' read buffers are parked and taken again (see
+    /// [`spare`]), but never while a chunk read into one is held: chunks of
+    /// earlier answers, all held, stay as they were read while later ones
+    /// are read on the same thread; once they are let go, a parked buffer
+    /// is free to take.
+    #[test]
+    fn parked_read_buffers_are_taken_again_only_once_their_chunks_are_written() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            const N: usize = 256 * 1024;
+            let answers: Vec<(&'static [u8], bool)> = (0..6u8)
+                .map(|i| {
+                    let mut a =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {N}\r\n\r\n").into_bytes();
+                    a.extend((0..N).map(|k| b'a' + ((k / 1000 + usize::from(i)) % 26) as u8));
+                    let a: &'static [u8] = Box::leak(a.into_boxed_slice());
+                    (a, false)
+                })
+                .collect();
+            let s = scripted(answers.clone()).await;
+            let up = upstream(&s);
+            let mut held = Vec::new();
+            for _ in 0..answers.len() {
+                let sender = up.get(Duration::from_secs(2), false, true).await.unwrap();
+                let resp = send(
+                    sender,
+                    up.clone(),
+                    get("/"),
+                    None,
+                    Duration::from_secs(2),
+                    None,
+                )
+                .await
+                .unwrap();
+                let mut body = resp.into_body();
+                let mut chunks = Vec::new();
+                while let Some(f) = body.frame().await {
+                    chunks.push(f.unwrap().into_data().unwrap());
+                }
+                held.push(chunks);
+            }
+            assert_eq!(s.conns.load(Ordering::SeqCst), 1, "one kept connection");
+            for (i, chunks) in held.iter().enumerate() {
+                let body: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+                let head = answers[i].0.len() - N;
+                assert!(
+                    body == answers[i].0[head..],
+                    "answer {i} changed while held"
+                );
+            }
+            // Held: nothing parked is free to take.
+            assert!(spare::take().is_none());
+            drop(held);
+            let free = spare::take().expect("a parked buffer, free once its chunks went");
+            assert!(free.capacity() >= MAX_READ_ROOM);
+        });
     }
 
     #[test]

@@ -1684,6 +1684,20 @@ mod tests {
         Ok((Response::from_parts(parts, ()), data.freeze(), trailers))
     }
 
+    /// The body of the answer to a GET of `/` from `up`, read the raw way.
+    async fn body_of_get(up: &Arc<Upstream>) -> RawBody {
+        let sender = up.get(Duration::from_secs(2), false, true).await.unwrap();
+        let resp = send(
+            sender,
+            up.clone(),
+            get("/"),
+            None,
+            Duration::from_secs(2),
+            None,
+        );
+        resp.await.unwrap().into_body()
+    }
+
     fn upstream(s: &Scripted) -> Arc<Upstream> {
         Upstreams::new().get(s.addr, Connector::H1, 8)
     }
@@ -2138,18 +2152,7 @@ mod tests {
         let big: &'static [u8] = Box::leak(big.into_boxed_slice());
         let s = scripted(vec![(big, false)]).await;
         let up = upstream(&s);
-        let sender = up.get(Duration::from_secs(2), false, true).await.unwrap();
-        let resp = send(
-            sender,
-            up.clone(),
-            get("/"),
-            None,
-            Duration::from_secs(2),
-            None,
-        )
-        .await
-        .unwrap();
-        let mut body = resp.into_body();
+        let mut body = body_of_get(&up).await;
         let (mut total, mut largest) = (0, 0);
         while let Some(f) = body.frame().await {
             let n = f.unwrap().into_data().unwrap().len();
@@ -2190,18 +2193,7 @@ mod tests {
             let up = upstream(&s);
             let mut held = Vec::new();
             for _ in 0..answers.len() {
-                let sender = up.get(Duration::from_secs(2), false, true).await.unwrap();
-                let resp = send(
-                    sender,
-                    up.clone(),
-                    get("/"),
-                    None,
-                    Duration::from_secs(2),
-                    None,
-                )
-                .await
-                .unwrap();
-                let mut body = resp.into_body();
+                let mut body = body_of_get(&up).await;
                 let mut chunks = Vec::new();
                 while let Some(f) = body.frame().await {
                     chunks.push(f.unwrap().into_data().unwrap());

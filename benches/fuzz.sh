@@ -4,7 +4,9 @@
 # and reports executions and crashes; then reads CASES mangled upstream
 # answers both the raw way (proxy/src/raw.rs) and with hyper's client, and
 # fails on any answer the two read differently (the suite reads 256 of
-# them). Not part of CI's test run.
+# them); and 50 times CASES gRPC health answers both veer's way
+# (proxy/src/grpc.rs) and with prost's generated decoder (the suite reads
+# 2 048). Not part of CI's test run.
 #
 # usage: benches/fuzz.sh [SECS] [CASES]   (defaults: 300 per target, 20000 answers)
 #
@@ -47,15 +49,20 @@ for target in config request_head; do
   grep -E "stat::number_of_executed_units|stat::peak_rss_mb" "$log" || true
   echo "corpus: $(ls "$corpus/$target" | wc -l) inputs"
 done
-# (A fixed seed, as in the suite: the first 256 answers are the suite's.)
-printf '\n==> %s mangled answers, raw against hyper\n' "$cases"
-log="$ROOT/target/fuzz-raw-answers.log"
-if (cd "$ROOT" && PROPTEST_CASES="$cases" cargo test -q -p veer-proxy --lib \
-    answers_are_read_as_hypers_client_reads_them > "$log" 2>&1); then
-  echo "read alike"
-else
-  status=1
-  echo "READ UNLIKE: see $log"
-  grep -E "panicked|minimal failing input" "$log" | head -5
-fi
+# Reads N mangled inputs with a fixed seed (as in the suite, whose first
+# ones they are) through a differential property test.
+differential() { # WHAT TEST N LOG
+  printf '\n==> %s %s\n' "$3" "$1"
+  if (cd "$ROOT" && PROPTEST_CASES="$3" cargo test -q -p veer-proxy --lib "$2" > "$4" 2>&1); then
+    echo "read alike"
+  else
+    status=1
+    echo "READ UNLIKE: see $4"
+    grep -E "panicked|minimal failing input" "$4" | head -5
+  fi
+}
+differential "mangled answers, raw against hyper" answers_are_read_as_hypers_client_reads_them \
+  "$cases" "$ROOT/target/fuzz-raw-answers.log"
+differential "mangled gRPC health answers, veer against prost" health_answers_are_read_as_prost_reads_them \
+  "$((cases * 50))" "$ROOT/target/fuzz-grpc-health.log"
 exit $status

@@ -111,8 +111,13 @@ pub fn health_check_request(service: &str) -> bytes::Bytes {
 
 /// The `status` of a `HealthCheckResponse` framed as a gRPC message:
 /// 1 is SERVING (0 UNKNOWN, 2 NOT_SERVING, 3 SERVICE_UNKNOWN). Fields other
-/// than the status are skipped; a message that is not one is an error.
-pub fn health_check_status(framed: &[u8]) -> Result<u64, String> {
+/// than the status are skipped (groups too); a message that is not one is
+/// an error. Read as protobuf's decoders read it (prost's, under tonic's
+/// health client: a test compares the two on mangled messages): the
+/// status must be a varint and is an `int32`'s low 32 bits; a key must fit
+/// 32 bits, name a field above 0 and a wire type up to 5; a varint has at
+/// most ten bytes, the tenth 0 or 1; groups nest at most 100 deep.
+pub fn health_check_status(framed: &[u8]) -> Result<i32, String> {
     let Some((head, msg)) = framed.split_at_checked(5) else {
         return Err("no gRPC message in the answer".into());
     };
@@ -124,30 +129,66 @@ pub fn health_check_status(framed: &[u8]) -> Result<u64, String> {
     let mut rest = msg;
     let mut status = 0; // proto3: absent is the default, UNKNOWN
     while !rest.is_empty() {
-        let key = varint(&mut rest)?;
-        match (key >> 3, key & 7) {
-            (1, 0) => status = varint(&mut rest)?,
-            (_, 0) => {
-                varint(&mut rest)?;
-            }
-            (_, 1) => rest = rest.get(8..).ok_or("a field cut short")?,
-            (_, 2) => {
-                let n = usize::try_from(varint(&mut rest)?).map_err(|e| e.to_string())?;
-                rest = rest.get(n..).ok_or("a field cut short")?;
-            }
-            (_, 5) => rest = rest.get(4..).ok_or("a field cut short")?,
-            (_, w) => return Err(format!("not a HealthCheckResponse (wire type {w})")),
+        match key(&mut rest)? {
+            (1, 0) => status = varint(&mut rest)? as i32, // int32: the low 32 bits
+            (1, w) => return Err(format!("the status is not a varint (wire type {w})")),
+            (field, w) => skip(&mut rest, field, w, 0)?,
         }
     }
     Ok(status)
 }
 
-/// A protobuf varint taken off the front of `b`.
+/// A protobuf field key taken off the front of `b`: its field number and
+/// wire type.
+fn key(b: &mut &[u8]) -> Result<(u64, u8), String> {
+    let key = varint(b)?;
+    let wire = (key & 7) as u8;
+    if key > u64::from(u32::MAX) {
+        return Err(format!("a field key too large ({key})"));
+    }
+    if wire > 5 {
+        return Err(format!("not a protobuf message (wire type {wire})"));
+    }
+    if key >> 3 == 0 {
+        return Err("a field numbered 0".into());
+    }
+    Ok((key >> 3, wire))
+}
+
+/// Past the value of a field the reader does not know (numbered `field`,
+/// its wire type `wire`), `depth` groups deep.
+fn skip(b: &mut &[u8], field: u64, wire: u8, depth: u32) -> Result<(), String> {
+    if depth >= 100 {
+        return Err("groups nested too deep".into());
+    }
+    let len = match wire {
+        0 => return varint(b).map(drop),
+        1 => 8,
+        2 => usize::try_from(varint(b)?).map_err(|e| e.to_string())?,
+        3 => loop {
+            match key(b)? {
+                (end, 4) if end == field => return Ok(()),
+                (_, 4) => return Err("a group ended by another's end".into()),
+                (inner, w) => skip(b, inner, w, depth + 1)?,
+            }
+        },
+        4 => return Err("a group's end without its start".into()),
+        _ => 4,
+    };
+    *b = b.get(len..).ok_or("a field cut short")?;
+    Ok(())
+}
+
+/// A protobuf varint taken off the front of `b`: at most ten bytes, the
+/// tenth carrying only the 64th bit.
 fn varint(b: &mut &[u8]) -> Result<u64, String> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
         let (&byte, rest) = b.split_first().ok_or("a varint cut short")?;
         *b = rest;
+        if shift == 63 && byte > 1 {
+            return Err("a varint too long".into());
+        }
         v |= u64::from(byte & 0x7f) << shift;
         if byte & 0x80 == 0 {
             return Ok(v);
@@ -157,7 +198,7 @@ fn varint(b: &mut &[u8]) -> Result<u64, String> {
 }
 
 /// The name of a `HealthCheckResponse` status.
-pub fn serving_status(s: u64) -> &'static str {
+pub fn serving_status(s: i32) -> &'static str {
     match s {
         0 => "UNKNOWN",
         1 => "SERVING",
@@ -344,7 +385,7 @@ mod tests {
             let mut framed = vec![0];
             framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
             framed.extend_from_slice(&msg);
-            assert_eq!(health_check_status(&framed), Ok(status as u64));
+            assert_eq!(health_check_status(&framed), Ok(status));
         }
         // Unknown fields before the status are skipped.
         let framed = [0, 0, 0, 0, 7, 0x12, 0x02, b'h', b'i', 0x08, 0x02, 0x18];
@@ -358,5 +399,129 @@ mod tests {
         assert!(health_check_status(&[0, 0, 0]).is_err());
         assert!(health_check_status(&[1, 0, 0, 0, 0]).is_err());
         assert!(health_check_status(&[0, 0, 0, 0, 1, 0x0b]).is_err());
+        // Groups nest as deep as prost reads them, no deeper.
+        for depth in [1, 99, 100, 101] {
+            let mut msg = vec![0x13; depth]; // field 2, a group's start
+            msg.extend(std::iter::repeat_n(0x14, depth)); // its end
+            msg.extend_from_slice(&[0x08, 0x01]);
+            let want = HealthCheckResponse::decode(&msg[..]).map(|r| r.status).ok();
+            let mut framed = vec![0];
+            framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&msg);
+            assert_eq!(health_check_status(&framed).ok(), want, "{depth} deep");
+            assert_eq!(want.is_some(), depth <= 100, "{depth} deep");
+        }
+    }
+
+    /// A varint written with `pad` more bytes than it needs (protobuf
+    /// allows up to ten in all; more is the decoder's to refuse).
+    fn put_varint(out: &mut Vec<u8>, mut v: u64, pad: usize) {
+        let mut bytes = Vec::new();
+        loop {
+            bytes.push((v & 0x7f) as u8);
+            v >>= 7;
+            if v == 0 {
+                break;
+            }
+        }
+        bytes.extend(std::iter::repeat_n(0, pad));
+        let last = bytes.len() - 1;
+        for (i, b) in bytes.iter().enumerate() {
+            out.push(if i < last { b | 0x80 } else { *b });
+        }
+    }
+
+    /// Fields as a writer (or a broken one) might put them: any field
+    /// number and wire type, values of any size, varints written longer
+    /// than they need.
+    fn message(fields: &[(u64, u8, u64, usize, Vec<u8>)]) -> Vec<u8> {
+        let mut msg = Vec::new();
+        for (field, wire, value, pad, bytes) in fields {
+            put_varint(&mut msg, field << 3 | u64::from(*wire), 0);
+            match wire {
+                0 => put_varint(&mut msg, *value, *pad),
+                1 => msg.extend_from_slice(&value.to_le_bytes()),
+                2 => {
+                    put_varint(&mut msg, bytes.len() as u64, *pad);
+                    msg.extend_from_slice(bytes);
+                }
+                5 => msg.extend_from_slice(&(*value as u32).to_le_bytes()),
+                3 => {
+                    // A group holding a field 1 (not the status: it is
+                    // the group's), then its end, another's, or none.
+                    msg.extend_from_slice(&[0x08, bytes.len() as u8]);
+                    match pad {
+                        0 | 1 => put_varint(&mut msg, field << 3 | 4, 0),
+                        8 => put_varint(&mut msg, (field + 1) << 3 | 4, 0),
+                        _ => {}
+                    }
+                }
+                _ => {} // a group's end alone, and the unused 6 and 7
+            }
+        }
+        msg
+    }
+
+    proptest::proptest! {
+        // A fixed seed: the suite reads the same 2 048 messages every time
+        // (a few milliseconds). For a longer search: `PROPTEST_CASES=1000000
+        // cargo test -p veer-proxy --lib health_answers_are_read_as_prost`.
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(2048),
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x7665_6572),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// A health check's answer (any fields, then mangled) gives the
+        /// status prost's generated `HealthCheckResponse` decodes (what a
+        /// tonic client of the health service reads), or an error where
+        /// prost refuses it: never SERVING from a message a gRPC client
+        /// would not read as SERVING, nor the other way round.
+        #[test]
+        fn health_answers_are_read_as_prost_reads_them(
+            fields in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![0u64, 1, 1, 1, 2, 3, 16, 2047, (1 << 29) - 1, 1 << 29, 1 << 32]),
+                    proptest::sample::select(vec![0u8, 0, 0, 1, 2, 2, 3, 4, 5, 6, 7]),
+                    proptest::sample::select(vec![0u64, 1, 1, 2, 3, 127, 128, 1 << 31, (1 << 32) + 1, u64::MAX, u64::MAX - 1]),
+                    proptest::sample::select(vec![0usize, 0, 0, 1, 8, 9]),
+                    proptest::collection::vec(proptest::sample::select(vec![0u8, 1, 8, 0x0b, 0x0c, 0x80, 0xff]), 0..6),
+                ),
+                0..6,
+            ),
+            edits in proptest::collection::vec(
+                (0usize..4096, 0u8..4, proptest::sample::select(vec![0u8, 1, 2, 8, 0x0b, 0x0c, 0x10, 0x7f, 0x80, 0xff])),
+                0..3,
+            ),
+        ) {
+            use prost::Message;
+            let mut msg = message(&fields);
+            for &(at, what, b) in &edits {
+                let i = at % (msg.len() + 1);
+                match what {
+                    0 => msg.insert(i, b),
+                    1 if i < msg.len() => {
+                        msg.remove(i);
+                    }
+                    2 if i < msg.len() => msg[i] = b,
+                    3 => msg.truncate(i),
+                    _ => {}
+                }
+            }
+            let want = tonic_health::pb::HealthCheckResponse::decode(&msg[..]).map(|r| r.status);
+            let mut framed = vec![0];
+            framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&msg);
+            let got = health_check_status(&framed);
+            proptest::prop_assert_eq!(
+                got.clone().ok(),
+                want.clone().ok(),
+                "{:02x?}: veer {:?}, prost {:?}",
+                msg,
+                got,
+                want
+            );
+        }
     }
 }

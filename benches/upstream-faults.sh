@@ -8,8 +8,10 @@
 # answers a second, veer's CPU and minor page faults an answer (from
 # /proc/PID/stat over the measured window) and its peak RSS.
 #
-# usage: [VEER=binary] benches/upstream-faults.sh [-b BYTES] [-d SECONDS] [-r ROUNDS]
-#   (defaults: 65536 bytes, 5 s, 2 rounds). Needs nginx and wrk
+# usage: [VEER=binary] [DELAYS='0 100'] [SCHEMES='http h2c'] benches/upstream-faults.sh
+#          [-b BYTES] [-d SECONDS] [-r ROUNDS]
+#   (defaults: 65536 bytes, 5 s, 2 rounds; DELAYS and SCHEMES: the purge
+#   delays in ms and the upstream protocols measured). Needs nginx and wrk
 #   (benches/peers.sh installs them). Only 127.0.0.1 is targeted; every
 #   load run is bounded by -d.
 set -euo pipefail
@@ -20,7 +22,7 @@ BYTES=65536 DUR=5 ROUNDS=2
 while getopts "b:d:r:" o; do
   case $o in
     b) BYTES=$OPTARG ;; d) DUR=$OPTARG ;; r) ROUNDS=$OPTARG ;;
-    *) sed -n '2,15p' "$0"; exit 2 ;;
+    *) sed -n '2,17p' "$0"; exit 2 ;;
   esac
 done
 for tool in nginx wrk taskset; do
@@ -90,10 +92,13 @@ echo "answers of $BYTES bytes, 50 connections, ${DUR}s a case, veer pinned (CPU 
 echo "| upstream | MIMALLOC_PURGE_DELAY | round | answers/s | CPU us an answer | page faults an answer | peak RSS | wrk errors |"
 echo "|---|---|---|---|---|---|---|---|"
 for r in $(seq 1 "$ROUNDS"); do
-  for scheme in "" "h2c://"; do
-    port=$h1
-    [ -n "$scheme" ] && port=$h2
-    for delay in 0 100; do
+  for s in ${SCHEMES:-http h2c}; do
+    case $s in
+      http) scheme="" port=$h1 ;;
+      h2c) scheme="h2c://" port=$h2 ;;
+      *) echo "SCHEMES: http or h2c, not $s" >&2; exit 2 ;;
+    esac
+    for delay in ${DELAYS:-0 100}; do
       measure "$scheme" "$port" "$delay" "$r"
     done
   done

@@ -1447,8 +1447,11 @@ async fn retry(
         if let Some(kind) = answered.as_ref().err().and_then(|e| e.upstream_index()) {
             t.version.metrics.upstream_error(kind);
         }
-        // The failed answer goes (its connection closed) before the next try.
-        drop(answered);
+        // The failed answer goes before the next try (its connection
+        // back to the pool once its body is read, if short).
+        if let Ok(failed) = answered {
+            discard(failed);
+        }
         again.pick = t.version.balancer.retry_pick(&again.pick, again.tried);
         again.tried |= 1u64 << (again.pick.first() % 64);
         let watch = std::sync::OnceLock::new();
@@ -1475,6 +1478,58 @@ async fn retry(
         }
     }
     answered
+}
+
+/// The most of a failed try's answer's body that veer reads to keep its
+/// connection (see [`discard`]): an error page is a few hundred bytes.
+const DISCARD_BYTES: usize = 64 * 1024;
+
+/// How long veer reads a failed try's answer's body to keep its
+/// connection (see [`discard`]).
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A failed try's answer that a retry replaces, not passed on. Its
+/// HTTP/1.1 connection goes back to its endpoint's pool once its body is
+/// read to the end, by a task of its own, as long as that takes at most
+/// [`DISCARD_BYTES`] and [`DISCARD_TIME`] (a body already read whole, an
+/// error page's as a rule, at once); otherwise the connection is closed.
+/// An upstream failing many requests with short answers is not also
+/// made to take a new connection (and a TLS handshake) for each one
+/// retried. An HTTP/2 answer's stream is reset (its connection stays).
+#[inline(never)]
+fn discard((resp, sender, upstream): Exchanged) {
+    use http_body::Body;
+    if resp.version() == http::Version::HTTP_2 {
+        return;
+    }
+    let (parts, body) = resp.into_parts();
+    // Framed twice: read by its transfer coding, never used again (as
+    // `forward` and veer's own client keep it).
+    let framed_twice = parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts.headers.contains_key(header::CONTENT_LENGTH);
+    if framed_twice || body.size_hint().lower() > DISCARD_BYTES as u64 {
+        return;
+    }
+    // (veer's own client's body holds its connection: `sender` is None.)
+    let pooled = sender.map(|s| (s, upstream));
+    let mut body = UpstreamBody::boxed(body, DISCARD_TIME, pooled);
+    if body.is_end_stream() {
+        return; // given back already
+    }
+    tokio::spawn(async move {
+        let read = async {
+            let mut bytes = 0;
+            while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+                bytes += frame.data_ref().map_or(0, |d| d.len());
+                if bytes > DISCARD_BYTES {
+                    break;
+                }
+            }
+        };
+        // At its end the body gave its connection back; dropped before
+        // it, the body closes it.
+        let _ = tokio::time::timeout(DISCARD_TIME, read).await;
+    });
 }
 
 /// Whether `body` is read whole before its request takes an upstream

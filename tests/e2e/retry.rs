@@ -150,6 +150,51 @@ async fn a_failed_try_goes_to_the_next_endpoint_and_the_judge_hears_the_request_
     assert_eq!(metric(&m, SENT), Some(of_b.len() as f64 + 3.0), "{m}");
 }
 
+/// A try's short failed answer that a retry replaces is read to its end
+/// and its connection kept: an endpoint failing many requests is not also
+/// made to take a new connection for each one retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_short_answers_connection_is_kept_not_closed() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let veer = retrying(&[a.addr, b.addr], "", "on = [\"503\"]\n").await;
+    let of_b = keys_of(&veer, "b").await;
+    b.status.store(503, Ordering::SeqCst);
+    let (requests, connections) = (
+        b.requests.load(Ordering::SeqCst),
+        b.connections.load(Ordering::SeqCst),
+    );
+    // One after another: each takes b's idle connection, if it is back.
+    let keys: Vec<String> = of_b.iter().cycle().take(20).cloned().collect();
+    let busy_at_b = format!(
+        "veer_upstream_connections{{endpoint=\"{}\",route=\"web\",state=\"busy\",version=\"v1\"}}",
+        b.addr
+    );
+    let mut c = Client::connect(veer.addr).await.unwrap();
+    for k in &keys {
+        let r = c.get("/", &[("x-user-id", k)]).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-upstream"], "a");
+        // Its 503's connection is back in the pool (read by a task of
+        // its own), or closed, before the next request takes one.
+        let back = std::time::Instant::now();
+        loop {
+            let m = veer.metrics().await;
+            if metric(&m, &busy_at_b).unwrap_or(0.0) == 0.0 {
+                break;
+            }
+            assert!(back.elapsed() < Duration::from_secs(10), "still busy:\n{m}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(b.requests.load(Ordering::SeqCst) - requests, 20);
+    // (Closed after each, it would have taken 20.)
+    let opened = b.connections.load(Ordering::SeqCst) - connections;
+    assert!(opened <= 1, "b took {opened} new connections for 20 tries");
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, SENT), Some(20.0), "{m}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_closed_before_the_answer_is_retried_and_the_budget_caps_retries() {
     // An endpoint that reads each request and closes without answering

@@ -928,6 +928,96 @@ async fn https_upstream(cfg: Arc<rustls::ServerConfig>) -> (SocketAddr, Arc<Atom
     (addr, served)
 }
 
+/// An HTTPS upstream speaking HTTP/1.1 only, answering `status` with a
+/// short body and its name in `x-upstream`; counts the connections it
+/// accepted and the requests it served.
+async fn https_h1_upstream(
+    cfg: Arc<rustls::ServerConfig>,
+    name: &'static str,
+    status: u16,
+) -> (SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>) {
+    let mut cfg = (*cfg).clone();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accepted, served) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (a, s) = (accepted.clone(), served.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, s) = (acceptor.clone(), s.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .status(status)
+                                .header("x-upstream", name)
+                                .body(Full::new(Bytes::from_static(b"not now, try another")))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted, served)
+}
+
+/// A retried try's short answer from an HTTPS endpoint (read by hyper's
+/// client) is read to its end and its connection kept: a failing
+/// endpoint is not also made to take a TLS handshake for each try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_short_answer_keeps_its_tls_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("veer test CA");
+    let ca_file = write(dir.path(), "ca.pem", &ca.pem());
+    let (a, _, _) = https_h1_upstream(ca.server_config(None), "a", 200).await;
+    let (b, b_accepted, b_served) = https_h1_upstream(ca.server_config(None), "b", 503).await;
+    let stable = format!(
+        "version = \"v1\"\nendpoints = [\"https://{a}\", \"https://{b}\"]\n[route.stable.tls]\nca_file = \"{ca_file}\""
+    );
+    let veer = Veer::start(&config(&stable, None, "[route.retry]\non = [\"503\"]\n")).await;
+    let busy_at_b = format!(
+        "veer_upstream_connections{{endpoint=\"{b}\",route=\"web\",state=\"busy\",version=\"v1\"}}"
+    );
+    let mut c = super::support::Client::connect(veer.addr).await.unwrap();
+    for i in 0..40 {
+        let r = c
+            .get("/", &[("x-user-id", &format!("user-{i}"))])
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-upstream"], "a");
+        // The 503's connection back in the pool, or closed, before the
+        // next request takes one.
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = veer.metrics().await;
+            if metric(&m, &busy_at_b).unwrap_or(0.0) == 0.0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < until, "still busy:\n{m}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let tries = b_served.load(Ordering::SeqCst);
+    assert!(tries >= 5, "only {tries} of 40 keys tried b first");
+    let accepted = b_accepted.load(Ordering::SeqCst);
+    assert_eq!(
+        accepted, 1,
+        "b took {accepted} connections for {tries} tries"
+    );
+}
+
 /// An `https://` stable version with a CA and a client certificate.
 fn mtls_version(addr: SocketAddr, ca_file: &str, cert_file: &str, key_file: &str) -> String {
     https_version(

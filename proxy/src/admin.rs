@@ -33,8 +33,6 @@ use crate::shared::Shared;
 pub struct Admin {
     /// Where operator actions go.
     pub actions: mpsc::Sender<Command>,
-    /// The bearer token every action needs.
-    pub token: Arc<str>,
     /// `/status` and `/metrics` need the token too.
     pub read_token: bool,
     /// One `/metrics` or `/status` document made at a time, off the
@@ -231,12 +229,16 @@ pub async fn serve(
 
 /// Who a request's bearer token says it is (None: nobody, see
 /// [`unauthorized`]).
-fn authorized(shared: &Shared, admin: &Admin, req: &Request<Incoming>) -> Option<Caller> {
+fn authorized(shared: &Shared, req: &Request<Incoming>) -> Option<Caller> {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if crate::token::bearer_matches(given, &admin.token) {
+    let token = shared.admin_token.load();
+    if token
+        .as_deref()
+        .is_some_and(|t| crate::token::bearer_matches(given, t))
+    {
         return Some(Caller::Admin);
     }
     let operators = shared.operators.load();
@@ -278,7 +280,7 @@ async fn answer(
     }
     if admin.read_token
         && matches!(path, "/status" | "/metrics")
-        && authorized(shared, admin, req).is_none()
+        && authorized(shared, req).is_none()
     {
         return unauthorized();
     }
@@ -356,7 +358,7 @@ async fn action(
     if req.method() != Method::POST {
         return json_error(StatusCode::METHOD_NOT_ALLOWED, "actions are POST requests");
     }
-    let operator = match authorized(shared, admin, &req) {
+    let operator = match authorized(shared, &req) {
         Some(Caller::Admin) => None,
         Some(Caller::Operator(name)) => Some(name),
         None => {

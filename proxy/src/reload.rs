@@ -82,6 +82,10 @@ impl Reload {
         let (path, reloader, readers) = (self.path.clone(), self.reloader, self.readers.clone());
         let fleet_cert = self.fleet_cert.clone();
         let operators = self.started.admin.operators_file.clone();
+        // (Only a configured one: the generated token lives in the state
+        // dir, which may stop answering; its reads must not take the
+        // readers the config's need.)
+        let token = self.started.admin.token_file.clone();
         let shared = self.shared.clone();
         Checking(tokio::spawn(async move {
             if let Some(certs) = &certs {
@@ -89,6 +93,9 @@ impl Reload {
             }
             if let Some(path) = operators {
                 refresh_operators(path, &shared, &readers).await;
+            }
+            if let Some(path) = token {
+                refresh_token(path, &shared, &readers).await;
             }
             if let Some(cert) = fleet_cert {
                 show_fleet_cert(cert, &readers).await;
@@ -168,6 +175,9 @@ impl Reload {
         let mut dirs: Vec<PathBuf> = vec![base_dir(&self.path)];
         if let Some(o) = &self.started.admin.operators_file {
             dirs.push(base_dir(o));
+        }
+        if let Some(t) = &self.started.admin.token_file {
+            dirs.push(base_dir(t));
         }
         if let Some(c) = &self.certs {
             dirs.extend(c.paths().iter().map(|p| base_dir(p)));
@@ -309,6 +319,27 @@ async fn refresh_operators(path: PathBuf, shared: &Shared, readers: &Waiting) {
         }
         Err(e) => {
             tracing::warn!(error = %e, "operators' tokens not read; the previous ones stay")
+        }
+    }
+}
+
+/// Reads `[admin] token_file` again: a changed token is the one taken from the
+/// next request on (the one before is refused: a rotated secret); a file
+/// that no longer gives one (missing, empty, readable by others) keeps
+/// the token before (logged).
+async fn refresh_token(path: PathBuf, shared: &Shared, readers: &Waiting) {
+    let shown = path.display().to_string();
+    match off_workers(readers, move || crate::token::read(&path)).await {
+        Ok(Ok(t)) if shared.admin_token.load().as_deref().map(String::as_str) != Some(&*t) => {
+            tracing::info!(path = %shown, "admin token reloaded: actions need the new one");
+            shared.admin_token.store(Some(Arc::new(t.to_string())));
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "admin token not reloaded; the previous one stays")
+        }
+        Err(e) => {
+            tracing::warn!(path = %shown, error = %e, "admin token not read; the previous one stays")
         }
     }
 }

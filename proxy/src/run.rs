@@ -247,6 +247,7 @@ pub async fn run(
     if let Some(o) = operators {
         shared.operators.store(Arc::new(o));
     }
+    shared.admin_token.store(Some(Arc::new(token.to_string())));
     if let Some(c) = &certs {
         c.show();
     }
@@ -283,7 +284,6 @@ pub async fn run(
     if let Some(admin) = admin {
         let handle = Admin {
             actions: actions_tx,
-            token,
             read_token: config.admin.read_token,
             renders: Arc::new(Semaphore::new(1)),
         };

@@ -58,6 +58,10 @@ pub struct Shared {
     pub certs: Option<Arc<crate::tls::Certs>>,
     /// `[admin] operators_file`'s named tokens (none without it).
     pub operators: ArcSwap<crate::token::Operators>,
+    /// The admin token (`[admin] token_file`, read again when it changes;
+    /// or `[state] dir`/admin.token); none (every action refused) until
+    /// it is read at start.
+    pub admin_token: arc_swap::ArcSwapOption<String>,
 }
 
 impl Shared {
@@ -89,6 +93,7 @@ impl Shared {
             tls_listen_port: std::sync::atomic::AtomicU16::new(443),
             certs,
             operators: ArcSwap::from_pointee(crate::token::Operators::default()),
+            admin_token: arc_swap::ArcSwapOption::empty(),
         }
     }
 

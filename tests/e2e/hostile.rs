@@ -255,6 +255,70 @@ async fn read_token_guards_status_and_metrics_but_not_probes() {
     assert_eq!(admin_request(veer.admin, "GET", "/readyz", None).await, 200);
 }
 
+/// A rotated admin token (its file replaced, as a Kubernetes Secret's is)
+/// is the one taken from then on, without a restart; a replacement that
+/// gives no token (empty, readable by others) keeps the one before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_admin_token_is_taken_live_and_a_bad_file_keeps_the_last() {
+    use super::support::{admin_request, write_with_mode};
+    let s = Upstream::start("stable").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second, third) = (
+        "first-0123456789abcdef",
+        "second-0123456789abcdef",
+        "third-0123456789abcdef",
+    );
+    write_with_mode(&dir.path().join("admin.token"), first, 0o600);
+    let config = route_config(&[s.addr], &[], 0.0, "").replace(
+        "[admin]\n",
+        "[admin]\ntoken_file = \"admin.token\"\nread_token = true\n",
+    );
+    let veer = Veer::start_in_dir(dir, &config).await;
+    let status = |t: &'static str| admin_request(veer.admin, "GET", "/status", Some(t));
+    assert_eq!(status(first).await, 200);
+    assert_eq!(status(second).await, 401);
+    let replace = |text: &str, mode: u32| {
+        let new = veer.dir.path().join("admin.token.new");
+        write_with_mode(&new, text, mode);
+        std::fs::rename(new, veer.dir.path().join("admin.token")).unwrap();
+    };
+    replace(&format!("{second}\n"), 0o600);
+    let start = Instant::now();
+    while status(second).await != 200 {
+        assert!(start.elapsed() < Duration::from_secs(30), "never taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(first).await, 401);
+    let reloaded = veer
+        .logs_with_at_least("admin token reloaded: actions need the new one", 1)
+        .await;
+    assert_eq!(reloaded.len(), 1, "{reloaded:?}");
+    // An empty file, then one others can read: the token before stays.
+    replace("", 0o600);
+    let kept = veer
+        .logs_with_at_least("admin token not reloaded; the previous one stays", 1)
+        .await;
+    assert!(!kept.is_empty(), "the empty file was never read");
+    assert_eq!(status(second).await, 200);
+    replace(third, 0o644);
+    let start = Instant::now();
+    loop {
+        let lines = veer
+            .logs_with_at_least("admin token not reloaded; the previous one stays", 1)
+            .await;
+        if lines
+            .iter()
+            .any(|l| l["error"].as_str().is_some_and(|e| e.contains("chmod 600")))
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{lines:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(second).await, 200);
+    assert_eq!(status(third).await, 401);
+}
+
 #[test]
 fn a_token_file_others_can_read_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -145,6 +145,9 @@ impl Reload {
                 tracing::warn!(route, host, "no [proxy.tls] certificate names this host: a TLS client asking for it gets the default certificate, and refuses it");
             }
         }
+        if let Some(edge) = self.shared.edge.get() {
+            edge.apply(&applied.config.proxy);
+        }
         let restart = restart_required(&self.started, &applied.config);
         if !restart.is_empty() {
             tracing::warn!(settings = ?restart, "changed settings take effect only after a restart");
@@ -589,26 +592,8 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
         o.tls.as_ref().map(|t| &t.listen) != n.tls.as_ref().map(|t| &t.listen),
         "proxy.tls.listen",
     );
-    diff(
-        o.max_connections != n.max_connections,
-        "proxy.max_connections",
-    );
-    diff(
-        o.max_header_bytes != n.max_header_bytes,
-        "proxy.max_header_bytes",
-    );
-    diff(o.idle_timeout != n.idle_timeout, "proxy.idle_timeout");
-    diff(o.header_timeout != n.header_timeout, "proxy.header_timeout");
-    diff(
-        o.max_connections_per_ip != n.max_connections_per_ip,
-        "proxy.max_connections_per_ip",
-    );
-    diff(o.shutdown_grace != n.shutdown_grace, "proxy.shutdown_grace");
+    // (The connections' limits apply to new connections: `Edge::apply`.)
     diff(o.proxy_protocol != n.proxy_protocol, "proxy.proxy_protocol");
-    diff(
-        o.proxy_protocol_from != n.proxy_protocol_from,
-        "proxy.proxy_protocol_from",
-    );
     // (`public_url` only shapes webhook messages: it applies live.)
     let (oa, na) = (&old.admin, &new.admin);
     diff(

@@ -14,7 +14,7 @@ use crate::admin::Admin;
 use crate::controller::Controller;
 use crate::metrics::Metrics;
 use crate::reload::{base_dir, Applied};
-use crate::server::{bind_all, serve, Limits};
+use crate::server::{bind_all, serve, Edge};
 use crate::snapshot::{self, BuildError};
 use crate::tls::{Certs, TlsError};
 use crate::upstream::Upstreams;
@@ -277,8 +277,8 @@ pub async fn run(
             .store(public.unwrap_or(a.port()), Ordering::Relaxed);
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let permits = Arc::new(Semaphore::new(config.proxy.max_connections));
-    let limits = Limits::from_settings(&config.proxy);
+    let edge = Arc::new(Edge::new(&config.proxy));
+    let _ = shared.edge.set(edge.clone());
     let mut tasks = Vec::new();
     let (actions_tx, actions_rx) = mpsc::channel(16);
     if let Some(admin) = admin {
@@ -298,13 +298,12 @@ pub async fn run(
     if let Some(certs) = &certs {
         listeners.extend(secure.into_iter().map(|l| (l, Some(certs.clone()))));
     }
-    tasks.push(tokio::spawn(serve(
+    let mut accepting = tokio::spawn(serve(
         listeners,
         shared.clone(),
-        limits,
-        permits.clone(),
+        edge.clone(),
         shutdown_rx.clone(),
-    )));
+    ));
     let controller = tokio::spawn(controller.run(actions_rx, shutdown_rx.clone()));
 
     for a in &bound.proxy {
@@ -327,11 +326,18 @@ pub async fn run(
 
     stop.await;
     shared.ready.store(false, Ordering::Release);
-    let grace = config.proxy.shutdown_grace;
+    // (As a reload last set them.)
+    let grace = edge.now().shutdown_grace;
     tracing::info!(grace = ?grace, "shutting down: no new connections; finishing in-flight requests");
     let _ = shutdown_tx.send(true);
-    let all = u32::try_from(config.proxy.max_connections).unwrap_or(u32::MAX);
-    match tokio::time::timeout(grace, permits.acquire_many(all)).await {
+    // Every slot there is free: no connection open. (Counted once the
+    // accept loop has returned: it alone changes the count.)
+    let all = async {
+        let _ = (&mut accepting).await;
+        let all = u32::try_from(edge.slots()).unwrap_or(u32::MAX);
+        edge.permits().acquire_many(all).await.map(drop)
+    };
+    match tokio::time::timeout(grace, all).await {
         Ok(_) => tracing::info!("all connections closed"),
         Err(_) => {
             shared.grace_over.store(true, Ordering::Release);
@@ -341,6 +347,7 @@ pub async fn run(
             )
         }
     }
+    accepting.abort();
     for t in tasks {
         t.abort();
     }

@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -25,7 +26,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use veer_control::config::ProxySettings;
 
 use crate::conn::{Activity, ClientClose, GaugeHeld, HeadWatch, Slot, Tracking};
@@ -44,7 +45,8 @@ const H2_MAX_PENDING_RESETS: usize = 20;
 /// ended (hyper's default).
 const H2_MAX_LOCAL_RESETS: usize = 1024;
 
-/// Connection-level settings fixed at start.
+/// Connection-level settings, as a connection is given them when accepted
+/// (see [`Edge`]).
 #[derive(Clone)]
 pub struct Limits {
     /// See [`ProxySettings::max_header_bytes`].
@@ -77,6 +79,169 @@ impl Limits {
     }
 }
 
+/// `[proxy]`'s connection-level settings, in force for the connections
+/// accepted from now on. A reload that changes them ([`Edge::apply`])
+/// applies them to new connections (those open keep theirs, as nginx's
+/// old workers do): `header_timeout`, `idle_timeout`,
+/// `max_header_bytes`, `max_connections_per_ip` (connections open
+/// counted as before), `proxy_protocol_from`, `shutdown_grace`, and
+/// `max_connections`: raised, more are accepted at once; lowered below
+/// the connections open, none is accepted until fewer are open. Bound
+/// listeners, `workers` and `proxy_protocol` (what a connection's first
+/// bytes are) need a restart.
+pub struct Edge {
+    current: arc_swap::ArcSwap<EdgeSettings>,
+    /// A connection slot each.
+    permits: Arc<Semaphore>,
+    /// `max_connections` as configured now.
+    wanted: AtomicUsize,
+    /// The slots there are (free or held): `max_connections` once the
+    /// accept loop has settled a change (a lowered cap's slots go as
+    /// connections close). Only the accept loop changes it.
+    total: AtomicUsize,
+    /// Told when `max_connections` changes.
+    changed: tokio::sync::Notify,
+}
+
+/// What [`Edge`] gives a connection accepted now.
+pub struct EdgeSettings {
+    /// Its limits.
+    pub limits: Limits,
+    /// hyper's builders for a plain connection.
+    plain: Arc<Builders>,
+    /// ... and for a TLS one.
+    tls: Arc<Builders>,
+    /// See [`ProxySettings::shutdown_grace`].
+    pub shutdown_grace: Duration,
+}
+
+impl Edge {
+    /// The settings of `p`.
+    pub fn new(p: &ProxySettings) -> Edge {
+        let limits = Limits::from_settings(p);
+        Edge {
+            current: arc_swap::ArcSwap::from_pointee(EdgeSettings::new(limits, p)),
+            permits: Arc::new(Semaphore::new(p.max_connections)),
+            wanted: AtomicUsize::new(p.max_connections),
+            total: AtomicUsize::new(p.max_connections),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The settings a connection accepted now gets.
+    pub fn now(&self) -> Arc<EdgeSettings> {
+        self.current.load_full()
+    }
+
+    /// The connection slots.
+    pub fn permits(&self) -> &Arc<Semaphore> {
+        &self.permits
+    }
+
+    /// The connection slots there are, free or held (for a shutdown,
+    /// once the accept loop has returned: every one free means no
+    /// connection open).
+    pub fn slots(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+
+    /// Puts `p`'s settings in force for the connections accepted from now
+    /// on (`proxy_protocol` stays as started: a restart's);
+    /// `max_connections` is settled by the accept loop ([`serve`]).
+    pub fn apply(&self, p: &ProxySettings) {
+        let before = self.now();
+        let mut limits = Limits::from_settings(p);
+        limits.proxy_protocol = before.limits.proxy_protocol;
+        // The connections open stay counted.
+        limits.per_ip = before.limits.per_ip.with_max(p.max_connections_per_ip);
+        self.current.store(Arc::new(EdgeSettings::new(limits, p)));
+        if self.wanted.swap(p.max_connections, Ordering::AcqRel) != p.max_connections {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Makes the slots there are `max_connections` as configured now, as
+    /// far as it can at once: slots added, or free ones taken away.
+    /// Returns how many more must go (held now: they go as their
+    /// connections close, see [`serve`]).
+    fn settle(&self) -> usize {
+        let (want, mut have) = (
+            self.wanted.load(Ordering::Acquire),
+            self.total.load(Ordering::Acquire),
+        );
+        if want > have {
+            self.permits.add_permits(want - have);
+            have = want;
+        } else if want < have {
+            have -= self.permits.forget_permits(have - want);
+        }
+        self.total.store(have, Ordering::Release);
+        have - want.min(have)
+    }
+
+    /// `owed` slots, held by connections now, taken away as they close
+    /// (before any new connection takes one: the semaphore is fair).
+    fn paid(&self, owed: usize, taken: OwnedSemaphorePermit) {
+        taken.forget();
+        self.total.fetch_sub(owed, Ordering::AcqRel);
+    }
+}
+
+impl EdgeSettings {
+    fn new(limits: Limits, p: &ProxySettings) -> EdgeSettings {
+        let (plain, tls) = builders(&limits);
+        EdgeSettings {
+            limits,
+            plain,
+            tls,
+            shutdown_grace: p.shutdown_grace,
+        }
+    }
+}
+
+/// hyper's connection builders for `limits`: for plain connections, and
+/// for TLS ones.
+fn builders(limits: &Limits) -> (Arc<Builders>, Arc<Builders>) {
+    let mut h1 = http1::Builder::new();
+    h1
+        // veer times every request head itself (`crate::conn::HeadWatch`):
+        // hyper's timer is a boxed sleep armed for every request.
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        // The head is capped; the read buffer may grow past the cap for
+        // bodies (see `crate::protocol`).
+        .max_header_size(limits.max_header_bytes)
+        .max_buf_size(limits.max_header_bytes.max(BODY_READ))
+        .keep_alive(true);
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .keep_alive_interval(Some(limits.idle_timeout / 2))
+        .keep_alive_timeout(Duration::from_secs(20))
+        // As nginx's http2_max_concurrent_streams: one connection cannot
+        // start an unbounded number of requests at once.
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        // Said, not left to the crates' defaults (the same today): a
+        // connection whose client resets more than 20 streams before they
+        // are taken up ("rapid reset", CVE-2023-44487), or makes veer reset
+        // more than 1 024 for its errors (RUSTSEC-2024-0003), gets
+        // GOAWAY ENHANCE_YOUR_CALM: resets free their stream slots at
+        // once, so `max_concurrent_streams` alone would not bound the
+        // requests such a client starts.
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS);
+    // A TLS client's close is seen by hyper reading; a plain one's by
+    // veer peeking at its socket (`crate::conn::ClientClose`), and hyper
+    // does not read while a request is in flight (its `half_close`: its
+    // read there cost a new read buffer for every request).
+    let tls = Arc::new(Builders {
+        h1: h1.clone(),
+        h2: h2.clone(),
+    });
+    h1.half_close(true);
+    (Arc::new(Builders { h1, h2 }), tls)
+}
+
 /// Whether a PROXY protocol header from `peer` names the client: from
 /// anyone when `from` is empty, else from its ranges only.
 fn believed(from: &[ipnet::IpNet], peer: SocketAddr) -> bool {
@@ -99,6 +264,14 @@ impl PerIpLimit {
         PerIpLimit {
             max,
             counts: Arc::default(),
+        }
+    }
+
+    /// The same counts, at most `max` an address from now on.
+    fn with_max(&self, max: usize) -> PerIpLimit {
+        PerIpLimit {
+            max,
+            counts: self.counts.clone(),
         }
     }
 
@@ -149,8 +322,7 @@ impl Drop for PerIp {
 pub async fn serve(
     listeners: Vec<(TcpListener, Option<Arc<crate::tls::Certs>>)>,
     shared: Arc<Shared>,
-    limits: Limits,
-    permits: Arc<Semaphore>,
+    edge: Arc<Edge>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     if listeners.is_empty() {
@@ -158,53 +330,34 @@ pub async fn serve(
     }
     // The TLS listeners' certificates (one set, shared by them all).
     let certs = listeners.iter().find_map(|(_, c)| c.clone());
-    let mut h1 = http1::Builder::new();
-    h1
-        // veer times every request head itself (`crate::conn::HeadWatch`):
-        // hyper's timer is a boxed sleep armed for every request.
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        // The head is capped; the read buffer may grow past the cap for
-        // bodies (see `crate::protocol`).
-        .max_header_size(limits.max_header_bytes)
-        .max_buf_size(limits.max_header_bytes.max(BODY_READ))
-        .keep_alive(true);
-    let mut h2 = http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new())
-        .keep_alive_interval(Some(limits.idle_timeout / 2))
-        .keep_alive_timeout(Duration::from_secs(20))
-        // As nginx's http2_max_concurrent_streams: one connection cannot
-        // start an unbounded number of requests at once.
-        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(limits.max_header_bytes as u32)
-        // Said, not left to the crates' defaults (the same today): a
-        // connection whose client resets more than 20 streams before they
-        // are taken up ("rapid reset", CVE-2023-44487), or makes veer reset
-        // more than 1 024 for its errors (RUSTSEC-2024-0003), gets
-        // GOAWAY ENHANCE_YOUR_CALM: resets free their stream slots at
-        // once, so `max_concurrent_streams` alone would not bound the
-        // requests such a client starts.
-        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS);
-    // A TLS client's close is seen by hyper reading; a plain one's by
-    // veer peeking at its socket (`crate::conn::ClientClose`), and hyper
-    // does not read while a request is in flight (its `half_close`: its
-    // read there cost a new read buffer for every request).
-    let tls_builder = Arc::new(Builders {
-        h1: h1.clone(),
-        h2: h2.clone(),
-    });
-    h1.half_close(true);
-    let builder = Arc::new(Builders { h1, h2 });
+    let permits = edge.permits().clone();
     let mut next = 0usize;
     // The send timeout the listeners give the connections they accept.
     let mut send_timeout = None;
     loop {
+        // A changed `max_connections` first: its slots added, or taken
+        // away (free ones at once, the rest as connections close, before
+        // any new connection takes one).
+        let owed = edge.settle();
+        if owed > 0 {
+            let n = u32::try_from(owed).unwrap_or(u32::MAX);
+            tokio::select! {
+                p = permits.clone().acquire_many_owned(n) => match p {
+                    Ok(p) => edge.paid(n as usize, p),
+                    Err(_) => return,
+                },
+                // (Changed again meanwhile: settled anew.)
+                _ = edge.changed.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            continue;
+        }
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => return,
             },
+            _ = edge.changed.notified() => continue,
             _ = shutdown.changed() => return,
         };
         // Whichever listener has a connection, starting after the last one
@@ -231,16 +384,21 @@ pub async fn serve(
                     continue;
                 }
             },
+            // (The slot held for it goes back: settled first.)
+            _ = edge.changed.notified() => continue,
             _ = shutdown.changed() => return,
         };
         let accepted = tokio::time::Instant::now();
+        // This connection's settings: those in force now.
+        let settings = edge.now();
+        let limits = &settings.limits;
         // Behind a load balancer that speaks the PROXY protocol every
         // connection comes from it: the client's address, and its count,
         // are known once the header is read (in the connection's task).
         let per_ip = if limits.proxy_protocol {
             None
         } else {
-            let Some(per_ip) = admit(&limits, peer, &shared) else {
+            let Some(per_ip) = admit(limits, peer, &shared) else {
                 drop(stream);
                 continue;
             };
@@ -271,13 +429,13 @@ pub async fn serve(
             Scheme::Http
         };
         let builder = if tls.is_some() {
-            tls_builder.clone()
+            settings.tls.clone()
         } else {
-            builder.clone()
+            settings.plain.clone()
         };
         let shutdown = shutdown.clone();
-        let limits = limits.clone();
         tokio::spawn(async move {
+            let limits = &settings.limits;
             let mut stream = stream;
             let mut scheme = scheme;
             let (peer, per_ip) = match per_ip {
@@ -313,7 +471,7 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let Some(p) = admit(&limits, client, &shared) else {
+                    let Some(p) = admit(limits, client, &shared) else {
                         return;
                     };
                     (client, p)
@@ -361,7 +519,7 @@ pub async fn serve(
                         shared: shared.clone(),
                         scheme,
                         activity,
-                        limits: &limits,
+                        limits,
                         slot,
                         client_cert,
                     };

@@ -62,6 +62,9 @@ pub struct Shared {
     /// or `[state] dir`/admin.token); none (every action refused) until
     /// it is read at start.
     pub admin_token: arc_swap::ArcSwapOption<String>,
+    /// The proxy listeners' connection-level settings, which a reload
+    /// changes (set once they listen).
+    pub edge: std::sync::OnceLock<Arc<crate::server::Edge>>,
 }
 
 impl Shared {
@@ -94,6 +97,7 @@ impl Shared {
             certs,
             operators: ArcSwap::from_pointee(crate::token::Operators::default()),
             admin_token: arc_swap::ArcSwapOption::empty(),
+            edge: std::sync::OnceLock::new(),
         }
     }
 

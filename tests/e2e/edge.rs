@@ -204,6 +204,86 @@ async fn one_address_gets_at_most_max_connections_per_ip() {
     }
 }
 
+/// The connection limits apply on reload to the connections accepted from
+/// then on, without a restart: those open keep being served; a lowered
+/// `max_connections` takes no new connection until fewer are open (none is
+/// closed for it); a shorter `header_timeout` closes a silent new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_apply_on_reload_to_new_connections() {
+    let s = Upstream::start("stable").await;
+    let base = route_config(&[s.addr], &[], 0.0, "");
+    let proxy = |more: &str| with_proxy(base.clone(), &format!("header_timeout = \"60s\"\n{more}"));
+    let veer = Veer::start(&proxy("max_connections_per_ip = 2")).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (c, code) = send(veer.addr, GET).await;
+        assert_eq!(code, 200);
+        held.push(c);
+    }
+    // Raised: a third from the same address is served.
+    veer.write_config(&proxy("max_connections_per_ip = 4"));
+    veer.wait_generation(2).await;
+    let (c, code) = send(veer.addr, GET).await;
+    assert_eq!(code, 200);
+    held.push(c);
+    // Lowered below the three open: they are served on; a new one is not.
+    veer.write_config(&proxy("max_connections_per_ip = 1"));
+    veer.wait_generation(3).await;
+    for c in &mut held {
+        c.write_all(GET).await.unwrap();
+        assert_answers_200(c).await;
+    }
+    let mut refused = TcpStream::connect(veer.addr).await.unwrap();
+    let _ = refused.write_all(GET).await;
+    assert!(
+        closed_by_veer(&mut refused).await,
+        "served over the lowered cap"
+    );
+
+    // max_connections lowered below the three open: a new connection
+    // waits (none of the three is closed for it) until fewer than two are
+    // open.
+    veer.write_config(&proxy("max_connections = 2"));
+    veer.wait_generation(4).await;
+    let mut waiting = TcpStream::connect(veer.addr).await.unwrap();
+    waiting.write_all(GET).await.unwrap();
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(500), waiting.read(&mut buf)).await;
+    assert!(early.is_err(), "answered over max_connections: {early:?}");
+    for c in &mut held {
+        c.write_all(GET).await.unwrap();
+        assert_answers_200(c).await;
+    }
+    held.truncate(1);
+    assert_answers_200(&mut waiting).await;
+    // Raised again: more at once.
+    veer.write_config(&proxy("max_connections = 10"));
+    veer.wait_generation(5).await;
+    for _ in 0..3 {
+        let (c, code) = send(veer.addr, GET).await;
+        assert_eq!(code, 200);
+        held.push(c);
+    }
+
+    // header_timeout from 60 s to 1 s: a new silent connection is closed.
+    veer.write_config(&with_proxy(
+        base.clone(),
+        "header_timeout = \"1s\"\nmax_connections = 10",
+    ));
+    veer.wait_generation(6).await;
+    let mut silent = TcpStream::connect(veer.addr).await.unwrap();
+    assert!(
+        closed_by_veer(&mut silent).await,
+        "a silent connection stayed open"
+    );
+    let st = veer.status().await;
+    assert_eq!(
+        st["config"]["restart_required"],
+        serde_json::json!([]),
+        "{st}"
+    );
+}
+
 /// An upstream and a veer routing to it, with `proxy` settings.
 async fn veer_with(proxy: &str) -> (std::sync::Arc<Upstream>, Veer) {
     let s = Upstream::start("stable").await;

@@ -1485,8 +1485,10 @@ async fn retry(
 const DISCARD_BYTES: usize = 64 * 1024;
 
 /// How long veer reads a failed try's answer's body to keep its
-/// connection (see [`discard`]).
-const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+/// connection (see [`discard`]). An error page comes with its head, as
+/// a rule; short, so that an endpoint whose failed answers trickle does
+/// not hold many of its connections (its cap) for them.
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// A failed try's answer that a retry replaces, not passed on. Its
 /// HTTP/1.1 connection goes back to its endpoint's pool once its body is

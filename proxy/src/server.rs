@@ -873,6 +873,43 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 mod tests {
     use super::*;
 
+    fn proxy_settings(max_connections: usize) -> ProxySettings {
+        let text = format!(
+            "[proxy]\nmax_connections = {max_connections}\n[[route]]\nname = \"r\"\n[route.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:9\"]\n"
+        );
+        veer_control::config::Config::parse(&text, std::path::Path::new("."))
+            .unwrap()
+            .proxy
+    }
+
+    /// A lowered `max_connections` takes free slots away at once and owes
+    /// the held ones until their connections close; raised again, it
+    /// adds slots; the count of slots there are follows.
+    #[tokio::test]
+    async fn a_changed_connection_cap_is_settled_slot_by_slot() {
+        let edge = Edge::new(&proxy_settings(10));
+        let permits = edge.permits().clone();
+        let held = permits.clone().acquire_many_owned(6).await.unwrap();
+        edge.apply(&proxy_settings(4));
+        // 4 free slots taken away; 2 of the 6 held still owed.
+        assert_eq!(edge.settle(), 2);
+        assert_eq!((edge.slots(), permits.available_permits()), (6, 0));
+        // Three connections close: two pay the debt, one is free.
+        let mut held = held;
+        let closed = held.split(3).unwrap();
+        let paying = permits.clone().acquire_many_owned(2);
+        drop(closed);
+        edge.paid(2, paying.await.unwrap());
+        assert_eq!((edge.slots(), permits.available_permits()), (4, 1));
+        assert_eq!(edge.settle(), 0);
+        // Raised: the difference added at once.
+        edge.apply(&proxy_settings(12));
+        assert_eq!(edge.settle(), 0);
+        assert_eq!((edge.slots(), permits.available_permits()), (12, 9));
+        drop(held);
+        assert_eq!(permits.available_permits(), 12);
+    }
+
     #[test]
     fn headers_are_believed_from_the_listed_balancers_only() {
         let from: Vec<ipnet::IpNet> = vec![

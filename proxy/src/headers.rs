@@ -342,6 +342,13 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
 }
 
+/// Whether a message's head has both `Transfer-Encoding` and
+/// `Content-Length`: read by its transfer coding, and its connection not
+/// used again (see [`strip_hop_by_hop`]).
+pub fn framed_twice(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH)
+}
+
 /// Removes hop-by-hop headers; `keep_upgrade` keeps the upgrade pair.
 ///
 /// A head framed by `Transfer-Encoding` loses its `Content-Length` too:
@@ -357,8 +364,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> bool {
     if !headers.keys().any(is_hop_by_hop) {
         return false;
     }
-    let framed_twice = headers.contains_key(header::TRANSFER_ENCODING)
-        && headers.remove(header::CONTENT_LENGTH).is_some();
+    let framed_twice = framed_twice(headers);
+    if framed_twice {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)

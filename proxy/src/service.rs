@@ -1507,9 +1507,9 @@ fn discard((resp, sender, upstream): Exchanged) {
     let (parts, body) = resp.into_parts();
     // Framed twice: read by its transfer coding, never used again (as
     // `forward` and veer's own client keep it).
-    let framed_twice = parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && parts.headers.contains_key(header::CONTENT_LENGTH);
-    if framed_twice || body.size_hint().lower() > DISCARD_BYTES as u64 {
+    if crate::headers::framed_twice(&parts.headers)
+        || body.size_hint().lower() > DISCARD_BYTES as u64
+    {
         return;
     }
     // (veer's own client's body holds its connection: `sender` is None.)

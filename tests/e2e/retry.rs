@@ -166,10 +166,6 @@ async fn a_retried_short_answers_connection_is_kept_not_closed() {
     );
     // One after another: each takes b's idle connection, if it is back.
     let keys: Vec<String> = of_b.iter().cycle().take(20).cloned().collect();
-    let busy_at_b = format!(
-        "veer_upstream_connections{{endpoint=\"{}\",route=\"web\",state=\"busy\",version=\"v1\"}}",
-        b.addr
-    );
     let mut c = Client::connect(veer.addr).await.unwrap();
     for k in &keys {
         let r = c.get("/", &[("x-user-id", k)]).await.unwrap();
@@ -177,15 +173,7 @@ async fn a_retried_short_answers_connection_is_kept_not_closed() {
         assert_eq!(r.headers()["x-upstream"], "a");
         // Its 503's connection is back in the pool (read by a task of
         // its own), or closed, before the next request takes one.
-        let back = std::time::Instant::now();
-        loop {
-            let m = veer.metrics().await;
-            if metric(&m, &busy_at_b).unwrap_or(0.0) == 0.0 {
-                break;
-            }
-            assert!(back.elapsed() < Duration::from_secs(10), "still busy:\n{m}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        super::support::wait_endpoint_not_busy(&veer, b.addr).await;
     }
     assert_eq!(b.requests.load(Ordering::SeqCst) - requests, 20);
     // (Closed after each, it would have taken 20.)

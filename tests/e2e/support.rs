@@ -811,6 +811,24 @@ pub async fn admin_request_with(
         .as_u16()
 }
 
+/// Waits (at most 10 s) until none of `veer`'s connections to `endpoint`
+/// (of route `web`, version `v1`) is busy: the last answer's connection
+/// back in its pool, or closed.
+pub async fn wait_endpoint_not_busy(veer: &Veer, endpoint: SocketAddr) {
+    let busy = format!(
+        "veer_upstream_connections{{endpoint=\"{endpoint}\",route=\"web\",state=\"busy\",version=\"v1\"}}"
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = veer.metrics().await;
+        if metric(&m, &busy).unwrap_or(0.0) == 0.0 {
+            return;
+        }
+        assert!(Instant::now() < until, "still busy:\n{m}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Writes `text` to `path` with Unix permissions `mode` (token files).
 pub fn write_with_mode(path: &Path, text: &str, mode: u32) {
     use std::os::unix::fs::PermissionsExt;

@@ -986,9 +986,6 @@ async fn a_retried_short_answer_keeps_its_tls_connection() {
         "version = \"v1\"\nendpoints = [\"https://{a}\", \"https://{b}\"]\n[route.stable.tls]\nca_file = \"{ca_file}\""
     );
     let veer = Veer::start(&config(&stable, None, "[route.retry]\non = [\"503\"]\n")).await;
-    let busy_at_b = format!(
-        "veer_upstream_connections{{endpoint=\"{b}\",route=\"web\",state=\"busy\",version=\"v1\"}}"
-    );
     let mut c = super::support::Client::connect(veer.addr).await.unwrap();
     for i in 0..40 {
         let r = c
@@ -999,15 +996,7 @@ async fn a_retried_short_answer_keeps_its_tls_connection() {
         assert_eq!(r.headers()["x-upstream"], "a");
         // The 503's connection back in the pool, or closed, before the
         // next request takes one.
-        let until = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let m = veer.metrics().await;
-            if metric(&m, &busy_at_b).unwrap_or(0.0) == 0.0 {
-                break;
-            }
-            assert!(std::time::Instant::now() < until, "still busy:\n{m}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        super::support::wait_endpoint_not_busy(&veer, b).await;
     }
     let tries = b_served.load(Ordering::SeqCst);
     assert!(tries >= 5, "only {tries} of 40 keys tried b first");

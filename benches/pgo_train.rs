@@ -215,11 +215,14 @@ fn connector(c: &Certs, alpn: &[u8]) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// Three loopback ports free at the time of the call and distinct from
+/// each other (their listeners are held together, then closed).
+fn free_ports() -> [u16; 3] {
+    let held: Vec<std::net::TcpListener> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
+        .collect();
+    let port = |i: usize| held[i].local_addr().expect("free port").port();
+    [port(0), port(1), port(2)]
 }
 
 /// The `[route.judge]` table of config.example.toml, as shipped.
@@ -668,37 +671,61 @@ async fn phase(
     seconds: u64,
 ) -> Vec<(&'static str, u64, u64)> {
     let acc = acceptor(certs);
-    let p = Ports {
-        proxy: free_port(),
-        tls: free_port(),
-        admin: free_port(),
-        stable: upstream("v1", None).await,
-        canary: upstream("v2", None).await,
-        stable_tls: upstream("v1", Some(acc.clone())).await,
-        canary_tls: upstream("v2", Some(acc)).await,
-    };
+    // The upstreams hold their ports before veer's are picked, so that no
+    // upstream takes a port just picked for veer (as happened in CI).
+    let (stable, canary) = (upstream("v1", None).await, upstream("v2", None).await);
+    let stable_tls = upstream("v1", Some(acc.clone())).await;
+    let canary_tls = upstream("v2", Some(acc)).await;
     let path = dir.join(format!("veer-{workers}.toml"));
-    std::fs::write(&path, config(dir, &p, workers)).expect("config");
-    let log = std::fs::File::create(dir.join(format!("veer-{workers}.log"))).expect("log");
-    let mut veer = Proc(
-        Command::new(veer)
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn veer"),
-    );
-    let admin: SocketAddr = ([127, 0, 0, 1], p.admin).into();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ready(admin).await {
-        if Instant::now() > deadline || !matches!(veer.0.try_wait(), Ok(None)) {
-            eprintln!("veer did not become ready; see {}", dir.display());
-            std::process::exit(1);
+    let log_path = dir.join(format!("veer-{workers}.log"));
+    // Another process may still take a picked port before veer binds it:
+    // then veer exits saying so, and is started again on new ports.
+    let mut attempt = 0;
+    let (mut veer, p) = loop {
+        attempt += 1;
+        let [proxy, tls, admin] = free_ports();
+        let p = Ports {
+            proxy,
+            tls,
+            admin,
+            stable,
+            canary,
+            stable_tls,
+            canary_tls,
+        };
+        std::fs::write(&path, config(dir, &p, workers)).expect("config");
+        let log = std::fs::File::create(&log_path).expect("log");
+        let mut veer = Proc(
+            Command::new(veer)
+                .args(["run", "--config"])
+                .arg(&path)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn veer"),
+        );
+        let admin: SocketAddr = ([127, 0, 0, 1], p.admin).into();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut up = true;
+        while !ready(admin).await {
+            if Instant::now() > deadline || !matches!(veer.0.try_wait(), Ok(None)) {
+                up = false;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        if up {
+            break (veer, p);
+        }
+        let said = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if attempt < 3 && said.contains("Address already in use") {
+            eprintln!("a picked port was taken before veer bound it; again on new ports");
+            continue;
+        }
+        eprintln!("veer did not become ready; see {}", dir.display());
+        std::process::exit(1);
+    };
     let until = Instant::now() + Duration::from_secs(seconds);
     let plain: SocketAddr = ([127, 0, 0, 1], p.proxy).into();
     let tls: SocketAddr = ([127, 0, 0, 1], p.tls).into();

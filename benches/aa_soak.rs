@@ -66,11 +66,12 @@ async fn upstream(name: &'static str) -> SocketAddr {
     addr
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// Two loopback ports free when picked, distinct (both held while picked).
+fn free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    let b = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    let port = |l: &std::net::TcpListener| l.local_addr().expect("free port").port();
+    (port(&a), port(&b))
 }
 
 /// config.example.toml with its listeners, state dir and endpoints moved
@@ -202,7 +203,7 @@ async fn main() {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
         let (s, c) = (upstream("v1").await, upstream("v2").await);
-        let (proxy, admin) = (free_port(), free_port());
+        let (proxy, admin) = free_ports();
         let path = dir.join("veer.toml");
         std::fs::write(&path, config(&dir, proxy, admin, s, c)).expect("config");
         let _veer = Proc(

@@ -109,9 +109,12 @@ step "promtool check metrics on a running veer's /metrics"
 "$TOOLS/venv/bin/python" - "$VEER" "$work" <<'PY'
 import json, socket, subprocess, sys, time, urllib.request
 veer, work = sys.argv[1], sys.argv[2]
-def free_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-proxy, admin, dead = free_port(), free_port(), free_port()
+held = [socket.socket() for _ in range(4)]  # held together while picked: four distinct ports
+for s in held:
+    s.bind(("127.0.0.1", 0))
+proxy, admin, dead, absent = (s.getsockname()[1] for s in held)
+for s in held:
+    s.close()
 open(f"{work}/metrics.toml", "w").write(f'''
 [proxy]
 listen = ["127.0.0.1:{proxy}"]
@@ -126,7 +129,7 @@ version = "v1"
 endpoints = ["127.0.0.1:{dead}"]
 [route.canary]
 version = "v2"
-endpoints = ["127.0.0.1:{free_port()}"]
+endpoints = ["127.0.0.1:{absent}"]
 weight = 50
 ''')
 p = subprocess.Popen([veer, "run", "--config", f"{work}/metrics.toml"], stderr=subprocess.DEVNULL)

@@ -83,9 +83,12 @@ step "podman run $tag --version"
 quiet "${podman[@]}" run --rm --read-only "${nohc[@]}" "$tag" --version
 
 step "podman run: veer run with a mounted config, /healthz from the host"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-admin_port=$(free_port)
-proxy_port=$(free_port)
+# Two ports picked together (both held while picked), so never the same.
+read -r admin_port proxy_port < <(python3 -c '
+import socket
+s = [socket.socket() for _ in range(2)]
+for x in s: x.bind(("127.0.0.1", 0))
+print(*(x.getsockname()[1] for x in s))')
 cfg="$work/run-config"
 rm -rf "$cfg"
 mkdir -p "$cfg"

@@ -45,7 +45,14 @@ pub struct Reload {
     fleet_cert: Option<PathBuf>,
     /// Reads of the files under way (see [`MAX_READERS`]).
     readers: Waiting,
+    /// The last rejection logged and when: the same one is logged again
+    /// at most every [`REPEAT_LOG`] (a bad file left in place is checked
+    /// every 5 s).
+    logged: Option<(String, tokio::time::Instant)>,
 }
+
+/// How often a rejection that does not change is logged again.
+const REPEAT_LOG: Duration = Duration::from_secs(60);
 
 impl Reload {
     /// A reloader for `path`, whose content `text` is running as `started`.
@@ -70,6 +77,7 @@ impl Reload {
                 .and_then(|f| f.client_cert.as_ref())
                 .map(|(cert, _)| cert.clone()),
             readers: Waiting::default(),
+            logged: None,
         }
     }
 
@@ -109,7 +117,10 @@ impl Reload {
     /// here, and the running config stays.
     pub fn finish(&mut self, checked: Result<Checked, tokio::task::JoinError>) -> Option<Applied> {
         match checked {
-            Ok(Checked::Unchanged) => None,
+            Ok(Checked::Unchanged) => {
+                self.back_to_running();
+                None
+            }
             Ok(Checked::Apply(applied)) => Some(*applied),
             Ok(Checked::Rejected(error)) => {
                 self.reject(error);
@@ -126,6 +137,7 @@ impl Reload {
     /// TLS certificates in force if they changed.
     pub fn accepted(&mut self, applied: &Applied, generation: u64) {
         self.reloader.applied(&applied.text);
+        self.logged = None;
         if let (Some(certs), Some(set)) = (&self.certs, &applied.certs) {
             certs.install(set.clone());
             tracing::info!(
@@ -173,25 +185,42 @@ impl Reload {
         );
     }
 
-    /// The files whose directories are watched.
+    /// The files veer re-reads when they change (their directories are
+    /// watched).
     pub fn watched(&self) -> Vec<PathBuf> {
-        let mut dirs: Vec<PathBuf> = vec![base_dir(&self.path)];
-        if let Some(o) = &self.started.admin.operators_file {
-            dirs.push(base_dir(o));
-        }
-        if let Some(t) = &self.started.admin.token_file {
-            dirs.push(base_dir(t));
-        }
+        let mut files: Vec<PathBuf> = vec![self.path.clone()];
+        files.extend(self.started.admin.operators_file.iter().cloned());
+        files.extend(self.started.admin.token_file.iter().cloned());
         if let Some(c) = &self.certs {
-            dirs.extend(c.paths().iter().map(|p| base_dir(p)));
+            files.extend(c.paths());
         }
-        dirs.sort();
-        dirs.dedup();
-        dirs
+        files.sort();
+        files.dedup();
+        files
+    }
+
+    /// The file is the running config again (a rejected edit undone): the
+    /// rejection no longer stands, in `/status` or the log.
+    fn back_to_running(&mut self) {
+        let mut st = self.shared.reload_status();
+        if st.last_result != "failure" {
+            return;
+        }
+        st.last_result = "success";
+        st.last_error = None;
+        st.last_at = crate::clock::wall_now();
+        self.logged = None;
+        tracing::info!(path = %self.path.display(), "the config file is the running config again; the last rejection no longer stands");
     }
 
     fn reject(&mut self, error: String) {
-        tracing::error!(path = %self.path.display(), error = %error, "reload rejected; the running config stays");
+        let now = tokio::time::Instant::now();
+        if repeats(self.logged.as_ref(), &error, now) {
+            tracing::debug!(path = %self.path.display(), error = %error, "reload rejected again; the running config stays");
+        } else {
+            tracing::error!(path = %self.path.display(), error = %error, "reload rejected; the running config stays");
+            self.logged = Some((error.clone(), now));
+        }
         self.shared
             .metrics
             .reloads
@@ -202,6 +231,16 @@ impl Reload {
         st.last_error = Some(error);
         st.last_at = crate::clock::wall_now();
     }
+}
+
+/// Whether rejecting with `error` at `now` repeats the rejection `logged`
+/// within [`REPEAT_LOG`] (then it is not logged again as an error).
+fn repeats(
+    logged: Option<&(String, tokio::time::Instant)>,
+    error: &str,
+    now: tokio::time::Instant,
+) -> bool {
+    logged.is_some_and(|(e, at)| e == error && now.duration_since(*at) < REPEAT_LOG)
 }
 
 /// A config check under way (see [`Reload::start`]).
@@ -468,25 +507,31 @@ pub struct Applied {
     pub certs: Option<Arc<CertSet>>,
 }
 
-/// What makes veer look at its files again: a change in a watched
-/// directory (debounced), SIGHUP, or the slow periodic check.
+/// What makes veer look at its files again: a change to one of them
+/// (seen in a watched directory, debounced), SIGHUP, or the slow periodic
+/// check.
 pub struct Triggers {
-    rx: mpsc::UnboundedReceiver<()>,
+    /// The names an event in a watched directory names.
+    rx: mpsc::UnboundedReceiver<Vec<PathBuf>>,
     hup: Option<tokio::signal::unix::Signal>,
     poll: tokio::time::Interval,
     pending: Option<tokio::time::Instant>,
     watcher: Option<notify::RecommendedWatcher>,
     /// The directories watched.
     dirs: std::collections::HashSet<PathBuf>,
+    /// The names of the files re-read (see [`Triggers::concerns`]).
+    names: std::collections::HashSet<std::ffi::OsString>,
 }
 
 impl Triggers {
-    /// Watches `dirs` (non-recursively).
-    pub fn new(dirs: &[PathBuf]) -> Triggers {
+    /// Watches the directories of `files` (non-recursively).
+    pub fn new(files: &[PathBuf]) -> Triggers {
         let (tx, rx) = mpsc::unbounded_channel();
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if ev.is_ok_and(|e| changes(&e.kind)) {
-                let _ = tx.send(());
+            if let Ok(e) = ev {
+                if changes(&e.kind) {
+                    let _ = tx.send(e.paths);
+                }
             }
         });
         let watcher = match watcher {
@@ -513,21 +558,24 @@ impl Triggers {
             pending: None,
             watcher,
             dirs: Default::default(),
+            names: Default::default(),
         };
-        triggers.watch(dirs);
+        triggers.watch(files);
         triggers
     }
 
-    /// Watches those of `dirs` not watched yet (a reload naming
-    /// certificates elsewhere). A directory no longer named stays watched:
-    /// a spurious trigger costs a read.
-    pub fn watch(&mut self, dirs: &[PathBuf]) {
+    /// Watches the directories of those of `files` not watched yet (a
+    /// reload naming certificates elsewhere). A file no longer named stays
+    /// watched: a spurious trigger costs a read.
+    pub fn watch(&mut self, files: &[PathBuf]) {
+        self.names
+            .extend(files.iter().filter_map(|f| f.file_name()).map(Into::into));
         let Some(w) = &mut self.watcher else { return };
-        for d in dirs {
+        for d in files.iter().map(|f| base_dir(f)) {
             if !self.dirs.insert(d.clone()) {
                 continue;
             }
-            if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
+            if let Err(e) = w.watch(&d, RecursiveMode::NonRecursive) {
                 tracing::warn!(dir = %d.display(), error = %e, "cannot watch; relying on SIGHUP and a 5 s poll");
             }
         }
@@ -546,8 +594,10 @@ impl Triggers {
             }
             let hup = &mut self.hup;
             tokio::select! {
-                Some(()) = self.rx.recv() => {
-                    self.pending = Some(tokio::time::Instant::now() + DEBOUNCE);
+                Some(paths) = self.rx.recv() => {
+                    if self.concerns(&paths) {
+                        self.pending = Some(tokio::time::Instant::now() + DEBOUNCE);
+                    }
                 }
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     tracing::info!("SIGHUP: reloading");
@@ -556,6 +606,25 @@ impl Triggers {
                 _ = self.poll.tick() => return,
             }
         }
+    }
+}
+
+impl Triggers {
+    /// Whether an event naming `paths` in a watched directory may have
+    /// changed one of the files re-read: it names one of them, or a name
+    /// Kubernetes' atomic writer uses (`..data`, the `..2026_12_07...`
+    /// directory it points to: a mounted ConfigMap or Secret swaps them, not
+    /// the files), or nothing at all. Any other file in the directory is
+    /// no reason: a log written beside the config (`veer run 2> veer.log`)
+    /// would otherwise trigger a check with every line, and a rejected
+    /// config's error line the next check, ten times a second.
+    fn concerns(&self, paths: &[PathBuf]) -> bool {
+        paths.is_empty()
+            || paths.iter().any(|p| {
+                p.file_name().is_some_and(|n| {
+                    self.names.contains(n) || n.as_encoded_bytes().starts_with(b"..")
+                })
+            })
     }
 }
 
@@ -652,7 +721,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("veer.toml");
         std::fs::write(&file, "a").unwrap();
-        let mut triggers = Triggers::new(&[dir.path().to_path_buf()]);
+        let mut triggers = Triggers::new(std::slice::from_ref(&file));
         for _ in 0..5 {
             assert_eq!(std::fs::read_to_string(&file).unwrap(), "a");
         }
@@ -673,12 +742,59 @@ mod tests {
     async fn a_directory_watched_later_reports_its_writes() {
         let first = tempfile::tempdir().unwrap();
         let later = tempfile::tempdir().unwrap();
-        let mut triggers = Triggers::new(&[first.path().to_path_buf()]);
-        triggers.watch(&[first.path().to_path_buf(), later.path().to_path_buf()]);
+        let config = first.path().join("veer.toml");
+        let mut triggers = Triggers::new(std::slice::from_ref(&config));
+        triggers.watch(&[config, later.path().join("tls.crt")]);
         assert_eq!(triggers.dirs.len(), 2);
         std::fs::write(later.path().join("tls.crt"), "renewed").unwrap();
         // The watcher's events alone come through `rx` (the poll does not).
         let event = tokio::time::timeout(Duration::from_secs(30), triggers.rx.recv()).await;
         assert!(event.is_ok(), "no event from the directory watched later");
+    }
+
+    /// A rejection is logged once a minute while it does not change; a
+    /// different one at once.
+    #[test]
+    fn the_same_rejection_is_logged_again_after_a_minute_a_new_one_at_once() {
+        let at = tokio::time::Instant::now();
+        let logged = ("veer.toml:3:1: bad".to_string(), at);
+        let later = |s| at + Duration::from_secs(s);
+        assert!(!repeats(None, "veer.toml:3:1: bad", at));
+        assert!(repeats(Some(&logged), "veer.toml:3:1: bad", later(5)));
+        assert!(repeats(Some(&logged), "veer.toml:3:1: bad", later(59)));
+        assert!(!repeats(Some(&logged), "veer.toml:3:1: bad", later(60)));
+        assert!(!repeats(Some(&logged), "veer.toml:4:1: worse", later(5)));
+    }
+
+    /// Another file written beside the config (its log, an editor's swap
+    /// file) triggers nothing; the config replaced by a rename, and a
+    /// Kubernetes volume's `..data` link swapped, do.
+    #[tokio::test]
+    async fn only_a_change_to_a_file_read_again_triggers_a_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("veer.toml");
+        std::fs::write(&file, "a").unwrap();
+        let mut triggers = Triggers::new(std::slice::from_ref(&file));
+        let log = dir.path().join("veer.log");
+        for i in 0..20 {
+            std::fs::write(&log, format!("line {i}")).unwrap();
+        }
+        std::fs::write(dir.path().join(".veer.toml.swp"), "x").unwrap();
+        let quiet = tokio::time::timeout(Duration::from_millis(600), triggers.next()).await;
+        assert!(quiet.is_err(), "a write to another file triggered a check");
+        // (`sed -i`, most editors: a new file renamed over the config.)
+        let tmp = dir.path().join("sedAbc123");
+        std::fs::write(&tmp, "b").unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+        let renamed = tokio::time::timeout(Duration::from_secs(4), triggers.next()).await;
+        assert!(
+            renamed.is_ok(),
+            "the config renamed into place triggered nothing"
+        );
+        // A ConfigMap's update: `..data` points to a new directory.
+        std::os::unix::fs::symlink("..2026_12_07_01", dir.path().join("..data_tmp")).unwrap();
+        std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        let swapped = tokio::time::timeout(Duration::from_secs(4), triggers.next()).await;
+        assert!(swapped.is_ok(), "a swapped ..data link triggered nothing");
     }
 }

@@ -109,6 +109,71 @@ async fn an_invalid_file_is_rejected_and_the_running_config_stays() {
     );
 }
 
+/// A rejected file left in place while another file beside it is written
+/// (`veer run 2> veer.log` in the config's directory: every log line a
+/// write there) is not checked again for each write: before, each write
+/// triggered a check, whose rejection wrote the next line, ten checks a
+/// second. The rejection is logged once; and when the file is put back
+/// to the running config, the rejection no longer stands in `/status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_file_beside_a_busy_log_is_not_checked_per_line_and_undoing_it_clears_it() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let good = route_config(&[s.addr], &[c.addr], 100.0, "");
+    let veer = Veer::start(&good).await;
+    let bad = good.replace("weight = 100", "weight = 150");
+    assert_ne!(bad, good);
+    let start = Instant::now();
+    veer.write_config(&bad);
+    let rejections = || async {
+        metric(
+            &veer.metrics().await,
+            r#"veer_config_reloads_total{result="failure"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    let shown = Instant::now();
+    while rejections().await < 1.0 {
+        assert!(shown.elapsed() < Duration::from_secs(10), "never rejected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let log = veer.dir.path().join("veer.log");
+    for i in 0..75 {
+        std::fs::write(&log, format!("line {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Wait for the debounce of the last write to pass.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The one rejection, and one for each 5 s periodic check since (a
+    // loaded machine stretches the test; before the fix: ~15).
+    let allowed = 2.0 + (start.elapsed().as_secs() / 5) as f64;
+    let got = rejections().await;
+    assert!(got <= allowed, "{got} rejections (at most {allowed})");
+    assert_eq!(
+        veer.logs_with("reload rejected; the running config stays")
+            .len(),
+        1,
+        "{}",
+        veer.all_logs()
+    );
+    let st = veer.status().await;
+    assert_eq!(st["config"]["last_reload"]["result"], "failure", "{st}");
+
+    // Undone: the file is the running config again.
+    veer.write_config(&good);
+    let lines = veer
+        .logs_with_at_least(
+            "the config file is the running config again; the last rejection no longer stands",
+            1,
+        )
+        .await;
+    assert_eq!(lines.len(), 1, "{}", veer.all_logs());
+    let st = veer.status().await;
+    assert_eq!(st["config"]["last_reload"]["result"], "success", "{st}");
+    assert!(st["config"]["last_reload"]["error"].is_null(), "{st}");
+    assert_eq!(st["config"]["generation"], 1, "nothing was reloaded");
+}
+
 /// Threads of `veer` named `veer-reload`: reads of its config file under way.
 fn reading(veer: &Veer) -> usize {
     let tasks = std::fs::read_dir(format!("/proc/{}/task", veer.pid())).expect("tasks");

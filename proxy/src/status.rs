@@ -12,8 +12,11 @@ pub enum StatusError {
     /// The admin endpoint did not answer.
     #[error("{0} (is veer running, and is --admin its [admin] listen address?)")]
     Client(#[from] ClientError),
+    /// The admin endpoint answered with an error (its status and why).
+    #[error("{0}")]
+    Refused(String),
     /// The answer was not the expected JSON.
-    #[error("unexpected /status answer ({0})")]
+    #[error("unexpected answer from the admin endpoint ({0})")]
     Format(String),
 }
 
@@ -31,12 +34,15 @@ pub async fn print(admin: &str, token: Option<&str>) -> Result<(), StatusError> 
         .get(admin, "/status", &headers)
         .await?;
     if resp.status() == http::StatusCode::UNAUTHORIZED {
-        return Err(StatusError::Format(
-            "HTTP 401: this proxy needs its admin token for /status (read_token); pass --token-file (the token_file, or [state] dir/admin.token)".into(),
+        return Err(StatusError::Refused(
+            "/status: HTTP 401: this proxy needs its admin token for /status (read_token); pass --token-file (the token_file, or [state] dir/admin.token)".into(),
         ));
     }
     if !resp.status().is_success() {
-        return Err(StatusError::Format(format!("HTTP {}", resp.status())));
+        return Err(StatusError::Refused(format!(
+            "/status: HTTP {}",
+            resp.status()
+        )));
     }
     let v: StatusDoc =
         serde_json::from_slice(resp.body()).map_err(|e| StatusError::Format(e.to_string()))?;
@@ -76,7 +82,7 @@ pub async fn act(
             .ok()
             .and_then(|v| v["error"].as_str().map(str::to_string))
             .unwrap_or_else(|| String::from_utf8_lossy(resp.body()).trim().to_string());
-        return Err(StatusError::Format(format!(
+        return Err(StatusError::Refused(format!(
             "{action} {route}: HTTP {}: {why}",
             resp.status().as_u16()
         )));
@@ -104,7 +110,7 @@ pub async fn health(admin: &str) -> Result<(), StatusError> {
     if resp.status().is_success() {
         Ok(())
     } else {
-        Err(StatusError::Format(format!(
+        Err(StatusError::Refused(format!(
             "/healthz answered HTTP {}",
             resp.status()
         )))

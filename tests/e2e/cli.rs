@@ -74,11 +74,14 @@ async fn operator_actions_from_the_command_line_say_who_and_why() {
         line["client"].as_str().unwrap().starts_with("127.0.0.1:"),
         "{line}"
     );
-    // A promotion of a reverted canary is refused: exit 1, saying why.
+    // A promotion of a reverted canary is refused: exit 1, saying why
+    // (the admin endpoint's own words, not called a malformed answer).
     let out = run("promote", &[]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("HTTP 409"),
+        !out.status.success()
+            && stderr.starts_with("veer: promote web: HTTP 409: ")
+            && !stderr.contains("unexpected"),
         "{stderr}"
     );
     let out = run("reset", &[]).await;

@@ -322,10 +322,28 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("veer: {e:#}");
+            eprintln!("veer: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `e` and its causes, each said once: most of veer's errors say their
+/// cause in their own words (`binding ADDR: Address already in use`),
+/// which `{:#}` would say again after them.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if out.contains(&said) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&said);
+    }
+    out
 }
 
 fn import_ingress_nginx(files: &[PathBuf], options: &veer_proxy::import::Options) -> ExitCode {
@@ -459,6 +477,21 @@ fn run_proxy(path: PathBuf) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Causes already said by the error before them are not said again;
+    /// others are.
+    #[test]
+    fn an_error_says_each_cause_once() {
+        let bind = veer_proxy::run::RunError::Bind {
+            addr: ([127, 0, 0, 1], 80).into(),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        };
+        let said = report(&anyhow::Error::from(bind));
+        assert_eq!(said, "binding 127.0.0.1:80: address in use");
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let said = report(&anyhow::Error::from(io).context("reading the token"));
+        assert_eq!(said, "reading the token: entity not found");
+    }
 
     /// `--config` gives the admin address (a wildcard one asked on
     /// loopback) and the token file; flags given win.

@@ -284,6 +284,41 @@ fn run_refuses_an_invalid_config_with_exit_1() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("veer.toml:2:11: invalid listen address"));
 }
 
+/// A listen address another process holds stops the start with exit 1,
+/// saying why once (the bind's error was said twice: in veer's message
+/// and again as its cause).
+#[test]
+fn a_listen_address_in_use_stops_the_start_saying_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = super::support::route_config(&["127.0.0.1:9".parse().unwrap()], &[], 0.0, "")
+        .replacen("127.0.0.1:0", &addr.to_string(), 1)
+        .replace("@STATE@", &dir.path().join("state").display().to_string());
+    let path = dir.path().join("veer.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = veer(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!("veer: binding {addr}: ")),
+        "{err}"
+    );
+    assert_eq!(last.matches("Address already in use").count(), 1, "{err}");
+    drop(taken);
+    // The same for `veer status` against an address where nothing listens
+    // (bound, never listening: refused, and no one else's).
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let at = closed.local_addr().unwrap().to_string();
+    let out = veer(&["status", "--admin", &at]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
+    assert!(err.contains("is veer running"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_and_status_command() {
     let s = Upstream::start("stable").await;

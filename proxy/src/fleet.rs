@@ -119,6 +119,31 @@ impl PoolKey {
 /// A pool's batches read back from the store's history, or why not.
 pub type Replayed = Result<Vec<(i64, PoolBatch)>, String>;
 
+/// An etcd client's error in words a person reads: a gRPC status's
+/// message, code and causes, each once (tonic's own `Display` of a status
+/// prints its cause's debug form: `source: tonic::transport::Error(Transport,
+/// ConnectError(...))`); other errors as they say themselves.
+fn said(e: &etcd_client::Error) -> String {
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return e.to_string();
+    };
+    let mut out = format!(
+        "{} ({})",
+        status.message(),
+        status.code().description().to_lowercase()
+    );
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 /// How long reading a pool's history back may take.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -131,13 +156,13 @@ async fn replay(mut client: Client, prefix: String, from: i64, until: i64) -> Re
             Some(WatchOptions::new().with_prefix().with_start_revision(from)),
         )
         .await
-        .map_err(|e| format!("watching {prefix} from {from}: {e}"))?;
+        .map_err(|e| format!("watching {prefix} from {from}: {}", said(&e)))?;
     let mut out = Vec::new();
     let read = async {
         while let Some(resp) = stream
             .message()
             .await
-            .map_err(|e| format!("reading {prefix}'s history: {e}"))?
+            .map_err(|e| format!("reading {prefix}'s history: {}", said(&e)))?
         {
             if resp.compact_revision() > 0 {
                 return Err(format!(
@@ -189,7 +214,7 @@ async fn collect_finished(
     let got = client
         .get(mprefix.as_str(), Some(GetOptions::new().with_prefix()))
         .await
-        .map_err(|e| format!("reading the fleet's members: {e}"))?;
+        .map_err(|e| format!("reading the fleet's members: {}", said(&e)))?;
     // The pools some member judges; None when a member does not say.
     let judged: Option<BTreeSet<String>> =
         got.kvs().iter().try_fold(BTreeSet::new(), |mut all, kv| {
@@ -203,7 +228,7 @@ async fn collect_finished(
     let got = client
         .get(dprefix.as_str(), Some(GetOptions::new().with_prefix()))
         .await
-        .map_err(|e| format!("reading the fleet's decisions: {e}"))?;
+        .map_err(|e| format!("reading the fleet's decisions: {}", said(&e)))?;
     let records: HashMap<RecordKey, FleetRecord> = got
         .kvs()
         .iter()
@@ -225,7 +250,7 @@ async fn collect_finished(
                 Some(GetOptions::new().with_prefix().with_keys_only()),
             )
             .await
-            .map_err(|e| format!("listing {kprefix}: {e}"))?;
+            .map_err(|e| format!("listing {kprefix}: {}", said(&e)))?;
         for kv in got.kvs() {
             let Some(rest) = std::str::from_utf8(kv.key())
                 .ok()
@@ -274,7 +299,7 @@ async fn collect_finished(
         client
             .txn(Txn::new().and_then(ops))
             .await
-            .map_err(|e| format!("deleting finished pools' keys: {e}"))?;
+            .map_err(|e| format!("deleting finished pools' keys: {}", said(&e)))?;
     }
     Ok(doomed.len())
 }
@@ -693,7 +718,7 @@ impl Agent {
             .unwrap_or_default();
         Client::connect([endpoint.as_str()], Some(opts))
             .await
-            .map_err(|e| format!("connecting to {endpoint}: {e}"))
+            .map_err(|e| format!("connecting to {endpoint}: {}", said(&e)))
     }
 
     /// TLS to the store, read from the files at each connection (a rotated
@@ -723,7 +748,7 @@ impl Agent {
         requests: &mut mpsc::UnboundedReceiver<ToAgent>,
         backoff: &mut Duration,
     ) -> Ended {
-        let e = |what: &str, e: etcd_client::Error| Ended::Error(format!("{what}: {e}"));
+        let e = |what: &str, e: etcd_client::Error| Ended::Error(format!("{what}: {}", said(&e)));
         // A watch resumes from the last revision seen only on the same
         // store: a store rebuilt or restored from an older backup has
         // another cluster id, or a revision behind ours (a watch from a
@@ -1028,7 +1053,7 @@ impl Agent {
             let got = client
                 .get(k.as_str(), None)
                 .await
-                .map_err(|e| format!("reading {k}: {e}"))?;
+                .map_err(|e| format!("reading {k}: {}", said(&e)))?;
             let (n, revision) = match got.kvs().first() {
                 Some(kv) => (
                     std::str::from_utf8(kv.value())
@@ -1052,7 +1077,7 @@ impl Agent {
             let done = client
                 .txn(txn)
                 .await
-                .map_err(|e| format!("writing {k}: {e}"))?;
+                .map_err(|e| format!("writing {k}: {}", said(&e)))?;
             if done.succeeded() {
                 return Ok(n);
             }
@@ -1171,7 +1196,7 @@ async fn cas(
         let got = client
             .get(key, None)
             .await
-            .map_err(|e| format!("reading {key}: {e}"))?;
+            .map_err(|e| format!("reading {key}: {}", said(&e)))?;
         let (current, revision) = match got.kvs().first() {
             Some(kv) => (
                 serde_json::from_slice::<FleetRecord>(kv.value()).ok(),
@@ -1189,7 +1214,7 @@ async fn cas(
         let done = client
             .txn(txn)
             .await
-            .map_err(|e| format!("writing {key}: {e}"))?;
+            .map_err(|e| format!("writing {key}: {}", said(&e)))?;
         if done.succeeded() {
             let revision = done.header().map_or(0, |h| h.revision());
             return Ok(Some((write, revision)));
@@ -1219,5 +1244,41 @@ pub(crate) fn log_routes(routes: &[String], message: &str) {
     tracing::info!(routes = routes.len(), ?first, "{message}");
     for route in routes {
         tracing::debug!(route = %route, "{message}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::said;
+
+    /// A status is said by its message, code and causes, each once, and
+    /// with no debug form in it.
+    #[test]
+    fn an_unreachable_store_is_said_in_words() {
+        #[derive(Debug)]
+        struct Connect(std::io::Error);
+        impl std::fmt::Display for Connect {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("tcp connect error")
+            }
+        }
+        impl std::error::Error for Connect {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused (os error 111)",
+        );
+        let status = tonic::Status::from_error(Box::new(Connect(refused)));
+        let text = said(&etcd_client::Error::GRpcStatus(status));
+        assert_eq!(
+            text,
+            "tcp connect error (unknown error): refused (os error 111)"
+        );
+        assert!(!text.contains("Connect("), "{text}");
+        let other = etcd_client::Error::InvalidArgs("no key".into());
+        assert_eq!(said(&other), other.to_string());
     }
 }

@@ -223,11 +223,14 @@ pub fn render(v: &StatusDoc) -> String {
             );
         }
         if let Some(ro) = &r.rollout {
+            // (Counted from 1 for people; `/status` has the index.)
+            let steps: Vec<String> = ro.steps.iter().map(|w| format!("{w}%")).collect();
             let _ = writeln!(
                 out,
-                "  rollout step {} of {:?}{}",
-                ro.step,
-                ro.steps,
+                "  rollout step {} of {} ({}){}",
+                ro.step + 1,
+                ro.steps.len(),
+                steps.join(", "),
                 if ro.waiting_confirmation {
                     format!(
                         "; waiting for confirmation (last answer: {})",

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::support::{
     admin_post, all_on, get, metric, route_config, send_keyed, stuck_state_dir, unstick_state_dir,
-    Load, Upstream, Veer, FAST_JUDGE as JUDGE,
+    veer_cli, Load, Upstream, Veer, FAST_JUDGE as JUDGE,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,6 +118,16 @@ async fn rollout_walks_its_steps_while_healthy() {
     assert_eq!(
         veer.logs_with_at_least("rollout advanced", 2).await.len(),
         2
+    );
+    // `veer status` counts steps from 1 (`/status`'s `step` is the index).
+    let admin = veer.admin.to_string();
+    let out = tokio::task::spawn_blocking(move || veer_cli(&["status", "--admin", &admin]))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("  rollout step 3 of 3 (10%, 50%, 100%)\n"),
+        "{text}"
     );
 }
 

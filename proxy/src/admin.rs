@@ -33,8 +33,6 @@ use crate::shared::Shared;
 pub struct Admin {
     /// Where operator actions go.
     pub actions: mpsc::Sender<Command>,
-    /// `/status` and `/metrics` need the token too.
-    pub read_token: bool,
     /// One `/metrics` or `/status` document made at a time, off the
     /// workers.
     pub renders: Arc<tokio::sync::Semaphore>,
@@ -278,7 +276,7 @@ async fn answer(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
-    if admin.read_token
+    if shared.read_token.load(Ordering::Relaxed)
         && matches!(path, "/status" | "/metrics")
         && authorized(shared, req).is_none()
     {

@@ -216,6 +216,10 @@ impl Controller {
             path.clone(),
             certs.clone(),
         ));
+        shared.read_token.store(
+            config.admin.read_token,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let reload = Reload::new(shared.clone(), path, &text, &config, certs);
         let mut announcer = Announcer::new(shared.metrics.clone());
         if let Some(l) = &fleet {

@@ -160,6 +160,19 @@ impl Reload {
         if let Some(edge) = self.shared.edge.get() {
             edge.apply(&applied.config.proxy);
         }
+        let reads = applied.config.admin.read_token;
+        if self
+            .shared
+            .read_token
+            .swap(reads, std::sync::atomic::Ordering::Relaxed)
+            != reads
+        {
+            tracing::info!(
+                read_token = reads,
+                "admin reads (/status, /metrics) now {}",
+                if reads { "need the token" } else { "are open" }
+            );
+        }
         let restart = restart_required(&self.started, &applied.config);
         if !restart.is_empty() {
             tracing::warn!(settings = ?restart, "changed settings take effect only after a restart");
@@ -668,7 +681,6 @@ fn restart_required(old: &Config, new: &Config) -> Vec<String> {
     diff(
         oa.listen != na.listen
             || oa.token_file != na.token_file
-            || oa.read_token != na.read_token
             || oa.operators_file != na.operators_file,
         "admin",
     );

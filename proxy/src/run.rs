@@ -284,7 +284,6 @@ pub async fn run(
     if let Some(admin) = admin {
         let handle = Admin {
             actions: actions_tx,
-            read_token: config.admin.read_token,
             renders: Arc::new(Semaphore::new(1)),
         };
         tasks.push(tokio::spawn(crate::admin::serve(

@@ -65,6 +65,9 @@ pub struct Shared {
     /// The proxy listeners' connection-level settings, which a reload
     /// changes (set once they listen).
     pub edge: std::sync::OnceLock<Arc<crate::server::Edge>>,
+    /// `[admin] read_token`: `/status` and `/metrics` need the token too
+    /// (set at start and by each reload).
+    pub read_token: AtomicBool,
 }
 
 impl Shared {
@@ -98,6 +101,7 @@ impl Shared {
             operators: ArcSwap::from_pointee(crate::token::Operators::default()),
             admin_token: arc_swap::ArcSwapOption::empty(),
             edge: std::sync::OnceLock::new(),
+            read_token: AtomicBool::new(false),
         }
     }
 

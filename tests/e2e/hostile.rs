@@ -253,6 +253,41 @@ async fn read_token_guards_status_and_metrics_but_not_probes() {
         );
     }
     assert_eq!(admin_request(veer.admin, "GET", "/readyz", None).await, 200);
+    // Turned off and on again by reloads, without a restart.
+    let open = route_config(&[s.addr], &[], 0.0, "");
+    veer.write_config(&open);
+    let start = Instant::now();
+    while admin_request(veer.admin, "GET", "/status", None).await != 200 {
+        assert!(start.elapsed() < Duration::from_secs(30), "never opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for path in ["/status", "/metrics"] {
+        assert_eq!(
+            admin_request(veer.admin, "GET", path, None).await,
+            200,
+            "{path}"
+        );
+    }
+    let st = veer.status().await;
+    assert_eq!(
+        st["config"]["restart_required"],
+        serde_json::json!([]),
+        "{st}"
+    );
+    veer.write_config(&open.replace("[admin]\n", "[admin]\nread_token = true\n"));
+    let start = Instant::now();
+    while admin_request(veer.admin, "GET", "/metrics", None).await != 401 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never guarded again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(admin_request(veer.admin, "GET", "/status", None).await, 401);
+    assert_eq!(
+        admin_request(veer.admin, "GET", "/status", Some(token.trim())).await,
+        200
+    );
 }
 
 /// A rotated admin token (its file replaced, as a Kubernetes Secret's is)

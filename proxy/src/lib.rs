@@ -48,6 +48,7 @@ pub mod server;
 pub mod service;
 pub mod shared;
 pub mod snapshot;
+pub mod sparse;
 pub mod split;
 pub mod status;
 pub mod tls;

@@ -224,10 +224,14 @@ pub enum Connector {
         tls: ClientTls,
         /// SNI and the name verified.
         name: ServerName<'static>,
+        /// The endpoint's failed handshakes, said in the log at most
+        /// every 10 s.
+        said: Arc<crate::sparse::Sparse>,
     },
     /// The version's TLS material could not be loaded when the snapshot
-    /// was built: every connect fails (a 502, counted for the version).
-    Broken(Arc<str>),
+    /// was built: every connect fails (a 502, counted for the version),
+    /// said in the log at most every 10 s.
+    Broken(Arc<str>, Arc<crate::sparse::Sparse>),
 }
 
 impl Connector {
@@ -246,13 +250,20 @@ impl Connector {
             P::Https => {
                 let tls = match tls {
                     Ok(t) => t,
-                    Err(e) => return Connector::Broken(e.into()),
+                    Err(e) => return Connector::Broken(e.into(), Arc::default()),
                 };
                 let name = server_name.unwrap_or(host);
                 let name = name.trim_start_matches('[').trim_end_matches(']');
                 match ServerName::try_from(name.to_string()) {
-                    Ok(name) => Connector::Tls { tls, name },
-                    Err(e) => Connector::Broken(format!("server name {name:?}: {e}").into()),
+                    Ok(name) => Connector::Tls {
+                        tls,
+                        name,
+                        said: Arc::default(),
+                    },
+                    Err(e) => Connector::Broken(
+                        format!("server name {name:?}: {e}").into(),
+                        Arc::default(),
+                    ),
                 }
             }
         }
@@ -263,8 +274,8 @@ impl Connector {
         match self {
             Connector::H1 => ProtoKey::H1,
             Connector::H2c => ProtoKey::H2c,
-            Connector::Tls { tls, name } => ProtoKey::Tls(tls.id, name.to_str().into_owned()),
-            Connector::Broken(why) => ProtoKey::Broken(why.to_string()),
+            Connector::Tls { tls, name, .. } => ProtoKey::Tls(tls.id, name.to_str().into_owned()),
+            Connector::Broken(why, _) => ProtoKey::Broken(why.to_string()),
         }
     }
 
@@ -305,20 +316,24 @@ impl Connector {
                     }
                     handshake(stream, addr, true, permit).await
                 }
-                Connector::Tls { tls, name } => {
+                Connector::Tls { tls, name, said } => {
                     let config = if h1_only { &tls.h1 } else { &tls.h2 };
                     let tls_stream = tokio_rustls::TlsConnector::from(config.clone())
                         .connect(name.clone(), stream)
                         .await
                         .map_err(|e| {
-                            tracing::warn!(upstream = %addr, server_name = ?name, error = %e, "TLS handshake with the upstream failed");
+                            if let Some(skipped) = said.due(crate::sparse::EVERY) {
+                                tracing::warn!(upstream = %addr, server_name = ?name, error = %e, skipped, "TLS handshake with the upstream failed");
+                            }
                             ProxyError::UpstreamConnect
                         })?;
                     let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
                     handshake(tls_stream, addr, h2, permit).await
                 }
-                Connector::Broken(why) => {
-                    tracing::warn!(upstream = %addr, error = %why, "the upstream's TLS set-up did not load");
+                Connector::Broken(why, said) => {
+                    if let Some(skipped) = said.due(crate::sparse::EVERY) {
+                        tracing::warn!(upstream = %addr, error = %why, skipped, "the upstream's TLS set-up did not load");
+                    }
                     Err(ProxyError::UpstreamConnect)
                 }
             }
@@ -1777,7 +1792,11 @@ mod tests {
         let name = ServerName::try_from("localhost").expect("name");
         let unknown = reg.get(
             "127.0.0.1:3".parse().expect("addr"),
-            Connector::Tls { tls, name },
+            Connector::Tls {
+                tls,
+                name,
+                said: Default::default(),
+            },
             8,
         );
         assert_eq!(free(&unknown), 4);

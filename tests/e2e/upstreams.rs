@@ -1077,24 +1077,35 @@ async fn tls_upstreams_are_verified_by_ca_and_name() {
         "",
     ))
     .await;
+    let connect_errors = |m: &str| {
+        metric(
+            m,
+            r#"veer_upstream_errors_total{kind="connect",route="web",version="v1"}"#,
+        )
+        .unwrap_or(0.0)
+    };
     for v in [&veer_wrong_ca, &veer_no_ca, &veer_wrong_name] {
         let r = get(v.addr, "/", &[]).await.unwrap();
         assert_eq!(r.status(), 502);
         let m = v.metrics().await;
-        assert!(
-            metric(
-                &m,
-                r#"veer_upstream_errors_total{kind="connect",route="web",version="v1"}"#
-            )
-            .unwrap_or(0.0)
-                >= 1.0,
-            "{m}"
-        );
+        assert!(connect_errors(&m) >= 1.0, "{m}");
         assert!(!v
             .logs_with_at_least("TLS handshake with the upstream failed", 1)
             .await
             .is_empty());
     }
+    // A handshake failing for every request is said once every 10 s,
+    // not once a request (the next line counts those not said).
+    for _ in 0..20 {
+        let r = get(veer_wrong_ca.addr, "/", &[]).await.unwrap();
+        assert_eq!(r.status(), 502);
+    }
+    let m = veer_wrong_ca.metrics().await;
+    assert!(connect_errors(&m) >= 21.0, "{m}");
+    // (A line logged would reach the test well within this wait.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let said = veer_wrong_ca.logs_with("TLS handshake with the upstream failed");
+    assert_eq!(said.len(), 1, "{:?}", said.first());
     assert_eq!(
         served.load(Ordering::SeqCst),
         before,

@@ -524,26 +524,31 @@ pub struct Applied {
 /// (seen in a watched directory, debounced), SIGHUP, or the slow periodic
 /// check.
 pub struct Triggers {
-    /// The names an event in a watched directory names.
-    rx: mpsc::UnboundedReceiver<Vec<PathBuf>>,
+    /// An event in a watched directory that concerns a file re-read.
+    rx: mpsc::UnboundedReceiver<()>,
     hup: Option<tokio::signal::unix::Signal>,
     poll: tokio::time::Interval,
     pending: Option<tokio::time::Instant>,
     watcher: Option<notify::RecommendedWatcher>,
     /// The directories watched.
     dirs: std::collections::HashSet<PathBuf>,
-    /// The names of the files re-read (see [`Triggers::concerns`]).
-    names: std::collections::HashSet<std::ffi::OsString>,
+    /// The files re-read (see [`concerns`]), shared with the watcher's
+    /// thread, which filters its events.
+    files: Arc<std::sync::Mutex<Vec<PathBuf>>>,
 }
 
 impl Triggers {
     /// Watches the directories of `files` (non-recursively).
     pub fn new(files: &[PathBuf]) -> Triggers {
         let (tx, rx) = mpsc::unbounded_channel();
+        let watched: Arc<std::sync::Mutex<Vec<PathBuf>>> = Arc::default();
+        let of_interest = watched.clone();
+        // (On notify's thread: a symlink read there holds up no task.)
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             if let Ok(e) = ev {
-                if changes(&e.kind) {
-                    let _ = tx.send(e.paths);
+                let files = of_interest.lock().unwrap_or_else(|p| p.into_inner());
+                if changes(&e.kind) && concerns(&files, &e.paths) {
+                    let _ = tx.send(());
                 }
             }
         });
@@ -571,7 +576,7 @@ impl Triggers {
             pending: None,
             watcher,
             dirs: Default::default(),
-            names: Default::default(),
+            files: watched,
         };
         triggers.watch(files);
         triggers
@@ -581,8 +586,14 @@ impl Triggers {
     /// reload naming certificates elsewhere). A file no longer named stays
     /// watched: a spurious trigger costs a read.
     pub fn watch(&mut self, files: &[PathBuf]) {
-        self.names
-            .extend(files.iter().filter_map(|f| f.file_name()).map(Into::into));
+        {
+            let mut known = self.files.lock().unwrap_or_else(|p| p.into_inner());
+            for f in files {
+                if !known.contains(f) {
+                    known.push(f.clone());
+                }
+            }
+        }
         let Some(w) = &mut self.watcher else { return };
         for d in files.iter().map(|f| base_dir(f)) {
             if !self.dirs.insert(d.clone()) {
@@ -607,10 +618,8 @@ impl Triggers {
             }
             let hup = &mut self.hup;
             tokio::select! {
-                Some(paths) = self.rx.recv() => {
-                    if self.concerns(&paths) {
-                        self.pending = Some(tokio::time::Instant::now() + DEBOUNCE);
-                    }
+                Some(()) = self.rx.recv() => {
+                    self.pending = Some(tokio::time::Instant::now() + DEBOUNCE);
                 }
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     tracing::info!("SIGHUP: reloading");
@@ -622,23 +631,24 @@ impl Triggers {
     }
 }
 
-impl Triggers {
-    /// Whether an event naming `paths` in a watched directory may have
-    /// changed one of the files re-read: it names one of them, or a name
-    /// Kubernetes' atomic writer uses (`..data`, the `..2026_12_07...`
-    /// directory it points to: a mounted ConfigMap or Secret swaps them, not
-    /// the files), or nothing at all. Any other file in the directory is
-    /// no reason: a log written beside the config (`veer run 2> veer.log`)
-    /// would otherwise trigger a check with every line, and a rejected
-    /// config's error line the next check, ten times a second.
-    fn concerns(&self, paths: &[PathBuf]) -> bool {
-        paths.is_empty()
-            || paths.iter().any(|p| {
-                p.file_name().is_some_and(|n| {
-                    self.names.contains(n) || n.as_encoded_bytes().starts_with(b"..")
-                })
+/// Whether an event naming `paths` in a watched directory may have
+/// changed one of `files`: it names one of them (or the file a symlink
+/// among them points to), or a name Kubernetes' atomic writer uses
+/// (`..data`, the `..2026_12_07...` directory it points to: a mounted
+/// ConfigMap or Secret swaps them, not the files), or nothing at all. Any
+/// other file in the directory is no reason: a log written beside the
+/// config (`veer run 2> veer.log`) would otherwise trigger a check with
+/// every line, and a rejected config's error line the next check, ten
+/// times a second.
+fn concerns(files: &[PathBuf], paths: &[PathBuf]) -> bool {
+    let named = |name: &std::ffi::OsStr| {
+        name.as_encoded_bytes().starts_with(b"..")
+            || files.iter().any(|f| {
+                f.file_name() == Some(name)
+                    || std::fs::read_link(f).is_ok_and(|t| t.file_name() == Some(name))
             })
-    }
+    };
+    paths.is_empty() || paths.iter().any(|p| p.file_name().is_some_and(named))
 }
 
 /// Whether a watched directory's event may have changed a file: anything
@@ -808,5 +818,28 @@ mod tests {
         std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
         let swapped = tokio::time::timeout(Duration::from_secs(4), triggers.next()).await;
         assert!(swapped.is_ok(), "a swapped ..data link triggered nothing");
+    }
+
+    /// A config that is a symlink to a file beside it under another name
+    /// (`veer.toml -> blue.toml`): a change to that file triggers a check.
+    #[tokio::test]
+    async fn a_change_to_the_file_a_symlinked_config_points_to_triggers_a_check() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("blue.toml"), "a").unwrap();
+        let file = dir.path().join("veer.toml");
+        std::os::unix::fs::symlink("blue.toml", &file).unwrap();
+        let mut triggers = Triggers::new(std::slice::from_ref(&file));
+        std::fs::write(dir.path().join("green.toml"), "b").unwrap();
+        let quiet = tokio::time::timeout(Duration::from_millis(600), triggers.next()).await;
+        assert!(
+            quiet.is_err(),
+            "a file the config does not point to triggered a check"
+        );
+        std::fs::write(dir.path().join("blue.toml"), "c").unwrap();
+        let written = tokio::time::timeout(Duration::from_secs(4), triggers.next()).await;
+        assert!(
+            written.is_ok(),
+            "the file the config points to triggered nothing"
+        );
     }
 }

@@ -340,6 +340,33 @@ pub struct RawRollout {
     pub confirm_ca_file: Option<Spanned<String>>,
 }
 
+/// A parser's message in the config's words: serde names Rust types
+/// (`invalid type: string "5", expected f64`), a person writing TOML
+/// thinks of a number or a list.
+fn plain(message: &str) -> String {
+    let mut out = message.to_string();
+    for (rust, toml) in [
+        ("expected f64", "expected a number"),
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u16", "expected a whole number"),
+        ("expected u8", "expected a whole number"),
+        ("expected usize", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected a sequence", "expected a list ([...])"),
+        ("expected a map", "expected a table ({...} or [section])"),
+    ] {
+        if let Some(at) = out.find(rust) {
+            // (Only a whole word: `expected u8` is not `expected u80`.)
+            let end = at + rust.len();
+            if !out[end..].starts_with(|c: char| c.is_ascii_alphanumeric()) {
+                out.replace_range(at..end, toml);
+            }
+        }
+    }
+    out
+}
+
 impl RawConfig {
     /// Parses TOML text. Returns the config if it could be read, and the
     /// problems found on the way.
@@ -359,7 +386,7 @@ impl RawConfig {
                 Err(e) => e,
             };
             let offset = e.span().map_or(0, |s| s.start);
-            let message = e.message().trim().replace('\n', " ");
+            let message = plain(&e.message().trim().replace('\n', " "));
             found.push(Diagnostic::at(text, offset, message.clone()));
             let line_start = work
                 .get(..offset)

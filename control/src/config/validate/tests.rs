@@ -1391,3 +1391,26 @@ fn retry_has_defaults_and_bounds() {
         assert!(e.to_string().contains(want), "{keys}: {e}");
     }
 }
+
+/// A value of the wrong type is said in TOML's words, not Rust's.
+#[test]
+fn a_value_of_the_wrong_type_is_said_in_tomls_words() {
+    for (text, want) in [
+        (
+            format!("{MINIMAL}[route.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:9001\"]\nweight = \"5\"\n"),
+            "invalid type: string \"5\", expected a number",
+        ),
+        (
+            format!("[proxy]\nworkers = \"2\"\n{MINIMAL}"),
+            "invalid type: string \"2\", expected a whole number",
+        ),
+        (
+            MINIMAL.replace("endpoints = [\"127.0.0.1:9000\"]", "endpoints = \"127.0.0.1:9000\""),
+            "expected a list ([...])",
+        ),
+    ] {
+        let e = parse(&text).expect_err(&text).to_string();
+        assert!(e.contains(want), "{text}: {e}");
+        assert!(!e.contains("f64") && !e.contains("i64"), "{e}");
+    }
+}

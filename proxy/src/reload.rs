@@ -24,6 +24,7 @@ use veer_control::reload::{Outcome, Reloader};
 
 use crate::shared::{Shared, Waiting};
 use crate::snapshot;
+use crate::sparse::{Repeats, REPEAT};
 use crate::tls::{CertSet, Certs};
 
 /// Quiet time after a file event before the reload runs.
@@ -45,14 +46,10 @@ pub struct Reload {
     fleet_cert: Option<PathBuf>,
     /// Reads of the files under way (see [`MAX_READERS`]).
     readers: Waiting,
-    /// The last rejection logged and when: the same one is logged again
-    /// at most every [`REPEAT_LOG`] (a bad file left in place is checked
-    /// every 5 s).
-    logged: Option<(String, tokio::time::Instant)>,
+    /// Failures logged lately: the same one is logged again at most every
+    /// minute (a broken file left in place is checked every 5 s).
+    said: Arc<Repeats>,
 }
-
-/// How often a rejection that does not change is logged again.
-const REPEAT_LOG: Duration = Duration::from_secs(60);
 
 impl Reload {
     /// A reloader for `path`, whose content `text` is running as `started`.
@@ -77,7 +74,7 @@ impl Reload {
                 .and_then(|f| f.client_cert.as_ref())
                 .map(|(cert, _)| cert.clone()),
             readers: Waiting::default(),
-            logged: None,
+            said: Arc::default(),
         }
     }
 
@@ -94,16 +91,16 @@ impl Reload {
         // dir, which may stop answering; its reads must not take the
         // readers the config's need.)
         let token = self.started.admin.token_file.clone();
-        let shared = self.shared.clone();
+        let (shared, said) = (self.shared.clone(), self.said.clone());
         Checking(tokio::spawn(async move {
             if let Some(certs) = &certs {
-                refresh_certs(certs.clone(), &readers).await;
+                refresh_certs(certs.clone(), &readers, &said).await;
             }
             if let Some(path) = operators {
-                refresh_operators(path, &shared, &readers).await;
+                refresh_operators(path, &shared, &readers, &said).await;
             }
             if let Some(path) = token {
-                refresh_token(path, &shared, &readers).await;
+                refresh_token(path, &shared, &readers, &said).await;
             }
             if let Some(cert) = fleet_cert {
                 show_fleet_cert(cert, &readers).await;
@@ -137,7 +134,7 @@ impl Reload {
     /// TLS certificates in force if they changed.
     pub fn accepted(&mut self, applied: &Applied, generation: u64) {
         self.reloader.applied(&applied.text);
-        self.logged = None;
+        self.said.clear(CONFIG);
         if let (Some(certs), Some(set)) = (&self.certs, &applied.certs) {
             certs.install(set.clone());
             tracing::info!(
@@ -222,17 +219,15 @@ impl Reload {
         st.last_result = "success";
         st.last_error = None;
         st.last_at = crate::clock::wall_now();
-        self.logged = None;
+        self.said.clear(CONFIG);
         tracing::info!(path = %self.path.display(), "the config file is the running config again; the last rejection no longer stands");
     }
 
     fn reject(&mut self, error: String) {
-        let now = tokio::time::Instant::now();
-        if repeats(self.logged.as_ref(), &error, now) {
-            tracing::debug!(path = %self.path.display(), error = %error, "reload rejected again; the running config stays");
-        } else {
+        if self.said.fresh(CONFIG, &error, REPEAT) {
             tracing::error!(path = %self.path.display(), error = %error, "reload rejected; the running config stays");
-            self.logged = Some((error.clone(), now));
+        } else {
+            tracing::debug!(path = %self.path.display(), error = %error, "reload rejected again; the running config stays");
         }
         self.shared
             .metrics
@@ -246,15 +241,8 @@ impl Reload {
     }
 }
 
-/// Whether rejecting with `error` at `now` repeats the rejection `logged`
-/// within [`REPEAT_LOG`] (then it is not logged again as an error).
-fn repeats(
-    logged: Option<&(String, tokio::time::Instant)>,
-    error: &str,
-    now: tokio::time::Instant,
-) -> bool {
-    logged.is_some_and(|(e, at)| e == error && now.duration_since(*at) < REPEAT_LOG)
-}
+/// The kind of a rejected config's lines (see [`Repeats`]).
+const CONFIG: &str = "config";
 
 /// A config check under way (see [`Reload::start`]).
 pub struct Checking(tokio::task::JoinHandle<Checked>);
@@ -337,16 +325,22 @@ async fn off_workers<T: Send + 'static>(
     }
 }
 
-/// Reads the TLS certificates and keys again if their files changed.
-async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting) {
+/// Reads the TLS certificates and keys again if their files changed. A
+/// failure that lasts is logged once a minute.
+async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting, said: &Repeats) {
     let read = {
         let certs = certs.clone();
         move || certs.refresh()
     };
     match off_workers(readers, read).await {
         Ok(r) => {
+            if r.errors.is_empty() {
+                said.clear("tls");
+            }
             for e in &r.errors {
-                tracing::warn!(error = %e, "TLS certificate not reloaded; the previous one stays");
+                if said.fresh("tls", &e.to_string(), REPEAT) {
+                    tracing::warn!(error = %e, "TLS certificate not reloaded; the previous one stays");
+                }
             }
             if r.swapped > 0 {
                 tracing::info!(certificates = r.swapped, "TLS certificate reloaded");
@@ -354,7 +348,9 @@ async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting) {
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "TLS certificate files not read; the previous certificate stays")
+            if said.fresh("tls", &e.to_string(), REPEAT) {
+                tracing::warn!(error = %e, "TLS certificate files not read; the previous certificate stays")
+            }
         }
     }
 }
@@ -362,18 +358,24 @@ async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting) {
 /// Reads `[admin] operators_file` again: a changed, valid file's tokens
 /// are the ones taken from the next request on (an operator removed can
 /// act no more); one that does not load keeps those before (logged).
-async fn refresh_operators(path: PathBuf, shared: &Shared, readers: &Waiting) {
+async fn refresh_operators(path: PathBuf, shared: &Shared, readers: &Waiting, said: &Repeats) {
     match off_workers(readers, move || crate::token::Operators::read(&path)).await {
-        Ok(Ok(o)) if o.digest() != shared.operators.load().digest() => {
-            tracing::info!(operators = o.len(), "operators' tokens reloaded");
-            shared.operators.store(Arc::new(o));
+        Ok(Ok(o)) => {
+            said.clear("operators");
+            if o.digest() != shared.operators.load().digest() {
+                tracing::info!(operators = o.len(), "operators' tokens reloaded");
+                shared.operators.store(Arc::new(o));
+            }
         }
-        Ok(Ok(_)) => {}
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "operators' tokens not reloaded; the previous ones stay")
+            if said.fresh("operators", &e.to_string(), REPEAT) {
+                tracing::warn!(error = %e, "operators' tokens not reloaded; the previous ones stay")
+            }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "operators' tokens not read; the previous ones stay")
+            if said.fresh("operators", &e.to_string(), REPEAT) {
+                tracing::warn!(error = %e, "operators' tokens not read; the previous ones stay")
+            }
         }
     }
 }
@@ -382,19 +384,25 @@ async fn refresh_operators(path: PathBuf, shared: &Shared, readers: &Waiting) {
 /// next request on (the one before is refused: a rotated secret); a file
 /// that no longer gives one (missing, empty, readable by others) keeps
 /// the token before (logged).
-async fn refresh_token(path: PathBuf, shared: &Shared, readers: &Waiting) {
+async fn refresh_token(path: PathBuf, shared: &Shared, readers: &Waiting, said: &Repeats) {
     let shown = path.display().to_string();
     match off_workers(readers, move || crate::token::read(&path)).await {
-        Ok(Ok(t)) if shared.admin_token.load().as_deref().map(String::as_str) != Some(&*t) => {
-            tracing::info!(path = %shown, "admin token reloaded: actions need the new one");
-            shared.admin_token.store(Some(Arc::new(t.to_string())));
+        Ok(Ok(t)) => {
+            said.clear("token");
+            if shared.admin_token.load().as_deref().map(String::as_str) != Some(&*t) {
+                tracing::info!(path = %shown, "admin token reloaded: actions need the new one");
+                shared.admin_token.store(Some(Arc::new(t.to_string())));
+            }
         }
-        Ok(Ok(_)) => {}
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "admin token not reloaded; the previous one stays")
+            if said.fresh("token", &e.to_string(), REPEAT) {
+                tracing::warn!(error = %e, "admin token not reloaded; the previous one stays")
+            }
         }
         Err(e) => {
-            tracing::warn!(path = %shown, error = %e, "admin token not read; the previous one stays")
+            if said.fresh("token", &e.to_string(), REPEAT) {
+                tracing::warn!(path = %shown, error = %e, "admin token not read; the previous one stays")
+            }
         }
     }
 }
@@ -772,20 +780,6 @@ mod tests {
         // The watcher's events alone come through `rx` (the poll does not).
         let event = tokio::time::timeout(Duration::from_secs(30), triggers.rx.recv()).await;
         assert!(event.is_ok(), "no event from the directory watched later");
-    }
-
-    /// A rejection is logged once a minute while it does not change; a
-    /// different one at once.
-    #[test]
-    fn the_same_rejection_is_logged_again_after_a_minute_a_new_one_at_once() {
-        let at = tokio::time::Instant::now();
-        let logged = ("veer.toml:3:1: bad".to_string(), at);
-        let later = |s| at + Duration::from_secs(s);
-        assert!(!repeats(None, "veer.toml:3:1: bad", at));
-        assert!(repeats(Some(&logged), "veer.toml:3:1: bad", later(5)));
-        assert!(repeats(Some(&logged), "veer.toml:3:1: bad", later(59)));
-        assert!(!repeats(Some(&logged), "veer.toml:3:1: bad", later(60)));
-        assert!(!repeats(Some(&logged), "veer.toml:4:1: worse", later(5)));
     }
 
     /// Another file written beside the config (its log, an editor's swap

@@ -1,11 +1,14 @@
-//! Log lines that a failure may cause once a request, said at most once a
-//! period per source, each with the count of those not said since: an
-//! endpoint whose TLS handshake fails for every request would otherwise
-//! write a line per request, thousands a second, into the log pipeline
-//! an operator needs to read it.
+//! Log lines a lasting failure would repeat, said sparsely: one a request
+//! may cause ([`Sparse`]: at most once a period per source, each with the
+//! count of those not said since; an endpoint whose TLS handshake fails
+//! for every request would otherwise write a line per request, thousands
+//! a second, into the log pipeline an operator needs to read it), and one
+//! each periodic check of a broken file causes ([`Repeats`]: again only
+//! when its words change, or after a period).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 /// How often one source's line is said.
@@ -43,6 +46,36 @@ impl Sparse {
     }
 }
 
+/// How often a check's unchanged failure is said again.
+pub const REPEAT: Duration = Duration::from_secs(60);
+
+/// The failures of periodic checks said lately, by kind (`config`, `tls`,
+/// `token`, `operators`) and words.
+#[derive(Debug, Default)]
+pub struct Repeats(Mutex<HashMap<(&'static str, String), tokio::time::Instant>>);
+
+impl Repeats {
+    /// Whether `text`, a failure of `kind`, is said now: not when the same
+    /// words of that kind were said within `every`.
+    pub fn fresh(&self, kind: &'static str, text: &str, every: Duration) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut said = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        said.retain(|_, at| now.duration_since(*at) < every);
+        let key = (kind, text.to_string());
+        if said.contains_key(&key) {
+            return false;
+        }
+        said.insert(key, now);
+        true
+    }
+
+    /// `kind` works again: its next failure is said at once.
+    pub fn clear(&self, kind: &'static str) {
+        let mut said = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        said.retain(|(k, _), _| *k != kind);
+    }
+}
+
 /// Milliseconds on tokio's clock (paused in tests) since its first read.
 fn epoch_ms() -> u64 {
     static EPOCH: OnceLock<tokio::time::Instant> = OnceLock::new();
@@ -71,5 +104,24 @@ mod tests {
         assert_eq!(s.due(EVERY), None);
         let other = Sparse::default();
         assert_eq!(other.due(EVERY), Some(0), "each source its own");
+    }
+
+    /// A failure is said once a period while its words stay; other words,
+    /// another kind, or the same after the kind worked again, at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_lasting_failure_is_said_again_after_a_period_a_new_one_at_once() {
+        let r = Repeats::default();
+        assert!(r.fresh("config", "veer.toml:3:1: bad", REPEAT));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!r.fresh("config", "veer.toml:3:1: bad", REPEAT));
+        assert!(r.fresh("config", "veer.toml:4:1: worse", REPEAT));
+        assert!(r.fresh("tls", "veer.toml:3:1: bad", REPEAT));
+        tokio::time::advance(REPEAT - Duration::from_secs(6)).await;
+        assert!(!r.fresh("config", "veer.toml:3:1: bad", REPEAT));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(r.fresh("config", "veer.toml:3:1: bad", REPEAT));
+        r.clear("config");
+        assert!(r.fresh("config", "veer.toml:3:1: bad", REPEAT));
+        assert!(!r.fresh("tls", "veer.toml:3:1: bad", REPEAT));
     }
 }

@@ -743,6 +743,19 @@ async fn https_negotiates_h2_by_alpn_and_reloads_its_certificate() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+
+    // A broken certificate file, written again and again (each write a
+    // check): the one in force stays, and the failure is logged once, not
+    // once a check.
+    const NOT_RELOADED: &str = "TLS certificate not reloaded; the previous one stays";
+    for i in 0..6 {
+        std::fs::write(dir_path.join("tls.crt"), format!("garbage {i}\n")).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let said = veer.logs_with_at_least(NOT_RELOADED, 1).await;
+    assert_eq!(said.len(), 1, "{said:?}");
+    let (_, _, served) = h2_get(tls_addr, &second).await;
+    assert_eq!(served, second, "the certificate in force stays");
 }
 
 /// With `[[proxy.tls.certificates]]`, a client asking (SNI) for a name

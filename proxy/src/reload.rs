@@ -551,10 +551,14 @@ impl Triggers {
         let (tx, rx) = mpsc::unbounded_channel();
         let watched: Arc<std::sync::Mutex<Vec<PathBuf>>> = Arc::default();
         let of_interest = watched.clone();
-        // (On notify's thread: a symlink read there holds up no task.)
+        // (On notify's thread: a symlink read there holds up no task, and
+        // is made on a copy of the list, so that `watch` never waits on it.)
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             if let Ok(e) = ev {
-                let files = of_interest.lock().unwrap_or_else(|p| p.into_inner());
+                let files = of_interest
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
                 if changes(&e.kind) && concerns(&files, &e.paths) {
                     let _ = tx.send(());
                 }

@@ -665,6 +665,7 @@ impl Controller {
         }
         match r {
             Ok(addrs) if addrs != self.addrs => {
+                self.reload.said().clear("resolve");
                 let changed: Vec<String> = addrs
                     .iter()
                     .filter(|(name, a)| self.addrs.get(*name) != Some(*a))
@@ -675,9 +676,16 @@ impl Controller {
                 self.rebuild();
                 self.publish(&self.route_names(), true);
             }
-            Ok(_) => {}
+            Ok(_) => self.reload.said().clear("resolve"),
+            // (Every 30 s while a name does not resolve: said once a minute.)
             Err(e) => {
-                tracing::warn!(error = %e, "re-resolving endpoints failed; the previous addresses stay")
+                if self
+                    .reload
+                    .said()
+                    .fresh("resolve", &e.to_string(), crate::sparse::REPEAT)
+                {
+                    tracing::warn!(error = %e, "re-resolving endpoints failed; the previous addresses stay")
+                }
             }
         }
     }

@@ -209,6 +209,12 @@ impl Reload {
         files
     }
 
+    /// Failures logged lately (see [`Repeats`]): the controller's
+    /// re-resolutions say theirs through it too.
+    pub fn said(&self) -> &Repeats {
+        &self.said
+    }
+
     /// The file is the running config again (a rejected edit undone): the
     /// rejection no longer stands, in `/status` or the log.
     fn back_to_running(&mut self) {

@@ -179,7 +179,26 @@ pub struct Bound {
     pub admin: SocketAddr,
 }
 
-/// Runs the proxy until `stop` completes, then shuts down gracefully.
+/// A SIGTERM or SIGINT from now on (never, if they cannot be listened to).
+async fn signalled_again() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Runs the proxy until `stop` completes, then shuts down gracefully (a
+/// second SIGTERM or SIGINT meanwhile cuts the wait for in-flight requests
+/// short).
 /// `on_ready` receives the bound addresses once traffic is being served.
 pub async fn run(
     loaded: Loaded,
@@ -336,13 +355,24 @@ pub async fn run(
         let all = u32::try_from(edge.slots()).unwrap_or(u32::MAX);
         edge.permits().acquire_many(all).await.map(drop)
     };
-    match tokio::time::timeout(grace, all).await {
-        Ok(_) => tracing::info!("all connections closed"),
-        Err(_) => {
+    tokio::select! {
+        drained = tokio::time::timeout(grace, all) => match drained {
+            Ok(_) => tracing::info!("all connections closed"),
+            Err(_) => {
+                shared.grace_over.store(true, Ordering::Release);
+                tracing::warn!(
+                    open = shared.metrics.open_connections.get(),
+                    "grace period over; closing the remaining connections"
+                )
+            }
+        },
+        // A second SIGTERM or SIGINT (Ctrl-C again) cuts the grace short;
+        // the state is still written below.
+        () = signalled_again() => {
             shared.grace_over.store(true, Ordering::Release);
             tracing::warn!(
                 open = shared.metrics.open_connections.get(),
-                "grace period over; closing the remaining connections"
+                "stop signalled again: closing the remaining connections now"
             )
         }
     }

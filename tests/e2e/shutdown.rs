@@ -68,6 +68,41 @@ async fn shutdown_grace_bounds_the_wait() {
     );
 }
 
+/// A second SIGTERM during the grace (an operator's second Ctrl-C) stops
+/// waiting for the in-flight requests: veer exits 0 at once, saying so,
+/// with its state written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_cuts_the_grace_short() {
+    let slow = Upstream::start("slow").await;
+    slow.delay_ms.store(30_000, Ordering::SeqCst);
+    let config = route_config(&[slow.addr], &[], 0.0, "timeout = \"60s\"")
+        .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"120s\"");
+    let mut veer = Veer::start(&config).await;
+    let addr = veer.addr;
+    let _in_flight = tokio::spawn(async move { get(addr, "/slow", &[]).await });
+    while slow.requests.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    veer.terminate();
+    veer.logs_with_at_least(
+        "shutting down: no new connections; finishing in-flight requests",
+        1,
+    )
+    .await;
+    veer.terminate();
+    // (Far less than the grace of 120 s and the request's 30 s.)
+    let status = veer.wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status}");
+    let cut = veer
+        .logs_with_at_least(
+            "stop signalled again: closing the remaining connections now",
+            1,
+        )
+        .await;
+    assert_eq!(cut.len(), 1, "{}", veer.all_logs());
+    assert!(veer.dir.path().join("state/state.json").exists());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_kept_alive_connections_idle_at_once_and_busy_after_their_answer() {
     let slow = Upstream::start("slow").await;

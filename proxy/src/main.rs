@@ -210,22 +210,8 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn terminated() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-        }
-        _ => {
-            tracing::error!("cannot listen for SIGTERM/SIGINT; stop with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
+    let signal = run::stop_signal().await;
+    tracing::info!("{signal} received");
 }
 
 /// mimalloc's setting for how long an emptied page stays resident, and

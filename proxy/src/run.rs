@@ -179,8 +179,9 @@ pub struct Bound {
     pub admin: SocketAddr,
 }
 
-/// A SIGTERM or SIGINT from now on (never, if they cannot be listened to).
-async fn signalled_again() {
+/// The next SIGTERM or SIGINT from now on: its name (never, if they
+/// cannot be listened to: logged).
+pub async fn stop_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     match (
         signal(SignalKind::terminate()),
@@ -188,11 +189,14 @@ async fn signalled_again() {
     ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
             }
         }
-        _ => std::future::pending().await,
+        _ => {
+            tracing::error!("cannot listen for SIGTERM/SIGINT; stop with SIGKILL");
+            std::future::pending().await
+        }
     }
 }
 
@@ -368,7 +372,7 @@ pub async fn run(
         },
         // A second SIGTERM or SIGINT (Ctrl-C again) cuts the grace short;
         // the state is still written below.
-        () = signalled_again() => {
+        _ = stop_signal() => {
             shared.grace_over.store(true, Ordering::Release);
             tracing::warn!(
                 open = shared.metrics.open_connections.get(),

@@ -2,6 +2,7 @@
 //! and the process exits 0.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::support::{get, route_config, Client, Upstream, Veer};
@@ -36,20 +37,26 @@ async fn sigterm_finishes_the_in_flight_slow_request_then_exits_0() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_grace_bounds_the_wait() {
+/// veer with `proxy` settings (its `shutdown_grace` first) and a request in
+/// flight to an upstream that takes 30 s to answer (the route waits 60 s).
+async fn with_a_request_in_flight(proxy: &str) -> (Veer, Arc<Upstream>) {
     let slow = Upstream::start("slow").await;
     slow.delay_ms.store(30_000, Ordering::SeqCst);
-    let config = route_config(&[slow.addr], &[], 0.0, "timeout = \"60s\"").replace(
-        "shutdown_grace = \"10s\"",
-        "shutdown_grace = \"500ms\"\naccess_log = \"errors\"",
-    );
-    let mut veer = Veer::start(&config).await;
+    let config = route_config(&[slow.addr], &[], 0.0, "timeout = \"60s\"")
+        .replace("shutdown_grace = \"10s\"", proxy);
+    let veer = Veer::start(&config).await;
     let addr = veer.addr;
-    let _in_flight = tokio::spawn(async move { get(addr, "/slow", &[]).await });
+    tokio::spawn(async move { get(addr, "/slow", &[]).await });
     while slow.requests.load(Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    (veer, slow)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_grace_bounds_the_wait() {
+    let (mut veer, _slow) =
+        with_a_request_in_flight("shutdown_grace = \"500ms\"\naccess_log = \"errors\"").await;
     veer.terminate();
     let status = veer.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success());
@@ -73,16 +80,7 @@ async fn shutdown_grace_bounds_the_wait() {
 /// with its state written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_cuts_the_grace_short() {
-    let slow = Upstream::start("slow").await;
-    slow.delay_ms.store(30_000, Ordering::SeqCst);
-    let config = route_config(&[slow.addr], &[], 0.0, "timeout = \"60s\"")
-        .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"120s\"");
-    let mut veer = Veer::start(&config).await;
-    let addr = veer.addr;
-    let _in_flight = tokio::spawn(async move { get(addr, "/slow", &[]).await });
-    while slow.requests.load(Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (mut veer, _slow) = with_a_request_in_flight("shutdown_grace = \"120s\"").await;
     veer.terminate();
     veer.logs_with_at_least(
         "shutting down: no new connections; finishing in-flight requests",

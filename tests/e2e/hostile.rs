@@ -240,34 +240,36 @@ async fn read_token_guards_status_and_metrics_but_not_probes() {
     )
     .await;
     let token = std::fs::read_to_string(veer.dir.path().join("state/admin.token")).unwrap();
-    for path in ["/status", "/metrics"] {
-        assert_eq!(
-            admin_request(veer.admin, "GET", path, None).await,
-            401,
-            "{path}"
-        );
-        assert_eq!(
-            admin_request(veer.admin, "GET", path, Some(token.trim())).await,
-            200,
-            "{path}"
-        );
-    }
+    // `/status` and `/metrics` asked with `token` (or none): their statuses.
+    let reads = |token: Option<&str>| {
+        let (admin, token) = (veer.admin, token.map(str::to_string));
+        async move {
+            let t = token.as_deref();
+            (
+                admin_request(admin, "GET", "/status", t).await,
+                admin_request(admin, "GET", "/metrics", t).await,
+            )
+        }
+    };
+    // Until the reads without a token get `want` (a reload applied).
+    let until = |want: (u16, u16)| async move {
+        let start = Instant::now();
+        loop {
+            let got = reads(None).await;
+            if got == want {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "{got:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    assert_eq!(reads(None).await, (401, 401));
+    assert_eq!(reads(Some(token.trim())).await, (200, 200));
     assert_eq!(admin_request(veer.admin, "GET", "/readyz", None).await, 200);
     // Turned off and on again by reloads, without a restart.
     let open = route_config(&[s.addr], &[], 0.0, "");
     veer.write_config(&open);
-    let start = Instant::now();
-    while admin_request(veer.admin, "GET", "/status", None).await != 200 {
-        assert!(start.elapsed() < Duration::from_secs(30), "never opened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    for path in ["/status", "/metrics"] {
-        assert_eq!(
-            admin_request(veer.admin, "GET", path, None).await,
-            200,
-            "{path}"
-        );
-    }
+    until((200, 200)).await;
     let st = veer.status().await;
     assert_eq!(
         st["config"]["restart_required"],
@@ -275,19 +277,8 @@ async fn read_token_guards_status_and_metrics_but_not_probes() {
         "{st}"
     );
     veer.write_config(&open.replace("[admin]\n", "[admin]\nread_token = true\n"));
-    let start = Instant::now();
-    while admin_request(veer.admin, "GET", "/metrics", None).await != 401 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "never guarded again"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(admin_request(veer.admin, "GET", "/status", None).await, 401);
-    assert_eq!(
-        admin_request(veer.admin, "GET", "/status", Some(token.trim())).await,
-        200
-    );
+    until((401, 401)).await;
+    assert_eq!(reads(Some(token.trim())).await, (200, 200));
 }
 
 /// A rotated admin token (its file replaced, as a Kubernetes Secret's is)

@@ -66,6 +66,12 @@ pub enum ProxyError {
     /// which has no HTTP/1.1 upgrade.
     #[error("upgrades are not supported to this upstream")]
     UpgradeUnsupported,
+    /// An HTTP/1.1 request whose `Transfer-Encoding` names a coding other
+    /// than one `chunked` (`gzip, chunked`, `chunked, chunked`): veer
+    /// decodes only the chunking, and would pass the rest on as if it
+    /// were the body (501, as nginx and Envoy answer; never sent).
+    #[error("the request's transfer coding is not supported")]
+    TransferCoding,
     /// A gRPC call's own deadline (`grpc-timeout`, shorter than the route's
     /// timeout) passed before the upstream answered: the caller asked for
     /// less time than the route allows, so it is not the version's failure.
@@ -124,7 +130,9 @@ impl ProxyError {
             ProxyError::TooManyConnections | ProxyError::Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::UpgradeUnsupported | ProxyError::TransferCoding => {
+                StatusCode::NOT_IMPLEMENTED
+            }
             ProxyError::ClientDeadline => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -151,6 +159,7 @@ impl ProxyError {
             ProxyError::TooManyConnections => "too_many_connections",
             ProxyError::Overloaded => "overloaded",
             ProxyError::UpgradeUnsupported => "upgrade_unsupported",
+            ProxyError::TransferCoding => "transfer_coding",
             ProxyError::ClientDeadline => "client_deadline",
             ProxyError::HeaderTimeout => "header_timeout",
             ProxyError::BadProxyHeader => "bad_proxy_header",
@@ -191,7 +200,7 @@ impl ProxyError {
                 "request timeout\n"
             }
             ProxyError::TooManyConnections | ProxyError::Overloaded => "service unavailable\n",
-            ProxyError::UpgradeUnsupported => "not implemented\n",
+            ProxyError::UpgradeUnsupported | ProxyError::TransferCoding => "not implemented\n",
             ProxyError::ClientDeadline => "deadline exceeded\n",
             ProxyError::BodyTooLarge => "content too large\n",
             ProxyError::RateLimited => "too many requests\n",
@@ -215,7 +224,7 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 19] = [
+pub const PROXY_KINDS: [ProxyError; 20] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
@@ -235,6 +244,7 @@ pub const PROXY_KINDS: [ProxyError; 19] = [
     ProxyError::ClientCert,
     ProxyError::TlsHandshake,
     ProxyError::ClientCertRequired,
+    ProxyError::TransferCoding,
 ];
 
 /// The upstream error kinds, in `upstream_index` order.

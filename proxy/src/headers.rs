@@ -342,6 +342,45 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
 }
 
+/// Whether a head's `Transfer-Encoding` names anything but one `chunked`
+/// (`gzip, chunked`, `chunked, chunked`, `gzip`, over one field or
+/// several). veer decodes only the chunking: passed on, the other codings'
+/// bytes would reach the next hop as if they were the body, with nothing
+/// left to say they are not (nginx and Envoy refuse such messages too).
+pub fn foreign_coding(headers: &HeaderMap) -> bool {
+    let mut chunked = 0;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        for t in value
+            .as_bytes()
+            .split(|b| *b == b',')
+            .map(<[u8]>::trim_ascii)
+        {
+            if t.is_empty() {
+                continue; // a list may have empty elements (RFC 9110, 5.6.1)
+            }
+            if !t.eq_ignore_ascii_case(b"chunked") {
+                return true;
+            }
+            chunked += 1;
+        }
+    }
+    chunked > 1
+}
+
+/// [`strip_hop_by_hop`] for an upstream's answer: refused (a protocol
+/// error) when its `Transfer-Encoding` names a coding veer cannot pass on
+/// (see [`foreign_coding`]; veer never asks for one: a client's `TE` other
+/// than `trailers` stays with veer). Returns whether it was framed twice.
+pub fn strip_answer(headers: &mut HeaderMap) -> Result<bool, ProxyError> {
+    if !headers.keys().any(is_hop_by_hop) {
+        return Ok(false);
+    }
+    if foreign_coding(headers) {
+        return Err(ProxyError::UpstreamProtocol);
+    }
+    Ok(strip_hop_by_hop(headers, false))
+}
+
 /// Whether a message's head has both `Transfer-Encoding` and
 /// `Content-Length`: read by its transfer coding, and its connection not
 /// used again (see [`strip_hop_by_hop`]).
@@ -582,6 +621,9 @@ pub fn prepare_request(
     // `TE: trailers` says the client takes trailers (gRPC needs it); any
     // other TE is this hop's business.
     if hop_by_hop {
+        if foreign_coding(headers) {
+            return Err(ProxyError::TransferCoding);
+        }
         let te_trailers = headers.get_all(header::TE).iter().any(|v| {
             v.as_bytes()
                 .split(|b| *b == b',')
@@ -726,6 +768,50 @@ fn forwarded(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_one_chunked_coding_is_passed_on() {
+        let coded = |fields: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for f in fields {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(f));
+            }
+            foreign_coding(&h)
+        };
+        assert!(!coded(&[]));
+        for plain in [
+            &["chunked"][..],
+            &["Chunked"],
+            &[" , chunked ,"],
+            &["", "chunked"],
+        ] {
+            assert!(!coded(plain), "{plain:?}");
+        }
+        for foreign in [
+            &["gzip, chunked"][..],
+            &["gzip", "chunked"],
+            &["chunked, chunked"],
+            &["chunked", "chunked"],
+            &["gzip"],
+            &["chunked;x=1"],
+        ] {
+            assert!(coded(foreign), "{foreign:?}");
+        }
+        // An answer: refused with it, stripped without.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("gzip, chunked"),
+        );
+        assert_eq!(strip_answer(&mut h), Err(ProxyError::UpstreamProtocol));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        assert_eq!(strip_answer(&mut h), Ok(true));
+        assert!(h.is_empty(), "{h:?}");
+    }
 
     #[test]
     fn short_heads_scanned_and_long_ones_looked_up_give_the_same_values() {

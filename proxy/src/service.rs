@@ -17,8 +17,7 @@ use crate::balance::Pick;
 use crate::body::{BodyLine, GrpcCall, Pending, ProxyBody, RequestBody, UpBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::headers::{
-    client_addr, is_upgrade, prepare_request, routing_host, strip_hop_by_hop, Forwarding, Peer,
-    Scheme,
+    client_addr, is_upgrade, prepare_request, routing_host, Forwarding, Peer, Scheme,
 };
 use crate::record::Outcome;
 use crate::shared::Shared;
@@ -439,6 +438,13 @@ pub fn handle(
                     }
                 }
                 let mut resp = reply(e);
+                if e == ProxyError::TransferCoding {
+                    // (HTTP/1.1 only.) The body's framing is one veer
+                    // would not pass on: nothing after it on the
+                    // connection is taken either, as nginx does.
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 on_answer(resp.headers_mut(), cors, minted, &route);
                 if let Some(head) = &head {
                     Logged {
@@ -1224,7 +1230,7 @@ fn forward<'a>(
         // An answer framed twice (`Transfer-Encoding` and `Content-Length`)
         // is read by its transfer coding; its connection is not used again
         // (veer's own client closes it the same way, see `crate::raw`).
-        let framed_twice = strip_hop_by_hop(&mut parts.headers, false);
+        let framed_twice = crate::headers::strip_answer(&mut parts.headers)?;
         if sender.is_some() {
             // Through hyper's client (veer's own makes a listed length one
             // as it reads the head, see `crate::raw`).

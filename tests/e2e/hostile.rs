@@ -439,6 +439,10 @@ async fn request_smuggling_framings_never_reach_the_upstream_as_a_second_request
             "bare LF",
             format!("POST / HTTP/1.1\nhost: a\ncontent-length: 40\n\n{smuggled}"),
         ),
+        (
+            "a coding before chunked",
+            format!("POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        ),
     ];
     for (name, bytes) in cases {
         let (before, after) = upstream_requests_around(&s, &veer, bytes.as_bytes()).await;
@@ -450,6 +454,55 @@ async fn request_smuggling_framings_never_reach_the_upstream_as_a_second_request
         assert_ne!(*s.last_uri.lock().unwrap(), "/smuggled", "{name}: smuggled");
         let r = get(veer.addr, "/after", &[]).await.unwrap();
         assert_eq!(r.status(), 200, "{name}: veer stopped serving");
+    }
+}
+
+/// A request whose `Transfer-Encoding` names a coding besides one `chunked`
+/// gets 501 and its connection closed, and nothing of it reaches the
+/// upstream: veer decodes only the chunking, and passed the rest on as
+/// the body (`gzip, chunked`: the upstream got gzip bytes as a plain body,
+/// and served the request pipelined behind it). One `chunked`, in any
+/// case or after an empty list element, is served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_a_transfer_coding_veer_cannot_pass_on_gets_501_and_reaches_no_upstream() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let behind = "GET /behind HTTP/1.1\r\nhost: a\r\n\r\n";
+    let refused = [
+        "transfer-encoding: gzip, chunked\r\n",
+        "transfer-encoding: chunked, chunked\r\n",
+        "transfer-encoding: deflate\r\ntransfer-encoding: chunked\r\n",
+    ];
+    for te in refused {
+        let before = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+        let bytes =
+            format!("POST /coded HTTP/1.1\r\nhost: a\r\n{te}\r\n2\r\nhi\r\n0\r\n\r\n{behind}");
+        let mut c = TcpStream::connect(veer.addr).await.unwrap();
+        c.write_all(bytes.as_bytes()).await.unwrap();
+        // The answer, then the close: the request behind it is not read.
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut answer))
+            .await
+            .expect("the connection was not closed")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_lowercase();
+        assert!(answer.starts_with("http/1.1 501 "), "{te}: {answer}");
+        assert!(answer.contains("connection: close"), "{te}: {answer}");
+        assert_eq!(answer.matches("http/1.1 ").count(), 1, "{te}: {answer}");
+        let after = s.requests.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(after, before, "{te}: the upstream was sent something");
+    }
+    let m = veer.metrics().await;
+    let series = r#"veer_proxy_errors_total{kind="transfer_coding"}"#;
+    assert_eq!(metric(&m, series), Some(3.0), "{m}");
+    // Never a version's request (no series yet: the version has none).
+    let version = r#"veer_requests_total{code="5xx",route="web",version="v1"}"#;
+    assert_eq!(metric(&m, version).unwrap_or(0.0), 0.0, "{m}");
+    for te in ["Chunked", ", chunked"] {
+        let bytes =
+            format!("POST /plain HTTP/1.1\r\nhost: a\r\ntransfer-encoding: {te}\r\n\r\n2\r\nhi\r\n0\r\n\r\n");
+        assert_eq!(status_of(veer.addr, bytes.as_bytes()).await, 200, "{te}");
+        assert_eq!(*s.last_uri.lock().unwrap(), "/plain", "{te}");
     }
 }
 

@@ -567,6 +567,11 @@ impl Forwarding {
         self.written.as_deref()
     }
 
+    /// Whether the request has a `Host` (its client named one).
+    pub fn has_host(&self) -> bool {
+        self.host.is_some()
+    }
+
     /// Whether the client's fields of this name give way to this hop's:
     /// the names [`Forwarding::apply`] sets (`X-Forwarded-Host` only when
     /// the request has a host).
@@ -611,6 +616,11 @@ pub fn prepare_request(
         if let Some(a) = uri.authority() {
             let v = HeaderValue::from_str(a.as_str()).map_err(|_| ProxyError::BadRequest)?;
             headers.insert(header::HOST, v);
+        } else if *version == Version::HTTP_11 {
+            // RFC 9112, section 3.2: an HTTP/1.1 request without a host is
+            // answered 400 (as nginx, HAProxy and Envoy do); HTTP/1.0 may
+            // have none, and HTTP/2 says it in `:authority`.
+            return Err(ProxyError::BadRequest);
         }
     }
     if uri.scheme().is_some() || uri.authority().is_some() {
@@ -846,7 +856,12 @@ mod tests {
         scheme: Scheme,
     ) -> Arc<Forwarding> {
         let mut uri: Uri = "/".parse().expect("uri");
-        let mut v = Version::HTTP_11;
+        // (Only HTTP/1.0 may come without a host.)
+        let mut v = if h.contains_key(header::HOST) {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        };
         prepare_request(
             &Method::GET,
             &mut uri,

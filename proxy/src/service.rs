@@ -1247,6 +1247,19 @@ fn forward<'a>(
     }
 }
 
+/// A request whose client named no host (HTTP/1.0 may not; HTTP/2 may
+/// leave out `:authority`) goes with its endpoint's address as `Host`, as
+/// nginx's `proxy_pass` names its upstream: an HTTP/1.1 request needs one,
+/// and servers refuse it without (Go's net/http answers 400), so a load
+/// balancer's HTTP/1.0 health check through veer failed on them. (Rare:
+/// out of the request path's code.)
+#[inline(never)]
+fn name_the_endpoint(req: &mut Request<RequestBody>, upstream: &Upstream) {
+    if let Ok(v) = HeaderValue::from_str(upstream.label()) {
+        req.headers_mut().insert(header::HOST, v);
+    }
+}
+
 /// An upstream's 101 answer to an upgrade: the tunnel between the client
 /// and the upstream (`addr`, holding the client connection's `slot`,
 /// closed after `idle` with no byte either way) started, and the answer
@@ -1838,6 +1851,13 @@ fn exchange<'a>(
         // Held until the answer's head, or the exchange's failure.
         let _slot = slot;
         used.store(index, std::sync::atomic::Ordering::Relaxed);
+        let hostless = match &forwarding {
+            Some(f) => !f.has_host(),
+            None => !req.headers().contains_key(header::HOST),
+        };
+        if hostless {
+            name_the_endpoint(&mut req, upstream);
+        }
         if sender.is_raw() {
             // In the request path's future, not boxed on its own: boxing
             // (an allocation and a move of the whole exchange's state) cost

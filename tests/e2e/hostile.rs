@@ -52,6 +52,39 @@ async fn one_host_routes_and_the_upstream_gets_that_host() {
     );
 }
 
+/// An HTTP/1.1 request without a `Host` is 400 (RFC 9112, section 3.2;
+/// nginx, HAProxy and Envoy refuse it too) and reaches no upstream; it was
+/// forwarded without one. An HTTP/1.0 request may have none (a load
+/// balancer's health check, HAProxy's `OPTIONS / HTTP/1.0`): it goes with
+/// the endpoint's address as its `Host`, as nginx's `proxy_pass` sends
+/// it, on veer's own client and hyper's, with a body or without; it went
+/// as an HTTP/1.1 request without one, which servers refuse (Go's
+/// net/http answers 400).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_a_host_is_refused_on_http11_and_named_for_its_endpoint_on_http10() {
+    for setting in ["", "upstream_http1 = \"hyper\""] {
+        let s = Upstream::start("stable").await;
+        let veer = Veer::start(&with_proxy(route_config(&[s.addr], &[], 0.0, ""), setting)).await;
+        let count = || s.requests.load(std::sync::atomic::Ordering::SeqCst);
+        let before = count();
+        let hostless = b"GET /none HTTP/1.1\r\nuser-agent: probe\r\n\r\n";
+        assert_eq!(status_of(veer.addr, hostless).await, 400, "{setting}");
+        assert_eq!(count(), before, "{setting}: the upstream got it");
+        for old in [
+            &b"OPTIONS / HTTP/1.0\r\n\r\n"[..],
+            b"POST /up HTTP/1.0\r\ncontent-length: 2\r\n\r\nhi",
+        ] {
+            assert_eq!(status_of(veer.addr, old).await, 200, "{setting}");
+            let host = s.last_headers.lock().unwrap()["host"].clone();
+            assert_eq!(host, s.addr.to_string(), "{setting}");
+        }
+        assert_eq!(count(), before + 2, "{setting}");
+        let m = veer.metrics().await;
+        let refused = r#"veer_proxy_errors_total{kind="bad_request"}"#;
+        assert_eq!(metric(&m, refused), Some(1.0), "{setting}: {m}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cannot_make_veer_drop_authorization_or_forwarding_headers() {
     for setting in ["", "upstream_http1 = \"hyper\""] {

@@ -627,6 +627,9 @@ pub fn prepare_request(
         let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
         *uri = Uri::try_from(pq).map_err(|_| ProxyError::BadRequest)?;
     }
+    if *version == Version::HTTP_2 {
+        join_cookies(headers);
+    }
     *version = Version::HTTP_11;
     // `TE: trailers` says the client takes trailers (gRPC needs it); any
     // other TE is this hop's business.
@@ -732,6 +735,30 @@ pub fn prepare_request(
         forwarded,
         written: None,
     }))
+}
+
+/// Joins an HTTP/2 request's `Cookie` crumbs into one field, as RFC 9113
+/// (section 8.2.3) asks before a request leaves HTTP/2, and nginx and
+/// Envoy do: browsers send each cookie as a field of its own over HTTP/2
+/// (HPACK compresses them apart), and an HTTP/1.1 server may read only
+/// one `Cookie` field, or join several with commas (a cookie string no
+/// server parses).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (crumbs.next(), crumbs.next()) else {
+        return;
+    };
+    let mut joined = BytesMut::with_capacity(first.len() * 4);
+    for (i, crumb) in headers.get_all(header::COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    // (Crumbs that were valid values make a valid value.)
+    if let Ok(v) = HeaderValue::from_maybe_shared(joined.freeze()) {
+        headers.insert(header::COOKIE, v);
+    }
 }
 
 /// Writes `name: value` and CRLF.

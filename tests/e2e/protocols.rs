@@ -34,6 +34,62 @@ async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// An HTTP/2 client's cookie crumbs (browsers send each cookie as a field
+/// of its own over HTTP/2) reach an HTTP/1.1 upstream as one `Cookie`
+/// field, joined with "; " as RFC 9113 (8.2.3) asks: they went as several
+/// `Cookie` lines, which servers may read one of, or join with commas.
+/// The sticky cookie is still found among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_clients_cookie_crumbs_reach_an_http1_upstream_as_one_field() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let config = route_config(&[s.addr], &[c.addr], 50.0, "").replace(
+        r#"sticky = ["header:x-user-id", "client-ip"]"#,
+        r#"sticky = ["cookie:session"]"#,
+    );
+    let veer = Veer::start(&config).await;
+    let mut h2 = super::support::h2c(veer.addr).await;
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..40 {
+        let req = Request::get(format!("http://app.test/crumbs-{i}"))
+            .header("cookie", "a=1")
+            .header("cookie", format!("session=u{i}"))
+            .header("cookie", "z=26")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = h2.send_request(req).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let who = r.headers()["x-upstream"].to_str().unwrap().to_string();
+        let up = if who == "stable" { &s } else { &c };
+        let headers = up.last_headers.lock().unwrap().clone();
+        let cookies: Vec<_> = headers.get_all("cookie").iter().collect();
+        assert_eq!(cookies.len(), 1, "{headers:?}");
+        assert_eq!(cookies[0], format!("a=1; session=u{i}; z=26").as_str());
+        // Each session keeps its version.
+        let again = Request::get("http://app.test/again")
+            .header("cookie", "a=1")
+            .header("cookie", format!("session=u{i}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = h2.send_request(again).await.unwrap();
+        assert_eq!(r.headers()["x-upstream"].to_str().unwrap(), who, "u{i}");
+        seen.insert(who);
+    }
+    assert_eq!(seen.len(), 2, "40 sessions at 50 % all went to {seen:?}");
+    // One field stays as it came.
+    let one = Request::get("http://app.test/one")
+        .header("cookie", "session=solo; b=2")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = h2.send_request(one).await.unwrap();
+    let who = r.headers()["x-upstream"].to_str().unwrap().to_string();
+    let up = if who == "stable" { &s } else { &c };
+    assert_eq!(
+        up.last_headers.lock().unwrap()["cookie"],
+        "session=solo; b=2"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_request_gets_400_and_the_proxy_keeps_serving() {
     let s = Upstream::start("stable").await;

@@ -1227,6 +1227,12 @@ fn forward<'a>(
             return Ok(upgraded(resp, downstream_upgrade, tunnel));
         }
         let (mut parts, body) = resp.into_parts();
+        // veer answers in its own version (RFC 9110, section 6.2: a proxy
+        // sends its own): an HTTP/1.0 upstream's answer went out as
+        // `HTTP/1.0 200`, and hyper's server then closed every client
+        // connection after it. (The client's own HTTP/1.0 is still
+        // answered in HTTP/1.0.)
+        parts.version = http::Version::HTTP_11;
         // An answer framed twice (`Transfer-Encoding` and `Content-Length`)
         // is read by its transfer coding; its connection is not used again
         // (veer's own client closes it the same way, see `crate::raw`).

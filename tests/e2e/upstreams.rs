@@ -1850,6 +1850,36 @@ async fn an_upstream_answer_framed_twice_is_read_by_its_chunks_and_forwarded_wit
     }
 }
 
+/// An HTTP/1.0 upstream's answers (Python's `http.server`, old
+/// appliances) reach an HTTP/1.1 client as HTTP/1.1, and its connection
+/// stays open: they went out as `HTTP/1.0 200`, and hyper's server closed
+/// the client's connection after each (RFC 9110, section 6.2: a proxy
+/// sends its own version). On veer's own client and hyper's alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_upstreams_answers_go_out_as_http11_on_a_kept_connection() {
+    let (addr, _, accepted) = super::support::scripted_upstream(|_, _| {
+        Some((&b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"[..], true))
+    })
+    .await;
+    let veer = Veer::start(&super::support::route_config(&[addr], &[], 0.0, "")).await;
+    let mut c = super::support::Client::connect(veer.addr).await.unwrap();
+    for i in 0..3 {
+        for method in [http::Method::GET, http::Method::POST] {
+            let body = Bytes::from(if method == http::Method::POST {
+                "up"
+            } else {
+                ""
+            });
+            // (An error here is the client connection closed under it.)
+            let r = c.send(method.clone(), "/old", &[], body).await.unwrap();
+            assert_eq!(r.version(), http::Version::HTTP_11, "{method} {i}");
+            assert_eq!((r.status().as_u16(), &r.body()[..]), (200, &b"ok"[..]));
+        }
+    }
+    // One upstream connection an answer: HTTP/1.0 keeps none open.
+    assert_eq!(accepted.load(Ordering::SeqCst), 6);
+}
+
 /// An answer in a transfer coding besides `chunked` (`gzip, chunked`, or
 /// `gzip` alone, read to the close) is the upstream's protocol error (502),
 /// as nginx has it: veer decodes only the chunking (and never asks for

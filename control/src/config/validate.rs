@@ -91,9 +91,21 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
         base,
         errors: Vec::new(),
         warnings: Vec::new(),
+        own: Vec::new(),
     };
     let proxy = v.proxy(&raw);
     let admin = v.admin(&raw);
+    // veer's own ports, which no endpoint should name (see `own_listener`).
+    v.own = (proxy.listen.iter().map(|a| (*a, "[proxy] listen")))
+        .chain(
+            proxy
+                .tls
+                .iter()
+                .flat_map(|t| &t.listen)
+                .map(|a| (*a, "[proxy.tls] listen")),
+        )
+        .chain([(admin.listen, "[admin] listen")])
+        .collect();
     let state = StateSettings {
         dir: raw
             .state
@@ -199,6 +211,8 @@ struct Validator<'a> {
     base: &'a Path,
     errors: Vec<Diagnostic>,
     warnings: Vec<Diagnostic>,
+    /// veer's own listeners, and the setting that names each.
+    own: Vec<(SocketAddr, &'static str)>,
 }
 
 impl Validator<'_> {

@@ -323,12 +323,50 @@ impl Validator<'_> {
                 self.err(e.span(), format!("endpoint {addr} is listed twice"));
                 continue;
             }
+            self.own_listener(e.span(), &addr);
             out.push(Endpoint {
                 addr,
                 weight: weight as u32,
             });
         }
         (out, protocol.map_or(UpstreamProtocol::Http1, |p| p.0))
+    }
+
+    /// Warns of an endpoint that is one of veer's own listeners (a port
+    /// typo: a sidecar on 0.0.0.0:8080 in front of an app on 127.0.0.1:8081
+    /// given `127.0.0.1:8080`): its requests would come back to veer, each
+    /// taking another connection, until `max_connections_per_ip` refuses one
+    /// (256 hops for a request, each a failure of the version), or would get
+    /// the admin endpoint's answers. A warning, not an error: a route may
+    /// send to another of veer's routes on purpose (with its own `host`).
+    /// Only an address veer can tell is its own (an IP, or `localhost`).
+    fn own_listener(&mut self, span: std::ops::Range<usize>, addr: &str) {
+        let Some((host, port)) = addr.rsplit_once(':') else {
+            return;
+        };
+        let Ok(port) = port.parse::<u16>() else {
+            return;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let ip: Option<std::net::IpAddr> = host.parse().ok();
+        let localhost = host.eq_ignore_ascii_case("localhost");
+        if port == 0 || (ip.is_none() && !localhost) {
+            return;
+        }
+        let hit = self.own.iter().find(|(l, _)| {
+            let any = l.ip().is_unspecified();
+            l.port() == port
+                && match ip {
+                    Some(ip) => ip == l.ip() || (any && (ip.is_loopback() || ip.is_unspecified())),
+                    None => any || l.ip().is_loopback(),
+                }
+        });
+        if let Some((l, what)) = hit.copied() {
+            self.warn(
+                span,
+                format!("endpoint {addr} is veer's own {what} ({l}): its requests would come back to veer (round and round until refused, or to the admin endpoint); a port typo?"),
+            );
+        }
     }
 
     /// Splits an endpoint into its protocol and `host:port` (an `https://`

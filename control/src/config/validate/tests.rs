@@ -213,6 +213,65 @@ fn a_short_timeout_alone_shrinks_the_default_connect_timeout() {
 }
 
 #[test]
+fn an_endpoint_on_veers_own_listener_is_a_warning() {
+    let config = |listen: &str, admin: &str, canary: &str| {
+        format!("[proxy]\nlisten = [\"{listen}\"]\n[admin]\nlisten = \"{admin}\"\n[[route]]\nname = \"web\"\n[route.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:8081\"]\n[route.canary]\nversion = \"v2\"\nendpoints = [\"{canary}\"]\nweight = 5\n")
+    };
+    let warned = [
+        (
+            "0.0.0.0:8080",
+            "127.0.0.1:9901",
+            "127.0.0.1:8080",
+            "[proxy] listen (0.0.0.0:8080)",
+        ),
+        (
+            "127.0.0.1:8080",
+            "127.0.0.1:9901",
+            "localhost:8080",
+            "[proxy] listen",
+        ),
+        (
+            "[::]:8080",
+            "127.0.0.1:9901",
+            "[::1]:8080",
+            "[proxy] listen",
+        ),
+        (
+            "0.0.0.0:8080",
+            "127.0.0.1:9901",
+            "127.0.0.1:9901",
+            "[admin] listen",
+        ),
+        (
+            "0.0.0.0:8080",
+            "127.0.0.1:9901",
+            "http://127.0.0.1:8080",
+            "[proxy] listen",
+        ),
+    ];
+    for (listen, admin, canary, said) in warned {
+        let c = parse(&config(listen, admin, canary)).expect("valid: a warning");
+        assert_eq!(c.warnings.len(), 1, "{canary}: {:?}", c.warnings);
+        assert_eq!(c.warnings[0].line, 12, "{canary}");
+        let m = &c.warnings[0].message;
+        assert!(
+            m.contains("is veer's own") && m.contains(said),
+            "{canary}: {m}"
+        );
+    }
+    let apart = [
+        ("0.0.0.0:8080", "127.0.0.1:9901", "127.0.0.1:8082"),
+        ("127.0.0.1:8080", "127.0.0.1:9901", "127.0.0.2:8080"),
+        ("0.0.0.0:8080", "127.0.0.1:9901", "10.0.0.7:8080"),
+        ("0.0.0.0:8080", "127.0.0.1:9901", "app.internal:8080"),
+    ];
+    for (listen, admin, canary) in apart {
+        let c = parse(&config(listen, admin, canary)).expect("valid");
+        assert!(c.warnings.is_empty(), "{canary}: {:?}", c.warnings);
+    }
+}
+
+#[test]
 fn the_same_endpoint_in_both_versions_is_a_warning_not_an_error() {
     let text = "[[route]]\nname = \"web\"\n[route.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:9\"]\n[route.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:9\"]\nweight = 50\n";
     let c = parse(text).expect("an A/A rehearsal is valid");

@@ -76,6 +76,13 @@ pub struct ProxySettings {
     /// it sent one plain one, else a new one), which its answer and veer's
     /// access log line carry too.
     pub request_id: bool,
+    /// Runs of slashes in a request's path are one slash, for routing and
+    /// upstream (nginx's `merge_slashes`, on by default): `//admin` is
+    /// `/admin`, so a route's `allow_from` cannot be stepped round by
+    /// doubling a slash (servers behind that merge them, Tomcat and Apache
+    /// among them, would serve it as `/admin`). Off for services whose
+    /// paths carry meaningful empty segments (a URL inside a path).
+    pub merge_slashes: bool,
     /// Every connection starts with a PROXY protocol header (v1 or v2, as
     /// a load balancer in front sends it), whose source address is the
     /// client's; a connection without one is closed. Read at start.

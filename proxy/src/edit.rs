@@ -54,7 +54,9 @@ impl Rewrite {
         let mut out = String::with_capacity(self.prefix.len() + rest.len());
         out.push_str(&self.prefix);
         out.push_str(rest);
-        match crate::path::normalize(&out) {
+        // (The path was normalised as it came, its slashes merged or not
+        // as `[proxy] merge_slashes` says: only the join is looked at.)
+        match crate::path::normalize(&out, false) {
             Ok(std::borrow::Cow::Borrowed(_)) => Ok(out),
             Ok(std::borrow::Cow::Owned(p)) => Ok(p),
             Err(_) => Err(ProxyError::BadRequest),

@@ -1,13 +1,15 @@
 //! Request paths, normalised before prefix routing (RFC 3986 §6.2.2):
 //! percent-encoded unreserved characters are decoded (`%41` is `A`,
-//! `%2e` is `.`), then dot-segments are removed (§5.2.4). A path that
-//! would climb above the root is refused (400). Encoded reserved
-//! characters (`%2F`, `%3F`, ...) stay encoded: they are data, not
-//! structure. So `/t/../admin`, `/t/%2e%2e/admin` and `/admin` all route,
-//! and reach the upstream, as `/admin`, and a route's `path_prefix` cannot
-//! be escaped by spelling.
+//! `%2e` is `.`), runs of slashes merged into one (unless `[proxy]
+//! merge_slashes = false`, as nginx's), then dot-segments are removed
+//! (§5.2.4). A path that would climb above the root is refused (400).
+//! Encoded reserved characters (`%2F`, `%3F`, ...) stay encoded: they are
+//! data, not structure. So `/t/../admin`, `/t/%2e%2e/admin`, `//admin`
+//! and `/admin` all route, and reach the upstream, as `/admin`, and a
+//! route's `path_prefix` cannot be escaped by spelling.
 //!
-//! The usual path has neither `%` nor a dot-segment and costs one scan.
+//! The usual path has no `%`, no dot-segment and no `//`, and costs one
+//! scan.
 
 use std::borrow::Cow;
 
@@ -40,10 +42,15 @@ pub fn set_path(uri: &mut http::Uri, path: &str) -> Result<(), http::Error> {
     Ok(())
 }
 
-/// Whether `path` may need work: a `%`, or a `.` segment.
-fn needs_work(path: &str) -> bool {
+/// Whether `path` may need work: a `%`, a `.` segment, or (`merge`)
+/// two slashes in a row.
+fn needs_work(path: &str, merge: bool) -> bool {
     let b = path.as_bytes();
-    b.contains(&b'%') || b.windows(2).any(|w| w == b"/.") || path == "." || path == ".."
+    b.contains(&b'%')
+        || b.windows(2)
+            .any(|w| w[0] == b'/' && (w[1] == b'.' || (merge && w[1] == b'/')))
+        || path == "."
+        || path == ".."
 }
 
 /// Decodes `%XX` that stand for unreserved characters; others stay.
@@ -75,9 +82,11 @@ fn decode_unreserved(path: &str) -> String {
 }
 
 /// The normalised form of an origin-form `path` (no query), or [`Escapes`]
-/// when its dot-segments climb above the root.
-pub fn normalize(path: &str) -> Result<Cow<'_, str>, Escapes> {
-    if !needs_work(path) {
+/// when its dot-segments climb above the root; `merge`: runs of slashes
+/// become one first (`/a//../b` is `/b`, as nginx and the servers that
+/// merge them read it).
+pub fn normalize(path: &str, merge: bool) -> Result<Cow<'_, str>, Escapes> {
+    if !needs_work(path, merge) {
         return Ok(Cow::Borrowed(path));
     }
     let decoded = decode_unreserved(path);
@@ -91,6 +100,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, Escapes> {
             continue;
         }
         match *seg {
+            "" if merge => trailing_slash = i == last,
             "." => trailing_slash = i == last,
             ".." => {
                 if out.pop().is_none() {
@@ -139,7 +149,27 @@ mod tests {
             ("/%7euser", "/~user"),
         ];
         for (input, want) in ok {
-            assert_eq!(normalize(input).as_deref(), Ok(want), "{input}");
+            assert_eq!(normalize(input, true).as_deref(), Ok(want), "{input}");
+            assert_eq!(normalize(input, false).as_deref(), Ok(want), "{input}");
+        }
+        // Runs of slashes: merged, or kept (`merge_slashes = false`).
+        let slashes = [
+            ("//admin", "/admin", "//admin"),
+            ("///admin//users/", "/admin/users/", "///admin//users/"),
+            ("/a//../b", "/b", "/a/b"),
+            ("/x/..//admin", "/admin", "//admin"),
+            ("//", "/", "//"),
+            ("/a/", "/a/", "/a/"),
+            ("/a//", "/a/", "/a//"),
+            (
+                "/proxy/https://x.test/",
+                "/proxy/https:/x.test/",
+                "/proxy/https://x.test/",
+            ),
+        ];
+        for (input, merged, kept) in slashes {
+            assert_eq!(normalize(input, true).as_deref(), Ok(merged), "{input}");
+            assert_eq!(normalize(input, false).as_deref(), Ok(kept), "{input}");
         }
         for bad in [
             "/..",
@@ -148,20 +178,25 @@ mod tests {
             "/t/../../admin/%2e%2e/x",
             "/%2e%2e/x",
         ] {
-            assert_eq!(normalize(bad), Err(Escapes), "{bad}");
+            assert_eq!(normalize(bad, true), Err(Escapes), "{bad}");
         }
-        assert!(matches!(normalize("/plain/path"), Ok(Cow::Borrowed(_))));
+        assert_eq!(normalize("//..", true), Err(Escapes));
+        assert!(matches!(
+            normalize("/plain/path", true),
+            Ok(Cow::Borrowed(_))
+        ));
     }
 
     proptest::proptest! {
         /// Normalising is idempotent, and a normalised path has no
         /// dot-segments and no encoded unreserved characters.
         #[test]
-        fn normalising_twice_changes_nothing(path in "(/([a-z.]{0,3}|%2[eE]|%4[1-9]|%2[fF])){0,8}") {
-            if let Ok(once) = normalize(&path) {
-                let twice = normalize(&once).map(|c| c.into_owned());
+        fn normalising_twice_changes_nothing(path in "(/([a-z.]{0,3}|%2[eE]|%4[1-9]|%2[fF])){0,8}", merge: bool) {
+            if let Ok(once) = normalize(&path, merge) {
+                let twice = normalize(&once, merge).map(|c| c.into_owned());
                 proptest::prop_assert_eq!(twice, Ok(once.clone().into_owned()));
                 proptest::prop_assert!(!once.split('/').any(|s| s == "." || s == ".."), "{}", once);
+                proptest::prop_assert!(!merge || !once.contains("//"), "{}", once);
             }
         }
     }

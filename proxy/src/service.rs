@@ -64,7 +64,7 @@ pub fn handle(
             with_request_id(r, rid)
         };
         // Routing sees the path as the upstream will: normalised.
-        match crate::path::normalize(req.uri().path()) {
+        match crate::path::normalize(req.uri().path(), snap.merge_slashes) {
             Ok(std::borrow::Cow::Borrowed(_)) => {}
             Ok(std::borrow::Cow::Owned(p)) => {
                 if crate::path::set_path(req.uri_mut(), &p).is_err() {

@@ -194,6 +194,8 @@ pub struct Snapshot {
     pub access_log: veer_control::config::AccessLog,
     /// `[proxy] request_id`.
     pub request_id: bool,
+    /// `[proxy] merge_slashes`.
+    pub merge_slashes: bool,
 }
 
 /// The host of an endpoint's `host:port` (an IPv6 address without brackets).
@@ -406,6 +408,7 @@ impl Snapshot {
             proxy_errors: metrics.proxy_errors(),
             access_log: config.proxy.access_log,
             request_id: config.proxy.request_id,
+            merge_slashes: config.proxy.merge_slashes,
         }
     }
 

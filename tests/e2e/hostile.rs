@@ -160,13 +160,18 @@ async fn behind_a_trusted_proxy_client_ip_stickiness_uses_the_forwarded_address(
     assert!(s.last_headers.lock().unwrap().get("x-real-ip").is_some());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paths_are_normalised_before_prefix_routing() {
-    let admin = Upstream::start("admin").await;
-    let web = Upstream::start("web").await;
-    let config = format!(
+/// A config of two routes: `web` on `/` and `internal` on `/admin`
+/// (`internal_extra` in its section), with `proxy_extra` in `[proxy]`.
+fn web_and_internal(
+    web: &Upstream,
+    admin: &Upstream,
+    proxy_extra: &str,
+    internal_extra: &str,
+) -> String {
+    format!(
         r#"[proxy]
 listen = ["127.0.0.1:0"]
+{proxy_extra}
 [admin]
 listen = "127.0.0.1:0"
 [state]
@@ -182,13 +187,20 @@ endpoints = ["{}"]
 [[route]]
 name = "internal"
 path_prefix = "/admin"
+{internal_extra}
 [route.stable]
 version = "a1"
 endpoints = ["{}"]
 "#,
         web.addr, admin.addr
-    );
-    let veer = Veer::start(&config).await;
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_normalised_before_prefix_routing() {
+    let admin = Upstream::start("admin").await;
+    let web = Upstream::start("web").await;
+    let veer = Veer::start(&web_and_internal(&web, &admin, "", "")).await;
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n");
     assert_eq!(
         status_of(veer.addr, get("/t/%2e%2e/admin/x?q=1").as_bytes()).await,
@@ -215,6 +227,48 @@ endpoints = ["{}"]
         ),
         before,
         "an escaping path reached an upstream"
+    );
+}
+
+/// A doubled slash cannot step round a route's `allow_from`: `//admin`
+/// routes, and reaches the upstream, as `/admin` (nginx's `merge_slashes`,
+/// on by default). It went to the open `/` route as `//admin`, which
+/// servers that merge slashes themselves (Tomcat, Apache) serve as the
+/// admin page. `merge_slashes = false` keeps them (a reload applies it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_doubled_slash_cannot_step_round_a_routes_allow_from() {
+    let admin = Upstream::start("admin").await;
+    let web = Upstream::start("web").await;
+    let internal = "allow_from = [\"10.0.0.0/8\"]";
+    let config = |setting: &str| web_and_internal(&web, &admin, setting, internal);
+    let veer = Veer::start(&config("")).await;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n");
+    for path in [
+        "/admin/users",
+        "//admin/users",
+        "///admin//users",
+        "/x/..//admin/users",
+    ] {
+        assert_eq!(
+            status_of(veer.addr, get(path).as_bytes()).await,
+            403,
+            "{path}"
+        );
+    }
+    assert_eq!(status_of(veer.addr, get("/a//b/").as_bytes()).await, 200);
+    assert_eq!(*web.last_uri.lock().unwrap(), "/a/b/");
+    assert_eq!(admin.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    veer.write_config(&config("merge_slashes = false"));
+    veer.wait_generation(2).await;
+    assert_eq!(
+        status_of(veer.addr, get("//admin/users").as_bytes()).await,
+        200
+    );
+    assert_eq!(*web.last_uri.lock().unwrap(), "//admin/users");
+    assert_eq!(
+        status_of(veer.addr, get("/admin/users").as_bytes()).await,
+        403
     );
 }
 

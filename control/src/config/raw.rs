@@ -54,6 +54,7 @@ pub struct RawProxy {
     pub request_buffer: Option<Spanned<i64>>,
     pub max_request_body: Option<Spanned<i64>>,
     pub request_id: Option<bool>,
+    pub merge_slashes: Option<bool>,
     pub proxy_protocol: Option<bool>,
     pub proxy_protocol_from: Option<Vec<Spanned<String>>>,
     pub shutdown_grace: Option<Spanned<String>>,

@@ -484,6 +484,7 @@ impl Validator<'_> {
                 "[proxy] max_request_body",
             ) as u64,
             request_id: p.request_id.unwrap_or(false),
+            merge_slashes: p.merge_slashes.unwrap_or(true),
             proxy_protocol: p.proxy_protocol.unwrap_or(false),
             proxy_protocol_from: {
                 let from = self.ranges(p.proxy_protocol_from.as_deref(), "proxy_protocol_from");

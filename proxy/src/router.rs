@@ -90,6 +90,12 @@ impl Router {
     }
 }
 
+/// The host without its port. Everything from the first `:` on is the
+/// port, digits or not, as nginx reads a `Host` to pick its server and
+/// Express its `req.hostname`: a port that is no number (`admin.test:80x`)
+/// kept the whole value as the name, which matched no route, so the
+/// request went to the default route, whose service read it as
+/// `admin.test` (past that host's `allow_from`).
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         // [v6]:port
@@ -98,10 +104,7 @@ fn strip_port(host: &str) -> &str {
             .next()
             .map_or(host, |h| &host[..h.len() + 1]);
     }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    }
+    host.split_once(':').map_or(host, |(h, _)| h)
 }
 
 #[cfg(test)]
@@ -127,6 +130,15 @@ mod tests {
         assert_eq!(r.find(Some("example.com"), "/static/a.css"), Some(4));
         assert_eq!(r.find(None, "/x"), Some(0));
         assert_eq!(r.find(Some("[::1]:80"), "/x"), Some(0));
+        // A port that is no number is still the port.
+        for host in [
+            "api.example.com:80x",
+            "api.example.com:",
+            "api.example.com:1:2",
+        ] {
+            assert_eq!(r.find(Some(host), "/v1"), Some(1), "{host}");
+        }
+        assert_eq!(r.find(Some("[::1]:8x"), "/x"), Some(0));
     }
 
     #[test]

@@ -272,6 +272,34 @@ async fn a_doubled_slash_cannot_step_round_a_routes_allow_from() {
     );
 }
 
+/// A `Host` whose port is no number still names its host: everything from
+/// the first `:` is the port, as nginx and Express read it. It was the
+/// whole name, which matched no route, so `admin.test:80x` went to the
+/// default route, past the admin host's `allow_from`, to a service that
+/// read it as `admin.test`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_a_port_that_is_no_number_routes_by_its_name() {
+    let admin = Upstream::start("admin").await;
+    let web = Upstream::start("web").await;
+    let config = web_and_internal(&web, &admin, "", "").replace(
+        "path_prefix = \"/admin\"",
+        "hosts = [\"admin.test\"]\nallow_from = [\"10.0.0.0/8\"]",
+    );
+    let veer = Veer::start(&config).await;
+    for host in [
+        "admin.test",
+        "ADMIN.test:8080",
+        "admin.test:80x",
+        "admin.test:",
+    ] {
+        let head = format!("GET /users HTTP/1.1\r\nhost: {host}\r\n\r\n");
+        assert_eq!(status_of(veer.addr, head.as_bytes()).await, 403, "{host}");
+    }
+    assert_eq!(web.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let other = b"GET /users HTTP/1.1\r\nhost: www.test:80x\r\n\r\n";
+    assert_eq!(status_of(veer.addr, other).await, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_actions_always_need_a_token_generated_when_none_is_configured() {
     use super::support::{admin_post, admin_request};

@@ -674,6 +674,11 @@ pub fn prepare_request(
     let kept = (trusted_hops == 0).then(|| match peer.last_forwarded(scheme, host) {
         Some(kept) => Ok(kept),
         None => {
+            // A host is looked at once a connection (and again when it
+            // changes), not every request.
+            if host.is_some_and(|h| !plain_host(h)) {
+                return Err(ProxyError::BadRequest);
+            }
             // A copy, not a clone: a request's header value shares the read
             // buffer it was parsed from (8 KiB), which the connection would
             // keep alive beside its current one. (A parsed value is always
@@ -699,10 +704,11 @@ pub fn prepare_request(
         }
     });
     let kept = kept.transpose()?;
-    if let Some(kept) = &kept {
-        if !client_xff && client_is_peer {
-            return Ok(kept.clone());
-        }
+    match &kept {
+        Some(kept) if !client_xff && client_is_peer => return Ok(kept.clone()),
+        Some(_) => {}
+        None if host.is_some_and(|h| !plain_host(h)) => return Err(ProxyError::BadRequest),
+        None => {}
     }
 
     // X-Forwarded-For: every incoming line merged, the peer appended.
@@ -759,6 +765,17 @@ fn join_cookies(headers: &mut HeaderMap) {
     if let Ok(v) = HeaderValue::from_maybe_shared(joined.freeze()) {
         headers.insert(header::COOKIE, v);
     }
+}
+
+/// Whether a `Host` value is one nginx takes: no `/` or `\\`, no space or
+/// control byte, no `..`. Passed on, `x/y` or `x..y` reach services that
+/// build links from their host (a password-reset mail's), and nginx
+/// answers them 400.
+fn plain_host(host: &HeaderValue) -> bool {
+    let b = host.as_bytes();
+    !b.iter()
+        .any(|&c| c <= b' ' || c == 0x7f || c == b'/' || c == b'\\')
+        && !b.windows(2).any(|w| w == b"..")
 }
 
 /// Writes `name: value` and CRLF.

@@ -2,7 +2,8 @@
 //! percent-encoded unreserved characters are decoded (`%41` is `A`,
 //! `%2e` is `.`), runs of slashes merged into one (unless `[proxy]
 //! merge_slashes = false`, as nginx's), then dot-segments are removed
-//! (§5.2.4). A path that would climb above the root is refused (400).
+//! (§5.2.4). A path that would climb above the root, or that carries an
+//! encoded NUL (`%00`), is refused (400).
 //! Encoded reserved characters (`%2F`, `%3F`, ...) stay encoded: they are
 //! data, not structure. So `/t/../admin`, `/t/%2e%2e/admin`, `//admin`
 //! and `/admin` all route, and reach the upstream, as `/admin`, and a
@@ -13,7 +14,9 @@
 
 use std::borrow::Cow;
 
-/// Why a path was refused.
+/// Why a path was refused: it climbs above the root, or it carries an
+/// encoded NUL (`%00`, which nginx refuses too: a service in C, or one
+/// that hands paths to the file system, reads the path as ending there).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Escapes;
 
@@ -90,6 +93,9 @@ pub fn normalize(path: &str, merge: bool) -> Result<Cow<'_, str>, Escapes> {
         return Ok(Cow::Borrowed(path));
     }
     let decoded = decode_unreserved(path);
+    if decoded.contains("%00") {
+        return Err(Escapes);
+    }
     let mut out: Vec<&str> = Vec::new();
     let absolute = decoded.starts_with('/');
     let segments: Vec<&str> = decoded.split('/').collect();
@@ -177,6 +183,8 @@ mod tests {
             "/t/../../admin",
             "/t/../../admin/%2e%2e/x",
             "/%2e%2e/x",
+            "/a%00b",
+            "/a/%00/../b",
         ] {
             assert_eq!(normalize(bad, true), Err(Escapes), "{bad}");
         }

@@ -85,6 +85,54 @@ async fn a_request_without_a_host_is_refused_on_http11_and_named_for_its_endpoin
     }
 }
 
+/// A `Host` nginx refuses (a `/`, a `\\`, a space, `..`) and a path with an
+/// encoded NUL are 400 and reach no upstream, as with nginx: they went on
+/// as they came, to services that build links from their host or read a
+/// path as ending at its NUL. With trusted hops (where the forwarding
+/// fields are made for each request) too; a host that comes again on
+/// its connection after a good one is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_or_path_nginx_refuses_gets_400_and_reaches_no_upstream() {
+    for setting in ["", "trusted_hops = 1"] {
+        let s = Upstream::start("stable").await;
+        let veer = Veer::start(&with_proxy(route_config(&[s.addr], &[], 0.0, ""), setting)).await;
+        let count = || s.requests.load(std::sync::atomic::Ordering::SeqCst);
+        let head = |host: &str, path: &str| format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n");
+        for (host, path) in [
+            ("x/y", "/a"),
+            ("x\\y", "/a"),
+            ("x y", "/a"),
+            ("x..y", "/a"),
+            ("x.test", "/a%00b"),
+        ] {
+            let bytes = head(host, path);
+            assert_eq!(
+                status_of(veer.addr, bytes.as_bytes()).await,
+                400,
+                "{setting}: {host} {path}"
+            );
+        }
+        assert_eq!(count(), 0, "{setting}");
+        // A good host, then a bad one on the same connection.
+        let both = format!("{}{}", head("x.test", "/a"), head("x/y", "/a"));
+        let mut c = TcpStream::connect(veer.addr).await.unwrap();
+        c.write_all(both.as_bytes()).await.unwrap();
+        let (mut got, mut buf) = (String::new(), [0u8; 4096]);
+        while got.matches("HTTP/1.1 ").count() < 2 {
+            let read = tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf)).await;
+            let n = read.expect("two answers").unwrap();
+            assert!(n > 0, "{setting}: closed after {got}");
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert!(got.starts_with("HTTP/1.1 200 "), "{setting}: {got}");
+        assert!(got.contains("HTTP/1.1 400 "), "{setting}: {got}");
+        assert_eq!(count(), 1, "{setting}");
+        let m = veer.metrics().await;
+        let refused = r#"veer_proxy_errors_total{kind="bad_request"}"#;
+        assert_eq!(metric(&m, refused), Some(6.0), "{setting}: {m}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cannot_make_veer_drop_authorization_or_forwarding_headers() {
     for setting in ["", "upstream_http1 = \"hyper\""] {

@@ -72,6 +72,11 @@ pub enum ProxyError {
     /// were the body (501, as nginx and Envoy answer; never sent).
     #[error("the request's transfer coding is not supported")]
     TransferCoding,
+    /// A `TRACE` request (or IIS's `TRACK`): it echoes the request, cookies
+    /// and credentials included, and scanners (PCI DSS among them) flag an
+    /// edge that passes it on. 405, as nginx answers; never sent.
+    #[error("the method is not allowed")]
+    MethodNotAllowed,
     /// A gRPC call's own deadline (`grpc-timeout`, shorter than the route's
     /// timeout) passed before the upstream answered: the caller asked for
     /// less time than the route allows, so it is not the version's failure.
@@ -133,6 +138,7 @@ impl ProxyError {
             ProxyError::UpgradeUnsupported | ProxyError::TransferCoding => {
                 StatusCode::NOT_IMPLEMENTED
             }
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::ClientDeadline => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -160,6 +166,7 @@ impl ProxyError {
             ProxyError::Overloaded => "overloaded",
             ProxyError::UpgradeUnsupported => "upgrade_unsupported",
             ProxyError::TransferCoding => "transfer_coding",
+            ProxyError::MethodNotAllowed => "method_not_allowed",
             ProxyError::ClientDeadline => "client_deadline",
             ProxyError::HeaderTimeout => "header_timeout",
             ProxyError::BadProxyHeader => "bad_proxy_header",
@@ -201,6 +208,7 @@ impl ProxyError {
             }
             ProxyError::TooManyConnections | ProxyError::Overloaded => "service unavailable\n",
             ProxyError::UpgradeUnsupported | ProxyError::TransferCoding => "not implemented\n",
+            ProxyError::MethodNotAllowed => "method not allowed\n",
             ProxyError::ClientDeadline => "deadline exceeded\n",
             ProxyError::BodyTooLarge => "content too large\n",
             ProxyError::RateLimited => "too many requests\n",
@@ -224,7 +232,7 @@ impl ProxyError {
 
 /// The kinds of failure veer answers without a version, in the order of
 /// [`crate::metrics::ProxyErrorMetrics::by_kind`].
-pub const PROXY_KINDS: [ProxyError; 20] = [
+pub const PROXY_KINDS: [ProxyError; 21] = [
     ProxyError::NoRoute,
     ProxyError::BadRequest,
     ProxyError::ClientTimeout,
@@ -245,6 +253,7 @@ pub const PROXY_KINDS: [ProxyError; 20] = [
     ProxyError::TlsHandshake,
     ProxyError::ClientCertRequired,
     ProxyError::TransferCoding,
+    ProxyError::MethodNotAllowed,
 ];
 
 /// The upstream error kinds, in `upstream_index` order.

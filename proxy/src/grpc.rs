@@ -226,7 +226,10 @@ fn code_of(e: ProxyError) -> u8 {
     match e {
         ProxyError::UpstreamTimeout | ProxyError::ClientDeadline => DEADLINE_EXCEEDED,
         ProxyError::ClientClosed => 1, // CANCELLED
-        ProxyError::NoRoute | ProxyError::UpgradeUnsupported | ProxyError::TransferCoding => 12, // UNIMPLEMENTED
+        ProxyError::NoRoute
+        | ProxyError::UpgradeUnsupported
+        | ProxyError::TransferCoding
+        | ProxyError::MethodNotAllowed => 12, // UNIMPLEMENTED
         // RESOURCE_EXHAUSTED: gRPC's own message limit, and a quota.
         ProxyError::BodyTooLarge | ProxyError::RateLimited => 8,
         // PERMISSION_DENIED (a handshake's failure is never answered).

@@ -603,6 +603,9 @@ pub fn prepare_request(
     if method == Method::CONNECT {
         return Err(ProxyError::BadRequest);
     }
+    if method == Method::TRACE || method.as_str() == "TRACK" {
+        return Err(ProxyError::MethodNotAllowed);
+    }
     // One pass over the names: hop-by-hop ones, whether the client
     // forwarded, and whether it sent a `Host` (cheaper than hashing names
     // to look them up).

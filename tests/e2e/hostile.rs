@@ -133,6 +133,28 @@ async fn a_host_or_path_nginx_refuses_gets_400_and_reaches_no_upstream() {
     }
 }
 
+/// `TRACE` (and IIS's `TRACK`) get 405 and reach no upstream, as nginx
+/// answers them: they echo the request, cookies included, and security
+/// scans flag an edge that passes them on. Other methods, unknown ones
+/// too, go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_gets_405_and_reaches_no_upstream() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[], 0.0, "")).await;
+    for method in ["TRACE", "TRACK"] {
+        let head = format!("{method} / HTTP/1.1\r\nhost: a\r\ncookie: session=secret\r\n\r\n");
+        assert_eq!(status_of(veer.addr, head.as_bytes()).await, 405, "{method}");
+    }
+    assert_eq!(s.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    for method in ["OPTIONS", "PATCH", "PROPFIND"] {
+        let head = format!("{method} / HTTP/1.1\r\nhost: a\r\n\r\n");
+        assert_eq!(status_of(veer.addr, head.as_bytes()).await, 200, "{method}");
+    }
+    let m = veer.metrics().await;
+    let refused = r#"veer_proxy_errors_total{kind="method_not_allowed"}"#;
+    assert_eq!(metric(&m, refused), Some(2.0), "{m}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cannot_make_veer_drop_authorization_or_forwarding_headers() {
     for setting in ["", "upstream_http1 = \"hyper\""] {

@@ -607,13 +607,18 @@ pub fn prepare_request(
         return Err(ProxyError::MethodNotAllowed);
     }
     // One pass over the names: hop-by-hop ones, whether the client
-    // forwarded, and whether it sent a `Host` (cheaper than hashing names
-    // to look them up).
+    // forwarded, whether it sent a `Host` (cheaper than hashing names to
+    // look them up), and `x-` names with an underscore.
     let (mut hop_by_hop, mut client_xff, mut has_host) = (false, false, false);
+    let mut underscored = false;
     for name in headers.keys() {
         hop_by_hop |= is_hop_by_hop(name);
         client_xff |= name == X_FORWARDED_FOR;
         has_host |= name == header::HOST;
+        underscored |= name.as_str().starts_with('x') && name.as_str().contains('_');
+    }
+    if underscored {
+        drop_lookalikes(headers);
     }
     if !has_host {
         if let Some(a) = uri.authority() {
@@ -767,6 +772,45 @@ fn join_cookies(headers: &mut HeaderMap) {
     // (Crumbs that were valid values make a valid value.)
     if let Ok(v) = HeaderValue::from_maybe_shared(joined.freeze()) {
         headers.insert(header::COOKIE, v);
+    }
+}
+
+/// The fields veer writes for this hop, which a client's look-alikes
+/// must not stand in for (see [`drop_lookalikes`]).
+const WRITTEN: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+    "x-forwarded-client-cert",
+];
+
+/// Removes a client's fields that are one of the forwarding fields veer
+/// writes with `_` for `-` (`X_Forwarded_For`, `X-Real_IP`): CGI, WSGI
+/// and Rack servers read both spellings as one variable
+/// (`HTTP_X_FORWARDED_FOR`), and some (uWSGI, older gunicorn) let the
+/// client's spelling stand in for veer's, so a client named its own
+/// address. nginx drops every name with an underscore for the same
+/// reason (`underscores_in_headers off`); other such names go on.
+/// (Rare: out of the request path's code.)
+#[inline(never)]
+fn drop_lookalikes(headers: &mut HeaderMap) {
+    let lookalikes: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            n.contains('_')
+                && WRITTEN.iter().any(|w| {
+                    w.len() == n.len()
+                        && w.bytes()
+                            .zip(n.bytes())
+                            .all(|(a, b)| a == b || (a == b'-' && b == b'_'))
+                })
+        })
+        .cloned()
+        .collect();
+    for n in lookalikes {
+        headers.remove(n);
     }
 }
 

@@ -155,6 +155,29 @@ async fn trace_gets_405_and_reaches_no_upstream() {
     assert_eq!(metric(&m, refused), Some(2.0), "{m}");
 }
 
+/// A client's look-alikes of the forwarding fields veer writes, with `_`
+/// for `-` (`X_Forwarded_For`), never reach the upstream: CGI, WSGI and
+/// Rack servers read both spellings as one variable, and some let the
+/// client's stand in for veer's. Other names with an underscore go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookalikes_of_the_forwarding_fields_never_reach_the_upstream() {
+    for setting in ["", "trusted_hops = 1"] {
+        let s = Upstream::start("stable").await;
+        let veer = Veer::start(&with_proxy(route_config(&[s.addr], &[], 0.0, ""), setting)).await;
+        let head = b"GET / HTTP/1.1\r\nhost: a\r\nx_forwarded_for: 6.6.6.6\r\nx-real_ip: 6.6.6.6\r\nX_Forwarded_Proto: https\r\nx-forwarded_host: evil.test\r\nx_forwarded_client_cert: Hash=evil\r\nx_tenant: 42\r\n\r\n";
+        assert_eq!(status_of(veer.addr, head).await, 200, "{setting}");
+        let h = s.last_headers.lock().unwrap().clone();
+        let names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        assert!(
+            !names.iter().any(|n| n.contains('_') && *n != "x_tenant"),
+            "{setting}: {names:?}"
+        );
+        assert_eq!(h["x_tenant"], "42", "{setting}");
+        assert_eq!(h["x-real-ip"], "127.0.0.1", "{setting}");
+        assert!(!format!("{h:?}").contains("6.6.6.6"), "{setting}: {h:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cannot_make_veer_drop_authorization_or_forwarding_headers() {
     for setting in ["", "upstream_http1 = \"hyper\""] {

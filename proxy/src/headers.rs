@@ -608,14 +608,14 @@ pub fn prepare_request(
     }
     // One pass over the names: hop-by-hop ones, whether the client
     // forwarded, whether it sent a `Host` (cheaper than hashing names to
-    // look them up), and `x-` names with an underscore.
+    // look them up), and look-alikes of the fields veer writes.
     let (mut hop_by_hop, mut client_xff, mut has_host) = (false, false, false);
     let mut underscored = false;
     for name in headers.keys() {
         hop_by_hop |= is_hop_by_hop(name);
         client_xff |= name == X_FORWARDED_FOR;
         has_host |= name == header::HOST;
-        underscored |= name.as_str().starts_with('x') && name.as_str().contains('_');
+        underscored |= lookalike(name);
     }
     if underscored {
         drop_lookalikes(headers);
@@ -795,23 +795,24 @@ const WRITTEN: [&str; 5] = [
 /// (Rare: out of the request path's code.)
 #[inline(never)]
 fn drop_lookalikes(headers: &mut HeaderMap) {
-    let lookalikes: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| {
-            let n = n.as_str();
-            n.contains('_')
-                && WRITTEN.iter().any(|w| {
-                    w.len() == n.len()
-                        && w.bytes()
-                            .zip(n.bytes())
-                            .all(|(a, b)| a == b || (a == b'-' && b == b'_'))
-                })
-        })
-        .cloned()
-        .collect();
+    let lookalikes: Vec<HeaderName> = headers.keys().filter(|n| lookalike(n)).cloned().collect();
     for n in lookalikes {
         headers.remove(n);
     }
+}
+
+/// Whether `name` is one of [`WRITTEN`] with `_` for one `-` or more
+/// (most names fail at their first byte or their length).
+fn lookalike(name: &HeaderName) -> bool {
+    let n = name.as_str().as_bytes();
+    n.first() == Some(&b'x')
+        && WRITTEN.iter().any(|w| {
+            w.len() == n.len()
+                && w.bytes()
+                    .zip(n)
+                    .all(|(a, &b)| a == b || (a == b'-' && b == b'_'))
+        })
+        && n.contains(&b'_')
 }
 
 /// Whether a `Host` value is one nginx takes: no `/` or `\\`, no space or

@@ -610,14 +610,14 @@ pub fn prepare_request(
     // forwarded, whether it sent a `Host` (cheaper than hashing names to
     // look them up), and look-alikes of the fields veer writes.
     let (mut hop_by_hop, mut client_xff, mut has_host) = (false, false, false);
-    let mut underscored = false;
+    let mut lookalike_seen = false;
     for name in headers.keys() {
         hop_by_hop |= is_hop_by_hop(name);
         client_xff |= name == X_FORWARDED_FOR;
         has_host |= name == header::HOST;
-        underscored |= lookalike(name);
+        lookalike_seen |= lookalike(name);
     }
-    if underscored {
+    if lookalike_seen {
         drop_lookalikes(headers);
     }
     if !has_host {
@@ -815,7 +815,7 @@ fn lookalike(name: &HeaderName) -> bool {
         && n.contains(&b'_')
 }
 
-/// Whether a `Host` value is one nginx takes: no `/` or `\\`, no space or
+/// Whether a `Host` value is one nginx takes: no `/` or `\`, no space or
 /// control byte, no `..`. Passed on, `x/y` or `x..y` reach services that
 /// build links from their host (a password-reset mail's), and nginx
 /// answers them 400.

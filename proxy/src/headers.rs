@@ -871,15 +871,19 @@ fn forwarded(
 mod tests {
     use super::*;
 
+    /// A head with one `name` field for each of `values`.
+    fn fields(name: HeaderName, values: &[&'static str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(name.clone(), HeaderValue::from_static(v));
+        }
+        h
+    }
+
     #[test]
     fn only_one_chunked_coding_is_passed_on() {
-        let coded = |fields: &[&'static str]| {
-            let mut h = HeaderMap::new();
-            for f in fields {
-                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(f));
-            }
-            foreign_coding(&h)
-        };
+        let coded =
+            |values: &[&'static str]| foreign_coding(&fields(header::TRANSFER_ENCODING, values));
         assert!(!coded(&[]));
         for plain in [
             &["chunked"][..],
@@ -1168,10 +1172,7 @@ mod tests {
     #[test]
     fn a_repeated_length_is_forwarded_once() {
         let length = |values: &[&'static str]| {
-            let mut h = HeaderMap::new();
-            for v in values {
-                h.append(header::CONTENT_LENGTH, HeaderValue::from_static(v));
-            }
+            let mut h = fields(header::CONTENT_LENGTH, values);
             one_length(&mut h);
             h.get_all(header::CONTENT_LENGTH)
                 .iter()

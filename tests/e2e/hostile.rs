@@ -85,7 +85,7 @@ async fn a_request_without_a_host_is_refused_on_http11_and_named_for_its_endpoin
     }
 }
 
-/// A `Host` nginx refuses (a `/`, a `\\`, a space, `..`) and a path with an
+/// A `Host` nginx refuses (a `/`, a `\`, a space, `..`) and a path with an
 /// encoded NUL are 400 and reach no upstream, as with nginx: they went on
 /// as they came, to services that build links from their host or read a
 /// path as ending at its NUL. With trusted hops (where the forwarding

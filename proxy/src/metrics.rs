@@ -71,6 +71,9 @@ pub struct Metrics {
     /// each certificate veer uses (served, or an upstream's client
     /// certificate) expires; also [`crate::tls::EXPIRY`].
     pub tls_expiry: IntGaugeVec,
+    /// `veer_tls_handshakes_total{kind}`: client TLS handshakes that
+    /// succeeded, in full or resuming a session (see [`Handshakes`]).
+    pub tls_handshakes: Handshakes,
     /// `veer_verdict{route,verdict}`: 1 for the current verdict.
     pub verdict: Arc<RouteFamily>,
     /// `veer_reverts_total{route,reason}`.
@@ -109,6 +112,15 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// `veer_mirror_requests_total{route,result}`.
     pub mirror: IntCounterVec,
+}
+
+/// `veer_tls_handshakes_total`'s two series, exported at 0 from the start.
+#[derive(Clone)]
+pub struct Handshakes {
+    /// `kind="full"`.
+    pub full: IntCounter,
+    /// `kind="resumed"`.
+    pub resumed: IntCounter,
 }
 
 /// gRPC status code names, by code.
@@ -374,6 +386,13 @@ impl Metrics {
             ),
             &["crl"],
         )?;
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "veer_tls_handshakes_total",
+                "Client TLS handshakes that succeeded: kind=full, or kind=resumed (a session the client had, no certificate signature or verification).",
+            ),
+            &["kind"],
+        )?;
         let verdict = Arc::new(RouteFamily::new(
             "veer_verdict",
             "1 for the route's current judge verdict, 0 for the others.",
@@ -521,6 +540,7 @@ impl Metrics {
         // first registry's gauge is theirs.
         let _ = crate::tls::EXPIRY.set(tls_expiry.clone());
         registry.register(Box::new(crl_next_update.clone()))?;
+        registry.register(Box::new(tls_handshakes.clone()))?;
         let _ = crate::tls::CRL_NEXT_UPDATE.set(crl_next_update);
         registry.register(Box::new(SharedCollector(verdict.clone())))?;
         registry.register(Box::new(SharedCollector(reverts.clone())))?;
@@ -565,6 +585,10 @@ impl Metrics {
             routes_awake,
             routing_rebuilds,
             tls_expiry,
+            tls_handshakes: Handshakes {
+                full: tls_handshakes.with_label_values(&["full"]),
+                resumed: tls_handshakes.with_label_values(&["resumed"]),
+            },
             verdict,
             reverts,
             deployments,

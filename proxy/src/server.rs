@@ -509,6 +509,15 @@ pub async fn serve(
             let shaken = handshake.await;
             match shaken {
                 Ok(Ok(s)) => {
+                    if let Stream::Tls(t) = &s {
+                        let counter = match t.get_ref().1.handshake_kind() {
+                            Some(rustls::HandshakeKind::Resumed) => {
+                                &shared.metrics.tls_handshakes.resumed
+                            }
+                            _ => &shared.metrics.tls_handshakes.full,
+                        };
+                        counter.inc();
+                    }
                     let client_cert = match &s {
                         Stream::Tls(t) if asks_clients => client_cert(t, forward_cert),
                         _ if client_certs => crate::headers::ClientCert::Absent,

@@ -699,6 +699,16 @@ impl Picker {
 
 /// The listeners' set-up: h2 and http/1.1 by ALPN, certificates from
 /// `picker`, clients verified by `clients` if given.
+///
+/// Sessions resume by stateless tickets (rustls's ticketer: a key of its
+/// own made here, a new one every 6 hours, a ticket good for up to 12),
+/// as nginx's `ssl_session_tickets` by default: rustls's session cache
+/// alone holds 256 sessions (a TLS 1.3 handshake stores two), so past
+/// ~128 clients an ingress resumed none and paid a full handshake, its
+/// signature and any revocation list's check, for every new connection.
+/// Each set-up has its own key and cache: one made because the client
+/// CAs or revocation lists changed resumes no session of the one before,
+/// so a client the new lists revoke is refused at its next connection.
 fn server_config(
     picker: &Arc<Picker>,
     clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
@@ -711,6 +721,7 @@ fn server_config(
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder.with_cert_resolver(Arc::new(Resolver(picker.clone())));
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }

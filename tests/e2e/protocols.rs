@@ -966,10 +966,7 @@ async fn https_serves_the_certificate_of_the_name_a_client_asks_for() {
 /// or why there was none (the handshake or the connection failed).
 async fn mtls_get(
     addr: std::net::SocketAddr,
-    client: Option<&(
-        rustls::pki_types::CertificateDer<'static>,
-        rustls::pki_types::PrivateKeyDer<'static>,
-    )>,
+    client: Option<&ClientKeys>,
     headers: &str,
 ) -> Result<String, String> {
     mtls_get_path(addr, client, "/", headers).await
@@ -978,20 +975,30 @@ async fn mtls_get(
 /// [`mtls_get`] of `path`.
 async fn mtls_get_path(
     addr: std::net::SocketAddr,
-    client: Option<&(
-        rustls::pki_types::CertificateDer<'static>,
-        rustls::pki_types::PrivateKeyDer<'static>,
-    )>,
+    client: Option<&ClientKeys>,
     path: &str,
     headers: &str,
 ) -> Result<String, String> {
-    let connector = connector(client);
+    let (_, answer) = tls_get(&connector(client), addr, path, headers).await?;
+    Ok(answer)
+}
+
+/// A GET of `path` with `headers` over TLS to `addr` (as `localhost`) by
+/// `connector`: how the handshake went and the answer's text, or why
+/// there was none (the handshake or the connection failed).
+async fn tls_get(
+    connector: &tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &str,
+) -> Result<(Option<rustls::HandshakeKind>, String), String> {
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let mut tls = connector
         .connect(name, tcp)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
+    let kind = tls.get_ref().1.handshake_kind();
     let request =
         format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n{headers}connection: close\r\n\r\n");
     tls.write_all(request.as_bytes())
@@ -1006,7 +1013,7 @@ async fn mtls_get_path(
     {
         Ok(Err(e)) if answer.is_empty() => Err(format!("read: {e}")),
         _ if answer.is_empty() => Err("no answer".into()),
-        _ => Ok(String::from_utf8_lossy(&answer).into_owned()),
+        _ => Ok((kind, String::from_utf8_lossy(&answer).into_owned())),
     }
 }
 
@@ -1110,20 +1117,8 @@ async fn a_tls_listener_with_client_ca_serves_verified_clients_and_tells_upstrea
     }
     // Another CA in the file: its clients are served from then on, and the
     // first's are not.
-    std::fs::write(dir_path.join("clients.pem.new"), theirs.pem()).unwrap();
-    std::fs::rename(
-        dir_path.join("clients.pem.new"),
-        dir_path.join("clients.pem"),
-    )
-    .unwrap();
-    let start = std::time::Instant::now();
-    while mtls_get(addr, Some(&stranger), "").await.is_err() {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(10),
-            "the new CA never taken"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    replace_file(&dir_path.join("clients.pem"), theirs.pem());
+    wait_served(addr, &stranger, true, "the new CA never taken").await;
     assert!(mtls_get(addr, Some(&pay), "").await.is_err());
     drop(veer);
 
@@ -1256,20 +1251,8 @@ async fn a_tls_listener_with_client_crl_refuses_revoked_client_certificates() {
     let bob = ours.client(&[(DnType::CommonName, "bob")], vec![]);
     let carol = other.client(&[(DnType::CommonName, "carol")], vec![]);
     let week = time::Duration::days(7);
-    let dir = tempfile::tempdir().unwrap();
-    let dir_path = dir.path().to_path_buf();
-    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    std::fs::write(dir_path.join("tls.crt"), server.cert.pem()).unwrap();
-    std::fs::write(dir_path.join("tls.key"), server.key_pair.serialize_pem()).unwrap();
-    std::fs::write(dir_path.join("clients.pem"), ours.pem() + &other.pem()).unwrap();
     let crl = ours.revoking(1, &[&bob.0], week);
-    std::fs::write(dir_path.join("revoked.pem"), &crl).unwrap();
-    let config = with_tls(
-        &route_config(&[s.addr], &[], 0.0, ""),
-        "cert = \"tls.crt\"\nkey = \"tls.key\"\nclient_ca = \"clients.pem\"\nclient_crl = \"revoked.pem\"\n",
-    );
-    let veer = Veer::start_in_dir(dir, &config).await;
-    let addr = veer.tls_addr.expect("tls listener");
+    let (veer, addr, dir_path) = start_with_crl(&s, ours.pem() + &other.pem(), &crl).await;
 
     let answer = mtls_get(addr, Some(&alice), "").await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
@@ -1300,30 +1283,16 @@ async fn a_tls_listener_with_client_crl_refuses_revoked_client_certificates() {
     assert_eq!(status["tls"]["client_crl"], file.as_str(), "{status}");
 
     // A file that holds no list: the one before stays.
-    let replace = |text: &str| {
-        std::fs::write(dir_path.join("revoked.pem.new"), text).unwrap();
-        std::fs::rename(
-            dir_path.join("revoked.pem.new"),
-            dir_path.join("revoked.pem"),
-        )
-        .unwrap();
-    };
-    replace("not a list\n");
+    let replace = |text: String| replace_file(&dir_path.join("revoked.pem"), text);
+    replace("not a list\n".into());
     let logs = veer.logs_containing("no X509 CRL block").await;
     assert!(logs.contains("no X509 CRL block"), "{logs}");
     assert!(mtls_get(addr, Some(&alice), "").await.is_ok());
     assert!(mtls_get(addr, Some(&bob), "").await.is_err());
 
     // A new list revoking alice too, and due sooner: used from then on.
-    replace(&ours.revoking(2, &[&bob.0, &alice.0], time::Duration::days(1)));
-    let start = std::time::Instant::now();
-    while mtls_get(addr, Some(&alice), "").await.is_ok() {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(10),
-            "the new list never taken"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    replace(ours.revoking(2, &[&bob.0, &alice.0], time::Duration::days(1)));
+    wait_served(addr, &alice, false, "the new list never taken").await;
     assert!(mtls_get(addr, Some(&bob), "").await.is_err());
     let sooner = super::support::metric(&veer.metrics().await, &series).unwrap();
     assert!(sooner < due - 5.0 * 86_400.0, "{sooner} vs {due}");
@@ -1362,6 +1331,155 @@ async fn a_tls_listener_with_client_crl_refuses_revoked_client_certificates() {
         !out.status.success() && err.contains("client_crl needs client_ca"),
         "{err}"
     );
+}
+
+/// TLS sessions resume (by tickets, nginx's default) for every client
+/// that comes back, however many: rustls's session cache alone holds 256
+/// sessions, two a TLS 1.3 handshake, so of 300 clients coming back none
+/// resumed and each paid a full handshake again. TLS 1.3 and 1.2 alike,
+/// each handshake counted by its kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_resume_for_more_clients_than_a_session_cache_holds() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start_tls(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let addr = veer.tls_addr.expect("tls listener");
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let clients: Vec<_> = (0..300)
+            .map(|_| resuming_connector(version, None))
+            .collect();
+        // Ten clients at a time, all of them once and then again.
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            for some in clients.chunks(10) {
+                let gets = some.iter().map(|c| resumable_get(c, addr));
+                for got in futures_util::future::join_all(gets).await {
+                    let (kind, answer) = got.unwrap();
+                    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+                    kinds.push(kind);
+                }
+            }
+        }
+        let (first, again) = kinds.split_at(clients.len());
+        assert!(first.iter().all(|k| *k == Some(Full)), "{first:?}");
+        let resumed = again.iter().filter(|k| **k == Some(Resumed)).count();
+        assert_eq!(resumed, 300, "{:?}: clients that resumed", version.version);
+    }
+    let m = veer.metrics().await;
+    for kind in ["full", "resumed"] {
+        let series = format!("veer_tls_handshakes_total{{kind=\"{kind}\"}}");
+        assert_eq!(super::support::metric(&m, &series), Some(600.0), "{kind}");
+    }
+}
+
+/// A resumed session carries its client certificate (the upstream still
+/// hears who called), but a client that new revocation lists revoke is
+/// refused at its next connection even with a session to resume: the
+/// lists' change ends every session made before it.
+#[tokio::test]
+async fn a_resumed_tls_session_is_no_way_round_a_new_revocation_list() {
+    use rcgen::DnType;
+    use rustls::HandshakeKind::{Full, Resumed};
+    let s = Upstream::start("stable").await;
+    let ours = super::upstreams::TestCa::new("clients");
+    let alice = ours.client(&[(DnType::CommonName, "alice")], vec![]);
+    let bob = ours.client(&[(DnType::CommonName, "bob")], vec![]);
+    let week = time::Duration::days(7);
+    let crl = ours.revoking(1, &[&bob.0], week);
+    let (_veer, addr, dir_path) = start_with_crl(&s, ours.pem(), &crl).await;
+    let subject = |s: &Upstream| {
+        s.last_headers
+            .lock()
+            .unwrap()
+            .get("x-forwarded-client-cert")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+
+    let client = resuming_connector(&rustls::version::TLS13, Some(&alice));
+    let (kind, answer) = resumable_get(&client, addr).await.unwrap();
+    assert_eq!(kind, Some(Full));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (kind, answer) = resumable_get(&client, addr).await.unwrap();
+    assert_eq!(kind, Some(Resumed));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(subject(&s).contains("CN=alice"), "{}", subject(&s));
+
+    replace_file(
+        &dir_path.join("revoked.pem"),
+        ours.revoking(2, &[&bob.0, &alice.0], week),
+    );
+    wait_served(addr, &alice, false, "the new list never taken").await;
+    let refused = resumable_get(&client, addr).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("Revoked")),
+        "a revoked client with a session to resume: {refused:?}"
+    );
+}
+
+/// A client connector speaking only `version` (it keeps its sessions,
+/// as one client does), presenting `client` if given.
+fn resuming_connector(
+    version: &'static rustls::SupportedProtocolVersion,
+    client: Option<&ClientKeys>,
+) -> tokio_rustls::TlsConnector {
+    connector_of(&[version], client)
+}
+
+/// [`tls_get`] of `/` by `connector` (resuming a session it holds if it
+/// can).
+async fn resumable_get(
+    connector: &tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+) -> Result<(Option<rustls::HandshakeKind>, String), String> {
+    tls_get(connector, addr, "/", "").await
+}
+
+/// Starts veer with a TLS listener (a new certificate for `localhost`)
+/// that checks client certificates against `clients` (CA PEM) and `crl`
+/// (`client_ca = "clients.pem"`, `client_crl = "revoked.pem"` in its
+/// directory), its route to `upstream`: veer, the listener's address and
+/// the directory.
+async fn start_with_crl(
+    upstream: &Upstream,
+    clients: String,
+    crl: &str,
+) -> (Veer, std::net::SocketAddr, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().to_path_buf();
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir_path.join("tls.crt"), server.cert.pem()).unwrap();
+    std::fs::write(dir_path.join("tls.key"), server.key_pair.serialize_pem()).unwrap();
+    std::fs::write(dir_path.join("clients.pem"), clients).unwrap();
+    std::fs::write(dir_path.join("revoked.pem"), crl).unwrap();
+    let config = with_tls(
+        &route_config(&[upstream.addr], &[], 0.0, ""),
+        "cert = \"tls.crt\"\nkey = \"tls.key\"\nclient_ca = \"clients.pem\"\nclient_crl = \"revoked.pem\"\n",
+    );
+    let veer = Veer::start_in_dir(dir, &config).await;
+    let addr = veer.tls_addr.expect("tls listener");
+    (veer, addr, dir_path)
+}
+
+/// Replaces the file at `path` with `text` at once (a new file renamed
+/// over it), as a job updating a mounted file does.
+fn replace_file(path: &std::path::Path, text: impl AsRef<[u8]>) {
+    let new = path.with_extension("new");
+    std::fs::write(&new, text).unwrap();
+    std::fs::rename(&new, path).unwrap();
+}
+
+/// Waits (at most 10 s) until a GET presenting `client` is served
+/// (`served`) or refused (not): a changed file taken.
+async fn wait_served(addr: std::net::SocketAddr, client: &ClientKeys, served: bool, what: &str) {
+    let start = std::time::Instant::now();
+    while mtls_get(addr, Some(client), "").await.is_ok() != served {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "{what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// A reload that adds a certificate pair, sets `client_ca`, or takes
@@ -1504,17 +1622,26 @@ async fn a_reload_changes_the_tls_certificates_and_client_verification_live() {
     );
 }
 
+/// A client certificate and its key.
+type ClientKeys = (
+    rustls::pki_types::CertificateDer<'static>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
 /// A TLS client that takes any server certificate, presenting `client`'s
 /// if given.
-fn connector(
-    client: Option<&(
-        rustls::pki_types::CertificateDer<'static>,
-        rustls::pki_types::PrivateKeyDer<'static>,
-    )>,
+fn connector(client: Option<&ClientKeys>) -> tokio_rustls::TlsConnector {
+    connector_of(rustls::DEFAULT_VERSIONS, client)
+}
+
+/// [`connector`], speaking only `versions`.
+fn connector_of(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    client: Option<&ClientKeys>,
 ) -> tokio_rustls::TlsConnector {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAny));

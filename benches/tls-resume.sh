@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# What a TLS client connection costs veer when the client comes back: N
+# clients (each its own TLS session store, Python's ssl) connect once, then
+# each connects again offering its session; for an ECDSA P-256 and an RSA
+# 2048 certificate (cert-manager's default key), over TLS 1.3 and 1.2,
+# prints how many came back resumed and veer's CPU (user + system, from
+# /proc) a connection in each phase. Each connection sends one request
+# (`Connection: close`) that no route takes: 404 from veer itself, so the
+# figures are the handshake's and the connection's, no upstream's.
+#
+# usage: benches/tls-resume.sh [N]   (default 1000; VEER=binary to measure
+# another build, as the other scripts)
+# Only 127.0.0.1 is targeted; every loop is bounded (N connections a phase,
+# 5 s a connection).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+veer_binary
+command -v openssl >/dev/null || { echo "openssl is needed" >&2; exit 1; }
+n="${1:-1000}"
+work="$(mktemp -d)"
+pid=""
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+cd "$work"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj "/CN=localhost" \
+  -addext "subjectAltName=DNS:localhost" -keyout ec.key -out ec.crt 2>/dev/null
+openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=localhost" \
+  -addext "subjectAltName=DNS:localhost" -keyout rsa.key -out rsa.crt 2>/dev/null
+cat > clients.py <<'PY'
+import os, socket, ssl, sys
+pid, port, n, version = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+if version == "1.2":
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+else:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+def cpu():
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+def connect(session=None):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    t = ctx.wrap_socket(s, server_hostname="localhost", session=session)
+    t.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    while t.recv(65536):
+        pass
+    got = (t.session, t.session_reused)
+    t.close()
+    return got
+c0 = cpu()
+sessions = [connect()[0] for _ in range(n)]
+c1 = cpu()
+resumed = sum(connect(s)[1] for s in sessions)
+c2 = cpu()
+print(f"{1e6 * (c1 - c0) / n:.0f} us | {resumed} of {n} | {1e6 * (c2 - c1) / n:.0f} us |")
+PY
+echo "| certificate | TLS | first connection | came back resumed | connection back |"
+echo "|---|---|---|---|---|"
+for key in ec rsa; do
+  plain=$(free_port); tls=$(free_port); admin=$(free_port)
+  rm -rf state
+  cat > veer.toml <<TOML
+[proxy]
+listen = ["127.0.0.1:$plain"]
+workers = 2
+[proxy.tls]
+listen = ["127.0.0.1:$tls"]
+cert = "$work/$key.crt"
+key = "$work/$key.key"
+[admin]
+listen = "127.0.0.1:$admin"
+[state]
+dir = "$work/state"
+[[route]]
+name = "app"
+path_prefix = "/app"
+[route.stable]
+version = "v1"
+endpoints = ["127.0.0.1:9"]
+TOML
+  start_measured veer.toml log "$admin"
+  name=$([ "$key" = ec ] && echo "ECDSA P-256" || echo "RSA 2048")
+  for version in 1.3 1.2; do
+    echo "| $name | $version | $(python3 clients.py "$pid" "$tls" "$n" "$version")"
+  done
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+done

@@ -185,7 +185,15 @@ pub struct TlsSettings {
     /// `forward_client_cert = true`: `X-Forwarded-Client-Cert` carries the
     /// client's certificate too (`Cert=`, its PEM URL-encoded, as Envoy's).
     pub forward_client_cert: bool,
+    /// `ticket_keys`: files of 80 random bytes (nginx's
+    /// `ssl_session_ticket_key` files) sealing session tickets, the first
+    /// sealing and every one opening, so replicas given the same files
+    /// resume each other's clients; empty: a key of veer's own.
+    pub ticket_keys: Vec<PathBuf>,
 }
+
+/// At most this many `[proxy.tls] ticket_keys`.
+pub const MAX_TICKET_KEYS: usize = 4;
 
 /// At most this many `[[proxy.tls.certificates]]`.
 pub const MAX_CERTIFICATES: usize = 10_000;

@@ -51,6 +51,7 @@ pub mod snapshot;
 pub mod sparse;
 pub mod split;
 pub mod status;
+pub mod tickets;
 pub mod tls;
 pub mod token;
 pub mod upload;

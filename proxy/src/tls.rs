@@ -302,8 +302,12 @@ pub struct CertSet {
     picker: Arc<Picker>,
     /// `client_ca`, if clients' certificates are asked for.
     clients: Option<ClientCa>,
-    /// The listeners' set-up (rebuilt when the client CAs change).
+    /// The listeners' set-up (rebuilt when the client CAs or the ticket
+    /// keys change).
     config: ArcSwap<ServerConfig>,
+    /// `ticket_keys`' keys as last read (none: rustls's own ticketer) and
+    /// the files' digest.
+    tickets: Mutex<(Vec<crate::tickets::KeyBytes>, u64)>,
     /// What `/status` shows (see [`Certs::status`]).
     status: ArcSwap<veer_control::status::TlsStatus>,
 }
@@ -351,6 +355,12 @@ impl ClientCa {
             None => None,
         };
         Ok((ca, crl, digest))
+    }
+
+    /// The files' digest when last used: bound into session tickets, so
+    /// that a change ends every session made before it.
+    fn digest(&self) -> u64 {
+        *self.digest.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The verifier its files' bytes make.
@@ -551,15 +561,20 @@ impl CertSet {
             }
             None => (None, None),
         };
-        let config = server_config(&picker, verifier).map_err(|e| TlsError::Pem {
-            path: settings.cert.clone(),
-            what: e.to_string(),
-        })?;
+        let tickets = crate::tickets::read(&settings.ticket_keys)?;
+        let context = clients.as_ref().map_or(0, ClientCa::digest);
+        let config = crate::tickets::ticketer(&tickets.0, context)
+            .and_then(|t| server_config(&picker, verifier, t))
+            .map_err(|e| TlsError::Pem {
+                path: settings.cert.clone(),
+                what: e.to_string(),
+            })?;
         let certs = CertSet {
             settings: certificate_settings(settings),
             picker,
             clients,
             config: ArcSwap::from_pointee(config),
+            tickets: Mutex::new(tickets),
             status: ArcSwap::from_pointee(Default::default()),
         };
         certs.status.store(Arc::new(certs.status_now()));
@@ -568,11 +583,16 @@ impl CertSet {
 
     /// The files watched.
     fn paths(&self) -> impl Iterator<Item = &Path> {
-        self.picker.stores.iter().flat_map(CertStore::paths).chain(
-            self.clients
-                .iter()
-                .flat_map(|c| std::iter::once(c.path.as_path()).chain(c.crl.as_deref())),
-        )
+        self.picker
+            .stores
+            .iter()
+            .flat_map(CertStore::paths)
+            .chain(
+                self.clients
+                    .iter()
+                    .flat_map(|c| std::iter::once(c.path.as_path()).chain(c.crl.as_deref())),
+            )
+            .chain(self.settings.ticket_keys.iter().map(PathBuf::as_path))
     }
 
     /// See [`Certs::unlisted`].
@@ -598,6 +618,11 @@ impl CertSet {
                 .names
                 .store(Arc::new(index(&self.picker.stores)));
         }
+        match self.refresh_tickets() {
+            Ok(true) => r.swapped += 1,
+            Ok(false) => {}
+            Err(e) => r.errors.push(e),
+        }
         if let Some(ca) = &self.clients {
             match self.refresh_clients(ca) {
                 Ok(true) => r.swapped += 1,
@@ -620,11 +645,39 @@ impl CertSet {
             return Ok(false);
         }
         let verifier = ca.verifier(&pem, crl.as_deref())?;
-        let config = server_config(&self.picker, Some(verifier)).map_err(|e| TlsError::Pem {
-            path: ca.path.clone(),
+        let keys = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        let config = crate::tickets::ticketer(&keys.0, digest)
+            .and_then(|t| server_config(&self.picker, Some(verifier), t))
+            .map_err(|e| TlsError::Pem {
+                path: ca.path.clone(),
+                what: e.to_string(),
+            })?;
+        *d = digest;
+        self.config.store(Arc::new(config));
+        Ok(true)
+    }
+
+    /// Re-reads `ticket_keys`' files; changed, valid keys seal and open
+    /// tickets from the next handshake on (a file that does not load
+    /// keeps the keys before).
+    fn refresh_tickets(&self) -> Result<bool, TlsError> {
+        let Some(first) = self.settings.ticket_keys.first() else {
+            return Ok(false);
+        };
+        let (keys, digest) = crate::tickets::read(&self.settings.ticket_keys)?;
+        // Taken before `tickets`: refresh_clients holds the client CAs'
+        // lock while it takes that one.
+        let context = self.clients.as_ref().map_or(0, ClientCa::digest);
+        let mut held = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        if held.1 == digest {
+            return Ok(false);
+        }
+        let mut config = ServerConfig::clone(&self.config.load());
+        config.ticketer = crate::tickets::ticketer(&keys, context).map_err(|e| TlsError::Pem {
+            path: first.clone(),
             what: e.to_string(),
         })?;
-        *d = digest;
+        *held = (keys, digest);
         self.config.store(Arc::new(config));
         Ok(true)
     }
@@ -700,18 +753,19 @@ impl Picker {
 /// The listeners' set-up: h2 and http/1.1 by ALPN, certificates from
 /// `picker`, clients verified by `clients` if given.
 ///
-/// Sessions resume by stateless tickets (rustls's ticketer: a key of its
-/// own made here, a new one every 6 hours, a ticket good for up to 12),
-/// as nginx's `ssl_session_tickets` by default: rustls's session cache
-/// alone holds 256 sessions (a TLS 1.3 handshake stores two), so past
-/// ~128 clients an ingress resumed none and paid a full handshake, its
-/// signature and any revocation list's check, for every new connection.
-/// Each set-up has its own key and cache: one made because the client
-/// CAs or revocation lists changed resumes no session of the one before,
-/// so a client the new lists revoke is refused at its next connection.
+/// Sessions resume by stateless tickets from `ticketer` (see
+/// [`crate::tickets::ticketer`]), as nginx's `ssl_session_tickets` by
+/// default: rustls's session cache alone holds 256 sessions (a TLS 1.3
+/// handshake stores two), so past ~128 clients an ingress resumed none
+/// and paid a full handshake, its signature and any revocation list's
+/// check, for every new connection. A set-up made because the client CAs
+/// or revocation lists changed resumes no session of the one before (a
+/// new key of rustls's own, or their digest bound into the tickets), so a
+/// client the new lists revoke is refused at its next connection.
 fn server_config(
     picker: &Arc<Picker>,
     clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
 ) -> Result<ServerConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder =
@@ -721,7 +775,7 @@ fn server_config(
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder.with_cert_resolver(Arc::new(Resolver(picker.clone())));
-    cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    cfg.ticketer = ticketer;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }

@@ -1252,7 +1252,7 @@ async fn a_tls_listener_with_client_crl_refuses_revoked_client_certificates() {
     let carol = other.client(&[(DnType::CommonName, "carol")], vec![]);
     let week = time::Duration::days(7);
     let crl = ours.revoking(1, &[&bob.0], week);
-    let (veer, addr, dir_path) = start_with_crl(&s, ours.pem() + &other.pem(), &crl).await;
+    let (veer, addr, dir_path) = start_with_crl(&s, ours.pem() + &other.pem(), &crl, None).await;
 
     let answer = mtls_get(addr, Some(&alice), "").await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
@@ -1375,9 +1375,17 @@ async fn tls_sessions_resume_for_more_clients_than_a_session_cache_holds() {
 /// A resumed session carries its client certificate (the upstream still
 /// hears who called), but a client that new revocation lists revoke is
 /// refused at its next connection even with a session to resume: the
-/// lists' change ends every session made before it.
+/// lists' change ends every session made before it, with veer's own
+/// ticket key and with `ticket_keys` files (which outlive the change).
 #[tokio::test]
 async fn a_resumed_tls_session_is_no_way_round_a_new_revocation_list() {
+    revocation_ends_sessions(None).await;
+    revocation_ends_sessions(Some(ticket_key(1))).await;
+}
+
+/// [`a_resumed_tls_session_is_no_way_round_a_new_revocation_list`], with
+/// `key` as the listener's one `ticket_keys` file if given.
+async fn revocation_ends_sessions(key: Option<[u8; 80]>) {
     use rcgen::DnType;
     use rustls::HandshakeKind::{Full, Resumed};
     let s = Upstream::start("stable").await;
@@ -1386,7 +1394,7 @@ async fn a_resumed_tls_session_is_no_way_round_a_new_revocation_list() {
     let bob = ours.client(&[(DnType::CommonName, "bob")], vec![]);
     let week = time::Duration::days(7);
     let crl = ours.revoking(1, &[&bob.0], week);
-    let (_veer, addr, dir_path) = start_with_crl(&s, ours.pem(), &crl).await;
+    let (_veer, addr, dir_path) = start_with_crl(&s, ours.pem(), &crl, key).await;
     let subject = |s: &Upstream| {
         s.last_headers
             .lock()
@@ -1417,6 +1425,129 @@ async fn a_resumed_tls_session_is_no_way_round_a_new_revocation_list() {
     );
 }
 
+/// Replicas given the same `ticket_keys` files resume each other's
+/// clients (a balancer in front sends a client to any of them), and a
+/// replica with other keys does not. Rotating (a new key listed first,
+/// the old second) keeps the old key's tickets good while new ones are
+/// sealed with the new key; a replica still on the old key alone cannot
+/// open those. A file that is not 80 bytes is refused by `veer check`
+/// and keeps the keys before when it appears in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_the_same_ticket_keys_resume_each_others_clients() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let s = Upstream::start("stable").await;
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let start = |keys: Vec<[u8; 80]>| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tls.crt"), server.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.key"), server.key_pair.serialize_pem()).unwrap();
+        let mut names = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            std::fs::write(dir.path().join(format!("t{i}.key")), k).unwrap();
+            names.push(format!("\"t{i}.key\""));
+        }
+        let config = with_tls(
+            &route_config(&[s.addr], &[], 0.0, ""),
+            &format!(
+                "cert = \"tls.crt\"\nkey = \"tls.key\"\nticket_keys = [{}]\n",
+                names.join(", ")
+            ),
+        );
+        let path = dir.path().to_path_buf();
+        async move {
+            let veer = Veer::start_in_dir(dir, &config).await;
+            let addr = veer.tls_addr.expect("tls listener");
+            (veer, addr, path)
+        }
+    };
+    let (k0, k1, k2) = (ticket_key(10), ticket_key(11), ticket_key(12));
+    let (_a, a, a_dir) = start(vec![k1, k0]).await;
+    let (_b, b, _) = start(vec![k1]).await;
+    let (_c, c, _) = start(vec![k2]).await;
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let v = version.version;
+        let client = resuming_connector(version, None);
+        assert_eq!(served_kind(&client, a).await, Full, "{v:?}");
+        assert_eq!(
+            served_kind(&client, b).await,
+            Resumed,
+            "{v:?}: a's ticket at b"
+        );
+        assert_eq!(
+            served_kind(&client, a).await,
+            Resumed,
+            "{v:?}: b's ticket at a"
+        );
+        let other = resuming_connector(version, None);
+        assert_eq!(served_kind(&other, c).await, Full, "{v:?}");
+        assert_eq!(served_kind(&other, a).await, Full, "{v:?}: c's ticket at a");
+    }
+
+    // Rotation at a: k2 seals, k1 still opens.
+    let client = resuming_connector(&rustls::version::TLS13, None);
+    assert_eq!(served_kind(&client, b).await, Full);
+    replace_file(&a_dir.join("t1.key"), k1);
+    replace_file(&a_dir.join("t0.key"), k2);
+    // c's tickets (k2) open at a once a has read the new key: each try a
+    // new client with a ticket of c's.
+    let since = std::time::Instant::now();
+    let other = loop {
+        let other = resuming_connector(&rustls::version::TLS13, None);
+        assert_eq!(served_kind(&other, c).await, Full);
+        if served_kind(&other, a).await == Resumed {
+            break other;
+        }
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(10),
+            "a never took k2"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        served_kind(&client, a).await,
+        Resumed,
+        "b's k1 ticket at a after the rotation"
+    );
+    assert_eq!(
+        served_kind(&client, b).await,
+        Full,
+        "a's k2 ticket at b, which has only k1"
+    );
+
+    // A file of another size: refused by `veer check`, and in place it
+    // keeps the keys before (logged).
+    std::fs::write(a_dir.join("short.key"), [7u8; 48]).unwrap();
+    let bad = a_dir.join("bad.toml");
+    let config = std::fs::read_to_string(a_dir.join("veer.toml")).unwrap();
+    std::fs::write(&bad, config.replace("\"t0.key\"", "\"short.key\"")).unwrap();
+    let out = super::support::veer_cli(&["check", "--config", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("80 random bytes"),
+        "{err}"
+    );
+    replace_file(&a_dir.join("t0.key"), [7u8; 48]);
+    let logs = _a.logs_containing("80 random bytes").await;
+    assert!(logs.contains("t0.key"), "{logs}");
+    assert_eq!(served_kind(&other, c).await, Resumed);
+    assert_eq!(served_kind(&other, a).await, Resumed, "k2 kept at a");
+}
+
+/// How a GET by `connector` to `addr` shook hands (it was served).
+async fn served_kind(
+    connector: &tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+) -> rustls::HandshakeKind {
+    let (kind, answer) = resumable_get(connector, addr).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    kind.unwrap()
+}
+
+/// A ticket key file's 80 bytes, from `seed`.
+fn ticket_key(seed: u8) -> [u8; 80] {
+    std::array::from_fn(|i| seed.wrapping_mul(31).wrapping_add(i as u8))
+}
+
 /// A client connector speaking only `version` (it keeps its sessions,
 /// as one client does), presenting `client` if given.
 fn resuming_connector(
@@ -1438,12 +1569,13 @@ async fn resumable_get(
 /// Starts veer with a TLS listener (a new certificate for `localhost`)
 /// that checks client certificates against `clients` (CA PEM) and `crl`
 /// (`client_ca = "clients.pem"`, `client_crl = "revoked.pem"` in its
-/// directory), its route to `upstream`: veer, the listener's address and
-/// the directory.
+/// directory), sealing tickets with `ticket_key` if given, its route to
+/// `upstream`: veer, the listener's address and the directory.
 async fn start_with_crl(
     upstream: &Upstream,
     clients: String,
     crl: &str,
+    ticket_key: Option<[u8; 80]>,
 ) -> (Veer, std::net::SocketAddr, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let dir_path = dir.path().to_path_buf();
@@ -1452,10 +1584,12 @@ async fn start_with_crl(
     std::fs::write(dir_path.join("tls.key"), server.key_pair.serialize_pem()).unwrap();
     std::fs::write(dir_path.join("clients.pem"), clients).unwrap();
     std::fs::write(dir_path.join("revoked.pem"), crl).unwrap();
-    let config = with_tls(
-        &route_config(&[upstream.addr], &[], 0.0, ""),
-        "cert = \"tls.crt\"\nkey = \"tls.key\"\nclient_ca = \"clients.pem\"\nclient_crl = \"revoked.pem\"\n",
-    );
+    let mut keys = "cert = \"tls.crt\"\nkey = \"tls.key\"\nclient_ca = \"clients.pem\"\nclient_crl = \"revoked.pem\"\n".to_string();
+    if let Some(k) = ticket_key {
+        std::fs::write(dir_path.join("ticket.key"), k).unwrap();
+        keys.push_str("ticket_keys = [\"ticket.key\"]\n");
+    }
+    let config = with_tls(&route_config(&[upstream.addr], &[], 0.0, ""), &keys);
     let veer = Veer::start_in_dir(dir, &config).await;
     let addr = veer.tls_addr.expect("tls listener");
     (veer, addr, dir_path)

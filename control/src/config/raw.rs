@@ -75,6 +75,7 @@ pub struct RawTls {
     pub client_crl: Option<Spanned<String>>,
     pub public_port: Option<Spanned<i64>>,
     pub forward_client_cert: Option<Spanned<bool>>,
+    pub ticket_keys: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `[[proxy.tls.certificates]]`.

@@ -417,10 +417,27 @@ impl Validator<'_> {
                 }
                 *f.get_ref()
             });
+            let ticket_keys = match t_ref.ticket_keys.as_ref() {
+                None => Vec::new(),
+                Some(k) => {
+                    let n = k.get_ref().len();
+                    if n == 0 || n > crate::config::MAX_TICKET_KEYS {
+                        self.err(
+                            k.span(),
+                            format!(
+                                "ticket_keys: 1 to {} files (the first seals tickets, all open them; leave it out for a key of veer's own)",
+                                crate::config::MAX_TICKET_KEYS
+                            ),
+                        );
+                    }
+                    k.get_ref().iter().map(|p| self.path(p)).collect()
+                }
+            };
             TlsSettings {
                 listen,
                 public_port,
                 forward_client_cert,
+                ticket_keys,
                 cert: self.path(&t_ref.cert),
                 key: self.path(&t_ref.key),
                 certificates,

@@ -1299,6 +1299,12 @@ fn the_tls_listeners_client_settings_need_client_ca_and_public_port_is_a_port() 
         .expect("valid");
     let tls = c.proxy.tls.expect("tls");
     assert_eq!(tls.client_crl.as_deref(), Some(Path::new("/crl.pem")));
+    assert!(tls.ticket_keys.is_empty());
+    let c = with("ticket_keys = [\"/t/now.key\", \"/t/before.key\"]").expect("valid");
+    assert_eq!(
+        c.proxy.tls.expect("tls").ticket_keys,
+        [Path::new("/t/now.key"), Path::new("/t/before.key")]
+    );
     assert_eq!(tls.public_port, Some(443));
     assert_eq!(
         with("").expect("valid").proxy.tls.expect("tls").public_port,
@@ -1312,6 +1318,11 @@ fn the_tls_listeners_client_settings_need_client_ca_and_public_port_is_a_port() 
             "forward_client_cert needs client_ca",
         ),
         ("public_port = 0", "public_port must be between 1 and 65535"),
+        ("ticket_keys = []", "ticket_keys: 1 to 4 files"),
+        (
+            "ticket_keys = [\"/a\", \"/b\", \"/c\", \"/d\", \"/e\"]",
+            "ticket_keys: 1 to 4 files",
+        ),
         (
             "public_port = 70000",
             "public_port must be between 1 and 65535",

@@ -352,6 +352,18 @@ async fn refresh_certs(certs: Arc<Certs>, readers: &Waiting, said: &Repeats) {
                 tracing::info!(certificates = r.swapped, "TLS certificate reloaded");
                 certs.show();
             }
+            match &r.tickets {
+                Ok(false) => said.clear("tls_tickets"),
+                Ok(true) => {
+                    said.clear("tls_tickets");
+                    tracing::info!("TLS session ticket keys reloaded");
+                }
+                Err(e) => {
+                    if said.fresh("tls_tickets", &e.to_string(), REPEAT) {
+                        tracing::warn!(error = %e, "TLS session ticket keys not reloaded; the keys before stay");
+                    }
+                }
+            }
         }
         Err(e) => {
             if said.fresh("tls", &e.to_string(), REPEAT) {

@@ -271,13 +271,26 @@ impl CertStore {
 }
 
 /// What [`Certs::refresh`] did.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Refreshed {
     /// Certificates swapped for their files' new content.
     pub swapped: usize,
     /// Those whose files could not be read or used (each keeps its
     /// previous certificate).
     pub errors: Vec<TlsError>,
+    /// `ticket_keys` read again: `Ok(true)` when they changed, an error
+    /// when their files could not be read or used (the keys before stay).
+    pub tickets: Result<bool, TlsError>,
+}
+
+impl Default for Refreshed {
+    fn default() -> Refreshed {
+        Refreshed {
+            swapped: 0,
+            errors: Vec::new(),
+            tickets: Ok(false),
+        }
+    }
 }
 
 /// The TLS listeners' certificates: the default (`[proxy.tls] cert`) and
@@ -618,11 +631,7 @@ impl CertSet {
                 .names
                 .store(Arc::new(index(&self.picker.stores)));
         }
-        match self.refresh_tickets() {
-            Ok(true) => r.swapped += 1,
-            Ok(false) => {}
-            Err(e) => r.errors.push(e),
-        }
+        r.tickets = self.refresh_tickets();
         if let Some(ca) = &self.clients {
             match self.refresh_clients(ca) {
                 Ok(true) => r.swapped += 1,

@@ -30,3 +30,47 @@ start_measured() {
   sleep 1
   rss_mib=$(( $(awk '/VmRSS/ {print $2}' "/proc/$pid/status") / 1024 ))
 }
+
+# In the current directory (an empty work directory, named $1 for
+# openssl's paths): a client CA (ca.crt, ca.key), a server certificate for
+# localhost (tls.crt, tls.key), client certificates good.crt/.key (serial
+# 0A0B0C) and revoked.crt/.key (0D0E0F), and ca.cnf for revocation_list.
+client_ca_files() {
+  local work="$1"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj "/CN=bench-ca" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -keyout ca.key -out ca.crt 2>/dev/null
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj "/CN=localhost" \
+    -addext "subjectAltName=DNS:localhost" -keyout tls.key -out tls.crt 2>/dev/null
+  printf 'extendedKeyUsage=clientAuth\n' > client.ext
+  for who in good revoked; do
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$who" \
+      -keyout "$who.key" -out "$who.csr" 2>/dev/null
+  done
+  openssl x509 -req -in good.csr -CA ca.crt -CAkey ca.key -set_serial 0x0A0B0C -days 30 \
+    -extfile client.ext -out good.crt 2>/dev/null
+  openssl x509 -req -in revoked.csr -CA ca.crt -CAkey ca.key -set_serial 0x0D0E0F -days 30 \
+    -extfile client.ext -out revoked.crt 2>/dev/null
+  printf '[ca]\ndefault_ca = d\n[d]\ndatabase = %s/index.txt\ncrlnumber = %s/crlnumber\ndefault_md = sha256\ndefault_crl_days = 7\n' \
+      "$work" "$work" > ca.cnf
+}
+
+# crl.pem in the current directory (after client_ca_files): a revocation
+# list of $1 serials, revoked.crt's among them (none when 0), never
+# good.crt's.
+revocation_list() {
+  local n="$1"
+  # The revoked client's serial, then n - 1 others (never the good one's).
+  python3 - "$n" > index.txt <<'PY'
+import sys
+n = int(sys.argv[1])
+lines = []
+if n > 0:
+  lines.append("R\t301231000000Z\t250101000000Z\t0D0E0F\tunknown\t/CN=revoked")
+for i in range(1, n):
+  lines.append(f"R\t301231000000Z\t250101000000Z\t{0x10000000 + i:08X}\tunknown\t/CN=c{i}")
+print("\n".join(lines) + ("\n" if lines else ""), end="")
+PY
+  echo 01 > crlnumber
+  openssl ca -gencrl -config ca.cnf -keyfile ca.key -cert ca.crt -out crl.pem 2>/dev/null
+}

@@ -10,6 +10,10 @@
 #
 # usage: benches/tls-resume.sh [N]   (default 1000; VEER=binary to measure
 # another build, as the other scripts)
+# CRL_SERIALS=S: mutual TLS too, the clients presenting a certificate
+# (the same one) that veer checks against a client CA and a revocation
+# list of S serials (`[proxy.tls] client_ca`, `client_crl`; see
+# tls-crl.sh): what a returning client saves of that check.
 # Only 127.0.0.1 is targeted; every loop is bounded (N connections a phase,
 # 5 s a connection).
 set -euo pipefail
@@ -24,6 +28,13 @@ pid=""
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 cd "$work"
+mtls=""
+if [ -n "${CRL_SERIALS:-}" ]; then
+  client_ca_files "$work"
+  revocation_list "$CRL_SERIALS"
+  mtls="client_ca = \"$work/ca.crt\"
+client_crl = \"$work/crl.pem\""
+fi
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj "/CN=localhost" \
   -addext "subjectAltName=DNS:localhost" -keyout ec.key -out ec.crt 2>/dev/null
 openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=localhost" \
@@ -34,6 +45,8 @@ pid, port, n, version = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sy
 ctx = ssl.create_default_context()
 ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
+if os.path.exists("crl.pem"):
+    ctx.load_cert_chain("good.crt", "good.key")
 if version == "1.2":
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
 else:
@@ -71,6 +84,7 @@ workers = 2
 listen = ["127.0.0.1:$tls"]
 cert = "$work/$key.crt"
 key = "$work/$key.key"
+$mtls
 [admin]
 listen = "127.0.0.1:$admin"
 [state]

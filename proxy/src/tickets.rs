@@ -80,7 +80,7 @@ pub fn ticketer(
     context: u64,
 ) -> Result<Arc<dyn ProducesTickets>, rustls::Error> {
     if keys.is_empty() {
-        return rustls::crypto::ring::Ticketer::new();
+        return rustls::crypto::aws_lc_rs::Ticketer::new();
     }
     Ok(Arc::new(Shared::new(keys, context)?))
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use rustls::crypto::ring::sign::any_supported_type;
+use rustls::crypto::aws_lc_rs::sign::any_supported_type;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -762,6 +762,13 @@ impl Picker {
 /// The listeners' set-up: h2 and http/1.1 by ALPN, certificates from
 /// `picker`, clients verified by `clients` if given.
 ///
+/// The listeners' cryptography is AWS-LC's (aws-lc-rs), not ring's as
+/// everywhere else in veer (upstreams, etcd, webhooks): its RSA signature
+/// (AVX-512 where the CPU has it, as OpenSSL's) made a new client's
+/// handshake with an RSA 2048 certificate, cert-manager's default, cost
+/// ~550 us of CPU instead of ring's ~830 (nginx on OpenSSL: ~700;
+/// `benches/tls-resume.sh`); ECDSA costs the same with either.
+///
 /// Sessions resume by stateless tickets from `ticketer` (see
 /// [`crate::tickets::ticketer`]), as nginx's `ssl_session_tickets` by
 /// default: rustls's session cache alone holds 256 sessions (a TLS 1.3
@@ -776,7 +783,7 @@ fn server_config(
     clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
 ) -> Result<ServerConfig, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder =
         ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
     let builder = match clients {
@@ -824,7 +831,7 @@ fn verifier_of(
     if roots.is_empty() {
         return Err(bad("no CERTIFICATE block".into()));
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
     let builder = if optional {

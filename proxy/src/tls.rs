@@ -764,7 +764,7 @@ impl Picker {
 ///
 /// The listeners' cryptography is AWS-LC's (aws-lc-rs), not ring's as
 /// everywhere else in veer (upstreams, etcd, webhooks): its RSA signature
-/// (AVX-512 where the CPU has it, as OpenSSL's) made a new client's
+/// (with an AVX-512 IFMA path, as OpenSSL's) made a new client's
 /// handshake with an RSA 2048 certificate, cert-manager's default, cost
 /// ~550 us of CPU instead of ring's ~830 (nginx on OpenSSL: ~700;
 /// `benches/tls-resume.sh`); ECDSA costs the same with either.

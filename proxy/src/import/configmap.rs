@@ -95,6 +95,17 @@ impl Controller {
                 "proxy-real-ip-cidr" => {
                     "with proxy_protocol, set [proxy] proxy_protocol_from to these ranges (only their headers name the client); with forwarded headers, trusted_hops counts the proxies in front"
                 }
+                "ssl-session-tickets" => {
+                    "veer always gives TLS session tickets (a key of each replica's own, or [proxy.tls] ticket_keys shared by replicas)"
+                }
+                "ssl-session-ticket-key" => {
+                    // A secret: its value is never written out.
+                    notes.push(format!(
+                        "{}: {k}: (value not shown): [proxy.tls] ticket_keys = [\"FILE\"] on every replica, FILE holding 80 random bytes; this value base64-decoded is such a file if it is 80 bytes long (a 48-byte one is not: make a new key, `openssl rand 80 > FILE`)",
+                        self.origin
+                    ));
+                    continue;
+                }
                 _ => "not read",
             };
             notes.push(format!("{}: {k}: {v:?}: {what}", self.origin));

@@ -389,8 +389,13 @@ fn the_controllers_configmap_is_every_ingresss_default_and_the_proxys_body_limit
             "use-gzip: \"true\": not read",
             "use-proxy-protocol: \"true\": set [proxy] proxy_protocol = true",
             "proxy-real-ip-cidr: \"10.0.0.0/16\": with proxy_protocol, set [proxy] proxy_protocol_from",
+            "ssl-session-tickets: \"true\": veer always gives TLS session tickets",
+            "ssl-session-ticket-key: (value not shown): [proxy.tls] ticket_keys",
         ],
     );
+    // The ticket key is a secret: not in the notes, nor in the output.
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJygpKissLS4v";
+    assert!(!i.config.contains(key) && !i.notes.join("\n").contains(key));
     // Without the ConfigMap, ingress-nginx's 1m is a line to uncomment.
     let without = import(&["weight.yaml"]);
     assert!(without.config.contains("# max_request_body = 1048576"));

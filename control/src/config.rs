@@ -190,6 +190,9 @@ pub struct TlsSettings {
     /// sealing and every one opening, so replicas given the same files
     /// resume each other's clients; empty: a key of veer's own.
     pub ticket_keys: Vec<PathBuf>,
+    /// `min_version = "1.3"`: TLS 1.2 clients are refused; else ("1.2",
+    /// the default) TLS 1.2 and 1.3 are served.
+    pub tls13_only: bool,
 }
 
 /// At most this many `[proxy.tls] ticket_keys`.

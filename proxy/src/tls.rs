@@ -577,7 +577,7 @@ impl CertSet {
         let tickets = crate::tickets::read(&settings.ticket_keys)?;
         let context = clients.as_ref().map_or(0, ClientCa::digest);
         let config = crate::tickets::ticketer(&tickets.0, context)
-            .and_then(|t| server_config(&picker, verifier, t))
+            .and_then(|t| server_config(&picker, verifier, t, settings.tls13_only))
             .map_err(|e| TlsError::Pem {
                 path: settings.cert.clone(),
                 what: e.to_string(),
@@ -656,7 +656,7 @@ impl CertSet {
         let verifier = ca.verifier(&pem, crl.as_deref())?;
         let keys = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
         let config = crate::tickets::ticketer(&keys.0, digest)
-            .and_then(|t| server_config(&self.picker, Some(verifier), t))
+            .and_then(|t| server_config(&self.picker, Some(verifier), t, self.settings.tls13_only))
             .map_err(|e| TlsError::Pem {
                 path: ca.path.clone(),
                 what: e.to_string(),
@@ -759,8 +759,9 @@ impl Picker {
     }
 }
 
-/// The listeners' set-up: h2 and http/1.1 by ALPN, certificates from
-/// `picker`, clients verified by `clients` if given.
+/// The listeners' set-up: TLS 1.3 (and 1.2 unless `tls13_only`), h2 and
+/// http/1.1 by ALPN, certificates from `picker`, clients verified by
+/// `clients` if given.
 ///
 /// The listeners' cryptography is AWS-LC's (aws-lc-rs), not ring's as
 /// everywhere else in veer (upstreams, etcd, webhooks): its RSA signature
@@ -782,10 +783,15 @@ fn server_config(
     picker: &Arc<Picker>,
     clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    tls13_only: bool,
 ) -> Result<ServerConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder =
-        ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
+    let versions: &[&'static rustls::SupportedProtocolVersion] = if tls13_only {
+        &[&rustls::version::TLS13]
+    } else {
+        rustls::DEFAULT_VERSIONS
+    };
+    let builder = ServerConfig::builder_with_provider(provider).with_protocol_versions(versions)?;
     let builder = match clients {
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),

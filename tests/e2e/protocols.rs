@@ -1058,10 +1058,7 @@ async fn a_tls_listener_with_client_ca_serves_verified_clients_and_tells_upstrea
             .map(|v| v.to_str().unwrap().to_string())
     };
     let start_with = |auth: &'static str| {
-        let dir = tempfile::tempdir().unwrap();
-        let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        std::fs::write(dir.path().join("tls.crt"), server.cert.pem()).unwrap();
-        std::fs::write(dir.path().join("tls.key"), server.key_pair.serialize_pem()).unwrap();
+        let dir = tls_dir(&localhost_cert());
         std::fs::write(dir.path().join("clients.pem"), ours.pem()).unwrap();
         let config = with_tls(
             &route_config(&[s.addr], &[], 0.0, "").replacen(
@@ -1436,11 +1433,9 @@ async fn revocation_ends_sessions(key: Option<[u8; 80]>) {
 async fn replicas_with_the_same_ticket_keys_resume_each_others_clients() {
     use rustls::HandshakeKind::{Full, Resumed};
     let s = Upstream::start("stable").await;
-    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let server = localhost_cert();
     let start = |keys: Vec<[u8; 80]>| {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("tls.crt"), server.cert.pem()).unwrap();
-        std::fs::write(dir.path().join("tls.key"), server.key_pair.serialize_pem()).unwrap();
+        let dir = tls_dir(&server);
         let mut names = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             std::fs::write(dir.path().join(format!("t{i}.key")), k).unwrap();
@@ -1546,6 +1541,42 @@ async fn served_kind(
     kind.unwrap()
 }
 
+/// `min_version = "1.3"` refuses TLS 1.2 clients at the handshake
+/// (counted as `tls_handshake`) and serves TLS 1.3 ones; a reload back to
+/// "1.2" serves both again.
+#[tokio::test]
+async fn min_version_13_refuses_tls12_clients_until_a_reload_says_12() {
+    let s = Upstream::start("stable").await;
+    let dir = tls_dir(&localhost_cert());
+    let config = |v: &str| {
+        with_tls(
+            &route_config(&[s.addr], &[], 0.0, ""),
+            &format!("cert = \"tls.crt\"\nkey = \"tls.key\"\nmin_version = \"{v}\"\n"),
+        )
+    };
+    let veer = Veer::start_in_dir(dir, &config("1.3")).await;
+    let addr = veer.tls_addr.expect("tls listener");
+    let tls12 = connector_of(&[&rustls::version::TLS12], None);
+    let tls13 = connector_of(&[&rustls::version::TLS13], None);
+    let refused = tls_get(&tls12, addr, "/", "").await.unwrap_err();
+    assert!(refused.contains("handshake"), "{refused}");
+    let (_, answer) = tls_get(&tls13, addr, "/", "").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    super::support::wait_metric(
+        &veer,
+        r#"veer_proxy_errors_total{kind="tls_handshake"}"#,
+        "the refused handshake counted",
+        |v| v == 1.0,
+    )
+    .await;
+    veer.write_config(&config("1.2"));
+    veer.wait_generation(2).await;
+    for c in [&tls12, &tls13] {
+        let (_, answer) = tls_get(c, addr, "/", "").await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+}
+
 /// A ticket key file's 80 bytes, from `seed`.
 fn ticket_key(seed: u8) -> [u8; 80] {
     std::array::from_fn(|i| seed.wrapping_mul(31).wrapping_add(i as u8))
@@ -1580,11 +1611,8 @@ async fn start_with_crl(
     crl: &str,
     ticket_key: Option<[u8; 80]>,
 ) -> (Veer, std::net::SocketAddr, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tls_dir(&localhost_cert());
     let dir_path = dir.path().to_path_buf();
-    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    std::fs::write(dir_path.join("tls.crt"), server.cert.pem()).unwrap();
-    std::fs::write(dir_path.join("tls.key"), server.key_pair.serialize_pem()).unwrap();
     std::fs::write(dir_path.join("clients.pem"), clients).unwrap();
     std::fs::write(dir_path.join("revoked.pem"), crl).unwrap();
     let mut keys = "cert = \"tls.crt\"\nkey = \"tls.key\"\nclient_ca = \"clients.pem\"\nclient_crl = \"revoked.pem\"\n".to_string();
@@ -1596,6 +1624,20 @@ async fn start_with_crl(
     let veer = Veer::start_in_dir(dir, &config).await;
     let addr = veer.tls_addr.expect("tls listener");
     (veer, addr, dir_path)
+}
+
+/// A self-signed certificate for `localhost`.
+fn localhost_cert() -> rcgen::CertifiedKey {
+    rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap()
+}
+
+/// A new directory holding `server`'s certificate and key as `tls.crt`
+/// and `tls.key`.
+fn tls_dir(server: &rcgen::CertifiedKey) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tls.crt"), server.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), server.key_pair.serialize_pem()).unwrap();
+    dir
 }
 
 /// Replaces the file at `path` with `text` at once (a new file renamed

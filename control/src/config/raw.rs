@@ -76,6 +76,7 @@ pub struct RawTls {
     pub public_port: Option<Spanned<i64>>,
     pub forward_client_cert: Option<Spanned<bool>>,
     pub ticket_keys: Option<Spanned<Vec<Spanned<String>>>>,
+    pub min_version: Option<Spanned<String>>,
 }
 
 /// `[[proxy.tls.certificates]]`.

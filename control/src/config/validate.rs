@@ -433,11 +433,23 @@ impl Validator<'_> {
                     k.get_ref().iter().map(|p| self.path(p)).collect()
                 }
             };
+            let tls13_only = t_ref.min_version.as_ref().is_some_and(|v| match v.get_ref().as_str() {
+                "1.2" => false,
+                "1.3" => true,
+                _ => {
+                    self.err(
+                        v.span(),
+                        "min_version must be \"1.2\" or \"1.3\" (veer speaks no older TLS)",
+                    );
+                    false
+                }
+            });
             TlsSettings {
                 listen,
                 public_port,
                 forward_client_cert,
                 ticket_keys,
+                tls13_only,
                 cert: self.path(&t_ref.cert),
                 key: self.path(&t_ref.key),
                 certificates,

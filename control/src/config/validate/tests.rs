@@ -1300,6 +1300,11 @@ fn the_tls_listeners_client_settings_need_client_ca_and_public_port_is_a_port() 
     let tls = c.proxy.tls.expect("tls");
     assert_eq!(tls.client_crl.as_deref(), Some(Path::new("/crl.pem")));
     assert!(tls.ticket_keys.is_empty());
+    assert!(!tls.tls13_only);
+    for (v, only) in [("1.2", false), ("1.3", true)] {
+        let c = with(&format!("min_version = \"{v}\"")).expect("valid");
+        assert_eq!(c.proxy.tls.expect("tls").tls13_only, only, "{v}");
+    }
     let c = with("ticket_keys = [\"/t/now.key\", \"/t/before.key\"]").expect("valid");
     assert_eq!(
         c.proxy.tls.expect("tls").ticket_keys,
@@ -1319,6 +1324,10 @@ fn the_tls_listeners_client_settings_need_client_ca_and_public_port_is_a_port() 
         ),
         ("public_port = 0", "public_port must be between 1 and 65535"),
         ("ticket_keys = []", "ticket_keys: 1 to 4 files"),
+        (
+            "min_version = \"1.1\"",
+            "min_version must be \"1.2\" or \"1.3\"",
+        ),
         (
             "ticket_keys = [\"/a\", \"/b\", \"/c\", \"/d\", \"/e\"]",
             "ticket_keys: 1 to 4 files",

@@ -95,6 +95,14 @@ impl Controller {
                 "proxy-real-ip-cidr" => {
                     "with proxy_protocol, set [proxy] proxy_protocol_from to these ranges (only their headers name the client); with forwarded headers, trusted_hops counts the proxies in front"
                 }
+                "ssl-protocols"
+                    if v.contains("TLSv1.3") && !v.contains("TLSv1.2") =>
+                {
+                    "set [proxy.tls] min_version = \"1.3\" (TLS 1.2 clients refused)"
+                }
+                "ssl-protocols" => {
+                    "veer speaks TLS 1.2 and 1.3, never older ([proxy.tls] min_version = \"1.3\" for 1.3 alone)"
+                }
                 "ssl-session-tickets" => {
                     "veer always gives TLS session tickets (a key of each replica's own, or [proxy.tls] ticket_keys shared by replicas)"
                 }

@@ -390,6 +390,7 @@ fn the_controllers_configmap_is_every_ingresss_default_and_the_proxys_body_limit
             "use-proxy-protocol: \"true\": set [proxy] proxy_protocol = true",
             "proxy-real-ip-cidr: \"10.0.0.0/16\": with proxy_protocol, set [proxy] proxy_protocol_from",
             "ssl-session-tickets: \"true\": veer always gives TLS session tickets",
+            "ssl-protocols: \"TLSv1.3\": set [proxy.tls] min_version = \"1.3\"",
             "ssl-session-ticket-key: (value not shown): [proxy.tls] ticket_keys",
         ],
     );

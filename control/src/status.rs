@@ -68,6 +68,13 @@ pub struct TlsStatus {
     /// revocation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_crl: Option<String>,
+    /// `ticket_keys`' files, the sealing one first (none: each replica's
+    /// own key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ticket_keys: Vec<String>,
+    /// The oldest TLS version served: "1.2" or "1.3".
+    #[serde(default)]
+    pub min_version: String,
 }
 
 /// One certificate in use.

@@ -713,6 +713,18 @@ impl CertSet {
                 .as_ref()
                 .and_then(|c| c.crl.as_ref())
                 .map(|p| p.display().to_string()),
+            ticket_keys: self
+                .settings
+                .ticket_keys
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+            min_version: if self.settings.tls13_only {
+                "1.3"
+            } else {
+                "1.2"
+            }
+            .into(),
         }
     }
 

@@ -1457,6 +1457,9 @@ async fn replicas_with_the_same_ticket_keys_resume_each_others_clients() {
     };
     let (k0, k1, k2) = (ticket_key(10), ticket_key(11), ticket_key(12));
     let (a_veer, a, a_dir) = start(vec![k1, k0]).await;
+    let files = a_veer.status().await["tls"]["ticket_keys"].clone();
+    let file = |name: &str| a_dir.join(name).display().to_string();
+    assert_eq!(files, serde_json::json!([file("t0.key"), file("t1.key")]));
     let (_b, b, _) = start(vec![k1]).await;
     let (_c, c, _) = start(vec![k2]).await;
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
@@ -1556,6 +1559,7 @@ async fn min_version_13_refuses_tls12_clients_until_a_reload_says_12() {
     };
     let veer = Veer::start_in_dir(dir, &config("1.3")).await;
     let addr = veer.tls_addr.expect("tls listener");
+    assert_eq!(veer.status().await["tls"]["min_version"], "1.3");
     let tls12 = connector_of(&[&rustls::version::TLS12], None);
     let tls13 = connector_of(&[&rustls::version::TLS13], None);
     let refused = tls_get(&tls12, addr, "/", "").await.unwrap_err();
@@ -1571,6 +1575,7 @@ async fn min_version_13_refuses_tls12_clients_until_a_reload_says_12() {
     .await;
     veer.write_config(&config("1.2"));
     veer.wait_generation(2).await;
+    assert_eq!(veer.status().await["tls"]["min_version"], "1.2");
     for c in [&tls12, &tls13] {
         let (_, answer) = tls_get(c, addr, "/", "").await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");

@@ -68,8 +68,9 @@ done
 # The Prometheus Operator's CRDs have no built-in schema: check their shape here.
 "$TOOLS/venv/bin/python" "$HERE/check_monitors.py" "$HERE"/kubernetes/monitoring/*.yaml
 # Every config embedded in a ConfigMap must pass `veer check`; the TLS
-# Secrets it names under /etc/veer-tls/ are made (self-signed) in a
-# temporary directory standing in for the mounts.
+# Secrets it names under /etc/veer-tls/ are made (self-signed), and the
+# ticket keys under /etc/veer-tickets/ (random), in a temporary directory
+# standing in for the mounts.
 "$TOOLS/venv/bin/python" - "$VEER" "$HERE"/kubernetes/*/configmap.yaml <<'PY'
 import re, subprocess, sys, tempfile, os, yaml
 veer, files = sys.argv[1], sys.argv[2:]
@@ -88,6 +89,10 @@ for f in files:
                                             "-keyout", os.path.join(at, "tls.key"), "-out", os.path.join(at, "tls.crt")],
                                            check=True, capture_output=True)
                         text = text.replace("/etc/veer-tls/", os.path.join(d, "tls") + "/")
+                        for k in re.findall(r'"/etc/veer-tickets/([^"/]+)"', text):
+                            os.makedirs(os.path.join(d, "tickets"), exist_ok=True)
+                            open(os.path.join(d, "tickets", k), "wb").write(os.urandom(80))
+                        text = text.replace("/etc/veer-tickets/", os.path.join(d, "tickets") + "/")
                         p = os.path.join(d, name)
                         open(p, "w").write(text)
                         r = subprocess.run([veer, "check", "--config", p], capture_output=True, text=True)

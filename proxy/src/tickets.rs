@@ -44,10 +44,10 @@ const SKEW: u64 = 60;
 /// A key file's bytes.
 pub type KeyBytes = [u8; KEY_FILE_LEN];
 
-/// Reads `paths`, each [`KEY_FILE_LEN`] bytes: their keys, in order, and a
-/// digest of them all. Blocking.
+/// Reads `paths`, each [`KEY_FILE_LEN`] bytes, no two with one name:
+/// their keys, in order, and a digest of them all. Blocking.
 pub fn read(paths: &[PathBuf]) -> Result<(Vec<KeyBytes>, u64), TlsError> {
-    let mut keys = Vec::with_capacity(paths.len());
+    let mut keys: Vec<KeyBytes> = Vec::with_capacity(paths.len());
     let mut digest = 0;
     for path in paths {
         let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
@@ -55,6 +55,16 @@ pub fn read(paths: &[PathBuf]) -> Result<(Vec<KeyBytes>, u64), TlsError> {
             source,
         })?;
         let key = key_of(path, &bytes)?;
+        if let Some(j) = keys.iter().position(|k| k[..NAME_LEN] == key[..NAME_LEN]) {
+            return Err(TlsError::Pem {
+                path: path.clone(),
+                what: format!(
+                    "its first {NAME_LEN} bytes (the key's name) are those of {}: a ticket would open with the first only; make each key with `openssl rand {KEY_FILE_LEN}`{}",
+                    paths[j].display(),
+                    if key == keys[j] { " (the same key twice?)" } else { "" }
+                ),
+            });
+        }
         digest = xxh3_64_with_seed(&key, digest);
         keys.push(key);
     }
@@ -251,8 +261,25 @@ mod tests {
         std::fs::write(&short, [0u8; 48]).expect("write");
         let (keys, digest) = read(std::slice::from_ref(&good)).expect("read");
         assert_eq!(keys, [key(4)]);
-        let (_, other) = read(&[good.clone(), good.clone()]).expect("read");
+        let second = dir.path().join("second.key");
+        std::fs::write(&second, key(5)).expect("write");
+        let (_, other) = read(&[good.clone(), second.clone()]).expect("read");
         assert_ne!(digest, other);
+        // Two files naming their keys alike: refused, whichever keys follow.
+        let e = read(&[good.clone(), good.clone()])
+            .expect_err("twice")
+            .to_string();
+        assert!(
+            e.contains("the key's name") && e.contains("the same key twice"),
+            "{e}"
+        );
+        let mut alike = key(6);
+        alike[..NAME_LEN].copy_from_slice(&key(4)[..NAME_LEN]);
+        std::fs::write(&second, alike).expect("write");
+        let e = read(&[good.clone(), second])
+            .expect_err("one name")
+            .to_string();
+        assert!(e.contains("good.key") && !e.contains("twice"), "{e}");
         let e = read(&[good, short]).expect_err("48 bytes").to_string();
         assert!(
             e.contains("80 random bytes") && e.contains("this one 48"),

@@ -74,3 +74,33 @@ PY
   echo 01 > crlnumber
   openssl ca -gencrl -config ca.cnf -keyfile ca.key -cert ca.crt -out crl.pem 2>/dev/null
 }
+
+# veer.toml in the current directory, for the TLS scripts: a plain and a
+# TLS listener on free ports ($plain and $tls, set here, with $admin), 2
+# workers, the TLS table's certificate $1 and key $2 and the lines $3, one
+# route on path prefix $4 whose stable endpoint is the discard port
+# (127.0.0.1:9: a request the route takes gets 502), state in ./state.
+tls_bench_config() {
+  plain=$(free_port); tls=$(free_port); admin=$(free_port)
+  rm -rf state
+  cat > veer.toml <<TOML
+[proxy]
+listen = ["127.0.0.1:$plain"]
+workers = 2
+[proxy.tls]
+listen = ["127.0.0.1:$tls"]
+cert = "$1"
+key = "$2"
+$3
+[admin]
+listen = "127.0.0.1:$admin"
+[state]
+dir = "$PWD/state"
+[[route]]
+name = "app"
+path_prefix = "$4"
+[route.stable]
+version = "v1"
+endpoints = ["127.0.0.1:9"]
+TOML
+}

@@ -28,28 +28,8 @@ echo "| revoked serials | CRL | ready after | RSS | 100 good handshakes | served
 echo "|---|---|---|---|---|---|"
 for n in "${sizes[@]}"; do
   revocation_list "$n"
-  plain=$(free_port); tls=$(free_port); admin=$(free_port)
-  rm -rf state
-  cat > veer.toml <<TOML
-[proxy]
-listen = ["127.0.0.1:$plain"]
-workers = 2
-[proxy.tls]
-listen = ["127.0.0.1:$tls"]
-cert = "$work/tls.crt"
-key = "$work/tls.key"
-client_ca = "$work/ca.crt"
-client_crl = "$work/crl.pem"
-[admin]
-listen = "127.0.0.1:$admin"
-[state]
-dir = "$work/state"
-[[route]]
-name = "web"
-[route.stable]
-version = "v1"
-endpoints = ["127.0.0.1:9"]
-TOML
+  tls_bench_config "$work/tls.crt" "$work/tls.key" "client_ca = \"$work/ca.crt\"
+client_crl = \"$work/crl.pem\"" /
   start_measured veer.toml log "$admin"
   served=0
   h0=$(date +%s%N)

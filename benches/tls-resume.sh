@@ -74,28 +74,7 @@ PY
 echo "| certificate | TLS | first connection | came back resumed | connection back |"
 echo "|---|---|---|---|---|"
 for key in ec rsa; do
-  plain=$(free_port); tls=$(free_port); admin=$(free_port)
-  rm -rf state
-  cat > veer.toml <<TOML
-[proxy]
-listen = ["127.0.0.1:$plain"]
-workers = 2
-[proxy.tls]
-listen = ["127.0.0.1:$tls"]
-cert = "$work/$key.crt"
-key = "$work/$key.key"
-$mtls
-[admin]
-listen = "127.0.0.1:$admin"
-[state]
-dir = "$work/state"
-[[route]]
-name = "app"
-path_prefix = "/app"
-[route.stable]
-version = "v1"
-endpoints = ["127.0.0.1:9"]
-TOML
+  tls_bench_config "$work/$key.crt" "$work/$key.key" "$mtls" /app
   start_measured veer.toml log "$admin"
   name=$([ "$key" = ec ] && echo "ECDSA P-256" || echo "RSA 2048")
   for version in 1.3 1.2; do

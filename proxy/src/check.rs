@@ -44,9 +44,10 @@ pub fn check(path: &Path) -> ExitCode {
                 for c in &certs.status().certificates {
                     if let Some(days) = c.not_after_unix.and_then(crate::tls::expires_soon) {
                         eprintln!(
-                            "{}: warning: [proxy.tls] certificate {} expires in {days:.1} days (negative: expired)",
+                            "{}: warning: [proxy.tls] certificate {} {}",
                             path.display(),
-                            c.file
+                            c.file,
+                            crate::tls::expiry_words(days)
                         );
                     }
                 }

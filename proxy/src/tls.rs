@@ -169,7 +169,17 @@ fn show_not_after(path: &Path, t: Option<i64>) {
     }
     gauge.set(t);
     if let Some(days) = expires_soon(t) {
-        tracing::warn!(certificate = %label, days = format!("{days:.1}"), "TLS certificate expires within 14 days (negative: expired): renew it");
+        tracing::warn!(certificate = %label, days = format!("{days:.1}"), "TLS certificate {}: renew it", expiry_words(days));
+    }
+}
+
+/// How soon a certificate with `days` left expires, in words: "expires in
+/// 2.0 days", or "expired 3.5 days ago" once past (TLS clients refuse it).
+pub fn expiry_words(days: f64) -> String {
+    if days >= 0.0 {
+        format!("expires in {days:.1} days")
+    } else {
+        format!("expired {:.1} days ago", -days)
     }
 }
 
@@ -1060,4 +1070,16 @@ fn escaped(v: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expiry_words;
+
+    #[test]
+    fn a_certificate_past_its_expiry_is_said_to_have_expired() {
+        assert_eq!(expiry_words(2.04), "expires in 2.0 days");
+        assert_eq!(expiry_words(0.0), "expires in 0.0 days");
+        assert_eq!(expiry_words(-3.5), "expired 3.5 days ago");
+    }
 }

@@ -8,6 +8,8 @@
 #              nginx proxies with grpc_pass; veer with an h2c:// endpoint.
 #   h2tls-h1   h2load over TLS (h2 by ALPN), GET -> proxy -> an HTTP/1.1
 #              origin (nginx, "ok\n"). nginx: proxy_pass with keepalive.
+#   h1tls-h1   the same over HTTP/1.1 on TLS (h2load --h1, http/1.1 by ALPN,
+#              one request at a time on each of the -c connections).
 # veer runs with the judge on (config.example.toml's judge section).
 #
 # usage: benches/h2-peers.sh [-m pinned|unpinned] [-r REPS] [-d SECONDS] [-c CLIENTS] [-s STREAMS]
@@ -26,7 +28,7 @@ MODE=pinned REPS=3 DUR=8 CLIENTS=50 STREAMS=10
 while getopts "m:r:d:c:s:" o; do
   case $o in
     m) MODE=$OPTARG ;; r) REPS=$OPTARG ;; d) DUR=$OPTARG ;; c) CLIENTS=$OPTARG ;; s) STREAMS=$OPTARG ;;
-    *) sed -n '2,22p' "$0"; exit 2 ;;
+    *) sed -n '2,24p' "$0"; exit 2 ;;
   esac
 done
 case $MODE in
@@ -168,11 +170,14 @@ HZ=$(getconf CLK_TCK)
 run() { # name path url pid rep
   local name=$1 path=$2 url=$3 pid=$4 rep=$5 out t0 t1 reqs rps args=()
   out="$RUN/h2load-$name-$path-$rep.txt"
+  local streams=$STREAMS
   if [ "$path" = grpc-h2c ]; then
     args=(-d "$RUN/grpc-body" -H 'content-type: application/grpc' -H 'te: trailers')
+  elif [ "$path" = h1tls-h1 ]; then
+    args=(--h1) streams=1
   fi
   t0=$(cpu_ticks "$pid")
-  timeout $((DUR + 30)) $PIN_LOAD h2load -c "$CLIENTS" -m "$STREAMS" -t 1 -D "$DUR" "${args[@]}" "$url" > "$out" 2>&1 || true
+  timeout $((DUR + 30)) $PIN_LOAD h2load -c "$CLIENTS" -m "$streams" -t 1 -D "$DUR" "${args[@]}" "$url" > "$out" 2>&1 || true
   t1=$(cpu_ticks "$pid")
   rps=$(awk '/^finished in/ {gsub(",", "", $4); print $4}' "$out")
   reqs=$(awk '/^requests:/ {print $8}' "$out")  # succeeded
@@ -186,6 +191,8 @@ for rep in $(seq 1 "$REPS"); do
   run veer grpc-h2c "http://127.0.0.1:$VEER_H2C/grpc.health.v1.Health/Check" "$VEER_PID" "$rep"
   run nginx h2tls-h1 "https://127.0.0.1:$NGINX_TLS/" "$NGINX_PID" "$rep"
   run veer h2tls-h1 "https://127.0.0.1:$VEER_TLS/" "$VEER_PID" "$rep"
+  run nginx h1tls-h1 "https://127.0.0.1:$NGINX_TLS/" "$NGINX_PID" "$rep"
+  run veer h1tls-h1 "https://127.0.0.1:$VEER_TLS/" "$VEER_PID" "$rep"
 done
 python3 - "$RUN/raw.txt" "$HZ" "$REPS" "$(peak_rss "$NGINX_PID")" "$(peak_rss "$VEER_PID")" <<'PY' | tee "$RUN/table.md"
 import statistics, sys
@@ -193,7 +200,7 @@ raw, hz, reps, rss_nginx, rss_veer = sys.argv[1], int(sys.argv[2]), sys.argv[3],
 rows = [l.split() for l in open(raw) if l.strip()]
 print(f"| path | proxy | req/s (median of {reps}) | 2xx share | proxy CPU us/request | peak RSS MiB |")
 print("|---|---|---|---|---|---|")
-for path in ["grpc-h2c", "h2tls-h1"]:
+for path in ["grpc-h2c", "h2tls-h1", "h1tls-h1"]:
     for name, rss in [("nginx", rss_nginx), ("veer", rss_veer)]:
         r = [x for x in rows if x[0] == name and x[1] == path]
         rps = statistics.median(float(x[3]) for x in r)

@@ -193,7 +193,22 @@ pub struct TlsSettings {
     /// `min_version = "1.3"`: TLS 1.2 clients are refused; else ("1.2",
     /// the default) TLS 1.2 and 1.3 are served.
     pub tls13_only: bool,
+    /// `session_tickets` (default true): returning clients resume by
+    /// stateless tickets; false (nginx's `ssl_session_tickets off`): by
+    /// `session_cache` only.
+    pub session_tickets: bool,
+    /// `session_cache`: how many sessions the listeners hold for clients
+    /// that resume by session ID (TLS 1.2 clients without tickets, or
+    /// every client when tickets are off; a TLS 1.3 handshake stores two);
+    /// 0: none. Default [`DEFAULT_SESSION_CACHE`].
+    pub session_cache: usize,
 }
+
+/// `[proxy.tls] session_cache`'s default, HAProxy's `tune.ssl.cachesize`.
+pub const DEFAULT_SESSION_CACHE: usize = 20_000;
+
+/// `[proxy.tls] session_cache`'s largest value.
+pub const MAX_SESSION_CACHE: usize = 1_000_000;
 
 /// At most this many `[proxy.tls] ticket_keys`.
 pub const MAX_TICKET_KEYS: usize = 4;

@@ -75,6 +75,12 @@ pub struct TlsStatus {
     /// The oldest TLS version served: "1.2" or "1.3".
     #[serde(default)]
     pub min_version: String,
+    /// Whether returning clients are given session tickets.
+    #[serde(default)]
+    pub session_tickets: bool,
+    /// How many sessions are held for clients resuming by session ID.
+    #[serde(default)]
+    pub session_cache: usize,
 }
 
 /// One certificate in use.

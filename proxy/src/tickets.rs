@@ -95,6 +95,29 @@ pub fn ticketer(
     Ok(Arc::new(Shared::new(keys, context)?))
 }
 
+/// No tickets (`[proxy.tls] session_tickets = false`): the client is told
+/// none are given, and one it offers is not opened.
+#[derive(Debug)]
+pub struct NoTickets;
+
+impl ProducesTickets for NoTickets {
+    fn enabled(&self) -> bool {
+        false
+    }
+
+    fn lifetime(&self) -> u32 {
+        0
+    }
+
+    fn encrypt(&self, _plain: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+
+    fn decrypt(&self, _cipher: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+}
+
 /// Tickets sealed with keys from files (see the module's doc).
 #[derive(Debug)]
 struct Shared {

@@ -587,7 +587,7 @@ impl CertSet {
         let tickets = crate::tickets::read(&settings.ticket_keys)?;
         let context = clients.as_ref().map_or(0, ClientCa::digest);
         let config = crate::tickets::ticketer(&tickets.0, context)
-            .and_then(|t| server_config(&picker, verifier, t, settings.tls13_only))
+            .and_then(|t| server_config(&picker, verifier, t, settings))
             .map_err(|e| TlsError::Pem {
                 path: settings.cert.clone(),
                 what: e.to_string(),
@@ -666,7 +666,7 @@ impl CertSet {
         let verifier = ca.verifier(&pem, crl.as_deref())?;
         let keys = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
         let config = crate::tickets::ticketer(&keys.0, digest)
-            .and_then(|t| server_config(&self.picker, Some(verifier), t, self.settings.tls13_only))
+            .and_then(|t| server_config(&self.picker, Some(verifier), t, &self.settings))
             .map_err(|e| TlsError::Pem {
                 path: ca.path.clone(),
                 what: e.to_string(),
@@ -735,6 +735,8 @@ impl CertSet {
                 "1.2"
             }
             .into(),
+            session_tickets: self.settings.session_tickets,
+            session_cache: self.settings.session_cache,
         }
     }
 
@@ -801,14 +803,21 @@ impl Picker {
 /// or revocation lists changed resumes no session of the one before (a
 /// new key of rustls's own, or their digest bound into the tickets), so a
 /// client the new lists revoke is refused at its next connection.
+///
+/// With `session_tickets = false` no ticket is given (`ticketer` unused)
+/// and sessions resume from the cache alone; the cache holds
+/// `session_cache` sessions (HAProxy's default size, 20 000), for TLS 1.2
+/// clients that resume by session ID (Java's, before JDK 13) and every
+/// client when tickets are off. A set-up's cache is its own: a new one
+/// (client CAs changed) resumes none of the sessions before.
 fn server_config(
     picker: &Arc<Picker>,
     clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
-    tls13_only: bool,
+    settings: &veer_control::config::TlsSettings,
 ) -> Result<ServerConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let versions: &[&'static rustls::SupportedProtocolVersion] = if tls13_only {
+    let versions: &[&'static rustls::SupportedProtocolVersion] = if settings.tls13_only {
         &[&rustls::version::TLS13]
     } else {
         rustls::DEFAULT_VERSIONS
@@ -819,7 +828,15 @@ fn server_config(
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder.with_cert_resolver(Arc::new(Resolver(picker.clone())));
-    cfg.ticketer = ticketer;
+    cfg.ticketer = if settings.session_tickets {
+        ticketer
+    } else {
+        Arc::new(crate::tickets::NoTickets)
+    };
+    cfg.session_storage = match settings.session_cache {
+        0 => Arc::new(rustls::server::NoServerSessionStorage {}),
+        n => rustls::server::ServerSessionMemoryCache::new(n),
+    };
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }

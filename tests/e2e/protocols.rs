@@ -1337,7 +1337,6 @@ async fn a_tls_listener_with_client_crl_refuses_revoked_client_certificates() {
 /// each handshake counted by its kind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_sessions_resume_for_more_clients_than_a_session_cache_holds() {
-    use rustls::HandshakeKind::{Full, Resumed};
     let s = Upstream::start("stable").await;
     let veer = Veer::start_tls(&route_config(&[s.addr], &[], 0.0, "")).await;
     let addr = veer.tls_addr.expect("tls listener");
@@ -1345,21 +1344,7 @@ async fn tls_sessions_resume_for_more_clients_than_a_session_cache_holds() {
         let clients: Vec<_> = (0..300)
             .map(|_| resuming_connector(version, None))
             .collect();
-        // Ten clients at a time, all of them once and then again.
-        let mut kinds = Vec::new();
-        for _ in 0..2 {
-            for some in clients.chunks(10) {
-                let gets = some.iter().map(|c| resumable_get(c, addr));
-                for got in futures_util::future::join_all(gets).await {
-                    let (kind, answer) = got.unwrap();
-                    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-                    kinds.push(kind);
-                }
-            }
-        }
-        let (first, again) = kinds.split_at(clients.len());
-        assert!(first.iter().all(|k| *k == Some(Full)), "{first:?}");
-        let resumed = again.iter().filter(|k| **k == Some(Resumed)).count();
+        let resumed = come_back(&clients, addr).await;
         assert_eq!(resumed, 300, "{:?}: clients that resumed", version.version);
     }
     let m = veer.metrics().await;
@@ -1586,6 +1571,101 @@ async fn min_version_13_refuses_tls12_clients_until_a_reload_says_12() {
         let (_, answer) = tls_get(c, addr, "/", "").await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
+}
+
+/// TLS 1.2 clients that resume by session ID alone (no ticket extension,
+/// as Java's before JDK 13) resume however many there are: the listeners
+/// hold 20 000 sessions by default (rustls's cache of 256 resumed none of
+/// 300). With `session_tickets = false` no client gets a ticket: with
+/// `session_cache = 0` none resumes (nginx's `ssl_session_tickets off`
+/// without a cache), with a cache each resumes from it, TLS 1.3 and 1.2.
+/// Each setting applies on reload and shows in `/status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_from_the_cache_and_tickets_can_be_turned_off() {
+    let s = Upstream::start("stable").await;
+    let dir = tls_dir(&localhost_cert());
+    let config = |keys: &str| {
+        with_tls(
+            &route_config(&[s.addr], &[], 0.0, ""),
+            &format!("cert = \"tls.crt\"\nkey = \"tls.key\"\n{keys}"),
+        )
+    };
+    let veer = Veer::start_in_dir(dir, &config("")).await;
+    let addr = veer.tls_addr.expect("tls listener");
+    let tls = veer.status().await["tls"].clone();
+    assert_eq!(
+        (&tls["session_tickets"], &tls["session_cache"]),
+        (&true.into(), &20_000.into())
+    );
+    let id_only: Vec<_> = (0..300).map(|_| session_id_connector()).collect();
+    assert_eq!(
+        come_back(&id_only, addr).await,
+        300,
+        "TLS 1.2 clients without tickets that resumed"
+    );
+
+    // Tickets off and no cache: nothing resumes.
+    veer.write_config(&config("session_tickets = false\nsession_cache = 0\n"));
+    veer.wait_generation(2).await;
+    let tls = veer.status().await["tls"].clone();
+    assert_eq!(
+        (&tls["session_tickets"], &tls["session_cache"]),
+        (&false.into(), &0.into())
+    );
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let clients: Vec<_> = (0..20).map(|_| resuming_connector(version, None)).collect();
+        assert_eq!(
+            come_back(&clients, addr).await,
+            0,
+            "{:?}: no tickets, no cache",
+            version.version
+        );
+    }
+
+    // Tickets off, a cache for 300 clients' sessions (two a TLS 1.3 one).
+    veer.write_config(&config("session_tickets = false\nsession_cache = 700\n"));
+    veer.wait_generation(3).await;
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let clients: Vec<_> = (0..300)
+            .map(|_| resuming_connector(version, None))
+            .collect();
+        assert_eq!(
+            come_back(&clients, addr).await,
+            300,
+            "{:?}: from the cache",
+            version.version
+        );
+    }
+}
+
+/// Each of `clients` connects to `addr` and GETs `/`, ten at a time, all
+/// of them once (each a full handshake) and then again: how many resumed
+/// their session the second time.
+async fn come_back(clients: &[tokio_rustls::TlsConnector], addr: std::net::SocketAddr) -> usize {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        for some in clients.chunks(10) {
+            let gets = some.iter().map(|c| resumable_get(c, addr));
+            for got in futures_util::future::join_all(gets).await {
+                let (kind, answer) = got.unwrap();
+                assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+                kinds.push(kind);
+            }
+        }
+    }
+    let (first, again) = kinds.split_at(clients.len());
+    assert!(first.iter().all(|k| *k == Some(Full)), "{first:?}");
+    again.iter().filter(|k| **k == Some(Resumed)).count()
+}
+
+/// A TLS 1.2 client that resumes by session ID only (it offers no ticket
+/// extension and takes no ticket).
+fn session_id_connector() -> tokio_rustls::TlsConnector {
+    let mut cfg = client_config(&[&rustls::version::TLS12], None);
+    cfg.resumption = rustls::client::Resumption::in_memory_sessions(16)
+        .tls12_resumption(rustls::client::Tls12Resumption::SessionIdOnly);
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
 /// A ticket key file's 80 bytes, from `seed`.
@@ -1829,19 +1909,26 @@ fn connector_of(
     versions: &[&'static rustls::SupportedProtocolVersion],
     client: Option<&ClientKeys>,
 ) -> tokio_rustls::TlsConnector {
+    tokio_rustls::TlsConnector::from(Arc::new(client_config(versions, client)))
+}
+
+/// [`connector_of`]'s client set-up.
+fn client_config(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    client: Option<&ClientKeys>,
+) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAny));
-    let cfg = match client {
+    match client {
         Some((cert, key)) => builder
             .with_client_auth_cert(vec![cert.clone()], key.clone_key())
             .unwrap(),
         None => builder.with_no_client_auth(),
-    };
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    }
 }
 
 /// Writes a self-signed certificate for `names` and its key to

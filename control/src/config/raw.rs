@@ -77,6 +77,8 @@ pub struct RawTls {
     pub forward_client_cert: Option<Spanned<bool>>,
     pub ticket_keys: Option<Spanned<Vec<Spanned<String>>>>,
     pub min_version: Option<Spanned<String>>,
+    pub session_tickets: Option<Spanned<bool>>,
+    pub session_cache: Option<Spanned<i64>>,
 }
 
 /// `[[proxy.tls.certificates]]`.

@@ -444,12 +444,29 @@ impl Validator<'_> {
                     false
                 }
             });
+            let session_tickets = t_ref.session_tickets.as_ref().is_none_or(|t| {
+                if !*t.get_ref() && !ticket_keys.is_empty() {
+                    self.err(
+                        t.span(),
+                        "session_tickets = false leaves no use for ticket_keys (remove them, or give tickets)",
+                    );
+                }
+                *t.get_ref()
+            });
+            let session_cache = self.int_in(
+                t_ref.session_cache.as_ref(),
+                0..=crate::config::MAX_SESSION_CACHE as i64,
+                crate::config::DEFAULT_SESSION_CACHE as i64,
+                "[proxy.tls] session_cache (sessions held; 0: none)",
+            ) as usize;
             TlsSettings {
                 listen,
                 public_port,
                 forward_client_cert,
                 ticket_keys,
                 tls13_only,
+                session_tickets,
+                session_cache,
                 cert: self.path(&t_ref.cert),
                 key: self.path(&t_ref.key),
                 certificates,

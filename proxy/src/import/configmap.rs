@@ -103,8 +103,30 @@ impl Controller {
                 "ssl-protocols" => {
                     "veer speaks TLS 1.2 and 1.3, never older ([proxy.tls] min_version = \"1.3\" for 1.3 alone)"
                 }
+                "ssl-session-tickets" if v.trim().eq_ignore_ascii_case("false") => {
+                    "set [proxy.tls] session_tickets = false (returning clients resume from session_cache alone; veer gives tickets by default)"
+                }
                 "ssl-session-tickets" => {
-                    "veer always gives TLS session tickets (a key of each replica's own, or [proxy.tls] ticket_keys shared by replicas)"
+                    "veer gives TLS session tickets by default (a key of each replica's own, or [proxy.tls] ticket_keys shared by replicas)"
+                }
+                "ssl-session-cache" if v.trim().eq_ignore_ascii_case("false") => {
+                    "set [proxy.tls] session_cache = 0 (no session held by veer)"
+                }
+                "ssl-session-cache" => {
+                    "veer holds 20 000 TLS sessions by default ([proxy.tls] session_cache)"
+                }
+                "ssl-session-cache-size" => {
+                    // nginx holds about 4 000 sessions a megabyte.
+                    let what = match nginx_size(v) {
+                        Some(bytes) => format!(
+                            "set [proxy.tls] session_cache = {} (sessions; nginx holds about 4 000 a megabyte)",
+                            (bytes.saturating_mul(4_000) >> 20)
+                                .min(veer_control::config::MAX_SESSION_CACHE as u64)
+                        ),
+                        None => "not an nginx size: [proxy.tls] session_cache counts sessions (nginx holds about 4 000 a megabyte)".into(),
+                    };
+                    notes.push(format!("{}: {k}: {v:?}: {what}", self.origin));
+                    continue;
                 }
                 "ssl-session-ticket-key" => {
                     // A secret: its value is never written out.

@@ -1301,6 +1301,12 @@ fn the_tls_listeners_client_settings_need_client_ca_and_public_port_is_a_port() 
     assert_eq!(tls.client_crl.as_deref(), Some(Path::new("/crl.pem")));
     assert!(tls.ticket_keys.is_empty());
     assert!(!tls.tls13_only);
+    assert!(tls.session_tickets);
+    assert_eq!(tls.session_cache, 20_000);
+    let c = with("session_tickets = false\nsession_cache = 0").expect("valid");
+    let off = c.proxy.tls.expect("tls");
+    assert!(!off.session_tickets);
+    assert_eq!(off.session_cache, 0);
     for (v, only) in [("1.2", false), ("1.3", true)] {
         let c = with(&format!("min_version = \"{v}\"")).expect("valid");
         assert_eq!(c.proxy.tls.expect("tls").tls13_only, only, "{v}");
@@ -1324,6 +1330,18 @@ fn the_tls_listeners_client_settings_need_client_ca_and_public_port_is_a_port() 
         ),
         ("public_port = 0", "public_port must be between 1 and 65535"),
         ("ticket_keys = []", "ticket_keys: 1 to 4 files"),
+        (
+            "session_tickets = false\nticket_keys = [\"/t/now.key\"]",
+            "session_tickets = false leaves no use for ticket_keys",
+        ),
+        (
+            "session_cache = -1",
+            "session_cache (sessions held; 0: none) must be between 0 and 1000000",
+        ),
+        (
+            "session_cache = 1000001",
+            "session_cache (sessions held; 0: none) must be between 0 and 1000000",
+        ),
         (
             "min_version = \"1.1\"",
             "min_version must be \"1.2\" or \"1.3\"",

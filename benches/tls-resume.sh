@@ -14,6 +14,11 @@
 # (the same one) that veer checks against a client CA and a revocation
 # list of S serials (`[proxy.tls] client_ca`, `client_crl`; see
 # tls-crl.sh): what a returning client saves of that check.
+# TLS_EXTRA='...': more [proxy.tls] lines (say 'session_tickets = false',
+# 'session_cache = 0'). CLIENT_TICKETS=0: the clients take no TLS 1.2
+# ticket (OpenSSL's OP_NO_TICKET; they resume by session ID, as Java's
+# before JDK 13). The last column is veer's resident memory after both
+# phases (the sessions it holds).
 # Only 127.0.0.1 is targeted; every loop is bounded (N connections a phase,
 # 5 s a connection).
 set -euo pipefail
@@ -47,6 +52,8 @@ ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
 if os.path.exists("crl.pem"):
     ctx.load_cert_chain("good.crt", "good.key")
+if os.environ.get("CLIENT_TICKETS") == "0":
+    ctx.options |= ssl.OP_NO_TICKET
 if version == "1.2":
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
 else:
@@ -54,6 +61,10 @@ else:
 def cpu():
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+def rss_mib():
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
 def connect(session=None):
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -69,12 +80,13 @@ sessions = [connect()[0] for _ in range(n)]
 c1 = cpu()
 resumed = sum(connect(s)[1] for s in sessions)
 c2 = cpu()
-print(f"{1e6 * (c1 - c0) / n:.0f} us | {resumed} of {n} | {1e6 * (c2 - c1) / n:.0f} us |")
+print(f"{1e6 * (c1 - c0) / n:.0f} us | {resumed} of {n} | {1e6 * (c2 - c1) / n:.0f} us | {rss_mib():.1f} MiB |")
 PY
-echo "| certificate | TLS | first connection | came back resumed | connection back |"
-echo "|---|---|---|---|---|"
+echo "| certificate | TLS | first connection | came back resumed | connection back | veer RSS |"
+echo "|---|---|---|---|---|---|"
 for key in ec rsa; do
-  tls_bench_config "$work/$key.crt" "$work/$key.key" "$mtls" /app
+  tls_bench_config "$work/$key.crt" "$work/$key.key" "$mtls
+${TLS_EXTRA:-}" /app
   start_measured veer.toml log "$admin"
   name=$([ "$key" = ec ] && echo "ECDSA P-256" || echo "RSA 2048")
   for version in 1.3 1.2; do

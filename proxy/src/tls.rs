@@ -306,8 +306,10 @@ impl Default for Refreshed {
 /// The TLS listeners' certificates: the default (`[proxy.tls] cert`) and
 /// those picked by the name a client asks for (`[[proxy.tls.certificates]]`,
 /// by the DNS names each covers: an exact name, else a wildcard one label
-/// up; the first listed of two that cover a name). A client asking for no
-/// name, or one none covers, gets the default. With `client_ca`, clients'
+/// up; the first listed of two that cover a name whose key the client can
+/// use, so an ECDSA and an RSA pair for the same names serve each client
+/// the first it takes, as nginx's two `ssl_certificate`s). A client asking
+/// for no name, or one none covers, gets the default. With `client_ca`, clients'
 /// certificates are verified against it (mutual TLS). A reload that
 /// changes these settings puts a new [`CertSet`] in (see
 /// [`Certs::prepare`]); a handshake uses the set in force when it began.
@@ -340,8 +342,9 @@ pub struct CertSet {
 struct Picker {
     /// The default first.
     stores: Vec<CertStore>,
-    /// Each name a certificate after the default covers, and its place.
-    names: ArcSwap<HashMap<Box<str>, usize>>,
+    /// Each name a certificate after the default covers, and the places
+    /// of those that cover it, in their order.
+    names: ArcSwap<HashMap<Box<str>, Vec<usize>>>,
 }
 
 /// The CAs clients' certificates are verified against, and the lists of
@@ -767,20 +770,57 @@ impl CertSet {
 }
 
 impl Picker {
-    fn pick(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        let i = name.and_then(|n| self.find(n)).unwrap_or(0);
-        self.stores.get(i).map(CertStore::current)
-    }
-
-    fn find(&self, name: &str) -> Option<usize> {
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
+    /// The certificate for a client asking for `name` and offering
+    /// `schemes`: of those after the default covering the name (exact
+    /// before a wildcard one label up, each in their order) and then the
+    /// default, the first whose key signs with one of `schemes`, else the
+    /// first of them (the handshake then fails as it would have); the
+    /// default when none after it covers the name.
+    fn pick(
+        &self,
+        name: Option<&str>,
+        schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
         let names = self.names.load();
-        if let Some(&i) = names.get(name.as_str()) {
-            return Some(i);
+        let (exact, wild) = name.map_or((None, None), |n| covering(&names, n));
+        let mut places = exact
+            .into_iter()
+            .chain(wild)
+            .flatten()
+            .copied()
+            .chain(std::iter::once(0));
+        let Some(first) = places.next().filter(|&i| i != 0) else {
+            return self.stores.first().map(CertStore::current);
+        };
+        let first = self.stores.get(first)?.current();
+        // One allocation (the key's signer, dropped) a check: nothing
+        // beside a handshake's signature.
+        if usable(&first, schemes) {
+            return Some(first);
         }
-        let (_, parent) = name.split_once('.')?;
-        names.get(format!("*.{parent}").as_str()).copied()
+        places
+            .filter_map(|i| self.stores.get(i).map(CertStore::current))
+            .find(|ck| usable(ck, schemes))
+            .or(Some(first))
     }
+}
+
+/// The places of the certificates named exactly `name`, and of those
+/// with the wildcard one label up.
+fn covering<'a>(
+    names: &'a HashMap<Box<str>, Vec<usize>>,
+    name: &str,
+) -> (Option<&'a Vec<usize>>, Option<&'a Vec<usize>>) {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let wild = name
+        .split_once('.')
+        .and_then(|(_, parent)| names.get(format!("*.{parent}").as_str()));
+    (names.get(name.as_str()), wild)
+}
+
+/// Whether `ck`'s key signs with one of `schemes` (a client's).
+fn usable(ck: &CertifiedKey, schemes: &[rustls::SignatureScheme]) -> bool {
+    ck.key.choose_scheme(schemes).is_some()
 }
 
 /// The listeners' set-up: TLS 1.3 (and 1.2 unless `tls13_only`), h2 and
@@ -942,13 +982,16 @@ fn show_next_update(path: &Path, crls: &[CertificateRevocationListDer<'_>]) {
     }
 }
 
-/// Each name the certificates after the first cover, and the place of
-/// the first that covers it.
-fn index(stores: &[CertStore]) -> HashMap<Box<str>, usize> {
-    let mut names = HashMap::new();
+/// Each name the certificates after the first cover, and the places of
+/// those that cover it, in their order.
+fn index(stores: &[CertStore]) -> HashMap<Box<str>, Vec<usize>> {
+    let mut names: HashMap<Box<str>, Vec<usize>> = HashMap::new();
     for (i, s) in stores.iter().enumerate().skip(1) {
         for n in dns_names(&s.current()) {
-            names.entry(n.into_boxed_str()).or_insert(i);
+            let places = names.entry(n.into_boxed_str()).or_default();
+            if !places.contains(&i) {
+                places.push(i);
+            }
         }
     }
     names
@@ -959,7 +1002,7 @@ struct Resolver(Arc<Picker>);
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.pick(hello.server_name())
+        self.0.pick(hello.server_name(), hello.signature_schemes())
     }
 }
 

@@ -1191,7 +1191,9 @@ async fn behind_a_proxy_protocol_balancer_the_header_names_the_client() {
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(super::protocols::AcceptAny))
+        .with_custom_certificate_verifier(std::sync::Arc::new(
+            super::protocols::AcceptAny::default(),
+        ))
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();

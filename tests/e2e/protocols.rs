@@ -814,6 +814,90 @@ async fn https_negotiates_h2_by_alpn_and_reloads_its_certificate() {
     assert_eq!(served, second, "the certificate in force stays");
 }
 
+/// Two certificates for one name with keys of two kinds (nginx's RSA and
+/// ECDSA `ssl_certificate`s): a client gets the first listed whose key it
+/// can take (the signature schemes it offers), the default last; one that
+/// takes none of them gets the first, and fails its handshake, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gets_the_first_certificate_for_its_name_whose_key_it_takes() {
+    use rustls::SignatureScheme::{ECDSA_NISTP256_SHA256, ED25519, RSA_PSS_SHA256};
+    let s = Upstream::start("stable").await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().to_path_buf();
+    // ECDSA P-256 (rcgen's default kind) and Ed25519 pairs.
+    let ecdsa = |file: &str, names: &[&str]| self_signed(&dir_path, file, names);
+    let ed25519 = |file: &str, names: &[&str]| {
+        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir_path.join(format!("{file}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir_path.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+        cert.der().clone()
+    };
+    let default = ecdsa("default", &["localhost", "shop.example"]);
+    let shop_ed = ed25519("shop-ed", &["shop.example"]);
+    let pay_ed = ed25519("pay-ed", &["api.pay.example"]);
+    let pay_ec = ecdsa("pay-ec", &["*.pay.example"]);
+    let pair =
+        |f: &str| format!("[[proxy.tls.certificates]]\ncert = \"{f}.crt\"\nkey = \"{f}.key\"\n");
+    let config = with_tls(
+        &route_config(&[s.addr], &[], 0.0, ""),
+        &format!(
+            "cert = \"default.crt\"\nkey = \"default.key\"\n{}{}{}",
+            pair("shop-ed"),
+            pair("pay-ed"),
+            pair("pay-ec")
+        ),
+    );
+    let veer = Veer::start_in_dir(dir, &config).await;
+    let addr = veer.tls_addr.expect("tls listener");
+    let both = [ED25519, ECDSA_NISTP256_SHA256];
+    for (name, schemes, want) in [
+        // Listed first, and taken.
+        ("shop.example", &both[..], &shop_ed),
+        ("api.pay.example", &both[..], &pay_ed),
+        // Not taken: the next for the name, a wildcard one, or the default.
+        ("api.pay.example", &[ECDSA_NISTP256_SHA256][..], &pay_ec),
+        ("shop.example", &[ECDSA_NISTP256_SHA256][..], &default),
+        ("localhost", &both[..], &default),
+    ] {
+        let served = served_with_schemes(addr, name, schemes).await;
+        assert_eq!(served.as_ref(), Ok(want), "{name} offering {schemes:?}");
+    }
+    // Nothing it takes: the first, and the handshake fails.
+    let refused = served_with_schemes(addr, "api.pay.example", &[RSA_PSS_SHA256]).await;
+    assert!(refused.is_err(), "{refused:?}");
+}
+
+/// The certificate `addr` shows a client asking for `name` that offers
+/// only `schemes` (any certificate accepted), or why the handshake failed.
+async fn served_with_schemes(
+    addr: std::net::SocketAddr,
+    name: &str,
+    schemes: &[rustls::SignatureScheme],
+) -> Result<rustls::pki_types::CertificateDer<'static>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny {
+            offering: Some(schemes.to_vec()),
+        }))
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let tls = connector
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(tls.get_ref().1.peer_certificates().unwrap()[0].clone())
+}
+
 /// With `[[proxy.tls.certificates]]`, a client asking (SNI) for a name
 /// one of them covers gets it (an exact name before a wildcard, the first
 /// listed of two alike), any other client the default; each is re-read
@@ -1922,7 +2006,7 @@ fn client_config(
         .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny));
+        .with_custom_certificate_verifier(Arc::new(AcceptAny::default()));
     match client {
         Some((cert, key)) => builder
             .with_client_auth_cert(vec![cert.clone()], key.clone_key())
@@ -2020,8 +2104,11 @@ async fn h2_get(
 }
 
 /// The test inspects which certificate was served rather than trusting one.
-#[derive(Debug)]
-pub(super) struct AcceptAny;
+/// It offers `offering`'s signature schemes (None: all ring verifies).
+#[derive(Debug, Default)]
+pub(super) struct AcceptAny {
+    pub(super) offering: Option<Vec<rustls::SignatureScheme>>,
+}
 
 impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     fn verify_server_cert(
@@ -2051,9 +2138,11 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
         Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.offering.clone().unwrap_or_else(|| {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        })
     }
 }
 
@@ -2068,7 +2157,7 @@ pub(super) async fn tls_connect(
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny))
+        .with_custom_certificate_verifier(Arc::new(AcceptAny::default()))
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));

@@ -470,6 +470,9 @@ struct Carried {
     /// `ssl-redirect` (on unless "false" where the Ingress has TLS for
     /// the host) or `force-ssl-redirect`: `https_redirect`.
     https_redirect: bool,
+    /// The Ingress has TLS for the host: its answers carry the
+    /// ConfigMap's `Strict-Transport-Security` (`hsts`).
+    has_tls: bool,
     /// `affinity: cookie`, for `[route.sticky_cookie]`.
     affinity: Option<Affinity>,
     /// `upstream-hash-by` as a sticky source (`header:NAME`,
@@ -837,6 +840,7 @@ fn carried(main: &Ingress, host: &str, notes: &mut Vec<String>) -> Carried {
             .annotation("rewrite-target")
             .map(|t| t.trim().to_string()),
         https_redirect,
+        has_tls,
         affinity,
         hash_by,
         cors: cors(main),
@@ -1253,6 +1257,7 @@ fn build(
             why
         }));
     }
+    let hsts = configmap::hsts(controller.map(|c| &c.data), &mut notes);
     let body = match controller {
         Some(c) => c.body_line(&mut notes),
         None => "# ingress-nginx takes request bodies up to its ConfigMap's proxy-body-size (1m unless set);\n# veer has no limit unless told: uncomment with yours (routes with the annotation keep theirs),\n# or give the ConfigMap to the import too.\n# max_request_body = 1048576".into(),
@@ -1450,6 +1455,15 @@ fn build(
                 "[route.request_headers]  # {}\nset = {{ {} }}",
                 from.join(", "),
                 set.join(", ")
+            );
+        }
+        if let Some(v) = hsts.as_ref().filter(|_| c.has_tls) {
+            // ingress-nginx gives it on HTTPS answers only; a browser
+            // ignores it on a plain one (RFC 6797), where veer gives it too.
+            let _ = writeln!(
+                out,
+                "[route.response_headers]  # hsts (ingress-nginx's ConfigMap: hsts, hsts-max-age, hsts-include-subdomains, hsts-preload)\nset = {{ strict-transport-security = {} }}",
+                toml_str(v)
             );
         }
         if r.header.is_some() || r.cookie.is_some() {

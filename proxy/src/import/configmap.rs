@@ -24,6 +24,47 @@ const DEFAULTS: [&str; 9] = [
 /// ingress-nginx's default `proxy-body-size`: 1m.
 const BODY_DEFAULT: u64 = 1 << 20;
 
+/// The keys of ingress-nginx's `Strict-Transport-Security` field.
+const HSTS_KEYS: [&str; 4] = [
+    "hsts",
+    "hsts-max-age",
+    "hsts-include-subdomains",
+    "hsts-preload",
+];
+
+/// The `Strict-Transport-Security` value ingress-nginx gives answers on
+/// hosts with TLS, from its ConfigMap's `hsts` (on unless "false"),
+/// `hsts-max-age` (31536000), `hsts-include-subdomains` (true) and
+/// `hsts-preload` (false); `data` None: its defaults. None: `hsts` off.
+pub(super) fn hsts(
+    data: Option<&BTreeMap<String, String>>,
+    notes: &mut Vec<String>,
+) -> Option<String> {
+    let get = |k: &str| data.and_then(|d| d.get(k)).map(|v| v.trim());
+    let on = |k: &str, default: bool| get(k).map_or(default, |v| !v.eq_ignore_ascii_case("false"));
+    if !on("hsts", true) {
+        return None;
+    }
+    let age = match get("hsts-max-age") {
+        None => "31536000",
+        Some(v) if !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit()) => v,
+        Some(v) => {
+            notes.push(format!(
+                "hsts-max-age {v:?} is not a number of seconds: ingress-nginx's default, 31536000, written"
+            ));
+            "31536000"
+        }
+    };
+    let mut value = format!("max-age={age}");
+    if on("hsts-include-subdomains", true) {
+        value.push_str("; includeSubDomains");
+    }
+    if get("hsts-preload").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        value.push_str("; preload");
+    }
+    Some(value)
+}
+
 /// Whether a ConfigMap of this name is the controller's.
 pub(super) fn is_controller(name: &str) -> bool {
     name == "ingress-nginx-controller"
@@ -81,7 +122,10 @@ impl Controller {
     /// A note for each key veer does not read, and what to do instead.
     pub fn notes(&self, notes: &mut Vec<String>) {
         for (k, v) in &self.data {
-            if DEFAULTS.contains(&k.as_str()) || k == "proxy-body-size" {
+            if DEFAULTS.contains(&k.as_str())
+                || HSTS_KEYS.contains(&k.as_str())
+                || k == "proxy-body-size"
+            {
                 continue;
             }
             let what = match k.as_str() {

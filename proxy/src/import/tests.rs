@@ -127,6 +127,17 @@ fn what_veer_cannot_express_is_reported_never_dropped() {
     // The main Ingress has TLS for www and api (and says ssl-redirect).
     let redirects: Vec<bool> = c.routes.iter().map(|r| r.https_redirect).collect();
     assert_eq!(redirects, [true, true, false, true]);
+    // Those hosts' answers carry ingress-nginx's default HSTS (no
+    // ConfigMap here); legacy's host has no TLS, and no HSTS.
+    let hsts = |r: &veer_control::config::Route| r.response_headers.set.clone();
+    let default = [(
+        "strict-transport-security".to_string(),
+        "max-age=31536000; includeSubDomains".to_string(),
+    )];
+    for r in [&c.routes[0], &c.routes[1], &c.routes[3]] {
+        assert_eq!(hsts(r), default, "{}", r.name);
+    }
+    assert!(hsts(&c.routes[2]).is_empty());
     // legacy's are not written: a size nginx does not read, a connect
     // timeout longer than veer's default route timeout (15 s).
     let legacy = &c.routes[2];
@@ -381,6 +392,16 @@ fn the_controllers_configmap_is_every_ingresss_default_and_the_proxys_body_limit
     // forces it.
     assert!(!billing.https_redirect);
     assert!(reports.https_redirect);
+    // HSTS as the ConfigMap says, where the Ingress has TLS (billing).
+    assert_eq!(
+        billing.response_headers.set,
+        [(
+            "strict-transport-security".to_string(),
+            "max-age=600; includeSubDomains; preload".to_string()
+        )]
+    );
+    assert!(reports.response_headers.set.is_empty());
+    assert!(!i.notes.join("\n").contains("hsts"), "{:?}", i.notes);
     noted(
         &i,
         &[
@@ -569,4 +590,33 @@ fn proxy_next_upstream_becomes_retries_for_what_veer_retries_on() {
     assert!(default
         .config
         .contains("A try that\n# times out is not sent again"));
+}
+
+#[test]
+fn hsts_is_ingress_nginxs_unless_its_configmap_turns_it_off() {
+    use std::collections::BTreeMap;
+    let of = |pairs: &[(&str, &str)]| {
+        let data: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut notes = Vec::new();
+        (super::configmap::hsts(Some(&data), &mut notes), notes)
+    };
+    let mut notes = Vec::new();
+    assert_eq!(
+        super::configmap::hsts(None, &mut notes).as_deref(),
+        Some("max-age=31536000; includeSubDomains")
+    );
+    assert_eq!(of(&[("hsts", "false")]).0, None);
+    assert_eq!(
+        of(&[("hsts-include-subdomains", "false")]).0.as_deref(),
+        Some("max-age=31536000")
+    );
+    let (v, notes) = of(&[("hsts-max-age", "1y")]);
+    assert_eq!(v.as_deref(), Some("max-age=31536000; includeSubDomains"));
+    assert!(
+        notes[0].contains("hsts-max-age \"1y\" is not a number of seconds"),
+        "{notes:?}"
+    );
 }

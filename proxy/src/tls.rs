@@ -877,7 +877,10 @@ fn server_config(
         0 => Arc::new(rustls::server::NoServerSessionStorage {}),
         n => rustls::server::ServerSessionMemoryCache::new(n),
     };
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // http/1.0 too, as nginx: a client offering it alone (`curl
+    // --http1.0`) was refused the handshake (no_application_protocol).
+    // Which protocol a connection speaks is told by its first bytes.
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     Ok(cfg)
 }
 

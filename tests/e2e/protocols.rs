@@ -872,6 +872,47 @@ async fn a_client_gets_the_first_certificate_for_its_name_whose_key_it_takes() {
     assert!(refused.is_err(), "{refused:?}");
 }
 
+/// A TLS client offering `http/1.0` alone by ALPN (`curl --http1.0`) is
+/// served, as nginx serves it (it was refused the handshake:
+/// no_application_protocol); one offering only protocols veer does not
+/// speak is still refused, as nginx refuses it.
+#[tokio::test]
+async fn an_http10_client_over_tls_is_served() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start_tls(&route_config(&[s.addr], &[], 0.0, "")).await;
+    let addr = veer.tls_addr.expect("tls listener");
+    let mut tls = tls_connect(addr, &[b"http/1.0"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.0"[..]));
+    tls.write_all(b"GET / HTTP/1.0\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tls.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    assert!(answer.ends_with("stable"), "{answer}");
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny::default()))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"spdy/3".to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let refused = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("NoApplicationProtocol"),
+        "{refused}"
+    );
+}
+
 /// The certificate `addr` shows a client asking for `name` that offers
 /// only `schemes` (any certificate accepted), or why the handshake failed.
 async fn served_with_schemes(

@@ -892,14 +892,7 @@ async fn an_http10_client_over_tls_is_served() {
     assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
     assert!(answer.ends_with("stable"), "{answer}");
 
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny::default()))
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"spdy/3".to_vec()];
+    let cfg = any_cert_client(&[b"spdy/3"], AcceptAny::default());
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let refused = tokio_rustls::TlsConnector::from(Arc::new(cfg))
@@ -920,15 +913,8 @@ async fn served_with_schemes(
     name: &str,
     schemes: &[rustls::SignatureScheme],
 ) -> Result<rustls::pki_types::CertificateDer<'static>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny {
-            offering: Some(schemes.to_vec()),
-        }))
-        .with_no_client_auth();
+    let offering = Some(schemes.to_vec());
+    let cfg = any_cert_client(&[], AcceptAny { offering });
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let tcp = TcpStream::connect(addr).await.unwrap();
     let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
@@ -2193,16 +2179,23 @@ pub(super) async fn tls_connect(
     addr: std::net::SocketAddr,
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let cfg = any_cert_client(alpn, AcceptAny::default());
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+/// A client set-up taking any certificate (`verifier`'s signature schemes
+/// offered), offering `alpn`.
+fn any_cert_client(alpn: &[&[u8]], verifier: AcceptAny) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny::default()))
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    connector.connect(name, tcp).await.unwrap()
+    cfg
 }

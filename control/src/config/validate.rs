@@ -164,6 +164,15 @@ pub fn validate(raw: RawConfig, text: &str, base: &Path) -> Result<Config, Diagn
             }
         }
     }
+    if let (Some(hops), None, false) = (
+        raw.proxy.trusted_hops.as_ref().filter(|h| *h.get_ref() > 0),
+        raw.proxy.max_connections_per_ip.as_ref(),
+        proxy.proxy_protocol,
+    ) {
+        // Connections come from the proxies in front (an L7 balancer, or
+        // kube-proxy's SNAT): the cap is a proxy's, all its clients'.
+        v.warn(hops.span(), format!("trusted_hops: clients connect through the proxies in front, so max_connections_per_ip ({}) caps each proxy's connections to veer, all its clients' together (a websocket or a stream holds one each): set max_connections_per_ip to what one proxy may hold", defaults::MAX_CONNECTIONS_PER_IP));
+    }
     if proxy.tls.is_none() && proxy.trusted_hops == 0 && !proxy.proxy_protocol {
         // Every request comes over plain HTTP: all would be sent away.
         for r in &raw.route {

@@ -1269,6 +1269,24 @@ fn cors_takes_origins_and_ingress_nginxs_defaults() {
 }
 
 #[test]
+fn a_per_address_cap_left_at_its_default_behind_trusted_proxies_is_warned_about() {
+    let warned = |proxy: &str| {
+        let c = parse(&format!("[proxy]\n{proxy}\n{MINIMAL}")).expect("valid");
+        c.warnings
+            .iter()
+            .any(|w| w.message.contains("caps each proxy's connections"))
+    };
+    assert!(warned("trusted_hops = 1"));
+    for quiet in [
+        "trusted_hops = 0",
+        "trusted_hops = 1\nmax_connections_per_ip = 5000",
+        "trusted_hops = 1\nproxy_protocol = true",
+    ] {
+        assert!(!warned(quiet), "{quiet}");
+    }
+}
+
+#[test]
 fn an_https_redirect_nobody_can_satisfy_is_warned_about() {
     let route = MINIMAL.replace("name = \"web\"", "name = \"web\"\nhttps_redirect = true");
     let warned = |c: &Config| {

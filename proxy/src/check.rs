@@ -41,6 +41,12 @@ pub fn check(path: &Path) -> ExitCode {
                         path.display()
                     );
                 }
+                for (file, issuer) in certs.leaf_alone() {
+                    eprintln!(
+                        "{}: warning: [proxy.tls] certificate {file} holds no certificate of its issuer ({issuer}): clients that do not fetch it themselves (most but browsers) refuse the chain unless they trust that CA itself; give the full chain (leaf first, then the intermediates: a fullchain.pem)",
+                        path.display()
+                    );
+                }
                 for c in &certs.status().certificates {
                     if let Some(days) = c.not_after_unix.and_then(crate::tls::expires_soon) {
                         eprintln!(

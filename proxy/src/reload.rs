@@ -153,6 +153,7 @@ impl Reload {
             for (route, host) in certs.uncovered(&applied.config.routes) {
                 tracing::warn!(route, host, "no [proxy.tls] certificate names this host: a TLS client asking for it gets the default certificate, and refuses it");
             }
+            crate::tls::say_leaf_alone(certs);
         }
         if let Some(edge) = self.shared.edge.get() {
             edge.apply(&applied.config.proxy);

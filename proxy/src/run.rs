@@ -239,6 +239,7 @@ pub async fn run(
             for (route, host) in certs.uncovered(&config.routes) {
                 tracing::warn!(route, host, "no [proxy.tls] certificate names this host: a TLS client asking for it gets the default certificate, and refuses it");
             }
+            crate::tls::say_leaf_alone(&certs);
             Some(Arc::new(certs))
         }
         None => None,

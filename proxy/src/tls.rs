@@ -183,6 +183,23 @@ pub fn expiry_words(days: f64) -> String {
     }
 }
 
+/// Logs each of [`Certs::leaf_alone`] (at start and on reload).
+pub fn say_leaf_alone(certs: &Certs) {
+    for (file, issuer) in certs.leaf_alone() {
+        tracing::warn!(certificate = %file, issuer = %issuer, "the TLS certificate file holds no certificate of its issuer: clients that do not fetch it themselves (most but browsers) refuse the chain unless they trust that CA itself; give the full chain (fullchain.pem)");
+    }
+}
+
+/// The issuer's name of `ck`'s leaf when the chain holds the leaf alone
+/// and the leaf is not self-issued (see [`Certs::leaf_alone`]).
+fn issuer_not_given(ck: &CertifiedKey) -> Option<String> {
+    let [leaf] = ck.cert.as_slice() else {
+        return None;
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    (cert.issuer() != cert.subject()).then(|| distinguished_name(cert.issuer()))
+}
+
 /// The days left before `not_after` (Unix seconds; negative: past) when
 /// fewer than 14: soon enough to say so (as the shipped alert
 /// `VeerTlsCertificateExpiresSoon` does).
@@ -515,6 +532,27 @@ impl Certs {
         routes: &'a [Arc<veer_control::config::Route>],
     ) -> Vec<(&'a str, &'a str)> {
         self.set.load().uncovered(routes)
+    }
+
+    /// The certificate files that hold a leaf alone, issued by another
+    /// (`(file, its issuer's name)`): a client that does not fetch the
+    /// intermediate CA itself (curl, Go, Java, mobile apps: most but
+    /// browsers) cannot build a path to its roots and refuses it, unless
+    /// it trusts that issuer itself (a private CA signing leaves
+    /// directly). The usual cause: `cert.pem` given for `fullchain.pem`.
+    pub fn leaf_alone(&self) -> Vec<(String, String)> {
+        self.set
+            .load()
+            .picker
+            .stores
+            .iter()
+            .filter_map(|s| {
+                Some((
+                    s.cert.display().to_string(),
+                    issuer_not_given(&s.current())?,
+                ))
+            })
+            .collect()
     }
 
     /// A handshake with the set-up in force.

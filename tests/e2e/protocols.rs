@@ -872,6 +872,53 @@ async fn a_client_gets_the_first_certificate_for_its_name_whose_key_it_takes() {
     assert!(refused.is_err(), "{refused:?}");
 }
 
+/// A certificate file holding a leaf alone that a CA issued (`cert.pem`
+/// given for `fullchain.pem`: most clients but browsers then refuse it) is
+/// warned of by `veer check` and in the log at start; the full chain and
+/// a self-signed certificate are not.
+#[tokio::test]
+async fn a_certificate_file_without_its_issuer_is_warned_of() {
+    let s = Upstream::start("stable").await;
+    let ca = super::upstreams::TestCa::new("Issuing CA");
+    let dir = tempfile::tempdir().unwrap();
+    let at = |f: &str| dir.path().join(f);
+    let (leaf, key) = ca.server("localhost");
+    std::fs::write(at("leaf.crt"), &leaf).unwrap();
+    std::fs::write(at("leaf.key"), &key).unwrap();
+    let (shop, shop_key) = ca.server("shop.example");
+    std::fs::write(at("full.crt"), shop + &ca.pem()).unwrap();
+    std::fs::write(at("full.key"), shop_key).unwrap();
+    self_signed(dir.path(), "own", &["own.example"]);
+    let pairs = "cert = \"leaf.crt\"\nkey = \"leaf.key\"\n[[proxy.tls.certificates]]\ncert = \"full.crt\"\nkey = \"full.key\"\n[[proxy.tls.certificates]]\ncert = \"own.crt\"\nkey = \"own.key\"\n";
+    let config = with_tls(&route_config(&[s.addr], &[], 0.0, ""), pairs);
+    let path = at("veer.toml");
+    let veer = Veer::start_in_dir(dir, &config).await;
+    let out = super::support::veer_cli(&["check", "--config", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let said: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("holds no certificate of its issuer"))
+        .collect();
+    assert_eq!(said.len(), 1, "{err}");
+    assert!(
+        said[0].contains("leaf.crt holds no certificate of its issuer (CN=Issuing CA)"),
+        "{err}"
+    );
+    let logs = veer
+        .logs_containing("holds no certificate of its issuer")
+        .await;
+    let logged: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("holds no certificate of its issuer"))
+        .collect();
+    assert_eq!(logged.len(), 1, "{logs}");
+    assert!(
+        logged[0].contains("leaf.crt") && logged[0].contains("CN=Issuing CA"),
+        "{logs}"
+    );
+}
+
 /// A TLS client offering `http/1.0` alone by ALPN (`curl --http1.0`) is
 /// served, as nginx serves it (it was refused the handshake:
 /// no_application_protocol); one offering only protocols veer does not

@@ -74,6 +74,15 @@ impl TestCa {
         (cert.der().clone(), key)
     }
 
+    /// A server certificate for `name` signed by this CA, and its key
+    /// (PEM each).
+    pub(super) fn server(&self, name: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let p = CertificateParams::new(vec![name.to_string()]).unwrap();
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
     /// A revocation list (PEM) this CA signed, number `number`, revoking
     /// `revoked` (certificates it signed), due to be replaced in
     /// `next_update`.

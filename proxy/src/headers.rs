@@ -611,14 +611,15 @@ pub fn prepare_request(
     // look them up), and look-alikes of the fields veer writes.
     let (mut hop_by_hop, mut client_xff, mut has_host) = (false, false, false);
     let mut lookalike_seen = false;
+    let trusted = trusted_hops > 0;
     for name in headers.keys() {
         hop_by_hop |= is_hop_by_hop(name);
         client_xff |= name == X_FORWARDED_FOR;
         has_host |= name == header::HOST;
-        lookalike_seen |= lookalike(name);
+        lookalike_seen |= dropped(name, trusted);
     }
     if lookalike_seen {
-        drop_lookalikes(headers);
+        drop_lookalikes(headers, trusted);
     }
     if !has_host {
         if let Some(a) = uri.authority() {
@@ -785,6 +786,19 @@ const WRITTEN: [&str; 5] = [
     "x-forwarded-client-cert",
 ];
 
+/// Fields only a proxy writes that veer does not, from which services
+/// build their own links and redirects (Spring's `ForwardedHeaderFilter`
+/// and Tomcat read the port and prefix, Werkzeug's `ProxyFix` the port and
+/// prefix, Rack the scheme and `X-Forwarded-Ssl: on` before
+/// `X-Forwarded-Proto`): a client's would stand for a proxy's, so they
+/// are dropped unless `trusted_hops` says proxies in front write them.
+const PROXIES_ONLY: [&str; 4] = [
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+];
+
 /// Removes a client's fields that are one of the forwarding fields veer
 /// writes with `_` for `-` (`X_Forwarded_For`, `X-Real_IP`): CGI, WSGI
 /// and Rack servers read both spellings as one variable
@@ -792,27 +806,38 @@ const WRITTEN: [&str; 5] = [
 /// client's spelling stand in for veer's, so a client named its own
 /// address. nginx drops every name with an underscore for the same
 /// reason (`underscores_in_headers off`); other such names go on.
-/// (Rare: out of the request path's code.)
+/// A client's [`PROXIES_ONLY`] fields (unless `trusted`) and their
+/// look-alikes go too. (Rare: out of the request path's code.)
 #[inline(never)]
-fn drop_lookalikes(headers: &mut HeaderMap) {
-    let lookalikes: Vec<HeaderName> = headers.keys().filter(|n| lookalike(n)).cloned().collect();
+fn drop_lookalikes(headers: &mut HeaderMap, trusted: bool) {
+    let lookalikes: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| dropped(n, trusted))
+        .cloned()
+        .collect();
     for n in lookalikes {
         headers.remove(n);
     }
 }
 
-/// Whether `name` is one of [`WRITTEN`] with `_` for one `-` or more
-/// (most names fail at their first byte or their length).
-fn lookalike(name: &HeaderName) -> bool {
+/// Whether a client's field `name` is dropped: one of [`WRITTEN`] with
+/// `_` for one `-` or more, one of [`PROXIES_ONLY`] so spelled, or one of
+/// them as it is unless `trusted` (most names fail at their first byte or
+/// their length).
+fn dropped(name: &HeaderName, trusted: bool) -> bool {
     let n = name.as_str().as_bytes();
-    n.first() == Some(&b'x')
-        && WRITTEN.iter().any(|w| {
-            w.len() == n.len()
-                && w.bytes()
-                    .zip(n)
-                    .all(|(a, &b)| a == b || (a == b'-' && b == b'_'))
-        })
-        && n.contains(&b'_')
+    if n.first() != Some(&b'x') {
+        return false;
+    }
+    let like = |w: &&str| {
+        w.len() == n.len()
+            && w.bytes()
+                .zip(n)
+                .all(|(a, &b)| a == b || (a == b'-' && b == b'_'))
+    };
+    let underscored = || n.contains(&b'_');
+    (WRITTEN.iter().any(like) && underscored())
+        || (PROXIES_ONLY.iter().any(like) && (!trusted || underscored()))
 }
 
 /// Whether a `Host` value is one nginx takes: no `/` or `\`, no space or

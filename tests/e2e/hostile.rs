@@ -159,14 +159,32 @@ async fn trace_gets_405_and_reaches_no_upstream() {
 /// for `-` (`X_Forwarded_For`), never reach the upstream: CGI, WSGI and
 /// Rack servers read both spellings as one variable, and some let the
 /// client's stand in for veer's. Other names with an underscore go on.
+/// Fields only a proxy writes, from which services build links and
+/// redirects (`X-Forwarded-Port`, `-Prefix`, `-Scheme`, `-Ssl`), reach it
+/// only from proxies `trusted_hops` trusts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookalikes_of_the_forwarding_fields_never_reach_the_upstream() {
+    const PROXIES_ONLY: [(&str, &str); 4] = [
+        ("x-forwarded-port", "1337"),
+        ("x-forwarded-prefix", "//evil.test"),
+        ("x-forwarded-scheme", "https"),
+        ("x-forwarded-ssl", "on"),
+    ];
     for setting in ["", "trusted_hops = 1"] {
         let s = Upstream::start("stable").await;
         let veer = Veer::start(&with_proxy(route_config(&[s.addr], &[], 0.0, ""), setting)).await;
-        let head = b"GET / HTTP/1.1\r\nhost: a\r\nx_forwarded_for: 6.6.6.6\r\nx-real_ip: 6.6.6.6\r\nX_Forwarded_Proto: https\r\nx-forwarded_host: evil.test\r\nx_forwarded_client_cert: Hash=evil\r\nx_tenant: 42\r\n\r\n";
-        assert_eq!(status_of(veer.addr, head).await, 200, "{setting}");
+        let mut head = b"GET / HTTP/1.1\r\nhost: a\r\nx_forwarded_for: 6.6.6.6\r\nx-real_ip: 6.6.6.6\r\nX_Forwarded_Proto: https\r\nx-forwarded_host: evil.test\r\nx_forwarded_client_cert: Hash=evil\r\nx_tenant: 42\r\nx_forwarded_port: 6\r\n".to_vec();
+        for (name, value) in PROXIES_ONLY {
+            head.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        assert_eq!(status_of(veer.addr, &head).await, 200, "{setting}");
         let h = s.last_headers.lock().unwrap().clone();
+        for (name, value) in PROXIES_ONLY {
+            let want = (!setting.is_empty()).then_some(value);
+            let got = h.get(name).map(|v| v.to_str().unwrap());
+            assert_eq!(got, want, "{setting}: {name}");
+        }
         let names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
         assert!(
             !names.iter().any(|n| n.contains('_') && *n != "x_tenant"),

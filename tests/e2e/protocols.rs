@@ -353,7 +353,7 @@ path_prefix = "/api"
 rewrite_prefix = "/"
 max_request_body = 64
 [route.request_headers]
-set = {{ host = "api.internal", x-env = "prod" }}
+set = {{ host = "api.internal", x-env = "prod", x-forwarded-prefix = "/api" }}
 remove = ["x-debug"]
 [route.response_headers]
 set = {{ strict-transport-security = "max-age=31536000" }}
@@ -383,7 +383,12 @@ endpoints = ["{}"]
     let r = c
         .get(
             "/api/users?page=2",
-            &[("host", "shop.example"), ("x-debug", "1"), ("x-env", "dev")],
+            &[
+                ("host", "shop.example"),
+                ("x-debug", "1"),
+                ("x-env", "dev"),
+                ("x-forwarded-prefix", "/evil"),
+            ],
         )
         .await
         .unwrap();
@@ -395,6 +400,9 @@ endpoints = ["{}"]
     assert_eq!(h["host"], "api.internal");
     assert_eq!(h["x-forwarded-host"], "shop.example", "the client's host");
     assert_eq!(h.get_all("x-env").iter().collect::<Vec<_>>(), ["prod"]);
+    // A client's X-Forwarded-Prefix is dropped; the route's is set.
+    let prefixes: Vec<_> = h.get_all("x-forwarded-prefix").iter().collect();
+    assert_eq!(prefixes, ["/api"]);
     assert!(!h.contains_key("x-debug"));
     // Through hyper's client (a chunked POST), and the prefix alone.
     let chunked = Bytes::from_static(b"3\r\nabc\r\n0\r\n\r\n");

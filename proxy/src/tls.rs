@@ -86,15 +86,36 @@ fn parse(
         path: key.to_path_buf(),
         what: e.to_string(),
     })?;
+    // The leaf must parse as clients parse it (else it is no key's
+    // mismatch, as rustls would say).
+    if let Err(e) = webpki::EndEntityCert::try_from(&chain[0]) {
+        return Err(TlsError::Pem {
+            path: cert.to_path_buf(),
+            what: format!("the file's first certificate (the server's own) is not a valid X.509 certificate: {e}"),
+        });
+    }
     let ck = CertifiedKey::new(chain, signing);
     if let Err(e) = ck.keys_match() {
         if !matches!(
             e,
             rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)
         ) {
+            // A chain in the wrong order is a common slip: say so.
+            let belongs = ck.cert.iter().skip(1).position(|c| {
+                CertifiedKey::new(vec![c.clone()], ck.key.clone())
+                    .keys_match()
+                    .is_ok()
+            });
+            let what = match belongs {
+                Some(i) => format!(
+                    "key does not match the file's first certificate but its certificate {}: put the server's own certificate (the leaf) first, then its issuers",
+                    i + 2
+                ),
+                None => format!("key does not match certificate: {e}"),
+            };
             return Err(TlsError::Pem {
                 path: key.to_path_buf(),
-                what: format!("key does not match certificate: {e}"),
+                what,
             });
         }
     }
@@ -1176,6 +1197,56 @@ fn escaped(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::expiry_words;
+    use std::path::Path;
+
+    /// A CA and a leaf it signed: (CA PEM, leaf PEM, leaf key PEM).
+    fn issued() -> (String, String, String) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["shop.example".into()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        (ca.pem(), leaf.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn a_chain_in_the_wrong_order_or_a_bad_certificate_is_named_for_what_it_is() {
+        let (ca, leaf, key) = issued();
+        let parse = |chain: String| {
+            super::parse(
+                Path::new("c.pem"),
+                Path::new("k.pem"),
+                chain.as_bytes(),
+                key.as_bytes(),
+            )
+        };
+        assert!(parse(format!("{leaf}{ca}")).is_ok());
+        let e = parse(format!("{ca}{leaf}")).unwrap_err().to_string();
+        assert!(
+            e.contains("k.pem")
+                && e.contains(
+                    "its certificate 2: put the server's own certificate (the leaf) first"
+                ),
+            "{e}"
+        );
+        let junk = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let e = parse(format!("{junk}{ca}")).unwrap_err().to_string();
+        assert!(
+            e.contains("c.pem")
+                && e.contains(
+                    "the file's first certificate (the server's own) is not a valid X.509"
+                ),
+            "{e}"
+        );
+        let other = issued();
+        let e = parse(other.1).unwrap_err().to_string();
+        assert!(e.contains("key does not match certificate"), "{e}");
+    }
 
     #[test]
     fn a_certificate_past_its_expiry_is_said_to_have_expired() {

@@ -260,7 +260,7 @@ fn main() -> ExitCode {
         Command::Run { .. } | Command::Demo { .. } => purge_pages_promptly(),
         _ => None,
     };
-    let _logs = init_logs(cli.log_format);
+    let logs = init_logs(cli.log_format);
     if let Some(e) = exec_failed {
         tracing::warn!(
             error = %e,
@@ -303,8 +303,11 @@ fn main() -> ExitCode {
             return import_ingress_nginx(&files, &options);
         }
     };
-    // The access log's last batch, before the error that ends the run.
+    // The access log's last batch and the log lines still queued, before
+    // the error that ends the run (which was, on a busy machine, printed
+    // before lines logged ahead of it).
     veer_proxy::access::flush();
+    drop(logs);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -457,7 +457,7 @@ pub struct HeadWatch<S> {
 
 /// The longest a closing HTTP/1.1 connection reads what its client still
 /// sends, in all (nginx's `lingering_time` is 30 s) ...
-const LINGER_FOR: Duration = Duration::from_secs(10);
+pub(crate) const LINGER_FOR: Duration = Duration::from_secs(10);
 /// ... and with nothing coming (nginx's `lingering_timeout`, 5 s).
 const LINGER_QUIET: Duration = Duration::from_secs(2);
 

@@ -1069,6 +1069,8 @@ fn outgoing(
     // its own resets).
     let http1_body =
         parts.version < http::Version::HTTP_2 && !http_body::Body::is_end_stream(&body);
+    let http2_body =
+        parts.version == http::Version::HTTP_2 && !http_body::Body::is_end_stream(&body);
     let forwarding = prepare_request(
         &parts.method,
         &mut parts.uri,
@@ -1098,6 +1100,9 @@ fn outgoing(
     }
     if let (true, Some(slot)) = (http1_body, &hop.slot) {
         body.tell_when_read(slot.activity().clone());
+    }
+    if http2_body {
+        body.linger();
     }
     // An upgrade goes through hyper's client; a mirrored copy is made from
     // the head as it goes upstream.

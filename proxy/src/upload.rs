@@ -226,7 +226,13 @@ pub struct ClientBody {
     /// Bytes the body may still bring (`max_request_body`; `u64::MAX`: no
     /// limit): past it, it fails as [`ProxyError::BodyTooLarge`].
     left: u64,
+    /// Read on when dropped before its end (see [`ClientBody::linger`]).
+    linger: bool,
 }
+
+/// How many bytes of an HTTP/2 client's body are read on and dropped, at
+/// most, once its request no longer needs it (see [`ClientBody::linger`]).
+const LINGER_BYTES: u64 = 16 << 20;
 
 /// A request body that grew past its route's `max_request_body`.
 #[derive(Debug, thiserror::Error)]
@@ -323,6 +329,32 @@ impl ClientBody {
             tee: None,
             reading: None,
             left: u64::MAX,
+            linger: false,
+        }
+    }
+
+    /// When dropped before its end, because the upstream answered without
+    /// reading it all (a 413, a 401), the rest of the client's body is read
+    /// and dropped, for up to 10 s and 16 MiB (as an HTTP/1.1 connection's
+    /// lingering close, [`crate::conn`]), before
+    /// its stream is let go. For HTTP/2, where letting it go at once sends
+    /// the client RST_STREAM (NO_ERROR) while it still uploads: the RFC
+    /// allows that after a whole answer, but clients that go on sending
+    /// before they read (curl 7.88, Debian 12's) fail on it and lose the
+    /// answer. nginx reads such a body before it answers (request
+    /// buffering) or after (lingering close). A body the client broke is
+    /// not read on.
+    pub fn linger(&mut self) {
+        self.linger = true;
+    }
+
+    /// The client's stream still to be read, taken out (see
+    /// [`ClientBody::linger`]).
+    fn unread(&mut self) -> Option<IdleTimeout<Incoming>> {
+        match std::mem::replace(&mut self.inner, Inner::Copy(None)) {
+            Inner::Client(body) => Some(body),
+            Inner::Held(mut held) => held.rest.take(),
+            Inner::Copy(_) => None,
         }
     }
 
@@ -348,6 +380,7 @@ impl ClientBody {
             tee: None,
             reading: None,
             left: u64::MAX,
+            linger: false,
         }
     }
 
@@ -503,7 +536,30 @@ impl ClientBody {
 impl Drop for ClientBody {
     fn drop(&mut self) {
         self.read();
+        if self.linger && self.upload.fault().is_none() && !self.is_end_stream() {
+            if let (Some(rest), Ok(rt)) = (self.unread(), tokio::runtime::Handle::try_current()) {
+                rt.spawn(linger(rest));
+            }
+        }
     }
+}
+
+/// Reads `body` to its end and drops what comes, for at most
+/// [`crate::conn::LINGER_FOR`] and [`LINGER_BYTES`] (and while the client
+/// sends within `body_timeout`).
+async fn linger(mut body: IdleTimeout<Incoming>) {
+    use http_body_util::BodyExt;
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(crate::conn::LINGER_FOR, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+            match left.checked_sub(len) {
+                Some(l) => left = l,
+                None => return,
+            }
+        }
+    })
+    .await;
 }
 
 impl Body for ClientBody {

@@ -927,6 +927,54 @@ async fn a_certificate_file_without_its_issuer_is_warned_of() {
     );
 }
 
+/// An upstream that answers before it has read an HTTP/2 client's whole
+/// body (a 413, a 401): the client, still uploading, gets the whole answer
+/// and may go on sending the rest, which veer reads and drops. It reset
+/// the stream (RST_STREAM, NO_ERROR) as soon as the answer was sent, which
+/// the RFC allows, but clients that go on sending before they read (curl
+/// 7.88, Debian 12's) failed on it and lost the answer, about one upload
+/// in two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_still_uploading_gets_an_early_answer_and_may_finish() {
+    use futures_util::FutureExt;
+    let answer: &'static [u8] =
+        b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large";
+    let (up, _, _) = super::support::scripted_upstream(move |_, _| Some((answer, true))).await;
+    let veer = Veer::start(&route_config(&[up], &[], 0.0, "")).await;
+    let tcp = TcpStream::connect(veer.addr).await.unwrap();
+    let (mut client, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    let mut ping_pong = conn.ping_pong().unwrap();
+    tokio::spawn(conn);
+    // Longer than request_buffer (16 KiB): it streams.
+    let chunk = Bytes::from(vec![b'x'; 16 << 10]);
+    let req = Request::post(format!("http://{}/upload", veer.addr))
+        .header("content-length", (4 * chunk.len()).to_string())
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(chunk.clone(), false).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 413);
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while let Some(d) = body.data().await {
+        let d = d.unwrap();
+        let _ = body.flow_control().release_capacity(d.len());
+        got.extend_from_slice(&d);
+    }
+    assert_eq!(got, b"too large");
+    // A ping's answer comes after every frame veer sent before it.
+    ping_pong.ping(h2::Ping::opaque()).await.unwrap();
+    let reset = std::future::poll_fn(|cx| send.poll_reset(cx)).now_or_never();
+    assert!(reset.is_none(), "the stream was reset: {reset:?}");
+    for last in [false, false, true] {
+        send.send_data(chunk.clone(), last).unwrap();
+    }
+    ping_pong.ping(h2::Ping::opaque()).await.unwrap();
+    let reset = std::future::poll_fn(|cx| send.poll_reset(cx)).now_or_never();
+    assert!(reset.is_none(), "the stream was reset: {reset:?}");
+}
+
 /// A TLS client offering `http/1.0` alone by ALPN (`curl --http1.0`) is
 /// served, as nginx serves it (it was refused the handshake:
 /// no_application_protocol); one offering only protocols veer does not

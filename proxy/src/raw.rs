@@ -31,7 +31,9 @@
 //! (and on HTTP/1.0 is an error); otherwise `Content-Length` (every value
 //! equal, digits only, else an error), and without either the body runs to
 //! the connection's end. Heads of at most 100 fields and hyper's 400 KiB;
-//! strict `httparse` parsing, as hyper's defaults. Chunk-size lines and
+//! strict `httparse` parsing, as hyper's defaults, but for whitespace
+//! between a field's name and colon, taken and removed on both (RFC 9112,
+//! 5.1). Chunk-size lines and
 //! trailers are held to hyper's rules where httparse is looser (a line
 //! without a size, a line feed in an extension, a line ending in a bare
 //! line feed: refused); a test reads mangled answers both ways
@@ -738,11 +740,12 @@ fn parse(
     let mut fields =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut r = httparse::Response::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut r,
-        buf,
-        &mut fields,
-    ) {
+    // Whitespace before a field's colon is taken and removed, as hyper's
+    // client is set to ([`crate::upstream`]'s `h1_client`; RFC 9112, 5.1).
+    let len = match httparse::ParserConfig::default()
+        .allow_spaces_after_header_name_in_responses(true)
+        .parse_response_with_uninit_headers(&mut r, buf, &mut fields)
+    {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(protocol),
@@ -2549,10 +2552,9 @@ mod tests {
         let io = TcpStream::connect(s.addr)
             .await
             .map_err(|e| e.to_string())?;
-        let (mut tx, conn) =
-            hyper::client::conn::http1::handshake::<_, http_body_util::Empty<Bytes>>(
-                hyper_util::rt::TokioIo::new(io),
-            )
+        // Set up as veer's own (`h1_client`).
+        let (mut tx, conn) = crate::upstream::h1_client()
+            .handshake::<_, http_body_util::Empty<Bytes>>(hyper_util::rt::TokioIo::new(io))
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(conn);

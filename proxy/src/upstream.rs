@@ -405,7 +405,7 @@ where
         });
         Ok((Conn::H2(sender), None))
     } else {
-        let (sender, conn) = http1::Builder::new()
+        let (sender, conn) = h1_client()
             .handshake(TokioIo::new(io))
             .await
             .map_err(|_| ProxyError::UpstreamConnect)?;
@@ -743,13 +743,24 @@ impl Sender {
     }
 }
 
+/// hyper's HTTP/1.1 client as veer runs it: an answer's field with
+/// whitespace between its name and colon (`X-Legacy : 1`) is taken, the
+/// whitespace removed, as RFC 9112 section 5.1 has a proxy do (it was a
+/// 502); a request's is refused (400), as the same section has a server
+/// do. veer's own reads ([`crate::raw`]) take answers alike.
+pub(crate) fn h1_client() -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.allow_spaces_after_header_name_in_responses(true);
+    b
+}
+
 /// An idle raw connection handed to hyper's client (its connection task
 /// spawned). hyper's HTTP/1.1 handshake does no I/O: it is ready at once.
 fn h1_from_raw(
     conn: crate::raw::RawConn,
     addr: SocketAddr,
 ) -> Option<http1::SendRequest<RequestBody>> {
-    let handshake = http1::Builder::new().handshake(TokioIo::new(conn.into_stream()));
+    let handshake = h1_client().handshake(TokioIo::new(conn.into_stream()));
     let mut handshake = std::pin::pin!(handshake);
     let noop = &mut std::task::Context::from_waker(std::task::Waker::noop());
     let Poll::Ready(Ok((sender, conn))) = handshake.as_mut().poll(noop) else {

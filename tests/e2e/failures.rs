@@ -690,3 +690,30 @@ async fn upstream_http1_changes_on_reload() {
         veer.all_logs()
     );
 }
+
+/// An answer with whitespace between a field's name and its colon
+/// (`X-Legacy : yes`, from some old servers) is served with the field as
+/// `x-legacy: yes`, framed by its `Content-Length :` (RFC 9112, section
+/// 5.1: a proxy removes the whitespace), on veer's own HTTP/1.1 reads and
+/// on hyper's client alike; it was a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answers_space_before_a_colon_is_removed_not_refused() {
+    let answer: &'static [u8] =
+        b"HTTP/1.1 200 OK\r\nx-legacy : yes\r\ncontent-length : 2\r\n\r\nok";
+    let (up, _, _) = super::support::scripted_upstream(move |_, _| Some((answer, false))).await;
+    for setting in ["", "upstream_http1 = \"hyper\"\n"] {
+        let config = route_config(&[up], &[], 0.0, "").replacen(
+            "[proxy]\n",
+            &format!("[proxy]\n{setting}"),
+            1,
+        );
+        let veer = Veer::start(&config).await;
+        let mut c = Client::connect(veer.addr).await.unwrap();
+        for _ in 0..2 {
+            let r = c.get("/", &[]).await.unwrap();
+            assert_eq!(r.status(), 200, "{setting}");
+            assert_eq!(r.headers()["x-legacy"], "yes", "{setting}");
+            assert_eq!(&r.body()[..], b"ok", "{setting}");
+        }
+    }
+}

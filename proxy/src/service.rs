@@ -27,6 +27,54 @@ use crate::upload::{ClientBody, Upload};
 use crate::upstream::{Ejection, Failed, Sender, Upstream};
 use veer_control::config::AccessLog;
 
+/// A client's request not (yet) forwarded: answered by veer itself (a
+/// refusal, a redirect, a preflight), an HTTP/2 body still coming is read
+/// on and dropped ([`crate::upload::linger_unread`]) rather than its
+/// stream reset at once, which clients that go on sending before they
+/// read (curl 7.88) take for a failure, losing veer's answer (a 413, a
+/// 429, a 403). An HTTP/1.1 body is the connection's lingering close's.
+struct Unforwarded(Option<Request<Incoming>>);
+
+impl Unforwarded {
+    /// The request, to be forwarded (its body then lingers as a
+    /// [`crate::upload::ClientBody`]).
+    fn take(&mut self) -> Request<Incoming> {
+        match self.0.take() {
+            Some(r) => r,
+            None => unreachable!("a request is forwarded once"),
+        }
+    }
+}
+
+impl std::ops::Deref for Unforwarded {
+    type Target = Request<Incoming>;
+
+    fn deref(&self) -> &Request<Incoming> {
+        match &self.0 {
+            Some(r) => r,
+            None => unreachable!("a forwarded request is not looked at again"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Unforwarded {
+    fn deref_mut(&mut self) -> &mut Request<Incoming> {
+        match &mut self.0 {
+            Some(r) => r,
+            None => unreachable!("a forwarded request is not looked at again"),
+        }
+    }
+}
+
+impl Drop for Unforwarded {
+    fn drop(&mut self) {
+        let Some(req) = self.0.take() else { return };
+        if req.version() == http::Version::HTTP_2 && !http_body::Body::is_end_stream(req.body()) {
+            crate::upload::linger_unread(req.into_body());
+        }
+    }
+}
+
 /// Handles one client request. Never fails: errors become responses.
 ///
 /// (This and the futures it awaits are `async move` blocks, not `async
@@ -36,13 +84,14 @@ use veer_control::config::AccessLog;
 #[allow(clippy::manual_async_fn)] // see above
 pub fn handle(
     shared: Arc<Shared>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     peer: Arc<Peer>,
     scheme: Scheme,
     slot: Option<Arc<crate::conn::Slot>>,
 ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> {
     async move {
         let start = Instant::now();
+        let mut req = Unforwarded(Some(req));
         if let crate::headers::ClientCert::Verified(_, subject) = &peer.client_cert {
             // For its access log line (a mutual TLS connection only).
             req.extensions_mut().insert(subject.clone());
@@ -277,7 +326,7 @@ pub fn handle(
             &route,
             version,
             pick,
-            req,
+            req.take(),
             Hop {
                 peer,
                 client,

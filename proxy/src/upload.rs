@@ -544,10 +544,22 @@ impl Drop for ClientBody {
     }
 }
 
+/// Reads an HTTP/2 request's `body` that veer answered without reading
+/// on, and drops it, as [`ClientBody::linger`] (for a request veer
+/// answered itself).
+pub fn linger_unread(body: Incoming) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(linger(body));
+    }
+}
+
 /// Reads `body` to its end and drops what comes, for at most
-/// [`crate::conn::LINGER_FOR`] and [`LINGER_BYTES`] (and while the client
-/// sends within `body_timeout`).
-async fn linger(mut body: IdleTimeout<Incoming>) {
+/// [`crate::conn::LINGER_FOR`] and [`LINGER_BYTES`] (and, for a
+/// [`ClientBody`]'s, while the client sends within `body_timeout`).
+async fn linger<B>(mut body: B)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
     use http_body_util::BodyExt;
     let mut left = LINGER_BYTES;
     let _ = tokio::time::timeout(crate::conn::LINGER_FOR, async {

@@ -1773,12 +1773,7 @@ async fn served_kind(
 async fn min_version_13_refuses_tls12_clients_until_a_reload_says_12() {
     let s = Upstream::start("stable").await;
     let dir = tls_dir(&localhost_cert());
-    let config = |v: &str| {
-        with_tls(
-            &route_config(&[s.addr], &[], 0.0, ""),
-            &format!("cert = \"tls.crt\"\nkey = \"tls.key\"\nmin_version = \"{v}\"\n"),
-        )
-    };
+    let config = |v: &str| localhost_tls(&s, &format!("min_version = \"{v}\"\n"));
     let veer = Veer::start_in_dir(dir, &config("1.3")).await;
     let addr = veer.tls_addr.expect("tls listener");
     assert_eq!(veer.status().await["tls"]["min_version"], "1.3");
@@ -1815,12 +1810,7 @@ async fn min_version_13_refuses_tls12_clients_until_a_reload_says_12() {
 async fn sessions_resume_from_the_cache_and_tickets_can_be_turned_off() {
     let s = Upstream::start("stable").await;
     let dir = tls_dir(&localhost_cert());
-    let config = |keys: &str| {
-        with_tls(
-            &route_config(&[s.addr], &[], 0.0, ""),
-            &format!("cert = \"tls.crt\"\nkey = \"tls.key\"\n{keys}"),
-        )
-    };
+    let config = |keys: &str| localhost_tls(&s, keys);
     let veer = Veer::start_in_dir(dir, &config("")).await;
     let addr = veer.tls_addr.expect("tls listener");
     let tls = veer.status().await["tls"].clone();
@@ -1946,6 +1936,15 @@ async fn start_with_crl(
     let veer = Veer::start_in_dir(dir, &config).await;
     let addr = veer.tls_addr.expect("tls listener");
     (veer, addr, dir_path)
+}
+
+/// A config routing to `upstream`, its TLS listener serving [`tls_dir`]'s
+/// `tls.crt` and `tls.key`, with `keys` (more `[proxy.tls]` lines).
+fn localhost_tls(upstream: &Upstream, keys: &str) -> String {
+    with_tls(
+        &route_config(&[upstream.addr], &[], 0.0, ""),
+        &format!("cert = \"tls.crt\"\nkey = \"tls.key\"\n{keys}"),
+    )
 }
 
 /// A self-signed certificate for `localhost`.

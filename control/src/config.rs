@@ -46,6 +46,10 @@ pub struct ProxySettings {
     pub max_connections: usize,
     /// Largest request head (request line and headers) accepted; larger gets 431.
     pub max_header_bytes: usize,
+    /// Most fields an HTTP/1.1 head may have, a client's request's (more
+    /// gets 431) and an upstream's answer's (more is a 502, the upstream's
+    /// protocol error) alike.
+    pub max_header_fields: usize,
     /// A client connection that has not sent a complete request head within
     /// this long of being accepted (TLS handshake and HTTP/2 preface
     /// included), or of starting a later head, is closed.

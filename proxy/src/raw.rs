@@ -30,7 +30,8 @@
 //! become a trailers frame), any other is read to the connection's end
 //! (and on HTTP/1.0 is an error); otherwise `Content-Length` (every value
 //! equal, digits only, else an error), and without either the body runs to
-//! the connection's end. Heads of at most 100 fields and hyper's 400 KiB;
+//! the connection's end. Heads of at most `[proxy] max_header_fields` fields
+//! (100 unless set, hyper's) and hyper's 400 KiB;
 //! strict `httparse` parsing, as hyper's defaults, but for whitespace
 //! between a field's name and colon, taken and removed on both (RFC 9112,
 //! 5.1). Chunk-size lines and
@@ -94,8 +95,10 @@ use crate::error::ProxyError;
 use crate::headers::{Forwarding, Length};
 use crate::upstream::{Sender, Upstream};
 
-/// Most fields a response head may have (hyper's default).
-const MAX_HEADERS: usize = 100;
+/// Fields a response head is parsed into on the stack (hyper's default
+/// limit); `[proxy] max_header_fields` may allow more, parsed again into
+/// a heap array (see [`parse`]).
+const MAX_HEADERS: usize = crate::upstream::DEFAULT_HEADER_FIELDS;
 /// Largest response head (hyper's default read buffer limit).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// Largest chunk-size line, extensions included.
@@ -736,16 +739,32 @@ fn parse(
     names: &mut Names,
 ) -> Result<Option<Option<Head>>, Failure> {
     let protocol = Failure::Kind(ProxyError::UpstreamProtocol);
+    // `[proxy] max_header_fields`: a head with more is refused.
+    let limit = crate::upstream::answer_fields();
     // Neither array is initialised: a head has a few fields of the 100.
     let mut fields =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    // Made only for a head with more than 100 fields, where allowed.
+    let mut more: Vec<std::mem::MaybeUninit<httparse::Header<'_>>>;
     let mut r = httparse::Response::new(&mut []);
     // Whitespace before a field's colon is taken and removed, as hyper's
     // client is set to ([`crate::upstream`]'s `h1_client`; RFC 9112, 5.1).
-    let len = match httparse::ParserConfig::default()
-        .allow_spaces_after_header_name_in_responses(true)
-        .parse_response_with_uninit_headers(&mut r, buf, &mut fields)
-    {
+    let mut config = httparse::ParserConfig::default();
+    config.allow_spaces_after_header_name_in_responses(true);
+    let parsed = match config.parse_response_with_uninit_headers(
+        &mut r,
+        buf,
+        &mut fields[..limit.min(MAX_HEADERS)],
+    ) {
+        Err(httparse::Error::TooManyHeaders) if limit > MAX_HEADERS => {
+            more = Vec::with_capacity(limit);
+            more.resize_with(limit, std::mem::MaybeUninit::uninit);
+            r = httparse::Response::new(&mut []);
+            config.parse_response_with_uninit_headers(&mut r, buf, &mut more)
+        }
+        parsed => parsed,
+    };
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(protocol),

@@ -51,6 +51,8 @@ const H2_MAX_LOCAL_RESETS: usize = 1024;
 pub struct Limits {
     /// See [`ProxySettings::max_header_bytes`].
     pub max_header_bytes: usize,
+    /// See [`ProxySettings::max_header_fields`].
+    pub max_header_fields: usize,
     /// See [`ProxySettings::header_timeout`].
     pub header_timeout: Duration,
     /// See [`ProxySettings::idle_timeout`].
@@ -70,6 +72,7 @@ impl Limits {
     pub fn from_settings(p: &ProxySettings) -> Limits {
         Limits {
             max_header_bytes: p.max_header_bytes,
+            max_header_fields: p.max_header_fields,
             header_timeout: p.header_timeout,
             idle_timeout: p.idle_timeout,
             per_ip: PerIpLimit::new(p.max_connections_per_ip),
@@ -118,6 +121,7 @@ pub struct EdgeSettings {
 impl Edge {
     /// The settings of `p`.
     pub fn new(p: &ProxySettings) -> Edge {
+        crate::upstream::set_answer_fields(p.max_header_fields);
         let limits = Limits::from_settings(p);
         Edge {
             current: arc_swap::ArcSwap::from_pointee(EdgeSettings::new(limits, p)),
@@ -149,6 +153,7 @@ impl Edge {
     /// on (`proxy_protocol` stays as started: a restart's);
     /// `max_connections` is settled by the accept loop ([`serve`]).
     pub fn apply(&self, p: &ProxySettings) {
+        crate::upstream::set_answer_fields(p.max_header_fields);
         let before = self.now();
         let mut limits = Limits::from_settings(p);
         limits.proxy_protocol = before.limits.proxy_protocol;
@@ -213,6 +218,11 @@ fn builders(limits: &Limits) -> (Arc<Builders>, Arc<Builders>) {
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(BODY_READ))
         .keep_alive(true);
+    // Any other count than hyper's own 100 makes hyper parse each head
+    // into a heap array (its stack one is 100 long): only when asked for.
+    if limits.max_header_fields != crate::upstream::DEFAULT_HEADER_FIELDS {
+        h1.max_headers(limits.max_header_fields);
+    }
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .keep_alive_interval(Some(limits.idle_timeout / 2))

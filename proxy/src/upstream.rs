@@ -751,7 +751,35 @@ impl Sender {
 pub(crate) fn h1_client() -> http1::Builder {
     let mut b = http1::Builder::new();
     b.allow_spaces_after_header_name_in_responses(true);
+    let fields = answer_fields();
+    // hyper parses into a heap array for any other count (see
+    // `crate::server`'s builders).
+    if fields != DEFAULT_HEADER_FIELDS {
+        b.max_headers(fields);
+    }
     b
+}
+
+/// hyper's limit on a head's fields, `[proxy] max_header_fields`'s
+/// default.
+pub(crate) const DEFAULT_HEADER_FIELDS: usize = 100;
+
+/// `[proxy] max_header_fields` as an upstream's answer is held to: set
+/// when the edge's settings are (at start and on reload), read as each
+/// answer is (veer's own reads) or each connection made (hyper's). A
+/// process-wide setting: every route's upstreams take the same.
+static ANSWER_FIELDS: AtomicUsize = AtomicUsize::new(DEFAULT_HEADER_FIELDS);
+
+/// Puts `[proxy] max_header_fields` in force for upstream answers: those
+/// read by veer from now on, and hyper's connections made from now on
+/// (open ones keep theirs).
+pub(crate) fn set_answer_fields(fields: usize) {
+    ANSWER_FIELDS.store(fields, Ordering::Relaxed);
+}
+
+/// Most fields an upstream's answer may have.
+pub(crate) fn answer_fields() -> usize {
+    ANSWER_FIELDS.load(Ordering::Relaxed)
 }
 
 /// An idle raw connection handed to hyper's client (its connection task

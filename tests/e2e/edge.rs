@@ -1238,3 +1238,99 @@ async fn behind_a_proxy_protocol_balancer_the_header_names_the_client() {
         "{lines:?}"
     );
 }
+
+/// An HTTP/1.1 upstream for [`more_fields_than_a_hundred_pass_where_max_header_fields_allows`]:
+/// `/many` is answered with 150 `set-cookie` fields; anything else with
+/// the number of fields its request came with.
+async fn counting_upstream() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let cookies: String = (0..150)
+        .map(|i| format!("set-cookie: c{i}=v\r\n"))
+        .collect();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let cookies = cookies.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        let head = String::from_utf8_lossy(&head).to_string();
+                        let answer = if head.starts_with("GET /many ") {
+                            format!("HTTP/1.1 200 OK\r\n{cookies}content-length: 2\r\n\r\nok")
+                        } else {
+                            let fields = head.trim_end().lines().count() - 1;
+                            let body = fields.to_string();
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                        };
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The number of fields the counting upstream said its request had.
+fn fields_seen(r: &hyper::Response<bytes::Bytes>) -> usize {
+    std::str::from_utf8(r.body()).unwrap().parse().unwrap()
+}
+
+/// A head may have 100 fields (hyper's, Envoy's and HAProxy's limit): a
+/// request with more gets 431 and an answer with more is a 502. `[proxy]
+/// max_header_fields` raises it for both (nginx counts none), applied on
+/// reload to new connections; an answer is read with it on veer's own
+/// HTTP/1.1 reads and hyper's client alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_fields_than_a_hundred_pass_where_max_header_fields_allows() {
+    let up = counting_upstream().await;
+    let fields: Vec<(String, String)> = (0..150)
+        .map(|i| (format!("x-f{i}"), "v".to_string()))
+        .collect();
+    let fields: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    for setting in ["", "upstream_http1 = \"hyper\""] {
+        let config = |more: &str| {
+            with_proxy(
+                route_config(&[up], &[], 0.0, ""),
+                &format!("{setting}\n{more}"),
+            )
+        };
+        let veer = Veer::start(&config("")).await;
+        let mut c = super::support::Client::connect(veer.addr).await.unwrap();
+        let r = c.get("/few", &fields[..90]).await.unwrap();
+        assert_eq!(r.status(), 200, "{setting}");
+        assert!(fields_seen(&r) > 90, "{setting}");
+        let r = c.get("/many", &[]).await.unwrap();
+        assert_eq!(r.status(), 502, "{setting}");
+        let r = c.get("/more", &fields).await.unwrap();
+        assert_eq!(r.status(), 431, "{setting}");
+
+        veer.write_config(&config("max_header_fields = 200"));
+        veer.wait_generation(2).await;
+        let mut c = super::support::Client::connect(veer.addr).await.unwrap();
+        let r = c.get("/more", &fields).await.unwrap();
+        assert_eq!(r.status(), 200, "{setting}");
+        assert!(fields_seen(&r) > 150, "{setting}");
+        for _ in 0..2 {
+            let r = c.get("/many", &[]).await.unwrap();
+            assert_eq!(r.status(), 200, "{setting}");
+            assert_eq!(r.headers().get_all("set-cookie").iter().count(), 150);
+            assert_eq!(r.body().as_ref(), b"ok", "{setting}");
+        }
+    }
+}

@@ -584,7 +584,11 @@ impl Client {
 
     async fn handshake(addr: SocketAddr, stream: TcpStream) -> std::io::Result<Client> {
         stream.set_nodelay(true)?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        // Answers of up to 1 000 fields are read (hyper's default is 100):
+        // what veer passes on is veer's limit to test, not the client's.
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .max_headers(1000)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(std::io::Error::other)?;
         tokio::spawn(async move {

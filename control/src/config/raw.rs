@@ -46,6 +46,7 @@ pub struct RawProxy {
     pub tls: Option<Spanned<RawTls>>,
     pub max_connections: Option<Spanned<i64>>,
     pub max_header_bytes: Option<Spanned<i64>>,
+    pub max_header_fields: Option<Spanned<i64>>,
     pub header_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
     pub max_connections_per_ip: Option<Spanned<i64>>,

@@ -33,6 +33,8 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: usize = 10_000;
     /// `[proxy] max_header_bytes`.
     pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+    /// `[proxy] max_header_fields` (hyper's, Envoy's and HAProxy's).
+    pub const MAX_HEADER_FIELDS: usize = 100;
     /// `[route.mirror] max_body`.
     pub const MIRROR_BODY: usize = 64 * 1024;
     /// The largest `[route.mirror] max_body`.
@@ -515,6 +517,12 @@ impl Validator<'_> {
                 8192..=1 << 20,
                 defaults::MAX_HEADER_BYTES as i64,
                 "max_header_bytes",
+            ) as usize,
+            max_header_fields: self.int_in(
+                p.max_header_fields.as_ref(),
+                16..=1000,
+                defaults::MAX_HEADER_FIELDS as i64,
+                "max_header_fields",
             ) as usize,
             header_timeout: self.duration(p.header_timeout.as_ref(), defaults::HEADER_TIMEOUT),
             idle_timeout: self.duration(p.idle_timeout.as_ref(), defaults::IDLE_TIMEOUT),

@@ -1529,3 +1529,19 @@ fn a_value_of_the_wrong_type_is_said_in_tomls_words() {
         assert!(!e.contains("f64") && !e.contains("i64"), "{e}");
     }
 }
+
+#[test]
+fn max_header_fields_is_a_hundred_unless_set_between_16_and_1000() {
+    assert_eq!(parse(MINIMAL).expect("valid").proxy.max_header_fields, 100);
+    let with = |v: i64| parse(&format!("[proxy]\nmax_header_fields = {v}\n{MINIMAL}"));
+    for v in [16, 250, 1000] {
+        assert_eq!(with(v).expect("valid").proxy.max_header_fields, v as usize);
+    }
+    for v in [15, 1001] {
+        let e = with(v).expect_err("out of range").to_string();
+        assert!(
+            e.contains("max_header_fields must be between 16 and 1000"),
+            "{e}"
+        );
+    }
+}

@@ -1073,6 +1073,9 @@ struct Hop<'a> {
 pub(crate) struct Retried {
     failed: std::sync::OnceLock<Outcome>,
     sent: std::sync::atomic::AtomicU8,
+    /// The last try sent again's endpoint, as its exchange's `used` (see
+    /// [`Lent`]) plus one: 0 for none.
+    last: std::sync::atomic::AtomicUsize,
 }
 
 impl Retried {
@@ -1080,6 +1083,29 @@ impl Retried {
     fn sent(&self) -> u8 {
         self.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
+}
+
+/// Marks a `used` endpoint (see [`Lent`]) that a try was connecting to
+/// (or waiting for a connection of), not yet sending on: the endpoint
+/// the access log names for a failure, but not one outlier detection
+/// counts it against (a connection's failures are the endpoint's
+/// back-off's).
+const CONNECTING: usize = 1 << (usize::BITS - 2);
+
+/// The endpoint a request's last try went to, as [`Lent`]'s `used` (or
+/// a retry's, in `retried`) says: for the access log's `upstream` of a
+/// request that failed upstream.
+fn endpoint_tried<'v>(
+    version: &'v VersionTarget,
+    used: &std::sync::atomic::AtomicUsize,
+    retried: &Retried,
+) -> Option<&'v Arc<Upstream>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let used = match retried.last.load(Relaxed) {
+        0 => used.load(Relaxed),
+        last => last - 1,
+    };
+    version.balancer.endpoints().get(used & !CONNECTING)
 }
 
 /// How long a request may take.
@@ -1270,7 +1296,15 @@ fn forward<'a>(
         }
         let (resp, sender, upstream) = match sent {
             Ok(()) => answer.ok_or(ProxyError::UpstreamProtocol)?,
-            Err(e) => return Err(e),
+            Err(e) => {
+                // The access log names the endpoint that failed it.
+                if let Some(cell) = hop.served_by {
+                    if let Some(u) = endpoint_tried(version, &used, hop.retried) {
+                        let _ = cell.set(u.clone());
+                    }
+                }
+                return Err(e);
+            }
         };
         if let Some(cell) = hop.served_by {
             let _ = cell.set(upstream.clone());
@@ -1382,6 +1416,8 @@ impl Try<'_> {
                     }
                 }
                 if let Some(o) = outlier {
+                    // (A try that had no connection yet, `CONNECTING`,
+                    // names no endpoint here.)
                     let endpoint = used.load(std::sync::atomic::Ordering::Relaxed);
                     outlier_failed(route, version, o, endpoint, e, route_bound);
                 }
@@ -1550,6 +1586,11 @@ async fn retry(
             .await
             .unwrap_or(Err(ProxyError::UpstreamTimeout));
         t.settle(&mut sent, answer.as_ref(), &watch, &used);
+        retried.last.store(
+            used.load(std::sync::atomic::Ordering::Relaxed)
+                .wrapping_add(1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let wanted = r.wants(status_of(&sent, answer.as_ref(), t.grpc), t.grpc);
         answered = sent.and_then(|()| answer.ok_or(ProxyError::UpstreamProtocol));
         if !wanted {
@@ -1696,7 +1737,8 @@ type Exchanged = (Response<UpBody>, Option<Sender>, Arc<Upstream>);
 
 /// What [`forward`] lends [`exchange`]: the HTTP/2 connection's watch, a
 /// mirrored pair's timing, where the answer goes, and where the index of
-/// the endpoint the request went to (among its version's) goes.
+/// the endpoint the request went to (among its version's) goes, marked
+/// [`CONNECTING`] until it has a connection.
 struct Lent<'a> {
     watch: &'a std::sync::OnceLock<crate::upstream::H2Watch>,
     arrival: Option<&'a Arc<crate::raw::Arrival>>,
@@ -1877,6 +1919,10 @@ fn exchange<'a>(
         if streams {
             (slot, timeout) = upload_slot(first, timeout).await?;
         }
+        used.store(
+            pick.first() | CONNECTING,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let (mut sender, upstream, index) = match first.get(timeout, upgrade, raw).await {
             Ok(s) => (s, first, pick.first()),
             // The cap is not the endpoint failing: no back-off, no retry elsewhere.
@@ -1896,6 +1942,7 @@ fn exchange<'a>(
                     drop(slot.take());
                     (slot, timeout) = upload_slot(second, timeout).await?;
                 }
+                used.store(index | CONNECTING, std::sync::atomic::Ordering::Relaxed);
                 match second.get(timeout, upgrade, raw).await {
                     Ok(s) => (s, second, index),
                     Err(e @ (ProxyError::Overloaded | ProxyError::UpgradeUnsupported)) => {

@@ -717,3 +717,50 @@ async fn an_answers_space_before_a_colon_is_removed_not_refused() {
         }
     }
 }
+
+/// A request that failed upstream has the endpoint its try went to in its
+/// access log line's `upstream` (nginx's `$upstream_addr`), as one that
+/// was answered has the one that answered: a broken answer (on veer's own
+/// reads and hyper's), a refused connection, a timeout. It was absent,
+/// and an operator could not tell which of a version's endpoints failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_requests_access_log_line_names_the_endpoint_it_went_to() {
+    let broken: &'static [u8] = b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n";
+    let (broken, _, _) = super::support::scripted_upstream(move |_, _| Some((broken, true))).await;
+    // Takes the request, answers nothing, keeps the connection.
+    let (silent, _, _) = super::support::scripted_upstream(|_, _| Some((b"", false))).await;
+    let refusing = dead_addr().await;
+    use hyper::Method;
+    for (up, method, status, error) in [
+        (broken, Method::GET, 502, "protocol"),
+        (broken, Method::POST, 502, "protocol"),
+        (refusing, Method::GET, 502, "connect"),
+        (silent, Method::GET, 504, "timeout"),
+    ] {
+        let veer = Veer::start(
+            &route_config(&[up], &[], 0.0, "timeout = \"300ms\"\n").replacen(
+                "[proxy]\n",
+                "[proxy]\naccess_log = \"errors\"\n",
+                1,
+            ),
+        )
+        .await;
+        let mut c = Client::connect(veer.addr).await.unwrap();
+        let body = if method == Method::POST { "x" } else { "" };
+        let r = c
+            .send(
+                method.clone(),
+                "/",
+                &[],
+                bytes::Bytes::from_static(body.as_bytes()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{up} {method}");
+        let lines = access_lines(&veer, 1).await;
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let l = &lines[0];
+        assert_eq!(l["error"], error, "{l}");
+        assert_eq!(l["upstream"], up.to_string(), "{l}");
+    }
+}

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use validate::{Diagnostic, Diagnostics};
+pub use validate::{Diagnostic, Diagnostics, MAX_ENDPOINTS};
 
 /// The whole validated configuration.
 #[derive(Clone, Debug, PartialEq)]

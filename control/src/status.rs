@@ -244,7 +244,8 @@ pub struct VersionStatus {
 /// One endpoint.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EndpointStatus {
-    /// As configured.
+    /// As configured; for a host name that resolved to several
+    /// addresses, followed by the address in parentheses.
     pub addr: String,
     /// The address it resolved to.
     pub resolved: String,

@@ -11,7 +11,6 @@
 //! slow disk); an operator's action is answered once it is written.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,7 +86,7 @@ pub struct Controller {
     shared: Arc<Shared>,
     reload: Reload,
     config: Config,
-    addrs: HashMap<String, SocketAddr>,
+    addrs: crate::snapshot::Addresses,
     generation: u64,
     /// The judging state of the configured routes. Boxed (as are the
     /// controls): a table keeps up to twice its entries' room free, and a
@@ -669,7 +668,7 @@ impl Controller {
                 let changed: Vec<String> = addrs
                     .iter()
                     .filter(|(name, a)| self.addrs.get(*name) != Some(*a))
-                    .map(|(name, a)| format!("{name} -> {a}"))
+                    .map(|(name, a)| format!("{name} -> {a:?}"))
                     .collect();
                 tracing::info!(endpoints = ?changed, "endpoint addresses changed");
                 self.addrs = addrs;

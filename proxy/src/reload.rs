@@ -11,8 +11,6 @@
 //! it), one at a time, each read bounded: a file system that stops
 //! answering gets its check rejected, not the controller stopped.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -540,7 +538,7 @@ pub struct Applied {
     /// The config.
     pub config: Config,
     /// Resolved endpoint addresses.
-    pub addrs: HashMap<String, SocketAddr>,
+    pub addrs: crate::snapshot::Addresses,
     /// The file's text.
     pub text: String,
     /// The TLS certificates it names, loaded, when not those in force.

@@ -1,14 +1,13 @@
 //! Re-resolving endpoint host names off the controller's loop: DNS can
 //! take seconds, and the judge must keep ticking meanwhile.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use veer_control::config::Config;
 
 /// What a re-resolution gives: endpoint name to address, or why not.
-pub type Resolved = Result<HashMap<String, SocketAddr>, String>;
+pub type Resolved = Result<crate::snapshot::Addresses, String>;
 
 /// Longest wait for a re-resolution's DNS answers.
 const TIMEOUT: Duration = Duration::from_secs(5);

@@ -3,7 +3,6 @@
 //! runtimes and decisions carry over a new config.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -404,7 +403,7 @@ pub fn reconcile(
 pub fn build_snapshot(
     config: &Config,
     generation: u64,
-    addrs: &HashMap<String, SocketAddr>,
+    addrs: &crate::snapshot::Addresses,
     routes: &HashMap<String, Box<RouteRuntime>>,
     controls: &HashMap<String, Box<RouteControl>>,
     metrics: &crate::metrics::Metrics,

@@ -19,6 +19,7 @@ use crate::record::{Recorder, RouteKeys};
 use crate::router::Router;
 use crate::split::StickyKey;
 use crate::upstream::{Connector, Upstreams};
+use veer_control::config::MAX_ENDPOINTS;
 
 /// One version of a route, ready for requests.
 pub struct VersionTarget {
@@ -212,9 +213,36 @@ pub enum BuildError {
     Resolve(Vec<String>),
 }
 
-/// Resolves every endpoint address of a config. Blocking (DNS): call it off
-/// the reactor.
-pub fn resolve(config: &Config) -> Result<HashMap<String, SocketAddr>, BuildError> {
+/// Every address each endpoint of a config stands for, by its `host:port`
+/// as configured: sorted, without repeats (so that a DNS server's
+/// round-robin order is no change); one for an address.
+pub type Addresses = HashMap<String, Vec<SocketAddr>>;
+
+/// The name a version's member goes by (`/status`, metrics, logs): the
+/// endpoint as configured, and for a host name that stands for several
+/// addresses, each address after it: `checkout.svc:8000 (10.0.0.7:8000)`.
+fn member_name(configured: &str, addr: SocketAddr, several: bool) -> String {
+    if several {
+        format!("{configured} ({addr})")
+    } else {
+        configured.to_string()
+    }
+}
+
+/// Whether a version's member (its name: the endpoint as configured, then
+/// its address for a name of several) is of the endpoint
+/// configured as `configured`.
+pub fn member_of(member: &str, configured: &str) -> bool {
+    member
+        .strip_prefix(configured)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(" ("))
+}
+
+/// Resolves every endpoint address of a config: a host name stands for
+/// every address it resolves to (as nginx's `server` and Envoy's strict
+/// DNS take them: a Kubernetes headless Service's pods, each an endpoint).
+/// Blocking (DNS): call it off the reactor.
+pub fn resolve(config: &Config) -> Result<Addresses, BuildError> {
     let mut out = HashMap::new();
     let mut errors = Vec::new();
     let versions = config
@@ -227,14 +255,16 @@ pub fn resolve(config: &Config) -> Result<HashMap<String, SocketAddr>, BuildErro
                 continue;
             }
             if let Ok(a) = e.addr.parse::<SocketAddr>() {
-                out.insert(e.addr.clone(), a);
+                out.insert(e.addr.clone(), vec![a]);
                 continue;
             }
-            match e.addr.to_socket_addrs().map(|mut it| it.next()) {
-                Ok(Some(a)) => {
-                    out.insert(e.addr.clone(), a);
+            match e.addr.to_socket_addrs().map(|it| it.collect::<Vec<_>>()) {
+                Ok(mut all) if !all.is_empty() => {
+                    all.sort_unstable();
+                    all.dedup();
+                    out.insert(e.addr.clone(), all);
                 }
-                Ok(None) => errors.push(format!("endpoint {}: no address found", e.addr)),
+                Ok(_) => errors.push(format!("endpoint {}: no address found", e.addr)),
                 Err(err) => errors.push(format!("endpoint {}: {err}", e.addr)),
             }
         }
@@ -253,7 +283,7 @@ impl Snapshot {
     pub fn build(
         config: &Config,
         generation: u64,
-        addrs: &HashMap<String, SocketAddr>,
+        addrs: &Addresses,
         upstreams: &Upstreams,
         metrics: &Metrics,
         mut inputs: impl FnMut(&Route) -> RouteInputs,
@@ -267,11 +297,14 @@ impl Snapshot {
             std::collections::HashMap::new();
         for r in &config.routes {
             for v in std::iter::once(&r.stable).chain(r.canary.as_ref()) {
-                for e in &v.endpoints {
-                    if let Some(a) = addrs.get(&e.addr) {
-                        let c = caps.entry(*a).or_insert(0);
-                        *c = (*c).max(r.max_upstream_connections);
-                    }
+                for a in v
+                    .endpoints
+                    .iter()
+                    .flat_map(|e| addrs.get(&e.addr))
+                    .flatten()
+                {
+                    let c = caps.entry(*a).or_insert(0);
+                    *c = (*c).max(r.max_upstream_connections);
                 }
             }
         }
@@ -286,24 +319,37 @@ impl Snapshot {
                         let tls = (v.protocol == UpstreamProtocol::Https)
                             .then(|| upstreams.tls.get(&v.tls.clone().unwrap_or_default()));
                         let server_name = v.tls.as_ref().and_then(|t| t.server_name.as_deref());
-                        v.endpoints
-                            .iter()
-                            .filter_map(|e| {
-                                let connector = Connector::new(
-                                    v.protocol,
-                                    tls.clone().unwrap_or_else(|| Err(String::new())),
-                                    server_name,
-                                    endpoint_host(&e.addr),
-                                );
-                                addrs.get(&e.addr).map(|a| {
-                                    (
-                                        upstreams.get(*a, connector, cap_of(a)),
-                                        e.weight,
-                                        e.addr.clone(),
-                                    )
-                                })
-                            })
-                            .collect()
+                        let mut seen = HashSet::new();
+                        let mut members = Vec::with_capacity(v.endpoints.len());
+                        for e in &v.endpoints {
+                            let all = addrs.get(&e.addr).map_or(&[][..], Vec::as_slice);
+                            let connector = Connector::new(
+                                v.protocol,
+                                tls.clone().unwrap_or_else(|| Err(String::new())),
+                                server_name,
+                                endpoint_host(&e.addr),
+                            );
+                            // An address is one member, whichever names
+                            // it first (two names may resolve to it).
+                            for a in all.iter().filter(|a| seen.insert(**a)) {
+                                members.push((
+                                    upstreams.get(*a, connector.clone(), cap_of(a)),
+                                    e.weight,
+                                    member_name(&e.addr, *a, all.len() > 1),
+                                ));
+                            }
+                        }
+                        if members.len() > MAX_ENDPOINTS {
+                            tracing::warn!(
+                                route = %r.name,
+                                version = %v.name,
+                                addresses = members.len(),
+                                "a version's endpoints resolve to more than {MAX_ENDPOINTS} addresses: the first {MAX_ENDPOINTS} by address are used; put a larger fleet behind a Service's one address"
+                            );
+                            members.sort_by_key(|(u, _, _)| u.addr());
+                            members.truncate(MAX_ENDPOINTS);
+                        }
+                        members
                     },
                     &upstreams.rings,
                 ),
@@ -473,5 +519,90 @@ impl Snapshot {
                 .set(f64::from(r.weight_bp) / 100.0);
         }
         metrics.generation.set(self.generation as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A version of a host name standing for 70 addresses, one address,
+    /// and a second name for that same address.
+    fn built(addrs: &Addresses) -> Snapshot {
+        let text = r#"
+[[route]]
+name = "web"
+[route.stable]
+version = "v1"
+endpoints = ["many.test:80", "127.0.0.5:80", "dup.test:80"]
+"#;
+        let config = Config::parse(text, std::path::Path::new("/etc/veer")).expect("valid");
+        let metrics = Metrics::new().expect("metrics");
+        Snapshot::build(&config, 1, addrs, &Upstreams::new(), &metrics, |_| {
+            RouteInputs {
+                weight_bp: 0,
+                stable: None,
+                canary: None,
+                canary_reverted: false,
+                pairs: None,
+            }
+        })
+    }
+
+    #[test]
+    fn a_name_is_each_of_its_addresses_once_and_a_version_at_most_64() {
+        let five: SocketAddr = "127.0.0.5:80".parse().unwrap();
+        let mut addrs = Addresses::new();
+        addrs.insert("127.0.0.5:80".into(), vec![five]);
+        addrs.insert("dup.test:80".into(), vec![five]);
+        addrs.insert(
+            "many.test:80".into(),
+            vec![
+                "127.1.0.1:80".parse().unwrap(),
+                "127.1.0.2:80".parse().unwrap(),
+            ],
+        );
+        let snap = built(&addrs);
+        let names: Vec<String> = snap.routes[0]
+            .stable
+            .balancer
+            .members()
+            .map(|(n, _, u)| format!("{n} = {}", u.addr()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "127.0.0.5:80 = 127.0.0.5:80",
+                "many.test:80 (127.1.0.1:80) = 127.1.0.1:80",
+                "many.test:80 (127.1.0.2:80) = 127.1.0.2:80",
+            ]
+        );
+        assert!(member_of("many.test:80 (127.1.0.1:80)", "many.test:80"));
+        assert!(member_of("127.0.0.5:80", "127.0.0.5:80"));
+        assert!(!member_of(
+            "many.test:8000 (127.1.0.1:8000)",
+            "many.test:80"
+        ));
+
+        // Past 64 addresses, the first 64 by address (the balancer's walk
+        // over a version's endpoints counts them in 64 bits).
+        addrs.insert(
+            "many.test:80".into(),
+            (1..=70)
+                .map(|i| SocketAddr::from(([127, 2, 0, i], 80)))
+                .collect(),
+        );
+        let snap = built(&addrs);
+        let b = &snap.routes[0].stable.balancer;
+        assert_eq!(b.endpoints().len(), MAX_ENDPOINTS);
+        assert_eq!(b.endpoints()[0].addr(), five);
+        assert_eq!(
+            b.endpoints()[63].addr(),
+            SocketAddr::from(([127, 2, 0, 63], 80))
+        );
+        // Every key still finds an endpoint.
+        for i in 0..200u32 {
+            assert!(b.pick(&i.to_le_bytes()).is_some());
+        }
     }
 }

@@ -205,3 +205,63 @@ async fn a_client_without_a_sticky_cookie_gets_one_and_stays_on_its_version() {
         "Path=/; Domain=example.com; HttpOnly; SameSite=None; Secure"
     );
 }
+
+/// A host name is every address it resolves to, each an endpoint of its
+/// own (nginx's `server` and Envoy's strict DNS take them so; a
+/// Kubernetes headless Service names its pods this way): keys spread over
+/// them, `/status` lists each, and a reload (or the 30 s re-resolution)
+/// follows the addresses as they change. It was the first address alone:
+/// one pod took all of its version's traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_name_is_every_address_it_resolves_to() {
+    let a = Upstream::start_at("a", "127.0.0.2:0").await;
+    let port = a.addr.port();
+    let _b = Upstream::start_at("b", &format!("127.0.0.3:{port}")).await;
+    let name = format!("pods.test:{port}");
+    let config = |connect: &str| {
+        route_config(
+            &[a.addr],
+            &[],
+            0.0,
+            &format!("connect_timeout = \"{connect}\"\n"),
+        )
+        .replace(&format!("\"{}\"", a.addr), &format!("\"{name}\""))
+    };
+    let hosts = "127.0.0.1 localhost\n127.0.0.2 pods.test\n127.0.0.3 pods.test\n";
+    let veer = Veer::start_with_hosts(&config("10s"), hosts).await;
+    let users = keys(200, "user");
+    let reached = upstream_of_keys(veer.addr, &users, 4).await;
+    let (on_a, on_b) = (on_of(&reached, "a"), on_of(&reached, "b"));
+    // Two endpoints of equal weight: about half each (a ring's spread
+    // puts either's share well within 20-80 %).
+    assert!(on_a >= 40 && on_b >= 40, "a {on_a} b {on_b}");
+    let status = veer.status().await;
+    let listed: Vec<String> = status["routes"][0]["stable"]["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .map(|e| format!("{} = {}", e["addr"], e["resolved"]))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            format!("\"{name} (127.0.0.2:{port})\" = \"127.0.0.2:{port}\""),
+            format!("\"{name} (127.0.0.3:{port})\" = \"127.0.0.3:{port}\""),
+        ]
+    );
+    // The name now stands for b alone (written in place: the bind mount
+    // shows the file's new contents); a reload resolves it again.
+    std::fs::write(
+        veer.dir.path().join("hosts"),
+        "127.0.0.1 localhost\n127.0.0.3 pods.test\n",
+    )
+    .expect("rewrite hosts");
+    veer.write_config(&config("9s"));
+    veer.wait_generation(2).await;
+    let reached = upstream_of_keys(veer.addr, &users, 4).await;
+    assert_eq!(on_of(&reached, "b"), users.len(), "{reached:?}");
+}
+
+fn on_of(reached: &HashMap<String, String>, who: &str) -> usize {
+    reached.values().filter(|u| u.as_str() == who).count()
+}

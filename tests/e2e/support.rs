@@ -65,9 +65,12 @@ static ARRIVALS: AtomicU64 = AtomicU64::new(0);
 impl Upstream {
     /// Starts an upstream answering 200 with its name as body and in `x-upstream`.
     pub async fn start(name: &'static str) -> Arc<Upstream> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind upstream");
+        Upstream::start_at(name, "127.0.0.1:0").await
+    }
+
+    /// [`Upstream::start`] on `addr` (another loopback address, a port).
+    pub async fn start_at(name: &'static str, addr: &str) -> Arc<Upstream> {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream");
         let u = Arc::new(Upstream {
             name,
             addr: listener.local_addr().expect("addr"),
@@ -306,9 +309,39 @@ impl Veer {
         Veer::start_in_dir(dir, &config).await
     }
 
+    /// Starts veer on `config` with `hosts` as its `/etc/hosts` (bind-mounted
+    /// over it in a mount namespace of veer's own, `unshare -m`: needs
+    /// root, as the suite runs), so that test names resolve to the
+    /// addresses `hosts` gives them.
+    pub async fn start_with_hosts(config: &str, hosts: &str) -> Veer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("veer.toml");
+        std::fs::write(&path, fill(config, dir.path())).expect("write config");
+        let hosts_file = dir.path().join("hosts");
+        std::fs::write(&hosts_file, hosts).expect("write hosts");
+        // `unshare` and `sh` exec in turn: the child's pid is veer's.
+        let mut command = Command::new("unshare");
+        command
+            .args([
+                "-m",
+                "sh",
+                "-c",
+                "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+            ])
+            .arg(&hosts_file)
+            .arg(env!("CARGO_BIN_EXE_veer"));
+        Veer::start_command(dir, path, command).await
+    }
+
     /// Starts veer on an existing config file in `dir`.
     pub async fn start_in(dir: tempfile::TempDir, path: PathBuf) -> Veer {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_veer"))
+        Veer::start_command(dir, path, Command::new(env!("CARGO_BIN_EXE_veer"))).await
+    }
+
+    /// Starts `command` (veer, or what execs it) with `run` on the config
+    /// file `path` in `dir`.
+    async fn start_command(dir: tempfile::TempDir, path: PathBuf, mut command: Command) -> Veer {
+        let mut child = command
             .args(["--log-format", "json", "run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")

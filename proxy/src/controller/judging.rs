@@ -145,11 +145,16 @@ impl Controller {
         let Some(c) = &route.canary else {
             return false;
         };
+        // (Every address a host name stands for.)
         c.endpoints.iter().all(|e| {
-            self.addrs
-                .get(&e.addr)
-                .and_then(|a| self.shared.upstreams.healthy(*a))
-                .is_none_or(|healthy| !healthy)
+            self.addrs.get(&e.addr).is_none_or(|all| {
+                all.iter().all(|a| {
+                    self.shared
+                        .upstreams
+                        .healthy(*a)
+                        .is_none_or(|healthy| !healthy)
+                })
+            })
         })
     }
 

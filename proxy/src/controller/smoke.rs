@@ -79,19 +79,26 @@ impl Controller {
                 .iter()
                 .find(|t| *t.name == *route.name)
                 .and_then(|t| t.canary.as_ref());
-            let endpoints: Vec<(String, Option<(SocketAddr, Connector)>)> = canary
-                .endpoints
-                .iter()
-                .map(|e| {
-                    let up = target.and_then(|t| {
+            // Every address of each (a host name may stand for several);
+            // one that did not resolve fails the run (an address another
+            // name gave already, or past a version's 64, is not run again).
+            let mut endpoints: Vec<(String, Option<(SocketAddr, Connector)>)> = Vec::new();
+            for e in &canary.endpoints {
+                let before = endpoints.len();
+                if let Some(t) = target {
+                    endpoints.extend(
                         t.balancer
                             .members()
-                            .find(|(n, _, _)| *n == e.addr)
-                            .map(|(_, _, u)| (u.addr(), u.connector().clone()))
-                    });
-                    (e.addr.clone(), up)
-                })
-                .collect();
+                            .filter(|(n, _, _)| crate::snapshot::member_of(n, &e.addr))
+                            .map(|(n, _, u)| {
+                                (n.to_string(), Some((u.addr(), u.connector().clone())))
+                            }),
+                    );
+                }
+                if endpoints.len() == before && !self.addrs.contains_key(&e.addr) {
+                    endpoints.push((e.addr.clone(), None));
+                }
+            }
             drop(snap);
             let checks = route.smoke.clone();
             let tx = self.smokes.tx.clone();

@@ -151,3 +151,34 @@ async fn a_failing_smoke_check_keeps_a_blue_green_flip_from_happening() {
     .await;
     all_on(&veer, "canary", 100).await;
 }
+
+/// A canary named by a host name of several addresses (a headless
+/// Service's pods) is checked on each: one pod failing keeps the canary
+/// out, and the reason names that pod's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_address_of_a_canarys_host_name_is_checked() {
+    let s = Upstream::start("stable").await;
+    let good = Upstream::start_at("good", "127.0.0.2:0").await;
+    let port = good.addr.port();
+    let bad = Upstream::start_at("bad", &format!("127.0.0.3:{port}")).await;
+    bad.status.store(503, Ordering::SeqCst);
+    let config = route_config(&[s.addr], &[good.addr], 50.0, "").replace(
+        &format!("\"{}\"", good.addr),
+        &format!("\"pods.test:{port}\""),
+    ) + SMOKE;
+    let hosts = "127.0.0.1 localhost\n127.0.0.2 pods.test\n127.0.0.3 pods.test\n";
+    let veer = Veer::start_with_hosts(&config, hosts).await;
+    let route = wait_route(&veer, "smoke_failed", Duration::from_secs(10), |r| {
+        r["verdict"] == "smoke_failed"
+    })
+    .await;
+    let reason = route["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!(
+            "on pods.test:{port} (127.0.0.3:{port}): got 503, expected 200"
+        )),
+        "{route}"
+    );
+    assert_eq!(*good.last_uri.lock().unwrap(), "/healthz");
+    assert_eq!(route["weight"]["effective"], 0.0, "{route}");
+}

@@ -1306,6 +1306,10 @@ fn build(
         out,
         "# Retries: ingress-nginx sends a request whose try failed to the next endpoint\n# (proxy-next-upstream, \"error timeout\" and 3 tries unless set); each route's\n# [route.retry] below does so for the failures veer retries (a connection closed or\n# reset, 502, 503, 504), for GET, PUT, DELETE and other idempotent requests, within\n# the route's timeout and at most 20 % of its requests (budget_percent). A try that\n# times out is not sent again unless you add \"timeout\" and a try_timeout."
     );
+    let _ = writeln!(
+        out,
+        "# Pods: ingress-nginx balances over a Service's pods itself; an endpoint below is the\n# Service's name, one address for a ClusterIP Service (kube-proxy picks a pod per\n# connection). A headless Service (clusterIP: None) names every ready pod, and veer\n# then keys, checks and balances each pod, as ingress-nginx did."
+    );
     for n in &notes {
         let _ = writeln!(out, "# NOTE: {n}");
     }

@@ -101,6 +101,8 @@ use crate::upstream::{Sender, Upstream};
 const MAX_HEADERS: usize = crate::upstream::DEFAULT_HEADER_FIELDS;
 /// Largest response head (hyper's default read buffer limit).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
+/// Why a head over [`MAX_HEAD`] is refused.
+const HEAD_TOO_LARGE: &str = "a head over 400 KiB";
 /// Largest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
 /// Largest trailer section (hyper's limit).
@@ -641,8 +643,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 enum Failure {
     /// Before any byte of the answer: the request may go again.
     Unanswered,
+    /// An answer head veer would not read, and why (an upstream protocol
+    /// error, said in the log by its endpoint: see
+    /// [`Upstream::say_malformed`]).
+    Malformed(&'static str),
     /// Anything else, as the error kind it is.
     Kind(ProxyError),
+}
+
+/// Why httparse refused an answer head, in the log's words.
+fn unparsed(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::TooManyHeaders => {
+            "more fields than [proxy] max_header_fields allows (100 unless set)"
+        }
+        httparse::Error::HeaderName => "a field name that is not a token",
+        httparse::Error::HeaderValue => "a field value with a control character",
+        httparse::Error::NewLine => "a line that does not end in CRLF",
+        httparse::Error::Status => "a status line without a three-digit code",
+        httparse::Error::Version => "no HTTP/1.0 or HTTP/1.1 version",
+        httparse::Error::Token => "a bad status line",
+    }
 }
 
 /// Writes the request head for an origin-form request, with this hop's
@@ -738,7 +759,6 @@ fn parse(
     spare: &mut HeaderMap,
     names: &mut Names,
 ) -> Result<Option<Option<Head>>, Failure> {
-    let protocol = Failure::Kind(ProxyError::UpstreamProtocol);
     // `[proxy] max_header_fields`: a head with more is refused.
     let limit = crate::upstream::answer_fields();
     // Neither array is initialised: a head has a few fields of the 100.
@@ -767,11 +787,11 @@ fn parse(
     let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(protocol),
+        Err(e) => return Err(Failure::Malformed(unparsed(e))),
     };
     let code = r.code.unwrap_or(0);
     let status =
-        StatusCode::from_u16(code).map_err(|_| Failure::Kind(ProxyError::UpstreamProtocol))?;
+        StatusCode::from_u16(code).map_err(|_| Failure::Malformed("a status code out of range"))?;
     let version = if r.version == Some(1) {
         Version::HTTP_11
     } else {
@@ -801,7 +821,9 @@ fn parse(
     if status.is_informational() {
         if code == 101 {
             // A switch the request did not ask for.
-            return Err(protocol);
+            return Err(Failure::Malformed(
+                "a 101 to a request that asked for no upgrade",
+            ));
         }
         return Ok(Some(None));
     }
@@ -863,7 +885,9 @@ fn parse(
         Framing::Empty
     } else if let Some(chunked) = chunked {
         if version == Version::HTTP_10 {
-            return Err(protocol);
+            return Err(Failure::Malformed(
+                "Transfer-Encoding on an HTTP/1.0 answer",
+            ));
         }
         if chunked {
             Framing::Chunked
@@ -873,7 +897,11 @@ fn parse(
     } else {
         match length {
             Length::Is(len) => Framing::Length(len),
-            Length::Bad => return Err(protocol),
+            Length::Bad => {
+                return Err(Failure::Malformed(
+                    "a Content-Length that is not one number (malformed or differing values)",
+                ))
+            }
             Length::Absent => Framing::ToEnd,
         }
     };
@@ -934,7 +962,7 @@ async fn exchange(
                 }
             }
             if conn.buf.len() > MAX_HEAD {
-                return Err(Failure::Kind(ProxyError::UpstreamProtocol));
+                return Err(Failure::Malformed(HEAD_TOO_LARGE));
             }
         }
         if let Some(a) = arrival {
@@ -1046,10 +1074,12 @@ pub async fn send_encoded(
             match exchange(conn, &bytes, head_request, arrival, &mut spare).await {
                 Ok(head) => head,
                 Err(Failure::Unanswered) => return Err(ProxyError::UpstreamReset),
+                Err(Failure::Malformed(why)) => return Err(upstream.say_malformed(&why)),
                 Err(Failure::Kind(k)) => return Err(k),
             }
         }
         Err(Failure::Unanswered) => return Err(ProxyError::UpstreamReset),
+        Err(Failure::Malformed(why)) => return Err(upstream.say_malformed(&why)),
         Err(Failure::Kind(k)) => return Err(k),
     };
     Ok(respond(head, sender, upstream))
@@ -1205,6 +1235,7 @@ pub async fn send_body(
     let head = match head {
         Ok(head) => head,
         Err(Failure::Unanswered) => return Err(ProxyError::UpstreamReset),
+        Err(Failure::Malformed(why)) => return Err(upstream.say_malformed(&why)),
         Err(Failure::Kind(k)) => return Err(k),
     };
     Ok(respond(head, sender, upstream))
@@ -1305,7 +1336,7 @@ async fn send_all(
                 }
                 Some(Some(head)) => return Ok((Sent::Answered, Some(head))),
                 None if conn.buf.len() > MAX_HEAD => {
-                    return Err(Failure::Kind(ProxyError::UpstreamProtocol))
+                    return Err(Failure::Malformed(HEAD_TOO_LARGE))
                 }
                 None => match std::future::poll_fn(|cx| conn.poll_fill(cx)).await {
                     Ok(0) | Err(_) => return Ok((Sent::Answered, None)),

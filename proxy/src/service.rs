@@ -2091,6 +2091,9 @@ async fn resend(
         if kind == ProxyError::UpstreamReset {
             upstream.mark_failed();
         }
+        if kind == ProxyError::UpstreamProtocol {
+            return Err(upstream.say_malformed(e.error()));
+        }
         return Err(kind);
     };
     // Its permit goes back before a fresh connection asks for one.

@@ -888,6 +888,9 @@ pub struct Upstream {
     returned: Arc<Notify>,
     /// Milliseconds since `epoch` before which the endpoint is skipped.
     down_until_ms: AtomicU64,
+    /// Its answers veer would not read, said in the log at most every
+    /// 10 s ([`Upstream::say_malformed`]).
+    malformed: crate::sparse::Sparse,
     failures: AtomicU32,
     /// Taken out by its route's active health check ([`crate::health`]).
     checked_out: AtomicBool,
@@ -1011,6 +1014,7 @@ impl Upstream {
             upload_waiting: AtomicUsize::new(0),
             returned: Arc::new(Notify::new()),
             down_until_ms: AtomicU64::new(0),
+            malformed: crate::sparse::Sparse::default(),
             failures: AtomicU32::new(0),
             checked_out: AtomicBool::new(false),
             check_failure: Mutex::new(None),
@@ -1195,6 +1199,23 @@ impl Upstream {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Says in the log (at most every 10 s, with the count not said
+    /// since) that an answer of this endpoint was refused as `why`: a 502
+    /// whose access log line says only `protocol`, and nginx's error log
+    /// says why ("upstream sent too big header"). The error to answer.
+    #[cold]
+    pub fn say_malformed(&self, why: &dyn std::fmt::Display) -> ProxyError {
+        if let Some(not_said) = self.malformed.due(crate::sparse::EVERY) {
+            tracing::warn!(
+                upstream = %self.label,
+                why = %why,
+                not_said,
+                "an upstream's answer was not HTTP veer reads: 502 (kind protocol)"
+            );
+        }
+        ProxyError::UpstreamProtocol
     }
 
     /// Records a failed connect or a reset: the endpoint is skipped for a

@@ -1317,6 +1317,25 @@ async fn more_fields_than_a_hundred_pass_where_max_header_fields_allows() {
         assert!(fields_seen(&r) > 90, "{setting}");
         let r = c.get("/many", &[]).await.unwrap();
         assert_eq!(r.status(), 502, "{setting}");
+        // The log says which endpoint and why (the access log only
+        // `protocol`): veer's own reads name the setting.
+        let why = match setting {
+            "" => "more fields than [proxy] max_header_fields allows",
+            _ => "message head is too large",
+        };
+        let lines = veer
+            .logs_with_at_least(
+                "an upstream's answer was not HTTP veer reads: 502 (kind protocol)",
+                1,
+            )
+            .await;
+        assert_eq!(lines.len(), 1, "{setting}: {}", veer.all_logs());
+        assert!(
+            lines[0]["why"].as_str().unwrap().contains(why),
+            "{setting}: {}",
+            lines[0]
+        );
+        assert_eq!(lines[0]["upstream"], up.to_string(), "{}", lines[0]);
         let r = c.get("/more", &fields).await.unwrap();
         assert_eq!(r.status(), 431, "{setting}");
 

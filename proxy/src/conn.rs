@@ -459,7 +459,7 @@ pub struct HeadWatch<S> {
 /// sends, in all (nginx's `lingering_time` is 30 s) ...
 pub(crate) const LINGER_FOR: Duration = Duration::from_secs(10);
 /// ... and with nothing coming (nginx's `lingering_timeout`, 5 s).
-const LINGER_QUIET: Duration = Duration::from_secs(2);
+pub(crate) const LINGER_QUIET: Duration = Duration::from_secs(2);
 
 /// A lingering close under way (see [`HeadWatch`]'s `poll_shutdown`).
 struct Linger {

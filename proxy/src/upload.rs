@@ -554,8 +554,10 @@ pub fn linger_unread(body: Incoming) {
 }
 
 /// Reads `body` to its end and drops what comes, for at most
-/// [`crate::conn::LINGER_FOR`] and [`LINGER_BYTES`] (and, for a
-/// [`ClientBody`]'s, while the client sends within `body_timeout`).
+/// [`crate::conn::LINGER_FOR`] and [`LINGER_BYTES`], while the client
+/// sends something every [`crate::conn::LINGER_QUIET`] (2 s), as an
+/// HTTP/1.1 lingering close: a client that stops sending but leaves its
+/// stream open holds one of its connection's stream slots 2 s, not 10.
 async fn linger<B>(mut body: B)
 where
     B: Body<Data = Bytes> + Unpin,
@@ -563,7 +565,9 @@ where
     use http_body_util::BodyExt;
     let mut left = LINGER_BYTES;
     let _ = tokio::time::timeout(crate::conn::LINGER_FOR, async {
-        while let Some(Ok(frame)) = body.frame().await {
+        while let Ok(Some(Ok(frame))) =
+            tokio::time::timeout(crate::conn::LINGER_QUIET, body.frame()).await
+        {
             let len = frame.data_ref().map_or(0, |d| d.len() as u64);
             match left.checked_sub(len) {
                 Some(l) => left = l,

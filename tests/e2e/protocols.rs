@@ -950,6 +950,46 @@ async fn an_http2_client_still_uploading_gets_an_early_answer_and_may_finish() {
     let veer = Veer::start(&limited).await;
     let own = upload_answered_early(veer.addr).await;
     assert_eq!(String::from_utf8_lossy(&own), "content too large\n");
+    // A client that sends nothing more but leaves its stream open has it
+    // let go after 2 s without a byte (an HTTP/1.1 lingering close's
+    // quiet limit), not the 10 s a lingering read may last in all.
+    let start = std::time::Instant::now();
+    let reset = upload_then_silence(veer.addr).await;
+    let waited = start.elapsed();
+    assert_eq!(reset, h2::Reason::NO_ERROR);
+    assert!(
+        waited < std::time::Duration::from_secs(8),
+        "let go after {waited:?}"
+    );
+}
+
+/// As [`upload_answered_early`], but the client sends nothing after the
+/// answer and keeps its stream open: how veer let it go, once it did (at
+/// most 20 s).
+async fn upload_then_silence(addr: std::net::SocketAddr) -> h2::Reason {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let chunk = Bytes::from(vec![b'x'; 16 << 10]);
+    let req = Request::post(format!("http://{addr}/upload"))
+        .header("content-length", (4 * chunk.len()).to_string())
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(chunk, false).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 413);
+    let mut body = response.into_body();
+    while let Some(d) = body.data().await {
+        let _ = body.flow_control().release_capacity(d.unwrap().len());
+    }
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        std::future::poll_fn(|cx| send.poll_reset(cx)),
+    )
+    .await
+    .expect("the stream was never let go")
+    .unwrap()
 }
 
 /// An HTTP/2 upload to `addr` of 64 KiB, announced, whose first 16 KiB

@@ -963,12 +963,16 @@ async fn an_http2_client_still_uploading_gets_an_early_answer_and_may_finish() {
     );
 }
 
-/// As [`upload_answered_early`], but the client sends nothing after the
-/// answer and keeps its stream open: how veer let it go, once it did (at
-/// most 20 s).
-async fn upload_then_silence(addr: std::net::SocketAddr) -> h2::Reason {
+/// An HTTP/2 upload to `addr` of 64 KiB, announced (longer than
+/// `request_buffer`: it streams), its first 16 KiB sent and its answer's
+/// head read (a 413): the stream to send the rest on, the answer's body,
+/// the connection's pings, and a 16 KiB chunk.
+async fn upload_to_413(
+    addr: std::net::SocketAddr,
+) -> (h2::SendStream<Bytes>, h2::RecvStream, h2::PingPong, Bytes) {
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let (mut client, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    let ping_pong = conn.ping_pong().unwrap();
     tokio::spawn(conn);
     let chunk = Bytes::from(vec![b'x'; 16 << 10]);
     let req = Request::post(format!("http://{addr}/upload"))
@@ -976,10 +980,17 @@ async fn upload_then_silence(addr: std::net::SocketAddr) -> h2::Reason {
         .body(())
         .unwrap();
     let (response, mut send) = client.send_request(req, false).unwrap();
-    send.send_data(chunk, false).unwrap();
+    send.send_data(chunk.clone(), false).unwrap();
     let response = response.await.unwrap();
     assert_eq!(response.status(), 413);
-    let mut body = response.into_body();
+    (send, response.into_body(), ping_pong, chunk)
+}
+
+/// As [`upload_answered_early`], but the client sends nothing after the
+/// answer and keeps its stream open: how veer let it go, once it did (at
+/// most 20 s).
+async fn upload_then_silence(addr: std::net::SocketAddr) -> h2::Reason {
+    let (mut send, mut body, _pings, _) = upload_to_413(addr).await;
     while let Some(d) = body.data().await {
         let _ = body.flow_control().release_capacity(d.unwrap().len());
     }
@@ -998,21 +1009,7 @@ async fn upload_then_silence(addr: std::net::SocketAddr) -> h2::Reason {
 /// end, or the answer is not a 413.
 async fn upload_answered_early(addr: std::net::SocketAddr) -> Vec<u8> {
     use futures_util::FutureExt;
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut client, mut conn) = h2::client::handshake(tcp).await.unwrap();
-    let mut ping_pong = conn.ping_pong().unwrap();
-    tokio::spawn(conn);
-    // Longer than request_buffer (16 KiB): it streams.
-    let chunk = Bytes::from(vec![b'x'; 16 << 10]);
-    let req = Request::post(format!("http://{addr}/upload"))
-        .header("content-length", (4 * chunk.len()).to_string())
-        .body(())
-        .unwrap();
-    let (response, mut send) = client.send_request(req, false).unwrap();
-    send.send_data(chunk.clone(), false).unwrap();
-    let response = response.await.unwrap();
-    assert_eq!(response.status(), 413);
-    let mut body = response.into_body();
+    let (mut send, mut body, mut ping_pong, chunk) = upload_to_413(addr).await;
     let mut got = Vec::new();
     while let Some(d) = body.data().await {
         let d = d.unwrap();

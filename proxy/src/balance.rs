@@ -99,6 +99,12 @@ impl Balancer {
     /// unique. The ring comes from `rings` (shared with every version of
     /// the same addresses and weights).
     pub fn new(mut endpoints: Vec<(Arc<Upstream>, u32, String)>, rings: &Rings) -> Balancer {
+        // One endpoint an address (the first listed of two alike): the
+        // ring walk counts endpoints by address, and a second of the same
+        // address was never found, so a walk for another endpoint (a
+        // failed connect's fallback) went round the ring for ever.
+        let mut seen = std::collections::HashSet::new();
+        endpoints.retain(|(u, _, _)| seen.insert(u.addr()));
         let key: RingKey = endpoints.iter().map(|(u, w, _)| (u.addr(), *w)).collect();
         endpoints.sort_by_key(|(u, _, _)| u.addr());
         let names = endpoints
@@ -212,6 +218,30 @@ impl Balancer {
 mod tests {
     use super::*;
     use crate::upstream::Upstreams;
+
+    /// A version listing one address twice (two names resolving to it)
+    /// is one endpoint: a failed connect's fallback finds none (it went
+    /// round the ring for ever, a worker thread with it), and a key is
+    /// still picked.
+    #[test]
+    fn an_address_listed_twice_is_one_endpoint() {
+        let reg = Upstreams::new();
+        let b = balancer(&reg, &[("127.0.0.1:11", 1), ("127.0.0.1:11", 1)]);
+        assert_eq!(b.endpoints().len(), 1);
+        let pick = b.pick(b"a-user").expect("pick");
+        assert_eq!(b.fallback(&pick), None);
+        let b = balancer(
+            &reg,
+            &[
+                ("127.0.0.1:11", 1),
+                ("127.0.0.1:12", 1),
+                ("127.0.0.1:11", 2),
+            ],
+        );
+        assert_eq!(b.endpoints().len(), 2);
+        let pick = b.pick(b"a-user").expect("pick");
+        assert_ne!(b.fallback(&pick), Some(pick.first()));
+    }
 
     fn balancer(reg: &Upstreams, eps: &[(&str, u32)]) -> Balancer {
         balancer_in(reg, &Rings::default(), eps)

@@ -764,3 +764,43 @@ async fn a_failed_requests_access_log_line_names_the_endpoint_it_went_to() {
         assert_eq!(l["upstream"], up.to_string(), "{l}");
     }
 }
+
+/// Two endpoint names of one address (`localhost:P` and `127.0.0.1:P`),
+/// the address refusing connections: each request gets its 502 and veer
+/// goes on serving. The failed connect's fallback looked for the other
+/// endpoint on the ring for ever, the worker thread with it: the first
+/// request never got an answer, and with one worker nothing else did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_names_of_one_dead_address_fail_their_requests_and_nothing_else() {
+    let dead = dead_addr().await;
+    let config = route_config(&[dead], &[], 0.0, "")
+        .replace(
+            &format!("[\"{dead}\"]"),
+            &format!("[\"localhost:{}\", \"{dead}\"]", dead.port()),
+        )
+        .replacen("[proxy]\n", "[proxy]\nworkers = 1\n", 1);
+    let veer = Veer::start(&config).await;
+    for i in 0..3 {
+        let user = format!("user-{i}");
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            get(veer.addr, "/", &[("x-user-id", &user)]),
+        )
+        .await
+        .expect("answered")
+        .unwrap();
+        assert_eq!(r.status(), 502);
+    }
+    // One endpoint an address (`localhost` may be [::1] too).
+    let status = veer.status().await;
+    let mut resolved: Vec<&str> = status["routes"][0]["stable"]["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .filter_map(|e| e["resolved"].as_str())
+        .collect();
+    let listed = resolved.len();
+    resolved.dedup();
+    assert_eq!(resolved.len(), listed, "{status}");
+    assert!(resolved.contains(&dead.to_string().as_str()), "{status}");
+}

@@ -1258,6 +1258,7 @@ fn build(
         }));
     }
     let hsts = configmap::hsts(controller.map(|c| &c.data), &mut notes);
+    let head = configmap::head_line(controller.map(|c| &c.data), &mut notes);
     let body = match controller {
         Some(c) => c.body_line(&mut notes),
         None => "# ingress-nginx takes request bodies up to its ConfigMap's proxy-body-size (1m unless set);\n# veer has no limit unless told: uncomment with yours (routes with the annotation keep theirs),\n# or give the ConfigMap to the import too.\n# max_request_body = 1048576".into(),
@@ -1315,7 +1316,7 @@ fn build(
     }
     let _ = writeln!(
         out,
-        "\n[proxy]\nlisten = [\"0.0.0.0:8080\"]\n{body}\n{tls}\n[admin]\nlisten = \"127.0.0.1:9901\""
+        "\n[proxy]\nlisten = [\"0.0.0.0:8080\"]\n{head}\n{body}\n{tls}\n[admin]\nlisten = \"127.0.0.1:9901\""
     );
     let mut all_notes = notes;
     for r in &routes {

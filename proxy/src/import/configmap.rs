@@ -24,6 +24,53 @@ const DEFAULTS: [&str; 9] = [
 /// ingress-nginx's default `proxy-body-size`: 1m.
 const BODY_DEFAULT: u64 = 1 << 20;
 
+/// ingress-nginx's default `large-client-header-buffers`: 4 buffers of 8k.
+const HEAD_BUFFERS_DEFAULT: &str = "4 8k";
+
+/// `[proxy] max_header_bytes`' line: what ingress-nginx's
+/// `large-client-header-buffers` (`data`'s, else its default, 4 8k: 32 KiB)
+/// lets a request head hold, its buffers' count times their size (nginx
+/// also needs each line within one buffer; veer caps the whole head
+/// only), within veer's 8 KiB to 1 MiB. veer's own default is 16 KiB: a
+/// request ingress-nginx took with 20 KiB of fields (three lines of 7 KiB:
+/// a cookie, a token; each line within a buffer) would get 431.
+pub(super) fn head_line(
+    data: Option<&BTreeMap<String, String>>,
+    notes: &mut Vec<String>,
+) -> String {
+    let parse = |v: &str| {
+        let mut words = v.split_whitespace();
+        let count: u64 = words.next()?.parse().ok()?;
+        let size = nginx_size(words.next()?)?;
+        words.next().is_none().then(|| count.saturating_mul(size))
+    };
+    let (bytes, from) = match data.and_then(|d| d.get("large-client-header-buffers")) {
+        None => (
+            parse(HEAD_BUFFERS_DEFAULT).unwrap_or(32 << 10),
+            format!("ingress-nginx's default large-client-header-buffers, {HEAD_BUFFERS_DEFAULT}"),
+        ),
+        Some(v) => match parse(v) {
+            Some(n) => (n, format!("large-client-header-buffers {v:?}")),
+            None => {
+                notes.push(format!(
+                    "large-client-header-buffers {v:?} is not a count and an nginx size: ingress-nginx's default, {HEAD_BUFFERS_DEFAULT}, written"
+                ));
+                (
+                    32 << 10,
+                    format!("ingress-nginx's default large-client-header-buffers, {HEAD_BUFFERS_DEFAULT}"),
+                )
+            }
+        },
+    };
+    let written = bytes.clamp(8 << 10, 1 << 20);
+    if written != bytes {
+        notes.push(format!(
+            "large-client-header-buffers allows {bytes} bytes of request head; veer's max_header_bytes takes 8192 to 1048576: {written} written"
+        ));
+    }
+    format!("max_header_bytes = {written}  # {from}: a request head of up to this many bytes")
+}
+
 /// The keys of ingress-nginx's `Strict-Transport-Security` field.
 const HSTS_KEYS: [&str; 4] = [
     "hsts",
@@ -125,6 +172,7 @@ impl Controller {
             if DEFAULTS.contains(&k.as_str())
                 || HSTS_KEYS.contains(&k.as_str())
                 || k == "proxy-body-size"
+                || k == "large-client-header-buffers"
             {
                 continue;
             }

@@ -620,3 +620,35 @@ fn hsts_is_ingress_nginxs_unless_its_configmap_turns_it_off() {
         "{notes:?}"
     );
 }
+
+#[test]
+fn large_client_header_buffers_become_max_header_bytes() {
+    use std::collections::BTreeMap;
+    let of = |v: &str| {
+        let data = BTreeMap::from([("large-client-header-buffers".to_string(), v.to_string())]);
+        let mut notes = Vec::new();
+        (super::configmap::head_line(Some(&data), &mut notes), notes)
+    };
+    let mut notes = Vec::new();
+    let default = super::configmap::head_line(None, &mut notes);
+    assert!(
+        default.starts_with(
+            "max_header_bytes = 32768  # ingress-nginx's default large-client-header-buffers, 4 8k"
+        ),
+        "{default}"
+    );
+    assert!(notes.is_empty(), "{notes:?}");
+    assert!(of("8 16k").0.starts_with("max_header_bytes = 131072  #"));
+    let (line, notes) = of("1 4k");
+    assert!(line.starts_with("max_header_bytes = 8192  #"), "{line}");
+    assert!(notes[0].contains("4096 bytes of request head"), "{notes:?}");
+    let (line, notes) = of("lots");
+    assert!(line.starts_with("max_header_bytes = 32768  #"), "{line}");
+    assert!(
+        notes[0].contains("is not a count and an nginx size"),
+        "{notes:?}"
+    );
+    // The whole import writes it, and veer takes it.
+    let i = import(&["weight.yaml"]);
+    assert_eq!(parsed(&i).proxy.max_header_bytes, 32 << 10, "{}", i.config);
+}

@@ -330,7 +330,9 @@ impl Snapshot {
                                 endpoint_host(&e.addr),
                             );
                             // An address is one member, whichever names
-                            // it first (two names may resolve to it).
+                            // it first (two names may resolve to it): here
+                            // so that the cap below counts addresses (the
+                            // balancer keeps it so too, its walk's need).
                             for a in all.iter().filter(|a| seen.insert(**a)) {
                                 members.push((
                                     upstreams.get(*a, connector.clone(), cap_of(a)),

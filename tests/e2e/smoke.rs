@@ -9,16 +9,22 @@ use super::support::{admin_post, all_on, metric, route_config, wait_route, Upstr
 
 const SMOKE: &str = "[[route.smoke]]\npath = \"/healthz\"\nexpect_status = 200\ntimeout = \"2s\"\n";
 
+/// The route's `/status` entry once its verdict is `smoke_failed` (at
+/// most 10 s).
+async fn smoke_failed(veer: &Veer) -> serde_json::Value {
+    wait_route(veer, "smoke_failed", Duration::from_secs(10), |r| {
+        r["verdict"] == "smoke_failed"
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_smoke_check_keeps_the_canary_out_until_a_reset_after_the_fix() {
     let s = Upstream::start("stable").await;
     let c = Upstream::start("canary").await;
     c.status.store(503, Ordering::SeqCst);
     let veer = Veer::start(&(route_config(&[s.addr], &[c.addr], 50.0, "") + SMOKE)).await;
-    let route = wait_route(&veer, "smoke_failed", Duration::from_secs(10), |r| {
-        r["verdict"] == "smoke_failed"
-    })
-    .await;
+    let route = smoke_failed(&veer).await;
     let reason = route["reason"].as_str().unwrap();
     assert!(
         reason.contains(&format!(
@@ -168,10 +174,7 @@ async fn every_address_of_a_canarys_host_name_is_checked() {
     ) + SMOKE;
     let hosts = "127.0.0.1 localhost\n127.0.0.2 pods.test\n127.0.0.3 pods.test\n";
     let veer = Veer::start_with_hosts(&config, hosts).await;
-    let route = wait_route(&veer, "smoke_failed", Duration::from_secs(10), |r| {
-        r["verdict"] == "smoke_failed"
-    })
-    .await;
+    let route = smoke_failed(&veer).await;
     let reason = route["reason"].as_str().unwrap();
     assert!(
         reason.contains(&format!(

@@ -749,7 +749,7 @@ impl Drop for Waiting<'_> {
                 version: &self.version.name,
                 canary,
                 client,
-                upstream: None,
+                upstream: endpoint_tried(self.version, &self.retried).map(|u| u.label()),
                 micros: waited,
                 bytes: 0,
                 total_micros: self.upload.elapsed_us(Instant::now()),
@@ -1066,16 +1066,29 @@ struct Hop<'a> {
     retried: &'a Retried,
 }
 
-/// A request's retries (`[route.retry]`): how its first try failed (the
-/// judge hears the request failed so), and how many tries were sent again
-/// (its access log line says).
-#[derive(Default)]
+/// A request's tries: the endpoints they went to (for its access log
+/// line, also one written when its client left while a try was out), and
+/// with `[route.retry]` how its first try failed (the judge hears the
+/// request failed so) and how many tries were sent again (its line says).
 pub(crate) struct Retried {
     failed: std::sync::OnceLock<Outcome>,
     sent: std::sync::atomic::AtomicU8,
-    /// The last try sent again's endpoint, as its exchange's `used` (see
-    /// [`Lent`]) plus one: 0 for none.
+    /// The first try's endpoint: its exchange's `used` (see [`Lent`]),
+    /// `usize::MAX` before it has one.
+    first: std::sync::atomic::AtomicUsize,
+    /// The try sent again last (or being sent)'s endpoint, the same way.
     last: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for Retried {
+    fn default() -> Self {
+        Self {
+            failed: std::sync::OnceLock::new(),
+            sent: std::sync::atomic::AtomicU8::new(0),
+            first: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            last: std::sync::atomic::AtomicUsize::new(usize::MAX),
+        }
+    }
 }
 
 impl Retried {
@@ -1092,18 +1105,14 @@ impl Retried {
 /// back-off's).
 const CONNECTING: usize = 1 << (usize::BITS - 2);
 
-/// The endpoint a request's last try went to, as [`Lent`]'s `used` (or
-/// a retry's, in `retried`) says: for the access log's `upstream` of a
-/// request that failed upstream.
-fn endpoint_tried<'v>(
-    version: &'v VersionTarget,
-    used: &std::sync::atomic::AtomicUsize,
-    retried: &Retried,
-) -> Option<&'v Arc<Upstream>> {
+/// The endpoint a request's last try that had one went to, as
+/// `retried` says: for the access log's `upstream` of a request that
+/// failed upstream, or whose client left while it was out.
+fn endpoint_tried<'v>(version: &'v VersionTarget, retried: &Retried) -> Option<&'v Arc<Upstream>> {
     use std::sync::atomic::Ordering::Relaxed;
     let used = match retried.last.load(Relaxed) {
-        0 => used.load(Relaxed),
-        last => last - 1,
+        usize::MAX => retried.first.load(Relaxed),
+        last => last,
     };
     version.balancer.endpoints().get(used & !CONNECTING)
 }
@@ -1234,7 +1243,7 @@ fn forward<'a>(
         // Pinned here and lent to the deadline: a future passed by value into
         // another async fn is held twice (argument and pinned local).
         let watch = std::sync::OnceLock::new();
-        let used = std::sync::atomic::AtomicUsize::new(usize::MAX);
+        let used = &hop.retried.first;
         let arrival = hop.arrival.as_ref();
         let due = deadlines.start + deadlines.upstream;
         // A request that can be sent again (`[route.retry]`) keeps its head
@@ -1264,7 +1273,7 @@ fn forward<'a>(
                     watch: &watch,
                     arrival,
                     answer: &mut answer,
-                    used: &used,
+                    used,
                 },
             );
             tokio::pin!(exchange);
@@ -1282,7 +1291,7 @@ fn forward<'a>(
             Some(_) => sent,
             None => sent.and(Err(ProxyError::UpstreamProtocol)),
         };
-        tried.settle(&mut sent, answer.as_ref(), &watch, &used);
+        tried.settle(&mut sent, answer.as_ref(), &watch, used);
         if let Some((r, again)) = again {
             if r.wants(status_of(&sent, answer.as_ref(), hop.grpc), hop.grpc) {
                 // The answer stays in place (not moved through this
@@ -1299,7 +1308,7 @@ fn forward<'a>(
             Err(e) => {
                 // The access log names the endpoint that failed it.
                 if let Some(cell) = hop.served_by {
-                    if let Some(u) = endpoint_tried(version, &used, hop.retried) {
+                    if let Some(u) = endpoint_tried(version, hop.retried) {
                         let _ = cell.set(u.clone());
                     }
                 }
@@ -1570,13 +1579,15 @@ async fn retry(
         again.pick = t.version.balancer.retry_pick(&again.pick, again.tried);
         again.tried |= 1u64 << (again.pick.first() % 64);
         let watch = std::sync::OnceLock::new();
-        let used = std::sync::atomic::AtomicUsize::new(usize::MAX);
+        // (Where a client that leaves during the try finds its endpoint.)
+        let used = &retried.last;
+        used.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
         let mut answer = None;
         let lent = Lent {
             watch: &watch,
             arrival: None,
             answer: &mut answer,
-            used: &used,
+            used,
         };
         // (A plain timeout: a request sent again has its body, if any, in
         // memory: no upload to wait for; and `upstream_deadline` called from here too would not
@@ -1585,12 +1596,7 @@ async fn retry(
         let mut sent = tokio::time::timeout_at(r.try_due(now, due), exchange)
             .await
             .unwrap_or(Err(ProxyError::UpstreamTimeout));
-        t.settle(&mut sent, answer.as_ref(), &watch, &used);
-        retried.last.store(
-            used.load(std::sync::atomic::Ordering::Relaxed)
-                .wrapping_add(1),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        t.settle(&mut sent, answer.as_ref(), &watch, used);
         let wanted = r.wants(status_of(&sent, answer.as_ref(), t.grpc), t.grpc);
         answered = sent.and_then(|()| answer.ok_or(ProxyError::UpstreamProtocol));
         if !wanted {

@@ -345,7 +345,7 @@ async fn a_client_that_leaves_mid_request_gives_it_up_upstream() {
     assert!(!conn.is_finished(), "the h2 connection stays open");
 
     // The client's leaving is no version's failure: it is counted, and
-    // logged as nginx logs it.
+    // logged as nginx logs it, with the endpoint it was waiting for.
     let m = veer.metrics().await;
     assert_eq!(
         metric(&m, r#"veer_proxy_errors_total{kind="client_closed"}"#),
@@ -365,7 +365,8 @@ async fn a_client_that_leaves_mid_request_gives_it_up_upstream() {
         lines.len() == 4
             && lines.iter().all(|l| l["status"] == 499
                 && l["error"] == "client_closed"
-                && l["version"] == "v1"),
+                && l["version"] == "v1"
+                && l["upstream"] == upstream.to_string()),
         "{lines:?}"
     );
     assert_eq!(

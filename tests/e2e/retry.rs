@@ -304,8 +304,8 @@ async fn a_connection_closed_before_the_answer_is_retried_and_the_budget_caps_re
 }
 
 /// A client that leaves while its failed try is being sent again gets a
-/// 499 line saying so (`retries`), and the judge hears the failure, not a
-/// request given up.
+/// 499 line saying so (`retries`, and the endpoint the retry was out to),
+/// and the judge hears the failure, not a request given up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_mid_retry_leaves_the_failure_heard() {
     let a = Upstream::start("a").await;
@@ -337,6 +337,7 @@ async fn a_client_leaving_mid_retry_leaves_the_failure_heard() {
         .expect("an access log line");
     assert_eq!(l["status"], 499, "{l}");
     assert_eq!(l["retries"], 1, "{l}");
+    assert_eq!(l["upstream"], a.addr.to_string(), "{l}");
     let route = wait_route(&veer, "the failure heard", Duration::from_secs(10), |r| {
         r["window"]["stable"]["errors"].as_u64() >= Some(1)
     })

@@ -217,9 +217,9 @@ impl BodyLine {
         .line(self.status, None);
     }
 
-    /// The body broke off: the request's line, then one of its own
-    /// (message `response body failed`, in `errors` too).
-    fn failed(&self, e: ProxyError) {
+    /// The body broke off (`why`, in words): the request's line, then one
+    /// of its own (message `response body failed`, in `errors` too).
+    fn failed(&self, e: ProxyError, why: &str) {
         self.request();
         let version = self.route.version(self.canary);
         crate::access::line("response body failed", |f| {
@@ -230,7 +230,9 @@ impl BodyLine {
                 .str("path", self.head.uri.path())
                 .u64("status", self.status.into())
                 .addr("client", self.client)
+                .opt_str("upstream", self.upstream.as_deref().map(Upstream::label))
                 .str("error", e.kind())
+                .str("why", why)
                 .opt_str(
                     "request_id",
                     self.request_id.as_ref().and_then(|v| v.to_str().ok()),
@@ -276,13 +278,41 @@ fn body_failure(e: &BoxError) -> ProxyError {
     if e.is::<BodyTimeout>() {
         return ProxyError::UpstreamTimeout;
     }
+    if let Some(f) = e.downcast_ref::<crate::raw::BodyFailed>() {
+        return f.kind;
+    }
     if let Some(kind) = e.downcast_ref::<ProxyError>() {
         return *kind;
     }
-    match e.downcast_ref::<hyper::Error>() {
-        Some(h) => ProxyError::from_hyper(h),
-        None => ProxyError::UpstreamReset,
+    let Some(h) = e.downcast_ref::<hyper::Error>() else {
+        return ProxyError::UpstreamReset;
+    };
+    // A body hyper's HTTP/1.1 reader refused (a chunk size line that is
+    // no number): its cause is an I/O error of invalid input, where veer's
+    // own reads say `protocol` (a connection that broke is `reset`).
+    let cause = std::error::Error::source(h).and_then(|c| c.downcast_ref::<std::io::Error>());
+    match cause.map(std::io::Error::kind) {
+        Some(std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData) => {
+            ProxyError::UpstreamProtocol
+        }
+        _ => ProxyError::from_hyper(h),
     }
+}
+
+/// A body error in words, its causes' too (hyper's says "error reading a
+/// body from connection", its cause what was wrong).
+fn body_failure_why(e: &BoxError) -> String {
+    if e.is::<BodyTimeout>() {
+        return "nothing came for body_timeout".to_string();
+    }
+    let mut why = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        why.push_str(": ");
+        why.push_str(&c.to_string());
+        cause = c.source();
+    }
+    why
 }
 
 /// A response body as read from an upstream: by hyper's client (`Left`),
@@ -436,13 +466,21 @@ impl Body for UpstreamBody {
             Poll::Ready(None) => self.release(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
             Poll::Ready(Some(Err(e))) => {
-                self.conn = None;
+                let conn = self.conn.take();
                 let failure = body_failure(e);
                 if let Some(p) = self.pending.take() {
                     p.finish(Some(failure));
                 }
-                if let Some(l) = self.log.take() {
-                    l.failed(failure);
+                let hypers = failure == ProxyError::UpstreamProtocol && e.is::<hyper::Error>();
+                if self.log.is_some() || hypers {
+                    let why = body_failure_why(e);
+                    // (veer's own reads said theirs, see `crate::raw`.)
+                    if let (true, Some((_, u))) = (hypers, &conn) {
+                        u.say_body_malformed(&why);
+                    }
+                    if let Some(l) = self.log.take() {
+                        l.failed(failure, &why);
+                    }
                 }
             }
             _ => {}

@@ -73,6 +73,7 @@
 //! over real sockets and by the e2e tests (`tests/e2e/upstreams.rs`). When
 //! hyper's client changes how it reads responses, this must follow.
 
+use std::borrow::Cow;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1421,6 +1422,24 @@ enum State {
     Done,
 }
 
+/// How an answer's body read the raw way failed: its kind, and why (for
+/// the access log's `response body failed` line).
+#[derive(Debug)]
+pub struct BodyFailed {
+    /// What the failure counts as.
+    pub kind: ProxyError,
+    /// In words.
+    pub why: Cow<'static, str>,
+}
+
+impl std::fmt::Display for BodyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+impl std::error::Error for BodyFailed {}
+
 /// A response body read from a raw connection; the connection goes back to
 /// its endpoint's pool at the body's end when it may be used again, and is
 /// closed otherwise (or when the body is dropped before its end).
@@ -1450,11 +1469,21 @@ impl RawBody {
         }
     }
 
-    /// The body failed: the connection is closed.
-    fn fail(&mut self, kind: ProxyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    /// The body failed: the connection is closed; an answer HTTP does
+    /// not allow is said in the log (at most every 10 s an endpoint).
+    #[cold]
+    fn fail(
+        &mut self,
+        kind: ProxyError,
+        why: Cow<'static, str>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.state = State::Done;
-        self.conn = None;
-        Poll::Ready(Some(Err(Box::new(kind))))
+        if let Some((_, upstream)) = self.conn.take() {
+            if kind == ProxyError::UpstreamProtocol {
+                upstream.say_body_malformed(&why);
+            }
+        }
+        Poll::Ready(Some(Err(Box::new(BodyFailed { kind, why }))))
     }
 
     /// Up to `left` bytes of what is buffered.
@@ -1478,7 +1507,7 @@ impl Body for RawBody {
                 return Poll::Ready(None);
             }
             let Some(conn) = this.conn.as_mut().and_then(|(s, _)| s.raw_mut()) else {
-                return this.fail(ProxyError::UpstreamReset);
+                return this.fail(ProxyError::UpstreamReset, "the connection was gone".into());
             };
             // What is buffered first; a read only when it is not enough.
             let need_read = match &mut this.state {
@@ -1516,7 +1545,10 @@ impl Body for RawBody {
                                 || !crlf_lines(&conn.buf[..used])
                                 || conn.buf[..used - 1].contains(&b'\n')
                             {
-                                return this.fail(ProxyError::UpstreamProtocol);
+                                return this.fail(
+                                    ProxyError::UpstreamProtocol,
+                                    "a chunk size line not hex digits ended by CRLF".into(),
+                                );
                             }
                             conn.buf.advance(used);
                             *chunk = if size == 0 {
@@ -1527,10 +1559,18 @@ impl Body for RawBody {
                             false
                         }
                         Ok(httparse::Status::Partial) if conn.buf.len() > MAX_CHUNK_LINE => {
-                            return this.fail(ProxyError::UpstreamProtocol)
+                            return this.fail(
+                                ProxyError::UpstreamProtocol,
+                                "a chunk size line over 4 KiB".into(),
+                            )
                         }
                         Ok(httparse::Status::Partial) => true,
-                        Err(_) => return this.fail(ProxyError::UpstreamProtocol),
+                        Err(_) => {
+                            return this.fail(
+                                ProxyError::UpstreamProtocol,
+                                "a chunk size that is not a hex number".into(),
+                            )
+                        }
                     },
                     Chunk::Data(left) => {
                         if conn.buf.is_empty() {
@@ -1554,7 +1594,10 @@ impl Body for RawBody {
                             *chunk = Chunk::Size;
                             false
                         } else {
-                            return this.fail(ProxyError::UpstreamProtocol);
+                            return this.fail(
+                                ProxyError::UpstreamProtocol,
+                                "a chunk longer than its size said".into(),
+                            );
                         }
                     }
                     Chunk::Trailers => {
@@ -1570,7 +1613,10 @@ impl Body for RawBody {
                             Ok(httparse::Status::Complete((used, _)))
                                 if !crlf_lines(&conn.buf[..used]) =>
                             {
-                                return this.fail(ProxyError::UpstreamProtocol)
+                                return this.fail(
+                                    ProxyError::UpstreamProtocol,
+                                    "trailer lines ended by a bare LF".into(),
+                                )
                             }
                             Ok(httparse::Status::Complete((used, fields))) => {
                                 let mut trailers = HeaderMap::with_capacity(fields.len());
@@ -1579,7 +1625,11 @@ impl Body for RawBody {
                                         HeaderName::from_bytes(f.name.as_bytes()),
                                         HeaderValue::from_bytes(f.value),
                                     ) else {
-                                        return this.fail(ProxyError::UpstreamProtocol);
+                                        return this.fail(
+                                            ProxyError::UpstreamProtocol,
+                                            "a trailer field name or value HTTP does not allow"
+                                                .into(),
+                                        );
                                     };
                                     trailers.append(name, value);
                                 }
@@ -1588,10 +1638,18 @@ impl Body for RawBody {
                                 return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                             }
                             Ok(httparse::Status::Partial) if conn.buf.len() > MAX_TRAILERS => {
-                                return this.fail(ProxyError::UpstreamProtocol)
+                                return this.fail(
+                                    ProxyError::UpstreamProtocol,
+                                    "trailers over 16 KiB".into(),
+                                )
                             }
                             Ok(httparse::Status::Partial) => true,
-                            Err(_) => return this.fail(ProxyError::UpstreamProtocol),
+                            Err(_) => {
+                                return this.fail(
+                                    ProxyError::UpstreamProtocol,
+                                    "trailer fields that are not HTTP".into(),
+                                )
+                            }
                         }
                     }
                 },
@@ -1605,7 +1663,11 @@ impl Body for RawBody {
                     this.finish();
                     return Poll::Ready(None);
                 }
-                Ok(0) | Err(_) => return this.fail(ProxyError::UpstreamReset),
+                Ok(0) => {
+                    let why = "the connection closed before the body's end";
+                    return this.fail(ProxyError::UpstreamReset, why.into());
+                }
+                Err(e) => return this.fail(ProxyError::UpstreamReset, e.to_string().into()),
                 Ok(_) => {}
             }
         }
@@ -1728,7 +1790,7 @@ mod tests {
         let mut data = BytesMut::new();
         let mut trailers = None;
         while let Some(f) = body.frame().await {
-            let f = f.map_err(|e| *e.downcast::<ProxyError>().unwrap())?;
+            let f = f.map_err(|e| e.downcast::<BodyFailed>().unwrap().kind)?;
             match f.into_data() {
                 Ok(d) => data.extend_from_slice(&d),
                 Err(f) => trailers = f.into_trailers().ok(),

@@ -1218,6 +1218,20 @@ impl Upstream {
         ProxyError::UpstreamProtocol
     }
 
+    /// [`Upstream::say_malformed`] for an answer's body, after its head
+    /// went to the client (whose answer is then cut off).
+    #[cold]
+    pub fn say_body_malformed(&self, why: &dyn std::fmt::Display) {
+        if let Some(not_said) = self.malformed.due(crate::sparse::EVERY) {
+            tracing::warn!(
+                upstream = %self.label,
+                why = %why,
+                not_said,
+                "an upstream's answer's body was not HTTP veer reads: cut off (kind protocol)"
+            );
+        }
+    }
+
     /// Records a failed connect or a reset: the endpoint is skipped for a
     /// back-off that doubles with each consecutive failure.
     pub fn mark_failed(&self) {

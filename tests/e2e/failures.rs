@@ -804,3 +804,46 @@ async fn two_names_of_one_dead_address_fail_their_requests_and_nothing_else() {
     assert_eq!(resolved.len(), listed, "{status}");
     assert!(resolved.contains(&dead.to_string().as_str()), "{status}");
 }
+
+/// A body the upstream breaks after a good head (a chunk size line that is
+/// no number, a body cut short of its length) has its endpoint and why in
+/// its `response body failed` line, on veer's own reads and hyper's; an
+/// answer HTTP does not allow is said in the log as a broken head is (the
+/// kind alone said nothing of what was wrong, nor which endpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_bodys_line_says_why_and_which_endpoint() {
+    let bad_chunk: &'static [u8] =
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n\r\n";
+    let (bad_chunk, _, _) =
+        super::support::scripted_upstream(move |_, _| Some((bad_chunk, false))).await;
+    let short: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc";
+    let (short, _, _) = super::support::scripted_upstream(move |_, _| Some((short, true))).await;
+    for setting in ["", "upstream_http1 = \"hyper\"\n"] {
+        for (up, error, why) in [(bad_chunk, "protocol", "chunk size"), (short, "reset", "")] {
+            let config = route_config(&[up], &[], 0.0, "").replacen(
+                "[proxy]\n",
+                &format!("[proxy]\naccess_log = \"errors\"\n{setting}"),
+                1,
+            );
+            let veer = Veer::start(&config).await;
+            let mut c = Client::connect(veer.addr).await.unwrap();
+            assert!(c.get("/", &[]).await.is_err(), "{setting} {error}");
+            let lines = veer.logs_with_at_least("response body failed", 1).await;
+            let l = &lines[0];
+            assert_eq!(l["error"], error, "{setting} {l}");
+            assert_eq!(l["upstream"], up.to_string(), "{setting} {l}");
+            let said = l["why"].as_str().unwrap_or_default().to_lowercase();
+            assert!(!said.is_empty() && said.contains(why), "{setting} {l}");
+            let warned = veer.logs_with(
+                "an upstream's answer's body was not HTTP veer reads: cut off (kind protocol)",
+            );
+            if error == "protocol" {
+                assert_eq!(warned.len(), 1, "{setting} {}", veer.all_logs());
+                assert_eq!(warned[0]["upstream"], up.to_string(), "{}", warned[0]);
+                assert_eq!(warned[0]["why"], l["why"], "{}", warned[0]);
+            } else {
+                assert!(warned.is_empty(), "{setting} {}", veer.all_logs());
+            }
+        }
+    }
+}

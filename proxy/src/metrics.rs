@@ -67,6 +67,9 @@ pub struct Metrics {
     pub routes_awake: IntGauge,
     /// `veer_routing_rebuilds_total`: routing snapshots put in effect.
     pub routing_rebuilds: IntCounter,
+    /// `veer_state_persisted`: 1 while the last write of the state dir
+    /// reached the disk (see [`crate::persist::save`]).
+    pub state_persisted: IntGauge,
     /// `veer_tls_certificate_expiry_timestamp_seconds{certificate}`: when
     /// each certificate veer uses (served, or an upstream's client
     /// certificate) expires; also [`crate::tls::EXPIRY`].
@@ -372,6 +375,12 @@ impl Metrics {
             "veer_routing_rebuilds_total",
             "Routing snapshots put in effect (a reload, a decision, a seat, an endpoint's new address).",
         )?;
+        let state_persisted = IntGauge::new(
+            "veer_state_persisted",
+            "1 while the last write of the state dir reached the disk; 0 after one failed or had no answer in 5 s (decisions since would not survive a restart).",
+        )?;
+        // Nothing written yet: what is on disk is what was read at start.
+        state_persisted.set(1);
         let tls_expiry = IntGaugeVec::new(
             Opts::new(
                 "veer_tls_certificate_expiry_timestamp_seconds",
@@ -534,6 +543,7 @@ impl Metrics {
         registry.register(Box::new(parked_connections.clone()))?;
         registry.register(Box::new(routes_awake.clone()))?;
         registry.register(Box::new(routing_rebuilds.clone()))?;
+        registry.register(Box::new(state_persisted.clone()))?;
         registry.register(Box::new(tls_expiry.clone()))?;
         // Certificates are loaded where no metrics are at hand (an
         // upstream's client certificate, on a handshake): the process's
@@ -584,6 +594,7 @@ impl Metrics {
             parked_connections,
             routes_awake,
             routing_rebuilds,
+            state_persisted,
             tls_expiry,
             tls_handshakes: Handshakes {
                 full: tls_handshakes.with_label_values(&["full"]),

@@ -17,7 +17,8 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Writes `state` to `dir` on a blocking thread; false if that failed or
 /// gave no answer within 5 s (the write goes on, and no other starts until
 /// it returns: the next one after it writes the whole state again). The
-/// failure is kept for `/status` and logged once per distinct error (the
+/// failure is kept for `/status` (and `veer_state_persisted` is 0 until a
+/// write succeeds) and logged once per distinct error (the
 /// controller tries again every 10 s, and a read-only state dir should not
 /// flood the log); a success clears it.
 pub async fn save(shared: &Shared, state: State, dir: PathBuf) -> bool {
@@ -46,6 +47,11 @@ pub async fn save(shared: &Shared, state: State, dir: PathBuf) -> bool {
     if let Some(e) = error.as_ref().filter(|e| current.as_ref() != Some(*e)) {
         tracing::error!(error = %e, "could not persist decisions; they hold until restart only");
     }
+    // (The gauge first: `/status` never shows an error it does not.)
+    shared
+        .metrics
+        .state_persisted
+        .set(i64::from(error.is_none()));
     *current = error.clone();
     error.is_none()
 }

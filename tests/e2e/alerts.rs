@@ -105,6 +105,16 @@ impl Prometheus {
         }
     }
 
+    /// Polls until `query` has `n` series (scraped), for 60 s.
+    async fn wait_series(&self, query: &str, n: usize) {
+        self.wait_for(&format!("scraped {n} series of {query}"), |_| async {
+            let query = format!("/api/v1/query?query={}", url_encoded(query));
+            let data = self.api(&query).await;
+            data["result"].as_array().is_some_and(|r| r.len() == n)
+        })
+        .await;
+    }
+
     /// Polls `check` every 200 ms for 60 s.
     async fn wait_for<F, Fut>(&self, what: &str, check: F)
     where
@@ -483,13 +493,8 @@ async fn a_spent_retry_budget_holds_the_retry_alerts_condition() {
     let prom = Prometheus::start(veer.admin).await;
     // Exported at 0 before any retry: scraped once, the condition does not
     // hold.
-    let spent = "veer_retries_total{result=\"budget_spent\"}";
-    prom.wait_for("scraped the budget's refusals at 0", |_| async {
-        let query = format!("/api/v1/query?query={}", url_encoded(spent));
-        let data = prom.api(&query).await;
-        data["result"].as_array().is_some_and(|r| r.len() == 1)
-    })
-    .await;
+    prom.wait_series("veer_retries_total{result=\"budget_spent\"}", 1)
+        .await;
     prom.condition(
         "VeerRetryBudgetSpent",
         false,
@@ -524,4 +529,43 @@ async fn a_spent_retry_budget_holds_the_retry_alerts_condition() {
         )
         .await;
     assert_eq!(result[0]["metric"]["version"], "v1", "{result}");
+}
+
+/// A state dir veer cannot write (here its temporary file's name taken by
+/// a directory) holds `VeerStateNotPersisted`'s condition on real scrapes
+/// once a decision's write fails, and the write tried again once the
+/// disk takes it ends it: a revert that would not outlive a restart had
+/// only a log line and `/status` to say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_dir_that_cannot_be_written_holds_the_state_alerts_condition() {
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let veer = Veer::start(&route_config(&[s.addr], &[c.addr], 20.0, "")).await;
+    let prom = Prometheus::start(veer.admin).await;
+    prom.wait_series("veer_state_persisted", 1).await;
+    prom.condition(
+        "VeerStateNotPersisted",
+        false,
+        "stayed off before a write failed",
+    )
+    .await;
+    let blocker = veer.dir.path().join("state/.state.json.tmp");
+    std::fs::create_dir(&blocker).expect("a directory where the write's file goes");
+    // A revert is applied whether or not its write succeeds.
+    assert_eq!(
+        super::support::admin_post(&veer, "/routes/web/revert").await,
+        200
+    );
+    prom.condition("VeerStateNotPersisted", true, "held after the write failed")
+        .await;
+    std::fs::remove_dir(&blocker).expect("the directory removed");
+    prom.condition(
+        "VeerStateNotPersisted",
+        false,
+        "ended once the write was tried again and reached the disk",
+    )
+    .await;
+    let saved =
+        std::fs::read_to_string(veer.dir.path().join("state/state.json")).expect("state.json");
+    assert!(saved.contains("\"reverted\""), "{saved}");
 }

@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::support::{
-    admin_post, all_on, route_config, stuck_state_dir, unstick_state_dir, wait_verdict, Load,
-    Upstream, Veer,
+    admin_post, all_on, metric, route_config, stuck_state_dir, unstick_state_dir, wait_verdict,
+    Load, Upstream, Veer,
 };
 
 const JUDGE: &str = "[route.judge]\ninterval = \"200ms\"\nwindow = \"10s\"\nmin_requests = 20\n";
@@ -118,6 +118,9 @@ async fn the_judges_revert_is_written_behind_the_loop() {
         error.contains("no answer within") || error.contains("has not returned"),
         "{st}"
     );
+    // And the metric an alert reads.
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, "veer_state_persisted"), Some(0.0), "{m}");
 
     // The disk answers again (the stuck write fails): the next write, at
     // the 10 s evidence save, puts the revert on disk and clears the error.
@@ -135,4 +138,6 @@ async fn the_judges_revert_is_written_behind_the_loop() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let m = veer.metrics().await;
+    assert_eq!(metric(&m, "veer_state_persisted"), Some(1.0), "{m}");
 }

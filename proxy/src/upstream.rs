@@ -293,13 +293,15 @@ impl Connector {
     /// HTTP handshake). `h1_only`: offer only HTTP/1.1 (an upgrade).
     /// `permit` goes with the connection: an HTTP/2 connection's driver
     /// holds it until the connection ends, an HTTP/1.1 one is handed back
-    /// for the sender to hold.
+    /// for the sender to hold. A failed TCP connect or a timeout is said
+    /// in the log when `said` (an endpoint's) is given and due.
     pub async fn connect<B>(
         &self,
         addr: SocketAddr,
         timeout: Duration,
         h1_only: bool,
         permit: Option<OwnedSemaphorePermit>,
+        said: Option<&crate::sparse::Sparse>,
     ) -> Result<(Conn<B>, Option<OwnedSemaphorePermit>), ProxyError>
     where
         B: http_body::Body + Send + Unpin + 'static,
@@ -307,7 +309,7 @@ impl Connector {
         B::Error: Into<BoxError>,
     {
         let opened = tokio::time::timeout(timeout, async {
-            let stream = tcp(addr).await?;
+            let stream = tcp(addr, said).await?;
             match self {
                 Connector::H1 => handshake(stream, addr, false, permit).await,
                 Connector::H2c => {
@@ -339,24 +341,57 @@ impl Connector {
             }
         })
         .await;
-        opened.unwrap_or_else(|_| timed_out(addr))
+        opened.unwrap_or_else(|_| timed_out(addr, timeout, said))
     }
 }
 
-/// A TCP connection to an upstream, without Nagle's delay.
-async fn tcp(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| {
-        tracing::debug!(upstream = %addr, error = %e, "connect failed");
-        ProxyError::UpstreamConnect
-    })?;
+/// A TCP connection to an upstream, without Nagle's delay; a failure is
+/// said as [`connect_failed`] says it.
+async fn tcp(
+    addr: SocketAddr,
+    said: Option<&crate::sparse::Sparse>,
+) -> Result<TcpStream, ProxyError> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| connect_failed(addr, &e, said))?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }
 
-/// A connect that did not finish within its timeout.
-fn timed_out<T>(addr: SocketAddr) -> Result<T, ProxyError> {
-    tracing::debug!(upstream = %addr, "connect timed out");
-    Err(ProxyError::UpstreamConnect)
+/// A connect that did not finish within its `timeout`.
+fn timed_out<T>(
+    addr: SocketAddr,
+    timeout: Duration,
+    said: Option<&crate::sparse::Sparse>,
+) -> Result<T, ProxyError> {
+    let why = format_args!("no connection within {timeout:?}");
+    Err(connect_failed(addr, &why, said))
+}
+
+/// Says in the log (with `said`, an endpoint's: at most every 10 s, with
+/// the count not said since) that a connection to `addr` failed, and
+/// why: a refused connection, an unreachable network, a timeout. The
+/// access log's `connect` and the metrics said only that one had, and
+/// nginx's error log says each ("connect() failed (111: Connection
+/// refused) while connecting to upstream"). Without `said` (a smoke
+/// check, which reports its own), at debug level.
+#[cold]
+fn connect_failed(
+    addr: SocketAddr,
+    why: &dyn std::fmt::Display,
+    said: Option<&crate::sparse::Sparse>,
+) -> ProxyError {
+    match said.map(|s| s.due(crate::sparse::EVERY)) {
+        Some(Some(not_said)) => tracing::warn!(
+            upstream = %addr,
+            why = %why,
+            not_said,
+            "could not connect to an upstream endpoint (kind connect)"
+        ),
+        Some(None) => {}
+        None => tracing::debug!(upstream = %addr, why = %why, "connect failed"),
+    }
+    ProxyError::UpstreamConnect
 }
 
 /// Registry key besides the address: two routes naming one address with
@@ -891,6 +926,8 @@ pub struct Upstream {
     /// Its answers veer would not read, said in the log at most every
     /// 10 s ([`Upstream::say_malformed`]).
     malformed: crate::sparse::Sparse,
+    /// Its failed connects, said sparsely (see [`connect_failed`]).
+    connect_failed: crate::sparse::Sparse,
     failures: AtomicU32,
     /// Taken out by its route's active health check ([`crate::health`]).
     checked_out: AtomicBool,
@@ -1015,6 +1052,7 @@ impl Upstream {
             returned: Arc::new(Notify::new()),
             down_until_ms: AtomicU64::new(0),
             malformed: crate::sparse::Sparse::default(),
+            connect_failed: crate::sparse::Sparse::default(),
             failures: AtomicU32::new(0),
             checked_out: AtomicBool::new(false),
             check_failure: Mutex::new(None),
@@ -1577,9 +1615,10 @@ impl Upstream {
         raw: bool,
     ) -> Result<Sender, ProxyError> {
         if raw && !h1_only && matches!(self.connector, Connector::H1) {
-            let stream = tokio::time::timeout(timeout, tcp(self.addr))
+            let said = Some(&self.connect_failed);
+            let stream = tokio::time::timeout(timeout, tcp(self.addr, said))
                 .await
-                .unwrap_or_else(|_| timed_out(self.addr))?;
+                .unwrap_or_else(|_| timed_out(self.addr, timeout, said))?;
             return Ok(Sender {
                 inner: Inner::Raw(Box::new(crate::raw::RawConn::new(stream))),
                 tls: self.connector.is_tls(),
@@ -1595,6 +1634,7 @@ impl Upstream {
             timeout,
             h1_only,
             Some(permit),
+            Some(&self.connect_failed),
         ))
         .await?;
         let tls = self.connector.is_tls();

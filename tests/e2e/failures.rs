@@ -847,3 +847,26 @@ async fn a_broken_bodys_line_says_why_and_which_endpoint() {
         }
     }
 }
+
+/// A connect that fails is said in the log with its endpoint and why, as
+/// nginx's error log says each ("connect() failed (111: Connection
+/// refused)"): the access log's `connect` and the metrics said only that
+/// one had, and at the default level nothing said which endpoint or why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_connect_is_said_with_its_endpoint_and_why() {
+    let dead = dead_addr().await;
+    let veer = Veer::start(&route_config(&[dead], &[], 0.0, "")).await;
+    let r = get(veer.addr, "/", &[("x-user-id", "u")]).await.unwrap();
+    assert_eq!(r.status(), 502);
+    let lines = veer
+        .logs_with_at_least(
+            "could not connect to an upstream endpoint (kind connect)",
+            1,
+        )
+        .await;
+    let l = &lines[0];
+    assert_eq!(l["level"], "WARN", "{l}");
+    assert_eq!(l["upstream"], dead.to_string(), "{l}");
+    let why = l["why"].as_str().unwrap_or_default().to_lowercase();
+    assert!(why.contains("refused"), "{l}");
+}

@@ -230,7 +230,7 @@ async fn exchange(
     probe: Probe<'_>,
 ) -> Result<(u16, Bytes, Option<u8>), String> {
     let (conn, _) = connector
-        .connect::<Full<Bytes>>(addr, c.timeout, false, None)
+        .connect::<Full<Bytes>>(addr, c.timeout, false, None, None)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
     // A `host` among the check's headers is the one sent (a virtual host

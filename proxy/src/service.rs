@@ -1424,12 +1424,13 @@ impl Try<'_> {
                         w.timed_out();
                     }
                 }
+                let endpoint = used.load(std::sync::atomic::Ordering::Relaxed);
                 if let Some(o) = outlier {
                     // (A try that had no connection yet, `CONNECTING`,
                     // names no endpoint here.)
-                    let endpoint = used.load(std::sync::atomic::Ordering::Relaxed);
                     outlier_failed(route, version, o, endpoint, e, route_bound);
                 }
+                say_failed(version, endpoint, e, route_bound);
             }
             (Ok(()), Some((resp, _, upstream))) => {
                 upstream.mark_ok();
@@ -1808,6 +1809,29 @@ pub(crate) fn outlier_counted(
         }
         (Some(Ejection::Back), _) => back_in(route, version, upstream),
         _ => {}
+    }
+}
+
+/// Says in the log (at most every 10 s an endpoint, see
+/// [`Upstream::say_failed`]) that a try on a connection to the endpoint
+/// `used` (see [`Lent`]) was reset or got no answer within the route's
+/// timeout: with the access log off (its default) nothing else named the
+/// endpoint, where nginx's error log says each ("upstream prematurely
+/// closed connection", "upstream timed out"). A failed connect and a
+/// broken answer are said where they happen.
+#[cold]
+#[inline(never)]
+fn say_failed(version: &VersionTarget, used: usize, e: ProxyError, route_bound: bool) {
+    let timeout = match e {
+        ProxyError::UpstreamReset => false,
+        ProxyError::UpstreamTimeout if route_bound => true,
+        _ => return,
+    };
+    if used & CONNECTING != 0 {
+        return;
+    }
+    if let Some(u) = version.balancer.endpoints().get(used) {
+        u.say_failed(timeout);
     }
 }
 

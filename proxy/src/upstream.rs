@@ -928,6 +928,9 @@ pub struct Upstream {
     malformed: crate::sparse::Sparse,
     /// Its failed connects, said sparsely (see [`connect_failed`]).
     connect_failed: crate::sparse::Sparse,
+    /// Its resets and timeouts, said sparsely ([`Upstream::say_failed`]).
+    reset: crate::sparse::Sparse,
+    timed_out: crate::sparse::Sparse,
     failures: AtomicU32,
     /// Taken out by its route's active health check ([`crate::health`]).
     checked_out: AtomicBool,
@@ -1053,6 +1056,8 @@ impl Upstream {
             down_until_ms: AtomicU64::new(0),
             malformed: crate::sparse::Sparse::default(),
             connect_failed: crate::sparse::Sparse::default(),
+            reset: crate::sparse::Sparse::default(),
+            timed_out: crate::sparse::Sparse::default(),
             failures: AtomicU32::new(0),
             checked_out: AtomicBool::new(false),
             check_failure: Mutex::new(None),
@@ -1254,6 +1259,29 @@ impl Upstream {
             );
         }
         ProxyError::UpstreamProtocol
+    }
+
+    /// Says in the log (at most every 10 s for each kind, with the count
+    /// not said since) that a request's try was reset on a connection to
+    /// this endpoint, or (`timeout`) had no answer within its route's
+    /// timeout.
+    #[cold]
+    pub fn say_failed(&self, timeout: bool) {
+        if timeout {
+            if let Some(not_said) = self.timed_out.due(crate::sparse::EVERY) {
+                tracing::warn!(
+                    upstream = %self.label,
+                    not_said,
+                    "an upstream endpoint gave no answer within the route's timeout (kind timeout)"
+                );
+            }
+        } else if let Some(not_said) = self.reset.due(crate::sparse::EVERY) {
+            tracing::warn!(
+                upstream = %self.label,
+                not_said,
+                "an upstream endpoint closed or reset the connection before its answer (kind reset)"
+            );
+        }
     }
 
     /// [`Upstream::say_malformed`] for an answer's body, after its head

@@ -870,3 +870,35 @@ async fn a_failed_connect_is_said_with_its_endpoint_and_why() {
     let why = l["why"].as_str().unwrap_or_default().to_lowercase();
     assert!(why.contains("refused"), "{l}");
 }
+
+/// A try reset on its connection, or without an answer within the route's
+/// timeout, is said in the log with its endpoint (nginx's error log says
+/// each: "upstream prematurely closed connection", "upstream timed out"),
+/// with the access log off: nothing else named the endpoint then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_or_a_timeout_is_said_with_its_endpoint() {
+    // Closes each connection unanswered.
+    let (closing, _, _) = super::support::scripted_upstream(|_, _| None).await;
+    // Takes the request, answers nothing, keeps the connection.
+    let (silent, _, _) = super::support::scripted_upstream(|_, _| Some((b"", false))).await;
+    for (up, status, said) in [
+        (
+            closing,
+            502,
+            "an upstream endpoint closed or reset the connection before its answer (kind reset)",
+        ),
+        (
+            silent,
+            504,
+            "an upstream endpoint gave no answer within the route's timeout (kind timeout)",
+        ),
+    ] {
+        let veer = Veer::start(&route_config(&[up], &[], 0.0, "timeout = \"300ms\"\n")).await;
+        let r = get(veer.addr, "/", &[("x-user-id", "u")]).await.unwrap();
+        assert_eq!(r.status(), status, "{up}");
+        let lines = veer.logs_with_at_least(said, 1).await;
+        let l = &lines[0];
+        assert_eq!(l["level"], "WARN", "{l}");
+        assert_eq!(l["upstream"], up.to_string(), "{l}");
+    }
+}

@@ -260,6 +260,10 @@ pub struct EndpointStatus {
     /// out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ejected: Option<String>,
+    /// Why its last connect failed (refused, a timeout, a TLS handshake),
+    /// until a request to it is answered again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_error: Option<String>,
 }
 
 /// A rollout's progress.

@@ -110,6 +110,7 @@ fn version_status(v: &VersionTarget) -> VersionStatus {
                 healthy: u.is_healthy(),
                 health_check: u.check_failure(),
                 ejected: u.ejection(),
+                connect_error: u.connect_failure(),
             })
             .collect(),
     }
@@ -125,7 +126,11 @@ pub fn health_changed(snap: &Snapshot, shown: &HashMap<String, Arc<RouteStatus>>
                 .endpoints
                 .iter()
                 .zip(v.balancer.endpoints())
-                .any(|(s, u)| s.healthy != u.is_healthy() || s.health_check != u.check_failure())
+                .any(|(s, u)| {
+                    s.healthy != u.is_healthy()
+                        || s.health_check != u.check_failure()
+                        || s.connect_error != u.connect_failure()
+                })
     };
     snap.routes
         .iter()

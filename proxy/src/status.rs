@@ -388,6 +388,13 @@ pub fn render(v: &StatusDoc) -> String {
                         e.addr, ver.version
                     );
                 }
+                if let Some(why) = &e.connect_error {
+                    let _ = writeln!(
+                        out,
+                        "  endpoint {} of {} failing connects: {why}",
+                        e.addr, ver.version
+                    );
+                }
             }
         }
     }

@@ -293,15 +293,16 @@ impl Connector {
     /// HTTP handshake). `h1_only`: offer only HTTP/1.1 (an upgrade).
     /// `permit` goes with the connection: an HTTP/2 connection's driver
     /// holds it until the connection ends, an HTTP/1.1 one is handed back
-    /// for the sender to hold. A failed TCP connect or a timeout is said
-    /// in the log when `said` (an endpoint's) is given and due.
+    /// for the sender to hold. A failure is noted in `notes` (an
+    /// endpoint's) when given: why, for `/status`, and a failed TCP
+    /// connect or a timeout said in the log.
     pub async fn connect<B>(
         &self,
         addr: SocketAddr,
         timeout: Duration,
         h1_only: bool,
         permit: Option<OwnedSemaphorePermit>,
-        said: Option<&crate::sparse::Sparse>,
+        notes: Option<&ConnectFailures>,
     ) -> Result<(Conn<B>, Option<OwnedSemaphorePermit>), ProxyError>
     where
         B: http_body::Body + Send + Unpin + 'static,
@@ -309,7 +310,7 @@ impl Connector {
         B::Error: Into<BoxError>,
     {
         let opened = tokio::time::timeout(timeout, async {
-            let stream = tcp(addr, said).await?;
+            let stream = tcp(addr, notes).await?;
             match self {
                 Connector::H1 => handshake(stream, addr, false, permit).await,
                 Connector::H2c => {
@@ -327,6 +328,9 @@ impl Connector {
                             if let Some(skipped) = said.due(crate::sparse::EVERY) {
                                 tracing::warn!(upstream = %addr, server_name = ?name, error = %e, skipped, "TLS handshake with the upstream failed");
                             }
+                            if let Some(n) = notes {
+                                n.note(&format_args!("TLS handshake: {e}"));
+                            }
                             ProxyError::UpstreamConnect
                         })?;
                     let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -336,24 +340,56 @@ impl Connector {
                     if let Some(skipped) = said.due(crate::sparse::EVERY) {
                         tracing::warn!(upstream = %addr, error = %why, skipped, "the upstream's TLS set-up did not load");
                     }
+                    if let Some(n) = notes {
+                        n.note(&format_args!("the TLS set-up did not load: {why}"));
+                    }
                     Err(ProxyError::UpstreamConnect)
                 }
             }
         })
         .await;
-        opened.unwrap_or_else(|_| timed_out(addr, timeout, said))
+        opened.unwrap_or_else(|_| timed_out(addr, timeout, notes))
+    }
+}
+
+/// An endpoint's failed connects: each said in the log (at most every
+/// 10 s, see `connect_failed`), and the last one's reason kept for
+/// `/status` until a request is answered again.
+#[derive(Debug, Default)]
+pub struct ConnectFailures {
+    said: crate::sparse::Sparse,
+    last: Mutex<Option<Box<str>>>,
+}
+
+impl ConnectFailures {
+    /// Keeps `why` as the last failure's reason.
+    #[cold]
+    fn note(&self, why: &dyn std::fmt::Display) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string().into());
+    }
+
+    /// The last failure's reason, while it holds.
+    fn last(&self) -> Option<String> {
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            .map(str::to_string)
+    }
+
+    /// The endpoint answered again.
+    #[cold]
+    fn clear(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
 /// A TCP connection to an upstream, without Nagle's delay; a failure is
 /// said as [`connect_failed`] says it.
-async fn tcp(
-    addr: SocketAddr,
-    said: Option<&crate::sparse::Sparse>,
-) -> Result<TcpStream, ProxyError> {
+async fn tcp(addr: SocketAddr, notes: Option<&ConnectFailures>) -> Result<TcpStream, ProxyError> {
     let stream = TcpStream::connect(addr)
         .await
-        .map_err(|e| connect_failed(addr, &e, said))?;
+        .map_err(|e| connect_failed(addr, &e, notes))?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }
@@ -362,26 +398,30 @@ async fn tcp(
 fn timed_out<T>(
     addr: SocketAddr,
     timeout: Duration,
-    said: Option<&crate::sparse::Sparse>,
+    notes: Option<&ConnectFailures>,
 ) -> Result<T, ProxyError> {
     let why = format_args!("no connection within {timeout:?}");
-    Err(connect_failed(addr, &why, said))
+    Err(connect_failed(addr, &why, notes))
 }
 
-/// Says in the log (with `said`, an endpoint's: at most every 10 s, with
-/// the count not said since) that a connection to `addr` failed, and
-/// why: a refused connection, an unreachable network, a timeout. The
-/// access log's `connect` and the metrics said only that one had, and
-/// nginx's error log says each ("connect() failed (111: Connection
-/// refused) while connecting to upstream"). Without `said` (a smoke
-/// check, which reports its own), at debug level.
+/// Says in the log (with `notes`, an endpoint's: at most every 10 s, with
+/// the count not said since; and kept there for `/status`) that a
+/// connection to `addr` failed, and why: a refused connection, an
+/// unreachable network, a timeout. The access log's `connect` and the
+/// metrics said only that one had, and nginx's error log says each
+/// ("connect() failed (111: Connection refused) while connecting to
+/// upstream"). Without `notes` (a smoke check, which reports its own), at
+/// debug level.
 #[cold]
 fn connect_failed(
     addr: SocketAddr,
     why: &dyn std::fmt::Display,
-    said: Option<&crate::sparse::Sparse>,
+    notes: Option<&ConnectFailures>,
 ) -> ProxyError {
-    match said.map(|s| s.due(crate::sparse::EVERY)) {
+    if let Some(n) = notes {
+        n.note(why);
+    }
+    match notes.map(|n| n.said.due(crate::sparse::EVERY)) {
         Some(Some(not_said)) => tracing::warn!(
             upstream = %addr,
             why = %why,
@@ -926,8 +966,8 @@ pub struct Upstream {
     /// Its answers veer would not read, said in the log at most every
     /// 10 s ([`Upstream::say_malformed`]).
     malformed: crate::sparse::Sparse,
-    /// Its failed connects, said sparsely (see [`connect_failed`]).
-    connect_failed: crate::sparse::Sparse,
+    /// Its failed connects (see [`connect_failed`]).
+    connect_failed: ConnectFailures,
     /// Its resets and timeouts, said sparsely ([`Upstream::say_failed`]).
     reset: crate::sparse::Sparse,
     timed_out: crate::sparse::Sparse,
@@ -1055,7 +1095,7 @@ impl Upstream {
             returned: Arc::new(Notify::new()),
             down_until_ms: AtomicU64::new(0),
             malformed: crate::sparse::Sparse::default(),
-            connect_failed: crate::sparse::Sparse::default(),
+            connect_failed: ConnectFailures::default(),
             reset: crate::sparse::Sparse::default(),
             timed_out: crate::sparse::Sparse::default(),
             failures: AtomicU32::new(0),
@@ -1320,8 +1360,14 @@ impl Upstream {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
             self.down_until_ms.store(0, Ordering::Relaxed);
+            self.connect_failed.clear();
             self.health.change();
         }
+    }
+
+    /// Why its last connect failed, until it answers again (`/status`).
+    pub fn connect_failure(&self) -> Option<String> {
+        self.connect_failed.last()
     }
 
     /// Takes an idle connection that is still open, if there is one (for

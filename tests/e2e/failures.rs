@@ -852,9 +852,15 @@ async fn a_broken_bodys_line_says_why_and_which_endpoint() {
 /// nginx's error log says each ("connect() failed (111: Connection
 /// refused)"): the access log's `connect` and the metrics said only that
 /// one had, and at the default level nothing said which endpoint or why.
+/// `/status` and `veer status` say why too, until the endpoint answers
+/// again (an unhealthy endpoint had a reason there only when a health
+/// check or outlier detection took it out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_connect_is_said_with_its_endpoint_and_why() {
-    let dead = dead_addr().await;
+    // Bound, not listening (refused) until `listen` below.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead = socket.local_addr().unwrap();
     let veer = Veer::start(&route_config(&[dead], &[], 0.0, "")).await;
     let r = get(veer.addr, "/", &[("x-user-id", "u")]).await.unwrap();
     assert_eq!(r.status(), 502);
@@ -869,6 +875,64 @@ async fn a_failed_connect_is_said_with_its_endpoint_and_why() {
     assert_eq!(l["upstream"], dead.to_string(), "{l}");
     let why = l["why"].as_str().unwrap_or_default().to_lowercase();
     assert!(why.contains("refused"), "{l}");
+
+    let connect_error = |st: &serde_json::Value| {
+        st["routes"][0]["stable"]["endpoints"][0]["connect_error"]
+            .as_str()
+            .map(str::to_lowercase)
+    };
+    let start = std::time::Instant::now();
+    let st = loop {
+        let st = veer.status().await;
+        if connect_error(&st).is_some() {
+            break st;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "{st}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(
+        connect_error(&st).unwrap_or_default().contains("refused"),
+        "{st}"
+    );
+    let admin = veer.admin.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        super::support::veer_cli(&["status", "--admin", &admin])
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(
+        text.contains(&format!("endpoint {dead} of v1 failing connects:"))
+            && text.contains("refused"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The endpoint listens: once a request is answered, no reason is left.
+    let listener = socket.listen(64).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                while super::support::read_head(&mut s).await {
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let start = std::time::Instant::now();
+    loop {
+        let r = get(veer.addr, "/", &[("x-user-id", "u")]).await.unwrap();
+        let st = veer.status().await;
+        if r.status() == 200 && connect_error(&st).is_none() {
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "{st}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// A try reset on its connection, or without an answer within the route's

@@ -1102,6 +1102,17 @@ async fn tls_upstreams_are_verified_by_ca_and_name() {
             .logs_with_at_least("TLS handshake with the upstream failed", 1)
             .await
             .is_empty());
+        // `/status` says why the endpoint fails.
+        let start = std::time::Instant::now();
+        loop {
+            let st = v.status().await;
+            let why = st["routes"][0]["stable"]["endpoints"][0]["connect_error"].as_str();
+            if why.is_some_and(|w| w.starts_with("TLS handshake: ")) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "{st}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     // A handshake failing for every request is said once every 10 s,
     // not once a request (the next line counts those not said).

@@ -191,7 +191,7 @@ pub fn summary(path: &Path, c: &Config) -> String {
         };
         let _ = writeln!(
             out,
-            "  route {}  hosts {}  prefix {}  {}",
+            "  route {}  hosts {}  prefix {}  strategy {}",
             r.name,
             hosts,
             r.path_prefix,

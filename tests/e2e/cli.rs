@@ -232,7 +232,9 @@ fn check_accepts_the_reference_config() {
     );
     let summary = String::from_utf8_lossy(&out.stdout);
     assert!(
-        summary.contains("OK, 1 route(s)") && summary.contains("route checkout"),
+        summary.contains("OK, 1 route(s)")
+            && summary.contains("route checkout")
+            && summary.contains("strategy canary"),
         "{summary}"
     );
 }

@@ -41,6 +41,10 @@ pub fn route_status(
         canary: target.canary.as_ref().map(version_status),
         verdict: control.label(),
         reason: match control.reason() {
+            // (Not "0 canary requests, 50 each are needed": nothing waits.)
+            _ if target.canary.is_none() => {
+                "no canary: stable takes every request ([route.canary] starts a rollout)".into()
+            }
             _ if control.sharing() == Sharing::Waiting => {
                 "waiting for the fleet's decisions: the canary gets no traffic here until they are read".into()
             }

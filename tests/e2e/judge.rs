@@ -388,3 +388,29 @@ async fn idle_routes_sleep_and_a_failing_canary_beside_them_is_reverted_in_secon
         .count();
     assert_eq!(reverted, 1, "took {took:?}");
 }
+
+/// A route without a canary says so in `/status`: its reason was the
+/// judge's "window has 0 canary and N stable requests; 50 each are
+/// needed", as if a canary were waiting for traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_without_a_canary_says_so() {
+    let s = Upstream::start("stable").await;
+    let veer = Veer::start(&(route_config(&[s.addr], &[], 0.0, "") + JUDGE)).await;
+    for i in 0..5 {
+        let r = super::support::get(veer.addr, "/", &[("x-user-id", &format!("u{i}"))])
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // Past a judge interval (200 ms) with requests in its window.
+    let route = wait_route(&veer, "judged", Duration::from_secs(10), |r| {
+        r["window"]["stable"]["requests"].as_u64() >= Some(5)
+    })
+    .await;
+    let reason = route["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("no canary: stable takes every request"),
+        "{route}"
+    );
+    assert!(route["canary"].is_null(), "{route}");
+}

@@ -3,7 +3,11 @@
 //! `%2e` is `.`), runs of slashes merged into one (unless `[proxy]
 //! merge_slashes = false`, as nginx's), then dot-segments are removed
 //! (§5.2.4). A path that would climb above the root, or that carries an
-//! encoded NUL (`%00`), is refused (400).
+//! encoded NUL (`%00`), is refused (400), as is a dot-segment with path
+//! parameters (`..;x`, `.;`): servlet containers (Tomcat, Jetty, Spring)
+//! drop a segment's `;` parameters before its dots, so to them
+//! `/public/..;/admin` is `/admin`, which veer's prefix routing would
+//! have sent to `/public`'s route, past `/admin`'s `allow_from`.
 //! Encoded reserved characters (`%2F`, `%3F`, ...) stay encoded: they are
 //! data, not structure. So `/t/../admin`, `/t/%2e%2e/admin`, `//admin`
 //! and `/admin` all route, and reach the upstream, as `/admin`, and a
@@ -16,7 +20,8 @@ use std::borrow::Cow;
 
 /// Why a path was refused: it climbs above the root, or it carries an
 /// encoded NUL (`%00`, which nginx refuses too: a service in C, or one
-/// that hands paths to the file system, reads the path as ending there).
+/// that hands paths to the file system, reads the path as ending there),
+/// or a dot-segment with path parameters (`..;`, see the module's doc).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Escapes;
 
@@ -108,6 +113,7 @@ pub fn normalize(path: &str, merge: bool) -> Result<Cow<'_, str>, Escapes> {
         match *seg {
             "" if merge => trailing_slash = i == last,
             "." => trailing_slash = i == last,
+            s if s.starts_with(".;") || s.starts_with("..;") => return Err(Escapes),
             ".." => {
                 if out.pop().is_none() {
                     return Err(Escapes);
@@ -185,6 +191,12 @@ mod tests {
             "/%2e%2e/x",
             "/a%00b",
             "/a/%00/../b",
+            // Dot-segments with parameters: `/admin` to a servlet container.
+            "/public/..;/admin",
+            "/public/..;x=1/admin",
+            "/public/%2e%2e;/admin",
+            "/public/.;/admin",
+            "/a/b/..;",
         ] {
             assert_eq!(normalize(bad, true), Err(Escapes), "{bad}");
         }

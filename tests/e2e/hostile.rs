@@ -331,6 +331,16 @@ async fn paths_are_normalised_before_prefix_routing() {
         status_of(veer.addr, get("/t/../../admin/%2e%2e/x").as_bytes()).await,
         400
     );
+    // A servlet container reads `/t/..;/admin` as `/admin` (it drops a
+    // segment's `;` parameters before its dots): refused, not sent to
+    // `/`'s route past `/admin`'s.
+    for tricked in ["/t/..;/admin", "/t/%2e%2e;jsessionid=1/admin", "/t/.;/x"] {
+        assert_eq!(
+            status_of(veer.addr, get(tricked).as_bytes()).await,
+            400,
+            "{tricked}"
+        );
+    }
     assert_eq!(
         (
             admin.requests.load(std::sync::atomic::Ordering::SeqCst),

@@ -264,6 +264,10 @@ pub struct EndpointStatus {
     /// until a request to it is answered again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_error: Option<String>,
+    /// Why it is in back-off after failed tries (connects, resets in a
+    /// row), and for how long, while it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub back_off: Option<String>,
 }
 
 /// A rollout's progress.

@@ -312,11 +312,11 @@ mod tests {
         let second = b.endpoints()[b.fallback(&pick).expect("fallback")].clone();
         assert_ne!(first.addr(), second.addr());
         assert_eq!(b.first_choice(key), Some(first.addr()));
-        first.mark_failed();
+        first.mark_failed(crate::error::ProxyError::UpstreamConnect);
         let again = b.pick(key).expect("pick");
         assert_eq!(b.endpoints()[again.first()].addr(), second.addr());
         for u in b.endpoints() {
-            u.mark_failed();
+            u.mark_failed(crate::error::ProxyError::UpstreamReset);
         }
         let last = b.pick(key).expect("pick");
         assert_eq!(b.endpoints()[last.first()].addr(), first.addr());

@@ -635,7 +635,7 @@ async fn exchange(
         .await
         .inspect_err(|e| {
             if *e != ProxyError::Overloaded {
-                endpoint.mark_failed();
+                endpoint.mark_failed(*e);
             }
         })?;
     if sender.is_raw() {
@@ -677,7 +677,7 @@ fn raw_answer(
         }
         Err(e) => {
             if matches!(e, ProxyError::UpstreamReset | ProxyError::UpstreamConnect) {
-                endpoint.mark_failed();
+                endpoint.mark_failed(e);
             }
             Err(e)
         }

@@ -115,6 +115,7 @@ fn version_status(v: &VersionTarget) -> VersionStatus {
                 health_check: u.check_failure(),
                 ejected: u.ejection(),
                 connect_error: u.connect_failure(),
+                back_off: u.back_off(),
             })
             .collect(),
     }
@@ -134,6 +135,7 @@ pub fn health_changed(snap: &Snapshot, shown: &HashMap<String, Arc<RouteStatus>>
                     s.healthy != u.is_healthy()
                         || s.health_check != u.check_failure()
                         || s.connect_error != u.connect_failure()
+                        || s.back_off != u.back_off()
                 })
     };
     snap.routes

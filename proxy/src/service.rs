@@ -1958,7 +1958,7 @@ fn exchange<'a>(
             // The cap is not the endpoint failing: no back-off, no retry elsewhere.
             Err(e @ (ProxyError::Overloaded | ProxyError::UpgradeUnsupported)) => return Err(e),
             Err(e) => {
-                first.mark_failed();
+                first.mark_failed(e);
                 version.metrics.upstream_error(0);
                 let Some((index, second)) = version
                     .balancer
@@ -1979,7 +1979,7 @@ fn exchange<'a>(
                         return Err(e)
                     }
                     Err(e) => {
-                        second.mark_failed();
+                        second.mark_failed(e);
                         return Err(e);
                     }
                 }
@@ -2030,7 +2030,7 @@ fn exchange<'a>(
                     // As on hyper's path: a reset, or the fresh connection
                     // for a second try not opening, is the endpoint failing.
                     if matches!(e, ProxyError::UpstreamReset | ProxyError::UpstreamConnect) {
-                        upstream.mark_failed();
+                        upstream.mark_failed(e);
                     }
                     Err(e)
                 }
@@ -2119,7 +2119,7 @@ async fn resend(
     let Some(req) = message else {
         let kind = ProxyError::from_hyper(e.error());
         if kind == ProxyError::UpstreamReset {
-            upstream.mark_failed();
+            upstream.mark_failed(kind);
         }
         if kind == ProxyError::UpstreamProtocol {
             return Err(upstream.say_malformed(e.error()));
@@ -2133,7 +2133,7 @@ async fn resend(
         .await
         .inspect_err(|e| {
             if *e != ProxyError::Overloaded {
-                upstream.mark_failed()
+                upstream.mark_failed(*e)
             }
         })?;
     let resp = fresh.send_request(req).await?;

@@ -395,6 +395,13 @@ pub fn render(v: &StatusDoc) -> String {
                         e.addr, ver.version
                     );
                 }
+                if let Some(why) = &e.back_off {
+                    let _ = writeln!(
+                        out,
+                        "  endpoint {} of {} backing off: {why}",
+                        e.addr, ver.version
+                    );
+                }
             }
         }
     }

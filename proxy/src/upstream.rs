@@ -196,6 +196,11 @@ const STALE_AFTER: Duration = Duration::from_millis(100);
 const BACKOFF_BASE_MS: u64 = 1_000;
 /// Longest back-off.
 const BACKOFF_MAX_MS: u64 = 30_000;
+
+/// The back-off after `before` failures in a row and one more.
+fn backoff_ms(before: u32) -> u64 {
+    (BACKOFF_BASE_MS << before.min(16)).min(BACKOFF_MAX_MS)
+}
 /// Streams veer runs at once on one HTTP/2 connection before it opens
 /// another (under the endpoint's connection cap). The server's own
 /// `SETTINGS_MAX_CONCURRENT_STREAMS` still applies below it.
@@ -971,7 +976,10 @@ pub struct Upstream {
     /// Its resets and timeouts, said sparsely ([`Upstream::say_failed`]).
     reset: crate::sparse::Sparse,
     timed_out: crate::sparse::Sparse,
+    /// Failed tries in a row (connects, resets), each a longer back-off.
     failures: AtomicU32,
+    /// How the last of them failed (a reset, else a connect).
+    last_reset: AtomicBool,
     /// Taken out by its route's active health check ([`crate::health`]).
     checked_out: AtomicBool,
     /// Why, while it is.
@@ -1099,6 +1107,7 @@ impl Upstream {
             reset: crate::sparse::Sparse::default(),
             timed_out: crate::sparse::Sparse::default(),
             failures: AtomicU32::new(0),
+            last_reset: AtomicBool::new(false),
             checked_out: AtomicBool::new(false),
             check_failure: Mutex::new(None),
             outlier: Outlier::default(),
@@ -1338,12 +1347,14 @@ impl Upstream {
         }
     }
 
-    /// Records a failed connect or a reset: the endpoint is skipped for a
-    /// back-off that doubles with each consecutive failure.
-    pub fn mark_failed(&self) {
-        let n = self.failures.fetch_add(1, Ordering::Relaxed).min(16);
-        let backoff = (BACKOFF_BASE_MS << n).min(BACKOFF_MAX_MS);
-        let until = self.now_ms() + backoff;
+    /// Records a failed connect or a reset (`failed`, which says which):
+    /// the endpoint is skipped for a back-off that doubles with each
+    /// consecutive failure.
+    pub fn mark_failed(&self, failed: ProxyError) {
+        self.last_reset
+            .store(failed == ProxyError::UpstreamReset, Ordering::Relaxed);
+        let n = self.failures.fetch_add(1, Ordering::Relaxed);
+        let until = self.now_ms() + backoff_ms(n);
         self.down_until_ms.store(until, Ordering::Relaxed);
         self.health
             .backoff_end_ms
@@ -1363,6 +1374,26 @@ impl Upstream {
             self.connect_failed.clear();
             self.health.change();
         }
+    }
+
+    /// Why it is in back-off after failed tries, while it is (`/status`):
+    /// how many in a row, how the last failed, and for how long.
+    pub fn back_off(&self) -> Option<String> {
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        if until == 0 || self.now_ms() >= until {
+            return None;
+        }
+        let n = self.failures.load(Ordering::Relaxed).max(1);
+        let last = if self.last_reset.load(Ordering::Relaxed) {
+            "closed or reset before its answer"
+        } else {
+            "a failed connect"
+        };
+        let tries = if n == 1 { "try" } else { "tries" };
+        Some(format!(
+            "{n} failed {tries} in a row (the last: {last}): out of picks for {}s, unless no other endpoint of its version is healthy",
+            backoff_ms(n - 1) / 1_000
+        ))
     }
 
     /// Why its last connect failed, until it answers again (`/status`).
@@ -2025,10 +2056,28 @@ mod tests {
             Arc::default(),
         );
         assert!(u.is_healthy());
-        u.mark_failed();
+        assert_eq!(u.back_off(), None);
+        u.mark_failed(ProxyError::UpstreamConnect);
         assert!(!u.is_healthy());
+        assert_eq!(
+            u.back_off().as_deref(),
+            Some("1 failed try in a row (the last: a failed connect): out of picks for 1s, unless no other endpoint of its version is healthy")
+        );
+        u.mark_failed(ProxyError::UpstreamReset);
+        u.mark_failed(ProxyError::UpstreamReset);
+        assert_eq!(
+            u.back_off().as_deref(),
+            Some("3 failed tries in a row (the last: closed or reset before its answer): out of picks for 4s, unless no other endpoint of its version is healthy")
+        );
+        for _ in 0..20 {
+            u.mark_failed(ProxyError::UpstreamConnect);
+        }
+        assert!(u
+            .back_off()
+            .is_some_and(|why| why.starts_with("23 failed tries") && why.contains("for 30s")));
         u.mark_ok();
         assert!(u.is_healthy());
+        assert_eq!(u.back_off(), None);
     }
 
     fn endpoints(n: u16) -> Vec<Arc<Upstream>> {

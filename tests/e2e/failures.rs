@@ -966,3 +966,67 @@ async fn a_reset_or_a_timeout_is_said_with_its_endpoint() {
         assert_eq!(l["upstream"], up.to_string(), "{l}");
     }
 }
+
+/// An endpoint in back-off after failed tries (here resets: it closes each
+/// connection unanswered) says why in `/status` and `veer status`: how
+/// many in a row, how the last failed, for how long. It showed `healthy:
+/// false` and nothing else. An answer ends it.
+#[tokio::test]
+async fn an_endpoint_in_back_off_says_why() {
+    let (up, _, _) = super::support::scripted_upstream(|line, _| {
+        line.contains("/ok")
+            .then_some((b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false))
+    })
+    .await;
+    let veer = Veer::start(&route_config(&[up], &[], 0.0, "")).await;
+    // Five in a row: a back-off of 16 s, which a busy machine's
+    // publishing cannot outlast.
+    for _ in 0..5 {
+        let r = get(veer.addr, "/fail", &[("x-user-id", "u")])
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502);
+    }
+    let endpoint = |st: &serde_json::Value| st["routes"][0]["stable"]["endpoints"][0].clone();
+    let want = "5 failed tries in a row (the last: closed or reset before its answer): out of picks for 16s";
+    let start = std::time::Instant::now();
+    loop {
+        let st = veer.status().await;
+        let e = endpoint(&st);
+        if e["back_off"]
+            .as_str()
+            .is_some_and(|why| why.starts_with(want))
+        {
+            assert_eq!(e["healthy"], false, "{st}");
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "{st}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let admin = veer.admin.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        super::support::veer_cli(&["status", "--admin", &admin])
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("endpoint {up} of v1 backing off: {want}")),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Still its version's only endpoint, it is tried; its answer ends it.
+    let r = get(veer.addr, "/ok", &[("x-user-id", "u")]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let start = std::time::Instant::now();
+    loop {
+        let st = veer.status().await;
+        let e = endpoint(&st);
+        if e["back_off"].is_null() && e["healthy"] == true {
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "{st}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -293,7 +293,7 @@ async fn a_resting_controller_still_shows_an_endpoint_failing_and_recovering() {
         .members()
         .next()
         .expect("an endpoint");
-    upstream.mark_failed();
+    upstream.mark_failed(crate::error::ProxyError::UpstreamConnect);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(stable_healthy(&shared), Some(false));
     upstream.mark_ok();

@@ -302,8 +302,8 @@ fn body_failure(e: &BoxError) -> ProxyError {
 /// A body error in words, its causes' too (hyper's says "error reading a
 /// body from connection", its cause what was wrong).
 fn body_failure_why(e: &BoxError) -> String {
-    if e.is::<BodyTimeout>() {
-        return "nothing came for body_timeout".to_string();
+    if let Some(BodyTimeout(idle)) = e.downcast_ref::<BodyTimeout>() {
+        return format!("nothing came for {idle:?} (body_timeout)");
     }
     let mut why = e.to_string();
     let mut cause = e.source();
@@ -329,6 +329,9 @@ pub struct UpstreamBody {
     grpc: Option<GrpcCall>,
     /// Logged if the upstream breaks the body off.
     log: Option<Box<BodyLine>>,
+    /// A client's answer (see [`UpstreamBody::at_end`]), not a body veer
+    /// reads for itself (a mirrored copy's, a retried answer's discarded).
+    answering: bool,
 }
 
 impl UpstreamBody {
@@ -364,6 +367,7 @@ impl UpstreamBody {
             pending: None,
             grpc: None,
             log: None,
+            answering: false,
         }
     }
 
@@ -407,6 +411,7 @@ impl UpstreamBody {
         self.pending = pending;
         self.grpc = call;
         self.log = line;
+        self.answering = true;
         if self.inner.is_end_stream() {
             self.grpc_ended(None);
             if let Some(p) = self.pending.take() {
@@ -471,12 +476,19 @@ impl Body for UpstreamBody {
                 if let Some(p) = self.pending.take() {
                     p.finish(Some(failure));
                 }
-                let hypers = failure == ProxyError::UpstreamProtocol && e.is::<hyper::Error>();
-                if self.log.is_some() || hypers {
+                // Said in the log with its endpoint: hyper's connection's,
+                // or (a stall) the raw body's. (veer's own reads said
+                // theirs, see `crate::raw`.)
+                let endpoint = match (&conn, &self.inner.inner) {
+                    _ if !self.answering => None,
+                    (Some((_, u)), _) => Some(u.clone()),
+                    (None, UpBody::Right(raw)) if e.is::<BodyTimeout>() => raw.upstream().cloned(),
+                    _ => None,
+                };
+                if self.log.is_some() || endpoint.is_some() {
                     let why = body_failure_why(e);
-                    // (veer's own reads said theirs, see `crate::raw`.)
-                    if let (true, Some((_, u))) = (hypers, &conn) {
-                        u.say_body_malformed(&why);
+                    if let Some(u) = endpoint {
+                        u.say_body_failed(failure, &why);
                     }
                     if let Some(l) = self.log.take() {
                         l.failed(failure, &why);

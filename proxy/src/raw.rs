@@ -1450,6 +1450,11 @@ pub struct RawBody {
 }
 
 impl RawBody {
+    /// The endpoint it is read from, until it ends or fails.
+    pub(crate) fn upstream(&self) -> Option<&Arc<Upstream>> {
+        self.conn.as_ref().map(|(_, u)| u)
+    }
+
     /// The body ended: the connection goes back to the pool if its
     /// response ended exactly.
     fn finish(&mut self) {
@@ -1469,8 +1474,9 @@ impl RawBody {
         }
     }
 
-    /// The body failed: the connection is closed; an answer HTTP does
-    /// not allow is said in the log (at most every 10 s an endpoint).
+    /// The body failed: the connection is closed, and the failure said
+    /// in the log (at most every 10 s an endpoint and kind, see
+    /// [`Upstream::say_body_failed`]).
     #[cold]
     fn fail(
         &mut self,
@@ -1479,9 +1485,7 @@ impl RawBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.state = State::Done;
         if let Some((_, upstream)) = self.conn.take() {
-            if kind == ProxyError::UpstreamProtocol {
-                upstream.say_body_malformed(&why);
-            }
+            upstream.say_body_failed(kind, &why);
         }
         Poll::Ready(Some(Err(Box::new(BodyFailed { kind, why }))))
     }

@@ -1333,17 +1333,46 @@ impl Upstream {
         }
     }
 
-    /// [`Upstream::say_malformed`] for an answer's body, after its head
-    /// went to the client (whose answer is then cut off).
+    /// Says in the log that an answer's body broke off (`kind`, and `why`
+    /// in words) after its head went to the client, whose answer is then
+    /// cut off: not HTTP veer reads (`protocol`), the connection closed or
+    /// reset (`reset`), nothing for `[proxy] body_timeout`
+    /// (`timeout`). Within the budgets of [`Upstream::say_malformed`] and
+    /// [`Upstream::say_failed`]: one line per 10 s an endpoint and kind.
     #[cold]
-    pub fn say_body_malformed(&self, why: &dyn std::fmt::Display) {
-        if let Some(not_said) = self.malformed.due(crate::sparse::EVERY) {
-            tracing::warn!(
-                upstream = %self.label,
-                why = %why,
-                not_said,
-                "an upstream's answer's body was not HTTP veer reads: cut off (kind protocol)"
-            );
+    pub fn say_body_failed(&self, kind: ProxyError, why: &dyn std::fmt::Display) {
+        match kind {
+            ProxyError::UpstreamProtocol => {
+                if let Some(not_said) = self.malformed.due(crate::sparse::EVERY) {
+                    tracing::warn!(
+                        upstream = %self.label,
+                        why = %why,
+                        not_said,
+                        "an upstream's answer's body was not HTTP veer reads: cut off (kind protocol)"
+                    );
+                }
+            }
+            ProxyError::UpstreamReset => {
+                if let Some(not_said) = self.reset.due(crate::sparse::EVERY) {
+                    tracing::warn!(
+                        upstream = %self.label,
+                        why = %why,
+                        not_said,
+                        "an upstream endpoint closed or reset the connection in its answer's body (kind reset)"
+                    );
+                }
+            }
+            ProxyError::UpstreamTimeout => {
+                if let Some(not_said) = self.timed_out.due(crate::sparse::EVERY) {
+                    tracing::warn!(
+                        upstream = %self.label,
+                        why = %why,
+                        not_said,
+                        "an upstream endpoint's answer's body stalled (kind timeout)"
+                    );
+                }
+            }
+            _ => {}
         }
     }
 

@@ -806,10 +806,11 @@ async fn two_names_of_one_dead_address_fail_their_requests_and_nothing_else() {
 }
 
 /// A body the upstream breaks after a good head (a chunk size line that is
-/// no number, a body cut short of its length) has its endpoint and why in
-/// its `response body failed` line, on veer's own reads and hyper's; an
-/// answer HTTP does not allow is said in the log as a broken head is (the
-/// kind alone said nothing of what was wrong, nor which endpoint).
+/// no number, a body cut short of its length, a body gone silent) has its
+/// endpoint and why in its `response body failed` line, on veer's own
+/// reads and hyper's; and each is said in the log at the default level,
+/// as a broken head, a reset or a timeout before the head are (the kind
+/// alone said nothing of what was wrong, nor which endpoint).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_bodys_line_says_why_and_which_endpoint() {
     let bad_chunk: &'static [u8] =
@@ -818,11 +819,28 @@ async fn a_broken_bodys_line_says_why_and_which_endpoint() {
         super::support::scripted_upstream(move |_, _| Some((bad_chunk, false))).await;
     let short: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc";
     let (short, _, _) = super::support::scripted_upstream(move |_, _| Some((short, true))).await;
+    // Its body's first bytes, then nothing (the connection kept).
+    let stall: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc";
+    let (stall, _, _) = super::support::scripted_upstream(move |_, _| Some((stall, false))).await;
+    let warnings = [
+        "an upstream's answer's body was not HTTP veer reads: cut off (kind protocol)",
+        "an upstream endpoint closed or reset the connection in its answer's body (kind reset)",
+        "an upstream endpoint's answer's body stalled (kind timeout)",
+    ];
     for setting in ["", "upstream_http1 = \"hyper\"\n"] {
-        for (up, error, why) in [(bad_chunk, "protocol", "chunk size"), (short, "reset", "")] {
+        for (up, error, why, warning) in [
+            (bad_chunk, "protocol", "chunk size", warnings[0]),
+            (short, "reset", "", warnings[1]),
+            (
+                stall,
+                "timeout",
+                "nothing came for 300ms (body_timeout)",
+                warnings[2],
+            ),
+        ] {
             let config = route_config(&[up], &[], 0.0, "").replacen(
                 "[proxy]\n",
-                &format!("[proxy]\naccess_log = \"errors\"\n{setting}"),
+                &format!("[proxy]\naccess_log = \"errors\"\nbody_timeout = \"300ms\"\n{setting}"),
                 1,
             );
             let veer = Veer::start(&config).await;
@@ -834,15 +852,18 @@ async fn a_broken_bodys_line_says_why_and_which_endpoint() {
             assert_eq!(l["upstream"], up.to_string(), "{setting} {l}");
             let said = l["why"].as_str().unwrap_or_default().to_lowercase();
             assert!(!said.is_empty() && said.contains(why), "{setting} {l}");
-            let warned = veer.logs_with(
-                "an upstream's answer's body was not HTTP veer reads: cut off (kind protocol)",
-            );
-            if error == "protocol" {
-                assert_eq!(warned.len(), 1, "{setting} {}", veer.all_logs());
-                assert_eq!(warned[0]["upstream"], up.to_string(), "{}", warned[0]);
-                assert_eq!(warned[0]["why"], l["why"], "{}", warned[0]);
-            } else {
-                assert!(warned.is_empty(), "{setting} {}", veer.all_logs());
+            // Said at the default level too, with the endpoint and why.
+            let warned = veer.logs_with_at_least(warning, 1).await;
+            assert_eq!(warned.len(), 1, "{setting} {}", veer.all_logs());
+            assert_eq!(warned[0]["level"], "WARN", "{}", warned[0]);
+            assert_eq!(warned[0]["upstream"], up.to_string(), "{}", warned[0]);
+            assert_eq!(warned[0]["why"], l["why"], "{}", warned[0]);
+            for other in warnings.iter().filter(|w| **w != warning) {
+                assert!(
+                    veer.logs_with(other).is_empty(),
+                    "{setting} {}",
+                    veer.all_logs()
+                );
             }
         }
     }

@@ -78,3 +78,96 @@ pub async fn saved(saving: &mut Option<Saving>) -> bool {
         None => std::future::pending().await,
     }
 }
+
+/// The file in `[state] dir` whose lock says a veer writes that dir.
+pub const LOCK_FILE: &str = "lock";
+
+/// `[state] dir` held by this process alone while it runs: an exclusive
+/// `flock` on `dir/lock`, which holds this process's id. The kernel lets
+/// it go when the process ends, however it ends.
+#[derive(Debug)]
+pub struct DirLock {
+    _held: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Another process holds the state dir's lock.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the state dir {} is in use by another veer{}: two writing one state would each overwrite the other's decisions (a revert among them) at every write; stop it, or give this one a [state] dir of its own",
+    .dir.display(),
+    .holder.map(|pid| format!(" (process {pid})")).unwrap_or_default()
+)]
+pub struct DirInUse {
+    /// The dir.
+    pub dir: PathBuf,
+    /// The holder's process id, as it wrote it (in its own PID namespace).
+    pub holder: Option<u32>,
+}
+
+/// Takes `dir`'s lock (creating `dir`), or says who holds it. Blocking.
+/// Where no lock can be taken (a read-only or full volume, a file system
+/// without `flock`) veer runs all the same, as before the lock: the log
+/// says so, and its writes there fail and say so as any would
+/// (`veer_state_persisted`).
+pub fn lock_dir(dir: &std::path::Path) -> Result<Option<DirLock>, DirInUse> {
+    use std::io::Write as _;
+    let path = dir.join(LOCK_FILE);
+    let opened = std::fs::create_dir_all(dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+    });
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "the state dir's lock could not be taken: another veer given this dir would not be stopped");
+            return Ok(None);
+        }
+    };
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(held) => {
+            let mut f: &std::fs::File = &held;
+            let _ = f
+                .set_len(0)
+                .and_then(|()| writeln!(f, "{}", std::process::id()));
+            Ok(Some(DirLock { _held: held }))
+        }
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(DirInUse {
+            dir: dir.to_path_buf(),
+            holder: std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok()),
+        }),
+        Err((_, e)) => {
+            tracing::warn!(path = %path.display(), error = %e, "the state dir's lock could not be taken: another veer given this dir would not be stopped");
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_holder_of_a_state_dir_at_a_time() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = dir.path().join("state");
+        let held = lock_dir(&state).expect("free").expect("a lock");
+        let e = lock_dir(&state).expect_err("held");
+        assert_eq!(e.holder, Some(std::process::id()));
+        assert!(
+            e.to_string().starts_with(&format!(
+                "the state dir {} is in use by another veer (process {}): ",
+                state.display(),
+                std::process::id()
+            )),
+            "{e}"
+        );
+        drop(held);
+        assert!(lock_dir(&state).expect("free again").is_some());
+    }
+}

@@ -71,6 +71,9 @@ pub enum RunError {
     /// The admin token could not be read or made.
     #[error("{0}")]
     Token(#[from] crate::token::TokenError),
+    /// Another process holds `[state] dir`.
+    #[error("{0}")]
+    StateDirInUse(#[from] crate::persist::DirInUse),
 }
 
 /// A config file read and validated.
@@ -215,6 +218,11 @@ pub async fn run(
     let for_dns = config.clone();
     let resolve = tokio::task::spawn_blocking(move || snapshot::resolve(&for_dns));
     let addrs = start_step("resolving the endpoints' host names", resolve).await??;
+    // First of all that writes there: one process a state dir (see
+    // `persist::lock_dir`); held until this returns, after the last write.
+    let state_dir = config.state.dir.clone();
+    let lock = tokio::task::spawn_blocking(move || crate::persist::lock_dir(&state_dir));
+    let _state_lock = start_step("the state dir's lock", lock).await??;
     let (token_file, state_dir) = (config.admin.token_file.clone(), config.state.dir.clone());
     let token =
         tokio::task::spawn_blocking(move || crate::token::load(token_file.as_deref(), &state_dir));

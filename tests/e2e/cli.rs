@@ -286,6 +286,72 @@ fn run_refuses_an_invalid_config_with_exit_1() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("veer.toml:2:11: invalid listen address"));
 }
 
+/// One veer a state dir: a second given the same `[state] dir` (two
+/// services on one host, both on the default /var/lib/veer) stops at
+/// start with exit 1, saying which process holds it, and the first runs
+/// on. Two writing one `state.json` each overwrote the other's decisions
+/// at every write, a revert among them, and wrote its temporary file
+/// under the other. Once the first has stopped, the dir is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_dir_another_veer_holds_stops_the_start() {
+    let up = Upstream::start("v1").await;
+    let mut first = Veer::start(&route_config(&[up.addr], &[], 0.0, "")).await;
+    let state = first.dir.path().join("state");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("veer.toml");
+    let config = route_config(&[up.addr], &[], 0.0, "");
+    std::fs::write(
+        &path,
+        config.replace("@STATE@", &state.display().to_string()),
+    )
+    .unwrap();
+    // Bounded: a second veer that started would run on.
+    let mut second = Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = second.kill();
+            panic!("a second veer on the same state dir started");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(1));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!(
+            "veer: the state dir {} is in use by another veer (process {}): ",
+            state.display(),
+            first.pid()
+        )),
+        "{err}"
+    );
+    let r = get(first.addr, "/", &[]).await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    first.terminate();
+    assert!(first
+        .wait_exit(std::time::Duration::from_secs(60))
+        .await
+        .success());
+    let second = Veer::start_in(dir, path).await;
+    let r = get(second.addr, "/", &[]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        std::fs::read_to_string(state.join("lock")).unwrap().trim(),
+        second.pid().to_string()
+    );
+}
+
 /// A listen address another process holds stops the start with exit 1,
 /// saying why once (the bind's error was said twice: in veer's message
 /// and again as its cause).

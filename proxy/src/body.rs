@@ -214,7 +214,7 @@ impl BodyLine {
             grpc_status: self.grpc_status,
             retries: self.retries,
         }
-        .line(self.status, None);
+        .line(self.status, None, None);
     }
 
     /// The body broke off (`why`, in words): the request's line, then one

@@ -496,6 +496,12 @@ pub fn handle(
                 }
                 on_answer(resp.headers_mut(), cors, minted, &route);
                 if let Some(head) = &head {
+                    // A failed connect's reason: its endpoint's last (said
+                    // in the log and `/status` too).
+                    let why = served_by
+                        .get()
+                        .filter(|_| e == ProxyError::UpstreamConnect)
+                        .and_then(|u| u.connect_failure());
                     Logged {
                         head,
                         request_id: rid,
@@ -510,7 +516,7 @@ pub fn handle(
                         grpc_status: None,
                         retries: retried.sent(),
                     }
-                    .line(e.status().as_u16(), Some(e.kind()));
+                    .line(e.status().as_u16(), Some(e.kind()), why.as_deref());
                 }
                 resp
             }
@@ -756,7 +762,7 @@ impl Drop for Waiting<'_> {
                 grpc_status: None,
                 retries: self.retried.sent(),
             }
-            .line(499, Some(ProxyError::ClientClosed.kind()));
+            .line(499, Some(ProxyError::ClientClosed.kind()), None);
         }
         match self.retried.failed.get() {
             // Left while a failed try was being sent again: the version
@@ -825,9 +831,10 @@ pub(crate) struct Logged<'a> {
 }
 
 impl Logged<'_> {
-    /// One line (target `veer::access`). The path only: a query string
-    /// may carry credentials.
-    pub(crate) fn line(&self, status: u16, error: Option<&'static str>) {
+    /// One line (target `veer::access`), with the failure's kind
+    /// (`error`) and `why` in words when known. The path only: a query
+    /// string may carry credentials.
+    pub(crate) fn line(&self, status: u16, error: Option<&'static str>, why: Option<&str>) {
         crate::access::line("request", |f| {
             f.str("route", self.route)
                 .str("version", self.version)
@@ -839,6 +846,7 @@ impl Logged<'_> {
                 .addr("client", self.client)
                 .opt_str("upstream", self.upstream)
                 .str("error", error.unwrap_or(""))
+                .opt_str("why", why)
                 .opt_str("request_id", self.request_id.and_then(|v| v.to_str().ok()))
                 .u64("bytes", self.bytes)
                 .millis("total_ms", self.total_micros);

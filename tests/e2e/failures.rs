@@ -871,8 +871,9 @@ async fn a_broken_bodys_line_says_why_and_which_endpoint() {
 
 /// A connect that fails is said in the log with its endpoint and why, as
 /// nginx's error log says each ("connect() failed (111: Connection
-/// refused)"): the access log's `connect` and the metrics said only that
-/// one had, and at the default level nothing said which endpoint or why.
+/// refused)"), and its access log line has the why too: the access log's
+/// `connect` and the metrics said only that one had, and at the default
+/// level nothing said which endpoint or why.
 /// `/status` and `veer status` say why too, until the endpoint answers
 /// again (an unhealthy endpoint had a reason there only when a health
 /// check or outlier detection took it out).
@@ -882,9 +883,21 @@ async fn a_failed_connect_is_said_with_its_endpoint_and_why() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let dead = socket.local_addr().unwrap();
-    let veer = Veer::start(&route_config(&[dead], &[], 0.0, "")).await;
+    let config = route_config(&[dead], &[], 0.0, "").replacen(
+        "[proxy]\n",
+        "[proxy]\naccess_log = \"errors\"\n",
+        1,
+    );
+    let veer = Veer::start(&config).await;
     let r = get(veer.addr, "/", &[("x-user-id", "u")]).await.unwrap();
     assert_eq!(r.status(), 502);
+    // The access log's line says why too.
+    let lines = veer.logs_with_at_least("request", 1).await;
+    let l = &lines[0];
+    assert_eq!(l["error"], "connect", "{l}");
+    assert_eq!(l["upstream"], dead.to_string(), "{l}");
+    let why = l["why"].as_str().unwrap_or_default().to_lowercase();
+    assert!(why.contains("refused"), "{l}");
     let lines = veer
         .logs_with_at_least(
             "could not connect to an upstream endpoint (kind connect)",

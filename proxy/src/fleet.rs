@@ -466,6 +466,7 @@ impl Fleet {
             endpoint: xxhash_rust::xxh3::xxh3_64(replica.as_bytes()) as usize,
             judging: None,
             unjudged: Arc::new(Mutex::new(HashMap::new())),
+            instance: format!("{:016x}", fastrand::u64(..)),
         };
         tokio::spawn(agent.run(requests));
         Ok((
@@ -608,6 +609,9 @@ struct Agent {
     judging: Option<BTreeSet<String>>,
     /// Pools the collector found judged by no member, and since when.
     unjudged: Arc<Mutex<HashMap<String, u64>>>,
+    /// This process's own mark in its member key: a key of its name with
+    /// another is another process's (see [`Agent::claim_membership`]).
+    instance: String,
 }
 
 /// Why a session with the store ended.
@@ -684,12 +688,73 @@ impl Agent {
     /// The member key's value: who this replica is and, once the
     /// controller said, the pools it judges.
     fn member_value(&self) -> String {
-        let mut m =
-            serde_json::json!({ "replica": self.replica, "version": env!("CARGO_PKG_VERSION") });
+        let mut m = serde_json::json!({
+            "replica": self.replica,
+            "version": env!("CARGO_PKG_VERSION"),
+            "instance": self.instance,
+        });
         if let Some(pools) = &self.judging {
             m["pools"] = serde_json::json!(pools);
         }
         m.to_string()
+    }
+
+    /// Writes this replica's member key under `lease`, unless another
+    /// process holds a key of its name: two replicas of one name would
+    /// write one evidence log under it (each batch's sequence the other's)
+    /// and take each other's seats, and the fleet's pooled tests would
+    /// count wrong. That replica stays out (as one that cannot reach the
+    /// store: decisions it reads are applied, its reverts published, no
+    /// evidence or seat of its own) until the key is gone: at once if the
+    /// other leaves, or its lease's 10 s after a crash of this replica's
+    /// previous process.
+    async fn claim_membership(
+        &self,
+        client: &mut Client,
+        member_key: &str,
+        lease: i64,
+    ) -> Result<(), Ended> {
+        let e = |what: &str, e: etcd_client::Error| Ended::Error(format!("{what}: {}", said(&e)));
+        let put = || {
+            TxnOp::put(
+                member_key,
+                self.member_value(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+        };
+        let claim = Txn::new()
+            .when([Compare::create_revision(member_key, CompareOp::Equal, 0)])
+            .and_then([put()])
+            .or_else([TxnOp::get(member_key, None)]);
+        let done = client
+            .txn(claim)
+            .await
+            .map_err(|x| e("writing the member key", x))?;
+        if done.succeeded() {
+            return Ok(());
+        }
+        let held_by = done.op_responses().into_iter().find_map(|r| match r {
+            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
+                serde_json::from_slice::<serde_json::Value>(kv.value())
+                    .ok()
+                    .and_then(|v| v["instance"].as_str().map(str::to_string))
+                    .unwrap_or_default()
+            }),
+            _ => None,
+        });
+        match held_by {
+            // Gone meanwhile, or this process's own from a session before.
+            None => Err(Ended::Error("the member key changed while it was claimed".into())),
+            Some(i) if i == self.instance => client
+                .put(member_key, self.member_value(), Some(PutOptions::new().with_lease(lease)))
+                .await
+                .map(drop)
+                .map_err(|x| e("writing the member key", x)),
+            Some(other) => Err(Ended::Error(format!(
+                "another veer is in the fleet as replica {:?} (instance {other}): each replica needs a name of its own ([fleet] replica); this one stays out until that member key is gone (its lease, 10 s, runs out after its process ends)",
+                self.replica
+            ))),
+        }
     }
 
     fn unreachable(&self) -> String {
@@ -809,10 +874,8 @@ impl Agent {
             Err(x) => return e("watching the fleet's decisions", x),
         };
         self.members.insert(self.replica.clone());
-        self.set_connected(true, None);
-        *backoff = BACKOFF.0;
-        tracing::info!(fleet = %self.settings.name, replica = %self.replica, revision = self.revision, "connected to the fleet store");
-        // Decisions first (a revert waiting for the store), then membership.
+        // Decisions first (a revert waiting for the store, published even
+        // by a replica kept out below), then membership.
         if let Err(x) = self.flush(&mut client).await {
             return Ended::Error(x);
         }
@@ -822,16 +885,15 @@ impl Agent {
             Err(x) => return e("granting the member lease", x),
         };
         let member_key = format!("{}members/{}", self.prefix, self.replica);
-        if let Err(x) = client
-            .put(
-                member_key.as_str(),
-                self.member_value(),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await
-        {
-            return e("writing the member key", x);
+        if let Err(ended) = self.claim_membership(&mut client, &member_key, lease).await {
+            let _ = client.lease_revoke(lease).await;
+            return ended;
         }
+        // Connected once a member (a replica kept out retries as one that
+        // cannot reach the store, its back-off growing).
+        self.set_connected(true, None);
+        *backoff = BACKOFF.0;
+        tracing::info!(fleet = %self.settings.name, replica = %self.replica, revision = self.revision, "connected to the fleet store");
         let (mut keeper, mut kept) = match client.lease_keep_alive(lease).await {
             Ok(k) => k,
             Err(x) => return e("keeping the member lease", x),

@@ -662,3 +662,47 @@ async fn a_replica_that_found_every_seat_taken_holds_the_canary_while_etcd_is_do
     )
     .await;
 }
+
+/// Two replicas given one name (`[fleet] replica`: two veers on one host
+/// both on the host name): the second stays out of the fleet, saying why,
+/// instead of writing one evidence log and taking seats under the first's
+/// name; a revert it takes still reaches the fleet. Once the first has
+/// left (its member key revoked as it stops), the second joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_replica_of_one_name_stays_out_until_the_first_has_left() {
+    let etcd = Etcd::single().await;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let ep = etcd.endpoints();
+    let mut first = Veer::start(&replica_config(&s, &c, 50.0, &ep, "r1", "")).await;
+    wait_synced(&first).await;
+    let second = Veer::start(&replica_config(&s, &c, 50.0, &ep, "r1", "")).await;
+    wait_for(&second, "kept out", Duration::from_secs(20), |_, f| {
+        f["last_error"].as_str().is_some_and(|e| {
+            e.starts_with("another veer is in the fleet as replica \"r1\" (instance ")
+        })
+    })
+    .await;
+    let fleet = second.status().await["fleet"].clone();
+    assert_eq!(fleet["connected"], false, "{fleet}");
+    let fleet = first.status().await["fleet"].clone();
+    assert_eq!(fleet["connected"], true, "{fleet}");
+    assert_eq!(fleet["members"], serde_json::json!(["r1"]), "{fleet}");
+
+    // Toward stable is never blocked: its revert reaches the first.
+    assert_eq!(admin_post(&second, "/routes/web/revert").await, 200);
+    wait_for(
+        &first,
+        "the kept-out replica's revert",
+        Duration::from_secs(20),
+        |r, _| reverted(r),
+    )
+    .await;
+
+    first.terminate();
+    assert!(first.wait_exit(Duration::from_secs(60)).await.success());
+    wait_for(&second, "joined", Duration::from_secs(30), |_, f| {
+        f["connected"] == true && f["members"] == serde_json::json!(["r1"])
+    })
+    .await;
+}

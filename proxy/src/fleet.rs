@@ -620,6 +620,9 @@ enum Ended {
     Closed,
     /// An error: reconnect.
     Error(String),
+    /// Another process holds this replica's name: try again later (see
+    /// [`Agent::claim_membership`]).
+    KeptOut(String),
     /// The watch's history was compacted: read everything again.
     Compacted,
 }
@@ -643,6 +646,10 @@ impl Agent {
                 }
                 Ended::Error(e) => {
                     tracing::warn!(fleet = %self.settings.name, error = %e, retry_in = ?backoff, "fleet store unreachable; reverts are taken here and published later, other actions are refused");
+                    lock(&self.status).last_error = Some(e);
+                }
+                Ended::KeptOut(e) => {
+                    tracing::warn!(fleet = %self.settings.name, replica = %self.replica, error = %e, retry_in = ?backoff, "kept out of the fleet: another veer holds this replica's name; its reverts are published, other actions are refused");
                     lock(&self.status).last_error = Some(e);
                 }
             }
@@ -750,7 +757,7 @@ impl Agent {
                 .await
                 .map(drop)
                 .map_err(|x| e("writing the member key", x)),
-            Some(other) => Err(Ended::Error(format!(
+            Some(other) => Err(Ended::KeptOut(format!(
                 "another veer is in the fleet as replica {:?} (instance {other}): each replica needs a name of its own ([fleet] replica); this one stays out until that member key is gone (its lease, 10 s, runs out after its process ends)",
                 self.replica
             ))),

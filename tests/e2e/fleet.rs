@@ -685,6 +685,13 @@ async fn a_second_replica_of_one_name_stays_out_until_the_first_has_left() {
     .await;
     let fleet = second.status().await["fleet"].clone();
     assert_eq!(fleet["connected"], false, "{fleet}");
+    let said = second
+        .logs_with_at_least(
+            "kept out of the fleet: another veer holds this replica's name; its reverts are published, other actions are refused",
+            1,
+        )
+        .await;
+    assert_eq!(said[0]["replica"], "r1", "{}", said[0]);
     let fleet = first.status().await["fleet"].clone();
     assert_eq!(fleet["connected"], true, "{fleet}");
     assert_eq!(fleet["members"], serde_json::json!(["r1"]), "{fleet}");

@@ -18,6 +18,14 @@
 # configs' directory (deleted after the run): what an access log costs
 # each, in the same rounds.
 #
+# AB=PATH adds "veer-ab": another veer binary (an earlier commit's build,
+# or the same code built another way), judge on, in the same rounds, and
+# pairs it against "veer" as well as nginx. Two builds measured in separate
+# runs on this host differ by the host's moment as much as by their code
+# (session 63: 0.795x to 1.007x of nginx across runs of one commit); in one
+# run's rounds they share it. AB=target/release/veer against the -p build
+# (or a copy of the same file) gives the floor: what two equal builds differ.
+#
 # After the peers' table, benches/paired.py compares each target with nginx
 # round by round (the targets of a round share the host's moment): the
 # median ratio with its confidence interval, the way to read a few percent
@@ -94,6 +102,12 @@ if [ "${LOG:-0}" = 1 ]; then
   nginx_log nginx-logb $((BASE_PORT + 26)) "buffer=32k flush=50ms"
   trap 'rm -f "$CFG_DIR"/*access*.log' EXIT
 fi
+if [ -n "${AB:-}" ]; then
+  [ -x "$AB" ] || { echo "AB=$AB: not an executable file" >&2; exit 2; }
+  AB=$(cd "$(dirname "$AB")" && pwd)/$(basename "$AB")
+  config veer-ab $((BASE_PORT + 27)) $((BASE_PORT + 28)) enforce
+  extra+=("veer-ab=127.0.0.1:$((BASE_PORT + 27))=$AB run --config $CFG_DIR/veer-ab.toml")
+fi
 targets=(
   "veer=127.0.0.1:$((BASE_PORT + 13))=$ROOT/target/release/veer run --config $CFG_DIR/veer.toml"
   "veer-off=127.0.0.1:$((BASE_PORT + 15))=$ROOT/target/release/veer run --config $CFG_DIR/veer-off.toml"
@@ -120,3 +134,7 @@ done
 export RUN_DIR=${RUN_DIR:-$(mktemp -d /tmp/peers-bench.XXXXXX)}
 RUST_LOG=warn bash "$PEERS" "${args[@]}" "${targets[@]}"
 python3 "$HERE/paired.py" "$RUN_DIR" | tee -a "$RUN_DIR/table.md"
+if [ -n "${AB:-}" ]; then
+  echo "veer-ab: $AB" | tee -a "$RUN_DIR/table.md"
+  python3 "$HERE/paired.py" "$RUN_DIR" veer | tee -a "$RUN_DIR/table.md"
+fi

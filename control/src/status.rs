@@ -55,6 +55,12 @@ pub struct FleetStatus {
     pub revision: i64,
     /// The last error talking to the store.
     pub last_error: Option<String>,
+    /// Kept out of the fleet: another process holds this replica's name
+    /// (`[fleet] replica`); its member key stays the other's until that
+    /// one's lease runs out. Set when a try to join ended so, cleared when
+    /// a try ends otherwise or joins.
+    #[serde(default)]
+    pub kept_out: bool,
 }
 
 /// The TLS listeners' certificates and client verification.

@@ -371,6 +371,8 @@ pub struct FleetMetrics {
     pub connected: IntGauge,
     /// `veer_fleet_members`.
     pub members: IntGauge,
+    /// `veer_fleet_kept_out`.
+    pub kept_out: IntGauge,
     /// `veer_fleet_decisions_total{route,action,source}`.
     pub decisions: IntCounterVec,
     /// `veer_fleet_propagation_seconds`.
@@ -390,6 +392,10 @@ impl FleetMetrics {
             "veer_fleet_members",
             "Replicas of the fleet with a live member key.",
         )?;
+        let kept_out = IntGauge::new(
+            "veer_fleet_kept_out",
+            "1 while this replica is kept out of the fleet because another veer holds its name ([fleet] replica).",
+        )?;
         let decisions = IntCounterVec::new(
             Opts::new(
                 "veer_fleet_decisions_total",
@@ -408,6 +414,7 @@ impl FleetMetrics {
         )?;
         m.register(Box::new(connected.clone()))?;
         m.register(Box::new(members.clone()))?;
+        m.register(Box::new(kept_out.clone()))?;
         m.register(Box::new(decisions.clone()))?;
         let collected = IntCounter::new(
             "veer_fleet_collected_keys_total",
@@ -418,6 +425,7 @@ impl FleetMetrics {
         Ok(FleetMetrics {
             connected,
             members,
+            kept_out,
             decisions,
             propagation,
             collected,
@@ -636,6 +644,7 @@ impl Agent {
                 Err(e) => Ended::Error(e),
             };
             self.set_connected(false, None);
+            self.set_kept_out(matches!(ended, Ended::KeptOut(_)));
             self.endpoint = self.endpoint.wrapping_add(1);
             match ended {
                 Ended::Closed => return,
@@ -898,6 +907,7 @@ impl Agent {
         }
         // Connected once a member (a replica kept out retries as one that
         // cannot reach the store, its back-off growing).
+        self.set_kept_out(false);
         self.set_connected(true, None);
         *backoff = BACKOFF.0;
         tracing::info!(fleet = %self.settings.name, replica = %self.replica, revision = self.revision, "connected to the fleet store");
@@ -1233,6 +1243,14 @@ impl Agent {
         self.metrics.members.set(self.members.len() as i64);
         lock(&self.status).members = self.members.iter().cloned().collect();
         let _ = self.news.send(FromAgent::Status);
+    }
+
+    /// Whether the last try to join ended with this replica's name held
+    /// by another process (`veer_fleet_kept_out`, `/status`
+    /// `fleet.kept_out`).
+    fn set_kept_out(&self, kept_out: bool) {
+        self.metrics.kept_out.set(i64::from(kept_out));
+        lock(&self.status).kept_out = kept_out;
     }
 
     fn set_connected(&self, connected: bool, error: Option<String>) {

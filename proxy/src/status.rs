@@ -170,6 +170,8 @@ pub fn render(v: &StatusDoc) -> String {
             f.replica,
             if f.connected {
                 "connected"
+            } else if f.kept_out {
+                "KEPT OUT (another veer holds this replica's name)"
             } else {
                 "NOT connected"
             },

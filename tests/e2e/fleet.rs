@@ -685,6 +685,17 @@ async fn a_second_replica_of_one_name_stays_out_until_the_first_has_left() {
     .await;
     let fleet = second.status().await["fleet"].clone();
     assert_eq!(fleet["connected"], false, "{fleet}");
+    assert_eq!(fleet["kept_out"], true, "{fleet}");
+    let m = second.metrics().await;
+    assert_eq!(metric(&m, "veer_fleet_kept_out"), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "veer_fleet_connected"), Some(0.0), "{m}");
+    let text = veer_status_table(&second).await;
+    assert!(
+        text.contains(
+            "fleet checkout (etcd) as r1: KEPT OUT (another veer holds this replica's name)"
+        ),
+        "{text}"
+    );
     let said = second
         .logs_with_at_least(
             "kept out of the fleet: another veer holds this replica's name; its reverts are published, other actions are refused",
@@ -694,7 +705,10 @@ async fn a_second_replica_of_one_name_stays_out_until_the_first_has_left() {
     assert_eq!(said[0]["replica"], "r1", "{}", said[0]);
     let fleet = first.status().await["fleet"].clone();
     assert_eq!(fleet["connected"], true, "{fleet}");
+    assert_eq!(fleet["kept_out"], false, "{fleet}");
     assert_eq!(fleet["members"], serde_json::json!(["r1"]), "{fleet}");
+    let m = first.metrics().await;
+    assert_eq!(metric(&m, "veer_fleet_kept_out"), Some(0.0), "{m}");
 
     // Toward stable is never blocked: its revert reaches the first.
     assert_eq!(admin_post(&second, "/routes/web/revert").await, 200);
@@ -712,4 +726,7 @@ async fn a_second_replica_of_one_name_stays_out_until_the_first_has_left() {
         f["connected"] == true && f["members"] == serde_json::json!(["r1"])
     })
     .await;
+    assert_eq!(second.status().await["fleet"]["kept_out"], false);
+    let m = second.metrics().await;
+    assert_eq!(metric(&m, "veer_fleet_kept_out"), Some(0.0), "{m}");
 }

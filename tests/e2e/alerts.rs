@@ -2,7 +2,9 @@
 //! (Debian's `prometheus`, which `.ci/run` installs) scrapes a real veer
 //! every second with `deploy/prometheus/veer-alerts.yaml` through a revert
 //! and a rejected reload, and both alerts fire; and through a canary that
-//! hangs behind impatient clients, which fires the page for it.
+//! hangs behind impatient clients, which fires the page for it. Others
+//! hold their alert's condition on the state they are about (an endpoint
+//! out, a state dir unwritable, a fleet replica kept out).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -568,4 +570,54 @@ async fn a_state_dir_that_cannot_be_written_holds_the_state_alerts_condition() {
     let saved =
         std::fs::read_to_string(veer.dir.path().join("state/state.json")).expect("state.json");
     assert!(saved.contains("\"reverted\""), "{saved}");
+}
+
+/// Two replicas given one name (`[fleet] replica`): the second, kept out
+/// of the fleet, holds `VeerFleetReplicaNameTaken`'s condition on real
+/// scrapes and not `VeerFleetStoreUnreachable`'s (its etcd answers: that
+/// alert would send an operator to a healthy store), until the first
+/// leaves and it joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_kept_out_for_its_name_holds_the_name_alerts_condition_not_the_stores() {
+    let etcd = super::support::etcd::Etcd::single().await;
+    let s = Upstream::start("stable").await;
+    let c = Upstream::start("canary").await;
+    let config = route_config(&[s.addr], &[c.addr], 20.0, "")
+        + &format!(
+            "[fleet]\nstore = \"etcd\"\nendpoints = [{}]\nname = \"checkout\"\nreplica = \"r1\"\n",
+            etcd.endpoints()
+        );
+    let mut first = Veer::start(&config).await;
+    let start = Instant::now();
+    while first.status().await["fleet"]["connected"] != true {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the first replica never joined: {}",
+            first.status().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = Veer::start(&config).await;
+    let prom = Prometheus::start(second.admin).await;
+    prom.condition(
+        "VeerFleetReplicaNameTaken",
+        true,
+        "held while another veer held the name",
+    )
+    .await;
+    prom.condition(
+        "VeerFleetStoreUnreachable",
+        false,
+        "stayed off while the store answered",
+    )
+    .await;
+    first.terminate();
+    assert!(first.wait_exit(Duration::from_secs(60)).await.success());
+    prom.condition(
+        "VeerFleetReplicaNameTaken",
+        false,
+        "ended once the name was free and the replica joined",
+    )
+    .await;
+    assert_eq!(second.status().await["fleet"]["connected"], true);
 }

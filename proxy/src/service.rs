@@ -497,11 +497,17 @@ pub fn handle(
                 on_answer(resp.headers_mut(), cors, minted, &route);
                 if let Some(head) = &head {
                     // A failed connect's reason: its endpoint's last (said
-                    // in the log and `/status` too).
-                    let why = served_by
-                        .get()
-                        .filter(|_| e == ProxyError::UpstreamConnect)
-                        .and_then(|u| u.connect_failure());
+                    // in the log and `/status` too); a timeout's: which
+                    // deadline passed.
+                    let why = match e {
+                        ProxyError::UpstreamConnect => {
+                            served_by.get().and_then(|u| u.connect_failure())
+                        }
+                        ProxyError::UpstreamTimeout => {
+                            Some(timed_out_why(&route, timeout, elapsed))
+                        }
+                        _ => None,
+                    };
                     Logged {
                         head,
                         request_id: rid,
@@ -1817,6 +1823,25 @@ pub(crate) fn outlier_counted(
         }
         (Some(Ejection::Back), _) => back_in(route, version, upstream),
         _ => {}
+    }
+}
+
+/// The access log's `why` of a request that had no answer's head in time
+/// (a 504): the route's `timeout` (`timeout`, which ran `elapsed`), or, on
+/// a route that sends a slow try again, its last try's `try_timeout` when
+/// the route's had not passed (no try left, or the retry budget spent).
+#[cold]
+#[inline(never)]
+fn timed_out_why(
+    route: &RouteTarget,
+    timeout: std::time::Duration,
+    elapsed: std::time::Duration,
+) -> String {
+    match route.retry.as_ref().and_then(|r| r.settings.try_timeout) {
+        Some(t) if elapsed < timeout => {
+            format!("the last try had no answer within {t:?} ([route.retry] try_timeout)")
+        }
+        _ => format!("no answer within {timeout:?} ([route] timeout)"),
     }
 }
 

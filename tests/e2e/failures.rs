@@ -762,7 +762,32 @@ async fn a_failed_requests_access_log_line_names_the_endpoint_it_went_to() {
         let l = &lines[0];
         assert_eq!(l["error"], error, "{l}");
         assert_eq!(l["upstream"], up.to_string(), "{l}");
+        if status == 504 {
+            // Which deadline passed, with its setting.
+            assert_eq!(l["why"], "no answer within 300ms ([route] timeout)", "{l}");
+        }
     }
+    // A route that sends a slow try again: its last try's deadline passed
+    // before the route's (two tries of 100 ms within 5 s).
+    let veer = Veer::start(
+        &route_config(
+            &[silent],
+            &[],
+            0.0,
+            "timeout = \"5s\"\n[route.retry]\non = [\"timeout\"]\nretries = 1\ntry_timeout = \"100ms\"\n",
+        )
+        .replacen("[proxy]\n", "[proxy]\naccess_log = \"errors\"\n", 1),
+    )
+    .await;
+    let r = get(veer.addr, "/", &[]).await.unwrap();
+    assert_eq!(r.status(), 504);
+    let lines = access_lines(&veer, 1).await;
+    let l = &lines[0];
+    assert_eq!(l["retries"], 1, "{l}");
+    assert_eq!(
+        l["why"], "the last try had no answer within 100ms ([route.retry] try_timeout)",
+        "{l}"
+    );
 }
 
 /// Two endpoint names of one address (`localhost:P` and `127.0.0.1:P`),

@@ -348,6 +348,9 @@ impl Controller {
                 _ = shutdown.changed() => {
                     self.save_evidence();
                     self.flush().await;
+                    if let Some(l) = self.fleet.take() {
+                        l.leave().await;
+                    }
                     return;
                 }
             }

@@ -441,6 +441,7 @@ pub struct Fleet {
     pub metrics: FleetMetrics,
     status: Arc<Mutex<FleetStatus>>,
     to_agent: mpsc::UnboundedSender<ToAgent>,
+    agent: tokio::task::JoinHandle<()>,
 }
 
 impl Fleet {
@@ -476,16 +477,31 @@ impl Fleet {
             unjudged: Arc::new(Mutex::new(HashMap::new())),
             instance: format!("{:016x}", fastrand::u64(..)),
         };
-        tokio::spawn(agent.run(requests));
+        let agent = tokio::spawn(agent.run(requests));
         Ok((
             Fleet {
                 replica,
                 metrics: fm,
                 status,
                 to_agent,
+                agent,
             },
             from_agent,
         ))
+    }
+
+    /// Leaves the fleet at shutdown, waiting at most `limit`: the agent
+    /// writes what it was sent before (a revert taken in the last moment),
+    /// revokes its member lease and ends. Returns whether it ended in
+    /// time. Without the wait the process ended first, and its member key
+    /// stayed until the lease ran out (10 s): a replica of the same name
+    /// (a restart, a rolling update's pod) was kept out that long.
+    pub async fn leave(self, limit: Duration) -> bool {
+        let Fleet {
+            to_agent, agent, ..
+        } = self;
+        drop(to_agent);
+        tokio::time::timeout(limit, agent).await.is_ok()
     }
 
     /// Publishes a decision taken here (a revert): written when the store
@@ -655,11 +671,11 @@ impl Agent {
                 }
                 Ended::Error(e) => {
                     tracing::warn!(fleet = %self.settings.name, error = %e, retry_in = ?backoff, "fleet store unreachable; reverts are taken here and published later, other actions are refused");
-                    lock(&self.status).last_error = Some(e);
+                    self.set_error(e);
                 }
                 Ended::KeptOut(e) => {
                     tracing::warn!(fleet = %self.settings.name, replica = %self.replica, error = %e, retry_in = ?backoff, "kept out of the fleet: another veer holds this replica's name; its reverts are published, other actions are refused");
-                    lock(&self.status).last_error = Some(e);
+                    self.set_error(e);
                 }
             }
             // Requests that come while waiting: publishes are kept,
@@ -949,7 +965,10 @@ impl Agent {
                     None => {
                         // Shutting down: leave the member list now rather
                         // than when the lease runs out.
-                        let _ = tokio::time::timeout(Duration::from_millis(500), client.lease_revoke(lease)).await;
+                        let left = tokio::time::timeout(Duration::from_millis(1500), client.lease_revoke(lease)).await;
+                        if !matches!(left, Ok(Ok(_))) {
+                            tracing::warn!(fleet = %self.settings.name, replica = %self.replica, "leaving the fleet: the member lease was not revoked in time; this replica's name stays taken until the lease runs out (10 s)");
+                        }
                         return Ended::Closed;
                     }
                     Some(ToAgent::Publish(key, local)) => {
@@ -1075,7 +1094,7 @@ impl Agent {
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(route = %key.route, error = %e, "publishing a decision to the fleet failed; it is retried");
-                    lock(&self.status).last_error = Some(e.clone());
+                    self.set_error(e.clone());
                     // Keep the newer one if the controller sent another meanwhile.
                     self.pending.entry(key).or_insert(local);
                     failed = Some(e);
@@ -1118,7 +1137,7 @@ impl Agent {
             (Ok(None), Some(e)) => Err(ProposeError::Rejected(e)),
             (Ok(None), None) => Err(ProposeError::Rejected(Rejected::Stale)),
             (Err(e), _) => {
-                lock(&self.status).last_error = Some(e.clone());
+                self.set_error(e.clone());
                 Err(ProposeError::Unreachable(e))
             }
         }
@@ -1250,7 +1269,26 @@ impl Agent {
     /// `fleet.kept_out`).
     fn set_kept_out(&self, kept_out: bool) {
         self.metrics.kept_out.set(i64::from(kept_out));
-        lock(&self.status).kept_out = kept_out;
+        let was = std::mem::replace(&mut lock(&self.status).kept_out, kept_out);
+        if was != kept_out {
+            let _ = self.news.send(FromAgent::Status);
+        }
+    }
+
+    /// Keeps `e` as the last error talking to the store (`/status`
+    /// `fleet.last_error`) and, when it is new, tells the controller,
+    /// which publishes `/status` again: `/status` showed a new error only
+    /// at the controller's next publish, up to 5 s later (its fleet sweep).
+    fn set_error(&self, e: String) {
+        let new = {
+            let mut s = lock(&self.status);
+            let new = s.last_error.as_deref() != Some(e.as_str());
+            s.last_error = Some(e);
+            new
+        };
+        if new {
+            let _ = self.news.send(FromAgent::Status);
+        }
     }
 
     fn set_connected(&self, connected: bool, error: Option<String>) {
@@ -1337,6 +1375,49 @@ pub(crate) fn log_routes(routes: &[String], message: &str) {
 #[cfg(test)]
 mod tests {
     use super::said;
+
+    /// A store that cannot be reached is news for the controller (which
+    /// publishes `/status` again on it) with the error in the status: the
+    /// error was kept where `/status` is made from, but `/status` showed it
+    /// only at the controller's next publish, up to 5 s later.
+    #[tokio::test]
+    async fn an_unreachable_store_is_news_with_its_error() {
+        // A port nothing listens on: refused at once.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("a free port")
+            .local_addr()
+            .expect("its address")
+            .port();
+        let settings = veer_control::config::FleetSettings {
+            endpoints: vec![format!("http://127.0.0.1:{port}")],
+            name: "checkout".into(),
+            replica: Some("r1".into()),
+            ca_file: None,
+            client_cert: None,
+            seats: 0,
+            keep_evidence: std::time::Duration::from_secs(60),
+        };
+        let metrics = crate::metrics::Metrics::new().expect("metrics");
+        let (fleet, mut news) = super::Fleet::start(&settings, &metrics).expect("started");
+        let status = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            loop {
+                match news.recv().await {
+                    Some(super::FromAgent::Status) => {
+                        let s = fleet.status();
+                        if s.last_error.is_some() {
+                            return s;
+                        }
+                    }
+                    Some(_) => {}
+                    None => panic!("the agent stopped"),
+                }
+            }
+        })
+        .await
+        .expect("news of the unreachable store, with its error");
+        assert!(!status.connected, "{status:?}");
+        assert!(!status.kept_out, "{status:?}");
+    }
 
     /// A status is said by its message, code and causes, each once, and
     /// with no debug form in it.

@@ -720,8 +720,24 @@ async fn a_second_replica_of_one_name_stays_out_until_the_first_has_left() {
     )
     .await;
 
+    let held_by = second.status().await["fleet"]["last_error"]
+        .as_str()
+        .expect("kept out, saying why")
+        .to_string();
+    let first_instance = held_by
+        .split("(instance ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .expect("the holder's instance")
+        .to_string();
     first.terminate();
     assert!(first.wait_exit(Duration::from_secs(60)).await.success());
+    // It left as it stopped (its lease revoked), not 10 s later when its
+    // lease ran out: its member key is gone, or already the second's.
+    if let Some(v) = etcd.value("/veer/v1/checkout/members/r1").await {
+        let v: serde_json::Value = serde_json::from_slice(&v).expect("a member's JSON");
+        assert_ne!(v["instance"], first_instance.as_str(), "{v}");
+    }
     wait_for(&second, "joined", Duration::from_secs(30), |_, f| {
         f["connected"] == true && f["members"] == serde_json::json!(["r1"])
     })

@@ -27,6 +27,9 @@ pub(super) struct Committed {
 }
 
 /// The controller's link to the fleet agent.
+/// How long a stopping replica waits to leave the fleet.
+const LEAVE: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub(super) struct FleetLink {
     pub(super) fleet: Fleet,
     news: mpsc::UnboundedReceiver<FromAgent>,
@@ -47,6 +50,14 @@ pub(super) struct FleetLink {
 }
 
 impl FleetLink {
+    /// Leaves the fleet at shutdown (after the state is written): at most
+    /// [`LEAVE`], within the 5 s the controller has to stop.
+    pub(super) async fn leave(self) {
+        if !self.fleet.leave(LEAVE).await {
+            tracing::warn!(limit = ?LEAVE, "the fleet store did not answer in time at shutdown: this replica's name stays taken until its lease runs out (10 s)");
+        }
+    }
+
     /// The link around a started agent.
     pub(super) fn new(fleet: Fleet, news: mpsc::UnboundedReceiver<FromAgent>) -> FleetLink {
         let (committed_tx, committed_rx) = mpsc::unbounded_channel();

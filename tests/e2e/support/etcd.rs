@@ -180,6 +180,22 @@ impl Etcd {
 }
 
 impl Etcd {
+    /// The value of `key` (`None`: absent), read through the first
+    /// member's JSON gateway (not over TLS).
+    pub async fn value(&self, key: &str) -> Option<Vec<u8>> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let body = format!("{{\"key\": \"{}\"}}", b64.encode(key));
+        let answer = post_json(self.members[0].client, "/v3/kv/range", &body)
+            .await
+            .expect("etcd range");
+        let kv = answer["kvs"].as_array()?.first()?.clone();
+        Some(
+            b64.decode(kv["value"].as_str().expect("a value"))
+                .expect("base64"),
+        )
+    }
+
     /// Compacts the history up to the current revision (a watch resuming
     /// from before it is told its revision was compacted).
     pub async fn compact(&self) {

@@ -455,7 +455,9 @@ impl HeadStart {
             endpoint.checkin(sender);
             return None;
         }
-        let req = head.take()?.map(|()| ClientBody::copy(Bytes::new()));
+        let mut req = head.take()?;
+        name_the_endpoint(req.headers_mut(), &endpoint);
+        let req = req.map(|()| ClientBody::copy(Bytes::new()));
         Some(HeadStart {
             endpoint,
             sender,
@@ -629,6 +631,8 @@ async fn exchange(
     };
     let endpoint = pick(canary, key_hash).ok_or(ProxyError::UpstreamConnect)?;
     let endpoint = &endpoint;
+    let mut req = req;
+    name_the_endpoint(req.headers_mut(), endpoint);
     let raw = route.raw_http1 && crate::raw::eligible(&req);
     let mut sender = endpoint
         .get(route.connect_timeout, false, raw)
@@ -652,6 +656,19 @@ async fn exchange(
     let resp = sender.send_request(req).await?;
     endpoint.mark_ok();
     Ok((resp.map(UpBody::Left), Some(sender), endpoint.clone()))
+}
+
+/// A copy of a request whose client named no host (HTTP/1.0 may not)
+/// goes with its endpoint's address as `Host`, as stable's request does
+/// (`service::name_the_endpoint`): it went without one, which servers
+/// refuse (Go's net/http answers 400), so the copies of a load balancer's
+/// HTTP/1.0 checks failed on a canary their originals passed on stable.
+fn name_the_endpoint(headers: &mut http::HeaderMap, endpoint: &crate::upstream::Upstream) {
+    if !headers.contains_key(http::header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(endpoint.label()) {
+            headers.insert(http::header::HOST, v);
+        }
+    }
 }
 
 /// The canary endpoint a copy goes to: its key's pick (a random key's

@@ -26,10 +26,10 @@ pub(super) struct Committed {
     reply: Option<oneshot::Sender<Result<Arc<RouteStatus>, ActionError>>>,
 }
 
-/// The controller's link to the fleet agent.
 /// How long a stopping replica waits to leave the fleet.
 const LEAVE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The controller's link to the fleet agent.
 pub(super) struct FleetLink {
     pub(super) fleet: Fleet,
     news: mpsc::UnboundedReceiver<FromAgent>,

@@ -456,7 +456,7 @@ impl HeadStart {
             return None;
         }
         let mut req = head.take()?;
-        name_the_endpoint(req.headers_mut(), &endpoint);
+        name_a_hostless_copy(req.headers_mut(), &endpoint);
         let req = req.map(|()| ClientBody::copy(Bytes::new()));
         Some(HeadStart {
             endpoint,
@@ -632,7 +632,7 @@ async fn exchange(
     let endpoint = pick(canary, key_hash).ok_or(ProxyError::UpstreamConnect)?;
     let endpoint = &endpoint;
     let mut req = req;
-    name_the_endpoint(req.headers_mut(), endpoint);
+    name_a_hostless_copy(req.headers_mut(), endpoint);
     let raw = route.raw_http1 && crate::raw::eligible(&req);
     let mut sender = endpoint
         .get(route.connect_timeout, false, raw)
@@ -660,14 +660,13 @@ async fn exchange(
 
 /// A copy of a request whose client named no host (HTTP/1.0 may not)
 /// goes with its endpoint's address as `Host`, as stable's request does
-/// (`service::name_the_endpoint`): it went without one, which servers
-/// refuse (Go's net/http answers 400), so the copies of a load balancer's
-/// HTTP/1.0 checks failed on a canary their originals passed on stable.
-fn name_the_endpoint(headers: &mut http::HeaderMap, endpoint: &crate::upstream::Upstream) {
+/// ([`crate::service::name_the_endpoint`]): it went without one, which
+/// servers refuse (Go's net/http answers 400), so the copies of a load
+/// balancer's HTTP/1.0 checks failed on a canary their originals passed on
+/// stable.
+fn name_a_hostless_copy(headers: &mut http::HeaderMap, endpoint: &crate::upstream::Upstream) {
     if !headers.contains_key(http::header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(endpoint.label()) {
-            headers.insert(http::header::HOST, v);
-        }
+        crate::service::name_the_endpoint(headers, endpoint);
     }
 }
 

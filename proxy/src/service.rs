@@ -1370,10 +1370,12 @@ fn forward<'a>(
 /// and servers refuse it without (Go's net/http answers 400), so a load
 /// balancer's HTTP/1.0 health check through veer failed on them. (Rare:
 /// out of the request path's code.)
+/// A mirrored copy of such a request names its canary endpoint the same
+/// way (`crate::mirror`).
 #[inline(never)]
-fn name_the_endpoint(req: &mut Request<RequestBody>, upstream: &Upstream) {
+pub(crate) fn name_the_endpoint(headers: &mut http::HeaderMap, upstream: &Upstream) {
     if let Ok(v) = HeaderValue::from_str(upstream.label()) {
-        req.headers_mut().insert(header::HOST, v);
+        headers.insert(header::HOST, v);
     }
 }
 
@@ -2026,7 +2028,7 @@ fn exchange<'a>(
             None => !req.headers().contains_key(header::HOST),
         };
         if hostless {
-            name_the_endpoint(&mut req, upstream);
+            name_the_endpoint(req.headers_mut(), upstream);
         }
         if sender.is_raw() {
             // In the request path's future, not boxed on its own: boxing
